@@ -1,0 +1,48 @@
+"""A comparison helper whose failure message says what differs, where and by how much."""
+
+import torch
+
+# (rtol, atol / scale) per result dtype. Rounding the result to its dtype costs at most one ulp
+# (≤ eps·|x|: GPUs round to nearest, Triton's interpreter truncates); rtol doubles that to leave
+# room for the float32 arithmetic before the rounding. atol, relative to the largest |expected|,
+# covers cancellation near zero at compute precision: float32 reductions over ≤ 4·10⁴ terms
+# lose ≲ log2(n)·eps ≈ 16 eps, and 2⁻¹⁶ ≈ 128 eps32 leaves 8× margin. float64 runs float64
+# arithmetic with λ passed to ~2⁻⁴⁸, hence 2⁻⁴⁴.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float16: (2 * torch.finfo(torch.float16).eps, 2.0**-16),
+    torch.bfloat16: (2 * torch.finfo(torch.bfloat16).eps, 2.0**-16),
+    torch.float32: (2.0**-16, 2.0**-16),
+    torch.float64: (2.0**-44, 2.0**-44),
+}
+
+
+def assert_close_explained(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    rtol: float,
+    atol_scale: float,
+    what: str = "result",
+    scale: float | None = None,
+) -> None:
+    """|actual − expected| ≤ rtol·|expected| + atol_scale·scale elementwise (scale: max|expected|
+    unless given), with a report of what differs."""
+    a = actual.detach().to("cpu", torch.float64).reshape(-1)
+    e = expected.detach().to("cpu", torch.float64).reshape(-1)
+    assert a.shape == e.shape, f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    problems = []
+    nonfinite = ~torch.isfinite(a)
+    if nonfinite.any():
+        problems.append(f"{int(nonfinite.sum())} non-finite values (first at flat index {int(nonfinite.nonzero()[0])})")
+    if scale is None:
+        scale = float(e.abs().max()) if e.numel() else 0.0
+    err = (a - e).abs()
+    bad = err > rtol * e.abs() + atol_scale * scale
+    if bad.any():
+        idx = bad.nonzero().reshape(-1)
+        shown = ", ".join(f"[{int(i)}] {a[i].item():.9g} vs {e[i].item():.9g}" for i in idx[:5])
+        rel = (err / e.abs().clamp_min(1e-300)).max().item()
+        problems.append(
+            f"{int(bad.sum())}/{a.numel()} elements differ (rtol={rtol:.3g}, atol={atol_scale:.3g}·{scale:.3g}); "
+            f"first: {shown}; max abs err {err.max().item():.3g}, max rel err {rel:.3g}"
+        )
+    assert not problems, f"{what}: " + "; ".join(problems)

@@ -1,0 +1,54 @@
+"""The Triton kernel's launch settings and both of its variants, on GPU or under TRITON_INTERPRET=1."""
+
+import pytest
+import torch
+
+from conftest import DEVICES, backend_available
+from helpers import TOLERANCES, assert_close_explained
+from extsub_kernels import ext_sub_reference
+
+
+@pytest.fixture
+def kernel_module():
+    return pytest.importorskip("extsub_kernels.kernels.ext_sub", reason="triton is not installed")
+
+
+def test_settings_pack_short_rows_and_loop_long_ones(kernel_module):
+    settings = kernel_module._launch_settings
+    block_rows, block_cols, single_pass, _ = settings(4096, 64, 16384)
+    assert single_pass and block_cols == 64 and block_rows > 1, "short rows share a program"
+    block_rows, block_cols, single_pass, warps = settings(4096, 11008, 16384)
+    assert single_pass and block_rows == 1 and block_cols == 16384 and warps == 16
+    block_rows, block_cols, single_pass, _ = settings(10, 40000, 16384)
+    assert not single_pass and block_rows == 1 and block_cols < 40000, "long rows loop over column tiles"
+    block_rows, _, _, _ = settings(3, 8, 16384)
+    assert block_rows == 4, "no more rows per program than the problem has (next power of two)"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("max_block", [16, 64])
+@pytest.mark.parametrize("shape", [(5, 17), (3, 64), (2, 65), (1, 1000)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_two_loop_variant_on_rows_wider_than_the_block(kernel_module, shape, max_block, dtype, device):
+    if not backend_available("triton", device):
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    p = torch.randn(shape, device=device).to(dtype)
+    m = torch.randn(shape, device=device).to(dtype)
+    expected = ext_sub_reference(p, m, 0.9)
+    kernel_module.ext_sub_rows_(p, m, 0.9, max_block=max_block)
+    assert_close_explained(p, expected, *TOLERANCES[dtype], what=f"max_block={max_block}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_with_a_stride_between_them(kernel_module, device):
+    """The launcher passes row strides through: rows of a wider buffer are processed in place."""
+    if not backend_available("triton", device):
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    buffer = torch.randn(6, 100, device=device)
+    p = buffer[:, 10:60]
+    m = torch.randn(6, 200, device=device)[:, ::1][:, 50:100]
+    untouched = buffer[:, 60:].clone()
+    expected = ext_sub_reference(p, m, 1.0)
+    kernel_module.ext_sub_rows_(p, m, 1.0)
+    assert_close_explained(p, expected, *TOLERANCES[torch.float32])
+    assert torch.equal(buffer[:, 60:], untouched), "columns outside the view must not be written"
