@@ -1,0 +1,381 @@
+"""PEFT LoRA adapters on disk: read and validate (folder or bare .safetensors), write atomically.
+
+A PEFT adapter folder holds `adapter_config.json` (r, lora_alpha, use_rslora, rank_pattern,
+alpha_pattern, ...) and `adapter_model.safetensors` with keys like
+`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`: lora_A is (r, in),
+lora_B is (out, r) for every layer type, GPT-2's Conv1D included.
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from extsub_kernels.lora import LoraAdapter, LoraModule
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
+
+# <module>.lora_A.weight, optionally with an adapter-name segment: <module>.lora_A.default.weight
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+# LoRA tensors this path cannot treat as ΔW = s·B·A.
+_UNSUPPORTED = {
+    "lora_magnitude_vector": "a DoRA magnitude vector (DoRA is not a plain s·B·A update)",
+    "lora_embedding_A": "an embedding LoRA (lora_embedding_A/B)",
+    "lora_embedding_B": "an embedding LoRA (lora_embedding_A/B)",
+    ".bias": "a LoRA bias (lora_bias=True: ΔW is not s·B·A alone)",
+}
+
+
+class AdapterError(ValueError):
+    """A bad or unsupported adapter; the message names the file, the module and what is wrong."""
+
+
+def peft_key(module: str, part: str) -> str:
+    """The key PEFT saves a module's factor under: `peft_key("m.q", "A")` → `base_model.model.m.q.lora_A.weight`."""
+    return f"{PEFT_PREFIX}{module}.lora_{part}.weight"
+
+
+def parse_peft_key(key: str) -> tuple[str, str, str | None] | None:
+    """(module name in the base model, "A" or "B", adapter name or None) of a LoRA key; None otherwise.
+
+    Example:
+        >>> parse_peft_key("base_model.model.model.layers.0.mlp.up_proj.lora_B.default.weight")
+        ('model.layers.0.mlp.up_proj', 'B', 'default')
+    """
+    match = _LORA_KEY.match(key)
+    if match is None:
+        return None
+    module = match["module"]
+    if module.startswith(PEFT_PREFIX):
+        module = module[len(PEFT_PREFIX) :]
+    return module, match["part"], match["adapter"]
+
+
+def pattern_key(patterns: Mapping[str, object], module: str) -> str | None:
+    """The rank_pattern/alpha_pattern key that applies to `module`, by PEFT's rule; None if none does.
+
+    PEFT takes the first key (in the config's order) that matches the end of the module
+    name at a dot boundary as a regular expression: re.match(rf"(.*\\.)?({key})$", module).
+
+    Example:
+        >>> pattern_key({"q_proj": 8}, "model.layers.0.self_attn.q_proj")
+        'q_proj'
+    """
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def module_scaling(config: Mapping, module: str, rank: int) -> float:
+    """PEFT's scaling of `module`: lora_alpha/r, or lora_alpha/√r with use_rslora; patterns override.
+
+    Example:
+        >>> module_scaling({"r": 8, "lora_alpha": 16, "alpha_pattern": {"v_proj": 4}}, "layers.0.v_proj", 8)
+        0.5
+    """
+    alphas = config.get("alpha_pattern") or {}
+    key = pattern_key(alphas, module)
+    alpha = alphas[key] if key is not None else config["lora_alpha"]
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def configured_rank(config: Mapping, module: str) -> int | None:
+    """The rank the config gives `module` (rank_pattern, else r), or None when the config has no r."""
+    ranks = config.get("rank_pattern") or {}
+    key = pattern_key(ranks, module)
+    return ranks[key] if key is not None else config.get("r")
+
+
+def load_adapter(
+    path: str | os.PathLike,
+    *,
+    lora_alpha: float | None = None,
+    r: int | None = None,
+    use_rslora: bool = False,
+) -> LoraAdapter:
+    """Read and validate a LoRA adapter: a PEFT folder, or a bare .safetensors file.
+
+    A bare file takes its scaling from an `adapter_config.json` beside it, or from the
+    explicit `lora_alpha` (and optionally `r`, checked against every module; without it
+    each module's rank comes from its shapes). Tensors are read one at a time.
+
+    Args:
+        path: a folder with adapter_config.json and adapter_model.safetensors, or a .safetensors file.
+        lora_alpha, r, use_rslora: the scaling of a bare file that has no config beside it.
+
+    Returns:
+        A LoraAdapter; modules keyed by their name in the base model.
+
+    Raises:
+        AdapterError: unreadable or missing files, an A without its B (or a B without its A),
+            shapes that do not chain, a rank the config contradicts, non-float tensors,
+            NaN/Inf, or LoRA variants this path cannot represent (DoRA, lora_bias, embeddings).
+
+    Example:
+        >>> adapter = load_adapter("my_adapter/")  # doctest: +SKIP
+        >>> adapter.modules["model.layers.0.self_attn.q_proj"].rank  # doctest: +SKIP
+        16
+    """
+    path = Path(path)
+    weights, config, config_file = _locate(path, lora_alpha, r, use_rslora)
+    tensors = _read_tensors(weights)
+    pairs, extra = _group(weights, tensors)
+    modules = {}
+    for name, (lora_A, lora_B) in pairs.items():
+        _check_pair(weights, name, lora_A, lora_B)
+        expected = configured_rank(config, name)
+        if expected is not None and lora_A.shape[0] != expected:
+            raise AdapterError(
+                f"{weights}: module {name} has rank {lora_A.shape[0]} (lora_A {tuple(lora_A.shape)}) but "
+                f"{config_file} gives it r = {expected}; the config does not describe these weights"
+            )
+        modules[name] = LoraModule(lora_A, lora_B, module_scaling(config, name, lora_A.shape[0]))
+    return LoraAdapter(
+        modules=modules,
+        source=str(path),
+        base_model_name_or_path=config.get("base_model_name_or_path") or None,
+        fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
+        task_type=config.get("task_type"),
+        extra=extra,
+        config=config,
+    )
+
+
+def _locate(
+    path: Path, lora_alpha: float | None, r: int | None, use_rslora: bool
+) -> tuple[Path, dict, str]:
+    """(weights file, config dict, where the config came from) for a folder or a bare file."""
+    explicit = lora_alpha is not None or r is not None
+    if path.is_dir():
+        weights, config_path = path / WEIGHTS_NAME, path / CONFIG_NAME
+        if not weights.is_file():
+            if (path / PICKLE_NAME).is_file():
+                raise AdapterError(
+                    f"{path} holds {PICKLE_NAME}, a pickle file, which is not read (it can run code); convert it: "
+                    f"safetensors.torch.save_file(torch.load('{PICKLE_NAME}', weights_only=True), '{WEIGHTS_NAME}')"
+                )
+            raise AdapterError(f"{path} is not a PEFT adapter folder: {WEIGHTS_NAME} is missing")
+        if not config_path.is_file():
+            raise AdapterError(
+                f"{path} has no {CONFIG_NAME}: the LoRA scaling (lora_alpha, r) is unknown; add the config, "
+                "or load the .safetensors file with explicit lora_alpha and r"
+            )
+    elif path.is_file():
+        if path.suffix != ".safetensors":
+            raise AdapterError(f"{path}: expected a .safetensors file or a PEFT adapter folder")
+        weights, config_path = path, path.parent / CONFIG_NAME
+        if not config_path.is_file():
+            config_path = None
+    else:
+        raise AdapterError(f"{path}: no such file or folder")
+    if config_path is not None and explicit:
+        raise AdapterError(
+            f"{path}: explicit lora_alpha/r were given but {config_path} exists; use one source of scaling"
+        )
+    if config_path is not None:
+        return weights, _read_config(config_path), str(config_path)
+    if lora_alpha is None:
+        raise AdapterError(
+            f"{path}: a bare adapter file with no {CONFIG_NAME} beside it; give lora_alpha (and r) explicitly"
+        )
+    config = {"lora_alpha": lora_alpha, "r": r, "use_rslora": use_rslora}
+    _check_scaling_config(config, "the explicit scaling")
+    return weights, config, "the explicit r"
+
+
+def _read_config(config_path: Path) -> dict:
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{config_path}: unreadable adapter config ({exc})") from exc
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_path}: expected a JSON object, found {type(config).__name__}")
+    peft_type = config.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        raise AdapterError(f"{config_path}: peft_type is {peft_type!r}; only LoRA adapters are supported")
+    for flag, why in (
+        ("use_dora", "DoRA rescales each column by a magnitude vector, so ΔW is not s·B·A"),
+        ("lora_bias", "a LoRA bias adds to the output, so ΔW is not s·B·A alone"),
+        ("alora_invocation_tokens", "aLoRA applies ΔW only after its invocation tokens"),
+    ):
+        if config.get(flag):
+            raise AdapterError(f"{config_path}: {flag} is set; not supported: {why}")
+    for field_name in ("r", "lora_alpha"):
+        if field_name not in config:
+            raise AdapterError(f"{config_path}: {field_name!r} is missing; the LoRA scaling is unknown")
+    _check_scaling_config(config, str(config_path))
+    return config
+
+
+def _check_scaling_config(config: dict, where: str) -> None:
+    """r and ranks: positive integers (r may be None); alphas: finite numbers; patterns: valid regexes."""
+
+    def number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    def rank(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    if config.get("r") is not None and not rank(config["r"]):
+        raise AdapterError(f"{where}: r must be a positive integer, got {config['r']!r}")
+    if not number(config.get("lora_alpha")):
+        raise AdapterError(f"{where}: lora_alpha must be a finite number, got {config.get('lora_alpha')!r}")
+    for name, valid, what in (("rank_pattern", rank, "positive integers"), ("alpha_pattern", number, "numbers")):
+        patterns = config.get(name) or {}
+        if not isinstance(patterns, dict):
+            raise AdapterError(f"{where}: {name} must map module patterns to {what}, got {patterns!r}")
+        for key, value in patterns.items():
+            if not valid(value):
+                raise AdapterError(f"{where}: {name}[{key!r}] must be one of {what}, got {value!r}")
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise AdapterError(f"{where}: {name} key {key!r} is not a valid regular expression ({exc})") from exc
+
+
+def _read_tensors(weights: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the file, read one at a time with safe_open; a clear error if unreadable."""
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterError(f"{weights}: not a readable safetensors file ({exc})") from exc
+
+
+def _group(
+    weights: Path, tensors: dict[str, torch.Tensor]
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Split keys into (module → (lora_A, lora_B)) and the non-LoRA rest; refuse what is not s·B·A."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    adapter_names: set[str] = set()
+    extra: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        _check_values(weights, key, tensor)
+        parsed = parse_peft_key(key)
+        if parsed is None:
+            for marker, what in _UNSUPPORTED.items():
+                if ".lora_" in key and marker in key:
+                    raise AdapterError(f"{weights}: {key} is {what}; not supported")
+            if ".lora_" in key:
+                raise AdapterError(f"{weights}: {key} looks like a LoRA tensor but is not lora_A/lora_B .weight")
+            extra[key] = tensor
+            continue
+        module, part, adapter_name = parsed
+        if adapter_name is not None:
+            adapter_names.add(adapter_name)
+        if part in parts.setdefault(module, {}):
+            raise AdapterError(f"{weights}: module {module} has more than one lora_{part} (key {key})")
+        parts[module][part] = tensor
+    if len(adapter_names) > 1:
+        raise AdapterError(
+            f"{weights}: holds several adapters ({', '.join(sorted(adapter_names))}); save one adapter per file"
+        )
+    if not parts:
+        raise AdapterError(f"{weights}: no LoRA tensors (keys ending in lora_A.weight / lora_B.weight)")
+    pairs = {}
+    for module, found in parts.items():
+        for part, other in (("A", "B"), ("B", "A")):
+            if part not in found:
+                raise AdapterError(f"{weights}: module {module} has lora_{other} but no lora_{part}")
+        pairs[module] = (found["A"], found["B"])
+    return pairs, extra
+
+
+def _check_values(weights: Path, key: str, tensor: torch.Tensor) -> None:
+    if not tensor.is_floating_point():
+        if ".lora_" in key:
+            raise AdapterError(f"{weights}: {key} has dtype {tensor.dtype}; LoRA factors must be floating point")
+        return
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        raise AdapterError(f"{weights}: {key} contains {int((~finite).sum())} NaN/Inf values")
+
+
+def _check_pair(weights: Path, name: str, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+    if lora_A.dim() != 2 or lora_B.dim() != 2:
+        raise AdapterError(
+            f"{weights}: module {name} has lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)}; "
+            "only 2-D factors (Linear and Conv1D layers) are supported"
+        )
+    if lora_B.shape[1] != lora_A.shape[0]:
+        raise AdapterError(
+            f"{weights}: module {name}: lora_B {tuple(lora_B.shape)} and lora_A {tuple(lora_A.shape)} do not "
+            "chain; lora_A must be (r, in_features) and lora_B (out_features, r)"
+        )
+
+
+def write_adapter(
+    folder: str | os.PathLike,
+    state_dict: Mapping[str, torch.Tensor],
+    config: Mapping,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) atomically.
+
+    Everything goes into a temporary folder beside the target, is fsynced, and is renamed
+    into place: the folder appears whole or not at all.
+
+    Args:
+        folder: the adapter folder to create; its parent must exist.
+        state_dict: tensors under PEFT keys (see `materialize.to_peft`).
+        config: the adapter_config.json contents.
+        metadata: extra str→str entries for the safetensors header (format=pt is always set).
+        overwrite: replace an existing folder instead of refusing.
+
+    Returns:
+        The folder's path.
+
+    Example:
+        >>> write_adapter(tmp / "out", *to_peft(merged))  # doctest: +SKIP
+    """
+    target = Path(folder)
+    if target.exists() and not overwrite:
+        raise ValueError(f"{target} exists; choose another output folder or pass overwrite=True")
+    if not target.parent.is_dir():
+        raise ValueError(f"{target.parent} does not exist; create the parent folder of {target.name} first")
+    header = {**(metadata or {}), "format": "pt"}
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    old = None
+    try:
+        tensors = {key: tensor.contiguous() for key, tensor in state_dict.items()}
+        save_file(tensors, str(staging / WEIGHTS_NAME), metadata=header)
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            _fsync(staging / name)
+        _fsync(staging)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.rename(target, old / target.name)
+        os.rename(staging, target)
+        _fsync(target.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if old is not None and not target.exists():
+            os.rename(old / target.name, target)  # put the replaced folder back
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
