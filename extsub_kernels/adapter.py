@@ -342,11 +342,7 @@ def write_adapter(
     Example:
         >>> write_adapter(tmp / "out", *to_peft(merged))  # doctest: +SKIP
     """
-    target = Path(folder)
-    if target.exists() and not overwrite:
-        raise ValueError(f"{target} exists; choose another output folder or pass overwrite=True")
-    if not target.parent.is_dir():
-        raise ValueError(f"{target.parent} does not exist; create the parent folder of {target.name} first")
+    target = _check_target(Path(folder), overwrite)
     header = {**(metadata or {}), "format": "pt"}
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     old = None
@@ -370,6 +366,41 @@ def write_adapter(
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def write_tensors(
+    path: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    metadata: Mapping[str, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write one .safetensors file atomically (temporary file beside it, fsync, rename).
+
+    Example:
+        >>> write_tensors(tmp / "delta.safetensors", to_delta(merged))  # doctest: +SKIP
+    """
+    target = _check_target(Path(path), overwrite)
+    handle, staging = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    try:
+        contiguous = {key: tensor.contiguous() for key, tensor in tensors.items()}
+        save_file(contiguous, staging, metadata={**(metadata or {}), "format": "pt"})
+        _fsync(Path(staging))
+        os.replace(staging, target)
+        _fsync(target.parent)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _check_target(target: Path, overwrite: bool) -> Path:
+    if target.exists() and not overwrite:
+        raise ValueError(f"{target} exists; choose another output path or pass overwrite=True")
+    if not target.parent.is_dir():
+        raise ValueError(f"{target.parent} does not exist; create the parent folder of {target.name} first")
     return target
 
 

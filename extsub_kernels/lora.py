@@ -320,9 +320,9 @@ def merge_adapters(
         if module is None:
             continue
         if max_rank is not None and module.rank > max_rank:
-            b, a = _scaled_factors(module, _compute_dtype(module.lora_B, module.lora_A))
-            b, a, error = truncate_factors(b, a, max_rank)
-            module = LoraModule(a, b, 1.0, module.storage_dtype)
+            b, a, error = truncate_factors(*_scaled_factors(module, torch.float64), max_rank)
+            compute = _compute_dtype(module.lora_B, module.lora_A)
+            module = LoraModule(a.to(compute), b.to(compute), 1.0, module.storage_dtype)
             report.truncation_error[name] = error
         elif max_rank is not None:
             report.truncation_error[name] = 0.0

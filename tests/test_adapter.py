@@ -1,0 +1,530 @@
+"""PEFT adapters on disk, end to end against the real client (peft + transformers, tiny models, CPU).
+
+Adapters are made by PEFT itself (`init_lora_weights=False`, so B ≠ 0); the expected ΔW of
+each input comes from PEFT's own `get_delta_weight`, never from our reader. Every output
+format is loaded back (`PeftModel.from_pretrained`, or added to the base weights for
+`delta`) and its logits compared with the base model whose weights received ΔW' from the
+dense op.
+"""
+
+import copy
+import json
+import os
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers import assert_close_explained
+from extsub_kernels import ext_sub_reference, subtract_
+from extsub_kernels.adapter import (
+    AdapterError,
+    load_adapter,
+    module_scaling,
+    parse_peft_key,
+    pattern_key,
+    write_adapter,
+    write_tensors,
+)
+from extsub_kernels.lora import merge_adapters
+from extsub_kernels.lora_files import merge_adapter_files
+from extsub_kernels.materialize import exact_pattern, to_peft
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+SEED = 1234  # the tiny models and adapters are fixed; the merge math is fuzzed in test_lora.py
+TOKENS = torch.tensor([[3, 17, 42, 99, 5, 64, 127, 0, 11, 73, 28, 90]])
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def _tiny_llama():
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _tiny_gpt2():
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+# Expert and anti-experts differ in r, alpha and target modules; one uses rsLoRA, one a
+# rank_pattern and an alpha_pattern.
+LLAMA_ADAPTERS = {
+    "expert": dict(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"],
+        rank_pattern={"down_proj": 6}, alpha_pattern={"k_proj": 2},
+    ),
+    "anti": dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj", "o_proj", "up_proj"]),
+    "anti2": dict(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"]),
+}
+GPT2_ADAPTERS = {
+    "expert": dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, use_rslora=True),
+    "anti": dict(r=6, lora_alpha=3, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, rank_pattern={"c_proj": 2}),
+}
+
+
+def _make_adapters(model, specs, folder) -> dict[str, str]:
+    paths = {}
+    for i, (name, spec) in enumerate(specs.items()):
+        torch.manual_seed(SEED + 1 + i)
+        peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(init_lora_weights=False, **spec))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft_model.save_pretrained(folder / name)
+        paths[name] = str(folder / name)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    torch.manual_seed(SEED)
+    model = _tiny_llama()
+    return model, _make_adapters(model, LLAMA_ADAPTERS, tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    torch.manual_seed(SEED)
+    model = _tiny_gpt2()
+    return model, _make_adapters(model, GPT2_ADAPTERS, tmp_path_factory.mktemp("gpt2"))
+
+
+def _peft_model(base, adapter_dir):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.PeftModel.from_pretrained(copy.deepcopy(base), adapter_dir).eval()
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def _peft_deltas(base, adapter_dir) -> dict[str, torch.Tensor]:
+    """ΔW per module as PEFT computes it, as (out, in) in float64 (Conv1D's transpose undone)."""
+    model = _peft_model(base, adapter_dir)
+    deltas = {}
+    for name, layer in model.base_model.model.named_modules():
+        if isinstance(layer, peft.tuners.lora.LoraLayer) and "default" in layer.lora_A:
+            delta = layer.get_delta_weight("default").double()
+            deltas[name] = delta.T if layer.fan_in_fan_out else delta
+    return deltas
+
+
+def _expected_deltas(base, expert_dir, anti_dirs, lams, method) -> dict[str, torch.Tensor]:
+    """ΔW' by the dense op on PEFT's own ΔW, anti-expert after anti-expert (float64 oracle)."""
+    result = _peft_deltas(base, expert_dir)
+    for anti_dir, lam in zip(anti_dirs, lams):
+        for name, m in _peft_deltas(base, anti_dir).items():
+            if name not in result:
+                if method == "ext-sub":
+                    continue  # |p| = 0 ⇒ Ext = 0: nothing to apply
+                result[name] = torch.zeros_like(m)
+            if method == "ext-sub":
+                result[name] = ext_sub_reference(result[name], m, lam)
+            else:
+                result[name] = subtract_(result[name].clone(), m, lam if method == "sub" else -lam)
+    return result
+
+
+def _with_deltas(base, deltas: dict[str, torch.Tensor], transposed: bool):
+    """A copy of the base model with W += ΔW' ((out, in) deltas; Conv1D weights are (in, out))."""
+    model = copy.deepcopy(base)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            weight = modules[name].weight
+            weight += (delta.T if transposed else delta).to(weight.dtype)
+    return model
+
+
+def _logit_tolerance(reference: torch.Tensor) -> float:
+    """atol/scale for float32 logits of the same model evaluated two ways.
+
+    PEFT computes x·Wᵀ + s·(x·Aᵀ)·Bᵀ in float32, the reference x·(W + ΔW')ᵀ: each matmul
+    rounds over ≤ 128 terms (≤ 128·eps32 relative to |x|·|W|), and two layers of attention,
+    MLP and RMSNorm/LayerNorm carry that to the logits with a gain of a few units. 2⁻¹⁴ of
+    max|logits| (≈ 512 eps32) bounds it with margin (observed: ≤ 2e-6). Real errors are far
+    above it: the deltas here are as large as the weights, and a 1 % error in a single
+    module's ΔW' moves the logits by ≥ 1.5e-3 of max|logits|.
+    """
+    return 2.0**-14
+
+
+def _check_logits(actual_model, expected_model, what):
+    expected = _logits(expected_model)
+    assert_close_explained(_logits(actual_model), expected, 0.0, _logit_tolerance(expected), what)
+
+
+# --- reading: scaling and ranks as PEFT sees them ---------------------------------------
+
+
+@pytest.mark.parametrize("model_name", ["llama", "gpt2"])
+def test_scaling_and_rank_agree_with_peft(model_name, request):
+    base, paths = request.getfixturevalue(model_name)
+    for path in paths.values():
+        adapter = load_adapter(path)
+        layers = {
+            name: layer
+            for name, layer in _peft_model(base, path).base_model.model.named_modules()
+            if isinstance(layer, peft.tuners.lora.LoraLayer) and "default" in layer.lora_A
+        }
+        assert set(adapter.modules) == set(layers)
+        for name, module in adapter.modules.items():
+            assert module.rank == layers[name].r["default"], name
+            assert module.scaling == pytest.approx(layers[name].scaling["default"], rel=1e-15), name
+            assert torch.equal(module.lora_A, layers[name].lora_A["default"].weight), name
+
+
+def test_pattern_matching_follows_peft():
+    assert pattern_key({"down_proj": 6}, "model.layers.0.mlp.down_proj") == "down_proj"
+    assert pattern_key({"proj": 6}, "model.layers.0.mlp.down_proj") is None  # whole dotted segments only
+    assert pattern_key({"layers.1.*q_proj": 2, "q_proj": 3}, "model.layers.1.self_attn.q_proj") == "layers.1.*q_proj"
+    assert pattern_key({exact_pattern("model.layers.1.mlp.up_proj"): 2}, "x.model.layers.1.mlp.up_proj") is None
+    config = {"r": 8, "lora_alpha": 16, "use_rslora": True, "rank_pattern": {"q": 4}, "alpha_pattern": {"q": 2}}
+    assert module_scaling(config, "layers.0.q", 4) == 2 / 2.0
+
+
+def test_key_formats():
+    assert parse_peft_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight") == (
+        "model.layers.0.self_attn.q_proj", "A", None)
+    assert parse_peft_key("model.layers.0.self_attn.q_proj.lora_B.default.weight") == (
+        "model.layers.0.self_attn.q_proj", "B", "default")
+    assert parse_peft_key("base_model.model.lm_head.weight") is None
+
+
+def test_adapter_name_segments_and_missing_prefix_read_the_same(llama, tmp_path):
+    _, paths = llama
+    original = load_file(os.path.join(paths["expert"], "adapter_model.safetensors"))
+    renamed = {k.replace("base_model.model.", "").replace(".weight", ".default.weight"): v for k, v in original.items()}
+    folder = tmp_path / "renamed"
+    folder.mkdir()
+    save_file(renamed, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(open(os.path.join(paths["expert"], "adapter_config.json")).read())
+    a, b = load_adapter(paths["expert"]), load_adapter(folder)
+    assert set(a.modules) == set(b.modules)
+    for name in a.modules:
+        assert torch.equal(a.modules[name].lora_B, b.modules[name].lora_B)
+        assert a.modules[name].scaling == b.modules[name].scaling
+
+
+def test_bare_file_with_sibling_config_or_explicit_scaling(llama, tmp_path):
+    _, paths = llama
+    weights = os.path.join(paths["anti2"], "adapter_model.safetensors")
+    from_folder = load_adapter(paths["anti2"])
+    beside = load_adapter(weights)  # adapter_config.json is beside it
+    bare = tmp_path / "bare.safetensors"
+    bare.write_bytes(open(weights, "rb").read())
+    explicit = load_adapter(bare, lora_alpha=4, r=2)
+    inferred = load_adapter(bare, lora_alpha=4)  # ranks from the shapes
+    for other in (beside, explicit, inferred):
+        assert {n: m.scaling for n, m in other.modules.items()} == {n: m.scaling for n, m in from_folder.modules.items()}
+
+
+# --- merging, every format, loaded by the real client ----------------------------------
+
+
+FORMATS = ["lora", "dense-lora", "delta"]
+METHODS = ["ext-sub", "sub", "add"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("model_name", ["llama", "gpt2"])
+def test_every_format_loads_and_applies_the_dense_result(model_name, method, request, tmp_path):
+    base, paths = request.getfixturevalue(model_name)
+    transposed = model_name == "gpt2"  # Conv1D stores (in, out)
+    lam = 0.7
+    expected = _expected_deltas(base, paths["expert"], [paths["anti"]], [lam], method)
+    expected_model = _with_deltas(base, expected, transposed)
+    for output_format in FORMATS:
+        out = tmp_path / (f"{output_format}.safetensors" if output_format == "delta" else output_format)
+        report = merge_adapter_files(paths["expert"], paths["anti"], out, lam, method, output_format=output_format)
+        what = f"{model_name} {method} {output_format}"
+        if output_format == "delta":
+            deltas = load_file(str(out))
+            state = base.state_dict()
+            assert set(deltas) == {f"{name}.weight" for name in expected}, what
+            for key, delta in deltas.items():
+                assert delta.shape == state[key].shape, f"{what}: {key} is not laid out like the base weight"
+            got = {key[: -len(".weight")]: (d.T if transposed else d) for key, d in deltas.items()}
+            model = _with_deltas(base, got, transposed)
+        else:
+            model = _peft_model(base, out)
+            if output_format == "lora":
+                got = {name: m.delta(torch.float64) for name, m in load_adapter(out).modules.items()}
+            else:
+                tensors = load_file(str(out / "adapter_model.safetensors"))
+                got = {parse_peft_key(k)[0]: v for k, v in tensors.items() if parse_peft_key(k)[1] == "B"}
+                for name, a in tensors.items():
+                    if parse_peft_key(name)[1] == "A":
+                        assert torch.equal(a, torch.eye(a.shape[0])), what
+        for name, delta in got.items():
+            # float32 output of a float64 computation: one rounding, plus float32 products.
+            assert_close_explained(delta, expected[name], 0.0, 64 * EPS32, f"{what} {name}")
+        _check_logits(model, expected_model, what)
+        assert (method == "ext-sub") == bool(report.dropped)  # the anti-only modules
+
+
+def test_lora_output_is_exact_low_rank_with_patterns(llama, tmp_path):
+    base, paths = llama
+    merge_adapter_files(paths["expert"], [paths["anti"], paths["anti2"]], tmp_path / "out", [0.5, 1.5])
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["use_rslora"] is False and config["base_model_name_or_path"] is None
+    merged = load_adapter(tmp_path / "out")
+    expert, anti, anti2 = (load_adapter(paths[k]) for k in ("expert", "anti", "anti2"))
+    for name, module in merged.modules.items():
+        rank = expert.modules[name].rank + sum(a.modules[name].rank for a in (anti, anti2) if name in a.modules)
+        assert module.rank == rank, name
+    assert set(merged.modules) == set(expert.modules)  # anti-only modules vanish under ext-sub
+    expected = _expected_deltas(base, paths["expert"], [paths["anti"], paths["anti2"]], [0.5, 1.5], "ext-sub")
+    _check_logits(_peft_model(base, tmp_path / "out"), _with_deltas(base, expected, False), "two anti-experts")
+
+
+def test_copied_modules_keep_their_bytes_and_scaling(gpt2, tmp_path):
+    base, paths = gpt2
+    # GPT-2's expert uses rsLoRA; c_fc is only in the expert, so it is copied with lora_alpha = s·r.
+    merge_adapter_files(paths["expert"], paths["anti"], tmp_path / "out", 1.0)
+    original = load_file(os.path.join(paths["expert"], "adapter_model.safetensors"))
+    written = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    key = "base_model.model.transformer.h.0.mlp.c_fc.lora_B.weight"
+    assert torch.equal(written[key], original[key])
+    layer = _peft_model(base, tmp_path / "out").base_model.model.transformer.h[0].mlp.c_fc
+    assert layer.scaling["default"] == pytest.approx(8 / 4**0.5, rel=1e-15)
+
+
+def test_round_trip_of_an_input_adapter_gives_the_same_model(llama, tmp_path):
+    base, paths = llama
+    for name in ("expert", "anti"):  # rank/alpha patterns; rsLoRA
+        write_adapter(tmp_path / name, *to_peft(load_adapter(paths[name])))
+        _check_logits(_peft_model(base, tmp_path / name), _peft_model(base, paths[name]), f"round trip {name}")
+
+
+def test_max_rank_output_loads_and_reports_errors(llama, tmp_path):
+    base, paths = llama
+    report = merge_adapter_files(paths["expert"], paths["anti"], tmp_path / "out", 1.0, max_rank=5)
+    truncated = load_adapter(tmp_path / "out")
+    assert max(m.rank for m in truncated.modules.values()) == 5
+    assert set(report.truncation_error) == set(truncated.modules)
+    exact = merge_adapters(load_adapter(paths["expert"]), load_adapter(paths["anti"]), 1.0)
+    for name, module in truncated.modules.items():
+        full = exact.modules[name].delta(torch.float64)
+        err = float((full - module.delta(torch.float64)).norm() / full.norm())
+        # The factors are written in float32: the measured error moves by ≤ ~1e-6 from that rounding.
+        assert abs(err - report.truncation_error[name]) <= 1e-5, name
+    deltas = {name: m.delta(torch.float64) for name, m in truncated.modules.items()}
+    _check_logits(_peft_model(base, tmp_path / "out"), _with_deltas(base, deltas, False), "max_rank")
+
+
+def test_non_lora_tensors_of_the_expert_are_kept(tmp_path):
+    torch.manual_seed(SEED)
+    base = _tiny_llama()
+    expert = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False),
+    )
+    head = expert.base_model.model.lm_head.modules_to_save["default"].weight
+    with torch.no_grad():
+        head.add_(torch.randn_like(head))  # a trained head differs from the base one
+    expert.save_pretrained(tmp_path / "expert")
+    paths = {"expert": str(tmp_path / "expert")}
+    paths.update(_make_adapters(base, {"anti": dict(r=2, lora_alpha=2, target_modules=["q_proj"])}, tmp_path))
+    with pytest.warns(UserWarning, match="copied to the result unchanged"):
+        merge_adapter_files(paths["expert"], paths["anti"], tmp_path / "out", 1.0)
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["lm_head"]
+    expected = _with_deltas(base, _expected_deltas(base, paths["expert"], [paths["anti"]], [1.0], "ext-sub"), False)
+    with torch.no_grad():
+        expected.lm_head.weight.copy_(head)
+    _check_logits(_peft_model(base, tmp_path / "out"), expected, "modules_to_save")
+
+
+# --- bad adapters: a clear error, nothing written --------------------------------------
+
+
+def _copy_adapter(src: str, dst, *, tensors=None, config=None):
+    dst.mkdir()
+    state = load_file(os.path.join(src, "adapter_model.safetensors"))
+    save_file(tensors(state) if tensors else state, str(dst / "adapter_model.safetensors"))
+    cfg = json.loads(open(os.path.join(src, "adapter_config.json")).read())
+    if config is not None:
+        text = config(cfg)
+        (dst / "adapter_config.json").write_text(text if isinstance(text, str) else json.dumps(text))
+    else:
+        (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+Q_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+
+
+def _without(key):
+    return lambda s: {k: v for k, v in s.items() if k != key}
+
+
+def _replace(key, fn):
+    return lambda s: {**s, key: fn(s[key])}
+
+
+def _set(**fields):
+    return lambda c: {**c, **fields}
+
+
+def _drop(field):
+    return lambda c: {k: v for k, v in c.items() if k != field}
+
+
+def _nan(t):
+    t = t.clone()
+    t[0, 0] = float("nan")
+    return t
+
+
+def _inf(t):
+    t = t.clone()
+    t[1, 1] = float("inf")
+    return t
+
+
+BAD_ADAPTERS = {
+    "A without B": (dict(tensors=_without(Q_B)), r"q_proj has lora_A but no lora_B"),
+    "B without A": (dict(tensors=_without(Q_A)), r"q_proj has lora_B but no lora_A"),
+    "shapes do not chain": (dict(tensors=_replace(Q_B, lambda t: t[:, :3].contiguous())), r"q_proj: lora_B \(64, 3\) and lora_A \(4, 64\) do not chain"),
+    "rank disagrees with config": (dict(config=_set(r=5)), r"_proj has rank 4 .* gives it r = 5"),
+    "unreadable config": (dict(config=lambda c: "{not json"), r"adapter_config.json: unreadable adapter config"),
+    "config without lora_alpha": (dict(config=_drop("lora_alpha")), r"'lora_alpha' is missing"),
+    "not a LoRA config": (dict(config=_set(peft_type="IA3")), r"peft_type is 'IA3'"),
+    "DoRA": (dict(config=_set(use_dora=True)), r"use_dora is set; not supported"),
+    "bad rank_pattern": (dict(config=_set(rank_pattern={"q_proj": 0})), r"rank_pattern\['q_proj'\] must be one of positive integers"),
+    "non-float tensor": (dict(tensors=_replace(Q_A, lambda t: t.to(torch.int32))), r"q_proj.lora_A.weight has dtype torch.int32"),
+    "NaN": (dict(tensors=_replace(Q_B, _nan)), r"q_proj.lora_B.weight contains 1 NaN/Inf values"),
+    "Inf": (dict(tensors=_replace(Q_A, _inf)), r"q_proj.lora_A.weight contains 1 NaN/Inf values"),
+    "two adapter names": (
+        dict(tensors=lambda s: {k.replace("q_proj.lora_A", "q_proj.lora_A.x").replace("q_proj.lora_B", "q_proj.lora_B.y"): v for k, v in s.items()}),
+        r"several adapters \(x, y\)",
+    ),
+    "DoRA tensor": (dict(tensors=lambda s: {**s, "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(64)}), r"lora_magnitude_vector is a DoRA magnitude vector"),
+    "LoRA bias": (dict(tensors=lambda s: {**s, Q_B.replace(".weight", ".bias"): torch.ones(64)}), r"lora_B.bias is a LoRA bias"),
+}
+
+
+def _assert_nothing_written(folder, out):
+    assert not out.exists()
+    leftovers = [p.name for p in folder.iterdir() if p.name.startswith(".")]
+    assert not leftovers, f"temporary files left behind: {leftovers}"
+
+
+@pytest.mark.parametrize("case", list(BAD_ADAPTERS), ids=list(BAD_ADAPTERS))
+def test_bad_anti_expert_is_explained_and_nothing_is_written(case, llama, tmp_path):
+    _, paths = llama
+    edits, message = BAD_ADAPTERS[case]
+    bad = _copy_adapter(paths["expert"], tmp_path / "bad", **edits)
+    before = {p.name: p.read_bytes() for p in bad.iterdir()}
+    out_dir = tmp_path / "outputs"
+    out_dir.mkdir()
+    with pytest.raises(AdapterError, match=message) as caught:
+        merge_adapter_files(paths["expert"], bad, out_dir / "out", 1.0)
+    assert str(bad) in str(caught.value)  # the message names the file
+    _assert_nothing_written(out_dir, out_dir / "out")
+    assert {p.name: p.read_bytes() for p in bad.iterdir()} == before  # inputs untouched
+
+
+def test_missing_files_are_explained(llama, tmp_path):
+    _, paths = llama
+    no_config = tmp_path / "no_config"
+    no_config.mkdir()
+    (no_config / "adapter_model.safetensors").write_bytes(
+        open(os.path.join(paths["expert"], "adapter_model.safetensors"), "rb").read()
+    )
+    with pytest.raises(AdapterError, match=r"no_config has no adapter_config.json"):
+        load_adapter(no_config)
+    with pytest.raises(AdapterError, match=r"a bare adapter file with no adapter_config.json beside it"):
+        load_adapter(no_config / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match=r"explicit lora_alpha/r were given but .* exists"):
+        load_adapter(os.path.join(paths["expert"], "adapter_model.safetensors"), lora_alpha=8)
+    with pytest.raises(AdapterError, match=r"has rank 6 .* the explicit r"):
+        load_adapter(no_config / "adapter_model.safetensors", lora_alpha=8, r=4)  # down_proj has rank 6
+    pickle_only = tmp_path / "pickle_only"
+    pickle_only.mkdir()
+    (pickle_only / "adapter_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(AdapterError, match=r"adapter_model.bin, a pickle file"):
+        load_adapter(pickle_only)
+    truncated = tmp_path / "truncated"
+    _copy_adapter(paths["expert"], truncated)
+    data = (truncated / "adapter_model.safetensors").read_bytes()
+    (truncated / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(AdapterError, match=r"truncated.*not a readable safetensors file"):
+        load_adapter(truncated)
+    with pytest.raises(AdapterError, match=r"nowhere: no such file or folder"):
+        load_adapter(tmp_path / "nowhere")
+
+
+def test_adapters_of_different_base_models_are_refused(llama, tmp_path):
+    base, paths = llama
+    other = _copy_adapter(paths["anti"], tmp_path / "other", config=_set(base_model_name_or_path="org/other-model"))
+    mine = _copy_adapter(paths["expert"], tmp_path / "mine", config=_set(base_model_name_or_path="org/tiny-llama"))
+    out_dir = tmp_path / "outputs"
+    out_dir.mkdir()
+    with pytest.raises(ValueError, match=r"other was trained on base model 'org/other-model' .* 'org/tiny-llama'"):
+        merge_adapter_files(mine, other, out_dir / "out", 1.0)
+    _assert_nothing_written(out_dir, out_dir / "out")
+    # Same module names, other shapes: a wider model.
+    torch.manual_seed(SEED)
+    wide = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128))
+    wide_paths = _make_adapters(wide, {"wide": LLAMA_ADAPTERS["anti"]}, tmp_path)
+    with pytest.raises(ValueError, match=r"q_proj: the expert .* adapts a \(64, 64\) weight but .*wide a \(32, 32\) one"):
+        merge_adapter_files(paths["expert"], wide_paths["wide"], out_dir / "out", 1.0)
+    _assert_nothing_written(out_dir, out_dir / "out")
+
+
+def test_output_overlapping_an_input_or_existing_is_refused(llama, tmp_path):
+    _, paths = llama
+    with pytest.raises(ValueError, match=r"overlaps the input"):
+        merge_adapter_files(paths["expert"], paths["anti"], paths["anti"], 1.0)
+    with pytest.raises(ValueError, match=r"overlaps the input"):
+        merge_adapter_files(paths["expert"], paths["anti"], os.path.dirname(paths["anti"]), 1.0, overwrite=True)
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ValueError, match=r"taken exists; choose another output path or pass overwrite=True"):
+        merge_adapter_files(paths["expert"], paths["anti"], tmp_path / "taken", 1.0)
+    with pytest.raises(ValueError, match=r"a path ending in .safetensors"):
+        merge_adapter_files(paths["expert"], paths["anti"], tmp_path / "delta_dir", 1.0, output_format="delta")
+    with pytest.raises(ValueError, match=r"applies to the lora format"):
+        merge_adapter_files(paths["expert"], paths["anti"], tmp_path / "x", 1.0, output_format="delta", max_rank=2)
+
+
+# --- writing -------------------------------------------------------------------------
+
+
+def test_write_adapter_is_atomic(tmp_path):
+    state = {"base_model.model.m.lora_A.weight": torch.ones(2, 3), "base_model.model.m.lora_B.weight": torch.ones(4, 2)}
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 2}
+    target = write_adapter(tmp_path / "a", state, config, metadata={"note": "x"})
+    assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((target / "adapter_config.json").read_text()) == config
+    # Overwriting replaces the folder; a failing write leaves the old one and no temporary files.
+    write_adapter(tmp_path / "a", {**state, "base_model.model.m.lora_B.weight": torch.zeros(4, 2)}, config, overwrite=True)
+    assert load_file(str(target / "adapter_model.safetensors"))["base_model.model.m.lora_B.weight"].sum() == 0
+    with pytest.raises(Exception):
+        write_adapter(tmp_path / "a", {"bad": "not a tensor"}, config, overwrite=True)
+    assert load_file(str(target / "adapter_model.safetensors"))["base_model.model.m.lora_B.weight"].sum() == 0
+    with pytest.raises(Exception):
+        write_adapter(tmp_path / "b", {"bad": "not a tensor"}, config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    with pytest.raises(ValueError, match=r"does not exist; create the parent folder"):
+        write_adapter(tmp_path / "missing" / "c", state, config)
+
+
+def test_write_tensors_is_atomic(tmp_path):
+    write_tensors(tmp_path / "d.safetensors", {"w": torch.ones(2, 2)})
+    with pytest.raises(ValueError, match="exists"):
+        write_tensors(tmp_path / "d.safetensors", {"w": torch.zeros(2, 2)})
+    with pytest.raises(Exception):
+        write_tensors(tmp_path / "e.safetensors", {"w": "not a tensor"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.safetensors"]
