@@ -16,7 +16,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # The torch path works on row blocks of about this many bytes per operand (compute dtype),
 # so the second touch of a block (the write after the norms) is served from cache.
-_CPU_BLOCK_BYTES = 1 << 20
+_CPU_BLOCK_BYTES = 2 << 20
 
 
 def check_pair(w_plus: torch.Tensor, w_minus: torch.Tensor, lam: float) -> None:
@@ -57,7 +57,7 @@ def _compute_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
 
 
 def _row_coefficients(p_norm: torch.Tensor, m_norm: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row α and β (as column vectors) of the closed form; |p| = 0 gives α = 1, β = 0."""
+    """Per-row α and β (column vectors) of the closed form; |p| = 0 gives α = 1, β = 0."""
     has_p = p_norm > 0
     alpha = torch.where(has_p, 1.0 + (0.5 * lam) * m_norm / torch.where(has_p, p_norm, 1.0), 1.0)
     beta = torch.where(has_p, torch.full_like(p_norm, -0.5 * lam), torch.zeros_like(p_norm))
@@ -65,22 +65,33 @@ def _row_coefficients(p_norm: torch.Tensor, m_norm: torch.Tensor, lam: float) ->
 
 
 def _ext_sub_rows_torch_(p: torch.Tensor, m: torch.Tensor, lam: float) -> None:
-    """Closed form over blocks of rows, writing into the 2-D tensor `p` (any device)."""
+    """Closed form in torch, writing into the 2-D tensor `p` (any device).
+
+    On CPU the rows go in blocks of about _CPU_BLOCK_BYTES per operand: the norms read a block
+    from DRAM and the update and the write find it in cache, so memory sees about one pass.
+    Low-precision blocks are widened once into reused scratch buffers, so the result is
+    rounded once.
+    """
     compute = _compute_dtype(p.dtype, m.dtype)
     n_rows, n_cols = p.shape
-    row_bytes = max(1, n_cols * compute.itemsize)
-    block_rows = max(1, _CPU_BLOCK_BYTES // row_bytes)
+    if p.device.type == "cpu":
+        block_rows = max(1, min(n_rows, _CPU_BLOCK_BYTES // max(1, n_cols * compute.itemsize)))
+    else:
+        block_rows = n_rows
+    p_scratch = torch.empty((block_rows, n_cols), dtype=compute, device=p.device) if p.dtype != compute else None
+    m_scratch = torch.empty((block_rows, n_cols), dtype=compute, device=p.device) if m.dtype != compute else None
     for start in range(0, n_rows, block_rows):
         p_block = p[start : start + block_rows]
         m_block = m[start : start + block_rows]
-        p_norm = torch.linalg.vector_norm(p_block, dim=1, dtype=compute)
-        m_norm = torch.linalg.vector_norm(m_block, dim=1, dtype=compute)
-        alpha, beta = _row_coefficients(p_norm, m_norm, lam)
-        if p_block.dtype == compute and m_block.dtype == compute:
-            out = torch.addcmul(m_block * beta, p_block, alpha)
-        else:
-            out = torch.addcmul(m_block.to(compute) * beta, p_block.to(compute), alpha)
-        p_block.copy_(out)
+        rows = p_block.shape[0]
+        p_wide = p_block if p_scratch is None else p_scratch[:rows].copy_(p_block)
+        m_wide = m_block if m_scratch is None else m_scratch[:rows].copy_(m_block)
+        alpha, beta = _row_coefficients(
+            torch.linalg.vector_norm(p_wide, dim=1), torch.linalg.vector_norm(m_wide, dim=1), lam
+        )
+        p_wide.mul_(alpha).addcmul_(m_wide, beta)
+        if p_wide is not p_block:
+            p_block.copy_(p_wide)
 
 
 def _triton_allowed(t: torch.Tensor) -> bool:
