@@ -351,11 +351,9 @@ def _copy_adapter(src: str, dst, *, tensors=None, config=None):
     state = load_file(os.path.join(src, "adapter_model.safetensors"))
     save_file(tensors(state) if tensors else state, str(dst / "adapter_model.safetensors"))
     cfg = json.loads(open(os.path.join(src, "adapter_config.json")).read())
-    if config is not None:
-        text = config(cfg)
+    text = config(cfg) if config is not None else cfg
+    if text is not None:  # None: no config at all
         (dst / "adapter_config.json").write_text(text if isinstance(text, str) else json.dumps(text))
-    else:
-        (dst / "adapter_config.json").write_text(json.dumps(cfg))
     return dst
 
 
@@ -396,11 +394,13 @@ BAD_ADAPTERS = {
     "B without A": (dict(tensors=_without(Q_A)), r"q_proj has lora_B but no lora_A"),
     "shapes do not chain": (dict(tensors=_replace(Q_B, lambda t: t[:, :3].contiguous())), r"q_proj: lora_B \(64, 3\) and lora_A \(4, 64\) do not chain"),
     "rank disagrees with config": (dict(config=_set(r=5)), r"_proj has rank 4 .* gives it r = 5"),
+    "missing config": (dict(config=lambda c: None), r"bad has no adapter_config.json: the LoRA scaling .* is unknown"),
     "unreadable config": (dict(config=lambda c: "{not json"), r"adapter_config.json: unreadable adapter config"),
     "config without lora_alpha": (dict(config=_drop("lora_alpha")), r"'lora_alpha' is missing"),
     "not a LoRA config": (dict(config=_set(peft_type="IA3")), r"peft_type is 'IA3'"),
     "DoRA": (dict(config=_set(use_dora=True)), r"use_dora is set; not supported"),
     "bad rank_pattern": (dict(config=_set(rank_pattern={"q_proj": 0})), r"rank_pattern\['q_proj'\] must be one of positive integers"),
+    "Conv2d LoRA": (dict(tensors=_replace(Q_A, lambda t: t.reshape(4, 64, 1, 1))), r"q_proj has lora_A \(4, 64, 1, 1\) .* only 2-D factors"),
     "non-float tensor": (dict(tensors=_replace(Q_A, lambda t: t.to(torch.int32))), r"q_proj.lora_A.weight has dtype torch.int32"),
     "NaN": (dict(tensors=_replace(Q_B, _nan)), r"q_proj.lora_B.weight contains 1 NaN/Inf values"),
     "Inf": (dict(tensors=_replace(Q_A, _inf)), r"q_proj.lora_A.weight contains 1 NaN/Inf values"),

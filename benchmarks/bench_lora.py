@@ -1,0 +1,360 @@
+"""Benchmark LoRA Ext-Sub on a LLaMA-7B-shaped adapter pair: factored `lora` vs `dense-lora` vs the authors' pattern.
+
+A synthetic PEFT adapter pair (32 layers × q,k,v,o,gate,up,down; hidden 4096, intermediate
+11008; r = 16, lora_alpha = 32; bf16) is merged with Ext-Sub (λ = 1) three ways, each in its own
+subprocess, timed end to end from the input files to the fsynced output (imports excluded,
+reported apart):
+
+- `lora`: load and validate both adapters, the factored merge (DESIGN §3), write the PEFT adapter.
+- `dense-lora`: the same merge, then ΔW' = B'·A' per module written in the paper's released
+  layout (lora_B = ΔW', lora_A = identity), one shard per layer.
+- `authors`: the released code's pattern: per module B·A materialized in float32 for both
+  adapters, unit vectors and bisector vectorized, the projection as a Python loop over rows,
+  then the same dense-lora layout, one shard per layer (the released code keeps every
+  module of both adapters in memory at once; that does not fit this machine, see RESULTS.md).
+  It takes about 45 s per layer on 2 cores, so it runs on the first --authors-layers layers
+  and its wall time and output bytes are extrapolated linearly to all layers (labelled so
+  in the rows: `extrapolated_from_layers`).
+
+Each variant runs --repeats times (fresh subprocess, output removed in between); times are
+medians (every run is kept in `wall_s_runs`). Peak memory is the largest peak RSS of the
+subprocesses (getrusage ru_maxrss), measured. Output bytes are the
+sizes of the files written. The three ΔW' are compared with each other and with a float64
+oracle (Algorithm 1 on ΔW formed in float64 from the same bf16 factors) on the modules of
+the layers the authors' pattern ran on. Results are JSON rows in benchmarks/results/lora.json;
+`--table` prints the markdown table derived from them.
+
+    python benchmarks/bench_lora.py                    # full run (~30 GB of scratch disk, ~8 min)
+    python benchmarks/bench_lora.py --layers 2         # a quick look
+    python benchmarks/bench_lora.py --table            # the table from the saved rows
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+HIDDEN, INTERMEDIATE, RANK, ALPHA, LAM = 4096, 11008, 16, 32, 1.0
+MODULES = {  # name → (out_features, in_features)
+    "self_attn.q_proj": (HIDDEN, HIDDEN),
+    "self_attn.k_proj": (HIDDEN, HIDDEN),
+    "self_attn.v_proj": (HIDDEN, HIDDEN),
+    "self_attn.o_proj": (HIDDEN, HIDDEN),
+    "mlp.gate_proj": (INTERMEDIATE, HIDDEN),
+    "mlp.up_proj": (INTERMEDIATE, HIDDEN),
+    "mlp.down_proj": (HIDDEN, INTERMEDIATE),
+}
+DATE = "2026-11-24"
+RESULTS = ROOT / "benchmarks" / "results" / "lora.json"
+
+
+def _module_name(layer: int, module: str) -> str:
+    return f"model.layers.{layer}.{module}"
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# --- inputs ---------------------------------------------------------------------------
+
+
+def make_adapters(workdir: Path, layers: int) -> dict[str, Path]:
+    """Two synthetic PEFT adapter folders (bf16, r = 16) with different seeds."""
+    import torch
+    from extsub_kernels.adapter import peft_key, write_adapter
+
+    paths = {}
+    for seed, name in enumerate(("expert", "anti")):
+        gen = torch.Generator().manual_seed(seed)
+        state = {}
+        for layer in range(layers):
+            for module, (out, inp) in MODULES.items():
+                name_ = _module_name(layer, module)
+                # A like PEFT's kaiming-uniform init, B like a trained LoRA B (small, dense).
+                bound = 1 / math.sqrt(inp)
+                state[peft_key(name_, "A")] = ((torch.rand(RANK, inp, generator=gen) * 2 - 1) * bound).bfloat16()
+                state[peft_key(name_, "B")] = (torch.randn(out, RANK, generator=gen) * 0.02).bfloat16()
+        config = {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "synthetic/llama-7b-shape",
+            "r": RANK, "lora_alpha": ALPHA, "target_modules": list(MODULES), "lora_dropout": 0.05, "bias": "none",
+        }
+        paths[name] = write_adapter(workdir / name, state, config)
+    return paths
+
+
+# --- variants (each runs in its own subprocess) ----------------------------------------
+
+
+def run_lora(expert: Path, anti: Path, out: Path) -> dict:
+    from extsub_kernels.adapter import load_adapter, write_adapter
+    from extsub_kernels.lora import merge_adapters
+    from extsub_kernels.materialize import to_peft
+
+    t0 = time.perf_counter()
+    adapters = load_adapter(expert), load_adapter(anti)
+    t1 = time.perf_counter()
+    merged = merge_adapters(adapters[0], adapters[1], LAM)
+    t2 = time.perf_counter()
+    write_adapter(out, *to_peft(merged))
+    t3 = time.perf_counter()
+    return {"wall_s": t3 - t0, "load_s": t1 - t0, "compute_s": t2 - t1, "write_s": t3 - t2}
+
+
+def _write_shard(path: Path, tensors: dict) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+
+
+def run_dense_lora(expert: Path, anti: Path, out: Path, layers: int) -> dict:
+    from extsub_kernels.adapter import load_adapter
+    from extsub_kernels.lora import LoraAdapter, merge_adapters
+    from extsub_kernels.materialize import dense_lora_config, iter_dense_lora
+
+    t0 = time.perf_counter()
+    merged = merge_adapters(load_adapter(expert), load_adapter(anti), LAM)
+    t1 = time.perf_counter()
+    out.mkdir()
+    write_s = 0.0
+    for layer in range(layers):
+        names = [_module_name(layer, m) for m in MODULES]
+        part = LoraAdapter({n: merged.modules[n] for n in names})
+        shard = dict(iter_dense_lora(part))
+        tw = time.perf_counter()
+        _write_shard(out / f"adapter_model-{layer + 1:05d}-of-{layers:05d}.safetensors", shard)
+        write_s += time.perf_counter() - tw
+        del shard
+    (out / "adapter_config.json").write_text(json.dumps(dense_lora_config(merged)))
+    t2 = time.perf_counter()
+    return {"wall_s": t2 - t0, "load_and_factored_merge_s": t1 - t0, "materialize_s": t2 - t1 - write_s, "write_s": write_s}
+
+
+def authors_ext_sub(p, m, lam: float):
+    """The released code's Ext-Sub step on dense rows: unit vectors and bisector vectorized,
+    the projection of m on the bisector as a Python loop over rows, then p − λm + λ·proj."""
+    import torch
+
+    unit_p = p / torch.norm(p, dim=-1, keepdim=True)
+    unit_m = m / torch.norm(m, dim=-1, keepdim=True)
+    bisector = unit_p + unit_m
+    bisector = bisector / torch.norm(bisector, dim=-1, keepdim=True)
+    projection = torch.stack([torch.dot(m[i], bisector[i]) * bisector[i] for i in range(m.shape[0])])
+    return p - lam * m + lam * projection
+
+
+def run_authors(expert: Path, anti: Path, out: Path, layers: int) -> dict:
+    import torch
+    from safetensors import safe_open
+    from extsub_kernels.adapter import WEIGHTS_NAME, peft_key
+
+    scaling = ALPHA / RANK
+    t0 = time.perf_counter()
+    out.mkdir()
+    write_s = 0.0
+    with safe_open(str(expert / WEIGHTS_NAME), "pt") as fe, safe_open(str(anti / WEIGHTS_NAME), "pt") as fa:
+        for layer in range(layers):
+            shard = {}
+            for module in MODULES:
+                name = _module_name(layer, module)
+                a_key, b_key = peft_key(name, "A"), peft_key(name, "B")
+                b_plus = fe.get_tensor(b_key)
+                dtype = b_plus.dtype
+                p = (b_plus.float() @ fe.get_tensor(a_key).float()) * scaling
+                m = (fa.get_tensor(b_key).float() @ fa.get_tensor(a_key).float()) * scaling
+                shard[b_key] = authors_ext_sub(p, m, LAM).to(dtype)
+                shard[a_key] = torch.eye(p.shape[1], dtype=dtype)
+            tw = time.perf_counter()
+            _write_shard(out / f"adapter_model-{layer + 1:05d}-of-{layers:05d}.safetensors", shard)
+            write_s += time.perf_counter() - tw
+            del shard
+    t1 = time.perf_counter()
+    return {"wall_s": t1 - t0, "compute_s": t1 - t0 - write_s, "write_s": write_s}
+
+
+def _variant_main(args: argparse.Namespace) -> None:
+    t_start = time.perf_counter()
+    import torch  # noqa: F401  (import time is reported apart)
+    import extsub_kernels  # noqa: F401
+
+    import_s = time.perf_counter() - t_start
+    rss_after_import = _rss_mb()
+    workdir = Path(args.workdir)
+    expert, anti, out = workdir / "expert", workdir / "anti", workdir / f"out-{args.variant}"
+    if args.variant == "lora":
+        row = run_lora(expert, anti, out)
+    elif args.variant == "dense-lora":
+        row = run_dense_lora(expert, anti, out, args.layers)
+    else:
+        row = run_authors(expert, anti, out, args.layers)
+    row.update(import_s=import_s, rss_after_import_mb=rss_after_import, peak_rss_mb=_rss_mb(), output_bytes=_folder_bytes(out))
+    print(json.dumps(row))
+
+
+# --- comparison of the three results -----------------------------------------------------
+
+
+def compare(workdir: Path, layers: list[int], n_layers: int, authors_layers: int) -> dict:
+    """Largest differences between the three ΔW' (and a float64 oracle) on the given layers.
+
+    Besides the outputs as written (bf16), the factored result before its bf16 storage
+    (float32 factors, in process) is compared with the oracle: the math without the rounding.
+    """
+    import torch
+    from safetensors import safe_open
+    from extsub_kernels import ext_sub_reference
+    from extsub_kernels.adapter import load_adapter, peft_key
+    from extsub_kernels.lora import merge_adapters
+
+    expert, anti = load_adapter(workdir / "expert"), load_adapter(workdir / "anti")
+    lora = load_adapter(workdir / "out-lora")
+    factored = merge_adapters(expert, anti, LAM)
+    worst: dict[str, float] = {}
+    for layer in layers:
+        shard = f"adapter_model-{layer + 1:05d}-of-{n_layers:05d}.safetensors"
+        authors_shard = f"adapter_model-{layer + 1:05d}-of-{authors_layers:05d}.safetensors"
+        with safe_open(str(workdir / "out-dense-lora" / shard), "pt") as fd, safe_open(str(workdir / "out-authors" / authors_shard), "pt") as fa:
+            for module in MODULES:
+                name = _module_name(layer, module)
+                exact = ext_sub_reference(expert.modules[name].delta(torch.float64), anti.modules[name].delta(torch.float64), LAM)
+                results = {
+                    "lora": lora.modules[name].delta(torch.float64),
+                    "dense-lora": fd.get_tensor(peft_key(name, "B")).double(),
+                    "authors": fa.get_tensor(peft_key(name, "B")).double(),
+                }
+                scale = float(exact.abs().max())
+                pairs = [("lora", "dense-lora"), ("lora", "authors"), ("dense-lora", "authors")]
+                diffs = {f"{a} vs {b}": results[a] - results[b] for a, b in pairs}
+                diffs.update({f"{k} vs float64 oracle": v - exact for k, v in results.items()})
+                diffs["lora before bf16 storage (float32 factors) vs float64 oracle"] = factored.modules[name].delta(torch.float64) - exact
+                for key, diff in diffs.items():
+                    worst[key] = max(worst.get(key, 0.0), float(diff.abs().max()) / scale)
+    return worst
+
+
+# --- driver -----------------------------------------------------------------------------
+
+
+def _spawn(variant: str, workdir: Path, layers: int) -> dict:
+    cmd = [sys.executable, __file__, "--variant", variant, "--workdir", str(workdir), "--layers", str(layers)]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _environment() -> dict:
+    import torch
+    import extsub_kernels
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    return {
+        "device": f"cpu: {cpu}, {os.cpu_count()} cores",
+        "date": DATE,
+        "version": extsub_kernels.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--workdir", help="scratch folder (default: a temporary folder, removed afterwards)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per variant; times are medians, peak RSS the maximum")
+    parser.add_argument("--authors-layers", type=int, default=2, help="layers the authors' pattern runs on (then extrapolated)")
+    parser.add_argument("--variant", choices=["lora", "dense-lora", "authors"], help=argparse.SUPPRESS)
+    parser.add_argument("--table", action="store_true", help="print the markdown table from the saved rows")
+    parser.add_argument("--results", default=str(RESULTS))
+    args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.results).read_text())))
+        return
+    if args.variant:
+        _variant_main(args)
+        return
+    scratch = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_lora."))
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        env = _environment()
+        shape = f"llama-7b: {args.layers} layers x 7 modules, hidden {HIDDEN}, intermediate {INTERMEDIATE}, r={RANK}, bf16"
+        print(f"inputs: {shape} in {scratch}", file=sys.stderr)
+        make_adapters(scratch, args.layers)
+        input_bytes = _folder_bytes(scratch / "expert") + _folder_bytes(scratch / "anti")
+        rows = []
+        authors_layers = min(args.authors_layers, args.layers)
+        for variant in ("lora", "dense-lora", "authors"):
+            layers = authors_layers if variant == "authors" else args.layers
+            runs = []
+            for repeat in range(args.repeats):
+                shutil.rmtree(scratch / f"out-{variant}", ignore_errors=True)  # the last run's output stays for the comparison
+                runs.append(_spawn(variant, scratch, layers))
+            row = dict(runs[-1])
+            row.update({key: statistics.median(r[key] for r in runs) for key in runs[0] if key.endswith("_s")})
+            row.update(wall_s_runs=[r["wall_s"] for r in runs], peak_rss_mb=max(r["peak_rss_mb"] for r in runs))
+            row.update(env, bench="lora", variant=variant, shape=shape, input_bytes=input_bytes, lam=LAM)
+            if layers < args.layers:  # a measured subset, extrapolated linearly to every layer
+                factor = args.layers / layers
+                row.update(extrapolated_from_layers=layers, measured_wall_s=row["wall_s"], measured_output_bytes=row["output_bytes"],
+                           wall_s=row["wall_s"] * factor, output_bytes=round(row["output_bytes"] * factor))
+            rows.append(row)
+            print(f"{variant}: {row['wall_s']:.2f} s, peak RSS {row['peak_rss_mb']:.0f} MB, {row['output_bytes'] / 1e9:.3f} GB", file=sys.stderr)
+        compare_layers = list(range(authors_layers))
+        worst = compare(scratch, compare_layers, args.layers, authors_layers)
+        rows.append({**env, "bench": "lora", "variant": "max-difference", "shape": shape, "lam": LAM,
+                     "compared_layers": compare_layers, "compared_modules": len(compare_layers) * len(MODULES),
+                     "max_abs_diff_over_max_abs": worst})
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        Path(args.results).write_text(json.dumps(rows, indent=1) + "\n")
+        print(table(rows))
+    finally:
+        if not args.workdir:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def table(rows: list[dict]) -> str:
+    """The markdown table of RESULTS.md, derived from the rows."""
+    runs = {r["variant"]: r for r in rows if "wall_s" in r}
+    lines = [
+        f"{runs['lora']['shape']}; {runs['lora']['device']}; torch {runs['lora']['torch']}, extsub {runs['lora']['version']}, {runs['lora']['date']}",
+        "",
+        "| variant | wall time (s) | speed-up over authors | peak RSS (MB) | RSS after imports (MB) | output (bytes) | output vs lora |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in runs.items():
+        label = name
+        if "extrapolated_from_layers" in r:
+            label += f" (measured on {r['extrapolated_from_layers']} layers: {r['measured_wall_s']:.1f} s, {r['measured_output_bytes']:,} B; time and bytes extrapolated)"
+        lines.append(
+            f"| {label} | {r['wall_s']:.2f} | {runs['authors']['wall_s'] / r['wall_s']:.1f}× | {r['peak_rss_mb']:.0f} | "
+            f"{r['rss_after_import_mb']:.0f} | {r['output_bytes']:,} | {r['output_bytes'] / runs['lora']['output_bytes']:.1f}× |"
+        )
+    diff = next((r for r in rows if r["variant"] == "max-difference"), None)
+    if diff:
+        lines += ["", f"Largest |difference| / max|ΔW'| over {diff['compared_modules']} modules (layers {diff['compared_layers']}):", ""]
+        lines += ["| pair | max abs diff / max abs |", "|---|---:|"]
+        lines += [f"| {k} | {v:.3g} |" for k, v in diff["max_abs_diff_over_max_abs"].items()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
