@@ -216,8 +216,7 @@ def truncate_factors(
         >>> b.shape[1], 0 < err < 1
         (2, True)
     """
-    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
-        raise ValueError(f"max_rank must be a positive integer, got {max_rank!r}")
+    _check_max_rank(max_rank)
     if lora_A.shape[0] <= max_rank:
         return lora_B, lora_A, 0.0
     q_b, r_b = torch.linalg.qr(lora_B)
@@ -230,6 +229,11 @@ def truncate_factors(
     b_out = (q_b @ u[:, :keep]) * root
     a_out = root.unsqueeze(1) * (vh[:keep] @ q_a.T)
     return b_out, a_out, (tail / total if total > 0 else 0.0)
+
+
+def _check_max_rank(max_rank: object) -> None:
+    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
+        raise ValueError(f"max_rank must be a positive integer, got {max_rank!r}")
 
 
 def _lam_list(lams: float | Sequence[float], n_antis: int) -> tuple[float, ...]:
@@ -310,6 +314,8 @@ def merge_adapters(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     lam_values = _lam_list(lams, len(antis))
+    if max_rank is not None:
+        _check_max_rank(max_rank)
     check_compatible(expert, antis, check_base_model=check_base_model)
     report = MergeReport(method=method, lams=lam_values)
     names = list(expert.modules)

@@ -48,6 +48,11 @@ def merge_adapter_files(
     Returns:
         The MergeReport (its `summary()` is one paragraph for the user).
 
+    The "lora" output is small ((out + in)·(r⁺ + r⁻) numbers per module). "dense-lora" and
+    "delta" are out×in per module and are assembled in memory before the atomic write here;
+    for adapters of a large model, stream `iter_dense_lora`/`iter_delta` into a header-first
+    writer instead.
+
     Example:
         >>> report = merge_adapter_files("expert/", "anti/", "out/", 1.0)  # doctest: +SKIP
         >>> print(report.summary())  # doctest: +SKIP

@@ -302,6 +302,9 @@ def test_truncation_of_a_zero_product_has_zero_error():
 def test_max_rank_must_be_a_positive_integer(bad):
     with pytest.raises(ValueError, match="max_rank must be a positive integer"):
         truncate_factors(torch.randn(4, 3), torch.randn(3, 5), bad)
+    adapter = LoraAdapter({"w": _module(4, 5, 1, 1.0)})
+    with pytest.raises(ValueError, match="max_rank must be a positive integer"):
+        merge_adapters(adapter, adapter, 1.0, max_rank=bad)
 
 
 # --- dtypes ------------------------------------------------------------------------------
