@@ -17,7 +17,9 @@ reported apart):
   in the rows: `extrapolated_from_layers`).
 
 Each variant runs --repeats times (fresh subprocess, output removed in between); times are
-medians (every run is kept in `wall_s_runs`). Peak memory is the largest peak RSS of the
+medians (every run is kept in `wall_s_runs`, with the 1-minute load average before it: the
+machine may be shared), beside the fastest run and the CPU seconds (user + system) of the
+subprocess. Peak memory is the largest peak RSS of the
 subprocesses (getrusage ru_maxrss), measured. Output bytes are the
 sizes of the files written. The three ΔW' are compared with each other and with a float64
 oracle (Algorithm 1 on ΔW formed in float64 from the same bf16 factors) on the modules of
@@ -199,6 +201,7 @@ def _variant_main(args: argparse.Namespace) -> None:
 
     import_s = time.perf_counter() - t_start
     rss_after_import = _rss_mb()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     workdir = Path(args.workdir)
     expert, anti, out = workdir / "expert", workdir / "anti", workdir / f"out-{args.variant}"
     if args.variant == "lora":
@@ -207,7 +210,9 @@ def _variant_main(args: argparse.Namespace) -> None:
         row = run_dense_lora(expert, anti, out, args.layers)
     else:
         row = run_authors(expert, anti, out, args.layers)
-    row.update(import_s=import_s, rss_after_import_mb=rss_after_import, peak_rss_mb=_rss_mb(), output_bytes=_folder_bytes(out))
+    done = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = (done.ru_utime - usage.ru_utime) + (done.ru_stime - usage.ru_stime)
+    row.update(import_s=import_s, cpu_s=cpu_s, rss_after_import_mb=rss_after_import, peak_rss_mb=_rss_mb(), output_bytes=_folder_bytes(out))
     print(json.dumps(row))
 
 
@@ -307,15 +312,20 @@ def main() -> None:
             runs = []
             for repeat in range(args.repeats):
                 shutil.rmtree(scratch / f"out-{variant}", ignore_errors=True)  # the last run's output stays for the comparison
-                runs.append(_spawn(variant, scratch, layers))
+                load = os.getloadavg()[0]
+                runs.append({**_spawn(variant, scratch, layers), "loadavg_1min_before": load})
             row = dict(runs[-1])
             row.update({key: statistics.median(r[key] for r in runs) for key in runs[0] if key.endswith("_s")})
-            row.update(wall_s_runs=[r["wall_s"] for r in runs], peak_rss_mb=max(r["peak_rss_mb"] for r in runs))
-            row.update(env, bench="lora", variant=variant, shape=shape, input_bytes=input_bytes, lam=LAM)
+            row.update(runs=runs, wall_s_runs=[r["wall_s"] for r in runs], wall_s_min=min(r["wall_s"] for r in runs),
+                       loadavg_1min_before=[r["loadavg_1min_before"] for r in runs], peak_rss_mb=max(r["peak_rss_mb"] for r in runs))
+            row.update(env, bench="lora", variant=variant, shape=shape, shape_layers=args.layers, input_bytes=input_bytes, lam=LAM)
             if layers < args.layers:  # a measured subset, extrapolated linearly to every layer
                 factor = args.layers / layers
+                for key in ("compute_s", "write_s"):  # parts of the measured subset, kept as such
+                    row[f"measured_{key}"] = row.pop(key)
                 row.update(extrapolated_from_layers=layers, measured_wall_s=row["wall_s"], measured_output_bytes=row["output_bytes"],
-                           wall_s=row["wall_s"] * factor, output_bytes=round(row["output_bytes"] * factor))
+                           wall_s=row["wall_s"] * factor, wall_s_min=row["wall_s_min"] * factor, cpu_s=row["cpu_s"] * factor,
+                           output_bytes=round(row["output_bytes"] * factor))
             rows.append(row)
             print(f"{variant}: {row['wall_s']:.2f} s, peak RSS {row['peak_rss_mb']:.0f} MB, {row['output_bytes'] / 1e9:.3f} GB", file=sys.stderr)
         compare_layers = list(range(authors_layers))
@@ -337,15 +347,15 @@ def table(rows: list[dict]) -> str:
     lines = [
         f"{runs['lora']['shape']}; {runs['lora']['device']}; torch {runs['lora']['torch']}, extsub {runs['lora']['version']}, {runs['lora']['date']}",
         "",
-        "| variant | wall time (s) | speed-up over authors | peak RSS (MB) | RSS after imports (MB) | output (bytes) | output vs lora |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| variant | wall time, median (s) | fastest run (s) | CPU time (s) | speed-up over authors (median) | peak RSS (MB) | RSS after imports (MB) | output (bytes) | output vs lora |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in runs.items():
         label = name
         if "extrapolated_from_layers" in r:
-            label += f" (measured on {r['extrapolated_from_layers']} layers: {r['measured_wall_s']:.1f} s, {r['measured_output_bytes']:,} B; time and bytes extrapolated)"
+            label += f" (measured on {r['extrapolated_from_layers']} layers: {r['measured_wall_s']:.1f} s, {r['measured_output_bytes']:,} B; times and bytes extrapolated ×{r['shape_layers'] / r['extrapolated_from_layers']:g})"
         lines.append(
-            f"| {label} | {r['wall_s']:.2f} | {runs['authors']['wall_s'] / r['wall_s']:.1f}× | {r['peak_rss_mb']:.0f} | "
+            f"| {label} | {r['wall_s']:.2f} | {r['wall_s_min']:.2f} | {r['cpu_s']:.2f} | {runs['authors']['wall_s'] / r['wall_s']:.1f}× | {r['peak_rss_mb']:.0f} | "
             f"{r['rss_after_import_mb']:.0f} | {r['output_bytes']:,} | {r['output_bytes'] / runs['lora']['output_bytes']:.1f}× |"
         )
     diff = next((r for r in rows if r["variant"] == "max-difference"), None)
