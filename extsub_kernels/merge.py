@@ -86,7 +86,7 @@ def combine(
     if base is not None:
         work.sub_(base)
     for m, lam in zip(minus, lams):
-        _step(work, m.to(compute).sub_(base) if base is not None else m, lam, method, transposed)
+        _step(work, m.to(compute) - base if base is not None else m, lam, method, transposed)
     if base is not None:
         work.add_(base)
     return work.to(out_dtype)

@@ -123,6 +123,7 @@ class SafetensorsFileWriter:
     def __init__(self, path: Path, entries: Sequence[TensorEntry], metadata: dict[str, str] | None = None):
         self.path = path
         self.entries = list(entries)
+        self._names = {e.name for e in self.entries}
         self._header = build_header(self.entries, metadata)
         self._fd: int | None = None
         self._index = 0
@@ -150,6 +151,8 @@ class SafetensorsFileWriter:
         if self._fd is None:
             raise MergeError(f"{self.path}: write before open or after close")
         view = _as_bytes(data)
+        if not len(view) and name in self._names:
+            return  # an empty tensor (or block) has nothing to write
         self._skip_empty()
         if self._index >= len(self.entries) or self.entries[self._index].name != name:
             expected = self.entries[self._index].name if self._index < len(self.entries) else "nothing more"
@@ -249,6 +252,7 @@ class CheckpointWriter:
             (self.target.name, safetensors_order(entries))
         ]
         self.order = [e for _, group in self.shards for e in group]
+        self._names = {e.name for e in self.order}
         self._metadata = metadata
         self._extra_files = list(extra_files)
         self._temp = atomic.reserve_temp(self.target, folder=self.is_folder)
@@ -280,6 +284,8 @@ class CheckpointWriter:
 
     def write(self, name: str, data: torch.Tensor | bytes | memoryview) -> None:
         """Append `data` to tensor `name` (tensors come in `self.order`, each whole or in row blocks)."""
+        if not _as_bytes(data).nbytes and name in self._names:
+            return  # an empty tensor (or block) has nothing to write, wherever it sits
         while self._files[self._shard].done and self._shard + 1 < len(self._files):
             self._next_shard()
         self._files[self._shard].write(name, data)
