@@ -275,16 +275,18 @@ def _check_outputs(paths: list[Path], inputs: list[tuple[str, ResolvedInput]], *
     for path in paths:
         target = path.resolve()
         for role, inp in inputs:
+            if inp.kind != "file":
+                root = inp.root.resolve()
+                if target == root:
+                    raise InputError(f"OUT {path} is the {role} folder; choose another OUT (inputs are never overwritten)")
+                if root in target.parents:
+                    raise InputError(f"OUT {path} is inside the {role} folder {inp.root}; choose another OUT")
             for f in inp.files:
                 real = f.resolve()
                 if real == target or f.absolute() == path.absolute():
                     raise InputError(f"OUT {path} is the {role} file {f}; choose another OUT (inputs are never overwritten)")
                 if target in real.parents:
                     raise InputError(f"OUT {path} contains the {role} file {f}; choose another OUT")
-            if inp.kind != "file":
-                root = inp.root.resolve()
-                if target == root or root in target.parents:
-                    raise InputError(f"OUT {path} is inside the {role} folder {inp.root}; choose another OUT")
         if not os.path.lexists(path):
             continue
         if not force:
