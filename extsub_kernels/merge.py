@@ -15,90 +15,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from extsub_kernels.devices import BufferPool, Transfer, resolve_device, view_as
+from extsub_kernels.devices import resolve_device
 from extsub_kernels.errors import InputError
 from extsub_kernels.io import CheckpointReader, CheckpointWriter, ResolvedInput, TensorEntry, parse_size, resolve_input
 from extsub_kernels.io.atomic import terminate_as_interrupt
-from extsub_kernels.io.format import is_float
 from extsub_kernels.io.resolve import ADAPTER_CONFIG, CONFIG_PATTERNS
-from extsub_kernels.ops import ext_sub_, subtract_
-from extsub_kernels.pipeline import run_pipeline
-from extsub_kernels.plan import (
-    METHODS,
-    ON_MISSING,
-    OUT_DTYPES,
-    Block,
-    Lam,
-    TensorJob,
-    conv1d_weights,
-    cut_blocks,
-    lam_label,
-    output_paths,
-    parse_lams,
-    plan_tensors,
-    rows_of,
-)
+from extsub_kernels.plan import METHODS, ON_MISSING, OUT_DTYPES, Lam, conv1d_weights, output_paths, parse_lams, plan_tensors
+from extsub_kernels.stream import BlockStreamer
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 DEFAULT_BLOCK_BYTES = 32 << 20
 GB = 1e9
-
-
-def combine(
-    plus: torch.Tensor,
-    minus: Sequence[torch.Tensor],
-    lams: Sequence[float],
-    *,
-    method: str = "ext-sub",
-    base: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
-    transposed: bool = False,
-    inplace: bool = False,
-) -> torch.Tensor:
-    """One tensor (or a block of its rows) merged: the method applied with each anti-expert in order.
-
-    ext-sub: θ ← θ − λ·Ext(θ⁻); sub: θ ← θ − λθ⁻; add: θ ← θ + λθ⁻. With `base`, the op works
-    on task vectors: ΔW = θ − θ₀ for every input, and the result is θ₀ + ΔW'. `transposed`
-    pairs columns instead of rows (GPT-2 Conv1D weights, stored (in, out)).
-
-    A single step in the expert's dtype runs the op in that dtype (it reduces in float32 and
-    rounds once); anything longer works in float32 (float64 for float64 inputs) and rounds
-    once at the end. `inplace` lets the single-step case overwrite `plus`.
-
-    Example:
-        >>> out = combine(torch.randn(8, 16), [torch.randn(8, 16)], [1.0])
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if len(minus) != len(lams):
-        raise ValueError(f"{len(minus)} anti-expert tensors but {len(lams)} λ values")
-    out_dtype = out_dtype or plus.dtype
-    if len(minus) == 1 and base is None and out_dtype == plus.dtype:
-        work = plus if inplace else plus.clone()
-        _step(work, minus[0], lams[0], method, transposed)
-        return work
-    dtypes = [plus.dtype, *(m.dtype for m in minus)] + ([base.dtype] if base is not None else [])
-    compute = torch.float64 if torch.float64 in dtypes else torch.float32
-    work = plus.to(compute, copy=True)
-    if base is not None:
-        work.sub_(base)
-    for m, lam in zip(minus, lams):
-        _step(work, m.to(compute) - base if base is not None else m, lam, method, transposed)
-    if base is not None:
-        work.add_(base)
-    return work.to(out_dtype)
-
-
-def _step(work: torch.Tensor, minus: torch.Tensor, lam: float, method: str, transposed: bool) -> None:
-    if transposed:
-        work, minus = work.t(), minus.t()
-    if method == "ext-sub":
-        ext_sub_(work, minus, lam)
-    else:
-        subtract_(work, minus, lam if method == "sub" else -lam)
 
 
 @dataclass(frozen=True)
@@ -328,6 +255,7 @@ def _metadata(setting: tuple[float, ...], method: str, inputs: list[tuple[str, R
 def _stream(
     inputs, readers, jobs, skipped, settings, paths, device, *, method, base, shard_limit, force, progress, block_bytes, started
 ) -> MergeReport:
+    """Open every output (temporary names), stream the blocks into them, and publish them whole."""
     entries = [TensorEntry(j.name, j.out_dtype, j.shape) for j in jobs]
     expert = inputs[0][1]
     extra = [p for p in expert.config_files if p.name != ADAPTER_CONFIG] if base and shard_limit is not None else []
@@ -337,17 +265,9 @@ def _stream(
             meta = _metadata(setting, method, inputs)
             writers.append(CheckpointWriter(path, entries, meta, max_shard_size=shard_limit, extra_files=extra, force=force))
         _check_space(writers)
-        by_name = {j.name: j for j in jobs}
-        blocks = [b for e in writers[0].order for b in cut_blocks(by_name[e.name], _row_bytes(by_name[e.name], readers), block_bytes)]
-        streamer = _Streamer(readers, settings, method, device, blocks, inputs)
-        total = sum(streamer.read_bytes(b) for b in blocks)
-        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="extsub-merge", disable=not progress,
-                   file=sys.stderr, dynamic_ncols=True, mininterval=0.5)  # fmt: skip
-        with bar, streamer.transfer:
-            streamer.transfer.reset_peak()
-            run_pipeline(blocks, streamer.read, streamer.compute, lambda b, r: streamer.write(b, r, writers, bar))
+        streamer = BlockStreamer(readers, [role for role, _ in inputs], settings, method, device, writers)
+        bytes_read = streamer.run(streamer.blocks(jobs, block_bytes), progress=progress)
         outputs = tuple(w.commit() for w in writers)
-        written = sum(w.bytes_written for w in writers)
     except BaseException:
         for w in writers:
             w.abort()
@@ -358,8 +278,8 @@ def _stream(
         merged=sum(j.merged for j in jobs),
         copied=sum(not j.merged for j in jobs),
         skipped=len(skipped),
-        bytes_read=total,
-        bytes_written=written,
+        bytes_read=bytes_read,
+        bytes_written=sum(w.bytes_written for w in writers),
         seconds=time.perf_counter() - started,
         peak_rss_bytes=_peak_rss(),
         peak_gpu_bytes=streamer.transfer.peak_memory(),
@@ -376,133 +296,6 @@ def _check_space(writers: list[CheckpointWriter]) -> None:
         free = shutil.disk_usage(folder).free
         if n > free:
             raise InputError(f"not enough space for OUT in {folder}: the output needs {n / GB:.2f} GB, {free / GB:.2f} GB are free")
-
-
-def _row_bytes(job: TensorJob, readers: list[CheckpointReader]) -> int:
-    """Bytes of the widest row of `job` across its inputs, its output and the float32 working copy."""
-    rows = rows_of(job.shape)
-    if rows == 0:
-        return 0
-    widest = max(readers[i].info(job.name).nbytes for i in job.inputs())
-    numel = readers[job.source].info(job.name).nbytes // readers[job.source].info(job.name).dtype.itemsize
-    return max(widest, numel * job.out_dtype.itemsize) // rows
-
-
-class _Streamer:
-    """The three stages for blocks of rows: read into pooled buffers, compute on the device, write."""
-
-    def __init__(self, readers, settings, method, device, blocks: list[Block], inputs):
-        self.readers = readers
-        self.settings = settings
-        self.method = method
-        self.inputs = inputs
-        self.transfer = Transfer(device)
-        capacity = max((self._block_bytes(b) for b in blocks), default=1)
-        self.pool = BufferPool(capacity, pin=self.transfer.cuda)
-
-    def _ranges(self, block: Block, i: int) -> tuple[int, int]:
-        info = self.readers[i].info(block.job.name)
-        row = info.nbytes // rows_of(info.shape)
-        return block.start * row, (block.stop - block.start) * row
-
-    def _block_bytes(self, block: Block) -> int:
-        n = max(self._ranges(block, i)[1] for i in block.job.inputs())
-        numel = n // min(self.readers[i].info(block.job.name).dtype.itemsize for i in block.job.inputs())
-        return max(n, numel * block.job.out_dtype.itemsize)
-
-    def read_bytes(self, block: Block) -> int:
-        return sum(self._ranges(block, i)[1] for i in block.job.inputs())
-
-    def _read_rows(self, block: Block, i: int, buffer: torch.Tensor) -> torch.Tensor:
-        info = self.readers[i].info(block.job.name)
-        start, length = self._ranges(block, i)
-        self.readers[i].read_into(block.job.name, buffer, start, length)
-        return view_as(buffer, info.dtype, block.shape())
-
-    def read(self, block: Block) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        buffers = [self.pool.get() for _ in block.job.inputs()]
-        return [self._read_rows(block, i, buf) for i, buf in zip(block.job.inputs(), buffers)], buffers
-
-    def compute(self, block: Block, payload):
-        tensors, buffers = payload
-        job = block.job
-        moved = self.transfer.to_device(tensors)
-        if job.merged:
-            plus, minus = moved[0], moved[1 : 1 + len(job.antis)]
-            theta0 = moved[-1] if job.base is not None else None
-            results = []
-            for s, setting in enumerate(self.settings):
-                lams = [setting[k - 1] for k in job.antis]
-                last = s == len(self.settings) - 1
-                results.append(
-                    combine(plus, minus, lams, method=self.method, base=theta0, out_dtype=job.out_dtype,
-                            transposed=job.transposed, inplace=last)  # fmt: skip
-                )
-                self._check_finite(block, results[-1], setting)
-        else:
-            results = [moved[0].to(job.out_dtype)] * len(self.settings)
-        return self._to_host(results, buffers)
-
-    def _to_host(self, results: list[torch.Tensor], buffers: list[torch.Tensor]):
-        if not self.transfer.cuda:
-            keep = [b for b in buffers if any(_shares(r, b) for r in results)]
-            self.pool.put([b for b in buffers if not any(b is k for k in keep)])
-            return results, keep, None
-        self.pool.put(buffers)
-        host, keep, seen = [], [], {}
-        for r in results:
-            if id(r) not in seen:
-                keep.append(self.pool.get())
-                seen[id(r)] = self.transfer.to_host(r, keep[-1])
-            host.append(seen[id(r)])
-        return host, keep, self.transfer.done_event()
-
-    def write(self, block: Block, result, writers: list[CheckpointWriter], bar: tqdm) -> None:
-        host, keep, event = result
-        self.transfer.ready(event)
-        for tensor, writer in zip(host, writers):
-            writer.write(block.job.name, tensor)
-        self.pool.put(keep)
-        bar.update(self.read_bytes(block))
-
-    def _check_finite(self, block: Block, result: torch.Tensor, setting: tuple[float, ...]) -> None:
-        """A NaN or Inf in the result names the input tensor that holds one, or else the overflow."""
-        if _all_finite(result):
-            return
-        job = block.job
-        for i in job.inputs():
-            role, inp = self.inputs[i]
-            data = self._read_rows(block, i, torch.empty(self._ranges(block, i)[1], dtype=torch.uint8))
-            if not _all_finite(data):
-                row = block.start + _first_nonfinite_row(data)
-                where = self.readers[i].info(job.name).path.name
-                raise InputError(
-                    f"tensor {job.name!r} in {role} ({where}) contains NaN or Inf (first in row {row}); "
-                    "the op needs finite weights, so fix or drop that input"
-                )
-        raise InputError(
-            f"tensor {job.name!r}: the result at λ={lam_label(setting)} overflows {job.out_dtype} although the inputs "
-            "are finite; use a smaller λ or --dtype float32"
-        )
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """True when no element is NaN or ±Inf: a float64 sum is finite exactly then (short of a
-    float64 overflow, checked element by element)."""
-    if t.numel() == 0:
-        return True
-    if bool(torch.isfinite(t.sum(dtype=torch.float64))):
-        return True
-    return bool(torch.isfinite(t).all())
-
-
-def _first_nonfinite_row(t: torch.Tensor) -> int:
-    rows = t.reshape(t.shape[0] if t.dim() >= 2 else 1, -1)
-    return int((~torch.isfinite(rows)).any(dim=1).nonzero()[0, 0])
-
-
-def _shares(t: torch.Tensor, buffer: torch.Tensor) -> bool:
-    return t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
 
 
 def _peak_rss() -> int | None:

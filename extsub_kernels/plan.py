@@ -12,11 +12,10 @@ from pathlib import Path
 
 import torch
 
+from extsub_kernels.combine import METHODS  # noqa: F401 - the methods are part of a plan's vocabulary
 from extsub_kernels.errors import InputError
 from extsub_kernels.io import CheckpointReader, TensorInfo
 from extsub_kernels.io.format import DTYPE_CODES, is_float
-
-METHODS = ("ext-sub", "sub", "add")
 ON_MISSING = ("error", "copy", "skip")
 OUT_DTYPES: dict[str, torch.dtype | None] = {
     "keep": None,

@@ -11,7 +11,7 @@ from helpers import TOLERANCES, assert_close_explained
 from extsub_kernels import ext_sub, merge
 from extsub_kernels.errors import InputError
 from extsub_kernels.io import read_header
-from extsub_kernels.merge import combine
+from extsub_kernels.combine import combine
 from extsub_kernels.ops import subtract_
 from extsub_kernels.plan import output_paths, parse_lams
 
