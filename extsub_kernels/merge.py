@@ -299,6 +299,15 @@ def _check_space(writers: list[CheckpointWriter]) -> None:
 
 
 def _peak_rss() -> int | None:
+    """Peak resident memory of this process: VmHWM on Linux (per process image, so a large parent
+    does not show through as ru_maxrss does across fork + exec), else ru_maxrss."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:
