@@ -97,6 +97,18 @@ def test_sharded_output_has_a_hugging_face_index(tmp_path):
     assert all(read_header(tmp_path / "out" / f).metadata == {"format": "pt"} for f in files if f.endswith(".safetensors"))
 
 
+def test_folder_outputs_take_extra_files_and_generated_ones(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text('{"model_type": "llama"}')
+    t = torch.randn(3)
+    with CheckpointWriter(tmp_path / "out", _entries({"t": t}), weights_name="adapter_model.safetensors", extra_files=[config]) as writer:
+        writer.write("t", t)
+        writer.add_text("adapter_config.json", '{"r": 4}')
+        writer.commit()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "config.json"]
+    assert (tmp_path / "out" / "adapter_config.json").read_text() == '{"r": 4}'
+
+
 def test_a_tensor_larger_than_the_shard_limit_gets_its_own_shard():
     entries = [TensorEntry("small", torch.float32, (2,)), TensorEntry("big", torch.float32, (100,)), TensorEntry("s2", torch.float32, (2,))]
     shards = plan_shards(entries, 64)

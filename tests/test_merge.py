@@ -161,6 +161,14 @@ def test_output_dtype(tmp_path, pair):
     assert_close_explained(out["lm_head.weight"], expected, *TOLERANCES[torch.float32])
 
 
+def test_a_result_that_overflows_the_output_dtype_is_refused(tmp_path):
+    e = save(tmp_path / "e.safetensors", {"w": torch.full((4, 4), 6e4)})
+    a = save(tmp_path / "a.safetensors", {"w": torch.full((4, 4), -6e4)})
+    with pytest.raises(InputError, match=r"tensor 'w': the result at λ=1 overflows torch.float16 although the inputs are finite"):
+        merge(e, a, tmp_path / "out.safetensors", method="sub", dtype="float16")
+    assert not (tmp_path / "out.safetensors").exists() and not leftovers(tmp_path)
+
+
 def test_expert_only_keys_are_copied_and_anti_only_keys_follow_on_missing(tmp_path):
     expert = random_delta(SHAPES) | {"only.expert": torch.randn(3)}
     anti = random_delta(SHAPES) | {"only.anti": torch.randn(5)}

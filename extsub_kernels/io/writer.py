@@ -295,6 +295,14 @@ class CheckpointWriter:
         self._shard += 1
         self._files[self._shard].open()
 
+    def add_text(self, name: str, text: str) -> None:
+        """Add a small generated file (e.g. an adapter_config.json) to a folder output."""
+        if not self.is_folder:
+            raise InputError(f"{self.target}: a .safetensors OUT is one file; give a folder OUT to add {name}")
+        if Path(name).name != name or name in {n for n, _ in self.shards}:
+            raise ValueError(f"{name!r} must be a plain file name that is not one of the weight files")
+        atomic.write_text(self._temp / name, text)
+
     def commit(self) -> Path:
         """Finish every file, fsync, and move the output into place. Returns the target."""
         while self._shard + 1 < len(self._files):
