@@ -1,20 +1,23 @@
 """Merge throughput and memory on synthetic LLaMA-13B-shaped checkpoints (issue 3's benchmark).
 
 For 1, 2, 4 and 8 layers (hidden 5120, intermediate 13824, vocab 32000, bf16, one shard per
-layer plus one for embeddings and head), three runs over the same expert/anti pair, each in
-its own subprocess so peak RSS is per run:
+layer plus one for embeddings and head), three kinds of run over the same expert/anti pair,
+each in its own subprocess so peak RSS is per run:
 
-    plain-read  every input byte read once with pread into a reused buffer (the I/O floor)
+    plain-read  every input byte read once into a reused buffer (the I/O floor)
     merge       extsub_kernels.merge(expert, anti, out), fsync included
     load-all    safetensors.torch.load_file on both, the op tensor by tensor, save_file, fsync
 
-The page cache is dropped before every run when this process may (root on Linux), so each
-run reads from disk; otherwise the inputs are read once first and every run sees a warm cache.
-Rows go to benchmarks/results/merge-<date>-<device>.json, a markdown table beside them.
+plain-read and merge run --repeat times each, interleaved, and the table shows the median;
+load-all, much slower, runs once for the --baseline-layers counts. The page cache is dropped
+before every run when this process may (root on Linux), so each run reads from disk;
+otherwise the inputs are read once first and every run sees a warm cache.
+Rows go to benchmarks/results/merge-<date>-<device>.json, the table to a .md beside them.
 Checkpoints live in a temporary folder (removed at the end), never in the repository.
 
-    python benchmarks/bench_merge.py                 # 1, 2, 4, 8 layers
-    python benchmarks/bench_merge.py --layers 1,2    # a quicker look
+    python benchmarks/bench_merge.py                                # 1, 2, 4, 8 layers (~10 min on 2 cores)
+    python benchmarks/bench_merge.py --layers 1,2 --repeat 1        # a quicker look
+    python benchmarks/bench_merge.py --baseline-layers 1,2,4,8      # load-all at every size too
 """
 
 import argparse
@@ -23,6 +26,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -184,30 +188,33 @@ def _run_child(kind: str, args: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(layer_counts: list[int], device: str, workdir: Path) -> list[dict]:
+def run(layer_counts: list[int], baseline_layers: list[int], repeat: int, device: str, workdir: Path) -> list[dict]:
+    """Rows for every run: plain-read and merge `repeat` times, interleaved (the disk's speed drifts),
+    then load-all once where asked (it is the slow one)."""
     shards = {role: workdir / f"shards-{role}" for role in ("expert", "anti")}
     for seed, (role, folder) in enumerate(shards.items()):
         make_layer_shards(folder, max(layer_counts), seed)
     cold = _drop_caches()
     idle_rss = _run_child("idle", [])["peak_rss_bytes"]
-    rows = []
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() and device != "cpu" else f"cpu ({os.cpu_count()} cores)"
+    common = {"date": datetime.date.today().isoformat(), "device": device_name, "torch": torch.__version__, "extsub": __version__,
+              "python": platform.python_version(), "cache": "cold" if cold else "warm", "idle_rss_bytes": idle_rss,
+              "largest_tensor_bytes": LARGEST_TENSOR_BYTES}  # fmt: skip
+    rows = []
     for layers in layer_counts:
         pair = {role: workdir / f"{role}-{layers}" for role in shards}
         input_bytes = sum(assemble(shards[role], pair[role], layers) for role in pair)
-        for kind in CHILDREN:
+        runs = [(kind, rep) for rep in range(repeat) for kind in ("plain-read", "merge")]
+        runs += [("load-all", 0)] if layers in baseline_layers else []
+        for kind, rep in runs:
             out = workdir / f"out-{kind}-{layers}"
-            args = [str(pair["expert"]), str(pair["anti"])] if kind == "plain-read" else [str(pair["expert"]), str(pair["anti"]), str(out), device]
+            args = [str(pair["expert"]), str(pair["anti"])] + ([] if kind == "plain-read" else [str(out), device])
             if not (cold and _drop_caches()):
                 _run_child("plain-read", [str(pair["expert"]), str(pair["anti"])])  # warm the cache the same way for every run
             result = _run_child(kind, args)
             shutil.rmtree(out, ignore_errors=True)
-            row = {
-                "date": datetime.date.today().isoformat(), "device": device_name, "torch": torch.__version__,
-                "extsub": __version__, "python": platform.python_version(), "layers": layers, "run": kind,
-                "cache": "cold" if cold else "warm", "idle_rss_bytes": idle_rss, "input_bytes": input_bytes, "largest_tensor_bytes": LARGEST_TENSOR_BYTES,
-                **result, "gb_per_s": input_bytes / 1e9 / result["seconds"],
-            }  # fmt: skip
+            row = {**common, "layers": layers, "run": kind, "rep": rep, "input_bytes": input_bytes, **result,
+                   "gb_per_s": input_bytes / 1e9 / result["seconds"]}  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
         for folder in pair.values():
@@ -216,30 +223,44 @@ def run(layer_counts: list[int], device: str, workdir: Path) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    """The table derived from the rows: one line per layer count and run."""
+    """The table derived from the rows: per layer count and run, the median time of its repeats."""
     first = rows[0]
     lines = [
         f"{first['date']}, {first['device']}, torch {first['torch']}, extsub {first['extsub']}, {first['cache']} page cache; "
         f"bf16, largest tensor {first['largest_tensor_bytes'] / 1e9:.2f} GB; Python + torch alone: "
         f"{first['idle_rss_bytes'] / 1e9:.2f} GB RSS.",
         "",
-        "| layers | input GB | run | seconds | GB/s (input) | % of plain read | peak RSS GB | RSS / largest tensor | peak GPU GB |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| layers | input GB | run | runs | seconds (median; range) | GB/s (input) | % of plain read | peak RSS GB | RSS / largest tensor | peak GPU GB |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    read_rate = {r["layers"]: r["gb_per_s"] for r in rows if r["run"] == "plain-read"}
+    groups: dict[tuple[int, str], list[dict]] = {}
     for r in rows:
-        gpu = f"{r['peak_gpu_bytes'] / 1e9:.2f}" if r.get("peak_gpu_bytes") else "n/a"
+        groups.setdefault((r["layers"], r["run"]), []).append(r)
+    median = {key: statistics.median(r["seconds"] for r in group) for key, group in groups.items()}
+    for (layers, kind), group in groups.items():
+        seconds = median[(layers, kind)]
+        rate = group[0]["input_bytes"] / 1e9 / seconds
+        read_rate = group[0]["input_bytes"] / 1e9 / median[(layers, "plain-read")]
+        rss = max(r["peak_rss_bytes"] for r in group)
+        gpu = max((r.get("peak_gpu_bytes") or 0) for r in group)
+        spread = f"{min(r['seconds'] for r in group):.1f}–{max(r['seconds'] for r in group):.1f}" if len(group) > 1 else "–"
         lines.append(
-            f"| {r['layers']} | {r['input_bytes'] / 1e9:.2f} | {r['run']} | {r['seconds']:.1f} | {r['gb_per_s']:.2f} | "
-            f"{100 * r['gb_per_s'] / read_rate[r['layers']]:.0f} % | {r['peak_rss_bytes'] / 1e9:.2f} | "
-            f"{r['peak_rss_bytes'] / r['largest_tensor_bytes']:.1f}× | {gpu} |"
+            f"| {layers} | {group[0]['input_bytes'] / 1e9:.2f} | {kind} | {len(group)} | {seconds:.1f}; {spread} | {rate:.2f} | "
+            f"{100 * rate / read_rate:.0f} % | {rss / 1e9:.2f} | {rss / group[0]['largest_tensor_bytes']:.1f}× | "
+            f"{f'{gpu / 1e9:.2f}' if gpu else 'n/a'} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", default="1,2,4,8", help="layer counts, comma-separated")
+    parser.add_argument("--baseline-layers", default="1,2", help="layer counts that also run load-all (slow)")
+    parser.add_argument("--repeat", type=int, default=2, help="plain-read and merge runs per layer count")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -249,7 +270,7 @@ def main() -> None:
         return
     workdir = Path(tempfile.mkdtemp(prefix="extsub-bench-"))
     try:
-        rows = run([int(x) for x in args.layers.split(",")], args.device, workdir)
+        rows = run(_ints(args.layers), _ints(args.baseline_layers), args.repeat, args.device, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     args.results.mkdir(parents=True, exist_ok=True)

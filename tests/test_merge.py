@@ -70,6 +70,28 @@ def test_single_files_equal_the_op_tensor_by_tensor(tmp_path, pair, block_bytes)
     assert "7 tensors (6 merged, 1 copied)" in report.summary() and "GB/s" in report.summary()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_output_equals_the_op_on_the_gpu(tmp_path, pair):
+    expert, anti, e_path, a_path = pair
+    report = merge(e_path, a_path, tmp_path / "out.safetensors", lam=[0.7, 2.0], device="cuda", block_bytes=SMALL_BLOCKS)
+    assert report.peak_gpu_bytes and report.peak_gpu_bytes > 0 and report.device.startswith("cuda")
+    for path, lam in zip(report.outputs, (0.7, 2.0)):
+        out = load_file(path)
+        for name in expert:
+            if expert[name].is_floating_point():
+                expected = ext_sub(expert[name].cuda(), anti[name].cuda(), lam).cpu()
+                assert_close_explained(out[name], expected, *TOLERANCES[torch.bfloat16], what=name)
+            else:
+                assert torch.equal(out[name], expert[name])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_asking_for_cuda_without_it_is_a_clear_error(tmp_path, pair):
+    _, _, e_path, a_path = pair
+    with pytest.raises(InputError, match="'cuda' was asked for but CUDA is not available here; use --device cpu"):
+        merge(e_path, a_path, tmp_path / "out.safetensors", device="cuda")
+
+
 def test_output_metadata_records_the_merge(tmp_path, pair):
     _, _, e_path, a_path = pair
     merge(e_path, a_path, tmp_path / "out.safetensors", lam=0.5, method="sub")
