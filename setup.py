@@ -28,7 +28,7 @@ setup(
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "peft>=0.10", "transformers>=4.40"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["extsub-merge = extsub_kernels.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

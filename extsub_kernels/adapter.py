@@ -10,8 +10,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,10 +17,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from extsub_kernels.errors import InputError
+from extsub_kernels.io.atomic import publish, remove, reserve_temp, write_text
+from extsub_kernels.io.resolve import ADAPTER_CONFIG as CONFIG_NAME
+from extsub_kernels.io.resolve import ADAPTER_WEIGHTS as WEIGHTS_NAME
 from extsub_kernels.lora import LoraAdapter, LoraModule
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
 
@@ -37,8 +37,8 @@ _UNSUPPORTED = {
 }
 
 
-class AdapterError(ValueError):
-    """A bad or unsupported adapter; the message names the file, the module and what is wrong."""
+class AdapterError(InputError):
+    """A bad or unsupported adapter (a ValueError; exit code 2 in the CLI): the message names the file, the module and what is wrong."""
 
 
 def peft_key(module: str, part: str) -> str:
@@ -327,10 +327,10 @@ def write_adapter(
     """Write a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) atomically.
 
     Everything goes into a temporary folder beside the target, is fsynced, and is renamed
-    into place: the folder appears whole or not at all.
+    into place (the engine's `io.atomic`): the folder appears whole or not at all.
 
     Args:
-        folder: the adapter folder to create; its parent must exist.
+        folder: the adapter folder to create (missing parent folders are created).
         state_dict: tensors under PEFT keys (see `materialize.to_peft`).
         config: the adapter_config.json contents.
         metadata: extra str→str entries for the safetensors header (format=pt is always set).
@@ -343,29 +343,14 @@ def write_adapter(
         >>> write_adapter(tmp / "out", *to_peft(merged))  # doctest: +SKIP
     """
     target = _check_target(Path(folder), overwrite)
-    header = {**(metadata or {}), "format": "pt"}
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    old = None
+    staging = reserve_temp(target, folder=True)
     try:
-        tensors = {key: tensor.contiguous() for key, tensor in state_dict.items()}
-        save_file(tensors, str(staging / WEIGHTS_NAME), metadata=header)
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            _fsync(staging / name)
-        _fsync(staging)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.rename(target, old / target.name)
-        os.rename(staging, target)
-        _fsync(target.parent)
+        _save(staging / WEIGHTS_NAME, state_dict, metadata)
+        write_text(staging / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        publish(staging, target, force=overwrite)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if old is not None and not target.exists():
-            os.rename(old / target.name, target)  # put the replaced folder back
-            shutil.rmtree(old, ignore_errors=True)
+        remove(staging)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return target
 
 
@@ -382,31 +367,22 @@ def write_tensors(
         >>> write_tensors(tmp / "delta.safetensors", to_delta(merged))  # doctest: +SKIP
     """
     target = _check_target(Path(path), overwrite)
-    handle, staging = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(handle)
+    staging = reserve_temp(target, folder=False)
     try:
-        contiguous = {key: tensor.contiguous() for key, tensor in tensors.items()}
-        save_file(contiguous, staging, metadata={**(metadata or {}), "format": "pt"})
-        _fsync(Path(staging))
-        os.replace(staging, target)
-        _fsync(target.parent)
+        _save(staging, tensors, metadata)
+        publish(staging, target, force=overwrite)
     except BaseException:
-        Path(staging).unlink(missing_ok=True)
+        remove(staging)
         raise
     return target
 
 
+def _save(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> None:
+    contiguous = {key: tensor.contiguous() for key, tensor in tensors.items()}
+    save_file(contiguous, str(path), metadata={**(metadata or {}), "format": "pt"})
+
+
 def _check_target(target: Path, overwrite: bool) -> Path:
     if target.exists() and not overwrite:
-        raise ValueError(f"{target} exists; choose another output path or pass overwrite=True")
-    if not target.parent.is_dir():
-        raise ValueError(f"{target.parent} does not exist; create the parent folder of {target.name} first")
+        raise InputError(f"{target} exists; choose another output path or pass overwrite=True")
     return target
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

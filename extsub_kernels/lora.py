@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from extsub_kernels.errors import InputError
 from extsub_kernels.ops import FLOAT_DTYPES, _row_coefficients
 
 METHODS: tuple[str, ...] = ("ext-sub", "sub", "add")
@@ -92,7 +93,7 @@ class LoraAdapter:
 
 
 @dataclass
-class MergeReport:
+class LoraMergeReport:
     """What a merge did, module by module, for the summary a user reads."""
 
     method: str
@@ -133,7 +134,7 @@ class MergeReport:
 class MergedAdapter(LoraAdapter):
     """The result of `merge_adapters`: an adapter plus the report of how it was made."""
 
-    report: MergeReport
+    report: LoraMergeReport
 
 
 def lora_row_norms(lora_B: torch.Tensor, lora_A: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
@@ -233,23 +234,23 @@ def truncate_factors(
 
 def _check_max_rank(max_rank: object) -> None:
     if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
-        raise ValueError(f"max_rank must be a positive integer, got {max_rank!r}")
+        raise InputError(f"max_rank must be a positive integer, got {max_rank!r}")
 
 
 def _lam_list(lams: float | Sequence[float], n_antis: int) -> tuple[float, ...]:
     values = [lams] if isinstance(lams, (int, float)) else list(lams)
     for lam in values:
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
-            raise ValueError(f"every λ must be a finite real number, got {lam!r}")
+            raise InputError(f"every λ must be a finite real number, got {lam!r}")
     if len(values) == 1:
         values = values * n_antis
     if len(values) != n_antis:
-        raise ValueError(f"got {len(values)} λ values for {n_antis} anti-experts; give one λ, or one per anti-expert")
+        raise InputError(f"got {len(values)} λ values for {n_antis} anti-experts; give one λ, or one per anti-expert")
     return tuple(float(v) for v in values)
 
 
 def check_compatible(expert: LoraAdapter, antis: Sequence[LoraAdapter], *, check_base_model: bool = True) -> None:
-    """Raise a ValueError unless every anti-expert fits the expert: same base model, same module shapes.
+    """Raise an InputError (a ValueError) unless every anti-expert fits the expert: same base model, same module shapes.
 
     Example:
         >>> m = LoraModule(torch.ones(1, 3), torch.ones(2, 1), 1.0)
@@ -258,7 +259,7 @@ def check_compatible(expert: LoraAdapter, antis: Sequence[LoraAdapter], *, check
     for anti in antis:
         if check_base_model and expert.base_model_name_or_path and anti.base_model_name_or_path:
             if expert.base_model_name_or_path != anti.base_model_name_or_path:
-                raise ValueError(
+                raise InputError(
                     f"{anti.source} was trained on base model {anti.base_model_name_or_path!r} but the expert "
                     f"{expert.source} on {expert.base_model_name_or_path!r}; Ext-Sub combines adapters of one "
                     "base model (pass check_base_model=False if both names denote the same model)"
@@ -266,7 +267,7 @@ def check_compatible(expert: LoraAdapter, antis: Sequence[LoraAdapter], *, check
         for name, module in anti.modules.items():
             ref = expert.modules.get(name)
             if ref is not None and (ref.out_features, ref.in_features) != (module.out_features, module.in_features):
-                raise ValueError(
+                raise InputError(
                     f"module {name}: the expert {expert.source} adapts a ({ref.out_features}, {ref.in_features}) "
                     f"weight but {anti.source} a ({module.out_features}, {module.in_features}) one; "
                     "the adapters belong to different base models"
@@ -310,14 +311,14 @@ def merge_adapters(
     """
     antis = [antis] if isinstance(antis, LoraAdapter) else list(antis)
     if not antis:
-        raise ValueError("merge_adapters needs at least one anti-expert")
+        raise InputError("merge_adapters needs at least one anti-expert")
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     lam_values = _lam_list(lams, len(antis))
     if max_rank is not None:
         _check_max_rank(max_rank)
     check_compatible(expert, antis, check_base_model=check_base_model)
-    report = MergeReport(method=method, lams=lam_values)
+    report = LoraMergeReport(method=method, lams=lam_values)
     names = list(expert.modules)
     names += sorted({n for anti in antis for n in anti.modules if n not in expert.modules})
     modules: dict[str, LoraModule] = {}
@@ -352,7 +353,7 @@ def _merge_module(
     antis: list[LoraAdapter],
     lams: tuple[float, ...],
     method: str,
-    report: MergeReport,
+    report: LoraMergeReport,
 ) -> LoraModule | None:
     """The module `name` of the result (None when it vanishes), with the report updated."""
     start = expert.modules.get(name)
@@ -388,7 +389,7 @@ def _merge_module(
     return LoraModule(a, b, 1.0, out_dtype)
 
 
-def _copy_extra(expert: LoraAdapter, antis: list[LoraAdapter], report: MergeReport) -> dict[str, torch.Tensor]:
+def _copy_extra(expert: LoraAdapter, antis: list[LoraAdapter], report: LoraMergeReport) -> dict[str, torch.Tensor]:
     """Non-LoRA tensors: the expert's are copied (with a warning), the anti-experts' ignored."""
     if expert.extra:
         warnings.warn(

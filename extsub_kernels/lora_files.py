@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from extsub_kernels.adapter import load_adapter, write_adapter, write_tensors
-from extsub_kernels.lora import LoraAdapter, MergeReport, merge_adapters
+from extsub_kernels.errors import InputError
+from extsub_kernels.lora import LoraAdapter, LoraMergeReport, merge_adapters
 from extsub_kernels.materialize import to_dense_lora, to_delta, to_peft
 
 FORMATS: tuple[str, ...] = ("lora", "dense-lora", "delta")
@@ -31,7 +32,7 @@ def merge_adapter_files(
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
     check_base_model: bool = True,
-) -> MergeReport:
+) -> LoraMergeReport:
     """Merge LoRA adapters and write the result as a PEFT adapter folder, a dense-lora folder or deltas.
 
     Args:
@@ -46,7 +47,7 @@ def merge_adapter_files(
         overwrite: replace an existing output.
 
     Returns:
-        The MergeReport (its `summary()` is one paragraph for the user).
+        The LoraMergeReport (its `summary()` is one paragraph for the user).
 
     The "lora" output is small ((out + in)·(r⁺ + r⁻) numbers per module). "dense-lora" and
     "delta" are out×in per module and are assembled in memory before the atomic write here;
@@ -60,13 +61,13 @@ def merge_adapter_files(
     from extsub_kernels import __version__
 
     if output_format not in FORMATS:
-        raise ValueError(f"unknown output format {output_format!r}; choose one of {', '.join(FORMATS)}")
+        raise InputError(f"unknown output format {output_format!r}; choose one of {', '.join(FORMATS)}")
     if max_rank is not None and output_format != "lora":
-        raise ValueError(f"max_rank truncates the factored result; it applies to the lora format, not {output_format!r}")
+        raise InputError(f"max_rank truncates the factored result; it applies to the lora format, not {output_format!r}")
     sources = [expert] + (list(antis) if isinstance(antis, (list, tuple)) else [antis])
     _refuse_overlap(Path(out), [s for s in sources if not isinstance(s, LoraAdapter)])
     if output_format == "delta" and Path(out).suffix != ".safetensors":
-        raise ValueError(f"{out}: the delta format writes one .safetensors file; give a path ending in .safetensors")
+        raise InputError(f"{out}: the delta format writes one .safetensors file; give a path ending in .safetensors")
     adapters = [s if isinstance(s, LoraAdapter) else load_adapter(s) for s in sources]
     merged = merge_adapters(
         adapters[0], adapters[1:], lams, method, max_rank=max_rank, check_base_model=check_base_model
@@ -92,4 +93,4 @@ def _refuse_overlap(out: Path, inputs: list[str | os.PathLike]) -> None:
     for source in inputs:
         src = Path(source).resolve()
         if target == src or src in target.parents or target in src.parents:
-            raise ValueError(f"the output {out} overlaps the input {source} (the same path, or one inside the other); write it elsewhere")
+            raise InputError(f"the output {out} overlaps the input {source} (the same path, or one inside the other); write it elsewhere")

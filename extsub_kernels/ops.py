@@ -86,10 +86,14 @@ def _ext_sub_rows_torch_(p: torch.Tensor, m: torch.Tensor, lam: float) -> None:
         rows = p_block.shape[0]
         p_wide = p_block if p_scratch is None else p_scratch[:rows].copy_(p_block)
         m_wide = m_block if m_scratch is None else m_scratch[:rows].copy_(m_block)
-        alpha, beta = _row_coefficients(
-            torch.linalg.vector_norm(p_wide, dim=1), torch.linalg.vector_norm(m_wide, dim=1), lam
-        )
-        p_wide.mul_(alpha).addcmul_(m_wide, beta)
+        p_norm = torch.linalg.vector_norm(p_wide, dim=1)
+        m_norm = torch.linalg.vector_norm(m_wide, dim=1)
+        if bool((p_norm == 0).any()):  # rare: zero expert rows keep p (α = 1, β = 0)
+            alpha, beta = _row_coefficients(p_norm, m_norm, lam)
+            p_wide.mul_(alpha).addcmul_(m_wide, beta)
+        else:  # the common case in a few in-place ops: α = 1 + (λ/2)|m|/|p|, β = −λ/2
+            alpha = m_norm.div_(p_norm).mul_(0.5 * lam).add_(1.0).unsqueeze(1)
+            p_wide.mul_(alpha).add_(m_wide, alpha=-0.5 * lam)
         if p_wide is not p_block:
             p_block.copy_(p_wide)
 

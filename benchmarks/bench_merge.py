@@ -1,0 +1,285 @@
+"""Merge throughput and memory on synthetic LLaMA-13B-shaped checkpoints (issue 3's benchmark).
+
+For 1, 2, 4 and 8 layers (hidden 5120, intermediate 13824, vocab 32000, bf16, one shard per
+layer plus one for embeddings and head), three kinds of run over the same expert/anti pair,
+each in its own subprocess so peak RSS is per run:
+
+    plain-read  every input byte read once into a reused buffer (the I/O floor)
+    merge       extsub_kernels.merge(expert, anti, out), fsync included
+    load-all    safetensors.torch.load_file on both, the op tensor by tensor, save_file, fsync
+
+plain-read and merge run --repeat times each, interleaved, and the table shows the median;
+load-all, much slower, runs once for the --baseline-layers counts. The page cache is dropped
+before every run when this process may (root on Linux), so each run reads from disk;
+otherwise the inputs are read once first and every run sees a warm cache.
+Rows go to benchmarks/results/merge-<date>-<device>.json, the table to a .md beside them.
+Checkpoints live in a temporary folder (removed at the end), never in the repository.
+
+    python benchmarks/bench_merge.py                                # 1, 2, 4, 8 layers (~10 min on 2 cores)
+    python benchmarks/bench_merge.py --layers 1,2 --repeat 1        # a quicker look
+    python benchmarks/bench_merge.py --baseline-layers 1,2,4,8      # load-all at every size too
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from extsub_kernels import __version__  # noqa: E402
+from extsub_kernels.io import CheckpointWriter, TensorEntry  # noqa: E402
+
+HIDDEN, INTERMEDIATE, VOCAB = 5120, 13824, 32000
+DTYPE = torch.bfloat16
+LAYER_SHAPES = {
+    "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
+    "self_attn.k_proj.weight": (HIDDEN, HIDDEN),
+    "self_attn.v_proj.weight": (HIDDEN, HIDDEN),
+    "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+    "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
+    "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
+    "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
+    "input_layernorm.weight": (HIDDEN,),
+    "post_attention_layernorm.weight": (HIDDEN,),
+}
+OUTER_SHAPES = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)}
+LARGEST_TENSOR_BYTES = VOCAB * HIDDEN * DTYPE.itemsize
+READ_BUFFER = 32 << 20
+
+
+# ------------------------------------------------------------------ synthetic checkpoints
+
+
+def _write_shard(path: Path, shapes: dict[str, tuple[int, ...]], pool: torch.Tensor, offset: int) -> int:
+    """Stream tensors cut from a random pool (each at its own offset) into one shard; returns the next offset."""
+    entries = [TensorEntry(name, DTYPE, shape) for name, shape in shapes.items()]
+    with CheckpointWriter(path, entries, {"format": "pt"}) as writer:
+        for entry in writer.order:
+            n = entry.nbytes // DTYPE.itemsize
+            start = offset % (pool.numel() - n)
+            writer.write(entry.name, pool[start : start + n])
+            offset += 7919 * 64 + n // 3
+        writer.commit()
+    return offset
+
+
+def make_layer_shards(folder: Path, max_layers: int, seed: int) -> None:
+    """Shards shared by every layer count: layer-XX.safetensors and outer.safetensors."""
+    folder.mkdir(parents=True)
+    # a random pool a little larger than the largest tensor; tensors are slices of it at different offsets
+    pool = (0.02 * torch.randn(VOCAB * HIDDEN + (8 << 20), generator=torch.Generator().manual_seed(seed))).to(DTYPE)
+    offset = _write_shard(folder / "outer.safetensors", OUTER_SHAPES, pool, seed)
+    for layer in range(max_layers):
+        shapes = {f"model.layers.{layer}.{name}": shape for name, shape in LAYER_SHAPES.items()}
+        offset = _write_shard(folder / f"layer-{layer:02d}.safetensors", shapes, pool, offset)
+
+
+def assemble(shards: Path, folder: Path, layers: int) -> int:
+    """A checkpoint folder of `layers` layers: hard links to the shared shards and a Hugging Face index."""
+    from extsub_kernels.io import read_header
+
+    folder.mkdir(parents=True)
+    names = ["outer.safetensors"] + [f"layer-{i:02d}.safetensors" for i in range(layers)]
+    weight_map, total = {}, 0
+    for i, name in enumerate(names):
+        shard = f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
+        os.link(shards / name, folder / shard)
+        for key, info in read_header(folder / shard).tensors.items():
+            weight_map[key] = shard
+            total += info.nbytes
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return total
+
+
+# ------------------------------------------------------------------ child runs (one process each)
+
+
+def _peak_rss() -> int:
+    """VmHWM: the peak RSS of this process image (ru_maxrss would carry the driver's peak across fork + exec)."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def child_read(*folders: str) -> dict:
+    buffer = memoryview(bytearray(READ_BUFFER))
+    started, total = time.perf_counter(), 0
+    for folder in folders:
+        for path in sorted(Path(folder).glob("*.safetensors")):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                while n := os.readv(fd, [buffer]):
+                    total += n
+            finally:
+                os.close(fd)
+    return {"seconds": time.perf_counter() - started, "bytes_read": total, "peak_rss_bytes": _peak_rss()}
+
+
+def child_merge(expert: str, anti: str, out: str, device: str) -> dict:
+    from extsub_kernels import merge
+
+    report = merge(expert, anti, out, lam=1.0, device=device)
+    return {"seconds": report.seconds, "bytes_read": report.bytes_read, "bytes_written": report.bytes_written,
+            "peak_rss_bytes": report.peak_rss_bytes, "peak_gpu_bytes": report.peak_gpu_bytes}  # fmt: skip
+
+
+def child_load_all(expert: str, anti: str, out: str, device: str) -> dict:
+    from safetensors.torch import load_file, save_file
+
+    from extsub_kernels import ext_sub_
+
+    started = time.perf_counter()
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    e, a = {}, {}
+    for folder, into in ((expert, e), (anti, a)):
+        for path in sorted(Path(folder).glob("*.safetensors")):
+            into.update(load_file(path, device=str(dev)))
+    for name, t in e.items():
+        ext_sub_(t, a[name], 1.0)
+    Path(out).mkdir()
+    save_file({k: v.cpu() for k, v in e.items()}, f"{out}/model.safetensors", metadata={"format": "pt"})
+    fd = os.open(f"{out}/model.safetensors", os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    peak_gpu = torch.cuda.max_memory_allocated() if dev.type == "cuda" else None
+    return {"seconds": time.perf_counter() - started, "peak_rss_bytes": _peak_rss(), "peak_gpu_bytes": peak_gpu}
+
+
+def child_idle() -> dict:
+    """The floor under every RSS figure: Python with torch and extsub imported, nothing else."""
+    import extsub_kernels  # noqa: F401
+
+    return {"peak_rss_bytes": _peak_rss()}
+
+
+CHILDREN = {"plain-read": child_read, "merge": child_merge, "load-all": child_load_all}
+
+
+# ------------------------------------------------------------------ the driver
+
+
+def _drop_caches() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def _run_child(kind: str, args: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode:
+        raise RuntimeError(f"{kind} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run(layer_counts: list[int], baseline_layers: list[int], repeat: int, device: str, workdir: Path) -> list[dict]:
+    """Rows for every run: plain-read and merge `repeat` times, interleaved (the disk's speed drifts),
+    then load-all once where asked (it is the slow one)."""
+    shards = {role: workdir / f"shards-{role}" for role in ("expert", "anti")}
+    for seed, (role, folder) in enumerate(shards.items()):
+        make_layer_shards(folder, max(layer_counts), seed)
+    cold = _drop_caches()
+    idle_rss = _run_child("idle", [])["peak_rss_bytes"]
+    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() and device != "cpu" else f"cpu ({os.cpu_count()} cores)"
+    common = {"date": datetime.date.today().isoformat(), "device": device_name, "torch": torch.__version__, "extsub": __version__,
+              "python": platform.python_version(), "cache": "cold" if cold else "warm", "idle_rss_bytes": idle_rss,
+              "largest_tensor_bytes": LARGEST_TENSOR_BYTES}  # fmt: skip
+    rows = []
+    for layers in layer_counts:
+        pair = {role: workdir / f"{role}-{layers}" for role in shards}
+        input_bytes = sum(assemble(shards[role], pair[role], layers) for role in pair)
+        runs = [(kind, rep) for rep in range(repeat) for kind in ("plain-read", "merge")]
+        runs += [("load-all", 0)] if layers in baseline_layers else []
+        for kind, rep in runs:
+            out = workdir / f"out-{kind}-{layers}"
+            args = [str(pair["expert"]), str(pair["anti"])] + ([] if kind == "plain-read" else [str(out), device])
+            if not (cold and _drop_caches()):
+                _run_child("plain-read", [str(pair["expert"]), str(pair["anti"])])  # warm the cache the same way for every run
+            result = _run_child(kind, args)
+            shutil.rmtree(out, ignore_errors=True)
+            row = {**common, "layers": layers, "run": kind, "rep": rep, "input_bytes": input_bytes, **result,
+                   "gb_per_s": input_bytes / 1e9 / result["seconds"]}  # fmt: skip
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        for folder in pair.values():
+            shutil.rmtree(folder)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    """The table derived from the rows: per layer count and run, the median time of its repeats."""
+    first = rows[0]
+    lines = [
+        f"{first['date']}, {first['device']}, torch {first['torch']}, extsub {first['extsub']}, {first['cache']} page cache; "
+        f"bf16, largest tensor {first['largest_tensor_bytes'] / 1e9:.2f} GB; Python + torch alone: "
+        f"{first['idle_rss_bytes'] / 1e9:.2f} GB RSS.",
+        "",
+        "| layers | input GB | run | runs | seconds (median; range) | GB/s (input) | % of plain read | peak RSS GB | RSS / largest tensor | peak GPU GB |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    groups: dict[tuple[int, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["layers"], r["run"]), []).append(r)
+    median = {key: statistics.median(r["seconds"] for r in group) for key, group in groups.items()}
+    for (layers, kind), group in groups.items():
+        seconds = median[(layers, kind)]
+        rate = group[0]["input_bytes"] / 1e9 / seconds
+        read_rate = group[0]["input_bytes"] / 1e9 / median[(layers, "plain-read")]
+        rss = max(r["peak_rss_bytes"] for r in group)
+        gpu = max((r.get("peak_gpu_bytes") or 0) for r in group)
+        spread = f"{min(r['seconds'] for r in group):.1f}–{max(r['seconds'] for r in group):.1f}" if len(group) > 1 else "–"
+        lines.append(
+            f"| {layers} | {group[0]['input_bytes'] / 1e9:.2f} | {kind} | {len(group)} | {seconds:.1f}; {spread} | {rate:.2f} | "
+            f"{100 * rate / read_rate:.0f} % | {rss / 1e9:.2f} | {rss / group[0]['largest_tensor_bytes']:.1f}× | "
+            f"{f'{gpu / 1e9:.2f}' if gpu else 'n/a'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", default="1,2,4,8", help="layer counts, comma-separated")
+    parser.add_argument("--baseline-layers", default="1,2", help="layer counts that also run load-all (slow)")
+    parser.add_argument("--repeat", type=int, default=2, help="plain-read and merge runs per layer count")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args()
+    if args.child:
+        print(json.dumps((CHILDREN | {"idle": child_idle})[args.child](*rest)))
+        return
+    workdir = Path(tempfile.mkdtemp(prefix="extsub-bench-"))
+    try:
+        rows = run(_ints(args.layers), _ints(args.baseline_layers), args.repeat, args.device, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    args.results.mkdir(parents=True, exist_ok=True)
+    tag = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    stem = args.results / f"merge-{rows[0]['date']}-{tag}"
+    stem.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(rows))
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Benchmark the ext_sub_ op against named baselines on LLaMA-7B/13B layer shapes.
+
+Columns, measured side by side in one run: our backend (`auto`: the Triton kernel on CUDA,
+the blocked torch path on CPU), the eager `ext_sub_reference` in the input dtype,
+`torch.compile` of the closed form, a copy of the same bytes (p + m → out: reads two
+tensors, writes one — the floor), and on CPU for one shape the authors' pattern (a Python
+loop over rows). GB/s count 3·N·itemsize. Writes JSON rows (the data) and a markdown table
+derived from them to benchmarks/results/op-<device>.{json,md}.
+
+    python benchmarks/bench_op.py                 # every shape, bf16 and fp32, on CUDA if present
+    python benchmarks/bench_op.py --device cpu --shapes 4096x4096 --dtypes fp32
+"""
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import extsub_kernels  # noqa: E402
+from extsub_kernels import ext_sub_, ext_sub_reference  # noqa: E402
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (32000, 4096), (5120, 13824), (13824, 5120)]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+LAM = 1.0
+# Inputs rotate through enough copies that the working set is several times the last-level
+# cache (H100 L2 is 50 MB; server L3s are tens of MB), so every timed call streams from DRAM.
+ROTATION_BYTES = 512 << 20
+
+
+def closed_form_(p: torch.Tensor, m: torch.Tensor, lam: float) -> torch.Tensor:
+    """The closed form (DESIGN.md §1) as plain torch ops, for torch.compile to fuse."""
+    pf, mf = p.float(), m.float()
+    p_norm = pf.norm(dim=1, keepdim=True)
+    m_norm = mf.norm(dim=1, keepdim=True)
+    has_p = p_norm > 0
+    alpha = torch.where(has_p, 1 + 0.5 * lam * m_norm / torch.where(has_p, p_norm, 1.0), 1.0)
+    beta = torch.where(has_p, -0.5 * lam, 0.0)
+    return p.copy_(alpha * pf + beta * mf)
+
+
+def authors_row_loop_(p: torch.Tensor, m: torch.Tensor, lam: float) -> torch.Tensor:
+    """The released code's pattern: unit vectors and bisector vectorized, then the projection as
+    a Python loop of per-row dot products stacked back into a matrix, then p − λm + λ·proj."""
+    unit_p = p / torch.norm(p, dim=-1, keepdim=True)
+    unit_m = m / torch.norm(m, dim=-1, keepdim=True)
+    bisector = unit_p + unit_m
+    bisector = bisector / torch.norm(bisector, dim=-1, keepdim=True)
+    projection = torch.stack([torch.dot(m[i], bisector[i]) * bisector[i] for i in range(m.shape[0])])
+    return p.copy_(p - lam * m + lam * projection)
+
+
+def _inputs(shape: tuple[int, int], dtype: torch.dtype, device: str, copies: int) -> list[tuple[torch.Tensor, ...]]:
+    return [
+        (
+            torch.randn(shape, device=device).to(dtype),
+            torch.randn(shape, device=device).to(dtype),
+            torch.empty(shape, device=device, dtype=dtype),
+        )
+        for _ in range(copies)
+    ]
+
+
+def _median_ms(variants: dict[str, Callable], inputs: list, device: str, reps: int) -> dict[str, float]:
+    """Median wall time in ms of each variant over rotating inputs.
+
+    CUDA: triton.testing.do_bench per variant. CPU: the variants take turns, one call each per
+    round, so that a noisy machine slows them alike and the ratios stay fair.
+    """
+    counters = {name: 0 for name in variants}
+
+    def call(name: str) -> None:
+        variants[name](inputs[counters[name] % len(inputs)])
+        counters[name] += 1
+
+    if device.startswith("cuda"):
+        from triton.testing import do_bench
+
+        return {
+            name: float(do_bench(lambda n=name: call(n), warmup=100, rep=max(200, reps * 20), return_mode="median"))
+            for name in variants
+        }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for name in variants:  # warm-up: allocator, first-call paths, compilation
+        call(name)
+    for _ in range(reps):
+        for name in variants:
+            start = time.perf_counter()
+            call(name)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def _slug(device: str) -> str:
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device)).lower()
+        return "cuda-" + "".join(c if c.isalnum() else "-" for c in name).strip("-")
+    return "cpu"
+
+
+def bench(device: str, shapes: list[tuple[int, int]], dtypes: list[str], reps: int, loop_shape: tuple[int, int] | None) -> list[dict]:
+    compiled = torch.compile(closed_form_, dynamic=False)
+    rows = []
+    for shape in shapes:
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            tensor_bytes = shape[0] * shape[1] * dtype.itemsize
+            copies = max(2, ROTATION_BYTES // (3 * tensor_bytes))
+            inputs = _inputs(shape, dtype, device, copies)
+            moved = 3 * tensor_bytes
+            variants = {
+                "ours": lambda t: ext_sub_(t[0], t[1], LAM),
+                "copy": lambda t: torch.add(t[0], t[1], out=t[2]),
+                "compile": lambda t: compiled(t[0], t[1], LAM),
+            }
+            timings = _median_ms(variants, inputs, device, reps)
+            slow = {"reference": lambda t: ext_sub_reference(t[0], t[1], LAM, dtype=dtype)}
+            if device == "cpu" and loop_shape == shape and dtype_name == "fp32":
+                slow["row_loop"] = lambda t: authors_row_loop_(t[0], t[1], LAM)
+            timings.update(_median_ms(slow, inputs, device, max(3, reps // 4)))
+            row = {
+                "device": _device_name(device),
+                "date": datetime.date.today().isoformat(),
+                "version": extsub_kernels.__version__,
+                "torch": torch.__version__,
+                "shape": list(shape),
+                "dtype": dtype_name,
+                "bytes_moved": moved,
+                "ms": timings,
+                "gbps": {k: moved / (v * 1e-3) / 1e9 for k, v in timings.items()},
+            }
+            rows.append(row)
+            print(_format_row(row), flush=True)
+            del inputs
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _format_row(row: dict) -> str:
+    ms, gbps = row["ms"], row["gbps"]
+    cells = [
+        f"{row['shape'][0]}×{row['shape'][1]}",
+        row["dtype"],
+        f"{ms['ours']:.3f}",
+        f"{gbps['ours']:.1f}",
+        f"{100 * gbps['ours'] / gbps['copy']:.0f} %",
+        f"{ms['copy']:.3f}",
+        f"{ms['compile'] / ms['ours']:.2f}×",
+        f"{ms['reference'] / ms['ours']:.1f}×",
+        f"{ms['row_loop'] / ms['ours']:.0f}× ({ms['row_loop']:.0f} ms)" if "row_loop" in ms else "–",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def render_markdown(rows: list[dict]) -> str:
+    """The table derived from the JSON rows."""
+    head = (
+        f"Device: {rows[0]['device']} · date {rows[0]['date']} · extsub {rows[0]['version']} · torch {rows[0]['torch']}\n\n"
+        "| shape | dtype | ours ms | ours GB/s | % of copy BW | copy ms | vs torch.compile | vs eager reference | vs authors' row loop |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
+    )
+    return head + "\n".join(_format_row(r) for r in rows) + "\n"
+
+
+def _parse_shape(text: str) -> tuple[int, int]:
+    rows, cols = text.lower().split("x")
+    return int(rows), int(cols)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shapes", default=",".join(f"{r}x{c}" for r, c in SHAPES), help="comma-separated RxC")
+    parser.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp32")
+    parser.add_argument("--reps", type=int, default=15, help="timed calls per measurement (CPU)")
+    parser.add_argument("--loop-shape", default="4096x4096", help="shape for the authors' row loop (CPU only)")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+
+    shapes = [_parse_shape(s) for s in args.shapes.split(",")]
+    rows = bench(args.device, shapes, args.dtypes.split(","), args.reps, _parse_shape(args.loop_shape))
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    slug = _slug(args.device)
+    (args.out_dir / f"op-{slug}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (args.out_dir / f"op-{slug}.md").write_text(render_markdown(rows))
+    print(f"wrote {args.out_dir / f'op-{slug}.json'} and .md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""`extsub-merge`: the command line over `extsub_kernels.merge()`; parsing and messages, nothing more."""
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from extsub_kernels.errors import InputError, Terminated
+from extsub_kernels.merge import DEFAULT_MAX_SHARD_SIZE, merge
+from extsub_kernels.plan import METHODS, ON_MISSING, OUT_DTYPES
+
+PROG = "extsub-merge"
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+
+EPILOG = f"""\
+inputs (EXPERT, ANTI, --base):
+  a .safetensors file; a folder of shards (with *.safetensors.index.json, or all *.safetensors
+  in it); or a Hugging Face repo id org/name[@revision] (safetensors, json and tokenizer files
+  only; from the cache when HF_HUB_OFFLINE=1). Pickle checkpoints (.bin .pt .pth .ckpt) are refused.
+
+outputs:
+  OUT ending in .safetensors is one file; any other OUT is a folder (model.safetensors, or shards
+  and model.safetensors.index.json past --max-shard-size). With --base a folder OUT also gets the
+  expert's config, generation and tokenizer files.
+
+λ:
+  --lam 1            one output, λ = 1 for every anti-expert
+  --lam 0.5,1,2      one output per λ, from a single read of the inputs: OUT gets the suffix
+                     -lam<λ> (out.safetensors -> out-lam0.5.safetensors, out/ -> out-lam0.5/)
+  --lam 1:0.5        with two anti-experts: λ = 1 for the first, 0.5 for the second
+  --lam 1:0.5,2:1    two outputs (suffixes -lam1_0.5 and -lam2_1)
+
+examples:
+  {PROG} expert.safetensors anti.safetensors -o merged.safetensors --lam 1.0
+  {PROG} expert/ anti1/ anti2/ -o merged/ --lam 1:0.5
+  {PROG} org/expert org/anti --base org/base -o merged-model/ --lam 0.5,1,2 --device cuda
+
+exit codes:
+  0    done
+  1    failure during the merge (an input changed underneath, a write failed, ...)
+  2    bad usage or bad input (unreadable or broken file, mismatched tensors, NaN/Inf, unsafe OUT)
+  130  interrupted (Ctrl-C); 143 terminated (SIGTERM)
+  In every case but 0, nothing is left at OUT and the inputs are untouched.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Ext-Sub merge of checkpoints, streamed tensor by tensor: θ' = θ⁺ − λ·Ext(θ⁻)\n"
+        "(Extraction-before-Subtraction, AAAI 2024). Memory stays a small multiple of one block\n"
+        "of rows, whatever the model's size; OUT appears whole or not at all.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("expert", metavar="EXPERT", help="the expert θ⁺ (ΔW, or a full model with --base)")
+    parser.add_argument("anti", metavar="ANTI", nargs="+", help="anti-expert(s) θ⁻, applied in order")
+    parser.add_argument("-o", "--out", metavar="OUT", required=True, help="output .safetensors file or folder")
+    parser.add_argument("--lam", default="1", metavar="L[,L...]", help="λ, a list of λ, or λ per anti-expert as a:b (default 1)")
+    parser.add_argument("--method", choices=METHODS, default="ext-sub",
+                        help="ext-sub: θ⁺ − λ·Ext(θ⁻) (default); sub: θ⁺ − λθ⁻; add: θ⁺ + λθ⁻")  # fmt: skip
+    parser.add_argument("--base", metavar="BASE", help="θ₀: inputs are full models; merge ΔW = θ − θ₀ and write θ₀ + ΔW'")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", choices=list(OUT_DTYPES), default="keep", help="dtype of float tensors in OUT (default: the expert's)")
+    parser.add_argument("--max-shard-size", metavar="SIZE",
+                        help=f"largest shard of a folder OUT, e.g. 2GB or 500MiB (default {DEFAULT_MAX_SHARD_SIZE})")  # fmt: skip
+    parser.add_argument("--on-missing", choices=ON_MISSING, default="error",
+                        help="tensors only in an anti-expert: error (default), copy them, or skip them")  # fmt: skip
+    parser.add_argument("--force", action="store_true", help="replace an existing OUT")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `extsub-merge` with `argv` (default: sys.argv[1:]); returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        report = merge(
+            args.expert, args.anti, args.out,
+            lam=args.lam, method=args.method, base=args.base, device=args.device, dtype=args.dtype,
+            max_shard_size=args.max_shard_size, on_missing=args.on_missing, force=args.force, progress=not args.quiet,
+        )  # fmt: skip
+    except InputError as e:
+        return _fail(str(e), EXIT_BAD_INPUT)
+    except Terminated:
+        return _fail("terminated; nothing was written", EXIT_SIGTERM)
+    except KeyboardInterrupt:
+        return _fail("interrupted; nothing was written", EXIT_SIGINT)
+    except Exception as e:  # noqa: BLE001 - any other failure is reported in one line, not a traceback
+        return _fail(f"the merge failed and nothing was written: {type(e).__name__}: {e}", EXIT_FAILED)
+    if not args.quiet:
+        print(f"{PROG}: {report.summary()}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

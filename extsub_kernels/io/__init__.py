@@ -1,0 +1,19 @@
+"""Checkpoint I/O: resolve inputs · read one tensor at a time · header-first, atomic writer."""
+
+from extsub_kernels.io.reader import CheckpointReader, Header, TensorInfo, read_header
+from extsub_kernels.io.resolve import ResolvedInput, resolve_input
+from extsub_kernels.io.writer import CheckpointWriter, SafetensorsFileWriter, TensorEntry, build_header, parse_size
+
+__all__ = [
+    "CheckpointReader",
+    "CheckpointWriter",
+    "Header",
+    "ResolvedInput",
+    "SafetensorsFileWriter",
+    "TensorEntry",
+    "TensorInfo",
+    "build_header",
+    "parse_size",
+    "read_header",
+    "resolve_input",
+]

@@ -1,0 +1,64 @@
+"""The safetensors format's fixed parts: dtype codes and the order `safetensors` writes tensors in.
+
+A file is: 8 bytes little-endian header length N, N bytes of JSON (padded with spaces to a
+multiple of 8), then the tensors' bytes, each at `data_offsets` relative to the end of the header.
+"""
+
+import torch
+
+HEADER_LENGTH_BYTES = 8
+# The reference implementation refuses headers above 100 MB; a larger one is not a safetensors file.
+MAX_HEADER_BYTES = 100_000_000
+METADATA_KEY = "__metadata__"
+
+
+def _dtype_table() -> dict[str, torch.dtype]:
+    names = {
+        "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+        "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+        "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8",
+        "BOOL": "bool", "C64": "complex64",
+        "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+        "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
+        "F8_E8M0": "float8_e8m0fnu",
+    }  # fmt: skip
+    return {code: getattr(torch, name) for code, name in names.items() if hasattr(torch, name)}
+
+
+DTYPES: dict[str, torch.dtype] = _dtype_table()
+DTYPE_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
+
+# `safetensors` writes tensors sorted by dtype (this rank, largest alignment first), then by name.
+# Following it keeps every tensor aligned and makes our files byte-identical to `safetensors.torch.save`.
+_WRITE_RANK = [
+    "U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16",
+    "F8_E5M2FNUZ", "F8_E4M3FNUZ", "F8_E4M3", "F8_E5M2", "F8_E8M0", "I8", "U8", "BOOL",
+]  # fmt: skip
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    """The header code of a torch dtype ("BF16" for torch.bfloat16)."""
+    try:
+        return DTYPE_CODES[dtype]
+    except KeyError:
+        raise TypeError(f"dtype {dtype} cannot be stored in a safetensors file") from None
+
+
+def write_order_key(name: str, dtype: torch.dtype) -> tuple[int, str]:
+    """Sort key giving the order `safetensors` lays tensors out in a file."""
+    code = dtype_code(dtype)
+    rank = _WRITE_RANK.index(code) if code in _WRITE_RANK else len(_WRITE_RANK)
+    return rank, name
+
+
+def nbytes_of(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    """Bytes of a dense tensor of this dtype and shape."""
+    n = 1
+    for dim in shape:
+        n *= dim
+    return n * dtype.itemsize
+
+
+def is_float(dtype: torch.dtype) -> bool:
+    """Float dtypes the Ext-Sub op works on (float8 and complex tensors are copied, not merged)."""
+    return dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)

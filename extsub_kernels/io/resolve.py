@@ -1,0 +1,200 @@
+"""Turn an input spec (a file, a folder of shards, a hub repo id) into the files to read.
+
+Only safetensors weights are read; pickle checkpoints are refused (loading one can run
+code), with the command that converts them. PEFT adapters are recognised and flagged so the
+LoRA path can take them; their config files are exposed beside the weights.
+"""
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from extsub_kernels.errors import InputError
+from extsub_kernels.io.reader import read_header
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+INDEX_SUFFIX = ".safetensors.index.json"
+# Files beside the weights that describe the model: configs and tokenizers (never weights).
+CONFIG_PATTERNS = ("*.json", "*.jinja", "tokenizer.model", "spiece.model", "merges.txt", "vocab.txt", "*.tiktoken")
+# What is fetched from the hub: the weights and the files above, never pickle weights.
+HUB_PATTERNS = ["*.safetensors", *CONFIG_PATTERNS]
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
+_CONVERT_HINT = (
+    "pickle checkpoints can run code when loaded and are not read. Convert it once to safetensors, e.g. "
+    "`python -c \"import torch; from safetensors.torch import save_file; "
+    "save_file(torch.load('{path}', weights_only=True), '{stem}.safetensors')\"`, "
+    "or for a transformers model folder: `AutoModel.from_pretrained(folder).save_pretrained(out, safe_serialization=True)`"
+)
+
+
+@dataclass(frozen=True)
+class ResolvedInput:
+    """An input, resolved to local files.
+
+    Attributes:
+        spec: the spec as given (path or `org/name[@revision]`).
+        name: a short display name (file or folder name, or the repo id) for messages and metadata.
+        kind: "file", "folder" or "hub".
+        root: the folder holding the files (a file's own folder for kind "file").
+        files: the safetensors weight files, in shard order.
+        config_files: config and tokenizer files beside the weights (folders and hub repos only).
+        adapter: True for a PEFT adapter (adapter_config.json + adapter_model.safetensors, or a
+            bare .safetensors whose keys hold lora_A / lora_B).
+    """
+
+    spec: str
+    name: str
+    kind: str
+    root: Path
+    files: tuple[Path, ...]
+    config_files: tuple[Path, ...] = field(default=())
+    adapter: bool = False
+
+    def config_file(self, filename: str) -> Path | None:
+        """The config file called `filename` (e.g. "config.json"), if the input has one."""
+        return next((p for p in self.config_files if p.name == filename), None)
+
+    def config(self, filename: str = "config.json") -> dict | None:
+        """A JSON config file parsed, or None when absent."""
+        path = self.config_file(filename)
+        if path is None:
+            return None
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{path}: cannot read it as JSON ({e})") from None
+        if not isinstance(loaded, dict):
+            raise InputError(f"{path}: expected a JSON object")
+        return loaded
+
+
+def resolve_input(spec: str | os.PathLike, *, role: str = "input", quiet: bool = False) -> ResolvedInput:
+    """Resolve `spec` to local safetensors files.
+
+    Args:
+        spec: a `.safetensors` file; a folder with `*.safetensors.index.json` or `*.safetensors`
+            files, or a PEFT adapter folder; or a hub repo id `org/name[@revision]` (fetched with
+            `huggingface_hub`, from the cache when `HF_HUB_OFFLINE=1`).
+        role: what the input is (EXPERT, ANTI, BASE), for error messages.
+        quiet: no download progress bars.
+
+    Raises:
+        InputError: the spec is missing, a pickle file, has no safetensors weights, or is a
+            repo id that is neither cached nor reachable.
+    """
+    text = os.fspath(spec)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return _resolve_file(text, path, role)
+    if path.is_dir():
+        return _resolve_folder(text, path, role, kind="folder", name=path.resolve().name)
+    match = _HUB_ID.match(text)
+    if match and not text.startswith((".", "/", "~")) and not text.endswith(".safetensors"):
+        return _resolve_hub(text, match["repo"], match["revision"], role, quiet)
+    raise InputError(f"{role} {text!r}: no such file or folder")
+
+
+def _resolve_file(spec: str, path: Path, role: str) -> ResolvedInput:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise InputError(f"{role} {path}: " + _CONVERT_HINT.format(path=path, stem=path.with_suffix("")))
+    header = read_header(path)
+    adapter = any("lora_A" in k or "lora_B" in k for k in header.tensors)
+    return ResolvedInput(spec, path.name, "file", path.resolve().parent, (path,), adapter=adapter)
+
+
+def _resolve_folder(spec: str, folder: Path, role: str, *, kind: str, name: str) -> ResolvedInput:
+    entries = sorted(p for p in folder.iterdir() if p.is_file())
+    configs = tuple(p for p in entries if any(p.match(pat) for pat in CONFIG_PATTERNS) and not p.name.endswith(INDEX_SUFFIX))
+    if (folder / ADAPTER_CONFIG).is_file():
+        weights = folder / ADAPTER_WEIGHTS
+        if not weights.is_file():
+            _refuse_pickles(folder, entries, role, what=f"a PEFT adapter without {ADAPTER_WEIGHTS}")
+        return ResolvedInput(spec, name, kind, folder, (weights,), configs, adapter=True)
+    indexes = [p for p in entries if p.name.endswith(INDEX_SUFFIX)]
+    if indexes:
+        return ResolvedInput(spec, name, kind, folder, _files_from_index(folder, indexes, role), configs)
+    shards = tuple(p for p in entries if p.suffix == ".safetensors")
+    if not shards:
+        _refuse_pickles(folder, entries, role, what="no .safetensors files")
+    return ResolvedInput(spec, name, kind, folder, shards, configs)
+
+
+def _refuse_pickles(folder: Path, entries: list[Path], role: str, *, what: str) -> None:
+    pickles = [p for p in entries if p.suffix.lower() in PICKLE_SUFFIXES]
+    if pickles:
+        raise InputError(
+            f"{role} {folder}: {what}, only pickle weights ({pickles[0].name}); "
+            + _CONVERT_HINT.format(path=pickles[0], stem=pickles[0].with_suffix(""))
+        )
+    raise InputError(f"{role} {folder}: {what}; expected model.safetensors, shards with an index, or an adapter")
+
+
+def _files_from_index(folder: Path, indexes: list[Path], role: str) -> tuple[Path, ...]:
+    index = next((p for p in indexes if p.name == "model" + INDEX_SUFFIX), None)
+    if index is None:
+        if len(indexes) > 1:
+            names = ", ".join(p.name for p in indexes)
+            raise InputError(f"{role} {folder}: several shard indexes ({names}); pass the shards of one model")
+        index = indexes[0]
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        valid = isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        valid = False
+    if not valid:
+        raise InputError(f"{index}: not a shard index (expected JSON with a weight_map of tensor name → file name)")
+    files = []
+    for name in sorted(set(weight_map.values())):
+        shard = folder / name
+        if Path(name).name != name or not shard.is_file():
+            raise InputError(f"{index}: lists shard {name!r}, which is not a file in {folder}")
+        files.append(shard)
+    listed = {k: folder / v for k, v in weight_map.items()}
+    for shard in files:
+        for key in read_header(shard).tensors:
+            if listed.get(key, shard) != shard:
+                raise InputError(f"{index}: maps tensor {key!r} to {listed[key].name} but it is in {shard.name}")
+    return tuple(files)
+
+
+def _hub_cache_dir() -> str:
+    """The hub cache, read from the environment now (huggingface_hub reads it once, at import)."""
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if cache:
+        return os.path.expanduser(cache)
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return os.path.join(os.path.expanduser(home), "hub")
+
+
+def _hub_offline() -> bool:
+    flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return flag.upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _resolve_hub(spec: str, repo: str, revision: str | None, role: str, quiet: bool) -> ResolvedInput:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    offline = _hub_offline()
+    was_disabled = are_progress_bars_disabled()
+    if quiet:
+        disable_progress_bars()
+    try:
+        folder = snapshot_download(
+            repo, revision=revision, cache_dir=_hub_cache_dir(), local_files_only=offline, allow_patterns=HUB_PATTERNS
+        )
+    except Exception as e:  # noqa: BLE001 - every hub failure becomes one clear input error
+        where = "offline (HF_HUB_OFFLINE=1), and not in the cache" if offline else "not in the cache and not reachable"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise InputError(
+            f"{role} {spec!r}: no such file or folder, and as a Hugging Face repo id it is {where} "
+            f"({type(e).__name__}: {reason})"
+        ) from None
+    finally:
+        if quiet and not was_disabled:
+            enable_progress_bars()
+    return _resolve_folder(spec, Path(folder), role, kind="hub", name=spec)

@@ -1,0 +1,336 @@
+"""Header-first safetensors writer: the whole header is known before any tensor data is written.
+
+A checkpoint goes to one file, or to shards plus a `model.safetensors.index.json` in the
+Hugging Face layout. Tensors are appended in header order, a block of rows at a time if
+the caller likes, so no more than one block is ever held for writing. Everything is written
+under temporary names and appears at the target only on `commit()` (see `atomic`).
+"""
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from extsub_kernels.errors import InputError, MergeError
+from extsub_kernels.io import atomic
+from extsub_kernels.io.format import HEADER_LENGTH_BYTES, METADATA_KEY, dtype_code, nbytes_of, write_order_key
+
+INDEX_SUFFIX = ".index.json"
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of the output: name, dtype and shape (its bytes follow from them)."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes_of(self.dtype, self.shape)
+
+
+def build_header(entries: Sequence[TensorEntry], metadata: dict[str, str] | None = None) -> bytes:
+    """The 8-byte length and JSON header for `entries` laid out in the given order.
+
+    The JSON is compact, `__metadata__` first, padded with spaces to a multiple of 8 bytes, as
+    `safetensors` writes it (so a file in `safetensors`' tensor order is byte-identical).
+    """
+    header: dict[str, object] = {}
+    if metadata is not None:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise TypeError("safetensors metadata must map str to str")
+        header[METADATA_KEY] = dict(metadata)
+    offset = 0
+    for entry in entries:
+        end = offset + entry.nbytes
+        header[entry.name] = {"dtype": dtype_code(entry.dtype), "shape": list(entry.shape), "data_offsets": [offset, end]}
+        offset = end
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(HEADER_LENGTH_BYTES, "little") + raw
+
+
+def safetensors_order(entries: Sequence[TensorEntry]) -> list[TensorEntry]:
+    """`entries` in the order `safetensors` writes a file: by dtype alignment, then name."""
+    return sorted(entries, key=lambda e: write_order_key(e.name, e.dtype))
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in a size: an int, or a string like "5GB" (10⁹), "500MiB" (2²⁰), "4096"."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    elif isinstance(size, str):
+        units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+                 "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+        text = size.strip().upper()
+        number = text.rstrip("KMGTIB")
+        unit = text[len(number) :]
+        try:
+            value = int(float(number) * units[unit])
+        except (ValueError, KeyError):
+            raise InputError(f"cannot read size {size!r}; write it like 5GB, 500MB, 2GiB or a number of bytes") from None
+    else:
+        raise InputError(f"a size must be an int or a string like '5GB', got {type(size).__name__}")
+    if value <= 0:
+        raise InputError(f"size {size!r} must be positive")
+    return value
+
+
+def plan_shards(
+    entries: Sequence[TensorEntry], max_shard_size: int | None, weights_name: str = "model.safetensors"
+) -> list[tuple[str, list[TensorEntry]]]:
+    """Split `entries` (kept in their order) into files of at most `max_shard_size` tensor bytes.
+
+    One file is named `weights_name`; several are named as Hugging Face names them
+    (`model-00001-of-00003.safetensors`). A tensor larger than the limit gets a file of its own.
+    Within each file tensors are in `safetensors`' order.
+    """
+    groups: list[list[TensorEntry]] = [[]]
+    size = 0
+    for entry in entries:
+        if max_shard_size is not None and groups[-1] and size + entry.nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(entry)
+        size += entry.nbytes
+    if len(groups) == 1:
+        return [(weights_name, safetensors_order(groups[0]))]
+    stem = weights_name.removesuffix(".safetensors")
+    n = len(groups)
+    return [(f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors", safetensors_order(g)) for i, g in enumerate(groups)]
+
+
+def build_index(shards: Sequence[tuple[str, Sequence[TensorEntry]]], metadata: dict[str, str] | None = None) -> dict:
+    """The `*.safetensors.index.json` content: `metadata.total_size` and a sorted `weight_map`."""
+    weight_map = {e.name: file for file, group in shards for e in group}
+    total = sum(e.nbytes for _, group in shards for e in group)
+    return {"metadata": {**(metadata or {}), "total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+
+
+class SafetensorsFileWriter:
+    """Writes one safetensors file: the header on open, then each tensor's bytes in header order.
+
+    `write(name, data)` appends data to tensor `name`; a tensor may come in several pieces
+    (blocks of rows), and the writer checks that names and byte counts follow the header.
+    """
+
+    def __init__(self, path: Path, entries: Sequence[TensorEntry], metadata: dict[str, str] | None = None):
+        self.path = path
+        self.entries = list(entries)
+        self._names = {e.name for e in self.entries}
+        self._header = build_header(self.entries, metadata)
+        self._fd: int | None = None
+        self._index = 0
+        self._written = 0  # bytes of the current tensor written so far
+        self.bytes_written = 0
+
+    def open(self) -> None:
+        """Create the file (it must not exist) and write the header."""
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        self._write_all(memoryview(self._header))
+
+    @property
+    def done(self) -> bool:
+        self._skip_empty()
+        return self._index == len(self.entries)
+
+    @property
+    def current(self) -> str | None:
+        """The name of the tensor the next bytes belong to (None when all are written)."""
+        self._skip_empty()
+        return self.entries[self._index].name if self._index < len(self.entries) else None
+
+    def write(self, name: str, data: torch.Tensor | bytes | memoryview) -> None:
+        """Append `data` (a CPU tensor, written as its raw bytes, or bytes) to tensor `name`."""
+        if self._fd is None:
+            raise MergeError(f"{self.path}: write before open or after close")
+        view = _as_bytes(data)
+        if not len(view) and name in self._names:
+            return  # an empty tensor (or block) has nothing to write
+        self._skip_empty()
+        if self._index >= len(self.entries) or self.entries[self._index].name != name:
+            expected = self.entries[self._index].name if self._index < len(self.entries) else "nothing more"
+            raise MergeError(f"{self.path}: got bytes for tensor {name!r} but the header says {expected!r} comes next")
+        entry = self.entries[self._index]
+        if self._written + len(view) > entry.nbytes:
+            raise MergeError(
+                f"{self.path}: tensor {name!r} has {entry.nbytes} bytes in the header but {self._written + len(view)} were written"
+            )
+        self._write_all(view)
+        self._written += len(view)
+        if self._written == entry.nbytes:
+            self._index += 1
+            self._written = 0
+
+    def close(self) -> None:
+        """Check every tensor is complete, then flush to disk (fsync) and close."""
+        if self._fd is None:
+            return
+        if not self.done:
+            raise MergeError(f"{self.path}: closed before tensor {self.current!r} was written")
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+
+    def discard(self) -> None:
+        """Close without checks (the caller removes the file)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _skip_empty(self) -> None:
+        while self._index < len(self.entries) and self._written == 0 and self.entries[self._index].nbytes == 0:
+            self._index += 1
+
+    def _write_all(self, view: memoryview) -> None:
+        done = 0
+        while done < len(view):
+            done += os.write(self._fd, view[done:])
+        self.bytes_written += len(view)
+
+
+def _as_bytes(data: torch.Tensor | bytes | memoryview) -> memoryview:
+    if isinstance(data, torch.Tensor):
+        if data.device.type != "cpu":
+            raise MergeError(f"tensor data must be on the CPU to be written, got {data.device}")
+        flat = data.detach().contiguous().reshape(-1)
+        return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    return memoryview(data).cast("B")
+
+
+class CheckpointWriter:
+    """An output checkpoint: one `.safetensors` file, or a folder of shards, index and extra files.
+
+    Nothing appears at `target` before `commit()`; `abort()` (or leaving a `with` block on an
+    error) removes everything written. Creating the writer creates the temporary output, so an
+    unwritable target fails here, before any work.
+
+    Args:
+        target: a path ending in `.safetensors` (one file) or any other path (a folder).
+        entries: the tensors, in the order they should be assigned to shards.
+        metadata: `__metadata__` for every file (str → str).
+        max_shard_size: folder outputs only: largest tensor bytes per shard (None: one file).
+        weights_name: the file name in a folder output (`model.safetensors`, `adapter_model.safetensors`).
+        extra_files: files copied into a folder output (config, tokenizer, ...).
+        force: replace an existing target.
+
+    Example:
+        >>> with CheckpointWriter(Path("out.safetensors"), entries, {"format": "pt"}) as w:
+        ...     for e in w.order:
+        ...         w.write(e.name, tensors[e.name])
+        ...     w.commit()
+    """
+
+    def __init__(
+        self,
+        target: str | os.PathLike,
+        entries: Sequence[TensorEntry],
+        metadata: dict[str, str] | None = None,
+        *,
+        max_shard_size: int | None = None,
+        weights_name: str = "model.safetensors",
+        extra_files: Sequence[Path] = (),
+        force: bool = False,
+    ):
+        self.target = Path(target)
+        self.is_folder = self.target.suffix != ".safetensors"
+        if not self.is_folder and max_shard_size is not None:
+            raise InputError(f"{self.target}: a .safetensors OUT is one file; give a folder OUT to shard it")
+        if not self.is_folder and extra_files:
+            raise InputError(f"{self.target}: a .safetensors OUT is one file; give a folder OUT to add config files")
+        names = [e.name for e in entries]
+        if len(set(names)) != len(names):
+            raise MergeError("duplicate tensor names in the output plan")
+        self.force = force
+        self.shards = plan_shards(entries, max_shard_size, weights_name) if self.is_folder else [
+            (self.target.name, safetensors_order(entries))
+        ]
+        self.order = [e for _, group in self.shards for e in group]
+        self._names = {e.name for e in self.order}
+        self._metadata = metadata
+        self._extra_files = list(extra_files)
+        self._temp = atomic.reserve_temp(self.target, folder=self.is_folder)
+        self._files: list[SafetensorsFileWriter] = []
+        self._shard = 0
+        self._weights_name = weights_name
+        self._closed = False
+        try:
+            self._open_files()
+        except BaseException:
+            self.abort()
+            raise
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes the output will take: headers and tensors (extra files not counted)."""
+        return sum(len(build_header(g, self._metadata)) + sum(e.nbytes for e in g) for _, g in self.shards)
+
+    def _open_files(self) -> None:
+        for name, group in self.shards:
+            path = self._temp / name if self.is_folder else self._temp
+            self._files.append(SafetensorsFileWriter(path, group, self._metadata))
+        self._files[0].open()
+
+    @property
+    def bytes_written(self) -> int:
+        """Bytes written so far, headers included."""
+        return sum(f.bytes_written for f in self._files)
+
+    def write(self, name: str, data: torch.Tensor | bytes | memoryview) -> None:
+        """Append `data` to tensor `name` (tensors come in `self.order`, each whole or in row blocks)."""
+        if not _as_bytes(data).nbytes and name in self._names:
+            return  # an empty tensor (or block) has nothing to write, wherever it sits
+        while self._files[self._shard].done and self._shard + 1 < len(self._files):
+            self._next_shard()
+        self._files[self._shard].write(name, data)
+
+    def _next_shard(self) -> None:
+        self._files[self._shard].close()
+        self._shard += 1
+        self._files[self._shard].open()
+
+    def add_text(self, name: str, text: str) -> None:
+        """Add a small generated file (e.g. an adapter_config.json) to a folder output."""
+        if not self.is_folder:
+            raise InputError(f"{self.target}: a .safetensors OUT is one file; give a folder OUT to add {name}")
+        if Path(name).name != name or name in {n for n, _ in self.shards}:
+            raise ValueError(f"{name!r} must be a plain file name that is not one of the weight files")
+        atomic.write_text(self._temp / name, text)
+
+    def commit(self) -> Path:
+        """Finish every file, fsync, and move the output into place. Returns the target."""
+        while self._shard + 1 < len(self._files):
+            self._next_shard()
+        self._files[self._shard].close()
+        if self.is_folder:
+            if len(self.shards) > 1:
+                index = json.dumps(build_index(self.shards), indent=2) + "\n"
+                atomic.write_text(self._temp / f"{self._weights_name}{INDEX_SUFFIX}", index)
+            for src in self._extra_files:
+                shutil.copyfile(src, self._temp / src.name)
+                atomic.fsync_path(self._temp / src.name)
+        atomic.publish(self._temp, self.target, force=self.force)
+        self._closed = True
+        return self.target
+
+    def abort(self) -> None:
+        """Remove everything written so far; the target is left as it was."""
+        if self._closed:
+            return
+        for f in self._files:
+            f.discard()
+        atomic.remove(self._temp)
+        self._closed = True
+
+    def __enter__(self) -> "CheckpointWriter":
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if not self._closed:
+            self.abort()
