@@ -114,10 +114,11 @@ def _slug(device: str) -> str:
 
 
 def bench(device: str, shapes: list[tuple[int, int]], dtypes: list[str], reps: int, loop_shape: tuple[int, int] | None) -> list[dict]:
-    compiled = torch.compile(closed_form_, dynamic=False)
     rows = []
     for shape in shapes:
         for dtype_name in dtypes:
+            torch._dynamo.reset()  # a fresh specialization per shape and dtype, never the eager fallback
+            compiled = torch.compile(closed_form_, dynamic=False)
             dtype = DTYPES[dtype_name]
             tensor_bytes = shape[0] * shape[1] * dtype.itemsize
             copies = max(2, ROTATION_BYTES // (3 * tensor_bytes))
