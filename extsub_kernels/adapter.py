@@ -6,7 +6,6 @@ alpha_pattern, ...) and `adapter_model.safetensors` with keys like
 lora_B is (out, r) for every layer type, GPT-2's Conv1D included.
 """
 
-import json
 import math
 import os
 import re
@@ -15,12 +14,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from extsub_kernels.errors import InputError
-from extsub_kernels.io.atomic import publish, remove, reserve_temp, write_text
 from extsub_kernels.io.resolve import ADAPTER_CONFIG as CONFIG_NAME
 from extsub_kernels.io.resolve import ADAPTER_WEIGHTS as WEIGHTS_NAME
+from extsub_kernels.io.resolve import read_json_object
+from extsub_kernels.layout import Layout, write_layouts
 from extsub_kernels.lora import LoraAdapter, LoraModule
 
 PICKLE_NAME = "adapter_model.bin"
@@ -170,7 +169,7 @@ def _locate(
         if not config_path.is_file():
             raise AdapterError(
                 f"{path} has no {CONFIG_NAME}: the LoRA scaling (lora_alpha, r) is unknown; add the config, "
-                "or load the .safetensors file with explicit lora_alpha and r"
+                "or give the scaling of its .safetensors file (--lora-alpha and --rank; lora_alpha and r in Python)"
             )
     elif path.is_file():
         if path.suffix != ".safetensors":
@@ -188,7 +187,8 @@ def _locate(
         return weights, _read_config(config_path), str(config_path)
     if lora_alpha is None:
         raise AdapterError(
-            f"{path}: a bare adapter file with no {CONFIG_NAME} beside it; give lora_alpha (and r) explicitly"
+            f"{path}: a bare adapter file with no {CONFIG_NAME} beside it, so the LoRA scaling is unknown; "
+            "give it (--lora-alpha, and --rank / --rslora where they apply; lora_alpha, r, use_rslora in Python)"
         )
     config = {"lora_alpha": lora_alpha, "r": r, "use_rslora": use_rslora}
     _check_scaling_config(config, "the explicit scaling")
@@ -196,12 +196,7 @@ def _locate(
 
 
 def _read_config(config_path: Path) -> dict:
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"{config_path}: unreadable adapter config ({exc})") from exc
-    if not isinstance(config, dict):
-        raise AdapterError(f"{config_path}: expected a JSON object, found {type(config).__name__}")
+    config = read_json_object(config_path, "adapter config", error=AdapterError)
     peft_type = config.get("peft_type", "LORA")
     if str(peft_type).upper() != "LORA":
         raise AdapterError(f"{config_path}: peft_type is {peft_type!r}; only LoRA adapters are supported")
@@ -326,8 +321,8 @@ def write_adapter(
 ) -> Path:
     """Write a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) atomically.
 
-    Everything goes into a temporary folder beside the target, is fsynced, and is renamed
-    into place (the engine's `io.atomic`): the folder appears whole or not at all.
+    Goes through the engine's header-first writer (`layout.write_layouts`): a temporary folder
+    beside the target, fsynced and renamed into place, so the folder appears whole or not at all.
 
     Args:
         folder: the adapter folder to create (missing parent folders are created).
@@ -342,16 +337,8 @@ def write_adapter(
     Example:
         >>> write_adapter(tmp / "out", *to_peft(merged))  # doctest: +SKIP
     """
-    target = _check_target(Path(folder), overwrite)
-    staging = reserve_temp(target, folder=True)
-    try:
-        _save(staging / WEIGHTS_NAME, state_dict, metadata)
-        write_text(staging / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
-        publish(staging, target, force=overwrite)
-    except BaseException:
-        remove(staging)
-        raise
-    return target
+    layout = Layout.of_tensors(state_dict, adapter_config=dict(config), weights_name=WEIGHTS_NAME)
+    return _write(Path(folder), layout, metadata, overwrite)
 
 
 def write_tensors(
@@ -366,23 +353,11 @@ def write_tensors(
     Example:
         >>> write_tensors(tmp / "delta.safetensors", to_delta(merged))  # doctest: +SKIP
     """
-    target = _check_target(Path(path), overwrite)
-    staging = reserve_temp(target, folder=False)
-    try:
-        _save(staging, tensors, metadata)
-        publish(staging, target, force=overwrite)
-    except BaseException:
-        remove(staging)
-        raise
-    return target
+    return _write(Path(path), Layout.of_tensors(tensors), metadata, overwrite)
 
 
-def _save(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> None:
-    contiguous = {key: tensor.contiguous() for key, tensor in tensors.items()}
-    save_file(contiguous, str(path), metadata={**(metadata or {}), "format": "pt"})
-
-
-def _check_target(target: Path, overwrite: bool) -> Path:
-    if target.exists() and not overwrite:
+def _write(target: Path, layout: Layout, metadata: Mapping[str, str] | None, overwrite: bool) -> Path:
+    if os.path.lexists(target) and not overwrite:
         raise InputError(f"{target} exists; choose another output path or pass overwrite=True")
+    write_layouts([layout], [target], [dict(metadata or {})], force=overwrite)
     return target

@@ -2,9 +2,11 @@
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 
 from extsub_kernels.errors import InputError, Terminated
+from extsub_kernels.lora_files import FORMATS
 from extsub_kernels.merge import DEFAULT_MAX_SHARD_SIZE, merge
 from extsub_kernels.plan import METHODS, ON_MISSING, OUT_DTYPES
 
@@ -17,6 +19,18 @@ inputs (EXPERT, ANTI, --base):
   a .safetensors file; a folder of shards (with *.safetensors.index.json, or all *.safetensors
   in it); or a Hugging Face repo id org/name[@revision] (safetensors, json and tokenizer files
   only; from the cache when HF_HUB_OFFLINE=1). Pickle checkpoints (.bin .pt .pth .ckpt) are refused.
+
+LoRA adapters (EXPERT and ANTI; all adapters or all dense, never mixed):
+  PEFT adapter folders, hub ids of adapters, and bare .safetensors files of lora_A/lora_B are
+  detected and merged exactly without forming ΔW. A bare file takes its scaling from the
+  adapter_config.json beside it, or from --lora-alpha (and --rank, --rslora).
+  --format lora        (default) a PEFT adapter folder of rank r⁺ + r⁻ per module, exact;
+                       --max-rank R truncates it (SVD in the factored space, error reported)
+  --format dense-lora  the paper's layout: lora_B = ΔW', lora_A = I (one adapter_model.safetensors;
+                       sharded only with --max-shard-size, which PEFT does not read)
+  --format delta       ΔW' keyed by the base model's weight names (a .safetensors file or a folder)
+  --base MODEL         the full model θ₀ + ΔW' instead (config and tokenizer files from MODEL);
+                       the adapters' modules_to_save merge as full weights against θ₀
 
 outputs:
   OUT ending in .safetensors is one file; any other OUT is a folder (model.safetensors, or shards
@@ -34,6 +48,8 @@ examples:
   {PROG} expert.safetensors anti.safetensors -o merged.safetensors --lam 1.0
   {PROG} expert/ anti1/ anti2/ -o merged/ --lam 1:0.5
   {PROG} org/expert org/anti --base org/base -o merged-model/ --lam 0.5,1,2 --device cuda
+  {PROG} expert_adapter/ anti_adapter/ -o merged_adapter/ --lam 1.0
+  {PROG} expert_adapter/ anti_adapter/ --base org/base -o merged-model/
 
 exit codes:
   0    done
@@ -66,8 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"largest shard of a folder OUT, e.g. 2GB or 500MiB (default {DEFAULT_MAX_SHARD_SIZE})")  # fmt: skip
     parser.add_argument("--on-missing", choices=ON_MISSING, default="error",
                         help="tensors only in an anti-expert: error (default), copy them, or skip them")  # fmt: skip
+    parser.add_argument("--format", dest="output_format", choices=FORMATS,
+                        help="LoRA inputs: lora (default: exact PEFT adapter), dense-lora (lora_B = ΔW', lora_A = I), "
+                        "delta (ΔW' by weight name)")  # fmt: skip
+    parser.add_argument("--max-rank", type=int, metavar="R",
+                        help="--format lora: truncate each module to rank R and report the relative error")  # fmt: skip
+    parser.add_argument("--lora-alpha", type=float, metavar="A",
+                        help="lora_alpha of bare adapter .safetensors files with no adapter_config.json beside them")  # fmt: skip
+    parser.add_argument("--rank", type=int, metavar="R",
+                        help="with --lora-alpha: their r (default: each module's rank, from its shapes)")  # fmt: skip
+    parser.add_argument("--rslora", action="store_true", help="with --lora-alpha: scaling lora_alpha/√r (rsLoRA), not lora_alpha/r")
+    parser.add_argument("--any-base-model", action="store_true",
+                        help="LoRA inputs: accept different base_model_name_or_path (module shapes are still checked)")  # fmt: skip
     parser.add_argument("--force", action="store_true", help="replace an existing OUT")
     parser.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="LoRA inputs: after the summary, one line per module (truncation error, modules left out)")  # fmt: skip
     return parser
 
 
@@ -75,11 +105,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run `extsub-merge` with `argv` (default: sys.argv[1:]); returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        report = merge(
-            args.expert, args.anti, args.out,
-            lam=args.lam, method=args.method, base=args.base, device=args.device, dtype=args.dtype,
-            max_shard_size=args.max_shard_size, on_missing=args.on_missing, force=args.force, progress=not args.quiet,
-        )  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore" if args.quiet else "default")
+            warnings.showwarning = _show_warning
+            report = merge(
+                args.expert, args.anti, args.out,
+                lam=args.lam, method=args.method, base=args.base, device=args.device, dtype=args.dtype,
+                max_shard_size=args.max_shard_size, on_missing=args.on_missing, force=args.force, progress=not args.quiet,
+                output_format=args.output_format, max_rank=args.max_rank, lora_alpha=args.lora_alpha, rank=args.rank,
+                use_rslora=args.rslora, check_base_model=not args.any_base_model,
+            )  # fmt: skip
     except InputError as e:
         return _fail(str(e), EXIT_BAD_INPUT)
     except Terminated:
@@ -90,7 +125,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"the merge failed and nothing was written: {type(e).__name__}: {e}", EXIT_FAILED)
     if not args.quiet:
         print(f"{PROG}: {report.summary()}", file=sys.stderr)
+        for line in report.details() if args.verbose else []:
+            print(f"  {line}", file=sys.stderr)
     return EXIT_OK
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001 - warnings' signature
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
 def _fail(message: str, code: int) -> int:

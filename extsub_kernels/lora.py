@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from extsub_kernels.errors import InputError
-from extsub_kernels.ops import FLOAT_DTYPES, _row_coefficients
+from extsub_kernels.ops import FLOAT_DTYPES, ext_sub_coefficients
 
 METHODS: tuple[str, ...] = ("ext-sub", "sub", "add")
 
@@ -65,14 +65,14 @@ class LoraModule:
     def storage_dtype(self) -> torch.dtype:
         return self.dtype or self.lora_B.dtype
 
-    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """ΔW = scaling·B·A as an (out, in) tensor, computed and returned in `dtype`.
+    def delta(self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+        """ΔW = scaling·B·A as an (out, in) tensor, computed and returned in `dtype` on `device` (default: the factors').
 
         Example:
             >>> LoraModule(torch.ones(1, 3), torch.ones(2, 1), 0.5).delta().shape
             torch.Size([2, 3])
         """
-        return (self.lora_B.to(dtype) * self.scaling) @ self.lora_A.to(dtype)
+        return (self.lora_B.to(device, dtype) * self.scaling) @ self.lora_A.to(device, dtype)
 
 
 @dataclass
@@ -94,7 +94,12 @@ class LoraAdapter:
 
 @dataclass
 class LoraMergeReport:
-    """What a merge did, module by module, for the summary a user reads."""
+    """What a merge did, module by module, for the summary a user reads.
+
+    Non-LoRA tensors (PEFT's modules_to_save, trained biases) are full weights: they are
+    copied from the expert (`extra_copied`), merged as task vectors against a base model
+    (`extra_merged`, with --base), or left out of a delta output (`extra_left_out`).
+    """
 
     method: str
     lams: tuple[float, ...]
@@ -105,29 +110,55 @@ class LoraMergeReport:
     zero_rows: dict[str, int] = field(default_factory=dict)  # rows with |p| = 0, kept unchanged
     truncation_error: dict[str, float] = field(default_factory=dict)  # relative Frobenius error
     extra_copied: list[str] = field(default_factory=list)
+    extra_merged: list[str] = field(default_factory=list)
+    extra_left_out: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        """One paragraph: counts per outcome, dropped modules and the worst truncation error."""
-        parts = [
-            f"{self.method} λ={','.join(f'{lam:g}' for lam in self.lams)}: {len(self.merged)} modules merged",
-            f"{len(self.copied)} copied from the expert",
-        ]
-        if self.added:
-            parts.append(f"{len(self.added)} only in anti-experts added as ∓λ·ΔW⁻")
-        if self.dropped:
-            parts.append(
-                f"{len(self.dropped)} only in anti-experts left out (the expert's rows are zero there, "
-                f"so Ext = 0): {', '.join(self.dropped[:5])}{' …' if len(self.dropped) > 5 else ''}"
-            )
-        rows = sum(self.zero_rows.values())
-        if rows:
-            parts.append(f"{rows} expert rows with |p| = 0 kept unchanged")
-        if self.truncation_error:
-            worst = max(self.truncation_error, key=self.truncation_error.get)
-            parts.append(f"max relative truncation error {self.truncation_error[worst]:.3g} ({worst})")
-        if self.extra_copied:
-            parts.append(f"{len(self.extra_copied)} non-LoRA tensors copied from the expert")
-        return "; ".join(parts)
+        """One line: method and λ, counts per outcome, dropped modules and the truncation error."""
+        return f"{self.method} λ={','.join(f'{lam:g}' for lam in self.lams)}: {summarize_modules([self])}"
+
+    def details(self) -> list[str]:
+        """One line per module with its truncation error, then the modules left out."""
+        lines = [f"{name}: relative truncation error {error:.6g}" for name, error in self.truncation_error.items()]
+        lines += [f"{name}: only in anti-experts, nothing under ext-sub" for name in self.dropped]
+        return lines
+
+
+def summarize_modules(reports: Sequence[LoraMergeReport]) -> str:
+    """The module part of a summary line, over the reports of one run (one per λ setting).
+
+    Which modules are merged, copied or left out does not depend on λ, so those counts come
+    from the first report; the truncation error is the max and mean over every module of
+    every report.
+
+    Example:
+        >>> summarize_modules([LoraMergeReport("ext-sub", (1.0,), merged=["q"], copied=["v"])])
+        '2 LoRA modules: 1 merged; 1 copied from the expert'
+    """
+    first = reports[0]
+    total = len(first.merged) + len(first.copied) + len(first.dropped) + len(first.added)
+    parts = [f"{total} LoRA modules: {len(first.merged)} merged", f"{len(first.copied)} copied from the expert"]
+    if first.dropped:
+        shown = ", ".join(first.dropped[:3]) + (" …" if len(first.dropped) > 3 else "")
+        parts.append(f"{len(first.dropped)} only in anti-experts, nothing under ext-sub (|p| = 0, so Ext = 0): {shown}")
+    if first.added:
+        parts.append(f"{len(first.added)} only in anti-experts, added as {'−' if first.method == 'sub' else '+'}λ·ΔW⁻")
+    rows = max(sum(r.zero_rows.values()) for r in reports)
+    if rows:
+        parts.append(f"{rows} expert rows with |p| = 0 kept unchanged")
+    errors = [(error, name) for r in reports for name, error in r.truncation_error.items()]
+    if errors:
+        worst, where = max(errors)
+        mean = sum(e for e, _ in errors) / len(errors)
+        parts.append(f"relative truncation error (Frobenius) max {worst:.3g} ({where}), mean {mean:.3g}")
+    for names, what in (
+        (first.extra_copied, "copied from the expert"),
+        (first.extra_merged, "merged as task vectors against BASE"),
+        (first.extra_left_out, "left out (full weights, not deltas)"),
+    ):
+        if names:
+            parts.append(f"{len(names)} non-LoRA tensors {what}")
+    return "; ".join(parts)
 
 
 @dataclass(kw_only=True)
@@ -190,7 +221,7 @@ def ext_sub_factors(
     """
     p_norm = lora_row_norms(b_plus, a_plus)
     m_norm = lora_row_norms(b_minus, a_minus)
-    alpha, beta = _row_coefficients(p_norm, m_norm, float(lam))
+    alpha, beta = ext_sub_coefficients(p_norm, m_norm, float(lam))
     dtype = b_plus.dtype
     b_out = torch.cat([b_plus * alpha.to(dtype), b_minus.to(dtype) * beta.to(dtype)], dim=1)
     a_out = torch.cat([a_plus, a_minus.to(a_plus.dtype)], dim=0)
@@ -217,7 +248,7 @@ def truncate_factors(
         >>> b.shape[1], 0 < err < 1
         (2, True)
     """
-    _check_max_rank(max_rank)
+    check_max_rank(max_rank)
     if lora_A.shape[0] <= max_rank:
         return lora_B, lora_A, 0.0
     q_b, r_b = torch.linalg.qr(lora_B)
@@ -232,7 +263,8 @@ def truncate_factors(
     return b_out, a_out, (tail / total if total > 0 else 0.0)
 
 
-def _check_max_rank(max_rank: object) -> None:
+def check_max_rank(max_rank: object) -> None:
+    """Raise an InputError unless `max_rank` is a positive integer (a rank to truncate to)."""
     if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
         raise InputError(f"max_rank must be a positive integer, got {max_rank!r}")
 
@@ -262,7 +294,8 @@ def check_compatible(expert: LoraAdapter, antis: Sequence[LoraAdapter], *, check
                 raise InputError(
                     f"{anti.source} was trained on base model {anti.base_model_name_or_path!r} but the expert "
                     f"{expert.source} on {expert.base_model_name_or_path!r}; Ext-Sub combines adapters of one "
-                    "base model (pass check_base_model=False if both names denote the same model)"
+                    "base model (if both names denote the same model, pass --any-base-model, or "
+                    "check_base_model=False in Python; module shapes are still checked)"
                 )
         for name, module in anti.modules.items():
             ref = expert.modules.get(name)
@@ -316,7 +349,7 @@ def merge_adapters(
         raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     lam_values = _lam_list(lams, len(antis))
     if max_rank is not None:
-        _check_max_rank(max_rank)
+        check_max_rank(max_rank)
     check_compatible(expert, antis, check_base_model=check_base_model)
     report = LoraMergeReport(method=method, lams=lam_values)
     names = list(expert.modules)

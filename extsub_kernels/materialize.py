@@ -1,16 +1,19 @@
 """Output layouts of a LoRA adapter: the factored PEFT adapter, the authors' dense-lora, dense deltas.
 
-- `to_peft`: lora_A/lora_B under PEFT keys plus an adapter_config that makes PEFT apply exactly
+- `lora`: lora_A/lora_B under PEFT keys plus an adapter_config that makes PEFT apply exactly
   scaling·B·A per module. Every module is written with use_rslora=False and
   lora_alpha = scaling·r, so PEFT's lora_alpha/r gives back its scaling: computed modules have
   scaling 1 (lora_alpha = r); modules copied from the expert keep their B and scaling. The most
   common (r, lora_alpha) is the config default; other modules get exact-name rank_pattern /
   alpha_pattern keys (`^` + the escaped module name: PEFT matches them against that module only).
-- `iter_dense_lora`: ΔW' as lora_B (out×in) with an identity lora_A (in×in), r = lora_alpha =
+- `dense-lora`: ΔW' as lora_B (out×in) with an identity lora_A (in×in), r = lora_alpha =
   in_features (scaling 1): the layout the paper's released code writes.
-- `iter_delta`: ΔW' keyed by the module's weight name in the base model, laid out like that weight.
+- `delta`: ΔW' keyed by the module's weight name in the base model, laid out like that weight.
 
-The iterators yield one module at a time, so a caller can stream outputs of any size.
+Each format is a `Layout` (`lora_layout`, `dense_lora_layout`, `delta_layout`): its tensors'
+names, dtypes and shapes are known up front and each is made on demand, so `write_layouts`
+streams outputs of any size one module at a time. `to_*` collect a layout in memory (small
+adapters, tests); the iterators yield one module at a time.
 """
 
 import re
@@ -19,8 +22,12 @@ from collections.abc import Iterator
 
 import torch
 
-from extsub_kernels.adapter import PEFT_PREFIX, peft_key
+from extsub_kernels.adapter import PEFT_PREFIX, WEIGHTS_NAME, peft_key
+from extsub_kernels.io import TensorEntry
+from extsub_kernels.layout import Layout
 from extsub_kernels.lora import LoraAdapter, LoraModule
+
+Device = torch.device | str | None
 
 
 def exact_pattern(module: str) -> str:
@@ -80,62 +87,68 @@ def _alpha(module: LoraModule) -> float | int:
     return int(alpha) if float(alpha).is_integer() else alpha
 
 
-def to_peft(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """The factored adapter as (state_dict under PEFT keys, adapter_config dict); see the module doc.
+def module_delta(
+    module: LoraModule, *, dtype: torch.dtype | None = None, transposed: bool = False, device: Device = None
+) -> torch.Tensor:
+    """ΔW = scaling·B·A on the CPU in `dtype` (default: the module's), (in, out) when `transposed`.
+
+    Computed on `device` (default: the CPU) in float32, or float64 for float64 factors, and
+    rounded once.
+
+    Example:
+        >>> module_delta(LoraModule(torch.ones(1, 3), torch.ones(2, 1), 0.5), transposed=True).shape
+        torch.Size([3, 2])
+    """
+    compute = torch.float64 if torch.float64 in (module.lora_A.dtype, module.lora_B.dtype) else torch.float32
+    delta = module.delta(compute, device).to(dtype or module.storage_dtype)
+    return (delta.T if transposed else delta).contiguous().cpu()
+
+
+def _extra_makers(adapter: LoraAdapter) -> list:
+    return [(TensorEntry(key, t.dtype, tuple(t.shape)), lambda t=t: t) for key, t in adapter.extra.items()]
+
+
+def lora_layout(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> Layout:
+    """The factored adapter as a PEFT adapter folder's layout; see the module doc.
 
     Args:
-        adapter: a loaded or merged adapter.
+        adapter: a loaded or merged adapter; its non-LoRA tensors are included as they are.
         dtype: the dtype of the written factors; None keeps each module's storage dtype.
-
-    Returns:
-        (state_dict, config), ready for `adapter.write_adapter`; non-LoRA tensors are included.
-
-    Example:
-        >>> state_dict, config = to_peft(merge_adapters(expert, anti, 1.0))  # doctest: +SKIP
     """
-    state_dict: dict[str, torch.Tensor] = {}
+    makers = []
     for name, module in adapter.modules.items():
         out = dtype or module.storage_dtype
-        state_dict[peft_key(name, "A")] = module.lora_A.to(out).contiguous()
-        state_dict[peft_key(name, "B")] = module.lora_B.to(out).contiguous()
-    state_dict.update(adapter.extra)
+        for part, factor in (("A", module.lora_A), ("B", module.lora_B)):
+            make = lambda f=factor, o=out: f.to(o).contiguous()  # noqa: E731
+            makers.append((TensorEntry(peft_key(name, part), out, tuple(factor.shape)), make))
     ranks = {name: m.rank for name, m in adapter.modules.items()}
     alphas = {name: _alpha(m) for name, m in adapter.modules.items()}
-    return state_dict, peft_config(adapter, ranks, alphas)
+    config = peft_config(adapter, ranks, alphas)
+    return Layout.lazy(makers + _extra_makers(adapter), adapter_config=config, weights_name=WEIGHTS_NAME)
 
 
-def _delta(module: LoraModule, dtype: torch.dtype | None) -> torch.Tensor:
-    """ΔW = scaling·B·A computed in float32 (float64 for float64 factors), stored in `dtype`."""
-    compute = torch.float64 if torch.float64 in (module.lora_A.dtype, module.lora_B.dtype) else torch.float32
-    return module.delta(compute).to(dtype or module.storage_dtype)
+def dense_lora_layout(adapter: LoraAdapter, *, dtype: torch.dtype | None = None, device: Device = None) -> Layout:
+    """The dense-lora layout: per module lora_A = I (in×in), lora_B = ΔW' (out×in), made one module at a time.
 
-
-def iter_dense_lora(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(PEFT key, tensor) pairs of the dense-lora layout, one module at a time: lora_A = I, lora_B = ΔW'.
-
-    Example:
-        >>> dict(iter_dense_lora(adapter))  # doctest: +SKIP
+    Args:
+        adapter: a loaded or merged adapter; its non-LoRA tensors are included as they are.
+        dtype: the dtype of the written tensors; None keeps each module's storage dtype.
+        device: where B·A is computed (default: the CPU).
     """
+    makers = []
     for name, module in adapter.modules.items():
-        delta = _delta(module, dtype)
-        yield peft_key(name, "A"), torch.eye(module.in_features, dtype=delta.dtype)
-        yield peft_key(name, "B"), delta
-    yield from adapter.extra.items()
+        out = dtype or module.storage_dtype
+        n_in = module.in_features
+        makers.append((TensorEntry(peft_key(name, "A"), out, (n_in, n_in)), lambda n=n_in, o=out: torch.eye(n, dtype=o)))
+        make_b = lambda m=module, o=out: module_delta(m, dtype=o, device=device)  # noqa: E731
+        makers.append((TensorEntry(peft_key(name, "B"), out, (module.out_features, n_in)), make_b))
+    return Layout.lazy(makers + _extra_makers(adapter), adapter_config=dense_lora_config(adapter), weights_name=WEIGHTS_NAME)
 
 
 def dense_lora_config(adapter: LoraAdapter) -> dict:
     """The adapter_config of the dense-lora layout: r = lora_alpha = in_features per module (scaling 1)."""
     ranks = {name: m.in_features for name, m in adapter.modules.items()}
     return peft_config(adapter, ranks, dict(ranks))
-
-
-def to_dense_lora(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """The dense-lora layout as (state_dict, adapter_config); memory grows as out·in per module.
-
-    Example:
-        >>> state_dict, config = to_dense_lora(merged)  # doctest: +SKIP
-    """
-    return dict(iter_dense_lora(adapter, dtype=dtype)), dense_lora_config(adapter)
 
 
 def delta_key(module: str) -> str:
@@ -145,30 +158,74 @@ def delta_key(module: str) -> str:
     return f"{module}.weight"
 
 
+def delta_layout(
+    adapter: LoraAdapter,
+    *,
+    dtype: torch.dtype | None = None,
+    fan_in_fan_out: bool | None = None,
+    device: Device = None,
+) -> Layout:
+    """ΔW' per module under the base model's weight name, laid out like that weight; non-LoRA tensors are not part of it.
+
+    nn.Linear stores (out, in); GPT-2's Conv1D (PEFT's fan_in_fan_out=True) stores (in, out),
+    so there ΔW' is transposed and θ₀ + ΔW' is a plain add.
+
+    Args:
+        adapter: a loaded or merged adapter.
+        dtype: the dtype of ΔW'; None keeps each module's storage dtype.
+        fan_in_fan_out: whether the base weights are stored (in, out); None takes the adapter's flag.
+        device: where B·A is computed (default: the CPU).
+    """
+    transposed = adapter.fan_in_fan_out if fan_in_fan_out is None else fan_in_fan_out
+    makers = []
+    for name, module in adapter.modules.items():
+        shape = (module.in_features, module.out_features) if transposed else (module.out_features, module.in_features)
+        make = lambda m=module: module_delta(m, dtype=dtype, transposed=transposed, device=device)  # noqa: E731
+        makers.append((TensorEntry(delta_key(name), dtype or module.storage_dtype, shape), make))
+    return Layout.lazy(makers)
+
+
+def to_peft(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The factored adapter as (state_dict under PEFT keys, adapter_config dict); see the module doc.
+
+    Example:
+        >>> state_dict, config = to_peft(merge_adapters(expert, anti, 1.0))  # doctest: +SKIP
+    """
+    layout = lora_layout(adapter, dtype=dtype)
+    return dict(layout.items()), dict(layout.adapter_config)
+
+
+def iter_dense_lora(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(PEFT key, tensor) pairs of the dense-lora layout, one module at a time: lora_A = I, lora_B = ΔW'.
+
+    Example:
+        >>> dict(iter_dense_lora(adapter))  # doctest: +SKIP
+    """
+    return dense_lora_layout(adapter, dtype=dtype).items()
+
+
+def to_dense_lora(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The dense-lora layout as (state_dict, adapter_config) in memory: out·in numbers per module.
+
+    Example:
+        >>> state_dict, config = to_dense_lora(merged)  # doctest: +SKIP
+    """
+    return dict(iter_dense_lora(adapter, dtype=dtype)), dense_lora_config(adapter)
+
+
 def iter_delta(
     adapter: LoraAdapter,
     *,
     dtype: torch.dtype | None = None,
     fan_in_fan_out: bool | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(weight name, ΔW') per module, laid out like the base model's weight so θ₀ + ΔW' is a plain add.
-
-    nn.Linear stores (out, in); GPT-2's Conv1D (PEFT's fan_in_fan_out=True) stores (in, out),
-    so there ΔW' is transposed. Non-LoRA tensors are not part of this layout.
-
-    Args:
-        adapter: a loaded or merged adapter.
-        dtype: the dtype of ΔW'; None keeps each module's storage dtype.
-        fan_in_fan_out: whether the base weights are stored (in, out); None takes the adapter's flag.
+    """(weight name, ΔW') per module, laid out like the base model's weight (see `delta_layout`).
 
     Example:
         >>> deltas = dict(iter_delta(merged))  # doctest: +SKIP
         >>> base_state["model.layers.0.self_attn.q_proj.weight"] += deltas["model.layers.0.self_attn.q_proj.weight"]  # doctest: +SKIP
     """
-    transposed = adapter.fan_in_fan_out if fan_in_fan_out is None else fan_in_fan_out
-    for name, module in adapter.modules.items():
-        delta = _delta(module, dtype)
-        yield delta_key(name), (delta.T.contiguous() if transposed else delta)
+    return delta_layout(adapter, dtype=dtype, fan_in_fan_out=fan_in_fan_out).items()
 
 
 def to_delta(

@@ -56,8 +56,25 @@ def _compute_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in (a, b) else torch.float32
 
 
-def _row_coefficients(p_norm: torch.Tensor, m_norm: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row α and β (column vectors) of the closed form; |p| = 0 gives α = 1, β = 0."""
+def ext_sub_coefficients(p_norm: torch.Tensor, m_norm: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row α and β of Ext-Sub's closed form p' = α·p + β·m, from the two row norms (DESIGN.md §1).
+
+    α = 1 + (λ/2)·|m|/|p| and β = −λ/2; rows with |p| = 0 get α = 1, β = 0 (they keep p).
+    Shared by the dense torch path and the factored LoRA path, which gets its norms from
+    Gram factors instead of the rows themselves.
+
+    Args:
+        p_norm, m_norm: 1-D tensors of row norms of the expert and the anti-expert.
+        lam: λ.
+
+    Returns:
+        (α, β) as column vectors (rows, 1) in the dtype of `p_norm`, ready to scale rows.
+
+    Example:
+        >>> alpha, beta = ext_sub_coefficients(torch.tensor([2.0, 0.0]), torch.tensor([4.0, 1.0]), 1.0)
+        >>> alpha.flatten().tolist(), beta.flatten().tolist()
+        ([2.0, 1.0], [-0.5, 0.0])
+    """
     has_p = p_norm > 0
     alpha = torch.where(has_p, 1.0 + (0.5 * lam) * m_norm / torch.where(has_p, p_norm, 1.0), 1.0)
     beta = torch.where(has_p, torch.full_like(p_norm, -0.5 * lam), torch.zeros_like(p_norm))
@@ -89,7 +106,7 @@ def _ext_sub_rows_torch_(p: torch.Tensor, m: torch.Tensor, lam: float) -> None:
         p_norm = torch.linalg.vector_norm(p_wide, dim=1)
         m_norm = torch.linalg.vector_norm(m_wide, dim=1)
         if bool((p_norm == 0).any()):  # rare: zero expert rows keep p (α = 1, β = 0)
-            alpha, beta = _row_coefficients(p_norm, m_norm, lam)
+            alpha, beta = ext_sub_coefficients(p_norm, m_norm, lam)
             p_wide.mul_(alpha).addcmul_(m_wide, beta)
         else:  # the common case in a few in-place ops: α = 1 + (λ/2)|m|/|p|, β = −λ/2
             alpha = m_norm.div_(p_norm).mul_(0.5 * lam).add_(1.0).unsqueeze(1)

@@ -4,6 +4,7 @@ Nothing here reads tensor data. The plan fixes the output's keys, dtypes and sha
 writer can emit its header first) and cuts tensors into blocks of whole rows for streaming.
 """
 
+import json
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -98,6 +99,43 @@ def output_paths(out: Path, settings: Sequence[Sequence[float]]) -> list[Path]:
         else:
             paths.append(out.with_name(out.name + suffix))
     return paths
+
+
+def input_roles(n_anti: int) -> list[str]:
+    """Names of the inputs in messages: EXPERT, then ANTI (or ANTI #1, ANTI #2, ... for several)."""
+    return ["EXPERT"] + [f"ANTI{'' if n_anti == 1 else f' #{i + 1}'}" for i in range(n_anti)]
+
+
+def output_metadata(
+    setting: Sequence[float],
+    method: str,
+    expert: str,
+    antis: Sequence[str],
+    base: str | None = None,
+    output_format: str | None = None,
+) -> dict[str, str]:
+    """`__metadata__` of an output: format=pt, method, λ, the inputs' names, the tool's version (and
+    the LoRA output format).
+
+    Example:
+        >>> output_metadata((0.5,), "ext-sub", "expert.safetensors", ["anti.safetensors"])["extsub.lam"]
+        '[0.5]'
+    """
+    import extsub_kernels
+
+    meta = {
+        "format": "pt",
+        "extsub.method": method,
+        "extsub.lam": json.dumps(list(setting)),
+        "extsub.expert": expert,
+        "extsub.anti": json.dumps(list(antis)),
+        "extsub.version": extsub_kernels.__version__,
+    }
+    if base is not None:
+        meta["extsub.base"] = base
+    if output_format is not None:
+        meta["extsub.format"] = output_format
+    return meta
 
 
 def conv1d_weights(config: dict | None) -> Callable[[str, tuple[int, ...]], bool]:

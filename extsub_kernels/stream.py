@@ -128,12 +128,12 @@ class BlockStreamer:
 
     def _check_finite(self, block: Block, result: torch.Tensor, setting: tuple[float, ...]) -> None:
         """A NaN or Inf in a result names the input tensor holding one, or else the overflow."""
-        if _all_finite(result):
+        if all_finite(result):
             return
         job = block.job
         for i in job.inputs():  # read again: the expert's block may have been overwritten in place
             data = self._read_rows(block, i, torch.empty(self._range(block, i)[1], dtype=torch.uint8))
-            if not _all_finite(data):
+            if not all_finite(data):
                 where = self.readers[i].info(job.name).path.name
                 raise InputError(
                     f"tensor {job.name!r} in {self.roles[i]} ({where}) contains NaN or Inf (first in row "
@@ -145,8 +145,13 @@ class BlockStreamer:
         )
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    """True when no element is NaN or ±Inf: min and max propagate NaN, so one fast reduction tells."""
+def all_finite(t: torch.Tensor) -> bool:
+    """True when no element is NaN or ±Inf: min and max propagate NaN, so one fast reduction tells.
+
+    Example:
+        >>> all_finite(torch.tensor([1.0, float("nan")]))
+        False
+    """
     if t.numel() == 0:
         return True
     low, high = torch.aminmax(t)

@@ -1,4 +1,4 @@
-"""Shared fixtures: Triton's interpreter on CPU-only machines, a fresh seed per run, devices."""
+"""Shared fixtures: Triton's interpreter on CPU-only machines, a fresh seed per run, devices, tiny PEFT adapters, an offline hub cache."""
 
 import os
 import random
@@ -44,3 +44,32 @@ def backend_available(backend: str, device: str) -> bool:
             return False
         return device == "cuda" or interpreting()
     return True
+
+
+@pytest.fixture(scope="session")
+def llama(tmp_path_factory):
+    """A tiny LLaMA (random weights) and PEFT adapters of it: expert, anti, anti2 (peft_fixtures.LLAMA_ADAPTERS)."""
+    fixtures = pytest.importorskip("peft_fixtures")
+    torch.manual_seed(fixtures.SEED)
+    model = fixtures.tiny_llama()
+    return model, fixtures.make_adapters(model, fixtures.LLAMA_ADAPTERS, tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def gpt2(tmp_path_factory):
+    """A tiny GPT-2 (Conv1D layers, fan_in_fan_out) and PEFT adapters of it: expert, anti."""
+    fixtures = pytest.importorskip("peft_fixtures")
+    torch.manual_seed(fixtures.SEED)
+    model = fixtures.tiny_gpt2()
+    return model, fixtures.make_adapters(model, fixtures.GPT2_ADAPTERS, tmp_path_factory.mktemp("gpt2"))
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    """An empty hub cache in tmp_path, offline: nothing can reach the network."""
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache

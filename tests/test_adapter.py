@@ -17,7 +17,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import assert_close_explained
-from extsub_kernels import ext_sub_reference, subtract_
+from peft_fixtures import (
+    EPS32,
+    LLAMA_ADAPTERS,
+    SEED,
+    check_logits,
+    expected_deltas,
+    make_adapters,
+    peft_deltas,
+    peft_model,
+    tiny_llama,
+    with_deltas,
+)
 from extsub_kernels.adapter import (
     AdapterError,
     load_adapter,
@@ -34,132 +45,6 @@ from extsub_kernels.materialize import exact_pattern, to_peft
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-SEED = 1234  # the tiny models and adapters are fixed; the merge math is fuzzed in test_lora.py
-TOKENS = torch.tensor([[3, 17, 42, 99, 5, 64, 127, 0, 11, 73, 28, 90]])
-EPS32 = torch.finfo(torch.float32).eps
-
-
-def _tiny_llama():
-    config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def _tiny_gpt2():
-    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
-    return transformers.GPT2LMHeadModel(config).eval()
-
-
-# Expert and anti-experts differ in r, alpha and target modules; one uses rsLoRA, one a
-# rank_pattern and an alpha_pattern.
-LLAMA_ADAPTERS = {
-    "expert": dict(
-        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"],
-        rank_pattern={"down_proj": 6}, alpha_pattern={"k_proj": 2},
-    ),
-    "anti": dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj", "o_proj", "up_proj"]),
-    "anti2": dict(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"]),
-}
-GPT2_ADAPTERS = {
-    "expert": dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, use_rslora=True),
-    "anti": dict(r=6, lora_alpha=3, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, rank_pattern={"c_proj": 2}),
-}
-
-
-def _make_adapters(model, specs, folder) -> dict[str, str]:
-    paths = {}
-    for i, (name, spec) in enumerate(specs.items()):
-        torch.manual_seed(SEED + 1 + i)
-        peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(init_lora_weights=False, **spec))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            peft_model.save_pretrained(folder / name)
-        paths[name] = str(folder / name)
-    return paths
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    torch.manual_seed(SEED)
-    model = _tiny_llama()
-    return model, _make_adapters(model, LLAMA_ADAPTERS, tmp_path_factory.mktemp("llama"))
-
-
-@pytest.fixture(scope="module")
-def gpt2(tmp_path_factory):
-    torch.manual_seed(SEED)
-    model = _tiny_gpt2()
-    return model, _make_adapters(model, GPT2_ADAPTERS, tmp_path_factory.mktemp("gpt2"))
-
-
-def _peft_model(base, adapter_dir):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.PeftModel.from_pretrained(copy.deepcopy(base), adapter_dir).eval()
-
-
-def _logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(TOKENS).logits
-
-
-def _peft_deltas(base, adapter_dir) -> dict[str, torch.Tensor]:
-    """ΔW per module as PEFT computes it, as (out, in) in float64 (Conv1D's transpose undone)."""
-    model = _peft_model(base, adapter_dir)
-    deltas = {}
-    for name, layer in model.base_model.model.named_modules():
-        if isinstance(layer, peft.tuners.lora.LoraLayer) and "default" in layer.lora_A:
-            delta = layer.get_delta_weight("default").double()
-            deltas[name] = delta.T if layer.fan_in_fan_out else delta
-    return deltas
-
-
-def _expected_deltas(base, expert_dir, anti_dirs, lams, method) -> dict[str, torch.Tensor]:
-    """ΔW' by the dense op on PEFT's own ΔW, anti-expert after anti-expert (float64 oracle)."""
-    result = _peft_deltas(base, expert_dir)
-    for anti_dir, lam in zip(anti_dirs, lams):
-        for name, m in _peft_deltas(base, anti_dir).items():
-            if name not in result:
-                if method == "ext-sub":
-                    continue  # |p| = 0 ⇒ Ext = 0: nothing to apply
-                result[name] = torch.zeros_like(m)
-            if method == "ext-sub":
-                result[name] = ext_sub_reference(result[name], m, lam)
-            else:
-                result[name] = subtract_(result[name].clone(), m, lam if method == "sub" else -lam)
-    return result
-
-
-def _with_deltas(base, deltas: dict[str, torch.Tensor], transposed: bool):
-    """A copy of the base model with W += ΔW' ((out, in) deltas; Conv1D weights are (in, out))."""
-    model = copy.deepcopy(base)
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for name, delta in deltas.items():
-            weight = modules[name].weight
-            weight += (delta.T if transposed else delta).to(weight.dtype)
-    return model
-
-
-def _logit_tolerance(reference: torch.Tensor) -> float:
-    """atol/scale for float32 logits of the same model evaluated two ways.
-
-    PEFT computes x·Wᵀ + s·(x·Aᵀ)·Bᵀ in float32, the reference x·(W + ΔW')ᵀ: each matmul
-    rounds over ≤ 128 terms (≤ 128·eps32 relative to |x|·|W|), and two layers of attention,
-    MLP and RMSNorm/LayerNorm carry that to the logits with a gain of a few units. 2⁻¹⁴ of
-    max|logits| (≈ 512 eps32) bounds it with margin (observed: ≤ 2e-6). Real errors are far
-    above it: the deltas here are as large as the weights, and a 1 % error in a single
-    module's ΔW' moves the logits by ≥ 1.5e-3 of max|logits|.
-    """
-    return 2.0**-14
-
-
-def _check_logits(actual_model, expected_model, what):
-    expected = _logits(expected_model)
-    assert_close_explained(_logits(actual_model), expected, 0.0, _logit_tolerance(expected), what)
-
 
 # --- reading: scaling and ranks as PEFT sees them ---------------------------------------
 
@@ -171,7 +56,7 @@ def test_scaling_and_rank_agree_with_peft(model_name, request):
         adapter = load_adapter(path)
         layers = {
             name: layer
-            for name, layer in _peft_model(base, path).base_model.model.named_modules()
+            for name, layer in peft_model(base, path).base_model.model.named_modules()
             if isinstance(layer, peft.tuners.lora.LoraLayer) and "default" in layer.lora_A
         }
         assert set(adapter.modules) == set(layers)
@@ -239,8 +124,8 @@ def test_every_format_loads_and_applies_the_dense_result(model_name, method, req
     base, paths = request.getfixturevalue(model_name)
     transposed = model_name == "gpt2"  # Conv1D stores (in, out)
     lam = 0.7
-    expected = _expected_deltas(base, paths["expert"], [paths["anti"]], [lam], method)
-    expected_model = _with_deltas(base, expected, transposed)
+    expected = expected_deltas(base, paths["expert"], [paths["anti"]], [lam], method)
+    expected_model = with_deltas(base, expected, transposed)
     for output_format in FORMATS:
         out = tmp_path / (f"{output_format}.safetensors" if output_format == "delta" else output_format)
         report = merge_adapter_files(paths["expert"], paths["anti"], out, lam, method, output_format=output_format)
@@ -252,9 +137,9 @@ def test_every_format_loads_and_applies_the_dense_result(model_name, method, req
             for key, delta in deltas.items():
                 assert delta.shape == state[key].shape, f"{what}: {key} is not laid out like the base weight"
             got = {key[: -len(".weight")]: (d.T if transposed else d) for key, d in deltas.items()}
-            model = _with_deltas(base, got, transposed)
+            model = with_deltas(base, got, transposed)
         else:
-            model = _peft_model(base, out)
+            model = peft_model(base, out)
             if output_format == "lora":
                 got = {name: m.delta(torch.float64) for name, m in load_adapter(out).modules.items()}
             else:
@@ -266,7 +151,7 @@ def test_every_format_loads_and_applies_the_dense_result(model_name, method, req
         for name, delta in got.items():
             # float32 output of a float64 computation: one rounding, plus float32 products.
             assert_close_explained(delta, expected[name], 0.0, 64 * EPS32, f"{what} {name}")
-        _check_logits(model, expected_model, what)
+        check_logits(model, expected_model, what)
         assert (method == "ext-sub") == bool(report.dropped)  # the anti-only modules
 
 
@@ -281,8 +166,8 @@ def test_lora_output_is_exact_low_rank_with_patterns(llama, tmp_path):
         rank = expert.modules[name].rank + sum(a.modules[name].rank for a in (anti, anti2) if name in a.modules)
         assert module.rank == rank, name
     assert set(merged.modules) == set(expert.modules)  # anti-only modules vanish under ext-sub
-    expected = _expected_deltas(base, paths["expert"], [paths["anti"], paths["anti2"]], [0.5, 1.5], "ext-sub")
-    _check_logits(_peft_model(base, tmp_path / "out"), _with_deltas(base, expected, False), "two anti-experts")
+    expected = expected_deltas(base, paths["expert"], [paths["anti"], paths["anti2"]], [0.5, 1.5], "ext-sub")
+    check_logits(peft_model(base, tmp_path / "out"), with_deltas(base, expected, False), "two anti-experts")
 
 
 def test_copied_modules_keep_their_bytes_and_scaling(gpt2, tmp_path):
@@ -293,7 +178,7 @@ def test_copied_modules_keep_their_bytes_and_scaling(gpt2, tmp_path):
     written = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     key = "base_model.model.transformer.h.0.mlp.c_fc.lora_B.weight"
     assert torch.equal(written[key], original[key])
-    layer = _peft_model(base, tmp_path / "out").base_model.model.transformer.h[0].mlp.c_fc
+    layer = peft_model(base, tmp_path / "out").base_model.model.transformer.h[0].mlp.c_fc
     assert layer.scaling["default"] == pytest.approx(8 / 4**0.5, rel=1e-15)
 
 
@@ -301,7 +186,7 @@ def test_round_trip_of_an_input_adapter_gives_the_same_model(llama, tmp_path):
     base, paths = llama
     for name in ("expert", "anti"):  # rank/alpha patterns; rsLoRA
         write_adapter(tmp_path / name, *to_peft(load_adapter(paths[name])))
-        _check_logits(_peft_model(base, tmp_path / name), _peft_model(base, paths[name]), f"round trip {name}")
+        check_logits(peft_model(base, tmp_path / name), peft_model(base, paths[name]), f"round trip {name}")
 
 
 def test_max_rank_output_loads_and_reports_errors(llama, tmp_path):
@@ -317,12 +202,12 @@ def test_max_rank_output_loads_and_reports_errors(llama, tmp_path):
         # The factors are written in float32: the measured error moves by ≤ ~1e-6 from that rounding.
         assert abs(err - report.truncation_error[name]) <= 1e-5, name
     deltas = {name: m.delta(torch.float64) for name, m in truncated.modules.items()}
-    _check_logits(_peft_model(base, tmp_path / "out"), _with_deltas(base, deltas, False), "max_rank")
+    check_logits(peft_model(base, tmp_path / "out"), with_deltas(base, deltas, False), "max_rank")
 
 
 def test_non_lora_tensors_of_the_expert_are_kept(tmp_path):
     torch.manual_seed(SEED)
-    base = _tiny_llama()
+    base = tiny_llama()
     expert = peft.get_peft_model(
         copy.deepcopy(base),
         peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False),
@@ -332,15 +217,15 @@ def test_non_lora_tensors_of_the_expert_are_kept(tmp_path):
         head.add_(torch.randn_like(head))  # a trained head differs from the base one
     expert.save_pretrained(tmp_path / "expert")
     paths = {"expert": str(tmp_path / "expert")}
-    paths.update(_make_adapters(base, {"anti": dict(r=2, lora_alpha=2, target_modules=["q_proj"])}, tmp_path))
+    paths.update(make_adapters(base, {"anti": dict(r=2, lora_alpha=2, target_modules=["q_proj"])}, tmp_path))
     with pytest.warns(UserWarning, match="copied to the result unchanged"):
         merge_adapter_files(paths["expert"], paths["anti"], tmp_path / "out", 1.0)
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["modules_to_save"] == ["lm_head"]
-    expected = _with_deltas(base, _expected_deltas(base, paths["expert"], [paths["anti"]], [1.0], "ext-sub"), False)
+    expected = with_deltas(base, expected_deltas(base, paths["expert"], [paths["anti"]], [1.0], "ext-sub"), False)
     with torch.no_grad():
         expected.lm_head.weight.copy_(head)
-    _check_logits(_peft_model(base, tmp_path / "out"), expected, "modules_to_save")
+    check_logits(peft_model(base, tmp_path / "out"), expected, "modules_to_save")
 
 
 # --- bad adapters: a clear error, nothing written --------------------------------------
@@ -478,7 +363,7 @@ def test_adapters_of_different_base_models_are_refused(llama, tmp_path):
     wide = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=128))
-    wide_paths = _make_adapters(wide, {"wide": LLAMA_ADAPTERS["anti"]}, tmp_path)
+    wide_paths = make_adapters(wide, {"wide": LLAMA_ADAPTERS["anti"]}, tmp_path)
     with pytest.raises(ValueError, match=r"q_proj: the expert .* adapts a \(64, 64\) weight but .*wide a \(32, 32\) one"):
         merge_adapter_files(paths["expert"], wide_paths["wide"], out_dir / "out", 1.0)
     _assert_nothing_written(out_dir, out_dir / "out")
@@ -486,17 +371,18 @@ def test_adapters_of_different_base_models_are_refused(llama, tmp_path):
 
 def test_output_overlapping_an_input_or_existing_is_refused(llama, tmp_path):
     _, paths = llama
-    with pytest.raises(ValueError, match=r"overlaps the input"):
+    with pytest.raises(ValueError, match=r"is the ANTI folder; choose another OUT"):
         merge_adapter_files(paths["expert"], paths["anti"], paths["anti"], 1.0)
-    with pytest.raises(ValueError, match=r"overlaps the input"):
+    with pytest.raises(ValueError, match=r"contains the EXPERT file"):
         merge_adapter_files(paths["expert"], paths["anti"], os.path.dirname(paths["anti"]), 1.0, overwrite=True)
     (tmp_path / "taken").mkdir()
-    with pytest.raises(ValueError, match=r"taken exists; choose another output path or pass overwrite=True"):
+    with pytest.raises(ValueError, match=r"taken already exists; pass --force \(force=True\)"):
         merge_adapter_files(paths["expert"], paths["anti"], tmp_path / "taken", 1.0)
-    with pytest.raises(ValueError, match=r"a path ending in .safetensors"):
-        merge_adapter_files(paths["expert"], paths["anti"], tmp_path / "delta_dir", 1.0, output_format="delta")
-    with pytest.raises(ValueError, match=r"applies to the lora format"):
+    with pytest.raises(ValueError, match=r"writes a PEFT adapter folder .* give a folder OUT"):
+        merge_adapter_files(paths["expert"], paths["anti"], tmp_path / "x.safetensors", 1.0, output_format="dense-lora")
+    with pytest.raises(ValueError, match=r"applies to --format lora, not to --format delta"):
         merge_adapter_files(paths["expert"], paths["anti"], tmp_path / "x", 1.0, output_format="delta", max_rank=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
 # --- writing -------------------------------------------------------------------------

@@ -289,11 +289,14 @@ def test_hub_ids_merge_from_an_offline_cache(tmp_path, monkeypatch, pair):
     assert hashes(cache) == before and not leftovers(tmp_path)
 
 
-def test_a_peft_adapter_is_sent_to_the_lora_path(tmp_path, pair):
+def test_an_adapter_with_a_dense_checkpoint_is_refused(tmp_path, pair):
     _, _, e_path, _ = pair
     adapter = save(tmp_path / "adapter.safetensors", {"base_model.model.q.lora_A.weight": torch.zeros(2, 4)})
-    with pytest.raises(InputError, match="is a PEFT LoRA adapter; adapters are merged by the LoRA path"):
+    with pytest.raises(InputError, match=r"ANTI .*adapter.safetensors' is a LoRA adapter but EXPERT .*expert.safetensors' is a dense"):
         merge(e_path, adapter, tmp_path / "out.safetensors")
+    with pytest.raises(InputError, match=r"--format \(output_format\) applies to LoRA adapter inputs; EXPERT .* is a dense checkpoint"):
+        merge(e_path, e_path, tmp_path / "out.safetensors", output_format="delta")
+    assert not (tmp_path / "out.safetensors").exists()
 
 
 # ---------------------------------------------------------------- the per-tensor op and λ settings

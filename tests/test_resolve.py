@@ -12,17 +12,6 @@ from extsub_kernels.io import resolve_input
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-@pytest.fixture
-def offline_cache(tmp_path, monkeypatch):
-    """An empty hub cache in tmp_path, offline: nothing can reach the network."""
-    cache = tmp_path / "hf" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return cache
-
-
 def test_a_file(tmp_path):
     path = save(tmp_path / "w.safetensors", {"a": torch.zeros(2)})
     inp = resolve_input(str(path))

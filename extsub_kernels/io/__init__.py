@@ -2,7 +2,15 @@
 
 from extsub_kernels.io.reader import CheckpointReader, Header, TensorInfo, read_header
 from extsub_kernels.io.resolve import ResolvedInput, resolve_input
-from extsub_kernels.io.writer import CheckpointWriter, SafetensorsFileWriter, TensorEntry, build_header, parse_size
+from extsub_kernels.io.writer import (
+    CheckpointWriter,
+    SafetensorsFileWriter,
+    TensorEntry,
+    all_or_nothing,
+    build_header,
+    check_free_space,
+    parse_size,
+)
 
 __all__ = [
     "CheckpointReader",
@@ -12,7 +20,9 @@ __all__ = [
     "SafetensorsFileWriter",
     "TensorEntry",
     "TensorInfo",
+    "all_or_nothing",
     "build_header",
+    "check_free_space",
     "parse_size",
     "read_header",
     "resolve_input",

@@ -42,8 +42,8 @@ class ResolvedInput:
         root: the folder holding the files (a file's own folder for kind "file").
         files: the safetensors weight files, in shard order.
         config_files: config and tokenizer files beside the weights (folders and hub repos only).
-        adapter: True for a PEFT adapter (adapter_config.json + adapter_model.safetensors, or a
-            bare .safetensors whose keys hold lora_A / lora_B).
+        adapter: True for a PEFT adapter (adapter_config.json + adapter_model.safetensors), or
+            weights whose keys hold lora_A / lora_B (a bare .safetensors, or a folder of them).
     """
 
     spec: str
@@ -61,15 +61,33 @@ class ResolvedInput:
     def config(self, filename: str = "config.json") -> dict | None:
         """A JSON config file parsed, or None when absent."""
         path = self.config_file(filename)
-        if path is None:
-            return None
-        try:
-            loaded = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"{path}: cannot read it as JSON ({e})") from None
-        if not isinstance(loaded, dict):
-            raise InputError(f"{path}: expected a JSON object")
-        return loaded
+        return None if path is None else read_json_object(path)
+
+
+def read_json_object(path: Path, what: str = "JSON config", *, error: type[InputError] = InputError) -> dict:
+    """A JSON file holding one object (a config), parsed; `error` naming the file when it is not.
+
+    Args:
+        path: the file.
+        what: what the file is, for the message ("adapter config").
+        error: the InputError subclass to raise (callers with their own error type pass it).
+
+    Example:
+        >>> read_json_object(Path("adapter_config.json"), "adapter config")  # doctest: +SKIP
+        {'r': 8, 'lora_alpha': 16, ...}
+    """
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: unreadable {what} ({e})") from None
+    if not isinstance(loaded, dict):
+        raise error(f"{path}: expected a JSON object ({what}), found {type(loaded).__name__}")
+    return loaded
+
+
+def has_lora_keys(names: object) -> bool:
+    """Whether tensor names look like a LoRA adapter's (a key holding lora_A or lora_B)."""
+    return any("lora_A" in k or "lora_B" in k for k in names)
 
 
 def resolve_input(spec: str | os.PathLike, *, role: str = "input", quiet: bool = False) -> ResolvedInput:
@@ -101,8 +119,7 @@ def resolve_input(spec: str | os.PathLike, *, role: str = "input", quiet: bool =
 def _resolve_file(spec: str, path: Path, role: str) -> ResolvedInput:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise InputError(f"{role} {path}: " + _CONVERT_HINT.format(path=path, stem=path.with_suffix("")))
-    header = read_header(path)
-    adapter = any("lora_A" in k or "lora_B" in k for k in header.tensors)
+    adapter = has_lora_keys(read_header(path).tensors)
     return ResolvedInput(spec, path.name, "file", path.resolve().parent, (path,), adapter=adapter)
 
 
@@ -120,7 +137,10 @@ def _resolve_folder(spec: str, folder: Path, role: str, *, kind: str, name: str)
     shards = tuple(p for p in entries if p.suffix == ".safetensors")
     if not shards:
         _refuse_pickles(folder, entries, role, what="no .safetensors files")
-    return ResolvedInput(spec, name, kind, folder, shards, configs)
+    # An adapter's weights without their adapter_config.json are still an adapter (the LoRA path
+    # then asks for the scaling), never a dense checkpoint whose lora_A/lora_B rows get merged.
+    adapter = any(has_lora_keys(read_header(p).tensors) for p in shards)
+    return ResolvedInput(spec, name, kind, folder, shards, configs, adapter=adapter)
 
 
 def _refuse_pickles(folder: Path, entries: list[Path], role: str, *, what: str) -> None:
@@ -140,12 +160,8 @@ def _files_from_index(folder: Path, indexes: list[Path], role: str) -> tuple[Pat
             names = ", ".join(p.name for p in indexes)
             raise InputError(f"{role} {folder}: several shard indexes ({names}); pass the shards of one model")
         index = indexes[0]
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        valid = isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        valid = False
-    if not valid:
+    weight_map = read_json_object(index, "shard index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise InputError(f"{index}: not a shard index (expected JSON with a weight_map of tensor name → file name)")
     files = []
     for name in sorted(set(weight_map.values())):

@@ -9,7 +9,8 @@ under temporary names and appears at the target only on `commit()` (see `atomic`
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -334,3 +335,36 @@ class CheckpointWriter:
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if not self._closed:
             self.abort()
+
+
+@contextmanager
+def all_or_nothing() -> Iterator[list[CheckpointWriter]]:
+    """A list to collect the writers of one run: on any error (Ctrl-C included) every one is aborted.
+
+    The caller appends writers as it creates them and commits them at the end of the block;
+    a failure before the last commit leaves no output of this run but those already committed.
+
+    Example:
+        >>> with all_or_nothing() as writers:
+        ...     writers.append(CheckpointWriter(path, entries))
+        ...     ...  # write
+        ...     outputs = [w.commit() for w in writers]
+    """
+    writers: list[CheckpointWriter] = []
+    try:
+        yield writers
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+
+
+def check_free_space(writers: Sequence[CheckpointWriter]) -> None:
+    """Raise an InputError before any data is written when the outputs will not fit on their disks."""
+    need: dict[Path, int] = {}
+    for w in writers:
+        need[w.target.parent] = need.get(w.target.parent, 0) + w.total_bytes
+    for folder, n in need.items():
+        free = shutil.disk_usage(folder).free
+        if n > free:
+            raise InputError(f"not enough space for OUT in {folder}: the output needs {n / 1e9:.2f} GB, {free / 1e9:.2f} GB are free")
