@@ -35,7 +35,8 @@ LoRA adapters (EXPERT and ANTI; all adapters or all dense, never mixed):
 outputs:
   OUT ending in .safetensors is one file; any other OUT is a folder (model.safetensors, or shards
   and model.safetensors.index.json past --max-shard-size). With --base a folder OUT also gets the
-  expert's config, generation and tokenizer files.
+  expert's config, generation and tokenizer files (LoRA inputs: the base's). LoRA adapter outputs
+  (--format lora, dense-lora) are folders: adapter_model.safetensors and adapter_config.json.
 
 λ:
   --lam 1            one output, λ = 1 for every anti-expert
@@ -63,7 +64,7 @@ exit codes:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Ext-Sub merge of checkpoints, streamed tensor by tensor: θ' = θ⁺ − λ·Ext(θ⁻)\n"
+        description="Ext-Sub merge of checkpoints and LoRA adapters, streamed tensor by tensor: θ' = θ⁺ − λ·Ext(θ⁻)\n"
         "(Extraction-before-Subtraction, AAAI 2024). Memory stays a small multiple of one block\n"
         "of rows, whatever the model's size; OUT appears whole or not at all.",
         epilog=EPILOG,
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lam", default="1", metavar="L[,L...]", help="λ, a list of λ, or λ per anti-expert as a:b (default 1)")
     parser.add_argument("--method", choices=METHODS, default="ext-sub",
                         help="ext-sub: θ⁺ − λ·Ext(θ⁻) (default); sub: θ⁺ − λθ⁻; add: θ⁺ + λθ⁻")  # fmt: skip
-    parser.add_argument("--base", metavar="BASE", help="θ₀: inputs are full models; merge ΔW = θ − θ₀ and write θ₀ + ΔW'")
+    parser.add_argument("--base", metavar="BASE", help="θ₀: inputs are full models (merge ΔW = θ − θ₀), or LoRA adapters of BASE; write θ₀ + ΔW'")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=list(OUT_DTYPES), default="keep", help="dtype of float tensors in OUT (default: the expert's)")
     parser.add_argument("--max-shard-size", metavar="SIZE",

@@ -201,5 +201,7 @@ def _produce(
         where = base.info(key).path.name
         if not all_finite(theta0):
             raise InputError(f"tensor {key!r} in BASE ({where}) contains NaN or Inf; the merge needs finite weights")
-        raise InputError(f"tensor {key!r}: the merged weight overflows {out} at λ={list(lams)}; use a smaller λ or --dtype float32")
+        raise InputError(
+            f"tensor {key!r}: the merged weight overflows {out} at λ={list(lams)}; use a smaller λ or --dtype float32"
+        )
     return result.cpu()

@@ -315,7 +315,9 @@ def merge_adapter_files(
     limit = adapter_shard_limit(out, output_format, base=False, max_shard_size=max_shard_size, default=None)
     sources = [expert] + (list(antis) if isinstance(antis, (list, tuple)) else [antis])
     roles = input_roles(len(sources) - 1)
-    resolved = [(role, resolve_input(s, role=role, quiet=True)) for role, s in zip(roles, sources) if not isinstance(s, LoraAdapter)]
+    resolved = [
+        (role, resolve_input(s, role=role, quiet=True)) for role, s in zip(roles, sources) if not isinstance(s, LoraAdapter)
+    ]
     check_outputs([out], resolved, force=overwrite)
     loaded = iter(load_inputs(resolved))
     adapters = [s if isinstance(s, LoraAdapter) else next(loaded) for s in sources]

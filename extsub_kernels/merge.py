@@ -212,7 +212,7 @@ def merge(
             peak_rss_bytes=_peak_rss(), peak_gpu_bytes=run.peak_gpu_bytes, device=str(target), lora=run.reports,
         )  # fmt: skip
     _refuse_adapter_options(inputs[0], output_format=output_format, max_rank=max_rank, lora_alpha=lora_alpha,
-                            rank=rank, use_rslora=use_rslora)  # fmt: skip
+                            rank=rank, use_rslora=use_rslora, check_base_model=not check_base_model)  # fmt: skip
     check_outputs(paths, inputs, force=force)
     readers = [CheckpointReader(inp.files, label=role) for role, inp in inputs]
     try:
@@ -281,16 +281,18 @@ def _adapter_inputs(inputs: list[tuple[str, ResolvedInput]]) -> bool:
 
 
 def _refuse_adapter_options(expert: tuple[str, ResolvedInput], **options: object) -> None:
-    """Options of the LoRA path given with dense inputs: an error naming the first one."""
+    """Options of the LoRA path given with dense inputs (each None or False when not given): an error naming the first."""
     flags = {"output_format": "--format", "max_rank": "--max-rank", "lora_alpha": "--lora-alpha", "rank": "--rank",
-             "use_rslora": "--rslora"}  # fmt: skip
+             "use_rslora": "--rslora", "check_base_model": "--any-base-model"}  # fmt: skip
     for name, value in options.items():
         if value not in (None, False):
             role, inp = expert
             raise InputError(f"{flags[name]} ({name}) applies to LoRA adapter inputs; {role} {inp.spec!r} is a dense checkpoint")
 
 
-def _metadata(setting: tuple[float, ...], method: str, inputs: list[tuple[str, ResolvedInput]], output_format: str | None = None) -> dict[str, str]:
+def _metadata(
+    setting: tuple[float, ...], method: str, inputs: list[tuple[str, ResolvedInput]], output_format: str | None = None
+) -> dict[str, str]:
     names = {role: inp.name for role, inp in inputs}
     antis = [name for role, name in names.items() if role.startswith("ANTI")]
     return output_metadata(setting, method, names["EXPERT"], antis, names.get("BASE"), output_format)

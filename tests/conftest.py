@@ -46,22 +46,23 @@ def backend_available(backend: str, device: str) -> bool:
     return True
 
 
+def _model_and_adapters(tmp_path_factory, name: str):
+    fixtures = pytest.importorskip("peft_fixtures")
+    torch.manual_seed(fixtures.SEED)
+    model = fixtures.MODELS[name]()
+    return model, fixtures.make_adapters(model, fixtures.ADAPTERS[name], tmp_path_factory.mktemp(name))
+
+
 @pytest.fixture(scope="session")
 def llama(tmp_path_factory):
     """A tiny LLaMA (random weights) and PEFT adapters of it: expert, anti, anti2 (peft_fixtures.LLAMA_ADAPTERS)."""
-    fixtures = pytest.importorskip("peft_fixtures")
-    torch.manual_seed(fixtures.SEED)
-    model = fixtures.tiny_llama()
-    return model, fixtures.make_adapters(model, fixtures.LLAMA_ADAPTERS, tmp_path_factory.mktemp("llama"))
+    return _model_and_adapters(tmp_path_factory, "llama")
 
 
 @pytest.fixture(scope="session")
 def gpt2(tmp_path_factory):
     """A tiny GPT-2 (Conv1D layers, fan_in_fan_out) and PEFT adapters of it: expert, anti."""
-    fixtures = pytest.importorskip("peft_fixtures")
-    torch.manual_seed(fixtures.SEED)
-    model = fixtures.tiny_gpt2()
-    return model, fixtures.make_adapters(model, fixtures.GPT2_ADAPTERS, tmp_path_factory.mktemp("gpt2"))
+    return _model_and_adapters(tmp_path_factory, "gpt2")
 
 
 @pytest.fixture

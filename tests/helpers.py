@@ -1,4 +1,4 @@
-"""A comparison helper whose failure message says what differs, where and by how much."""
+"""Assertion helpers whose failure messages say what differs: tensors (where and by how much), CLI errors."""
 
 import torch
 
@@ -46,3 +46,12 @@ def assert_close_explained(
             f"first: {shown}; max abs err {err.max().item():.3g}, max rel err {rel:.3g}"
         )
     assert not problems, f"{what}: " + "; ".join(problems)
+
+
+def assert_one_line_error(code: int, err: str, expected_code: int, parts: list[str]) -> None:
+    """The CLI exited with `expected_code` and its last stderr line is one `extsub-merge: error:` naming every part."""
+    assert code == expected_code, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("extsub-merge: error: ") and "Traceback" not in err, err
+    for part in parts:
+        assert part in lines[-1], f"{part!r} not in {lines[-1]!r}"

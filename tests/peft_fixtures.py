@@ -52,11 +52,18 @@ GPT2_ADAPTERS = {
 }
 
 
-def make_adapters(model, specs, folder) -> dict[str, str]:
+MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+ADAPTERS = {"llama": LLAMA_ADAPTERS, "gpt2": GPT2_ADAPTERS}
+
+
+def make_adapters(model, specs, folder, train=None) -> dict[str, str]:
+    """PEFT adapters of `model`, one per spec (LoraConfig fields), saved in `folder`; `train(peft_model)` edits each first."""
     paths = {}
     for i, (name, spec) in enumerate(specs.items()):
         torch.manual_seed(SEED + 1 + i)
         peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(init_lora_weights=False, **spec))
+        if train is not None:
+            train(peft_model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             peft_model.save_pretrained(folder / name)
