@@ -4,7 +4,7 @@ Every tensor of the base model is read once; a weight with a LoRA module gets th
 ΔW' added in float32 (float64 for float64 inputs) on the compute device, is cast back to its
 dtype and written; tensors with nothing to add are copied. Rows of ΔW' are output features,
 so a weight the base stores (in, out) — GPT-2's Conv1D, PEFT's fan_in_fan_out — gets ΔW'ᵀ,
-by the rule of the `delta` layout (`materialize.module_delta`).
+laid out by the `delta` layout's own `materialize.module_delta`.
 
 Non-LoRA tensors of the adapters (PEFT's `modules_to_save`, and biases trained with
 bias="all"/"lora_only") are full weights that PEFT puts in place of the base model's, not
@@ -28,7 +28,7 @@ from extsub_kernels.io import CheckpointReader, TensorEntry
 from extsub_kernels.io.format import is_float
 from extsub_kernels.layout import Layout
 from extsub_kernels.lora import LoraAdapter, LoraModule
-from extsub_kernels.materialize import delta_key
+from extsub_kernels.materialize import delta_key, module_delta
 from extsub_kernels.stream import all_finite
 
 
@@ -184,13 +184,12 @@ def _produce(
         return theta0.to(out)
     if target.module is None and (not target.antis or not theta0.is_floating_point()):
         return (target.expert if target.expert is not None else theta0).to(out)  # the expert's own, or θ₀
-    module = adapter.modules.get(target.module) if target.module else None
-    wide = [theta0.dtype] + ([module.lora_A.dtype, module.lora_B.dtype] if module else [])
-    compute = torch.float64 if torch.float64 in wide else torch.float32
+    module = adapter.modules[target.module] if target.module else None
+    inputs = [theta0.dtype] + ([module.lora_A.dtype, module.lora_B.dtype] if module else [])
+    compute = torch.float64 if torch.float64 in inputs else torch.float32
     theta0_dev = theta0.to(device)
     if module is not None:  # out of place: θ₀ is shared by every output's layout
-        delta = module.delta(compute, device)
-        result = theta0_dev.to(compute) + (delta.T if target.transposed else delta)
+        result = theta0_dev.to(compute) + module_delta(module, dtype=compute, transposed=target.transposed, device=device)
     else:
         plus = target.expert.to(device) if target.expert is not None else theta0_dev
         minus = [t.to(device) for _, t in target.antis]

@@ -90,10 +90,11 @@ def _alpha(module: LoraModule) -> float | int:
 def module_delta(
     module: LoraModule, *, dtype: torch.dtype | None = None, transposed: bool = False, device: Device = None
 ) -> torch.Tensor:
-    """ΔW = scaling·B·A on the CPU in `dtype` (default: the module's), (in, out) when `transposed`.
+    """ΔW = scaling·B·A laid out like the base weight: (out, in), or (in, out) when `transposed` (Conv1D).
 
-    Computed on `device` (default: the CPU) in float32, or float64 for float64 factors, and
-    rounded once.
+    Computed on `device` (default: where the factors are) in float32, or float64 for float64
+    factors, and rounded once to `dtype` (default: the module's storage dtype). The result
+    stays on `device`: layouts move it to the host, the full model adds it to θ₀ there.
 
     Example:
         >>> module_delta(LoraModule(torch.ones(1, 3), torch.ones(2, 1), 0.5), transposed=True).shape
@@ -101,7 +102,7 @@ def module_delta(
     """
     compute = torch.float64 if torch.float64 in (module.lora_A.dtype, module.lora_B.dtype) else torch.float32
     delta = module.delta(compute, device).to(dtype or module.storage_dtype)
-    return (delta.T if transposed else delta).contiguous().cpu()
+    return delta.T.contiguous() if transposed else delta
 
 
 def _extra_makers(adapter: LoraAdapter) -> list:
@@ -140,7 +141,7 @@ def dense_lora_layout(adapter: LoraAdapter, *, dtype: torch.dtype | None = None,
         out = dtype or module.storage_dtype
         n_in = module.in_features
         makers.append((TensorEntry(peft_key(name, "A"), out, (n_in, n_in)), lambda n=n_in, o=out: torch.eye(n, dtype=o)))
-        make_b = lambda m=module, o=out: module_delta(m, dtype=o, device=device)  # noqa: E731
+        make_b = lambda m=module, o=out: module_delta(m, dtype=o, device=device).cpu()  # noqa: E731
         makers.append((TensorEntry(peft_key(name, "B"), out, (module.out_features, n_in)), make_b))
     return Layout.lazy(makers + _extra_makers(adapter), adapter_config=dense_lora_config(adapter), weights_name=WEIGHTS_NAME)
 
@@ -180,7 +181,7 @@ def delta_layout(
     makers = []
     for name, module in adapter.modules.items():
         shape = (module.in_features, module.out_features) if transposed else (module.out_features, module.in_features)
-        make = lambda m=module: module_delta(m, dtype=dtype, transposed=transposed, device=device)  # noqa: E731
+        make = lambda m=module: module_delta(m, dtype=dtype, transposed=transposed, device=device).cpu()  # noqa: E731
         makers.append((TensorEntry(delta_key(name), dtype or module.storage_dtype, shape), make))
     return Layout.lazy(makers)
 
