@@ -5,9 +5,11 @@ A synthetic PEFT adapter pair (32 layers × q,k,v,o,gate,up,down; hidden 4096, i
 subprocess, timed end to end from the input files to the fsynced output (imports excluded,
 reported apart):
 
-- `lora`: load and validate both adapters, the factored merge (DESIGN §3), write the PEFT adapter.
-- `dense-lora`: the same merge, then ΔW' = B'·A' per module written in the paper's released
-  layout (lora_B = ΔW', lora_A = identity), one shard per layer.
+- `lora`: `merge_adapter_files(..., output_format="lora")`, what `extsub-merge expert/ anti/ -o out/`
+  runs: load and validate both adapters, the factored merge (DESIGN §3), write the PEFT adapter.
+- `dense-lora`: the same with `output_format="dense-lora"` (`--format dense-lora`): ΔW' = B'·A'
+  per module in the paper's released layout (lora_B = ΔW', lora_A = identity), streamed one
+  module at a time into one adapter_model.safetensors.
 - `authors`: the released code's pattern: per module B·A materialized in float32 for both
   adapters, unit vectors and bisector vectorized, the projection as a Python loop over rows,
   then the same dense-lora layout, one shard per layer (the released code keeps every
@@ -106,18 +108,21 @@ def make_adapters(workdir: Path, layers: int) -> dict[str, Path]:
 
 
 def run_lora(expert: Path, anti: Path, out: Path) -> dict:
-    from extsub_kernels.adapter import load_adapter, write_adapter
-    from extsub_kernels.lora import merge_adapters
-    from extsub_kernels.materialize import to_peft
+    """What `extsub-merge expert/ anti/ -o out/` runs: load, the factored merge, the PEFT adapter."""
+    from extsub_kernels.lora_files import merge_adapter_files
 
     t0 = time.perf_counter()
-    adapters = load_adapter(expert), load_adapter(anti)
-    t1 = time.perf_counter()
-    merged = merge_adapters(adapters[0], adapters[1], LAM)
-    t2 = time.perf_counter()
-    write_adapter(out, *to_peft(merged))
-    t3 = time.perf_counter()
-    return {"wall_s": t3 - t0, "load_s": t1 - t0, "compute_s": t2 - t1, "write_s": t3 - t2}
+    merge_adapter_files(expert, anti, out, LAM, output_format="lora")
+    return {"wall_s": time.perf_counter() - t0}
+
+
+def run_dense_lora(expert: Path, anti: Path, out: Path, layers: int) -> dict:
+    """The same, with `--format dense-lora`: ΔW' = B'·A' per module, streamed through the writer."""
+    from extsub_kernels.lora_files import merge_adapter_files
+
+    t0 = time.perf_counter()
+    merge_adapter_files(expert, anti, out, LAM, output_format="dense-lora")
+    return {"wall_s": time.perf_counter() - t0}
 
 
 def _write_shard(path: Path, tensors: dict) -> None:
@@ -127,29 +132,6 @@ def _write_shard(path: Path, tensors: dict) -> None:
     fd = os.open(path, os.O_RDONLY)
     os.fsync(fd)
     os.close(fd)
-
-
-def run_dense_lora(expert: Path, anti: Path, out: Path, layers: int) -> dict:
-    from extsub_kernels.adapter import load_adapter
-    from extsub_kernels.lora import LoraAdapter, merge_adapters
-    from extsub_kernels.materialize import dense_lora_config, iter_dense_lora
-
-    t0 = time.perf_counter()
-    merged = merge_adapters(load_adapter(expert), load_adapter(anti), LAM)
-    t1 = time.perf_counter()
-    out.mkdir()
-    write_s = 0.0
-    for layer in range(layers):
-        names = [_module_name(layer, m) for m in MODULES]
-        part = LoraAdapter({n: merged.modules[n] for n in names})
-        shard = dict(iter_dense_lora(part))
-        tw = time.perf_counter()
-        _write_shard(out / f"adapter_model-{layer + 1:05d}-of-{layers:05d}.safetensors", shard)
-        write_s += time.perf_counter() - tw
-        del shard
-    (out / "adapter_config.json").write_text(json.dumps(dense_lora_config(merged)))
-    t2 = time.perf_counter()
-    return {"wall_s": t2 - t0, "load_and_factored_merge_s": t1 - t0, "materialize_s": t2 - t1 - write_s, "write_s": write_s}
 
 
 def authors_ext_sub(p, m, lam: float):
@@ -219,7 +201,7 @@ def _variant_main(args: argparse.Namespace) -> None:
 # --- comparison of the three results -----------------------------------------------------
 
 
-def compare(workdir: Path, layers: list[int], n_layers: int, authors_layers: int) -> dict:
+def compare(workdir: Path, layers: list[int], authors_layers: int) -> dict:
     """Largest differences between the three ΔW' (and a float64 oracle) on the given layers.
 
     Besides the outputs as written (bf16), the factored result before its bf16 storage
@@ -229,22 +211,28 @@ def compare(workdir: Path, layers: list[int], n_layers: int, authors_layers: int
     from safetensors import safe_open
     from extsub_kernels import ext_sub_reference
     from extsub_kernels.adapter import load_adapter, peft_key
+    from extsub_kernels.io.reader import CheckpointReader
     from extsub_kernels.lora import merge_adapters
 
     expert, anti = load_adapter(workdir / "expert"), load_adapter(workdir / "anti")
     lora = load_adapter(workdir / "out-lora")
     factored = merge_adapters(expert, anti, LAM)
     worst: dict[str, float] = {}
+    dense_files = sorted((workdir / "out-dense-lora").glob("*.safetensors"))
+    if len(dense_files) != 1:
+        raise RuntimeError(f"expected one dense-lora adapter file, found {[f.name for f in dense_files]}")
+    # The dense-lora file (27 GB at full size) is read with the project's pread reader: an mmap
+    # of it fails on a machine with less memory than that.
+    dense = CheckpointReader(dense_files, label="dense-lora output")
     for layer in layers:
-        shard = f"adapter_model-{layer + 1:05d}-of-{n_layers:05d}.safetensors"
         authors_shard = f"adapter_model-{layer + 1:05d}-of-{authors_layers:05d}.safetensors"
-        with safe_open(str(workdir / "out-dense-lora" / shard), "pt") as fd, safe_open(str(workdir / "out-authors" / authors_shard), "pt") as fa:
+        with safe_open(str(workdir / "out-authors" / authors_shard), "pt") as fa:
             for module in MODULES:
                 name = _module_name(layer, module)
                 exact = ext_sub_reference(expert.modules[name].delta(torch.float64), anti.modules[name].delta(torch.float64), LAM)
                 results = {
                     "lora": lora.modules[name].delta(torch.float64),
-                    "dense-lora": fd.get_tensor(peft_key(name, "B")).double(),
+                    "dense-lora": dense.read(peft_key(name, "B")).double(),
                     "authors": fa.get_tensor(peft_key(name, "B")).double(),
                 }
                 scale = float(exact.abs().max())
@@ -254,6 +242,7 @@ def compare(workdir: Path, layers: list[int], n_layers: int, authors_layers: int
                 diffs["lora before bf16 storage (float32 factors) vs float64 oracle"] = factored.modules[name].delta(torch.float64) - exact
                 for key, diff in diffs.items():
                     worst[key] = max(worst.get(key, 0.0), float(diff.abs().max()) / scale)
+    dense.close()
     return worst
 
 
@@ -329,7 +318,7 @@ def main() -> None:
             rows.append(row)
             print(f"{variant}: {row['wall_s']:.2f} s, peak RSS {row['peak_rss_mb']:.0f} MB, {row['output_bytes'] / 1e9:.3f} GB", file=sys.stderr)
         compare_layers = list(range(authors_layers))
-        worst = compare(scratch, compare_layers, args.layers, authors_layers)
+        worst = compare(scratch, compare_layers, authors_layers)
         rows.append({**env, "bench": "lora", "variant": "max-difference", "shape": shape, "lam": LAM,
                      "compared_layers": compare_layers, "compared_modules": len(compare_layers) * len(MODULES),
                      "max_abs_diff_over_max_abs": worst})
