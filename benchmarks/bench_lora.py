@@ -5,14 +5,15 @@ A synthetic PEFT adapter pair (32 layers × q,k,v,o,gate,up,down; hidden 4096, i
 subprocess, timed end to end from the input files to the fsynced output (imports excluded,
 reported apart):
 
-- `lora`: `merge_adapter_files(..., output_format="lora")`, what `extsub-merge expert/ anti/ -o out/`
-  runs: load and validate both adapters, the factored merge (DESIGN §3), write the PEFT adapter.
+- `lora`: `extsub_kernels.merge(expert, anti, out, output_format="lora", device=D)`, what
+  `extsub-merge expert/ anti/ -o out/` runs: load and validate both adapters, the factored merge
+  (DESIGN §3), write the PEFT adapter.
 - `dense-lora`: the same with `output_format="dense-lora"` (`--format dense-lora`): ΔW' = B'·A'
-  per module in the paper's released layout (lora_B = ΔW', lora_A = identity), streamed one
-  module at a time into one adapter_model.safetensors.
+  per module, formed on the device, in the paper's released layout (lora_B = ΔW', lora_A =
+  identity), streamed one module at a time into one adapter_model.safetensors.
 - `authors`: the released code's pattern: per module B·A materialized in float32 for both
   adapters, unit vectors and bisector vectorized, the projection as a Python loop over rows,
-  then the same dense-lora layout, one shard per layer (the released code keeps every
+  on the device, then the same dense-lora layout, one shard per layer (the released code keeps every
   module of both adapters in memory at once; that does not fit this machine, see RESULTS.md).
   It takes about 45 s per layer on 2 cores, so it runs on the first --authors-layers layers
   and its wall time and output bytes are extrapolated linearly to all layers (labelled so
@@ -22,13 +23,15 @@ Each variant runs --repeats times (fresh subprocess, output removed in between);
 medians (every run is kept in `wall_s_runs`, with the 1-minute load average before it: the
 machine may be shared), beside the fastest run and the CPU seconds (user + system) of the
 subprocess. Peak memory is the largest peak RSS of the
-subprocesses (getrusage ru_maxrss), measured. Output bytes are the
+subprocesses (getrusage ru_maxrss) and, on CUDA, the largest torch.cuda.max_memory_allocated,
+measured. Output bytes are the
 sizes of the files written. The three ΔW' are compared with each other and with a float64
 oracle (Algorithm 1 on ΔW formed in float64 from the same bf16 factors) on the modules of
-the layers the authors' pattern ran on. Results are JSON rows in benchmarks/results/lora.json;
-`--table` prints the markdown table derived from them.
+the layers the authors' pattern ran on. Results are JSON rows in benchmarks/results/lora.json
+(lora-cuda.json with --device cuda); `--table` prints the markdown table derived from them.
 
-    python benchmarks/bench_lora.py                    # full run (~30 GB of scratch disk, ~8 min)
+    python benchmarks/bench_lora.py                    # full run on CPU (~30 GB of scratch disk, ~11 min)
+    python benchmarks/bench_lora.py --device cuda      # the same with B·A and the merge on the GPU
     python benchmarks/bench_lora.py --layers 2         # a quick look
     python benchmarks/bench_lora.py --table            # the table from the saved rows
 """
@@ -61,8 +64,7 @@ MODULES = {  # name → (out_features, in_features)
     "mlp.up_proj": (INTERMEDIATE, HIDDEN),
     "mlp.down_proj": (HIDDEN, INTERMEDIATE),
 }
-DATE = "2026-11-24"
-RESULTS = ROOT / "benchmarks" / "results" / "lora.json"
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def _module_name(layer: int, module: str) -> str:
@@ -107,22 +109,13 @@ def make_adapters(workdir: Path, layers: int) -> dict[str, Path]:
 # --- variants (each runs in its own subprocess) ----------------------------------------
 
 
-def run_lora(expert: Path, anti: Path, out: Path) -> dict:
-    """What `extsub-merge expert/ anti/ -o out/` runs: load, the factored merge, the PEFT adapter."""
-    from extsub_kernels.lora_files import merge_adapter_files
+def run_merge(expert: Path, anti: Path, out: Path, output_format: str, device: str) -> dict:
+    """What `extsub-merge expert/ anti/ -o out/ [--format dense-lora] --device D` runs."""
+    from extsub_kernels import merge
 
     t0 = time.perf_counter()
-    merge_adapter_files(expert, anti, out, LAM, output_format="lora")
-    return {"wall_s": time.perf_counter() - t0}
-
-
-def run_dense_lora(expert: Path, anti: Path, out: Path, layers: int) -> dict:
-    """The same, with `--format dense-lora`: ΔW' = B'·A' per module, streamed through the writer."""
-    from extsub_kernels.lora_files import merge_adapter_files
-
-    t0 = time.perf_counter()
-    merge_adapter_files(expert, anti, out, LAM, output_format="dense-lora")
-    return {"wall_s": time.perf_counter() - t0}
+    report = merge(expert, anti, out, lam=LAM, output_format=output_format, device=device)
+    return {"wall_s": time.perf_counter() - t0, "peak_gpu_bytes": report.peak_gpu_bytes}
 
 
 def _write_shard(path: Path, tensors: dict) -> None:
@@ -147,7 +140,7 @@ def authors_ext_sub(p, m, lam: float):
     return p - lam * m + lam * projection
 
 
-def run_authors(expert: Path, anti: Path, out: Path, layers: int) -> dict:
+def run_authors(expert: Path, anti: Path, out: Path, layers: int, device: str) -> dict:
     import torch
     from safetensors import safe_open
     from extsub_kernels.adapter import WEIGHTS_NAME, peft_key
@@ -164,16 +157,17 @@ def run_authors(expert: Path, anti: Path, out: Path, layers: int) -> dict:
                 a_key, b_key = peft_key(name, "A"), peft_key(name, "B")
                 b_plus = fe.get_tensor(b_key)
                 dtype = b_plus.dtype
-                p = (b_plus.float() @ fe.get_tensor(a_key).float()) * scaling
-                m = (fa.get_tensor(b_key).float() @ fa.get_tensor(a_key).float()) * scaling
-                shard[b_key] = authors_ext_sub(p, m, LAM).to(dtype)
+                p = (b_plus.to(device).float() @ fe.get_tensor(a_key).to(device).float()) * scaling
+                m = (fa.get_tensor(b_key).to(device).float() @ fa.get_tensor(a_key).to(device).float()) * scaling
+                shard[b_key] = authors_ext_sub(p, m, LAM).to(dtype).cpu()
                 shard[a_key] = torch.eye(p.shape[1], dtype=dtype)
             tw = time.perf_counter()
             _write_shard(out / f"adapter_model-{layer + 1:05d}-of-{layers:05d}.safetensors", shard)
             write_s += time.perf_counter() - tw
             del shard
     t1 = time.perf_counter()
-    return {"wall_s": t1 - t0, "compute_s": t1 - t0 - write_s, "write_s": write_s}
+    peak_gpu = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+    return {"wall_s": t1 - t0, "compute_s": t1 - t0 - write_s, "write_s": write_s, "peak_gpu_bytes": peak_gpu}
 
 
 def _variant_main(args: argparse.Namespace) -> None:
@@ -186,12 +180,10 @@ def _variant_main(args: argparse.Namespace) -> None:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     workdir = Path(args.workdir)
     expert, anti, out = workdir / "expert", workdir / "anti", workdir / f"out-{args.variant}"
-    if args.variant == "lora":
-        row = run_lora(expert, anti, out)
-    elif args.variant == "dense-lora":
-        row = run_dense_lora(expert, anti, out, args.layers)
+    if args.variant == "authors":
+        row = run_authors(expert, anti, out, args.layers, args.device)
     else:
-        row = run_authors(expert, anti, out, args.layers)
+        row = run_merge(expert, anti, out, args.variant, args.device)
     done = resource.getrusage(resource.RUSAGE_SELF)
     cpu_s = (done.ru_utime - usage.ru_utime) + (done.ru_stime - usage.ru_stime)
     row.update(import_s=import_s, cpu_s=cpu_s, rss_after_import_mb=rss_after_import, peak_rss_mb=_rss_mb(), output_bytes=_folder_bytes(out))
@@ -249,20 +241,21 @@ def compare(workdir: Path, layers: list[int], authors_layers: int) -> dict:
 # --- driver -----------------------------------------------------------------------------
 
 
-def _spawn(variant: str, workdir: Path, layers: int) -> dict:
-    cmd = [sys.executable, __file__, "--variant", variant, "--workdir", str(workdir), "--layers", str(layers)]
+def _spawn(variant: str, workdir: Path, layers: int, device: str) -> dict:
+    cmd = [sys.executable, __file__, "--variant", variant, "--workdir", str(workdir), "--layers", str(layers), "--device", device]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _environment() -> dict:
+def _environment(device: str) -> dict:
     import torch
     import extsub_kernels
 
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    gpu = f"{torch.cuda.get_device_name(device)}; " if device.startswith("cuda") else ""
     return {
-        "device": f"cpu: {cpu}, {os.cpu_count()} cores",
-        "date": DATE,
+        "device": f"{gpu}cpu: {cpu}, {os.cpu_count()} cores",
+        "date": datetime.date.today().isoformat(),
         "version": extsub_kernels.__version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -276,10 +269,13 @@ def main() -> None:
     parser.add_argument("--workdir", help="scratch folder (default: a temporary folder, removed afterwards)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per variant; times are medians, peak RSS the maximum")
     parser.add_argument("--authors-layers", type=int, default=2, help="layers the authors' pattern runs on (then extrapolated)")
+    parser.add_argument("--device", default="cpu", help="where B·A and the merge run: cpu (default), cuda or cuda:N")
     parser.add_argument("--variant", choices=["lora", "dense-lora", "authors"], help=argparse.SUPPRESS)
     parser.add_argument("--table", action="store_true", help="print the markdown table from the saved rows")
-    parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--results", help="rows file (default: benchmarks/results/lora.json, lora-cuda.json on CUDA)")
     args = parser.parse_args()
+    if args.results is None:
+        args.results = str(RESULTS / ("lora.json" if args.device == "cpu" else "lora-cuda.json"))
     if args.table:
         print(table(json.loads(Path(args.results).read_text())))
         return
@@ -289,7 +285,7 @@ def main() -> None:
     scratch = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_lora."))
     scratch.mkdir(parents=True, exist_ok=True)
     try:
-        env = _environment()
+        env = _environment(args.device)
         shape = f"llama-7b: {args.layers} layers x 7 modules, hidden {HIDDEN}, intermediate {INTERMEDIATE}, r={RANK}, bf16"
         print(f"inputs: {shape} in {scratch}", file=sys.stderr)
         make_adapters(scratch, args.layers)
@@ -302,11 +298,12 @@ def main() -> None:
             for repeat in range(args.repeats):
                 shutil.rmtree(scratch / f"out-{variant}", ignore_errors=True)  # the last run's output stays for the comparison
                 load = os.getloadavg()[0]
-                runs.append({**_spawn(variant, scratch, layers), "loadavg_1min_before": load})
+                runs.append({**_spawn(variant, scratch, layers, args.device), "loadavg_1min_before": load})
             row = dict(runs[-1])
             row.update({key: statistics.median(r[key] for r in runs) for key in runs[0] if key.endswith("_s")})
             row.update(runs=runs, wall_s_runs=[r["wall_s"] for r in runs], wall_s_min=min(r["wall_s"] for r in runs),
-                       loadavg_1min_before=[r["loadavg_1min_before"] for r in runs], peak_rss_mb=max(r["peak_rss_mb"] for r in runs))
+                       loadavg_1min_before=[r["loadavg_1min_before"] for r in runs], peak_rss_mb=max(r["peak_rss_mb"] for r in runs),
+                       peak_gpu_bytes=max((r.get("peak_gpu_bytes") or 0) for r in runs) or None)
             row.update(env, bench="lora", variant=variant, shape=shape, shape_layers=args.layers, input_bytes=input_bytes, lam=LAM)
             if layers < args.layers:  # a measured subset, extrapolated linearly to every layer
                 factor = args.layers / layers
@@ -322,7 +319,7 @@ def main() -> None:
         rows.append({**env, "bench": "lora", "variant": "max-difference", "shape": shape, "lam": LAM,
                      "compared_layers": compare_layers, "compared_modules": len(compare_layers) * len(MODULES),
                      "max_abs_diff_over_max_abs": worst})
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
         Path(args.results).write_text(json.dumps(rows, indent=1) + "\n")
         print(table(rows))
     finally:
@@ -336,16 +333,17 @@ def table(rows: list[dict]) -> str:
     lines = [
         f"{runs['lora']['shape']}; {runs['lora']['device']}; torch {runs['lora']['torch']}, extsub {runs['lora']['version']}, {runs['lora']['date']}",
         "",
-        "| variant | wall time, median (s) | fastest run (s) | CPU time (s) | speed-up over authors (median) | peak RSS (MB) | RSS after imports (MB) | output (bytes) | output vs lora |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | wall time, median (s) | fastest run (s) | CPU time (s) | speed-up over authors (median) | peak RSS (MB) | RSS after imports (MB) | peak GPU (MB) | output (bytes) | output vs lora |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in runs.items():
         label = name
         if "extrapolated_from_layers" in r:
             label += f" (measured on {r['extrapolated_from_layers']} layers: {r['measured_wall_s']:.1f} s, {r['measured_output_bytes']:,} B; times and bytes extrapolated ×{r['shape_layers'] / r['extrapolated_from_layers']:g})"
+        gpu = f"{r['peak_gpu_bytes'] / 2**20:.0f}" if r.get("peak_gpu_bytes") else "n/a"
         lines.append(
             f"| {label} | {r['wall_s']:.2f} | {r['wall_s_min']:.2f} | {r['cpu_s']:.2f} | {runs['authors']['wall_s'] / r['wall_s']:.1f}× | {r['peak_rss_mb']:.0f} | "
-            f"{r['rss_after_import_mb']:.0f} | {r['output_bytes']:,} | {r['output_bytes'] / runs['lora']['output_bytes']:.1f}× |"
+            f"{r['rss_after_import_mb']:.0f} | {gpu} | {r['output_bytes']:,} | {r['output_bytes'] / runs['lora']['output_bytes']:.1f}× |"
         )
     diff = next((r for r in rows if r["variant"] == "max-difference"), None)
     if diff:

@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/gpu_session.sh            # tests + op benchmark (fits one 10-minute call)
 #   bash benchmarks/gpu_session.sh merge      # the merge benchmark with --device cuda
+#   bash benchmarks/gpu_session.sh lora       # the LoRA benchmark with --device cuda
 #
 # Logs and result rows go to $OUT when it is set (the device tool's folder), else benchmarks/results.
 set -uo pipefail
@@ -24,8 +25,11 @@ case "$stage" in
   merge)
     python3 benchmarks/bench_merge.py --device cuda --results "$dest" 2>&1 | tail -n 40 >"$dest/gpu-bench-merge.log"
     ;;
+  lora)
+    python3 benchmarks/bench_lora.py --device cuda --results "$dest/lora-cuda.json" 2>&1 | tail -n 40 >"$dest/gpu-bench-lora.log"
+    ;;
   *)
-    echo "unknown stage $stage (tests-op or merge)" >&2
+    echo "unknown stage $stage (tests-op, merge or lora)" >&2
     exit 2
     ;;
 esac
