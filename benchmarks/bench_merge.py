@@ -14,10 +14,14 @@ before every run when this process may (root on Linux), so each run reads from d
 otherwise the inputs are read once first and every run sees a warm cache.
 Rows go to benchmarks/results/merge-<date>-<device>.json, the table to a .md beside them.
 Checkpoints live in a temporary folder (removed at the end), never in the repository.
+--output-dir puts the outputs of merge and load-all on another file system (e.g. a tmpfs) to
+separate the cost of writing to the disk from the rest; its rows go to
+merge-<date>-<device>-output-on-<fs type>.json.
 
     python benchmarks/bench_merge.py                                # 1, 2, 4, 8 layers (~10 min on 2 cores)
     python benchmarks/bench_merge.py --layers 1,2 --repeat 1        # a quicker look
     python benchmarks/bench_merge.py --baseline-layers 1,2,4,8      # load-all at every size too
+    python benchmarks/bench_merge.py --output-dir /dev/shm          # outputs off the disk
 """
 
 import argparse
@@ -188,7 +192,19 @@ def _run_child(kind: str, args: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(layer_counts: list[int], baseline_layers: list[int], repeat: int, device: str, workdir: Path) -> list[dict]:
+def _fs_type(path: Path) -> str:
+    """The type of the file system holding `path` (from /proc/mounts), e.g. ext4 or tmpfs."""
+    best, fs = "", "unknown"
+    path = str(path.resolve())
+    with open("/proc/mounts", encoding="utf-8") as mounts:
+        for line in mounts:
+            _, point, kind = line.split()[:3]
+            if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+                best, fs = point, kind
+    return fs
+
+
+def run(layer_counts: list[int], baseline_layers: list[int], repeat: int, device: str, workdir: Path, output_dir: Path) -> list[dict]:
     """Rows for every run: plain-read and merge `repeat` times, interleaved (the disk's speed drifts),
     then load-all once where asked (it is the slow one)."""
     shards = {role: workdir / f"shards-{role}" for role in ("expert", "anti")}
@@ -199,7 +215,7 @@ def run(layer_counts: list[int], baseline_layers: list[int], repeat: int, device
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() and device != "cpu" else f"cpu ({os.cpu_count()} cores)"
     common = {"date": datetime.date.today().isoformat(), "device": device_name, "torch": torch.__version__, "extsub": __version__,
               "python": platform.python_version(), "cache": "cold" if cold else "warm", "idle_rss_bytes": idle_rss,
-              "largest_tensor_bytes": LARGEST_TENSOR_BYTES}  # fmt: skip
+              "largest_tensor_bytes": LARGEST_TENSOR_BYTES, "output_fs": _fs_type(output_dir)}  # fmt: skip
     rows = []
     for layers in layer_counts:
         pair = {role: workdir / f"{role}-{layers}" for role in shards}
@@ -207,7 +223,7 @@ def run(layer_counts: list[int], baseline_layers: list[int], repeat: int, device
         runs = [(kind, rep) for rep in range(repeat) for kind in ("plain-read", "merge")]
         runs += [("load-all", 0)] if layers in baseline_layers else []
         for kind, rep in runs:
-            out = workdir / f"out-{kind}-{layers}"
+            out = output_dir / f"extsub-bench-out-{kind}-{layers}"
             args = [str(pair["expert"]), str(pair["anti"])] + ([] if kind == "plain-read" else [str(out), device])
             if not (cold and _drop_caches()):
                 _run_child("plain-read", [str(pair["expert"]), str(pair["anti"])])  # warm the cache the same way for every run
@@ -226,7 +242,7 @@ def markdown(rows: list[dict]) -> str:
     """The table derived from the rows: per layer count and run, the median time of its repeats."""
     first = rows[0]
     lines = [
-        f"{first['date']}, {first['device']}, torch {first['torch']}, extsub {first['extsub']}, {first['cache']} page cache; "
+        f"{first['date']}, {first['device']}, torch {first['torch']}, extsub {first['extsub']}, {first['cache']} page cache, outputs on {first.get('output_fs', 'the disk')}; "
         f"bf16, largest tensor {first['largest_tensor_bytes'] / 1e9:.2f} GB; Python + torch alone: "
         f"{first['idle_rss_bytes'] / 1e9:.2f} GB RSS.",
         "",
@@ -263,6 +279,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="plain-read and merge runs per layer count")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--output-dir", type=Path, help="where merge and load-all write (default: beside the inputs)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args.child:
@@ -270,12 +287,12 @@ def main() -> None:
         return
     workdir = Path(tempfile.mkdtemp(prefix="extsub-bench-"))
     try:
-        rows = run(_ints(args.layers), _ints(args.baseline_layers), args.repeat, args.device, workdir)
+        rows = run(_ints(args.layers), _ints(args.baseline_layers), args.repeat, args.device, workdir, args.output_dir or workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     args.results.mkdir(parents=True, exist_ok=True)
     tag = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    stem = args.results / f"merge-{rows[0]['date']}-{tag}"
+    stem = args.results / f"merge-{rows[0]['date']}-{tag}" if args.output_dir is None else args.results / f"merge-{rows[0]['date']}-{tag}-output-on-{rows[0]['output_fs']}"
     stem.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(rows))
     print(markdown(rows))
