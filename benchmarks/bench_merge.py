@@ -290,6 +290,8 @@ def main() -> None:
         rows = run(_ints(args.layers), _ints(args.baseline_layers), args.repeat, args.device, workdir, args.output_dir or workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        for leftover in (args.output_dir.glob("extsub-bench-out-*") if args.output_dir else ()):  # a run that failed midway
+            shutil.rmtree(leftover, ignore_errors=True)
     args.results.mkdir(parents=True, exist_ok=True)
     tag = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     stem = args.results / f"merge-{rows[0]['date']}-{tag}" if args.output_dir is None else args.results / f"merge-{rows[0]['date']}-{tag}-output-on-{rows[0]['output_fs']}"
