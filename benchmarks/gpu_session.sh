@@ -20,7 +20,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 case "$stage" in
   tests-op)
     python3 -m pytest -q tests -p no:cacheprovider 2>&1 | tail -n 40 >"$dest/gpu-tests.log"
-    python3 benchmarks/bench_op.py --out-dir "$dest" 2>&1 | grep -v '^W' >"$dest/gpu-bench-op.log"
+    python3 benchmarks/bench_ext_sub.py --out-dir "$dest" 2>&1 | grep -v '^W' >"$dest/gpu-bench-op.log"
     ;;
   merge)
     python3 benchmarks/bench_merge.py --device cuda --results "$dest" 2>&1 | tail -n 40 >"$dest/gpu-bench-merge.log"

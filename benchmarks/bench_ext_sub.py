@@ -7,8 +7,8 @@ tensors, writes one — the floor), and on CPU for one shape the authors' patter
 loop over rows). GB/s count 3·N·itemsize. Writes JSON rows (the data) and a markdown table
 derived from them to benchmarks/results/op-<device>.{json,md}.
 
-    python benchmarks/bench_op.py                 # every shape, bf16 and fp32, on CUDA if present
-    python benchmarks/bench_op.py --device cpu --shapes 4096x4096 --dtypes fp32
+    python benchmarks/bench_ext_sub.py                 # every shape, bf16 and fp32, on CUDA if present
+    python benchmarks/bench_ext_sub.py --device cpu --shapes 4096x4096 --dtypes fp32
 """
 
 import argparse
