@@ -1,4 +1,8 @@
-"""The public ops: validation, dispatch by device and backend, and the torch (CPU) path.
+"""The public ops: validation, dispatch by device and backend, and the eager torch path.
+
+Kernels: Triton on CUDA (kernels/ext_sub.py), C++ on CPU (kernels/ext_sub_cpu.py, built at
+first use; `cpu_backend()` says whether it runs). The eager torch path runs everywhere else
+and is the CPU fallback when no compiler is present.
 
 Ext-Sub per row (DESIGN.md §1): p' = α·p + β·m, α = 1 + (λ/2)·|m|/|p|, β = −λ/2;
 rows with |p| = 0 keep p. Only two row norms are needed.
@@ -10,8 +14,8 @@ from typing import Literal
 
 import torch
 
-Backend = Literal["auto", "triton", "torch", "reference"]
-BACKENDS: tuple[str, ...] = ("auto", "triton", "torch", "reference")
+Backend = Literal["auto", "triton", "cpp", "torch", "reference"]
+BACKENDS: tuple[str, ...] = ("auto", "triton", "cpp", "torch", "reference")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # The torch path works on row blocks of about this many bytes per operand (compute dtype),
@@ -82,7 +86,7 @@ def ext_sub_coefficients(p_norm: torch.Tensor, m_norm: torch.Tensor, lam: float)
 
 
 def _ext_sub_rows_torch_(p: torch.Tensor, m: torch.Tensor, lam: float) -> None:
-    """Closed form in torch, writing into the 2-D tensor `p` (any device).
+    """Closed form in eager torch ops, writing into the 2-D tensor `p` (any device; the CPU fallback).
 
     On CPU the rows go in blocks of about _CPU_BLOCK_BYTES per operand: the norms read a block
     from DRAM and the update and the write find it in cache, so memory sees about one pass.
@@ -123,13 +127,43 @@ def _resolve_backend(backend: str, w_plus: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "triton" if w_plus.is_cuda and _triton_importable() else "torch"
+        if w_plus.is_cuda:
+            return "triton" if _triton_importable() else "torch"
+        return "cpp" if w_plus.device.type == "cpu" and _cpp_kernel_loads() else "torch"
+    if backend == "cpp":
+        if w_plus.device.type != "cpu":
+            raise ValueError(f"backend='cpp' runs on CPU tensors (got a tensor on {w_plus.device}); use 'auto' or 'torch'")
+        if not _cpp_kernel_loads():
+            raise ValueError(f"backend='cpp' is unavailable here: {cpu_backend()}; backend='torch' runs everywhere")
     if backend == "triton" and not _triton_allowed(w_plus):
         raise ValueError(
             f"backend='triton' needs CUDA tensors (got a tensor on {w_plus.device}); "
             "set TRITON_INTERPRET=1 before importing extsub_kernels to run the kernel on CPU"
         )
     return backend
+
+
+def _cpp_kernel_loads() -> bool:
+    from extsub_kernels.kernels import ext_sub_cpu
+
+    return ext_sub_cpu.load() is not None
+
+
+def cpu_backend() -> str:
+    """Which implementation `backend="auto"` runs on CPU tensors, and why, in one line.
+
+    "cpp: ..." is the C++ kernel (built on first use, then loaded from a per-user cache);
+    "torch: ..." is the eager torch path, with the reason the kernel is not used. The first
+    call in a process may build the kernel (about two seconds).
+
+    Example:
+        >>> cpu_backend().split(":")[0] in ("cpp", "torch")
+        True
+    """
+    from extsub_kernels.kernels import ext_sub_cpu
+
+    status = ext_sub_cpu.status()
+    return f"cpp: {status.detail}" if status.available else f"torch: eager torch ops; {status.detail}"
 
 
 def _triton_importable() -> bool:
@@ -152,8 +186,9 @@ def ext_sub_(w_plus: torch.Tensor, w_minus: torch.Tensor, lam: float, *, backend
         w_plus: expert weights, overwritten with the result (rows are dim 0).
         w_minus: anti-expert weights of the same shape and device; any float dtype; never modified.
         lam: subtraction weight λ (finite).
-        backend: "auto" (CUDA → Triton kernel, otherwise the torch path), "triton", "torch"
-            or "reference" (Algorithm 1 literally, in float64).
+        backend: "auto" (CUDA → the Triton kernel; CPU → the C++ kernel, or the torch path when
+            it cannot be built, see `cpu_backend()`), "triton", "cpp", "torch" (eager torch ops,
+            any device) or "reference" (Algorithm 1 literally, in float64).
 
     Returns:
         `w_plus` itself.
@@ -177,16 +212,21 @@ def ext_sub_(w_plus: torch.Tensor, w_minus: torch.Tensor, lam: float, *, backend
         return w_plus
 
     p = _writable_rows(w_plus)
-    copy_back = p is None or (chosen == "triton" and p.stride(-1) != 1)
+    compiled = chosen in ("triton", "cpp")  # both kernels need contiguous columns
+    copy_back = p is None or (compiled and p.stride(-1) != 1)
     if copy_back:
         p = as_rows(w_plus).contiguous()
     m = as_rows(w_minus)
+    if compiled and m.stride(-1) != 1:
+        m = m.contiguous()
     if chosen == "triton":
-        if m.stride(-1) != 1:
-            m = m.contiguous()
         from extsub_kernels.kernels.ext_sub import ext_sub_rows_
 
         ext_sub_rows_(p, m, lam)
+    elif chosen == "cpp":
+        from extsub_kernels.kernels.ext_sub_cpu import ext_sub_rows_ as ext_sub_rows_cpu_
+
+        ext_sub_rows_cpu_(p, m, lam)
     else:
         _ext_sub_rows_torch_(p, m, lam)
     if copy_back:

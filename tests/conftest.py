@@ -36,7 +36,11 @@ DEVICES = [
 
 
 def backend_available(backend: str, device: str) -> bool:
-    """Whether `backend` can run on `device` here (Triton on CPU needs the interpreter)."""
+    """Whether `backend` can run on `device` here (Triton on CPU needs the interpreter; the C++ kernel, CPU and a compiler)."""
+    if backend == "cpp":
+        from extsub_kernels.kernels import ext_sub_cpu
+
+        return device == "cpu" and ext_sub_cpu.load() is not None
     if backend == "triton":
         try:
             import triton  # noqa: F401

@@ -11,7 +11,7 @@ from conftest import DEVICES, backend_available
 from helpers import TOLERANCES, assert_close_explained
 from extsub_kernels import ext_sub, ext_sub_, ext_sub_reference, extract_deficiency, subtract_
 
-BACKENDS = ["auto", "triton", "torch", "reference"]
+BACKENDS = ["auto", "triton", "cpp", "torch", "reference"]
 SHAPES = [
     (1, 1),
     (1, 37),
@@ -47,7 +47,7 @@ def test_parity_with_reference(shape, dtype, backend, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "cpp", "torch"])
 @pytest.mark.parametrize("plus_dtype,minus_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16), (torch.float16, torch.float64)])
 def test_mixed_dtypes(plus_dtype, minus_dtype, backend, device):
     _skip_unless(backend, device)
@@ -96,7 +96,7 @@ def test_degenerate_rows(dtype, backend, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", ["triton", "torch", "auto"])
+@pytest.mark.parametrize("backend", ["triton", "cpp", "torch", "auto"])
 def test_near_antiparallel_rows_stay_accurate_in_float32(backend, device):
     """|u| → 0: the literal formula loses all accuracy in float32; the closed form must not."""
     _skip_unless(backend, device)
@@ -113,7 +113,7 @@ def test_near_antiparallel_rows_stay_accurate_in_float32(backend, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "cpp", "torch", "reference"])
 def test_in_place_contract(backend, device):
     _skip_unless(backend, device)
     p = torch.randn(40, 33, device=device)
@@ -141,7 +141,7 @@ NON_CONTIGUOUS = {
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "cpp", "torch", "reference"])
 @pytest.mark.parametrize("plus_layout", list(NON_CONTIGUOUS))
 @pytest.mark.parametrize("minus_layout", ["transposed", "strided-cols", "contiguous"])
 def test_non_contiguous_inputs(plus_layout, minus_layout, backend, device):
@@ -155,7 +155,7 @@ def test_non_contiguous_inputs(plus_layout, minus_layout, backend, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "cpp", "torch", "reference"])
 def test_same_tensor_for_both_inputs(backend, device):
     """m = p: Ext(p) = 0, so the result is p itself."""
     _skip_unless(backend, device)
@@ -165,7 +165,7 @@ def test_same_tensor_for_both_inputs(backend, device):
     assert_close_explained(p, original, *TOLERANCES[torch.float32])
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "cpp", "torch", "reference"])
 def test_empty_tensor_is_a_no_op(backend):
     _skip_unless(backend, "cpu")
     p = torch.empty(0, 5)
@@ -327,7 +327,7 @@ def test_lambda_must_be_a_number():
 
 
 def test_unknown_backend():
-    with pytest.raises(ValueError, match="unknown backend 'cuda'.*auto, triton, torch, reference"):
+    with pytest.raises(ValueError, match="unknown backend 'cuda'.*auto, triton, cpp, torch, reference"):
         ext_sub_(torch.zeros(3, 3), torch.zeros(3, 3), 1.0, backend="cuda")
 
 

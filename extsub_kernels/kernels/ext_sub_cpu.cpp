@@ -1,0 +1,247 @@
+// Ext-Sub's closed form on CPU rows (paper §3, Algorithm 1; DESIGN.md §1):
+//     p' = α·p + β·m,   α = 1 + (λ/2)·|m|/|p|,   β = −λ/2;   rows with |p| = 0 keep p.
+//
+// Plain C++17 with no torch or Python headers, so it builds in about a second; ext_sub_cpu.py
+// compiles it at first use and calls it through ctypes on raw pointers (ctypes drops the GIL,
+// so Python threads run row ranges in parallel). Per row: one loop loads p and m, widens them
+// in registers (bf16/fp16 → float32) and accumulates both sums of squares; a second loop over
+// the same row, still in cache for rows up to a few hundred KB, writes α·p + β·m rounded once
+// to p's dtype. Memory sees read p, read m, write p: the copy floor.
+//
+// Dtype codes: 0 float16, 1 bfloat16, 2 float32, 3 float64. Arithmetic is in float32, or in
+// float64 when either operand is float64. Sums of squares go in float32 lanes over blocks of
+// kSumBlock elements and blocks add up in float64, so a row of 2^30 elements loses no accuracy.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#if defined(_WIN32)
+#define EXTSUB_EXPORT extern "C" __declspec(dllexport)
+#else
+#define EXTSUB_EXPORT extern "C" __attribute__((visibility("default")))
+#endif
+
+namespace {
+
+struct BF16 {
+  uint16_t bits;
+};
+
+inline float widen(float x) { return x; }
+inline double widen(double x) { return x; }
+
+inline float widen(BF16 x) {
+  uint32_t u = static_cast<uint32_t>(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// float32 → bfloat16, round to nearest even; NaN → 0x7FC0 (as c10::BFloat16).
+inline BF16 to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+  return BF16{static_cast<uint16_t>(nan ? 0x7FC0u : rounded)};
+}
+
+#if defined(__FLT16_MAX__) && !defined(EXTSUB_SOFT_F16)
+// The compiler's half type: hardware conversions where the target has them (F16C on x86-64-v3).
+using F16 = _Float16;
+inline float widen(F16 x) { return static_cast<float>(x); }
+inline F16 to_f16(float f) { return static_cast<F16>(f); }
+#else
+// Compilers without _Float16 (GCC < 12 on x86): exact bit-level conversions, branch-free
+// enough to vectorize (F. Giesen's float↔half, round to nearest even).
+struct F16 {
+  uint16_t bits;
+};
+
+inline float widen(F16 x) {
+  uint32_t h = x.bits;
+  uint32_t u = (h & 0x7FFFu) << 13;  // exponent and mantissa in place
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  f *= 0x1p112f;  // rebias the exponent by 127 − 15; subnormal halves come out normal
+  std::memcpy(&u, &f, sizeof u);
+  if (f >= 65536.0f) u |= 0xFFu << 23;  // Inf and NaN keep an all-ones exponent
+  u |= (h & 0x8000u) << 16;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline F16 to_f16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  uint32_t sign = u & 0x80000000u;
+  u ^= sign;
+  uint32_t out;
+  if (u >= (127u + 16u) << 23) {  // overflows half: Inf, or NaN stays a quiet NaN
+    out = u > 0x7F800000u ? 0x7E00u : 0x7C00u;
+  } else if (u < (113u << 23)) {  // half subnormal or zero: let the float adder round
+    const uint32_t magic_bits = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+    float magic;
+    std::memcpy(&magic, &magic_bits, sizeof magic);
+    float g;
+    std::memcpy(&g, &u, sizeof g);
+    g += magic;
+    std::memcpy(&out, &g, sizeof out);
+    out -= magic_bits;
+  } else {
+    uint32_t mant_odd = (u >> 13) & 1u;
+    u += (static_cast<uint32_t>(15 - 127) << 23) + 0xFFFu + mant_odd;
+    out = u >> 13;
+  }
+  return F16{static_cast<uint16_t>(out | (sign >> 16))};
+}
+#endif
+
+template <typename T, typename C>
+inline T narrow(C x) {
+  if constexpr (std::is_same_v<T, BF16>) {
+    return to_bf16(static_cast<float>(x));
+  } else if constexpr (std::is_same_v<T, F16>) {
+    return to_f16(static_cast<float>(x));
+  } else {
+    return static_cast<T>(x);
+  }
+}
+
+// Elements per block of the float32 lanes; blocks add up in float64.
+constexpr int64_t kSumBlock = 4096;
+
+// Adds Σp² and Σm² over n elements to sp and sm. C lanes (a few vector registers' worth),
+// each lane a sequential sum over at most kSumBlock / kLanes terms.
+template <typename C, typename P, typename M>
+void sums_of_squares(const P* p, const M* m, int64_t n, double& sp, double& sm) {
+  constexpr int kLanes = 128 / sizeof(C);
+  for (int64_t start = 0; start < n; start += kSumBlock) {
+    const int64_t len = n - start < kSumBlock ? n - start : kSumBlock;
+    const P* pb = p + start;
+    const M* mb = m + start;
+    C acc_p[kLanes] = {};
+    C acc_m[kLanes] = {};
+    int64_t j = 0;
+    for (; j + kLanes <= len; j += kLanes) {
+      for (int k = 0; k < kLanes; ++k) {
+        C a = widen(pb[j + k]);
+        C b = widen(mb[j + k]);
+        acc_p[k] += a * a;
+        acc_m[k] += b * b;
+      }
+    }
+    for (; j < len; ++j) {
+      C a = widen(pb[j]);
+      C b = widen(mb[j]);
+      acc_p[0] += a * a;
+      acc_m[0] += b * b;
+    }
+    double bp = 0.0, bm = 0.0;
+    for (int k = 0; k < kLanes; ++k) {
+      bp += static_cast<double>(acc_p[k]);
+      bm += static_cast<double>(acc_m[k]);
+    }
+    sp += bp;
+    sm += bm;
+  }
+}
+
+// p[j] ← α·p[j] + β·m[j] for j < n, computed in C and rounded once to P.
+template <typename C, typename P, typename M>
+void update(P* __restrict p, const M* __restrict m, int64_t n, C alpha, C beta) {
+  for (int64_t j = 0; j < n; ++j) {
+    p[j] = narrow<P>(alpha * static_cast<C>(widen(p[j])) + beta * static_cast<C>(widen(m[j])));
+  }
+}
+
+template <typename P, typename M>
+using Compute = std::conditional_t<std::is_same_v<P, double> || std::is_same_v<M, double>, double, float>;
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Calls f(Tag<P>{}, Tag<M>{}) for the dtype codes of p and m; −1 for an unknown code.
+template <typename F>
+int with_dtypes(int p_dtype, int m_dtype, F&& f) {
+  auto with_m = [&](auto p_tag) -> int {
+    switch (m_dtype) {
+      case 0: return f(p_tag, Tag<F16>{}), 0;
+      case 1: return f(p_tag, Tag<BF16>{}), 0;
+      case 2: return f(p_tag, Tag<float>{}), 0;
+      case 3: return f(p_tag, Tag<double>{}), 0;
+      default: return -1;
+    }
+  };
+  switch (p_dtype) {
+    case 0: return with_m(Tag<F16>{});
+    case 1: return with_m(Tag<BF16>{});
+    case 2: return with_m(Tag<float>{});
+    case 3: return with_m(Tag<double>{});
+    default: return -1;
+  }
+}
+
+}  // namespace
+
+// Rows [row_begin, row_end) of the (rows, n_cols) views p and m (columns contiguous, rows
+// p_row_stride and m_row_stride elements apart): both norms, then p ← α·p + β·m in place.
+// Returns 0, or −1 for an unknown dtype code.
+EXTSUB_EXPORT int extsub_rows(void* p, const void* m, int p_dtype, int m_dtype, int64_t row_begin,
+                              int64_t row_end, int64_t n_cols, int64_t p_row_stride, int64_t m_row_stride,
+                              double half_lam) {
+  return with_dtypes(p_dtype, m_dtype, [&](auto p_tag, auto m_tag) {
+    using P = typename decltype(p_tag)::type;
+    using M = typename decltype(m_tag)::type;
+    using C = Compute<P, M>;
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      P* pr = static_cast<P*>(p) + r * p_row_stride;
+      const M* mr = static_cast<const M*>(m) + r * m_row_stride;
+      double sp = 0.0, sm = 0.0;
+      sums_of_squares<C>(pr, mr, n_cols, sp, sm);
+      if (sp == 0.0) continue;  // |p| = 0: the row stays (α = 1, β = 0)
+      const double alpha = 1.0 + half_lam * (std::sqrt(sm) / std::sqrt(sp));
+      update<C>(pr, mr, n_cols, static_cast<C>(alpha), static_cast<C>(-half_lam));
+    }
+  });
+}
+
+// Σp² and Σm² over elements [begin, end) of the contiguous vectors p and m, into out[0], out[1]:
+// the first pass over one row too long for a single thread.
+EXTSUB_EXPORT int extsub_sums_of_squares(const void* p, const void* m, int p_dtype, int m_dtype, int64_t begin,
+                                         int64_t end, double* out) {
+  return with_dtypes(p_dtype, m_dtype, [&](auto p_tag, auto m_tag) {
+    using P = typename decltype(p_tag)::type;
+    using M = typename decltype(m_tag)::type;
+    double sp = 0.0, sm = 0.0;
+    sums_of_squares<Compute<P, M>>(static_cast<const P*>(p) + begin, static_cast<const M*>(m) + begin, end - begin,
+                                   sp, sm);
+    out[0] = sp;
+    out[1] = sm;
+  });
+}
+
+// p ← α·p + β·m over elements [begin, end) of the contiguous vectors p and m: the second pass.
+EXTSUB_EXPORT int extsub_update(void* p, const void* m, int p_dtype, int m_dtype, int64_t begin, int64_t end,
+                                double alpha, double beta) {
+  return with_dtypes(p_dtype, m_dtype, [&](auto p_tag, auto m_tag) {
+    using P = typename decltype(p_tag)::type;
+    using M = typename decltype(m_tag)::type;
+    using C = Compute<P, M>;
+    update<C>(static_cast<P*>(p) + begin, static_cast<const M*>(m) + begin, end - begin, static_cast<C>(alpha),
+              static_cast<C>(beta));
+  });
+}
+
+// 1 when built with the compiler's _Float16, 0 with the bit-level conversions.
+EXTSUB_EXPORT int extsub_hardware_f16() {
+#if defined(__FLT16_MAX__) && !defined(EXTSUB_SOFT_F16)
+  return 1;
+#else
+  return 0;
+#endif
+}

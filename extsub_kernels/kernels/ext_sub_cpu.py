@@ -1,0 +1,293 @@
+"""The CPU kernel for Ext-Sub (paper §3, Algorithm 1): ext_sub_cpu.cpp, built at first use, cached, called via ctypes.
+
+Per row: p' = α·p + β·m with α = 1 + (λ/2)·|m|/|p|, β = −λ/2 (DESIGN.md §1); rows with |p| = 0
+keep p. The C++ file has no torch headers, so a build takes about two seconds with any C++17
+compiler; the library lands in a per-user cache keyed by the source, the flags and the compiler,
+so later processes load it in milliseconds. Without a compiler, or when the build fails, `load()`
+returns None with the reason in `status()`, and the op runs its eager torch path instead.
+
+Threads: ctypes releases the GIL, so row ranges run on a small pool of Python threads, as many
+as `torch.get_num_threads()` allows. A call allocates no tensor memory: the kernel reads and
+writes the caller's tensors in place, so a steady stream of calls costs no fresh pages.
+
+Environment: EXTSUB_CPP_KERNEL=0 disables the kernel (the torch path runs); CXX names the
+compiler (default: the first of c++, g++, clang++ on PATH); EXTSUB_CACHE_DIR moves the cache
+(default: $XDG_CACHE_HOME/extsub or ~/.cache/extsub).
+"""
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("ext_sub_cpu.cpp")
+_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+_BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-fvisibility=hidden", "-fno-exceptions")
+# Vector extensions per torch's own CPU capability (torch.backends.cpu.get_cpu_capability()).
+_ARCH_FLAGS = {
+    "AVX512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"),
+    "AVX2": ("-mavx2", "-mfma", "-mf16c"),
+}
+_BUILD_TIMEOUT_S = 300
+# Below this many elements per thread, the hand-off to another thread costs more than it saves.
+_MIN_ELEMENTS_PER_THREAD = 1 << 16
+# Rows at least this long, fewer than four per thread, are split across threads by columns.
+_LONG_ROW = 1 << 20
+
+
+@dataclass(frozen=True)
+class KernelStatus:
+    """Whether the C++ kernel is loaded, and what was built or loaded (or why not) in a line."""
+
+    available: bool
+    detail: str
+
+
+class _Library:
+    """The loaded shared library, its three entry points typed for ctypes."""
+
+    def __init__(self, path: Path) -> None:
+        lib = ctypes.CDLL(str(path))
+        i64, i32, dbl, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p
+        self.rows = lib.extsub_rows
+        self.rows.argtypes = [ptr, ptr, i32, i32, i64, i64, i64, i64, i64, dbl]
+        self.rows.restype = i32
+        self.sums_of_squares = lib.extsub_sums_of_squares
+        self.sums_of_squares.argtypes = [ptr, ptr, i32, i32, i64, i64, ctypes.POINTER(dbl)]
+        self.sums_of_squares.restype = i32
+        self.update = lib.extsub_update
+        self.update.argtypes = [ptr, ptr, i32, i32, i64, i64, dbl, dbl]
+        self.update.restype = i32
+        self.hardware_f16 = bool(lib.extsub_hardware_f16())
+        self.path = path
+
+
+_lock = threading.Lock()
+_library: _Library | None = None
+_status: KernelStatus | None = None
+_pool: ThreadPoolExecutor | None = None
+_pool_workers = 0
+
+
+def _forget_pool() -> None:
+    """After fork the child has none of the parent's threads: start a fresh pool when needed."""
+    global _pool, _pool_workers
+    _pool, _pool_workers = None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: EXTSUB_CACHE_DIR, else $XDG_CACHE_HOME/extsub, else ~/.cache/extsub."""
+    if os.environ.get("EXTSUB_CACHE_DIR"):
+        return Path(os.environ["EXTSUB_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "extsub"
+
+
+def _compiler() -> str | None:
+    if os.environ.get("CXX"):
+        return shutil.which(os.environ["CXX"]) or os.environ["CXX"]
+    for name in ("c++", "g++", "clang++"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _capability() -> str:
+    """torch's CPU capability on x86-64 ("AVX512", "AVX2", ...); the bare architecture elsewhere."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return platform.machine() or "unknown"
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return "DEFAULT"
+
+
+def build(
+    compiler: str,
+    out_dir: Path,
+    *,
+    capability: str | None = None,
+    defines: tuple[str, ...] = (),
+) -> tuple[Path, float | None]:
+    """Compile ext_sub_cpu.cpp into out_dir, unless a library of the same source, flags and compiler is there.
+
+    Returns (path of the library, seconds the build took or None when it was cached). Raises
+    RuntimeError with the compiler's message when the build fails. Concurrent builders each
+    write a private temporary file and rename it into place, so a reader never sees half a file.
+    """
+    capability = capability or _capability()
+    flags = (*_BASE_FLAGS, *_ARCH_FLAGS.get(capability, ()), *(f"-D{d}" for d in defines))
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256()
+    for part in (source, repr(flags).encode(), compiler.encode(), sys.platform.encode(), platform.machine().encode()):
+        key.update(part + b"\0")
+    try:  # a reinstalled or upgraded compiler gets a fresh build
+        stat = os.stat(shutil.which(compiler) or compiler)
+        key.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    except OSError:
+        pass
+    target = out_dir / f"ext_sub_cpu-{capability.lower()}-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target, None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir / f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(
+            [compiler, *flags, str(SOURCE), "-o", str(partial)],
+            capture_output=True,
+            text=True,
+            timeout=_BUILD_TIMEOUT_S,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        partial.unlink(missing_ok=True)
+        raise RuntimeError(f"{compiler} did not run: {exc}") from exc
+    if done.returncode != 0:
+        partial.unlink(missing_ok=True)
+        message = " ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+        raise RuntimeError(f"{compiler} failed (exit {done.returncode}): {message}")
+    os.replace(partial, target)
+    return target, time.perf_counter() - start
+
+
+def _self_check(lib: _Library) -> None:
+    """One row with a known answer, so a miscompiled library is refused rather than used."""
+    p = (ctypes.c_float * 4)(3.0, 4.0, 0.0, 0.0)
+    m = (ctypes.c_float * 4)(0.0, 0.0, 6.0, 8.0)
+    lib.rows(ctypes.addressof(p), ctypes.addressof(m), 2, 2, 0, 1, 4, 4, 4, 0.5)
+    expected = (6.0, 8.0, -3.0, -4.0)  # α = 1 + 0.5·10/5 = 2, β = −0.5
+    if any(abs(a - b) > 1e-6 for a, b in zip(p, expected)):
+        raise RuntimeError(f"self-check failed: got {list(p)}, expected {list(expected)}")
+
+
+def load() -> _Library | None:
+    """The C++ kernel, built on the first call of the process (or loaded from the cache); None if unavailable."""
+    global _library, _status
+    if _status is not None:
+        return _library
+    with _lock:
+        if _status is None:
+            _library, _status = _load_once()
+    return _library
+
+
+def _load_once() -> tuple[_Library | None, KernelStatus]:
+    if os.environ.get("EXTSUB_CPP_KERNEL", "1").strip().lower() in ("0", "off", "false", "no"):
+        return None, KernelStatus(False, "disabled by EXTSUB_CPP_KERNEL=0")
+    compiler = _compiler()
+    if compiler is None:
+        return None, KernelStatus(False, "no C++ compiler found (set CXX, or install g++ or clang++)")
+    capability = _capability()
+    try:
+        try:
+            path, seconds = build(compiler, cache_dir(), capability=capability)
+        except OSError:  # cache not writable: build for this process only
+            path, seconds = build(compiler, Path(tempfile.mkdtemp(prefix="extsub-")), capability=capability)
+        lib = _Library(path)
+        _self_check(lib)
+    except (RuntimeError, OSError, AttributeError) as exc:
+        return None, KernelStatus(False, f"C++ kernel unavailable: {exc}")
+    how = "from the cache" if seconds is None else f"built in {seconds:.1f} s"
+    return lib, KernelStatus(True, f"C++ kernel ({capability} build, {how}, {os.path.basename(compiler)})")
+
+
+def status() -> KernelStatus:
+    """The kernel's status, building it first if this process has not tried yet."""
+    load()
+    assert _status is not None
+    return _status
+
+
+def _reset_for_tests() -> None:
+    """Forget the loaded library and its status, so the next load() decides again."""
+    global _library, _status
+    with _lock:
+        _library, _status = None, None
+
+
+def _run(calls: list[functools.partial]) -> None:
+    """Run the calls, the first on this thread and the rest on the pool; raise if any returns nonzero."""
+    global _pool, _pool_workers
+    futures = []
+    if len(calls) > 1:
+        if _pool is None or _pool_workers < len(calls) - 1:
+            with _lock:
+                if _pool is None or _pool_workers < len(calls) - 1:
+                    old = _pool
+                    _pool_workers = len(calls) - 1
+                    _pool = ThreadPoolExecutor(max_workers=_pool_workers, thread_name_prefix="extsub-cpu")
+                    if old is not None:
+                        old.shutdown(wait=False)
+        futures = [_pool.submit(call) for call in calls[1:]]
+    codes = [calls[0]()] + [f.result() for f in futures]
+    if any(codes):
+        raise RuntimeError(f"ext_sub C++ kernel returned {codes}: unknown dtype code")
+
+
+def ext_sub_rows_(p: torch.Tensor, m: torch.Tensor, lam: float) -> None:
+    """p ← α·p + β·m row by row, in place, for 2-D CPU views whose columns are contiguous.
+
+    Rows go to min(torch.get_num_threads(), work / 64 Ki elements) threads in contiguous
+    ranges; fewer long rows than that (a 1-D tensor is one row) are split by columns instead,
+    in two passes: partial sums of squares, then the update with the row's α and β.
+    """
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"the C++ kernel is unavailable: {status().detail}")
+    n_rows, n_cols = p.shape
+    if n_rows == 0 or n_cols == 0:
+        return
+    for name, t in (("p", p), ("m", m)):
+        if t.device.type != "cpu" or (n_cols > 1 and t.stride(1) != 1):
+            raise ValueError(f"{name} must be a CPU tensor with contiguous columns (stride {t.stride()})")
+    p_dtype, m_dtype = _DTYPE_CODES[p.dtype], _DTYPE_CODES[m.dtype]
+    half_lam = 0.5 * lam
+    threads = max(1, min(torch.get_num_threads(), p.numel() // _MIN_ELEMENTS_PER_THREAD))
+    p_ptr, m_ptr = p.data_ptr(), m.data_ptr()
+    if threads > 1 and n_cols >= _LONG_ROW and n_rows < 4 * threads:
+        for row in range(n_rows):
+            row_p = p_ptr + row * p.stride(0) * p.element_size()
+            row_m = m_ptr + row * m.stride(0) * m.element_size()
+            _long_row(lib, row_p, row_m, p_dtype, m_dtype, n_cols, half_lam, threads)
+        return
+    threads = min(threads, n_rows)
+    bounds = [n_rows * i // threads for i in range(threads + 1)]
+    ps, ms = p.stride(0), m.stride(0)
+    _run(
+        [
+            functools.partial(lib.rows, p_ptr, m_ptr, p_dtype, m_dtype, lo, hi, n_cols, ps, ms, half_lam)
+            for lo, hi in zip(bounds[:-1], bounds[1:])
+        ]
+    )
+
+
+def _long_row(lib: _Library, p_ptr: int, m_ptr: int, p_dtype: int, m_dtype: int, n: int, half_lam: float, threads: int) -> None:
+    """One contiguous row split across threads: the sums of squares by chunk, then the update by chunk."""
+    bounds = [(n * i // threads) & ~63 for i in range(threads)] + [n]  # chunk starts on 64-element boundaries
+    chunks = list(zip(bounds[:-1], bounds[1:]))
+    sums = [(ctypes.c_double * 2)() for _ in chunks]
+    _run([functools.partial(lib.sums_of_squares, p_ptr, m_ptr, p_dtype, m_dtype, lo, hi, s) for (lo, hi), s in zip(chunks, sums)])
+    sp = math.fsum(s[0] for s in sums)
+    sm = math.fsum(s[1] for s in sums)
+    if sp == 0.0:  # |p| = 0: the row stays
+        return
+    alpha = 1.0 + half_lam * (math.sqrt(sm) / math.sqrt(sp))
+    _run([functools.partial(lib.update, p_ptr, m_ptr, p_dtype, m_dtype, lo, hi, alpha, -half_lam) for lo, hi in chunks])
