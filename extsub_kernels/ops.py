@@ -132,7 +132,9 @@ def _resolve_backend(backend: str, w_plus: torch.Tensor) -> str:
         return "cpp" if w_plus.device.type == "cpu" and _cpp_kernel_loads() else "torch"
     if backend == "cpp":
         if w_plus.device.type != "cpu":
-            raise ValueError(f"backend='cpp' runs on CPU tensors (got a tensor on {w_plus.device}); use 'auto' or 'torch'")
+            raise ValueError(
+                f"backend='cpp' runs on CPU tensors (got a tensor on {w_plus.device}); use 'auto' or 'torch'"
+            )
         if not _cpp_kernel_loads():
             raise ValueError(f"backend='cpp' is unavailable here: {cpu_backend()}; backend='torch' runs everywhere")
     if backend == "triton" and not _triton_allowed(w_plus):

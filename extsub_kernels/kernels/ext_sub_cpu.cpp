@@ -237,6 +237,19 @@ EXTSUB_EXPORT int extsub_update(void* p, const void* m, int p_dtype, int m_dtype
   });
 }
 
+// dst[i] = src[i] converted through the compute type (widen, then round once to dst's dtype):
+// lets tests compare the kernel's conversions bit for bit with torch's.
+EXTSUB_EXPORT int extsub_convert(const void* src, int src_dtype, void* dst, int dst_dtype, int64_t n) {
+  return with_dtypes(dst_dtype, src_dtype, [&](auto dst_tag, auto src_tag) {
+    using D = typename decltype(dst_tag)::type;
+    using S = typename decltype(src_tag)::type;
+    using C = Compute<D, S>;
+    for (int64_t i = 0; i < n; ++i) {
+      static_cast<D*>(dst)[i] = narrow<D>(static_cast<C>(widen(static_cast<const S*>(src)[i])));
+    }
+  });
+}
+
 // 1 when built with the compiler's _Float16, 0 with the bit-level conversions.
 EXTSUB_EXPORT int extsub_hardware_f16() {
 #if defined(__FLT16_MAX__) && !defined(EXTSUB_SOFT_F16)

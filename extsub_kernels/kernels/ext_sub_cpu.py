@@ -18,6 +18,7 @@ compiler (default: the first of c++, g++, clang++ on PATH); EXTSUB_CACHE_DIR mov
 import ctypes
 import functools
 import hashlib
+import itertools
 import math
 import os
 import platform
@@ -57,7 +58,7 @@ class KernelStatus:
 
 
 class _Library:
-    """The loaded shared library, its three entry points typed for ctypes."""
+    """The loaded shared library, its entry points typed for ctypes."""
 
     def __init__(self, path: Path) -> None:
         lib = ctypes.CDLL(str(path))
@@ -71,6 +72,9 @@ class _Library:
         self.update = lib.extsub_update
         self.update.argtypes = [ptr, ptr, i32, i32, i64, i64, dbl, dbl]
         self.update.restype = i32
+        self.convert = lib.extsub_convert
+        self.convert.argtypes = [ptr, i32, ptr, i32, i64]
+        self.convert.restype = i32
         self.hardware_f16 = bool(lib.extsub_hardware_f16())
         self.path = path
 
@@ -156,6 +160,7 @@ def build(
             capture_output=True,
             text=True,
             timeout=_BUILD_TIMEOUT_S,
+            check=False,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         partial.unlink(missing_ok=True)
@@ -274,17 +279,24 @@ def ext_sub_rows_(p: torch.Tensor, m: torch.Tensor, lam: float) -> None:
     _run(
         [
             functools.partial(lib.rows, p_ptr, m_ptr, p_dtype, m_dtype, lo, hi, n_cols, ps, ms, half_lam)
-            for lo, hi in zip(bounds[:-1], bounds[1:])
+            for lo, hi in itertools.pairwise(bounds)
         ]
     )
 
 
-def _long_row(lib: _Library, p_ptr: int, m_ptr: int, p_dtype: int, m_dtype: int, n: int, half_lam: float, threads: int) -> None:
+def _long_row(
+    lib: _Library, p_ptr: int, m_ptr: int, p_dtype: int, m_dtype: int, n: int, half_lam: float, threads: int
+) -> None:
     """One contiguous row split across threads: the sums of squares by chunk, then the update by chunk."""
     bounds = [(n * i // threads) & ~63 for i in range(threads)] + [n]  # chunk starts on 64-element boundaries
-    chunks = list(zip(bounds[:-1], bounds[1:]))
+    chunks = list(itertools.pairwise(bounds))
     sums = [(ctypes.c_double * 2)() for _ in chunks]
-    _run([functools.partial(lib.sums_of_squares, p_ptr, m_ptr, p_dtype, m_dtype, lo, hi, s) for (lo, hi), s in zip(chunks, sums)])
+    _run(
+        [
+            functools.partial(lib.sums_of_squares, p_ptr, m_ptr, p_dtype, m_dtype, lo, hi, s)
+            for (lo, hi), s in zip(chunks, sums)
+        ]
+    )
     sp = math.fsum(s[0] for s in sums)
     sm = math.fsum(s[1] for s in sums)
     if sp == 0.0:  # |p| = 0: the row stays
