@@ -1,11 +1,15 @@
 """Benchmark the ext_sub_ op against named baselines on LLaMA-7B/13B layer shapes.
 
 Columns, measured side by side in one run: our backend (`auto`: the Triton kernel on CUDA,
-the blocked torch path on CPU), the eager `ext_sub_reference` in the input dtype,
-`torch.compile` of the closed form, a copy of the same bytes (p + m → out: reads two
-tensors, writes one — the floor), and on CPU for one shape the authors' pattern (a Python
-loop over rows). GB/s count 3·N·itemsize. Writes JSON rows (the data) and a markdown table
-derived from them to benchmarks/results/op-<device>.{json,md}.
+the C++ kernel on CPU, or the eager torch path where it cannot be built; the row names the
+implementation), the eager torch path itself (`backend="torch"`, the CPU fallback), the eager
+`ext_sub_reference` in the input dtype, `torch.compile` of the closed form (warmed up: its
+first call, the compilation, is timed apart), a copy of the same bytes (p + m → out: reads two
+tensors, writes one — the floor), and on CPU for one shape the authors' pattern (a Python loop
+over rows). On CPU it also counts minor page faults per call of ours and of the fallback in
+steady state (getrusage ru_minflt), the cost of fresh pages a per-call allocation would bring.
+GB/s count 3·N·itemsize. Writes JSON rows (the data) and a markdown table derived from them
+to benchmarks/results/op-<device>.{json,md}.
 
     python benchmarks/bench_ext_sub.py                 # every shape, bf16 and fp32, on CUDA if present
     python benchmarks/bench_ext_sub.py --device cpu --shapes 4096x4096 --dtypes fp32
@@ -15,19 +19,21 @@ import argparse
 import datetime
 import json
 import platform
+import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import extsub_kernels  # noqa: E402
-from extsub_kernels import ext_sub_, ext_sub_reference  # noqa: E402
+import extsub_kernels
+from extsub_kernels import ext_sub_, ext_sub_reference
+from extsub_kernels.ops import cpu_backend
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (32000, 4096), (5120, 13824), (13824, 5120)]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -100,13 +106,39 @@ def _median_ms(variants: dict[str, Callable], inputs: list, device: str, reps: i
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
+def _minor_faults_per_call(fn: Callable, inputs: list, calls: int) -> float:
+    """Minor page faults of the whole process per call of fn in steady state (after two warm-up rounds)."""
+    for t in inputs * 2:
+        fn(t)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for i in range(calls):
+        fn(inputs[i % len(inputs)])
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
+def _implementation(device: str) -> str:
+    if device.startswith("cuda"):
+        return "triton" if _triton_importable() else "torch"
+    return cpu_backend()
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
     model = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
         model = names[0] if names else model
     return f"{model}, {torch.get_num_threads()} threads"
 
@@ -118,8 +150,13 @@ def _slug(device: str) -> str:
     return "cpu"
 
 
-def bench(device: str, shapes: list[tuple[int, int]], dtypes: list[str], reps: int, loop_shape: tuple[int, int] | None) -> list[dict]:
+def bench(
+    device: str, shapes: list[tuple[int, int]], dtypes: list[str], reps: int, loop_shape: tuple[int, int] | None
+) -> list[dict]:
+    """One row per (shape, dtype): the timings of every variant, GB/s, and on CPU minor faults per call."""
     rows = []
+    implementation = _implementation(device)
+    print(f"ours (backend='auto') on {device}: {implementation}", flush=True)
     for shape in shapes:
         for dtype_name in dtypes:
             torch._dynamo.reset()  # a fresh specialization per shape and dtype, never the eager fallback
@@ -129,13 +166,17 @@ def bench(device: str, shapes: list[tuple[int, int]], dtypes: list[str], reps: i
             copies = max(2, ROTATION_BYTES // (3 * tensor_bytes))
             inputs = _inputs(shape, dtype, device, copies)
             moved = 3 * tensor_bytes
+            start = time.perf_counter()
+            compiled(inputs[0][0], inputs[0][1], LAM)  # the compilation, timed apart from the warmed calls
+            compile_first_s = time.perf_counter() - start
             variants = {
                 "ours": lambda t: ext_sub_(t[0], t[1], LAM),
                 "copy": lambda t: torch.add(t[0], t[1], out=t[2]),
-                "compile": lambda t: compiled(t[0], t[1], LAM),
+                "compile": lambda t, fn=compiled: fn(t[0], t[1], LAM),
+                "eager": lambda t: ext_sub_(t[0], t[1], LAM, backend="torch"),
             }
             timings = _median_ms(variants, inputs, device, reps)
-            slow = {"reference": lambda t: ext_sub_reference(t[0], t[1], LAM, dtype=dtype)}
+            slow = {"reference": lambda t, dt=dtype: ext_sub_reference(t[0], t[1], LAM, dtype=dt)}
             if device == "cpu" and loop_shape == shape and dtype_name == "fp32":
                 slow["row_loop"] = lambda t: authors_row_loop_(t[0], t[1], LAM)
             timings.update(_median_ms(slow, inputs, device, max(3, reps // 4)))
@@ -144,12 +185,18 @@ def bench(device: str, shapes: list[tuple[int, int]], dtypes: list[str], reps: i
                 "date": datetime.date.today().isoformat(),
                 "version": extsub_kernels.__version__,
                 "torch": torch.__version__,
+                "implementation": implementation,
                 "shape": list(shape),
                 "dtype": dtype_name,
                 "bytes_moved": moved,
                 "ms": timings,
                 "gbps": {k: moved / (v * 1e-3) / 1e9 for k, v in timings.items()},
+                "compile_first_call_s": compile_first_s,
             }
+            if device == "cpu":
+                row["minor_faults_per_call"] = {
+                    name: _minor_faults_per_call(variants[name], inputs, 2 * copies) for name in ("ours", "eager")
+                }
             rows.append(row)
             print(_format_row(row), flush=True)
             del inputs
@@ -160,26 +207,33 @@ def bench(device: str, shapes: list[tuple[int, int]], dtypes: list[str], reps: i
 
 def _format_row(row: dict) -> str:
     ms, gbps = row["ms"], row["gbps"]
+    faults = row.get("minor_faults_per_call", {})
     cells = [
         f"{row['shape'][0]}×{row['shape'][1]}",
         row["dtype"],
-        f"{ms['ours']:.3f}",
+        f"{ms['ours']:.2f}",
         f"{gbps['ours']:.1f}",
-        f"{100 * gbps['ours'] / gbps['copy']:.0f} %",
-        f"{ms['copy']:.3f}",
+        f"{ms['ours'] / ms['copy']:.2f}×",
+        f"{ms['copy']:.2f}",
+        f"{ms['compile']:.2f}",
         f"{ms['compile'] / ms['ours']:.2f}×",
+        f"{ms['eager']:.2f}",
         f"{ms['reference'] / ms['ours']:.1f}×",
         f"{ms['row_loop'] / ms['ours']:.0f}× ({ms['row_loop']:.0f} ms)" if "row_loop" in ms else "–",
+        f"{faults['ours']:.1f} / {faults['eager']:.1f}" if faults else "–",
     ]
     return "| " + " | ".join(cells) + " |"
 
 
 def render_markdown(rows: list[dict]) -> str:
     """The table derived from the JSON rows."""
+    first = rows[0]
     head = (
-        f"Device: {rows[0]['device']} · date {rows[0]['date']} · extsub {rows[0]['version']} · torch {rows[0]['torch']}\n\n"
-        "| shape | dtype | ours ms | ours GB/s | % of copy BW | copy ms | vs torch.compile | vs eager reference | vs authors' row loop |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
+        f"Device: {first['device']} · date {first['date']} · extsub {first['version']} · torch {first['torch']}\n"
+        f"ours = backend='auto': {first.get('implementation', 'n/a')}\n\n"
+        "| shape | dtype | ours ms | ours GB/s | ours / copy | copy ms | torch.compile ms | vs torch.compile "
+        "| eager torch path ms | vs eager reference | vs authors' row loop | minor faults per call (ours / eager) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     return head + "\n".join(_format_row(r) for r in rows) + "\n"
 

@@ -66,7 +66,7 @@ def test_every_dtype_pair(kernel, p_dtype, m_dtype):
 @pytest.mark.parametrize("n_threads", [2, 3])
 @pytest.mark.parametrize("shape", [(2, 5), (5, 7), (64, 33), (3, 4096)], ids=str)
 def test_row_ranges_on_several_threads(kernel, threads, monkeypatch, shape, n_threads):
-    """Small problems forced onto several threads: every row range, including ranges of one row, and degenerate rows."""
+    """Small problems forced onto several threads: chunks of one row and more, a last partial chunk, degenerate rows."""
     threads(n_threads)
     monkeypatch.setattr(ext_sub_cpu, "_MIN_ELEMENTS_PER_THREAD", 1)
     p, m = _pair(shape, torch.float32)

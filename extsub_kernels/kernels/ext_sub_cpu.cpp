@@ -1,9 +1,9 @@
 // Ext-Sub's closed form on CPU rows (paper §3, Algorithm 1; DESIGN.md §1):
 //     p' = α·p + β·m,   α = 1 + (λ/2)·|m|/|p|,   β = −λ/2;   rows with |p| = 0 keep p.
 //
-// Plain C++17 with no torch or Python headers, so it builds in about a second; ext_sub_cpu.py
+// Plain C++17 with no torch or Python headers, so it builds in about two seconds; ext_sub_cpu.py
 // compiles it at first use and calls it through ctypes on raw pointers (ctypes drops the GIL,
-// so Python threads run row ranges in parallel). Per row: one loop loads p and m, widens them
+// so Python threads share the rows, claiming chunks as they go). Per row: one loop loads p and m, widens them
 // in registers (bf16/fp16 → float32) and accumulates both sums of squares; a second loop over
 // the same row, still in cache for rows up to a few hundred KB, writes α·p + β·m rounded once
 // to p's dtype. Memory sees read p, read m, write p: the copy floor.
@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <thread>
 #include <type_traits>
 
 #if defined(_WIN32)
@@ -186,10 +187,51 @@ int with_dtypes(int p_dtype, int m_dtype, F&& f) {
   }
 }
 
+// Rows [r0, r1) of the (rows, n_cols) views p and m: both norms, then p ← α·p + β·m in place.
+template <typename P, typename M>
+void rows_in_place(P* p, const M* m, int64_t r0, int64_t r1, int64_t n_cols, int64_t p_row_stride,
+                   int64_t m_row_stride, double half_lam) {
+  using C = Compute<P, M>;
+  for (int64_t r = r0; r < r1; ++r) {
+    P* pr = p + r * p_row_stride;
+    const M* mr = m + r * m_row_stride;
+    double sp = 0.0, sm = 0.0;
+    sums_of_squares<C>(pr, mr, n_cols, sp, sm);
+    if (sp == 0.0) continue;  // |p| = 0: the row stays (α = 1, β = 0)
+    const double alpha = 1.0 + half_lam * (std::sqrt(sm) / std::sqrt(sp));
+    update<C>(pr, mr, n_cols, static_cast<C>(alpha), static_cast<C>(-half_lam));
+  }
+}
+
+// Work sharing between the threads of one call. Each thread claims the next chunk from
+// counters[0] until none is left and adds what it finished to counters[1]; the calling thread
+// (wait = 1) then waits until every claimed chunk is finished. A thread that starts late, or is
+// descheduled on a busy machine, only leaves its share to the others: nobody waits for a
+// thread that has not claimed anything, and one that starts after the end touches no data.
+template <typename Body>
+void claim_chunks(int64_t n_chunks, int64_t* counters, int wait, Body&& body) {
+  for (;;) {
+    const int64_t k = __atomic_fetch_add(&counters[0], 1, __ATOMIC_RELAXED);
+    if (k >= n_chunks) break;
+    body(k);
+    __atomic_fetch_add(&counters[1], 1, __ATOMIC_RELEASE);
+  }
+  if (!wait) return;
+  for (int spins = 0; __atomic_load_n(&counters[1], __ATOMIC_ACQUIRE) < n_chunks; ++spins) {
+    if (spins < 2048) {
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    } else {
+      std::this_thread::yield();
+    }
+  }
+}
+
 }  // namespace
 
 // Rows [row_begin, row_end) of the (rows, n_cols) views p and m (columns contiguous, rows
-// p_row_stride and m_row_stride elements apart): both norms, then p ← α·p + β·m in place.
+// p_row_stride and m_row_stride elements apart), on the calling thread alone.
 // Returns 0, or −1 for an unknown dtype code.
 EXTSUB_EXPORT int extsub_rows(void* p, const void* m, int p_dtype, int m_dtype, int64_t row_begin,
                               int64_t row_end, int64_t n_cols, int64_t p_row_stride, int64_t m_row_stride,
@@ -197,43 +239,60 @@ EXTSUB_EXPORT int extsub_rows(void* p, const void* m, int p_dtype, int m_dtype, 
   return with_dtypes(p_dtype, m_dtype, [&](auto p_tag, auto m_tag) {
     using P = typename decltype(p_tag)::type;
     using M = typename decltype(m_tag)::type;
-    using C = Compute<P, M>;
-    for (int64_t r = row_begin; r < row_end; ++r) {
-      P* pr = static_cast<P*>(p) + r * p_row_stride;
-      const M* mr = static_cast<const M*>(m) + r * m_row_stride;
+    rows_in_place(static_cast<P*>(p), static_cast<const M*>(m), row_begin, row_end, n_cols, p_row_stride,
+                  m_row_stride, half_lam);
+  });
+}
+
+// All n_rows rows, in chunks of chunk_rows claimed by every thread that calls this with the
+// same counters (two zeroed int64: next chunk, chunks finished); see claim_chunks.
+EXTSUB_EXPORT int extsub_rows_shared(void* p, const void* m, int p_dtype, int m_dtype, int64_t n_rows,
+                                     int64_t n_cols, int64_t p_row_stride, int64_t m_row_stride, double half_lam,
+                                     int64_t chunk_rows, int64_t* counters, int wait) {
+  return with_dtypes(p_dtype, m_dtype, [&](auto p_tag, auto m_tag) {
+    using P = typename decltype(p_tag)::type;
+    using M = typename decltype(m_tag)::type;
+    const int64_t n_chunks = (n_rows + chunk_rows - 1) / chunk_rows;
+    claim_chunks(n_chunks, counters, wait, [&](int64_t k) {
+      const int64_t r0 = k * chunk_rows;
+      const int64_t r1 = r0 + chunk_rows < n_rows ? r0 + chunk_rows : n_rows;
+      rows_in_place(static_cast<P*>(p), static_cast<const M*>(m), r0, r1, n_cols, p_row_stride, m_row_stride,
+                    half_lam);
+    });
+  });
+}
+
+// First pass over one row too long for one thread (contiguous p and m of n elements): chunk k
+// of chunk elements writes its Σp² and Σm² to partials[2k] and partials[2k + 1].
+EXTSUB_EXPORT int extsub_sums_shared(const void* p, const void* m, int p_dtype, int m_dtype, int64_t n,
+                                     int64_t chunk, double* partials, int64_t* counters, int wait) {
+  return with_dtypes(p_dtype, m_dtype, [&](auto p_tag, auto m_tag) {
+    using P = typename decltype(p_tag)::type;
+    using M = typename decltype(m_tag)::type;
+    claim_chunks((n + chunk - 1) / chunk, counters, wait, [&](int64_t k) {
+      const int64_t begin = k * chunk;
+      const int64_t len = begin + chunk < n ? chunk : n - begin;
       double sp = 0.0, sm = 0.0;
-      sums_of_squares<C>(pr, mr, n_cols, sp, sm);
-      if (sp == 0.0) continue;  // |p| = 0: the row stays (α = 1, β = 0)
-      const double alpha = 1.0 + half_lam * (std::sqrt(sm) / std::sqrt(sp));
-      update<C>(pr, mr, n_cols, static_cast<C>(alpha), static_cast<C>(-half_lam));
-    }
+      sums_of_squares<Compute<P, M>>(static_cast<const P*>(p) + begin, static_cast<const M*>(m) + begin, len, sp, sm);
+      partials[2 * k] = sp;
+      partials[2 * k + 1] = sm;
+    });
   });
 }
 
-// Σp² and Σm² over elements [begin, end) of the contiguous vectors p and m, into out[0], out[1]:
-// the first pass over one row too long for a single thread.
-EXTSUB_EXPORT int extsub_sums_of_squares(const void* p, const void* m, int p_dtype, int m_dtype, int64_t begin,
-                                         int64_t end, double* out) {
-  return with_dtypes(p_dtype, m_dtype, [&](auto p_tag, auto m_tag) {
-    using P = typename decltype(p_tag)::type;
-    using M = typename decltype(m_tag)::type;
-    double sp = 0.0, sm = 0.0;
-    sums_of_squares<Compute<P, M>>(static_cast<const P*>(p) + begin, static_cast<const M*>(m) + begin, end - begin,
-                                   sp, sm);
-    out[0] = sp;
-    out[1] = sm;
-  });
-}
-
-// p ← α·p + β·m over elements [begin, end) of the contiguous vectors p and m: the second pass.
-EXTSUB_EXPORT int extsub_update(void* p, const void* m, int p_dtype, int m_dtype, int64_t begin, int64_t end,
-                                double alpha, double beta) {
+// Second pass over that row: p ← α·p + β·m, chunk by chunk.
+EXTSUB_EXPORT int extsub_update_shared(void* p, const void* m, int p_dtype, int m_dtype, int64_t n, int64_t chunk,
+                                       double alpha, double beta, int64_t* counters, int wait) {
   return with_dtypes(p_dtype, m_dtype, [&](auto p_tag, auto m_tag) {
     using P = typename decltype(p_tag)::type;
     using M = typename decltype(m_tag)::type;
     using C = Compute<P, M>;
-    update<C>(static_cast<P*>(p) + begin, static_cast<const M*>(m) + begin, end - begin, static_cast<C>(alpha),
-              static_cast<C>(beta));
+    claim_chunks((n + chunk - 1) / chunk, counters, wait, [&](int64_t k) {
+      const int64_t begin = k * chunk;
+      const int64_t len = begin + chunk < n ? chunk : n - begin;
+      update<C>(static_cast<P*>(p) + begin, static_cast<const M*>(m) + begin, len, static_cast<C>(alpha),
+                static_cast<C>(beta));
+    });
   });
 }
 

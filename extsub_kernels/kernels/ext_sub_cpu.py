@@ -6,8 +6,9 @@ compiler; the library lands in a per-user cache keyed by the source, the flags a
 so later processes load it in milliseconds. Without a compiler, or when the build fails, `load()`
 returns None with the reason in `status()`, and the op runs its eager torch path instead.
 
-Threads: ctypes releases the GIL, so row ranges run on a small pool of Python threads, as many
-as `torch.get_num_threads()` allows. A call allocates no tensor memory: the kernel reads and
+Threads: ctypes releases the GIL, so a small pool of Python threads, as many as
+`torch.get_num_threads()` allows, claims chunks of rows from a shared counter inside the C++
+code; the calling thread never waits for a pool thread the scheduler has not started yet. A call allocates no tensor memory: the kernel reads and
 writes the caller's tensors in place, so a steady stream of calls costs no fresh pages.
 
 Environment: EXTSUB_CPP_KERNEL=0 disables the kernel (the torch path runs); CXX names the
@@ -16,9 +17,7 @@ compiler (default: the first of c++, g++, clang++ on PATH); EXTSUB_CACHE_DIR mov
 """
 
 import ctypes
-import functools
 import hashlib
-import itertools
 import math
 import os
 import platform
@@ -28,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +47,10 @@ _BUILD_TIMEOUT_S = 300
 _MIN_ELEMENTS_PER_THREAD = 1 << 16
 # Rows at least this long, fewer than four per thread, are split across threads by columns.
 _LONG_ROW = 1 << 20
+# Threads claim rows in chunks of about this many bytes of p and m (a few in flight fit in L2).
+_CHUNK_BYTES = 256 << 10
+# A long row's column chunks: at most this many (their partial sums are a small array).
+_MAX_LONG_ROW_CHUNKS = 1024
 
 
 @dataclass(frozen=True)
@@ -66,12 +70,15 @@ class _Library:
         self.rows = lib.extsub_rows
         self.rows.argtypes = [ptr, ptr, i32, i32, i64, i64, i64, i64, i64, dbl]
         self.rows.restype = i32
-        self.sums_of_squares = lib.extsub_sums_of_squares
-        self.sums_of_squares.argtypes = [ptr, ptr, i32, i32, i64, i64, ctypes.POINTER(dbl)]
-        self.sums_of_squares.restype = i32
-        self.update = lib.extsub_update
-        self.update.argtypes = [ptr, ptr, i32, i32, i64, i64, dbl, dbl]
-        self.update.restype = i32
+        self.rows_shared = lib.extsub_rows_shared
+        self.rows_shared.argtypes = [ptr, ptr, i32, i32, i64, i64, i64, i64, dbl, i64, ptr, i32]
+        self.rows_shared.restype = i32
+        self.sums_shared = lib.extsub_sums_shared
+        self.sums_shared.argtypes = [ptr, ptr, i32, i32, i64, i64, ptr, ptr, i32]
+        self.sums_shared.restype = i32
+        self.update_shared = lib.extsub_update_shared
+        self.update_shared.argtypes = [ptr, ptr, i32, i32, i64, i64, dbl, dbl, ptr, i32]
+        self.update_shared.restype = i32
         self.convert = lib.extsub_convert
         self.convert.argtypes = [ptr, i32, ptr, i32, i64]
         self.convert.restype = i32
@@ -228,31 +235,39 @@ def _reset_for_tests() -> None:
         _library, _status = None, None
 
 
-def _run(calls: list[functools.partial]) -> None:
-    """Run the calls, the first on this thread and the rest on the pool; raise if any returns nonzero."""
+def _share(fn: Callable[..., int], *args: object, threads: int) -> None:
+    """Run fn(*args, counters, wait) on this thread and on threads − 1 pool threads, sharing its chunks.
+
+    The pool threads are not waited for: this thread returns once every chunk claimed by anyone
+    is finished (see claim_chunks in the C++ file), so a pool thread that the scheduler starts
+    late costs nothing. The counters array stays alive in the pool's queue until it has run.
+    """
+    counters = (ctypes.c_int64 * 2)()
+    if threads > 1:
+        pool = _executor(threads - 1)
+        for _ in range(threads - 1):
+            pool.submit(fn, *args, counters, 0)
+    if fn(*args, counters, 1) != 0:
+        raise RuntimeError("the ext_sub C++ kernel was given an unknown dtype code")
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
     global _pool, _pool_workers
-    futures = []
-    if len(calls) > 1:
-        if _pool is None or _pool_workers < len(calls) - 1:
-            with _lock:
-                if _pool is None or _pool_workers < len(calls) - 1:
-                    old = _pool
-                    _pool_workers = len(calls) - 1
-                    _pool = ThreadPoolExecutor(max_workers=_pool_workers, thread_name_prefix="extsub-cpu")
-                    if old is not None:
-                        old.shutdown(wait=False)
-        futures = [_pool.submit(call) for call in calls[1:]]
-    codes = [calls[0]()] + [f.result() for f in futures]
-    if any(codes):
-        raise RuntimeError(f"ext_sub C++ kernel returned {codes}: unknown dtype code")
+    with _lock:
+        if _pool is None or _pool_workers < workers:
+            old = _pool
+            _pool, _pool_workers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="extsub-cpu"), workers
+            if old is not None:
+                old.shutdown(wait=False)
+        return _pool
 
 
 def ext_sub_rows_(p: torch.Tensor, m: torch.Tensor, lam: float) -> None:
     """p ← α·p + β·m row by row, in place, for 2-D CPU views whose columns are contiguous.
 
-    Rows go to min(torch.get_num_threads(), work / 64 Ki elements) threads in contiguous
-    ranges; fewer long rows than that (a 1-D tensor is one row) are split by columns instead,
-    in two passes: partial sums of squares, then the update with the row's α and β.
+    Up to torch.get_num_threads() threads (one per 64 Ki elements at most) claim chunks of
+    about _CHUNK_BYTES of rows. Fewer long rows than four per thread (a 1-D tensor is one row)
+    are shared by column chunks instead, in two passes: the sums of squares, then the update.
     """
     lib = load()
     if lib is None:
@@ -273,33 +288,26 @@ def ext_sub_rows_(p: torch.Tensor, m: torch.Tensor, lam: float) -> None:
             row_m = m_ptr + row * m.stride(0) * m.element_size()
             _long_row(lib, row_p, row_m, p_dtype, m_dtype, n_cols, half_lam, threads)
         return
-    threads = min(threads, n_rows)
-    bounds = [n_rows * i // threads for i in range(threads + 1)]
-    ps, ms = p.stride(0), m.stride(0)
-    _run(
-        [
-            functools.partial(lib.rows, p_ptr, m_ptr, p_dtype, m_dtype, lo, hi, n_cols, ps, ms, half_lam)
-            for lo, hi in itertools.pairwise(bounds)
-        ]
-    )
+    if threads == 1:
+        lib.rows(p_ptr, m_ptr, p_dtype, m_dtype, 0, n_rows, n_cols, p.stride(0), m.stride(0), half_lam)
+        return
+    row_bytes = n_cols * (p.element_size() + m.element_size())
+    chunk_rows = max(1, min(_CHUNK_BYTES // row_bytes, -(-n_rows // (4 * threads))))
+    args = (p_ptr, m_ptr, p_dtype, m_dtype, n_rows, n_cols, p.stride(0), m.stride(0), half_lam, chunk_rows)
+    _share(lib.rows_shared, *args, threads=threads)
 
 
 def _long_row(
     lib: _Library, p_ptr: int, m_ptr: int, p_dtype: int, m_dtype: int, n: int, half_lam: float, threads: int
 ) -> None:
-    """One contiguous row split across threads: the sums of squares by chunk, then the update by chunk."""
-    bounds = [(n * i // threads) & ~63 for i in range(threads)] + [n]  # chunk starts on 64-element boundaries
-    chunks = list(itertools.pairwise(bounds))
-    sums = [(ctypes.c_double * 2)() for _ in chunks]
-    _run(
-        [
-            functools.partial(lib.sums_of_squares, p_ptr, m_ptr, p_dtype, m_dtype, lo, hi, s)
-            for (lo, hi), s in zip(chunks, sums)
-        ]
-    )
-    sp = math.fsum(s[0] for s in sums)
-    sm = math.fsum(s[1] for s in sums)
+    """One contiguous row shared by threads: the sums of squares by chunk, then the update by chunk."""
+    chunk = max(_MIN_ELEMENTS_PER_THREAD, (-(-n // _MAX_LONG_ROW_CHUNKS) + 63) & ~63)
+    n_chunks = -(-n // chunk)
+    partials = (ctypes.c_double * (2 * n_chunks))()
+    _share(lib.sums_shared, p_ptr, m_ptr, p_dtype, m_dtype, n, chunk, partials, threads=threads)
+    sp = math.fsum(partials[0::2])  # in chunk order: the same result whichever thread summed which chunk
+    sm = math.fsum(partials[1::2])
     if sp == 0.0:  # |p| = 0: the row stays
         return
     alpha = 1.0 + half_lam * (math.sqrt(sm) / math.sqrt(sp))
-    _run([functools.partial(lib.update, p_ptr, m_ptr, p_dtype, m_dtype, lo, hi, alpha, -half_lam) for lo, hi in chunks])
+    _share(lib.update_shared, p_ptr, m_ptr, p_dtype, m_dtype, n, chunk, alpha, -half_lam, threads=threads)
