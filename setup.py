@@ -17,6 +17,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["extsub_kernels", "extsub_kernels.*"]),
+    # The CPU kernel's C++ source, compiled at first use (extsub_kernels/kernels/ext_sub_cpu.py).
+    package_data={"extsub_kernels.kernels": ["*.cpp"]},
     install_requires=[
         "torch>=2.1,<3",
         "triton>=2.1; platform_system == 'Linux' and platform_machine == 'x86_64'",
