@@ -8,8 +8,9 @@ returns None with the reason in `status()`, and the op runs its eager torch path
 
 Threads: ctypes releases the GIL, so a small pool of Python threads, as many as
 `torch.get_num_threads()` allows, claims chunks of rows from a shared counter inside the C++
-code; the calling thread never waits for a pool thread the scheduler has not started yet. A call allocates no tensor memory: the kernel reads and
-writes the caller's tensors in place, so a steady stream of calls costs no fresh pages.
+code; the calling thread never waits for a pool thread the scheduler has not started yet.
+A call allocates no tensor memory: the kernel reads and writes the caller's tensors in place,
+so a steady stream of calls costs no fresh pages.
 
 Environment: EXTSUB_CPP_KERNEL=0 disables the kernel (the torch path runs); CXX names the
 compiler (default: the first of c++, g++, clang++ on PATH); EXTSUB_CACHE_DIR moves the cache
