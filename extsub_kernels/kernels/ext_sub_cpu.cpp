@@ -26,90 +26,94 @@
 
 namespace {
 
-struct BF16 {
-  uint16_t bits;
-};
-
-inline float widen(float x) { return x; }
-inline double widen(double x) { return x; }
-
-inline float widen(BF16 x) {
-  uint32_t u = static_cast<uint32_t>(x.bits) << 16;
+inline float bits_to_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
 
-// float32 → bfloat16, round to nearest even; NaN → 0x7FC0 (as c10::BFloat16).
-inline BF16 to_bf16(float f) {
+inline uint32_t float_to_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
-  uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
-  return BF16{static_cast<uint16_t>(nan ? 0x7FC0u : rounded)};
+  return u;
 }
 
-#if defined(__FLT16_MAX__) && !defined(EXTSUB_SOFT_F16)
-// The compiler's half type: hardware conversions where the target has them (F16C on x86-64-v3).
-using F16 = _Float16;
-inline float widen(F16 x) { return static_cast<float>(x); }
-inline F16 to_f16(float f) { return static_cast<F16>(f); }
-#else
-// Compilers without _Float16 (GCC < 12 on x86): exact bit-level conversions, branch-free
-// enough to vectorize (F. Giesen's float↔half, round to nearest even).
-struct F16 {
-  uint16_t bits;
-};
+// Dtype tags for the two 16-bit formats; float and double stand for themselves.
+struct Half {};
+struct BFloat16 {};
 
-inline float widen(F16 x) {
-  uint32_t h = x.bits;
-  uint32_t u = (h & 0x7FFFu) << 13;  // exponent and mantissa in place
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  f *= 0x1p112f;  // rebias the exponent by 127 − 15; subnormal halves come out normal
-  std::memcpy(&u, &f, sizeof u);
-  if (f >= 65536.0f) u |= 0xFFu << 23;  // Inf and NaN keep an all-ones exponent
-  u |= (h & 0x8000u) << 16;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline F16 to_f16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  uint32_t sign = u & 0x80000000u;
-  u ^= sign;
-  uint32_t out;
-  if (u >= (127u + 16u) << 23) {  // overflows half: Inf, or NaN stays a quiet NaN
-    out = u > 0x7F800000u ? 0x7E00u : 0x7C00u;
-  } else if (u < (113u << 23)) {  // half subnormal or zero: let the float adder round
-    const uint32_t magic_bits = ((127u - 15u) + (23u - 10u) + 1u) << 23;
-    float magic;
-    std::memcpy(&magic, &magic_bits, sizeof magic);
-    float g;
-    std::memcpy(&g, &u, sizeof g);
-    g += magic;
-    std::memcpy(&out, &g, sizeof out);
-    out -= magic_bits;
-  } else {
-    uint32_t mant_odd = (u >> 13) & 1u;
-    u += (static_cast<uint32_t>(15 - 127) << 23) + 0xFFFu + mant_odd;
-    out = u >> 13;
-  }
-  return F16{static_cast<uint16_t>(out | (sign >> 16))};
-}
-#endif
-
-template <typename T, typename C>
-inline T narrow(C x) {
-  if constexpr (std::is_same_v<T, BF16>) {
-    return to_bf16(static_cast<float>(x));
-  } else if constexpr (std::is_same_v<T, F16>) {
-    return to_f16(static_cast<float>(x));
-  } else {
+// Format<T>: S is what memory holds, widen() gives float (double for float64) and narrow()
+// rounds a computed value once back to S. 16-bit formats are plain integers or _Float16 in
+// memory, so the compiler vectorizes their loads and stores.
+template <typename T>
+struct Format {
+  using S = T;
+  static T widen(T x) { return x; }
+  template <typename C>
+  static T narrow(C x) {
     return static_cast<T>(x);
   }
-}
+};
+
+template <>
+struct Format<BFloat16> {
+  using S = uint16_t;
+  static float widen(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
+  // Round to nearest even; NaN → 0x7FC0 (as c10::BFloat16).
+  template <typename C>
+  static uint16_t narrow(C x) {
+    const uint32_t u = float_to_bits(static_cast<float>(x));
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
+  }
+};
+
+#if defined(__FLT16_MAX__) && !defined(EXTSUB_SOFT_F16)
+// The compiler's half type: hardware conversions where the target has them (F16C on x86).
+template <>
+struct Format<Half> {
+  using S = _Float16;
+  static float widen(_Float16 h) { return static_cast<float>(h); }
+  template <typename C>
+  static _Float16 narrow(C x) {
+    return static_cast<_Float16>(static_cast<float>(x));
+  }
+};
+#else
+// Compilers without _Float16 (GCC < 12 on x86): exact bit-level conversions (F. Giesen's
+// float ↔ half; round to nearest even, NaN → quiet NaN).
+template <>
+struct Format<Half> {
+  using S = uint16_t;
+  static float widen(uint16_t h) {
+    float f = bits_to_float((h & 0x7FFFu) << 13) * 0x1p112f;  // rebias 15 → 127; subnormals come out normal
+    uint32_t u = float_to_bits(f);
+    if (f >= 65536.0f) u |= 0xFFu << 23;  // Inf and NaN keep an all-ones exponent
+    return bits_to_float(u | (static_cast<uint32_t>(h & 0x8000u) << 16));
+  }
+  template <typename C>
+  static uint16_t narrow(C x) {
+    uint32_t u = float_to_bits(static_cast<float>(x));
+    const uint32_t sign = u & 0x80000000u;
+    u ^= sign;
+    uint32_t out;
+    if (u >= (127u + 16u) << 23) {  // overflows half: Inf, or NaN stays a quiet NaN
+      out = u > 0x7F800000u ? 0x7E00u : 0x7C00u;
+    } else if (u < (113u << 23)) {  // half subnormal or zero: let the float adder round
+      const uint32_t magic_bits = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+      out = float_to_bits(bits_to_float(u) + bits_to_float(magic_bits)) - magic_bits;
+    } else {
+      const uint32_t mant_odd = (u >> 13) & 1u;
+      u += (static_cast<uint32_t>(15 - 127) << 23) + 0xFFFu + mant_odd;
+      out = u >> 13;
+    }
+    return static_cast<uint16_t>(out | (sign >> 16));
+  }
+};
+#endif
+
+template <typename T>
+using Stored = typename Format<T>::S;
 
 // Elements per block of the float32 lanes; blocks add up in float64.
 constexpr int64_t kSumBlock = 4096;
@@ -117,26 +121,26 @@ constexpr int64_t kSumBlock = 4096;
 // Adds Σp² and Σm² over n elements to sp and sm. C lanes (a few vector registers' worth),
 // each lane a sequential sum over at most kSumBlock / kLanes terms.
 template <typename C, typename P, typename M>
-void sums_of_squares(const P* p, const M* m, int64_t n, double& sp, double& sm) {
+void sums_of_squares(const Stored<P>* p, const Stored<M>* m, int64_t n, double& sp, double& sm) {
   constexpr int kLanes = 128 / sizeof(C);
   for (int64_t start = 0; start < n; start += kSumBlock) {
     const int64_t len = n - start < kSumBlock ? n - start : kSumBlock;
-    const P* pb = p + start;
-    const M* mb = m + start;
+    const Stored<P>* pb = p + start;
+    const Stored<M>* mb = m + start;
     C acc_p[kLanes] = {};
     C acc_m[kLanes] = {};
     int64_t j = 0;
     for (; j + kLanes <= len; j += kLanes) {
       for (int k = 0; k < kLanes; ++k) {
-        C a = widen(pb[j + k]);
-        C b = widen(mb[j + k]);
+        C a = Format<P>::widen(pb[j + k]);
+        C b = Format<M>::widen(mb[j + k]);
         acc_p[k] += a * a;
         acc_m[k] += b * b;
       }
     }
     for (; j < len; ++j) {
-      C a = widen(pb[j]);
-      C b = widen(mb[j]);
+      C a = Format<P>::widen(pb[j]);
+      C b = Format<M>::widen(mb[j]);
       acc_p[0] += a * a;
       acc_m[0] += b * b;
     }
@@ -152,9 +156,10 @@ void sums_of_squares(const P* p, const M* m, int64_t n, double& sp, double& sm) 
 
 // p[j] ← α·p[j] + β·m[j] for j < n, computed in C and rounded once to P.
 template <typename C, typename P, typename M>
-void update(P* __restrict p, const M* __restrict m, int64_t n, C alpha, C beta) {
+void update(Stored<P>* __restrict p, const Stored<M>* __restrict m, int64_t n, C alpha, C beta) {
   for (int64_t j = 0; j < n; ++j) {
-    p[j] = narrow<P>(alpha * static_cast<C>(widen(p[j])) + beta * static_cast<C>(widen(m[j])));
+    p[j] = Format<P>::narrow(alpha * static_cast<C>(Format<P>::widen(p[j])) +
+                             beta * static_cast<C>(Format<M>::widen(m[j])));
   }
 }
 
@@ -171,16 +176,16 @@ template <typename F>
 int with_dtypes(int p_dtype, int m_dtype, F&& f) {
   auto with_m = [&](auto p_tag) -> int {
     switch (m_dtype) {
-      case 0: return f(p_tag, Tag<F16>{}), 0;
-      case 1: return f(p_tag, Tag<BF16>{}), 0;
+      case 0: return f(p_tag, Tag<Half>{}), 0;
+      case 1: return f(p_tag, Tag<BFloat16>{}), 0;
       case 2: return f(p_tag, Tag<float>{}), 0;
       case 3: return f(p_tag, Tag<double>{}), 0;
       default: return -1;
     }
   };
   switch (p_dtype) {
-    case 0: return with_m(Tag<F16>{});
-    case 1: return with_m(Tag<BF16>{});
+    case 0: return with_m(Tag<Half>{});
+    case 1: return with_m(Tag<BFloat16>{});
     case 2: return with_m(Tag<float>{});
     case 3: return with_m(Tag<double>{});
     default: return -1;
@@ -189,17 +194,17 @@ int with_dtypes(int p_dtype, int m_dtype, F&& f) {
 
 // Rows [r0, r1) of the (rows, n_cols) views p and m: both norms, then p ← α·p + β·m in place.
 template <typename P, typename M>
-void rows_in_place(P* p, const M* m, int64_t r0, int64_t r1, int64_t n_cols, int64_t p_row_stride,
+void rows_in_place(Stored<P>* p, const Stored<M>* m, int64_t r0, int64_t r1, int64_t n_cols, int64_t p_row_stride,
                    int64_t m_row_stride, double half_lam) {
   using C = Compute<P, M>;
   for (int64_t r = r0; r < r1; ++r) {
-    P* pr = p + r * p_row_stride;
-    const M* mr = m + r * m_row_stride;
+    Stored<P>* pr = p + r * p_row_stride;
+    const Stored<M>* mr = m + r * m_row_stride;
     double sp = 0.0, sm = 0.0;
-    sums_of_squares<C>(pr, mr, n_cols, sp, sm);
+    sums_of_squares<C, P, M>(pr, mr, n_cols, sp, sm);
     if (sp == 0.0) continue;  // |p| = 0: the row stays (α = 1, β = 0)
     const double alpha = 1.0 + half_lam * (std::sqrt(sm) / std::sqrt(sp));
-    update<C>(pr, mr, n_cols, static_cast<C>(alpha), static_cast<C>(-half_lam));
+    update<C, P, M>(pr, mr, n_cols, static_cast<C>(alpha), static_cast<C>(-half_lam));
   }
 }
 
@@ -239,7 +244,7 @@ EXTSUB_EXPORT int extsub_rows(void* p, const void* m, int p_dtype, int m_dtype, 
   return with_dtypes(p_dtype, m_dtype, [&](auto p_tag, auto m_tag) {
     using P = typename decltype(p_tag)::type;
     using M = typename decltype(m_tag)::type;
-    rows_in_place(static_cast<P*>(p), static_cast<const M*>(m), row_begin, row_end, n_cols, p_row_stride,
+    rows_in_place<P, M>(static_cast<Stored<P>*>(p), static_cast<const Stored<M>*>(m), row_begin, row_end, n_cols, p_row_stride,
                   m_row_stride, half_lam);
   });
 }
@@ -256,7 +261,7 @@ EXTSUB_EXPORT int extsub_rows_shared(void* p, const void* m, int p_dtype, int m_
     claim_chunks(n_chunks, counters, wait, [&](int64_t k) {
       const int64_t r0 = k * chunk_rows;
       const int64_t r1 = r0 + chunk_rows < n_rows ? r0 + chunk_rows : n_rows;
-      rows_in_place(static_cast<P*>(p), static_cast<const M*>(m), r0, r1, n_cols, p_row_stride, m_row_stride,
+      rows_in_place<P, M>(static_cast<Stored<P>*>(p), static_cast<const Stored<M>*>(m), r0, r1, n_cols, p_row_stride, m_row_stride,
                     half_lam);
     });
   });
@@ -273,7 +278,7 @@ EXTSUB_EXPORT int extsub_sums_shared(const void* p, const void* m, int p_dtype, 
       const int64_t begin = k * chunk;
       const int64_t len = begin + chunk < n ? chunk : n - begin;
       double sp = 0.0, sm = 0.0;
-      sums_of_squares<Compute<P, M>>(static_cast<const P*>(p) + begin, static_cast<const M*>(m) + begin, len, sp, sm);
+      sums_of_squares<Compute<P, M>, P, M>(static_cast<const Stored<P>*>(p) + begin, static_cast<const Stored<M>*>(m) + begin, len, sp, sm);
       partials[2 * k] = sp;
       partials[2 * k + 1] = sm;
     });
@@ -290,7 +295,7 @@ EXTSUB_EXPORT int extsub_update_shared(void* p, const void* m, int p_dtype, int 
     claim_chunks((n + chunk - 1) / chunk, counters, wait, [&](int64_t k) {
       const int64_t begin = k * chunk;
       const int64_t len = begin + chunk < n ? chunk : n - begin;
-      update<C>(static_cast<P*>(p) + begin, static_cast<const M*>(m) + begin, len, static_cast<C>(alpha),
+      update<C, P, M>(static_cast<Stored<P>*>(p) + begin, static_cast<const Stored<M>*>(m) + begin, len, static_cast<C>(alpha),
                 static_cast<C>(beta));
     });
   });
@@ -304,7 +309,7 @@ EXTSUB_EXPORT int extsub_convert(const void* src, int src_dtype, void* dst, int 
     using S = typename decltype(src_tag)::type;
     using C = Compute<D, S>;
     for (int64_t i = 0; i < n; ++i) {
-      static_cast<D*>(dst)[i] = narrow<D>(static_cast<C>(widen(static_cast<const S*>(src)[i])));
+      static_cast<Stored<D>*>(dst)[i] = Format<D>::narrow(static_cast<C>(Format<S>::widen(static_cast<const Stored<S>*>(src)[i])));
     }
   });
 }
