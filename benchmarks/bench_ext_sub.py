@@ -18,6 +18,7 @@ to benchmarks/results/op-<device>.{json,md}.
 import argparse
 import datetime
 import json
+import os
 import platform
 import resource
 import statistics
@@ -121,6 +122,13 @@ def _minor_faults_per_call(fn: Callable, inputs: list, calls: int) -> float:
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
 
 
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def _implementation(device: str) -> str:
     if device.startswith("cuda"):
         return "triton" if _triton_importable() else "torch"
@@ -164,6 +172,7 @@ def bench(
     print(f"ours (backend='auto') on {device}: {implementation}", flush=True)
     for shape in shapes:
         for dtype_name in dtypes:
+            load_before = _load_average()
             torch._dynamo.reset()  # a fresh specialization per shape and dtype, never the eager fallback
             compiled = torch.compile(closed_form_, dynamic=False)
             dtype = DTYPES[dtype_name]
@@ -199,6 +208,7 @@ def bench(
                 "ms_best": best,
                 "gbps": {k: moved / (v * 1e-3) / 1e9 for k, v in timings.items()},
                 "compile_first_call_s": compile_first_s,
+                "load_average_1min": [load_before, _load_average()],  # other work on the machine, before and after
             }
             if device == "cpu":
                 row["minor_faults_per_call"] = {
