@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import threading
 
 import numpy as np
 import pytest
@@ -95,6 +96,26 @@ def test_long_rows_split_by_columns(kernel, threads, monkeypatch, shape, dtype, 
     assert_close_explained(p, expected, *TOLERANCES[dtype])
     if len(shape) == 2:
         assert torch.equal(p[1], before[1])
+
+
+def test_busy_pool_threads_do_not_hold_up_the_call(kernel, threads, monkeypatch):
+    """Every pool thread is busy elsewhere (as on an oversubscribed machine): the calling thread
+    claims every chunk itself and returns, without waiting for a pool thread to start."""
+    threads(2)
+    monkeypatch.setattr(ext_sub_cpu, "_MIN_ELEMENTS_PER_THREAD", 1)
+    pool = ext_sub_cpu._executor(1)
+    gate = threading.Event()
+    for _ in range(ext_sub_cpu._pool_workers):
+        pool.submit(gate.wait, 60)
+    p, m = _pair((64, 256), torch.float32)
+    expected = ext_sub_reference(p, m, 1.0)
+    call = threading.Thread(target=ext_sub_, args=(p, m, 1.0), kwargs={"backend": "cpp"})
+    call.start()
+    call.join(30)
+    returned = not call.is_alive()
+    gate.set()
+    assert returned, "the call waited for a pool thread that had not started"
+    assert_close_explained(p, expected, *TOLERANCES[torch.float32])
 
 
 def test_one_long_row_keeps_its_accuracy(kernel):

@@ -247,7 +247,10 @@ def _share(fn: Callable[..., int], *args: object, threads: int) -> None:
     if threads > 1:
         pool = _executor(threads - 1)
         for _ in range(threads - 1):
-            pool.submit(fn, *args, counters, 0)
+            try:
+                pool.submit(fn, *args, counters, 0)
+            except RuntimeError:  # the pool was replaced or the interpreter is exiting: this thread does the rest
+                break
     if fn(*args, counters, 1) != 0:
         raise RuntimeError("the ext_sub C++ kernel was given an unknown dtype code")
 
