@@ -163,8 +163,23 @@ def _slug(device: str) -> str:
     return "cpu"
 
 
+def _wait_for_quiet(max_load: float | None, timeout_s: float) -> None:
+    """On a shared machine: wait (up to timeout_s) until the 1-minute load average is below max_load."""
+    if max_load is None or _load_average() is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    while _load_average() >= max_load and time.monotonic() < deadline:
+        time.sleep(5)
+
+
 def bench(
-    device: str, shapes: list[tuple[int, int]], dtypes: list[str], reps: int, loop_shape: tuple[int, int] | None
+    device: str,
+    shapes: list[tuple[int, int]],
+    dtypes: list[str],
+    reps: int,
+    loop_shape: tuple[int, int] | None,
+    quiet_load: float | None = None,
+    quiet_timeout_s: float = 600.0,
 ) -> list[dict]:
     """One row per (shape, dtype): the timings of every variant, GB/s, and on CPU minor faults per call."""
     rows = []
@@ -172,6 +187,7 @@ def bench(
     print(f"ours (backend='auto') on {device}: {implementation}", flush=True)
     for shape in shapes:
         for dtype_name in dtypes:
+            _wait_for_quiet(quiet_load, quiet_timeout_s)
             load_before = _load_average()
             torch._dynamo.reset()  # a fresh specialization per shape and dtype, never the eager fallback
             compiled = torch.compile(closed_form_, dynamic=False)
@@ -271,10 +287,25 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=15, help="timed calls per measurement (CPU)")
     parser.add_argument("--loop-shape", default="4096x4096", help="shape for the authors' row loop (CPU only)")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument(
+        "--quiet-load",
+        type=float,
+        default=None,
+        help="on a shared machine, start each row once the 1-minute load average is below this (each row records it)",
+    )
+    parser.add_argument("--quiet-timeout", type=float, default=600.0, help="longest wait for --quiet-load, seconds")
     args = parser.parse_args()
 
     shapes = [_parse_shape(s) for s in args.shapes.split(",")]
-    rows = bench(args.device, shapes, args.dtypes.split(","), args.reps, _parse_shape(args.loop_shape))
+    rows = bench(
+        args.device,
+        shapes,
+        args.dtypes.split(","),
+        args.reps,
+        _parse_shape(args.loop_shape),
+        args.quiet_load,
+        args.quiet_timeout,
+    )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     slug = _slug(args.device)
     (args.out_dir / f"op-{slug}.json").write_text(json.dumps(rows, indent=1) + "\n")
