@@ -1,18 +1,22 @@
-"""`extsub-merge`: the command line over `extsub_kernels.merge()`; parsing and messages, nothing more."""
+"""`extsub-merge`: the command line over `extsub_kernels.merge()`; parsing and messages, nothing more.
+
+Heavy imports (torch) happen inside `main`, after the signal handlers are set, so a Ctrl-C
+or SIGTERM during start-up ends with the same one-line message and exit code as later.
+"""
 
 import argparse
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
 
+from extsub_kernels._version import __version__
 from extsub_kernels.errors import InputError, Terminated
-from extsub_kernels.lora_files import FORMATS
-from extsub_kernels.merge import DEFAULT_MAX_SHARD_SIZE, merge
-from extsub_kernels.plan import METHODS, ON_MISSING, OUT_DTYPES
 
 PROG = "extsub-merge"
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+METHOD_HELP = "ext-sub: θ⁺ − λ·Ext(θ⁻) (default); sub: θ⁺ − λθ⁻; add: θ⁺ + λθ⁻"
 
 EPILOG = f"""\
 inputs (EXPERT, ANTI, --base):
@@ -62,6 +66,9 @@ exit codes:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `extsub-merge` (imports the option vocabulary, hence torch)."""
+    from extsub_kernels.engine.options import DEFAULT_MAX_SHARD_SIZE, FORMATS, METHODS, ON_MISSING, OUT_DTYPES
+
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Ext-Sub merge of checkpoints and LoRA adapters, streamed tensor by tensor: θ' = θ⁺ − λ·Ext(θ⁻)\n"
@@ -70,58 +77,107 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("expert", metavar="EXPERT", help="the expert θ⁺ (ΔW, or a full model with --base)")
-    parser.add_argument("anti", metavar="ANTI", nargs="+", help="anti-expert(s) θ⁻, applied in order")
-    parser.add_argument("-o", "--out", metavar="OUT", required=True, help="output .safetensors file or folder")
-    parser.add_argument("--lam", default="1", metavar="L[,L...]", help="λ, a list of λ, or λ per anti-expert as a:b (default 1)")
-    parser.add_argument("--method", choices=METHODS, default="ext-sub",
-                        help="ext-sub: θ⁺ − λ·Ext(θ⁻) (default); sub: θ⁺ − λθ⁻; add: θ⁺ + λθ⁻")  # fmt: skip
-    parser.add_argument("--base", metavar="BASE", help="θ₀: inputs are full models (merge ΔW = θ − θ₀), or LoRA adapters of BASE; write θ₀ + ΔW'")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", choices=list(OUT_DTYPES), default="keep", help="dtype of float tensors in OUT (default: the expert's)")
-    parser.add_argument("--max-shard-size", metavar="SIZE",
-                        help=f"largest shard of a folder OUT, e.g. 2GB or 500MiB (default {DEFAULT_MAX_SHARD_SIZE})")  # fmt: skip
-    parser.add_argument("--on-missing", choices=ON_MISSING, default="error",
-                        help="tensors only in an anti-expert: error (default), copy them, or skip them")  # fmt: skip
-    parser.add_argument("--format", dest="output_format", choices=FORMATS,
-                        help="LoRA inputs: lora (default: exact PEFT adapter), dense-lora (lora_B = ΔW', lora_A = I), "
-                        "delta (ΔW' by weight name)")  # fmt: skip
-    parser.add_argument("--max-rank", type=int, metavar="R",
-                        help="--format lora: truncate each module to rank R and report the relative error")  # fmt: skip
-    parser.add_argument("--lora-alpha", type=float, metavar="A",
-                        help="lora_alpha of bare adapter .safetensors files with no adapter_config.json beside them")  # fmt: skip
-    parser.add_argument("--rank", type=int, metavar="R",
-                        help="with --lora-alpha: their r (default: each module's rank, from its shapes)")  # fmt: skip
-    parser.add_argument("--rslora", action="store_true", help="with --lora-alpha: scaling lora_alpha/√r (rsLoRA), not lora_alpha/r")
-    parser.add_argument("--any-base-model", action="store_true",
-                        help="LoRA inputs: accept different base_model_name_or_path (module shapes are still checked)")  # fmt: skip
-    parser.add_argument("--force", action="store_true", help="replace an existing OUT")
-    parser.add_argument("-q", "--quiet", action="store_true", help="print errors only")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="LoRA inputs: after the summary, one line per module (truncation error, modules left out)")  # fmt: skip
+    add = parser.add_argument
+    add("expert", metavar="EXPERT", help="the expert θ⁺ (ΔW, or a full model with --base)")
+    add("anti", metavar="ANTI", nargs="+", help="anti-expert(s) θ⁻, applied in order")
+    add("-o", "--out", metavar="OUT", required=True, help="output .safetensors file or folder")
+    add("--lam", default="1", metavar="L[,L...]", help="λ, a list of λ, or λ per anti-expert as a:b (default 1)")
+    add("--method", choices=METHODS, default="ext-sub", help=METHOD_HELP)
+    add(
+        "--base",
+        metavar="BASE",
+        help="θ₀: inputs are full models (merge ΔW = θ − θ₀), or LoRA adapters of BASE; write θ₀ + ΔW'",
+    )
+    add("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    add("--dtype", choices=list(OUT_DTYPES), default="keep", help="dtype of float tensors in OUT (default: the inputs')")
+    add(
+        "--max-shard-size",
+        metavar="SIZE",
+        help=f"largest shard of a folder OUT, e.g. 2GB or 500MiB (default {DEFAULT_MAX_SHARD_SIZE})",
+    )
+    add(
+        "--on-missing",
+        choices=ON_MISSING,
+        default="error",
+        help="tensors only in an anti-expert: error (default), copy them, or skip them",
+    )
+    lora = parser.add_argument_group("LoRA adapter inputs")
+    lora.add_argument(
+        "--format",
+        dest="output_format",
+        choices=FORMATS,
+        help="lora (default: exact PEFT adapter), dense-lora (lora_B = ΔW', lora_A = I), delta (ΔW' by weight name)",
+    )
+    lora.add_argument("--max-rank", type=int, metavar="R", help="--format lora: truncate each module to rank R")
+    lora.add_argument(
+        "--lora-alpha", type=float, metavar="A", help="lora_alpha of bare .safetensors files with no adapter_config.json"
+    )
+    lora.add_argument("--rank", type=int, metavar="R", help="with --lora-alpha: their r (default: from the shapes)")
+    lora.add_argument("--rslora", action="store_true", help="with --lora-alpha: scaling lora_alpha/√r (rsLoRA)")
+    lora.add_argument(
+        "--any-base-model",
+        action="store_true",
+        help="accept different base_model_name_or_path (module shapes are still checked)",
+    )
+    add("--force", action="store_true", help="replace an existing OUT")
+    add("-q", "--quiet", action="store_true", help="print errors only")
+    add(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="LoRA inputs: after the summary, one line per module (truncation error, modules left out)",
+    )
+    add("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `extsub-merge` with `argv` (default: sys.argv[1:]); returns the exit code."""
+    previous = _terminate_as_interrupt()
+    try:
+        return _main(argv)
+    except Terminated:
+        return _fail("terminated; nothing was written", EXIT_SIGTERM)
+    except KeyboardInterrupt:
+        return _fail("interrupted; nothing was written", EXIT_SIGINT)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    from extsub_kernels.adapters import AdapterOptions, LoraScaling
+    from extsub_kernels.merge import merge
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore" if args.quiet else "default")
             warnings.showwarning = _show_warning
             report = merge(
-                args.expert, args.anti, args.out,
-                lam=args.lam, method=args.method, base=args.base, device=args.device, dtype=args.dtype,
-                max_shard_size=args.max_shard_size, on_missing=args.on_missing, force=args.force, progress=not args.quiet,
-                output_format=args.output_format, max_rank=args.max_rank, lora_alpha=args.lora_alpha, rank=args.rank,
-                use_rslora=args.rslora, check_base_model=not args.any_base_model,
-            )  # fmt: skip
+                args.expert,
+                args.anti,
+                args.out,
+                lam=args.lam,
+                method=args.method,
+                base=args.base,
+                device=args.device,
+                dtype=args.dtype,
+                max_shard_size=args.max_shard_size,
+                on_missing=args.on_missing,
+                force=args.force,
+                progress=not args.quiet,
+                adapter=AdapterOptions(
+                    output_format=args.output_format,
+                    max_rank=args.max_rank,
+                    scaling=_scaling(args, LoraScaling),
+                    any_base_model=args.any_base_model,
+                ),
+            )
     except InputError as e:
         return _fail(str(e), EXIT_BAD_INPUT)
-    except Terminated:
-        return _fail("terminated; nothing was written", EXIT_SIGTERM)
-    except KeyboardInterrupt:
-        return _fail("interrupted; nothing was written", EXIT_SIGINT)
+    except (KeyboardInterrupt, Terminated):
+        raise
     except Exception as e:  # noqa: BLE001 - any other failure is reported in one line, not a traceback
         return _fail(f"the merge failed and nothing was written: {type(e).__name__}: {e}", EXIT_FAILED)
     if not args.quiet:
@@ -129,6 +185,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in report.details() if args.verbose else []:
             print(f"  {line}", file=sys.stderr)
     return EXIT_OK
+
+
+def _scaling(args: argparse.Namespace, scaling_type: type) -> object:
+    """The LoraScaling the --lora-alpha/--rank/--rslora flags give (None without them)."""
+    if args.lora_alpha is None:
+        if args.rank is not None or args.rslora:
+            raise InputError("--rank and --rslora describe the scaling of bare adapter files; give --lora-alpha too")
+        return None
+    return scaling_type(lora_alpha=args.lora_alpha, r=args.rank, use_rslora=args.rslora)
+
+
+def _terminate_as_interrupt() -> object:
+    """SIGTERM raises Terminated from here on (so start-up is covered too); returns the previous handler."""
+
+    def _raise(signum: int, frame: object) -> None:
+        raise Terminated("terminated (SIGTERM)")
+
+    try:
+        return signal.signal(signal.SIGTERM, _raise)
+    except ValueError:  # not the main thread
+        return None
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001 - warnings' signature

@@ -1,8 +1,12 @@
-"""The exceptions the merge tools raise, one per exit code of `extsub-merge`."""
+"""Every exception the package raises on purpose, one hierarchy: exit code 2 for bad input, 1 for a failed run."""
 
 
 class InputError(ValueError):
     """A bad input or bad usage (a broken file, mismatched tensors, an unsafe OUT): exit code 2."""
+
+
+class AdapterError(InputError):
+    """A bad or unsupported adapter: the message names the file, the module and what is wrong (exit code 2)."""
 
 
 class MergeError(RuntimeError):

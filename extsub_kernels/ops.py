@@ -4,56 +4,21 @@ Ext-Sub per row (DESIGN.md §1): p' = α·p + β·m, α = 1 + (λ/2)·|m|/|p|, �
 rows with |p| = 0 keep p. Only two row norms are needed.
 """
 
-import math
 import os
+import warnings
 from typing import Literal
 
 import torch
 
+from extsub_kernels._tensors import as_rows, check_pair, compute_dtype, shares_storage
+from extsub_kernels.reference import ext_sub_reference
+
 Backend = Literal["auto", "triton", "torch", "reference"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch", "reference")
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # The torch path works on row blocks of about this many bytes per operand (compute dtype),
 # so the second touch of a block (the write after the norms) is served from cache.
 _CPU_BLOCK_BYTES = 2 << 20
-
-
-def check_pair(w_plus: torch.Tensor, w_minus: torch.Tensor, lam: float) -> None:
-    """Raise a helpful error unless (w_plus, w_minus, lam) is a valid Ext-Sub problem."""
-    for name, t in (("w_plus", w_plus), ("w_minus", w_minus)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(
-                f"{name} has dtype {t.dtype}; Ext-Sub needs floating-point weights "
-                "(float16, bfloat16, float32 or float64)"
-            )
-    if w_plus.shape != w_minus.shape:
-        raise ValueError(
-            f"shape mismatch: w_plus has shape {tuple(w_plus.shape)} but w_minus has shape "
-            f"{tuple(w_minus.shape)}; Ext-Sub pairs rows of tensors of the same shape"
-        )
-    if w_plus.device != w_minus.device:
-        raise ValueError(
-            f"device mismatch: w_plus is on {w_plus.device} but w_minus is on {w_minus.device}; "
-            "move both to one device first"
-        )
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
-        raise TypeError(f"lam must be a real number, got {type(lam).__name__}")
-    if not math.isfinite(lam):
-        raise ValueError(f"lam must be finite, got {lam}")
-
-
-def as_rows(t: torch.Tensor) -> torch.Tensor:
-    """View (or copy, if no view exists) `t` as (rows, cols): rows are dim 0; 0-D and 1-D are one row."""
-    if t.dim() <= 1:
-        return t.reshape(1, -1)
-    return t.reshape(t.shape[0], -1)
-
-
-def _compute_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
-    return torch.float64 if torch.float64 in (a, b) else torch.float32
 
 
 def ext_sub_coefficients(p_norm: torch.Tensor, m_norm: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +54,7 @@ def _ext_sub_rows_torch_(p: torch.Tensor, m: torch.Tensor, lam: float) -> None:
     Low-precision blocks are widened once into reused scratch buffers, so the result is
     rounded once.
     """
-    compute = _compute_dtype(p.dtype, m.dtype)
+    compute = compute_dtype(p.dtype, m.dtype)
     n_rows, n_cols = p.shape
     if p.device.type == "cpu":
         block_rows = max(1, min(n_rows, _CPU_BLOCK_BYTES // max(1, n_cols * compute.itemsize)))
@@ -123,7 +88,12 @@ def _resolve_backend(backend: str, w_plus: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "triton" if w_plus.is_cuda and _triton_importable() else "torch"
+        if not w_plus.is_cuda:
+            return "torch"
+        if _triton_importable():
+            return "triton"
+        _warn_no_triton()
+        return "torch"
     if backend == "triton" and not _triton_allowed(w_plus):
         raise ValueError(
             f"backend='triton' needs CUDA tensors (got a tensor on {w_plus.device}); "
@@ -140,9 +110,19 @@ def _triton_importable() -> bool:
     return True
 
 
-def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """True when a and b share storage (then writing a would change b mid-computation)."""
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+_warned_no_triton = False
+
+
+def _warn_no_triton() -> None:
+    """Say once that CUDA tensors take the slower torch path because Triton is missing, and how to install it."""
+    global _warned_no_triton
+    if not _warned_no_triton:
+        _warned_no_triton = True
+        warnings.warn(
+            "Triton is not installed, so Ext-Sub on CUDA runs the torch path instead of the fused kernel; "
+            "install it with `pip install \"extsub[cuda]\"` (or `pip install triton`)",
+            stacklevel=4,
+        )
 
 
 def ext_sub_(w_plus: torch.Tensor, w_minus: torch.Tensor, lam: float, *, backend: Backend = "auto") -> torch.Tensor:
@@ -168,11 +148,9 @@ def ext_sub_(w_plus: torch.Tensor, w_minus: torch.Tensor, lam: float, *, backend
     chosen = _resolve_backend(backend, w_plus)
     if w_plus.numel() == 0:
         return w_plus
-    if _overlaps(w_plus, w_minus):
+    if shares_storage(w_plus, w_minus):
         w_minus = w_minus.clone()
     if chosen == "reference":
-        from extsub_kernels.reference import ext_sub_reference
-
         w_plus.copy_(ext_sub_reference(w_plus, w_minus, lam))
         return w_plus
 
@@ -224,7 +202,7 @@ def extract_deficiency(w_plus: torch.Tensor, w_minus: torch.Tensor) -> torch.Ten
     check_pair(w_plus, w_minus, 0.0)
     if w_minus.numel() == 0:
         return w_minus.clone()
-    compute = _compute_dtype(w_plus.dtype, w_minus.dtype)
+    compute = compute_dtype(w_plus.dtype, w_minus.dtype)
     p = as_rows(w_plus).to(compute)
     m = as_rows(w_minus).to(compute)
     p_norm = torch.linalg.vector_norm(p, dim=1, keepdim=True)
@@ -248,8 +226,8 @@ def subtract_(w_plus: torch.Tensor, w_minus: torch.Tensor, lam: float) -> torch.
     check_pair(w_plus, w_minus, lam)
     if w_plus.numel() == 0:
         return w_plus
-    compute = _compute_dtype(w_plus.dtype, w_minus.dtype)
-    if w_plus.dtype == compute and w_minus.dtype == compute and not _overlaps(w_plus, w_minus):
+    compute = compute_dtype(w_plus.dtype, w_minus.dtype)
+    if w_plus.dtype == compute and w_minus.dtype == compute and not shares_storage(w_plus, w_minus):
         return w_plus.sub_(w_minus, alpha=float(lam))
     w_plus.copy_(w_plus.to(compute) - float(lam) * w_minus.to(compute))
     return w_plus

@@ -25,25 +25,14 @@ def _seeded() -> None:
     random.seed(SEED)
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
-]
-
-
-def backend_available(backend: str, device: str) -> bool:
-    """Whether `backend` can run on `device` here (Triton on CPU needs the interpreter)."""
-    if backend == "triton":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return False
-        return device == "cuda" or interpreting()
-    return True
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` skip, with the reason, where CUDA is missing."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 def _model_and_adapters(tmp_path_factory, name: str):

@@ -1,6 +1,28 @@
-"""Assertion helpers whose failure messages say what differs: tensors (where and by how much), CLI errors."""
+"""Shared test helpers: devices and backends, assertions whose failure messages say what differs."""
 
+import os
+
+import pytest
 import torch
+
+# Every device a test may run on; CUDA parameters carry the `gpu` marker (skipped without CUDA).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def interpreting() -> bool:
+    """Whether the Triton kernel runs under its CPU interpreter (TRITON_INTERPRET=1, set by conftest on CPU)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def backend_available(backend: str, device: str) -> bool:
+    """Whether `backend` can run on `device` here (Triton on CPU needs the interpreter)."""
+    if backend == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return device == "cuda" or interpreting()
+    return True
 
 # (rtol, atol / scale) per result dtype. Rounding the result to its dtype costs at most one ulp
 # (≤ eps·|x|: GPUs round to nearest, Triton's interpreter truncates); rtol doubles that to leave

@@ -8,12 +8,10 @@ from safetensors.torch import load_file
 
 from checkpoints import SHAPES, hashes, leftovers, make_hub_cache, random_delta, save, save_shards
 from helpers import TOLERANCES, assert_close_explained
-from extsub_kernels import ext_sub, merge
+from extsub_kernels import AdapterOptions, ext_sub, merge
 from extsub_kernels.errors import InputError
 from extsub_kernels.io import read_header
-from extsub_kernels.combine import combine
 from extsub_kernels.ops import subtract_
-from extsub_kernels.plan import output_paths, parse_lams
 
 SMALL_BLOCKS = 512  # bytes: forces every 2-D tensor to stream in several blocks of rows
 
@@ -70,7 +68,7 @@ def test_single_files_equal_the_op_tensor_by_tensor(tmp_path, pair, block_bytes)
     assert "7 tensors (6 merged, 1 copied)" in report.summary() and "GB/s" in report.summary()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_on_cuda_the_output_equals_the_op_on_the_gpu(tmp_path, pair):
     expert, anti, e_path, a_path = pair
     report = merge(e_path, a_path, tmp_path / "out.safetensors", lam=[0.7, 2.0], device="cuda", block_bytes=SMALL_BLOCKS)
@@ -295,53 +293,6 @@ def test_an_adapter_with_a_dense_checkpoint_is_refused(tmp_path, pair):
     with pytest.raises(InputError, match=r"ANTI .*adapter.safetensors' is a LoRA adapter but EXPERT .*expert.safetensors' is a dense"):
         merge(e_path, adapter, tmp_path / "out.safetensors")
     with pytest.raises(InputError, match=r"--format \(output_format\) applies to LoRA adapter inputs; EXPERT .* is a dense checkpoint"):
-        merge(e_path, e_path, tmp_path / "out.safetensors", output_format="delta")
+        merge(e_path, e_path, tmp_path / "out.safetensors", adapter=AdapterOptions(output_format="delta"))
     assert not (tmp_path / "out.safetensors").exists()
 
-
-# ---------------------------------------------------------------- the per-tensor op and λ settings
-
-
-def test_combine_in_place_only_when_asked():
-    p, m = torch.randn(4, 8), torch.randn(4, 8)
-    kept = p.clone()
-    assert torch.equal(combine(p, [m], [1.0]), ext_sub(kept, m, 1.0)) and torch.equal(p, kept)
-    assert combine(p, [m], [1.0], inplace=True) is p
-
-
-def test_combine_with_a_base_works_on_task_vectors():
-    base, p, m = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
-    out = combine(p, [m], [0.5], base=base)
-    assert_close_explained(out, base + ext_sub(p - base, m - base, 0.5), *TOLERANCES[torch.float64])
-
-
-@pytest.mark.parametrize(
-    "lam, n_anti, settings",
-    [
-        (1.0, 1, [(1.0,)]),
-        ("0.5,1,2", 1, [(0.5,), (1.0,), (2.0,)]),
-        ("1", 2, [(1.0, 1.0)]),
-        ("1:0.5", 2, [(1.0, 0.5)]),
-        ("1:0.5,2:1", 2, [(1.0, 0.5), (2.0, 1.0)]),
-        ([0.5, [1, 2]], 2, [(0.5, 0.5), (1.0, 2.0)]),
-        ("-1", 1, [(-1.0,)]),
-    ],
-)
-def test_parse_lams(lam, n_anti, settings):
-    assert parse_lams(lam, n_anti) == settings
-
-
-@pytest.mark.parametrize(
-    "lam, n_anti, message",
-    [("1:2", 1, "gives 2 values for 1 anti-expert"), ("a", 1, "λ must be a number"), ("nan", 1, "finite"),
-     ("1,1.0", 1, "λ 1 is given twice"), ([], 1, "lam must be"), ("1:2:3", 2, "gives 3 values for 2")],
-)  # fmt: skip
-def test_parse_lams_refuses_nonsense(lam, n_anti, message):
-    with pytest.raises(InputError, match=message):
-        parse_lams(lam, n_anti)
-
-
-def test_output_paths_suffix_rule(tmp_path):
-    assert output_paths(tmp_path / "o.safetensors", [(1.0,)]) == [tmp_path / "o.safetensors"]
-    assert output_paths(tmp_path / "o.safetensors", [(0.5,), (1e-5,)]) == [tmp_path / "o-lam0.5.safetensors", tmp_path / "o-lam1e-05.safetensors"]
-    assert output_paths(tmp_path / "dir", [(1.0, 0.5), (2.0, 2.0)]) == [tmp_path / "dir-lam1_0.5", tmp_path / "dir-lam2"]

@@ -7,7 +7,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from conftest import DEVICES, backend_available
+from helpers import DEVICES, backend_available
 from helpers import TOLERANCES, assert_close_explained
 from extsub_kernels import ext_sub, ext_sub_, ext_sub_reference, extract_deficiency, subtract_
 
@@ -293,7 +293,7 @@ def test_shape_mismatch_names_both_shapes():
         ext_sub_(torch.zeros(4, 5), torch.zeros(4, 6), 1.0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_device_mismatch():
     with pytest.raises(ValueError, match="device mismatch"):
         ext_sub_(torch.zeros(4, 5), torch.zeros(4, 5, device="cuda"), 1.0)

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from extsub_kernels.errors import InputError, Terminated
+from extsub_kernels.io.outputs import refuse_existing
 
 _live: set[Path] = set()
 _TEMP_TAG = ".extsub-tmp-"
@@ -49,8 +50,7 @@ def publish(temp: Path, target: Path, *, force: bool) -> None:
     """Move `temp` to `target` (replacing it when `force`), then fsync the folder holding it."""
     fsync_path(temp)
     if os.path.lexists(target):
-        if not force:
-            raise InputError(f"{target} already exists; pass --force (force=True) to replace it")
+        refuse_existing(target, force=force)
         aside = target.parent / f".{target.name}{_TEMP_TAG}old-{secrets.token_hex(4)}"
         _live.add(aside)
         os.rename(target, aside)

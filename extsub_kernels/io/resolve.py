@@ -38,7 +38,7 @@ class ResolvedInput:
     Attributes:
         spec: the spec as given (path or `org/name[@revision]`).
         name: a short display name (file or folder name, or the repo id) for messages and metadata.
-        kind: "file", "folder" or "hub".
+        kind: "file", "folder", "hub", or "memory" (an adapter given as a Python object: no files).
         root: the folder holding the files (a file's own folder for kind "file").
         files: the safetensors weight files, in shard order.
         config_files: config and tokenizer files beside the weights (folders and hub repos only).

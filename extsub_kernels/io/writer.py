@@ -18,6 +18,7 @@ import torch
 
 from extsub_kernels.errors import InputError, MergeError
 from extsub_kernels.io import atomic
+from extsub_kernels.io.outputs import is_folder_output
 from extsub_kernels.io.format import HEADER_LENGTH_BYTES, METADATA_KEY, dtype_code, nbytes_of, write_order_key
 
 INDEX_SUFFIX = ".index.json"
@@ -60,27 +61,6 @@ def build_header(entries: Sequence[TensorEntry], metadata: dict[str, str] | None
 def safetensors_order(entries: Sequence[TensorEntry]) -> list[TensorEntry]:
     """`entries` in the order `safetensors` writes a file: by dtype alignment, then name."""
     return sorted(entries, key=lambda e: write_order_key(e.name, e.dtype))
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes in a size: an int, or a string like "5GB" (10⁹), "500MiB" (2²⁰), "4096"."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        value = size
-    elif isinstance(size, str):
-        units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-                 "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
-        text = size.strip().upper()
-        number = text.rstrip("KMGTIB")
-        unit = text[len(number) :]
-        try:
-            value = int(float(number) * units[unit])
-        except (ValueError, KeyError):
-            raise InputError(f"cannot read size {size!r}; write it like 5GB, 500MB, 2GiB or a number of bytes") from None
-    else:
-        raise InputError(f"a size must be an int or a string like '5GB', got {type(size).__name__}")
-    if value <= 0:
-        raise InputError(f"size {size!r} must be positive")
-    return value
 
 
 def plan_shards(
@@ -240,7 +220,7 @@ class CheckpointWriter:
         force: bool = False,
     ):
         self.target = Path(target)
-        self.is_folder = self.target.suffix != ".safetensors"
+        self.is_folder = is_folder_output(self.target)
         if not self.is_folder and max_shard_size is not None:
             raise InputError(f"{self.target}: a .safetensors OUT is one file; give a folder OUT to shard it")
         if not self.is_folder and extra_files:

@@ -11,12 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-# Largest row tile held in registers for the one-pass variant; longer rows loop.
-_MAX_BLOCK_ELEMENTS = 16384
-# Short rows are packed several to a program so each one moves about this many elements.
-_TARGET_TILE_ELEMENTS = 4096
-# Column tile of the two-loop variant for rows longer than _MAX_BLOCK_ELEMENTS.
-_LOOP_BLOCK_ELEMENTS = 4096
+from extsub_kernels._tensors import compute_dtype
+from extsub_kernels.kernels.ext_sub_tuning import LOOP_BLOCK_ELEMENTS, MAX_BLOCK_ELEMENTS, MAX_WARPS, TARGET_TILE_ELEMENTS
 
 
 @triton.jit
@@ -91,23 +87,23 @@ def _launch_settings(n_rows: int, n_cols: int, max_block: int) -> tuple[int, int
     block_rows = 1
     if single_pass:
         block_cols = triton.next_power_of_2(n_cols)
-        block_rows = max(1, min(_TARGET_TILE_ELEMENTS // block_cols, triton.next_power_of_2(n_rows)))
+        block_rows = max(1, min(TARGET_TILE_ELEMENTS // block_cols, triton.next_power_of_2(n_rows)))
     else:
-        block_cols = min(max_block, _LOOP_BLOCK_ELEMENTS)
+        block_cols = min(max_block, LOOP_BLOCK_ELEMENTS)
     tile = block_rows * block_cols
-    num_warps = min(16, max(1, tile // 512))
+    num_warps = min(MAX_WARPS, max(1, tile // 512))
     return block_rows, block_cols, single_pass, num_warps
 
 
-def ext_sub_rows_(p: torch.Tensor, m: torch.Tensor, lam: float, max_block: int = _MAX_BLOCK_ELEMENTS) -> None:
+def ext_sub_rows_(p: torch.Tensor, m: torch.Tensor, lam: float, max_block: int = MAX_BLOCK_ELEMENTS) -> None:
     """Launch the kernel on 2-D (rows, cols) views whose columns are contiguous; p is overwritten.
 
     `max_block` caps the columns one tile holds; rows longer than it take the two-loop variant.
     """
     n_rows, n_cols = p.shape
-    compute_dtype = tl.float64 if torch.float64 in (p.dtype, m.dtype) else tl.float32
-    if compute_dtype is tl.float64:
-        max_block = min(max_block, _MAX_BLOCK_ELEMENTS // 2)
+    wide = compute_dtype(p.dtype, m.dtype) is torch.float64
+    if wide:
+        max_block = min(max_block, MAX_BLOCK_ELEMENTS // 2)
     block_rows, block_cols, single_pass, num_warps = _launch_settings(n_rows, n_cols, max_block)
     half_lam_hi = float(np.float32(0.5 * lam))
     half_lam_lo = 0.5 * lam - half_lam_hi
@@ -125,7 +121,7 @@ def ext_sub_rows_(p: torch.Tensor, m: torch.Tensor, lam: float, max_block: int =
             BLOCK_ROWS=block_rows,
             BLOCK_COLS=block_cols,
             SINGLE_PASS=single_pass,
-            COMPUTE_DTYPE=compute_dtype,
+            COMPUTE_DTYPE=tl.float64 if wide else tl.float32,
             num_warps=num_warps,
         )
 

@@ -1,153 +1,21 @@
-"""Plan a merge from the inputs' headers alone: λ settings, output paths, what happens to each tensor.
+"""Plan a dense merge from the inputs' headers alone: what happens to each tensor, and the blocks of rows to stream.
 
 Nothing here reads tensor data. The plan fixes the output's keys, dtypes and shapes (so the
 writer can emit its header first) and cuts tensors into blocks of whole rows for streaming.
 """
 
-import json
-import math
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from extsub_kernels.combine import METHODS  # noqa: F401 - the methods are part of a plan's vocabulary
+from extsub_kernels._tensors import is_float
+from extsub_kernels.engine.architecture import TransposedRule, never_transposed
 from extsub_kernels.errors import InputError
 from extsub_kernels.io import CheckpointReader, TensorInfo
-from extsub_kernels.io.format import DTYPE_CODES, is_float
-ON_MISSING = ("error", "copy", "skip")
-OUT_DTYPES: dict[str, torch.dtype | None] = {
-    "keep": None,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-}
-# Models whose linear layers are GPT-2's Conv1D, storing weights as (in, out) instead of (out, in).
-CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
-CONV1D_ARCHITECTURE_PREFIXES = ("GPT2", "OpenAIGPT", "ImageGPT", "DecisionTransformer")
-_CONV1D_WEIGHT = re.compile(r"(^|\.)(c_attn|q_attn|c_proj|c_fc)\.weight$")
+from extsub_kernels.io.format import DTYPE_CODES
+
 _SHOWN = 10  # keys listed in an error before "... and N more"
-
-Lam = float | str | Sequence[float | Sequence[float]]
-
-
-def parse_lams(lam: Lam, n_anti: int) -> list[tuple[float, ...]]:
-    """λ settings, one per output, each with one λ per anti-expert.
-
-    `lam` is a number (one output, that λ for every anti-expert); a string in the CLI's syntax,
-    "0.5,1,2" (one output per λ) where each item may be "1:0.5" (one λ per anti-expert, in order);
-    or a list whose items are numbers or per-anti-expert lists (`[[1.0, 0.5]]`: one output).
-    """
-    if isinstance(lam, str):
-        items: list = [part.split(":") if ":" in part else part for part in lam.split(",")]
-    elif isinstance(lam, (int, float)) and not isinstance(lam, bool):
-        items = [lam]
-    elif isinstance(lam, Sequence) and lam:
-        items = list(lam)
-    else:
-        raise InputError(f"lam must be a number, a list of numbers or a string like '0.5,1,2', got {lam!r}")
-    settings = []
-    for item in items:
-        values = [_lam_value(v) for v in item] if isinstance(item, (list, tuple)) else [_lam_value(item)] * n_anti
-        if len(values) != n_anti:
-            raise InputError(
-                f"λ setting {':'.join(_format(v) for v in values)} gives {len(values)} values for {n_anti} "
-                "anti-expert(s); give one λ for all, or one per anti-expert separated by ':'"
-            )
-        settings.append(tuple(values))
-    labels = [lam_label(s) for s in settings]
-    duplicated = sorted({label for label in labels if labels.count(label) > 1})
-    if duplicated:
-        raise InputError(f"λ {', '.join(duplicated)} is given twice; each λ setting writes its own output")
-    return settings
-
-
-def _lam_value(value: object) -> float:
-    try:
-        x = float(value.strip()) if isinstance(value, str) else float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise InputError(f"λ must be a number, got {value!r}") from None
-    if isinstance(value, bool) or not math.isfinite(x):
-        raise InputError(f"λ must be a finite number, got {value!r}")
-    return x
-
-
-def _format(x: float) -> str:
-    text = repr(float(x))
-    return text[:-2] if text.endswith(".0") else text
-
-
-def lam_label(values: Sequence[float]) -> str:
-    """"0.5" for a λ shared by all anti-experts, "1_0.5" for one λ per anti-expert."""
-    if len(set(values)) <= 1:
-        return _format(values[0]) if values else ""
-    return "_".join(_format(v) for v in values)
-
-
-def output_paths(out: Path, settings: Sequence[Sequence[float]]) -> list[Path]:
-    """One OUT per λ setting: OUT itself for one setting, else OUT with `-lam<label>` before `.safetensors`
-    (or after a folder's name): out.safetensors → out-lam0.5.safetensors, out/ → out-lam0.5/."""
-    if len(settings) == 1:
-        return [out]
-    paths = []
-    for values in settings:
-        suffix = f"-lam{lam_label(values)}"
-        if out.suffix == ".safetensors":
-            paths.append(out.with_name(out.stem + suffix + ".safetensors"))
-        else:
-            paths.append(out.with_name(out.name + suffix))
-    return paths
-
-
-def input_roles(n_anti: int) -> list[str]:
-    """Names of the inputs in messages: EXPERT, then ANTI (or ANTI #1, ANTI #2, ... for several)."""
-    return ["EXPERT"] + [f"ANTI{'' if n_anti == 1 else f' #{i + 1}'}" for i in range(n_anti)]
-
-
-def output_metadata(
-    setting: Sequence[float],
-    method: str,
-    expert: str,
-    antis: Sequence[str],
-    base: str | None = None,
-    output_format: str | None = None,
-) -> dict[str, str]:
-    """`__metadata__` of an output: format=pt, method, λ, the inputs' names, the tool's version (and
-    the LoRA output format).
-
-    Example:
-        >>> output_metadata((0.5,), "ext-sub", "expert.safetensors", ["anti.safetensors"])["extsub.lam"]
-        '[0.5]'
-    """
-    import extsub_kernels
-
-    meta = {
-        "format": "pt",
-        "extsub.method": method,
-        "extsub.lam": json.dumps(list(setting)),
-        "extsub.expert": expert,
-        "extsub.anti": json.dumps(list(antis)),
-        "extsub.version": extsub_kernels.__version__,
-    }
-    if base is not None:
-        meta["extsub.base"] = base
-    if output_format is not None:
-        meta["extsub.format"] = output_format
-    return meta
-
-
-def conv1d_weights(config: dict | None) -> Callable[[str, tuple[int, ...]], bool]:
-    """A predicate naming the 2-D weights stored transposed (GPT-2 Conv1D), from a model's config.json."""
-    config = config or {}
-    architectures = config.get("architectures") or []
-    uses_conv1d = config.get("model_type") in CONV1D_MODEL_TYPES or any(
-        isinstance(a, str) and a.startswith(CONV1D_ARCHITECTURE_PREFIXES) for a in architectures
-    )
-    if not uses_conv1d:
-        return lambda name, shape: False
-    return lambda name, shape: len(shape) == 2 and _CONV1D_WEIGHT.search(name) is not None
 
 
 @dataclass(frozen=True)
@@ -185,7 +53,7 @@ def plan_tensors(
     has_base: bool,
     on_missing: str = "error",
     out_dtype: torch.dtype | None = None,
-    transposed: Callable[[str, tuple[int, ...]], bool] = lambda name, shape: False,
+    transposed: TransposedRule = never_transposed,
 ) -> tuple[list[TensorJob], list[str]]:
     """Match tensors by key across the inputs; returns the jobs (expert order) and the skipped keys.
 
@@ -213,9 +81,8 @@ def plan_tensors(
                     "ΔW = θ − θ₀ needs it in all three (are they the same architecture?)"
                 )
             _check_match(info, base.info(name), "EXPERT", "BASE")
-        jobs.append(
-            TensorJob(name, info.shape, dtype, 0, merged, base_index if merged else None, merged != () and transposed(name, info.shape))
-        )
+        flip = bool(merged) and transposed(name, info.shape)
+        jobs.append(TensorJob(name, info.shape, dtype, 0, merged, base_index if merged else None, flip))
     for k, count in enumerate(shared, start=1):
         if count == 0 and len(expert) and len(readers[k]):
             raise InputError(
@@ -298,3 +165,12 @@ def cut_blocks(job: TensorJob, row_bytes: int, block_bytes: int) -> list[Block]:
         return [Block(job, 0, rows)] if row_bytes * rows else []
     step = max(1, block_bytes // max(1, row_bytes))
     return [Block(job, start, min(start + step, rows)) for start in range(0, rows, step)] if row_bytes else []
+
+
+def row_bytes(job: TensorJob, readers: Sequence[CheckpointReader]) -> int:
+    """Bytes of one row of `job` in its widest form: any of its inputs, or its output."""
+    rows = rows_of(job.shape)
+    infos = [readers[i].info(job.name) for i in job.inputs()]
+    numel = infos[0].nbytes // infos[0].dtype.itemsize
+    widest = max([info.nbytes for info in infos] + [numel * job.out_dtype.itemsize])
+    return widest // rows if rows else 0

@@ -32,13 +32,14 @@ from peft_fixtures import (
     tiny_llama,
     with_deltas,
 )
-from extsub_kernels import ext_sub_reference, materialize
-from extsub_kernels.adapter import load_adapter, parse_peft_key
+from extsub_kernels import ext_sub_reference
+from extsub_kernels.adapters import formats
+from extsub_kernels.adapters.formats import to_delta, to_dense_lora
+from extsub_kernels.adapters.lora import merge_adapters
+from extsub_kernels.adapters.peft import load_adapter, parse_peft_key
 from extsub_kernels.cli import EXIT_BAD_INPUT, main
 from extsub_kernels.io import CheckpointReader
 from extsub_kernels.io.reader import read_header
-from extsub_kernels.lora import merge_adapters
-from extsub_kernels.materialize import to_delta, to_dense_lora
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -282,7 +283,7 @@ def test_dense_outputs_stream_into_shards_one_module_at_a_time(llama, tmp_path, 
     merged = merge_adapters(load_adapter(paths["expert"]), load_adapter(paths["anti"]), 1.0)
     live: list[weakref.ref] = []
     most = [0]
-    real_delta = materialize.module_delta
+    real_delta = formats.module_delta
 
     def tracked_delta(*args, **kwargs):
         most[0] = max(most[0], sum(ref() is not None for ref in live))
@@ -290,7 +291,7 @@ def test_dense_outputs_stream_into_shards_one_module_at_a_time(llama, tmp_path, 
         live.append(weakref.ref(result))
         return result
 
-    monkeypatch.setattr(materialize, "module_delta", tracked_delta)
+    monkeypatch.setattr(formats, "module_delta", tracked_delta)
     code, err = _run(capsys, paths["expert"], paths["anti"], "-o", tmp_path / "dense", "--format", "dense-lora",
                      "--max-shard-size", "20kB")  # fmt: skip
     assert code == 0 and "PEFT's from_pretrained reads only an unsharded adapter_model.safetensors" in err, err
@@ -428,7 +429,7 @@ def test_bad_adapter_inputs(case, llama, tmp_path, capsys):
     assert hashes(folder) == before, "inputs are never modified"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_cuda_materializes_the_same_deltas(llama, tmp_path, capsys):
     _, paths = llama
     for device in ("cpu", "cuda"):

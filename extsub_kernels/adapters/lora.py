@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from extsub_kernels._tensors import compute_dtype, is_float
+from extsub_kernels.adapters.report import AdapterReport
+from extsub_kernels.engine.options import lam_value, method_sign
 from extsub_kernels.errors import InputError
-from extsub_kernels.ops import FLOAT_DTYPES, ext_sub_coefficients
-
-METHODS: tuple[str, ...] = ("ext-sub", "sub", "add")
+from extsub_kernels.ops import ext_sub_coefficients
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class LoraModule:
                 f"lora_B {tuple(b.shape)} and lora_A {tuple(a.shape)} do not chain: "
                 "lora_B must be (out, r) and lora_A (r, in)"
             )
-        if a.dtype not in FLOAT_DTYPES or b.dtype not in FLOAT_DTYPES:
+        if not is_float(a.dtype) or not is_float(b.dtype):
             raise TypeError(f"lora_A and lora_B must be floating point, got {a.dtype} and {b.dtype}")
         if not math.isfinite(self.scaling):
             raise ValueError(f"scaling must be finite, got {self.scaling}")
@@ -92,80 +93,11 @@ class LoraAdapter:
     config: dict = field(default_factory=dict)
 
 
-@dataclass
-class LoraMergeReport:
-    """What a merge did, module by module, for the summary a user reads.
-
-    Non-LoRA tensors (PEFT's modules_to_save, trained biases) are full weights: they are
-    copied from the expert (`extra_copied`), merged as task vectors against a base model
-    (`extra_merged`, with --base), or left out of a delta output (`extra_left_out`).
-    """
-
-    method: str
-    lams: tuple[float, ...]
-    merged: list[str] = field(default_factory=list)  # expert and ≥ 1 anti-expert
-    copied: list[str] = field(default_factory=list)  # expert only: unchanged
-    dropped: list[str] = field(default_factory=list)  # anti-experts only, ext-sub: Ext = 0
-    added: list[str] = field(default_factory=list)  # anti-experts only, sub/add: ∓λ·ΔW⁻
-    zero_rows: dict[str, int] = field(default_factory=dict)  # rows with |p| = 0, kept unchanged
-    truncation_error: dict[str, float] = field(default_factory=dict)  # relative Frobenius error
-    extra_copied: list[str] = field(default_factory=list)
-    extra_merged: list[str] = field(default_factory=list)
-    extra_left_out: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        """One line: method and λ, counts per outcome, dropped modules and the truncation error."""
-        return f"{self.method} λ={','.join(f'{lam:g}' for lam in self.lams)}: {summarize_modules([self])}"
-
-    def details(self) -> list[str]:
-        """One line per module with its truncation error, then the modules left out."""
-        lines = [f"{name}: relative truncation error {error:.6g}" for name, error in self.truncation_error.items()]
-        lines += [f"{name}: only in anti-experts, nothing under ext-sub" for name in self.dropped]
-        return lines
-
-
-def summarize_modules(reports: Sequence[LoraMergeReport]) -> str:
-    """The module part of a summary line, over the reports of one run (one per λ setting).
-
-    Which modules are merged, copied or left out does not depend on λ, so those counts come
-    from the first report; the truncation error is the max and mean over every module of
-    every report.
-
-    Example:
-        >>> summarize_modules([LoraMergeReport("ext-sub", (1.0,), merged=["q"], copied=["v"])])
-        '2 LoRA modules: 1 merged; 1 copied from the expert'
-    """
-    first = reports[0]
-    total = len(first.merged) + len(first.copied) + len(first.dropped) + len(first.added)
-    parts = [f"{total} LoRA modules: {len(first.merged)} merged", f"{len(first.copied)} copied from the expert"]
-    if first.dropped:
-        shown = ", ".join(first.dropped[:3]) + (" …" if len(first.dropped) > 3 else "")
-        parts.append(f"{len(first.dropped)} only in anti-experts, nothing under ext-sub (|p| = 0, so Ext = 0): {shown}")
-    if first.added:
-        parts.append(f"{len(first.added)} only in anti-experts, added as {'−' if first.method == 'sub' else '+'}λ·ΔW⁻")
-    rows = max(sum(r.zero_rows.values()) for r in reports)
-    if rows:
-        parts.append(f"{rows} expert rows with |p| = 0 kept unchanged")
-    errors = [(error, name) for r in reports for name, error in r.truncation_error.items()]
-    if errors:
-        worst, where = max(errors)
-        mean = sum(e for e, _ in errors) / len(errors)
-        parts.append(f"relative truncation error (Frobenius) max {worst:.3g} ({where}), mean {mean:.3g}")
-    for names, what in (
-        (first.extra_copied, "copied from the expert"),
-        (first.extra_merged, "merged as task vectors against BASE"),
-        (first.extra_left_out, "left out (full weights, not deltas)"),
-    ):
-        if names:
-            parts.append(f"{len(names)} non-LoRA tensors {what}")
-    return "; ".join(parts)
-
-
 @dataclass(kw_only=True)
 class MergedAdapter(LoraAdapter):
     """The result of `merge_adapters`: an adapter plus the report of how it was made."""
 
-    report: LoraMergeReport
+    report: AdapterReport
 
 
 def lora_row_norms(lora_B: torch.Tensor, lora_A: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
@@ -182,10 +114,6 @@ def lora_row_norms(lora_B: torch.Tensor, lora_A: torch.Tensor, scaling: float = 
     """
     r_factor = torch.linalg.qr(lora_A.to(torch.float64).T, mode="r").R
     return torch.linalg.vector_norm(lora_B.to(torch.float64) @ r_factor.T, dim=1) * abs(float(scaling))
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _scaled_factors(module: LoraModule, compute: torch.dtype, factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,19 +197,16 @@ def check_max_rank(max_rank: object) -> None:
         raise InputError(f"max_rank must be a positive integer, got {max_rank!r}")
 
 
-def _lam_list(lams: float | Sequence[float], n_antis: int) -> tuple[float, ...]:
-    values = [lams] if isinstance(lams, (int, float)) else list(lams)
-    for lam in values:
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
-            raise InputError(f"every λ must be a finite real number, got {lam!r}")
+def _lam_list(lam: float | Sequence[float], n_antis: int) -> tuple[float, ...]:
+    values = [lam_value(v) for v in ([lam] if isinstance(lam, (int, float, str)) else lam)]
     if len(values) == 1:
         values = values * n_antis
     if len(values) != n_antis:
         raise InputError(f"got {len(values)} λ values for {n_antis} anti-experts; give one λ, or one per anti-expert")
-    return tuple(float(v) for v in values)
+    return tuple(values)
 
 
-def check_compatible(expert: LoraAdapter, antis: Sequence[LoraAdapter], *, check_base_model: bool = True) -> None:
+def check_compatible(expert: LoraAdapter, antis: Sequence[LoraAdapter], *, any_base_model: bool = False) -> None:
     """Raise an InputError (a ValueError) unless every anti-expert fits the expert: same base model, same module shapes.
 
     Example:
@@ -289,13 +214,13 @@ def check_compatible(expert: LoraAdapter, antis: Sequence[LoraAdapter], *, check
         >>> check_compatible(LoraAdapter({"q": m}), [LoraAdapter({"q": m})])
     """
     for anti in antis:
-        if check_base_model and expert.base_model_name_or_path and anti.base_model_name_or_path:
+        if not any_base_model and expert.base_model_name_or_path and anti.base_model_name_or_path:
             if expert.base_model_name_or_path != anti.base_model_name_or_path:
                 raise InputError(
                     f"{anti.source} was trained on base model {anti.base_model_name_or_path!r} but the expert "
                     f"{expert.source} on {expert.base_model_name_or_path!r}; Ext-Sub combines adapters of one "
                     "base model (if both names denote the same model, pass --any-base-model, or "
-                    "check_base_model=False in Python; module shapes are still checked)"
+                    "any_base_model=True in Python; module shapes are still checked)"
                 )
         for name, module in anti.modules.items():
             ref = expert.modules.get(name)
@@ -310,11 +235,11 @@ def check_compatible(expert: LoraAdapter, antis: Sequence[LoraAdapter], *, check
 def merge_adapters(
     expert: LoraAdapter,
     antis: LoraAdapter | Sequence[LoraAdapter],
-    lams: float | Sequence[float] = 1.0,
+    lam: float | Sequence[float] = 1.0,
     method: str = "ext-sub",
     *,
     max_rank: int | None = None,
-    check_base_model: bool = True,
+    any_base_model: bool = False,
 ) -> MergedAdapter:
     """Ext-Sub (or direct subtraction/addition) of LoRA adapters, exactly, in the factored space.
 
@@ -327,11 +252,11 @@ def merge_adapters(
     Args:
         expert: θ⁺.
         antis: θ⁻, one adapter or several in order.
-        lams: one λ for all anti-experts, or one per anti-expert.
+        lam: one λ for all anti-experts, or one per anti-expert.
         method: "ext-sub" (θ⁺ − λ·Ext(θ⁻)), "sub" (θ⁺ − λ·θ⁻) or "add" (θ⁺ + λ·θ⁻).
         max_rank: truncate every module to this rank by an SVD of the factored result and
             report the relative Frobenius error per module; None keeps the exact result.
-        check_base_model: refuse adapters whose base_model_name_or_path differ.
+        any_base_model: accept adapters whose base_model_name_or_path differ (shapes are still checked).
 
     Returns:
         A MergedAdapter (modules, metadata from the expert, `report`).
@@ -345,23 +270,22 @@ def merge_adapters(
     antis = [antis] if isinstance(antis, LoraAdapter) else list(antis)
     if not antis:
         raise InputError("merge_adapters needs at least one anti-expert")
-    if method not in METHODS:
-        raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    lam_values = _lam_list(lams, len(antis))
+    sign = method_sign(method)
+    lam_values = _lam_list(lam, len(antis))
     if max_rank is not None:
         check_max_rank(max_rank)
-    check_compatible(expert, antis, check_base_model=check_base_model)
-    report = LoraMergeReport(method=method, lams=lam_values)
+    check_compatible(expert, antis, any_base_model=any_base_model)
+    report = AdapterReport(method=method, lams=lam_values)
     names = list(expert.modules)
     names += sorted({n for anti in antis for n in anti.modules if n not in expert.modules})
     modules: dict[str, LoraModule] = {}
     for name in names:
-        module = _merge_module(name, expert, antis, lam_values, method, report)
+        module = _merge_module(name, expert, antis, lam_values, method, sign, report)
         if module is None:
             continue
         if max_rank is not None and module.rank > max_rank:
             b, a, error = truncate_factors(*_scaled_factors(module, torch.float64), max_rank)
-            compute = _compute_dtype(module.lora_B, module.lora_A)
+            compute = compute_dtype(module.lora_B.dtype, module.lora_A.dtype)
             module = LoraModule(a.to(compute), b.to(compute), 1.0, module.storage_dtype)
             report.truncation_error[name] = error
         elif max_rank is not None:
@@ -386,7 +310,8 @@ def _merge_module(
     antis: list[LoraAdapter],
     lams: tuple[float, ...],
     method: str,
-    report: LoraMergeReport,
+    sign: float,
+    report: AdapterReport,
 ) -> LoraModule | None:
     """The module `name` of the result (None when it vanishes), with the report updated."""
     start = expert.modules.get(name)
@@ -398,9 +323,8 @@ def _merge_module(
         report.copied.append(name)
         return start
     tensors = [t for m in ([start] if start else []) + [m for m, _ in steps] for t in (m.lora_A, m.lora_B)]
-    compute = _compute_dtype(*tensors)
+    compute = compute_dtype(*(t.dtype for t in tensors))
     out_dtype = (start or steps[0][0]).storage_dtype
-    sign = -1.0 if method == "sub" else 1.0
     if start is None:
         first, lam = steps.pop(0)
         b, a = _scaled_factors(first, compute, sign * lam)
@@ -422,7 +346,7 @@ def _merge_module(
     return LoraModule(a, b, 1.0, out_dtype)
 
 
-def _copy_extra(expert: LoraAdapter, antis: list[LoraAdapter], report: LoraMergeReport) -> dict[str, torch.Tensor]:
+def _copy_extra(expert: LoraAdapter, antis: list[LoraAdapter], report: AdapterReport) -> dict[str, torch.Tensor]:
     """Non-LoRA tensors: the expert's are copied (with a warning), the anti-experts' ignored."""
     if expert.extra:
         warnings.warn(

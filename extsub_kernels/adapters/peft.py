@@ -1,4 +1,4 @@
-"""PEFT LoRA adapters on disk: read and validate (folder or bare .safetensors), write atomically.
+"""PEFT adapters on disk: folders and files, tensor keys, the LoRA scaling, and config validation.
 
 A PEFT adapter folder holds `adapter_config.json` (r, lora_alpha, use_rslora, rank_pattern,
 alpha_pattern, ...) and `adapter_model.safetensors` with keys like
@@ -10,17 +10,18 @@ import math
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from extsub_kernels.errors import InputError
+from extsub_kernels._tensors import nonfinite_summary
+from extsub_kernels.adapters.lora import LoraAdapter, LoraModule
+from extsub_kernels.errors import AdapterError
 from extsub_kernels.io.resolve import ADAPTER_CONFIG as CONFIG_NAME
 from extsub_kernels.io.resolve import ADAPTER_WEIGHTS as WEIGHTS_NAME
 from extsub_kernels.io.resolve import read_json_object
-from extsub_kernels.layout import Layout, write_layouts
-from extsub_kernels.lora import LoraAdapter, LoraModule
 
 PICKLE_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
@@ -36,8 +37,23 @@ _UNSUPPORTED = {
 }
 
 
-class AdapterError(InputError):
-    """A bad or unsupported adapter (a ValueError; exit code 2 in the CLI): the message names the file, the module and what is wrong."""
+@dataclass(frozen=True)
+class LoraScaling:
+    """The scaling of LoRA weights that come without an adapter_config.json (a bare .safetensors file).
+
+    Attributes:
+        lora_alpha: PEFT's lora_alpha.
+        r: the rank every module must have (None: each module's rank, from its shapes).
+        use_rslora: scaling lora_alpha/√r (rsLoRA) instead of lora_alpha/r.
+    """
+
+    lora_alpha: float
+    r: int | None = None
+    use_rslora: bool = False
+
+    def as_config(self) -> dict:
+        """The fields of an adapter_config.json that this scaling stands for."""
+        return {"lora_alpha": self.lora_alpha, "r": self.r, "use_rslora": self.use_rslora}
 
 
 def peft_key(module: str, part: str) -> str:
@@ -55,10 +71,32 @@ def parse_peft_key(key: str) -> tuple[str, str, str | None] | None:
     match = _LORA_KEY.match(key)
     if match is None:
         return None
-    module = match["module"]
-    if module.startswith(PEFT_PREFIX):
-        module = module[len(PEFT_PREFIX) :]
-    return module, match["part"], match["adapter"]
+    return strip_peft_prefix(match["module"]), match["part"], match["adapter"]
+
+
+def strip_peft_prefix(key: str) -> str:
+    """A key without PEFT's `base_model.model.` prefix: the name in the base model.
+
+    Example:
+        >>> strip_peft_prefix("base_model.model.lm_head.weight")
+        'lm_head.weight'
+    """
+    return key.removeprefix(PEFT_PREFIX)
+
+
+def weight_key(module: str) -> str:
+    """The base model's weight name of a module: `model.layers.0.mlp.up_proj` → `....up_proj.weight`."""
+    return f"{strip_peft_prefix(module)}.weight"
+
+
+def exact_pattern(module: str) -> str:
+    """A rank_pattern/alpha_pattern key that PEFT applies to `module` and to nothing else.
+
+    Example:
+        >>> exact_pattern("model.layers.0.mlp.up_proj")
+        '^model\\\\.layers\\\\.0\\\\.mlp\\\\.up_proj'
+    """
+    return "^" + re.escape(module)
 
 
 def pattern_key(patterns: Mapping[str, object], module: str) -> str | None:
@@ -97,22 +135,16 @@ def configured_rank(config: Mapping, module: str) -> int | None:
     return ranks[key] if key is not None else config.get("r")
 
 
-def load_adapter(
-    path: str | os.PathLike,
-    *,
-    lora_alpha: float | None = None,
-    r: int | None = None,
-    use_rslora: bool = False,
-) -> LoraAdapter:
+def load_adapter(path: str | os.PathLike, *, scaling: LoraScaling | None = None) -> LoraAdapter:
     """Read and validate a LoRA adapter: a PEFT folder, or a bare .safetensors file.
 
     A bare file takes its scaling from an `adapter_config.json` beside it, or from the
-    explicit `lora_alpha` (and optionally `r`, checked against every module; without it
+    explicit `scaling` (its `r`, when given, is checked against every module; without it
     each module's rank comes from its shapes). Tensors are read one at a time.
 
     Args:
         path: a folder with adapter_config.json and adapter_model.safetensors, or a .safetensors file.
-        lora_alpha, r, use_rslora: the scaling of a bare file that has no config beside it.
+        scaling: the scaling of a bare file that has no config beside it.
 
     Returns:
         A LoraAdapter; modules keyed by their name in the base model.
@@ -128,7 +160,7 @@ def load_adapter(
         16
     """
     path = Path(path)
-    weights, config, config_file = _locate(path, lora_alpha, r, use_rslora)
+    weights, config, config_file = _locate(path, scaling)
     tensors = _read_tensors(weights)
     pairs, extra = _group(weights, tensors)
     modules = {}
@@ -152,11 +184,9 @@ def load_adapter(
     )
 
 
-def _locate(
-    path: Path, lora_alpha: float | None, r: int | None, use_rslora: bool
-) -> tuple[Path, dict, str]:
+def _locate(path: Path, scaling: LoraScaling | None) -> tuple[Path, dict, str]:
     """(weights file, config dict, where the config came from) for a folder or a bare file."""
-    explicit = lora_alpha is not None or r is not None
+    explicit = scaling is not None
     if path.is_dir():
         weights, config_path = path / WEIGHTS_NAME, path / CONFIG_NAME
         if not weights.is_file():
@@ -169,7 +199,7 @@ def _locate(
         if not config_path.is_file():
             raise AdapterError(
                 f"{path} has no {CONFIG_NAME}: the LoRA scaling (lora_alpha, r) is unknown; add the config, "
-                "or give the scaling of its .safetensors file (--lora-alpha and --rank; lora_alpha and r in Python)"
+                "or give the scaling of its .safetensors file (--lora-alpha and --rank; scaling=LoraScaling(...) in Python)"
             )
     elif path.is_file():
         if path.suffix != ".safetensors":
@@ -181,16 +211,16 @@ def _locate(
         raise AdapterError(f"{path}: no such file or folder")
     if config_path is not None and explicit:
         raise AdapterError(
-            f"{path}: explicit lora_alpha/r were given but {config_path} exists; use one source of scaling"
+            f"{path}: an explicit scaling was given but {config_path} exists; use one source of scaling"
         )
     if config_path is not None:
         return weights, _read_config(config_path), str(config_path)
-    if lora_alpha is None:
+    if scaling is None:
         raise AdapterError(
             f"{path}: a bare adapter file with no {CONFIG_NAME} beside it, so the LoRA scaling is unknown; "
-            "give it (--lora-alpha, and --rank / --rslora where they apply; lora_alpha, r, use_rslora in Python)"
+            "give it (--lora-alpha, and --rank / --rslora where they apply; scaling=LoraScaling(...) in Python)"
         )
-    config = {"lora_alpha": lora_alpha, "r": r, "use_rslora": use_rslora}
+    config = scaling.as_config()
     _check_scaling_config(config, "the explicit scaling")
     return weights, config, "the explicit r"
 
@@ -293,9 +323,9 @@ def _check_values(weights: Path, key: str, tensor: torch.Tensor) -> None:
         if ".lora_" in key:
             raise AdapterError(f"{weights}: {key} has dtype {tensor.dtype}; LoRA factors must be floating point")
         return
-    finite = torch.isfinite(tensor)
-    if not bool(finite.all()):
-        raise AdapterError(f"{weights}: {key} contains {int((~finite).sum())} NaN/Inf values")
+    problem = nonfinite_summary(tensor)
+    if problem is not None:
+        raise AdapterError(f"{weights}: {key} contains {problem}")
 
 
 def _check_pair(weights: Path, name: str, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
@@ -309,55 +339,3 @@ def _check_pair(weights: Path, name: str, lora_A: torch.Tensor, lora_B: torch.Te
             f"{weights}: module {name}: lora_B {tuple(lora_B.shape)} and lora_A {tuple(lora_A.shape)} do not "
             "chain; lora_A must be (r, in_features) and lora_B (out_features, r)"
         )
-
-
-def write_adapter(
-    folder: str | os.PathLike,
-    state_dict: Mapping[str, torch.Tensor],
-    config: Mapping,
-    *,
-    metadata: Mapping[str, str] | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) atomically.
-
-    Goes through the engine's header-first writer (`layout.write_layouts`): a temporary folder
-    beside the target, fsynced and renamed into place, so the folder appears whole or not at all.
-
-    Args:
-        folder: the adapter folder to create (missing parent folders are created).
-        state_dict: tensors under PEFT keys (see `materialize.to_peft`).
-        config: the adapter_config.json contents.
-        metadata: extra str→str entries for the safetensors header (format=pt is always set).
-        overwrite: replace an existing folder instead of refusing.
-
-    Returns:
-        The folder's path.
-
-    Example:
-        >>> write_adapter(tmp / "out", *to_peft(merged))  # doctest: +SKIP
-    """
-    layout = Layout.of_tensors(state_dict, adapter_config=dict(config), weights_name=WEIGHTS_NAME)
-    return _write(Path(folder), layout, metadata, overwrite)
-
-
-def write_tensors(
-    path: str | os.PathLike,
-    tensors: Mapping[str, torch.Tensor],
-    *,
-    metadata: Mapping[str, str] | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write one .safetensors file atomically (temporary file beside it, fsync, rename).
-
-    Example:
-        >>> write_tensors(tmp / "delta.safetensors", to_delta(merged))  # doctest: +SKIP
-    """
-    return _write(Path(path), Layout.of_tensors(tensors), metadata, overwrite)
-
-
-def _write(target: Path, layout: Layout, metadata: Mapping[str, str] | None, overwrite: bool) -> Path:
-    if os.path.lexists(target) and not overwrite:
-        raise InputError(f"{target} exists; choose another output path or pass overwrite=True")
-    write_layouts([layout], [target], [dict(metadata or {})], force=overwrite)
-    return target

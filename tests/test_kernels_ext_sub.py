@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import DEVICES, backend_available
+from helpers import DEVICES, backend_available
 from helpers import TOLERANCES, assert_close_explained
 from extsub_kernels import ext_sub_reference
 

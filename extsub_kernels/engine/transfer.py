@@ -1,4 +1,4 @@
-"""Where the merge computes: device choice, reusable host buffers, and host ⇄ device transfers.
+"""Reusable host buffers and host ⇄ device transfers for the streaming stages.
 
 On CUDA, host buffers are pinned and copies run asynchronously on a dedicated stream; an
 event tells the writer when a result has landed on the host. Nothing here touches CUDA
@@ -11,28 +11,6 @@ from collections.abc import Sequence
 
 import torch
 
-from extsub_kernels.errors import InputError
-
-
-def resolve_device(spec: str | torch.device) -> torch.device:
-    """"auto" → the current CUDA device when one is available, else the CPU; "cpu"; "cuda" or "cuda:N"."""
-    text = str(spec)
-    if text == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise InputError(f"unknown device {text!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cpu":
-        return device
-    if device.type != "cuda":
-        raise InputError(f"device {text!r} is not supported; use auto, cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise InputError(f"device {text!r} was asked for but CUDA is not available here; use --device cpu")
-    index = torch.cuda.current_device() if device.index is None else device.index
-    if index >= torch.cuda.device_count():
-        raise InputError(f"device {text!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
-    return torch.device("cuda", index)
 
 
 def _usable_cores() -> int:

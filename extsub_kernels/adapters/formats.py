@@ -1,4 +1,4 @@
-"""Output layouts of a LoRA adapter: the factored PEFT adapter, the authors' dense-lora, dense deltas.
+"""Output formats of a LoRA adapter: the factored PEFT adapter, the authors' dense-lora, dense deltas.
 
 - `lora`: lora_A/lora_B under PEFT keys plus an adapter_config that makes PEFT apply exactly
   scaling·B·A per module. Every module is written with use_rslora=False and
@@ -10,34 +10,33 @@
   in_features (scaling 1): the layout the paper's released code writes.
 - `delta`: ΔW' keyed by the module's weight name in the base model, laid out like that weight.
 
-Each format is a `Layout` (`lora_layout`, `dense_lora_layout`, `delta_layout`): its tensors'
-names, dtypes and shapes are known up front and each is made on demand, so `write_layouts`
-streams outputs of any size one module at a time. `to_*` collect a layout in memory (small
-adapters, tests); the iterators yield one module at a time.
+Each format is a `LazyOutput` (`lora_output`, `dense_lora_output`, `delta_output`): its
+tensors' names, dtypes and shapes are known up front and each is made on demand, so
+`write_outputs` streams outputs of any size one module at a time. `to_*` collect an output in
+memory (small adapters, tests); the iterators yield one module at a time.
 """
 
-import re
+import json
+import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import torch
 
-from extsub_kernels.adapter import PEFT_PREFIX, WEIGHTS_NAME, peft_key
+from extsub_kernels._tensors import compute_dtype
+from extsub_kernels.adapters.lora import LoraAdapter, LoraModule
+from extsub_kernels.adapters.peft import CONFIG_NAME, WEIGHTS_NAME, exact_pattern, peft_key, weight_key
+from extsub_kernels.engine.outputs import LazyOutput, write_outputs
 from extsub_kernels.io import TensorEntry
-from extsub_kernels.layout import Layout
-from extsub_kernels.lora import LoraAdapter, LoraModule
+from extsub_kernels.io.outputs import refuse_existing
 
 Device = torch.device | str | None
 
 
-def exact_pattern(module: str) -> str:
-    """A rank_pattern/alpha_pattern key that PEFT applies to `module` and to nothing else.
-
-    Example:
-        >>> exact_pattern("model.layers.0.mlp.up_proj")
-        '^model\\\\.layers\\\\.0\\\\.mlp\\\\.up_proj'
-    """
-    return "^" + re.escape(module)
+def config_text(config: Mapping) -> str:
+    """An adapter_config.json's text, as every adapter output writes it."""
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
 def peft_config(adapter: LoraAdapter, ranks: dict[str, int], alphas: dict[str, float]) -> dict:
@@ -94,13 +93,13 @@ def module_delta(
 
     Computed on `device` (default: where the factors are) in float32, or float64 for float64
     factors, and rounded once to `dtype` (default: the module's storage dtype). The result
-    stays on `device`: layouts move it to the host, the full model adds it to θ₀ there.
+    stays on `device`: the formats move it to the host, the full model adds it to θ₀ there.
 
     Example:
         >>> module_delta(LoraModule(torch.ones(1, 3), torch.ones(2, 1), 0.5), transposed=True).shape
         torch.Size([3, 2])
     """
-    compute = torch.float64 if torch.float64 in (module.lora_A.dtype, module.lora_B.dtype) else torch.float32
+    compute = compute_dtype(module.lora_A.dtype, module.lora_B.dtype)
     delta = module.delta(compute, device).to(dtype or module.storage_dtype)
     return delta.T.contiguous() if transposed else delta
 
@@ -109,8 +108,8 @@ def _extra_makers(adapter: LoraAdapter) -> list:
     return [(TensorEntry(key, t.dtype, tuple(t.shape)), lambda t=t: t) for key, t in adapter.extra.items()]
 
 
-def lora_layout(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> Layout:
-    """The factored adapter as a PEFT adapter folder's layout; see the module doc.
+def lora_output(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> LazyOutput:
+    """The factored adapter as a PEFT adapter folder; see the module doc.
 
     Args:
         adapter: a loaded or merged adapter; its non-LoRA tensors are included as they are.
@@ -125,11 +124,11 @@ def lora_layout(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> La
     ranks = {name: m.rank for name, m in adapter.modules.items()}
     alphas = {name: _alpha(m) for name, m in adapter.modules.items()}
     config = peft_config(adapter, ranks, alphas)
-    return Layout.lazy(makers + _extra_makers(adapter), adapter_config=config, weights_name=WEIGHTS_NAME)
+    return LazyOutput.lazy(makers + _extra_makers(adapter), texts={CONFIG_NAME: config_text(config)}, weights_name=WEIGHTS_NAME)
 
 
-def dense_lora_layout(adapter: LoraAdapter, *, dtype: torch.dtype | None = None, device: Device = None) -> Layout:
-    """The dense-lora layout: per module lora_A = I (in×in), lora_B = ΔW' (out×in), made one module at a time.
+def dense_lora_output(adapter: LoraAdapter, *, dtype: torch.dtype | None = None, device: Device = None) -> LazyOutput:
+    """The dense-lora format: per module lora_A = I (in×in), lora_B = ΔW' (out×in), made one module at a time.
 
     Args:
         adapter: a loaded or merged adapter; its non-LoRA tensors are included as they are.
@@ -143,30 +142,24 @@ def dense_lora_layout(adapter: LoraAdapter, *, dtype: torch.dtype | None = None,
         makers.append((TensorEntry(peft_key(name, "A"), out, (n_in, n_in)), lambda n=n_in, o=out: torch.eye(n, dtype=o)))
         make_b = lambda m=module, o=out: module_delta(m, dtype=o, device=device).cpu()  # noqa: E731
         makers.append((TensorEntry(peft_key(name, "B"), out, (module.out_features, n_in)), make_b))
-    return Layout.lazy(makers + _extra_makers(adapter), adapter_config=dense_lora_config(adapter), weights_name=WEIGHTS_NAME)
+    texts = {CONFIG_NAME: config_text(dense_lora_config(adapter))}
+    return LazyOutput.lazy(makers + _extra_makers(adapter), texts=texts, weights_name=WEIGHTS_NAME)
 
 
 def dense_lora_config(adapter: LoraAdapter) -> dict:
-    """The adapter_config of the dense-lora layout: r = lora_alpha = in_features per module (scaling 1)."""
+    """The adapter_config of the dense-lora format: r = lora_alpha = in_features per module (scaling 1)."""
     ranks = {name: m.in_features for name, m in adapter.modules.items()}
     return peft_config(adapter, ranks, dict(ranks))
 
 
-def delta_key(module: str) -> str:
-    """The base model's weight name of a module: `model.layers.0.mlp.up_proj` → `....up_proj.weight`."""
-    if module.startswith(PEFT_PREFIX):
-        module = module[len(PEFT_PREFIX) :]
-    return f"{module}.weight"
-
-
-def delta_layout(
+def delta_output(
     adapter: LoraAdapter,
     *,
     dtype: torch.dtype | None = None,
     fan_in_fan_out: bool | None = None,
     device: Device = None,
-) -> Layout:
-    """ΔW' per module under the base model's weight name, laid out like that weight; non-LoRA tensors are not part of it.
+) -> LazyOutput:
+    """ΔW' per module under the base model's weight name, shaped like that weight; non-LoRA tensors are not part of it.
 
     nn.Linear stores (out, in); GPT-2's Conv1D (PEFT's fan_in_fan_out=True) stores (in, out),
     so there ΔW' is transposed and θ₀ + ΔW' is a plain add.
@@ -182,8 +175,8 @@ def delta_layout(
     for name, module in adapter.modules.items():
         shape = (module.in_features, module.out_features) if transposed else (module.out_features, module.in_features)
         make = lambda m=module: module_delta(m, dtype=dtype, transposed=transposed, device=device).cpu()  # noqa: E731
-        makers.append((TensorEntry(delta_key(name), dtype or module.storage_dtype, shape), make))
-    return Layout.lazy(makers)
+        makers.append((TensorEntry(weight_key(name), dtype or module.storage_dtype, shape), make))
+    return LazyOutput.lazy(makers)
 
 
 def to_peft(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict]:
@@ -192,21 +185,21 @@ def to_peft(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> tuple[
     Example:
         >>> state_dict, config = to_peft(merge_adapters(expert, anti, 1.0))  # doctest: +SKIP
     """
-    layout = lora_layout(adapter, dtype=dtype)
-    return dict(layout.items()), dict(layout.adapter_config)
+    output = lora_output(adapter, dtype=dtype)
+    return dict(output.items()), json.loads(output.texts[CONFIG_NAME])
 
 
 def iter_dense_lora(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(PEFT key, tensor) pairs of the dense-lora layout, one module at a time: lora_A = I, lora_B = ΔW'.
+    """(PEFT key, tensor) pairs of the dense-lora format, one module at a time: lora_A = I, lora_B = ΔW'.
 
     Example:
         >>> dict(iter_dense_lora(adapter))  # doctest: +SKIP
     """
-    return dense_lora_layout(adapter, dtype=dtype).items()
+    return dense_lora_output(adapter, dtype=dtype).items()
 
 
 def to_dense_lora(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """The dense-lora layout as (state_dict, adapter_config) in memory: out·in numbers per module.
+    """The dense-lora format as (state_dict, adapter_config) in memory: out·in numbers per module.
 
     Example:
         >>> state_dict, config = to_dense_lora(merged)  # doctest: +SKIP
@@ -220,13 +213,13 @@ def iter_delta(
     dtype: torch.dtype | None = None,
     fan_in_fan_out: bool | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(weight name, ΔW') per module, laid out like the base model's weight (see `delta_layout`).
+    """(weight name, ΔW') per module, laid out like the base model's weight (see `delta_output`).
 
     Example:
         >>> deltas = dict(iter_delta(merged))  # doctest: +SKIP
         >>> base_state["model.layers.0.self_attn.q_proj.weight"] += deltas["model.layers.0.self_attn.q_proj.weight"]  # doctest: +SKIP
     """
-    return delta_layout(adapter, dtype=dtype, fan_in_fan_out=fan_in_fan_out).items()
+    return delta_output(adapter, dtype=dtype, fan_in_fan_out=fan_in_fan_out).items()
 
 
 def to_delta(
@@ -238,3 +231,54 @@ def to_delta(
         >>> deltas = to_delta(merged)  # doctest: +SKIP
     """
     return dict(iter_delta(adapter, dtype=dtype, fan_in_fan_out=fan_in_fan_out))
+
+
+def write_adapter(
+    folder: str | os.PathLike,
+    state_dict: Mapping[str, torch.Tensor],
+    config: Mapping,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    force: bool = False,
+) -> Path:
+    """Write a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) atomically.
+
+    Goes through the engine's header-first writer: a temporary folder beside the target,
+    fsynced and renamed into place, so the folder appears whole or not at all.
+
+    Args:
+        folder: the adapter folder to create (missing parent folders are created).
+        state_dict: tensors under PEFT keys (see `to_peft`).
+        config: the adapter_config.json contents.
+        metadata: extra str→str entries for the safetensors header (format=pt is always set).
+        force: replace an existing folder instead of refusing.
+
+    Returns:
+        The folder's path.
+
+    Example:
+        >>> write_adapter(tmp / "out", *to_peft(merged))  # doctest: +SKIP
+    """
+    output = LazyOutput.of_tensors(state_dict, texts={CONFIG_NAME: config_text(config)}, weights_name=WEIGHTS_NAME)
+    return _write(Path(folder), output, metadata, force)
+
+
+def write_tensors(
+    path: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    metadata: Mapping[str, str] | None = None,
+    force: bool = False,
+) -> Path:
+    """Write one .safetensors file atomically (temporary file beside it, fsync, rename).
+
+    Example:
+        >>> write_tensors(tmp / "delta.safetensors", to_delta(merged))  # doctest: +SKIP
+    """
+    return _write(Path(path), LazyOutput.of_tensors(tensors), metadata, force)
+
+
+def _write(target: Path, output: LazyOutput, metadata: Mapping[str, str] | None, force: bool) -> Path:
+    refuse_existing(target, force=force)
+    write_outputs([output], [target], [dict(metadata or {})], force=force)
+    return target

@@ -70,8 +70,10 @@ def run_pipeline(
         except BaseException as e:  # noqa: BLE001 - handed to the caller
             fail(e)
 
-    threads = [threading.Thread(target=reader, name="extsub-read", daemon=True),
-               threading.Thread(target=writer, name="extsub-write", daemon=True)]  # fmt: skip
+    threads = [
+        threading.Thread(target=reader, name="extsub-read", daemon=True),
+        threading.Thread(target=writer, name="extsub-write", daemon=True),
+    ]
     for t in threads:
         t.start()
     try:

@@ -10,7 +10,6 @@ dense op.
 import copy
 import json
 import os
-import warnings
 
 import pytest
 import torch
@@ -24,26 +23,24 @@ from peft_fixtures import (
     check_logits,
     expected_deltas,
     make_adapters,
-    peft_deltas,
     peft_model,
     tiny_llama,
     with_deltas,
 )
-from extsub_kernels.adapter import (
-    AdapterError,
-    load_adapter,
-    module_scaling,
-    parse_peft_key,
-    pattern_key,
-    write_adapter,
-    write_tensors,
-)
-from extsub_kernels.lora import merge_adapters
-from extsub_kernels.lora_files import merge_adapter_files
-from extsub_kernels.materialize import exact_pattern, to_peft
+from extsub_kernels import AdapterOptions, LoraScaling, merge
+from extsub_kernels.adapters.formats import to_peft, write_adapter, write_tensors
+from extsub_kernels.adapters.lora import merge_adapters
+from extsub_kernels.adapters.peft import exact_pattern, load_adapter, module_scaling, parse_peft_key, pattern_key
+from extsub_kernels.errors import AdapterError
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
+
+
+def _merge(expert, antis, out, lam=1.0, method="ext-sub", *, force=False, **adapter_options):
+    """`merge` of adapters with AdapterOptions; returns the adapter report of the (one) output."""
+    report = merge(expert, antis, out, lam=lam, method=method, force=force, adapter=AdapterOptions(**adapter_options))
+    return report.adapter.reports[0]
 
 
 # --- reading: scaling and ranks as PEFT sees them ---------------------------------------
@@ -105,8 +102,8 @@ def test_bare_file_with_sibling_config_or_explicit_scaling(llama, tmp_path):
     beside = load_adapter(weights)  # adapter_config.json is beside it
     bare = tmp_path / "bare.safetensors"
     bare.write_bytes(open(weights, "rb").read())
-    explicit = load_adapter(bare, lora_alpha=4, r=2)
-    inferred = load_adapter(bare, lora_alpha=4)  # ranks from the shapes
+    explicit = load_adapter(bare, scaling=LoraScaling(4, r=2))
+    inferred = load_adapter(bare, scaling=LoraScaling(4))  # ranks from the shapes
     for other in (beside, explicit, inferred):
         assert {n: m.scaling for n, m in other.modules.items()} == {n: m.scaling for n, m in from_folder.modules.items()}
 
@@ -128,7 +125,7 @@ def test_every_format_loads_and_applies_the_dense_result(model_name, method, req
     expected_model = with_deltas(base, expected, transposed)
     for output_format in FORMATS:
         out = tmp_path / (f"{output_format}.safetensors" if output_format == "delta" else output_format)
-        report = merge_adapter_files(paths["expert"], paths["anti"], out, lam, method, output_format=output_format)
+        report = _merge(paths["expert"], paths["anti"], out, lam, method, output_format=output_format)
         what = f"{model_name} {method} {output_format}"
         if output_format == "delta":
             deltas = load_file(str(out))
@@ -157,7 +154,7 @@ def test_every_format_loads_and_applies_the_dense_result(model_name, method, req
 
 def test_lora_output_is_exact_low_rank_with_patterns(llama, tmp_path):
     base, paths = llama
-    merge_adapter_files(paths["expert"], [paths["anti"], paths["anti2"]], tmp_path / "out", [0.5, 1.5])
+    _merge(paths["expert"], [paths["anti"], paths["anti2"]], tmp_path / "out", [[0.5, 1.5]])
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["use_rslora"] is False and config["base_model_name_or_path"] is None
     merged = load_adapter(tmp_path / "out")
@@ -173,7 +170,7 @@ def test_lora_output_is_exact_low_rank_with_patterns(llama, tmp_path):
 def test_copied_modules_keep_their_bytes_and_scaling(gpt2, tmp_path):
     base, paths = gpt2
     # GPT-2's expert uses rsLoRA; c_fc is only in the expert, so it is copied with lora_alpha = s·r.
-    merge_adapter_files(paths["expert"], paths["anti"], tmp_path / "out", 1.0)
+    _merge(paths["expert"], paths["anti"], tmp_path / "out", 1.0)
     original = load_file(os.path.join(paths["expert"], "adapter_model.safetensors"))
     written = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     key = "base_model.model.transformer.h.0.mlp.c_fc.lora_B.weight"
@@ -191,7 +188,7 @@ def test_round_trip_of_an_input_adapter_gives_the_same_model(llama, tmp_path):
 
 def test_max_rank_output_loads_and_reports_errors(llama, tmp_path):
     base, paths = llama
-    report = merge_adapter_files(paths["expert"], paths["anti"], tmp_path / "out", 1.0, max_rank=5)
+    report = _merge(paths["expert"], paths["anti"], tmp_path / "out", 1.0, max_rank=5)
     truncated = load_adapter(tmp_path / "out")
     assert max(m.rank for m in truncated.modules.values()) == 5
     assert set(report.truncation_error) == set(truncated.modules)
@@ -219,7 +216,7 @@ def test_non_lora_tensors_of_the_expert_are_kept(tmp_path):
     paths = {"expert": str(tmp_path / "expert")}
     paths.update(make_adapters(base, {"anti": dict(r=2, lora_alpha=2, target_modules=["q_proj"])}, tmp_path))
     with pytest.warns(UserWarning, match="copied to the result unchanged"):
-        merge_adapter_files(paths["expert"], paths["anti"], tmp_path / "out", 1.0)
+        _merge(paths["expert"], paths["anti"], tmp_path / "out", 1.0)
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["modules_to_save"] == ["lm_head"]
     expected = with_deltas(base, expected_deltas(base, paths["expert"], [paths["anti"]], [1.0], "ext-sub"), False)
@@ -287,8 +284,8 @@ BAD_ADAPTERS = {
     "bad rank_pattern": (dict(config=_set(rank_pattern={"q_proj": 0})), r"rank_pattern\['q_proj'\] must be one of positive integers"),
     "Conv2d LoRA": (dict(tensors=_replace(Q_A, lambda t: t.reshape(4, 64, 1, 1))), r"q_proj has lora_A \(4, 64, 1, 1\) .* only 2-D factors"),
     "non-float tensor": (dict(tensors=_replace(Q_A, lambda t: t.to(torch.int32))), r"q_proj.lora_A.weight has dtype torch.int32"),
-    "NaN": (dict(tensors=_replace(Q_B, _nan)), r"q_proj.lora_B.weight contains 1 NaN/Inf values"),
-    "Inf": (dict(tensors=_replace(Q_A, _inf)), r"q_proj.lora_A.weight contains 1 NaN/Inf values"),
+    "NaN": (dict(tensors=_replace(Q_B, _nan)), r"q_proj.lora_B.weight contains NaN or Inf \(1 value"),
+    "Inf": (dict(tensors=_replace(Q_A, _inf)), r"q_proj.lora_A.weight contains NaN or Inf \(1 value"),
     "two adapter names": (
         dict(tensors=lambda s: {k.replace("q_proj.lora_A", "q_proj.lora_A.x").replace("q_proj.lora_B", "q_proj.lora_B.y"): v for k, v in s.items()}),
         r"several adapters \(x, y\)",
@@ -313,7 +310,7 @@ def test_bad_anti_expert_is_explained_and_nothing_is_written(case, llama, tmp_pa
     out_dir = tmp_path / "outputs"
     out_dir.mkdir()
     with pytest.raises(AdapterError, match=message) as caught:
-        merge_adapter_files(paths["expert"], bad, out_dir / "out", 1.0)
+        _merge(paths["expert"], bad, out_dir / "out", 1.0)
     assert str(bad) in str(caught.value)  # the message names the file
     _assert_nothing_written(out_dir, out_dir / "out")
     assert {p.name: p.read_bytes() for p in bad.iterdir()} == before  # inputs untouched
@@ -330,10 +327,10 @@ def test_missing_files_are_explained(llama, tmp_path):
         load_adapter(no_config)
     with pytest.raises(AdapterError, match=r"a bare adapter file with no adapter_config.json beside it"):
         load_adapter(no_config / "adapter_model.safetensors")
-    with pytest.raises(AdapterError, match=r"explicit lora_alpha/r were given but .* exists"):
-        load_adapter(os.path.join(paths["expert"], "adapter_model.safetensors"), lora_alpha=8)
+    with pytest.raises(AdapterError, match=r"an explicit scaling was given but .* exists"):
+        load_adapter(os.path.join(paths["expert"], "adapter_model.safetensors"), scaling=LoraScaling(8))
     with pytest.raises(AdapterError, match=r"has rank 6 .* the explicit r"):
-        load_adapter(no_config / "adapter_model.safetensors", lora_alpha=8, r=4)  # down_proj has rank 6
+        load_adapter(no_config / "adapter_model.safetensors", scaling=LoraScaling(8, r=4))  # down_proj has rank 6
     pickle_only = tmp_path / "pickle_only"
     pickle_only.mkdir()
     (pickle_only / "adapter_model.bin").write_bytes(b"\x80\x04")
@@ -356,7 +353,7 @@ def test_adapters_of_different_base_models_are_refused(llama, tmp_path):
     out_dir = tmp_path / "outputs"
     out_dir.mkdir()
     with pytest.raises(ValueError, match=r"other was trained on base model 'org/other-model' .* 'org/tiny-llama'"):
-        merge_adapter_files(mine, other, out_dir / "out", 1.0)
+        _merge(mine, other, out_dir / "out", 1.0)
     _assert_nothing_written(out_dir, out_dir / "out")
     # Same module names, other shapes: a wider model.
     torch.manual_seed(SEED)
@@ -365,23 +362,23 @@ def test_adapters_of_different_base_models_are_refused(llama, tmp_path):
         num_key_value_heads=2, vocab_size=128))
     wide_paths = make_adapters(wide, {"wide": LLAMA_ADAPTERS["anti"]}, tmp_path)
     with pytest.raises(ValueError, match=r"q_proj: the expert .* adapts a \(64, 64\) weight but .*wide a \(32, 32\) one"):
-        merge_adapter_files(paths["expert"], wide_paths["wide"], out_dir / "out", 1.0)
+        _merge(paths["expert"], wide_paths["wide"], out_dir / "out", 1.0)
     _assert_nothing_written(out_dir, out_dir / "out")
 
 
 def test_output_overlapping_an_input_or_existing_is_refused(llama, tmp_path):
     _, paths = llama
     with pytest.raises(ValueError, match=r"is the ANTI folder; choose another OUT"):
-        merge_adapter_files(paths["expert"], paths["anti"], paths["anti"], 1.0)
+        _merge(paths["expert"], paths["anti"], paths["anti"], 1.0)
     with pytest.raises(ValueError, match=r"contains the EXPERT file"):
-        merge_adapter_files(paths["expert"], paths["anti"], os.path.dirname(paths["anti"]), 1.0, overwrite=True)
+        _merge(paths["expert"], paths["anti"], os.path.dirname(paths["anti"]), 1.0, force=True)
     (tmp_path / "taken").mkdir()
-    with pytest.raises(ValueError, match=r"taken already exists; pass --force \(force=True\)"):
-        merge_adapter_files(paths["expert"], paths["anti"], tmp_path / "taken", 1.0)
+    with pytest.raises(ValueError, match=r"taken already exists; pass --force \(force=True in Python\)"):
+        _merge(paths["expert"], paths["anti"], tmp_path / "taken", 1.0)
     with pytest.raises(ValueError, match=r"writes a PEFT adapter folder .* give a folder OUT"):
-        merge_adapter_files(paths["expert"], paths["anti"], tmp_path / "x.safetensors", 1.0, output_format="dense-lora")
+        _merge(paths["expert"], paths["anti"], tmp_path / "x.safetensors", 1.0, output_format="dense-lora")
     with pytest.raises(ValueError, match=r"applies to --format lora, not to --format delta"):
-        merge_adapter_files(paths["expert"], paths["anti"], tmp_path / "x", 1.0, output_format="delta", max_rank=2)
+        _merge(paths["expert"], paths["anti"], tmp_path / "x", 1.0, output_format="delta", max_rank=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
@@ -395,12 +392,12 @@ def test_write_adapter_is_atomic(tmp_path):
     assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert json.loads((target / "adapter_config.json").read_text()) == config
     # Overwriting replaces the folder; a failing write leaves the old one and no temporary files.
-    write_adapter(tmp_path / "a", {**state, "base_model.model.m.lora_B.weight": torch.zeros(4, 2)}, config, overwrite=True)
+    write_adapter(tmp_path / "a", {**state, "base_model.model.m.lora_B.weight": torch.zeros(4, 2)}, config, force=True)
     assert load_file(str(target / "adapter_model.safetensors"))["base_model.model.m.lora_B.weight"].sum() == 0
-    with pytest.raises(Exception):
-        write_adapter(tmp_path / "a", {"bad": "not a tensor"}, config, overwrite=True)
+    with pytest.raises(TypeError, match="'bad' is a str, not a torch.Tensor"):
+        write_adapter(tmp_path / "a", {"bad": "not a tensor"}, config, force=True)
     assert load_file(str(target / "adapter_model.safetensors"))["base_model.model.m.lora_B.weight"].sum() == 0
-    with pytest.raises(Exception):
+    with pytest.raises(TypeError, match="'bad' is a str, not a torch.Tensor"):
         write_adapter(tmp_path / "b", {"bad": "not a tensor"}, config)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
     assert write_adapter(tmp_path / "new" / "c", state, config).is_dir()  # parent folders are created
@@ -410,6 +407,22 @@ def test_write_tensors_is_atomic(tmp_path):
     write_tensors(tmp_path / "d.safetensors", {"w": torch.ones(2, 2)})
     with pytest.raises(ValueError, match="exists"):
         write_tensors(tmp_path / "d.safetensors", {"w": torch.zeros(2, 2)})
-    with pytest.raises(Exception):
+    with pytest.raises(TypeError, match="'w' is a str, not a torch.Tensor"):
         write_tensors(tmp_path / "e.safetensors", {"w": "not a tensor"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.safetensors"]
+
+
+def test_the_deprecated_merge_adapter_files_warns_and_merges_as_merge(llama, tmp_path):
+    _, paths = llama
+    from extsub_kernels import merge_adapter_files
+
+    with pytest.warns(DeprecationWarning, match="use merge"):
+        old = merge_adapter_files(paths["expert"], [paths["anti"], paths["anti2"]], tmp_path / "old", [0.5, 1.5])
+    _merge(paths["expert"], [paths["anti"], paths["anti2"]], tmp_path / "new", [[0.5, 1.5]])
+    assert old.adapter.reports[0].lams == (0.5, 1.5)
+    assert load_file(str(tmp_path / "old" / "adapter_model.safetensors")) .keys() == load_file(
+        str(tmp_path / "new" / "adapter_model.safetensors")
+    ).keys()
+    old_tensors = load_file(str(tmp_path / "old" / "adapter_model.safetensors"))
+    new_tensors = load_file(str(tmp_path / "new" / "adapter_model.safetensors"))
+    assert all(torch.equal(old_tensors[k], new_tensors[k]) for k in new_tensors)

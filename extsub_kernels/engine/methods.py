@@ -1,18 +1,19 @@
-"""The per-tensor operation of a merge: one tensor (or block of rows) and its anti-experts → the result.
+"""The method step of a merge, per tensor: ext-sub, sub or add of each anti-expert in order, optionally on task vectors.
 
-Kept apart from the streaming so any producer of tensors can reuse it with the writer.
+Kept apart from streaming so every producer of tensors (the dense engine, the full model of
+an adapter merge) applies a method the same way.
 """
 
 from collections.abc import Sequence
 
 import torch
 
+from extsub_kernels._tensors import compute_dtype
+from extsub_kernels.engine.options import method_sign
 from extsub_kernels.ops import ext_sub_, subtract_
 
-METHODS = ("ext-sub", "sub", "add")
 
-
-def combine(
+def apply_method(
     plus: torch.Tensor,
     minus: Sequence[torch.Tensor],
     lams: Sequence[float],
@@ -35,33 +36,31 @@ def combine(
     otherwise left unchanged.
 
     Example:
-        >>> out = combine(torch.randn(8, 16), [torch.randn(8, 16)], [1.0])
+        >>> out = apply_method(torch.randn(8, 16), [torch.randn(8, 16)], [1.0])
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    sign = method_sign(method)
     if len(minus) != len(lams):
         raise ValueError(f"{len(minus)} anti-expert tensors but {len(lams)} λ values")
     out_dtype = out_dtype or plus.dtype
     if len(minus) == 1 and base is None and out_dtype == plus.dtype:
         work = plus if inplace else plus.clone()
-        _step(work, minus[0], lams[0], method, transposed)
+        _step(work, minus[0], lams[0], method, sign, transposed)
         return work
     dtypes = [plus.dtype, *(m.dtype for m in minus)] + ([base.dtype] if base is not None else [])
-    compute = torch.float64 if torch.float64 in dtypes else torch.float32
-    work = plus.to(compute, copy=True)
+    work = plus.to(compute_dtype(*dtypes), copy=True)
     if base is not None:
         work.sub_(base)
-    for m, lam in zip(minus, lams):
-        _step(work, m.to(compute) - base if base is not None else m, lam, method, transposed)
+    for m, lam in zip(minus, lams, strict=True):
+        _step(work, m.to(work.dtype) - base if base is not None else m, lam, method, sign, transposed)
     if base is not None:
         work.add_(base)
     return work.to(out_dtype)
 
 
-def _step(work: torch.Tensor, minus: torch.Tensor, lam: float, method: str, transposed: bool) -> None:
+def _step(work: torch.Tensor, minus: torch.Tensor, lam: float, method: str, sign: float, transposed: bool) -> None:
     if transposed:
         work, minus = work.t(), minus.t()
     if method == "ext-sub":
         ext_sub_(work, minus, lam)
     else:
-        subtract_(work, minus, lam if method == "sub" else -lam)
+        subtract_(work, minus, -sign * lam)

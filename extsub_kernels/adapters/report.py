@@ -1,0 +1,89 @@
+"""What an adapter merge did to each module: the report's adapter section and its summary text."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class AdapterReport:
+    """What a merge did, module by module, for the summary a user reads.
+
+    Non-LoRA tensors (PEFT's modules_to_save, trained biases) are full weights: they are
+    copied from the expert (`extra_copied`), merged as task vectors against a base model
+    (`extra_merged`, with --base), or left out of a delta output (`extra_left_out`).
+    """
+
+    method: str
+    lams: tuple[float, ...]
+    merged: list[str] = field(default_factory=list)  # expert and ≥ 1 anti-expert
+    copied: list[str] = field(default_factory=list)  # expert only: unchanged
+    dropped: list[str] = field(default_factory=list)  # anti-experts only, ext-sub: Ext = 0
+    added: list[str] = field(default_factory=list)  # anti-experts only, sub/add: ∓λ·ΔW⁻
+    zero_rows: dict[str, int] = field(default_factory=dict)  # rows with |p| = 0, kept unchanged
+    truncation_error: dict[str, float] = field(default_factory=dict)  # relative Frobenius error
+    extra_copied: list[str] = field(default_factory=list)
+    extra_merged: list[str] = field(default_factory=list)
+    extra_left_out: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line: method and λ, counts per outcome, dropped modules and the truncation error."""
+        return f"{self.method} λ={','.join(f'{lam:g}' for lam in self.lams)}: {summarize_modules([self])}"
+
+    def details(self) -> list[str]:
+        """One line per module with its truncation error, then the modules left out."""
+        lines = [f"{name}: relative truncation error {error:.6g}" for name, error in self.truncation_error.items()]
+        lines += [f"{name}: only in anti-experts, nothing under ext-sub" for name in self.dropped]
+        return lines
+
+
+def summarize_modules(reports: Sequence[AdapterReport]) -> str:
+    """The module part of a summary line, over the reports of one run (one per λ setting).
+
+    Which modules are merged, copied or left out does not depend on λ, so those counts come
+    from the first report; the truncation error is the max and mean over every module of
+    every report.
+
+    Example:
+        >>> summarize_modules([AdapterReport("ext-sub", (1.0,), merged=["q"], copied=["v"])])
+        '2 LoRA modules: 1 merged; 1 copied from the expert'
+    """
+    first = reports[0]
+    total = len(first.merged) + len(first.copied) + len(first.dropped) + len(first.added)
+    parts = [f"{total} LoRA modules: {len(first.merged)} merged", f"{len(first.copied)} copied from the expert"]
+    if first.dropped:
+        shown = ", ".join(first.dropped[:3]) + (" …" if len(first.dropped) > 3 else "")
+        parts.append(f"{len(first.dropped)} only in anti-experts, nothing under ext-sub (|p| = 0, so Ext = 0): {shown}")
+    if first.added:
+        parts.append(f"{len(first.added)} only in anti-experts, added as {'−' if first.method == 'sub' else '+'}λ·ΔW⁻")
+    rows = max(sum(r.zero_rows.values()) for r in reports)
+    if rows:
+        parts.append(f"{rows} expert rows with |p| = 0 kept unchanged")
+    errors = [(error, name) for r in reports for name, error in r.truncation_error.items()]
+    if errors:
+        worst, where = max(errors)
+        mean = sum(e for e, _ in errors) / len(errors)
+        parts.append(f"relative truncation error (Frobenius) max {worst:.3g} ({where}), mean {mean:.3g}")
+    for names, what in (
+        (first.extra_copied, "copied from the expert"),
+        (first.extra_merged, "merged as task vectors against BASE"),
+        (first.extra_left_out, "left out (full weights, not deltas)"),
+    ):
+        if names:
+            parts.append(f"{len(names)} non-LoRA tensors {what}")
+    return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class AdapterSection:
+    """The adapter section of a MergeReport: one AdapterReport per output (λ setting)."""
+
+    reports: tuple[AdapterReport, ...]
+
+    def summary(self) -> str:
+        """The module part of the summary line, over every output."""
+        return summarize_modules(self.reports)
+
+    def details(self, outputs: Sequence[Path]) -> list[str]:
+        """Per-module lines (truncation error, modules left out), prefixed by their output."""
+        return [f"{path}: {line}" for path, report in zip(outputs, self.reports) for line in report.details()]

@@ -1,0 +1,302 @@
+"""The adapter engine: LoRA adapters in, outputs out (the adapter half of `merge`).
+
+Every adapter is loaded and validated before anything is written (PEFT folders, hub
+snapshots, bare .safetensors files with their scaling). The merge runs in the factored space
+once per λ setting (O((out + in)·r²) per module, DESIGN.md §3). Each output is a `LazyOutput`
+streamed through the engine's one write loop one tensor at a time, so no output is ever held
+in memory: a PEFT adapter (`lora`), the paper's dense layout (`dense-lora`), dense deltas
+(`delta`), or, with a base model, the full merged model θ₀ + ΔW' (`full_model`).
+"""
+
+import dataclasses
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from extsub_kernels.adapters.formats import dense_lora_output, delta_output, lora_output
+from extsub_kernels.adapters.full_model import full_model_outputs, match_targets
+from extsub_kernels.adapters.lora import LoraAdapter, MergedAdapter, check_max_rank, merge_adapters
+from extsub_kernels.adapters.peft import CONFIG_NAME, LoraScaling, load_adapter, peft_key, weight_key
+from extsub_kernels.adapters.report import AdapterSection
+from extsub_kernels.engine.architecture import transposed_weights
+from extsub_kernels.engine.memory import peak_rss_bytes
+from extsub_kernels.engine.options import DEFAULT_MAX_SHARD_SIZE, FORMATS, RunOptions, check_choice, parse_size
+from extsub_kernels.engine.outputs import LazyOutput, run_metadata, write_outputs
+from extsub_kernels.engine.report import MergeReport
+from extsub_kernels.engine.transfer import Transfer
+from extsub_kernels.errors import AdapterError, InputError
+from extsub_kernels.io import CheckpointReader, ResolvedInput, is_folder_output
+
+Inputs = Sequence[tuple[str, ResolvedInput]]
+
+
+@dataclass(frozen=True)
+class AdapterOptions:
+    """The options only adapter merges have.
+
+    Attributes:
+        output_format: "lora" (exact factored PEFT adapter), "dense-lora" (lora_B = ΔW', lora_A = I)
+            or "delta" (ΔW' keyed by base-model weight names); None: "lora" (or the full model with a base).
+        max_rank: "lora" only: truncate each module to this rank (SVD in the factored space).
+        scaling: the scaling of bare adapter files that have no adapter_config.json.
+        any_base_model: accept adapters whose base_model_name_or_path differ (shapes are still checked).
+    """
+
+    output_format: str | None = None
+    max_rank: int | None = None
+    scaling: LoraScaling | None = None
+    any_base_model: bool = False
+
+    def given(self) -> list[str]:
+        """The options that were set, as "--flag (python_name)", to refuse them with dense inputs."""
+        flags = [
+            (self.output_format is not None, "--format (output_format)"),
+            (self.max_rank is not None, "--max-rank (max_rank)"),
+            (self.scaling is not None, "--lora-alpha (scaling)"),
+            (self.any_base_model, "--any-base-model (any_base_model)"),
+        ]
+        return [flag for is_set, flag in flags if is_set]
+
+    def checked_format(self, *, base: bool) -> str:
+        """The output format (default "lora"), after the checks that need no input.
+
+        Raises:
+            InputError: an unknown format; a format with a base model (the output is then the
+                full model); a max_rank that is not a positive int, or with another format than lora.
+        """
+        if self.output_format is not None:
+            check_choice(self.output_format, FORMATS, "output format")
+        if base and self.output_format is not None:
+            raise InputError(
+                f"--base writes the full merged model θ₀ + ΔW'; --format {self.output_format} is for adapter outputs, "
+                "drop one of them"
+            )
+        if self.max_rank is not None:
+            check_max_rank(self.max_rank)
+            if base or (self.output_format or "lora") != "lora":
+                other = "--base" if base else f"--format {self.output_format}"
+                raise InputError(
+                    f"--max-rank truncates the factored adapter, so it applies to --format lora, not to {other}"
+                )
+        return self.output_format or "lora"
+
+
+def shard_limit(out: Path, output_format: str, options: RunOptions, *, base: bool) -> int | None:
+    """Largest shard of an adapter merge's output in bytes, None for one weights file.
+
+    Full models (`base`) and `delta` folders shard like the dense engine's outputs, past
+    --max-shard-size or its default. Adapter folders are one adapter_model.safetensors by
+    default, the only file PEFT reads: `lora` never shards, `dense-lora` only when asked to.
+    """
+    if not is_folder_output(out):
+        if not base and output_format != "delta":
+            raise InputError(
+                f"OUT {out}: the {output_format} format writes a PEFT adapter folder (adapter_model.safetensors and "
+                f"{CONFIG_NAME}); give a folder OUT, or --format delta for one .safetensors file"
+            )
+        return None
+    if base or output_format == "delta":
+        return options.shard_limit(default=parse_size(DEFAULT_MAX_SHARD_SIZE))
+    if options.max_shard_size is None:
+        return None
+    if output_format == "lora":
+        raise InputError(
+            "a lora adapter is small and PEFT reads it from one adapter_model.safetensors; "
+            "--max-shard-size applies to dense-lora, delta and --base outputs"
+        )
+    warnings.warn(
+        "--max-shard-size shards the dense-lora adapter (adapter_model-0000i-of-0000n.safetensors and an index); "
+        "PEFT's from_pretrained reads only an unsharded adapter_model.safetensors",
+        stacklevel=2,
+    )
+    return options.max_shard_size
+
+
+def load_inputs(inputs: Inputs, scaling: LoraScaling | None = None) -> list[LoraAdapter]:
+    """Load and validate resolved adapter inputs, in order; each adapter's `source` is its spec.
+
+    An adapter with an adapter_config.json (in its folder, or beside a bare file) takes its
+    scaling from it. Weights without one take the explicit `scaling`; without it, loading
+    fails with a message that says so. An explicit scaling that no input needs is refused
+    rather than silently ignored: a config is never overridden.
+
+    Raises:
+        AdapterError: a bad adapter (see `load_adapter`), or scaling that is missing or unused.
+    """
+    adapters, used = [], False
+    for role, inp in inputs:
+        path = inp.files[0] if inp.kind == "file" else inp.root
+        has_config = (inp.files[0].parent if inp.kind == "file" else inp.root).joinpath(CONFIG_NAME).is_file()
+        if has_config or scaling is None:
+            adapter = load_adapter(path)
+        elif len(inp.files) != 1:
+            raise AdapterError(
+                f"{role} {inp.spec}: LoRA weights in {len(inp.files)} files; an adapter is one .safetensors file"
+            )
+        else:
+            adapter = load_adapter(inp.files[0], scaling=scaling)
+            used = True
+        adapters.append(dataclasses.replace(adapter, source=inp.spec))
+    if scaling is not None and not used:
+        raise AdapterError(
+            f"--lora-alpha/--rank/--rslora give the scaling of LoRA weights that have no {CONFIG_NAME}, but every "
+            "adapter here has one (a config's scaling is never overridden); drop them"
+        )
+    return adapters
+
+
+def merge_setting(
+    adapters: Sequence[LoraAdapter],
+    lams: Sequence[float],
+    method: str,
+    *,
+    output_format: str,
+    base: bool,
+    max_rank: int | None = None,
+    any_base_model: bool = False,
+) -> MergedAdapter:
+    """`merge_adapters` for one λ setting, with the non-LoRA tensors handled as the output needs.
+
+    They are full weights (PEFT's modules_to_save, trained biases). Adapter folders get the
+    expert's copied (merge_adapters warns). A `delta` output leaves them out, with a warning:
+    they are not deltas. With a base model they are merged against θ₀ by the full model, so
+    here they are only listed.
+    """
+    expert, antis = adapters[0], adapters[1:]
+    options = dict(max_rank=max_rank, any_base_model=any_base_model)
+    if not base and output_format != "delta":
+        return merge_adapters(expert, antis, lams, method, **options)
+    stripped = [dataclasses.replace(a, extra={}) for a in adapters]
+    merged = merge_adapters(stripped[0], stripped[1:], lams, method, **options)
+    extra = [f"{a.source}: {key}" for a in adapters for key in a.extra]
+    if base:
+        merged.report.extra_merged.extend(extra)
+    elif extra:
+        merged.report.extra_left_out.extend(extra)
+        warnings.warn(
+            f"{len(extra)} non-LoRA tensors (e.g. {extra[0]}) are full weights (PEFT modules_to_save or trained "
+            "biases), not deltas; the delta format leaves them out (give --base to merge them into the full model)",
+            stacklevel=2,
+        )
+    return merged
+
+
+def adapter_output(
+    merged: LoraAdapter, output_format: str, *, dtype: torch.dtype | None = None, device: torch.device | None = None
+) -> LazyOutput:
+    """The lazy output of one adapter merge in `output_format` ("lora", "dense-lora" or "delta")."""
+    if output_format == "lora":
+        return lora_output(merged, dtype=dtype)
+    if output_format == "dense-lora":
+        return dense_lora_output(merged, dtype=dtype, device=device)
+    return delta_output(merged, dtype=dtype, device=device)
+
+
+def run_adapters(
+    inputs: Inputs,
+    options: RunOptions,
+    adapter_options: AdapterOptions,
+    paths: Sequence[Path],
+    *,
+    started: float,
+    loaded: Mapping[str, LoraAdapter] | None = None,
+) -> MergeReport:
+    """Merge resolved adapter inputs (and a base model) and write one output per λ setting.
+
+    The adapters are read once; each λ setting is a factored merge; every output streams
+    through `write_outputs` in one pass (with a base model, each base tensor is read once for
+    all outputs). The caller has checked the outputs' paths.
+
+    Args:
+        inputs: (role, input) pairs: EXPERT, the ANTIs in order, and BASE if given.
+        options: λ settings, method, device (where ΔW' = B·A is formed), dtype, shards, force, progress.
+        adapter_options: output format, truncation, scaling of bare files, base-model check.
+        paths: one output per λ setting.
+        started: `time.perf_counter()` at the start of the merge, for the report's seconds.
+        loaded: adapters already in memory, by role (their inputs are of kind "memory").
+    """
+    base = inputs[-1][1] if inputs[-1][0] == "BASE" else None
+    adapter_inputs = [(role, inp) for role, inp in inputs if role != "BASE"]
+    output_format = adapter_options.checked_format(base=base is not None)
+    limit = shard_limit(paths[0], output_format, options, base=base is not None)
+    adapters = _adapters(adapter_inputs, loaded or {}, adapter_options.scaling)
+    bytes_read = sum(f.stat().st_size for _, inp in adapter_inputs for f in inp.files)
+    merged = [
+        merge_setting(
+            adapters,
+            lams,
+            options.method,
+            output_format=output_format,
+            base=base is not None,
+            max_rank=adapter_options.max_rank,
+            any_base_model=adapter_options.any_base_model,
+        )
+        for lams in options.settings
+    ]
+    transfer = Transfer(options.device)
+    transfer.reset_peak()
+    metadata = run_metadata(inputs, options, None if base else output_format)
+    writing = dict(max_shard_size=limit, force=options.force, progress=options.progress)
+    if base is None:
+        dtype, device = options.out_dtype, options.device
+        outputs = [adapter_output(m, output_format, dtype=dtype, device=device) for m in merged]
+        written, bytes_written = write_outputs(outputs, paths, metadata, **writing)
+        computed = _computed_names(merged[0], output_format) & {e.name for e in outputs[0].entries}
+    else:
+        with CheckpointReader(base.files, label="BASE") as reader:
+            targets = match_targets(
+                merged[0].modules,
+                reader,
+                fan_in_fan_out=merged[0].fan_in_fan_out,
+                conv1d=transposed_weights(base.config()),
+                expert_extra=adapters[0].extra,
+                anti_extras=[a.extra for a in adapters[1:]],
+                sources=[a.source for a in adapters],
+            )
+            extra_files = [p for p in base.config_files if p.name != CONFIG_NAME] if is_folder_output(paths[0]) else []
+            outputs = full_model_outputs(
+                merged,
+                options.settings,
+                reader,
+                targets,
+                method=options.method,
+                out_dtype=options.out_dtype,
+                device=options.device,
+                extra_files=extra_files,
+            )
+            written, bytes_written = write_outputs(outputs, paths, metadata, **writing)
+            bytes_read += sum(reader.info(k).nbytes for k in reader.keys())
+            computed = set(targets)
+    tensors = len(outputs[0].entries)
+    return MergeReport(
+        outputs=written,
+        tensors=tensors,
+        merged=len(computed),
+        copied=tensors - len(computed),
+        skipped=0,
+        bytes_read=bytes_read,
+        bytes_written=bytes_written,
+        seconds=time.perf_counter() - started,
+        peak_rss_bytes=peak_rss_bytes(),
+        peak_gpu_bytes=transfer.peak_memory(),
+        device=str(options.device),
+        adapter=AdapterSection(tuple(m.report for m in merged)),
+    )
+
+
+def _adapters(inputs: Inputs, loaded: Mapping[str, LoraAdapter], scaling: LoraScaling | None) -> list[LoraAdapter]:
+    """The adapters in order: those given in memory, the others loaded from their resolved inputs."""
+    fresh = iter(load_inputs([(role, inp) for role, inp in inputs if role not in loaded], scaling))
+    return [loaded[role] if role in loaded else next(fresh) for role, _ in inputs]
+
+
+def _computed_names(merged: MergedAdapter, output_format: str) -> set[str]:
+    """Output tensors of an adapter output that the merge computed (the rest are the expert's, copied)."""
+    modules = [*merged.report.merged, *merged.report.added]
+    if output_format == "delta":
+        return {weight_key(m) for m in modules}
+    return {peft_key(m, part) for m in modules for part in "AB"}
