@@ -85,6 +85,7 @@ def _folder_bytes(path: Path) -> int:
 def make_adapters(workdir: Path, layers: int) -> dict[str, Path]:
     """Two synthetic PEFT adapter folders (bf16, r = 16) with different seeds."""
     import torch
+
     from extsub_kernels.adapter import peft_key, write_adapter
 
     paths = {}
@@ -99,8 +100,14 @@ def make_adapters(workdir: Path, layers: int) -> dict[str, Path]:
                 state[peft_key(name_, "A")] = ((torch.rand(RANK, inp, generator=gen) * 2 - 1) * bound).bfloat16()
                 state[peft_key(name_, "B")] = (torch.randn(out, RANK, generator=gen) * 0.02).bfloat16()
         config = {
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "synthetic/llama-7b-shape",
-            "r": RANK, "lora_alpha": ALPHA, "target_modules": list(MODULES), "lora_dropout": 0.05, "bias": "none",
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": "synthetic/llama-7b-shape",
+            "r": RANK,
+            "lora_alpha": ALPHA,
+            "target_modules": list(MODULES),
+            "lora_dropout": 0.05,
+            "bias": "none",
         }
         paths[name] = write_adapter(workdir / name, state, config)
     return paths
@@ -143,6 +150,7 @@ def authors_ext_sub(p, m, lam: float):
 def run_authors(expert: Path, anti: Path, out: Path, layers: int, device: str) -> dict:
     import torch
     from safetensors import safe_open
+
     from extsub_kernels.adapter import WEIGHTS_NAME, peft_key
 
     scaling = ALPHA / RANK
@@ -173,6 +181,7 @@ def run_authors(expert: Path, anti: Path, out: Path, layers: int, device: str) -
 def _variant_main(args: argparse.Namespace) -> None:
     t_start = time.perf_counter()
     import torch  # noqa: F401  (import time is reported apart)
+
     import extsub_kernels  # noqa: F401
 
     import_s = time.perf_counter() - t_start
@@ -186,7 +195,13 @@ def _variant_main(args: argparse.Namespace) -> None:
         row = run_merge(expert, anti, out, args.variant, args.device)
     done = resource.getrusage(resource.RUSAGE_SELF)
     cpu_s = (done.ru_utime - usage.ru_utime) + (done.ru_stime - usage.ru_stime)
-    row.update(import_s=import_s, cpu_s=cpu_s, rss_after_import_mb=rss_after_import, peak_rss_mb=_rss_mb(), output_bytes=_folder_bytes(out))
+    row.update(
+        import_s=import_s,
+        cpu_s=cpu_s,
+        rss_after_import_mb=rss_after_import,
+        peak_rss_mb=_rss_mb(),
+        output_bytes=_folder_bytes(out),
+    )
     print(json.dumps(row))
 
 
@@ -201,6 +216,7 @@ def compare(workdir: Path, layers: list[int], authors_layers: int) -> dict:
     """
     import torch
     from safetensors import safe_open
+
     from extsub_kernels import ext_sub_reference
     from extsub_kernels.adapter import load_adapter, peft_key
     from extsub_kernels.io.reader import CheckpointReader
@@ -221,7 +237,9 @@ def compare(workdir: Path, layers: list[int], authors_layers: int) -> dict:
         with safe_open(str(workdir / "out-authors" / authors_shard), "pt") as fa:
             for module in MODULES:
                 name = _module_name(layer, module)
-                exact = ext_sub_reference(expert.modules[name].delta(torch.float64), anti.modules[name].delta(torch.float64), LAM)
+                exact = ext_sub_reference(
+                    expert.modules[name].delta(torch.float64), anti.modules[name].delta(torch.float64), LAM
+                )
                 results = {
                     "lora": lora.modules[name].delta(torch.float64),
                     "dense-lora": dense.read(peft_key(name, "B")).double(),
@@ -231,7 +249,9 @@ def compare(workdir: Path, layers: list[int], authors_layers: int) -> dict:
                 pairs = [("lora", "dense-lora"), ("lora", "authors"), ("dense-lora", "authors")]
                 diffs = {f"{a} vs {b}": results[a] - results[b] for a, b in pairs}
                 diffs.update({f"{k} vs float64 oracle": v - exact for k, v in results.items()})
-                diffs["lora before bf16 storage (float32 factors) vs float64 oracle"] = factored.modules[name].delta(torch.float64) - exact
+                diffs["lora before bf16 storage (float32 factors) vs float64 oracle"] = (
+                    factored.modules[name].delta(torch.float64) - exact
+                )
                 for key, diff in diffs.items():
                     worst[key] = max(worst.get(key, 0.0), float(diff.abs().max()) / scale)
     dense.close()
@@ -242,16 +262,31 @@ def compare(workdir: Path, layers: list[int], authors_layers: int) -> dict:
 
 
 def _spawn(variant: str, workdir: Path, layers: int, device: str) -> dict:
-    cmd = [sys.executable, __file__, "--variant", variant, "--workdir", str(workdir), "--layers", str(layers), "--device", device]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--variant",
+        variant,
+        "--workdir",
+        str(workdir),
+        "--layers",
+        str(layers),
+        "--device",
+        device,
+    ]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _environment(device: str) -> dict:
     import torch
+
     import extsub_kernels
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
     gpu = f"{torch.cuda.get_device_name(device)}; " if device.startswith("cuda") else ""
     return {
         "device": f"{gpu}cpu: {cpu}, {os.cpu_count()} cores",
@@ -267,8 +302,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--workdir", help="scratch folder (default: a temporary folder, removed afterwards)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per variant; times are medians, peak RSS the maximum")
-    parser.add_argument("--authors-layers", type=int, default=2, help="layers the authors' pattern runs on (then extrapolated)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs per variant; times are medians, peak RSS the maximum"
+    )
+    parser.add_argument(
+        "--authors-layers", type=int, default=2, help="layers the authors' pattern runs on (then extrapolated)"
+    )
     parser.add_argument("--device", default="cpu", help="where B·A and the merge run: cpu (default), cuda or cuda:N")
     parser.add_argument("--variant", choices=["lora", "dense-lora", "authors"], help=argparse.SUPPRESS)
     parser.add_argument("--table", action="store_true", help="print the markdown table from the saved rows")
@@ -286,7 +325,9 @@ def main() -> None:
     scratch.mkdir(parents=True, exist_ok=True)
     try:
         env = _environment(args.device)
-        shape = f"llama-7b: {args.layers} layers x 7 modules, hidden {HIDDEN}, intermediate {INTERMEDIATE}, r={RANK}, bf16"
+        shape = (
+            f"llama-7b: {args.layers} layers x 7 modules, hidden {HIDDEN}, intermediate {INTERMEDIATE}, r={RANK}, bf16"
+        )
         print(f"inputs: {shape} in {scratch}", file=sys.stderr)
         make_adapters(scratch, args.layers)
         input_bytes = _folder_bytes(scratch / "expert") + _folder_bytes(scratch / "anti")
@@ -295,30 +336,63 @@ def main() -> None:
         for variant in ("lora", "dense-lora", "authors"):
             layers = authors_layers if variant == "authors" else args.layers
             runs = []
-            for repeat in range(args.repeats):
-                shutil.rmtree(scratch / f"out-{variant}", ignore_errors=True)  # the last run's output stays for the comparison
+            for _repeat in range(args.repeats):
+                shutil.rmtree(
+                    scratch / f"out-{variant}", ignore_errors=True
+                )  # the last run's output stays for the comparison
                 load = os.getloadavg()[0]
                 runs.append({**_spawn(variant, scratch, layers, args.device), "loadavg_1min_before": load})
             row = dict(runs[-1])
             row.update({key: statistics.median(r[key] for r in runs) for key in runs[0] if key.endswith("_s")})
-            row.update(runs=runs, wall_s_runs=[r["wall_s"] for r in runs], wall_s_min=min(r["wall_s"] for r in runs),
-                       loadavg_1min_before=[r["loadavg_1min_before"] for r in runs], peak_rss_mb=max(r["peak_rss_mb"] for r in runs),
-                       peak_gpu_bytes=max((r.get("peak_gpu_bytes") or 0) for r in runs) or None)
-            row.update(env, bench="lora", variant=variant, shape=shape, shape_layers=args.layers, input_bytes=input_bytes, lam=LAM)
+            row.update(
+                runs=runs,
+                wall_s_runs=[r["wall_s"] for r in runs],
+                wall_s_min=min(r["wall_s"] for r in runs),
+                loadavg_1min_before=[r["loadavg_1min_before"] for r in runs],
+                peak_rss_mb=max(r["peak_rss_mb"] for r in runs),
+                peak_gpu_bytes=max((r.get("peak_gpu_bytes") or 0) for r in runs) or None,
+            )
+            row.update(
+                env,
+                bench="lora",
+                variant=variant,
+                shape=shape,
+                shape_layers=args.layers,
+                input_bytes=input_bytes,
+                lam=LAM,
+            )
             if layers < args.layers:  # a measured subset, extrapolated linearly to every layer
                 factor = args.layers / layers
                 for key in ("compute_s", "write_s"):  # parts of the measured subset, kept as such
                     row[f"measured_{key}"] = row.pop(key)
-                row.update(extrapolated_from_layers=layers, measured_wall_s=row["wall_s"], measured_output_bytes=row["output_bytes"],
-                           wall_s=row["wall_s"] * factor, wall_s_min=row["wall_s_min"] * factor, cpu_s=row["cpu_s"] * factor,
-                           output_bytes=round(row["output_bytes"] * factor))
+                row.update(
+                    extrapolated_from_layers=layers,
+                    measured_wall_s=row["wall_s"],
+                    measured_output_bytes=row["output_bytes"],
+                    wall_s=row["wall_s"] * factor,
+                    wall_s_min=row["wall_s_min"] * factor,
+                    cpu_s=row["cpu_s"] * factor,
+                    output_bytes=round(row["output_bytes"] * factor),
+                )
             rows.append(row)
-            print(f"{variant}: {row['wall_s']:.2f} s, peak RSS {row['peak_rss_mb']:.0f} MB, {row['output_bytes'] / 1e9:.3f} GB", file=sys.stderr)
+            print(
+                f"{variant}: {row['wall_s']:.2f} s, peak RSS {row['peak_rss_mb']:.0f} MB, {row['output_bytes'] / 1e9:.3f} GB",
+                file=sys.stderr,
+            )
         compare_layers = list(range(authors_layers))
         worst = compare(scratch, compare_layers, authors_layers)
-        rows.append({**env, "bench": "lora", "variant": "max-difference", "shape": shape, "lam": LAM,
-                     "compared_layers": compare_layers, "compared_modules": len(compare_layers) * len(MODULES),
-                     "max_abs_diff_over_max_abs": worst})
+        rows.append(
+            {
+                **env,
+                "bench": "lora",
+                "variant": "max-difference",
+                "shape": shape,
+                "lam": LAM,
+                "compared_layers": compare_layers,
+                "compared_modules": len(compare_layers) * len(MODULES),
+                "max_abs_diff_over_max_abs": worst,
+            }
+        )
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)
         Path(args.results).write_text(json.dumps(rows, indent=1) + "\n")
         print(table(rows))
@@ -347,7 +421,11 @@ def table(rows: list[dict]) -> str:
         )
     diff = next((r for r in rows if r["variant"] == "max-difference"), None)
     if diff:
-        lines += ["", f"Largest |difference| / max|ΔW'| over {diff['compared_modules']} modules (layers {diff['compared_layers']}):", ""]
+        lines += [
+            "",
+            f"Largest |difference| / max|ΔW'| over {diff['compared_modules']} modules (layers {diff['compared_layers']}):",
+            "",
+        ]
         lines += ["| pair | max abs diff / max abs |", "|---|---:|"]
         lines += [f"| {k} | {v:.3g} |" for k, v in diff["max_abs_diff_over_max_abs"].items()]
     return "\n".join(lines)

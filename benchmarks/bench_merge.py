@@ -42,8 +42,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from extsub_kernels import __version__  # noqa: E402
-from extsub_kernels.io import CheckpointWriter, TensorEntry  # noqa: E402
+from extsub_kernels import __version__
+from extsub_kernels.io import CheckpointWriter, TensorEntry
 
 HIDDEN, INTERMEDIATE, VOCAB = 5120, 13824, 32000
 DTYPE = torch.bfloat16
@@ -58,7 +58,11 @@ LAYER_SHAPES = {
     "input_layernorm.weight": (HIDDEN,),
     "post_attention_layernorm.weight": (HIDDEN,),
 }
-OUTER_SHAPES = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)}
+OUTER_SHAPES = {
+    "model.embed_tokens.weight": (VOCAB, HIDDEN),
+    "model.norm.weight": (HIDDEN,),
+    "lm_head.weight": (VOCAB, HIDDEN),
+}
 LARGEST_TENSOR_BYTES = VOCAB * HIDDEN * DTYPE.itemsize
 READ_BUFFER = 32 << 20
 
@@ -135,8 +139,13 @@ def child_merge(expert: str, anti: str, out: str, device: str) -> dict:
     from extsub_kernels import merge
 
     report = merge(expert, anti, out, lam=1.0, device=device)
-    return {"seconds": report.seconds, "bytes_read": report.bytes_read, "bytes_written": report.bytes_written,
-            "peak_rss_bytes": report.peak_rss_bytes, "peak_gpu_bytes": report.peak_gpu_bytes}  # fmt: skip
+    return {
+        "seconds": report.seconds,
+        "bytes_read": report.bytes_read,
+        "bytes_written": report.bytes_written,
+        "peak_rss_bytes": report.peak_rss_bytes,
+        "peak_gpu_bytes": report.peak_gpu_bytes,
+    }
 
 
 def child_load_all(expert: str, anti: str, out: str, device: str) -> dict:
@@ -145,7 +154,9 @@ def child_load_all(expert: str, anti: str, out: str, device: str) -> dict:
     from extsub_kernels import ext_sub_
 
     started = time.perf_counter()
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
     e, a = {}, {}
     for folder, into in ((expert, e), (anti, a)):
         for path in sorted(Path(folder).glob("*.safetensors")):
@@ -204,18 +215,32 @@ def _fs_type(path: Path) -> str:
     return fs
 
 
-def run(layer_counts: list[int], baseline_layers: list[int], repeat: int, device: str, workdir: Path, output_dir: Path) -> list[dict]:
+def run(
+    layer_counts: list[int], baseline_layers: list[int], repeat: int, device: str, workdir: Path, output_dir: Path
+) -> list[dict]:
     """Rows for every run: plain-read and merge `repeat` times, interleaved (the disk's speed drifts),
     then load-all once where asked (it is the slow one)."""
     shards = {role: workdir / f"shards-{role}" for role in ("expert", "anti")}
-    for seed, (role, folder) in enumerate(shards.items()):
+    for seed, (_role, folder) in enumerate(shards.items()):
         make_layer_shards(folder, max(layer_counts), seed)
     cold = _drop_caches()
     idle_rss = _run_child("idle", [])["peak_rss_bytes"]
-    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() and device != "cpu" else f"cpu ({os.cpu_count()} cores)"
-    common = {"date": datetime.date.today().isoformat(), "device": device_name, "torch": torch.__version__, "extsub": __version__,
-              "python": platform.python_version(), "cache": "cold" if cold else "warm", "idle_rss_bytes": idle_rss,
-              "largest_tensor_bytes": LARGEST_TENSOR_BYTES, "output_fs": _fs_type(output_dir)}  # fmt: skip
+    device_name = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available() and device != "cpu"
+        else f"cpu ({os.cpu_count()} cores)"
+    )
+    common = {
+        "date": datetime.date.today().isoformat(),
+        "device": device_name,
+        "torch": torch.__version__,
+        "extsub": __version__,
+        "python": platform.python_version(),
+        "cache": "cold" if cold else "warm",
+        "idle_rss_bytes": idle_rss,
+        "largest_tensor_bytes": LARGEST_TENSOR_BYTES,
+        "output_fs": _fs_type(output_dir),
+    }
     rows = []
     for layers in layer_counts:
         pair = {role: workdir / f"{role}-{layers}" for role in shards}
@@ -226,11 +251,20 @@ def run(layer_counts: list[int], baseline_layers: list[int], repeat: int, device
             out = output_dir / f"extsub-bench-out-{kind}-{layers}"
             args = [str(pair["expert"]), str(pair["anti"])] + ([] if kind == "plain-read" else [str(out), device])
             if not (cold and _drop_caches()):
-                _run_child("plain-read", [str(pair["expert"]), str(pair["anti"])])  # warm the cache the same way for every run
+                _run_child(
+                    "plain-read", [str(pair["expert"]), str(pair["anti"])]
+                )  # warm the cache the same way for every run
             result = _run_child(kind, args)
             shutil.rmtree(out, ignore_errors=True)
-            row = {**common, "layers": layers, "run": kind, "rep": rep, "input_bytes": input_bytes, **result,
-                   "gb_per_s": input_bytes / 1e9 / result["seconds"]}  # fmt: skip
+            row = {
+                **common,
+                "layers": layers,
+                "run": kind,
+                "rep": rep,
+                "input_bytes": input_bytes,
+                **result,
+                "gb_per_s": input_bytes / 1e9 / result["seconds"],
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
         for folder in pair.values():
@@ -259,7 +293,9 @@ def markdown(rows: list[dict]) -> str:
         read_rate = group[0]["input_bytes"] / 1e9 / median[(layers, "plain-read")]
         rss = max(r["peak_rss_bytes"] for r in group)
         gpu = max((r.get("peak_gpu_bytes") or 0) for r in group)
-        spread = f"{min(r['seconds'] for r in group):.1f}–{max(r['seconds'] for r in group):.1f}" if len(group) > 1 else "–"
+        spread = (
+            f"{min(r['seconds'] for r in group):.1f}–{max(r['seconds'] for r in group):.1f}" if len(group) > 1 else "–"
+        )
         lines.append(
             f"| {layers} | {group[0]['input_bytes'] / 1e9:.2f} | {kind} | {len(group)} | {seconds:.1f}; {spread} | {rate:.2f} | "
             f"{100 * rate / read_rate:.0f} % | {rss / 1e9:.2f} | {rss / group[0]['largest_tensor_bytes']:.1f}× | "
@@ -287,14 +323,27 @@ def main() -> None:
         return
     workdir = Path(tempfile.mkdtemp(prefix="extsub-bench-"))
     try:
-        rows = run(_ints(args.layers), _ints(args.baseline_layers), args.repeat, args.device, workdir, args.output_dir or workdir)
+        rows = run(
+            _ints(args.layers),
+            _ints(args.baseline_layers),
+            args.repeat,
+            args.device,
+            workdir,
+            args.output_dir or workdir,
+        )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-        for leftover in (args.output_dir.glob("extsub-bench-out-*") if args.output_dir else ()):  # a run that failed midway
+        for leftover in (
+            args.output_dir.glob("extsub-bench-out-*") if args.output_dir else ()
+        ):  # a run that failed midway
             shutil.rmtree(leftover, ignore_errors=True)
     args.results.mkdir(parents=True, exist_ok=True)
     tag = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    stem = args.results / f"merge-{rows[0]['date']}-{tag}" if args.output_dir is None else args.results / f"merge-{rows[0]['date']}-{tag}-output-on-{rows[0]['output_fs']}"
+    stem = (
+        args.results / f"merge-{rows[0]['date']}-{tag}"
+        if args.output_dir is None
+        else args.results / f"merge-{rows[0]['date']}-{tag}-output-on-{rows[0]['output_fs']}"
+    )
     stem.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(rows))
     print(markdown(rows))

@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="θ₀: inputs are full models (merge ΔW = θ − θ₀), or LoRA adapters of BASE; write θ₀ + ΔW'",
     )
     add("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    add("--dtype", choices=list(OUT_DTYPES), default="keep", help="dtype of float tensors in OUT (default: the inputs')")
+    add(
+        "--dtype", choices=list(OUT_DTYPES), default="keep", help="dtype of float tensors in OUT (default: the inputs')"
+    )
     add(
         "--max-shard-size",
         metavar="SIZE",
@@ -110,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lora.add_argument("--max-rank", type=int, metavar="R", help="--format lora: truncate each module to rank R")
     lora.add_argument(
-        "--lora-alpha", type=float, metavar="A", help="lora_alpha of bare .safetensors files with no adapter_config.json"
+        "--lora-alpha",
+        type=float,
+        metavar="A",
+        help="lora_alpha of bare .safetensors files with no adapter_config.json",
     )
     lora.add_argument("--rank", type=int, metavar="R", help="with --lora-alpha: their r (default: from the shapes)")
     lora.add_argument("--rslora", action="store_true", help="with --lora-alpha: scaling lora_alpha/√r (rsLoRA)")
@@ -178,7 +183,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return _fail(str(e), EXIT_BAD_INPUT)
     except (KeyboardInterrupt, Terminated):
         raise
-    except Exception as e:  # noqa: BLE001 - any other failure is reported in one line, not a traceback
+    except Exception as e:
         return _fail(f"the merge failed and nothing was written: {type(e).__name__}: {e}", EXIT_FAILED)
     if not args.quiet:
         print(f"{PROG}: {report.summary()}", file=sys.stderr)
@@ -208,7 +213,7 @@ def _terminate_as_interrupt() -> object:
         return None
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001 - warnings' signature
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 

@@ -122,7 +122,9 @@ def merge(
             return run_adapters(inputs, options, adapter, paths, started=started, loaded=loaded)
     if adapter.given():
         role, inp = inputs[0]
-        raise InputError(f"{adapter.given()[0]} applies to LoRA adapter inputs; {role} {inp.spec!r} is a dense checkpoint")
+        raise InputError(
+            f"{adapter.given()[0]} applies to LoRA adapter inputs; {role} {inp.spec!r} is a dense checkpoint"
+        )
     check_outputs(paths, inputs, force=force)
     with terminate_as_interrupt():
         return run_dense(inputs, options, paths, started=started)

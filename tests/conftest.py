@@ -1,4 +1,5 @@
-"""Shared fixtures: Triton's interpreter on CPU-only machines, a fresh seed per run, devices, tiny PEFT adapters, an offline hub cache."""
+"""Shared fixtures: Triton's interpreter on CPU-only machines, a fresh seed per run, the gpu marker,
+tiny PEFT adapters, an offline hub cache."""
 
 import os
 import random

@@ -24,6 +24,7 @@ def backend_available(backend: str, device: str) -> bool:
         return device == "cuda" or interpreting()
     return True
 
+
 # (rtol, atol / scale) per result dtype. Rounding the result to its dtype costs at most one ulp
 # (≤ eps·|x|: GPUs round to nearest, Triton's interpreter truncates); rtol doubles that to leave
 # room for the float32 arithmetic before the rounding. atol, relative to the largest |expected|,

@@ -14,7 +14,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import assert_close_explained
 from extsub_kernels import ext_sub_, ext_sub_reference, subtract_
 from extsub_kernels.adapters.lora import (
     LoraAdapter,
@@ -26,6 +25,8 @@ from extsub_kernels.adapters.lora import (
     truncate_factors,
 )
 from extsub_kernels.adapters.peft import module_scaling
+
+from helpers import assert_close_explained
 
 EPS64 = torch.finfo(torch.float64).eps
 
@@ -50,7 +51,7 @@ def _expected(expert, antis, lams, method, name, shape) -> tuple[torch.Tensor, t
     """
     literal = fast = _dense(expert.modules.get(name), shape)
     condition = 1.0
-    for anti, lam in zip(antis, lams):
+    for anti, lam in zip(antis, lams, strict=False):
         if name not in anti.modules:
             continue
         m = _dense(anti.modules[name], shape)
@@ -90,7 +91,7 @@ def _assert_matches_oracle(merged, expert, antis, lams, method, what=""):
     for name, module in merged.modules.items():
         shape = (module.out_features, module.in_features)
         literal, fast, condition = _expected(expert, antis, lams, method, name, shape)
-        inputs = [(a.modules[name], lam) for a, lam in zip(antis, lams) if name in a.modules]
+        inputs = [(a.modules[name], lam) for a, lam in zip(antis, lams, strict=False) if name in a.modules]
         if name in expert.modules:
             inputs.append((expert.modules[name], 0.0))
         atol, scale = _tolerance(module, module.in_features, *inputs)
@@ -318,11 +319,15 @@ def test_bf16_adapters_compute_in_float32_and_keep_bf16_as_storage():
     expected = ext_sub_reference(expert.modules["w"].delta(torch.float64), anti.modules["w"].delta(torch.float64), 1.0)
     # Inputs are exact in float32; the float32 factors round ≤ (R + in) times at 2⁻²⁴ (see _tolerance).
     scale = _tolerance(out, 48)[1]
-    assert_close_explained(out.delta(torch.float32), expected, 0.0, 8 * (16 + 48) * 2.0**-24, "bf16 inputs", scale=scale)
+    assert_close_explained(
+        out.delta(torch.float32), expected, 0.0, 8 * (16 + 48) * 2.0**-24, "bf16 inputs", scale=scale
+    )
 
 
 def test_ext_sub_factors_keeps_the_dtype_of_the_expert_factors():
-    b, a, zeros = ext_sub_factors(torch.ones(3, 2), torch.ones(2, 4), torch.ones(3, 1, dtype=torch.float64), torch.ones(1, 4), 1.0)
+    b, a, zeros = ext_sub_factors(
+        torch.ones(3, 2), torch.ones(2, 4), torch.ones(3, 1, dtype=torch.float64), torch.ones(1, 4), 1.0
+    )
     assert b.dtype == a.dtype == torch.float32 and zeros == 0
 
 

@@ -10,10 +10,17 @@ dense op.
 import copy
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+
+from extsub_kernels import AdapterOptions, LoraScaling, merge
+from extsub_kernels.adapters.formats import to_peft, write_adapter, write_tensors
+from extsub_kernels.adapters.lora import merge_adapters
+from extsub_kernels.adapters.peft import exact_pattern, load_adapter, module_scaling, parse_peft_key, pattern_key
+from extsub_kernels.errors import AdapterError
 
 from helpers import assert_close_explained
 from peft_fixtures import (
@@ -27,11 +34,6 @@ from peft_fixtures import (
     tiny_llama,
     with_deltas,
 )
-from extsub_kernels import AdapterOptions, LoraScaling, merge
-from extsub_kernels.adapters.formats import to_peft, write_adapter, write_tensors
-from extsub_kernels.adapters.lora import merge_adapters
-from extsub_kernels.adapters.peft import exact_pattern, load_adapter, module_scaling, parse_peft_key, pattern_key
-from extsub_kernels.errors import AdapterError
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -74,9 +76,15 @@ def test_pattern_matching_follows_peft():
 
 def test_key_formats():
     assert parse_peft_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight") == (
-        "model.layers.0.self_attn.q_proj", "A", None)
+        "model.layers.0.self_attn.q_proj",
+        "A",
+        None,
+    )
     assert parse_peft_key("model.layers.0.self_attn.q_proj.lora_B.default.weight") == (
-        "model.layers.0.self_attn.q_proj", "B", "default")
+        "model.layers.0.self_attn.q_proj",
+        "B",
+        "default",
+    )
     assert parse_peft_key("base_model.model.lm_head.weight") is None
 
 
@@ -87,7 +95,7 @@ def test_adapter_name_segments_and_missing_prefix_read_the_same(llama, tmp_path)
     folder = tmp_path / "renamed"
     folder.mkdir()
     save_file(renamed, str(folder / "adapter_model.safetensors"))
-    (folder / "adapter_config.json").write_text(open(os.path.join(paths["expert"], "adapter_config.json")).read())
+    (folder / "adapter_config.json").write_text(Path(paths["expert"], "adapter_config.json").read_text())
     a, b = load_adapter(paths["expert"]), load_adapter(folder)
     assert set(a.modules) == set(b.modules)
     for name in a.modules:
@@ -101,11 +109,13 @@ def test_bare_file_with_sibling_config_or_explicit_scaling(llama, tmp_path):
     from_folder = load_adapter(paths["anti2"])
     beside = load_adapter(weights)  # adapter_config.json is beside it
     bare = tmp_path / "bare.safetensors"
-    bare.write_bytes(open(weights, "rb").read())
+    bare.write_bytes(Path(weights).read_bytes())
     explicit = load_adapter(bare, scaling=LoraScaling(4, r=2))
     inferred = load_adapter(bare, scaling=LoraScaling(4))  # ranks from the shapes
     for other in (beside, explicit, inferred):
-        assert {n: m.scaling for n, m in other.modules.items()} == {n: m.scaling for n, m in from_folder.modules.items()}
+        assert {n: m.scaling for n, m in other.modules.items()} == {
+            n: m.scaling for n, m in from_folder.modules.items()
+        }
 
 
 # --- merging, every format, loaded by the real client ----------------------------------
@@ -207,7 +217,9 @@ def test_non_lora_tensors_of_the_expert_are_kept(tmp_path):
     base = tiny_llama()
     expert = peft.get_peft_model(
         copy.deepcopy(base),
-        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False),
+        peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False
+        ),
     )
     head = expert.base_model.model.lm_head.modules_to_save["default"].weight
     with torch.no_grad():
@@ -232,7 +244,7 @@ def _copy_adapter(src: str, dst, *, tensors=None, config=None):
     dst.mkdir()
     state = load_file(os.path.join(src, "adapter_model.safetensors"))
     save_file(tensors(state) if tensors else state, str(dst / "adapter_model.safetensors"))
-    cfg = json.loads(open(os.path.join(src, "adapter_config.json")).read())
+    cfg = json.loads(Path(src, "adapter_config.json").read_text())
     text = config(cfg) if config is not None else cfg
     if text is not None:  # None: no config at all
         (dst / "adapter_config.json").write_text(text if isinstance(text, str) else json.dumps(text))
@@ -274,24 +286,52 @@ def _inf(t):
 BAD_ADAPTERS = {
     "A without B": (dict(tensors=_without(Q_B)), r"q_proj has lora_A but no lora_B"),
     "B without A": (dict(tensors=_without(Q_A)), r"q_proj has lora_B but no lora_A"),
-    "shapes do not chain": (dict(tensors=_replace(Q_B, lambda t: t[:, :3].contiguous())), r"q_proj: lora_B \(64, 3\) and lora_A \(4, 64\) do not chain"),
+    "shapes do not chain": (
+        dict(tensors=_replace(Q_B, lambda t: t[:, :3].contiguous())),
+        r"q_proj: lora_B \(64, 3\) and lora_A \(4, 64\) do not chain",
+    ),
     "rank disagrees with config": (dict(config=_set(r=5)), r"_proj has rank 4 .* gives it r = 5"),
     "missing config": (dict(config=lambda c: None), r"bad has no adapter_config.json: the LoRA scaling .* is unknown"),
     "unreadable config": (dict(config=lambda c: "{not json"), r"adapter_config.json: unreadable adapter config"),
     "config without lora_alpha": (dict(config=_drop("lora_alpha")), r"'lora_alpha' is missing"),
     "not a LoRA config": (dict(config=_set(peft_type="IA3")), r"peft_type is 'IA3'"),
     "DoRA": (dict(config=_set(use_dora=True)), r"use_dora is set; not supported"),
-    "bad rank_pattern": (dict(config=_set(rank_pattern={"q_proj": 0})), r"rank_pattern\['q_proj'\] must be one of positive integers"),
-    "Conv2d LoRA": (dict(tensors=_replace(Q_A, lambda t: t.reshape(4, 64, 1, 1))), r"q_proj has lora_A \(4, 64, 1, 1\) .* only 2-D factors"),
-    "non-float tensor": (dict(tensors=_replace(Q_A, lambda t: t.to(torch.int32))), r"q_proj.lora_A.weight has dtype torch.int32"),
+    "bad rank_pattern": (
+        dict(config=_set(rank_pattern={"q_proj": 0})),
+        r"rank_pattern\['q_proj'\] must be one of positive integers",
+    ),
+    "Conv2d LoRA": (
+        dict(tensors=_replace(Q_A, lambda t: t.reshape(4, 64, 1, 1))),
+        r"q_proj has lora_A \(4, 64, 1, 1\) .* only 2-D factors",
+    ),
+    "non-float tensor": (
+        dict(tensors=_replace(Q_A, lambda t: t.to(torch.int32))),
+        r"q_proj.lora_A.weight has dtype torch.int32",
+    ),
     "NaN": (dict(tensors=_replace(Q_B, _nan)), r"q_proj.lora_B.weight contains NaN or Inf \(1 value"),
     "Inf": (dict(tensors=_replace(Q_A, _inf)), r"q_proj.lora_A.weight contains NaN or Inf \(1 value"),
     "two adapter names": (
-        dict(tensors=lambda s: {k.replace("q_proj.lora_A", "q_proj.lora_A.x").replace("q_proj.lora_B", "q_proj.lora_B.y"): v for k, v in s.items()}),
+        dict(
+            tensors=lambda s: {
+                k.replace("q_proj.lora_A", "q_proj.lora_A.x").replace("q_proj.lora_B", "q_proj.lora_B.y"): v
+                for k, v in s.items()
+            }
+        ),
         r"several adapters \(x, y\)",
     ),
-    "DoRA tensor": (dict(tensors=lambda s: {**s, "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(64)}), r"lora_magnitude_vector is a DoRA magnitude vector"),
-    "LoRA bias": (dict(tensors=lambda s: {**s, Q_B.replace(".weight", ".bias"): torch.ones(64)}), r"lora_B.bias is a LoRA bias"),
+    "DoRA tensor": (
+        dict(
+            tensors=lambda s: {
+                **s,
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(64),
+            }
+        ),
+        r"lora_magnitude_vector is a DoRA magnitude vector",
+    ),
+    "LoRA bias": (
+        dict(tensors=lambda s: {**s, Q_B.replace(".weight", ".bias"): torch.ones(64)}),
+        r"lora_B.bias is a LoRA bias",
+    ),
 }
 
 
@@ -321,7 +361,7 @@ def test_missing_files_are_explained(llama, tmp_path):
     no_config = tmp_path / "no_config"
     no_config.mkdir()
     (no_config / "adapter_model.safetensors").write_bytes(
-        open(os.path.join(paths["expert"], "adapter_model.safetensors"), "rb").read()
+        Path(paths["expert"], "adapter_model.safetensors").read_bytes()
     )
     with pytest.raises(AdapterError, match=r"no_config has no adapter_config.json"):
         load_adapter(no_config)
@@ -347,7 +387,7 @@ def test_missing_files_are_explained(llama, tmp_path):
 
 
 def test_adapters_of_different_base_models_are_refused(llama, tmp_path):
-    base, paths = llama
+    _base, paths = llama
     other = _copy_adapter(paths["anti"], tmp_path / "other", config=_set(base_model_name_or_path="org/other-model"))
     mine = _copy_adapter(paths["expert"], tmp_path / "mine", config=_set(base_model_name_or_path="org/tiny-llama"))
     out_dir = tmp_path / "outputs"
@@ -357,11 +397,20 @@ def test_adapters_of_different_base_models_are_refused(llama, tmp_path):
     _assert_nothing_written(out_dir, out_dir / "out")
     # Same module names, other shapes: a wider model.
     torch.manual_seed(SEED)
-    wide = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128))
+    wide = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            hidden_size=32,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+        )
+    )
     wide_paths = make_adapters(wide, {"wide": LLAMA_ADAPTERS["anti"]}, tmp_path)
-    with pytest.raises(ValueError, match=r"q_proj: the expert .* adapts a \(64, 64\) weight but .*wide a \(32, 32\) one"):
+    with pytest.raises(
+        ValueError, match=r"q_proj: the expert .* adapts a \(64, 64\) weight but .*wide a \(32, 32\) one"
+    ):
         _merge(paths["expert"], wide_paths["wide"], out_dir / "out", 1.0)
     _assert_nothing_written(out_dir, out_dir / "out")
 
@@ -420,9 +469,10 @@ def test_the_deprecated_merge_adapter_files_warns_and_merges_as_merge(llama, tmp
         old = merge_adapter_files(paths["expert"], [paths["anti"], paths["anti2"]], tmp_path / "old", [0.5, 1.5])
     _merge(paths["expert"], [paths["anti"], paths["anti2"]], tmp_path / "new", [[0.5, 1.5]])
     assert old.adapter.reports[0].lams == (0.5, 1.5)
-    assert load_file(str(tmp_path / "old" / "adapter_model.safetensors")) .keys() == load_file(
-        str(tmp_path / "new" / "adapter_model.safetensors")
-    ).keys()
+    assert (
+        load_file(str(tmp_path / "old" / "adapter_model.safetensors")).keys()
+        == load_file(str(tmp_path / "new" / "adapter_model.safetensors")).keys()
+    )
     old_tensors = load_file(str(tmp_path / "old" / "adapter_model.safetensors"))
     new_tensors = load_file(str(tmp_path / "new" / "adapter_model.safetensors"))
     assert all(torch.equal(old_tensors[k], new_tensors[k]) for k in new_tensors)

@@ -20,6 +20,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from extsub_kernels import ext_sub_reference
+from extsub_kernels.adapters import formats
+from extsub_kernels.adapters.formats import to_delta, to_dense_lora
+from extsub_kernels.adapters.lora import merge_adapters
+from extsub_kernels.adapters.peft import load_adapter
+from extsub_kernels.cli import EXIT_BAD_INPUT, main
+from extsub_kernels.io import CheckpointReader
+from extsub_kernels.io.reader import read_header
+
 from checkpoints import hashes, leftovers, make_hub_cache, save
 from helpers import assert_close_explained, assert_one_line_error
 from peft_fixtures import (
@@ -32,14 +41,6 @@ from peft_fixtures import (
     tiny_llama,
     with_deltas,
 )
-from extsub_kernels import ext_sub_reference
-from extsub_kernels.adapters import formats
-from extsub_kernels.adapters.formats import to_delta, to_dense_lora
-from extsub_kernels.adapters.lora import merge_adapters
-from extsub_kernels.adapters.peft import load_adapter, parse_peft_key
-from extsub_kernels.cli import EXIT_BAD_INPUT, main
-from extsub_kernels.io import CheckpointReader
-from extsub_kernels.io.reader import read_header
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -96,8 +97,17 @@ def test_every_format_through_the_cli(model_name, request, tmp_path, capsys):
         ("dense-lora", [0.7], tmp_path / "dense"),
         ("delta", [0.7], tmp_path / "delta.safetensors"),
     ):
-        code, err = _run(capsys, paths["expert"], paths["anti"], "-o", out, "--format", output_format,
-                         "--lam", ",".join(map(str, lams)))  # fmt: skip
+        code, err = _run(
+            capsys,
+            paths["expert"],
+            paths["anti"],
+            "-o",
+            out,
+            "--format",
+            output_format,
+            "--lam",
+            ",".join(map(str, lams)),
+        )
         assert code == 0, err
         summary = _summary(err)
         assert f"{dropped} only in anti-experts, nothing under ext-sub" in summary, summary
@@ -121,7 +131,9 @@ def test_sub_and_add_keep_anti_only_modules(method, sign, llama, tmp_path, capsy
 
 def test_two_anti_experts_with_a_lam_per_anti_expert(llama, tmp_path, capsys):
     base, paths = llama
-    code, err = _run(capsys, paths["expert"], paths["anti"], paths["anti2"], "-o", tmp_path / "out", "--lam", "0.5:1.5,1")
+    code, err = _run(
+        capsys, paths["expert"], paths["anti"], paths["anti2"], "-o", tmp_path / "out", "--lam", "0.5:1.5,1"
+    )
     assert code == 0, err
     for lams, name in (([0.5, 1.5], "out-lam0.5_1.5"), ([1.0, 1.0], "out-lam1")):
         expected = expected_deltas(base, paths["expert"], [paths["anti"], paths["anti2"]], lams, "ext-sub")
@@ -140,8 +152,11 @@ def _save_base(model, folder: Path, *, strip_prefix: str = "") -> Path:
         model.save_pretrained(folder)
     if strip_prefix:  # as the original GPT-2 checkpoints on the hub are stored: without the head's prefix
         state = load_file(folder / "model.safetensors")
-        save_file({k.removeprefix(strip_prefix): v for k, v in state.items()}, str(folder / "model.safetensors"),
-                  metadata={"format": "pt"})  # fmt: skip
+        save_file(
+            {k.removeprefix(strip_prefix): v for k, v in state.items()},
+            str(folder / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
     return folder
 
 
@@ -158,8 +173,19 @@ def test_base_writes_the_full_merged_model(model_name, request, tmp_path, capsys
     base_dir = _save_base(base, tmp_path / "base", strip_prefix="transformer." if transposed else "")
     before = hashes(base_dir)
     out = tmp_path / "merged"
-    code, err = _run(capsys, paths["expert"], paths["anti"], "--base", base_dir, "-o", out, "--lam", "0.8",
-                     "--max-shard-size", "40kB")  # fmt: skip
+    code, err = _run(
+        capsys,
+        paths["expert"],
+        paths["anti"],
+        "--base",
+        base_dir,
+        "-o",
+        out,
+        "--lam",
+        "0.8",
+        "--max-shard-size",
+        "40kB",
+    )
     assert code == 0, err
     assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
     assert {p.name for p in base_dir.glob("*.json")} <= {p.name for p in out.iterdir()}, "config files from BASE"
@@ -186,14 +212,19 @@ def with_heads(tmp_path_factory):
         "anti": dict(r=2, lora_alpha=2, target_modules=["q_proj"], modules_to_save=["lm_head"]),
     }
     paths = make_adapters(base, specs, tmp_path_factory.mktemp("heads"), train_head)
-    heads = {name: load_file(Path(p) / "adapter_model.safetensors")["base_model.model.lm_head.weight"] for name, p in paths.items()}
+    heads = {
+        name: load_file(Path(p) / "adapter_model.safetensors")["base_model.model.lm_head.weight"]
+        for name, p in paths.items()
+    }
     return base, paths, heads
 
 
 def test_modules_to_save_merge_as_task_vectors_with_base(with_heads, tmp_path, capsys):
     base, paths, heads = with_heads
     base_dir = _save_base(base, tmp_path / "base")
-    code, err = _run(capsys, paths["expert"], paths["anti"], "--base", base_dir, "-o", tmp_path / "merged", "--lam", "1.5")
+    code, err = _run(
+        capsys, paths["expert"], paths["anti"], "--base", base_dir, "-o", tmp_path / "merged", "--lam", "1.5"
+    )
     assert code == 0 and "warning" not in err, err
     assert "2 non-LoRA tensors merged as task vectors against BASE" in _summary(err)
     # PEFT's modules_to_save are full weights: θ = θ₀ + ΔW, so the head merges like a full model's tensor.
@@ -211,10 +242,14 @@ def test_modules_to_save_without_base_are_copied_or_left_out_with_a_warning(with
     _, paths, heads = with_heads
     code, err = _run(capsys, paths["expert"], paths["anti"], "-o", tmp_path / "lora")
     assert code == 0 and "extsub-merge: warning: " in err and "copied to the result unchanged" in err, err
-    assert torch.equal(load_file(tmp_path / "lora" / "adapter_model.safetensors")["base_model.model.lm_head.weight"], heads["expert"])
+    assert torch.equal(
+        load_file(tmp_path / "lora" / "adapter_model.safetensors")["base_model.model.lm_head.weight"], heads["expert"]
+    )
     code, err = _run(capsys, paths["expert"], paths["anti"], "-o", tmp_path / "delta.safetensors", "--format", "delta")
     assert code == 0 and "the delta format leaves them out" in err, err
-    assert "2 non-LoRA tensors left out" in _summary(err) and "lm_head.weight" not in load_file(tmp_path / "delta.safetensors")
+    assert "2 non-LoRA tensors left out" in _summary(err) and "lm_head.weight" not in load_file(
+        tmp_path / "delta.safetensors"
+    )
     assert _run(capsys, paths["expert"], paths["anti"], "-o", tmp_path / "quiet", "-q") == (0, "")
 
 
@@ -223,7 +258,10 @@ def test_modules_to_save_without_base_are_copied_or_left_out_with_a_warning(with
 
 def test_a_hub_id_of_an_adapter_from_the_offline_cache(llama, offline_cache, tmp_path, capsys):
     _, paths = llama
-    files = {name: (Path(paths["expert"]) / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
+    files = {
+        name: (Path(paths["expert"]) / name).read_bytes()
+        for name in ("adapter_config.json", "adapter_model.safetensors")
+    }
     make_hub_cache(offline_cache, "org/expert-adapter", files, COMMIT)
     before = hashes(offline_cache)
     assert _run(capsys, "org/expert-adapter", paths["anti"], "-o", tmp_path / "hub", "-q")[0] == 0
@@ -292,8 +330,17 @@ def test_dense_outputs_stream_into_shards_one_module_at_a_time(llama, tmp_path, 
         return result
 
     monkeypatch.setattr(formats, "module_delta", tracked_delta)
-    code, err = _run(capsys, paths["expert"], paths["anti"], "-o", tmp_path / "dense", "--format", "dense-lora",
-                     "--max-shard-size", "20kB")  # fmt: skip
+    code, err = _run(
+        capsys,
+        paths["expert"],
+        paths["anti"],
+        "-o",
+        tmp_path / "dense",
+        "--format",
+        "dense-lora",
+        "--max-shard-size",
+        "20kB",
+    )
     assert code == 0 and "PEFT's from_pretrained reads only an unsharded adapter_model.safetensors" in err, err
     assert len(live) == len(merged.modules) >= 8
     # A ΔW' is alive while it is computed, waits in the queue to the writer, or is written: never the whole output.
@@ -304,8 +351,18 @@ def test_dense_outputs_stream_into_shards_one_module_at_a_time(llama, tmp_path, 
         expected, config = to_dense_lora(merged)
         assert set(reader.keys()) == set(expected) and all(torch.equal(reader.read(k), expected[k]) for k in expected)
     assert json.loads((tmp_path / "dense" / "adapter_config.json").read_text()) == json.loads(json.dumps(config))
-    code, err = _run(capsys, paths["expert"], paths["anti"], "-o", tmp_path / "delta", "--format", "delta",
-                     "--max-shard-size", "20kB", "-q")  # fmt: skip
+    code, err = _run(
+        capsys,
+        paths["expert"],
+        paths["anti"],
+        "-o",
+        tmp_path / "delta",
+        "--format",
+        "delta",
+        "--max-shard-size",
+        "20kB",
+        "-q",
+    )
     assert code == 0, err
     shards = sorted((tmp_path / "delta").glob("model-*.safetensors"))
     assert len(shards) > 1 and (tmp_path / "delta" / "model.safetensors.index.json").is_file()
@@ -322,7 +379,9 @@ Q_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
 
 
 def _copy(src: str, dst: Path, *, tensors=None, config=None, bare: bool = False) -> Path:
-    """A copy of an adapter folder with its tensors or config edited (config None: no config; bare: the weights file alone)."""
+    """A copy of an adapter folder with its tensors or config edited.
+
+    config None: no config; bare: the weights file alone."""
     dst.mkdir(parents=True)
     state = load_file(Path(src) / "adapter_model.safetensors")
     weights = dst / ("adapter.safetensors" if bare else "adapter_model.safetensors")
@@ -346,20 +405,39 @@ def _base(folder: Path, expert: Path, **replaced: tuple[int, ...]) -> Path:
 # name: (how to build (expert, anti, extra args) in `folder`, expected parts of the message)
 BAD = {
     "A without B": (
-        lambda f, p: (p["expert"], _copy(p["anti"], f / "bad", tensors=lambda s: {k: v for k, v in s.items() if "q_proj.lora_B" not in k}), []),
+        lambda f, p: (
+            p["expert"],
+            _copy(p["anti"], f / "bad", tensors=lambda s: {k: v for k, v in s.items() if "q_proj.lora_B" not in k}),
+            [],
+        ),
         ["bad/adapter_model.safetensors", "q_proj has lora_A but no lora_B"],
     ),
     "shapes that do not chain": (
-        lambda f, p: (p["expert"], _copy(p["expert"], f / "bad", tensors=lambda s: {**s, Q_B: s[Q_B][:, :3].contiguous()}), []),
+        lambda f, p: (
+            p["expert"],
+            _copy(p["expert"], f / "bad", tensors=lambda s: {**s, Q_B: s[Q_B][:, :3].contiguous()}),
+            [],
+        ),
         ["bad/adapter_model.safetensors", "q_proj: lora_B (64, 3) and lora_A (4, 64) do not chain"],
     ),
     "adapters of different base models (names)": (
-        lambda f, p: (_copy(p["expert"], f / "bad_expert", config=lambda c: {**c, "base_model_name_or_path": "org/tiny-llama"}),
-                      _copy(p["anti"], f / "bad", config=lambda c: {**c, "base_model_name_or_path": "org/other-model"}), []),
-        ["bad was trained on base model 'org/other-model' but the expert", "bad_expert on 'org/tiny-llama'", "--any-base-model"],
+        lambda f, p: (
+            _copy(p["expert"], f / "bad_expert", config=lambda c: {**c, "base_model_name_or_path": "org/tiny-llama"}),
+            _copy(p["anti"], f / "bad", config=lambda c: {**c, "base_model_name_or_path": "org/other-model"}),
+            [],
+        ),
+        [
+            "bad was trained on base model 'org/other-model' but the expert",
+            "bad_expert on 'org/tiny-llama'",
+            "--any-base-model",
+        ],
     ),
     "adapters of different base models (shapes)": (
-        lambda f, p: (p["expert"], _copy(p["expert"], f / "bad", tensors=lambda s: {**s, Q_A: s[Q_A][:, :32].contiguous()}), []),
+        lambda f, p: (
+            p["expert"],
+            _copy(p["expert"], f / "bad", tensors=lambda s: {**s, Q_A: s[Q_A][:, :32].contiguous()}),
+            [],
+        ),
         ["q_proj: the expert", "adapts a (64, 64) weight but", "bad a (64, 32) one"],
     ),
     "missing config": (
@@ -375,40 +453,69 @@ BAD = {
         ["bad/adapter.safetensors: a bare adapter file with no adapter_config.json beside it", "--lora-alpha"],
     ),
     "scaling flags no input needs": (
-        lambda f, p: (p["expert"], p["anti"], ["--lora-alpha", "8"]), ["every adapter here has one", "drop them"],
+        lambda f, p: (p["expert"], p["anti"], ["--lora-alpha", "8"]),
+        ["every adapter here has one", "drop them"],
     ),
     "an adapter with a dense checkpoint": (
         lambda f, p: (p["expert"], save(f / "dense.safetensors", {"model.embed_tokens.weight": torch.zeros(4, 4)}), []),
         ["EXPERT", "is a LoRA adapter but ANTI", "dense.safetensors' is a dense checkpoint"],
     ),
     "--format with dense inputs": (
-        lambda f, p: (save(f / "a.safetensors", {"w": torch.ones(2, 2)}), save(f / "b.safetensors", {"w": torch.ones(2, 2)}),
-                      ["--format", "delta"]),
+        lambda f, p: (
+            save(f / "a.safetensors", {"w": torch.ones(2, 2)}),
+            save(f / "b.safetensors", {"w": torch.ones(2, 2)}),
+            ["--format", "delta"],
+        ),
         ["--format (output_format) applies to LoRA adapter inputs", "a.safetensors' is a dense checkpoint"],
     ),
     "--max-rank with --format delta": (
-        lambda f, p: (p["expert"], p["anti"], ["--format", "delta", "--max-rank", "2"]), ["applies to --format lora, not to --format delta"],
+        lambda f, p: (p["expert"], p["anti"], ["--format", "delta", "--max-rank", "2"]),
+        ["applies to --format lora, not to --format delta"],
     ),
-    "--max-rank 0": (lambda f, p: (p["expert"], p["anti"], ["--max-rank", "0"]), ["max_rank must be a positive integer, got 0"]),
+    "--max-rank 0": (
+        lambda f, p: (p["expert"], p["anti"], ["--max-rank", "0"]),
+        ["max_rank must be a positive integer, got 0"],
+    ),
     "--base with --format": (
-        lambda f, p: (p["expert"], p["anti"], ["--base", p["anti"], "--format", "lora"]), ["--base writes the full merged model"],
+        lambda f, p: (p["expert"], p["anti"], ["--base", p["anti"], "--format", "lora"]),
+        ["--base writes the full merged model"],
     ),
-    "an adapter as BASE": (lambda f, p: (p["expert"], p["anti"], ["--base", p["anti2"]]), ["BASE", "anti2' is a LoRA adapter"]),
+    "an adapter as BASE": (
+        lambda f, p: (p["expert"], p["anti"], ["--base", p["anti2"]]),
+        ["BASE", "anti2' is a LoRA adapter"],
+    ),
     "BASE of another model": (
-        lambda f, p: (p["expert"], p["anti"], ["--base", save(f / "base.safetensors", {"other.weight": torch.zeros(2)})]),
-        ["LoRA module model.layers.", "BASE has no tensor 'model.layers.", "is BASE the model the adapters were trained on?"],
+        lambda f, p: (
+            p["expert"],
+            p["anti"],
+            ["--base", save(f / "base.safetensors", {"other.weight": torch.zeros(2)})],
+        ),
+        [
+            "LoRA module model.layers.",
+            "BASE has no tensor 'model.layers.",
+            "is BASE the model the adapters were trained on?",
+        ],
     ),
     "BASE with another shape": (
-        lambda f, p: (p["expert"], p["anti"], ["--base", _base(f, p["expert"], **{"model.layers.0.self_attn.q_proj.weight": (64, 32)})]),
-        ["LoRA module model.layers.0.self_attn.q_proj: ΔW' is 64×64", "BASE's model.layers.0.self_attn.q_proj.weight is [64, 32]"],
+        lambda f, p: (
+            p["expert"],
+            p["anti"],
+            ["--base", _base(f, p["expert"], **{"model.layers.0.self_attn.q_proj.weight": (64, 32)})],
+        ),
+        [
+            "LoRA module model.layers.0.self_attn.q_proj: ΔW' is 64×64",
+            "BASE's model.layers.0.self_attn.q_proj.weight is [64, 32]",
+        ],
     ),
     "a lora adapter into a .safetensors OUT": (
-        lambda f, p: (p["expert"], p["anti"], ["-o", f.parent / "out" / "merged.safetensors"]), ["writes a PEFT adapter folder", "give a folder OUT"],
+        lambda f, p: (p["expert"], p["anti"], ["-o", f.parent / "out" / "merged.safetensors"]),
+        ["writes a PEFT adapter folder", "give a folder OUT"],
     ),
     "--max-shard-size with --format lora": (
-        lambda f, p: (p["expert"], p["anti"], ["--max-shard-size", "1MB"]), ["applies to dense-lora, delta and --base outputs"],
+        lambda f, p: (p["expert"], p["anti"], ["--max-shard-size", "1MB"]),
+        ["applies to dense-lora, delta and --base outputs"],
     ),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -433,8 +540,21 @@ def test_bad_adapter_inputs(case, llama, tmp_path, capsys):
 def test_cuda_materializes_the_same_deltas(llama, tmp_path, capsys):
     _, paths = llama
     for device in ("cpu", "cuda"):
-        assert _run(capsys, paths["expert"], paths["anti"], "-o", tmp_path / f"{device}.safetensors", "--format", "delta",
-                    "--device", device, "-q")[0] == 0  # fmt: skip
+        assert (
+            _run(
+                capsys,
+                paths["expert"],
+                paths["anti"],
+                "-o",
+                tmp_path / f"{device}.safetensors",
+                "--format",
+                "delta",
+                "--device",
+                device,
+                "-q",
+            )[0]
+            == 0
+        )
     cpu, cuda = load_file(tmp_path / "cpu.safetensors"), load_file(tmp_path / "cuda.safetensors")
     for key in cpu:
         assert_close_explained(cuda[key], cpu[key], 0.0, 64 * EPS32, key)

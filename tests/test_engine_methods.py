@@ -4,6 +4,7 @@ import torch
 
 from extsub_kernels import ext_sub
 from extsub_kernels.engine.methods import apply_method
+
 from helpers import TOLERANCES, assert_close_explained
 
 
@@ -15,6 +16,10 @@ def test_apply_method_in_place_only_when_asked():
 
 
 def test_apply_method_with_a_base_works_on_task_vectors():
-    base, p, m = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    base, p, m = (
+        torch.randn(4, 8, dtype=torch.float64),
+        torch.randn(4, 8, dtype=torch.float64),
+        torch.randn(4, 8, dtype=torch.float64),
+    )
     out = apply_method(p, [m], [0.5], base=base)
     assert_close_explained(out, base + ext_sub(p - base, m - base, 0.5), *TOLERANCES[torch.float64])

@@ -7,7 +7,10 @@ from extsub_kernels.errors import InputError
 from extsub_kernels.io import output_paths
 
 
-@pytest.mark.parametrize("text, value", [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("4096", 4096), (" 1.5kb ", 1500), (77, 77)])
+@pytest.mark.parametrize(
+    "text, value",
+    [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("4096", 4096), (" 1.5kb ", 1500), (77, 77)],
+)
 def test_parse_size(text, value):
     assert parse_size(text) == value
 
@@ -36,9 +39,15 @@ def test_parse_lams(lam, n_anti, settings):
 
 @pytest.mark.parametrize(
     "lam, n_anti, message",
-    [("1:2", 1, "gives 2 values for 1 anti-expert"), ("a", 1, "λ must be a number"), ("nan", 1, "finite"),
-     ("1,1.0", 1, "λ 1 is given twice"), ([], 1, "lam must be"), ("1:2:3", 2, "gives 3 values for 2")],
-)  # fmt: skip
+    [
+        ("1:2", 1, "gives 2 values for 1 anti-expert"),
+        ("a", 1, "λ must be a number"),
+        ("nan", 1, "finite"),
+        ("1,1.0", 1, "λ 1 is given twice"),
+        ([], 1, "lam must be"),
+        ("1:2:3", 2, "gives 3 values for 2"),
+    ],
+)
 def test_parse_lams_refuses_nonsense(lam, n_anti, message):
     with pytest.raises(InputError, match=message):
         parse_lams(lam, n_anti)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from helpers import DEVICES, backend_available
-from helpers import TOLERANCES, assert_close_explained
 from extsub_kernels import ext_sub_reference
+
+from helpers import DEVICES, TOLERANCES, assert_close_explained, backend_available
 
 
 @pytest.fixture

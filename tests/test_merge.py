@@ -6,12 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from checkpoints import SHAPES, hashes, leftovers, make_hub_cache, random_delta, save, save_shards
-from helpers import TOLERANCES, assert_close_explained
 from extsub_kernels import AdapterOptions, ext_sub, merge
 from extsub_kernels.errors import InputError
 from extsub_kernels.io import read_header
 from extsub_kernels.ops import subtract_
+
+from checkpoints import SHAPES, hashes, leftovers, make_hub_cache, random_delta, save, save_shards
+from helpers import TOLERANCES, assert_close_explained
 
 SMALL_BLOCKS = 512  # bytes: forces every 2-D tensor to stream in several blocks of rows
 
@@ -22,12 +23,20 @@ def _expected(expert: dict, antis: list[dict], lams: list[float], method: str = 
     for name, p in expert.items():
         result = p.clone()
         if p.is_floating_point():
-            for anti, lam in zip(antis, lams):
+            for anti, lam in zip(antis, lams, strict=False):
                 if name in anti:
                     if method == "ext-sub":
-                        result = ext_sub(result, anti[name], lam) if len(antis) == 1 else ext_sub(result.float(), anti[name], lam)
+                        result = (
+                            ext_sub(result, anti[name], lam)
+                            if len(antis) == 1
+                            else ext_sub(result.float(), anti[name], lam)
+                        )
                     else:
-                        result = subtract_(result.clone() if len(antis) == 1 else result.float(), anti[name], lam if method == "sub" else -lam)
+                        result = subtract_(
+                            result.clone() if len(antis) == 1 else result.float(),
+                            anti[name],
+                            lam if method == "sub" else -lam,
+                        )
         out[name] = result.to(p.dtype)
     return out
 
@@ -71,9 +80,11 @@ def test_single_files_equal_the_op_tensor_by_tensor(tmp_path, pair, block_bytes)
 @pytest.mark.gpu
 def test_on_cuda_the_output_equals_the_op_on_the_gpu(tmp_path, pair):
     expert, anti, e_path, a_path = pair
-    report = merge(e_path, a_path, tmp_path / "out.safetensors", lam=[0.7, 2.0], device="cuda", block_bytes=SMALL_BLOCKS)
+    report = merge(
+        e_path, a_path, tmp_path / "out.safetensors", lam=[0.7, 2.0], device="cuda", block_bytes=SMALL_BLOCKS
+    )
     assert report.peak_gpu_bytes and report.peak_gpu_bytes > 0 and report.device.startswith("cuda")
-    for path, lam in zip(report.outputs, (0.7, 2.0)):
+    for path, lam in zip(report.outputs, (0.7, 2.0), strict=False):
         out = load_file(path)
         for name in expert:
             if expert[name].is_floating_point():
@@ -142,7 +153,7 @@ def test_a_lam_list_writes_one_output_per_lam_from_one_read(tmp_path, pair):
     assert [p.name for p in report.outputs] == names
     in_bytes = sum(t.numel() * t.element_size() for d in (expert, anti) for t in d.values()) - 7 * 8
     assert report.bytes_read == in_bytes, "the inputs are read once for all outputs"
-    for name, lam in zip(names, (0.5, 1.0, 2.0)):
+    for name, lam in zip(names, (0.5, 1.0, 2.0), strict=False):
         out = load_file(tmp_path / name)
         for key in expert:
             expected = ext_sub(expert[key], anti[key], lam) if expert[key].is_floating_point() else expert[key]
@@ -184,7 +195,9 @@ def test_output_dtype(tmp_path, pair):
 def test_a_result_that_overflows_the_output_dtype_is_refused(tmp_path):
     e = save(tmp_path / "e.safetensors", {"w": torch.full((4, 4), 6e4)})
     a = save(tmp_path / "a.safetensors", {"w": torch.full((4, 4), -6e4)})
-    with pytest.raises(InputError, match=r"tensor 'w': the result at λ=1 overflows torch.float16 although the inputs are finite"):
+    with pytest.raises(
+        InputError, match=r"tensor 'w': the result at λ=1 overflows torch.float16 although the inputs are finite"
+    ):
         merge(e, a, tmp_path / "out.safetensors", method="sub", dtype="float16")
     assert not (tmp_path / "out.safetensors").exists() and not leftovers(tmp_path)
 
@@ -193,7 +206,9 @@ def test_expert_only_keys_are_copied_and_anti_only_keys_follow_on_missing(tmp_pa
     expert = random_delta(SHAPES) | {"only.expert": torch.randn(3)}
     anti = random_delta(SHAPES) | {"only.anti": torch.randn(5)}
     e, a = save(tmp_path / "e.safetensors", expert), save(tmp_path / "a.safetensors", anti)
-    with pytest.raises(InputError, match=r"1 tensor\(s\) of the anti-expert\(s\) are not in EXPERT: 'only.anti' \(ANTI\)"):
+    with pytest.raises(
+        InputError, match=r"1 tensor\(s\) of the anti-expert\(s\) are not in EXPERT: 'only.anti' \(ANTI\)"
+    ):
         merge(e, a, tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
     report = merge(e, a, tmp_path / "skip.safetensors", on_missing="skip")
@@ -217,9 +232,19 @@ def _gpt2_folder(path, tensors):
 
 
 def test_gpt2_conv1d_weights_pair_columns(tmp_path):
-    shapes = {"h.0.attn.c_attn.weight": (16, 48), "h.0.mlp.c_fc.weight": (16, 64), "h.0.mlp.c_proj.weight": (64, 16), "wte.weight": (50, 16)}
+    shapes = {
+        "h.0.attn.c_attn.weight": (16, 48),
+        "h.0.mlp.c_fc.weight": (16, 64),
+        "h.0.mlp.c_proj.weight": (64, 16),
+        "wte.weight": (50, 16),
+    }
     expert, anti = random_delta(shapes), random_delta(shapes)
-    merge(_gpt2_folder(tmp_path / "e", expert), _gpt2_folder(tmp_path / "a", anti), tmp_path / "out.safetensors", block_bytes=SMALL_BLOCKS)
+    merge(
+        _gpt2_folder(tmp_path / "e", expert),
+        _gpt2_folder(tmp_path / "a", anti),
+        tmp_path / "out.safetensors",
+        block_bytes=SMALL_BLOCKS,
+    )
     out = load_file(tmp_path / "out.safetensors")
     for name in shapes:
         if name == "wte.weight":  # an embedding: rows are tokens, as usual
@@ -245,9 +270,15 @@ def test_base_round_trip_on_tensors(tmp_path):
 def test_base_full_model_round_trip_loads_with_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=64, max_position_embeddings=32, tie_word_embeddings=False,
-    )  # fmt: skip
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
     base_model = transformers.LlamaForCausalLM(config)
     theta0 = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
     folders = {}
@@ -268,7 +299,13 @@ def test_base_full_model_round_trip_loads_with_transformers(tmp_path):
         expected = t0 + ext_sub(thetas["expert"][name] - t0, thetas["anti"][name] - t0, 1.2)
         assert_close_explained(state[name], expected, *TOLERANCES[torch.float32], what=name)
     copied = sorted(p.name for p in (tmp_path / "merged").iterdir())
-    assert {"config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.model", "model.safetensors"} <= set(copied)
+    assert {
+        "config.json",
+        "generation_config.json",
+        "tokenizer_config.json",
+        "tokenizer.model",
+        "model.safetensors",
+    } <= set(copied)
     assert (tmp_path / "merged" / "tokenizer.model").read_bytes() == b"sentencepiece stand-in"
 
 
@@ -290,9 +327,12 @@ def test_hub_ids_merge_from_an_offline_cache(tmp_path, monkeypatch, pair):
 def test_an_adapter_with_a_dense_checkpoint_is_refused(tmp_path, pair):
     _, _, e_path, _ = pair
     adapter = save(tmp_path / "adapter.safetensors", {"base_model.model.q.lora_A.weight": torch.zeros(2, 4)})
-    with pytest.raises(InputError, match=r"ANTI .*adapter.safetensors' is a LoRA adapter but EXPERT .*expert.safetensors' is a dense"):
+    with pytest.raises(
+        InputError, match=r"ANTI .*adapter.safetensors' is a LoRA adapter but EXPERT .*expert.safetensors' is a dense"
+    ):
         merge(e_path, adapter, tmp_path / "out.safetensors")
-    with pytest.raises(InputError, match=r"--format \(output_format\) applies to LoRA adapter inputs; EXPERT .* is a dense checkpoint"):
+    with pytest.raises(
+        InputError, match=r"--format \(output_format\) applies to LoRA adapter inputs; EXPERT .* is a dense checkpoint"
+    ):
         merge(e_path, e_path, tmp_path / "out.safetensors", adapter=AdapterOptions(output_format="delta"))
     assert not (tmp_path / "out.safetensors").exists()
-

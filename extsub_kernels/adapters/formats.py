@@ -124,7 +124,9 @@ def lora_output(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> La
     ranks = {name: m.rank for name, m in adapter.modules.items()}
     alphas = {name: _alpha(m) for name, m in adapter.modules.items()}
     config = peft_config(adapter, ranks, alphas)
-    return LazyOutput.lazy(makers + _extra_makers(adapter), texts={CONFIG_NAME: config_text(config)}, weights_name=WEIGHTS_NAME)
+    return LazyOutput.lazy(
+        makers + _extra_makers(adapter), texts={CONFIG_NAME: config_text(config)}, weights_name=WEIGHTS_NAME
+    )
 
 
 def dense_lora_output(adapter: LoraAdapter, *, dtype: torch.dtype | None = None, device: Device = None) -> LazyOutput:
@@ -139,7 +141,9 @@ def dense_lora_output(adapter: LoraAdapter, *, dtype: torch.dtype | None = None,
     for name, module in adapter.modules.items():
         out = dtype or module.storage_dtype
         n_in = module.in_features
-        makers.append((TensorEntry(peft_key(name, "A"), out, (n_in, n_in)), lambda n=n_in, o=out: torch.eye(n, dtype=o)))
+        makers.append(
+            (TensorEntry(peft_key(name, "A"), out, (n_in, n_in)), lambda n=n_in, o=out: torch.eye(n, dtype=o))
+        )
         make_b = lambda m=module, o=out: module_delta(m, dtype=o, device=device).cpu()  # noqa: E731
         makers.append((TensorEntry(peft_key(name, "B"), out, (module.out_features, n_in)), make_b))
     texts = {CONFIG_NAME: config_text(dense_lora_config(adapter))}
@@ -217,7 +221,8 @@ def iter_delta(
 
     Example:
         >>> deltas = dict(iter_delta(merged))  # doctest: +SKIP
-        >>> base_state["model.layers.0.self_attn.q_proj.weight"] += deltas["model.layers.0.self_attn.q_proj.weight"]  # doctest: +SKIP
+        >>> key = "model.layers.0.self_attn.q_proj.weight"  # doctest: +SKIP
+        >>> base_state[key] += deltas[key]  # doctest: +SKIP
     """
     return delta_output(adapter, dtype=dtype, fan_in_fan_out=fan_in_fan_out).items()
 

@@ -83,19 +83,23 @@ def match_targets(
         shape = (module.in_features, module.out_features) if transposed else (module.out_features, module.in_features)
         if info.shape != shape:
             raise InputError(
-                f"LoRA module {name}: ΔW' is {module.out_features}×{module.in_features} (out×in), laid out {list(shape)}"
-                f"{' as Conv1D stores it' if transposed else ''}, but BASE's {key} is {list(info.shape)}; "
-                "is BASE the model the adapters were trained on?"
+                f"LoRA module {name}: ΔW' is {module.out_features}×{module.in_features} (out×in), "
+                f"laid out {list(shape)}{' as Conv1D stores it' if transposed else ''}, but BASE's {key} is "
+                f"{list(info.shape)}; is BASE the model the adapters were trained on?"
             )
         if not is_float(info.dtype):
-            raise InputError(f"LoRA module {name}: BASE's {key} is {info.dtype}; ΔW' can only be added to float weights")
+            raise InputError(
+                f"LoRA module {name}: BASE's {key} is {info.dtype}; ΔW' can only be added to float weights"
+            )
         targets[key] = BaseTarget(key, module=name, transposed=transposed)
     full: dict[str, dict[int, torch.Tensor]] = {}
     for index, extra in enumerate([expert_extra, *anti_extras]):
         for adapter_key, tensor in extra.items():
             key = _base_key(strip_peft_prefix(adapter_key), base, f"{sources[index]}: tensor {adapter_key}")
             if key in targets:
-                raise InputError(f"{sources[index]}: {adapter_key} is a full weight of {key}, which a LoRA module also adapts")
+                raise InputError(
+                    f"{sources[index]}: {adapter_key} is a full weight of {key}, which a LoRA module also adapts"
+                )
             info = base.info(key)
             if tuple(tensor.shape) != info.shape:
                 raise InputError(
@@ -105,14 +109,16 @@ def match_targets(
             full.setdefault(key, {})[index] = tensor
     for key, by_input in full.items():
         antis = tuple((i, t) for i, t in sorted(by_input.items()) if i > 0)
-        targets[key] = BaseTarget(key, transposed=conv1d(key, base.info(key).shape), expert=by_input.get(0), antis=antis)
+        targets[key] = BaseTarget(
+            key, transposed=conv1d(key, base.info(key).shape), expert=by_input.get(0), antis=antis
+        )
     return targets
 
 
 def _base_key(key: str, base: CheckpointReader, what: str) -> str:
     if key in base:
         return key
-    found = [k for k in base.keys() if key.endswith("." + k) or k.endswith("." + key)]
+    found = [k for k in base if key.endswith("." + k) or k.endswith("." + key)]
     if len(found) == 1:
         return found[0]
     if found:
@@ -150,14 +156,23 @@ def full_model_outputs(
         extra_files: the base's config, generation and tokenizer files (folder outputs).
     """
     entries = []
-    for key in base.keys():
+    for key in base:
         info = base.info(key)
-        entries.append(TensorEntry(key, out_dtype if out_dtype is not None and is_float(info.dtype) else info.dtype, info.shape))
+        entries.append(
+            TensorEntry(key, out_dtype if out_dtype is not None and is_float(info.dtype) else info.dtype, info.shape)
+        )
     dtypes = {e.name: e.dtype for e in entries}
     outputs = []
     for adapter, lams in zip(merged, settings, strict=True):
         produce = partial(
-            _produce, adapter=adapter, lams=lams, targets=targets, dtypes=dtypes, method=method, device=device, base=base
+            _produce,
+            adapter=adapter,
+            lams=lams,
+            targets=targets,
+            dtypes=dtypes,
+            method=method,
+            device=device,
+            base=base,
         )
         outputs.append(LazyOutput(entries, produce, load=base.read, extra_files=extra_files))
     return outputs
@@ -187,7 +202,9 @@ def _produce(
     compute = compute_dtype(*inputs)
     theta0_dev = theta0.to(device)
     if module is not None:  # out of place: θ₀ is shared by every output
-        result = theta0_dev.to(compute) + module_delta(module, dtype=compute, transposed=target.transposed, device=device)
+        result = theta0_dev.to(compute) + module_delta(
+            module, dtype=compute, transposed=target.transposed, device=device
+        )
     else:
         plus = target.expert.to(device) if target.expert is not None else theta0_dev
         minus = [t.to(device) for _, t in target.antis]

@@ -67,7 +67,7 @@ class LoraModule:
         return self.dtype or self.lora_B.dtype
 
     def delta(self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
-        """ΔW = scaling·B·A as an (out, in) tensor, computed and returned in `dtype` on `device` (default: the factors').
+        """ΔW = scaling·B·A as an (out, in) tensor, in `dtype` on `device` (default: where the factors are).
 
         Example:
             >>> LoraModule(torch.ones(1, 3), torch.ones(2, 1), 0.5).delta().shape
@@ -172,7 +172,7 @@ def truncate_factors(
         Factors with R ≤ max_rank come back unchanged with error 0.
 
     Example:
-        >>> b, a, err = truncate_factors(torch.randn(8, 4, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64), 2)
+        >>> b, a, err = truncate_factors(torch.randn(8, 4).double(), torch.randn(4, 6).double(), 2)
         >>> b.shape[1], 0 < err < 1
         (2, True)
     """
@@ -214,14 +214,13 @@ def check_compatible(expert: LoraAdapter, antis: Sequence[LoraAdapter], *, any_b
         >>> check_compatible(LoraAdapter({"q": m}), [LoraAdapter({"q": m})])
     """
     for anti in antis:
-        if not any_base_model and expert.base_model_name_or_path and anti.base_model_name_or_path:
-            if expert.base_model_name_or_path != anti.base_model_name_or_path:
-                raise InputError(
-                    f"{anti.source} was trained on base model {anti.base_model_name_or_path!r} but the expert "
-                    f"{expert.source} on {expert.base_model_name_or_path!r}; Ext-Sub combines adapters of one "
-                    "base model (if both names denote the same model, pass --any-base-model, or "
-                    "any_base_model=True in Python; module shapes are still checked)"
-                )
+        names = (expert.base_model_name_or_path, anti.base_model_name_or_path)
+        if not any_base_model and all(names) and names[0] != names[1]:
+            raise InputError(
+                f"{anti.source} was trained on base model {names[1]!r} but the expert {expert.source} on "
+                f"{names[0]!r}; Ext-Sub combines adapters of one base model (if both names denote the same model, "
+                "pass --any-base-model, or any_base_model=True in Python; module shapes are still checked)"
+            )
         for name, module in anti.modules.items():
             ref = expert.modules.get(name)
             if ref is not None and (ref.out_features, ref.in_features) != (module.out_features, module.in_features):
@@ -315,7 +314,7 @@ def _merge_module(
 ) -> LoraModule | None:
     """The module `name` of the result (None when it vanishes), with the report updated."""
     start = expert.modules.get(name)
-    steps = [(anti.modules[name], lam) for anti, lam in zip(antis, lams) if name in anti.modules]
+    steps = [(anti.modules[name], lam) for anti, lam in zip(antis, lams, strict=False) if name in anti.modules]
     if start is None and method == "ext-sub":
         report.dropped.append(name)
         return None
@@ -363,4 +362,3 @@ def _copy_extra(expert: LoraAdapter, antis: list[LoraAdapter], report: AdapterRe
                 stacklevel=3,
             )
     return dict(expert.extra)
-

@@ -198,8 +198,8 @@ def _locate(path: Path, scaling: LoraScaling | None) -> tuple[Path, dict, str]:
             raise AdapterError(f"{path} is not a PEFT adapter folder: {WEIGHTS_NAME} is missing")
         if not config_path.is_file():
             raise AdapterError(
-                f"{path} has no {CONFIG_NAME}: the LoRA scaling (lora_alpha, r) is unknown; add the config, "
-                "or give the scaling of its .safetensors file (--lora-alpha and --rank; scaling=LoraScaling(...) in Python)"
+                f"{path} has no {CONFIG_NAME}: the LoRA scaling (lora_alpha, r) is unknown; add the config, or give "
+                "the scaling of its .safetensors file (--lora-alpha and --rank; scaling=LoraScaling(...) in Python)"
             )
     elif path.is_file():
         if path.suffix != ".safetensors":
@@ -210,9 +210,7 @@ def _locate(path: Path, scaling: LoraScaling | None) -> tuple[Path, dict, str]:
     else:
         raise AdapterError(f"{path}: no such file or folder")
     if config_path is not None and explicit:
-        raise AdapterError(
-            f"{path}: an explicit scaling was given but {config_path} exists; use one source of scaling"
-        )
+        raise AdapterError(f"{path}: an explicit scaling was given but {config_path} exists; use one source of scaling")
     if config_path is not None:
         return weights, _read_config(config_path), str(config_path)
     if scaling is None:
@@ -274,7 +272,8 @@ def _read_tensors(weights: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the file, read one at a time with safe_open; a clear error if unreadable."""
     try:
         with safe_open(str(weights), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}
+            names = handle.keys()  # a safe_open handle is not iterable itself
+            return {key: handle.get_tensor(key) for key in names}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise AdapterError(f"{weights}: not a readable safetensors file ({exc})") from exc
 

@@ -86,4 +86,5 @@ class AdapterSection:
 
     def details(self, outputs: Sequence[Path]) -> list[str]:
         """Per-module lines (truncation error, modules left out), prefixed by their output."""
-        return [f"{path}: {line}" for path, report in zip(outputs, self.reports) for line in report.details()]
+        pairs = zip(outputs, self.reports, strict=True)
+        return [f"{path}: {line}" for path, report in pairs for line in report.details()]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from extsub_kernels.adapters.formats import dense_lora_output, delta_output, lora_output
+from extsub_kernels.adapters.formats import delta_output, dense_lora_output, lora_output
 from extsub_kernels.adapters.full_model import full_model_outputs, match_targets
 from extsub_kernels.adapters.lora import LoraAdapter, MergedAdapter, check_max_rank, merge_adapters
 from extsub_kernels.adapters.peft import CONFIG_NAME, LoraScaling, load_adapter, peft_key, weight_key
@@ -269,7 +269,7 @@ def run_adapters(
                 extra_files=extra_files,
             )
             written, bytes_written = write_outputs(outputs, paths, metadata, **writing)
-            bytes_read += sum(reader.info(k).nbytes for k in reader.keys())
+            bytes_read += sum(reader.info(k).nbytes for k in reader)
             computed = set(targets)
     tensors = len(outputs[0].entries)
     return MergeReport(

@@ -27,6 +27,7 @@ OUT_DTYPES: dict[str, torch.dtype | None] = {
     "float32": torch.float32,
 }
 DEFAULT_MAX_SHARD_SIZE = "5GB"
+CPU = torch.device("cpu")
 DEFAULT_BLOCK_BYTES = 32 << 20
 
 # λ as the Python API takes it: a number, a list (one output each), per-anti-expert lists, or the CLI string.
@@ -111,7 +112,7 @@ def _format(x: float) -> str:
 
 
 def lam_label(values: Sequence[float]) -> str:
-    """"0.5" for a λ shared by all anti-experts, "1_0.5" for one λ per anti-expert."""
+    """ "0.5" for a λ shared by all anti-experts, "1_0.5" for one λ per anti-expert."""
     if len(set(values)) <= 1:
         return _format(values[0]) if values else ""
     return "_".join(_format(v) for v in values)
@@ -142,7 +143,9 @@ def parse_size(size: int | str) -> int:
         try:
             value = int(float(number) * _SIZE_UNITS[unit])
         except (ValueError, KeyError, OverflowError):
-            raise InputError(f"cannot read size {size!r}; write it like 5GB, 500MB, 2GiB or a number of bytes") from None
+            raise InputError(
+                f"cannot read size {size!r}; write it like 5GB, 500MB, 2GiB or a number of bytes"
+            ) from None
     else:
         raise InputError(f"a size must be an int or a string like '5GB', got {type(size).__name__}")
     if value <= 0:
@@ -151,7 +154,7 @@ def parse_size(size: int | str) -> int:
 
 
 def resolve_device(spec: str | torch.device) -> torch.device:
-    """"auto" → the current CUDA device when one is available, else the CPU; "cpu"; "cuda" or "cuda:N"."""
+    """ "auto" → the current CUDA device when one is available, else the CPU; "cpu"; "cuda" or "cuda:N"."""
     text = str(spec)
     if text == "auto":
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -189,7 +192,7 @@ class RunOptions:
 
     settings: tuple[LamSetting, ...]
     method: str = "ext-sub"
-    device: torch.device = torch.device("cpu")
+    device: torch.device = CPU
     out_dtype: torch.dtype | None = None
     max_shard_size: int | None = None
     on_missing: str = "error"

@@ -21,9 +21,9 @@ import torch
 from tqdm import tqdm
 
 from extsub_kernels._version import __version__
-from extsub_kernels.errors import MergeError
-from extsub_kernels.engine.pipeline import run_pipeline
 from extsub_kernels.engine.options import RunOptions
+from extsub_kernels.engine.pipeline import run_pipeline
+from extsub_kernels.errors import MergeError
 from extsub_kernels.io import CheckpointWriter, ResolvedInput, TensorEntry, check_free_space
 
 
@@ -277,7 +277,8 @@ def write_outputs(
         (the paths written, bytes written with headers).
 
     Example:
-        >>> write_outputs([LazyOutput.of_tensors({"w": torch.ones(2)})], [Path("w.safetensors")], [{}])  # doctest: +SKIP
+        >>> one = LazyOutput.of_tensors({"w": torch.ones(2)})  # doctest: +SKIP
+        >>> write_outputs([one], [Path("w.safetensors")], [{}])  # doctest: +SKIP
     """
     first = outputs[0]
     if any(o.entries != first.entries for o in outputs[1:]):

@@ -60,14 +60,14 @@ def run_pipeline(
                 if stop.is_set() or not put(to_compute, (item, read(item))):
                     return
             put(to_compute, _DONE)
-        except BaseException as e:  # noqa: BLE001 - handed to the caller
+        except BaseException as e:
             fail(e)
 
     def writer() -> None:
         try:
             while (got := get(to_write)) not in (_DONE, _STOPPED):
                 write(*got)
-        except BaseException as e:  # noqa: BLE001 - handed to the caller
+        except BaseException as e:
             fail(e)
 
     threads = [

@@ -62,11 +62,11 @@ def plan_tensors(
     are copied. Keys only in anti-experts follow `on_missing`. Raises InputError for shape or
     dtype mismatches, missing keys (with on_missing="error") and inputs that share no tensor.
     """
-    expert, antis = readers[0], readers[1 : 1 + n_anti]
+    expert, _antis = readers[0], readers[1 : 1 + n_anti]
     base = readers[1 + n_anti] if has_base else None
     base_index = 1 + n_anti if has_base else None
     jobs, shared = [], [0] * n_anti
-    for name in expert.keys():
+    for name in expert:
         info = expert.info(name)
         with_key = [k for k in range(1, n_anti + 1) if name in readers[k]]
         for k in with_key:
@@ -113,7 +113,7 @@ def _anti_only(
     expert = readers[0]
     first_holder: dict[str, int] = {}
     for k in range(1, n_anti + 1):
-        for name in readers[k].keys():
+        for name in readers[k]:
             if name not in expert and name not in first_holder:
                 first_holder[name] = k
     if not first_holder:

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 import torch
 
 
-
 def _usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))

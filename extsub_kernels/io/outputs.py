@@ -83,7 +83,9 @@ def _check_apart_from_inputs(path: Path, inputs: Sequence[tuple[str, ResolvedInp
         for f in inp.files:
             real = f.resolve()
             if real == target or f.absolute() == path.absolute():
-                raise InputError(f"OUT {path} is the {role} file {f}; choose another OUT (inputs are never overwritten)")
+                raise InputError(
+                    f"OUT {path} is the {role} file {f}; choose another OUT (inputs are never overwritten)"
+                )
             if target in real.parents:
                 raise InputError(f"OUT {path} contains the {role} file {f}; choose another OUT")
 

@@ -12,7 +12,12 @@ import triton
 import triton.language as tl
 
 from extsub_kernels._tensors import compute_dtype
-from extsub_kernels.kernels.ext_sub_tuning import LOOP_BLOCK_ELEMENTS, MAX_BLOCK_ELEMENTS, MAX_WARPS, TARGET_TILE_ELEMENTS
+from extsub_kernels.kernels.ext_sub_tuning import (
+    LOOP_BLOCK_ELEMENTS,
+    MAX_BLOCK_ELEMENTS,
+    MAX_WARPS,
+    TARGET_TILE_ELEMENTS,
+)
 
 
 @triton.jit
@@ -124,4 +129,3 @@ def ext_sub_rows_(p: torch.Tensor, m: torch.Tensor, lam: float, max_block: int =
             COMPUTE_DTYPE=tl.float64 if wide else tl.float32,
             num_warps=num_warps,
         )
-
