@@ -5,7 +5,7 @@ A synthetic PEFT adapter pair (32 layers × q,k,v,o,gate,up,down; hidden 4096, i
 subprocess, timed end to end from the input files to the fsynced output (imports excluded,
 reported apart):
 
-- `lora`: `extsub_kernels.merge(expert, anti, out, output_format="lora", device=D)`, what
+- `lora`: `extsub_kernels.merge(expert, anti, out, device=D, adapter=AdapterOptions(output_format="lora"))`, what
   `extsub-merge expert/ anti/ -o out/` runs: load and validate both adapters, the factored merge
   (DESIGN §3), write the PEFT adapter.
 - `dense-lora`: the same with `output_format="dense-lora"` (`--format dense-lora`): ΔW' = B'·A'
@@ -37,11 +37,9 @@ the layers the authors' pattern ran on. Results are JSON rows in benchmarks/resu
 """
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -51,8 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _common import RESULTS, authors_ext_sub, environment, peak_rss_bytes
 
 HIDDEN, INTERMEDIATE, RANK, ALPHA, LAM = 4096, 11008, 16, 32, 1.0
 MODULES = {  # name → (out_features, in_features)
@@ -64,15 +61,10 @@ MODULES = {  # name → (out_features, in_features)
     "mlp.up_proj": (INTERMEDIATE, HIDDEN),
     "mlp.down_proj": (HIDDEN, INTERMEDIATE),
 }
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 def _module_name(layer: int, module: str) -> str:
     return f"model.layers.{layer}.{module}"
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def _folder_bytes(path: Path) -> int:
@@ -86,7 +78,8 @@ def make_adapters(workdir: Path, layers: int) -> dict[str, Path]:
     """Two synthetic PEFT adapter folders (bf16, r = 16) with different seeds."""
     import torch
 
-    from extsub_kernels.adapter import peft_key, write_adapter
+    from extsub_kernels.adapters.formats import write_adapter
+    from extsub_kernels.adapters.peft import peft_key
 
     paths = {}
     for seed, name in enumerate(("expert", "anti")):
@@ -118,10 +111,10 @@ def make_adapters(workdir: Path, layers: int) -> dict[str, Path]:
 
 def run_merge(expert: Path, anti: Path, out: Path, output_format: str, device: str) -> dict:
     """What `extsub-merge expert/ anti/ -o out/ [--format dense-lora] --device D` runs."""
-    from extsub_kernels import merge
+    from extsub_kernels import AdapterOptions, merge
 
     t0 = time.perf_counter()
-    report = merge(expert, anti, out, lam=LAM, output_format=output_format, device=device)
+    report = merge(expert, anti, out, lam=LAM, device=device, adapter=AdapterOptions(output_format=output_format))
     return {"wall_s": time.perf_counter() - t0, "peak_gpu_bytes": report.peak_gpu_bytes}
 
 
@@ -134,24 +127,11 @@ def _write_shard(path: Path, tensors: dict) -> None:
     os.close(fd)
 
 
-def authors_ext_sub(p, m, lam: float):
-    """The released code's Ext-Sub step on dense rows: unit vectors and bisector vectorized,
-    the projection of m on the bisector as a Python loop over rows, then p − λm + λ·proj."""
-    import torch
-
-    unit_p = p / torch.norm(p, dim=-1, keepdim=True)
-    unit_m = m / torch.norm(m, dim=-1, keepdim=True)
-    bisector = unit_p + unit_m
-    bisector = bisector / torch.norm(bisector, dim=-1, keepdim=True)
-    projection = torch.stack([torch.dot(m[i], bisector[i]) * bisector[i] for i in range(m.shape[0])])
-    return p - lam * m + lam * projection
-
-
 def run_authors(expert: Path, anti: Path, out: Path, layers: int, device: str) -> dict:
     import torch
     from safetensors import safe_open
 
-    from extsub_kernels.adapter import WEIGHTS_NAME, peft_key
+    from extsub_kernels.adapters.peft import WEIGHTS_NAME, peft_key
 
     scaling = ALPHA / RANK
     t0 = time.perf_counter()
@@ -185,7 +165,7 @@ def _variant_main(args: argparse.Namespace) -> None:
     import extsub_kernels  # noqa: F401
 
     import_s = time.perf_counter() - t_start
-    rss_after_import = _rss_mb()
+    rss_after_import = peak_rss_bytes() / 2**20
     usage = resource.getrusage(resource.RUSAGE_SELF)
     workdir = Path(args.workdir)
     expert, anti, out = workdir / "expert", workdir / "anti", workdir / f"out-{args.variant}"
@@ -199,7 +179,7 @@ def _variant_main(args: argparse.Namespace) -> None:
         import_s=import_s,
         cpu_s=cpu_s,
         rss_after_import_mb=rss_after_import,
-        peak_rss_mb=_rss_mb(),
+        peak_rss_mb=peak_rss_bytes() / 2**20,
         output_bytes=_folder_bytes(out),
     )
     print(json.dumps(row))
@@ -218,9 +198,9 @@ def compare(workdir: Path, layers: list[int], authors_layers: int) -> dict:
     from safetensors import safe_open
 
     from extsub_kernels import ext_sub_reference
-    from extsub_kernels.adapter import load_adapter, peft_key
+    from extsub_kernels.adapters.lora import merge_adapters
+    from extsub_kernels.adapters.peft import load_adapter, peft_key
     from extsub_kernels.io.reader import CheckpointReader
-    from extsub_kernels.lora import merge_adapters
 
     expert, anti = load_adapter(workdir / "expert"), load_adapter(workdir / "anti")
     lora = load_adapter(workdir / "out-lora")
@@ -278,26 +258,6 @@ def _spawn(variant: str, workdir: Path, layers: int, device: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _environment(device: str) -> dict:
-    import torch
-
-    import extsub_kernels
-
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-        platform.processor(),
-    )
-    gpu = f"{torch.cuda.get_device_name(device)}; " if device.startswith("cuda") else ""
-    return {
-        "device": f"{gpu}cpu: {cpu}, {os.cpu_count()} cores",
-        "date": datetime.date.today().isoformat(),
-        "version": extsub_kernels.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=32)
@@ -324,7 +284,7 @@ def main() -> None:
     scratch = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_lora."))
     scratch.mkdir(parents=True, exist_ok=True)
     try:
-        env = _environment(args.device)
+        env = environment(args.device)
         shape = (
             f"llama-7b: {args.layers} layers x 7 modules, hidden {HIDDEN}, intermediate {INTERMEDIATE}, r={RANK}, bf16"
         )
@@ -375,10 +335,8 @@ def main() -> None:
                     output_bytes=round(row["output_bytes"] * factor),
                 )
             rows.append(row)
-            print(
-                f"{variant}: {row['wall_s']:.2f} s, peak RSS {row['peak_rss_mb']:.0f} MB, {row['output_bytes'] / 1e9:.3f} GB",
-                file=sys.stderr,
-            )
+            summary = f"{row['wall_s']:.2f} s, peak RSS {row['peak_rss_mb']:.0f} MB, {row['output_bytes'] / 1e9:.3f} GB"
+            print(f"{variant}: {summary}", file=sys.stderr)
         compare_layers = list(range(authors_layers))
         worst = compare(scratch, compare_layers, authors_layers)
         rows.append(
@@ -404,26 +362,53 @@ def main() -> None:
 def table(rows: list[dict]) -> str:
     """The markdown table of RESULTS.md, derived from the rows."""
     runs = {r["variant"]: r for r in rows if "wall_s" in r}
+    lora = runs["lora"]
+    columns = [
+        "variant",
+        "wall time, median (s)",
+        "fastest run (s)",
+        "CPU time (s)",
+        "speed-up over authors (median)",
+        "peak RSS (MB)",
+        "RSS after imports (MB)",
+        "peak GPU (MB)",
+        "output (bytes)",
+        "output vs lora",
+    ]
     lines = [
-        f"{runs['lora']['shape']}; {runs['lora']['device']}; torch {runs['lora']['torch']}, extsub {runs['lora']['version']}, {runs['lora']['date']}",
+        f"{lora['shape']}; {lora['device']}; torch {lora['torch']}, extsub {lora['version']}, {lora['date']}",
         "",
-        "| variant | wall time, median (s) | fastest run (s) | CPU time (s) | speed-up over authors (median) | peak RSS (MB) | RSS after imports (MB) | peak GPU (MB) | output (bytes) | output vs lora |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * (len(columns) - 1),
     ]
     for name, r in runs.items():
         label = name
         if "extrapolated_from_layers" in r:
-            label += f" (measured on {r['extrapolated_from_layers']} layers: {r['measured_wall_s']:.1f} s, {r['measured_output_bytes']:,} B; times and bytes extrapolated ×{r['shape_layers'] / r['extrapolated_from_layers']:g})"
+            factor = r["shape_layers"] / r["extrapolated_from_layers"]
+            label += (
+                f" (measured on {r['extrapolated_from_layers']} layers: {r['measured_wall_s']:.1f} s, "
+                f"{r['measured_output_bytes']:,} B; times and bytes extrapolated ×{factor:g})"
+            )
         gpu = f"{r['peak_gpu_bytes'] / 2**20:.0f}" if r.get("peak_gpu_bytes") else "n/a"
-        lines.append(
-            f"| {label} | {r['wall_s']:.2f} | {r['wall_s_min']:.2f} | {r['cpu_s']:.2f} | {runs['authors']['wall_s'] / r['wall_s']:.1f}× | {r['peak_rss_mb']:.0f} | "
-            f"{r['rss_after_import_mb']:.0f} | {gpu} | {r['output_bytes']:,} | {r['output_bytes'] / runs['lora']['output_bytes']:.1f}× |"
-        )
+        cells = [
+            label,
+            f"{r['wall_s']:.2f}",
+            f"{r['wall_s_min']:.2f}",
+            f"{r['cpu_s']:.2f}",
+            f"{runs['authors']['wall_s'] / r['wall_s']:.1f}×",
+            f"{r['peak_rss_mb']:.0f}",
+            f"{r['rss_after_import_mb']:.0f}",
+            gpu,
+            f"{r['output_bytes']:,}",
+            f"{r['output_bytes'] / lora['output_bytes']:.1f}×",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     diff = next((r for r in rows if r["variant"] == "max-difference"), None)
     if diff:
         lines += [
             "",
-            f"Largest |difference| / max|ΔW'| over {diff['compared_modules']} modules (layers {diff['compared_layers']}):",
+            f"Largest |difference| / max|ΔW'| over {diff['compared_modules']} modules "
+            f"(layers {diff['compared_layers']}):",
             "",
         ]
         lines += ["| pair | max abs diff / max abs |", "|---|---:|"]

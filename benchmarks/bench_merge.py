@@ -25,10 +25,8 @@ merge-<date>-<device>-output-on-<fs type>.json.
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -39,11 +37,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from extsub_kernels import __version__
 from extsub_kernels.io import CheckpointWriter, TensorEntry
+
+from _common import ROOT, environment, peak_rss_bytes
 
 HIDDEN, INTERMEDIATE, VOCAB = 5120, 13824, 32000
 DTYPE = torch.bfloat16
@@ -115,12 +111,6 @@ def assemble(shards: Path, folder: Path, layers: int) -> int:
 # ------------------------------------------------------------------ child runs (one process each)
 
 
-def _peak_rss() -> int:
-    """VmHWM: the peak RSS of this process image (ru_maxrss would carry the driver's peak across fork + exec)."""
-    with open("/proc/self/status", encoding="ascii") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-
 def child_read(*folders: str) -> dict:
     buffer = memoryview(bytearray(READ_BUFFER))
     started, total = time.perf_counter(), 0
@@ -132,7 +122,7 @@ def child_read(*folders: str) -> dict:
                     total += n
             finally:
                 os.close(fd)
-    return {"seconds": time.perf_counter() - started, "bytes_read": total, "peak_rss_bytes": _peak_rss()}
+    return {"seconds": time.perf_counter() - started, "bytes_read": total, "peak_rss_bytes": peak_rss_bytes()}
 
 
 def child_merge(expert: str, anti: str, out: str, device: str) -> dict:
@@ -169,14 +159,14 @@ def child_load_all(expert: str, anti: str, out: str, device: str) -> dict:
     os.fsync(fd)
     os.close(fd)
     peak_gpu = torch.cuda.max_memory_allocated() if dev.type == "cuda" else None
-    return {"seconds": time.perf_counter() - started, "peak_rss_bytes": _peak_rss(), "peak_gpu_bytes": peak_gpu}
+    return {"seconds": time.perf_counter() - started, "peak_rss_bytes": peak_rss_bytes(), "peak_gpu_bytes": peak_gpu}
 
 
 def child_idle() -> dict:
     """The floor under every RSS figure: Python with torch and extsub imported, nothing else."""
     import extsub_kernels  # noqa: F401
 
-    return {"peak_rss_bytes": _peak_rss()}
+    return {"peak_rss_bytes": peak_rss_bytes()}
 
 
 CHILDREN = {"plain-read": child_read, "merge": child_merge, "load-all": child_load_all}
@@ -225,17 +215,9 @@ def run(
         make_layer_shards(folder, max(layer_counts), seed)
     cold = _drop_caches()
     idle_rss = _run_child("idle", [])["peak_rss_bytes"]
-    device_name = (
-        torch.cuda.get_device_name()
-        if torch.cuda.is_available() and device != "cpu"
-        else f"cpu ({os.cpu_count()} cores)"
-    )
+    on_gpu = torch.cuda.is_available() and device != "cpu"
     common = {
-        "date": datetime.date.today().isoformat(),
-        "device": device_name,
-        "torch": torch.__version__,
-        "extsub": __version__,
-        "python": platform.python_version(),
+        **environment("cuda" if on_gpu else "cpu"),
         "cache": "cold" if cold else "warm",
         "idle_rss_bytes": idle_rss,
         "largest_tensor_bytes": LARGEST_TENSOR_BYTES,
@@ -276,11 +258,14 @@ def markdown(rows: list[dict]) -> str:
     """The table derived from the rows: per layer count and run, the median time of its repeats."""
     first = rows[0]
     lines = [
-        f"{first['date']}, {first['device']}, torch {first['torch']}, extsub {first['extsub']}, {first['cache']} page cache, outputs on {first.get('output_fs', 'the disk')}; "
-        f"bf16, largest tensor {first['largest_tensor_bytes'] / 1e9:.2f} GB; Python + torch alone: "
+        f"{first['date']}, {first['device']}, torch {first['torch']}, "
+        f"extsub {first.get('version', first.get('extsub'))}, {first['cache']} page cache, "
+        f"outputs on {first.get('output_fs', 'the disk')}; bf16, "
+        f"largest tensor {first['largest_tensor_bytes'] / 1e9:.2f} GB; Python + torch alone: "
         f"{first['idle_rss_bytes'] / 1e9:.2f} GB RSS.",
         "",
-        "| layers | input GB | run | runs | seconds (median; range) | GB/s (input) | % of plain read | peak RSS GB | RSS / largest tensor | peak GPU GB |",
+        "| layers | input GB | run | runs | seconds (median; range) | GB/s (input) | % of plain read | peak RSS GB "
+        "| RSS / largest tensor | peak GPU GB |",
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     groups: dict[tuple[int, str], list[dict]] = {}
@@ -297,7 +282,8 @@ def markdown(rows: list[dict]) -> str:
             f"{min(r['seconds'] for r in group):.1f}–{max(r['seconds'] for r in group):.1f}" if len(group) > 1 else "–"
         )
         lines.append(
-            f"| {layers} | {group[0]['input_bytes'] / 1e9:.2f} | {kind} | {len(group)} | {seconds:.1f}; {spread} | {rate:.2f} | "
+            f"| {layers} | {group[0]['input_bytes'] / 1e9:.2f} | {kind} | {len(group)} | {seconds:.1f}; {spread} | "
+            f"{rate:.2f} | "
             f"{100 * rate / read_rate:.0f} % | {rss / 1e9:.2f} | {rss / group[0]['largest_tensor_bytes']:.1f}× | "
             f"{f'{gpu / 1e9:.2f}' if gpu else 'n/a'} |"
         )
