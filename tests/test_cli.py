@@ -295,3 +295,44 @@ def test_a_signal_during_the_merge_leaves_no_output(tmp_path, big_pair, sig, cod
     assert b"nothing was written" in err
     assert not out.exists() and not leftovers(tmp_path) and list(tmp_path.iterdir()) == []
     assert hashes(big_pair.parent) == before
+
+
+def test_version_and_python_dash_m_run_the_same_command(capsys):
+    from extsub_kernels import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"extsub-merge {__version__}"
+    done = subprocess.run(
+        [sys.executable, "-m", "extsub_kernels", "--version"],
+        cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.strip() == f"extsub-merge {__version__}"
+
+
+def test_importing_the_package_does_not_load_torch():
+    # The command line sets its signal handlers before torch loads, so a Ctrl-C during start-up is caught.
+    code = "import sys, extsub_kernels, extsub_kernels.cli; print('torch' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+    )
+    assert done.stdout.strip() == "False", done.stderr
+
+
+def test_interrupted_during_start_up_exits_130_with_one_line(capsys, monkeypatch):
+    import extsub_kernels.cli as cli
+
+    def interrupted(argv):  # stands for a Ctrl-C while torch is being imported
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_main", interrupted)
+    assert main(["a", "b", "-o", "c"]) == EXIT_SIGINT
+    assert capsys.readouterr().err == "extsub-merge: error: interrupted; nothing was written\n"

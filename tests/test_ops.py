@@ -335,3 +335,15 @@ def test_triton_on_cpu_without_interpreter_says_how(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         ext_sub_(torch.zeros(3, 3), torch.zeros(3, 3), 1.0, backend="triton")
+
+
+def test_auto_on_cuda_without_triton_warns_how_to_install_it(monkeypatch):
+    from extsub_kernels import ops
+
+    class CudaTensor:  # _resolve_backend looks only at is_cuda
+        is_cuda = True
+
+    monkeypatch.setattr(ops, "_triton_importable", lambda: False)
+    monkeypatch.setattr(ops, "_warned_no_triton", False)
+    with pytest.warns(UserWarning, match=r'pip install "extsub\[cuda\]"'):
+        assert ops._resolve_backend("auto", CudaTensor()) == "torch"
