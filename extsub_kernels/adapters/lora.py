@@ -23,7 +23,7 @@ from extsub_kernels.errors import InputError
 from extsub_kernels.ops import ext_sub_coefficients
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class LoraModule:
     """One LoRA module, ΔW = scaling · lora_B @ lora_A; rows of ΔW are output features.
 
@@ -66,6 +66,13 @@ class LoraModule:
     def storage_dtype(self) -> torch.dtype:
         return self.dtype or self.lora_B.dtype
 
+    def __repr__(self) -> str:
+        """Shapes and scaling, never the tensors: `LoraModule(out=64, in=32, r=8, scaling=2, float32)`."""
+        return (
+            f"LoraModule(out={self.out_features}, in={self.in_features}, r={self.rank}, "
+            f"scaling={self.scaling:g}, {str(self.storage_dtype).removeprefix('torch.')})"
+        )
+
     def delta(self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
         """ΔW = scaling·B·A as an (out, in) tensor, in `dtype` on `device` (default: where the factors are).
 
@@ -76,7 +83,7 @@ class LoraModule:
         return (self.lora_B.to(device, dtype) * self.scaling) @ self.lora_A.to(device, dtype)
 
 
-@dataclass
+@dataclass(repr=False)
 class LoraAdapter:
     """A LoRA adapter as data: modules keyed by their name in the base model, plus metadata.
 
@@ -92,8 +99,28 @@ class LoraAdapter:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        """Counts and shapes, never the tensors:
+        `LoraAdapter('expert/', 12 LoRA modules (r 4–8, 98,304 parameters), base_model='org/m')`."""
+        return f"{type(self).__name__}({self.source!r}, {describe_modules(self)})"
 
-@dataclass(kw_only=True)
+
+def describe_modules(adapter: LoraAdapter) -> str:
+    """Modules, ranks, parameter count, non-LoRA tensors and base model of an adapter, in one line."""
+    ranks = sorted({m.rank for m in adapter.modules.values()})
+    params = sum(m.lora_A.numel() + m.lora_B.numel() for m in adapter.modules.values())
+    rank_text = f"r {ranks[0]}" if len(ranks) == 1 else f"r {ranks[0]}–{ranks[-1]}" if ranks else "no modules"
+    count = f"{params:,}" if params < 10**6 else f"{params / 1e6:.3g} M"
+    text = f"{len(adapter.modules)} LoRA modules ({rank_text}, {count} parameters)"
+    if adapter.extra:
+        text += f", {len(adapter.extra)} non-LoRA tensors ({', '.join(list(adapter.extra)[:2])}"
+        text += ", …)" if len(adapter.extra) > 2 else ")"
+    if adapter.base_model_name_or_path:
+        text += f", base_model={adapter.base_model_name_or_path!r}"
+    return text
+
+
+@dataclass(kw_only=True, repr=False)
 class MergedAdapter(LoraAdapter):
     """The result of `merge_adapters`: an adapter plus the report of how it was made."""
 

@@ -33,10 +33,9 @@ class AdapterReport:
         return f"{self.method} λ={','.join(f'{lam:g}' for lam in self.lams)}: {summarize_modules([self])}"
 
     def details(self) -> list[str]:
-        """One line per module with its truncation error, then the modules left out."""
-        lines = [f"{name}: relative truncation error {error:.6g}" for name, error in self.truncation_error.items()]
-        lines += [f"{name}: only in anti-experts, nothing under ext-sub" for name in self.dropped]
-        return lines
+        """One line per truncated module with its truncation error (what happened to each module is in the
+        report's items)."""
+        return [f"{name}: relative truncation error {error:.6g}" for name, error in self.truncation_error.items()]
 
 
 def summarize_modules(reports: Sequence[AdapterReport]) -> str:
@@ -89,7 +88,7 @@ class AdapterSection:
         return summarize_modules(self.reports)
 
     def details(self, outputs: Sequence[Path]) -> list[str]:
-        """Per-module lines (truncation error, modules left out), prefixed by their output."""
+        """Per-module truncation errors, prefixed by their output."""
         pairs = zip(outputs, self.reports, strict=True)
         return [f"{path}: {line}" for path, report in pairs for line in report.details()]
 

@@ -13,6 +13,8 @@ from extsub_kernels.engine.tables import anti_roles, by_layer_and_type
 HEATMAP_NAME = "report.png"
 # The figure's size in pixels, whatever the model: width fixed, height per anti-expert.
 WIDTH_IN, HEIGHT_IN, DPI = 12.0, 6.0, 100
+# Cells are labelled with their value while the grid is small enough to read them.
+LABELLED_CELLS = 400
 
 
 class PlotUnavailable(RuntimeError):
@@ -55,6 +57,11 @@ def draw_heatmaps(report: MergeReport, path: str | os.PathLike) -> None:
             ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=8)
             ax.set_ylabel("layer")
             figure.colorbar(image, ax=ax)
+            if 0 < len(layers) * len(kinds) <= LABELLED_CELLS:
+                for y, row_values in enumerate(grid):
+                    for x, v in enumerate(row_values):
+                        if not math.isnan(v):
+                            ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=DPI, format="png")
     plt.close(figure)

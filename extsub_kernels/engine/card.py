@@ -18,12 +18,13 @@ PAPER = (
     'Hu et al., "Separate the Wheat from the Chaff: Model Deficiency Unlearning via Parameter-Efficient '
     'Module Operation", AAAI 2024 ([arXiv:2308.08090](https://arxiv.org/abs/2308.08090))'
 )
+METHOD_NAME = {"ext-sub": "**Ext-Sub** (Extraction-before-Subtraction)", "sub": "direct subtraction", "add": "addition"}
 METHOD_TEXT = {
-    "ext-sub": "**Ext-Sub** (Extraction-before-Subtraction): θ' = θ⁺ − λ·Ext(θ⁻), row by row. Ext(θ⁻) is the part "
-    "of the anti-expert's task vector orthogonal to the bisector of expert and anti-expert, its *deficiency*; the "
-    "rest, the general capability both share, is kept",
-    "sub": "direct subtraction, θ' = θ⁺ − λ·θ⁻ (the paper's baseline)",
-    "add": "addition, θ' = θ⁺ + λ·θ⁻",
+    "ext-sub": "θ' = θ⁺ − λ·Ext(θ⁻), row by row. Ext(θ⁻) is the part of the anti-expert's task vector orthogonal to "
+    "the bisector of expert and anti-expert rows, its *deficiency*; the rest, the general capability both share, is "
+    "kept.",
+    "sub": "θ' = θ⁺ − λ·θ⁻, the paper's baseline.",
+    "add": "θ' = θ⁺ + λ·θ⁻.",
 }
 
 
@@ -76,9 +77,9 @@ def model_card(facts: CardFacts) -> str:
         f"# {facts.title}",
         "",
         f"{facts.what[0].upper()}{facts.what[1:]}, made with [extsub](https://pypi.org/project/extsub/) "
-        f"{__version__} by {METHOD_TEXT.get(facts.method, facts.method)}, at λ = {lam}.",
+        f"{__version__} by {METHOD_NAME.get(facts.method, facts.method)} at λ = {lam}.",
         "",
-        f"Method: {PAPER}.",
+        f"{METHOD_TEXT.get(facts.method, '')} Method: {PAPER}.",
         "",
         "## Inputs",
         "",
@@ -107,7 +108,7 @@ def model_card(facts: CardFacts) -> str:
             facts.table.rstrip(),
             "",
         ]
-    return "\n".join(lines)
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def _input_line(record: Mapping) -> str:

@@ -168,7 +168,8 @@ def item_line(item: Item, stats: TensorStats | None, settings: Sequence[Sequence
         )
         share = f"{pair.deficiency_share:.2f}" if pair.deficiency_share is not None else "n/a"
         degenerate = f", {pair.degenerate_rows} degenerate rows" if pair.degenerate_rows else ""
-        line += f"{prefix} {pair.rows} rows{degenerate}, {cos}, deficiency share {share}"
+        rows = f"{pair.rows} row{'s' if pair.rows != 1 else ''}"
+        line += f"{prefix} {rows}{degenerate}, {cos}, deficiency share {share}"
     changes = [
         f"{100 * c:.3g} % at λ={','.join(f'{x:g}' for x in s)}" if c is not None else "n/a"
         for c, s in zip(stats.relative_change, settings, strict=False)
