@@ -113,10 +113,13 @@ def row_products(w_plus: torch.Tensor, w_minus: torch.Tensor, *, out: torch.Tens
         [[25.0, 1.0, 3.0]]
     """
     check_pair(w_plus, w_minus, 0.0)
-    p, m = as_rows(w_plus), as_rows(w_minus)
+    rows = _row_count(w_plus)
     out = _checked_row_stats(out, w_plus) if out is not None else torch.empty(
-        p.shape[0], 3, dtype=torch.float64, device=w_plus.device
+        rows, 3, dtype=torch.float64, device=w_plus.device
     )
+    if rows == 0:
+        return out
+    p, m = as_rows(w_plus), as_rows(w_minus)
     compute = compute_dtype(p.dtype, m.dtype)
     step = _block_rows(p, compute)
     for start in range(0, p.shape[0], step):
@@ -128,9 +131,14 @@ def row_products(w_plus: torch.Tensor, w_minus: torch.Tensor, *, out: torch.Tens
     return out
 
 
+def _row_count(t: torch.Tensor) -> int:
+    """Rows the op pairs: dim 0, one row for 0-D and 1-D tensors (an empty first dimension has none)."""
+    return t.shape[0] if t.dim() >= 2 else 1
+
+
 def _checked_row_stats(row_stats: torch.Tensor, w_plus: torch.Tensor) -> torch.Tensor:
     """`row_stats` if it can hold the row sums of `w_plus`: (rows, 3), float32/float64, contiguous, same device."""
-    rows = as_rows(w_plus).shape[0]
+    rows = _row_count(w_plus)
     if (
         not isinstance(row_stats, torch.Tensor)
         or tuple(row_stats.shape) != (rows, 3)

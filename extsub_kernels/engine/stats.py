@@ -120,6 +120,7 @@ class PairAccumulator:
                     ext_sq.sum(),
                     m_norm.sum(),
                     torch.sqrt(ext_sq).sum(),
+                    cos[both].sum(),
                 ]
             ).to(torch.float64)
         )
@@ -127,8 +128,8 @@ class PairAccumulator:
 
     def result(self, anti: str) -> PairStats:
         """The summary of every row added so far."""
-        totals = torch.stack(self._totals).sum(0).cpu().tolist() if self._totals else [0.0] * 9
-        zero_p, zero_m, antiparallel, measured, pp, mm, ext_sq, m_abs, ext_abs = totals
+        totals = torch.stack(self._totals).sum(0).cpu().tolist() if self._totals else [0.0] * 10
+        zero_p, zero_m, antiparallel, measured, pp, mm, ext_sq, m_abs, ext_abs, cos_sum = totals
         cos = torch.cat(self._cos).cpu() if self._cos else torch.empty(0)
         return PairStats(
             anti=anti,
@@ -137,7 +138,7 @@ class PairAccumulator:
             zero_anti_rows=int(zero_m),
             antiparallel_rows=int(antiparallel),
             measured_rows=int(measured),
-            cos=summarize_cos(cos),
+            cos=summarize_cos(cos, cos_sum / measured if measured else None),
             expert_norm=math.sqrt(pp),
             anti_norm=math.sqrt(mm),
             deficiency_norm=math.sqrt(ext_sq),
@@ -159,13 +160,14 @@ def pair_stats(sums: torch.Tensor, anti: str) -> PairStats:
     return acc.result(anti)
 
 
-def summarize_cos(cos: torch.Tensor) -> CosSummary | None:
-    """Mean, min, quartiles (linear interpolation) and max of a 1-D tensor of cosines; None when empty."""
+def summarize_cos(cos: torch.Tensor, mean: float | None = None) -> CosSummary | None:
+    """Mean (`mean`, when summed more precisely elsewhere), min, quartiles (linear interpolation) and max of a 1-D
+    tensor of cosines; None when empty."""
     if cos.numel() == 0:
         return None
     cos = cos.to(torch.float64)
     q1, median, q3 = torch.quantile(cos, torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
-    return CosSummary(float(cos.mean()), float(cos.min()), q1, median, q3, float(cos.max()))
+    return CosSummary(float(cos.mean()) if mean is None else mean, float(cos.min()), q1, median, q3, float(cos.max()))
 
 
 @dataclass(frozen=True)
