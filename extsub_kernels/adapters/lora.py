@@ -113,7 +113,8 @@ def describe_modules(adapter: LoraAdapter) -> str:
     count = f"{params:,}" if params < 10**6 else f"{params / 1e6:.3g} M"
     text = f"{len(adapter.modules)} LoRA modules ({rank_text}, {count} parameters)"
     if adapter.extra:
-        text += f", {len(adapter.extra)} non-LoRA tensors ({', '.join(list(adapter.extra)[:2])}"
+        plural = "s" if len(adapter.extra) != 1 else ""
+        text += f", {len(adapter.extra)} non-LoRA tensor{plural} ({', '.join(list(adapter.extra)[:2])}"
         text += ", …)" if len(adapter.extra) > 2 else ")"
     if adapter.base_model_name_or_path:
         text += f", base_model={adapter.base_model_name_or_path!r}"

@@ -167,7 +167,8 @@ def item_line(item: Item, stats: TensorStats | None, settings: Sequence[Sequence
             else "cos n/a"
         )
         share = f"{pair.deficiency_share:.2f}" if pair.deficiency_share is not None else "n/a"
-        degenerate = f", {pair.degenerate_rows} degenerate rows" if pair.degenerate_rows else ""
+        n = pair.degenerate_rows
+        degenerate = f", {n} degenerate row{'s' if n != 1 else ''}" if n else ""
         rows = f"{pair.rows} row{'s' if pair.rows != 1 else ''}"
         line += f"{prefix} {rows}{degenerate}, {cos}, deficiency share {share}"
     changes = [
