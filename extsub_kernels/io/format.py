@@ -4,6 +4,9 @@ A file is: 8 bytes little-endian header length N, N bytes of JSON (padded with s
 multiple of 8), then the tensors' bytes, each at `data_offsets` relative to the end of the header.
 """
 
+import functools
+import json
+
 import torch
 
 HEADER_LENGTH_BYTES = 8
@@ -27,6 +30,28 @@ def _dtype_table() -> dict[str, torch.dtype]:
 
 DTYPES: dict[str, torch.dtype] = _dtype_table()
 DTYPE_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
+
+
+@functools.cache
+def readable_dtypes() -> dict[str, torch.dtype]:
+    """The codes of `DTYPES` that the installed `safetensors` loads back into torch, with their dtypes.
+
+    torch may know a dtype that `safetensors.torch.load` cannot load (F8_E8M0 with safetensors
+    0.8): a tensor of it could be read here, but an output holding it could not be read back,
+    so inputs are held to this set. Probed once, by loading one element of each code from bytes.
+    """
+    from safetensors.torch import load
+
+    readable = {}
+    for code, dtype in DTYPES.items():
+        header = json.dumps({"t": {"dtype": code, "shape": [1], "data_offsets": [0, dtype.itemsize]}}).encode()
+        try:
+            ok = load(len(header).to_bytes(HEADER_LENGTH_BYTES, "little") + header + bytes(dtype.itemsize))["t"].dtype == dtype
+        except Exception:  # noqa: BLE001 - however it refuses the code (unknown variant, no torch dtype), it is unreadable
+            ok = False
+        if ok:
+            readable[code] = dtype
+    return readable
 
 # `safetensors` writes tensors sorted by dtype (this rank, largest alignment first), then by name.
 # Following it keeps every tensor aligned and makes our files byte-identical to `safetensors.torch.save`.

@@ -5,6 +5,7 @@ code), with the command that converts them. PEFT adapters are recognised and fla
 LoRA path can take them; their config files are exposed beside the weights.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -22,7 +23,13 @@ INDEX_SUFFIX = ".safetensors.index.json"
 CONFIG_PATTERNS = ("*.json", "*.jinja", "tokenizer.model", "spiece.model", "merges.txt", "vocab.txt", "*.tiktoken")
 # What is fetched from the hub: the weights and the files above, never pickle weights.
 HUB_PATTERNS = ["*.safetensors", *CONFIG_PATTERNS]
-_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
+_HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+", re.ASCII)
+# A revision is a branch, a tag or a commit hash. huggingface_hub joins it into paths in its
+# cache (refs/<revision>), so it must be a plain git ref name: ASCII components of letters,
+# digits and _ . + -, none empty or starting with a dot, no "..", no backslash, no leading "/".
+_REVISION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*(?:/[A-Za-z0-9_][A-Za-z0-9_.+-]*)*", re.ASCII)
+_MAX_REVISION = 255
+COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 _CONVERT_HINT = (
     "pickle checkpoints can run code when loaded and are not read. Convert it once to safetensors, e.g. "
     "`python -c \"import torch; from safetensors.torch import save_file; "
@@ -44,6 +51,8 @@ class ResolvedInput:
         config_files: config and tokenizer files beside the weights (folders and hub repos only).
         adapter: True for a PEFT adapter (adapter_config.json + adapter_model.safetensors), or
             weights whose keys hold lora_A / lora_B (a bare .safetensors, or a folder of them).
+        commit: for a hub repo, the commit hash of the snapshot the files are read from (the
+            revision asked for, resolved); None for local inputs.
     """
 
     spec: str
@@ -53,6 +62,7 @@ class ResolvedInput:
     files: tuple[Path, ...]
     config_files: tuple[Path, ...] = field(default=())
     adapter: bool = False
+    commit: str | None = None
 
     def config_file(self, filename: str) -> Path | None:
         """The config file called `filename` (e.g. "config.json"), if the input has one."""
@@ -110,9 +120,9 @@ def resolve_input(spec: str | os.PathLike, *, role: str = "input", quiet: bool =
         return _resolve_file(text, path, role)
     if path.is_dir():
         return _resolve_folder(text, path, role, kind="folder", name=path.resolve().name)
-    match = _HUB_ID.match(text)
-    if match and not text.startswith((".", "/", "~")) and not text.endswith(".safetensors"):
-        return _resolve_hub(text, match["repo"], match["revision"], role, quiet)
+    repo, at, revision = text.partition("@")
+    if _HUB_REPO.fullmatch(repo) and not text.endswith(".safetensors"):
+        return _resolve_hub(text, repo, revision if at else None, role, quiet)
     raise InputError(f"{role} {text!r}: no such file or folder")
 
 
@@ -191,26 +201,79 @@ def _hub_offline() -> bool:
     return flag.upper() in ("1", "ON", "YES", "TRUE")
 
 
+def check_revision(revision: str) -> None:
+    """Raise ValueError unless `revision` is a plain branch, tag or commit name (see `_REVISION`)."""
+    if len(revision) > _MAX_REVISION or not _REVISION.fullmatch(revision) or ".." in revision:
+        raise ValueError(
+            f"revision {revision!r} is not a branch, tag or commit hash (ASCII letters, digits and _ . + - in "
+            "/-separated parts, none empty or starting with '.', no '..')"
+        )
+
+
 def _resolve_hub(spec: str, repo: str, revision: str | None, role: str, quiet: bool) -> ResolvedInput:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+        validate_repo_id,
+    )
 
+    not_local = f"{role} {spec!r}: no such file or folder, and"
+    try:
+        validate_repo_id(repo)
+        if revision is not None:
+            check_revision(revision)
+    except ValueError as e:  # HFValidationError is a ValueError
+        raise InputError(f"{not_local} it is not a Hugging Face repo id[@revision] either: {e}") from None
     offline = _hub_offline()
+    cache = _hub_cache_dir()
     was_disabled = are_progress_bars_disabled()
     if quiet:
         disable_progress_bars()
     try:
-        folder = snapshot_download(
-            repo, revision=revision, cache_dir=_hub_cache_dir(), local_files_only=offline, allow_patterns=HUB_PATTERNS
-        )
+        folder = None
+        if revision is not None and COMMIT_HASH.fullmatch(revision) and not offline:
+            # A commit never moves: when its snapshot is cached, it is used without the network, where
+            # huggingface_hub would first list the repo's files (and retry for ~25 s when unreachable).
+            try:
+                folder = snapshot_download(
+                    repo, revision=revision, cache_dir=cache, local_files_only=True, allow_patterns=HUB_PATTERNS
+                )
+            except Exception:  # noqa: BLE001 - not cached, or cached incomplete: fetched below
+                folder = None
+        if folder is None:
+            folder = snapshot_download(
+                repo, revision=revision, cache_dir=cache, local_files_only=offline, allow_patterns=HUB_PATTERNS
+            )
     except Exception as e:  # noqa: BLE001 - every hub failure becomes one clear input error
         where = "offline (HF_HUB_OFFLINE=1), and not in the cache" if offline else "not in the cache and not reachable"
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise InputError(
-            f"{role} {spec!r}: no such file or folder, and as a Hugging Face repo id it is {where} "
-            f"({type(e).__name__}: {reason})"
-        ) from None
+        raise InputError(f"{not_local} as a Hugging Face repo id it is {where} ({type(e).__name__}: {reason})") from None
     finally:
         if quiet and not was_disabled:
             enable_progress_bars()
-    return _resolve_folder(spec, Path(folder), role, kind="hub", name=spec)
+    snapshot = Path(folder)
+    commit = _snapshot_commit(spec, role, repo, revision, snapshot, cache)
+    return dataclasses.replace(_resolve_folder(spec, snapshot, role, kind="hub", name=spec), commit=commit)
+
+
+def _snapshot_commit(spec: str, role: str, repo: str, revision: str | None, snapshot: Path, cache: str) -> str:
+    """The commit of `snapshot`, after checking it is that repo's snapshot folder in the cache.
+
+    huggingface_hub finds a branch's commit in a file of its cache (refs/<branch>) and joins
+    what it reads into a path: a damaged cache could point anywhere. A commit asked for must
+    be the one served, never another.
+    """
+    from huggingface_hub.file_download import repo_folder_name
+
+    snapshots = Path(cache).expanduser().resolve() / repo_folder_name(repo_id=repo, repo_type="model") / "snapshots"
+    real = snapshot.resolve()
+    if real.parent != snapshots or not COMMIT_HASH.fullmatch(real.name):
+        raise InputError(
+            f"{role} {spec!r}: the hub cache maps revision {revision or 'main'!r} to {str(snapshot)!r}, which is not a "
+            f"snapshot folder of {repo} in the cache; the cache is damaged: delete {snapshots.parent} and download again"
+        )
+    if revision is not None and COMMIT_HASH.fullmatch(revision) and real.name != revision:
+        raise InputError(f"{role} {spec!r}: asked for commit {revision} but the hub served {real.name}; nothing was read")
+    return real.name

@@ -7,6 +7,7 @@ under temporary names and appears at the target only on `commit()` (see `atomic`
 """
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator, Sequence
@@ -73,9 +74,12 @@ def parse_size(size: int | str) -> int:
         number = text.rstrip("KMGTIB")
         unit = text[len(number) :]
         try:
-            value = int(float(number) * units[unit])
+            scaled = float(number) * units[unit]
         except (ValueError, KeyError):
             raise InputError(f"cannot read size {size!r}; write it like 5GB, 500MB, 2GiB or a number of bytes") from None
+        if not math.isfinite(scaled):
+            raise InputError(f"size {size!r} is not a finite number of bytes; write it like 5GB, 500MB or 2GiB")
+        value = int(scaled)
     else:
         raise InputError(f"a size must be an int or a string like '5GB', got {type(size).__name__}")
     if value <= 0:
