@@ -12,12 +12,13 @@ import reprlib
 import stat
 import struct
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from operator import attrgetter
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import torch
 
@@ -83,24 +84,6 @@ def read_header(path: str | os.PathLike) -> Header:
             section exactly.
     """
     path = Path(path)
-    raw, size = _read_raw_header(path)
-    data_start = HEADER_LENGTH_BYTES + len(raw)
-    with _gc_paused():
-        parsed = _parse_json(path, raw)
-        del raw
-        metadata = _parse_metadata(path, parsed.pop(METADATA_KEY, None))
-        dtypes = readable_dtypes()
-        shapes: dict[tuple[int, ...], tuple[int, ...]] = {}  # one tuple per distinct shape
-        infos = [_parse_entry(path, name, entry, data_start, dtypes, shapes) for name, entry in parsed.items()]
-        del parsed
-        infos.sort(key=attrgetter("offset", "nbytes"))
-        _check_layout(path, infos, data_start, size)
-        tensors = {info.name: info for info in infos}
-    return Header(path=path, tensors=tensors, metadata=metadata)
-
-
-def _read_raw_header(path: Path) -> tuple[bytes, int]:
-    """The header's JSON bytes (length prefix checked against the file and the format's limit) and the file size."""
     try:
         # O_NONBLOCK: a FIFO given as an input must not block the open; it is refused just below.
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
@@ -109,32 +92,72 @@ def _read_raw_header(path: Path) -> tuple[bytes, int]:
     with open(fd, "rb") as f:
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise InputError(f"{path}: not a regular file; a checkpoint is a .safetensors file")
-            size = st.st_size
-            prefix = f.read(HEADER_LENGTH_BYTES)
-            if len(prefix) < HEADER_LENGTH_BYTES:
-                raise InputError(
-                    f"{path}: {size} bytes is too short for a safetensors file (it starts with an 8-byte "
-                    "header length); the file is truncated or not a safetensors file"
-                )
-            (n,) = struct.unpack("<Q", prefix)
-            if n > MAX_HEADER_BYTES:
-                raise InputError(
-                    f"{path}: the header length field says {n} bytes, above the {MAX_HEADER_BYTES} that safetensors "
-                    "allows; the file is corrupt or not a safetensors file"
-                )
-            if n > size - HEADER_LENGTH_BYTES:
-                raise InputError(
-                    f"{path}: the header claims {n} bytes but the file has {size - HEADER_LENGTH_BYTES} after the "
-                    "length field; the file is truncated or not a safetensors file"
-                )
-            raw = f.read(n)
         except OSError as e:
             raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"{path}: not a regular file; a checkpoint is a .safetensors file")
+        key = (os.fspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = _headers_in_use.get(key)
+        if cached is not None:
+            return cached
+        text, n = _read_header_text(path, f, st.st_size)
+    size = st.st_size
+    data_start = HEADER_LENGTH_BYTES + n
+    with _gc_paused():
+        parsed = _parse_json(path, text)
+        del text
+        metadata = _parse_metadata(path, parsed.pop(METADATA_KEY, None))
+        dtypes = readable_dtypes()
+        shapes: dict[tuple[int, ...], tuple[int, ...]] = {}  # one tuple per distinct shape
+        infos = [_parse_entry(path, name, entry, data_start, dtypes, shapes) for name, entry in parsed.items()]
+        del parsed
+        infos.sort(key=attrgetter("offset", "nbytes"))
+        _check_layout(path, infos, data_start, size)
+        header = Header(path=path, tensors={info.name: info for info in infos}, metadata=metadata)
+    _headers_in_use[key] = header
+    return header
+
+
+# Headers still referenced somewhere (a ResolvedInput keeps those of its files), by the path as
+# given and the file's identity: an input resolved and then read has its header parsed once.
+_headers_in_use: "weakref.WeakValueDictionary[tuple, Header]" = weakref.WeakValueDictionary()
+
+
+def _read_header_text(path: Path, f: BinaryIO, size: int) -> tuple[str, int]:
+    """The header's JSON text and its length in bytes, the length field checked against the file's size
+    and the format's limit."""
+    try:
+        prefix = f.read(HEADER_LENGTH_BYTES)
+        if len(prefix) < HEADER_LENGTH_BYTES:
+            raise InputError(
+                f"{path}: {size} bytes is too short for a safetensors file (it starts with an 8-byte "
+                "header length); the file is truncated or not a safetensors file"
+            )
+        (n,) = struct.unpack("<Q", prefix)
+        if n > MAX_HEADER_BYTES:
+            raise InputError(
+                f"{path}: the header length field says {n} bytes, above the {MAX_HEADER_BYTES} that safetensors "
+                "allows; the file is corrupt or not a safetensors file"
+            )
+        if n > size - HEADER_LENGTH_BYTES:
+            raise InputError(
+                f"{path}: the header claims {n} bytes but the file has {size - HEADER_LENGTH_BYTES} after the "
+                "length field; the file is truncated or not a safetensors file"
+            )
+        raw = f.read(n)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
     if len(raw) < n:
-        raise InputError(f"{path}: the file ended inside its {n}-byte header; it is truncated or was replaced while read")
-    return raw, size
+        raise InputError(
+            f"{path}: the file ended inside its {n}-byte header; it is truncated or was replaced while read"
+        )
+    try:
+        return raw.decode("utf-8"), n
+    except UnicodeDecodeError as e:
+        raise InputError(
+            f"{path}: the header is not valid JSON (not UTF-8: {e.reason} at header byte {e.start}); the file is "
+            "corrupt or not a safetensors file"
+        ) from None
 
 
 @contextmanager
@@ -157,10 +180,12 @@ class _BadJson(ValueError):
     """Raised from the JSON parser's hooks: the message says what was found."""
 
 
-def _parse_int(text: str) -> int:
-    if len(text.lstrip("-")) > _MAX_DIGITS:
-        raise _BadJson(f"a {len(text.lstrip('-'))}-digit integer where dimensions and offsets are 64-bit (at most {_MAX_DIGITS} digits)")
-    return int(text)
+def _parse_int(text: str) -> int | float:
+    digits = len(text) - text.startswith("-")
+    if digits > _MAX_DIGITS:
+        raise _BadJson(f"a {digits}-digit integer, where dimensions and offsets are 64-bit (at most {_MAX_DIGITS} digits)")
+    # safetensors' parser reads -0 as the float -0.0, which no dimension or offset may be; so does this one.
+    return -0.0 if text == "-0" else int(text)
 
 
 def _refuse_float(text: str) -> float:
@@ -180,16 +205,9 @@ def _object(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return obj
 
 
-def _parse_json(path: Path, raw: bytes) -> dict:
-    """The header parsed, refusing what safetensors' own parser refuses: invalid UTF-8, non-integer
-    numbers and integers past 64 bits, NaN/Infinity, repeated keys, nesting past Python's limit."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(
-            f"{path}: the header is not valid JSON (not UTF-8: {e.reason} at header byte {e.start}); the file is corrupt "
-            "or not a safetensors file"
-        ) from None
+def _parse_json(path: Path, text: str) -> dict:
+    """The header parsed, refusing what safetensors' own parser refuses: non-integer numbers and
+    integers past 64 bits, NaN/Infinity, repeated keys, nesting past Python's limit."""
     try:
         parsed = json.loads(
             text, parse_int=_parse_int, parse_float=_refuse_float, parse_constant=_refuse_constant, object_pairs_hook=_object
@@ -212,7 +230,8 @@ def _parse_json(path: Path, raw: bytes) -> dict:
 
 def _kind(value: object) -> str:
     """A JSON value described for a message: its JSON type and a shortened rendering."""
-    names = {dict: "an object", list: "a list", str: "a string", int: "an integer", bool: "a boolean", type(None): "null"}
+    names = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "the number", bool: "a boolean",
+             type(None): "null"}  # fmt: skip
     return f"{names.get(type(value), type(value).__name__)} {_show.repr(value)}"
 
 

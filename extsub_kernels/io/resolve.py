@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from extsub_kernels.errors import InputError
-from extsub_kernels.io.reader import read_header
+from extsub_kernels.io.reader import Header, read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 INDEX_SUFFIX = ".safetensors.index.json"
+# A shard index of a million tensors takes ~130 MB; no config or index comes near this.
+MAX_JSON_BYTES = 256_000_000
 # Files beside the weights that describe the model: configs and tokenizers (never weights).
 CONFIG_PATTERNS = ("*.json", "*.jinja", "tokenizer.model", "spiece.model", "merges.txt", "vocab.txt", "*.tiktoken")
 # What is fetched from the hub: the weights and the files above, never pickle weights.
@@ -53,6 +55,8 @@ class ResolvedInput:
             weights whose keys hold lora_A / lora_B (a bare .safetensors, or a folder of them).
         commit: for a hub repo, the commit hash of the snapshot the files are read from (the
             revision asked for, resolved); None for local inputs.
+        headers: the headers of `files` read while resolving, if they were (kept so that reading
+            the input parses them once, see `read_header`).
     """
 
     spec: str
@@ -63,6 +67,7 @@ class ResolvedInput:
     config_files: tuple[Path, ...] = field(default=())
     adapter: bool = False
     commit: str | None = None
+    headers: tuple[Header, ...] = field(default=(), repr=False, compare=False)
 
     def config_file(self, filename: str) -> Path | None:
         """The config file called `filename` (e.g. "config.json"), if the input has one."""
@@ -87,8 +92,13 @@ def read_json_object(path: Path, what: str = "JSON config", *, error: type[Input
         {'r': 8, 'lora_alpha': 16, ...}
     """
     try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise error(f"{path}: {size} bytes is more than the {MAX_JSON_BYTES} a {what} may take; it is not one")
         loaded = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except RecursionError:
+        raise error(f"{path}: unreadable {what} (JSON nested too deeply)") from None
+    except (OSError, ValueError) as e:  # ValueError: bad UTF-8, bad JSON, an integer of thousands of digits
         raise error(f"{path}: unreadable {what} ({e})") from None
     if not isinstance(loaded, dict):
         raise error(f"{path}: expected a JSON object ({what}), found {type(loaded).__name__}")
@@ -129,8 +139,9 @@ def resolve_input(spec: str | os.PathLike, *, role: str = "input", quiet: bool =
 def _resolve_file(spec: str, path: Path, role: str) -> ResolvedInput:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise InputError(f"{role} {path}: " + _CONVERT_HINT.format(path=path, stem=path.with_suffix("")))
-    adapter = has_lora_keys(read_header(path).tensors)
-    return ResolvedInput(spec, path.name, "file", path.resolve().parent, (path,), adapter=adapter)
+    header = read_header(path)
+    adapter = has_lora_keys(header.tensors)
+    return ResolvedInput(spec, path.name, "file", path.resolve().parent, (path,), adapter=adapter, headers=(header,))
 
 
 def _resolve_folder(spec: str, folder: Path, role: str, *, kind: str, name: str) -> ResolvedInput:
@@ -143,14 +154,16 @@ def _resolve_folder(spec: str, folder: Path, role: str, *, kind: str, name: str)
         return ResolvedInput(spec, name, kind, folder, (weights,), configs, adapter=True)
     indexes = [p for p in entries if p.name.endswith(INDEX_SUFFIX)]
     if indexes:
-        return ResolvedInput(spec, name, kind, folder, _files_from_index(folder, indexes, role), configs)
+        headers = _headers_from_index(folder, indexes, role)
+        return ResolvedInput(spec, name, kind, folder, tuple(h.path for h in headers), configs, headers=headers)
     shards = tuple(p for p in entries if p.suffix == ".safetensors")
     if not shards:
         _refuse_pickles(folder, entries, role, what="no .safetensors files")
+    headers = tuple(read_header(p) for p in shards)
     # An adapter's weights without their adapter_config.json are still an adapter (the LoRA path
     # then asks for the scaling), never a dense checkpoint whose lora_A/lora_B rows get merged.
-    adapter = any(has_lora_keys(read_header(p).tensors) for p in shards)
-    return ResolvedInput(spec, name, kind, folder, shards, configs, adapter=adapter)
+    adapter = any(has_lora_keys(h.tensors) for h in headers)
+    return ResolvedInput(spec, name, kind, folder, shards, configs, adapter=adapter, headers=headers)
 
 
 def _refuse_pickles(folder: Path, entries: list[Path], role: str, *, what: str) -> None:
@@ -163,7 +176,8 @@ def _refuse_pickles(folder: Path, entries: list[Path], role: str, *, what: str) 
     raise InputError(f"{role} {folder}: {what}; expected model.safetensors, shards with an index, or an adapter")
 
 
-def _files_from_index(folder: Path, indexes: list[Path], role: str) -> tuple[Path, ...]:
+def _headers_from_index(folder: Path, indexes: list[Path], role: str) -> tuple[Header, ...]:
+    """The headers of the shards an index lists, in name order, checked against its weight_map."""
     index = next((p for p in indexes if p.name == "model" + INDEX_SUFFIX), None)
     if index is None:
         if len(indexes) > 1:
@@ -176,15 +190,25 @@ def _files_from_index(folder: Path, indexes: list[Path], role: str) -> tuple[Pat
     files = []
     for name in sorted(set(weight_map.values())):
         shard = folder / name
-        if Path(name).name != name or not shard.is_file():
+        if not _is_plain_name(name) or not shard.is_file():
             raise InputError(f"{index}: lists shard {name!r}, which is not a file in {folder}")
         files.append(shard)
     listed = {k: folder / v for k, v in weight_map.items()}
-    for shard in files:
-        for key in read_header(shard).tensors:
-            if listed.get(key, shard) != shard:
-                raise InputError(f"{index}: maps tensor {key!r} to {listed[key].name} but it is in {shard.name}")
-    return tuple(files)
+    headers = tuple(read_header(shard) for shard in files)
+    for header in headers:
+        for key in header.tensors:
+            if listed.get(key, header.path) != header.path:
+                raise InputError(f"{index}: maps tensor {key!r} to {listed[key].name} but it is in {header.path.name}")
+    return headers
+
+
+def _is_plain_name(name: str) -> bool:
+    """A file name with no folder part that the file system can take (no lone surrogate)."""
+    try:
+        os.fsencode(name)
+    except UnicodeEncodeError:
+        return False
+    return name not in ("", ".", "..") and Path(name).name == name and "\0" not in name
 
 
 def _hub_cache_dir() -> str:
