@@ -6,6 +6,7 @@ reading a whole model through one mapping would grow RSS to the model's size.
 """
 
 import gc
+import hashlib
 import json
 import os
 import reprlib
@@ -96,13 +97,16 @@ def read_header(path: str | os.PathLike) -> Header:
             raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
         if not stat.S_ISREG(st.st_mode):
             raise InputError(f"{path}: not a regular file; a checkpoint is a .safetensors file")
-        key = (os.fspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        cached = _headers_in_use.get(key)
-        if cached is not None:
-            return cached
-        text, n = _read_header_text(path, f, st.st_size)
+        raw = _read_header_bytes(path, f, st.st_size)
     size = st.st_size
-    data_start = HEADER_LENGTH_BYTES + n
+    # What the header means depends only on these: a header still in use is not parsed again.
+    key = (os.fspath(path), size, hashlib.blake2b(raw, digest_size=32).digest())
+    cached = _headers_in_use.get(key)
+    if cached is not None:
+        return cached
+    data_start = HEADER_LENGTH_BYTES + len(raw)
+    text = _decode(path, raw)
+    del raw  # freed before parsing, which is when memory peaks
     with _gc_paused():
         parsed = _parse_json(path, text)
         del text
@@ -119,13 +123,13 @@ def read_header(path: str | os.PathLike) -> Header:
 
 
 # Headers still referenced somewhere (a ResolvedInput keeps those of its files), by the path as
-# given and the file's identity: an input resolved and then read has its header parsed once.
+# given, the file's size and a digest of the header's bytes: an input resolved and then read has
+# its header parsed once (reading and hashing 100 MB takes a tenth of a second, parsing seconds).
 _headers_in_use: "weakref.WeakValueDictionary[tuple, Header]" = weakref.WeakValueDictionary()
 
 
-def _read_header_text(path: Path, f: BinaryIO, size: int) -> tuple[str, int]:
-    """The header's JSON text and its length in bytes, the length field checked against the file's size
-    and the format's limit."""
+def _read_header_bytes(path: Path, f: BinaryIO, size: int) -> bytes:
+    """The header's JSON bytes, its length field checked against the file's size and the format's limit."""
     try:
         prefix = f.read(HEADER_LENGTH_BYTES)
         if len(prefix) < HEADER_LENGTH_BYTES:
@@ -151,8 +155,12 @@ def _read_header_text(path: Path, f: BinaryIO, size: int) -> tuple[str, int]:
         raise InputError(
             f"{path}: the file ended inside its {n}-byte header; it is truncated or was replaced while read"
         )
+    return raw
+
+
+def _decode(path: Path, raw: bytes) -> str:
     try:
-        return raw.decode("utf-8"), n
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InputError(
             f"{path}: the header is not valid JSON (not UTF-8: {e.reason} at header byte {e.start}); the file is "
