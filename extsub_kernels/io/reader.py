@@ -90,14 +90,16 @@ def read_header(path: str | os.PathLike) -> Header:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
-    with open(fd, "rb") as f:
-        try:
-            st = os.fstat(fd)
-        except OSError as e:
-            raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise InputError(f"{path}: not a regular file; a checkpoint is a .safetensors file")
-        raw = _read_header_bytes(path, f, st.st_size)
+        with open(fd, "rb", closefd=False) as f:
+            raw = _read_header_bytes(path, f, st.st_size)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
     size = st.st_size
     # What the header means depends only on these: a header still in use is not parsed again.
     key = (os.fspath(path), size, hashlib.blake2b(raw, digest_size=32).digest())
@@ -130,27 +132,24 @@ _headers_in_use: "weakref.WeakValueDictionary[tuple, Header]" = weakref.WeakValu
 
 def _read_header_bytes(path: Path, f: BinaryIO, size: int) -> bytes:
     """The header's JSON bytes, its length field checked against the file's size and the format's limit."""
-    try:
-        prefix = f.read(HEADER_LENGTH_BYTES)
-        if len(prefix) < HEADER_LENGTH_BYTES:
-            raise InputError(
-                f"{path}: {size} bytes is too short for a safetensors file (it starts with an 8-byte "
-                "header length); the file is truncated or not a safetensors file"
-            )
-        (n,) = struct.unpack("<Q", prefix)
-        if n > MAX_HEADER_BYTES:
-            raise InputError(
-                f"{path}: the header length field says {n} bytes, above the {MAX_HEADER_BYTES} that safetensors "
-                "allows; the file is corrupt or not a safetensors file"
-            )
-        if n > size - HEADER_LENGTH_BYTES:
-            raise InputError(
-                f"{path}: the header claims {n} bytes but the file has {size - HEADER_LENGTH_BYTES} after the "
-                "length field; the file is truncated or not a safetensors file"
-            )
-        raw = f.read(n)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+    prefix = f.read(HEADER_LENGTH_BYTES)
+    if len(prefix) < HEADER_LENGTH_BYTES:
+        raise InputError(
+            f"{path}: {size} bytes is too short for a safetensors file (it starts with an 8-byte "
+            "header length); the file is truncated or not a safetensors file"
+        )
+    (n,) = struct.unpack("<Q", prefix)
+    if n > MAX_HEADER_BYTES:
+        raise InputError(
+            f"{path}: the header length field says {n} bytes, above the {MAX_HEADER_BYTES} that safetensors "
+            "allows; the file is corrupt or not a safetensors file"
+        )
+    if n > size - HEADER_LENGTH_BYTES:
+        raise InputError(
+            f"{path}: the header claims {n} bytes but the file has {size - HEADER_LENGTH_BYTES} after the "
+            "length field; the file is truncated or not a safetensors file"
+        )
+    raw = f.read(n)
     if len(raw) < n:
         raise InputError(
             f"{path}: the file ended inside its {n}-byte header; it is truncated or was replaced while read"
@@ -231,15 +230,18 @@ def _parse_json(path: Path, text: str) -> dict:
         ) from None
     if type(parsed) is not dict:
         raise InputError(
-            f"{path}: the header is JSON {_kind(parsed)}, not an object of tensors; the file is corrupt or not a safetensors file"
+            f"{path}: the header is {_kind(parsed)}, not an object of tensors; the file is corrupt or not a safetensors file"
         )
     return parsed
 
 
 def _kind(value: object) -> str:
-    """A JSON value described for a message: its JSON type and a shortened rendering."""
-    names = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "the number", bool: "a boolean",
-             type(None): "null"}  # fmt: skip
+    """A JSON value described for a message, shortened: "the integer 7", "a list ['F32']", "null"."""
+    if value is None:
+        return "null"
+    if type(value) is bool:
+        return f"the boolean {str(value).lower()}"
+    names = {dict: "an object", list: "a list", str: "the string", int: "the integer", float: "the number"}
     return f"{names.get(type(value), type(value).__name__)} {_show.repr(value)}"
 
 
