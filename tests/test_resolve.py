@@ -123,7 +123,7 @@ def _outside_the_cache(tmp_path, cache, repo="org/name"):
 )
 def test_hub_revisions_are_branch_tag_or_commit_names(tmp_path, offline_cache, revision):
     make_hub_cache(offline_cache, "org/name", {"model.safetensors": save(tmp_path / "w.safetensors", {"w": torch.zeros(1)}).read_bytes()}, COMMIT)
-    traversal, outside = _outside_the_cache(tmp_path, offline_cache)
+    traversal, _ = _outside_the_cache(tmp_path, offline_cache)
     revision = traversal if revision == "TRAVERSAL" else revision
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     with pytest.raises(InputError, match=r"not a Hugging Face repo id\[@revision\] either: revision .* is not a branch, tag or commit hash"):
