@@ -4,6 +4,7 @@ import json
 import math
 import os
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -393,3 +394,15 @@ def test_a_header_in_use_is_parsed_once_and_a_changed_one_again(tmp_path):
 def test_parse_size_refuses_sizes_that_are_not_finite(text):
     with pytest.raises(InputError, match=f"size '{text}' is not a finite number of bytes"):
         parse_size(text)
+
+
+def test_a_header_of_200k_tensors_reads_in_bounded_time(tmp_path):
+    """Scale (issue 13): reading is linear in the tensors, ~5 µs each on the 2-core CI machine (1M in ~5 s,
+    benchmarks/bench_read_header.py); 200k take about a second, and the bound leaves 30× for a loaded machine."""
+    n = 200_000
+    entries = ",".join(f'"layers.{i // 1000}.block.{i % 1000}.w":{{"dtype":"U8","shape":[1],"data_offsets":[{i},{i + 1}]}}' for i in range(n))
+    path = _raw_header(tmp_path / "many.safetensors", "{" + entries + "}", bytes(n))
+    start = time.perf_counter()
+    with CheckpointReader([path]) as reader:
+        assert len(reader) == n and reader.info("layers.199.block.999.w").offset == path.stat().st_size - 1
+    assert time.perf_counter() - start < 30
