@@ -65,7 +65,12 @@ def child(kind: str, path: str) -> dict:
             n = len(f.keys())
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"tensors": n, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "peak_rss_above_base_mb": round((peak - base) / 1024)}
+    return {
+        "tensors": n,
+        "wall_s": round(wall, 3),
+        "cpu_s": round(cpu, 3),
+        "peak_rss_above_base_mb": round((peak - base) / 1024),
+    }
 
 
 def main() -> None:
@@ -84,9 +89,18 @@ def main() -> None:
             header_bytes = write_header_file(path, count)
             for kind in KINDS:
                 done = subprocess.run(
-                    [sys.executable, __file__, "--child", kind, str(path)], env=env, capture_output=True, text=True, check=True
+                    [sys.executable, __file__, "--child", kind, str(path)],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=True,
                 )
-                row = {"kind": kind, "count": count, "header_mb": round(header_bytes / 1e6, 1), **json.loads(done.stdout)}
+                row = {
+                    "kind": kind,
+                    "count": count,
+                    "header_mb": round(header_bytes / 1e6, 1),
+                    **json.loads(done.stdout),
+                }
                 row |= {"date": datetime.date.today().isoformat(), "device": "cpu", "cpus": os.cpu_count(),
                         "load_avg_1m": round(os.getloadavg()[0], 2), "python": platform.python_version(),
                         "torch": torch.__version__, "extsub": __version__}  # fmt: skip
@@ -95,7 +109,11 @@ def main() -> None:
     out = ROOT / "benchmarks" / "results" / f"read-header-{datetime.date.today().isoformat()}-cpu"
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     lines = ["| tensors | header MB | kind | wall s | CPU s | peak RSS above base, MB |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['count']:,} | {r['header_mb']} | {r['kind']} | {r['wall_s']} | {r['cpu_s']} | {r['peak_rss_above_base_mb']} |" for r in rows]
+    lines += [
+        f"| {r['count']:,} | {r['header_mb']} | {r['kind']} | {r['wall_s']} | {r['cpu_s']} "
+        f"| {r['peak_rss_above_base_mb']} |"
+        for r in rows
+    ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out.with_suffix('.json')} and .md")
 

@@ -46,12 +46,16 @@ def readable_dtypes() -> dict[str, torch.dtype]:
     for code, dtype in DTYPES.items():
         header = json.dumps({"t": {"dtype": code, "shape": [1], "data_offsets": [0, dtype.itemsize]}}).encode()
         try:
-            ok = load(len(header).to_bytes(HEADER_LENGTH_BYTES, "little") + header + bytes(dtype.itemsize))["t"].dtype == dtype
+            ok = (
+                load(len(header).to_bytes(HEADER_LENGTH_BYTES, "little") + header + bytes(dtype.itemsize))["t"].dtype
+                == dtype
+            )
         except Exception:  # noqa: BLE001 - however it refuses the code (unknown variant, no torch dtype), it is unreadable
             ok = False
         if ok:
             readable[code] = dtype
     return readable
+
 
 # `safetensors` writes tensors sorted by dtype (this rank, largest alignment first), then by name.
 # Following it keeps every tensor aligned and makes our files byte-identical to `safetensors.torch.save`.

@@ -190,7 +190,9 @@ class _BadJson(ValueError):
 def _parse_int(text: str) -> int | float:
     digits = len(text) - text.startswith("-")
     if digits > _MAX_DIGITS:
-        raise _BadJson(f"a {digits}-digit integer, where dimensions and offsets are 64-bit (at most {_MAX_DIGITS} digits)")
+        raise _BadJson(
+            f"a {digits}-digit integer, where dimensions and offsets are 64-bit (at most {_MAX_DIGITS} digits)"
+        )
     # safetensors' parser reads -0 as the float -0.0, which no dimension or offset may be; so does this one.
     return -0.0 if text == "-0" else int(text)
 
@@ -217,12 +219,18 @@ def _parse_json(path: Path, text: str) -> dict:
     integers past 64 bits, NaN/Infinity, repeated keys, nesting past Python's limit."""
     try:
         parsed = json.loads(
-            text, parse_int=_parse_int, parse_float=_refuse_float, parse_constant=_refuse_constant, object_pairs_hook=_object
+            text,
+            parse_int=_parse_int,
+            parse_float=_refuse_float,
+            parse_constant=_refuse_constant,
+            object_pairs_hook=_object,
         )
     except _BadJson as e:
         raise InputError(f"{path}: the header holds {e}; the file is corrupt or not a safetensors file") from None
     except json.JSONDecodeError as e:
-        raise InputError(f"{path}: the header is not valid JSON ({e}); the file is corrupt or not a safetensors file") from None
+        raise InputError(
+            f"{path}: the header is not valid JSON ({e}); the file is corrupt or not a safetensors file"
+        ) from None
     except RecursionError:
         raise InputError(
             f"{path}: the header nests JSON deeper than a parser allows (a safetensors header is 3 levels deep); "
@@ -230,7 +238,8 @@ def _parse_json(path: Path, text: str) -> dict:
         ) from None
     if type(parsed) is not dict:
         raise InputError(
-            f"{path}: the header is {_kind(parsed)}, not an object of tensors; the file is corrupt or not a safetensors file"
+            f"{path}: the header is {_kind(parsed)}, not an object of tensors; the file is corrupt or not a "
+            "safetensors file"
         )
     return parsed
 
@@ -260,7 +269,9 @@ def _parse_metadata(path: Path, metadata: object) -> dict[str, str]:
     if metadata is None:
         return {}
     if type(metadata) is not dict:
-        raise InputError(f"{path}: the header's __metadata__ is {_kind(metadata)}, not an object of strings; the file is corrupt")
+        raise InputError(
+            f"{path}: the header's __metadata__ is {_kind(metadata)}, not an object of strings; the file is corrupt"
+        )
     for key, value in metadata.items():
         if type(value) is not str:
             raise InputError(
@@ -338,17 +349,22 @@ def _entry_error(path: Path, name: str, entry: object, dtypes: dict[str, torch.d
     where = f"{path}: tensor {_show.repr(name)}"
     corrupt = "the file is corrupt"
     if _unencodable(name):
-        return InputError(f"{path}: a tensor name holds a lone surrogate escape ({_show.repr(name)}), which is not valid Unicode; {corrupt}")
+        return InputError(
+            f"{path}: a tensor name holds a lone surrogate escape ({_show.repr(name)}), which is not valid "
+            f"Unicode; {corrupt}"
+        )
     if type(entry) is not dict:
-        return InputError(f"{where}: the header entry is {_kind(entry)}, not an object with dtype, shape and data_offsets; {corrupt}")
+        return InputError(
+            f"{where}: the header entry is {_kind(entry)}, not an object with dtype, shape and data_offsets; {corrupt}"
+        )
     missing = sorted(_ENTRY_FIELDS - entry.keys())
     if missing:
         return InputError(f"{where}: the header entry has no {', '.join(missing)}; {corrupt}")
     extra = sorted(entry.keys() - _ENTRY_FIELDS)
     if extra:
         return InputError(
-            f"{where}: the header entry has the unexpected field {_show.repr(extra[0])} (safetensors entries hold dtype, "
-            f"shape and data_offsets only); {corrupt} or was written by another format"
+            f"{where}: the header entry has the unexpected field {_show.repr(extra[0])} (safetensors entries hold "
+            f"dtype, shape and data_offsets only); {corrupt} or was written by another format"
         )
     code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if type(code) is not str:
@@ -358,8 +374,9 @@ def _entry_error(path: Path, name: str, entry: object, dtypes: dict[str, torch.d
             import safetensors
 
             return InputError(
-                f"{where}: dtype {code} cannot be loaded back by the installed safetensors {safetensors.__version__}, so "
-                f"no output could hold it; convert the tensor to one of {', '.join(dtypes)}, or upgrade safetensors"
+                f"{where}: dtype {code} cannot be loaded back by the installed safetensors "
+                f"{safetensors.__version__}, so no output could hold it; convert the tensor to one of "
+                f"{', '.join(dtypes)}, or upgrade safetensors"
             )
         return InputError(f"{where}: unknown dtype {_show.repr(code)}; expected one of {', '.join(dtypes)}")
     if type(shape) is not list:
@@ -378,9 +395,15 @@ def _entry_error(path: Path, name: str, entry: object, dtypes: dict[str, torch.d
             f"{where}: shape {_show.repr(shape)} of dtype {code} overflows 64-bit sizes or strides (safetensors or "
             f"torch would refuse it); {corrupt}"
         )
-    if not (type(offsets) is list and len(offsets) == 2 and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+    if not (
+        type(offsets) is list
+        and len(offsets) == 2
+        and all(type(o) is int for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
         return InputError(
-            f"{where}: data_offsets {_show.repr(offsets)} are not [begin, end] with integers 0 <= begin <= end; {corrupt}"
+            f"{where}: data_offsets {_show.repr(offsets)} are not [begin, end] with integers 0 <= begin <= end; "
+            f"{corrupt}"
         )
     return InputError(
         f"{where}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes but dtype {code} and shape "
@@ -403,7 +426,8 @@ def _check_layout(path: Path, infos: list[TensorInfo], data_start: int, size: in
                 )
             what = "overlaps the previous tensor" if info.offset < position else "leaves a gap before it"
             raise InputError(
-                f"{path}: tensor {_show.repr(info.name)} {what} (offset {info.offset - data_start}); the file is corrupt"
+                f"{path}: tensor {_show.repr(info.name)} {what} (offset {info.offset - data_start}); "
+                "the file is corrupt"
             )
         position += info.nbytes
         if position > size:

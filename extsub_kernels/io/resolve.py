@@ -273,7 +273,9 @@ def _resolve_hub(spec: str, repo: str, revision: str | None, role: str, quiet: b
     except Exception as e:  # noqa: BLE001 - every hub failure becomes one clear input error
         where = "offline (HF_HUB_OFFLINE=1), and not in the cache" if offline else "not in the cache and not reachable"
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise InputError(f"{not_local} as a Hugging Face repo id it is {where} ({type(e).__name__}: {reason})") from None
+        raise InputError(
+            f"{not_local} as a Hugging Face repo id it is {where} ({type(e).__name__}: {reason})"
+        ) from None
     finally:
         if quiet and not was_disabled:
             enable_progress_bars()
@@ -295,9 +297,12 @@ def _snapshot_commit(spec: str, role: str, repo: str, revision: str | None, snap
     real = snapshot.resolve()
     if real.parent != snapshots or not COMMIT_HASH.fullmatch(real.name):
         raise InputError(
-            f"{role} {spec!r}: the hub cache maps revision {revision or 'main'!r} to {str(snapshot)!r}, which is not a "
-            f"snapshot folder of {repo} in the cache; the cache is damaged: delete {snapshots.parent} and download again"
+            f"{role} {spec!r}: the hub cache maps revision {revision or 'main'!r} to {str(snapshot)!r}, which is not "
+            f"a snapshot folder of {repo} in the cache; the cache is damaged: delete {snapshots.parent} and download "
+            "again"
         )
     if revision is not None and COMMIT_HASH.fullmatch(revision) and real.name != revision:
-        raise InputError(f"{role} {spec!r}: asked for commit {revision} but the hub served {real.name}; nothing was read")
+        raise InputError(
+            f"{role} {spec!r}: asked for commit {revision} but the hub served {real.name}; nothing was read"
+        )
     return real.name
