@@ -225,7 +225,7 @@ def _hub_offline() -> bool:
     return flag.upper() in ("1", "ON", "YES", "TRUE")
 
 
-def check_revision(revision: str) -> None:
+def _check_revision(revision: str) -> None:
     """Raise ValueError unless `revision` is a plain branch, tag or commit name (see `_REVISION`)."""
     if len(revision) > _MAX_REVISION or not _REVISION.fullmatch(revision) or ".." in revision:
         raise ValueError(
@@ -247,7 +247,7 @@ def _resolve_hub(spec: str, repo: str, revision: str | None, role: str, quiet: b
     try:
         validate_repo_id(repo)
         if revision is not None:
-            check_revision(revision)
+            _check_revision(revision)
     except ValueError as e:  # HFValidationError is a ValueError
         raise InputError(f"{not_local} it is not a Hugging Face repo id[@revision] either: {e}") from None
     offline = _hub_offline()
