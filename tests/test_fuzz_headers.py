@@ -102,25 +102,10 @@ class Base:
         return [k for k in self.header if k != "__metadata__"]
 
 
-_NAMES = [
-    "model.embed.weight",
-    "lm_head.weight",
-    "layers.0.mlp.up.weight",
-    "layers.0.norm.bias",
-    "ω.scale",
-    'q"k\\v',
-    "naïve",
-]
-_DTYPES = [
-    torch.float32,
-    torch.float16,
-    torch.bfloat16,
-    torch.float64,
-    torch.int64,
-    torch.int32,
-    torch.uint8,
-    torch.bool,
-]
+_NAMES = ["model.embed.weight", "lm_head.weight", "layers.0.mlp.up.weight", "layers.0.norm.bias", "ω.scale",
+          'q"k\\v', "naïve"]  # fmt: skip
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8,
+           torch.bool]  # fmt: skip
 if "F8_E4M3" in readable_dtypes():
     _DTYPES.append(torch.float8_e4m3fn)
 
