@@ -18,6 +18,7 @@ its test id (`...[case-<i>]`) with `EXTSUB_TEST_SEED=<seed>`.
 """
 
 import json
+import math
 import os
 import random
 import struct
@@ -175,11 +176,9 @@ HOSTILE_VALUES = [
 
 
 def field_types(rng: random.Random, b: Base) -> tuple[str, bytes]:
-    name, field, value = (
-        rng.choice(b.names()),
-        rng.choice(["dtype", "shape", "data_offsets"]),
-        rng.choice(HOSTILE_VALUES),
-    )
+    name = rng.choice(b.names())
+    field = rng.choice(["dtype", "shape", "data_offsets"])
+    value = rng.choice(HOSTILE_VALUES)
     if isinstance(b.header[name][field], list) and b.header[name][field] and rng.random() < 0.5:
         b.header[name][field][rng.randrange(len(b.header[name][field]))] = value
         what = f"an element of {field} of {name!r} -> {value!r}"
@@ -211,13 +210,9 @@ def shapes(rng: random.Random, b: Base) -> tuple[str, bytes]:
         if 0 not in shape and any(d > 8 for d in shape):
             shape[rng.randrange(len(shape))] = 0
     code = rng.choice(["BOOL", "BF16", "F32", "F64", "I64"])
-    numel = 1
-    for d in shape:
-        numel *= d
-    numel = max(numel, 0) if numel <= 64 else 0
-    return f"tensor 'x' of {code} with shape {shape}", _one_more_tensor(
-        b, "x", code, shape, bytes(numel * DTYPES[code].itemsize)
-    )
+    numel = math.prod(shape)
+    data = bytes(max(numel, 0) * DTYPES[code].itemsize if numel <= 64 else 0)  # no data for what cannot exist
+    return f"tensor 'x' of {code} with shape {shape}", _one_more_tensor(b, "x", code, shape, data)
 
 
 def zero_size(rng: random.Random, b: Base) -> tuple[str, bytes]:
@@ -273,15 +268,8 @@ def huge_digits(rng: random.Random, b: Base) -> tuple[str, bytes]:
     return f"a {digits}-digit integer in {where}", assemble(b.header, b.data)
 
 
-SURROGATES = [
-    "\\ud800",
-    "\\udbff",
-    "\\udc00",
-    "\\udfff",
-    "\\ude00\\ud83d",
-    "\\ud800\\u0041",
-    "\\ud83d\\ude00",
-]  # the last: one valid character
+# Lone high and low surrogates, a reversed pair, one before a letter; the last is a valid pair (one character).
+SURROGATES = ["\\ud800", "\\udbff", "\\udc00", "\\udfff", "\\ude00\\ud83d", "\\ud800\\u0041", "\\ud83d\\ude00"]
 
 
 def surrogates(rng: random.Random, b: Base) -> tuple[str, bytes]:
