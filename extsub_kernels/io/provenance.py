@@ -8,15 +8,11 @@ microseconds where hashing tensor data would cost a full read.
 
 import hashlib
 import os
-import re
 from pathlib import Path
 
 from extsub_kernels.errors import InputError
 from extsub_kernels.io.format import HEADER_LENGTH_BYTES, MAX_HEADER_BYTES
 from extsub_kernels.io.resolve import ResolvedInput
-
-_HUB_SPEC = re.compile(r"^(?P<repo>[^@]+?)(?:@(?P<revision>.+))?$")
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 def header_sha256(path: str | os.PathLike) -> str:
@@ -37,11 +33,8 @@ def header_sha256(path: str | os.PathLike) -> str:
 
 
 def hub_commit(inp: ResolvedInput) -> str | None:
-    """The commit a hub input resolved to (the name of its snapshot folder in the cache); None for local inputs."""
-    if inp.kind != "hub":
-        return None
-    name = inp.root.name
-    return name if _COMMIT.match(name) else None
+    """The commit a hub input resolved to (checked by `resolve_input`); None for local inputs."""
+    return inp.commit if inp.kind == "hub" else None
 
 
 def hub_repo(spec: str) -> tuple[str, str | None]:
@@ -51,8 +44,8 @@ def hub_repo(spec: str) -> tuple[str, str | None]:
         >>> hub_repo("org/model@v1.0")
         ('org/model', 'v1.0')
     """
-    match = _HUB_SPEC.match(spec)
-    return (match["repo"], match["revision"]) if match else (spec, None)
+    repo, at, revision = spec.partition("@")
+    return repo, (revision if at else None)
 
 
 def pinned_spec(inp: ResolvedInput) -> str:
