@@ -158,3 +158,28 @@ def test_errors_name_inputs_by_the_path_given(tmp_path, capsys, monkeypatch):
     assert_one_line_error(
         code, err, EXIT_BAD_INPUT, ["in EXPERT (exp/model.safetensors)", "in ANTI (ant/model.safetensors)"]
     )
+
+
+def test_a_recipe_reruns_an_adapter_merge_byte_for_byte(tmp_path, llama, capsys):
+    _, paths = llama
+    code, _, err = _run(capsys, paths["expert"], paths["anti"], "-o", tmp_path / "ad", "--lam", "0.5,1.5", "-q")
+    assert code == 0, err
+    recipe = tmp_path / "ad-lam1.5" / "extsub_recipe.yaml"
+    assert _run(capsys, "--config", recipe, "-o", tmp_path / "again", "-q")[0] == 0
+    weights = "adapter_model.safetensors"
+    assert _same_bytes(tmp_path / "ad-lam1.5" / weights, tmp_path / "again" / weights)
+    assert (tmp_path / "ad-lam1.5" / "adapter_config.json").read_text() == (
+        tmp_path / "again" / "adapter_config.json"
+    ).read_text()
+
+
+def test_a_recipe_reruns_a_full_model_merge_with_a_base_byte_for_byte(tmp_path, capsys):
+    base = random_delta(SHAPES)
+    full = [{k: base[k] + d for k, d in random_delta(SHAPES).items()} for _ in range(2)]
+    folders = [
+        save(tmp_path / name / "model.safetensors", t).parent for name, t in zip("bea", [base, *full], strict=True)
+    ]
+    argv = [folders[1], folders[2], "--base", folders[0], "-o", tmp_path / "full", "--dtype", "bfloat16", "-q"]
+    assert _run(capsys, *argv)[0] == 0
+    assert _run(capsys, "--config", tmp_path / "full" / "extsub_recipe.yaml", "-o", tmp_path / "again", "-q")[0] == 0
+    assert _same_bytes(tmp_path / "full" / "model.safetensors", tmp_path / "again" / "model.safetensors")
