@@ -86,3 +86,18 @@ def test_a_row_stats_tensor_that_cannot_hold_the_sums_is_refused(bad, found):
     with pytest.raises(ValueError, match=r"row_stats must be a contiguous \(3, 3\) float32 or float64 tensor") as e:
         ext_sub_(torch.randn(3, 8), torch.randn(3, 8), 1.0, row_stats=bad)
     assert found in str(e.value)
+
+
+@pytest.mark.parametrize("lam", [0.8, 3.0, 0.01, -1.0], ids=["λ=0.8", "λ=3", "small λ", "negative λ"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_torch_path_keeps_cos_accurate_however_it_takes_the_dot_product(lam, dtype):
+    # Well-conditioned blocks take p·m from |p'|² (one cheap reduction), the others a direct dot product
+    # (ops._RESULT_DOT_MAX_LOSS); either way cos(p, m) stays within a few float32 reduction errors.
+    p = torch.randn(64, 4096).to(dtype)
+    m = (torch.randn(64, 4096) + 0.4 * p.float()).to(dtype)
+    stats = torch.empty(64, 3, dtype=torch.float64)
+    ext_sub_(p.clone(), m, lam, backend="torch", row_stats=stats)
+    expected = _float64_sums(p, m)
+    cos = stats[:, 2] / torch.sqrt(stats[:, 0] * stats[:, 1])
+    cos_expected = expected[:, 2] / torch.sqrt(expected[:, 0] * expected[:, 1])
+    assert float((cos - cos_expected).abs().max()) < 2.0**-16
