@@ -288,8 +288,8 @@ def markdown(rows: list[dict]) -> str:
         f"largest tensor {first['largest_tensor_bytes'] / 1e9:.2f} GB; Python + torch alone: "
         f"{first['idle_rss_bytes'] / 1e9:.2f} GB RSS.",
         "",
-        "| layers | input GB | run | runs | seconds (median; range) | GB/s (input) | % of plain read | cost of --report "
-        "| peak RSS GB | RSS / largest tensor | peak GPU GB |",
+        "| layers | input GB | run | runs | seconds (median; range) | GB/s (input) | % of plain read "
+        "| cost of --report | peak RSS GB | RSS / largest tensor | peak GPU GB |",
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     groups: dict[tuple[int, str], list[dict]] = {}
