@@ -12,8 +12,10 @@ each in its own subprocess so peak RSS is per run:
 
 plain-read, merge and merge-report run --repeat times each, interleaved (so a busy machine slows
 them alike), and the table shows the median and the range; the cost of --report is the median of
-merge-report over the median of merge, minus one. load-all, much slower, runs once for the
---baseline-layers counts. The page cache is dropped
+merge-report over the median of merge, minus one, in wall time and in CPU time (all threads of
+the process, from the call to merge() to its return): on a machine shared with other work the
+wall time of a run moves by tens of percent, its CPU time far less. load-all, much slower, runs
+once for the --baseline-layers counts. The page cache is dropped
 before every run when this process may (root on Linux), so each run reads from disk;
 otherwise (or with --warm) the inputs are read once first and every run sees a warm cache.
 Rows go to benchmarks/results/merge-<date>-<device>.json, the table to a .md beside them.
@@ -133,8 +135,10 @@ def child_read(*folders: str) -> dict:
 def child_merge(expert: str, anti: str, out: str, device: str, report: str | None = None) -> dict:
     from extsub_kernels import merge
 
+    cpu_started = time.process_time()
     report = merge(expert, anti, out, lam=1.0, device=device, stats=report is not None, report=report)
     return {
+        "cpu_seconds": time.process_time() - cpu_started,
         "seconds": report.seconds,
         "bytes_read": report.bytes_read,
         "bytes_written": report.bytes_written,
@@ -289,13 +293,19 @@ def markdown(rows: list[dict]) -> str:
         f"{first['idle_rss_bytes'] / 1e9:.2f} GB RSS.",
         "",
         "| layers | input GB | run | runs | seconds (median; range) | GB/s (input) | % of plain read "
-        "| cost of --report | peak RSS GB | RSS / largest tensor | peak GPU GB |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| cost of --report | CPU s (median) | cost of --report, CPU | peak RSS GB | RSS / largest tensor "
+        "| peak GPU GB |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     groups: dict[tuple[int, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["layers"], r["run"]), []).append(r)
     median = {key: statistics.median(r["seconds"] for r in group) for key, group in groups.items()}
+    cpu = {
+        key: statistics.median(r["cpu_seconds"] for r in group)
+        for key, group in groups.items()
+        if all("cpu_seconds" in r for r in group)
+    }
     for (layers, kind), group in groups.items():
         seconds = median[(layers, kind)]
         rate = group[0]["input_bytes"] / 1e9 / seconds
@@ -303,6 +313,9 @@ def markdown(rows: list[dict]) -> str:
         of_read = f"{100 * read / seconds:.0f} %" if read else "–"
         plain = median.get((layers, "merge"))
         cost = f"{100 * (seconds / plain - 1):+.1f} %" if kind == "merge-report" and plain else "–"
+        cpu_s = cpu.get((layers, kind))
+        cpu_plain = cpu.get((layers, "merge"))
+        cpu_cost = f"{100 * (cpu_s / cpu_plain - 1):+.1f} %" if kind == "merge-report" and cpu_s and cpu_plain else "–"
         rss = max(r["peak_rss_bytes"] for r in group)
         gpu = max((r.get("peak_gpu_bytes") or 0) for r in group)
         spread = (
@@ -310,7 +323,8 @@ def markdown(rows: list[dict]) -> str:
         )
         lines.append(
             f"| {layers} | {group[0]['input_bytes'] / 1e9:.2f} | {kind} | {len(group)} | {seconds:.2f}; {spread} | "
-            f"{rate:.2f} | {of_read} | {cost} | {rss / 1e9:.2f} | {rss / group[0]['largest_tensor_bytes']:.1f}× | "
+            f"{rate:.2f} | {of_read} | {cost} | {f'{cpu_s:.2f}' if cpu_s else '–'} | {cpu_cost} | "
+            f"{rss / 1e9:.2f} | {rss / group[0]['largest_tensor_bytes']:.1f}× | "
             f"{f'{gpu / 1e9:.2f}' if gpu else 'n/a'} |"
         )
     return "\n".join(lines) + "\n"

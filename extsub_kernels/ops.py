@@ -80,14 +80,16 @@ def _ext_sub_rows_torch_(p: torch.Tensor, m: torch.Tensor, lam: float, row_stats
         m_wide = m_block if m_scratch is None else m_scratch[: stop - start].copy_(m_block)
         p_norm = torch.linalg.vector_norm(p_wide, dim=1, out=norms[0, start:stop] if norms is not None else None)
         m_norm = torch.linalg.vector_norm(m_wide, dim=1, out=norms[1, start:stop] if norms is not None else None)
-        if norms is not None and not _dot_from_result(p_norm, m_norm, lam):
-            row_stats[start:stop, 2] = torch.linalg.vecdot(p_wide, m_wide, dim=1)
-            direct.append((start, stop))
         if bool((p_norm == 0).any()):  # rare: zero expert rows keep p (α = 1, β = 0)
+            if norms is not None:
+                direct.append(_direct_dot(row_stats, start, stop, p_wide, m_wide))
             alpha, beta = ext_sub_coefficients(p_norm, m_norm, lam)
             p_wide.mul_(alpha).addcmul_(m_wide, beta)
         else:  # the common case in a few in-place ops: α = 1 + (λ/2)|m|/|p|, β = −λ/2
             alpha = torch.div(m_norm, p_norm).mul_(0.5 * lam).add_(1.0).unsqueeze(1)
+            # p·m from the result's norm needs λ > 0 and x = α − 1 ≥ _RESULT_DOT_MIN_X in every row
+            if norms is not None and (lam <= 0 or not bool((alpha >= 1.0 + _RESULT_DOT_MIN_X).all())):
+                direct.append(_direct_dot(row_stats, start, stop, p_wide, m_wide))
             p_wide.mul_(alpha).add_(m_wide, alpha=-0.5 * lam)
         if norms is not None:
             torch.linalg.vector_norm(p_wide, dim=1, out=norms[2, start:stop])
@@ -97,11 +99,10 @@ def _ext_sub_rows_torch_(p: torch.Tensor, m: torch.Tensor, lam: float, row_stats
         _finish_row_sums(row_stats, norms, lam, direct)
 
 
-def _dot_from_result(p_norm: torch.Tensor, m_norm: torch.Tensor, lam: float) -> bool:
-    """Whether p·m of a block may come from the result's norm: λ > 0 and x = (λ/2)|m|/|p| ≥ _RESULT_DOT_MIN_X."""
-    if lam <= 0:
-        return False
-    return bool(((0.5 * lam) * m_norm >= _RESULT_DOT_MIN_X * p_norm).all() & (p_norm > 0).all())
+def _direct_dot(out: torch.Tensor, start: int, stop: int, p: torch.Tensor, m: torch.Tensor) -> tuple[int, int]:
+    """p·m of rows [start, stop) as a direct product into `out`, before the update; returns the rows."""
+    out[start:stop, 2] = torch.linalg.vecdot(p, m, dim=1)
+    return start, stop
 
 
 def _finish_row_sums(out: torch.Tensor, norms: torch.Tensor, lam: float, direct: list[tuple[int, int]]) -> None:

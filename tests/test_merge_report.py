@@ -197,3 +197,15 @@ def test_a_report_path_that_would_harm_something_is_refused_before_any_work(tmp_
     with pytest.raises(InputError, match=message):
         merge(e, a, out, report=target)
     assert hashes(tmp_path) == before and not out.exists()
+
+
+def test_dry_run_of_adapters_plans_the_adapter_folder(tmp_path, llama):
+    _, paths = llama
+    planned = merge(paths["expert"], paths["anti"], tmp_path / "ad", dry_run=True)
+    assert not (tmp_path / "ad").exists() and planned.mode == "dry-run"
+    real = merge(paths["expert"], paths["anti"], tmp_path / "ad")
+    sizes = dict(planned.files[0])
+    assert sizes["adapter_model.safetensors"] == (tmp_path / "ad" / "adapter_model.safetensors").stat().st_size
+    assert set(sizes) == {p.name for p in (tmp_path / "ad").iterdir()}
+    assert [(i.name, i.action) for i in planned.items] == [(i.name, i.action) for i in real.items]
+    assert {i.action for i in real.items} == {"merged", "copied", "dropped"}
