@@ -7,7 +7,7 @@ and device memory stay a small multiple of the block size whatever the model's s
 """
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -28,11 +28,19 @@ from extsub_kernels.io.resolve import ADAPTER_CONFIG
 Inputs = Sequence[tuple[str, ResolvedInput]]
 
 
-def run_dense(inputs: Inputs, options: RunOptions, paths: Sequence[Path], *, started: float) -> MergeReport:
+def run_dense(
+    inputs: Inputs,
+    options: RunOptions,
+    paths: Sequence[Path],
+    *,
+    started: float,
+    check_inputs: Callable[[], None] | None = None,
+) -> MergeReport:
     """Merge dense checkpoints: EXPERT, the ANTIs in order, and BASE when `inputs` ends with one.
 
     The caller has resolved the inputs and checked the outputs' paths. Returns the report;
-    on any error nothing is left at `paths`.
+    on any error nothing is left at `paths`. `check_inputs` runs before the outputs are
+    published and raises when an input changed during the run.
     """
     has_base = inputs[-1][0] == "BASE"
     n_anti = len(inputs) - 1 - has_base
@@ -58,6 +66,7 @@ def run_dense(inputs: Inputs, options: RunOptions, paths: Sequence[Path], *, sta
             max_shard_size=options.shard_limit(default=default),
             extra_files=extra,
             force=options.force,
+            check_inputs=check_inputs,
         ) as outputs:
             streamer = BlockStreamer(readers, [role for role, _ in inputs], options, outputs)
             blocks = streamer.blocks(jobs)
