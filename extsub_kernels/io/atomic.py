@@ -27,7 +27,7 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from extsub_kernels.errors import InputError, Interrupted, PublishError, Terminated
@@ -136,38 +136,49 @@ def publish_all(moves: Sequence[tuple[Path, Path]], *, force: bool) -> tuple[Pat
 
     Each temporary is fsynced with its folder before it moves and the folder after. An existing
     target is replaced only with `force`, and never left missing. Ctrl-C and SIGTERM are held
-    back while the moves run and raised once they are done, with `published` set on the
-    exception to the targets now in place (complete outputs).
+    back from the first move on and raised once the moves are done (inside a run, see
+    `terminate_as_interrupt`: once the run ends), as `Interrupted`/`Terminated` whose
+    `published` names the outputs in place (complete).
 
     Raises:
         InputError: a target exists and `force` is not set (another run created it meanwhile).
         PublishError: a move failed and could not be undone; `published` says what is in place.
         OSError: a move failed; every move made before it was undone.
     """
-    done: list[_Move] = []
+    run = _run if threading.current_thread() is threading.main_thread() else None
+    if run is not None:
+        run.holding = True  # from the first move to the end of the run, signals wait
+        published = _publish(moves, force)
+        run.published.extend(published)
+        return published
     with _signals_held() as pending:
-        try:
-            for temp, target in moves:
-                fsync_path(temp)
-                fsync_path(target.parent)
-                old = _move_in(temp, target, force=force)
-                temps.move_hold(temp, target)  # the lock is the new output's, wherever it now is
-                done.append(_Move(target, old, _live.pop(temp, [])))
-                if old is not None:
-                    _live.setdefault(old, [])
-            for move in done:
-                fsync_path(move.target.parent)
-        except BaseException as error:
-            _undo(done, error)
-            raise
-        for move in done:
-            temps.release(move.target)
-            if move.old is not None:
-                remove(move.old)
-    published = tuple(m.target for m in done)
+        published = _publish(moves, force)
     if pending:
         raise (Terminated if pending[0] == signal.SIGTERM else Interrupted)(published=published)
     return published
+
+
+def _publish(moves: Sequence[tuple[Path, Path]], force: bool) -> tuple[Path, ...]:
+    done: list[_Move] = []
+    try:
+        for temp, target in moves:
+            fsync_path(temp)
+            fsync_path(target.parent)
+            old = _move_in(temp, target, force=force)
+            temps.move_hold(temp, target)  # the lock is the new output's, wherever it now is
+            done.append(_Move(target, old, _live.pop(temp, [])))
+            if old is not None:
+                _live.setdefault(old, [])
+        for move in done:
+            fsync_path(move.target.parent)
+    except BaseException as error:
+        _undo(done, error)
+        raise
+    for move in done:
+        temps.release(move.target)
+        if move.old is not None:
+            remove(move.old)
+    return tuple(m.target for m in done)
 
 
 def _move_in(temp: Path, target: Path, *, force: bool) -> Path | None:
@@ -316,24 +327,55 @@ def _signals_held() -> Iterator[list[int]]:
             signal.signal(sig, handler)
 
 
+@dataclass
+class _RunSignals:
+    """Signals during a run (`terminate_as_interrupt`): raised at once until the outputs start to move, then held."""
+
+    holding: bool = False
+    pending: list[int] = field(default_factory=list)
+    published: list[Path] = field(default_factory=list)
+
+
+_run: _RunSignals | None = None  # the run in progress in the main thread
+
+
 @contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
-    """Within the block SIGTERM raises `Terminated` (a KeyboardInterrupt), so cleanup runs as for Ctrl-C.
+    """The signal handling of one run: SIGTERM raises `Terminated` (a KeyboardInterrupt), so cleanup runs as for Ctrl-C.
 
-    Only the main thread can set signal handlers; elsewhere this does nothing.
+    Once `publish_all` starts moving outputs into place, Ctrl-C and SIGTERM are held back until
+    the block ends; then they are raised as `Interrupted` / `Terminated` with `published` naming
+    the outputs, so nobody is told "nothing was written" when the run's outputs are in place.
+    A signal that was ignored stays ignored. Only the main thread can set signal handlers;
+    elsewhere this does nothing.
     """
+    global _run
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    state, outer = _RunSignals(), _run
 
-    def _raise(signum: int, frame: object) -> None:
-        raise Terminated("terminated (SIGTERM)")
+    def _handle(signum: int, frame: object) -> None:
+        if state.holding:
+            state.pending.append(signum)
+        elif signum == signal.SIGTERM:
+            raise Terminated()
+        else:
+            raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, _raise)
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, _handle)
+    _run = state
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        _run = outer
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if state.pending:
+        raise (Terminated if state.pending[0] == signal.SIGTERM else Interrupted)(published=tuple(state.published))
 
 
 @atexit.register
