@@ -2,16 +2,20 @@
 survives until its successor is in place, a λ list is published as one step, and what a killed run
 leaves behind is cleaned up (or put back) by the next run into the same folder."""
 
+import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from extsub_kernels.cli import EXIT_BAD_INPUT, EXIT_SIGINT, EXIT_SIGTERM, main
+from extsub_kernels.io import read_header
 
-from checkpoints import SHAPES, hashes, leftovers, random_delta, save
-from helpers import finish, stopped_cli
+from checkpoints import SHAPES, hashes, leftovers, random_delta, save, save_shards
+from helpers import ROOT, finish, stopped_cli
 
 HANDLED = [(signal.SIGINT, EXIT_SIGINT), (signal.SIGTERM, EXIT_SIGTERM)]
 
@@ -133,3 +137,141 @@ def test_a_lam_list_killed_while_publishing_leaves_whole_outputs_and_the_next_ru
     code, err = _rerun(capsys, pair, out, "--lam", "0.5,1", "--force")
     assert code == 0 and "left by a run that was killed" in err
     assert not leftovers(tmp_path) and _is_new(first) and _is_new(second)
+
+
+# ------------------------------------------------------------------ paths compared by identity
+
+
+def _refused(capsys, argv, *parts):
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT, err
+    assert all(p in err for p in parts), err
+
+
+def test_out_through_a_symlinked_parent_into_an_input_folder_is_refused(tmp_path, capsys, pair):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "dirlink").symlink_to(pair[0].parent)
+    before = hashes(pair[0].parent)
+    _refused(capsys, [pair[0].parent, pair[1], "-o", tmp_path / "out" / "dirlink" / "m"], "inside the EXPERT folder")
+    assert hashes(pair[0].parent) == before and not leftovers(tmp_path)
+
+
+def test_out_that_is_a_hard_link_to_an_input_is_refused(tmp_path, capsys, pair):
+    link = tmp_path / "link.safetensors"
+    os.link(pair[1], link)
+    _refused(capsys, [*pair, "-o", link, "--force"], "is the ANTI file")
+
+
+def _in_own_mounts(tmp_path, shell: str) -> subprocess.CompletedProcess:
+    """`shell` run in a private mount namespace ($PY is this Python, $ROOT the repository), so it may bind-mount."""
+    env = os.environ | {"PYTHONPATH": str(ROOT), "PY": sys.executable}
+    command = ["unshare", "--mount", "--map-root-user", "sh", "-c", shell]
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+
+
+def test_out_through_a_bind_mount_of_an_input_folder_is_refused(tmp_path, pair):
+    before = hashes(pair[0].parent)
+    done = _in_own_mounts(
+        tmp_path,
+        "mkdir bind && mount --bind in bind && "
+        '"$PY" -m extsub_kernels in/expert.safetensors in/anti.safetensors -o bind/expert.safetensors --force -q; '
+        'echo "rc=$?"; "$PY" -m extsub_kernels in bind/anti.safetensors -o bind/merged -q; echo "rc=$?"',
+    )
+    assert done.stdout.split() == ["rc=2", "rc=2"], done.stderr
+    assert "is the EXPERT file" in done.stderr and "is inside the EXPERT folder" in done.stderr
+    assert hashes(pair[0].parent) == before
+
+
+def test_a_mount_point_is_never_replaced(tmp_path, pair):
+    done = _in_own_mounts(
+        tmp_path,
+        "mkdir -p disk out && mount --bind disk out && "
+        '"$PY" -m extsub_kernels in/expert.safetensors in/anti.safetensors -o out --force -q; echo "rc=$?"',
+    )
+    assert done.stdout.split() == ["rc=2"] and "is a mount point" in done.stderr, done.stderr
+
+
+# ------------------------------------------------------------------ inputs changed during the run
+
+
+def _rewrite_in_place(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    with open(path, "r+b") as f:
+        f.write(data)
+
+
+def _add_a_shard(folder):
+    save(folder / "extra.safetensors", {"extra": torch.ones(2)})
+
+
+@pytest.mark.parametrize(
+    "change, expert_is_folder, message",
+    [
+        (_rewrite_in_place, False, "expert.safetensors changed while the merge read it"),
+        (lambda p: os.replace(save(p.with_name("x"), random_delta(SHAPES)), p), False, "replaced by another file"),
+        (_add_a_shard, True, "extra.safetensors added"),
+    ],
+    ids=["rewritten in place", "replaced", "file added to a folder input"],
+)
+def test_an_input_changed_during_the_run_fails_with_exit_1_and_nothing_written(
+    tmp_path, capsys, monkeypatch, pair, change, expert_is_folder, message
+):
+    from extsub_kernels.engine.outputs import OutputSet
+
+    expert = save_shards(tmp_path / "shards", load_file(pair[0]), 2, index=False) if expert_is_folder else pair[0]
+    real = OutputSet.stream
+
+    def changing(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        change(expert)  # every byte has been read, nothing is published yet
+
+    monkeypatch.setattr(OutputSet, "stream", changing)
+    out = tmp_path / "out" / "merged.safetensors"
+    code = main([str(expert), str(pair[1]), "-o", str(out), "-q"])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and "no output was published" in err, err
+    assert not out.parent.exists() and not leftovers(tmp_path)
+
+
+# ------------------------------------------------------------------ odd requests that used to fail
+
+
+def test_out_dot_with_force_in_an_empty_folder(tmp_path, pair, monkeypatch, capsys):
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert main([str(pair[0]), str(pair[1]), "-o", ".", "--force", "-q"]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in here.iterdir()) == ["model.safetensors"] and not leftovers(tmp_path)
+
+
+def test_a_failed_run_into_new_folders_leaves_none_of_them(tmp_path, capsys, pair):
+    bad = save(tmp_path / "nan.safetensors", {k: v * float("nan") for k, v in random_delta(SHAPES).items()})
+    code = main([str(pair[0]), str(bad), "-o", str(tmp_path / "new1" / "new2" / "o.safetensors"), "-q"])
+    assert code == EXIT_BAD_INPUT and "NaN or Inf" in capsys.readouterr().err
+    assert not (tmp_path / "new1").exists()
+
+
+def test_a_closed_stderr_is_no_error(tmp_path, pair):
+    out = tmp_path / "o.safetensors"
+    done = subprocess.run(
+        [sys.executable, "-m", "extsub_kernels", *map(str, pair), "-o", str(out)],
+        cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        preexec_fn=lambda: os.close(2),  # the child starts with no stderr, as after `2>&-`
+    )
+    assert done.returncode == 0 and _is_new(out)
+
+
+def test_a_file_name_that_is_not_utf8(tmp_path, capsys, pair):
+    odd = pair[0].with_name(os.fsdecode(b"\xff-expert.safetensors"))
+    os.rename(pair[0], odd)
+    out = tmp_path / "o.safetensors"
+    assert main([str(odd), str(pair[1]), "-o", str(out), "-q"]) == 0, capsys.readouterr().err
+    assert read_header(out).metadata["extsub.expert"] == "\\xff-expert.safetensors"
+
+
+def test_a_huge_lam_is_a_clear_input_error(tmp_path, capsys, pair):
+    _refused(capsys, [*pair, "-o", tmp_path / "o.safetensors", "--lam", "1e308"], "λ '1e308' is out of range")

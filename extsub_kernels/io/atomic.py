@@ -76,11 +76,19 @@ def _make_folders(folder: Path) -> list[Path]:
 
 
 def _remove_empty_folders(created: Sequence[Path]) -> None:
-    for path in reversed(created):
+    """Remove folders created for an output, innermost first, while they are empty.
+
+    One still holding another temporary of this process is handed to it with its parents, to
+    be removed with it; one holding anything else stays.
+    """
+    for i in reversed(range(len(created))):
         try:
-            path.rmdir()
+            created[i].rmdir()
         except OSError:
-            return  # not empty (something else lives there now) or gone: leave it and its parents
+            heir = next((t for t in _live if created[i] in t.parents), None)
+            if heir is not None:
+                _live[heir] = list(dict.fromkeys([*created[: i + 1], *_live[heir]]))
+            return
 
 
 def remove(path: Path) -> None:
