@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from extsub_kernels._tensors import all_finite, nonfinite_summary, shares_storage
+from extsub_kernels._tensors import all_finite, cast_overflow, nonfinite_summary, shares_storage
 from extsub_kernels.engine.architecture import transposed_weights
 from extsub_kernels.engine.memory import peak_rss_bytes
 from extsub_kernels.engine.methods import apply_method
@@ -148,7 +148,10 @@ class BlockStreamer:
         settings = self.options.settings
         moved = self.transfer.to_device(tensors)
         if not job.merged:
-            return self._to_host(block, [moved[0].to(job.out_dtype)] * len(settings), buffers)
+            copy = moved[0].to(job.out_dtype)
+            if copy.dtype != moved[0].dtype:
+                self._check_cast(block, moved[0], copy)
+            return self._to_host(block, [copy] * len(settings), buffers)
         plus, minus = moved[0], moved[1 : 1 + len(job.antis)]
         theta0 = moved[-1] if job.base is not None else None
         results = []
@@ -189,6 +192,16 @@ class BlockStreamer:
             ready=lambda: self.transfer.ready(event),
             release=lambda: self.pool.put(keep),
         )
+
+    def _check_cast(self, block: Block, source: torch.Tensor, copy: torch.Tensor) -> None:
+        """A tensor copied into another dtype (--dtype) must not turn finite values into ±inf."""
+        problem = cast_overflow(source, copy)
+        if problem is not None:
+            role = self.roles[block.job.source]
+            raise InputError(
+                f"tensor {block.job.name!r} (copied from {role}) has {problem}; --dtype "
+                f"{str(copy.dtype).removeprefix('torch.')} cannot hold it: choose a wider --dtype, or keep"
+            )
 
     def _check_finite(self, block: Block, result: torch.Tensor, setting: tuple[float, ...]) -> None:
         """A NaN or Inf in a result names the input tensor holding one, or else the overflow."""
