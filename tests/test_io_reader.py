@@ -1,6 +1,7 @@
 """The safetensors reader: headers validated up front, tensors and row ranges read lazily, broken files named."""
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -96,3 +97,19 @@ def test_a_file_that_shrinks_during_reading_is_a_merge_error(tmp_path):
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(MergeError, match="truncated or replaced during the merge"):
         reader.read("w")
+
+
+def test_whole_tensors_read_back_to_back_with_one_pread_per_contiguous_span(tmp_path, monkeypatch):
+    tensors = {f"t{i}": torch.randn(3) for i in range(50)}
+    path = save_checkpoint(tmp_path / "m.safetensors", tensors)
+    calls = []
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda *args: calls.append(args[2]) or real(*args))
+    with CheckpointReader([path]) as reader:
+        names = sorted(tensors)[10:40]
+        out = torch.empty(1000, dtype=torch.uint8)
+        assert reader.read_whole_into(names, out) == 30 * 12
+        assert torch.equal(out[:360].view(torch.float32).view(30, 3), torch.stack([tensors[n] for n in names]))
+        assert len(calls) == 1
+        reader.read_whole_into(["t1", "t9", "t2"], out)  # not adjacent in the file: a read each
+        assert len(calls) == 4

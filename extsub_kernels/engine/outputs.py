@@ -335,14 +335,50 @@ def write_outputs(
         check_inputs=check_inputs,
     ) as out:
 
-        def compute(entry: TensorEntry, loaded: Any) -> Piece:
-            tensors = [_checked(entry, o.produce(entry.name, loaded)) for o in outputs]
-            return Piece(entry.name, tensors, entry.nbytes * len(outputs))
+        def load(run: list[TensorEntry]) -> list[Any]:
+            return [first.load(entry.name) for entry in run]
+
+        def compute(run: list[TensorEntry], loaded: list[Any]) -> Piece:
+            pairs = list(zip(run, loaded, strict=True))
+            made = [[_checked(e, o.produce(e.name, data)) for e, data in pairs] for o in outputs]
+            progress = sum(e.nbytes for e in run) * len(outputs)
+            if len(run) == 1:
+                return Piece(run[0].name, [tensors[0] for tensors in made], progress)
+            return Piece(run[0].name, [_joined(tensors) for tensors in made], progress, last=run[-1].name)
 
         total = sum(e.nbytes for e in out.order) * len(outputs)
-        out.stream(out.order, lambda entry: first.load(entry.name), compute, total=total, progress=progress)
+        out.stream(_runs(out.order), load, compute, total=total, progress=progress)
         out.add_texts([o.texts for o in outputs])
         return out.commit(), out.bytes_written
+
+
+# Consecutive tensors under this size are made and written as one item (a run), not one each.
+_SMALL_TENSOR_BYTES = 1 << 16
+_RUN_BYTES = 32 << 20
+
+
+def _runs(order: Sequence[TensorEntry]) -> Iterator[list[TensorEntry]]:
+    """`order` as items to stream: each large tensor alone, consecutive small ones together (up to 32 MB)."""
+    run: list[TensorEntry] = []
+    size = 0
+    for entry in order:
+        if entry.nbytes >= _SMALL_TENSOR_BYTES or size + entry.nbytes > _RUN_BYTES:
+            if run:
+                yield run
+            run, size = [], 0
+            if entry.nbytes >= _SMALL_TENSOR_BYTES:
+                yield [entry]
+                continue
+        run.append(entry)
+        size += entry.nbytes
+    if run:
+        yield run
+
+
+def _joined(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The bytes of CPU tensors, back to back, as one uint8 tensor (a run's data for the writer)."""
+    flat = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors if t.numel()]
+    return torch.cat(flat) if flat else torch.empty(0, dtype=torch.uint8)
 
 
 def _checked(entry: TensorEntry, tensor: torch.Tensor) -> torch.Tensor:

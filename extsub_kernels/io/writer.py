@@ -11,7 +11,7 @@ import os
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,17 +24,17 @@ from extsub_kernels.io.format import HEADER_LENGTH_BYTES, METADATA_KEY, dtype_co
 INDEX_SUFFIX = ".index.json"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorEntry:
-    """One tensor of the output: name, dtype and shape (its bytes follow from them)."""
+    """One tensor of the output: name, dtype and shape (its bytes follow from them, computed once)."""
 
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
+    nbytes: int = field(init=False, repr=False, compare=False)
 
-    @property
-    def nbytes(self) -> int:
-        return nbytes_of(self.dtype, self.shape)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nbytes", nbytes_of(self.dtype, self.shape))
 
 
 def build_header(entries: Sequence[TensorEntry], metadata: dict[str, str] | None = None) -> bytes:
@@ -86,7 +86,8 @@ _json_string = json.encoder.encode_basestring  # what json.dumps(..., ensure_asc
 
 def safetensors_order(entries: Sequence[TensorEntry]) -> list[TensorEntry]:
     """`entries` in the order `safetensors` writes a file: by dtype alignment, then name."""
-    return sorted(entries, key=lambda e: write_order_key(e.name, e.dtype))
+    ranks = {dtype: write_order_key("", dtype)[0] for dtype in {e.dtype for e in entries}}
+    return sorted(entries, key=lambda e: (ranks[e.dtype], e.name))
 
 
 def plan_shards(
