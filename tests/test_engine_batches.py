@@ -118,6 +118,14 @@ def test_the_batcher_keeps_order_and_splits_on_kind_and_size():
         batcher.add_small(j, ("f32", 4), 4, 16, 32)
     batcher.add_small(job("copy", antis=()), ("copy", 4), 4, 16, 16)
     batcher.flush()
-    kinds = [(type(i).__name__, [j.name for j in i.jobs] if isinstance(i, Batch) else i.job.name) for i in batcher.items]
+    kinds = [(type(i).__name__, i.names if isinstance(i, Batch) else i.job.name) for i in batcher.items]
     assert kinds == [("Batch", ["s0", "s1", "s2"]), ("Block", "big"), ("Batch", ["s3", "s4"]), ("Block", "copy")]
-    assert SMALL_TENSOR_BYTES == 1 << 16
+
+
+def test_only_tensors_under_the_small_size_are_batched(tmp_path):
+    just_under = int(SMALL_TENSOR_BYTES // 4) - 1
+    sizes = {"a": just_under, "b": just_under, "c": SMALL_TENSOR_BYTES // 4, "d": just_under}
+    tensors = {k: torch.randn(n) for k, n in sizes.items()}
+    e, a = save(tmp_path / "e.safetensors", tensors), save(tmp_path / "a.safetensors", tensors)
+    merge(e, a, tmp_path / "out.safetensors")
+    assert all(torch.equal(load_file(tmp_path / "out.safetensors")[k], ext_sub(t, t, 1.0)) for k, t in tensors.items())
