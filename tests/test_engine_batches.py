@@ -122,7 +122,7 @@ def test_the_batcher_keeps_order_and_splits_on_kind_and_size():
     assert kinds == [("Batch", ["s0", "s1", "s2"]), ("Block", "big"), ("Batch", ["s3", "s4"]), ("Block", "copy")]
 
 
-def test_only_tensors_under_the_small_size_are_batched(tmp_path):
+def test_tensors_either_side_of_the_small_size_merge_alike(tmp_path):
     just_under = int(SMALL_TENSOR_BYTES // 4) - 1
     sizes = {"a": just_under, "b": just_under, "c": SMALL_TENSOR_BYTES // 4, "d": just_under}
     tensors = {k: torch.randn(n) for k, n in sizes.items()}
