@@ -64,7 +64,10 @@ exit codes:
   1    failure during the merge (an input changed underneath, a write failed, ...)
   2    bad usage or bad input (unreadable or broken file, mismatched tensors, NaN/Inf, unsafe OUT)
   130  interrupted (Ctrl-C); 143 terminated (SIGTERM)
-  In every case but 0, nothing is left at OUT and the inputs are untouched.
+  In every case but 0, nothing is left at OUT and the inputs are untouched, except a Ctrl-C or
+  SIGTERM that came while the outputs were moved into place: it waits until all of them are,
+  and the message names them (each complete). OUT is never left half-written, even after
+  SIGKILL; the next run into the same folder cleans up what a killed run left there.
 """
 
 
