@@ -159,7 +159,7 @@ def mean_nll(
     Examples are sorted by length (longest first, so a batch too large fails at once) and
     right-padded with an attention mask, `batch_size` at a time; a causal model gives the scored
     tokens the same logits as unbatched. The model runs in its own dtype; the scored rows of the
-    logits are upcast to float32 for the log-softmax, and the sum is kept in float64. The model is
+    logits are upcast to at least float32 for the log-softmax, and the sum is kept in float64. The model is
     put in eval mode for the call (then restored) and no gradients are kept.
 
     Args:
@@ -200,7 +200,8 @@ def mean_nll(
                     scored[j, max(e.n_context, 1) - 1 : len(e.input_ids) - 1] = True
                 input_ids, mask, scored = input_ids.to(device), mask.to(device), scored.to(device)
                 logits = _logits(model(input_ids=input_ids, attention_mask=mask))
-                rows = logits[:, :-1][scored].float()
+                rows = logits[:, :-1][scored]
+                rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
                 targets = input_ids[:, 1:][scored]
                 total += torch.nn.functional.cross_entropy(rows, targets, reduction="sum").double()
                 count += targets.numel()
@@ -254,9 +255,12 @@ def generate_greedy(
 ) -> list[Generation]:
     """Greedy continuations of `prompts` (`model.generate`, no sampling), each as if generated alone.
 
-    Only prompts of the same token length share a batch, so no prompt is ever padded: left
-    padding changes the continuations of prefix-tuned PEFT models (PEFT 0.21, transformers 5),
-    and grouping by length is exact for every model.
+    Only prompts of the same token length share a batch, so no prompt is ever padded (left
+    padding changes continuations of prefix-tuned PEFT models). Prefix-tuned PEFT models are
+    decoded here, one full forward pass per token (no KV cache, so O(n²)), not by
+    `PeftModel.generate`: with PEFT 0.21.2 and transformers 5.24 that drops the prefix from the
+    cache and continues as the base model would, and with `use_cache=False` its second and later
+    steps differ from a plain forward pass.
 
     Args:
         model: a `transformers` causal LM or a `PeftModel`.
@@ -274,8 +278,6 @@ def generate_greedy(
         >>> gens = generate_greedy(model, tokenizer, ["reverse red cat ="], max_new_tokens=32)  # doctest: +SKIP
         >>> mean_rep_n([g.token_ids for g in gens], 4)  # doctest: +SKIP
     """
-    from transformers import GenerationConfig
-
     if max_new_tokens < 1:
         raise ValueError(f"generate_greedy: max_new_tokens must be ≥ 1, got {max_new_tokens}")
     encoded = []
@@ -291,10 +293,8 @@ def generate_greedy(
     eos = _special_id(model, tokenizer, "eos_token_id")
     pad = _special_id(model, tokenizer, "pad_token_id")
     pad = pad if pad is not None else (eos if eos is not None else 0)
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=eos
-    )
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    generate = _greedy_without_cache if _is_prefix_tuned(model) else _greedy_by_generate
     by_length: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
         by_length.setdefault(len(ids), []).append(i)
@@ -306,9 +306,7 @@ def generate_greedy(
         with torch.no_grad():
             for batch in batches:
                 input_ids = torch.tensor([encoded[i] for i in batch], dtype=torch.long, device=device)
-                out = model.generate(
-                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config
-                )
+                out = generate(model, input_ids, max_new_tokens, eos, pad)
                 for i, row in zip(batch, out[:, input_ids.shape[1] :].tolist()):
                     stopped = eos is not None and eos in row
                     tokens = tuple(row[: row.index(eos)] if stopped else row)
@@ -317,6 +315,37 @@ def generate_greedy(
     finally:
         model.train(was_training)
     return results  # type: ignore[return-value]  # every slot filled
+
+
+def _greedy_by_generate(
+    model: Any, input_ids: torch.Tensor, max_new_tokens: int, eos: int | None, pad: int
+) -> torch.Tensor:
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=eos
+    )
+    return model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
+
+
+def _greedy_without_cache(
+    model: Any, input_ids: torch.Tensor, max_new_tokens: int, eos: int | None, pad: int
+) -> torch.Tensor:
+    """Argmax of a full forward pass per step, the whole batch until every row has reached EOS."""
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        logits = _logits(model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)))
+        token = logits[:, -1].argmax(dim=-1).masked_fill(done, pad)
+        input_ids = torch.cat([input_ids, token[:, None]], dim=1)
+        done |= token == eos
+        if bool(done.all()):
+            break
+    return input_ids
+
+
+def _is_prefix_tuned(model: torch.nn.Module) -> bool:
+    peft_type = getattr(getattr(model, "active_peft_config", None), "peft_type", None)
+    return getattr(peft_type, "value", peft_type) == "PREFIX_TUNING"
 
 
 def _special_id(model: torch.nn.Module, tokenizer: Any, name: str) -> int | None:
