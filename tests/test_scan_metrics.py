@@ -20,6 +20,7 @@ from extsub_kernels.scan_metrics import (
     rep_n,
 )
 
+pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")  # PEFT's prefix path
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
@@ -146,7 +147,7 @@ def test_pretokenised_sets_give_the_same_examples(trained, tmp_path):
 def test_mean_nll_in_the_models_dtype(trained, device, dtype):
     """The model runs in its dtype on its device; unbatched, the result is the model's own loss on the same logits."""
     net = _load(trained, "llama_gqa", "lora", device, dtype)
-    examples = load_examples(trained.eval_set("forget.jsonl"), _tokenizer(trained))
+    examples = load_examples(trained.eval_set("forget.jsonl"), _tokenizer(trained))[:8]  # bf16 on CPU is slow
     reference = _reference_nll(net, examples)
     assert mean_nll(net, examples, 1) == pytest.approx(reference, rel=RTOL32)
     # Batched, bf16 logits round differently with padding: within a few bf16 ulps (2⁻⁸ relative) of each logit.

@@ -8,6 +8,7 @@ import torch
 import trained_fixtures as tf
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")  # PEFT's prefix path
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
@@ -28,19 +29,13 @@ def _config(trained, model, peft_type, role="expert") -> dict:
     return json.loads((trained.adapter(model, peft_type, role) / "adapter_config.json").read_text())
 
 
-def _nll(model, lines: list[str], tokenizer, completion_only: bool = False) -> float:
-    """Mean NLL per scored token by the model's own loss (labels), one example at a time."""
-    total, count = 0.0, 0
-    for line in lines:
-        ids = torch.tensor([tokenizer(line)["input_ids"]])
-        labels = ids.clone()
-        if completion_only:
-            labels[0, : len(tokenizer(tf.split_line(line)[0])["input_ids"])] = -100
-        n = int((labels[0, 1:] != -100).sum())
-        with torch.no_grad():
-            total += float(model(input_ids=ids, labels=labels).loss) * n
-        count += n
-    return total / count
+def _nll(model, lines: list[str], tokenizer) -> float:
+    """Mean NLL of the answers' tokens by the model's own loss: one right-padded batch, prompts and padding masked."""
+    batch = tf.batch_tensors([tokenizer(line)["input_ids"] for line in lines])
+    for row, line in zip(batch["labels"], lines):
+        row[: len(tokenizer(tf.split_line(line)[0])["input_ids"])] = -100
+    with torch.no_grad():
+        return float(model(**batch).loss)
 
 
 @pytest.mark.parametrize("model", tf.MODELS)
@@ -117,11 +112,11 @@ def test_each_role_learned_its_task(trained, model, peft_type):
         else _peft_model(trained, model, peft_type, role)
         for role in tf.ROLES
     )
-    assert _nll(expert, keep, tok, True) < _nll(base, keep, tok, True) - 0.5
-    assert _nll(anti, forget, tok, True) < _nll(base, forget, tok, True) - 0.5
+    assert _nll(expert, keep, tok) < _nll(base, keep, tok) - 0.5
+    assert _nll(anti, forget, tok) < _nll(base, forget, tok) - 0.5
     if peft_type in ("lora", "full"):  # the pairs that specialise clearly (the λ-scan tests use these)
-        assert _nll(expert, keep, tok, True) < _nll(anti, keep, tok, True) - 0.3
-        assert _nll(anti, forget, tok, True) < _nll(expert, forget, tok, True) - 0.3
+        assert _nll(expert, keep, tok) < _nll(anti, keep, tok) - 0.3
+        assert _nll(anti, forget, tok) < _nll(expert, forget, tok) - 0.3
 
 
 def test_saved_shapes_and_configs(trained):
