@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-from conftest import DEVICES
 
 from extsub_kernels.scan_metrics import (
     Example,
@@ -20,6 +19,7 @@ from extsub_kernels.scan_metrics import (
 )
 
 import trained_fixtures as tf
+from helpers import DEVICES
 
 pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")  # PEFT's prefix path
 peft = pytest.importorskip("peft")
