@@ -18,8 +18,8 @@ import torch
 
 from extsub_kernels.errors import InputError, MergeError
 from extsub_kernels.io import atomic
-from extsub_kernels.io.outputs import is_folder_output
 from extsub_kernels.io.format import HEADER_LENGTH_BYTES, METADATA_KEY, dtype_code, nbytes_of, write_order_key
+from extsub_kernels.io.outputs import is_folder_output
 
 INDEX_SUFFIX = ".index.json"
 
@@ -240,7 +240,7 @@ class SafetensorsFileWriter:
             if entry.name == last:
                 finished = True
                 break
-        if remaining and finished or not finished and self._index < len(self.entries):
+        if (remaining and finished) or (not finished and self._index < len(self.entries)):
             problem = "go past its end" if finished else "end before its end"
             raise MergeError(f"{self.path}: the bytes of a run of tensors through {last!r} {problem}")
         self._write_all(view[:take])
@@ -354,7 +354,8 @@ class CheckpointWriter:
         if not self.is_folder and extra_files:
             raise InputError(f"{self.target}: a .safetensors OUT is one file; give a folder OUT to add config files")
         if layout is None:
-            layout = plan_layout(entries, folder=self.is_folder, max_shard_size=max_shard_size, weights_name=weights_name)
+            folder = self.is_folder
+            layout = plan_layout(entries, folder=folder, max_shard_size=max_shard_size, weights_name=weights_name)
         self.force = force
         self.shards = [(shard.name or self.target.name, shard.entries) for shard in layout]
         self._layout = layout
@@ -502,4 +503,6 @@ def check_free_space(writers: Sequence[CheckpointWriter]) -> None:
     for folder, n in need.items():
         free = shutil.disk_usage(folder).free
         if n > free:
-            raise InputError(f"not enough space for OUT in {folder}: the output needs {n / 1e9:.2f} GB, {free / 1e9:.2f} GB are free")
+            raise InputError(
+                f"not enough space for OUT in {folder}: the output needs {n / 1e9:.2f} GB, {free / 1e9:.2f} GB are free"
+            )
