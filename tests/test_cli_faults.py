@@ -2,6 +2,7 @@
 survives until its successor is in place, a λ list is published as one step, and what a killed run
 leaves behind is cleaned up (or put back) by the next run into the same folder."""
 
+import json
 import os
 import signal
 import subprocess
@@ -275,3 +276,47 @@ def test_a_file_name_that_is_not_utf8(tmp_path, capsys, pair):
 
 def test_a_huge_lam_is_a_clear_input_error(tmp_path, capsys, pair):
     _refused(capsys, [*pair, "-o", tmp_path / "o.safetensors", "--lam", "1e308"], "λ '1e308' is out of range")
+
+
+def test_a_config_json_with_odd_architectures_is_no_error(tmp_path, capsys):
+    expert = save(tmp_path / "expert" / "model.safetensors", random_delta(SHAPES)).parent
+    (expert / "config.json").write_text('{"architectures": 5, "model_type": ["gpt2"]}')
+    anti = save(tmp_path / "anti.safetensors", random_delta(SHAPES))
+    assert main([str(expert), str(anti), "-o", str(tmp_path / "o.safetensors"), "-q"]) == 0, capsys.readouterr().err
+
+
+def _lora_folder(folder, config: dict, b_scale: float = 1.0):
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(len(str(folder)))
+    tensors = {}
+    for name in ("m.0.q", "m.1.q"):
+        tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(2, 6, generator=g)
+        tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(8, 2, generator=g) * b_scale
+    save(folder / "adapter_model.safetensors", tensors)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, **config}))
+    return folder
+
+
+def test_an_adapter_changed_during_the_run_fails_with_exit_1(tmp_path, capsys, monkeypatch):
+    from extsub_kernels.engine.outputs import OutputSet
+
+    expert, anti = _lora_folder(tmp_path / "e", {}), _lora_folder(tmp_path / "a", {})
+    real = OutputSet.stream
+
+    def changing(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        (expert / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "lora_alpha": 5}')
+
+    monkeypatch.setattr(OutputSet, "stream", changing)
+    code = main([str(expert), str(anti), "-o", str(tmp_path / "out"), "-q"])
+    err = capsys.readouterr().err
+    assert code == 1 and "adapter_config.json changed while the merge read it" in err, err
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_an_adapter_output_beyond_the_chosen_dtype_is_an_error_naming_the_module(tmp_path, capsys):
+    expert, anti = _lora_folder(tmp_path / "e", {}, b_scale=1e5), _lora_folder(tmp_path / "a", {})
+    code = main([str(expert), str(anti), "-o", str(tmp_path / "out"), "--dtype", "float16", "-q"])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT and "module m.0.q: base_model.model.m.0.q.lora_B.weight overflows float16" in err
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
