@@ -193,6 +193,10 @@ def _main(argv: Sequence[str] | None) -> int:
     except PublishError as e:
         return _fail(f"the merge failed: {e}", EXIT_FAILED)
     except Exception as e:
+        published = getattr(e, "published", ())
+        if published:
+            names = ", ".join(str(p) for p in published)
+            return _fail(f"the merge failed after publishing its outputs (each complete: {names}): {e}", EXIT_FAILED)
         return _fail(f"the merge failed and nothing was written: {type(e).__name__}: {e}", EXIT_FAILED)
     if not args.quiet:
         _say(f"{PROG}: {report.summary()}")

@@ -320,3 +320,17 @@ def test_an_adapter_output_beyond_the_chosen_dtype_is_an_error_naming_the_module
     err = capsys.readouterr().err
     assert code == EXIT_BAD_INPUT and "module m.0.q: base_model.model.m.0.q.lora_B.weight overflows float16" in err
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_a_failure_after_publishing_never_claims_nothing_was_written(tmp_path, capsys, monkeypatch, pair):
+    import extsub_kernels.engine.dense as dense
+
+    def failing() -> int:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(dense, "peak_rss_bytes", failing)  # called for the report, after the outputs are in place
+    out = tmp_path / "o.safetensors"
+    code = main([str(pair[0]), str(pair[1]), "-o", str(out), "-q"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"after publishing its outputs (each complete: {out})" in err, err
+    assert "nothing was written" not in err and _is_new(out)

@@ -18,6 +18,7 @@ does, so the same cleanup runs for both.
 """
 
 import atexit
+import contextlib
 import ctypes
 import errno
 import os
@@ -353,7 +354,8 @@ def terminate_as_interrupt() -> Iterator[None]:
 
     Once `publish_all` starts moving outputs into place, Ctrl-C and SIGTERM are held back until
     the block ends; then they are raised as `Interrupted` / `Terminated` with `published` naming
-    the outputs, so nobody is told "nothing was written" when the run's outputs are in place.
+    the outputs, so nobody is told "nothing was written" when the run's outputs are in place. An
+    error raised after outputs were published gets the same `published` attribute.
     A signal that was ignored stays ignored. Only the main thread can set signal handlers;
     elsewhere this does nothing.
     """
@@ -378,6 +380,11 @@ def terminate_as_interrupt() -> Iterator[None]:
     _run = state
     try:
         yield
+    except BaseException as error:
+        if state.published and not getattr(error, "published", ()):  # failed after publishing: say what is in place
+            with contextlib.suppress(AttributeError):
+                error.published = tuple(state.published)  # type: ignore[attr-defined]
+        raise
     finally:
         _run = outer
         for sig, handler in previous.items():
