@@ -298,7 +298,10 @@ BAD_ADAPTERS = {
         dict(config=_set(peft_type="ADALORA")),
         r"peft_type is 'ADALORA'; extsub merges LORA, IA3, PREFIX_TUNING adapters",
     ),
-    "an (IA)³ config on LoRA weights": (dict(config=_set(peft_type="IA3")), r"no \(IA\)³ vectors .* says peft_type IA3"),
+    "an (IA)³ config on LoRA weights": (
+        dict(config=_set(peft_type="IA3")),
+        r"no \(IA\)³ vectors .* says peft_type IA3",
+    ),
     "DoRA": (dict(config=_set(use_dora=True)), r"use_dora is set; not supported"),
     "bad rank_pattern": (
         dict(config=_set(rank_pattern={"q_proj": 0})),

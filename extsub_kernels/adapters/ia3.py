@@ -32,7 +32,7 @@ from extsub_kernels.adapters.family import (
     strip_peft_prefix,
     weight_key,
 )
-from extsub_kernels.adapters.report import AdapterReport
+from extsub_kernels.adapters.report import AdapterReport, counted
 from extsub_kernels.engine.methods import apply_method
 from extsub_kernels.engine.options import method_sign
 from extsub_kernels.engine.outputs import LazyOutput
@@ -192,7 +192,7 @@ class IA3Adapter(PeftAdapter):
         vectors = list(self.vectors.values())
         ff = len(self.feedforward)
         return (
-            f"{len(vectors)} vectors: {len(vectors) - ff} (out, 1), {ff} feedforward (1, in), "
+            f"{counted(len(vectors), 'vector')}: {len(vectors) - ff} (out, 1), {ff} feedforward (1, in), "
             f"{sum(v.numel() for v in vectors):,} scales, {describe_dtypes(vectors, self.dtype)}"
         )
 

@@ -26,7 +26,7 @@ from extsub_kernels.adapters.family import (
     lam_list,
     weight_key,
 )
-from extsub_kernels.adapters.report import AdapterReport
+from extsub_kernels.adapters.report import AdapterReport, counted
 from extsub_kernels.engine.options import method_sign
 from extsub_kernels.errors import InputError
 from extsub_kernels.ops import ext_sub_coefficients
@@ -156,7 +156,7 @@ class LoraAdapter(PeftAdapter):
         tensors = [t for m in self.modules.values() for t in (m.lora_A, m.lora_B)]
         stored = {m.dtype for m in self.modules.values()} - {None}
         dtype = describe_dtypes(tensors, stored.pop() if len(stored) == 1 else None)
-        return f"{len(self.modules)} modules, {span}, {dtype}"
+        return f"{counted(len(self.modules), 'module')}, {span}, {dtype}"
 
     def base_edits(self) -> list[BaseEdit]:
         """Each module changes its weight: ΔW' (out, in) is added to it."""

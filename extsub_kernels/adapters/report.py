@@ -56,7 +56,7 @@ def summarize_modules(reports: Sequence[AdapterReport]) -> str:
     first = reports[0]
     total = len(first.merged) + len(first.copied) + len(first.dropped) + len(first.added)
     parts = [
-        f"{_count(total, f'{first.pem} {first.unit}')}: {len(first.merged)} merged",
+        f"{counted(total, f'{first.pem} {first.unit}')}: {len(first.merged)} merged",
         f"{len(first.copied)} copied from the expert",
     ]
     if first.dropped:
@@ -66,7 +66,7 @@ def summarize_modules(reports: Sequence[AdapterReport]) -> str:
         parts.append(f"{len(first.added)} only in anti-experts, added as {'−' if first.method == 'sub' else '+'}λ·ΔW⁻")
     rows = max(sum(r.zero_rows.values()) for r in reports)
     if rows:
-        parts.append(f"{_count(rows, f'expert {first.row}')} with |p| = 0 kept unchanged")
+        parts.append(f"{counted(rows, f'expert {first.row}')} with |p| = 0 kept unchanged")
     errors = [(error, name) for r in reports for name, error in r.truncation_error.items()]
     if errors:
         worst, where = max(errors)
@@ -82,8 +82,8 @@ def summarize_modules(reports: Sequence[AdapterReport]) -> str:
     return "; ".join(parts)
 
 
-def _count(n: int, noun: str) -> str:
-    """ "1 LoRA module", "2 LoRA modules"."""
+def counted(n: int, noun: str) -> str:
+    """A count and its noun, in the plural unless it is one: "1 LoRA module", "2 LoRA modules"."""
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
