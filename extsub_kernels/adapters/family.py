@@ -82,6 +82,8 @@ class PeftAdapter(ABC):
         row: what one Ext-Sub row is, in the report ("row", "vector").
         formats: the `--format` values it writes; the first is the default.
         base_refusal: why `--base` cannot fold it into a base model (None: it can).
+        config_needed: what only its adapter_config says, so its weights alone are refused
+            (None: they can be read without one, as bare LoRA weights with a scaling).
     """
 
     peft_type: ClassVar[str]
@@ -90,6 +92,7 @@ class PeftAdapter(ABC):
     row: ClassVar[str] = "row"
     formats: ClassVar[tuple[str, ...]]
     base_refusal: ClassVar[str | None] = None
+    config_needed: ClassVar[str | None] = None
 
     source: str
     base_model_name_or_path: str | None

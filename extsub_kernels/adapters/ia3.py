@@ -80,6 +80,7 @@ class IA3Adapter(PeftAdapter):
     unit = "vector"
     row = "vector"
     formats = ("ia3",)
+    config_needed = "which modules are feedforward_modules"
 
     vectors: dict[str, torch.Tensor]
     feedforward: frozenset[str] = frozenset()

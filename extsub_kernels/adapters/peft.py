@@ -189,17 +189,9 @@ def _read_lora(weights: Path, tensors: dict[str, torch.Tensor], config: dict, co
     )
 
 
-# The family's readers, by the adapter_config's peft_type: (weights file, its tensors, config, where it came from).
-_READERS = {
-    LoraAdapter.peft_type: _read_lora,
-    IA3Adapter.peft_type: IA3Adapter.from_peft,
-    PrefixAdapter.peft_type: PrefixAdapter.from_peft,
-}
-# What the config of each other member holds that cannot be guessed from the weights.
-_CONFIG_NEEDED = {
-    IA3Adapter: "which modules are feedforward_modules",
-    PrefixAdapter: "the prefix geometry (num_layers, token_dim, num_attention_heads)",
-}
+# The family's members and their readers: (weights file, its tensors, config, where it came from) → adapter.
+_MEMBERS = {LoraAdapter: _read_lora, IA3Adapter: IA3Adapter.from_peft, PrefixAdapter: PrefixAdapter.from_peft}
+_READERS = {member.peft_type: read for member, read in _MEMBERS.items()}  # by the config's peft_type
 
 
 def _locate(path: Path, scaling: LoraScaling | None) -> tuple[Path, dict, str]:
@@ -246,10 +238,10 @@ def _locate(path: Path, scaling: LoraScaling | None) -> tuple[Path, dict, str]:
 def _refuse_other_types_without_config(path: Path, weights: Path) -> None:
     """An AdapterError for (IA)³ or prefix-tuning weights without their config, which no flag can stand for."""
     names = _tensor_names(weights)
-    for kind in _CONFIG_NEEDED:
-        if any(kind.owns_key(name) for name in names):
+    for kind in _MEMBERS:
+        if kind.config_needed is not None and any(kind.owns_key(name) for name in names):
             raise AdapterError(
-                f"{path}: {kind.label} adapter weights with no {CONFIG_NAME} beside them, so {_CONFIG_NEEDED[kind]} "
+                f"{path}: {kind.label} adapter weights with no {CONFIG_NAME} beside them, so {kind.config_needed} "
                 f"is unknown; put the {CONFIG_NAME} the adapter was saved with beside its weights"
             )
 

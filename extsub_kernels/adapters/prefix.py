@@ -55,6 +55,7 @@ class PrefixAdapter(PeftAdapter):
     label = "prefix-tuning"
     unit = "prompt embedding"
     formats = ("prefix-tuning",)
+    config_needed = "the prefix geometry (num_layers, token_dim, num_attention_heads)"
     base_refusal = (
         "a prefix adds virtual key/value tokens to every attention layer; it changes no weight, so it cannot be "
         "folded into the base model. Drop --base and load OUT with PeftModel.from_pretrained(base_model, OUT)"
