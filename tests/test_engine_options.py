@@ -61,3 +61,9 @@ def test_output_paths_suffix_rule(tmp_path):
     two = [tmp_path / "o-lam0.5.safetensors", tmp_path / "o-lam1e-05.safetensors"]
     assert paths(tmp_path / "o.safetensors", [(0.5,), (1e-5,)]) == two
     assert paths(tmp_path / "dir", [(1.0, 0.5), (2.0, 2.0)]) == [tmp_path / "dir-lam1_0.5", tmp_path / "dir-lam2"]
+
+
+@pytest.mark.parametrize("text", ["inf", "1e400GB", "nan", "-inf"])
+def test_parse_size_refuses_sizes_that_are_not_finite(text):
+    with pytest.raises(InputError, match=f"size '{text}' is not a finite number of bytes"):
+        parse_size(text)
