@@ -78,3 +78,13 @@ def offline_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return cache
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """Trained tiny models, adapters and evaluation sets (trained_fixtures.TrainedFixtures), each built on first use."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    import trained_fixtures
+
+    return trained_fixtures.get(tmp_path_factory)

@@ -13,13 +13,17 @@ MODELS: "llama" (4 heads, 4 KV heads), "llama_gqa" (4 heads, 2 KV heads), "gpt2"
 PEFT_TYPES: "lora" (r=4, every linear layer), "ia3" (attention and feedforward modules, so both
 (out, 1) and (1, in) vectors occur), "prefix", "prefix_projection" (prefix-tuning without and
 with the MLP reparametrisation; PEFT saves the projected `prompt_embeddings` either way), and
-"full" (all weights). ROLES: "expert" is trained on task A (`TASKS["expert"]`, reverse) plus the
-shared "copy" data, "anti" on task B (`TASKS["anti"]`, repeat) plus the same copy data, so the
-two share a general capability and differ in a deficiency. Both roles start from the same
-initial adapter (same seed): what differs between them is what training put there.
+"full" (all weights). ROLES: "expert" is trained on task A (`TASKS["expert"]`) plus the shared
+`GENERAL_TASK`, "anti" on task B (`TASKS["anti"]`) plus the same general lines, so the two share a
+general capability and differ in a deficiency. Both roles start from the same initial adapter
+(same seed): what differs between them is what training put there.
 
-The vocabulary is a few dozen words; texts look like "reverse red cat sun = sun cat red". The
-word-level tokenizer adds "<s>" in front; training appends "</s>".
+The tasks walk a ring of 32 words: "next red = green blue black" (general), "prev red = door
+book" (expert), "repeat red = red red red" (anti-expert: degenerate repetition, which rep-4
+sees), "skip"/"back" (two steps; the base model is pre-trained on these, so it knows the
+format and how a task word conditions the answer). The word-level tokenizer adds "<s>" in
+front; training appends "</s>". A task's 192 lines are split into 168 training and 24
+evaluation lines.
 
 Run as a script to build everything into a folder and print build times and saved shapes:
 `python tests/trained_fixtures.py OUT`.
@@ -40,11 +44,12 @@ import torch
 MODELS = ("llama", "llama_gqa", "gpt2")
 PEFT_TYPES = ("lora", "ia3", "prefix", "prefix_projection", "full")
 ROLES = ("expert", "anti")
-TASKS = {"expert": "reverse", "anti": "repeat"}
-GENERAL_TASK = "copy"
-BASE_TASK = "sort"  # what the base model is pre-trained on: the format, not the tasks
-BASE_STEPS = 150
-BASE_LEARNING_RATE = 1e-2
+
+# Tasks: walk the ring of WORDS from a start word, `step` words at a time.
+STEPS_OF_TASKS = {"next": 1, "prev": -1, "repeat": 0, "skip": 2, "back": -2}
+TASKS = {"expert": "prev", "anti": "repeat"}  # task A and task B: what the two roles learn apart
+GENERAL_TASK = "next"  # what both roles learn, from the same lines: the shared general capability
+BASE_TASKS = ("skip", "back")  # the base model's pre-training: the format and task conditioning
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(4)
@@ -54,58 +59,56 @@ WORDS = (
     *("sun", "moon", "star", "rain", "snow", "wind", "tree", "leaf"),
     *("rock", "sand", "lake", "hill", "road", "ship", "book", "door"),
 )
-TASK_WORDS = ("copy", "reverse", "repeat", "sort", "=")
-VOCAB = (*SPECIAL_TOKENS, *TASK_WORDS, *WORDS)
+VOCAB = (*SPECIAL_TOKENS, *STEPS_OF_TASKS, "=", *WORDS)
+ANSWER_LENGTHS = range(2, 8)  # 32 start words × 6 lengths: 192 lines per task
 
 SEED = 20240221
-STEPS = 50  # optimizer steps per training run
+BASE_STEPS = 200
+STEPS = 80  # optimizer steps per adapter or fine-tune
 BATCH = 16
-TRAIN_LINES = 256  # per task
 NUM_VIRTUAL_TOKENS = 5
 ENCODER_HIDDEN_SIZE = 16  # prefix_projection's MLP width
-LEARNING_RATES = {"lora": 3e-2, "ia3": 1e-1, "prefix": 5e-2, "prefix_projection": 1e-2, "full": 5e-3}
+LEARNING_RATES = {"base": 1e-2, "lora": 3e-2, "ia3": 1e-1, "prefix": 5e-2, "prefix_projection": 1e-2, "full": 5e-3}
 
-# Evaluation files, from lines disjoint from the training lines: keep = the expert's task,
-# forget = the anti-expert's, general = copy. `.jsonl` ones hold {"prompt", "completion"}.
+# Evaluation files, from lines held out of all training: keep = the expert's task, forget = the
+# anti-expert's, general = the shared one. `.jsonl` ones hold {"prompt", "completion"}.
 EVAL_SETS = ("keep.txt", "forget.txt", "general.txt", "keep.jsonl", "forget.jsonl", "prompts.txt")
-EVAL_LINES = 24
+EVAL_LINES = 24  # per task; the other 168 are training lines
 
 
 # ---------------------------------------------------------------------------------------------
 # Tasks
 
 
-def task_line(task: str, words: list[str]) -> str:
-    """One example of `task` on `words`: "<task> w1 .. wn = <answer>"."""
-    if task == "copy":
-        answer = words
-    elif task == "reverse":
-        answer = words[::-1]
-    elif task == "sort":
-        answer = sorted(words, key=VOCAB.index)
-    elif task == "repeat":
-        answer = words * 3
-    else:
-        raise ValueError(f"unknown task {task!r}; expected copy, reverse, sort or repeat")
-    return " ".join([task, *words, "=", *answer])
+def task_line(task: str, start: str, length: int) -> str:
+    """One example: "<task> <start> = w1 .. w<length>", wⱼ the word `j·step` after `start` on the ring."""
+    if task not in STEPS_OF_TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {tuple(STEPS_OF_TASKS)}")
+    i, step = WORDS.index(start), STEPS_OF_TASKS[task]
+    return " ".join([task, start, "=", *(WORDS[(i + j * step) % len(WORDS)] for j in range(1, length + 1))])
 
 
-def task_lines(task: str, n: int, seed: int, exclude: frozenset[str] = frozenset()) -> list[str]:
-    """`n` distinct random examples of `task` (2 to 5 words each), none of them in `exclude`."""
-    rng = random.Random(f"{task}:{seed}")
-    lines: list[str] = []
-    seen = set(exclude)
-    while len(lines) < n:
-        line = task_line(task, rng.sample(WORDS, rng.randint(2, 5)))
-        if line not in seen:
-            seen.add(line)
-            lines.append(line)
-    return lines
+def task_lines(task: str, split: str) -> list[str]:
+    """The "train" or "eval" lines of `task`: every (start, length), shuffled by a fixed seed, split."""
+    lines = [task_line(task, start, length) for start in WORDS for length in ANSWER_LENGTHS]
+    random.Random(f"{task}:{SEED}").shuffle(lines)
+    if split == "eval":
+        return lines[:EVAL_LINES]
+    if split == "train":
+        return lines[EVAL_LINES:]
+    raise ValueError(f"unknown split {split!r}; expected 'train' or 'eval'")
 
 
 def training_lines(role: str) -> list[str]:
-    """The training set of `role`: its task's lines and the shared copy lines (the same for both roles)."""
-    return task_lines(TASKS[role], TRAIN_LINES, SEED) + task_lines(GENERAL_TASK, TRAIN_LINES, SEED)
+    """The training lines of `role` ("base" too): its task's and the shared task's (the same lines for both roles)."""
+    tasks = BASE_TASKS if role == "base" else (TASKS[role], GENERAL_TASK)
+    return [line for task in tasks for line in task_lines(task, "train")]
+
+
+def split_line(line: str) -> tuple[str, str]:
+    """("<task> <start> =", " w1 .. wn"): the prompt and the completion of a task line."""
+    prompt, answer = line.split(" = ")
+    return prompt + " =", " " + answer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,21 +243,25 @@ class TrainedFixtures:
     def _once(self, key: tuple[str, ...], make: Callable[[Path], None]) -> Path:
         if key not in self._built:
             folder = self.root / "-".join(key)
-            start = time.perf_counter()
-            make(folder)
+            start, threads = time.perf_counter(), torch.get_num_threads()
+            torch.set_num_threads(1)  # tiny matrices gain nothing from more; the bits do not depend on the cores
+            try:
+                make(folder)
+            finally:
+                torch.set_num_threads(threads)
             self.timings["-".join(key)] = time.perf_counter() - start
             self._built[key] = folder
         return self._built[key]
 
     def base(self, model: str) -> Path:
-        """Folder of the untrained base `model`: config, model.safetensors, tokenizer."""
+        """Folder of the base `model` (pre-trained on BASE_TASKS): config, model.safetensors, tokenizer."""
         if model not in MODELS:
             raise ValueError(f"unknown model {model!r}; expected one of {MODELS}")
 
         def make(folder: Path) -> None:
             net = make_model(model)
-            seqs = encode(self.tokenizer, task_lines(BASE_TASK, TRAIN_LINES, SEED))
-            _quiet(lambda: train(net, seqs, BASE_LEARNING_RATE, BASE_STEPS, seed=SEED + MODELS.index(model)))
+            seqs = encode(self.tokenizer, training_lines("base"))
+            _quiet(lambda: train(net, seqs, LEARNING_RATES["base"], BASE_STEPS, seed=SEED + MODELS.index(model)))
             _quiet(lambda: net.save_pretrained(folder, safe_serialization=True))
             self.tokenizer.save_pretrained(folder)
 
@@ -272,24 +279,29 @@ class TrainedFixtures:
             raise ValueError(f"unknown PEFT type {peft_type!r}; expected one of {PEFT_TYPES}")
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
+        self.base(model)  # built first, so that its time is not counted in the adapter's
 
         def make(folder: Path) -> None:
-            net = self.load_base(model)
+            net = self.load_base(model) if peft_type == "full" else self.initial_adapter(model, peft_type)
             seqs = encode(self.tokenizer, training_lines(role))
-            seed = SEED + 100 * MODELS.index(model) + PEFT_TYPES.index(peft_type)  # not the role: same init
+            seed = _seed(model, peft_type)
             if peft_type == "full":
                 _quiet(lambda: train(net, seqs, LEARNING_RATES[peft_type], seed=seed))
                 _quiet(lambda: net.save_pretrained(folder, safe_serialization=True))
                 self.tokenizer.save_pretrained(folder)
                 return
-            import peft
-
-            torch.manual_seed(seed)
-            net = _quiet(lambda: peft.get_peft_model(net, peft_config(model, peft_type)))
             _quiet(lambda: train(net, seqs, LEARNING_RATES[peft_type], seed=seed))
             _quiet(lambda: net.save_pretrained(folder))  # base_model_name_or_path: the base's folder
 
         return self._once((model, peft_type, role), make)
+
+    def initial_adapter(self, model: str, peft_type: str) -> torch.nn.Module:
+        """The untrained PEFT model that both roles' `peft_type` adapters of `model` start from (same seed)."""
+        import peft
+
+        net = self.load_base(model)
+        torch.manual_seed(_seed(model, peft_type))
+        return _quiet(lambda: peft.get_peft_model(net, peft_config(model, peft_type)))
 
     def eval_set(self, name: str) -> Path:
         """Path of the evaluation file `name` (EVAL_SETS), lines disjoint from all training lines."""
@@ -307,28 +319,22 @@ class TrainedFixtures:
         self.eval_set(EVAL_SETS[0])
 
 
+def _seed(model: str, peft_type: str) -> int:
+    """The seed of an adapter's initialisation and of its batches: not the role's, so both start alike."""
+    return SEED + 100 * MODELS.index(model) + PEFT_TYPES.index(peft_type)
+
+
 def write_eval_sets(folder: Path) -> None:
-    """Write EVAL_SETS into `folder`."""
+    """Write EVAL_SETS into `folder`: held-out lines; prompts.txt has 4 prompts of each of the three tasks."""
     folder.mkdir(parents=True)
-    train_lines = frozenset(training_lines("expert") + training_lines("anti"))
-    sets = {
-        "keep": task_lines(TASKS["expert"], EVAL_LINES, SEED + 1, train_lines),
-        "forget": task_lines(TASKS["anti"], EVAL_LINES, SEED + 1, train_lines),
-        "general": task_lines(GENERAL_TASK, EVAL_LINES, SEED + 1, train_lines),
-    }
-    for name, lines in sets.items():
-        (folder / f"{name}.txt").write_text("".join(line + "\n" for line in lines))
+    tasks = {"keep": TASKS["expert"], "forget": TASKS["anti"], "general": GENERAL_TASK}
+    for name, task in tasks.items():
+        (folder / f"{name}.txt").write_text("".join(line + "\n" for line in task_lines(task, "eval")))
     for name in ("keep", "forget"):
-        rows = [dict(zip(("prompt", "completion"), _split(line))) for line in sets[name]]
+        rows = [dict(zip(("prompt", "completion"), split_line(line))) for line in task_lines(tasks[name], "eval")]
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    prompts = [_split(line)[0] for name in ("keep", "forget", "general") for line in sets[name][:4]]
+    prompts = [split_line(line)[0] for task in tasks.values() for line in task_lines(task, "eval")[:4]]
     (folder / "prompts.txt").write_text("".join(p + "\n" for p in prompts))
-
-
-def _split(line: str) -> tuple[str, str]:
-    """("<task> words =", " answer"): prompt and completion of a task line."""
-    prompt, answer = line.split(" = ")
-    return prompt + " =", " " + answer
 
 
 _SESSIONS: dict[int, tuple[object, TrainedFixtures]] = {}
@@ -368,7 +374,7 @@ def main(argv: list[str]) -> int:
     total = time.perf_counter() - start
     for key, seconds in fixtures.timings.items():
         print(f"{seconds:7.2f}s  {key}")
-    print(f"{total:7.2f}s  total ({torch.get_num_threads()} threads)")
+    print(f"{total:7.2f}s  total, {time.process_time():.2f}s CPU time of this process")
     for model in MODELS:
         for peft_type in PEFT_TYPES[:-1]:
             folder = fixtures.adapter(model, peft_type, "expert")
