@@ -61,14 +61,6 @@ def gpt2(tmp_path_factory):
     return _model_and_adapters(tmp_path_factory, "gpt2")
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory):
-    """Tiny trained models and PEFT adapters (trained_fixtures), each built on first use, once per session."""
-    import trained_fixtures
-
-    return trained_fixtures.get(tmp_path_factory)
-
-
 @pytest.fixture
 def offline_cache(tmp_path, monkeypatch):
     """An empty hub cache in tmp_path, offline: nothing can reach the network."""

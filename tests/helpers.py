@@ -117,6 +117,9 @@ def quiet_peft_model(base, folder):
 
 
 def causal_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    """The logits of a causal LM for `ids` (1, T), without gradients."""
-    with torch.no_grad():
+    """The logits of a causal LM for `ids` (1, T), without gradients (PEFT's own deprecation warnings silenced)."""
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers on PEFT's prefix: past_key_values → cache
         return model(input_ids=ids).logits

@@ -37,7 +37,7 @@ peft = pytest.importorskip("peft")
 
 EPS32 = torch.finfo(torch.float32).eps
 COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
-PROMPT = "reverse red cat sun = sun cat red"
+PROMPT = "prev red = door book"
 
 
 def _run(capsys, *argv) -> tuple[int, str]:

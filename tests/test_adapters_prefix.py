@@ -31,7 +31,7 @@ from peft_fixtures import logit_tolerance
 peft = pytest.importorskip("peft")
 
 EPS32 = torch.finfo(torch.float32).eps
-PROMPT = "repeat dog fox = dog fox dog fox dog fox"
+PROMPT = "repeat dog = dog dog dog"
 # (model, PEFT type): with and without the projection; the grouped-query LLaMA (4 heads, 2 KV heads); GPT-2.
 TRAINED = [("llama", "prefix"), ("llama", "prefix_projection"), ("llama_gqa", "prefix"), ("gpt2", "prefix")]
 
