@@ -130,7 +130,7 @@ def shard_limit(out: Path, output_format: str, options: RunOptions, *, base: boo
         return None
     if output_format != "dense-lora":
         raise InputError(
-            f"a {output_format} adapter is small and PEFT reads it from one adapter_model.safetensors; "
+            f"--format {output_format} writes a small adapter, which PEFT reads from one adapter_model.safetensors; "
             "--max-shard-size applies to dense-lora, delta and --base outputs"
         )
     warnings.warn(
