@@ -38,7 +38,6 @@ from extsub_kernels.io.resolve import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 PROMPT_KEY = "prompt_embeddings"
 GEOMETRY = ("num_virtual_tokens", "num_layers", "token_dim", "num_attention_heads")
-_BLOCK_BYTES = 1 << 20  # float64 rows merged at a time: a block and its anti-expert rows stay in cache
 
 
 @dataclass(repr=False)
@@ -206,8 +205,8 @@ def merge_prefix(
 ) -> PrefixAdapter:
     """Ext-Sub (or sub / add) of prefix-tuning adapters on θ itself, one row per token, layer, key/value and head.
 
-    Computed in float64, a block of rows at a time through every anti-expert, and held in float64
-    (`dtype`: the expert's, for writing). Every anti-expert must have the expert's geometry.
+    Computed in float64 and held there (`dtype`: the expert's, for writing). Every anti-expert
+    must have the expert's geometry.
 
     Args:
         expert: θ⁺.
@@ -241,18 +240,14 @@ def merge_prefix(
                 )
     report = expert.new_report(method, lams)
     report.merged.append(PROMPT_KEY)
-    plus, minus = expert.rows(), [anti.rows() for anti in antis]
-    work = torch.empty(plus.shape, dtype=torch.float64)
-    zero_rows = [0] * len(antis)  # rows with |p| = 0 at each step, kept as they are
-    step = max(1, _BLOCK_BYTES // (8 * expert.head_dim))
-    for start in range(0, work.shape[0], step):  # rows are independent: every step on one block, in cache
-        block = work[start : start + step].copy_(plus[start : start + step])
-        for i, (rows, step_lam) in enumerate(zip(minus, lams, strict=True)):
-            if method == "ext-sub":
-                zero_rows[i] += int((~block.any(dim=1)).sum())
-            apply_method(block, [rows[start : start + step]], [step_lam], method=method, inplace=True)
-    if max(zero_rows):
-        report.zero_rows[PROMPT_KEY] = max(zero_rows)
+    work = expert.rows(expert.prompt_embeddings.to(torch.float64, copy=True))
+    zero_rows = 0
+    for anti, step_lam in zip(antis, lams, strict=True):
+        if method == "ext-sub":
+            zero_rows = max(zero_rows, int((~work.any(dim=1)).sum()))  # |p| = 0: the row is kept
+        apply_method(work, [anti.rows(anti.prompt_embeddings.double())], [step_lam], method=method, inplace=True)
+    if zero_rows:
+        report.zero_rows[PROMPT_KEY] = zero_rows
     return PrefixAdapter(
         work.reshape(expert.shape),
         **expert.geometry,
