@@ -245,7 +245,7 @@ def merge_prefix(
     for anti, step_lam in zip(antis, lams, strict=True):
         if method == "ext-sub":
             zero_rows = max(zero_rows, int((~work.any(dim=1)).sum()))  # |p| = 0: the row is kept
-        apply_method(work, [anti.rows(anti.prompt_embeddings.double())], [step_lam], method=method, inplace=True)
+        apply_method(work, [anti.rows()], [step_lam], method=method, inplace=True)  # m: any float dtype
     if zero_rows:
         report.zero_rows[PROMPT_KEY] = zero_rows
     return PrefixAdapter(
