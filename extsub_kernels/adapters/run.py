@@ -100,10 +100,9 @@ class AdapterOptions:
         if self.output_format is None:
             default = adapter_type.formats[0]
         if default not in adapter_type.formats:
-            raise InputError(
-                f"--format {default} does not apply to {adapter_type.label} adapters; they are written as "
-                f"{' or '.join(adapter_type.formats)} (the default)"
-            )
+            formats = ", ".join([f"{adapter_type.formats[0]} (the default)", *adapter_type.formats[1:]])
+            what = f"{adapter_type.label} adapters"
+            raise InputError(f"--format {default} does not apply to {what}; their formats: {formats}")
         if self.max_rank is not None and default != "lora":
             raise InputError(f"--max-rank truncates LoRA factors; {adapter_type.label} adapters have no rank")
         return default
