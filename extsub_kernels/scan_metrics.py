@@ -115,7 +115,7 @@ def _json_line(line: str, source: str) -> object:
 
 def _example(record: object, tokenizer: Any, source: str) -> Example:
     if not isinstance(record, dict):
-        raise ValueError(f"{source}: expected a JSON object, found {type(record).__name__}")  # noqa: TRY004 (bad file)
+        raise ValueError(f"{source}: expected a JSON object, found {type(record).__name__}")
     kinds = [kind for kind in _KINDS if any(key in record for key in kind)]
     if len(kinds) != 1 or any(key not in record for key in kinds[0]):
         expected = "; ".join(" + ".join(kind) for kind in _KINDS)
@@ -126,9 +126,9 @@ def _example(record: object, tokenizer: Any, source: str) -> Example:
         context = parts[0] if len(parts) == 2 else ()
         return Example(context + parts[-1], len(context) if len(parts) == 2 else 1, source)
     texts = [record[key] for key in kind]
-    for key, value in zip(kind, texts):
+    for key, value in zip(kind, texts, strict=False):
         if not isinstance(value, str):
-            raise ValueError(f"{source}: {key!r} must be a string, found {type(value).__name__}")  # noqa: TRY004
+            raise ValueError(f"{source}: {key!r} must be a string, found {type(value).__name__}")
     if tokenizer is None:
         raise ValueError(
             f"{source}: {' + '.join(kind)} is text, but there is no tokenizer (the model folder has none); "
@@ -307,7 +307,7 @@ def generate_greedy(
             for batch in batches:
                 input_ids = torch.tensor([encoded[i] for i in batch], dtype=torch.long, device=device)
                 out = generate(model, input_ids, max_new_tokens, eos, pad)
-                for i, row in zip(batch, out[:, input_ids.shape[1] :].tolist()):
+                for i, row in zip(batch, out[:, input_ids.shape[1] :].tolist(), strict=False):
                     stopped = eos is not None and eos in row
                     tokens = tuple(row[: row.index(eos)] if stopped else row)
                     text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else None

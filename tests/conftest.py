@@ -12,7 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-SEED = int(os.environ.get("EXTSUB_TEST_SEED", random.SystemRandom().randrange(2**31)))
+from helpers import SEED
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -1,9 +1,13 @@
 """Shared test helpers: devices and backends, assertions whose failure messages say what differs."""
 
 import os
+import random
 
 import pytest
 import torch
+
+# The run's seed: fresh each run, reproducible with EXTSUB_TEST_SEED (conftest prints it and seeds every test).
+SEED = int(os.environ.get("EXTSUB_TEST_SEED", random.SystemRandom().randrange(2**31)))
 
 # Every device a test may run on; CUDA parameters carry the `gpu` marker (skipped without CUDA).
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]

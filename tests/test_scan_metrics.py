@@ -7,8 +7,6 @@ import warnings
 
 import pytest
 import torch
-import trained_fixtures as tf
-from conftest import DEVICES
 
 from extsub_kernels.scan_metrics import (
     Example,
@@ -19,6 +17,9 @@ from extsub_kernels.scan_metrics import (
     mean_rep_n,
     rep_n,
 )
+
+import trained_fixtures as tf
+from helpers import DEVICES
 
 pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")  # PEFT's prefix path
 peft = pytest.importorskip("peft")
@@ -116,7 +117,7 @@ def test_prompt_completion_scores_only_the_completion(trained, model):
     path = trained.eval_set("keep.jsonl")
     examples = load_examples(path, tokenizer)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    for e, row in zip(examples, rows):
+    for e, row in zip(examples, rows, strict=False):
         assert e.n_scored == len(row["completion"].split())  # one token per word
         assert e.input_ids == tuple(tokenizer(row["prompt"] + row["completion"])["input_ids"])
         assert e.n_context == 1 + len(row["prompt"].split())  # <s> and the prompt's words
@@ -237,7 +238,7 @@ def test_generate_greedy_matches_a_plain_argmax_loop(trained, model, kind):
     batched = generate_greedy(net, tokenizer, prompts, max_new_tokens=9, batch_size=8)
     single = generate_greedy(net, tokenizer, prompts, max_new_tokens=9, batch_size=1)
     assert batched == single
-    for prompt, g in zip(prompts, batched):
+    for prompt, g in zip(prompts, batched, strict=False):
         expected = _reference_greedy(net, tokenizer(prompt)["input_ids"], 9)
         assert (g.token_ids, g.stopped) == expected, prompt
         assert g.prompt == prompt and g.text == tokenizer.decode(g.token_ids)

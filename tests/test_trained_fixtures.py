@@ -5,8 +5,9 @@ import warnings
 
 import pytest
 import torch
-import trained_fixtures as tf
 from safetensors.torch import load_file
+
+import trained_fixtures as tf
 
 pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")  # PEFT's prefix path
 peft = pytest.importorskip("peft")
@@ -32,7 +33,7 @@ def _config(trained, model, peft_type, role="expert") -> dict:
 def _nll(model, lines: list[str], tokenizer) -> float:
     """Mean NLL of the answers' tokens by the model's own loss: one right-padded batch, prompts and padding masked."""
     batch = tf.batch_tensors([tokenizer(line)["input_ids"] for line in lines])
-    for row, line in zip(batch["labels"], lines):
+    for row, line in zip(batch["labels"], lines, strict=False):
         row[: len(tokenizer(tf.split_line(line)[0])["input_ids"])] = -100
     with torch.no_grad():
         return float(model(**batch).loss)

@@ -139,8 +139,13 @@ def make_model(name: str) -> torch.nn.Module:
     torch.manual_seed(SEED + MODELS.index(name))
     if name in ("llama", "llama_gqa"):
         config = transformers.LlamaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=4 if name == "llama" else 2, max_position_embeddings=64, **ids,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4 if name == "llama" else 2,
+            max_position_embeddings=64,
+            **ids,
         )
         return transformers.LlamaForCausalLM(config)
     if name == "gpt2":
@@ -157,25 +162,29 @@ def peft_config(model: str, peft_type: str):
 
     gpt2 = model == "gpt2"
     if peft_type == "lora":
-        targets = ["c_attn", "c_proj", "c_fc"] if gpt2 else [
-            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
-        ]
+        targets = (
+            ["c_attn", "c_proj", "c_fc"]
+            if gpt2
+            else ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        )
         return peft.LoraConfig(
             task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, fan_in_fan_out=gpt2
         )
     if peft_type == "ia3":
         # PEFT's defaults for both: keys, values and the feedforward output layer, whose vector
         # scales its input, (1, in); the others scale outputs, (out, 1).
-        targets, feedforward = (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]) if gpt2 else (
-            ["k_proj", "v_proj", "down_proj"], ["down_proj"]
+        targets, feedforward = (
+            (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]) if gpt2 else (["k_proj", "v_proj", "down_proj"], ["down_proj"])
         )
         return peft.IA3Config(
             task_type="CAUSAL_LM", target_modules=targets, feedforward_modules=feedforward, fan_in_fan_out=gpt2
         )
     if peft_type in ("prefix", "prefix_projection"):
         return peft.PrefixTuningConfig(
-            task_type="CAUSAL_LM", num_virtual_tokens=NUM_VIRTUAL_TOKENS,
-            prefix_projection=peft_type == "prefix_projection", encoder_hidden_size=ENCODER_HIDDEN_SIZE,
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=NUM_VIRTUAL_TOKENS,
+            prefix_projection=peft_type == "prefix_projection",
+            encoder_hidden_size=ENCODER_HIDDEN_SIZE,
         )
     raise ValueError(f"unknown PEFT type {peft_type!r}; expected one of {PEFT_TYPES[:-1]}")
 
@@ -186,7 +195,7 @@ def peft_config(model: str, peft_type: str):
 
 def encode(tokenizer, lines: list[str]) -> list[list[int]]:
     """Token ids of each line: "<s>" + words + "</s>"."""
-    return [ids + [EOS_ID] for ids in tokenizer(lines)["input_ids"]]
+    return [[*ids, EOS_ID] for ids in tokenizer(lines)["input_ids"]]
 
 
 def batch_tensors(seqs: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -331,7 +340,10 @@ def write_eval_sets(folder: Path) -> None:
     for name, task in tasks.items():
         (folder / f"{name}.txt").write_text("".join(line + "\n" for line in task_lines(task, "eval")))
     for name in ("keep", "forget"):
-        rows = [dict(zip(("prompt", "completion"), split_line(line))) for line in task_lines(tasks[name], "eval")]
+        rows = [
+            dict(zip(("prompt", "completion"), split_line(line), strict=False))
+            for line in task_lines(tasks[name], "eval")
+        ]
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     prompts = [split_line(line)[0] for task in tasks.values() for line in task_lines(task, "eval")[:4]]
     (folder / "prompts.txt").write_text("".join(p + "\n" for p in prompts))
@@ -386,8 +398,17 @@ def main(argv: list[str]) -> int:
 
 
 _CONFIG_FIELDS = (
-    "token_dim", "num_attention_heads", "num_layers", "num_virtual_tokens", "num_transformer_submodules",
-    "prefix_projection", "encoder_hidden_size", "target_modules", "feedforward_modules", "fan_in_fan_out", "r",
+    "token_dim",
+    "num_attention_heads",
+    "num_layers",
+    "num_virtual_tokens",
+    "num_transformer_submodules",
+    "prefix_projection",
+    "encoder_hidden_size",
+    "target_modules",
+    "feedforward_modules",
+    "fan_in_fan_out",
+    "r",
     "lora_alpha",
 )
 
