@@ -84,3 +84,12 @@ def test_a_pattern_past_the_budget_is_refused_with_its_name(monkeypatch):
 def test_an_invalid_pattern_is_refused_with_its_field():
     with pytest.raises(AdapterError, match=r"cfg.json: target_modules '\(q_proj' is not a valid regular expression"):
         selects({"target_modules": "(q_proj"}, "q_proj", PatternMatcher("cfg.json"))
+
+
+def test_ia3_feedforward_modules_are_matched_within_the_budget_too(monkeypatch):
+    from extsub_kernels.adapters.ia3 import is_feedforward_module
+
+    monkeypatch.setattr(patterns, "PATTERN_BUDGET_S", 0.05)
+    assert is_feedforward_module(r"([a-z_.0-9]+)+!", "model.layers.0.mlp.down_proj" * 3) is False
+    with pytest.raises(AdapterError, match=r"ia3.json: matching module names against feedforward_modules"):
+        is_feedforward_module(r"(?:.{1,3}){1,40}[!?]", "model.layers.0.mlp.down_proj", PatternMatcher("ia3.json"))
