@@ -94,7 +94,10 @@ SOUND = {
     "task_type": [None, "CAUSAL_LM"],
     "bias": ["none"],
 }
-WHOLE_FILE = ["[]", "5", '"LORA"', "null", "{", "", "\x00\x01", '{"peft_type": "LORA", "r": 2, "r": 3}']
+WHOLE_FILE = [
+    "[]", "5", '"LORA"', "null", "{", "", "\x00\x01", '{"peft_type": "LORA", "r": 2, "r": 3}',
+    "[" * 100_000, '{"peft_type": "LORA", "r": ' + "9" * 5000 + ', "lora_alpha": 8}',
+]  # fmt: skip
 
 
 def _adapter(folder, seed: int, config: dict | str, modules=MODULES):
@@ -206,6 +209,15 @@ def test_a_crafted_config_is_merged_correctly_or_refused_naming_its_file(case, t
         scale = max(float(expected.abs().max()), float(p.abs().max()), lam * float(m.abs().max()), 1e-30)
         error = float((merged.get(name, zero) - expected).abs().max()) / scale
         assert error < 1e-5, f"{name}: relative error {error:.3g}"
+
+
+@pytest.mark.parametrize("text", WHOLE_FILE, ids=[repr(t[:24]) for t in WHOLE_FILE])
+def test_a_config_file_that_is_no_valid_config_is_refused_naming_it(text, tmp_path, anti_adapter):
+    expert = _adapter(tmp_path / "in" / "expert", SEED, text)
+    started = time.monotonic()
+    code, err = _run([expert, anti_adapter, "-o", tmp_path / "out" / "merged", "-q"])
+    _assert_contract(code, err, started, [str(expert / "adapter_config.json")])
+    assert code == 2 and not (tmp_path / "out").exists() and not leftovers(tmp_path)
 
 
 def test_the_generator_varies_every_field_and_the_whole_file():
