@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from extsub_kernels.adapters import AdapterOptions, LoraAdapter, run_adapters
+from extsub_kernels.adapters import AdapterOptions, PeftAdapter, run_adapters
 from extsub_kernels.engine import MergeReport, RunOptions, run_dense
 from extsub_kernels.engine.architecture import full_model_hint
 from extsub_kernels.engine.context import RunContext
@@ -37,10 +37,11 @@ from extsub_kernels.engine.record import report_record, write_json
 from extsub_kernels.errors import InputError
 from extsub_kernels.io import ResolvedInput, check_outputs, is_folder_output, output_paths, resolve_input
 from extsub_kernels.io.atomic import terminate_as_interrupt
-from extsub_kernels.io.outputs import check_report_path
+from extsub_kernels.io.identity import InputSnapshot
+from extsub_kernels.io.outputs import check_report_path, out_path
 from extsub_kernels.io.provenance import fingerprint, pinned_spec
 
-Source = str | os.PathLike | LoraAdapter
+Source = str | os.PathLike | PeftAdapter
 
 
 def merge(
@@ -65,17 +66,18 @@ def merge(
     report: str | os.PathLike | None = None,
     command: str | None = None,
 ) -> MergeReport:
-    """Merge checkpoints or LoRA adapters with Ext-Sub, streamed: θ' = θ⁺ ⊖ θ₁⁻ ⊖ θ₂⁻ ...
+    """Merge checkpoints or PEFT adapters with Ext-Sub, streamed: θ' = θ⁺ ⊖ θ₁⁻ ⊖ θ₂⁻ ...
 
-    Dense inputs stream one block of rows at a time through the op. LoRA adapters (PEFT
-    folders, hub ids of adapters, bare .safetensors files of lora_A/lora_B, or LoraAdapter
-    objects) are detected and merged exactly in the factored space (DESIGN.md §3); their
-    outputs stream one tensor at a time. The inputs are all dense or all adapters (BASE is
-    always a full model).
+    Dense inputs stream one block of rows at a time through the op. PEFT adapters (folders,
+    hub ids of adapters, bare .safetensors files of lora_A/lora_B, or LoraAdapter,
+    IA3Adapter and PrefixAdapter objects) are detected and merged exactly in their own
+    parameter space: LoRA in the factored space (DESIGN.md §3), (IA)³ on the vectors l − 1,
+    prefix-tuning on the per-head key/value rows (§6); their outputs stream one tensor at a
+    time. The inputs are all dense or all adapters of one type (BASE is always a full model).
 
     Args:
         expert: θ⁺: a .safetensors file, a folder of shards, a PEFT adapter folder, a hub id
-            `org/name[@revision]`, or a LoraAdapter already loaded.
+            `org/name[@revision]`, or an adapter already loaded (LoraAdapter, IA3Adapter, PrefixAdapter).
         anti: θ⁻, one or several (applied in order, paper Table 4), same forms as `expert`.
         out: a path ending in .safetensors (one file) or a folder (model.safetensors, or
             shards and an index past `max_shard_size`; adapter outputs are PEFT folders).
@@ -85,8 +87,9 @@ def merge(
             "0.5,1" / "1:0.5". A negative λ is allowed, with a warning.
         method: "ext-sub" (θ⁺ − λ·Ext(θ⁻)), "sub" (θ⁺ − λθ⁻) or "add" (θ⁺ + λθ⁻).
         base: θ₀, a full model. Dense inputs are then full models, ΔW = θ − θ₀, and OUT is θ₀ + ΔW'
-            (a folder OUT gets the expert's config and tokenizer files). With adapter inputs OUT
-            is θ₀ + ΔW' of the merged adapter (a folder OUT gets the base's config files).
+            (a folder OUT gets the expert's config and tokenizer files). With LoRA or (IA)³ inputs OUT
+            is θ₀ with the merged adapter folded in (a folder OUT gets the base's config files);
+            prefix-tuning changes no weight and is refused.
         device: "auto", "cpu", "cuda" or "cuda:N".
         dtype: output dtype of float tensors: "keep" (the inputs'), "float16", "bfloat16",
             "float32" (or the torch dtype). With a base, the copied config.json says it too.
@@ -95,7 +98,7 @@ def merge(
         force: replace an existing OUT (and an existing `report` file).
         progress: show a progress bar (stderr).
         block_bytes: target bytes of a block of rows (memory is a small multiple of it).
-        adapter: options of adapter merges (output format, max_rank, scaling of bare files,
+        adapter: options of adapter merges (output format, max_rank, scaling of bare LoRA files,
             any_base_model); refused with dense inputs.
         transposed: GPT-2 Conv1D-named weights (c_attn, c_proj, c_fc, q_attn) are stored (in, out)
             (True) or (out, in) (False); None decides from config.json, else key names and shapes.
@@ -111,14 +114,18 @@ def merge(
 
     Raises:
         InputError: bad inputs or arguments (nothing is written).
-        MergeError, OSError: a failure while streaming (nothing is left behind).
+        MergeError, OSError: a failure while streaming, or an input that changed during the run
+            (nothing is left behind).
+        KeyboardInterrupt: Ctrl-C (SIGTERM too, as `Terminated`, while the merge runs): nothing
+            is left behind, unless it came while the outputs were being moved into place; then
+            it is raised once all of them are, with the outputs in its `published`.
 
     Example:
         >>> report = merge("expert.safetensors", "anti.safetensors", "out.safetensors", lam=1.0)
         >>> print(report.summary())
     """
     started = time.perf_counter()
-    out = Path(out)
+    out = out_path(out)
     options = _run_options(
         lam,
         len(_sources(expert, anti)) - 1,
@@ -158,6 +165,7 @@ def execute(
     warn_negative_lams(options.settings, options.method)
     adapter.checked_format(base=base is not None)
     inputs, loaded = _resolve_all(sources, base, quiet=not options.progress)
+    snapshot = InputSnapshot(inputs)
     paths = output_paths(out, [lam_label(s) for s in options.settings]) if out is not None else []
     recipe = _recipe(inputs, options, adapter, given)
     context = RunContext.create(
@@ -170,9 +178,7 @@ def execute(
     is_adapter = _adapter_inputs(inputs)
     if not is_adapter and adapter.given():
         role, inp = inputs[0]
-        raise InputError(
-            f"{adapter.given()[0]} applies to LoRA adapter inputs; {role} {inp.spec!r} is a dense checkpoint"
-        )
+        raise InputError(f"{adapter.given()[0]} applies to adapter inputs; {role} {inp.spec!r} is a dense checkpoint")
     if paths:
         check_outputs(paths, inputs, force=options.force)
     report_path = given.get("report")
@@ -182,16 +188,25 @@ def execute(
         warnings.warn(hint, stacklevel=3)
     with terminate_as_interrupt():
         if is_adapter:
-            result = run_adapters(inputs, options, adapter, paths, started=started, loaded=loaded, context=context)
+            result = run_adapters(
+                inputs,
+                options,
+                adapter,
+                paths,
+                started=started,
+                loaded=loaded,
+                context=context,
+                check_inputs=snapshot.check,
+            )
         else:
-            result = run_dense(inputs, options, paths, started=started, context=context)
+            result = run_dense(inputs, options, paths, started=started, context=context, check_inputs=snapshot.check)
     if report_path is not None:
         write_json(report_record(result), report_path)
     return result
 
 
 def _sources(expert: Source, anti: Source | Sequence[Source]) -> list[Source]:
-    sources = [expert, *([anti] if isinstance(anti, (str, os.PathLike, LoraAdapter)) else list(anti))]
+    sources = [expert, *([anti] if isinstance(anti, (str, os.PathLike, PeftAdapter)) else list(anti))]
     if len(sources) < 2:
         raise InputError("give at least one anti-expert")
     return sources
@@ -265,12 +280,12 @@ def _max_shard_size(out: Path, max_shard_size: int | str | None) -> int | None:
 
 def _resolve_all(
     sources: Sequence[Source], base: str | os.PathLike | None, *, quiet: bool
-) -> tuple[list[tuple[str, ResolvedInput]], dict[str, LoraAdapter]]:
+) -> tuple[list[tuple[str, ResolvedInput]], dict[str, PeftAdapter]]:
     """(role, input) pairs for every input (BASE last), and the adapters given as objects, by role."""
     roles = input_roles(len(sources) - 1)
     inputs, loaded = [], {}
     for role, source in zip(roles, sources, strict=True):
-        if isinstance(source, LoraAdapter):
+        if isinstance(source, PeftAdapter):
             loaded[role] = source
             inputs.append((role, ResolvedInput(source.source, source.source, "memory", Path(), (), adapter=True)))
         else:
@@ -281,11 +296,11 @@ def _resolve_all(
 
 
 def _adapter_inputs(inputs: Sequence[tuple[str, ResolvedInput]]) -> bool:
-    """True when EXPERT and ANTI are LoRA adapters, False when dense; mixed inputs and an adapter BASE are refused."""
+    """True when EXPERT and ANTI are PEFT adapters, False when dense; mixed inputs and an adapter BASE are refused."""
     for role, inp in inputs:
         if role == "BASE" and inp.adapter:
             raise InputError(
-                f"BASE {inp.spec!r} is a LoRA adapter; --base takes the full base model θ₀ "
+                f"BASE {inp.spec!r} is a PEFT adapter; --base takes the full base model θ₀ "
                 "(adapters go in EXPERT and ANTI)"
             )
     merged = [(role, inp) for role, inp in inputs if role != "BASE"]
@@ -293,8 +308,8 @@ def _adapter_inputs(inputs: Sequence[tuple[str, ResolvedInput]]) -> bool:
     if adapters and len(adapters) != len(merged):
         (a_role, a), (d_role, d) = adapters[0], next((r, i) for r, i in merged if not i.adapter)
         raise InputError(
-            f"{a_role} {a.spec!r} is a LoRA adapter but {d_role} {d.spec!r} is a dense checkpoint; Ext-Sub combines "
-            "adapters with adapters (exactly, in the factored space) or dense checkpoints with dense checkpoints"
+            f"{a_role} {a.spec!r} is a PEFT adapter but {d_role} {d.spec!r} is a dense checkpoint; Ext-Sub combines "
+            "adapters with adapters (exactly, in their own parameter space) or dense checkpoints with dense checkpoints"
         )
     return bool(adapters)
 

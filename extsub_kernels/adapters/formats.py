@@ -1,4 +1,7 @@
-"""Output formats of a LoRA adapter: the factored PEFT adapter, the authors' dense-lora, dense deltas.
+"""The family's output formats, by `--format` name (`OUTPUT_FORMATS`), and the three of a LoRA adapter.
+
+(IA)³ and prefix-tuning adapters have one format each, their own PEFT folder
+(`ia3.ia3_output`, `prefix.prefix_output`). A LoRA adapter has three:
 
 - `lora`: lora_A/lora_B under PEFT keys plus an adapter_config that makes PEFT apply exactly
   scaling·B·A per module. Every module is written with use_rslora=False and
@@ -19,24 +22,22 @@ memory (small adapters, tests); the iterators yield one module at a time.
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from extsub_kernels._tensors import compute_dtype
-from extsub_kernels.adapters.lora import LoraAdapter, LoraModule
+from extsub_kernels._tensors import all_finite
+from extsub_kernels.adapters.family import config_text
+from extsub_kernels.adapters.ia3 import ia3_key, ia3_output
+from extsub_kernels.adapters.lora import Device, LoraAdapter, LoraModule, module_delta
 from extsub_kernels.adapters.peft import CONFIG_NAME, WEIGHTS_NAME, exact_pattern, peft_key, weight_key
+from extsub_kernels.adapters.prefix import PROMPT_KEY, prefix_output
 from extsub_kernels.engine.outputs import LazyOutput, write_outputs
+from extsub_kernels.errors import InputError
 from extsub_kernels.io import TensorEntry
 from extsub_kernels.io.outputs import refuse_existing
-
-Device = torch.device | str | None
-
-
-def config_text(config: Mapping) -> str:
-    """An adapter_config.json's text, as every adapter output writes it."""
-    return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
 def peft_config(adapter: LoraAdapter, ranks: dict[str, int], alphas: dict[str, float]) -> dict:
@@ -86,41 +87,41 @@ def _alpha(module: LoraModule) -> float | int:
     return int(alpha) if float(alpha).is_integer() else alpha
 
 
-def module_delta(
-    module: LoraModule, *, dtype: torch.dtype | None = None, transposed: bool = False, device: Device = None
-) -> torch.Tensor:
-    """ΔW = scaling·B·A laid out like the base weight: (out, in), or (in, out) when `transposed` (Conv1D).
+def _finite(module: str, key: str, make: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """`make`, checked: an adapter merge's output never holds NaN or ±inf (its inputs are finite: it overflowed)."""
 
-    Computed on `device` (default: where the factors are) in float32, or float64 for float64
-    factors, and rounded once to `dtype` (default: the module's storage dtype). The result
-    stays on `device`: the formats move it to the host, the full model adds it to θ₀ there.
+    def checked() -> torch.Tensor:
+        tensor = make()
+        if not all_finite(tensor):
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise InputError(
+                f"module {module}: {key} overflows {dtype} (ΔW' = s·B·A leaves its range, from the adapters' "
+                "scaling lora_alpha/r, λ or --dtype); nothing was written"
+            )
+        return tensor
 
-    Example:
-        >>> module_delta(LoraModule(torch.ones(1, 3), torch.ones(2, 1), 0.5), transposed=True).shape
-        torch.Size([3, 2])
-    """
-    compute = compute_dtype(module.lora_A.dtype, module.lora_B.dtype)
-    delta = module.delta(compute, device).to(dtype or module.storage_dtype)
-    return delta.T.contiguous() if transposed else delta
+    return checked
 
 
 def _extra_makers(adapter: LoraAdapter) -> list:
     return [(TensorEntry(key, t.dtype, tuple(t.shape)), lambda t=t: t) for key, t in adapter.extra.items()]
 
 
-def lora_output(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> LazyOutput:
+def lora_output(adapter: LoraAdapter, *, dtype: torch.dtype | None = None, device: Device = None) -> LazyOutput:
     """The factored adapter as a PEFT adapter folder; see the module doc.
 
     Args:
         adapter: a loaded or merged adapter; its non-LoRA tensors are included as they are.
         dtype: the dtype of the written factors; None keeps each module's storage dtype.
+        device: unused (the factors are written as they are); every output format takes it.
     """
     makers = []
     for name, module in adapter.modules.items():
         out = dtype or module.storage_dtype
         for part, factor in (("A", module.lora_A), ("B", module.lora_B)):
-            make = lambda f=factor, o=out: f.to(o).contiguous()  # noqa: E731
-            makers.append((TensorEntry(peft_key(name, part), out, tuple(factor.shape)), make))
+            key = peft_key(name, part)
+            make = _finite(name, key, lambda f=factor, o=out: f.to(o).contiguous())
+            makers.append((TensorEntry(key, out, tuple(factor.shape)), make))
     ranks = {name: m.rank for name, m in adapter.modules.items()}
     alphas = {name: _alpha(m) for name, m in adapter.modules.items()}
     config = peft_config(adapter, ranks, alphas)
@@ -144,8 +145,9 @@ def dense_lora_output(adapter: LoraAdapter, *, dtype: torch.dtype | None = None,
         makers.append(
             (TensorEntry(peft_key(name, "A"), out, (n_in, n_in)), lambda n=n_in, o=out: torch.eye(n, dtype=o))
         )
-        make_b = lambda m=module, o=out: module_delta(m, dtype=o, device=device).cpu()  # noqa: E731
-        makers.append((TensorEntry(peft_key(name, "B"), out, (module.out_features, n_in)), make_b))
+        key = peft_key(name, "B")
+        make_b = _finite(name, key, lambda m=module, o=out: module_delta(m, dtype=o, device=device).cpu())
+        makers.append((TensorEntry(key, out, (module.out_features, n_in)), make_b))
     texts = {CONFIG_NAME: config_text(dense_lora_config(adapter))}
     return LazyOutput.lazy(makers + _extra_makers(adapter), texts=texts, weights_name=WEIGHTS_NAME)
 
@@ -178,8 +180,9 @@ def delta_output(
     makers = []
     for name, module in adapter.modules.items():
         shape = (module.in_features, module.out_features) if transposed else (module.out_features, module.in_features)
-        make = lambda m=module: module_delta(m, dtype=dtype, transposed=transposed, device=device).cpu()  # noqa: E731
-        makers.append((TensorEntry(weight_key(name), dtype or module.storage_dtype, shape), make))
+        key = weight_key(name)
+        delta = lambda m=module: module_delta(m, dtype=dtype, transposed=transposed, device=device).cpu()  # noqa: E731
+        makers.append((TensorEntry(key, dtype or module.storage_dtype, shape), _finite(name, key, delta)))
     return LazyOutput.lazy(makers)
 
 
@@ -287,3 +290,31 @@ def _write(target: Path, output: LazyOutput, metadata: Mapping[str, str] | None,
     refuse_existing(target, force=force)
     write_outputs([output], [target], [dict(metadata or {})], force=force)
     return target
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """One `--format`: how an adapter becomes that output, and which output tensors a merged unit becomes.
+
+    Attributes:
+        make: (adapter, *, dtype, device) → the lazy output.
+        keys: a unit's name (module, vector) → the names of the output tensors it is written as.
+    """
+
+    make: Callable[..., LazyOutput]
+    keys: Callable[[str], tuple[str, ...]]
+
+
+def _factor_keys(module: str) -> tuple[str, ...]:
+    return peft_key(module, "A"), peft_key(module, "B")
+
+
+# Every format of the family, by the name `--format` takes (engine.options.FORMATS); each
+# adapter type lists the ones it writes in its `formats`.
+OUTPUT_FORMATS: dict[str, OutputFormat] = {
+    "lora": OutputFormat(lora_output, _factor_keys),
+    "dense-lora": OutputFormat(dense_lora_output, _factor_keys),
+    "delta": OutputFormat(delta_output, lambda module: (weight_key(module),)),
+    "ia3": OutputFormat(ia3_output, lambda module: (ia3_key(module),)),
+    "prefix-tuning": OutputFormat(prefix_output, lambda _unit: (PROMPT_KEY,)),
+}

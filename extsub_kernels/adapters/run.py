@@ -1,28 +1,30 @@
-"""The adapter engine: LoRA adapters in, outputs out (the adapter half of `merge`).
+"""The adapter engine: PEFT adapters of any supported type in, outputs out (the adapter half of `merge`).
 
 Every adapter is loaded and validated before anything is written (PEFT folders, hub
-snapshots, bare .safetensors files with their scaling). The merge runs in the factored space
-once per λ setting (O((out + in)·r²) per module, DESIGN.md §3). Each output is a `LazyOutput`
+snapshots, bare .safetensors files with their config or scaling), and all must be of one PEM
+type. The merge runs in the type's own parameter space once per λ setting (LoRA: factored,
+O((out + in)·r²) per module, DESIGN.md §3; (IA)³ and prefix-tuning: their small tensors in
+float64, §6). Each output is a `LazyOutput` of one of the type's formats (`formats.OUTPUT_FORMATS`)
 streamed through the engine's one write loop one tensor at a time, so no output is ever held
-in memory: a PEFT adapter (`lora`), the paper's dense layout (`dense-lora`), dense deltas
-(`delta`), or, with a base model, the full merged model θ₀ + ΔW' (`full_model`).
+in memory; with a base model it is the full merged model (`full_model`).
 """
 
 import dataclasses
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from extsub_kernels.adapters.formats import delta_output, dense_lora_output, lora_output
+from extsub_kernels.adapters.family import PeftAdapter, check_same_type, merge_adapters
+from extsub_kernels.adapters.formats import OUTPUT_FORMATS
 from extsub_kernels.adapters.full_model import full_model_outputs, match_targets
-from extsub_kernels.adapters.lora import LoraAdapter, MergedAdapter, check_max_rank, merge_adapters
-from extsub_kernels.adapters.peft import CONFIG_NAME, LoraScaling, load_adapter, peft_key, weight_key
+from extsub_kernels.adapters.lora import LoraAdapter, check_max_rank
+from extsub_kernels.adapters.peft import CONFIG_NAME, LoraScaling, load_adapter
 from extsub_kernels.adapters.report import AdapterSection, adapter_items
-from extsub_kernels.adapters.stats import adapter_stats
+from extsub_kernels.adapters.stats import adapter_stats, unit_shapes, units
 from extsub_kernels.engine.architecture import input_config, weight_layout
 from extsub_kernels.engine.context import RunContext
 from extsub_kernels.engine.dryrun import dry_run_report
@@ -34,7 +36,6 @@ from extsub_kernels.engine.report import MergeReport
 from extsub_kernels.engine.transfer import Transfer
 from extsub_kernels.errors import AdapterError, InputError
 from extsub_kernels.io import CheckpointReader, ResolvedInput, is_folder_output
-from extsub_kernels.io.format import DTYPE_CODES
 from extsub_kernels.io.outputs import listed_files
 
 Inputs = Sequence[tuple[str, ResolvedInput]]
@@ -45,8 +46,9 @@ class AdapterOptions:
     """The options only adapter merges have.
 
     Attributes:
-        output_format: "lora" (exact factored PEFT adapter), "dense-lora" (lora_B = ΔW', lora_A = I)
-            or "delta" (ΔW' keyed by base-model weight names); None: "lora" (or the full model with a base).
+        output_format: LoRA: "lora" (exact factored PEFT adapter), "dense-lora" (lora_B = ΔW', lora_A = I)
+            or "delta" (ΔW' keyed by base-model weight names); (IA)³: "ia3"; prefix-tuning: "prefix-tuning".
+            None: the type's own PEFT folder (or the full model with a base).
         max_rank: "lora" only: truncate each module to this rank (SVD in the factored space).
         scaling: the scaling of bare adapter files that have no adapter_config.json.
         any_base_model: accept adapters whose base_model_name_or_path differ (shapes are still checked).
@@ -68,7 +70,7 @@ class AdapterOptions:
         return [flag for is_set, flag in flags if is_set]
 
     def checked_format(self, *, base: bool) -> str:
-        """The output format (default "lora"), after the checks that need no input.
+        """The output format of LoRA inputs (default "lora"), after the checks that need no input.
 
         Raises:
             InputError: an unknown format; a format with a base model (the output is then the
@@ -90,6 +92,26 @@ class AdapterOptions:
                 )
         return self.output_format or "lora"
 
+    def format_for(self, adapter_type: type[PeftAdapter], *, base: bool) -> str:
+        """The output format for adapters of `adapter_type` (default: its first), checked against what it writes.
+
+        Raises:
+            InputError: the checks of `checked_format`; a format of another type; --max-rank
+                with a type that has no rank; --base with a type that cannot fold into weights.
+        """
+        default = self.checked_format(base=base)
+        if base and adapter_type.base_refusal is not None:
+            raise InputError(f"--base with {adapter_type.label} adapters: {adapter_type.base_refusal}")
+        if self.output_format is None:
+            default = adapter_type.formats[0]
+        if default not in adapter_type.formats:
+            formats = ", ".join([f"{adapter_type.formats[0]} (the default)", *adapter_type.formats[1:]])
+            what = f"{adapter_type.label} adapters"
+            raise InputError(f"--format {default} does not apply to {what}; their formats: {formats}")
+        if self.max_rank is not None and default != "lora":
+            raise InputError(f"--max-rank truncates LoRA factors; {adapter_type.label} adapters have no rank")
+        return default
+
 
 def shard_limit(out: Path, output_format: str, options: RunOptions, *, base: bool) -> int | None:
     """Largest shard of an adapter merge's output in bytes, None for one weights file.
@@ -100,18 +122,19 @@ def shard_limit(out: Path, output_format: str, options: RunOptions, *, base: boo
     """
     if not is_folder_output(out):
         if not base and output_format != "delta":
+            hint = ", or --format delta for one .safetensors file" if output_format in LoraAdapter.formats else ""
             raise InputError(
                 f"OUT {out}: the {output_format} format writes a PEFT adapter folder (adapter_model.safetensors and "
-                f"{CONFIG_NAME}); give a folder OUT, or --format delta for one .safetensors file"
+                f"{CONFIG_NAME}); give a folder OUT{hint}"
             )
         return None
     if base or output_format == "delta":
         return options.shard_limit(default=parse_size(DEFAULT_MAX_SHARD_SIZE))
     if options.max_shard_size is None:
         return None
-    if output_format == "lora":
+    if output_format != "dense-lora":
         raise InputError(
-            "a lora adapter is small and PEFT reads it from one adapter_model.safetensors; "
+            f"--format {output_format} writes a small adapter, which PEFT reads from one adapter_model.safetensors; "
             "--max-shard-size applies to dense-lora, delta and --base outputs"
         )
     warnings.warn(
@@ -122,13 +145,13 @@ def shard_limit(out: Path, output_format: str, options: RunOptions, *, base: boo
     return options.max_shard_size
 
 
-def load_inputs(inputs: Inputs, scaling: LoraScaling | None = None) -> list[LoraAdapter]:
+def load_inputs(inputs: Inputs, scaling: LoraScaling | None = None) -> list[PeftAdapter]:
     """Load and validate resolved adapter inputs, in order; each adapter's `source` is its spec.
 
     An adapter with an adapter_config.json (in its folder, or beside a bare file) takes its
-    scaling from it. Weights without one take the explicit `scaling`; without it, loading
-    fails with a message that says so. An explicit scaling that no input needs is refused
-    rather than silently ignored: a config is never overridden.
+    type and scaling from it. LoRA weights without one take the explicit `scaling`; without
+    it, loading fails with a message that says so. An explicit scaling that no input needs is
+    refused rather than silently ignored: a config is never overridden.
 
     Raises:
         AdapterError: a bad adapter (see `load_adapter`), or scaling that is missing or unused.
@@ -156,7 +179,7 @@ def load_inputs(inputs: Inputs, scaling: LoraScaling | None = None) -> list[Lora
 
 
 def merge_setting(
-    adapters: Sequence[LoraAdapter],
+    adapters: Sequence[PeftAdapter],
     lams: Sequence[float],
     method: str,
     *,
@@ -164,8 +187,8 @@ def merge_setting(
     base: bool,
     max_rank: int | None = None,
     any_base_model: bool = False,
-) -> MergedAdapter:
-    """`merge_adapters` for one λ setting, with the non-LoRA tensors handled as the output needs.
+) -> PeftAdapter:
+    """`merge_adapters` for one λ setting, with the non-adapter tensors handled as the output needs.
 
     They are full weights (PEFT's modules_to_save, trained biases). Adapter folders get the
     expert's copied (merge_adapters warns). A `delta` output leaves them out, with a warning:
@@ -192,14 +215,10 @@ def merge_setting(
 
 
 def adapter_output(
-    merged: LoraAdapter, output_format: str, *, dtype: torch.dtype | None = None, device: torch.device | None = None
+    merged: PeftAdapter, output_format: str, *, dtype: torch.dtype | None = None, device: torch.device | None = None
 ) -> LazyOutput:
-    """The lazy output of one adapter merge in `output_format` ("lora", "dense-lora" or "delta")."""
-    if output_format == "lora":
-        return lora_output(merged, dtype=dtype)
-    if output_format == "dense-lora":
-        return dense_lora_output(merged, dtype=dtype, device=device)
-    return delta_output(merged, dtype=dtype, device=device)
+    """The lazy output of one adapter merge in `output_format` (one of the adapter type's `formats`)."""
+    return OUTPUT_FORMATS[output_format].make(merged, dtype=dtype, device=device)
 
 
 def run_adapters(
@@ -209,12 +228,13 @@ def run_adapters(
     paths: Sequence[Path],
     *,
     started: float,
-    loaded: Mapping[str, LoraAdapter] | None = None,
+    loaded: Mapping[str, PeftAdapter] | None = None,
     context: RunContext | None = None,
+    check_inputs: Callable[[], None] | None = None,
 ) -> MergeReport:
     """Merge resolved adapter inputs (and a base model) and write one output per λ setting.
 
-    The adapters are read once; each λ setting is a factored merge; every output streams
+    The adapters are read once; each λ setting is a merge in their own space; every output streams
     through `write_outputs` in one pass (with a base model, each base tensor is read once for
     all outputs). The caller has checked the outputs' paths. `options.mode` "dry-run" stops
     once the outputs are planned; "inspect" returns the statistics and writes nothing.
@@ -227,14 +247,17 @@ def run_adapters(
         started: `time.perf_counter()` at the start of the merge, for the report's seconds.
         loaded: adapters already in memory, by role (their inputs are of kind "memory").
         context: the run's provenance, written into every output and the report.
+        check_inputs: runs before the outputs are published; raises when an input changed during the run.
     """
     base = inputs[-1][1] if inputs[-1][0] == "BASE" else None
     adapter_inputs = [(role, inp) for role, inp in inputs if role != "BASE"]
     roles = [role for role, _ in adapter_inputs]
-    output_format = adapter_options.checked_format(base=base is not None)
-    limit = shard_limit(paths[0], output_format, options, base=base is not None) if paths else None
+    adapter_options.checked_format(base=base is not None)
     adapters = _adapters(adapter_inputs, loaded or {}, adapter_options.scaling)
-    check_common_modules(adapters, adapter_inputs)
+    check_same_type(adapters[0], adapters[1:])
+    check_common_units(adapters, adapter_inputs)
+    output_format = adapter_options.format_for(type(adapters[0]), base=base is not None)
+    limit = shard_limit(paths[0], output_format, options, base=base is not None) if paths else None
     bytes_read = sum(f.stat().st_size for _, inp in adapter_inputs for f in inp.files)
     merged = [
         merge_setting(
@@ -250,12 +273,13 @@ def run_adapters(
     ]
     report = merged[0].report
     gather = options.stats or options.mode == "inspect"
+    shapes = {name: shape for adapter in [*adapters[::-1], merged[0]] for name, shape in unit_shapes(adapter).items()}
     facts = dict(
         device=str(options.device),
         skipped=0,
         method=options.method,
         settings=options.settings,
-        items=tuple(adapter_items(report, _module_shapes(merged[0], adapters), roles)),
+        items=tuple(adapter_items(report, shapes, roles)),
         stats=tuple(adapter_stats(adapters, merged, report.merged, roles)) if gather else (),
         context=context,
         adapter=AdapterSection(tuple(m.report for m in merged)),
@@ -277,18 +301,16 @@ def run_adapters(
     transfer = Transfer(options.device)
     transfer.reset_peak()
     metadata = run_metadata(inputs, options, None if base else output_format, context)
-    writing = dict(max_shard_size=limit, force=options.force, progress=options.progress)
+    writing = dict(max_shard_size=limit, force=options.force, progress=options.progress, check_inputs=check_inputs)
     folder = is_folder_output(paths[0])
-    if base is None:
-        dtype, device = options.out_dtype, options.device
-        outputs = [adapter_output(m, output_format, dtype=dtype, device=device) for m in merged]
-        kind = adapter_kind(output_format, adapters[0])
-        computed = _computed_names(merged[0], output_format) & {e.name for e in outputs[0].entries}
-        reader = None
-    else:
-        reader = CheckpointReader(base.files, label="BASE")
+    reader = CheckpointReader(base.files, label="BASE") if base is not None else None
     try:
-        if reader is not None:
+        if reader is None:
+            dtype, device = options.out_dtype, options.device
+            outputs = [adapter_output(m, output_format, dtype=dtype, device=device) for m in merged]
+            kind = adapter_kind(output_format, adapters[0])
+            computed = _computed_names(merged[0], output_format) & {e.name for e in outputs[0].entries}
+        else:
             layout = weight_layout(
                 [("BASE", input_config(base))],
                 {k: reader.info(k).shape for k in reader},
@@ -297,9 +319,8 @@ def run_adapters(
             )
             facts["layout"] = layout.reason
             targets = match_targets(
-                merged[0].modules,
+                merged[0],
                 reader,
-                fan_in_fan_out=merged[0].fan_in_fan_out,
                 conv1d=layout.rule,
                 expert_extra=adapters[0].extra,
                 anti_extras=[a.extra for a in adapters[1:]],
@@ -355,13 +376,19 @@ def run_adapters(
     )
 
 
-def adapter_kind(output_format: str, expert: LoraAdapter) -> OutputKind:
-    """What an adapter output is, for its model card."""
-    what = {
-        "lora": "a PEFT LoRA adapter (rank r⁺ + r⁻ per module, exact)",
-        "dense-lora": "a PEFT LoRA adapter in the paper's dense layout (lora_B = ΔW', lora_A = I)",
-        "delta": "ΔW' per module, keyed and laid out like the base model's weights (add them to it)",
-    }[output_format]
+# What each output format is, for its model card (formats of every PEM type).
+FORMAT_WHAT = {
+    "lora": "a PEFT LoRA adapter (rank r⁺ + r⁻ per module, exact)",
+    "dense-lora": "a PEFT LoRA adapter in the paper's dense layout (lora_B = ΔW', lora_A = I)",
+    "delta": "ΔW' per module, keyed and laid out like the base model's weights (add them to it)",
+    "ia3": "a PEFT (IA)³ adapter",
+    "prefix-tuning": "a PEFT prefix-tuning adapter",
+}
+
+
+def adapter_kind(output_format: str, expert: PeftAdapter) -> OutputKind:
+    """What an adapter output is, for its model card: every format but delta is a folder PEFT loads."""
+    what = FORMAT_WHAT.get(output_format, f"a {output_format} adapter")
     library = "peft" if output_format != "delta" else None
     return OutputKind(what, library, expert.base_model_name_or_path)
 
@@ -379,38 +406,29 @@ def _with_notes(
     return [dataclasses.replace(o, texts={**o.texts, **n}) for o, n in zip(outputs, notes, strict=True)]
 
 
-def _module_shapes(merged: LoraAdapter, adapters: Sequence[LoraAdapter]) -> dict[str, tuple[tuple[int, ...], str]]:
-    """(out, in) of ΔW and the dtype written, per module of any input."""
-    shapes = {}
-    for adapter in [*adapters[::-1], merged]:
-        for name, m in adapter.modules.items():
-            shapes[name] = ((m.out_features, m.in_features), DTYPE_CODES[m.storage_dtype])
-    return shapes
-
-
-def check_common_modules(adapters: Sequence[LoraAdapter], inputs: Inputs) -> None:
+def check_common_units(adapters: Sequence[PeftAdapter], inputs: Inputs) -> None:
     """Raise an InputError when no anti-expert shares a module with the expert: nothing would be merged."""
-    expert = adapters[0]
-    if any(name in anti.modules for anti in adapters[1:] for name in expert.modules):
+    expert = units(adapters[0])
+    antis = [units(a) for a in adapters[1:]]
+    if any(name in anti for anti in antis for name in expert):
         return
     (e_role, e_inp), (a_role, a_inp) = inputs[0], inputs[1]
-    antis = sorted({name for anti in adapters[1:] for name in anti.modules})
+    others = sorted({name for anti in antis for name in anti})
+    kind = adapters[0].unit
     raise InputError(
-        f"no LoRA module is in both {e_role} ({e_inp.spec}) and the anti-expert(s): {e_role} adapts e.g. "
-        f"{next(iter(expert.modules))}, {a_role} ({a_inp.spec}) adapts e.g. {antis[0] if antis else 'nothing'}; "
+        f"no {adapters[0].label} {kind} is in both {e_role} ({e_inp.spec}) and the anti-expert(s): {e_role} has e.g. "
+        f"{next(iter(expert), 'nothing')}, {a_role} ({a_inp.spec}) has e.g. {others[0] if others else 'nothing'}; "
         "there is nothing to merge (are they adapters of the same model and target modules?)"
     )
 
 
-def _adapters(inputs: Inputs, loaded: Mapping[str, LoraAdapter], scaling: LoraScaling | None) -> list[LoraAdapter]:
+def _adapters(inputs: Inputs, loaded: Mapping[str, PeftAdapter], scaling: LoraScaling | None) -> list[PeftAdapter]:
     """The adapters in order: those given in memory, the others loaded from their resolved inputs."""
     fresh = iter(load_inputs([(role, inp) for role, inp in inputs if role not in loaded], scaling))
     return [loaded[role] if role in loaded else next(fresh) for role, _ in inputs]
 
 
-def _computed_names(merged: MergedAdapter, output_format: str) -> set[str]:
+def _computed_names(merged: PeftAdapter, output_format: str) -> set[str]:
     """Output tensors of an adapter output that the merge computed (the rest are the expert's, copied)."""
-    modules = [*merged.report.merged, *merged.report.added]
-    if output_format == "delta":
-        return {weight_key(m) for m in modules}
-    return {peft_key(m, part) for m in modules for part in "AB"}
+    units = [*merged.report.merged, *merged.report.added]
+    return {key for unit in units for key in OUTPUT_FORMATS[output_format].keys(unit)}

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from extsub_kernels._version import __version__
-from extsub_kernels.cli.common import EXIT_OK, guarded, run_command, shown_warnings
+from extsub_kernels.cli.common import EXIT_OK, guarded, run_command, say, shown_warnings
 
 PROG = "extsub-inspect"
 EPILOG = f"""\
@@ -80,7 +80,7 @@ def _main(argv: Sequence[str] | None) -> int:
     with shown_warnings(PROG, quiet=args.quiet):
         code, report = guarded(PROG, lambda: _inspect(args, shlex.join([PROG, *argv])), "inspection")
     if code == EXIT_OK and not args.quiet:
-        print(f"{PROG}: {report.summary()}", file=sys.stderr)
+        say(f"{PROG}: {report.summary()}")
     return code
 
 
@@ -115,7 +115,7 @@ def _inspect(args: argparse.Namespace, command: str) -> object:
     else:
         for path in write_inspection(report, args.out, force=args.force):
             if not args.quiet:
-                print(f"{PROG}: wrote {path}", file=sys.stderr)
+                say(f"{PROG}: wrote {path}")
     return report
 
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from extsub_kernels._version import __version__
-from extsub_kernels.cli.common import EXIT_OK, guarded, run_command, shown_warnings
+from extsub_kernels.cli.common import EXIT_OK, guarded, run_command, say, shown_warnings
 
 PROG = "extsub-merge"
 METHOD_HELP = "ext-sub: θ⁺ − λ·Ext(θ⁻) (default); sub: θ⁺ − λθ⁻; add: θ⁺ + λθ⁻"
@@ -36,10 +36,11 @@ inputs (EXPERT, ANTI, --base):
   in it); or a Hugging Face repo id org/name[@revision] (safetensors, json and tokenizer files
   only; from the cache when HF_HUB_OFFLINE=1). Pickle checkpoints (.bin .pt .pth .ckpt) are refused.
 
-LoRA adapters (EXPERT and ANTI; all adapters or all dense, never mixed):
-  PEFT adapter folders, hub ids of adapters, and bare .safetensors files of lora_A/lora_B are
-  detected and merged exactly without forming ΔW. A bare file takes its scaling from the
-  adapter_config.json beside it, or from --lora-alpha (and --rank, --rslora).
+PEFT adapters (EXPERT and ANTI; all adapters of one type or all dense, never mixed):
+  PEFT adapter folders, hub ids of adapters, and bare .safetensors files of adapter weights are
+  detected by their keys and adapter_config.json (peft_type) and merged exactly in their own space.
+  LoRA: without forming ΔW. A bare file takes its scaling from the adapter_config.json beside it,
+  or from --lora-alpha (and --rank, --rslora).
   --format lora        (default) a PEFT adapter folder of rank r⁺ + r⁻ per module, exact;
                        --max-rank R truncates it (SVD in the factored space, error reported)
   --format dense-lora  the paper's layout: lora_B = ΔW', lora_A = I (one adapter_model.safetensors;
@@ -47,12 +48,16 @@ LoRA adapters (EXPERT and ANTI; all adapters or all dense, never mixed):
   --format delta       ΔW' keyed by the base model's weight names (a .safetensors file or a folder)
   --base MODEL         the full model θ₀ + ΔW' instead (config and tokenizer files from MODEL);
                        the adapters' modules_to_save merge as full weights against θ₀
+  (IA)³: on the task vectors d = l − 1, each ia3_l vector one row: l' = 1 + d⁺ − λ·Ext(d⁻); written
+  as an (IA)³ adapter folder (--format ia3, the only one); --base folds l' into MODEL's weights.
+  prefix-tuning: on prompt_embeddings itself, one row per token, layer, key/value and head (geometry
+  from adapter_config.json); written as a prefix-tuning folder; --base is refused (no weight changes).
 
 outputs:
   OUT ending in .safetensors is one file; any other OUT is a folder (model.safetensors, or shards
   and model.safetensors.index.json past --max-shard-size). With --base a folder OUT also gets the
-  expert's config, generation and tokenizer files (LoRA inputs: the base's). LoRA adapter outputs
-  (--format lora, dense-lora) are folders: adapter_model.safetensors and adapter_config.json.
+  expert's config, generation and tokenizer files (adapter inputs: the base's). Adapter outputs
+  (every format but delta) are folders: adapter_model.safetensors and adapter_config.json.
   Every folder OUT gets a model card (README.md) and its recipe (extsub_recipe.yaml); every
   weights file's __metadata__ records the version, the command, the inputs' commits and hashes.
 
@@ -86,6 +91,7 @@ examples:
   {PROG} org/expert org/anti --base org/base -o merged-model/ --lam 0.5,1,2 --device cuda
   {PROG} expert_adapter/ anti_adapter/ -o merged_adapter/ --lam 1.0
   {PROG} expert_adapter/ anti_adapter/ --base org/base -o merged-model/
+  {PROG} ia3_expert/ ia3_anti/ -o ia3_merged/ --lam 0.6 --method sub
   {PROG} --config merged/extsub_recipe.yaml -o merged-again/
 
 exit codes:
@@ -93,7 +99,10 @@ exit codes:
   1    failure during the merge (an input changed underneath, a write failed, ...)
   2    bad usage or bad input (unreadable or broken file, mismatched tensors, NaN/Inf, unsafe OUT)
   130  interrupted (Ctrl-C); 143 terminated (SIGTERM)
-  In every case but 0, nothing is left at OUT and the inputs are untouched.
+  In every case but 0, nothing is left at OUT and the inputs are untouched, except a Ctrl-C or
+  SIGTERM that came while the outputs were moved into place: it waits until all of them are,
+  and the message names them (each complete). OUT is never left half-written, even after
+  SIGKILL; the next run into the same folder cleans up what a killed run left there.
 """
 
 
@@ -104,9 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         usage=f"{PROG} EXPERT ANTI [ANTI ...] -o OUT [options]\n       {PROG} --config recipe.yaml [-o OUT] [options]",
-        description="Ext-Sub merge of checkpoints and LoRA adapters, streamed tensor by tensor: θ' = θ⁺ − λ·Ext(θ⁻)\n"
-        "(Extraction-before-Subtraction, AAAI 2024). Memory stays a small multiple of one block\n"
-        "of rows, whatever the model's size; OUT appears whole or not at all.",
+        description="Ext-Sub merge of checkpoints and PEFT adapters (LoRA, (IA)³, prefix-tuning), streamed tensor\n"
+        "by tensor: θ' = θ⁺ − λ·Ext(θ⁻) (Extraction-before-Subtraction, AAAI 2024). Memory stays a small\n"
+        "multiple of one block of rows, whatever the model's size; OUT appears whole or not at all.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
@@ -125,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--base",
         metavar="BASE",
-        help="θ₀: inputs are full models (merge ΔW = θ − θ₀), or LoRA adapters of BASE; write θ₀ + ΔW'",
+        help="θ₀: inputs are full models (merge ΔW = θ − θ₀), or LoRA / (IA)³ adapters of BASE; write the full model",
     )
     add("--device", help="auto (CUDA when available; default), cpu, cuda or cuda:N")
     add("--dtype", choices=list(OUT_DTYPES), help="dtype of float tensors in OUT (default keep: the inputs')")
@@ -145,11 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPT-2 Conv1D-named weights (c_attn, c_proj, c_fc) are stored (in, out) / are not "
         "(default: from config.json, else key names and shapes)",
     )
-    lora = parser.add_argument_group("LoRA adapter inputs")
+    lora = parser.add_argument_group("adapter inputs")
     lora.add_argument(
         "--format",
         choices=FORMATS,
-        help="lora (default: exact PEFT adapter), dense-lora (lora_B = ΔW', lora_A = I), delta (ΔW' by weight name)",
+        help="LoRA: lora (default: exact PEFT adapter), dense-lora (lora_B = ΔW', lora_A = I), delta (ΔW' by "
+        "weight name); (IA)³: ia3; prefix-tuning: prefix-tuning (each the default of its type)",
     )
     lora.add_argument("--max-rank", type=int, metavar="R", help="--format lora: truncate each module to rank R")
     lora.add_argument(
@@ -199,10 +209,10 @@ def _main(argv: Sequence[str] | None) -> int:
         return code
     if report.mode == "dry-run":
         for line in report.details() + report.file_lines():
-            print(f"  {line}", file=sys.stderr)
-    print(f"{PROG}: {report.summary()}", file=sys.stderr)
+            say(f"  {line}")
+    say(f"{PROG}: {report.summary()}")
     for line in report.details() if values["verbose"] and report.mode != "dry-run" else []:
-        print(f"  {line}", file=sys.stderr)
+        say(f"  {line}")
     return code
 
 

@@ -50,19 +50,31 @@ def output_metadata(
         "format": "pt",
         "extsub.method": method,
         "extsub.lam": json.dumps(list(setting)),
-        "extsub.expert": expert,
-        "extsub.anti": json.dumps(list(antis)),
+        "extsub.expert": printable(expert),
+        "extsub.anti": json.dumps([printable(a) for a in antis]),
         "extsub.version": __version__,
     }
     if base is not None:
-        meta["extsub.base"] = base
+        meta["extsub.base"] = printable(base)
     if output_format is not None:
         meta["extsub.format"] = output_format
     if context is not None:
-        meta["extsub.command"] = context.command
-        meta["extsub.inputs"] = json.dumps([_input_note(record) for record in context.inputs], separators=(",", ":"))
-        meta["extsub.recipe"] = recipe_text(context.recipe, setting)
+        meta["extsub.command"] = printable(context.command)
+        notes = [_input_note(record) for record in context.inputs]
+        meta["extsub.inputs"] = printable(json.dumps(notes, separators=(",", ":"), ensure_ascii=False))
+        meta["extsub.recipe"] = printable(recipe_text(context.recipe, setting))
     return meta
+
+
+def printable(name: str) -> str:
+    """Text a header or a text file can hold: bytes that are not UTF-8 (kept by Python as lone surrogates, as in
+    file names) as \\xNN.
+
+    Example:
+        >>> printable("caf\\udce9.safetensors")
+        'caf\\\\xe9.safetensors'
+    """
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _input_note(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -133,7 +145,7 @@ def output_texts(
         files = {CARD_NAME: model_card(facts), RECIPE_NAME: recipe_text(context.recipe, setting)}
         if kind.config is not None:
             files[MODEL_CONFIG] = noted_config(kind.config, options.out_dtype, options.method, setting)
-        texts.append(files)
+        texts.append({name: printable(text) for name, text in files.items()})
     return texts
 
 

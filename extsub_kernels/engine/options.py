@@ -16,7 +16,8 @@ from extsub_kernels.errors import InputError
 
 Method = Literal["ext-sub", "sub", "add"]
 METHODS: tuple[str, ...] = get_args(Method)
-OutputFormat = Literal["lora", "dense-lora", "delta"]
+# Adapter outputs: LoRA writes lora, dense-lora or delta; (IA)³ and prefix-tuning their own PEFT folder.
+OutputFormat = Literal["lora", "dense-lora", "delta", "ia3", "prefix-tuning"]
 FORMATS: tuple[str, ...] = get_args(OutputFormat)
 OnMissing = Literal["error", "copy", "skip"]
 ON_MISSING: tuple[str, ...] = get_args(OnMissing)
@@ -33,6 +34,8 @@ DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in OUT_DTYPES
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 CPU = torch.device("cpu")
 DEFAULT_BLOCK_BYTES = 32 << 20
+# The op computes in float32 (float64 for float64 weights): a λ past float32's range cannot be used.
+MAX_LAM = float(torch.finfo(torch.float32).max)
 
 # λ as the Python API takes it: a number, a list (one output each), per-anti-expert lists, or the CLI string.
 Lam = float | str | Sequence[float | Sequence[float]]
@@ -72,6 +75,10 @@ def lam_value(value: object) -> float:
         raise InputError(f"λ must be a number, got {value!r}") from None
     if not math.isfinite(x):
         raise InputError(f"λ must be a finite number, got {value!r}")
+    if abs(x) > MAX_LAM:
+        raise InputError(
+            f"λ {value!r} is out of range: |λ| must be at most {MAX_LAM:.4g} (float32, the precision of the op)"
+        )
     return x
 
 

@@ -19,7 +19,7 @@ from extsub_kernels.io.provenance import display_path
 _SHOWN = 10  # keys listed in an error before "... and N more"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorJob:
     """What the merge does with one output tensor.
 
@@ -74,21 +74,28 @@ def plan_tensors(
     base = readers[1 + n_anti] if has_base else None
     base_index = 1 + n_anti if has_base else None
     jobs, shared = [], [0] * n_anti
-    for name in expert:
-        info = expert.info(name)
-        with_key = [k for k in range(1, n_anti + 1) if name in readers[k]]
-        for k in with_key:
-            _check_match(info, readers[k].info(name), f"EXPERT ({where(info)})", _role(readers[k], name, where))
-            shared[k - 1] += 1
-        dtype = out_dtype if out_dtype is not None and is_float(info.dtype) else info.dtype
-        merged = tuple(with_key) if is_float(info.dtype) else ()
+    anti_tensors = [(k, readers[k].tensors) for k in range(1, n_anti + 1)]
+    for name, info in expert.tensors.items():
+        with_key = []
+        for k, tensors in anti_tensors:
+            other = tensors.get(name)
+            if other is not None:
+                if other.shape != info.shape or other.dtype != info.dtype:
+                    _check_match(info, other, f"EXPERT ({where(info)})", _role(readers[k], name, where))
+                with_key.append(k)
+                shared[k - 1] += 1
+        floating = is_float(info.dtype)
+        dtype = out_dtype if out_dtype is not None and floating else info.dtype
+        merged = tuple(with_key) if floating else ()
         if merged and base is not None:
             if name not in base:
                 raise InputError(
                     f"tensor {name!r} is in EXPERT and {readers[merged[0]].label} but not in BASE; "
                     "ΔW = θ − θ₀ needs it in all three (are they the same architecture?)"
                 )
-            _check_match(info, base.info(name), f"EXPERT ({where(info)})", _role(base, name, where))
+            other = base.info(name)
+            if other.shape != info.shape or other.dtype != info.dtype:
+                _check_match(info, other, f"EXPERT ({where(info)})", _role(base, name, where))
         flip = bool(merged) and transposed(name, info.shape)
         jobs.append(TensorJob(name, info.shape, dtype, 0, merged, base_index if merged else None, flip))
     for k, count in enumerate(shared, start=1):
@@ -170,7 +177,7 @@ def _anti_only(
     return jobs, []
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Block:
     """Rows [start, stop) of one tensor: the unit read, computed and written at a time."""
 
