@@ -128,7 +128,7 @@ def merge(
     out = out_path(out)
     options = _run_options(
         lam,
-        len(_sources(expert, anti)) - 1,
+        len(source_list(expert, anti)) - 1,
         method=method,
         device=device,
         dtype=dtype,
@@ -161,7 +161,7 @@ def execute(
     `out` is None for statistics only (options.mode "inspect"). `given` holds options as the
     caller spelled them (dtype, max_shard_size, report, ...) for the recipe and the record.
     """
-    sources = _sources(expert, anti)
+    sources = source_list(expert, anti)
     warn_negative_lams(options.settings, options.method)
     adapter.checked_format(base=base is not None)
     inputs, loaded = _resolve_all(sources, base, quiet=not options.progress)
@@ -205,7 +205,8 @@ def execute(
     return result
 
 
-def _sources(expert: Source, anti: Source | Sequence[Source]) -> list[Source]:
+def source_list(expert: Source, anti: Source | Sequence[Source]) -> list[Source]:
+    """[expert, anti-expert, ...] from the forms `merge()` takes (one anti-expert, or a sequence of them)."""
     sources = [expert, *([anti] if isinstance(anti, (str, os.PathLike, PeftAdapter)) else list(anti))]
     if len(sources) < 2:
         raise InputError("give at least one anti-expert")

@@ -1,11 +1,13 @@
-"""Row statistics of LoRA merges from the factors (never ΔW), against the dense ΔW in float64."""
+"""Row statistics of adapter merges from each type's parameters: LoRA from the factors (never ΔW), (IA)³ vectors and
+prefix rows directly, each against a float64 computation on the dense rows."""
 
 import math
 
 import pytest
 import torch
 
-from extsub_kernels import LoraAdapter, LoraModule, ext_sub_reference, merge_adapters
+from extsub_kernels import IA3Adapter, LoraAdapter, LoraModule, PrefixAdapter, ext_sub_reference, merge_adapters
+from extsub_kernels.adapters.prefix import PROMPT_KEY
 from extsub_kernels.adapters.stats import adapter_stats, change_sq, row_sums
 from extsub_kernels.engine.stats import pair_stats
 
@@ -90,3 +92,30 @@ def test_adapter_stats_cover_merged_modules_per_anti_expert_and_per_lambda():
 def test_a_module_type_without_a_hook_is_named():
     with pytest.raises(TypeError, match="no row statistics for str and str modules"):
         row_sums("a", "b")
+
+
+def test_ia3_vectors_are_one_row_each_of_their_task_vector():
+    expert = IA3Adapter({"k": 1 + 0.3 * torch.randn(8, 1, dtype=torch.float64), "v": torch.ones(8, 1)})
+    anti = IA3Adapter({"k": 1 + 0.3 * torch.randn(8, 1, dtype=torch.float64), "v": 1 + torch.randn(8, 1)})
+    merged = [merge_adapters(expert, anti, lam) for lam in (0.5, 2.0)]
+    stats = {s.name: s for s in adapter_stats([expert, anti], merged, ["k", "v"], ["EXPERT", "ANTI"])}
+    d_plus, d_minus = expert.vectors["k"].reshape(1, -1) - 1, anti.vectors["k"].reshape(1, -1) - 1
+    cos = float((d_plus * d_minus).sum() / (d_plus.norm() * d_minus.norm()))
+    assert stats["k"].pairs[0].rows == 1 and stats["k"].pairs[0].cos.mean == pytest.approx(cos, rel=1e-12)
+    for s, lam in enumerate((0.5, 2.0)):  # Algorithm 1 in float64 on the task vectors (reference.py)
+        expected = float((ext_sub_reference(d_plus, d_minus, lam) - d_plus).norm() / d_plus.norm())
+        assert stats["k"].relative_change[s] == pytest.approx(expected, rel=1e-9)
+    assert stats["v"].pairs[0].zero_expert_rows == 1, "l = 1 is a zero task vector"
+
+
+def test_prefix_rows_are_the_per_head_vectors():
+    tensors = [torch.randn(3, 2 * 2 * 16, dtype=torch.float64) for _ in range(2)]
+    adapters = [PrefixAdapter(t, 3, 2, 16, 4) for t in tensors]
+    merged = [merge_adapters(adapters[0], adapters[1], 0.7)]
+    (stats,) = adapter_stats(adapters, merged, [PROMPT_KEY], ["EXPERT", "ANTI"])
+    p, m = adapters[0].rows(), adapters[1].rows()
+    expected = pair_stats(torch.stack([(p * p).sum(1), (m * m).sum(1), (p * m).sum(1)], dim=1), "ANTI")
+    assert stats.pairs[0].rows == 3 * 2 * 2 * 4 == expected.rows
+    assert stats.pairs[0].cos.median == pytest.approx(expected.cos.median, abs=2.0**-24)
+    change = float((merged[0].rows() - p).norm() / p.norm())
+    assert stats.relative_change[0] == pytest.approx(change, rel=1e-12)

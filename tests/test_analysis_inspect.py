@@ -5,8 +5,9 @@ import json
 import struct
 
 import pytest
+import torch
 
-from extsub_kernels import merge
+from extsub_kernels import IA3Adapter, merge
 from extsub_kernels.analysis import inspect
 from extsub_kernels.analysis.plot import DPI, HEIGHT_IN, WIDTH_IN
 from extsub_kernels.cli import EXIT_BAD_INPUT
@@ -100,3 +101,17 @@ def test_existing_reports_are_kept_without_force(tmp_path, inputs, capsys):
     assert [p.name for p in (tmp_path / "insp").iterdir()] == ["report.md"]
     assert main([str(e), str(a), "-o", str(tmp_path / "insp"), "--force", "-q"]) == 0
     assert (tmp_path / "insp" / "report.md").read_text() != "mine"
+
+
+def test_adapters_given_as_objects_of_any_type_are_inspected():
+    def ia3(seed: int) -> IA3Adapter:
+        generator = torch.Generator().manual_seed(seed)
+        vectors = {
+            f"model.layers.{i}.self_attn.k_proj": 1 + 0.3 * torch.randn(8, 1, generator=generator) for i in range(2)
+        }
+        return IA3Adapter(vectors, source=f"ia3-{seed}")
+
+    report = inspect(ia3(1), [ia3(2)], lam="0.5,1")
+    assert report.mode == "inspect" and [s.name for s in report.stats] == list(ia3(1).vectors)
+    assert all(s.pairs[0].rows == 1 and len(s.relative_change) == 2 for s in report.stats)
+    assert report.summary().startswith("inspected 2 vectors | read 0 B")

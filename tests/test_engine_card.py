@@ -41,7 +41,7 @@ def test_a_lora_adapter_card_says_peft_and_names_the_base_model(tmp_path, llama)
     merge(paths["expert"], paths["anti"], tmp_path / "adapter", lam=1.0)
     front, body = _card(tmp_path / "adapter")
     expert_config = json.loads((Path(paths["expert"]) / "adapter_config.json").read_text())
-    assert front["library_name"] == "peft" and front["tags"] == ["extsub", "merge", "ext-sub", "lora", "peft"]
+    assert front["library_name"] == "peft" and front["tags"] == ["extsub", "merge", "ext-sub", "peft", "lora"]
     assert front.get("base_model") == (expert_config["base_model_name_or_path"] or None)
     assert "A PEFT LoRA adapter (rank r⁺ + r⁻ per module, exact), made with" in body and "| self_attn.q_proj |" in body
     assert {p.name for p in (tmp_path / "adapter").iterdir()} == {

@@ -386,11 +386,17 @@ FORMAT_WHAT = {
 }
 
 
+# The model-card tag of each PEM type, as the Hugging Face hub spells them.
+PEM_TAGS = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix-tuning"}
+
+
 def adapter_kind(output_format: str, expert: PeftAdapter) -> OutputKind:
     """What an adapter output is, for its model card: every format but delta is a folder PEFT loads."""
     what = FORMAT_WHAT.get(output_format, f"a {output_format} adapter")
-    library = "peft" if output_format != "delta" else None
-    return OutputKind(what, library, expert.base_model_name_or_path)
+    pem = PEM_TAGS.get(expert.peft_type, expert.peft_type.lower())
+    if output_format == "delta":
+        return OutputKind(what, None, expert.base_model_name_or_path, tags=(pem,))
+    return OutputKind(what, "peft", expert.base_model_name_or_path, tags=("peft", pem))
 
 
 def _with_notes(

@@ -22,7 +22,7 @@ from extsub_kernels.engine.record import json_text, report_record
 from extsub_kernels.errors import InputError
 from extsub_kernels.io.atomic import publish, remove, reserve_temp, write_text
 from extsub_kernels.io.outputs import refuse_existing
-from extsub_kernels.merge import Source, execute
+from extsub_kernels.merge import Source, execute, source_list
 
 JSON_NAME, MARKDOWN_NAME = "report.json", "report.md"
 
@@ -62,9 +62,8 @@ def inspect(
         >>> report.stats[0].pairs[0].cos.median  # doctest: +SKIP
     """
     started = time.perf_counter()
-    sources = [anti] if isinstance(anti, (str, os.PathLike)) else list(anti)
     options = RunOptions(
-        settings=tuple(parse_lams(lam, len(sources))),
+        settings=tuple(parse_lams(lam, len(source_list(expert, anti)) - 1)),
         method=method,
         device=resolve_device(device),
         progress=progress,

@@ -42,6 +42,7 @@ class CardFacts:
         base_model: the base model's hub id or name, when known.
         what: a few words on the output ("a PEFT LoRA adapter", "the full model θ₀ + ΔW'").
         table: the Markdown summary table (empty without statistics).
+        tags: tags beside extsub, merge and the method ("peft", "lora", ...).
     """
 
     title: str
@@ -53,6 +54,7 @@ class CardFacts:
     base_model: str | None
     what: str
     table: str
+    tags: tuple[str, ...] = ()
 
 
 def model_card(facts: CardFacts) -> str:
@@ -66,7 +68,7 @@ def model_card(facts: CardFacts) -> str:
     """
     front = {"base_model": facts.base_model, "library_name": facts.library_name}
     front = {key: value for key, value in front.items() if value is not None}
-    front["tags"] = ["extsub", "merge", facts.method] + (["lora", "peft"] if facts.library_name == "peft" else [])
+    front["tags"] = ["extsub", "merge", facts.method, *facts.tags]
     lam = ", ".join(f"{x:g}" for x in facts.setting)
     lines = [
         "---",

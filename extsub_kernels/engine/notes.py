@@ -108,12 +108,14 @@ class OutputKind:
         library_name: "peft", "transformers", or None when no library loads it as it is.
         base_model: the base model's hub id or name, when known.
         config: a model config.json to copy with a note (and the output dtype), for full models.
+        tags: model-card tags beside extsub, merge and the method ("peft", "lora", "ia3", ...).
     """
 
     what: str
     library_name: str | None = None
     base_model: str | None = None
     config: Path | None = None
+    tags: tuple[str, ...] = ()
 
 
 def output_texts(
@@ -141,6 +143,7 @@ def output_texts(
             base_model=kind.base_model,
             what=kind.what,
             table=table,
+            tags=kind.tags,
         )
         files = {CARD_NAME: model_card(facts), RECIPE_NAME: recipe_text(context.recipe, setting)}
         if kind.config is not None:

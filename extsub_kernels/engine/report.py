@@ -101,9 +101,10 @@ class MergeReport:
         """The tensors of each output: "6 tensors (4 merged, 2 copied)", or "2 outputs of 6 tensors each (...)"."""
         skipped = f", {self.skipped} skipped" if self.skipped else ""
         split = f"({self.merged} merged, {self.copied} copied{skipped})"
+        tensors = f"{self.tensors} tensor{'s' if self.tensors != 1 else ''}"
         if len(self.outputs) > 1:
-            return f"{len(self.outputs)} outputs of {self.tensors} tensors each {split}"
-        return f"{self.tensors} tensors {split}"
+            return f"{len(self.outputs)} outputs of {tensors} each {split}"
+        return f"{tensors} {split}"
 
     def summary(self) -> str:
         """One line: what each output holds, then bytes, time, throughput and memory of the whole run."""
@@ -120,9 +121,12 @@ class MergeReport:
         gpu = human_bytes(self.peak_gpu_bytes) if self.peak_gpu_bytes is not None else "n/a (cpu)"
         rate = f"{human_seconds(self.seconds)}, {human_rate(self.bytes_read, self.seconds)}"
         if self.mode == "inspect":
+            n, kind = len(self.stats), self.stats[0].kind if self.stats else "tensor"
+            if self.adapter is not None and self.items:
+                kind = self.items[0].kind  # what the adapter type merges: module, vector, prompt embedding
             return (
-                f"inspected {len(self.stats)} {'modules' if self.adapter is not None else 'tensors'} | read "
-                f"{human_bytes(self.bytes_read)} | {rate} | peak RSS {rss}, GPU {gpu} | {self.device}"
+                f"inspected {n} {kind}{'s' if n != 1 else ''} | read {human_bytes(self.bytes_read)} | {rate} | "
+                f"peak RSS {rss}, GPU {gpu} | {self.device}"
             )
         in_all = " in all" if len(self.outputs) > 1 else ""
         return (
