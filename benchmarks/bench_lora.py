@@ -5,7 +5,7 @@ A synthetic PEFT adapter pair (32 layers × q,k,v,o,gate,up,down; hidden 4096, i
 subprocess, timed end to end from the input files to the fsynced output (imports excluded,
 reported apart):
 
-- `lora`: `extsub_kernels.merge(expert, anti, out, output_format="lora", device=D)`, what
+- `lora`: `extsub_kernels.merge(expert, anti, out, device=D, adapter=AdapterOptions(output_format="lora"))`, what
   `extsub-merge expert/ anti/ -o out/` runs: load and validate both adapters, the factored merge
   (DESIGN §3), write the PEFT adapter.
 - `dense-lora`: the same with `output_format="dense-lora"` (`--format dense-lora`): ΔW' = B'·A'
@@ -37,11 +37,9 @@ the layers the authors' pattern ran on. Results are JSON rows in benchmarks/resu
 """
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -51,8 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _common import RESULTS, authors_ext_sub, environment, peak_rss_bytes
 
 HIDDEN, INTERMEDIATE, RANK, ALPHA, LAM = 4096, 11008, 16, 32, 1.0
 MODULES = {  # name → (out_features, in_features)
@@ -64,15 +61,10 @@ MODULES = {  # name → (out_features, in_features)
     "mlp.up_proj": (INTERMEDIATE, HIDDEN),
     "mlp.down_proj": (HIDDEN, INTERMEDIATE),
 }
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 def _module_name(layer: int, module: str) -> str:
     return f"model.layers.{layer}.{module}"
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def _folder_bytes(path: Path) -> int:
@@ -85,7 +77,9 @@ def _folder_bytes(path: Path) -> int:
 def make_adapters(workdir: Path, layers: int) -> dict[str, Path]:
     """Two synthetic PEFT adapter folders (bf16, r = 16) with different seeds."""
     import torch
-    from extsub_kernels.adapter import peft_key, write_adapter
+
+    from extsub_kernels.adapters.formats import write_adapter
+    from extsub_kernels.adapters.peft import peft_key
 
     paths = {}
     for seed, name in enumerate(("expert", "anti")):
@@ -99,8 +93,14 @@ def make_adapters(workdir: Path, layers: int) -> dict[str, Path]:
                 state[peft_key(name_, "A")] = ((torch.rand(RANK, inp, generator=gen) * 2 - 1) * bound).bfloat16()
                 state[peft_key(name_, "B")] = (torch.randn(out, RANK, generator=gen) * 0.02).bfloat16()
         config = {
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "synthetic/llama-7b-shape",
-            "r": RANK, "lora_alpha": ALPHA, "target_modules": list(MODULES), "lora_dropout": 0.05, "bias": "none",
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": "synthetic/llama-7b-shape",
+            "r": RANK,
+            "lora_alpha": ALPHA,
+            "target_modules": list(MODULES),
+            "lora_dropout": 0.05,
+            "bias": "none",
         }
         paths[name] = write_adapter(workdir / name, state, config)
     return paths
@@ -111,10 +111,10 @@ def make_adapters(workdir: Path, layers: int) -> dict[str, Path]:
 
 def run_merge(expert: Path, anti: Path, out: Path, output_format: str, device: str) -> dict:
     """What `extsub-merge expert/ anti/ -o out/ [--format dense-lora] --device D` runs."""
-    from extsub_kernels import merge
+    from extsub_kernels import AdapterOptions, merge
 
     t0 = time.perf_counter()
-    report = merge(expert, anti, out, lam=LAM, output_format=output_format, device=device)
+    report = merge(expert, anti, out, lam=LAM, device=device, adapter=AdapterOptions(output_format=output_format))
     return {"wall_s": time.perf_counter() - t0, "peak_gpu_bytes": report.peak_gpu_bytes}
 
 
@@ -127,23 +127,11 @@ def _write_shard(path: Path, tensors: dict) -> None:
     os.close(fd)
 
 
-def authors_ext_sub(p, m, lam: float):
-    """The released code's Ext-Sub step on dense rows: unit vectors and bisector vectorized,
-    the projection of m on the bisector as a Python loop over rows, then p − λm + λ·proj."""
-    import torch
-
-    unit_p = p / torch.norm(p, dim=-1, keepdim=True)
-    unit_m = m / torch.norm(m, dim=-1, keepdim=True)
-    bisector = unit_p + unit_m
-    bisector = bisector / torch.norm(bisector, dim=-1, keepdim=True)
-    projection = torch.stack([torch.dot(m[i], bisector[i]) * bisector[i] for i in range(m.shape[0])])
-    return p - lam * m + lam * projection
-
-
 def run_authors(expert: Path, anti: Path, out: Path, layers: int, device: str) -> dict:
     import torch
     from safetensors import safe_open
-    from extsub_kernels.adapter import WEIGHTS_NAME, peft_key
+
+    from extsub_kernels.adapters.peft import WEIGHTS_NAME, peft_key
 
     scaling = ALPHA / RANK
     t0 = time.perf_counter()
@@ -173,10 +161,11 @@ def run_authors(expert: Path, anti: Path, out: Path, layers: int, device: str) -
 def _variant_main(args: argparse.Namespace) -> None:
     t_start = time.perf_counter()
     import torch  # noqa: F401  (import time is reported apart)
+
     import extsub_kernels  # noqa: F401
 
     import_s = time.perf_counter() - t_start
-    rss_after_import = _rss_mb()
+    rss_after_import = peak_rss_bytes() / 2**20
     usage = resource.getrusage(resource.RUSAGE_SELF)
     workdir = Path(args.workdir)
     expert, anti, out = workdir / "expert", workdir / "anti", workdir / f"out-{args.variant}"
@@ -186,7 +175,13 @@ def _variant_main(args: argparse.Namespace) -> None:
         row = run_merge(expert, anti, out, args.variant, args.device)
     done = resource.getrusage(resource.RUSAGE_SELF)
     cpu_s = (done.ru_utime - usage.ru_utime) + (done.ru_stime - usage.ru_stime)
-    row.update(import_s=import_s, cpu_s=cpu_s, rss_after_import_mb=rss_after_import, peak_rss_mb=_rss_mb(), output_bytes=_folder_bytes(out))
+    row.update(
+        import_s=import_s,
+        cpu_s=cpu_s,
+        rss_after_import_mb=rss_after_import,
+        peak_rss_mb=peak_rss_bytes() / 2**20,
+        output_bytes=_folder_bytes(out),
+    )
     print(json.dumps(row))
 
 
@@ -201,10 +196,11 @@ def compare(workdir: Path, layers: list[int], authors_layers: int) -> dict:
     """
     import torch
     from safetensors import safe_open
+
     from extsub_kernels import ext_sub_reference
-    from extsub_kernels.adapter import load_adapter, peft_key
+    from extsub_kernels.adapters.lora import merge_adapters
+    from extsub_kernels.adapters.peft import load_adapter, peft_key
     from extsub_kernels.io.reader import CheckpointReader
-    from extsub_kernels.lora import merge_adapters
 
     expert, anti = load_adapter(workdir / "expert"), load_adapter(workdir / "anti")
     lora = load_adapter(workdir / "out-lora")
@@ -221,7 +217,9 @@ def compare(workdir: Path, layers: list[int], authors_layers: int) -> dict:
         with safe_open(str(workdir / "out-authors" / authors_shard), "pt") as fa:
             for module in MODULES:
                 name = _module_name(layer, module)
-                exact = ext_sub_reference(expert.modules[name].delta(torch.float64), anti.modules[name].delta(torch.float64), LAM)
+                exact = ext_sub_reference(
+                    expert.modules[name].delta(torch.float64), anti.modules[name].delta(torch.float64), LAM
+                )
                 results = {
                     "lora": lora.modules[name].delta(torch.float64),
                     "dense-lora": dense.read(peft_key(name, "B")).double(),
@@ -231,7 +229,9 @@ def compare(workdir: Path, layers: list[int], authors_layers: int) -> dict:
                 pairs = [("lora", "dense-lora"), ("lora", "authors"), ("dense-lora", "authors")]
                 diffs = {f"{a} vs {b}": results[a] - results[b] for a, b in pairs}
                 diffs.update({f"{k} vs float64 oracle": v - exact for k, v in results.items()})
-                diffs["lora before bf16 storage (float32 factors) vs float64 oracle"] = factored.modules[name].delta(torch.float64) - exact
+                diffs["lora before bf16 storage (float32 factors) vs float64 oracle"] = (
+                    factored.modules[name].delta(torch.float64) - exact
+                )
                 for key, diff in diffs.items():
                     worst[key] = max(worst.get(key, 0.0), float(diff.abs().max()) / scale)
     dense.close()
@@ -242,33 +242,32 @@ def compare(workdir: Path, layers: list[int], authors_layers: int) -> dict:
 
 
 def _spawn(variant: str, workdir: Path, layers: int, device: str) -> dict:
-    cmd = [sys.executable, __file__, "--variant", variant, "--workdir", str(workdir), "--layers", str(layers), "--device", device]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--variant",
+        variant,
+        "--workdir",
+        str(workdir),
+        "--layers",
+        str(layers),
+        "--device",
+        device,
+    ]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _environment(device: str) -> dict:
-    import torch
-    import extsub_kernels
-
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
-    gpu = f"{torch.cuda.get_device_name(device)}; " if device.startswith("cuda") else ""
-    return {
-        "device": f"{gpu}cpu: {cpu}, {os.cpu_count()} cores",
-        "date": datetime.date.today().isoformat(),
-        "version": extsub_kernels.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--workdir", help="scratch folder (default: a temporary folder, removed afterwards)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per variant; times are medians, peak RSS the maximum")
-    parser.add_argument("--authors-layers", type=int, default=2, help="layers the authors' pattern runs on (then extrapolated)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs per variant; times are medians, peak RSS the maximum"
+    )
+    parser.add_argument(
+        "--authors-layers", type=int, default=2, help="layers the authors' pattern runs on (then extrapolated)"
+    )
     parser.add_argument("--device", default="cpu", help="where B·A and the merge run: cpu (default), cuda or cuda:N")
     parser.add_argument("--variant", choices=["lora", "dense-lora", "authors"], help=argparse.SUPPRESS)
     parser.add_argument("--table", action="store_true", help="print the markdown table from the saved rows")
@@ -285,8 +284,10 @@ def main() -> None:
     scratch = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_lora."))
     scratch.mkdir(parents=True, exist_ok=True)
     try:
-        env = _environment(args.device)
-        shape = f"llama-7b: {args.layers} layers x 7 modules, hidden {HIDDEN}, intermediate {INTERMEDIATE}, r={RANK}, bf16"
+        env = environment(args.device)
+        shape = (
+            f"llama-7b: {args.layers} layers x 7 modules, hidden {HIDDEN}, intermediate {INTERMEDIATE}, r={RANK}, bf16"
+        )
         print(f"inputs: {shape} in {scratch}", file=sys.stderr)
         make_adapters(scratch, args.layers)
         input_bytes = _folder_bytes(scratch / "expert") + _folder_bytes(scratch / "anti")
@@ -295,30 +296,61 @@ def main() -> None:
         for variant in ("lora", "dense-lora", "authors"):
             layers = authors_layers if variant == "authors" else args.layers
             runs = []
-            for repeat in range(args.repeats):
-                shutil.rmtree(scratch / f"out-{variant}", ignore_errors=True)  # the last run's output stays for the comparison
+            for _repeat in range(args.repeats):
+                shutil.rmtree(
+                    scratch / f"out-{variant}", ignore_errors=True
+                )  # the last run's output stays for the comparison
                 load = os.getloadavg()[0]
                 runs.append({**_spawn(variant, scratch, layers, args.device), "loadavg_1min_before": load})
             row = dict(runs[-1])
             row.update({key: statistics.median(r[key] for r in runs) for key in runs[0] if key.endswith("_s")})
-            row.update(runs=runs, wall_s_runs=[r["wall_s"] for r in runs], wall_s_min=min(r["wall_s"] for r in runs),
-                       loadavg_1min_before=[r["loadavg_1min_before"] for r in runs], peak_rss_mb=max(r["peak_rss_mb"] for r in runs),
-                       peak_gpu_bytes=max((r.get("peak_gpu_bytes") or 0) for r in runs) or None)
-            row.update(env, bench="lora", variant=variant, shape=shape, shape_layers=args.layers, input_bytes=input_bytes, lam=LAM)
+            row.update(
+                runs=runs,
+                wall_s_runs=[r["wall_s"] for r in runs],
+                wall_s_min=min(r["wall_s"] for r in runs),
+                loadavg_1min_before=[r["loadavg_1min_before"] for r in runs],
+                peak_rss_mb=max(r["peak_rss_mb"] for r in runs),
+                peak_gpu_bytes=max((r.get("peak_gpu_bytes") or 0) for r in runs) or None,
+            )
+            row.update(
+                env,
+                bench="lora",
+                variant=variant,
+                shape=shape,
+                shape_layers=args.layers,
+                input_bytes=input_bytes,
+                lam=LAM,
+            )
             if layers < args.layers:  # a measured subset, extrapolated linearly to every layer
                 factor = args.layers / layers
                 for key in ("compute_s", "write_s"):  # parts of the measured subset, kept as such
                     row[f"measured_{key}"] = row.pop(key)
-                row.update(extrapolated_from_layers=layers, measured_wall_s=row["wall_s"], measured_output_bytes=row["output_bytes"],
-                           wall_s=row["wall_s"] * factor, wall_s_min=row["wall_s_min"] * factor, cpu_s=row["cpu_s"] * factor,
-                           output_bytes=round(row["output_bytes"] * factor))
+                row.update(
+                    extrapolated_from_layers=layers,
+                    measured_wall_s=row["wall_s"],
+                    measured_output_bytes=row["output_bytes"],
+                    wall_s=row["wall_s"] * factor,
+                    wall_s_min=row["wall_s_min"] * factor,
+                    cpu_s=row["cpu_s"] * factor,
+                    output_bytes=round(row["output_bytes"] * factor),
+                )
             rows.append(row)
-            print(f"{variant}: {row['wall_s']:.2f} s, peak RSS {row['peak_rss_mb']:.0f} MB, {row['output_bytes'] / 1e9:.3f} GB", file=sys.stderr)
+            summary = f"{row['wall_s']:.2f} s, peak RSS {row['peak_rss_mb']:.0f} MB, {row['output_bytes'] / 1e9:.3f} GB"
+            print(f"{variant}: {summary}", file=sys.stderr)
         compare_layers = list(range(authors_layers))
         worst = compare(scratch, compare_layers, authors_layers)
-        rows.append({**env, "bench": "lora", "variant": "max-difference", "shape": shape, "lam": LAM,
-                     "compared_layers": compare_layers, "compared_modules": len(compare_layers) * len(MODULES),
-                     "max_abs_diff_over_max_abs": worst})
+        rows.append(
+            {
+                **env,
+                "bench": "lora",
+                "variant": "max-difference",
+                "shape": shape,
+                "lam": LAM,
+                "compared_layers": compare_layers,
+                "compared_modules": len(compare_layers) * len(MODULES),
+                "max_abs_diff_over_max_abs": worst,
+            }
+        )
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)
         Path(args.results).write_text(json.dumps(rows, indent=1) + "\n")
         print(table(rows))
@@ -330,24 +362,55 @@ def main() -> None:
 def table(rows: list[dict]) -> str:
     """The markdown table of RESULTS.md, derived from the rows."""
     runs = {r["variant"]: r for r in rows if "wall_s" in r}
+    lora = runs["lora"]
+    columns = [
+        "variant",
+        "wall time, median (s)",
+        "fastest run (s)",
+        "CPU time (s)",
+        "speed-up over authors (median)",
+        "peak RSS (MB)",
+        "RSS after imports (MB)",
+        "peak GPU (MB)",
+        "output (bytes)",
+        "output vs lora",
+    ]
     lines = [
-        f"{runs['lora']['shape']}; {runs['lora']['device']}; torch {runs['lora']['torch']}, extsub {runs['lora']['version']}, {runs['lora']['date']}",
+        f"{lora['shape']}; {lora['device']}; torch {lora['torch']}, extsub {lora['version']}, {lora['date']}",
         "",
-        "| variant | wall time, median (s) | fastest run (s) | CPU time (s) | speed-up over authors (median) | peak RSS (MB) | RSS after imports (MB) | peak GPU (MB) | output (bytes) | output vs lora |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * (len(columns) - 1),
     ]
     for name, r in runs.items():
         label = name
         if "extrapolated_from_layers" in r:
-            label += f" (measured on {r['extrapolated_from_layers']} layers: {r['measured_wall_s']:.1f} s, {r['measured_output_bytes']:,} B; times and bytes extrapolated ×{r['shape_layers'] / r['extrapolated_from_layers']:g})"
+            factor = r["shape_layers"] / r["extrapolated_from_layers"]
+            label += (
+                f" (measured on {r['extrapolated_from_layers']} layers: {r['measured_wall_s']:.1f} s, "
+                f"{r['measured_output_bytes']:,} B; times and bytes extrapolated ×{factor:g})"
+            )
         gpu = f"{r['peak_gpu_bytes'] / 2**20:.0f}" if r.get("peak_gpu_bytes") else "n/a"
-        lines.append(
-            f"| {label} | {r['wall_s']:.2f} | {r['wall_s_min']:.2f} | {r['cpu_s']:.2f} | {runs['authors']['wall_s'] / r['wall_s']:.1f}× | {r['peak_rss_mb']:.0f} | "
-            f"{r['rss_after_import_mb']:.0f} | {gpu} | {r['output_bytes']:,} | {r['output_bytes'] / runs['lora']['output_bytes']:.1f}× |"
-        )
+        cells = [
+            label,
+            f"{r['wall_s']:.2f}",
+            f"{r['wall_s_min']:.2f}",
+            f"{r['cpu_s']:.2f}",
+            f"{runs['authors']['wall_s'] / r['wall_s']:.1f}×",
+            f"{r['peak_rss_mb']:.0f}",
+            f"{r['rss_after_import_mb']:.0f}",
+            gpu,
+            f"{r['output_bytes']:,}",
+            f"{r['output_bytes'] / lora['output_bytes']:.1f}×",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     diff = next((r for r in rows if r["variant"] == "max-difference"), None)
     if diff:
-        lines += ["", f"Largest |difference| / max|ΔW'| over {diff['compared_modules']} modules (layers {diff['compared_layers']}):", ""]
+        lines += [
+            "",
+            f"Largest |difference| / max|ΔW'| over {diff['compared_modules']} modules "
+            f"(layers {diff['compared_layers']}):",
+            "",
+        ]
         lines += ["| pair | max abs diff / max abs |", "|---|---:|"]
         lines += [f"| {k} | {v:.3g} |" for k, v in diff["max_abs_diff_over_max_abs"].items()]
     return "\n".join(lines)

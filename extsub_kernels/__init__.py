@@ -1,25 +1,120 @@
-"""extsub: exact, fast Ext-Sub (Extraction-before-Subtraction, AAAI 2024) for weights, checkpoints and LoRA adapters."""
+"""extsub: exact, fast Ext-Sub (Extraction-before-Subtraction, AAAI 2024) for weights, checkpoints and PEFT adapters.
 
-__version__ = "0.1.0"
+The op (`ext_sub_`, in place on any float tensor, a fused Triton kernel on CUDA), the
+streaming merge of checkpoints and adapters (`merge`, also the `extsub-merge` command), and
+the adapter types (LoRA, (IA)³, prefix-tuning) and formats they use.
 
-from extsub_kernels.adapter import AdapterError, load_adapter, write_adapter  # noqa: E402
-from extsub_kernels.lora import LoraAdapter, LoraMergeReport, LoraModule, MergedAdapter, merge_adapters  # noqa: E402
-from extsub_kernels.lora_files import merge_adapter_files  # noqa: E402
-from extsub_kernels.materialize import iter_delta, iter_dense_lora, to_delta, to_dense_lora, to_peft  # noqa: E402
-from extsub_kernels.merge import MergeReport, merge  # noqa: E402
-from extsub_kernels.ops import ext_sub, ext_sub_, extract_deficiency, subtract_  # noqa: E402
-from extsub_kernels.reference import ext_sub_reference  # noqa: E402
+Names are imported on first use: importing the package does not load torch, so the command
+line sets its signal handlers first and a Ctrl-C during start-up ends as cleanly as later.
+"""
+
+from typing import TYPE_CHECKING
+
+from extsub_kernels._version import __version__
+
+if TYPE_CHECKING:
+    from extsub_kernels.adapters import (
+        AdapterOptions,
+        AdapterReport,
+        IA3Adapter,
+        LoraAdapter,
+        LoraModule,
+        LoraScaling,
+        MergedAdapter,
+        PeftAdapter,
+        PrefixAdapter,
+        iter_delta,
+        iter_dense_lora,
+        load_adapter,
+        merge_adapters,
+        to_delta,
+        to_dense_lora,
+        to_peft,
+        write_adapter,
+        write_tensors,
+    )
+    from extsub_kernels.engine import MergeReport
+    from extsub_kernels.errors import AdapterError, InputError, MergeError
+    from extsub_kernels.merge import merge, merge_adapter_files
+    from extsub_kernels.ops import (
+        ext_sub,
+        ext_sub_,
+        ext_sub_coefficients,
+        extract_deficiency,
+        row_products,
+        subtract_,
+    )
+    from extsub_kernels.reference import ext_sub_reference
+
+_LOCATIONS = {
+    "AdapterOptions": "extsub_kernels.adapters",
+    "AdapterReport": "extsub_kernels.adapters",
+    "IA3Adapter": "extsub_kernels.adapters",
+    "LoraAdapter": "extsub_kernels.adapters",
+    "LoraModule": "extsub_kernels.adapters",
+    "LoraScaling": "extsub_kernels.adapters",
+    "MergedAdapter": "extsub_kernels.adapters",
+    "PeftAdapter": "extsub_kernels.adapters",
+    "PrefixAdapter": "extsub_kernels.adapters",
+    "iter_delta": "extsub_kernels.adapters",
+    "iter_dense_lora": "extsub_kernels.adapters",
+    "load_adapter": "extsub_kernels.adapters",
+    "merge_adapters": "extsub_kernels.adapters",
+    "to_delta": "extsub_kernels.adapters",
+    "to_dense_lora": "extsub_kernels.adapters",
+    "to_peft": "extsub_kernels.adapters",
+    "write_adapter": "extsub_kernels.adapters",
+    "write_tensors": "extsub_kernels.adapters",
+    "MergeReport": "extsub_kernels.engine",
+    "AdapterError": "extsub_kernels.errors",
+    "InputError": "extsub_kernels.errors",
+    "MergeError": "extsub_kernels.errors",
+    "merge": "extsub_kernels.merge",
+    "merge_adapter_files": "extsub_kernels.merge",
+    "ext_sub": "extsub_kernels.ops",
+    "ext_sub_": "extsub_kernels.ops",
+    "ext_sub_coefficients": "extsub_kernels.ops",
+    "row_products": "extsub_kernels.ops",
+    "extract_deficiency": "extsub_kernels.ops",
+    "subtract_": "extsub_kernels.ops",
+    "ext_sub_reference": "extsub_kernels.reference",
+}
+
+
+def __getattr__(name: str) -> object:
+    """Import a public name from its module on first use (PEP 562)."""
+    module = _LOCATIONS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'extsub_kernels' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "AdapterError",
+    "AdapterOptions",
+    "AdapterReport",
+    "IA3Adapter",
+    "InputError",
     "LoraAdapter",
-    "LoraMergeReport",
     "LoraModule",
+    "LoraScaling",
+    "MergeError",
     "MergeReport",
     "MergedAdapter",
+    "PeftAdapter",
+    "PrefixAdapter",
     "__version__",
     "ext_sub",
     "ext_sub_",
+    "ext_sub_coefficients",
     "ext_sub_reference",
     "extract_deficiency",
     "iter_delta",
@@ -28,9 +123,11 @@ __all__ = [
     "merge",
     "merge_adapter_files",
     "merge_adapters",
+    "row_products",
     "subtract_",
     "to_delta",
     "to_dense_lora",
     "to_peft",
     "write_adapter",
+    "write_tensors",
 ]

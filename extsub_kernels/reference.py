@@ -2,7 +2,7 @@
 
 import torch
 
-from extsub_kernels.ops import as_rows, check_pair
+from extsub_kernels._tensors import as_rows, check_pair
 
 
 def _normalize_rows(x: torch.Tensor) -> torch.Tensor:

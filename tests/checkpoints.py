@@ -44,7 +44,9 @@ def save_shards(folder: Path, tensors: dict[str, torch.Tensor], n_shards: int, *
         weight_map.update({k: shard for k in part})
     if index:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+        )
     return folder
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: Triton's interpreter on CPU-only machines, a fresh seed per run, devices, tiny PEFT adapters, an offline hub cache."""
+"""Shared fixtures: Triton's interpreter on CPU-only machines, a fresh seed per run, the gpu marker,
+tiny PEFT adapters, an offline hub cache."""
 
 import os
 import random
@@ -11,11 +12,17 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-SEED = int(os.environ.get("EXTSUB_TEST_SEED", random.SystemRandom().randrange(2**31)))
+from helpers import SEED
 
 
 def pytest_report_header(config: pytest.Config) -> str:
     return f"extsub test seed: {SEED} (rerun with EXTSUB_TEST_SEED={SEED})"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "slow: long tests (a minute or so in all); they run in CI, `-m 'not slow'` skips them locally"
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -25,29 +32,14 @@ def _seeded() -> None:
     random.seed(SEED)
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
-]
-
-
-def backend_available(backend: str, device: str) -> bool:
-    """Whether `backend` can run on `device` here (Triton on CPU needs the interpreter; the C++ kernel, CPU and a compiler)."""
-    if backend == "cpp":
-        from extsub_kernels.kernels import ext_sub_cpu
-
-        return device == "cpu" and ext_sub_cpu.load() is not None
-    if backend == "triton":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return False
-        return device == "cuda" or interpreting()
-    return True
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` skip, with the reason, where CUDA is missing."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 def _model_and_adapters(tmp_path_factory, name: str):
@@ -78,3 +70,13 @@ def offline_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return cache
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """Trained tiny models, adapters and evaluation sets (trained_fixtures.TrainedFixtures), each built on first use."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    import trained_fixtures
+
+    return trained_fixtures.get(tmp_path_factory)

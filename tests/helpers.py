@@ -1,6 +1,41 @@
-"""Assertion helpers whose failure messages say what differs: tensors (where and by how much), CLI errors."""
+"""Shared test helpers: devices and backends, assertions whose failure messages say what differs."""
 
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
+
+# The run's seed: fresh each run, reproducible with EXTSUB_TEST_SEED (conftest prints it and seeds every test).
+SEED = int(os.environ.get("EXTSUB_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+# Every device a test may run on; CUDA parameters carry the `gpu` marker (skipped without CUDA).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def interpreting() -> bool:
+    """Whether the Triton kernel runs under its CPU interpreter (TRITON_INTERPRET=1, set by conftest on CPU)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def backend_available(backend: str, device: str) -> bool:
+    """Whether `backend` can run on `device` here (Triton on CPU needs the interpreter; C++ needs CPU and a compiler)."""
+    if backend == "cpp":
+        from extsub_kernels.kernels import ext_sub_cpu
+
+        return device == "cpu" and ext_sub_cpu.load() is not None
+    if backend == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return device == "cuda" or interpreting()
+    return True
+
 
 # (rtol, atol / scale) per result dtype. Rounding the result to its dtype costs at most one ulp
 # (≤ eps·|x|: GPUs round to nearest, Triton's interpreter truncates); rtol doubles that to leave
@@ -48,10 +83,114 @@ def assert_close_explained(
     assert not problems, f"{what}: " + "; ".join(problems)
 
 
-def assert_one_line_error(code: int, err: str, expected_code: int, parts: list[str]) -> None:
-    """The CLI exited with `expected_code` and its last stderr line is one `extsub-merge: error:` naming every part."""
+def assert_one_line_error(
+    code: int, err: str, expected_code: int, parts: list[str], prog: str = "extsub-merge"
+) -> None:
+    """The CLI exited with `expected_code` and its last stderr line is one `PROG: error:` naming every part."""
     assert code == expected_code, err
     lines = [line for line in err.splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("extsub-merge: error: ") and "Traceback" not in err, err
+    assert lines and lines[-1].startswith(f"{prog}: error: ") and "Traceback" not in err, err
     for part in parts:
         assert part in lines[-1], f"{part!r} not in {lines[-1]!r}"
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A CLI run in a child process that stops itself (SIGSTOP) when `extsub_kernels.io.atomic.<function>` has been
+# called `count` times (before or after the call), so a test can deliver a signal exactly in that window.
+_STOPPING_CLI = """
+import os, signal, sys
+from extsub_kernels.io import atomic
+name, count, when, no_swap = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
+if no_swap:  # a file system without renameat2: every path takes the fallback
+    atomic._renameat2_fn = None
+real = getattr(atomic, name) if name != "rename" else os.rename
+calls = [0]
+def stopping(*args, **kwargs):
+    calls[0] += 1
+    if when == "before" and calls[0] == count:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    result = real(*args, **kwargs)
+    if when == "after" and calls[0] == count:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return result
+if name == "rename":
+    os.rename = stopping
+else:
+    setattr(atomic, name, stopping)
+from extsub_kernels.cli import main
+sys.exit(main(sys.argv[5:]))
+"""
+
+
+def stopped_cli(argv: list, *, at: str, count: int = 1, when: str = "after", no_swap: bool = False) -> subprocess.Popen:
+    """`extsub-merge argv` in a child process, returned once it has stopped itself at the window asked for.
+
+    Args:
+        at: a function of `extsub_kernels.io.atomic` ("exchange", "_move_in"), or "rename" for `os.rename`.
+        count: stop at its count-th call.
+        when: "before" or "after" that call.
+        no_swap: act as on a file system without renameat2 (the rename-aside fallback).
+    """
+    args = [sys.executable, "-c", _STOPPING_CLI, at, str(count), when, "1" if no_swap else "0", *map(str, argv)]
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    if not os.WIFSTOPPED(status):
+        err = proc.stderr.read().decode(errors="replace")
+        raise AssertionError(f"the CLI ended (status {status}) before reaching {at} #{count}: {err}")
+    return proc
+
+
+def finish(proc: subprocess.Popen, sig: int) -> tuple[int, str]:
+    """Deliver `sig` to a stopped child, let it continue, and return (exit code or -signal, stderr)."""
+    proc.send_signal(sig)
+    if sig != signal.SIGKILL:
+        proc.send_signal(signal.SIGCONT)
+    err = proc.stderr.read().decode(errors="replace")
+    return proc.wait(timeout=120), err
+
+
+def copy_adapter(source, target, *, tensors=None, config=None, bare: bool = False):
+    """A copy of a PEFT adapter folder with its tensors and/or config edited (functions of the originals).
+
+    `config` returning None leaves the config out, returning a str writes that text; `bare`
+    writes the weights alone as `adapter.safetensors` and returns that file.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    source, target = Path(source), Path(target)
+    target.mkdir(parents=True)
+    state = load_file(source / "adapter_model.safetensors")
+    weights = target / ("adapter.safetensors" if bare else "adapter_model.safetensors")
+    save_file({k: v.contiguous() for k, v in (tensors(state) if tensors else state).items()}, str(weights))
+    if bare:
+        return weights
+    original = json.loads((source / "adapter_config.json").read_text())
+    text = config(original) if config is not None else original
+    if text is not None:
+        (target / "adapter_config.json").write_text(text if isinstance(text, str) else json.dumps(text))
+    return target
+
+
+def quiet_peft_model(base, folder):
+    """`PeftModel.from_pretrained(base, folder)` in eval mode, its warnings silenced (base is used in place)."""
+    import warnings
+
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.PeftModel.from_pretrained(base, str(folder)).eval()
+
+
+def causal_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """The logits of a causal LM for `ids` (1, T), without gradients (PEFT's own deprecation warnings silenced)."""
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers on PEFT's prefix: past_key_values → cache
+        return model(input_ids=ids).logits

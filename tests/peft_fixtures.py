@@ -12,8 +12,9 @@ import warnings
 import pytest
 import torch
 
-from helpers import assert_close_explained
 from extsub_kernels import ext_sub_reference, subtract_
+
+from helpers import assert_close_explained
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -25,8 +26,12 @@ EPS32 = torch.finfo(torch.float32).eps
 
 def tiny_llama():
     config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
     )
     return transformers.LlamaForCausalLM(config).eval()
 
@@ -40,15 +45,20 @@ def tiny_gpt2():
 # rank_pattern and an alpha_pattern.
 LLAMA_ADAPTERS = {
     "expert": dict(
-        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"],
-        rank_pattern={"down_proj": 6}, alpha_pattern={"k_proj": 2},
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "k_proj", "v_proj", "down_proj"],
+        rank_pattern={"down_proj": 6},
+        alpha_pattern={"k_proj": 2},
     ),
     "anti": dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj", "o_proj", "up_proj"]),
     "anti2": dict(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"]),
 }
 GPT2_ADAPTERS = {
     "expert": dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, use_rslora=True),
-    "anti": dict(r=6, lora_alpha=3, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, rank_pattern={"c_proj": 2}),
+    "anti": dict(
+        r=6, lora_alpha=3, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, rank_pattern={"c_proj": 2}
+    ),
 }
 
 
@@ -57,7 +67,9 @@ ADAPTERS = {"llama": LLAMA_ADAPTERS, "gpt2": GPT2_ADAPTERS}
 
 
 def make_adapters(model, specs, folder, train=None) -> dict[str, str]:
-    """PEFT adapters of `model`, one per spec (LoraConfig fields), saved in `folder`; `train(peft_model)` edits each first."""
+    """PEFT adapters of `model`, one per spec (LoraConfig fields), saved in `folder`.
+
+    `train(peft_model)` edits each before it is saved."""
     paths = {}
     for i, (name, spec) in enumerate(specs.items()):
         torch.manual_seed(SEED + 1 + i)
@@ -96,7 +108,7 @@ def peft_deltas(base, adapter_dir) -> dict[str, torch.Tensor]:
 def expected_deltas(base, expert_dir, anti_dirs, lams, method) -> dict[str, torch.Tensor]:
     """ΔW' by the dense op on PEFT's own ΔW, anti-expert after anti-expert (float64 oracle)."""
     result = peft_deltas(base, expert_dir)
-    for anti_dir, lam in zip(anti_dirs, lams):
+    for anti_dir, lam in zip(anti_dirs, lams, strict=False):
         for name, m in peft_deltas(base, anti_dir).items():
             if name not in result:
                 if method == "ext-sub":

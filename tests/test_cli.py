@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,10 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from checkpoints import SHAPES, hashes, leftovers, random_delta, save
-from helpers import assert_one_line_error
 from extsub_kernels import ext_sub
 from extsub_kernels.cli import EXIT_BAD_INPUT, EXIT_SIGINT, EXIT_SIGTERM, build_parser, main
+
+from checkpoints import SHAPES, hashes, leftovers, random_delta, save
+from helpers import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +41,8 @@ def test_a_merge_prints_one_summary_line(tmp_path, inputs, capsys):
     code, err = _run(capsys, e, a, "-o", tmp_path / "out.safetensors", "--lam", "0.5")
     assert code == 0
     summary = [line for line in err.replace("\r", "\n").splitlines() if "tensors (" in line]
-    assert len(summary) == 1 and "GB/s" in summary[0] and "peak RSS" in summary[0] and "peak GPU" in summary[0]
+    assert len(summary) == 1 and "peak RSS" in summary[0] and "GPU n/a (cpu)" in summary[0], summary
+    assert re.search(r" \| [\d.]+ m?s, [\d.]+ [kMG]?B/s \| ", summary[0]), summary[0]
     out = load_file(tmp_path / "out.safetensors")
     expected = ext_sub(load_file(e)["lm_head.weight"], load_file(a)["lm_head.weight"], 0.5)
     assert torch.equal(out["lm_head.weight"], expected)
@@ -55,8 +58,21 @@ def test_help_documents_the_exit_codes_and_examples(capsys):
         build_parser().parse_args(["--help"])
     text = capsys.readouterr().out
     assert exit_info.value.code == 0
-    for needle in ("exit codes:", "0    done", "1    failure during the merge", "2    bad usage or bad input", "examples:", "-lam",
-                   "LoRA adapters", "--format dense-lora", "--max-rank R", "--lora-alpha", "--base MODEL"):  # fmt: skip
+    for needle in (
+        "exit codes:",
+        "0    done",
+        "1    failure during the merge",
+        "2    bad usage or bad input",
+        "examples:",
+        "-lam",
+        "PEFT adapters",
+        "(IA)³: on the task vectors d = l − 1",
+        "prefix-tuning: on prompt_embeddings itself",
+        "--format dense-lora",
+        "--max-rank R",
+        "--lora-alpha",
+        "--base MODEL",
+    ):
         assert needle in text, needle
 
 
@@ -105,25 +121,49 @@ def _pickle(path: Path) -> Path:
 BAD_INPUTS = {
     "truncated file": ("anti", _truncate, [], ["anti.safetensors", "truncated"]),
     "garbage header": ("expert", _garbage_header, [], ["expert.safetensors", "header is not valid JSON"]),
-    "offsets past end of file": ("anti", _offsets_past_end, [], ["anti.safetensors", "ends at byte 4000", "holds only 400"]),
+    "offsets past end of file": (
+        "anti",
+        _offsets_past_end,
+        [],
+        ["anti.safetensors", "ends at byte 4000", "holds only 400"],
+    ),
     "shape mismatch": (
-        "anti", _replace(random_delta(SHAPES | {"lm_head.weight": (96, 40)})), [],
+        "anti",
+        _replace(random_delta(SHAPES | {"lm_head.weight": (96, 40)})),
+        [],
         ["shape mismatch for tensor 'lm_head.weight'", "[97, 40]", "[96, 40]"],
     ),
-    "missing keys": ("anti", _replace(random_delta(SHAPES | {"extra.a": (2,), "extra.b": (3,)})), [], ["not in EXPERT", "'extra.a'", "'extra.b'", "--on-missing"]),
-    "NaN in the anti-expert": ("anti", _with_nan, [], ["'model.layers.1.mlp.down_proj.weight'", "ANTI", "NaN or Inf", "row 5"]),
+    "missing keys": (
+        "anti",
+        _replace(random_delta(SHAPES | {"extra.a": (2,), "extra.b": (3,)})),
+        [],
+        ["not in EXPERT", "'extra.a'", "'extra.b'", "--on-missing"],
+    ),
+    "NaN in the anti-expert": (
+        "anti",
+        _with_nan,
+        [],
+        ["'model.layers.1.mlp.down_proj.weight'", "ANTI", "NaN or Inf", "row 5"],
+    ),
     "Inf in the expert": ("expert", _with_inf, [], ["'lm_head.weight'", "EXPERT", "NaN or Inf", "row 0"]),
     "non-float dtype mismatch": (
-        "anti", _replace(random_delta(SHAPES) | {"ids": torch.arange(4, dtype=torch.int32)}), [],
+        "anti",
+        _replace(random_delta(SHAPES) | {"ids": torch.arange(4, dtype=torch.int32)}),
+        [],
         ["dtype mismatch for tensor 'ids'", "I64", "I32"],
     ),
     "pickle file": ("anti", _pickle, [], ["anti.bin", "pickle", "safetensors"]),
-    "missing input": ("anti", lambda p: p.with_name("absent.safetensors"), [], ["absent.safetensors", "no such file or folder"]),
+    "missing input": (
+        "anti",
+        lambda p: p.with_name("absent.safetensors"),
+        [],
+        ["absent.safetensors", "no such file or folder"],
+    ),
     "unknown device": (None, None, ["--device", "tpu"], ["unknown device 'tpu'"]),
     "bad λ": (None, None, ["--lam", "1,x"], ["λ must be a number", "'x'"]),
     "λ per anti-expert, wrong count": (None, None, ["--lam", "1:2"], ["gives 2 values for 1 anti-expert"]),
     "bad shard size": (None, None, ["--max-shard-size", "lots"], ["cannot read size 'lots'"]),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
@@ -146,13 +186,22 @@ def test_bad_inputs(tmp_path, inputs, capsys, case):
 OUT_CASES = {
     "OUT is the expert": (lambda folder, e, a, tmp: [e, a, "-o", e, "--force"], ["is the EXPERT file"]),
     "OUT is the anti-expert via another spelling": (
-        lambda folder, e, a, tmp: [e, a, "-o", folder / ".." / "in" / "anti.safetensors"], ["is the ANTI file"],
+        lambda folder, e, a, tmp: [e, a, "-o", folder / ".." / "in" / "anti.safetensors"],
+        ["is the ANTI file"],
     ),
-    "OUT inside an input folder": (lambda folder, e, a, tmp: [folder, a, "-o", folder / "merged"], ["is inside the EXPERT folder"]),
-    "OUT is an input folder": (lambda folder, e, a, tmp: [folder, a, "-o", folder, "--force"], ["is the EXPERT folder"]),
+    "OUT inside an input folder": (
+        lambda folder, e, a, tmp: [folder, a, "-o", folder / "merged"],
+        ["is inside the EXPERT folder"],
+    ),
+    "OUT is an input folder": (
+        lambda folder, e, a, tmp: [folder, a, "-o", folder, "--force"],
+        ["is the EXPERT folder"],
+    ),
     "OUT contains an input": (lambda folder, e, a, tmp: [e, a, "-o", tmp, "--force"], ["contains the EXPERT file"]),
     "existing OUT without --force": (
-        lambda folder, e, a, tmp: (tmp / "exists.safetensors").write_bytes(b"old") and [e, a, "-o", tmp / "exists.safetensors"],
+        lambda folder, e, a, tmp: (
+            (tmp / "exists.safetensors").write_bytes(b"old") and [e, a, "-o", tmp / "exists.safetensors"]
+        ),
         ["already exists", "--force"],
     ),
     "unwritable output folder": (
@@ -160,13 +209,17 @@ OUT_CASES = {
         ["cannot create the output folder", "a-file"],
     ),
     "shards need a folder OUT": (
-        lambda folder, e, a, tmp: [e, a, "-o", tmp / "o.safetensors", "--max-shard-size", "1MB"], ["give a folder OUT"],
+        lambda folder, e, a, tmp: [e, a, "-o", tmp / "o.safetensors", "--max-shard-size", "1MB"],
+        ["give a folder OUT"],
     ),
     "--force never replaces a folder of other files": (
-        lambda folder, e, a, tmp: (tmp / "home").mkdir() or (tmp / "home" / "notes.txt").write_text("x") and [e, a, "-o", tmp / "home", "--force"],
+        lambda folder, e, a, tmp: (
+            (tmp / "home").mkdir()
+            or ((tmp / "home" / "notes.txt").write_text("x") and [e, a, "-o", tmp / "home", "--force"])
+        ),
         ["not part of a checkpoint", "notes.txt"],
     ),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", OUT_CASES)
@@ -197,11 +250,11 @@ def test_a_failure_midway_exits_1_and_leaves_nothing(tmp_path, inputs, capsys, m
     calls = {"n": 0}
     real_write = writer.SafetensorsFileWriter.write
 
-    def failing_write(self, name, data):
+    def failing_write(self, name, data, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise OSError(28, "No space left on device")
-        return real_write(self, name, data)
+        return real_write(self, name, data, **kwargs)
 
     monkeypatch.setattr(writer.SafetensorsFileWriter, "write", failing_write)
     code, err = _run(capsys, e, a, "-o", tmp_path / "out", "--lam", "0.5,1")
@@ -217,15 +270,20 @@ def big_pair(tmp_path_factory):
     return save(folder / "expert.safetensors", tensors)
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, EXIT_SIGINT), (signal.SIGTERM, EXIT_SIGTERM)], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    "sig, code", [(signal.SIGINT, EXIT_SIGINT), (signal.SIGTERM, EXIT_SIGTERM)], ids=["SIGINT", "SIGTERM"]
+)
 def test_a_signal_during_the_merge_leaves_no_output(tmp_path, big_pair, sig, code):
     before = hashes(big_pair.parent)
     out = tmp_path / "out"
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "extsub_kernels.cli", str(big_pair), str(big_pair), "-o", str(out), "--device", "cpu"],
-        cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+    )
     seen = b""
     deadline = time.monotonic() + 60
     while b"extsub-merge:" not in seen and time.monotonic() < deadline:  # the progress bar has started
@@ -241,3 +299,44 @@ def test_a_signal_during_the_merge_leaves_no_output(tmp_path, big_pair, sig, cod
     assert b"nothing was written" in err
     assert not out.exists() and not leftovers(tmp_path) and list(tmp_path.iterdir()) == []
     assert hashes(big_pair.parent) == before
+
+
+def test_version_and_python_dash_m_run_the_same_command(capsys):
+    from extsub_kernels import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"extsub-merge {__version__}"
+    done = subprocess.run(
+        [sys.executable, "-m", "extsub_kernels", "--version"],
+        cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.strip() == f"extsub-merge {__version__}"
+
+
+def test_importing_the_package_does_not_load_torch():
+    # The command line sets its signal handlers before torch loads, so a Ctrl-C during start-up is caught.
+    code = "import sys, extsub_kernels, extsub_kernels.cli; print('torch' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+    )
+    assert done.stdout.strip() == "False", done.stderr
+
+
+def test_interrupted_during_start_up_exits_130_with_one_line(capsys, monkeypatch):
+    import extsub_kernels.cli.merge as cli
+
+    def interrupted(argv):  # stands for a Ctrl-C while torch is being imported
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_main", interrupted)
+    assert main(["a", "b", "-o", "c"]) == EXIT_SIGINT
+    assert capsys.readouterr().err == "extsub-merge: error: interrupted; nothing was written\n"

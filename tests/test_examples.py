@@ -35,7 +35,10 @@ def test_the_readme_opens_with_the_merge_of_the_example(tmp_path, capsys, monkey
     monkeypatch.chdir(ROOT)
     assert main(argv) == 0, capsys.readouterr().err
     out = load_file(tmp_path / "merged.safetensors")
-    expert, anti = load_file(ROOT / "examples" / "expert.safetensors"), load_file(ROOT / "examples" / "anti.safetensors")
+    expert, anti = (
+        load_file(ROOT / "examples" / "expert.safetensors"),
+        load_file(ROOT / "examples" / "anti.safetensors"),
+    )
     lam = float(argv[argv.index("--lam") + 1])
     assert out.keys() == expert.keys()
     assert all(torch.equal(out[k], ext_sub(expert[k], anti[k], lam)) for k in expert)

@@ -1,19 +1,19 @@
 """merge(): the output equals the op applied tensor by tensor, for every input and output layout."""
 
 import json
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from checkpoints import SHAPES, hashes, leftovers, make_hub_cache, random_delta, save, save_shards
-from helpers import TOLERANCES, assert_close_explained
-from extsub_kernels import ext_sub, merge
+from extsub_kernels import AdapterOptions, ext_sub, merge
 from extsub_kernels.errors import InputError
 from extsub_kernels.io import read_header
-from extsub_kernels.combine import combine
 from extsub_kernels.ops import subtract_
-from extsub_kernels.plan import output_paths, parse_lams
+
+from checkpoints import SHAPES, hashes, leftovers, make_hub_cache, random_delta, save, save_shards
+from helpers import TOLERANCES, assert_close_explained
 
 SMALL_BLOCKS = 512  # bytes: forces every 2-D tensor to stream in several blocks of rows
 
@@ -24,12 +24,20 @@ def _expected(expert: dict, antis: list[dict], lams: list[float], method: str = 
     for name, p in expert.items():
         result = p.clone()
         if p.is_floating_point():
-            for anti, lam in zip(antis, lams):
+            for anti, lam in zip(antis, lams, strict=False):
                 if name in anti:
                     if method == "ext-sub":
-                        result = ext_sub(result, anti[name], lam) if len(antis) == 1 else ext_sub(result.float(), anti[name], lam)
+                        result = (
+                            ext_sub(result, anti[name], lam)
+                            if len(antis) == 1
+                            else ext_sub(result.float(), anti[name], lam)
+                        )
                     else:
-                        result = subtract_(result.clone() if len(antis) == 1 else result.float(), anti[name], lam if method == "sub" else -lam)
+                        result = subtract_(
+                            result.clone() if len(antis) == 1 else result.float(),
+                            anti[name],
+                            lam if method == "sub" else -lam,
+                        )
         out[name] = result.to(p.dtype)
     return out
 
@@ -67,15 +75,19 @@ def test_single_files_equal_the_op_tensor_by_tensor(tmp_path, pair, block_bytes)
     in_bytes += expert["position_ids"].numel() * 8  # copied tensors are read from the expert only
     assert report.bytes_read == in_bytes and report.bytes_written == (tmp_path / "out.safetensors").stat().st_size
     assert report.seconds > 0 and report.peak_rss_bytes > 0 and report.peak_gpu_bytes is None and report.device == "cpu"
-    assert "7 tensors (6 merged, 1 copied)" in report.summary() and "GB/s" in report.summary()
+    summary = report.summary()
+    assert "7 tensors (6 merged, 1 copied) | read 30.20 kB, wrote" in summary, summary
+    assert re.search(r" \| [\d.]+ m?s, [\d.]+ (kB|MB)/s \| ", summary), "units that fit a small job"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_on_cuda_the_output_equals_the_op_on_the_gpu(tmp_path, pair):
     expert, anti, e_path, a_path = pair
-    report = merge(e_path, a_path, tmp_path / "out.safetensors", lam=[0.7, 2.0], device="cuda", block_bytes=SMALL_BLOCKS)
+    report = merge(
+        e_path, a_path, tmp_path / "out.safetensors", lam=[0.7, 2.0], device="cuda", block_bytes=SMALL_BLOCKS
+    )
     assert report.peak_gpu_bytes and report.peak_gpu_bytes > 0 and report.device.startswith("cuda")
-    for path, lam in zip(report.outputs, (0.7, 2.0)):
+    for path, lam in zip(report.outputs, (0.7, 2.0), strict=False):
         out = load_file(path)
         for name in expert:
             if expert[name].is_floating_point():
@@ -134,7 +146,11 @@ def test_sharded_input_and_sharded_output(tmp_path):
 def test_a_folder_output_under_the_shard_limit_is_one_model_safetensors(tmp_path, pair):
     _, _, e_path, a_path = pair
     merge(e_path, a_path, tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "README.md",
+        "extsub_recipe.yaml",
+        "model.safetensors",
+    ]
 
 
 def test_a_lam_list_writes_one_output_per_lam_from_one_read(tmp_path, pair):
@@ -144,7 +160,7 @@ def test_a_lam_list_writes_one_output_per_lam_from_one_read(tmp_path, pair):
     assert [p.name for p in report.outputs] == names
     in_bytes = sum(t.numel() * t.element_size() for d in (expert, anti) for t in d.values()) - 7 * 8
     assert report.bytes_read == in_bytes, "the inputs are read once for all outputs"
-    for name, lam in zip(names, (0.5, 1.0, 2.0)):
+    for name, lam in zip(names, (0.5, 1.0, 2.0), strict=False):
         out = load_file(tmp_path / name)
         for key in expert:
             expected = ext_sub(expert[key], anti[key], lam) if expert[key].is_floating_point() else expert[key]
@@ -186,7 +202,9 @@ def test_output_dtype(tmp_path, pair):
 def test_a_result_that_overflows_the_output_dtype_is_refused(tmp_path):
     e = save(tmp_path / "e.safetensors", {"w": torch.full((4, 4), 6e4)})
     a = save(tmp_path / "a.safetensors", {"w": torch.full((4, 4), -6e4)})
-    with pytest.raises(InputError, match=r"tensor 'w': the result at λ=1 overflows torch.float16 although the inputs are finite"):
+    with pytest.raises(
+        InputError, match=r"tensor 'w': the result at λ=1 overflows torch.float16 although the inputs are finite"
+    ):
         merge(e, a, tmp_path / "out.safetensors", method="sub", dtype="float16")
     assert not (tmp_path / "out.safetensors").exists() and not leftovers(tmp_path)
 
@@ -195,7 +213,9 @@ def test_expert_only_keys_are_copied_and_anti_only_keys_follow_on_missing(tmp_pa
     expert = random_delta(SHAPES) | {"only.expert": torch.randn(3)}
     anti = random_delta(SHAPES) | {"only.anti": torch.randn(5)}
     e, a = save(tmp_path / "e.safetensors", expert), save(tmp_path / "a.safetensors", anti)
-    with pytest.raises(InputError, match=r"1 tensor\(s\) of the anti-expert\(s\) are not in EXPERT: 'only.anti' \(ANTI\)"):
+    with pytest.raises(
+        InputError, match=r"1 tensor\(s\) of the anti-expert\(s\) are not in EXPERT: 'only.anti' \(ANTI\)"
+    ):
         merge(e, a, tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
     report = merge(e, a, tmp_path / "skip.safetensors", on_missing="skip")
@@ -219,9 +239,20 @@ def _gpt2_folder(path, tensors):
 
 
 def test_gpt2_conv1d_weights_pair_columns(tmp_path):
-    shapes = {"h.0.attn.c_attn.weight": (16, 48), "h.0.mlp.c_fc.weight": (16, 64), "h.0.mlp.c_proj.weight": (64, 16), "wte.weight": (50, 16)}
+    shapes = {
+        "h.0.attn.c_attn.weight": (16, 48),
+        "h.0.mlp.c_fc.weight": (16, 64),
+        "h.0.mlp.c_proj.weight": (64, 16),
+        "wte.weight": (50, 16),
+    }
     expert, anti = random_delta(shapes), random_delta(shapes)
-    merge(_gpt2_folder(tmp_path / "e", expert), _gpt2_folder(tmp_path / "a", anti), tmp_path / "out.safetensors", block_bytes=SMALL_BLOCKS)
+    with pytest.warns(UserWarning, match="looks like a full model .config.json: gpt2. but no --base"):
+        merge(
+            _gpt2_folder(tmp_path / "e", expert),
+            _gpt2_folder(tmp_path / "a", anti),
+            tmp_path / "out.safetensors",
+            block_bytes=SMALL_BLOCKS,
+        )
     out = load_file(tmp_path / "out.safetensors")
     for name in shapes:
         if name == "wte.weight":  # an embedding: rows are tokens, as usual
@@ -247,9 +278,15 @@ def test_base_round_trip_on_tensors(tmp_path):
 def test_base_full_model_round_trip_loads_with_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=64, max_position_embeddings=32, tie_word_embeddings=False,
-    )  # fmt: skip
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
     base_model = transformers.LlamaForCausalLM(config)
     theta0 = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
     folders = {}
@@ -270,7 +307,13 @@ def test_base_full_model_round_trip_loads_with_transformers(tmp_path):
         expected = t0 + ext_sub(thetas["expert"][name] - t0, thetas["anti"][name] - t0, 1.2)
         assert_close_explained(state[name], expected, *TOLERANCES[torch.float32], what=name)
     copied = sorted(p.name for p in (tmp_path / "merged").iterdir())
-    assert {"config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.model", "model.safetensors"} <= set(copied)
+    assert {
+        "config.json",
+        "generation_config.json",
+        "tokenizer_config.json",
+        "tokenizer.model",
+        "model.safetensors",
+    } <= set(copied)
     assert (tmp_path / "merged" / "tokenizer.model").read_bytes() == b"sentencepiece stand-in"
 
 
@@ -292,56 +335,12 @@ def test_hub_ids_merge_from_an_offline_cache(tmp_path, monkeypatch, pair):
 def test_an_adapter_with_a_dense_checkpoint_is_refused(tmp_path, pair):
     _, _, e_path, _ = pair
     adapter = save(tmp_path / "adapter.safetensors", {"base_model.model.q.lora_A.weight": torch.zeros(2, 4)})
-    with pytest.raises(InputError, match=r"ANTI .*adapter.safetensors' is a LoRA adapter but EXPERT .*expert.safetensors' is a dense"):
+    with pytest.raises(
+        InputError, match=r"ANTI .*adapter.safetensors' is a PEFT adapter but EXPERT .*expert.safetensors' is a dense"
+    ):
         merge(e_path, adapter, tmp_path / "out.safetensors")
-    with pytest.raises(InputError, match=r"--format \(output_format\) applies to LoRA adapter inputs; EXPERT .* is a dense checkpoint"):
-        merge(e_path, e_path, tmp_path / "out.safetensors", output_format="delta")
+    with pytest.raises(
+        InputError, match=r"--format \(output_format\) applies to adapter inputs; EXPERT .* is a dense checkpoint"
+    ):
+        merge(e_path, e_path, tmp_path / "out.safetensors", adapter=AdapterOptions(output_format="delta"))
     assert not (tmp_path / "out.safetensors").exists()
-
-
-# ---------------------------------------------------------------- the per-tensor op and λ settings
-
-
-def test_combine_in_place_only_when_asked():
-    p, m = torch.randn(4, 8), torch.randn(4, 8)
-    kept = p.clone()
-    assert torch.equal(combine(p, [m], [1.0]), ext_sub(kept, m, 1.0)) and torch.equal(p, kept)
-    assert combine(p, [m], [1.0], inplace=True) is p
-
-
-def test_combine_with_a_base_works_on_task_vectors():
-    base, p, m = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
-    out = combine(p, [m], [0.5], base=base)
-    assert_close_explained(out, base + ext_sub(p - base, m - base, 0.5), *TOLERANCES[torch.float64])
-
-
-@pytest.mark.parametrize(
-    "lam, n_anti, settings",
-    [
-        (1.0, 1, [(1.0,)]),
-        ("0.5,1,2", 1, [(0.5,), (1.0,), (2.0,)]),
-        ("1", 2, [(1.0, 1.0)]),
-        ("1:0.5", 2, [(1.0, 0.5)]),
-        ("1:0.5,2:1", 2, [(1.0, 0.5), (2.0, 1.0)]),
-        ([0.5, [1, 2]], 2, [(0.5, 0.5), (1.0, 2.0)]),
-        ("-1", 1, [(-1.0,)]),
-    ],
-)
-def test_parse_lams(lam, n_anti, settings):
-    assert parse_lams(lam, n_anti) == settings
-
-
-@pytest.mark.parametrize(
-    "lam, n_anti, message",
-    [("1:2", 1, "gives 2 values for 1 anti-expert"), ("a", 1, "λ must be a number"), ("nan", 1, "finite"),
-     ("1,1.0", 1, "λ 1 is given twice"), ([], 1, "lam must be"), ("1:2:3", 2, "gives 3 values for 2")],
-)  # fmt: skip
-def test_parse_lams_refuses_nonsense(lam, n_anti, message):
-    with pytest.raises(InputError, match=message):
-        parse_lams(lam, n_anti)
-
-
-def test_output_paths_suffix_rule(tmp_path):
-    assert output_paths(tmp_path / "o.safetensors", [(1.0,)]) == [tmp_path / "o.safetensors"]
-    assert output_paths(tmp_path / "o.safetensors", [(0.5,), (1e-5,)]) == [tmp_path / "o-lam0.5.safetensors", tmp_path / "o-lam1e-05.safetensors"]
-    assert output_paths(tmp_path / "dir", [(1.0, 0.5), (2.0, 2.0)]) == [tmp_path / "dir-lam1_0.5", tmp_path / "dir-lam2"]

@@ -7,7 +7,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from conftest import DEVICES, backend_available
+from helpers import DEVICES, backend_available
 from helpers import TOLERANCES, assert_close_explained
 from extsub_kernels import ext_sub, ext_sub_, ext_sub_reference, extract_deficiency, subtract_
 
@@ -293,7 +293,7 @@ def test_shape_mismatch_names_both_shapes():
         ext_sub_(torch.zeros(4, 5), torch.zeros(4, 6), 1.0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_device_mismatch():
     with pytest.raises(ValueError, match="device mismatch"):
         ext_sub_(torch.zeros(4, 5), torch.zeros(4, 5, device="cuda"), 1.0)
@@ -335,3 +335,15 @@ def test_triton_on_cpu_without_interpreter_says_how(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         ext_sub_(torch.zeros(3, 3), torch.zeros(3, 3), 1.0, backend="triton")
+
+
+def test_auto_on_cuda_without_triton_warns_how_to_install_it(monkeypatch):
+    from extsub_kernels import ops
+
+    class CudaTensor:  # _resolve_backend looks only at is_cuda
+        is_cuda = True
+
+    monkeypatch.setattr(ops, "_triton_importable", lambda: False)
+    monkeypatch.setattr(ops, "_warned_no_triton", False)
+    with pytest.warns(UserWarning, match=r'pip install "extsub\[cuda\]"'):
+        assert ops._resolve_backend("auto", CudaTensor()) == "torch"

@@ -1,7 +1,8 @@
-"""Checkpoint I/O: resolve inputs · read one tensor at a time · header-first, atomic writer."""
+"""Checkpoint I/O: resolve inputs · read one tensor at a time · header-first, atomic writer · output path rules."""
 
+from extsub_kernels.io.outputs import check_outputs, is_folder_output, output_paths
 from extsub_kernels.io.reader import CheckpointReader, Header, TensorInfo, read_header
-from extsub_kernels.io.resolve import ResolvedInput, resolve_input
+from extsub_kernels.io.resolve import ResolvedInput, read_json_object, resolve_input
 from extsub_kernels.io.writer import (
     CheckpointWriter,
     SafetensorsFileWriter,
@@ -9,7 +10,6 @@ from extsub_kernels.io.writer import (
     all_or_nothing,
     build_header,
     check_free_space,
-    parse_size,
 )
 
 __all__ = [
@@ -23,7 +23,10 @@ __all__ = [
     "all_or_nothing",
     "build_header",
     "check_free_space",
-    "parse_size",
+    "check_outputs",
+    "is_folder_output",
+    "output_paths",
     "read_header",
+    "read_json_object",
     "resolve_input",
 ]

@@ -187,7 +187,7 @@ def _self_check(lib: _Library) -> None:
     m = (ctypes.c_float * 4)(0.0, 0.0, 6.0, 8.0)
     lib.rows(ctypes.addressof(p), ctypes.addressof(m), 2, 2, 0, 1, 4, 4, 4, 0.5)
     expected = (6.0, 8.0, -3.0, -4.0)  # α = 1 + 0.5·10/5 = 2, β = −0.5
-    if any(abs(a - b) > 1e-6 for a, b in zip(p, expected)):
+    if any(abs(a - b) > 1e-6 for a, b in zip(p, expected, strict=True)):
         raise RuntimeError(f"self-check failed: got {list(p)}, expected {list(expected)}")
 
 

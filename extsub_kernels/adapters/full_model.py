@@ -1,0 +1,222 @@
+"""The full merged model from adapters and their base model (`--base`), tensor by tensor.
+
+Every tensor of the base model is read once; a tensor an adapter module changes gets the
+merged module folded in by the adapter's own `fold` (LoRA: θ₀ + ΔW'; (IA)³: θ₀ scaled by l'
+as PEFT's merge does) in float32 (float64 for float64 inputs) on the compute device, is cast
+back to its dtype and written; tensors with nothing to fold are copied. A weight the base
+stores (in, out) — GPT-2's Conv1D, PEFT's fan_in_fan_out — is folded transposed. Types that
+change no weight (prefix-tuning) are refused before anything is read.
+
+Non-LoRA tensors of the adapters (PEFT's `modules_to_save`, and biases trained with
+bias="all"/"lora_only") are full weights that PEFT puts in place of the base model's, not
+deltas. With θ₀ at hand they are what a full fine-tuned model is, so they merge as the dense
+engine merges full models (`apply_method` with base=θ₀): ΔW = θ − θ₀ per input, θ₀ + ΔW' out. A
+tensor only the expert has is then the expert's own; one only anti-experts have contributes
+nothing under ext-sub (|p| = 0) and ∓λ·(θ⁻ − θ₀) under sub/add, as LoRA modules do.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from extsub_kernels._tensors import all_finite, compute_dtype, is_float, nonfinite_summary
+from extsub_kernels.adapters.family import BaseEdit, PeftAdapter, strip_peft_prefix
+from extsub_kernels.engine.architecture import TransposedRule
+from extsub_kernels.engine.methods import apply_method
+from extsub_kernels.engine.outputs import LazyOutput
+from extsub_kernels.errors import InputError
+from extsub_kernels.io import CheckpointReader, TensorEntry
+
+
+@dataclass(frozen=True)
+class BaseTarget:
+    """What lands on one base tensor: an adapter module folded in, or full weights of the adapters (or a copy).
+
+    `transposed`: the base stores the weight (in, out), so the module folds in transposed
+    or columns are paired (full weights, as the dense engine pairs Conv1D weights).
+    """
+
+    key: str
+    edit: BaseEdit | None = None
+    transposed: bool = False
+    expert: torch.Tensor | None = None  # the expert's full weight
+    antis: tuple[tuple[int, torch.Tensor], ...] = field(default=())  # (anti-expert index, its full weight)
+
+
+def match_targets(
+    adapter: PeftAdapter,
+    base: CheckpointReader,
+    *,
+    conv1d: TransposedRule,
+    expert_extra: dict[str, torch.Tensor],
+    anti_extras: Sequence[dict[str, torch.Tensor]],
+    sources: Sequence[str],
+) -> dict[str, BaseTarget]:
+    """Each base tensor an adapter module changes, and each non-adapter tensor, matched to the base, shapes checked.
+
+    A name matches the base tensor of the same name, or else the one base tensor it equals up
+    to leading prefixes (`transformer.h.0.attn.c_attn.weight` ↔ `h.0.attn.c_attn.weight`,
+    as checkpoints saved without the model's head prefix have it).
+
+    Args:
+        adapter: the merged adapter (one λ setting stands for all: which tensors change does not depend on λ);
+            its `base_edits` say which tensors its modules change, its fan_in_fan_out flag with
+            `conv1d` (from the base's config.json) which weights are stored (in, out).
+        base: the base model θ₀.
+        expert_extra, anti_extras: non-adapter tensors of the expert and of each anti-expert.
+        sources: names of the expert and the anti-experts, for messages.
+
+    Raises:
+        InputError: a module or tensor with no (or no unique) base tensor, a shape that does
+            not fit, or a module on a non-float weight; for types that change no weight, why.
+    """
+    targets: dict[str, BaseTarget] = {}
+    what = f"{adapter.label} {adapter.unit}"
+    for edit in adapter.base_edits():
+        key = _base_key(edit.name, base, f"{what} {edit.module}", optional=edit.optional)
+        if key is None:
+            continue
+        info = base.info(key)
+        transposed = len(edit.shape) == 2 and (getattr(adapter, "fan_in_fan_out", False) or conv1d(key, info.shape))
+        if not edit.fits(info.shape, transposed=transposed):
+            laid_out = edit.shape[::-1] if transposed else edit.shape
+            shape = "×".join("any" if n is None else str(n) for n in laid_out)
+            raise InputError(
+                f"{what} {edit.module}: changes a {shape} tensor{' (as Conv1D stores it)' if transposed else ''}, "
+                f"but BASE's {key} is {list(info.shape)}; is BASE the model the adapters were trained on?"
+            )
+        if not is_float(info.dtype):
+            raise InputError(f"{what} {edit.module}: BASE's {key} is {info.dtype}; it can only change float weights")
+        targets[key] = BaseTarget(key, edit=edit, transposed=transposed)
+    full: dict[str, dict[int, torch.Tensor]] = {}
+    for index, extra in enumerate([expert_extra, *anti_extras]):
+        for adapter_key, tensor in extra.items():
+            key = _base_key(strip_peft_prefix(adapter_key), base, f"{sources[index]}: tensor {adapter_key}")
+            if key in targets:
+                raise InputError(
+                    f"{sources[index]}: {adapter_key} is a full weight of {key}, which {what} also changes"
+                )
+            info = base.info(key)
+            if tuple(tensor.shape) != info.shape:
+                raise InputError(
+                    f"{sources[index]}: {adapter_key} is {list(tensor.shape)} but BASE's {key} is {list(info.shape)}; "
+                    "is BASE the model the adapters were trained on?"
+                )
+            full.setdefault(key, {})[index] = tensor
+    for key, by_input in full.items():
+        antis = tuple((i, t) for i, t in sorted(by_input.items()) if i > 0)
+        targets[key] = BaseTarget(
+            key, transposed=conv1d(key, base.info(key).shape), expert=by_input.get(0), antis=antis
+        )
+    return targets
+
+
+def _base_key(key: str, base: CheckpointReader, what: str, *, optional: bool = False) -> str | None:
+    """The base tensor `key` names (exactly, or up to a leading prefix); None for an optional one BASE lacks."""
+    if key in base:
+        return key
+    found = [k for k in base if key.endswith("." + k) or k.endswith("." + key)]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise InputError(f"{what}: BASE has several tensors it could be ({', '.join(found[:4])}); cannot tell which")
+    if optional:
+        return None
+    raise InputError(
+        f"{what}: BASE has no tensor {key!r} (nor one that matches it up to a prefix); "
+        "is BASE the model the adapters were trained on?"
+    )
+
+
+def full_model_outputs(
+    merged: Sequence[PeftAdapter],
+    settings: Sequence[tuple[float, ...]],
+    base: CheckpointReader,
+    targets: dict[str, BaseTarget],
+    *,
+    method: str,
+    out_dtype: torch.dtype | None,
+    device: torch.device,
+    extra_files: Sequence[Path] = (),
+) -> list[LazyOutput]:
+    """One lazy output per λ setting: every base tensor, in the base's order, with its target applied.
+
+    All outputs load a tensor of θ₀ through the same reader call, so `write_outputs` reads the
+    base once for every output.
+
+    Args:
+        merged: the merged adapter of each setting.
+        settings: λ per anti-expert, one tuple per output.
+        base: θ₀.
+        targets: from `match_targets`.
+        method: "ext-sub", "sub" or "add" (for the full weights).
+        out_dtype: the dtype of float tensors in the output; None keeps the base's.
+        device: where ΔW' is computed and added.
+        extra_files: the base's config, generation and tokenizer files (folder outputs).
+    """
+    entries = []
+    for key in base:
+        info = base.info(key)
+        entries.append(
+            TensorEntry(key, out_dtype if out_dtype is not None and is_float(info.dtype) else info.dtype, info.shape)
+        )
+    dtypes = {e.name: e.dtype for e in entries}
+    outputs = []
+    for adapter, lams in zip(merged, settings, strict=True):
+        produce = partial(
+            _produce,
+            adapter=adapter,
+            lams=lams,
+            targets=targets,
+            dtypes=dtypes,
+            method=method,
+            device=device,
+            base=base,
+        )
+        outputs.append(LazyOutput(entries, produce, load=base.read, extra_files=extra_files))
+    return outputs
+
+
+def _produce(
+    key: str,
+    theta0: torch.Tensor,
+    *,
+    adapter: PeftAdapter,
+    lams: tuple[float, ...],
+    targets: dict[str, BaseTarget],
+    dtypes: dict[str, torch.dtype],
+    method: str,
+    device: torch.device,
+    base: CheckpointReader,
+) -> torch.Tensor:
+    """Base tensor `key` of the output: a module folded in, the merged full weight, or θ₀ copied."""
+    out = dtypes[key]
+    target = targets.get(key)
+    if target is None:
+        return theta0.to(out)
+    if target.edit is None and (not target.antis or not theta0.is_floating_point()):
+        return (target.expert if target.expert is not None else theta0).to(out)  # the expert's own, or θ₀
+    if target.edit is not None:  # out of place: θ₀ is shared by every output
+        result = adapter.fold(target.edit, theta0, transposed=target.transposed, device=device)
+    else:
+        theta0_dev = theta0.to(device)
+        plus = target.expert.to(device) if target.expert is not None else theta0_dev
+        minus = [t.to(device) for _, t in target.antis]
+        lams_used = [lams[i - 1] for i, _ in target.antis]
+        compute = compute_dtype(theta0.dtype)
+        result = apply_method(
+            plus, minus, lams_used, method=method, base=theta0_dev, out_dtype=compute, transposed=target.transposed
+        )
+    result = result.to(out)
+    if not all_finite(result):
+        where = base.info(key).path.name
+        problem = nonfinite_summary(theta0)
+        if problem is not None:
+            raise InputError(f"tensor {key!r} in BASE ({where}) contains {problem}; the merge needs finite weights")
+        raise InputError(
+            f"tensor {key!r}: the merged weight overflows {out} at λ={list(lams)}; use a smaller λ or --dtype float32"
+        )
+    return result.cpu()

@@ -1,0 +1,440 @@
+"""The adapter engine: PEFT adapters of any supported type in, outputs out (the adapter half of `merge`).
+
+Every adapter is loaded and validated before anything is written (PEFT folders, hub
+snapshots, bare .safetensors files with their config or scaling), and all must be of one PEM
+type. The merge runs in the type's own parameter space once per λ setting (LoRA: factored,
+O((out + in)·r²) per module, DESIGN.md §3; (IA)³ and prefix-tuning: their small tensors in
+float64, §6). Each output is a `LazyOutput` of one of the type's formats (`formats.OUTPUT_FORMATS`)
+streamed through the engine's one write loop one tensor at a time, so no output is ever held
+in memory; with a base model it is the full merged model (`full_model`).
+"""
+
+import dataclasses
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from extsub_kernels.adapters.family import PeftAdapter, check_same_type, merge_adapters
+from extsub_kernels.adapters.formats import OUTPUT_FORMATS
+from extsub_kernels.adapters.full_model import full_model_outputs, match_targets
+from extsub_kernels.adapters.lora import LoraAdapter, check_max_rank
+from extsub_kernels.adapters.peft import CONFIG_NAME, LoraScaling, load_adapter
+from extsub_kernels.adapters.report import AdapterSection, adapter_items
+from extsub_kernels.adapters.stats import adapter_stats, unit_shapes, units
+from extsub_kernels.engine.architecture import input_config, weight_layout
+from extsub_kernels.engine.context import RunContext
+from extsub_kernels.engine.dryrun import dry_run_report
+from extsub_kernels.engine.memory import peak_rss_bytes
+from extsub_kernels.engine.notes import MODEL_CONFIG, OutputKind, base_model_name, output_texts, run_metadata
+from extsub_kernels.engine.options import DEFAULT_MAX_SHARD_SIZE, FORMATS, RunOptions, check_choice, parse_size
+from extsub_kernels.engine.outputs import LazyOutput, write_outputs
+from extsub_kernels.engine.report import MergeReport
+from extsub_kernels.engine.transfer import Transfer
+from extsub_kernels.errors import AdapterError, InputError
+from extsub_kernels.io import CheckpointReader, ResolvedInput, is_folder_output
+from extsub_kernels.io.outputs import listed_files
+
+Inputs = Sequence[tuple[str, ResolvedInput]]
+
+
+@dataclass(frozen=True)
+class AdapterOptions:
+    """The options only adapter merges have.
+
+    Attributes:
+        output_format: LoRA: "lora" (exact factored PEFT adapter), "dense-lora" (lora_B = ΔW', lora_A = I)
+            or "delta" (ΔW' keyed by base-model weight names); (IA)³: "ia3"; prefix-tuning: "prefix-tuning".
+            None: the type's own PEFT folder (or the full model with a base).
+        max_rank: "lora" only: truncate each module to this rank (SVD in the factored space).
+        scaling: the scaling of bare adapter files that have no adapter_config.json.
+        any_base_model: accept adapters whose base_model_name_or_path differ (shapes are still checked).
+    """
+
+    output_format: str | None = None
+    max_rank: int | None = None
+    scaling: LoraScaling | None = None
+    any_base_model: bool = False
+
+    def given(self) -> list[str]:
+        """The options that were set, as "--flag (python_name)", to refuse them with dense inputs."""
+        flags = [
+            (self.output_format is not None, "--format (output_format)"),
+            (self.max_rank is not None, "--max-rank (max_rank)"),
+            (self.scaling is not None, "--lora-alpha (scaling)"),
+            (self.any_base_model, "--any-base-model (any_base_model)"),
+        ]
+        return [flag for is_set, flag in flags if is_set]
+
+    def checked_format(self, *, base: bool) -> str:
+        """The output format of LoRA inputs (default "lora"), after the checks that need no input.
+
+        Raises:
+            InputError: an unknown format; a format with a base model (the output is then the
+                full model); a max_rank that is not a positive int, or with another format than lora.
+        """
+        if self.output_format is not None:
+            check_choice(self.output_format, FORMATS, "output format")
+        if base and self.output_format is not None:
+            raise InputError(
+                f"--base writes the full merged model θ₀ + ΔW'; --format {self.output_format} is for adapter outputs, "
+                "drop one of them"
+            )
+        if self.max_rank is not None:
+            check_max_rank(self.max_rank)
+            if base or (self.output_format or "lora") != "lora":
+                other = "--base" if base else f"--format {self.output_format}"
+                raise InputError(
+                    f"--max-rank truncates the factored adapter, so it applies to --format lora, not to {other}"
+                )
+        return self.output_format or "lora"
+
+    def format_for(self, adapter_type: type[PeftAdapter], *, base: bool) -> str:
+        """The output format for adapters of `adapter_type` (default: its first), checked against what it writes.
+
+        Raises:
+            InputError: the checks of `checked_format`; a format of another type; --max-rank
+                with a type that has no rank; --base with a type that cannot fold into weights.
+        """
+        default = self.checked_format(base=base)
+        if base and adapter_type.base_refusal is not None:
+            raise InputError(f"--base with {adapter_type.label} adapters: {adapter_type.base_refusal}")
+        if self.output_format is None:
+            default = adapter_type.formats[0]
+        if default not in adapter_type.formats:
+            formats = ", ".join([f"{adapter_type.formats[0]} (the default)", *adapter_type.formats[1:]])
+            what = f"{adapter_type.label} adapters"
+            raise InputError(f"--format {default} does not apply to {what}; their formats: {formats}")
+        if self.max_rank is not None and default != "lora":
+            raise InputError(f"--max-rank truncates LoRA factors; {adapter_type.label} adapters have no rank")
+        return default
+
+
+def shard_limit(out: Path, output_format: str, options: RunOptions, *, base: bool) -> int | None:
+    """Largest shard of an adapter merge's output in bytes, None for one weights file.
+
+    Full models (`base`) and `delta` folders shard like the dense engine's outputs, past
+    --max-shard-size or its default. Adapter folders are one adapter_model.safetensors by
+    default, the only file PEFT reads: `lora` never shards, `dense-lora` only when asked to.
+    """
+    if not is_folder_output(out):
+        if not base and output_format != "delta":
+            hint = ", or --format delta for one .safetensors file" if output_format in LoraAdapter.formats else ""
+            raise InputError(
+                f"OUT {out}: the {output_format} format writes a PEFT adapter folder (adapter_model.safetensors and "
+                f"{CONFIG_NAME}); give a folder OUT{hint}"
+            )
+        return None
+    if base or output_format == "delta":
+        return options.shard_limit(default=parse_size(DEFAULT_MAX_SHARD_SIZE))
+    if options.max_shard_size is None:
+        return None
+    if output_format != "dense-lora":
+        raise InputError(
+            f"--format {output_format} writes a small adapter, which PEFT reads from one adapter_model.safetensors; "
+            "--max-shard-size applies to dense-lora, delta and --base outputs"
+        )
+    warnings.warn(
+        "--max-shard-size shards the dense-lora adapter (adapter_model-0000i-of-0000n.safetensors and an index); "
+        "PEFT's from_pretrained reads only an unsharded adapter_model.safetensors",
+        stacklevel=2,
+    )
+    return options.max_shard_size
+
+
+def load_inputs(inputs: Inputs, scaling: LoraScaling | None = None) -> list[PeftAdapter]:
+    """Load and validate resolved adapter inputs, in order; each adapter's `source` is its spec.
+
+    An adapter with an adapter_config.json (in its folder, or beside a bare file) takes its
+    type and scaling from it. LoRA weights without one take the explicit `scaling`; without
+    it, loading fails with a message that says so. An explicit scaling that no input needs is
+    refused rather than silently ignored: a config is never overridden.
+
+    Raises:
+        AdapterError: a bad adapter (see `load_adapter`), or scaling that is missing or unused.
+    """
+    adapters, used = [], False
+    for role, inp in inputs:
+        path = inp.files[0] if inp.kind == "file" else inp.root
+        has_config = (inp.files[0].parent if inp.kind == "file" else inp.root).joinpath(CONFIG_NAME).is_file()
+        if has_config or scaling is None:
+            adapter = load_adapter(path)
+        elif len(inp.files) != 1:
+            raise AdapterError(
+                f"{role} {inp.spec}: LoRA weights in {len(inp.files)} files; an adapter is one .safetensors file"
+            )
+        else:
+            adapter = load_adapter(inp.files[0], scaling=scaling)
+            used = True
+        adapters.append(dataclasses.replace(adapter, source=inp.spec))
+    if scaling is not None and not used:
+        raise AdapterError(
+            f"--lora-alpha/--rank/--rslora give the scaling of LoRA weights that have no {CONFIG_NAME}, but every "
+            "adapter here has one (a config's scaling is never overridden); drop them"
+        )
+    return adapters
+
+
+def merge_setting(
+    adapters: Sequence[PeftAdapter],
+    lams: Sequence[float],
+    method: str,
+    *,
+    output_format: str,
+    base: bool,
+    max_rank: int | None = None,
+    any_base_model: bool = False,
+) -> PeftAdapter:
+    """`merge_adapters` for one λ setting, with the non-adapter tensors handled as the output needs.
+
+    They are full weights (PEFT's modules_to_save, trained biases). Adapter folders get the
+    expert's copied (merge_adapters warns). A `delta` output leaves them out, with a warning:
+    they are not deltas. With a base model they are merged against θ₀ by the full model, so
+    here they are only listed.
+    """
+    expert, antis = adapters[0], adapters[1:]
+    options = dict(max_rank=max_rank, any_base_model=any_base_model)
+    if not base and output_format != "delta":
+        return merge_adapters(expert, antis, lams, method, **options)
+    stripped = [dataclasses.replace(a, extra={}) for a in adapters]
+    merged = merge_adapters(stripped[0], stripped[1:], lams, method, **options)
+    extra = [f"{a.source}: {key}" for a in adapters for key in a.extra]
+    if base:
+        merged.report.extra_merged.extend(extra)
+    elif extra:
+        merged.report.extra_left_out.extend(extra)
+        warnings.warn(
+            f"{len(extra)} non-LoRA tensors (e.g. {extra[0]}) are full weights (PEFT modules_to_save or trained "
+            "biases), not deltas; the delta format leaves them out (give --base to merge them into the full model)",
+            stacklevel=2,
+        )
+    return merged
+
+
+def adapter_output(
+    merged: PeftAdapter, output_format: str, *, dtype: torch.dtype | None = None, device: torch.device | None = None
+) -> LazyOutput:
+    """The lazy output of one adapter merge in `output_format` (one of the adapter type's `formats`)."""
+    return OUTPUT_FORMATS[output_format].make(merged, dtype=dtype, device=device)
+
+
+def run_adapters(
+    inputs: Inputs,
+    options: RunOptions,
+    adapter_options: AdapterOptions,
+    paths: Sequence[Path],
+    *,
+    started: float,
+    loaded: Mapping[str, PeftAdapter] | None = None,
+    context: RunContext | None = None,
+    check_inputs: Callable[[], None] | None = None,
+) -> MergeReport:
+    """Merge resolved adapter inputs (and a base model) and write one output per λ setting.
+
+    The adapters are read once; each λ setting is a merge in their own space; every output streams
+    through `write_outputs` in one pass (with a base model, each base tensor is read once for
+    all outputs). The caller has checked the outputs' paths. `options.mode` "dry-run" stops
+    once the outputs are planned; "inspect" returns the statistics and writes nothing.
+
+    Args:
+        inputs: (role, input) pairs: EXPERT, the ANTIs in order, and BASE if given.
+        options: λ settings, method, device (where ΔW' = B·A is formed), dtype, shards, force, progress.
+        adapter_options: output format, truncation, scaling of bare files, base-model check.
+        paths: one output per λ setting (none to inspect).
+        started: `time.perf_counter()` at the start of the merge, for the report's seconds.
+        loaded: adapters already in memory, by role (their inputs are of kind "memory").
+        context: the run's provenance, written into every output and the report.
+        check_inputs: runs before the outputs are published; raises when an input changed during the run.
+    """
+    base = inputs[-1][1] if inputs[-1][0] == "BASE" else None
+    adapter_inputs = [(role, inp) for role, inp in inputs if role != "BASE"]
+    roles = [role for role, _ in adapter_inputs]
+    adapter_options.checked_format(base=base is not None)
+    adapters = _adapters(adapter_inputs, loaded or {}, adapter_options.scaling)
+    check_same_type(adapters[0], adapters[1:])
+    check_common_units(adapters, adapter_inputs)
+    output_format = adapter_options.format_for(type(adapters[0]), base=base is not None)
+    limit = shard_limit(paths[0], output_format, options, base=base is not None) if paths else None
+    bytes_read = sum(f.stat().st_size for _, inp in adapter_inputs for f in inp.files)
+    merged = [
+        merge_setting(
+            adapters,
+            lams,
+            options.method,
+            output_format=output_format,
+            base=base is not None,
+            max_rank=adapter_options.max_rank,
+            any_base_model=adapter_options.any_base_model,
+        )
+        for lams in options.settings
+    ]
+    report = merged[0].report
+    gather = options.stats or options.mode == "inspect"
+    shapes = {name: shape for adapter in [*adapters[::-1], merged[0]] for name, shape in unit_shapes(adapter).items()}
+    facts = dict(
+        device=str(options.device),
+        skipped=0,
+        method=options.method,
+        settings=options.settings,
+        items=tuple(adapter_items(report, shapes, roles)),
+        stats=tuple(adapter_stats(adapters, merged, report.merged, roles)) if gather else (),
+        context=context,
+        adapter=AdapterSection(tuple(m.report for m in merged)),
+    )
+    if options.mode == "inspect":
+        return MergeReport(
+            outputs=(),
+            tensors=0,
+            merged=len(report.merged),
+            copied=len(report.copied),
+            bytes_read=bytes_read,
+            bytes_written=0,
+            seconds=time.perf_counter() - started,
+            peak_rss_bytes=peak_rss_bytes(),
+            peak_gpu_bytes=None,
+            mode="inspect",
+            **facts,
+        )
+    transfer = Transfer(options.device)
+    transfer.reset_peak()
+    metadata = run_metadata(inputs, options, None if base else output_format, context)
+    writing = dict(max_shard_size=limit, force=options.force, progress=options.progress, check_inputs=check_inputs)
+    folder = is_folder_output(paths[0])
+    reader = CheckpointReader(base.files, label="BASE") if base is not None else None
+    try:
+        if reader is None:
+            dtype, device = options.out_dtype, options.device
+            outputs = [adapter_output(m, output_format, dtype=dtype, device=device) for m in merged]
+            kind = adapter_kind(output_format, adapters[0])
+            computed = _computed_names(merged[0], output_format) & {e.name for e in outputs[0].entries}
+        else:
+            layout = weight_layout(
+                [("BASE", input_config(base))],
+                {k: reader.info(k).shape for k in reader},
+                explicit=options.transposed,
+                role=f"BASE ({base.spec})",
+            )
+            facts["layout"] = layout.reason
+            targets = match_targets(
+                merged[0],
+                reader,
+                conv1d=layout.rule,
+                expert_extra=adapters[0].extra,
+                anti_extras=[a.extra for a in adapters[1:]],
+                sources=[a.source for a in adapters],
+            )
+            config = base.config_file(MODEL_CONFIG) if folder else None
+            skip = (CONFIG_NAME, MODEL_CONFIG)
+            extra_files = [p for p in base.config_files if p.name not in skip] if folder else []
+            outputs = full_model_outputs(
+                merged,
+                options.settings,
+                reader,
+                targets,
+                method=options.method,
+                out_dtype=options.out_dtype,
+                device=options.device,
+                extra_files=extra_files,
+            )
+            kind = OutputKind(
+                "the full merged model θ₀ + ΔW'", "transformers" if config else None, base_model_name(base), config
+            )
+            bytes_read += sum(reader.info(k).nbytes for k in reader)
+            computed = set(targets)
+        outputs = _with_notes(outputs, paths, options, context, kind, facts["stats"])
+        tensors = len(outputs[0].entries)
+        facts.update(tensors=tensors, merged=len(computed), copied=tensors - len(computed))
+        if options.mode == "dry-run":
+            first = outputs[0]
+            return dry_run_report(
+                paths,
+                first.entries,
+                [{"format": "pt", **m} for m in metadata],
+                limit,
+                first.extra_files,
+                list(first.texts),
+                bytes_read,
+                facts,
+                first.weights_name,
+            )
+        written, bytes_written = write_outputs(outputs, paths, metadata, **writing)
+    finally:
+        if reader is not None:
+            reader.close()
+    return MergeReport(
+        outputs=written,
+        bytes_read=bytes_read,
+        bytes_written=bytes_written,
+        seconds=time.perf_counter() - started,
+        peak_rss_bytes=peak_rss_bytes(),
+        peak_gpu_bytes=transfer.peak_memory(),
+        files=tuple(tuple(listed_files(path)) for path in written),
+        **facts,
+    )
+
+
+# What each output format is, for its model card (formats of every PEM type).
+FORMAT_WHAT = {
+    "lora": "a PEFT LoRA adapter (rank r⁺ + r⁻ per module, exact)",
+    "dense-lora": "a PEFT LoRA adapter in the paper's dense layout (lora_B = ΔW', lora_A = I)",
+    "delta": "ΔW' per module, keyed and laid out like the base model's weights (add them to it)",
+    "ia3": "a PEFT (IA)³ adapter",
+    "prefix-tuning": "a PEFT prefix-tuning adapter",
+}
+
+
+# The model-card tag of each PEM type, as the Hugging Face hub spells them.
+PEM_TAGS = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix-tuning"}
+
+
+def adapter_kind(output_format: str, expert: PeftAdapter) -> OutputKind:
+    """What an adapter output is, for its model card: every format but delta is a folder PEFT loads."""
+    what = FORMAT_WHAT.get(output_format, f"a {output_format} adapter")
+    pem = PEM_TAGS.get(expert.peft_type, expert.peft_type.lower())
+    if output_format == "delta":
+        return OutputKind(what, None, expert.base_model_name_or_path, tags=(pem,))
+    return OutputKind(what, "peft", expert.base_model_name_or_path, tags=("peft", pem))
+
+
+def _with_notes(
+    outputs: Sequence[LazyOutput],
+    paths: Sequence[Path],
+    options: RunOptions,
+    context: RunContext | None,
+    kind: OutputKind,
+    stats: Sequence,
+) -> list[LazyOutput]:
+    """The outputs with their model card, recipe and noted config.json among the texts written beside the weights."""
+    notes = output_texts(paths, options, context, kind, stats)
+    return [dataclasses.replace(o, texts={**o.texts, **n}) for o, n in zip(outputs, notes, strict=True)]
+
+
+def check_common_units(adapters: Sequence[PeftAdapter], inputs: Inputs) -> None:
+    """Raise an InputError when no anti-expert shares a module with the expert: nothing would be merged."""
+    expert = units(adapters[0])
+    antis = [units(a) for a in adapters[1:]]
+    if any(name in anti for anti in antis for name in expert):
+        return
+    (e_role, e_inp), (a_role, a_inp) = inputs[0], inputs[1]
+    others = sorted({name for anti in antis for name in anti})
+    kind = adapters[0].unit
+    raise InputError(
+        f"no {adapters[0].label} {kind} is in both {e_role} ({e_inp.spec}) and the anti-expert(s): {e_role} has e.g. "
+        f"{next(iter(expert), 'nothing')}, {a_role} ({a_inp.spec}) has e.g. {others[0] if others else 'nothing'}; "
+        "there is nothing to merge (are they adapters of the same model and target modules?)"
+    )
+
+
+def _adapters(inputs: Inputs, loaded: Mapping[str, PeftAdapter], scaling: LoraScaling | None) -> list[PeftAdapter]:
+    """The adapters in order: those given in memory, the others loaded from their resolved inputs."""
+    fresh = iter(load_inputs([(role, inp) for role, inp in inputs if role not in loaded], scaling))
+    return [loaded[role] if role in loaded else next(fresh) for role, _ in inputs]
+
+
+def _computed_names(merged: PeftAdapter, output_format: str) -> set[str]:
+    """Output tensors of an adapter output that the merge computed (the rest are the expert's, copied)."""
+    units = [*merged.report.merged, *merged.report.added]
+    return {key for unit in units for key in OUTPUT_FORMATS[output_format].keys(unit)}

@@ -1,0 +1,20 @@
+"""Format-agnostic streaming: options, methods, the dense plan and run, transfers, and the one output loop."""
+
+from extsub_kernels.engine.dense import run_dense
+from extsub_kernels.engine.methods import apply_method
+from extsub_kernels.engine.options import RunOptions, parse_lams, parse_size, resolve_device
+from extsub_kernels.engine.outputs import LazyOutput, OutputSet, write_outputs
+from extsub_kernels.engine.report import MergeReport
+
+__all__ = [
+    "LazyOutput",
+    "MergeReport",
+    "OutputSet",
+    "RunOptions",
+    "apply_method",
+    "parse_lams",
+    "parse_size",
+    "resolve_device",
+    "run_dense",
+    "write_outputs",
+]

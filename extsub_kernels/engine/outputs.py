@@ -1,0 +1,359 @@
+"""The outputs of a run and the one loop that writes them: every path (dense, adapters, full model) goes through here.
+
+An `OutputSet` is the run's outputs, one per λ setting, each a header-first `CheckpointWriter`
+under a temporary name: tensors stream in (whole, or a block of rows at a time) through
+`stream`, which overlaps reading, computing and writing (`pipeline`) behind one progress bar,
+and `commit` publishes them. Any error, Ctrl-C included, removes everything the run wrote.
+
+A `LazyOutput` describes an output before it is computed (names, dtypes and shapes up front,
+as the header-first writer needs) with how to make each tensor; `write_outputs` streams such
+outputs one tensor at a time, so memory holds a few tensors whatever the output's size.
+"""
+
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from extsub_kernels.engine.pipeline import run_pipeline
+from extsub_kernels.errors import MergeError
+from extsub_kernels.io import CheckpointWriter, TensorEntry, check_free_space, is_folder_output
+from extsub_kernels.io.atomic import publish_all
+from extsub_kernels.io.writer import plan_layout
+
+
+@dataclass
+class Piece:
+    """What the compute stage hands the writer: one tensor (or a block of its rows) for every output, on the host.
+
+    Attributes:
+        name: the output tensor the bytes belong to (the first one, for a run).
+        tensors: one per output, in the outputs' order.
+        progress: bytes to advance the progress bar by.
+        ready: called before writing (waits for a device → host copy); None when the data is there.
+        release: called after writing (hands buffers back to a pool).
+        last: for a run of small tensors written at once, the last one: each of `tensors` holds
+            the bytes of every tensor from `name` to `last` in the outputs' order.
+    """
+
+    name: str
+    tensors: Sequence[torch.Tensor]
+    progress: int
+    ready: Callable[[], None] | None = None
+    release: Callable[[], None] | None = None
+    last: str | None = None
+
+
+class OutputSet:
+    """The outputs of one run, one per λ setting: created under temporary names, streamed into, committed together.
+
+    Creating the set creates every temporary output and checks the free space, so an unusable
+    OUT fails before any work. Leaving a `with` block on an error removes them all. `commit`
+    publishes every output together, once `check_inputs` (if given) has found the inputs unchanged.
+
+    Args:
+        paths: one target per output (a .safetensors file, or a folder).
+        entries: the tensors of every output, in the order to assign them to shards.
+        metadata: `__metadata__` per output.
+        max_shard_size: folder outputs: the largest shard in bytes (None: one weights file).
+        weights_name: the weights file of a folder output.
+        extra_files: files copied into folder outputs (config, tokenizer).
+        force: replace existing targets.
+        check_inputs: called after every output is written and before any is published; raises
+            when an input changed during the run (then nothing is published).
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        entries: Sequence[TensorEntry],
+        metadata: Sequence[Mapping[str, str]],
+        *,
+        max_shard_size: int | None = None,
+        weights_name: str = "model.safetensors",
+        extra_files: Sequence[Path] = (),
+        force: bool = False,
+        check_inputs: Callable[[], None] | None = None,
+    ):
+        self.writers: list[CheckpointWriter] = []
+        self.force = force
+        self._check_inputs = check_inputs
+        try:
+            folder = is_folder_output(paths[0])
+            layout = plan_layout(entries, folder=folder, max_shard_size=max_shard_size, weights_name=weights_name)
+            for path, meta in zip(paths, metadata, strict=True):
+                writer = CheckpointWriter(
+                    path,
+                    metadata=dict(meta),
+                    max_shard_size=max_shard_size,
+                    weights_name=weights_name,
+                    extra_files=extra_files,
+                    force=force,
+                    layout=layout,
+                )
+                self.writers.append(writer)
+            check_free_space(self.writers)
+        except BaseException:
+            self.abort()
+            raise
+        self.order: list[TensorEntry] = self.writers[0].order
+
+    def stream(
+        self,
+        items: Iterable[Any],
+        read: Callable[[Any], Any],
+        compute: Callable[[Any, Any], Piece],
+        *,
+        total: int,
+        progress: bool,
+    ) -> None:
+        """For each item: read it (a thread), compute its `Piece` (this thread), write it to every output (a thread).
+
+        Items must come in the outputs' tensor order. `total` is the progress bar's bytes.
+        """
+        bar = progress_bar(total, progress)
+
+        def write(item: Any, piece: Piece) -> None:
+            if piece.ready is not None:
+                piece.ready()
+            for writer, tensor in zip(self.writers, piece.tensors, strict=True):
+                writer.write(piece.name, tensor, last=piece.last)
+            if piece.release is not None:
+                piece.release()
+            bar.update(piece.progress)
+
+        with bar:
+            run_pipeline(items, read, compute, write)
+
+    def add_texts(self, texts: Sequence[Mapping[str, str]]) -> None:
+        """Small generated files (an adapter_config.json, a model card) per output, by file name.
+
+        Call it between `stream` and `commit`: texts that describe the tensors (a model card with
+        the run's statistics) are written once the tensors are, and are committed with them.
+        """
+        for writer, files in zip(self.writers, texts, strict=True):
+            for name, text in files.items():
+                writer.add_text(name, text)
+
+    def commit(self) -> tuple[Path, ...]:
+        """Finish every output, check the inputs, then publish all of them together; returns their paths.
+
+        See `io.atomic.publish_all`: on an error none is published; a Ctrl-C or SIGTERM during
+        the publishing is raised after it, with the (complete) outputs in its `published`.
+        """
+        temps = [w.finish() for w in self.writers]
+        if self._check_inputs is not None:
+            self._check_inputs()
+        try:
+            published = publish_all([(t, w.target) for t, w in zip(temps, self.writers, strict=True)], force=self.force)
+        except KeyboardInterrupt as interrupt:
+            if getattr(interrupt, "published", ()):  # a signal held back until every output was in place
+                for w in self.writers:
+                    w.published()
+            raise
+        for w in self.writers:
+            w.published()
+        return published
+
+    def abort(self) -> None:
+        """Remove everything written so far (outputs already published stay)."""
+        for w in reversed(self.writers):
+            w.abort()
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(w.bytes_written for w in self.writers)
+
+    def __enter__(self) -> "OutputSet":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()  # a no-op for committed outputs
+
+
+def progress_bar(total: int, progress: bool, desc: str = "extsub-merge") -> tqdm:
+    """The progress bar of every streaming loop: bytes on stderr, hidden unless `progress`."""
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1000,
+        desc=desc,
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
+
+
+def discard(bar: tqdm) -> Callable[[Any, Piece], None]:
+    """A write stage that writes nothing (statistics only): waits for the piece, frees its buffers, moves the bar."""
+
+    def write(item: Any, piece: Piece) -> None:
+        if piece.ready is not None:
+            piece.ready()
+        if piece.release is not None:
+            piece.release()
+        bar.update(piece.progress)
+
+    return write
+
+
+def _nothing(name: str) -> None:
+    return None
+
+
+@dataclass
+class LazyOutput:
+    """One output described before it is computed: its tensors in order, how to make each, the files beside them.
+
+    Attributes:
+        entries: name, dtype and shape of every tensor, in the order to assign them to shards.
+        produce: (name, what `load` returned) → the CPU tensor of that entry's dtype and shape.
+        load: name → the input data `produce` needs (read in the I/O thread; None by default).
+        texts: generated files written beside the weights of a folder output (file name → text).
+        weights_name: the weights file of a folder output (model.safetensors, adapter_model.safetensors).
+        extra_files: files copied into a folder output (a base model's config and tokenizer).
+    """
+
+    entries: list[TensorEntry]
+    produce: Callable[[str, Any], torch.Tensor]
+    load: Callable[[str], Any] = _nothing
+    texts: Mapping[str, str] = field(default_factory=dict)
+    weights_name: str = "model.safetensors"
+    extra_files: Sequence[Path] = field(default=())
+
+    @classmethod
+    def lazy(cls, makers: Sequence[tuple[TensorEntry, Callable[[], torch.Tensor]]], **fields: Any) -> "LazyOutput":
+        """An output whose tensors are made on demand by the zero-argument `makers`, one per entry."""
+        by_name = {entry.name: make for entry, make in makers}
+        return cls([entry for entry, _ in makers], lambda name, _loaded: by_name[name](), **fields)
+
+    @classmethod
+    def of_tensors(cls, tensors: Mapping[str, torch.Tensor], **fields: Any) -> "LazyOutput":
+        """An output of tensors already in memory (a state dict).
+
+        Example:
+            >>> LazyOutput.of_tensors({"w": torch.zeros(2, 3)}).entries[0].shape
+            (2, 3)
+        """
+        for name, tensor in tensors.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"{name!r} is a {type(tensor).__name__}, not a torch.Tensor")
+        entries = [TensorEntry(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+        return cls(entries, lambda name, _loaded: tensors[name].detach().cpu(), **fields)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Tensor `name`, loaded and produced."""
+        return self.produce(name, self.load(name))
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) in entry order, one at a time."""
+        for entry in self.entries:
+            yield entry.name, self.tensor(entry.name)
+
+
+def write_outputs(
+    outputs: Sequence[LazyOutput],
+    paths: Sequence[Path],
+    metadata: Sequence[Mapping[str, str]],
+    *,
+    max_shard_size: int | None = None,
+    force: bool = False,
+    progress: bool = False,
+    check_inputs: Callable[[], None] | None = None,
+) -> tuple[tuple[Path, ...], int]:
+    """Write each lazy output to its path, all of them in one pass over their tensors.
+
+    The outputs of one run (one per λ setting) list the same tensors and share their inputs:
+    each tensor is loaded once (by the first output) and produced by every output, so the
+    inputs are read once whatever the number of outputs.
+
+    Args:
+        outputs: the lazy outputs, with equal entries, weights names and extra files.
+        paths: one target per output: a .safetensors file, or a folder.
+        metadata: `__metadata__` per output (format=pt is added).
+        max_shard_size: folder outputs: the largest shard in bytes (None: one weights file).
+        force: replace existing targets.
+        progress: a progress bar over the bytes written (stderr).
+        check_inputs: runs once every output is written, before any is published (see `OutputSet`).
+
+    Returns:
+        (the paths written, bytes written with headers).
+
+    Example:
+        >>> one = LazyOutput.of_tensors({"w": torch.ones(2)})  # doctest: +SKIP
+        >>> write_outputs([one], [Path("w.safetensors")], [{}])  # doctest: +SKIP
+    """
+    first = outputs[0]
+    if any(o.entries != first.entries for o in outputs[1:]):
+        raise MergeError("the outputs of one run list different tensors; they cannot be written in one pass")
+    with OutputSet(
+        paths,
+        first.entries,
+        [{"format": "pt", **meta} for meta in metadata],
+        max_shard_size=max_shard_size,
+        weights_name=first.weights_name,
+        extra_files=first.extra_files,
+        force=force,
+        check_inputs=check_inputs,
+    ) as out:
+
+        def load(run: list[TensorEntry]) -> list[Any]:
+            return [first.load(entry.name) for entry in run]
+
+        def compute(run: list[TensorEntry], loaded: list[Any]) -> Piece:
+            pairs = list(zip(run, loaded, strict=True))
+            made = [[_checked(e, o.produce(e.name, data)) for e, data in pairs] for o in outputs]
+            progress = sum(e.nbytes for e in run) * len(outputs)
+            if len(run) == 1:
+                return Piece(run[0].name, [tensors[0] for tensors in made], progress)
+            return Piece(run[0].name, [_joined(tensors) for tensors in made], progress, last=run[-1].name)
+
+        total = sum(e.nbytes for e in out.order) * len(outputs)
+        out.stream(_runs(out.order), load, compute, total=total, progress=progress)
+        out.add_texts([o.texts for o in outputs])
+        return out.commit(), out.bytes_written
+
+
+# Consecutive tensors under this size are made and written as one item (a run), not one each.
+_SMALL_TENSOR_BYTES = 1 << 16
+_RUN_BYTES = 32 << 20
+
+
+def _runs(order: Sequence[TensorEntry]) -> Iterator[list[TensorEntry]]:
+    """`order` as items to stream: each large tensor alone, consecutive small ones together (up to 32 MB)."""
+    run: list[TensorEntry] = []
+    size = 0
+    for entry in order:
+        if entry.nbytes >= _SMALL_TENSOR_BYTES or size + entry.nbytes > _RUN_BYTES:
+            if run:
+                yield run
+            run, size = [], 0
+            if entry.nbytes >= _SMALL_TENSOR_BYTES:
+                yield [entry]
+                continue
+        run.append(entry)
+        size += entry.nbytes
+    if run:
+        yield run
+
+
+def _joined(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The bytes of CPU tensors, back to back, as one uint8 tensor (a run's data for the writer)."""
+    flat = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors if t.numel()]
+    return torch.cat(flat) if flat else torch.empty(0, dtype=torch.uint8)
+
+
+def _checked(entry: TensorEntry, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` if it is what the header promised for `entry`; the writer only counts bytes."""
+    if tensor.dtype != entry.dtype or tuple(tensor.shape) != entry.shape:
+        raise MergeError(
+            f"tensor {entry.name!r} came out {tensor.dtype} {tuple(tensor.shape)} but the output header says "
+            f"{entry.dtype} {entry.shape}"
+        )
+    return tensor

@@ -1,0 +1,97 @@
+"""Three overlapping stages: read item i+1 (a thread), compute item i (the caller), write item i-1 (a thread).
+
+Queues of `depth` items between the stages bound what is in flight. An error or an interrupt
+in any stage stops all three; the caller sees the first error once both threads have ended,
+so nothing is still writing when it cleans up.
+"""
+
+import queue
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+_DONE = object()
+_STOPPED = object()
+_POLL_S = 0.05
+
+
+def run_pipeline(
+    items: Iterable[Any],
+    read: Callable[[Any], Any],
+    compute: Callable[[Any, Any], Any],
+    write: Callable[[Any, Any], None],
+    *,
+    depth: int = 1,
+) -> None:
+    """For each item: payload = read(item); result = compute(item, payload); write(item, result).
+
+    `read` and `write` run in their own threads, `compute` in the calling thread (where
+    KeyboardInterrupt lands). Items are written in order.
+    """
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    to_compute: queue.Queue = queue.Queue(maxsize=depth)
+    to_write: queue.Queue = queue.Queue(maxsize=depth)
+
+    def put(q: queue.Queue, value: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(value, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(q: queue.Queue) -> Any:
+        while True:
+            try:
+                return q.get(timeout=_POLL_S)
+            except queue.Empty:
+                if stop.is_set():
+                    return _STOPPED
+
+    def fail(error: BaseException) -> None:
+        errors.append(error)
+        stop.set()
+
+    def reader() -> None:
+        try:
+            for item in items:
+                if stop.is_set() or not put(to_compute, (item, read(item))):
+                    return
+            put(to_compute, _DONE)
+        except BaseException as e:
+            fail(e)
+
+    def writer() -> None:
+        try:
+            while (got := get(to_write)) not in (_DONE, _STOPPED):
+                write(*got)
+        except BaseException as e:
+            fail(e)
+
+    threads = [
+        threading.Thread(target=reader, name="extsub-read", daemon=True),
+        threading.Thread(target=writer, name="extsub-write", daemon=True),
+    ]
+    for t in threads:
+        t.start()
+    try:
+        while (got := get(to_compute)) not in (_DONE, _STOPPED):
+            item, payload = got
+            if not put(to_write, (item, compute(item, payload))):
+                break
+        else:
+            if got is _DONE:
+                put(to_write, _DONE)
+        while threads[1].is_alive() and not stop.is_set():
+            threads[1].join(_POLL_S)
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
