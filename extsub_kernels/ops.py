@@ -142,7 +142,8 @@ def row_products(w_plus: torch.Tensor, w_minus: torch.Tensor, *, out: torch.Tens
     """Per row (dim 0) of a pair: |p|², |m|² and p·m, as a (rows, 3) float64 tensor on their device (DESIGN.md §7).
 
     What `ext_sub_(..., row_stats=...)` hands back from its own pass, computed here without
-    the update: reduced in float32 (float64 for float64 inputs) over blocks sized for cache.
+    the update: reduced in float32 (float64 for float64 inputs), by the C++ kernel on CPU rows
+    with contiguous columns when it loads (`cpu_backend()`), else in torch over blocks sized for cache.
 
     Args:
         w_plus, w_minus: the pair, same shape and device, any float dtypes.
@@ -160,6 +161,11 @@ def row_products(w_plus: torch.Tensor, w_minus: torch.Tensor, *, out: torch.Tens
     if rows == 0:
         return out
     p, m = as_rows(w_plus), as_rows(w_minus)
+    if p.device.type == "cpu" and _contiguous_columns(p) and _contiguous_columns(m) and _cpp_kernel_loads():
+        from extsub_kernels.kernels.ext_sub_cpu import row_sums
+
+        row_sums(p, m, out)
+        return out
     compute = compute_dtype(p.dtype, m.dtype)
     step = _block_rows(p, compute)
     for start in range(0, p.shape[0], step):
@@ -169,6 +175,11 @@ def row_products(w_plus: torch.Tensor, w_minus: torch.Tensor, *, out: torch.Tens
         m_norm = torch.linalg.vector_norm(m_wide, dim=1)
         _store_row_sums(out[start : start + step], p_norm, m_norm, p_wide, m_wide)
     return out
+
+
+def _contiguous_columns(t: torch.Tensor) -> bool:
+    """Whether the columns of a 2-D view are contiguous (what both kernels read)."""
+    return t.shape[1] <= 1 or t.stride(1) == 1
 
 
 def _row_count(t: torch.Tensor) -> int:
@@ -320,20 +331,20 @@ def ext_sub_(
 
     p = _writable_rows(w_plus)
     compiled = chosen in ("triton", "cpp")  # both kernels need contiguous columns
-    copy_back = p is None or (compiled and p.stride(-1) != 1)
+    copy_back = p is None or (compiled and not _contiguous_columns(p))
     if copy_back:
         p = as_rows(w_plus).contiguous()
     m = as_rows(w_minus)
-    if compiled and m.stride(-1) != 1:
+    if compiled and not _contiguous_columns(m):
         m = m.contiguous()
     if chosen == "triton":
         from extsub_kernels.kernels.ext_sub import ext_sub_rows_
 
         ext_sub_rows_(p, m, lam, row_stats=row_stats)
-    elif chosen == "cpp" and row_stats is None:
+    elif chosen == "cpp":
         from extsub_kernels.kernels.ext_sub_cpu import ext_sub_rows_ as ext_sub_rows_cpu_
 
-        ext_sub_rows_cpu_(p, m, lam)
+        ext_sub_rows_cpu_(p, m, lam, row_stats=row_stats)
     else:
         _ext_sub_rows_torch_(p, m, lam, row_stats)
     if copy_back:

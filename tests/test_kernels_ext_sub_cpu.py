@@ -15,9 +15,9 @@ import torch
 
 from extsub_kernels import ext_sub, ext_sub_, ext_sub_reference
 from extsub_kernels.kernels import ext_sub_cpu
-from extsub_kernels.ops import cpu_backend
+from extsub_kernels.ops import cpu_backend, row_products
 
-from helpers import TOLERANCES, assert_close_explained
+from helpers import TOLERANCES, assert_close_explained, assert_row_sums_close
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
@@ -97,6 +97,78 @@ def test_long_rows_split_by_columns(kernel, threads, monkeypatch, shape, dtype, 
     assert_close_explained(p, expected, *TOLERANCES[dtype])
     if len(shape) == 2:
         assert torch.equal(p[1], before[1])
+
+
+# --- row sums (|p|², |m|², p·m per row, DESIGN.md §7) ------------------------------------
+
+
+def _sums_dtype(p_dtype: torch.dtype, m_dtype: torch.dtype) -> torch.dtype:
+    """The dtype whose SUM_RTOL applies: float64 lanes when either side is float64, float32 lanes otherwise."""
+    return torch.float64 if torch.float64 in (p_dtype, m_dtype) else torch.float32
+
+
+@pytest.mark.parametrize("m_dtype", DTYPES)
+@pytest.mark.parametrize("p_dtype", DTYPES)
+def test_row_sums_of_every_dtype_pair_match_the_torch_path(kernel, p_dtype, m_dtype):
+    """The sums come from the pass that updates; the update is the same bit for bit with or without them."""
+    p, m = _pair((29, 301), p_dtype, m_dtype)
+    p[3] = 0  # a zero expert row keeps p and still gets its sums
+    plain = ext_sub(p, m, 1.3, backend="cpp")
+    ours, torch_path = (torch.empty(29, 3, dtype=torch.float64) for _ in range(2))
+    with_sums = ext_sub_(p.clone(), m, 1.3, backend="cpp", row_stats=ours)
+    ext_sub_(p.clone(), m, 1.3, backend="torch", row_stats=torch_path)
+    assert torch.equal(with_sums, plain), "asking for the sums never changes the update"
+    dtype = _sums_dtype(p_dtype, m_dtype)
+    assert_row_sums_close(ours, p, m, dtype, f"C++ {p_dtype}/{m_dtype}")
+    assert_row_sums_close(torch_path, p, m, dtype, f"torch {p_dtype}/{m_dtype}")
+
+
+@pytest.mark.parametrize("stats_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(5, 7), (64, 33), (3, 4096)], ids=str)
+def test_row_sums_on_several_threads(kernel, threads, monkeypatch, shape, n_threads, stats_dtype):
+    """Chunks of rows shared by threads each store their own rows' sums, in float32 or float64."""
+    threads(n_threads)
+    monkeypatch.setattr(ext_sub_cpu, "_MIN_ELEMENTS_PER_THREAD", 1)
+    p, m = _pair(shape, torch.bfloat16)
+    stats = torch.full((shape[0], 3), float("nan"), dtype=stats_dtype)
+    ext_sub_(p.clone(), m, 0.9, backend="cpp", row_stats=stats)
+    assert_row_sums_close(stats, p, m, torch.float32, f"{n_threads} threads")
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1000,), (2, 777)], ids=str)
+def test_row_sums_of_long_rows_split_by_columns(kernel, threads, monkeypatch, shape, dtype, n_threads):
+    threads(n_threads)
+    monkeypatch.setattr(ext_sub_cpu, "_MIN_ELEMENTS_PER_THREAD", 1)
+    monkeypatch.setattr(ext_sub_cpu, "_LONG_ROW", 100)
+    p, m = _pair(shape, dtype)
+    rows = shape[0] if len(shape) == 2 else 1
+    stats = torch.empty(rows, 3, dtype=torch.float64)
+    expected = ext_sub_reference(p, m, 0.6)
+    out = ext_sub_(p.clone(), m, 0.6, backend="cpp", row_stats=stats)
+    assert_close_explained(out, expected, *TOLERANCES[dtype])
+    assert_row_sums_close(stats, p, m, dtype, f"long rows, {n_threads} threads")
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_products_take_the_sums_alone_and_leave_p(kernel, threads, monkeypatch, dtype, n_threads):
+    """ops.row_products runs the kernel with the update switched off: p comes back untouched."""
+    threads(n_threads)
+    monkeypatch.setattr(ext_sub_cpu, "_MIN_ELEMENTS_PER_THREAD", 1)
+    p, m = _pair((40, 130), dtype)
+    before = p.clone()
+    called = []
+    monkeypatch.setattr(ext_sub_cpu, "row_sums", lambda *a: (called.append(1), _row_sums(*a))[1])
+    sums = row_products(p, m)
+    assert called, "row_products on CPU rows with contiguous columns runs the C++ kernel"
+    assert torch.equal(p, before)
+    assert_row_sums_close(sums, p, m, _sums_dtype(dtype, dtype), f"row_products {dtype}")
+
+
+_row_sums = ext_sub_cpu.row_sums
 
 
 def test_busy_pool_threads_do_not_hold_up_the_call(kernel, threads, monkeypatch):
@@ -195,7 +267,8 @@ def test_lambda_zero_keeps_every_16_bit_value(f16_kernel, dtype):
     p = patterns[~torch.isnan(patterns.float())].reshape(1, -1).clone()
     m = torch.ones_like(p)
     expected = p.clone()
-    assert f16_kernel.rows(p.data_ptr(), m.data_ptr(), CODES[dtype], CODES[dtype], 0, 1, p.shape[1], 0, 0, 0.0) == 0
+    code = CODES[dtype]
+    assert f16_kernel.rows(p.data_ptr(), m.data_ptr(), code, code, 0, 1, p.shape[1], 0, 0, 0.0, None, 0, 1) == 0
     _assert_same_bits(p, expected, f"{dtype} at λ = 0")
 
 
@@ -206,7 +279,7 @@ def test_software_half_build_matches_the_hardware_build(kernel, f16_kernel):
     m[8:] *= 3e4  # and rows whose results overflow to ±Inf
     ours, theirs = p.clone(), p.clone()
     for lib, out in ((kernel, ours), (f16_kernel, theirs)):
-        assert lib.rows(out.data_ptr(), m.data_ptr(), 0, 2, 0, 16, 1000, 1000, 1000, 0.7) == 0
+        assert lib.rows(out.data_ptr(), m.data_ptr(), 0, 2, 0, 16, 1000, 1000, 1000, 0.7, None, 0, 1) == 0
     _assert_same_bits(ours, theirs, "software vs hardware float16")
 
 

@@ -8,9 +8,13 @@
 // the same row, still in cache for rows up to a few hundred KB, writes α·p + β·m rounded once
 // to p's dtype. Memory sees read p, read m, write p: the copy floor.
 //
+// Row sums (DESIGN.md §7): on request the first loop also accumulates p·m, and the row's |p|²,
+// |m|² and p·m (before the update) are stored in a (rows, 3) float32 or float64 array; with
+// update = 0 only the sums are taken (ops.row_products).
+//
 // Dtype codes: 0 float16, 1 bfloat16, 2 float32, 3 float64. Arithmetic is in float32, or in
-// float64 when either operand is float64. Sums of squares go in float32 lanes over blocks of
-// kSumBlock elements and blocks add up in float64, so a row of 2^30 elements loses no accuracy.
+// float64 when either operand is float64. Sums go in float32 lanes over blocks of kSumBlock
+// elements and blocks add up in float64, so a row of 2^30 elements loses no accuracy.
 
 #include <cmath>
 #include <cstdint>
@@ -118,10 +122,15 @@ using Stored = typename Format<T>::S;
 // Elements per block of the float32 lanes; blocks add up in float64.
 constexpr int64_t kSumBlock = 4096;
 
-// Adds Σp² and Σm² over n elements to sp and sm. C lanes (a few vector registers' worth),
-// each lane a sequential sum over at most kSumBlock / kLanes terms.
-template <typename C, typename P, typename M>
-void sums_of_squares(const Stored<P>* p, const Stored<M>* m, int64_t n, double& sp, double& sm) {
+// The sums of a stretch of a row: Σp², Σm² and, when asked, Σp·m.
+struct Sums {
+  double pp = 0.0, mm = 0.0, pm = 0.0;
+};
+
+// Adds Σp², Σm² (and Σp·m with kDot) over n elements to s. C lanes (a few vector registers'
+// worth), each lane a sequential sum over at most kSumBlock / kLanes terms.
+template <typename C, typename P, typename M, bool kDot>
+void row_sums(const Stored<P>* p, const Stored<M>* m, int64_t n, Sums& s) {
   constexpr int kLanes = 128 / sizeof(C);
   for (int64_t start = 0; start < n; start += kSumBlock) {
     const int64_t len = n - start < kSumBlock ? n - start : kSumBlock;
@@ -129,6 +138,7 @@ void sums_of_squares(const Stored<P>* p, const Stored<M>* m, int64_t n, double& 
     const Stored<M>* mb = m + start;
     C acc_p[kLanes] = {};
     C acc_m[kLanes] = {};
+    C acc_pm[kLanes] = {};
     int64_t j = 0;
     for (; j + kLanes <= len; j += kLanes) {
       for (int k = 0; k < kLanes; ++k) {
@@ -136,6 +146,7 @@ void sums_of_squares(const Stored<P>* p, const Stored<M>* m, int64_t n, double& 
         C b = Format<M>::widen(mb[j + k]);
         acc_p[k] += a * a;
         acc_m[k] += b * b;
+        if constexpr (kDot) acc_pm[k] += a * b;
       }
     }
     for (; j < len; ++j) {
@@ -143,14 +154,42 @@ void sums_of_squares(const Stored<P>* p, const Stored<M>* m, int64_t n, double& 
       C b = Format<M>::widen(mb[j]);
       acc_p[0] += a * a;
       acc_m[0] += b * b;
+      if constexpr (kDot) acc_pm[0] += a * b;
     }
-    double bp = 0.0, bm = 0.0;
+    double bp = 0.0, bm = 0.0, bpm = 0.0;
     for (int k = 0; k < kLanes; ++k) {
       bp += static_cast<double>(acc_p[k]);
       bm += static_cast<double>(acc_m[k]);
+      if constexpr (kDot) bpm += static_cast<double>(acc_pm[k]);
     }
-    sp += bp;
-    sm += bm;
+    s.pp += bp;
+    s.mm += bm;
+    s.pm += bpm;
+  }
+}
+
+// Where a call's row sums go: a (rows, 3) array of float32 (dtype 2) or float64 (dtype 3), or nowhere.
+struct StatsOut {
+  void* ptr;
+  int dtype;
+  bool wanted() const { return ptr != nullptr; }
+  void store(int64_t row, const Sums& s) const {
+    if (dtype == 3) {
+      double* out = static_cast<double*>(ptr) + 3 * row;
+      out[0] = s.pp, out[1] = s.mm, out[2] = s.pm;
+    } else {
+      float* out = static_cast<float*>(ptr) + 3 * row;
+      out[0] = static_cast<float>(s.pp), out[1] = static_cast<float>(s.mm), out[2] = static_cast<float>(s.pm);
+    }
+  }
+};
+
+template <typename C, typename P, typename M>
+void sums_of(const Stored<P>* p, const Stored<M>* m, int64_t n, bool dot, Sums& s) {
+  if (dot) {
+    row_sums<C, P, M, true>(p, m, n, s);
+  } else {
+    row_sums<C, P, M, false>(p, m, n, s);
   }
 }
 
@@ -192,18 +231,20 @@ int with_dtypes(int p_dtype, int m_dtype, F&& f) {
   }
 }
 
-// Rows [r0, r1) of the (rows, n_cols) views p and m: both norms, then p ← α·p + β·m in place.
+// Rows [r0, r1) of the (rows, n_cols) views p and m: both norms (and the row sums, if wanted),
+// then p ← α·p + β·m in place unless only the sums were asked for.
 template <typename P, typename M>
 void rows_in_place(Stored<P>* p, const Stored<M>* m, int64_t r0, int64_t r1, int64_t n_cols, int64_t p_row_stride,
-                   int64_t m_row_stride, double half_lam) {
+                   int64_t m_row_stride, double half_lam, StatsOut stats, bool write) {
   using C = Compute<P, M>;
   for (int64_t r = r0; r < r1; ++r) {
     Stored<P>* pr = p + r * p_row_stride;
     const Stored<M>* mr = m + r * m_row_stride;
-    double sp = 0.0, sm = 0.0;
-    sums_of_squares<C, P, M>(pr, mr, n_cols, sp, sm);
-    if (sp == 0.0) continue;  // |p| = 0: the row stays (α = 1, β = 0)
-    const double alpha = 1.0 + half_lam * (std::sqrt(sm) / std::sqrt(sp));
+    Sums s;
+    sums_of<C, P, M>(pr, mr, n_cols, stats.wanted(), s);
+    if (stats.wanted()) stats.store(r, s);
+    if (!write || s.pp == 0.0) continue;  // |p| = 0: the row stays (α = 1, β = 0)
+    const double alpha = 1.0 + half_lam * (std::sqrt(s.mm) / std::sqrt(s.pp));
     update<C, P, M>(pr, mr, n_cols, static_cast<C>(alpha), static_cast<C>(-half_lam));
   }
 }
@@ -236,16 +277,17 @@ void claim_chunks(int64_t n_chunks, int64_t* counters, int wait, Body&& body) {
 }  // namespace
 
 // Rows [row_begin, row_end) of the (rows, n_cols) views p and m (columns contiguous, rows
-// p_row_stride and m_row_stride elements apart), on the calling thread alone.
+// p_row_stride and m_row_stride elements apart), on the calling thread alone. stats: null, or
+// the (rows, 3) row sums array of stats_dtype (2 float32, 3 float64); write = 0: sums only.
 // Returns 0, or −1 for an unknown dtype code.
 EXTSUB_EXPORT int extsub_rows(void* p, const void* m, int p_dtype, int m_dtype, int64_t row_begin,
                               int64_t row_end, int64_t n_cols, int64_t p_row_stride, int64_t m_row_stride,
-                              double half_lam) {
+                              double half_lam, void* stats, int stats_dtype, int write) {
   return with_dtypes(p_dtype, m_dtype, [&](auto p_tag, auto m_tag) {
     using P = typename decltype(p_tag)::type;
     using M = typename decltype(m_tag)::type;
-    rows_in_place<P, M>(static_cast<Stored<P>*>(p), static_cast<const Stored<M>*>(m), row_begin, row_end, n_cols, p_row_stride,
-                  m_row_stride, half_lam);
+    rows_in_place<P, M>(static_cast<Stored<P>*>(p), static_cast<const Stored<M>*>(m), row_begin, row_end, n_cols,
+                        p_row_stride, m_row_stride, half_lam, StatsOut{stats, stats_dtype}, write != 0);
   });
 }
 
@@ -253,7 +295,8 @@ EXTSUB_EXPORT int extsub_rows(void* p, const void* m, int p_dtype, int m_dtype, 
 // same counters (two zeroed int64: next chunk, chunks finished); see claim_chunks.
 EXTSUB_EXPORT int extsub_rows_shared(void* p, const void* m, int p_dtype, int m_dtype, int64_t n_rows,
                                      int64_t n_cols, int64_t p_row_stride, int64_t m_row_stride, double half_lam,
-                                     int64_t chunk_rows, int64_t* counters, int wait) {
+                                     void* stats, int stats_dtype, int write, int64_t chunk_rows, int64_t* counters,
+                                     int wait) {
   return with_dtypes(p_dtype, m_dtype, [&](auto p_tag, auto m_tag) {
     using P = typename decltype(p_tag)::type;
     using M = typename decltype(m_tag)::type;
@@ -261,26 +304,28 @@ EXTSUB_EXPORT int extsub_rows_shared(void* p, const void* m, int p_dtype, int m_
     claim_chunks(n_chunks, counters, wait, [&](int64_t k) {
       const int64_t r0 = k * chunk_rows;
       const int64_t r1 = r0 + chunk_rows < n_rows ? r0 + chunk_rows : n_rows;
-      rows_in_place<P, M>(static_cast<Stored<P>*>(p), static_cast<const Stored<M>*>(m), r0, r1, n_cols, p_row_stride, m_row_stride,
-                    half_lam);
+      rows_in_place<P, M>(static_cast<Stored<P>*>(p), static_cast<const Stored<M>*>(m), r0, r1, n_cols, p_row_stride,
+                          m_row_stride, half_lam, StatsOut{stats, stats_dtype}, write != 0);
     });
   });
 }
 
 // First pass over one row too long for one thread (contiguous p and m of n elements): chunk k
-// of chunk elements writes its Σp² and Σm² to partials[2k] and partials[2k + 1].
+// of chunk elements writes its Σp², Σm² and (dot ≠ 0) Σp·m to partials[3k], [3k + 1], [3k + 2].
 EXTSUB_EXPORT int extsub_sums_shared(const void* p, const void* m, int p_dtype, int m_dtype, int64_t n,
-                                     int64_t chunk, double* partials, int64_t* counters, int wait) {
+                                     int64_t chunk, int dot, double* partials, int64_t* counters, int wait) {
   return with_dtypes(p_dtype, m_dtype, [&](auto p_tag, auto m_tag) {
     using P = typename decltype(p_tag)::type;
     using M = typename decltype(m_tag)::type;
     claim_chunks((n + chunk - 1) / chunk, counters, wait, [&](int64_t k) {
       const int64_t begin = k * chunk;
       const int64_t len = begin + chunk < n ? chunk : n - begin;
-      double sp = 0.0, sm = 0.0;
-      sums_of_squares<Compute<P, M>, P, M>(static_cast<const Stored<P>*>(p) + begin, static_cast<const Stored<M>*>(m) + begin, len, sp, sm);
-      partials[2 * k] = sp;
-      partials[2 * k + 1] = sm;
+      Sums s;
+      sums_of<Compute<P, M>, P, M>(static_cast<const Stored<P>*>(p) + begin, static_cast<const Stored<M>*>(m) + begin,
+                                   len, dot != 0, s);
+      partials[3 * k] = s.pp;
+      partials[3 * k + 1] = s.mm;
+      partials[3 * k + 2] = s.pm;
     });
   });
 }

@@ -1,7 +1,8 @@
 """The CPU kernel for Ext-Sub (paper §3, Algorithm 1): ext_sub_cpu.cpp, built at first use, cached, called via ctypes.
 
 Per row: p' = α·p + β·m with α = 1 + (λ/2)·|m|/|p|, β = −λ/2 (DESIGN.md §1); rows with |p| = 0
-keep p. The C++ file has no torch headers, so a build takes about two seconds with any C++17
+keep p. On request the same pass stores each row's |p|², |m|² and p·m (DESIGN.md §7), or
+takes only those sums (`row_sums`). The C++ file has no torch headers, so a build takes about two seconds with any C++17
 compiler; the library lands in a per-user cache keyed by the source, the flags and the compiler,
 so later processes load it in milliseconds. Without a compiler, or when the build fails, `load()`
 returns None with the reason in `status()`, and the op runs its eager torch path instead.
@@ -37,7 +38,19 @@ import torch
 
 SOURCE = Path(__file__).with_name("ext_sub_cpu.cpp")
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
-_BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-fvisibility=hidden", "-fno-exceptions")
+_STATS_CODES = {torch.float32: 2, torch.float64: 3}
+# -ffp-contract=off: no fused multiply-adds chosen by the compiler, so each sum and each update
+# rounds the same way in every instantiation (with or without row sums: the same result bit for bit).
+_BASE_FLAGS = (
+    "-O3",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+    "-fno-math-errno",
+    "-ffp-contract=off",
+    "-fvisibility=hidden",
+    "-fno-exceptions",
+)
 # Vector extensions per torch's own CPU capability (torch.backends.cpu.get_cpu_capability()).
 _ARCH_FLAGS = {
     "AVX512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"),
@@ -69,13 +82,13 @@ class _Library:
         lib = ctypes.CDLL(str(path))
         i64, i32, dbl, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p
         self.rows = lib.extsub_rows
-        self.rows.argtypes = [ptr, ptr, i32, i32, i64, i64, i64, i64, i64, dbl]
+        self.rows.argtypes = [ptr, ptr, i32, i32, i64, i64, i64, i64, i64, dbl, ptr, i32, i32]
         self.rows.restype = i32
         self.rows_shared = lib.extsub_rows_shared
-        self.rows_shared.argtypes = [ptr, ptr, i32, i32, i64, i64, i64, i64, dbl, i64, ptr, i32]
+        self.rows_shared.argtypes = [ptr, ptr, i32, i32, i64, i64, i64, i64, dbl, ptr, i32, i32, i64, ptr, i32]
         self.rows_shared.restype = i32
         self.sums_shared = lib.extsub_sums_shared
-        self.sums_shared.argtypes = [ptr, ptr, i32, i32, i64, i64, ptr, ptr, i32]
+        self.sums_shared.argtypes = [ptr, ptr, i32, i32, i64, i64, i32, ptr, ptr, i32]
         self.sums_shared.restype = i32
         self.update_shared = lib.extsub_update_shared
         self.update_shared.argtypes = [ptr, ptr, i32, i32, i64, i64, dbl, dbl, ptr, i32]
@@ -185,10 +198,11 @@ def _self_check(lib: _Library) -> None:
     """One row with a known answer, so a miscompiled library is refused rather than used."""
     p = (ctypes.c_float * 4)(3.0, 4.0, 0.0, 0.0)
     m = (ctypes.c_float * 4)(0.0, 0.0, 6.0, 8.0)
-    lib.rows(ctypes.addressof(p), ctypes.addressof(m), 2, 2, 0, 1, 4, 4, 4, 0.5)
-    expected = (6.0, 8.0, -3.0, -4.0)  # α = 1 + 0.5·10/5 = 2, β = −0.5
-    if any(abs(a - b) > 1e-6 for a, b in zip(p, expected, strict=True)):
-        raise RuntimeError(f"self-check failed: got {list(p)}, expected {list(expected)}")
+    sums = (ctypes.c_double * 3)()
+    lib.rows(ctypes.addressof(p), ctypes.addressof(m), 2, 2, 0, 1, 4, 4, 4, 0.5, ctypes.addressof(sums), 3, 1)
+    got, expected = (*p, *sums), (6.0, 8.0, -3.0, -4.0, 25.0, 100.0, 0.0)  # α = 1 + 0.5·10/5 = 2, β = −0.5
+    if any(abs(a - b) > 1e-6 for a, b in zip(got, expected, strict=True)):
+        raise RuntimeError(f"self-check failed: got {list(got)}, expected {list(expected)}")
 
 
 def load() -> _Library | None:
@@ -266,22 +280,44 @@ def _executor(workers: int) -> ThreadPoolExecutor:
         return _pool
 
 
-def ext_sub_rows_(p: torch.Tensor, m: torch.Tensor, lam: float) -> None:
+def ext_sub_rows_(p: torch.Tensor, m: torch.Tensor, lam: float, *, row_stats: torch.Tensor | None = None) -> None:
     """p ← α·p + β·m row by row, in place, for 2-D CPU views whose columns are contiguous.
 
+    `row_stats`, a contiguous (rows, 3) float32/float64 tensor, receives |p|², |m|², p·m of
+    each row before the update, from the same pass (one more product per element).
     Up to torch.get_num_threads() threads (one per 64 Ki elements at most) claim chunks of
     about _CHUNK_BYTES of rows. Fewer long rows than four per thread (a 1-D tensor is one row)
-    are shared by column chunks instead, in two passes: the sums of squares, then the update.
+    are shared by column chunks instead, in two passes: the sums, then the update.
     """
+    _run(p, m, lam, row_stats, write=True)
+
+
+def row_sums(p: torch.Tensor, m: torch.Tensor, out: torch.Tensor) -> None:
+    """|p|², |m|², p·m of each row of 2-D CPU views with contiguous columns into `out` (rows, 3); p is not written."""
+    _run(p, m, 0.0, out, write=False)
+
+
+def _run(p: torch.Tensor, m: torch.Tensor, lam: float, stats: torch.Tensor | None, *, write: bool) -> None:
+    """Check the operands, choose the split across threads, and call the kernel."""
     lib = load()
     if lib is None:
         raise RuntimeError(f"the C++ kernel is unavailable: {status().detail}")
     n_rows, n_cols = p.shape
-    if n_rows == 0 or n_cols == 0:
+    if n_rows == 0:
         return
     for name, t in (("p", p), ("m", m)):
         if t.device.type != "cpu" or (n_cols > 1 and t.stride(1) != 1):
             raise ValueError(f"{name} must be a CPU tensor with contiguous columns (stride {t.stride()})")
+    stats_ptr, stats_dtype = None, 0
+    if stats is not None:
+        if stats.dtype not in _STATS_CODES or stats.shape != (n_rows, 3) or not stats.is_contiguous():
+            raise ValueError(f"row sums go in a contiguous ({n_rows}, 3) float32/float64 tensor, not {stats.shape}")
+        stats_ptr, stats_dtype = stats.data_ptr(), _STATS_CODES[stats.dtype]
+        if n_cols == 0:
+            stats.zero_()
+            return
+    if n_cols == 0:
+        return
     p_dtype, m_dtype = _DTYPE_CODES[p.dtype], _DTYPE_CODES[m.dtype]
     half_lam = 0.5 * lam
     threads = max(1, min(torch.get_num_threads(), p.numel() // _MIN_ELEMENTS_PER_THREAD))
@@ -290,28 +326,40 @@ def ext_sub_rows_(p: torch.Tensor, m: torch.Tensor, lam: float) -> None:
         for row in range(n_rows):
             row_p = p_ptr + row * p.stride(0) * p.element_size()
             row_m = m_ptr + row * m.stride(0) * m.element_size()
-            _long_row(lib, row_p, row_m, p_dtype, m_dtype, n_cols, half_lam, threads)
+            sums = _long_row(lib, row_p, row_m, p_dtype, m_dtype, n_cols, half_lam, threads, stats is not None, write)
+            if stats is not None:
+                stats[row] = torch.tensor(sums, dtype=torch.float64)
         return
+    common = (p_ptr, m_ptr, p_dtype, m_dtype)
     if threads == 1:
-        lib.rows(p_ptr, m_ptr, p_dtype, m_dtype, 0, n_rows, n_cols, p.stride(0), m.stride(0), half_lam)
+        lib.rows(*common, 0, n_rows, n_cols, p.stride(0), m.stride(0), half_lam, stats_ptr, stats_dtype, write)
         return
     row_bytes = n_cols * (p.element_size() + m.element_size())
     chunk_rows = max(1, min(_CHUNK_BYTES // row_bytes, -(-n_rows // (4 * threads))))
-    args = (p_ptr, m_ptr, p_dtype, m_dtype, n_rows, n_cols, p.stride(0), m.stride(0), half_lam, chunk_rows)
+    args = (*common, n_rows, n_cols, p.stride(0), m.stride(0), half_lam, stats_ptr, stats_dtype, write, chunk_rows)
     _share(lib.rows_shared, *args, threads=threads)
 
 
 def _long_row(
-    lib: _Library, p_ptr: int, m_ptr: int, p_dtype: int, m_dtype: int, n: int, half_lam: float, threads: int
-) -> None:
-    """One contiguous row shared by threads: the sums of squares by chunk, then the update by chunk."""
+    lib: _Library,
+    p_ptr: int,
+    m_ptr: int,
+    p_dtype: int,
+    m_dtype: int,
+    n: int,
+    half_lam: float,
+    threads: int,
+    dot: bool,
+    write: bool,
+) -> tuple[float, float, float]:
+    """One contiguous row shared by threads: the sums by chunk, then the update by chunk; returns |p|², |m|², p·m."""
     chunk = max(_MIN_ELEMENTS_PER_THREAD, (-(-n // _MAX_LONG_ROW_CHUNKS) + 63) & ~63)
     n_chunks = -(-n // chunk)
-    partials = (ctypes.c_double * (2 * n_chunks))()
-    _share(lib.sums_shared, p_ptr, m_ptr, p_dtype, m_dtype, n, chunk, partials, threads=threads)
-    sp = math.fsum(partials[0::2])  # in chunk order: the same result whichever thread summed which chunk
-    sm = math.fsum(partials[1::2])
-    if sp == 0.0:  # |p| = 0: the row stays
-        return
-    alpha = 1.0 + half_lam * (math.sqrt(sm) / math.sqrt(sp))
-    _share(lib.update_shared, p_ptr, m_ptr, p_dtype, m_dtype, n, chunk, alpha, -half_lam, threads=threads)
+    partials = (ctypes.c_double * (3 * n_chunks))()
+    _share(lib.sums_shared, p_ptr, m_ptr, p_dtype, m_dtype, n, chunk, int(dot), partials, threads=threads)
+    # in chunk order: the same result whichever thread summed which chunk
+    sp, sm, spm = (math.fsum(partials[k::3]) for k in range(3))
+    if write and sp > 0.0:  # |p| = 0: the row stays
+        alpha = 1.0 + half_lam * (math.sqrt(sm) / math.sqrt(sp))
+        _share(lib.update_shared, p_ptr, m_ptr, p_dtype, m_dtype, n, chunk, alpha, -half_lam, threads=threads)
+    return sp, sm, spm
