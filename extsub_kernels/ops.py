@@ -61,7 +61,7 @@ def ext_sub_coefficients(p_norm: torch.Tensor, m_norm: torch.Tensor, lam: float)
 
 
 def _ext_sub_rows_torch_(p: torch.Tensor, m: torch.Tensor, lam: float, row_stats: torch.Tensor | None = None) -> None:
-    """Closed form in eager torch ops (the CPU fallback), writing into the 2-D tensor `p` (any device); `row_stats` (rows, 3) gets the row sums.
+    """Closed form in eager torch ops into the 2-D tensor `p` (any device; the CPU fallback); `row_stats` gets row sums.
 
     On CPU the rows go in blocks of about _CPU_BLOCK_BYTES per operand: the norms read a block
     from DRAM and the update and the write find it in cache, so memory sees about one pass.
@@ -155,8 +155,10 @@ def row_products(w_plus: torch.Tensor, w_minus: torch.Tensor, *, out: torch.Tens
     """
     check_pair(w_plus, w_minus, 0.0)
     rows = _row_count(w_plus)
-    out = _checked_row_stats(out, w_plus) if out is not None else torch.empty(
-        rows, 3, dtype=torch.float64, device=w_plus.device
+    out = (
+        _checked_row_stats(out, w_plus)
+        if out is not None
+        else torch.empty(rows, 3, dtype=torch.float64, device=w_plus.device)
     )
     if rows == 0:
         return out
@@ -279,7 +281,7 @@ def _warn_no_triton() -> None:
         _warned_no_triton = True
         warnings.warn(
             "Triton is not installed, so Ext-Sub on CUDA runs the torch path instead of the fused kernel; "
-            "install it with `pip install \"extsub[cuda]\"` (or `pip install triton`)",
+            'install it with `pip install "extsub[cuda]"` (or `pip install triton`)',
             stacklevel=4,
         )
 

@@ -7,9 +7,9 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from helpers import DEVICES, backend_available
-from helpers import TOLERANCES, assert_close_explained
 from extsub_kernels import ext_sub, ext_sub_, ext_sub_reference, extract_deficiency, subtract_
+
+from helpers import DEVICES, TOLERANCES, assert_close_explained, backend_available
 
 BACKENDS = ["auto", "triton", "cpp", "torch", "reference"]
 SHAPES = [
@@ -48,7 +48,10 @@ def test_parity_with_reference(shape, dtype, backend, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["triton", "cpp", "torch"])
-@pytest.mark.parametrize("plus_dtype,minus_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16), (torch.float16, torch.float64)])
+@pytest.mark.parametrize(
+    "plus_dtype,minus_dtype",
+    [(torch.bfloat16, torch.float32), (torch.float32, torch.float16), (torch.float16, torch.float64)],
+)
 def test_mixed_dtypes(plus_dtype, minus_dtype, backend, device):
     _skip_unless(backend, device)
     p = torch.randn(33, 70, device=device).to(plus_dtype)
@@ -197,7 +200,9 @@ def test_extract_deficiency_degenerate_rows():
     assert torch.equal(ext[0], torch.zeros_like(ext[0])), "|p| = 0 → Ext = 0"
     assert torch.equal(ext[1], torch.zeros_like(ext[1])), "|m| = 0 → Ext = 0"
     assert_close_explained(ext[3], m[3], *TOLERANCES[torch.float64], what="antiparallel: Ext(m) = m")
-    assert_close_explained(ext[4], torch.zeros_like(ext[4]), 0.0, 1e-15, "parallel: Ext(m) = 0", scale=float(m[4].abs().max()))
+    assert_close_explained(
+        ext[4], torch.zeros_like(ext[4]), 0.0, 1e-15, "parallel: Ext(m) = 0", scale=float(m[4].abs().max())
+    )
 
 
 # --- properties (hypothesis) ---------------------------------------------------------------
