@@ -22,6 +22,17 @@
 #include <thread>
 #include <type_traits>
 
+// float16 ↔ float32: F16C vector instructions on x86 (eight or sixteen values per instruction,
+// exact, round to nearest even), the compiler's _Float16 on other targets that have it, the
+// bit-level conversions below otherwise and for single values. EXTSUB_SOFT_F16 forces the
+// bit-level ones (tests compare the two builds bit for bit).
+#if defined(__F16C__) && !defined(EXTSUB_SOFT_F16)
+#include <immintrin.h>
+#define EXTSUB_F16C 1
+#elif defined(__FLT16_MAX__) && !defined(EXTSUB_SOFT_F16) && !defined(__x86_64__) && !defined(__i386__)
+#define EXTSUB_NATIVE_F16 1
+#endif
+
 #if defined(_WIN32)
 #define EXTSUB_EXPORT extern "C" __declspec(dllexport)
 #else
@@ -72,8 +83,8 @@ struct Format<BFloat16> {
   }
 };
 
-#if defined(__FLT16_MAX__) && !defined(EXTSUB_SOFT_F16)
-// The compiler's half type: hardware conversions where the target has them (F16C on x86).
+#if defined(EXTSUB_NATIVE_F16)
+// The compiler's half type, where the target converts in hardware (Arm, for one).
 template <>
 struct Format<Half> {
   using S = _Float16;
@@ -84,8 +95,8 @@ struct Format<Half> {
   }
 };
 #else
-// Compilers without _Float16 (GCC < 12 on x86): exact bit-level conversions (F. Giesen's
-// float ↔ half; round to nearest even, NaN → quiet NaN).
+// Exact bit-level conversions (F. Giesen's float ↔ half; round to nearest even, NaN → quiet
+// NaN): single values beside F16C's vectors on x86, and everything where neither applies.
 template <>
 struct Format<Half> {
   using S = uint16_t;
@@ -119,6 +130,75 @@ struct Format<Half> {
 template <typename T>
 using Stored = typename Format<T>::S;
 
+// A vector loop's N values (a multiple of 16) of one operand, widened to C: read in place, or
+// for float16 on x86 converted by F16C, a whole vector register at a time (with AVX-512, 16
+// values: the loop's loads of `values` then forward from same-sized stores, never split ones).
+template <typename T, typename C, int N>
+struct Loaded {
+  const Stored<T>* src;
+  explicit Loaded(const Stored<T>* from) : src(from) {}
+  C operator[](int k) const { return static_cast<C>(Format<T>::widen(src[k])); }
+};
+
+// Where a vector loop's N results go, each rounded once to T: straight to memory, or for
+// float16 on x86 gathered and converted a vector register at a time by F16C (round to nearest even).
+template <typename T, typename C, int N>
+struct Narrowed {
+  Stored<T>* dst;
+  explicit Narrowed(Stored<T>* to) : dst(to) {}
+  void set(int k, C x) { dst[k] = Format<T>::narrow(x); }
+  void flush() {}
+};
+
+#if defined(EXTSUB_F16C)
+template <typename C, int N>
+struct Loaded<Half, C, N> {
+  C values[N];
+  explicit Loaded(const uint16_t* from) {
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<C, float>) {  // whole vector registers: stores the loop's loads can forward
+      for (int k = 0; k < N; k += 16) {
+        _mm512_storeu_ps(values + k, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(from + k))));
+      }
+      return;
+    }
+#endif
+    for (int k = 0; k < N; k += 8) {
+      const __m256 wide = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(from + k)));
+      if constexpr (std::is_same_v<C, float>) {
+        _mm256_storeu_ps(values + k, wide);
+      } else {
+        float floats[8];
+        _mm256_storeu_ps(floats, wide);
+        for (int i = 0; i < 8; ++i) values[k + i] = floats[i];
+      }
+    }
+  }
+  C operator[](int k) const { return values[k]; }
+};
+
+template <typename C, int N>
+struct Narrowed<Half, C, N> {
+  uint16_t* dst;
+  float values[N];  // C = double rounds to float first, as the single-value path does
+  explicit Narrowed(uint16_t* to) : dst(to) {}
+  void set(int k, C x) { values[k] = static_cast<float>(x); }
+  void flush() {
+#if defined(__AVX512F__)
+    for (int k = 0; k < N; k += 16) {
+      const __m256i h = _mm512_cvtps_ph(_mm512_loadu_ps(values + k), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), h);
+    }
+#else
+    for (int k = 0; k < N; k += 8) {
+      const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(values + k), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + k), h);
+    }
+#endif
+  }
+};
+#endif
+
 // Elements per block of the float32 lanes; blocks add up in float64.
 constexpr int64_t kSumBlock = 4096;
 
@@ -141,9 +221,10 @@ void row_sums(const Stored<P>* p, const Stored<M>* m, int64_t n, Sums& s) {
     C acc_pm[kLanes] = {};
     int64_t j = 0;
     for (; j + kLanes <= len; j += kLanes) {
+      const Loaded<P, C, kLanes> pv(pb + j);
+      const Loaded<M, C, kLanes> mv(mb + j);
       for (int k = 0; k < kLanes; ++k) {
-        C a = Format<P>::widen(pb[j + k]);
-        C b = Format<M>::widen(mb[j + k]);
+        const C a = pv[k], b = mv[k];
         acc_p[k] += a * a;
         acc_m[k] += b * b;
         if constexpr (kDot) acc_pm[k] += a * b;
@@ -196,7 +277,16 @@ void sums_of(const Stored<P>* p, const Stored<M>* m, int64_t n, bool dot, Sums& 
 // p[j] ← α·p[j] + β·m[j] for j < n, computed in C and rounded once to P.
 template <typename C, typename P, typename M>
 void update(Stored<P>* __restrict p, const Stored<M>* __restrict m, int64_t n, C alpha, C beta) {
-  for (int64_t j = 0; j < n; ++j) {
+  constexpr int kLanes = 128 / sizeof(C);
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const Loaded<P, C, kLanes> pv(p + j);
+    const Loaded<M, C, kLanes> mv(m + j);
+    Narrowed<P, C, kLanes> out(p + j);
+    for (int k = 0; k < kLanes; ++k) out.set(k, alpha * pv[k] + beta * mv[k]);
+    out.flush();
+  }
+  for (; j < n; ++j) {
     p[j] = Format<P>::narrow(alpha * static_cast<C>(Format<P>::widen(p[j])) +
                              beta * static_cast<C>(Format<M>::widen(m[j])));
   }
@@ -353,15 +443,23 @@ EXTSUB_EXPORT int extsub_convert(const void* src, int src_dtype, void* dst, int 
     using D = typename decltype(dst_tag)::type;
     using S = typename decltype(src_tag)::type;
     using C = Compute<D, S>;
-    for (int64_t i = 0; i < n; ++i) {
-      static_cast<Stored<D>*>(dst)[i] = Format<D>::narrow(static_cast<C>(Format<S>::widen(static_cast<const Stored<S>*>(src)[i])));
+    constexpr int kLanes = 128 / sizeof(C);
+    const Stored<S>* from = static_cast<const Stored<S>*>(src);
+    Stored<D>* to = static_cast<Stored<D>*>(dst);
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {  // the vector loops' conversions
+      const Loaded<S, C, kLanes> in(from + i);
+      Narrowed<D, C, kLanes> out(to + i);
+      for (int k = 0; k < kLanes; ++k) out.set(k, in[k]);
+      out.flush();
     }
+    for (; i < n; ++i) to[i] = Format<D>::narrow(static_cast<C>(Format<S>::widen(from[i])));  // the tails' conversions
   });
 }
 
-// 1 when built with the compiler's _Float16, 0 with the bit-level conversions.
+// 1 when float16 vectors convert in hardware (F16C, or the compiler's _Float16), 0 with the bit-level conversions.
 EXTSUB_EXPORT int extsub_hardware_f16() {
-#if defined(__FLT16_MAX__) && !defined(EXTSUB_SOFT_F16)
+#if defined(EXTSUB_F16C) || defined(EXTSUB_NATIVE_F16)
   return 1;
 #else
   return 0;
