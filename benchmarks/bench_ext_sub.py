@@ -9,10 +9,12 @@ tensors, writes one — the floor), and on CPU for one shape the authors' patter
 over rows). On CPU it also counts minor page faults per call of ours and of the fallback in
 steady state (getrusage ru_minflt), the cost of fresh pages a per-call allocation would bring.
 GB/s count 3·N·itemsize. Writes JSON rows (the data) and a markdown table derived from them
-to benchmarks/results/op-<device>.{json,md}.
+to benchmarks/results/op-<device>.{json,md} (--name sets another stem). --ranges renders one
+table from several runs' JSON files: per shape and dtype, the range of each figure over the runs.
 
     python benchmarks/bench_ext_sub.py                 # every shape, bf16 and fp32, on CUDA if present
     python benchmarks/bench_ext_sub.py --device cpu --shapes 4096x4096 --dtypes fp32
+    python benchmarks/bench_ext_sub.py --ranges benchmarks/results/op-a.json benchmarks/results/op-b.json
 """
 
 import argparse
@@ -274,6 +276,51 @@ def render_markdown(rows: list[dict]) -> str:
     return head + "\n".join(_format_row(r) for r in rows) + "\n"
 
 
+def render_ranges(runs: list[list[dict]]) -> str:
+    """One table from several runs: for each (shape, dtype), each figure's lowest–highest value over the runs."""
+    by_key: dict[tuple, list[dict]] = {}
+    for rows in runs:
+        for row in rows:
+            by_key.setdefault((tuple(row["shape"]), row["dtype"]), []).append(row)
+
+    def span(values: list[float], fmt: str, suffix: str = "") -> str:
+        low, high = min(values), max(values)
+        return f"{low:{fmt}}{suffix}" if f"{low:{fmt}}" == f"{high:{fmt}}" else f"{low:{fmt}}–{high:{fmt}}{suffix}"
+
+    first = runs[0][0]
+    lines = [
+        f"Device: {first['device']} · date {first['date']} · extsub {first['version']} · torch {first['torch']} · "
+        f"{len(runs)} runs\nours = backend='auto': {first.get('implementation', 'n/a')}\n",
+        "| shape | dtype | ours ms | ours / copy | (best) | copy ms | torch.compile ms | vs torch.compile | (best) "
+        "| eager torch path ms | vs eager | vs eager reference | vs authors' row loop | load average |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (shape, dtype), rows in by_key.items():
+        ms = [r["ms"] for r in rows]
+        best = [r["ms_best"] for r in rows]
+        loads = [x for r in rows for x in r.get("load_average_1min", []) if x is not None]
+        cells = [
+            f"{shape[0]}×{shape[1]}",
+            dtype,
+            span([m["ours"] for m in ms], ".2f"),
+            span([m["ours"] / m["copy"] for m in ms], ".2f", "×"),
+            span([b["ours"] / b["copy"] for b in best], ".2f", "×"),
+            span([m["copy"] for m in ms], ".2f"),
+            span([m["compile"] for m in ms], ".2f"),
+            span([m["compile"] / m["ours"] for m in ms], ".2f", "×"),
+            span([b["compile"] / b["ours"] for b in best], ".2f", "×"),
+            span([m["eager"] for m in ms], ".2f"),
+            span([m["eager"] / m["ours"] for m in ms], ".1f", "×"),
+            span([m["reference"] / m["ours"] for m in ms], ".0f", "×"),
+            span([m["row_loop"] / m["ours"] for m in ms if "row_loop" in m], ".0f", "×")
+            if any("row_loop" in m for m in ms)
+            else "–",
+            span(loads, ".1f") if loads else "–",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _parse_shape(text: str) -> tuple[int, int]:
     rows, cols = text.lower().split("x")
     return int(rows), int(cols)
@@ -294,7 +341,14 @@ def main() -> None:
         help="on a shared machine, start each row once the 1-minute load average is below this (each row records it)",
     )
     parser.add_argument("--quiet-timeout", type=float, default=600.0, help="longest wait for --quiet-load, seconds")
+    parser.add_argument("--name", default=None, help="stem of the output files (default: op-<device>)")
+    parser.add_argument(
+        "--ranges", nargs="+", type=Path, default=None, help="print one table from these runs' JSON files and stop"
+    )
     args = parser.parse_args()
+    if args.ranges:
+        print(render_ranges([json.loads(path.read_text()) for path in args.ranges]), end="")
+        return
 
     shapes = [_parse_shape(s) for s in args.shapes.split(",")]
     rows = bench(
@@ -307,10 +361,10 @@ def main() -> None:
         args.quiet_timeout,
     )
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    slug = _slug(args.device)
-    (args.out_dir / f"op-{slug}.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (args.out_dir / f"op-{slug}.md").write_text(render_markdown(rows))
-    print(f"wrote {args.out_dir / f'op-{slug}.json'} and .md")
+    stem = args.name or f"op-{_slug(args.device)}"
+    (args.out_dir / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (args.out_dir / f"{stem}.md").write_text(render_markdown(rows))
+    print(f"wrote {args.out_dir / f'{stem}.json'} and .md")
 
 
 if __name__ == "__main__":
