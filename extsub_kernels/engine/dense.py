@@ -1,27 +1,39 @@
 """The dense run: checkpoints (task vectors, or full models with a base) streamed block by block through the method.
 
-Per block of rows: read (pread into a pooled host buffer, pinned on CUDA) → device → the
-method once per λ setting → NaN/Inf check → host → append to every output. Reading the next
-block, computing this one and writing the previous one overlap (`OutputSet.stream`), so host
-and device memory stay a small multiple of the block size whatever the model's size.
+Per block: read (pread into a pooled input buffer, pinned on CUDA) → device → the method once
+per λ setting into pooled result buffers (through a cache-sized workspace) → NaN/Inf check →
+host → append to every output. Reading the next block, computing this one and writing the
+previous one overlap (`OutputSet.stream`). The pools and the workspace are sized once from the
+plan, so the steady state allocates nothing and host and device memory are a fixed multiple of
+the largest block whatever the model's size. Rows that do not fit one block stream twice (their
+norms, then the update; `gram`).
 """
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from extsub_kernels._tensors import all_finite, nonfinite_summary, shares_storage
+from extsub_kernels._tensors import all_finite, compute_dtype, nonfinite_summary
 from extsub_kernels.engine.architecture import transposed_weights
+from extsub_kernels.engine.gram import RowGram, combine_into
 from extsub_kernels.engine.memory import peak_rss_bytes
-from extsub_kernels.engine.methods import apply_method
+from extsub_kernels.engine.methods import (
+    CPU_CHUNK_ELEMENTS,
+    apply_method_,
+    apply_method_into,
+    in_place_step,
+    workspace_slots,
+)
 from extsub_kernels.engine.options import DEFAULT_MAX_SHARD_SIZE, RunOptions, lam_label, parse_size
 from extsub_kernels.engine.outputs import OutputSet, Piece, run_metadata
-from extsub_kernels.engine.plan import Block, TensorJob, cut_blocks, plan_tensors, row_bytes, rows_of
+from extsub_kernels.engine.pipeline import in_flight
+from extsub_kernels.engine.plan import Block, TensorJob, cut_blocks, plan_tensors, row_bytes, row_elements
 from extsub_kernels.engine.report import MergeReport
-from extsub_kernels.engine.transfer import BufferPool, Transfer, view_as
-from extsub_kernels.errors import InputError
+from extsub_kernels.engine.transfer import BufferPool, Transfer, Workspace, view_as
+from extsub_kernels.errors import InputError, MergeError
 from extsub_kernels.io import CheckpointReader, ResolvedInput, TensorEntry, is_folder_output
 from extsub_kernels.io.resolve import ADAPTER_CONFIG
 
@@ -64,7 +76,14 @@ def run_dense(inputs: Inputs, options: RunOptions, paths: Sequence[Path], *, sta
             total = sum(streamer.read_bytes(b) for b in blocks)
             with streamer.transfer:
                 streamer.transfer.reset_peak()
-                outputs.stream(blocks, streamer.read, streamer.compute, total=total, progress=options.progress)
+                outputs.stream(
+                    blocks,
+                    streamer.read,
+                    streamer.compute,
+                    total=total,
+                    progress=options.progress,
+                    on_stop=streamer.close,
+                )
             written = outputs.commit()
             bytes_written = outputs.bytes_written
     finally:
@@ -87,7 +106,17 @@ def run_dense(inputs: Inputs, options: RunOptions, paths: Sequence[Path], *, sta
 
 
 class BlockStreamer:
-    """The stages of a dense merge over blocks of rows: `read` (a thread), `compute` (the caller); `OutputSet` writes.
+    """The stages of a dense merge over blocks: `read` (a thread), `compute` (the caller); `OutputSet` writes.
+
+    Memory is fixed by construction: `blocks` sizes, once from the plan, a pool of input
+    buffers and a pool of result buffers on the host (each buffer the largest block in its
+    widest form; pinned on CUDA), a pool of device buffers on CUDA, and a workspace of a few
+    cache-sized chunks. Every block is read into input buffers, computed through the workspace
+    into result buffers (or in place in the expert's input buffer) and written from them; each
+    buffer goes back to its pool once its last stage is done with it. A pool holds a buffer for
+    every item the pipeline can have in flight (`pipeline.in_flight`), and a stage that runs
+    ahead of its pool waits for a buffer; the reader alone takes input buffers and the compute
+    stage alone result buffers, so a smaller pool slows the run down but cannot deadlock it.
 
     Args:
         readers: the inputs, numbered as in `TensorJob` (expert, anti-experts, base).
@@ -101,25 +130,63 @@ class BlockStreamer:
     ):
         self.readers, self.roles, self.options, self.outputs = readers, roles, options, outputs
         self.transfer = Transfer(options.device)
-        self.pool = BufferPool(1, pin=self.transfer.cuda)
+        self.input_pool: BufferPool | None = None
+        self.result_pool: BufferPool | None = None
+        self.device_pool: BufferPool | None = None
+        self.workspace: Workspace | None = None
+        self._nothing = torch.empty(0, dtype=torch.uint8)  # what a "norms" block hands each output
+        self._unit: _RowsInPieces | None = None
 
     def blocks(self, jobs: Sequence[TensorJob]) -> list[Block]:
-        """`jobs` cut into blocks of rows, in the outputs' order; sizes the buffer pool for them."""
+        """`jobs` cut into blocks, in the outputs' order; sizes the pools and the workspace for them."""
         by_name = {j.name: j for j in jobs}
-        blocks = []
+        blocks, capacity, chunk, itemsize = [], 1, CPU_CHUNK_ELEMENTS, 4
         for entry in self.outputs.order:
             job = by_name[entry.name]
             width = row_bytes(job, self.readers)
-            for block in cut_blocks(job, width, self.options.block_bytes):
-                blocks.append(block)
-                self.pool.capacity = max(self.pool.capacity, width * (block.stop - block.start))
+            cut = cut_blocks(job, width, self.options.block_bytes, whole_rows=self.options.method == "ext-sub")
+            per_element = width // max(1, row_elements(job.shape))
+            for block in cut:
+                capacity = max(capacity, per_element * block.elements()[1])
+                if self.transfer.cuda:
+                    chunk = max(chunk, block.elements()[1])
+            if job.merged:
+                itemsize = max(itemsize, compute_dtype(*self._dtypes(job)).itemsize)
+            blocks += cut
+        n_in = max((len(b.job.inputs()) for b in blocks), default=1)
+        n_out = len(self.options.settings)
+        # an input buffer holding an in-place result (or a tensor copied as is) stays until written
+        self.input_pool = BufferPool(capacity, in_flight() * n_in + in_flight() - 1, pin=self.transfer.cuda)
+        self.result_pool = BufferPool(capacity, in_flight() * n_out, pin=self.transfer.cuda)
+        if self.transfer.cuda:
+            self.device_pool = BufferPool(capacity, n_in + n_out, device=self.options.device)
+        n_anti = max((len(b.job.antis) for b in blocks), default=1)
+        self.workspace = Workspace(chunk, workspace_slots(n_anti), itemsize=itemsize, device=self.options.device)
         return blocks
+
+    @property
+    def pools(self) -> list[BufferPool]:
+        return [p for p in (self.input_pool, self.result_pool, self.device_pool) if p is not None]
+
+    @property
+    def host_bytes(self) -> int:
+        """Host bytes of the buffers the pools created and of the workspace (on CPU): the memory streaming takes."""
+        pools = sum(p.allocated * p.capacity for p in self.pools if p.device.type == "cpu")
+        return pools + (self.workspace.nbytes if self.workspace is not None and not self.transfer.cuda else 0)
+
+    def close(self) -> None:
+        """Wake a stage waiting for a buffer: the run is stopping."""
+        for pool in self.pools:
+            pool.close()
+
+    def _dtypes(self, job: TensorJob) -> list[torch.dtype]:
+        return [self.readers[i].info(job.name).dtype for i in job.inputs()]
 
     def _range(self, block: Block, i: int) -> tuple[int, int]:
         """(first byte, length) of `block` within input i's tensor."""
-        info = self.readers[i].info(block.job.name)
-        row = info.nbytes // rows_of(info.shape)
-        return block.start * row, (block.stop - block.start) * row
+        itemsize = self.readers[i].info(block.job.name).dtype.itemsize
+        first, count = block.elements()
+        return first * itemsize, count * itemsize
 
     def read_bytes(self, block: Block) -> int:
         return sum(self._range(block, i)[1] for i in block.job.inputs())
@@ -130,63 +197,140 @@ class BlockStreamer:
         return view_as(buffer, self.readers[i].info(block.job.name).dtype, block.shape())
 
     def read(self, block: Block) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        buffers = [self.pool.get() for _ in block.job.inputs()]
-        return [self._read_rows(block, i, buf) for i, buf in zip(block.job.inputs(), buffers, strict=True)], buffers
+        """The block of every input the job reads, each in a buffer of the input pool."""
+        tensors, buffers = [], []
+        for i in block.job.inputs():
+            buffers.append(self.input_pool.get())
+            tensors.append(self._read_rows(block, i, buffers[-1]))
+        return tensors, buffers
 
     def compute(self, block: Block, payload: tuple[list[torch.Tensor], list[torch.Tensor]]) -> Piece:
-        tensors, buffers = payload
-        job = block.job
-        settings = self.options.settings
-        moved = self.transfer.to_device(tensors)
-        if not job.merged:
-            return self._to_host(block, [moved[0].to(job.out_dtype)] * len(settings), buffers)
-        plus, minus = moved[0], moved[1 : 1 + len(job.antis)]
-        theta0 = moved[-1] if job.base is not None else None
-        results = []
-        for s, setting in enumerate(settings):
-            result = apply_method(
-                plus,
-                minus,
-                [setting[k - 1] for k in job.antis],
-                method=self.options.method,
-                base=theta0,
-                out_dtype=job.out_dtype,
-                transposed=job.transposed,
-                inplace=s == len(settings) - 1,
-            )
-            self._check_finite(block, result, setting)
-            results.append(result)
-        return self._to_host(block, results, buffers)
-
-    def _to_host(self, block: Block, results: list[torch.Tensor], buffers: list[torch.Tensor]) -> Piece:
-        """The results on the host as a Piece; the buffers they occupy go back to the pool once written."""
+        """The block's result for every output, in pooled buffers; each buffer goes back as soon as it is free."""
+        host, host_buffers = payload
         progress = self.read_bytes(block)
         if not self.transfer.cuda:
-            keep = [b for b in buffers if any(shares_storage(r, b) for r in results)]
-            self.pool.put([b for b in buffers if not any(b is k for k in keep)])
-            return Piece(block.job.name, results, progress, release=lambda: self.pool.put(keep))
-        self.pool.put(buffers)
-        host, keep, seen = [], [], {}
+            results, kept, fresh = self._results(block, host, host_buffers, self.result_pool)
+            self.input_pool.put([b for b in host_buffers if not any(b is k for k in kept)])
+
+            def release() -> None:
+                self.input_pool.put(kept)
+                self.result_pool.put(fresh)
+
+            return Piece(
+                block.job.name, results or [self._nothing] * len(self.options.settings), progress, release=release
+            )
+        buffers = [self.device_pool.get() for _ in host]
+        inputs = self.transfer.to_device_into(host, buffers)
+        self.input_pool.put(host_buffers)
+        results, _, fresh = self._results(block, inputs, buffers, self.device_pool)
+        landing, host_results, seen = [], [], {}
         for r in results:
             if id(r) not in seen:
-                keep.append(self.pool.get())
-                seen[id(r)] = self.transfer.to_host(r, keep[-1])
-            host.append(seen[id(r)])
+                landing.append(self.result_pool.get())
+                seen[id(r)] = self.transfer.to_host(r, landing[-1])
+            host_results.append(seen[id(r)])
+        self.device_pool.put(buffers + fresh)  # later work on the copy stream runs after these copies
         event = self.transfer.done_event()
         return Piece(
             block.job.name,
-            host,
+            host_results or [self._nothing] * len(self.options.settings),
             progress,
             ready=lambda: self.transfer.ready(event),
-            release=lambda: self.pool.put(keep),
+            release=lambda: self.result_pool.put(landing),
         )
 
-    def _check_finite(self, block: Block, result: torch.Tensor, setting: tuple[float, ...]) -> None:
-        """A NaN or Inf in a result names the input tensor holding one, or else the overflow."""
-        if all_finite(result):
-            return
+    def _results(
+        self, block: Block, inputs: list[torch.Tensor], buffers: list[torch.Tensor], pool: BufferPool
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """(one result per λ setting, the input buffers holding one, the buffers taken from `pool` for the others).
+
+        A "norms" block has no results. A tensor copied in its dtype, and the last setting of an
+        in-place step, are their input buffer; every other result gets a buffer of `pool`.
+        """
+        job, settings = block.job, self.options.settings
+        if block.phase == "norms":
+            self._accumulate(block, inputs)
+            return [], [], []
+        if not job.merged:
+            if inputs[0].dtype == job.out_dtype:
+                return [inputs[0]] * len(settings), [buffers[0]], []
+            out = pool.get()
+            return [view_as(out, job.out_dtype, block.shape()).copy_(inputs[0])] * len(settings), [], [out]
+        plus, minus = inputs[0], inputs[1 : 1 + len(job.antis)]
+        theta0 = inputs[-1] if job.base is not None else None
+        in_place = in_place_step(
+            plus.dtype,
+            len(minus),
+            method=self.options.method,
+            base=theta0 is not None,
+            out_dtype=job.out_dtype,
+            transposed=job.transposed,
+        )
+        results, kept, fresh = [], [], []
+        for s, setting in enumerate(settings):
+            lams = [setting[k - 1] for k in job.antis]
+            if in_place and s == len(settings) - 1 and block.phase == "one-pass":
+                result = apply_method_(plus, minus[0], lams[0])  # last: the expert's block is no longer needed
+                kept.append(buffers[0])
+            else:
+                fresh.append(pool.get())
+                result = view_as(fresh[-1], job.out_dtype, block.shape())
+                if block.phase == "update":
+                    self._update(block, result, inputs, s)
+                elif in_place:
+                    apply_method_(result.copy_(plus), minus[0], lams[0])
+                else:
+                    apply_method_into(
+                        result,
+                        plus,
+                        minus,
+                        lams,
+                        method=self.options.method,
+                        base=theta0,
+                        transposed=job.transposed,
+                        workspace=self.workspace,
+                    )
+            self._check_finite(block, result, setting)
+            results.append(result)
+        return results, kept, fresh
+
+    def _accumulate(self, block: Block, inputs: list[torch.Tensor]) -> None:
+        """A "norms" block: its share of its rows' Gram matrices (a new unit starts with a row's or tensor's first)."""
         job = block.job
-        for i in job.inputs():  # read again: the expert's block may have been overwritten in place
+        vectors, theta0, geometry = _pieces_of(block, inputs)
+        if self._unit is None or self._unit.key != geometry.key:
+            n_vectors = 1 + len(job.antis)
+            self._unit = _RowsInPieces(geometry.key, RowGram(n_vectors, geometry.n_pairs, device=inputs[0].device))
+        gram = self._unit.gram
+        gram.add(vectors, theta0, reduce_dim=geometry.reduce_dim, workspace=self.workspace, pair_offset=geometry.offset)
+        if not gram.finite():
+            self._check_inputs(block)
+
+    def _update(self, block: Block, out: torch.Tensor, inputs: list[torch.Tensor], setting: int) -> None:
+        """An "update" block: its piece of the result for λ setting `setting`, from the rows' Gram matrices."""
+        job = block.job
+        vectors, theta0, geometry = _pieces_of(block, inputs)
+        unit = self._unit
+        if unit is None or unit.key != geometry.key:
+            raise MergeError(f"tensor {job.name!r}: an update block came before the norms of its rows")
+        if unit.coefficients is None:
+            dtype = compute_dtype(*(t.dtype for t in inputs))
+            lams = [[setting_lams[k - 1] for k in job.antis] for setting_lams in self.options.settings]
+            unit.coefficients = [unit.gram.coefficients(lam).to(dtype) for lam in lams]
+        combine_into(
+            out.view(vectors[0].shape),
+            vectors,
+            theta0,
+            unit.coefficients[setting],
+            reduce_dim=geometry.reduce_dim,
+            workspace=self.workspace,
+            pair_offset=geometry.offset,
+        )
+
+    def _check_inputs(self, block: Block) -> None:
+        """Raise an InputError naming the input whose block holds a NaN or Inf (read again: the op writes in place)."""
+        job = block.job
+        for i in job.inputs():
             data = self._read_rows(block, i, torch.empty(self._range(block, i)[1], dtype=torch.uint8))
             problem = nonfinite_summary(data, first_row=block.start)
             if problem is not None:
@@ -195,7 +339,51 @@ class BlockStreamer:
                     f"tensor {job.name!r} in {self.roles[i]} ({where}) contains {problem}; "
                     "the op needs finite weights, so fix or drop that input"
                 )
+
+    def _check_finite(self, block: Block, result: torch.Tensor, setting: tuple[float, ...]) -> None:
+        """A NaN or Inf in a result names the input tensor holding one, or else the overflow."""
+        if all_finite(result):
+            return
+        job = block.job
+        self._check_inputs(block)
         raise InputError(
             f"tensor {job.name!r}: the result at λ={lam_label(setting)} overflows {job.out_dtype} although the inputs "
             "are finite; use a smaller λ or --dtype float32"
         )
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """How a two-pass block's data maps onto its Gram: the unit it belongs to, the axis a row runs along, its rows."""
+
+    key: tuple[str, int]
+    reduce_dim: int
+    n_pairs: int
+    offset: int
+
+
+@dataclass
+class _RowsInPieces:
+    """The rows streamed in two passes now: their Gram and, once the norms are in, the coefficients per setting."""
+
+    key: tuple[str, int]
+    gram: RowGram
+    coefficients: list[torch.Tensor] | None = None
+
+
+def _pieces_of(block: Block, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor | None, _Geometry]:
+    """A two-pass block's inputs as 2-D views (expert and anti-experts; θ₀ apart) and its geometry.
+
+    Rows in pieces: each piece is (1, n) of one row, the unit is that row. Conv1D weights: the
+    op's rows are the stored columns, the unit is the whole tensor; a block is (rows, cols), or
+    (1, n) columns [a, a + n) of one stored row.
+    """
+    job = block.job
+    flat = block.cols is not None
+    views = [t.view(1, -1) if flat else t for t in inputs]
+    theta0 = views[-1] if job.base is not None else None
+    vectors = views[: 1 + len(job.antis)]
+    if job.transposed:
+        offset = block.cols[0] if flat else 0
+        return vectors, theta0, _Geometry((job.name, 0), 0, row_elements(job.shape), offset)
+    return vectors, theta0, _Geometry((job.name, block.start), 1, 1, 0)
