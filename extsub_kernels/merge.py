@@ -16,7 +16,6 @@ import torch
 from extsub_kernels.adapters import AdapterOptions, LoraAdapter, run_adapters
 from extsub_kernels.engine import MergeReport, RunOptions, run_dense
 from extsub_kernels.engine.options import (
-    DEFAULT_BLOCK_BYTES,
     OUT_DTYPES,
     DtypeName,
     Lam,
@@ -50,7 +49,7 @@ def merge(
     on_missing: OnMissing = "error",
     force: bool = False,
     progress: bool = False,
-    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    block_bytes: int | None = None,
     adapter: AdapterOptions | None = None,
 ) -> MergeReport:
     """Merge checkpoints or LoRA adapters with Ext-Sub, streamed: θ' = θ⁺ ⊖ θ₁⁻ ⊖ θ₂⁻ ...
@@ -81,7 +80,8 @@ def merge(
         on_missing: keys only in an anti-expert: "error" (list them), "copy", "skip".
         force: replace an existing OUT.
         progress: show a progress bar (stderr).
-        block_bytes: target bytes of a block of rows (memory is a small multiple of it).
+        block_bytes: target bytes of a streamed block of rows; host and device memory are a fixed
+            multiple of it (None: 2 MiB on CPU, 32 MiB on CUDA).
         adapter: options of adapter merges (output format, max_rank, scaling of bare files,
             any_base_model); refused with dense inputs.
 

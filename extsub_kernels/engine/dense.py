@@ -144,7 +144,7 @@ class BlockStreamer:
         for entry in self.outputs.order:
             job = by_name[entry.name]
             width = row_bytes(job, self.readers)
-            cut = cut_blocks(job, width, self.options.block_bytes, whole_rows=self.options.method == "ext-sub")
+            cut = cut_blocks(job, width, self.options.block_size, whole_rows=self.options.method == "ext-sub")
             per_element = width // max(1, row_elements(job.shape))
             for block in cut:
                 capacity = max(capacity, per_element * block.elements()[1])
