@@ -22,12 +22,18 @@ page cache is dropped before every run (needs root); with warm the inputs are re
 every run. After the runs of a layer count, the largest |difference| between mergekit's output
 and ours under `sub` is measured tensor by tensor.
 
+--before DIR adds runs of `sub` and `ext-sub` with the extsub_kernels of another checkout DIR
+(e.g. the code before a change), taking turns with the others. --long-row-gib G instead merges
+two one-tensor checkpoints, a 1-D float32 tensor of G GiB each (one row longer than any block),
+and checks the output against the op applied to the whole tensor in memory.
+
 Rows go to benchmarks/results/merge-<date>-<device>[-<tag>].json and the table to a .md beside
 them. Checkpoints live in a temporary folder (removed at the end), never in the repository.
 
     python benchmarks/bench_merge.py                                   # 8 layers, warm and cold, 3 runs each
     python benchmarks/bench_merge.py --layers 2,4,8,16,32 --runs sub --cache warm --repeat 2 --tag flat
     python benchmarks/bench_merge.py --layers 2 --repeat 1             # a quick look
+    python benchmarks/bench_merge.py --long-row-gib 1 --repeat 2 --tag long-row
 """
 
 import argparse
@@ -44,9 +50,10 @@ from pathlib import Path
 
 import torch
 
-from extsub_kernels.io import CheckpointReader, CheckpointWriter, TensorEntry, read_header
+from _common import CODE, ROOT, environment, peak_rss_bytes  # puts the checkout to measure first on sys.path
 
-from _common import ROOT, environment, peak_rss_bytes
+# isort: split
+from extsub_kernels.io import CheckpointReader, CheckpointWriter, TensorEntry, read_header
 
 MODELS = {
     # issue 14's model: LLaMA-shaped, hidden 2048 (TinyLlama's width, full-width k/v), 1.08 GB at 8 layers
@@ -221,6 +228,27 @@ def child_extsub(method: str, out: str, expert: str, anti: str, base: str) -> di
     }
 
 
+def child_long_row(out: str, expert: str, anti: str) -> dict:
+    from extsub_kernels import merge, ops
+
+    with Usage() as usage:
+        report = merge(expert, anti, out, lam=LAM, device="cpu")
+    backend = ops.cpu_backend() if hasattr(ops, "cpu_backend") else "torch: eager torch ops"
+    return {**usage.fields, "bytes_read": report.bytes_read, "peak_rss_bytes": peak_rss_bytes(), "cpu_backend": backend}
+
+
+def child_check_long_row(out: str, expert: str, anti: str) -> dict:
+    """The largest |merged − op on the whole tensor| / max |op| (the whole row in memory, as the merge avoids)."""
+    from safetensors.torch import load_file
+
+    from extsub_kernels import ext_sub_
+
+    expected = ext_sub_(load_file(expert)["row"], load_file(anti)["row"], LAM)
+    merged = load_file(out)["row"]
+    diff = float((merged - expected).abs().max())
+    return {"max_abs_diff": diff, "max_abs": float(expected.abs().max()), "elements": expected.numel()}
+
+
 def mergekit_config(expert: str, anti: str, base: str) -> dict:
     """task_arithmetic with the formula of --method sub: θ₀ + 1.0·(θ⁺ − θ₀) − λ·(θ⁻ − θ₀), float32 math."""
     return {
@@ -282,6 +310,8 @@ def child_compare(ours: str, theirs: str) -> dict:
 
 CHILDREN = {
     "floor": child_floor,
+    "long-row": child_long_row,
+    "check-long-row": child_check_long_row,
     "sub": lambda *a: child_extsub("sub", *a),
     "ext-sub": lambda *a: child_extsub("ext-sub", *a),
     "mergekit": child_mergekit,
@@ -313,9 +343,11 @@ def warm(folders: list[Path]) -> None:
                     pass
 
 
-def run_child(kind: str, args: list[str]) -> dict:
+def run_child(kind: str, args: list[str], code: Path | None = None) -> dict:
+    """Run one child in a fresh process (with the extsub_kernels of checkout `code` when given)."""
     cmd = [sys.executable, __file__, "--child", kind, *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    env = {**os.environ, "EXTSUB_BENCH_CODE": str(code or CODE)}
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if done.returncode:
         raise RuntimeError(f"{kind} failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -326,23 +358,29 @@ def mergekit_installed() -> bool:
     return done.returncode == 0
 
 
+BEFORE = " (before)"  # suffix of the runs with the extsub_kernels of --before
+
+
+def _child_of(kind: str) -> str:
+    return kind.removesuffix(BEFORE)
+
+
 def run(
-    model_name: str, layer_counts: list[int], kinds: list[str], caches: list[str], repeat: int, workdir: Path
+    model_name: str,
+    layer_counts: list[int],
+    kinds: list[str],
+    caches: list[str],
+    repeat: int,
+    workdir: Path,
+    before: Path | None,
 ) -> list[dict]:
+    """Rows of every run: per layer count and cache, `repeat` rounds in which each kind runs once, in turn."""
     model = MODELS[model_name]
     roles = ("base", "expert", "anti")
     shards = {role: workdir / f"shards-{role}" for role in roles}
     for seed, role in enumerate(roles):
         make_layer_shards(shards[role], model, max(layer_counts), seed)
-    common = {
-        **environment("cpu"),
-        "model": model_name,
-        "lam": LAM,
-        "idle_rss_bytes": run_child("idle", ["extsub"])["peak_rss_bytes"],
-        "largest_tensor_bytes": largest_tensor_bytes(model),
-    }
-    if "mergekit" in kinds:
-        common["mergekit_idle_rss_bytes"] = run_child("idle", ["mergekit"])["peak_rss_bytes"]
+    common = _common_fields(model_name, largest_tensor_bytes(model), "mergekit" in kinds, before)
     rows = []
     for layers in layer_counts:
         folders = {role: workdir / f"{role}-{layers}" for role in roles}
@@ -352,32 +390,16 @@ def run(
         for cache in caches:
             for rep in range(repeat):
                 for kind in kinds:
-                    out = workdir / f"out-{kind}-{layers}-{cache}-{rep}"
+                    out = workdir / f"out-{_child_of(kind)}-{layers}-{cache}-{rep}{'-before' if BEFORE in kind else ''}"
                     args = [str(out)]
                     if kind == "floor":
                         args += [str(output_bytes)] + [str(folders[r]) for r in roles]
                     else:
                         args += [str(folders["expert"]), str(folders["anti"]), str(folders["base"])]
-                    if cache == "cold":
-                        if not drop_caches():
-                            raise RuntimeError("--cache cold needs root: /proc/sys/vm/drop_caches is not writable")
-                    else:
-                        warm(list(folders.values()))
-                    load = os.getloadavg()[0]
-                    result = run_child(kind, args)
-                    row = {
-                        **common,
-                        "layers": layers,
-                        "cache": cache,
-                        "run": kind,
-                        "rep": rep,
-                        "input_bytes": input_bytes,
-                        "output_bytes": output_bytes,
-                        "load_1min_before": load,
-                        **result,
-                    }
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+                    fields = _timed_child(kind, args, cache, list(folders.values()), before)
+                    row = {**common, "layers": layers, "input_bytes": input_bytes, "output_bytes": output_bytes}
+                    rows.append({**row, "cache": cache, "run": kind, "rep": rep, **fields})
+                    print(json.dumps(rows[-1]), flush=True)
                     if kind in ("sub", "mergekit") and kind not in kept:
                         kept[kind] = out
                     else:
@@ -391,30 +413,90 @@ def run(
     return rows
 
 
+def _common_fields(model: str, largest: int, mergekit: bool, before: Path | None) -> dict:
+    common = {
+        **environment("cpu"),
+        "model": model,
+        "lam": LAM,
+        "idle_rss_bytes": run_child("idle", ["extsub"])["peak_rss_bytes"],
+        "largest_tensor_bytes": largest,
+    }
+    if mergekit:
+        common["mergekit_idle_rss_bytes"] = run_child("idle", ["mergekit"])["peak_rss_bytes"]
+    if before is not None:
+        common["before_code"] = before.name
+    return common
+
+
+def _timed_child(kind: str, args: list[str], cache: str, inputs: list[Path], before: Path | None) -> dict:
+    """One run in its own process, after emptying or warming the page cache; the load average before it."""
+    if cache == "cold":
+        if not drop_caches():
+            raise RuntimeError("--cache cold needs root: /proc/sys/vm/drop_caches is not writable")
+    else:
+        warm(inputs)
+    load = os.getloadavg()[0]
+    result = run_child(_child_of(kind), args, before if BEFORE in kind else None)
+    return {"load_1min_before": load, **result}
+
+
+def run_long_row(gib: float, caches: list[str], repeat: int, workdir: Path, before: Path | None) -> list[dict]:
+    """Merge two checkpoints of one 1-D float32 tensor of `gib` GiB each, and check the output against the op."""
+    n = int(gib * 2**30) // 4
+    paths = {}
+    for seed, role in enumerate(("expert", "anti")):
+        paths[role] = workdir / f"{role}.safetensors"
+        row = torch.randn(n, generator=torch.Generator().manual_seed(seed))
+        with CheckpointWriter(paths[role], [TensorEntry("row", torch.float32, (n,))], {"format": "pt"}) as writer:
+            writer.write("row", row)
+            writer.commit()
+        del row
+    common = {**_common_fields("one 1-D float32 tensor", 4 * n, False, before), "input_bytes": 8 * n}
+    kinds = ["long-row"] + (["long-row" + BEFORE] if before is not None else [])
+    rows = []
+    for cache in caches:
+        for rep in range(repeat):
+            for kind in kinds:
+                out = workdir / f"out-{rep}{'-before' if BEFORE in kind else ''}.safetensors"
+                args = [str(out), str(paths["expert"]), str(paths["anti"])]
+                fields = _timed_child(kind, args, cache, [workdir], before)
+                rows.append({**common, "layers": 0, "cache": cache, "run": kind, "rep": rep, **fields})
+                print(json.dumps(rows[-1]), flush=True)
+                if rep == 0:
+                    check = run_child("check-long-row", args)
+                    rows.append({**common, "layers": 0, "run": f"check {kind} vs the op on the whole tensor", **check})
+                    print(json.dumps(rows[-1]), flush=True)
+                out.unlink(missing_ok=True)
+    return rows
+
+
 def markdown(rows: list[dict]) -> str:
     """The tables derived from the rows: per layer count, cache and run, medians of the repeats and ratios."""
     first = rows[0]
     idle = f"Python + torch + extsub alone: {first['idle_rss_bytes'] / 1e9:.2f} GB RSS"
     if "mergekit_idle_rss_bytes" in first:
         idle += f"; Python + mergekit alone: {first['mergekit_idle_rss_bytes'] / 1e9:.2f} GB"
+    before = f"; '(before)' runs: the code of {first['before_code']}" if "before_code" in first else ""
     lines = [
         f"{first['date']}, {first['device']}, torch {first['torch']}, extsub {first['version']}; model "
-        f"{first['model']}, bf16, λ = {first['lam']}, three models in (base, expert, anti); largest tensor "
-        f"{first['largest_tensor_bytes'] / 1e9:.3f} GB; {idle}.",
+        f"{first['model']}, λ = {first['lam']}; largest tensor {first['largest_tensor_bytes'] / 1e9:.3f} GB; "
+        f"{idle}{before}.",
         "",
         "| layers | input GB | cache | run | runs | seconds (median; range) | × floor | mergekit ÷ this "
-        "| peak RSS GB (max) | RSS / largest tensor | minor faults / GB in | user + sys s | load before |",
-        "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| before ÷ this | peak RSS GB (max) | RSS / largest tensor | minor faults / GB in | user + sys s "
+        "| load before |",
+        "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    timed = [r for r in rows if "seconds" in r]
     groups: dict[tuple[int, str, str], list[dict]] = {}
-    for r in timed:
-        groups.setdefault((r["layers"], r["cache"], r["run"]), []).append(r)
+    for r in rows:
+        if "seconds" in r:
+            groups.setdefault((r["layers"], r["cache"], r["run"]), []).append(r)
     median = {key: statistics.median(r["seconds"] for r in group) for key, group in groups.items()}
     for (layers, cache, kind), group in groups.items():
         seconds = median[(layers, cache, kind)]
         floor = median.get((layers, cache, "floor"))
-        mergekit = median.get((layers, cache, "mergekit"))
+        mergekit = median.get((layers, cache, "mergekit")) if kind != "mergekit" else None
+        earlier = median.get((layers, cache, kind + BEFORE))
         spread = f"{min(r['seconds'] for r in group):.2f}–{max(r['seconds'] for r in group):.2f}"
         rss = max(r["peak_rss_bytes"] for r in group)
         faults = statistics.median(r["minor_faults"] for r in group) / (group[0]["input_bytes"] / 1e9)
@@ -423,18 +505,18 @@ def markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {layers} | {group[0]['input_bytes'] / 1e9:.2f} | {cache} | {kind} | {len(group)} | "
             f"{seconds:.2f}; {spread} | {f'{seconds / floor:.2f}×' if floor else '–'} | "
-            f"{f'{mergekit / seconds:.2f}×' if mergekit and kind != 'floor' else '–'} | {rss / 1e9:.2f} | "
+            f"{f'{mergekit / seconds:.2f}×' if mergekit and kind != 'floor' else '–'} | "
+            f"{f'{earlier / seconds:.2f}×' if earlier else '–'} | {rss / 1e9:.2f} | "
             f"{rss / first['largest_tensor_bytes']:.1f}× | {faults:,.0f} | {cpu:.1f} | {loads} |"
         )
     compared = [r for r in rows if "max_abs_diff" in r]
     if compared:
-        lines += ["", "| layers | largest abs difference, mergekit vs sub | in tensor | elements differing |"]
-        lines += ["|---:|---:|---|---:|"]
+        lines += ["", "| layers | comparison | largest abs difference | where / of | elements differing |"]
+        lines += ["|---:|---|---:|---|---:|"]
         for r in compared:
-            lines.append(
-                f"| {r['layers']} | {r['max_abs_diff']:.3g} | {r['max_abs_diff_tensor']} | "
-                f"{r['elements_differing']:,} of {r['elements']:,} |"
-            )
+            where = r.get("max_abs_diff_tensor") or f"max |op| {r['max_abs']:.3g}"
+            differing = f"{r['elements_differing']:,} of {r['elements']:,}" if "elements_differing" in r else "–"
+            lines.append(f"| {r['layers']} | {r['run']} | {r['max_abs_diff']:.3g} | {where} | {differing} |")
     return "\n".join(lines) + "\n"
 
 
@@ -449,6 +531,8 @@ def main() -> None:
     parser.add_argument("--runs", default=",".join(RUNS), help=f"runs to take turns, from {', '.join(RUNS)}")
     parser.add_argument("--cache", default="warm,cold", help="page cache before each run: warm, cold or both")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each kind per layer count and cache")
+    parser.add_argument("--before", type=Path, help="another checkout: its sub and ext-sub take turns with ours")
+    parser.add_argument("--long-row-gib", type=float, help="merge one 1-D tensor of this many GiB instead of models")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--tag", default="", help="a suffix for the result files")
     parser.add_argument("--workdir", type=Path, help="where checkpoints and outputs go (default: a temporary folder)")
@@ -464,12 +548,17 @@ def main() -> None:
     if "mergekit" in kinds and not mergekit_installed():
         print("mergekit is not installed: its runs are left out (pip install mergekit)", file=sys.stderr)
         kinds.remove("mergekit")
+    if args.before is not None:
+        kinds += [k + BEFORE for k in kinds if k in ("sub", "ext-sub")]
     caches = [c for c in args.cache.split(",") if c]
     if set(caches) - {"warm", "cold"}:
         parser.error("--cache takes warm, cold or warm,cold")
     workdir = Path(tempfile.mkdtemp(prefix="extsub-bench-", dir=args.workdir))
     try:
-        rows = run(args.model, _ints(args.layers), kinds, caches, args.repeat, workdir)
+        if args.long_row_gib:
+            rows = run_long_row(args.long_row_gib, caches, args.repeat, workdir, args.before)
+        else:
+            rows = run(args.model, _ints(args.layers), kinds, caches, args.repeat, workdir, args.before)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     args.results.mkdir(parents=True, exist_ok=True)
