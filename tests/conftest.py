@@ -19,6 +19,12 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"extsub test seed: {SEED} (rerun with EXTSUB_TEST_SEED={SEED})"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "slow: long tests (a minute or so in all); they run in CI, `-m 'not slow'` skips them locally"
+    )
+
+
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     """Fresh random inputs each run, reproducible from the seed in the report header."""

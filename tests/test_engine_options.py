@@ -79,3 +79,9 @@ def test_block_size_is_small_on_cpu_large_on_cuda_unless_asked():
         InputError, match="block_bytes must be a positive int \\(or None for the device's default\\), got 0"
     ):
         RunOptions(settings=((1.0,),), block_bytes=0)
+
+
+@pytest.mark.parametrize("text", ["inf", "1e400GB", "nan", "-inf"])
+def test_parse_size_refuses_sizes_that_are_not_finite(text):
+    with pytest.raises(InputError, match=f"size '{text}' is not a finite number of bytes"):
+        parse_size(text)

@@ -7,10 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save
 
-from checkpoints import leftovers
 from extsub_kernels.errors import InputError, MergeError
 from extsub_kernels.io import CheckpointWriter, TensorEntry, build_header, read_header
 from extsub_kernels.io.writer import plan_shards, safetensors_order
+
+from checkpoints import leftovers
 
 SMALL_DICTS = {
     "mixed dtypes": {
@@ -93,30 +94,49 @@ def test_sharded_output_has_a_hugging_face_index(tmp_path):
     for name, t in tensors.items():
         shard = load_file(tmp_path / "out" / index["weight_map"][name])
         assert torch.equal(shard[name], t)
-    assert all(read_header(tmp_path / "out" / f).metadata == {"format": "pt"} for f in files if f.endswith(".safetensors"))
+    assert all(
+        read_header(tmp_path / "out" / f).metadata == {"format": "pt"} for f in files if f.endswith(".safetensors")
+    )
 
 
 def test_folder_outputs_take_extra_files_and_generated_ones(tmp_path):
     config = tmp_path / "config.json"
     config.write_text('{"model_type": "llama"}')
     t = torch.randn(3)
-    with CheckpointWriter(tmp_path / "out", _entries({"t": t}), weights_name="adapter_model.safetensors", extra_files=[config]) as writer:
+    with CheckpointWriter(
+        tmp_path / "out", _entries({"t": t}), weights_name="adapter_model.safetensors", extra_files=[config]
+    ) as writer:
         writer.write("t", t)
         writer.add_text("adapter_config.json", '{"r": 4}')
         writer.commit()
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "config.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "config.json",
+    ]
     assert (tmp_path / "out" / "adapter_config.json").read_text() == '{"r": 4}'
 
 
 def test_a_tensor_larger_than_the_shard_limit_gets_its_own_shard():
-    entries = [TensorEntry("small", torch.float32, (2,)), TensorEntry("big", torch.float32, (100,)), TensorEntry("s2", torch.float32, (2,))]
+    entries = [
+        TensorEntry("small", torch.float32, (2,)),
+        TensorEntry("big", torch.float32, (100,)),
+        TensorEntry("s2", torch.float32, (2,)),
+    ]
     shards = plan_shards(entries, 64)
     assert [[e.name for e in group] for _, group in shards] == [["small"], ["big"], ["s2"]]
     assert plan_shards(entries, None)[0][0] == "model.safetensors"
 
 
 def test_safetensors_order_puts_wide_dtypes_first_then_names():
-    entries = _entries({"b": torch.zeros(1, dtype=torch.bool), "a16": torch.zeros(1).half(), "z32": torch.zeros(1), "a32": torch.zeros(1)})
+    entries = _entries(
+        {
+            "b": torch.zeros(1, dtype=torch.bool),
+            "a16": torch.zeros(1).half(),
+            "z32": torch.zeros(1),
+            "a32": torch.zeros(1),
+        }
+    )
     assert [e.name for e in safetensors_order(entries)] == ["a32", "z32", "a16", "b"]
 
 

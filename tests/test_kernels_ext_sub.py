@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from extsub_kernels import ext_sub_reference
+from extsub_kernels import ext_sub_, ext_sub_reference
 
 from helpers import DEVICES, TOLERANCES, assert_close_explained, backend_available
 
@@ -52,3 +52,55 @@ def test_rows_with_a_stride_between_them(kernel_module, device):
     kernel_module.ext_sub_rows_(p, m, 1.0)
     assert_close_explained(p, expected, *TOLERANCES[torch.float32])
     assert torch.equal(buffer[:, 60:], untouched), "columns outside the view must not be written"
+
+
+# --- what only hardware exercises (skipped without CUDA; benchmarks/gpu_session.sh runs them) ---
+
+
+@pytest.mark.gpu
+def test_more_than_2_pow_31_elements_use_int64_offsets(kernel_module):
+    """Rows past element 2³¹ are addressed with int64 offsets: the last rows come out right."""
+    rows, cols = 2**16 + 8, 2**15  # 2³¹ + 2¹⁸ elements, 4.3 GB per bf16 operand
+    p = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+    m = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+    picked = torch.tensor([0, 1, rows // 2, rows - 9, rows - 2, rows - 1], device="cuda")
+    expected = ext_sub_reference(p[picked], m[picked], 0.8)
+    kernel_module.ext_sub_rows_(p, m, 0.8)
+    assert_close_explained(p[picked], expected, *TOLERANCES[torch.bfloat16], what="rows around and past 2³¹")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_rows_longer_than_the_one_pass_block_on_the_gpu(kernel_module, dtype):
+    from extsub_kernels.kernels.ext_sub_tuning import MAX_BLOCK_ELEMENTS
+
+    p = torch.randn(64, 3 * MAX_BLOCK_ELEMENTS + 7, device="cuda").to(dtype)
+    m = torch.randn_like(p)
+    expected = ext_sub_reference(p, m, 1.3)
+    kernel_module.ext_sub_rows_(p, m, 1.3)
+    assert_close_explained(p, expected, *TOLERANCES[dtype], what="two-loop variant, compiled")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(4096, 4096), (11008, 4096), (4096, 11008), (3, 5), (1, 70000)], ids=str)
+def test_triton_and_torch_backends_agree_on_the_gpu(shape, dtype):
+    p = torch.randn(shape, device="cuda").to(dtype)
+    m = torch.randn(shape, device="cuda").to(dtype)
+    by_triton = ext_sub_(p.clone(), m, 0.6, backend="triton")
+    by_torch = ext_sub_(p.clone(), m, 0.6, backend="torch")
+    expected = ext_sub_reference(p, m, 0.6)
+    # Each rounds the same float32 (float64) result once to the dtype: both within the dtype's tolerance of
+    # the float64 oracle, hence within twice that of each other.
+    assert_close_explained(by_triton, expected, *TOLERANCES[dtype], what="triton vs oracle")
+    assert_close_explained(by_torch, expected, *TOLERANCES[dtype], what="torch vs oracle")
+
+
+@pytest.mark.gpu
+def test_a_cuda_index_past_the_last_gpu_is_a_clear_error():
+    from extsub_kernels.engine.options import resolve_device
+    from extsub_kernels.errors import InputError
+
+    missing = torch.cuda.device_count()
+    with pytest.raises(InputError, match=rf"'cuda:{missing}': there are only {missing} CUDA device\(s\)"):
+        resolve_device(f"cuda:{missing}")

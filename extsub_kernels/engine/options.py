@@ -145,11 +145,13 @@ def parse_size(size: int | str) -> int:
         number = text.rstrip("KMGTIB")
         unit = text[len(number) :]
         try:
-            value = int(float(number) * _SIZE_UNITS[unit])
-        except (ValueError, KeyError, OverflowError):
-            raise InputError(
-                f"cannot read size {size!r}; write it like 5GB, 500MB, 2GiB or a number of bytes"
-            ) from None
+            scaled = float(number) * _SIZE_UNITS[unit]
+        except (ValueError, KeyError):
+            hint = "write it like 5GB, 500MB, 2GiB or a number of bytes"
+            raise InputError(f"cannot read size {size!r}; {hint}") from None
+        if not math.isfinite(scaled):
+            raise InputError(f"size {size!r} is not a finite number of bytes; write it like 5GB, 500MB or 2GiB")
+        value = int(scaled)
     else:
         raise InputError(f"a size must be an int or a string like '5GB', got {type(size).__name__}")
     if value <= 0:

@@ -4,6 +4,9 @@ A file is: 8 bytes little-endian header length N, N bytes of JSON (padded with s
 multiple of 8), then the tensors' bytes, each at `data_offsets` relative to the end of the header.
 """
 
+import functools
+import json
+
 import torch
 
 HEADER_LENGTH_BYTES = 8
@@ -13,10 +16,25 @@ METADATA_KEY = "__metadata__"
 
 
 _TORCH_NAMES = dict(
-    F64="float64", F32="float32", F16="float16", BF16="bfloat16",
-    I64="int64", I32="int32", I16="int16", I8="int8", U64="uint64", U32="uint32", U16="uint16", U8="uint8",
-    BOOL="bool", C64="complex64", F8_E4M3="float8_e4m3fn", F8_E5M2="float8_e5m2",
-    F8_E4M3FNUZ="float8_e4m3fnuz", F8_E5M2FNUZ="float8_e5m2fnuz", F8_E8M0="float8_e8m0fnu",
+    F64="float64",
+    F32="float32",
+    F16="float16",
+    BF16="bfloat16",
+    I64="int64",
+    I32="int32",
+    I16="int16",
+    I8="int8",
+    U64="uint64",
+    U32="uint32",
+    U16="uint16",
+    U8="uint8",
+    BOOL="bool",
+    C64="complex64",
+    F8_E4M3="float8_e4m3fn",
+    F8_E5M2="float8_e5m2",
+    F8_E4M3FNUZ="float8_e4m3fnuz",
+    F8_E5M2FNUZ="float8_e5m2fnuz",
+    F8_E8M0="float8_e8m0fnu",
 )
 
 
@@ -27,11 +45,38 @@ def _dtype_table() -> dict[str, torch.dtype]:
 DTYPES: dict[str, torch.dtype] = _dtype_table()
 DTYPE_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
 
+
+@functools.cache
+def readable_dtypes() -> dict[str, torch.dtype]:
+    """The codes of `DTYPES` that the installed `safetensors` loads back into torch, with their dtypes.
+
+    torch may know a dtype that `safetensors.torch.load` cannot load (F8_E8M0 with safetensors
+    0.8): a tensor of it could be read here, but an output holding it could not be read back,
+    so inputs are held to this set. Probed once, by loading one element of each code from bytes.
+    """
+    from safetensors.torch import load
+
+    readable = {}
+    for code, dtype in DTYPES.items():
+        header = json.dumps({"t": {"dtype": code, "shape": [1], "data_offsets": [0, dtype.itemsize]}}).encode()
+        try:
+            ok = (
+                load(len(header).to_bytes(HEADER_LENGTH_BYTES, "little") + header + bytes(dtype.itemsize))["t"].dtype
+                == dtype
+            )
+        except Exception:
+            ok = False
+        if ok:
+            readable[code] = dtype
+    return readable
+
+
 # `safetensors` writes tensors sorted by dtype (this rank, largest alignment first), then by name.
 # Following it keeps every tensor aligned and makes our files byte-identical to `safetensors.torch.save`.
-_WRITE_RANK = (
-    "U64 I64 F64 C64 F32 U32 I32 BF16 F16 U16 I16 F8_E5M2FNUZ F8_E4M3FNUZ F8_E4M3 F8_E5M2 F8_E8M0 I8 U8 BOOL"
-).split()
+_WRITE_RANK = [
+    *("U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16"),
+    *("F8_E5M2FNUZ", "F8_E4M3FNUZ", "F8_E4M3", "F8_E5M2", "F8_E8M0", "I8", "U8", "BOOL"),
+]
 
 
 def dtype_code(dtype: torch.dtype) -> str:

@@ -5,23 +5,53 @@ mapping stay resident and count toward the process's RSS until the file is close
 reading a whole model through one mapping would grow RSS to the model's size.
 """
 
+import gc
+import hashlib
 import json
 import os
+import reprlib
+import stat
 import struct
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
+from typing import BinaryIO, NamedTuple
 
 import torch
 
 from extsub_kernels.errors import InputError, MergeError
-from extsub_kernels.io.format import DTYPES, HEADER_LENGTH_BYTES, MAX_HEADER_BYTES, METADATA_KEY, nbytes_of
+from extsub_kernels.io.format import (
+    DTYPES,
+    HEADER_LENGTH_BYTES,
+    MAX_HEADER_BYTES,
+    METADATA_KEY,
+    readable_dtypes,
+)
+
+# Every number in a header is a dimension or an offset. safetensors reads them as 64-bit unsigned
+# integers (at most 20 digits) and refuses a shape whose running product or byte size overflows
+# 64 bits; torch further needs each dimension, and the stride of the first, to fit in int64.
+_U64_MAX = 2**64 - 1
+_INT64_MAX = 2**63 - 1
+_MAX_DIGITS = len(str(_U64_MAX))
+# No weight has more dimensions; a shape of millions of 1s would only slow every later step.
+MAX_RANK = 64
+_ENTRY_FIELDS = frozenset(("dtype", "shape", "data_offsets"))
+
+# Values from a hostile header go into messages shortened: a 90 MB name or list stays a few words.
+_show = reprlib.Repr()
+_show.maxstring, _show.maxother, _show.maxlist, _show.maxdict, _show.maxlevel = 80, 80, 6, 4, 2
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives: its file, absolute byte offset and size, dtype and shape."""
+class TensorInfo(NamedTuple):
+    """Where one tensor lives: its file, absolute byte offset and size, dtype and shape.
+
+    A named tuple, the lightest immutable record: a header may describe a million tensors.
+    """
 
     name: str
     dtype: torch.dtype
@@ -43,90 +73,368 @@ class Header:
 def read_header(path: str | os.PathLike) -> Header:
     """Parse and validate the header of a safetensors file without reading any tensor data.
 
-    Raises InputError naming the file when it is too short, the header is not JSON of the
-    expected form, or a tensor's offsets do not fit its dtype and shape or run past the end.
+    Everything the `safetensors` library refuses is refused, and what it would accept but could
+    not load back into torch: the JSON is parsed with bounded numbers and nesting, and each field
+    is checked for its type before it is used. Time and memory are linear in the header's size.
+
+    Raises:
+        InputError: naming the file (and the tensor) when the file is not a regular file, is too
+            short, or its header is not valid JSON of the safetensors form: unknown or extra
+            fields, a dtype this `safetensors` cannot load, a shape that overflows, lone
+            surrogates in a string, a key given twice, or offsets that do not tile the data
+            section exactly.
     """
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            prefix = f.read(HEADER_LENGTH_BYTES)
-            if len(prefix) < HEADER_LENGTH_BYTES:
-                raise InputError(
-                    f"{path}: {size} bytes is too short for a safetensors file (it starts with an 8-byte "
-                    "header length); the file is truncated or not a safetensors file"
-                )
-            (n,) = struct.unpack("<Q", prefix)
-            if n > MAX_HEADER_BYTES or n > size - HEADER_LENGTH_BYTES:
-                raise InputError(
-                    f"{path}: the header claims {n} bytes but the file has {size - HEADER_LENGTH_BYTES} after the "
-                    "length field; the file is truncated or not a safetensors file"
-                )
-            raw = f.read(n)
+        # O_NONBLOCK: a FIFO given as an input must not block the open; it is refused just below.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
-        parsed = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: the header is not valid JSON ({e}); the file is corrupt or not a safetensors file") from None
-    if not isinstance(parsed, dict):
-        raise InputError(f"{path}: the header is JSON but not an object; the file is corrupt or not a safetensors file")
-    data_start = HEADER_LENGTH_BYTES + n
-    metadata = _parse_metadata(path, parsed.pop(METADATA_KEY, None))
-    tensors = {name: _parse_entry(path, name, entry, data_start) for name, entry in parsed.items()}
-    _check_layout(path, tensors, data_start, size)
-    ordered = dict(sorted(tensors.items(), key=lambda item: item[1].offset))
-    return Header(path=path, tensors=ordered, metadata=metadata)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"{path}: not a regular file; a checkpoint is a .safetensors file")
+        with open(fd, "rb", closefd=False) as f:
+            raw = _read_header_bytes(path, f, st.st_size)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    size = st.st_size
+    # What the header means depends only on these: a header still in use is not parsed again.
+    key = (os.fspath(path), size, hashlib.blake2b(raw, digest_size=32).digest())
+    cached = _headers_in_use.get(key)
+    if cached is not None:
+        return cached
+    data_start = HEADER_LENGTH_BYTES + len(raw)
+    text = _decode(path, raw)
+    del raw  # freed before parsing, which is when memory peaks
+    with _gc_paused():
+        parsed = _parse_json(path, text)
+        del text
+        metadata = _parse_metadata(path, parsed.pop(METADATA_KEY, None))
+        dtypes = readable_dtypes()
+        shapes: dict[tuple[int, ...], tuple[int, ...]] = {}  # one tuple per distinct shape
+        infos = [_parse_entry(path, name, entry, data_start, dtypes, shapes) for name, entry in parsed.items()]
+        del parsed
+        infos.sort(key=attrgetter("offset", "nbytes"))
+        _check_layout(path, infos, data_start, size)
+        header = Header(path=path, tensors={info.name: info for info in infos}, metadata=metadata)
+    _headers_in_use[key] = header
+    return header
+
+
+# Headers still referenced somewhere (a ResolvedInput keeps those of its files), by the path as
+# given, the file's size and a digest of the header's bytes: an input resolved and then read has
+# its header parsed once (reading and hashing 100 MB takes a tenth of a second, parsing seconds).
+_headers_in_use: "weakref.WeakValueDictionary[tuple, Header]" = weakref.WeakValueDictionary()
+
+
+def _read_header_bytes(path: Path, f: BinaryIO, size: int) -> bytes:
+    """The header's JSON bytes, its length field checked against the file's size and the format's limit."""
+    prefix = f.read(HEADER_LENGTH_BYTES)
+    if len(prefix) < HEADER_LENGTH_BYTES:
+        raise InputError(
+            f"{path}: {size} bytes is too short for a safetensors file (it starts with an 8-byte "
+            "header length); the file is truncated or not a safetensors file"
+        )
+    (n,) = struct.unpack("<Q", prefix)
+    if n > MAX_HEADER_BYTES:
+        raise InputError(
+            f"{path}: the header length field says {n} bytes, above the {MAX_HEADER_BYTES} that safetensors "
+            "allows; the file is corrupt or not a safetensors file"
+        )
+    if n > size - HEADER_LENGTH_BYTES:
+        raise InputError(
+            f"{path}: the header claims {n} bytes but the file has {size - HEADER_LENGTH_BYTES} after the "
+            "length field; the file is truncated or not a safetensors file"
+        )
+    raw = f.read(n)
+    if len(raw) < n:
+        raise InputError(
+            f"{path}: the file ended inside its {n}-byte header; it is truncated or was replaced while read"
+        )
+    return raw
+
+
+def _decode(path: Path, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(
+            f"{path}: the header is not valid JSON (not UTF-8: {e.reason} at header byte {e.start}); the file is "
+            "corrupt or not a safetensors file"
+        ) from None
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Hold off the cyclic garbage collector while a header becomes objects.
+
+    A header of a million tensors makes millions of dicts, lists and records, none in a cycle;
+    the collector's passes over them would double the time spent parsing.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+class _BadJson(ValueError):
+    """Raised from the JSON parser's hooks: the message says what was found."""
+
+
+def _parse_int(text: str) -> int | float:
+    digits = len(text) - text.startswith("-")
+    if digits > _MAX_DIGITS:
+        raise _BadJson(
+            f"a {digits}-digit integer, where dimensions and offsets are 64-bit (at most {_MAX_DIGITS} digits)"
+        )
+    # safetensors' parser reads -0 as the float -0.0, which no dimension or offset may be; so does this one.
+    return -0.0 if text == "-0" else int(text)
+
+
+def _refuse_float(text: str) -> float:
+    raise _BadJson(f"the number {_show.repr(text)[1:-1]}, where dimensions and offsets are integers")
+
+
+def _refuse_constant(text: str) -> float:
+    raise _BadJson(f"the literal {text}, which is not JSON")
+
+
+def _object(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise _BadJson(f"the key {_show.repr(twice)} twice in one object (names and fields must be unique)")
+    return obj
+
+
+def _parse_json(path: Path, text: str) -> dict:
+    """The header parsed, refusing what safetensors' own parser refuses: non-integer numbers and
+    integers past 64 bits, NaN/Infinity, repeated keys, nesting past Python's limit."""
+    try:
+        parsed = json.loads(
+            text,
+            parse_int=_parse_int,
+            parse_float=_refuse_float,
+            parse_constant=_refuse_constant,
+            object_pairs_hook=_object,
+        )
+    except _BadJson as e:
+        raise InputError(f"{path}: the header holds {e}; the file is corrupt or not a safetensors file") from None
+    except json.JSONDecodeError as e:
+        raise InputError(
+            f"{path}: the header is not valid JSON ({e}); the file is corrupt or not a safetensors file"
+        ) from None
+    except RecursionError:
+        raise InputError(
+            f"{path}: the header nests JSON deeper than a parser allows (a safetensors header is 3 levels deep); "
+            "the file is corrupt or not a safetensors file"
+        ) from None
+    if type(parsed) is not dict:
+        raise InputError(
+            f"{path}: the header is {_kind(parsed)}, not an object of tensors; the file is corrupt or not a "
+            "safetensors file"
+        )
+    return parsed
+
+
+def _kind(value: object) -> str:
+    """A JSON value described for a message, shortened: "the integer 7", "a list ['F32']", "null"."""
+    if value is None:
+        return "null"
+    if type(value) is bool:
+        return f"the boolean {str(value).lower()}"
+    names = {dict: "an object", list: "a list", str: "the string", int: "the integer", float: "the number"}
+    return f"{names.get(type(value), type(value).__name__)} {_show.repr(value)}"
+
+
+def _unencodable(text: str) -> bool:
+    """Whether `text` holds a lone surrogate (a JSON escape like \\ud800), which UTF-8 cannot encode."""
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _parse_metadata(path: Path, metadata: object) -> dict[str, str]:
     if metadata is None:
         return {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise InputError(f"{path}: the header's __metadata__ must map strings to strings; the file is corrupt")
-    return dict(metadata)
-
-
-def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
-    where = f"{path}: tensor {name!r}"
-    if not isinstance(entry, dict):
-        raise InputError(f"{where}: header entry is not an object; the file is corrupt")
-    code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if code not in DTYPES:
-        raise InputError(f"{where}: unknown dtype {code!r}; expected one of {', '.join(DTYPES)}")
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise InputError(f"{where}: shape {shape!r} is not a list of non-negative integers; the file is corrupt")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets) or offsets[0] > offsets[1]:
-        raise InputError(f"{where}: data_offsets {offsets!r} are not [begin, end] with begin <= end; the file is corrupt")
-    dtype = DTYPES[code]
-    expected = nbytes_of(dtype, tuple(shape))
-    if offsets[1] - offsets[0] != expected:
+    if type(metadata) is not dict:
         raise InputError(
-            f"{where}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes but dtype {code} and shape "
-            f"{shape} need {expected}; the file is corrupt"
+            f"{path}: the header's __metadata__ is {_kind(metadata)}, not an object of strings; the file is corrupt"
         )
-    return TensorInfo(name, dtype, tuple(shape), path, data_start + offsets[0], expected)
+    for key, value in metadata.items():
+        if type(value) is not str:
+            raise InputError(
+                f"{path}: the header's __metadata__[{_show.repr(key)}] is {_kind(value)}, not a string "
+                "(safetensors metadata maps strings to strings); the file is corrupt"
+            )
+        if _unencodable(key) or _unencodable(value):
+            raise InputError(
+                f"{path}: the header's __metadata__ entry {_show.repr(key)} holds a lone surrogate escape, "
+                "which is not valid Unicode; the file is corrupt"
+            )
+    return metadata  # type: ignore[return-value]
 
 
-def _is_count(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+def _parse_entry(
+    path: Path,
+    name: str,
+    entry: object,
+    data_start: int,
+    dtypes: dict[str, torch.dtype],
+    shapes: dict[tuple[int, ...], tuple[int, ...]],
+) -> TensorInfo:
+    """One tensor's entry, each field's type checked before its value is used; on any doubt
+    `_entry_error` finds what is wrong (this is the loop over a million tensors, kept lean)."""
+    if type(entry) is dict and len(entry) == 3:
+        code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        dtype = dtypes.get(code) if type(code) is str else None
+        if dtype is not None and type(offsets) is list and len(offsets) == 2:
+            nbytes = _nbytes(shape, dtype.itemsize)
+            begin, end = offsets
+            if (
+                nbytes is not None
+                and type(begin) is int
+                and type(end) is int
+                and begin >= 0
+                and end - begin == nbytes
+                and (name.isascii() or not _unencodable(name))
+            ):
+                shape = tuple(shape)  # type: ignore[arg-type]
+                return TensorInfo(name, dtype, shapes.setdefault(shape, shape), path, data_start + begin, nbytes)
+    raise _entry_error(path, name, entry, dtypes)
 
 
-def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_start: int, size: int) -> None:
-    """Tensors must tile the data section exactly, as the format requires: no gap, overlap or overrun."""
+def _nbytes(shape: object, itemsize: int) -> int | None:
+    """Bytes of a tensor of this shape, or None unless safetensors and torch both take the shape.
+
+    The shape must be a list of at most MAX_RANK integers from 0 to 2**63-1. safetensors
+    multiplies them left to right in 64 bits and refuses an overflow even when a later one is
+    0; torch refuses a tensor whose first stride (the product of the other dimensions, each
+    counted as at least 1) passes int64, which only an empty tensor can reach.
+    """
+    if type(shape) is not list or len(shape) > MAX_RANK:
+        return None
+    n = 1
+    for d in shape:
+        if type(d) is not int or d < 0 or d > _INT64_MAX:
+            return None
+        n *= d
+        if n > _U64_MAX:
+            return None
+    n *= itemsize
+    if n > _U64_MAX:
+        return None
+    if n == 0:
+        stride = 1
+        for d in shape[1:]:
+            stride *= d or 1
+            if stride > _INT64_MAX:
+                return None
+    return n
+
+
+def _entry_error(path: Path, name: str, entry: object, dtypes: dict[str, torch.dtype]) -> InputError:
+    """The first thing wrong with a tensor's entry, as an error naming the file, the tensor and the field."""
+    where = f"{path}: tensor {_show.repr(name)}"
+    corrupt = "the file is corrupt"
+    if _unencodable(name):
+        return InputError(
+            f"{path}: a tensor name holds a lone surrogate escape ({_show.repr(name)}), which is not valid "
+            f"Unicode; {corrupt}"
+        )
+    if type(entry) is not dict:
+        return InputError(
+            f"{where}: the header entry is {_kind(entry)}, not an object with dtype, shape and data_offsets; {corrupt}"
+        )
+    missing = sorted(_ENTRY_FIELDS - entry.keys())
+    if missing:
+        return InputError(f"{where}: the header entry has no {', '.join(missing)}; {corrupt}")
+    extra = sorted(entry.keys() - _ENTRY_FIELDS)
+    if extra:
+        return InputError(
+            f"{where}: the header entry has the unexpected field {_show.repr(extra[0])} (safetensors entries hold "
+            f"dtype, shape and data_offsets only); {corrupt} or was written by another format"
+        )
+    code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if type(code) is not str:
+        return InputError(f"{where}: dtype is {_kind(code)}, not a string like 'F32'; {corrupt}")
+    if code not in dtypes:
+        if code in DTYPES:
+            import safetensors
+
+            return InputError(
+                f"{where}: dtype {code} cannot be loaded back by the installed safetensors "
+                f"{safetensors.__version__}, so no output could hold it; convert the tensor to one of "
+                f"{', '.join(dtypes)}, or upgrade safetensors"
+            )
+        return InputError(f"{where}: unknown dtype {_show.repr(code)}; expected one of {', '.join(dtypes)}")
+    if type(shape) is not list:
+        return InputError(f"{where}: shape is {_kind(shape)}, not a list of dimensions; {corrupt}")
+    if len(shape) > MAX_RANK:
+        return InputError(f"{where}: shape has {len(shape)} dimensions, more than the {MAX_RANK} accepted; {corrupt}")
+    for i, d in enumerate(shape):
+        if type(d) is not int or not 0 <= d <= _INT64_MAX:
+            return InputError(
+                f"{where}: shape {_show.repr(shape)} has {_kind(d)} as dimension {i}, where dimensions are integers "
+                f"from 0 to 2**63-1; {corrupt}"
+            )
+    nbytes = _nbytes(shape, dtypes[code].itemsize)
+    if nbytes is None:  # every dimension is fine: the product or a stride overflows
+        return InputError(
+            f"{where}: shape {_show.repr(shape)} of dtype {code} overflows 64-bit sizes or strides (safetensors or "
+            f"torch would refuse it); {corrupt}"
+        )
+    if not (
+        type(offsets) is list
+        and len(offsets) == 2
+        and all(type(o) is int for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
+        return InputError(
+            f"{where}: data_offsets {_show.repr(offsets)} are not [begin, end] with integers 0 <= begin <= end; "
+            f"{corrupt}"
+        )
+    return InputError(
+        f"{where}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes but dtype {code} and shape "
+        f"{_show.repr(shape)} need {nbytes}; {corrupt}"
+    )
+
+
+def _check_layout(path: Path, infos: list[TensorInfo], data_start: int, size: int) -> None:
+    """Tensors (sorted by offset, then size) must tile the data section exactly, as the format requires:
+    no gap, overlap or overrun."""
     data_bytes = size - data_start
     position = data_start
-    for info in sorted(tensors.values(), key=lambda t: (t.offset, t.nbytes)):
-        end = info.offset + info.nbytes
-        if end > size:
-            raise InputError(
-                f"{path}: tensor {info.name!r} ends at byte {end - data_start} of the data section but the file holds "
-                f"only {data_bytes} data bytes; the file is truncated (or its header is corrupt)"
-            )
+    for info in infos:
         if info.offset != position:
+            end = info.offset + info.nbytes
+            if end > size:
+                raise InputError(
+                    f"{path}: tensor {_show.repr(info.name)} ends at byte {end - data_start} of the data section but "
+                    f"the file holds only {data_bytes} data bytes; the file is truncated (or its header is corrupt)"
+                )
             what = "overlaps the previous tensor" if info.offset < position else "leaves a gap before it"
-            raise InputError(f"{path}: tensor {info.name!r} {what} (offset {info.offset - data_start}); the file is corrupt")
-        position = end
+            raise InputError(
+                f"{path}: tensor {_show.repr(info.name)} {what} (offset {info.offset - data_start}); "
+                "the file is corrupt"
+            )
+        position += info.nbytes
+        if position > size:
+            raise InputError(
+                f"{path}: tensor {_show.repr(info.name)} ends at byte {position - data_start} of the data section but "
+                f"the file holds only {data_bytes} data bytes; the file is truncated (or its header is corrupt)"
+            )
     if position != size:
         raise InputError(
             f"{path}: {size - position} bytes after the last tensor are not described by the header; "
@@ -149,13 +457,13 @@ class CheckpointReader:
         self.headers = [read_header(f) for f in files]
         self._infos: dict[str, TensorInfo] = {}
         for header in self.headers:
-            for name, info in header.tensors.items():
-                if name in self._infos:
-                    raise InputError(
-                        f"{label}: tensor {name!r} is in two shards, {self._infos[name].path} and {info.path}; "
-                        "the checkpoint's shards overlap"
-                    )
-                self._infos[name] = info
+            if not self._infos.keys().isdisjoint(header.tensors):
+                name = next(n for n in header.tensors if n in self._infos)
+                raise InputError(
+                    f"{label}: tensor {_show.repr(name)} is in two shards, {self._infos[name].path} and {header.path}; "
+                    "the checkpoint's shards overlap"
+                )
+            self._infos.update(header.tensors)
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
 
@@ -220,7 +528,8 @@ class CheckpointReader:
                 raise MergeError(f"{path}: read failed at byte {offset + done}: {e.strerror or e}") from None
             if n == 0:
                 raise MergeError(
-                    f"{path}: the file ended at byte {offset + done} while reading; it was truncated or replaced during the merge"
+                    f"{path}: the file ended at byte {offset + done} while reading; "
+                    "it was truncated or replaced during the merge"
                 )
             done += n
 

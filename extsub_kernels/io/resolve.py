@@ -5,6 +5,7 @@ code), with the command that converts them. PEFT adapters are recognised and fla
 LoRA path can take them; their config files are exposed beside the weights.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -12,22 +13,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from extsub_kernels.errors import InputError
-from extsub_kernels.io.reader import read_header
+from extsub_kernels.io.reader import Header, read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 INDEX_SUFFIX = ".safetensors.index.json"
+# A shard index of a million tensors takes ~130 MB; no config or index comes near this.
+MAX_JSON_BYTES = 256_000_000
 # Files beside the weights that describe the model: configs and tokenizers (never weights).
 CONFIG_PATTERNS = ("*.json", "*.jinja", "tokenizer.model", "spiece.model", "merges.txt", "vocab.txt", "*.tiktoken")
 # What is fetched from the hub: the weights and the files above, never pickle weights.
 HUB_PATTERNS = ["*.safetensors", *CONFIG_PATTERNS]
-_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
+_HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+", re.ASCII)
+# A revision is a branch, a tag or a commit hash. huggingface_hub joins it into paths in its
+# cache (refs/<revision>), so it must be a plain git ref name: ASCII components of letters,
+# digits and _ . + -, none empty or starting with a dot, no "..", no backslash, no leading "/".
+_REVISION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*(?:/[A-Za-z0-9_][A-Za-z0-9_.+-]*)*", re.ASCII)
+_MAX_REVISION = 255
+COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 _CONVERT_HINT = (
     "pickle checkpoints can run code when loaded and are not read. Convert it once to safetensors, e.g. "
-    "`python -c \"import torch; from safetensors.torch import save_file; "
+    '`python -c "import torch; from safetensors.torch import save_file; '
     "save_file(torch.load('{path}', weights_only=True), '{stem}.safetensors')\"`, "
-    "or for a transformers model folder: `AutoModel.from_pretrained(folder).save_pretrained(out, safe_serialization=True)`"
+    "or for a transformers model folder: "
+    "`AutoModel.from_pretrained(folder).save_pretrained(out, safe_serialization=True)`"
 )
 
 
@@ -44,6 +54,10 @@ class ResolvedInput:
         config_files: config and tokenizer files beside the weights (folders and hub repos only).
         adapter: True for a PEFT adapter (adapter_config.json + adapter_model.safetensors), or
             weights whose keys hold lora_A / lora_B (a bare .safetensors, or a folder of them).
+        commit: for a hub repo, the commit hash of the snapshot the files are read from (the
+            revision asked for, resolved); None for local inputs.
+        headers: the headers of `files` read while resolving, if they were (kept so that reading
+            the input parses them once, see `read_header`).
     """
 
     spec: str
@@ -53,6 +67,8 @@ class ResolvedInput:
     files: tuple[Path, ...]
     config_files: tuple[Path, ...] = field(default=())
     adapter: bool = False
+    commit: str | None = None
+    headers: tuple[Header, ...] = field(default=(), repr=False, compare=False)
 
     def config_file(self, filename: str) -> Path | None:
         """The config file called `filename` (e.g. "config.json"), if the input has one."""
@@ -77,8 +93,13 @@ def read_json_object(path: Path, what: str = "JSON config", *, error: type[Input
         {'r': 8, 'lora_alpha': 16, ...}
     """
     try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise error(f"{path}: {size} bytes is more than the {MAX_JSON_BYTES} a {what} may take; it is not one")
         loaded = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except RecursionError:
+        raise error(f"{path}: unreadable {what} (JSON nested too deeply)") from None
+    except (OSError, ValueError) as e:  # ValueError: bad UTF-8, bad JSON, an integer of thousands of digits
         raise error(f"{path}: unreadable {what} ({e})") from None
     if not isinstance(loaded, dict):
         raise error(f"{path}: expected a JSON object ({what}), found {type(loaded).__name__}")
@@ -110,22 +131,25 @@ def resolve_input(spec: str | os.PathLike, *, role: str = "input", quiet: bool =
         return _resolve_file(text, path, role)
     if path.is_dir():
         return _resolve_folder(text, path, role, kind="folder", name=path.resolve().name)
-    match = _HUB_ID.match(text)
-    if match and not text.startswith((".", "/", "~")) and not text.endswith(".safetensors"):
-        return _resolve_hub(text, match["repo"], match["revision"], role, quiet)
+    repo, at, revision = text.partition("@")
+    if _HUB_REPO.fullmatch(repo) and not text.endswith(".safetensors"):
+        return _resolve_hub(text, repo, revision if at else None, role, quiet)
     raise InputError(f"{role} {text!r}: no such file or folder")
 
 
 def _resolve_file(spec: str, path: Path, role: str) -> ResolvedInput:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise InputError(f"{role} {path}: " + _CONVERT_HINT.format(path=path, stem=path.with_suffix("")))
-    adapter = has_lora_keys(read_header(path).tensors)
-    return ResolvedInput(spec, path.name, "file", path.resolve().parent, (path,), adapter=adapter)
+    header = read_header(path)
+    adapter = has_lora_keys(header.tensors)
+    return ResolvedInput(spec, path.name, "file", path.resolve().parent, (path,), adapter=adapter, headers=(header,))
 
 
 def _resolve_folder(spec: str, folder: Path, role: str, *, kind: str, name: str) -> ResolvedInput:
     entries = sorted(p for p in folder.iterdir() if p.is_file())
-    configs = tuple(p for p in entries if any(p.match(pat) for pat in CONFIG_PATTERNS) and not p.name.endswith(INDEX_SUFFIX))
+    configs = tuple(
+        p for p in entries if any(p.match(pat) for pat in CONFIG_PATTERNS) and not p.name.endswith(INDEX_SUFFIX)
+    )
     if (folder / ADAPTER_CONFIG).is_file():
         weights = folder / ADAPTER_WEIGHTS
         if not weights.is_file():
@@ -133,14 +157,16 @@ def _resolve_folder(spec: str, folder: Path, role: str, *, kind: str, name: str)
         return ResolvedInput(spec, name, kind, folder, (weights,), configs, adapter=True)
     indexes = [p for p in entries if p.name.endswith(INDEX_SUFFIX)]
     if indexes:
-        return ResolvedInput(spec, name, kind, folder, _files_from_index(folder, indexes, role), configs)
+        headers = _headers_from_index(folder, indexes, role)
+        return ResolvedInput(spec, name, kind, folder, tuple(h.path for h in headers), configs, headers=headers)
     shards = tuple(p for p in entries if p.suffix == ".safetensors")
     if not shards:
         _refuse_pickles(folder, entries, role, what="no .safetensors files")
+    headers = tuple(read_header(p) for p in shards)
     # An adapter's weights without their adapter_config.json are still an adapter (the LoRA path
     # then asks for the scaling), never a dense checkpoint whose lora_A/lora_B rows get merged.
-    adapter = any(has_lora_keys(read_header(p).tensors) for p in shards)
-    return ResolvedInput(spec, name, kind, folder, shards, configs, adapter=adapter)
+    adapter = any(has_lora_keys(h.tensors) for h in headers)
+    return ResolvedInput(spec, name, kind, folder, shards, configs, adapter=adapter, headers=headers)
 
 
 def _refuse_pickles(folder: Path, entries: list[Path], role: str, *, what: str) -> None:
@@ -153,7 +179,8 @@ def _refuse_pickles(folder: Path, entries: list[Path], role: str, *, what: str) 
     raise InputError(f"{role} {folder}: {what}; expected model.safetensors, shards with an index, or an adapter")
 
 
-def _files_from_index(folder: Path, indexes: list[Path], role: str) -> tuple[Path, ...]:
+def _headers_from_index(folder: Path, indexes: list[Path], role: str) -> tuple[Header, ...]:
+    """The headers of the shards an index lists, in name order, checked against its weight_map."""
     index = next((p for p in indexes if p.name == "model" + INDEX_SUFFIX), None)
     if index is None:
         if len(indexes) > 1:
@@ -166,15 +193,25 @@ def _files_from_index(folder: Path, indexes: list[Path], role: str) -> tuple[Pat
     files = []
     for name in sorted(set(weight_map.values())):
         shard = folder / name
-        if Path(name).name != name or not shard.is_file():
+        if not _is_plain_name(name) or not shard.is_file():
             raise InputError(f"{index}: lists shard {name!r}, which is not a file in {folder}")
         files.append(shard)
     listed = {k: folder / v for k, v in weight_map.items()}
-    for shard in files:
-        for key in read_header(shard).tensors:
-            if listed.get(key, shard) != shard:
-                raise InputError(f"{index}: maps tensor {key!r} to {listed[key].name} but it is in {shard.name}")
-    return tuple(files)
+    headers = tuple(read_header(shard) for shard in files)
+    for header in headers:
+        for key in header.tensors:
+            if listed.get(key, header.path) != header.path:
+                raise InputError(f"{index}: maps tensor {key!r} to {listed[key].name} but it is in {header.path.name}")
+    return headers
+
+
+def _is_plain_name(name: str) -> bool:
+    """A file name with no folder part that the file system can take (no lone surrogate)."""
+    try:
+        os.fsencode(name)
+    except UnicodeEncodeError:
+        return False
+    return name not in ("", ".", "..") and Path(name).name == name and "\0" not in name
 
 
 def _hub_cache_dir() -> str:
@@ -191,26 +228,84 @@ def _hub_offline() -> bool:
     return flag.upper() in ("1", "ON", "YES", "TRUE")
 
 
+def _check_revision(revision: str) -> None:
+    """Raise ValueError unless `revision` is a plain branch, tag or commit name (see `_REVISION`)."""
+    if len(revision) > _MAX_REVISION or not _REVISION.fullmatch(revision) or ".." in revision:
+        raise ValueError(
+            f"revision {revision!r} is not a branch, tag or commit hash (ASCII letters, digits and _ . + - in "
+            "/-separated parts, none empty or starting with '.', no '..')"
+        )
+
+
 def _resolve_hub(spec: str, repo: str, revision: str | None, role: str, quiet: bool) -> ResolvedInput:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+        validate_repo_id,
+    )
 
+    not_local = f"{role} {spec!r}: no such file or folder, and"
+    try:
+        validate_repo_id(repo)
+        if revision is not None:
+            _check_revision(revision)
+    except ValueError as e:  # HFValidationError is a ValueError
+        raise InputError(f"{not_local} it is not a Hugging Face repo id[@revision] either: {e}") from None
     offline = _hub_offline()
+    cache = _hub_cache_dir()
     was_disabled = are_progress_bars_disabled()
     if quiet:
         disable_progress_bars()
     try:
-        folder = snapshot_download(
-            repo, revision=revision, cache_dir=_hub_cache_dir(), local_files_only=offline, allow_patterns=HUB_PATTERNS
-        )
-    except Exception as e:  # noqa: BLE001 - every hub failure becomes one clear input error
+        folder = None
+        if revision is not None and COMMIT_HASH.fullmatch(revision) and not offline:
+            # A commit never moves: when its snapshot is cached, it is used without the network, where
+            # huggingface_hub would first list the repo's files (and retry for ~25 s when unreachable).
+            try:
+                folder = snapshot_download(
+                    repo, revision=revision, cache_dir=cache, local_files_only=True, allow_patterns=HUB_PATTERNS
+                )
+            except Exception:
+                folder = None
+        if folder is None:
+            folder = snapshot_download(
+                repo, revision=revision, cache_dir=cache, local_files_only=offline, allow_patterns=HUB_PATTERNS
+            )
+    except Exception as e:
         where = "offline (HF_HUB_OFFLINE=1), and not in the cache" if offline else "not in the cache and not reachable"
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise InputError(
-            f"{role} {spec!r}: no such file or folder, and as a Hugging Face repo id it is {where} "
-            f"({type(e).__name__}: {reason})"
+            f"{not_local} as a Hugging Face repo id it is {where} ({type(e).__name__}: {reason})"
         ) from None
     finally:
         if quiet and not was_disabled:
             enable_progress_bars()
-    return _resolve_folder(spec, Path(folder), role, kind="hub", name=spec)
+    snapshot = Path(folder)
+    commit = _snapshot_commit(spec, role, repo, revision, snapshot, cache)
+    return dataclasses.replace(_resolve_folder(spec, snapshot, role, kind="hub", name=spec), commit=commit)
+
+
+def _snapshot_commit(spec: str, role: str, repo: str, revision: str | None, snapshot: Path, cache: str) -> str:
+    """The commit of `snapshot`, after checking it is that repo's snapshot folder in the cache.
+
+    huggingface_hub finds a branch's commit in a file of its cache (refs/<branch>) and joins
+    what it reads into a path: a damaged cache could point anywhere. A commit asked for must
+    be the one served, never another.
+    """
+    from huggingface_hub.file_download import repo_folder_name
+
+    snapshots = Path(cache).expanduser().resolve() / repo_folder_name(repo_id=repo, repo_type="model") / "snapshots"
+    real = snapshot.resolve()
+    if real.parent != snapshots or not COMMIT_HASH.fullmatch(real.name):
+        raise InputError(
+            f"{role} {spec!r}: the hub cache maps revision {revision or 'main'!r} to {str(snapshot)!r}, which is not "
+            f"a snapshot folder of {repo} in the cache; the cache is damaged: delete {snapshots.parent} and download "
+            "again"
+        )
+    if revision is not None and COMMIT_HASH.fullmatch(revision) and real.name != revision:
+        raise InputError(
+            f"{role} {spec!r}: asked for commit {revision} but the hub served {real.name}; nothing was read"
+        )
+    return real.name

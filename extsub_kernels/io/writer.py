@@ -18,8 +18,8 @@ import torch
 
 from extsub_kernels.errors import InputError, MergeError
 from extsub_kernels.io import atomic
-from extsub_kernels.io.outputs import is_folder_output
 from extsub_kernels.io.format import HEADER_LENGTH_BYTES, METADATA_KEY, dtype_code, nbytes_of, write_order_key
+from extsub_kernels.io.outputs import is_folder_output
 
 INDEX_SUFFIX = ".index.json"
 
@@ -51,7 +51,11 @@ def build_header(entries: Sequence[TensorEntry], metadata: dict[str, str] | None
     offset = 0
     for entry in entries:
         end = offset + entry.nbytes
-        header[entry.name] = {"dtype": dtype_code(entry.dtype), "shape": list(entry.shape), "data_offsets": [offset, end]}
+        header[entry.name] = {
+            "dtype": dtype_code(entry.dtype),
+            "shape": list(entry.shape),
+            "data_offsets": [offset, end],
+        }
         offset = end
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
@@ -141,7 +145,8 @@ class SafetensorsFileWriter:
         entry = self.entries[self._index]
         if self._written + len(view) > entry.nbytes:
             raise MergeError(
-                f"{self.path}: tensor {name!r} has {entry.nbytes} bytes in the header but {self._written + len(view)} were written"
+                f"{self.path}: tensor {name!r} has {entry.nbytes} bytes in the header but "
+                f"{self._written + len(view)} were written"
             )
         self._write_all(view)
         self._written += len(view)
@@ -229,9 +234,11 @@ class CheckpointWriter:
         if len(set(names)) != len(names):
             raise MergeError("duplicate tensor names in the output plan")
         self.force = force
-        self.shards = plan_shards(entries, max_shard_size, weights_name) if self.is_folder else [
-            (self.target.name, safetensors_order(entries))
-        ]
+        self.shards = (
+            plan_shards(entries, max_shard_size, weights_name)
+            if self.is_folder
+            else [(self.target.name, safetensors_order(entries))]
+        )
         self.order = [e for _, group in self.shards for e in group]
         self._names = {e.name for e in self.order}
         self._metadata = metadata
@@ -347,4 +354,6 @@ def check_free_space(writers: Sequence[CheckpointWriter]) -> None:
     for folder, n in need.items():
         free = shutil.disk_usage(folder).free
         if n > free:
-            raise InputError(f"not enough space for OUT in {folder}: the output needs {n / 1e9:.2f} GB, {free / 1e9:.2f} GB are free")
+            raise InputError(
+                f"not enough space for OUT in {folder}: the output needs {n / 1e9:.2f} GB, {free / 1e9:.2f} GB are free"
+            )
