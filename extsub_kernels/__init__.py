@@ -2,7 +2,7 @@
 
 The op (`ext_sub_`, in place on any float tensor, a fused Triton kernel on CUDA), the
 streaming merge of checkpoints and adapters (`merge`, also the `extsub-merge` command), and
-the adapter types and formats they use.
+the adapter types (LoRA, (IA)³, prefix-tuning) and formats they use.
 
 Names are imported on first use: importing the package does not load torch, so the command
 line sets its signal handlers first and a Ctrl-C during start-up ends as cleanly as later.
@@ -16,10 +16,13 @@ if TYPE_CHECKING:
     from extsub_kernels.adapters import (
         AdapterOptions,
         AdapterReport,
+        IA3Adapter,
         LoraAdapter,
         LoraModule,
         LoraScaling,
         MergedAdapter,
+        PeftAdapter,
+        PrefixAdapter,
         iter_delta,
         iter_dense_lora,
         load_adapter,
@@ -39,10 +42,13 @@ if TYPE_CHECKING:
 _LOCATIONS = {
     "AdapterOptions": "extsub_kernels.adapters",
     "AdapterReport": "extsub_kernels.adapters",
+    "IA3Adapter": "extsub_kernels.adapters",
     "LoraAdapter": "extsub_kernels.adapters",
     "LoraModule": "extsub_kernels.adapters",
     "LoraScaling": "extsub_kernels.adapters",
     "MergedAdapter": "extsub_kernels.adapters",
+    "PeftAdapter": "extsub_kernels.adapters",
+    "PrefixAdapter": "extsub_kernels.adapters",
     "iter_delta": "extsub_kernels.adapters",
     "iter_dense_lora": "extsub_kernels.adapters",
     "load_adapter": "extsub_kernels.adapters",
@@ -87,6 +93,7 @@ __all__ = [
     "AdapterError",
     "AdapterOptions",
     "AdapterReport",
+    "IA3Adapter",
     "InputError",
     "LoraAdapter",
     "LoraModule",
@@ -94,6 +101,8 @@ __all__ = [
     "MergeError",
     "MergeReport",
     "MergedAdapter",
+    "PeftAdapter",
+    "PrefixAdapter",
     "__version__",
     "ext_sub",
     "ext_sub_",

@@ -12,7 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-SEED = int(os.environ.get("EXTSUB_TEST_SEED", random.SystemRandom().randrange(2**31)))
+from helpers import SEED
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -70,3 +70,13 @@ def offline_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return cache
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """Trained tiny models, adapters and evaluation sets (trained_fixtures.TrainedFixtures), each built on first use."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    import trained_fixtures
+
+    return trained_fixtures.get(tmp_path_factory)

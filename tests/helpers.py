@@ -1,9 +1,13 @@
 """Shared test helpers: devices and backends, assertions whose failure messages say what differs."""
 
 import os
+import random
 
 import pytest
 import torch
+
+# The run's seed: fresh each run, reproducible with EXTSUB_TEST_SEED (conftest prints it and seeds every test).
+SEED = int(os.environ.get("EXTSUB_TEST_SEED", random.SystemRandom().randrange(2**31)))
 
 # Every device a test may run on; CUDA parameters carry the `gpu` marker (skipped without CUDA).
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -103,3 +107,48 @@ def method_oracle(
         else:
             work = work + (lam if method == "add" else -lam) * delta
     return work + theta0
+
+
+def copy_adapter(source, target, *, tensors=None, config=None, bare: bool = False):
+    """A copy of a PEFT adapter folder with its tensors and/or config edited (functions of the originals).
+
+    `config` returning None leaves the config out, returning a str writes that text; `bare`
+    writes the weights alone as `adapter.safetensors` and returns that file.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    source, target = Path(source), Path(target)
+    target.mkdir(parents=True)
+    state = load_file(source / "adapter_model.safetensors")
+    weights = target / ("adapter.safetensors" if bare else "adapter_model.safetensors")
+    save_file({k: v.contiguous() for k, v in (tensors(state) if tensors else state).items()}, str(weights))
+    if bare:
+        return weights
+    original = json.loads((source / "adapter_config.json").read_text())
+    text = config(original) if config is not None else original
+    if text is not None:
+        (target / "adapter_config.json").write_text(text if isinstance(text, str) else json.dumps(text))
+    return target
+
+
+def quiet_peft_model(base, folder):
+    """`PeftModel.from_pretrained(base, folder)` in eval mode, its warnings silenced (base is used in place)."""
+    import warnings
+
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.PeftModel.from_pretrained(base, str(folder)).eval()
+
+
+def causal_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """The logits of a causal LM for `ids` (1, T), without gradients (PEFT's own deprecation warnings silenced)."""
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers on PEFT's prefix: past_key_values → cache
+        return model(input_ids=ids).logits

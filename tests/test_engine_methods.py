@@ -79,3 +79,21 @@ def test_only_one_ext_sub_step_in_the_experts_dtype_runs_in_place():
         assert not in_place_step(
             torch.bfloat16, n_anti, method=method, base=base, out_dtype=out_dtype, transposed=transposed
         )
+
+
+@pytest.mark.parametrize("method", ["ext-sub", "sub", "add"])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_apply_method_single_step_in_place_overwrites_plus_for_every_method(method, transposed, layout):
+    p, m = torch.randn(6, 10), torch.randn(6, 10)
+    expected = method_oracle(p, [m], [0.7], method=method, transposed=transposed)
+    work = p.clone() if layout == "contiguous" else p.t().clone().t()  # same values, columns contiguous
+    result = apply_method(work, [m], [0.7], method=method, transposed=transposed, inplace=True)
+    assert result is work
+    assert_close_explained(work, expected.float(), *TOLERANCES[torch.float32])
+
+
+def test_apply_method_into_refuses_an_out_it_cannot_write_in_place():
+    out = torch.empty(10, 6).t()
+    with pytest.raises(ValueError, match=r"out must be a contiguous tensor of the inputs' shape \(6, 10\)"):
+        apply_method_into(out, torch.randn(6, 10), [torch.randn(6, 10)], [1.0], workspace=Workspace(64, 4))

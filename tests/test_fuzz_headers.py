@@ -31,7 +31,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SEED
 from safetensors import safe_open
 from safetensors.torch import load, save
 
@@ -42,7 +41,7 @@ from extsub_kernels.io import CheckpointReader, read_header
 from extsub_kernels.io.format import DTYPES, readable_dtypes
 
 from checkpoints import hashes, leftovers
-from helpers import TOLERANCES, assert_close_explained, assert_one_line_error
+from helpers import SEED, TOLERANCES, assert_close_explained, assert_one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES_PER_FAMILY = 20

@@ -62,7 +62,8 @@ def apply_method_into(
     """The method applied with each anti-expert in order, written into `out` (any float dtype); returns `out`.
 
     Works chunk by chunk in `workspace` (float32, or float64 for float64 inputs; `workspace_slots`
-    slots) and rounds once into `out`; inputs are left unchanged. ext-sub pairs rows (dim 0, as
+    slots) and rounds once into `out` (contiguous; it may be `plus` itself: each chunk is read
+    before it is written); inputs are otherwise left unchanged. ext-sub pairs rows (dim 0, as
     the op does), or columns with `transposed`; rows longer than a workspace chunk and columns
     go through their Gram matrices (`gram`). sub and add are elementwise.
 
@@ -73,6 +74,8 @@ def apply_method_into(
     sign = method_sign(method)
     if len(minus) != len(lams):
         raise ValueError(f"{len(minus)} anti-expert tensors but {len(lams)} λ values")
+    if not out.is_contiguous() or out.shape != plus.shape:
+        raise ValueError(f"out must be a contiguous tensor of the inputs' shape {tuple(plus.shape)}")
     dtype = compute_dtype(plus.dtype, *(m.dtype for m in minus), *((base.dtype,) if base is not None else ()))
     if method != "ext-sub":
         _elementwise_into(out, plus, minus, [sign * lam for lam in lams], base, workspace, dtype)
@@ -163,15 +166,14 @@ def apply_method(
     if len(minus) != len(lams):
         raise ValueError(f"{len(minus)} anti-expert tensors but {len(lams)} λ values")
     out_dtype = out_dtype or plus.dtype
-    single = in_place_step(
-        plus.dtype, len(minus), method=method, base=base is not None, out_dtype=out_dtype, transposed=transposed
-    )
-    if single:
+    single = len(minus) == 1 and base is None and out_dtype == plus.dtype
+    if single and method == "ext-sub" and not transposed:
         return apply_method_(plus if inplace else plus.clone(), minus[0], lams[0])
     chunk = CPU_CHUNK_ELEMENTS if plus.device.type == "cpu" else max(1, plus.numel())
     dtype = compute_dtype(plus.dtype, *(m.dtype for m in minus), *((base.dtype,) if base is not None else ()))
     workspace = Workspace(chunk, workspace_slots(len(minus)), itemsize=dtype.itemsize, device=plus.device)
-    out = torch.empty(plus.shape, dtype=out_dtype, device=plus.device)
-    return apply_method_into(
-        out, plus, minus, lams, method=method, base=base, transposed=transposed, workspace=workspace
-    )
+    # a single step in place writes over `plus` piece by piece, each piece read before it is written
+    over_plus = single and inplace and plus.is_contiguous()
+    out = plus if over_plus else torch.empty(plus.shape, dtype=out_dtype, device=plus.device)
+    apply_method_into(out, plus, minus, lams, method=method, base=base, transposed=transposed, workspace=workspace)
+    return plus.copy_(out) if single and inplace and not over_plus else out

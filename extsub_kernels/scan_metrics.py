@@ -1,0 +1,413 @@
+"""What a λ scan measures at each λ (DESIGN §8): held-out NLL and the repetition of greedy generations.
+
+- `load_examples(path, tokenizer)`: an evaluation set, from `.txt` (one text per line) or
+  `.jsonl` (one object per line: `text`; `prompt` + `completion`, of which only the completion
+  is scored; or pre-tokenised `input_ids`, or `prompt_ids` + `completion_ids`, for models
+  without a tokenizer).
+- `mean_nll(model, examples)`: mean negative log-likelihood per scored token, in nats.
+- `generate_greedy(model, tokenizer, prompts, max_new_tokens)`: greedy continuations.
+- `rep_n`, `mean_rep_n`: n-gram repetition of continuations (the paper's rep-4, Figure 1 and
+  Tables 5-6, from Welleck et al. 2020); `distinct_n`: n-gram diversity (Li et al. 2016).
+
+Imports torch only; transformers is imported when generating.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "Example",
+    "Generation",
+    "distinct_n",
+    "generate_greedy",
+    "load_examples",
+    "mean_nll",
+    "mean_rep_n",
+    "rep_n",
+]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One evaluation sequence: token ids, of which the first `n_context` are context and never scored.
+
+    Token t is scored (predicted from tokens < t) for max(n_context, 1) ≤ t < len(input_ids).
+    `source` names the file and line, for error messages.
+    """
+
+    input_ids: tuple[int, ...]
+    n_context: int = 1
+    source: str = "<example>"
+
+    @property
+    def n_scored(self) -> int:
+        """How many tokens of this example are scored."""
+        return max(len(self.input_ids) - max(self.n_context, 1), 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading evaluation sets
+
+_KINDS = (("text",), ("prompt", "completion"), ("input_ids",), ("prompt_ids", "completion_ids"))
+
+
+def load_examples(path: str | Path, tokenizer: Any = None) -> list[Example]:
+    """Read an evaluation set and tokenise it.
+
+    Args:
+        path: a `.txt` file (one text per non-blank line) or a `.jsonl` file, one JSON object per
+            non-blank line with exactly one of: `text`; `prompt` and `completion` (strings);
+            `input_ids`; `prompt_ids` and `completion_ids` (lists of token ids). Other keys are
+            ignored.
+        tokenizer: a `transformers` tokenizer, needed for text. A text is tokenised with the
+            tokenizer's special tokens (e.g. BOS); a completion is tokenised on its own, without
+            special tokens, and appended to its prompt's tokens, so a separating space belongs at
+            the start of the completion. Only the completion's tokens are scored.
+
+    Returns:
+        The examples, in file order, each with at least one scored token.
+
+    Raises:
+        ValueError: naming the file (and line) for an unknown extension, an empty set, a line that
+            is not valid JSON or has none or several of the kinds above, token ids that are not
+            non-negative integers, an example with nothing to score, or text without a tokenizer.
+
+    Example:
+        >>> examples = load_examples("keep.jsonl", tokenizer)  # doctest: +SKIP
+        >>> mean_nll(model, examples)  # doctest: +SKIP
+    """
+    path = Path(path)
+    if path.suffix not in (".txt", ".jsonl"):
+        raise ValueError(f"{path}: unknown evaluation set format {path.suffix!r}; expected .txt or .jsonl")
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            source = f"{path} line {number}"
+            record: object = {"text": line.rstrip("\r\n")} if path.suffix == ".txt" else _json_line(line, source)
+            example = _example(record, tokenizer, source)
+            if example.n_scored == 0:
+                raise ValueError(
+                    f"{source}: nothing to score ({len(example.input_ids)} tokens, {example.n_context} of context); "
+                    "an example needs at least one token after its first (or after its prompt)"
+                )
+            examples.append(example)
+    if not examples:
+        raise ValueError(f"{path}: no examples (the file has no non-blank line)")
+    return examples
+
+
+def _json_line(line: str, source: str) -> object:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{source}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _example(record: object, tokenizer: Any, source: str) -> Example:
+    if not isinstance(record, dict):
+        raise ValueError(f"{source}: expected a JSON object, found {type(record).__name__}")
+    kinds = [kind for kind in _KINDS if any(key in record for key in kind)]
+    if len(kinds) != 1 or any(key not in record for key in kinds[0]):
+        expected = "; ".join(" + ".join(kind) for kind in _KINDS)
+        raise ValueError(f"{source}: expected exactly one of ({expected}); found keys {sorted(record)}")
+    kind = kinds[0]
+    if kind[0] in ("input_ids", "prompt_ids"):
+        parts = [_ids(record[key], key, source) for key in kind]
+        context = parts[0] if len(parts) == 2 else ()
+        return Example(context + parts[-1], len(context) if len(parts) == 2 else 1, source)
+    texts = [record[key] for key in kind]
+    for key, value in zip(kind, texts, strict=False):
+        if not isinstance(value, str):
+            raise ValueError(f"{source}: {key!r} must be a string, found {type(value).__name__}")
+    if tokenizer is None:
+        raise ValueError(
+            f"{source}: {' + '.join(kind)} is text, but there is no tokenizer (the model folder has none); "
+            "give pre-tokenised input_ids (or prompt_ids + completion_ids) in a .jsonl file instead"
+        )
+    if len(texts) == 1:
+        return Example(tuple(tokenizer(texts[0])["input_ids"]), 1, source)
+    prompt = tuple(tokenizer(texts[0])["input_ids"])
+    completion = tuple(tokenizer(texts[1], add_special_tokens=False)["input_ids"])
+    return Example(prompt + completion, len(prompt), source)
+
+
+def _ids(value: object, key: str, source: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+        raise ValueError(f"{source}: {key!r} must be a list of non-negative integer token ids")
+    return tuple(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Negative log-likelihood
+
+
+def mean_nll(
+    model: torch.nn.Module, examples: Sequence[Example], batch_size: int = 8, device: str | torch.device | None = None
+) -> float:
+    """Mean negative log-likelihood (nats) per scored token, over all scored tokens of `examples`.
+
+    Examples are sorted by length (longest first, so a batch too large fails at once) and
+    right-padded with an attention mask, `batch_size` at a time; a causal model gives the scored
+    tokens the same logits as unbatched. The model runs in its own dtype; the scored rows of the
+    logits are upcast to at least float32 for the log-softmax, and the sum is kept in float64. The model is
+    put in eval mode for the call (then restored) and no gradients are kept.
+
+    Args:
+        model: a causal LM whose forward takes `input_ids` and `attention_mask` and returns
+            `.logits` (a `transformers` model or a `PeftModel`).
+        examples: from `load_examples`.
+        batch_size: examples per forward pass.
+        device: where the inputs go; the model must be there already. Default: the model's device.
+
+    Returns:
+        Σ NLL / number of scored tokens.
+
+    Example:
+        >>> mean_nll(model, load_examples("forget.txt", tokenizer), batch_size=16)  # doctest: +SKIP
+    """
+    if not examples:
+        raise ValueError("mean_nll: no examples")
+    if batch_size < 1:
+        raise ValueError(f"mean_nll: batch_size must be ≥ 1, got {batch_size}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    _check_fits(model, examples)
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                batch = [examples[i] for i in order[start : start + batch_size]]
+                width = max(len(e.input_ids) for e in batch)
+                input_ids = torch.zeros((len(batch), width), dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                scored = torch.zeros((len(batch), width - 1), dtype=torch.bool)  # scored[j, t-1]: token t
+                for j, e in enumerate(batch):
+                    input_ids[j, : len(e.input_ids)] = torch.tensor(e.input_ids)
+                    mask[j, : len(e.input_ids)] = 1
+                    scored[j, max(e.n_context, 1) - 1 : len(e.input_ids) - 1] = True
+                input_ids, mask, scored = input_ids.to(device), mask.to(device), scored.to(device)
+                logits = _logits(model(input_ids=input_ids, attention_mask=mask))
+                rows = logits[:, :-1][scored]
+                rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
+                targets = input_ids[:, 1:][scored]
+                total += torch.nn.functional.cross_entropy(rows, targets, reduction="sum").double()
+                count += targets.numel()
+    finally:
+        model.train(was_training)
+    return float(total) / count
+
+
+def _logits(output: Any) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+def _check_fits(model: torch.nn.Module, examples: Sequence[Example]) -> None:
+    """Token ids within the model's vocabulary and lengths within its positions, or a ValueError naming the example."""
+    try:
+        vocab = model.get_input_embeddings().num_embeddings
+    except (AttributeError, NotImplementedError):
+        vocab = None
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None) if config is not None else None
+    for e in examples:
+        if vocab is not None and e.input_ids and max(e.input_ids) >= vocab:
+            raise ValueError(f"{e.source}: token id {max(e.input_ids)} is outside the model's vocabulary of {vocab}")
+        if isinstance(positions, int) and len(e.input_ids) > positions:
+            raise ValueError(
+                f"{e.source}: {len(e.input_ids)} tokens, more than the model's {positions} positions; shorten it"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A greedy continuation: its tokens (without EOS and padding), its text, and whether it stopped at EOS."""
+
+    prompt: str | tuple[int, ...]
+    token_ids: tuple[int, ...]
+    text: str | None
+    stopped: bool
+
+
+def generate_greedy(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    max_new_tokens: int,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+) -> list[Generation]:
+    """Greedy continuations of `prompts` (`model.generate`, no sampling), each as if generated alone.
+
+    Only prompts of the same token length share a batch, so no prompt is ever padded (left
+    padding changes continuations of prefix-tuned PEFT models). Prefix-tuned PEFT models are
+    decoded here, one full forward pass per token (no KV cache, so O(n²)), not by
+    `PeftModel.generate`: with PEFT 0.21.2 and transformers 5.24 that drops the prefix from the
+    cache and continues as the base model would, and with `use_cache=False` its second and later
+    steps differ from a plain forward pass.
+
+    Args:
+        model: a `transformers` causal LM or a `PeftModel`.
+        tokenizer: tokenises text prompts (with special tokens) and decodes continuations; may be
+            None when the prompts are token ids, and then `text` is None.
+        prompts: texts, or lists of token ids.
+        max_new_tokens: the most tokens generated per prompt; a continuation stops earlier at EOS.
+        batch_size: the most prompts (all of one length) per `generate` call.
+        device: where the inputs go; default: the model's device.
+
+    Returns:
+        One `Generation` per prompt, in order.
+
+    Example:
+        >>> gens = generate_greedy(model, tokenizer, ["reverse red cat ="], max_new_tokens=32)  # doctest: +SKIP
+        >>> mean_rep_n([g.token_ids for g in gens], 4)  # doctest: +SKIP
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"generate_greedy: max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    encoded = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            if tokenizer is None:
+                raise ValueError(f"generate_greedy: prompt {i} is text, but there is no tokenizer; give token ids")
+            encoded.append(tuple(tokenizer(prompt)["input_ids"]))
+        else:
+            encoded.append(tuple(int(t) for t in prompt))
+        if not encoded[-1]:
+            raise ValueError(f"generate_greedy: prompt {i} has no tokens")
+    eos = _special_id(model, tokenizer, "eos_token_id")
+    pad = _special_id(model, tokenizer, "pad_token_id")
+    pad = pad if pad is not None else (eos if eos is not None else 0)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    generate = _greedy_without_cache if _is_prefix_tuned(model) else _greedy_by_generate
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        by_length.setdefault(len(ids), []).append(i)
+    batches = [group[k : k + batch_size] for group in by_length.values() for k in range(0, len(group), batch_size)]
+    results: list[Generation | None] = [None] * len(encoded)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                input_ids = torch.tensor([encoded[i] for i in batch], dtype=torch.long, device=device)
+                out = generate(model, input_ids, max_new_tokens, eos, pad)
+                for i, row in zip(batch, out[:, input_ids.shape[1] :].tolist(), strict=False):
+                    stopped = eos is not None and eos in row
+                    tokens = tuple(row[: row.index(eos)] if stopped else row)
+                    text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else None
+                    results[i] = Generation(prompts[i], tokens, text, stopped)
+    finally:
+        model.train(was_training)
+    return results  # type: ignore[return-value]  # every slot filled
+
+
+def _greedy_by_generate(
+    model: Any, input_ids: torch.Tensor, max_new_tokens: int, eos: int | None, pad: int
+) -> torch.Tensor:
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=eos
+    )
+    return model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
+
+
+def _greedy_without_cache(
+    model: Any, input_ids: torch.Tensor, max_new_tokens: int, eos: int | None, pad: int
+) -> torch.Tensor:
+    """Argmax of a full forward pass per step, the whole batch until every row has reached EOS."""
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        logits = _logits(model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)))
+        token = logits[:, -1].argmax(dim=-1).masked_fill(done, pad)
+        input_ids = torch.cat([input_ids, token[:, None]], dim=1)
+        done |= token == eos
+        if bool(done.all()):
+            break
+    return input_ids
+
+
+def _is_prefix_tuned(model: torch.nn.Module) -> bool:
+    peft_type = getattr(getattr(model, "active_peft_config", None), "peft_type", None)
+    return getattr(peft_type, "value", peft_type) == "PREFIX_TUNING"
+
+
+def _special_id(model: torch.nn.Module, tokenizer: Any, name: str) -> int | None:
+    for source in (tokenizer, getattr(model, "generation_config", None), getattr(model, "config", None)):
+        value = getattr(source, name, None) if source is not None else None
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if isinstance(value, int):
+            return value
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Repetition and diversity
+
+
+def _ngrams(tokens: Sequence[Hashable], n: int) -> list[tuple[Hashable, ...]]:
+    if n < 1:
+        raise ValueError(f"n must be ≥ 1, got {n}")
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def rep_n(tokens: Sequence[Hashable], n: int = 4) -> float:
+    """n-gram repetition of one continuation: 1 − |distinct n-grams| / |n-grams|, in [0, 1).
+
+    This is seq-rep-n of Welleck et al. 2020, "Neural Text Generation with Unlikelihood
+    Training" (their seq-rep-n, "the portion of duplicate n-grams in a sequence"), the rep-4 that the Ext-Sub
+    paper uses (§5.1; its tables print 100× the value, e.g. 6.9 for 0.069). Tokens are whatever
+    the caller gives: token ids as Welleck et al. (the Ext-Sub paper does not say), or words.
+    A continuation with fewer than n tokens has no n-gram and repeats nothing: 0.0.
+
+    Example:
+        >>> rep_n(["a", "b", "a", "b", "a"], n=2)  # 2-grams ab ba ab ba: 2 distinct of 4
+        0.5
+    """
+    grams = _ngrams(tokens, n)
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def mean_rep_n(continuations: Iterable[Sequence[Hashable]], n: int = 4) -> float:
+    """Mean `rep_n` over the continuations that have at least one n-gram (≥ n tokens); NaN if none has.
+
+    Shorter continuations carry no evidence either way and are left out of the mean rather than
+    counted as 0 (an early EOS would otherwise look like diversity).
+
+    Example:
+        >>> mean_rep_n([[1, 2, 1, 2, 1], [1, 2, 3, 4], [7]], n=2)  # (0.5 + 0) / 2; [7] left out
+        0.25
+    """
+    values = [rep_n(c, n) for c in continuations if len(c) >= n]
+    return sum(values) / len(values) if values else math.nan
+
+
+def distinct_n(texts: Iterable[str | Sequence[Hashable]], n: int) -> float:
+    """Corpus-level distinct-n (Li et al. 2016): |distinct n-grams| / |n-grams| over all texts together.
+
+    A string is split on whitespace; any other sequence is taken as its tokens. n-grams do not
+    cross from one text to the next. NaN when no text has n tokens.
+
+    Example:
+        >>> distinct_n(["a b a b", "a b c"], n=2)  # ab ba ab | ab bc: {ab, ba, bc} of 5
+        0.6
+    """
+    grams = [g for t in texts for g in _ngrams(t.split() if isinstance(t, str) else t, n)]
+    return len(set(grams)) / len(grams) if grams else math.nan
