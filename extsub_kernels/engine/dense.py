@@ -140,19 +140,26 @@ class BlockStreamer:
     def blocks(self, jobs: Sequence[TensorJob]) -> list[Block]:
         """`jobs` cut into blocks, in the outputs' order; sizes the pools and the workspace for them."""
         by_name = {j.name: j for j in jobs}
-        blocks, capacity, chunk, itemsize = [], 1, CPU_CHUNK_ELEMENTS, 4
+        whole_rows = self.options.method == "ext-sub"
+        blocks = []
         for entry in self.outputs.order:
             job = by_name[entry.name]
-            width = row_bytes(job, self.readers)
-            cut = cut_blocks(job, width, self.options.block_size, whole_rows=self.options.method == "ext-sub")
-            per_element = width // max(1, row_elements(job.shape))
-            for block in cut:
-                capacity = max(capacity, per_element * block.elements()[1])
-                if self.transfer.cuda:
-                    chunk = max(chunk, block.elements()[1])
+            blocks += cut_blocks(job, row_bytes(job, self.readers), self.options.block_size, whole_rows=whole_rows)
+        self._size_memory(blocks)
+        return blocks
+
+    def _size_memory(self, blocks: Sequence[Block]) -> None:
+        """The pools and the workspace, once: buffers of the largest block in its widest form, as many as can be
+        in flight; workspace chunks cache-sized on CPU (a whole block on CUDA), wide enough for the compute dtype."""
+        capacity, chunk, itemsize = 1, CPU_CHUNK_ELEMENTS, 4
+        for block in blocks:
+            job = block.job
+            widest = row_bytes(job, self.readers) // max(1, row_elements(job.shape))
+            capacity = max(capacity, widest * block.elements()[1])
+            if self.transfer.cuda:
+                chunk = max(chunk, block.elements()[1])
             if job.merged:
                 itemsize = max(itemsize, compute_dtype(*self._dtypes(job)).itemsize)
-            blocks += cut
         n_in = max((len(b.job.inputs()) for b in blocks), default=1)
         n_out = len(self.options.settings)
         # an input buffer holding an in-place result (or a tensor copied as is) stays until written
@@ -162,17 +169,10 @@ class BlockStreamer:
             self.device_pool = BufferPool(capacity, n_in + n_out, device=self.options.device)
         n_anti = max((len(b.job.antis) for b in blocks), default=1)
         self.workspace = Workspace(chunk, workspace_slots(n_anti), itemsize=itemsize, device=self.options.device)
-        return blocks
 
     @property
     def pools(self) -> list[BufferPool]:
         return [p for p in (self.input_pool, self.result_pool, self.device_pool) if p is not None]
-
-    @property
-    def host_bytes(self) -> int:
-        """Host bytes of the buffers the pools created and of the workspace (on CPU): the memory streaming takes."""
-        pools = sum(p.allocated * p.capacity for p in self.pools if p.device.type == "cpu")
-        return pools + (self.workspace.nbytes if self.workspace is not None and not self.transfer.cuda else 0)
 
     def close(self) -> None:
         """Wake a stage waiting for a buffer: the run is stopping."""
