@@ -23,7 +23,8 @@ every run. After the runs of a layer count, the largest |difference| between mer
 and ours under `sub` is measured tensor by tensor.
 
 --before DIR adds runs of `sub` and `ext-sub` with the extsub_kernels of another checkout DIR
-(e.g. the code before a change), taking turns with the others. --long-row-gib G instead merges
+(e.g. the code before a change), and --blocks 32MiB runs them with other block sizes than the
+default ("sub [32MiB]"), all taking turns with the others. --long-row-gib G instead merges
 two one-tensor checkpoints, a 1-D float32 tensor of G GiB each (one row longer than any block),
 and checks the output against the op applied to the whole tensor in memory.
 
@@ -213,11 +214,13 @@ def child_floor(out: str, output_bytes: str, *inputs: str) -> dict:
     return {**usage.fields, "bytes_read": total, "peak_rss_bytes": peak_rss_bytes()}
 
 
-def child_extsub(method: str, out: str, expert: str, anti: str, base: str) -> dict:
+def child_extsub(method: str, out: str, expert: str, anti: str, base: str, block: str = "") -> dict:
     from extsub_kernels import merge, ops
+    from extsub_kernels.engine.options import parse_size
 
+    block_bytes = parse_size(block) if block else None
     with Usage() as usage:
-        report = merge(expert, anti, out, base=base, lam=LAM, method=method, device="cpu")
+        report = merge(expert, anti, out, base=base, lam=LAM, method=method, device="cpu", block_bytes=block_bytes)
     backend = ops.cpu_backend() if hasattr(ops, "cpu_backend") else "torch: eager torch ops"
     return {
         **usage.fields,
@@ -362,7 +365,17 @@ BEFORE = " (before)"  # suffix of the runs with the extsub_kernels of --before
 
 
 def _child_of(kind: str) -> str:
-    return kind.removesuffix(BEFORE)
+    """The child a run label runs: "sub (before)" and "sub [32MiB]" run "sub"."""
+    return kind.removesuffix(BEFORE).split(" [")[0]
+
+
+def _block_of(kind: str) -> list[str]:
+    """The block size a run label asks for, as the child's extra argument ("sub [32MiB]" → ["32MiB"])."""
+    return [kind.split(" [")[1].rstrip("]")] if " [" in kind else []
+
+
+def _folder_name(kind: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in kind)
 
 
 def run(
@@ -390,12 +403,13 @@ def run(
         for cache in caches:
             for rep in range(repeat):
                 for kind in kinds:
-                    out = workdir / f"out-{_child_of(kind)}-{layers}-{cache}-{rep}{'-before' if BEFORE in kind else ''}"
+                    out = workdir / f"out-{_folder_name(kind)}-{layers}-{cache}-{rep}"
                     args = [str(out)]
                     if kind == "floor":
                         args += [str(output_bytes)] + [str(folders[r]) for r in roles]
                     else:
                         args += [str(folders["expert"]), str(folders["anti"]), str(folders["base"])]
+                        args += _block_of(kind)
                     fields = _timed_child(kind, args, cache, list(folders.values()), before)
                     row = {**common, "layers": layers, "input_bytes": input_bytes, "output_bytes": output_bytes}
                     rows.append({**row, "cache": cache, "run": kind, "rep": rep, **fields})
@@ -532,6 +546,7 @@ def main() -> None:
     parser.add_argument("--cache", default="warm,cold", help="page cache before each run: warm, cold or both")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each kind per layer count and cache")
     parser.add_argument("--before", type=Path, help="another checkout: its sub and ext-sub take turns with ours")
+    parser.add_argument("--blocks", default="", help="block sizes (e.g. 32MiB) to run sub and ext-sub with as well")
     parser.add_argument("--long-row-gib", type=float, help="merge one 1-D tensor of this many GiB instead of models")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--tag", default="", help="a suffix for the result files")
@@ -548,8 +563,10 @@ def main() -> None:
     if "mergekit" in kinds and not mergekit_installed():
         print("mergekit is not installed: its runs are left out (pip install mergekit)", file=sys.stderr)
         kinds.remove("mergekit")
+    merges = [k for k in kinds if k in ("sub", "ext-sub")]
+    kinds += [f"{k} [{size}]" for size in args.blocks.split(",") if size for k in merges]
     if args.before is not None:
-        kinds += [k + BEFORE for k in kinds if k in ("sub", "ext-sub")]
+        kinds += [k + BEFORE for k in merges]
     caches = [c for c in args.cache.split(",") if c]
     if set(caches) - {"warm", "cold"}:
         parser.error("--cache takes warm, cold or warm,cold")
