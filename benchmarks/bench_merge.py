@@ -218,9 +218,9 @@ def child_extsub(method: str, out: str, expert: str, anti: str, base: str, block
     from extsub_kernels import merge, ops
     from extsub_kernels.engine.options import parse_size
 
-    block_bytes = parse_size(block) if block else None
+    sized = {"block_bytes": parse_size(block)} if block else {}  # (code before 14 knows no block_bytes=None)
     with Usage() as usage:
-        report = merge(expert, anti, out, base=base, lam=LAM, method=method, device="cpu", block_bytes=block_bytes)
+        report = merge(expert, anti, out, base=base, lam=LAM, method=method, device="cpu", **sized)
     backend = ops.cpu_backend() if hasattr(ops, "cpu_backend") else "torch: eager torch ops"
     return {
         **usage.fields,
