@@ -5,13 +5,16 @@ or SIGTERM during start-up ends with the same one-line message and exit code as 
 """
 
 import argparse
+import contextlib
+import fcntl
+import os
 import signal
 import sys
 import warnings
 from collections.abc import Sequence
 
 from extsub_kernels._version import __version__
-from extsub_kernels.errors import InputError, Terminated
+from extsub_kernels.errors import InputError, PublishError, Terminated
 
 PROG = "extsub-merge"
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -67,7 +70,10 @@ exit codes:
   1    failure during the merge (an input changed underneath, a write failed, ...)
   2    bad usage or bad input (unreadable or broken file, mismatched tensors, NaN/Inf, unsafe OUT)
   130  interrupted (Ctrl-C); 143 terminated (SIGTERM)
-  In every case but 0, nothing is left at OUT and the inputs are untouched.
+  In every case but 0, nothing is left at OUT and the inputs are untouched, except a Ctrl-C or
+  SIGTERM that came while the outputs were moved into place: it waits until all of them are,
+  and the message names them (each complete). OUT is never left half-written, even after
+  SIGKILL; the next run into the same folder cleans up what a killed run left there.
 """
 
 
@@ -146,12 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `extsub-merge` with `argv` (default: sys.argv[1:]); returns the exit code."""
     previous = _terminate_as_interrupt()
+    _usable_std_streams()
     try:
         return _main(argv)
-    except Terminated:
-        return _fail("terminated; nothing was written", EXIT_SIGTERM)
-    except KeyboardInterrupt:
-        return _fail("interrupted; nothing was written", EXIT_SIGINT)
+    except Terminated as e:
+        return _fail(_interrupted("terminated", e), EXIT_SIGTERM)
+    except KeyboardInterrupt as e:
+        return _fail(_interrupted("interrupted", e), EXIT_SIGINT)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -190,13 +197,50 @@ def _main(argv: Sequence[str] | None) -> int:
         return _fail(str(e), EXIT_BAD_INPUT)
     except (KeyboardInterrupt, Terminated):
         raise
+    except PublishError as e:
+        return _fail(f"the merge failed: {e}", EXIT_FAILED)
     except Exception as e:
+        published = getattr(e, "published", ())
+        if published:
+            names = ", ".join(str(p) for p in published)
+            return _fail(f"the merge failed after publishing its outputs (each complete: {names}): {e}", EXIT_FAILED)
         return _fail(f"the merge failed and nothing was written: {type(e).__name__}: {e}", EXIT_FAILED)
     if not args.quiet:
-        print(f"{PROG}: {report.summary()}", file=sys.stderr)
+        _say(f"{PROG}: {report.summary()}")
         for line in report.details() if args.verbose else []:
-            print(f"  {line}", file=sys.stderr)
+            _say(f"  {line}")
     return EXIT_OK
+
+
+def _interrupted(what: str, interrupt: BaseException) -> str:
+    """The message of a Ctrl-C or SIGTERM: nothing was written, or (held back while publishing) all outputs were."""
+    published = getattr(interrupt, "published", ())
+    if not published:
+        return f"{what}; nothing was written"
+    names = ", ".join(str(p) for p in published)
+    return f"{what} while the outputs were moved into place, after which every one was complete: {names}"
+
+
+def _usable_std_streams() -> None:
+    """A closed stdin, stdout or stderr (`2>&-`) becomes /dev/null, before any file is opened.
+
+    Otherwise the first file opened would take the free descriptor, and messages or the progress
+    bar written to "stderr" would land in it (an output file), or fail the run with EBADF.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+            if fd and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+                raise OSError  # a file some launcher left open on a closed stream's number: not an output
+        except OSError:
+            sink = os.open(os.devnull, os.O_RDWR)
+            if sink != fd:
+                os.dup2(sink, fd)
+                os.close(sink)
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None or getattr(stream, "closed", False):
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115 - lives as long as the process
 
 
 def _scaling(args: argparse.Namespace, scaling_type: type) -> object:
@@ -221,12 +265,18 @@ def _terminate_as_interrupt() -> object:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"{PROG}: warning: {message}", file=sys.stderr)
+    _say(f"{PROG}: warning: {message}")
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    _say(f"{PROG}: error: {message}")
     return code
+
+
+def _say(line: str) -> None:
+    """One line on stderr; a stderr that cannot take it (a closed pipe) never changes the exit code."""
+    with contextlib.suppress(OSError, ValueError):
+        print(line, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ from extsub_kernels.engine.options import (
 from extsub_kernels.errors import InputError
 from extsub_kernels.io import ResolvedInput, check_outputs, is_folder_output, output_paths, resolve_input
 from extsub_kernels.io.atomic import terminate_as_interrupt
+from extsub_kernels.io.identity import InputSnapshot
+from extsub_kernels.io.outputs import out_path
 
 Source = str | os.PathLike | PeftAdapter
 
@@ -92,7 +94,11 @@ def merge(
 
     Raises:
         InputError: bad inputs or arguments (nothing is written).
-        MergeError, OSError: a failure while streaming (nothing is left behind).
+        MergeError, OSError: a failure while streaming, or an input that changed during the run
+            (nothing is left behind).
+        KeyboardInterrupt: Ctrl-C (SIGTERM too, as `Terminated`, while the merge runs): nothing
+            is left behind, unless it came while the outputs were being moved into place; then
+            it is raised once all of them are, with the outputs in its `published`.
 
     Example:
         >>> report = merge("expert.safetensors", "anti.safetensors", "out.safetensors", lam=1.0)
@@ -103,7 +109,7 @@ def merge(
     if len(sources) < 2:
         raise InputError("give at least one anti-expert")
     adapter = adapter or AdapterOptions()
-    out = Path(out)
+    out = out_path(out)
     options = RunOptions(
         settings=tuple(parse_lams(lam, len(sources) - 1)),
         method=method,
@@ -117,17 +123,20 @@ def merge(
     )
     adapter.checked_format(base=base is not None)
     inputs, loaded = _resolve_all(sources, base, quiet=not progress)
+    snapshot = InputSnapshot(inputs)
     paths = output_paths(out, [lam_label(s) for s in options.settings])
     if _adapter_inputs(inputs):
         check_outputs(paths, inputs, force=force)
         with terminate_as_interrupt():
-            return run_adapters(inputs, options, adapter, paths, started=started, loaded=loaded)
+            return run_adapters(
+                inputs, options, adapter, paths, started=started, loaded=loaded, check_inputs=snapshot.check
+            )
     if adapter.given():
         role, inp = inputs[0]
         raise InputError(f"{adapter.given()[0]} applies to adapter inputs; {role} {inp.spec!r} is a dense checkpoint")
     check_outputs(paths, inputs, force=force)
     with terminate_as_interrupt():
-        return run_dense(inputs, options, paths, started=started)
+        return run_dense(inputs, options, paths, started=started, check_inputs=snapshot.check)
 
 
 def _out_dtype(dtype: str | torch.dtype) -> torch.dtype | None:

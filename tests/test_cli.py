@@ -248,11 +248,11 @@ def test_a_failure_midway_exits_1_and_leaves_nothing(tmp_path, inputs, capsys, m
     calls = {"n": 0}
     real_write = writer.SafetensorsFileWriter.write
 
-    def failing_write(self, name, data):
+    def failing_write(self, name, data, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise OSError(28, "No space left on device")
-        return real_write(self, name, data)
+        return real_write(self, name, data, **kwargs)
 
     monkeypatch.setattr(writer.SafetensorsFileWriter, "write", failing_write)
     code, err = _run(capsys, e, a, "-o", tmp_path / "out", "--lam", "0.5,1")

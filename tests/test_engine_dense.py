@@ -167,11 +167,11 @@ def test_while_one_stage_waits_nothing_grows(tmp_path, streamers, monkeypatch, s
     ahead: list[int] = []
     write, read_into = CheckpointWriter.write, dense.CheckpointReader.read_into
 
-    def slow_write(self, name, data):
+    def slow_write(self, name, data, **kwargs):
         if slow == "writer":
             time.sleep(0.005)
         ahead.append(read[0] - written[0])
-        write(self, name, data)
+        write(self, name, data, **kwargs)
         written[0] += 1
 
     def slow_read(self, *args, **kwargs):
@@ -204,11 +204,11 @@ def test_an_error_in_one_stage_wakes_a_stage_waiting_for_a_buffer(tmp_path, monk
     monkeypatch.setattr(dense, "in_flight", lambda: 1)  # a pool too small to run ahead: the reader waits on it
     write, calls = CheckpointWriter.write, [0]
 
-    def failing_write(self, name, data):
+    def failing_write(self, name, data, **kwargs):
         calls[0] += 1
         if calls[0] == 5:
             raise MergeError("disk gone")
-        write(self, name, data)
+        write(self, name, data, **kwargs)
 
     monkeypatch.setattr(CheckpointWriter, "write", failing_write)
     done: list[BaseException] = []

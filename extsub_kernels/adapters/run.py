@@ -12,7 +12,7 @@ in memory; with a base model it is the full merged model (`full_model`).
 import dataclasses
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,6 +224,7 @@ def run_adapters(
     *,
     started: float,
     loaded: Mapping[str, PeftAdapter] | None = None,
+    check_inputs: Callable[[], None] | None = None,
 ) -> MergeReport:
     """Merge resolved adapter inputs (and a base model) and write one output per λ setting.
 
@@ -238,6 +239,7 @@ def run_adapters(
         paths: one output per λ setting.
         started: `time.perf_counter()` at the start of the merge, for the report's seconds.
         loaded: adapters already in memory, by role (their inputs are of kind "memory").
+        check_inputs: runs before the outputs are published; raises when an input changed during the run.
     """
     base = inputs[-1][1] if inputs[-1][0] == "BASE" else None
     adapter_inputs = [(role, inp) for role, inp in inputs if role != "BASE"]
@@ -262,7 +264,7 @@ def run_adapters(
     transfer = Transfer(options.device)
     transfer.reset_peak()
     metadata = run_metadata(inputs, options, None if base else output_format)
-    writing = dict(max_shard_size=limit, force=options.force, progress=options.progress)
+    writing = dict(max_shard_size=limit, force=options.force, progress=options.progress, check_inputs=check_inputs)
     if base is None:
         dtype, device = options.out_dtype, options.device
         outputs = [adapter_output(m, output_format, dtype=dtype, device=device) for m in merged]

@@ -10,14 +10,15 @@ norms, then the update; `gram`).
 """
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from extsub_kernels._tensors import all_finite, compute_dtype, nonfinite_summary
+from extsub_kernels._tensors import all_finite, cast_overflow, compute_dtype, nonfinite_summary
 from extsub_kernels.engine.architecture import transposed_weights
+from extsub_kernels.engine.batches import SMALL_TENSOR_BYTES, Batch, Batcher
 from extsub_kernels.engine.gram import RowGram, combine_into
 from extsub_kernels.engine.memory import peak_rss_bytes
 from extsub_kernels.engine.methods import (
@@ -30,7 +31,7 @@ from extsub_kernels.engine.methods import (
 from extsub_kernels.engine.options import DEFAULT_MAX_SHARD_SIZE, RunOptions, lam_label, parse_size
 from extsub_kernels.engine.outputs import OutputSet, Piece, run_metadata
 from extsub_kernels.engine.pipeline import in_flight
-from extsub_kernels.engine.plan import Block, TensorJob, cut_blocks, plan_tensors, row_bytes, row_elements
+from extsub_kernels.engine.plan import Block, TensorJob, cut_blocks, plan_tensors, row_elements, rows_of
 from extsub_kernels.engine.report import MergeReport
 from extsub_kernels.engine.transfer import BufferPool, Transfer, Workspace, view_as
 from extsub_kernels.errors import InputError, MergeError
@@ -40,11 +41,19 @@ from extsub_kernels.io.resolve import ADAPTER_CONFIG
 Inputs = Sequence[tuple[str, ResolvedInput]]
 
 
-def run_dense(inputs: Inputs, options: RunOptions, paths: Sequence[Path], *, started: float) -> MergeReport:
+def run_dense(
+    inputs: Inputs,
+    options: RunOptions,
+    paths: Sequence[Path],
+    *,
+    started: float,
+    check_inputs: Callable[[], None] | None = None,
+) -> MergeReport:
     """Merge dense checkpoints: EXPERT, the ANTIs in order, and BASE when `inputs` ends with one.
 
     The caller has resolved the inputs and checked the outputs' paths. Returns the report;
-    on any error nothing is left at `paths`.
+    on any error nothing is left at `paths`. `check_inputs` runs before the outputs are
+    published and raises when an input changed during the run.
     """
     has_base = inputs[-1][0] == "BASE"
     n_anti = len(inputs) - 1 - has_base
@@ -70,6 +79,7 @@ def run_dense(inputs: Inputs, options: RunOptions, paths: Sequence[Path], *, sta
             max_shard_size=options.shard_limit(default=default),
             extra_files=extra,
             force=options.force,
+            check_inputs=check_inputs,
         ) as outputs:
             streamer = BlockStreamer(readers, [role for role, _ in inputs], options, outputs)
             blocks = streamer.blocks(jobs)
@@ -137,37 +147,60 @@ class BlockStreamer:
         self._nothing = torch.empty(0, dtype=torch.uint8)  # what a "norms" block hands each output
         self._unit: _RowsInPieces | None = None
 
-    def blocks(self, jobs: Sequence[TensorJob]) -> list[Block]:
-        """`jobs` cut into blocks, in the outputs' order; sizes the pools and the workspace for them."""
+    def blocks(self, jobs: Sequence[TensorJob]) -> list[Block | Batch]:
+        """`jobs` cut into blocks in the outputs' order, runs of small tensors batched; sizes the pools and the
+        workspace for them.
+
+        One pass over the tensors with a few dict lookups each: a model of a million tiny tensors is planned in seconds.
+        """
         by_name = {j.name: j for j in jobs}
+        limit = self.options.block_size
+        small = min(SMALL_TENSOR_BYTES, limit)
         whole_rows = self.options.method == "ext-sub"
-        blocks = []
+        infos = [reader.tensors for reader in self.readers]
+        batcher = Batcher(limit)
+        capacity, chunk, itemsize = 1, CPU_CHUNK_ELEMENTS, 4
         for entry in self.outputs.order:
             job = by_name[entry.name]
-            blocks += cut_blocks(job, row_bytes(job, self.readers), self.options.block_size, whole_rows=whole_rows)
-        self._size_memory(blocks)
-        return blocks
-
-    def _size_memory(self, blocks: Sequence[Block]) -> None:
-        """The pools and the workspace, once: buffers of the largest block in its widest form, as many as can be
-        in flight; workspace chunks cache-sized on CPU (a whole block on CUDA), wide enough for the compute dtype."""
-        capacity, chunk, itemsize = 1, CPU_CHUNK_ELEMENTS, 4
-        for block in blocks:
-            job = block.job
-            widest = row_bytes(job, self.readers) // max(1, row_elements(job.shape))
-            capacity = max(capacity, widest * block.elements()[1])
-            if self.transfer.cuda:
-                chunk = max(chunk, block.elements()[1])
+            inputs = job.inputs()
+            found = [infos[i][job.name] for i in inputs]
+            numel = found[0].nbytes // found[0].dtype.itemsize
+            widest = max(max(info.nbytes for info in found), numel * job.out_dtype.itemsize)
+            rows = rows_of(job.shape)
             if job.merged:
-                itemsize = max(itemsize, compute_dtype(*self._dtypes(job)).itemsize)
-        n_in = max((len(b.job.inputs()) for b in blocks), default=1)
+                itemsize = max(itemsize, compute_dtype(*(info.dtype for info in found)).itemsize)
+            if 0 < widest < small and not job.transposed:
+                key = (inputs, tuple(info.dtype for info in found), job.out_dtype, numel // rows)
+                batcher.add_small(job, key, numel // rows, widest, sum(info.nbytes for info in found))
+                capacity = max(capacity, widest)  # a run of one is streamed as a block of its own
+                chunk = max(chunk, numel) if self.transfer.cuda else chunk
+                continue
+            per_element = widest // numel if numel else 0
+            for block in cut_blocks(job, widest // rows if rows else 0, limit, whole_rows=whole_rows):
+                batcher.add(block)
+                capacity = max(capacity, per_element * block.elements()[1])
+                if self.transfer.cuda:
+                    chunk = max(chunk, block.elements()[1])
+        batcher.flush()
+        for item in batcher.items:
+            if isinstance(item, Batch):
+                capacity = max(capacity, item.nbytes)
+                if self.transfer.cuda:
+                    chunk = max(chunk, item.rows * item.width)
+        self._size_memory(batcher.items, capacity, chunk, itemsize)
+        return batcher.items
+
+    def _size_memory(self, items: Sequence[Block | Batch], capacity: int, chunk: int, itemsize: int) -> None:
+        """The pools and the workspace, once: buffers of `capacity` bytes (the largest item in its widest form), as
+        many as can be in flight; workspace slots of `chunk` numbers (cache-sized on CPU, an item on CUDA)."""
+        n_in = max((len(item.job.inputs()) for item in items), default=1)
         n_out = len(self.options.settings)
         # an input buffer holding an in-place result (or a tensor copied as is) stays until written
         self.input_pool = BufferPool(capacity, in_flight() * n_in + in_flight() - 1, pin=self.transfer.cuda)
         self.result_pool = BufferPool(capacity, in_flight() * n_out, pin=self.transfer.cuda)
         if self.transfer.cuda:
             self.device_pool = BufferPool(capacity, n_in + n_out, device=self.options.device)
-        n_anti = max((len(b.job.antis) for b in blocks), default=1)
+        n_anti = max((len(item.job.antis) for item in items), default=1)
         self.workspace = Workspace(chunk, workspace_slots(n_anti), itemsize=itemsize, device=self.options.device)
 
     @property
@@ -188,41 +221,49 @@ class BlockStreamer:
         first, count = block.elements()
         return first * itemsize, count * itemsize
 
-    def read_bytes(self, block: Block) -> int:
-        return sum(self._range(block, i)[1] for i in block.job.inputs())
+    def read_bytes(self, item: Block | Batch) -> int:
+        if isinstance(item, Batch):
+            return item.read_bytes
+        return sum(self._range(item, i)[1] for i in item.job.inputs())
 
     def _read_rows(self, block: Block, i: int, buffer: torch.Tensor) -> torch.Tensor:
         start, length = self._range(block, i)
         self.readers[i].read_into(block.job.name, buffer, start, length)
         return view_as(buffer, self.readers[i].info(block.job.name).dtype, block.shape())
 
-    def read(self, block: Block) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The block of every input the job reads, each in a buffer of the input pool."""
+    def read(self, item: Block | Batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The item of every input its job reads, each in a buffer of the input pool (a batch: its tensors back to
+        back, seen as one (rows, width) matrix)."""
         tensors, buffers = [], []
-        for i in block.job.inputs():
+        for i in item.job.inputs():
             buffers.append(self.input_pool.get())
-            tensors.append(self._read_rows(block, i, buffers[-1]))
+            if isinstance(item, Batch):
+                self.readers[i].read_whole_into(item.names, buffers[-1])
+                dtype = self.readers[i].info(item.job.name).dtype
+                tensors.append(view_as(buffers[-1], dtype, item.shape()))
+            else:
+                tensors.append(self._read_rows(item, i, buffers[-1]))
         return tensors, buffers
 
-    def compute(self, block: Block, payload: tuple[list[torch.Tensor], list[torch.Tensor]]) -> Piece:
-        """The block's result for every output, in pooled buffers; each buffer goes back as soon as it is free."""
+    def compute(self, item: Block | Batch, payload: tuple[list[torch.Tensor], list[torch.Tensor]]) -> Piece:
+        """The item's result for every output, in pooled buffers; each buffer goes back as soon as it is free."""
         host, host_buffers = payload
-        progress = self.read_bytes(block)
+        progress = self.read_bytes(item)
+        last = item.jobs[-1].name if isinstance(item, Batch) else None
         if not self.transfer.cuda:
-            results, kept, fresh = self._results(block, host, host_buffers, self.result_pool)
+            results, kept, fresh = self._results(item, host, host_buffers, self.result_pool)
             self.input_pool.put([b for b in host_buffers if not any(b is k for k in kept)])
 
             def release() -> None:
                 self.input_pool.put(kept)
                 self.result_pool.put(fresh)
 
-            return Piece(
-                block.job.name, results or [self._nothing] * len(self.options.settings), progress, release=release
-            )
+            results = results or [self._nothing] * len(self.options.settings)
+            return Piece(item.job.name, results, progress, release=release, last=last)
         buffers = [self.device_pool.get() for _ in host]
         inputs = self.transfer.to_device_into(host, buffers)
         self.input_pool.put(host_buffers)
-        results, _, fresh = self._results(block, inputs, buffers, self.device_pool)
+        results, _, fresh = self._results(item, inputs, buffers, self.device_pool)
         landing, host_results, seen = [], [], {}
         for r in results:
             if id(r) not in seen:
@@ -232,30 +273,33 @@ class BlockStreamer:
         self.device_pool.put(buffers + fresh)  # later work on the copy stream runs after these copies
         event = self.transfer.done_event()
         return Piece(
-            block.job.name,
+            item.job.name,
             host_results or [self._nothing] * len(self.options.settings),
             progress,
             ready=lambda: self.transfer.ready(event),
             release=lambda: self.result_pool.put(landing),
+            last=last,
         )
 
     def _results(
-        self, block: Block, inputs: list[torch.Tensor], buffers: list[torch.Tensor], pool: BufferPool
+        self, item: Block | Batch, inputs: list[torch.Tensor], buffers: list[torch.Tensor], pool: BufferPool
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """(one result per λ setting, the input buffers holding one, the buffers taken from `pool` for the others).
 
         A "norms" block has no results. A tensor copied in its dtype, and the last setting of an
         in-place step, are their input buffer; every other result gets a buffer of `pool`.
         """
-        job, settings = block.job, self.options.settings
-        if block.phase == "norms":
-            self._accumulate(block, inputs)
+        job, settings = item.job, self.options.settings
+        if item.phase == "norms":
+            self._accumulate(item, inputs)
             return [], [], []
         if not job.merged:
             if inputs[0].dtype == job.out_dtype:
                 return [inputs[0]] * len(settings), [buffers[0]], []
             out = pool.get()
-            return [view_as(out, job.out_dtype, block.shape()).copy_(inputs[0])] * len(settings), [], [out]
+            copy = view_as(out, job.out_dtype, item.shape()).copy_(inputs[0])
+            self._check_cast(item, inputs[0], copy)
+            return [copy] * len(settings), [], [out]
         plus, minus = inputs[0], inputs[1 : 1 + len(job.antis)]
         theta0 = inputs[-1] if job.base is not None else None
         in_place = in_place_step(
@@ -269,14 +313,14 @@ class BlockStreamer:
         results, kept, fresh = [], [], []
         for s, setting in enumerate(settings):
             lams = [setting[k - 1] for k in job.antis]
-            if in_place and s == len(settings) - 1 and block.phase == "one-pass":
+            if in_place and s == len(settings) - 1 and item.phase == "one-pass":
                 result = apply_method_(plus, minus[0], lams[0])  # last: the expert's block is no longer needed
                 kept.append(buffers[0])
             else:
                 fresh.append(pool.get())
-                result = view_as(fresh[-1], job.out_dtype, block.shape())
-                if block.phase == "update":
-                    self._update(block, result, inputs, s)
+                result = view_as(fresh[-1], job.out_dtype, item.shape())
+                if item.phase == "update":
+                    self._update(item, result, inputs, s)
                 elif in_place:
                     apply_method_(result.copy_(plus), minus[0], lams[0])
                 else:
@@ -290,7 +334,7 @@ class BlockStreamer:
                         transposed=job.transposed,
                         workspace=self.workspace,
                     )
-            self._check_finite(block, result, setting)
+            self._check_finite(item, result, setting)
             results.append(result)
         return results, kept, fresh
 
@@ -340,12 +384,32 @@ class BlockStreamer:
                     "the op needs finite weights, so fix or drop that input"
                 )
 
-    def _check_finite(self, block: Block, result: torch.Tensor, setting: tuple[float, ...]) -> None:
+    def _check_cast(self, item: Block | Batch, source: torch.Tensor, copy: torch.Tensor) -> None:
+        """A tensor copied into another dtype (--dtype) must not turn finite values into ±inf."""
+        if isinstance(item, Batch):
+            if all_finite(copy) or not all_finite(source):
+                return  # nothing overflowed, or a NaN/Inf is copied as it is: check tensor by tensor
+            for block, start, stop in item.row_ranges():
+                self._check_cast(block, source[start:stop], copy[start:stop])
+            return
+        problem = cast_overflow(source, copy)
+        if problem is not None:
+            role = self.roles[item.job.source]
+            raise InputError(
+                f"tensor {item.job.name!r} (copied from {role}) has {problem}; --dtype "
+                f"{str(copy.dtype).removeprefix('torch.')} cannot hold it: choose a wider --dtype, or keep"
+            )
+
+    def _check_finite(self, item: Block | Batch, result: torch.Tensor, setting: tuple[float, ...]) -> None:
         """A NaN or Inf in a result names the input tensor holding one, or else the overflow."""
         if all_finite(result):
             return
-        job = block.job
-        self._check_inputs(block)
+        if isinstance(item, Batch):
+            for block, start, stop in item.row_ranges():
+                self._check_finite(block, result[start:stop].reshape(block.shape()), setting)
+            return
+        job = item.job
+        self._check_inputs(item)
         raise InputError(
             f"tensor {job.name!r}: the result at λ={lam_label(setting)} overflows {job.out_dtype} although the inputs "
             "are finite; use a smaller λ or --dtype float32"

@@ -34,6 +34,8 @@ CPU = torch.device("cpu")
 # CUDA: large, so copies and kernels are few.
 CPU_BLOCK_BYTES = 2 << 20
 CUDA_BLOCK_BYTES = 32 << 20
+# The op computes in float32 (float64 for float64 weights): a λ past float32's range cannot be used.
+MAX_LAM = float(torch.finfo(torch.float32).max)
 
 # λ as the Python API takes it: a number, a list (one output each), per-anti-expert lists, or the CLI string.
 Lam = float | str | Sequence[float | Sequence[float]]
@@ -73,6 +75,10 @@ def lam_value(value: object) -> float:
         raise InputError(f"λ must be a number, got {value!r}") from None
     if not math.isfinite(x):
         raise InputError(f"λ must be a finite number, got {value!r}")
+    if abs(x) > MAX_LAM:
+        raise InputError(
+            f"λ {value!r} is out of range: |λ| must be at most {MAX_LAM:.4g} (float32, the precision of the op)"
+        )
     return x
 
 

@@ -22,7 +22,7 @@ from extsub_kernels.io.format import DTYPE_CODES
 _SHOWN = 10  # keys listed in an error before "... and N more"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorJob:
     """What the merge does with one output tensor.
 
@@ -70,14 +70,19 @@ def plan_tensors(
     base = readers[1 + n_anti] if has_base else None
     base_index = 1 + n_anti if has_base else None
     jobs, shared = [], [0] * n_anti
-    for name in expert:
-        info = expert.info(name)
-        with_key = [k for k in range(1, n_anti + 1) if name in readers[k]]
-        for k in with_key:
-            _check_match(info, readers[k].info(name), "EXPERT", readers[k].label)
-            shared[k - 1] += 1
-        dtype = out_dtype if out_dtype is not None and is_float(info.dtype) else info.dtype
-        merged = tuple(with_key) if is_float(info.dtype) else ()
+    anti_tensors = [(k, readers[k].tensors) for k in range(1, n_anti + 1)]
+    for name, info in expert.tensors.items():
+        with_key = []
+        for k, tensors in anti_tensors:
+            other = tensors.get(name)
+            if other is not None:
+                if other.shape != info.shape or other.dtype != info.dtype:
+                    _check_match(info, other, "EXPERT", readers[k].label)
+                with_key.append(k)
+                shared[k - 1] += 1
+        floating = is_float(info.dtype)
+        dtype = out_dtype if out_dtype is not None and floating else info.dtype
+        merged = tuple(with_key) if floating else ()
         if merged and base is not None:
             if name not in base:
                 raise InputError(
@@ -142,7 +147,7 @@ def _anti_only(
 Phase = Literal["one-pass", "norms", "update"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Block:
     """A piece of one tensor read, computed and written at once: rows [start, stop), or elements `cols` of row `start`.
 

@@ -1,8 +1,11 @@
 """Where outputs go: the path rules every kind of output follows, checked before any work.
 
 An OUT ending in `.safetensors` is one file; any other OUT is a folder. Several outputs of
-one run get `-lam<label>` suffixes. An OUT is never onto, into or around an input, and an
-existing OUT is replaced only when forced and only when it is an output of the same kind.
+one run get `-lam<label>` suffixes. An OUT is never onto, into or around an input, compared by
+identity (device and inode, every symlink followed: a symlinked parent, a hard link, a bind
+mount are all seen through), and an existing OUT is replaced only when forced, only when it is
+an output of the same kind, and never when it is a mount point. Temporaries that killed runs
+left beside an OUT are cleaned up first (`temps.clean_stale`).
 """
 
 import os
@@ -10,7 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from extsub_kernels.errors import InputError
+from extsub_kernels.io.identity import file_id, folder_chain, is_mount_point
 from extsub_kernels.io.resolve import CONFIG_PATTERNS, ResolvedInput
+from extsub_kernels.io.temps import clean_stale
 
 SAFETENSORS_SUFFIX = ".safetensors"
 
@@ -23,6 +28,23 @@ def is_folder_output(path: str | os.PathLike) -> bool:
         (True, False)
     """
     return Path(path).suffix != SAFETENSORS_SUFFIX
+
+
+def out_path(out: str | os.PathLike) -> Path:
+    """OUT as a path with a name to give the output: `.`, `..` and `x/..` become the folder they denote.
+
+    Raises InputError for an OUT that names no file or folder (the root folder).
+
+    Example:
+        >>> out_path("merged.safetensors")
+        PosixPath('merged.safetensors')
+    """
+    path = Path(out)
+    if path.name in ("", ".", ".."):
+        path = Path(os.path.realpath(path))
+    if not path.name:
+        raise InputError(f"OUT {os.fspath(out)!r} is the root folder; give a file or folder to write")
+    return path
 
 
 def output_paths(out: Path, labels: Sequence[str]) -> list[Path]:
@@ -53,11 +75,17 @@ def check_outputs(paths: Sequence[Path], inputs: Sequence[tuple[str, ResolvedInp
     Raises:
         InputError: naming the OUT, the input and what to do.
     """
+    for parent in dict.fromkeys(Path(os.path.realpath(p.parent)) for p in paths):
+        clean_stale(parent)
     for path in paths:
         _check_apart_from_inputs(path, inputs)
         if not os.path.lexists(path):
             continue
         refuse_existing(path, force=force)
+        if is_mount_point(path):
+            raise InputError(
+                f"OUT {path} is a mount point, which cannot be replaced; write to a path inside it or elsewhere"
+            )
         wants_folder = is_folder_output(path)
         if wants_folder != (path.is_dir() and not path.is_symlink()):
             kind = "a folder" if path.is_dir() else "a file"
@@ -72,21 +100,24 @@ def check_outputs(paths: Sequence[Path], inputs: Sequence[tuple[str, ResolvedInp
 
 
 def _check_apart_from_inputs(path: Path, inputs: Sequence[tuple[str, ResolvedInput]]) -> None:
-    target = path.resolve()
+    """Refuse an OUT that is an input file or folder, lies inside an input folder, or holds an input file."""
+    target = file_id(path)
+    holders = {identity: folder for folder, identity in folder_chain(path)}
     for role, inp in inputs:
         if inp.kind in ("folder", "hub"):
-            root = inp.root.resolve()
-            if target == root:
+            root = file_id(inp.root)
+            if root is not None and root == target:
                 raise InputError(f"OUT {path} is the {role} folder; choose another OUT (inputs are never overwritten)")
-            if root in target.parents:
-                raise InputError(f"OUT {path} is inside the {role} folder {inp.root}; choose another OUT")
-        for f in inp.files:
-            real = f.resolve()
-            if real == target or f.absolute() == path.absolute():
+            if root in holders:
+                via = "" if Path(os.path.realpath(inp.root)) == holders[root] else f", reached as {holders[root]}"
+                raise InputError(f"OUT {path} is inside the {role} folder {inp.root}{via}; choose another OUT")
+        for f in (*inp.files, *inp.config_files):
+            identity = file_id(f)
+            if identity is not None and identity == target:
                 raise InputError(
                     f"OUT {path} is the {role} file {f}; choose another OUT (inputs are never overwritten)"
                 )
-            if target in real.parents:
+            if target is not None and any(target == folder for _, folder in folder_chain(f)):
                 raise InputError(f"OUT {path} contains the {role} file {f}; choose another OUT")
 
 
