@@ -2,9 +2,9 @@
 
 Queues of `depth` items between the stages bound what is in flight: at most `depth + 2` items
 hold inputs (one being read, `depth` queued, one computed) and `depth + 2` hold results (one
-computed, `depth` queued, one being written) — `in_flight` — which is what sizes the pools. An error or an interrupt
-in any stage stops all three; the caller sees the first error once both threads have ended,
-so nothing is still writing when it cleans up.
+computed, `depth` queued, one being written). That number, `in_flight`, sizes the buffer pools.
+An error or an interrupt in any stage stops all three; the caller sees the first error once
+both threads have ended, so nothing is still writing when it cleans up.
 """
 
 import queue
