@@ -9,8 +9,13 @@ of them alike:
 
     floor        a plain read of the three inputs into a reused buffer, then a plain write of the
                  output's size with fsync: the I/O the merge cannot avoid
-    sub          extsub_kernels.merge(expert, anti, out, base=base, method="sub", lam=0.6)
+    sub          extsub_kernels.merge(expert, anti, out, base=base, method="sub", lam=0.6, stats=False)
     ext-sub      the same with method="ext-sub" (the Ext-Sub merge)
+    ext-sub+report
+                 the Ext-Sub merge with report=FILE (beside OUT): row statistics of every tensor from
+                 the merge's own passes (DESIGN.md §7), the model card's table, the JSON record; what
+                 a folder OUT gets by default. Its "--report cost" is its median over ext-sub's, − 1,
+                 in wall and in CPU time (CPU moves far less than wall on a shared machine)
     mergekit     mergekit's task_arithmetic (normalize: false, dtype: float32, out_dtype: bfloat16),
                  base + 1.0·(θ⁺ − θ₀) − 0.6·(θ⁻ − θ₀): the formula of `sub`; its output is fsynced
                  and the fsync counted, as ours is (run only where mergekit is installed)
@@ -64,7 +69,8 @@ MODELS = {
 DTYPE = torch.bfloat16
 LAM = 0.6
 READ_BUFFER = 32 << 20
-RUNS = ("floor", "sub", "ext-sub", "mergekit")
+RUNS = ("floor", "sub", "ext-sub", "ext-sub+report", "mergekit")
+REPORTED = "ext-sub+report"  # the run whose cost over "ext-sub" the table shows
 
 
 def layer_shapes(model: dict) -> dict[str, tuple[int, ...]]:
@@ -214,13 +220,22 @@ def child_floor(out: str, output_bytes: str, *inputs: str) -> dict:
     return {**usage.fields, "bytes_read": total, "peak_rss_bytes": peak_rss_bytes()}
 
 
-def child_extsub(method: str, out: str, expert: str, anti: str, base: str, block: str = "") -> dict:
+def child_extsub(
+    method: str, out: str, expert: str, anti: str, base: str, block: str = "", *, record: bool = False
+) -> dict:
+    import inspect
+
     from extsub_kernels import merge, ops
     from extsub_kernels.engine.options import parse_size
 
     sized = {"block_bytes": parse_size(block)} if block else {}  # (code before 14 knows no block_bytes=None)
+    if record:
+        sized["report"] = f"{out}.report.json"  # beside OUT: a record may not be inside it
+    elif "stats" in inspect.signature(merge).parameters:
+        sized["stats"] = False  # a folder OUT gathers statistics for its model card unless told not to
     with Usage() as usage:
         report = merge(expert, anti, out, base=base, lam=LAM, method=method, device="cpu", **sized)
+    Path(f"{out}.report.json").unlink(missing_ok=True)
     backend = ops.cpu_backend() if hasattr(ops, "cpu_backend") else "torch: eager torch ops"
     return {
         **usage.fields,
@@ -317,6 +332,7 @@ CHILDREN = {
     "check-long-row": child_check_long_row,
     "sub": lambda *a: child_extsub("sub", *a),
     "ext-sub": lambda *a: child_extsub("ext-sub", *a),
+    "ext-sub+report": lambda *a: child_extsub("ext-sub", *a, record=True),
     "mergekit": child_mergekit,
     "idle": child_idle,
     "compare": child_compare,
@@ -497,8 +513,8 @@ def markdown(rows: list[dict]) -> str:
         f"{idle}{before}.",
         "",
         "| layers | input GB | cache | run | runs | seconds (median; range) | × floor | mergekit ÷ this "
-        "| before ÷ this | peak RSS GB (max) | RSS / largest tensor | minor faults / GB in | user + sys s "
-        "| load before |",
+        "| before ÷ this | --report cost (wall; CPU) | peak RSS GB (max) | RSS / largest tensor "
+        "| minor faults / GB in | user + sys s | load before |",
         "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     groups: dict[tuple[int, str, str], list[dict]] = {}
@@ -506,6 +522,7 @@ def markdown(rows: list[dict]) -> str:
         if "seconds" in r:
             groups.setdefault((r["layers"], r["cache"], r["run"]), []).append(r)
     median = {key: statistics.median(r["seconds"] for r in group) for key, group in groups.items()}
+    cpu_median = {key: statistics.median(r["user_s"] + r["system_s"] for r in group) for key, group in groups.items()}
     for (layers, cache, kind), group in groups.items():
         seconds = median[(layers, cache, kind)]
         floor = median.get((layers, cache, "floor"))
@@ -514,13 +531,19 @@ def markdown(rows: list[dict]) -> str:
         spread = f"{min(r['seconds'] for r in group):.2f}–{max(r['seconds'] for r in group):.2f}"
         rss = max(r["peak_rss_bytes"] for r in group)
         faults = statistics.median(r["minor_faults"] for r in group) / (group[0]["input_bytes"] / 1e9)
-        cpu = statistics.median(r["user_s"] + r["system_s"] for r in group)
+        cpu = cpu_median[(layers, cache, kind)]
+        plain, plain_cpu = median.get((layers, cache, "ext-sub")), cpu_median.get((layers, cache, "ext-sub"))
+        cost = (
+            f"{100 * (seconds / plain - 1):+.0f} %; {100 * (cpu / plain_cpu - 1):+.0f} %"
+            if kind == REPORTED and plain and plain_cpu
+            else "–"
+        )
         loads = f"{min(r['load_1min_before'] for r in group):.1f}–{max(r['load_1min_before'] for r in group):.1f}"
         lines.append(
             f"| {layers} | {group[0]['input_bytes'] / 1e9:.2f} | {cache} | {kind} | {len(group)} | "
             f"{seconds:.2f}; {spread} | {f'{seconds / floor:.2f}×' if floor else '–'} | "
             f"{f'{mergekit / seconds:.2f}×' if mergekit and kind != 'floor' else '–'} | "
-            f"{f'{earlier / seconds:.2f}×' if earlier else '–'} | {rss / 1e9:.2f} | "
+            f"{f'{earlier / seconds:.2f}×' if earlier else '–'} | {cost} | {rss / 1e9:.2f} | "
             f"{rss / first['largest_tensor_bytes']:.1f}× | {faults:,.0f} | {cpu:.1f} | {loads} |"
         )
     compared = [r for r in rows if "max_abs_diff" in r]

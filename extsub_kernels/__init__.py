@@ -36,7 +36,14 @@ if TYPE_CHECKING:
     from extsub_kernels.engine import MergeReport
     from extsub_kernels.errors import AdapterError, InputError, MergeError
     from extsub_kernels.merge import merge, merge_adapter_files
-    from extsub_kernels.ops import ext_sub, ext_sub_, ext_sub_coefficients, extract_deficiency, subtract_
+    from extsub_kernels.ops import (
+        ext_sub,
+        ext_sub_,
+        ext_sub_coefficients,
+        extract_deficiency,
+        row_products,
+        subtract_,
+    )
     from extsub_kernels.reference import ext_sub_reference
 
 _LOCATIONS = {
@@ -67,6 +74,7 @@ _LOCATIONS = {
     "ext_sub": "extsub_kernels.ops",
     "ext_sub_": "extsub_kernels.ops",
     "ext_sub_coefficients": "extsub_kernels.ops",
+    "row_products": "extsub_kernels.ops",
     "extract_deficiency": "extsub_kernels.ops",
     "subtract_": "extsub_kernels.ops",
     "ext_sub_reference": "extsub_kernels.reference",
@@ -115,6 +123,7 @@ __all__ = [
     "merge",
     "merge_adapter_files",
     "merge_adapters",
+    "row_products",
     "subtract_",
     "to_delta",
     "to_dense_lora",

@@ -244,7 +244,8 @@ def test_out_dot_with_force_in_an_empty_folder(tmp_path, pair, monkeypatch, caps
     here.mkdir()
     monkeypatch.chdir(here)
     assert main([str(pair[0]), str(pair[1]), "-o", ".", "--force", "-q"]) == 0, capsys.readouterr().err
-    assert sorted(p.name for p in here.iterdir()) == ["model.safetensors"] and not leftovers(tmp_path)
+    written = sorted(p.name for p in here.iterdir())
+    assert written == ["README.md", "extsub_recipe.yaml", "model.safetensors"] and not leftovers(tmp_path)
 
 
 def test_a_failed_run_into_new_folders_leaves_none_of_them(tmp_path, capsys, pair):

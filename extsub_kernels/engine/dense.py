@@ -17,25 +17,40 @@ from pathlib import Path
 import torch
 
 from extsub_kernels._tensors import all_finite, cast_overflow, compute_dtype, nonfinite_summary
-from extsub_kernels.engine.architecture import transposed_weights
+from extsub_kernels.engine.architecture import WeightLayout, input_config, weight_layout
 from extsub_kernels.engine.batches import SMALL_TENSOR_BYTES, Batch, Batcher
+from extsub_kernels.engine.context import RunContext
+from extsub_kernels.engine.dense_stats import DenseStats
+from extsub_kernels.engine.dryrun import dry_run_report
 from extsub_kernels.engine.gram import RowGram, combine_into
+from extsub_kernels.engine.items import dense_items
 from extsub_kernels.engine.memory import peak_rss_bytes
 from extsub_kernels.engine.methods import (
     CPU_CHUNK_ELEMENTS,
+    Observer,
     apply_method_,
     apply_method_into,
     in_place_step,
     workspace_slots,
 )
+from extsub_kernels.engine.notes import (
+    MODEL_CONFIG,
+    OutputKind,
+    base_model_name,
+    output_texts,
+    run_metadata,
+    text_names,
+)
 from extsub_kernels.engine.options import DEFAULT_MAX_SHARD_SIZE, RunOptions, lam_label, parse_size
-from extsub_kernels.engine.outputs import OutputSet, Piece, run_metadata
-from extsub_kernels.engine.pipeline import in_flight
+from extsub_kernels.engine.outputs import OutputSet, Piece, discard, progress_bar
+from extsub_kernels.engine.pipeline import in_flight, run_pipeline
 from extsub_kernels.engine.plan import Block, TensorJob, cut_blocks, plan_tensors, row_elements, rows_of
 from extsub_kernels.engine.report import MergeReport
 from extsub_kernels.engine.transfer import BufferPool, Transfer, Workspace, view_as
 from extsub_kernels.errors import InputError, MergeError
 from extsub_kernels.io import CheckpointReader, ResolvedInput, TensorEntry, is_folder_output
+from extsub_kernels.io.outputs import listed_files
+from extsub_kernels.io.provenance import display_path
 from extsub_kernels.io.resolve import ADAPTER_CONFIG
 
 Inputs = Sequence[tuple[str, ResolvedInput]]
@@ -47,46 +62,69 @@ def run_dense(
     paths: Sequence[Path],
     *,
     started: float,
+    context: RunContext | None = None,
     check_inputs: Callable[[], None] | None = None,
 ) -> MergeReport:
     """Merge dense checkpoints: EXPERT, the ANTIs in order, and BASE when `inputs` ends with one.
 
-    The caller has resolved the inputs and checked the outputs' paths. Returns the report;
-    on any error nothing is left at `paths`. `check_inputs` runs before the outputs are
-    published and raises when an input changed during the run.
+    The caller has resolved the inputs and checked the outputs' paths. `options.mode` "dry-run"
+    stops once the outputs are planned, "inspect" streams the inputs for statistics and writes
+    nothing. Returns the report; on any error nothing is left at `paths`. `check_inputs` runs
+    before the outputs are published and raises when an input changed during the run.
     """
     has_base = inputs[-1][0] == "BASE"
     n_anti = len(inputs) - 1 - has_base
+    roles = [role for role, _ in inputs]
     readers = [CheckpointReader(inp.files, label=role) for role, inp in inputs]
     try:
+        layout = dense_layout(inputs, readers[0], options.transposed)
         jobs, skipped = plan_tensors(
             readers,
             n_anti=n_anti,
             has_base=has_base,
             on_missing=options.on_missing,
             out_dtype=options.out_dtype,
-            transposed=transposed_weights(inputs[0][1].config()),
+            transposed=layout.rule,
+            inputs=[inp for _, inp in inputs],
         )
-        folder = is_folder_output(paths[0])
-        default = parse_size(DEFAULT_MAX_SHARD_SIZE) if folder else None
-        expert = inputs[0][1]
-        extra = [p for p in expert.config_files if p.name != ADAPTER_CONFIG] if has_base and folder else []
+        facts = dict(
+            tensors=len(jobs),
+            merged=sum(j.merged for j in jobs),
+            copied=sum(not j.merged for j in jobs),
+            skipped=len(skipped),
+            device=str(options.device),
+            skipped_keys=tuple(skipped),
+            method=options.method,
+            settings=options.settings,
+            items=tuple(dense_items(jobs, skipped, readers, roles)),
+            layout=layout.reason,
+            context=context,
+        )
+        if options.mode == "inspect":
+            return _inspect(readers, inputs, options, [j for j in jobs if j.merged], started, facts)
+        kind, extra = _output_kind(inputs, paths, has_base)
         entries = [TensorEntry(j.name, j.out_dtype, j.shape) for j in jobs]
+        metadata = run_metadata(inputs, options, context=context)
+        limit = options.shard_limit(default=parse_size(DEFAULT_MAX_SHARD_SIZE) if is_folder_output(paths[0]) else None)
+        if options.mode == "dry-run":
+            reads = sum(readers[i].info(j.name).nbytes for j in jobs for i in j.inputs())
+            return dry_run_report(paths, entries, metadata, limit, extra, text_names(paths, kind), reads, facts)
         with OutputSet(
             paths,
             entries,
-            run_metadata(inputs, options),
-            max_shard_size=options.shard_limit(default=default),
+            metadata,
+            max_shard_size=limit,
             extra_files=extra,
             force=options.force,
             check_inputs=check_inputs,
-        ) as outputs:
-            streamer = BlockStreamer(readers, [role for role, _ in inputs], options, outputs)
+        ) as out:
+            stats = DenseStats(roles, options.settings, options.method) if options.stats else None
+            streamer = BlockStreamer(readers, roles, options, out.order, stats, [inp for _, inp in inputs])
             blocks = streamer.blocks(jobs)
             total = sum(streamer.read_bytes(b) for b in blocks)
             with streamer.transfer:
                 streamer.transfer.reset_peak()
-                outputs.stream(
+                out.stream(
                     blocks,
                     streamer.read,
                     streamer.compute,
@@ -94,24 +132,75 @@ def run_dense(
                     progress=options.progress,
                     on_stop=streamer.close,
                 )
-            written = outputs.commit()
-            bytes_written = outputs.bytes_written
+            out.add_texts(output_texts(paths, options, context, kind, stats.done if stats else []))
+            written = out.commit()
+            bytes_written = out.bytes_written
     finally:
         for r in readers:
             r.close()
     return MergeReport(
         outputs=written,
-        tensors=len(jobs),
-        merged=sum(j.merged for j in jobs),
-        copied=sum(not j.merged for j in jobs),
-        skipped=len(skipped),
         bytes_read=total,
         bytes_written=bytes_written,
         seconds=time.perf_counter() - started,
         peak_rss_bytes=peak_rss_bytes(),
         peak_gpu_bytes=streamer.transfer.peak_memory(),
-        device=str(options.device),
-        skipped_keys=tuple(skipped),
+        stats=tuple(stats.done) if stats else (),
+        files=tuple(tuple(listed_files(path)) for path in written),
+        **facts,
+    )
+
+
+def dense_layout(inputs: Inputs, expert: CheckpointReader, explicit: bool | None) -> WeightLayout:
+    """How rows pair: --transposed/--no-transposed, else a config.json (EXPERT first, then BASE and the ANTIs),
+    else the expert's key names and shapes."""
+    order = [inputs[0], *[i for i in inputs[1:] if i[0] == "BASE"], *[i for i in inputs[1:] if i[0] != "BASE"]]
+    configs = [(role, input_config(inp)) for role, inp in order]
+    shapes = {name: expert.info(name).shape for name in expert}
+    return weight_layout(configs, shapes, explicit=explicit, role=f"EXPERT ({inputs[0][1].spec})")
+
+
+def _output_kind(inputs: Inputs, paths: Sequence[Path], has_base: bool) -> tuple[OutputKind, list[Path]]:
+    """What a folder output is (for its card) and the files copied into it: with a base, the expert's config
+    and tokenizer files (config.json rewritten with a note); without, nothing."""
+    expert = inputs[0][1]
+    if not has_base or not is_folder_output(paths[0]):
+        return OutputKind("task vectors ΔW' (add them to the base model to use them)"), []
+    config = expert.config_file(MODEL_CONFIG)
+    extra = [p for p in expert.config_files if p.name not in (ADAPTER_CONFIG, MODEL_CONFIG)]
+    base = base_model_name(inputs[-1][1])
+    kind = OutputKind("the full merged model θ₀ + ΔW'", "transformers" if config else None, base, config)
+    return kind, extra
+
+
+def _inspect(
+    readers: Sequence[CheckpointReader],
+    inputs: Inputs,
+    options: RunOptions,
+    jobs: Sequence[TensorJob],
+    started: float,
+    facts: dict,
+) -> MergeReport:
+    """Stream the merged tensors through the method for their row statistics, writing nothing."""
+    roles = [role for role, _ in inputs]
+    stats = DenseStats(roles, options.settings, options.method)
+    order = [TensorEntry(j.name, j.out_dtype, j.shape) for j in jobs]
+    streamer = BlockStreamer(readers, roles, options, order, stats, [inp for _, inp in inputs])
+    blocks = streamer.blocks(jobs)
+    total = sum(streamer.read_bytes(b) for b in blocks)
+    with streamer.transfer, progress_bar(total, options.progress, "extsub-inspect") as bar:
+        streamer.transfer.reset_peak()
+        run_pipeline(blocks, streamer.read, streamer.compute, discard(bar), on_stop=streamer.close)
+    return MergeReport(
+        outputs=(),
+        bytes_read=total,
+        bytes_written=0,
+        seconds=time.perf_counter() - started,
+        peak_rss_bytes=peak_rss_bytes(),
+        peak_gpu_bytes=streamer.transfer.peak_memory(),
+        mode="inspect",
+        stats=tuple(stats.done),
+        **facts,
     )
 
 
@@ -132,13 +221,22 @@ class BlockStreamer:
         readers: the inputs, numbered as in `TensorJob` (expert, anti-experts, base).
         roles: a name per input for messages (EXPERT, ANTI, BASE).
         options: λ settings, method, device, block size.
-        outputs: one output per λ setting; blocks must come in `outputs.order`.
+        order: the tensors in the order the outputs are written (`OutputSet.order`); blocks follow it.
+        stats: gathers the row statistics of merged tensors (None: not gathered).
+        inputs: the resolved inputs, to name files in messages by the path the user gave.
     """
 
     def __init__(
-        self, readers: Sequence[CheckpointReader], roles: Sequence[str], options: RunOptions, outputs: OutputSet
+        self,
+        readers: Sequence[CheckpointReader],
+        roles: Sequence[str],
+        options: RunOptions,
+        order: Sequence[TensorEntry],
+        stats: DenseStats | None = None,
+        inputs: Sequence[ResolvedInput] = (),
     ):
-        self.readers, self.roles, self.options, self.outputs = readers, roles, options, outputs
+        self.readers, self.roles, self.options, self.order, self.stats = readers, roles, options, order, stats
+        self.inputs = inputs
         self.transfer = Transfer(options.device)
         self.input_pool: BufferPool | None = None
         self.result_pool: BufferPool | None = None
@@ -160,7 +258,7 @@ class BlockStreamer:
         infos = [reader.tensors for reader in self.readers]
         batcher = Batcher(limit)
         capacity, chunk, itemsize = 1, CPU_CHUNK_ELEMENTS, 4
-        for entry in self.outputs.order:
+        for entry in self.order:
             job = by_name[entry.name]
             inputs = job.inputs()
             found = [infos[i][job.name] for i in inputs]
@@ -310,33 +408,58 @@ class BlockStreamer:
             out_dtype=job.out_dtype,
             transposed=job.transposed,
         )
+        stats = self.stats
         results, kept, fresh = [], [], []
         for s, setting in enumerate(settings):
             lams = [setting[k - 1] for k in job.antis]
+            observe = stats.observer(item) if stats is not None and s == 0 else None  # λ-free: the first setting's
             if in_place and s == len(settings) - 1 and item.phase == "one-pass":
-                result = apply_method_(plus, minus[0], lams[0])  # last: the expert's block is no longer needed
+                # last: the expert's block is no longer needed
+                result = apply_method_(plus, minus[0], lams[0], observe=observe)
                 kept.append(buffers[0])
             else:
                 fresh.append(pool.get())
                 result = view_as(fresh[-1], job.out_dtype, item.shape())
                 if item.phase == "update":
-                    self._update(item, result, inputs, s)
+                    self._update(item, result, inputs, s, observe)
                 elif in_place:
-                    apply_method_(result.copy_(plus), minus[0], lams[0])
+                    apply_method_(result.copy_(plus), minus[0], lams[0], observe=observe)
                 else:
-                    apply_method_into(
-                        result,
-                        plus,
-                        minus,
-                        lams,
-                        method=self.options.method,
-                        base=theta0,
-                        transposed=job.transposed,
-                        workspace=self.workspace,
-                    )
+                    self._method_into(item, result, plus, minus, theta0, lams, observe)
             self._check_finite(item, result, setting)
+            if stats is not None:
+                stats.measure(item, s, result, plus)
             results.append(result)
+        if stats is not None:
+            stats.block_done(item)
         return results, kept, fresh
+
+    def _method_into(
+        self,
+        item: Block | Batch,
+        out: torch.Tensor,
+        plus: torch.Tensor,
+        minus: list[torch.Tensor],
+        theta0: torch.Tensor | None,
+        lams: list[float],
+        observe: Observer | None,
+    ) -> None:
+        """`apply_method_into` on a one-pass item through the workspace (a piece of a stored row of a Conv1D
+        weight seen as (1, n): its elements belong to n of the op's rows, the columns)."""
+        views = [out, plus, *minus, *([theta0] if theta0 is not None else [])]
+        if item.job.transposed and isinstance(item, Block) and item.cols is not None:
+            views = [t.view(1, -1) for t in views]
+        apply_method_into(
+            views[0],
+            views[1],
+            views[2 : 2 + len(minus)],
+            lams,
+            method=self.options.method,
+            base=views[-1] if theta0 is not None else None,
+            transposed=item.job.transposed,
+            workspace=self.workspace,
+            observe=observe,
+        )
 
     def _accumulate(self, block: Block, inputs: list[torch.Tensor]) -> None:
         """A "norms" block: its share of its rows' Gram matrices (a new unit starts with a row's or tensor's first)."""
@@ -344,14 +467,20 @@ class BlockStreamer:
         vectors, theta0, geometry = _pieces_of(block, inputs)
         if self._unit is None or self._unit.key != geometry.key:
             n_vectors = 1 + len(job.antis)
-            self._unit = _RowsInPieces(geometry.key, RowGram(n_vectors, geometry.n_pairs, device=inputs[0].device))
+            gram = RowGram(n_vectors, geometry.n_pairs, products=self.stats is not None, device=inputs[0].device)
+            self._unit = _RowsInPieces(geometry.key, gram)
         gram = self._unit.gram
         gram.add(vectors, theta0, reduce_dim=geometry.reduce_dim, workspace=self.workspace, pair_offset=geometry.offset)
         if not gram.finite():
             self._check_inputs(block)
 
-    def _update(self, block: Block, out: torch.Tensor, inputs: list[torch.Tensor], setting: int) -> None:
-        """An "update" block: its piece of the result for λ setting `setting`, from the rows' Gram matrices."""
+    def _update(
+        self, block: Block, out: torch.Tensor, inputs: list[torch.Tensor], setting: int, observe: Observer | None
+    ) -> None:
+        """An "update" block: its piece of the result for λ setting `setting`, from the rows' Gram matrices.
+
+        The first update block of the rows hands `observe` their sums, complete since the norms pass.
+        """
         job = block.job
         vectors, theta0, geometry = _pieces_of(block, inputs)
         unit = self._unit
@@ -361,6 +490,9 @@ class BlockStreamer:
             dtype = compute_dtype(*(t.dtype for t in inputs))
             lams = [[setting_lams[k - 1] for k in job.antis] for setting_lams in self.options.settings]
             unit.coefficients = [unit.gram.coefficients(lam).to(dtype) for lam in lams]
+            if observe is not None:
+                for k in range(len(job.antis)):
+                    observe(k, unit.gram.row_sums(k + 1))
         combine_into(
             out.view(vectors[0].shape),
             vectors,
@@ -378,7 +510,8 @@ class BlockStreamer:
             data = self._read_rows(block, i, torch.empty(self._range(block, i)[1], dtype=torch.uint8))
             problem = nonfinite_summary(data, first_row=block.start)
             if problem is not None:
-                where = self.readers[i].info(job.name).path.name
+                path = self.readers[i].info(job.name).path
+                where = display_path(self.inputs[i], path) if self.inputs else path.name
                 raise InputError(
                     f"tensor {job.name!r} in {self.roles[i]} ({where}) contains {problem}; "
                     "the op needs finite weights, so fix or drop that input"

@@ -13,7 +13,7 @@ A piece is a 2-D slice of the (rows, cols) view of a block; `reduce_dim` says wh
 a row of the op: 1 when the op's rows are the stored rows, 0 when they are the stored columns.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -67,7 +67,8 @@ class RowGram:
     """Per-row sums vᵢ·vⱼ of the vectors [p, m₁, …, mₙ] of `n_pairs` op rows, accumulated in float64.
 
     Only the entries the coefficients need are summed: every |vᵢ|², and vᵢ·vⱼ for i < j < n
-    (the last anti-expert enters the running result only through its own norm).
+    (the last anti-expert enters the running result only through its own norm); with `products`,
+    p·mₙ too, so `row_sums` gives the row statistics of every pair (DESIGN.md §7).
 
     Example:
         >>> gram = RowGram(2, 1)
@@ -77,12 +78,14 @@ class RowGram:
         [[1.2], [-0.5]]
     """
 
-    def __init__(self, n_vectors: int, n_pairs: int, *, device: torch.device | None = None):
+    def __init__(self, n_vectors: int, n_pairs: int, *, products: bool = False, device: torch.device | None = None):
         self.n_vectors, self.n_pairs = n_vectors, n_pairs
         self.sums = torch.zeros(n_vectors, n_vectors, n_pairs, dtype=torch.float64, device=device)
         self._partial = torch.empty(n_pairs, dtype=torch.float64, device=device)
         n = n_vectors - 1
         self._entries = [(i, i) for i in range(n_vectors)] + [(i, j) for j in range(n) for i in range(j)]
+        if products and n > 0:
+            self._entries.append((0, n))
 
     @property
     def slots(self) -> int:
@@ -119,6 +122,11 @@ class RowGram:
 
     def finite(self) -> bool:
         return bool(torch.isfinite(self.sums).all())
+
+    def row_sums(self, k: int) -> torch.Tensor:
+        """(n_pairs, 3) float64: |p|², |mₖ|², p·mₖ per pair, as `ops.row_products` gives them (needs `products` for
+        the last anti-expert)."""
+        return torch.stack([self.sums[0, 0], self.sums[k, k], self.sums[0, k]], dim=1)
 
     def coefficients(self, lams: Sequence[float]) -> torch.Tensor:
         """c (n_vectors, n_pairs), float64: the result of the Ext-Sub steps with `lams` in order is Σᵢ cᵢ·vᵢ.
@@ -181,10 +189,17 @@ def ext_sub_in_memory(
     *,
     reduce_dim: int,
     workspace: Workspace,
+    observe: Callable[[int, torch.Tensor], None] | None = None,
 ) -> None:
-    """Both passes over 2-D views already in memory: Ext-Sub with each anti-expert in order, into `out`."""
-    gram = RowGram(len(vectors), vectors[0].shape[1 - reduce_dim], device=out.device)
+    """Both passes over 2-D views already in memory: Ext-Sub with each anti-expert in order, into `out`.
+
+    `observe(k, sums)` gets the row sums of the expert against anti-expert k from the first pass.
+    """
+    gram = RowGram(len(vectors), vectors[0].shape[1 - reduce_dim], products=observe is not None, device=out.device)
     gram.add(vectors, base, reduce_dim=reduce_dim, workspace=workspace)
+    if observe is not None:
+        for k in range(1, len(vectors)):
+            observe(k - 1, gram.row_sums(k))
     coefficients = gram.coefficients(lams).to(_compute_dtype(vectors, base))
     combine_into(out, vectors, base, coefficients, reduce_dim=reduce_dim, workspace=workspace)
 

@@ -12,19 +12,22 @@ and rounds once); anything else works in float32 (float64 for float64 inputs) an
 at the end.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from extsub_kernels._tensors import as_rows, compute_dtype
-from extsub_kernels.engine.gram import ext_sub_in_memory, pieces, widen
+from extsub_kernels.engine.gram import RowGram, ext_sub_in_memory, pieces, widen
 from extsub_kernels.engine.options import method_sign
 from extsub_kernels.engine.transfer import Workspace
-from extsub_kernels.ops import ext_sub_
+from extsub_kernels.ops import ext_sub_, row_products
 
 # Numbers per working chunk on CPU: the few float32 slots a chunk uses stay in L2, so the passes
 # over a chunk (widen, subtract θ₀, the op, add θ₀, round) cost one trip to memory.
 CPU_CHUNK_ELEMENTS = 1 << 17
+
+# observe(step, sums): the (rows, 3) float64 |p|², |m|², p·m of the expert against anti-expert `step`.
+Observer = Callable[[int, torch.Tensor], None]
 
 
 def workspace_slots(n_anti: int) -> int:
@@ -43,9 +46,19 @@ def in_place_step(
     return method == "ext-sub" and n_anti == 1 and not base and out_dtype == plus_dtype and not transposed
 
 
-def apply_method_(plus: torch.Tensor, minus: torch.Tensor, lam: float) -> torch.Tensor:
-    """The single ext-sub step in place on `plus` (see `in_place_step`); returns `plus`."""
-    return ext_sub_(plus, minus, lam)
+def apply_method_(
+    plus: torch.Tensor, minus: torch.Tensor, lam: float, *, observe: Observer | None = None
+) -> torch.Tensor:
+    """The single ext-sub step in place on `plus` (see `in_place_step`); returns `plus`.
+
+    `observe` gets the row sums from the op's own pass (one (rows, 3) float64 tensor allocated).
+    """
+    if observe is None:
+        return ext_sub_(plus, minus, lam)
+    sums = _row_sums(as_rows(plus).shape[0], plus.device)
+    ext_sub_(plus, minus, lam, row_stats=sums)
+    observe(0, sums)
+    return plus
 
 
 def apply_method_into(
@@ -58,6 +71,7 @@ def apply_method_into(
     base: torch.Tensor | None = None,
     transposed: bool = False,
     workspace: Workspace,
+    observe: Observer | None = None,
 ) -> torch.Tensor:
     """The method applied with each anti-expert in order, written into `out` (any float dtype); returns `out`.
 
@@ -66,6 +80,11 @@ def apply_method_into(
     before it is written); inputs are otherwise left unchanged. ext-sub pairs rows (dim 0, as
     the op does), or columns with `transposed`; rows longer than a workspace chunk and columns
     go through their Gram matrices (`gram`). sub and add are elementwise.
+
+    `observe`, when given, gets the row sums of the expert (task vector) against each anti-expert
+    before any step (DESIGN.md §7), from the same pass where there is one: the op's for one
+    ext-sub step, the Gram matrices' for rows in pieces; `row_products` per chunk of rows
+    otherwise. It costs one (rows, 3) float64 tensor per anti-expert and call, nothing per chunk.
 
     Example:
         >>> out = torch.empty(8, 16, dtype=torch.bfloat16)
@@ -77,20 +96,29 @@ def apply_method_into(
     if not out.is_contiguous() or out.shape != plus.shape:
         raise ValueError(f"out must be a contiguous tensor of the inputs' shape {tuple(plus.shape)}")
     dtype = compute_dtype(plus.dtype, *(m.dtype for m in minus), *((base.dtype,) if base is not None else ()))
+    if transposed:
+        views, flat_base, reduce_dim = [plus, *minus], base, 0
+    else:
+        views = [as_rows(plus), *(as_rows(m) for m in minus)]
+        flat_base = as_rows(base) if base is not None else None
+        reduce_dim = 1
+    in_pieces = transposed or views[0].shape[1] > workspace.elements
     if method != "ext-sub":
+        if observe is not None:
+            _observe_products(views, flat_base, reduce_dim, in_pieces, workspace, dtype, observe)
         _elementwise_into(out, plus, minus, [sign * lam for lam in lams], base, workspace, dtype)
         return out
-    if transposed:
-        views = [plus, *minus]
-        ext_sub_in_memory(out, views, base, lams, reduce_dim=0, workspace=workspace)
-        return out
-    views = [as_rows(plus), *(as_rows(m) for m in minus)]
-    flat_base = as_rows(base) if base is not None else None
-    if views[0].shape[1] > workspace.elements:
-        ext_sub_in_memory(as_rows(out), views, flat_base, lams, reduce_dim=1, workspace=workspace)
+    target = out if transposed else as_rows(out)
+    if in_pieces:
+        ext_sub_in_memory(target, views, flat_base, lams, reduce_dim=reduce_dim, workspace=workspace, observe=observe)
     else:
-        _rows_into(as_rows(out), views, flat_base, lams, workspace, dtype)
+        _rows_into(target, views, flat_base, lams, workspace, dtype, observe)
     return out
+
+
+def _row_sums(rows: int, device: torch.device) -> torch.Tensor:
+    """A (rows, 3) float64 tensor for |p|², |m|², p·m per row."""
+    return torch.empty(rows, 3, dtype=torch.float64, device=device)
 
 
 def _rows_into(
@@ -100,17 +128,61 @@ def _rows_into(
     lams: Sequence[float],
     workspace: Workspace,
     dtype: torch.dtype,
+    observe: Observer | None = None,
 ) -> None:
-    """ext-sub on chunks of whole rows: widen, subtract θ₀, the op once per anti-expert, add θ₀, round into `out`."""
+    """ext-sub on chunks of whole rows: widen, subtract θ₀, the op once per anti-expert, add θ₀, round into `out`.
+
+    Row sums for `observe`: the op's own (one anti-expert), or `row_products` of the expert kept in
+    a slot against each widened anti-expert (several: all are taken against the expert).
+    """
     rows, cols = views[0].shape
+    n_anti = len(views) - 1
+    sums = [_row_sums(rows, out.device) for _ in range(n_anti)] if observe is not None else None
     for piece in pieces(rows, cols, workspace.elements, reduce_dim=1):
         wide_base = widen(workspace, 2, base[piece], None, dtype) if base is not None else None
         result = widen(workspace, 0, views[0][piece], wide_base, dtype)
-        for m, lam in zip(views[1:], lams, strict=True):
-            ext_sub_(result, widen(workspace, 1, m[piece], wide_base, dtype), lam)
+        expert = workspace.slot(3, tuple(result.shape), dtype).copy_(result) if sums and n_anti > 1 else None
+        for k, (m, lam) in enumerate(zip(views[1:], lams, strict=True)):
+            wide_m = widen(workspace, 1, m[piece], wide_base, dtype)
+            if expert is not None:
+                row_products(expert, wide_m, out=sums[k][piece[0]])
+            ext_sub_(result, wide_m, lam, row_stats=sums[0][piece[0]] if sums and n_anti == 1 else None)
         if wide_base is not None:
             result.add_(wide_base)
         out[piece].copy_(result)
+    for k, step_sums in enumerate(sums or ()):
+        observe(k, step_sums)
+
+
+def _observe_products(
+    views: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    reduce_dim: int,
+    in_pieces: bool,
+    workspace: Workspace,
+    dtype: torch.dtype,
+    observe: Observer,
+) -> None:
+    """Row sums of the expert against each anti-expert for sub and add, whose elementwise pass pairs no rows.
+
+    Chunks of whole rows: `row_products` of the widened task vectors; rows in pieces and columns:
+    their Gram matrices.
+    """
+    if in_pieces:
+        gram = RowGram(len(views), views[0].shape[1 - reduce_dim], products=True, device=views[0].device)
+        gram.add(views, base, reduce_dim=reduce_dim, workspace=workspace)
+        for k in range(1, len(views)):
+            observe(k - 1, gram.row_sums(k))
+        return
+    rows, cols = views[0].shape
+    sums = [_row_sums(rows, views[0].device) for _ in views[1:]]
+    for piece in pieces(rows, cols, workspace.elements, reduce_dim=1):
+        wide_base = widen(workspace, 2, base[piece], None, dtype) if base is not None else None
+        expert = widen(workspace, 0, views[0][piece], wide_base, dtype)
+        for k, m in enumerate(views[1:]):
+            row_products(expert, widen(workspace, 1, m[piece], wide_base, dtype), out=sums[k][piece[0]])
+    for k, step_sums in enumerate(sums):
+        observe(k, step_sums)
 
 
 def _elementwise_into(
@@ -150,6 +222,7 @@ def apply_method(
     out_dtype: torch.dtype | None = None,
     transposed: bool = False,
     inplace: bool = False,
+    observe: Observer | None = None,
 ) -> torch.Tensor:
     """One tensor (or a block of its rows) merged: the method applied with each anti-expert in order.
 
@@ -158,6 +231,9 @@ def apply_method(
     pairs columns instead of rows (GPT-2 Conv1D weights, stored (in, out)). Precision as in
     the module's docstring. `inplace` lets the single-step case overwrite `plus`; inputs are
     otherwise left unchanged.
+
+    `observe`, when given, receives the row sums of the expert (task vector) against each
+    anti-expert, as rows are paired (DESIGN.md §7; see `apply_method_into`).
 
     Example:
         >>> out = apply_method(torch.randn(8, 16), [torch.randn(8, 16)], [1.0])
@@ -168,12 +244,14 @@ def apply_method(
     out_dtype = out_dtype or plus.dtype
     single = len(minus) == 1 and base is None and out_dtype == plus.dtype
     if single and method == "ext-sub" and not transposed:
-        return apply_method_(plus if inplace else plus.clone(), minus[0], lams[0])
+        return apply_method_(plus if inplace else plus.clone(), minus[0], lams[0], observe=observe)
     chunk = CPU_CHUNK_ELEMENTS if plus.device.type == "cpu" else max(1, plus.numel())
     dtype = compute_dtype(plus.dtype, *(m.dtype for m in minus), *((base.dtype,) if base is not None else ()))
     workspace = Workspace(chunk, workspace_slots(len(minus)), itemsize=dtype.itemsize, device=plus.device)
     # a single step in place writes over `plus` piece by piece, each piece read before it is written
     over_plus = single and inplace and plus.is_contiguous()
     out = plus if over_plus else torch.empty(plus.shape, dtype=out_dtype, device=plus.device)
-    apply_method_into(out, plus, minus, lams, method=method, base=base, transposed=transposed, workspace=workspace)
+    apply_method_into(
+        out, plus, minus, lams, method=method, base=base, transposed=transposed, workspace=workspace, observe=observe
+    )
     return plus.copy_(out) if single and inplace and not over_plus else out

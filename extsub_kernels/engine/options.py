@@ -5,6 +5,7 @@ choice is spelled, checked and explained the same way everywhere.
 """
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -27,6 +28,9 @@ OUT_DTYPES: dict[str, torch.dtype | None] = {
     "bfloat16": torch.bfloat16,
     "float32": torch.float32,
 }
+Mode = Literal["merge", "dry-run", "inspect"]
+MODES: tuple[str, ...] = get_args(Mode)
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in OUT_DTYPES.items() if dtype is not None}
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 CPU = torch.device("cpu")
 # Bytes of a streamed block of rows when none is asked for. CPU: small, so the few buffers in
@@ -129,6 +133,23 @@ def lam_label(values: Sequence[float]) -> str:
     return "_".join(_format(v) for v in values)
 
 
+def warn_negative_lams(settings: Sequence[LamSetting], method: str) -> None:
+    """Say once what a negative λ does: ext-sub then adds the deficiency, sub adds θ⁻ and add subtracts it."""
+    negative = sorted({v for setting in settings for v in setting if v < 0})
+    if not negative:
+        return
+    effect = {
+        "ext-sub": "adds the deficiency Ext(θ⁻) to the expert instead of removing it",
+        "sub": "adds the anti-expert instead of subtracting it",
+        "add": "subtracts the anti-expert instead of adding it",
+    }[method]
+    warnings.warn(
+        f"λ = {', '.join(_format(v) for v in negative)} is negative: {method} then {effect}; "
+        "that is allowed, and rarely what unlearning wants",
+        stacklevel=3,
+    )
+
+
 def input_roles(n_anti: int) -> list[str]:
     """Names of the inputs in messages: EXPERT, then ANTI (or ANTI #1, ANTI #2, ... for several)."""
     return ["EXPERT"] + [f"ANTI{'' if n_anti == 1 else f' #{i + 1}'}" for i in range(n_anti)]
@@ -202,6 +223,9 @@ class RunOptions:
         progress: show a progress bar on stderr.
         block_bytes: target bytes of a streamed block of rows (None: `CPU_BLOCK_BYTES` on CPU,
             `CUDA_BLOCK_BYTES` on CUDA; see `block_size`).
+        mode: "merge"; "dry-run" (plan from the headers, write nothing); "inspect" (row statistics, no output).
+        stats: gather the row statistics of every merged tensor or module (DESIGN.md §7).
+        transposed: GPT-2 Conv1D-named weights are stored (in, out) (True), are not (False), or decide (None).
     """
 
     settings: tuple[LamSetting, ...]
@@ -213,10 +237,14 @@ class RunOptions:
     force: bool = False
     progress: bool = False
     block_bytes: int | None = None
+    mode: str = "merge"
+    stats: bool = False
+    transposed: bool | None = None
 
     def __post_init__(self) -> None:
         check_choice(self.method, METHODS, "method")
         check_choice(self.on_missing, ON_MISSING, "on_missing")
+        check_choice(self.mode, MODES, "mode")
         size = self.block_bytes
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
             raise InputError(f"block_bytes must be a positive int (or None for the device's default), got {size!r}")

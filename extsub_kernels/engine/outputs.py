@@ -10,7 +10,6 @@ as the header-first writer needs) with how to make each tensor; `write_outputs` 
 outputs one tensor at a time, so memory holds a few tensors whatever the output's size.
 """
 
-import json
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,11 +19,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from extsub_kernels._version import __version__
-from extsub_kernels.engine.options import RunOptions
 from extsub_kernels.engine.pipeline import run_pipeline
 from extsub_kernels.errors import MergeError
-from extsub_kernels.io import CheckpointWriter, ResolvedInput, TensorEntry, check_free_space, is_folder_output
+from extsub_kernels.io import CheckpointWriter, TensorEntry, check_free_space, is_folder_output
 from extsub_kernels.io.atomic import publish_all
 from extsub_kernels.io.writer import plan_layout
 
@@ -120,17 +117,7 @@ class OutputSet:
         Items must come in the outputs' tensor order. `total` is the progress bar's bytes.
         `on_stop` runs when the stages stop (see `pipeline.run_pipeline`).
         """
-        bar = tqdm(
-            total=total,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1000,
-            desc="extsub-merge",
-            disable=not progress,
-            file=sys.stderr,
-            dynamic_ncols=True,
-            mininterval=0.5,
-        )
+        bar = progress_bar(total, progress)
 
         def write(item: Any, piece: Piece) -> None:
             if piece.ready is not None:
@@ -145,7 +132,11 @@ class OutputSet:
             run_pipeline(items, read, compute, write, on_stop=on_stop)
 
     def add_texts(self, texts: Sequence[Mapping[str, str]]) -> None:
-        """Small generated files (an adapter_config.json, a model card) per output, by file name."""
+        """Small generated files (an adapter_config.json, a model card) per output, by file name.
+
+        Call it between `stream` and `commit`: texts that describe the tensors (a model card with
+        the run's statistics) are written once the tensors are, and are committed with them.
+        """
         for writer, files in zip(self.writers, texts, strict=True):
             for name, text in files.items():
                 writer.add_text(name, text)
@@ -186,55 +177,32 @@ class OutputSet:
         self.abort()  # a no-op for committed outputs
 
 
-def output_metadata(
-    setting: Sequence[float],
-    method: str,
-    expert: str,
-    antis: Sequence[str],
-    base: str | None = None,
-    output_format: str | None = None,
-) -> dict[str, str]:
-    """`__metadata__` of an output: format=pt, method, λ, the inputs' names, the tool's version (and an adapter format).
-
-    Example:
-        >>> output_metadata((0.5,), "ext-sub", "expert.safetensors", ["anti.safetensors"])["extsub.lam"]
-        '[0.5]'
-    """
-    meta = {
-        "format": "pt",
-        "extsub.method": method,
-        "extsub.lam": json.dumps(list(setting)),
-        "extsub.expert": printable(expert),
-        "extsub.anti": json.dumps([printable(a) for a in antis]),
-        "extsub.version": __version__,
-    }
-    if base is not None:
-        meta["extsub.base"] = printable(base)
-    if output_format is not None:
-        meta["extsub.format"] = output_format
-    return meta
+def progress_bar(total: int, progress: bool, desc: str = "extsub-merge") -> tqdm:
+    """The progress bar of every streaming loop: bytes on stderr, hidden unless `progress`."""
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1000,
+        desc=desc,
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
 
 
-def printable(name: str) -> str:
-    """A file name as text a header can hold: bytes that are not UTF-8 (kept by Python as lone surrogates) as \\xNN.
+def discard(bar: tqdm) -> Callable[[Any, Piece], None]:
+    """A write stage that writes nothing (statistics only): waits for the piece, frees its buffers, moves the bar."""
 
-    Example:
-        >>> printable("caf\\udce9.safetensors")
-        'caf\\\\xe9.safetensors'
-    """
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    def write(item: Any, piece: Piece) -> None:
+        if piece.ready is not None:
+            piece.ready()
+        if piece.release is not None:
+            piece.release()
+        bar.update(piece.progress)
 
-
-def run_metadata(
-    inputs: Sequence[tuple[str, ResolvedInput]], options: RunOptions, output_format: str | None = None
-) -> list[dict[str, str]]:
-    """`__metadata__` of each output of a run (one per λ setting), naming the inputs by their display names."""
-    names = {role: inp.name for role, inp in inputs}
-    antis = [name for role, name in names.items() if role.startswith("ANTI")]
-    return [
-        output_metadata(setting, options.method, names["EXPERT"], antis, names.get("BASE"), output_format)
-        for setting in options.settings
-    ]
+    return write
 
 
 def _nothing(name: str) -> None:

@@ -18,6 +18,11 @@ from extsub_kernels.io.resolve import CONFIG_PATTERNS, ResolvedInput
 from extsub_kernels.io.temps import clean_stale
 
 SAFETENSORS_SUFFIX = ".safetensors"
+# Files this tool writes into folder outputs besides weights and configs: a model card that
+# carries this mark (a README.md without it is someone else's) and the recipe.
+GENERATED_MARK = "<!-- written by extsub-merge; extsub-merge --force may replace this folder -->"
+CARD_NAME = "README.md"
+RECIPE_NAME = "extsub_recipe.yaml"
 
 
 def is_folder_output(path: str | os.PathLike) -> bool:
@@ -57,10 +62,10 @@ def output_paths(out: Path, labels: Sequence[str]) -> list[Path]:
     return [out.with_name(f"{out.stem}-lam{label}{SAFETENSORS_SUFFIX}") for label in labels]
 
 
-def refuse_existing(path: Path, *, force: bool) -> None:
-    """Raise an InputError when `path` exists and replacing it was not asked for."""
+def refuse_existing(path: Path, *, force: bool, what: str | None = None) -> None:
+    """Raise an InputError when `path` exists and replacing it was not asked for (`what` names it: "OUT path")."""
     if os.path.lexists(path) and not force:
-        raise InputError(f"OUT {path} already exists; pass --force (force=True in Python) to replace it")
+        raise InputError(f"{what or f'OUT {path}'} already exists; pass --force (force=True in Python) to replace it")
 
 
 def check_outputs(paths: Sequence[Path], inputs: Sequence[tuple[str, ResolvedInput]], *, force: bool) -> None:
@@ -70,7 +75,8 @@ def check_outputs(paths: Sequence[Path], inputs: Sequence[tuple[str, ResolvedInp
         paths: the outputs of the run (one per λ setting).
         inputs: (role, input) pairs, the role (EXPERT, ANTI, BASE) naming it in messages.
         force: an existing OUT may be replaced, when it is an output of the same kind (a file,
-            or a folder holding only checkpoint files).
+            or a folder holding only what this tool writes: checkpoint files, configs, its model
+            card and recipe).
 
     Raises:
         InputError: naming the OUT, the input and what to do.
@@ -95,31 +101,71 @@ def check_outputs(paths: Sequence[Path], inputs: Sequence[tuple[str, ResolvedInp
             if strangers:
                 raise InputError(
                     f"OUT {path} holds files that are not part of a checkpoint (e.g. {strangers[0]!r}); "
-                    "--force replaces only checkpoint folders"
+                    "--force replaces only folders holding what extsub-merge writes"
                 )
 
 
-def _check_apart_from_inputs(path: Path, inputs: Sequence[tuple[str, ResolvedInput]]) -> None:
-    """Refuse an OUT that is an input file or folder, lies inside an input folder, or holds an input file."""
+def check_report_path(
+    path: Path, inputs: Sequence[tuple[str, ResolvedInput]], outputs: Sequence[Path], *, force: bool
+) -> None:
+    """Refuse a --report FILE that is a folder, an input or in one, an output or in one, or exists (without force).
+
+    Raises:
+        InputError: naming the file and what to do.
+    """
+    if path.is_dir():
+        raise InputError(f"--report {path} is a folder; give a file name like report.json (or - for stdout)")
+    for out in outputs:
+        if path.absolute() == out.absolute() or out.absolute() in path.absolute().parents:
+            raise InputError(f"--report {path} is or is inside OUT {out}; write the report beside OUT")
+    _check_apart_from_inputs(path, inputs, what=f"--report {path}")
+    refuse_existing(path, force=force, what=f"--report {path}")
+
+
+def _check_apart_from_inputs(path: Path, inputs: Sequence[tuple[str, ResolvedInput]], what: str | None = None) -> None:
+    """Refuse an OUT (or `what`: another path written) that is an input file or folder, lies inside an input
+    folder, or holds an input file."""
     target = file_id(path)
     holders = {identity: folder for folder, identity in folder_chain(path)}
+    other = "OUT" if what is None else "path"
+    what = what or f"OUT {path}"
     for role, inp in inputs:
         if inp.kind in ("folder", "hub"):
             root = file_id(inp.root)
             if root is not None and root == target:
-                raise InputError(f"OUT {path} is the {role} folder; choose another OUT (inputs are never overwritten)")
+                raise InputError(f"{what} is the {role} folder; choose another {other} (inputs are never overwritten)")
             if root in holders:
                 via = "" if Path(os.path.realpath(inp.root)) == holders[root] else f", reached as {holders[root]}"
-                raise InputError(f"OUT {path} is inside the {role} folder {inp.root}{via}; choose another OUT")
+                raise InputError(f"{what} is inside the {role} folder {inp.root}{via}; choose another {other}")
         for f in (*inp.files, *inp.config_files):
             identity = file_id(f)
             if identity is not None and identity == target:
                 raise InputError(
-                    f"OUT {path} is the {role} file {f}; choose another OUT (inputs are never overwritten)"
+                    f"{what} is the {role} file {f}; choose another {other} (inputs are never overwritten)"
                 )
             if target is not None and any(target == folder for _, folder in folder_chain(f)):
-                raise InputError(f"OUT {path} contains the {role} file {f}; choose another OUT")
+                raise InputError(f"{what} contains the {role} file {f}; choose another {other}")
 
 
 def _is_checkpoint_file(p: Path) -> bool:
-    return p.is_file() and (p.suffix == SAFETENSORS_SUFFIX or any(p.match(pat) for pat in CONFIG_PATTERNS))
+    if not p.is_file():
+        return False
+    if p.name == CARD_NAME:
+        return _is_our_card(p)
+    return p.name == RECIPE_NAME or p.suffix == SAFETENSORS_SUFFIX or any(p.match(pat) for pat in CONFIG_PATTERNS)
+
+
+def _is_our_card(p: Path) -> bool:
+    """Whether a README.md is a model card this tool wrote (it carries GENERATED_MARK near the top)."""
+    try:
+        with open(p, encoding="utf-8", errors="replace") as f:
+            return GENERATED_MARK in f.read(1 << 16)
+    except OSError:
+        return False
+
+
+def listed_files(path: Path) -> list[tuple[str, int]]:
+    """(name, bytes) of an output: the file itself, or every file of a folder output by relative name."""
+    if not path.is_dir():
+        return [(path.name, path.stat().st_size)]
+    return sorted((str(f.relative_to(path)), f.stat().st_size) for f in path.rglob("*") if f.is_file())

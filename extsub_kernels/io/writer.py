@@ -9,7 +9,7 @@ under temporary names and appears at the target only on `commit()` (see `atomic`
 import json
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +112,34 @@ def plan_shards(
     stem = weights_name.removesuffix(".safetensors")
     n = len(groups)
     return [(f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors", safetensors_order(g)) for i, g in enumerate(groups)]
+
+
+def planned_files(
+    target: Path,
+    entries: Sequence[TensorEntry],
+    metadata: dict[str, str] | None = None,
+    *,
+    max_shard_size: int | None = None,
+    weights_name: str = "model.safetensors",
+    extra_files: Sequence[Path] = (),
+    texts: Sequence[str] = (),
+) -> list[tuple[str, int | None]]:
+    """(file name, bytes) of every file an output will hold, without creating anything (--dry-run).
+
+    Weights files (headers included), the shard index, copied files; generated texts
+    (`texts`, written after the tensors) have no size yet (None).
+    """
+    if not is_folder_output(target):
+        return [(target.name, len(build_header(safetensors_order(entries), metadata)) + sum(e.nbytes for e in entries))]
+    shards = plan_shards(entries, max_shard_size, weights_name)
+    files: list[tuple[str, int | None]] = [
+        (name, len(build_header(group, metadata)) + sum(e.nbytes for e in group)) for name, group in shards
+    ]
+    if len(shards) > 1:
+        files.append((f"{weights_name}{INDEX_SUFFIX}", len(json.dumps(build_index(shards), indent=2)) + 1))
+    files += [(src.name, src.stat().st_size) for src in extra_files]
+    files += [(name, None) for name in texts]
+    return files
 
 
 def build_index(shards: Sequence[tuple[str, Sequence[TensorEntry]]], metadata: dict[str, str] | None = None) -> dict:
@@ -500,7 +528,14 @@ def check_free_space(writers: Sequence[CheckpointWriter]) -> None:
     need: dict[Path, int] = {}
     for w in writers:
         need[w.target.parent] = need.get(w.target.parent, 0) + w.total_bytes
+    check_space(need)
+
+
+def check_space(need: Mapping[Path, int]) -> None:
+    """Raise an InputError when the bytes needed in a folder exceed the free space of its disk."""
     for folder, n in need.items():
+        while not folder.exists() and folder != folder.parent:  # a dry run creates no folder: ask the nearest one
+            folder = folder.parent
         free = shutil.disk_usage(folder).free
         if n > free:
             raise InputError(
