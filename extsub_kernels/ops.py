@@ -263,6 +263,21 @@ def cpu_backend() -> str:
     return f"cpp: {status.detail}" if status.available else f"torch: eager torch ops; {status.detail}"
 
 
+def op_backend(device: torch.device | str) -> str:
+    """What `backend="auto"` runs on tensors of `device`, and why, in one line: "name: detail" (see `cpu_backend`).
+
+    Example:
+        >>> op_backend("cuda").split(":")[0] in ("triton", "torch")
+        True
+    """
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return cpu_backend()
+    if kind == "cuda":
+        return "triton: the fused Triton kernel" if _triton_importable() else "torch: eager torch ops; no Triton"
+    return f"torch: eager torch ops (no kernel for {kind})"
+
+
 def _triton_importable() -> bool:
     try:
         import triton  # noqa: F401

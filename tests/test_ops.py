@@ -8,6 +8,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from extsub_kernels import ext_sub, ext_sub_, ext_sub_reference, extract_deficiency, subtract_
+from extsub_kernels.ops import cpu_backend, op_backend
 
 from helpers import DEVICES, TOLERANCES, assert_close_explained, backend_available
 
@@ -352,3 +353,9 @@ def test_auto_on_cuda_without_triton_warns_how_to_install_it(monkeypatch):
     monkeypatch.setattr(ops, "_warned_no_triton", False)
     with pytest.warns(UserWarning, match=r'pip install "extsub\[cuda\]"'):
         assert ops._resolve_backend("auto", CudaTensor()) == "torch"
+
+
+def test_op_backend_names_what_auto_runs_on_each_device():
+    assert op_backend("cpu") == cpu_backend() and op_backend(torch.device("cpu")) == cpu_backend()
+    assert op_backend("meta") == "torch: eager torch ops (no kernel for meta)"
+    assert op_backend("cuda").split(":")[0] in ("triton", "torch")
