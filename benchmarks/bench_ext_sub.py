@@ -11,6 +11,9 @@ steady state (getrusage ru_minflt), the cost of fresh pages a per-call allocatio
 GB/s count 3·N·itemsize. Writes JSON rows (the data) and a markdown table derived from them
 to benchmarks/results/op-<device>.{json,md} (--name sets another stem). --ranges renders one
 table from several runs' JSON files: per shape and dtype, the range of each figure over the runs.
+--cold-start instead measures what the first call of a process costs with empty caches (on
+CPU): torch.compile of the closed form with an empty Inductor cache, and the C++ kernel's build
+with an empty extsub cache, each in a fresh process, one shape (the first of --shapes).
 
     python benchmarks/bench_ext_sub.py                 # every shape, bf16 and fp32, on CUDA if present
     python benchmarks/bench_ext_sub.py --device cpu --shapes 4096x4096 --dtypes fp32
@@ -24,7 +27,9 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -276,6 +281,54 @@ def render_markdown(rows: list[dict]) -> str:
     return head + "\n".join(_format_row(r) for r in rows) + "\n"
 
 
+_COLD_START = """
+import os, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+from bench_ext_sub import closed_form_
+from extsub_kernels.ops import ext_sub_, cpu_backend
+rows, cols, dtype = int(sys.argv[2]), int(sys.argv[3]), getattr(torch, sys.argv[4])
+p, m = torch.randn(rows, cols).to(dtype), torch.randn(rows, cols).to(dtype)
+start = time.perf_counter()
+if sys.argv[5] == "compile":
+    torch.compile(closed_form_, dynamic=False)(p, m, 1.0)
+else:
+    ext_sub_(p, m, 1.0)
+print(time.perf_counter() - start, cpu_backend())
+"""
+
+
+def cold_start(shape: tuple[int, int], dtype_name: str, repeat: int) -> dict:
+    """Seconds of the first call in a fresh process with empty caches: torch.compile's and the C++ kernel's."""
+    found: dict[str, list[float]] = {"compile": [], "cpp": []}
+    backend = ""
+    for _ in range(repeat):
+        for what in found:
+            with tempfile.TemporaryDirectory(prefix="extsub-cold-") as cache:
+                env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "EXTSUB_CACHE_DIR": cache}
+                env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+                args = [str(Path(__file__).parent), str(shape[0]), str(shape[1]), str(DTYPES[dtype_name]).split(".")[1]]
+                done = subprocess.run(
+                    [sys.executable, "-c", _COLD_START, *args, what],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                seconds, line = done.stdout.strip().split(" ", 1)
+                found[what].append(float(seconds))
+                backend = line if what == "cpp" else backend
+    return {
+        "device": _device_name("cpu"),
+        "date": datetime.date.today().isoformat(),
+        "version": extsub_kernels.__version__,
+        "torch": torch.__version__,
+        "shape": list(shape),
+        "dtype": dtype_name,
+        "implementation": backend,
+        "first_call_s": found,
+    }
+
+
 def render_ranges(runs: list[list[dict]]) -> str:
     """One table from several runs: for each (shape, dtype), each figure's lowest–highest value over the runs."""
     by_key: dict[tuple, list[dict]] = {}
@@ -345,9 +398,17 @@ def main() -> None:
     parser.add_argument(
         "--ranges", nargs="+", type=Path, default=None, help="print one table from these runs' JSON files and stop"
     )
+    parser.add_argument("--cold-start", type=int, default=0, help="measure first calls with empty caches, N times")
     args = parser.parse_args()
     if args.ranges:
         print(render_ranges([json.loads(path.read_text()) for path in args.ranges]), end="")
+        return
+    if args.cold_start:
+        row = cold_start(_parse_shape(args.shapes.split(",")[0]), args.dtypes.split(",")[0], args.cold_start)
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        path = args.out_dir / f"{args.name or 'op-cpu-cold-start'}.json"
+        path.write_text(json.dumps(row, indent=1) + "\n")
+        print(json.dumps(row["first_call_s"]), row["implementation"], f"-> {path}")
         return
 
     shapes = [_parse_shape(s) for s in args.shapes.split(",")]
