@@ -44,7 +44,7 @@ from extsub_kernels import ext_sub_, ext_sub_reference
 from extsub_kernels.ops import cpu_backend
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (32000, 4096), (5120, 13824), (13824, 5120)]
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LAM = 1.0
 # Inputs rotate through enough copies that the working set is several times the last-level
 # cache (H100 L2 is 50 MB; server L3s are tens of MB), so every timed call streams from DRAM.
@@ -383,7 +383,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shapes", default=",".join(f"{r}x{c}" for r, c in SHAPES), help="comma-separated RxC")
-    parser.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp32")
+    parser.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp16, fp32")
     parser.add_argument("--reps", type=int, default=15, help="timed calls per measurement (CPU)")
     parser.add_argument("--loop-shape", default="4096x4096", help="shape for the authors' row loop (CPU only)")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")

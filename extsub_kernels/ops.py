@@ -251,7 +251,7 @@ def cpu_backend() -> str:
 
     "cpp: ..." is the C++ kernel (built on first use, then loaded from a per-user cache);
     "torch: ..." is the eager torch path, with the reason the kernel is not used. The first
-    call in a process may build the kernel (about two seconds).
+    call in a process may build the kernel (a few seconds).
 
     Example:
         >>> cpu_backend().split(":")[0] in ("cpp", "torch")

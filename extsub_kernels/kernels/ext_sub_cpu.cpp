@@ -1,7 +1,7 @@
 // Ext-Sub's closed form on CPU rows (paper §3, Algorithm 1; DESIGN.md §1):
 //     p' = α·p + β·m,   α = 1 + (λ/2)·|m|/|p|,   β = −λ/2;   rows with |p| = 0 keep p.
 //
-// Plain C++17 with no torch or Python headers, so it builds in about two seconds; ext_sub_cpu.py
+// Plain C++17 with no torch or Python headers, so it builds in seconds (five here); ext_sub_cpu.py
 // compiles it at first use and calls it through ctypes on raw pointers (ctypes drops the GIL,
 // so Python threads share the rows, claiming chunks as they go). Per row: one loop loads p and
 // m, widens them in registers (bf16/fp16 → float32) and accumulates both sums of squares; a
