@@ -15,3 +15,17 @@ class MergeError(RuntimeError):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, turned into an exception so the same cleanup as for Ctrl-C runs."""
+
+
+class ScanInterrupted(KeyboardInterrupt):
+    """A λ scan stopped by Ctrl-C or SIGTERM; `result` holds the rows measured so far (also in scan.json).
+
+    Attributes:
+        result: the `ScanResult` as it stood (complete=False).
+        terminated: True for SIGTERM, False for Ctrl-C.
+    """
+
+    def __init__(self, message: str, result: object, *, terminated: bool = False):
+        super().__init__(message)
+        self.result = result
+        self.terminated = terminated

@@ -101,6 +101,24 @@ def write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def replace_file(target: Path, data: bytes) -> None:
+    """Write `data` to `target` whole or not at all: a temporary file beside it, fsync, rename over it.
+
+    For small files that are rewritten as they grow (a scan's results after every row): a
+    reader, or a Ctrl-C at any moment, sees the previous version or the new one, never half.
+    """
+    temp = reserve_temp(target, folder=False)
+    try:
+        with open(temp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, target)
+    finally:
+        remove(temp)
+    fsync_path(target.parent)
+
+
 @contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
     """Within the block SIGTERM raises `Terminated` (a KeyboardInterrupt), so cleanup runs as for Ctrl-C.
