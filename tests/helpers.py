@@ -75,10 +75,12 @@ def assert_close_explained(
     assert not problems, f"{what}: " + "; ".join(problems)
 
 
-def assert_one_line_error(code: int, err: str, expected_code: int, parts: list[str]) -> None:
-    """The CLI exited with `expected_code` and its last stderr line is one `extsub-merge: error:` naming every part."""
+def assert_one_line_error(
+    code: int, err: str, expected_code: int, parts: list[str], prog: str = "extsub-merge"
+) -> None:
+    """The CLI exited with `expected_code` and its last stderr line is one `<prog>: error:` naming every part."""
     assert code == expected_code, err
     lines = [line for line in err.splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("extsub-merge: error: ") and "Traceback" not in err, err
+    assert lines and lines[-1].startswith(f"{prog}: error: ") and "Traceback" not in err, err
     for part in parts:
         assert part in lines[-1], f"{part!r} not in {lines[-1]!r}"

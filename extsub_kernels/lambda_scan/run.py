@@ -123,16 +123,23 @@ def scan(
         check_report_folder(out_dir, SCAN_FILES, inputs, force=force)
     save_format = _check_save(save_best, save_format, inputs, adapters=adapters, force=force)
 
-    loading = time.perf_counter()
     base_input = inputs[-1][1]
     tokenizer = load_tokenizer(base_input)
     sets = EvaluationSets.load(keep, forget, prompts, tokenizer)
-    dtype_used = evaluation_dtype(requested_dtype, target, base_input)
-    model = load_model(base_input, device=target, dtype=dtype_used)
-    load_seconds = time.perf_counter() - loading
     preparing = time.perf_counter()
-    installer = make_installer(model, inputs, adapters=adapters, methods=methods, device=target)
+    installer = make_installer(inputs, adapters=adapters, methods=methods, device=target)  # validates the inputs
     prepare_seconds = time.perf_counter() - preparing
+    try:
+        loading = time.perf_counter()
+        dtype_used = evaluation_dtype(requested_dtype, target, base_input)
+        model = load_model(base_input, device=target, dtype=dtype_used)
+        load_seconds = time.perf_counter() - loading
+        attaching = time.perf_counter()
+        installer.attach(model, base_input.name)
+        prepare_seconds += time.perf_counter() - attaching
+    except BaseException:
+        installer.close()
+        raise
 
     points = [(EXPERT, 0.0)] + [(m, x) for m in methods for x in grid if x != 0]
     setup = {
@@ -179,8 +186,10 @@ def scan(
         if files is not None:
             partial.files = files.final(partial)
         installer.close()
+        terminated = isinstance(e, Terminated)
+        word = "terminated" if terminated else "interrupted"
         raise ScanInterrupted(
-            f"interrupted after {len(rows)} of {len(points)} points", partial, terminated=isinstance(e, Terminated)
+            f"{word} after {len(rows)} of {len(points)} points", partial, terminated=terminated
         ) from None
     installer.close()
     final = result(True)

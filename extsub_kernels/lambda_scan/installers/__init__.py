@@ -22,30 +22,24 @@ ADAPTER_INSTALLERS: dict[type, type] = {LoraAdapter: LoraInstaller}
 
 
 def make_installer(
-    model: torch.nn.Module,
-    inputs: Sequence[tuple[str, ResolvedInput]],
-    *,
-    adapters: bool,
-    methods: Sequence[str],
-    device: torch.device,
+    inputs: Sequence[tuple[str, ResolvedInput]], *, adapters: bool, methods: Sequence[str], device: torch.device
 ) -> Installer:
-    """The installer for `inputs` (EXPERT, the ANTIs, BASE last), wrapping `model` as they need.
+    """The installer for `inputs` (EXPERT, the ANTIs, BASE last), before the base model is loaded.
 
     Adapters are loaded and validated here (and merged once per method, which checks that they
-    fit together); full models are planned from their headers.
+    fit together); full models are planned from their headers. `attach` the loaded model next.
 
     Raises:
         InputError: adapters that do not fit each other or the base model, a PEM type the scan
             cannot install, full models that do not match the base.
     """
-    base = inputs[-1][1]
     if not adapters:
-        return FullModelInstaller(model, inputs, device)
+        return FullModelInstaller(inputs, device)
     loaded = load_inputs([(role, inp) for role, inp in inputs[:-1]])
     installer = ADAPTER_INSTALLERS.get(type(loaded[0]))
     if installer is None:
         raise InputError(f"{loaded[0].source}: the scan cannot install {type(loaded[0]).__name__} adapters yet")
-    return installer(model, loaded, methods, base.name)
+    return installer(loaded, methods)
 
 
 __all__ = ["ADAPTER_INSTALLERS", "FullModelInstaller", "Installer", "LoraInstaller", "make_installer"]

@@ -25,33 +25,40 @@ class FullModelInstaller(Installer):
     """Full models (EXPERT, ANTI, with BASE θ₀) installed into the loaded base model, tensor by tensor.
 
     Args:
-        model: BASE loaded as a `transformers` model, on its device.
         inputs: (role, input) for EXPERT, the ANTIs in order, and BASE last.
         device: where the op runs (the model's device).
     """
 
     kind = "full models"
 
-    def __init__(self, model: torch.nn.Module, inputs: Sequence[tuple[str, ResolvedInput]], device: torch.device):
-        self.model, self.device = model, device
+    def __init__(self, inputs: Sequence[tuple[str, ResolvedInput]], device: torch.device):
+        self.device = device
         self.readers = [CheckpointReader(inp.files, label=role) for role, inp in inputs]
         try:
-            jobs, _ = plan_tensors(
+            self.jobs, _ = plan_tensors(
                 self.readers,
                 n_anti=len(inputs) - 2,
                 has_base=True,
                 transposed=transposed_weights(inputs[0][1].config()),
             )
+        except BaseException:
+            self.close()
+            raise
+
+    def attach(self, model: torch.nn.Module, base_name: str) -> None:
+        """Match every planned tensor to the model's own; the expert's unmerged tensors are copied in now."""
+        self.model = model
+        try:
             tensors = model.state_dict(keep_vars=True)
             self.targets: list[tuple[TensorJob, torch.Tensor]] = []
-            for job in jobs:
+            for job in self.jobs:
                 target = _model_tensor(tensors, job.name, merged=job.merged)
                 if target is None:
                     continue
                 if tuple(target.shape) != job.shape:
                     raise InputError(
                         f"tensor {job.name!r} is {list(job.shape)} in EXPERT but {list(target.shape)} in the loaded "
-                        "BASE model; are they the same architecture?"
+                        f"BASE model {base_name}; are they the same architecture?"
                     )
                 if job.merged:
                     self.targets.append((job, target))

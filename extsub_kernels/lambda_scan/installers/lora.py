@@ -24,17 +24,13 @@ class LoraInstaller(Installer):
     """LoRA adapters (`LoraAdapter`s) installed into PEFT LoRA layers on the loaded base model.
 
     Args:
-        model: the base model (a `transformers` causal LM), on its device.
         adapters: the expert, then the anti-experts in order.
         methods: the methods the scan will install (their ranks fix the layers' shapes).
-        base_name: the base model's name, for messages.
     """
 
     kind = "LoRA adapters"
 
-    def __init__(self, model: torch.nn.Module, adapters: Sequence[LoraAdapter], methods: Sequence[str], base_name: str):
-        import peft
-
+    def __init__(self, adapters: Sequence[LoraAdapter], methods: Sequence[str]):
         self.expert, self.antis = adapters[0], list(adapters[1:])
         for adapter in adapters:
             if adapter.extra:
@@ -43,10 +39,16 @@ class LoraInstaller(Installer):
                     f"e.g. {next(iter(adapter.extra))}); the scan installs LoRA modules only. Merge them into full "
                     "models with extsub-merge --base, and scan those"
                 )
-        ranks: dict[str, int] = {}
+        self.ranks: dict[str, int] = {}
         for method in methods:  # ranks do not depend on λ; this also checks that the adapters fit together
             for name, module in self._merge(method, 1.0).modules.items():
-                ranks[name] = max(ranks.get(name, 0), module.rank)
+                self.ranks[name] = max(self.ranks.get(name, 0), module.rank)
+
+    def attach(self, model: torch.nn.Module, base_name: str) -> None:
+        """Wrap `model` in PEFT LoRA layers of the merged ranks (scaling 1, zero weights)."""
+        import peft
+
+        ranks = self.ranks
         default = max(ranks.values())
         config = peft.LoraConfig(
             task_type="CAUSAL_LM",
@@ -67,14 +69,14 @@ class LoraInstaller(Installer):
                 f"the LoRA modules of {self.expert.source} do not fit BASE {base_name}: {e}; "
                 "is BASE the model the adapters were trained on?"
             ) from None
-        self.slots = {name: self._slot(name, ranks[name]) for name in ranks}
+        self.slots = {name: self._slot(name) for name in ranks}
 
     def _merge(self, method: str, lam: float) -> LoraAdapter:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the report's notes (zero rows, dropped modules) are not the scan's
             return merge_adapters(self.expert, self.antis, lam, method)
 
-    def _slot(self, name: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _slot(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(lora_A weight, lora_B weight) of module `name`, its scaling set to 1, its shapes checked."""
         layer = self.model.base_model.model.get_submodule(name)
         a, b = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight

@@ -1,0 +1,324 @@
+"""scan(): every row against an independent computation (the merge written by extsub-merge, loaded by PEFT or
+transformers, scored by mean_nll), λ = 0 against the expert itself, the files, the recommendation, --save-best
+against extsub-merge byte for byte, and the errors bad inputs give before anything is written."""
+
+import json
+import shutil
+import warnings
+
+import pytest
+
+from extsub_kernels import merge, scan
+from extsub_kernels.errors import InputError
+from extsub_kernels.lambda_scan.metrics import load_examples, mean_nll
+from extsub_kernels.lambda_scan.plot import png_size
+from extsub_kernels.lambda_scan.report import SCAN_FILES
+
+from helpers import DEVICES
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
+
+# The scan's model and the one loaded from the written merge hold the same numbers in float32; they differ only in
+# how PEFT sums them (padded ranks, the scaling folded into B): a few ulps of the logits, ≲ 1e-6 relative on a mean
+# NLL. 2⁻¹⁶ leaves a wide margin and still catches a wrong λ (a step of 0.5 moves these NLLs by > 1 %).
+RTOL32 = 2.0**-16
+
+
+def _sets(trained) -> dict:
+    return {"keep": trained.eval_set("keep.jsonl"), "forget": trained.eval_set("forget.jsonl")}
+
+
+def _quiet(make):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return make()
+
+
+def _direct(trained, model: str, kind: str, method: str, lam: float, tmp_path) -> tuple[float, float]:
+    """(KEEP, FORGET) NLL of the merge at (method, λ) as extsub-merge writes it, loaded and scored independently."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(trained.base(model))
+    out = tmp_path / f"direct-{kind}-{method}-{lam}"
+    if kind == "full":
+        experts = [trained.adapter(model, kind, role) for role in ("expert", "anti")]
+        _quiet(lambda: merge(*experts, out, lam=lam, method=method, base=trained.base(model)))
+        net = _quiet(lambda: transformers.AutoModelForCausalLM.from_pretrained(out))
+    else:
+        adapters = [trained.adapter(model, kind, role) for role in ("expert", "anti")]
+        _quiet(lambda: merge(*adapters, out, lam=lam, method=method))
+        net = _quiet(lambda: peft.PeftModel.from_pretrained(trained.load_base(model), out))
+    sets = _sets(trained)
+    return tuple(mean_nll(net.eval(), load_examples(sets[name], tokenizer)) for name in ("keep", "forget"))
+
+
+@pytest.mark.parametrize(("model", "kind"), [("llama", "lora"), ("gpt2", "lora"), ("llama", "full")])
+def test_rows_equal_the_merge_written_and_loaded(trained, tmp_path, model, kind):
+    """Each row measures what extsub-merge writes at that λ: the factored LoRA in PEFT layers (GPT-2's Conv1D too),
+    and full models by the op into the loaded base."""
+    result = scan(
+        trained.adapter(model, kind, "expert"),
+        trained.adapter(model, kind, "anti"),
+        base=trained.base(model),
+        **_sets(trained),
+        lam="0,1.5",
+        method="ext-sub,sub",
+    )
+    assert [(r.method, r.lam) for r in result] == [("expert", 0.0), ("ext-sub", 1.5), ("sub", 1.5)]
+    assert result.complete and result.points == 3 and result.files == []
+    for row in result:
+        keep, forget = _direct(
+            trained, model, kind, "ext-sub" if row.method == "expert" else row.method, row.lam, tmp_path
+        )
+        assert row.keep_nll == pytest.approx(keep, rel=RTOL32), row
+        assert row.forget_nll == pytest.approx(forget, rel=RTOL32), row
+        assert row.rep_4 is None and row.generate_seconds is None
+        assert row.merge_seconds > 0 and row.keep_seconds > 0 and row.forget_seconds > 0
+    # Different λ, different models: the rows are not all one number.
+    assert len({round(r.keep_nll, 6) for r in result}) == 3
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_lambda_zero_is_the_expert_itself(trained, kind):
+    """The λ = 0 row against the expert loaded on its own: PeftModel(base, expert), or the fine-tuned model."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(trained.base("llama"))
+    expert = trained.adapter("llama", kind, "expert")
+    if kind == "full":
+        net = _quiet(lambda: transformers.AutoModelForCausalLM.from_pretrained(expert))
+    else:
+        net = _quiet(lambda: peft.PeftModel.from_pretrained(trained.load_base("llama"), expert))
+    result = scan(expert, trained.adapter("llama", kind, "anti"), base=trained.base("llama"), **_sets(trained), lam=0)
+    assert [(r.method, r.lam) for r in result] == [("expert", 0.0)]
+    for name, value in (("keep", result[0].keep_nll), ("forget", result[0].forget_nll)):
+        expected = mean_nll(net.eval(), load_examples(_sets(trained)[name], tokenizer))
+        assert value == pytest.approx(expected, rel=RTOL32), name
+
+
+def test_files_recommendation_and_generation_metrics(trained, tmp_path):
+    out = tmp_path / "scan"
+    result = scan(
+        trained.adapter("llama", "full", "expert"),
+        trained.adapter("llama", "full", "anti"),
+        base=trained.base("llama"),
+        **_sets(trained),
+        prompts=trained.eval_set("prompts.txt"),
+        max_new_tokens=8,
+        out=out,
+        lam="0:2:1",
+        max_keep_increase=2.0,
+    )
+    assert sorted(p.name for p in out.iterdir()) == sorted(SCAN_FILES)
+    assert result.files == [out / name for name in SCAN_FILES]
+    data = json.loads((out / "scan.json").read_text())
+    assert data["status"] == "complete" and data["points"] == data["measured"] == 5
+    assert data["pem"] == "full models" and data["options"]["lam"] == [0.0, 1.0, 2.0]
+    assert data["sets"]["keep"]["examples"] == 24 and data["sets"]["prompts"]["prompts"] == 12
+    expert = result[0]
+    for row, saved in zip(result, data["rows"], strict=True):
+        assert saved["method"] == row.method and saved["keep_nll"] == row.keep_nll and saved["rep_4"] == row.rep_4
+        assert saved["keep_increase"] == pytest.approx((row.keep_nll - expert.keep_nll) / expert.keep_nll)
+        assert saved["eval_seconds"] == pytest.approx(row.keep_seconds + row.forget_seconds + row.generate_seconds)
+        assert 0 <= row.rep_4 < 1 and 0 < row.distinct_1 <= 1 and 0 < row.distinct_2 <= 1
+    # The recommendation, by its definition, from the rows themselves.
+    for method in ("ext-sub", "sub"):
+        allowed = [r for r in result if r.method in (method, "expert") and r.keep_nll <= expert.keep_nll * 3.0]
+        best = max(allowed, key=lambda r: (r.forget_nll, -r.lam))
+        assert result.recommendations[method].lam == best.lam
+        assert data["recommended"][method]["lam"] == best.lam
+    # Timing: both sides of the merge budget are in scan.json.
+    timing = data["timing"]
+    smallest = timing["smallest_evaluation"]
+    assert smallest in ("keep", "forget", "generate")
+    assert timing["merge_share_of_smallest_evaluation"] == pytest.approx(
+        timing["merge_seconds_median"] / timing[f"{smallest}_seconds_median"]
+    )
+    lines = (out / "scan.csv").read_text().splitlines()
+    assert lines[0].startswith("method,lam,keep_nll,keep_increase,forget_nll") and len(lines) == 6
+    assert "| expert" in (out / "scan.md").read_text() and "★" in (out / "scan.md").read_text()
+    png = (out / "scan.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == png_size(4)
+
+
+@pytest.mark.parametrize(("kind", "save_format"), [("lora", None), ("lora", "model"), ("full", None)])
+def test_save_best_writes_what_extsub_merge_writes(trained, tmp_path, kind, save_format):
+    expert, anti = (trained.adapter("llama", kind, role) for role in ("expert", "anti"))
+    result = scan(
+        expert,
+        anti,
+        base=trained.base("llama"),
+        **_sets(trained),
+        lam="0,1",
+        method="sub",
+        max_keep_increase=100.0,  # any λ qualifies: the best is λ = 1 unless FORGET-NLL fell
+        save_best=tmp_path / "best",
+        save_format=save_format,
+    )
+    lam = result.recommendations["sub"].lam
+    assert lam == (1.0 if result.row("sub", 1.0).forget_nll > result[0].forget_nll else 0.0)
+    full = kind == "full" or save_format == "model"
+    _quiet(
+        lambda: merge(
+            expert, anti, tmp_path / "direct", lam=lam, method="sub", base=trained.base("llama") if full else None
+        )
+    )
+    written = sorted(p.name for p in (tmp_path / "best").iterdir())
+    assert written == sorted(p.name for p in (tmp_path / "direct").iterdir())
+    assert ("model.safetensors" if full else "adapter_model.safetensors") in written
+    for name in written:
+        assert (tmp_path / "best" / name).read_bytes() == (tmp_path / "direct" / name).read_bytes(), name
+    assert result.saved.outputs == (tmp_path / "best",)
+
+
+def test_an_interrupt_keeps_the_rows(trained, tmp_path, monkeypatch):
+    """A KeyboardInterrupt during the third point: ScanInterrupted carries the two rows, and so do the files."""
+    from extsub_kernels.errors import ScanInterrupted
+    from extsub_kernels.lambda_scan import evaluate
+
+    calls = []
+    measure = evaluate.Evaluator.measure
+
+    def interrupted(self, model):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return measure(self, model)
+
+    monkeypatch.setattr(evaluate.Evaluator, "measure", interrupted)
+    with pytest.raises(ScanInterrupted, match="interrupted after 2 of 5 points") as info:
+        scan(
+            trained.adapter("llama", "lora", "expert"),
+            trained.adapter("llama", "lora", "anti"),
+            base=trained.base("llama"),
+            **_sets(trained),
+            lam="0,1,2",
+            out=tmp_path / "scan",
+            save_best=tmp_path / "best",
+        )
+    partial = info.value.result
+    assert not info.value.terminated and not partial.complete and len(partial) == 2
+    data = json.loads((tmp_path / "scan" / "scan.json").read_text())
+    assert data["status"] == "interrupted" and data["measured"] == 2 and data["points"] == 5
+    assert [r["lam"] for r in data["rows"]] == [0.0, 1.0]
+    assert (tmp_path / "scan" / "scan.png").is_file() and not (tmp_path / "best").exists()
+
+
+def _tokenizerless_base(trained, tmp_path):
+    folder = tmp_path / "no-tokenizer"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(trained.base("llama") / name, folder / name)
+    return folder
+
+
+def test_pretokenised_sets_for_a_model_without_tokenizer(trained, tmp_path):
+    base = _tokenizerless_base(trained, tmp_path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(trained.base("llama"))
+    for name in ("keep", "forget"):
+        examples = load_examples(_sets(trained)[name], tokenizer)
+        rows = [
+            {"prompt_ids": e.input_ids[: e.n_context], "completion_ids": e.input_ids[e.n_context :]} for e in examples
+        ]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt_ids": [2, 5, 9, 6]}) + "\n")
+    experts = [trained.adapter("llama", "full", role) for role in ("expert", "anti")]
+    kwargs = dict(lam="0,1", method="sub", prompts=tmp_path / "prompts.jsonl", max_new_tokens=6)
+    by_ids = scan(*experts, base=base, keep=tmp_path / "keep.jsonl", forget=tmp_path / "forget.jsonl", **kwargs)
+    by_text = scan(*experts, base=trained.base("llama"), **_sets(trained), **kwargs)
+    assert [(r.keep_nll, r.forget_nll, r.rep_4) for r in by_ids] == [
+        (r.keep_nll, r.forget_nll, r.rep_4) for r in by_text
+    ]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(keep="missing.txt"), r"missing\.txt: no such file"),
+        (dict(forget="empty.txt"), r"empty\.txt: no examples"),
+        (dict(lam="0:2:0"), r"the step must be positive"),
+        (dict(method="ext-sub,extsub"), r"unknown method 'extsub'"),
+        (dict(batch_size=0), r"batch_size must be a positive integer, got 0"),
+        (dict(max_keep_increase=-0.1), r"max_keep_increase must be ≥ 0"),
+        (dict(dtype="fp8"), r"unknown dtype 'fp8'"),
+        (dict(save_format="lora"), r"--format says how --save-best writes the best merge; give --save-best OUT too"),
+        (dict(anti="gpt2-lora"), r"was trained on base model .* but the expert .* on"),
+        (dict(anti="llama-full"), r"is a PEFT adapter but ANTI .* is a full checkpoint"),
+        (dict(base="llama-lora"), r"BASE .* is a PEFT adapter; --base takes the base model"),
+        (dict(base="gpt2"), r"do not fit BASE"),
+        (dict(base="no-tokenizer"), r"keep\.jsonl line 1: prompt \+ completion is text, but there is no tokenizer"),
+        (dict(save_best="expert"), r"OUT .* is the EXPERT folder"),
+        (dict(out="expert"), r"is the EXPERT folder"),
+    ],
+)
+def test_bad_inputs_write_nothing(trained, tmp_path, change, message):
+    named = {
+        "gpt2-lora": trained.adapter("gpt2", "lora", "anti"),
+        "llama-full": trained.adapter("llama", "full", "anti"),
+        "llama-lora": trained.adapter("llama", "lora", "anti"),
+        "gpt2": trained.base("gpt2"),
+        "expert": trained.adapter("llama", "lora", "expert"),
+    }
+    (tmp_path / "empty.txt").write_text("\n")
+    if change.get("base") == "no-tokenizer":
+        change = dict(base=_tokenizerless_base(trained, tmp_path))
+    kwargs = dict(
+        base=trained.base("llama"), **_sets(trained), out=tmp_path / "scan", lam="0,1", save_best=None, anti=None
+    )
+    kwargs |= {k: (named.get(v, tmp_path / v if k in ("keep", "forget") else v) if isinstance(v, str) else v)
+               for k, v in change.items()}  # fmt: skip
+    anti = kwargs.pop("anti") or trained.adapter("llama", "lora", "anti")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(InputError, match=message):
+        scan(trained.adapter("llama", "lora", "expert"), anti, **kwargs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no scan folder, no --save-best output
+
+
+def test_an_existing_scan_needs_force(trained, tmp_path):
+    out = tmp_path / "scan"
+    out.mkdir()
+    (out / "scan.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    kwargs = dict(base=trained.base("llama"), **_sets(trained), out=out, lam=0)
+    experts = [trained.adapter("llama", "full", role) for role in ("expert", "anti")]
+    with pytest.raises(InputError, match=r"scan already holds scan\.json \(an earlier scan\?\); pass --force"):
+        scan(*experts, **kwargs)
+    scan(*experts, **kwargs, force=True)
+    assert json.loads((out / "scan.json").read_text())["measured"] == 1
+    assert (out / "notes.txt").read_text() == "mine"  # other files are left alone
+
+
+def test_missing_dependencies_are_named(trained, monkeypatch):
+    from extsub_kernels.lambda_scan.model import require
+
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    with pytest.raises(
+        InputError, match=r'needs matplotlib, which is not installed; install with: pip install "extsub\[scan\]"'
+    ):
+        require("transformers", "matplotlib")
+    with pytest.raises(InputError, match="needs matplotlib"):
+        scan("e", "a", base="b", keep="k", forget="f", out="o")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_and_dtype(trained, device):
+    """On the device asked for, in the dtype asked for: float64 rows against float32 ones (the same merges)."""
+    experts = [trained.adapter("llama", "lora", role) for role in ("expert", "anti")]
+    kwargs = dict(base=trained.base("llama"), **_sets(trained), lam="0,1", method="ext-sub")
+    wide = scan(*experts, **kwargs, device=device, dtype="float64")
+    assert wide.setup["options"]["device"].startswith(device) and wide.setup["options"]["dtype"] == "float64"
+    narrow = scan(*experts, **kwargs, device="cpu", dtype="float32")
+    for a, b in zip(wide, narrow, strict=True):  # float64 logits: close to the float32 ones, not equal to them
+        assert a.keep_nll == pytest.approx(b.keep_nll, rel=2.0**-12) and a.keep_nll != b.keep_nll
+
+
+@pytest.mark.gpu
+def test_cuda_runs_in_the_models_dtype(trained):
+    """--dtype auto on CUDA: the checkpoint's dtype (float32 here); the rows match the CPU's to float32 noise."""
+    experts = [trained.adapter("llama", "full", role) for role in ("expert", "anti")]
+    kwargs = dict(base=trained.base("llama"), **_sets(trained), lam="0,1")
+    gpu = scan(*experts, **kwargs, device="cuda")
+    cpu = scan(*experts, **kwargs, device="cpu")
+    assert gpu.setup["options"]["dtype"] == "float32" and gpu.setup["options"]["device"].startswith("cuda")
+    for a, b in zip(gpu, cpu, strict=True):
+        assert a.keep_nll == pytest.approx(b.keep_nll, rel=2.0**-12)
+        assert a.forget_nll == pytest.approx(b.forget_nll, rel=2.0**-12)
