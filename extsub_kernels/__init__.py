@@ -2,7 +2,8 @@
 
 The op (`ext_sub_`, in place on any float tensor, a fused Triton kernel on CUDA), the
 streaming merge of checkpoints and adapters (`merge`, also the `extsub-merge` command), the
-adapter types and formats they use, and the λ scan (`scan`, also the `extsub-scan` command).
+adapter types (LoRA, (IA)³, prefix-tuning) and formats they use, and the λ scan (`scan`, also
+the `extsub-scan` command).
 
 Names are imported on first use: importing the package does not load torch, so the command
 line sets its signal handlers first and a Ctrl-C during start-up ends as cleanly as later.
@@ -16,10 +17,13 @@ if TYPE_CHECKING:
     from extsub_kernels.adapters import (
         AdapterOptions,
         AdapterReport,
+        IA3Adapter,
         LoraAdapter,
         LoraModule,
         LoraScaling,
         MergedAdapter,
+        PeftAdapter,
+        PrefixAdapter,
         iter_delta,
         iter_dense_lora,
         load_adapter,
@@ -40,10 +44,13 @@ if TYPE_CHECKING:
 _LOCATIONS = {
     "AdapterOptions": "extsub_kernels.adapters",
     "AdapterReport": "extsub_kernels.adapters",
+    "IA3Adapter": "extsub_kernels.adapters",
     "LoraAdapter": "extsub_kernels.adapters",
     "LoraModule": "extsub_kernels.adapters",
     "LoraScaling": "extsub_kernels.adapters",
     "MergedAdapter": "extsub_kernels.adapters",
+    "PeftAdapter": "extsub_kernels.adapters",
+    "PrefixAdapter": "extsub_kernels.adapters",
     "iter_delta": "extsub_kernels.adapters",
     "iter_dense_lora": "extsub_kernels.adapters",
     "load_adapter": "extsub_kernels.adapters",
@@ -93,6 +100,7 @@ __all__ = [
     "AdapterError",
     "AdapterOptions",
     "AdapterReport",
+    "IA3Adapter",
     "InputError",
     "LoraAdapter",
     "LoraModule",
@@ -100,6 +108,8 @@ __all__ = [
     "MergeError",
     "MergeReport",
     "MergedAdapter",
+    "PeftAdapter",
+    "PrefixAdapter",
     "Recommendation",
     "ScanInterrupted",
     "ScanResult",

@@ -24,10 +24,11 @@ inputs (EXPERT, ANTI, --base):
   in it); or a Hugging Face repo id org/name[@revision] (safetensors, json and tokenizer files
   only; from the cache when HF_HUB_OFFLINE=1). Pickle checkpoints (.bin .pt .pth .ckpt) are refused.
 
-LoRA adapters (EXPERT and ANTI; all adapters or all dense, never mixed):
-  PEFT adapter folders, hub ids of adapters, and bare .safetensors files of lora_A/lora_B are
-  detected and merged exactly without forming ΔW. A bare file takes its scaling from the
-  adapter_config.json beside it, or from --lora-alpha (and --rank, --rslora).
+PEFT adapters (EXPERT and ANTI; all adapters of one type or all dense, never mixed):
+  PEFT adapter folders, hub ids of adapters, and bare .safetensors files of adapter weights are
+  detected by their keys and adapter_config.json (peft_type) and merged exactly in their own space.
+  LoRA: without forming ΔW. A bare file takes its scaling from the adapter_config.json beside it,
+  or from --lora-alpha (and --rank, --rslora).
   --format lora        (default) a PEFT adapter folder of rank r⁺ + r⁻ per module, exact;
                        --max-rank R truncates it (SVD in the factored space, error reported)
   --format dense-lora  the paper's layout: lora_B = ΔW', lora_A = I (one adapter_model.safetensors;
@@ -35,12 +36,16 @@ LoRA adapters (EXPERT and ANTI; all adapters or all dense, never mixed):
   --format delta       ΔW' keyed by the base model's weight names (a .safetensors file or a folder)
   --base MODEL         the full model θ₀ + ΔW' instead (config and tokenizer files from MODEL);
                        the adapters' modules_to_save merge as full weights against θ₀
+  (IA)³: on the task vectors d = l − 1, each ia3_l vector one row: l' = 1 + d⁺ − λ·Ext(d⁻); written
+  as an (IA)³ adapter folder (--format ia3, the only one); --base folds l' into MODEL's weights.
+  prefix-tuning: on prompt_embeddings itself, one row per token, layer, key/value and head (geometry
+  from adapter_config.json); written as a prefix-tuning folder; --base is refused (no weight changes).
 
 outputs:
   OUT ending in .safetensors is one file; any other OUT is a folder (model.safetensors, or shards
   and model.safetensors.index.json past --max-shard-size). With --base a folder OUT also gets the
-  expert's config, generation and tokenizer files (LoRA inputs: the base's). LoRA adapter outputs
-  (--format lora, dense-lora) are folders: adapter_model.safetensors and adapter_config.json.
+  expert's config, generation and tokenizer files (adapter inputs: the base's). Adapter outputs
+  (every format but delta) are folders: adapter_model.safetensors and adapter_config.json.
 
 λ:
   --lam 1            one output, λ = 1 for every anti-expert
@@ -55,6 +60,7 @@ examples:
   {PROG} org/expert org/anti --base org/base -o merged-model/ --lam 0.5,1,2 --device cuda
   {PROG} expert_adapter/ anti_adapter/ -o merged_adapter/ --lam 1.0
   {PROG} expert_adapter/ anti_adapter/ --base org/base -o merged-model/
+  {PROG} ia3_expert/ ia3_anti/ -o ia3_merged/ --lam 0.6 --method sub
 
 exit codes:
   0    done
@@ -71,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Ext-Sub merge of checkpoints and LoRA adapters, streamed tensor by tensor: θ' = θ⁺ − λ·Ext(θ⁻)\n"
-        "(Extraction-before-Subtraction, AAAI 2024). Memory stays a small multiple of one block\n"
-        "of rows, whatever the model's size; OUT appears whole or not at all.",
+        description="Ext-Sub merge of checkpoints and PEFT adapters (LoRA, (IA)³, prefix-tuning), streamed tensor\n"
+        "by tensor: θ' = θ⁺ − λ·Ext(θ⁻) (Extraction-before-Subtraction, AAAI 2024). Memory stays a small\n"
+        "multiple of one block of rows, whatever the model's size; OUT appears whole or not at all.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -86,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--base",
         metavar="BASE",
-        help="θ₀: inputs are full models (merge ΔW = θ − θ₀), or LoRA adapters of BASE; write θ₀ + ΔW'",
+        help="θ₀: inputs are full models (merge ΔW = θ − θ₀), or LoRA / (IA)³ adapters of BASE; write the full model",
     )
     add("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     add(
@@ -103,12 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="error",
         help="tensors only in an anti-expert: error (default), copy them, or skip them",
     )
-    lora = parser.add_argument_group("LoRA adapter inputs")
+    lora = parser.add_argument_group("adapter inputs")
     lora.add_argument(
         "--format",
         dest="output_format",
         choices=FORMATS,
-        help="lora (default: exact PEFT adapter), dense-lora (lora_B = ΔW', lora_A = I), delta (ΔW' by weight name)",
+        help="LoRA: lora (default: exact PEFT adapter), dense-lora (lora_B = ΔW', lora_A = I), delta (ΔW' by "
+        "weight name); (IA)³: ia3; prefix-tuning: prefix-tuning (each the default of its type)",
     )
     lora.add_argument("--max-rank", type=int, metavar="R", help="--format lora: truncate each module to rank R")
     lora.add_argument(
@@ -130,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-v",
         "--verbose",
         action="store_true",
-        help="LoRA inputs: after the summary, one line per module (truncation error, modules left out)",
+        help="adapter inputs: after the summary, one line per module (truncation error, modules left out)",
     )
     add("--version", action="version", version=f"%(prog)s {__version__}")
     return parser

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from extsub_kernels.adapters import AdapterOptions, LoraAdapter, run_adapters
+from extsub_kernels.adapters import AdapterOptions, PeftAdapter, run_adapters
 from extsub_kernels.engine import MergeReport, RunOptions, run_dense
 from extsub_kernels.engine.options import (
     DEFAULT_BLOCK_BYTES,
@@ -33,7 +33,7 @@ from extsub_kernels.errors import InputError
 from extsub_kernels.io import ResolvedInput, check_outputs, is_folder_output, output_paths, resolve_input
 from extsub_kernels.io.atomic import terminate_as_interrupt
 
-Source = str | os.PathLike | LoraAdapter
+Source = str | os.PathLike | PeftAdapter
 
 
 def merge(
@@ -53,17 +53,18 @@ def merge(
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     adapter: AdapterOptions | None = None,
 ) -> MergeReport:
-    """Merge checkpoints or LoRA adapters with Ext-Sub, streamed: θ' = θ⁺ ⊖ θ₁⁻ ⊖ θ₂⁻ ...
+    """Merge checkpoints or PEFT adapters with Ext-Sub, streamed: θ' = θ⁺ ⊖ θ₁⁻ ⊖ θ₂⁻ ...
 
-    Dense inputs stream one block of rows at a time through the op. LoRA adapters (PEFT
-    folders, hub ids of adapters, bare .safetensors files of lora_A/lora_B, or LoraAdapter
-    objects) are detected and merged exactly in the factored space (DESIGN.md §3); their
-    outputs stream one tensor at a time. The inputs are all dense or all adapters (BASE is
-    always a full model).
+    Dense inputs stream one block of rows at a time through the op. PEFT adapters (folders,
+    hub ids of adapters, bare .safetensors files of lora_A/lora_B, or LoraAdapter,
+    IA3Adapter and PrefixAdapter objects) are detected and merged exactly in their own
+    parameter space: LoRA in the factored space (DESIGN.md §3), (IA)³ on the vectors l − 1,
+    prefix-tuning on the per-head key/value rows (§6); their outputs stream one tensor at a
+    time. The inputs are all dense or all adapters of one type (BASE is always a full model).
 
     Args:
         expert: θ⁺: a .safetensors file, a folder of shards, a PEFT adapter folder, a hub id
-            `org/name[@revision]`, or a LoraAdapter already loaded.
+            `org/name[@revision]`, or an adapter already loaded (LoraAdapter, IA3Adapter, PrefixAdapter).
         anti: θ⁻, one or several (applied in order, paper Table 4), same forms as `expert`.
         out: a path ending in .safetensors (one file) or a folder (model.safetensors, or
             shards and an index past `max_shard_size`; adapter outputs are PEFT folders).
@@ -72,8 +73,9 @@ def merge(
             "0.5,1" / "1:0.5".
         method: "ext-sub" (θ⁺ − λ·Ext(θ⁻)), "sub" (θ⁺ − λθ⁻) or "add" (θ⁺ + λθ⁻).
         base: θ₀, a full model. Dense inputs are then full models, ΔW = θ − θ₀, and OUT is θ₀ + ΔW'
-            (a folder OUT gets the expert's config and tokenizer files). With adapter inputs OUT
-            is θ₀ + ΔW' of the merged adapter (a folder OUT gets the base's config files).
+            (a folder OUT gets the expert's config and tokenizer files). With LoRA or (IA)³ inputs OUT
+            is θ₀ with the merged adapter folded in (a folder OUT gets the base's config files);
+            prefix-tuning changes no weight and is refused.
         device: "auto", "cpu", "cuda" or "cuda:N".
         dtype: output dtype of float tensors: "keep" (the inputs'), "float16", "bfloat16",
             "float32" (or the torch dtype).
@@ -82,7 +84,7 @@ def merge(
         force: replace an existing OUT.
         progress: show a progress bar (stderr).
         block_bytes: target bytes of a block of rows (memory is a small multiple of it).
-        adapter: options of adapter merges (output format, max_rank, scaling of bare files,
+        adapter: options of adapter merges (output format, max_rank, scaling of bare LoRA files,
             any_base_model); refused with dense inputs.
 
     Returns:
@@ -97,7 +99,7 @@ def merge(
         >>> print(report.summary())
     """
     started = time.perf_counter()
-    sources = [expert, *([anti] if isinstance(anti, (str, os.PathLike, LoraAdapter)) else list(anti))]
+    sources = [expert, *([anti] if isinstance(anti, (str, os.PathLike, PeftAdapter)) else list(anti))]
     if len(sources) < 2:
         raise InputError("give at least one anti-expert")
     adapter = adapter or AdapterOptions()
@@ -122,9 +124,7 @@ def merge(
             return run_adapters(inputs, options, adapter, paths, started=started, loaded=loaded)
     if adapter.given():
         role, inp = inputs[0]
-        raise InputError(
-            f"{adapter.given()[0]} applies to LoRA adapter inputs; {role} {inp.spec!r} is a dense checkpoint"
-        )
+        raise InputError(f"{adapter.given()[0]} applies to adapter inputs; {role} {inp.spec!r} is a dense checkpoint")
     check_outputs(paths, inputs, force=force)
     with terminate_as_interrupt():
         return run_dense(inputs, options, paths, started=started)
@@ -148,12 +148,12 @@ def _max_shard_size(out: Path, max_shard_size: int | str | None) -> int | None:
 
 def _resolve_all(
     sources: Sequence[Source], base: str | os.PathLike | None, *, quiet: bool
-) -> tuple[list[tuple[str, ResolvedInput]], dict[str, LoraAdapter]]:
+) -> tuple[list[tuple[str, ResolvedInput]], dict[str, PeftAdapter]]:
     """(role, input) pairs for every input (BASE last), and the adapters given as objects, by role."""
     roles = input_roles(len(sources) - 1)
     inputs, loaded = [], {}
     for role, source in zip(roles, sources, strict=True):
-        if isinstance(source, LoraAdapter):
+        if isinstance(source, PeftAdapter):
             loaded[role] = source
             inputs.append((role, ResolvedInput(source.source, source.source, "memory", Path(), (), adapter=True)))
         else:
@@ -164,11 +164,11 @@ def _resolve_all(
 
 
 def _adapter_inputs(inputs: Sequence[tuple[str, ResolvedInput]]) -> bool:
-    """True when EXPERT and ANTI are LoRA adapters, False when dense; mixed inputs and an adapter BASE are refused."""
+    """True when EXPERT and ANTI are PEFT adapters, False when dense; mixed inputs and an adapter BASE are refused."""
     for role, inp in inputs:
         if role == "BASE" and inp.adapter:
             raise InputError(
-                f"BASE {inp.spec!r} is a LoRA adapter; --base takes the full base model θ₀ "
+                f"BASE {inp.spec!r} is a PEFT adapter; --base takes the full base model θ₀ "
                 "(adapters go in EXPERT and ANTI)"
             )
     merged = [(role, inp) for role, inp in inputs if role != "BASE"]
@@ -176,8 +176,8 @@ def _adapter_inputs(inputs: Sequence[tuple[str, ResolvedInput]]) -> bool:
     if adapters and len(adapters) != len(merged):
         (a_role, a), (d_role, d) = adapters[0], next((r, i) for r, i in merged if not i.adapter)
         raise InputError(
-            f"{a_role} {a.spec!r} is a LoRA adapter but {d_role} {d.spec!r} is a dense checkpoint; Ext-Sub combines "
-            "adapters with adapters (exactly, in the factored space) or dense checkpoints with dense checkpoints"
+            f"{a_role} {a.spec!r} is a PEFT adapter but {d_role} {d.spec!r} is a dense checkpoint; Ext-Sub combines "
+            "adapters with adapters (exactly, in their own parameter space) or dense checkpoints with dense checkpoints"
         )
     return bool(adapters)
 

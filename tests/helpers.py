@@ -84,3 +84,48 @@ def assert_one_line_error(
     assert lines and lines[-1].startswith(f"{prog}: error: ") and "Traceback" not in err, err
     for part in parts:
         assert part in lines[-1], f"{part!r} not in {lines[-1]!r}"
+
+
+def copy_adapter(source, target, *, tensors=None, config=None, bare: bool = False):
+    """A copy of a PEFT adapter folder with its tensors and/or config edited (functions of the originals).
+
+    `config` returning None leaves the config out, returning a str writes that text; `bare`
+    writes the weights alone as `adapter.safetensors` and returns that file.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    source, target = Path(source), Path(target)
+    target.mkdir(parents=True)
+    state = load_file(source / "adapter_model.safetensors")
+    weights = target / ("adapter.safetensors" if bare else "adapter_model.safetensors")
+    save_file({k: v.contiguous() for k, v in (tensors(state) if tensors else state).items()}, str(weights))
+    if bare:
+        return weights
+    original = json.loads((source / "adapter_config.json").read_text())
+    text = config(original) if config is not None else original
+    if text is not None:
+        (target / "adapter_config.json").write_text(text if isinstance(text, str) else json.dumps(text))
+    return target
+
+
+def quiet_peft_model(base, folder):
+    """`PeftModel.from_pretrained(base, folder)` in eval mode, its warnings silenced (base is used in place)."""
+    import warnings
+
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.PeftModel.from_pretrained(base, str(folder)).eval()
+
+
+def causal_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """The logits of a causal LM for `ids` (1, T), without gradients (PEFT's own deprecation warnings silenced)."""
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers on PEFT's prefix: past_key_values → cache
+        return model(input_ids=ids).logits

@@ -294,7 +294,14 @@ BAD_ADAPTERS = {
     "missing config": (dict(config=lambda c: None), r"bad has no adapter_config.json: the LoRA scaling .* is unknown"),
     "unreadable config": (dict(config=lambda c: "{not json"), r"adapter_config.json: unreadable adapter config"),
     "config without lora_alpha": (dict(config=_drop("lora_alpha")), r"'lora_alpha' is missing"),
-    "not a LoRA config": (dict(config=_set(peft_type="IA3")), r"peft_type is 'IA3'"),
+    "unsupported peft_type": (
+        dict(config=_set(peft_type="ADALORA")),
+        r"peft_type is 'ADALORA'; extsub merges LORA, IA3, PREFIX_TUNING adapters",
+    ),
+    "an (IA)³ config on LoRA weights": (
+        dict(config=_set(peft_type="IA3")),
+        r"no \(IA\)³ vectors .* says peft_type IA3",
+    ),
     "DoRA": (dict(config=_set(use_dora=True)), r"use_dora is set; not supported"),
     "bad rank_pattern": (
         dict(config=_set(rank_pattern={"q_proj": 0})),

@@ -458,7 +458,7 @@ BAD = {
     ),
     "an adapter with a dense checkpoint": (
         lambda f, p: (p["expert"], save(f / "dense.safetensors", {"model.embed_tokens.weight": torch.zeros(4, 4)}), []),
-        ["EXPERT", "is a LoRA adapter but ANTI", "dense.safetensors' is a dense checkpoint"],
+        ["EXPERT", "is a PEFT adapter but ANTI", "dense.safetensors' is a dense checkpoint"],
     ),
     "--format with dense inputs": (
         lambda f, p: (
@@ -466,7 +466,7 @@ BAD = {
             save(f / "b.safetensors", {"w": torch.ones(2, 2)}),
             ["--format", "delta"],
         ),
-        ["--format (output_format) applies to LoRA adapter inputs", "a.safetensors' is a dense checkpoint"],
+        ["--format (output_format) applies to adapter inputs", "a.safetensors' is a dense checkpoint"],
     ),
     "--max-rank with --format delta": (
         lambda f, p: (p["expert"], p["anti"], ["--format", "delta", "--max-rank", "2"]),
@@ -482,7 +482,7 @@ BAD = {
     ),
     "an adapter as BASE": (
         lambda f, p: (p["expert"], p["anti"], ["--base", p["anti2"]]),
-        ["BASE", "anti2' is a LoRA adapter"],
+        ["BASE", "anti2' is a PEFT adapter"],
     ),
     "BASE of another model": (
         lambda f, p: (
@@ -503,7 +503,7 @@ BAD = {
             ["--base", _base(f, p["expert"], **{"model.layers.0.self_attn.q_proj.weight": (64, 32)})],
         ),
         [
-            "LoRA module model.layers.0.self_attn.q_proj: ΔW' is 64×64",
+            "LoRA module model.layers.0.self_attn.q_proj: changes a 64×64 tensor",
             "BASE's model.layers.0.self_attn.q_proj.weight is [64, 32]",
         ],
     ),

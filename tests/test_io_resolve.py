@@ -63,6 +63,14 @@ def test_peft_adapters_are_flagged_with_their_config(tmp_path):
     assert not resolve_input(save(tmp_path / "dense.safetensors", {"q.weight": torch.zeros(1)})).adapter
 
 
+@pytest.mark.parametrize(
+    "key", ["base_model.model.q.lora_B.weight", "base_model.model.mlp.down_proj.ia3_l", "prompt_embeddings"]
+)
+def test_bare_weights_of_every_adapter_type_are_adapters_never_dense_checkpoints(tmp_path, key):
+    bare = save(tmp_path / "bare" / "weights.safetensors", {key: torch.ones(1, 4)})
+    assert resolve_input(bare).adapter and resolve_input(bare.parent).adapter, key
+
+
 @pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt", "model.pth", "model.ckpt"])
 def test_pickle_files_are_refused_with_a_conversion_hint(tmp_path, name):
     path = tmp_path / name

@@ -328,11 +328,11 @@ def test_an_adapter_with_a_dense_checkpoint_is_refused(tmp_path, pair):
     _, _, e_path, _ = pair
     adapter = save(tmp_path / "adapter.safetensors", {"base_model.model.q.lora_A.weight": torch.zeros(2, 4)})
     with pytest.raises(
-        InputError, match=r"ANTI .*adapter.safetensors' is a LoRA adapter but EXPERT .*expert.safetensors' is a dense"
+        InputError, match=r"ANTI .*adapter.safetensors' is a PEFT adapter but EXPERT .*expert.safetensors' is a dense"
     ):
         merge(e_path, adapter, tmp_path / "out.safetensors")
     with pytest.raises(
-        InputError, match=r"--format \(output_format\) applies to LoRA adapter inputs; EXPERT .* is a dense checkpoint"
+        InputError, match=r"--format \(output_format\) applies to adapter inputs; EXPERT .* is a dense checkpoint"
     ):
         merge(e_path, e_path, tmp_path / "out.safetensors", adapter=AdapterOptions(output_format="delta"))
     assert not (tmp_path / "out.safetensors").exists()

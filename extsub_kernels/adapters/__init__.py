@@ -1,5 +1,6 @@
-"""The PEM family: PEFT adapters read, merged exactly in their own parameter space, and written in several formats."""
+"""The PEM family: PEFT adapters (LoRA, (IA)³, prefix-tuning) read, merged exactly in their own space, written."""
 
+from extsub_kernels.adapters.family import PeftAdapter, merge_adapters
 from extsub_kernels.adapters.formats import (
     iter_delta,
     iter_dense_lora,
@@ -9,8 +10,10 @@ from extsub_kernels.adapters.formats import (
     write_adapter,
     write_tensors,
 )
-from extsub_kernels.adapters.lora import LoraAdapter, LoraModule, MergedAdapter, merge_adapters
+from extsub_kernels.adapters.ia3 import IA3Adapter
+from extsub_kernels.adapters.lora import LoraAdapter, LoraModule, MergedAdapter
 from extsub_kernels.adapters.peft import LoraScaling, load_adapter
+from extsub_kernels.adapters.prefix import PrefixAdapter
 from extsub_kernels.adapters.report import AdapterReport, AdapterSection
 from extsub_kernels.adapters.run import AdapterOptions, run_adapters
 
@@ -18,10 +21,13 @@ __all__ = [
     "AdapterOptions",
     "AdapterReport",
     "AdapterSection",
+    "IA3Adapter",
     "LoraAdapter",
     "LoraModule",
     "LoraScaling",
     "MergedAdapter",
+    "PeftAdapter",
+    "PrefixAdapter",
     "iter_delta",
     "iter_dense_lora",
     "load_adapter",

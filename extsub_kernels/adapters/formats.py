@@ -1,4 +1,7 @@
-"""Output formats of a LoRA adapter: the factored PEFT adapter, the authors' dense-lora, dense deltas.
+"""The family's output formats, by `--format` name (`OUTPUT_FORMATS`), and the three of a LoRA adapter.
+
+(IA)³ and prefix-tuning adapters have one format each, their own PEFT folder
+(`ia3.ia3_output`, `prefix.prefix_output`). A LoRA adapter has three:
 
 - `lora`: lora_A/lora_B under PEFT keys plus an adapter_config that makes PEFT apply exactly
   scaling·B·A per module. Every module is written with use_rslora=False and
@@ -19,24 +22,20 @@ memory (small adapters, tests); the iterators yield one module at a time.
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from extsub_kernels._tensors import compute_dtype
-from extsub_kernels.adapters.lora import LoraAdapter, LoraModule
+from extsub_kernels.adapters.family import config_text
+from extsub_kernels.adapters.ia3 import ia3_key, ia3_output
+from extsub_kernels.adapters.lora import Device, LoraAdapter, LoraModule, module_delta
 from extsub_kernels.adapters.peft import CONFIG_NAME, WEIGHTS_NAME, exact_pattern, peft_key, weight_key
+from extsub_kernels.adapters.prefix import PROMPT_KEY, prefix_output
 from extsub_kernels.engine.outputs import LazyOutput, write_outputs
 from extsub_kernels.io import TensorEntry
 from extsub_kernels.io.outputs import refuse_existing
-
-Device = torch.device | str | None
-
-
-def config_text(config: Mapping) -> str:
-    """An adapter_config.json's text, as every adapter output writes it."""
-    return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
 def peft_config(adapter: LoraAdapter, ranks: dict[str, int], alphas: dict[str, float]) -> dict:
@@ -86,34 +85,17 @@ def _alpha(module: LoraModule) -> float | int:
     return int(alpha) if float(alpha).is_integer() else alpha
 
 
-def module_delta(
-    module: LoraModule, *, dtype: torch.dtype | None = None, transposed: bool = False, device: Device = None
-) -> torch.Tensor:
-    """ΔW = scaling·B·A laid out like the base weight: (out, in), or (in, out) when `transposed` (Conv1D).
-
-    Computed on `device` (default: where the factors are) in float32, or float64 for float64
-    factors, and rounded once to `dtype` (default: the module's storage dtype). The result
-    stays on `device`: the formats move it to the host, the full model adds it to θ₀ there.
-
-    Example:
-        >>> module_delta(LoraModule(torch.ones(1, 3), torch.ones(2, 1), 0.5), transposed=True).shape
-        torch.Size([3, 2])
-    """
-    compute = compute_dtype(module.lora_A.dtype, module.lora_B.dtype)
-    delta = module.delta(compute, device).to(dtype or module.storage_dtype)
-    return delta.T.contiguous() if transposed else delta
-
-
 def _extra_makers(adapter: LoraAdapter) -> list:
     return [(TensorEntry(key, t.dtype, tuple(t.shape)), lambda t=t: t) for key, t in adapter.extra.items()]
 
 
-def lora_output(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> LazyOutput:
+def lora_output(adapter: LoraAdapter, *, dtype: torch.dtype | None = None, device: Device = None) -> LazyOutput:
     """The factored adapter as a PEFT adapter folder; see the module doc.
 
     Args:
         adapter: a loaded or merged adapter; its non-LoRA tensors are included as they are.
         dtype: the dtype of the written factors; None keeps each module's storage dtype.
+        device: unused (the factors are written as they are); every output format takes it.
     """
     makers = []
     for name, module in adapter.modules.items():
@@ -287,3 +269,31 @@ def _write(target: Path, output: LazyOutput, metadata: Mapping[str, str] | None,
     refuse_existing(target, force=force)
     write_outputs([output], [target], [dict(metadata or {})], force=force)
     return target
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """One `--format`: how an adapter becomes that output, and which output tensors a merged unit becomes.
+
+    Attributes:
+        make: (adapter, *, dtype, device) → the lazy output.
+        keys: a unit's name (module, vector) → the names of the output tensors it is written as.
+    """
+
+    make: Callable[..., LazyOutput]
+    keys: Callable[[str], tuple[str, ...]]
+
+
+def _factor_keys(module: str) -> tuple[str, ...]:
+    return peft_key(module, "A"), peft_key(module, "B")
+
+
+# Every format of the family, by the name `--format` takes (engine.options.FORMATS); each
+# adapter type lists the ones it writes in its `formats`.
+OUTPUT_FORMATS: dict[str, OutputFormat] = {
+    "lora": OutputFormat(lora_output, _factor_keys),
+    "dense-lora": OutputFormat(dense_lora_output, _factor_keys),
+    "delta": OutputFormat(delta_output, lambda module: (weight_key(module),)),
+    "ia3": OutputFormat(ia3_output, lambda module: (ia3_key(module),)),
+    "prefix-tuning": OutputFormat(prefix_output, lambda _unit: (PROMPT_KEY,)),
+}

@@ -1,10 +1,11 @@
-"""The full merged model θ₀ + ΔW' from LoRA adapters and their base model (`--base`), tensor by tensor.
+"""The full merged model from adapters and their base model (`--base`), tensor by tensor.
 
-Every tensor of the base model is read once; a weight with a LoRA module gets that module's
-ΔW' added in float32 (float64 for float64 inputs) on the compute device, is cast back to its
-dtype and written; tensors with nothing to add are copied. Rows of ΔW' are output features,
-so a weight the base stores (in, out) — GPT-2's Conv1D, PEFT's fan_in_fan_out — gets ΔW'ᵀ,
-shaped by the `delta` format's own `formats.module_delta`.
+Every tensor of the base model is read once; a tensor an adapter module changes gets the
+merged module folded in by the adapter's own `fold` (LoRA: θ₀ + ΔW'; (IA)³: θ₀ scaled by l'
+as PEFT's merge does) in float32 (float64 for float64 inputs) on the compute device, is cast
+back to its dtype and written; tensors with nothing to fold are copied. A weight the base
+stores (in, out) — GPT-2's Conv1D, PEFT's fan_in_fan_out — is folded transposed. Types that
+change no weight (prefix-tuning) are refused before anything is read.
 
 Non-LoRA tensors of the adapters (PEFT's `modules_to_save`, and biases trained with
 bias="all"/"lora_only") are full weights that PEFT puts in place of the base model's, not
@@ -22,9 +23,7 @@ from pathlib import Path
 import torch
 
 from extsub_kernels._tensors import all_finite, compute_dtype, is_float, nonfinite_summary
-from extsub_kernels.adapters.formats import module_delta
-from extsub_kernels.adapters.lora import LoraAdapter, LoraModule
-from extsub_kernels.adapters.peft import strip_peft_prefix, weight_key
+from extsub_kernels.adapters.family import BaseEdit, PeftAdapter, strip_peft_prefix
 from extsub_kernels.engine.architecture import TransposedRule
 from extsub_kernels.engine.methods import apply_method
 from extsub_kernels.engine.outputs import LazyOutput
@@ -34,71 +33,71 @@ from extsub_kernels.io import CheckpointReader, TensorEntry
 
 @dataclass(frozen=True)
 class BaseTarget:
-    """What lands on one base tensor: a LoRA module's ΔW', or full weights of the adapters (or both absent: a copy).
+    """What lands on one base tensor: an adapter module folded in, or full weights of the adapters (or a copy).
 
-    `transposed`: the base stores the weight (in, out), so ΔW' is added transposed (modules)
+    `transposed`: the base stores the weight (in, out), so the module folds in transposed
     or columns are paired (full weights, as the dense engine pairs Conv1D weights).
     """
 
     key: str
-    module: str | None = None
+    edit: BaseEdit | None = None
     transposed: bool = False
     expert: torch.Tensor | None = None  # the expert's full weight
     antis: tuple[tuple[int, torch.Tensor], ...] = field(default=())  # (anti-expert index, its full weight)
 
 
 def match_targets(
-    modules: dict[str, LoraModule],
+    adapter: PeftAdapter,
     base: CheckpointReader,
     *,
-    fan_in_fan_out: bool,
     conv1d: TransposedRule,
     expert_extra: dict[str, torch.Tensor],
     anti_extras: Sequence[dict[str, torch.Tensor]],
     sources: Sequence[str],
 ) -> dict[str, BaseTarget]:
-    """Each LoRA module and each non-LoRA tensor matched to the base tensor it changes, shapes checked.
+    """Each base tensor an adapter module changes, and each non-adapter tensor, matched to the base, shapes checked.
 
     A name matches the base tensor of the same name, or else the one base tensor it equals up
     to leading prefixes (`transformer.h.0.attn.c_attn.weight` ↔ `h.0.attn.c_attn.weight`,
     as checkpoints saved without the model's head prefix have it).
 
     Args:
-        modules: the merged adapter's modules (one λ setting stands for all: modules do not depend on λ).
+        adapter: the merged adapter (one λ setting stands for all: which tensors change does not depend on λ);
+            its `base_edits` say which tensors its modules change, its fan_in_fan_out flag with
+            `conv1d` (from the base's config.json) which weights are stored (in, out).
         base: the base model θ₀.
-        fan_in_fan_out: the expert's flag; with `conv1d` (from the base's config.json) it says which
-            weights are stored (in, out).
-        expert_extra, anti_extras: non-LoRA tensors of the expert and of each anti-expert.
+        expert_extra, anti_extras: non-adapter tensors of the expert and of each anti-expert.
         sources: names of the expert and the anti-experts, for messages.
 
     Raises:
         InputError: a module or tensor with no (or no unique) base tensor, a shape that does
-            not fit, or a LoRA module on a non-float weight.
+            not fit, or a module on a non-float weight; for types that change no weight, why.
     """
     targets: dict[str, BaseTarget] = {}
-    for name, module in modules.items():
-        key = _base_key(weight_key(name), base, f"LoRA module {name}")
+    what = f"{adapter.label} {adapter.unit}"
+    for edit in adapter.base_edits():
+        key = _base_key(edit.name, base, f"{what} {edit.module}", optional=edit.optional)
+        if key is None:
+            continue
         info = base.info(key)
-        transposed = fan_in_fan_out or conv1d(key, info.shape)
-        shape = (module.in_features, module.out_features) if transposed else (module.out_features, module.in_features)
-        if info.shape != shape:
+        transposed = len(edit.shape) == 2 and (getattr(adapter, "fan_in_fan_out", False) or conv1d(key, info.shape))
+        if not edit.fits(info.shape, transposed=transposed):
+            laid_out = edit.shape[::-1] if transposed else edit.shape
+            shape = "×".join("any" if n is None else str(n) for n in laid_out)
             raise InputError(
-                f"LoRA module {name}: ΔW' is {module.out_features}×{module.in_features} (out×in), "
-                f"laid out {list(shape)}{' as Conv1D stores it' if transposed else ''}, but BASE's {key} is "
-                f"{list(info.shape)}; is BASE the model the adapters were trained on?"
+                f"{what} {edit.module}: changes a {shape} tensor{' (as Conv1D stores it)' if transposed else ''}, "
+                f"but BASE's {key} is {list(info.shape)}; is BASE the model the adapters were trained on?"
             )
         if not is_float(info.dtype):
-            raise InputError(
-                f"LoRA module {name}: BASE's {key} is {info.dtype}; ΔW' can only be added to float weights"
-            )
-        targets[key] = BaseTarget(key, module=name, transposed=transposed)
+            raise InputError(f"{what} {edit.module}: BASE's {key} is {info.dtype}; it can only change float weights")
+        targets[key] = BaseTarget(key, edit=edit, transposed=transposed)
     full: dict[str, dict[int, torch.Tensor]] = {}
     for index, extra in enumerate([expert_extra, *anti_extras]):
         for adapter_key, tensor in extra.items():
             key = _base_key(strip_peft_prefix(adapter_key), base, f"{sources[index]}: tensor {adapter_key}")
             if key in targets:
                 raise InputError(
-                    f"{sources[index]}: {adapter_key} is a full weight of {key}, which a LoRA module also adapts"
+                    f"{sources[index]}: {adapter_key} is a full weight of {key}, which {what} also changes"
                 )
             info = base.info(key)
             if tuple(tensor.shape) != info.shape:
@@ -115,7 +114,8 @@ def match_targets(
     return targets
 
 
-def _base_key(key: str, base: CheckpointReader, what: str) -> str:
+def _base_key(key: str, base: CheckpointReader, what: str, *, optional: bool = False) -> str | None:
+    """The base tensor `key` names (exactly, or up to a leading prefix); None for an optional one BASE lacks."""
     if key in base:
         return key
     found = [k for k in base if key.endswith("." + k) or k.endswith("." + key)]
@@ -123,6 +123,8 @@ def _base_key(key: str, base: CheckpointReader, what: str) -> str:
         return found[0]
     if found:
         raise InputError(f"{what}: BASE has several tensors it could be ({', '.join(found[:4])}); cannot tell which")
+    if optional:
+        return None
     raise InputError(
         f"{what}: BASE has no tensor {key!r} (nor one that matches it up to a prefix); "
         "is BASE the model the adapters were trained on?"
@@ -130,7 +132,7 @@ def _base_key(key: str, base: CheckpointReader, what: str) -> str:
 
 
 def full_model_outputs(
-    merged: Sequence[LoraAdapter],
+    merged: Sequence[PeftAdapter],
     settings: Sequence[tuple[float, ...]],
     base: CheckpointReader,
     targets: dict[str, BaseTarget],
@@ -182,7 +184,7 @@ def _produce(
     key: str,
     theta0: torch.Tensor,
     *,
-    adapter: LoraAdapter,
+    adapter: PeftAdapter,
     lams: tuple[float, ...],
     targets: dict[str, BaseTarget],
     dtypes: dict[str, torch.dtype],
@@ -190,25 +192,21 @@ def _produce(
     device: torch.device,
     base: CheckpointReader,
 ) -> torch.Tensor:
-    """Base tensor `key` of the output: θ₀ + ΔW' (a module), the merged full weight, or θ₀ copied."""
+    """Base tensor `key` of the output: a module folded in, the merged full weight, or θ₀ copied."""
     out = dtypes[key]
     target = targets.get(key)
     if target is None:
         return theta0.to(out)
-    if target.module is None and (not target.antis or not theta0.is_floating_point()):
+    if target.edit is None and (not target.antis or not theta0.is_floating_point()):
         return (target.expert if target.expert is not None else theta0).to(out)  # the expert's own, or θ₀
-    module = adapter.modules[target.module] if target.module else None
-    inputs = [theta0.dtype] + ([module.lora_A.dtype, module.lora_B.dtype] if module else [])
-    compute = compute_dtype(*inputs)
-    theta0_dev = theta0.to(device)
-    if module is not None:  # out of place: θ₀ is shared by every output
-        result = theta0_dev.to(compute) + module_delta(
-            module, dtype=compute, transposed=target.transposed, device=device
-        )
+    if target.edit is not None:  # out of place: θ₀ is shared by every output
+        result = adapter.fold(target.edit, theta0, transposed=target.transposed, device=device)
     else:
+        theta0_dev = theta0.to(device)
         plus = target.expert.to(device) if target.expert is not None else theta0_dev
         minus = [t.to(device) for _, t in target.antis]
         lams_used = [lams[i - 1] for i, _ in target.antis]
+        compute = compute_dtype(theta0.dtype)
         result = apply_method(
             plus, minus, lams_used, method=method, base=theta0_dev, out_dtype=compute, transposed=target.transposed
         )

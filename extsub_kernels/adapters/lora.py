@@ -10,17 +10,28 @@ is exactly a LoRA of rank r⁺ + r⁻, at O((out + in)·r²) cost per module.
 """
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from extsub_kernels._tensors import compute_dtype, is_float
-from extsub_kernels.adapters.report import AdapterReport
-from extsub_kernels.engine.options import lam_value, method_sign
+from extsub_kernels.adapters.family import (
+    BaseEdit,
+    PeftAdapter,
+    check_base_models,
+    check_same_type,
+    copy_extra,
+    describe_dtypes,
+    lam_list,
+    weight_key,
+)
+from extsub_kernels.adapters.report import AdapterReport, counted
+from extsub_kernels.engine.options import method_sign
 from extsub_kernels.errors import InputError
 from extsub_kernels.ops import ext_sub_coefficients
+
+Device = torch.device | str | None
 
 
 @dataclass(frozen=True)
@@ -75,14 +86,43 @@ class LoraModule:
         """
         return (self.lora_B.to(device, dtype) * self.scaling) @ self.lora_A.to(device, dtype)
 
+    def __repr__(self) -> str:
+        return (
+            f"LoraModule(out={self.out_features}, in={self.in_features}, rank={self.rank}, "
+            f"scaling={self.scaling:g}, dtype={describe_dtypes([self.lora_A, self.lora_B], self.dtype)})"
+        )
 
-@dataclass
-class LoraAdapter:
+
+def module_delta(
+    module: LoraModule, *, dtype: torch.dtype | None = None, transposed: bool = False, device: Device = None
+) -> torch.Tensor:
+    """ΔW = scaling·B·A laid out like the base weight: (out, in), or (in, out) when `transposed` (Conv1D).
+
+    Computed on `device` (default: where the factors are) in float32, or float64 for float64
+    factors, and rounded once to `dtype` (default: the module's storage dtype). The result
+    stays on `device`: the formats move it to the host, the full model adds it to θ₀ there.
+
+    Example:
+        >>> module_delta(LoraModule(torch.ones(1, 3), torch.ones(2, 1), 0.5), transposed=True).shape
+        torch.Size([3, 2])
+    """
+    compute = compute_dtype(module.lora_A.dtype, module.lora_B.dtype)
+    delta = module.delta(compute, device).to(dtype or module.storage_dtype)
+    return delta.T.contiguous() if transposed else delta
+
+
+@dataclass(repr=False)
+class LoraAdapter(PeftAdapter):
     """A LoRA adapter as data: modules keyed by their name in the base model, plus metadata.
 
     `extra` holds non-LoRA tensors (e.g. `modules_to_save`) under their stored keys;
     `config` is the adapter_config the adapter came with (empty when there was none).
     """
+
+    peft_type = "LORA"
+    label = "LoRA"
+    unit = "module"
+    formats = ("lora", "dense-lora", "delta")
 
     modules: dict[str, LoraModule]
     source: str = "<memory>"
@@ -92,8 +132,44 @@ class LoraAdapter:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
 
+    @classmethod
+    def merge(
+        cls,
+        expert: PeftAdapter,
+        antis: Sequence[PeftAdapter],
+        lam: float | Sequence[float],
+        method: str,
+        *,
+        max_rank: int | None = None,
+        any_base_model: bool = False,
+    ) -> "MergedAdapter":
+        """`merge_adapters` below: the factored merge."""
+        return merge_adapters(expert, antis, lam, method, max_rank=max_rank, any_base_model=any_base_model)
 
-@dataclass(kw_only=True)
+    @classmethod
+    def owns_key(cls, key: str) -> bool:
+        return ".lora_A" in key or ".lora_B" in key
+
+    def describe(self) -> str:
+        ranks = sorted({m.rank for m in self.modules.values()})
+        span = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}–{ranks[-1]}" if ranks else "no ranks"
+        tensors = [t for m in self.modules.values() for t in (m.lora_A, m.lora_B)]
+        stored = {m.dtype for m in self.modules.values()} - {None}
+        dtype = describe_dtypes(tensors, stored.pop() if len(stored) == 1 else None)
+        return f"{counted(len(self.modules), 'module')}, {span}, {dtype}"
+
+    def base_edits(self) -> list[BaseEdit]:
+        """Each module changes its weight: ΔW' (out, in) is added to it."""
+        return [BaseEdit(name, weight_key(name), (m.out_features, m.in_features)) for name, m in self.modules.items()]
+
+    def fold(self, edit: BaseEdit, theta0: torch.Tensor, *, transposed: bool, device: torch.device) -> torch.Tensor:
+        """θ₀ + ΔW', out of place (θ₀ is shared by every output)."""
+        module = self.modules[edit.module]
+        compute = compute_dtype(theta0.dtype, module.lora_A.dtype, module.lora_B.dtype)
+        return theta0.to(device, compute) + module_delta(module, dtype=compute, transposed=transposed, device=device)
+
+
+@dataclass(kw_only=True, repr=False)
 class MergedAdapter(LoraAdapter):
     """The result of `merge_adapters`: an adapter plus the report of how it was made."""
 
@@ -197,15 +273,6 @@ def check_max_rank(max_rank: object) -> None:
         raise InputError(f"max_rank must be a positive integer, got {max_rank!r}")
 
 
-def _lam_list(lam: float | Sequence[float], n_antis: int) -> tuple[float, ...]:
-    values = [lam_value(v) for v in ([lam] if isinstance(lam, (int, float, str)) else lam)]
-    if len(values) == 1:
-        values = values * n_antis
-    if len(values) != n_antis:
-        raise InputError(f"got {len(values)} λ values for {n_antis} anti-experts; give one λ, or one per anti-expert")
-    return tuple(values)
-
-
 def check_compatible(expert: LoraAdapter, antis: Sequence[LoraAdapter], *, any_base_model: bool = False) -> None:
     """Raise an InputError (a ValueError) unless every anti-expert fits the expert: same base model, same module shapes.
 
@@ -213,14 +280,8 @@ def check_compatible(expert: LoraAdapter, antis: Sequence[LoraAdapter], *, any_b
         >>> m = LoraModule(torch.ones(1, 3), torch.ones(2, 1), 1.0)
         >>> check_compatible(LoraAdapter({"q": m}), [LoraAdapter({"q": m})])
     """
+    check_base_models(expert, antis, any_base_model=any_base_model)
     for anti in antis:
-        names = (expert.base_model_name_or_path, anti.base_model_name_or_path)
-        if not any_base_model and all(names) and names[0] != names[1]:
-            raise InputError(
-                f"{anti.source} was trained on base model {names[1]!r} but the expert {expert.source} on "
-                f"{names[0]!r}; Ext-Sub combines adapters of one base model (if both names denote the same model, "
-                "pass --any-base-model, or any_base_model=True in Python; module shapes are still checked)"
-            )
         for name, module in anti.modules.items():
             ref = expert.modules.get(name)
             if ref is not None and (ref.out_features, ref.in_features) != (module.out_features, module.in_features):
@@ -269,12 +330,13 @@ def merge_adapters(
     antis = [antis] if isinstance(antis, LoraAdapter) else list(antis)
     if not antis:
         raise InputError("merge_adapters needs at least one anti-expert")
+    check_same_type(expert, antis)
     sign = method_sign(method)
-    lam_values = _lam_list(lam, len(antis))
+    lam_values = lam_list(lam, len(antis))
     if max_rank is not None:
         check_max_rank(max_rank)
     check_compatible(expert, antis, any_base_model=any_base_model)
-    report = AdapterReport(method=method, lams=lam_values)
+    report = expert.new_report(method, lam_values)
     names = list(expert.modules)
     names += sorted({n for anti in antis for n in anti.modules if n not in expert.modules})
     modules: dict[str, LoraModule] = {}
@@ -290,7 +352,7 @@ def merge_adapters(
         elif max_rank is not None:
             report.truncation_error[name] = 0.0
         modules[name] = module
-    extra = _copy_extra(expert, antis, report)
+    extra = copy_extra(expert, antis, report)
     return MergedAdapter(
         modules=modules,
         source=f"{method} of {expert.source} and {', '.join(a.source for a in antis)}",
@@ -343,22 +405,3 @@ def _merge_module(
     if zero_rows:
         report.zero_rows[name] = zero_rows
     return LoraModule(a, b, 1.0, out_dtype)
-
-
-def _copy_extra(expert: LoraAdapter, antis: list[LoraAdapter], report: AdapterReport) -> dict[str, torch.Tensor]:
-    """Non-LoRA tensors: the expert's are copied (with a warning), the anti-experts' ignored."""
-    if expert.extra:
-        warnings.warn(
-            f"{expert.source} has {len(expert.extra)} non-LoRA tensors (e.g. {next(iter(expert.extra))}); "
-            "they are copied to the result unchanged, Ext-Sub does not apply to them",
-            stacklevel=3,
-        )
-        report.extra_copied.extend(expert.extra)
-    for anti in antis:
-        if anti.extra:
-            warnings.warn(
-                f"{anti.source} has {len(anti.extra)} non-LoRA tensors (e.g. {next(iter(anti.extra))}); "
-                "they are ignored: only the expert's are kept",
-                stacklevel=3,
-            )
-    return dict(expert.extra)

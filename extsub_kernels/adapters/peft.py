@@ -1,9 +1,11 @@
-"""PEFT adapters on disk: folders and files, tensor keys, the LoRA scaling, and config validation.
+"""PEFT adapters on disk: folders and files, the dispatch on `peft_type`, tensor keys, the LoRA scaling, validation.
 
-A PEFT adapter folder holds `adapter_config.json` (r, lora_alpha, use_rslora, rank_pattern,
-alpha_pattern, ...) and `adapter_model.safetensors` with keys like
-`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`: lora_A is (r, in),
-lora_B is (out, r) for every layer type, GPT-2's Conv1D included.
+A PEFT adapter folder holds `adapter_config.json` and `adapter_model.safetensors`. Every file
+is read here the same way (one tensor at a time, floats checked for NaN/Inf), then its
+`peft_type` picks the family member that parses it: LoRA here (keys like
+`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`; lora_A is (r, in), lora_B
+(out, r) for every layer type, GPT-2's Conv1D included; scaling from r, lora_alpha,
+use_rslora, rank_pattern, alpha_pattern), (IA)³ in `ia3.py`, prefix-tuning in `prefix.py`.
 """
 
 import math
@@ -17,14 +19,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from extsub_kernels._tensors import nonfinite_summary
+from extsub_kernels.adapters.family import PEFT_PREFIX, PeftAdapter, strip_peft_prefix
+from extsub_kernels.adapters.family import weight_key as weight_key  # re-exported: the formats use it from here
+from extsub_kernels.adapters.ia3 import IA3Adapter
 from extsub_kernels.adapters.lora import LoraAdapter, LoraModule
+from extsub_kernels.adapters.prefix import PrefixAdapter
 from extsub_kernels.errors import AdapterError
 from extsub_kernels.io.resolve import ADAPTER_CONFIG as CONFIG_NAME
 from extsub_kernels.io.resolve import ADAPTER_WEIGHTS as WEIGHTS_NAME
 from extsub_kernels.io.resolve import read_json_object
 
 PICKLE_NAME = "adapter_model.bin"
-PEFT_PREFIX = "base_model.model."
 
 # <module>.lora_A.weight, optionally with an adapter-name segment: <module>.lora_A.default.weight
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
@@ -74,21 +79,6 @@ def parse_peft_key(key: str) -> tuple[str, str, str | None] | None:
     return strip_peft_prefix(match["module"]), match["part"], match["adapter"]
 
 
-def strip_peft_prefix(key: str) -> str:
-    """A key without PEFT's `base_model.model.` prefix: the name in the base model.
-
-    Example:
-        >>> strip_peft_prefix("base_model.model.lm_head.weight")
-        'lm_head.weight'
-    """
-    return key.removeprefix(PEFT_PREFIX)
-
-
-def weight_key(module: str) -> str:
-    """The base model's weight name of a module: `model.layers.0.mlp.up_proj` → `....up_proj.weight`."""
-    return f"{strip_peft_prefix(module)}.weight"
-
-
 def exact_pattern(module: str) -> str:
     """A rank_pattern/alpha_pattern key that PEFT applies to `module` and to nothing else.
 
@@ -135,24 +125,27 @@ def configured_rank(config: Mapping, module: str) -> int | None:
     return ranks[key] if key is not None else config.get("r")
 
 
-def load_adapter(path: str | os.PathLike, *, scaling: LoraScaling | None = None) -> LoraAdapter:
-    """Read and validate a LoRA adapter: a PEFT folder, or a bare .safetensors file.
+def load_adapter(path: str | os.PathLike, *, scaling: LoraScaling | None = None) -> PeftAdapter:
+    """Read and validate a PEFT adapter of any supported type: a PEFT folder, or a bare .safetensors file.
 
-    A bare file takes its scaling from an `adapter_config.json` beside it, or from the
-    explicit `scaling` (its `r`, when given, is checked against every module; without it
-    each module's rank comes from its shapes). Tensors are read one at a time.
+    The config's `peft_type` picks the type: LORA (the default when the config has none),
+    IA3 or PREFIX_TUNING. A bare file takes its config from an `adapter_config.json` beside
+    it; bare LoRA weights may instead come with an explicit `scaling` (its `r`, when given,
+    is checked against every module; without it each module's rank comes from its shapes).
+    Tensors are read one at a time.
 
     Args:
         path: a folder with adapter_config.json and adapter_model.safetensors, or a .safetensors file.
-        scaling: the scaling of a bare file that has no config beside it.
+        scaling: the scaling of a bare LoRA file that has no config beside it.
 
     Returns:
-        A LoraAdapter; modules keyed by their name in the base model.
+        A LoraAdapter (modules keyed by their name in the base model), an IA3Adapter or a PrefixAdapter.
 
     Raises:
-        AdapterError: unreadable or missing files, an A without its B (or a B without its A),
-            shapes that do not chain, a rank the config contradicts, non-float tensors,
-            NaN/Inf, or LoRA variants this path cannot represent (DoRA, lora_bias, embeddings).
+        AdapterError: unreadable or missing files, an unsupported peft_type, non-float tensors,
+            NaN/Inf, tensors the config does not describe; for LoRA an A without its B (or a B
+            without its A), shapes that do not chain, a rank the config contradicts, or LoRA
+            variants this path cannot represent (DoRA, lora_bias, embeddings).
 
     Example:
         >>> adapter = load_adapter("my_adapter/")  # doctest: +SKIP
@@ -162,6 +155,18 @@ def load_adapter(path: str | os.PathLike, *, scaling: LoraScaling | None = None)
     path = Path(path)
     weights, config, config_file = _locate(path, scaling)
     tensors = _read_tensors(weights)
+    adapter = _READERS[peft_type_of(config)](weights, tensors, config, config_file)
+    adapter.source = str(path)
+    return adapter
+
+
+def peft_type_of(config: Mapping) -> str:
+    """The config's peft_type, upper case; LORA when it names none (bare LoRA weights with an explicit scaling)."""
+    return str(config.get("peft_type") or "LORA").upper()
+
+
+def _read_lora(weights: Path, tensors: dict[str, torch.Tensor], config: dict, config_file: str) -> LoraAdapter:
+    """The LoRA member's reader: lora_A/lora_B pairs, their ranks checked and scaling taken from the config."""
     pairs, extra = _group(weights, tensors)
     modules = {}
     for name, (lora_A, lora_B) in pairs.items():
@@ -175,13 +180,18 @@ def load_adapter(path: str | os.PathLike, *, scaling: LoraScaling | None = None)
         modules[name] = LoraModule(lora_A, lora_B, module_scaling(config, name, lora_A.shape[0]))
     return LoraAdapter(
         modules=modules,
-        source=str(path),
+        source=str(weights),
         base_model_name_or_path=config.get("base_model_name_or_path") or None,
         fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
         task_type=config.get("task_type"),
         extra=extra,
         config=config,
     )
+
+
+# The family's members and their readers: (weights file, its tensors, config, where it came from) → adapter.
+_MEMBERS = {LoraAdapter: _read_lora, IA3Adapter: IA3Adapter.from_peft, PrefixAdapter: PrefixAdapter.from_peft}
+_READERS = {member.peft_type: read for member, read in _MEMBERS.items()}  # by the config's peft_type
 
 
 def _locate(path: Path, scaling: LoraScaling | None) -> tuple[Path, dict, str]:
@@ -197,6 +207,7 @@ def _locate(path: Path, scaling: LoraScaling | None) -> tuple[Path, dict, str]:
                 )
             raise AdapterError(f"{path} is not a PEFT adapter folder: {WEIGHTS_NAME} is missing")
         if not config_path.is_file():
+            _refuse_other_types_without_config(path, weights)
             raise AdapterError(
                 f"{path} has no {CONFIG_NAME}: the LoRA scaling (lora_alpha, r) is unknown; add the config, or give "
                 "the scaling of its .safetensors file (--lora-alpha and --rank; scaling=LoraScaling(...) in Python)"
@@ -213,6 +224,7 @@ def _locate(path: Path, scaling: LoraScaling | None) -> tuple[Path, dict, str]:
         raise AdapterError(f"{path}: an explicit scaling was given but {config_path} exists; use one source of scaling")
     if config_path is not None:
         return weights, _read_config(config_path), str(config_path)
+    _refuse_other_types_without_config(path, weights)
     if scaling is None:
         raise AdapterError(
             f"{path}: a bare adapter file with no {CONFIG_NAME} beside it, so the LoRA scaling is unknown; "
@@ -223,11 +235,26 @@ def _locate(path: Path, scaling: LoraScaling | None) -> tuple[Path, dict, str]:
     return weights, config, "the explicit r"
 
 
+def _refuse_other_types_without_config(path: Path, weights: Path) -> None:
+    """An AdapterError for (IA)³ or prefix-tuning weights without their config, which no flag can stand for."""
+    names = _tensor_names(weights)
+    for kind in _MEMBERS:
+        if kind.config_needed is not None and any(kind.owns_key(name) for name in names):
+            raise AdapterError(
+                f"{path}: {kind.label} adapter weights with no {CONFIG_NAME} beside them, so {kind.config_needed} "
+                f"is unknown; put the {CONFIG_NAME} the adapter was saved with beside its weights"
+            )
+
+
 def _read_config(config_path: Path) -> dict:
     config = read_json_object(config_path, "adapter config", error=AdapterError)
-    peft_type = config.get("peft_type", "LORA")
-    if str(peft_type).upper() != "LORA":
-        raise AdapterError(f"{config_path}: peft_type is {peft_type!r}; only LoRA adapters are supported")
+    peft_type = peft_type_of(config)
+    if peft_type not in _READERS:
+        raise AdapterError(
+            f"{config_path}: peft_type is {config.get('peft_type')!r}; extsub merges {', '.join(_READERS)} adapters"
+        )
+    if peft_type != LoraAdapter.peft_type:
+        return config
     for flag, why in (
         ("use_dora", "DoRA rescales each column by a magnitude vector, so ΔW is not s·B·A"),
         ("lora_bias", "a LoRA bias adds to the output, so ΔW is not s·B·A alone"),
@@ -269,11 +296,23 @@ def _check_scaling_config(config: dict, where: str) -> None:
 
 
 def _read_tensors(weights: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the file, read one at a time with safe_open; a clear error if unreadable."""
+    """Every tensor of the file, read one at a time with safe_open and checked; a clear error if unreadable."""
     try:
         with safe_open(str(weights), framework="pt") as handle:
             names = handle.keys()  # a safe_open handle is not iterable itself
-            return {key: handle.get_tensor(key) for key in names}
+            tensors = {key: handle.get_tensor(key) for key in names}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterError(f"{weights}: not a readable safetensors file ({exc})") from exc
+    for key, tensor in tensors.items():
+        _check_values(weights, key, tensor)
+    return tensors
+
+
+def _tensor_names(weights: Path) -> list[str]:
+    """The tensor names of a file (its header only); a clear error if unreadable."""
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            return list(handle.keys())
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise AdapterError(f"{weights}: not a readable safetensors file ({exc})") from exc
 
@@ -286,7 +325,6 @@ def _group(
     adapter_names: set[str] = set()
     extra: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
-        _check_values(weights, key, tensor)
         parsed = parse_peft_key(key)
         if parsed is None:
             for marker, what in _UNSUPPORTED.items():

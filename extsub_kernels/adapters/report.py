@@ -1,4 +1,4 @@
-"""What an adapter merge did to each module: the report's adapter section and its summary text."""
+"""What an adapter merge did to each unit (LoRA module, (IA)³ vector, prompt embedding): the adapter section."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -7,15 +7,20 @@ from pathlib import Path
 
 @dataclass
 class AdapterReport:
-    """What a merge did, module by module, for the summary a user reads.
+    """What a merge did, unit by unit, for the summary a user reads; every PEM type counts the same way.
 
-    Non-LoRA tensors (PEFT's modules_to_save, trained biases) are full weights: they are
+    A unit is what the type merges as a whole: a LoRA module, an (IA)³ vector, a prefix's
+    prompt embedding (`pem` and `unit` name them in the summary, `row` names one Ext-Sub row).
+    Non-adapter tensors (PEFT's modules_to_save, trained biases) are full weights: they are
     copied from the expert (`extra_copied`), merged as task vectors against a base model
     (`extra_merged`, with --base), or left out of a delta output (`extra_left_out`).
     """
 
     method: str
     lams: tuple[float, ...]
+    pem: str = "LoRA"
+    unit: str = "module"
+    row: str = "row"
     merged: list[str] = field(default_factory=list)  # expert and ≥ 1 anti-expert
     copied: list[str] = field(default_factory=list)  # expert only: unchanged
     dropped: list[str] = field(default_factory=list)  # anti-experts only, ext-sub: Ext = 0
@@ -50,7 +55,10 @@ def summarize_modules(reports: Sequence[AdapterReport]) -> str:
     """
     first = reports[0]
     total = len(first.merged) + len(first.copied) + len(first.dropped) + len(first.added)
-    parts = [f"{total} LoRA modules: {len(first.merged)} merged", f"{len(first.copied)} copied from the expert"]
+    parts = [
+        f"{counted(total, f'{first.pem} {first.unit}')}: {len(first.merged)} merged",
+        f"{len(first.copied)} copied from the expert",
+    ]
     if first.dropped:
         shown = ", ".join(first.dropped[:3]) + (" …" if len(first.dropped) > 3 else "")
         parts.append(f"{len(first.dropped)} only in anti-experts, nothing under ext-sub (|p| = 0, so Ext = 0): {shown}")
@@ -58,7 +66,7 @@ def summarize_modules(reports: Sequence[AdapterReport]) -> str:
         parts.append(f"{len(first.added)} only in anti-experts, added as {'−' if first.method == 'sub' else '+'}λ·ΔW⁻")
     rows = max(sum(r.zero_rows.values()) for r in reports)
     if rows:
-        parts.append(f"{rows} expert rows with |p| = 0 kept unchanged")
+        parts.append(f"{counted(rows, f'expert {first.row}')} with |p| = 0 kept unchanged")
     errors = [(error, name) for r in reports for name, error in r.truncation_error.items()]
     if errors:
         worst, where = max(errors)
@@ -70,8 +78,13 @@ def summarize_modules(reports: Sequence[AdapterReport]) -> str:
         (first.extra_left_out, "left out (full weights, not deltas)"),
     ):
         if names:
-            parts.append(f"{len(names)} non-LoRA tensors {what}")
+            parts.append(f"{len(names)} non-{first.pem} tensors {what}")
     return "; ".join(parts)
+
+
+def counted(n: int, noun: str) -> str:
+    """A count and its noun, in the plural unless it is one: "1 LoRA module", "2 LoRA modules"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 @dataclass(frozen=True)

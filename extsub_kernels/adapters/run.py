@@ -1,11 +1,12 @@
-"""The adapter engine: LoRA adapters in, outputs out (the adapter half of `merge`).
+"""The adapter engine: PEFT adapters of any supported type in, outputs out (the adapter half of `merge`).
 
 Every adapter is loaded and validated before anything is written (PEFT folders, hub
-snapshots, bare .safetensors files with their scaling). The merge runs in the factored space
-once per λ setting (O((out + in)·r²) per module, DESIGN.md §3). Each output is a `LazyOutput`
+snapshots, bare .safetensors files with their config or scaling), and all must be of one PEM
+type. The merge runs in the type's own parameter space once per λ setting (LoRA: factored,
+O((out + in)·r²) per module, DESIGN.md §3; (IA)³ and prefix-tuning: their small tensors in
+float64, §6). Each output is a `LazyOutput` of one of the type's formats (`formats.OUTPUT_FORMATS`)
 streamed through the engine's one write loop one tensor at a time, so no output is ever held
-in memory: a PEFT adapter (`lora`), the paper's dense layout (`dense-lora`), dense deltas
-(`delta`), or, with a base model, the full merged model θ₀ + ΔW' (`full_model`).
+in memory; with a base model it is the full merged model (`full_model`).
 """
 
 import dataclasses
@@ -17,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from extsub_kernels.adapters.formats import delta_output, dense_lora_output, lora_output
+from extsub_kernels.adapters.family import PeftAdapter, check_same_type, merge_adapters
+from extsub_kernels.adapters.formats import OUTPUT_FORMATS
 from extsub_kernels.adapters.full_model import full_model_outputs, match_targets
-from extsub_kernels.adapters.lora import LoraAdapter, MergedAdapter, check_max_rank, merge_adapters
-from extsub_kernels.adapters.peft import CONFIG_NAME, LoraScaling, load_adapter, peft_key, weight_key
+from extsub_kernels.adapters.lora import LoraAdapter, check_max_rank
+from extsub_kernels.adapters.peft import CONFIG_NAME, LoraScaling, load_adapter
 from extsub_kernels.adapters.report import AdapterSection
 from extsub_kernels.engine.architecture import transposed_weights
 from extsub_kernels.engine.memory import peak_rss_bytes
@@ -39,8 +41,9 @@ class AdapterOptions:
     """The options only adapter merges have.
 
     Attributes:
-        output_format: "lora" (exact factored PEFT adapter), "dense-lora" (lora_B = ΔW', lora_A = I)
-            or "delta" (ΔW' keyed by base-model weight names); None: "lora" (or the full model with a base).
+        output_format: LoRA: "lora" (exact factored PEFT adapter), "dense-lora" (lora_B = ΔW', lora_A = I)
+            or "delta" (ΔW' keyed by base-model weight names); (IA)³: "ia3"; prefix-tuning: "prefix-tuning".
+            None: the type's own PEFT folder (or the full model with a base).
         max_rank: "lora" only: truncate each module to this rank (SVD in the factored space).
         scaling: the scaling of bare adapter files that have no adapter_config.json.
         any_base_model: accept adapters whose base_model_name_or_path differ (shapes are still checked).
@@ -62,7 +65,7 @@ class AdapterOptions:
         return [flag for is_set, flag in flags if is_set]
 
     def checked_format(self, *, base: bool) -> str:
-        """The output format (default "lora"), after the checks that need no input.
+        """The output format of LoRA inputs (default "lora"), after the checks that need no input.
 
         Raises:
             InputError: an unknown format; a format with a base model (the output is then the
@@ -84,6 +87,26 @@ class AdapterOptions:
                 )
         return self.output_format or "lora"
 
+    def format_for(self, adapter_type: type[PeftAdapter], *, base: bool) -> str:
+        """The output format for adapters of `adapter_type` (default: its first), checked against what it writes.
+
+        Raises:
+            InputError: the checks of `checked_format`; a format of another type; --max-rank
+                with a type that has no rank; --base with a type that cannot fold into weights.
+        """
+        default = self.checked_format(base=base)
+        if base and adapter_type.base_refusal is not None:
+            raise InputError(f"--base with {adapter_type.label} adapters: {adapter_type.base_refusal}")
+        if self.output_format is None:
+            default = adapter_type.formats[0]
+        if default not in adapter_type.formats:
+            formats = ", ".join([f"{adapter_type.formats[0]} (the default)", *adapter_type.formats[1:]])
+            what = f"{adapter_type.label} adapters"
+            raise InputError(f"--format {default} does not apply to {what}; their formats: {formats}")
+        if self.max_rank is not None and default != "lora":
+            raise InputError(f"--max-rank truncates LoRA factors; {adapter_type.label} adapters have no rank")
+        return default
+
 
 def shard_limit(out: Path, output_format: str, options: RunOptions, *, base: bool) -> int | None:
     """Largest shard of an adapter merge's output in bytes, None for one weights file.
@@ -94,18 +117,19 @@ def shard_limit(out: Path, output_format: str, options: RunOptions, *, base: boo
     """
     if not is_folder_output(out):
         if not base and output_format != "delta":
+            hint = ", or --format delta for one .safetensors file" if output_format in LoraAdapter.formats else ""
             raise InputError(
                 f"OUT {out}: the {output_format} format writes a PEFT adapter folder (adapter_model.safetensors and "
-                f"{CONFIG_NAME}); give a folder OUT, or --format delta for one .safetensors file"
+                f"{CONFIG_NAME}); give a folder OUT{hint}"
             )
         return None
     if base or output_format == "delta":
         return options.shard_limit(default=parse_size(DEFAULT_MAX_SHARD_SIZE))
     if options.max_shard_size is None:
         return None
-    if output_format == "lora":
+    if output_format != "dense-lora":
         raise InputError(
-            "a lora adapter is small and PEFT reads it from one adapter_model.safetensors; "
+            f"--format {output_format} writes a small adapter, which PEFT reads from one adapter_model.safetensors; "
             "--max-shard-size applies to dense-lora, delta and --base outputs"
         )
     warnings.warn(
@@ -116,13 +140,13 @@ def shard_limit(out: Path, output_format: str, options: RunOptions, *, base: boo
     return options.max_shard_size
 
 
-def load_inputs(inputs: Inputs, scaling: LoraScaling | None = None) -> list[LoraAdapter]:
+def load_inputs(inputs: Inputs, scaling: LoraScaling | None = None) -> list[PeftAdapter]:
     """Load and validate resolved adapter inputs, in order; each adapter's `source` is its spec.
 
     An adapter with an adapter_config.json (in its folder, or beside a bare file) takes its
-    scaling from it. Weights without one take the explicit `scaling`; without it, loading
-    fails with a message that says so. An explicit scaling that no input needs is refused
-    rather than silently ignored: a config is never overridden.
+    type and scaling from it. LoRA weights without one take the explicit `scaling`; without
+    it, loading fails with a message that says so. An explicit scaling that no input needs is
+    refused rather than silently ignored: a config is never overridden.
 
     Raises:
         AdapterError: a bad adapter (see `load_adapter`), or scaling that is missing or unused.
@@ -150,7 +174,7 @@ def load_inputs(inputs: Inputs, scaling: LoraScaling | None = None) -> list[Lora
 
 
 def merge_setting(
-    adapters: Sequence[LoraAdapter],
+    adapters: Sequence[PeftAdapter],
     lams: Sequence[float],
     method: str,
     *,
@@ -158,8 +182,8 @@ def merge_setting(
     base: bool,
     max_rank: int | None = None,
     any_base_model: bool = False,
-) -> MergedAdapter:
-    """`merge_adapters` for one λ setting, with the non-LoRA tensors handled as the output needs.
+) -> PeftAdapter:
+    """`merge_adapters` for one λ setting, with the non-adapter tensors handled as the output needs.
 
     They are full weights (PEFT's modules_to_save, trained biases). Adapter folders get the
     expert's copied (merge_adapters warns). A `delta` output leaves them out, with a warning:
@@ -186,14 +210,10 @@ def merge_setting(
 
 
 def adapter_output(
-    merged: LoraAdapter, output_format: str, *, dtype: torch.dtype | None = None, device: torch.device | None = None
+    merged: PeftAdapter, output_format: str, *, dtype: torch.dtype | None = None, device: torch.device | None = None
 ) -> LazyOutput:
-    """The lazy output of one adapter merge in `output_format` ("lora", "dense-lora" or "delta")."""
-    if output_format == "lora":
-        return lora_output(merged, dtype=dtype)
-    if output_format == "dense-lora":
-        return dense_lora_output(merged, dtype=dtype, device=device)
-    return delta_output(merged, dtype=dtype, device=device)
+    """The lazy output of one adapter merge in `output_format` (one of the adapter type's `formats`)."""
+    return OUTPUT_FORMATS[output_format].make(merged, dtype=dtype, device=device)
 
 
 def run_adapters(
@@ -203,7 +223,7 @@ def run_adapters(
     paths: Sequence[Path],
     *,
     started: float,
-    loaded: Mapping[str, LoraAdapter] | None = None,
+    loaded: Mapping[str, PeftAdapter] | None = None,
 ) -> MergeReport:
     """Merge resolved adapter inputs (and a base model) and write one output per λ setting.
 
@@ -221,9 +241,11 @@ def run_adapters(
     """
     base = inputs[-1][1] if inputs[-1][0] == "BASE" else None
     adapter_inputs = [(role, inp) for role, inp in inputs if role != "BASE"]
-    output_format = adapter_options.checked_format(base=base is not None)
-    limit = shard_limit(paths[0], output_format, options, base=base is not None)
+    adapter_options.checked_format(base=base is not None)
     adapters = _adapters(adapter_inputs, loaded or {}, adapter_options.scaling)
+    check_same_type(adapters[0], adapters[1:])
+    output_format = adapter_options.format_for(type(adapters[0]), base=base is not None)
+    limit = shard_limit(paths[0], output_format, options, base=base is not None)
     bytes_read = sum(f.stat().st_size for _, inp in adapter_inputs for f in inp.files)
     merged = [
         merge_setting(
@@ -249,9 +271,8 @@ def run_adapters(
     else:
         with CheckpointReader(base.files, label="BASE") as reader:
             targets = match_targets(
-                merged[0].modules,
+                merged[0],
                 reader,
-                fan_in_fan_out=merged[0].fan_in_fan_out,
                 conv1d=transposed_weights(base.config()),
                 expert_extra=adapters[0].extra,
                 anti_extras=[a.extra for a in adapters[1:]],
@@ -288,15 +309,13 @@ def run_adapters(
     )
 
 
-def _adapters(inputs: Inputs, loaded: Mapping[str, LoraAdapter], scaling: LoraScaling | None) -> list[LoraAdapter]:
+def _adapters(inputs: Inputs, loaded: Mapping[str, PeftAdapter], scaling: LoraScaling | None) -> list[PeftAdapter]:
     """The adapters in order: those given in memory, the others loaded from their resolved inputs."""
     fresh = iter(load_inputs([(role, inp) for role, inp in inputs if role not in loaded], scaling))
     return [loaded[role] if role in loaded else next(fresh) for role, _ in inputs]
 
 
-def _computed_names(merged: MergedAdapter, output_format: str) -> set[str]:
+def _computed_names(merged: PeftAdapter, output_format: str) -> set[str]:
     """Output tensors of an adapter output that the merge computed (the rest are the expert's, copied)."""
-    modules = [*merged.report.merged, *merged.report.added]
-    if output_format == "delta":
-        return {weight_key(m) for m in modules}
-    return {peft_key(m, part) for m in modules for part in "AB"}
+    units = [*merged.report.merged, *merged.report.added]
+    return {key for unit in units for key in OUTPUT_FORMATS[output_format].keys(unit)}

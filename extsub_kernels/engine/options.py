@@ -15,7 +15,8 @@ from extsub_kernels.errors import InputError
 
 Method = Literal["ext-sub", "sub", "add"]
 METHODS: tuple[str, ...] = get_args(Method)
-OutputFormat = Literal["lora", "dense-lora", "delta"]
+# Adapter outputs: LoRA writes lora, dense-lora or delta; (IA)³ and prefix-tuning their own PEFT folder.
+OutputFormat = Literal["lora", "dense-lora", "delta", "ia3", "prefix-tuning"]
 FORMATS: tuple[str, ...] = get_args(OutputFormat)
 OnMissing = Literal["error", "copy", "skip"]
 ON_MISSING: tuple[str, ...] = get_args(OnMissing)

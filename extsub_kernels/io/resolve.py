@@ -2,7 +2,7 @@
 
 Only safetensors weights are read; pickle checkpoints are refused (loading one can run
 code), with the command that converts them. PEFT adapters are recognised and flagged so the
-LoRA path can take them; their config files are exposed beside the weights.
+adapter path can take them; their config files are exposed beside the weights.
 """
 
 import dataclasses
@@ -53,7 +53,8 @@ class ResolvedInput:
         files: the safetensors weight files, in shard order.
         config_files: config and tokenizer files beside the weights (folders and hub repos only).
         adapter: True for a PEFT adapter (adapter_config.json + adapter_model.safetensors), or
-            weights whose keys hold lora_A / lora_B (a bare .safetensors, or a folder of them).
+            weights whose keys are an adapter's (lora_A / lora_B, ia3_l, prompt_embeddings: a bare
+            .safetensors, or a folder of them).
         commit: for a hub repo, the commit hash of the snapshot the files are read from (the
             revision asked for, resolved); None for local inputs.
         headers: the headers of `files` read while resolving, if they were (kept so that reading
@@ -106,9 +107,9 @@ def read_json_object(path: Path, what: str = "JSON config", *, error: type[Input
     return loaded
 
 
-def has_lora_keys(names: object) -> bool:
-    """Whether tensor names look like a LoRA adapter's (a key holding lora_A or lora_B)."""
-    return any("lora_A" in k or "lora_B" in k for k in names)
+def has_adapter_keys(names: object) -> bool:
+    """Whether tensor names look like a PEFT adapter's: LoRA (lora_A, lora_B), (IA)³ (….ia3_l), prefix-tuning."""
+    return any("lora_A" in k or "lora_B" in k or k.endswith(".ia3_l") or k == "prompt_embeddings" for k in names)
 
 
 def resolve_input(spec: str | os.PathLike, *, role: str = "input", quiet: bool = False) -> ResolvedInput:
@@ -141,7 +142,7 @@ def _resolve_file(spec: str, path: Path, role: str) -> ResolvedInput:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise InputError(f"{role} {path}: " + _CONVERT_HINT.format(path=path, stem=path.with_suffix("")))
     header = read_header(path)
-    adapter = has_lora_keys(header.tensors)
+    adapter = has_adapter_keys(header.tensors)
     return ResolvedInput(spec, path.name, "file", path.resolve().parent, (path,), adapter=adapter, headers=(header,))
 
 
@@ -163,9 +164,9 @@ def _resolve_folder(spec: str, folder: Path, role: str, *, kind: str, name: str)
     if not shards:
         _refuse_pickles(folder, entries, role, what="no .safetensors files")
     headers = tuple(read_header(p) for p in shards)
-    # An adapter's weights without their adapter_config.json are still an adapter (the LoRA path
-    # then asks for the scaling), never a dense checkpoint whose lora_A/lora_B rows get merged.
-    adapter = any(has_lora_keys(h.tensors) for h in headers)
+    # An adapter's weights without their adapter_config.json are still an adapter (the adapter path
+    # then asks for its config or scaling), never a dense checkpoint whose lora_A/lora_B rows get merged.
+    adapter = any(has_adapter_keys(h.tensors) for h in headers)
     return ResolvedInput(spec, name, kind, folder, shards, configs, adapter=adapter, headers=headers)
 
 

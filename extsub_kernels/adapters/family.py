@@ -1,0 +1,259 @@
+"""The adapter family's shared interface: what any loaded PEFT adapter is and does, whatever its PEM type.
+
+A member (LoRA, (IA)³, prefix-tuning) is a `PeftAdapter` subclass that says which PEFT type it
+reads, how it merges for one λ setting (`merge`), which output formats it writes, and how it
+folds into a base model's weights (`base_edits`, `fold`) or why it cannot (`base_refusal`).
+The run, the report, the writer and `merge()` only use this interface, so a new type plugs in
+without copying them. The rules every member shares live here once: λ lists, the base-model
+check, one type per merge, the expert's non-adapter tensors, PEFT's key prefix.
+"""
+
+import json
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from extsub_kernels.adapters.report import AdapterReport
+from extsub_kernels.engine.options import lam_value
+from extsub_kernels.errors import InputError
+
+PEFT_PREFIX = "base_model.model."
+
+
+def strip_peft_prefix(key: str) -> str:
+    """A key without PEFT's `base_model.model.` prefix: the name in the base model.
+
+    Example:
+        >>> strip_peft_prefix("base_model.model.lm_head.weight")
+        'lm_head.weight'
+    """
+    return key.removeprefix(PEFT_PREFIX)
+
+
+def weight_key(module: str) -> str:
+    """The base model's weight name of a module: `model.layers.0.mlp.up_proj` → `....up_proj.weight`."""
+    return f"{strip_peft_prefix(module)}.weight"
+
+
+def config_text(config: Mapping) -> str:
+    """An adapter_config.json's text, as every adapter output writes it."""
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+@dataclass(frozen=True)
+class BaseEdit:
+    """One tensor of the base model that an adapter module changes (with `--base`).
+
+    Attributes:
+        module: the adapter's module name.
+        name: the base tensor's name, e.g. `model.layers.0.mlp.down_proj.weight`.
+        shape: its shape as nn.Linear stores it, (out, in) for a weight, (out,) for a bias;
+            None for a size the adapter does not fix ((IA)³ knows one side of a weight).
+        optional: a tensor changed only where the base has it (a bias).
+    """
+
+    module: str
+    name: str
+    shape: tuple[int | None, ...]
+    optional: bool = False
+
+    def fits(self, shape: Sequence[int], *, transposed: bool) -> bool:
+        """Whether a base tensor of `shape` is this one (a transposed weight is stored (in, out))."""
+        expected = self.shape[::-1] if transposed and len(self.shape) == 2 else self.shape
+        return len(shape) == len(expected) and all(e is None or e == s for e, s in zip(expected, shape, strict=True))
+
+
+class PeftAdapter(ABC):
+    """A PEFT adapter of one PEM type, loaded and validated: the interface every member of the family has.
+
+    Members are dataclasses with at least the fields `source` (a name for messages),
+    `base_model_name_or_path`, `task_type`, `extra` (non-adapter tensors such as PEFT's
+    modules_to_save, under their stored keys) and `config` (the adapter_config the adapter
+    came with). `repr()` shows shapes and counts, never tensors.
+
+    Class attributes:
+        peft_type: the adapter_config's `peft_type` ("LORA", "IA3", "PREFIX_TUNING").
+        label: the type's name in messages ("LoRA", "(IA)³", "prefix-tuning").
+        unit: what the report counts ("module", "vector", "prompt embedding").
+        row: what one Ext-Sub row is, in the report ("row", "vector").
+        formats: the `--format` values it writes; the first is the default.
+        base_refusal: why `--base` cannot fold it into a base model (None: it can).
+        config_needed: what only its adapter_config says, so its weights alone are refused
+            (None: they can be read without one, as bare LoRA weights with a scaling).
+    """
+
+    peft_type: ClassVar[str]
+    label: ClassVar[str]
+    unit: ClassVar[str]
+    row: ClassVar[str] = "row"
+    formats: ClassVar[tuple[str, ...]]
+    base_refusal: ClassVar[str | None] = None
+    config_needed: ClassVar[str | None] = None
+
+    source: str
+    base_model_name_or_path: str | None
+    task_type: str | None
+    extra: dict[str, torch.Tensor]
+    config: dict
+
+    @classmethod
+    @abstractmethod
+    def merge(
+        cls,
+        expert: "PeftAdapter",
+        antis: Sequence["PeftAdapter"],
+        lam: float | Sequence[float],
+        method: str,
+        *,
+        max_rank: int | None = None,
+        any_base_model: bool = False,
+    ) -> "PeftAdapter":
+        """θ⁺ ⊖ θ₁⁻ ⊖ θ₂⁻ ... for one λ setting, an adapter of the same type with a `report` (see `merge_adapters`)."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """Shapes and counts in a few words, for `repr()`."""
+
+    @classmethod
+    @abstractmethod
+    def owns_key(cls, key: str) -> bool:
+        """Whether a tensor saved under `key` is one of this type's parameters (e.g. `...k_proj.ia3_l`)."""
+
+    def new_report(self, method: str, lams: tuple[float, ...]) -> AdapterReport:
+        """An empty report of a merge of this type (counting its units)."""
+        return AdapterReport(method=method, lams=lams, pem=self.label, unit=self.unit, row=self.row)
+
+    def base_edits(self) -> list[BaseEdit]:
+        """The base tensors each module changes (`--base`); an InputError saying why for types that cannot fold."""
+        raise InputError(f"--base with {self.label} adapters ({self.source}): {self.base_refusal}")
+
+    def fold(self, edit: BaseEdit, theta0: torch.Tensor, *, transposed: bool, device: torch.device) -> torch.Tensor:
+        """Base tensor `theta0` with module `edit.module` folded in, on `device`, in float32 (float64 if an input is).
+
+        `transposed`: the base stores this weight (in, out) (GPT-2's Conv1D).
+        """
+        raise InputError(f"--base with {self.label} adapters ({self.source}): {self.base_refusal}")
+
+    def __repr__(self) -> str:
+        parts = [self.describe(), f"source={self.source!r}"]
+        if self.base_model_name_or_path:
+            parts.append(f"base_model={self.base_model_name_or_path!r}")
+        if self.extra:
+            parts.append(f"{len(self.extra)} non-{self.label} tensors")
+        report = getattr(self, "report", None)
+        if report is not None:
+            parts.append(f"report: {report.summary()}")
+        return f"{type(self).__name__}({'; '.join(parts)})"
+
+
+def describe_dtypes(tensors: Sequence[torch.Tensor], storage: torch.dtype | None = None) -> str:
+    """The dtypes of some tensors in a word or two ("float32", "float32/bfloat16"), or their storage dtype."""
+    if storage is not None:
+        return str(storage).removeprefix("torch.")
+    names = sorted({str(t.dtype).removeprefix("torch.") for t in tensors})
+    return "/".join(names) or "no tensors"
+
+
+def merge_adapters(
+    expert: PeftAdapter,
+    antis: PeftAdapter | Sequence[PeftAdapter],
+    lam: float | Sequence[float] = 1.0,
+    method: str = "ext-sub",
+    *,
+    max_rank: int | None = None,
+    any_base_model: bool = False,
+) -> PeftAdapter:
+    """Ext-Sub (or direct subtraction/addition) of adapters of one PEM type, exactly, in their own parameter space.
+
+    LoRA merges in the factored space (DESIGN §3), (IA)³ on the task vectors l − 1, one
+    vector per row, prefix-tuning on the per-head key/value rows (DESIGN §6). Anti-experts
+    apply in order (paper Table 4).
+
+    Args:
+        expert: θ⁺, a LoraAdapter, IA3Adapter or PrefixAdapter.
+        antis: θ⁻, one adapter or several in order, of the expert's type.
+        lam: one λ for all anti-experts, or one per anti-expert.
+        method: "ext-sub" (θ⁺ − λ·Ext(θ⁻)), "sub" (θ⁺ − λ·θ⁻) or "add" (θ⁺ + λ·θ⁻).
+        max_rank: LoRA only: truncate every module to this rank (SVD in the factored space).
+        any_base_model: accept adapters whose base_model_name_or_path differ (shapes are still checked).
+
+    Returns:
+        An adapter of the expert's type with a `report` (LoRA: a MergedAdapter).
+
+    Raises:
+        InputError: adapters of different types, base models or shapes, bad λ or method.
+
+    Example:
+        >>> merged = merge_adapters(load_adapter("expert/"), load_adapter("anti/"), 0.6)  # doctest: +SKIP
+        >>> merged.report.summary()  # doctest: +SKIP
+        'ext-sub λ=0.6: 6 (IA)³ vectors: 6 merged; 0 copied from the expert'
+    """
+    antis = [antis] if isinstance(antis, PeftAdapter) else list(antis)
+    if not antis:
+        raise InputError("merge_adapters needs at least one anti-expert")
+    check_same_type(expert, antis)
+    return type(expert).merge(expert, antis, lam, method, max_rank=max_rank, any_base_model=any_base_model)
+
+
+def check_same_type(expert: PeftAdapter, antis: Sequence[PeftAdapter]) -> None:
+    """Raise an InputError naming both unless every anti-expert is of the expert's PEM type."""
+    for anti in antis:
+        if not isinstance(anti, PeftAdapter):
+            raise InputError(f"anti-experts must be loaded adapters, got a {type(anti).__name__}")
+        if anti.peft_type != expert.peft_type:
+            raise InputError(
+                f"{anti.source} is a {anti.label} adapter but the expert {expert.source} is a {expert.label} adapter; "
+                "Ext-Sub combines adapters of one PEM type (their parameters live in different spaces)"
+            )
+
+
+def lam_list(lam: float | Sequence[float], n_antis: int) -> tuple[float, ...]:
+    """One λ per anti-expert: a single λ repeated, or the list as given (its length checked).
+
+    Example:
+        >>> lam_list(0.5, 2)
+        (0.5, 0.5)
+    """
+    values = [lam_value(v) for v in ([lam] if isinstance(lam, (int, float, str)) else lam)]
+    if len(values) == 1:
+        values = values * n_antis
+    if len(values) != n_antis:
+        raise InputError(f"got {len(values)} λ values for {n_antis} anti-experts; give one λ, or one per anti-expert")
+    return tuple(values)
+
+
+def check_base_models(expert: PeftAdapter, antis: Sequence[PeftAdapter], *, any_base_model: bool = False) -> None:
+    """Raise an InputError unless every adapter names the expert's base model (or one of them names none)."""
+    if any_base_model:
+        return
+    for anti in antis:
+        names = (expert.base_model_name_or_path, anti.base_model_name_or_path)
+        if all(names) and names[0] != names[1]:
+            raise InputError(
+                f"{anti.source} was trained on base model {names[1]!r} but the expert {expert.source} on "
+                f"{names[0]!r}; Ext-Sub combines adapters of one base model (if both names denote the same model, "
+                f"pass --any-base-model, or any_base_model=True in Python; {expert.unit} shapes are still checked)"
+            )
+
+
+def copy_extra(expert: PeftAdapter, antis: Sequence[PeftAdapter], report: AdapterReport) -> dict[str, torch.Tensor]:
+    """Non-adapter tensors (modules_to_save): the expert's are copied (with a warning), the anti-experts' ignored."""
+    if expert.extra:
+        warnings.warn(
+            f"{expert.source} has {len(expert.extra)} non-{expert.label} tensors (e.g. {next(iter(expert.extra))}); "
+            "they are copied to the result unchanged, Ext-Sub does not apply to them",
+            stacklevel=3,
+        )
+        report.extra_copied.extend(expert.extra)
+    for anti in antis:
+        if anti.extra:
+            warnings.warn(
+                f"{anti.source} has {len(anti.extra)} non-{anti.label} tensors (e.g. {next(iter(anti.extra))}); "
+                "they are ignored: only the expert's are kept",
+                stacklevel=3,
+            )
+    return dict(expert.extra)

@@ -1,0 +1,284 @@
+"""Prefix-tuning adapters: Ext-Sub on the virtual tokens' keys and values, one row per attention head (DESIGN §6).
+
+PEFT saves one tensor, `prompt_embeddings`, of shape (num_virtual_tokens, num_layers·2·token_dim):
+for every virtual token, the key and the value it adds to each layer's attention. With
+`prefix_projection` PEFT saves the projected output, not the MLP, so the tensor is the same
+either way. There is no base to subtract (a prefix starts from nothing), so Ext-Sub applies
+to θ itself, with rows = the per-head key/value vectors: the tensor viewed as
+(num_virtual_tokens, num_layers·2, num_attention_heads, token_dim / num_attention_heads), the
+last dimension a row. `token_dim` and `num_attention_heads` come from the saved config; on
+grouped-query models PEFT writes the key/value head count and width there.
+
+A prefix adds tokens to the attention; it changes no weight, so it cannot fold into a base model.
+"""
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from extsub_kernels._tensors import is_float
+from extsub_kernels.adapters.family import (
+    PeftAdapter,
+    check_base_models,
+    check_same_type,
+    config_text,
+    copy_extra,
+    describe_dtypes,
+    lam_list,
+)
+from extsub_kernels.adapters.report import AdapterReport
+from extsub_kernels.engine.methods import apply_method
+from extsub_kernels.engine.options import method_sign
+from extsub_kernels.engine.outputs import LazyOutput
+from extsub_kernels.errors import AdapterError, InputError
+from extsub_kernels.io import TensorEntry
+from extsub_kernels.io.resolve import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+PROMPT_KEY = "prompt_embeddings"
+GEOMETRY = ("num_virtual_tokens", "num_layers", "token_dim", "num_attention_heads")
+
+
+@dataclass(repr=False)
+class PrefixAdapter(PeftAdapter):
+    """A prefix-tuning adapter as data: the saved key/value prefix and its geometry (from the adapter_config).
+
+    Attributes:
+        prompt_embeddings: (num_virtual_tokens, num_layers·2·token_dim).
+        num_virtual_tokens, num_layers, token_dim, num_attention_heads: the geometry the tensor is viewed in.
+        dtype: the dtype a merged prefix is written in (it is held in float64); None: the tensor's own.
+        report: what the merge did (merged adapters only).
+    """
+
+    peft_type = "PREFIX_TUNING"
+    label = "prefix-tuning"
+    unit = "prompt embedding"
+    formats = ("prefix-tuning",)
+    config_needed = "the prefix geometry (num_layers, token_dim, num_attention_heads)"
+    base_refusal = (
+        "a prefix adds virtual key/value tokens to every attention layer; it changes no weight, so it cannot be "
+        "folded into the base model. Drop --base and load OUT with PeftModel.from_pretrained(base_model, OUT)"
+    )
+
+    prompt_embeddings: torch.Tensor
+    num_virtual_tokens: int
+    num_layers: int
+    token_dim: int
+    num_attention_heads: int
+    source: str = "<memory>"
+    base_model_name_or_path: str | None = None
+    task_type: str | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    dtype: torch.dtype | None = None
+    report: AdapterReport | None = None
+
+    def __post_init__(self) -> None:
+        problem = geometry_problem(self.geometry) or self._tensor_problem()
+        if problem is not None:
+            raise ValueError(f"prefix-tuning adapter {self.source}: {problem}")
+
+    @property
+    def geometry(self) -> dict[str, int]:
+        """num_virtual_tokens, num_layers, token_dim and num_attention_heads, by name."""
+        return {name: getattr(self, name) for name in GEOMETRY}
+
+    @property
+    def head_dim(self) -> int:
+        """The length of one row: token_dim / num_attention_heads."""
+        return self.token_dim // self.num_attention_heads
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The shape `prompt_embeddings` has for this geometry."""
+        return self.num_virtual_tokens, self.num_layers * 2 * self.token_dim
+
+    def rows(self, tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """`tensor` (default: the prompt embeddings) as rows: one per token, layer, key or value, and head.
+
+        Example:
+            >>> PrefixAdapter(torch.zeros(2, 24), 2, 1, 12, 3).rows().shape
+            torch.Size([12, 4])
+        """
+        return (self.prompt_embeddings if tensor is None else tensor).reshape(-1, self.head_dim)
+
+    def _tensor_problem(self) -> str | None:
+        t = self.prompt_embeddings
+        if not isinstance(t, torch.Tensor) or not is_float(t.dtype):
+            return f"{PROMPT_KEY} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}"
+        if tuple(t.shape) != self.shape:
+            return (
+                f"{PROMPT_KEY} has shape {list(t.shape)} but the geometry ({_geometry_text(self.geometry)}) gives "
+                f"{list(self.shape)} (num_virtual_tokens, num_layers·2·token_dim)"
+            )
+        return None
+
+    @classmethod
+    def from_peft(cls, weights: Path, tensors: Mapping[str, torch.Tensor], config: dict, where: str) -> "PrefixAdapter":
+        """Read the tensors of a prefix-tuning adapter file with its adapter_config, validated.
+
+        Raises:
+            AdapterError: the geometry missing from the config or not positive integers,
+                token_dim not a multiple of num_attention_heads, no `prompt_embeddings`, or
+                a tensor whose shape the geometry contradicts.
+        """
+        geometry = {name: config.get(name) for name in GEOMETRY}
+        problem = geometry_problem(geometry)
+        if problem is not None:
+            raise AdapterError(f"{where}: {problem}; it is what PEFT saves with a prefix-tuning adapter")
+        extra = {k: t for k, t in tensors.items() if k != PROMPT_KEY}
+        if PROMPT_KEY not in tensors:
+            found = ", ".join(list(tensors)[:3]) or "nothing"
+            raise AdapterError(f"{weights}: no {PROMPT_KEY} tensor (found {found}), but {where} says PREFIX_TUNING")
+        prompt = tensors[PROMPT_KEY]
+        if not is_float(prompt.dtype):
+            raise AdapterError(f"{weights}: {PROMPT_KEY} has dtype {prompt.dtype}; it must be floating point")
+        expected = (geometry["num_virtual_tokens"], geometry["num_layers"] * 2 * geometry["token_dim"])
+        if tuple(prompt.shape) != expected:
+            raise AdapterError(
+                f"{weights}: {PROMPT_KEY} has shape {list(prompt.shape)} but {where} ({_geometry_text(geometry)}) "
+                f"gives {list(expected)} (num_virtual_tokens, num_layers·2·token_dim); "
+                "the config does not describe these weights"
+            )
+        return cls(
+            prompt,
+            **geometry,
+            source=str(weights),
+            base_model_name_or_path=config.get("base_model_name_or_path") or None,
+            task_type=config.get("task_type"),
+            extra=extra,
+            config=config,
+        )
+
+    @classmethod
+    def merge(
+        cls,
+        expert: PeftAdapter,
+        antis: Sequence[PeftAdapter],
+        lam: float | Sequence[float],
+        method: str,
+        *,
+        max_rank: int | None = None,
+        any_base_model: bool = False,
+    ) -> "PrefixAdapter":
+        """`merge_prefix` below."""
+        if max_rank is not None:
+            raise InputError("max_rank truncates LoRA factors; a prefix has no rank to truncate")
+        return merge_prefix(expert, antis, lam, method, any_base_model=any_base_model)
+
+    @classmethod
+    def owns_key(cls, key: str) -> bool:
+        return key == PROMPT_KEY
+
+    def describe(self) -> str:
+        projection = self.config.get("prefix_projection")
+        saved = " (saved after its projection)" if projection else ""
+        return (
+            f"{PROMPT_KEY} {list(self.prompt_embeddings.shape)}{saved} = {self.num_virtual_tokens} virtual tokens × "
+            f"{self.num_layers} layers × 2 (key, value) × {self.num_attention_heads} heads × {self.head_dim}, "
+            f"{describe_dtypes([self.prompt_embeddings], self.dtype)}"
+        )
+
+
+def geometry_problem(geometry: Mapping[str, object]) -> str | None:
+    """What is wrong with a prefix geometry (missing, not positive integers, heads not dividing token_dim), or None."""
+    for name in GEOMETRY:
+        value = geometry.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            return f"{name} must be a positive integer, got {value!r}"
+    if geometry["token_dim"] % geometry["num_attention_heads"]:
+        return (
+            f"token_dim {geometry['token_dim']} is not a multiple of num_attention_heads "
+            f"{geometry['num_attention_heads']}: the prefix cannot be split into heads"
+        )
+    return None
+
+
+def merge_prefix(
+    expert: PrefixAdapter,
+    antis: PrefixAdapter | Sequence[PrefixAdapter],
+    lam: float | Sequence[float] = 1.0,
+    method: str = "ext-sub",
+    *,
+    any_base_model: bool = False,
+) -> PrefixAdapter:
+    """Ext-Sub (or sub / add) of prefix-tuning adapters on θ itself, one row per token, layer, key/value and head.
+
+    Computed in float64 and held there (`dtype`: the expert's, for writing). Every anti-expert
+    must have the expert's geometry.
+
+    Args:
+        expert: θ⁺.
+        antis: θ⁻, one adapter or several in order.
+        lam: one λ for all anti-experts, or one per anti-expert.
+        method: "ext-sub", "sub" or "add".
+        any_base_model: accept adapters whose base_model_name_or_path differ.
+
+    Returns:
+        A PrefixAdapter with the expert's geometry and config, and a `report`.
+
+    Example:
+        >>> p = PrefixAdapter(torch.randn(2, 24), 2, 1, 12, 3)
+        >>> merge_prefix(p, p, 1.0).prompt_embeddings.shape
+        torch.Size([2, 24])
+    """
+    antis = [antis] if isinstance(antis, PrefixAdapter) else list(antis)
+    if not antis:
+        raise InputError("merge_prefix needs at least one anti-expert")
+    check_same_type(expert, antis)
+    method_sign(method)
+    lams = lam_list(lam, len(antis))
+    check_base_models(expert, antis, any_base_model=any_base_model)
+    for anti in antis:
+        for name in GEOMETRY:
+            if getattr(anti, name) != getattr(expert, name):
+                raise InputError(
+                    f"{anti.source} has {name} = {getattr(anti, name)} but the expert {expert.source} has "
+                    f"{name} = {getattr(expert, name)}; Ext-Sub pairs the per-head key/value rows of prefixes of one "
+                    f"geometry ({', '.join(GEOMETRY)})"
+                )
+    report = expert.new_report(method, lams)
+    report.merged.append(PROMPT_KEY)
+    work = expert.rows(expert.prompt_embeddings.to(torch.float64, copy=True))
+    zero_rows = 0
+    for anti, step_lam in zip(antis, lams, strict=True):
+        if method == "ext-sub":
+            zero_rows = max(zero_rows, int((~work.any(dim=1)).sum()))  # |p| = 0: the row is kept
+        apply_method(work, [anti.rows()], [step_lam], method=method, inplace=True)  # m: any float dtype
+    if zero_rows:
+        report.zero_rows[PROMPT_KEY] = zero_rows
+    return PrefixAdapter(
+        work.reshape(expert.shape),
+        **expert.geometry,
+        source=f"{method} of {expert.source} and {', '.join(a.source for a in antis)}",
+        base_model_name_or_path=expert.base_model_name_or_path,
+        task_type=expert.task_type,
+        extra=copy_extra(expert, antis, report),
+        config=expert.config,
+        dtype=expert.dtype or expert.prompt_embeddings.dtype,
+        report=report,
+    )
+
+
+def prefix_output(
+    adapter: PrefixAdapter, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> LazyOutput:
+    """The prefix as a PEFT adapter folder: `prompt_embeddings` and the expert's config (its geometry).
+
+    Args:
+        adapter: a loaded or merged adapter; its other tensors are included as they are.
+        dtype: the dtype of the written prefix; None: the adapter's `dtype`, else the tensor's own.
+        device: unused (nothing to compute); every output format takes it.
+    """
+    prompt = adapter.prompt_embeddings
+    out = dtype or adapter.dtype or prompt.dtype
+    makers = [(TensorEntry(PROMPT_KEY, out, tuple(prompt.shape)), lambda: prompt.to(out).contiguous())]
+    makers += [(TensorEntry(key, t.dtype, tuple(t.shape)), lambda t=t: t) for key, t in adapter.extra.items()]
+    config = {**adapter.config, "peft_type": "PREFIX_TUNING", **adapter.geometry, "inference_mode": True}
+    config.update(task_type=adapter.task_type, base_model_name_or_path=adapter.base_model_name_or_path)
+    return LazyOutput.lazy(makers, texts={ADAPTER_CONFIG: config_text(config)}, weights_name=ADAPTER_WEIGHTS)
+
+
+def _geometry_text(geometry: Mapping[str, object]) -> str:
+    return ", ".join(f"{name} {geometry[name]}" for name in GEOMETRY)

@@ -1,0 +1,107 @@
+"""The adapter family's shared interface: every member registered once, one PEM type per merge, honest repr()."""
+
+import pytest
+import torch
+
+from extsub_kernels import (
+    AdapterOptions,
+    IA3Adapter,
+    InputError,
+    LoraAdapter,
+    LoraModule,
+    PeftAdapter,
+    PrefixAdapter,
+    merge_adapters,
+)
+from extsub_kernels.adapters.family import lam_list
+from extsub_kernels.adapters.formats import OUTPUT_FORMATS
+from extsub_kernels.adapters.peft import load_adapter
+from extsub_kernels.engine.options import FORMATS
+
+MEMBERS = (LoraAdapter, IA3Adapter, PrefixAdapter)
+
+
+def _members(size: int = 4) -> dict[type, PeftAdapter]:
+    """One adapter of each type, in memory, `size` wide."""
+    return {
+        LoraAdapter: LoraAdapter({"q": LoraModule(torch.randn(2, size), torch.randn(size, 2), 1.0)}, source="lora/"),
+        IA3Adapter: IA3Adapter({"k": 1 + torch.randn(size, 1)}, source="ia3/"),
+        PrefixAdapter: PrefixAdapter(torch.randn(2, 2 * 2 * size), 2, 2, size, 2, source="prefix/"),
+    }
+
+
+def test_every_format_belongs_to_one_member_and_has_a_writer():
+    owned = [f for member in MEMBERS for f in member.formats]
+    assert sorted(owned) == sorted(FORMATS) == sorted(OUTPUT_FORMATS), "one vocabulary, one writer per format"
+    assert len(set(owned)) == len(owned), "no format is shared by two PEM types"
+    assert {member.peft_type for member in MEMBERS} == {"LORA", "IA3", "PREFIX_TUNING"}
+
+
+def test_each_type_takes_its_own_formats_and_options():
+    assert [AdapterOptions().format_for(member, base=False) for member in MEMBERS] == ["lora", "ia3", "prefix-tuning"]
+    with pytest.raises(InputError, match=r"--format ia3 does not apply to LoRA adapters; their formats: lora \(the "):
+        AdapterOptions(output_format="ia3").format_for(LoraAdapter, base=False)
+    with pytest.raises(InputError, match=r"--max-rank truncates LoRA factors; \(IA\)³ adapters have no rank"):
+        AdapterOptions(max_rank=4).format_for(IA3Adapter, base=False)
+    with pytest.raises(InputError, match="--base with prefix-tuning adapters: a prefix adds virtual key/value tokens"):
+        AdapterOptions().format_for(PrefixAdapter, base=True)
+    assert AdapterOptions().format_for(IA3Adapter, base=True) == "ia3"  # folds into the base model
+
+
+def test_keys_are_recognised_by_their_owner_only():
+    keys = {
+        LoraAdapter: "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+        IA3Adapter: "base_model.model.model.layers.0.self_attn.k_proj.ia3_l",
+        PrefixAdapter: "prompt_embeddings",
+    }
+    for member in MEMBERS:
+        assert [m for m in MEMBERS if m.owns_key(keys[member])] == [member]
+    assert not any(m.owns_key("base_model.model.lm_head.weight") for m in MEMBERS)
+
+
+def test_repr_shows_shapes_and_counts_never_tensors():
+    for member, adapter in _members(4096).items():
+        text = repr(adapter)
+        assert text.startswith(f"{member.__name__}(") and "tensor(" not in text and len(text) < 300, text
+        assert f"source='{adapter.source}'" in text
+    members = _members()
+    assert "1 module, rank 2, float32" in repr(members[LoraAdapter])
+    assert repr(members[LoraAdapter].modules["q"]) == "LoraModule(out=4, in=4, rank=2, scaling=1, dtype=float32)"
+    assert "1 vector: 1 (out, 1), 0 feedforward (1, in), 4 scales, float32" in repr(members[IA3Adapter])
+    assert "2 virtual tokens × 2 layers × 2 (key, value) × 2 heads × 2" in repr(members[PrefixAdapter])
+    merged = merge_adapters(members[IA3Adapter], members[IA3Adapter], 1.0)
+    assert "report: ext-sub λ=1: 1 (IA)³ vector: 1 merged" in repr(merged)
+
+
+def test_adapters_of_different_types_are_refused_naming_both():
+    members = _members()
+    for expert in MEMBERS:
+        for anti in MEMBERS:
+            if expert is anti:
+                continue
+            with pytest.raises(InputError) as caught:
+                merge_adapters(members[expert], members[anti], 1.0)
+            message = str(caught.value)
+            assert f"{members[anti].source} is a {anti.label} adapter" in message, message
+            assert f"the expert {members[expert].source} is a {expert.label} adapter" in message, message
+
+
+def test_shared_rules():
+    assert lam_list(0.5, 3) == (0.5, 0.5, 0.5) and lam_list([1, 2], 2) == (1.0, 2.0)
+    with pytest.raises(InputError, match="got 2 λ values for 3 anti-experts"):
+        lam_list([1, 2], 3)
+    ia3 = _members()[IA3Adapter]
+    other = IA3Adapter({"k": 1 + torch.randn(4, 1)}, source="other/", base_model_name_or_path="org/b")
+    ia3.base_model_name_or_path = "org/a"
+    with pytest.raises(InputError, match=r"other/ was trained on base model 'org/b' but the expert ia3/ on 'org/a'"):
+        merge_adapters(ia3, other, 1.0)
+    assert merge_adapters(ia3, other, 1.0, any_base_model=True).base_model_name_or_path == "org/a"
+    with pytest.raises(InputError, match="needs at least one anti-expert"):
+        merge_adapters(ia3, [], 1.0)
+
+
+def test_load_adapter_names_the_supported_types(tmp_path):
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "VERA"}')
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(InputError, match="peft_type is 'VERA'; extsub merges LORA, IA3, PREFIX_TUNING adapters"):
+        load_adapter(tmp_path)
