@@ -3,6 +3,7 @@ transformers, scored by mean_nll), λ = 0 against the expert itself, the files, 
 against extsub-merge byte for byte, and the errors bad inputs give before anything is written."""
 
 import json
+import math
 import shutil
 import warnings
 
@@ -10,7 +11,14 @@ import pytest
 
 from extsub_kernels import merge, scan
 from extsub_kernels.errors import InputError
-from extsub_kernels.lambda_scan.metrics import load_examples, mean_nll
+from extsub_kernels.lambda_scan.metrics import (
+    distinct_n,
+    generate_greedy,
+    load_examples,
+    load_prompts,
+    mean_nll,
+    mean_rep_n,
+)
 from extsub_kernels.lambda_scan.plot import png_size
 from extsub_kernels.lambda_scan.report import SCAN_FILES
 
@@ -52,10 +60,23 @@ def _direct(trained, model: str, kind: str, method: str, lam: float, tmp_path) -
     return tuple(mean_nll(net.eval(), load_examples(sets[name], tokenizer)) for name in ("keep", "forget"))
 
 
-@pytest.mark.parametrize(("model", "kind"), [("llama", "lora"), ("gpt2", "lora"), ("llama", "full")])
+@pytest.mark.parametrize(
+    ("model", "kind"),
+    [
+        ("llama", "lora"),
+        ("gpt2", "lora"),
+        ("llama", "ia3"),
+        ("gpt2", "ia3"),
+        ("llama_gqa", "prefix"),
+        ("gpt2", "prefix_projection"),
+        ("llama", "full"),
+        ("gpt2", "full"),
+    ],
+)
 def test_rows_equal_the_merge_written_and_loaded(trained, tmp_path, model, kind):
-    """Each row measures what extsub-merge writes at that λ: the factored LoRA in PEFT layers (GPT-2's Conv1D too),
-    and full models by the op into the loaded base."""
+    """Each row measures what extsub-merge writes at that λ, loaded by PEFT or transformers: LoRA factors, (IA)³
+    vectors (feedforward ones too) and prefixes (grouped-query geometry, saved after a projection) in PEFT layers,
+    full models by the op into the loaded base; GPT-2's Conv1D layout in each."""
     result = scan(
         trained.adapter(model, kind, "expert"),
         trained.adapter(model, kind, "anti"),
@@ -78,7 +99,7 @@ def test_rows_equal_the_merge_written_and_loaded(trained, tmp_path, model, kind)
     assert len({round(r.keep_nll, 6) for r in result}) == 3
 
 
-@pytest.mark.parametrize("kind", ["lora", "full"])
+@pytest.mark.parametrize("kind", ["lora", "ia3", "prefix", "full"])
 def test_lambda_zero_is_the_expert_itself(trained, kind):
     """The λ = 0 row against the expert loaded on its own: PeftModel(base, expert), or the fine-tuned model."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(trained.base("llama"))
@@ -92,6 +113,25 @@ def test_lambda_zero_is_the_expert_itself(trained, kind):
     for name, value in (("keep", result[0].keep_nll), ("forget", result[0].forget_nll)):
         expected = mean_nll(net.eval(), load_examples(_sets(trained)[name], tokenizer))
         assert value == pytest.approx(expected, rel=RTOL32), name
+
+
+@pytest.mark.parametrize(("model", "kind"), [("llama", "lora"), ("llama_gqa", "prefix")])
+def test_generation_metrics_equal_the_merge_written_and_loaded(trained, tmp_path, model, kind):
+    """rep-4 and distinct-n of greedy continuations, against generate_greedy on the merge written and loaded (a
+    prefix-tuned model decodes by plain forward passes, so the installed prefix must be the one used)."""
+    prompts = trained.eval_set("prompts.txt")
+    experts = [trained.adapter(model, kind, role) for role in ("expert", "anti")]
+    kwargs = dict(lam=1, method="sub", prompts=prompts, max_new_tokens=8)
+    result = scan(*experts, base=trained.base(model), **_sets(trained), **kwargs)
+    _quiet(lambda: merge(*experts, tmp_path / "direct", lam=1, method="sub"))
+    net = _quiet(lambda: peft.PeftModel.from_pretrained(trained.load_base(model), tmp_path / "direct")).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(trained.base(model))
+    tokens = [g.token_ids for g in generate_greedy(net, tokenizer, load_prompts(prompts, tokenizer), 8)]
+    row = result.row("sub", 1.0)
+    expected = (mean_rep_n(tokens, 4), distinct_n(tokens, 1), distinct_n(tokens, 2))
+    measured = (row.rep_4, row.distinct_1, row.distinct_2)
+    assert [None if math.isnan(v) else v for v in measured] == [None if math.isnan(v) else v for v in expected]
+    assert row.generate_seconds > 0
 
 
 def test_files_recommendation_and_generation_metrics(trained, tmp_path):
@@ -243,6 +283,10 @@ def test_pretokenised_sets_for_a_model_without_tokenizer(trained, tmp_path):
         (dict(save_format="lora"), r"--format says how --save-best writes the best merge; give --save-best OUT too"),
         (dict(anti="gpt2-lora"), r"was trained on base model .* but the expert .* on"),
         (dict(anti="llama-full"), r"is a PEFT adapter but ANTI .* is a full checkpoint"),
+        (
+            dict(anti="llama-ia3"),
+            r"is a \(IA\)³ adapter but the expert .* is a LoRA adapter; Ext-Sub combines adapters of",
+        ),
         (dict(base="llama-lora"), r"BASE .* is a PEFT adapter; --base takes the base model"),
         (dict(base="gpt2"), r"do not fit BASE"),
         (dict(base="no-tokenizer"), r"keep\.jsonl line 1: prompt \+ completion is text, but there is no tokenizer"),
@@ -255,6 +299,7 @@ def test_bad_inputs_write_nothing(trained, tmp_path, change, message):
         "gpt2-lora": trained.adapter("gpt2", "lora", "anti"),
         "llama-full": trained.adapter("llama", "full", "anti"),
         "llama-lora": trained.adapter("llama", "lora", "anti"),
+        "llama-ia3": trained.adapter("llama", "ia3", "anti"),
         "gpt2": trained.base("gpt2"),
         "expert": trained.adapter("llama", "lora", "expert"),
     }

@@ -5,6 +5,7 @@ times every part so the scan can report what a merge costs against what an evalu
 """
 
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,12 @@ class Evaluator:
 
         Seconds: keep_seconds, forget_seconds, generate_seconds (with prompts), each waited for on CUDA.
         """
+        with warnings.catch_warnings():
+            # PEFT's prefix-tuning passes transformers an argument it deprecates; nothing the user can act on.
+            warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated", category=FutureWarning)
+            return self._measure(model)
+
+    def _measure(self, model: torch.nn.Module) -> dict[str, float]:
         values: dict[str, float] = {}
         for name, examples in (("keep", self.sets.keep), ("forget", self.sets.forget)):
             start = time.perf_counter()

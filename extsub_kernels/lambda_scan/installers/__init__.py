@@ -1,24 +1,31 @@
 """Installers: the merge at each (method, λ) put into the loaded model in place, one per kind of input.
 
 `make_installer` picks the one for the inputs: each PEM type of the adapter family has its own
-(LoRA: `LoraInstaller`), full models with a base have `FullModelInstaller`. A new PEM type plugs
-in by adding its adapter class and installer to `ADAPTER_INSTALLERS`.
+(`LoraInstaller`, `IA3Installer`, `PrefixInstaller`, all `AdapterInstaller`s), full models with
+a base have `FullModelInstaller`. A new PEM type plugs in by adding its adapter class and
+installer to `ADAPTER_INSTALLERS`.
 """
 
 from collections.abc import Sequence
 
 import torch
 
-from extsub_kernels.adapters import LoraAdapter
+from extsub_kernels.adapters import IA3Adapter, LoraAdapter, PrefixAdapter
 from extsub_kernels.adapters.run import load_inputs
 from extsub_kernels.errors import InputError
 from extsub_kernels.io import ResolvedInput
-from extsub_kernels.lambda_scan.installers.base import Installer
+from extsub_kernels.lambda_scan.installers.base import AdapterInstaller, Installer
 from extsub_kernels.lambda_scan.installers.full_model import FullModelInstaller
+from extsub_kernels.lambda_scan.installers.ia3 import IA3Installer
 from extsub_kernels.lambda_scan.installers.lora import LoraInstaller
+from extsub_kernels.lambda_scan.installers.prefix import PrefixInstaller
 
 # Adapter class (as `load_adapter` returns it) → the installer of that PEM type.
-ADAPTER_INSTALLERS: dict[type, type] = {LoraAdapter: LoraInstaller}
+ADAPTER_INSTALLERS: dict[type, type[AdapterInstaller]] = {
+    LoraAdapter: LoraInstaller,
+    IA3Adapter: IA3Installer,
+    PrefixAdapter: PrefixInstaller,
+}
 
 
 def make_installer(
@@ -42,4 +49,13 @@ def make_installer(
     return installer(loaded, methods)
 
 
-__all__ = ["ADAPTER_INSTALLERS", "FullModelInstaller", "Installer", "LoraInstaller", "make_installer"]
+__all__ = [
+    "ADAPTER_INSTALLERS",
+    "AdapterInstaller",
+    "FullModelInstaller",
+    "IA3Installer",
+    "Installer",
+    "LoraInstaller",
+    "PrefixInstaller",
+    "make_installer",
+]

@@ -5,13 +5,20 @@ before the base model loads (adapters are loaded and merged once per method; ful
 planned from their headers). `attach` then wraps the loaded model as the inputs need (PEFT
 layers for an adapter type, nothing for full models) and checks that they fit it; for each
 point `install` overwrites exactly the parameters the merge changes. Each PEM type plugs in
-here by calling its own family merge.
+with `AdapterInstaller`, which calls that type's own family merge.
 """
 
+import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
+
+from extsub_kernels.adapters import PeftAdapter, merge_adapters
+from extsub_kernels.errors import InputError
+
+ADAPTER_NAME = "default"  # the PEFT adapter name the scan's layers are created under
 
 
 class Installer(ABC):
@@ -35,3 +42,53 @@ class Installer(ABC):
 
     def close(self) -> None:  # noqa: B027 (optional: most installers hold nothing open)
         """Release what the installer holds open (files); the model stays usable."""
+
+
+class AdapterInstaller(Installer):
+    """The part every PEM type shares: the adapters, their family merge, PEFT wrapping with a clear error.
+
+    A member sets `kind`, implements `attach` (build its PEFT config, call `wrap`, find its
+    parameters) and `install` (copy the merged tensors into them).
+
+    Args:
+        adapters: the expert, then the anti-experts in order (one PEM type, checked by the merge).
+        methods: the methods the scan will install; each is merged once here, at λ = 1, so
+            adapters that do not fit together are refused before the base model loads.
+    """
+
+    def __init__(self, adapters: Sequence[PeftAdapter], methods: Sequence[str]):
+        self.expert, self.antis = adapters[0], list(adapters[1:])
+        for adapter in adapters:
+            if adapter.extra:
+                raise InputError(
+                    f"{adapter.source} holds {len(adapter.extra)} non-{adapter.label} tensors (modules_to_save or "
+                    f"trained biases, e.g. {next(iter(adapter.extra))}); the scan installs {adapter.label} parameters "
+                    "only. Merge them into full models with extsub-merge --base, and scan those"
+                )
+        self.checked = {method: self.merge(method, 1.0) for method in methods}
+
+    def merge(self, method: str, lam: float) -> PeftAdapter:
+        """The family merge at (method, λ), its warnings (the report's notes) silenced: they are not the scan's."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return merge_adapters(self.expert, self.antis, lam, method)
+
+    def wrap(self, model: torch.nn.Module, config: object, base_name: str) -> torch.nn.Module:
+        """`peft.get_peft_model(model, config)`; the adapter's modules missing from BASE become an InputError."""
+        import peft
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return peft.get_peft_model(model, config, adapter_name=ADAPTER_NAME)
+        except ValueError as e:
+            raise InputError(
+                f"the {self.expert.label} adapter {self.expert.source} does not fit BASE {base_name}: {e}; "
+                "is BASE the model the adapters were trained on?"
+            ) from None
+
+    def _shape_error(self, what: str, expected: Sequence[int], found: Sequence[int], base_name: str) -> InputError:
+        return InputError(
+            f"{self.expert.label} {what}: the adapters have {list(expected)} but BASE {base_name} gives "
+            f"{list(found)}; is BASE the model the adapters were trained on?"
+        )
