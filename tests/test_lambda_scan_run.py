@@ -288,7 +288,10 @@ def test_pretokenised_sets_for_a_model_without_tokenizer(trained, tmp_path):
             r"is a \(IA\)³ adapter but the expert .* is a LoRA adapter; Ext-Sub combines adapters of",
         ),
         (dict(base="llama-lora"), r"BASE .* is a PEFT adapter; --base takes the base model"),
-        (dict(base="gpt2"), r"do not fit BASE"),
+        (
+            dict(base="gpt2"),
+            r"does not fit BASE base-gpt2: BASE has no module model\.layers\.0\..* \(and 13 more of its 14\)",
+        ),
         (dict(base="no-tokenizer"), r"keep\.jsonl line 1: prompt \+ completion is text, but there is no tokenizer"),
         (dict(save_best="expert"), r"OUT .* is the EXPERT folder"),
         (dict(out="expert"), r"is the EXPERT folder"),

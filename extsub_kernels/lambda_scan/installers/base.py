@@ -73,10 +73,20 @@ class AdapterInstaller(Installer):
             warnings.simplefilter("ignore")
             return merge_adapters(self.expert, self.antis, lam, method)
 
-    def wrap(self, model: torch.nn.Module, config: object, base_name: str) -> torch.nn.Module:
-        """`peft.get_peft_model(model, config)`; the adapter's modules missing from BASE become an InputError."""
+    def wrap(
+        self, model: torch.nn.Module, config: object, base_name: str, modules: Sequence[str] = ()
+    ) -> torch.nn.Module:
+        """`peft.get_peft_model(model, config)`, after checking that BASE has every one of the adapter's `modules`."""
         import peft
 
+        present = {name for name, _ in model.named_modules()}
+        missing = [name for name in modules if name not in present]
+        if missing:
+            more = f" (and {len(missing) - 1} more of its {len(modules)})" if len(missing) > 1 else ""
+            raise InputError(
+                f"the {self.expert.label} adapter {self.expert.source} does not fit BASE {base_name}: BASE has no "
+                f"module {missing[0]}{more}; is BASE the model the adapters were trained on?"
+            )
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

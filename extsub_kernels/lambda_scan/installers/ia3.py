@@ -35,7 +35,7 @@ class IA3Installer(AdapterInstaller):
             feedforward_modules=sorted(self.feedforward),
             fan_in_fan_out=self.expert.fan_in_fan_out,
         )
-        self.model = self.wrap(model, config, base_name)
+        self.model = self.wrap(model, config, base_name, list(self.shapes))
         self.slots: dict[str, torch.Tensor] = {}
         for name, shape in self.shapes.items():
             vector = self.model.base_model.model.get_submodule(name).ia3_l[ADAPTER_NAME]

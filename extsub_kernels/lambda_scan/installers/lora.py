@@ -43,7 +43,7 @@ class LoraInstaller(AdapterInstaller):
             fan_in_fan_out=self.expert.fan_in_fan_out,
             bias="none",
         )
-        self.model = self.wrap(model, config, base_name)
+        self.model = self.wrap(model, config, base_name, list(self.ranks))
         self.slots = {name: self._slot(name, base_name) for name in self.ranks}
 
     def _slot(self, name: str, base_name: str) -> tuple[torch.Tensor, torch.Tensor]:
