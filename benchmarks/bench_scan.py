@@ -4,11 +4,12 @@ A small LLaMA-shaped model (random weights, built from a config: by default 4 la
 256, 8 heads, intermediate 688, vocabulary 4096, float32; no tokenizer) and a LoRA pair of it
 (r = 16 on all seven linear layers of every block, random A and B, different seeds), or with
 `--kind full` two full models (the base plus random task vectors of every float tensor). KEEP
-and FORGET are 200 pre-tokenised examples each (`input_ids`, lengths uniform in 32..128).
+and FORGET are 200 pre-tokenised examples each (`input_ids`, lengths uniform in 16..64).
 The grid is ten λ values, 0, 0.2, ..., 1.8, method ext-sub.
 
-Two variants, run one after the other in this process (torch, transformers and peft imported
-before either, so neither pays the imports):
+Two variants, run in this process in the order scan, per-output, per-output, scan (`--rounds 2`;
+a shared machine's load then weighs on both alike), torch, transformers and peft imported before
+either, so neither pays the imports; the table shows the median over the rounds:
 
 - `scan`: `scan(expert, anti, base=..., keep=..., forget=..., lam="0:1.8:0.2", method="ext-sub")`:
   the base loaded once; each point installs the merge in place and evaluates. Its own timing
@@ -45,7 +46,7 @@ SIZES = {
         hidden_size=1024, intermediate_size=2752, num_hidden_layers=8, num_attention_heads=16, vocab_size=32000
     ),
 }
-RANK, EXAMPLES, LENGTHS, BATCH, GRID = 16, 200, (32, 128), 8, "0:1.8:0.2"
+RANK, EXAMPLES, LENGTHS, BATCH, GRID = 16, 200, (16, 64), 8, "0:1.8:0.2"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -55,7 +56,7 @@ def make_inputs(workdir: Path, kind: str, size: str) -> dict[str, Path]:
     import torch
     import transformers
 
-    config = transformers.LlamaConfig(max_position_embeddings=LENGTHS[1], **SIZES[size])
+    config = transformers.LlamaConfig(max_position_embeddings=2 * LENGTHS[1], **SIZES[size])
     torch.manual_seed(0)
     base = transformers.LlamaForCausalLM(config).eval()
     paths = {"base": workdir / "base"}
@@ -143,40 +144,47 @@ def run_per_output(paths: dict[str, Path], kind: str, device: str, workdir: Path
 
 
 def summarize(row: dict) -> dict:
-    scan_row, loop = row["scan"], row["per_output"]
-    timing = scan_row["timing"]
+    """Medians over the rounds of each variant's figures, and the largest NLL difference between any two runs."""
+    scans, loops = row["scan"], row["per_output"]
+    med = statistics.median
+    timings = [s["timing"] for s in scans]
     return {
-        "scan_wall_s": scan_row["wall_seconds"],
-        "scan_load_s": timing["load_seconds"],
-        "scan_prepare_s": timing["prepare_seconds"],
-        "scan_merge_median_s": timing["merge_seconds_median"],
-        "scan_eval_total_s": timing["eval_seconds_total"],
-        "smallest_eval_median_s": timing[f"{timing['smallest_evaluation']}_seconds_median"],
-        "merge_share": timing["merge_share_of_smallest_evaluation"],
-        "per_output_wall_s": loop["wall_seconds"],
-        "per_output_merge_write_median_s": statistics.median(p[3] for p in loop["points"]),
-        "per_output_load_median_s": statistics.median(p[4] for p in loop["points"]),
-        "per_output_eval_total_s": sum(p[5] for p in loop["points"]),
+        "scan_wall_s": med(s["wall_seconds"] for s in scans),
+        "scan_load_s": med(t["load_seconds"] for t in timings),
+        "scan_merge_median_s": med(t["merge_seconds_median"] for t in timings),
+        "scan_merge_total_s": med(t["merge_seconds_total"] for t in timings),
+        "scan_eval_total_s": med(t["eval_seconds_total"] for t in timings),
+        "smallest_eval_median_s": med(t[f"{t['smallest_evaluation']}_seconds_median"] for t in timings),
+        "merge_share": med(t["merge_share_of_smallest_evaluation"] for t in timings),
+        "per_output_wall_s": med(loop["wall_seconds"] for loop in loops),
+        "per_output_merge_write_median_s": med(p[3] for loop in loops for p in loop["points"]),
+        "per_output_load_median_s": med(p[4] for loop in loops for p in loop["points"]),
+        "per_output_eval_total_s": med(sum(p[5] for p in loop["points"]) for loop in loops),
         "max_nll_difference": max(
-            abs(a[i] - b[i]) for a, b in zip(scan_row["points"], loop["points"], strict=True) for i in (1, 2)
+            abs(a[i] - b[i])
+            for run in [*scans[1:], *loops]
+            for a, b in zip(scans[0]["points"], run["points"], strict=True)
+            for i in (1, 2)
         ),
     }
 
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| kind | model | points | scan s | of which load | merge/point (median) | smallest eval | merge share | "
-        "per-output loop s | its merge+write/point | its load/point | scan speed-up | max NLL diff |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kind | model | points | scan s | of which evaluation | merges (median per point) | model load | "
+        "smallest evaluation (median) | merge share | per-output loop s | of which evaluation | "
+        "merge + write per λ | load per λ | max NLL difference |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         s = summarize(row)
         lines.append(
-            f"| {row['kind']} | {row['size']} ({row['parameters'] / 1e6:.1f} M params) | {len(row['scan']['points'])} "
-            f"| {s['scan_wall_s']:.1f} | {s['scan_load_s']:.2f} | {s['scan_merge_median_s'] * 1e3:.1f} ms "
+            f"| {row['kind']} | {row['size']}, {row['parameters'] / 1e6:.1f} M params | {len(row['scan'][0]['points'])}"
+            f" | {s['scan_wall_s']:.1f} | {s['scan_eval_total_s']:.1f} "
+            f"| {s['scan_merge_total_s']:.2f} s ({s['scan_merge_median_s'] * 1e3:.1f} ms) | {s['scan_load_s']:.2f} s "
             f"| {s['smallest_eval_median_s']:.2f} s | {s['merge_share']:.2%} | {s['per_output_wall_s']:.1f} "
-            f"| {s['per_output_merge_write_median_s'] * 1e3:.0f} ms | {s['per_output_load_median_s'] * 1e3:.0f} ms "
-            f"| {s['per_output_wall_s'] / s['scan_wall_s']:.2f}× | {s['max_nll_difference']:.1e} |"
+            f"| {s['per_output_eval_total_s']:.1f} | {s['per_output_merge_write_median_s'] * 1e3:.0f} ms "
+            f"| {s['per_output_load_median_s'] * 1e3:.0f} ms | {s['max_nll_difference']:.1e} |"
         )
     return "\n".join(lines)
 
@@ -186,6 +194,7 @@ def main() -> None:
     parser.add_argument("--kind", choices=["lora", "full"], nargs="+", default=["lora"])
     parser.add_argument("--size", choices=list(SIZES), default="small")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each variant, interleaved (default 2)")
     parser.add_argument("--out", type=Path, help="results file (default: results/scan-<date>-<device>.json)")
     parser.add_argument("--table", type=Path, metavar="FILE", help="print the markdown table from a results file")
     args = parser.parse_args()
@@ -210,8 +219,14 @@ def main() -> None:
             )
             row = {"kind": kind, "size": args.size, "config": SIZES[args.size], "parameters": parameters}
             row |= {"rank": RANK if kind == "lora" else None, "examples": EXAMPLES, "lengths": LENGTHS, "grid": GRID}
-            row["scan"] = run_scan(paths, args.device)
-            row["per_output"] = run_per_output(paths, kind, args.device, workdir)
+            row["scan"], row["per_output"] = [], []
+            for r in range(args.rounds):  # scan, loop, loop, scan, ...: a drifting load weighs on both
+                order = ("scan", "per_output") if r % 2 == 0 else ("per_output", "scan")
+                for variant in order:
+                    if variant == "scan":
+                        row["scan"].append(run_scan(paths, args.device))
+                    else:
+                        row["per_output"].append(run_per_output(paths, kind, args.device, workdir / f"round{r}"))
             row["peak_rss_bytes"] = peak_rss_bytes()
             rows.append(row | env)
             print(table([row]), file=sys.stderr, flush=True)

@@ -104,12 +104,13 @@ def test_a_signal_keeps_the_rows_measured_so_far(trained, tmp_path, sig, code, w
         text=True,
     )
     deadline = time.monotonic() + 600  # only so that a broken scan cannot hang the suite
-    measured = 0
+    measured, status = 0, None
     while measured < 2 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
         if (out / "scan.json").is_file():  # replaced whole after each row: always valid JSON
-            measured = json.loads((out / "scan.json").read_text())["measured"]
-    assert proc.poll() is None, proc.communicate()[1]
+            progress = json.loads((out / "scan.json").read_text())
+            measured, status = progress["measured"], progress["status"]
+    assert proc.poll() is None and status == "running", proc.communicate()[1]
     proc.send_signal(sig)
     err = proc.communicate(timeout=300)[1]
     assert proc.returncode == code, err

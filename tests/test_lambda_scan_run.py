@@ -210,22 +210,25 @@ def test_save_best_writes_what_extsub_merge_writes(trained, tmp_path, kind, save
     assert result.saved.outputs == (tmp_path / "best",)
 
 
-def test_an_interrupt_keeps_the_rows(trained, tmp_path, monkeypatch):
-    """A KeyboardInterrupt during the third point: ScanInterrupted carries the two rows, and so do the files."""
+@pytest.mark.parametrize("stop", ["interrupt", "failure"])
+def test_a_stop_keeps_the_rows(trained, tmp_path, monkeypatch, stop):
+    """A Ctrl-C (or an error) during the third point: the two rows before it are returned (ScanInterrupted) and
+    written, with the status saying why the scan stopped; nothing is saved."""
     from extsub_kernels.errors import ScanInterrupted
     from extsub_kernels.lambda_scan import evaluate
 
     calls = []
     measure = evaluate.Evaluator.measure
 
-    def interrupted(self, model):
+    def stopped(self, model):
         calls.append(1)
         if len(calls) == 3:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt if stop == "interrupt" else RuntimeError("out of memory")
         return measure(self, model)
 
-    monkeypatch.setattr(evaluate.Evaluator, "measure", interrupted)
-    with pytest.raises(ScanInterrupted, match="interrupted after 2 of 5 points") as info:
+    monkeypatch.setattr(evaluate.Evaluator, "measure", stopped)
+    error, match = (ScanInterrupted, "interrupted after 2 of 5 points") if stop == "interrupt" else (RuntimeError, "")
+    with pytest.raises(error, match=match) as info:
         scan(
             trained.adapter("llama", "lora", "expert"),
             trained.adapter("llama", "lora", "anti"),
@@ -235,10 +238,12 @@ def test_an_interrupt_keeps_the_rows(trained, tmp_path, monkeypatch):
             out=tmp_path / "scan",
             save_best=tmp_path / "best",
         )
-    partial = info.value.result
-    assert not info.value.terminated and not partial.complete and len(partial) == 2
+    status = "interrupted" if stop == "interrupt" else "failed: RuntimeError: out of memory"
+    if stop == "interrupt":
+        partial = info.value.result
+        assert not info.value.terminated and partial.status == status and len(partial) == 2
     data = json.loads((tmp_path / "scan" / "scan.json").read_text())
-    assert data["status"] == "interrupted" and data["measured"] == 2 and data["points"] == 5
+    assert data["status"] == status and data["measured"] == 2 and data["points"] == 5
     assert [r["lam"] for r in data["rows"]] == [0.0, 1.0]
     assert (tmp_path / "scan" / "scan.png").is_file() and not (tmp_path / "best").exists()
 

@@ -69,7 +69,7 @@ def plot_png(result: ScanResult) -> bytes:
         if i == 0:
             axes.legend(fontsize=9, loc="best")
     inputs = result.setup.get("names", {})
-    status = "" if result.complete else f" — interrupted, {len(result.rows)} of {result.points} points"
+    status = "" if result.complete else f" — {result.status}: {len(result.rows)} of {result.points} points"
     figure.suptitle(
         f"Ext-Sub λ scan: {inputs.get('expert')} − {', '.join(inputs.get('anti', []))} on {inputs.get('base')}"
         f"{status}   (★ recommended λ)",

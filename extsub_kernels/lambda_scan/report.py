@@ -41,7 +41,7 @@ class ScanFiles:
         self._write("scan.json", json_text(result).encode())
 
     def final(self, result: ScanResult) -> list[Path]:
-        """Every file, from the result as it stands (complete or interrupted); returns their paths."""
+        """Every file, from the result as it stands (complete, or stopped early); returns their paths."""
         self._write("scan.json", json_text(result).encode())
         self._write("scan.csv", csv_text(result).encode())
         self._write("scan.md", markdown_text(result).encode())
@@ -69,7 +69,7 @@ def markdown_text(result: ScanResult) -> str:
     setup = result.setup
     inputs = setup.get("inputs", {})
     antis = ", ".join(f"`{a}`" for a in inputs.get("anti", []))
-    status = "" if result.complete else " (interrupted)"
+    status = "" if result.complete else f" ({result.status})"
     lines = [
         "# Ext-Sub λ scan",
         "",

@@ -130,7 +130,8 @@ class ScanResult:
     Attributes:
         rows: one ScanRow per point measured (λ = 0 first, as method "expert").
         recommendations: per method, in the order scanned.
-        complete: False when the scan was interrupted; `rows` holds what was measured.
+        status: "complete"; "running" (scan.json while the scan goes on); "interrupted" (Ctrl-C),
+            "terminated" (SIGTERM) or "failed: <why>" (an error at a point): `rows` holds what was measured.
         points: how many points the scan was asked for.
         setup: what was scanned: inputs, sets, options, the PEM kind (as written to scan.json).
         timing: seconds of loading, preparing, the whole scan, and `timing_summary`.
@@ -140,12 +141,17 @@ class ScanResult:
 
     rows: list[ScanRow]
     recommendations: dict[str, Recommendation]
-    complete: bool
+    status: str
     points: int
     setup: dict
     timing: dict
     files: list[Path] = field(default_factory=list)
     saved: object | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Whether every point was measured."""
+        return self.status == "complete"
 
     def __iter__(self) -> Iterator[ScanRow]:
         return iter(self.rows)
@@ -179,7 +185,7 @@ class ScanResult:
         """Everything, as scan.json holds it (NaN written as null)."""
         return _finite(
             {
-                "status": "complete" if self.complete else "interrupted",
+                "status": self.status,
                 "points": self.points,
                 "measured": len(self.rows),
                 **self.setup,

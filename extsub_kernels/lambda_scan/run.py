@@ -126,78 +126,98 @@ def scan(
     base_input = inputs[-1][1]
     tokenizer = load_tokenizer(base_input)
     sets = EvaluationSets.load(keep, forget, prompts, tokenizer)
-    preparing = time.perf_counter()
-    installer = make_installer(inputs, adapters=adapters, methods=methods, device=target)  # validates the inputs
-    prepare_seconds = time.perf_counter() - preparing
-    try:
-        loading = time.perf_counter()
-        dtype_used = evaluation_dtype(requested_dtype, target, base_input)
-        model = load_model(base_input, device=target, dtype=dtype_used)
-        load_seconds = time.perf_counter() - loading
-        attaching = time.perf_counter()
-        installer.attach(model, base_input.name)
-        prepare_seconds += time.perf_counter() - attaching
-    except BaseException:
-        installer.close()
-        raise
-
+    timing: dict[str, float] = {}
+    installer = _installer(inputs, adapters, methods, target, requested_dtype, timing)
+    setup = _setup(inputs, installer, sets, grid, methods, target, batch_size, max_keep_increase)
+    setup["options"]["max_new_tokens"] = max_new_tokens if prompts is not None else None
     points = [(EXPERT, 0.0)] + [(m, x) for m in methods for x in grid if x != 0]
-    setup = {
-        "extsub_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "pem": installer.kind,
-        "inputs": {"expert": inputs[0][1].spec, "anti": [i.spec for _, i in inputs[1:-1]], "base": base_input.spec},
-        "names": {"expert": inputs[0][1].name, "anti": [i.name for _, i in inputs[1:-1]], "base": base_input.name},
-        "sets": sets.describe(),
-        "options": {
-            "lam": grid,
-            "methods": list(methods),
-            "device": str(target),
-            "dtype": str(dtype_used).removeprefix("torch."),
-            "batch_size": batch_size,
-            "max_new_tokens": max_new_tokens if prompts is not None else None,
-            "max_keep_increase": max_keep_increase,
-        },
-    }
-    evaluator = Evaluator(sets, tokenizer, batch_size, max_new_tokens, target)
-    files = ScanFiles(out_dir, force=force) if out_dir is not None else None
     rows: list[ScanRow] = []
 
-    def result(complete: bool) -> ScanResult:
-        timing = {"load_seconds": load_seconds, "prepare_seconds": prepare_seconds}
-        timing |= {"total_seconds": time.perf_counter() - started, **timing_summary(rows)}
+    def result(status: str) -> ScanResult:
+        now = {**timing, "total_seconds": time.perf_counter() - started, **timing_summary(rows)}
         recommendations = {m: recommend(rows, m, max_keep_increase) for m in methods}
-        return ScanResult(rows, recommendations, complete, len(points), setup, timing)
+        return ScanResult(rows, recommendations, status, len(points), setup, now)
 
+    files = ScanFiles(out_dir, force=force) if out_dir is not None else None
+    evaluator = Evaluator(sets, tokenizer, batch_size, max_new_tokens, target)
     try:
         with terminate_as_interrupt():
-            _walk(
-                points,
-                methods[0],
-                installer,
-                evaluator,
-                rows,
-                target,
-                progress,
-                lambda: files and files.progress(result(False)),
-            )
-    except KeyboardInterrupt as e:
-        partial = result(False)
+            after = (lambda: files.progress(result("running"))) if files is not None else (lambda: None)
+            _walk(points, methods[0], installer, evaluator, rows, target, progress, after)
+    except BaseException as e:
+        status = _stopped(e)
+        partial = result(status)
         if files is not None:
             partial.files = files.final(partial)
+        if isinstance(e, KeyboardInterrupt):
+            raise ScanInterrupted(
+                f"{status} after {len(rows)} of {len(points)} points", partial, terminated=status == "terminated"
+            ) from None
+        raise
+    finally:
         installer.close()
-        terminated = isinstance(e, Terminated)
-        word = "terminated" if terminated else "interrupted"
-        raise ScanInterrupted(
-            f"{word} after {len(rows)} of {len(points)} points", partial, terminated=terminated
-        ) from None
-    installer.close()
-    final = result(True)
+    final = result("complete")
     if files is not None:
         final.files = files.final(final)
     if save_best is not None:
         final.saved = _save(final, inputs, methods[0], save_best, save_format, force=force, progress=progress)
     return final
+
+
+def _installer(
+    inputs: Sequence[tuple[str, ResolvedInput]],
+    adapters: bool,
+    methods: Sequence[str],
+    device: torch.device,
+    requested_dtype: torch.dtype | None,
+    timing: dict[str, float],
+) -> Installer:
+    """The installer, made from the inputs (validating them) before BASE loads, then attached to BASE loaded."""
+    start = time.perf_counter()
+    installer = make_installer(inputs, adapters=adapters, methods=methods, device=device)
+    prepared = time.perf_counter()
+    try:
+        base = inputs[-1][1]
+        model = load_model(base, device=device, dtype=evaluation_dtype(requested_dtype, device, base))
+        loaded = time.perf_counter()
+        installer.attach(model, base.name)
+    except BaseException:
+        installer.close()
+        raise
+    timing["load_seconds"] = loaded - prepared
+    timing["prepare_seconds"] = (prepared - start) + (time.perf_counter() - loaded)
+    return installer
+
+
+def _setup(inputs, installer, sets, grid, methods, device, batch_size, max_keep_increase) -> dict:
+    """What was scanned, as scan.json records it: version, date, the PEM kind, inputs, sets, options."""
+    expert, antis, base = inputs[0][1], [i for _, i in inputs[1:-1]], inputs[-1][1]
+    dtype = next(installer.model.parameters()).dtype
+    return {
+        "extsub_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "pem": installer.kind,
+        "inputs": {"expert": expert.spec, "anti": [a.spec for a in antis], "base": base.spec},
+        "names": {"expert": expert.name, "anti": [a.name for a in antis], "base": base.name},
+        "sets": sets.describe(),
+        "options": {
+            "lam": list(grid),
+            "methods": list(methods),
+            "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "batch_size": batch_size,
+            "max_keep_increase": max_keep_increase,
+        },
+    }
+
+
+def _stopped(error: BaseException) -> str:
+    """The status of a scan stopped by `error`: interrupted (Ctrl-C), terminated (SIGTERM) or failed: <why>."""
+    if isinstance(error, Terminated):
+        return "terminated"
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    return f"failed: {type(error).__name__}: {error}"
 
 
 def _walk(
@@ -215,17 +235,17 @@ def _walk(
     λ = 0 (the expert's row) is installed through the first method: every method gives the expert there.
     """
     bar = tqdm(points, desc="extsub-scan", unit="point", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    for method, lam in bar:
-        bar.set_postfix_str(f"{method} λ={lam:g}")
-        start = time.perf_counter()
-        installer.install(first_method if method == EXPERT else method, lam)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        merge_seconds = time.perf_counter() - start
-        values = evaluator.measure(installer.model)
-        rows.append(ScanRow(method, lam, merge_seconds=merge_seconds, **values))
-        after()
-    bar.close()
+    with bar:
+        for method, lam in bar:
+            bar.set_postfix_str(f"{method} λ={lam:g}")
+            start = time.perf_counter()
+            installer.install(first_method if method == EXPERT else method, lam)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            merge_seconds = time.perf_counter() - start
+            values = evaluator.measure(installer.model)
+            rows.append(ScanRow(method, lam, merge_seconds=merge_seconds, **values))
+            after()
 
 
 def _check_numbers(*, max_new_tokens: int, batch_size: int, max_keep_increase: float) -> None:

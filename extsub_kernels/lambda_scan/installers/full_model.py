@@ -16,7 +16,7 @@ from extsub_kernels._tensors import all_finite
 from extsub_kernels.engine.architecture import transposed_weights
 from extsub_kernels.engine.methods import apply_method
 from extsub_kernels.engine.plan import TensorJob, plan_tensors
-from extsub_kernels.errors import InputError
+from extsub_kernels.errors import InputError, MergeError
 from extsub_kernels.io import CheckpointReader, ResolvedInput
 from extsub_kernels.lambda_scan.installers.base import Installer
 
@@ -84,8 +84,8 @@ class FullModelInstaller(Installer):
                     out_dtype=target.dtype,
                     transposed=job.transposed,
                 )
-                if not all_finite(result):
-                    raise InputError(
+                if not all_finite(result):  # inputs were finite (the plan read them): λ is too large for the dtype
+                    raise MergeError(
                         f"tensor {job.name!r}: the merged weight at {method} λ={lam} is not finite in {target.dtype}; "
                         "scan smaller λ, or evaluate in float32 (--dtype float32)"
                     )
