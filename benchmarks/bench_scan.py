@@ -19,12 +19,21 @@ either, so neither pays the imports; the table shows the median over the rounds:
   (or the merged model), `mean_nll` scores KEEP and FORGET, one after the other.
 
 Both evaluate the same merges on the same examples with the same batches (batch size 8), so
-their NLLs agree and the difference is loading and merging. Rows are JSON in
+their NLLs agree and the difference is loading and merging. On a shared machine the
+evaluations' own times drift (other work on the cores), so the table also shows each variant's
+time spent not evaluating (wall − evaluation): loading, merging, writing.
+
+`--merge-7b` measures the scan's per-point install for a LLaMA-7B-shaped LoRA pair (32 layers ×
+q, k, v, o (4096×4096), gate, up (11008×4096), down (4096×11008), r = 16, float32, random), the
+part of a 7B scan that does not depend on the evaluation: `LoraInstaller.install` for each of the
+ten λ values (the factored merge, then B' and A' copied into rank-32 tensors the shape of the PEFT
+layers' weights; the 7B base itself is not built, as the install never touches it). Rows are JSON in
 benchmarks/results/scan-<date>-<device>.json; `--table FILE` prints the markdown table derived from one.
 
-    python benchmarks/bench_scan.py                      # LoRA pair, CPU (~4 min on 2 cores)
+    python benchmarks/bench_scan.py --kind lora full --threads 1   # what RESULTS.md shows (~25 min)
     python benchmarks/bench_scan.py --kind full          # full models
     python benchmarks/bench_scan.py --device cuda        # on a GPU, when one is at hand
+    python benchmarks/bench_scan.py --merge-7b           # the install of a 7B-shaped LoRA pair per point
     python benchmarks/bench_scan.py --table benchmarks/results/scan-2026-11-25-cpu.json
 """
 
@@ -143,6 +152,44 @@ def run_per_output(paths: dict[str, Path], kind: str, device: str, workdir: Path
     return {"wall_seconds": time.perf_counter() - start, "points": points}
 
 
+def run_merge_7b(device: str) -> dict:
+    """Seconds of `LoraInstaller.install` per λ for a LLaMA-7B-shaped r = 16 pair, into tensors shaped like PEFT's."""
+    import torch
+
+    from extsub_kernels.adapters import LoraAdapter, LoraModule
+    from extsub_kernels.engine.options import parse_lam_grid
+    from extsub_kernels.lambda_scan.installers import LoraInstaller
+
+    shapes = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096)}
+    shapes |= {"gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}
+    adapters = []
+    for seed in (1, 2):
+        gen = torch.Generator().manual_seed(seed)
+        modules = {}
+        for layer in range(32):
+            for name, (out, inp) in shapes.items():
+                a = torch.randn(RANK, inp, generator=gen) / inp**0.5
+                b = torch.randn(out, RANK, generator=gen) * 0.02
+                part = "self_attn" if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+                modules[f"model.layers.{layer}.{part}.{name}"] = LoraModule(a, b, 2.0)
+        adapters.append(LoraAdapter(modules, source=f"7b-shaped-{seed}", base_model_name_or_path="synthetic/7b"))
+    installer = LoraInstaller(adapters, ["ext-sub"])
+    # What `attach` points the installer at: each PEFT layer's lora_A (R, in) and lora_B (out, R) weights.
+    installer.slots = {
+        name: (torch.zeros(r, adapters[0].modules[name].in_features, device=device),
+               torch.zeros(adapters[0].modules[name].out_features, r, device=device))
+        for name, r in installer.ranks.items()
+    }  # fmt: skip
+    seconds = []
+    for lam in parse_lam_grid(GRID):
+        start = time.perf_counter()
+        installer.install("ext-sub", lam)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return {"modules": len(installer.slots), "rank": RANK, "install_seconds": seconds}
+
+
 def summarize(row: dict) -> dict:
     """Medians over the rounds of each variant's figures, and the largest NLL difference between any two runs."""
     scans, loops = row["scan"], row["per_output"]
@@ -150,6 +197,9 @@ def summarize(row: dict) -> dict:
     timings = [s["timing"] for s in scans]
     return {
         "scan_wall_s": med(s["wall_seconds"] for s in scans),
+        "scan_overhead_s": med(
+            s["wall_seconds"] - t["eval_seconds_total"] for s, t in zip(scans, timings, strict=True)
+        ),
         "scan_load_s": med(t["load_seconds"] for t in timings),
         "scan_merge_median_s": med(t["merge_seconds_median"] for t in timings),
         "scan_merge_total_s": med(t["merge_seconds_total"] for t in timings),
@@ -160,6 +210,7 @@ def summarize(row: dict) -> dict:
         "per_output_merge_write_median_s": med(p[3] for loop in loops for p in loop["points"]),
         "per_output_load_median_s": med(p[4] for loop in loops for p in loop["points"]),
         "per_output_eval_total_s": med(sum(p[5] for p in loop["points"]) for loop in loops),
+        "per_output_overhead_s": med(loop["wall_seconds"] - sum(p[5] for p in loop["points"]) for loop in loops),
         "max_nll_difference": max(
             abs(a[i] - b[i])
             for run in [*scans[1:], *loops]
@@ -171,19 +222,20 @@ def summarize(row: dict) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| kind | model | points | scan s | of which evaluation | merges (median per point) | model load | "
-        "smallest evaluation (median) | merge share | per-output loop s | of which evaluation | "
+        "| kind | model | points | scan s | evaluating | not evaluating | merges (median per point) | model load | "
+        "smallest evaluation (median) | merge share | per-output loop s | evaluating | not evaluating | "
         "merge + write per λ | load per λ | max NLL difference |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         s = summarize(row)
         lines.append(
             f"| {row['kind']} | {row['size']}, {row['parameters'] / 1e6:.1f} M params | {len(row['scan'][0]['points'])}"
-            f" | {s['scan_wall_s']:.1f} | {s['scan_eval_total_s']:.1f} "
+            f" | {s['scan_wall_s']:.1f} | {s['scan_eval_total_s']:.1f} | {s['scan_overhead_s']:.2f} "
             f"| {s['scan_merge_total_s']:.2f} s ({s['scan_merge_median_s'] * 1e3:.1f} ms) | {s['scan_load_s']:.2f} s "
             f"| {s['smallest_eval_median_s']:.2f} s | {s['merge_share']:.2%} | {s['per_output_wall_s']:.1f} "
-            f"| {s['per_output_eval_total_s']:.1f} | {s['per_output_merge_write_median_s'] * 1e3:.0f} ms "
+            f"| {s['per_output_eval_total_s']:.1f} | {s['per_output_overhead_s']:.2f} "
+            f"| {s['per_output_merge_write_median_s'] * 1e3:.0f} ms "
             f"| {s['per_output_load_median_s'] * 1e3:.0f} ms | {s['max_nll_difference']:.1e} |"
         )
     return "\n".join(lines)
@@ -195,8 +247,12 @@ def main() -> None:
     parser.add_argument("--size", choices=list(SIZES), default="small")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each variant, interleaved (default 2)")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads (default torch's; on a shared machine 1 keeps timings steady)"
+    )
     parser.add_argument("--out", type=Path, help="results file (default: results/scan-<date>-<device>.json)")
     parser.add_argument("--table", type=Path, metavar="FILE", help="print the markdown table from a results file")
+    parser.add_argument("--merge-7b", action="store_true", help="only the install of a 7B-shaped LoRA pair per point")
     args = parser.parse_args()
     if args.table:
         print(table(json.loads(args.table.read_text())["rows"]))
@@ -208,7 +264,22 @@ def main() -> None:
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     env = environment(args.device)
+    if args.merge_7b:
+        row = run_merge_7b(args.device) | env
+        out = (
+            args.out
+            or RESULTS / f"scan-merge-7b-{env['date']}-{'cuda' if args.device.startswith('cuda') else 'cpu'}.json"
+        )
+        out.write_text(json.dumps(row, indent=2) + "\n")
+        median = statistics.median(row["install_seconds"])
+        print(
+            f"7B-shaped LoRA pair, {row['modules']} modules, r = {RANK}: install per point median {median:.3f} s "
+            f"(min {min(row['install_seconds']):.3f}, max {max(row['install_seconds']):.3f}); rows written to {out}"
+        )
+        return
     rows = []
     for kind in args.kind:
         with tempfile.TemporaryDirectory(prefix="bench-scan-") as tmp:

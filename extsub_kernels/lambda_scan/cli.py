@@ -51,7 +51,7 @@ examples:
 
 exit codes:
   0    done
-  1    a failure during the scan
+  1    a failure during the scan (the rows measured before it are in SCAN_DIR)
   2    bad usage or bad input (nothing is written)
   130  interrupted (Ctrl-C); 143 terminated (SIGTERM): the rows measured so far are in SCAN_DIR
 """

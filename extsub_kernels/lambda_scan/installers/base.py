@@ -90,7 +90,8 @@ class AdapterInstaller(Installer):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return peft.get_peft_model(model, config, adapter_name=ADAPTER_NAME)
+                wrapped = peft.get_peft_model(model, config, adapter_name=ADAPTER_NAME)
+            return wrapped.requires_grad_(False)  # evaluated only, as PEFT's inference mode leaves a loaded adapter
         except ValueError as e:
             raise InputError(
                 f"the {self.expert.label} adapter {self.expert.source} does not fit BASE {base_name}: {e}; "
