@@ -115,7 +115,7 @@ def test_a_signal_keeps_the_rows_measured_so_far(trained, tmp_path, sig, code, w
     err = proc.communicate(timeout=300)[1]
     assert proc.returncode == code, err
     data = json.loads((out / "scan.json").read_text())
-    assert data["status"] == "interrupted" and 2 <= data["measured"] < data["points"] == 161
+    assert data["status"] == word and 2 <= data["measured"] < data["points"] == 161
     assert [r["lam"] for r in data["rows"]] == [0.0, *[0.5 * i for i in range(1, data["measured"])]]
     assert err.strip().splitlines()[-1] == (
         f"extsub-scan: error: {word} after {data['measured']} of 161 points; "
