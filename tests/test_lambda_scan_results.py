@@ -10,8 +10,8 @@ from extsub_kernels.lambda_scan.results import ScanResult, ScanRow, recommend, t
 
 
 def _rows(*points: tuple[str, float, float, float]) -> list[ScanRow]:
-    return [ScanRow(m, lam, keep, forget, merge_seconds=0.01, keep_seconds=1.0, forget_seconds=2.0)
-            for m, lam, keep, forget in points]  # fmt: skip
+    seconds = dict(merge_seconds=0.01, keep_seconds=1.0, forget_seconds=2.0)
+    return [ScanRow(m, lam, keep, forget, **seconds) for m, lam, keep, forget in points]
 
 
 ROWS = _rows(
@@ -65,8 +65,8 @@ def _result(status: str = "complete") -> ScanResult:
     recs = {m: recommend(ROWS, m, 0.05) for m in ("ext-sub", "sub")}
     setup = {"inputs": {"expert": "e", "anti": ["a"], "base": "b"}, "pem": "LoRA adapters"}
     setup["options"] = {"max_keep_increase": 0.05}
-    return ScanResult(list(ROWS), recs, status, 7, setup, timing_summary(ROWS) | {"load_seconds": 1.0,
-                      "total_seconds": 20.0})  # fmt: skip
+    timing = timing_summary(ROWS) | {"load_seconds": 1.0, "total_seconds": 20.0}
+    return ScanResult(list(ROWS), recs, status, 7, setup, timing)
 
 
 def test_scan_json_has_no_nan_and_every_field():

@@ -317,8 +317,12 @@ def test_bad_inputs_write_nothing(trained, tmp_path, change, message):
     kwargs = dict(
         base=trained.base("llama"), **_sets(trained), out=tmp_path / "scan", lam="0,1", save_best=None, anti=None
     )
-    kwargs |= {k: (named.get(v, tmp_path / v if k in ("keep", "forget") else v) if isinstance(v, str) else v)
-               for k, v in change.items()}  # fmt: skip
+    for key, value in change.items():
+        if isinstance(value, str) and value in named:
+            value = named[value]
+        elif key in ("keep", "forget"):
+            value = tmp_path / value
+        kwargs[key] = value
     anti = kwargs.pop("anti") or trained.adapter("llama", "lora", "anti")
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(InputError, match=message):
@@ -365,9 +369,11 @@ def test_device_and_dtype(trained, device):
 
 
 @pytest.mark.gpu
-def test_cuda_runs_in_the_models_dtype(trained):
-    """--dtype auto on CUDA: the checkpoint's dtype (float32 here); the rows match the CPU's to float32 noise."""
-    experts = [trained.adapter("llama", "full", role) for role in ("expert", "anti")]
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_cuda_runs_in_the_models_dtype(trained, kind):
+    """--dtype auto on CUDA: the checkpoint's dtype (float32 here), the merge on the GPU (LoRA factors, the op);
+    the rows match the CPU's to float32 noise."""
+    experts = [trained.adapter("llama", kind, role) for role in ("expert", "anti")]
     kwargs = dict(base=trained.base("llama"), **_sets(trained), lam="0,1")
     gpu = scan(*experts, **kwargs, device="cuda")
     cpu = scan(*experts, **kwargs, device="cpu")

@@ -58,8 +58,8 @@ def plot_png(result: ScanResult) -> bytes:
             rec = result.recommendations.get(method)
             best = next((y for x, y in points if rec is not None and rec.lam is not None and x == rec.lam), None)
             if best is not None:
-                axes.plot([rec.lam], [best], marker="*", markersize=15, color=color, markeredgecolor="black",
-                          linestyle="none", zorder=5)  # fmt: skip
+                star = dict(marker="*", markersize=15, markeredgecolor="black", linestyle="none", zorder=5)
+                axes.plot([rec.lam], [best], color=color, **star)
         if field == "keep_nll" and expert is not None and budget is not None and _finite(expert.keep_nll):
             limit = expert.keep_nll * (1 + budget)
             axes.axhline(limit, color="gray", linestyle="--", linewidth=1, label=f"KEEP budget (+{budget:.0%})")

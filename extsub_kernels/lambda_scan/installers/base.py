@@ -65,10 +65,16 @@ class AdapterInstaller(Installer):
                     f"trained biases, e.g. {next(iter(adapter.extra))}); the scan installs {adapter.label} parameters "
                     "only. Merge them into full models with extsub-merge --base, and scan those"
                 )
-        self.checked = {method: self.merge(method, 1.0) for method in methods}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the merge report's notes (zero rows, dropped modules) are not the scan's
+            self.checked = self.prepare(methods)
+
+    def prepare(self, methods: Sequence[str]) -> dict[str, PeftAdapter]:
+        """The merge of each method at λ = 1 (what the result holds does not depend on λ); members may keep more."""
+        return {method: merge_adapters(self.expert, self.antis, 1.0, method) for method in methods}
 
     def merge(self, method: str, lam: float) -> PeftAdapter:
-        """The family merge at (method, λ), its warnings (the report's notes) silenced: they are not the scan's."""
+        """The family merge at (method, λ), its warnings silenced."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return merge_adapters(self.expert, self.antis, lam, method)
