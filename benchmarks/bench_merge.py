@@ -1,17 +1,23 @@
 """Merge throughput and memory on synthetic LLaMA-13B-shaped checkpoints (issue 3's benchmark).
 
 For 1, 2, 4 and 8 layers (hidden 5120, intermediate 13824, vocab 32000, bf16, one shard per
-layer plus one for embeddings and head), three kinds of run over the same expert/anti pair,
+layer plus one for embeddings and head), four kinds of run over the same expert/anti pair,
 each in its own subprocess so peak RSS is per run:
 
-    plain-read  every input byte read once into a reused buffer (the I/O floor)
-    merge       extsub_kernels.merge(expert, anti, out), fsync included
-    load-all    safetensors.torch.load_file on both, the op tensor by tensor, save_file, fsync
+    plain-read    every input byte read once into a reused buffer (the I/O floor)
+    merge         extsub_kernels.merge(expert, anti, out, stats=False), fsync included: the plain merge
+    merge-report  the same merge with report=FILE: row statistics of every tensor from the op's own
+                  pass (DESIGN.md §7), the model card's table, the JSON record written
+    load-all      safetensors.torch.load_file on both, the op tensor by tensor, save_file, fsync
 
-plain-read and merge run --repeat times each, interleaved, and the table shows the median;
-load-all, much slower, runs once for the --baseline-layers counts. The page cache is dropped
+plain-read, merge and merge-report run --repeat times each, interleaved (so a busy machine slows
+them alike), and the table shows the median and the range; the cost of --report is the median of
+merge-report over the median of merge, minus one, in wall time and in CPU time (all threads of
+the process, from the call to merge() to its return): on a machine shared with other work the
+wall time of a run moves by tens of percent, its CPU time far less. load-all, much slower, runs
+once for the --baseline-layers counts. The page cache is dropped
 before every run when this process may (root on Linux), so each run reads from disk;
-otherwise the inputs are read once first and every run sees a warm cache.
+otherwise (or with --warm) the inputs are read once first and every run sees a warm cache.
 Rows go to benchmarks/results/merge-<date>-<device>.json, the table to a .md beside them.
 Checkpoints live in a temporary folder (removed at the end), never in the repository.
 --output-dir puts the outputs of merge and load-all on another file system (e.g. a tmpfs) to
@@ -22,6 +28,7 @@ merge-<date>-<device>-output-on-<fs type>.json.
     python benchmarks/bench_merge.py --layers 1,2 --repeat 1        # a quicker look
     python benchmarks/bench_merge.py --baseline-layers 1,2,4,8      # load-all at every size too
     python benchmarks/bench_merge.py --output-dir /dev/shm          # outputs off the disk
+    python benchmarks/bench_merge.py --layers 1,2 --repeat 5 --kinds merge,merge-report   # --report's cost
 """
 
 import argparse
@@ -125,11 +132,13 @@ def child_read(*folders: str) -> dict:
     return {"seconds": time.perf_counter() - started, "bytes_read": total, "peak_rss_bytes": peak_rss_bytes()}
 
 
-def child_merge(expert: str, anti: str, out: str, device: str) -> dict:
+def child_merge(expert: str, anti: str, out: str, device: str, report: str | None = None) -> dict:
     from extsub_kernels import merge
 
-    report = merge(expert, anti, out, lam=1.0, device=device)
+    cpu_started = time.process_time()
+    report = merge(expert, anti, out, lam=1.0, device=device, stats=report is not None, report=report)
     return {
+        "cpu_seconds": time.process_time() - cpu_started,
         "seconds": report.seconds,
         "bytes_read": report.bytes_read,
         "bytes_written": report.bytes_written,
@@ -169,7 +178,18 @@ def child_idle() -> dict:
     return {"peak_rss_bytes": peak_rss_bytes()}
 
 
-CHILDREN = {"plain-read": child_read, "merge": child_merge, "load-all": child_load_all}
+def child_merge_report(expert: str, anti: str, out: str, device: str) -> dict:
+    """The merge with --report: the record goes beside OUT (it may not be inside it)."""
+    return child_merge(expert, anti, out, device, report=f"{out}.report.json")
+
+
+CHILDREN = {
+    "plain-read": child_read,
+    "merge": child_merge,
+    "merge-report": child_merge_report,
+    "load-all": child_load_all,
+}
+TIMED = ("plain-read", "merge", "merge-report")  # the kinds that run --repeat times, interleaved
 
 
 # ------------------------------------------------------------------ the driver
@@ -206,14 +226,21 @@ def _fs_type(path: Path) -> str:
 
 
 def run(
-    layer_counts: list[int], baseline_layers: list[int], repeat: int, device: str, workdir: Path, output_dir: Path
+    layer_counts: list[int],
+    baseline_layers: list[int],
+    repeat: int,
+    device: str,
+    workdir: Path,
+    output_dir: Path,
+    kinds: tuple[str, ...] = TIMED,
+    warm: bool = False,
 ) -> list[dict]:
-    """Rows for every run: plain-read and merge `repeat` times, interleaved (the disk's speed drifts),
-    then load-all once where asked (it is the slow one)."""
+    """Rows for every run: each of `kinds` `repeat` times, interleaved (the disk's speed drifts), then
+    load-all once where asked (it is the slow one)."""
     shards = {role: workdir / f"shards-{role}" for role in ("expert", "anti")}
     for seed, (_role, folder) in enumerate(shards.items()):
         make_layer_shards(folder, max(layer_counts), seed)
-    cold = _drop_caches()
+    cold = not warm and _drop_caches()
     idle_rss = _run_child("idle", [])["peak_rss_bytes"]
     on_gpu = torch.cuda.is_available() and device != "cpu"
     common = {
@@ -227,7 +254,7 @@ def run(
     for layers in layer_counts:
         pair = {role: workdir / f"{role}-{layers}" for role in shards}
         input_bytes = sum(assemble(shards[role], pair[role], layers) for role in pair)
-        runs = [(kind, rep) for rep in range(repeat) for kind in ("plain-read", "merge")]
+        runs = [(kind, rep) for rep in range(repeat) for kind in kinds]
         runs += [("load-all", 0)] if layers in baseline_layers else []
         for kind, rep in runs:
             out = output_dir / f"extsub-bench-out-{kind}-{layers}"
@@ -238,6 +265,7 @@ def run(
                 )  # warm the cache the same way for every run
             result = _run_child(kind, args)
             shutil.rmtree(out, ignore_errors=True)
+            Path(f"{out}.report.json").unlink(missing_ok=True)
             row = {
                 **common,
                 "layers": layers,
@@ -264,27 +292,39 @@ def markdown(rows: list[dict]) -> str:
         f"largest tensor {first['largest_tensor_bytes'] / 1e9:.2f} GB; Python + torch alone: "
         f"{first['idle_rss_bytes'] / 1e9:.2f} GB RSS.",
         "",
-        "| layers | input GB | run | runs | seconds (median; range) | GB/s (input) | % of plain read | peak RSS GB "
-        "| RSS / largest tensor | peak GPU GB |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| layers | input GB | run | runs | seconds (median; range) | GB/s (input) | % of plain read "
+        "| cost of --report | CPU s (median) | cost of --report, CPU | peak RSS GB | RSS / largest tensor "
+        "| peak GPU GB |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     groups: dict[tuple[int, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["layers"], r["run"]), []).append(r)
     median = {key: statistics.median(r["seconds"] for r in group) for key, group in groups.items()}
+    cpu = {
+        key: statistics.median(r["cpu_seconds"] for r in group)
+        for key, group in groups.items()
+        if all("cpu_seconds" in r for r in group)
+    }
     for (layers, kind), group in groups.items():
         seconds = median[(layers, kind)]
         rate = group[0]["input_bytes"] / 1e9 / seconds
-        read_rate = group[0]["input_bytes"] / 1e9 / median[(layers, "plain-read")]
+        read = median.get((layers, "plain-read"))
+        of_read = f"{100 * read / seconds:.0f} %" if read else "–"
+        plain = median.get((layers, "merge"))
+        cost = f"{100 * (seconds / plain - 1):+.1f} %" if kind == "merge-report" and plain else "–"
+        cpu_s = cpu.get((layers, kind))
+        cpu_plain = cpu.get((layers, "merge"))
+        cpu_cost = f"{100 * (cpu_s / cpu_plain - 1):+.1f} %" if kind == "merge-report" and cpu_s and cpu_plain else "–"
         rss = max(r["peak_rss_bytes"] for r in group)
         gpu = max((r.get("peak_gpu_bytes") or 0) for r in group)
         spread = (
-            f"{min(r['seconds'] for r in group):.1f}–{max(r['seconds'] for r in group):.1f}" if len(group) > 1 else "–"
+            f"{min(r['seconds'] for r in group):.2f}–{max(r['seconds'] for r in group):.2f}" if len(group) > 1 else "–"
         )
         lines.append(
-            f"| {layers} | {group[0]['input_bytes'] / 1e9:.2f} | {kind} | {len(group)} | {seconds:.1f}; {spread} | "
-            f"{rate:.2f} | "
-            f"{100 * rate / read_rate:.0f} % | {rss / 1e9:.2f} | {rss / group[0]['largest_tensor_bytes']:.1f}× | "
+            f"| {layers} | {group[0]['input_bytes'] / 1e9:.2f} | {kind} | {len(group)} | {seconds:.2f}; {spread} | "
+            f"{rate:.2f} | {of_read} | {cost} | {f'{cpu_s:.2f}' if cpu_s else '–'} | {cpu_cost} | "
+            f"{rss / 1e9:.2f} | {rss / group[0]['largest_tensor_bytes']:.1f}× | "
             f"{f'{gpu / 1e9:.2f}' if gpu else 'n/a'} |"
         )
     return "\n".join(lines) + "\n"
@@ -302,6 +342,16 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--output-dir", type=Path, help="where merge and load-all write (default: beside the inputs)")
+    parser.add_argument("--name", help="a suffix for the result files (merge-<date>-<device>-<name>.json)")
+    parser.add_argument(
+        "--warm",
+        action="store_true",
+        help="read the inputs from the page cache in every run (compute and writes, not the disk's reads, then set "
+        "the pace: the harshest setting for any added computation)",
+    )
+    parser.add_argument(
+        "--kinds", default=",".join(TIMED), help=f"the runs repeated and interleaved (default {','.join(TIMED)})"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args.child:
@@ -316,6 +366,8 @@ def main() -> None:
             args.device,
             workdir,
             args.output_dir or workdir,
+            tuple(k for k in args.kinds.split(",") if k),
+            args.warm,
         )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -330,6 +382,8 @@ def main() -> None:
         if args.output_dir is None
         else args.results / f"merge-{rows[0]['date']}-{tag}-output-on-{rows[0]['output_fs']}"
     )
+    if args.name:
+        stem = stem.with_name(f"{stem.name}-{args.name}")
     stem.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(rows))
     print(markdown(rows))

@@ -38,7 +38,14 @@ if TYPE_CHECKING:
     from extsub_kernels.errors import AdapterError, InputError, MergeError, ScanInterrupted
     from extsub_kernels.lambda_scan import Recommendation, ScanResult, ScanRow, scan
     from extsub_kernels.merge import merge, merge_adapter_files
-    from extsub_kernels.ops import ext_sub, ext_sub_, ext_sub_coefficients, extract_deficiency, subtract_
+    from extsub_kernels.ops import (
+        ext_sub,
+        ext_sub_,
+        ext_sub_coefficients,
+        extract_deficiency,
+        row_products,
+        subtract_,
+    )
     from extsub_kernels.reference import ext_sub_reference
 
 _LOCATIONS = {
@@ -74,6 +81,7 @@ _LOCATIONS = {
     "ext_sub": "extsub_kernels.ops",
     "ext_sub_": "extsub_kernels.ops",
     "ext_sub_coefficients": "extsub_kernels.ops",
+    "row_products": "extsub_kernels.ops",
     "extract_deficiency": "extsub_kernels.ops",
     "subtract_": "extsub_kernels.ops",
     "ext_sub_reference": "extsub_kernels.reference",
@@ -126,6 +134,7 @@ __all__ = [
     "merge",
     "merge_adapter_files",
     "merge_adapters",
+    "row_products",
     "scan",
     "subtract_",
     "to_delta",

@@ -77,6 +77,29 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
+def cast_overflow(source: torch.Tensor, cast: torch.Tensor) -> str | None:
+    """None when casting `source` to `cast`'s dtype kept every finite value finite, else what overflowed.
+
+    A NaN or Inf already in `source` is carried over, not an overflow. Only called where a
+    dtype changes, so the one reduction per tensor costs nothing on the common path.
+
+    Example:
+        >>> cast_overflow(torch.tensor([1e5, 1.0]), torch.tensor([1e5, 1.0]).half())
+        'values up to 1e+05 beyond the float16 range (±6.55e+04, 1 value became ±inf)'
+    """
+    if not cast.is_floating_point() or all_finite(cast):
+        return None
+    grew = torch.isinf(cast.reshape(-1)) & torch.isfinite(source.reshape(-1))
+    count = int(grew.sum())
+    if not count:
+        return None
+    largest = float(source.reshape(-1)[grew].double().abs().max())
+    return (
+        f"values up to {largest:.3g} beyond the {str(cast.dtype).removeprefix('torch.')} range "
+        f"(±{torch.finfo(cast.dtype).max:.3g}, {count} value{'s' if count > 1 else ''} became ±inf)"
+    )
+
+
 def nonfinite_summary(t: torch.Tensor, first_row: int = 0) -> str | None:
     """None for a finite tensor, else "NaN or Inf (N values, first in row R)", rows counted from `first_row`.
 

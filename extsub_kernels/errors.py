@@ -13,8 +13,34 @@ class MergeError(RuntimeError):
     """A failure while the merge runs (an input changed underneath, a write failed): exit code 1."""
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, turned into an exception so the same cleanup as for Ctrl-C runs."""
+class PublishError(MergeError):
+    """Moving a run's outputs into place failed and could not be fully undone (exit code 1).
+
+    `published` lists the outputs that are in place: each is complete; the run's others were not written.
+    """
+
+    def __init__(self, message: str, *, published: tuple = ()):
+        super().__init__(message)
+        self.published = published
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C held back while a run published its outputs, raised once every one was in place.
+
+    `published` lists those outputs (each complete). A Ctrl-C at any other time is a plain
+    KeyboardInterrupt, and nothing of the run is left.
+    """
+
+    def __init__(self, message: str = "interrupted", *, published: tuple = ()):
+        super().__init__(message)
+        self.published = published
+
+
+class Terminated(Interrupted):
+    """SIGTERM, turned into an exception so the same cleanup as for Ctrl-C runs (`published` as for `Interrupted`)."""
+
+    def __init__(self, message: str = "terminated (SIGTERM)", *, published: tuple = ()):
+        super().__init__(message, published=published)
 
 
 class ScanInterrupted(KeyboardInterrupt):

@@ -15,8 +15,11 @@ import torch
 
 from extsub_kernels.adapters import AdapterOptions, PeftAdapter, run_adapters
 from extsub_kernels.engine import MergeReport, RunOptions, run_dense
+from extsub_kernels.engine.architecture import full_model_hint
+from extsub_kernels.engine.context import RunContext
 from extsub_kernels.engine.options import (
     DEFAULT_BLOCK_BYTES,
+    DTYPE_NAMES,
     OUT_DTYPES,
     DtypeName,
     Lam,
@@ -28,10 +31,15 @@ from extsub_kernels.engine.options import (
     parse_lams,
     parse_size,
     resolve_device,
+    warn_negative_lams,
 )
+from extsub_kernels.engine.record import report_record, write_json
 from extsub_kernels.errors import InputError
 from extsub_kernels.io import ResolvedInput, check_outputs, is_folder_output, output_paths, resolve_input
 from extsub_kernels.io.atomic import terminate_as_interrupt
+from extsub_kernels.io.identity import InputSnapshot
+from extsub_kernels.io.outputs import check_report_path, out_path
+from extsub_kernels.io.provenance import fingerprint, pinned_spec
 
 Source = str | os.PathLike | PeftAdapter
 
@@ -52,6 +60,11 @@ def merge(
     progress: bool = False,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     adapter: AdapterOptions | None = None,
+    transposed: bool | None = None,
+    dry_run: bool = False,
+    stats: bool | None = None,
+    report: str | os.PathLike | None = None,
+    command: str | None = None,
 ) -> MergeReport:
     """Merge checkpoints or PEFT adapters with Ext-Sub, streamed: θ' = θ⁺ ⊖ θ₁⁻ ⊖ θ₂⁻ ...
 
@@ -68,9 +81,10 @@ def merge(
         anti: θ⁻, one or several (applied in order, paper Table 4), same forms as `expert`.
         out: a path ending in .safetensors (one file) or a folder (model.safetensors, or
             shards and an index past `max_shard_size`; adapter outputs are PEFT folders).
+            Folder outputs also get a model card (README.md) and their recipe (extsub_recipe.yaml).
         lam: λ. A number; a list of numbers (one output per λ, OUT suffixed `-lam<λ>`); a
             per-anti-expert list inside the list (`[[1.0, 0.5]]`); or the CLI's string form
-            "0.5,1" / "1:0.5".
+            "0.5,1" / "1:0.5". A negative λ is allowed, with a warning.
         method: "ext-sub" (θ⁺ − λ·Ext(θ⁻)), "sub" (θ⁺ − λθ⁻) or "add" (θ⁺ + λθ⁻).
         base: θ₀, a full model. Dense inputs are then full models, ΔW = θ − θ₀, and OUT is θ₀ + ΔW'
             (a folder OUT gets the expert's config and tokenizer files). With LoRA or (IA)³ inputs OUT
@@ -78,56 +92,175 @@ def merge(
             prefix-tuning changes no weight and is refused.
         device: "auto", "cpu", "cuda" or "cuda:N".
         dtype: output dtype of float tensors: "keep" (the inputs'), "float16", "bfloat16",
-            "float32" (or the torch dtype).
+            "float32" (or the torch dtype). With a base, the copied config.json says it too.
         max_shard_size: largest shard of a folder OUT, bytes or "5GB" (default 5GB).
         on_missing: keys only in an anti-expert: "error" (list them), "copy", "skip".
-        force: replace an existing OUT.
+        force: replace an existing OUT (and an existing `report` file).
         progress: show a progress bar (stderr).
         block_bytes: target bytes of a block of rows (memory is a small multiple of it).
         adapter: options of adapter merges (output format, max_rank, scaling of bare LoRA files,
             any_base_model); refused with dense inputs.
+        transposed: GPT-2 Conv1D-named weights (c_attn, c_proj, c_fc, q_attn) are stored (in, out)
+            (True) or (out, in) (False); None decides from config.json, else key names and shapes.
+        dry_run: plan from the headers and return what would be written, writing nothing.
+        stats: gather the row statistics of each merged tensor or module (cos(p, m), deficiency
+            share, relative change; DESIGN.md §7); None: when a folder output's model card or a
+            `report` needs them.
+        report: write the run's JSON record to this file ("-": stdout) once it is done.
+        command: the command line to record in the outputs (default: the equivalent extsub-merge command).
 
     Returns:
         A MergeReport.
 
     Raises:
         InputError: bad inputs or arguments (nothing is written).
-        MergeError, OSError: a failure while streaming (nothing is left behind).
+        MergeError, OSError: a failure while streaming, or an input that changed during the run
+            (nothing is left behind).
+        KeyboardInterrupt: Ctrl-C (SIGTERM too, as `Terminated`, while the merge runs): nothing
+            is left behind, unless it came while the outputs were being moved into place; then
+            it is raised once all of them are, with the outputs in its `published`.
 
     Example:
         >>> report = merge("expert.safetensors", "anti.safetensors", "out.safetensors", lam=1.0)
         >>> print(report.summary())
     """
     started = time.perf_counter()
-    sources = [expert, *([anti] if isinstance(anti, (str, os.PathLike, PeftAdapter)) else list(anti))]
-    if len(sources) < 2:
-        raise InputError("give at least one anti-expert")
-    adapter = adapter or AdapterOptions()
-    out = Path(out)
-    options = RunOptions(
-        settings=tuple(parse_lams(lam, len(sources) - 1)),
+    out = out_path(out)
+    options = _run_options(
+        lam,
+        len(source_list(expert, anti)) - 1,
         method=method,
-        device=resolve_device(device),
-        out_dtype=_out_dtype(dtype),
+        device=device,
+        dtype=dtype,
         max_shard_size=_max_shard_size(out, max_shard_size),
         on_missing=on_missing,
         force=force,
         progress=progress,
         block_bytes=block_bytes,
+        mode="dry-run" if dry_run else "merge",
+        stats=(is_folder_output(out) or report is not None) if stats is None else bool(stats),
+        transposed=transposed,
     )
+    given = dict(dtype=dtype, max_shard_size=max_shard_size, report=report, out=out, dry_run=dry_run)
+    return execute(expert, anti, base, options, adapter or AdapterOptions(), out, given, command, started)
+
+
+def execute(
+    expert: Source,
+    anti: Source | Sequence[Source],
+    base: str | os.PathLike | None,
+    options: RunOptions,
+    adapter: AdapterOptions,
+    out: Path | None,
+    given: dict,
+    command: str | None,
+    started: float,
+) -> MergeReport:
+    """Resolve and fingerprint the inputs, check the outputs, route to the dense or the adapter engine, report.
+
+    `out` is None for statistics only (options.mode "inspect"). `given` holds options as the
+    caller spelled them (dtype, max_shard_size, report, ...) for the recipe and the record.
+    """
+    sources = source_list(expert, anti)
+    warn_negative_lams(options.settings, options.method)
     adapter.checked_format(base=base is not None)
-    inputs, loaded = _resolve_all(sources, base, quiet=not progress)
-    paths = output_paths(out, [lam_label(s) for s in options.settings])
-    if _adapter_inputs(inputs):
-        check_outputs(paths, inputs, force=force)
-        with terminate_as_interrupt():
-            return run_adapters(inputs, options, adapter, paths, started=started, loaded=loaded)
-    if adapter.given():
+    inputs, loaded = _resolve_all(sources, base, quiet=not options.progress)
+    snapshot = InputSnapshot(inputs)
+    paths = output_paths(out, [lam_label(s) for s in options.settings]) if out is not None else []
+    recipe = _recipe(inputs, options, adapter, given)
+    context = RunContext.create(
+        [fingerprint(role, inp) for role, inp in inputs],
+        recipe,
+        str(out) if out else None,
+        command,
+        options=_all_options(recipe, options, given),
+    )
+    is_adapter = _adapter_inputs(inputs)
+    if not is_adapter and adapter.given():
         role, inp = inputs[0]
         raise InputError(f"{adapter.given()[0]} applies to adapter inputs; {role} {inp.spec!r} is a dense checkpoint")
-    check_outputs(paths, inputs, force=force)
+    if paths:
+        check_outputs(paths, inputs, force=options.force)
+    report_path = given.get("report")
+    if report_path is not None and os.fspath(report_path) != "-":
+        check_report_path(Path(report_path), inputs, paths, force=options.force)
+    if not is_adapter and base is None and (hint := full_model_hint(inputs)):
+        warnings.warn(hint, stacklevel=3)
     with terminate_as_interrupt():
-        return run_dense(inputs, options, paths, started=started)
+        if is_adapter:
+            result = run_adapters(
+                inputs,
+                options,
+                adapter,
+                paths,
+                started=started,
+                loaded=loaded,
+                context=context,
+                check_inputs=snapshot.check,
+            )
+        else:
+            result = run_dense(inputs, options, paths, started=started, context=context, check_inputs=snapshot.check)
+    if report_path is not None:
+        write_json(report_record(result), report_path)
+    return result
+
+
+def source_list(expert: Source, anti: Source | Sequence[Source]) -> list[Source]:
+    """[expert, anti-expert, ...] from the forms `merge()` takes (one anti-expert, or a sequence of them)."""
+    sources = [expert, *([anti] if isinstance(anti, (str, os.PathLike, PeftAdapter)) else list(anti))]
+    if len(sources) < 2:
+        raise InputError("give at least one anti-expert")
+    return sources
+
+
+def _run_options(
+    lam: Lam, n_anti: int, *, dtype: DtypeName | torch.dtype, device: str | torch.device, **fields
+) -> RunOptions:
+    """The validated options of a run (λ parsed, device resolved, dtype checked)."""
+    return RunOptions(
+        settings=tuple(parse_lams(lam, n_anti)), device=resolve_device(device), out_dtype=_out_dtype(dtype), **fields
+    )
+
+
+def _recipe(
+    inputs: Sequence[tuple[str, ResolvedInput]], options: RunOptions, adapter: AdapterOptions, given: dict
+) -> dict:
+    """The options that shape the outputs, under recipe keys, inputs pinned (hub commits, absolute paths)."""
+    pinned = {role: pinned_spec(inp) for role, inp in inputs}
+    scaling = adapter.scaling
+    dtype = given.get("dtype", "keep")
+    return {
+        "expert": pinned["EXPERT"],
+        "anti": [spec for role, spec in pinned.items() if role.startswith("ANTI")],
+        "base": pinned.get("BASE"),
+        "method": options.method,
+        "device": options.device.type,
+        "dtype": dtype if isinstance(dtype, str) else DTYPE_NAMES.get(dtype),
+        "max_shard_size": given.get("max_shard_size"),
+        "on_missing": options.on_missing,
+        "transposed": options.transposed,
+        "format": adapter.output_format,
+        "max_rank": adapter.max_rank,
+        "lora_alpha": scaling.lora_alpha if scaling else None,
+        "rank": scaling.r if scaling else None,
+        "rslora": scaling.use_rslora if scaling else None,
+        "any_base_model": adapter.any_base_model or None,
+    }
+
+
+def _all_options(recipe: dict, options: RunOptions, given: dict) -> dict:
+    """Every option of the run for the report: the recipe's, the λ settings and how the run was driven."""
+    out = given.get("out")
+    return {
+        **recipe,
+        "lam": [list(s) for s in options.settings],
+        "out": str(out) if out is not None else None,
+        "force": options.force,
+        "dry_run": options.mode == "dry-run",
+        "stats": options.stats,
+        "block_bytes": options.block_bytes,
+        "report": os.fspath(given["report"]) if given.get("report") is not None else None,
+    }
 
 
 def _out_dtype(dtype: str | torch.dtype) -> torch.dtype | None:

@@ -1,9 +1,12 @@
 """The public ops: validation, dispatch by device and backend, and the torch (CPU) path.
 
 Ext-Sub per row (DESIGN.md §1): p' = α·p + β·m, α = 1 + (λ/2)·|m|/|p|, β = −λ/2;
-rows with |p| = 0 keep p. Only two row norms are needed.
+rows with |p| = 0 keep p. Only two row norms are needed. On request the same pass also
+hands back each row's |p|², |m|² and p·m (`row_stats`), from which a merge reports the
+geometry of every row (DESIGN.md §7) at the cost of one more reduction over data in cache.
 """
 
+import math
 import os
 import warnings
 from typing import Literal
@@ -19,6 +22,13 @@ BACKENDS: tuple[str, ...] = ("auto", "triton", "torch", "reference")
 # The torch path works on row blocks of about this many bytes per operand (compute dtype),
 # so the second touch of a block (the write after the norms) is served from cache.
 _CPU_BLOCK_BYTES = 2 << 20
+# The torch path's row sums take p·m from the norm of the result, |p'|² = α²|p|² + 2αβ·p·m + β²|m|², which costs
+# one fast reduction instead of a product pass. Against a direct dot product that loses a factor
+# κ = (α²|p|² + β²|m|²)/(|αβ|·|p||m|) of accuracy; with x = (λ/2)·|m|/|p| > 0 that is κ = 2 + 1/(x(1 + x)), so
+# κ ≤ 16 exactly when x ≥ _RESULT_DOT_MIN_X. Blocks with a row below it (or λ ≤ 0, or a zero row) take the
+# direct dot product.
+_RESULT_DOT_MAX_LOSS = 16.0
+_RESULT_DOT_MIN_X = (math.sqrt(1.0 + 4.0 / (_RESULT_DOT_MAX_LOSS - 2.0)) - 1.0) / 2.0
 
 
 def ext_sub_coefficients(p_norm: torch.Tensor, m_norm: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,38 +56,142 @@ def ext_sub_coefficients(p_norm: torch.Tensor, m_norm: torch.Tensor, lam: float)
     return alpha.unsqueeze(1), beta.unsqueeze(1)
 
 
-def _ext_sub_rows_torch_(p: torch.Tensor, m: torch.Tensor, lam: float) -> None:
-    """Closed form in torch, writing into the 2-D tensor `p` (any device).
+def _ext_sub_rows_torch_(p: torch.Tensor, m: torch.Tensor, lam: float, row_stats: torch.Tensor | None = None) -> None:
+    """Closed form in torch, writing into the 2-D tensor `p` (any device); `row_stats` (rows, 3) gets the row sums.
 
     On CPU the rows go in blocks of about _CPU_BLOCK_BYTES per operand: the norms read a block
     from DRAM and the update and the write find it in cache, so memory sees about one pass.
     Low-precision blocks are widened once into reused scratch buffers, so the result is
-    rounded once.
+    rounded once. Row sums: the norms are kept per row, p·m comes from the result's norm
+    (_RESULT_DOT_MAX_LOSS) or a direct product, and the float64 sums are finished at the end.
     """
     compute = compute_dtype(p.dtype, m.dtype)
     n_rows, n_cols = p.shape
-    if p.device.type == "cpu":
-        block_rows = max(1, min(n_rows, _CPU_BLOCK_BYTES // max(1, n_cols * compute.itemsize)))
-    else:
-        block_rows = n_rows
+    block_rows = _block_rows(p, compute)
     p_scratch = torch.empty((block_rows, n_cols), dtype=compute, device=p.device) if p.dtype != compute else None
     m_scratch = torch.empty((block_rows, n_cols), dtype=compute, device=p.device) if m.dtype != compute else None
+    # |p|, |m|, |p'| per row (row sums only); blocks whose p·m was taken directly are listed
+    norms = torch.empty((3, n_rows), dtype=compute, device=p.device) if row_stats is not None else None
+    direct: list[tuple[int, int]] = []
     for start in range(0, n_rows, block_rows):
-        p_block = p[start : start + block_rows]
-        m_block = m[start : start + block_rows]
-        rows = p_block.shape[0]
-        p_wide = p_block if p_scratch is None else p_scratch[:rows].copy_(p_block)
-        m_wide = m_block if m_scratch is None else m_scratch[:rows].copy_(m_block)
-        p_norm = torch.linalg.vector_norm(p_wide, dim=1)
-        m_norm = torch.linalg.vector_norm(m_wide, dim=1)
+        stop = min(start + block_rows, n_rows)
+        p_block, m_block = p[start:stop], m[start:stop]
+        p_wide = p_block if p_scratch is None else p_scratch[: stop - start].copy_(p_block)
+        m_wide = m_block if m_scratch is None else m_scratch[: stop - start].copy_(m_block)
+        p_norm = torch.linalg.vector_norm(p_wide, dim=1, out=norms[0, start:stop] if norms is not None else None)
+        m_norm = torch.linalg.vector_norm(m_wide, dim=1, out=norms[1, start:stop] if norms is not None else None)
         if bool((p_norm == 0).any()):  # rare: zero expert rows keep p (α = 1, β = 0)
+            if norms is not None:
+                direct.append(_direct_dot(row_stats, start, stop, p_wide, m_wide))
             alpha, beta = ext_sub_coefficients(p_norm, m_norm, lam)
             p_wide.mul_(alpha).addcmul_(m_wide, beta)
         else:  # the common case in a few in-place ops: α = 1 + (λ/2)|m|/|p|, β = −λ/2
-            alpha = m_norm.div_(p_norm).mul_(0.5 * lam).add_(1.0).unsqueeze(1)
+            alpha = torch.div(m_norm, p_norm).mul_(0.5 * lam).add_(1.0).unsqueeze(1)
+            # p·m from the result's norm needs λ > 0 and x = α − 1 ≥ _RESULT_DOT_MIN_X in every row
+            if norms is not None and (lam <= 0 or not bool((alpha >= 1.0 + _RESULT_DOT_MIN_X).all())):
+                direct.append(_direct_dot(row_stats, start, stop, p_wide, m_wide))
             p_wide.mul_(alpha).add_(m_wide, alpha=-0.5 * lam)
+        if norms is not None:
+            torch.linalg.vector_norm(p_wide, dim=1, out=norms[2, start:stop])
         if p_wide is not p_block:
             p_block.copy_(p_wide)
+    if norms is not None:
+        _finish_row_sums(row_stats, norms, lam, direct)
+
+
+def _direct_dot(out: torch.Tensor, start: int, stop: int, p: torch.Tensor, m: torch.Tensor) -> tuple[int, int]:
+    """p·m of rows [start, stop) as a direct product into `out`, before the update; returns the rows."""
+    out[start:stop, 2] = torch.linalg.vecdot(p, m, dim=1)
+    return start, stop
+
+
+def _finish_row_sums(out: torch.Tensor, norms: torch.Tensor, lam: float, direct: list[tuple[int, int]]) -> None:
+    """|p|², |m|² into `out`, and p·m = (|p'|² − α²|p|² − β²|m|²)/(2αβ) where it was not taken directly."""
+    pp, mm, rr = norms.to(out.dtype).square()
+    taken = [out[start:stop, 2].clone() for start, stop in direct]
+    out[:, 0], out[:, 1] = pp, mm
+    if lam > 0:
+        alpha, beta = 1.0 + (0.5 * lam) * torch.sqrt(mm / torch.where(pp > 0, pp, 1.0)), -0.5 * lam
+        out[:, 2] = (rr - alpha * alpha * pp - beta * beta * mm) / (2.0 * alpha * beta)
+    for (start, stop), dots in zip(direct, taken, strict=True):
+        out[start:stop, 2] = dots
+
+
+def _block_rows(p: torch.Tensor, compute: torch.dtype) -> int:
+    """Rows per block of the torch path: about _CPU_BLOCK_BYTES per operand on CPU, all rows elsewhere."""
+    n_rows, n_cols = p.shape
+    if p.device.type != "cpu":
+        return max(1, n_rows)
+    return max(1, min(n_rows, _CPU_BLOCK_BYTES // max(1, n_cols * compute.itemsize)))
+
+
+def _store_row_sums(
+    out: torch.Tensor, p_norm: torch.Tensor, m_norm: torch.Tensor, p_wide: torch.Tensor, m_wide: torch.Tensor
+) -> None:
+    """|p|², |m|², p·m of a block of rows into `out` (rows, 3), the squares taken in `out`'s precision."""
+    out[:, 0] = p_norm.to(out.dtype).square()
+    out[:, 1] = m_norm.to(out.dtype).square()
+    out[:, 2] = torch.linalg.vecdot(p_wide, m_wide, dim=1)
+
+
+def row_products(w_plus: torch.Tensor, w_minus: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row (dim 0) of a pair: |p|², |m|² and p·m, as a (rows, 3) float64 tensor on their device (DESIGN.md §7).
+
+    What `ext_sub_(..., row_stats=...)` hands back from its own pass, computed here without
+    the update: reduced in float32 (float64 for float64 inputs) over blocks sized for cache.
+
+    Args:
+        w_plus, w_minus: the pair, same shape and device, any float dtypes.
+        out: a (rows, 3) float32 or float64 tensor on their device to fill (default: a new float64 one).
+
+    Example:
+        >>> row_products(torch.tensor([[3.0, 4.0]]), torch.tensor([[1.0, 0.0]])).tolist()
+        [[25.0, 1.0, 3.0]]
+    """
+    check_pair(w_plus, w_minus, 0.0)
+    rows = _row_count(w_plus)
+    out = _checked_row_stats(out, w_plus) if out is not None else torch.empty(
+        rows, 3, dtype=torch.float64, device=w_plus.device
+    )
+    if rows == 0:
+        return out
+    p, m = as_rows(w_plus), as_rows(w_minus)
+    compute = compute_dtype(p.dtype, m.dtype)
+    step = _block_rows(p, compute)
+    for start in range(0, p.shape[0], step):
+        p_wide = p[start : start + step].to(compute)
+        m_wide = m[start : start + step].to(compute)
+        p_norm = torch.linalg.vector_norm(p_wide, dim=1)
+        m_norm = torch.linalg.vector_norm(m_wide, dim=1)
+        _store_row_sums(out[start : start + step], p_norm, m_norm, p_wide, m_wide)
+    return out
+
+
+def _row_count(t: torch.Tensor) -> int:
+    """Rows the op pairs: dim 0, one row for 0-D and 1-D tensors (an empty first dimension has none)."""
+    return t.shape[0] if t.dim() >= 2 else 1
+
+
+def _checked_row_stats(row_stats: torch.Tensor, w_plus: torch.Tensor) -> torch.Tensor:
+    """`row_stats` if it can hold the row sums of `w_plus`: (rows, 3), float32/float64, contiguous, same device."""
+    rows = _row_count(w_plus)
+    if (
+        not isinstance(row_stats, torch.Tensor)
+        or tuple(row_stats.shape) != (rows, 3)
+        or row_stats.dtype not in (torch.float32, torch.float64)
+        or row_stats.device != w_plus.device
+        or not row_stats.is_contiguous()
+    ):
+        found = (
+            f"{tuple(row_stats.shape)} {row_stats.dtype} on {row_stats.device}"
+            if isinstance(row_stats, torch.Tensor)
+            else type(row_stats).__name__
+        )
+        raise ValueError(
+            f"row_stats must be a contiguous ({rows}, 3) float32 or float64 tensor on {w_plus.device} "
+            f"(one row of |p|², |m|², p·m per row of w_plus), got {found}"
+        )
+    return row_stats
 
 
 def _triton_allowed(t: torch.Tensor) -> bool:
@@ -125,7 +239,14 @@ def _warn_no_triton() -> None:
         )
 
 
-def ext_sub_(w_plus: torch.Tensor, w_minus: torch.Tensor, lam: float, *, backend: Backend = "auto") -> torch.Tensor:
+def ext_sub_(
+    w_plus: torch.Tensor,
+    w_minus: torch.Tensor,
+    lam: float,
+    *,
+    backend: Backend = "auto",
+    row_stats: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Ext-Sub in place: w_plus ← w_plus − λ·Ext(w_minus), row by row (paper Algorithm 1).
 
     Args:
@@ -134,6 +255,8 @@ def ext_sub_(w_plus: torch.Tensor, w_minus: torch.Tensor, lam: float, *, backend
         lam: subtraction weight λ (finite).
         backend: "auto" (CUDA → Triton kernel, otherwise the torch path), "triton", "torch"
             or "reference" (Algorithm 1 literally, in float64).
+        row_stats: optional (rows, 3) float32/float64 tensor on w_plus's device: filled, in the
+            same pass, with |p|², |m|² and p·m of each row before the update (DESIGN.md §7).
 
     Returns:
         `w_plus` itself.
@@ -146,11 +269,17 @@ def ext_sub_(w_plus: torch.Tensor, w_minus: torch.Tensor, lam: float, *, backend
     check_pair(w_plus, w_minus, lam)
     lam = float(lam)
     chosen = _resolve_backend(backend, w_plus)
+    if row_stats is not None:
+        _checked_row_stats(row_stats, w_plus)
     if w_plus.numel() == 0:
+        if row_stats is not None:
+            row_stats.zero_()
         return w_plus
     if shares_storage(w_plus, w_minus):
         w_minus = w_minus.clone()
     if chosen == "reference":
+        if row_stats is not None:
+            row_products(w_plus, w_minus, out=row_stats)
         w_plus.copy_(ext_sub_reference(w_plus, w_minus, lam))
         return w_plus
 
@@ -164,9 +293,9 @@ def ext_sub_(w_plus: torch.Tensor, w_minus: torch.Tensor, lam: float, *, backend
             m = m.contiguous()
         from extsub_kernels.kernels.ext_sub import ext_sub_rows_
 
-        ext_sub_rows_(p, m, lam)
+        ext_sub_rows_(p, m, lam, row_stats=row_stats)
     else:
-        _ext_sub_rows_torch_(p, m, lam)
+        _ext_sub_rows_torch_(p, m, lam, row_stats)
     if copy_back:
         w_plus.copy_(p.view(w_plus.shape))
     return w_plus

@@ -2,6 +2,10 @@
 
 import os
 import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,12 +82,69 @@ def assert_close_explained(
 def assert_one_line_error(
     code: int, err: str, expected_code: int, parts: list[str], prog: str = "extsub-merge"
 ) -> None:
-    """The CLI exited with `expected_code` and its last stderr line is one `<prog>: error:` naming every part."""
+    """The CLI exited with `expected_code` and its last stderr line is one `PROG: error:` naming every part."""
     assert code == expected_code, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines and lines[-1].startswith(f"{prog}: error: ") and "Traceback" not in err, err
     for part in parts:
         assert part in lines[-1], f"{part!r} not in {lines[-1]!r}"
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A CLI run in a child process that stops itself (SIGSTOP) when `extsub_kernels.io.atomic.<function>` has been
+# called `count` times (before or after the call), so a test can deliver a signal exactly in that window.
+_STOPPING_CLI = """
+import os, signal, sys
+from extsub_kernels.io import atomic
+name, count, when, no_swap = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
+if no_swap:  # a file system without renameat2: every path takes the fallback
+    atomic._renameat2_fn = None
+real = getattr(atomic, name) if name != "rename" else os.rename
+calls = [0]
+def stopping(*args, **kwargs):
+    calls[0] += 1
+    if when == "before" and calls[0] == count:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    result = real(*args, **kwargs)
+    if when == "after" and calls[0] == count:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return result
+if name == "rename":
+    os.rename = stopping
+else:
+    setattr(atomic, name, stopping)
+from extsub_kernels.cli import main
+sys.exit(main(sys.argv[5:]))
+"""
+
+
+def stopped_cli(argv: list, *, at: str, count: int = 1, when: str = "after", no_swap: bool = False) -> subprocess.Popen:
+    """`extsub-merge argv` in a child process, returned once it has stopped itself at the window asked for.
+
+    Args:
+        at: a function of `extsub_kernels.io.atomic` ("exchange", "_move_in"), or "rename" for `os.rename`.
+        count: stop at its count-th call.
+        when: "before" or "after" that call.
+        no_swap: act as on a file system without renameat2 (the rename-aside fallback).
+    """
+    args = [sys.executable, "-c", _STOPPING_CLI, at, str(count), when, "1" if no_swap else "0", *map(str, argv)]
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    if not os.WIFSTOPPED(status):
+        err = proc.stderr.read().decode(errors="replace")
+        raise AssertionError(f"the CLI ended (status {status}) before reaching {at} #{count}: {err}")
+    return proc
+
+
+def finish(proc: subprocess.Popen, sig: int) -> tuple[int, str]:
+    """Deliver `sig` to a stopped child, let it continue, and return (exit code or -signal, stderr)."""
+    proc.send_signal(sig)
+    if sig != signal.SIGKILL:
+        proc.send_signal(signal.SIGCONT)
+    err = proc.stderr.read().decode(errors="replace")
+    return proc.wait(timeout=120), err
 
 
 def copy_adapter(source, target, *, tensors=None, config=None, bare: bool = False):

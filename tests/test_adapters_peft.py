@@ -20,7 +20,7 @@ from extsub_kernels import AdapterOptions, LoraScaling, merge
 from extsub_kernels.adapters.formats import to_peft, write_adapter, write_tensors
 from extsub_kernels.adapters.lora import merge_adapters
 from extsub_kernels.adapters.peft import exact_pattern, load_adapter, module_scaling, parse_peft_key, pattern_key
-from extsub_kernels.errors import AdapterError
+from extsub_kernels.errors import AdapterError, InputError
 
 from helpers import assert_close_explained
 from peft_fixtures import (
@@ -483,3 +483,78 @@ def test_the_deprecated_merge_adapter_files_warns_and_merges_as_merge(llama, tmp
     old_tensors = load_file(str(tmp_path / "old" / "adapter_model.safetensors"))
     new_tensors = load_file(str(tmp_path / "new" / "adapter_model.safetensors"))
     assert all(torch.equal(old_tensors[k], new_tensors[k]) for k in new_tensors)
+
+
+# --- configs validated as PEFT validates them ---------------------------------------------
+
+# name: (edit of the config, message, whether PEFT's own loader refuses the config too)
+BAD_CONFIGS = {
+    "peft_type missing": (_drop("peft_type"), r"peft_type is missing", True),
+    "peft_type in lower case": (_set(peft_type="lora"), r"peft_type is 'lora'; PEFT spells .* \('LORA'\)", True),
+    "peft_type not a string": (_set(peft_type=5), r"peft_type is 5; extsub merges LORA, IA3", True),
+    "r null": (_set(r=None), r"r must be a positive integer .* got None", True),
+    "r zero": (_set(r=0), r"r must be a positive integer .* got 0", True),
+    "r a float": (_set(r=4.0), r"r must be a positive integer .* got 4.0", True),
+    "target_modules a number": (
+        _set(target_modules=5),
+        r"target_modules must be a list of module names .* got 5",
+        True,
+    ),
+    "target_modules with numbers": (_set(target_modules=["q_proj", 3]), r"target_modules must be a list", True),
+    "layers_to_transform with a regex target": (
+        _set(target_modules=".*q_proj", layers_to_transform=[0]),
+        r"layers_to_transform and layers_pattern cannot be used with a target_modules regular expression",
+        True,
+    ),
+    "bad task_type": (_set(task_type="CHAT"), r"task_type is 'CHAT'; PEFT accepts", True),
+    "use_rslora a string": (_set(use_rslora="false"), r"use_rslora must be true or false, got 'false'", False),
+    "lora_alpha Infinity": (
+        lambda c: json.dumps(c).replace('"lora_alpha": 8', '"lora_alpha": Infinity'),
+        r"lora_alpha must be a finite number",
+        False,
+    ),
+    "QALoRA": (_set(use_qalora=True), r"use_qalora is set; not supported", False),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS), ids=list(BAD_CONFIGS))
+def test_configs_peft_refuses_are_refused_naming_the_file_and_field(case, llama, tmp_path):
+    base, paths = llama
+    edit, message, peft_refuses = BAD_CONFIGS[case]
+    bad = _copy_adapter(paths["expert"], tmp_path / "bad", config=edit)
+    with pytest.raises(AdapterError, match=message) as caught:
+        load_adapter(bad)
+    assert str(bad / "adapter_config.json") in str(caught.value)
+    if peft_refuses:
+        with pytest.raises(Exception):  # noqa: B017 - PEFT fails in its own ways (KeyError, TypeError, ValueError)
+            peft_model(base, bad)
+
+
+def test_weights_outside_target_modules_are_refused_and_peft_would_ignore_them(llama, tmp_path):
+    base, paths = llama
+    config = json.loads(Path(paths["expert"], "adapter_config.json").read_text())
+    narrowed = [m for m in config["target_modules"] if m != "q_proj"]
+    bad = _copy_adapter(paths["expert"], tmp_path / "bad", config=_set(target_modules=narrowed))
+    with pytest.raises(AdapterError, match=r"module model.layers.0.self_attn.q_proj has LoRA weights, but .* does not"):
+        load_adapter(bad)
+    model = peft_model(base, bad)  # what PEFT does with them: no LoRA layer on q_proj, its weights unused
+    lora_layers = {n for n, m in model.base_model.model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert lora_layers and not any(n.endswith("q_proj") for n in lora_layers)
+
+
+def test_a_module_of_rank_0_is_refused(llama, tmp_path):
+    _, paths = llama
+    edit = _replace(Q_A, lambda t: t[:0].contiguous())
+    empty = lambda s: _replace(Q_B, lambda t: t[:, :0].contiguous())(edit(s))  # noqa: E731
+    bad = _copy_adapter(paths["expert"], tmp_path / "bad", tensors=empty, config=lambda c: None)
+    with pytest.raises(AdapterError, match=r"q_proj has rank 0 \(lora_A \(0, 64\)\)"):
+        load_adapter(bad / "adapter_model.safetensors", scaling=LoraScaling(lora_alpha=8))
+
+
+def test_a_huge_lora_alpha_is_refused_where_the_merge_overflows_never_written_as_inf(llama, tmp_path):
+    _, paths = llama
+    huge = _copy_adapter(paths["expert"], tmp_path / "huge", config=_set(lora_alpha=1e308))
+    out = tmp_path / "outputs" / "out"
+    with pytest.raises(InputError, match=r"module .*: the merged factors overflow float32"):
+        _merge(huge, paths["anti"], out, 1.0)
+    assert not out.parent.exists()

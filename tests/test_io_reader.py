@@ -398,3 +398,19 @@ def test_a_header_of_200k_tensors_reads_in_bounded_time(tmp_path):
     with CheckpointReader([path]) as reader:
         assert len(reader) == n and reader.info("layers.199.block.999.w").offset == path.stat().st_size - 1
     assert time.perf_counter() - start < 30
+
+
+def test_whole_tensors_read_back_to_back_with_one_pread_per_contiguous_span(tmp_path, monkeypatch):
+    tensors = {f"t{i}": torch.randn(3) for i in range(50)}
+    path = save_checkpoint(tmp_path / "m.safetensors", tensors)
+    calls = []
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda *args: calls.append(args[2]) or real(*args))
+    with CheckpointReader([path]) as reader:
+        names = sorted(tensors)[10:40]
+        out = torch.empty(1000, dtype=torch.uint8)
+        assert reader.read_whole_into(names, out) == 30 * 12
+        assert torch.equal(out[:360].view(torch.float32).view(30, 3), torch.stack([tensors[n] for n in names]))
+        assert len(calls) == 1
+        reader.read_whole_into(["t1", "t9", "t2"], out)  # not adjacent in the file: a read each
+        assert len(calls) == 4

@@ -148,3 +148,28 @@ def test_an_unwritable_target_fails_when_the_writer_is_created(tmp_path):
 
 
 # ---------------------------------------------------------------- reader
+
+
+def test_a_run_of_tensors_is_written_in_one_call_across_shards(tmp_path):
+    tensors = {f"t{i}": torch.full((4,), float(i)) for i in range(10)}  # 16 bytes each
+    tensors["empty"] = torch.zeros(0)
+    with CheckpointWriter(tmp_path / "out", _entries(tensors), max_shard_size=40) as writer:
+        order = writer.order
+        data = b"".join(tensors[e.name].numpy().tobytes() for e in order)
+        writer.write(order[0].name, data, last=order[-1].name)
+        writer.commit()
+    shards = sorted((tmp_path / "out").glob("model-*.safetensors"))
+    assert len(shards) == 5
+    out = {k: v for s in shards for k, v in load_file(s).items()}
+    assert all(torch.equal(out[k], v) for k, v in tensors.items())
+
+
+def test_a_run_must_end_exactly_at_its_last_tensor(tmp_path):
+    tensors = {"a": torch.ones(2), "b": torch.ones(2), "c": torch.ones(2)}
+    writer = CheckpointWriter(tmp_path / "out.safetensors", _entries(tensors))
+    with writer, pytest.raises(MergeError, match="run of tensors through 'b' go past its end"):
+        writer.write("a", bytes(24), last="b")
+    writer = CheckpointWriter(tmp_path / "out.safetensors", _entries(tensors))
+    with writer, pytest.raises(MergeError, match="run of tensors through 'c' end before its end"):
+        writer.write("a", bytes(20), last="c")
+    assert not leftovers(tmp_path)

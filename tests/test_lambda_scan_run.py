@@ -4,6 +4,7 @@ against extsub-merge byte for byte, and the errors bad inputs give before anythi
 
 import json
 import math
+import shlex
 import shutil
 import warnings
 
@@ -182,7 +183,12 @@ def test_files_recommendation_and_generation_metrics(trained, tmp_path):
 
 @pytest.mark.parametrize(("kind", "save_format"), [("lora", None), ("lora", "model"), ("full", None)])
 def test_save_best_writes_what_extsub_merge_writes(trained, tmp_path, kind, save_format):
+    """--save-best records the extsub-merge command it equals; that command, run by extsub-merge into the same OUT,
+    writes the same files byte for byte (weights, metadata, model card, recipe)."""
+    from extsub_kernels.cli.merge import main as extsub_merge
+
     expert, anti = (trained.adapter("llama", kind, role) for role in ("expert", "anti"))
+    best = tmp_path / "best"
     result = scan(
         expert,
         anti,
@@ -191,23 +197,24 @@ def test_save_best_writes_what_extsub_merge_writes(trained, tmp_path, kind, save
         lam="0,1",
         method="sub",
         max_keep_increase=100.0,  # any λ qualifies: the best is λ = 1 unless FORGET-NLL fell
-        save_best=tmp_path / "best",
+        save_best=best,
         save_format=save_format,
     )
     lam = result.recommendations["sub"].lam
     assert lam == (1.0 if result.row("sub", 1.0).forget_nll > result[0].forget_nll else 0.0)
+    assert result.saved.outputs == (best,)
     full = kind == "full" or save_format == "model"
-    _quiet(
-        lambda: merge(
-            expert, anti, tmp_path / "direct", lam=lam, method="sub", base=trained.base("llama") if full else None
-        )
-    )
-    written = sorted(p.name for p in (tmp_path / "best").iterdir())
-    assert written == sorted(p.name for p in (tmp_path / "direct").iterdir())
+    command = shlex.split(result.saved.context.command)
+    assert command[:3] == ["extsub-merge", str(expert), str(anti)] and command[command.index("-o") + 1] == str(best)
+    assert command[command.index("--lam") + 1] == f"{lam:g}" and command[command.index("--method") + 1] == "sub"
+    assert (command[command.index("--base") + 1] == str(trained.base("llama"))) if full else "--base" not in command
+    scanned = best.rename(tmp_path / "scanned")
+    assert _quiet(lambda: extsub_merge(command[1:])) == 0
+    written = sorted(p.name for p in scanned.iterdir())
+    assert written == sorted(p.name for p in best.iterdir())
     assert ("model.safetensors" if full else "adapter_model.safetensors") in written
     for name in written:
-        assert (tmp_path / "best" / name).read_bytes() == (tmp_path / "direct" / name).read_bytes(), name
-    assert result.saved.outputs == (tmp_path / "best",)
+        assert (scanned / name).read_bytes() == (best / name).read_bytes(), name
 
 
 @pytest.mark.parametrize("stop", ["interrupt", "failure"])

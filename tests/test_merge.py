@@ -1,6 +1,7 @@
 """merge(): the output equals the op applied tensor by tensor, for every input and output layout."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -74,7 +75,9 @@ def test_single_files_equal_the_op_tensor_by_tensor(tmp_path, pair, block_bytes)
     in_bytes += expert["position_ids"].numel() * 8  # copied tensors are read from the expert only
     assert report.bytes_read == in_bytes and report.bytes_written == (tmp_path / "out.safetensors").stat().st_size
     assert report.seconds > 0 and report.peak_rss_bytes > 0 and report.peak_gpu_bytes is None and report.device == "cpu"
-    assert "7 tensors (6 merged, 1 copied)" in report.summary() and "GB/s" in report.summary()
+    summary = report.summary()
+    assert "7 tensors (6 merged, 1 copied) | read 30.20 kB, wrote" in summary, summary
+    assert re.search(r" \| [\d.]+ m?s, [\d.]+ (kB|MB)/s \| ", summary), "units that fit a small job"
 
 
 @pytest.mark.gpu
@@ -143,7 +146,11 @@ def test_sharded_input_and_sharded_output(tmp_path):
 def test_a_folder_output_under_the_shard_limit_is_one_model_safetensors(tmp_path, pair):
     _, _, e_path, a_path = pair
     merge(e_path, a_path, tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "README.md",
+        "extsub_recipe.yaml",
+        "model.safetensors",
+    ]
 
 
 def test_a_lam_list_writes_one_output_per_lam_from_one_read(tmp_path, pair):
@@ -239,12 +246,13 @@ def test_gpt2_conv1d_weights_pair_columns(tmp_path):
         "wte.weight": (50, 16),
     }
     expert, anti = random_delta(shapes), random_delta(shapes)
-    merge(
-        _gpt2_folder(tmp_path / "e", expert),
-        _gpt2_folder(tmp_path / "a", anti),
-        tmp_path / "out.safetensors",
-        block_bytes=SMALL_BLOCKS,
-    )
+    with pytest.warns(UserWarning, match="looks like a full model .config.json: gpt2. but no --base"):
+        merge(
+            _gpt2_folder(tmp_path / "e", expert),
+            _gpt2_folder(tmp_path / "a", anti),
+            tmp_path / "out.safetensors",
+            block_bytes=SMALL_BLOCKS,
+        )
     out = load_file(tmp_path / "out.safetensors")
     for name in shapes:
         if name == "wte.weight":  # an embedding: rows are tokens, as usual

@@ -28,12 +28,14 @@ from pathlib import Path
 
 import torch
 
+from extsub_kernels._tensors import all_finite
 from extsub_kernels.adapters.family import config_text
 from extsub_kernels.adapters.ia3 import ia3_key, ia3_output
 from extsub_kernels.adapters.lora import Device, LoraAdapter, LoraModule, module_delta
 from extsub_kernels.adapters.peft import CONFIG_NAME, WEIGHTS_NAME, exact_pattern, peft_key, weight_key
 from extsub_kernels.adapters.prefix import PROMPT_KEY, prefix_output
 from extsub_kernels.engine.outputs import LazyOutput, write_outputs
+from extsub_kernels.errors import InputError
 from extsub_kernels.io import TensorEntry
 from extsub_kernels.io.outputs import refuse_existing
 
@@ -85,6 +87,22 @@ def _alpha(module: LoraModule) -> float | int:
     return int(alpha) if float(alpha).is_integer() else alpha
 
 
+def _finite(module: str, key: str, make: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """`make`, checked: an adapter merge's output never holds NaN or ±inf (its inputs are finite: it overflowed)."""
+
+    def checked() -> torch.Tensor:
+        tensor = make()
+        if not all_finite(tensor):
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise InputError(
+                f"module {module}: {key} overflows {dtype} (ΔW' = s·B·A leaves its range, from the adapters' "
+                "scaling lora_alpha/r, λ or --dtype); nothing was written"
+            )
+        return tensor
+
+    return checked
+
+
 def _extra_makers(adapter: LoraAdapter) -> list:
     return [(TensorEntry(key, t.dtype, tuple(t.shape)), lambda t=t: t) for key, t in adapter.extra.items()]
 
@@ -101,8 +119,9 @@ def lora_output(adapter: LoraAdapter, *, dtype: torch.dtype | None = None, devic
     for name, module in adapter.modules.items():
         out = dtype or module.storage_dtype
         for part, factor in (("A", module.lora_A), ("B", module.lora_B)):
-            make = lambda f=factor, o=out: f.to(o).contiguous()  # noqa: E731
-            makers.append((TensorEntry(peft_key(name, part), out, tuple(factor.shape)), make))
+            key = peft_key(name, part)
+            make = _finite(name, key, lambda f=factor, o=out: f.to(o).contiguous())
+            makers.append((TensorEntry(key, out, tuple(factor.shape)), make))
     ranks = {name: m.rank for name, m in adapter.modules.items()}
     alphas = {name: _alpha(m) for name, m in adapter.modules.items()}
     config = peft_config(adapter, ranks, alphas)
@@ -126,8 +145,9 @@ def dense_lora_output(adapter: LoraAdapter, *, dtype: torch.dtype | None = None,
         makers.append(
             (TensorEntry(peft_key(name, "A"), out, (n_in, n_in)), lambda n=n_in, o=out: torch.eye(n, dtype=o))
         )
-        make_b = lambda m=module, o=out: module_delta(m, dtype=o, device=device).cpu()  # noqa: E731
-        makers.append((TensorEntry(peft_key(name, "B"), out, (module.out_features, n_in)), make_b))
+        key = peft_key(name, "B")
+        make_b = _finite(name, key, lambda m=module, o=out: module_delta(m, dtype=o, device=device).cpu())
+        makers.append((TensorEntry(key, out, (module.out_features, n_in)), make_b))
     texts = {CONFIG_NAME: config_text(dense_lora_config(adapter))}
     return LazyOutput.lazy(makers + _extra_makers(adapter), texts=texts, weights_name=WEIGHTS_NAME)
 
@@ -160,8 +180,9 @@ def delta_output(
     makers = []
     for name, module in adapter.modules.items():
         shape = (module.in_features, module.out_features) if transposed else (module.out_features, module.in_features)
-        make = lambda m=module: module_delta(m, dtype=dtype, transposed=transposed, device=device).cpu()  # noqa: E731
-        makers.append((TensorEntry(weight_key(name), dtype or module.storage_dtype, shape), make))
+        key = weight_key(name)
+        delta = lambda m=module: module_delta(m, dtype=dtype, transposed=transposed, device=device).cpu()  # noqa: E731
+        makers.append((TensorEntry(key, dtype or module.storage_dtype, shape), _finite(name, key, delta)))
     return LazyOutput.lazy(makers)
 
 

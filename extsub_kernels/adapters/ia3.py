@@ -32,6 +32,7 @@ from extsub_kernels.adapters.family import (
     strip_peft_prefix,
     weight_key,
 )
+from extsub_kernels.adapters.patterns import PatternMatcher
 from extsub_kernels.adapters.report import AdapterReport, counted
 from extsub_kernels.engine.methods import apply_method
 from extsub_kernels.engine.options import method_sign
@@ -49,18 +50,18 @@ def ia3_key(module: str) -> str:
     return f"{PEFT_PREFIX}{module}.ia3_l"
 
 
-def is_feedforward_module(patterns: object, module: str) -> bool:
+def is_feedforward_module(patterns: object, module: str, matcher: PatternMatcher | None = None) -> bool:
     """Whether PEFT treats `module` as feedforward under `feedforward_modules` (its own matching rule).
 
-    A string is a regular expression matched against the whole name; a list matches names
-    that end with one of its entries (PEFT's `key.endswith(target_key)`).
+    A string is a regular expression matched against the whole name (in bounded time, see
+    `patterns`); a list matches names that end with one of its entries (PEFT's `key.endswith(target_key)`).
 
     Example:
         >>> is_feedforward_module(["down_proj"], "model.layers.0.mlp.down_proj")
         True
     """
     if isinstance(patterns, str):
-        return re.fullmatch(patterns, module) is not None
+        return (matcher or PatternMatcher("adapter config")).matches(patterns, module, "feedforward_modules", full=True)
     return any(module.endswith(p) for p in patterns or ())
 
 
@@ -140,10 +141,11 @@ class IA3Adapter(PeftAdapter):
         if not vectors:
             raise AdapterError(f"{weights}: no (IA)³ vectors (keys ending in .ia3_l), but {where} says peft_type IA3")
         feedforward = set()
+        matcher = PatternMatcher(where)
         for name, vector in vectors.items():
             by_shape = vector.dim() == 2 and vector.shape[0] == 1 and vector.shape[1] != 1
             listed = config.get("feedforward_modules")
-            by_config = is_feedforward_module(listed, name)
+            by_config = is_feedforward_module(listed, name, matcher)
             if vector.dim() == 2 and vector.shape == (1, 1):
                 by_shape = by_config
             problem = _shape_problem(vector, by_shape)

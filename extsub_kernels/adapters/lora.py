@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from extsub_kernels._tensors import compute_dtype, is_float
+from extsub_kernels._tensors import all_finite, compute_dtype, is_float
 from extsub_kernels.adapters.family import (
     BaseEdit,
     PeftAdapter,
@@ -501,4 +501,9 @@ def _merge_module(
             b, a = torch.cat([b, b_minus], dim=1), torch.cat([a, a_minus], dim=0)
     if zero_rows:
         report.zero_rows[name] = zero_rows
+    if not all_finite(b) or not all_finite(a):
+        raise InputError(
+            f"module {name}: the merged factors overflow {str(compute).removeprefix('torch.')} (B scaled by "
+            "lora_alpha/r, by α and by λ leaves its range); the adapters' scaling or λ is out of range"
+        )
     return LoraModule(a, b, 1.0, out_dtype)

@@ -23,6 +23,7 @@ from extsub_kernels.adapters.family import PEFT_PREFIX, PeftAdapter, strip_peft_
 from extsub_kernels.adapters.family import weight_key as weight_key  # re-exported: the formats use it from here
 from extsub_kernels.adapters.ia3 import IA3Adapter
 from extsub_kernels.adapters.lora import LoraAdapter, LoraModule
+from extsub_kernels.adapters.patterns import PatternMatcher, pattern_key, selects
 from extsub_kernels.adapters.prefix import PrefixAdapter
 from extsub_kernels.errors import AdapterError
 from extsub_kernels.io.resolve import ADAPTER_CONFIG as CONFIG_NAME
@@ -89,23 +90,7 @@ def exact_pattern(module: str) -> str:
     return "^" + re.escape(module)
 
 
-def pattern_key(patterns: Mapping[str, object], module: str) -> str | None:
-    """The rank_pattern/alpha_pattern key that applies to `module`, by PEFT's rule; None if none does.
-
-    PEFT takes the first key (in the config's order) that matches the end of the module
-    name at a dot boundary as a regular expression: re.match(rf"(.*\\.)?({key})$", module).
-
-    Example:
-        >>> pattern_key({"q_proj": 8}, "model.layers.0.self_attn.q_proj")
-        'q_proj'
-    """
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None
-
-
-def module_scaling(config: Mapping, module: str, rank: int) -> float:
+def module_scaling(config: Mapping, module: str, rank: int, matcher: PatternMatcher | None = None) -> float:
     """PEFT's scaling of `module`: lora_alpha/r, or lora_alpha/√r with use_rslora; patterns override.
 
     Example:
@@ -113,15 +98,15 @@ def module_scaling(config: Mapping, module: str, rank: int) -> float:
         0.5
     """
     alphas = config.get("alpha_pattern") or {}
-    key = pattern_key(alphas, module)
+    key = pattern_key(alphas, module, matcher, "alpha_pattern key")
     alpha = alphas[key] if key is not None else config["lora_alpha"]
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
-def configured_rank(config: Mapping, module: str) -> int | None:
+def configured_rank(config: Mapping, module: str, matcher: PatternMatcher | None = None) -> int | None:
     """The rank the config gives `module` (rank_pattern, else r), or None when the config has no r."""
     ranks = config.get("rank_pattern") or {}
-    key = pattern_key(ranks, module)
+    key = pattern_key(ranks, module, matcher, "rank_pattern key")
     return ranks[key] if key is not None else config.get("r")
 
 
@@ -168,16 +153,27 @@ def peft_type_of(config: Mapping) -> str:
 def _read_lora(weights: Path, tensors: dict[str, torch.Tensor], config: dict, config_file: str) -> LoraAdapter:
     """The LoRA member's reader: lora_A/lora_B pairs, their ranks checked and scaling taken from the config."""
     pairs, extra = _group(weights, tensors)
+    matcher = PatternMatcher(config_file)
     modules = {}
     for name, (lora_A, lora_B) in pairs.items():
         _check_pair(weights, name, lora_A, lora_B)
-        expected = configured_rank(config, name)
+        if not selects(config, name, matcher):
+            raise AdapterError(
+                f"{weights}: module {name} has LoRA weights, but {config_file} does not select it (target_modules "
+                f"{config.get('target_modules')!r}, exclude_modules, modules_to_save, layers_to_transform): PEFT "
+                "puts no LoRA layer there and ignores these weights, so a merge would differ from what PEFT does; "
+                "fix target_modules or drop the weights"
+            )
+        expected = configured_rank(config, name, matcher)
         if expected is not None and lora_A.shape[0] != expected:
             raise AdapterError(
                 f"{weights}: module {name} has rank {lora_A.shape[0]} (lora_A {tuple(lora_A.shape)}) but "
                 f"{config_file} gives it r = {expected}; the config does not describe these weights"
             )
-        modules[name] = LoraModule(lora_A, lora_B, module_scaling(config, name, lora_A.shape[0]))
+        scale = module_scaling(config, name, lora_A.shape[0], matcher)
+        if not math.isfinite(scale):
+            raise AdapterError(f"{weights}: module {name}: the scaling lora_alpha/r from {config_file} is {scale}")
+        modules[name] = LoraModule(lora_A, lora_B, scale)
     return LoraAdapter(
         modules=modules,
         source=str(weights),
@@ -248,25 +244,121 @@ def _refuse_other_types_without_config(path: Path, weights: Path) -> None:
 
 def _read_config(config_path: Path) -> dict:
     config = read_json_object(config_path, "adapter config", error=AdapterError)
-    peft_type = peft_type_of(config)
-    if peft_type not in _READERS:
+    check_config(config, str(config_path))
+    return config
+
+
+def check_config(config: dict, where: str) -> None:
+    """Refuse an adapter_config.json that PEFT would refuse or that this merge cannot follow, naming the field.
+
+    The checks depend on `peft_type`, which PEFT requires (it picks the config class by it,
+    in upper case: "LORA"); each supported type has its checker in `CONFIG_CHECKS`.
+
+    Raises:
+        AdapterError: naming `where` (the config file), the field, what it holds and what was expected.
+    """
+    if "peft_type" not in config:
         raise AdapterError(
-            f"{config_path}: peft_type is {config.get('peft_type')!r}; extsub merges {', '.join(_READERS)} adapters"
+            f'{where}: peft_type is missing; PEFT needs it to know the adapter type (e.g. "peft_type": "LORA")'
         )
-    if peft_type != LoraAdapter.peft_type:
-        return config
+    peft_type = config["peft_type"]
+    check = CONFIG_CHECKS.get(peft_type) if isinstance(peft_type, str) else None
+    if check is None:
+        if isinstance(peft_type, str) and peft_type.upper() in CONFIG_CHECKS:
+            raise AdapterError(
+                f"{where}: peft_type is {peft_type!r}; PEFT spells adapter types in upper case "
+                f"({peft_type.upper()!r}) and refuses this one"
+            )
+        raise AdapterError(f"{where}: peft_type is {peft_type!r}; extsub merges {', '.join(CONFIG_CHECKS)} adapters")
+    _check_common_config(config, where)
+    check(config, where)
+
+
+def _check_common_config(config: dict, where: str) -> None:
+    """The fields every PEFT config has: task_type as PEFT's TaskType takes it, a base model name."""
+    task_type = config.get("task_type")
+    if task_type is not None and task_type not in _TASK_TYPES:
+        raise AdapterError(f"{where}: task_type is {task_type!r}; PEFT accepts {', '.join(_TASK_TYPES)} (or null)")
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise AdapterError(f"{where}: base_model_name_or_path must be a string, got {base!r}")
+
+
+def _check_member_config(config: dict, where: str) -> None:
+    """(IA)³ and prefix-tuning: their readers check their own fields (`ia3.py`, `prefix.py`)."""
+
+
+def _check_lora_config(config: dict, where: str) -> None:
+    """A LoRA config: the fields the merge uses and the ones PEFT's LoraConfig and LoRA layers check."""
     for flag, why in (
         ("use_dora", "DoRA rescales each column by a magnitude vector, so ΔW is not s·B·A"),
         ("lora_bias", "a LoRA bias adds to the output, so ΔW is not s·B·A alone"),
         ("alora_invocation_tokens", "aLoRA applies ΔW only after its invocation tokens"),
+        ("use_qalora", "QALoRA pools the input before lora_A, so ΔW is not s·B·A"),
+        ("target_parameters", "LoRA on parameters (target_parameters) is not a per-module s·B·A update"),
     ):
         if config.get(flag):
-            raise AdapterError(f"{config_path}: {flag} is set; not supported: {why}")
+            raise AdapterError(f"{where}: {flag} is set; not supported: {why}")
     for field_name in ("r", "lora_alpha"):
         if field_name not in config:
-            raise AdapterError(f"{config_path}: {field_name!r} is missing; the LoRA scaling is unknown")
-    _check_scaling_config(config, str(config_path))
-    return config
+            raise AdapterError(
+                f"{where}: {field_name!r} is missing, so the LoRA scaling is unknown (PEFT would assume its default, "
+                f"8); write the value the adapter was trained with"
+            )
+    if not _is_rank(config["r"]):
+        raise AdapterError(f"{where}: r must be a positive integer (PEFT refuses anything else), got {config['r']!r}")
+    _check_scaling_config(config, where)
+    for name in ("use_rslora", "fan_in_fan_out", "inference_mode"):
+        if config.get(name) is not None and not isinstance(config[name], bool):
+            raise AdapterError(f"{where}: {name} must be true or false, got {config[name]!r}")
+    for name in ("target_modules", "exclude_modules"):
+        if not _is_names(config.get(name), allow_str=True):
+            raise AdapterError(
+                f"{where}: {name} must be a list of module names or one regular expression, got {config[name]!r}"
+            )
+    if not _is_names(config.get("modules_to_save"), allow_str=False):
+        raise AdapterError(f"{where}: modules_to_save must list module names, got {config['modules_to_save']!r}")
+    if not _is_names(config.get("layers_pattern"), allow_str=True):
+        raise AdapterError(f"{where}: layers_pattern must be a name or list of names, got {config['layers_pattern']!r}")
+    indexes = config.get("layers_to_transform")
+    if indexes is not None and not (_is_index(indexes) or (isinstance(indexes, list) and all(map(_is_index, indexes)))):
+        raise AdapterError(f"{where}: layers_to_transform must be a layer index or a list of them, got {indexes!r}")
+    if isinstance(config.get("target_modules"), str) and (indexes is not None or config.get("layers_pattern")):
+        raise AdapterError(
+            f"{where}: layers_to_transform and layers_pattern cannot be used with a target_modules regular expression "
+            "(PEFT refuses the config)"
+        )
+    if config.get("layers_pattern") and indexes is None:
+        raise AdapterError(f"{where}: layers_pattern needs layers_to_transform (PEFT refuses the config)")
+    bias = config.get("bias")
+    if bias is not None and bias not in ("none", "all", "lora_only"):
+        raise AdapterError(f"{where}: bias is {bias!r}; PEFT accepts none, all, lora_only (or null)")
+
+
+# What PEFT's TaskType accepts for task_type.
+_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+# One checker per supported peft_type (after the common one): a new member of the PEM family adds its own here.
+CONFIG_CHECKS = {
+    LoraAdapter.peft_type: _check_lora_config,
+    IA3Adapter.peft_type: _check_member_config,
+    PrefixAdapter.peft_type: _check_member_config,
+}
+
+
+def _is_rank(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_index(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_names(value: object, *, allow_str: bool) -> bool:
+    """None, a list of strings, or (with `allow_str`) one string."""
+    if value is None or (allow_str and isinstance(value, str)):
+        return True
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def _check_scaling_config(config: dict, where: str) -> None:
@@ -275,24 +367,19 @@ def _check_scaling_config(config: dict, where: str) -> None:
     def number(value: object) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
-    def rank(value: object) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-    if config.get("r") is not None and not rank(config["r"]):
+    if config.get("r") is not None and not _is_rank(config["r"]):
         raise AdapterError(f"{where}: r must be a positive integer, got {config['r']!r}")
     if not number(config.get("lora_alpha")):
         raise AdapterError(f"{where}: lora_alpha must be a finite number, got {config.get('lora_alpha')!r}")
-    for name, valid, what in (("rank_pattern", rank, "positive integers"), ("alpha_pattern", number, "numbers")):
+    matcher = PatternMatcher(where)
+    for name, valid, what in (("rank_pattern", _is_rank, "positive integers"), ("alpha_pattern", number, "numbers")):
         patterns = config.get(name) or {}
         if not isinstance(patterns, dict):
             raise AdapterError(f"{where}: {name} must map module patterns to {what}, got {patterns!r}")
         for key, value in patterns.items():
             if not valid(value):
                 raise AdapterError(f"{where}: {name}[{key!r}] must be one of {what}, got {value!r}")
-            try:
-                re.compile(key)
-            except re.error as exc:
-                raise AdapterError(f"{where}: {name} key {key!r} is not a valid regular expression ({exc})") from exc
+            matcher.compile(key, f"{name} key")
 
 
 def _read_tensors(weights: Path) -> dict[str, torch.Tensor]:
@@ -375,4 +462,9 @@ def _check_pair(weights: Path, name: str, lora_A: torch.Tensor, lora_B: torch.Te
         raise AdapterError(
             f"{weights}: module {name}: lora_B {tuple(lora_B.shape)} and lora_A {tuple(lora_A.shape)} do not "
             "chain; lora_A must be (r, in_features) and lora_B (out_features, r)"
+        )
+    if lora_A.shape[0] == 0:
+        raise AdapterError(
+            f"{weights}: module {name} has rank 0 (lora_A {tuple(lora_A.shape)}): its scaling lora_alpha/r is "
+            "undefined and PEFT refuses r = 0; drop the module's weights"
         )

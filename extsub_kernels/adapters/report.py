@@ -1,8 +1,10 @@
 """What an adapter merge did to each unit (LoRA module, (IA)³ vector, prompt embedding): the adapter section."""
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from extsub_kernels.engine.report import Item
 
 
 @dataclass
@@ -36,10 +38,9 @@ class AdapterReport:
         return f"{self.method} λ={','.join(f'{lam:g}' for lam in self.lams)}: {summarize_modules([self])}"
 
     def details(self) -> list[str]:
-        """One line per module with its truncation error, then the modules left out."""
-        lines = [f"{name}: relative truncation error {error:.6g}" for name, error in self.truncation_error.items()]
-        lines += [f"{name}: only in anti-experts, nothing under ext-sub" for name in self.dropped]
-        return lines
+        """One line per truncated module with its truncation error (what happened to each module is in the
+        report's items)."""
+        return [f"{name}: relative truncation error {error:.6g}" for name, error in self.truncation_error.items()]
 
 
 def summarize_modules(reports: Sequence[AdapterReport]) -> str:
@@ -68,10 +69,12 @@ def summarize_modules(reports: Sequence[AdapterReport]) -> str:
     if rows:
         parts.append(f"{counted(rows, f'expert {first.row}')} with |p| = 0 kept unchanged")
     errors = [(error, name) for r in reports for name, error in r.truncation_error.items()]
-    if errors:
+    if errors and max(errors)[0] > 0:
         worst, where = max(errors)
         mean = sum(e for e, _ in errors) / len(errors)
         parts.append(f"relative truncation error (Frobenius) max {worst:.3g} ({where}), mean {mean:.3g}")
+    elif errors:
+        parts.append("no module above --max-rank, nothing truncated")
     for names, what in (
         (first.extra_copied, "copied from the expert"),
         (first.extra_merged, "merged as task vectors against BASE"),
@@ -98,6 +101,38 @@ class AdapterSection:
         return summarize_modules(self.reports)
 
     def details(self, outputs: Sequence[Path]) -> list[str]:
-        """Per-module lines (truncation error, modules left out), prefixed by their output."""
+        """Per-module truncation errors, prefixed by their output."""
         pairs = zip(outputs, self.reports, strict=True)
         return [f"{path}: {line}" for path, report in pairs for line in report.details()]
+
+
+def adapter_items(
+    report: AdapterReport, shapes: Mapping[str, tuple[tuple[int, ...], str]], roles: Sequence[str]
+) -> list[Item]:
+    """What a merge did with each unit (module, vector, ...) and non-adapter tensor, for --dry-run, --verbose and
+    the report.
+
+    Args:
+        report: the first λ setting's report (which modules merge does not depend on λ).
+        shapes: module or tensor name → (shape, dtype code) as written ((out, in) of ΔW for modules).
+        roles: EXPERT, ANTI, ... for the reasons.
+    """
+    antis = " or ".join(roles[1:])
+    outcomes = [
+        (report.merged, "merged", f"in EXPERT and {antis}"),
+        (report.copied, "copied", "in EXPERT only: unchanged"),
+        (report.dropped, "dropped", f"only in {antis}: nothing under ext-sub (|p| = 0, so Ext = 0)"),
+        (report.added, "added", f"only in {antis}: added as {'−' if report.method == 'sub' else '+'}λ·ΔW⁻"),
+    ]
+    items = [
+        Item(name, report.unit, action, reason, *shapes.get(name, ((), None)))
+        for names, action, reason in outcomes
+        for name in names
+    ]
+    for names, action, reason in (
+        (report.extra_copied, "copied", "a full weight (modules_to_save, bias): the expert's, unchanged"),
+        (report.extra_merged, "merged", "a full weight: merged as a task vector against BASE"),
+        (report.extra_left_out, "skipped", "a full weight, not a delta: left out of the delta format"),
+    ):
+        items += [Item(name, f"non-{report.pem} tensor", action, reason) for name in names]
+    return items

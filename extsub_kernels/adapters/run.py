@@ -12,7 +12,7 @@ in memory; with a base model it is the full merged model (`full_model`).
 import dataclasses
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,15 +23,20 @@ from extsub_kernels.adapters.formats import OUTPUT_FORMATS
 from extsub_kernels.adapters.full_model import full_model_outputs, match_targets
 from extsub_kernels.adapters.lora import LoraAdapter, check_max_rank
 from extsub_kernels.adapters.peft import CONFIG_NAME, LoraScaling, load_adapter
-from extsub_kernels.adapters.report import AdapterSection
-from extsub_kernels.engine.architecture import transposed_weights
+from extsub_kernels.adapters.report import AdapterSection, adapter_items
+from extsub_kernels.adapters.stats import adapter_stats, unit_shapes, units
+from extsub_kernels.engine.architecture import input_config, weight_layout
+from extsub_kernels.engine.context import RunContext
+from extsub_kernels.engine.dryrun import dry_run_report
 from extsub_kernels.engine.memory import peak_rss_bytes
+from extsub_kernels.engine.notes import MODEL_CONFIG, OutputKind, base_model_name, output_texts, run_metadata
 from extsub_kernels.engine.options import DEFAULT_MAX_SHARD_SIZE, FORMATS, RunOptions, check_choice, parse_size
-from extsub_kernels.engine.outputs import LazyOutput, run_metadata, write_outputs
+from extsub_kernels.engine.outputs import LazyOutput, write_outputs
 from extsub_kernels.engine.report import MergeReport
 from extsub_kernels.engine.transfer import Transfer
 from extsub_kernels.errors import AdapterError, InputError
 from extsub_kernels.io import CheckpointReader, ResolvedInput, is_folder_output
+from extsub_kernels.io.outputs import listed_files
 
 Inputs = Sequence[tuple[str, ResolvedInput]]
 
@@ -224,28 +229,35 @@ def run_adapters(
     *,
     started: float,
     loaded: Mapping[str, PeftAdapter] | None = None,
+    context: RunContext | None = None,
+    check_inputs: Callable[[], None] | None = None,
 ) -> MergeReport:
     """Merge resolved adapter inputs (and a base model) and write one output per λ setting.
 
-    The adapters are read once; each λ setting is a factored merge; every output streams
+    The adapters are read once; each λ setting is a merge in their own space; every output streams
     through `write_outputs` in one pass (with a base model, each base tensor is read once for
-    all outputs). The caller has checked the outputs' paths.
+    all outputs). The caller has checked the outputs' paths. `options.mode` "dry-run" stops
+    once the outputs are planned; "inspect" returns the statistics and writes nothing.
 
     Args:
         inputs: (role, input) pairs: EXPERT, the ANTIs in order, and BASE if given.
         options: λ settings, method, device (where ΔW' = B·A is formed), dtype, shards, force, progress.
         adapter_options: output format, truncation, scaling of bare files, base-model check.
-        paths: one output per λ setting.
+        paths: one output per λ setting (none to inspect).
         started: `time.perf_counter()` at the start of the merge, for the report's seconds.
         loaded: adapters already in memory, by role (their inputs are of kind "memory").
+        context: the run's provenance, written into every output and the report.
+        check_inputs: runs before the outputs are published; raises when an input changed during the run.
     """
     base = inputs[-1][1] if inputs[-1][0] == "BASE" else None
     adapter_inputs = [(role, inp) for role, inp in inputs if role != "BASE"]
+    roles = [role for role, _ in adapter_inputs]
     adapter_options.checked_format(base=base is not None)
     adapters = _adapters(adapter_inputs, loaded or {}, adapter_options.scaling)
     check_same_type(adapters[0], adapters[1:])
+    check_common_units(adapters, adapter_inputs)
     output_format = adapter_options.format_for(type(adapters[0]), base=base is not None)
-    limit = shard_limit(paths[0], output_format, options, base=base is not None)
+    limit = shard_limit(paths[0], output_format, options, base=base is not None) if paths else None
     bytes_read = sum(f.stat().st_size for _, inp in adapter_inputs for f in inp.files)
     merged = [
         merge_setting(
@@ -259,26 +271,64 @@ def run_adapters(
         )
         for lams in options.settings
     ]
+    report = merged[0].report
+    gather = options.stats or options.mode == "inspect"
+    shapes = {name: shape for adapter in [*adapters[::-1], merged[0]] for name, shape in unit_shapes(adapter).items()}
+    facts = dict(
+        device=str(options.device),
+        skipped=0,
+        method=options.method,
+        settings=options.settings,
+        items=tuple(adapter_items(report, shapes, roles)),
+        stats=tuple(adapter_stats(adapters, merged, report.merged, roles)) if gather else (),
+        context=context,
+        adapter=AdapterSection(tuple(m.report for m in merged)),
+    )
+    if options.mode == "inspect":
+        return MergeReport(
+            outputs=(),
+            tensors=0,
+            merged=len(report.merged),
+            copied=len(report.copied),
+            bytes_read=bytes_read,
+            bytes_written=0,
+            seconds=time.perf_counter() - started,
+            peak_rss_bytes=peak_rss_bytes(),
+            peak_gpu_bytes=None,
+            mode="inspect",
+            **facts,
+        )
     transfer = Transfer(options.device)
     transfer.reset_peak()
-    metadata = run_metadata(inputs, options, None if base else output_format)
-    writing = dict(max_shard_size=limit, force=options.force, progress=options.progress)
-    if base is None:
-        dtype, device = options.out_dtype, options.device
-        outputs = [adapter_output(m, output_format, dtype=dtype, device=device) for m in merged]
-        written, bytes_written = write_outputs(outputs, paths, metadata, **writing)
-        computed = _computed_names(merged[0], output_format) & {e.name for e in outputs[0].entries}
-    else:
-        with CheckpointReader(base.files, label="BASE") as reader:
+    metadata = run_metadata(inputs, options, None if base else output_format, context)
+    writing = dict(max_shard_size=limit, force=options.force, progress=options.progress, check_inputs=check_inputs)
+    folder = is_folder_output(paths[0])
+    reader = CheckpointReader(base.files, label="BASE") if base is not None else None
+    try:
+        if reader is None:
+            dtype, device = options.out_dtype, options.device
+            outputs = [adapter_output(m, output_format, dtype=dtype, device=device) for m in merged]
+            kind = adapter_kind(output_format, adapters[0])
+            computed = _computed_names(merged[0], output_format) & {e.name for e in outputs[0].entries}
+        else:
+            layout = weight_layout(
+                [("BASE", input_config(base))],
+                {k: reader.info(k).shape for k in reader},
+                explicit=options.transposed,
+                role=f"BASE ({base.spec})",
+            )
+            facts["layout"] = layout.reason
             targets = match_targets(
                 merged[0],
                 reader,
-                conv1d=transposed_weights(base.config()),
+                conv1d=layout.rule,
                 expert_extra=adapters[0].extra,
                 anti_extras=[a.extra for a in adapters[1:]],
                 sources=[a.source for a in adapters],
             )
-            extra_files = [p for p in base.config_files if p.name != CONFIG_NAME] if is_folder_output(paths[0]) else []
+            config = base.config_file(MODEL_CONFIG) if folder else None
+            skip = (CONFIG_NAME, MODEL_CONFIG)
+            extra_files = [p for p in base.config_files if p.name not in skip] if folder else []
             outputs = full_model_outputs(
                 merged,
                 options.settings,
@@ -289,23 +339,92 @@ def run_adapters(
                 device=options.device,
                 extra_files=extra_files,
             )
-            written, bytes_written = write_outputs(outputs, paths, metadata, **writing)
+            kind = OutputKind(
+                "the full merged model θ₀ + ΔW'", "transformers" if config else None, base_model_name(base), config
+            )
             bytes_read += sum(reader.info(k).nbytes for k in reader)
             computed = set(targets)
-    tensors = len(outputs[0].entries)
+        outputs = _with_notes(outputs, paths, options, context, kind, facts["stats"])
+        tensors = len(outputs[0].entries)
+        facts.update(tensors=tensors, merged=len(computed), copied=tensors - len(computed))
+        if options.mode == "dry-run":
+            first = outputs[0]
+            return dry_run_report(
+                paths,
+                first.entries,
+                [{"format": "pt", **m} for m in metadata],
+                limit,
+                first.extra_files,
+                list(first.texts),
+                bytes_read,
+                facts,
+                first.weights_name,
+            )
+        written, bytes_written = write_outputs(outputs, paths, metadata, **writing)
+    finally:
+        if reader is not None:
+            reader.close()
     return MergeReport(
         outputs=written,
-        tensors=tensors,
-        merged=len(computed),
-        copied=tensors - len(computed),
-        skipped=0,
         bytes_read=bytes_read,
         bytes_written=bytes_written,
         seconds=time.perf_counter() - started,
         peak_rss_bytes=peak_rss_bytes(),
         peak_gpu_bytes=transfer.peak_memory(),
-        device=str(options.device),
-        adapter=AdapterSection(tuple(m.report for m in merged)),
+        files=tuple(tuple(listed_files(path)) for path in written),
+        **facts,
+    )
+
+
+# What each output format is, for its model card (formats of every PEM type).
+FORMAT_WHAT = {
+    "lora": "a PEFT LoRA adapter (rank r⁺ + r⁻ per module, exact)",
+    "dense-lora": "a PEFT LoRA adapter in the paper's dense layout (lora_B = ΔW', lora_A = I)",
+    "delta": "ΔW' per module, keyed and laid out like the base model's weights (add them to it)",
+    "ia3": "a PEFT (IA)³ adapter",
+    "prefix-tuning": "a PEFT prefix-tuning adapter",
+}
+
+
+# The model-card tag of each PEM type, as the Hugging Face hub spells them.
+PEM_TAGS = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix-tuning"}
+
+
+def adapter_kind(output_format: str, expert: PeftAdapter) -> OutputKind:
+    """What an adapter output is, for its model card: every format but delta is a folder PEFT loads."""
+    what = FORMAT_WHAT.get(output_format, f"a {output_format} adapter")
+    pem = PEM_TAGS.get(expert.peft_type, expert.peft_type.lower())
+    if output_format == "delta":
+        return OutputKind(what, None, expert.base_model_name_or_path, tags=(pem,))
+    return OutputKind(what, "peft", expert.base_model_name_or_path, tags=("peft", pem))
+
+
+def _with_notes(
+    outputs: Sequence[LazyOutput],
+    paths: Sequence[Path],
+    options: RunOptions,
+    context: RunContext | None,
+    kind: OutputKind,
+    stats: Sequence,
+) -> list[LazyOutput]:
+    """The outputs with their model card, recipe and noted config.json among the texts written beside the weights."""
+    notes = output_texts(paths, options, context, kind, stats)
+    return [dataclasses.replace(o, texts={**o.texts, **n}) for o, n in zip(outputs, notes, strict=True)]
+
+
+def check_common_units(adapters: Sequence[PeftAdapter], inputs: Inputs) -> None:
+    """Raise an InputError when no anti-expert shares a module with the expert: nothing would be merged."""
+    expert = units(adapters[0])
+    antis = [units(a) for a in adapters[1:]]
+    if any(name in anti for anti in antis for name in expert):
+        return
+    (e_role, e_inp), (a_role, a_inp) = inputs[0], inputs[1]
+    others = sorted({name for anti in antis for name in anti})
+    kind = adapters[0].unit
+    raise InputError(
+        f"no {adapters[0].label} {kind} is in both {e_role} ({e_inp.spec}) and the anti-expert(s): {e_role} has e.g. "
+        f"{next(iter(expert), 'nothing')}, {a_role} ({a_inp.spec}) has e.g. {others[0] if others else 'nothing'}; "
+        "there is nothing to merge (are they adapters of the same model and target modules?)"
     )
 
 

@@ -1,17 +1,29 @@
-"""What a model's config.json says about how its weights are laid out: GPT-2's Conv1D stores (in, out).
+"""What a model's files say about how its weights are laid out: GPT-2's Conv1D stores (in, out).
 
 Ext-Sub pairs rows of ΔW (output features). nn.Linear stores (out, in), so rows are dim 0;
 Conv1D layers (GPT-2 family: c_attn, q_attn, c_proj, c_fc) store the transpose, so there the
-merge pairs columns of the stored tensor.
+merge pairs columns of the stored tensor. The layout is decided the same way for every kind
+of input, in this order: `--transposed/--no-transposed`; a config.json (in a folder or hub
+snapshot, or beside a bare .safetensors file); the key names and shapes of GPT-2-family
+checkpoints (c_attn is (d, 3d) as Conv1D stores it, (3d, d) as nn.Linear would). Conv1D key
+names whose shapes do not tell draw a warning.
 """
 
 import re
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from extsub_kernels.io import ResolvedInput, read_json_object
 
 # Models whose linear layers are GPT-2's Conv1D, storing weights as (in, out) instead of (out, in).
 CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
 CONV1D_ARCHITECTURE_PREFIXES = ("GPT2", "OpenAIGPT", "ImageGPT", "DecisionTransformer")
 _CONV1D_WEIGHT = re.compile(r"(^|\.)(c_attn|q_attn|c_proj|c_fc)\.weight$")
+# Conv1D weights whose shape tells the layout: (name pattern, ratio out/in of the layer).
+_TELLING = ((re.compile(r"(^|\.)c_attn\.weight$"), 3), (re.compile(r"(^|\.)c_fc\.weight$"), 4))
+_MLP_PROJ = re.compile(r"(^|\.)mlp\.c_proj\.weight$")
+CONFIG_NAME = "config.json"
 
 TransposedRule = Callable[[str, tuple[int, ...]], bool]
 
@@ -21,6 +33,23 @@ def never_transposed(name: str, shape: tuple[int, ...]) -> bool:
     return False
 
 
+def conv1d_transposed(name: str, shape: tuple[int, ...]) -> bool:
+    """The rule for GPT-2-family models: 2-D weights named like Conv1D layers are stored (in, out)."""
+    return len(shape) == 2 and _CONV1D_WEIGHT.search(name) is not None
+
+
+def uses_conv1d(config: Mapping | None) -> bool | None:
+    """Whether a config.json describes a GPT-2-family model (True), another model (False), or nothing (None)."""
+    if not isinstance(config, Mapping):
+        return None
+    architectures = config.get("architectures")
+    architectures = [a for a in architectures if isinstance(a, str)] if isinstance(architectures, list) else []
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) and not architectures:
+        return None
+    return model_type in CONV1D_MODEL_TYPES or any(a.startswith(CONV1D_ARCHITECTURE_PREFIXES) for a in architectures)
+
+
 def transposed_weights(config: dict | None) -> TransposedRule:
     """A predicate (name, shape) → whether that weight is stored transposed (GPT-2 Conv1D), from config.json.
 
@@ -28,12 +57,107 @@ def transposed_weights(config: dict | None) -> TransposedRule:
         >>> transposed_weights({"model_type": "gpt2"})("h.0.attn.c_attn.weight", (64, 192))
         True
     """
-    config = config if isinstance(config, dict) else {}
-    architectures = config.get("architectures")
-    architectures = architectures if isinstance(architectures, list) else []
-    uses_conv1d = config.get("model_type") in CONV1D_MODEL_TYPES or any(
-        isinstance(a, str) and a.startswith(CONV1D_ARCHITECTURE_PREFIXES) for a in architectures
+    return conv1d_transposed if uses_conv1d(config) else never_transposed
+
+
+def input_config(inp: ResolvedInput) -> dict | None:
+    """An input's config.json: in its folder or hub snapshot, or beside a bare .safetensors file; None if absent."""
+    if inp.kind == "file":
+        beside = inp.files[0].parent / CONFIG_NAME
+        return read_json_object(beside) if beside.is_file() else None
+    if inp.kind == "memory":
+        return None
+    return inp.config(CONFIG_NAME)
+
+
+@dataclass(frozen=True)
+class WeightLayout:
+    """How a run pairs rows: whether Conv1D-named weights are stored (in, out), and what decided it.
+
+    Attributes:
+        rule: (name, shape) → whether that weight is paired along its columns.
+        conv1d: True when Conv1D-named weights are taken as stored (in, out).
+        reason: one line for the report and --verbose ("config.json of EXPERT: model_type gpt2").
+    """
+
+    rule: TransposedRule
+    conv1d: bool
+    reason: str
+
+
+def weight_layout(
+    configs: Sequence[tuple[str, dict | None]],
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    explicit: bool | None = None,
+    role: str = "EXPERT",
+) -> WeightLayout:
+    """Decide the layout: `explicit` (--transposed/--no-transposed), else the first config that names a model,
+    else the key names and shapes in `shapes` (the tensors of input `role`); warn where those cannot tell.
+
+    Args:
+        configs: (role, config.json or None) per input, in the order they are trusted.
+        shapes: tensor name → shape of the checkpoint whose names are examined.
+        explicit: True/False when the user said it; None to decide.
+        role: whose tensors `shapes` are, for messages.
+
+    Example:
+        >>> weight_layout([("EXPERT", None)], {"h.0.attn.c_attn.weight": (64, 192)}).conv1d
+        True
+    """
+    if explicit is not None:
+        flag = "--transposed" if explicit else "--no-transposed"
+        return WeightLayout(conv1d_transposed if explicit else never_transposed, bool(explicit), f"{flag} given")
+    for who, config in configs:
+        verdict = uses_conv1d(config)
+        if verdict is not None:
+            kind = config.get("model_type") or ", ".join(config.get("architectures") or [])
+            what = "GPT-2 Conv1D weights stored (in, out)" if verdict else "weights stored (out, in)"
+            return WeightLayout(
+                conv1d_transposed if verdict else never_transposed, verdict, f"config.json of {who} ({kind}): {what}"
+            )
+    conv1d_names = [name for name, shape in shapes.items() if conv1d_transposed(name, shape)]
+    if not conv1d_names:
+        return WeightLayout(never_transposed, False, "no config.json and no Conv1D weight names: rows are dim 0")
+    votes = [v for name in conv1d_names if (v := _shape_vote(name, shapes[name])) is not None]
+    if votes and all(votes):
+        example = next(n for n in conv1d_names if _shape_vote(n, shapes[n]))
+        return WeightLayout(
+            conv1d_transposed,
+            True,
+            f"GPT-2 key names and shapes in {role} ({example} is {list(shapes[example])}, as Conv1D stores it)",
+        )
+    if votes and not any(votes):
+        return WeightLayout(never_transposed, False, f"Conv1D key names in {role} but nn.Linear shapes: rows are dim 0")
+    warnings.warn(
+        f"{role} has GPT-2 Conv1D weight names (e.g. {conv1d_names[0]}) but no config.json, and their shapes do not "
+        "tell whether they are stored (in, out) as Conv1D stores them; pairing them as Conv1D (columns of the stored "
+        "tensor). Pass --transposed to confirm, or --no-transposed if they are stored (out, in)",
+        stacklevel=2,
     )
-    if not uses_conv1d:
-        return never_transposed
-    return lambda name, shape: len(shape) == 2 and _CONV1D_WEIGHT.search(name) is not None
+    return WeightLayout(conv1d_transposed, True, f"ambiguous Conv1D key names in {role}: taken as Conv1D (in, out)")
+
+
+def _shape_vote(name: str, shape: tuple[int, ...]) -> bool | None:
+    """True when the shape is a Conv1D (in, out) layout of that layer, False when it is (out, in), None if unclear."""
+    rows, cols = shape
+    for pattern, ratio in _TELLING:
+        if pattern.search(name):
+            return True if cols == ratio * rows else False if rows == ratio * cols else None
+    if _MLP_PROJ.search(name):  # the MLP's output projection maps 4d → d
+        return True if rows == 4 * cols else False if cols == 4 * rows else None
+    return None
+
+
+def full_model_hint(inputs: Sequence[tuple[str, ResolvedInput]]) -> str | None:
+    """A warning for full models merged without a base: which input has a model's config.json, and what to do."""
+    for role, inp in inputs:
+        config = input_config(inp)
+        if uses_conv1d(config) is not None:
+            kind = config.get("model_type") or ", ".join(config.get("architectures") or [])
+            return (
+                f"{role} {inp.spec!r} looks like a full model (config.json: {kind}) but no --base was given, so its "
+                "weights are merged as task vectors ΔW, not as θ − θ₀; to merge fine-tuned models, give --base BASE "
+                "(the model they were fine-tuned from)"
+            )
+    return None

@@ -5,6 +5,7 @@ here, so a choice is spelled, checked and explained the same way everywhere.
 """
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -27,6 +28,9 @@ OUT_DTYPES: dict[str, torch.dtype | None] = {
     "bfloat16": torch.bfloat16,
     "float32": torch.float32,
 }
+Mode = Literal["merge", "dry-run", "inspect"]
+MODES: tuple[str, ...] = get_args(Mode)
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in OUT_DTYPES.items() if dtype is not None}
 # The dtype a λ scan loads and evaluates the model in; "auto": the checkpoint's own on CUDA, float32 on the CPU.
 EvalDtypeName = Literal["auto", "float32", "float64", "bfloat16", "float16"]
 EVAL_DTYPES: dict[str, torch.dtype | None] = {
@@ -43,6 +47,8 @@ MAX_SCAN_POINTS = 1000
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 CPU = torch.device("cpu")
 DEFAULT_BLOCK_BYTES = 32 << 20
+# The op computes in float32 (float64 for float64 weights): a λ past float32's range cannot be used.
+MAX_LAM = float(torch.finfo(torch.float32).max)
 
 # λ as the Python API takes it: a number, a list (one output each), per-anti-expert lists, or the CLI string.
 Lam = float | str | Sequence[float | Sequence[float]]
@@ -82,6 +88,10 @@ def lam_value(value: object) -> float:
         raise InputError(f"λ must be a number, got {value!r}") from None
     if not math.isfinite(x):
         raise InputError(f"λ must be a finite number, got {value!r}")
+    if abs(x) > MAX_LAM:
+        raise InputError(
+            f"λ {value!r} is out of range: |λ| must be at most {MAX_LAM:.4g} (float32, the precision of the op)"
+        )
     return x
 
 
@@ -205,6 +215,23 @@ def eval_dtype(name: str | torch.dtype) -> torch.dtype | None:
     return EVAL_DTYPES[name]
 
 
+def warn_negative_lams(settings: Sequence[LamSetting], method: str) -> None:
+    """Say once what a negative λ does: ext-sub then adds the deficiency, sub adds θ⁻ and add subtracts it."""
+    negative = sorted({v for setting in settings for v in setting if v < 0})
+    if not negative:
+        return
+    effect = {
+        "ext-sub": "adds the deficiency Ext(θ⁻) to the expert instead of removing it",
+        "sub": "adds the anti-expert instead of subtracting it",
+        "add": "subtracts the anti-expert instead of adding it",
+    }[method]
+    warnings.warn(
+        f"λ = {', '.join(_format(v) for v in negative)} is negative: {method} then {effect}; "
+        "that is allowed, and rarely what unlearning wants",
+        stacklevel=3,
+    )
+
+
 def input_roles(n_anti: int) -> list[str]:
     """Names of the inputs in messages: EXPERT, then ANTI (or ANTI #1, ANTI #2, ... for several)."""
     return ["EXPERT"] + [f"ANTI{'' if n_anti == 1 else f' #{i + 1}'}" for i in range(n_anti)]
@@ -277,6 +304,9 @@ class RunOptions:
         force: replace existing outputs.
         progress: show a progress bar on stderr.
         block_bytes: target bytes of a streamed block of rows.
+        mode: "merge"; "dry-run" (plan from the headers, write nothing); "inspect" (row statistics, no output).
+        stats: gather the row statistics of every merged tensor or module (DESIGN.md §7).
+        transposed: GPT-2 Conv1D-named weights are stored (in, out) (True), are not (False), or decide (None).
     """
 
     settings: tuple[LamSetting, ...]
@@ -288,10 +318,14 @@ class RunOptions:
     force: bool = False
     progress: bool = False
     block_bytes: int = DEFAULT_BLOCK_BYTES
+    mode: str = "merge"
+    stats: bool = False
+    transposed: bool | None = None
 
     def __post_init__(self) -> None:
         check_choice(self.method, METHODS, "method")
         check_choice(self.on_missing, ON_MISSING, "on_missing")
+        check_choice(self.mode, MODES, "mode")
         if isinstance(self.block_bytes, bool) or not isinstance(self.block_bytes, int) or self.block_bytes <= 0:
             raise InputError(f"block_bytes must be a positive int, got {self.block_bytes!r}")
 

@@ -10,7 +10,6 @@ as the header-first writer needs) with how to make each tensor; `write_outputs` 
 outputs one tensor at a time, so memory holds a few tensors whatever the output's size.
 """
 
-import json
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,11 +19,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from extsub_kernels._version import __version__
-from extsub_kernels.engine.options import RunOptions
 from extsub_kernels.engine.pipeline import run_pipeline
 from extsub_kernels.errors import MergeError
-from extsub_kernels.io import CheckpointWriter, ResolvedInput, TensorEntry, check_free_space
+from extsub_kernels.io import CheckpointWriter, TensorEntry, check_free_space, is_folder_output
+from extsub_kernels.io.atomic import publish_all
+from extsub_kernels.io.writer import plan_layout
 
 
 @dataclass
@@ -32,11 +31,13 @@ class Piece:
     """What the compute stage hands the writer: one tensor (or a block of its rows) for every output, on the host.
 
     Attributes:
-        name: the output tensor the bytes belong to.
+        name: the output tensor the bytes belong to (the first one, for a run).
         tensors: one per output, in the outputs' order.
         progress: bytes to advance the progress bar by.
         ready: called before writing (waits for a device → host copy); None when the data is there.
         release: called after writing (hands buffers back to a pool).
+        last: for a run of small tensors written at once, the last one: each of `tensors` holds
+            the bytes of every tensor from `name` to `last` in the outputs' order.
     """
 
     name: str
@@ -44,13 +45,15 @@ class Piece:
     progress: int
     ready: Callable[[], None] | None = None
     release: Callable[[], None] | None = None
+    last: str | None = None
 
 
 class OutputSet:
     """The outputs of one run, one per λ setting: created under temporary names, streamed into, committed together.
 
     Creating the set creates every temporary output and checks the free space, so an unusable
-    OUT fails before any work. Leaving a `with` block on an error removes them all.
+    OUT fails before any work. Leaving a `with` block on an error removes them all. `commit`
+    publishes every output together, once `check_inputs` (if given) has found the inputs unchanged.
 
     Args:
         paths: one target per output (a .safetensors file, or a folder).
@@ -60,6 +63,8 @@ class OutputSet:
         weights_name: the weights file of a folder output.
         extra_files: files copied into folder outputs (config, tokenizer).
         force: replace existing targets.
+        check_inputs: called after every output is written and before any is published; raises
+            when an input changed during the run (then nothing is published).
     """
 
     def __init__(
@@ -72,18 +77,23 @@ class OutputSet:
         weights_name: str = "model.safetensors",
         extra_files: Sequence[Path] = (),
         force: bool = False,
+        check_inputs: Callable[[], None] | None = None,
     ):
         self.writers: list[CheckpointWriter] = []
+        self.force = force
+        self._check_inputs = check_inputs
         try:
+            folder = is_folder_output(paths[0])
+            layout = plan_layout(entries, folder=folder, max_shard_size=max_shard_size, weights_name=weights_name)
             for path, meta in zip(paths, metadata, strict=True):
                 writer = CheckpointWriter(
                     path,
-                    entries,
-                    dict(meta),
+                    metadata=dict(meta),
                     max_shard_size=max_shard_size,
                     weights_name=weights_name,
                     extra_files=extra_files,
                     force=force,
+                    layout=layout,
                 )
                 self.writers.append(writer)
             check_free_space(self.writers)
@@ -105,23 +115,13 @@ class OutputSet:
 
         Items must come in the outputs' tensor order. `total` is the progress bar's bytes.
         """
-        bar = tqdm(
-            total=total,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1000,
-            desc="extsub-merge",
-            disable=not progress,
-            file=sys.stderr,
-            dynamic_ncols=True,
-            mininterval=0.5,
-        )
+        bar = progress_bar(total, progress)
 
         def write(item: Any, piece: Piece) -> None:
             if piece.ready is not None:
                 piece.ready()
             for writer, tensor in zip(self.writers, piece.tensors, strict=True):
-                writer.write(piece.name, tensor)
+                writer.write(piece.name, tensor, last=piece.last)
             if piece.release is not None:
                 piece.release()
             bar.update(piece.progress)
@@ -130,18 +130,38 @@ class OutputSet:
             run_pipeline(items, read, compute, write)
 
     def add_texts(self, texts: Sequence[Mapping[str, str]]) -> None:
-        """Small generated files (an adapter_config.json, a model card) per output, by file name."""
+        """Small generated files (an adapter_config.json, a model card) per output, by file name.
+
+        Call it between `stream` and `commit`: texts that describe the tensors (a model card with
+        the run's statistics) are written once the tensors are, and are committed with them.
+        """
         for writer, files in zip(self.writers, texts, strict=True):
             for name, text in files.items():
                 writer.add_text(name, text)
 
     def commit(self) -> tuple[Path, ...]:
-        """Finish and publish every output; returns their paths."""
-        return tuple(w.commit() for w in self.writers)
+        """Finish every output, check the inputs, then publish all of them together; returns their paths.
+
+        See `io.atomic.publish_all`: on an error none is published; a Ctrl-C or SIGTERM during
+        the publishing is raised after it, with the (complete) outputs in its `published`.
+        """
+        temps = [w.finish() for w in self.writers]
+        if self._check_inputs is not None:
+            self._check_inputs()
+        try:
+            published = publish_all([(t, w.target) for t, w in zip(temps, self.writers, strict=True)], force=self.force)
+        except KeyboardInterrupt as interrupt:
+            if getattr(interrupt, "published", ()):  # a signal held back until every output was in place
+                for w in self.writers:
+                    w.published()
+            raise
+        for w in self.writers:
+            w.published()
+        return published
 
     def abort(self) -> None:
-        """Remove everything written so far (outputs already committed stay)."""
-        for w in self.writers:
+        """Remove everything written so far (outputs already published stay)."""
+        for w in reversed(self.writers):
             w.abort()
 
     @property
@@ -155,45 +175,32 @@ class OutputSet:
         self.abort()  # a no-op for committed outputs
 
 
-def output_metadata(
-    setting: Sequence[float],
-    method: str,
-    expert: str,
-    antis: Sequence[str],
-    base: str | None = None,
-    output_format: str | None = None,
-) -> dict[str, str]:
-    """`__metadata__` of an output: format=pt, method, λ, the inputs' names, the tool's version (and an adapter format).
-
-    Example:
-        >>> output_metadata((0.5,), "ext-sub", "expert.safetensors", ["anti.safetensors"])["extsub.lam"]
-        '[0.5]'
-    """
-    meta = {
-        "format": "pt",
-        "extsub.method": method,
-        "extsub.lam": json.dumps(list(setting)),
-        "extsub.expert": expert,
-        "extsub.anti": json.dumps(list(antis)),
-        "extsub.version": __version__,
-    }
-    if base is not None:
-        meta["extsub.base"] = base
-    if output_format is not None:
-        meta["extsub.format"] = output_format
-    return meta
+def progress_bar(total: int, progress: bool, desc: str = "extsub-merge") -> tqdm:
+    """The progress bar of every streaming loop: bytes on stderr, hidden unless `progress`."""
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1000,
+        desc=desc,
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
 
 
-def run_metadata(
-    inputs: Sequence[tuple[str, ResolvedInput]], options: RunOptions, output_format: str | None = None
-) -> list[dict[str, str]]:
-    """`__metadata__` of each output of a run (one per λ setting), naming the inputs by their display names."""
-    names = {role: inp.name for role, inp in inputs}
-    antis = [name for role, name in names.items() if role.startswith("ANTI")]
-    return [
-        output_metadata(setting, options.method, names["EXPERT"], antis, names.get("BASE"), output_format)
-        for setting in options.settings
-    ]
+def discard(bar: tqdm) -> Callable[[Any, Piece], None]:
+    """A write stage that writes nothing (statistics only): waits for the piece, frees its buffers, moves the bar."""
+
+    def write(item: Any, piece: Piece) -> None:
+        if piece.ready is not None:
+            piece.ready()
+        if piece.release is not None:
+            piece.release()
+        bar.update(piece.progress)
+
+    return write
 
 
 def _nothing(name: str) -> None:
@@ -258,6 +265,7 @@ def write_outputs(
     max_shard_size: int | None = None,
     force: bool = False,
     progress: bool = False,
+    check_inputs: Callable[[], None] | None = None,
 ) -> tuple[tuple[Path, ...], int]:
     """Write each lazy output to its path, all of them in one pass over their tensors.
 
@@ -272,6 +280,7 @@ def write_outputs(
         max_shard_size: folder outputs: the largest shard in bytes (None: one weights file).
         force: replace existing targets.
         progress: a progress bar over the bytes written (stderr).
+        check_inputs: runs once every output is written, before any is published (see `OutputSet`).
 
     Returns:
         (the paths written, bytes written with headers).
@@ -291,16 +300,53 @@ def write_outputs(
         weights_name=first.weights_name,
         extra_files=first.extra_files,
         force=force,
+        check_inputs=check_inputs,
     ) as out:
 
-        def compute(entry: TensorEntry, loaded: Any) -> Piece:
-            tensors = [_checked(entry, o.produce(entry.name, loaded)) for o in outputs]
-            return Piece(entry.name, tensors, entry.nbytes * len(outputs))
+        def load(run: list[TensorEntry]) -> list[Any]:
+            return [first.load(entry.name) for entry in run]
+
+        def compute(run: list[TensorEntry], loaded: list[Any]) -> Piece:
+            pairs = list(zip(run, loaded, strict=True))
+            made = [[_checked(e, o.produce(e.name, data)) for e, data in pairs] for o in outputs]
+            progress = sum(e.nbytes for e in run) * len(outputs)
+            if len(run) == 1:
+                return Piece(run[0].name, [tensors[0] for tensors in made], progress)
+            return Piece(run[0].name, [_joined(tensors) for tensors in made], progress, last=run[-1].name)
 
         total = sum(e.nbytes for e in out.order) * len(outputs)
-        out.stream(out.order, lambda entry: first.load(entry.name), compute, total=total, progress=progress)
+        out.stream(_runs(out.order), load, compute, total=total, progress=progress)
         out.add_texts([o.texts for o in outputs])
         return out.commit(), out.bytes_written
+
+
+# Consecutive tensors under this size are made and written as one item (a run), not one each.
+_SMALL_TENSOR_BYTES = 1 << 16
+_RUN_BYTES = 32 << 20
+
+
+def _runs(order: Sequence[TensorEntry]) -> Iterator[list[TensorEntry]]:
+    """`order` as items to stream: each large tensor alone, consecutive small ones together (up to 32 MB)."""
+    run: list[TensorEntry] = []
+    size = 0
+    for entry in order:
+        if entry.nbytes >= _SMALL_TENSOR_BYTES or size + entry.nbytes > _RUN_BYTES:
+            if run:
+                yield run
+            run, size = [], 0
+            if entry.nbytes >= _SMALL_TENSOR_BYTES:
+                yield [entry]
+                continue
+        run.append(entry)
+        size += entry.nbytes
+    if run:
+        yield run
+
+
+def _joined(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The bytes of CPU tensors, back to back, as one uint8 tensor (a run's data for the writer)."""
+    flat = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors if t.numel()]
+    return torch.cat(flat) if flat else torch.empty(0, dtype=torch.uint8)
 
 
 def _checked(entry: TensorEntry, tensor: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ Nothing here reads tensor data. The plan fixes the output's keys, dtypes and sha
 writer can emit its header first) and cuts tensors into blocks of whole rows for streaming.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -12,13 +12,14 @@ import torch
 from extsub_kernels._tensors import is_float
 from extsub_kernels.engine.architecture import TransposedRule, never_transposed
 from extsub_kernels.errors import InputError
-from extsub_kernels.io import CheckpointReader, TensorInfo
+from extsub_kernels.io import CheckpointReader, ResolvedInput, TensorInfo
 from extsub_kernels.io.format import DTYPE_CODES
+from extsub_kernels.io.provenance import display_path
 
 _SHOWN = 10  # keys listed in an error before "... and N more"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorJob:
     """What the merge does with one output tensor.
 
@@ -54,55 +55,96 @@ def plan_tensors(
     on_missing: str = "error",
     out_dtype: torch.dtype | None = None,
     transposed: TransposedRule = never_transposed,
+    inputs: Sequence[ResolvedInput] = (),
 ) -> tuple[list[TensorJob], list[str]]:
     """Match tensors by key across the inputs; returns the jobs (expert order) and the skipped keys.
 
     Float tensors of the expert that an anti-expert also has go through the op with that
     anti-expert (with `has_base`, the base must have them too). Other tensors of the expert
     are copied. Keys only in anti-experts follow `on_missing`. Raises InputError for shape or
-    dtype mismatches, missing keys (with on_missing="error") and inputs that share no tensor.
+    dtype mismatches, missing keys (with on_missing="error"), and inputs with nothing to merge
+    (an empty input, no shared tensor name, no shared float tensor). `inputs`, numbered like
+    `readers`, name files in messages by the path the user gave.
     """
     expert, _antis = readers[0], readers[1 : 1 + n_anti]
+    where = _namer(readers, inputs)
+    for reader in readers:
+        if not len(reader):
+            raise InputError(f"{reader.label} ({where(reader)}) holds no tensors; there is nothing to merge")
     base = readers[1 + n_anti] if has_base else None
     base_index = 1 + n_anti if has_base else None
     jobs, shared = [], [0] * n_anti
-    for name in expert:
-        info = expert.info(name)
-        with_key = [k for k in range(1, n_anti + 1) if name in readers[k]]
-        for k in with_key:
-            _check_match(info, readers[k].info(name), "EXPERT", readers[k].label)
-            shared[k - 1] += 1
-        dtype = out_dtype if out_dtype is not None and is_float(info.dtype) else info.dtype
-        merged = tuple(with_key) if is_float(info.dtype) else ()
+    anti_tensors = [(k, readers[k].tensors) for k in range(1, n_anti + 1)]
+    for name, info in expert.tensors.items():
+        with_key = []
+        for k, tensors in anti_tensors:
+            other = tensors.get(name)
+            if other is not None:
+                if other.shape != info.shape or other.dtype != info.dtype:
+                    _check_match(info, other, f"EXPERT ({where(info)})", _role(readers[k], name, where))
+                with_key.append(k)
+                shared[k - 1] += 1
+        floating = is_float(info.dtype)
+        dtype = out_dtype if out_dtype is not None and floating else info.dtype
+        merged = tuple(with_key) if floating else ()
         if merged and base is not None:
             if name not in base:
                 raise InputError(
                     f"tensor {name!r} is in EXPERT and {readers[merged[0]].label} but not in BASE; "
                     "ΔW = θ − θ₀ needs it in all three (are they the same architecture?)"
                 )
-            _check_match(info, base.info(name), "EXPERT", "BASE")
+            other = base.info(name)
+            if other.shape != info.shape or other.dtype != info.dtype:
+                _check_match(info, other, f"EXPERT ({where(info)})", _role(base, name, where))
         flip = bool(merged) and transposed(name, info.shape)
         jobs.append(TensorJob(name, info.shape, dtype, 0, merged, base_index if merged else None, flip))
     for k, count in enumerate(shared, start=1):
-        if count == 0 and len(expert) and len(readers[k]):
+        if count == 0:
             raise InputError(
-                f"EXPERT and {readers[k].label} share no tensor name (EXPERT has e.g. {expert.keys()[0]!r}, "
-                f"{readers[k].label} has e.g. {readers[k].keys()[0]!r}); are they checkpoints of the same model?"
+                f"EXPERT ({where(expert)}) and {readers[k].label} ({where(readers[k])}) share no tensor name "
+                f"(EXPERT has e.g. {expert.keys()[0]!r}, {readers[k].label} has e.g. {readers[k].keys()[0]!r}); "
+                "are they checkpoints of the same model? Nothing would be merged"
             )
+    if not any(job.merged for job in jobs):
+        common = [name for name in expert if any(name in readers[k] for k in range(1, n_anti + 1))]
+        example = expert.info(common[0])
+        raise InputError(
+            f"EXPERT ({where(expert)}) and the anti-expert(s) share {len(common)} tensor name(s) but none is a float "
+            f"tensor (e.g. {example.name!r} is {DTYPE_CODES[example.dtype]}); there is nothing to merge"
+        )
     extra, skipped = _anti_only(readers, n_anti, on_missing, out_dtype)
     return jobs + extra, skipped
 
 
+def _namer(readers: Sequence[CheckpointReader], inputs: Sequence[ResolvedInput]) -> Callable[[object], str]:
+    """A function naming a reader, or the file of a tensor, by the path the user gave (file names without `inputs`)."""
+    pairs = list(zip(readers, inputs, strict=False))
+    by_file = {header.path: display_path(inp, header.path) for reader, inp in pairs for header in reader.headers}
+    by_reader = {id(reader): inp.spec for reader, inp in pairs}
+
+    def where(thing: CheckpointReader | TensorInfo) -> str:
+        if isinstance(thing, CheckpointReader):
+            return by_reader.get(id(thing)) or (thing.headers[0].path.name if thing.headers else thing.label)
+        return by_file.get(thing.path, thing.path.name)
+
+    return where
+
+
+def _role(reader: CheckpointReader, name: str, where) -> str:
+    """ "ANTI (path/as/given.safetensors)": an input named by its role and the file holding tensor `name`."""
+    return f"{reader.label} ({where(reader.info(name))})"
+
+
 def _check_match(a: TensorInfo, b: TensorInfo, a_role: str, b_role: str) -> None:
+    """Shapes equal, dtypes both float or equal; the roles name the inputs ("EXPERT (path/as/given)")."""
     if a.shape != b.shape:
         raise InputError(
-            f"shape mismatch for tensor {a.name!r}: {list(a.shape)} in {a_role} ({a.path.name}) but "
-            f"{list(b.shape)} in {b_role} ({b.path.name})"
+            f"shape mismatch for tensor {a.name!r}: {list(a.shape)} in {a_role} but {list(b.shape)} in {b_role}"
         )
     if is_float(a.dtype) != is_float(b.dtype) or (not is_float(a.dtype) and a.dtype != b.dtype):
         raise InputError(
-            f"dtype mismatch for tensor {a.name!r}: {DTYPE_CODES[a.dtype]} in {a_role} ({a.path.name}) but "
-            f"{DTYPE_CODES[b.dtype]} in {b_role} ({b.path.name}); only float tensors may differ in precision"
+            f"dtype mismatch for tensor {a.name!r}: {DTYPE_CODES[a.dtype]} in {a_role} but "
+            f"{DTYPE_CODES[b.dtype]} in {b_role}; only float tensors may differ in precision"
         )
 
 
@@ -135,7 +177,7 @@ def _anti_only(
     return jobs, []
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Block:
     """Rows [start, stop) of one tensor: the unit read, computed and written at a time."""
 

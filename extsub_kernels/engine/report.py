@@ -1,11 +1,16 @@
-"""What a merge did and what it cost: one report type for every path, with an optional section for adapters."""
+"""What a merge did and what it cost: one report type for every path (dense, adapters), every mode (merge, dry run,
+inspect), with the row statistics of each merged tensor or module and the run's provenance."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from extsub_kernels.engine.context import RunContext
+from extsub_kernels.engine.stats import TensorStats
+
 GB = 1e9
+Files = tuple[tuple[str, int | None], ...]
 
 
 class ReportSection(Protocol):
@@ -19,14 +24,35 @@ class ReportSection(Protocol):
 
 
 @dataclass(frozen=True)
+class Item:
+    """What a run does with one tensor or module, and why.
+
+    Attributes:
+        name: the tensor's or module's name.
+        kind: "tensor", "module" (a LoRA module) or "non-LoRA tensor".
+        action: "merged", "copied", "skipped", or for modules only in anti-experts "dropped" / "added".
+        reason: why, in a few words ("in EXPERT and ANTI", "only in EXPERT", "not a float tensor").
+        shape: the shape written (a module: (out, in) of its ΔW).
+        dtype: the dtype written, as safetensors spells it.
+    """
+
+    name: str
+    kind: str
+    action: str
+    reason: str
+    shape: tuple[int, ...] = ()
+    dtype: str | None = None
+
+
+@dataclass(frozen=True)
 class MergeReport:
     """What a merge did and what it cost.
 
     Attributes:
-        outputs: the paths written (one per λ setting).
+        outputs: the paths written (one per λ setting; for a dry run, the paths it would write).
         tensors: tensors in each output; merged went through the method, copied did not.
         skipped: keys left out (anti-expert-only keys with on_missing="skip").
-        bytes_read: tensor bytes read from all inputs.
+        bytes_read: tensor bytes read from all inputs (a dry run: that it would read).
         bytes_written: bytes written to all outputs (headers included).
         seconds: wall time of the whole merge, fsync included.
         peak_rss_bytes: peak resident memory of this process (None where unknown).
@@ -34,6 +60,14 @@ class MergeReport:
         device: where the op ran.
         skipped_keys: the keys counted in `skipped`.
         adapter: adapter merges: what happened to each module (None for dense inputs).
+        mode: "merge", "dry-run" (nothing read but headers, nothing written) or "inspect" (statistics only).
+        method: "ext-sub", "sub" or "add".
+        settings: λ per anti-expert of each output.
+        items: what happens to each tensor (dense) or module (adapters), in order.
+        stats: row statistics of each merged tensor or module (empty when not gathered).
+        files: (name, bytes) of the files of each output (bytes None for texts a dry run cannot size).
+        layout: how rows were paired (which weights count as stored (in, out), and why).
+        context: the run's provenance: inputs with commits and header hashes, recipe, command.
     """
 
     outputs: tuple[Path, ...]
@@ -49,28 +83,103 @@ class MergeReport:
     device: str
     skipped_keys: tuple[str, ...] = field(default=(), repr=False)
     adapter: ReportSection | None = field(default=None, repr=False)
+    mode: str = "merge"
+    method: str = "ext-sub"
+    settings: tuple[tuple[float, ...], ...] = field(default=(), repr=False)
+    items: tuple[Item, ...] = field(default=(), repr=False)
+    stats: tuple[TensorStats, ...] = field(default=(), repr=False)
+    files: tuple[Files, ...] = field(default=(), repr=False)
+    layout: str | None = field(default=None, repr=False)
+    context: RunContext | None = field(default=None, repr=False)
 
     @property
     def gb_per_s(self) -> float:
         """Input bytes read per second, in GB/s (10⁹ bytes)."""
         return self.bytes_read / GB / self.seconds if self.seconds > 0 else 0.0
 
+    def counts(self) -> str:
+        """The tensors of each output: "6 tensors (4 merged, 2 copied)", or "2 outputs of 6 tensors each (...)"."""
+        skipped = f", {self.skipped} skipped" if self.skipped else ""
+        split = f"({self.merged} merged, {self.copied} copied{skipped})"
+        tensors = f"{self.tensors} tensor{'s' if self.tensors != 1 else ''}"
+        if len(self.outputs) > 1:
+            return f"{len(self.outputs)} outputs of {tensors} each {split}"
+        return f"{tensors} {split}"
+
     def summary(self) -> str:
-        """One line: tensors, GB read and written, seconds, GB/s, peak host RSS, peak GPU memory."""
+        """One line: what each output holds, then bytes, time, throughput and memory of the whole run."""
+        modules = f"{self.adapter.summary()} | " if self.adapter is not None else ""
+        outputs = ", ".join(str(p) for p in self.outputs)
+        if self.mode == "dry-run":
+            sizes = [size for files in self.files for _, size in files if size is not None]
+            n_files = sum(len(files) for files in self.files)
+            return (
+                f"dry run: {modules}{self.counts()} | would read {human_bytes(self.bytes_read)} and write "
+                f"{human_bytes(sum(sizes))} in {n_files} files -> {outputs} | nothing was written"
+            )
         rss = human_bytes(self.peak_rss_bytes) if self.peak_rss_bytes is not None else "n/a"
         gpu = human_bytes(self.peak_gpu_bytes) if self.peak_gpu_bytes is not None else "n/a (cpu)"
-        skipped = f", {self.skipped} skipped" if self.skipped else ""
-        outputs = ", ".join(str(p) for p in self.outputs)
-        modules = f"{self.adapter.summary()} | " if self.adapter is not None else ""
+        rate = f"{human_seconds(self.seconds)}, {human_rate(self.bytes_read, self.seconds)}"
+        if self.mode == "inspect":
+            n, kind = len(self.stats), self.stats[0].kind if self.stats else "tensor"
+            if self.adapter is not None and self.items:
+                kind = self.items[0].kind  # what the adapter type merges: module, vector, prompt embedding
+            return (
+                f"inspected {n} {kind}{'s' if n != 1 else ''} | read {human_bytes(self.bytes_read)} | {rate} | "
+                f"peak RSS {rss}, GPU {gpu} | {self.device}"
+            )
+        in_all = " in all" if len(self.outputs) > 1 else ""
         return (
-            f"{modules}{self.tensors} tensors ({self.merged} merged, {self.copied} copied{skipped}) | "
-            f"read {human_bytes(self.bytes_read)}, wrote {human_bytes(self.bytes_written)} | {self.seconds:.2f} s | "
-            f"{self.gb_per_s:.2f} GB/s | peak RSS {rss} | peak GPU {gpu} | {self.device} -> {outputs}"
+            f"{modules}{self.counts()} | read {human_bytes(self.bytes_read)}, wrote {human_bytes(self.bytes_written)}"
+            f"{in_all} | {rate} | peak RSS {rss}, GPU {gpu} | {self.device} -> {outputs}"
         )
 
     def details(self) -> list[str]:
-        """Per-module lines of an adapter merge (truncation error, modules left out), per output."""
-        return self.adapter.details(self.outputs) if self.adapter is not None else []
+        """--verbose: one line per tensor or module (with its row statistics), then the adapter section's lines."""
+        lines = [item_line(item, self._stats_by_name().get(item.name), self.settings) for item in self.items]
+        if self.layout:
+            lines.append(f"layout: {self.layout}")
+        return lines + (self.adapter.details(self.outputs) if self.adapter is not None else [])
+
+    def file_lines(self) -> list[str]:
+        """The files of each output with their sizes (a dry run: those it would write)."""
+        lines = []
+        for path, files in zip(self.outputs, self.files, strict=False):
+            lines.append(f"{path}:")
+            lines += [
+                f"  {name}  {human_bytes(size) if size is not None else '(written after the tensors)'}"
+                for name, size in files
+            ]
+        return lines
+
+    def _stats_by_name(self) -> dict[str, TensorStats]:
+        return {s.name: s for s in self.stats}
+
+
+def item_line(item: Item, stats: TensorStats | None, settings: Sequence[Sequence[float]]) -> str:
+    """One line of --verbose or --dry-run: action, name, shape and dtype, reason, and the row statistics if any."""
+    shape = f" {list(item.shape)}" if item.shape else ""
+    dtype = f" {item.dtype}" if item.dtype else ""
+    line = f"{item.action:<7} {item.name}{shape}{dtype}: {item.reason}"
+    if stats is None:
+        return line
+    for pair in stats.pairs:
+        prefix = f"; vs {pair.anti}" if len(stats.pairs) > 1 else ";"
+        cos = (
+            f"cos mean {pair.cos.mean:+.3f} (quartiles {pair.cos.q1:+.3f}, {pair.cos.median:+.3f}, {pair.cos.q3:+.3f})"
+            if pair.cos is not None
+            else "cos n/a"
+        )
+        share = f"{pair.deficiency_share:.2f}" if pair.deficiency_share is not None else "n/a"
+        n = pair.degenerate_rows
+        degenerate = f", {n} degenerate row{'s' if n != 1 else ''}" if n else ""
+        rows = f"{pair.rows} row{'s' if pair.rows != 1 else ''}"
+        line += f"{prefix} {rows}{degenerate}, {cos}, deficiency share {share}"
+    changes = [
+        f"{100 * c:.3g} % at λ={','.join(f'{x:g}' for x in s)}" if c is not None else "n/a"
+        for c, s in zip(stats.relative_change, settings, strict=False)
+    ]
+    return line + (f"; change {', '.join(changes)}" if changes else "")
 
 
 def human_bytes(n: int) -> str:
@@ -84,3 +193,29 @@ def human_bytes(n: int) -> str:
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n} B"
+
+
+def human_rate(n: int, seconds: float) -> str:
+    """A throughput in the unit that suits it: "1.52 GB/s", "24.0 MB/s", "310 kB/s".
+
+    Example:
+        >>> human_rate(24_000_000, 1.0)
+        '24.0 MB/s'
+    """
+    if seconds <= 0:
+        return "n/a"
+    rate = n / seconds
+    for unit, size in (("GB/s", GB), ("MB/s", 1e6), ("kB/s", 1e3)):
+        if rate >= size:
+            return f"{rate / size:.3g} {unit}"
+    return f"{rate:.3g} B/s"
+
+
+def human_seconds(seconds: float) -> str:
+    """Seconds, or milliseconds below one second: "2.41 s", "38 ms".
+
+    Example:
+        >>> human_seconds(0.0384)
+        '38 ms'
+    """
+    return f"{seconds:.2f} s" if seconds >= 1 else f"{1000 * seconds:.0f} ms"

@@ -1,75 +1,99 @@
-"""Whole-or-nothing outputs: write under a temporary name beside the target, fsync, rename.
+"""Whole-or-nothing outputs: write under a temporary name beside the target, fsync, then publish.
 
-Temporary paths are remembered until published or removed, and removed at interpreter exit
-if something skipped the cleanup. Within `terminate_as_interrupt()`, SIGTERM raises like
-Ctrl-C does, so the same cleanup runs for both.
+Publishing moves every output of a run into place together (`publish_all`): Ctrl-C and
+SIGTERM wait until the moves are done, a failure undoes the moves made so far, and an OUT
+being replaced stays in place until its successor takes its name in one step:
+
+- a file is renamed over the old one (atomic on POSIX);
+- a folder is swapped with the old one by `renameat2(RENAME_EXCHANGE)` (Linux), then the old
+  one is deleted. Where the file system cannot swap, the old folder is set aside under a
+  temporary name, the new one moved in, and the old one put back on any error; a SIGKILL
+  between those two renames leaves the old OUT aside, and the next run into that folder puts
+  it back (see `temps`).
+
+Temporary paths are remembered until published or removed (at interpreter exit too, if
+something skipped the cleanup), and so are the folders created for them, so a failed run into
+`new1/new2/OUT` leaves no `new1/`. Within `terminate_as_interrupt()` SIGTERM raises like Ctrl-C
+does, so the same cleanup runs for both.
 """
 
 import atexit
+import contextlib
+import ctypes
+import errno
 import os
-import secrets
 import shutil
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from extsub_kernels.errors import InputError, Terminated
-from extsub_kernels.io.outputs import refuse_existing
+from extsub_kernels.errors import InputError, Interrupted, PublishError, Terminated
+from extsub_kernels.io import temps
 
-_live: set[Path] = set()
-_TEMP_TAG = ".extsub-tmp-"
+_live: dict[Path, list[Path]] = {}  # temporary → the folders created for it (outermost first)
 
 
 def reserve_temp(target: Path, *, folder: bool) -> Path:
-    """A fresh temporary path beside `target` (a created empty folder when `folder`, else a free name).
+    """A fresh temporary beside `target`: an empty folder (`folder`) or an empty file, locked by this process.
 
-    Creates the target's parent folders. Raises InputError when they cannot be created or
-    written to (this is the early check that an output location is usable).
+    Creates the target's missing parent folders (removed again with the temporary). Raises
+    InputError when they cannot be created or written to: this is the early check that an
+    output location is usable.
     """
     parent = target.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"cannot create the output folder {parent}: {e.strerror or e}") from None
-    temp = parent / f".{target.name}{_TEMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+    created = _make_folders(parent)
+    temp = temps.temp_path(target)
     try:
         if folder:
             temp.mkdir()
         else:
-            os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-            temp.unlink()
+            os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644))
+        _live[temp] = created
+        temps.hold(temp)
     except OSError as e:
+        _live.setdefault(temp, created)
+        remove(temp)
         raise InputError(f"cannot write in {parent}: {e.strerror or e}") from None
-    _live.add(temp)
     return temp
 
 
-def publish(temp: Path, target: Path, *, force: bool) -> None:
-    """Move `temp` to `target` (replacing it when `force`), then fsync the folder holding it."""
-    fsync_path(temp)
-    if os.path.lexists(target):
-        refuse_existing(target, force=force)
-        aside = target.parent / f".{target.name}{_TEMP_TAG}old-{secrets.token_hex(4)}"
-        _live.add(aside)
-        os.rename(target, aside)
+def _make_folders(folder: Path) -> list[Path]:
+    """Create `folder` and its missing parents; returns those created, outermost first."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if os.path.lexists(path):
+            break
+        missing.append(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _remove_empty_folders(missing[::-1])
+        raise InputError(f"cannot create the output folder {folder}: {e.strerror or e}") from None
+    return missing[::-1]
+
+
+def _remove_empty_folders(created: Sequence[Path]) -> None:
+    """Remove folders created for an output, innermost first, while they are empty.
+
+    One still holding another temporary of this process is handed to it with its parents, to
+    be removed with it; one holding anything else stays.
+    """
+    for i in reversed(range(len(created))):
         try:
-            os.rename(temp, target)
-        except BaseException:
-            os.rename(aside, target)
-            _live.discard(aside)
-            raise
-        _live.discard(temp)
-        remove(aside)
-    else:
-        os.rename(temp, target)
-        _live.discard(temp)
-    fsync_path(target.parent)
+            created[i].rmdir()
+        except OSError:
+            heir = next((t for t in _live if created[i] in t.parents), None)
+            if heir is not None:
+                _live[heir] = list(dict.fromkeys([*created[: i + 1], *_live[heir]]))
+            return
 
 
 def remove(path: Path) -> None:
-    """Delete a file or folder tree if it exists."""
+    """Delete a temporary (file or folder tree) if it exists, and the folders created for it if now empty."""
     try:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -77,16 +101,17 @@ def remove(path: Path) -> None:
             path.unlink()
     except FileNotFoundError:
         pass
-    _live.discard(path)
+    temps.release(path)
+    _remove_empty_folders(_live.pop(path, []))
 
 
 def fsync_path(path: Path) -> None:
     """fsync a file or a folder (a folder's entries for renames; every file inside for folders we wrote)."""
     if path.is_dir():
         for child in path.iterdir():
-            if child.is_file():
+            if child.is_file() and not child.is_symlink():
                 fsync_path(child)
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
         os.fsync(fd)
     finally:
@@ -106,6 +131,7 @@ def replace_file(target: Path, data: bytes) -> None:
 
     For small files that are rewritten as they grow (a scan's results after every row): a
     reader, or a Ctrl-C at any moment, sees the previous version or the new one, never half.
+    Unlike `publish` it holds no signal back, so a scan stays interruptible between its rows.
     """
     temp = reserve_temp(target, folder=False)
     try:
@@ -119,24 +145,271 @@ def replace_file(target: Path, data: bytes) -> None:
     fsync_path(target.parent)
 
 
+@dataclass
+class _Move:
+    """One output moved into place: where its predecessor waits until the run commits (None: there was none)."""
+
+    target: Path
+    old: Path | None
+    created: list[Path]  # folders created for it, removed again if the move is undone
+
+
+def publish(temp: Path, target: Path, *, force: bool) -> None:
+    """Move one temporary output into place (see `publish_all`)."""
+    publish_all([(temp, target)], force=force)
+
+
+def publish_all(moves: Sequence[tuple[Path, Path]], *, force: bool) -> tuple[Path, ...]:
+    """Move every (temporary, target) into place as one step: all of them, or on an error none.
+
+    Each temporary is fsynced with its folder before it moves and the folder after. An existing
+    target is replaced only with `force`, and never left missing. Ctrl-C and SIGTERM are held
+    back from the first move on and raised once the moves are done (inside a run, see
+    `terminate_as_interrupt`: once the run ends), as `Interrupted`/`Terminated` whose
+    `published` names the outputs in place (complete).
+
+    Raises:
+        InputError: a target exists and `force` is not set (another run created it meanwhile).
+        PublishError: a move failed and could not be undone; `published` says what is in place.
+        OSError: a move failed; every move made before it was undone.
+    """
+    run = _run if threading.current_thread() is threading.main_thread() else None
+    if run is not None:
+        run.holding = True  # from the first move to the end of the run, signals wait
+        published = _publish(moves, force)
+        run.published.extend(published)
+        return published
+    with _signals_held() as pending:
+        published = _publish(moves, force)
+    if pending:
+        raise (Terminated if pending[0] == signal.SIGTERM else Interrupted)(published=published)
+    return published
+
+
+def _publish(moves: Sequence[tuple[Path, Path]], force: bool) -> tuple[Path, ...]:
+    done: list[_Move] = []
+    try:
+        for temp, target in moves:
+            fsync_path(temp)
+            fsync_path(target.parent)
+            old = _move_in(temp, target, force=force)
+            temps.move_hold(temp, target)  # the lock is the new output's, wherever it now is
+            done.append(_Move(target, old, _live.pop(temp, [])))
+            if old is not None:
+                _live.setdefault(old, [])
+        for move in done:
+            fsync_path(move.target.parent)
+    except BaseException as error:
+        _undo(done, error)
+        raise
+    for move in done:
+        temps.release(move.target)
+        if move.old is not None:
+            remove(move.old)
+    return tuple(m.target for m in done)
+
+
+def _move_in(temp: Path, target: Path, *, force: bool) -> Path | None:
+    """Put `temp` at `target`; returns where the predecessor waits (None: there was none)."""
+    if not os.path.lexists(target):
+        try:
+            _rename_noreplace(temp, target)
+        except FileExistsError:
+            raise InputError(_APPEARED.format(target=target)) from None
+        return None
+    if not force:
+        raise InputError(_APPEARED.format(target=target))
+    try:
+        exchange(temp, target)
+        return temp  # the swap left the old output at the temporary's name
+    except OSError as e:
+        if e.errno not in _UNSUPPORTED:
+            raise
+    aside = temps.temp_path(target, old=True)
+    if not target.is_dir() or target.is_symlink():
+        try:  # a second name for the old file, then one rename replaces it: the target is never missing
+            os.link(target, aside, follow_symlinks=False)
+            _live[aside] = []
+            os.rename(temp, target)
+            return aside
+        except OSError:
+            if aside in _live:
+                remove(aside)
+    os.rename(target, aside)
+    _live[aside] = []
+    try:
+        os.rename(temp, target)
+    except BaseException:
+        os.rename(aside, target)
+        _live.pop(aside, None)
+        raise
+    return aside
+
+
+_APPEARED = "OUT {target} appeared while the merge ran; run again (with --force to replace it)"
+
+
+def _undo(done: list[_Move], error: BaseException) -> None:
+    """Reverse the moves of a failed publish, last first; what cannot be reversed is attached to `error`."""
+    stuck = []
+    for move in reversed(done):
+        try:
+            if move.old is None:
+                _live[move.target] = move.created
+                remove(move.target)
+            elif move.target.is_dir() and not move.target.is_symlink():
+                try:
+                    exchange(move.old, move.target)
+                    remove(move.old)
+                except OSError:
+                    swapped = temps.temp_path(move.target)
+                    os.rename(move.target, swapped)
+                    os.rename(move.old, move.target)
+                    _live.pop(move.old, None)
+                    remove(swapped)
+            else:
+                os.rename(move.old, move.target)
+                _live.pop(move.old, None)
+            temps.release(move.target)
+        except OSError:
+            stuck.append(move.target)
+    if stuck:
+        published = tuple(reversed(stuck))
+        raise PublishError(
+            f"publishing the outputs failed ({type(error).__name__}: {error}) and could not be undone for "
+            f"{', '.join(map(str, published))}: those are complete outputs of this run, the others were not written",
+            published=published,
+        ) from error
+
+
+def exchange(a: Path, b: Path) -> None:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); OSError(EINVAL/ENOSYS) where unsupported."""
+    _renameat2(a, b, _RENAME_EXCHANGE)
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename, failing with FileExistsError if `dst` exists (a plain rename would replace an empty folder)."""
+    try:
+        _renameat2(src, dst, _RENAME_NOREPLACE)
+        return
+    except OSError as e:
+        if e.errno not in _UNSUPPORTED:
+            raise
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+# What renameat2 answers where the platform, the kernel or the file system cannot do a flag.
+_UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP)
+_AT_FDCWD = -100
+
+
+def _libc_renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_renameat2_fn = _libc_renameat2()
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> None:
+    if _renameat2_fn is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available here")
+    if _renameat2_fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(src), None, str(dst))
+
+
+@contextmanager
+def _signals_held() -> Iterator[list[int]]:
+    """Within the block Ctrl-C and SIGTERM are recorded, not acted on; the caller acts on them after.
+
+    Only the main thread can set signal handlers; elsewhere this holds nothing back. A signal
+    that was ignored stays ignored.
+    """
+    pending: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield pending
+        return
+
+    def _record(signum: int, frame: object) -> None:
+        pending.append(signum)
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, _record)
+    try:
+        yield pending
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class _RunSignals:
+    """Signals during a run (`terminate_as_interrupt`): raised at once until the outputs start to move, then held."""
+
+    holding: bool = False
+    pending: list[int] = field(default_factory=list)
+    published: list[Path] = field(default_factory=list)
+
+
+_run: _RunSignals | None = None  # the run in progress in the main thread
+
+
 @contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
-    """Within the block SIGTERM raises `Terminated` (a KeyboardInterrupt), so cleanup runs as for Ctrl-C.
+    """The signal handling of one run: SIGTERM raises `Terminated` (a KeyboardInterrupt), so cleanup runs as for Ctrl-C.
 
-    Only the main thread can set signal handlers; elsewhere this does nothing.
+    Once `publish_all` starts moving outputs into place, Ctrl-C and SIGTERM are held back until
+    the block ends; then they are raised as `Interrupted` / `Terminated` with `published` naming
+    the outputs, so nobody is told "nothing was written" when the run's outputs are in place. An
+    error raised after outputs were published gets the same `published` attribute.
+    A signal that was ignored stays ignored. Only the main thread can set signal handlers;
+    elsewhere this does nothing.
     """
+    global _run
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    state, outer = _RunSignals(), _run
 
-    def _raise(signum: int, frame: object) -> None:
-        raise Terminated("terminated (SIGTERM)")
+    def _handle(signum: int, frame: object) -> None:
+        if state.holding:
+            state.pending.append(signum)
+        elif signum == signal.SIGTERM:
+            raise Terminated()
+        else:
+            raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, _raise)
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, _handle)
+    _run = state
     try:
         yield
+    except BaseException as error:
+        if state.published and not getattr(error, "published", ()):  # failed after publishing: say what is in place
+            with contextlib.suppress(AttributeError):
+                error.published = tuple(state.published)  # type: ignore[attr-defined]
+        raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        _run = outer
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if state.pending:
+        raise (Terminated if state.pending[0] == signal.SIGTERM else Interrupted)(published=tuple(state.published))
 
 
 @atexit.register

@@ -1,8 +1,11 @@
 """Where outputs go: the path rules every kind of output follows, checked before any work.
 
 An OUT ending in `.safetensors` is one file; any other OUT is a folder. Several outputs of
-one run get `-lam<label>` suffixes. An OUT is never onto, into or around an input, and an
-existing OUT is replaced only when forced and only when it is an output of the same kind.
+one run get `-lam<label>` suffixes. An OUT is never onto, into or around an input, compared by
+identity (device and inode, every symlink followed: a symlinked parent, a hard link, a bind
+mount are all seen through), and an existing OUT is replaced only when forced, only when it is
+an output of the same kind, and never when it is a mount point. Temporaries that killed runs
+left beside an OUT are cleaned up first (`temps.clean_stale`).
 """
 
 import os
@@ -10,9 +13,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from extsub_kernels.errors import InputError
+from extsub_kernels.io.identity import file_id, folder_chain, is_mount_point
 from extsub_kernels.io.resolve import CONFIG_PATTERNS, ResolvedInput
+from extsub_kernels.io.temps import clean_stale
 
 SAFETENSORS_SUFFIX = ".safetensors"
+# Files this tool writes into folder outputs besides weights and configs: a model card that
+# carries this mark (a README.md without it is someone else's) and the recipe.
+GENERATED_MARK = "<!-- written by extsub-merge; extsub-merge --force may replace this folder -->"
+CARD_NAME = "README.md"
+RECIPE_NAME = "extsub_recipe.yaml"
 
 
 def is_folder_output(path: str | os.PathLike) -> bool:
@@ -25,6 +35,23 @@ def is_folder_output(path: str | os.PathLike) -> bool:
     return Path(path).suffix != SAFETENSORS_SUFFIX
 
 
+def out_path(out: str | os.PathLike) -> Path:
+    """OUT as a path with a name to give the output: `.`, `..` and `x/..` become the folder they denote.
+
+    Raises InputError for an OUT that names no file or folder (the root folder).
+
+    Example:
+        >>> out_path("merged.safetensors")
+        PosixPath('merged.safetensors')
+    """
+    path = Path(out)
+    if path.name in ("", ".", ".."):
+        path = Path(os.path.realpath(path))
+    if not path.name:
+        raise InputError(f"OUT {os.fspath(out)!r} is the root folder; give a file or folder to write")
+    return path
+
+
 def output_paths(out: Path, labels: Sequence[str]) -> list[Path]:
     """One OUT per label (λ setting): OUT itself for one, else OUT with `-lam<label>` before `.safetensors`
     (or after a folder's name): out.safetensors → out-lam0.5.safetensors, out/ → out-lam0.5/."""
@@ -35,10 +62,10 @@ def output_paths(out: Path, labels: Sequence[str]) -> list[Path]:
     return [out.with_name(f"{out.stem}-lam{label}{SAFETENSORS_SUFFIX}") for label in labels]
 
 
-def refuse_existing(path: Path, *, force: bool) -> None:
-    """Raise an InputError when `path` exists and replacing it was not asked for."""
+def refuse_existing(path: Path, *, force: bool, what: str | None = None) -> None:
+    """Raise an InputError when `path` exists and replacing it was not asked for (`what` names it: "OUT path")."""
     if os.path.lexists(path) and not force:
-        raise InputError(f"OUT {path} already exists; pass --force (force=True in Python) to replace it")
+        raise InputError(f"{what or f'OUT {path}'} already exists; pass --force (force=True in Python) to replace it")
 
 
 def check_outputs(paths: Sequence[Path], inputs: Sequence[tuple[str, ResolvedInput]], *, force: bool) -> None:
@@ -48,16 +75,23 @@ def check_outputs(paths: Sequence[Path], inputs: Sequence[tuple[str, ResolvedInp
         paths: the outputs of the run (one per λ setting).
         inputs: (role, input) pairs, the role (EXPERT, ANTI, BASE) naming it in messages.
         force: an existing OUT may be replaced, when it is an output of the same kind (a file,
-            or a folder holding only checkpoint files).
+            or a folder holding only what this tool writes: checkpoint files, configs, its model
+            card and recipe).
 
     Raises:
         InputError: naming the OUT, the input and what to do.
     """
+    for parent in dict.fromkeys(Path(os.path.realpath(p.parent)) for p in paths):
+        clean_stale(parent)
     for path in paths:
         _check_apart_from_inputs(path, inputs)
         if not os.path.lexists(path):
             continue
         refuse_existing(path, force=force)
+        if is_mount_point(path):
+            raise InputError(
+                f"OUT {path} is a mount point, which cannot be replaced; write to a path inside it or elsewhere"
+            )
         wants_folder = is_folder_output(path)
         if wants_folder != (path.is_dir() and not path.is_symlink()):
             kind = "a folder" if path.is_dir() else "a file"
@@ -67,8 +101,25 @@ def check_outputs(paths: Sequence[Path], inputs: Sequence[tuple[str, ResolvedInp
             if strangers:
                 raise InputError(
                     f"OUT {path} holds files that are not part of a checkpoint (e.g. {strangers[0]!r}); "
-                    "--force replaces only checkpoint folders"
+                    "--force replaces only folders holding what extsub-merge writes"
                 )
+
+
+def check_report_path(
+    path: Path, inputs: Sequence[tuple[str, ResolvedInput]], outputs: Sequence[Path], *, force: bool
+) -> None:
+    """Refuse a --report FILE that is a folder, an input or in one, an output or in one, or exists (without force).
+
+    Raises:
+        InputError: naming the file and what to do.
+    """
+    if path.is_dir():
+        raise InputError(f"--report {path} is a folder; give a file name like report.json (or - for stdout)")
+    for out in outputs:
+        if path.absolute() == out.absolute() or out.absolute() in path.absolute().parents:
+            raise InputError(f"--report {path} is or is inside OUT {out}; write the report beside OUT")
+    _check_apart_from_inputs(path, inputs, what=f"--report {path}")
+    refuse_existing(path, force=force, what=f"--report {path}")
 
 
 def check_report_folder(
@@ -83,9 +134,11 @@ def check_report_folder(
     Raises:
         InputError: naming the folder, the input or the file in the way, and what to do.
     """
-    _check_apart_from_inputs(folder, inputs)
+    _check_apart_from_inputs(folder, inputs, what=f"SCAN_DIR {folder}")
     if os.path.lexists(folder) and not folder.is_dir():
-        raise InputError(f"{folder} exists and is not a folder; give a folder for the scan's files")
+        raise InputError(f"SCAN_DIR {folder} exists and is not a folder; give a folder for the scan's files")
+    if folder.is_dir():
+        clean_stale(folder)
     present = [name for name in names if os.path.lexists(folder / name)]
     if present and not force:
         raise InputError(
@@ -94,24 +147,50 @@ def check_report_folder(
         )
 
 
-def _check_apart_from_inputs(path: Path, inputs: Sequence[tuple[str, ResolvedInput]]) -> None:
-    target = path.resolve()
+def _check_apart_from_inputs(path: Path, inputs: Sequence[tuple[str, ResolvedInput]], what: str | None = None) -> None:
+    """Refuse an OUT (or `what`: another path written) that is an input file or folder, lies inside an input
+    folder, or holds an input file."""
+    target = file_id(path)
+    holders = {identity: folder for folder, identity in folder_chain(path)}
+    other = "OUT" if what is None else "path"
+    what = what or f"OUT {path}"
     for role, inp in inputs:
         if inp.kind in ("folder", "hub"):
-            root = inp.root.resolve()
-            if target == root:
-                raise InputError(f"OUT {path} is the {role} folder; choose another OUT (inputs are never overwritten)")
-            if root in target.parents:
-                raise InputError(f"OUT {path} is inside the {role} folder {inp.root}; choose another OUT")
-        for f in inp.files:
-            real = f.resolve()
-            if real == target or f.absolute() == path.absolute():
+            root = file_id(inp.root)
+            if root is not None and root == target:
+                raise InputError(f"{what} is the {role} folder; choose another {other} (inputs are never overwritten)")
+            if root in holders:
+                via = "" if Path(os.path.realpath(inp.root)) == holders[root] else f", reached as {holders[root]}"
+                raise InputError(f"{what} is inside the {role} folder {inp.root}{via}; choose another {other}")
+        for f in (*inp.files, *inp.config_files):
+            identity = file_id(f)
+            if identity is not None and identity == target:
                 raise InputError(
-                    f"OUT {path} is the {role} file {f}; choose another OUT (inputs are never overwritten)"
+                    f"{what} is the {role} file {f}; choose another {other} (inputs are never overwritten)"
                 )
-            if target in real.parents:
-                raise InputError(f"OUT {path} contains the {role} file {f}; choose another OUT")
+            if target is not None and any(target == folder for _, folder in folder_chain(f)):
+                raise InputError(f"{what} contains the {role} file {f}; choose another {other}")
 
 
 def _is_checkpoint_file(p: Path) -> bool:
-    return p.is_file() and (p.suffix == SAFETENSORS_SUFFIX or any(p.match(pat) for pat in CONFIG_PATTERNS))
+    if not p.is_file():
+        return False
+    if p.name == CARD_NAME:
+        return _is_our_card(p)
+    return p.name == RECIPE_NAME or p.suffix == SAFETENSORS_SUFFIX or any(p.match(pat) for pat in CONFIG_PATTERNS)
+
+
+def _is_our_card(p: Path) -> bool:
+    """Whether a README.md is a model card this tool wrote (it carries GENERATED_MARK near the top)."""
+    try:
+        with open(p, encoding="utf-8", errors="replace") as f:
+            return GENERATED_MARK in f.read(1 << 16)
+    except OSError:
+        return False
+
+
+def listed_files(path: Path) -> list[tuple[str, int]]:
+    """(name, bytes) of an output: the file itself, or every file of a folder output by relative name."""
+    if not path.is_dir():
+        return [(path.name, path.stat().st_size)]
+    return sorted((str(f.relative_to(path)), f.stat().st_size) for f in path.rglob("*") if f.is_file())

@@ -1,7 +1,8 @@
 """Fused Triton kernel for Ext-Sub (paper §3, Algorithm 1) and its launcher.
 
 Per row: p' = α·p + β·m with α = 1 + (λ/2)·|m|/|p|, β = −λ/2 (DESIGN.md §1);
-rows with |p| = 0 are left as they are (α = 1, β = 0).
+rows with |p| = 0 are left as they are (α = 1, β = 0). With WITH_STATS the same pass also
+stores |p|², |m|² and p·m of each row (DESIGN.md §7): one more product in registers.
 """
 
 import contextlib
@@ -33,9 +34,20 @@ def _row_coefficients(p_sq, m_sq, half_lam):
 
 
 @triton.jit
+def _store_row_sums(stats_ptr, rows, row_mask, p_sq, m_sq, pm):
+    """|p|², |m|², p·m of each row into the (rows, 3) row-major `stats_ptr`."""
+    row_ptr = stats_ptr + rows * 3
+    out_ty = stats_ptr.dtype.element_ty
+    tl.store(row_ptr, p_sq.to(out_ty), mask=row_mask)
+    tl.store(row_ptr + 1, m_sq.to(out_ty), mask=row_mask)
+    tl.store(row_ptr + 2, pm.to(out_ty), mask=row_mask)
+
+
+@triton.jit
 def _ext_sub_kernel(
     p_ptr,
     m_ptr,
+    stats_ptr,
     n_rows,
     n_cols,
     p_row_stride,
@@ -46,11 +58,13 @@ def _ext_sub_kernel(
     BLOCK_COLS: tl.constexpr,
     SINGLE_PASS: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
+    WITH_STATS: tl.constexpr,
 ):
     """In place: p[row] ← α·p[row] + β·m[row] for BLOCK_ROWS rows per program.
 
     SINGLE_PASS: the whole row fits one tile, read once and written from registers.
     Otherwise: a first loop over column tiles for the two norms, a second for the write.
+    WITH_STATS: also store |p|², |m|², p·m per row at `stats_ptr` (unused otherwise).
     """
     row_start = tl.program_id(0).to(tl.int64) * BLOCK_ROWS
     rows = row_start + tl.arange(0, BLOCK_ROWS)
@@ -65,19 +79,30 @@ def _ext_sub_kernel(
         mask = row_mask[:, None] & (cols < n_cols)
         p = tl.load(p_row_ptr + cols, mask=mask, other=0.0).to(COMPUTE_DTYPE)
         m = tl.load(m_row_ptr + cols, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        alpha, beta = _row_coefficients(tl.sum(p * p, axis=1), tl.sum(m * m, axis=1), lam)
+        p_sq = tl.sum(p * p, axis=1)
+        m_sq = tl.sum(m * m, axis=1)
+        if WITH_STATS:
+            _store_row_sums(stats_ptr, rows, row_mask, p_sq, m_sq, tl.sum(p * m, axis=1))
+        alpha, beta = _row_coefficients(p_sq, m_sq, lam)
         out = alpha[:, None] * p + beta[:, None] * m
         tl.store(p_row_ptr + cols, out.to(p_ptr.dtype.element_ty), mask=mask)
     else:
         p_acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=COMPUTE_DTYPE)
         m_acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=COMPUTE_DTYPE)
+        pm_acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=COMPUTE_DTYPE)
         for col_start in range(0, n_cols, BLOCK_COLS):
             mask = row_mask[:, None] & (col_start + cols < n_cols)
             p = tl.load(p_row_ptr + col_start + cols, mask=mask, other=0.0).to(COMPUTE_DTYPE)
             m = tl.load(m_row_ptr + col_start + cols, mask=mask, other=0.0).to(COMPUTE_DTYPE)
             p_acc += p * p
             m_acc += m * m
-        alpha, beta = _row_coefficients(tl.sum(p_acc, axis=1), tl.sum(m_acc, axis=1), lam)
+            if WITH_STATS:
+                pm_acc += p * m
+        p_sq = tl.sum(p_acc, axis=1)
+        m_sq = tl.sum(m_acc, axis=1)
+        if WITH_STATS:
+            _store_row_sums(stats_ptr, rows, row_mask, p_sq, m_sq, tl.sum(pm_acc, axis=1))
+        alpha, beta = _row_coefficients(p_sq, m_sq, lam)
         for col_start in range(0, n_cols, BLOCK_COLS):
             mask = row_mask[:, None] & (col_start + cols < n_cols)
             p = tl.load(p_row_ptr + col_start + cols, mask=mask, other=0.0).to(COMPUTE_DTYPE)
@@ -100,10 +125,18 @@ def _launch_settings(n_rows: int, n_cols: int, max_block: int) -> tuple[int, int
     return block_rows, block_cols, single_pass, num_warps
 
 
-def ext_sub_rows_(p: torch.Tensor, m: torch.Tensor, lam: float, max_block: int = MAX_BLOCK_ELEMENTS) -> None:
+def ext_sub_rows_(
+    p: torch.Tensor,
+    m: torch.Tensor,
+    lam: float,
+    max_block: int = MAX_BLOCK_ELEMENTS,
+    *,
+    row_stats: torch.Tensor | None = None,
+) -> None:
     """Launch the kernel on 2-D (rows, cols) views whose columns are contiguous; p is overwritten.
 
     `max_block` caps the columns one tile holds; rows longer than it take the two-loop variant.
+    `row_stats`, a contiguous (rows, 3) float32/float64 tensor, receives |p|², |m|², p·m per row.
     """
     n_rows, n_cols = p.shape
     wide = compute_dtype(p.dtype, m.dtype) is torch.float64
@@ -117,6 +150,7 @@ def ext_sub_rows_(p: torch.Tensor, m: torch.Tensor, lam: float, max_block: int =
         _ext_sub_kernel[grid](
             p,
             m,
+            row_stats if row_stats is not None else p,  # never read without WITH_STATS
             n_rows,
             n_cols,
             p.stride(0),
@@ -127,5 +161,6 @@ def ext_sub_rows_(p: torch.Tensor, m: torch.Tensor, lam: float, max_block: int =
             BLOCK_COLS=block_cols,
             SINGLE_PASS=single_pass,
             COMPUTE_DTYPE=tl.float64 if wide else tl.float32,
+            WITH_STATS=row_stats is not None,
             num_warps=num_warps,
         )

@@ -7,6 +7,7 @@ end (or on Ctrl-C / SIGTERM) every file is written from the rows so far. `save_b
 the recommended merge through `merge()`, exactly as `extsub-merge` would.
 """
 
+import contextlib
 import os
 import sys
 import time
@@ -153,6 +154,9 @@ def scan(
             raise ScanInterrupted(
                 f"{status} after {len(rows)} of {len(points)} points", partial, terminated=status == "terminated"
             ) from None
+        if partial.files and not getattr(e, "published", ()):  # the command line says where the rows are
+            with contextlib.suppress(AttributeError):
+                e.published = tuple(partial.files)  # type: ignore[attr-defined]
         raise
     finally:
         installer.close()

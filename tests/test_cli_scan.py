@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from extsub_kernels.lambda_scan.cli import EXIT_BAD_INPUT, EXIT_SIGINT, EXIT_SIGTERM, build_parser, main
+from extsub_kernels.cli.common import EXIT_BAD_INPUT, EXIT_SIGINT, EXIT_SIGTERM
+from extsub_kernels.cli.scan import build_parser, main
 
 from helpers import assert_one_line_error
 
@@ -59,7 +60,7 @@ def test_quiet_prints_nothing(trained, tmp_path, capsys):
         (["--lam", "0:1"], ["λ item '0:1': write a number or a range start:stop:step"]),
         (["--method", "ext-sub,del"], ["unknown method 'del'; choose one of ext-sub, sub, add"]),
         (["--base", "no-tokenizer"], ["keep.jsonl line 1: prompt + completion is text, but there is no tokenizer"]),
-        (["--anti", "gpt2-full"], ["EXPERT and ANTI share no tensor name"]),
+        (["--anti", "gpt2-full"], ["EXPERT (model.safetensors) and ANTI (model.safetensors) share no tensor name"]),
         (["--batch-size", "0"], ["batch_size must be a positive integer, got 0"]),
     ],
     ids=["missing-file", "empty-set", "bad-grid", "bad-method", "no-tokenizer", "mismatched-models", "batch-size"],
@@ -96,7 +97,7 @@ def test_a_signal_keeps_the_rows_measured_so_far(trained, tmp_path, sig, code, w
     out = tmp_path / "scan"
     args = _args(trained, "-o", out, "--lam", "0:40:0.5", "--device", "cpu", "--save-best", tmp_path / "best")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "extsub_kernels.lambda_scan.cli", *args],
+        [sys.executable, "-m", "extsub_kernels.cli.scan", *args],
         cwd=ROOT,
         env=os.environ | {"PYTHONPATH": str(ROOT)},
         stdout=subprocess.DEVNULL,
@@ -126,16 +127,14 @@ def test_a_signal_keeps_the_rows_measured_so_far(trained, tmp_path, sig, code, w
 
 
 def test_interrupted_during_start_up_exits_130_with_one_line(capsys, monkeypatch):
-    import extsub_kernels.lambda_scan.cli as cli
+    import extsub_kernels.cli.scan as cli
 
     def interrupted(argv):  # stands for a Ctrl-C while torch or transformers is being imported
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "_main", interrupted)
     assert main(["e", "a", "--base", "b", "--keep", "k", "--forget", "f", "-o", "o"]) == EXIT_SIGINT
-    assert capsys.readouterr().err == (
-        "extsub-scan: error: interrupted before the first point was measured; nothing was written\n"
-    )
+    assert capsys.readouterr().err == ("extsub-scan: error: interrupted; nothing was written\n")
 
 
 def test_help_describes_every_option(capsys):
@@ -172,10 +171,10 @@ def test_the_console_script_and_python_dash_m(capsys):
     from extsub_kernels import __version__
 
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert 'extsub-scan = "extsub_kernels.lambda_scan.cli:main"' in pyproject
+    assert 'extsub-scan = "extsub_kernels.cli.scan:main"' in pyproject
     assert 'scan = ["transformers>=4.40", "peft>=0.10", "matplotlib>=3.5"]' in pyproject
     done = subprocess.run(
-        [sys.executable, "-m", "extsub_kernels.lambda_scan.cli", "--version"],
+        [sys.executable, "-m", "extsub_kernels.cli.scan", "--version"],
         cwd=ROOT,
         env=os.environ | {"PYTHONPATH": str(ROOT)},
         capture_output=True,

@@ -1,21 +1,28 @@
 """`extsub-scan`: the command line over `extsub_kernels.scan()`; parsing and messages, nothing more.
 
-Heavy imports (torch, transformers) happen inside `main`, after the signal handlers are set, so
-a Ctrl-C or SIGTERM at any moment ends with one line and the documented exit code.
+Exit codes, signals and one-line messages come from common.py. Heavy imports (torch,
+transformers) happen inside `main`, after the signal handlers are set, so a Ctrl-C or SIGTERM
+at any moment ends with one line and the documented exit code.
 """
 
 import argparse
-import signal
 import sys
-import warnings
 from collections.abc import Sequence
 
 from extsub_kernels._version import __version__
-from extsub_kernels.errors import InputError, ScanInterrupted, Terminated
+from extsub_kernels.cli.common import (
+    EXIT_OK,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    fail,
+    guarded,
+    run_command,
+    say,
+    shown_warnings,
+)
+from extsub_kernels.errors import ScanInterrupted
 
 PROG = "extsub-scan"
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
-EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 EPILOG = f"""\
 inputs:
@@ -109,61 +116,49 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `extsub-scan` with `argv` (default: sys.argv[1:]); returns the exit code."""
-    previous = _terminate_as_interrupt()
-    try:
-        return _main(argv)
-    except ScanInterrupted as e:
-        where = f"; the {len(e.result.rows)} rows measured are in {e.result.files[0]}" if e.result.files else ""
-        return _fail(f"{e}{where}", EXIT_SIGTERM if e.terminated else EXIT_SIGINT)
-    except Terminated:
-        return _fail("terminated before the first point was measured; nothing was written", EXIT_SIGTERM)
-    except KeyboardInterrupt:
-        return _fail("interrupted before the first point was measured; nothing was written", EXIT_SIGINT)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    return run_command(PROG, lambda: _main(argv))
 
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    from extsub_kernels.lambda_scan.report import markdown_table
-    from extsub_kernels.lambda_scan.run import scan
+    with shown_warnings(PROG, quiet=args.quiet):
+        try:
+            code, result = guarded(PROG, lambda: _scan(args), "scan")
+        except ScanInterrupted as e:  # the rows measured so far are in SCAN_DIR: say where
+            where = f"; the {len(e.result.rows)} rows measured are in {e.result.files[0]}" if e.result.files else ""
+            return fail(PROG, f"{e}{where}", EXIT_SIGTERM if e.terminated else EXIT_SIGINT)
+    if code == EXIT_OK and not args.quiet:
+        from extsub_kernels.lambda_scan.report import markdown_table
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore" if args.quiet else "default")
-            warnings.showwarning = _show_warning
-            result = scan(
-                args.expert,
-                args.anti,
-                base=args.base,
-                keep=args.keep,
-                forget=args.forget,
-                out=args.out,
-                lam=args.lam,
-                method=args.method,
-                prompts=args.prompts,
-                max_new_tokens=args.max_new_tokens,
-                device=args.device,
-                dtype=args.dtype,
-                batch_size=args.batch_size,
-                max_keep_increase=args.max_keep_increase,
-                save_best=args.save_best,
-                save_format=args.save_format,
-                force=args.force,
-                progress=not args.quiet,
-            )
-    except InputError as e:
-        return _fail(str(e), EXIT_BAD_INPUT)
-    except (KeyboardInterrupt, Terminated):
-        raise
-    except Exception as e:
-        return _fail(f"the scan failed: {type(e).__name__}: {e}", EXIT_FAILED)
-    if not args.quiet:
         print(markdown_table(result))
         for line in _summary(result):
-            print(f"{PROG}: {line}", file=sys.stderr)
-    return EXIT_OK
+            say(f"{PROG}: {line}")
+    return code
+
+
+def _scan(args: argparse.Namespace) -> object:
+    from extsub_kernels.lambda_scan import scan
+
+    return scan(
+        args.expert,
+        args.anti,
+        base=args.base,
+        keep=args.keep,
+        forget=args.forget,
+        out=args.out,
+        lam=args.lam,
+        method=args.method,
+        prompts=args.prompts,
+        max_new_tokens=args.max_new_tokens,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        max_keep_increase=args.max_keep_increase,
+        save_best=args.save_best,
+        save_format=args.save_format,
+        force=args.force,
+        progress=not args.quiet,
+    )
 
 
 def _summary(result) -> list[str]:
@@ -189,27 +184,6 @@ def _summary(result) -> list[str]:
     if result.saved is not None:
         lines.append(f"saved the best merge: {result.saved.summary()}")
     return lines
-
-
-def _terminate_as_interrupt() -> object:
-    """SIGTERM raises Terminated from here on, before torch loads; returns the previous handler (as extsub-merge)."""
-
-    def _raise(signum: int, frame: object) -> None:
-        raise Terminated("terminated (SIGTERM)")
-
-    try:
-        return signal.signal(signal.SIGTERM, _raise)
-    except ValueError:  # not the main thread
-        return None
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"{PROG}: warning: {message}", file=sys.stderr)
-
-
-def _fail(message: str, code: int) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    return code
 
 
 if __name__ == "__main__":

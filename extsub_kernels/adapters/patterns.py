@@ -1,0 +1,148 @@
+"""Which modules an adapter config's patterns select, by PEFT's rules, in bounded time.
+
+PEFT matches module names against regular expressions from the config: `rank_pattern` and
+`alpha_pattern` keys, a `target_modules` or `exclude_modules` string, `layers_pattern`,
+`modules_to_save`. It uses Python's `re`, which can take exponential time on a pattern such as
+`([a-z_.0-9]+)+!`. The same expressions are matched here with the `regex` engine (the same
+syntax and results as `re`, sturdier against backtracking, and with a timeout), within a time
+budget per config: a config whose patterns take longer than that is refused, never waited on.
+"""
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import regex
+
+from extsub_kernels.errors import AdapterError
+
+# Seconds all pattern matching of one adapter config may take. A real config needs microseconds per module.
+PATTERN_BUDGET_S = 2.0
+
+
+@dataclass
+class PatternMatcher:
+    """Regular expressions of one adapter config, compiled once and matched within one shared time budget.
+
+    Args:
+        where: the config (its path) for messages.
+        budget_s: seconds all matches together may take (default `PATTERN_BUDGET_S`).
+    """
+
+    where: str
+    budget_s: float | None = None
+    _compiled: dict = field(default_factory=dict, repr=False)
+    _deadline: float | None = field(default=None, repr=False)
+
+    def compile(self, pattern: str, what: str) -> "regex.Pattern":
+        """`pattern` compiled; an AdapterError naming `what` (the config field) when it is not a regular expression."""
+        compiled = self._compiled.get(pattern)
+        if compiled is None:
+            try:
+                compiled = self._compiled[pattern] = regex.compile(pattern, regex.VERSION0)
+            except (regex.error, TypeError, ValueError, OverflowError, RecursionError) as e:
+                raise AdapterError(
+                    f"{self.where}: {what} {pattern!r} is not a valid regular expression ({e})"
+                ) from None
+        return compiled
+
+    def matches(self, pattern: str, text: str, what: str, *, full: bool = False, shown: str | None = None) -> bool:
+        """Whether `pattern` matches at the start of `text` (all of it with `full`), as `re.match`/`fullmatch` do."""
+        return self.match(pattern, text, what, full=full, shown=shown) is not None
+
+    def match(
+        self, pattern: str, text: str, what: str, *, full: bool = False, shown: str | None = None
+    ) -> "regex.Match | None":
+        """`re.match(pattern, text)` (`re.fullmatch` with `full`) within the budget; AdapterError past it.
+
+        `what` and `shown` (the config's own text, when `pattern` was built from it) name it in messages.
+        """
+        compiled = self.compile(pattern, what)
+        if self._deadline is None:
+            self._deadline = time.monotonic() + (PATTERN_BUDGET_S if self.budget_s is None else self.budget_s)
+        left = self._deadline - time.monotonic()
+        try:
+            if left <= 0:
+                raise TimeoutError
+            found = compiled.fullmatch(text, timeout=left) if full else compiled.match(text, timeout=left)
+        except TimeoutError:
+            budget = PATTERN_BUDGET_S if self.budget_s is None else self.budget_s
+            raise AdapterError(
+                f"{self.where}: matching module names against {what} {shown or pattern!r} takes more than the "
+                f"{budget:g} s allowed for a config's patterns (a pattern that backtracks exponentially, or very "
+                "many patterns); PEFT would hang on it too: simplify the pattern"
+            ) from None
+        return found
+
+
+def pattern_key(
+    patterns: Mapping[str, object], module: str, matcher: PatternMatcher | None = None, what: str = "pattern key"
+) -> str | None:
+    """The rank_pattern/alpha_pattern key that applies to `module`, by PEFT's rule; None if none does.
+
+    PEFT takes the first key (in the config's order) that matches the end of the module
+    name at a dot boundary as a regular expression: re.match(rf"(.*\\.)?({key})$", module).
+
+    Example:
+        >>> pattern_key({"q_proj": 8}, "model.layers.0.self_attn.q_proj")
+        'q_proj'
+    """
+    matcher = matcher or PatternMatcher("adapter config")
+    for key in patterns:
+        matcher.compile(key, what)
+        if matcher.matches(rf"(.*\.)?({key})$", module, what, shown=repr(key)):
+            return key
+    return None
+
+
+def selects(config: Mapping, module: str, matcher: PatternMatcher) -> bool:
+    """Whether PEFT puts a LoRA layer on `module` for this config (peft.tuners.tuners_utils.check_target_module_exists).
+
+    `exclude_modules` and `modules_to_save` exclude a module; `target_modules` selects it (a
+    string: a regular expression the whole name must match; a list: the name or its last dotted
+    segments); `layers_to_transform` (with `layers_pattern`) keeps only those layer indexes. A
+    config without `target_modules` leaves the choice to PEFT's defaults for the model type,
+    which are not known here: every module is taken as selected. So is `"all-linear"`.
+    """
+    exclude = config.get("exclude_modules")
+    if isinstance(exclude, str):
+        if matcher.matches(exclude, module, "exclude_modules", full=True):
+            return False
+    elif exclude and (module in exclude or any(module.endswith(f".{key}") for key in exclude)):
+        return False
+    for name in config.get("modules_to_save") or ():
+        if matcher.matches(rf"(^|.*\.){name}($|\..*)", module, "modules_to_save entry", shown=repr(name)):
+            return False
+    targets = config.get("target_modules")
+    if targets is None or (isinstance(targets, str) and targets.lower() == "all-linear"):
+        return True
+    if isinstance(targets, str):
+        return matcher.matches(targets, module, "target_modules", full=True)
+    if module in targets:
+        return True
+    if not any(module.endswith(f".{key}") for key in targets):
+        return False
+    return _in_transformed_layers(config, module, matcher)
+
+
+def _in_transformed_layers(config: Mapping, module: str, matcher: PatternMatcher) -> bool:
+    indexes = config.get("layers_to_transform")
+    if indexes is None or indexes == []:
+        return True
+    layers_pattern = config.get("layers_pattern")
+    if not layers_pattern:
+        found = _layer_index(matcher, r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    else:
+        found = None
+        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            found = _layer_index(matcher, rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module)
+            if found is not None:
+                break
+    if found is None:
+        return False
+    return found == indexes if isinstance(indexes, int) else found in indexes
+
+
+def _layer_index(matcher: PatternMatcher, pattern: str, module: str) -> int | None:
+    found = matcher.match(pattern, module, "layers_pattern")
+    return None if found is None else int(found["idx"])

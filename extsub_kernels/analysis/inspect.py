@@ -1,0 +1,118 @@
+"""`inspect()`: the statistics a merge reports (DESIGN.md §7), computed without writing a merge.
+
+Inputs are resolved, planned and streamed exactly as `merge()` does (same matching rules,
+same errors); the write stage writes nothing. Dense tensors run through the op for its row
+sums, block by block; LoRA adapters take them from their factors.
+"""
+
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from extsub_kernels.adapters import AdapterOptions
+from extsub_kernels.analysis.markdown import inspection_markdown
+from extsub_kernels.analysis.plot import HEATMAP_NAME, PlotUnavailable, draw_heatmaps
+from extsub_kernels.engine import MergeReport
+from extsub_kernels.engine.options import DEFAULT_BLOCK_BYTES, Lam, Method, RunOptions, parse_lams, resolve_device
+from extsub_kernels.engine.record import json_text, report_record
+from extsub_kernels.errors import InputError
+from extsub_kernels.io.atomic import publish, remove, reserve_temp, write_text
+from extsub_kernels.io.outputs import refuse_existing
+from extsub_kernels.merge import Source, execute, source_list
+
+JSON_NAME, MARKDOWN_NAME = "report.json", "report.md"
+
+
+def inspect(
+    expert: Source,
+    anti: Source | Sequence[Source],
+    *,
+    base: str | os.PathLike | None = None,
+    lam: Lam = 1.0,
+    method: Method = "ext-sub",
+    device: str | torch.device = "auto",
+    transposed: bool | None = None,
+    adapter: AdapterOptions | None = None,
+    progress: bool = False,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    command: str | None = None,
+) -> MergeReport:
+    """Row statistics of every tensor or module a merge of these inputs would merge, without merging.
+
+    Args:
+        expert, anti, base: as for `merge()` (dense checkpoints or LoRA adapters, hub ids, ...).
+        lam: the λ settings the relative change is reported at (as for `merge()`).
+        method: "ext-sub", "sub" or "add" (the relative change follows it).
+        device: where the dense op runs for its row sums.
+        transposed: GPT-2 Conv1D layout, as for `merge()`.
+        adapter: scaling of bare adapter files, base-model check (the output format is unused).
+        progress: a progress bar on stderr.
+        block_bytes: target bytes of a block of rows.
+        command: the command line to record.
+
+    Returns:
+        A MergeReport with mode "inspect", no outputs, and `stats` for every merged tensor or module.
+
+    Example:
+        >>> report = inspect("expert_adapter/", "anti_adapter/")  # doctest: +SKIP
+        >>> report.stats[0].pairs[0].cos.median  # doctest: +SKIP
+    """
+    started = time.perf_counter()
+    options = RunOptions(
+        settings=tuple(parse_lams(lam, len(source_list(expert, anti)) - 1)),
+        method=method,
+        device=resolve_device(device),
+        progress=progress,
+        block_bytes=block_bytes,
+        mode="inspect",
+        stats=True,
+        transposed=transposed,
+    )
+    return execute(expert, anti, base, options, adapter or AdapterOptions(), None, {}, command, started)
+
+
+def write_inspection(report: MergeReport, folder: str | os.PathLike, *, force: bool = False) -> list[Path]:
+    """Write report.json, report.md and (with matplotlib) report.png into `folder`; returns the files written.
+
+    Each file appears whole or not at all. Existing report files are replaced only with `force`.
+    Without matplotlib the PNG is skipped with a warning that says how to install it.
+    """
+    folder = Path(folder)
+    check_inspection_folder(folder, force=force)
+    written = [
+        _write(folder / JSON_NAME, json_text(report_record(report)), force),
+        _write(folder / MARKDOWN_NAME, inspection_markdown(report), force),
+    ]
+    target = folder / HEATMAP_NAME
+    temp = reserve_temp(target, folder=False)
+    try:
+        draw_heatmaps(report, temp)
+        publish(temp, target, force=force)
+        written.append(target)
+    except PlotUnavailable as e:
+        warnings.warn(str(e), stacklevel=2)
+    finally:
+        remove(temp)
+    return written
+
+
+def check_inspection_folder(folder: Path, *, force: bool) -> None:
+    """Refuse a folder that is a file, or holds report files already (without `force`), before any work."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"-o {folder} is a file; give a folder for report.json, report.md and report.png")
+    for name in (JSON_NAME, MARKDOWN_NAME, HEATMAP_NAME):
+        refuse_existing(folder / name, force=force, what=f"{folder / name}")
+
+
+def _write(path: Path, text: str, force: bool) -> Path:
+    temp = reserve_temp(path, folder=False)
+    try:
+        write_text(temp, text)
+        publish(temp, path, force=force)
+    finally:
+        remove(temp)
+    return path

@@ -1,0 +1,123 @@
+"""`extsub-inspect`: the row statistics of an expert/anti-expert pair without merging, over `analysis.inspect()`.
+
+With -o DIR it writes report.json, report.md and report.png there; without, it prints the
+Markdown tables on stdout. Heavy imports happen after the signal handlers are set.
+"""
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+
+from extsub_kernels._version import __version__
+from extsub_kernels.cli.common import EXIT_OK, guarded, run_command, say, shown_warnings
+
+PROG = "extsub-inspect"
+EPILOG = f"""\
+what it reports, per tensor (dense inputs) or module (LoRA adapters), over its rows p (expert) and m
+(anti-expert), task vectors with --base:
+  cos(p, m)           mean, min, quartiles and max over rows
+  deficiency share    |Ext(m)|/|m| = √((1 − cos)/2), the part of the anti-expert Ext-Sub removes
+                      (mean weighted by |m|); the rest is the general capability it keeps
+  relative change     ‖θ' − θ⁺‖/‖θ⁺‖ that a merge at each --lam would make
+  degenerate rows     a zero norm, or an antiparallel pair
+Dense tensors are streamed block by block (memory stays small); LoRA statistics come from the
+factors, never forming ΔW.
+
+outputs (-o DIR):
+  report.json  the same record as extsub-merge --report
+  report.md    a table per module type, and one per layer and module type
+  report.png   heatmaps of layers × module types: mean cos and deficiency share
+               (needs matplotlib: pip install "extsub[plot]"; without it the other two are written)
+
+examples:
+  {PROG} expert_adapter/ anti_adapter/ -o inspect/
+  {PROG} org/expert org/anti --base org/base --lam 0.5,1,2 -o inspect/
+  {PROG} expert.safetensors anti.safetensors        # tables on stdout
+
+exit codes: 0 done; 1 failure while reading; 2 bad usage or bad input; 130/143 interrupted.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `extsub-inspect`."""
+    from extsub_kernels.engine.options import METHODS
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="The geometry of an Ext-Sub merge without making it: per tensor or module, how much of the "
+        "anti-expert\nis shared capability and how much is deficiency (DESIGN.md §7 of extsub).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    add("expert", metavar="EXPERT", help="the expert θ⁺ (as for extsub-merge)")
+    add("anti", metavar="ANTI", nargs="+", help="anti-expert(s) θ⁻")
+    add("-o", "--out", metavar="DIR", help="write report.json, report.md and report.png into DIR")
+    add("--base", metavar="BASE", help="θ₀: the inputs are full models, compared as task vectors θ − θ₀")
+    add("--lam", default="1", metavar="L[,L...]", help="λ settings to report the relative change at (default 1)")
+    add("--method", choices=METHODS, default="ext-sub", help="the method the relative change is for")
+    add("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    add("--transposed", action=argparse.BooleanOptionalAction, help="GPT-2 Conv1D layout, as for extsub-merge")
+    add("--lora-alpha", type=float, metavar="A", help="lora_alpha of bare adapter files without adapter_config.json")
+    add("--rank", type=int, metavar="R", help="with --lora-alpha: their r")
+    add("--rslora", action="store_true", help="with --lora-alpha: scaling lora_alpha/√r")
+    add("--any-base-model", action="store_true", help="accept different base_model_name_or_path")
+    add("--force", action="store_true", help="replace report files already in DIR")
+    add("-q", "--quiet", action="store_true", help="print errors only")
+    add("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `extsub-inspect` with `argv` (default: sys.argv[1:]); returns the exit code."""
+    return run_command(PROG, lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    with shown_warnings(PROG, quiet=args.quiet):
+        code, report = guarded(PROG, lambda: _inspect(args, shlex.join([PROG, *argv])), "inspection")
+    if code == EXIT_OK and not args.quiet:
+        say(f"{PROG}: {report.summary()}")
+    return code
+
+
+def _inspect(args: argparse.Namespace, command: str) -> object:
+    from pathlib import Path
+
+    from extsub_kernels.adapters import AdapterOptions, LoraScaling
+    from extsub_kernels.analysis import inspect, write_inspection
+    from extsub_kernels.analysis.inspect import check_inspection_folder
+    from extsub_kernels.analysis.markdown import inspection_markdown
+    from extsub_kernels.errors import InputError
+
+    if args.lora_alpha is None and (args.rank is not None or args.rslora):
+        raise InputError("--rank and --rslora describe the scaling of bare adapter files; give --lora-alpha too")
+    if args.out is not None:
+        check_inspection_folder(Path(args.out), force=args.force)
+    scaling = LoraScaling(args.lora_alpha, args.rank, args.rslora) if args.lora_alpha is not None else None
+    report = inspect(
+        args.expert,
+        args.anti,
+        base=args.base,
+        lam=args.lam,
+        method=args.method,
+        device=args.device,
+        transposed=args.transposed,
+        adapter=AdapterOptions(scaling=scaling, any_base_model=args.any_base_model),
+        progress=not args.quiet,
+        command=command,
+    )
+    if args.out is None:
+        sys.stdout.write(inspection_markdown(report))
+    else:
+        for path in write_inspection(report, args.out, force=args.force):
+            if not args.quiet:
+                say(f"{PROG}: wrote {path}")
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(main())

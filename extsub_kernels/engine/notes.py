@@ -1,0 +1,180 @@
+"""What every output says about how it was made: its `__metadata__`, and in folder outputs the model card, the recipe
+and a note in the copied config.json (with the dtype the weights now have).
+
+Metadata is known before any tensor is written (the writer emits headers first); the model
+card needs the run's statistics, so folder outputs get their texts after the tensors and
+before the commit (`OutputSet.add_texts`): a failed run leaves none of them.
+"""
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from extsub_kernels._version import __version__
+from extsub_kernels.engine.card import CardFacts, model_card
+from extsub_kernels.engine.context import RunContext
+from extsub_kernels.engine.options import RunOptions
+from extsub_kernels.engine.recipe import recipe_text
+from extsub_kernels.engine.stats import TensorStats
+from extsub_kernels.engine.tables import summary_table
+from extsub_kernels.io import ResolvedInput, read_json_object
+from extsub_kernels.io.outputs import CARD_NAME, RECIPE_NAME
+from extsub_kernels.io.provenance import hub_repo
+
+MODEL_CONFIG = "config.json"
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def output_metadata(
+    setting: Sequence[float],
+    method: str,
+    expert: str,
+    antis: Sequence[str],
+    base: str | None = None,
+    output_format: str | None = None,
+    context: RunContext | None = None,
+) -> dict[str, str]:
+    """`__metadata__` of an output: format=pt, method, λ, the inputs' names, the tool's version, an adapter format;
+    with a `context`, the command, the inputs (hub commits, header sha256 of each file) and the recipe.
+
+    Example:
+        >>> output_metadata((0.5,), "ext-sub", "expert.safetensors", ["anti.safetensors"])["extsub.lam"]
+        '[0.5]'
+    """
+    meta = {
+        "format": "pt",
+        "extsub.method": method,
+        "extsub.lam": json.dumps(list(setting)),
+        "extsub.expert": printable(expert),
+        "extsub.anti": json.dumps([printable(a) for a in antis]),
+        "extsub.version": __version__,
+    }
+    if base is not None:
+        meta["extsub.base"] = printable(base)
+    if output_format is not None:
+        meta["extsub.format"] = output_format
+    if context is not None:
+        meta["extsub.command"] = printable(context.command)
+        notes = [_input_note(record) for record in context.inputs]
+        meta["extsub.inputs"] = printable(json.dumps(notes, separators=(",", ":"), ensure_ascii=False))
+        meta["extsub.recipe"] = printable(recipe_text(context.recipe, setting))
+    return meta
+
+
+def printable(name: str) -> str:
+    """Text a header or a text file can hold: bytes that are not UTF-8 (kept by Python as lone surrogates, as in
+    file names) as \\xNN.
+
+    Example:
+        >>> printable("caf\\udce9.safetensors")
+        'caf\\\\xe9.safetensors'
+    """
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _input_note(record: Mapping[str, Any]) -> dict[str, Any]:
+    """What the metadata keeps of an input's fingerprint: role, spec, commit, and per file its name and header hash."""
+    note = {key: record[key] for key in ("role", "spec", "commit") if record.get(key) is not None}
+    note["files"] = [{"name": f["name"], "header_sha256": f["header_sha256"]} for f in record.get("files", [])]
+    return note
+
+
+def run_metadata(
+    inputs: Sequence[tuple[str, ResolvedInput]],
+    options: RunOptions,
+    output_format: str | None = None,
+    context: RunContext | None = None,
+) -> list[dict[str, str]]:
+    """`__metadata__` of each output of a run (one per λ setting), naming the inputs by their display names."""
+    names = {role: inp.name for role, inp in inputs}
+    antis = [name for role, name in names.items() if role.startswith("ANTI")]
+    return [
+        output_metadata(setting, options.method, names["EXPERT"], antis, names.get("BASE"), output_format, context)
+        for setting in options.settings
+    ]
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """What kind of thing a folder output is, for its model card.
+
+    Attributes:
+        what: a few words ("a PEFT LoRA adapter", "the full model θ₀ + ΔW'", "task vectors ΔW'").
+        library_name: "peft", "transformers", or None when no library loads it as it is.
+        base_model: the base model's hub id or name, when known.
+        config: a model config.json to copy with a note (and the output dtype), for full models.
+        tags: model-card tags beside extsub, merge and the method ("peft", "lora", "ia3", ...).
+    """
+
+    what: str
+    library_name: str | None = None
+    base_model: str | None = None
+    config: Path | None = None
+    tags: tuple[str, ...] = ()
+
+
+def output_texts(
+    paths: Sequence[Path],
+    options: RunOptions,
+    context: RunContext | None,
+    kind: OutputKind,
+    stats: Sequence[TensorStats],
+) -> list[dict[str, str]]:
+    """The generated files of each folder output: README.md (model card), extsub_recipe.yaml, a noted config.json."""
+    texts = []
+    for index, (path, setting) in enumerate(zip(paths, options.settings, strict=True)):
+        own = [dataclasses.replace(s, relative_change=(s.relative_change[index],)) for s in stats]
+        table = summary_table(own, [setting]) if stats else ""
+        if path.suffix == ".safetensors" or context is None:
+            texts.append({})
+            continue
+        facts = CardFacts(
+            title=path.name,
+            method=options.method,
+            setting=tuple(setting),
+            inputs=context.inputs,
+            command=context.command,
+            library_name=kind.library_name,
+            base_model=kind.base_model,
+            what=kind.what,
+            table=table,
+            tags=kind.tags,
+        )
+        files = {CARD_NAME: model_card(facts), RECIPE_NAME: recipe_text(context.recipe, setting)}
+        if kind.config is not None:
+            files[MODEL_CONFIG] = noted_config(kind.config, options.out_dtype, options.method, setting)
+        texts.append({name: printable(text) for name, text in files.items()})
+    return texts
+
+
+def text_names(paths: Sequence[Path], kind: OutputKind) -> list[str]:
+    """The names `output_texts` writes into a folder output (for a dry run's file list)."""
+    if not paths or paths[0].suffix == ".safetensors":
+        return []
+    return [CARD_NAME, RECIPE_NAME] + ([MODEL_CONFIG] if kind.config is not None else [])
+
+
+def noted_config(path: Path, out_dtype: torch.dtype | None, method: str, setting: Sequence[float]) -> str:
+    """A model's config.json with an `extsub` note (version, method, λ, recipe file) and, when the output dtype was
+    changed, `torch_dtype`/`dtype` saying so (transformers keeps unknown keys and reads either dtype key)."""
+    config = read_json_object(path)
+    if out_dtype is not None:
+        keys = [key for key in ("torch_dtype", "dtype") if key in config] or ["torch_dtype"]
+        for key in keys:
+            config[key] = _DTYPE_NAMES[out_dtype]
+    config["extsub"] = {"version": __version__, "method": method, "lam": list(setting), "recipe": RECIPE_NAME}
+    return json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+
+
+def base_model_name(inp: ResolvedInput | None) -> str | None:
+    """The name a model card gives the base model: its hub repo id, else the folder or file name as given."""
+    if inp is None:
+        return None
+    if inp.kind == "hub":
+        return hub_repo(inp.spec)[0]
+    return Path(inp.spec).name or inp.name

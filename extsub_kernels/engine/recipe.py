@@ -1,0 +1,206 @@
+"""Recipes: every option of a merge in one YAML file, read back with `--config` and written into each output.
+
+A recipe is a YAML mapping whose keys are the long options of `extsub-merge` with `_` for
+`-` (`max_shard_size`, `on_missing`, ...) plus `expert`, `anti` and `out`. Loading checks
+every key and type and names the key at fault. Each output carries the recipe that made it
+(its own λ, hub inputs pinned to the commit they resolved to), so rerunning it rewrites the
+same tensors byte for byte on the same kind of device.
+"""
+
+import difflib
+import os
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from extsub_kernels._version import __version__
+from extsub_kernels.engine.options import FORMATS, METHODS, ON_MISSING, OUT_DTYPES, lam_label
+from extsub_kernels.errors import InputError
+from extsub_kernels.io.outputs import RECIPE_NAME
+
+RECIPE_FORMAT = 1
+PROG = "extsub-merge"
+
+
+@dataclass(frozen=True)
+class RecipeKey:
+    """One key of a recipe: the YAML types it takes (named for messages), its choices, its flag on the command line."""
+
+    types: tuple[type, ...]
+    what: str
+    choices: tuple[str, ...] = ()
+    flag: str | None = None
+
+
+_STR, _NUM = (str,), (int, float)
+KEYS: dict[str, RecipeKey] = {
+    "extsub_recipe": RecipeKey((int,), f"the recipe format, {RECIPE_FORMAT}"),
+    "extsub_version": RecipeKey(_STR, "a version string (informational)"),
+    "expert": RecipeKey(_STR, "a path or hub id"),
+    "anti": RecipeKey((str, list), "a path or hub id, or a list of them"),
+    "base": RecipeKey(_STR, "a path or hub id", flag="--base"),
+    "out": RecipeKey(_STR, "a path", flag="-o"),
+    "lam": RecipeKey((int, float, str, list), "a number, a string like '0.5,1' or a list", flag="--lam"),
+    "method": RecipeKey(_STR, "a method name", METHODS, "--method"),
+    "device": RecipeKey(_STR, "auto, cpu, cuda or cuda:N", flag="--device"),
+    "dtype": RecipeKey(_STR, "a dtype name", tuple(OUT_DTYPES), "--dtype"),
+    "max_shard_size": RecipeKey((int, str), "a size like 5GB or a number of bytes", flag="--max-shard-size"),
+    "on_missing": RecipeKey(_STR, "an on-missing policy", ON_MISSING, "--on-missing"),
+    "transposed": RecipeKey((bool,), "true or false", flag="--transposed"),
+    "format": RecipeKey(_STR, "an adapter output format", FORMATS, "--format"),
+    "max_rank": RecipeKey((int,), "a positive integer", flag="--max-rank"),
+    "lora_alpha": RecipeKey(_NUM, "a number", flag="--lora-alpha"),
+    "rank": RecipeKey((int,), "a positive integer", flag="--rank"),
+    "rslora": RecipeKey((bool,), "true or false", flag="--rslora"),
+    "any_base_model": RecipeKey((bool,), "true or false", flag="--any-base-model"),
+    "force": RecipeKey((bool,), "true or false", flag="--force"),
+    "dry_run": RecipeKey((bool,), "true or false", flag="--dry-run"),
+    "report": RecipeKey(_STR, "a path, or - for stdout", flag="--report"),
+    "quiet": RecipeKey((bool,), "true or false", flag="--quiet"),
+    "verbose": RecipeKey((bool,), "true or false", flag="--verbose"),
+}
+# What a written recipe holds: how the output was made (not where it went or how the run talked).
+MERGE_KEYS = (
+    "expert",
+    "anti",
+    "base",
+    "lam",
+    "method",
+    "device",
+    "dtype",
+    "max_shard_size",
+    "on_missing",
+    "transposed",
+    "format",
+    "max_rank",
+    "lora_alpha",
+    "rank",
+    "rslora",
+    "any_base_model",
+)
+
+
+def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a recipe; keys whose value is null are left out.
+
+    Raises:
+        InputError: an unreadable file, YAML that is not a mapping, an unknown key (with the
+            closest known one), a value of the wrong type or outside its choices; each names
+            the file and the key.
+
+    Example:
+        >>> load_recipe("recipe.yaml")  # doctest: +SKIP
+        {'expert': 'org/expert', 'anti': ['org/anti'], 'lam': 0.5}
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"--config {path}: cannot read the recipe ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise InputError(f"--config {path}: not valid YAML{line} ({getattr(e, 'problem', None) or e})") from None
+    return check_recipe(loaded, str(path))
+
+
+def check_recipe(recipe: object, where: str = "recipe") -> dict[str, Any]:
+    """The recipe mapping validated (see `load_recipe`); `where` names it in messages."""
+    if recipe is None:
+        return {}
+    if not isinstance(recipe, dict):
+        raise InputError(f"{where}: a recipe is a YAML mapping of option: value, found a {type(recipe).__name__}")
+    checked = {}
+    for key, value in recipe.items():
+        spec = KEYS.get(key) if isinstance(key, str) else None
+        if spec is None:
+            close = difflib.get_close_matches(str(key), KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise InputError(f"{where}: unknown key {key!r}{hint}; a recipe takes {', '.join(KEYS)}")
+        if value is None:
+            continue
+        if (isinstance(value, bool) and bool not in spec.types) or not isinstance(value, spec.types):
+            raise InputError(f"{where}: key {key!r} must be {spec.what}, got {value!r} ({type(value).__name__})")
+        if spec.choices and value not in spec.choices:
+            raise InputError(f"{where}: key {key!r} is {value!r}; choose one of {', '.join(spec.choices)}")
+        checked[key] = value
+    if checked.get("extsub_recipe", RECIPE_FORMAT) != RECIPE_FORMAT:
+        raise InputError(
+            f"{where}: extsub_recipe is {checked['extsub_recipe']}, but this extsub ({__version__}) reads format "
+            f"{RECIPE_FORMAT}; upgrade extsub"
+        )
+    anti = checked.get("anti")
+    if isinstance(anti, list) and (not anti or not all(isinstance(a, str) for a in anti)):
+        raise InputError(f"{where}: key 'anti' must be a path or hub id, or a non-empty list of them, got {anti!r}")
+    return checked
+
+
+def lam_value_for(setting: Sequence[float]) -> float | str:
+    """λ of one output as a recipe writes it: a number when every anti-expert has it, else "1:0.5"."""
+    label = lam_label(setting)
+    return float(setting[0]) if len(set(setting)) <= 1 else label.replace("_", ":")
+
+
+def recipe_text(recipe: Mapping[str, Any], setting: Sequence[float]) -> str:
+    """The recipe of one output: `recipe` (MERGE_KEYS) with that output's λ, as YAML with a header comment.
+
+    Example:
+        >>> print(recipe_text({"expert": "e.safetensors", "anti": ["a.safetensors"]}, (0.5,)))  # doctest: +SKIP
+    """
+    body = {"extsub_recipe": RECIPE_FORMAT, "extsub_version": __version__}
+    for key in MERGE_KEYS:
+        value = lam_value_for(setting) if key == "lam" else recipe.get(key)
+        if value is not None and (value is not False or key == "transposed"):
+            body[key] = value
+    header = (
+        f"# How this output was made, written by extsub {__version__} beside it. To make it again\n"
+        f"# (same inputs, same kind of device, every tensor byte for byte):\n"
+        f"#   {PROG} --config {RECIPE_NAME} -o OUT\n"
+    )
+    return header + yaml.safe_dump(body, sort_keys=False, allow_unicode=True)
+
+
+def command_line(recipe: Mapping[str, Any], out: str | os.PathLike | None = None) -> str:
+    """The `extsub-merge` command that runs `recipe` (flags only where they differ from the defaults).
+
+    Example:
+        >>> command_line({"expert": "e", "anti": ["a"], "lam": 0.5, "method": "ext-sub"}, "out/")
+        'extsub-merge e a -o out/ --lam 0.5'
+    """
+    anti = recipe.get("anti") or []
+    words = [PROG, str(recipe.get("expert", "EXPERT")), *([anti] if isinstance(anti, str) else anti)]
+    out = out if out is not None else recipe.get("out")
+    if out is not None:
+        words += ["-o", os.fspath(out)]
+    defaults = {"lam": 1.0, "method": "ext-sub", "device": "auto", "dtype": "keep", "on_missing": "error"}
+    for key, spec in KEYS.items():
+        value = recipe.get(key)
+        if spec.flag is None or key == "out" or value is None or value == defaults.get(key):
+            continue
+        if key == "transposed":
+            words.append("--transposed" if value else "--no-transposed")
+        elif isinstance(value, bool):
+            words += [spec.flag] if value else []
+        elif key == "lam":
+            words += [spec.flag, _lam_text(value)]
+        else:
+            words += [spec.flag, str(value)]
+    return shlex.join(words)
+
+
+def _lam_text(lam: object) -> str:
+    if isinstance(lam, (list, tuple)):
+        return ",".join(
+            ":".join(_number(x) for x in item) if isinstance(item, (list, tuple)) else _number(item) for item in lam
+        )
+    return _number(lam) if isinstance(lam, (int, float)) else str(lam)
+
+
+def _number(x: object) -> str:
+    return lam_label([float(x)]) if isinstance(x, (int, float)) else str(x)

@@ -1,0 +1,146 @@
+"""The machine-readable record of a run (`--report FILE.json`, `extsub-inspect`'s report.json), and the one JSON writer.
+
+The record is a JSON object: the tool and the command; the inputs (path as given, resolved
+path or hub repo with its resolved commit, file sizes, header sha256); every option; the
+outputs with their files and sizes; times, bytes, peak memory; what happened to each tensor
+or module, with its row statistics (DESIGN.md §7) where they were gathered.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from extsub_kernels._version import __version__
+from extsub_kernels.engine.report import MergeReport
+from extsub_kernels.engine.stats import PairStats, TensorStats
+from extsub_kernels.engine.tables import anti_roles, by_module_type
+from extsub_kernels.io.atomic import publish, remove, reserve_temp, write_text
+
+RECORD_FORMAT = 1
+
+
+def report_record(report: MergeReport) -> dict[str, Any]:
+    """The JSON-ready record of `report` (its context supplies the inputs, options and command).
+
+    Example:
+        >>> record = report_record(merge("e.safetensors", "a.safetensors", "out/"))  # doctest: +SKIP
+        >>> record["tensors"][0]["stats"]["pairs"][0]["cos"]["median"]  # doctest: +SKIP
+        0.0123
+    """
+    context = report.context
+    stats = {s.name: s for s in report.stats}
+    return {
+        "extsub_report": RECORD_FORMAT,
+        "tool": {"name": "extsub", "version": __version__},
+        "mode": report.mode,
+        "command": context.command if context else None,
+        "started_at": context.started_at if context else None,
+        "seconds": report.seconds,
+        "device": report.device,
+        "inputs": [dict(record) for record in context.inputs] if context else [],
+        "options": _jsonable(dict(context.options) if context else {}),
+        "method": report.method,
+        "layout": report.layout,
+        "outputs": [
+            {
+                "path": str(path),
+                "lam": list(setting),
+                "files": [{"name": name, "bytes": size} for name, size in files],
+            }
+            for path, setting, files in zip(
+                report.outputs, report.settings, _padded(report.files, report.outputs), strict=False
+            )
+        ],
+        "totals": {
+            "tensors_per_output": report.tensors,
+            "merged": report.merged,
+            "copied": report.copied,
+            "skipped": report.skipped,
+            "bytes_read": report.bytes_read,
+            "bytes_written": report.bytes_written,
+            "peak_rss_bytes": report.peak_rss_bytes,
+            "peak_gpu_bytes": report.peak_gpu_bytes,
+        },
+        "items": [
+            {**dataclasses.asdict(item), "shape": list(item.shape), "stats": _tensor_stats(stats.get(item.name))}
+            for item in report.items
+        ],
+        "summary": _summary(report),
+    }
+
+
+def _padded(files: tuple, outputs: tuple) -> list:
+    return list(files) + [()] * (len(outputs) - len(files))
+
+
+def _tensor_stats(stats: TensorStats | None) -> dict[str, Any] | None:
+    if stats is None:
+        return None
+    return {"pairs": [_pair(p) for p in stats.pairs], "relative_change": list(stats.relative_change)}
+
+
+def _pair(pair: PairStats) -> dict[str, Any]:
+    record = dataclasses.asdict(pair)
+    record["degenerate_rows"] = pair.degenerate_rows
+    record["deficiency_share"] = pair.deficiency_share
+    return record
+
+
+def _summary(report: MergeReport) -> list[dict[str, Any]]:
+    """Per anti-expert and module type: the same numbers as the model card's table."""
+    rows = []
+    for anti in anti_roles(report.stats):
+        for kind, group in by_module_type(report.stats, anti).items():
+            rows.append(
+                {
+                    "anti": anti,
+                    "module_type": kind,
+                    "layers": sorted(group.layers),
+                    "tensors": group.tensors,
+                    "rows": group.rows,
+                    "degenerate_rows": group.degenerate_rows,
+                    "cos_mean": group.cos_mean,
+                    "deficiency_share": group.deficiency_share,
+                    "relative_change": group.relative_change,
+                }
+            )
+    return rows
+
+
+def _jsonable(value: Any) -> Any:
+    """Options as JSON takes them: tuples become lists, paths strings, non-finite floats null."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def json_text(record: Any) -> str:
+    """`record` as the JSON every report file holds: indented, UTF-8 kept, non-finite numbers refused."""
+    return json.dumps(record, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def write_json(record: Any, target: str | os.PathLike) -> None:
+    """Write `record` to `target` ("-": stdout) whole or not at all (a temporary file beside it, then a rename)."""
+    text = json_text(record)
+    if os.fspath(target) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    path = Path(target)
+    temp = reserve_temp(path, folder=False)
+    try:
+        write_text(temp, text)
+        publish(temp, path, force=True)  # the caller checked the target (io.outputs.check_report_path)
+    except BaseException:
+        remove(temp)
+        raise

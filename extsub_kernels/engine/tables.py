@@ -1,0 +1,158 @@
+"""Row statistics grouped the way people read a model: by module type, and by layer × module type.
+
+A tensor or module name splits at its first numeric path component into a layer and a
+module type (`model.layers.3.self_attn.q_proj.weight` → layer 3, `self_attn.q_proj`);
+names without one (embeddings, heads) are their own type with no layer. Groups combine
+tensors exactly: cos means weighted by the rows they average, the deficiency share as
+Σ|Ext(mᵢ)| / Σ|mᵢ|, the relative change as ‖θ' − θ⁺‖ / ‖θ⁺‖ over the group.
+"""
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from extsub_kernels.engine.stats import PairStats, TensorStats
+
+_LAYER = re.compile(r"(?:^|\.)(\d+)\.")
+
+
+def layer_and_type(name: str) -> tuple[int | None, str]:
+    """(layer index or None, module type) of a tensor or module name.
+
+    Example:
+        >>> layer_and_type("model.layers.3.self_attn.q_proj.weight")
+        (3, 'self_attn.q_proj')
+    """
+    match = _LAYER.search(name)
+    rest = name[match.end() :] if match else name
+    return (int(match[1]) if match else None), rest.removesuffix(".weight")
+
+
+@dataclass
+class Group:
+    """Tensors of one module type (or one layer × type cell), combined."""
+
+    tensors: int = 0
+    rows: int = 0
+    degenerate_rows: int = 0
+    layers: set = field(default_factory=set)
+    _cos_weighted: float = 0.0
+    _measured: int = 0
+    _ext_abs: float = 0.0
+    _m_abs: float = 0.0
+    _expert_sq: float = 0.0
+    _changed_sq: list = field(default_factory=list)
+    _unknown_change: bool = False
+
+    def add(self, pair: PairStats, changes: Sequence[float | None], layer: int | None) -> None:
+        self.tensors += 1
+        self.rows += pair.rows
+        self.degenerate_rows += pair.degenerate_rows
+        if layer is not None:
+            self.layers.add(layer)
+        if pair.cos is not None:
+            self._cos_weighted += pair.cos.mean * pair.measured_rows
+            self._measured += pair.measured_rows
+        self._ext_abs += pair.deficiency_abs_sum
+        self._m_abs += pair.anti_abs_sum
+        self._expert_sq += pair.expert_norm**2
+        if not self._changed_sq:
+            self._changed_sq = [0.0] * len(changes)
+        for i, change in enumerate(changes):
+            if change is None:
+                self._unknown_change = True
+            else:
+                self._changed_sq[i] += (change * pair.expert_norm) ** 2
+
+    @property
+    def cos_mean(self) -> float | None:
+        return self._cos_weighted / self._measured if self._measured else None
+
+    @property
+    def deficiency_share(self) -> float | None:
+        return self._ext_abs / self._m_abs if self._m_abs > 0 else None
+
+    @property
+    def relative_change(self) -> list[float | None]:
+        if self._unknown_change or self._expert_sq == 0:
+            return [None] * len(self._changed_sq)
+        return [math.sqrt(sq / self._expert_sq) for sq in self._changed_sq]
+
+
+def anti_roles(stats: Iterable[TensorStats]) -> list[str]:
+    """The anti-experts the statistics speak of, in order of first appearance."""
+    roles: list[str] = []
+    for tensor in stats:
+        for pair in tensor.pairs:
+            if pair.anti not in roles:
+                roles.append(pair.anti)
+    return roles
+
+
+def by_module_type(stats: Iterable[TensorStats], anti: str) -> dict[str, Group]:
+    """Groups per module type for one anti-expert, in order of first appearance."""
+    groups: dict[str, Group] = {}
+    for tensor in stats:
+        for pair in tensor.pairs:
+            if pair.anti == anti:
+                layer, kind = layer_and_type(tensor.name)
+                groups.setdefault(kind, Group()).add(pair, tensor.relative_change, layer)
+    return groups
+
+
+def by_layer_and_type(stats: Iterable[TensorStats], anti: str) -> dict[tuple[int | None, str], Group]:
+    """Groups per (layer, module type) cell for one anti-expert."""
+    groups: dict[tuple[int | None, str], Group] = {}
+    for tensor in stats:
+        for pair in tensor.pairs:
+            if pair.anti == anti:
+                layer, kind = layer_and_type(tensor.name)
+                groups.setdefault((layer, kind), Group()).add(pair, tensor.relative_change, layer)
+    return groups
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:+.{digits}f}" if digits == 3 else f"{x:.{digits}f}"
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f} %"
+
+
+def summary_table(stats: Sequence[TensorStats], settings: Sequence[Sequence[float]]) -> str:
+    """Markdown: per anti-expert, one row per module type with tensors, rows, degenerate rows, mean cos(p, m),
+    the deficiency share and the relative change at each λ setting. Empty when there are no statistics."""
+    if not stats:
+        return ""
+    labels = [",".join(f"{x:g}" for x in setting) for setting in settings]
+    parts = []
+    for anti in anti_roles(stats):
+        head = "| module type | layers | tensors | rows | degenerate rows | mean cos(p, m) | deficiency share |"
+        head += "".join(f" change at λ={label} |" for label in labels)
+        lines = [f"{anti}:" if len(anti_roles(stats)) > 1 else "", head, "|---" * (7 + len(labels)) + "|"]
+        for kind, group in by_module_type(stats, anti).items():
+            layers = f"{min(group.layers)}–{max(group.layers)}" if group.layers else "–"
+            changes = "".join(f" {_pct(c)} |" for c in group.relative_change)
+            lines.append(
+                f"| {kind} | {layers} | {group.tensors} | {group.rows} | {group.degenerate_rows} | "
+                f"{_fmt(group.cos_mean)} | {_fmt(group.deficiency_share, 2)} |{changes}"
+            )
+        parts.append("\n".join(line for line in lines if line))
+    return "\n\n".join(parts) + "\n"
+
+
+def layer_table(stats: Sequence[TensorStats], anti: str, settings: Sequence[Sequence[float]]) -> str:
+    """Markdown: one row per layer × module type for one anti-expert (the detail of `summary_table`)."""
+    labels = [",".join(f"{x:g}" for x in setting) for setting in settings]
+    head = "| layer | module type | rows | degenerate rows | mean cos(p, m) | deficiency share |"
+    head += "".join(f" change at λ={label} |" for label in labels)
+    lines = [head, "|---" * (6 + len(labels)) + "|"]
+    cells = by_layer_and_type(stats, anti)
+    for (layer, kind), group in sorted(cells.items(), key=lambda item: (item[0][0] is None, item[0][0] or 0)):
+        changes = "".join(f" {_pct(c)} |" for c in group.relative_change)
+        lines.append(
+            f"| {'–' if layer is None else layer} | {kind} | {group.rows} | {group.degenerate_rows} | "
+            f"{_fmt(group.cos_mean)} | {_fmt(group.deficiency_share, 2)} |{changes}"
+        )
+    return "\n".join(lines) + "\n"

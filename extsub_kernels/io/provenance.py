@@ -1,0 +1,100 @@
+"""Where each input came from, precisely enough to tell later whether a rerun reads the same bytes.
+
+Per input: the spec as given, the local folder, the hub repo with the commit the revision
+resolved to, and per weights file its size and the sha256 of its header (the 8-byte length
+and the JSON: names, dtypes, shapes and offsets of every tensor). Hashing headers costs
+microseconds where hashing tensor data would cost a full read.
+"""
+
+import hashlib
+import os
+from pathlib import Path
+
+from extsub_kernels.errors import InputError
+from extsub_kernels.io.format import HEADER_LENGTH_BYTES, MAX_HEADER_BYTES
+from extsub_kernels.io.resolve import ResolvedInput
+
+
+def header_sha256(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a safetensors file's header: its 8-byte length field and the JSON after it.
+
+    Example:
+        >>> header_sha256("model.safetensors")  # doctest: +SKIP
+        '9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08'
+    """
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(HEADER_LENGTH_BYTES)
+            n = int.from_bytes(prefix, "little") if len(prefix) == HEADER_LENGTH_BYTES else 0
+            body = f.read(min(n, MAX_HEADER_BYTES))
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+    return hashlib.sha256(prefix + body).hexdigest()
+
+
+def hub_commit(inp: ResolvedInput) -> str | None:
+    """The commit a hub input resolved to (checked by `resolve_input`); None for local inputs."""
+    return inp.commit if inp.kind == "hub" else None
+
+
+def hub_repo(spec: str) -> tuple[str, str | None]:
+    """(repo id, revision or None) of a hub spec `org/name[@revision]`.
+
+    Example:
+        >>> hub_repo("org/model@v1.0")
+        ('org/model', 'v1.0')
+    """
+    repo, at, revision = spec.partition("@")
+    return repo, (revision if at else None)
+
+
+def pinned_spec(inp: ResolvedInput) -> str:
+    """A spec that names exactly these bytes again: a hub id pinned to its commit, a local path made absolute.
+
+    Example:
+        >>> pinned_spec(resolve_input("org/model"))  # doctest: +SKIP
+        'org/model@0123456789abcdef0123456789abcdef01234567'
+    """
+    if inp.kind == "hub":
+        commit = hub_commit(inp)
+        repo, revision = hub_repo(inp.spec)
+        return f"{repo}@{commit or revision}" if (commit or revision) else repo
+    if inp.kind == "memory":
+        return inp.spec
+    return str(Path(inp.spec).expanduser().absolute())
+
+
+def display_path(inp: ResolvedInput, path: Path) -> str:
+    """A file of an input named the way the user named the input: the spec, joined with the file's place in it.
+
+    Example:
+        >>> display_path(resolve_input("models/expert/"), Path("models/expert/model.safetensors"))  # doctest: +SKIP
+        'models/expert/model.safetensors'
+    """
+    if inp.kind in ("file", "memory"):
+        return inp.spec
+    inside = os.path.relpath(path, inp.root)
+    return f"{inp.spec}: {inside}" if inp.kind == "hub" else os.path.join(inp.spec, inside)
+
+
+def fingerprint(role: str, inp: ResolvedInput) -> dict:
+    """What the report and the outputs' metadata record about one input.
+
+    Returns:
+        {"role", "spec" (as given), "kind" (file, folder, hub, memory), "path" (local folder or
+        file), "repo", "revision" (as asked), "commit" (hub inputs), "files": [{"name", "bytes",
+        "header_sha256"}]}; hub and path keys only where they apply.
+    """
+    record: dict = {"role": role, "spec": inp.spec, "kind": inp.kind}
+    if inp.kind == "memory":
+        return record
+    record["path"] = str(inp.files[0].absolute() if inp.kind == "file" else inp.root.absolute())
+    if inp.kind == "hub":
+        repo, revision = hub_repo(inp.spec)
+        record.update(repo=repo, revision=revision, commit=hub_commit(inp))
+    files = []
+    for f in inp.files:
+        name = f.name if inp.kind == "file" else os.path.relpath(f, inp.root)
+        files.append({"name": name, "bytes": f.stat().st_size, "header_sha256": header_sha256(f)})
+    record["files"] = files
+    return record

@@ -1,0 +1,121 @@
+"""Temporary names beside an output: who owns each one, and cleaning up those of runs that died.
+
+A run writes OUT under `.NAME.extsub-tmp-PID-XXXXXXXX` beside it (an old OUT being replaced may
+sit for a moment at `.NAME.extsub-tmp-PID-old-XXXXXXXX`), and holds an exclusive `flock` on
+each of its temporaries until they are published or removed. A process killed outright
+(SIGKILL, a crash, power loss) cannot clean up, so the next run into the same folder does:
+a temporary whose owner is gone (no process with its PID, and its lock is free) is removed,
+and an old OUT set aside by a replacement that never finished is put back where it was.
+A temporary of a live process is never touched.
+"""
+
+import contextlib
+import fcntl
+import os
+import re
+import secrets
+import shutil
+import stat
+import warnings
+from pathlib import Path
+
+TEMP_TAG = ".extsub-tmp-"
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.extsub-tmp-(?P<pid>[0-9]+)-(?P<old>old-)?[0-9a-f]{8}$", re.DOTALL)
+
+_held: dict[Path, int] = {}  # our temporaries → the descriptor holding the lock on each
+
+
+def temp_path(target: Path, *, old: bool = False) -> Path:
+    """A fresh temporary name beside `target` for this process (`old`: where a replaced OUT waits)."""
+    kind = "old-" if old else ""
+    return target.parent / f".{target.name}{TEMP_TAG}{os.getpid()}-{kind}{secrets.token_hex(4)}"
+
+
+def hold(path: Path) -> None:
+    """Take the owner's lock on a temporary this process just created (a file or a folder).
+
+    Where the file system has no locks, the temporary stays unlocked; other runs then leave it
+    alone as long as this process lives (its PID is in the name).
+    """
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags)
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    _held[path] = fd
+
+
+def release(path: Path) -> None:
+    """Drop the lock on `path` (after it was published or removed)."""
+    fd = _held.pop(path, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def move_hold(src: Path, dst: Path) -> None:
+    """The temporary at `src` is now called `dst` (a rename keeps the lock, which belongs to the inode)."""
+    fd = _held.pop(src, None)
+    if fd is not None:
+        _held[dst] = fd
+
+
+def clean_stale(folder: Path) -> list[str]:
+    """Remove the temporaries that dead runs left in `folder`; put back an OUT a killed replacement left aside.
+
+    Returns a line per action (also given as a warning). Entries whose owner may be alive, that
+    are not plain files or folders, or that cannot be locked are left as they are.
+    """
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    done = []
+    for name in names:
+        match = _TEMP_NAME.match(name)
+        if match is None or _owner_alive(int(match["pid"])):
+            continue
+        path = folder / name
+        action = _clean_one(path, folder / match["name"], old=bool(match["old"]), pid=match["pid"])
+        if action:
+            done.append(action)
+    for line in done:
+        warnings.warn(line, stacklevel=2)
+    return done
+
+
+def _clean_one(path: Path, target: Path, *, old: bool, pid: str) -> str | None:
+    try:
+        mode = os.lstat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            return None
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return None  # held by a live run (in another PID namespace), or no locks here: not ours to judge
+        if old and not os.path.lexists(target):
+            os.rename(path, target)
+            return f"put back {target}, which a run killed while replacing it (PID {pid}) had set aside"
+        if stat.S_ISDIR(mode):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+        return f"removed {path.name}, a temporary output left by a run that was killed (PID {pid})"
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _owner_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # it exists but belongs to someone else; or no PID at all: leave it
+        return True
+    return True

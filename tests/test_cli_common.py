@@ -1,0 +1,38 @@
+"""What both commands share: interrupts end with one line and their exit code, from start-up on."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from extsub_kernels.cli.common import EXIT_SIGINT, EXIT_SIGTERM, run_command
+from extsub_kernels.errors import Terminated
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "error, code, word", [(KeyboardInterrupt, EXIT_SIGINT, "interrupted"), (Terminated, EXIT_SIGTERM, "terminated")]
+)
+def test_an_interrupt_anywhere_is_one_line_and_its_exit_code(capsys, error, code, word):
+    def body() -> int:
+        raise error
+
+    assert run_command("extsub-inspect", body) == code
+    assert capsys.readouterr().err == f"extsub-inspect: error: {word}; nothing was written\n"
+
+
+def test_extsub_inspect_runs_as_a_module_and_says_its_version():
+    done = subprocess.run(
+        [sys.executable, "-m", "extsub_kernels.cli.inspect", "--version"],
+        cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    from extsub_kernels import __version__
+
+    assert done.stdout.strip() == f"extsub-inspect {__version__}"
