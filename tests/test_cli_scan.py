@@ -3,6 +3,7 @@ SIGTERM that keeps the rows measured so far, --help, the console script."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from extsub_kernels.cli.common import EXIT_BAD_INPUT, EXIT_SIGINT, EXIT_SIGTERM
+from extsub_kernels.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_SIGINT, EXIT_SIGTERM
 from extsub_kernels.cli.scan import build_parser, main
 
 from helpers import assert_one_line_error
@@ -61,9 +62,19 @@ def test_quiet_prints_nothing(trained, tmp_path, capsys):
         (["--method", "ext-sub,del"], ["unknown method 'del'; choose one of ext-sub, sub, add"]),
         (["--base", "no-tokenizer"], ["keep.jsonl line 1: prompt + completion is text, but there is no tokenizer"]),
         (["--anti", "gpt2-full"], ["EXPERT (model.safetensors) and ANTI (model.safetensors) share no tensor name"]),
+        (["--anti", "gpt2-lora"], ["was trained on base model", "but the expert", "base-llama"]),
         (["--batch-size", "0"], ["batch_size must be a positive integer, got 0"]),
     ],
-    ids=["missing-file", "empty-set", "bad-grid", "bad-method", "no-tokenizer", "mismatched-models", "batch-size"],
+    ids=[
+        "missing-file",
+        "empty-set",
+        "bad-grid",
+        "bad-method",
+        "no-tokenizer",
+        "mismatched-models",
+        "mismatched-adapters",
+        "batch-size",
+    ],
 )
 def test_bad_inputs_exit_2_with_one_line_and_write_nothing(trained, tmp_path, capsys, change, parts):
     (tmp_path / "empty.txt").write_text("\n\n")
@@ -72,8 +83,11 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(trained, tmp_path, ca
         (tmp_path / "no-tokenizer" / name).write_bytes((trained.base("llama") / name).read_bytes())
     args = _args(trained, "-o", tmp_path / "scan", "--lam", "0,1", "--save-best", tmp_path / "best")
     flag, value = change
-    value = {"gpt2-full": str(trained.adapter("gpt2", "full", "anti"))}.get(value, str(tmp_path / value))
+    named = {"gpt2-full": trained.adapter("gpt2", "full", "anti"), "gpt2-lora": trained.adapter("gpt2", "lora", "anti")}
+    value = str(named.get(value, tmp_path / value))
     if flag == "--anti":
+        if "lora" in change[1]:  # an adapter pair: the expert is llama's LoRA
+            args[0] = str(trained.adapter("llama", "lora", "expert"))
         args[1] = value
     elif flag in args:
         args[args.index(flag) + 1] = value if flag in ("--keep", "--forget", "--base") else change[1]
@@ -86,6 +100,44 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(trained, tmp_path, ca
     assert_one_line_error(code, err, EXIT_BAD_INPUT, parts, prog="extsub-scan")
     assert len(err.splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_an_input_changed_during_the_scan_exits_1_and_keeps_the_rows_before(trained, tmp_path, capsys, monkeypatch):
+    """Full models are read again at every point: a row is kept only while the inputs are those the scan started
+    with (io.identity.InputSnapshot, as extsub-merge checks them); the rows before the change stay in scan.json."""
+    from extsub_kernels.lambda_scan import evaluate
+
+    expert = tmp_path / "expert"
+    shutil.copytree(trained.adapter("llama", "full", "expert"), expert)
+    measure, calls = evaluate.Evaluator.measure, []
+
+    def measure_then_touch(self, model):
+        calls.append(1)
+        if len(calls) == 2:  # while the second point is measured, someone writes to the expert's weights
+            os.utime(expert / "model.safetensors", ns=(1, 1))
+        return measure(self, model)
+
+    monkeypatch.setattr(evaluate.Evaluator, "measure", measure_then_touch)
+    args = _args(trained, "-o", tmp_path / "scan", "--lam", "0,1,2", "--save-best", tmp_path / "best")
+    args[0] = str(expert)
+    capsys.readouterr()
+    code = main(args)
+    err = capsys.readouterr().err
+    files = ", ".join(str(tmp_path / "scan" / name) for name in ("scan.json", "scan.csv", "scan.md", "scan.png"))
+    assert_one_line_error(
+        code,
+        err,
+        EXIT_FAILED,
+        [
+            f"the scan failed after publishing its outputs (each complete: {files})",
+            f"EXPERT {expert / 'model.safetensors'} changed while the scan read it (it was written to); "
+            "the rows measured before it are kept",
+        ],
+        prog="extsub-scan",
+    )
+    data = json.loads((tmp_path / "scan" / "scan.json").read_text())
+    assert data["status"].startswith("failed: MergeError: EXPERT") and data["measured"] == 1
+    assert not (tmp_path / "best").exists()
 
 
 @pytest.mark.parametrize(

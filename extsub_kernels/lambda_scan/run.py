@@ -33,6 +33,7 @@ from extsub_kernels.engine.options import (
 from extsub_kernels.errors import InputError, ScanInterrupted, Terminated
 from extsub_kernels.io import ResolvedInput, check_outputs, resolve_input
 from extsub_kernels.io.atomic import terminate_as_interrupt
+from extsub_kernels.io.identity import InputSnapshot
 from extsub_kernels.io.outputs import check_report_folder
 from extsub_kernels.lambda_scan.evaluate import EvaluationSets, Evaluator
 from extsub_kernels.lambda_scan.installers import Installer, make_installer
@@ -41,6 +42,7 @@ from extsub_kernels.lambda_scan.report import SCAN_FILES, ScanFiles
 from extsub_kernels.lambda_scan.results import EXPERT, ScanResult, ScanRow, recommend, timing_summary
 
 PathLike = str | os.PathLike
+_CHANGED = "the rows measured before it are kept; run again once the inputs are stable"
 
 
 def scan(
@@ -101,6 +103,8 @@ def scan(
     Raises:
         InputError: bad options or inputs, before anything is written.
         ScanInterrupted: Ctrl-C or SIGTERM; `.result` has the rows so far, written to `out` too.
+        MergeError: an input changed while the scan read it, or a merge overflowed the model's dtype (the
+            rows before it are written to `out`, with the status saying why the scan stopped).
 
     Example:
         >>> result = scan("expert/", "anti/", base="org/base", keep="keep.txt", forget="forget.jsonl", out="scan/")
@@ -116,6 +120,7 @@ def scan(
     if not antis:
         raise InputError("give at least one anti-expert")
     inputs = _resolve(expert, antis, base, quiet=not progress)
+    snapshot = InputSnapshot(inputs, reader="the scan", then=_CHANGED)
     adapters = _adapter_inputs(inputs)
     if adapters:
         require("peft")
@@ -144,7 +149,7 @@ def scan(
     try:
         with terminate_as_interrupt():
             after = (lambda: files.progress(result("running"))) if files is not None else (lambda: None)
-            _walk(points, methods[0], installer, evaluator, rows, target, progress, after)
+            _walk(points, methods[0], installer, evaluator, rows, target, progress, after, snapshot.check)
     except BaseException as e:
         status = _stopped(e)
         partial = result(status)
@@ -164,6 +169,7 @@ def scan(
     if files is not None:
         final.files = files.final(final)
     if save_best is not None:
+        snapshot.check()  # merge() reads the inputs again: they must be the ones measured
         final.saved = _save(final, inputs, methods[0], save_best, save_format, force=force, progress=progress)
     return final
 
@@ -233,10 +239,13 @@ def _walk(
     device: torch.device,
     progress: bool,
     after: Callable[[], object],
+    check_inputs: Callable[[], None],
 ) -> None:
     """Install and measure each point in turn, appending its row and calling `after()` once it is in.
 
     λ = 0 (the expert's row) is installed through the first method: every method gives the expert there.
+    A row is kept only if the inputs are still those the scan started with (`check_inputs`; full models
+    are read again at every point).
     """
     bar = tqdm(points, desc="extsub-scan", unit="point", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     with bar:
@@ -248,6 +257,7 @@ def _walk(
                 torch.cuda.synchronize(device)
             merge_seconds = time.perf_counter() - start
             values = evaluator.measure(installer.model)
+            check_inputs()
             rows.append(ScanRow(method, lam, merge_seconds=merge_seconds, **values))
             after()
 
