@@ -6,10 +6,10 @@ a Ctrl-C, a crash or a reader at any moment finds the rows measured so far, neve
 
 import csv
 import io
-import json
 import math
 from pathlib import Path
 
+from extsub_kernels.engine.record import json_text as record_json_text
 from extsub_kernels.io.atomic import replace_file
 from extsub_kernels.lambda_scan.plot import plot_png
 from extsub_kernels.lambda_scan.results import COLUMNS, EXPERT, ScanResult
@@ -51,7 +51,8 @@ class ScanFiles:
 
 
 def json_text(result: ScanResult) -> str:
-    return json.dumps(result.to_dict(), indent=2) + "\n"
+    """scan.json: `ScanResult.to_dict()` as every report file of the package holds JSON (engine.record)."""
+    return record_json_text(result.to_dict())
 
 
 def csv_text(result: ScanResult) -> str:
