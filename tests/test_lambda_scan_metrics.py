@@ -129,6 +129,17 @@ def test_prompt_completion_scores_only_the_completion(trained, model):
     assert mean_nll(net, examples) < mean_nll(net, load_examples(trained.eval_set("keep.txt"), tokenizer))
 
 
+def test_jsonl_text_is_a_txt_line(trained, tmp_path):
+    """{"text": line} in a .jsonl file is the same example as that line in a .txt file: every token after the first."""
+    tokenizer = _tokenizer(trained)
+    lines = trained.eval_set("keep.txt").read_text().splitlines()
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
+    from_jsonl = load_examples(tmp_path / "text.jsonl", tokenizer)
+    from_txt = load_examples(trained.eval_set("keep.txt"), tokenizer)
+    assert [(e.input_ids, e.n_context) for e in from_jsonl] == [(e.input_ids, e.n_context) for e in from_txt]
+    assert len(from_txt) == len(lines) == tf.EVAL_LINES
+
+
 def test_pretokenised_sets_give_the_same_examples(trained, tmp_path):
     tokenizer = _tokenizer(trained)
     text = load_examples(trained.eval_set("keep.jsonl"), tokenizer)
