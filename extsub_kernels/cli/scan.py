@@ -26,15 +26,17 @@ PROG = "extsub-scan"
 
 EPILOG = f"""\
 inputs:
-  EXPERT, ANTI: PEFT LoRA adapters (folders, bare .safetensors files, hub ids), or full fine-tuned
-  models of MODEL. MODEL (--base) is loaded once with transformers, with its own tokenizer.
+  EXPERT, ANTI: PEFT adapters of one type, LoRA, (IA)³ or prefix-tuning (folders, bare .safetensors
+  files, hub ids), or full fine-tuned models of MODEL. MODEL (--base) is loaded once with
+  transformers, with its own tokenizer.
   KEEP, FORGET: .txt (one example per line), or .jsonl with "text", or "prompt" + "completion"
   (only the completion is scored), or "input_ids" (pre-tokenised, for models without a tokenizer).
   PROMPTS: .txt (one per line), or .jsonl with "prompt" or "prompt_ids".
 
 what is measured at every (method, λ):
-  the merge is installed in the loaded model in place (adapters: the factored weights are
-  rebuilt, ΔW is never formed; full models: the op on the device), then: mean NLL per token on
+  the merge is installed in the loaded model in place (LoRA: the factored weights are rebuilt,
+  ΔW is never formed; (IA)³, prefix-tuning: the merged vectors or prefix; full models: the op on
+  the device, the model must fit there), then: mean NLL per token on
   KEEP and on FORGET; with --prompts, greedy continuations scored by rep-4 and distinct-1/2.
   λ = 0 is the expert itself and is measured once (method "expert").
 
@@ -58,7 +60,7 @@ examples:
 
 exit codes:
   0    done
-  1    a failure during the scan (the rows measured before it are in SCAN_DIR)
+  1    a failure during the scan, or an input changed while it ran (the rows measured before are in SCAN_DIR)
   2    bad usage or bad input (nothing is written)
   130  interrupted (Ctrl-C); 143 terminated (SIGTERM): the rows measured so far are in SCAN_DIR
 """
