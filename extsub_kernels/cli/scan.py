@@ -36,8 +36,8 @@ inputs:
 what is measured at every (method, λ):
   the merge is installed in the loaded model in place (LoRA: the factored weights are rebuilt,
   ΔW is never formed; (IA)³, prefix-tuning: the merged vectors or prefix; full models: the op on
-  the device, the model must fit there), then: mean NLL per token on
-  KEEP and on FORGET; with --prompts, greedy continuations scored by rep-4 and distinct-1/2.
+  the device, the model must fit there), then: mean NLL per token on KEEP and on FORGET; with
+  --prompts, greedy continuations scored by rep-4 and distinct-1/2.
   λ = 0 is the expert itself and is measured once (method "expert").
 
 λ grid:
