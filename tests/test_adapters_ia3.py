@@ -258,7 +258,7 @@ def test_several_anti_experts_and_modules_on_one_side_only(trained, tmp_path, ca
         code, err = _run(capsys, expert, anti, second, "-o", out, "--lam", "1:0.5", "--method", method)
         assert code == 0, err
         _check_output(trained, "llama", out, _reference(plus, [minus, minus2], [1.0, 0.5], method), method)
-        only = "nothing under ext-sub" if method == "ext-sub" else "added as −λ·ΔW⁻"
+        only = "nothing under ext-sub" if method == "ext-sub" else "added as −λ·d⁻"
         assert f"1 only in anti-experts, {only}" in err, err
         config = json.loads((out / "adapter_config.json").read_text())
         assert up in config["target_modules"] and up not in config["feedforward_modules"]

@@ -22,7 +22,7 @@ from extsub_kernels.adapters.lora import merge_adapters
 from extsub_kernels.adapters.peft import exact_pattern, load_adapter, module_scaling, parse_peft_key, pattern_key
 from extsub_kernels.errors import AdapterError, InputError
 
-from helpers import assert_close_explained
+from helpers import assert_close_explained, copy_adapter
 from peft_fixtures import (
     EPS32,
     LLAMA_ADAPTERS,
@@ -240,17 +240,6 @@ def test_non_lora_tensors_of_the_expert_are_kept(tmp_path):
 # --- bad adapters: a clear error, nothing written --------------------------------------
 
 
-def _copy_adapter(src: str, dst, *, tensors=None, config=None):
-    dst.mkdir()
-    state = load_file(os.path.join(src, "adapter_model.safetensors"))
-    save_file(tensors(state) if tensors else state, str(dst / "adapter_model.safetensors"))
-    cfg = json.loads(Path(src, "adapter_config.json").read_text())
-    text = config(cfg) if config is not None else cfg
-    if text is not None:  # None: no config at all
-        (dst / "adapter_config.json").write_text(text if isinstance(text, str) else json.dumps(text))
-    return dst
-
-
 Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 Q_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
 
@@ -352,7 +341,7 @@ def _assert_nothing_written(folder, out):
 def test_bad_anti_expert_is_explained_and_nothing_is_written(case, llama, tmp_path):
     _, paths = llama
     edits, message = BAD_ADAPTERS[case]
-    bad = _copy_adapter(paths["expert"], tmp_path / "bad", **edits)
+    bad = copy_adapter(paths["expert"], tmp_path / "bad", **edits)
     before = {p.name: p.read_bytes() for p in bad.iterdir()}
     out_dir = tmp_path / "outputs"
     out_dir.mkdir()
@@ -384,7 +373,7 @@ def test_missing_files_are_explained(llama, tmp_path):
     with pytest.raises(AdapterError, match=r"adapter_model.bin, a pickle file"):
         load_adapter(pickle_only)
     truncated = tmp_path / "truncated"
-    _copy_adapter(paths["expert"], truncated)
+    copy_adapter(paths["expert"], truncated)
     data = (truncated / "adapter_model.safetensors").read_bytes()
     (truncated / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(AdapterError, match=r"truncated.*not a readable safetensors file"):
@@ -395,8 +384,8 @@ def test_missing_files_are_explained(llama, tmp_path):
 
 def test_adapters_of_different_base_models_are_refused(llama, tmp_path):
     _base, paths = llama
-    other = _copy_adapter(paths["anti"], tmp_path / "other", config=_set(base_model_name_or_path="org/other-model"))
-    mine = _copy_adapter(paths["expert"], tmp_path / "mine", config=_set(base_model_name_or_path="org/tiny-llama"))
+    other = copy_adapter(paths["anti"], tmp_path / "other", config=_set(base_model_name_or_path="org/other-model"))
+    mine = copy_adapter(paths["expert"], tmp_path / "mine", config=_set(base_model_name_or_path="org/tiny-llama"))
     out_dir = tmp_path / "outputs"
     out_dir.mkdir()
     with pytest.raises(ValueError, match=r"other was trained on base model 'org/other-model' .* 'org/tiny-llama'"):
@@ -521,7 +510,7 @@ BAD_CONFIGS = {
 def test_configs_peft_refuses_are_refused_naming_the_file_and_field(case, llama, tmp_path):
     base, paths = llama
     edit, message, peft_refuses = BAD_CONFIGS[case]
-    bad = _copy_adapter(paths["expert"], tmp_path / "bad", config=edit)
+    bad = copy_adapter(paths["expert"], tmp_path / "bad", config=edit)
     with pytest.raises(AdapterError, match=message) as caught:
         load_adapter(bad)
     assert str(bad / "adapter_config.json") in str(caught.value)
@@ -534,7 +523,7 @@ def test_weights_outside_target_modules_are_refused_and_peft_would_ignore_them(l
     base, paths = llama
     config = json.loads(Path(paths["expert"], "adapter_config.json").read_text())
     narrowed = [m for m in config["target_modules"] if m != "q_proj"]
-    bad = _copy_adapter(paths["expert"], tmp_path / "bad", config=_set(target_modules=narrowed))
+    bad = copy_adapter(paths["expert"], tmp_path / "bad", config=_set(target_modules=narrowed))
     with pytest.raises(AdapterError, match=r"module model.layers.0.self_attn.q_proj has LoRA weights, but .* does not"):
         load_adapter(bad)
     model = peft_model(base, bad)  # what PEFT does with them: no LoRA layer on q_proj, its weights unused
@@ -546,14 +535,14 @@ def test_a_module_of_rank_0_is_refused(llama, tmp_path):
     _, paths = llama
     edit = _replace(Q_A, lambda t: t[:0].contiguous())
     empty = lambda s: _replace(Q_B, lambda t: t[:, :0].contiguous())(edit(s))  # noqa: E731
-    bad = _copy_adapter(paths["expert"], tmp_path / "bad", tensors=empty, config=lambda c: None)
+    bad = copy_adapter(paths["expert"], tmp_path / "bad", tensors=empty, config=lambda c: None)
     with pytest.raises(AdapterError, match=r"q_proj has rank 0 \(lora_A \(0, 64\)\)"):
         load_adapter(bad / "adapter_model.safetensors", scaling=LoraScaling(lora_alpha=8))
 
 
 def test_a_huge_lora_alpha_is_refused_where_the_merge_overflows_never_written_as_inf(llama, tmp_path):
     _, paths = llama
-    huge = _copy_adapter(paths["expert"], tmp_path / "huge", config=_set(lora_alpha=1e308))
+    huge = copy_adapter(paths["expert"], tmp_path / "huge", config=_set(lora_alpha=1e308))
     out = tmp_path / "outputs" / "out"
     with pytest.raises(InputError, match=r"module .*: the merged factors overflow float32"):
         _merge(huge, paths["anti"], out, 1.0)

@@ -30,7 +30,7 @@ from extsub_kernels.io import CheckpointReader
 from extsub_kernels.io.reader import read_header
 
 from checkpoints import hashes, leftovers, make_hub_cache, save
-from helpers import assert_close_explained, assert_one_line_error
+from helpers import assert_close_explained, assert_one_line_error, copy_adapter
 from peft_fixtures import (
     EPS32,
     SEED,
@@ -378,23 +378,6 @@ Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 Q_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
 
 
-def _copy(src: str, dst: Path, *, tensors=None, config=None, bare: bool = False) -> Path:
-    """A copy of an adapter folder with its tensors or config edited.
-
-    config None: no config; bare: the weights file alone."""
-    dst.mkdir(parents=True)
-    state = load_file(Path(src) / "adapter_model.safetensors")
-    weights = dst / ("adapter.safetensors" if bare else "adapter_model.safetensors")
-    save_file(tensors(state) if tensors else state, str(weights))
-    if bare:
-        return weights
-    cfg = json.loads((Path(src) / "adapter_config.json").read_text())
-    text = config(cfg) if config else cfg
-    if text is not None:
-        (dst / "adapter_config.json").write_text(text if isinstance(text, str) else json.dumps(text))
-    return dst
-
-
 def _base(folder: Path, expert: Path, **replaced: tuple[int, ...]) -> Path:
     """A base checkpoint with a zero weight for each module of `expert`, some of them of other shapes."""
     modules = load_adapter(expert).modules
@@ -407,7 +390,9 @@ BAD = {
     "A without B": (
         lambda f, p: (
             p["expert"],
-            _copy(p["anti"], f / "bad", tensors=lambda s: {k: v for k, v in s.items() if "q_proj.lora_B" not in k}),
+            copy_adapter(
+                p["anti"], f / "bad", tensors=lambda s: {k: v for k, v in s.items() if "q_proj.lora_B" not in k}
+            ),
             [],
         ),
         ["bad/adapter_model.safetensors", "q_proj has lora_A but no lora_B"],
@@ -415,15 +400,17 @@ BAD = {
     "shapes that do not chain": (
         lambda f, p: (
             p["expert"],
-            _copy(p["expert"], f / "bad", tensors=lambda s: {**s, Q_B: s[Q_B][:, :3].contiguous()}),
+            copy_adapter(p["expert"], f / "bad", tensors=lambda s: {**s, Q_B: s[Q_B][:, :3].contiguous()}),
             [],
         ),
         ["bad/adapter_model.safetensors", "q_proj: lora_B (64, 3) and lora_A (4, 64) do not chain"],
     ),
     "adapters of different base models (names)": (
         lambda f, p: (
-            _copy(p["expert"], f / "bad_expert", config=lambda c: {**c, "base_model_name_or_path": "org/tiny-llama"}),
-            _copy(p["anti"], f / "bad", config=lambda c: {**c, "base_model_name_or_path": "org/other-model"}),
+            copy_adapter(
+                p["expert"], f / "bad_expert", config=lambda c: {**c, "base_model_name_or_path": "org/tiny-llama"}
+            ),
+            copy_adapter(p["anti"], f / "bad", config=lambda c: {**c, "base_model_name_or_path": "org/other-model"}),
             [],
         ),
         [
@@ -435,21 +422,21 @@ BAD = {
     "adapters of different base models (shapes)": (
         lambda f, p: (
             p["expert"],
-            _copy(p["expert"], f / "bad", tensors=lambda s: {**s, Q_A: s[Q_A][:, :32].contiguous()}),
+            copy_adapter(p["expert"], f / "bad", tensors=lambda s: {**s, Q_A: s[Q_A][:, :32].contiguous()}),
             [],
         ),
         ["q_proj: the expert", "adapts a (64, 64) weight but", "bad a (64, 32) one"],
     ),
     "missing config": (
-        lambda f, p: (p["expert"], _copy(p["anti"], f / "bad", config=lambda c: None), []),
+        lambda f, p: (p["expert"], copy_adapter(p["anti"], f / "bad", config=lambda c: None), []),
         ["bad has no adapter_config.json", "scaling", "--lora-alpha"],
     ),
     "unreadable config": (
-        lambda f, p: (p["expert"], _copy(p["anti"], f / "bad", config=lambda c: "{not json"), []),
+        lambda f, p: (p["expert"], copy_adapter(p["anti"], f / "bad", config=lambda c: "{not json"), []),
         ["bad/adapter_config.json: unreadable adapter config"],
     ),
     "bare file without scaling": (
-        lambda f, p: (p["expert"], _copy(p["anti"], f / "bad", bare=True), []),
+        lambda f, p: (p["expert"], copy_adapter(p["anti"], f / "bad", bare=True), []),
         ["bad/adapter.safetensors: a bare adapter file with no adapter_config.json beside it", "--lora-alpha"],
     ),
     "scaling flags no input needs": (

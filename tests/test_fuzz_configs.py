@@ -67,17 +67,80 @@ VALID_CONFIG = {
 
 # Values a field may be given: the wrong type, out of range, hostile strings and patterns, or sound ones.
 HOSTILE = [
-    None, True, False, 0, -1, 1, 2, 3, 4, 2**64, -(2**63), 1e308, 1e-308, float("nan"), float("inf"), -0.0, 0.5,
-    "", "LORA", "lora", "IA3", "ADALORA", "all-linear", "q", "v", ".*", "m\\.0\\..*", "(", "[", "\ud800", "x" * 5000,
-    [], ["q"], ["v"], ["q", "v"], ["q", 5], [["q"]], [0], [1], [0, 1], {}, {"q": 2}, {"v": 1}, {"(": 1},
-    {"([a-z_.0-9]+)+!": 2}, {"(.*)*!": 3}, {"q": "2"}, {"q": -1}, {"q": 1e308}, {"m\\.0\\.q": 4},
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1,
+    2,
+    3,
+    4,
+    2**64,
+    -(2**63),
+    1e308,
+    1e-308,
+    float("nan"),
+    float("inf"),
+    -0.0,
+    0.5,
+    "",
+    "LORA",
+    "lora",
+    "IA3",
+    "ADALORA",
+    "all-linear",
+    "q",
+    "v",
+    ".*",
+    "m\\.0\\..*",
+    "(",
+    "[",
+    "\ud800",
+    "x" * 5000,
+    [],
+    ["q"],
+    ["v"],
+    ["q", "v"],
+    ["q", 5],
+    [["q"]],
+    [0],
+    [1],
+    [0, 1],
+    {},
+    {"q": 2},
+    {"v": 1},
+    {"(": 1},
+    {"([a-z_.0-9]+)+!": 2},
+    {"(.*)*!": 3},
+    {"q": "2"},
+    {"q": -1},
+    {"q": 1e308},
+    {"m\\.0\\.q": 4},
     {"a": {"b": {"c": [[[[1]]]]}}},
-]  # fmt: skip
+]
 FIELDS = [
-    "peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules", "rank_pattern", "alpha_pattern",
-    "fan_in_fan_out", "modules_to_save", "layers_to_transform", "layers_pattern", "task_type",
-    "base_model_name_or_path", "bias", "use_dora", "lora_bias", "inference_mode", "target_parameters", "use_qalora",
-]  # fmt: skip
+    "peft_type",
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "target_modules",
+    "exclude_modules",
+    "rank_pattern",
+    "alpha_pattern",
+    "fan_in_fan_out",
+    "modules_to_save",
+    "layers_to_transform",
+    "layers_pattern",
+    "task_type",
+    "base_model_name_or_path",
+    "bias",
+    "use_dora",
+    "lora_bias",
+    "inference_mode",
+    "target_parameters",
+    "use_qalora",
+]
 # Values PEFT and the merge both take, each changing what ΔW is (scaling, patterns) or which modules count.
 SOUND = {
     "r": [RANK],
@@ -95,9 +158,17 @@ SOUND = {
     "bias": ["none"],
 }
 WHOLE_FILE = [
-    "[]", "5", '"LORA"', "null", "{", "", "\x00\x01", '{"peft_type": "LORA", "r": 2, "r": 3}',
-    "[" * 100_000, '{"peft_type": "LORA", "r": ' + "9" * 5000 + ', "lora_alpha": 8}',
-]  # fmt: skip
+    "[]",
+    "5",
+    '"LORA"',
+    "null",
+    "{",
+    "",
+    "\x00\x01",
+    '{"peft_type": "LORA", "r": 2, "r": 3}',
+    "[" * 100_000,
+    '{"peft_type": "LORA", "r": ' + "9" * 5000 + ', "lora_alpha": 8}',
+]
 
 
 def _adapter(folder, seed: int, config: dict | str, modules=MODULES):
@@ -229,14 +300,47 @@ def test_the_generator_varies_every_field_and_the_whole_file():
 # ------------------------------------------------------------------------------ option strings
 
 
-LAM_PARTS = ["1", "0.5", "-2", "0", "-0", "1e308", "3.4e38", "1e-300", "nan", "inf", "-inf", "x", "", " ", "1_0",
-             "0x10", "١", "1e", ".5", "5.", "+1", "１"]  # fmt: skip
+LAM_PARTS = [
+    "1",
+    "0.5",
+    "-2",
+    "0",
+    "-0",
+    "1e308",
+    "3.4e38",
+    "1e-300",
+    "nan",
+    "inf",
+    "-inf",
+    "x",
+    "",
+    " ",
+    "1_0",
+    "0x10",
+    "١",
+    "1e",
+    ".5",
+    "5.",
+    "+1",
+    "１",
+]
 SIZES = ["5GB", "1KB", "100", "0", "-5MB", "inf", "1e400GB", "nan", "5XB", "", "1.5MiB", "  2kb ", "12"]
 FLAGS = [
-    ["--dtype", "float16"], ["--dtype", "bfloat16"], ["--dtype", "float64"], ["--method", "sub"], ["--method", "nope"],
-    ["--on-missing", "copy"], ["--device", "cpu"], ["--device", "gpu"], ["--device", "cuda:7"], ["--format", "lora"],
-    ["--max-rank", "2"], ["--lora-alpha", "8"], ["--force"], [],
-]  # fmt: skip
+    ["--dtype", "float16"],
+    ["--dtype", "bfloat16"],
+    ["--dtype", "float64"],
+    ["--method", "sub"],
+    ["--method", "nope"],
+    ["--on-missing", "copy"],
+    ["--device", "cpu"],
+    ["--device", "gpu"],
+    ["--device", "cuda:7"],
+    ["--format", "lora"],
+    ["--max-rank", "2"],
+    ["--lora-alpha", "8"],
+    ["--force"],
+    [],
+]
 
 
 def _lam_string(rng: random.Random) -> str:

@@ -80,6 +80,7 @@ class PeftAdapter(ABC):
         label: the type's name in messages ("LoRA", "(IA)³", "prefix-tuning").
         unit: what the report counts ("module", "vector", "prompt embedding").
         row: what one Ext-Sub row is, in the report ("row", "vector").
+        delta: the symbol of an anti-expert's task vector, in the report ("ΔW⁻", "d⁻", "θ⁻").
         formats: the `--format` values it writes; the first is the default.
         base_refusal: why `--base` cannot fold it into a base model (None: it can).
         config_needed: what only its adapter_config says, so its weights alone are refused
@@ -90,6 +91,7 @@ class PeftAdapter(ABC):
     label: ClassVar[str]
     unit: ClassVar[str]
     row: ClassVar[str] = "row"
+    delta: ClassVar[str] = "ΔW⁻"
     formats: ClassVar[tuple[str, ...]]
     base_refusal: ClassVar[str | None] = None
     config_needed: ClassVar[str | None] = None
@@ -125,7 +127,7 @@ class PeftAdapter(ABC):
 
     def new_report(self, method: str, lams: tuple[float, ...]) -> AdapterReport:
         """An empty report of a merge of this type (counting its units)."""
-        return AdapterReport(method=method, lams=lams, pem=self.label, unit=self.unit, row=self.row)
+        return AdapterReport(method=method, lams=lams, pem=self.label, unit=self.unit, row=self.row, delta=self.delta)
 
     def base_edits(self) -> list[BaseEdit]:
         """The base tensors each module changes (`--base`); an InputError saying why for types that cannot fold."""

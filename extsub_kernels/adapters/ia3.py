@@ -80,6 +80,7 @@ class IA3Adapter(PeftAdapter):
     label = "(IA)³"
     unit = "vector"
     row = "vector"
+    delta = "d⁻"
     formats = ("ia3",)
     config_needed = "which modules are feedforward_modules"
 

@@ -54,6 +54,7 @@ class PrefixAdapter(PeftAdapter):
     peft_type = "PREFIX_TUNING"
     label = "prefix-tuning"
     unit = "prompt embedding"
+    delta = "θ⁻"
     formats = ("prefix-tuning",)
     config_needed = "the prefix geometry (num_layers, token_dim, num_attention_heads)"
     base_refusal = (

@@ -23,10 +23,11 @@ class AdapterReport:
     pem: str = "LoRA"
     unit: str = "module"
     row: str = "row"
+    delta: str = "ΔW⁻"  # the symbol of an anti-expert's task vector
     merged: list[str] = field(default_factory=list)  # expert and ≥ 1 anti-expert
     copied: list[str] = field(default_factory=list)  # expert only: unchanged
     dropped: list[str] = field(default_factory=list)  # anti-experts only, ext-sub: Ext = 0
-    added: list[str] = field(default_factory=list)  # anti-experts only, sub/add: ∓λ·ΔW⁻
+    added: list[str] = field(default_factory=list)  # anti-experts only, sub/add: ∓λ·(task vector)
     zero_rows: dict[str, int] = field(default_factory=dict)  # rows with |p| = 0, kept unchanged
     truncation_error: dict[str, float] = field(default_factory=dict)  # relative Frobenius error
     extra_copied: list[str] = field(default_factory=list)
@@ -64,7 +65,8 @@ def summarize_modules(reports: Sequence[AdapterReport]) -> str:
         shown = ", ".join(first.dropped[:3]) + (" …" if len(first.dropped) > 3 else "")
         parts.append(f"{len(first.dropped)} only in anti-experts, nothing under ext-sub (|p| = 0, so Ext = 0): {shown}")
     if first.added:
-        parts.append(f"{len(first.added)} only in anti-experts, added as {'−' if first.method == 'sub' else '+'}λ·ΔW⁻")
+        sign = "−" if first.method == "sub" else "+"
+        parts.append(f"{len(first.added)} only in anti-experts, added as {sign}λ·{first.delta}")
     rows = max(sum(r.zero_rows.values()) for r in reports)
     if rows:
         parts.append(f"{counted(rows, f'expert {first.row}')} with |p| = 0 kept unchanged")
@@ -122,7 +124,7 @@ def adapter_items(
         (report.merged, "merged", f"in EXPERT and {antis}"),
         (report.copied, "copied", "in EXPERT only: unchanged"),
         (report.dropped, "dropped", f"only in {antis}: nothing under ext-sub (|p| = 0, so Ext = 0)"),
-        (report.added, "added", f"only in {antis}: added as {'−' if report.method == 'sub' else '+'}λ·ΔW⁻"),
+        (report.added, "added", f"only in {antis}: added as {'−' if report.method == 'sub' else '+'}λ·{report.delta}"),
     ]
     items = [
         Item(name, report.unit, action, reason, *shapes.get(name, ((), None)))
