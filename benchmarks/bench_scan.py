@@ -175,11 +175,13 @@ def run_merge_7b(device: str) -> dict:
         adapters.append(LoraAdapter(modules, source=f"7b-shaped-{seed}", base_model_name_or_path="synthetic/7b"))
     installer = LoraInstaller(adapters, ["ext-sub"])
     # What `attach` points the installer at: each PEFT layer's lora_A (R, in) and lora_B (out, R) weights.
-    installer.slots = {
-        name: (torch.zeros(r, adapters[0].modules[name].in_features, device=device),
-               torch.zeros(adapters[0].modules[name].out_features, r, device=device))
-        for name, r in installer.ranks.items()
-    }  # fmt: skip
+    installer.slots = {}
+    for name, r in installer.ranks.items():
+        module = adapters[0].modules[name]
+        installer.slots[name] = (
+            torch.zeros(r, module.in_features, device=device),
+            torch.zeros(module.out_features, r, device=device),
+        )
     seconds = []
     for lam in parse_lam_grid(GRID):
         start = time.perf_counter()
