@@ -402,3 +402,14 @@ def test_cuda_runs_in_the_models_dtype(trained, kind):
     for a, b in zip(gpu, cpu, strict=True):
         assert a.keep_nll == pytest.approx(b.keep_nll, rel=2.0**-12)
         assert a.forget_nll == pytest.approx(b.forget_nll, rel=2.0**-12)
+
+
+def test_a_negative_lambda_is_allowed_with_the_merges_warning():
+    """The grid takes what merge() takes; a negative λ warns as extsub-merge does, once per method (before any
+    other check, so a bad batch size here stops the scan right after)."""
+    with (
+        pytest.warns(UserWarning, match=r"λ = -0\.5 is negative: ext-sub then adds the deficiency") as caught,
+        pytest.raises(InputError, match="batch_size must be a positive integer"),
+    ):
+        scan("e", "a", base="b", keep="k", forget="f", lam="-0.5,1", method="ext-sub,sub", batch_size=0)
+    assert [str(w.message).split(":")[1].strip().split()[0] for w in caught] == ["ext-sub", "sub"]

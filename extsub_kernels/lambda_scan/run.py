@@ -29,6 +29,7 @@ from extsub_kernels.engine.options import (
     parse_lam_grid,
     parse_methods,
     resolve_device,
+    warn_negative_lams,
 )
 from extsub_kernels.errors import InputError, ScanInterrupted, Terminated
 from extsub_kernels.io import ResolvedInput, check_outputs, resolve_input
@@ -112,6 +113,8 @@ def scan(
     """
     started = time.perf_counter()
     grid, methods = parse_lam_grid(lam), parse_methods(method)
+    for name in methods:
+        warn_negative_lams([(v,) for v in grid], name)
     _check_numbers(max_new_tokens=max_new_tokens, batch_size=batch_size, max_keep_increase=max_keep_increase)
     target = resolve_device(device)
     requested_dtype = eval_dtype(dtype)
