@@ -131,7 +131,7 @@ def test_an_input_changed_during_the_scan_exits_1_and_keeps_the_rows_before(trai
         [
             f"the scan failed after publishing its outputs (each complete: {files})",
             f"EXPERT {expert / 'model.safetensors'} changed while the scan read it (it was written to); "
-            "the rows measured before it are kept",
+            "the rows measured before that was seen are kept, nothing was saved",
         ],
         prog="extsub-scan",
     )

@@ -4,6 +4,7 @@ against extsub-merge byte for byte, and the errors bad inputs give before anythi
 
 import json
 import math
+import os
 import shlex
 import shutil
 import warnings
@@ -413,3 +414,36 @@ def test_a_negative_lambda_is_allowed_with_the_merges_warning():
     ):
         scan("e", "a", base="b", keep="k", forget="f", lam="-0.5,1", method="ext-sub,sub", batch_size=0)
     assert [str(w.message).split(":")[1].strip().split()[0] for w in caught] == ["ext-sub", "sub"]
+
+
+def test_an_input_changed_before_save_best_saves_nothing(trained, tmp_path, monkeypatch):
+    """--save-best merges the inputs again: if one changed since the scan read it, nothing is saved and the error
+    names the scan files, which hold every row (the scan itself was complete)."""
+    from extsub_kernels.errors import MergeError
+    from extsub_kernels.lambda_scan import report
+
+    expert = tmp_path / "expert"
+    shutil.copytree(trained.adapter("llama", "lora", "expert"), expert)
+    final = report.ScanFiles.final
+
+    def final_then_touch(self, result):
+        written = final(self, result)
+        os.utime(expert / "adapter_model.safetensors", ns=(1, 1))  # after the last point, before --save-best
+        return written
+
+    monkeypatch.setattr(report.ScanFiles, "final", final_then_touch)
+    out = tmp_path / "scan"
+    with pytest.raises(MergeError, match=r"EXPERT .*adapter_model\.safetensors changed while the scan read it") as info:
+        scan(
+            expert,
+            trained.adapter("llama", "lora", "anti"),
+            base=trained.base("llama"),
+            **_sets(trained),
+            lam="0,1",
+            out=out,
+            save_best=tmp_path / "best",
+        )
+    assert info.value.published == tuple(out / name for name in SCAN_FILES)
+    data = json.loads((out / "scan.json").read_text())
+    assert data["status"] == "complete" and data["measured"] == 3
+    assert not (tmp_path / "best").exists()

@@ -43,7 +43,7 @@ from extsub_kernels.lambda_scan.report import SCAN_FILES, ScanFiles
 from extsub_kernels.lambda_scan.results import EXPERT, ScanResult, ScanRow, recommend, timing_summary
 
 PathLike = str | os.PathLike
-_CHANGED = "the rows measured before it are kept; run again once the inputs are stable"
+_CHANGED = "the rows measured before that was seen are kept, nothing was saved; run again once the inputs are stable"
 
 
 def scan(
@@ -162,9 +162,7 @@ def scan(
             raise ScanInterrupted(
                 f"{status} after {len(rows)} of {len(points)} points", partial, terminated=status == "terminated"
             ) from None
-        if partial.files and not getattr(e, "published", ()):  # the command line says where the rows are
-            with contextlib.suppress(AttributeError):
-                e.published = tuple(partial.files)  # type: ignore[attr-defined]
+        _name_written(e, partial.files)
         raise
     finally:
         installer.close()
@@ -172,9 +170,20 @@ def scan(
     if files is not None:
         final.files = files.final(final)
     if save_best is not None:
-        snapshot.check()  # merge() reads the inputs again: they must be the ones measured
-        final.saved = _save(final, inputs, methods[0], save_best, save_format, force=force, progress=progress)
+        try:
+            snapshot.check()  # merge() reads the inputs again: they must be the ones measured
+            final.saved = _save(final, inputs, methods[0], save_best, save_format, force=force, progress=progress)
+        except Exception as e:
+            _name_written(e, final.files)
+            raise
     return final
+
+
+def _name_written(error: BaseException, files: Sequence[Path]) -> None:
+    """Attach the scan files already written to `error` (`published`), so the command line says where the rows are."""
+    if files and not getattr(error, "published", ()):
+        with contextlib.suppress(AttributeError):
+            error.published = tuple(files)  # type: ignore[attr-defined]
 
 
 def _installer(
