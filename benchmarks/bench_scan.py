@@ -30,7 +30,7 @@ ten λ values (the factored merge, then B' and A' copied into rank-32 tensors th
 layers' weights; the 7B base itself is not built, as the install never touches it). Rows are JSON in
 benchmarks/results/scan-<date>-<device>.json; `--table FILE` prints the markdown table derived from one.
 
-    python benchmarks/bench_scan.py --kind lora full --threads 1   # what RESULTS.md shows (~25 min)
+    python benchmarks/bench_scan.py --kind lora full --threads 1   # what RESULTS.md shows (~5 min)
     python benchmarks/bench_scan.py --kind full          # full models
     python benchmarks/bench_scan.py --device cuda        # on a GPU, when one is at hand
     python benchmarks/bench_scan.py --merge-7b           # the install of a 7B-shaped LoRA pair per point
@@ -175,6 +175,8 @@ def run_merge_7b(device: str) -> dict:
         adapters.append(LoraAdapter(modules, source=f"7b-shaped-{seed}", base_model_name_or_path="synthetic/7b"))
     installer = LoraInstaller(adapters, ["ext-sub"])
     # What `attach` points the installer at: each PEFT layer's lora_A (R, in) and lora_B (out, R) weights.
+    if not device.startswith("cpu"):  # as `attach` does: the sweeps merge where the model is
+        installer.sweeps = {method: sweep.to(device) for method, sweep in installer.sweeps.items()}
     installer.slots = {}
     for name, r in installer.ranks.items():
         module = adapters[0].modules[name]
