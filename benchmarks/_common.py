@@ -9,15 +9,18 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# The checkout whose extsub_kernels a benchmark imports: this one, or EXTSUB_BENCH_CODE (another
+# checkout, to measure code before and after a change side by side); results still go under ROOT.
+CODE = Path(os.environ.get("EXTSUB_BENCH_CODE") or ROOT)
+if str(CODE) not in sys.path:
+    sys.path.insert(0, str(CODE))
 
 from extsub_kernels import __version__
 from extsub_kernels.engine.memory import peak_rss_bytes
 
 RESULTS = ROOT / "benchmarks" / "results"
 
-__all__ = ["RESULTS", "ROOT", "authors_ext_sub", "environment", "peak_rss_bytes"]
+__all__ = ["CODE", "RESULTS", "ROOT", "authors_ext_sub", "environment", "peak_rss_bytes"]
 
 
 def authors_ext_sub(p: torch.Tensor, m: torch.Tensor, lam: float) -> torch.Tensor:

@@ -1,39 +1,51 @@
-"""Merge throughput and memory on synthetic LLaMA-13B-shaped checkpoints (issue 3's benchmark).
+"""Dense merge against its I/O floor and mergekit, on synthetic LLaMA-shaped models with a base (issue 14's benchmark).
 
-For 1, 2, 4 and 8 layers (hidden 5120, intermediate 13824, vocab 32000, bf16, one shard per
-layer plus one for embeddings and head), four kinds of run over the same expert/anti pair,
-each in its own subprocess so peak RSS is per run:
+Three bf16 models — base θ₀, expert θ⁺ and anti-expert θ⁻ — of the shape in issue 14 (hidden
+2048, intermediate 5632, 32 heads, vocab 32000; 1.08 GB per model at 8 layers), or LLaMA-13B
+shapes with --model llama-13b, one shard per layer plus one for embeddings and head, with a
+config.json. Every run is its own process (peak RSS is the process's VmHWM); the runs of one
+layer count take turns (floor, ours, mergekit, floor, ...) so a machine that drifts slows all
+of them alike:
 
-    plain-read    every input byte read once into a reused buffer (the I/O floor)
-    merge         extsub_kernels.merge(expert, anti, out, stats=False), fsync included: the plain merge
-    merge-report  the same merge with report=FILE: row statistics of every tensor from the op's own
-                  pass (DESIGN.md §7), the model card's table, the JSON record written
-    load-all      safetensors.torch.load_file on both, the op tensor by tensor, save_file, fsync
+    floor        a plain read of the three inputs into a reused buffer, then a plain write of the
+                 output's size with fsync: the I/O the merge cannot avoid
+    sub          extsub_kernels.merge(expert, anti, out, base=base, method="sub", lam=0.6, stats=False)
+    ext-sub      the same with method="ext-sub" (the Ext-Sub merge)
+    ext-sub+report
+                 the Ext-Sub merge with report=FILE (beside OUT): row statistics of every tensor from
+                 the merge's own passes (DESIGN.md §7), the model card's table, the JSON record; what
+                 a folder OUT gets by default. Its "--report cost" is its median over ext-sub's, − 1,
+                 in wall and in CPU time (CPU moves far less than wall on a shared machine)
+    mergekit     mergekit's task_arithmetic (normalize: false, dtype: float32, out_dtype: bfloat16),
+                 base + 1.0·(θ⁺ − θ₀) − 0.6·(θ⁻ − θ₀): the formula of `sub`; its output is fsynced
+                 and the fsync counted, as ours is (run only where mergekit is installed)
 
-plain-read, merge and merge-report run --repeat times each, interleaved (so a busy machine slows
-them alike), and the table shows the median and the range; the cost of --report is the median of
-merge-report over the median of merge, minus one, in wall time and in CPU time (all threads of
-the process, from the call to merge() to its return): on a machine shared with other work the
-wall time of a run moves by tens of percent, its CPU time far less. load-all, much slower, runs
-once for the --baseline-layers counts. The page cache is dropped
-before every run when this process may (root on Linux), so each run reads from disk;
-otherwise (or with --warm) the inputs are read once first and every run sees a warm cache.
-Rows go to benchmarks/results/merge-<date>-<device>.json, the table to a .md beside them.
-Checkpoints live in a temporary folder (removed at the end), never in the repository.
---output-dir puts the outputs of merge and load-all on another file system (e.g. a tmpfs) to
-separate the cost of writing to the disk from the rest; its rows go to
-merge-<date>-<device>-output-on-<fs type>.json.
+Each run reports wall seconds of the work itself (imports excluded), peak RSS, the minor and
+major page faults and CPU time the work took (getrusage of the process, before and after),
+and the 1-minute load average before it (how quiet the machine was). With --cache cold the
+page cache is dropped before every run (needs root); with warm the inputs are read once before
+every run. After the runs of a layer count, the largest |difference| between mergekit's output
+and ours under `sub` is measured tensor by tensor.
 
-    python benchmarks/bench_merge.py                                # 1, 2, 4, 8 layers (~10 min on 2 cores)
-    python benchmarks/bench_merge.py --layers 1,2 --repeat 1        # a quicker look
-    python benchmarks/bench_merge.py --baseline-layers 1,2,4,8      # load-all at every size too
-    python benchmarks/bench_merge.py --output-dir /dev/shm          # outputs off the disk
-    python benchmarks/bench_merge.py --layers 1,2 --repeat 5 --kinds merge,merge-report   # --report's cost
+--before DIR adds runs of `sub` and `ext-sub` with the extsub_kernels of another checkout DIR
+(e.g. the code before a change), and --blocks 32MiB runs them with other block sizes than the
+default ("sub [32MiB]"), all taking turns with the others. --long-row-gib G instead merges
+two one-tensor checkpoints, a 1-D float32 tensor of G GiB each (one row longer than any block),
+and checks the output against the op applied to the whole tensor in memory.
+
+Rows go to benchmarks/results/merge-<date>-<device>[-<tag>].json and the table to a .md beside
+them. Checkpoints live in a temporary folder (removed at the end), never in the repository.
+
+    python benchmarks/bench_merge.py                                   # 8 layers, warm and cold, 3 runs each
+    python benchmarks/bench_merge.py --layers 2,4,8,16,32 --runs sub --cache warm --repeat 2 --tag flat
+    python benchmarks/bench_merge.py --layers 2 --repeat 1             # a quick look
+    python benchmarks/bench_merge.py --long-row-gib 1 --repeat 2 --tag long-row
 """
 
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -44,30 +56,45 @@ from pathlib import Path
 
 import torch
 
-from extsub_kernels.io import CheckpointWriter, TensorEntry
+from _common import CODE, ROOT, environment, peak_rss_bytes  # puts the checkout to measure first on sys.path
 
-from _common import ROOT, environment, peak_rss_bytes
+# isort: split
+from extsub_kernels.io import CheckpointReader, CheckpointWriter, TensorEntry, read_header
 
-HIDDEN, INTERMEDIATE, VOCAB = 5120, 13824, 32000
+MODELS = {
+    # issue 14's model: LLaMA-shaped, hidden 2048 (TinyLlama's width, full-width k/v), 1.08 GB at 8 layers
+    "llama-2048": {"hidden": 2048, "intermediate": 5632, "heads": 32, "vocab": 32000},
+    "llama-13b": {"hidden": 5120, "intermediate": 13824, "heads": 40, "vocab": 32000},
+}
 DTYPE = torch.bfloat16
-LAYER_SHAPES = {
-    "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
-    "self_attn.k_proj.weight": (HIDDEN, HIDDEN),
-    "self_attn.v_proj.weight": (HIDDEN, HIDDEN),
-    "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-    "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
-    "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
-    "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
-    "input_layernorm.weight": (HIDDEN,),
-    "post_attention_layernorm.weight": (HIDDEN,),
-}
-OUTER_SHAPES = {
-    "model.embed_tokens.weight": (VOCAB, HIDDEN),
-    "model.norm.weight": (HIDDEN,),
-    "lm_head.weight": (VOCAB, HIDDEN),
-}
-LARGEST_TENSOR_BYTES = VOCAB * HIDDEN * DTYPE.itemsize
+LAM = 0.6
 READ_BUFFER = 32 << 20
+RUNS = ("floor", "sub", "ext-sub", "ext-sub+report", "mergekit")
+REPORTED = "ext-sub+report"  # the run whose cost over "ext-sub" the table shows
+
+
+def layer_shapes(model: dict) -> dict[str, tuple[int, ...]]:
+    h, i = model["hidden"], model["intermediate"]
+    return {
+        "self_attn.q_proj.weight": (h, h),
+        "self_attn.k_proj.weight": (h, h),
+        "self_attn.v_proj.weight": (h, h),
+        "self_attn.o_proj.weight": (h, h),
+        "mlp.gate_proj.weight": (i, h),
+        "mlp.up_proj.weight": (i, h),
+        "mlp.down_proj.weight": (h, i),
+        "input_layernorm.weight": (h,),
+        "post_attention_layernorm.weight": (h,),
+    }
+
+
+def outer_shapes(model: dict) -> dict[str, tuple[int, ...]]:
+    h, v = model["hidden"], model["vocab"]
+    return {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+
+
+def largest_tensor_bytes(model: dict) -> int:
+    return model["vocab"] * model["hidden"] * DTYPE.itemsize
 
 
 # ------------------------------------------------------------------ synthetic checkpoints
@@ -86,21 +113,37 @@ def _write_shard(path: Path, shapes: dict[str, tuple[int, ...]], pool: torch.Ten
     return offset
 
 
-def make_layer_shards(folder: Path, max_layers: int, seed: int) -> None:
+def make_layer_shards(folder: Path, model: dict, max_layers: int, seed: int) -> None:
     """Shards shared by every layer count: layer-XX.safetensors and outer.safetensors."""
     folder.mkdir(parents=True)
-    # a random pool a little larger than the largest tensor; tensors are slices of it at different offsets
-    pool = (0.02 * torch.randn(VOCAB * HIDDEN + (8 << 20), generator=torch.Generator().manual_seed(seed))).to(DTYPE)
-    offset = _write_shard(folder / "outer.safetensors", OUTER_SHAPES, pool, seed)
+    size = model["vocab"] * model["hidden"] + (8 << 20)
+    pool = (0.02 * torch.randn(size, generator=torch.Generator().manual_seed(seed))).to(DTYPE)
+    offset = _write_shard(folder / "outer.safetensors", outer_shapes(model), pool, seed)
     for layer in range(max_layers):
-        shapes = {f"model.layers.{layer}.{name}": shape for name, shape in LAYER_SHAPES.items()}
+        shapes = {f"model.layers.{layer}.{name}": shape for name, shape in layer_shapes(model).items()}
         offset = _write_shard(folder / f"layer-{layer:02d}.safetensors", shapes, pool, offset)
 
 
-def assemble(shards: Path, folder: Path, layers: int) -> int:
-    """A checkpoint folder of `layers` layers: hard links to the shared shards and a Hugging Face index."""
-    from extsub_kernels.io import read_header
+def model_config(model: dict, layers: int) -> dict:
+    """A LlamaForCausalLM config.json for the synthetic model (mergekit reads the architecture from it)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": model["hidden"],
+        "intermediate_size": model["intermediate"],
+        "num_hidden_layers": layers,
+        "num_attention_heads": model["heads"],
+        "num_key_value_heads": model["heads"],
+        "vocab_size": model["vocab"],
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
 
+
+def assemble(shards: Path, folder: Path, model: dict, layers: int) -> int:
+    """A model folder of `layers` layers: hard links to the shared shards, an index, a config; returns its bytes."""
     folder.mkdir(parents=True)
     names = ["outer.safetensors"] + [f"layer-{i:02d}.safetensors" for i in range(layers)]
     weight_map, total = {}, 0
@@ -112,90 +155,195 @@ def assemble(shards: Path, folder: Path, layers: int) -> int:
             total += info.nbytes
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (folder / "config.json").write_text(json.dumps(model_config(model, layers), indent=2))
     return total
 
 
 # ------------------------------------------------------------------ child runs (one process each)
 
 
-def child_read(*folders: str) -> dict:
+class Usage:
+    """getrusage of this process between `start` and `stop`: faults and CPU seconds of the work measured."""
+
+    def __enter__(self) -> "Usage":
+        self.before = resource.getrusage(resource.RUSAGE_SELF)
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.started
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        self.fields = {
+            "seconds": self.seconds,
+            "minor_faults": after.ru_minflt - self.before.ru_minflt,
+            "major_faults": after.ru_majflt - self.before.ru_majflt,
+            "user_s": after.ru_utime - self.before.ru_utime,
+            "system_s": after.ru_stime - self.before.ru_stime,
+        }
+
+
+def _weights(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def _fsync_folder(folder: Path) -> None:
+    for path in _weights(folder):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def child_floor(out: str, output_bytes: str, *inputs: str) -> dict:
+    """Read every input byte once into a reused buffer, then write `output_bytes` bytes and fsync."""
     buffer = memoryview(bytearray(READ_BUFFER))
-    started, total = time.perf_counter(), 0
-    for folder in folders:
-        for path in sorted(Path(folder).glob("*.safetensors")):
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                while n := os.readv(fd, [buffer]):
-                    total += n
-            finally:
-                os.close(fd)
-    return {"seconds": time.perf_counter() - started, "bytes_read": total, "peak_rss_bytes": peak_rss_bytes()}
+    with Usage() as usage:
+        total = 0
+        for folder in inputs:
+            for path in _weights(Path(folder)):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    while n := os.readv(fd, [buffer]):
+                        total += n
+                finally:
+                    os.close(fd)
+        left = int(output_bytes)
+        Path(out).mkdir()
+        fd = os.open(Path(out) / "model.safetensors", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            while left:
+                left -= os.write(fd, buffer[: min(left, len(buffer))])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return {**usage.fields, "bytes_read": total, "peak_rss_bytes": peak_rss_bytes()}
 
 
-def child_merge(expert: str, anti: str, out: str, device: str, report: str | None = None) -> dict:
-    from extsub_kernels import merge
+def child_extsub(
+    method: str, out: str, expert: str, anti: str, base: str, block: str = "", *, record: bool = False
+) -> dict:
+    import inspect
 
-    cpu_started = time.process_time()
-    report = merge(expert, anti, out, lam=1.0, device=device, stats=report is not None, report=report)
+    from extsub_kernels import merge, ops
+    from extsub_kernels.engine.options import parse_size
+
+    sized = {"block_bytes": parse_size(block)} if block else {}  # (code before 14 knows no block_bytes=None)
+    if record:
+        sized["report"] = f"{out}.report.json"  # beside OUT: a record may not be inside it
+    elif "stats" in inspect.signature(merge).parameters:
+        sized["stats"] = False  # a folder OUT gathers statistics for its model card unless told not to
+    with Usage() as usage:
+        report = merge(expert, anti, out, base=base, lam=LAM, method=method, device="cpu", **sized)
+    Path(f"{out}.report.json").unlink(missing_ok=True)
+    backend = ops.cpu_backend() if hasattr(ops, "cpu_backend") else "torch: eager torch ops"
     return {
-        "cpu_seconds": time.process_time() - cpu_started,
-        "seconds": report.seconds,
+        **usage.fields,
         "bytes_read": report.bytes_read,
         "bytes_written": report.bytes_written,
-        "peak_rss_bytes": report.peak_rss_bytes,
-        "peak_gpu_bytes": report.peak_gpu_bytes,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "cpu_backend": backend,
     }
 
 
-def child_load_all(expert: str, anti: str, out: str, device: str) -> dict:
-    from safetensors.torch import load_file, save_file
+def child_long_row(out: str, expert: str, anti: str) -> dict:
+    from extsub_kernels import merge, ops
+
+    with Usage() as usage:
+        report = merge(expert, anti, out, lam=LAM, device="cpu")
+    backend = ops.cpu_backend() if hasattr(ops, "cpu_backend") else "torch: eager torch ops"
+    return {**usage.fields, "bytes_read": report.bytes_read, "peak_rss_bytes": peak_rss_bytes(), "cpu_backend": backend}
+
+
+def child_check_long_row(out: str, expert: str, anti: str) -> dict:
+    """The largest |merged − op on the whole tensor| / max |op| (the whole row in memory, as the merge avoids)."""
+    from safetensors.torch import load_file
 
     from extsub_kernels import ext_sub_
 
-    started = time.perf_counter()
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    )
-    e, a = {}, {}
-    for folder, into in ((expert, e), (anti, a)):
-        for path in sorted(Path(folder).glob("*.safetensors")):
-            into.update(load_file(path, device=str(dev)))
-    for name, t in e.items():
-        ext_sub_(t, a[name], 1.0)
-    Path(out).mkdir()
-    save_file({k: v.cpu() for k, v in e.items()}, f"{out}/model.safetensors", metadata={"format": "pt"})
-    fd = os.open(f"{out}/model.safetensors", os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
-    peak_gpu = torch.cuda.max_memory_allocated() if dev.type == "cuda" else None
-    return {"seconds": time.perf_counter() - started, "peak_rss_bytes": peak_rss_bytes(), "peak_gpu_bytes": peak_gpu}
+    expected = ext_sub_(load_file(expert)["row"], load_file(anti)["row"], LAM)
+    merged = load_file(out)["row"]
+    diff = float((merged - expected).abs().max())
+    return {"max_abs_diff": diff, "max_abs": float(expected.abs().max()), "elements": expected.numel()}
 
 
-def child_idle() -> dict:
-    """The floor under every RSS figure: Python with torch and extsub imported, nothing else."""
-    import extsub_kernels  # noqa: F401
+def mergekit_config(expert: str, anti: str, base: str) -> dict:
+    """task_arithmetic with the formula of --method sub: θ₀ + 1.0·(θ⁺ − θ₀) − λ·(θ⁻ − θ₀), float32 math."""
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": base,
+        "models": [
+            {"model": expert, "parameters": {"weight": 1.0}},
+            {"model": anti, "parameters": {"weight": -LAM}},
+        ],
+        "parameters": {"normalize": False},
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
+    }
 
+
+def child_mergekit(out: str, expert: str, anti: str, base: str) -> dict:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    config = MergeConfiguration.model_validate(mergekit_config(expert, anti, base))
+    options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True)
+    with Usage() as usage:
+        run_merge(config, out, options=options)
+        _fsync_folder(Path(out))
+    return {**usage.fields, "peak_rss_bytes": peak_rss_bytes()}
+
+
+def child_idle(kind: str) -> dict:
+    """The floor under every RSS figure: Python with the tool imported, nothing else."""
+    if kind == "mergekit":
+        import mergekit.merge  # noqa: F401
+    else:
+        import extsub_kernels  # noqa: F401
     return {"peak_rss_bytes": peak_rss_bytes()}
 
 
-def child_merge_report(expert: str, anti: str, out: str, device: str) -> dict:
-    """The merge with --report: the record goes beside OUT (it may not be inside it)."""
-    return child_merge(expert, anti, out, device, report=f"{out}.report.json")
+def child_compare(ours: str, theirs: str) -> dict:
+    """The largest |ours − theirs| over every tensor, read one tensor at a time (both outputs bf16)."""
+    mine = CheckpointReader(_weights(Path(ours)), label="ours")
+    other = CheckpointReader(_weights(Path(theirs)), label="mergekit")
+    largest, where, differing, total = 0.0, "", 0, 0
+    try:
+        if sorted(mine.keys()) != sorted(other.keys()):
+            raise RuntimeError(f"the outputs hold different tensors: {sorted(set(mine.keys()) ^ set(other.keys()))}")
+        for name in mine:
+            a, b = mine.read(name).float(), other.read(name).float()
+            diff = (a - b).abs()
+            differing += int((diff > 0).sum())
+            total += diff.numel()
+            top = float(diff.max()) if diff.numel() else 0.0
+            if top > largest:
+                largest, where = top, name
+    finally:
+        mine.close()
+        other.close()
+    return {"max_abs_diff": largest, "max_abs_diff_tensor": where, "elements_differing": differing, "elements": total}
 
 
 CHILDREN = {
-    "plain-read": child_read,
-    "merge": child_merge,
-    "merge-report": child_merge_report,
-    "load-all": child_load_all,
+    "floor": child_floor,
+    "long-row": child_long_row,
+    "check-long-row": child_check_long_row,
+    "sub": lambda *a: child_extsub("sub", *a),
+    "ext-sub": lambda *a: child_extsub("ext-sub", *a),
+    "ext-sub+report": lambda *a: child_extsub("ext-sub", *a, record=True),
+    "mergekit": child_mergekit,
+    "idle": child_idle,
+    "compare": child_compare,
 }
-TIMED = ("plain-read", "merge", "merge-report")  # the kinds that run --repeat times, interleaved
 
 
 # ------------------------------------------------------------------ the driver
 
 
-def _drop_caches() -> bool:
+def drop_caches() -> bool:
+    """Empty the page cache (root on Linux); False where this process may not."""
     try:
         os.sync()
         with open("/proc/sys/vm/drop_caches", "w") as f:
@@ -205,128 +353,207 @@ def _drop_caches() -> bool:
         return False
 
 
-def _run_child(kind: str, args: list[str]) -> dict:
+def warm(folders: list[Path]) -> None:
+    buffer = memoryview(bytearray(READ_BUFFER))
+    for folder in folders:
+        for path in _weights(folder):
+            with open(path, "rb", buffering=0) as f:
+                while f.readinto(buffer):
+                    pass
+
+
+def run_child(kind: str, args: list[str], code: Path | None = None) -> dict:
+    """Run one child in a fresh process (with the extsub_kernels of checkout `code` when given)."""
     cmd = [sys.executable, __file__, "--child", kind, *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    env = {**os.environ, "EXTSUB_BENCH_CODE": str(code or CODE)}
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if done.returncode:
         raise RuntimeError(f"{kind} failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _fs_type(path: Path) -> str:
-    """The type of the file system holding `path` (from /proc/mounts), e.g. ext4 or tmpfs."""
-    best, fs = "", "unknown"
-    path = str(path.resolve())
-    with open("/proc/mounts", encoding="utf-8") as mounts:
-        for line in mounts:
-            _, point, kind = line.split()[:3]
-            if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
-                best, fs = point, kind
-    return fs
+def mergekit_installed() -> bool:
+    done = subprocess.run([sys.executable, "-c", "import mergekit.merge"], capture_output=True)
+    return done.returncode == 0
+
+
+BEFORE = " (before)"  # suffix of the runs with the extsub_kernels of --before
+
+
+def _child_of(kind: str) -> str:
+    """The child a run label runs: "sub (before)" and "sub [32MiB]" run "sub"."""
+    return kind.removesuffix(BEFORE).split(" [")[0]
+
+
+def _block_of(kind: str) -> list[str]:
+    """The block size a run label asks for, as the child's extra argument ("sub [32MiB]" → ["32MiB"])."""
+    return [kind.split(" [")[1].rstrip("]")] if " [" in kind else []
+
+
+def _folder_name(kind: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in kind)
 
 
 def run(
+    model_name: str,
     layer_counts: list[int],
-    baseline_layers: list[int],
+    kinds: list[str],
+    caches: list[str],
     repeat: int,
-    device: str,
     workdir: Path,
-    output_dir: Path,
-    kinds: tuple[str, ...] = TIMED,
-    warm: bool = False,
+    before: Path | None,
 ) -> list[dict]:
-    """Rows for every run: each of `kinds` `repeat` times, interleaved (the disk's speed drifts), then
-    load-all once where asked (it is the slow one)."""
-    shards = {role: workdir / f"shards-{role}" for role in ("expert", "anti")}
-    for seed, (_role, folder) in enumerate(shards.items()):
-        make_layer_shards(folder, max(layer_counts), seed)
-    cold = not warm and _drop_caches()
-    idle_rss = _run_child("idle", [])["peak_rss_bytes"]
-    on_gpu = torch.cuda.is_available() and device != "cpu"
-    common = {
-        **environment("cuda" if on_gpu else "cpu"),
-        "cache": "cold" if cold else "warm",
-        "idle_rss_bytes": idle_rss,
-        "largest_tensor_bytes": LARGEST_TENSOR_BYTES,
-        "output_fs": _fs_type(output_dir),
-    }
+    """Rows of every run: per layer count and cache, `repeat` rounds in which each kind runs once, in turn."""
+    model = MODELS[model_name]
+    roles = ("base", "expert", "anti")
+    shards = {role: workdir / f"shards-{role}" for role in roles}
+    for seed, role in enumerate(roles):
+        make_layer_shards(shards[role], model, max(layer_counts), seed)
+    common = _common_fields(model_name, largest_tensor_bytes(model), "mergekit" in kinds, before)
     rows = []
     for layers in layer_counts:
-        pair = {role: workdir / f"{role}-{layers}" for role in shards}
-        input_bytes = sum(assemble(shards[role], pair[role], layers) for role in pair)
-        runs = [(kind, rep) for rep in range(repeat) for kind in kinds]
-        runs += [("load-all", 0)] if layers in baseline_layers else []
-        for kind, rep in runs:
-            out = output_dir / f"extsub-bench-out-{kind}-{layers}"
-            args = [str(pair["expert"]), str(pair["anti"])] + ([] if kind == "plain-read" else [str(out), device])
-            if not (cold and _drop_caches()):
-                _run_child(
-                    "plain-read", [str(pair["expert"]), str(pair["anti"])]
-                )  # warm the cache the same way for every run
-            result = _run_child(kind, args)
-            shutil.rmtree(out, ignore_errors=True)
-            Path(f"{out}.report.json").unlink(missing_ok=True)
-            row = {
-                **common,
-                "layers": layers,
-                "run": kind,
-                "rep": rep,
-                "input_bytes": input_bytes,
-                **result,
-                "gb_per_s": input_bytes / 1e9 / result["seconds"],
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        for folder in pair.values():
-            shutil.rmtree(folder)
+        folders = {role: workdir / f"{role}-{layers}" for role in roles}
+        input_bytes = sum(assemble(shards[role], folders[role], model, layers) for role in roles)
+        output_bytes = input_bytes // 3
+        kept: dict[str, Path] = {}
+        for cache in caches:
+            for rep in range(repeat):
+                for kind in kinds:
+                    out = workdir / f"out-{_folder_name(kind)}-{layers}-{cache}-{rep}"
+                    args = [str(out)]
+                    if kind == "floor":
+                        args += [str(output_bytes)] + [str(folders[r]) for r in roles]
+                    else:
+                        args += [str(folders["expert"]), str(folders["anti"]), str(folders["base"])]
+                        args += _block_of(kind)
+                    fields = _timed_child(kind, args, cache, list(folders.values()), before)
+                    row = {**common, "layers": layers, "input_bytes": input_bytes, "output_bytes": output_bytes}
+                    rows.append({**row, "cache": cache, "run": kind, "rep": rep, **fields})
+                    print(json.dumps(rows[-1]), flush=True)
+                    if kind in ("sub", "mergekit") and kind not in kept:
+                        kept[kind] = out
+                    else:
+                        shutil.rmtree(out, ignore_errors=True)
+        if {"sub", "mergekit"} <= set(kept):
+            diff = run_child("compare", [str(kept["sub"]), str(kept["mergekit"])])
+            rows.append({**common, "layers": layers, "run": "compare sub vs mergekit", **diff})
+            print(json.dumps(rows[-1]), flush=True)
+        for path in [*kept.values(), *folders.values()]:
+            shutil.rmtree(path, ignore_errors=True)
+    return rows
+
+
+def _common_fields(model: str, largest: int, mergekit: bool, before: Path | None) -> dict:
+    common = {
+        **environment("cpu"),
+        "model": model,
+        "lam": LAM,
+        "idle_rss_bytes": run_child("idle", ["extsub"])["peak_rss_bytes"],
+        "largest_tensor_bytes": largest,
+    }
+    if mergekit:
+        common["mergekit_idle_rss_bytes"] = run_child("idle", ["mergekit"])["peak_rss_bytes"]
+    if before is not None:
+        common["before_code"] = before.name
+    return common
+
+
+def _timed_child(kind: str, args: list[str], cache: str, inputs: list[Path], before: Path | None) -> dict:
+    """One run in its own process, after emptying or warming the page cache; the load average before it."""
+    if cache == "cold":
+        if not drop_caches():
+            raise RuntimeError("--cache cold needs root: /proc/sys/vm/drop_caches is not writable")
+    else:
+        warm(inputs)
+    load = os.getloadavg()[0]
+    result = run_child(_child_of(kind), args, before if BEFORE in kind else None)
+    return {"load_1min_before": load, **result}
+
+
+def run_long_row(gib: float, caches: list[str], repeat: int, workdir: Path, before: Path | None) -> list[dict]:
+    """Merge two checkpoints of one 1-D float32 tensor of `gib` GiB each, and check the output against the op."""
+    n = int(gib * 2**30) // 4
+    paths = {}
+    for seed, role in enumerate(("expert", "anti")):
+        paths[role] = workdir / f"{role}.safetensors"
+        row = torch.randn(n, generator=torch.Generator().manual_seed(seed))
+        with CheckpointWriter(paths[role], [TensorEntry("row", torch.float32, (n,))], {"format": "pt"}) as writer:
+            writer.write("row", row)
+            writer.commit()
+        del row
+    common = {**_common_fields("one 1-D float32 tensor", 4 * n, False, before), "input_bytes": 8 * n}
+    kinds = ["long-row"] + (["long-row" + BEFORE] if before is not None else [])
+    rows = []
+    for cache in caches:
+        for rep in range(repeat):
+            for kind in kinds:
+                out = workdir / f"out-{rep}{'-before' if BEFORE in kind else ''}.safetensors"
+                args = [str(out), str(paths["expert"]), str(paths["anti"])]
+                fields = _timed_child(kind, args, cache, [workdir], before)
+                rows.append({**common, "layers": 0, "cache": cache, "run": kind, "rep": rep, **fields})
+                print(json.dumps(rows[-1]), flush=True)
+                if rep == 0:
+                    check = run_child("check-long-row", args)
+                    rows.append({**common, "layers": 0, "run": f"check {kind} vs the op on the whole tensor", **check})
+                    print(json.dumps(rows[-1]), flush=True)
+                out.unlink(missing_ok=True)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    """The table derived from the rows: per layer count and run, the median time of its repeats."""
+    """The tables derived from the rows: per layer count, cache and run, medians of the repeats and ratios."""
     first = rows[0]
+    idle = f"Python + torch + extsub alone: {first['idle_rss_bytes'] / 1e9:.2f} GB RSS"
+    if "mergekit_idle_rss_bytes" in first:
+        idle += f"; Python + mergekit alone: {first['mergekit_idle_rss_bytes'] / 1e9:.2f} GB"
+    before = f"; '(before)' runs: the code of {first['before_code']}" if "before_code" in first else ""
     lines = [
-        f"{first['date']}, {first['device']}, torch {first['torch']}, "
-        f"extsub {first.get('version', first.get('extsub'))}, {first['cache']} page cache, "
-        f"outputs on {first.get('output_fs', 'the disk')}; bf16, "
-        f"largest tensor {first['largest_tensor_bytes'] / 1e9:.2f} GB; Python + torch alone: "
-        f"{first['idle_rss_bytes'] / 1e9:.2f} GB RSS.",
+        f"{first['date']}, {first['device']}, torch {first['torch']}, extsub {first['version']}; model "
+        f"{first['model']}, λ = {first['lam']}; largest tensor {first['largest_tensor_bytes'] / 1e9:.3f} GB; "
+        f"{idle}{before}.",
         "",
-        "| layers | input GB | run | runs | seconds (median; range) | GB/s (input) | % of plain read "
-        "| cost of --report | CPU s (median) | cost of --report, CPU | peak RSS GB | RSS / largest tensor "
-        "| peak GPU GB |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| layers | input GB | cache | run | runs | seconds (median; range) | × floor | mergekit ÷ this "
+        "| before ÷ this | --report cost (wall; CPU) | peak RSS GB (max) | RSS / largest tensor "
+        "| minor faults / GB in | user + sys s | load before |",
+        "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    groups: dict[tuple[int, str], list[dict]] = {}
+    groups: dict[tuple[int, str, str], list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["layers"], r["run"]), []).append(r)
+        if "seconds" in r:
+            groups.setdefault((r["layers"], r["cache"], r["run"]), []).append(r)
     median = {key: statistics.median(r["seconds"] for r in group) for key, group in groups.items()}
-    cpu = {
-        key: statistics.median(r["cpu_seconds"] for r in group)
-        for key, group in groups.items()
-        if all("cpu_seconds" in r for r in group)
-    }
-    for (layers, kind), group in groups.items():
-        seconds = median[(layers, kind)]
-        rate = group[0]["input_bytes"] / 1e9 / seconds
-        read = median.get((layers, "plain-read"))
-        of_read = f"{100 * read / seconds:.0f} %" if read else "–"
-        plain = median.get((layers, "merge"))
-        cost = f"{100 * (seconds / plain - 1):+.1f} %" if kind == "merge-report" and plain else "–"
-        cpu_s = cpu.get((layers, kind))
-        cpu_plain = cpu.get((layers, "merge"))
-        cpu_cost = f"{100 * (cpu_s / cpu_plain - 1):+.1f} %" if kind == "merge-report" and cpu_s and cpu_plain else "–"
+    cpu_median = {key: statistics.median(r["user_s"] + r["system_s"] for r in group) for key, group in groups.items()}
+    for (layers, cache, kind), group in groups.items():
+        seconds = median[(layers, cache, kind)]
+        floor = median.get((layers, cache, "floor"))
+        mergekit = median.get((layers, cache, "mergekit")) if kind != "mergekit" else None
+        earlier = median.get((layers, cache, kind + BEFORE))
+        spread = f"{min(r['seconds'] for r in group):.2f}–{max(r['seconds'] for r in group):.2f}"
         rss = max(r["peak_rss_bytes"] for r in group)
-        gpu = max((r.get("peak_gpu_bytes") or 0) for r in group)
-        spread = (
-            f"{min(r['seconds'] for r in group):.2f}–{max(r['seconds'] for r in group):.2f}" if len(group) > 1 else "–"
+        faults = statistics.median(r["minor_faults"] for r in group) / (group[0]["input_bytes"] / 1e9)
+        cpu = cpu_median[(layers, cache, kind)]
+        plain, plain_cpu = median.get((layers, cache, "ext-sub")), cpu_median.get((layers, cache, "ext-sub"))
+        cost = (
+            f"{100 * (seconds / plain - 1):+.0f} %; {100 * (cpu / plain_cpu - 1):+.0f} %"
+            if kind == REPORTED and plain and plain_cpu
+            else "–"
         )
+        loads = f"{min(r['load_1min_before'] for r in group):.1f}–{max(r['load_1min_before'] for r in group):.1f}"
         lines.append(
-            f"| {layers} | {group[0]['input_bytes'] / 1e9:.2f} | {kind} | {len(group)} | {seconds:.2f}; {spread} | "
-            f"{rate:.2f} | {of_read} | {cost} | {f'{cpu_s:.2f}' if cpu_s else '–'} | {cpu_cost} | "
-            f"{rss / 1e9:.2f} | {rss / group[0]['largest_tensor_bytes']:.1f}× | "
-            f"{f'{gpu / 1e9:.2f}' if gpu else 'n/a'} |"
+            f"| {layers} | {group[0]['input_bytes'] / 1e9:.2f} | {cache} | {kind} | {len(group)} | "
+            f"{seconds:.2f}; {spread} | {f'{seconds / floor:.2f}×' if floor else '–'} | "
+            f"{f'{mergekit / seconds:.2f}×' if mergekit and kind != 'floor' else '–'} | "
+            f"{f'{earlier / seconds:.2f}×' if earlier else '–'} | {cost} | {rss / 1e9:.2f} | "
+            f"{rss / first['largest_tensor_bytes']:.1f}× | {faults:,.0f} | {cpu:.1f} | {loads} |"
         )
+    compared = [r for r in rows if "max_abs_diff" in r]
+    if compared:
+        lines += ["", "| layers | comparison | largest abs difference | where / of | elements differing |"]
+        lines += ["|---:|---|---:|---|---:|"]
+        for r in compared:
+            where = r.get("max_abs_diff_tensor") or f"max |op| {r['max_abs']:.3g}"
+            differing = f"{r['elements_differing']:,} of {r['elements']:,}" if "elements_differing" in r else "–"
+            lines.append(f"| {r['layers']} | {r['run']} | {r['max_abs_diff']:.3g} | {where} | {differing} |")
     return "\n".join(lines) + "\n"
 
 
@@ -336,54 +563,46 @@ def _ints(text: str) -> list[int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", default="1,2,4,8", help="layer counts, comma-separated")
-    parser.add_argument("--baseline-layers", default="1,2", help="layer counts that also run load-all (slow)")
-    parser.add_argument("--repeat", type=int, default=2, help="plain-read and merge runs per layer count")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--model", choices=sorted(MODELS), default="llama-2048")
+    parser.add_argument("--layers", default="8", help="layer counts, comma-separated")
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"runs to take turns, from {', '.join(RUNS)}")
+    parser.add_argument("--cache", default="warm,cold", help="page cache before each run: warm, cold or both")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each kind per layer count and cache")
+    parser.add_argument("--before", type=Path, help="another checkout: its sub and ext-sub take turns with ours")
+    parser.add_argument("--blocks", default="", help="block sizes (e.g. 32MiB) to run sub and ext-sub with as well")
+    parser.add_argument("--long-row-gib", type=float, help="merge one 1-D tensor of this many GiB instead of models")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--output-dir", type=Path, help="where merge and load-all write (default: beside the inputs)")
-    parser.add_argument("--name", help="a suffix for the result files (merge-<date>-<device>-<name>.json)")
-    parser.add_argument(
-        "--warm",
-        action="store_true",
-        help="read the inputs from the page cache in every run (compute and writes, not the disk's reads, then set "
-        "the pace: the harshest setting for any added computation)",
-    )
-    parser.add_argument(
-        "--kinds", default=",".join(TIMED), help=f"the runs repeated and interleaved (default {','.join(TIMED)})"
-    )
+    parser.add_argument("--tag", default="", help="a suffix for the result files")
+    parser.add_argument("--workdir", type=Path, help="where checkpoints and outputs go (default: a temporary folder)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args.child:
-        print(json.dumps((CHILDREN | {"idle": child_idle})[args.child](*rest)))
+        print(json.dumps(CHILDREN[args.child](*rest)))
         return
-    workdir = Path(tempfile.mkdtemp(prefix="extsub-bench-"))
+    kinds = [k for k in args.runs.split(",") if k]
+    unknown = set(kinds) - set(RUNS)
+    if unknown:
+        parser.error(f"unknown runs {sorted(unknown)}; choose from {', '.join(RUNS)}")
+    if "mergekit" in kinds and not mergekit_installed():
+        print("mergekit is not installed: its runs are left out (pip install mergekit)", file=sys.stderr)
+        kinds.remove("mergekit")
+    merges = [k for k in kinds if k in ("sub", "ext-sub")]
+    kinds += [f"{k} [{size}]" for size in args.blocks.split(",") if size for k in merges]
+    if args.before is not None:
+        kinds += [k + BEFORE for k in merges]
+    caches = [c for c in args.cache.split(",") if c]
+    if set(caches) - {"warm", "cold"}:
+        parser.error("--cache takes warm, cold or warm,cold")
+    workdir = Path(tempfile.mkdtemp(prefix="extsub-bench-", dir=args.workdir))
     try:
-        rows = run(
-            _ints(args.layers),
-            _ints(args.baseline_layers),
-            args.repeat,
-            args.device,
-            workdir,
-            args.output_dir or workdir,
-            tuple(k for k in args.kinds.split(",") if k),
-            args.warm,
-        )
+        if args.long_row_gib:
+            rows = run_long_row(args.long_row_gib, caches, args.repeat, workdir, args.before)
+        else:
+            rows = run(args.model, _ints(args.layers), kinds, caches, args.repeat, workdir, args.before)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-        for leftover in (
-            args.output_dir.glob("extsub-bench-out-*") if args.output_dir else ()
-        ):  # a run that failed midway
-            shutil.rmtree(leftover, ignore_errors=True)
     args.results.mkdir(parents=True, exist_ok=True)
-    tag = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    stem = (
-        args.results / f"merge-{rows[0]['date']}-{tag}"
-        if args.output_dir is None
-        else args.results / f"merge-{rows[0]['date']}-{tag}-output-on-{rows[0]['output_fs']}"
-    )
-    if args.name:
-        stem = stem.with_name(f"{stem.name}-{args.name}")
+    stem = args.results / f"merge-{rows[0]['date']}-cpu{'-' + args.tag if args.tag else ''}"
     stem.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(rows))
     print(markdown(rows))

@@ -18,7 +18,6 @@ from extsub_kernels.engine import MergeReport, RunOptions, run_dense
 from extsub_kernels.engine.architecture import full_model_hint
 from extsub_kernels.engine.context import RunContext
 from extsub_kernels.engine.options import (
-    DEFAULT_BLOCK_BYTES,
     DTYPE_NAMES,
     OUT_DTYPES,
     DtypeName,
@@ -58,7 +57,7 @@ def merge(
     on_missing: OnMissing = "error",
     force: bool = False,
     progress: bool = False,
-    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    block_bytes: int | None = None,
     adapter: AdapterOptions | None = None,
     transposed: bool | None = None,
     dry_run: bool = False,
@@ -97,7 +96,8 @@ def merge(
         on_missing: keys only in an anti-expert: "error" (list them), "copy", "skip".
         force: replace an existing OUT (and an existing `report` file).
         progress: show a progress bar (stderr).
-        block_bytes: target bytes of a block of rows (memory is a small multiple of it).
+        block_bytes: target bytes of a streamed block of rows; host and device memory are a fixed
+            multiple of it (None: 2 MiB on CPU, 32 MiB on CUDA).
         adapter: options of adapter merges (output format, max_rank, scaling of bare LoRA files,
             any_base_model); refused with dense inputs.
         transposed: GPT-2 Conv1D-named weights (c_attn, c_proj, c_fc, q_attn) are stored (in, out)

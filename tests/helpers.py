@@ -90,6 +90,31 @@ def assert_one_line_error(
         assert part in lines[-1], f"{part!r} not in {lines[-1]!r}"
 
 
+def method_oracle(
+    plus: torch.Tensor,
+    minus: list[torch.Tensor],
+    lams: list[float],
+    *,
+    method: str = "ext-sub",
+    base: torch.Tensor | None = None,
+    transposed: bool = False,
+) -> torch.Tensor:
+    """What a merge must produce for one tensor, from whole tensors: ΔW = θ − θ₀ in float64, the op once per
+    anti-expert in order (ext-sub: `ext_sub` on rows, or on columns when `transposed`; sub/add: θ ∓ λθ⁻),
+    then θ₀ + ΔW'. Returned in float64: compare within the result dtype's tolerance."""
+    from extsub_kernels import ext_sub
+
+    theta0 = base.double() if base is not None else torch.zeros((), dtype=torch.float64)
+    work = plus.double() - theta0
+    for m, lam in zip(minus, lams, strict=True):
+        delta = m.double() - theta0
+        if method == "ext-sub":
+            work = ext_sub(work.t(), delta.t(), lam).t() if transposed else ext_sub(work, delta, lam)
+        else:
+            work = work + (lam if method == "add" else -lam) * delta
+    return work + theta0
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # A CLI run in a child process that stops itself (SIGSTOP) when `extsub_kernels.io.atomic.<function>` has been

@@ -1,11 +1,13 @@
 """The method step: ext-sub, sub and add per tensor, in place only when asked, on task vectors with a base."""
 
+import pytest
 import torch
 
 from extsub_kernels import ext_sub
-from extsub_kernels.engine.methods import apply_method
+from extsub_kernels.engine.methods import apply_method, apply_method_into, in_place_step, workspace_slots
+from extsub_kernels.engine.transfer import Workspace
 
-from helpers import TOLERANCES, assert_close_explained
+from helpers import TOLERANCES, assert_close_explained, method_oracle
 
 
 def test_apply_method_in_place_only_when_asked():
@@ -23,3 +25,75 @@ def test_apply_method_with_a_base_works_on_task_vectors():
     )
     out = apply_method(p, [m], [0.5], base=base)
     assert_close_explained(out, base + ext_sub(p - base, m - base, 0.5), *TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("method", ["ext-sub", "sub", "add"])
+@pytest.mark.parametrize("n_anti", [1, 2])
+@pytest.mark.parametrize("with_base", [False, True], ids=["task vectors", "base"])
+@pytest.mark.parametrize(
+    ("dtype", "out_dtype"),
+    [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float64, torch.float64)],
+    ids=["bf16", "bf16 to fp32", "fp64"],
+)
+@pytest.mark.parametrize(
+    ("shape", "transposed", "chunk"),
+    [((9, 40), False, 100), ((9, 40), False, 16), ((40,), False, 16), ((9, 40), True, 16)],
+    ids=["rows in chunks", "rows longer than a chunk", "1-d longer than a chunk", "conv1d columns"],
+)
+def test_apply_method_into_writes_the_method_into_the_callers_buffer(
+    method, n_anti, with_base, dtype, out_dtype, shape, transposed, chunk
+):
+    plus = torch.randn(shape).to(dtype)
+    minus = [torch.randn(shape).to(dtype) for _ in range(n_anti)]
+    base = torch.randn(shape).to(dtype) if with_base else None
+    lams = [0.8, 1.5][:n_anti]
+    kept = [t.clone() for t in (plus, *minus)]
+    out = torch.full(shape, float("nan"), dtype=out_dtype)
+    workspace = Workspace(chunk, workspace_slots(n_anti), itemsize=8)
+    result = apply_method_into(
+        out, plus, minus, lams, method=method, base=base, transposed=transposed, workspace=workspace
+    )
+    assert result is out
+    expected = method_oracle(plus, minus, lams, method=method, base=base, transposed=transposed)
+    assert_close_explained(out, expected.to(out_dtype), *TOLERANCES[out_dtype])
+    assert all(torch.equal(a, b) for a, b in zip(kept, (plus, *minus), strict=True)), "inputs are never written"
+
+
+def test_apply_method_into_rounds_once_a_bf16_step_computed_in_float32():
+    # ext-sub of one bf16 pair written to bf16 through the workspace is the op itself, bit for bit
+    plus, minus = torch.randn(16, 64).bfloat16(), torch.randn(16, 64).bfloat16()
+    out = torch.empty(16, 64, dtype=torch.bfloat16)
+    apply_method_into(out, plus, [minus], [0.6], workspace=Workspace(256, 4))
+    assert torch.equal(out, ext_sub(plus, minus, 0.6))
+
+
+def test_only_one_ext_sub_step_in_the_experts_dtype_runs_in_place():
+    assert in_place_step(torch.bfloat16, 1, method="ext-sub", base=False, out_dtype=torch.bfloat16, transposed=False)
+    for n_anti, method, base, out_dtype, transposed in (
+        (2, "ext-sub", False, torch.bfloat16, False),
+        (1, "sub", False, torch.bfloat16, False),
+        (1, "ext-sub", True, torch.bfloat16, False),
+        (1, "ext-sub", False, torch.float32, False),
+        (1, "ext-sub", False, torch.bfloat16, True),
+    ):
+        assert not in_place_step(
+            torch.bfloat16, n_anti, method=method, base=base, out_dtype=out_dtype, transposed=transposed
+        )
+
+
+@pytest.mark.parametrize("method", ["ext-sub", "sub", "add"])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_apply_method_single_step_in_place_overwrites_plus_for_every_method(method, transposed, layout):
+    p, m = torch.randn(6, 10), torch.randn(6, 10)
+    expected = method_oracle(p, [m], [0.7], method=method, transposed=transposed)
+    work = p.clone() if layout == "contiguous" else p.t().clone().t()  # same values, columns contiguous
+    result = apply_method(work, [m], [0.7], method=method, transposed=transposed, inplace=True)
+    assert result is work
+    assert_close_explained(work, expected.float(), *TOLERANCES[torch.float32])
+
+
+def test_apply_method_into_refuses_an_out_it_cannot_write_in_place():
+    out = torch.empty(10, 6).t()
+    with pytest.raises(ValueError, match=r"out must be a contiguous tensor of the inputs' shape \(6, 10\)"):
+        apply_method_into(out, torch.randn(6, 10), [torch.randn(6, 10)], [1.0], workspace=Workspace(64, 4))

@@ -1,9 +1,20 @@
-"""The option vocabulary: the λ grammars (merge settings, scan grids), methods, sizes, output names, devices, dtypes."""
+"""The option vocabulary: the λ grammars (merge settings, scan grids), methods, sizes, output names, devices, dtypes,
+block sizes."""
 
 import pytest
 import torch
 
-from extsub_kernels.engine.options import eval_dtype, lam_label, parse_lam_grid, parse_lams, parse_methods, parse_size
+from extsub_kernels.engine.options import (
+    CPU_BLOCK_BYTES,
+    CUDA_BLOCK_BYTES,
+    RunOptions,
+    eval_dtype,
+    lam_label,
+    parse_lam_grid,
+    parse_lams,
+    parse_methods,
+    parse_size,
+)
 from extsub_kernels.errors import InputError
 from extsub_kernels.io import output_paths
 
@@ -62,6 +73,16 @@ def test_output_paths_suffix_rule(tmp_path):
     two = [tmp_path / "o-lam0.5.safetensors", tmp_path / "o-lam1e-05.safetensors"]
     assert paths(tmp_path / "o.safetensors", [(0.5,), (1e-5,)]) == two
     assert paths(tmp_path / "dir", [(1.0, 0.5), (2.0, 2.0)]) == [tmp_path / "dir-lam1_0.5", tmp_path / "dir-lam2"]
+
+
+def test_block_size_is_small_on_cpu_large_on_cuda_unless_asked():
+    assert RunOptions(settings=((1.0,),)).block_size == CPU_BLOCK_BYTES == 2 << 20
+    assert RunOptions(settings=((1.0,),), device=torch.device("cuda", 0)).block_size == CUDA_BLOCK_BYTES
+    assert RunOptions(settings=((1.0,),), block_bytes=4096).block_size == 4096
+    with pytest.raises(
+        InputError, match="block_bytes must be a positive int \\(or None for the device's default\\), got 0"
+    ):
+        RunOptions(settings=((1.0,),), block_bytes=0)
 
 
 @pytest.mark.parametrize("text", ["inf", "1e400GB", "nan", "-inf"])

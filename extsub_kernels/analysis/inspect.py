@@ -17,7 +17,7 @@ from extsub_kernels.adapters import AdapterOptions
 from extsub_kernels.analysis.markdown import inspection_markdown
 from extsub_kernels.analysis.plot import HEATMAP_NAME, PlotUnavailable, draw_heatmaps
 from extsub_kernels.engine import MergeReport
-from extsub_kernels.engine.options import DEFAULT_BLOCK_BYTES, Lam, Method, RunOptions, parse_lams, resolve_device
+from extsub_kernels.engine.options import Lam, Method, RunOptions, parse_lams, resolve_device
 from extsub_kernels.engine.record import json_text, report_record
 from extsub_kernels.errors import InputError
 from extsub_kernels.io.atomic import publish, remove, reserve_temp, write_text
@@ -38,7 +38,7 @@ def inspect(
     transposed: bool | None = None,
     adapter: AdapterOptions | None = None,
     progress: bool = False,
-    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    block_bytes: int | None = None,
     command: str | None = None,
 ) -> MergeReport:
     """Row statistics of every tensor or module a merge of these inputs would merge, without merging.
@@ -51,7 +51,7 @@ def inspect(
         transposed: GPT-2 Conv1D layout, as for `merge()`.
         adapter: scaling of bare adapter files, base-model check (the output format is unused).
         progress: a progress bar on stderr.
-        block_bytes: target bytes of a block of rows.
+        block_bytes: target bytes of a block of rows (None: the device's default, as for `merge()`).
         command: the command line to record.
 
     Returns:

@@ -10,6 +10,7 @@ consecutive, so they are written as one run.
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 from extsub_kernels.engine.plan import Block, TensorJob, rows_of
 
@@ -35,10 +36,17 @@ class Batch:
     nbytes: int
     read_bytes: int
 
+    phase: ClassVar[str] = "one-pass"  # computed on its own, as a `Block` of whole rows is
+    writes: ClassVar[bool] = True
+
     @property
     def job(self) -> TensorJob:
         """The first tensor, which stands for all of them (inputs, method, dtypes)."""
         return self.jobs[0]
+
+    def shape(self) -> tuple[int, int]:
+        """The stacked rows: (rows, width)."""
+        return (self.rows, self.width)
 
     @property
     def names(self) -> list[str]:

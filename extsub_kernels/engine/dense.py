@@ -1,26 +1,38 @@
 """The dense run: checkpoints (task vectors, or full models with a base) streamed block by block through the method.
 
-Per block of rows: read (pread into a pooled host buffer, pinned on CUDA) → device → the
-method once per λ setting → NaN/Inf check → host → append to every output. Reading the next
-block, computing this one and writing the previous one overlap (`OutputSet.stream`), so host
-and device memory stay a small multiple of the block size whatever the model's size.
+Per block: read (pread into a pooled input buffer, pinned on CUDA) → device → the method once
+per λ setting into pooled result buffers (through a cache-sized workspace) → NaN/Inf check →
+host → append to every output. Reading the next block, computing this one and writing the
+previous one overlap (`OutputSet.stream`). The pools and the workspace are sized once from the
+plan, so the steady state allocates nothing and host and device memory are a fixed multiple of
+the largest block whatever the model's size. Rows that do not fit one block stream twice (their
+norms, then the update; `gram`).
 """
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from extsub_kernels._tensors import all_finite, cast_overflow, nonfinite_summary, shares_storage
+from extsub_kernels._tensors import all_finite, cast_overflow, compute_dtype, nonfinite_summary
 from extsub_kernels.engine.architecture import WeightLayout, input_config, weight_layout
 from extsub_kernels.engine.batches import SMALL_TENSOR_BYTES, Batch, Batcher
 from extsub_kernels.engine.context import RunContext
 from extsub_kernels.engine.dense_stats import DenseStats
 from extsub_kernels.engine.dryrun import dry_run_report
+from extsub_kernels.engine.gram import RowGram, combine_into
 from extsub_kernels.engine.items import dense_items
 from extsub_kernels.engine.memory import peak_rss_bytes
-from extsub_kernels.engine.methods import apply_method
+from extsub_kernels.engine.methods import (
+    CPU_CHUNK_ELEMENTS,
+    Observer,
+    apply_method_,
+    apply_method_into,
+    in_place_step,
+    workspace_slots,
+)
 from extsub_kernels.engine.notes import (
     MODEL_CONFIG,
     OutputKind,
@@ -31,11 +43,11 @@ from extsub_kernels.engine.notes import (
 )
 from extsub_kernels.engine.options import DEFAULT_MAX_SHARD_SIZE, RunOptions, lam_label, parse_size
 from extsub_kernels.engine.outputs import OutputSet, Piece, discard, progress_bar
-from extsub_kernels.engine.pipeline import run_pipeline
-from extsub_kernels.engine.plan import Block, TensorJob, cut_blocks, plan_tensors, rows_of
+from extsub_kernels.engine.pipeline import in_flight, run_pipeline
+from extsub_kernels.engine.plan import Block, TensorJob, cut_blocks, plan_tensors, row_elements, rows_of
 from extsub_kernels.engine.report import MergeReport
-from extsub_kernels.engine.transfer import BufferPool, Transfer, view_as
-from extsub_kernels.errors import InputError
+from extsub_kernels.engine.transfer import BufferPool, Transfer, Workspace, view_as
+from extsub_kernels.errors import InputError, MergeError
 from extsub_kernels.io import CheckpointReader, ResolvedInput, TensorEntry, is_folder_output
 from extsub_kernels.io.outputs import listed_files
 from extsub_kernels.io.provenance import display_path
@@ -112,7 +124,14 @@ def run_dense(
             total = sum(streamer.read_bytes(b) for b in blocks)
             with streamer.transfer:
                 streamer.transfer.reset_peak()
-                out.stream(blocks, streamer.read, streamer.compute, total=total, progress=options.progress)
+                out.stream(
+                    blocks,
+                    streamer.read,
+                    streamer.compute,
+                    total=total,
+                    progress=options.progress,
+                    on_stop=streamer.close,
+                )
             out.add_texts(output_texts(paths, options, context, kind, stats.done if stats else []))
             written = out.commit()
             bytes_written = out.bytes_written
@@ -171,7 +190,7 @@ def _inspect(
     total = sum(streamer.read_bytes(b) for b in blocks)
     with streamer.transfer, progress_bar(total, options.progress, "extsub-inspect") as bar:
         streamer.transfer.reset_peak()
-        run_pipeline(blocks, streamer.read, streamer.compute, discard(bar))
+        run_pipeline(blocks, streamer.read, streamer.compute, discard(bar), on_stop=streamer.close)
     return MergeReport(
         outputs=(),
         bytes_read=total,
@@ -186,7 +205,17 @@ def _inspect(
 
 
 class BlockStreamer:
-    """The stages of a dense merge over blocks of rows: `read` (a thread), `compute` (the caller); `OutputSet` writes.
+    """The stages of a dense merge over blocks: `read` (a thread), `compute` (the caller); `OutputSet` writes.
+
+    Memory is fixed by construction: `blocks` sizes, once from the plan, a pool of input
+    buffers and a pool of result buffers on the host (each buffer the largest block in its
+    widest form; pinned on CUDA), a pool of device buffers on CUDA, and a workspace of a few
+    cache-sized chunks. Every block is read into input buffers, computed through the workspace
+    into result buffers (or in place in the expert's input buffer) and written from them; each
+    buffer goes back to its pool once its last stage is done with it. A pool holds a buffer for
+    every item the pipeline can have in flight (`pipeline.in_flight`), and a stage that runs
+    ahead of its pool waits for a buffer; the reader alone takes input buffers and the compute
+    stage alone result buffers, so a smaller pool slows the run down but cannot deadlock it.
 
     Args:
         readers: the inputs, numbered as in `TensorJob` (expert, anti-experts, base).
@@ -209,19 +238,26 @@ class BlockStreamer:
         self.readers, self.roles, self.options, self.order, self.stats = readers, roles, options, order, stats
         self.inputs = inputs
         self.transfer = Transfer(options.device)
-        self.pool = BufferPool(1, pin=self.transfer.cuda)
+        self.input_pool: BufferPool | None = None
+        self.result_pool: BufferPool | None = None
+        self.device_pool: BufferPool | None = None
+        self.workspace: Workspace | None = None
+        self._nothing = torch.empty(0, dtype=torch.uint8)  # what a "norms" block hands each output
+        self._unit: _RowsInPieces | None = None
 
     def blocks(self, jobs: Sequence[TensorJob]) -> list[Block | Batch]:
-        """`jobs` cut into blocks of rows in the outputs' order, small tensors batched; sizes the buffer pool.
+        """`jobs` cut into blocks in the outputs' order, runs of small tensors batched; sizes the pools and the
+        workspace for them.
 
         One pass over the tensors with a few dict lookups each: a model of a million tiny tensors is planned in seconds.
         """
         by_name = {j.name: j for j in jobs}
-        limit = self.options.block_bytes
+        limit = self.options.block_size
         small = min(SMALL_TENSOR_BYTES, limit)
+        whole_rows = self.options.method == "ext-sub"
         infos = [reader.tensors for reader in self.readers]
         batcher = Batcher(limit)
-        capacity = self.pool.capacity
+        capacity, chunk, itemsize = 1, CPU_CHUNK_ELEMENTS, 4
         for entry in self.order:
             job = by_name[entry.name]
             inputs = job.inputs()
@@ -229,27 +265,59 @@ class BlockStreamer:
             numel = found[0].nbytes // found[0].dtype.itemsize
             widest = max(max(info.nbytes for info in found), numel * job.out_dtype.itemsize)
             rows = rows_of(job.shape)
+            if job.merged:
+                itemsize = max(itemsize, compute_dtype(*(info.dtype for info in found)).itemsize)
             if 0 < widest < small and not job.transposed:
                 key = (inputs, tuple(info.dtype for info in found), job.out_dtype, numel // rows)
                 batcher.add_small(job, key, numel // rows, widest, sum(info.nbytes for info in found))
-                capacity = max(capacity, widest)
+                capacity = max(capacity, widest)  # a run of one is streamed as a block of its own
+                chunk = max(chunk, numel) if self.transfer.cuda else chunk
                 continue
-            width = widest // rows if rows else 0
-            for block in cut_blocks(job, width, limit):
+            per_element = widest // numel if numel else 0
+            for block in cut_blocks(job, widest // rows if rows else 0, limit, whole_rows=whole_rows):
                 batcher.add(block)
-                capacity = max(capacity, width * (block.stop - block.start))
+                capacity = max(capacity, per_element * block.elements()[1])
+                if self.transfer.cuda:
+                    chunk = max(chunk, block.elements()[1])
         batcher.flush()
         for item in batcher.items:
             if isinstance(item, Batch):
                 capacity = max(capacity, item.nbytes)
-        self.pool.capacity = capacity
+                if self.transfer.cuda:
+                    chunk = max(chunk, item.rows * item.width)
+        self._size_memory(batcher.items, capacity, chunk, itemsize)
         return batcher.items
+
+    def _size_memory(self, items: Sequence[Block | Batch], capacity: int, chunk: int, itemsize: int) -> None:
+        """The pools and the workspace, once: buffers of `capacity` bytes (the largest item in its widest form), as
+        many as can be in flight; workspace slots of `chunk` numbers (cache-sized on CPU, an item on CUDA)."""
+        n_in = max((len(item.job.inputs()) for item in items), default=1)
+        n_out = len(self.options.settings)
+        # an input buffer holding an in-place result (or a tensor copied as is) stays until written
+        self.input_pool = BufferPool(capacity, in_flight() * n_in + in_flight() - 1, pin=self.transfer.cuda)
+        self.result_pool = BufferPool(capacity, in_flight() * n_out, pin=self.transfer.cuda)
+        if self.transfer.cuda:
+            self.device_pool = BufferPool(capacity, n_in + n_out, device=self.options.device)
+        n_anti = max((len(item.job.antis) for item in items), default=1)
+        self.workspace = Workspace(chunk, workspace_slots(n_anti), itemsize=itemsize, device=self.options.device)
+
+    @property
+    def pools(self) -> list[BufferPool]:
+        return [p for p in (self.input_pool, self.result_pool, self.device_pool) if p is not None]
+
+    def close(self) -> None:
+        """Wake a stage waiting for a buffer: the run is stopping."""
+        for pool in self.pools:
+            pool.close()
+
+    def _dtypes(self, job: TensorJob) -> list[torch.dtype]:
+        return [self.readers[i].info(job.name).dtype for i in job.inputs()]
 
     def _range(self, block: Block, i: int) -> tuple[int, int]:
         """(first byte, length) of `block` within input i's tensor."""
-        info = self.readers[i].info(block.job.name)
-        row = info.nbytes // rows_of(info.shape)
-        return block.start * row, (block.stop - block.start) * row
+        itemsize = self.readers[i].info(block.job.name).dtype.itemsize
+        first, count = block.elements()
+        return first * itemsize, count * itemsize
 
     def read_bytes(self, item: Block | Batch) -> int:
         if isinstance(item, Batch):
@@ -262,82 +330,192 @@ class BlockStreamer:
         return view_as(buffer, self.readers[i].info(block.job.name).dtype, block.shape())
 
     def read(self, item: Block | Batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        if isinstance(item, Batch):
-            return self._read_batch(item)
-        buffers = [self.pool.get() for _ in item.job.inputs()]
-        return [self._read_rows(item, i, buf) for i, buf in zip(item.job.inputs(), buffers, strict=True)], buffers
-
-    def _read_batch(self, batch: Batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Each input's tensors of the batch, back to back in one buffer, seen as one (rows, width) matrix."""
-        names, views, buffers = batch.names, [], []
-        for i in batch.job.inputs():
-            buffers.append(self.pool.get())
-            self.readers[i].read_whole_into(names, buffers[-1])
-            dtype = self.readers[i].info(names[0]).dtype
-            views.append(view_as(buffers[-1], dtype, (batch.rows, batch.width)))
-        return views, buffers
+        """The item of every input its job reads, each in a buffer of the input pool (a batch: its tensors back to
+        back, seen as one (rows, width) matrix)."""
+        tensors, buffers = [], []
+        for i in item.job.inputs():
+            buffers.append(self.input_pool.get())
+            if isinstance(item, Batch):
+                self.readers[i].read_whole_into(item.names, buffers[-1])
+                dtype = self.readers[i].info(item.job.name).dtype
+                tensors.append(view_as(buffers[-1], dtype, item.shape()))
+            else:
+                tensors.append(self._read_rows(item, i, buffers[-1]))
+        return tensors, buffers
 
     def compute(self, item: Block | Batch, payload: tuple[list[torch.Tensor], list[torch.Tensor]]) -> Piece:
-        tensors, buffers = payload
-        job = item.job
-        settings = self.options.settings
-        moved = self.transfer.to_device(tensors)
-        if not job.merged:
-            copy = moved[0].to(job.out_dtype)
-            if copy.dtype != moved[0].dtype:
-                self._check_cast(item, moved[0], copy)
-            return self._to_host(item, [copy] * len(settings), buffers)
-        plus, minus = moved[0], moved[1 : 1 + len(job.antis)]
-        theta0 = moved[-1] if job.base is not None else None
-        observe = self.stats.observer(item) if self.stats is not None else None
-        results = []
-        for s, setting in enumerate(settings):
-            result = apply_method(
-                plus,
-                minus,
-                [setting[k - 1] for k in job.antis],
-                method=self.options.method,
-                base=theta0,
-                out_dtype=job.out_dtype,
-                transposed=job.transposed,
-                inplace=s == len(settings) - 1,
-                observe=observe if s == 0 else None,
-            )
-            self._check_finite(item, result, setting)
-            if self.stats is not None:
-                self.stats.measure(item, s, result, plus)
-            results.append(result)
-        if self.stats is not None:
-            self.stats.block_done(item)
-        return self._to_host(item, results, buffers)
-
-    def _to_host(self, item: Block | Batch, results: list[torch.Tensor], buffers: list[torch.Tensor]) -> Piece:
-        """The results on the host as a Piece; the buffers they occupy go back to the pool once written."""
+        """The item's result for every output, in pooled buffers; each buffer goes back as soon as it is free."""
+        host, host_buffers = payload
         progress = self.read_bytes(item)
-        if isinstance(item, Batch):
-            first, last = item.job.name, item.jobs[-1].name
-        else:
-            first, last = item.job.name, None
+        last = item.jobs[-1].name if isinstance(item, Batch) else None
         if not self.transfer.cuda:
-            keep = [b for b in buffers if any(shares_storage(r, b) for r in results)]
-            self.pool.put([b for b in buffers if not any(b is k for k in keep)])
-            return Piece(first, results, progress, release=lambda: self.pool.put(keep), last=last)
-        self.pool.put(buffers)
-        host, keep, seen = [], [], {}
+            results, kept, fresh = self._results(item, host, host_buffers, self.result_pool)
+            self.input_pool.put([b for b in host_buffers if not any(b is k for k in kept)])
+
+            def release() -> None:
+                self.input_pool.put(kept)
+                self.result_pool.put(fresh)
+
+            results = results or [self._nothing] * len(self.options.settings)
+            return Piece(item.job.name, results, progress, release=release, last=last)
+        buffers = [self.device_pool.get() for _ in host]
+        inputs = self.transfer.to_device_into(host, buffers)
+        self.input_pool.put(host_buffers)
+        results, _, fresh = self._results(item, inputs, buffers, self.device_pool)
+        landing, host_results, seen = [], [], {}
         for r in results:
             if id(r) not in seen:
-                keep.append(self.pool.get())
-                seen[id(r)] = self.transfer.to_host(r, keep[-1])
-            host.append(seen[id(r)])
+                landing.append(self.result_pool.get())
+                seen[id(r)] = self.transfer.to_host(r, landing[-1])
+            host_results.append(seen[id(r)])
+        self.device_pool.put(buffers + fresh)  # later work on the copy stream runs after these copies
         event = self.transfer.done_event()
         return Piece(
-            first,
-            host,
+            item.job.name,
+            host_results or [self._nothing] * len(self.options.settings),
             progress,
             ready=lambda: self.transfer.ready(event),
-            release=lambda: self.pool.put(keep),
+            release=lambda: self.result_pool.put(landing),
             last=last,
         )
+
+    def _results(
+        self, item: Block | Batch, inputs: list[torch.Tensor], buffers: list[torch.Tensor], pool: BufferPool
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """(one result per λ setting, the input buffers holding one, the buffers taken from `pool` for the others).
+
+        A "norms" block has no results. A tensor copied in its dtype, and the last setting of an
+        in-place step, are their input buffer; every other result gets a buffer of `pool`.
+        """
+        job, settings = item.job, self.options.settings
+        if item.phase == "norms":
+            self._accumulate(item, inputs)
+            return [], [], []
+        if not job.merged:
+            if inputs[0].dtype == job.out_dtype:
+                return [inputs[0]] * len(settings), [buffers[0]], []
+            out = pool.get()
+            copy = view_as(out, job.out_dtype, item.shape()).copy_(inputs[0])
+            self._check_cast(item, inputs[0], copy)
+            return [copy] * len(settings), [], [out]
+        plus, minus = inputs[0], inputs[1 : 1 + len(job.antis)]
+        theta0 = inputs[-1] if job.base is not None else None
+        in_place = in_place_step(
+            plus.dtype,
+            len(minus),
+            method=self.options.method,
+            base=theta0 is not None,
+            out_dtype=job.out_dtype,
+            transposed=job.transposed,
+        )
+        stats = self.stats
+        results, kept, fresh = [], [], []
+        for s, setting in enumerate(settings):
+            lams = [setting[k - 1] for k in job.antis]
+            observe = stats.observer(item) if stats is not None and s == 0 else None  # λ-free: the first setting's
+            if in_place and s == len(settings) - 1 and item.phase == "one-pass":
+                # last: the expert's block is no longer needed
+                result = apply_method_(plus, minus[0], lams[0], observe=observe)
+                kept.append(buffers[0])
+            else:
+                fresh.append(pool.get())
+                result = view_as(fresh[-1], job.out_dtype, item.shape())
+                if item.phase == "update":
+                    self._update(item, result, inputs, s, observe)
+                elif in_place:
+                    apply_method_(result.copy_(plus), minus[0], lams[0], observe=observe)
+                else:
+                    self._method_into(item, result, plus, minus, theta0, lams, observe)
+            self._check_finite(item, result, setting)
+            if stats is not None:
+                stats.measure(item, s, result, plus)
+            results.append(result)
+        if stats is not None:
+            stats.block_done(item)
+        return results, kept, fresh
+
+    def _method_into(
+        self,
+        item: Block | Batch,
+        out: torch.Tensor,
+        plus: torch.Tensor,
+        minus: list[torch.Tensor],
+        theta0: torch.Tensor | None,
+        lams: list[float],
+        observe: Observer | None,
+    ) -> None:
+        """`apply_method_into` on a one-pass item through the workspace (a piece of a stored row of a Conv1D
+        weight seen as (1, n): its elements belong to n of the op's rows, the columns)."""
+        views = [out, plus, *minus, *([theta0] if theta0 is not None else [])]
+        if item.job.transposed and isinstance(item, Block) and item.cols is not None:
+            views = [t.view(1, -1) for t in views]
+        apply_method_into(
+            views[0],
+            views[1],
+            views[2 : 2 + len(minus)],
+            lams,
+            method=self.options.method,
+            base=views[-1] if theta0 is not None else None,
+            transposed=item.job.transposed,
+            workspace=self.workspace,
+            observe=observe,
+        )
+
+    def _accumulate(self, block: Block, inputs: list[torch.Tensor]) -> None:
+        """A "norms" block: its share of its rows' Gram matrices (a new unit starts with a row's or tensor's first)."""
+        job = block.job
+        vectors, theta0, geometry = _pieces_of(block, inputs)
+        if self._unit is None or self._unit.key != geometry.key:
+            n_vectors = 1 + len(job.antis)
+            gram = RowGram(n_vectors, geometry.n_pairs, products=self.stats is not None, device=inputs[0].device)
+            self._unit = _RowsInPieces(geometry.key, gram)
+        gram = self._unit.gram
+        gram.add(vectors, theta0, reduce_dim=geometry.reduce_dim, workspace=self.workspace, pair_offset=geometry.offset)
+        if not gram.finite():
+            self._check_inputs(block)
+
+    def _update(
+        self, block: Block, out: torch.Tensor, inputs: list[torch.Tensor], setting: int, observe: Observer | None
+    ) -> None:
+        """An "update" block: its piece of the result for λ setting `setting`, from the rows' Gram matrices.
+
+        The first update block of the rows hands `observe` their sums, complete since the norms pass.
+        """
+        job = block.job
+        vectors, theta0, geometry = _pieces_of(block, inputs)
+        unit = self._unit
+        if unit is None or unit.key != geometry.key:
+            raise MergeError(f"tensor {job.name!r}: an update block came before the norms of its rows")
+        if unit.coefficients is None:
+            dtype = compute_dtype(*(t.dtype for t in inputs))
+            lams = [[setting_lams[k - 1] for k in job.antis] for setting_lams in self.options.settings]
+            unit.coefficients = [unit.gram.coefficients(lam).to(dtype) for lam in lams]
+            if observe is not None:
+                for k in range(len(job.antis)):
+                    observe(k, unit.gram.row_sums(k + 1))
+        combine_into(
+            out.view(vectors[0].shape),
+            vectors,
+            theta0,
+            unit.coefficients[setting],
+            reduce_dim=geometry.reduce_dim,
+            workspace=self.workspace,
+            pair_offset=geometry.offset,
+        )
+
+    def _check_inputs(self, block: Block) -> None:
+        """Raise an InputError naming the input whose block holds a NaN or Inf (read again: the op writes in place)."""
+        job = block.job
+        for i in job.inputs():
+            data = self._read_rows(block, i, torch.empty(self._range(block, i)[1], dtype=torch.uint8))
+            problem = nonfinite_summary(data, first_row=block.start)
+            if problem is not None:
+                path = self.readers[i].info(job.name).path
+                where = display_path(self.inputs[i], path) if self.inputs else path.name
+                raise InputError(
+                    f"tensor {job.name!r} in {self.roles[i]} ({where}) contains {problem}; "
+                    "the op needs finite weights, so fix or drop that input"
+                )
 
     def _check_cast(self, item: Block | Batch, source: torch.Tensor, copy: torch.Tensor) -> None:
         """A tensor copied into another dtype (--dtype) must not turn finite values into ±inf."""
@@ -347,12 +525,11 @@ class BlockStreamer:
             for block, start, stop in item.row_ranges():
                 self._check_cast(block, source[start:stop], copy[start:stop])
             return
-        block = item
         problem = cast_overflow(source, copy)
         if problem is not None:
-            role = self.roles[block.job.source]
+            role = self.roles[item.job.source]
             raise InputError(
-                f"tensor {block.job.name!r} (copied from {role}) has {problem}; --dtype "
+                f"tensor {item.job.name!r} (copied from {role}) has {problem}; --dtype "
                 f"{str(copy.dtype).removeprefix('torch.')} cannot hold it: choose a wider --dtype, or keep"
             )
 
@@ -364,19 +541,46 @@ class BlockStreamer:
             for block, start, stop in item.row_ranges():
                 self._check_finite(block, result[start:stop].reshape(block.shape()), setting)
             return
-        block = item
-        job = block.job
-        for i in job.inputs():  # read again: the expert's block may have been overwritten in place
-            data = self._read_rows(block, i, torch.empty(self._range(block, i)[1], dtype=torch.uint8))
-            problem = nonfinite_summary(data, first_row=block.start)
-            if problem is not None:
-                path = self.readers[i].info(job.name).path
-                where = display_path(self.inputs[i], path) if self.inputs else path.name
-                raise InputError(
-                    f"tensor {job.name!r} in {self.roles[i]} ({where}) contains {problem}; "
-                    "the op needs finite weights, so fix or drop that input"
-                )
+        job = item.job
+        self._check_inputs(item)
         raise InputError(
             f"tensor {job.name!r}: the result at λ={lam_label(setting)} overflows {job.out_dtype} although the inputs "
             "are finite; use a smaller λ or --dtype float32"
         )
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """How a two-pass block's data maps onto its Gram: the unit it belongs to, the axis a row runs along, its rows."""
+
+    key: tuple[str, int]
+    reduce_dim: int
+    n_pairs: int
+    offset: int
+
+
+@dataclass
+class _RowsInPieces:
+    """The rows streamed in two passes now: their Gram and, once the norms are in, the coefficients per setting."""
+
+    key: tuple[str, int]
+    gram: RowGram
+    coefficients: list[torch.Tensor] | None = None
+
+
+def _pieces_of(block: Block, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor | None, _Geometry]:
+    """A two-pass block's inputs as 2-D views (expert and anti-experts; θ₀ apart) and its geometry.
+
+    Rows in pieces: each piece is (1, n) of one row, the unit is that row. Conv1D weights: the
+    op's rows are the stored columns, the unit is the whole tensor; a block is (rows, cols), or
+    (1, n) columns [a, a + n) of one stored row.
+    """
+    job = block.job
+    flat = block.cols is not None
+    views = [t.view(1, -1) if flat else t for t in inputs]
+    theta0 = views[-1] if job.base is not None else None
+    vectors = views[: 1 + len(job.antis)]
+    if job.transposed:
+        offset = block.cols[0] if flat else 0
+        return vectors, theta0, _Geometry((job.name, 0), 0, row_elements(job.shape), offset)
+    return vectors, theta0, _Geometry((job.name, block.start), 1, 1, 0)

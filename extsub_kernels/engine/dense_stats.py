@@ -5,7 +5,12 @@ The geometry of each anti-expert (cos, deficiency share) is taken against the ex
 it. The relative change per λ setting follows from it for one anti-expert; a tensor merged
 with several anti-experts in sequence has its change measured on the result. An item is a
 block of one tensor's rows, or a batch of whole small tensors whose rows are stacked: each
-tensor takes its own rows of the item.
+tensor takes its own rows of the item. Rows that come in pieces (a row longer than a block, a
+Conv1D weight in blocks of stored rows) give Ext-Sub their complete sums from the norms pass;
+sub and add, which have no such pass, hand partial sums that add up here until the rows end.
+
+Memory: each item allocates O(its rows) for its sums; the change of several steps goes through
+a chunk-sized scratch, so nothing of a block's size is allocated.
 """
 
 import math
@@ -15,16 +20,19 @@ from dataclasses import dataclass, field
 import torch
 
 from extsub_kernels.engine.batches import Batch
-from extsub_kernels.engine.plan import Block, TensorJob, rows_of
+from extsub_kernels.engine.methods import CPU_CHUNK_ELEMENTS
+from extsub_kernels.engine.plan import Block, TensorJob, row_elements, rows_of
 from extsub_kernels.engine.stats import PairAccumulator, TensorStats, measured_change
 
 
 @dataclass
 class _Open:
-    """A tensor whose rows are still coming: one accumulator per anti-expert, ‖θ' − θ⁺‖² per λ setting."""
+    """A tensor whose rows are still coming: one accumulator per anti-expert, ‖θ' − θ⁺‖² per λ setting, and the
+    partial sums of rows that come in pieces (per anti-expert; None outside such rows)."""
 
     pairs: list[PairAccumulator]
     changed_sq: list[float] = field(default_factory=list)
+    partial: list[torch.Tensor | None] = field(default_factory=list)
 
 
 class DenseStats:
@@ -40,6 +48,7 @@ class DenseStats:
         self.roles, self.settings, self.method = list(roles), list(settings), method
         self.done: list[TensorStats] = []
         self._open: dict[str, _Open] = {}
+        self._scratch: torch.Tensor | None = None
 
     @staticmethod
     def _parts(item: Block | Batch) -> list[tuple[TensorJob, int | None, int | None]]:
@@ -49,15 +58,42 @@ class DenseStats:
             return [(block.job, start, stop) for block, start, stop in item.row_ranges()]
         return [(item.job, None, None)]
 
+    @staticmethod
+    def _part_of_rows(item: Block | Batch) -> tuple[int, int] | None:
+        """(op rows of the unit, first of them in this item) when a one-pass `item` holds part of its op rows:
+        a piece of a row (the unit is that row), or stored rows of a Conv1D weight (the unit is the tensor)."""
+        if not isinstance(item, Block) or item.phase != "one-pass":
+            return None
+        job = item.job
+        if job.transposed and (item.cols is not None or (item.start, item.stop) != (0, rows_of(job.shape))):
+            return row_elements(job.shape), item.cols[0] if item.cols is not None else 0
+        return (1, 0) if item.cols is not None else None
+
+    @staticmethod
+    def _ends(item: Block, unit: bool) -> bool:
+        """Whether `item` is the last of its tensor (or, with `unit`, of the op rows it holds part of)."""
+        job = item.job
+        row_done = item.cols is None or item.cols[1] == row_elements(job.shape)
+        if unit and not job.transposed:
+            return row_done
+        return row_done and item.stop == rows_of(job.shape)
+
     def observer(self, item: Block | Batch) -> Callable[[int, torch.Tensor], None]:
         """The `observe` hook of `apply_method` for this item: (step, row sums) → each tensor's accumulator."""
         parts = self._parts(item)
         for job, _, _ in parts:
             if job.name not in self._open:
                 accumulators = [PairAccumulator() for _ in job.antis]
-                self._open[job.name] = _Open(accumulators, [0.0] * len(self.settings))
+                self._open[job.name] = _Open(accumulators, [0.0] * len(self.settings), [None] * len(job.antis))
+        unit = self._part_of_rows(item)
 
         def observe(step: int, sums: torch.Tensor) -> None:
+            if unit is not None:  # partial sums of rows still coming: added up until they end
+                tensor, (n_pairs, first) = self._open[item.job.name], unit
+                if tensor.partial[step] is None:
+                    tensor.partial[step] = torch.zeros(n_pairs, 3, dtype=torch.float64, device=sums.device)
+                tensor.partial[step][first : first + sums.shape[0]] += sums
+                return
             for job, start, stop in parts:
                 self._open[job.name].pairs[step].add(sums[start:stop])
 
@@ -68,14 +104,26 @@ class DenseStats:
         reused)."""
         if len(item.job.antis) < 2:
             return
+        if result.device.type == "cpu" and self._scratch is None:
+            self._scratch = torch.empty(CPU_CHUNK_ELEMENTS, dtype=torch.float64)
+        scratch = self._scratch if result.device.type == "cpu" else None
         for job, start, stop in self._parts(item):
-            self._open[job.name].changed_sq[setting] += measured_change(result[start:stop], plus[start:stop])
+            change = measured_change(result[start:stop], plus[start:stop], scratch=scratch)
+            self._open[job.name].changed_sq[setting] += change
 
     def block_done(self, item: Block | Batch) -> None:
-        """After the last rows of a tensor, summarise it."""
+        """After the last piece of rows that come in pieces, add their sums; after the last rows of a tensor,
+        summarise it."""
         for job, _, _ in self._parts(item):
-            if isinstance(item, Block) and item.stop < rows_of(job.shape) and not job.transposed:
-                continue
+            if isinstance(item, Block):
+                tensor = self._open[job.name]
+                if self._part_of_rows(item) is not None and self._ends(item, unit=True):
+                    for acc, sums in zip(tensor.pairs, tensor.partial, strict=True):
+                        if sums is not None:
+                            acc.add(sums)
+                    tensor.partial = [None] * len(job.antis)
+                if not self._ends(item, unit=False):
+                    continue
             tensor = self._open.pop(job.name)
             pairs = tuple(acc.result(self.roles[k]) for acc, k in zip(tensor.pairs, job.antis, strict=True))
             if len(job.antis) == 1:

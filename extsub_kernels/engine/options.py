@@ -46,7 +46,11 @@ SAVE_FORMATS: tuple[str, ...] = (*FORMATS, FULL_MODEL_FORMAT)
 MAX_SCAN_POINTS = 1000
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 CPU = torch.device("cpu")
-DEFAULT_BLOCK_BYTES = 32 << 20
+# Bytes of a streamed block of rows when none is asked for. CPU: small, so the few buffers in
+# flight stay in cache between reading, the op and writing (benchmarks/RESULTS.md, merge).
+# CUDA: large, so copies and kernels are few.
+CPU_BLOCK_BYTES = 2 << 20
+CUDA_BLOCK_BYTES = 32 << 20
 # The op computes in float32 (float64 for float64 weights): a λ past float32's range cannot be used.
 MAX_LAM = float(torch.finfo(torch.float32).max)
 
@@ -303,7 +307,8 @@ class RunOptions:
         on_missing: tensors only in anti-experts: "error", "copy" or "skip".
         force: replace existing outputs.
         progress: show a progress bar on stderr.
-        block_bytes: target bytes of a streamed block of rows.
+        block_bytes: target bytes of a streamed block of rows (None: `CPU_BLOCK_BYTES` on CPU,
+            `CUDA_BLOCK_BYTES` on CUDA; see `block_size`).
         mode: "merge"; "dry-run" (plan from the headers, write nothing); "inspect" (row statistics, no output).
         stats: gather the row statistics of every merged tensor or module (DESIGN.md §7).
         transposed: GPT-2 Conv1D-named weights are stored (in, out) (True), are not (False), or decide (None).
@@ -317,7 +322,7 @@ class RunOptions:
     on_missing: str = "error"
     force: bool = False
     progress: bool = False
-    block_bytes: int = DEFAULT_BLOCK_BYTES
+    block_bytes: int | None = None
     mode: str = "merge"
     stats: bool = False
     transposed: bool | None = None
@@ -326,8 +331,16 @@ class RunOptions:
         check_choice(self.method, METHODS, "method")
         check_choice(self.on_missing, ON_MISSING, "on_missing")
         check_choice(self.mode, MODES, "mode")
-        if isinstance(self.block_bytes, bool) or not isinstance(self.block_bytes, int) or self.block_bytes <= 0:
-            raise InputError(f"block_bytes must be a positive int, got {self.block_bytes!r}")
+        size = self.block_bytes
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+            raise InputError(f"block_bytes must be a positive int (or None for the device's default), got {size!r}")
+
+    @property
+    def block_size(self) -> int:
+        """Bytes of a streamed block: as asked, else the device's default."""
+        if self.block_bytes is not None:
+            return self.block_bytes
+        return CUDA_BLOCK_BYTES if self.device.type == "cuda" else CPU_BLOCK_BYTES
 
     def shard_limit(self, *, default: int | None) -> int | None:
         """The shard size of a folder output: as asked, else `default` (None: one weights file)."""

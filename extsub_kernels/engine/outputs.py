@@ -110,10 +110,12 @@ class OutputSet:
         *,
         total: int,
         progress: bool,
+        on_stop: Callable[[], None] | None = None,
     ) -> None:
         """For each item: read it (a thread), compute its `Piece` (this thread), write it to every output (a thread).
 
         Items must come in the outputs' tensor order. `total` is the progress bar's bytes.
+        `on_stop` runs when the stages stop (see `pipeline.run_pipeline`).
         """
         bar = progress_bar(total, progress)
 
@@ -127,7 +129,7 @@ class OutputSet:
             bar.update(piece.progress)
 
         with bar:
-            run_pipeline(items, read, compute, write)
+            run_pipeline(items, read, compute, write, on_stop=on_stop)
 
     def add_texts(self, texts: Sequence[Mapping[str, str]]) -> None:
         """Small generated files (an adapter_config.json, a model card) per output, by file name.

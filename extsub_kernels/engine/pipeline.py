@@ -1,8 +1,10 @@
 """Three overlapping stages: read item i+1 (a thread), compute item i (the caller), write item i-1 (a thread).
 
-Queues of `depth` items between the stages bound what is in flight. An error or an interrupt
-in any stage stops all three; the caller sees the first error once both threads have ended,
-so nothing is still writing when it cleans up.
+Queues of `depth` items between the stages bound what is in flight: at most `depth + 2` items
+hold inputs (one being read, `depth` queued, one computed) and `depth + 2` hold results (one
+computed, `depth` queued, one being written). That number, `in_flight`, sizes the buffer pools.
+An error or an interrupt in any stage stops all three; the caller sees the first error once
+both threads have ended, so nothing is still writing when it cleans up.
 """
 
 import queue
@@ -15,6 +17,11 @@ _STOPPED = object()
 _POLL_S = 0.05
 
 
+def in_flight(depth: int = 1) -> int:
+    """Items that can hold buffers of one side (inputs, or results) at once: one per stage and `depth` per queue."""
+    return depth + 2
+
+
 def run_pipeline(
     items: Iterable[Any],
     read: Callable[[Any], Any],
@@ -22,11 +29,15 @@ def run_pipeline(
     write: Callable[[Any, Any], None],
     *,
     depth: int = 1,
+    on_stop: Callable[[], None] | None = None,
 ) -> None:
     """For each item: payload = read(item); result = compute(item, payload); write(item, result).
 
     `read` and `write` run in their own threads, `compute` in the calling thread (where
-    KeyboardInterrupt lands). Items are written in order.
+    KeyboardInterrupt lands). Items are written in order. `on_stop` is called when a stage fails
+    (from its thread) and when the run ends, before waiting for the threads: it wakes a stage
+    blocked on something other than the queues (a buffer pool), so an error in one stage never
+    leaves another waiting. The first error is the one raised.
     """
     stop = threading.Event()
     errors: list[BaseException] = []
@@ -50,9 +61,14 @@ def run_pipeline(
                 if stop.is_set():
                     return _STOPPED
 
+    def halt() -> None:
+        stop.set()
+        if on_stop is not None:
+            on_stop()
+
     def fail(error: BaseException) -> None:
         errors.append(error)
-        stop.set()
+        halt()
 
     def reader() -> None:
         try:
@@ -87,11 +103,15 @@ def run_pipeline(
         while threads[1].is_alive() and not stop.is_set():
             threads[1].join(_POLL_S)
     except BaseException:
-        stop.set()
-        raise
-    finally:
-        stop.set()
+        earlier = list(errors)  # a thread failed first: this error is what its stop did to the compute stage
+        halt()
         for t in threads:
             t.join()
+        if earlier:
+            raise earlier[0] from None
+        raise
+    halt()
+    for t in threads:
+        t.join()
     if errors:
         raise errors[0]

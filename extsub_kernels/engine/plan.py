@@ -1,11 +1,15 @@
 """Plan a dense merge from the inputs' headers alone: what happens to each tensor, and the blocks of rows to stream.
 
 Nothing here reads tensor data. The plan fixes the output's keys, dtypes and shapes (so the
-writer can emit its header first) and cuts tensors into blocks of whole rows for streaming.
+writer can emit its header first) and cuts tensors into blocks of whole rows for streaming; a
+row longer than a block comes in pieces, streamed twice for Ext-Sub (the rows' norms, then the
+update), and so does a Conv1D weight larger than a block (its rows are the stored columns).
 """
 
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 
@@ -177,18 +181,42 @@ def _anti_only(
     return jobs, []
 
 
+Phase = Literal["one-pass", "norms", "update"]
+
+
 @dataclass(frozen=True, slots=True)
 class Block:
-    """Rows [start, stop) of one tensor: the unit read, computed and written at a time."""
+    """A piece of one tensor read, computed and written at once: rows [start, stop), or elements `cols` of row `start`.
+
+    `phase`: a "one-pass" block is computed on its own. A tensor whose Ext-Sub rows do not fit
+    one block — rows longer than a block, or a Conv1D weight whose rows are its stored columns —
+    streams twice: its "norms" blocks are read to accumulate the rows' norms and write nothing,
+    then its "update" blocks, the same pieces again, write the result.
+    """
 
     job: TensorJob
     start: int
     stop: int
+    cols: tuple[int, int] | None = None
+    phase: Phase = "one-pass"
 
     def shape(self) -> tuple[int, ...]:
-        """This block's shape (a 0-D or 1-D tensor is one block, whole)."""
+        """This block's shape: rows of the tensor, a 1-D piece of one row, or a 0-D or 1-D tensor whole."""
+        if self.cols is not None:
+            return (self.cols[1] - self.cols[0],)
         shape = self.job.shape
-        return (self.stop - self.start, *shape[1:]) if len(shape) >= 2 and not self.job.transposed else shape
+        return (self.stop - self.start, *shape[1:]) if len(shape) >= 2 else shape
+
+    def elements(self) -> tuple[int, int]:
+        """(first element, number of elements) of this block within the tensor, flattened."""
+        row = row_elements(self.job.shape)
+        if self.cols is not None:
+            return self.start * row + self.cols[0], self.cols[1] - self.cols[0]
+        return self.start * row, (self.stop - self.start) * row
+
+    @property
+    def writes(self) -> bool:
+        return self.phase != "norms"
 
 
 def rows_of(shape: tuple[int, ...]) -> int:
@@ -196,17 +224,40 @@ def rows_of(shape: tuple[int, ...]) -> int:
     return shape[0] if len(shape) >= 2 else 1
 
 
-def cut_blocks(job: TensorJob, row_bytes: int, block_bytes: int) -> list[Block]:
-    """Cut `job` into blocks of whole rows of at most `block_bytes` (at least one row each).
+def row_elements(shape: tuple[int, ...]) -> int:
+    """Elements in one row the op pairs (0 for a tensor with no rows)."""
+    rows = rows_of(shape)
+    return math.prod(shape) // rows if rows else 0
 
-    `row_bytes` is the widest row across the job's inputs and output. Transposed weights
-    pair columns, so they stay whole.
+
+def cut_blocks(job: TensorJob, row_bytes: int, block_bytes: int, *, whole_rows: bool) -> list[Block]:
+    """Cut `job` into blocks of at most `block_bytes` in its widest form (`row_bytes` per row, see `row_bytes`).
+
+    Blocks hold whole rows, at least one; a row longer than `block_bytes` comes in pieces. With
+    `whole_rows` (Ext-Sub needs each row's norms), a merged job whose op rows span several blocks
+    streams twice, "norms" then "update": per row for rows in pieces, over the whole tensor for
+    a Conv1D weight (`job.transposed`: the op's rows are its columns), which is otherwise one block.
     """
     rows = rows_of(job.shape)
-    if job.transposed or len(job.shape) < 2:
-        return [Block(job, 0, rows)] if row_bytes * rows else []
-    step = max(1, block_bytes // max(1, row_bytes))
-    return [Block(job, start, min(start + step, rows)) for start in range(0, rows, step)] if row_bytes else []
+    if not rows or not row_bytes:
+        return []
+    if row_bytes > block_bytes:
+        n = row_elements(job.shape)
+        step = max(1, block_bytes * n // row_bytes)
+        cuts = [(a, min(a + step, n)) for a in range(0, n, step)]
+        units = [[Block(job, r, r + 1, cols) for cols in cuts] for r in range(rows)]
+    else:
+        step = max(1, block_bytes // row_bytes)
+        units = [[Block(job, a, min(a + step, rows))] for a in range(0, rows, step)]
+    if whole_rows and job.merged and job.transposed:
+        units = [[block for unit in units for block in unit]]
+    blocks = []
+    for unit in units:
+        if whole_rows and job.merged and len(unit) > 1:
+            blocks += [replace(block, phase="norms") for block in unit] + [replace(b, phase="update") for b in unit]
+        else:
+            blocks += unit
+    return blocks
 
 
 def row_bytes(job: TensorJob, readers: Sequence[CheckpointReader]) -> int:

@@ -187,6 +187,18 @@ class TensorStats:
     relative_change: tuple[float | None, ...]
 
 
-def measured_change(result: torch.Tensor, plus: torch.Tensor) -> float:
-    """‖result − plus‖² over a block, in float64: the change a merge of several steps made."""
-    return float(torch.linalg.vector_norm(result.to(torch.float64) - plus.to(torch.float64)) ** 2)
+def measured_change(result: torch.Tensor, plus: torch.Tensor, *, scratch: torch.Tensor | None = None) -> float:
+    """‖result − plus‖² over a block, in float64: the change a merge of several steps made.
+
+    With `scratch` (a 1-D float64 tensor on their device) the difference goes through it chunk by
+    chunk, so nothing of the block's size is allocated.
+    """
+    if scratch is None:
+        return float(torch.linalg.vector_norm(result.to(torch.float64) - plus.to(torch.float64)) ** 2)
+    flat_result, flat_plus = result.reshape(-1), plus.reshape(-1)
+    total, step = 0.0, scratch.numel()
+    for start in range(0, flat_result.numel(), step):
+        stop = min(start + step, flat_result.numel())
+        diff = scratch[: stop - start].copy_(flat_result[start:stop]).sub_(flat_plus[start:stop])
+        total += float(torch.dot(diff, diff))
+    return total

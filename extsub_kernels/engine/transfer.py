@@ -1,10 +1,13 @@
-"""Reusable host buffers and host ⇄ device transfers for the streaming stages.
+"""The streaming stages' memory and transfers: buffer pools, the compute workspace, host ⇄ device copies.
 
-On CUDA, host buffers are pinned and copies run asynchronously on a dedicated stream; an
-event tells the writer when a result has landed on the host. Nothing here touches CUDA
-unless a CUDA device was asked for, so CPU-only machines never initialise it.
+Pools and the workspace are sized once from the plan and reused until the end of a run, so
+the steady state allocates nothing and memory is fixed by construction. On CUDA, host buffers
+are pinned and copies run asynchronously on a dedicated stream; an event tells the writer when
+a result has landed on the host. Nothing here touches CUDA unless a CUDA device was asked for,
+so CPU-only machines never initialise it.
 """
 
+import math
 import os
 import threading
 from collections.abc import Sequence
@@ -19,27 +22,94 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-class BufferPool:
-    """Host byte buffers of one capacity, handed out and taken back, so steady-state streaming
-    allocates nothing (fresh pages cost a fault each; pinned ones a driver call)."""
+class PoolClosed(RuntimeError):
+    """Raised in a stage waiting for a buffer when the run stops (another stage failed or was interrupted)."""
 
-    def __init__(self, capacity: int, *, pin: bool = False):
+
+class BufferPool:
+    """A fixed number of byte buffers of one capacity, sized once from the plan and reused until the end.
+
+    Steady-state streaming then allocates nothing: fresh pages cost a fault each (pinned ones a
+    driver call). `get` hands out a free buffer, creating one while fewer than `count` exist, and
+    otherwise waits until a stage gives one back — back-pressure, so `count × capacity` bounds the
+    streamed data's memory whatever the timing. Buffers are reused last in, first out, so those a
+    run never needs at once are never created.
+
+    Attributes:
+        allocated: buffers created so far (never more than `count`).
+        in_use, peak_in_use: buffers handed out now, and at most at once.
+    """
+
+    def __init__(self, capacity: int, count: int, *, device: torch.device | None = None, pin: bool = False):
+        if capacity < 0 or count < 1:
+            raise ValueError(f"a pool needs count >= 1 and capacity >= 0, got count={count}, capacity={capacity}")
         self.capacity = max(1, capacity)
+        self.count = count
+        self.device = device or torch.device("cpu")
         self.pin = pin
-        self.allocated = 0
+        self.allocated = self.in_use = self.peak_in_use = 0
         self._free: list[torch.Tensor] = []
-        self._lock = threading.Lock()
+        self._closed = False
+        self._changed = threading.Condition()
 
     def get(self) -> torch.Tensor:
-        with self._lock:
+        """A buffer of `capacity` bytes; waits while all `count` are in use. Raises PoolClosed after `close`."""
+        with self._changed:
+            while not self._free and self.allocated >= self.count and not self._closed:
+                self._changed.wait()
+            if self._closed:
+                raise PoolClosed("the merge stopped while this stage waited for a buffer")
+            self.in_use += 1
+            self.peak_in_use = max(self.peak_in_use, self.in_use)
             if self._free:
                 return self._free.pop()
             self.allocated += 1
-        return torch.empty(self.capacity, dtype=torch.uint8, pin_memory=self.pin)
+        return torch.empty(self.capacity, dtype=torch.uint8, device=self.device, pin_memory=self.pin)
 
     def put(self, buffers: Sequence[torch.Tensor]) -> None:
-        with self._lock:
+        """Give buffers back (each once)."""
+        with self._changed:
             self._free.extend(buffers)
+            self.in_use -= len(buffers)
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        """Wake every stage waiting in `get` with PoolClosed: the run is stopping."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+
+class Workspace:
+    """Working space of the compute stage: a few slots of `elements` numbers of up to `itemsize` bytes, allocated once.
+
+    The compute stage widens inputs into slots (bf16 → float32), works there in cache-sized
+    chunks and rounds once into the output buffer, so no block allocates working memory. Each
+    slot is its own storage, so the op never sees two slots as overlapping.
+    """
+
+    def __init__(self, elements: int, slots: int, *, itemsize: int = 4, device: torch.device | None = None):
+        self.elements, self.itemsize = max(1, elements), itemsize
+        device = device or torch.device("cpu")
+        self._slots = [torch.empty(self.elements * itemsize, dtype=torch.uint8, device=device) for _ in range(slots)]
+
+    @property
+    def slots(self) -> int:
+        return len(self._slots)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.numel() for s in self._slots)
+
+    def slot(self, index: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Slot `index` seen as a contiguous tensor of `shape` and `dtype` (at most `elements` numbers)."""
+        n = math.prod(shape)
+        if n > self.elements or dtype.itemsize > self.itemsize or not 0 <= index < len(self._slots):
+            raise ValueError(
+                f"workspace slot {index} of {len(self._slots)} holds {self.elements} numbers of {self.itemsize} "
+                f"bytes; {dtype} {shape} does not fit"
+            )
+        return self._slots[index][: n * dtype.itemsize].view(dtype).view(shape)
 
 
 def view_as(buffer: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -85,11 +155,14 @@ class Transfer:
         else:
             torch.set_num_threads(self._threads)
 
-    def to_device(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Copies of host tensors on the device, and a wait until the host buffers may be reused."""
+    def to_device_into(self, tensors: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Host tensors copied into device byte buffers (one each), and a wait until the host buffers may be reused."""
         if not self.cuda:
             return list(tensors)
-        moved = [t.to(self.device, non_blocking=True) for t in tensors]
+        moved = []
+        for t, buffer in zip(tensors, buffers, strict=True):
+            moved.append(view_as(buffer, t.dtype, tuple(t.shape)))
+            moved[-1].copy_(t, non_blocking=True)
         self.stream.synchronize()
         return moved
 

@@ -1,0 +1,208 @@
+"""Ext-Sub on rows that come in pieces: the rows' Gram matrices first, then each piece of the result from them.
+
+A row longer than a block (a 1-D tensor of 1 GiB is one row), or a Conv1D weight whose rows
+(output features) are the stored columns, cannot be held whole. Ext-Sub only needs, per row, the
+norms of the vectors it combines (DESIGN.md §1), so a first pass accumulates the Gram matrix of
+v₀ = p, v₁ = m₁, …, vₙ = mₙ (each minus θ₀ with a base) piece by piece in float64, and a second
+pass writes each piece of the result as θ₀ + Σᵢ cᵢ·vᵢ: the steps p ← α·p + β·mⱼ, one per
+anti-expert, are linear, so the result is a combination of the inputs whose coefficients follow
+from the Gram matrix (|p|² of the running result is cᵀGc). Both passes go through the
+workspace in cache-sized pieces and allocate nothing per piece.
+
+A piece is a 2-D slice of the (rows, cols) view of a block; `reduce_dim` says which axis holds
+a row of the op: 1 when the op's rows are the stored rows, 0 when they are the stored columns.
+"""
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from extsub_kernels._tensors import compute_dtype
+from extsub_kernels.engine.transfer import Workspace
+from extsub_kernels.ops import ext_sub_coefficients
+
+Piece2d = tuple[slice, slice]
+
+
+def pieces(rows: int, cols: int, elements: int, reduce_dim: int) -> Iterator[Piece2d]:
+    """(row slice, column slice) of a (rows, cols) view in pieces of at most `elements` numbers.
+
+    With reduce_dim=1 a piece holds whole rows, or a stretch of one row when a row is longer;
+    with reduce_dim=0 it holds whole columns' stretches of as many rows as fit.
+    """
+    if reduce_dim == 1:
+        if cols <= elements:
+            step = max(1, elements // max(1, cols))
+            for r0 in range(0, rows, step):
+                yield slice(r0, min(r0 + step, rows)), slice(0, cols)
+        else:
+            for r in range(rows):
+                for c0 in range(0, cols, elements):
+                    yield slice(r, r + 1), slice(c0, min(c0 + elements, cols))
+        return
+    col_step = max(1, min(cols, elements))
+    row_step = max(1, elements // col_step)
+    for c0 in range(0, cols, col_step):
+        for r0 in range(0, rows, row_step):
+            yield slice(r0, min(r0 + row_step, rows)), slice(c0, min(c0 + col_step, cols))
+
+
+def _pairs(piece: Piece2d, reduce_dim: int) -> slice:
+    """The op's rows a piece belongs to: its row slice (reduce_dim=1) or its column slice (0)."""
+    return piece[0] if reduce_dim == 1 else piece[1]
+
+
+def widen(
+    workspace: Workspace, slot: int, source: torch.Tensor, base: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """`source` copied into workspace slot `slot` in `dtype`, minus `base` (already widened) when given."""
+    wide = workspace.slot(slot, tuple(source.shape), dtype)
+    wide.copy_(source)
+    if base is not None:
+        wide.sub_(base)
+    return wide
+
+
+class RowGram:
+    """Per-row sums vᵢ·vⱼ of the vectors [p, m₁, …, mₙ] of `n_pairs` op rows, accumulated in float64.
+
+    Only the entries the coefficients need are summed: every |vᵢ|², and vᵢ·vⱼ for i < j < n
+    (the last anti-expert enters the running result only through its own norm); with `products`,
+    p·mₙ too, so `row_sums` gives the row statistics of every pair (DESIGN.md §7).
+
+    Example:
+        >>> gram = RowGram(2, 1)
+        >>> ws = Workspace(64, gram.slots)
+        >>> gram.add([torch.tensor([[3.0, 4.0]]), torch.tensor([[0.0, 2.0]])], None, reduce_dim=1, workspace=ws)
+        >>> gram.coefficients([1.0]).tolist()  # α = 1 + (λ/2)·|m|/|p| = 1.2, β = −λ/2
+        [[1.2], [-0.5]]
+    """
+
+    def __init__(self, n_vectors: int, n_pairs: int, *, products: bool = False, device: torch.device | None = None):
+        self.n_vectors, self.n_pairs = n_vectors, n_pairs
+        self.sums = torch.zeros(n_vectors, n_vectors, n_pairs, dtype=torch.float64, device=device)
+        self._partial = torch.empty(n_pairs, dtype=torch.float64, device=device)
+        n = n_vectors - 1
+        self._entries = [(i, i) for i in range(n_vectors)] + [(i, j) for j in range(n) for i in range(j)]
+        if products and n > 0:
+            self._entries.append((0, n))
+
+    @property
+    def slots(self) -> int:
+        """Workspace slots `add` uses: one per vector, the base and a product."""
+        return self.n_vectors + 2
+
+    def add(
+        self,
+        vectors: Sequence[torch.Tensor],
+        base: torch.Tensor | None,
+        *,
+        reduce_dim: int,
+        workspace: Workspace,
+        pair_offset: int = 0,
+    ) -> None:
+        """Add the sums of 2-D views `vectors` (p, then each m; θ₀ subtracted when `base` is given).
+
+        The views' op rows are pairs `pair_offset`… of this Gram (rows of the views with
+        reduce_dim=1, their columns with reduce_dim=0).
+        """
+        dtype = _compute_dtype(vectors, base)
+        rows, cols = vectors[0].shape
+        for piece in pieces(rows, cols, workspace.elements, reduce_dim):
+            pairs = _pairs(piece, reduce_dim)
+            target = slice(pair_offset + pairs.start, pair_offset + pairs.stop)
+            wide_base = widen(workspace, self.n_vectors, base[piece], None, dtype) if base is not None else None
+            wide = [widen(workspace, i, v[piece], wide_base, dtype) for i, v in enumerate(vectors)]
+            product = workspace.slot(self.n_vectors + 1, tuple(wide[0].shape), dtype)
+            partial = self._partial[: target.stop - target.start]
+            for i, j in self._entries:
+                torch.mul(wide[i], wide[j], out=product)
+                torch.sum(product, dim=reduce_dim, dtype=torch.float64, out=partial)
+                self.sums[i, j, target].add_(partial)
+
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.sums).all())
+
+    def row_sums(self, k: int) -> torch.Tensor:
+        """(n_pairs, 3) float64: |p|², |mₖ|², p·mₖ per pair, as `ops.row_products` gives them (needs `products` for
+        the last anti-expert)."""
+        return torch.stack([self.sums[0, 0], self.sums[k, k], self.sums[0, k]], dim=1)
+
+    def coefficients(self, lams: Sequence[float]) -> torch.Tensor:
+        """c (n_vectors, n_pairs), float64: the result of the Ext-Sub steps with `lams` in order is Σᵢ cᵢ·vᵢ.
+
+        Step j: |p|² = cᵀGc over v₀…v_{j−1}, |mⱼ| = √Gⱼⱼ; c ← α·c, cⱼ = β, with α and β from the
+        op's own rule (`ext_sub_coefficients`: rows with |p| = 0 keep p).
+        """
+        if len(lams) != self.n_vectors - 1:
+            raise ValueError(f"{self.n_vectors - 1} anti-experts but {len(lams)} λ values")
+        gram = self.sums.clone()
+        for i, j in self._entries:
+            gram[j, i] = gram[i, j]
+        c = torch.zeros(self.n_vectors, self.n_pairs, dtype=torch.float64, device=self.sums.device)
+        c[0] = 1.0
+        for j, lam in enumerate(lams, start=1):
+            p_sq = torch.einsum("ip,ijp,jp->p", c[:j], gram[:j, :j], c[:j]).clamp_min(0.0)
+            alpha, beta = ext_sub_coefficients(p_sq.sqrt(), gram[j, j].sqrt(), lam)
+            c[:j] *= alpha.reshape(1, -1)
+            c[j] = beta.reshape(-1)
+        return c
+
+
+def combine_into(
+    out: torch.Tensor,
+    vectors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    coefficients: torch.Tensor,
+    *,
+    reduce_dim: int,
+    workspace: Workspace,
+    pair_offset: int = 0,
+) -> None:
+    """out ← θ₀ + Σᵢ cᵢ·vᵢ over 2-D views (vᵢ = input i − θ₀; no θ₀ without `base`), rounded once to out's dtype.
+
+    `coefficients` is (n_vectors, n_pairs) in the compute dtype; the views' op rows are pairs
+    `pair_offset`… of it.
+    """
+    dtype = coefficients.dtype
+    rows, cols = vectors[0].shape
+    n = len(vectors)
+    for piece in pieces(rows, cols, workspace.elements, reduce_dim):
+        pairs = _pairs(piece, reduce_dim)
+        coef = coefficients[:, pair_offset + pairs.start : pair_offset + pairs.stop]
+        coef = coef.unsqueeze(2) if reduce_dim == 1 else coef.unsqueeze(1)  # (n, r, 1) or (n, 1, c)
+        wide_base = widen(workspace, n, base[piece], None, dtype) if base is not None else None
+        result = widen(workspace, 0, vectors[0][piece], wide_base, dtype)
+        result.mul_(coef[0])
+        for i in range(1, n):
+            result.addcmul_(widen(workspace, 1, vectors[i][piece], wide_base, dtype), coef[i])
+        if wide_base is not None:
+            result.add_(wide_base)
+        out[piece].copy_(result)
+
+
+def ext_sub_in_memory(
+    out: torch.Tensor,
+    vectors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    lams: Sequence[float],
+    *,
+    reduce_dim: int,
+    workspace: Workspace,
+    observe: Callable[[int, torch.Tensor], None] | None = None,
+) -> None:
+    """Both passes over 2-D views already in memory: Ext-Sub with each anti-expert in order, into `out`.
+
+    `observe(k, sums)` gets the row sums of the expert against anti-expert k from the first pass.
+    """
+    gram = RowGram(len(vectors), vectors[0].shape[1 - reduce_dim], products=observe is not None, device=out.device)
+    gram.add(vectors, base, reduce_dim=reduce_dim, workspace=workspace)
+    if observe is not None:
+        for k in range(1, len(vectors)):
+            observe(k - 1, gram.row_sums(k))
+    coefficients = gram.coefficients(lams).to(_compute_dtype(vectors, base))
+    combine_into(out, vectors, base, coefficients, reduce_dim=reduce_dim, workspace=workspace)
+
+
+def _compute_dtype(vectors: Sequence[torch.Tensor], base: torch.Tensor | None) -> torch.dtype:
+    return compute_dtype(*(v.dtype for v in vectors), *((base.dtype,) if base is not None else ()))
