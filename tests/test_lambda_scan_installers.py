@@ -79,3 +79,18 @@ def test_a_lora_install_never_forms_delta_w(antis):
         for name, (a, b) in installer.slots.items():
             expected = merged.modules[name].delta(torch.float64)  # the oracle may form ΔW; the install must not
             assert torch.allclose(b.double() @ a.double(), expected, rtol=1e-5, atol=1e-6), (method, lam, name)
+
+
+def test_a_value_the_slots_dtype_cannot_hold_is_an_error():
+    """`put` copies a merged tensor into a parameter and refuses one that overflows the parameter's dtype."""
+    from extsub_kernels.errors import MergeError
+    from extsub_kernels.lambda_scan.installers.base import put
+
+    slot = torch.zeros(3, dtype=torch.float16)
+    put(slot, torch.tensor([1.0, 2.0, 6e4], dtype=torch.float64), "vector v", "sub", 1.0)
+    assert slot.tolist() == [1.0, 2.0, 60000.0]
+    with pytest.raises(
+        MergeError,
+        match=r"vector v: the merge at sub λ=2 does not fit the model's float16 \(values up to 1\.2e\+05 beyond",
+    ):
+        put(slot, torch.tensor([1.0, 2.0, 1.2e5], dtype=torch.float64), "vector v", "sub", 2.0)

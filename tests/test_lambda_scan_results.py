@@ -36,10 +36,24 @@ def test_the_largest_forget_increase_within_the_keep_budget():
 def test_the_expert_when_nothing_qualifies():
     rec = recommend(ROWS, "sub", 0.05)
     assert (rec.lam, rec.keep_increase, rec.forget_increase) == (0.0, 0.0, 0.0)
-    assert rec.note == "every λ > 0 of sub raised KEEP-NLL by more than 5.0%; keep the expert (λ = 0)"
+    assert rec.note == (
+        "every λ > 0 of sub raised KEEP-NLL by more than 5.0% or gave a non-finite NLL (the model diverged); "
+        "keep the expert (λ = 0)"
+    )
     falling = _rows(("expert", 0.0, 2.0, 5.0), ("sub", 1.0, 2.0, 4.0))
     assert recommend(falling, "sub", 0.05).note.startswith("no λ > 0 of sub raised FORGET-NLL with KEEP-NLL within")
     assert recommend(_rows(("sub", 1.0, 2.0, 4.0)), "sub", 0.05).lam is None  # no λ = 0 row to compare with
+
+
+def test_a_diverged_model_is_never_recommended():
+    """A λ whose model gives a non-finite NLL (its logits overflowed the evaluation dtype) is measured, never chosen,
+    even where only FORGET-NLL is infinite."""
+    rows = _rows(("expert", 0.0, 2.0, 5.0), ("sub", 0.5, 2.0, math.inf), ("sub", 1.0, math.nan, math.nan))
+    rec = recommend(rows, "sub", 1.0)
+    assert rec.lam == 0.0
+    assert rec.note == "every λ > 0 of sub gave a non-finite NLL (the model diverged); keep the expert (λ = 0)"
+    rows.append(_rows(("sub", 0.2, 2.01, 5.5))[0])
+    assert recommend(rows, "sub", 1.0).lam == 0.2
 
 
 def test_ties_go_to_the_smaller_lambda():

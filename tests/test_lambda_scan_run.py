@@ -447,3 +447,35 @@ def test_an_input_changed_before_save_best_saves_nothing(trained, tmp_path, monk
     data = json.loads((out / "scan.json").read_text())
     assert data["status"] == "complete" and data["measured"] == 3
     assert not (tmp_path / "best").exists()
+
+
+def test_full_weights_the_models_dtype_cannot_hold_stop_the_scan(trained, tmp_path):
+    """λ so large that merged weights overflow float16: a MergeError naming the tensor and what to do, the rows
+    before it kept (scan.json says why the scan stopped)."""
+    from extsub_kernels.errors import MergeError
+
+    experts = [trained.adapter("llama", "full", role) for role in ("expert", "anti")]
+    out = tmp_path / "scan"
+    with pytest.raises(
+        MergeError, match=r"tensor .*: the merge at sub λ=1e\+30 does not fit the model's float16; scan"
+    ):
+        scan(
+            *experts, base=trained.base("llama"), **_sets(trained), lam="0,1e30", method="sub", dtype="float16", out=out
+        )
+    data = json.loads((out / "scan.json").read_text())
+    assert data["status"].startswith("failed: MergeError: tensor ") and data["measured"] == 1
+    assert data["rows"][0]["method"] == "expert" and math.isfinite(data["rows"][0]["keep_nll"])
+
+
+def test_a_diverged_adapter_point_is_measured_and_never_recommended(trained, tmp_path):
+    """PEFT keeps adapter weights in float32 on a float16 model, so a huge λ installs fine and the float16 forward
+    overflows: the row is kept as measured (null NLLs in scan.json), the scan goes on, the expert is recommended."""
+    experts = [trained.adapter("llama", "lora", role) for role in ("expert", "anti")]
+    out = tmp_path / "scan"
+    result = scan(
+        *experts, base=trained.base("llama"), **_sets(trained), lam="0,1e4", method="sub", dtype="float16", out=out
+    )
+    assert result.complete and math.isnan(result.row("sub", 1e4).keep_nll)
+    assert result.recommendations["sub"].lam == 0.0 and "non-finite NLL" in result.recommendations["sub"].note
+    data = json.loads((out / "scan.json").read_text())
+    assert data["rows"][1]["keep_nll"] is None and data["rows"][1]["keep_increase"] is None

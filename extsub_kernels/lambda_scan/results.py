@@ -73,23 +73,29 @@ def recommend(rows: Sequence[ScanRow], method: str, max_keep_increase: float) ->
     if expert is None:
         return Recommendation(method, None, None, None, "no λ = 0 row to compare with (the scan stopped before it)")
     best, best_forget = expert, 0.0
-    within = 0
+    within = diverged = points = 0
     for row in rows:
         if row.method != method:
             continue
+        points += 1
+        if not (math.isfinite(row.keep_nll) and math.isfinite(row.forget_nll)):  # a diverged model never qualifies
+            diverged += 1
+            continue
         keep = relative_increase(row.keep_nll, expert.keep_nll)
         forget = relative_increase(row.forget_nll, expert.forget_nll)
-        if not (keep <= max_keep_increase):  # NaN (a diverged model) never qualifies
+        if not (keep <= max_keep_increase):
             continue
         within += 1
         if forget > best_forget:
             best, best_forget = row, forget
     if best is expert:
-        note = (
-            f"no λ > 0 of {method} raised FORGET-NLL with KEEP-NLL within +{max_keep_increase:.1%}"
-            if within
-            else f"every λ > 0 of {method} raised KEEP-NLL by more than {max_keep_increase:.1%}"
-        )
+        if within:
+            note = f"no λ > 0 of {method} raised FORGET-NLL with KEEP-NLL within +{max_keep_increase:.1%}"
+        elif diverged == points:
+            note = f"every λ > 0 of {method} gave a non-finite NLL (the model diverged)"
+        else:
+            note = f"every λ > 0 of {method} raised KEEP-NLL by more than {max_keep_increase:.1%}"
+            note += " or gave a non-finite NLL (the model diverged)" if diverged else ""
         return Recommendation(method, 0.0, 0.0, 0.0, note + "; keep the expert (λ = 0)")
     keep = relative_increase(best.keep_nll, expert.keep_nll)
     note = f"FORGET-NLL {best_forget:+.1%}, KEEP-NLL {keep:+.1%} (at most +{max_keep_increase:.1%} allowed)"

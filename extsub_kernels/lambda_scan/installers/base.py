@@ -15,8 +15,9 @@ from typing import ClassVar
 
 import torch
 
+from extsub_kernels._tensors import cast_overflow
 from extsub_kernels.adapters import PeftAdapter, merge_adapters
-from extsub_kernels.errors import InputError
+from extsub_kernels.errors import InputError, MergeError
 
 ADAPTER_NAME = "default"  # the PEFT adapter name the scan's layers are created under
 
@@ -42,6 +43,27 @@ class Installer(ABC):
 
     def close(self) -> None:  # noqa: B027 (optional: most installers hold nothing open)
         """Release what the installer holds open (files); the model stays usable."""
+
+
+def put(slot: torch.Tensor, value: torch.Tensor, what: str, method: str, lam: float) -> None:
+    """Copy a merged `value` into `slot` (a parameter of the model, or part of one), in the slot's dtype.
+
+    Raises:
+        MergeError: a finite value became ±inf in the slot's dtype (see `too_large`).
+    """
+    slot.copy_(value)
+    overflow = cast_overflow(value, slot)
+    if overflow is not None:
+        raise too_large(what, method, lam, slot.dtype, overflow)
+
+
+def too_large(what: str, method: str, lam: float, dtype: torch.dtype, detail: str = "") -> MergeError:
+    """The error of a merged tensor the model's dtype cannot hold (λ too large for it): the scan stops there."""
+    name = str(dtype).removeprefix("torch.")
+    return MergeError(
+        f"{what}: the merge at {method} λ={lam:g} does not fit the model's {name}{f' ({detail})' if detail else ''}; "
+        "scan smaller λ, or evaluate in float32 (--dtype float32)"
+    )
 
 
 class AdapterInstaller(Installer):

@@ -3,22 +3,25 @@
 The loaded model is BASE (θ₀). Which tensors merge is the dense engine's plan (`plan_tensors`):
 float tensors the expert shares with an anti-expert and the base. For each point every such
 tensor of the expert, the anti-experts and θ₀ is read (pread, so repeated reads come from the
-page cache), merged on the model's device by the engine's own method step (`apply_method`, as
-`extsub-merge --base` does) and copied into the model's tensor. Tensors only the expert has are
-copied in once. Memory beyond the model: one tensor of each input at a time.
+page cache) and merged on the model's device by the engine's own method step straight into the
+model's tensor (`apply_method_into`, as `extsub-merge --base` streams it, rounding once into the
+model's dtype), in one `Workspace` kept for the scan: cache-sized chunks on the CPU, the largest
+tensor on CUDA (what each merge of a tensor would allocate anyway). Tensors only the expert has
+are copied in once. Memory beyond the model: the workspace and one tensor of each input at a time.
 """
 
 from collections.abc import Sequence
 
 import torch
 
-from extsub_kernels._tensors import all_finite
+from extsub_kernels._tensors import all_finite, compute_dtype
 from extsub_kernels.engine.architecture import transposed_weights
-from extsub_kernels.engine.methods import apply_method
+from extsub_kernels.engine.methods import CPU_CHUNK_ELEMENTS, apply_method, apply_method_into, workspace_slots
 from extsub_kernels.engine.plan import TensorJob, plan_tensors
-from extsub_kernels.errors import InputError, MergeError
+from extsub_kernels.engine.transfer import Workspace
+from extsub_kernels.errors import InputError
 from extsub_kernels.io import CheckpointReader, ResolvedInput
-from extsub_kernels.lambda_scan.installers.base import Installer
+from extsub_kernels.lambda_scan.installers.base import Installer, too_large
 
 
 class FullModelInstaller(Installer):
@@ -68,6 +71,16 @@ class FullModelInstaller(Installer):
         except BaseException:
             self.close()
             raise
+        self.workspace = self._workspace()
+
+    def _workspace(self) -> Workspace:
+        """The merge's working space for every point: slots of the widest compute dtype the merged tensors need."""
+        dtypes = [self.readers[i].info(job.name).dtype for job, _ in self.targets for i in job.inputs()]
+        largest = max((target.numel() for _, target in self.targets), default=1)
+        chunk = CPU_CHUNK_ELEMENTS if self.device.type == "cpu" else largest
+        n_anti = max((len(job.antis) for job, _ in self.targets), default=1)
+        itemsize = compute_dtype(*dtypes).itemsize if dtypes else 4
+        return Workspace(chunk, workspace_slots(n_anti), itemsize=itemsize, device=self.device)
 
     def install(self, method: str, lam: float) -> None:
         """θ₀ + ΔW' at (method, λ) into every merged tensor of the model, in the model's dtype."""
@@ -75,21 +88,14 @@ class FullModelInstaller(Installer):
             for job, target in self.targets:
                 moved = [self.readers[i].read(job.name).to(self.device) for i in job.inputs()]
                 plus, minus, theta0 = moved[0], moved[1:-1], moved[-1]
-                result = apply_method(
-                    plus,
-                    minus,
-                    [lam] * len(minus),
-                    method=method,
-                    base=theta0,
-                    out_dtype=target.dtype,
-                    transposed=job.transposed,
-                )
-                if not all_finite(result):  # inputs were finite (the plan read them): λ is too large for the dtype
-                    raise MergeError(
-                        f"tensor {job.name!r}: the merged weight at {method} λ={lam} is not finite in {target.dtype}; "
-                        "scan smaller λ, or evaluate in float32 (--dtype float32)"
-                    )
-                target.copy_(result)
+                lams = [lam] * len(minus)
+                kwargs = dict(method=method, base=theta0, transposed=job.transposed)
+                if target.is_contiguous():
+                    apply_method_into(target, plus, minus, lams, workspace=self.workspace, **kwargs)
+                else:  # a view into another tensor's storage: merged apart, then copied in
+                    target.copy_(apply_method(plus, minus, lams, out_dtype=target.dtype, **kwargs))
+                if not all_finite(target):  # inputs were finite (the plan read them): λ is too large for the dtype
+                    raise too_large(f"tensor {job.name}", method, lam, target.dtype)
 
     def close(self) -> None:
         for reader in self.readers:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from extsub_kernels.adapters import IA3Adapter
-from extsub_kernels.lambda_scan.installers.base import ADAPTER_NAME, AdapterInstaller
+from extsub_kernels.lambda_scan.installers.base import ADAPTER_NAME, AdapterInstaller, put
 
 
 class IA3Installer(AdapterInstaller):
@@ -48,4 +48,4 @@ class IA3Installer(AdapterInstaller):
         merged = self.merge(method, lam)
         with torch.no_grad():
             for name, slot in self.slots.items():
-                slot.copy_(merged.vectors[name])
+                put(slot, merged.vectors[name], f"vector {name}", method, lam)

@@ -15,7 +15,7 @@ import torch
 
 from extsub_kernels.adapters import LoraAdapter, LoraModule, LoraSweep, PeftAdapter
 from extsub_kernels.adapters.peft import exact_pattern
-from extsub_kernels.lambda_scan.installers.base import ADAPTER_NAME, AdapterInstaller
+from extsub_kernels.lambda_scan.installers.base import ADAPTER_NAME, AdapterInstaller, put
 
 
 class LoraInstaller(AdapterInstaller):
@@ -86,6 +86,6 @@ class LoraInstaller(AdapterInstaller):
                     continue
                 r = module.rank
                 scaled = module.lora_B if module.scaling == 1.0 else module.lora_B.double() * module.scaling
-                a[:r].copy_(module.lora_A)
-                b[:, :r].copy_(scaled)
+                put(a[:r], module.lora_A, f"module {name} lora_A", method, lam)
+                put(b[:, :r], scaled, f"module {name} lora_B", method, lam)
                 b[:, r:].zero_()

@@ -11,7 +11,7 @@ import torch
 
 from extsub_kernels.adapters import PrefixAdapter
 from extsub_kernels.errors import InputError
-from extsub_kernels.lambda_scan.installers.base import ADAPTER_NAME, AdapterInstaller
+from extsub_kernels.lambda_scan.installers.base import ADAPTER_NAME, AdapterInstaller, put
 
 
 class PrefixInstaller(AdapterInstaller):
@@ -41,4 +41,4 @@ class PrefixInstaller(AdapterInstaller):
         """Copy the merged prompt embeddings into the prefix."""
         merged = self.merge(method, lam)
         with torch.no_grad():
-            self.slot.copy_(merged.prompt_embeddings)
+            put(self.slot, merged.prompt_embeddings, "prompt_embeddings", method, lam)
