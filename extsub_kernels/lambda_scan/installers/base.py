@@ -48,11 +48,13 @@ class Installer(ABC):
 def put(slot: torch.Tensor, value: torch.Tensor, what: str, method: str, lam: float) -> None:
     """Copy a merged `value` into `slot` (a parameter of the model, or part of one), in the slot's dtype.
 
+    Only a copy into another dtype is checked (in the same dtype no finite value can become ±inf).
+
     Raises:
         MergeError: a finite value became ±inf in the slot's dtype (see `too_large`).
     """
     slot.copy_(value)
-    overflow = cast_overflow(value, slot)
+    overflow = cast_overflow(value, slot) if slot.dtype != value.dtype else None
     if overflow is not None:
         raise too_large(what, method, lam, slot.dtype, overflow)
 
