@@ -27,6 +27,9 @@ page cache is dropped before every run (needs root); with warm the inputs are re
 every run. After the runs of a layer count, the largest |difference| between mergekit's output
 and ours under `sub` is measured tensor by tensor.
 
+--device cuda runs the merges on the GPU (mergekit with its --cuda) and adds each run's peak GPU
+memory (torch's max_memory_allocated) against the largest tensor; the floor stays the disk's.
+
 --before DIR adds runs of `sub` and `ext-sub` with the extsub_kernels of another checkout DIR
 (e.g. the code before a change), and --blocks 32MiB runs them with other block sizes than the
 default ("sub [32MiB]"), all taking turns with the others. --long-row-gib G instead merges
@@ -68,6 +71,7 @@ MODELS = {
 }
 DTYPE = torch.bfloat16
 LAM = 0.6
+DEVICE = os.environ.get("EXTSUB_BENCH_DEVICE", "cpu")  # where the merges run (--device; set for the children)
 READ_BUFFER = 32 << 20
 RUNS = ("floor", "sub", "ext-sub", "ext-sub+report", "mergekit")
 REPORTED = "ext-sub+report"  # the run whose cost over "ext-sub" the table shows
@@ -234,7 +238,7 @@ def child_extsub(
     elif "stats" in inspect.signature(merge).parameters:
         sized["stats"] = False  # a folder OUT gathers statistics for its model card unless told not to
     with Usage() as usage:
-        report = merge(expert, anti, out, base=base, lam=LAM, method=method, device="cpu", **sized)
+        report = merge(expert, anti, out, base=base, lam=LAM, method=method, device=DEVICE, **sized)
     Path(f"{out}.report.json").unlink(missing_ok=True)
     backend = ops.cpu_backend() if hasattr(ops, "cpu_backend") else "torch: eager torch ops"
     return {
@@ -242,17 +246,26 @@ def child_extsub(
         "bytes_read": report.bytes_read,
         "bytes_written": report.bytes_written,
         "peak_rss_bytes": peak_rss_bytes(),
+        **_gpu_peak(),
         "cpu_backend": backend,
     }
+
+
+def _gpu_peak() -> dict:
+    """The process's peak GPU memory allocated by torch, on a CUDA run."""
+    if not DEVICE.startswith("cuda"):
+        return {}
+    return {"peak_gpu_bytes": torch.cuda.max_memory_allocated(DEVICE)}
 
 
 def child_long_row(out: str, expert: str, anti: str) -> dict:
     from extsub_kernels import merge, ops
 
     with Usage() as usage:
-        report = merge(expert, anti, out, lam=LAM, device="cpu")
+        report = merge(expert, anti, out, lam=LAM, device=DEVICE)
     backend = ops.cpu_backend() if hasattr(ops, "cpu_backend") else "torch: eager torch ops"
-    return {**usage.fields, "bytes_read": report.bytes_read, "peak_rss_bytes": peak_rss_bytes(), "cpu_backend": backend}
+    fields = {**usage.fields, "bytes_read": report.bytes_read, "peak_rss_bytes": peak_rss_bytes(), **_gpu_peak()}
+    return {**fields, "cpu_backend": backend}
 
 
 def child_check_long_row(out: str, expert: str, anti: str) -> dict:
@@ -288,7 +301,8 @@ def child_mergekit(out: str, expert: str, anti: str, base: str) -> dict:
     from mergekit.options import MergeOptions
 
     config = MergeConfiguration.model_validate(mergekit_config(expert, anti, base))
-    options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True)
+    cuda = DEVICE.startswith("cuda")
+    options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, cuda=cuda)
     with Usage() as usage:
         run_merge(config, out, options=options)
         _fsync_folder(Path(out))
@@ -445,7 +459,7 @@ def run(
 
 def _common_fields(model: str, largest: int, mergekit: bool, before: Path | None) -> dict:
     common = {
-        **environment("cpu"),
+        **environment(DEVICE),
         "model": model,
         "lam": LAM,
         "idle_rss_bytes": run_child("idle", ["extsub"])["peak_rss_bytes"],
@@ -514,8 +528,8 @@ def markdown(rows: list[dict]) -> str:
         "",
         "| layers | input GB | cache | run | runs | seconds (median; range) | × floor | mergekit ÷ this "
         "| before ÷ this | --report cost (wall; CPU) | peak RSS GB (max) | RSS / largest tensor "
-        "| minor faults / GB in | user + sys s | load before |",
-        "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| peak GPU GB (max) | GPU / largest tensor | minor faults / GB in | user + sys s | load before |",
+        "|---:|---:|---|---|" + "---:|" * 13,
     ]
     groups: dict[tuple[int, str, str], list[dict]] = {}
     for r in rows:
@@ -539,12 +553,14 @@ def markdown(rows: list[dict]) -> str:
             else "–"
         )
         loads = f"{min(r['load_1min_before'] for r in group):.1f}–{max(r['load_1min_before'] for r in group):.1f}"
+        gpus = [r["peak_gpu_bytes"] for r in group if "peak_gpu_bytes" in r]
+        gpu = f"{max(gpus) / 1e9:.2f} | {max(gpus) / first['largest_tensor_bytes']:.1f}×" if gpus else "n/a | n/a"
         lines.append(
             f"| {layers} | {group[0]['input_bytes'] / 1e9:.2f} | {cache} | {kind} | {len(group)} | "
             f"{seconds:.2f}; {spread} | {f'{seconds / floor:.2f}×' if floor else '–'} | "
             f"{f'{mergekit / seconds:.2f}×' if mergekit and kind != 'floor' else '–'} | "
             f"{f'{earlier / seconds:.2f}×' if earlier else '–'} | {cost} | {rss / 1e9:.2f} | "
-            f"{rss / first['largest_tensor_bytes']:.1f}× | {faults:,.0f} | {cpu:.1f} | {loads} |"
+            f"{rss / first['largest_tensor_bytes']:.1f}× | {gpu} | {faults:,.0f} | {cpu:.1f} | {loads} |"
         )
     compared = [r for r in rows if "max_abs_diff" in r]
     if compared:
@@ -562,6 +578,7 @@ def _ints(text: str) -> list[int]:
 
 
 def main() -> None:
+    global DEVICE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="llama-2048")
     parser.add_argument("--layers", default="8", help="layer counts, comma-separated")
@@ -571,6 +588,7 @@ def main() -> None:
     parser.add_argument("--before", type=Path, help="another checkout: its sub and ext-sub take turns with ours")
     parser.add_argument("--blocks", default="", help="block sizes (e.g. 32MiB) to run sub and ext-sub with as well")
     parser.add_argument("--long-row-gib", type=float, help="merge one 1-D tensor of this many GiB instead of models")
+    parser.add_argument("--device", default="cpu", help="where the merges run: cpu (default) or cuda[:N]")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--tag", default="", help="a suffix for the result files")
     parser.add_argument("--workdir", type=Path, help="where checkpoints and outputs go (default: a temporary folder)")
@@ -579,6 +597,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(CHILDREN[args.child](*rest)))
         return
+    os.environ["EXTSUB_BENCH_DEVICE"] = DEVICE = args.device  # the children merge there
     kinds = [k for k in args.runs.split(",") if k]
     unknown = set(kinds) - set(RUNS)
     if unknown:
@@ -602,7 +621,8 @@ def main() -> None:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     args.results.mkdir(parents=True, exist_ok=True)
-    stem = args.results / f"merge-{rows[0]['date']}-cpu{'-' + args.tag if args.tag else ''}"
+    device = DEVICE.split(":")[0]
+    stem = args.results / f"merge-{rows[0]['date']}-{device}{'-' + args.tag if args.tag else ''}"
     stem.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(rows))
     print(markdown(rows))

@@ -23,7 +23,7 @@ case "$stage" in
     python3 benchmarks/bench_ext_sub.py --out-dir "$dest" 2>&1 | grep -v '^W' >"$dest/gpu-bench-op.log"
     ;;
   merge)
-    python3 benchmarks/bench_merge.py --device cuda --results "$dest" 2>&1 | tail -n 40 >"$dest/gpu-bench-merge.log"
+    python3 benchmarks/bench_merge.py --device cuda --layers 2,8 --cache warm --repeat 3 --results "$dest" 2>&1 | tail -n 40 >"$dest/gpu-bench-merge.log"
     ;;
   lora)
     python3 benchmarks/bench_lora.py --device cuda --results "$dest/lora-cuda.json" 2>&1 | tail -n 40 >"$dest/gpu-bench-lora.log"

@@ -1,8 +1,9 @@
 """extsub: exact, fast Ext-Sub (Extraction-before-Subtraction, AAAI 2024) for weights, checkpoints and PEFT adapters.
 
 The op (`ext_sub_`, in place on any float tensor, a fused Triton kernel on CUDA), the
-streaming merge of checkpoints and adapters (`merge`, also the `extsub-merge` command), and
-the adapter types (LoRA, (IA)³, prefix-tuning) and formats they use.
+streaming merge of checkpoints and adapters (`merge`, also the `extsub-merge` command), the
+adapter types (LoRA, (IA)³, prefix-tuning) and formats they use, and the λ scan (`scan`, also
+the `extsub-scan` command).
 
 Names are imported on first use: importing the package does not load torch, so the command
 line sets its signal handlers first and a Ctrl-C during start-up ends as cleanly as later.
@@ -34,7 +35,8 @@ if TYPE_CHECKING:
         write_tensors,
     )
     from extsub_kernels.engine import MergeReport
-    from extsub_kernels.errors import AdapterError, InputError, MergeError
+    from extsub_kernels.errors import AdapterError, InputError, MergeError, ScanInterrupted
+    from extsub_kernels.lambda_scan import Recommendation, ScanResult, ScanRow, scan
     from extsub_kernels.merge import merge, merge_adapter_files
     from extsub_kernels.ops import (
         ext_sub,
@@ -69,6 +71,11 @@ _LOCATIONS = {
     "AdapterError": "extsub_kernels.errors",
     "InputError": "extsub_kernels.errors",
     "MergeError": "extsub_kernels.errors",
+    "ScanInterrupted": "extsub_kernels.errors",
+    "Recommendation": "extsub_kernels.lambda_scan",
+    "ScanResult": "extsub_kernels.lambda_scan",
+    "ScanRow": "extsub_kernels.lambda_scan",
+    "scan": "extsub_kernels.lambda_scan",
     "merge": "extsub_kernels.merge",
     "merge_adapter_files": "extsub_kernels.merge",
     "ext_sub": "extsub_kernels.ops",
@@ -111,6 +118,10 @@ __all__ = [
     "MergedAdapter",
     "PeftAdapter",
     "PrefixAdapter",
+    "Recommendation",
+    "ScanInterrupted",
+    "ScanResult",
+    "ScanRow",
     "__version__",
     "ext_sub",
     "ext_sub_",
@@ -124,6 +135,7 @@ __all__ = [
     "merge_adapter_files",
     "merge_adapters",
     "row_products",
+    "scan",
     "subtract_",
     "to_delta",
     "to_dense_lora",

@@ -41,3 +41,17 @@ class Terminated(Interrupted):
 
     def __init__(self, message: str = "terminated (SIGTERM)", *, published: tuple = ()):
         super().__init__(message, published=published)
+
+
+class ScanInterrupted(KeyboardInterrupt):
+    """A λ scan stopped by Ctrl-C or SIGTERM; `result` holds the rows measured so far (also in scan.json).
+
+    Attributes:
+        result: the `ScanResult` as it stood (complete=False).
+        terminated: True for SIGTERM, False for Ctrl-C.
+    """
+
+    def __init__(self, message: str, result: object, *, terminated: bool = False):
+        super().__init__(message)
+        self.result = result
+        self.terminated = terminated

@@ -18,6 +18,7 @@ from extsub_kernels import ext_sub_, ext_sub_reference, subtract_
 from extsub_kernels.adapters.lora import (
     LoraAdapter,
     LoraModule,
+    LoraSweep,
     check_compatible,
     ext_sub_factors,
     lora_row_norms,
@@ -26,9 +27,11 @@ from extsub_kernels.adapters.lora import (
 )
 from extsub_kernels.adapters.peft import module_scaling
 
-from helpers import assert_close_explained
+from helpers import DEVICES, assert_close_explained
 
 EPS64 = torch.finfo(torch.float64).eps
+# The same float32 arithmetic on another device's kernels: a few ulps apart.
+TOLERANCES_32 = (2.0**-18, 2.0**-18)
 
 
 def _module(out, inp, r, scaling, zero_rows=(), dtype=torch.float64, generator=None) -> LoraModule:
@@ -230,6 +233,40 @@ def test_module_only_in_second_anti_expert():
     merged = merge_adapters(expert, [first, second], [1.0, 2.0], "sub")
     assert set(merged.modules) == {"w", "x"}
     _assert_matches_oracle(merged, expert, [first, second], [1.0, 2.0], "sub")
+
+
+@pytest.mark.parametrize("method", ["ext-sub", "sub", "add"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_a_sweep_is_merge_adapters_bitwise(method, dtype):
+    """LoraSweep (norms prepared once) gives exactly merge_adapters' modules at every λ: one anti-expert, two in
+    order (the second step's norms depend on λ), modules on one side only, an expert row of zeros."""
+    expert = LoraAdapter({n: _module(6, 8, 2, 1.5, zero_rows=[1] if n == "q" else (), dtype=dtype) for n in "qkv"})
+    expert.modules["only_expert"] = _module(4, 8, 3, 2.0, dtype=dtype)
+    first = LoraAdapter(
+        {n: _module(6, 8, 3, 0.5, dtype=dtype) for n in "qk"} | {"x": _module(5, 8, 2, 1.0, dtype=dtype)}
+    )
+    second = LoraAdapter({n: _module(6, 8, 2, 2.0, dtype=dtype) for n in "kv"})
+    for antis in ([first], [first, second]):
+        sweep = LoraSweep(expert, antis, method)
+        for lam in [0.0, 0.3, 1.0, 2.5] + ([[0.5, 1.5]] if len(antis) == 2 else []):  # one λ per anti-expert too
+            expected = merge_adapters(expert, antis, lam, method).modules
+            got = sweep.modules(lam)
+            assert list(got) == list(expected)
+            for name, module in expected.items():
+                other = got[name]
+                assert torch.equal(other.lora_A, module.lora_A) and torch.equal(other.lora_B, module.lora_B), name
+                assert (other.scaling, other.storage_dtype) == (module.scaling, module.storage_dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_sweep_moved_to_a_device_merges_there(device):
+    expert = LoraAdapter({"q": _module(6, 8, 2, 1.5, dtype=torch.float32)})
+    anti = LoraAdapter({"q": _module(6, 8, 3, 0.5, dtype=torch.float32)})
+    sweep = LoraSweep(expert, anti, "ext-sub").to(device)
+    merged = sweep.modules(0.8)["q"]
+    assert merged.lora_B.device.type == device
+    expected = merge_adapters(expert, anti, 0.8, "ext-sub").modules["q"]
+    assert_close_explained(merged.lora_B.cpu(), expected.lora_B, *TOLERANCES_32)
 
 
 # --- property test -------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import builtins
 import json
+import re
 import struct
 
 import pytest
@@ -96,11 +97,33 @@ def test_existing_reports_are_kept_without_force(tmp_path, inputs, capsys):
     (tmp_path / "insp" / "report.md").write_text("mine")
     code = main([str(e), str(a), "-o", str(tmp_path / "insp")])
     assert_one_line_error(
-        code, capsys.readouterr().err, EXIT_BAD_INPUT, ["report.md already exists", "--force"], "extsub-inspect"
+        code, capsys.readouterr().err, EXIT_BAD_INPUT, ["insp already holds report.md", "--force"], "extsub-inspect"
     )
     assert [p.name for p in (tmp_path / "insp").iterdir()] == ["report.md"]
     assert main([str(e), str(a), "-o", str(tmp_path / "insp"), "--force", "-q"]) == 0
     assert (tmp_path / "insp" / "report.md").read_text() != "mine"
+
+
+@pytest.mark.parametrize(
+    ("where", "expected"),
+    [
+        ("in", "-o .*in contains the EXPERT file .*e.safetensors; choose another path"),
+        ("in/e.safetensors", "-o .*e.safetensors is the EXPERT file"),
+        ("file", "-o .*file exists and is not a folder"),
+    ],
+)
+def test_a_report_folder_that_is_an_input_or_a_file_is_refused_before_any_work(
+    tmp_path, inputs, capsys, where, expected
+):
+    _, e, a = inputs
+    (tmp_path / "file").write_text("mine")
+    before = {p: p.read_bytes() for p in (e, a, tmp_path / "file")}
+    code = main([str(e), str(a), "-o", str(tmp_path / where)])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT and len(err.strip().splitlines()) == 1, err
+    assert re.search(expected, err), err
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["a.safetensors", "e.safetensors"]
 
 
 def test_adapters_given_as_objects_of_any_type_are_inspected():

@@ -1,4 +1,5 @@
-"""The option vocabulary: the λ grammar, sizes, output names, devices, block sizes."""
+"""The option vocabulary: the λ grammars (merge settings, scan grids), methods, sizes, output names, devices, dtypes,
+block sizes."""
 
 import pytest
 import torch
@@ -7,8 +8,11 @@ from extsub_kernels.engine.options import (
     CPU_BLOCK_BYTES,
     CUDA_BLOCK_BYTES,
     RunOptions,
+    eval_dtype,
     lam_label,
+    parse_lam_grid,
     parse_lams,
+    parse_methods,
     parse_size,
 )
 from extsub_kernels.errors import InputError
@@ -85,3 +89,51 @@ def test_block_size_is_small_on_cpu_large_on_cuda_unless_asked():
 def test_parse_size_refuses_sizes_that_are_not_finite(text):
     with pytest.raises(InputError, match=f"size '{text}' is not a finite number of bytes"):
         parse_size(text)
+
+
+@pytest.mark.parametrize(
+    "lam, grid",
+    [
+        ("0:2:0.2", [0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0]),  # 0.2·3 is 0.6, not 0.6000000000000001
+        ("0,0.5,1,2", [0.0, 0.5, 1.0, 2.0]),
+        ("0.5:1:0.25, 2", [0.0, 0.5, 0.75, 1.0, 2.0]),  # λ = 0 added, mixed items
+        ("0:1:0.3", [0.0, 0.3, 0.6, 0.9]),  # stop included only when a step lands on it
+        ("2,1,1", [0.0, 1.0, 2.0]),  # sorted, repeats once
+        (1.5, [0.0, 1.5]),
+        ([1, -0.0, 0.5], [0.0, 0.5, 1.0]),
+    ],
+)
+def test_parse_lam_grid(lam, grid):
+    assert parse_lam_grid(lam) == grid
+
+
+@pytest.mark.parametrize(
+    "lam, message",
+    [
+        ("1:2", r"λ item '1:2': write a number or a range start:stop:step"),
+        ("0:2:0", r"λ range '0:2:0': the step must be positive, got 0"),
+        ("2:1:0.5", r"λ range '2:1:0.5': it ends \(1\) before it starts \(2\)"),
+        ("0,one", r"λ must be a number, got 'one'"),
+        ("0:1000:0.5", r"λ range '0:1000:0.5' has 2001 values; a scan takes at most 1000"),
+        ([], r"lam must be a number, a list of numbers or a string"),
+    ],
+)
+def test_parse_lam_grid_refuses_nonsense(lam, message):
+    with pytest.raises(InputError, match=message):
+        parse_lam_grid(lam)
+
+
+def test_parse_methods():
+    assert parse_methods("ext-sub, sub") == ("ext-sub", "sub")
+    assert parse_methods(["sub"]) == ("sub",)
+    with pytest.raises(InputError, match="unknown method 'extsub'; choose one of ext-sub, sub, add"):
+        parse_methods("extsub,sub")
+    with pytest.raises(InputError, match="method list sub, sub names a method twice"):
+        parse_methods("sub,sub")
+
+
+def test_eval_dtype():
+    assert eval_dtype("auto") is None and eval_dtype("float64") is torch.float64
+    assert eval_dtype(torch.bfloat16) is torch.bfloat16
+    with pytest.raises(InputError, match="unknown dtype 'fp8'; choose one of auto, float32, float64"):
+        eval_dtype("fp8")

@@ -135,3 +135,27 @@ def test_before_publishing_a_signal_in_a_run_is_raised_at_once(tmp_path):
         os.kill(os.getpid(), signal.SIGTERM)
         pytest.fail("SIGTERM should have raised")
     assert caught.value.published == ()
+
+
+def test_replace_file_writes_whole_and_replaces(tmp_path):
+    """A scan's files: written whole beside the target and renamed over it; no temporary is left, and no signal is
+    held back (a scan stays interruptible between its rows)."""
+    target = tmp_path / "scan" / "scan.json"
+    target.parent.mkdir()
+    atomic.replace_file(target, b"first")
+    atomic.replace_file(target, b"second")
+    assert target.read_bytes() == b"second" and leftovers(tmp_path) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_replace_file_keeps_the_old_version_when_the_write_fails(tmp_path, monkeypatch):
+    target = tmp_path / "scan.json"
+    atomic.replace_file(target, b"rows so far")
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        atomic.replace_file(target, b"more rows")
+    assert target.read_bytes() == b"rows so far" and leftovers(tmp_path) == []

@@ -93,3 +93,15 @@ def test_a_bind_mount_is_seen_as_a_mount_point_and_through_to_its_folder(tmp_pat
     )
     assert done.stdout.split() == ["True", "False", "True"], done.stderr
     assert not is_mount_point(tmp_path / "mnt"), "the mount lived in the test's own namespace only"
+
+
+def test_the_reader_and_the_consequence_word_the_error(expert_file):
+    """The scan checks the same snapshot with its own words: who read the inputs and what that means for its files."""
+    snapshot = InputSnapshot([("EXPERT", resolve_input(expert_file))], reader="the scan", then="the rows are kept")
+    os.utime(expert_file, ns=(1, 1))
+    with pytest.raises(
+        MergeError, match=r"EXPERT .*expert\.safetensors changed while the scan read it \(it was written"
+    ):
+        snapshot.check()
+    with pytest.raises(MergeError, match=r"\); the rows are kept$"):
+        snapshot.check()

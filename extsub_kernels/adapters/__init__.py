@@ -11,7 +11,7 @@ from extsub_kernels.adapters.formats import (
     write_tensors,
 )
 from extsub_kernels.adapters.ia3 import IA3Adapter
-from extsub_kernels.adapters.lora import LoraAdapter, LoraModule, MergedAdapter
+from extsub_kernels.adapters.lora import LoraAdapter, LoraModule, LoraSweep, MergedAdapter
 from extsub_kernels.adapters.peft import LoraScaling, load_adapter
 from extsub_kernels.adapters.prefix import PrefixAdapter
 from extsub_kernels.adapters.report import AdapterReport, AdapterSection
@@ -25,6 +25,7 @@ __all__ = [
     "LoraAdapter",
     "LoraModule",
     "LoraScaling",
+    "LoraSweep",
     "MergedAdapter",
     "PeftAdapter",
     "PrefixAdapter",

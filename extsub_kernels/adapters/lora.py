@@ -9,6 +9,7 @@ s·sqrt(b·(A·Aᵀ)·bᵀ): an r×r Gram matrix gives them all. So
 is exactly a LoRA of rank r⁺ + r⁻, at O((out + in)·r²) cost per module.
 """
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -203,6 +204,8 @@ def ext_sub_factors(
     b_minus: torch.Tensor,
     a_minus: torch.Tensor,
     lam: float,
+    *,
+    norms: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One Ext-Sub step on factors with scaling folded into B: ΔW' = B'·A', rank r⁺ + r⁻.
 
@@ -213,6 +216,7 @@ def ext_sub_factors(
         b_plus, a_plus: the expert (or the result so far), B⁺ (out×r⁺) and A⁺ (r⁺×in).
         b_minus, a_minus: the anti-expert, B⁻ (out×r⁻) and A⁻ (r⁻×in).
         lam: λ.
+        norms: (|p|, |m|) per row when already known (they do not depend on λ: `LoraSweep`).
 
     Returns:
         (B', A', number of rows with |p| = 0), B' = [diag(α)·B⁺, diag(β)·B⁻], A' = [A⁺; A⁻],
@@ -223,8 +227,7 @@ def ext_sub_factors(
         >>> tuple(b.shape), tuple(a.shape)
         ((2, 3), (3, 3))
     """
-    p_norm = lora_row_norms(b_plus, a_plus)
-    m_norm = lora_row_norms(b_minus, a_minus)
+    p_norm, m_norm = norms or (lora_row_norms(b_plus, a_plus), lora_row_norms(b_minus, a_minus))
     alpha, beta = ext_sub_coefficients(p_norm, m_norm, float(lam))
     dtype = b_plus.dtype
     b_out = torch.cat([b_plus * alpha.to(dtype), b_minus.to(dtype) * beta.to(dtype)], dim=1)
@@ -365,6 +368,92 @@ def merge_adapters(
     )
 
 
+@dataclass(frozen=True)
+class _FirstStep:
+    """What a module's first Ext-Sub step needs and λ does not change: both sides' scaled factors and row norms."""
+
+    b_plus: torch.Tensor
+    a_plus: torch.Tensor
+    b_minus: torch.Tensor
+    a_minus: torch.Tensor
+    norms: tuple[torch.Tensor, torch.Tensor]
+
+
+class LoraSweep:
+    """`merge_adapters` at many λ of one method, bitwise the same, with what λ does not change done once (DESIGN §8).
+
+    A module's first Ext-Sub step, from the expert's module, needs the scaled factors of both
+    sides and their row norms (QR factorisations); only the coefficients α and β depend on λ.
+    Those are prepared here once per module; every λ then costs the coefficients and the
+    products, O(out·r) per module. Later steps (several anti-experts) start from a result that
+    depends on λ, and `sub`/`add` need no norms: those run as `merge_adapters` runs them.
+
+    Args:
+        expert, antis, method, any_base_model: as for `merge_adapters` (checked here, once).
+
+    Example:
+        >>> sweep = LoraSweep(expert, [anti], "ext-sub")  # doctest: +SKIP
+        >>> [sweep.modules(lam) for lam in (0.5, 1.0, 2.0)]  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        expert: LoraAdapter,
+        antis: LoraAdapter | Sequence[LoraAdapter],
+        method: str = "ext-sub",
+        *,
+        any_base_model: bool = False,
+    ):
+        self.expert = expert
+        self.antis = [antis] if isinstance(antis, LoraAdapter) else list(antis)
+        self.method, self.sign = method, method_sign(method)
+        # Validates (types, base models, shapes) and fixes the result's modules, which λ does not change.
+        self.template = merge_adapters(expert, self.antis, 1.0, method, any_base_model=any_base_model)
+        self._first: dict[str, _FirstStep] = {}
+        for name in self.template.modules if method == "ext-sub" else ():
+            start = expert.modules.get(name)
+            holders = [a.modules[name] for a in self.antis if name in a.modules]
+            if start is None or not holders:
+                continue
+            compute = compute_dtype(*(t.dtype for m in (start, *holders) for t in (m.lora_A, m.lora_B)))
+            (b, a), (b_minus, a_minus) = _scaled_factors(start, compute), _scaled_factors(holders[0], compute)
+            norms = (lora_row_norms(b, a), lora_row_norms(b_minus, a_minus))
+            self._first[name] = _FirstStep(b, a, b_minus, a_minus, norms)
+
+    def to(self, device: torch.device | str) -> "LoraSweep":
+        """This sweep with every tensor on `device`, so each λ is merged there (a GPU: no host work per λ)."""
+        moved = object.__new__(LoraSweep)
+        moved.__dict__.update(self.__dict__)
+        moved.expert = _adapter_to(self.expert, device)
+        moved.antis = [_adapter_to(a, device) for a in self.antis]
+        moved._first = {
+            name: _FirstStep(
+                *(t.to(device) for t in (f.b_plus, f.a_plus, f.b_minus, f.a_minus)),
+                tuple(n.to(device) for n in f.norms),
+            )
+            for name, f in self._first.items()
+        }
+        return moved
+
+    def modules(self, lam: float | Sequence[float]) -> dict[str, LoraModule]:
+        """The modules of `merge_adapters(expert, antis, lam, method)`, bitwise, in its order."""
+        lams = lam_list(lam, len(self.antis))
+        scratch = self.expert.new_report(self.method, lams)  # what merge_adapters reports; not kept
+        merged = {}
+        for name in self.template.modules:
+            args = (name, self.expert, self.antis, lams, self.method, self.sign, scratch)
+            merged[name] = _merge_module(*args, first=self._first.get(name))
+        return merged
+
+
+def _adapter_to(adapter: LoraAdapter, device: torch.device | str) -> LoraAdapter:
+    modules = {
+        name: LoraModule(m.lora_A.to(device), m.lora_B.to(device), m.scaling, m.storage_dtype)
+        for name, m in adapter.modules.items()
+    }
+    return dataclasses.replace(adapter, modules=modules)
+
+
 def _merge_module(
     name: str,
     expert: LoraAdapter,
@@ -373,8 +462,13 @@ def _merge_module(
     method: str,
     sign: float,
     report: AdapterReport,
+    *,
+    first: _FirstStep | None = None,
 ) -> LoraModule | None:
-    """The module `name` of the result (None when it vanishes), with the report updated."""
+    """The module `name` of the result (None when it vanishes), with the report updated.
+
+    `first`: the first Ext-Sub step's λ-independent part, prepared by `LoraSweep`.
+    """
     start = expert.modules.get(name)
     steps = [(anti.modules[name], lam) for anti, lam in zip(antis, lams, strict=False) if name in anti.modules]
     if start is None and method == "ext-sub":
@@ -391,13 +485,16 @@ def _merge_module(
         b, a = _scaled_factors(first, compute, sign * lam)
         report.added.append(name)
     else:
-        b, a = _scaled_factors(start, compute)
+        b, a = (first.b_plus, first.a_plus) if first is not None else _scaled_factors(start, compute)
         report.merged.append(name)
     zero_rows = 0
-    for anti_module, lam in steps:
+    for i, (anti_module, lam) in enumerate(steps):
         if method == "ext-sub":
-            b_minus, a_minus = _scaled_factors(anti_module, compute)
-            b, a, zeros = ext_sub_factors(b, a, b_minus, a_minus, lam)
+            if i == 0 and first is not None:
+                b, a, zeros = ext_sub_factors(b, a, first.b_minus, first.a_minus, lam, norms=first.norms)
+            else:
+                b_minus, a_minus = _scaled_factors(anti_module, compute)
+                b, a, zeros = ext_sub_factors(b, a, b_minus, a_minus, lam)
             zero_rows = max(zero_rows, zeros)
         else:
             b_minus, a_minus = _scaled_factors(anti_module, compute, sign * lam)

@@ -17,14 +17,15 @@ from extsub_kernels.adapters import AdapterOptions
 from extsub_kernels.analysis.markdown import inspection_markdown
 from extsub_kernels.analysis.plot import HEATMAP_NAME, PlotUnavailable, draw_heatmaps
 from extsub_kernels.engine import MergeReport
-from extsub_kernels.engine.options import Lam, Method, RunOptions, parse_lams, resolve_device
+from extsub_kernels.engine.options import Lam, Method, RunOptions, input_roles, parse_lams, resolve_device
 from extsub_kernels.engine.record import json_text, report_record
-from extsub_kernels.errors import InputError
 from extsub_kernels.io.atomic import publish, remove, reserve_temp, write_text
-from extsub_kernels.io.outputs import refuse_existing
+from extsub_kernels.io.outputs import check_report_folder
+from extsub_kernels.io.resolve import resolve_input
 from extsub_kernels.merge import Source, execute, source_list
 
 JSON_NAME, MARKDOWN_NAME = "report.json", "report.md"
+REPORT_FILES = (JSON_NAME, MARKDOWN_NAME, HEATMAP_NAME)
 
 
 def inspect(
@@ -82,7 +83,7 @@ def write_inspection(report: MergeReport, folder: str | os.PathLike, *, force: b
     Without matplotlib the PNG is skipped with a warning that says how to install it.
     """
     folder = Path(folder)
-    check_inspection_folder(folder, force=force)
+    check_inspection_folder(folder, force=force)  # the inputs were checked before the run (the command does)
     written = [
         _write(folder / JSON_NAME, json_text(report_record(report)), force),
         _write(folder / MARKDOWN_NAME, inspection_markdown(report), force),
@@ -100,12 +101,22 @@ def write_inspection(report: MergeReport, folder: str | os.PathLike, *, force: b
     return written
 
 
-def check_inspection_folder(folder: Path, *, force: bool) -> None:
-    """Refuse a folder that is a file, or holds report files already (without `force`), before any work."""
-    if folder.exists() and not folder.is_dir():
-        raise InputError(f"-o {folder} is a file; give a folder for report.json, report.md and report.png")
-    for name in (JSON_NAME, MARKDOWN_NAME, HEATMAP_NAME):
-        refuse_existing(folder / name, force=force, what=f"{folder / name}")
+def check_inspection_folder(
+    folder: Path,
+    expert: Source | None = None,
+    anti: Source | Sequence[Source] = (),
+    base: str | os.PathLike | None = None,
+    *,
+    force: bool,
+) -> None:
+    """Refuse a folder that cannot take the report files, before any work: a file, one holding report files already
+    (without `force`), or one that is, is inside or holds one of the inputs given as paths or hub ids."""
+    sources = source_list(expert, anti) if expert is not None else []
+    roles = [*input_roles(len(sources) - 1), "BASE"] if sources else []
+    sources += [base] if base is not None else []
+    given = [(role, s) for role, s in zip(roles, sources, strict=False) if isinstance(s, (str, os.PathLike))]
+    inputs = [(role, resolve_input(s, role=role, quiet=True)) for role, s in given]
+    check_report_folder(folder, REPORT_FILES, inputs, force=force, label="-o")
 
 
 def _write(path: Path, text: str, force: bool) -> Path:

@@ -1,4 +1,5 @@
-"""The command lines, `extsub-merge` (merge.py) and `extsub-inspect` (inspect.py): thin layers over the Python API.
+"""The command lines, `extsub-merge` (merge.py), `extsub-inspect` (inspect.py) and `extsub-scan` (scan.py): thin
+layers over the Python API.
 
 Shared plumbing (exit codes, signals from start-up on, how warnings and errors print) is in
 common.py. Nothing here imports torch at import time: each command sets its signal handlers

@@ -96,7 +96,7 @@ def _inspect(args: argparse.Namespace, command: str) -> object:
     if args.lora_alpha is None and (args.rank is not None or args.rslora):
         raise InputError("--rank and --rslora describe the scaling of bare adapter files; give --lora-alpha too")
     if args.out is not None:
-        check_inspection_folder(Path(args.out), force=args.force)
+        check_inspection_folder(Path(args.out), args.expert, args.anti, args.base, force=args.force)
     scaling = LoraScaling(args.lora_alpha, args.rank, args.rslora) if args.lora_alpha is not None else None
     report = inspect(
         args.expert,

@@ -1,7 +1,7 @@
-"""The merge's vocabulary, in one place: methods, output formats, dtypes, on-missing, the λ grammar, devices, sizes.
+"""The vocabulary, in one place: methods, output formats, dtypes, on-missing, the λ grammars, devices, sizes.
 
-Every entry point (Python, CLI, adapters, dense engine) validates its options here, so a
-choice is spelled, checked and explained the same way everywhere.
+Every entry point (Python, CLI, adapters, dense engine, the λ scan) validates its options
+here, so a choice is spelled, checked and explained the same way everywhere.
 """
 
 import math
@@ -31,6 +31,19 @@ OUT_DTYPES: dict[str, torch.dtype | None] = {
 Mode = Literal["merge", "dry-run", "inspect"]
 MODES: tuple[str, ...] = get_args(Mode)
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in OUT_DTYPES.items() if dtype is not None}
+# The dtype a λ scan loads and evaluates the model in; "auto": the checkpoint's own on CUDA, float32 on the CPU.
+EvalDtypeName = Literal["auto", "float32", "float64", "bfloat16", "float16"]
+EVAL_DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+# What a λ scan's --save-best writes: an adapter format, or "model", the full merged model θ₀ + ΔW'.
+FULL_MODEL_FORMAT = "model"
+SAVE_FORMATS: tuple[str, ...] = (*FORMATS, FULL_MODEL_FORMAT)
+MAX_SCAN_POINTS = 1000
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 CPU = torch.device("cpu")
 # Bytes of a streamed block of rows when none is asked for. CPU: small, so the few buffers in
@@ -131,6 +144,79 @@ def lam_label(values: Sequence[float]) -> str:
     if len(set(values)) <= 1:
         return _format(values[0]) if values else ""
     return "_".join(_format(v) for v in values)
+
+
+def parse_lam_grid(lam: str | float | Sequence[float]) -> list[float]:
+    """The λ values of a scan, sorted and without repeats, always with λ = 0 (the expert, the reference).
+
+    A string is a comma-separated list whose items are numbers or ranges `start:stop:step`
+    (stop included when the steps land on it): "0:2:0.2", "0,0.5,1,2", "0:1:0.25,1.5,2". A
+    λ applies to every anti-expert. Values are rounded to 12 decimals, so 0.1·3 is 0.3.
+
+    Raises:
+        InputError: an item that is not a number or a range, a step that is not positive, a
+            range that ends before it starts, or more than MAX_SCAN_POINTS values.
+
+    Example:
+        >>> parse_lam_grid("0.5:1:0.25,2")
+        [0.0, 0.5, 0.75, 1.0, 2.0]
+    """
+    if isinstance(lam, str):
+        values = [v for item in lam.split(",") for v in _grid_item(item.strip())]
+    elif isinstance(lam, (int, float)) and not isinstance(lam, bool):
+        values = [lam_value(lam)]
+    elif isinstance(lam, Sequence) and lam:
+        values = [lam_value(v) for v in lam]
+    else:
+        raise InputError(f"lam must be a number, a list of numbers or a string like '0:2:0.2' or '0,1,2', got {lam!r}")
+    grid = sorted({round(v, 12) + 0.0 for v in [0.0, *values]})
+    if len(grid) > MAX_SCAN_POINTS:
+        raise InputError(f"λ grid {lam!r} has {len(grid)} values; a scan takes at most {MAX_SCAN_POINTS}")
+    return grid
+
+
+def _grid_item(item: str) -> list[float]:
+    parts = item.split(":")
+    if len(parts) == 1:
+        return [lam_value(item)]
+    if len(parts) != 3:
+        raise InputError(f"λ item {item!r}: write a number or a range start:stop:step, like 0:2:0.2")
+    start, stop, step = (lam_value(p) for p in parts)
+    if step <= 0:
+        raise InputError(f"λ range {item!r}: the step must be positive, got {_format(step)}")
+    if stop < start:
+        raise InputError(f"λ range {item!r}: it ends ({_format(stop)}) before it starts ({_format(start)})")
+    count = math.floor((stop - start) / step + 1e-9) + 1
+    if count > MAX_SCAN_POINTS:
+        raise InputError(f"λ range {item!r} has {count} values; a scan takes at most {MAX_SCAN_POINTS}")
+    return [start + i * step for i in range(count)]
+
+
+def parse_methods(methods: str | Sequence[str]) -> tuple[str, ...]:
+    """Methods to scan, in order: "ext-sub,sub" or a list; each one of METHODS, none twice.
+
+    Example:
+        >>> parse_methods("ext-sub, sub")
+        ('ext-sub', 'sub')
+    """
+    names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+    if not names:
+        raise InputError(f"give at least one method; choose from {', '.join(METHODS)}")
+    for name in names:
+        check_choice(name, METHODS, "method")
+    if len(set(names)) != len(names):
+        raise InputError(f"method list {', '.join(names)} names a method twice")
+    return tuple(names)
+
+
+def eval_dtype(name: str | torch.dtype) -> torch.dtype | None:
+    """The torch dtype a scan evaluates in, from its name ("auto" → None: decided by the device)."""
+    if isinstance(name, torch.dtype):
+        if name not in EVAL_DTYPES.values():
+            raise InputError(f"dtype {name} cannot be an evaluation dtype; choose one of {', '.join(EVAL_DTYPES)}")
+        return name
+    check_choice(name, tuple(EVAL_DTYPES), "dtype")
+    return EVAL_DTYPES[name]
 
 
 def warn_negative_lams(settings: Sequence[LamSetting], method: str) -> None:

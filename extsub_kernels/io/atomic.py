@@ -126,6 +126,25 @@ def write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def replace_file(target: Path, data: bytes) -> None:
+    """Write `data` to `target` whole or not at all: a temporary file beside it, fsync, rename over it.
+
+    For small files that are rewritten as they grow (a scan's results after every row): a
+    reader, or a Ctrl-C at any moment, sees the previous version or the new one, never half.
+    Unlike `publish` it holds no signal back, so a scan stays interruptible between its rows.
+    """
+    temp = reserve_temp(target, folder=False)
+    try:
+        with open(temp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, target)
+    finally:
+        remove(temp)
+    fsync_path(target.parent)
+
+
 @dataclass
 class _Move:
     """One output moved into place: where its predecessor waits until the run commits (None: there was none)."""

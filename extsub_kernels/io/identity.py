@@ -86,6 +86,9 @@ def _listing(folder: Path) -> frozenset[str] | None:
     return frozenset(n for n in names if n.endswith(".safetensors") or any(Path(n).match(p) for p in CONFIG_PATTERNS))
 
 
+_AGAIN = "no output was published; run again once the inputs are stable"
+
+
 @dataclass(frozen=True)
 class _InputState:
     role: str
@@ -103,8 +106,10 @@ class InputSnapshot:
         >>> snapshot.check()  # doctest: +SKIP
     """
 
-    def __init__(self, inputs: Sequence[tuple[str, ResolvedInput]]):
+    def __init__(self, inputs: Sequence[tuple[str, ResolvedInput]], *, reader: str = "the merge", then: str = _AGAIN):
+        """`reader` and `then` word the error: who read the inputs, and what it means for the outputs."""
         self._inputs = [(role, inp) for role, inp in inputs if inp.kind != "memory"]
+        self._reader, self._then = reader, then
         self._before = self._take()
 
     def _take(self) -> list[_InputState]:
@@ -126,17 +131,17 @@ class InputSnapshot:
                 else:
                     change = new.change_from(old)
                 if change is not None:
-                    raise MergeError(f"{before.role} {path} changed while the merge read it ({change}); {_AGAIN}")
+                    raise MergeError(
+                        f"{before.role} {path} changed while {self._reader} read it ({change}); {self._then}"
+                    )
             if before.listing != after.listing:
                 added = sorted((after.listing or frozenset()) - (before.listing or frozenset()))
                 removed = sorted((before.listing or frozenset()) - (after.listing or frozenset()))
                 what = ", ".join([f"{n} added" for n in added[:3]] + [f"{n} removed" for n in removed[:3]])
                 raise MergeError(
-                    f"the {before.role} folder {before.folder} changed while the merge read it ({what}); {_AGAIN}"
+                    f"the {before.role} folder {before.folder} changed while {self._reader} read it ({what}); "
+                    f"{self._then}"
                 )
-
-
-_AGAIN = "no output was published; run again once the inputs are stable"
 
 
 def _unique(paths: Iterable[Path]) -> list[Path]:

@@ -122,6 +122,37 @@ def check_report_path(
     refuse_existing(path, force=force, what=f"--report {path}")
 
 
+def check_report_folder(
+    folder: Path,
+    names: Sequence[str],
+    inputs: Sequence[tuple[str, ResolvedInput]],
+    *,
+    force: bool,
+    label: str = "SCAN_DIR",
+) -> None:
+    """Refuse a folder for report files (a λ scan's SCAN_DIR, an inspection's -o) that cannot take them, before any
+    work; `label` names it in the messages.
+
+    The folder may exist (other files in it are left alone) or not (it is created when the
+    first file is written). Refused: a folder that is, is inside or contains an input; a path
+    that is a file; a folder already holding one of `names`, unless `force` (they are then replaced).
+
+    Raises:
+        InputError: naming the folder, the input or the file in the way, and what to do.
+    """
+    _check_apart_from_inputs(folder, inputs, what=f"{label} {folder}")
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise InputError(f"{label} {folder} exists and is not a folder; give a folder for {', '.join(names)}")
+    if folder.is_dir():
+        clean_stale(folder)
+    present = [name for name in names if os.path.lexists(folder / name)]
+    if present and not force:
+        raise InputError(
+            f"{folder} already holds {', '.join(present)} (an earlier run?); pass --force (force=True in Python) "
+            "to replace them, or give another folder"
+        )
+
+
 def _check_apart_from_inputs(path: Path, inputs: Sequence[tuple[str, ResolvedInput]], what: str | None = None) -> None:
     """Refuse an OUT (or `what`: another path written) that is an input file or folder, lies inside an input
     folder, or holds an input file."""

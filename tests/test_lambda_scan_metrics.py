@@ -1,5 +1,5 @@
-"""scan_metrics: NLL against independent computations, completion-only scoring, greedy generation, rep-n and distinct-n
-by hand, and the errors a bad evaluation file gives."""
+"""lambda_scan.metrics: NLL against independent computations, completion-only scoring, greedy generation,
+rep-n and distinct-n by hand, prompts, and the errors a bad evaluation file gives."""
 
 import json
 import math
@@ -8,11 +8,13 @@ import warnings
 import pytest
 import torch
 
-from extsub_kernels.scan_metrics import (
+from extsub_kernels.errors import InputError
+from extsub_kernels.lambda_scan.metrics import (
     Example,
     distinct_n,
     generate_greedy,
     load_examples,
+    load_prompts,
     mean_nll,
     mean_rep_n,
     rep_n,
@@ -127,6 +129,17 @@ def test_prompt_completion_scores_only_the_completion(trained, model):
     assert mean_nll(net, examples) < mean_nll(net, load_examples(trained.eval_set("keep.txt"), tokenizer))
 
 
+def test_jsonl_text_is_a_txt_line(trained, tmp_path):
+    """{"text": line} in a .jsonl file is the same example as that line in a .txt file: every token after the first."""
+    tokenizer = _tokenizer(trained)
+    lines = trained.eval_set("keep.txt").read_text().splitlines()
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
+    from_jsonl = load_examples(tmp_path / "text.jsonl", tokenizer)
+    from_txt = load_examples(trained.eval_set("keep.txt"), tokenizer)
+    assert [(e.input_ids, e.n_context) for e in from_jsonl] == [(e.input_ids, e.n_context) for e in from_txt]
+    assert len(from_txt) == len(lines) == tf.EVAL_LINES
+
+
 def test_pretokenised_sets_give_the_same_examples(trained, tmp_path):
     tokenizer = _tokenizer(trained)
     text = load_examples(trained.eval_set("keep.jsonl"), tokenizer)
@@ -179,21 +192,21 @@ def test_mean_nll_in_the_models_dtype(trained, device, dtype):
 )
 def test_bad_jsonl_lines_are_named(trained, tmp_path, content, message):
     (tmp_path / "bad.jsonl").write_text(content)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InputError, match=message):
         load_examples(tmp_path / "bad.jsonl", _tokenizer(trained))
 
 
 def test_other_bad_sets(trained, tmp_path):
     tokenizer = _tokenizer(trained)
     (tmp_path / "set.csv").write_text("a\n")
-    with pytest.raises(ValueError, match=r"set\.csv: unknown evaluation set format '\.csv'; expected \.txt or \.jsonl"):
+    with pytest.raises(InputError, match=r"set\.csv: unknown evaluation set format '\.csv'; expected \.txt or \.jsonl"):
         load_examples(tmp_path / "set.csv", tokenizer)
     (tmp_path / "empty.txt").write_text("")
-    with pytest.raises(ValueError, match=r"empty\.txt: no examples"):
+    with pytest.raises(InputError, match=r"empty\.txt: no examples"):
         load_examples(tmp_path / "empty.txt", tokenizer)
-    with pytest.raises(ValueError, match=r"keep\.txt line 1: text is text, but there is no tokenizer"):
+    with pytest.raises(InputError, match=r"keep\.txt line 1: text is text, but there is no tokenizer"):
         load_examples(trained.eval_set("keep.txt"))
-    with pytest.raises(ValueError, match=r"keep\.jsonl line 1: prompt \+ completion is text, but there is no tokeni"):
+    with pytest.raises(InputError, match=r"keep\.jsonl line 1: prompt \+ completion is text, but there is no tokeni"):
         load_examples(trained.eval_set("keep.jsonl"))
     (tmp_path / "one.txt").write_text("prev\n")
     assert load_examples(tmp_path / "one.txt", tokenizer)[0].input_ids == (tf.BOS_ID, tf.VOCAB.index("prev"))
@@ -201,13 +214,53 @@ def test_other_bad_sets(trained, tmp_path):
     net = _load(trained, "llama", "base")
     vocab = len(tf.VOCAB)
     (tmp_path / "big.jsonl").write_text(f'{{"input_ids": [2, 5]}}\n{{"input_ids": [2, {vocab}]}}\n')
-    with pytest.raises(ValueError, match=rf"big\.jsonl line 2: token id {vocab} is outside the model's vocabulary"):
+    with pytest.raises(InputError, match=rf"big\.jsonl line 2: token id {vocab} is outside the model's vocabulary"):
         mean_nll(net, load_examples(tmp_path / "big.jsonl"))
     (tmp_path / "long.jsonl").write_text(json.dumps({"input_ids": [5] * 65}) + "\n")
-    with pytest.raises(ValueError, match=r"long\.jsonl line 1: 65 tokens, more than the model's 64 positions"):
+    with pytest.raises(InputError, match=r"long\.jsonl line 1: 65 tokens, more than the model's 64 positions"):
         mean_nll(net, load_examples(tmp_path / "long.jsonl"))
     with pytest.raises(ValueError, match="mean_nll: no examples"):
         mean_nll(net, [])
+
+
+def test_load_prompts(trained, tmp_path):
+    tokenizer = _tokenizer(trained)
+    lines = trained.eval_set("prompts.txt").read_text().splitlines()
+    assert load_prompts(trained.eval_set("prompts.txt"), tokenizer) == lines
+    (tmp_path / "p.jsonl").write_text('{"prompt": "prev red ="}\n\n{"prompt": "next cat =", "id": 2}\n')
+    assert load_prompts(tmp_path / "p.jsonl", tokenizer) == ["prev red =", "next cat ="]
+    (tmp_path / "ids.jsonl").write_text('{"prompt_ids": [2, 5, 9]}\n')
+    assert load_prompts(tmp_path / "ids.jsonl") == [(2, 5, 9)]  # token ids need no tokenizer
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        (
+            "p.jsonl",
+            '{"prompt": "a", "prompt_ids": [2]}\n',
+            r"p\.jsonl line 1: expected exactly one of prompt \(text\)",
+        ),
+        ("p.jsonl", '{"prompt_ids": []}\n', r"line 1: 'prompt_ids' is empty"),
+        ("p.jsonl", '{"prompt": 3}\n', r"line 1: 'prompt' must be a non-empty string"),
+        ("p.jsonl", '{"prompt_ids": [2]}\n{"prompt": "prev red ="}\n', r"line 2: mixes text prompts and prompt_ids"),
+        ("p.txt", "prev red =\n", r"p\.txt line 1: the prompt is text, but there is no tokenizer"),
+        ("p.txt", "\n \n", r"p\.txt: no prompts"),
+        ("p.md", "a\n", r"p\.md: unknown evaluation set format '\.md'"),
+    ],
+)
+def test_bad_prompts_are_named(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(InputError, match=message):
+        load_prompts(tmp_path / name)
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(InputError, match=r"nope\.txt: no such file"):
+        load_examples(tmp_path / "nope.txt")
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
+    with pytest.raises(InputError, match=r"latin1\.txt: cannot be read as UTF-8 text"):
+        load_prompts(tmp_path / "latin1.txt")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@
   `.jsonl` (one object per line: `text`; `prompt` + `completion`, of which only the completion
   is scored; or pre-tokenised `input_ids`, or `prompt_ids` + `completion_ids`, for models
   without a tokenizer).
+- `load_prompts(path, tokenizer)`: prompts to continue, from `.txt` or `.jsonl` (`prompt`, or
+  pre-tokenised `prompt_ids`).
 - `mean_nll(model, examples)`: mean negative log-likelihood per scored token, in nats.
 - `generate_greedy(model, tokenizer, prompts, max_new_tokens)`: greedy continuations.
 - `rep_n`, `mean_rep_n`: n-gram repetition of continuations (the paper's rep-4, Figure 1 and
@@ -16,12 +18,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from extsub_kernels.errors import InputError
 
 __all__ = [
     "Example",
@@ -29,6 +33,7 @@ __all__ = [
     "distinct_n",
     "generate_greedy",
     "load_examples",
+    "load_prompts",
     "mean_nll",
     "mean_rep_n",
     "rep_n",
@@ -76,50 +81,107 @@ def load_examples(path: str | Path, tokenizer: Any = None) -> list[Example]:
         The examples, in file order, each with at least one scored token.
 
     Raises:
-        ValueError: naming the file (and line) for an unknown extension, an empty set, a line that
-            is not valid JSON or has none or several of the kinds above, token ids that are not
-            non-negative integers, an example with nothing to score, or text without a tokenizer.
+        InputError: naming the file (and line) for a missing or unreadable file, an unknown
+            extension, an empty set, a line that is not valid JSON or has none or several of the
+            kinds above, token ids that are not non-negative integers, an example with nothing
+            to score, or text without a tokenizer.
 
     Example:
         >>> examples = load_examples("keep.jsonl", tokenizer)  # doctest: +SKIP
         >>> mean_nll(model, examples)  # doctest: +SKIP
     """
     path = Path(path)
-    if path.suffix not in (".txt", ".jsonl"):
-        raise ValueError(f"{path}: unknown evaluation set format {path.suffix!r}; expected .txt or .jsonl")
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            source = f"{path} line {number}"
-            record: object = {"text": line.rstrip("\r\n")} if path.suffix == ".txt" else _json_line(line, source)
-            example = _example(record, tokenizer, source)
-            if example.n_scored == 0:
-                raise ValueError(
-                    f"{source}: nothing to score ({len(example.input_ids)} tokens, {example.n_context} of context); "
-                    "an example needs at least one token after its first (or after its prompt)"
-                )
-            examples.append(example)
+    for source, record in _records(path, "text"):
+        example = _example(record, tokenizer, source)
+        if example.n_scored == 0:
+            raise InputError(
+                f"{source}: nothing to score ({len(example.input_ids)} tokens, {example.n_context} of context); "
+                "an example needs at least one token after its first (or after its prompt)"
+            )
+        examples.append(example)
     if not examples:
-        raise ValueError(f"{path}: no examples (the file has no non-blank line)")
+        raise InputError(f"{path}: no examples (the file has no non-blank line)")
     return examples
+
+
+def load_prompts(path: str | Path, tokenizer: Any = None) -> list[str] | list[tuple[int, ...]]:
+    """Read the prompts whose greedy continuations are scored (rep-n, distinct-n).
+
+    Args:
+        path: a `.txt` file (one prompt per non-blank line) or a `.jsonl` file with `prompt`
+            (a string) or `prompt_ids` (token ids, for models without a tokenizer) on every line.
+        tokenizer: needed for text prompts (they are tokenised when generating).
+
+    Returns:
+        The prompts in file order: strings, or tuples of token ids.
+
+    Raises:
+        InputError: naming the file (and line) for a missing file, an unknown extension, no
+            prompts, a line without a prompt, a mix of text and token ids, or text without a tokenizer.
+
+    Example:
+        >>> load_prompts("prompts.txt", tokenizer)  # doctest: +SKIP
+        ['prev rock =', 'prev cow =']
+    """
+    path = Path(path)
+    prompts: list = []
+    for source, record in _records(path, "prompt"):
+        if not isinstance(record, dict) or ("prompt" in record) == ("prompt_ids" in record):
+            found = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise InputError(f"{source}: expected exactly one of prompt (text) or prompt_ids; found {found}")
+        if "prompt_ids" in record:
+            prompt: str | tuple[int, ...] = _ids(record["prompt_ids"], "prompt_ids", source)
+            if not prompt:
+                raise InputError(f"{source}: 'prompt_ids' is empty; a prompt needs at least one token")
+        else:
+            prompt = record["prompt"]
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise InputError(f"{source}: 'prompt' must be a non-empty string")
+        if prompts and isinstance(prompt, str) != isinstance(prompts[0], str):
+            raise InputError(f"{source}: mixes text prompts and prompt_ids in one file; use one kind")
+        if isinstance(prompt, str) and tokenizer is None:
+            raise InputError(
+                f"{source}: the prompt is text, but there is no tokenizer (the model folder has none); "
+                "give pre-tokenised prompt_ids in a .jsonl file instead"
+            )
+        prompts.append(prompt)
+    if not prompts:
+        raise InputError(f"{path}: no prompts (the file has no non-blank line)")
+    return prompts
+
+
+def _records(path: Path, text_key: str) -> Iterator[tuple[str, object]]:
+    """(where, record) for each non-blank line of a .txt (record {text_key: line}) or .jsonl file."""
+    if path.suffix not in (".txt", ".jsonl"):
+        raise InputError(f"{path}: unknown evaluation set format {path.suffix!r}; expected .txt or .jsonl")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot be read as UTF-8 text ({e})") from None
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            source = f"{path} line {number}"
+            yield source, {text_key: line.rstrip("\r\n")} if path.suffix == ".txt" else _json_line(line, source)
 
 
 def _json_line(line: str, source: str) -> object:
     try:
         return json.loads(line)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{source}: not valid JSON ({e.msg} at column {e.colno})") from None
+        raise InputError(f"{source}: not valid JSON ({e.msg} at column {e.colno})") from None
 
 
 def _example(record: object, tokenizer: Any, source: str) -> Example:
     if not isinstance(record, dict):
-        raise ValueError(f"{source}: expected a JSON object, found {type(record).__name__}")
+        raise InputError(f"{source}: expected a JSON object, found {type(record).__name__}")
     kinds = [kind for kind in _KINDS if any(key in record for key in kind)]
     if len(kinds) != 1 or any(key not in record for key in kinds[0]):
         expected = "; ".join(" + ".join(kind) for kind in _KINDS)
-        raise ValueError(f"{source}: expected exactly one of ({expected}); found keys {sorted(record)}")
+        raise InputError(f"{source}: expected exactly one of ({expected}); found keys {sorted(record)}")
     kind = kinds[0]
     if kind[0] in ("input_ids", "prompt_ids"):
         parts = [_ids(record[key], key, source) for key in kind]
@@ -128,9 +190,9 @@ def _example(record: object, tokenizer: Any, source: str) -> Example:
     texts = [record[key] for key in kind]
     for key, value in zip(kind, texts, strict=False):
         if not isinstance(value, str):
-            raise ValueError(f"{source}: {key!r} must be a string, found {type(value).__name__}")
+            raise InputError(f"{source}: {key!r} must be a string, found {type(value).__name__}")
     if tokenizer is None:
-        raise ValueError(
+        raise InputError(
             f"{source}: {' + '.join(kind)} is text, but there is no tokenizer (the model folder has none); "
             "give pre-tokenised input_ids (or prompt_ids + completion_ids) in a .jsonl file instead"
         )
@@ -143,7 +205,7 @@ def _example(record: object, tokenizer: Any, source: str) -> Example:
 
 def _ids(value: object, key: str, source: str) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
-        raise ValueError(f"{source}: {key!r} must be a list of non-negative integer token ids")
+        raise InputError(f"{source}: {key!r} must be a list of non-negative integer token ids")
     return tuple(value)
 
 
@@ -215,7 +277,7 @@ def _logits(output: Any) -> torch.Tensor:
 
 
 def _check_fits(model: torch.nn.Module, examples: Sequence[Example]) -> None:
-    """Token ids within the model's vocabulary and lengths within its positions, or a ValueError naming the example."""
+    """Token ids within the model's vocabulary and lengths within its positions, or an InputError naming the example."""
     try:
         vocab = model.get_input_embeddings().num_embeddings
     except (AttributeError, NotImplementedError):
@@ -224,9 +286,9 @@ def _check_fits(model: torch.nn.Module, examples: Sequence[Example]) -> None:
     positions = getattr(config, "max_position_embeddings", None) if config is not None else None
     for e in examples:
         if vocab is not None and e.input_ids and max(e.input_ids) >= vocab:
-            raise ValueError(f"{e.source}: token id {max(e.input_ids)} is outside the model's vocabulary of {vocab}")
+            raise InputError(f"{e.source}: token id {max(e.input_ids)} is outside the model's vocabulary of {vocab}")
         if isinstance(positions, int) and len(e.input_ids) > positions:
-            raise ValueError(
+            raise InputError(
                 f"{e.source}: {len(e.input_ids)} tokens, more than the model's {positions} positions; shorten it"
             )
 

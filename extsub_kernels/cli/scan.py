@@ -1,0 +1,192 @@
+"""`extsub-scan`: the command line over `extsub_kernels.scan()`; parsing and messages, nothing more.
+
+Exit codes, signals and one-line messages come from common.py. Heavy imports (torch,
+transformers) happen inside `main`, after the signal handlers are set, so a Ctrl-C or SIGTERM
+at any moment ends with one line and the documented exit code.
+"""
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from extsub_kernels._version import __version__
+from extsub_kernels.cli.common import (
+    EXIT_OK,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    fail,
+    guarded,
+    run_command,
+    say,
+    shown_warnings,
+)
+from extsub_kernels.errors import ScanInterrupted
+
+PROG = "extsub-scan"
+
+EPILOG = f"""\
+inputs:
+  EXPERT, ANTI: PEFT adapters of one type, LoRA, (IA)³ or prefix-tuning (folders, bare .safetensors
+  files, hub ids), or full fine-tuned models of MODEL. MODEL (--base) is loaded once with
+  transformers, with its own tokenizer.
+  KEEP, FORGET: .txt (one example per line), or .jsonl with "text", or "prompt" + "completion"
+  (only the completion is scored), or "input_ids" (pre-tokenised, for models without a tokenizer).
+  PROMPTS: .txt (one per line), or .jsonl with "prompt" or "prompt_ids".
+
+what is measured at every (method, λ):
+  the merge is installed in the loaded model in place (LoRA: the factored weights are rebuilt,
+  ΔW is never formed; (IA)³, prefix-tuning: the merged vectors or prefix; full models: the op on
+  the device, the model must fit there), then: mean NLL per token on KEEP and on FORGET; with
+  --prompts, greedy continuations scored by rep-4 and distinct-1/2.
+  λ = 0 is the expert itself and is measured once (method "expert").
+
+λ grid:
+  --lam 0:2:0.2        start:stop:step (stop included): 0, 0.2, ..., 2 (the default)
+  --lam 0,0.5,1,2      a list; items may mix numbers and ranges: 0:1:0.25,1.5,2
+  A λ applies to every anti-expert; λ = 0 is always added.
+
+outputs in SCAN_DIR:
+  scan.json   everything: the rows, the recommendation per method, seconds of merges and evaluations
+  scan.csv    one line per method and λ;  scan.md  the table;  scan.png  one panel per metric
+  recommended λ per method: the largest FORGET-NLL increase whose KEEP-NLL rises at most
+  --max-keep-increase (relative) over λ = 0. --save-best OUT writes the merge at the first
+  --method's recommended λ exactly as extsub-merge does (--format: an adapter format, or
+  "model" for the full merged model θ₀ + ΔW' with MODEL as --base).
+
+examples:
+  {PROG} expert_adapter/ anti_adapter/ --base org/base-model --keep keep.jsonl --forget forget.jsonl -o scan/
+  {PROG} expert/ anti/ --base base/ --keep keep.txt --forget forget.txt --prompts prompts.txt -o scan/ \\
+      --lam 0,0.5,1,1.5,2 --method ext-sub,sub --save-best best_adapter/
+
+exit codes:
+  0    done
+  1    a failure during the scan, or an input changed while it ran (the rows measured before are in SCAN_DIR)
+  2    bad usage or bad input (nothing is written)
+  130  interrupted (Ctrl-C); 143 terminated (SIGTERM): the rows measured so far are in SCAN_DIR
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `extsub-scan` (imports the option vocabulary, hence torch)."""
+    from extsub_kernels.engine.options import EVAL_DTYPES, SAVE_FORMATS
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Choose λ by measuring it: load the base once, install the Ext-Sub merge at every λ in place,\n"
+        "measure NLL on text to keep and to forget (and repetition of generations), plot and recommend.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    add("expert", metavar="EXPERT", help="the expert θ⁺: an adapter, or a full model of MODEL")
+    add("anti", metavar="ANTI", nargs="+", help="anti-expert(s) θ⁻, applied in order")
+    add("--base", metavar="MODEL", required=True, help="the base model, loaded once (a folder or hub id)")
+    add("--keep", metavar="KEEP", required=True, help="text the merged model should still model well")
+    add("--forget", metavar="FORGET", required=True, help="examples of the deficiency to unlearn")
+    add("-o", "--out", metavar="SCAN_DIR", required=True, help="folder for scan.json, scan.csv, scan.md, scan.png")
+    add("--lam", default="0:2:0.2", metavar="GRID", help="λ values: start:stop:step and/or a list (default 0:2:0.2)")
+    add("--method", default="ext-sub,sub", metavar="M[,M]", help="methods to compare (default ext-sub,sub)")
+    add("--prompts", metavar="PROMPTS", help="prompts whose greedy continuations get rep-4 and distinct-n")
+    add("--max-new-tokens", type=int, default=64, metavar="N", help="longest continuation (default 64)")
+    add("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    add(
+        "--dtype",
+        choices=list(EVAL_DTYPES),
+        default="auto",
+        help="the model's dtype (default auto: the checkpoint's on CUDA, float32 on the CPU)",
+    )
+    add("--batch-size", type=int, default=8, metavar="N", help="examples per forward pass (default 8)")
+    add(
+        "--max-keep-increase",
+        type=float,
+        default=0.05,
+        metavar="F",
+        help="recommendation: KEEP-NLL may rise by this fraction over λ = 0 (default 0.05)",
+    )
+    add("--save-best", metavar="OUT", help="write the merge at the first method's recommended λ, as extsub-merge does")
+    add(
+        "--format",
+        dest="save_format",
+        choices=SAVE_FORMATS,
+        help="--save-best's format: an adapter format of extsub-merge, or model (θ₀ + ΔW')",
+    )
+    add("--force", action="store_true", help="replace the scan files in SCAN_DIR and an existing --save-best OUT")
+    add("-q", "--quiet", action="store_true", help="print errors only")
+    add("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `extsub-scan` with `argv` (default: sys.argv[1:]); returns the exit code."""
+    return run_command(PROG, lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    with shown_warnings(PROG, quiet=args.quiet):
+        try:
+            code, result = guarded(PROG, lambda: _scan(args), "scan")
+        except ScanInterrupted as e:  # the rows measured so far are in SCAN_DIR: say where
+            where = f"; the {len(e.result.rows)} rows measured are in {e.result.files[0]}" if e.result.files else ""
+            return fail(PROG, f"{e}{where}", EXIT_SIGTERM if e.terminated else EXIT_SIGINT)
+    if code == EXIT_OK and not args.quiet:
+        from extsub_kernels.lambda_scan.report import markdown_table
+
+        print(markdown_table(result))
+        for line in _summary(result):
+            say(f"{PROG}: {line}")
+    return code
+
+
+def _scan(args: argparse.Namespace) -> object:
+    from extsub_kernels.lambda_scan import scan
+
+    return scan(
+        args.expert,
+        args.anti,
+        base=args.base,
+        keep=args.keep,
+        forget=args.forget,
+        out=args.out,
+        lam=args.lam,
+        method=args.method,
+        prompts=args.prompts,
+        max_new_tokens=args.max_new_tokens,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        max_keep_increase=args.max_keep_increase,
+        save_best=args.save_best,
+        save_format=args.save_format,
+        force=args.force,
+        progress=not args.quiet,
+    )
+
+
+def _summary(result) -> list[str]:
+    """What the scan found and where it is: recommendations, the cost of a merge against an evaluation, files."""
+    timing = result.timing
+    lines = []
+    for method, rec in result.recommendations.items():
+        lines.append(f"{method}: recommended λ = {rec.lam:g}: {rec.note}")
+    share = timing.get("merge_share_of_smallest_evaluation")
+    smallest = timing.get("smallest_evaluation")
+    cost = (
+        f"; a merge costs {share:.2%} of the smallest evaluation ({smallest}, "
+        f"{timing[f'{smallest}_seconds_median']:.3g} s)"
+        if share is not None
+        else ""
+    )
+    lines.append(
+        f"{len(result.rows)} points in {timing['total_seconds']:.3g} s (model loaded in {timing['load_seconds']:.3g} s)"
+        f"{cost}"
+    )
+    if result.files:
+        lines.append(f"wrote {', '.join(str(p) for p in result.files)}")
+    if result.saved is not None:
+        lines.append(f"saved the best merge: {result.saved.summary()}")
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""The λ scan (DESIGN §8): one load of the base model, the merge at every (method, λ) installed in place and measured.
+
+`scan()` is the entry point (also `extsub_kernels.scan` and the `extsub-scan` command). Modules:
+`run` (the scan), `installers` (the merge put into the loaded model, per PEM type and for full
+models), `evaluate` and `metrics` (NLL, greedy generations, rep-n, distinct-n), `model` (loading
+BASE with transformers), `results` (rows, recommendation, timing), `report` and `plot` (the
+files in SCAN_DIR), `cli` (the command line).
+
+Names are imported on first use, so the command line sets its signal handlers before torch loads.
+"""
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from extsub_kernels.lambda_scan.results import Recommendation, ScanResult, ScanRow
+    from extsub_kernels.lambda_scan.run import scan
+
+_LOCATIONS = {
+    "Recommendation": "extsub_kernels.lambda_scan.results",
+    "ScanResult": "extsub_kernels.lambda_scan.results",
+    "ScanRow": "extsub_kernels.lambda_scan.results",
+    "scan": "extsub_kernels.lambda_scan.run",
+}
+
+
+def __getattr__(name: str) -> object:
+    """Import a public name from its module on first use (PEP 562)."""
+    module = _LOCATIONS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'extsub_kernels.lambda_scan' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = ["Recommendation", "ScanResult", "ScanRow", "scan"]

@@ -1,0 +1,61 @@
+"""Installers: the merge at each (method, λ) put into the loaded model in place, one per kind of input.
+
+`make_installer` picks the one for the inputs: each PEM type of the adapter family has its own
+(`LoraInstaller`, `IA3Installer`, `PrefixInstaller`, all `AdapterInstaller`s), full models with
+a base have `FullModelInstaller`. A new PEM type plugs in by adding its adapter class and
+installer to `ADAPTER_INSTALLERS`.
+"""
+
+from collections.abc import Sequence
+
+import torch
+
+from extsub_kernels.adapters import IA3Adapter, LoraAdapter, PrefixAdapter
+from extsub_kernels.adapters.run import load_inputs
+from extsub_kernels.errors import InputError
+from extsub_kernels.io import ResolvedInput
+from extsub_kernels.lambda_scan.installers.base import AdapterInstaller, Installer
+from extsub_kernels.lambda_scan.installers.full_model import FullModelInstaller
+from extsub_kernels.lambda_scan.installers.ia3 import IA3Installer
+from extsub_kernels.lambda_scan.installers.lora import LoraInstaller
+from extsub_kernels.lambda_scan.installers.prefix import PrefixInstaller
+
+# Adapter class (as `load_adapter` returns it) → the installer of that PEM type.
+ADAPTER_INSTALLERS: dict[type, type[AdapterInstaller]] = {
+    LoraAdapter: LoraInstaller,
+    IA3Adapter: IA3Installer,
+    PrefixAdapter: PrefixInstaller,
+}
+
+
+def make_installer(
+    inputs: Sequence[tuple[str, ResolvedInput]], *, adapters: bool, methods: Sequence[str], device: torch.device
+) -> Installer:
+    """The installer for `inputs` (EXPERT, the ANTIs, BASE last), before the base model is loaded.
+
+    Adapters are loaded and validated here (and merged once per method, which checks that they
+    fit together); full models are planned from their headers. `attach` the loaded model next.
+
+    Raises:
+        InputError: adapters that do not fit each other or the base model, a PEM type the scan
+            cannot install, full models that do not match the base.
+    """
+    if not adapters:
+        return FullModelInstaller(inputs, device)
+    loaded = load_inputs([(role, inp) for role, inp in inputs[:-1]])
+    installer = ADAPTER_INSTALLERS.get(type(loaded[0]))
+    if installer is None:
+        raise InputError(f"{loaded[0].source}: the scan cannot install {type(loaded[0]).__name__} adapters yet")
+    return installer(loaded, methods)
+
+
+__all__ = [
+    "ADAPTER_INSTALLERS",
+    "AdapterInstaller",
+    "FullModelInstaller",
+    "IA3Installer",
+    "Installer",
+    "LoraInstaller",
+    "PrefixInstaller",
+    "make_installer",
+]

@@ -1,0 +1,91 @@
+"""LoRA adapters in a scan: PEFT LoRA layers of rank r⁺ + r⁻ whose factors are rewritten for each (method, λ).
+
+The factored merge (DESIGN §3) gives, per module, ΔW' = B'·A' of rank r⁺ + Σr⁻ whatever λ;
+only B' changes with λ. So the base model is wrapped once in PEFT LoRA layers of those ranks
+(the largest over the scanned methods: `sub` keeps modules only anti-experts have, `ext-sub`
+drops them) and each point copies B' and A' in, padded with zeros; ΔW' is never formed. The
+scaling is folded into B', so every layer's scaling is 1. The merge is the family's own, as a
+`LoraSweep`: the row norms and scaled factors, which λ does not change, are computed once, and
+it runs where the model is (on a GPU, a point's merge is a few element-wise kernels).
+"""
+
+from collections.abc import Sequence
+
+import torch
+
+from extsub_kernels.adapters import LoraAdapter, LoraModule, LoraSweep, PeftAdapter
+from extsub_kernels.adapters.peft import exact_pattern
+from extsub_kernels.lambda_scan.installers.base import ADAPTER_NAME, AdapterInstaller, put
+
+
+class LoraInstaller(AdapterInstaller):
+    """LoRA adapters (`LoraAdapter`s) installed into PEFT LoRA layers on the loaded base model."""
+
+    kind = "LoRA adapters"
+
+    def __init__(self, adapters: Sequence[LoraAdapter], methods: Sequence[str]):
+        self.sweeps: dict[str, LoraSweep] = {}
+        super().__init__(adapters, methods)
+        self.ranks: dict[str, int] = {}
+        for merged in self.checked.values():  # ranks do not depend on λ
+            for name, module in merged.modules.items():
+                self.ranks[name] = max(self.ranks.get(name, 0), module.rank)
+
+    def prepare(self, methods: Sequence[str]) -> dict[str, PeftAdapter]:
+        """One `LoraSweep` per method (it checks the adapters); its template is the merge at λ = 1."""
+        self.sweeps = {method: LoraSweep(self.expert, self.antis, method) for method in methods}
+        return {method: sweep.template for method, sweep in self.sweeps.items()}
+
+    def attach(self, model: torch.nn.Module, base_name: str) -> None:
+        """Wrap `model` in PEFT LoRA layers of the merged ranks (scaling 1, zero weights)."""
+        import peft
+
+        default = max(self.ranks.values())
+        config = peft.LoraConfig(
+            task_type="CAUSAL_LM",
+            r=default,
+            lora_alpha=default,
+            rank_pattern={exact_pattern(name): r for name, r in self.ranks.items() if r != default},
+            target_modules=sorted(self.ranks),
+            lora_dropout=0.0,
+            fan_in_fan_out=self.expert.fan_in_fan_out,
+            bias="none",
+        )
+        self.model = self.wrap(model, config, base_name, list(self.ranks))
+        device = next(self.model.parameters()).device
+        if device.type != "cpu":
+            self.sweeps = {method: sweep.to(device) for method, sweep in self.sweeps.items()}
+        self.slots = {name: self._slot(name, base_name) for name in self.ranks}
+
+    def _slot(self, name: str, base_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lora_A weight, lora_B weight) of module `name`, zeroed, its layer's scaling set to 1, its shape checked."""
+        layer = self.model.base_model.model.get_submodule(name)
+        a, b = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+        layer.scaling[ADAPTER_NAME] = 1.0
+        module = next(m.modules[name] for m in self.checked.values() if name in m.modules)
+        if (b.shape[0], a.shape[1]) != (module.out_features, module.in_features):
+            raise self._shape_error(
+                f"module {name} (out, in)",
+                (module.out_features, module.in_features),
+                (b.shape[0], a.shape[1]),
+                base_name,
+            )
+        with torch.no_grad():
+            a.zero_()
+            b.zero_()
+        return a, b
+
+    def install(self, method: str, lam: float) -> None:
+        """Copy B' and A' of the merge at (method, λ) into every layer, zero-padded to the layer's rank."""
+        merged: dict[str, LoraModule] = self.sweeps[method].modules(lam)
+        with torch.no_grad():
+            for name, (a, b) in self.slots.items():
+                module = merged.get(name)
+                if module is None:  # not part of this method's result
+                    b.zero_()
+                    continue
+                r = module.rank
+                scaled = module.lora_B if module.scaling == 1.0 else module.lora_B.double() * module.scaling
+                put(a[:r], module.lora_A, f"module {name} lora_A", method, lam)
+                put(b[:, :r], scaled, f"module {name} lora_B", method, lam)
+                b[:, r:].zero_()

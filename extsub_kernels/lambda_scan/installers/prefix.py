@@ -1,0 +1,44 @@
+"""Prefix-tuning adapters in a scan: a PEFT prefix (in inference mode) whose key/value rows are rewritten per point.
+
+The family merge works on the saved `prompt_embeddings` (the per-head key/value rows, DESIGN §6);
+PEFT in inference mode uses exactly that tensor as the prefix, with or without the training-time
+projection, so each point copies the merged tensor into the prompt encoder's embedding.
+"""
+
+from collections.abc import Sequence
+
+import torch
+
+from extsub_kernels.adapters import PrefixAdapter
+from extsub_kernels.errors import InputError
+from extsub_kernels.lambda_scan.installers.base import ADAPTER_NAME, AdapterInstaller, put
+
+
+class PrefixInstaller(AdapterInstaller):
+    """Prefix-tuning adapters (`PrefixAdapter`s) installed as the prefix of a PEFT model on the loaded base."""
+
+    kind = "prefix-tuning adapters"
+
+    def __init__(self, adapters: Sequence[PrefixAdapter], methods: Sequence[str]):
+        super().__init__(adapters, methods)
+
+    def attach(self, model: torch.nn.Module, base_name: str) -> None:
+        """Wrap `model` in a PEFT prefix of the expert's geometry (inference mode: the saved tensor is the prefix)."""
+        import peft
+
+        try:
+            config = peft.get_peft_config({**self.expert.config, "inference_mode": True})
+        except (TypeError, ValueError) as e:
+            raise InputError(f"{self.expert.source}: PEFT cannot read its prefix-tuning config ({e})") from None
+        self.model = self.wrap(model, config, base_name)
+        self.slot = self.model.prompt_encoder[ADAPTER_NAME].embedding.weight
+        if self.slot.shape != self.expert.prompt_embeddings.shape:
+            raise self._shape_error(
+                "prompt_embeddings", self.expert.prompt_embeddings.shape, self.slot.shape, base_name
+            )
+
+    def install(self, method: str, lam: float) -> None:
+        """Copy the merged prompt embeddings into the prefix."""
+        merged = self.merge(method, lam)
+        with torch.no_grad():
+            put(self.slot, merged.prompt_embeddings, "prompt_embeddings", method, lam)

@@ -1,0 +1,109 @@
+"""The model a scan evaluates: BASE loaded once with `transformers`, with its own tokenizer, on the device.
+
+Also the one check of the scan's optional dependencies, so a missing one is named with the
+command that installs it instead of failing on an import deep inside.
+"""
+
+import importlib
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from extsub_kernels.errors import InputError
+from extsub_kernels.io import ResolvedInput
+
+SCAN_EXTRA = 'pip install "extsub[scan]"'
+# Files any of which means the folder has a tokenizer (AutoTokenizer reads them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def require(*packages: str) -> None:
+    """Raise an InputError naming every one of `packages` that cannot be imported, with the install command.
+
+    Example:
+        >>> require("transformers", "peft")
+    """
+    missing = []
+    for name in packages:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise InputError(
+            f"the λ scan needs {', '.join(missing)}, which {verb} not installed; install with: {SCAN_EXTRA}"
+        )
+
+
+def evaluation_dtype(requested: torch.dtype | None, device: torch.device, base: ResolvedInput) -> torch.dtype:
+    """The dtype the model is loaded and evaluated in: as asked, else the checkpoint's on CUDA, float32 on the CPU."""
+    if requested is not None:
+        return requested
+    if device.type == "cuda":
+        config = base.config() or {}
+        name = config.get("dtype") or config.get("torch_dtype")
+        dtype = getattr(torch, name, None) if isinstance(name, str) else None
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+            return dtype
+    return torch.float32
+
+
+def load_tokenizer(base: ResolvedInput):
+    """BASE's tokenizer (`AutoTokenizer`), or None when its folder has no tokenizer files."""
+    folder = _model_folder(base)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        with _quiet_transformers():
+            return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"BASE {base.spec}: its tokenizer cannot be loaded ({type(e).__name__}: {e})") from None
+
+
+def load_model(base: ResolvedInput, *, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """BASE as a causal language model (`AutoModelForCausalLM`), in `dtype`, on `device`, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    folder = _model_folder(base)
+    try:
+        with _quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise InputError(
+            f"BASE {base.spec}: transformers cannot load it as a causal language model ({type(e).__name__}: {e})"
+        ) from None
+    return model.to(device).eval()
+
+
+def _model_folder(base: ResolvedInput):
+    if base.kind == "file" or base.config_file("config.json") is None:
+        raise InputError(
+            f"BASE {base.spec}: the scan loads BASE with transformers, so it must be a model folder (or hub id) "
+            "with a config.json beside the weights"
+        )
+    return base.root
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No loading bars or info logs from transformers while BASE loads (the scan has its own progress)."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()

@@ -1,0 +1,349 @@
+"""`scan()`: load the base once, then for each (method, λ) install the merge in place and measure it (DESIGN §8).
+
+Validate every option and input first (nothing is written on bad input), load the model and
+the sets, prepare the installer, then walk the points behind one progress bar: λ = 0 (the
+expert) once, then every method at every other λ. scan.json is rewritten after each row; at the
+end (or on Ctrl-C / SIGTERM) every file is written from the rows so far. `save_best` then writes
+the recommended merge through `merge()`, exactly as `extsub-merge` would.
+"""
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from extsub_kernels._version import __version__
+from extsub_kernels.engine.options import (
+    FULL_MODEL_FORMAT,
+    SAVE_FORMATS,
+    EvalDtypeName,
+    check_choice,
+    eval_dtype,
+    input_roles,
+    parse_lam_grid,
+    parse_methods,
+    resolve_device,
+    warn_negative_lams,
+)
+from extsub_kernels.errors import InputError, ScanInterrupted, Terminated
+from extsub_kernels.io import ResolvedInput, check_outputs, resolve_input
+from extsub_kernels.io.atomic import terminate_as_interrupt
+from extsub_kernels.io.identity import InputSnapshot
+from extsub_kernels.io.outputs import check_report_folder
+from extsub_kernels.lambda_scan.evaluate import EvaluationSets, Evaluator
+from extsub_kernels.lambda_scan.installers import Installer, make_installer
+from extsub_kernels.lambda_scan.model import evaluation_dtype, load_model, load_tokenizer, require
+from extsub_kernels.lambda_scan.report import SCAN_FILES, ScanFiles
+from extsub_kernels.lambda_scan.results import EXPERT, ScanResult, ScanRow, recommend, timing_summary
+
+PathLike = str | os.PathLike
+_CHANGED = "the rows measured before that was seen are kept, nothing was saved; run again once the inputs are stable"
+
+
+def scan(
+    expert: PathLike,
+    anti: PathLike | Sequence[PathLike],
+    *,
+    base: PathLike,
+    keep: PathLike,
+    forget: PathLike,
+    out: PathLike | None = None,
+    lam: str | float | Sequence[float] = "0:2:0.2",
+    method: str | Sequence[str] = "ext-sub,sub",
+    prompts: PathLike | None = None,
+    max_new_tokens: int = 64,
+    device: str | torch.device = "auto",
+    dtype: EvalDtypeName | torch.dtype = "auto",
+    batch_size: int = 8,
+    max_keep_increase: float = 0.05,
+    save_best: PathLike | None = None,
+    save_format: str | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> ScanResult:
+    """Measure the Ext-Sub merge of an expert and anti-expert(s) at every λ, on one loaded base model.
+
+    For adapters each point rebuilds the factored weights in place (never ΔW); for full models
+    each point runs the op on the device into the loaded model. Each point is measured: mean
+    NLL on `keep` and `forget`, and with `prompts` greedy generations scored by rep-4 and
+    distinct-1/2.
+
+    Args:
+        expert: θ⁺: a PEFT adapter (folder, bare file or hub id), or a full model (with `base` its base).
+        anti: θ⁻, one or several, applied in order (same kind as the expert).
+        base: the base model, loaded once with transformers (a folder or hub id with config.json).
+        keep: text the merged model should still model well (.txt lines, or .jsonl text /
+            prompt + completion / input_ids).
+        forget: examples of the deficiency (same formats).
+        out: SCAN_DIR for scan.json, scan.csv, scan.md and scan.png (None: nothing written).
+        lam: the λ grid: "0:2:0.2" (start:stop:step), "0,0.5,1,2", both mixed, or a list; λ = 0 is always measured.
+        method: the methods to compare, "ext-sub,sub" or a list.
+        prompts: prompts to continue greedily (.txt lines, or .jsonl prompt / prompt_ids).
+        max_new_tokens: the longest continuation.
+        device: "auto", "cpu", "cuda" or "cuda:N".
+        dtype: the model's dtype while evaluating: "auto" (the checkpoint's on CUDA, float32 on the
+            CPU), "float32", "float64", "bfloat16", "float16".
+        batch_size: examples (or prompts) per forward pass.
+        max_keep_increase: the recommendation's budget: KEEP-NLL may rise by this fraction over λ = 0.
+        save_best: write the merge at the recommended λ of the first method here, as `merge()` does.
+        save_format: the format of `save_best`: an adapter format of `extsub-merge --format`, or
+            "model" (the full merged model θ₀ + ΔW', what `--base` writes). Default: the adapter
+            type's own format; always "model" for full models.
+        force: replace existing scan files in `out` and an existing `save_best`.
+        progress: a progress bar over the points (stderr).
+
+    Returns:
+        A ScanResult: `rows` (iterate it), `recommendations`, `timing`, `files`, `saved`.
+
+    Raises:
+        InputError: bad options or inputs, before anything is written.
+        ScanInterrupted: Ctrl-C or SIGTERM; `.result` has the rows so far, written to `out` too.
+        MergeError: an input changed while the scan read it, or a merge overflowed the model's dtype (the
+            rows before it are written to `out`, with the status saying why the scan stopped).
+
+    Example:
+        >>> result = scan("expert/", "anti/", base="org/base", keep="keep.txt", forget="forget.jsonl", out="scan/")
+        >>> [(r.method, r.lam, r.keep_nll) for r in result]  # doctest: +SKIP
+    """
+    started = time.perf_counter()
+    grid, methods = parse_lam_grid(lam), parse_methods(method)
+    for name in methods:
+        warn_negative_lams([(v,) for v in grid], name)
+    _check_numbers(max_new_tokens=max_new_tokens, batch_size=batch_size, max_keep_increase=max_keep_increase)
+    target = resolve_device(device)
+    requested_dtype = eval_dtype(dtype)
+    require("transformers", *(["matplotlib"] if out is not None else []))
+    antis = [anti] if isinstance(anti, (str, os.PathLike)) else list(anti)
+    if not antis:
+        raise InputError("give at least one anti-expert")
+    inputs = _resolve(expert, antis, base, quiet=not progress)
+    snapshot = InputSnapshot(inputs, reader="the scan", then=_CHANGED)
+    adapters = _adapter_inputs(inputs)
+    if adapters:
+        require("peft")
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None:
+        check_report_folder(out_dir, SCAN_FILES, inputs, force=force)
+    save_format = _check_save(save_best, save_format, inputs, adapters=adapters, force=force)
+
+    base_input = inputs[-1][1]
+    tokenizer = load_tokenizer(base_input)
+    sets = EvaluationSets.load(keep, forget, prompts, tokenizer)
+    timing: dict[str, float] = {}
+    installer = _installer(inputs, adapters, methods, target, requested_dtype, timing)
+    setup = _setup(inputs, installer, sets, grid, methods, target, batch_size, max_keep_increase)
+    setup["options"]["max_new_tokens"] = max_new_tokens if prompts is not None else None
+    points = [(EXPERT, 0.0)] + [(m, x) for m in methods for x in grid if x != 0]
+    rows: list[ScanRow] = []
+
+    def result(status: str) -> ScanResult:
+        now = {**timing, "total_seconds": time.perf_counter() - started, **timing_summary(rows)}
+        recommendations = {m: recommend(rows, m, max_keep_increase) for m in methods}
+        return ScanResult(rows, recommendations, status, len(points), setup, now)
+
+    files = ScanFiles(out_dir, force=force) if out_dir is not None else None
+    evaluator = Evaluator(sets, tokenizer, batch_size, max_new_tokens, target)
+    try:
+        with terminate_as_interrupt():
+            after = (lambda: files.progress(result("running"))) if files is not None else (lambda: None)
+            _walk(points, methods[0], installer, evaluator, rows, target, progress, after, snapshot.check)
+    except BaseException as e:
+        status = _stopped(e)
+        partial = result(status)
+        if files is not None:
+            partial.files = files.final(partial)
+        if isinstance(e, KeyboardInterrupt):
+            raise ScanInterrupted(
+                f"{status} after {len(rows)} of {len(points)} points", partial, terminated=status == "terminated"
+            ) from None
+        _name_written(e, partial.files)
+        raise
+    finally:
+        installer.close()
+    final = result("complete")
+    if files is not None:
+        final.files = files.final(final)
+    if save_best is not None:
+        try:
+            snapshot.check()  # merge() reads the inputs again: they must be the ones measured
+            final.saved = _save(final, inputs, methods[0], save_best, save_format, force=force, progress=progress)
+        except Exception as e:
+            _name_written(e, final.files)
+            raise
+    return final
+
+
+def _name_written(error: BaseException, files: Sequence[Path]) -> None:
+    """Attach the scan files already written to `error` (`published`), so the command line says where the rows are."""
+    if files and not getattr(error, "published", ()):
+        with contextlib.suppress(AttributeError):
+            error.published = tuple(files)  # type: ignore[attr-defined]
+
+
+def _installer(
+    inputs: Sequence[tuple[str, ResolvedInput]],
+    adapters: bool,
+    methods: Sequence[str],
+    device: torch.device,
+    requested_dtype: torch.dtype | None,
+    timing: dict[str, float],
+) -> Installer:
+    """The installer, made from the inputs (validating them) before BASE loads, then attached to BASE loaded."""
+    start = time.perf_counter()
+    installer = make_installer(inputs, adapters=adapters, methods=methods, device=device)
+    prepared = time.perf_counter()
+    try:
+        base = inputs[-1][1]
+        model = load_model(base, device=device, dtype=evaluation_dtype(requested_dtype, device, base))
+        loaded = time.perf_counter()
+        installer.attach(model, base.name)
+    except BaseException:
+        installer.close()
+        raise
+    timing["load_seconds"] = loaded - prepared
+    timing["prepare_seconds"] = (prepared - start) + (time.perf_counter() - loaded)
+    return installer
+
+
+def _setup(inputs, installer, sets, grid, methods, device, batch_size, max_keep_increase) -> dict:
+    """What was scanned, as scan.json records it: version, date, the PEM kind, inputs, sets, options."""
+    expert, antis, base = inputs[0][1], [i for _, i in inputs[1:-1]], inputs[-1][1]
+    dtype = next(installer.model.parameters()).dtype
+    return {
+        "extsub_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "pem": installer.kind,
+        "inputs": {"expert": expert.spec, "anti": [a.spec for a in antis], "base": base.spec},
+        "names": {"expert": expert.name, "anti": [a.name for a in antis], "base": base.name},
+        "sets": sets.describe(),
+        "options": {
+            "lam": list(grid),
+            "methods": list(methods),
+            "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "batch_size": batch_size,
+            "max_keep_increase": max_keep_increase,
+        },
+    }
+
+
+def _stopped(error: BaseException) -> str:
+    """The status of a scan stopped by `error`: interrupted (Ctrl-C), terminated (SIGTERM) or failed: <why>."""
+    if isinstance(error, Terminated):
+        return "terminated"
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    return f"failed: {type(error).__name__}: {error}"
+
+
+def _walk(
+    points: Sequence[tuple[str, float]],
+    first_method: str,
+    installer: Installer,
+    evaluator: Evaluator,
+    rows: list[ScanRow],
+    device: torch.device,
+    progress: bool,
+    after: Callable[[], object],
+    check_inputs: Callable[[], None],
+) -> None:
+    """Install and measure each point in turn, appending its row and calling `after()` once it is in.
+
+    λ = 0 (the expert's row) is installed through the first method: every method gives the expert there.
+    A row is kept only if the inputs are still those the scan started with (`check_inputs`; full models
+    are read again at every point).
+    """
+    bar = tqdm(points, desc="extsub-scan", unit="point", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    with bar:
+        for method, lam in bar:
+            bar.set_postfix_str(f"{method} λ={lam:g}")
+            start = time.perf_counter()
+            installer.install(first_method if method == EXPERT else method, lam)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            merge_seconds = time.perf_counter() - start
+            values = evaluator.measure(installer.model)
+            check_inputs()
+            rows.append(ScanRow(method, lam, merge_seconds=merge_seconds, **values))
+            after()
+
+
+def _check_numbers(*, max_new_tokens: int, batch_size: int, max_keep_increase: float) -> None:
+    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(max_keep_increase, bool) or not isinstance(max_keep_increase, (int, float)):
+        raise InputError(f"max_keep_increase must be a number, got {max_keep_increase!r}")
+    if not 0 <= max_keep_increase < float("inf"):
+        raise InputError(f"max_keep_increase must be ≥ 0 (a fraction: 0.05 is +5 %), got {max_keep_increase!r}")
+
+
+def _resolve(
+    expert: PathLike, antis: Sequence[PathLike], base: PathLike, *, quiet: bool
+) -> list[tuple[str, ResolvedInput]]:
+    roles = input_roles(len(antis))
+    inputs = [
+        (role, resolve_input(spec, role=role, quiet=quiet)) for role, spec in zip(roles, [expert, *antis], strict=True)
+    ]
+    return [*inputs, ("BASE", resolve_input(base, role="BASE", quiet=quiet))]
+
+
+def _adapter_inputs(inputs: Sequence[tuple[str, ResolvedInput]]) -> bool:
+    """True for adapters, False for full models; a mix, or an adapter as BASE, is refused."""
+    base = inputs[-1][1]
+    if base.adapter:
+        raise InputError(f"BASE {base.spec!r} is a PEFT adapter; --base takes the base model the scan loads")
+    kinds = {inp.adapter for _, inp in inputs[:-1]}
+    if len(kinds) > 1:
+        (a_role, a), (d_role, d) = (next((r, i) for r, i in inputs[:-1] if i.adapter is k) for k in (True, False))
+        raise InputError(
+            f"{a_role} {a.spec!r} is a PEFT adapter but {d_role} {d.spec!r} is a full checkpoint; "
+            "scan adapters with adapters, or full models with full models"
+        )
+    return kinds == {True}
+
+
+def _check_save(
+    save_best: PathLike | None, save_format: str | None, inputs, *, adapters: bool, force: bool
+) -> str | None:
+    """The format `save_best` is written in, after checking it and its path (before any work)."""
+    if save_best is None:
+        if save_format is not None:
+            raise InputError("--format says how --save-best writes the best merge; give --save-best OUT too")
+        return None
+    if save_format is not None:
+        check_choice(save_format, SAVE_FORMATS, "format")
+    if not adapters and save_format not in (None, FULL_MODEL_FORMAT):
+        raise InputError(f"full models merge into a full model; --format {save_format} is for adapter inputs")
+    fmt = save_format if adapters else FULL_MODEL_FORMAT
+    merge_inputs = inputs if fmt == FULL_MODEL_FORMAT else inputs[:-1]
+    check_outputs([Path(save_best)], merge_inputs, force=force)
+    return fmt
+
+
+def _save(result: ScanResult, inputs, method: str, out: PathLike, fmt: str | None, *, force: bool, progress: bool):
+    """The merge at the recommended λ of `method`, written by `merge()` as extsub-merge writes it."""
+    from extsub_kernels.adapters import AdapterOptions
+    from extsub_kernels.merge import merge
+
+    rec = result.recommendations[method]
+    specs = [inp.spec for _, inp in inputs]
+    full = fmt == FULL_MODEL_FORMAT
+    adapter = AdapterOptions(output_format=None if full else fmt)
+    return merge(
+        specs[0],
+        specs[1:-1],
+        out,
+        lam=rec.lam,
+        method=method,
+        base=specs[-1] if full else None,
+        force=force,
+        progress=progress,
+        adapter=adapter,
+    )
