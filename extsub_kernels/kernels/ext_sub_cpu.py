@@ -4,8 +4,9 @@ Per row: p' = α·p + β·m with α = 1 + (λ/2)·|m|/|p|, β = −λ/2 (DESIGN.
 keep p. On request the same pass stores each row's |p|², |m|² and p·m (DESIGN.md §7), or
 takes only those sums (`row_sums`). The C++ file has no torch headers, so a build takes a few
 seconds with any C++17 compiler; the library lands in a per-user cache keyed by the source, the
-flags and the compiler, so later processes load it in milliseconds. Without a compiler, or when the build fails, `load()`
-returns None with the reason in `status()`, and the op runs its eager torch path instead.
+flags and the compiler, so later processes load it in milliseconds. Without a compiler, or when
+the build fails, `load()` returns None with the reason in `status()`, and the op runs its eager
+torch path instead.
 
 Threads: ctypes releases the GIL, so a small pool of Python threads, as many as
 `torch.get_num_threads()` allows, claims chunks of rows from a shared counter inside the C++
