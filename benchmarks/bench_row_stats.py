@@ -8,12 +8,13 @@ Three variants over the same inputs, taking turns call by call (so a busy machin
 
 p is restored from a copy before every call, outside the timed region. The cost is the median
 (and the fastest) time of each variant over that of the op, minus one. On CPU the op runs
-the eager torch path on one thread, as the merge engine does on a 2-core machine.
+on one thread, as the merge engine does on a 2-core machine, with what backend="auto" picks
+there (the C++ kernel, or the eager torch path; each row names it).
 
     python benchmarks/bench_row_stats.py                      # all shapes, bf16 and fp32, 15 calls each
     python benchmarks/bench_row_stats.py --reps 31 --shapes 4096x4096
 
-Rows go to benchmarks/results/row-stats-<date>-<device>.json, the table to a .md beside them.
+Rows go to benchmarks/results/row-stats-<date>-<device>[-<tag>].json, the table to a .md beside them.
 """
 
 import argparse
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from extsub_kernels.ops import ext_sub_, row_products
+from extsub_kernels.ops import ext_sub_, op_backend, row_products
 
 from _common import RESULTS, environment
 
@@ -69,7 +70,8 @@ def markdown(rows: list[dict]) -> str:
     first = rows[0]
     lines = [
         f"{first['date']}, {first['device']}, torch {first['torch']}, extsub {first['version']}, "
-        f"{first['threads']} thread(s), {first['reps']} calls per variant, interleaved; λ = {LAM}.",
+        f"{first['threads']} thread(s), {first['reps']} calls per variant, interleaved; λ = {LAM}; "
+        f"op: {first.get('op_backend', 'torch: eager torch ops')}.",
         "",
         "| shape | dtype | variant | median ms | fastest ms | cost (median) | cost (fastest) |",
         "|---|---|---|---:|---:|---:|---:|",
@@ -94,6 +96,7 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(f"{r}x{c}" for r, c in SHAPES))
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (the engine's on 2 cores: 1)")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--tag", default="", help="a suffix for the result files")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -104,6 +107,7 @@ def main() -> None:
         for label, dtype in DTYPES.items():
             times = measure(shape, dtype, args.reps, device)
             row = {**environment(str(device)), "reps": args.reps, "shape": text, "dtype": label}
+            row["op_backend"] = op_backend(device)
             for name, values in times.items():
                 row[name] = {
                     "median_ms": 1e3 * statistics.median(values),
@@ -114,7 +118,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in times}), flush=True)
     args.results.mkdir(parents=True, exist_ok=True)
-    stem = args.results / f"row-stats-{rows[0]['date']}-{device.type}"
+    stem = args.results / f"row-stats-{rows[0]['date']}-{device.type}{'-' + args.tag if args.tag else ''}"
     stem.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(rows))
     print(markdown(rows))

@@ -1,4 +1,8 @@
-"""The public ops: validation, dispatch by device and backend, and the torch (CPU) path.
+"""The public ops: validation, dispatch by device and backend, and the eager torch path.
+
+Kernels: Triton on CUDA (kernels/ext_sub.py), C++ on CPU (kernels/ext_sub_cpu.py, built at
+first use; `cpu_backend()` says whether it runs). The eager torch path runs everywhere else
+and is the CPU fallback when no compiler is present.
 
 Ext-Sub per row (DESIGN.md §1): p' = α·p + β·m, α = 1 + (λ/2)·|m|/|p|, β = −λ/2;
 rows with |p| = 0 keep p. Only two row norms are needed. On request the same pass also
@@ -16,8 +20,8 @@ import torch
 from extsub_kernels._tensors import as_rows, check_pair, compute_dtype, shares_storage
 from extsub_kernels.reference import ext_sub_reference
 
-Backend = Literal["auto", "triton", "torch", "reference"]
-BACKENDS: tuple[str, ...] = ("auto", "triton", "torch", "reference")
+Backend = Literal["auto", "triton", "cpp", "torch", "reference"]
+BACKENDS: tuple[str, ...] = ("auto", "triton", "cpp", "torch", "reference")
 
 # The torch path works on row blocks of about this many bytes per operand (compute dtype),
 # so the second touch of a block (the write after the norms) is served from cache.
@@ -57,7 +61,7 @@ def ext_sub_coefficients(p_norm: torch.Tensor, m_norm: torch.Tensor, lam: float)
 
 
 def _ext_sub_rows_torch_(p: torch.Tensor, m: torch.Tensor, lam: float, row_stats: torch.Tensor | None = None) -> None:
-    """Closed form in torch, writing into the 2-D tensor `p` (any device); `row_stats` (rows, 3) gets the row sums.
+    """Closed form in eager torch ops into the 2-D tensor `p` (any device; the CPU fallback); `row_stats` gets row sums.
 
     On CPU the rows go in blocks of about _CPU_BLOCK_BYTES per operand: the norms read a block
     from DRAM and the update and the write find it in cache, so memory sees about one pass.
@@ -138,7 +142,8 @@ def row_products(w_plus: torch.Tensor, w_minus: torch.Tensor, *, out: torch.Tens
     """Per row (dim 0) of a pair: |p|², |m|² and p·m, as a (rows, 3) float64 tensor on their device (DESIGN.md §7).
 
     What `ext_sub_(..., row_stats=...)` hands back from its own pass, computed here without
-    the update: reduced in float32 (float64 for float64 inputs) over blocks sized for cache.
+    the update: reduced in float32 (float64 for float64 inputs), by the C++ kernel on CPU rows
+    with contiguous columns when it loads (`cpu_backend()`), else in torch over blocks sized for cache.
 
     Args:
         w_plus, w_minus: the pair, same shape and device, any float dtypes.
@@ -150,12 +155,19 @@ def row_products(w_plus: torch.Tensor, w_minus: torch.Tensor, *, out: torch.Tens
     """
     check_pair(w_plus, w_minus, 0.0)
     rows = _row_count(w_plus)
-    out = _checked_row_stats(out, w_plus) if out is not None else torch.empty(
-        rows, 3, dtype=torch.float64, device=w_plus.device
+    out = (
+        _checked_row_stats(out, w_plus)
+        if out is not None
+        else torch.empty(rows, 3, dtype=torch.float64, device=w_plus.device)
     )
     if rows == 0:
         return out
     p, m = as_rows(w_plus), as_rows(w_minus)
+    if p.device.type == "cpu" and _contiguous_columns(p) and _contiguous_columns(m) and _cpp_kernel_loads():
+        from extsub_kernels.kernels.ext_sub_cpu import row_sums
+
+        row_sums(p, m, out)
+        return out
     compute = compute_dtype(p.dtype, m.dtype)
     step = _block_rows(p, compute)
     for start in range(0, p.shape[0], step):
@@ -165,6 +177,11 @@ def row_products(w_plus: torch.Tensor, w_minus: torch.Tensor, *, out: torch.Tens
         m_norm = torch.linalg.vector_norm(m_wide, dim=1)
         _store_row_sums(out[start : start + step], p_norm, m_norm, p_wide, m_wide)
     return out
+
+
+def _contiguous_columns(t: torch.Tensor) -> bool:
+    """Whether the columns of a 2-D view are contiguous (what both kernels read)."""
+    return t.shape[1] <= 1 or t.stride(1) == 1
 
 
 def _row_count(t: torch.Tensor) -> int:
@@ -202,18 +219,63 @@ def _resolve_backend(backend: str, w_plus: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        if not w_plus.is_cuda:
+        if w_plus.is_cuda:
+            if _triton_importable():
+                return "triton"
+            _warn_no_triton()
             return "torch"
-        if _triton_importable():
-            return "triton"
-        _warn_no_triton()
-        return "torch"
+        return "cpp" if w_plus.device.type == "cpu" and _cpp_kernel_loads() else "torch"
+    if backend == "cpp":
+        if w_plus.device.type != "cpu":
+            raise ValueError(
+                f"backend='cpp' runs on CPU tensors (got a tensor on {w_plus.device}); use 'auto' or 'torch'"
+            )
+        if not _cpp_kernel_loads():
+            raise ValueError(f"backend='cpp' is unavailable here: {cpu_backend()}; backend='torch' runs everywhere")
     if backend == "triton" and not _triton_allowed(w_plus):
         raise ValueError(
             f"backend='triton' needs CUDA tensors (got a tensor on {w_plus.device}); "
             "set TRITON_INTERPRET=1 before importing extsub_kernels to run the kernel on CPU"
         )
     return backend
+
+
+def _cpp_kernel_loads() -> bool:
+    from extsub_kernels.kernels import ext_sub_cpu
+
+    return ext_sub_cpu.load() is not None
+
+
+def cpu_backend() -> str:
+    """Which implementation `backend="auto"` runs on CPU tensors, and why, in one line.
+
+    "cpp: ..." is the C++ kernel (built on first use, then loaded from a per-user cache);
+    "torch: ..." is the eager torch path, with the reason the kernel is not used. The first
+    call in a process may build the kernel (a few seconds).
+
+    Example:
+        >>> cpu_backend().split(":")[0] in ("cpp", "torch")
+        True
+    """
+    from extsub_kernels.kernels import ext_sub_cpu
+
+    status = ext_sub_cpu.status()
+    return f"cpp: {status.detail}" if status.available else f"torch: eager torch ops; {status.detail}"
+
+
+def op_backend(device: torch.device | str) -> str:
+    """What `backend="auto"` runs on tensors of `device`, and why, in one line: "name: detail" (see `cpu_backend`).
+
+    Example:
+        >>> op_backend("cuda").split(":")[0] in ("triton", "torch")
+        True
+    """
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return cpu_backend()
+    if kind == "cuda":
+        return "triton: the fused Triton kernel" if _triton_importable() else "torch: eager torch ops; no Triton"
+    return f"torch: eager torch ops (no kernel for {kind})"
 
 
 def _triton_importable() -> bool:
@@ -234,7 +296,7 @@ def _warn_no_triton() -> None:
         _warned_no_triton = True
         warnings.warn(
             "Triton is not installed, so Ext-Sub on CUDA runs the torch path instead of the fused kernel; "
-            "install it with `pip install \"extsub[cuda]\"` (or `pip install triton`)",
+            'install it with `pip install "extsub[cuda]"` (or `pip install triton`)',
             stacklevel=4,
         )
 
@@ -253,8 +315,9 @@ def ext_sub_(
         w_plus: expert weights, overwritten with the result (rows are dim 0).
         w_minus: anti-expert weights of the same shape and device; any float dtype; never modified.
         lam: subtraction weight λ (finite).
-        backend: "auto" (CUDA → Triton kernel, otherwise the torch path), "triton", "torch"
-            or "reference" (Algorithm 1 literally, in float64).
+        backend: "auto" (CUDA → the Triton kernel; CPU → the C++ kernel, or the torch path when
+            it cannot be built, see `cpu_backend()`), "triton", "cpp", "torch" (eager torch ops,
+            any device) or "reference" (Algorithm 1 literally, in float64).
         row_stats: optional (rows, 3) float32/float64 tensor on w_plus's device: filled, in the
             same pass, with |p|², |m|² and p·m of each row before the update (DESIGN.md §7).
 
@@ -284,16 +347,21 @@ def ext_sub_(
         return w_plus
 
     p = _writable_rows(w_plus)
-    copy_back = p is None or (chosen == "triton" and p.stride(-1) != 1)
+    compiled = chosen in ("triton", "cpp")  # both kernels need contiguous columns
+    copy_back = p is None or (compiled and not _contiguous_columns(p))
     if copy_back:
         p = as_rows(w_plus).contiguous()
     m = as_rows(w_minus)
+    if compiled and not _contiguous_columns(m):
+        m = m.contiguous()
     if chosen == "triton":
-        if m.stride(-1) != 1:
-            m = m.contiguous()
         from extsub_kernels.kernels.ext_sub import ext_sub_rows_
 
         ext_sub_rows_(p, m, lam, row_stats=row_stats)
+    elif chosen == "cpp":
+        from extsub_kernels.kernels.ext_sub_cpu import ext_sub_rows_ as ext_sub_rows_cpu_
+
+        ext_sub_rows_cpu_(p, m, lam, row_stats=row_stats)
     else:
         _ext_sub_rows_torch_(p, m, lam, row_stats)
     if copy_back:

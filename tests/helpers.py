@@ -23,7 +23,11 @@ def interpreting() -> bool:
 
 
 def backend_available(backend: str, device: str) -> bool:
-    """Whether `backend` can run on `device` here (Triton on CPU needs the interpreter)."""
+    """Whether `backend` can run on `device` here (Triton on CPU needs the interpreter; C++, CPU and a compiler)."""
+    if backend == "cpp":
+        from extsub_kernels.kernels import ext_sub_cpu
+
+        return device == "cpu" and ext_sub_cpu.load() is not None
     if backend == "triton":
         try:
             import triton  # noqa: F401
@@ -77,6 +81,36 @@ def assert_close_explained(
             f"first: {shown}; max abs err {err.max().item():.3g}, max rel err {rel:.3g}"
         )
     assert not problems, f"{what}: " + "; ".join(problems)
+
+
+# Row sums (|p|², |m|², p·m): float32 reductions over n terms are off by at most about n·eps relative to Σ|terms|
+# (far less in practice); they are compared with float64 sums scaled by |p|² + |m|², the size of what was summed.
+SUM_RTOL: dict[torch.dtype, float] = {
+    torch.float16: 2.0**-14,
+    torch.bfloat16: 2.0**-14,
+    torch.float32: 2.0**-14,
+    torch.float64: 2.0**-40,
+}
+
+
+def float64_row_sums(p: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """|p|², |m|², p·m per row (dim 0; a 1-D tensor is one row) in float64: the oracle for the op's row sums."""
+    rows = p.shape[0] if p.dim() > 1 else 1
+    p, m = p.double().reshape(rows, -1), m.double().reshape(rows, -1)
+    return torch.stack([(p * p).sum(1), (m * m).sum(1), (p * m).sum(1)], dim=1)
+
+
+def assert_row_sums_close(
+    actual: torch.Tensor, p: torch.Tensor, m: torch.Tensor, dtype: torch.dtype, what: str
+) -> None:
+    """Row sums within SUM_RTOL[dtype]·(|p|² + |m|²) of float64 ones, naming the rows that differ."""
+    expected = float64_row_sums(p, m).cpu()
+    scale = (expected[:, 0] + expected[:, 1]).unsqueeze(1)
+    error = (actual.double().cpu() - expected).abs()
+    bad = error > SUM_RTOL[dtype] * scale
+    assert not bad.any(), (
+        f"{what}: rows {bad.any(1).nonzero().flatten().tolist()[:5]} differ: {actual[bad][:3]} vs {expected[bad][:3]}"
+    )
 
 
 def assert_one_line_error(

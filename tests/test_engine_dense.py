@@ -18,6 +18,8 @@ from extsub_kernels.engine import dense
 from extsub_kernels.engine.pipeline import in_flight
 from extsub_kernels.errors import InputError, MergeError
 from extsub_kernels.io.writer import CheckpointWriter
+from extsub_kernels.kernels import ext_sub_cpu
+from extsub_kernels.ops import cpu_backend, op_backend
 
 from checkpoints import random_delta, save
 from helpers import TOLERANCES, assert_close_explained, method_oracle
@@ -265,3 +267,80 @@ def test_page_faults_of_a_merge_follow_its_pools_not_its_inputs(tmp_path, method
     input_pages = 32 * 3 * (1 << 20) // 4096
     assert pool_pages + 1000 < input_pages // 4
     assert max(counts.values()) < pool_pages + 1000, f"more faults than the pools' pages ({pool_pages}): {counts}"
+
+
+# ------------------------------------------------------------------ the op's implementation on CPU
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch) -> list[tuple[bool, bool]]:
+    """(updated, row sums wanted) of every call of the C++ kernel during a test."""
+    calls: list[tuple[bool, bool]] = []
+    run_kernel = ext_sub_cpu._run
+
+    def recording(p, m, lam, stats, *, write):
+        calls.append((write, stats is not None))
+        return run_kernel(p, m, lam, stats, write=write)
+
+    monkeypatch.setattr(ext_sub_cpu, "_run", recording)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("method", "with_base", "expected"),
+    [
+        ("ext-sub", False, (True, True)),  # the op in place on the block, its row sums from the same pass
+        ("ext-sub", True, (True, True)),  # the op on float32 task vectors in the workspace, chunk by chunk
+        ("sub", False, (False, True)),  # row sums alone (row_products): sub pairs no rows
+    ],
+    ids=["in place", "with a base", "sub"],
+)
+def test_a_cpu_merge_runs_the_cpp_kernel_and_names_it(tmp_path, kernel_calls, method, with_base, expected):
+    """The engine's CPU path goes through ops.ext_sub_ / row_products, which take the C++ kernel where it loads;
+    the report says which implementation ran (the eager torch path, and why, where the kernel cannot be built)."""
+    models = _models(tmp_path, {"a.weight": (48, 64), "b.weight": (64, 48)})
+    t, p = models["tensors"], models["paths"]
+    report = merge(
+        p["expert"],
+        p["anti"],
+        tmp_path / "out.safetensors",
+        lam=0.8,
+        method=method,
+        base=p["base"] if with_base else None,
+        stats=True,
+    )
+    assert report.kernel == op_backend("cpu") == cpu_backend()
+    assert f"op on cpu: {report.kernel}" in report.details()
+    if ext_sub_cpu.load() is None:
+        assert report.kernel.startswith("torch: eager torch ops; ") and not kernel_calls
+    else:
+        assert report.kernel.startswith("cpp: C++ kernel (") and expected in kernel_calls, kernel_calls
+    out = load_file(tmp_path / "out.safetensors")
+    for name in t["expert"]:
+        base = t["base"][name] if with_base else None
+        want = method_oracle(t["expert"][name], [t["anti"][name]], [0.8], method=method, base=base)
+        assert_close_explained(out[name], want, *TOLERANCES[torch.bfloat16], what=name)
+        pair = next(s for s in report.stats if s.name == name).pairs[0]
+        plus, minus = (t[role][name].double() - (base.double() if with_base else 0.0) for role in ("expert", "anti"))
+        cos = torch.nn.functional.cosine_similarity(plus, minus, dim=1)
+        measured = [pair.expert_norm, pair.anti_norm, pair.cos.mean, pair.cos.min, pair.cos.max]
+        float64 = [plus.norm(), minus.norm(), cos.mean(), cos.min(), cos.max()]
+        assert measured == pytest.approx([float(x) for x in float64], rel=1e-5, abs=1e-6), name
+
+
+def test_without_the_kernel_a_merge_takes_the_eager_path_and_says_why(tmp_path, kernel_calls, monkeypatch):
+    models = _models(tmp_path, {"a.weight": (48, 64)})
+    p = models["paths"]
+    merge(p["expert"], p["anti"], tmp_path / "cpp.safetensors", lam=0.8)
+    calls_with = len(kernel_calls)
+    monkeypatch.setenv("EXTSUB_CPP_KERNEL", "0")
+    ext_sub_cpu._reset_for_tests()
+    try:
+        without = merge(p["expert"], p["anti"], tmp_path / "torch.safetensors", lam=0.8)
+    finally:
+        monkeypatch.undo()
+        ext_sub_cpu._reset_for_tests()
+    assert without.kernel == "torch: eager torch ops; disabled by EXTSUB_CPP_KERNEL=0"
+    assert len(kernel_calls) == calls_with, "no call of the C++ kernel once it is disabled"
+    ours, eager = load_file(tmp_path / "cpp.safetensors"), load_file(tmp_path / "torch.safetensors")
+    assert_close_explained(ours["a.weight"], eager["a.weight"], *TOLERANCES[torch.bfloat16], what="C++ vs eager")

@@ -13,6 +13,7 @@ from extsub_kernels._tensors import as_rows
 from extsub_kernels.engine.stats import pair_stats
 from extsub_kernels.errors import InputError
 from extsub_kernels.io.format import HEADER_LENGTH_BYTES
+from extsub_kernels.ops import op_backend
 
 from checkpoints import SHAPES, hashes, leftovers, make_hub_cache, random_delta, save, save_shards
 
@@ -113,6 +114,7 @@ def test_the_report_file_records_inputs_options_outputs_and_statistics(tmp_path,
     ]
     assert record["options"]["lam"] == [[0.5], [1.0]] and record["options"]["max_shard_size"] == "2kB"
     assert record["options"]["report"] == str(record_path) and record["options"]["device"] == "cpu"
+    assert record["kernel"] == op_backend("cpu"), "what ran the op: the C++ kernel, or the eager path and why"
     for output, path in zip(record["outputs"], report.outputs, strict=True):
         on_disk = {f.name: f.stat().st_size for f in path.iterdir()}
         assert {f["name"]: f["bytes"] for f in output["files"]} == on_disk and len(on_disk) > 3, "shards and index"

@@ -7,11 +7,12 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from helpers import DEVICES, backend_available
-from helpers import TOLERANCES, assert_close_explained
 from extsub_kernels import ext_sub, ext_sub_, ext_sub_reference, extract_deficiency, subtract_
+from extsub_kernels.ops import cpu_backend, op_backend
 
-BACKENDS = ["auto", "triton", "torch", "reference"]
+from helpers import DEVICES, TOLERANCES, assert_close_explained, backend_available
+
+BACKENDS = ["auto", "triton", "cpp", "torch", "reference"]
 SHAPES = [
     (1, 1),
     (1, 37),
@@ -47,8 +48,11 @@ def test_parity_with_reference(shape, dtype, backend, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("plus_dtype,minus_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16), (torch.float16, torch.float64)])
+@pytest.mark.parametrize("backend", ["triton", "cpp", "torch"])
+@pytest.mark.parametrize(
+    "plus_dtype,minus_dtype",
+    [(torch.bfloat16, torch.float32), (torch.float32, torch.float16), (torch.float16, torch.float64)],
+)
 def test_mixed_dtypes(plus_dtype, minus_dtype, backend, device):
     _skip_unless(backend, device)
     p = torch.randn(33, 70, device=device).to(plus_dtype)
@@ -96,7 +100,7 @@ def test_degenerate_rows(dtype, backend, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", ["triton", "torch", "auto"])
+@pytest.mark.parametrize("backend", ["triton", "cpp", "torch", "auto"])
 def test_near_antiparallel_rows_stay_accurate_in_float32(backend, device):
     """|u| → 0: the literal formula loses all accuracy in float32; the closed form must not."""
     _skip_unless(backend, device)
@@ -113,7 +117,7 @@ def test_near_antiparallel_rows_stay_accurate_in_float32(backend, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "cpp", "torch", "reference"])
 def test_in_place_contract(backend, device):
     _skip_unless(backend, device)
     p = torch.randn(40, 33, device=device)
@@ -141,7 +145,7 @@ NON_CONTIGUOUS = {
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "cpp", "torch", "reference"])
 @pytest.mark.parametrize("plus_layout", list(NON_CONTIGUOUS))
 @pytest.mark.parametrize("minus_layout", ["transposed", "strided-cols", "contiguous"])
 def test_non_contiguous_inputs(plus_layout, minus_layout, backend, device):
@@ -155,7 +159,7 @@ def test_non_contiguous_inputs(plus_layout, minus_layout, backend, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "cpp", "torch", "reference"])
 def test_same_tensor_for_both_inputs(backend, device):
     """m = p: Ext(p) = 0, so the result is p itself."""
     _skip_unless(backend, device)
@@ -165,7 +169,7 @@ def test_same_tensor_for_both_inputs(backend, device):
     assert_close_explained(p, original, *TOLERANCES[torch.float32])
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "cpp", "torch", "reference"])
 def test_empty_tensor_is_a_no_op(backend):
     _skip_unless(backend, "cpu")
     p = torch.empty(0, 5)
@@ -197,7 +201,9 @@ def test_extract_deficiency_degenerate_rows():
     assert torch.equal(ext[0], torch.zeros_like(ext[0])), "|p| = 0 → Ext = 0"
     assert torch.equal(ext[1], torch.zeros_like(ext[1])), "|m| = 0 → Ext = 0"
     assert_close_explained(ext[3], m[3], *TOLERANCES[torch.float64], what="antiparallel: Ext(m) = m")
-    assert_close_explained(ext[4], torch.zeros_like(ext[4]), 0.0, 1e-15, "parallel: Ext(m) = 0", scale=float(m[4].abs().max()))
+    assert_close_explained(
+        ext[4], torch.zeros_like(ext[4]), 0.0, 1e-15, "parallel: Ext(m) = 0", scale=float(m[4].abs().max())
+    )
 
 
 # --- properties (hypothesis) ---------------------------------------------------------------
@@ -327,7 +333,7 @@ def test_lambda_must_be_a_number():
 
 
 def test_unknown_backend():
-    with pytest.raises(ValueError, match="unknown backend 'cuda'.*auto, triton, torch, reference"):
+    with pytest.raises(ValueError, match="unknown backend 'cuda'.*auto, triton, cpp, torch, reference"):
         ext_sub_(torch.zeros(3, 3), torch.zeros(3, 3), 1.0, backend="cuda")
 
 
@@ -347,3 +353,9 @@ def test_auto_on_cuda_without_triton_warns_how_to_install_it(monkeypatch):
     monkeypatch.setattr(ops, "_warned_no_triton", False)
     with pytest.warns(UserWarning, match=r'pip install "extsub\[cuda\]"'):
         assert ops._resolve_backend("auto", CudaTensor()) == "torch"
+
+
+def test_op_backend_names_what_auto_runs_on_each_device():
+    assert op_backend("cpu") == cpu_backend() and op_backend(torch.device("cpu")) == cpu_backend()
+    assert op_backend("meta") == "torch: eager torch ops (no kernel for meta)"
+    assert op_backend("cuda").split(":")[0] in ("triton", "torch")

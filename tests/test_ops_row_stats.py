@@ -3,34 +3,14 @@
 import pytest
 import torch
 
-from extsub_kernels._tensors import as_rows
 from extsub_kernels.ops import ext_sub_, row_products
 
-from helpers import DEVICES, backend_available
-
-# Float32 reductions over n terms are off by at most about n·eps relative to Σ|terms| (and far less in practice);
-# the sums are compared against float64 ones scaled by |p|² + |m|², the size of what was summed.
-SUM_RTOL = {torch.float32: 2.0**-14, torch.bfloat16: 2.0**-14, torch.float64: 2.0**-40}
-
-
-def _float64_sums(p: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    p, m = as_rows(p.double()), as_rows(m.double())
-    return torch.stack([(p * p).sum(1), (m * m).sum(1), (p * m).sum(1)], dim=1)
-
-
-def _assert_sums(actual: torch.Tensor, p: torch.Tensor, m: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    expected = _float64_sums(p, m)
-    scale = (expected[:, 0] + expected[:, 1]).unsqueeze(1).cpu()
-    error = (actual.double().cpu() - expected.cpu()).abs()
-    bad = error > SUM_RTOL[dtype] * scale
-    assert not bad.any(), (
-        f"{what}: rows {bad.any(1).nonzero().flatten().tolist()[:5]} differ: {actual[bad][:3]} vs {expected[bad][:3]}"
-    )
+from helpers import DEVICES, assert_row_sums_close, backend_available, float64_row_sums
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpp", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(7, 33), (1, 1), (3, 5, 4), (16,)], ids=str)
 def test_every_backend_hands_back_the_row_sums_and_the_same_result(backend, dtype, shape, device):
     if not backend_available(backend, device):
@@ -42,7 +22,7 @@ def test_every_backend_hands_back_the_row_sums_and_the_same_result(backend, dtyp
     stats = torch.empty(p.shape[0] if p.dim() > 1 else 1, 3, dtype=torch.float64, device=device)
     with_stats = ext_sub_(p.clone(), m, 0.8, backend=backend, row_stats=stats)
     assert torch.equal(with_stats, plain), "asking for the sums never changes the update"
-    _assert_sums(stats, p, m, dtype, f"{backend} {dtype}")
+    assert_row_sums_close(stats, p, m, dtype, f"{backend} {dtype}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -55,13 +35,13 @@ def test_the_kernel_s_two_loop_variant_sums_long_rows(dtype, device):
     m = torch.randn(5, 70, device=device).to(dtype)
     stats = torch.empty(5, 3, dtype=torch.float64, device=device)
     kernel.ext_sub_rows_(p.clone(), m, 1.0, max_block=16, row_stats=stats)
-    _assert_sums(stats, p, m, dtype, "two-loop variant")
+    assert_row_sums_close(stats, p, m, dtype, "two-loop variant")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_row_products_alone_equal_the_sums_of_the_op(dtype):
     p, m = torch.randn(9, 300).to(dtype), torch.randn(9, 300).to(dtype)
-    _assert_sums(row_products(p, m), p, m, dtype, "row_products")
+    assert_row_sums_close(row_products(p, m), p, m, dtype, "row_products")
     assert row_products(p, m).dtype == torch.float64 and row_products(p, m).shape == (9, 3)
 
 
@@ -97,7 +77,7 @@ def test_the_torch_path_keeps_cos_accurate_however_it_takes_the_dot_product(lam,
     m = (torch.randn(64, 4096) + 0.4 * p.float()).to(dtype)
     stats = torch.empty(64, 3, dtype=torch.float64)
     ext_sub_(p.clone(), m, lam, backend="torch", row_stats=stats)
-    expected = _float64_sums(p, m)
+    expected = float64_row_sums(p, m)
     cos = stats[:, 2] / torch.sqrt(stats[:, 0] * stats[:, 1])
     cos_expected = expected[:, 2] / torch.sqrt(expected[:, 0] * expected[:, 1])
     assert float((cos - cos_expected).abs().max()) < 2.0**-16

@@ -52,6 +52,7 @@ from extsub_kernels.io import CheckpointReader, ResolvedInput, TensorEntry, is_f
 from extsub_kernels.io.outputs import listed_files
 from extsub_kernels.io.provenance import display_path
 from extsub_kernels.io.resolve import ADAPTER_CONFIG
+from extsub_kernels.ops import op_backend
 
 Inputs = Sequence[tuple[str, ResolvedInput]]
 
@@ -98,6 +99,7 @@ def run_dense(
             settings=options.settings,
             items=tuple(dense_items(jobs, skipped, readers, roles)),
             layout=layout.reason,
+            kernel=op_backend(options.device) if options.mode != "dry-run" else None,
             context=context,
         )
         if options.mode == "inspect":

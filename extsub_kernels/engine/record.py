@@ -45,6 +45,7 @@ def report_record(report: MergeReport) -> dict[str, Any]:
         "options": _jsonable(dict(context.options) if context else {}),
         "method": report.method,
         "layout": report.layout,
+        "kernel": report.kernel,
         "outputs": [
             {
                 "path": str(path),

@@ -67,6 +67,8 @@ class MergeReport:
         stats: row statistics of each merged tensor or module (empty when not gathered).
         files: (name, bytes) of the files of each output (bytes None for texts a dry run cannot size).
         layout: how rows were paired (which weights count as stored (in, out), and why).
+        kernel: what ran the op on `device` (`ops.op_backend`: the C++ kernel or the eager torch path
+            on CPU, and why); None where the run computed nothing (a dry run).
         context: the run's provenance: inputs with commits and header hashes, recipe, command.
     """
 
@@ -90,6 +92,7 @@ class MergeReport:
     stats: tuple[TensorStats, ...] = field(default=(), repr=False)
     files: tuple[Files, ...] = field(default=(), repr=False)
     layout: str | None = field(default=None, repr=False)
+    kernel: str | None = field(default=None, repr=False)
     context: RunContext | None = field(default=None, repr=False)
 
     @property
@@ -139,6 +142,8 @@ class MergeReport:
         lines = [item_line(item, self._stats_by_name().get(item.name), self.settings) for item in self.items]
         if self.layout:
             lines.append(f"layout: {self.layout}")
+        if self.kernel:
+            lines.append(f"op on {self.device}: {self.kernel}")
         return lines + (self.adapter.details(self.outputs) if self.adapter is not None else [])
 
     def file_lines(self) -> list[str]:

@@ -1,0 +1,366 @@
+"""The CPU kernel for Ext-Sub (paper §3, Algorithm 1): ext_sub_cpu.cpp, built at first use, cached, called via ctypes.
+
+Per row: p' = α·p + β·m with α = 1 + (λ/2)·|m|/|p|, β = −λ/2 (DESIGN.md §1); rows with |p| = 0
+keep p. On request the same pass stores each row's |p|², |m|² and p·m (DESIGN.md §7), or
+takes only those sums (`row_sums`). The C++ file has no torch headers, so a build takes a few
+seconds with any C++17 compiler; the library lands in a per-user cache keyed by the source, the
+flags and the compiler, so later processes load it in milliseconds. Without a compiler, or when
+the build fails, `load()` returns None with the reason in `status()`, and the op runs its eager
+torch path instead.
+
+Threads: ctypes releases the GIL, so a small pool of Python threads, as many as
+`torch.get_num_threads()` allows, claims chunks of rows from a shared counter inside the C++
+code; the calling thread never waits for a pool thread the scheduler has not started yet.
+A call allocates no tensor memory: the kernel reads and writes the caller's tensors in place,
+so a steady stream of calls costs no fresh pages.
+
+Environment: EXTSUB_CPP_KERNEL=0 disables the kernel (the torch path runs); CXX names the
+compiler (default: the first of c++, g++, clang++ on PATH); EXTSUB_CACHE_DIR moves the cache
+(default: $XDG_CACHE_HOME/extsub or ~/.cache/extsub).
+"""
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("ext_sub_cpu.cpp")
+_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+_STATS_CODES = {torch.float32: 2, torch.float64: 3}
+# -ffp-contract=off: no fused multiply-adds chosen by the compiler, so each sum and each update
+# rounds the same way in every instantiation (with or without row sums: the same result bit for bit).
+_BASE_FLAGS = (
+    "-O3",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+    "-fno-math-errno",
+    "-ffp-contract=off",
+    "-fvisibility=hidden",
+    "-fno-exceptions",
+)
+# Vector extensions per torch's own CPU capability (torch.backends.cpu.get_cpu_capability()).
+_ARCH_FLAGS = {
+    "AVX512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"),
+    "AVX2": ("-mavx2", "-mfma", "-mf16c"),
+}
+_BUILD_TIMEOUT_S = 300
+# Below this many elements per thread, the hand-off to another thread costs more than it saves.
+_MIN_ELEMENTS_PER_THREAD = 1 << 16
+# Rows at least this long, fewer than four per thread, are split across threads by columns.
+_LONG_ROW = 1 << 20
+# Threads claim rows in chunks of about this many bytes of p and m (a few in flight fit in L2).
+_CHUNK_BYTES = 256 << 10
+# A long row's column chunks: at most this many (their partial sums are a small array).
+_MAX_LONG_ROW_CHUNKS = 1024
+
+
+@dataclass(frozen=True)
+class KernelStatus:
+    """Whether the C++ kernel is loaded, and what was built or loaded (or why not) in a line."""
+
+    available: bool
+    detail: str
+
+
+class _Library:
+    """The loaded shared library, its entry points typed for ctypes."""
+
+    def __init__(self, path: Path) -> None:
+        lib = ctypes.CDLL(str(path))
+        i64, i32, dbl, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p
+        self.rows = lib.extsub_rows
+        self.rows.argtypes = [ptr, ptr, i32, i32, i64, i64, i64, i64, i64, dbl, ptr, i32, i32]
+        self.rows.restype = i32
+        self.rows_shared = lib.extsub_rows_shared
+        self.rows_shared.argtypes = [ptr, ptr, i32, i32, i64, i64, i64, i64, dbl, ptr, i32, i32, i64, ptr, i32]
+        self.rows_shared.restype = i32
+        self.sums_shared = lib.extsub_sums_shared
+        self.sums_shared.argtypes = [ptr, ptr, i32, i32, i64, i64, i32, ptr, ptr, i32]
+        self.sums_shared.restype = i32
+        self.update_shared = lib.extsub_update_shared
+        self.update_shared.argtypes = [ptr, ptr, i32, i32, i64, i64, dbl, dbl, ptr, i32]
+        self.update_shared.restype = i32
+        self.convert = lib.extsub_convert
+        self.convert.argtypes = [ptr, i32, ptr, i32, i64]
+        self.convert.restype = i32
+        self.hardware_f16 = bool(lib.extsub_hardware_f16())
+        self.path = path
+
+
+_lock = threading.Lock()
+_library: _Library | None = None
+_status: KernelStatus | None = None
+_pool: ThreadPoolExecutor | None = None
+_pool_workers = 0
+
+
+def _forget_pool() -> None:
+    """After fork the child has none of the parent's threads: start a fresh pool when needed."""
+    global _pool, _pool_workers
+    _pool, _pool_workers = None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: EXTSUB_CACHE_DIR, else $XDG_CACHE_HOME/extsub, else ~/.cache/extsub."""
+    if os.environ.get("EXTSUB_CACHE_DIR"):
+        return Path(os.environ["EXTSUB_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "extsub"
+
+
+def _compiler() -> str | None:
+    if os.environ.get("CXX"):
+        return shutil.which(os.environ["CXX"]) or os.environ["CXX"]
+    for name in ("c++", "g++", "clang++"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _capability() -> str:
+    """torch's CPU capability on x86-64 ("AVX512", "AVX2", ...); the bare architecture elsewhere."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return platform.machine() or "unknown"
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return "DEFAULT"
+
+
+def build(
+    compiler: str,
+    out_dir: Path,
+    *,
+    capability: str | None = None,
+    defines: tuple[str, ...] = (),
+) -> tuple[Path, float | None]:
+    """Compile ext_sub_cpu.cpp into out_dir, unless a library of the same source, flags and compiler is there.
+
+    Returns (path of the library, seconds the build took or None when it was cached). Raises
+    RuntimeError with the compiler's message when the build fails. Concurrent builders each
+    write a private temporary file and rename it into place, so a reader never sees half a file.
+    """
+    capability = capability or _capability()
+    flags = (*_BASE_FLAGS, *_ARCH_FLAGS.get(capability, ()), *(f"-D{d}" for d in defines))
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256()
+    for part in (source, repr(flags).encode(), compiler.encode(), sys.platform.encode(), platform.machine().encode()):
+        key.update(part + b"\0")
+    try:  # a reinstalled or upgraded compiler gets a fresh build
+        stat = os.stat(shutil.which(compiler) or compiler)
+        key.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    except OSError:
+        pass
+    target = out_dir / f"ext_sub_cpu-{capability.lower()}-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target, None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir / f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(
+            [compiler, *flags, str(SOURCE), "-o", str(partial)],
+            capture_output=True,
+            text=True,
+            timeout=_BUILD_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        partial.unlink(missing_ok=True)
+        raise RuntimeError(f"{compiler} did not run: {exc}") from exc
+    if done.returncode != 0:
+        partial.unlink(missing_ok=True)
+        message = " ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+        raise RuntimeError(f"{compiler} failed (exit {done.returncode}): {message}")
+    os.replace(partial, target)
+    return target, time.perf_counter() - start
+
+
+def _self_check(lib: _Library) -> None:
+    """One row with a known answer, so a miscompiled library is refused rather than used."""
+    p = (ctypes.c_float * 4)(3.0, 4.0, 0.0, 0.0)
+    m = (ctypes.c_float * 4)(0.0, 0.0, 6.0, 8.0)
+    sums = (ctypes.c_double * 3)()
+    lib.rows(ctypes.addressof(p), ctypes.addressof(m), 2, 2, 0, 1, 4, 4, 4, 0.5, ctypes.addressof(sums), 3, 1)
+    got, expected = (*p, *sums), (6.0, 8.0, -3.0, -4.0, 25.0, 100.0, 0.0)  # α = 1 + 0.5·10/5 = 2, β = −0.5
+    if any(abs(a - b) > 1e-6 for a, b in zip(got, expected, strict=True)):
+        raise RuntimeError(f"self-check failed: got {list(got)}, expected {list(expected)}")
+
+
+def load() -> _Library | None:
+    """The C++ kernel, built on the first call of the process (or loaded from the cache); None if unavailable."""
+    global _library, _status
+    if _status is not None:
+        return _library
+    with _lock:
+        if _status is None:
+            _library, _status = _load_once()
+    return _library
+
+
+def _load_once() -> tuple[_Library | None, KernelStatus]:
+    if os.environ.get("EXTSUB_CPP_KERNEL", "1").strip().lower() in ("0", "off", "false", "no"):
+        return None, KernelStatus(False, "disabled by EXTSUB_CPP_KERNEL=0")
+    compiler = _compiler()
+    if compiler is None:
+        return None, KernelStatus(False, "no C++ compiler found (set CXX, or install g++ or clang++)")
+    capability = _capability()
+    try:
+        try:
+            path, seconds = build(compiler, cache_dir(), capability=capability)
+        except OSError:  # cache not writable: build for this process only
+            path, seconds = build(compiler, Path(tempfile.mkdtemp(prefix="extsub-")), capability=capability)
+        lib = _Library(path)
+        _self_check(lib)
+    except (RuntimeError, OSError, AttributeError) as exc:
+        return None, KernelStatus(False, f"C++ kernel unavailable: {exc}")
+    how = "from the cache" if seconds is None else f"built in {seconds:.1f} s"
+    return lib, KernelStatus(True, f"C++ kernel ({capability} build, {how}, {os.path.basename(compiler)})")
+
+
+def status() -> KernelStatus:
+    """The kernel's status, building it first if this process has not tried yet."""
+    load()
+    assert _status is not None
+    return _status
+
+
+def _reset_for_tests() -> None:
+    """Forget the loaded library and its status, so the next load() decides again."""
+    global _library, _status
+    with _lock:
+        _library, _status = None, None
+
+
+def _share(fn: Callable[..., int], *args: object, threads: int) -> None:
+    """Run fn(*args, counters, wait) on this thread and on threads − 1 pool threads, sharing its chunks.
+
+    The pool threads are not waited for: this thread returns once every chunk claimed by anyone
+    is finished (see claim_chunks in the C++ file), so a pool thread that the scheduler starts
+    late costs nothing. The counters array stays alive in the pool's queue until it has run.
+    """
+    counters = (ctypes.c_int64 * 2)()
+    if threads > 1:
+        pool = _executor(threads - 1)
+        for _ in range(threads - 1):
+            try:
+                pool.submit(fn, *args, counters, 0)
+            except RuntimeError:  # the pool was replaced or the interpreter is exiting: this thread does the rest
+                break
+    if fn(*args, counters, 1) != 0:
+        raise RuntimeError("the ext_sub C++ kernel was given an unknown dtype code")
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    global _pool, _pool_workers
+    with _lock:
+        if _pool is None or _pool_workers < workers:
+            old = _pool
+            _pool, _pool_workers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="extsub-cpu"), workers
+            if old is not None:
+                old.shutdown(wait=False)
+        return _pool
+
+
+def ext_sub_rows_(p: torch.Tensor, m: torch.Tensor, lam: float, *, row_stats: torch.Tensor | None = None) -> None:
+    """p ← α·p + β·m row by row, in place, for 2-D CPU views whose columns are contiguous.
+
+    `row_stats`, a contiguous (rows, 3) float32/float64 tensor, receives |p|², |m|², p·m of
+    each row before the update, from the same pass (one more product per element).
+    Up to torch.get_num_threads() threads (one per 64 Ki elements at most) claim chunks of
+    about _CHUNK_BYTES of rows. Fewer long rows than four per thread (a 1-D tensor is one row)
+    are shared by column chunks instead, in two passes: the sums, then the update.
+    """
+    _run(p, m, lam, row_stats, write=True)
+
+
+def row_sums(p: torch.Tensor, m: torch.Tensor, out: torch.Tensor) -> None:
+    """|p|², |m|², p·m of each row of 2-D CPU views with contiguous columns into `out` (rows, 3); p is not written."""
+    _run(p, m, 0.0, out, write=False)
+
+
+def _run(p: torch.Tensor, m: torch.Tensor, lam: float, stats: torch.Tensor | None, *, write: bool) -> None:
+    """Check the operands, choose the split across threads, and call the kernel."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"the C++ kernel is unavailable: {status().detail}")
+    n_rows, n_cols = p.shape
+    if n_rows == 0:
+        return
+    for name, t in (("p", p), ("m", m)):
+        if t.device.type != "cpu" or (n_cols > 1 and t.stride(1) != 1):
+            raise ValueError(f"{name} must be a CPU tensor with contiguous columns (stride {t.stride()})")
+    stats_ptr, stats_dtype = None, 0
+    if stats is not None:
+        if stats.dtype not in _STATS_CODES or stats.shape != (n_rows, 3) or not stats.is_contiguous():
+            raise ValueError(f"row sums go in a contiguous ({n_rows}, 3) float32/float64 tensor, not {stats.shape}")
+        stats_ptr, stats_dtype = stats.data_ptr(), _STATS_CODES[stats.dtype]
+        if n_cols == 0:
+            stats.zero_()
+            return
+    if n_cols == 0:
+        return
+    p_dtype, m_dtype = _DTYPE_CODES[p.dtype], _DTYPE_CODES[m.dtype]
+    half_lam = 0.5 * lam
+    threads = max(1, min(torch.get_num_threads(), p.numel() // _MIN_ELEMENTS_PER_THREAD))
+    p_ptr, m_ptr = p.data_ptr(), m.data_ptr()
+    if threads > 1 and n_cols >= _LONG_ROW and n_rows < 4 * threads:
+        for row in range(n_rows):
+            row_p = p_ptr + row * p.stride(0) * p.element_size()
+            row_m = m_ptr + row * m.stride(0) * m.element_size()
+            sums = _long_row(lib, row_p, row_m, p_dtype, m_dtype, n_cols, half_lam, threads, stats is not None, write)
+            if stats is not None:
+                stats[row] = torch.tensor(sums, dtype=torch.float64)
+        return
+    common = (p_ptr, m_ptr, p_dtype, m_dtype)
+    if threads == 1:
+        lib.rows(*common, 0, n_rows, n_cols, p.stride(0), m.stride(0), half_lam, stats_ptr, stats_dtype, write)
+        return
+    row_bytes = n_cols * (p.element_size() + m.element_size())
+    chunk_rows = max(1, min(_CHUNK_BYTES // row_bytes, -(-n_rows // (4 * threads))))
+    args = (*common, n_rows, n_cols, p.stride(0), m.stride(0), half_lam, stats_ptr, stats_dtype, write, chunk_rows)
+    _share(lib.rows_shared, *args, threads=threads)
+
+
+def _long_row(
+    lib: _Library,
+    p_ptr: int,
+    m_ptr: int,
+    p_dtype: int,
+    m_dtype: int,
+    n: int,
+    half_lam: float,
+    threads: int,
+    dot: bool,
+    write: bool,
+) -> tuple[float, float, float]:
+    """One contiguous row shared by threads: the sums by chunk, then the update by chunk; returns |p|², |m|², p·m."""
+    chunk = max(_MIN_ELEMENTS_PER_THREAD, (-(-n // _MAX_LONG_ROW_CHUNKS) + 63) & ~63)
+    n_chunks = -(-n // chunk)
+    partials = (ctypes.c_double * (3 * n_chunks))()
+    _share(lib.sums_shared, p_ptr, m_ptr, p_dtype, m_dtype, n, chunk, int(dot), partials, threads=threads)
+    # in chunk order: the same result whichever thread summed which chunk
+    sp, sm, spm = (math.fsum(partials[k::3]) for k in range(3))
+    if write and sp > 0.0:  # |p| = 0: the row stays
+        alpha = 1.0 + half_lam * (math.sqrt(sm) / math.sqrt(sp))
+        _share(lib.update_shared, p_ptr, m_ptr, p_dtype, m_dtype, n, chunk, alpha, -half_lam, threads=threads)
+    return sp, sm, spm
