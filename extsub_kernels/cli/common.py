@@ -5,6 +5,7 @@ signal handler, so an interrupt during start-up ends with the same message and e
 as one during the work.
 """
 
+import argparse
 import contextlib
 import fcntl
 import os
@@ -14,6 +15,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from extsub_kernels._version import __version__
 from extsub_kernels.errors import InputError, PublishError, Terminated
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -125,3 +127,21 @@ def _terminate_as_interrupt() -> object:
         return signal.signal(signal.SIGTERM, _raise)
     except ValueError:  # not the main thread
         return None
+
+
+def command_parser(prog: str, description: str, epilog: str, **options: object) -> argparse.ArgumentParser:
+    """The parser every command starts from: its name, a description and an epilog kept as written."""
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        **options,
+    )
+
+
+def add_closing_flags(parser: argparse.ArgumentParser, *, force_help: str) -> None:
+    """The flags every command ends with: --force (what it replaces), -q, --version."""
+    parser.add_argument("--force", action="store_true", help=force_help)
+    parser.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

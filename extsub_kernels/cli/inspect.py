@@ -9,8 +9,15 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from extsub_kernels._version import __version__
-from extsub_kernels.cli.common import EXIT_OK, guarded, run_command, say, shown_warnings
+from extsub_kernels.cli.common import (
+    EXIT_OK,
+    add_closing_flags,
+    command_parser,
+    guarded,
+    run_command,
+    say,
+    shown_warnings,
+)
 
 PROG = "extsub-inspect"
 EPILOG = f"""\
@@ -43,12 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `extsub-inspect`."""
     from extsub_kernels.engine.options import METHODS
 
-    parser = argparse.ArgumentParser(
-        prog=PROG,
+    parser = command_parser(
+        PROG,
         description="The geometry of an Ext-Sub merge without making it: per tensor or module, how much of the "
         "anti-expert\nis shared capability and how much is deficiency (DESIGN.md §7 of extsub).",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
     add("expert", metavar="EXPERT", help="the expert θ⁺ (as for extsub-merge)")
@@ -63,9 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--rank", type=int, metavar="R", help="with --lora-alpha: their r")
     add("--rslora", action="store_true", help="with --lora-alpha: scaling lora_alpha/√r")
     add("--any-base-model", action="store_true", help="accept different base_model_name_or_path")
-    add("--force", action="store_true", help="replace report files already in DIR")
-    add("-q", "--quiet", action="store_true", help="print errors only")
-    add("--version", action="version", version=f"%(prog)s {__version__}")
+    add_closing_flags(parser, force_help="replace report files already in DIR")
     return parser
 
 

@@ -10,8 +10,15 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from extsub_kernels._version import __version__
-from extsub_kernels.cli.common import EXIT_OK, guarded, run_command, say, shown_warnings
+from extsub_kernels.cli.common import (
+    EXIT_OK,
+    add_closing_flags,
+    command_parser,
+    guarded,
+    run_command,
+    say,
+    shown_warnings,
+)
 
 PROG = "extsub-merge"
 METHOD_HELP = "ext-sub: θ⁺ − λ·Ext(θ⁻) (default); sub: θ⁺ − λθ⁻; add: θ⁺ + λθ⁻"
@@ -110,14 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `extsub-merge`; options not given are absent from its namespace (recipes fill them)."""
     from extsub_kernels.engine.options import DEFAULT_MAX_SHARD_SIZE, FORMATS, METHODS, ON_MISSING, OUT_DTYPES
 
-    parser = argparse.ArgumentParser(
-        prog=PROG,
+    parser = command_parser(
+        PROG,
         usage=f"{PROG} EXPERT ANTI [ANTI ...] -o OUT [options]\n       {PROG} --config recipe.yaml [-o OUT] [options]",
         description="Ext-Sub merge of checkpoints and PEFT adapters (LoRA, (IA)³, prefix-tuning), streamed tensor\n"
         "by tensor: θ' = θ⁺ − λ·Ext(θ⁻) (Extraction-before-Subtraction, AAAI 2024). Memory stays a small\n"
         "multiple of one block of rows, whatever the model's size; OUT appears whole or not at all.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
     add = parser.add_argument
@@ -184,9 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="after the summary, one line per tensor or module with its row statistics",
     )
-    add("--force", action="store_true", help="replace an existing OUT (and --report file)")
-    add("-q", "--quiet", action="store_true", help="print errors only")
-    add("--version", action="version", version=f"%(prog)s {__version__}")
+    add_closing_flags(parser, force_help="replace an existing OUT (and --report file)")
     return parser
 
 

@@ -9,11 +9,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from extsub_kernels._version import __version__
 from extsub_kernels.cli.common import (
     EXIT_OK,
     EXIT_SIGINT,
     EXIT_SIGTERM,
+    add_closing_flags,
+    command_parser,
     fail,
     guarded,
     run_command,
@@ -70,12 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `extsub-scan` (imports the option vocabulary, hence torch)."""
     from extsub_kernels.engine.options import EVAL_DTYPES, SAVE_FORMATS
 
-    parser = argparse.ArgumentParser(
-        prog=PROG,
+    parser = command_parser(
+        PROG,
         description="Choose λ by measuring it: load the base once, install the Ext-Sub merge at every λ in place,\n"
         "measure NLL on text to keep and to forget (and repetition of generations), plot and recommend.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
     add("expert", metavar="EXPERT", help="the expert θ⁺: an adapter, or a full model of MODEL")
@@ -110,9 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=SAVE_FORMATS,
         help="--save-best's format: an adapter format of extsub-merge, or model (θ₀ + ΔW')",
     )
-    add("--force", action="store_true", help="replace the scan files in SCAN_DIR and an existing --save-best OUT")
-    add("-q", "--quiet", action="store_true", help="print errors only")
-    add("--version", action="version", version=f"%(prog)s {__version__}")
+    add_closing_flags(parser, force_help="replace the scan files in SCAN_DIR and an existing --save-best OUT")
     return parser
 
 
