@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from extsub_kernels import merge
-from extsub_kernels.engine import dense
+from extsub_kernels.engine import dense, streamer
 from extsub_kernels.engine.pipeline import in_flight
 from extsub_kernels.errors import InputError, MergeError
 from extsub_kernels.io.writer import CheckpointWriter
@@ -205,7 +205,7 @@ def test_while_one_stage_waits_nothing_grows(tmp_path, streamers, monkeypatch, s
 def test_an_error_in_one_stage_wakes_a_stage_waiting_for_a_buffer(tmp_path, monkeypatch, streamers):
     models = _models(tmp_path, _layers(8))
     p = models["paths"]
-    monkeypatch.setattr(dense, "in_flight", lambda: 1)  # a pool too small to run ahead: the reader waits on it
+    monkeypatch.setattr(streamer, "in_flight", lambda: 1)  # a pool too small to run ahead: the reader waits on it
     write, calls = CheckpointWriter.write, [0]
 
     def failing_write(self, name, data, **kwargs):

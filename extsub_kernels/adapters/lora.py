@@ -9,6 +9,7 @@ s·sqrt(b·(A·Aᵀ)·bᵀ): an r×r Gram matrix gives them all. So
 is exactly a LoRA of rank r⁺ + r⁻, at O((out + in)·r²) cost per module.
 """
 
+import copy
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -422,8 +423,7 @@ class LoraSweep:
 
     def to(self, device: torch.device | str) -> "LoraSweep":
         """This sweep with every tensor on `device`, so each λ is merged there (a GPU: no host work per λ)."""
-        moved = object.__new__(LoraSweep)
-        moved.__dict__.update(self.__dict__)
+        moved = copy.copy(self)
         moved.expert = _adapter_to(self.expert, device)
         moved.antis = [_adapter_to(a, device) for a in self.antis]
         moved._first = {

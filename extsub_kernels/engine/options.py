@@ -12,6 +12,7 @@ from typing import Literal, get_args
 
 import torch
 
+from extsub_kernels._tensors import FLOAT_DTYPES
 from extsub_kernels.errors import InputError
 
 Method = Literal["ext-sub", "sub", "add"]
@@ -21,25 +22,22 @@ OutputFormat = Literal["lora", "dense-lora", "delta", "ia3", "prefix-tuning"]
 FORMATS: tuple[str, ...] = get_args(OutputFormat)
 OnMissing = Literal["error", "copy", "skip"]
 ON_MISSING: tuple[str, ...] = get_args(OnMissing)
+# A dtype option's names are torch's own ("float16"), after the first, which forces none ("keep", "auto").
+_FLOAT_DTYPES: dict[str, torch.dtype] = {str(dtype).removeprefix("torch."): dtype for dtype in FLOAT_DTYPES}
+
+
+def _dtype_choices(names: tuple[str, ...]) -> dict[str, torch.dtype | None]:
+    return {name: None if i == 0 else _FLOAT_DTYPES[name] for i, name in enumerate(names)}
+
+
 DtypeName = Literal["keep", "float16", "bfloat16", "float32"]
-OUT_DTYPES: dict[str, torch.dtype | None] = {
-    "keep": None,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-}
+OUT_DTYPES: dict[str, torch.dtype | None] = _dtype_choices(get_args(DtypeName))
 Mode = Literal["merge", "dry-run", "inspect"]
 MODES: tuple[str, ...] = get_args(Mode)
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in OUT_DTYPES.items() if dtype is not None}
 # The dtype a λ scan loads and evaluates the model in; "auto": the checkpoint's own on CUDA, float32 on the CPU.
 EvalDtypeName = Literal["auto", "float32", "float64", "bfloat16", "float16"]
-EVAL_DTYPES: dict[str, torch.dtype | None] = {
-    "auto": None,
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+EVAL_DTYPES: dict[str, torch.dtype | None] = _dtype_choices(get_args(EvalDtypeName))
 # What a λ scan's --save-best writes: an adapter format, or "model", the full merged model θ₀ + ΔW'.
 FULL_MODEL_FORMAT = "model"
 SAVE_FORMATS: tuple[str, ...] = (*FORMATS, FULL_MODEL_FORMAT)

@@ -177,12 +177,12 @@ class OutputSet:
         self.abort()  # a no-op for committed outputs
 
 
-def progress_bar(total: int, progress: bool, desc: str = "extsub-merge") -> tqdm:
-    """The progress bar of every streaming loop: bytes on stderr, hidden unless `progress`."""
+def progress_bar(total: int, progress: bool, desc: str = "extsub-merge", *, unit: str = "B") -> tqdm:
+    """The progress bar of every long loop: on stderr, hidden unless `progress`; bytes (SI prefixes), or `unit`s."""
     return tqdm(
         total=total,
-        unit="B",
-        unit_scale=True,
+        unit=unit,
+        unit_scale=unit == "B",
         unit_divisor=1000,
         desc=desc,
         disable=not progress,

@@ -42,7 +42,7 @@ def report_record(report: MergeReport) -> dict[str, Any]:
         "seconds": report.seconds,
         "device": report.device,
         "inputs": [dict(record) for record in context.inputs] if context else [],
-        "options": _jsonable(dict(context.options) if context else {}),
+        "options": jsonable(dict(context.options) if context else {}),
         "method": report.method,
         "layout": report.layout,
         "kernel": report.kernel,
@@ -112,12 +112,12 @@ def _summary(report: MergeReport) -> list[dict[str, Any]]:
     return rows
 
 
-def _jsonable(value: Any) -> Any:
-    """Options as JSON takes them: tuples become lists, paths strings, non-finite floats null."""
+def jsonable(value: Any) -> Any:
+    """`value` as JSON takes it: tuples become lists, paths strings, non-finite floats null (every report file)."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, (str, int, float, bool)) or value is None:

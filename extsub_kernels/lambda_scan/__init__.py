@@ -4,7 +4,7 @@
 `run` (the scan), `installers` (the merge put into the loaded model, per PEM type and for full
 models), `evaluate` and `metrics` (NLL, greedy generations, rep-n, distinct-n), `model` (loading
 BASE with transformers), `results` (rows, recommendation, timing), `report` and `plot` (the
-files in SCAN_DIR), `cli` (the command line).
+files in SCAN_DIR). The command line is `extsub_kernels.cli.scan`.
 
 Names are imported on first use, so the command line sets its signal handlers before torch loads.
 """

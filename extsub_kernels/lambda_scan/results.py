@@ -10,6 +10,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from extsub_kernels.engine.record import jsonable
+
 EXPERT = "expert"  # the method of the λ = 0 row
 
 
@@ -189,7 +191,7 @@ class ScanResult:
 
     def to_dict(self) -> dict:
         """Everything, as scan.json holds it (NaN written as null)."""
-        return _finite(
+        return jsonable(
             {
                 "status": self.status,
                 "points": self.points,
@@ -218,14 +220,3 @@ COLUMNS = (
     "generate_seconds",
     "eval_seconds",
 )
-
-
-def _finite(value: object) -> object:
-    """`value` with every non-finite float replaced by None (JSON has no NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value

@@ -9,14 +9,12 @@ the recommended merge through `merge()`, exactly as `extsub-merge` would.
 
 import contextlib
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from extsub_kernels._version import __version__
 from extsub_kernels.engine.options import (
@@ -31,6 +29,7 @@ from extsub_kernels.engine.options import (
     resolve_device,
     warn_negative_lams,
 )
+from extsub_kernels.engine.outputs import progress_bar
 from extsub_kernels.errors import InputError, ScanInterrupted, Terminated
 from extsub_kernels.io import ResolvedInput, check_outputs, resolve_input
 from extsub_kernels.io.atomic import terminate_as_interrupt
@@ -259,9 +258,8 @@ def _walk(
     A row is kept only if the inputs are still those the scan started with (`check_inputs`; full models
     are read again at every point).
     """
-    bar = tqdm(points, desc="extsub-scan", unit="point", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    with bar:
-        for method, lam in bar:
+    with progress_bar(len(points), progress, "extsub-scan", unit="point") as bar:
+        for method, lam in points:
             bar.set_postfix_str(f"{method} λ={lam:g}")
             start = time.perf_counter()
             installer.install(first_method if method == EXPERT else method, lam)
@@ -272,6 +270,7 @@ def _walk(
             check_inputs()
             rows.append(ScanRow(method, lam, merge_seconds=merge_seconds, **values))
             after()
+            bar.update(1)
 
 
 def _check_numbers(*, max_new_tokens: int, batch_size: int, max_keep_increase: float) -> None:

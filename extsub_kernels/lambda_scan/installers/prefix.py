@@ -5,11 +5,8 @@ PEFT in inference mode uses exactly that tensor as the prefix, with or without t
 projection, so each point copies the merged tensor into the prompt encoder's embedding.
 """
 
-from collections.abc import Sequence
-
 import torch
 
-from extsub_kernels.adapters import PrefixAdapter
 from extsub_kernels.errors import InputError
 from extsub_kernels.lambda_scan.installers.base import ADAPTER_NAME, AdapterInstaller, put
 
@@ -18,9 +15,6 @@ class PrefixInstaller(AdapterInstaller):
     """Prefix-tuning adapters (`PrefixAdapter`s) installed as the prefix of a PEFT model on the loaded base."""
 
     kind = "prefix-tuning adapters"
-
-    def __init__(self, adapters: Sequence[PrefixAdapter], methods: Sequence[str]):
-        super().__init__(adapters, methods)
 
     def attach(self, model: torch.nn.Module, base_name: str) -> None:
         """Wrap `model` in a PEFT prefix of the expert's geometry (inference mode: the saved tensor is the prefix)."""
