@@ -175,7 +175,7 @@ def execute(
         command,
         options=_all_options(recipe, options, given),
     )
-    is_adapter = _adapter_inputs(inputs)
+    is_adapter = adapter_inputs(inputs)
     if not is_adapter and adapter.given():
         role, inp = inputs[0]
         raise InputError(f"{adapter.given()[0]} applies to adapter inputs; {role} {inp.spec!r} is a dense checkpoint")
@@ -296,7 +296,7 @@ def _resolve_all(
     return inputs, loaded
 
 
-def _adapter_inputs(inputs: Sequence[tuple[str, ResolvedInput]]) -> bool:
+def adapter_inputs(inputs: Sequence[tuple[str, ResolvedInput]]) -> bool:
     """True when EXPERT and ANTI are PEFT adapters, False when dense; mixed inputs and an adapter BASE are refused."""
     for role, inp in inputs:
         if role == "BASE" and inp.adapter:

@@ -309,12 +309,15 @@ def test_pretokenised_sets_for_a_model_without_tokenizer(trained, tmp_path):
         (dict(dtype="fp8"), r"unknown dtype 'fp8'"),
         (dict(save_format="lora"), r"--format says how --save-best writes the best merge; give --save-best OUT too"),
         (dict(anti="gpt2-lora"), r"was trained on base model .* but the expert .* on"),
-        (dict(anti="llama-full"), r"is a PEFT adapter but ANTI .* is a full checkpoint"),
+        (
+            dict(anti="llama-full"),
+            r"is a PEFT adapter but ANTI .* is a dense checkpoint; Ext-Sub combines adapters with adapters",
+        ),
         (
             dict(anti="llama-ia3"),
             r"is a \(IA\)³ adapter but the expert .* is a LoRA adapter; Ext-Sub combines adapters of",
         ),
-        (dict(base="llama-lora"), r"BASE .* is a PEFT adapter; --base takes the base model"),
+        (dict(base="llama-lora"), r"BASE .* is a PEFT adapter; --base takes the full base model"),
         (
             dict(base="gpt2"),
             r"does not fit BASE base-gpt2: BASE has no module model\.layers\.0\..* \(and 13 more of its 14\)",

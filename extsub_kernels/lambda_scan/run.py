@@ -40,6 +40,7 @@ from extsub_kernels.lambda_scan.installers import Installer, make_installer
 from extsub_kernels.lambda_scan.model import evaluation_dtype, load_model, load_tokenizer, require
 from extsub_kernels.lambda_scan.report import SCAN_FILES, ScanFiles
 from extsub_kernels.lambda_scan.results import EXPERT, ScanResult, ScanRow, recommend, timing_summary
+from extsub_kernels.merge import adapter_inputs
 
 PathLike = str | os.PathLike
 _CHANGED = "the rows measured before that was seen are kept, nothing was saved; run again once the inputs are stable"
@@ -123,7 +124,7 @@ def scan(
         raise InputError("give at least one anti-expert")
     inputs = _resolve(expert, antis, base, quiet=not progress)
     snapshot = InputSnapshot(inputs, reader="the scan", then=_CHANGED)
-    adapters = _adapter_inputs(inputs)
+    adapters = adapter_inputs(inputs)
     if adapters:
         require("peft")
     out_dir = Path(out) if out is not None else None
@@ -291,21 +292,6 @@ def _resolve(
         (role, resolve_input(spec, role=role, quiet=quiet)) for role, spec in zip(roles, [expert, *antis], strict=True)
     ]
     return [*inputs, ("BASE", resolve_input(base, role="BASE", quiet=quiet))]
-
-
-def _adapter_inputs(inputs: Sequence[tuple[str, ResolvedInput]]) -> bool:
-    """True for adapters, False for full models; a mix, or an adapter as BASE, is refused."""
-    base = inputs[-1][1]
-    if base.adapter:
-        raise InputError(f"BASE {base.spec!r} is a PEFT adapter; --base takes the base model the scan loads")
-    kinds = {inp.adapter for _, inp in inputs[:-1]}
-    if len(kinds) > 1:
-        (a_role, a), (d_role, d) = (next((r, i) for r, i in inputs[:-1] if i.adapter is k) for k in (True, False))
-        raise InputError(
-            f"{a_role} {a.spec!r} is a PEFT adapter but {d_role} {d.spec!r} is a full checkpoint; "
-            "scan adapters with adapters, or full models with full models"
-        )
-    return kinds == {True}
 
 
 def _check_save(
