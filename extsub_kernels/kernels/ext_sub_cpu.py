@@ -6,9 +6,9 @@ takes only those sums (`row_sums`). With a base θ₀ (`ext_sub_task_rows_into`)
 per row reads p, m and θ₀ in their dtypes and writes θ₀ + (p − θ₀) − λ·Ext(m − θ₀) in the
 output's (DESIGN.md §5), rounding as the engine's workspace path does. The C++ file has no torch
 headers, so a build takes a few seconds with any C++17 compiler; the library lands in a per-user
-cache keyed by the source, the flags and the compiler, so later processes load it in milliseconds. Without a compiler, or when
-the build fails, `load()` returns None with the reason in `status()`, and the op runs its eager
-torch path instead.
+cache keyed by the source, the flags and the compiler, so later processes load it in milliseconds.
+Without a compiler, or when the build fails, `load()` returns None with the reason in `status()`,
+and the op runs its eager torch path instead.
 
 Threads: ctypes releases the GIL, so a small pool of Python threads, as many as
 `torch.get_num_threads()` allows, claims chunks of rows from a shared counter inside the C++
@@ -99,7 +99,8 @@ class _Library:
         self.update_shared.argtypes = [ptr, ptr, i32, i32, i64, i64, dbl, dbl, ptr, i32]
         self.update_shared.restype = i32
         self.task_rows_shared = lib.extsub_task_rows_shared
-        self.task_rows_shared.argtypes = [ptr, ptr, ptr, ptr, i32, i32, i32, i32, *[i64] * 6, dbl, ptr, i32, i64, ptr, i32]
+        operands = [ptr, ptr, ptr, ptr, i32, i32, i32, i32]  # out, p, m, base and their dtype codes
+        self.task_rows_shared.argtypes = [*operands, *[i64] * 6, dbl, ptr, i32, i64, ptr, i32]
         self.task_rows_shared.restype = i32
         self.convert = lib.extsub_convert
         self.convert.argtypes = [ptr, i32, ptr, i32, i64]
