@@ -369,6 +369,45 @@ def ext_sub_(
     return w_plus
 
 
+def ext_sub_task_vectors_into(
+    out: torch.Tensor,
+    w_plus: torch.Tensor,
+    w_minus: torch.Tensor,
+    base: torch.Tensor,
+    lam: float,
+    *,
+    row_stats: torch.Tensor | None = None,
+) -> bool:
+    """out ← θ₀ + Ext-Sub(w_plus − θ₀, w_minus − θ₀) in the C++ kernel's fused pass, where it runs; whether it ran.
+
+    For the engine (not public API): 2-D (rows, cols) views of one shape in any float dtypes,
+    `out` contiguous. The result and `row_stats` are bit for bit those of widening to float32
+    (float64 with a float64 input), subtracting θ₀, `ext_sub_`, adding θ₀ back and rounding once
+    into `out`, which is what the caller does when this returns False: off CPU, without the
+    kernel, with columns not contiguous, with `out` sharing memory with an input, or with rows
+    the op would split across threads by columns (summed in another order).
+
+    Example:
+        >>> out = torch.empty(2, 4)
+        >>> ran = ext_sub_task_vectors_into(out, torch.ones(2, 4), torch.zeros(2, 4), torch.zeros(2, 4), 1.0)
+    """
+    from extsub_kernels.kernels import ext_sub_cpu
+
+    check_pair(w_plus, w_minus, lam)
+    tensors = (out, w_plus, w_minus, base)
+    if row_stats is not None:
+        _checked_row_stats(row_stats, w_plus)
+    if (
+        any(t.device.type != "cpu" or t.dim() != 2 or not _contiguous_columns(t) for t in tensors)
+        or ext_sub_cpu.long_rows(w_plus.shape[1])
+        or any(shares_storage(out, t) for t in tensors[1:])
+        or not _cpp_kernel_loads()
+    ):
+        return False
+    ext_sub_cpu.ext_sub_task_rows_into(out, w_plus, w_minus, base, float(lam), row_stats=row_stats)
+    return True
+
+
 def _writable_rows(t: torch.Tensor) -> torch.Tensor | None:
     """A (rows, cols) view sharing `t`'s storage, or None when the strides allow no such view."""
     try:

@@ -274,15 +274,21 @@ def test_page_faults_of_a_merge_follow_its_pools_not_its_inputs(tmp_path, method
 
 @pytest.fixture
 def kernel_calls(monkeypatch) -> list[tuple[bool, bool]]:
-    """(updated, row sums wanted) of every call of the C++ kernel during a test."""
+    """(updated, row sums wanted) of every call of the C++ kernel during a test: the op, and the fused pass on
+    task vectors."""
     calls: list[tuple[bool, bool]] = []
-    run_kernel = ext_sub_cpu._run
+    run_kernel, run_fused = ext_sub_cpu._run, ext_sub_cpu.ext_sub_task_rows_into
 
     def recording(p, m, lam, stats, *, write):
         calls.append((write, stats is not None))
         return run_kernel(p, m, lam, stats, write=write)
 
+    def recording_fused(out, p, m, base, lam, *, row_stats=None):
+        calls.append((True, row_stats is not None))
+        return run_fused(out, p, m, base, lam, row_stats=row_stats)
+
     monkeypatch.setattr(ext_sub_cpu, "_run", recording)
+    monkeypatch.setattr(ext_sub_cpu, "ext_sub_task_rows_into", recording_fused)
     return calls
 
 
@@ -290,7 +296,7 @@ def kernel_calls(monkeypatch) -> list[tuple[bool, bool]]:
     ("method", "with_base", "expected"),
     [
         ("ext-sub", False, (True, True)),  # the op in place on the block, its row sums from the same pass
-        ("ext-sub", True, (True, True)),  # the op on float32 task vectors in the workspace, chunk by chunk
+        ("ext-sub", True, (True, True)),  # the fused pass on task vectors, its row sums from the same pass
         ("sub", False, (False, True)),  # row sums alone (row_products): sub pairs no rows
     ],
     ids=["in place", "with a base", "sub"],

@@ -97,3 +97,62 @@ def test_apply_method_into_refuses_an_out_it_cannot_write_in_place():
     out = torch.empty(10, 6).t()
     with pytest.raises(ValueError, match=r"out must be a contiguous tensor of the inputs' shape \(6, 10\)"):
         apply_method_into(out, torch.randn(6, 10), [torch.randn(6, 10)], [1.0], workspace=Workspace(64, 4))
+
+
+_FUSED_CASES = [
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32, torch.bfloat16, torch.float16),
+    (torch.float32, torch.bfloat16, torch.float64, torch.bfloat16),
+    (torch.float64, torch.float64, torch.float64, torch.float64),
+]
+
+
+@pytest.mark.parametrize("observed", [False, True], ids=["plain", "row sums"])
+@pytest.mark.parametrize("chunk", [64, 4096], ids=["chunks of one row", "chunks of many rows"])
+@pytest.mark.parametrize(("p_dtype", "m_dtype", "base_dtype", "out_dtype"), _FUSED_CASES, ids=str)
+def test_ext_sub_with_a_base_on_cpu_rows_takes_the_fused_pass_bit_for_bit(
+    monkeypatch, p_dtype, m_dtype, base_dtype, out_dtype, chunk, observed
+):
+    """One ext-sub step on task vectors of whole CPU rows runs the C++ kernel's fused pass: the same result and row
+    sums, bit for bit, as the workspace path (widen, θ₀ out, the op, θ₀ back, round) it replaces."""
+    from extsub_kernels.engine import methods
+    from extsub_kernels.kernels import ext_sub_cpu
+
+    if ext_sub_cpu.load() is None:
+        pytest.fail(f"the C++ kernel cannot be built here: {ext_sub_cpu.status().detail}")
+    base = torch.randn(9, 40, dtype=torch.float64)
+    plus = (base + 0.1 * torch.randn(9, 40, dtype=torch.float64)).to(p_dtype)
+    minus = (base + 0.1 * torch.randn(9, 40, dtype=torch.float64)).to(m_dtype)
+    base = base.to(base_dtype)
+    plus[4] = base[4].to(p_dtype) if base_dtype != torch.float64 else plus[4]  # |p − θ₀| = 0 where exact
+
+    def merged(fused: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        seen: list[torch.Tensor] = []
+        out = torch.full((9, 40), float("nan"), dtype=out_dtype)
+        with monkeypatch.context() as patch:
+            if not fused:
+                patch.setattr(methods, "ext_sub_task_vectors_into", lambda *args, **kwargs: False)
+            apply_method_into(
+                out,
+                plus,
+                [minus],
+                [1.2],
+                base=base,
+                workspace=Workspace(chunk, workspace_slots(1), itemsize=8),
+                observe=(lambda k, sums: seen.append(sums)) if observed else None,
+            )
+        return out, seen
+
+    calls = []
+    run_fused = ext_sub_cpu.ext_sub_task_rows_into
+    monkeypatch.setattr(ext_sub_cpu, "ext_sub_task_rows_into", lambda *a, **k: (calls.append(1), run_fused(*a, **k)))
+    (ours, our_sums), (workspace_path, workspace_sums) = merged(True), merged(False)
+    assert len(calls) == 1, "one call of the fused pass for the whole block"
+    assert torch.equal(ours, workspace_path) and not torch.isnan(ours).any()
+    assert len(our_sums) == len(workspace_sums) == int(observed)
+    assert all(torch.equal(a, b) for a, b in zip(our_sums, workspace_sums, strict=True))
+    compute = torch.float64 if torch.float64 in (p_dtype, m_dtype, base_dtype) else torch.float32
+    coarser = max((out_dtype, compute), key=lambda d: TOLERANCES[d][0])
+    expected = method_oracle(plus, [minus], [1.2], base=base)
+    assert_close_explained(ours, expected, *TOLERANCES[coarser])

@@ -207,7 +207,7 @@ def test_one_long_row_keeps_its_accuracy(kernel):
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 def _all_16_bit_patterns(dtype: torch.dtype) -> torch.Tensor:
@@ -356,3 +356,104 @@ def test_cache_is_reused_and_reported(fresh_status, kernel):
 def test_cpp_backend_refuses_other_devices():
     with pytest.raises(ValueError, match=r"backend='cpp' runs on CPU tensors \(got a tensor on meta\)"):
         ext_sub_(torch.zeros(3, 3, device="meta"), torch.zeros(3, 3, device="meta"), 1.0, backend="cpp")
+
+
+# --- the fused pass on task vectors: out = θ₀ + (p − θ₀) − λ·Ext(m − θ₀) (DESIGN.md §5) ----------
+
+
+def _task_inputs(shape, p_dtype, m_dtype, base_dtype, seed=0):
+    """θ₀ and an expert and anti-expert near it (task vectors about 5 % of the weights), with named degenerate rows:
+    0: p = θ₀ (|p − θ₀| = 0); 1: m = θ₀ (|m − θ₀| = 0); 2: m − θ₀ = −2(p − θ₀) exactly (antiparallel).
+    The degenerate rows hold multiples of ¼ below 8, exact in every dtype (as many as there are rows)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, dtype=torch.float64, generator=g)
+    p = base + 0.05 * torch.randn(shape, dtype=torch.float64, generator=g)
+    m = base + 0.05 * torch.randn(shape, dtype=torch.float64, generator=g)
+    quarters = torch.randint(-16, 16, (3, shape[1]), generator=g).double() / 4
+    offsets = [(0.0, 0.5), (0.25, 0.0), (1.0, -2.0)]  # (p − θ₀, m − θ₀) of rows 0, 1, 2
+    for row, (dp, dm) in enumerate(offsets[: shape[0]]):
+        base[row], p[row], m[row] = quarters[row], quarters[row] + dp, quarters[row] + dm
+    return p.to(p_dtype), m.to(m_dtype), base.to(base_dtype)
+
+
+def _by_the_op(out_dtype, p, m, base, lam, row_stats=None):
+    """What the engine's workspace path computes: widen, subtract θ₀, the op (C++), add θ₀, round once."""
+    compute = torch.float64 if torch.float64 in (p.dtype, m.dtype, base.dtype) else torch.float32
+    wide_base = base.to(compute)
+    result = p.to(compute) - wide_base
+    ext_sub_(result, m.to(compute) - wide_base, lam, backend="cpp", row_stats=row_stats)
+    return (result + wide_base).to(out_dtype)
+
+
+def _fused(out_dtype, p, m, base, lam, row_stats=None):
+    out = torch.full(p.shape, float("nan"), dtype=out_dtype)
+    ext_sub_cpu.ext_sub_task_rows_into(out, p, m, base, lam, row_stats=row_stats)
+    return out
+
+
+def _coarser(*dtypes: torch.dtype) -> torch.dtype:
+    return max(dtypes, key=lambda d: TOLERANCES[d][0])
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("base_dtype", DTYPES)
+@pytest.mark.parametrize("m_dtype", DTYPES)
+@pytest.mark.parametrize("p_dtype", DTYPES)
+def test_fused_task_vectors_every_dtype_combination(kernel, p_dtype, m_dtype, base_dtype, out_dtype):
+    """Bit for bit the op's path (result and row sums), within one rounding of the coarser of out's dtype and the
+    compute dtype of Algorithm 1 in float64, and the degenerate rows as DESIGN.md §1 defines them."""
+    p, m, base = _task_inputs((7, 301), p_dtype, m_dtype, base_dtype)
+    sums, expected_sums = (torch.full((7, 3), float("nan"), dtype=torch.float64) for _ in range(2))
+    ours = _fused(out_dtype, p, m, base, 0.75, sums)
+    what = f"{p_dtype}/{m_dtype}/{base_dtype} → {out_dtype}"
+    _assert_same_bits(ours, _by_the_op(out_dtype, p, m, base, 0.75, expected_sums), what)
+    _assert_same_bits(sums, expected_sums, f"row sums {what}")
+    _assert_same_bits(_fused(out_dtype, p, m, base, 0.75), ours, f"without row sums {what}")
+    # the oracle: Algorithm 1 (paper §3) literally, in float64, on the task vectors
+    theta0 = base.double()
+    oracle = theta0 + ext_sub_reference(p.double() - theta0, m.double() - theta0, 0.75, dtype=torch.float64)
+    compute = torch.float64 if torch.float64 in (p_dtype, m_dtype, base_dtype) else torch.float32
+    assert_close_explained(ours, oracle, *TOLERANCES[_coarser(out_dtype, compute)], what=what)
+    assert torch.equal(ours[0].double(), p[0].double()), "|p − θ₀| = 0: the row stays"
+    assert torch.equal(ours[1].double(), p[1].double()), "|m − θ₀| = 0: the row stays"
+    # here m − θ₀ = −2(p − θ₀) with p − θ₀ = 1: α = 1 + (λ/2)·2, β = −λ/2, exact in every dtype at λ = ¾
+    antiparallel = (p[2].double() - 0.75 * (m[2].double() - theta0[2])).to(out_dtype)
+    assert torch.equal(ours[2], antiparallel), "antiparallel: Ext(m) = m, out = p − λ(m − θ₀)"
+
+
+@pytest.mark.parametrize("with_sums", [False, True], ids=["plain", "row sums"])
+@pytest.mark.parametrize("n_threads", [1, 2, 3, 5])
+@pytest.mark.parametrize("shape", [(2, 5), (5, 7), (64, 33), (3, 4097), (1, 9000), (40, 257)], ids=str)
+def test_fused_task_vectors_on_several_threads(kernel, threads, monkeypatch, shape, n_threads, with_sums):
+    """Chunks of rows claimed by several threads (one row each and more, a last partial chunk, rows longer than a
+    block of the lanes): every split gives the op's path bit for bit."""
+    threads(n_threads)
+    monkeypatch.setattr(ext_sub_cpu, "_MIN_ELEMENTS_PER_THREAD", 1)
+    p, m, base = _task_inputs(shape, torch.bfloat16, torch.bfloat16, torch.bfloat16, seed=shape[0])
+    sums, expected_sums = (torch.empty(shape[0], 3, dtype=torch.float32) for _ in range(2))
+    ours = _fused(torch.bfloat16, p, m, base, 1.1, sums if with_sums else None)
+    _assert_same_bits(ours, _by_the_op(torch.bfloat16, p, m, base, 1.1, expected_sums), f"{n_threads} threads")
+    if with_sums:
+        _assert_same_bits(sums, expected_sums, f"row sums, {n_threads} threads")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_fused_task_vectors_stay_finite_where_sums_underflow(kernel, dtype):
+    """Task vectors of 1e-30 (fp32) or of one half subnormal: their squares round to 0, so the rows count as
+    degenerate; finite inputs give finite outputs, and a zero task vector keeps p."""
+    tiny = 1e-30 if dtype == torch.float32 else 2.0**-24
+    base = torch.ones(3, 64, dtype=dtype)
+    p = torch.stack([base[0] + tiny, base[1] + 0.5, base[2]])
+    m = torch.stack([base[0] + 0.5, base[1] + tiny, base[2] - 0.25])
+    out = _fused(dtype, p, m, base, 2.0)
+    assert torch.isfinite(out).all()
+    _assert_same_bits(out, _by_the_op(dtype, p, m, base, 2.0), "underflowing sums")
+    assert torch.equal(out[2], p[2])
+
+
+def test_fused_task_vectors_refuse_an_out_that_overlaps_an_input(kernel):
+    p, m, base = _task_inputs((4, 16), torch.float32, torch.float32, torch.float32)
+    with pytest.raises(ValueError, match="out must not share memory with p, m or base"):
+        ext_sub_cpu.ext_sub_task_rows_into(p, p, m, base, 1.0)
+    with pytest.raises(ValueError, match=r"base must be a CPU tensor of shape \(4, 16\) with contiguous columns"):
+        ext_sub_cpu.ext_sub_task_rows_into(torch.empty(4, 16), p, m, base[:, :8], 1.0)

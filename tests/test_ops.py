@@ -359,3 +359,30 @@ def test_op_backend_names_what_auto_runs_on_each_device():
     assert op_backend("cpu") == cpu_backend() and op_backend(torch.device("cpu")) == cpu_backend()
     assert op_backend("meta") == "torch: eager torch ops (no kernel for meta)"
     assert op_backend("cuda").split(":")[0] in ("triton", "torch")
+
+
+def test_ext_sub_task_vectors_into_runs_only_where_the_fused_pass_applies(monkeypatch):
+    """The fused pass on task vectors runs on CPU views with contiguous columns, an `out` of its own and rows the op
+    would not split by columns, with the kernel loaded; elsewhere it says False and leaves `out` alone."""
+    from extsub_kernels import ops
+    from extsub_kernels.kernels import ext_sub_cpu
+
+    if not backend_available("cpp", "cpu"):
+        pytest.fail(f"the C++ kernel cannot be built here: {cpu_backend()}")
+    base = torch.randn(6, 40)
+    p, m = base + 0.1 * torch.randn(6, 40), base + 0.1 * torch.randn(6, 40)
+    expected = base.double() + ext_sub_reference(p.double() - base.double(), m.double() - base.double(), 0.9)
+    out = torch.empty(6, 40)
+    assert ops.ext_sub_task_vectors_into(out, p, m, base, 0.9)
+    assert_close_explained(out, expected, *TOLERANCES[torch.float32])
+    untouched = torch.full((6, 40), 7.0)
+    columns = torch.randn(40, 6).t()
+    assert not ops.ext_sub_task_vectors_into(untouched, columns, m, base, 0.9), "columns not contiguous"
+    assert not ops.ext_sub_task_vectors_into(p, p, m, base, 0.9), "out is an input"
+    with monkeypatch.context() as patch:
+        patch.setattr(ext_sub_cpu, "_LONG_ROW", 40)
+        assert not ops.ext_sub_task_vectors_into(untouched, p, m, base, 0.9), "rows the op splits by columns"
+    with monkeypatch.context() as patch:
+        patch.setattr(ops, "_cpp_kernel_loads", lambda: False)
+        assert not ops.ext_sub_task_vectors_into(untouched, p, m, base, 0.9), "no kernel"
+    assert torch.equal(untouched, torch.full((6, 40), 7.0))

@@ -9,7 +9,8 @@ tensors.
 Precision, the same on every path: a single ext-sub step in the expert's dtype (one
 anti-expert, no base, the expert's dtype out) is the op itself, in place (it reduces in float32
 and rounds once); anything else works in float32 (float64 for float64 inputs) and rounds once
-at the end.
+at the end. A single ext-sub step with a base on CPU rows runs in the C++ kernel's fused pass
+(p, m, θ₀ read once each, no workspace), with the same result bit for bit.
 """
 
 from collections.abc import Callable, Sequence
@@ -20,7 +21,7 @@ from extsub_kernels._tensors import as_rows, compute_dtype
 from extsub_kernels.engine.gram import RowGram, ext_sub_in_memory, pieces, widen
 from extsub_kernels.engine.options import method_sign
 from extsub_kernels.engine.transfer import Workspace
-from extsub_kernels.ops import ext_sub_, row_products
+from extsub_kernels.ops import ext_sub_, ext_sub_task_vectors_into, row_products
 
 # Numbers per working chunk on CPU: the few float32 slots a chunk uses stay in L2, so the passes
 # over a chunk (widen, subtract θ₀, the op, add θ₀, round) cost one trip to memory.
@@ -111,7 +112,7 @@ def apply_method_into(
     target = out if transposed else as_rows(out)
     if in_pieces:
         ext_sub_in_memory(target, views, flat_base, lams, reduce_dim=reduce_dim, workspace=workspace, observe=observe)
-    else:
+    elif not _fused_into(target, views, flat_base, lams, observe):
         _rows_into(target, views, flat_base, lams, workspace, dtype, observe)
     return out
 
@@ -119,6 +120,28 @@ def apply_method_into(
 def _row_sums(rows: int, device: torch.device) -> torch.Tensor:
     """A (rows, 3) float64 tensor for |p|², |m|², p·m per row."""
     return torch.empty(rows, 3, dtype=torch.float64, device=device)
+
+
+def _fused_into(
+    out: torch.Tensor,
+    views: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    lams: Sequence[float],
+    observe: Observer | None,
+) -> bool:
+    """One ext-sub step on task vectors of whole rows in the C++ kernel's fused pass, where it runs; whether it ran.
+
+    Reads p, m and θ₀ in their dtypes and writes `out` once, instead of `_rows_into`'s passes
+    through the workspace; the results and row sums are the same bit for bit (`ops.ext_sub_task_vectors_into`).
+    """
+    if base is None or len(views) != 2:
+        return False
+    sums = _row_sums(out.shape[0], out.device) if observe is not None else None
+    if not ext_sub_task_vectors_into(out, views[0], views[1], base, lams[0], row_stats=sums):
+        return False
+    if observe is not None:
+        observe(0, sums)
+    return True
 
 
 def _rows_into(

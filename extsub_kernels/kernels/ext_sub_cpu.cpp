@@ -208,45 +208,57 @@ struct Sums {
   double pp = 0.0, mm = 0.0, pm = 0.0;
 };
 
-// Adds Σp², Σm² (and Σp·m with kDot) over n elements to s. C lanes (a few vector registers'
-// worth), each lane a sequential sum over at most kSumBlock / kLanes terms.
-template <typename C, typename P, typename M, bool kDot>
-void row_sums(const Stored<P>* p, const Stored<M>* m, int64_t n, Sums& s) {
-  constexpr int kLanes = 128 / sizeof(C);
-  for (int64_t start = 0; start < n; start += kSumBlock) {
-    const int64_t len = n - start < kSumBlock ? n - start : kSumBlock;
-    const Stored<P>* pb = p + start;
-    const Stored<M>* mb = m + start;
-    C acc_p[kLanes] = {};
-    C acc_m[kLanes] = {};
-    C acc_pm[kLanes] = {};
-    int64_t j = 0;
-    for (; j + kLanes <= len; j += kLanes) {
-      const Loaded<P, C, kLanes> pv(pb + j);
-      const Loaded<M, C, kLanes> mv(mb + j);
-      for (int k = 0; k < kLanes; ++k) {
-        const C a = pv[k], b = mv[k];
-        acc_p[k] += a * a;
-        acc_m[k] += b * b;
-        if constexpr (kDot) acc_pm[k] += a * b;
-      }
+// The float32 (C) lanes of one block of at most kSumBlock elements: lane k sums the terms of
+// elements k, k + kLanes, ... in order; a stretch shorter than kLanes goes to lane 0. `into`
+// adds the lanes up in float64. Every path sums this way, so a row's sums do not depend on
+// whether its values come straight from p and m or from p − θ₀ and m − θ₀ (the fused pass).
+template <typename C, bool kDot>
+struct LaneSums {
+  static constexpr int kLanes = 128 / sizeof(C);
+  C p[kLanes] = {};
+  C m[kLanes] = {};
+  C pm[kLanes] = {};
+  // kLanes values of each: anything indexable by 0 … kLanes − 1 (a Loaded, a pointer).
+  template <typename A, typename B>
+  void lanes(const A& a, const B& b) {
+    for (int k = 0; k < kLanes; ++k) {
+      const C x = a[k], y = b[k];
+      p[k] += x * x;
+      m[k] += y * y;
+      if constexpr (kDot) pm[k] += x * y;
     }
-    for (; j < len; ++j) {
-      C a = Format<P>::widen(pb[j]);
-      C b = Format<M>::widen(mb[j]);
-      acc_p[0] += a * a;
-      acc_m[0] += b * b;
-      if constexpr (kDot) acc_pm[0] += a * b;
-    }
+  }
+  void one(C x, C y) {
+    p[0] += x * x;
+    m[0] += y * y;
+    if constexpr (kDot) pm[0] += x * y;
+  }
+  void into(Sums& s) const {
     double bp = 0.0, bm = 0.0, bpm = 0.0;
     for (int k = 0; k < kLanes; ++k) {
-      bp += static_cast<double>(acc_p[k]);
-      bm += static_cast<double>(acc_m[k]);
-      if constexpr (kDot) bpm += static_cast<double>(acc_pm[k]);
+      bp += static_cast<double>(p[k]);
+      bm += static_cast<double>(m[k]);
+      if constexpr (kDot) bpm += static_cast<double>(pm[k]);
     }
     s.pp += bp;
     s.mm += bm;
     s.pm += bpm;
+  }
+};
+
+// Adds Σp², Σm² (and Σp·m with kDot) over n elements to s, in the lanes of LaneSums.
+template <typename C, typename P, typename M, bool kDot>
+void row_sums(const Stored<P>* p, const Stored<M>* m, int64_t n, Sums& s) {
+  constexpr int kLanes = LaneSums<C, kDot>::kLanes;
+  for (int64_t start = 0; start < n; start += kSumBlock) {
+    const int64_t len = n - start < kSumBlock ? n - start : kSumBlock;
+    const Stored<P>* pb = p + start;
+    const Stored<M>* mb = m + start;
+    LaneSums<C, kDot> acc;
+    int64_t j = 0;
+    for (; j + kLanes <= len; j += kLanes) acc.lanes(Loaded<P, C, kLanes>(pb + j), Loaded<M, C, kLanes>(mb + j));
+    for (; j < len; ++j) acc.one(Format<P>::widen(pb[j]), Format<M>::widen(mb[j]));
+    acc.into(s);
   }
 }
 
@@ -334,6 +346,9 @@ int with_dtypes(int p_dtype, int m_dtype, F&& f) {
   }
 }
 
+// α = 1 + (λ/2)·|m|/|p| of a row with |p| > 0, from its sums, in float64 (then rounded once to the compute type).
+inline double alpha_of(const Sums& s, double half_lam) { return 1.0 + half_lam * (std::sqrt(s.mm) / std::sqrt(s.pp)); }
+
 // Rows [r0, r1) of the (rows, n_cols) views p and m: both norms (and the row sums, if wanted),
 // then p ← α·p + β·m in place unless only the sums were asked for.
 template <typename P, typename M>
@@ -347,7 +362,7 @@ void rows_in_place(Stored<P>* p, const Stored<M>* m, int64_t r0, int64_t r1, int
     sums_of<C, P, M>(pr, mr, n_cols, stats.wanted(), s);
     if (stats.wanted()) stats.store(r, s);
     if (!write || s.pp == 0.0) continue;  // |p| = 0: the row stays (α = 1, β = 0)
-    const double alpha = 1.0 + half_lam * (std::sqrt(s.mm) / std::sqrt(s.pp));
+    const double alpha = alpha_of(s, half_lam);
     const bool more = r + 1 < r1;
     update<C, P, M>(pr, mr, n_cols, static_cast<C>(alpha), static_cast<C>(-half_lam), more ? pr + p_row_stride : nullptr,
                     more ? mr + m_row_stride : nullptr);
@@ -376,6 +391,157 @@ void claim_chunks(int64_t n_chunks, int64_t* counters, int wait, Body&& body) {
     } else {
       std::this_thread::yield();
     }
+  }
+}
+
+// ---- The fused pass on task vectors (DESIGN.md §5): out = θ₀ + (p − θ₀) − λ·Ext(m − θ₀) ----
+//
+// p, m and θ₀ are read in their own dtypes and out written in its own, each of the four any of
+// the dtype codes, so the arithmetic is written once per compute type (float32, or float64 when
+// p, m or θ₀ is float64) and each operand is widened or rounded a tile at a time through a
+// switch on its dtype code. Per row: a first loop widens a tile of each, forms p − θ₀ and
+// m − θ₀ in C and adds their sums to the lanes of LaneSums (so the sums are those of the op on
+// the widened task vectors, bit for bit); a second loop over the same row, in cache, widens
+// again and writes θ₀ + (α·(p − θ₀) + β·(m − θ₀)), rounded once to out's dtype, while it
+// prefetches the next row. Memory sees read p, m, θ₀ and write out once each.
+
+// Elements per tile: a multiple of every LaneSums width that divides kSumBlock.
+constexpr int kTile = 256;
+
+inline int64_t item_size(int dtype) { return dtype == 3 ? 8 : dtype == 2 ? 4 : 2; }
+
+// Calls f(Tag<T>{}) for one dtype code.
+template <typename F>
+void with_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case 0: return f(Tag<Half>{});
+    case 1: return f(Tag<BFloat16>{});
+    case 2: return f(Tag<float>{});
+    default: return f(Tag<double>{});
+  }
+}
+
+// One operand of the fused pass: a (rows, n_cols) view with contiguous columns.
+struct Operand {
+  const void* data;
+  int dtype;
+  int64_t row_stride;  // elements
+  const char* at(int64_t row, int64_t col) const {
+    return static_cast<const char*>(data) + (row * row_stride + col) * item_size(dtype);
+  }
+};
+
+// n values of T at src widened to C into dst: whole vectors as the op loads them, then one by one.
+template <typename T, typename C>
+void widen_into(const Stored<T>* src, int n, C* dst) {
+  constexpr int kLanes = 128 / sizeof(C);
+  int k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    const Loaded<T, C, kLanes> v(src + k);
+    for (int i = 0; i < kLanes; ++i) dst[k + i] = v[i];
+  }
+  for (; k < n; ++k) dst[k] = static_cast<C>(Format<T>::widen(src[k]));
+}
+
+// n values of C rounded once to T: whole vectors as the op stores them, then one by one.
+template <typename T, typename C>
+void narrow_into(const C* src, int n, Stored<T>* dst) {
+  constexpr int kLanes = 128 / sizeof(C);
+  int k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    Narrowed<T, C, kLanes> out(dst + k);
+    for (int i = 0; i < kLanes; ++i) out.set(i, src[k + i]);
+    out.flush();
+  }
+  for (; k < n; ++k) dst[k] = Format<T>::narrow(src[k]);
+}
+
+// One tile of a row, widened to C: the task vectors p − θ₀ and m − θ₀, and θ₀.
+template <typename C>
+struct TaskTile {
+  alignas(64) C p[kTile];
+  alignas(64) C m[kTile];
+  alignas(64) C base[kTile];
+
+  void load(const Operand* in, int64_t row, int64_t col, int n) {
+    widen(in[2], row, col, n, base);
+    widen(in[0], row, col, n, p);
+    widen(in[1], row, col, n, m);
+    for (int k = 0; k < n; ++k) {
+      p[k] -= base[k];
+      m[k] -= base[k];
+    }
+  }
+
+  static void widen(const Operand& x, int64_t row, int64_t col, int n, C* dst) {
+    with_dtype(x.dtype, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      widen_into<T, C>(reinterpret_cast<const Stored<T>*>(x.at(row, col)), n, dst);
+    });
+  }
+};
+
+// Σ(p − θ₀)², Σ(m − θ₀)² (and the dot product with kDot) of one row, in the op's lanes and blocks.
+template <typename C, bool kDot>
+void task_sums(const Operand* in, int64_t row, int64_t n, TaskTile<C>& tile, Sums& s) {
+  constexpr int kLanes = LaneSums<C, kDot>::kLanes;
+  static_assert(kTile % kLanes == 0 && kSumBlock % kTile == 0, "tiles split neither lanes nor blocks");
+  for (int64_t start = 0; start < n; start += kSumBlock) {
+    const int64_t len = n - start < kSumBlock ? n - start : kSumBlock;
+    LaneSums<C, kDot> acc;
+    for (int64_t t = 0; t < len; t += kTile) {
+      const int count = static_cast<int>(len - t < kTile ? len - t : kTile);
+      tile.load(in, row, start + t, count);
+      int k = 0;
+      for (; k + kLanes <= count; k += kLanes) acc.lanes(tile.p + k, tile.m + k);
+      for (; k < count; ++k) acc.one(tile.p[k], tile.m[k]);
+    }
+    acc.into(s);
+  }
+}
+
+// out's row ← θ₀ + (α·(p − θ₀) + β·(m − θ₀)), or θ₀ + (p − θ₀) when `keep` (|p − θ₀| = 0), each
+// rounded as the op and the workspace path round it; the next row (if any) is prefetched.
+template <typename C>
+void task_update(const Operand* in, const Operand& out, int64_t row, int64_t n, C alpha, C beta, bool keep, bool more,
+                 TaskTile<C>& tile) {
+  for (int64_t col = 0; col < n; col += kTile) {
+    const int count = static_cast<int>(n - col < kTile ? n - col : kTile);
+    if (more) {
+      for (int i = 0; i < 3; ++i) prefetch(in[i].at(row + 1, col), static_cast<int>(count * item_size(in[i].dtype)));
+    }
+    tile.load(in, row, col, count);
+    if (keep) {
+      for (int k = 0; k < count; ++k) tile.p[k] = tile.p[k] + tile.base[k];
+    } else {
+      for (int k = 0; k < count; ++k) {
+        const C r = alpha * tile.p[k] + beta * tile.m[k];
+        tile.p[k] = r + tile.base[k];
+      }
+    }
+    with_dtype(out.dtype, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      narrow_into<T, C>(tile.p, count, reinterpret_cast<Stored<T>*>(const_cast<char*>(out.at(row, col))));
+    });
+  }
+}
+
+// Rows [r0, r1) of the fused pass; in = {p, m, θ₀}.
+template <typename C>
+void task_rows(const Operand* in, const Operand& out, int64_t r0, int64_t r1, int64_t n_cols, double half_lam,
+               StatsOut stats) {
+  TaskTile<C> tile;
+  for (int64_t r = r0; r < r1; ++r) {
+    Sums s;
+    if (stats.wanted()) {
+      task_sums<C, true>(in, r, n_cols, tile, s);
+      stats.store(r, s);
+    } else {
+      task_sums<C, false>(in, r, n_cols, tile, s);
+    }
+    const bool keep = s.pp == 0.0;  // |p − θ₀| = 0: the task vector stays (α = 1, β = 0)
+    const double alpha = keep ? 1.0 : alpha_of(s, half_lam);
+    task_update<C>(in, out, r, n_cols, static_cast<C>(alpha), static_cast<C>(-half_lam), keep, r + 1 < r1, tile);
   }
 }
 
@@ -449,6 +615,36 @@ EXTSUB_EXPORT int extsub_update_shared(void* p, const void* m, int p_dtype, int 
                 static_cast<C>(beta));
     });
   });
+}
+
+// The fused pass on task vectors over all n_rows rows of the (rows, n_cols) views out, p, m and
+// base (columns contiguous; row strides in elements; out overlaps none of the others), in
+// chunks of chunk_rows claimed by every thread that calls this with the same counters (see
+// claim_chunks): out = base + (p − base) − λ·Ext(m − base), the row sums of p − base and
+// m − base into stats as extsub_rows gives them. Returns 0, or −1 for an unknown dtype code.
+EXTSUB_EXPORT int extsub_task_rows_shared(void* out, const void* p, const void* m, const void* base, int out_dtype,
+                                          int p_dtype, int m_dtype, int base_dtype, int64_t n_rows, int64_t n_cols,
+                                          int64_t out_row_stride, int64_t p_row_stride, int64_t m_row_stride,
+                                          int64_t base_row_stride, double half_lam, void* stats, int stats_dtype,
+                                          int64_t chunk_rows, int64_t* counters, int wait) {
+  const int codes[4] = {out_dtype, p_dtype, m_dtype, base_dtype};
+  for (const int code : codes) {
+    if (code < 0 || code > 3) return -1;
+  }
+  const Operand in[3] = {{p, p_dtype, p_row_stride}, {m, m_dtype, m_row_stride}, {base, base_dtype, base_row_stride}};
+  const Operand to{out, out_dtype, out_row_stride};
+  const bool wide = p_dtype == 3 || m_dtype == 3 || base_dtype == 3;
+  const int64_t n_chunks = (n_rows + chunk_rows - 1) / chunk_rows;
+  claim_chunks(n_chunks, counters, wait, [&](int64_t k) {
+    const int64_t r0 = k * chunk_rows;
+    const int64_t r1 = r0 + chunk_rows < n_rows ? r0 + chunk_rows : n_rows;
+    if (wide) {
+      task_rows<double>(in, to, r0, r1, n_cols, half_lam, StatsOut{stats, stats_dtype});
+    } else {
+      task_rows<float>(in, to, r0, r1, n_cols, half_lam, StatsOut{stats, stats_dtype});
+    }
+  });
+  return 0;
 }
 
 // dst[i] = src[i] converted through the compute type (widen, then round once to dst's dtype):

@@ -2,11 +2,13 @@
 
 Per row: p' = α·p + β·m with α = 1 + (λ/2)·|m|/|p|, β = −λ/2 (DESIGN.md §1); rows with |p| = 0
 keep p. On request the same pass stores each row's |p|², |m|² and p·m (DESIGN.md §7), or
-takes only those sums (`row_sums`). The C++ file has no torch headers, so a build takes a few
-seconds with any C++17 compiler; the library lands in a per-user cache keyed by the source, the
-flags and the compiler, so later processes load it in milliseconds. Without a compiler, or when
-the build fails, `load()` returns None with the reason in `status()`, and the op runs its eager
-torch path instead.
+takes only those sums (`row_sums`). With a base θ₀ (`ext_sub_task_rows_into`), one fused pass
+per row reads p, m and θ₀ in their dtypes and writes θ₀ + (p − θ₀) − λ·Ext(m − θ₀) in the
+output's (DESIGN.md §5), rounding as the engine's workspace path does. The C++ file has no torch
+headers, so a build takes a few seconds with any C++17 compiler; the library lands in a per-user
+cache keyed by the source, the flags and the compiler, so later processes load it in milliseconds.
+Without a compiler, or when the build fails, `load()` returns None with the reason in `status()`,
+and the op runs its eager torch path instead.
 
 Threads: ctypes releases the GIL, so a small pool of Python threads, as many as
 `torch.get_num_threads()` allows, claims chunks of rows from a shared counter inside the C++
@@ -37,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from extsub_kernels._tensors import shares_storage
+
 SOURCE = Path(__file__).with_name("ext_sub_cpu.cpp")
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 _STATS_CODES = {torch.float32: 2, torch.float64: 3}
@@ -60,7 +64,7 @@ _ARCH_FLAGS = {
 _BUILD_TIMEOUT_S = 300
 # Below this many elements per thread, the hand-off to another thread costs more than it saves.
 _MIN_ELEMENTS_PER_THREAD = 1 << 16
-# Rows at least this long, fewer than four per thread, are split across threads by columns.
+# Rows at least this long, fewer than four per thread, are split across threads by columns (not by the fused pass).
 _LONG_ROW = 1 << 20
 # Threads claim rows in chunks of about this many bytes of p and m (a few in flight fit in L2).
 _CHUNK_BYTES = 256 << 10
@@ -94,6 +98,10 @@ class _Library:
         self.update_shared = lib.extsub_update_shared
         self.update_shared.argtypes = [ptr, ptr, i32, i32, i64, i64, dbl, dbl, ptr, i32]
         self.update_shared.restype = i32
+        self.task_rows_shared = lib.extsub_task_rows_shared
+        operands = [ptr, ptr, ptr, ptr, i32, i32, i32, i32]  # out, p, m, base and their dtype codes
+        self.task_rows_shared.argtypes = [*operands, *[i64] * 6, dbl, ptr, i32, i64, ptr, i32]
+        self.task_rows_shared.restype = i32
         self.convert = lib.extsub_convert
         self.convert.argtypes = [ptr, i32, ptr, i32, i64]
         self.convert.restype = i32
@@ -204,6 +212,16 @@ def _self_check(lib: _Library) -> None:
     got, expected = (*p, *sums), (6.0, 8.0, -3.0, -4.0, 25.0, 100.0, 0.0)  # α = 1 + 0.5·10/5 = 2, β = −0.5
     if any(abs(a - b) > 1e-6 for a, b in zip(got, expected, strict=True)):
         raise RuntimeError(f"self-check failed: got {list(got)}, expected {list(expected)}")
+    # the same row as task vectors over θ₀ = 1: out = 1 + (6, 8, −3, −4)
+    plus = (ctypes.c_float * 4)(4.0, 5.0, 1.0, 1.0)
+    minus = (ctypes.c_float * 4)(1.0, 1.0, 7.0, 9.0)
+    base = (ctypes.c_float * 4)(1.0, 1.0, 1.0, 1.0)
+    out = (ctypes.c_float * 4)()
+    counters = (ctypes.c_int64 * 2)()
+    addresses = (ctypes.addressof(x) for x in (out, plus, minus, base))
+    lib.task_rows_shared(*addresses, 2, 2, 2, 2, 1, 4, 4, 4, 4, 4, 0.5, None, 0, 1, ctypes.addressof(counters), 1)
+    if any(abs(a - b) > 1e-6 for a, b in zip(out, (7.0, 9.0, -2.0, -3.0), strict=True)):
+        raise RuntimeError(f"self-check of the fused pass failed: got {list(out)}, expected [7, 9, -2, -3]")
 
 
 def load() -> _Library | None:
@@ -298,32 +316,95 @@ def row_sums(p: torch.Tensor, m: torch.Tensor, out: torch.Tensor) -> None:
     _run(p, m, 0.0, out, write=False)
 
 
-def _run(p: torch.Tensor, m: torch.Tensor, lam: float, stats: torch.Tensor | None, *, write: bool) -> None:
-    """Check the operands, choose the split across threads, and call the kernel."""
+def ext_sub_task_rows_into(
+    out: torch.Tensor,
+    p: torch.Tensor,
+    m: torch.Tensor,
+    base: torch.Tensor,
+    lam: float,
+    *,
+    row_stats: torch.Tensor | None = None,
+) -> None:
+    """out ← θ₀ + (p − θ₀) − λ·Ext(m − θ₀) row by row, in one fused pass, for 2-D CPU views of one shape.
+
+    Columns contiguous; each operand in its own dtype; `out` shares memory with none of the
+    inputs. The arithmetic and its rounding are the workspace path's (widen, subtract θ₀, the
+    op, add θ₀, round once into out); `row_stats` gets the op's row sums of p − θ₀ and m − θ₀.
+    Each row is one thread's (long rows are not split by columns); threads claim chunks of rows.
+    """
+    lib = _loaded()
+    n_rows, n_cols = p.shape
+    operands = (("out", out), ("p", p), ("m", m), ("base", base))
+    for name, t in operands:
+        if t.device.type != "cpu" or t.shape != p.shape or (n_cols > 1 and t.stride(1) != 1):
+            raise ValueError(f"{name} must be a CPU tensor of shape {tuple(p.shape)} with contiguous columns")
+    if any(shares_storage(out, t) for _, t in operands[1:]):
+        raise ValueError("out must not share memory with p, m or base (each row is read twice before it is written)")
+    stats_ptr, stats_dtype = _stats_pointer(row_stats, n_rows)
+    if n_rows == 0 or n_cols == 0:
+        if row_stats is not None:
+            row_stats.zero_()
+        return
+    threads = max(1, min(torch.get_num_threads(), p.numel() // _MIN_ELEMENTS_PER_THREAD))
+    row_bytes = n_cols * (p.element_size() + m.element_size() + base.element_size())
+    chunk_rows = max(1, min(_CHUNK_BYTES // row_bytes, -(-n_rows // (4 * threads))))
+    args = (
+        *(t.data_ptr() for _, t in operands),
+        *(_DTYPE_CODES[t.dtype] for _, t in operands),
+        n_rows,
+        n_cols,
+        *(t.stride(0) for _, t in operands),
+        0.5 * lam,
+        stats_ptr,
+        stats_dtype,
+        chunk_rows,
+    )
+    _share(lib.task_rows_shared, *args, threads=threads)
+
+
+def long_rows(n_cols: int) -> bool:
+    """Whether `ext_sub_rows_` may share rows this long between threads by columns (their sums then add up in
+    another order than one thread's; the fused pass never splits a row)."""
+    return n_cols >= _LONG_ROW
+
+
+def _loaded() -> _Library:
+    """The library, or RuntimeError with the reason it is unavailable."""
     lib = load()
     if lib is None:
         raise RuntimeError(f"the C++ kernel is unavailable: {status().detail}")
+    return lib
+
+
+def _stats_pointer(stats: torch.Tensor | None, n_rows: int) -> tuple[int | None, int]:
+    """(address, dtype code) of a row sums array, (None, 0) without one; ValueError unless it fits."""
+    if stats is None:
+        return None, 0
+    if stats.dtype not in _STATS_CODES or stats.shape != (n_rows, 3) or not stats.is_contiguous():
+        raise ValueError(f"row sums go in a contiguous ({n_rows}, 3) float32/float64 tensor, not {stats.shape}")
+    return stats.data_ptr(), _STATS_CODES[stats.dtype]
+
+
+def _run(p: torch.Tensor, m: torch.Tensor, lam: float, stats: torch.Tensor | None, *, write: bool) -> None:
+    """Check the operands, choose the split across threads, and call the kernel."""
+    lib = _loaded()
     n_rows, n_cols = p.shape
     if n_rows == 0:
         return
     for name, t in (("p", p), ("m", m)):
         if t.device.type != "cpu" or (n_cols > 1 and t.stride(1) != 1):
             raise ValueError(f"{name} must be a CPU tensor with contiguous columns (stride {t.stride()})")
-    stats_ptr, stats_dtype = None, 0
-    if stats is not None:
-        if stats.dtype not in _STATS_CODES or stats.shape != (n_rows, 3) or not stats.is_contiguous():
-            raise ValueError(f"row sums go in a contiguous ({n_rows}, 3) float32/float64 tensor, not {stats.shape}")
-        stats_ptr, stats_dtype = stats.data_ptr(), _STATS_CODES[stats.dtype]
-        if n_cols == 0:
-            stats.zero_()
-            return
+    stats_ptr, stats_dtype = _stats_pointer(stats, n_rows)
+    if stats is not None and n_cols == 0:
+        stats.zero_()
+        return
     if n_cols == 0:
         return
     p_dtype, m_dtype = _DTYPE_CODES[p.dtype], _DTYPE_CODES[m.dtype]
     half_lam = 0.5 * lam
     threads = max(1, min(torch.get_num_threads(), p.numel() // _MIN_ELEMENTS_PER_THREAD))
     p_ptr, m_ptr = p.data_ptr(), m.data_ptr()
-    if threads > 1 and n_cols >= _LONG_ROW and n_rows < 4 * threads:
+    if threads > 1 and long_rows(n_cols) and n_rows < 4 * threads:
         for row in range(n_rows):
             row_p = p_ptr + row * p.stride(0) * p.element_size()
             row_m = m_ptr + row * m.stride(0) * m.element_size()
