@@ -36,6 +36,13 @@ def workspace_slots(n_anti: int) -> int:
     return n_anti + 3
 
 
+def method_workspace(n_anti: int, itemsize: int, device: torch.device, largest: int) -> Workspace:
+    """The working space `apply_method_into` needs, sized once: slots of `CPU_CHUNK_ELEMENTS` numbers on CPU
+    (cache-sized), of the `largest` piece it will see elsewhere (one kernel per piece)."""
+    chunk = CPU_CHUNK_ELEMENTS if device.type == "cpu" else max(1, largest)
+    return Workspace(chunk, workspace_slots(n_anti), itemsize=itemsize, device=device)
+
+
 def in_place_step(
     plus_dtype: torch.dtype, n_anti: int, *, method: str, base: bool, out_dtype: torch.dtype, transposed: bool
 ) -> bool:
@@ -268,9 +275,8 @@ def apply_method(
     single = len(minus) == 1 and base is None and out_dtype == plus.dtype
     if single and method == "ext-sub" and not transposed:
         return apply_method_(plus if inplace else plus.clone(), minus[0], lams[0], observe=observe)
-    chunk = CPU_CHUNK_ELEMENTS if plus.device.type == "cpu" else max(1, plus.numel())
     dtype = compute_dtype(plus.dtype, *(m.dtype for m in minus), *((base.dtype,) if base is not None else ()))
-    workspace = Workspace(chunk, workspace_slots(len(minus)), itemsize=dtype.itemsize, device=plus.device)
+    workspace = method_workspace(len(minus), dtype.itemsize, plus.device, plus.numel())
     # a single step in place writes over `plus` piece by piece, each piece read before it is written
     over_plus = single and inplace and plus.is_contiguous()
     out = plus if over_plus else torch.empty(plus.shape, dtype=out_dtype, device=plus.device)

@@ -22,7 +22,7 @@ from extsub_kernels.engine.methods import (
     apply_method_,
     apply_method_into,
     in_place_step,
-    workspace_slots,
+    method_workspace,
 )
 from extsub_kernels.engine.options import RunOptions, lam_label
 from extsub_kernels.engine.outputs import Piece
@@ -129,7 +129,7 @@ class BlockStreamer:
         if self.transfer.cuda:
             self.device_pool = BufferPool(capacity, n_in + n_out, device=self.options.device)
         n_anti = max((len(item.job.antis) for item in items), default=1)
-        self.workspace = Workspace(chunk, workspace_slots(n_anti), itemsize=itemsize, device=self.options.device)
+        self.workspace = method_workspace(n_anti, itemsize, self.options.device, chunk)
 
     @property
     def pools(self) -> list[BufferPool]:

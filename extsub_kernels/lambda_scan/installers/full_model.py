@@ -16,7 +16,7 @@ import torch
 
 from extsub_kernels._tensors import all_finite, compute_dtype
 from extsub_kernels.engine.architecture import transposed_weights
-from extsub_kernels.engine.methods import CPU_CHUNK_ELEMENTS, apply_method, apply_method_into, workspace_slots
+from extsub_kernels.engine.methods import apply_method, apply_method_into, method_workspace
 from extsub_kernels.engine.plan import TensorJob, plan_tensors
 from extsub_kernels.engine.transfer import Workspace
 from extsub_kernels.errors import InputError
@@ -77,10 +77,9 @@ class FullModelInstaller(Installer):
         """The merge's working space for every point: slots of the widest compute dtype the merged tensors need."""
         dtypes = [self.readers[i].info(job.name).dtype for job, _ in self.targets for i in job.inputs()]
         largest = max((target.numel() for _, target in self.targets), default=1)
-        chunk = CPU_CHUNK_ELEMENTS if self.device.type == "cpu" else largest
         n_anti = max((len(job.antis) for job, _ in self.targets), default=1)
         itemsize = compute_dtype(*dtypes).itemsize if dtypes else 4
-        return Workspace(chunk, workspace_slots(n_anti), itemsize=itemsize, device=self.device)
+        return method_workspace(n_anti, itemsize, self.device, largest)
 
     def install(self, method: str, lam: float) -> None:
         """θ₀ + ΔW' at (method, λ) into every merged tensor of the model, in the model's dtype."""
