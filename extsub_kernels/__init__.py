@@ -11,6 +11,7 @@ line sets its signal handlers first and a Ctrl-C during start-up ends as cleanly
 
 from typing import TYPE_CHECKING
 
+from extsub_kernels._lazy import lazy_getattr
 from extsub_kernels._version import __version__
 
 if TYPE_CHECKING:
@@ -88,16 +89,7 @@ _LOCATIONS = {
 }
 
 
-def __getattr__(name: str) -> object:
-    """Import a public name from its module on first use (PEP 562)."""
-    module = _LOCATIONS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'extsub_kernels' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LOCATIONS, globals())
 
 
 def __dir__() -> list[str]:

@@ -11,6 +11,8 @@ Names are imported on first use, so the command line sets its signal handlers be
 
 from typing import TYPE_CHECKING
 
+from extsub_kernels._lazy import lazy_getattr
+
 if TYPE_CHECKING:
     from extsub_kernels.lambda_scan.results import Recommendation, ScanResult, ScanRow
     from extsub_kernels.lambda_scan.run import scan
@@ -23,16 +25,7 @@ _LOCATIONS = {
 }
 
 
-def __getattr__(name: str) -> object:
-    """Import a public name from its module on first use (PEP 562)."""
-    module = _LOCATIONS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'extsub_kernels.lambda_scan' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LOCATIONS, globals())
 
 
 __all__ = ["Recommendation", "ScanResult", "ScanRow", "scan"]
