@@ -152,6 +152,24 @@ class PeftAdapter(ABC):
         return f"{type(self).__name__}({'; '.join(parts)})"
 
 
+def peft_fields(weights: object, config: Mapping, extra: dict[str, torch.Tensor]) -> dict:
+    """The fields every member reads the same way from a saved adapter: its source, the config's base model and
+    task type, its non-adapter tensors and the config itself (keyword arguments of the member's constructor)."""
+    return {
+        "source": str(weights),
+        "base_model_name_or_path": config.get("base_model_name_or_path") or None,
+        "task_type": config.get("task_type"),
+        "extra": extra,
+        "config": config,
+    }
+
+
+def refuse_max_rank(max_rank: int | None, what: str) -> None:
+    """`max_rank` truncates LoRA factors only: refuse it for a member whose parameters (`what`) have no rank."""
+    if max_rank is not None:
+        raise InputError(f"max_rank truncates LoRA factors; {what} no rank to truncate")
+
+
 def describe_dtypes(tensors: Sequence[torch.Tensor], storage: torch.dtype | None = None) -> str:
     """The dtypes of some tensors in a word or two ("float32", "float32/bfloat16"), or their storage dtype."""
     if storage is not None:

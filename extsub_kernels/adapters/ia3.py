@@ -29,6 +29,8 @@ from extsub_kernels.adapters.family import (
     copy_extra,
     describe_dtypes,
     lam_list,
+    peft_fields,
+    refuse_max_rank,
     strip_peft_prefix,
     weight_key,
 )
@@ -164,12 +166,8 @@ class IA3Adapter(PeftAdapter):
         return cls(
             vectors=vectors,
             feedforward=frozenset(feedforward),
-            source=str(weights),
-            base_model_name_or_path=config.get("base_model_name_or_path") or None,
             fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
-            task_type=config.get("task_type"),
-            extra=extra,
-            config=config,
+            **peft_fields(weights, config, extra),
         )
 
     @classmethod
@@ -184,8 +182,7 @@ class IA3Adapter(PeftAdapter):
         any_base_model: bool = False,
     ) -> "IA3Adapter":
         """`merge_ia3` below."""
-        if max_rank is not None:
-            raise InputError("max_rank truncates LoRA factors; (IA)³ vectors have no rank to truncate")
+        refuse_max_rank(max_rank, "(IA)³ vectors have")
         return merge_ia3(expert, antis, lam, method, any_base_model=any_base_model)
 
     @classmethod

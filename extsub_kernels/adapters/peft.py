@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from extsub_kernels._tensors import nonfinite_summary
-from extsub_kernels.adapters.family import PEFT_PREFIX, PeftAdapter, strip_peft_prefix
+from extsub_kernels.adapters.family import PEFT_PREFIX, PeftAdapter, peft_fields, strip_peft_prefix
 from extsub_kernels.adapters.family import weight_key as weight_key  # re-exported: the formats use it from here
 from extsub_kernels.adapters.ia3 import IA3Adapter
 from extsub_kernels.adapters.lora import LoraAdapter, LoraModule
@@ -176,12 +176,8 @@ def _read_lora(weights: Path, tensors: dict[str, torch.Tensor], config: dict, co
         modules[name] = LoraModule(lora_A, lora_B, scale)
     return LoraAdapter(
         modules=modules,
-        source=str(weights),
-        base_model_name_or_path=config.get("base_model_name_or_path") or None,
         fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
-        task_type=config.get("task_type"),
-        extra=extra,
-        config=config,
+        **peft_fields(weights, config, extra),
     )
 
 

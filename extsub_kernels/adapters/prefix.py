@@ -27,6 +27,8 @@ from extsub_kernels.adapters.family import (
     copy_extra,
     describe_dtypes,
     lam_list,
+    peft_fields,
+    refuse_max_rank,
 )
 from extsub_kernels.adapters.report import AdapterReport
 from extsub_kernels.engine.methods import apply_method
@@ -145,11 +147,7 @@ class PrefixAdapter(PeftAdapter):
         return cls(
             prompt,
             **geometry,
-            source=str(weights),
-            base_model_name_or_path=config.get("base_model_name_or_path") or None,
-            task_type=config.get("task_type"),
-            extra=extra,
-            config=config,
+            **peft_fields(weights, config, extra),
         )
 
     @classmethod
@@ -164,8 +162,7 @@ class PrefixAdapter(PeftAdapter):
         any_base_model: bool = False,
     ) -> "PrefixAdapter":
         """`merge_prefix` below."""
-        if max_rank is not None:
-            raise InputError("max_rank truncates LoRA factors; a prefix has no rank to truncate")
+        refuse_max_rank(max_rank, "a prefix has")
         return merge_prefix(expert, antis, lam, method, any_base_model=any_base_model)
 
     @classmethod
