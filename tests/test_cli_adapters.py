@@ -38,6 +38,7 @@ from peft_fixtures import (
     expected_deltas,
     make_adapters,
     peft_model,
+    tiny_gpt2,
     tiny_llama,
     with_deltas,
 )
@@ -545,3 +546,40 @@ def test_cuda_materializes_the_same_deltas(llama, tmp_path, capsys):
     cpu, cuda = load_file(tmp_path / "cpu.safetensors"), load_file(tmp_path / "cuda.safetensors")
     for key in cpu:
         assert_close_explained(cuda[key], cpu[key], 0.0, 64 * EPS32, key)
+
+
+# --- biases trained with bias="all" / "lora_only" ----------------------------------------
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_merge_with_base(bias, tmp_path, capsys):
+    """PEFT saves a LoRA layer's bias as `….c_attn.base_layer.bias`; BASE has it as `….c_attn.bias`."""
+    torch.manual_seed(SEED)
+    base = tiny_gpt2()
+
+    def train_bias(model) -> None:
+        for name, param in model.named_parameters():
+            if name.endswith("c_attn.base_layer.bias"):
+                with torch.no_grad():
+                    param.add_(0.05 * torch.randn_like(param))
+
+    spec = dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, bias=bias)
+    paths = make_adapters(base, {"expert": spec, "anti": spec}, tmp_path / "adapters", train_bias)
+    saved = {n: load_file(Path(p) / "adapter_model.safetensors") for n, p in paths.items()}
+    assert any(k.endswith("c_attn.base_layer.bias") for k in saved["expert"]), "PEFT's own naming of the bias"
+    base_dir = _save_base(base, tmp_path / "base")
+    code, err = _run(capsys, paths["expert"], paths["anti"], "--base", base_dir, "-o", tmp_path / "merged", "--lam", "1")
+    assert code == 0, err
+    written = load_file(tmp_path / "merged" / "model.safetensors")
+    for layer in range(2):
+        suffix = f"h.{layer}.attn.c_attn.base_layer.bias"
+        plus, minus = ([v for k, v in s.items() if k.endswith(suffix)][0].double() for s in saved.values())
+        theta0 = base.transformer.h[layer].attn.c_attn.bias.detach().double()
+        expected = theta0 + ext_sub_reference(plus - theta0, minus - theta0, 1.0)
+        got = written[f"transformer.h.{layer}.attn.c_attn.bias"]
+        assert_close_explained(got, expected, 0.0, 64 * EPS32 * float(expected.abs().max()), f"layer {layer} bias")
+    expected = with_deltas(base, expected_deltas(base, paths["expert"], [paths["anti"]], [1.0], "ext-sub"), True)
+    with torch.no_grad():
+        for layer in range(2):
+            expected.transformer.h[layer].attn.c_attn.bias.copy_(written[f"transformer.h.{layer}.attn.c_attn.bias"])
+    check_logits(_from_pretrained(tmp_path / "merged"), expected, f"--base with bias={bias!r}")
