@@ -568,12 +568,14 @@ def test_trained_biases_merge_with_base(bias, tmp_path, capsys):
     saved = {n: load_file(Path(p) / "adapter_model.safetensors") for n, p in paths.items()}
     assert any(k.endswith("c_attn.base_layer.bias") for k in saved["expert"]), "PEFT's own naming of the bias"
     base_dir = _save_base(base, tmp_path / "base")
-    code, err = _run(capsys, paths["expert"], paths["anti"], "--base", base_dir, "-o", tmp_path / "merged", "--lam", "1")
+    code, err = _run(
+        capsys, paths["expert"], paths["anti"], "--base", base_dir, "-o", tmp_path / "merged", "--lam", "1"
+    )
     assert code == 0, err
     written = load_file(tmp_path / "merged" / "model.safetensors")
     for layer in range(2):
         suffix = f"h.{layer}.attn.c_attn.base_layer.bias"
-        plus, minus = ([v for k, v in s.items() if k.endswith(suffix)][0].double() for s in saved.values())
+        plus, minus = (next(v for k, v in s.items() if k.endswith(suffix)).double() for s in saved.values())
         theta0 = base.transformer.h[layer].attn.c_attn.bias.detach().double()
         expected = theta0 + ext_sub_reference(plus - theta0, minus - theta0, 1.0)
         got = written[f"transformer.h.{layer}.attn.c_attn.bias"]

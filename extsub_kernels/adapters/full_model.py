@@ -9,10 +9,11 @@ change no weight (prefix-tuning) are refused before anything is read.
 
 Non-LoRA tensors of the adapters (PEFT's `modules_to_save`, and biases trained with
 bias="all"/"lora_only", saved under the wrapped `….base_layer.bias`) are full weights that PEFT
-puts in place of the base model's, not deltas. With θ₀ at hand they are what a full fine-tuned model is, so they merge as the dense
-engine merges full models (`apply_method` with base=θ₀): ΔW = θ − θ₀ per input, θ₀ + ΔW' out. A
-tensor only the expert has is then the expert's own; one only anti-experts have contributes
-nothing under ext-sub (|p| = 0) and ∓λ·(θ⁻ − θ₀) under sub/add, as LoRA modules do.
+puts in place of the base model's, not deltas. With θ₀ at hand they are what a full fine-tuned
+model is, so they merge as the dense engine merges full models (`apply_method` with base=θ₀):
+ΔW = θ − θ₀ per input, θ₀ + ΔW' out. A tensor only the expert has is then the expert's own;
+one only anti-experts have contributes nothing under ext-sub (|p| = 0) and ∓λ·(θ⁻ − θ₀)
+under sub/add, as LoRA modules do.
 """
 
 from collections.abc import Sequence
