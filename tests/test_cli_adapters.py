@@ -585,3 +585,62 @@ def test_trained_biases_merge_with_base(bias, tmp_path, capsys):
         for layer in range(2):
             expected.transformer.h[layer].attn.c_attn.bias.copy_(written[f"transformer.h.{layer}.attn.c_attn.bias"])
     check_logits(_from_pretrained(tmp_path / "merged"), expected, f"--base with bias={bias!r}")
+
+
+# --- --format delta from bare GPT-2 files: one layout rule for every kind of input ---------
+
+
+@pytest.fixture(scope="module")
+def bare_gpt2(tmp_path_factory):
+    """GPT-2 adapters on c_attn and the square attn.c_proj, as folders and as bare files (no config at all)."""
+    torch.manual_seed(SEED)
+    folder = tmp_path_factory.mktemp("bare_gpt2")
+    spec = dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    paths = make_adapters(tiny_gpt2(), {"expert": spec, "anti": spec}, folder)
+    bare = {name: copy_adapter(p, folder / f"bare_{name}", bare=True) for name, p in paths.items()}
+    return paths, bare
+
+
+def test_delta_from_bare_gpt2_files_is_laid_out_like_the_base_weights(bare_gpt2, tmp_path, capsys):
+    paths, bare = bare_gpt2
+    code, err = _run(capsys, paths["expert"], paths["anti"], "-o", tmp_path / "ref.safetensors", "--format", "delta")
+    assert code == 0, err
+    reference = load_file(tmp_path / "ref.safetensors")
+    assert reference["transformer.h.0.attn.c_attn.weight"].shape == (64, 192), "Conv1D stores (in, out)"
+    scaling = ("--lora-alpha", "8", "--rank", "4")
+    # No config: the Conv1D names decide, with a warning that names --transposed.
+    code, err = _run(
+        capsys, bare["expert"], bare["anti"], *scaling, "-o", tmp_path / "a.safetensors", "--format", "delta"
+    )
+    assert code == 0 and "warning" in err and "--transposed" in err, err
+    got = load_file(tmp_path / "a.safetensors")
+    assert set(got) == set(reference)
+    for key in reference:  # the square c_proj too, which no shape check would catch
+        assert torch.equal(got[key], reference[key]), key
+    # --transposed is the first rule: no warning; --no-transposed gives nn.Linear's (out, in).
+    code, err = _run(
+        capsys,
+        bare["expert"],
+        bare["anti"],
+        *scaling,
+        "-o",
+        tmp_path / "b.safetensors",
+        "--format",
+        "delta",
+        "--transposed",
+    )
+    assert code == 0 and "warning" not in err, err
+    assert all(torch.equal(t, reference[k]) for k, t in load_file(tmp_path / "b.safetensors").items())
+    code, err = _run(
+        capsys,
+        bare["expert"],
+        bare["anti"],
+        *scaling,
+        "-o",
+        tmp_path / "c.safetensors",
+        "--format",
+        "delta",
+        "--no-transposed",
+    )
+    assert code == 0 and "warning" not in err, err
+    assert all(torch.equal(t, reference[k].T) for k, t in load_file(tmp_path / "c.safetensors").items())

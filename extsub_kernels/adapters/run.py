@@ -18,14 +18,20 @@ from pathlib import Path
 
 import torch
 
-from extsub_kernels.adapters.family import PeftAdapter, check_same_type, merge_adapters
+from extsub_kernels.adapters.family import PeftAdapter, check_same_type, merge_adapters, weight_key
 from extsub_kernels.adapters.formats import OUTPUT_FORMATS
 from extsub_kernels.adapters.full_model import full_model_outputs, match_targets
 from extsub_kernels.adapters.lora import LoraAdapter, check_max_rank
 from extsub_kernels.adapters.peft import CONFIG_NAME, LoraScaling, load_adapter
 from extsub_kernels.adapters.report import AdapterSection, adapter_items
 from extsub_kernels.adapters.stats import adapter_stats, unit_shapes, units
-from extsub_kernels.engine.architecture import input_config, weight_layout
+from extsub_kernels.engine.architecture import (
+    WeightLayout,
+    conv1d_transposed,
+    input_config,
+    never_transposed,
+    weight_layout,
+)
 from extsub_kernels.engine.context import RunContext
 from extsub_kernels.engine.dryrun import dry_run_report
 from extsub_kernels.engine.memory import peak_rss_bytes
@@ -221,6 +227,28 @@ def adapter_output(
     return OUTPUT_FORMATS[output_format].make(merged, dtype=dtype, device=device)
 
 
+def lora_layout(adapters: Sequence[PeftAdapter], inputs: Inputs, explicit: bool | None) -> WeightLayout | None:
+    """Whether LoRA modules sit on weights stored (in, out) (GPT-2's Conv1D), by the one layout rule of every input.
+
+    `--transposed/--no-transposed` first; then the expert's adapter_config.json (PEFT's fan_in_fan_out);
+    then a model's config.json beside the inputs; then the module names, with a warning (LoRA factors
+    give (out, in), never how the base stores the weight). None for types without LoRA modules.
+    """
+    expert = adapters[0]
+    if not isinstance(expert, LoraAdapter):
+        return None
+    if explicit is None and ("fan_in_fan_out" in expert.config or expert.fan_in_fan_out):
+        flag = expert.fan_in_fan_out
+        rule = conv1d_transposed if flag else never_transposed
+        return WeightLayout(rule, flag, f"adapter_config.json of EXPERT: fan_in_fan_out {str(flag).lower()}")
+    return weight_layout(
+        [(role, input_config(inp)) for role, inp in inputs],
+        dict.fromkeys((weight_key(name) for name in expert.modules), None),
+        explicit=explicit,
+        role=f"EXPERT ({expert.source})",
+    )
+
+
 def run_adapters(
     inputs: Inputs,
     options: RunOptions,
@@ -306,6 +334,10 @@ def run_adapters(
     reader = CheckpointReader(base.files, label="BASE") if base is not None else None
     try:
         if reader is None:
+            layout = lora_layout(adapters, adapter_inputs, options.transposed)
+            if layout is not None:
+                facts["layout"] = layout.reason
+                merged = [dataclasses.replace(m, fan_in_fan_out=layout.conv1d) for m in merged]
             dtype, device = options.out_dtype, options.device
             outputs = [adapter_output(m, output_format, dtype=dtype, device=device) for m in merged]
             kind = adapter_kind(output_format, adapters[0])
