@@ -482,3 +482,62 @@ def test_a_diverged_adapter_point_is_measured_and_never_recommended(trained, tmp
     assert result.recommendations["sub"].lam == 0.0 and "non-finite NLL" in result.recommendations["sub"].note
     data = json.loads((out / "scan.json").read_text())
     assert data["rows"][1]["keep_nll"] is None and data["rows"][1]["keep_increase"] is None
+
+
+# --- small inputs of our own (a tiny LLaMA with no tokenizer, pre-tokenised sets) -----------
+
+
+@pytest.fixture(scope="module")
+def tiny_scan(tmp_path_factory):
+    """A tiny LLaMA base (random weights, no tokenizer), LoRA and prefix-tuning adapter pairs, token-id sets."""
+    import torch
+
+    from peft_fixtures import LLAMA_ADAPTERS, make_adapters, tiny_llama
+
+    folder = tmp_path_factory.mktemp("tiny_scan")
+    torch.manual_seed(1234)
+    base = tiny_llama()
+    _quiet(lambda: base.save_pretrained(folder / "base"))
+    lora = make_adapters(base, {k: LLAMA_ADAPTERS[k] for k in ("expert", "anti")}, folder / "lora")
+    prefix = {}
+    for i, role in enumerate(("expert", "anti")):
+        torch.manual_seed(1235 + i)
+        config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+        model = _quiet(lambda c=config: peft.get_peft_model(tiny_llama(), c))
+        _quiet(lambda m=model, r=role: m.save_pretrained(folder / "prefix" / r))
+        prefix[role] = str(folder / "prefix" / role)
+    ids = "\n".join(json.dumps({"input_ids": [3 + i, 17, 42 + i, 99, 5]}) for i in range(4)) + "\n"
+    (folder / "set.jsonl").write_text(ids)
+    return {"base": folder / "base", "lora": lora, "prefix": prefix, "set": folder / "set.jsonl"}
+
+
+@pytest.mark.parametrize(
+    ("kind", "save_format", "message"),
+    [
+        ("lora", "ia3", r"--format ia3 does not apply to LoRA adapters; their formats: lora"),
+        ("prefix", "model", r"--format model: prefix-tuning adapters change no weight.*--format prefix-tuning"),
+        ("lora", "model-ish", r"unknown format 'model-ish'"),
+    ],
+)
+def test_save_format_is_checked_before_base_loads(tiny_scan, tmp_path, monkeypatch, kind, save_format, message):
+    """A --format that --save-best cannot write fails before MODEL loads and before any point is measured."""
+    import extsub_kernels.lambda_scan.run as run
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("MODEL loaded before --format was checked")
+
+    monkeypatch.setattr(run, "load_model", no_load)
+    adapters = tiny_scan[kind]
+    with pytest.raises(InputError, match=message):
+        scan(
+            adapters["expert"],
+            adapters["anti"],
+            base=tiny_scan["base"],
+            keep=tiny_scan["set"],
+            forget=tiny_scan["set"],
+            out=tmp_path / "scan",
+            lam="0,1",
+            save_best=tmp_path / "best",
+            save_format=save_format,
+        )
+    assert not list(tmp_path.iterdir())

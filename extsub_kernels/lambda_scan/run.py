@@ -36,7 +36,7 @@ from extsub_kernels.io.atomic import terminate_as_interrupt
 from extsub_kernels.io.identity import InputSnapshot
 from extsub_kernels.io.outputs import check_report_folder
 from extsub_kernels.lambda_scan.evaluate import EvaluationSets, Evaluator
-from extsub_kernels.lambda_scan.installers import Installer, make_installer
+from extsub_kernels.lambda_scan.installers import AdapterInstaller, Installer, make_installer
 from extsub_kernels.lambda_scan.model import evaluation_dtype, load_model, load_tokenizer, require
 from extsub_kernels.lambda_scan.report import SCAN_FILES, ScanFiles
 from extsub_kernels.lambda_scan.results import EXPERT, ScanResult, ScanRow, recommend, timing_summary
@@ -136,7 +136,8 @@ def scan(
     tokenizer = load_tokenizer(base_input)
     sets = EvaluationSets.load(keep, forget, prompts, tokenizer)
     timing: dict[str, float] = {}
-    installer = _installer(inputs, adapters, methods, target, requested_dtype, timing)
+    check = (lambda made: _check_save_format(save_format, made)) if save_best is not None else None
+    installer = _installer(inputs, adapters, methods, target, requested_dtype, timing, check)
     setup = _setup(inputs, installer, sets, grid, methods, target, batch_size, max_keep_increase)
     setup["options"]["max_new_tokens"] = max_new_tokens if prompts is not None else None
     points = [(EXPERT, 0.0)] + [(m, x) for m in methods for x in grid if x != 0]
@@ -193,12 +194,15 @@ def _installer(
     device: torch.device,
     requested_dtype: torch.dtype | None,
     timing: dict[str, float],
+    check: Callable[[Installer], None] | None = None,
 ) -> Installer:
-    """The installer, made from the inputs (validating them) before BASE loads, then attached to BASE loaded."""
+    """The installer, made from the inputs (validating them) and `check`ed before BASE loads, then attached to it."""
     start = time.perf_counter()
     installer = make_installer(inputs, adapters=adapters, methods=methods, device=device)
     prepared = time.perf_counter()
     try:
+        if check is not None:
+            check(installer)
         base = inputs[-1][1]
         model = load_model(base, device=device, dtype=evaluation_dtype(requested_dtype, device, base))
         loaded = time.perf_counter()
@@ -310,6 +314,26 @@ def _check_save(
     merge_inputs = inputs if fmt == FULL_MODEL_FORMAT else inputs[:-1]
     check_outputs([Path(save_best)], merge_inputs, force=force)
     return fmt
+
+
+def _check_save_format(fmt: str | None, installer: Installer) -> None:
+    """Refuse a --save-best format the inputs' PEM type cannot write, once the adapters are loaded (before BASE).
+
+    The same rule as extsub-merge's (`AdapterOptions.format_for`); `model` (the full merged model) only
+    for types that fold into MODEL's weights.
+    """
+    from extsub_kernels.adapters import AdapterOptions
+
+    if fmt is None or not isinstance(installer, AdapterInstaller):
+        return
+    kind = type(installer.expert)
+    if fmt != FULL_MODEL_FORMAT:
+        AdapterOptions(output_format=fmt).format_for(kind, base=False)
+    elif kind.base_refusal is not None:
+        raise InputError(
+            f"--format {fmt}: {kind.label} adapters change no weight of MODEL, so there is no full model to save; "
+            f"save the adapter itself (--format {kind.formats[0]}, the default)"
+        )
 
 
 def _save(result: ScanResult, inputs, method: str, out: PathLike, fmt: str | None, *, force: bool, progress: bool):
