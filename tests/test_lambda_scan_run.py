@@ -541,3 +541,24 @@ def test_save_format_is_checked_before_base_loads(tiny_scan, tmp_path, monkeypat
             save_format=save_format,
         )
     assert not list(tmp_path.iterdir())
+
+
+def test_save_best_writes_nothing_when_the_expert_is_recommended(tiny_scan, tmp_path):
+    """KEEP = FORGET with no KEEP budget: no λ > 0 can qualify, so λ = 0 (the expert) is recommended; --save-best
+    says so and writes no copy of the expert labelled as a merge."""
+    adapters = tiny_scan["lora"]
+    with pytest.warns(UserWarning, match=r"--save-best: the recommended λ of ext-sub is 0, the expert itself.*nothing"):
+        result = scan(
+            adapters["expert"],
+            adapters["anti"],
+            base=tiny_scan["base"],
+            keep=tiny_scan["set"],
+            forget=tiny_scan["set"],
+            out=None,
+            lam="0,1",
+            method="ext-sub",
+            max_keep_increase=0.0,
+            save_best=tmp_path / "best",
+        )
+    assert result.recommendations["ext-sub"].lam == 0
+    assert result.saved is None and not (tmp_path / "best").exists()

@@ -10,6 +10,7 @@ the recommended merge through `merge()`, exactly as `extsub-merge` would.
 import contextlib
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -170,7 +171,14 @@ def scan(
     final = result("complete")
     if files is not None:
         final.files = files.final(final)
-    if save_best is not None:
+    best = final.recommendations[methods[0]]
+    if save_best is not None and best.lam == 0:
+        warnings.warn(
+            f"--save-best: the recommended λ of {methods[0]} is 0, the expert itself ({best.note}); nothing was "
+            f"saved to {save_best}: the expert is already on disk ({inputs[0][1].spec})",
+            stacklevel=2,
+        )
+    elif save_best is not None:
         try:
             snapshot.check()  # merge() reads the inputs again: they must be the ones measured
             final.saved = _save(final, inputs, methods[0], save_best, save_format, force=force, progress=progress)
