@@ -644,3 +644,18 @@ def test_delta_from_bare_gpt2_files_is_laid_out_like_the_base_weights(bare_gpt2,
     )
     assert code == 0 and "warning" not in err, err
     assert all(torch.equal(t, reference[k].T) for k, t in load_file(tmp_path / "c.safetensors").items())
+
+
+def test_a_max_rank_card_states_the_rank_and_the_truncation_error(llama, tmp_path, capsys):
+    _, paths = llama
+    code, err = _run(capsys, paths["expert"], paths["anti"], "-o", tmp_path / "out", "--max-rank", "3")
+    assert code == 0, err
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "per module, exact" not in card, "a truncated adapter is not the exact merge"
+    assert "truncated to rank ≤ 3" in card
+    worst = re.search(r"max (\S+) \((\S+)\)", _summary(err))
+    assert f"relative truncation error (Frobenius) max {worst[1]} ({worst[2]})" in card
+    assert "the exact merge's" in card  # why the table's change at λ is not this adapter's
+    # Without --max-rank the card says the adapter is exact.
+    code, err = _run(capsys, paths["expert"], paths["anti"], "-o", tmp_path / "exact")
+    assert code == 0 and "per module, exact" in (tmp_path / "exact" / "README.md").read_text(), err

@@ -23,7 +23,7 @@ from extsub_kernels.adapters.formats import OUTPUT_FORMATS
 from extsub_kernels.adapters.full_model import full_model_outputs, match_targets
 from extsub_kernels.adapters.lora import LoraAdapter, check_max_rank
 from extsub_kernels.adapters.peft import CONFIG_NAME, LoraScaling, load_adapter
-from extsub_kernels.adapters.report import AdapterSection, adapter_items
+from extsub_kernels.adapters.report import AdapterReport, AdapterSection, adapter_items, truncation_summary
 from extsub_kernels.adapters.stats import adapter_stats, unit_shapes, units
 from extsub_kernels.engine.architecture import (
     WeightLayout,
@@ -341,6 +341,8 @@ def run_adapters(
             dtype, device = options.out_dtype, options.device
             outputs = [adapter_output(m, output_format, dtype=dtype, device=device) for m in merged]
             kind = adapter_kind(output_format, adapters[0])
+            if adapter_options.max_rank is not None:
+                kind = truncated_kind(kind, adapter_options.max_rank, [m.report for m in merged])
             computed = _computed_names(merged[0], output_format) & {e.name for e in outputs[0].entries}
         else:
             layout = weight_layout(
@@ -429,6 +431,24 @@ def adapter_kind(output_format: str, expert: PeftAdapter) -> OutputKind:
     if output_format == "delta":
         return OutputKind(what, None, expert.base_model_name_or_path, tags=(pem,))
     return OutputKind(what, "peft", expert.base_model_name_or_path, tags=("peft", pem))
+
+
+def truncated_kind(kind: OutputKind, max_rank: int, reports: Sequence[AdapterReport]) -> OutputKind:
+    """A --max-rank output's card: its rank and measured truncation error, and why the table is the exact merge's."""
+    notes = []
+    for report in reports:
+        truncated = sum(error > 0 for error in report.truncation_error.values())
+        if not truncated:
+            notes.append(f"No module was above rank {max_rank}: nothing was truncated, this is the exact merge.")
+            continue
+        notes.append(
+            f"{truncated} of {len(report.truncation_error)} modules were above rank {max_rank} and were truncated "
+            f"to it by an SVD of the exact merge: {truncation_summary([report])} of each module's ΔW'. The relative "
+            "change in the table below is the exact merge's (rank r⁺ + r⁻) at this λ, not this adapter's: its ΔW' "
+            "differs from the exact merge's by the truncation error."
+        )
+    what = f"a PEFT LoRA adapter truncated to rank ≤ {max_rank} per module (SVD of the exact rank r⁺ + r⁻ merge)"
+    return dataclasses.replace(kind, what=what, notes=tuple(notes))
 
 
 def _with_notes(

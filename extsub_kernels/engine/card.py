@@ -43,6 +43,7 @@ class CardFacts:
         what: a few words on the output ("a PEFT LoRA adapter", "the full model θ₀ + ΔW'").
         table: the Markdown summary table (empty without statistics).
         tags: tags beside extsub, merge and the method ("peft", "lora", ...).
+        note: a paragraph on this output after the first (what --max-rank truncated, ...).
     """
 
     title: str
@@ -55,6 +56,7 @@ class CardFacts:
     what: str
     table: str
     tags: tuple[str, ...] = ()
+    note: str = ""
 
 
 def model_card(facts: CardFacts) -> str:
@@ -81,6 +83,7 @@ def model_card(facts: CardFacts) -> str:
         f"{facts.what[0].upper()}{facts.what[1:]}, made with [extsub](https://pypi.org/project/extsub/) "
         f"{__version__} by {METHOD_NAME.get(facts.method, facts.method)} at λ = {lam}.",
         "",
+        *([facts.note, ""] if facts.note else []),
         f"{METHOD_TEXT.get(facts.method, '')} Method: {PAPER}.",
         "",
         "## Inputs",

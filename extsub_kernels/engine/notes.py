@@ -109,6 +109,7 @@ class OutputKind:
         base_model: the base model's hub id or name, when known.
         config: a model config.json to copy with a note (and the output dtype), for full models.
         tags: model-card tags beside extsub, merge and the method ("peft", "lora", "ia3", ...).
+        notes: a paragraph per output (one per λ setting, in order) for its card, e.g. what --max-rank cost.
     """
 
     what: str
@@ -116,6 +117,7 @@ class OutputKind:
     base_model: str | None = None
     config: Path | None = None
     tags: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
 
 def output_texts(
@@ -144,6 +146,7 @@ def output_texts(
             what=kind.what,
             table=table,
             tags=kind.tags,
+            note=kind.notes[index] if kind.notes else "",
         )
         files = {CARD_NAME: model_card(facts), RECIPE_NAME: recipe_text(context.recipe, setting)}
         if kind.config is not None:
