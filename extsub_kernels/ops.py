@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 
 from extsub_kernels._tensors import as_rows, check_pair, compute_dtype, shares_storage
+from extsub_kernels._version import install_hint
 from extsub_kernels.reference import ext_sub_reference
 
 Backend = Literal["auto", "triton", "cpp", "torch", "reference"]
@@ -296,7 +297,7 @@ def _warn_no_triton() -> None:
         _warned_no_triton = True
         warnings.warn(
             "Triton is not installed, so Ext-Sub on CUDA runs the torch path instead of the fused kernel; "
-            'install it with `pip install "extsub[cuda]"` (or `pip install triton`)',
+            f"install it with `{install_hint('cuda')}` (or `pip install triton`)",
             stacklevel=4,
         )
 

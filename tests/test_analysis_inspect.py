@@ -84,7 +84,7 @@ def test_without_matplotlib_the_json_and_markdown_are_still_written(tmp_path, in
     assert (
         code == 0
         and "extsub-inspect: warning: matplotlib is not installed" in err
-        and 'pip install "extsub[plot]"' in err
+        and 'pip install -e ".[plot]" (in the extsub source checkout)' in err
     )
     assert sorted(p.name for p in (tmp_path / "insp").iterdir()) == ["report.json", "report.md"] and not leftovers(
         tmp_path

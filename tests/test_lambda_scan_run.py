@@ -565,3 +565,18 @@ def test_save_best_writes_nothing_when_the_expert_is_recommended(tiny_scan, tmp_
         )
     assert result.recommendations["ext-sub"].lam == 0
     assert result.saved is None and not (tmp_path / "best").exists()
+
+
+def test_missing_dependencies_are_named_together_with_a_command_that_resolves(tiny_scan, monkeypatch):
+    """Without transformers and peft, one error names both, with an install command that works before the
+    package is on an index (from the source checkout)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import raises ImportError
+    monkeypatch.setitem(sys.modules, "peft", None)
+    adapters = tiny_scan["lora"]
+    with pytest.raises(InputError, match=r"needs transformers, peft, which are not installed") as info:
+        scan(
+            adapters["expert"], adapters["anti"], base=tiny_scan["base"], keep=tiny_scan["set"], forget=tiny_scan["set"]
+        )
+    assert 'pip install -e ".[scan]"' in str(info.value) and "extsub[" not in str(info.value)

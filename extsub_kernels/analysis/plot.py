@@ -1,12 +1,13 @@
 """report.png of `extsub-inspect`: heatmaps of layers × module types, mean cos(p, m) and the deficiency share.
 
-Drawn with matplotlib, an optional dependency (`pip install "extsub[plot]"`); without it
+Drawn with matplotlib, an optional dependency (the `plot` extra); without it
 `draw_heatmaps` raises `PlotUnavailable` with that advice and nothing is drawn.
 """
 
 import math
 import os
 
+from extsub_kernels._version import install_hint
 from extsub_kernels.engine.report import MergeReport
 from extsub_kernels.engine.tables import anti_roles, by_layer_and_type
 
@@ -32,7 +33,7 @@ def draw_heatmaps(report: MergeReport, path: str | os.PathLike) -> None:
     except ImportError:
         raise PlotUnavailable(
             "matplotlib is not installed, so report.png was not drawn (report.json and report.md were); "
-            'install it with `pip install "extsub[plot]"`'
+            f"install it with `{install_hint('plot')}`"
         ) from None
     antis = anti_roles(report.stats) or ["ANTI"]
     figure, axes = plt.subplots(len(antis), 2, figsize=(WIDTH_IN, HEIGHT_IN * len(antis)), dpi=DPI, squeeze=False)

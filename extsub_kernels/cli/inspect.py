@@ -35,7 +35,7 @@ outputs (-o DIR):
   report.json  the same record as extsub-merge --report
   report.md    a table per module type, and one per layer and module type
   report.png   heatmaps of layers × module types: mean cos and deficiency share
-               (needs matplotlib: pip install "extsub[plot]"; without it the other two are written)
+               (needs matplotlib, the plot extra; without it the other two are written)
 
 examples:
   {PROG} expert_adapter/ anti_adapter/ -o inspect/

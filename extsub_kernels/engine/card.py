@@ -80,7 +80,7 @@ def model_card(facts: CardFacts) -> str:
         "",
         f"# {facts.title}",
         "",
-        f"{facts.what[0].upper()}{facts.what[1:]}, made with [extsub](https://pypi.org/project/extsub/) "
+        f"{facts.what[0].upper()}{facts.what[1:]}, made with extsub "
         f"{__version__} by {METHOD_NAME.get(facts.method, facts.method)} at λ = {lam}.",
         "",
         *([facts.note, ""] if facts.note else []),

@@ -119,15 +119,13 @@ def scan(
     _check_numbers(max_new_tokens=max_new_tokens, batch_size=batch_size, max_keep_increase=max_keep_increase)
     target = resolve_device(device)
     requested_dtype = eval_dtype(dtype)
-    require("transformers", *(["matplotlib"] if out is not None else []))
     antis = [anti] if isinstance(anti, (str, os.PathLike)) else list(anti)
     if not antis:
         raise InputError("give at least one anti-expert")
     inputs = _resolve(expert, antis, base, quiet=not progress)
     snapshot = InputSnapshot(inputs, reader="the scan", then=_CHANGED)
     adapters = adapter_inputs(inputs)
-    if adapters:
-        require("peft")
+    require("transformers", *(["peft"] if adapters else []), *(["matplotlib"] if out is not None else []))
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
         check_report_folder(out_dir, SCAN_FILES, inputs, force=force)
