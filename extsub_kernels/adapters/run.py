@@ -35,7 +35,7 @@ from extsub_kernels.engine.architecture import (
 from extsub_kernels.engine.context import RunContext
 from extsub_kernels.engine.dryrun import dry_run_report
 from extsub_kernels.engine.memory import peak_rss_bytes
-from extsub_kernels.engine.notes import MODEL_CONFIG, OutputKind, base_model_name, output_texts, run_metadata
+from extsub_kernels.engine.notes import MODEL_CONFIG, OutputKind, card_base_model, output_texts, run_metadata
 from extsub_kernels.engine.options import DEFAULT_MAX_SHARD_SIZE, FORMATS, RunOptions, check_choice, parse_size
 from extsub_kernels.engine.outputs import LazyOutput, write_outputs
 from extsub_kernels.engine.report import MergeReport
@@ -373,8 +373,9 @@ def run_adapters(
                 device=options.device,
                 extra_files=extra_files,
             )
+            base_id, why = card_base_model(base.spec, "BASE")
             kind = OutputKind(
-                "the full merged model θ₀ + ΔW'", "transformers" if config else None, base_model_name(base), config
+                "the full merged model θ₀ + ΔW'", "transformers" if config else None, base_id, config, base_note=why
             )
             bytes_read += sum(reader.info(k).nbytes for k in reader)
             computed = set(targets)
@@ -428,9 +429,10 @@ def adapter_kind(output_format: str, expert: PeftAdapter) -> OutputKind:
     """What an adapter output is, for its model card: every format but delta is a folder PEFT loads."""
     what = FORMAT_WHAT.get(output_format, f"a {output_format} adapter")
     pem = PEM_TAGS.get(expert.peft_type, expert.peft_type.lower())
-    if output_format == "delta":
-        return OutputKind(what, None, expert.base_model_name_or_path, tags=(pem,))
-    return OutputKind(what, "peft", expert.base_model_name_or_path, tags=("peft", pem))
+    base, why = card_base_model(expert.base_model_name_or_path, "the adapters' base model")
+    library = None if output_format == "delta" else "peft"
+    tags = (pem,) if output_format == "delta" else ("peft", pem)
+    return OutputKind(what, library, base, tags=tags, base_note=why)
 
 
 def truncated_kind(kind: OutputKind, max_rank: int, reports: Sequence[AdapterReport]) -> OutputKind:

@@ -169,14 +169,7 @@ def scan(
     final = result("complete")
     if files is not None:
         final.files = files.final(final)
-    best = final.recommendations[methods[0]]
-    if save_best is not None and best.lam == 0:
-        warnings.warn(
-            f"--save-best: the recommended λ of {methods[0]} is 0, the expert itself ({best.note}); nothing was "
-            f"saved to {save_best}: the expert is already on disk ({inputs[0][1].spec})",
-            stacklevel=2,
-        )
-    elif save_best is not None:
+    if save_best is not None:
         try:
             snapshot.check()  # merge() reads the inputs again: they must be the ones measured
             final.saved = _save(final, inputs, methods[0], save_best, save_format, force=force, progress=progress)
@@ -343,11 +336,19 @@ def _check_save_format(fmt: str | None, installer: Installer) -> None:
 
 
 def _save(result: ScanResult, inputs, method: str, out: PathLike, fmt: str | None, *, force: bool, progress: bool):
-    """The merge at the recommended λ of `method`, written by `merge()` as extsub-merge writes it."""
+    """The merge at the recommended λ of `method`, written by `merge()` as extsub-merge writes it; at λ = 0 (the
+    expert itself) nothing, with a warning."""
     from extsub_kernels.adapters import AdapterOptions
     from extsub_kernels.merge import merge
 
     rec = result.recommendations[method]
+    if rec.lam == 0:
+        warnings.warn(
+            f"--save-best: the recommended λ of {method} is 0, the expert itself ({rec.note}); nothing was saved to "
+            f"{out}: the expert is already on disk ({inputs[0][1].spec})",
+            stacklevel=3,
+        )
+        return None
     specs = [inp.spec for _, inp in inputs]
     full = fmt == FULL_MODEL_FORMAT
     adapter = AdapterOptions(output_format=None if full else fmt)
