@@ -202,8 +202,8 @@ def merge_adapters(
 ) -> PeftAdapter:
     """Ext-Sub (or direct subtraction/addition) of adapters of one PEM type, exactly, in their own parameter space.
 
-    LoRA merges in the factored space (DESIGN §3), (IA)³ on the task vectors l − 1, one
-    vector per row, prefix-tuning on the per-head key/value rows (DESIGN §6). Anti-experts
+    LoRA merges in the factored space (docs/design.md §3), (IA)³ on the task vectors l − 1, one
+    vector per row, prefix-tuning on the per-head key/value rows (docs/design.md §6). Anti-experts
     apply in order (paper Table 4).
 
     Args:

@@ -3,7 +3,7 @@
 Every adapter is loaded and validated before anything is written (PEFT folders, hub
 snapshots, bare .safetensors files with their config or scaling), and all must be of one PEM
 type. The merge runs in the type's own parameter space once per λ setting (LoRA: factored,
-O((out + in)·r²) per module, DESIGN.md §3; (IA)³ and prefix-tuning: their small tensors in
+O((out + in)·r²) per module, docs/design.md §3; (IA)³ and prefix-tuning: their small tensors in
 float64, §6). Each output is a `LazyOutput` of one of the type's formats (`formats.OUTPUT_FORMATS`)
 streamed through the engine's one write loop one tensor at a time, so no output is ever held
 in memory; with a base model it is the full merged model (`full_model`).

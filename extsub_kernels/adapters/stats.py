@@ -1,4 +1,4 @@
-"""Row statistics of adapter merges from each PEM's own parameters (DESIGN.md §7): ΔW is never formed.
+"""Row statistics of adapter merges from each PEM's own parameters (docs/design.md §7): ΔW is never formed.
 
 Hooks dispatched on the type, so every member of the PEM family plugs in its own math:
 `units(adapter)` gives what it merges, by name (a LoRA module, an (IA)³ task vector

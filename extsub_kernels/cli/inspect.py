@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = command_parser(
         PROG,
         description="The geometry of an Ext-Sub merge without making it: per tensor or module, how much of the "
-        "anti-expert\nis shared capability and how much is deficiency (DESIGN.md §7 of extsub).",
+        "anti-expert\nis shared capability and how much is deficiency (docs/design.md §7 of extsub).",
         epilog=EPILOG,
     )
     add = parser.add_argument

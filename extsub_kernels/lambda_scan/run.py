@@ -1,4 +1,4 @@
-"""`scan()`: load the base once, then for each (method, λ) install the merge in place and measure it (DESIGN §8).
+"""`scan()`: load the base once, then for each (method, λ) install the merge and measure it (docs/design.md §8).
 
 Validate every option and input first (nothing is written on bad input), load the model and
 the sets, prepare the installer, then walk the points behind one progress bar: λ = 0 (the
