@@ -50,6 +50,31 @@ def _prefix_units(adapter: PrefixAdapter) -> Mapping[str, object]:
 
 
 @singledispatch
+def stat_parts(adapter: PeftAdapter, name: str) -> list[tuple[str, object]]:
+    """How one unit's statistics are reported: (name, rows selector or None for all of them) per part.
+
+    A unit is one part, except a prefix, whose rows are per token, layer, key/value and head: one part
+    per layer and head (`prompt_embeddings.layers.3.head0`: layer 3, type head0), so the tables and the
+    heatmap draw layer × head.
+    """
+    return [(name, None)]
+
+
+@stat_parts.register
+def _prefix_parts(adapter: PrefixAdapter, name: str) -> list[tuple[str, object]]:
+    shape = (adapter.num_virtual_tokens, adapter.num_layers, 2, adapter.num_attention_heads, adapter.head_dim)
+
+    def select(rows: torch.Tensor, layer: int, head: int) -> torch.Tensor:
+        return rows.reshape(shape)[:, layer, :, head, :].reshape(-1, adapter.head_dim)
+
+    return [
+        (f"{name}.layers.{layer}.head{head}", lambda rows, layer=layer, head=head: select(rows, layer, head))
+        for layer in range(adapter.num_layers)
+        for head in range(adapter.num_attention_heads)
+    ]
+
+
+@singledispatch
 def row_sums(expert: object, anti: object) -> torch.Tensor:
     """(rows, 3) float64 |p|², |m|², p·m of each row of one unit of the expert and of an anti-expert."""
     raise TypeError(f"no row statistics for {type(expert).__name__} and {type(anti).__name__} modules")
@@ -129,23 +154,25 @@ def adapter_stats(
     Args:
         adapters: the expert, then the anti-experts in order.
         merged: the result of each λ setting, in order.
-        names: the units to describe.
+        names: the units to describe (a prefix is described per layer and head, `stat_parts`).
         roles: EXPERT, ANTI, ... naming `adapters`.
     """
     expert, antis = units(adapters[0]), [units(a) for a in adapters[1:]]
     results = [units(m) for m in merged]
     stats = []
     for name in names:
-        unit = expert[name]
-        pairs = tuple(
-            pair_stats(row_sums(unit, anti[name]), role)
-            for anti, role in zip(antis, roles[1:], strict=True)
-            if name in anti
-        )
-        norm = pairs[0].expert_norm
-        changes = []
-        for result in results:
-            moved = math.sqrt(change_sq(unit, result[name]))
-            changes.append(moved / norm if norm > 0 else (0.0 if moved == 0 else None))
-        stats.append(TensorStats(name, "module", pairs, tuple(changes)))
+        for part, select in stat_parts(adapters[0], name):
+            pick = select or (lambda unit: unit)
+            unit = pick(expert[name])
+            pairs = tuple(
+                pair_stats(row_sums(unit, pick(anti[name])), role)
+                for anti, role in zip(antis, roles[1:], strict=True)
+                if name in anti
+            )
+            norm = pairs[0].expert_norm
+            changes = []
+            for result in results:
+                moved = math.sqrt(change_sq(unit, pick(result[name])))
+                changes.append(moved / norm if norm > 0 else (0.0 if moved == 0 else None))
+            stats.append(TensorStats(part, "module", pairs, tuple(changes)))
     return stats
