@@ -48,7 +48,7 @@ exit codes: 0 done; 1 failure while reading; 2 bad usage or bad input; 130/143 i
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `extsub-inspect`."""
-    from extsub_kernels.engine.options import METHODS
+    from extsub_kernels._names import METHODS
 
     parser = command_parser(
         PROG,

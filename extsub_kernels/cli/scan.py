@@ -68,8 +68,8 @@ exit codes:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of `extsub-scan` (imports the option vocabulary, hence torch)."""
-    from extsub_kernels.engine.options import EVAL_DTYPES, SAVE_FORMATS
+    """The argument parser of `extsub-scan` (the option names only: no torch)."""
+    from extsub_kernels._names import EVAL_DTYPE_NAMES, SAVE_FORMATS
 
     parser = command_parser(
         PROG,
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     add(
         "--dtype",
-        choices=list(EVAL_DTYPES),
+        choices=EVAL_DTYPE_NAMES,
         default="auto",
         help="the model's dtype (default auto: the checkpoint's on CUDA, float32 on the CPU)",
     )
