@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from extsub_kernels._version import __version__
-from extsub_kernels.errors import InputError, PublishError, Terminated
+from extsub_kernels.errors import InputError, Notice, PublishError, Terminated
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
@@ -94,12 +94,13 @@ def _usable_std_streams() -> None:
 
 @contextmanager
 def shown_warnings(prog: str, *, quiet: bool) -> Iterator[None]:
-    """Within the block, warnings print as one line `PROG: warning: ...` each (none with `quiet`)."""
+    """Within the block, warnings print as one line `PROG: warning: ...` each, notices as `PROG: ...` (none with
+    `quiet`)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore" if quiet else "default")
 
         def show(message, category, filename, lineno, file=None, line=None) -> None:
-            say(f"{prog}: warning: {message}")
+            say(f"{prog}: {message}" if issubclass(category, Notice) else f"{prog}: warning: {message}")
 
         warnings.showwarning = show
         yield
