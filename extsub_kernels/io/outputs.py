@@ -15,7 +15,7 @@ from pathlib import Path
 from extsub_kernels.errors import InputError
 from extsub_kernels.io.identity import file_id, folder_chain, is_mount_point
 from extsub_kernels.io.resolve import CONFIG_PATTERNS, ResolvedInput
-from extsub_kernels.io.temps import clean_stale
+from extsub_kernels.io.temps import clean_stale, empty_folder
 
 SAFETENSORS_SUFFIX = ".safetensors"
 # Files this tool writes into folder outputs besides weights and configs: a model card that
@@ -69,7 +69,8 @@ def refuse_existing(path: Path, *, force: bool, what: str | None = None) -> None
 
 
 def check_outputs(paths: Sequence[Path], inputs: Sequence[tuple[str, ResolvedInput]], *, force: bool) -> None:
-    """Refuse an OUT that is, is inside, or contains an input; or exists (without force); or cannot be replaced.
+    """Refuse an OUT that is, is inside, or contains an input; or exists (without force; an empty folder is taken);
+    or cannot be replaced.
 
     Args:
         paths: the outputs of the run (one per λ setting).
@@ -87,7 +88,7 @@ def check_outputs(paths: Sequence[Path], inputs: Sequence[tuple[str, ResolvedInp
         _check_apart_from_inputs(path, inputs)
         if not os.path.lexists(path):
             continue
-        refuse_existing(path, force=force)
+        refuse_existing(path, force=force or (is_folder_output(path) and empty_folder(path)))
         if is_mount_point(path):
             raise InputError(
                 f"OUT {path} is a mount point, which cannot be replaced; write to a path inside it or elsewhere"
