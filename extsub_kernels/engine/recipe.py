@@ -20,6 +20,7 @@ import yaml
 from extsub_kernels._version import __version__
 from extsub_kernels.engine.options import FORMATS, METHODS, ON_MISSING, OUT_DTYPES, lam_label, lam_value
 from extsub_kernels.errors import InputError
+from extsub_kernels.io import read_header
 from extsub_kernels.io.outputs import RECIPE_NAME
 
 RECIPE_FORMAT = 1
@@ -84,8 +85,12 @@ MERGE_KEYS = (
 )
 
 
+METADATA_KEY = "extsub.recipe"  # where each weights file's __metadata__ keeps the recipe of its output
+
+
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate a recipe; keys whose value is null are left out.
+    """Read and validate a recipe (a YAML file, or the `extsub.recipe` a weights file's metadata carries); keys whose
+    value is null are left out.
 
     Raises:
         InputError: an unreadable file, YAML that is not a mapping, an unknown key (with the
@@ -97,17 +102,30 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
         {'expert': 'org/expert', 'anti': ['org/anti'], 'lam': 0.5}
     """
     path = Path(path)
+    if path.suffix == ".safetensors":  # an output of this tool: its recipe is in the header's metadata
+        text = read_header(path).metadata.get(METADATA_KEY)
+        if text is None:
+            raise InputError(
+                f"--config {path}: its metadata holds no {METADATA_KEY} (not written by extsub-merge?); "
+                "give a recipe .yaml, or a weights file extsub-merge wrote"
+            )
+        return check_recipe(_parsed(text, path), str(path))
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"--config {path}: cannot read the recipe ({getattr(e, 'strerror', None) or e})") from None
+    return check_recipe(_parsed(text, path), str(path))
+
+
+def _parsed(text: str, path: Path) -> object:
+    """The YAML of a recipe, or an InputError naming the file and the line."""
     try:
         loaded = yaml.safe_load(text)
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
         raise InputError(f"--config {path}: not valid YAML{line} ({getattr(e, 'problem', None) or e})") from None
-    return check_recipe(loaded, str(path))
+    return loaded
 
 
 def check_recipe(recipe: object, where: str = "recipe") -> dict[str, Any]:
