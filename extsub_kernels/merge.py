@@ -25,7 +25,7 @@ from extsub_kernels.engine.options import (
     Method,
     OnMissing,
     input_roles,
-    lam_label,
+    lam_labels,
     out_dtype,
     parse_lams,
     parse_size,
@@ -166,7 +166,7 @@ def execute(
     adapter.checked_format(base=base is not None)
     inputs, loaded = _resolve_all(sources, base, quiet=not options.progress)
     snapshot = InputSnapshot(inputs)
-    paths = output_paths(out, [lam_label(s) for s in options.settings]) if out is not None else []
+    paths = output_paths(out, lam_labels(options.settings)) if out is not None else []
     recipe = _recipe(inputs, options, adapter, given)
     context = RunContext.create(
         [fingerprint(role, inp) for role, inp in inputs],

@@ -125,7 +125,7 @@ def parse_lams(lam: Lam, n_anti: int) -> list[LamSetting]:
                 "anti-expert(s); give one λ for all, or one per anti-expert separated by ':'"
             )
         settings.append(tuple(values))
-    labels = [lam_label(s) for s in settings]
+    labels = lam_labels(settings)
     duplicated = sorted({label for label in labels if labels.count(label) > 1})
     if duplicated:
         raise InputError(f"λ {', '.join(duplicated)} is given twice; each λ setting writes its own output")
@@ -142,6 +142,19 @@ def lam_label(values: Sequence[float]) -> str:
     if len(set(values)) <= 1:
         return _format(values[0]) if values else ""
     return "_".join(_format(v) for v in values)
+
+
+def lam_labels(settings: Sequence[Sequence[float]]) -> list[str]:
+    """The labels of a run's λ settings in one format: `lam_label`'s, unless some setting gives the anti-experts
+    different λ, in which case every label lists one λ per anti-expert ("1_0.5", "2_2"; never "2" beside them).
+
+    Example:
+        >>> lam_labels([(1.0, 0.5), (2.0, 2.0)])
+        ['1_0.5', '2_2']
+    """
+    if all(len(set(s)) <= 1 for s in settings):
+        return [lam_label(s) for s in settings]
+    return ["_".join(_format(v) for v in s) for s in settings]
 
 
 def parse_lam_grid(lam: str | float | Sequence[float]) -> list[float]:
