@@ -184,7 +184,7 @@ def execute(
     report_path = given.get("report")
     if report_path is not None and os.fspath(report_path) != "-":
         check_report_path(Path(report_path), inputs, paths, force=options.force)
-    if not is_adapter and base is None and (hint := full_model_hint(inputs)):
+    if not is_adapter and base is None and (hint := full_model_hint(inputs, inspecting=options.mode == "inspect")):
         warnings.warn(hint, stacklevel=3)
     with terminate_as_interrupt():
         if is_adapter:

@@ -174,3 +174,17 @@ def test_what_the_heatmap_leaves_out_is_said(tmp_path, inputs):
     write_inspection(report, tmp_path / "insp")
     (line,) = [x for x in (tmp_path / "insp" / "report.md").read_text().splitlines() if "Left out of report.png" in x]
     assert "(no layer)" in line and "lm_head" in line and "conv" in line
+
+
+def test_full_models_without_base_are_described_not_said_to_be_merged(tmp_path):
+    """extsub-inspect merges nothing: its hint about a missing --base says what the statistics then describe."""
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    folders = []
+    for name in ("e", "a"):
+        save(tmp_path / name / "model.safetensors", random_delta(SHAPES))
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        folders.append(tmp_path / name)
+    with pytest.warns(UserWarning, match=r"looks like a full model") as caught:
+        inspect(*folders)
+    (message,) = [str(w.message) for w in caught if "full model" in str(w.message)]
+    assert "merged" not in message and "statistics" in message and "--base" in message, message
