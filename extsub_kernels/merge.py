@@ -64,6 +64,7 @@ def merge(
     stats: bool | None = None,
     report: str | os.PathLike | None = None,
     command: str | None = None,
+    card_note: str = "",
 ) -> MergeReport:
     """Merge checkpoints or PEFT adapters with Ext-Sub, streamed: θ' = θ⁺ ⊖ θ₁⁻ ⊖ θ₂⁻ ...
 
@@ -108,6 +109,8 @@ def merge(
             `report` needs them.
         report: write the run's JSON record to this file ("-": stdout) once it is done.
         command: the command line to record in the outputs (default: the equivalent extsub-merge command).
+        card_note: Markdown the model card of each folder output adds after how it was made (extsub-scan's
+            --save-best: how λ was chosen).
 
     Returns:
         A MergeReport.
@@ -141,7 +144,9 @@ def merge(
         stats=(is_folder_output(out) or report is not None) if stats is None else bool(stats),
         transposed=transposed,
     )
-    given = dict(dtype=dtype, max_shard_size=max_shard_size, report=report, out=out, dry_run=dry_run)
+    given = dict(
+        dtype=dtype, max_shard_size=max_shard_size, report=report, out=out, dry_run=dry_run, card_note=card_note
+    )
     return execute(expert, anti, base, options, adapter or AdapterOptions(), out, given, command, started)
 
 
@@ -174,6 +179,7 @@ def execute(
         str(out) if out else None,
         command,
         options=_all_options(recipe, options, given),
+        card_note=given.get("card_note", ""),
     )
     is_adapter = adapter_inputs(inputs)
     if not is_adapter and adapter.given():

@@ -46,6 +46,7 @@ class CardFacts:
         tags: tags beside extsub, merge and the method ("peft", "lora", ...).
         note: a paragraph on this output after the first (what --max-rank truncated, ...).
         base_note: why there is no `base_model` in the front matter although a base model is known.
+        extra: Markdown added after how the output was made (extsub-scan: how λ was chosen).
     """
 
     title: str
@@ -60,6 +61,7 @@ class CardFacts:
     tags: tuple[str, ...] = ()
     note: str = ""
     base_note: str = ""
+    extra: str = ""
 
 
 def model_card(facts: CardFacts) -> str:
@@ -109,6 +111,7 @@ def model_card(facts: CardFacts) -> str:
         "from the same inputs on the same kind of device. Each weights file's `__metadata__` records the "
         "tool's version, the command, the inputs' commits and header hashes.",
         "",
+        *([facts.extra.rstrip(), ""] if facts.extra else []),
     ]
     if facts.table:
         lines += [

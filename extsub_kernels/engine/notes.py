@@ -150,6 +150,7 @@ def output_texts(
             tags=kind.tags,
             note=kind.notes[index] if kind.notes else "",
             base_note=kind.base_note,
+            extra=context.card_note,
         )
         files = {CARD_NAME: model_card(facts), RECIPE_NAME: recipe_text(context.recipe, setting)}
         if kind.config is not None:
