@@ -158,6 +158,8 @@ def test_prefix_rows_are_drawn_by_layer_and_head(tmp_path):
     assert sum(group.rows for group in cells.values()) == 3 * 2 * 2 * 4
     drawn, left_out = drawn_cells(report, "ANTI")
     assert len(drawn) == 8 and not left_out
+    verbose = [line for line in report.details() if "prompt_embeddings.layers." in line]
+    assert len(verbose) == 8 and all("6 rows" in line and "cos mean" in line for line in verbose), verbose
     write_inspection(report, tmp_path / "insp")
     assert "| – |" not in (tmp_path / "insp" / "report.md").read_text()
 
