@@ -364,16 +364,17 @@ def test_an_existing_scan_needs_force(trained, tmp_path):
     assert (out / "notes.txt").read_text() == "mine"  # other files are left alone
 
 
-def test_missing_dependencies_are_named(trained, monkeypatch):
+def test_missing_dependencies_are_named(tiny_scan, monkeypatch):
     from extsub_kernels.lambda_scan.model import require
 
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
     with pytest.raises(
-        InputError, match=r'needs matplotlib, which is not installed; install with: pip install "extsub\[scan\]"'
+        InputError, match=r'needs matplotlib, which is not installed; install with: pip install -e "\.\[scan\]"'
     ):
         require("transformers", "matplotlib")
+    lora = tiny_scan["lora"]  # the inputs are resolved first: whether they are adapters says if peft is needed
     with pytest.raises(InputError, match="needs matplotlib"):
-        scan("e", "a", base="b", keep="k", forget="f", out="o")
+        scan(lora["expert"], lora["anti"], base=tiny_scan["base"], keep="k", forget="f", out="o")
 
 
 @pytest.mark.parametrize("device", DEVICES)
