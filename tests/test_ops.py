@@ -86,7 +86,7 @@ def test_degenerate_rows(dtype, backend, device):
     out = ext_sub(p, m, lam, backend=backend)
     assert torch.isfinite(out).all(), "degenerate rows must not give NaN or Inf"
     rtol, atol = TOLERANCES[dtype]
-    # DESIGN.md §1 conventions, checked directly rather than through the reference. The closed
+    # docs/design.md §1 conventions, checked directly rather than through the reference. The closed
     # form keeps such rows bit for bit; the literal reference only to float64 rounding.
     for row, why in ((0, "|p| = 0: the row stays"), (1, "|m| = 0: Ext(m) = 0, the row stays"), (2, "both zero")):
         if backend == "reference":
@@ -178,7 +178,7 @@ def test_empty_tensor_is_a_no_op(backend):
 
 
 def test_lambda_reading_of_the_closed_form():
-    """Ext-Sub at λ = direct subtraction at λ/2 plus a boost of p by λ|m|/(2|p|) (DESIGN.md §1)."""
+    """Ext-Sub at λ = direct subtraction at λ/2 plus a boost of p by λ|m|/(2|p|) (docs/design.md §1)."""
     p = torch.randn(16, 64, dtype=torch.float64)
     m = torch.randn(16, 64, dtype=torch.float64)
     boost = 1.5 * m.norm(dim=1, keepdim=True) / (2 * p.norm(dim=1, keepdim=True))
