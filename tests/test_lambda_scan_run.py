@@ -363,11 +363,13 @@ def test_missing_dependencies_are_named(trained, monkeypatch):
 
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
     with pytest.raises(
-        InputError, match=r'needs matplotlib, which is not installed; install with: pip install "extsub\[scan\]"'
+        InputError, match=r'needs matplotlib, which is not installed; install with: pip install -e "\.\[scan\]"'
     ):
         require("transformers", "matplotlib")
+    experts = [trained.adapter("llama", "lora", role) for role in ("expert", "anti")]
     with pytest.raises(InputError, match="needs matplotlib"):
-        scan("e", "a", base="b", keep="k", forget="f", out="o")
+        scan(*experts, base=trained.base("llama"), **_sets(trained), out=trained.root / "never-written")
+    assert not (trained.root / "never-written").exists()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -351,7 +351,7 @@ def test_auto_on_cuda_without_triton_warns_how_to_install_it(monkeypatch):
 
     monkeypatch.setattr(ops, "_triton_importable", lambda: False)
     monkeypatch.setattr(ops, "_warned_no_triton", False)
-    with pytest.warns(UserWarning, match=r'pip install "extsub\[cuda\]"'):
+    with pytest.warns(UserWarning, match=r'pip install -e "\.\[cuda\]"'):
         assert ops._resolve_backend("auto", CudaTensor()) == "torch"
 
 
