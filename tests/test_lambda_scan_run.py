@@ -364,7 +364,7 @@ def test_an_existing_scan_needs_force(trained, tmp_path):
     assert (out / "notes.txt").read_text() == "mine"  # other files are left alone
 
 
-def test_missing_dependencies_are_named(tiny_scan, monkeypatch):
+def test_missing_dependencies_are_named(trained, monkeypatch):
     from extsub_kernels.lambda_scan.model import require
 
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
@@ -372,9 +372,10 @@ def test_missing_dependencies_are_named(tiny_scan, monkeypatch):
         InputError, match=r'needs matplotlib, which is not installed; install with: pip install -e "\.\[scan\]"'
     ):
         require("transformers", "matplotlib")
-    lora = tiny_scan["lora"]  # the inputs are resolved first: whether they are adapters says if peft is needed
+    experts = [trained.adapter("llama", "lora", role) for role in ("expert", "anti")]
     with pytest.raises(InputError, match="needs matplotlib"):
-        scan(lora["expert"], lora["anti"], base=tiny_scan["base"], keep="k", forget="f", out="o")
+        scan(*experts, base=trained.base("llama"), **_sets(trained), out=trained.root / "never-written")
+    assert not (trained.root / "never-written").exists()
 
 
 @pytest.mark.parametrize("device", DEVICES)
