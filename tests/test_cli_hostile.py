@@ -237,3 +237,176 @@ def test_random_spellings_of_one_output_are_all_refused(tmp_path, capsys, pair):
         code, err = _run(capsys, *pair, "-o", out, "--report", report)
         assert code == EXIT_BAD_INPUT and "are the same path" in err, (report, err)
     assert not out.exists() and not leftovers(tmp_path)
+
+
+# ------------------------------------------------------------------ 3. one finiteness rule for every path
+
+
+def _overflowing_adapters(kind):
+    """An expert and an anti-expert whose `sub` merge at λ = 1 leaves the float32 range (each input is finite)."""
+    from extsub_kernels.adapters import IA3Adapter, PrefixAdapter
+
+    big = torch.full((2, 16), 3e38)
+    if kind == "ia3":
+        return IA3Adapter({"m.0.k": big[0].reshape(16, 1)}), IA3Adapter({"m.0.k": -big[0].reshape(16, 1)})
+    return PrefixAdapter(big, 2, 1, 8, 2), PrefixAdapter(-big, 2, 1, 8, 2)
+
+
+@pytest.mark.parametrize("kind", ["ia3", "prefix"])
+@pytest.mark.parametrize("method", ["sub", "ext-sub"])
+def test_an_adapter_merge_that_overflows_float32_is_refused_naming_the_tensor(tmp_path, kind, method):
+    from extsub_kernels.errors import InputError
+    from extsub_kernels.merge import merge
+
+    expert, anti = _overflowing_adapters(kind)
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"tensor '.+' .*NaN or ±inf .*overflows"):
+        merge(expert, anti, out, lam=3.0, method=method)
+    assert not out.exists() and not leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("method", ["ext-sub", "sub", "add"])
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_a_nonfinite_anti_row_beside_a_zero_expert_row_is_refused_by_every_method(tmp_path, capsys, bad, method):
+    torch.manual_seed(SEED)
+    expert, anti = torch.randn(4, 8), torch.randn(4, 8)
+    expert[2] = 0
+    anti[2, 5] = float(bad)
+    e, a = save(tmp_path / "e.safetensors", {"w": expert}), save(tmp_path / "a.safetensors", {"w": anti})
+    out = tmp_path / "o.safetensors"
+    code, err = _run(capsys, e, a, "-o", out, "--method", method, "--device", "cpu")
+    assert code == EXIT_BAD_INPUT and "tensor 'w' in ANTI" in err and "NaN or Inf (1 value, first in row 2)" in err, err
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------ 4. --force replaces exactly what this tool wrote
+
+
+def test_force_over_a_folder_out_keeps_a_users_file(tmp_path, capsys, pair):
+    out = tmp_path / "merged"
+    assert _run(capsys, *pair, "-o", out, "-q")[0] == 0
+    assert _run(capsys, *pair, "-o", out, "-q", "--force", "--lam", "0.5")[0] == 0, "our own folder is replaced"
+    (out / "eval_results.json").write_text('{"accuracy": 0.5}')
+    code, err = _run(capsys, *pair, "-o", out, "--force")
+    assert code == EXIT_BAD_INPUT and "'eval_results.json'" in err and "did not write" in err, err
+    assert (out / "eval_results.json").read_text() == '{"accuracy": 0.5}'
+
+
+def test_force_over_a_folder_of_someone_elses_configs_is_refused(tmp_path, capsys, pair):
+    out = tmp_path / "theirs"
+    save(out / "model.safetensors", {"old": torch.ones(2)})
+    (out / "config.json").write_text("{}")
+    code, err = _run(capsys, *pair, "-o", out, "--force")
+    assert code == EXIT_BAD_INPUT and "'config.json'" in err, err
+    assert (out / "config.json").read_text() == "{}"
+
+
+def test_a_card_lists_every_file_of_its_folder(tmp_path, capsys, pair):
+    from extsub_kernels.io.outputs import written_names
+
+    out = tmp_path / "merged"
+    assert _run(capsys, *pair, "-o", out, "-q")[0] == 0
+    assert written_names(out) == frozenset(os.listdir(out))
+
+
+@pytest.mark.parametrize("name", ["scan.json", "scan.csv"])
+def test_a_text_set_that_is_a_scan_file_is_refused_even_with_force(tmp_path, name):
+    from extsub_kernels.errors import InputError
+    from extsub_kernels.io.outputs import check_report_folder
+
+    folder = tmp_path / "scan"
+    folder.mkdir()
+    keep = folder / name
+    keep.write_text("text to keep\n")
+    with pytest.raises(InputError, match=rf"SCAN_DIR file .*{name} is KEEP .*which this run reads"):
+        check_report_folder(folder, ("scan.json", "scan.csv"), [], force=True, read=[(f"KEEP {keep}", keep)])
+    check_report_folder(folder, ("scan.md",), [], force=True, read=[(f"KEEP {keep}", keep)])
+    assert keep.read_text() == "text to keep\n"
+
+
+@pytest.mark.parametrize("where", ["SCAN_DIR", "a scan file"])
+def test_save_best_onto_scan_files_is_refused_before_the_scan(tmp_path, where):
+    from extsub_kernels.errors import InputError
+    from extsub_kernels.io.outputs import check_report_folder
+
+    folder = tmp_path / "scan"
+    best = folder / ".." / "scan" if where == "SCAN_DIR" else folder / "scan.json"
+    others = [(f"--save-best {best}", best)]
+    with pytest.raises(InputError, match=r"file .*scan\.json is inside --save-best|are the same path"):
+        check_report_folder(folder, ("scan.json",), [], force=False, others=others)
+    beside = [(f"--save-best {folder / 'best'}", folder / "best")]
+    check_report_folder(folder, ("scan.json",), [], force=False, others=beside)
+
+
+# ------------------------------------------------------------------ 8. read-only file systems and long names
+
+# A CLI run in a child process on which every write under argv[1] fails as on a read-only file system (EROFS, also
+# for names that are not there), since a read-only mount is not available to a test run as root.
+_READ_ONLY_CLI = """
+import errno, os, sys
+ro = os.path.realpath(sys.argv[1])
+def refused(path):
+    return os.path.realpath(os.fsdecode(path)).startswith(ro + os.sep) or os.path.realpath(os.fsdecode(path)) == ro
+def erofs(path):
+    return OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
+real = {name: getattr(os, name) for name in ("open", "unlink", "mkdir", "rmdir", "rename", "replace")}
+def open_(path, flags, *args, **kwargs):
+    if refused(path) and flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR):
+        raise erofs(path)
+    return real["open"](path, flags, *args, **kwargs)
+def changing(name):
+    def call(path, *args, **kwargs):
+        if refused(path):
+            raise erofs(path)
+        return real[name](path, *args, **kwargs)
+    return call
+os.open = open_
+for name in ("unlink", "mkdir", "rmdir", "rename", "replace"):
+    setattr(os, name, changing(name))
+from extsub_kernels.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("where", ["OUT", "OUT folder", "a new folder", "--report"])
+def test_a_read_only_file_system_is_exit_2_with_one_line_and_no_traceback(tmp_path, pair, where):
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    target = {"OUT": ro / "o.safetensors", "OUT folder": ro / "m", "a new folder": ro / "new" / "o.safetensors"}
+    out, extra = (target[where], []) if where in target else (tmp_path / "o.safetensors", ["--report", ro / "r.json"])
+    argv = [sys.executable, "-c", _READ_ONLY_CLI, ro, *pair, "-o", out, *extra, "-q"]
+    done = subprocess.run([str(a) for a in argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == EXIT_BAD_INPUT, done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert "Read-only file system" in done.stderr and os.listdir(ro) == [] and not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("size", [200, 230, 240, 255])
+@pytest.mark.parametrize("kind", ["OUT", "OUT folder", "--report", "λ list"])
+def test_names_near_the_limit_are_written_or_refused_up_front(tmp_path, capsys, pair, size, kind):
+    rng = random.Random(SEED + size)
+    stem = "".join(rng.choice("abcdefghé") for _ in range(size))
+    stem = os.fsdecode(os.fsencode(stem)[:size]).encode("utf-8", "ignore").decode("utf-8")
+    suffix = ".safetensors" if kind in ("OUT", "λ list") else ".json" if kind == "--report" else ""
+    name = os.fsdecode(os.fsencode(stem)[: size - len(suffix)]).encode("utf-8", "ignore").decode() + suffix
+    path = tmp_path / name
+    out, extra = (path, []) if kind in ("OUT", "OUT folder") else (tmp_path / "o.safetensors", [])
+    if kind == "--report":
+        extra = ["--report", path]
+    if kind == "λ list":
+        out, extra = path, ["--lam", "0.5,1"]
+    code, err = _run(capsys, *pair, "-o", out, *extra, "-q")
+    longest = max(
+        len(os.fsencode(n)) for n in [name, *([f"{name[:-12]}-lam0.5.safetensors"] if extra[:1] == ["--lam"] else [])]
+    )
+    if longest > 255:
+        assert code == EXIT_BAD_INPUT and "the file system takes at most 255" in err and err.count("\n") == 1, err
+        assert os.listdir(tmp_path) == ["in"]
+    else:
+        assert code == 0, err
+        assert not leftovers(tmp_path)

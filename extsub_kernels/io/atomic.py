@@ -101,6 +101,9 @@ def remove(path: Path) -> None:
             path.unlink()
     except FileNotFoundError:
         pass
+    except OSError:
+        if os.path.lexists(path):  # a read-only file system answers EROFS for a name that is not there
+            raise
     temps.release(path)
     _remove_empty_folders(_live.pop(path, []))
 
@@ -435,5 +438,10 @@ def terminate_as_interrupt() -> Iterator[None]:
 
 @atexit.register
 def _remove_leftovers() -> None:
+    """Last-chance clean-up at exit: what cannot be removed (a read-only or vanished file system) stays, quietly;
+    the next run into the folder removes it (`temps.clean_stale`)."""
     for path in list(_live):
-        remove(path)
+        try:
+            remove(path)
+        except OSError:
+            _live.pop(path, None)
