@@ -410,3 +410,87 @@ def test_names_near_the_limit_are_written_or_refused_up_front(tmp_path, capsys, 
     else:
         assert code == 0, err
         assert not leftovers(tmp_path)
+
+
+# ------------------------------------------------------------------ 6. a signal at any moment of the process
+
+# A command in a child process: its name as the script's (as the console script runs it), a byte on stdout once the
+# interpreter reaches the package's first instruction, then the command itself. Moments before that byte belong to the
+# interpreter's own start-up (site, .pth files), where no code of the package has run yet.
+_COMMAND = """
+import sys
+sys.argv = sys.argv[1:]
+import extsub_kernels
+sys.stdout.write("r")
+sys.stdout.flush()
+import importlib
+module = {"extsub-merge": "merge", "extsub-inspect": "inspect", "extsub-scan": "scan"}[sys.argv[0]]
+sys.exit(importlib.import_module(f"extsub_kernels.cli.{module}").main())
+"""
+
+
+def _command(argv, *, signal_after=None, sig=None):
+    """(exit code, stderr, seconds) of a command run in a child process, `sig` sent `signal_after` seconds after the
+    package's first instruction."""
+    import signal as signals
+    import subprocess
+    import sys
+    import time
+
+    from helpers import ROOT
+
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-c", _COMMAND, *map(str, argv)]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(1) == b"r"
+    started = time.monotonic()
+    if signal_after is not None:
+        time.sleep(signal_after)
+        proc.send_signal(sig or signals.SIGINT)
+    err = proc.stderr.read().decode(errors="replace")
+    code = proc.wait(timeout=300)
+    return code, err, time.monotonic() - started
+
+
+def _lifetime_cases(tmp_path, pair, command):
+    out = tmp_path / "out"
+    argv = {
+        "extsub-merge": ["extsub-merge", *pair, "-o", out / "o.safetensors", "-q"],
+        "extsub-inspect": ["extsub-inspect", *pair, "-o", out, "-q"],
+        "extsub-scan": [
+            "extsub-scan",
+            *pair,
+            "--base",
+            pair[0],
+            "--keep",
+            tmp_path / "missing.txt",
+            "--forget",
+            pair[1],
+            "-o",
+            out,
+        ],
+    }[command]
+    return argv, out
+
+
+@pytest.mark.parametrize("command", ["extsub-merge", "extsub-inspect", "extsub-scan"])
+def test_a_signal_at_a_random_moment_of_the_whole_lifetime_is_one_line_and_its_exit_code(tmp_path, pair, command):
+    import shutil
+    import signal as signals
+
+    rng = random.Random(f"{SEED}-{command}")
+    argv, out = _lifetime_cases(tmp_path, pair, command)
+    code, err, seconds = _command(argv)  # once without a signal: how long the whole lifetime is
+    assert code == (2 if command == "extsub-scan" else 0) and err.count("\n") <= 1, err
+    for moment in range(2):
+        shutil.rmtree(out, ignore_errors=True)
+        sig = rng.choice([signals.SIGINT, signals.SIGTERM])
+        after = rng.uniform(0, seconds) if moment else rng.uniform(0, 0.05)  # start-up, then anywhere
+        code, err, _ = _command(argv, signal_after=after, sig=sig)
+        expected = {signals.SIGINT: 130, signals.SIGTERM: 143}[sig]
+        assert "Traceback" not in err and err.count("\n") <= 1, (after, err)
+        if code == expected:
+            assert ("nothing was written" in err) == (not out.exists() or not os.listdir(out)), (after, err)
+        else:  # the signal came once the run had ended
+            assert code == (2 if command == "extsub-scan" else 0), (after, code, err)
+        assert not leftovers(tmp_path)

@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from extsub_kernels import _signals
 from extsub_kernels.errors import InputError, Interrupted, PublishError, Terminated
 from extsub_kernels.io import temps
 
@@ -197,6 +198,7 @@ def publish_all(moves: Sequence[tuple[Path, Path]], *, force: bool) -> tuple[Pat
         PublishError: a move failed and could not be undone; `published` says what is in place.
         OSError: a move failed; every move made before it was undone.
     """
+    _signals.raise_unanswered()  # a Ctrl-C swallowed on its way (`_signals`) stops the run before anything moves
     run = _run if threading.current_thread() is threading.main_thread() else None
     if run is not None:
         run.holding = True  # from the first move to the end of the run, signals wait
@@ -411,10 +413,9 @@ def terminate_as_interrupt() -> Iterator[None]:
     def _handle(signum: int, frame: object) -> None:
         if state.holding:
             state.pending.append(signum)
-        elif signum == signal.SIGTERM:
-            raise Terminated()
         else:
-            raise KeyboardInterrupt
+            _signals.note(signum)
+            raise _signals.exception_for(signum)
 
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
