@@ -494,3 +494,86 @@ def test_a_signal_at_a_random_moment_of_the_whole_lifetime_is_one_line_and_its_e
         else:  # the signal came once the run had ended
             assert code == (2 if command == "extsub-scan" else 0), (after, code, err)
         assert not leftovers(tmp_path)
+
+
+# ------------------------------------------------------------------ 7. bounded work for every file a user names
+
+
+def _unbounded(tmp_path, kind, name):
+    """A path that reads forever or blocks: a FIFO nobody writes, /dev/zero or /dev/urandom (as device nodes)."""
+    path = tmp_path / name
+    if kind == "fifo":
+        os.mkfifo(path)
+        return path
+    numbers = {"zero": (1, 5), "urandom": (1, 9)}[kind]
+    try:
+        os.mknod(path, 0o444 | stat.S_IFCHR, os.makedev(*numbers))
+    except PermissionError:
+        pytest.skip("making a device node needs root (CAP_MKNOD)")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero", "urandom"])
+def test_a_recipe_that_never_ends_is_refused_at_once(tmp_path, capsys, kind):
+    recipe = _unbounded(tmp_path, kind, "recipe.yaml")
+    code, err = _run(capsys, "--config", recipe)
+    assert code == EXIT_BAD_INPUT and f"--config {recipe} is a " in err and "give a regular file" in err, err
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero"])
+@pytest.mark.parametrize("what", ["examples", "prompts"])
+def test_a_scan_set_that_never_ends_is_refused_at_once(tmp_path, kind, what):
+    from extsub_kernels.errors import InputError
+    from extsub_kernels.lambda_scan.metrics import load_examples, load_prompts
+
+    path = _unbounded(tmp_path, kind, "set.txt")
+    with pytest.raises(InputError, match=r"is a (FIFO|character device); give a regular file"):
+        (load_examples if what == "examples" else load_prompts)(path)
+
+
+def test_a_json_config_that_is_a_fifo_is_refused(tmp_path):
+    from extsub_kernels.errors import InputError
+    from extsub_kernels.io import read_json_object
+
+    fifo = _unbounded(tmp_path, "fifo", "adapter_config.json")
+    with pytest.raises(InputError, match=r"is a FIFO; give a regular file"):
+        read_json_object(fifo, "adapter config")
+
+
+def test_a_yaml_alias_bomb_is_refused_in_one_short_line(tmp_path, capsys):
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 12)]
+    recipe = tmp_path / "bomb.yaml"
+    recipe.write_text("\n".join(lines) + "\nexpert: *a11\n")
+    code, err = _run(capsys, "--config", recipe)
+    assert code == EXIT_BAD_INPUT and "aliases" in err and err.count("\n") == 1 and len(err) < 400, err
+
+
+@pytest.mark.parametrize("depth", [200, 5000, 100000])
+def test_deeply_nested_yaml_is_exit_2(tmp_path, capsys, depth):
+    recipe = tmp_path / "deep.yaml"
+    recipe.write_text("expert: " + "[" * depth + "]" * depth + "\n")
+    code, err = _run(capsys, "--config", recipe)
+    assert code == EXIT_BAD_INPUT and err.count("\n") == 1 and len(err) < 600, err
+
+
+@pytest.mark.parametrize("depth", [5000, 100000])
+def test_deeply_nested_json_is_exit_2(tmp_path, capsys, pair, depth):
+    folder = tmp_path / "expert"
+    folder.mkdir()
+    os.link(pair[0], folder / "model.safetensors")
+    (folder / "config.json").write_text("[" * depth + "]" * depth)
+    code, err = _run(capsys, folder, pair[1], "-o", tmp_path / "o.safetensors", "--base", folder)
+    assert code == EXIT_BAD_INPUT and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("count", [1001, 30000, 100000])
+def test_a_huge_lam_list_is_refused_at_once(tmp_path, capsys, pair, count):
+    import time
+
+    rng = random.Random(SEED + count)
+    lam = ",".join(f"{rng.random():.6f}" for _ in range(count))
+    started = time.monotonic()
+    code, err = _run(capsys, *pair, "-o", tmp_path / "o.safetensors", "--lam", lam)
+    assert code == EXIT_BAD_INPUT and "a run writes at most 1000" in err and len(err) < 300, err
+    assert time.monotonic() - started < 5 and os.listdir(tmp_path) == ["in"]

@@ -250,8 +250,8 @@ def _check_apart_from_inputs(path: Path, inputs: Sequence[tuple[str, ResolvedInp
     folder, or holds an input file."""
     target = file_id(path)
     holders = {identity: folder for folder, identity in folder_chain(path)}
-    other = "OUT" if what is None else "path"
     what = what or f"OUT {path}"
+    other = "OUT" if what.startswith("OUT ") else "path"
     for role, inp in inputs:
         if inp.kind in ("folder", "hub"):
             root = file_id(inp.root)
