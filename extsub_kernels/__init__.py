@@ -5,14 +5,20 @@ streaming merge of checkpoints and adapters (`merge`, also the `extsub-merge` co
 adapter types (LoRA, (IA)³, prefix-tuning) and formats they use, and the λ scan (`scan`, also
 the `extsub-scan` command).
 
-Names are imported on first use: importing the package does not load torch, so the command
-line sets its signal handlers first and a Ctrl-C during start-up ends as cleanly as later.
+Names are imported on first use: importing the package does not load torch. Run as one of the
+commands, the package's first instruction notes SIGINT and SIGTERM (`_signals`), so a Ctrl-C at
+any moment of start-up ends as cleanly as later.
 """
 
+import sys
 from typing import TYPE_CHECKING
 
-from extsub_kernels._lazy import lazy_getattr
-from extsub_kernels._version import __version__
+from extsub_kernels import _signals
+
+_signals.install_for_commands(sys.argv[0] if sys.argv else "")
+
+from extsub_kernels._lazy import lazy_getattr  # noqa: E402
+from extsub_kernels._version import __version__  # noqa: E402
 
 if TYPE_CHECKING:
     from extsub_kernels.adapters import (

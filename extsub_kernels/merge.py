@@ -35,9 +35,9 @@ from extsub_kernels.engine.options import (
 from extsub_kernels.engine.record import report_record, write_json
 from extsub_kernels.errors import InputError, MergeError
 from extsub_kernels.io import ResolvedInput, check_outputs, is_folder_output, output_paths, resolve_input
-from extsub_kernels.io.atomic import terminate_as_interrupt
+from extsub_kernels.io.atomic import remove, reserve_temp, terminate_as_interrupt
 from extsub_kernels.io.identity import InputSnapshot
-from extsub_kernels.io.outputs import check_report_path, out_path
+from extsub_kernels.io.outputs import check_report_path, is_stream, out_path
 from extsub_kernels.io.provenance import fingerprint, pinned_spec
 
 Source = str | os.PathLike | PeftAdapter
@@ -189,6 +189,8 @@ def execute(
     report_path = given.get("report")
     if report_path is not None and os.fspath(report_path) != "-":
         check_report_path(Path(report_path), inputs, paths, force=options.force)
+        if not is_stream(Path(report_path)):
+            remove(reserve_temp(Path(report_path), folder=False))  # its folder takes files: known before any work
     if not is_adapter and base is None and (hint := full_model_hint(inputs, inspecting=options.mode == "inspect")):
         warnings.warn(hint, stacklevel=3)
     with terminate_as_interrupt():
@@ -214,9 +216,9 @@ def _write_report(result: MergeReport, target: str | os.PathLike) -> None:
     """Write the run's record to `target`; a failure names the report (the outputs are already in place)."""
     try:
         write_json(report_record(result), target)
-    except OSError as e:
+    except (OSError, InputError) as e:
         where = "stdout" if os.fspath(target) == "-" else os.fspath(target)
-        raise MergeError(f"writing --report {where} failed: {e.strerror or e}") from None
+        raise MergeError(f"writing --report {where} failed: {getattr(e, 'strerror', None) or e}") from None
 
 
 def source_list(expert: Source, anti: Source | Sequence[Source]) -> list[Source]:

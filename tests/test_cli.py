@@ -222,7 +222,7 @@ OUT_CASES = {
             (tmp / "home").mkdir()
             or ((tmp / "home" / "notes.txt").write_text("x") and [e, a, "-o", tmp / "home", "--force"])
         ),
-        ["not part of a checkpoint", "notes.txt"],
+        ["did not write there", "notes.txt"],
     ),
 }
 

@@ -237,3 +237,343 @@ def test_random_spellings_of_one_output_are_all_refused(tmp_path, capsys, pair):
         code, err = _run(capsys, *pair, "-o", out, "--report", report)
         assert code == EXIT_BAD_INPUT and "are the same path" in err, (report, err)
     assert not out.exists() and not leftovers(tmp_path)
+
+
+# ------------------------------------------------------------------ 3. one finiteness rule for every path
+
+
+def _overflowing_adapters(kind):
+    """An expert and an anti-expert whose `sub` merge at λ = 1 leaves the float32 range (each input is finite)."""
+    from extsub_kernels.adapters import IA3Adapter, PrefixAdapter
+
+    big = torch.full((2, 16), 3e38)
+    if kind == "ia3":
+        return IA3Adapter({"m.0.k": big[0].reshape(16, 1)}), IA3Adapter({"m.0.k": -big[0].reshape(16, 1)})
+    return PrefixAdapter(big, 2, 1, 8, 2), PrefixAdapter(-big, 2, 1, 8, 2)
+
+
+@pytest.mark.parametrize("kind", ["ia3", "prefix"])
+@pytest.mark.parametrize("method", ["sub", "ext-sub"])
+def test_an_adapter_merge_that_overflows_float32_is_refused_naming_the_tensor(tmp_path, kind, method):
+    from extsub_kernels.errors import InputError
+    from extsub_kernels.merge import merge
+
+    expert, anti = _overflowing_adapters(kind)
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"tensor '.+' .*NaN or ±inf .*overflows"):
+        merge(expert, anti, out, lam=3.0, method=method)
+    assert not out.exists() and not leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("method", ["ext-sub", "sub", "add"])
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_a_nonfinite_anti_row_beside_a_zero_expert_row_is_refused_by_every_method(tmp_path, capsys, bad, method):
+    torch.manual_seed(SEED)
+    expert, anti = torch.randn(4, 8), torch.randn(4, 8)
+    expert[2] = 0
+    anti[2, 5] = float(bad)
+    e, a = save(tmp_path / "e.safetensors", {"w": expert}), save(tmp_path / "a.safetensors", {"w": anti})
+    out = tmp_path / "o.safetensors"
+    code, err = _run(capsys, e, a, "-o", out, "--method", method, "--device", "cpu")
+    assert code == EXIT_BAD_INPUT and "tensor 'w' in ANTI" in err and "NaN or Inf (1 value, first in row 2)" in err, err
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------ 4. --force replaces exactly what this tool wrote
+
+
+def test_force_over_a_folder_out_keeps_a_users_file(tmp_path, capsys, pair):
+    out = tmp_path / "merged"
+    assert _run(capsys, *pair, "-o", out, "-q")[0] == 0
+    assert _run(capsys, *pair, "-o", out, "-q", "--force", "--lam", "0.5")[0] == 0, "our own folder is replaced"
+    (out / "eval_results.json").write_text('{"accuracy": 0.5}')
+    code, err = _run(capsys, *pair, "-o", out, "--force")
+    assert code == EXIT_BAD_INPUT and "'eval_results.json'" in err and "did not write" in err, err
+    assert (out / "eval_results.json").read_text() == '{"accuracy": 0.5}'
+
+
+def test_force_over_a_folder_of_someone_elses_configs_is_refused(tmp_path, capsys, pair):
+    out = tmp_path / "theirs"
+    save(out / "model.safetensors", {"old": torch.ones(2)})
+    (out / "config.json").write_text("{}")
+    code, err = _run(capsys, *pair, "-o", out, "--force")
+    assert code == EXIT_BAD_INPUT and "'config.json'" in err, err
+    assert (out / "config.json").read_text() == "{}"
+
+
+def test_a_card_lists_every_file_of_its_folder(tmp_path, capsys, pair):
+    from extsub_kernels.io.outputs import written_names
+
+    out = tmp_path / "merged"
+    assert _run(capsys, *pair, "-o", out, "-q")[0] == 0
+    assert written_names(out) == frozenset(os.listdir(out))
+
+
+@pytest.mark.parametrize("name", ["scan.json", "scan.csv"])
+def test_a_text_set_that_is_a_scan_file_is_refused_even_with_force(tmp_path, name):
+    from extsub_kernels.errors import InputError
+    from extsub_kernels.io.outputs import check_report_folder
+
+    folder = tmp_path / "scan"
+    folder.mkdir()
+    keep = folder / name
+    keep.write_text("text to keep\n")
+    with pytest.raises(InputError, match=rf"SCAN_DIR file .*{name} is KEEP .*which this run reads"):
+        check_report_folder(folder, ("scan.json", "scan.csv"), [], force=True, read=[(f"KEEP {keep}", keep)])
+    check_report_folder(folder, ("scan.md",), [], force=True, read=[(f"KEEP {keep}", keep)])
+    assert keep.read_text() == "text to keep\n"
+
+
+@pytest.mark.parametrize("where", ["SCAN_DIR", "a scan file"])
+def test_save_best_onto_scan_files_is_refused_before_the_scan(tmp_path, where):
+    from extsub_kernels.errors import InputError
+    from extsub_kernels.io.outputs import check_report_folder
+
+    folder = tmp_path / "scan"
+    best = folder / ".." / "scan" if where == "SCAN_DIR" else folder / "scan.json"
+    others = [(f"--save-best {best}", best)]
+    with pytest.raises(InputError, match=r"file .*scan\.json is inside --save-best|are the same path"):
+        check_report_folder(folder, ("scan.json",), [], force=False, others=others)
+    beside = [(f"--save-best {folder / 'best'}", folder / "best")]
+    check_report_folder(folder, ("scan.json",), [], force=False, others=beside)
+
+
+# ------------------------------------------------------------------ 8. read-only file systems and long names
+
+# A CLI run in a child process on which every write under argv[1] fails as on a read-only file system (EROFS, also
+# for names that are not there), since a read-only mount is not available to a test run as root.
+_READ_ONLY_CLI = """
+import errno, os, sys
+ro = os.path.realpath(sys.argv[1])
+def refused(path):
+    return os.path.realpath(os.fsdecode(path)).startswith(ro + os.sep) or os.path.realpath(os.fsdecode(path)) == ro
+def erofs(path):
+    return OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
+real = {name: getattr(os, name) for name in ("open", "unlink", "mkdir", "rmdir", "rename", "replace")}
+def open_(path, flags, *args, **kwargs):
+    if refused(path) and flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR):
+        raise erofs(path)
+    return real["open"](path, flags, *args, **kwargs)
+def changing(name):
+    def call(path, *args, **kwargs):
+        if refused(path):
+            raise erofs(path)
+        return real[name](path, *args, **kwargs)
+    return call
+os.open = open_
+for name in ("unlink", "mkdir", "rmdir", "rename", "replace"):
+    setattr(os, name, changing(name))
+from extsub_kernels.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("where", ["OUT", "OUT folder", "a new folder", "--report"])
+def test_a_read_only_file_system_is_exit_2_with_one_line_and_no_traceback(tmp_path, pair, where):
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    target = {"OUT": ro / "o.safetensors", "OUT folder": ro / "m", "a new folder": ro / "new" / "o.safetensors"}
+    out, extra = (target[where], []) if where in target else (tmp_path / "o.safetensors", ["--report", ro / "r.json"])
+    argv = [sys.executable, "-c", _READ_ONLY_CLI, ro, *pair, "-o", out, *extra, "-q"]
+    done = subprocess.run([str(a) for a in argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == EXIT_BAD_INPUT, done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert "Read-only file system" in done.stderr and os.listdir(ro) == [] and not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("size", [200, 230, 240, 255])
+@pytest.mark.parametrize("kind", ["OUT", "OUT folder", "--report", "λ list"])
+def test_names_near_the_limit_are_written_or_refused_up_front(tmp_path, capsys, pair, size, kind):
+    rng = random.Random(SEED + size)
+    stem = "".join(rng.choice("abcdefghé") for _ in range(size))
+    stem = os.fsdecode(os.fsencode(stem)[:size]).encode("utf-8", "ignore").decode("utf-8")
+    suffix = ".safetensors" if kind in ("OUT", "λ list") else ".json" if kind == "--report" else ""
+    name = os.fsdecode(os.fsencode(stem)[: size - len(suffix)]).encode("utf-8", "ignore").decode() + suffix
+    path = tmp_path / name
+    out, extra = (path, []) if kind in ("OUT", "OUT folder") else (tmp_path / "o.safetensors", [])
+    if kind == "--report":
+        extra = ["--report", path]
+    if kind == "λ list":
+        out, extra = path, ["--lam", "0.5,1"]
+    code, err = _run(capsys, *pair, "-o", out, *extra, "-q")
+    longest = max(
+        len(os.fsencode(n)) for n in [name, *([f"{name[:-12]}-lam0.5.safetensors"] if extra[:1] == ["--lam"] else [])]
+    )
+    if longest > 255:
+        assert code == EXIT_BAD_INPUT and "the file system takes at most 255" in err and err.count("\n") == 1, err
+        assert os.listdir(tmp_path) == ["in"]
+    else:
+        assert code == 0, err
+        assert not leftovers(tmp_path)
+
+
+# ------------------------------------------------------------------ 6. a signal at any moment of the process
+
+# A command in a child process: its name as the script's (as the console script runs it), a byte on stdout once the
+# interpreter reaches the package's first instruction, then the command itself. Moments before that byte belong to the
+# interpreter's own start-up (site, .pth files), where no code of the package has run yet.
+_COMMAND = """
+import sys
+sys.argv = sys.argv[1:]
+import extsub_kernels
+sys.stdout.write("r")
+sys.stdout.flush()
+import importlib
+module = {"extsub-merge": "merge", "extsub-inspect": "inspect", "extsub-scan": "scan"}[sys.argv[0]]
+sys.exit(importlib.import_module(f"extsub_kernels.cli.{module}").main())
+"""
+
+
+def _command(argv, *, signal_after=None, sig=None):
+    """(exit code, stderr, seconds) of a command run in a child process, `sig` sent `signal_after` seconds after the
+    package's first instruction."""
+    import signal as signals
+    import subprocess
+    import sys
+    import time
+
+    from helpers import ROOT
+
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-c", _COMMAND, *map(str, argv)]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(1) == b"r"
+    started = time.monotonic()
+    if signal_after is not None:
+        time.sleep(signal_after)
+        proc.send_signal(sig or signals.SIGINT)
+    err = proc.stderr.read().decode(errors="replace")
+    code = proc.wait(timeout=300)
+    return code, err, time.monotonic() - started
+
+
+def _lifetime_cases(tmp_path, pair, command):
+    out = tmp_path / "out"
+    argv = {
+        "extsub-merge": ["extsub-merge", *pair, "-o", out / "o.safetensors", "-q"],
+        "extsub-inspect": ["extsub-inspect", *pair, "-o", out, "-q"],
+        "extsub-scan": [
+            "extsub-scan",
+            *pair,
+            "--base",
+            pair[0],
+            "--keep",
+            tmp_path / "missing.txt",
+            "--forget",
+            pair[1],
+            "-o",
+            out,
+        ],
+    }[command]
+    return argv, out
+
+
+@pytest.mark.parametrize("command", ["extsub-merge", "extsub-inspect", "extsub-scan"])
+def test_a_signal_at_a_random_moment_of_the_whole_lifetime_is_one_line_and_its_exit_code(tmp_path, pair, command):
+    import shutil
+    import signal as signals
+
+    rng = random.Random(f"{SEED}-{command}")
+    argv, out = _lifetime_cases(tmp_path, pair, command)
+    code, err, seconds = _command(argv)  # once without a signal: how long the whole lifetime is
+    assert code == (2 if command == "extsub-scan" else 0) and err.count("\n") <= 1, err
+    for moment in range(2):
+        shutil.rmtree(out, ignore_errors=True)
+        sig = rng.choice([signals.SIGINT, signals.SIGTERM])
+        after = rng.uniform(0, seconds) if moment else rng.uniform(0, 0.05)  # start-up, then anywhere
+        code, err, _ = _command(argv, signal_after=after, sig=sig)
+        expected = {signals.SIGINT: 130, signals.SIGTERM: 143}[sig]
+        assert "Traceback" not in err and err.count("\n") <= 1, (after, err)
+        if code == expected:
+            assert ("nothing was written" in err) == (not out.exists() or not os.listdir(out)), (after, err)
+        else:  # the signal came once the run had ended
+            assert code == (2 if command == "extsub-scan" else 0), (after, code, err)
+        assert not leftovers(tmp_path)
+
+
+# ------------------------------------------------------------------ 7. bounded work for every file a user names
+
+
+def _unbounded(tmp_path, kind, name):
+    """A path that reads forever or blocks: a FIFO nobody writes, /dev/zero or /dev/urandom (as device nodes)."""
+    path = tmp_path / name
+    if kind == "fifo":
+        os.mkfifo(path)
+        return path
+    numbers = {"zero": (1, 5), "urandom": (1, 9)}[kind]
+    try:
+        os.mknod(path, 0o444 | stat.S_IFCHR, os.makedev(*numbers))
+    except PermissionError:
+        pytest.skip("making a device node needs root (CAP_MKNOD)")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero", "urandom"])
+def test_a_recipe_that_never_ends_is_refused_at_once(tmp_path, capsys, kind):
+    recipe = _unbounded(tmp_path, kind, "recipe.yaml")
+    code, err = _run(capsys, "--config", recipe)
+    assert code == EXIT_BAD_INPUT and f"--config {recipe} is a " in err and "give a regular file" in err, err
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero"])
+@pytest.mark.parametrize("what", ["examples", "prompts"])
+def test_a_scan_set_that_never_ends_is_refused_at_once(tmp_path, kind, what):
+    from extsub_kernels.errors import InputError
+    from extsub_kernels.lambda_scan.metrics import load_examples, load_prompts
+
+    path = _unbounded(tmp_path, kind, "set.txt")
+    with pytest.raises(InputError, match=r"is a (FIFO|character device); give a regular file"):
+        (load_examples if what == "examples" else load_prompts)(path)
+
+
+def test_a_json_config_that_is_a_fifo_is_refused(tmp_path):
+    from extsub_kernels.errors import InputError
+    from extsub_kernels.io import read_json_object
+
+    fifo = _unbounded(tmp_path, "fifo", "adapter_config.json")
+    with pytest.raises(InputError, match=r"is a FIFO; give a regular file"):
+        read_json_object(fifo, "adapter config")
+
+
+def test_a_yaml_alias_bomb_is_refused_in_one_short_line(tmp_path, capsys):
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 12)]
+    recipe = tmp_path / "bomb.yaml"
+    recipe.write_text("\n".join(lines) + "\nexpert: *a11\n")
+    code, err = _run(capsys, "--config", recipe)
+    assert code == EXIT_BAD_INPUT and "aliases" in err and err.count("\n") == 1 and len(err) < 400, err
+
+
+@pytest.mark.parametrize("depth", [200, 5000, 100000])
+def test_deeply_nested_yaml_is_exit_2(tmp_path, capsys, depth):
+    recipe = tmp_path / "deep.yaml"
+    recipe.write_text("expert: " + "[" * depth + "]" * depth + "\n")
+    code, err = _run(capsys, "--config", recipe)
+    assert code == EXIT_BAD_INPUT and err.count("\n") == 1 and len(err) < 600, err
+
+
+@pytest.mark.parametrize("depth", [5000, 100000])
+def test_deeply_nested_json_is_exit_2(tmp_path, capsys, pair, depth):
+    folder = tmp_path / "expert"
+    folder.mkdir()
+    os.link(pair[0], folder / "model.safetensors")
+    (folder / "config.json").write_text("[" * depth + "]" * depth)
+    code, err = _run(capsys, folder, pair[1], "-o", tmp_path / "o.safetensors", "--base", folder)
+    assert code == EXIT_BAD_INPUT and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("count", [1001, 30000, 100000])
+def test_a_huge_lam_list_is_refused_at_once(tmp_path, capsys, pair, count):
+    import time
+
+    rng = random.Random(SEED + count)
+    lam = ",".join(f"{rng.random():.6f}" for _ in range(count))
+    started = time.monotonic()
+    code, err = _run(capsys, *pair, "-o", tmp_path / "o.safetensors", "--lam", lam)
+    assert code == EXIT_BAD_INPUT and "a run writes at most 1000" in err and len(err) < 300, err
+    assert time.monotonic() - started < 5 and os.listdir(tmp_path) == ["in"]

@@ -77,7 +77,7 @@ def test_force_replaces_a_folder_this_tool_wrote_but_not_a_readme_of_someone_els
     merge(e, a, tmp_path / "out", lam=2.0, force=True)  # card, recipe and weights: all ours
     assert yaml.safe_load((tmp_path / "out" / "extsub_recipe.yaml").read_text())["lam"] == 2.0
     (tmp_path / "out" / "README.md").write_text("# My notes\n")
-    with pytest.raises(InputError, match="holds files that are not part of a checkpoint .e.g. 'README.md'"):
+    with pytest.raises(InputError, match="holds files extsub-merge did not write there .e.g. 'README.md'"):
         merge(e, a, tmp_path / "out", force=True)
     assert (tmp_path / "out" / "README.md").read_text() == "# My notes\n" and not leftovers(tmp_path)
 

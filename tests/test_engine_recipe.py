@@ -56,7 +56,7 @@ def test_a_bad_recipe_is_refused_naming_the_key(tmp_path, case):
 
 
 def test_a_missing_recipe_file_is_named(tmp_path):
-    with pytest.raises(InputError, match=r"--config .*absent.yaml: cannot read the recipe"):
+    with pytest.raises(InputError, match=r"--config .*absent.yaml: cannot read it .No such file"):
         load_recipe(tmp_path / "absent.yaml")
 
 

@@ -1,8 +1,10 @@
-"""What every command shares: exit codes, SIGTERM as an exception from start-up on, one-line errors and warnings.
+"""What every command shares: exit codes, the one signal policy from start-up to exit, one-line errors and warnings.
 
-Heavy imports (torch) happen inside each command's body, after `run_command` has set the
-signal handler, so an interrupt during start-up ends with the same message and exit code
-as one during the work.
+Signals (`_signals`): a console script notes SIGINT and SIGTERM from the import of the command
+line on; `run_command` answers them, loads torch with them deferred (an interrupt inside a large
+import can be swallowed, leave it half-loaded or abort the interpreter), then raises them as
+exceptions that become one line and exit 130 / 143, and ends the process quietly on one that
+comes while it exits.
 """
 
 import argparse
@@ -15,6 +17,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from extsub_kernels import _signals
 from extsub_kernels._version import __version__
 from extsub_kernels.errors import InputError, Notice, PublishError, Terminated
 
@@ -22,43 +25,77 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 
-def run_command(prog: str, body: Callable[[], int]) -> int:
-    """Run a command's body with SIGTERM raising `Terminated` and usable std streams; interrupts become one line
-    and exit 130 / 143."""
-    previous = _terminate_as_interrupt()
-    _usable_std_streams()
+def run_command(prog: str, body: Callable[[], int], *, process: bool = False) -> int:
+    """Run a command's body under the one signal policy (`_signals`) with usable std streams; interrupts become one
+    line and exit 130 / 143, a second one while the first is answered included.
+
+    `process`: the command is the whole process (a console script): a signal after the body,
+    while the interpreter exits, ends it at once with 130 / 143 instead of a traceback.
+    """
+    previous = _signals.install()
     try:
-        return body()
-    except Terminated as e:
-        return fail(prog, _interrupted("terminated", e), EXIT_SIGTERM)
-    except KeyboardInterrupt as e:
-        return fail(prog, _interrupted("interrupted", e), EXIT_SIGINT)
+        try:
+            _signals.raise_unanswered()  # one that came while the command line was imported
+            _usable_std_streams()
+            with _signals.deferred():  # torch loads whole or not at all; a signal meanwhile is answered after
+                import torch  # noqa: F401
+            code = body()
+        except KeyboardInterrupt as e:
+            _signals.answered()
+            return _interrupt_exit(prog, e)
+        except Exception:
+            swallowed = _signals.unanswered()
+            if swallowed is None:
+                raise
+            _signals.answered()  # a failure that follows a swallowed signal is that interrupt
+            return _interrupt_exit(prog, _signals.exception_for(swallowed))
+        swallowed = _signals.unanswered()
+        if swallowed is not None:  # raised inside a library that swallowed it, after the outputs were published
+            _signals.answered()
+            what, exit_code = _INTERRUPTS[swallowed == signal.SIGTERM]
+            return fail(prog, f"{what} after the run had finished (its outputs are complete)", exit_code)
+        return code
+    except KeyboardInterrupt as e:  # a second Ctrl-C while the first was answered
+        return _interrupt_exit(prog, e)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        with contextlib.suppress(KeyboardInterrupt):
+            _signals.exit_quietly() if process else _signals.restore(previous)
+
+
+_INTERRUPTS = {False: ("interrupted", EXIT_SIGINT), True: ("terminated", EXIT_SIGTERM)}
+
+
+def _interrupt_exit(prog: str, interrupt: BaseException) -> int:
+    what, code = _INTERRUPTS[isinstance(interrupt, Terminated)]
+    return fail(prog, _interrupted(what, interrupt), code)
 
 
 def guarded(prog: str, work: Callable[[], object], what: str = "run") -> tuple[int, object]:
     """(EXIT_OK, result) of `work`, or the exit code of its failure with its one-line message printed.
 
     Bad input (InputError) exits 2; any other exception is a failed `what` ("merge"), exit 1, whose
-    message says whether outputs were published before the failure.
+    message says whether outputs were published before the failure. A failure that follows a
+    signal swallowed on its way (`_signals`) is that interrupt instead.
     """
     try:
         return EXIT_OK, work()
-    except InputError as e:
-        return fail(prog, str(e), EXIT_BAD_INPUT), None
     except (KeyboardInterrupt, Terminated):
         raise
-    except PublishError as e:
-        return fail(prog, f"the {what} failed: {e}", EXIT_FAILED), None
     except Exception as e:
-        published = getattr(e, "published", ())
-        if published:
-            names = ", ".join(str(p) for p in published)
-            message = f"the {what} failed after publishing its outputs (each complete: {names}): {e}"
-            return fail(prog, message, EXIT_FAILED), None
-        return fail(prog, f"the {what} failed and nothing was written: {type(e).__name__}: {e}", EXIT_FAILED), None
+        _signals.raise_unanswered()
+        return _failure(prog, e, what), None
+
+
+def _failure(prog: str, e: Exception, what: str) -> int:
+    if isinstance(e, InputError):
+        return fail(prog, str(e), EXIT_BAD_INPUT)
+    if isinstance(e, PublishError):
+        return fail(prog, f"the {what} failed: {e}", EXIT_FAILED)
+    published = getattr(e, "published", ())
+    if published:
+        names = ", ".join(str(p) for p in published)
+        return fail(prog, f"the {what} failed after publishing its outputs (each complete: {names}): {e}", EXIT_FAILED)
+    return fail(prog, f"the {what} failed and nothing was written: {type(e).__name__}: {e}", EXIT_FAILED)
 
 
 def _interrupted(what: str, interrupt: BaseException) -> str:
@@ -116,18 +153,6 @@ def say(line: str) -> None:
     """One line on stderr; a stderr that cannot take it (a closed pipe) never changes the exit code."""
     with contextlib.suppress(OSError, ValueError):
         print(line, file=sys.stderr, flush=True)
-
-
-def _terminate_as_interrupt() -> object:
-    """SIGTERM raises Terminated from here on (so start-up is covered too); returns the previous handler."""
-
-    def _raise(signum: int, frame: object) -> None:
-        raise Terminated("terminated (SIGTERM)")
-
-    try:
-        return signal.signal(signal.SIGTERM, _raise)
-    except ValueError:  # not the main thread
-        return None
 
 
 def command_parser(prog: str, description: str, epilog: str, **options: object) -> argparse.ArgumentParser:

@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `extsub-merge` with `argv` (default: sys.argv[1:]); returns the exit code."""
-    return run_command(PROG, lambda: _main(argv))
+    return run_command(PROG, lambda: _main(argv), process=argv is None)
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -5,7 +5,9 @@ here, so a choice is spelled, checked and explained the same way everywhere.
 """
 
 import math
+import reprlib
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,6 +45,7 @@ OUT_DTYPES: dict[str, torch.dtype | None] = _dtype_choices(OUT_DTYPE_NAMES)
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in OUT_DTYPES.items() if dtype is not None}
 EVAL_DTYPES: dict[str, torch.dtype | None] = _dtype_choices(EVAL_DTYPE_NAMES)
 MAX_SCAN_POINTS = 1000
+MAX_OUTPUTS = 1000  # λ settings of one run, one output each
 CPU = torch.device("cpu")
 # Bytes of a streamed block of rows when none is asked for. CPU: small, so the few buffers in
 # flight stay in cache between reading, the op and writing (benchmarks/RESULTS.md, merge).
@@ -108,6 +111,9 @@ def parse_lams(lam: Lam, n_anti: int) -> list[LamSetting]:
         >>> parse_lams("0.5,1:2", 2)
         [(0.5, 0.5), (1.0, 2.0)]
     """
+    count = lam.count(",") + 1 if isinstance(lam, str) else len(lam) if isinstance(lam, Sequence) else 1
+    if count > MAX_OUTPUTS:
+        raise InputError(f"λ gives {count} settings, one output each; a run writes at most {MAX_OUTPUTS}")
     if isinstance(lam, str):
         items: list = [part.split(":") if ":" in part else part for part in lam.split(",")]
     elif isinstance(lam, (int, float)) and not isinstance(lam, bool):
@@ -115,7 +121,7 @@ def parse_lams(lam: Lam, n_anti: int) -> list[LamSetting]:
     elif isinstance(lam, Sequence) and lam:
         items = list(lam)
     else:
-        raise InputError(f"lam must be a number, a list of numbers or a string like '0.5,1,2', got {lam!r}")
+        raise InputError(f"lam must be a number, a list of numbers or a string like '0.5,1,2', got {short(lam)}")
     settings = []
     for item in items:
         values = [lam_value(v) for v in item] if isinstance(item, (list, tuple)) else [lam_value(item)] * n_anti
@@ -125,11 +131,21 @@ def parse_lams(lam: Lam, n_anti: int) -> list[LamSetting]:
                 "anti-expert(s); give one λ for all, or one per anti-expert separated by ':'"
             )
         settings.append(tuple(values))
-    labels = lam_labels(settings)
-    duplicated = sorted({label for label in labels if labels.count(label) > 1})
+    counts = Counter(lam_labels(settings))
+    duplicated = sorted(label for label, n in counts.items() if n > 1)
     if duplicated:
         raise InputError(f"λ {', '.join(duplicated)} is given twice; each λ setting writes its own output")
     return settings
+
+
+def short(value: object, limit: int = 80) -> str:
+    """`repr(value)` cut to about `limit` characters, for messages that quote what a user gave (one line, any size)."""
+    shortener = reprlib.Repr()
+    shortener.maxstring = shortener.maxother = limit
+    shortener.maxlist = shortener.maxtuple = shortener.maxdict = 8
+    shortener.maxlevel = 3
+    text = shortener.repr(value)
+    return text if len(text) <= limit * 2 else f"{text[: limit * 2]}..."
 
 
 def _format(x: float) -> str:
@@ -179,10 +195,12 @@ def parse_lam_grid(lam: str | float | Sequence[float]) -> list[float]:
     elif isinstance(lam, Sequence) and lam:
         values = [lam_value(v) for v in lam]
     else:
-        raise InputError(f"lam must be a number, a list of numbers or a string like '0:2:0.2' or '0,1,2', got {lam!r}")
+        raise InputError(
+            f"lam must be a number, a list of numbers or a string like '0:2:0.2' or '0,1,2', got {short(lam)}"
+        )
     grid = sorted({round(v, 12) + 0.0 for v in [0.0, *values]})
     if len(grid) > MAX_SCAN_POINTS:
-        raise InputError(f"λ grid {lam!r} has {len(grid)} values; a scan takes at most {MAX_SCAN_POINTS}")
+        raise InputError(f"λ grid {short(lam)} has {len(grid)} values; a scan takes at most {MAX_SCAN_POINTS}")
     return grid
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from extsub_kernels._tensors import nonfinite_summary
 from extsub_kernels.engine.pipeline import run_pipeline
 from extsub_kernels.errors import InputError, MergeError
 from extsub_kernels.io import CheckpointWriter, TensorEntry, check_free_space, is_folder_output
@@ -355,10 +356,22 @@ def _joined(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def _checked(entry: TensorEntry, tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` if it is what the header promised for `entry`; the writer only counts bytes."""
+    """`tensor` if it is what the header promised for `entry` and finite; the writer only counts bytes.
+
+    The finiteness rule of every output: the inputs were checked finite when read, so a NaN or
+    ±inf here is an overflow of the merge (λ, the scaling, the dtype), refused as the dense
+    engine refuses it.
+    """
     if tensor.dtype != entry.dtype or tuple(tensor.shape) != entry.shape:
         raise MergeError(
             f"tensor {entry.name!r} came out {tensor.dtype} {tuple(tensor.shape)} but the output header says "
             f"{entry.dtype} {entry.shape}"
+        )
+    problem = nonfinite_summary(tensor)
+    if problem is not None:
+        raise InputError(
+            f"tensor {entry.name!r} came out with {problem.replace('NaN or Inf', 'NaN or ±inf', 1)} although the "
+            f"inputs are finite: the merge overflows {str(tensor.dtype).removeprefix('torch.')}; use a smaller λ "
+            "or a wider --dtype"
         )
     return tensor

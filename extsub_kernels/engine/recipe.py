@@ -18,9 +18,10 @@ from typing import Any
 import yaml
 
 from extsub_kernels._version import __version__
-from extsub_kernels.engine.options import FORMATS, METHODS, ON_MISSING, OUT_DTYPES, lam_label, lam_value
+from extsub_kernels.engine.options import FORMATS, METHODS, ON_MISSING, OUT_DTYPES, lam_label, lam_value, short
 from extsub_kernels.errors import InputError
 from extsub_kernels.io import read_header
+from extsub_kernels.io.files import read_bounded_text
 from extsub_kernels.io.outputs import RECIPE_NAME
 
 RECIPE_FORMAT = 1
@@ -110,22 +111,41 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
                 "give a recipe .yaml, or a weights file extsub-merge wrote"
             )
         return check_recipe(_parsed(text, path), str(path))
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"--config {path}: cannot read the recipe ({getattr(e, 'strerror', None) or e})") from None
-    return check_recipe(_parsed(text, path), str(path))
+    return check_recipe(_parsed(read_bounded_text(path, "--config", MAX_RECIPE_BYTES), path), str(path))
 
 
 def _parsed(text: str, path: Path) -> object:
-    """The YAML of a recipe, or an InputError naming the file and the line."""
+    """The YAML of a recipe, or an InputError naming the file and the line; aliases and deep nesting refused first."""
+    if _flow_depth(text) > MAX_RECIPE_DEPTH:  # YAML's scanner slows down with the square of the nesting
+        raise InputError(f"--config {path}: not valid YAML (nested more than {MAX_RECIPE_DEPTH} deep)")
     try:
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
+            raise InputError(f"--config {path}: YAML aliases (*name) are not taken in a recipe; write values out")
         loaded = yaml.safe_load(text)
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
-        raise InputError(f"--config {path}: not valid YAML{line} ({getattr(e, 'problem', None) or e})") from None
+        problem = short(getattr(e, "problem", None) or str(e))
+        raise InputError(f"--config {path}: not valid YAML{line} ({problem})") from None
+    except RecursionError:
+        raise InputError(f"--config {path}: not valid YAML (nested too deeply)") from None
     return loaded
+
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few dozen lines
+MAX_RECIPE_DEPTH = 32  # of [ ] and { }: a recipe nests two deep
+
+
+def _flow_depth(text: str) -> int:
+    """The deepest nesting of YAML flow brackets in `text` (brackets inside quotes count too: an upper bound)."""
+    depth = deepest = 0
+    for char in text:
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
 
 
 def check_recipe(recipe: object, where: str = "recipe") -> dict[str, Any]:
@@ -140,13 +160,13 @@ def check_recipe(recipe: object, where: str = "recipe") -> dict[str, Any]:
         if spec is None:
             close = difflib.get_close_matches(str(key), KEYS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise InputError(f"{where}: unknown key {key!r}{hint}; a recipe takes {', '.join(KEYS)}")
+            raise InputError(f"{where}: unknown key {short(key)}{hint}; a recipe takes {', '.join(KEYS)}")
         if value is None:
             continue
         if (isinstance(value, bool) and bool not in spec.types) or not isinstance(value, spec.types):
-            raise InputError(f"{where}: key {key!r} must be {spec.what}, got {value!r} ({type(value).__name__})")
+            raise InputError(f"{where}: key {key!r} must be {spec.what}, got {short(value)} ({type(value).__name__})")
         if spec.choices and value not in spec.choices:
-            raise InputError(f"{where}: key {key!r} is {value!r}; choose one of {', '.join(spec.choices)}")
+            raise InputError(f"{where}: key {key!r} is {short(value)}; choose one of {', '.join(spec.choices)}")
         checked[key] = value
     if checked.get("extsub_recipe", RECIPE_FORMAT) != RECIPE_FORMAT:
         raise InputError(
@@ -157,7 +177,9 @@ def check_recipe(recipe: object, where: str = "recipe") -> dict[str, Any]:
         _check_lams(checked["lam"], where)
     anti = checked.get("anti")
     if isinstance(anti, list) and (not anti or not all(isinstance(a, str) for a in anti)):
-        raise InputError(f"{where}: key 'anti' must be a path or hub id, or a non-empty list of them, got {anti!r}")
+        raise InputError(
+            f"{where}: key 'anti' must be a path or hub id, or a non-empty list of them, got {short(anti)}"
+        )
     return checked
 
 

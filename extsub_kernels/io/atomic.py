@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from extsub_kernels import _signals
 from extsub_kernels.errors import InputError, Interrupted, PublishError, Terminated
 from extsub_kernels.io import temps
 
@@ -101,6 +102,9 @@ def remove(path: Path) -> None:
             path.unlink()
     except FileNotFoundError:
         pass
+    except OSError:
+        if os.path.lexists(path):  # a read-only file system answers EROFS for a name that is not there
+            raise
     temps.release(path)
     _remove_empty_folders(_live.pop(path, []))
 
@@ -194,6 +198,7 @@ def publish_all(moves: Sequence[tuple[Path, Path]], *, force: bool) -> tuple[Pat
         PublishError: a move failed and could not be undone; `published` says what is in place.
         OSError: a move failed; every move made before it was undone.
     """
+    _signals.raise_unanswered()  # a Ctrl-C swallowed on its way (`_signals`) stops the run before anything moves
     run = _run if threading.current_thread() is threading.main_thread() else None
     if run is not None:
         run.holding = True  # from the first move to the end of the run, signals wait
@@ -408,10 +413,9 @@ def terminate_as_interrupt() -> Iterator[None]:
     def _handle(signum: int, frame: object) -> None:
         if state.holding:
             state.pending.append(signum)
-        elif signum == signal.SIGTERM:
-            raise Terminated()
         else:
-            raise KeyboardInterrupt
+            _signals.note(signum)
+            raise _signals.exception_for(signum)
 
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -435,5 +439,10 @@ def terminate_as_interrupt() -> Iterator[None]:
 
 @atexit.register
 def _remove_leftovers() -> None:
+    """Last-chance clean-up at exit: what cannot be removed (a read-only or vanished file system) stays, quietly;
+    the next run into the folder removes it (`temps.clean_stale`)."""
     for path in list(_live):
-        remove(path)
+        try:
+            remove(path)
+        except OSError:
+            _live.pop(path, None)

@@ -8,6 +8,7 @@ an output of the same kind, and never when it is a mount point. Temporaries that
 left beside an OUT are cleaned up first (`temps.clean_stale`).
 """
 
+import json
 import os
 import stat
 from collections.abc import Sequence
@@ -16,8 +17,8 @@ from pathlib import Path
 
 from extsub_kernels.errors import InputError
 from extsub_kernels.io.identity import file_id, folder_chain, is_mount_point, where
-from extsub_kernels.io.resolve import CONFIG_PATTERNS, ResolvedInput
-from extsub_kernels.io.temps import clean_stale, empty_folder
+from extsub_kernels.io.resolve import ResolvedInput
+from extsub_kernels.io.temps import clean_stale, empty_folder, name_max
 
 SAFETENSORS_SUFFIX = ".safetensors"
 # Files this tool writes into folder outputs besides weights and configs: a model card that
@@ -127,11 +128,14 @@ def check_outputs(
             kind = "a folder" if path.is_dir() else "a file"
             raise InputError(f"OUT {path} exists and is {kind}; --force only replaces an output of the same kind")
         if wants_folder:
-            strangers = [p.name for p in path.iterdir() if not _is_checkpoint_file(p)]
+            written = written_names(path)
+            strangers = sorted(
+                (p.name for p in path.iterdir() if not _is_checkpoint_file(p, written)), key=lambda n: n != CARD_NAME
+            )  # a card not ours explains the rest: name it first
             if strangers:
                 raise InputError(
-                    f"OUT {path} holds files that are not part of a checkpoint (e.g. {strangers[0]!r}); "
-                    "--force replaces only folders holding what extsub-merge writes"
+                    f"OUT {path} holds files extsub-merge did not write there (e.g. {strangers[0]!r}); "
+                    "--force replaces only folders holding what extsub-merge wrote (or weights alone)"
                 )
 
 
@@ -179,8 +183,13 @@ def check_apart(
         read: (what, path) of other files the run reads (a recipe, text sets).
 
     Raises:
-        InputError: naming both paths and what to do.
+        InputError: naming both paths and what to do; or an output whose name is longer than its
+            file system takes.
     """
+    for what, path in outputs:
+        size, longest = len(os.fsencode(path.name)), name_max(path.parent)
+        if size > longest:
+            raise InputError(f"{what}: the name is {size} bytes, the file system takes at most {longest}; shorten it")
     places = [(what, path, where(path)) for what, path in outputs]
     for what, path, place in places:
         _check_apart_from_inputs(path, inputs, what=what)
@@ -205,13 +214,17 @@ def check_report_folder(
     *,
     force: bool,
     label: str = "SCAN_DIR",
+    others: Sequence[tuple[str, Path]] = (),
+    read: Sequence[tuple[str, Path]] = (),
 ) -> None:
     """Refuse a folder for report files (a λ scan's SCAN_DIR, an inspection's -o) that cannot take them, before any
     work; `label` names it in the messages.
 
     The folder may exist (other files in it are left alone) or not (it is created when the
     first file is written). Refused: a folder that is, is inside or contains an input; a path
-    that is a file; a folder already holding one of `names`, unless `force` (they are then replaced).
+    that is a file; a file of `names` that is, holds or lies in one of the run's `others` outputs
+    or is one of the files it `read`s (`check_apart`); a folder already holding one of `names`,
+    unless `force` (they are then replaced, when they are regular files).
 
     Raises:
         InputError: naming the folder, the input or the file in the way, and what to do.
@@ -221,12 +234,15 @@ def check_report_folder(
         raise InputError(f"{label} {folder} exists and is not a folder; give a folder for {', '.join(names)}")
     if folder.is_dir():
         clean_stale(folder)
+    check_apart([*((f"{label} file {folder / name}", folder / name) for name in names), *others], inputs, read)
     present = [name for name in names if os.path.lexists(folder / name)]
     if present and not force:
         raise InputError(
             f"{folder} already holds {', '.join(present)} (an earlier run?); pass --force (force=True in Python) "
             "to replace them, or give another folder"
         )
+    for name in present:
+        refuse_existing(folder / name, force=force, what=f"{label} file {folder / name}")
 
 
 def _check_apart_from_inputs(path: Path, inputs: Sequence[tuple[str, ResolvedInput]], what: str | None = None) -> None:
@@ -234,8 +250,8 @@ def _check_apart_from_inputs(path: Path, inputs: Sequence[tuple[str, ResolvedInp
     folder, or holds an input file."""
     target = file_id(path)
     holders = {identity: folder for folder, identity in folder_chain(path)}
-    other = "OUT" if what is None else "path"
     what = what or f"OUT {path}"
+    other = "OUT" if what.startswith("OUT ") else "path"
     for role, inp in inputs:
         if inp.kind in ("folder", "hub"):
             root = file_id(inp.root)
@@ -254,21 +270,41 @@ def _check_apart_from_inputs(path: Path, inputs: Sequence[tuple[str, ResolvedInp
                 raise InputError(f"{what} contains the {role} file {f}; choose another {other}")
 
 
-def _is_checkpoint_file(p: Path) -> bool:
-    if not p.is_file():
+def _is_checkpoint_file(p: Path, written: frozenset[str]) -> bool:
+    """Whether --force may replace `p` with its folder: a regular file this tool wrote (the card lists them, see
+    `written_names`), or weights (a .safetensors file or its index) in a folder of nothing else."""
+    if p.is_symlink() or not p.is_file():
         return False
-    if p.name == CARD_NAME:
-        return _is_our_card(p)
-    return p.name == RECIPE_NAME or p.suffix == SAFETENSORS_SUFFIX or any(p.match(pat) for pat in CONFIG_PATTERNS)
+    return p.name in written or p.name.endswith((SAFETENSORS_SUFFIX, f"{SAFETENSORS_SUFFIX}.index.json"))
 
 
-def _is_our_card(p: Path) -> bool:
-    """Whether a README.md is a model card this tool wrote (it carries GENERATED_MARK near the top)."""
+_MANIFEST = "<!-- extsub-merge wrote: "
+
+
+def manifest_line(names: Sequence[str]) -> str:
+    """The line a model card ends with: every file this tool wrote into its folder, so that --force later replaces
+    exactly those."""
+    return f"{_MANIFEST}{json.dumps(sorted(names), ensure_ascii=True)} -->\n"
+
+
+def written_names(folder: Path) -> frozenset[str]:
+    """The files this tool wrote into `folder`, as listed by the model card it wrote there (empty: none of ours)."""
+    card = folder / CARD_NAME
     try:
-        with open(p, encoding="utf-8", errors="replace") as f:
-            return GENERATED_MARK in f.read(1 << 16)
+        if not stat.S_ISREG(os.lstat(card).st_mode):
+            return frozenset()
+        with open(card, encoding="utf-8", errors="replace") as f:
+            text = f.read(1 << 20)
     except OSError:
-        return False
+        return frozenset()
+    start = text.rfind(_MANIFEST)
+    if GENERATED_MARK not in text[: 1 << 16] or start < 0:
+        return frozenset()
+    try:
+        names = json.loads(text[start + len(_MANIFEST) :].split(" -->", 1)[0])
+    except ValueError:
+        return frozenset()
+    return frozenset(n for n in names if isinstance(n, str)) if isinstance(names, list) else frozenset()
 
 
 def listed_files(path: Path) -> list[tuple[str, int]]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from extsub_kernels.errors import InputError
+from extsub_kernels.io.files import read_bounded_text
 from extsub_kernels.io.reader import Header, read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -93,14 +94,12 @@ def read_json_object(path: Path, what: str = "JSON config", *, error: type[Input
         >>> read_json_object(Path("adapter_config.json"), "adapter config")  # doctest: +SKIP
         {'r': 8, 'lora_alpha': 16, ...}
     """
+    text = read_bounded_text(path, what, MAX_JSON_BYTES, error=error)
     try:
-        size = path.stat().st_size
-        if size > MAX_JSON_BYTES:
-            raise error(f"{path}: {size} bytes is more than the {MAX_JSON_BYTES} a {what} may take; it is not one")
-        loaded = json.loads(path.read_text(encoding="utf-8"))
+        loaded = json.loads(text)
     except RecursionError:
         raise error(f"{path}: unreadable {what} (JSON nested too deeply)") from None
-    except (OSError, ValueError) as e:  # ValueError: bad UTF-8, bad JSON, an integer of thousands of digits
+    except ValueError as e:  # bad JSON, an integer of thousands of digits
         raise error(f"{path}: unreadable {what} ({e})") from None
     if not isinstance(loaded, dict):
         raise error(f"{path}: expected a JSON object ({what}), found {type(loaded).__name__}")

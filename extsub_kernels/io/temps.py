@@ -11,6 +11,7 @@ A temporary of a live process is never touched.
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import re
 import secrets
@@ -26,9 +27,40 @@ _held: dict[Path, int] = {}  # our temporaries → the descriptor holding the lo
 
 
 def temp_path(target: Path, *, old: bool = False) -> Path:
-    """A fresh temporary name beside `target` for this process (`old`: where a replaced OUT waits)."""
+    """A fresh temporary name beside `target` for this process (`old`: where a replaced OUT waits).
+
+    A name too long to take the temporary's tag within the file system's limit (255 bytes) is
+    shortened to a prefix, `~` and a hash of the whole name: the temporary never fails where the
+    target itself would not.
+    """
     kind = "old-" if old else ""
-    return target.parent / f".{target.name}{TEMP_TAG}{os.getpid()}-{kind}{secrets.token_hex(4)}"
+    tail = f"{TEMP_TAG}{os.getpid()}-{kind}{secrets.token_hex(4)}"
+    name = target.name
+    room = name_max(target.parent) - len(os.fsencode(f".{tail}"))
+    if len(os.fsencode(name)) > room:
+        digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:_DIGEST]
+        name = f"{_prefix(name, room - _DIGEST - 1)}~{digest}"
+    return target.parent / f".{name}{tail}"
+
+
+_DIGEST = 16
+_SHORTENED = re.compile(rf"~[0-9a-f]{{{_DIGEST}}}$")  # how a shortened name ends
+
+
+def _prefix(name: str, size: int) -> str:
+    """The first `size` bytes of `name` in the file system's encoding (a cut character stays as its bytes)."""
+    return os.fsdecode(os.fsencode(name)[: max(size, 0)])
+
+
+def name_max(folder: Path) -> int:
+    """The longest file name (bytes) of the file system `folder` (or its nearest existing parent) is on; 255 when
+    it cannot tell."""
+    for place in (folder, *folder.parents):
+        try:
+            return os.pathconf(place, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            continue
+    return 255
 
 
 def hold(path: Path) -> None:
@@ -95,6 +127,8 @@ def _clean_one(path: Path, target: Path, *, old: bool, pid: str) -> str | None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             return None  # held by a live run (in another PID namespace), or no locks here: not ours to judge
+        if old and _SHORTENED.search(target.name):
+            return None  # an OUT set aside under a shortened name: where it belongs is not known, so it stays
         if old and not os.path.lexists(target):
             os.rename(path, target)
             return f"put back {target}, which a run killed while replacing it (PID {pid}) had set aside"

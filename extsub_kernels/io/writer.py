@@ -19,7 +19,7 @@ import torch
 from extsub_kernels.errors import InputError, MergeError
 from extsub_kernels.io import atomic
 from extsub_kernels.io.format import HEADER_LENGTH_BYTES, METADATA_KEY, dtype_code, nbytes_of, write_order_key
-from extsub_kernels.io.outputs import is_folder_output
+from extsub_kernels.io.outputs import CARD_NAME, GENERATED_MARK, is_folder_output, manifest_line
 
 INDEX_SUFFIX = ".index.json"
 
@@ -470,7 +470,18 @@ class CheckpointWriter:
             for src in self._extra_files:
                 shutil.copyfile(src, self._temp / src.name)
                 atomic.fsync_path(self._temp / src.name)
+            self._list_files_in_card()
         return self._temp
+
+    def _list_files_in_card(self) -> None:
+        """End the model card (when there is one of ours) with the names of every file of the folder: a later
+        --force replaces exactly those (`outputs.written_names`)."""
+        card = self._temp / CARD_NAME
+        if not card.is_file():
+            return
+        text = card.read_text(encoding="utf-8")
+        if GENERATED_MARK in text:
+            atomic.write_text(card, text + manifest_line(os.listdir(self._temp)))
 
     def published(self) -> None:
         """The temporary was moved to the target (by `atomic.publish_all`): nothing is left to clean up."""

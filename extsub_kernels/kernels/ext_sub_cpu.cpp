@@ -361,11 +361,14 @@ void rows_in_place(Stored<P>* p, const Stored<M>* m, int64_t r0, int64_t r1, int
     Sums s;
     sums_of<C, P, M>(pr, mr, n_cols, stats.wanted(), s);
     if (stats.wanted()) stats.store(r, s);
-    if (!write || s.pp == 0.0) continue;  // |p| = 0: the row stays (α = 1, β = 0)
-    const double alpha = alpha_of(s, half_lam);
+    // |p| = 0: the row stays (α = 1, β = 0). A NaN or Inf in m (|m|² not finite) must still reach the
+    // result, as 0·m carries it in every other path, so the caller's finiteness check sees it.
+    if (!write || (s.pp == 0.0 && std::isfinite(s.mm))) continue;
+    const bool keep = s.pp == 0.0;
+    const double alpha = keep ? 1.0 : alpha_of(s, half_lam);
     const bool more = r + 1 < r1;
-    update<C, P, M>(pr, mr, n_cols, static_cast<C>(alpha), static_cast<C>(-half_lam), more ? pr + p_row_stride : nullptr,
-                    more ? mr + m_row_stride : nullptr);
+    update<C, P, M>(pr, mr, n_cols, static_cast<C>(alpha), static_cast<C>(keep ? 0.0 : -half_lam),
+                    more ? pr + p_row_stride : nullptr, more ? mr + m_row_stride : nullptr);
   }
 }
 
@@ -539,9 +542,13 @@ void task_rows(const Operand* in, const Operand& out, int64_t r0, int64_t r1, in
     } else {
       task_sums<C, false>(in, r, n_cols, tile, s);
     }
-    const bool keep = s.pp == 0.0;  // |p − θ₀| = 0: the task vector stays (α = 1, β = 0)
-    const double alpha = keep ? 1.0 : alpha_of(s, half_lam);
-    task_update<C>(in, out, r, n_cols, static_cast<C>(alpha), static_cast<C>(-half_lam), keep, r + 1 < r1, tile);
+    // |p − θ₀| = 0: the task vector stays (α = 1, β = 0); with a NaN or Inf in m − θ₀ as 1·p + 0·m, which
+    // carries it to the result as every other path does (see rows_in_place)
+    const bool zero = s.pp == 0.0;
+    const bool keep = zero && std::isfinite(s.mm);
+    const double alpha = zero ? 1.0 : alpha_of(s, half_lam);
+    task_update<C>(in, out, r, n_cols, static_cast<C>(alpha), static_cast<C>(zero ? 0.0 : -half_lam), keep, r + 1 < r1,
+                   tile);
   }
 }
 

@@ -16,8 +16,10 @@ Imports torch only; transformers is imported when generating.
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
 from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,9 @@ from typing import Any
 import torch
 
 from extsub_kernels.errors import InputError
+from extsub_kernels.io.files import read_bounded_text
+
+MAX_SET_BYTES = 1 << 28  # an evaluation set (KEEP, FORGET, PROMPTS) is text, read whole: 256 MiB at most
 
 __all__ = [
     "Example",
@@ -155,13 +160,10 @@ def _records(path: Path, text_key: str) -> Iterator[tuple[str, object]]:
     """(where, record) for each non-blank line of a .txt (record {text_key: line}) or .jsonl file."""
     if path.suffix not in (".txt", ".jsonl"):
         raise InputError(f"{path}: unknown evaluation set format {path.suffix!r}; expected .txt or .jsonl")
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot be read as UTF-8 text ({e})") from None
+    if not os.path.lexists(path):
+        raise InputError(f"{path}: no such file")
+    text = read_bounded_text(path, "evaluation set", MAX_SET_BYTES)
+    lines = io.StringIO(text, newline=None).readlines()  # lines as a text-mode file reads them
     for number, line in enumerate(lines, start=1):
         if line.strip():
             source = f"{path} line {number}"

@@ -127,9 +127,12 @@ def scan(
     adapters = adapter_inputs(inputs)
     require("transformers", *(["peft"] if adapters else []), *(["matplotlib"] if out is not None else []))
     out_dir = Path(out) if out is not None else None
+    sets_read = (("KEEP", keep), ("FORGET", forget), ("PROMPTS", prompts))
+    read = [(f"{what} {path}", Path(path)) for what, path in sets_read if path is not None]
     if out_dir is not None:
-        check_report_folder(out_dir, SCAN_FILES, inputs, force=force)
-    save_format = _check_save(save_best, save_format, inputs, adapters=adapters, force=force)
+        others = [(f"--save-best {save_best}", Path(save_best))] if save_best is not None else []
+        check_report_folder(out_dir, SCAN_FILES, inputs, force=force, others=others, read=read)
+    save_format = _check_save(save_best, save_format, inputs, adapters=adapters, force=force, read=read)
 
     base_input = inputs[-1][1]
     tokenizer = load_tokenizer(base_input)
@@ -298,7 +301,7 @@ def _resolve(
 
 
 def _check_save(
-    save_best: PathLike | None, save_format: str | None, inputs, *, adapters: bool, force: bool
+    save_best: PathLike | None, save_format: str | None, inputs, *, adapters: bool, force: bool, read=()
 ) -> str | None:
     """The format `save_best` is written in, after checking it and its path (before any work)."""
     if save_best is None:
@@ -311,7 +314,7 @@ def _check_save(
         raise InputError(f"full models merge into a full model; --format {save_format} is for adapter inputs")
     fmt = save_format if adapters else FULL_MODEL_FORMAT
     merge_inputs = inputs if fmt == FULL_MODEL_FORMAT else inputs[:-1]
-    check_outputs([Path(save_best)], merge_inputs, force=force)
+    check_outputs([Path(save_best)], merge_inputs, force=force, read=read)
     return fmt
 
 

@@ -1,0 +1,129 @@
+"""The one signal policy of a command, from its first instruction to its exit: SIGINT and SIGTERM are remembered as
+well as raised, so one that a library swallows on the way is still answered.
+
+A command (`cli.common.run_command`) turns the policy on. From then on SIGINT raises
+KeyboardInterrupt and SIGTERM raises `Terminated`, as before, and each one is also noted until
+the command answers it (an interrupt reaching the command's top). Raised inside someone
+else's `except BaseException` (an import that fails "softly" while torch loads), the exception
+is lost but the note is not: publishing checks it first (`raise_unanswered`), so a swallowed
+Ctrl-C never lets a run publish and exit 0, and a failure that follows one is reported as the
+interrupt it is. Outside a command (the Python API) nothing is noted.
+"""
+
+import contextlib
+import os
+import signal
+from collections.abc import Iterator
+
+from extsub_kernels.errors import Terminated
+
+_unanswered: list[int] = []
+_active = [False]
+COMMANDS = ("extsub-merge", "extsub-inspect", "extsub-scan")
+
+
+def install() -> dict[int, object]:
+    """Turn the policy on (main thread only): SIGINT and SIGTERM raise and are noted; returns the previous handlers.
+
+    A signal that was ignored (SIG_IGN, as `nohup` leaves SIGINT) stays ignored.
+    """
+    previous: dict[int, object] = {}
+    _active[0] = True
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, _raise)
+        except ValueError:  # not the main thread: nothing to install
+            break
+    return previous
+
+
+def install_for_commands(argv0: str) -> None:
+    """At import time, when this process is one of the commands (its script name): until the command runs, SIGINT
+    and SIGTERM are only noted (an exception here would be a traceback out of an import), and the command answers
+    them as it starts. A library import changes nothing."""
+    if argv0.replace("\\", "/").rsplit("/", 1)[-1] not in COMMANDS:
+        return
+    _active[0] = True
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError):
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                signal.signal(sig, _note_only)
+
+
+def _note_only(signum: int, frame: object) -> None:
+    note(signum)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Within the block SIGINT and SIGTERM are only noted; after it the first one is raised.
+
+    For imports of large libraries (torch): an exception raised in the middle of one can be
+    swallowed by the library, leave it half-loaded, or abort the interpreter from its C code.
+    """
+    previous: dict[int, object] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError):
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, _note_only)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    raise_unanswered()
+
+
+def exit_quietly() -> None:
+    """From here to the process's exit (atexit handlers, threads winding down), SIGINT and SIGTERM end it at once with
+    their exit code (130 / 143), no traceback; what the run wrote is complete by then."""
+
+    def _exit(signum: int, frame: object) -> None:
+        os._exit(128 + signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError):
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                signal.signal(sig, _exit)
+
+
+def restore(previous: dict[int, object]) -> None:
+    """Put back the handlers `install` replaced and turn the policy off."""
+    _active[0] = False
+    _unanswered.clear()
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def _raise(signum: int, frame: object) -> None:
+    note(signum)
+    raise exception_for(signum)
+
+
+def exception_for(signum: int) -> BaseException:
+    """The exception a signal raises: `Terminated` for SIGTERM, KeyboardInterrupt for SIGINT."""
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def note(signum: int) -> None:
+    """Remember a signal until the command answers it (while the policy is on)."""
+    if _active[0]:
+        _unanswered.append(signum)
+
+
+def answered() -> None:
+    """The command answered the signals so far (an interrupt reached its top)."""
+    _unanswered.clear()
+
+
+def unanswered() -> int | None:
+    """The first signal raised but not answered yet (swallowed on its way), or None."""
+    return _unanswered[0] if _unanswered else None
+
+
+def raise_unanswered() -> None:
+    """Raise the interrupt of a signal that was swallowed on its way (before anything is published)."""
+    signum = unanswered()
+    if signum is not None:
+        raise exception_for(signum)
