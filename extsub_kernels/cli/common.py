@@ -37,8 +37,6 @@ def run_command(prog: str, body: Callable[[], int], *, process: bool = False) ->
         try:
             _signals.raise_unanswered()  # one that came while the command line was imported
             _usable_std_streams()
-            with _signals.deferred():  # torch loads whole or not at all; a signal meanwhile is answered after
-                import torch  # noqa: F401
             code = body()
         except KeyboardInterrupt as e:
             _signals.answered()
@@ -60,6 +58,13 @@ def run_command(prog: str, body: Callable[[], int], *, process: bool = False) ->
     finally:
         with contextlib.suppress(KeyboardInterrupt):
             _signals.exit_quietly() if process else _signals.restore(previous)
+
+
+def load_torch() -> None:
+    """Import torch whole or not at all: a signal meanwhile is answered once it has loaded. Each command calls it once
+    its arguments parse, so --help, --version and usage errors never wait seconds for torch."""
+    with _signals.deferred():
+        import torch  # noqa: F401
 
 
 _INTERRUPTS = {False: ("interrupted", EXIT_SIGINT), True: ("terminated", EXIT_SIGTERM)}

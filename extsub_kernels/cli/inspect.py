@@ -14,6 +14,7 @@ from extsub_kernels.cli.common import (
     add_closing_flags,
     command_parser,
     guarded,
+    load_torch,
     run_command,
     say,
     shown_warnings,
@@ -81,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    load_torch()
     with shown_warnings(PROG, quiet=args.quiet):
         code, report = guarded(PROG, lambda: _inspect(args, shlex.join([PROG, *argv])), "inspection")
     if code == EXIT_OK and not args.quiet:

@@ -15,6 +15,7 @@ from extsub_kernels.cli.common import (
     add_closing_flags,
     command_parser,
     guarded,
+    load_torch,
     run_command,
     say,
     shown_warnings,
@@ -203,6 +204,7 @@ def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     given = vars(parser.parse_args(argv))
+    load_torch()
     code, values = guarded(PROG, lambda: option_values(given, parser))
     if code != EXIT_OK:
         return code

@@ -17,6 +17,7 @@ from extsub_kernels.cli.common import (
     command_parser,
     fail,
     guarded,
+    load_torch,
     run_command,
     say,
     shown_warnings,
@@ -121,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    load_torch()
     with shown_warnings(PROG, quiet=args.quiet):
         try:
             code, result = guarded(PROG, lambda: _scan(args), "scan")
