@@ -17,12 +17,12 @@ from extsub_kernels.adapters import AdapterOptions, PeftAdapter, run_adapters
 from extsub_kernels.engine import MergeReport, RunOptions, run_dense
 from extsub_kernels.engine.architecture import full_model_hint
 from extsub_kernels.engine.context import RunContext
+from extsub_kernels.engine.method_spec import DEFAULT_METHOD
 from extsub_kernels.engine.options import (
     DTYPE_NAMES,
     OUT_DTYPES,
     DtypeName,
     Lam,
-    Method,
     OnMissing,
     input_roles,
     lam_label,
@@ -49,7 +49,7 @@ def merge(
     out: str | os.PathLike,
     *,
     lam: Lam = 1.0,
-    method: Method = "ext-sub",
+    method: str = DEFAULT_METHOD,
     base: str | os.PathLike | None = None,
     device: str | torch.device = "auto",
     dtype: DtypeName | torch.dtype = "keep",
@@ -84,7 +84,8 @@ def merge(
         lam: λ. A number; a list of numbers (one output per λ, OUT suffixed `-lam<λ>`); a
             per-anti-expert list inside the list (`[[1.0, 0.5]]`); or the CLI's string form
             "0.5,1" / "1:0.5". A negative λ is allowed, with a warning.
-        method: "ext-sub" (θ⁺ − λ·Ext(θ⁻)), "sub" (θ⁺ − λθ⁻) or "add" (θ⁺ + λθ⁻).
+        method: ext-sub (θ⁺ − λ·Ext(θ⁻)), sub (θ⁺ − λθ⁻), add (θ⁺ + λθ⁻), or any registered one
+            (`engine.method_spec`).
         base: θ₀, a full model. Dense inputs are then full models, ΔW = θ − θ₀, and OUT is θ₀ + ΔW'
             (a folder OUT gets the expert's config and tokenizer files). With LoRA or (IA)³ inputs OUT
             is θ₀ with the merged adapter folded in (a folder OUT gets the base's config files);
@@ -320,7 +321,7 @@ def merge_adapter_files(
     antis: Source | Sequence[Source],
     out: str | os.PathLike,
     lams: float | Sequence[float] = 1.0,
-    method: Method = "ext-sub",
+    method: str = DEFAULT_METHOD,
     *,
     output_format: str = "lora",
     max_rank: int | None = None,

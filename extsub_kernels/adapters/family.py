@@ -18,6 +18,7 @@ from typing import ClassVar
 import torch
 
 from extsub_kernels.adapters.report import AdapterReport
+from extsub_kernels.engine.method_spec import DEFAULT_METHOD
 from extsub_kernels.engine.options import lam_value
 from extsub_kernels.errors import InputError
 
@@ -182,7 +183,7 @@ def merge_adapters(
     expert: PeftAdapter,
     antis: PeftAdapter | Sequence[PeftAdapter],
     lam: float | Sequence[float] = 1.0,
-    method: str = "ext-sub",
+    method: str = DEFAULT_METHOD,
     *,
     max_rank: int | None = None,
     any_base_model: bool = False,
@@ -197,7 +198,7 @@ def merge_adapters(
         expert: θ⁺, a LoraAdapter, IA3Adapter or PrefixAdapter.
         antis: θ⁻, one adapter or several in order, of the expert's type.
         lam: one λ for all anti-experts, or one per anti-expert.
-        method: "ext-sub" (θ⁺ − λ·Ext(θ⁻)), "sub" (θ⁺ − λ·θ⁻) or "add" (θ⁺ + λ·θ⁻).
+        method: ext-sub (θ⁺ − λ·Ext(θ⁻)), sub (θ⁺ − λ·θ⁻), add (θ⁺ + λ·θ⁻) or a registered one (`engine.method_spec`).
         max_rank: LoRA only: truncate every module to this rank (SVD in the factored space).
         any_base_model: accept adapters whose base_model_name_or_path differ (shapes are still checked).
 

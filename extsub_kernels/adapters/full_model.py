@@ -152,7 +152,7 @@ def full_model_outputs(
         settings: λ per anti-expert, one tuple per output.
         base: θ₀.
         targets: from `match_targets`.
-        method: "ext-sub", "sub" or "add" (for the full weights).
+        method: the method's name (`engine.method_spec`; for the full weights).
         out_dtype: the dtype of float tensors in the output; None keeps the base's.
         device: where ΔW' is computed and added.
         extra_files: the base's config, generation and tokenizer files (folder outputs).

@@ -36,8 +36,8 @@ from extsub_kernels.adapters.family import (
 )
 from extsub_kernels.adapters.patterns import PatternMatcher
 from extsub_kernels.adapters.report import AdapterReport, counted
+from extsub_kernels.engine.method_spec import DEFAULT_METHOD, method_spec
 from extsub_kernels.engine.methods import apply_method
-from extsub_kernels.engine.options import method_sign
 from extsub_kernels.engine.outputs import LazyOutput
 from extsub_kernels.errors import AdapterError, InputError
 from extsub_kernels.io import TensorEntry
@@ -225,7 +225,7 @@ def merge_ia3(
     expert: IA3Adapter,
     antis: IA3Adapter | Sequence[IA3Adapter],
     lam: float | Sequence[float] = 1.0,
-    method: str = "ext-sub",
+    method: str = DEFAULT_METHOD,
     *,
     any_base_model: bool = False,
 ) -> IA3Adapter:
@@ -239,7 +239,7 @@ def merge_ia3(
         expert: θ⁺.
         antis: θ⁻, one adapter or several in order.
         lam: one λ for all anti-experts, or one per anti-expert.
-        method: "ext-sub", "sub" or "add".
+        method: the method's name (`engine.method_spec`).
         any_base_model: accept adapters whose base_model_name_or_path differ.
 
     Returns:
@@ -254,7 +254,7 @@ def merge_ia3(
     if not antis:
         raise InputError("merge_ia3 needs at least one anti-expert")
     check_same_type(expert, antis)
-    method_sign(method)
+    spec = method_spec(method)
     lams = lam_list(lam, len(antis))
     check_base_models(expert, antis, any_base_model=any_base_model)
     _check_shapes(expert, antis)
@@ -271,11 +271,11 @@ def merge_ia3(
         if start is not None:
             report.merged.append(name)
         else:  # only in anti-experts: nothing under ext-sub (l = 1), ∓λ·d⁻ under sub/add
-            (report.dropped if method == "ext-sub" else report.added).append(name)
+            (report.dropped if spec.pairs_rows else report.added).append(name)
         task = start.double() - 1 if start is not None else torch.zeros(steps[0][0].shape, dtype=torch.float64)
         work = task.reshape(-1)  # the whole vector is one row
         for vector, step_lam in steps:
-            if method == "ext-sub" and not bool(work.any()):
+            if spec.pairs_rows and not bool(work.any()):
                 report.zero_rows[name] = 1
             apply_method(work, [vector.double().reshape(-1) - 1], [step_lam], method=method, inplace=True)
         vectors[name] = 1 + task

@@ -29,9 +29,8 @@ from extsub_kernels.adapters.family import (
     weight_key,
 )
 from extsub_kernels.adapters.report import AdapterReport, counted
-from extsub_kernels.engine.options import method_sign
+from extsub_kernels.engine.method_spec import DEFAULT_METHOD, EXT_SUB, MethodSpec, method_spec
 from extsub_kernels.errors import InputError
-from extsub_kernels.ops import ext_sub_coefficients
 
 Device = torch.device | str | None
 
@@ -194,6 +193,14 @@ def lora_row_norms(lora_B: torch.Tensor, lora_A: torch.Tensor, scaling: float = 
     return torch.linalg.vector_norm(lora_B.to(torch.float64) @ r_factor.T, dim=1) * abs(float(scaling))
 
 
+def lora_row_products(
+    b_plus: torch.Tensor, a_plus: torch.Tensor, b_minus: torch.Tensor, a_minus: torch.Tensor
+) -> torch.Tensor:
+    """p·m per row of B⁺·A⁺ and B⁻·A⁻ (scalings folded into B) from the r⁺×r⁻ cross-Gram A⁺·A⁻ᵀ, in float64."""
+    b_plus, a_plus, b_minus, a_minus = (t.to(torch.float64) for t in (b_plus, a_plus, b_minus, a_minus))
+    return ((b_plus @ (a_plus @ a_minus.T)) * b_minus).sum(dim=1)
+
+
 def _scaled_factors(module: LoraModule, compute: torch.dtype, factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(factor·scaling·B, A) in `compute`: the module with its scaling folded into B."""
     return module.lora_B.to(torch.float64).mul(factor * module.scaling).to(compute), module.lora_A.to(compute)
@@ -206,18 +213,21 @@ def ext_sub_factors(
     a_minus: torch.Tensor,
     lam: float,
     *,
-    norms: tuple[torch.Tensor, torch.Tensor] | None = None,
+    method: str | MethodSpec = EXT_SUB,
+    sums: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """One Ext-Sub step on factors with scaling folded into B: ΔW' = B'·A', rank r⁺ + r⁻.
+    """One step of a row-pairing method on factors with scaling folded into B: ΔW' = B'·A', rank r⁺ + r⁻.
 
-    Per row α = 1 + (λ/2)|m|/|p| and β = −λ/2 (α = 1, β = 0 where |p| = 0, as the dense op),
-    with |p| and |m| from Gram matrices (`lora_row_norms`).
+    Per row α and β from the method (Ext-Sub: α = 1 + (λ/2)|m|/|p| and β = −λ/2; α = 1, β = 0
+    where |p| = 0, as the dense op), with |p|, |m| (and p·m where the method reads it) from Gram
+    matrices (`lora_row_norms`, `lora_row_products`).
 
     Args:
         b_plus, a_plus: the expert (or the result so far), B⁺ (out×r⁺) and A⁺ (r⁺×in).
         b_minus, a_minus: the anti-expert, B⁻ (out×r⁻) and A⁻ (r⁻×in).
         lam: λ.
-        norms: (|p|, |m|) per row when already known (they do not depend on λ: `LoraSweep`).
+        method: the method (a row-pairing one).
+        sums: (|p|, |m|, p·m or None) per row when already known (they do not depend on λ: `LoraSweep`).
 
     Returns:
         (B', A', number of rows with |p| = 0), B' = [diag(α)·B⁺, diag(β)·B⁻], A' = [A⁺; A⁻],
@@ -228,12 +238,21 @@ def ext_sub_factors(
         >>> tuple(b.shape), tuple(a.shape)
         ((2, 3), (3, 3))
     """
-    p_norm, m_norm = norms or (lora_row_norms(b_plus, a_plus), lora_row_norms(b_minus, a_minus))
-    alpha, beta = ext_sub_coefficients(p_norm, m_norm, float(lam))
+    spec = method_spec(method)
+    p_norm, m_norm, products = sums or _row_sums(spec, b_plus, a_plus, b_minus, a_minus)
+    alpha, beta = spec.row_coefficients(p_norm, m_norm, products, float(lam))
     dtype = b_plus.dtype
     b_out = torch.cat([b_plus * alpha.to(dtype), b_minus.to(dtype) * beta.to(dtype)], dim=1)
     a_out = torch.cat([a_plus, a_minus.to(a_plus.dtype)], dim=0)
     return b_out, a_out, int((p_norm == 0).sum())
+
+
+def _row_sums(
+    spec: MethodSpec, b_plus: torch.Tensor, a_plus: torch.Tensor, b_minus: torch.Tensor, a_minus: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(|p|, |m|, p·m or None where the method does not read it) per row, from the factors."""
+    products = lora_row_products(b_plus, a_plus, b_minus, a_minus) if spec.needs_products else None
+    return lora_row_norms(b_plus, a_plus), lora_row_norms(b_minus, a_minus), products
 
 
 def truncate_factors(
@@ -300,7 +319,7 @@ def merge_adapters(
     expert: LoraAdapter,
     antis: LoraAdapter | Sequence[LoraAdapter],
     lam: float | Sequence[float] = 1.0,
-    method: str = "ext-sub",
+    method: str = DEFAULT_METHOD,
     *,
     max_rank: int | None = None,
     any_base_model: bool = False,
@@ -317,7 +336,7 @@ def merge_adapters(
         expert: θ⁺.
         antis: θ⁻, one adapter or several in order.
         lam: one λ for all anti-experts, or one per anti-expert.
-        method: "ext-sub" (θ⁺ − λ·Ext(θ⁻)), "sub" (θ⁺ − λ·θ⁻) or "add" (θ⁺ + λ·θ⁻).
+        method: ext-sub (θ⁺ − λ·Ext(θ⁻)), sub (θ⁺ − λ·θ⁻), add (θ⁺ + λ·θ⁻) or a registered one (`engine.method_spec`).
         max_rank: truncate every module to this rank by an SVD of the factored result and
             report the relative Frobenius error per module; None keeps the exact result.
         any_base_model: accept adapters whose base_model_name_or_path differ (shapes are still checked).
@@ -335,7 +354,7 @@ def merge_adapters(
     if not antis:
         raise InputError("merge_adapters needs at least one anti-expert")
     check_same_type(expert, antis)
-    sign = method_sign(method)
+    spec = method_spec(method)
     lam_values = lam_list(lam, len(antis))
     if max_rank is not None:
         check_max_rank(max_rank)
@@ -345,7 +364,7 @@ def merge_adapters(
     names += sorted({n for anti in antis for n in anti.modules if n not in expert.modules})
     modules: dict[str, LoraModule] = {}
     for name in names:
-        module = _merge_module(name, expert, antis, lam_values, method, sign, report)
+        module = _merge_module(name, expert, antis, lam_values, spec, report)
         if module is None:
             continue
         if max_rank is not None and module.rank > max_rank:
@@ -371,29 +390,30 @@ def merge_adapters(
 
 @dataclass(frozen=True)
 class _FirstStep:
-    """What a module's first Ext-Sub step needs and λ does not change: both sides' scaled factors and row norms."""
+    """What a module's first row-pairing step needs and λ does not change: both sides' scaled factors and row sums."""
 
     b_plus: torch.Tensor
     a_plus: torch.Tensor
     b_minus: torch.Tensor
     a_minus: torch.Tensor
-    norms: tuple[torch.Tensor, torch.Tensor]
+    sums: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
 class LoraSweep:
     """`merge_adapters` at many λ of one method, bitwise the same, with what λ does not change done once (DESIGN §8).
 
-    A module's first Ext-Sub step, from the expert's module, needs the scaled factors of both
-    sides and their row norms (QR factorisations); only the coefficients α and β depend on λ.
-    Those are prepared here once per module; every λ then costs the coefficients and the
-    products, O(out·r) per module. Later steps (several anti-experts) start from a result that
-    depends on λ, and `sub`/`add` need no norms: those run as `merge_adapters` runs them.
+    A module's first step of a row-pairing method (ext-sub), from the expert's module, needs the
+    scaled factors of both sides and their row sums (QR factorisations); only the coefficients α
+    and β depend on λ. Those are prepared here once per module; every λ then costs the
+    coefficients and the products, O(out·r) per module. Later steps (several anti-experts) start
+    from a result that depends on λ, and elementwise methods (sub, add) need no sums: those run as
+    `merge_adapters` runs them.
 
     Args:
         expert, antis, method, any_base_model: as for `merge_adapters` (checked here, once).
 
     Example:
-        >>> sweep = LoraSweep(expert, [anti], "ext-sub")  # doctest: +SKIP
+        >>> sweep = LoraSweep(expert, [anti])  # doctest: +SKIP
         >>> [sweep.modules(lam) for lam in (0.5, 1.0, 2.0)]  # doctest: +SKIP
     """
 
@@ -401,25 +421,24 @@ class LoraSweep:
         self,
         expert: LoraAdapter,
         antis: LoraAdapter | Sequence[LoraAdapter],
-        method: str = "ext-sub",
+        method: str = DEFAULT_METHOD,
         *,
         any_base_model: bool = False,
     ):
         self.expert = expert
         self.antis = [antis] if isinstance(antis, LoraAdapter) else list(antis)
-        self.method, self.sign = method, method_sign(method)
+        self.method, self.spec = method, method_spec(method)
         # Validates (types, base models, shapes) and fixes the result's modules, which λ does not change.
         self.template = merge_adapters(expert, self.antis, 1.0, method, any_base_model=any_base_model)
         self._first: dict[str, _FirstStep] = {}
-        for name in self.template.modules if method == "ext-sub" else ():
+        for name in self.template.modules if self.spec.pairs_rows else ():
             start = expert.modules.get(name)
             holders = [a.modules[name] for a in self.antis if name in a.modules]
             if start is None or not holders:
                 continue
             compute = compute_dtype(*(t.dtype for m in (start, *holders) for t in (m.lora_A, m.lora_B)))
             (b, a), (b_minus, a_minus) = _scaled_factors(start, compute), _scaled_factors(holders[0], compute)
-            norms = (lora_row_norms(b, a), lora_row_norms(b_minus, a_minus))
-            self._first[name] = _FirstStep(b, a, b_minus, a_minus, norms)
+            self._first[name] = _FirstStep(b, a, b_minus, a_minus, _row_sums(self.spec, b, a, b_minus, a_minus))
 
     def to(self, device: torch.device | str) -> "LoraSweep":
         """This sweep with every tensor on `device`, so each λ is merged there (a GPU: no host work per λ)."""
@@ -429,7 +448,7 @@ class LoraSweep:
         moved._first = {
             name: _FirstStep(
                 *(t.to(device) for t in (f.b_plus, f.a_plus, f.b_minus, f.a_minus)),
-                tuple(n.to(device) for n in f.norms),
+                tuple(n.to(device) if n is not None else None for n in f.sums),
             )
             for name, f in self._first.items()
         }
@@ -441,7 +460,7 @@ class LoraSweep:
         scratch = self.expert.new_report(self.method, lams)  # what merge_adapters reports; not kept
         merged = {}
         for name in self.template.modules:
-            args = (name, self.expert, self.antis, lams, self.method, self.sign, scratch)
+            args = (name, self.expert, self.antis, lams, self.spec, scratch)
             merged[name] = _merge_module(*args, first=self._first.get(name))
         return merged
 
@@ -459,19 +478,18 @@ def _merge_module(
     expert: LoraAdapter,
     antis: list[LoraAdapter],
     lams: tuple[float, ...],
-    method: str,
-    sign: float,
+    spec: MethodSpec,
     report: AdapterReport,
     *,
     first: _FirstStep | None = None,
 ) -> LoraModule | None:
     """The module `name` of the result (None when it vanishes), with the report updated.
 
-    `first`: the first Ext-Sub step's λ-independent part, prepared by `LoraSweep`.
+    `first`: the first row-pairing step's λ-independent part, prepared by `LoraSweep`.
     """
     start = expert.modules.get(name)
     steps = [(anti.modules[name], lam) for anti, lam in zip(antis, lams, strict=False) if name in anti.modules]
-    if start is None and method == "ext-sub":
+    if start is None and spec.pairs_rows:
         report.dropped.append(name)
         return None
     if not steps:
@@ -482,22 +500,22 @@ def _merge_module(
     out_dtype = (start or steps[0][0]).storage_dtype
     if start is None:
         first, lam = steps.pop(0)
-        b, a = _scaled_factors(first, compute, sign * lam)
+        b, a = _scaled_factors(first, compute, spec.weight_sign * lam)
         report.added.append(name)
     else:
         b, a = (first.b_plus, first.a_plus) if first is not None else _scaled_factors(start, compute)
         report.merged.append(name)
     zero_rows = 0
     for i, (anti_module, lam) in enumerate(steps):
-        if method == "ext-sub":
+        if spec.pairs_rows:
             if i == 0 and first is not None:
-                b, a, zeros = ext_sub_factors(b, a, first.b_minus, first.a_minus, lam, norms=first.norms)
+                b, a, zeros = ext_sub_factors(b, a, first.b_minus, first.a_minus, lam, method=spec, sums=first.sums)
             else:
                 b_minus, a_minus = _scaled_factors(anti_module, compute)
-                b, a, zeros = ext_sub_factors(b, a, b_minus, a_minus, lam)
+                b, a, zeros = ext_sub_factors(b, a, b_minus, a_minus, lam, method=spec)
             zero_rows = max(zero_rows, zeros)
         else:
-            b_minus, a_minus = _scaled_factors(anti_module, compute, sign * lam)
+            b_minus, a_minus = _scaled_factors(anti_module, compute, spec.weight_sign * lam)
             b, a = torch.cat([b, b_minus], dim=1), torch.cat([a, a_minus], dim=0)
     if zero_rows:
         report.zero_rows[name] = zero_rows

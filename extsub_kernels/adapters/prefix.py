@@ -31,8 +31,8 @@ from extsub_kernels.adapters.family import (
     refuse_max_rank,
 )
 from extsub_kernels.adapters.report import AdapterReport
+from extsub_kernels.engine.method_spec import DEFAULT_METHOD, method_spec
 from extsub_kernels.engine.methods import apply_method
-from extsub_kernels.engine.options import method_sign
 from extsub_kernels.engine.outputs import LazyOutput
 from extsub_kernels.errors import AdapterError, InputError
 from extsub_kernels.io import TensorEntry
@@ -197,7 +197,7 @@ def merge_prefix(
     expert: PrefixAdapter,
     antis: PrefixAdapter | Sequence[PrefixAdapter],
     lam: float | Sequence[float] = 1.0,
-    method: str = "ext-sub",
+    method: str = DEFAULT_METHOD,
     *,
     any_base_model: bool = False,
 ) -> PrefixAdapter:
@@ -210,7 +210,7 @@ def merge_prefix(
         expert: θ⁺.
         antis: θ⁻, one adapter or several in order.
         lam: one λ for all anti-experts, or one per anti-expert.
-        method: "ext-sub", "sub" or "add".
+        method: the method's name (`engine.method_spec`).
         any_base_model: accept adapters whose base_model_name_or_path differ.
 
     Returns:
@@ -225,7 +225,7 @@ def merge_prefix(
     if not antis:
         raise InputError("merge_prefix needs at least one anti-expert")
     check_same_type(expert, antis)
-    method_sign(method)
+    spec = method_spec(method)
     lams = lam_list(lam, len(antis))
     check_base_models(expert, antis, any_base_model=any_base_model)
     for anti in antis:
@@ -241,7 +241,7 @@ def merge_prefix(
     work = expert.rows(expert.prompt_embeddings.to(torch.float64, copy=True))
     zero_rows = 0
     for anti, step_lam in zip(antis, lams, strict=True):
-        if method == "ext-sub":
+        if spec.pairs_rows:
             zero_rows = max(zero_rows, int((~work.any(dim=1)).sum()))  # |p| = 0: the row is kept
         apply_method(work, [anti.rows()], [step_lam], method=method, inplace=True)  # m: any float dtype
     if zero_rows:

@@ -21,7 +21,7 @@ import torch
 
 from extsub_kernels.adapters.family import PeftAdapter
 from extsub_kernels.adapters.ia3 import IA3Adapter
-from extsub_kernels.adapters.lora import LoraAdapter, LoraModule, lora_row_norms
+from extsub_kernels.adapters.lora import LoraAdapter, LoraModule, lora_row_norms, lora_row_products
 from extsub_kernels.adapters.prefix import PROMPT_KEY, PrefixAdapter
 from extsub_kernels.engine.stats import TensorStats, pair_stats
 from extsub_kernels.io.format import DTYPE_CODES
@@ -61,7 +61,7 @@ def _lora_row_sums(expert: LoraModule, anti: LoraModule) -> torch.Tensor:
     b_minus, a_minus = _scaled(anti)
     pp = lora_row_norms(b_plus, a_plus) ** 2
     mm = lora_row_norms(b_minus, a_minus) ** 2
-    pm = ((b_plus @ (a_plus @ a_minus.T)) * b_minus).sum(dim=1)
+    pm = lora_row_products(b_plus, a_plus, b_minus, a_minus)
     return torch.stack([pp, mm, pm], dim=1)
 
 

@@ -21,7 +21,6 @@ from extsub_kernels.cli.common import (
 )
 
 PROG = "extsub-merge"
-METHOD_HELP = "ext-sub: θ⁺ − λ·Ext(θ⁻) (default); sub: θ⁺ − λθ⁻; add: θ⁺ + λθ⁻"
 # What an option is when neither a recipe nor a flag sets it (recipe keys, as argparse dests).
 DEFAULTS: dict[str, Any] = {
     "lam": "1",
@@ -115,7 +114,8 @@ exit codes:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `extsub-merge`; options not given are absent from its namespace (recipes fill them)."""
-    from extsub_kernels.engine.options import DEFAULT_MAX_SHARD_SIZE, FORMATS, METHODS, ON_MISSING, OUT_DTYPES
+    from extsub_kernels.engine.method_spec import DEFAULT_METHOD, METHODS, method_specs
+    from extsub_kernels.engine.options import DEFAULT_MAX_SHARD_SIZE, FORMATS, ON_MISSING, OUT_DTYPES
 
     parser = command_parser(
         PROG,
@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("-o", "--out", metavar="OUT", help="output .safetensors file or folder")
     add("--config", metavar="RECIPE", help="take every option from a YAML recipe; flags given here override it")
     add("--lam", metavar="L[,L...]", help="λ, a list of λ, or λ per anti-expert as a:b (default 1)")
-    add("--method", choices=METHODS, help=METHOD_HELP)
+    formulas = [f"{s.name}: {s.formula}{' (default)' if s.name == DEFAULT_METHOD else ''}" for s in method_specs()]
+    add("--method", choices=METHODS, help="; ".join(formulas))
     add(
         "--base",
         metavar="BASE",

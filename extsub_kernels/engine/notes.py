@@ -43,7 +43,7 @@ def output_metadata(
     with a `context`, the command, the inputs (hub commits, header sha256 of each file) and the recipe.
 
     Example:
-        >>> output_metadata((0.5,), "ext-sub", "expert.safetensors", ["anti.safetensors"])["extsub.lam"]
+        >>> output_metadata((0.5,), "sub", "expert.safetensors", ["anti.safetensors"])["extsub.lam"]
         '[0.5]'
     """
     meta = {

@@ -18,7 +18,8 @@ from typing import Any
 import yaml
 
 from extsub_kernels._version import __version__
-from extsub_kernels.engine.options import FORMATS, METHODS, ON_MISSING, OUT_DTYPES, lam_label
+from extsub_kernels.engine.method_spec import DEFAULT_METHOD, METHODS
+from extsub_kernels.engine.options import FORMATS, ON_MISSING, OUT_DTYPES, lam_label
 from extsub_kernels.errors import InputError
 from extsub_kernels.io.outputs import RECIPE_NAME
 
@@ -170,15 +171,15 @@ def command_line(recipe: Mapping[str, Any], out: str | os.PathLike | None = None
     """The `extsub-merge` command that runs `recipe` (flags only where they differ from the defaults).
 
     Example:
-        >>> command_line({"expert": "e", "anti": ["a"], "lam": 0.5, "method": "ext-sub"}, "out/")
-        'extsub-merge e a -o out/ --lam 0.5'
+        >>> command_line({"expert": "e", "anti": ["a"], "lam": 0.5, "method": "sub"}, "out/")
+        'extsub-merge e a -o out/ --lam 0.5 --method sub'
     """
     anti = recipe.get("anti") or []
     words = [PROG, str(recipe.get("expert", "EXPERT")), *([anti] if isinstance(anti, str) else anti)]
     out = out if out is not None else recipe.get("out")
     if out is not None:
         words += ["-o", os.fspath(out)]
-    defaults = {"lam": 1.0, "method": "ext-sub", "device": "auto", "dtype": "keep", "on_missing": "error"}
+    defaults = {"lam": 1.0, "method": DEFAULT_METHOD, "device": "auto", "dtype": "keep", "on_missing": "error"}
     for key, spec in KEYS.items():
         value = recipe.get(key)
         if spec.flag is None or key == "out" or value is None or value == defaults.get(key):

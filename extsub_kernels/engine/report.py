@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Protocol
 
 from extsub_kernels.engine.context import RunContext
+from extsub_kernels.engine.method_spec import DEFAULT_METHOD
 from extsub_kernels.engine.stats import TensorStats
 
 GB = 1e9
@@ -61,7 +62,7 @@ class MergeReport:
         skipped_keys: the keys counted in `skipped`.
         adapter: adapter merges: what happened to each module (None for dense inputs).
         mode: "merge", "dry-run" (nothing read but headers, nothing written) or "inspect" (statistics only).
-        method: "ext-sub", "sub" or "add".
+        method: the method's name (`engine.method_spec`).
         settings: λ per anti-expert of each output.
         items: what happens to each tensor (dense) or module (adapters), in order.
         stats: row statistics of each merged tensor or module (empty when not gathered).
@@ -86,7 +87,7 @@ class MergeReport:
     skipped_keys: tuple[str, ...] = field(default=(), repr=False)
     adapter: ReportSection | None = field(default=None, repr=False)
     mode: str = "merge"
-    method: str = "ext-sub"
+    method: str = DEFAULT_METHOD
     settings: tuple[tuple[float, ...], ...] = field(default=(), repr=False)
     items: tuple[Item, ...] = field(default=(), repr=False)
     stats: tuple[TensorStats, ...] = field(default=(), repr=False)
