@@ -1,7 +1,6 @@
 """Shared test helpers: devices and backends, assertions whose failure messages say what differs."""
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -10,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-# The run's seed: fresh each run, reproducible with EXTSUB_TEST_SEED (conftest prints it and seeds every test).
-SEED = int(os.environ.get("EXTSUB_TEST_SEED", random.SystemRandom().randrange(2**31)))
+# The run's seed: fixed, so every run tries the same inputs; EXTSUB_TEST_SEED=N tries others (conftest seeds every
+# test with it and prints it in the header and beside every failure).
+DEFAULT_SEED = 20261207
+SEED = int(os.environ.get("EXTSUB_TEST_SEED", DEFAULT_SEED))
 
 # Every device a test may run on; CUDA parameters carry the `gpu` marker (skipped without CUDA).
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
