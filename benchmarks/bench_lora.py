@@ -198,7 +198,7 @@ def compare(workdir: Path, layers: list[int], authors_layers: int) -> dict:
     from safetensors import safe_open
 
     from extsub_kernels import ext_sub_reference
-    from extsub_kernels.adapters.lora import merge_adapters
+    from extsub_kernels.adapters import merge_adapters
     from extsub_kernels.adapters.peft import load_adapter, peft_key
     from extsub_kernels.io.reader import CheckpointReader
 

@@ -14,18 +14,18 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from extsub_kernels._tensors import all_finite, compute_dtype, is_float
 from extsub_kernels.adapters.family import (
     BaseEdit,
+    MergeStep,
     PeftAdapter,
-    check_base_models,
-    check_same_type,
-    copy_extra,
     describe_dtypes,
     lam_list,
+    merge_adapters,
     weight_key,
 )
 from extsub_kernels.adapters.report import AdapterReport, counted
@@ -124,6 +124,7 @@ class LoraAdapter(PeftAdapter):
     label = "LoRA"
     unit = "module"
     formats = ("lora", "dense-lora", "delta")
+    merged_type: ClassVar[type | None] = None  # MergedAdapter, set below
 
     modules: dict[str, LoraModule]
     source: str = "<memory>"
@@ -132,20 +133,6 @@ class LoraAdapter(PeftAdapter):
     task_type: str | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
-
-    @classmethod
-    def merge(
-        cls,
-        expert: PeftAdapter,
-        antis: Sequence[PeftAdapter],
-        lam: float | Sequence[float],
-        method: str,
-        *,
-        max_rank: int | None = None,
-        any_base_model: bool = False,
-    ) -> "MergedAdapter":
-        """`merge_adapters` below: the factored merge."""
-        return merge_adapters(expert, antis, lam, method, max_rank=max_rank, any_base_model=any_base_model)
 
     @classmethod
     def owns_key(cls, key: str) -> bool:
@@ -158,6 +145,61 @@ class LoraAdapter(PeftAdapter):
         stored = {m.dtype for m in self.modules.values()} - {None}
         dtype = describe_dtypes(tensors, stored.pop() if len(stored) == 1 else None)
         return f"{counted(len(self.modules), 'module')}, {span}, {dtype}"
+
+    def check_max_rank(self, max_rank: object) -> None:
+        """Raise an InputError unless `max_rank` is a positive integer (a rank to truncate to)."""
+        check_max_rank(max_rank)
+
+    def check_antis(self, antis: Sequence[PeftAdapter]) -> None:
+        """Raise an InputError unless every anti-expert's modules adapt weights of the expert's shapes.
+
+        Example:
+            >>> m = LoraModule(torch.ones(1, 3), torch.ones(2, 1), 1.0)
+            >>> LoraAdapter({"q": m}).check_antis([LoraAdapter({"q": m})])
+        """
+        for anti in antis:
+            for name, module in anti.modules.items():
+                ref = self.modules.get(name)
+                if ref is not None and (ref.out_features, ref.in_features) != (module.out_features, module.in_features):
+                    raise InputError(
+                        f"module {name}: the expert {self.source} adapts a ({ref.out_features}, {ref.in_features}) "
+                        f"weight but {anti.source} a ({module.out_features}, {module.in_features}) one; "
+                        "the adapters belong to different base models"
+                    )
+
+    def merge_units(self, step: MergeStep) -> dict:
+        """The modules of the merge, exactly, in the factored space (DESIGN.md §3).
+
+        Each row-pairing step takes its row sums from the result so far, so ranks add up. Computed
+        modules have their scaling folded into B (scaling 1) and factors in float32 (float64 if an
+        input is); modules only in the expert are kept as they are. Output dtype per module: the
+        expert's (the anti-expert's for modules only there). `max_rank` truncates every module to
+        that rank by an SVD of the factored result, its relative Frobenius error in the report.
+
+        Example:
+            >>> from extsub_kernels.adapters import merge_adapters
+            >>> m = LoraModule(torch.randn(2, 8), torch.randn(4, 2), 2.0)
+            >>> merge_adapters(LoraAdapter({"q": m}), LoraAdapter({"q": m}), 0.5).modules["q"].rank
+            4
+        """
+        antis, lams, spec, report = step.antis, step.lams, step.spec, step.report
+        names = list(self.modules)
+        names += sorted({n for anti in antis for n in anti.modules if n not in self.modules})
+        modules: dict[str, LoraModule] = {}
+        for name in names:
+            module = _merge_module(name, self, antis, lams, spec, report)
+            if module is None:
+                continue
+            max_rank = step.max_rank
+            if max_rank is not None and module.rank > max_rank:
+                b, a, error = truncate_factors(*_scaled_factors(module, torch.float64), max_rank)
+                compute = compute_dtype(module.lora_B.dtype, module.lora_A.dtype)
+                module = LoraModule(a.to(compute), b.to(compute), 1.0, module.storage_dtype)
+                report.truncation_error[name] = error
+            elif max_rank is not None:
+                report.truncation_error[name] = 0.0
+            modules[name] = module
+        return {"modules": modules}
 
     def base_edits(self) -> list[BaseEdit]:
         """Each module changes its weight: ΔW' (out, in) is added to it."""
@@ -175,6 +217,9 @@ class MergedAdapter(LoraAdapter):
     """The result of `merge_adapters`: an adapter plus the report of how it was made."""
 
     report: AdapterReport
+
+
+LoraAdapter.merged_type = MergedAdapter
 
 
 def lora_row_norms(lora_B: torch.Tensor, lora_A: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
@@ -296,98 +341,6 @@ def check_max_rank(max_rank: object) -> None:
         raise InputError(f"max_rank must be a positive integer, got {max_rank!r}")
 
 
-def check_compatible(expert: LoraAdapter, antis: Sequence[LoraAdapter], *, any_base_model: bool = False) -> None:
-    """Raise an InputError (a ValueError) unless every anti-expert fits the expert: same base model, same module shapes.
-
-    Example:
-        >>> m = LoraModule(torch.ones(1, 3), torch.ones(2, 1), 1.0)
-        >>> check_compatible(LoraAdapter({"q": m}), [LoraAdapter({"q": m})])
-    """
-    check_base_models(expert, antis, any_base_model=any_base_model)
-    for anti in antis:
-        for name, module in anti.modules.items():
-            ref = expert.modules.get(name)
-            if ref is not None and (ref.out_features, ref.in_features) != (module.out_features, module.in_features):
-                raise InputError(
-                    f"module {name}: the expert {expert.source} adapts a ({ref.out_features}, {ref.in_features}) "
-                    f"weight but {anti.source} a ({module.out_features}, {module.in_features}) one; "
-                    "the adapters belong to different base models"
-                )
-
-
-def merge_adapters(
-    expert: LoraAdapter,
-    antis: LoraAdapter | Sequence[LoraAdapter],
-    lam: float | Sequence[float] = 1.0,
-    method: str = DEFAULT_METHOD,
-    *,
-    max_rank: int | None = None,
-    any_base_model: bool = False,
-) -> MergedAdapter:
-    """Ext-Sub (or direct subtraction/addition) of LoRA adapters, exactly, in the factored space.
-
-    Anti-experts apply in order (the paper's compositional unlearning, Table 4); each Ext-Sub
-    step takes its row norms from the result so far, so ranks add up. Computed modules have
-    their scaling folded into B (scaling 1) and factors in float32 (float64 if an input is);
-    modules only in the expert are kept as they are. Output dtype per module: the expert's
-    (the anti-expert's for modules only there).
-
-    Args:
-        expert: θ⁺.
-        antis: θ⁻, one adapter or several in order.
-        lam: one λ for all anti-experts, or one per anti-expert.
-        method: ext-sub (θ⁺ − λ·Ext(θ⁻)), sub (θ⁺ − λ·θ⁻), add (θ⁺ + λ·θ⁻) or a registered one (`engine.method_spec`).
-        max_rank: truncate every module to this rank by an SVD of the factored result and
-            report the relative Frobenius error per module; None keeps the exact result.
-        any_base_model: accept adapters whose base_model_name_or_path differ (shapes are still checked).
-
-    Returns:
-        A MergedAdapter (modules, metadata from the expert, `report`).
-
-    Example:
-        >>> m = LoraModule(torch.randn(2, 8), torch.randn(4, 2), 2.0)
-        >>> out = merge_adapters(LoraAdapter({"q": m}), LoraAdapter({"q": m}), 0.5)
-        >>> out.modules["q"].rank
-        4
-    """
-    antis = [antis] if isinstance(antis, LoraAdapter) else list(antis)
-    if not antis:
-        raise InputError("merge_adapters needs at least one anti-expert")
-    check_same_type(expert, antis)
-    spec = method_spec(method)
-    lam_values = lam_list(lam, len(antis))
-    if max_rank is not None:
-        check_max_rank(max_rank)
-    check_compatible(expert, antis, any_base_model=any_base_model)
-    report = expert.new_report(method, lam_values)
-    names = list(expert.modules)
-    names += sorted({n for anti in antis for n in anti.modules if n not in expert.modules})
-    modules: dict[str, LoraModule] = {}
-    for name in names:
-        module = _merge_module(name, expert, antis, lam_values, spec, report)
-        if module is None:
-            continue
-        if max_rank is not None and module.rank > max_rank:
-            b, a, error = truncate_factors(*_scaled_factors(module, torch.float64), max_rank)
-            compute = compute_dtype(module.lora_B.dtype, module.lora_A.dtype)
-            module = LoraModule(a.to(compute), b.to(compute), 1.0, module.storage_dtype)
-            report.truncation_error[name] = error
-        elif max_rank is not None:
-            report.truncation_error[name] = 0.0
-        modules[name] = module
-    extra = copy_extra(expert, antis, report)
-    return MergedAdapter(
-        modules=modules,
-        source=f"{method} of {expert.source} and {', '.join(a.source for a in antis)}",
-        base_model_name_or_path=expert.base_model_name_or_path,
-        fan_in_fan_out=expert.fan_in_fan_out,
-        task_type=expert.task_type,
-        extra=extra,
-        config=expert.config,
-        report=report,
-    )
-
-
 @dataclass(frozen=True)
 class _FirstStep:
     """What a module's first row-pairing step needs and λ does not change: both sides' scaled factors and row sums."""
@@ -429,7 +382,7 @@ class LoraSweep:
         self.antis = [antis] if isinstance(antis, LoraAdapter) else list(antis)
         self.method, self.spec = method, method_spec(method)
         # Validates (types, base models, shapes) and fixes the result's modules, which λ does not change.
-        self.template = merge_adapters(expert, self.antis, 1.0, method, any_base_model=any_base_model)
+        self.template = merge_adapters(expert, self.antis, 1.0, method, any_base_model=any_base_model)  # checks too
         self._first: dict[str, _FirstStep] = {}
         for name in self.template.modules if self.spec.pairs_rows else ():
             start = expert.modules.get(name)
