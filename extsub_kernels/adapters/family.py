@@ -23,6 +23,7 @@ from extsub_kernels.adapters.report import AdapterReport
 from extsub_kernels.engine.method_spec import DEFAULT_METHOD, MethodSpec, method_spec
 from extsub_kernels.engine.options import lam_value
 from extsub_kernels.errors import InputError
+from extsub_kernels.ops import row_products
 
 PEFT_PREFIX = "base_model.model."
 
@@ -125,6 +126,26 @@ class PeftAdapter(ABC):
     def merge_units(self, step: "MergeStep") -> dict:
         """This type's math, θ⁺ ⊖ θ₁⁻ ⊖ θ₂⁻ ... for one λ setting: the result's fields that the merge computes (the
         others are the expert's), `report` filled unit by unit. `merge_adapters` has checked everything shared."""
+
+    @abstractmethod
+    def stat_units(self) -> Mapping[str, object]:
+        """What the merge pairs, by name, as `row_sums` and `change_sq` take them (DESIGN.md §7): a LoRA module, an
+        (IA)³ task vector d = l − 1 as one row, a prefix's per-head key/value rows."""
+
+    @abstractmethod
+    def unit_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Unit name → (shape, dtype code) as the report gives them."""
+
+    @staticmethod
+    def row_sums(expert: object, anti: object) -> torch.Tensor:
+        """(rows, 3) float64 |p|², |m|², p·m of each row of one unit of the expert and of an anti-expert (dense units
+        here: small float64 tensors; a type whose units are not tensors computes them its own way)."""
+        return row_products(expert, anti)
+
+    @staticmethod
+    def change_sq(expert: object, merged: object) -> float:
+        """‖p' − p‖² of one unit (Frobenius), from the expert's unit and the merged one."""
+        return float(((merged.to(torch.float64) - expert.to(torch.float64)) ** 2).sum())
 
     @abstractmethod
     def check_antis(self, antis: Sequence["PeftAdapter"]) -> None:

@@ -36,6 +36,7 @@ from extsub_kernels.engine.methods import apply_method
 from extsub_kernels.engine.outputs import LazyOutput
 from extsub_kernels.errors import AdapterError, InputError
 from extsub_kernels.io import TensorEntry
+from extsub_kernels.io.format import DTYPE_CODES
 from extsub_kernels.io.resolve import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 # <module>.ia3_l, optionally with an adapter-name segment: <module>.ia3_l.default
@@ -177,6 +178,12 @@ class IA3Adapter(PeftAdapter):
             f"{counted(len(vectors), 'vector')}: {len(vectors) - ff} (out, 1), {ff} feedforward (1, in), "
             f"{sum(v.numel() for v in vectors):,} scales, {describe_dtypes(vectors, self.dtype)}"
         )
+
+    def stat_units(self) -> Mapping[str, object]:
+        return {name: vector.to(torch.float64).reshape(1, -1) - 1 for name, vector in self.vectors.items()}
+
+    def unit_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        return {n: (tuple(v.shape), DTYPE_CODES[self.dtype or v.dtype]) for n, v in self.vectors.items()}
 
     def check_antis(self, antis: Sequence[PeftAdapter]) -> None:
         """Raise an InputError naming both shapes where a module's vectors differ between inputs."""

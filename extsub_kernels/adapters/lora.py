@@ -12,7 +12,7 @@ is exactly a LoRA of rank r⁺ + r⁻, at O((out + in)·r²) cost per module.
 import copy
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -31,6 +31,7 @@ from extsub_kernels.adapters.family import (
 from extsub_kernels.adapters.report import AdapterReport, counted
 from extsub_kernels.engine.method_spec import DEFAULT_METHOD, EXT_SUB, MethodSpec, method_spec
 from extsub_kernels.errors import InputError
+from extsub_kernels.io.format import DTYPE_CODES
 
 Device = torch.device | str | None
 
@@ -145,6 +146,30 @@ class LoraAdapter(PeftAdapter):
         stored = {m.dtype for m in self.modules.values()} - {None}
         dtype = describe_dtypes(tensors, stored.pop() if len(stored) == 1 else None)
         return f"{counted(len(self.modules), 'module')}, {span}, {dtype}"
+
+    def stat_units(self) -> Mapping[str, object]:
+        return self.modules
+
+    def unit_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        return {n: ((m.out_features, m.in_features), DTYPE_CODES[m.storage_dtype]) for n, m in self.modules.items()}
+
+    @staticmethod
+    def row_sums(expert: "LoraModule", anti: "LoraModule") -> torch.Tensor:
+        """|p|² from the triangular factor of A⁺ (as the merge's own row norms), p·m = s⁺s⁻·b⁺ᵢ(A⁺A⁻ᵀ)b⁻ᵢᵀ from an
+        r⁺×r⁻ cross-Gram: O((d + k)·r²), float64, ΔW never formed."""
+        b_plus, a_plus = _scaled_factors(expert, torch.float64)
+        b_minus, a_minus = _scaled_factors(anti, torch.float64)
+        pp = lora_row_norms(b_plus, a_plus) ** 2
+        mm = lora_row_norms(b_minus, a_minus) ** 2
+        return torch.stack([pp, mm, lora_row_products(b_plus, a_plus, b_minus, a_minus)], dim=1)
+
+    @staticmethod
+    def change_sq(expert: "LoraModule", merged: "LoraModule") -> float:
+        """‖ΔW' − ΔW⁺‖² from the factors of [ΔW', −ΔW⁺] stacked."""
+        b_plus, a_plus = _scaled_factors(expert, torch.float64)
+        b_out, a_out = _scaled_factors(merged, torch.float64)
+        b, a = torch.cat([b_out, -b_plus], dim=1), torch.cat([a_out, a_plus], dim=0)
+        return float((lora_row_norms(b, a) ** 2).sum())
 
     def check_max_rank(self, max_rank: object) -> None:
         """Raise an InputError unless `max_rank` is a positive integer (a rank to truncate to)."""

@@ -31,6 +31,7 @@ from extsub_kernels.engine.methods import apply_method
 from extsub_kernels.engine.outputs import LazyOutput
 from extsub_kernels.errors import AdapterError, InputError
 from extsub_kernels.io import TensorEntry
+from extsub_kernels.io.format import DTYPE_CODES
 from extsub_kernels.io.resolve import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 PROMPT_KEY = "prompt_embeddings"
@@ -158,6 +159,13 @@ class PrefixAdapter(PeftAdapter):
             f"{self.num_layers} layers × 2 (key, value) × {self.num_attention_heads} heads × {self.head_dim}, "
             f"{describe_dtypes([self.prompt_embeddings], self.dtype)}"
         )
+
+    def stat_units(self) -> Mapping[str, object]:
+        return {PROMPT_KEY: self.rows().to(torch.float64)}
+
+    def unit_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        t = self.prompt_embeddings
+        return {PROMPT_KEY: (tuple(t.shape), DTYPE_CODES[self.dtype or t.dtype])}
 
     def check_antis(self, antis: Sequence[PeftAdapter]) -> None:
         """Raise an InputError unless every anti-expert has the expert's geometry."""

@@ -24,7 +24,7 @@ from extsub_kernels.adapters.full_model import full_model_outputs, match_targets
 from extsub_kernels.adapters.lora import LoraAdapter, check_max_rank
 from extsub_kernels.adapters.peft import CONFIG_NAME, LoraScaling, load_adapter
 from extsub_kernels.adapters.report import AdapterSection, adapter_items
-from extsub_kernels.adapters.stats import adapter_stats, unit_shapes, units
+from extsub_kernels.adapters.stats import adapter_stats
 from extsub_kernels.engine.architecture import input_config, weight_layout
 from extsub_kernels.engine.context import RunContext
 from extsub_kernels.engine.dryrun import dry_run_report
@@ -273,7 +273,7 @@ def run_adapters(
     ]
     report = merged[0].report
     gather = options.stats or options.mode == "inspect"
-    shapes = {name: shape for adapter in [*adapters[::-1], merged[0]] for name, shape in unit_shapes(adapter).items()}
+    shapes = {name: shape for adapter in [*adapters[::-1], merged[0]] for name, shape in adapter.unit_shapes().items()}
     facts = dict(
         device=str(options.device),
         skipped=0,
@@ -414,8 +414,8 @@ def _with_notes(
 
 def check_common_units(adapters: Sequence[PeftAdapter], inputs: Inputs) -> None:
     """Raise an InputError when no anti-expert shares a module with the expert: nothing would be merged."""
-    expert = units(adapters[0])
-    antis = [units(a) for a in adapters[1:]]
+    expert = adapters[0].stat_units()
+    antis = [a.stat_units() for a in adapters[1:]]
     if any(name in anti for anti in antis for name in expert):
         return
     (e_role, e_inp), (a_role, a_inp) = inputs[0], inputs[1]
