@@ -94,6 +94,7 @@ class PeftAdapter(ABC):
     Class attributes:
         peft_type: the adapter_config's `peft_type` ("LORA", "IA3", "PREFIX_TUNING").
         label: the type's name in messages ("LoRA", "(IA)³", "prefix-tuning").
+        tag: its model-card tag, as the Hugging Face hub spells it ("lora", "ia3", "prefix-tuning").
         unit: what the report counts ("module", "vector", "prompt embedding").
         row: what one Ext-Sub row is, in the report ("row", "vector").
         delta: the symbol of an anti-expert's task vector, in the report ("ΔW⁻", "d⁻", "θ⁻").
@@ -107,6 +108,7 @@ class PeftAdapter(ABC):
 
     peft_type: ClassVar[str]
     label: ClassVar[str]
+    tag: ClassVar[str]
     unit: ClassVar[str]
     row: ClassVar[str] = "row"
     delta: ClassVar[str] = "ΔW⁻"

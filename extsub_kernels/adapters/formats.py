@@ -299,22 +299,30 @@ class OutputFormat:
     Attributes:
         make: (adapter, *, dtype, device) → the lazy output.
         keys: a unit's name (module, vector) → the names of the output tensors it is written as.
+        what: what the output is, for its model card.
     """
 
     make: Callable[..., LazyOutput]
     keys: Callable[[str], tuple[str, ...]]
+    what: str
 
 
 def _factor_keys(module: str) -> tuple[str, ...]:
     return peft_key(module, "A"), peft_key(module, "B")
 
 
-# Every format of the family, by the name `--format` takes (engine.options.FORMATS); each
-# adapter type lists the ones it writes in its `formats`.
+# Every format of the family, by the name `--format` takes; each adapter type lists the ones it
+# writes in its `formats` (`peft.FORMATS`: all of them, in the members' order).
 OUTPUT_FORMATS: dict[str, OutputFormat] = {
-    "lora": OutputFormat(lora_output, _factor_keys),
-    "dense-lora": OutputFormat(dense_lora_output, _factor_keys),
-    "delta": OutputFormat(delta_output, lambda module: (weight_key(module),)),
-    "ia3": OutputFormat(ia3_output, lambda module: (ia3_key(module),)),
-    "prefix-tuning": OutputFormat(prefix_output, lambda _unit: (PROMPT_KEY,)),
+    "lora": OutputFormat(lora_output, _factor_keys, "a PEFT LoRA adapter (rank r⁺ + r⁻ per module, exact)"),
+    "dense-lora": OutputFormat(
+        dense_lora_output, _factor_keys, "a PEFT LoRA adapter in the paper's dense layout (lora_B = ΔW', lora_A = I)"
+    ),
+    "delta": OutputFormat(
+        delta_output,
+        lambda module: (weight_key(module),),
+        "ΔW' per module, keyed and laid out like the base model's weights (add them to it)",
+    ),
+    "ia3": OutputFormat(ia3_output, lambda module: (ia3_key(module),), "a PEFT (IA)³ adapter"),
+    "prefix-tuning": OutputFormat(prefix_output, lambda _unit: (PROMPT_KEY,), "a PEFT prefix-tuning adapter"),
 }

@@ -76,6 +76,7 @@ class IA3Adapter(PeftAdapter):
 
     peft_type = "IA3"
     label = "(IA)³"
+    tag = "ia3"
     unit = "vector"
     row = "vector"
     delta = "d⁻"

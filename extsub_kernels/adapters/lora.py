@@ -123,6 +123,7 @@ class LoraAdapter(PeftAdapter):
 
     peft_type = "LORA"
     label = "LoRA"
+    tag = "lora"
     unit = "module"
     formats = ("lora", "dense-lora", "delta")
     merged_type: ClassVar[type | None] = None  # MergedAdapter, set below

@@ -181,11 +181,6 @@ def _read_lora(weights: Path, tensors: dict[str, torch.Tensor], config: dict, co
     )
 
 
-# The family's members and their readers: (weights file, its tensors, config, where it came from) → adapter.
-_MEMBERS = {LoraAdapter: _read_lora, IA3Adapter: IA3Adapter.from_peft, PrefixAdapter: PrefixAdapter.from_peft}
-_READERS = {member.peft_type: read for member, read in _MEMBERS.items()}  # by the config's peft_type
-
-
 def _locate(path: Path, scaling: LoraScaling | None) -> tuple[Path, dict, str]:
     """(weights file, config dict, where the config came from) for a folder or a bare file."""
     explicit = scaling is not None
@@ -258,8 +253,7 @@ def check_config(config: dict, where: str) -> None:
             f'{where}: peft_type is missing; PEFT needs it to know the adapter type (e.g. "peft_type": "LORA")'
         )
     peft_type = config["peft_type"]
-    check = CONFIG_CHECKS.get(peft_type) if isinstance(peft_type, str) else None
-    if check is None:
+    if not isinstance(peft_type, str) or peft_type not in CONFIG_CHECKS:
         if isinstance(peft_type, str) and peft_type.upper() in CONFIG_CHECKS:
             raise AdapterError(
                 f"{where}: peft_type is {peft_type!r}; PEFT spells adapter types in upper case "
@@ -267,7 +261,9 @@ def check_config(config: dict, where: str) -> None:
             )
         raise AdapterError(f"{where}: peft_type is {peft_type!r}; extsub merges {', '.join(CONFIG_CHECKS)} adapters")
     _check_common_config(config, where)
-    check(config, where)
+    check = CONFIG_CHECKS[peft_type]
+    if check is not None:
+        check(config, where)
 
 
 def _check_common_config(config: dict, where: str) -> None:
@@ -278,10 +274,6 @@ def _check_common_config(config: dict, where: str) -> None:
     base = config.get("base_model_name_or_path")
     if base is not None and not isinstance(base, str):
         raise AdapterError(f"{where}: base_model_name_or_path must be a string, got {base!r}")
-
-
-def _check_member_config(config: dict, where: str) -> None:
-    """(IA)³ and prefix-tuning: their readers check their own fields (`ia3.py`, `prefix.py`)."""
 
 
 def _check_lora_config(config: dict, where: str) -> None:
@@ -333,13 +325,6 @@ def _check_lora_config(config: dict, where: str) -> None:
 
 # What PEFT's TaskType accepts for task_type.
 _TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
-
-# One checker per supported peft_type (after the common one): a new member of the PEM family adds its own here.
-CONFIG_CHECKS = {
-    LoraAdapter.peft_type: _check_lora_config,
-    IA3Adapter.peft_type: _check_member_config,
-    PrefixAdapter.peft_type: _check_member_config,
-}
 
 
 def _is_rank(value: object) -> bool:
@@ -464,3 +449,16 @@ def _check_pair(weights: Path, name: str, lora_A: torch.Tensor, lora_B: torch.Te
             f"{weights}: module {name} has rank 0 (lora_A {tuple(lora_A.shape)}): its scaling lora_alpha/r is "
             "undefined and PEFT refuses r = 0; drop the module's weights"
         )
+
+
+# The family, one entry per PEM type: its reader, (weights file, its tensors, config, where it came from) →
+# adapter, and its config check after the common one (None: its reader checks its own fields).
+_MEMBERS = {
+    LoraAdapter: (_read_lora, _check_lora_config),
+    IA3Adapter: (IA3Adapter.from_peft, None),
+    PrefixAdapter: (PrefixAdapter.from_peft, None),
+}
+MEMBERS: tuple[type[PeftAdapter], ...] = tuple(_MEMBERS)
+FORMATS: tuple[str, ...] = tuple(f for member in MEMBERS for f in member.formats)  # every --format
+_READERS = {member.peft_type: read for member, (read, _check) in _MEMBERS.items()}  # by the config's peft_type
+CONFIG_CHECKS = {member.peft_type: check for member, (_read, check) in _MEMBERS.items()}

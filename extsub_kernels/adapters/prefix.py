@@ -51,6 +51,7 @@ class PrefixAdapter(PeftAdapter):
 
     peft_type = "PREFIX_TUNING"
     label = "prefix-tuning"
+    tag = "prefix-tuning"
     unit = "prompt embedding"
     delta = "θ⁻"
     formats = ("prefix-tuning",)

@@ -22,7 +22,7 @@ from extsub_kernels.adapters.family import PeftAdapter, check_same_type, merge_a
 from extsub_kernels.adapters.formats import OUTPUT_FORMATS
 from extsub_kernels.adapters.full_model import full_model_outputs, match_targets
 from extsub_kernels.adapters.lora import LoraAdapter, check_max_rank
-from extsub_kernels.adapters.peft import CONFIG_NAME, LoraScaling, load_adapter
+from extsub_kernels.adapters.peft import CONFIG_NAME, FORMATS, LoraScaling, load_adapter
 from extsub_kernels.adapters.report import AdapterSection, adapter_items
 from extsub_kernels.adapters.stats import adapter_stats
 from extsub_kernels.engine.architecture import input_config, weight_layout
@@ -30,7 +30,7 @@ from extsub_kernels.engine.context import RunContext
 from extsub_kernels.engine.dryrun import dry_run_report
 from extsub_kernels.engine.memory import peak_rss_bytes
 from extsub_kernels.engine.notes import MODEL_CONFIG, OutputKind, base_model_name, output_texts, run_metadata
-from extsub_kernels.engine.options import DEFAULT_MAX_SHARD_SIZE, FORMATS, RunOptions, check_choice, parse_size
+from extsub_kernels.engine.options import DEFAULT_MAX_SHARD_SIZE, RunOptions, check_choice, parse_size
 from extsub_kernels.engine.outputs import LazyOutput, write_outputs
 from extsub_kernels.engine.report import MergeReport
 from extsub_kernels.engine.transfer import Transfer
@@ -376,24 +376,9 @@ def run_adapters(
     )
 
 
-# What each output format is, for its model card (formats of every PEM type).
-FORMAT_WHAT = {
-    "lora": "a PEFT LoRA adapter (rank r⁺ + r⁻ per module, exact)",
-    "dense-lora": "a PEFT LoRA adapter in the paper's dense layout (lora_B = ΔW', lora_A = I)",
-    "delta": "ΔW' per module, keyed and laid out like the base model's weights (add them to it)",
-    "ia3": "a PEFT (IA)³ adapter",
-    "prefix-tuning": "a PEFT prefix-tuning adapter",
-}
-
-
-# The model-card tag of each PEM type, as the Hugging Face hub spells them.
-PEM_TAGS = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix-tuning"}
-
-
 def adapter_kind(output_format: str, expert: PeftAdapter) -> OutputKind:
     """What an adapter output is, for its model card: every format but delta is a folder PEFT loads."""
-    what = FORMAT_WHAT.get(output_format, f"a {output_format} adapter")
-    pem = PEM_TAGS.get(expert.peft_type, expert.peft_type.lower())
+    what, pem = OUTPUT_FORMATS[output_format].what, expert.tag
     if output_format == "delta":
         return OutputKind(what, None, expert.base_model_name_or_path, tags=(pem,))
     return OutputKind(what, "peft", expert.base_model_name_or_path, tags=("peft", pem))

@@ -114,8 +114,9 @@ exit codes:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `extsub-merge`; options not given are absent from its namespace (recipes fill them)."""
+    from extsub_kernels.adapters.peft import FORMATS
     from extsub_kernels.engine.method_spec import DEFAULT_METHOD, METHODS, method_specs
-    from extsub_kernels.engine.options import DEFAULT_MAX_SHARD_SIZE, FORMATS, ON_MISSING, OUT_DTYPES
+    from extsub_kernels.engine.options import DEFAULT_MAX_SHARD_SIZE, ON_MISSING, OUT_DTYPES
 
     parser = command_parser(
         PROG,

@@ -69,7 +69,8 @@ exit codes:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `extsub-scan` (imports the option vocabulary, hence torch)."""
-    from extsub_kernels.engine.options import EVAL_DTYPES, SAVE_FORMATS
+    from extsub_kernels.adapters.peft import FORMATS
+    from extsub_kernels.engine.options import EVAL_DTYPES, FULL_MODEL_FORMAT
 
     parser = command_parser(
         PROG,
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--format",
         dest="save_format",
-        choices=SAVE_FORMATS,
+        choices=(*FORMATS, FULL_MODEL_FORMAT),
         help="--save-best's format: an adapter format of extsub-merge, or model (θ₀ + ΔW')",
     )
     add_closing_flags(parser, force_help="replace the scan files in SCAN_DIR and an existing --save-best OUT")

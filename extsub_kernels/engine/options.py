@@ -1,4 +1,5 @@
-"""The vocabulary, in one place: methods, output formats, dtypes, on-missing, the λ grammars, devices, sizes.
+"""The vocabulary, in one place: dtypes, on-missing, the λ grammars, devices, sizes (methods: `method_spec`; adapter
+formats: their PEM types, `adapters.peft.FORMATS`).
 
 Every entry point (Python, CLI, adapters, dense engine, the λ scan) validates its options
 here, so a choice is spelled, checked and explained the same way everywhere.
@@ -16,9 +17,6 @@ from extsub_kernels._tensors import FLOAT_DTYPES
 from extsub_kernels.engine.method_spec import DEFAULT_METHOD, METHODS, method_spec
 from extsub_kernels.errors import InputError
 
-# Adapter outputs: LoRA writes lora, dense-lora or delta; (IA)³ and prefix-tuning their own PEFT folder.
-OutputFormat = Literal["lora", "dense-lora", "delta", "ia3", "prefix-tuning"]
-FORMATS: tuple[str, ...] = get_args(OutputFormat)
 OnMissing = Literal["error", "copy", "skip"]
 ON_MISSING: tuple[str, ...] = get_args(OnMissing)
 # A dtype option's names are torch's own ("float16"), after the first, which forces none ("keep", "auto").
@@ -37,9 +35,8 @@ DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in OUT_DTYPES
 # The dtype a λ scan loads and evaluates the model in; "auto": the checkpoint's own on CUDA, float32 on the CPU.
 EvalDtypeName = Literal["auto", "float32", "float64", "bfloat16", "float16"]
 EVAL_DTYPES: dict[str, torch.dtype | None] = _dtype_choices(get_args(EvalDtypeName))
-# What a λ scan's --save-best writes: an adapter format, or "model", the full merged model θ₀ + ΔW'.
+# What a λ scan's --save-best writes besides an adapter format (`adapters.peft.FORMATS`): the full model θ₀ + ΔW'.
 FULL_MODEL_FORMAT = "model"
-SAVE_FORMATS: tuple[str, ...] = (*FORMATS, FULL_MODEL_FORMAT)
 MAX_SCAN_POINTS = 1000
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 CPU = torch.device("cpu")

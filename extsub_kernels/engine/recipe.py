@@ -19,7 +19,7 @@ import yaml
 
 from extsub_kernels._version import __version__
 from extsub_kernels.engine.method_spec import DEFAULT_METHOD, METHODS
-from extsub_kernels.engine.options import FORMATS, ON_MISSING, OUT_DTYPES, lam_label
+from extsub_kernels.engine.options import ON_MISSING, OUT_DTYPES, lam_label
 from extsub_kernels.errors import InputError
 from extsub_kernels.io.outputs import RECIPE_NAME
 
@@ -52,7 +52,7 @@ KEYS: dict[str, RecipeKey] = {
     "max_shard_size": RecipeKey((int, str), "a size like 5GB or a number of bytes", flag="--max-shard-size"),
     "on_missing": RecipeKey(_STR, "an on-missing policy", ON_MISSING, "--on-missing"),
     "transposed": RecipeKey((bool,), "true or false", flag="--transposed"),
-    "format": RecipeKey(_STR, "an adapter output format", FORMATS, "--format"),
+    "format": RecipeKey(_STR, "an adapter output format", flag="--format"),  # its PEM type checks it
     "max_rank": RecipeKey((int,), "a positive integer", flag="--max-rank"),
     "lora_alpha": RecipeKey(_NUM, "a number", flag="--lora-alpha"),
     "rank": RecipeKey((int,), "a positive integer", flag="--rank"),

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from extsub_kernels._version import __version__
+from extsub_kernels.adapters.peft import FORMATS
 from extsub_kernels.engine.options import (
     FULL_MODEL_FORMAT,
-    SAVE_FORMATS,
     EvalDtypeName,
     check_choice,
     eval_dtype,
@@ -303,7 +303,7 @@ def _check_save(
             raise InputError("--format says how --save-best writes the best merge; give --save-best OUT too")
         return None
     if save_format is not None:
-        check_choice(save_format, SAVE_FORMATS, "format")
+        check_choice(save_format, (*FORMATS, FULL_MODEL_FORMAT), "format")
     if not adapters and save_format not in (None, FULL_MODEL_FORMAT):
         raise InputError(f"full models merge into a full model; --format {save_format} is for adapter inputs")
     fmt = save_format if adapters else FULL_MODEL_FORMAT
