@@ -15,8 +15,8 @@ import torch
 
 from extsub_kernels.adapters import AdapterOptions, PeftAdapter, run_adapters
 from extsub_kernels.engine import MergeReport, RunOptions, run_dense
-from extsub_kernels.engine.architecture import full_model_hint
 from extsub_kernels.engine.context import RunContext
+from extsub_kernels.engine.conv1d import full_model_hint
 from extsub_kernels.engine.method_spec import DEFAULT_METHOD
 from extsub_kernels.engine.options import (
     DTYPE_NAMES,

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 
 from extsub_kernels._tensors import as_rows, check_pair, compute_dtype, shares_storage
+from extsub_kernels.constants import ENV_TRITON_INTERPRET
 from extsub_kernels.reference import ext_sub_reference
 
 Backend = Literal["auto", "triton", "cpp", "torch", "reference"]
@@ -212,7 +213,7 @@ def _checked_row_stats(row_stats: torch.Tensor, w_plus: torch.Tensor) -> torch.T
 
 
 def _triton_allowed(t: torch.Tensor) -> bool:
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return t.is_cuda or os.environ.get(ENV_TRITON_INTERPRET, "0") not in ("", "0")
 
 
 def _resolve_backend(backend: str, w_plus: torch.Tensor) -> str:

@@ -32,9 +32,10 @@ from extsub_kernels._tensors import all_finite
 from extsub_kernels.adapters.family import config_text
 from extsub_kernels.adapters.ia3 import ia3_key, ia3_output
 from extsub_kernels.adapters.lora import Device, LoraAdapter, LoraModule, module_delta
-from extsub_kernels.adapters.peft import CONFIG_NAME, WEIGHTS_NAME, exact_pattern, peft_key, weight_key
+from extsub_kernels.adapters.peft import exact_pattern, peft_key, weight_key
 from extsub_kernels.adapters.prefix import PROMPT_KEY, prefix_output
-from extsub_kernels.engine.outputs import LazyOutput, write_outputs
+from extsub_kernels.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from extsub_kernels.engine.writing import LazyOutput, write_outputs
 from extsub_kernels.errors import InputError
 from extsub_kernels.io import TensorEntry
 from extsub_kernels.io.outputs import refuse_existing
@@ -126,7 +127,7 @@ def lora_output(adapter: LoraAdapter, *, dtype: torch.dtype | None = None, devic
     alphas = {name: _alpha(m) for name, m in adapter.modules.items()}
     config = peft_config(adapter, ranks, alphas)
     return LazyOutput.lazy(
-        makers + _extra_makers(adapter), texts={CONFIG_NAME: config_text(config)}, weights_name=WEIGHTS_NAME
+        makers + _extra_makers(adapter), texts={ADAPTER_CONFIG: config_text(config)}, weights_name=ADAPTER_WEIGHTS
     )
 
 
@@ -148,8 +149,8 @@ def dense_lora_output(adapter: LoraAdapter, *, dtype: torch.dtype | None = None,
         key = peft_key(name, "B")
         make_b = _finite(name, key, lambda m=module, o=out: module_delta(m, dtype=o, device=device).cpu())
         makers.append((TensorEntry(key, out, (module.out_features, n_in)), make_b))
-    texts = {CONFIG_NAME: config_text(dense_lora_config(adapter))}
-    return LazyOutput.lazy(makers + _extra_makers(adapter), texts=texts, weights_name=WEIGHTS_NAME)
+    texts = {ADAPTER_CONFIG: config_text(dense_lora_config(adapter))}
+    return LazyOutput.lazy(makers + _extra_makers(adapter), texts=texts, weights_name=ADAPTER_WEIGHTS)
 
 
 def dense_lora_config(adapter: LoraAdapter) -> dict:
@@ -193,7 +194,7 @@ def to_peft(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> tuple[
         >>> state_dict, config = to_peft(merge_adapters(expert, anti, 1.0))  # doctest: +SKIP
     """
     output = lora_output(adapter, dtype=dtype)
-    return dict(output.items()), json.loads(output.texts[CONFIG_NAME])
+    return dict(output.items()), json.loads(output.texts[ADAPTER_CONFIG])
 
 
 def iter_dense_lora(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -267,7 +268,9 @@ def write_adapter(
     Example:
         >>> write_adapter(tmp / "out", *to_peft(merged))  # doctest: +SKIP
     """
-    output = LazyOutput.of_tensors(state_dict, texts={CONFIG_NAME: config_text(config)}, weights_name=WEIGHTS_NAME)
+    output = LazyOutput.of_tensors(
+        state_dict, texts={ADAPTER_CONFIG: config_text(config)}, weights_name=ADAPTER_WEIGHTS
+    )
     return _write(Path(folder), output, metadata, force)
 
 

@@ -24,9 +24,9 @@ import torch
 
 from extsub_kernels._tensors import all_finite, compute_dtype, is_float, nonfinite_summary
 from extsub_kernels.adapters.family import BaseEdit, PeftAdapter, strip_peft_prefix
-from extsub_kernels.engine.architecture import TransposedRule
+from extsub_kernels.engine.conv1d import TransposedRule
 from extsub_kernels.engine.methods import apply_method
-from extsub_kernels.engine.outputs import LazyOutput
+from extsub_kernels.engine.writing import LazyOutput
 from extsub_kernels.errors import InputError
 from extsub_kernels.io import CheckpointReader, TensorEntry
 

@@ -32,12 +32,12 @@ from extsub_kernels.adapters.family import (
 )
 from extsub_kernels.adapters.patterns import PatternMatcher
 from extsub_kernels.adapters.report import AdapterReport, counted
+from extsub_kernels.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from extsub_kernels.engine.methods import apply_method
-from extsub_kernels.engine.outputs import LazyOutput
+from extsub_kernels.engine.writing import LazyOutput
 from extsub_kernels.errors import AdapterError, InputError
 from extsub_kernels.io import TensorEntry
 from extsub_kernels.io.format import DTYPE_CODES
-from extsub_kernels.io.resolve import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 # <module>.ia3_l, optionally with an adapter-name segment: <module>.ia3_l.default
 _IA3_KEY = re.compile(r"^(?P<module>.+)\.ia3_l(?:\.(?P<adapter>[^.]+))?$")

@@ -25,12 +25,9 @@ from extsub_kernels.adapters.ia3 import IA3Adapter
 from extsub_kernels.adapters.lora import LoraAdapter, LoraModule
 from extsub_kernels.adapters.patterns import PatternMatcher, pattern_key, selects
 from extsub_kernels.adapters.prefix import PrefixAdapter
+from extsub_kernels.constants import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_WEIGHTS
 from extsub_kernels.errors import AdapterError
-from extsub_kernels.io.resolve import ADAPTER_CONFIG as CONFIG_NAME
-from extsub_kernels.io.resolve import ADAPTER_WEIGHTS as WEIGHTS_NAME
 from extsub_kernels.io.resolve import read_json_object
-
-PICKLE_NAME = "adapter_model.bin"
 
 # <module>.lora_A.weight, optionally with an adapter-name segment: <module>.lora_A.default.weight
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
@@ -185,24 +182,25 @@ def _locate(path: Path, scaling: LoraScaling | None) -> tuple[Path, dict, str]:
     """(weights file, config dict, where the config came from) for a folder or a bare file."""
     explicit = scaling is not None
     if path.is_dir():
-        weights, config_path = path / WEIGHTS_NAME, path / CONFIG_NAME
+        weights, config_path = path / ADAPTER_WEIGHTS, path / ADAPTER_CONFIG
         if not weights.is_file():
-            if (path / PICKLE_NAME).is_file():
+            if (path / ADAPTER_PICKLE).is_file():
                 raise AdapterError(
-                    f"{path} holds {PICKLE_NAME}, a pickle file, which is not read (it can run code); convert it: "
-                    f"safetensors.torch.save_file(torch.load('{PICKLE_NAME}', weights_only=True), '{WEIGHTS_NAME}')"
+                    f"{path} holds {ADAPTER_PICKLE}, a pickle file, which is not read (it can run code); convert it: "
+                    f"safetensors.torch.save_file(torch.load('{ADAPTER_PICKLE}', weights_only=True), "
+                    f"'{ADAPTER_WEIGHTS}')"
                 )
-            raise AdapterError(f"{path} is not a PEFT adapter folder: {WEIGHTS_NAME} is missing")
+            raise AdapterError(f"{path} is not a PEFT adapter folder: {ADAPTER_WEIGHTS} is missing")
         if not config_path.is_file():
             _refuse_other_types_without_config(path, weights)
             raise AdapterError(
-                f"{path} has no {CONFIG_NAME}: the LoRA scaling (lora_alpha, r) is unknown; add the config, or give "
+                f"{path} has no {ADAPTER_CONFIG}: the LoRA scaling (lora_alpha, r) is unknown; add the config, or give "
                 "the scaling of its .safetensors file (--lora-alpha and --rank; scaling=LoraScaling(...) in Python)"
             )
     elif path.is_file():
         if path.suffix != ".safetensors":
             raise AdapterError(f"{path}: expected a .safetensors file or a PEFT adapter folder")
-        weights, config_path = path, path.parent / CONFIG_NAME
+        weights, config_path = path, path.parent / ADAPTER_CONFIG
         if not config_path.is_file():
             config_path = None
     else:
@@ -214,7 +212,7 @@ def _locate(path: Path, scaling: LoraScaling | None) -> tuple[Path, dict, str]:
     _refuse_other_types_without_config(path, weights)
     if scaling is None:
         raise AdapterError(
-            f"{path}: a bare adapter file with no {CONFIG_NAME} beside it, so the LoRA scaling is unknown; "
+            f"{path}: a bare adapter file with no {ADAPTER_CONFIG} beside it, so the LoRA scaling is unknown; "
             "give it (--lora-alpha, and --rank / --rslora where they apply; scaling=LoraScaling(...) in Python)"
         )
     config = scaling.as_config()
@@ -228,8 +226,8 @@ def _refuse_other_types_without_config(path: Path, weights: Path) -> None:
     for kind in _MEMBERS:
         if kind.config_needed is not None and any(kind.owns_key(name) for name in names):
             raise AdapterError(
-                f"{path}: {kind.label} adapter weights with no {CONFIG_NAME} beside them, so {kind.config_needed} "
-                f"is unknown; put the {CONFIG_NAME} the adapter was saved with beside its weights"
+                f"{path}: {kind.label} adapter weights with no {ADAPTER_CONFIG} beside them, so {kind.config_needed} "
+                f"is unknown; put the {ADAPTER_CONFIG} the adapter was saved with beside its weights"
             )
 
 

@@ -27,12 +27,12 @@ from extsub_kernels.adapters.family import (
     peft_fields,
 )
 from extsub_kernels.adapters.report import AdapterReport
+from extsub_kernels.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from extsub_kernels.engine.methods import apply_method
-from extsub_kernels.engine.outputs import LazyOutput
+from extsub_kernels.engine.writing import LazyOutput
 from extsub_kernels.errors import AdapterError, InputError
 from extsub_kernels.io import TensorEntry
 from extsub_kernels.io.format import DTYPE_CODES
-from extsub_kernels.io.resolve import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 PROMPT_KEY = "prompt_embeddings"
 GEOMETRY = ("num_virtual_tokens", "num_layers", "token_dim", "num_attention_heads")

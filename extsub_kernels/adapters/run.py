@@ -22,18 +22,19 @@ from extsub_kernels.adapters.family import PeftAdapter, check_same_type, merge_a
 from extsub_kernels.adapters.formats import OUTPUT_FORMATS
 from extsub_kernels.adapters.full_model import full_model_outputs, match_targets
 from extsub_kernels.adapters.lora import LoraAdapter, check_max_rank
-from extsub_kernels.adapters.peft import CONFIG_NAME, FORMATS, LoraScaling, load_adapter
+from extsub_kernels.adapters.peft import FORMATS, LoraScaling, load_adapter
 from extsub_kernels.adapters.report import AdapterSection, adapter_items
 from extsub_kernels.adapters.stats import adapter_stats
-from extsub_kernels.engine.architecture import input_config, weight_layout
+from extsub_kernels.constants import ADAPTER_CONFIG, MODEL_CONFIG
 from extsub_kernels.engine.context import RunContext
+from extsub_kernels.engine.conv1d import input_config, weight_layout
 from extsub_kernels.engine.dryrun import dry_run_report
 from extsub_kernels.engine.memory import peak_rss_bytes
-from extsub_kernels.engine.notes import MODEL_CONFIG, OutputKind, base_model_name, output_texts, run_metadata
+from extsub_kernels.engine.notes import OutputKind, base_model_name, output_texts, run_metadata
 from extsub_kernels.engine.options import DEFAULT_MAX_SHARD_SIZE, RunOptions, check_choice, parse_size
-from extsub_kernels.engine.outputs import LazyOutput, write_outputs
 from extsub_kernels.engine.report import MergeReport
 from extsub_kernels.engine.transfer import Transfer
+from extsub_kernels.engine.writing import LazyOutput, write_outputs
 from extsub_kernels.errors import AdapterError, InputError
 from extsub_kernels.io import CheckpointReader, ResolvedInput, is_folder_output
 from extsub_kernels.io.outputs import listed_files
@@ -125,7 +126,7 @@ def shard_limit(out: Path, output_format: str, options: RunOptions, *, base: boo
             hint = ", or --format delta for one .safetensors file" if output_format in LoraAdapter.formats else ""
             raise InputError(
                 f"OUT {out}: the {output_format} format writes a PEFT adapter folder (adapter_model.safetensors and "
-                f"{CONFIG_NAME}); give a folder OUT{hint}"
+                f"{ADAPTER_CONFIG}); give a folder OUT{hint}"
             )
         return None
     if base or output_format == "delta":
@@ -159,7 +160,7 @@ def load_inputs(inputs: Inputs, scaling: LoraScaling | None = None) -> list[Peft
     adapters, used = [], False
     for role, inp in inputs:
         path = inp.files[0] if inp.kind == "file" else inp.root
-        has_config = (inp.files[0].parent if inp.kind == "file" else inp.root).joinpath(CONFIG_NAME).is_file()
+        has_config = (inp.files[0].parent if inp.kind == "file" else inp.root).joinpath(ADAPTER_CONFIG).is_file()
         if has_config or scaling is None:
             adapter = load_adapter(path)
         elif len(inp.files) != 1:
@@ -172,7 +173,7 @@ def load_inputs(inputs: Inputs, scaling: LoraScaling | None = None) -> list[Peft
         adapters.append(dataclasses.replace(adapter, source=inp.spec))
     if scaling is not None and not used:
         raise AdapterError(
-            f"--lora-alpha/--rank/--rslora give the scaling of LoRA weights that have no {CONFIG_NAME}, but every "
+            f"--lora-alpha/--rank/--rslora give the scaling of LoRA weights that have no {ADAPTER_CONFIG}, but every "
             "adapter here has one (a config's scaling is never overridden); drop them"
         )
     return adapters
@@ -327,7 +328,7 @@ def run_adapters(
                 sources=[a.source for a in adapters],
             )
             config = base.config_file(MODEL_CONFIG) if folder else None
-            skip = (CONFIG_NAME, MODEL_CONFIG)
+            skip = (ADAPTER_CONFIG, MODEL_CONFIG)
             extra_files = [p for p in base.config_files if p.name not in skip] if folder else []
             outputs = full_model_outputs(
                 merged,

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import yaml
 
 from extsub_kernels._version import __version__
+from extsub_kernels.constants import RECIPE_NAME
 from extsub_kernels.engine.method_spec import method_spec
-from extsub_kernels.io.outputs import GENERATED_MARK, RECIPE_NAME
+from extsub_kernels.io.outputs import GENERATED_MARK
 
 PAPER = (
     'Hu et al., "Separate the Wheat from the Chaff: Model Deficiency Unlearning via Parameter-Efficient '

@@ -11,14 +11,14 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from extsub_kernels.engine.architecture import WeightLayout, input_config, weight_layout
+from extsub_kernels.constants import ADAPTER_CONFIG, MODEL_CONFIG
 from extsub_kernels.engine.context import RunContext
+from extsub_kernels.engine.conv1d import WeightLayout, input_config, weight_layout
 from extsub_kernels.engine.dense_stats import DenseStats
 from extsub_kernels.engine.dryrun import dry_run_report
 from extsub_kernels.engine.items import dense_items
 from extsub_kernels.engine.memory import peak_rss_bytes
 from extsub_kernels.engine.notes import (
-    MODEL_CONFIG,
     OutputKind,
     base_model_name,
     output_texts,
@@ -26,14 +26,13 @@ from extsub_kernels.engine.notes import (
     text_names,
 )
 from extsub_kernels.engine.options import DEFAULT_MAX_SHARD_SIZE, RunOptions, parse_size
-from extsub_kernels.engine.outputs import OutputSet, discard, progress_bar
 from extsub_kernels.engine.pipeline import run_pipeline
 from extsub_kernels.engine.plan import TensorJob, plan_tensors
 from extsub_kernels.engine.report import MergeReport
 from extsub_kernels.engine.streamer import BlockStreamer
+from extsub_kernels.engine.writing import OutputSet, discard, progress_bar
 from extsub_kernels.io import CheckpointReader, ResolvedInput, TensorEntry, is_folder_output
 from extsub_kernels.io.outputs import listed_files
-from extsub_kernels.io.resolve import ADAPTER_CONFIG
 from extsub_kernels.ops import op_backend
 
 Inputs = Sequence[tuple[str, ResolvedInput]]

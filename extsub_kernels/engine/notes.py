@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from extsub_kernels._version import __version__
+from extsub_kernels.constants import CARD_NAME, MODEL_CONFIG, RECIPE_NAME
 from extsub_kernels.engine.card import CardFacts, model_card
 from extsub_kernels.engine.context import RunContext
 from extsub_kernels.engine.options import RunOptions
@@ -23,10 +24,8 @@ from extsub_kernels.engine.recipe import recipe_text
 from extsub_kernels.engine.stats import TensorStats
 from extsub_kernels.engine.tables import summary_table
 from extsub_kernels.io import ResolvedInput, read_json_object
-from extsub_kernels.io.outputs import CARD_NAME, RECIPE_NAME
 from extsub_kernels.io.provenance import hub_repo
 
-MODEL_CONFIG = "config.json"
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 

@@ -18,10 +18,10 @@ from typing import Any
 import yaml
 
 from extsub_kernels._version import __version__
+from extsub_kernels.constants import RECIPE_NAME
 from extsub_kernels.engine.method_spec import DEFAULT_METHOD, METHODS
 from extsub_kernels.engine.options import ON_MISSING, OUT_DTYPES, lam_label
 from extsub_kernels.errors import InputError
-from extsub_kernels.io.outputs import RECIPE_NAME
 
 RECIPE_FORMAT = 1
 PROG = "extsub-merge"

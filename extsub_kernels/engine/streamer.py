@@ -26,10 +26,10 @@ from extsub_kernels.engine.methods import (
     method_workspace,
 )
 from extsub_kernels.engine.options import RunOptions, lam_label
-from extsub_kernels.engine.outputs import Piece
 from extsub_kernels.engine.pipeline import in_flight
 from extsub_kernels.engine.plan import Block, TensorJob, cut_blocks, row_elements, rows_of
 from extsub_kernels.engine.transfer import BufferPool, Transfer, Workspace, view_as
+from extsub_kernels.engine.writing import Piece
 from extsub_kernels.errors import InputError, MergeError
 from extsub_kernels.io import CheckpointReader, ResolvedInput, TensorEntry
 from extsub_kernels.io.provenance import display_path

@@ -12,13 +12,19 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from extsub_kernels.constants import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    ENV_HF_CACHE,
+    ENV_HF_HOME,
+    ENV_HF_OFFLINE,
+    ENV_XDG_CACHE,
+    INDEX_SUFFIX,
+)
 from extsub_kernels.errors import InputError
 from extsub_kernels.io.reader import Header, read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-INDEX_SUFFIX = ".safetensors.index.json"
 # A shard index of a million tensors takes ~130 MB; no config or index comes near this.
 MAX_JSON_BYTES = 256_000_000
 # Files beside the weights that describe the model: configs and tokenizers (never weights).
@@ -217,15 +223,15 @@ def _is_plain_name(name: str) -> bool:
 
 def _hub_cache_dir() -> str:
     """The hub cache, read from the environment now (huggingface_hub reads it once, at import)."""
-    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    cache = next((os.environ[name] for name in ENV_HF_CACHE if os.environ.get(name)), None)
     if cache:
         return os.path.expanduser(cache)
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    home = os.environ.get(ENV_HF_HOME) or os.path.join(os.environ.get(ENV_XDG_CACHE, "~/.cache"), "huggingface")
     return os.path.join(os.path.expanduser(home), "hub")
 
 
 def _hub_offline() -> bool:
-    flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    flag = next((os.environ[name] for name in ENV_HF_OFFLINE if os.environ.get(name)), "")
     return flag.upper() in ("1", "ON", "YES", "TRUE")
 
 

@@ -16,12 +16,16 @@ from pathlib import Path
 
 import torch
 
+from extsub_kernels.constants import INDEX_SUFFIX, SAFETENSORS_SUFFIX
 from extsub_kernels.errors import InputError, MergeError
 from extsub_kernels.io import atomic
 from extsub_kernels.io.format import HEADER_LENGTH_BYTES, METADATA_KEY, dtype_code, nbytes_of, write_order_key
 from extsub_kernels.io.outputs import is_folder_output
 
-INDEX_SUFFIX = ".index.json"
+
+def index_name(weights_name: str) -> str:
+    """The shard index of a folder output's weights: model.safetensors → model.safetensors.index.json."""
+    return f"{weights_name.removesuffix(SAFETENSORS_SUFFIX)}{INDEX_SUFFIX}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +140,12 @@ def planned_files(
         (name, len(build_header(group, metadata)) + sum(e.nbytes for e in group)) for name, group in shards
     ]
     if len(shards) > 1:
-        files.append((f"{weights_name}{INDEX_SUFFIX}", len(json.dumps(build_index(shards), indent=2)) + 1))
+        files.append(
+            (
+                index_name(weights_name),
+                len(json.dumps(build_index(shards), indent=2)) + 1,
+            )
+        )
     files += [(src.name, src.stat().st_size) for src in extra_files]
     files += [(name, None) for name in texts]
     return files
@@ -466,7 +475,7 @@ class CheckpointWriter:
         if self.is_folder:
             if len(self.shards) > 1:
                 index = json.dumps(build_index(self.shards), indent=2) + "\n"
-                atomic.write_text(self._temp / f"{self._weights_name}{INDEX_SUFFIX}", index)
+                atomic.write_text(self._temp / index_name(self._weights_name), index)
             for src in self._extra_files:
                 shutil.copyfile(src, self._temp / src.name)
                 atomic.fsync_path(self._temp / src.name)

@@ -29,7 +29,7 @@ from extsub_kernels.engine.options import (
     resolve_device,
     warn_negative_lams,
 )
-from extsub_kernels.engine.outputs import progress_bar
+from extsub_kernels.engine.writing import progress_bar
 from extsub_kernels.errors import InputError, ScanInterrupted, Terminated
 from extsub_kernels.io import ResolvedInput, check_outputs, resolve_input
 from extsub_kernels.io.atomic import terminate_as_interrupt

@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from extsub_kernels.constants import MODEL_CONFIG
 from extsub_kernels.io import ResolvedInput, read_json_object
 
 # Models whose linear layers are GPT-2's Conv1D, storing weights as (in, out) instead of (out, in).
@@ -23,7 +24,6 @@ _CONV1D_WEIGHT = re.compile(r"(^|\.)(c_attn|q_attn|c_proj|c_fc)\.weight$")
 # Conv1D weights whose shape tells the layout: (name pattern, ratio out/in of the layer).
 _TELLING = ((re.compile(r"(^|\.)c_attn\.weight$"), 3), (re.compile(r"(^|\.)c_fc\.weight$"), 4))
 _MLP_PROJ = re.compile(r"(^|\.)mlp\.c_proj\.weight$")
-CONFIG_NAME = "config.json"
 
 TransposedRule = Callable[[str, tuple[int, ...]], bool]
 
@@ -63,11 +63,11 @@ def transposed_weights(config: dict | None) -> TransposedRule:
 def input_config(inp: ResolvedInput) -> dict | None:
     """An input's config.json: in its folder or hub snapshot, or beside a bare .safetensors file; None if absent."""
     if inp.kind == "file":
-        beside = inp.files[0].parent / CONFIG_NAME
+        beside = inp.files[0].parent / MODEL_CONFIG
         return read_json_object(beside) if beside.is_file() else None
     if inp.kind == "memory":
         return None
-    return inp.config(CONFIG_NAME)
+    return inp.config(MODEL_CONFIG)
 
 
 @dataclass(frozen=True)
