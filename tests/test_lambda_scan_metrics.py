@@ -21,11 +21,11 @@ from extsub_kernels.lambda_scan.metrics import (
 )
 
 import trained_fixtures as tf
-from helpers import DEVICES
+from helpers import DEVICES, lazy_module
 
 pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")  # PEFT's prefix path
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+peft = lazy_module("peft")
+transformers = lazy_module("transformers")
 
 # float32 logits of the same tokens, padded or not, differ by a few ulps of |logits| (≲ 10): the
 # mean NLL by ≲ 1e-6 relative (observed ≤ 5e-8). 2⁻¹⁶ ≈ 1.5e-5 leaves a wide margin; a scoring

@@ -24,10 +24,10 @@ from extsub_kernels.lambda_scan.metrics import (
 from extsub_kernels.lambda_scan.plot import png_size
 from extsub_kernels.lambda_scan.report import SCAN_FILES
 
-from helpers import DEVICES
+from helpers import DEVICES, lazy_module
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+peft = lazy_module("peft")
+transformers = lazy_module("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
 
 # The scan's model and the one loaded from the written merge hold the same numbers in float32; they differ only in

@@ -9,10 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 import trained_fixtures as tf
+from helpers import lazy_module
 
 pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")  # PEFT's prefix path
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+peft = lazy_module("peft")
+transformers = lazy_module("transformers")
 
 ADAPTER_TYPES = ("lora", "ia3", "prefix", "prefix_projection")
 
