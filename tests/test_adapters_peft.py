@@ -457,23 +457,6 @@ def test_write_tensors_is_atomic(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.safetensors"]
 
 
-def test_the_deprecated_merge_adapter_files_warns_and_merges_as_merge(llama, tmp_path):
-    _, paths = llama
-    from extsub_kernels import merge_adapter_files
-
-    with pytest.warns(DeprecationWarning, match="use merge"):
-        old = merge_adapter_files(paths["expert"], [paths["anti"], paths["anti2"]], tmp_path / "old", [0.5, 1.5])
-    _merge(paths["expert"], [paths["anti"], paths["anti2"]], tmp_path / "new", [[0.5, 1.5]])
-    assert old.adapter.reports[0].lams == (0.5, 1.5)
-    assert (
-        load_file(str(tmp_path / "old" / "adapter_model.safetensors")).keys()
-        == load_file(str(tmp_path / "new" / "adapter_model.safetensors")).keys()
-    )
-    old_tensors = load_file(str(tmp_path / "old" / "adapter_model.safetensors"))
-    new_tensors = load_file(str(tmp_path / "new" / "adapter_model.safetensors"))
-    assert all(torch.equal(old_tensors[k], new_tensors[k]) for k in new_tensors)
-
-
 # --- configs validated as PEFT validates them ---------------------------------------------
 
 # name: (edit of the config, message, whether PEFT's own loader refuses the config too)

@@ -255,7 +255,7 @@ def merge_adapters(
         expert.check_max_rank(max_rank)
     spec = method_spec(method)
     lams = lam_list(lam, len(antis))
-    check_base_models(expert, antis, any_base_model=any_base_model)
+    _check_base_models(expert, antis, any_base_model=any_base_model)
     expert.check_antis(antis)
     report = expert.new_report(spec.name, lams)
     computed = expert.merge_units(MergeStep(antis, lams, spec, report, max_rank))
@@ -263,7 +263,7 @@ def merge_adapters(
     kept.update(
         computed,
         source=f"{spec.name} of {expert.source} and {', '.join(a.source for a in antis)}",
-        extra=copy_extra(expert, antis, report),
+        extra=_copy_extra(expert, antis, report),
         report=report,
     )
     return (expert.merged_type or type(expert))(**kept)
@@ -296,7 +296,7 @@ def lam_list(lam: float | Sequence[float], n_antis: int) -> tuple[float, ...]:
     return tuple(values)
 
 
-def check_base_models(expert: PeftAdapter, antis: Sequence[PeftAdapter], *, any_base_model: bool = False) -> None:
+def _check_base_models(expert: PeftAdapter, antis: Sequence[PeftAdapter], *, any_base_model: bool = False) -> None:
     """Raise an InputError unless every adapter names the expert's base model (or one of them names none)."""
     if any_base_model:
         return
@@ -310,7 +310,7 @@ def check_base_models(expert: PeftAdapter, antis: Sequence[PeftAdapter], *, any_
             )
 
 
-def copy_extra(expert: PeftAdapter, antis: Sequence[PeftAdapter], report: AdapterReport) -> dict[str, torch.Tensor]:
+def _copy_extra(expert: PeftAdapter, antis: Sequence[PeftAdapter], report: AdapterReport) -> dict[str, torch.Tensor]:
     """Non-adapter tensors (modules_to_save): the expert's are copied (with a warning), the anti-experts' ignored."""
     if expert.extra:
         warnings.warn(

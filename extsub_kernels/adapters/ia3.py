@@ -280,11 +280,11 @@ def ia3_output(
         entry = TensorEntry(ia3_key(name), out, tuple(vector.shape))
         makers.append((entry, lambda v=vector, o=out: v.to(o).contiguous()))
     makers += [(TensorEntry(key, t.dtype, tuple(t.shape)), lambda t=t: t) for key, t in adapter.extra.items()]
-    texts = {ADAPTER_CONFIG: config_text(ia3_config(adapter))}
+    texts = {ADAPTER_CONFIG: config_text(_ia3_config(adapter))}
     return LazyOutput.lazy(makers, texts=texts, weights_name=ADAPTER_WEIGHTS)
 
 
-def ia3_config(adapter: IA3Adapter) -> dict:
+def _ia3_config(adapter: IA3Adapter) -> dict:
     """The adapter_config.json of an (IA)³ output: the adapter's own, with its module lists as written."""
     config = dict(adapter.config)
     config.update(

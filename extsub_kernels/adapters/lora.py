@@ -162,7 +162,7 @@ class LoraAdapter(PeftAdapter):
         b_minus, a_minus = _scaled_factors(anti, torch.float64)
         pp = lora_row_norms(b_plus, a_plus) ** 2
         mm = lora_row_norms(b_minus, a_minus) ** 2
-        return torch.stack([pp, mm, lora_row_products(b_plus, a_plus, b_minus, a_minus)], dim=1)
+        return torch.stack([pp, mm, _lora_row_products(b_plus, a_plus, b_minus, a_minus)], dim=1)
 
     @staticmethod
     def change_sq(expert: "LoraModule", merged: "LoraModule") -> float:
@@ -264,7 +264,7 @@ def lora_row_norms(lora_B: torch.Tensor, lora_A: torch.Tensor, scaling: float = 
     return torch.linalg.vector_norm(lora_B.to(torch.float64) @ r_factor.T, dim=1) * abs(float(scaling))
 
 
-def lora_row_products(
+def _lora_row_products(
     b_plus: torch.Tensor, a_plus: torch.Tensor, b_minus: torch.Tensor, a_minus: torch.Tensor
 ) -> torch.Tensor:
     """p·m per row of B⁺·A⁺ and B⁻·A⁻ (scalings folded into B) from the r⁺×r⁻ cross-Gram A⁺·A⁻ᵀ, in float64."""
@@ -291,7 +291,7 @@ def ext_sub_factors(
 
     Per row α and β from the method (Ext-Sub: α = 1 + (λ/2)|m|/|p| and β = −λ/2; α = 1, β = 0
     where |p| = 0, as the dense op), with |p|, |m| (and p·m where the method reads it) from Gram
-    matrices (`lora_row_norms`, `lora_row_products`).
+    matrices (`lora_row_norms`, `_lora_row_products`).
 
     Args:
         b_plus, a_plus: the expert (or the result so far), B⁺ (out×r⁺) and A⁺ (r⁺×in).
@@ -322,7 +322,7 @@ def _row_sums(
     spec: MethodSpec, b_plus: torch.Tensor, a_plus: torch.Tensor, b_minus: torch.Tensor, a_minus: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(|p|, |m|, p·m or None where the method does not read it) per row, from the factors."""
-    products = lora_row_products(b_plus, a_plus, b_minus, a_minus) if spec.needs_products else None
+    products = _lora_row_products(b_plus, a_plus, b_minus, a_minus) if spec.needs_products else None
     return lora_row_norms(b_plus, a_plus), lora_row_norms(b_minus, a_minus), products
 
 

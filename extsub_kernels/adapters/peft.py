@@ -100,7 +100,7 @@ def module_scaling(config: Mapping, module: str, rank: int, matcher: PatternMatc
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
-def configured_rank(config: Mapping, module: str, matcher: PatternMatcher | None = None) -> int | None:
+def _configured_rank(config: Mapping, module: str, matcher: PatternMatcher | None = None) -> int | None:
     """The rank the config gives `module` (rank_pattern, else r), or None when the config has no r."""
     ranks = config.get("rank_pattern") or {}
     key = pattern_key(ranks, module, matcher, "rank_pattern key")
@@ -137,12 +137,12 @@ def load_adapter(path: str | os.PathLike, *, scaling: LoraScaling | None = None)
     path = Path(path)
     weights, config, config_file = _locate(path, scaling)
     tensors = _read_tensors(weights)
-    adapter = _READERS[peft_type_of(config)](weights, tensors, config, config_file)
+    adapter = _READERS[_peft_type_of(config)](weights, tensors, config, config_file)
     adapter.source = str(path)
     return adapter
 
 
-def peft_type_of(config: Mapping) -> str:
+def _peft_type_of(config: Mapping) -> str:
     """The config's peft_type, upper case; LORA when it names none (bare LoRA weights with an explicit scaling)."""
     return str(config.get("peft_type") or "LORA").upper()
 
@@ -161,7 +161,7 @@ def _read_lora(weights: Path, tensors: dict[str, torch.Tensor], config: dict, co
                 "puts no LoRA layer there and ignores these weights, so a merge would differ from what PEFT does; "
                 "fix target_modules or drop the weights"
             )
-        expected = configured_rank(config, name, matcher)
+        expected = _configured_rank(config, name, matcher)
         if expected is not None and lora_A.shape[0] != expected:
             raise AdapterError(
                 f"{weights}: module {name} has rank {lora_A.shape[0]} (lora_A {tuple(lora_A.shape)}) but "
@@ -233,11 +233,11 @@ def _refuse_other_types_without_config(path: Path, weights: Path) -> None:
 
 def _read_config(config_path: Path) -> dict:
     config = read_json_object(config_path, "adapter config", error=AdapterError)
-    check_config(config, str(config_path))
+    _check_config(config, str(config_path))
     return config
 
 
-def check_config(config: dict, where: str) -> None:
+def _check_config(config: dict, where: str) -> None:
     """Refuse an adapter_config.json that PEFT would refuse or that this merge cannot follow, naming the field.
 
     The checks depend on `peft_type`, which PEFT requires (it picks the config class by it,

@@ -76,7 +76,7 @@ class PrefixAdapter(PeftAdapter):
     report: AdapterReport | None = None
 
     def __post_init__(self) -> None:
-        problem = geometry_problem(self.geometry) or self._tensor_problem()
+        problem = _geometry_problem(self.geometry) or self._tensor_problem()
         if problem is not None:
             raise ValueError(f"prefix-tuning adapter {self.source}: {problem}")
 
@@ -125,7 +125,7 @@ class PrefixAdapter(PeftAdapter):
                 a tensor whose shape the geometry contradicts.
         """
         geometry = {name: config.get(name) for name in GEOMETRY}
-        problem = geometry_problem(geometry)
+        problem = _geometry_problem(geometry)
         if problem is not None:
             raise AdapterError(f"{where}: {problem}; it is what PEFT saves with a prefix-tuning adapter")
         extra = {k: t for k, t in tensors.items() if k != PROMPT_KEY}
@@ -202,7 +202,7 @@ class PrefixAdapter(PeftAdapter):
         return {"prompt_embeddings": work.reshape(self.shape), "dtype": self.dtype or self.prompt_embeddings.dtype}
 
 
-def geometry_problem(geometry: Mapping[str, object]) -> str | None:
+def _geometry_problem(geometry: Mapping[str, object]) -> str | None:
     """What is wrong with a prefix geometry (missing, not positive integers, heads not dividing token_dim), or None."""
     for name in GEOMETRY:
         value = geometry.get(name)

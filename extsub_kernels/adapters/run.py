@@ -179,7 +179,7 @@ def load_inputs(inputs: Inputs, scaling: LoraScaling | None = None) -> list[Peft
     return adapters
 
 
-def merge_setting(
+def _merge_setting(
     adapters: Sequence[PeftAdapter],
     lams: Sequence[float],
     method: str,
@@ -215,7 +215,7 @@ def merge_setting(
     return merged
 
 
-def adapter_output(
+def _adapter_output(
     merged: PeftAdapter, output_format: str, *, dtype: torch.dtype | None = None, device: torch.device | None = None
 ) -> LazyOutput:
     """The lazy output of one adapter merge in `output_format` (one of the adapter type's `formats`)."""
@@ -256,12 +256,12 @@ def run_adapters(
     adapter_options.checked_format(base=base is not None)
     adapters = _adapters(adapter_inputs, loaded or {}, adapter_options.scaling)
     check_same_type(adapters[0], adapters[1:])
-    check_common_units(adapters, adapter_inputs)
+    _check_common_units(adapters, adapter_inputs)
     output_format = adapter_options.format_for(type(adapters[0]), base=base is not None)
     limit = shard_limit(paths[0], output_format, options, base=base is not None) if paths else None
     bytes_read = sum(f.stat().st_size for _, inp in adapter_inputs for f in inp.files)
     merged = [
-        merge_setting(
+        _merge_setting(
             adapters,
             lams,
             options.method,
@@ -308,8 +308,8 @@ def run_adapters(
     try:
         if reader is None:
             dtype, device = options.out_dtype, options.device
-            outputs = [adapter_output(m, output_format, dtype=dtype, device=device) for m in merged]
-            kind = adapter_kind(output_format, adapters[0])
+            outputs = [_adapter_output(m, output_format, dtype=dtype, device=device) for m in merged]
+            kind = _adapter_kind(output_format, adapters[0])
             computed = _computed_names(merged[0], output_format) & {e.name for e in outputs[0].entries}
         else:
             layout = weight_layout(
@@ -377,7 +377,7 @@ def run_adapters(
     )
 
 
-def adapter_kind(output_format: str, expert: PeftAdapter) -> OutputKind:
+def _adapter_kind(output_format: str, expert: PeftAdapter) -> OutputKind:
     """What an adapter output is, for its model card: every format but delta is a folder PEFT loads."""
     what, pem = OUTPUT_FORMATS[output_format].what, expert.tag
     if output_format == "delta":
@@ -398,7 +398,7 @@ def _with_notes(
     return [dataclasses.replace(o, texts={**o.texts, **n}) for o, n in zip(outputs, notes, strict=True)]
 
 
-def check_common_units(adapters: Sequence[PeftAdapter], inputs: Inputs) -> None:
+def _check_common_units(adapters: Sequence[PeftAdapter], inputs: Inputs) -> None:
     """Raise an InputError when no anti-expert shares a module with the expert: nothing would be merged."""
     expert = adapters[0].stat_units()
     antis = [a.stat_units() for a in adapters[1:]]

@@ -205,7 +205,7 @@ def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     given = vars(parser.parse_args(argv))
-    code, values = guarded(PROG, lambda: option_values(given, parser))
+    code, values = guarded(PROG, lambda: _option_values(given, parser))
     if code != EXIT_OK:
         return code
     command = shlex.join([PROG, *argv])
@@ -222,7 +222,7 @@ def _main(argv: Sequence[str] | None) -> int:
     return code
 
 
-def option_values(given: dict[str, Any], parser: argparse.ArgumentParser) -> dict[str, Any]:
+def _option_values(given: dict[str, Any], parser: argparse.ArgumentParser) -> dict[str, Any]:
     """Every option of the run: the defaults, overridden by the recipe (--config), overridden by the flags given.
 
     Raises:

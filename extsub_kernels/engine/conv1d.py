@@ -38,7 +38,7 @@ def conv1d_transposed(name: str, shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 and _CONV1D_WEIGHT.search(name) is not None
 
 
-def uses_conv1d(config: Mapping | None) -> bool | None:
+def _uses_conv1d(config: Mapping | None) -> bool | None:
     """Whether a config.json describes a GPT-2-family model (True), another model (False), or nothing (None)."""
     if not isinstance(config, Mapping):
         return None
@@ -57,7 +57,7 @@ def transposed_weights(config: dict | None) -> TransposedRule:
         >>> transposed_weights({"model_type": "gpt2"})("h.0.attn.c_attn.weight", (64, 192))
         True
     """
-    return conv1d_transposed if uses_conv1d(config) else never_transposed
+    return conv1d_transposed if _uses_conv1d(config) else never_transposed
 
 
 def input_config(inp: ResolvedInput) -> dict | None:
@@ -109,7 +109,7 @@ def weight_layout(
         flag = "--transposed" if explicit else "--no-transposed"
         return WeightLayout(conv1d_transposed if explicit else never_transposed, bool(explicit), f"{flag} given")
     for who, config in configs:
-        verdict = uses_conv1d(config)
+        verdict = _uses_conv1d(config)
         if verdict is not None:
             kind = config.get("model_type") or ", ".join(config.get("architectures") or [])
             what = "GPT-2 Conv1D weights stored (in, out)" if verdict else "weights stored (out, in)"
@@ -153,7 +153,7 @@ def full_model_hint(inputs: Sequence[tuple[str, ResolvedInput]]) -> str | None:
     """A warning for full models merged without a base: which input has a model's config.json, and what to do."""
     for role, inp in inputs:
         config = input_config(inp)
-        if uses_conv1d(config) is not None:
+        if _uses_conv1d(config) is not None:
             kind = config.get("model_type") or ", ".join(config.get("architectures") or [])
             return (
                 f"{role} {inp.spec!r} looks like a full model (config.json: {kind}) but no --base was given, so its "

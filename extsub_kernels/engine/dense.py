@@ -59,7 +59,7 @@ def run_dense(
     roles = [role for role, _ in inputs]
     readers = [CheckpointReader(inp.files, label=role) for role, inp in inputs]
     try:
-        layout = dense_layout(inputs, readers[0], options.transposed)
+        layout = _dense_layout(inputs, readers[0], options.transposed)
         jobs, skipped = plan_tensors(
             readers,
             n_anti=n_anti,
@@ -134,7 +134,7 @@ def run_dense(
     )
 
 
-def dense_layout(inputs: Inputs, expert: CheckpointReader, explicit: bool | None) -> WeightLayout:
+def _dense_layout(inputs: Inputs, expert: CheckpointReader, explicit: bool | None) -> WeightLayout:
     """How rows pair: --transposed/--no-transposed, else a config.json (EXPERT first, then BASE and the ANTIs),
     else the expert's key names and shapes."""
     order = [inputs[0], *[i for i in inputs[1:] if i[0] == "BASE"], *[i for i in inputs[1:] if i[0] != "BASE"]]

@@ -142,7 +142,7 @@ def check_recipe(recipe: object, where: str = "recipe") -> dict[str, Any]:
     return checked
 
 
-def lam_value_for(setting: Sequence[float]) -> float | str:
+def _lam_value_for(setting: Sequence[float]) -> float | str:
     """λ of one output as a recipe writes it: a number when every anti-expert has it, else "1:0.5"."""
     label = lam_label(setting)
     return float(setting[0]) if len(set(setting)) <= 1 else label.replace("_", ":")
@@ -156,7 +156,7 @@ def recipe_text(recipe: Mapping[str, Any], setting: Sequence[float]) -> str:
     """
     body = {"extsub_recipe": RECIPE_FORMAT, "extsub_version": __version__}
     for key in MERGE_KEYS:
-        value = lam_value_for(setting) if key == "lam" else recipe.get(key)
+        value = _lam_value_for(setting) if key == "lam" else recipe.get(key)
         if value is not None and (value is not False or key == "transposed"):
             body[key] = value
     header = (

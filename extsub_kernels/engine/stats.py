@@ -127,7 +127,7 @@ class PairAccumulator:
             zero_anti_rows=int((~has_m).sum()),
             antiparallel_rows=int((both & (cos <= -1.0 + ANTIPARALLEL_TOLERANCE)).sum()),
             measured_rows=measured,
-            cos=summarize_cos(measured_cos.to(torch.float32), mean_cos),
+            cos=_summarize_cos(measured_cos.to(torch.float32), mean_cos),
             expert_norm=math.sqrt(float(pp.sum())),
             anti_norm=math.sqrt(float(mm.sum())),
             deficiency_norm=math.sqrt(float(ext_sq.sum())),
@@ -149,7 +149,7 @@ def pair_stats(sums: torch.Tensor, anti: str) -> PairStats:
     return acc.result(anti)
 
 
-def summarize_cos(cos: torch.Tensor, mean: float | None = None) -> CosSummary | None:
+def _summarize_cos(cos: torch.Tensor, mean: float | None = None) -> CosSummary | None:
     """Mean (`mean`, when summed more precisely elsewhere), min, quartiles (linear interpolation) and max of a 1-D
     tensor of cosines; None when empty."""
     if cos.numel() == 0:

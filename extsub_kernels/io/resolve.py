@@ -113,7 +113,7 @@ def read_json_object(path: Path, what: str = "JSON config", *, error: type[Input
     return loaded
 
 
-def has_adapter_keys(names: object) -> bool:
+def _has_adapter_keys(names: object) -> bool:
     """Whether tensor names look like a PEFT adapter's: LoRA (lora_A, lora_B), (IA)³ (….ia3_l), prefix-tuning."""
     return any("lora_A" in k or "lora_B" in k or k.endswith(".ia3_l") or k == "prompt_embeddings" for k in names)
 
@@ -148,7 +148,7 @@ def _resolve_file(spec: str, path: Path, role: str) -> ResolvedInput:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise InputError(f"{role} {path}: " + _CONVERT_HINT.format(path=path, stem=path.with_suffix("")))
     header = read_header(path)
-    adapter = has_adapter_keys(header.tensors)
+    adapter = _has_adapter_keys(header.tensors)
     return ResolvedInput(spec, path.name, "file", path.resolve().parent, (path,), adapter=adapter, headers=(header,))
 
 
@@ -172,7 +172,7 @@ def _resolve_folder(spec: str, folder: Path, role: str, *, kind: str, name: str)
     headers = tuple(read_header(p) for p in shards)
     # An adapter's weights without their adapter_config.json are still an adapter (the adapter path
     # then asks for its config or scaling), never a dense checkpoint whose lora_A/lora_B rows get merged.
-    adapter = any(has_adapter_keys(h.tensors) for h in headers)
+    adapter = any(_has_adapter_keys(h.tensors) for h in headers)
     return ResolvedInput(spec, name, kind, folder, shards, configs, adapter=adapter, headers=headers)
 
 

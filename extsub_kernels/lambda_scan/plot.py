@@ -21,7 +21,7 @@ PANELS = (
 )
 
 
-def panels(result: ScanResult) -> list[tuple[str, str]]:
+def _panels(result: ScanResult) -> list[tuple[str, str]]:
     """The panels drawn for `result`: the NLLs, and the generation metrics when they were measured."""
     measured = any(r.rep_4 is not None for r in result.rows)
     return [p for p in PANELS if measured or p[0] in ("keep_nll", "forget_nll")]
@@ -38,7 +38,7 @@ def plot_png(result: ScanResult) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    chosen = panels(result)
+    chosen = _panels(result)
     width, height = png_size(len(chosen))
     figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     FigureCanvasAgg(figure)

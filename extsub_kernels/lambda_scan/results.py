@@ -56,7 +56,7 @@ class Recommendation:
     note: str
 
 
-def relative_increase(value: float, reference: float) -> float:
+def _relative_increase(value: float, reference: float) -> float:
     """(value − reference) / reference; NaN where the reference is 0 or either is not finite."""
     if not (math.isfinite(value) and math.isfinite(reference)) or reference == 0:
         return math.nan
@@ -83,8 +83,8 @@ def recommend(rows: Sequence[ScanRow], method: str, max_keep_increase: float) ->
         if not (math.isfinite(row.keep_nll) and math.isfinite(row.forget_nll)):  # a diverged model never qualifies
             diverged += 1
             continue
-        keep = relative_increase(row.keep_nll, expert.keep_nll)
-        forget = relative_increase(row.forget_nll, expert.forget_nll)
+        keep = _relative_increase(row.keep_nll, expert.keep_nll)
+        forget = _relative_increase(row.forget_nll, expert.forget_nll)
         if not (keep <= max_keep_increase):
             continue
         within += 1
@@ -99,7 +99,7 @@ def recommend(rows: Sequence[ScanRow], method: str, max_keep_increase: float) ->
             note = f"every λ > 0 of {method} raised KEEP-NLL by more than {max_keep_increase:.1%}"
             note += " or gave a non-finite NLL (the model diverged)" if diverged else ""
         return Recommendation(method, 0.0, 0.0, 0.0, note + "; keep the expert (λ = 0)")
-    keep = relative_increase(best.keep_nll, expert.keep_nll)
+    keep = _relative_increase(best.keep_nll, expert.keep_nll)
     note = f"FORGET-NLL {best_forget:+.1%}, KEEP-NLL {keep:+.1%} (at most +{max_keep_increase:.1%} allowed)"
     return Recommendation(method, best.lam, keep, best_forget, note)
 
@@ -183,8 +183,8 @@ class ScanResult:
         out = []
         for r in self.rows:
             d = asdict(r)
-            d["keep_increase"] = relative_increase(r.keep_nll, expert.keep_nll) if expert else math.nan
-            d["forget_increase"] = relative_increase(r.forget_nll, expert.forget_nll) if expert else math.nan
+            d["keep_increase"] = _relative_increase(r.keep_nll, expert.keep_nll) if expert else math.nan
+            d["forget_increase"] = _relative_increase(r.forget_nll, expert.forget_nll) if expert else math.nan
             d["eval_seconds"] = r.eval_seconds
             out.append(d)
         return out
