@@ -37,7 +37,6 @@ from extsub_kernels.engine.transfer import Transfer
 from extsub_kernels.engine.writing import LazyOutput, write_outputs
 from extsub_kernels.errors import AdapterError, InputError
 from extsub_kernels.io import CheckpointReader, ResolvedInput, is_folder_output
-from extsub_kernels.io.outputs import listed_files
 
 Inputs = Sequence[tuple[str, ResolvedInput]]
 
@@ -365,14 +364,12 @@ def run_adapters(
     finally:
         if reader is not None:
             reader.close()
-    return MergeReport(
-        outputs=written,
+    return MergeReport.finished(
+        written,
         bytes_read=bytes_read,
         bytes_written=bytes_written,
-        seconds=time.perf_counter() - started,
-        peak_rss_bytes=peak_rss_bytes(),
+        started=started,
         peak_gpu_bytes=transfer.peak_memory(),
-        files=tuple(tuple(listed_files(path)) for path in written),
         **facts,
     )
 

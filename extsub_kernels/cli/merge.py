@@ -12,6 +12,7 @@ from typing import Any
 
 from extsub_kernels.cli.common import (
     EXIT_OK,
+    add_adapter_input_flags,
     add_closing_flags,
     command_parser,
     guarded,
@@ -170,19 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         "weight name); (IA)³: ia3; prefix-tuning: prefix-tuning (each the default of its type)",
     )
     lora.add_argument("--max-rank", type=int, metavar="R", help="--format lora: truncate each module to rank R")
-    lora.add_argument(
-        "--lora-alpha",
-        type=float,
-        metavar="A",
-        help="lora_alpha of bare .safetensors files with no adapter_config.json",
-    )
-    lora.add_argument("--rank", type=int, metavar="R", help="with --lora-alpha: their r (default: from the shapes)")
-    lora.add_argument("--rslora", action="store_true", help="with --lora-alpha: scaling lora_alpha/√r (rsLoRA)")
-    lora.add_argument(
-        "--any-base-model",
-        action="store_true",
-        help="accept different base_model_name_or_path (module shapes are still checked)",
-    )
+    add_adapter_input_flags(lora.add_argument)
     seeing = parser.add_argument_group("seeing into a merge")
     seeing.add_argument("--dry-run", action="store_true", help="plan and print what would be written; write nothing")
     seeing.add_argument("--report", metavar="FILE.json", help="write the run's JSON record there (- for stdout)")

@@ -7,7 +7,6 @@ output. Host and device memory are a fixed multiple of the largest block whateve
 size. `--dry-run` stops after the plan; inspect mode streams for statistics and writes nothing.
 """
 
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from extsub_kernels.engine.conv1d import WeightLayout, input_config, weight_layo
 from extsub_kernels.engine.dense_stats import DenseStats
 from extsub_kernels.engine.dryrun import dry_run_report
 from extsub_kernels.engine.items import dense_items
-from extsub_kernels.engine.memory import peak_rss_bytes
 from extsub_kernels.engine.notes import (
     OutputKind,
     base_model_name,
@@ -32,7 +30,6 @@ from extsub_kernels.engine.report import MergeReport
 from extsub_kernels.engine.streamer import BlockStreamer
 from extsub_kernels.engine.writing import OutputSet, discard, progress_bar
 from extsub_kernels.io import CheckpointReader, ResolvedInput, TensorEntry, is_folder_output
-from extsub_kernels.io.outputs import listed_files
 from extsub_kernels.ops import op_backend
 
 Inputs = Sequence[tuple[str, ResolvedInput]]
@@ -121,15 +118,13 @@ def run_dense(
     finally:
         for r in readers:
             r.close()
-    return MergeReport(
-        outputs=written,
+    return MergeReport.finished(
+        written,
         bytes_read=total,
         bytes_written=bytes_written,
-        seconds=time.perf_counter() - started,
-        peak_rss_bytes=peak_rss_bytes(),
+        started=started,
         peak_gpu_bytes=streamer.transfer.peak_memory(),
         stats=tuple(stats.done) if stats else (),
-        files=tuple(tuple(listed_files(path)) for path in written),
         **facts,
     )
 
@@ -174,12 +169,11 @@ def _inspect(
     with streamer.transfer, progress_bar(total, options.progress, "extsub-inspect") as bar:
         streamer.transfer.reset_peak()
         run_pipeline(blocks, streamer.read, streamer.compute, discard(bar), on_stop=streamer.close)
-    return MergeReport(
-        outputs=(),
+    return MergeReport.finished(
+        (),
         bytes_read=total,
         bytes_written=0,
-        seconds=time.perf_counter() - started,
-        peak_rss_bytes=peak_rss_bytes(),
+        started=started,
         peak_gpu_bytes=streamer.transfer.peak_memory(),
         mode="inspect",
         stats=tuple(stats.done),
