@@ -88,6 +88,11 @@ class MethodSpec:
         return self.coefficients(p_norm, m_norm, products if self.needs_products else None, lam)
 
 
+def _direct(name: str, sign: float, formula: str, title: str, card_text: str, negative: str, color: str) -> MethodSpec:
+    """An elementwise method, θ ← θ + sign·λ·θ⁻; its change over a tensor is |λ|·‖θ⁻‖."""
+    return MethodSpec(name, formula, title, card_text, negative, color, sign, change_per_lam=lambda p: p.anti_norm)
+
+
 EXT_SUB = MethodSpec(
     name="ext-sub",
     formula="θ⁺ − λ·Ext(θ⁻)",
@@ -103,25 +108,17 @@ EXT_SUB = MethodSpec(
     dropped="nothing under ext-sub (|p| = 0, so Ext = 0)",
     change_per_lam=lambda pair: pair.deficiency_norm,
 )
-SUB = MethodSpec(
-    name="sub",
-    formula="θ⁺ − λθ⁻",
-    title="direct subtraction",
-    card_text="θ' = θ⁺ − λ·θ⁻, the paper's baseline.",
-    negative="adds the anti-expert instead of subtracting it",
-    color="#d62728",
-    weight_sign=-1.0,
-    change_per_lam=lambda pair: pair.anti_norm,
+SUB = _direct(
+    "sub",
+    -1.0,
+    "θ⁺ − λθ⁻",
+    "direct subtraction",
+    "θ' = θ⁺ − λ·θ⁻, the paper's baseline.",
+    "adds the anti-expert instead of subtracting it",
+    "#d62728",
 )
-ADD = MethodSpec(
-    name="add",
-    formula="θ⁺ + λθ⁻",
-    title="addition",
-    card_text="θ' = θ⁺ + λ·θ⁻.",
-    negative="subtracts the anti-expert instead of adding it",
-    color="#2ca02c",
-    weight_sign=1.0,
-    change_per_lam=lambda pair: pair.anti_norm,
+ADD = _direct(
+    "add", 1.0, "θ⁺ + λθ⁻", "addition", "θ' = θ⁺ + λ·θ⁻.", "subtracts the anti-expert instead of adding it", "#2ca02c"
 )
 DEFAULT_METHOD = EXT_SUB.name
 _REGISTRY: dict[str, MethodSpec] = {spec.name: spec for spec in (EXT_SUB, SUB, ADD)}
