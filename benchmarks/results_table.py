@@ -33,15 +33,22 @@ def _commit() -> str:
 
 
 def long_rows(benchmark: str, rows: Iterable[Mapping], *, device: str, date: str) -> list[dict]:
-    """One line per number: the numeric fields of each row besides `shape` and `dtype` become (metric, value)."""
+    """One line per number: the numeric fields of each row besides `shape` and `dtype` become (metric, value); a dict
+    of numbers ({"ours": 1.2, "eager": 3.4}) becomes one metric each ("ms.ours", "ms.eager")."""
     commit = _commit()
     lines = []
     for row in rows:
         shape = row.get("shape", "")
         shape = "x".join(map(str, shape)) if isinstance(shape, (list, tuple)) else str(shape)
         dtype = str(row.get("dtype", ""))
-        for metric, value in row.items():
-            if metric in ("shape", "dtype") or isinstance(value, bool) or not isinstance(value, (int, float)):
+        flat = {}
+        for key, value in row.items():
+            if isinstance(value, Mapping):
+                flat.update({f"{key}.{name}": v for name, v in value.items()})
+            elif key not in ("shape", "dtype"):
+                flat[key] = value
+        for metric, value in flat.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             lines.append(
                 dict(zip(COLUMNS, (commit, date, device, benchmark, shape, dtype, metric, value), strict=True))
