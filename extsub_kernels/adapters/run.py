@@ -10,7 +10,6 @@ in memory; with a base model it is the full merged model (`full_model`).
 """
 
 import dataclasses
-import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +28,6 @@ from extsub_kernels.constants import ADAPTER_CONFIG, MODEL_CONFIG
 from extsub_kernels.engine.context import RunContext
 from extsub_kernels.engine.conv1d import input_config, weight_layout
 from extsub_kernels.engine.dryrun import dry_run_report
-from extsub_kernels.engine.memory import peak_rss_bytes
 from extsub_kernels.engine.notes import OutputKind, base_model_name, output_texts, run_metadata
 from extsub_kernels.engine.options import DEFAULT_MAX_SHARD_SIZE, RunOptions, check_choice, parse_size
 from extsub_kernels.engine.report import MergeReport
@@ -251,12 +249,7 @@ def run_adapters(
     """
     base = inputs[-1][1] if inputs[-1][0] == "BASE" else None
     adapter_inputs = [(role, inp) for role, inp in inputs if role != "BASE"]
-    roles = [role for role, _ in adapter_inputs]
-    adapter_options.checked_format(base=base is not None)
-    adapters = _adapters(adapter_inputs, loaded or {}, adapter_options.scaling)
-    check_same_type(adapters[0], adapters[1:])
-    _check_common_units(adapters, adapter_inputs)
-    output_format = adapter_options.format_for(type(adapters[0]), base=base is not None)
+    adapters, output_format = _load(adapter_inputs, adapter_options, loaded or {}, base=base is not None)
     limit = shard_limit(paths[0], output_format, options, base=base is not None) if paths else None
     bytes_read = sum(f.stat().st_size for _, inp in adapter_inputs for f in inp.files)
     merged = [
@@ -271,38 +264,16 @@ def run_adapters(
         )
         for lams in options.settings
     ]
-    report = merged[0].report
-    gather = options.stats or options.mode == "inspect"
-    shapes = {name: shape for adapter in [*adapters[::-1], merged[0]] for name, shape in adapter.unit_shapes().items()}
-    facts = dict(
-        device=str(options.device),
-        skipped=0,
-        method=options.method,
-        settings=options.settings,
-        items=tuple(adapter_items(report, shapes, roles)),
-        stats=tuple(adapter_stats(adapters, merged, report.merged, roles)) if gather else (),
-        context=context,
-        adapter=AdapterSection(tuple(m.report for m in merged)),
-    )
+    facts = _facts(adapters, merged, [role for role, _ in adapter_inputs], options, context)
     if options.mode == "inspect":
-        return MergeReport(
-            outputs=(),
-            tensors=0,
-            merged=len(report.merged),
-            copied=len(report.copied),
-            bytes_read=bytes_read,
-            bytes_written=0,
-            seconds=time.perf_counter() - started,
-            peak_rss_bytes=peak_rss_bytes(),
-            peak_gpu_bytes=None,
-            mode="inspect",
-            **facts,
-        )
+        report = merged[0].report
+        counts = dict(tensors=0, merged=len(report.merged), copied=len(report.copied))
+        done = dict(bytes_read=bytes_read, bytes_written=0, started=started, peak_gpu_bytes=None, mode="inspect")
+        return MergeReport.finished((), **done, **counts, **facts)
     transfer = Transfer(options.device)
     transfer.reset_peak()
     metadata = run_metadata(inputs, options, None if base else output_format, context)
     writing = dict(max_shard_size=limit, force=options.force, progress=options.progress, check_inputs=check_inputs)
-    folder = is_folder_output(paths[0])
     reader = CheckpointReader(base.files, label="BASE") if base is not None else None
     try:
         if reader is None:
@@ -311,39 +282,8 @@ def run_adapters(
             kind = _adapter_kind(output_format, adapters[0])
             computed = _computed_names(merged[0], output_format) & {e.name for e in outputs[0].entries}
         else:
-            layout = weight_layout(
-                [("BASE", input_config(base))],
-                {k: reader.info(k).shape for k in reader},
-                explicit=options.transposed,
-                role=f"BASE ({base.spec})",
-            )
-            facts["layout"] = layout.reason
-            targets = match_targets(
-                merged[0],
-                reader,
-                conv1d=layout.rule,
-                expert_extra=adapters[0].extra,
-                anti_extras=[a.extra for a in adapters[1:]],
-                sources=[a.source for a in adapters],
-            )
-            config = base.config_file(MODEL_CONFIG) if folder else None
-            skip = (ADAPTER_CONFIG, MODEL_CONFIG)
-            extra_files = [p for p in base.config_files if p.name not in skip] if folder else []
-            outputs = full_model_outputs(
-                merged,
-                options.settings,
-                reader,
-                targets,
-                method=options.method,
-                out_dtype=options.out_dtype,
-                device=options.device,
-                extra_files=extra_files,
-            )
-            kind = OutputKind(
-                "the full merged model θ₀ + ΔW'", "transformers" if config else None, base_model_name(base), config
-            )
+            outputs, kind, computed = _full_model(adapters, merged, base, reader, options, paths, facts)
             bytes_read += sum(reader.info(k).nbytes for k in reader)
-            computed = set(targets)
         outputs = _with_notes(outputs, paths, options, context, kind, facts["stats"])
         tensors = len(outputs[0].entries)
         facts.update(tensors=tensors, merged=len(computed), copied=tensors - len(computed))
@@ -364,14 +304,88 @@ def run_adapters(
     finally:
         if reader is not None:
             reader.close()
-    return MergeReport.finished(
-        written,
-        bytes_read=bytes_read,
-        bytes_written=bytes_written,
-        started=started,
-        peak_gpu_bytes=transfer.peak_memory(),
-        **facts,
+    done = dict(bytes_read=bytes_read, bytes_written=bytes_written, started=started)
+    return MergeReport.finished(written, **done, peak_gpu_bytes=transfer.peak_memory(), **facts)
+
+
+def _load(
+    inputs: Inputs, adapter_options: AdapterOptions, loaded: Mapping[str, PeftAdapter], *, base: bool
+) -> tuple[list[PeftAdapter], str]:
+    """The adapters in order (one type, sharing a unit) and their output format, after the checks that need them."""
+    adapter_options.checked_format(base=base)
+    adapters = _adapters(inputs, loaded, adapter_options.scaling)
+    check_same_type(adapters[0], adapters[1:])
+    _check_common_units(adapters, inputs)
+    return adapters, adapter_options.format_for(type(adapters[0]), base=base)
+
+
+def _facts(
+    adapters: Sequence[PeftAdapter],
+    merged: Sequence[PeftAdapter],
+    roles: Sequence[str],
+    options: RunOptions,
+    context: RunContext | None,
+) -> dict:
+    """What the report says of the merge whatever is written: items per unit, statistics, the adapter section."""
+    report = merged[0].report
+    gather = options.stats or options.mode == "inspect"
+    shapes = {name: shape for adapter in [*adapters[::-1], merged[0]] for name, shape in adapter.unit_shapes().items()}
+    return dict(
+        device=str(options.device),
+        skipped=0,
+        method=options.method,
+        settings=options.settings,
+        items=tuple(adapter_items(report, shapes, roles)),
+        stats=tuple(adapter_stats(adapters, merged, report.merged, roles)) if gather else (),
+        context=context,
+        adapter=AdapterSection(tuple(m.report for m in merged)),
     )
+
+
+def _full_model(
+    adapters: Sequence[PeftAdapter],
+    merged: Sequence[PeftAdapter],
+    base: ResolvedInput,
+    reader: CheckpointReader,
+    options: RunOptions,
+    paths: Sequence[Path],
+    facts: dict,
+) -> tuple[list[LazyOutput], OutputKind, set[str]]:
+    """With --base: the full merged model per setting (θ₀ + ΔW' where modules fold, the base elsewhere), what it
+    is for the card, and the tensors computed; the weight layout's reason goes into `facts`."""
+    layout = weight_layout(
+        [("BASE", input_config(base))],
+        {k: reader.info(k).shape for k in reader},
+        explicit=options.transposed,
+        role=f"BASE ({base.spec})",
+    )
+    facts["layout"] = layout.reason
+    targets = match_targets(
+        merged[0],
+        reader,
+        conv1d=layout.rule,
+        expert_extra=adapters[0].extra,
+        anti_extras=[a.extra for a in adapters[1:]],
+        sources=[a.source for a in adapters],
+    )
+    folder = is_folder_output(paths[0])
+    config = base.config_file(MODEL_CONFIG) if folder else None
+    skip = (ADAPTER_CONFIG, MODEL_CONFIG)
+    extra_files = [p for p in base.config_files if p.name not in skip] if folder else []
+    outputs = full_model_outputs(
+        merged,
+        options.settings,
+        reader,
+        targets,
+        method=options.method,
+        out_dtype=options.out_dtype,
+        device=options.device,
+        extra_files=extra_files,
+    )
+    kind = OutputKind(
+        "the full merged model θ₀ + ΔW'", "transformers" if config else None, base_model_name(base), config
+    )
+    return outputs, kind, set(targets)
 
 
 def _adapter_kind(output_format: str, expert: PeftAdapter) -> OutputKind:
