@@ -38,6 +38,19 @@ def strip_peft_prefix(key: str) -> str:
     return key.removeprefix(PEFT_PREFIX)
 
 
+def base_tensor_name(key: str) -> str:
+    """The base model's name of a full tensor an adapter saved: PEFT's prefix and its `base_layer.` wrapper gone.
+
+    PEFT saves a bias trained with bias="all"/"lora_only" under the LoRA layer's wrapped module
+    (`….c_attn.base_layer.bias`); the base model has it as `….c_attn.bias`.
+
+    Example:
+        >>> base_tensor_name("base_model.model.transformer.h.0.attn.c_attn.base_layer.bias")
+        'transformer.h.0.attn.c_attn.bias'
+    """
+    return strip_peft_prefix(key).replace(".base_layer.", ".")
+
+
 def weight_key(module: str) -> str:
     """The base model's weight name of a module: `model.layers.0.mlp.up_proj` → `....up_proj.weight`."""
     return f"{strip_peft_prefix(module)}.weight"
@@ -131,8 +144,13 @@ class PeftAdapter(ABC):
 
     @abstractmethod
     def stat_units(self) -> Mapping[str, object]:
-        """What the merge pairs, by name, as `row_sums` and `change_sq` take them (DESIGN.md §7): a LoRA module, an
+        """What the merge pairs, by name, as `row_sums` and `change_sq` take them (docs/design.md §7): a LoRA module, an
         (IA)³ task vector d = l − 1 as one row, a prefix's per-head key/value rows."""
+
+    def stat_parts(self, name: str) -> list[tuple[str, object]]:
+        """How one unit's statistics are reported: (name, rows selector or None for all of them) per part; a unit is
+        one part unless its type splits it (a prefix: per layer and head)."""
+        return [(name, None)]
 
     @abstractmethod
     def unit_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -224,8 +242,8 @@ def merge_adapters(
 ) -> PeftAdapter:
     """Ext-Sub (or direct subtraction/addition) of adapters of one PEM type, exactly, in their own parameter space.
 
-    LoRA merges in the factored space (DESIGN §3), (IA)³ on the task vectors l − 1, one
-    vector per row, prefix-tuning on the per-head key/value rows (DESIGN §6). Anti-experts
+    LoRA merges in the factored space (docs/design.md §3), (IA)³ on the task vectors l − 1, one
+    vector per row, prefix-tuning on the per-head key/value rows (docs/design.md §6). Anti-experts
     apply in order (paper Table 4).
 
     Args:

@@ -1,4 +1,4 @@
-"""The factored Ext-Sub path for LoRA adapters: exact results without forming ΔW (DESIGN.md §3).
+"""The factored Ext-Sub path for LoRA adapters: exact results without forming ΔW (docs/design.md §3).
 
 For a LoRA module ΔW = s·B·A (B: out×r, A: r×in), Ext-Sub's per-row closed form
 p' = α·p + β·m needs only the row norms of ΔW⁺ and ΔW⁻, and a row norm of s·B·A is
@@ -194,7 +194,7 @@ class LoraAdapter(PeftAdapter):
                     )
 
     def merge_units(self, step: MergeStep) -> dict:
-        """The modules of the merge, exactly, in the factored space (DESIGN.md §3).
+        """The modules of the merge, exactly, in the factored space (docs/design.md §3).
 
         Each row-pairing step takes its row sums from the result so far, so ranks add up. Computed
         modules have their scaling folded into B (scaling 1) and factors in float32 (float64 if an
@@ -379,7 +379,7 @@ class _FirstStep:
 
 
 class LoraSweep:
-    """`merge_adapters` at many λ of one method, bitwise the same, with what λ does not change done once (DESIGN §8).
+    """`merge_adapters` at many λ of one method, bitwise the same, what λ does not change done once (docs/design.md §8).
 
     A module's first step of a row-pairing method (ext-sub), from the expert's module, needs the
     scaled factors of both sides and their row sums (QR factorisations); only the coefficients α

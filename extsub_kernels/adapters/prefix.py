@@ -1,4 +1,4 @@
-"""Prefix-tuning adapters: Ext-Sub on the virtual tokens' keys and values, one row per attention head (DESIGN §6).
+"""Prefix-tuning adapters: Ext-Sub on the virtual tokens' keys and values, a row per head (docs/design.md §6).
 
 PEFT saves one tensor, `prompt_embeddings`, of shape (num_virtual_tokens, num_layers·2·token_dim):
 for every virtual token, the key and the value it adds to each layer's attention. With
@@ -163,6 +163,20 @@ class PrefixAdapter(PeftAdapter):
 
     def stat_units(self) -> Mapping[str, object]:
         return {PROMPT_KEY: self.rows().to(torch.float64)}
+
+    def stat_parts(self, name: str) -> list[tuple[str, object]]:
+        """One part per layer and head (`prompt_embeddings.layers.3.head0`: layer 3, type head0), so the tables and
+        the heatmap draw layer × head."""
+        shape = (self.num_virtual_tokens, self.num_layers, 2, self.num_attention_heads, self.head_dim)
+
+        def select(rows: torch.Tensor, layer: int, head: int) -> torch.Tensor:
+            return rows.reshape(shape)[:, layer, :, head, :].reshape(-1, self.head_dim)
+
+        return [
+            (f"{name}.layers.{layer}.head{head}", lambda rows, layer=layer, head=head: select(rows, layer, head))
+            for layer in range(self.num_layers)
+            for head in range(self.num_attention_heads)
+        ]
 
     def unit_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
         t = self.prompt_embeddings

@@ -1,7 +1,8 @@
-"""Row statistics of adapter merges from each PEM's own parameters (DESIGN.md §7): ΔW is never formed.
+"""Row statistics of adapter merges from each PEM's own parameters (docs/design.md §7): ΔW is never formed.
 
 Each type says what it merges (`PeftAdapter.stat_units`: a LoRA module, an (IA)³ task vector
-d = l − 1 as one row, a prefix's per-head key/value rows) and how two units give |p|², |m|², p·m
+d = l − 1 as one row, a prefix's per-head key/value rows), how a unit is reported
+(`stat_parts`: whole, or a prefix per layer and head), and how two units give |p|², |m|², p·m
 per row (`row_sums`) and ‖p' − p‖² (`change_sq`): LoRA from its factors, O((d + k)·r²) per
 module; the small dense units of (IA)³ and prefix-tuning as the op does, in float64. The
 engine's `PairAccumulator` turns the sums into the same statistics dense tensors get.
@@ -25,7 +26,7 @@ def adapter_stats(
     Args:
         adapters: the expert, then the anti-experts in order.
         merged: the result of each λ setting, in order.
-        names: the units to describe.
+        names: the units to describe (a prefix is described per layer and head, `stat_parts`).
         roles: EXPERT, ANTI, ... naming `adapters`.
     """
     kind = type(adapters[0])
@@ -33,16 +34,18 @@ def adapter_stats(
     results = [m.stat_units() for m in merged]
     stats = []
     for name in names:
-        unit = expert[name]
-        pairs = tuple(
-            pair_stats(kind.row_sums(unit, anti[name]), role)
-            for anti, role in zip(antis, roles[1:], strict=True)
-            if name in anti
-        )
-        norm = pairs[0].expert_norm
-        changes = []
-        for result in results:
-            moved = math.sqrt(kind.change_sq(unit, result[name]))
-            changes.append(moved / norm if norm > 0 else (0.0 if moved == 0 else None))
-        stats.append(TensorStats(name, "module", pairs, tuple(changes)))
+        for part, select in adapters[0].stat_parts(name):
+            pick = select or (lambda unit: unit)
+            unit = pick(expert[name])
+            pairs = tuple(
+                pair_stats(kind.row_sums(unit, pick(anti[name])), role)
+                for anti, role in zip(antis, roles[1:], strict=True)
+                if name in anti
+            )
+            norm = pairs[0].expert_norm
+            changes = []
+            for result in results:
+                moved = math.sqrt(kind.change_sq(unit, pick(result[name])))
+                changes.append(moved / norm if norm > 0 else (0.0 if moved == 0 else None))
+            stats.append(TensorStats(part, "module", pairs, tuple(changes)))
     return stats

@@ -18,7 +18,7 @@ from extsub_kernels.engine.dryrun import dry_run_report
 from extsub_kernels.engine.items import dense_items
 from extsub_kernels.engine.notes import (
     OutputKind,
-    base_model_name,
+    card_base_model,
     output_texts,
     run_metadata,
     text_names,
@@ -146,8 +146,8 @@ def _output_kind(inputs: Inputs, paths: Sequence[Path], has_base: bool) -> tuple
         return OutputKind("task vectors ΔW' (add them to the base model to use them)"), []
     config = expert.config_file(MODEL_CONFIG)
     extra = [p for p in expert.config_files if p.name not in (ADAPTER_CONFIG, MODEL_CONFIG)]
-    base = base_model_name(inputs[-1][1])
-    kind = OutputKind("the full merged model θ₀ + ΔW'", "transformers" if config else None, base, config)
+    base, why = card_base_model(inputs[-1][1].spec, "BASE")
+    kind = OutputKind("the full merged model θ₀ + ΔW'", "transformers" if config else None, base, config, base_note=why)
     return kind, extra
 
 

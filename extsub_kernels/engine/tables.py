@@ -17,11 +17,11 @@ from extsub_kernels.engine.stats import PairStats, TensorStats
 _LAYER = re.compile(r"(?:^|\.)(\d+)\.")
 
 
-def _layer_and_type(name: str) -> tuple[int | None, str]:
+def layer_and_type(name: str) -> tuple[int | None, str]:
     """(layer index or None, module type) of a tensor or module name.
 
     Example:
-        >>> _layer_and_type("model.layers.3.self_attn.q_proj.weight")
+        >>> layer_and_type("model.layers.3.self_attn.q_proj.weight")
         (3, 'self_attn.q_proj')
     """
     match = _LAYER.search(name)
@@ -96,7 +96,7 @@ def by_module_type(stats: Iterable[TensorStats], anti: str) -> dict[str, Group]:
     for tensor in stats:
         for pair in tensor.pairs:
             if pair.anti == anti:
-                layer, kind = _layer_and_type(tensor.name)
+                layer, kind = layer_and_type(tensor.name)
                 groups.setdefault(kind, Group()).add(pair, tensor.relative_change, layer)
     return groups
 
@@ -107,7 +107,7 @@ def by_layer_and_type(stats: Iterable[TensorStats], anti: str) -> dict[tuple[int
     for tensor in stats:
         for pair in tensor.pairs:
             if pair.anti == anti:
-                layer, kind = _layer_and_type(tensor.name)
+                layer, kind = layer_and_type(tensor.name)
                 groups.setdefault((layer, kind), Group()).add(pair, tensor.relative_change, layer)
     return groups
 
