@@ -324,12 +324,12 @@ def test_an_adapter_output_beyond_the_chosen_dtype_is_an_error_naming_the_module
 
 
 def test_a_failure_after_publishing_never_claims_nothing_was_written(tmp_path, capsys, monkeypatch, pair):
-    import extsub_kernels.engine.dense as dense
+    import extsub_kernels.engine.report as report
 
     def failing() -> int:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(dense, "peak_rss_bytes", failing)  # called for the report, after the outputs are in place
+    monkeypatch.setattr(report, "peak_rss_bytes", failing)  # MergeReport.finished: after the outputs are in place
     out = tmp_path / "o.safetensors"
     code = main([str(pair[0]), str(pair[1]), "-o", str(out), "-q"])
     err = capsys.readouterr().err
