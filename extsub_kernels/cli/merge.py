@@ -218,9 +218,10 @@ def _option_values(given: dict[str, Any], parser: argparse.ArgumentParser) -> di
         InputError: a bad recipe (naming the key).
         SystemExit: (via parser.error) no EXPERT and ANTI, or no OUT, from either source.
     """
+    from extsub_kernels.adapters.peft import FORMATS
     from extsub_kernels.engine.recipe import load_recipe
 
-    recipe = load_recipe(given.pop("config")) if "config" in given else {}
+    recipe = load_recipe(given.pop("config"), {"format": FORMATS}) if "config" in given else {}
     inputs = given.pop("inputs", [])
     values = {**DEFAULTS, **recipe, **given}
     if inputs:

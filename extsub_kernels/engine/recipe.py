@@ -52,7 +52,7 @@ KEYS: dict[str, RecipeKey] = {
     "max_shard_size": RecipeKey((int, str), "a size like 5GB or a number of bytes", flag="--max-shard-size"),
     "on_missing": RecipeKey(_STR, "an on-missing policy", ON_MISSING, "--on-missing"),
     "transposed": RecipeKey((bool,), "true or false", flag="--transposed"),
-    "format": RecipeKey(_STR, "an adapter output format", flag="--format"),  # its PEM type checks it
+    "format": RecipeKey(_STR, "an adapter output format", flag="--format"),  # choices: the caller's (load_recipe)
     "max_rank": RecipeKey((int,), "a positive integer", flag="--max-rank"),
     "lora_alpha": RecipeKey(_NUM, "a number", flag="--lora-alpha"),
     "rank": RecipeKey((int,), "a positive integer", flag="--rank"),
@@ -85,8 +85,9 @@ MERGE_KEYS = (
 )
 
 
-def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate a recipe; keys whose value is null are left out.
+def load_recipe(path: str | os.PathLike, choices: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
+    """Read and validate a recipe; keys whose value is null are left out. `choices`: the values of keys whose
+    vocabulary lives above the engine (the adapter formats), checked like the others.
 
     Raises:
         InputError: an unreadable file, YAML that is not a mapping, an unknown key (with the
@@ -108,10 +109,12 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
         where = getattr(e, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
         raise InputError(f"--config {path}: not valid YAML{line} ({getattr(e, 'problem', None) or e})") from None
-    return check_recipe(loaded, str(path))
+    return check_recipe(loaded, str(path), choices)
 
 
-def check_recipe(recipe: object, where: str = "recipe") -> dict[str, Any]:
+def check_recipe(
+    recipe: object, where: str = "recipe", choices: Mapping[str, Sequence[str]] | None = None
+) -> dict[str, Any]:
     """The recipe mapping validated (see `load_recipe`); `where` names it in messages."""
     if recipe is None:
         return {}
@@ -128,8 +131,9 @@ def check_recipe(recipe: object, where: str = "recipe") -> dict[str, Any]:
             continue
         if (isinstance(value, bool) and bool not in spec.types) or not isinstance(value, spec.types):
             raise InputError(f"{where}: key {key!r} must be {spec.what}, got {value!r} ({type(value).__name__})")
-        if spec.choices and value not in spec.choices:
-            raise InputError(f"{where}: key {key!r} is {value!r}; choose one of {', '.join(spec.choices)}")
+        allowed = (choices or {}).get(key, spec.choices)
+        if allowed and value not in allowed:
+            raise InputError(f"{where}: key {key!r} is {value!r}; choose one of {', '.join(allowed)}")
         checked[key] = value
     if checked.get("extsub_recipe", RECIPE_FORMAT) != RECIPE_FORMAT:
         raise InputError(
