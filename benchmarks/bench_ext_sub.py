@@ -39,6 +39,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from results_table import append
+
 import extsub_kernels
 from extsub_kernels import ext_sub_, ext_sub_reference
 from extsub_kernels.ops import cpu_backend
@@ -425,7 +427,8 @@ def main() -> None:
     stem = args.name or f"op-{_slug(args.device)}"
     (args.out_dir / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
     (args.out_dir / f"{stem}.md").write_text(render_markdown(rows))
-    print(f"wrote {args.out_dir / f'{stem}.json'} and .md")
+    append("op", rows, device=rows[0]["device"], date=rows[0]["date"], path=args.out_dir / "results.csv")
+    print(f"wrote {args.out_dir / f'{stem}.json'} and .md, and appended to results.csv")
 
 
 if __name__ == "__main__":

@@ -131,13 +131,14 @@ def run_authors(expert: Path, anti: Path, out: Path, layers: int, device: str) -
     import torch
     from safetensors import safe_open
 
-    from extsub_kernels.adapters.peft import WEIGHTS_NAME, peft_key
+    from extsub_kernels.adapters.peft import peft_key
+    from extsub_kernels.constants import ADAPTER_WEIGHTS
 
     scaling = ALPHA / RANK
     t0 = time.perf_counter()
     out.mkdir()
     write_s = 0.0
-    with safe_open(str(expert / WEIGHTS_NAME), "pt") as fe, safe_open(str(anti / WEIGHTS_NAME), "pt") as fa:
+    with safe_open(str(expert / ADAPTER_WEIGHTS), "pt") as fe, safe_open(str(anti / ADAPTER_WEIGHTS), "pt") as fa:
         for layer in range(layers):
             shard = {}
             for module in MODULES:
@@ -198,7 +199,7 @@ def compare(workdir: Path, layers: list[int], authors_layers: int) -> dict:
     from safetensors import safe_open
 
     from extsub_kernels import ext_sub_reference
-    from extsub_kernels.adapters.lora import merge_adapters
+    from extsub_kernels.adapters import merge_adapters
     from extsub_kernels.adapters.peft import load_adapter, peft_key
     from extsub_kernels.io.reader import CheckpointReader
 

@@ -59,6 +59,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_table import append
 
 from _common import CODE, ROOT, environment, peak_rss_bytes  # puts the checkout to measure first on sys.path
 
@@ -642,6 +643,9 @@ def main() -> None:
     stem = args.results / f"merge-{rows[0]['date']}-{device}{'-' + args.tag if args.tag else ''}"
     stem.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(rows))
+    shape = "{model}, {layers} layers, {cache}, {run}"
+    numbers = [{**r, "shape": shape.format(**{"layers": 1, **r}), "dtype": "bf16"} for r in rows]
+    append("merge", numbers, device=rows[0]["device"], date=rows[0]["date"], path=args.results / "results.csv")
     print(markdown(rows))
 
 

@@ -11,88 +11,47 @@ any moment of start-up ends as cleanly as later.
 """
 
 import sys
-from typing import TYPE_CHECKING
 
 from extsub_kernels import _signals
 
 _signals.install_for_commands(sys.argv[0] if sys.argv else "")
 
 from extsub_kernels._lazy import lazy_getattr  # noqa: E402
-from extsub_kernels._version import __version__  # noqa: E402
+from extsub_kernels._version import __version__ as __version__  # noqa: E402
 
-if TYPE_CHECKING:
-    from extsub_kernels.adapters import (
-        AdapterOptions,
-        AdapterReport,
-        IA3Adapter,
-        LoraAdapter,
-        LoraModule,
-        LoraScaling,
-        MergedAdapter,
-        PeftAdapter,
-        PrefixAdapter,
-        iter_delta,
-        iter_dense_lora,
-        load_adapter,
-        merge_adapters,
-        to_delta,
-        to_dense_lora,
-        to_peft,
-        write_adapter,
-        write_tensors,
-    )
-    from extsub_kernels.engine import MergeReport
-    from extsub_kernels.errors import AdapterError, InputError, MergeError, ScanInterrupted
-    from extsub_kernels.lambda_scan import Recommendation, ScanResult, ScanRow, scan
-    from extsub_kernels.merge import merge, merge_adapter_files
-    from extsub_kernels.ops import (
-        ext_sub,
-        ext_sub_,
-        ext_sub_coefficients,
-        extract_deficiency,
-        row_products,
-        subtract_,
-    )
-    from extsub_kernels.reference import ext_sub_reference
-
-_LOCATIONS = {
-    "AdapterOptions": "extsub_kernels.adapters",
-    "AdapterReport": "extsub_kernels.adapters",
-    "IA3Adapter": "extsub_kernels.adapters",
-    "LoraAdapter": "extsub_kernels.adapters",
-    "LoraModule": "extsub_kernels.adapters",
-    "LoraScaling": "extsub_kernels.adapters",
-    "MergedAdapter": "extsub_kernels.adapters",
-    "PeftAdapter": "extsub_kernels.adapters",
-    "PrefixAdapter": "extsub_kernels.adapters",
-    "iter_delta": "extsub_kernels.adapters",
-    "iter_dense_lora": "extsub_kernels.adapters",
-    "load_adapter": "extsub_kernels.adapters",
-    "merge_adapters": "extsub_kernels.adapters",
-    "to_delta": "extsub_kernels.adapters",
-    "to_dense_lora": "extsub_kernels.adapters",
-    "to_peft": "extsub_kernels.adapters",
-    "write_adapter": "extsub_kernels.adapters",
-    "write_tensors": "extsub_kernels.adapters",
-    "MergeReport": "extsub_kernels.engine",
-    "AdapterError": "extsub_kernels.errors",
-    "InputError": "extsub_kernels.errors",
-    "MergeError": "extsub_kernels.errors",
-    "ScanInterrupted": "extsub_kernels.errors",
-    "Recommendation": "extsub_kernels.lambda_scan",
-    "ScanResult": "extsub_kernels.lambda_scan",
-    "ScanRow": "extsub_kernels.lambda_scan",
-    "scan": "extsub_kernels.lambda_scan",
-    "merge": "extsub_kernels.merge",
-    "merge_adapter_files": "extsub_kernels.merge",
-    "ext_sub": "extsub_kernels.ops",
-    "ext_sub_": "extsub_kernels.ops",
-    "ext_sub_coefficients": "extsub_kernels.ops",
-    "row_products": "extsub_kernels.ops",
-    "extract_deficiency": "extsub_kernels.ops",
-    "subtract_": "extsub_kernels.ops",
-    "ext_sub_reference": "extsub_kernels.reference",
+# The public names, by the module each is imported from on first use; `__all__` is this table. The LoRA-only
+# layouts (to_peft, to_dense_lora, to_delta and their iterators) are `extsub_kernels.adapters`'s.
+_PUBLIC = {
+    "extsub_kernels.adapters": (
+        "AdapterOptions",
+        "AdapterReport",
+        "IA3Adapter",
+        "LoraAdapter",
+        "LoraModule",
+        "LoraScaling",
+        "MergedAdapter",
+        "PeftAdapter",
+        "PrefixAdapter",
+        "load_adapter",
+        "merge_adapters",
+        "write_adapter",
+        "write_tensors",
+    ),
+    "extsub_kernels.engine": ("MergeReport",),
+    "extsub_kernels.errors": ("AdapterError", "InputError", "MergeError", "ScanInterrupted"),
+    "extsub_kernels.lambda_scan": ("Recommendation", "ScanResult", "ScanRow", "scan"),
+    "extsub_kernels.merge": ("merge",),
+    "extsub_kernels.ops": (
+        "ext_sub",
+        "ext_sub_",
+        "ext_sub_coefficients",
+        "extract_deficiency",
+        "row_products",
+        "subtract_",
+    ),
+    "extsub_kernels.reference": ("ext_sub_reference",),
 }
+_LOCATIONS = {name: module for module, names in _PUBLIC.items() for name in names}
 
 
 __getattr__ = lazy_getattr(__name__, _LOCATIONS, globals())
@@ -102,42 +61,4 @@ def __dir__() -> list[str]:
     return sorted(__all__)
 
 
-__all__ = [
-    "AdapterError",
-    "AdapterOptions",
-    "AdapterReport",
-    "IA3Adapter",
-    "InputError",
-    "LoraAdapter",
-    "LoraModule",
-    "LoraScaling",
-    "MergeError",
-    "MergeReport",
-    "MergedAdapter",
-    "PeftAdapter",
-    "PrefixAdapter",
-    "Recommendation",
-    "ScanInterrupted",
-    "ScanResult",
-    "ScanRow",
-    "__version__",
-    "ext_sub",
-    "ext_sub_",
-    "ext_sub_coefficients",
-    "ext_sub_reference",
-    "extract_deficiency",
-    "iter_delta",
-    "iter_dense_lora",
-    "load_adapter",
-    "merge",
-    "merge_adapter_files",
-    "merge_adapters",
-    "row_products",
-    "scan",
-    "subtract_",
-    "to_delta",
-    "to_dense_lora",
-    "to_peft",
-    "write_adapter",
-    "write_tensors",
-]
+__all__ = sorted([*_LOCATIONS, "__version__"])

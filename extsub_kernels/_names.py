@@ -5,10 +5,47 @@ answer before torch loads (seconds on a small machine). `engine.options` holds t
 them (the dtype each name means, the λ grammar, devices) and re-exports them.
 """
 
+import sys
+from collections.abc import Iterator
 from typing import Literal, get_args
 
-Method = Literal["ext-sub", "sub", "add"]
-METHODS: tuple[str, ...] = get_args(Method)
+# The built-in merge methods and their formulas. Everything else about a method lives in its MethodSpec
+# (engine.method_spec), which takes its name and formula from here; a method registered there joins the choices.
+METHOD_FORMULAS: dict[str, str] = {"ext-sub": "θ⁺ − λ·Ext(θ⁻)", "sub": "θ⁺ − λθ⁻", "add": "θ⁺ + λθ⁻"}
+DEFAULT_METHOD = "ext-sub"
+_METHOD_SPECS = "extsub_kernels.engine.method_spec"
+
+
+def _method_formulas() -> dict[str, str]:
+    """Name → formula of every method: the registry's once engine.method_spec is loaded, else the built-in ones."""
+    specs = sys.modules.get(_METHOD_SPECS)
+    return {s.name: s.formula for s in specs.method_specs()} if specs is not None else dict(METHOD_FORMULAS)
+
+
+class _MethodNames:
+    """The methods' names, as argparse's `choices` and `in` checks see them, kept current with the registry."""
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_method_formulas())
+
+    def __contains__(self, name: object) -> bool:
+        return name in _method_formulas()
+
+    def __len__(self) -> int:
+        return len(_method_formulas())
+
+    def __repr__(self) -> str:
+        return repr(tuple(_method_formulas()))
+
+
+METHODS = _MethodNames()
+
+
+def method_help() -> str:
+    """`--method`'s help: each method with its formula, the default marked."""
+    return "; ".join(f"{n}: {f}{' (default)' if n == DEFAULT_METHOD else ''}" for n, f in _method_formulas().items())
+
+
 # Adapter outputs: LoRA writes lora, dense-lora or delta; (IA)³ and prefix-tuning their own PEFT folder.
 OutputFormat = Literal["lora", "dense-lora", "delta", "ia3", "prefix-tuning"]
 FORMATS: tuple[str, ...] = get_args(OutputFormat)

@@ -15,14 +15,14 @@ import torch
 
 from extsub_kernels.adapters import AdapterOptions, PeftAdapter, run_adapters
 from extsub_kernels.engine import MergeReport, RunOptions, run_dense
-from extsub_kernels.engine.architecture import full_model_hint
 from extsub_kernels.engine.context import RunContext
+from extsub_kernels.engine.conv1d import full_model_hint
+from extsub_kernels.engine.method_spec import DEFAULT_METHOD
 from extsub_kernels.engine.options import (
     DTYPE_NAMES,
     OUT_DTYPES,
     DtypeName,
     Lam,
-    Method,
     OnMissing,
     input_roles,
     lam_labels,
@@ -49,7 +49,7 @@ def merge(
     out: str | os.PathLike,
     *,
     lam: Lam = 1.0,
-    method: Method = "ext-sub",
+    method: str = DEFAULT_METHOD,
     base: str | os.PathLike | None = None,
     device: str | torch.device = "auto",
     dtype: DtypeName | torch.dtype = "keep",
@@ -85,7 +85,8 @@ def merge(
         lam: λ. A number; a list of numbers (one output per λ, OUT suffixed `-lam<λ>`); a
             per-anti-expert list inside the list (`[[1.0, 0.5]]`); or the CLI's string form
             "0.5,1" / "1:0.5". A negative λ is allowed, with a warning.
-        method: "ext-sub" (θ⁺ − λ·Ext(θ⁻)), "sub" (θ⁺ − λθ⁻) or "add" (θ⁺ + λθ⁻).
+        method: ext-sub (θ⁺ − λ·Ext(θ⁻)), sub (θ⁺ − λθ⁻), add (θ⁺ + λθ⁻), or any registered one
+            (`engine.method_spec`).
         base: θ₀, a full model. Dense inputs are then full models, ΔW = θ − θ₀, and OUT is θ₀ + ΔW'
             (a folder OUT gets the expert's config and tokenizer files). With LoRA or (IA)³ inputs OUT
             is θ₀ with the merged adapter folded in (a folder OUT gets the base's config files);
@@ -329,41 +330,3 @@ def adapter_inputs(inputs: Sequence[tuple[str, ResolvedInput]]) -> bool:
             "adapters with adapters (exactly, in their own parameter space) or dense checkpoints with dense checkpoints"
         )
     return bool(adapters)
-
-
-def merge_adapter_files(
-    expert: Source,
-    antis: Source | Sequence[Source],
-    out: str | os.PathLike,
-    lams: float | Sequence[float] = 1.0,
-    method: Method = "ext-sub",
-    *,
-    output_format: str = "lora",
-    max_rank: int | None = None,
-    dtype: torch.dtype | None = None,
-    overwrite: bool = False,
-    check_base_model: bool = True,
-    max_shard_size: int | str | None = None,
-) -> MergeReport:
-    """Deprecated alias of `merge` for adapters (extsub 0.1); `lams` is one λ, or one per anti-expert.
-
-    Use `merge(expert, antis, out, lam=..., force=..., adapter=AdapterOptions(...))`.
-    """
-    warnings.warn(
-        "merge_adapter_files is deprecated; use merge(expert, antis, out, lam=..., force=..., "
-        "adapter=AdapterOptions(output_format=..., max_rank=..., any_base_model=...))",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    lam = lams if isinstance(lams, (int, float)) else [list(lams)]
-    return merge(
-        expert,
-        antis,
-        out,
-        lam=lam,
-        method=method,
-        dtype=dtype if dtype is not None else "keep",
-        max_shard_size=max_shard_size,
-        force=overwrite,
-        adapter=AdapterOptions(output_format=output_format, max_rank=max_rank, any_base_model=not check_base_model),
-    )

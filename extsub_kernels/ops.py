@@ -10,7 +10,6 @@ hands back each row's |p|², |m|² and p·m (`row_stats`), from which a merge re
 geometry of every row (docs/design.md §7) at the cost of one more reduction over data in cache.
 """
 
-import math
 import os
 import warnings
 from typing import Literal
@@ -19,6 +18,7 @@ import torch
 
 from extsub_kernels._tensors import as_rows, check_pair, compute_dtype, shares_storage
 from extsub_kernels._version import install_hint
+from extsub_kernels.constants import ENV_TRITON_INTERPRET
 from extsub_kernels.reference import ext_sub_reference
 
 Backend = Literal["auto", "triton", "cpp", "torch", "reference"]
@@ -27,13 +27,6 @@ BACKENDS: tuple[str, ...] = ("auto", "triton", "cpp", "torch", "reference")
 # The torch path works on row blocks of about this many bytes per operand (compute dtype),
 # so the second touch of a block (the write after the norms) is served from cache.
 _CPU_BLOCK_BYTES = 2 << 20
-# The torch path's row sums take p·m from the norm of the result, |p'|² = α²|p|² + 2αβ·p·m + β²|m|², which costs
-# one fast reduction instead of a product pass. Against a direct dot product that loses a factor
-# κ = (α²|p|² + β²|m|²)/(|αβ|·|p||m|) of accuracy; with x = (λ/2)·|m|/|p| > 0 that is κ = 2 + 1/(x(1 + x)), so
-# κ ≤ 16 exactly when x ≥ _RESULT_DOT_MIN_X. Blocks with a row below it (or λ ≤ 0, or a zero row) take the
-# direct dot product.
-_RESULT_DOT_MAX_LOSS = 16.0
-_RESULT_DOT_MIN_X = (math.sqrt(1.0 + 4.0 / (_RESULT_DOT_MAX_LOSS - 2.0)) - 1.0) / 2.0
 
 
 def ext_sub_coefficients(p_norm: torch.Tensor, m_norm: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,59 +60,30 @@ def _ext_sub_rows_torch_(p: torch.Tensor, m: torch.Tensor, lam: float, row_stats
     On CPU the rows go in blocks of about _CPU_BLOCK_BYTES per operand: the norms read a block
     from DRAM and the update and the write find it in cache, so memory sees about one pass.
     Low-precision blocks are widened once into reused scratch buffers, so the result is
-    rounded once. Row sums: the norms are kept per row, p·m comes from the result's norm
-    (_RESULT_DOT_MAX_LOSS) or a direct product, and the float64 sums are finished at the end.
+    rounded once. Row sums: the norms' squares and one `vecdot` per block for p·m, before the update.
     """
     compute = compute_dtype(p.dtype, m.dtype)
     n_rows, n_cols = p.shape
     block_rows = _block_rows(p, compute)
     p_scratch = torch.empty((block_rows, n_cols), dtype=compute, device=p.device) if p.dtype != compute else None
     m_scratch = torch.empty((block_rows, n_cols), dtype=compute, device=p.device) if m.dtype != compute else None
-    # |p|, |m|, |p'| per row (row sums only); blocks whose p·m was taken directly are listed
-    norms = torch.empty((3, n_rows), dtype=compute, device=p.device) if row_stats is not None else None
-    direct: list[tuple[int, int]] = []
     for start in range(0, n_rows, block_rows):
         stop = min(start + block_rows, n_rows)
         p_block, m_block = p[start:stop], m[start:stop]
         p_wide = p_block if p_scratch is None else p_scratch[: stop - start].copy_(p_block)
         m_wide = m_block if m_scratch is None else m_scratch[: stop - start].copy_(m_block)
-        p_norm = torch.linalg.vector_norm(p_wide, dim=1, out=norms[0, start:stop] if norms is not None else None)
-        m_norm = torch.linalg.vector_norm(m_wide, dim=1, out=norms[1, start:stop] if norms is not None else None)
+        p_norm = torch.linalg.vector_norm(p_wide, dim=1)
+        m_norm = torch.linalg.vector_norm(m_wide, dim=1)
+        if row_stats is not None:
+            _store_row_sums(row_stats[start:stop], p_norm, m_norm, p_wide, m_wide)
         if bool((p_norm == 0).any()):  # rare: zero expert rows keep p (α = 1, β = 0)
-            if norms is not None:
-                direct.append(_direct_dot(row_stats, start, stop, p_wide, m_wide))
             alpha, beta = ext_sub_coefficients(p_norm, m_norm, lam)
             p_wide.mul_(alpha).addcmul_(m_wide, beta)
         else:  # the common case in a few in-place ops: α = 1 + (λ/2)|m|/|p|, β = −λ/2
             alpha = torch.div(m_norm, p_norm).mul_(0.5 * lam).add_(1.0).unsqueeze(1)
-            # p·m from the result's norm needs λ > 0 and x = α − 1 ≥ _RESULT_DOT_MIN_X in every row
-            if norms is not None and (lam <= 0 or not bool((alpha >= 1.0 + _RESULT_DOT_MIN_X).all())):
-                direct.append(_direct_dot(row_stats, start, stop, p_wide, m_wide))
             p_wide.mul_(alpha).add_(m_wide, alpha=-0.5 * lam)
-        if norms is not None:
-            torch.linalg.vector_norm(p_wide, dim=1, out=norms[2, start:stop])
         if p_wide is not p_block:
             p_block.copy_(p_wide)
-    if norms is not None:
-        _finish_row_sums(row_stats, norms, lam, direct)
-
-
-def _direct_dot(out: torch.Tensor, start: int, stop: int, p: torch.Tensor, m: torch.Tensor) -> tuple[int, int]:
-    """p·m of rows [start, stop) as a direct product into `out`, before the update; returns the rows."""
-    out[start:stop, 2] = torch.linalg.vecdot(p, m, dim=1)
-    return start, stop
-
-
-def _finish_row_sums(out: torch.Tensor, norms: torch.Tensor, lam: float, direct: list[tuple[int, int]]) -> None:
-    """|p|², |m|² into `out`, and p·m = (|p'|² − α²|p|² − β²|m|²)/(2αβ) where it was not taken directly."""
-    pp, mm, rr = norms.to(out.dtype).square()
-    taken = [out[start:stop, 2].clone() for start, stop in direct]
-    out[:, 0], out[:, 1] = pp, mm
-    if lam > 0:
-        alpha, beta = 1.0 + (0.5 * lam) * torch.sqrt(mm / torch.where(pp > 0, pp, 1.0)), -0.5 * lam
-        out[:, 2] = (rr - alpha * alpha * pp - beta * beta * mm) / (2.0 * alpha * beta)
-    for (start, stop), dots in zip(direct, taken, strict=True):
-        out[start:stop, 2] = dots
 
 
 def _block_rows(p: torch.Tensor, compute: torch.dtype) -> int:
@@ -213,7 +177,7 @@ def _checked_row_stats(row_stats: torch.Tensor, w_plus: torch.Tensor) -> torch.T
 
 
 def _triton_allowed(t: torch.Tensor) -> bool:
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return t.is_cuda or os.environ.get(ENV_TRITON_INTERPRET, "0") not in ("", "0")
 
 
 def _resolve_backend(backend: str, w_plus: torch.Tensor) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-TEMP_TAG = ".extsub-tmp-"
+from extsub_kernels.constants import TEMP_TAG
 
 
 def random_delta(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:

@@ -15,10 +15,7 @@ from extsub_kernels import (
 )
 from extsub_kernels.adapters.family import lam_list
 from extsub_kernels.adapters.formats import OUTPUT_FORMATS
-from extsub_kernels.adapters.peft import load_adapter
-from extsub_kernels.engine.options import FORMATS
-
-MEMBERS = (LoraAdapter, IA3Adapter, PrefixAdapter)
+from extsub_kernels.adapters.peft import FORMATS, MEMBERS, load_adapter
 
 
 def _members(size: int = 4) -> dict[type, PeftAdapter]:

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from extsub_kernels import AdapterOptions, LoraScaling, merge
+from extsub_kernels.adapters import merge_adapters
 from extsub_kernels.adapters.formats import to_peft, write_adapter, write_tensors
-from extsub_kernels.adapters.lora import merge_adapters
 from extsub_kernels.adapters.peft import exact_pattern, load_adapter, module_scaling, parse_peft_key, pattern_key
 from extsub_kernels.errors import AdapterError, InputError
 
@@ -456,23 +456,6 @@ def test_write_tensors_is_atomic(tmp_path):
     with pytest.raises(TypeError, match="'w' is a str, not a torch.Tensor"):
         write_tensors(tmp_path / "e.safetensors", {"w": "not a tensor"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.safetensors"]
-
-
-def test_the_deprecated_merge_adapter_files_warns_and_merges_as_merge(llama, tmp_path):
-    _, paths = llama
-    from extsub_kernels import merge_adapter_files
-
-    with pytest.warns(DeprecationWarning, match="use merge"):
-        old = merge_adapter_files(paths["expert"], [paths["anti"], paths["anti2"]], tmp_path / "old", [0.5, 1.5])
-    _merge(paths["expert"], [paths["anti"], paths["anti2"]], tmp_path / "new", [[0.5, 1.5]])
-    assert old.adapter.reports[0].lams == (0.5, 1.5)
-    assert (
-        load_file(str(tmp_path / "old" / "adapter_model.safetensors")).keys()
-        == load_file(str(tmp_path / "new" / "adapter_model.safetensors")).keys()
-    )
-    old_tensors = load_file(str(tmp_path / "old" / "adapter_model.safetensors"))
-    new_tensors = load_file(str(tmp_path / "new" / "adapter_model.safetensors"))
-    assert all(torch.equal(old_tensors[k], new_tensors[k]) for k in new_tensors)
 
 
 # --- configs validated as PEFT validates them ---------------------------------------------

@@ -21,9 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from extsub_kernels import ext_sub_reference
-from extsub_kernels.adapters import formats
+from extsub_kernels.adapters import formats, merge_adapters
 from extsub_kernels.adapters.formats import to_delta, to_dense_lora
-from extsub_kernels.adapters.lora import merge_adapters
 from extsub_kernels.adapters.peft import load_adapter
 from extsub_kernels.cli import EXIT_BAD_INPUT, main
 from extsub_kernels.io import CheckpointReader

@@ -219,7 +219,7 @@ def _add_a_shard(folder):
 def test_an_input_changed_during_the_run_fails_with_exit_1_and_nothing_written(
     tmp_path, capsys, monkeypatch, pair, change, expert_is_folder, message
 ):
-    from extsub_kernels.engine.outputs import OutputSet
+    from extsub_kernels.engine.writing import OutputSet
 
     expert = save_shards(tmp_path / "shards", load_file(pair[0]), 2, index=False) if expert_is_folder else pair[0]
     real = OutputSet.stream
@@ -299,7 +299,7 @@ def _lora_folder(folder, config: dict, b_scale: float = 1.0):
 
 
 def test_an_adapter_changed_during_the_run_fails_with_exit_1(tmp_path, capsys, monkeypatch):
-    from extsub_kernels.engine.outputs import OutputSet
+    from extsub_kernels.engine.writing import OutputSet
 
     expert, anti = _lora_folder(tmp_path / "e", {}), _lora_folder(tmp_path / "a", {})
     real = OutputSet.stream
@@ -324,12 +324,12 @@ def test_an_adapter_output_beyond_the_chosen_dtype_is_an_error_naming_the_module
 
 
 def test_a_failure_after_publishing_never_claims_nothing_was_written(tmp_path, capsys, monkeypatch, pair):
-    import extsub_kernels.engine.dense as dense
+    import extsub_kernels.engine.report as report
 
     def failing() -> int:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(dense, "peak_rss_bytes", failing)  # called for the report, after the outputs are in place
+    monkeypatch.setattr(report, "peak_rss_bytes", failing)  # MergeReport.finished: after the outputs are in place
     out = tmp_path / "o.safetensors"
     code = main([str(pair[0]), str(pair[1]), "-o", str(out), "-q"])
     err = capsys.readouterr().err

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from extsub_kernels import ext_sub
-from extsub_kernels.engine.gram import RowGram, combine_into, ext_sub_in_memory, pieces
+from extsub_kernels.engine.gram import RowGram, combine_into, pieces, rows_in_memory
 from extsub_kernels.engine.transfer import Workspace
 
 from helpers import TOLERANCES, assert_close_explained, method_oracle
@@ -33,7 +33,7 @@ def test_in_memory_both_passes_equal_the_op_on_whole_rows(reduce_dim, n_anti, wi
     base = torch.randn(shape) if with_base else None
     lams = [0.5, 1.0, 2.0][:n_anti]
     out = torch.empty(shape)
-    ext_sub_in_memory(out, [plus, *minus], base, lams, reduce_dim=reduce_dim, workspace=Workspace(16, n_anti + 3))
+    rows_in_memory(out, [plus, *minus], base, lams, reduce_dim=reduce_dim, workspace=Workspace(16, n_anti + 3))
     expected = method_oracle(plus, minus, lams, base=base, transposed=reduce_dim == 0)
     assert_close_explained(out, expected, *TOLERANCES[torch.float32])
 
@@ -63,7 +63,7 @@ def test_degenerate_rows_follow_the_op_zero_expert_rows_stay_zero_anti_rows_chan
     plus = torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.0, 2.0], [1.0, 0.0, 0.0]])
     minus = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [-2.0, 0.0, 0.0]])
     out = torch.empty(3, 3)
-    ext_sub_in_memory(out, [plus, minus], None, [1.5], reduce_dim=1, workspace=Workspace(2, 4))
+    rows_in_memory(out, [plus, minus], None, [1.5], reduce_dim=1, workspace=Workspace(2, 4))
     assert torch.equal(out, ext_sub(plus, minus, 1.5))  # p' = 0; p' = p; antiparallel: p − λm
     assert torch.equal(out[2], torch.tensor([4.0, 0.0, 0.0]))
 

@@ -1,9 +1,12 @@
 """The method step: ext-sub, sub and add per tensor, in place only when asked, on task vectors with a base."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from extsub_kernels import ext_sub
+from extsub_kernels.engine.method_spec import EXT_SUB
 from extsub_kernels.engine.methods import apply_method, apply_method_into, in_place_step, workspace_slots
 from extsub_kernels.engine.transfer import Workspace
 
@@ -116,7 +119,6 @@ def test_ext_sub_with_a_base_on_cpu_rows_takes_the_fused_pass_bit_for_bit(
 ):
     """One ext-sub step on task vectors of whole CPU rows runs the C++ kernel's fused pass: the same result and row
     sums, bit for bit, as the workspace path (widen, θ₀ out, the op, θ₀ back, round) it replaces."""
-    from extsub_kernels.engine import methods
     from extsub_kernels.kernels import ext_sub_cpu
 
     if ext_sub_cpu.load() is None:
@@ -130,18 +132,16 @@ def test_ext_sub_with_a_base_on_cpu_rows_takes_the_fused_pass_bit_for_bit(
     def merged(fused: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         seen: list[torch.Tensor] = []
         out = torch.full((9, 40), float("nan"), dtype=out_dtype)
-        with monkeypatch.context() as patch:
-            if not fused:
-                patch.setattr(methods, "ext_sub_task_vectors_into", lambda *args, **kwargs: False)
-            apply_method_into(
-                out,
-                plus,
-                [minus],
-                [1.2],
-                base=base,
-                workspace=Workspace(chunk, workspace_slots(1), itemsize=8),
-                observe=(lambda k, sums: seen.append(sums)) if observed else None,
-            )
+        apply_method_into(
+            out,
+            plus,
+            [minus],
+            [1.2],
+            method=EXT_SUB if fused else dataclasses.replace(EXT_SUB, fused=None),
+            base=base,
+            workspace=Workspace(chunk, workspace_slots(1), itemsize=8),
+            observe=(lambda k, sums: seen.append(sums)) if observed else None,
+        )
         return out, seen
 
     calls = []

@@ -1,6 +1,6 @@
 """engine.pipeline: read ∥ compute ∥ write with fake stages — order under random delays, an error in each stage,
 Ctrl-C in compute, a stage blocked on a buffer pool woken by a stop, the bound on what is in flight; and
-engine.outputs.OutputSet.stream over it: a failing stage leaves nothing behind."""
+engine.writing.OutputSet.stream over it: a failing stage leaves nothing behind."""
 
 import random
 import threading
@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-from extsub_kernels.engine.outputs import OutputSet, Piece
 from extsub_kernels.engine.pipeline import in_flight, run_pipeline
 from extsub_kernels.engine.transfer import BufferPool, PoolClosed
+from extsub_kernels.engine.writing import OutputSet, Piece
 from extsub_kernels.io.writer import TensorEntry
 
 from helpers import SEED

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
+from extsub_kernels.constants import TEMP_TAG
 from extsub_kernels.errors import InputError
 from extsub_kernels.io import resolve_input
 from extsub_kernels.io.outputs import check_report_folder
-from extsub_kernels.io.temps import TEMP_TAG
 
 from checkpoints import SHAPES, random_delta, save
 

@@ -71,8 +71,7 @@ def test_a_row_stats_tensor_that_cannot_hold_the_sums_is_refused(bad, found):
 @pytest.mark.parametrize("lam", [0.8, 3.0, 0.01, -1.0], ids=["λ=0.8", "λ=3", "small λ", "negative λ"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_the_torch_path_keeps_cos_accurate_however_it_takes_the_dot_product(lam, dtype):
-    # Well-conditioned blocks take p·m from |p'|² (one cheap reduction), the others a direct dot product
-    # (ops._RESULT_DOT_MAX_LOSS); either way cos(p, m) stays within a few float32 reduction errors.
+    # p·m is one float32 vecdot per block, before the update: cos(p, m) stays within a few float32 reduction errors.
     p = torch.randn(64, 4096).to(dtype)
     m = (torch.randn(64, 4096) + 0.4 * p.float()).to(dtype)
     stats = torch.empty(64, 3, dtype=torch.float64)

@@ -1,13 +1,15 @@
 """The adapter family's shared interface: what any loaded PEFT adapter is and does, whatever its PEM type.
 
 A member (LoRA, (IA)³, prefix-tuning) is a `PeftAdapter` subclass that says which PEFT type it
-reads, how it merges for one λ setting (`merge`), which output formats it writes, and how it
-folds into a base model's weights (`base_edits`, `fold`) or why it cannot (`base_refusal`).
+reads, its merge's own math (`merge_units`, `check_antis`), which output formats it writes, and
+how it folds into a base model's weights (`base_edits`, `fold`) or why it cannot (`base_refusal`).
 The run, the report, the writer and `merge()` only use this interface, so a new type plugs in
-without copying them. The rules every member shares live here once: λ lists, the base-model
-check, one type per merge, the expert's non-adapter tensors, PEFT's key prefix.
+without copying them. The rules every member shares live here once, in `merge_adapters` (a
+template method): one or several anti-experts, of one type, the method, λ lists, the base-model
+check, the report, the expert's non-adapter tensors, the result rebuilt from the expert.
 """
 
+import dataclasses
 import json
 import warnings
 from abc import ABC, abstractmethod
@@ -18,8 +20,10 @@ from typing import ClassVar
 import torch
 
 from extsub_kernels.adapters.report import AdapterReport
+from extsub_kernels.engine.method_spec import DEFAULT_METHOD, MethodSpec, method_spec
 from extsub_kernels.engine.options import lam_value
 from extsub_kernels.errors import InputError
+from extsub_kernels.ops import row_products
 
 PEFT_PREFIX = "base_model.model."
 
@@ -80,6 +84,18 @@ class BaseEdit:
         return len(shape) == len(expected) and all(e is None or e == s for e, s in zip(expected, shape, strict=True))
 
 
+@dataclass(frozen=True)
+class MergeStep:
+    """What a type's `merge_units` gets, checked by `merge_adapters`: the anti-experts (of the expert's type) in order,
+    one λ each, the method, the report to fill, and LoRA's `max_rank` (None: exact)."""
+
+    antis: Sequence["PeftAdapter"]
+    lams: tuple[float, ...]
+    spec: MethodSpec
+    report: AdapterReport
+    max_rank: int | None = None
+
+
 class PeftAdapter(ABC):
     """A PEFT adapter of one PEM type, loaded and validated: the interface every member of the family has.
 
@@ -91,6 +107,7 @@ class PeftAdapter(ABC):
     Class attributes:
         peft_type: the adapter_config's `peft_type` ("LORA", "IA3", "PREFIX_TUNING").
         label: the type's name in messages ("LoRA", "(IA)³", "prefix-tuning").
+        tag: its model-card tag, as the Hugging Face hub spells it ("lora", "ia3", "prefix-tuning").
         unit: what the report counts ("module", "vector", "prompt embedding").
         row: what one Ext-Sub row is, in the report ("row", "vector").
         delta: the symbol of an anti-expert's task vector, in the report ("ΔW⁻", "d⁻", "θ⁻").
@@ -98,16 +115,21 @@ class PeftAdapter(ABC):
         base_refusal: why `--base` cannot fold it into a base model (None: it can).
         config_needed: what only its adapter_config says, so its weights alone are refused
             (None: they can be read without one, as bare LoRA weights with a scaling).
+        no_rank: why `max_rank` does not apply, in a few words ("(IA)³ vectors have"); None: it does.
+        merged_type: the class of a merge's result (None: the type itself).
     """
 
     peft_type: ClassVar[str]
     label: ClassVar[str]
+    tag: ClassVar[str]
     unit: ClassVar[str]
     row: ClassVar[str] = "row"
     delta: ClassVar[str] = "ΔW⁻"
     formats: ClassVar[tuple[str, ...]]
     base_refusal: ClassVar[str | None] = None
     config_needed: ClassVar[str | None] = None
+    no_rank: ClassVar[str | None] = None
+    merged_type: ClassVar[type | None] = None
 
     source: str
     base_model_name_or_path: str | None
@@ -115,19 +137,43 @@ class PeftAdapter(ABC):
     extra: dict[str, torch.Tensor]
     config: dict
 
-    @classmethod
     @abstractmethod
-    def merge(
-        cls,
-        expert: "PeftAdapter",
-        antis: Sequence["PeftAdapter"],
-        lam: float | Sequence[float],
-        method: str,
-        *,
-        max_rank: int | None = None,
-        any_base_model: bool = False,
-    ) -> "PeftAdapter":
-        """θ⁺ ⊖ θ₁⁻ ⊖ θ₂⁻ ... for one λ setting, an adapter of the same type with a `report` (see `merge_adapters`)."""
+    def merge_units(self, step: "MergeStep") -> dict:
+        """This type's math, θ⁺ ⊖ θ₁⁻ ⊖ θ₂⁻ ... for one λ setting: the result's fields that the merge computes (the
+        others are the expert's), `report` filled unit by unit. `merge_adapters` has checked everything shared."""
+
+    @abstractmethod
+    def stat_units(self) -> Mapping[str, object]:
+        """What the merge pairs, by name, as `row_sums` and `change_sq` take them (docs/design.md §7): a LoRA module, an
+        (IA)³ task vector d = l − 1 as one row, a prefix's per-head key/value rows."""
+
+    def stat_parts(self, name: str) -> list[tuple[str, object]]:
+        """How one unit's statistics are reported: (name, rows selector or None for all of them) per part; a unit is
+        one part unless its type splits it (a prefix: per layer and head)."""
+        return [(name, None)]
+
+    @abstractmethod
+    def unit_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Unit name → (shape, dtype code) as the report gives them."""
+
+    @staticmethod
+    def row_sums(expert: object, anti: object) -> torch.Tensor:
+        """(rows, 3) float64 |p|², |m|², p·m of each row of one unit of the expert and of an anti-expert (dense units
+        here: small float64 tensors; a type whose units are not tensors computes them its own way)."""
+        return row_products(expert, anti)
+
+    @staticmethod
+    def change_sq(expert: object, merged: object) -> float:
+        """‖p' − p‖² of one unit (Frobenius), from the expert's unit and the merged one."""
+        return float(((merged.to(torch.float64) - expert.to(torch.float64)) ** 2).sum())
+
+    @abstractmethod
+    def check_antis(self, antis: Sequence["PeftAdapter"]) -> None:
+        """Raise an InputError unless the anti-experts fit this expert as the type needs (shapes, geometry)."""
+
+    def check_max_rank(self, max_rank: object) -> None:
+        """`max_rank` truncates LoRA factors only: refuse it for a type whose parameters have no rank (`no_rank`)."""
+        raise InputError(f"max_rank truncates LoRA factors; {self.no_rank} no rank to truncate")
 
     @abstractmethod
     def describe(self) -> str:
@@ -177,12 +223,6 @@ def peft_fields(weights: object, config: Mapping, extra: dict[str, torch.Tensor]
     }
 
 
-def refuse_max_rank(max_rank: int | None, what: str) -> None:
-    """`max_rank` truncates LoRA factors only: refuse it for a member whose parameters (`what`) have no rank."""
-    if max_rank is not None:
-        raise InputError(f"max_rank truncates LoRA factors; {what} no rank to truncate")
-
-
 def describe_dtypes(tensors: Sequence[torch.Tensor], storage: torch.dtype | None = None) -> str:
     """The dtypes of some tensors in a word or two ("float32", "float32/bfloat16"), or their storage dtype."""
     if storage is not None:
@@ -195,7 +235,7 @@ def merge_adapters(
     expert: PeftAdapter,
     antis: PeftAdapter | Sequence[PeftAdapter],
     lam: float | Sequence[float] = 1.0,
-    method: str = "ext-sub",
+    method: str = DEFAULT_METHOD,
     *,
     max_rank: int | None = None,
     any_base_model: bool = False,
@@ -210,7 +250,7 @@ def merge_adapters(
         expert: θ⁺, a LoraAdapter, IA3Adapter or PrefixAdapter.
         antis: θ⁻, one adapter or several in order, of the expert's type.
         lam: one λ for all anti-experts, or one per anti-expert.
-        method: "ext-sub" (θ⁺ − λ·Ext(θ⁻)), "sub" (θ⁺ − λ·θ⁻) or "add" (θ⁺ + λ·θ⁻).
+        method: ext-sub (θ⁺ − λ·Ext(θ⁻)), sub (θ⁺ − λ·θ⁻), add (θ⁺ + λ·θ⁻) or a registered one (`engine.method_spec`).
         max_rank: LoRA only: truncate every module to this rank (SVD in the factored space).
         any_base_model: accept adapters whose base_model_name_or_path differ (shapes are still checked).
 
@@ -229,7 +269,22 @@ def merge_adapters(
     if not antis:
         raise InputError("merge_adapters needs at least one anti-expert")
     check_same_type(expert, antis)
-    return type(expert).merge(expert, antis, lam, method, max_rank=max_rank, any_base_model=any_base_model)
+    if max_rank is not None:
+        expert.check_max_rank(max_rank)
+    spec = method_spec(method)
+    lams = lam_list(lam, len(antis))
+    _check_base_models(expert, antis, any_base_model=any_base_model)
+    expert.check_antis(antis)
+    report = expert.new_report(spec.name, lams)
+    computed = expert.merge_units(MergeStep(antis, lams, spec, report, max_rank))
+    kept = {f.name: getattr(expert, f.name) for f in dataclasses.fields(expert) if f.init}
+    kept.update(
+        computed,
+        source=f"{spec.name} of {expert.source} and {', '.join(a.source for a in antis)}",
+        extra=_copy_extra(expert, antis, report),
+        report=report,
+    )
+    return (expert.merged_type or type(expert))(**kept)
 
 
 def check_same_type(expert: PeftAdapter, antis: Sequence[PeftAdapter]) -> None:
@@ -259,7 +314,7 @@ def lam_list(lam: float | Sequence[float], n_antis: int) -> tuple[float, ...]:
     return tuple(values)
 
 
-def check_base_models(expert: PeftAdapter, antis: Sequence[PeftAdapter], *, any_base_model: bool = False) -> None:
+def _check_base_models(expert: PeftAdapter, antis: Sequence[PeftAdapter], *, any_base_model: bool = False) -> None:
     """Raise an InputError unless every adapter names the expert's base model (or one of them names none)."""
     if any_base_model:
         return
@@ -273,7 +328,7 @@ def check_base_models(expert: PeftAdapter, antis: Sequence[PeftAdapter], *, any_
             )
 
 
-def copy_extra(expert: PeftAdapter, antis: Sequence[PeftAdapter], report: AdapterReport) -> dict[str, torch.Tensor]:
+def _copy_extra(expert: PeftAdapter, antis: Sequence[PeftAdapter], report: AdapterReport) -> dict[str, torch.Tensor]:
     """Non-adapter tensors (modules_to_save): the expert's are copied (with a warning), the anti-experts' ignored."""
     if expert.extra:
         warnings.warn(

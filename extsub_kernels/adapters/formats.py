@@ -13,7 +13,7 @@
   in_features (scaling 1): the layout the paper's released code writes.
 - `delta`: ΔW' keyed by the module's weight name in the base model, laid out like that weight.
 
-Each format is a `LazyOutput` (`lora_output`, `dense_lora_output`, `delta_output`): its
+Each format is a `LazyOutput` (`_lora_output`, `_dense_lora_output`, `_delta_output`): its
 tensors' names, dtypes and shapes are known up front and each is made on demand, so
 `write_outputs` streams outputs of any size one module at a time. `to_*` collect an output in
 memory (small adapters, tests); the iterators yield one module at a time.
@@ -32,9 +32,10 @@ from extsub_kernels._tensors import all_finite
 from extsub_kernels.adapters.family import config_text
 from extsub_kernels.adapters.ia3 import ia3_key, ia3_output
 from extsub_kernels.adapters.lora import Device, LoraAdapter, LoraModule, module_delta
-from extsub_kernels.adapters.peft import CONFIG_NAME, WEIGHTS_NAME, exact_pattern, peft_key, weight_key
+from extsub_kernels.adapters.peft import exact_pattern, peft_key, weight_key
 from extsub_kernels.adapters.prefix import PROMPT_KEY, prefix_output
-from extsub_kernels.engine.outputs import LazyOutput, write_outputs
+from extsub_kernels.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from extsub_kernels.engine.writing import LazyOutput, write_outputs
 from extsub_kernels.errors import InputError
 from extsub_kernels.io import TensorEntry
 from extsub_kernels.io.outputs import refuse_existing
@@ -107,7 +108,7 @@ def _extra_makers(adapter: LoraAdapter) -> list:
     return [(TensorEntry(key, t.dtype, tuple(t.shape)), lambda t=t: t) for key, t in adapter.extra.items()]
 
 
-def lora_output(adapter: LoraAdapter, *, dtype: torch.dtype | None = None, device: Device = None) -> LazyOutput:
+def _lora_output(adapter: LoraAdapter, *, dtype: torch.dtype | None = None, device: Device = None) -> LazyOutput:
     """The factored adapter as a PEFT adapter folder; see the module doc.
 
     Args:
@@ -126,11 +127,11 @@ def lora_output(adapter: LoraAdapter, *, dtype: torch.dtype | None = None, devic
     alphas = {name: _alpha(m) for name, m in adapter.modules.items()}
     config = peft_config(adapter, ranks, alphas)
     return LazyOutput.lazy(
-        makers + _extra_makers(adapter), texts={CONFIG_NAME: config_text(config)}, weights_name=WEIGHTS_NAME
+        makers + _extra_makers(adapter), texts={ADAPTER_CONFIG: config_text(config)}, weights_name=ADAPTER_WEIGHTS
     )
 
 
-def dense_lora_output(adapter: LoraAdapter, *, dtype: torch.dtype | None = None, device: Device = None) -> LazyOutput:
+def _dense_lora_output(adapter: LoraAdapter, *, dtype: torch.dtype | None = None, device: Device = None) -> LazyOutput:
     """The dense-lora format: per module lora_A = I (in×in), lora_B = ΔW' (out×in), made one module at a time.
 
     Args:
@@ -148,17 +149,17 @@ def dense_lora_output(adapter: LoraAdapter, *, dtype: torch.dtype | None = None,
         key = peft_key(name, "B")
         make_b = _finite(name, key, lambda m=module, o=out: module_delta(m, dtype=o, device=device).cpu())
         makers.append((TensorEntry(key, out, (module.out_features, n_in)), make_b))
-    texts = {CONFIG_NAME: config_text(dense_lora_config(adapter))}
-    return LazyOutput.lazy(makers + _extra_makers(adapter), texts=texts, weights_name=WEIGHTS_NAME)
+    texts = {ADAPTER_CONFIG: config_text(_dense_lora_config(adapter))}
+    return LazyOutput.lazy(makers + _extra_makers(adapter), texts=texts, weights_name=ADAPTER_WEIGHTS)
 
 
-def dense_lora_config(adapter: LoraAdapter) -> dict:
+def _dense_lora_config(adapter: LoraAdapter) -> dict:
     """The adapter_config of the dense-lora format: r = lora_alpha = in_features per module (scaling 1)."""
     ranks = {name: m.in_features for name, m in adapter.modules.items()}
     return peft_config(adapter, ranks, dict(ranks))
 
 
-def delta_output(
+def _delta_output(
     adapter: LoraAdapter,
     *,
     dtype: torch.dtype | None = None,
@@ -192,8 +193,8 @@ def to_peft(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> tuple[
     Example:
         >>> state_dict, config = to_peft(merge_adapters(expert, anti, 1.0))  # doctest: +SKIP
     """
-    output = lora_output(adapter, dtype=dtype)
-    return dict(output.items()), json.loads(output.texts[CONFIG_NAME])
+    output = _lora_output(adapter, dtype=dtype)
+    return dict(output.items()), json.loads(output.texts[ADAPTER_CONFIG])
 
 
 def iter_dense_lora(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -202,7 +203,7 @@ def iter_dense_lora(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -
     Example:
         >>> dict(iter_dense_lora(adapter))  # doctest: +SKIP
     """
-    return dense_lora_output(adapter, dtype=dtype).items()
+    return _dense_lora_output(adapter, dtype=dtype).items()
 
 
 def to_dense_lora(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict]:
@@ -211,7 +212,7 @@ def to_dense_lora(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> 
     Example:
         >>> state_dict, config = to_dense_lora(merged)  # doctest: +SKIP
     """
-    return dict(iter_dense_lora(adapter, dtype=dtype)), dense_lora_config(adapter)
+    return dict(iter_dense_lora(adapter, dtype=dtype)), _dense_lora_config(adapter)
 
 
 def iter_delta(
@@ -220,14 +221,14 @@ def iter_delta(
     dtype: torch.dtype | None = None,
     fan_in_fan_out: bool | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(weight name, ΔW') per module, laid out like the base model's weight (see `delta_output`).
+    """(weight name, ΔW') per module, laid out like the base model's weight (see `_delta_output`).
 
     Example:
         >>> deltas = dict(iter_delta(merged))  # doctest: +SKIP
         >>> key = "model.layers.0.self_attn.q_proj.weight"  # doctest: +SKIP
         >>> base_state[key] += deltas[key]  # doctest: +SKIP
     """
-    return delta_output(adapter, dtype=dtype, fan_in_fan_out=fan_in_fan_out).items()
+    return _delta_output(adapter, dtype=dtype, fan_in_fan_out=fan_in_fan_out).items()
 
 
 def to_delta(
@@ -267,7 +268,9 @@ def write_adapter(
     Example:
         >>> write_adapter(tmp / "out", *to_peft(merged))  # doctest: +SKIP
     """
-    output = LazyOutput.of_tensors(state_dict, texts={CONFIG_NAME: config_text(config)}, weights_name=WEIGHTS_NAME)
+    output = LazyOutput.of_tensors(
+        state_dict, texts={ADAPTER_CONFIG: config_text(config)}, weights_name=ADAPTER_WEIGHTS
+    )
     return _write(Path(folder), output, metadata, force)
 
 
@@ -299,22 +302,30 @@ class OutputFormat:
     Attributes:
         make: (adapter, *, dtype, device) → the lazy output.
         keys: a unit's name (module, vector) → the names of the output tensors it is written as.
+        what: what the output is, for its model card.
     """
 
     make: Callable[..., LazyOutput]
     keys: Callable[[str], tuple[str, ...]]
+    what: str
 
 
 def _factor_keys(module: str) -> tuple[str, ...]:
     return peft_key(module, "A"), peft_key(module, "B")
 
 
-# Every format of the family, by the name `--format` takes (engine.options.FORMATS); each
-# adapter type lists the ones it writes in its `formats`.
+# Every format of the family, by the name `--format` takes; each adapter type lists the ones it
+# writes in its `formats` (`peft.FORMATS`: all of them, in the members' order).
 OUTPUT_FORMATS: dict[str, OutputFormat] = {
-    "lora": OutputFormat(lora_output, _factor_keys),
-    "dense-lora": OutputFormat(dense_lora_output, _factor_keys),
-    "delta": OutputFormat(delta_output, lambda module: (weight_key(module),)),
-    "ia3": OutputFormat(ia3_output, lambda module: (ia3_key(module),)),
-    "prefix-tuning": OutputFormat(prefix_output, lambda _unit: (PROMPT_KEY,)),
+    "lora": OutputFormat(_lora_output, _factor_keys, "a PEFT LoRA adapter (rank r⁺ + r⁻ per module, exact)"),
+    "dense-lora": OutputFormat(
+        _dense_lora_output, _factor_keys, "a PEFT LoRA adapter in the paper's dense layout (lora_B = ΔW', lora_A = I)"
+    ),
+    "delta": OutputFormat(
+        _delta_output,
+        lambda module: (weight_key(module),),
+        "ΔW' per module, keyed and laid out like the base model's weights (add them to it)",
+    ),
+    "ia3": OutputFormat(ia3_output, lambda module: (ia3_key(module),), "a PEFT (IA)³ adapter"),
+    "prefix-tuning": OutputFormat(prefix_output, lambda _unit: (PROMPT_KEY,), "a PEFT prefix-tuning adapter"),
 }

@@ -25,9 +25,9 @@ import torch
 
 from extsub_kernels._tensors import all_finite, compute_dtype, is_float, nonfinite_summary
 from extsub_kernels.adapters.family import BaseEdit, PeftAdapter, base_tensor_name
-from extsub_kernels.engine.architecture import TransposedRule
+from extsub_kernels.engine.conv1d import TransposedRule
 from extsub_kernels.engine.methods import apply_method
-from extsub_kernels.engine.outputs import LazyOutput
+from extsub_kernels.engine.writing import LazyOutput
 from extsub_kernels.errors import InputError
 from extsub_kernels.io import CheckpointReader, TensorEntry
 
@@ -153,7 +153,7 @@ def full_model_outputs(
         settings: λ per anti-expert, one tuple per output.
         base: θ₀.
         targets: from `match_targets`.
-        method: "ext-sub", "sub" or "add" (for the full weights).
+        method: the method's name (`engine.method_spec`; for the full weights).
         out_dtype: the dtype of float tensors in the output; None keeps the base's.
         device: where ΔW' is computed and added.
         extra_files: the base's config, generation and tokenizer files (folder outputs).

@@ -22,26 +22,22 @@ from extsub_kernels._tensors import compute_dtype, is_float
 from extsub_kernels.adapters.family import (
     PEFT_PREFIX,
     BaseEdit,
+    MergeStep,
     PeftAdapter,
-    check_base_models,
-    check_same_type,
     config_text,
-    copy_extra,
     describe_dtypes,
-    lam_list,
     peft_fields,
-    refuse_max_rank,
     strip_peft_prefix,
     weight_key,
 )
 from extsub_kernels.adapters.patterns import PatternMatcher
 from extsub_kernels.adapters.report import AdapterReport, counted
+from extsub_kernels.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from extsub_kernels.engine.methods import apply_method
-from extsub_kernels.engine.options import method_sign
-from extsub_kernels.engine.outputs import LazyOutput
+from extsub_kernels.engine.writing import LazyOutput
 from extsub_kernels.errors import AdapterError, InputError
 from extsub_kernels.io import TensorEntry
-from extsub_kernels.io.resolve import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from extsub_kernels.io.format import DTYPE_CODES
 
 # <module>.ia3_l, optionally with an adapter-name segment: <module>.ia3_l.default
 _IA3_KEY = re.compile(r"^(?P<module>.+)\.ia3_l(?:\.(?P<adapter>[^.]+))?$")
@@ -80,11 +76,13 @@ class IA3Adapter(PeftAdapter):
 
     peft_type = "IA3"
     label = "(IA)³"
+    tag = "ia3"
     unit = "vector"
     row = "vector"
     delta = "d⁻"
     formats = ("ia3",)
     config_needed = "which modules are feedforward_modules"
+    no_rank = "(IA)³ vectors have"
 
     vectors: dict[str, torch.Tensor]
     feedforward: frozenset[str] = frozenset()
@@ -171,21 +169,6 @@ class IA3Adapter(PeftAdapter):
         )
 
     @classmethod
-    def merge(
-        cls,
-        expert: PeftAdapter,
-        antis: Sequence[PeftAdapter],
-        lam: float | Sequence[float],
-        method: str,
-        *,
-        max_rank: int | None = None,
-        any_base_model: bool = False,
-    ) -> "IA3Adapter":
-        """`merge_ia3` below."""
-        refuse_max_rank(max_rank, "(IA)³ vectors have")
-        return merge_ia3(expert, antis, lam, method, any_base_model=any_base_model)
-
-    @classmethod
     def owns_key(cls, key: str) -> bool:
         return _IA3_KEY.match(key) is not None
 
@@ -196,6 +179,63 @@ class IA3Adapter(PeftAdapter):
             f"{counted(len(vectors), 'vector')}: {len(vectors) - ff} (out, 1), {ff} feedforward (1, in), "
             f"{sum(v.numel() for v in vectors):,} scales, {describe_dtypes(vectors, self.dtype)}"
         )
+
+    def stat_units(self) -> Mapping[str, object]:
+        return {name: vector.to(torch.float64).reshape(1, -1) - 1 for name, vector in self.vectors.items()}
+
+    def unit_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        return {n: (tuple(v.shape), DTYPE_CODES[self.dtype or v.dtype]) for n, v in self.vectors.items()}
+
+    def check_antis(self, antis: Sequence[PeftAdapter]) -> None:
+        """Raise an InputError naming both shapes where a module's vectors differ between inputs."""
+        for anti in antis:
+            for name, vector in anti.vectors.items():
+                ref = self.vectors.get(name)
+                if ref is not None and ref.shape != vector.shape:
+                    raise InputError(
+                        f"(IA)³ vector {name}: the expert {self.source} has {_kind(self, name)} but "
+                        f"{anti.source} has {_kind(anti, name)}; the vectors of one module must agree "
+                        "(same base model, same feedforward_modules)"
+                    )
+
+    def merge_units(self, step: MergeStep) -> dict:
+        """The method on the task vectors d = l − 1, each vector one row, in float64.
+
+        A vector only in the expert is copied. One only in anti-experts contributes nothing under
+        a row-pairing method (|p| = 0: it is written as l = 1) and l = 1 ∓ λ·d⁻ under sub/add. The
+        result's feedforward modules are the union of the inputs'; its vectors stay in float64
+        (`dtype`: the expert's, for writing).
+
+        Example:
+            >>> from extsub_kernels.adapters import merge_adapters
+            >>> ones = IA3Adapter({"k": torch.ones(4, 1)})
+            >>> merge_adapters(ones, ones, 1.0).vectors["k"].flatten().tolist()
+            [1.0, 1.0, 1.0, 1.0]
+        """
+        antis, lams, spec, report = step.antis, step.lams, step.spec, step.report
+        names = list(self.vectors) + sorted({n for a in antis for n in a.vectors if n not in self.vectors})
+        vectors = {}
+        for name in names:
+            start = self.vectors.get(name)
+            steps = [(anti.vectors[name], lam) for anti, lam in zip(antis, lams, strict=True) if name in anti.vectors]
+            if not steps:
+                report.copied.append(name)
+                vectors[name] = start
+                continue
+            if start is not None:
+                report.merged.append(name)
+            else:  # only in anti-experts: nothing under ext-sub (l = 1), ∓λ·d⁻ under sub/add
+                (report.dropped if spec.pairs_rows else report.added).append(name)
+            task = start.double() - 1 if start is not None else torch.zeros(steps[0][0].shape, dtype=torch.float64)
+            work = task.reshape(-1)  # the whole vector is one row
+            for vector, step_lam in steps:
+                if spec.pairs_rows and not bool(work.any()):
+                    report.zero_rows[name] = 1
+                apply_method(work, [vector.double().reshape(-1) - 1], [step_lam], method=spec, inplace=True)
+            vectors[name] = 1 + task
+        feedforward = frozenset(n for adapter in (self, *antis) for n in adapter.feedforward)
+        stored = self.dtype or next(iter(self.vectors.values())).dtype
+        return {"vectors": vectors, "feedforward": feedforward, "dtype": stored}
 
     def base_edits(self) -> list[BaseEdit]:
         """A vector scales its weight's rows (and the bias), or a feedforward vector the weight's columns."""
@@ -221,80 +261,6 @@ class IA3Adapter(PeftAdapter):
         return theta0.to(device, compute) * scale
 
 
-def merge_ia3(
-    expert: IA3Adapter,
-    antis: IA3Adapter | Sequence[IA3Adapter],
-    lam: float | Sequence[float] = 1.0,
-    method: str = "ext-sub",
-    *,
-    any_base_model: bool = False,
-) -> IA3Adapter:
-    """Ext-Sub (or sub / add) of (IA)³ adapters on their task vectors d = l − 1, each vector one row, in float64.
-
-    A vector only in the expert is copied. One only in anti-experts contributes nothing under
-    ext-sub (|p| = 0 ⇒ Ext = 0: it is written as l = 1) and l = 1 ∓ λ·d⁻ under sub/add. The
-    result's feedforward modules are the union of the inputs'; shapes must agree.
-
-    Args:
-        expert: θ⁺.
-        antis: θ⁻, one adapter or several in order.
-        lam: one λ for all anti-experts, or one per anti-expert.
-        method: "ext-sub", "sub" or "add".
-        any_base_model: accept adapters whose base_model_name_or_path differ.
-
-    Returns:
-        An IA3Adapter with merged vectors in float64 (`dtype`: the expert's, for writing) and a `report`.
-
-    Example:
-        >>> ones = IA3Adapter({"k": torch.ones(4, 1)})
-        >>> merge_ia3(ones, ones, 1.0).vectors["k"].flatten().tolist()
-        [1.0, 1.0, 1.0, 1.0]
-    """
-    antis = [antis] if isinstance(antis, IA3Adapter) else list(antis)
-    if not antis:
-        raise InputError("merge_ia3 needs at least one anti-expert")
-    check_same_type(expert, antis)
-    method_sign(method)
-    lams = lam_list(lam, len(antis))
-    check_base_models(expert, antis, any_base_model=any_base_model)
-    _check_shapes(expert, antis)
-    report = expert.new_report(method, lams)
-    names = list(expert.vectors) + sorted({n for a in antis for n in a.vectors if n not in expert.vectors})
-    vectors = {}
-    for name in names:
-        start = expert.vectors.get(name)
-        steps = [(anti.vectors[name], lam) for anti, lam in zip(antis, lams, strict=True) if name in anti.vectors]
-        if not steps:
-            report.copied.append(name)
-            vectors[name] = start
-            continue
-        if start is not None:
-            report.merged.append(name)
-        else:  # only in anti-experts: nothing under ext-sub (l = 1), ∓λ·d⁻ under sub/add
-            (report.dropped if method == "ext-sub" else report.added).append(name)
-        task = start.double() - 1 if start is not None else torch.zeros(steps[0][0].shape, dtype=torch.float64)
-        work = task.reshape(-1)  # the whole vector is one row
-        for vector, step_lam in steps:
-            if method == "ext-sub" and not bool(work.any()):
-                report.zero_rows[name] = 1
-            apply_method(work, [vector.double().reshape(-1) - 1], [step_lam], method=method, inplace=True)
-        vectors[name] = 1 + task
-    feedforward = frozenset(n for adapter in (expert, *antis) for n in adapter.feedforward)
-    stored = expert.dtype or next(iter(expert.vectors.values())).dtype
-    return IA3Adapter(
-        vectors=vectors,
-        feedforward=feedforward,
-        source=f"{method} of {expert.source} and {', '.join(a.source for a in antis)}",
-        base_model_name_or_path=expert.base_model_name_or_path,
-        fan_in_fan_out=expert.fan_in_fan_out,
-        task_type=expert.task_type,
-        extra=copy_extra(expert, antis, report),
-        config=expert.config,
-        dtype=stored,
-        report=report,
-    )
-
-
 def ia3_output(
     adapter: IA3Adapter, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
 ) -> LazyOutput:
@@ -314,11 +280,11 @@ def ia3_output(
         entry = TensorEntry(ia3_key(name), out, tuple(vector.shape))
         makers.append((entry, lambda v=vector, o=out: v.to(o).contiguous()))
     makers += [(TensorEntry(key, t.dtype, tuple(t.shape)), lambda t=t: t) for key, t in adapter.extra.items()]
-    texts = {ADAPTER_CONFIG: config_text(ia3_config(adapter))}
+    texts = {ADAPTER_CONFIG: config_text(_ia3_config(adapter))}
     return LazyOutput.lazy(makers, texts=texts, weights_name=ADAPTER_WEIGHTS)
 
 
-def ia3_config(adapter: IA3Adapter) -> dict:
+def _ia3_config(adapter: IA3Adapter) -> dict:
     """The adapter_config.json of an (IA)³ output: the adapter's own, with its module lists as written."""
     config = dict(adapter.config)
     config.update(
@@ -334,19 +300,6 @@ def ia3_config(adapter: IA3Adapter) -> dict:
     if not adapter.extra:
         config["modules_to_save"] = None
     return config
-
-
-def _check_shapes(expert: IA3Adapter, antis: Sequence[IA3Adapter]) -> None:
-    """Raise an InputError naming both shapes where a module's vectors differ between inputs."""
-    for anti in antis:
-        for name, vector in anti.vectors.items():
-            ref = expert.vectors.get(name)
-            if ref is not None and ref.shape != vector.shape:
-                raise InputError(
-                    f"(IA)³ vector {name}: the expert {expert.source} has {_kind(expert, name)} but "
-                    f"{anti.source} has {_kind(anti, name)}; the vectors of one module must agree "
-                    "(same base model, same feedforward_modules)"
-                )
 
 
 def _kind(adapter: IA3Adapter, name: str) -> str:

@@ -12,26 +12,26 @@ is exactly a LoRA of rank r⁺ + r⁻, at O((out + in)·r²) cost per module.
 import copy
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from extsub_kernels._tensors import all_finite, compute_dtype, is_float
 from extsub_kernels.adapters.family import (
     BaseEdit,
+    MergeStep,
     PeftAdapter,
-    check_base_models,
-    check_same_type,
-    copy_extra,
     describe_dtypes,
     lam_list,
+    merge_adapters,
     weight_key,
 )
 from extsub_kernels.adapters.report import AdapterReport, counted
-from extsub_kernels.engine.options import method_sign
+from extsub_kernels.engine.method_spec import DEFAULT_METHOD, EXT_SUB, MethodSpec, method_spec
 from extsub_kernels.errors import InputError
-from extsub_kernels.ops import ext_sub_coefficients
+from extsub_kernels.io.format import DTYPE_CODES
 
 Device = torch.device | str | None
 
@@ -123,8 +123,10 @@ class LoraAdapter(PeftAdapter):
 
     peft_type = "LORA"
     label = "LoRA"
+    tag = "lora"
     unit = "module"
     formats = ("lora", "dense-lora", "delta")
+    merged_type: ClassVar[type | None] = None  # MergedAdapter, set below
 
     modules: dict[str, LoraModule]
     source: str = "<memory>"
@@ -133,20 +135,6 @@ class LoraAdapter(PeftAdapter):
     task_type: str | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
-
-    @classmethod
-    def merge(
-        cls,
-        expert: PeftAdapter,
-        antis: Sequence[PeftAdapter],
-        lam: float | Sequence[float],
-        method: str,
-        *,
-        max_rank: int | None = None,
-        any_base_model: bool = False,
-    ) -> "MergedAdapter":
-        """`merge_adapters` below: the factored merge."""
-        return merge_adapters(expert, antis, lam, method, max_rank=max_rank, any_base_model=any_base_model)
 
     @classmethod
     def owns_key(cls, key: str) -> bool:
@@ -159,6 +147,85 @@ class LoraAdapter(PeftAdapter):
         stored = {m.dtype for m in self.modules.values()} - {None}
         dtype = describe_dtypes(tensors, stored.pop() if len(stored) == 1 else None)
         return f"{counted(len(self.modules), 'module')}, {span}, {dtype}"
+
+    def stat_units(self) -> Mapping[str, object]:
+        return self.modules
+
+    def unit_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        return {n: ((m.out_features, m.in_features), DTYPE_CODES[m.storage_dtype]) for n, m in self.modules.items()}
+
+    @staticmethod
+    def row_sums(expert: "LoraModule", anti: "LoraModule") -> torch.Tensor:
+        """|p|² from the triangular factor of A⁺ (as the merge's own row norms), p·m = s⁺s⁻·b⁺ᵢ(A⁺A⁻ᵀ)b⁻ᵢᵀ from an
+        r⁺×r⁻ cross-Gram: O((d + k)·r²), float64, ΔW never formed."""
+        b_plus, a_plus = _scaled_factors(expert, torch.float64)
+        b_minus, a_minus = _scaled_factors(anti, torch.float64)
+        pp = lora_row_norms(b_plus, a_plus) ** 2
+        mm = lora_row_norms(b_minus, a_minus) ** 2
+        return torch.stack([pp, mm, _lora_row_products(b_plus, a_plus, b_minus, a_minus)], dim=1)
+
+    @staticmethod
+    def change_sq(expert: "LoraModule", merged: "LoraModule") -> float:
+        """‖ΔW' − ΔW⁺‖² from the factors of [ΔW', −ΔW⁺] stacked."""
+        b_plus, a_plus = _scaled_factors(expert, torch.float64)
+        b_out, a_out = _scaled_factors(merged, torch.float64)
+        b, a = torch.cat([b_out, -b_plus], dim=1), torch.cat([a_out, a_plus], dim=0)
+        return float((lora_row_norms(b, a) ** 2).sum())
+
+    def check_max_rank(self, max_rank: object) -> None:
+        """Raise an InputError unless `max_rank` is a positive integer (a rank to truncate to)."""
+        check_max_rank(max_rank)
+
+    def check_antis(self, antis: Sequence[PeftAdapter]) -> None:
+        """Raise an InputError unless every anti-expert's modules adapt weights of the expert's shapes.
+
+        Example:
+            >>> m = LoraModule(torch.ones(1, 3), torch.ones(2, 1), 1.0)
+            >>> LoraAdapter({"q": m}).check_antis([LoraAdapter({"q": m})])
+        """
+        for anti in antis:
+            for name, module in anti.modules.items():
+                ref = self.modules.get(name)
+                if ref is not None and (ref.out_features, ref.in_features) != (module.out_features, module.in_features):
+                    raise InputError(
+                        f"module {name}: the expert {self.source} adapts a ({ref.out_features}, {ref.in_features}) "
+                        f"weight but {anti.source} a ({module.out_features}, {module.in_features}) one; "
+                        "the adapters belong to different base models"
+                    )
+
+    def merge_units(self, step: MergeStep) -> dict:
+        """The modules of the merge, exactly, in the factored space (docs/design.md §3).
+
+        Each row-pairing step takes its row sums from the result so far, so ranks add up. Computed
+        modules have their scaling folded into B (scaling 1) and factors in float32 (float64 if an
+        input is); modules only in the expert are kept as they are. Output dtype per module: the
+        expert's (the anti-expert's for modules only there). `max_rank` truncates every module to
+        that rank by an SVD of the factored result, its relative Frobenius error in the report.
+
+        Example:
+            >>> from extsub_kernels.adapters import merge_adapters
+            >>> m = LoraModule(torch.randn(2, 8), torch.randn(4, 2), 2.0)
+            >>> merge_adapters(LoraAdapter({"q": m}), LoraAdapter({"q": m}), 0.5).modules["q"].rank
+            4
+        """
+        antis, lams, spec, report = step.antis, step.lams, step.spec, step.report
+        names = list(self.modules)
+        names += sorted({n for anti in antis for n in anti.modules if n not in self.modules})
+        modules: dict[str, LoraModule] = {}
+        for name in names:
+            module = _merge_module(name, self, antis, lams, spec, report)
+            if module is None:
+                continue
+            max_rank = step.max_rank
+            if max_rank is not None and module.rank > max_rank:
+                b, a, error = truncate_factors(*_scaled_factors(module, torch.float64), max_rank)
+                compute = compute_dtype(module.lora_B.dtype, module.lora_A.dtype)
+                module = LoraModule(a.to(compute), b.to(compute), 1.0, module.storage_dtype)
+                report.truncation_error[name] = error
+            elif max_rank is not None:
+                report.truncation_error[name] = 0.0
+            modules[name] = module
+        return {"modules": modules}
 
     def base_edits(self) -> list[BaseEdit]:
         """Each module changes its weight: ΔW' (out, in) is added to it."""
@@ -178,6 +245,9 @@ class MergedAdapter(LoraAdapter):
     report: AdapterReport
 
 
+LoraAdapter.merged_type = MergedAdapter
+
+
 def lora_row_norms(lora_B: torch.Tensor, lora_A: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
     """Row norms of scaling·B·A from the r×r Gram matrix A·Aᵀ, in float64; ΔW is never formed.
 
@@ -194,6 +264,14 @@ def lora_row_norms(lora_B: torch.Tensor, lora_A: torch.Tensor, scaling: float = 
     return torch.linalg.vector_norm(lora_B.to(torch.float64) @ r_factor.T, dim=1) * abs(float(scaling))
 
 
+def _lora_row_products(
+    b_plus: torch.Tensor, a_plus: torch.Tensor, b_minus: torch.Tensor, a_minus: torch.Tensor
+) -> torch.Tensor:
+    """p·m per row of B⁺·A⁺ and B⁻·A⁻ (scalings folded into B) from the r⁺×r⁻ cross-Gram A⁺·A⁻ᵀ, in float64."""
+    b_plus, a_plus, b_minus, a_minus = (t.to(torch.float64) for t in (b_plus, a_plus, b_minus, a_minus))
+    return ((b_plus @ (a_plus @ a_minus.T)) * b_minus).sum(dim=1)
+
+
 def _scaled_factors(module: LoraModule, compute: torch.dtype, factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(factor·scaling·B, A) in `compute`: the module with its scaling folded into B."""
     return module.lora_B.to(torch.float64).mul(factor * module.scaling).to(compute), module.lora_A.to(compute)
@@ -206,18 +284,21 @@ def ext_sub_factors(
     a_minus: torch.Tensor,
     lam: float,
     *,
-    norms: tuple[torch.Tensor, torch.Tensor] | None = None,
+    method: str | MethodSpec = EXT_SUB,
+    sums: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """One Ext-Sub step on factors with scaling folded into B: ΔW' = B'·A', rank r⁺ + r⁻.
+    """One step of a row-pairing method on factors with scaling folded into B: ΔW' = B'·A', rank r⁺ + r⁻.
 
-    Per row α = 1 + (λ/2)|m|/|p| and β = −λ/2 (α = 1, β = 0 where |p| = 0, as the dense op),
-    with |p| and |m| from Gram matrices (`lora_row_norms`).
+    Per row α and β from the method (Ext-Sub: α = 1 + (λ/2)|m|/|p| and β = −λ/2; α = 1, β = 0
+    where |p| = 0, as the dense op), with |p|, |m| (and p·m where the method reads it) from Gram
+    matrices (`lora_row_norms`, `_lora_row_products`).
 
     Args:
         b_plus, a_plus: the expert (or the result so far), B⁺ (out×r⁺) and A⁺ (r⁺×in).
         b_minus, a_minus: the anti-expert, B⁻ (out×r⁻) and A⁻ (r⁻×in).
         lam: λ.
-        norms: (|p|, |m|) per row when already known (they do not depend on λ: `LoraSweep`).
+        method: the method (a row-pairing one).
+        sums: (|p|, |m|, p·m or None) per row when already known (they do not depend on λ: `LoraSweep`).
 
     Returns:
         (B', A', number of rows with |p| = 0), B' = [diag(α)·B⁺, diag(β)·B⁻], A' = [A⁺; A⁻],
@@ -228,12 +309,21 @@ def ext_sub_factors(
         >>> tuple(b.shape), tuple(a.shape)
         ((2, 3), (3, 3))
     """
-    p_norm, m_norm = norms or (lora_row_norms(b_plus, a_plus), lora_row_norms(b_minus, a_minus))
-    alpha, beta = ext_sub_coefficients(p_norm, m_norm, float(lam))
+    spec = method_spec(method)
+    p_norm, m_norm, products = sums or _row_sums(spec, b_plus, a_plus, b_minus, a_minus)
+    alpha, beta = spec.row_coefficients(p_norm, m_norm, products, float(lam))
     dtype = b_plus.dtype
     b_out = torch.cat([b_plus * alpha.to(dtype), b_minus.to(dtype) * beta.to(dtype)], dim=1)
     a_out = torch.cat([a_plus, a_minus.to(a_plus.dtype)], dim=0)
     return b_out, a_out, int((p_norm == 0).sum())
+
+
+def _row_sums(
+    spec: MethodSpec, b_plus: torch.Tensor, a_plus: torch.Tensor, b_minus: torch.Tensor, a_minus: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(|p|, |m|, p·m or None where the method does not read it) per row, from the factors."""
+    products = _lora_row_products(b_plus, a_plus, b_minus, a_minus) if spec.needs_products else None
+    return lora_row_norms(b_plus, a_plus), lora_row_norms(b_minus, a_minus), products
 
 
 def truncate_factors(
@@ -277,123 +367,32 @@ def check_max_rank(max_rank: object) -> None:
         raise InputError(f"max_rank must be a positive integer, got {max_rank!r}")
 
 
-def check_compatible(expert: LoraAdapter, antis: Sequence[LoraAdapter], *, any_base_model: bool = False) -> None:
-    """Raise an InputError (a ValueError) unless every anti-expert fits the expert: same base model, same module shapes.
-
-    Example:
-        >>> m = LoraModule(torch.ones(1, 3), torch.ones(2, 1), 1.0)
-        >>> check_compatible(LoraAdapter({"q": m}), [LoraAdapter({"q": m})])
-    """
-    check_base_models(expert, antis, any_base_model=any_base_model)
-    for anti in antis:
-        for name, module in anti.modules.items():
-            ref = expert.modules.get(name)
-            if ref is not None and (ref.out_features, ref.in_features) != (module.out_features, module.in_features):
-                raise InputError(
-                    f"module {name}: the expert {expert.source} adapts a ({ref.out_features}, {ref.in_features}) "
-                    f"weight but {anti.source} a ({module.out_features}, {module.in_features}) one; "
-                    "the adapters belong to different base models"
-                )
-
-
-def merge_adapters(
-    expert: LoraAdapter,
-    antis: LoraAdapter | Sequence[LoraAdapter],
-    lam: float | Sequence[float] = 1.0,
-    method: str = "ext-sub",
-    *,
-    max_rank: int | None = None,
-    any_base_model: bool = False,
-) -> MergedAdapter:
-    """Ext-Sub (or direct subtraction/addition) of LoRA adapters, exactly, in the factored space.
-
-    Anti-experts apply in order (the paper's compositional unlearning, Table 4); each Ext-Sub
-    step takes its row norms from the result so far, so ranks add up. Computed modules have
-    their scaling folded into B (scaling 1) and factors in float32 (float64 if an input is);
-    modules only in the expert are kept as they are. Output dtype per module: the expert's
-    (the anti-expert's for modules only there).
-
-    Args:
-        expert: θ⁺.
-        antis: θ⁻, one adapter or several in order.
-        lam: one λ for all anti-experts, or one per anti-expert.
-        method: "ext-sub" (θ⁺ − λ·Ext(θ⁻)), "sub" (θ⁺ − λ·θ⁻) or "add" (θ⁺ + λ·θ⁻).
-        max_rank: truncate every module to this rank by an SVD of the factored result and
-            report the relative Frobenius error per module; None keeps the exact result.
-        any_base_model: accept adapters whose base_model_name_or_path differ (shapes are still checked).
-
-    Returns:
-        A MergedAdapter (modules, metadata from the expert, `report`).
-
-    Example:
-        >>> m = LoraModule(torch.randn(2, 8), torch.randn(4, 2), 2.0)
-        >>> out = merge_adapters(LoraAdapter({"q": m}), LoraAdapter({"q": m}), 0.5)
-        >>> out.modules["q"].rank
-        4
-    """
-    antis = [antis] if isinstance(antis, LoraAdapter) else list(antis)
-    if not antis:
-        raise InputError("merge_adapters needs at least one anti-expert")
-    check_same_type(expert, antis)
-    sign = method_sign(method)
-    lam_values = lam_list(lam, len(antis))
-    if max_rank is not None:
-        check_max_rank(max_rank)
-    check_compatible(expert, antis, any_base_model=any_base_model)
-    report = expert.new_report(method, lam_values)
-    names = list(expert.modules)
-    names += sorted({n for anti in antis for n in anti.modules if n not in expert.modules})
-    modules: dict[str, LoraModule] = {}
-    for name in names:
-        module = _merge_module(name, expert, antis, lam_values, method, sign, report)
-        if module is None:
-            continue
-        if max_rank is not None and module.rank > max_rank:
-            b, a, error = truncate_factors(*_scaled_factors(module, torch.float64), max_rank)
-            compute = compute_dtype(module.lora_B.dtype, module.lora_A.dtype)
-            module = LoraModule(a.to(compute), b.to(compute), 1.0, module.storage_dtype)
-            report.truncation_error[name] = error
-        elif max_rank is not None:
-            report.truncation_error[name] = 0.0
-        modules[name] = module
-    extra = copy_extra(expert, antis, report)
-    return MergedAdapter(
-        modules=modules,
-        source=f"{method} of {expert.source} and {', '.join(a.source for a in antis)}",
-        base_model_name_or_path=expert.base_model_name_or_path,
-        fan_in_fan_out=expert.fan_in_fan_out,
-        task_type=expert.task_type,
-        extra=extra,
-        config=expert.config,
-        report=report,
-    )
-
-
 @dataclass(frozen=True)
 class _FirstStep:
-    """What a module's first Ext-Sub step needs and λ does not change: both sides' scaled factors and row norms."""
+    """What a module's first row-pairing step needs and λ does not change: both sides' scaled factors and row sums."""
 
     b_plus: torch.Tensor
     a_plus: torch.Tensor
     b_minus: torch.Tensor
     a_minus: torch.Tensor
-    norms: tuple[torch.Tensor, torch.Tensor]
+    sums: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
 class LoraSweep:
     """`merge_adapters` at many λ of one method, bitwise the same, what λ does not change done once (docs/design.md §8).
 
-    A module's first Ext-Sub step, from the expert's module, needs the scaled factors of both
-    sides and their row norms (QR factorisations); only the coefficients α and β depend on λ.
-    Those are prepared here once per module; every λ then costs the coefficients and the
-    products, O(out·r) per module. Later steps (several anti-experts) start from a result that
-    depends on λ, and `sub`/`add` need no norms: those run as `merge_adapters` runs them.
+    A module's first step of a row-pairing method (ext-sub), from the expert's module, needs the
+    scaled factors of both sides and their row sums (QR factorisations); only the coefficients α
+    and β depend on λ. Those are prepared here once per module; every λ then costs the
+    coefficients and the products, O(out·r) per module. Later steps (several anti-experts) start
+    from a result that depends on λ, and elementwise methods (sub, add) need no sums: those run as
+    `merge_adapters` runs them.
 
     Args:
         expert, antis, method, any_base_model: as for `merge_adapters` (checked here, once).
 
     Example:
-        >>> sweep = LoraSweep(expert, [anti], "ext-sub")  # doctest: +SKIP
+        >>> sweep = LoraSweep(expert, [anti])  # doctest: +SKIP
         >>> [sweep.modules(lam) for lam in (0.5, 1.0, 2.0)]  # doctest: +SKIP
     """
 
@@ -401,25 +400,24 @@ class LoraSweep:
         self,
         expert: LoraAdapter,
         antis: LoraAdapter | Sequence[LoraAdapter],
-        method: str = "ext-sub",
+        method: str = DEFAULT_METHOD,
         *,
         any_base_model: bool = False,
     ):
         self.expert = expert
         self.antis = [antis] if isinstance(antis, LoraAdapter) else list(antis)
-        self.method, self.sign = method, method_sign(method)
+        self.method, self.spec = method, method_spec(method)
         # Validates (types, base models, shapes) and fixes the result's modules, which λ does not change.
-        self.template = merge_adapters(expert, self.antis, 1.0, method, any_base_model=any_base_model)
+        self.template = merge_adapters(expert, self.antis, 1.0, method, any_base_model=any_base_model)  # checks too
         self._first: dict[str, _FirstStep] = {}
-        for name in self.template.modules if method == "ext-sub" else ():
+        for name in self.template.modules if self.spec.pairs_rows else ():
             start = expert.modules.get(name)
             holders = [a.modules[name] for a in self.antis if name in a.modules]
             if start is None or not holders:
                 continue
             compute = compute_dtype(*(t.dtype for m in (start, *holders) for t in (m.lora_A, m.lora_B)))
             (b, a), (b_minus, a_minus) = _scaled_factors(start, compute), _scaled_factors(holders[0], compute)
-            norms = (lora_row_norms(b, a), lora_row_norms(b_minus, a_minus))
-            self._first[name] = _FirstStep(b, a, b_minus, a_minus, norms)
+            self._first[name] = _FirstStep(b, a, b_minus, a_minus, _row_sums(self.spec, b, a, b_minus, a_minus))
 
     def to(self, device: torch.device | str) -> "LoraSweep":
         """This sweep with every tensor on `device`, so each λ is merged there (a GPU: no host work per λ)."""
@@ -429,7 +427,7 @@ class LoraSweep:
         moved._first = {
             name: _FirstStep(
                 *(t.to(device) for t in (f.b_plus, f.a_plus, f.b_minus, f.a_minus)),
-                tuple(n.to(device) for n in f.norms),
+                tuple(n.to(device) if n is not None else None for n in f.sums),
             )
             for name, f in self._first.items()
         }
@@ -441,7 +439,7 @@ class LoraSweep:
         scratch = self.expert.new_report(self.method, lams)  # what merge_adapters reports; not kept
         merged = {}
         for name in self.template.modules:
-            args = (name, self.expert, self.antis, lams, self.method, self.sign, scratch)
+            args = (name, self.expert, self.antis, lams, self.spec, scratch)
             merged[name] = _merge_module(*args, first=self._first.get(name))
         return merged
 
@@ -459,19 +457,18 @@ def _merge_module(
     expert: LoraAdapter,
     antis: list[LoraAdapter],
     lams: tuple[float, ...],
-    method: str,
-    sign: float,
+    spec: MethodSpec,
     report: AdapterReport,
     *,
     first: _FirstStep | None = None,
 ) -> LoraModule | None:
     """The module `name` of the result (None when it vanishes), with the report updated.
 
-    `first`: the first Ext-Sub step's λ-independent part, prepared by `LoraSweep`.
+    `first`: the first row-pairing step's λ-independent part, prepared by `LoraSweep`.
     """
     start = expert.modules.get(name)
     steps = [(anti.modules[name], lam) for anti, lam in zip(antis, lams, strict=False) if name in anti.modules]
-    if start is None and method == "ext-sub":
+    if start is None and spec.pairs_rows:
         report.dropped.append(name)
         return None
     if not steps:
@@ -482,22 +479,22 @@ def _merge_module(
     out_dtype = (start or steps[0][0]).storage_dtype
     if start is None:
         first, lam = steps.pop(0)
-        b, a = _scaled_factors(first, compute, sign * lam)
+        b, a = _scaled_factors(first, compute, spec.weight_sign * lam)
         report.added.append(name)
     else:
         b, a = (first.b_plus, first.a_plus) if first is not None else _scaled_factors(start, compute)
         report.merged.append(name)
     zero_rows = 0
     for i, (anti_module, lam) in enumerate(steps):
-        if method == "ext-sub":
+        if spec.pairs_rows:
             if i == 0 and first is not None:
-                b, a, zeros = ext_sub_factors(b, a, first.b_minus, first.a_minus, lam, norms=first.norms)
+                b, a, zeros = ext_sub_factors(b, a, first.b_minus, first.a_minus, lam, method=spec, sums=first.sums)
             else:
                 b_minus, a_minus = _scaled_factors(anti_module, compute)
-                b, a, zeros = ext_sub_factors(b, a, b_minus, a_minus, lam)
+                b, a, zeros = ext_sub_factors(b, a, b_minus, a_minus, lam, method=spec)
             zero_rows = max(zero_rows, zeros)
         else:
-            b_minus, a_minus = _scaled_factors(anti_module, compute, sign * lam)
+            b_minus, a_minus = _scaled_factors(anti_module, compute, spec.weight_sign * lam)
             b, a = torch.cat([b, b_minus], dim=1), torch.cat([a, a_minus], dim=0)
     if zero_rows:
         report.zero_rows[name] = zero_rows

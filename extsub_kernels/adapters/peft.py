@@ -25,12 +25,9 @@ from extsub_kernels.adapters.ia3 import IA3Adapter
 from extsub_kernels.adapters.lora import LoraAdapter, LoraModule
 from extsub_kernels.adapters.patterns import PatternMatcher, pattern_key, selects
 from extsub_kernels.adapters.prefix import PrefixAdapter
+from extsub_kernels.constants import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_WEIGHTS
 from extsub_kernels.errors import AdapterError
-from extsub_kernels.io.resolve import ADAPTER_CONFIG as CONFIG_NAME
-from extsub_kernels.io.resolve import ADAPTER_WEIGHTS as WEIGHTS_NAME
 from extsub_kernels.io.resolve import read_json_object
-
-PICKLE_NAME = "adapter_model.bin"
 
 # <module>.lora_A.weight, optionally with an adapter-name segment: <module>.lora_A.default.weight
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
@@ -103,7 +100,7 @@ def module_scaling(config: Mapping, module: str, rank: int, matcher: PatternMatc
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
-def configured_rank(config: Mapping, module: str, matcher: PatternMatcher | None = None) -> int | None:
+def _configured_rank(config: Mapping, module: str, matcher: PatternMatcher | None = None) -> int | None:
     """The rank the config gives `module` (rank_pattern, else r), or None when the config has no r."""
     ranks = config.get("rank_pattern") or {}
     key = pattern_key(ranks, module, matcher, "rank_pattern key")
@@ -140,12 +137,12 @@ def load_adapter(path: str | os.PathLike, *, scaling: LoraScaling | None = None)
     path = Path(path)
     weights, config, config_file = _locate(path, scaling)
     tensors = _read_tensors(weights)
-    adapter = _READERS[peft_type_of(config)](weights, tensors, config, config_file)
+    adapter = _READERS[_peft_type_of(config)](weights, tensors, config, config_file)
     adapter.source = str(path)
     return adapter
 
 
-def peft_type_of(config: Mapping) -> str:
+def _peft_type_of(config: Mapping) -> str:
     """The config's peft_type, upper case; LORA when it names none (bare LoRA weights with an explicit scaling)."""
     return str(config.get("peft_type") or "LORA").upper()
 
@@ -164,7 +161,7 @@ def _read_lora(weights: Path, tensors: dict[str, torch.Tensor], config: dict, co
                 "puts no LoRA layer there and ignores these weights, so a merge would differ from what PEFT does; "
                 "fix target_modules or drop the weights"
             )
-        expected = configured_rank(config, name, matcher)
+        expected = _configured_rank(config, name, matcher)
         if expected is not None and lora_A.shape[0] != expected:
             raise AdapterError(
                 f"{weights}: module {name} has rank {lora_A.shape[0]} (lora_A {tuple(lora_A.shape)}) but "
@@ -181,33 +178,29 @@ def _read_lora(weights: Path, tensors: dict[str, torch.Tensor], config: dict, co
     )
 
 
-# The family's members and their readers: (weights file, its tensors, config, where it came from) → adapter.
-_MEMBERS = {LoraAdapter: _read_lora, IA3Adapter: IA3Adapter.from_peft, PrefixAdapter: PrefixAdapter.from_peft}
-_READERS = {member.peft_type: read for member, read in _MEMBERS.items()}  # by the config's peft_type
-
-
 def _locate(path: Path, scaling: LoraScaling | None) -> tuple[Path, dict, str]:
     """(weights file, config dict, where the config came from) for a folder or a bare file."""
     explicit = scaling is not None
     if path.is_dir():
-        weights, config_path = path / WEIGHTS_NAME, path / CONFIG_NAME
+        weights, config_path = path / ADAPTER_WEIGHTS, path / ADAPTER_CONFIG
         if not weights.is_file():
-            if (path / PICKLE_NAME).is_file():
+            if (path / ADAPTER_PICKLE).is_file():
                 raise AdapterError(
-                    f"{path} holds {PICKLE_NAME}, a pickle file, which is not read (it can run code); convert it: "
-                    f"safetensors.torch.save_file(torch.load('{PICKLE_NAME}', weights_only=True), '{WEIGHTS_NAME}')"
+                    f"{path} holds {ADAPTER_PICKLE}, a pickle file, which is not read (it can run code); convert it: "
+                    f"safetensors.torch.save_file(torch.load('{ADAPTER_PICKLE}', weights_only=True), "
+                    f"'{ADAPTER_WEIGHTS}')"
                 )
-            raise AdapterError(f"{path} is not a PEFT adapter folder: {WEIGHTS_NAME} is missing")
+            raise AdapterError(f"{path} is not a PEFT adapter folder: {ADAPTER_WEIGHTS} is missing")
         if not config_path.is_file():
             _refuse_other_types_without_config(path, weights)
             raise AdapterError(
-                f"{path} has no {CONFIG_NAME}: the LoRA scaling (lora_alpha, r) is unknown; add the config, or give "
+                f"{path} has no {ADAPTER_CONFIG}: the LoRA scaling (lora_alpha, r) is unknown; add the config, or give "
                 "the scaling of its .safetensors file (--lora-alpha and --rank; scaling=LoraScaling(...) in Python)"
             )
     elif path.is_file():
         if path.suffix != ".safetensors":
             raise AdapterError(f"{path}: expected a .safetensors file or a PEFT adapter folder")
-        weights, config_path = path, path.parent / CONFIG_NAME
+        weights, config_path = path, path.parent / ADAPTER_CONFIG
         if not config_path.is_file():
             config_path = None
     else:
@@ -219,7 +212,7 @@ def _locate(path: Path, scaling: LoraScaling | None) -> tuple[Path, dict, str]:
     _refuse_other_types_without_config(path, weights)
     if scaling is None:
         raise AdapterError(
-            f"{path}: a bare adapter file with no {CONFIG_NAME} beside it, so the LoRA scaling is unknown; "
+            f"{path}: a bare adapter file with no {ADAPTER_CONFIG} beside it, so the LoRA scaling is unknown; "
             "give it (--lora-alpha, and --rank / --rslora where they apply; scaling=LoraScaling(...) in Python)"
         )
     config = scaling.as_config()
@@ -233,18 +226,18 @@ def _refuse_other_types_without_config(path: Path, weights: Path) -> None:
     for kind in _MEMBERS:
         if kind.config_needed is not None and any(kind.owns_key(name) for name in names):
             raise AdapterError(
-                f"{path}: {kind.label} adapter weights with no {CONFIG_NAME} beside them, so {kind.config_needed} "
-                f"is unknown; put the {CONFIG_NAME} the adapter was saved with beside its weights"
+                f"{path}: {kind.label} adapter weights with no {ADAPTER_CONFIG} beside them, so {kind.config_needed} "
+                f"is unknown; put the {ADAPTER_CONFIG} the adapter was saved with beside its weights"
             )
 
 
 def _read_config(config_path: Path) -> dict:
     config = read_json_object(config_path, "adapter config", error=AdapterError)
-    check_config(config, str(config_path))
+    _check_config(config, str(config_path))
     return config
 
 
-def check_config(config: dict, where: str) -> None:
+def _check_config(config: dict, where: str) -> None:
     """Refuse an adapter_config.json that PEFT would refuse or that this merge cannot follow, naming the field.
 
     The checks depend on `peft_type`, which PEFT requires (it picks the config class by it,
@@ -258,8 +251,7 @@ def check_config(config: dict, where: str) -> None:
             f'{where}: peft_type is missing; PEFT needs it to know the adapter type (e.g. "peft_type": "LORA")'
         )
     peft_type = config["peft_type"]
-    check = CONFIG_CHECKS.get(peft_type) if isinstance(peft_type, str) else None
-    if check is None:
+    if not isinstance(peft_type, str) or peft_type not in CONFIG_CHECKS:
         if isinstance(peft_type, str) and peft_type.upper() in CONFIG_CHECKS:
             raise AdapterError(
                 f"{where}: peft_type is {peft_type!r}; PEFT spells adapter types in upper case "
@@ -267,7 +259,9 @@ def check_config(config: dict, where: str) -> None:
             )
         raise AdapterError(f"{where}: peft_type is {peft_type!r}; extsub merges {', '.join(CONFIG_CHECKS)} adapters")
     _check_common_config(config, where)
-    check(config, where)
+    check = CONFIG_CHECKS[peft_type]
+    if check is not None:
+        check(config, where)
 
 
 def _check_common_config(config: dict, where: str) -> None:
@@ -278,10 +272,6 @@ def _check_common_config(config: dict, where: str) -> None:
     base = config.get("base_model_name_or_path")
     if base is not None and not isinstance(base, str):
         raise AdapterError(f"{where}: base_model_name_or_path must be a string, got {base!r}")
-
-
-def _check_member_config(config: dict, where: str) -> None:
-    """(IA)³ and prefix-tuning: their readers check their own fields (`ia3.py`, `prefix.py`)."""
 
 
 def _check_lora_config(config: dict, where: str) -> None:
@@ -333,13 +323,6 @@ def _check_lora_config(config: dict, where: str) -> None:
 
 # What PEFT's TaskType accepts for task_type.
 _TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
-
-# One checker per supported peft_type (after the common one): a new member of the PEM family adds its own here.
-CONFIG_CHECKS = {
-    LoraAdapter.peft_type: _check_lora_config,
-    IA3Adapter.peft_type: _check_member_config,
-    PrefixAdapter.peft_type: _check_member_config,
-}
 
 
 def _is_rank(value: object) -> bool:
@@ -464,3 +447,16 @@ def _check_pair(weights: Path, name: str, lora_A: torch.Tensor, lora_B: torch.Te
             f"{weights}: module {name} has rank 0 (lora_A {tuple(lora_A.shape)}): its scaling lora_alpha/r is "
             "undefined and PEFT refuses r = 0; drop the module's weights"
         )
+
+
+# The family, one entry per PEM type: its reader, (weights file, its tensors, config, where it came from) →
+# adapter, and its config check after the common one (None: its reader checks its own fields).
+_MEMBERS = {
+    LoraAdapter: (_read_lora, _check_lora_config),
+    IA3Adapter: (IA3Adapter.from_peft, None),
+    PrefixAdapter: (PrefixAdapter.from_peft, None),
+}
+MEMBERS: tuple[type[PeftAdapter], ...] = tuple(_MEMBERS)
+FORMATS: tuple[str, ...] = tuple(f for member in MEMBERS for f in member.formats)  # every --format
+_READERS = {member.peft_type: read for member, (read, _check) in _MEMBERS.items()}  # by the config's peft_type
+CONFIG_CHECKS = {member.peft_type: check for member, (_read, check) in _MEMBERS.items()}

@@ -20,23 +20,19 @@ import torch
 
 from extsub_kernels._tensors import is_float
 from extsub_kernels.adapters.family import (
+    MergeStep,
     PeftAdapter,
-    check_base_models,
-    check_same_type,
     config_text,
-    copy_extra,
     describe_dtypes,
-    lam_list,
     peft_fields,
-    refuse_max_rank,
 )
 from extsub_kernels.adapters.report import AdapterReport
+from extsub_kernels.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from extsub_kernels.engine.methods import apply_method
-from extsub_kernels.engine.options import method_sign
-from extsub_kernels.engine.outputs import LazyOutput
+from extsub_kernels.engine.writing import LazyOutput
 from extsub_kernels.errors import AdapterError, InputError
 from extsub_kernels.io import TensorEntry
-from extsub_kernels.io.resolve import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from extsub_kernels.io.format import DTYPE_CODES
 
 PROMPT_KEY = "prompt_embeddings"
 GEOMETRY = ("num_virtual_tokens", "num_layers", "token_dim", "num_attention_heads")
@@ -55,9 +51,11 @@ class PrefixAdapter(PeftAdapter):
 
     peft_type = "PREFIX_TUNING"
     label = "prefix-tuning"
+    tag = "prefix-tuning"
     unit = "prompt embedding"
     delta = "θ⁻"
     formats = ("prefix-tuning",)
+    no_rank = "a prefix has"
     config_needed = "the prefix geometry (num_layers, token_dim, num_attention_heads)"
     base_refusal = (
         "a prefix adds virtual key/value tokens to every attention layer; it changes no weight, so it cannot be "
@@ -78,7 +76,7 @@ class PrefixAdapter(PeftAdapter):
     report: AdapterReport | None = None
 
     def __post_init__(self) -> None:
-        problem = geometry_problem(self.geometry) or self._tensor_problem()
+        problem = _geometry_problem(self.geometry) or self._tensor_problem()
         if problem is not None:
             raise ValueError(f"prefix-tuning adapter {self.source}: {problem}")
 
@@ -127,7 +125,7 @@ class PrefixAdapter(PeftAdapter):
                 a tensor whose shape the geometry contradicts.
         """
         geometry = {name: config.get(name) for name in GEOMETRY}
-        problem = geometry_problem(geometry)
+        problem = _geometry_problem(geometry)
         if problem is not None:
             raise AdapterError(f"{where}: {problem}; it is what PEFT saves with a prefix-tuning adapter")
         extra = {k: t for k, t in tensors.items() if k != PROMPT_KEY}
@@ -151,21 +149,6 @@ class PrefixAdapter(PeftAdapter):
         )
 
     @classmethod
-    def merge(
-        cls,
-        expert: PeftAdapter,
-        antis: Sequence[PeftAdapter],
-        lam: float | Sequence[float],
-        method: str,
-        *,
-        max_rank: int | None = None,
-        any_base_model: bool = False,
-    ) -> "PrefixAdapter":
-        """`merge_prefix` below."""
-        refuse_max_rank(max_rank, "a prefix has")
-        return merge_prefix(expert, antis, lam, method, any_base_model=any_base_model)
-
-    @classmethod
     def owns_key(cls, key: str) -> bool:
         return key == PROMPT_KEY
 
@@ -178,8 +161,62 @@ class PrefixAdapter(PeftAdapter):
             f"{describe_dtypes([self.prompt_embeddings], self.dtype)}"
         )
 
+    def stat_units(self) -> Mapping[str, object]:
+        return {PROMPT_KEY: self.rows().to(torch.float64)}
 
-def geometry_problem(geometry: Mapping[str, object]) -> str | None:
+    def stat_parts(self, name: str) -> list[tuple[str, object]]:
+        """One part per layer and head (`prompt_embeddings.layers.3.head0`: layer 3, type head0), so the tables and
+        the heatmap draw layer × head."""
+        shape = (self.num_virtual_tokens, self.num_layers, 2, self.num_attention_heads, self.head_dim)
+
+        def select(rows: torch.Tensor, layer: int, head: int) -> torch.Tensor:
+            return rows.reshape(shape)[:, layer, :, head, :].reshape(-1, self.head_dim)
+
+        return [
+            (f"{name}.layers.{layer}.head{head}", lambda rows, layer=layer, head=head: select(rows, layer, head))
+            for layer in range(self.num_layers)
+            for head in range(self.num_attention_heads)
+        ]
+
+    def unit_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        t = self.prompt_embeddings
+        return {PROMPT_KEY: (tuple(t.shape), DTYPE_CODES[self.dtype or t.dtype])}
+
+    def check_antis(self, antis: Sequence[PeftAdapter]) -> None:
+        """Raise an InputError unless every anti-expert has the expert's geometry."""
+        for anti in antis:
+            for name in GEOMETRY:
+                if getattr(anti, name) != getattr(self, name):
+                    raise InputError(
+                        f"{anti.source} has {name} = {getattr(anti, name)} but the expert {self.source} has "
+                        f"{name} = {getattr(self, name)}; Ext-Sub pairs the per-head key/value rows of prefixes of "
+                        f"one geometry ({', '.join(GEOMETRY)})"
+                    )
+
+    def merge_units(self, step: MergeStep) -> dict:
+        """The method on θ itself, one row per token, layer, key/value and head, computed and held in float64
+        (`dtype`: the expert's, for writing).
+
+        Example:
+            >>> from extsub_kernels.adapters import merge_adapters
+            >>> p = PrefixAdapter(torch.randn(2, 24), 2, 1, 12, 3)
+            >>> merge_adapters(p, p, 1.0).prompt_embeddings.shape
+            torch.Size([2, 24])
+        """
+        antis, lams, spec, report = step.antis, step.lams, step.spec, step.report
+        report.merged.append(PROMPT_KEY)
+        work = self.rows(self.prompt_embeddings.to(torch.float64, copy=True))
+        zero_rows = 0
+        for anti, step_lam in zip(antis, lams, strict=True):
+            if spec.pairs_rows:
+                zero_rows = max(zero_rows, int((~work.any(dim=1)).sum()))  # |p| = 0: the row is kept
+            apply_method(work, [anti.rows()], [step_lam], method=spec, inplace=True)  # m: any float dtype
+        if zero_rows:
+            report.zero_rows[PROMPT_KEY] = zero_rows
+        return {"prompt_embeddings": work.reshape(self.shape), "dtype": self.dtype or self.prompt_embeddings.dtype}
+
+
+def _geometry_problem(geometry: Mapping[str, object]) -> str | None:
     """What is wrong with a prefix geometry (missing, not positive integers, heads not dividing token_dim), or None."""
     for name in GEOMETRY:
         value = geometry.get(name)
@@ -191,72 +228,6 @@ def geometry_problem(geometry: Mapping[str, object]) -> str | None:
             f"{geometry['num_attention_heads']}: the prefix cannot be split into heads"
         )
     return None
-
-
-def merge_prefix(
-    expert: PrefixAdapter,
-    antis: PrefixAdapter | Sequence[PrefixAdapter],
-    lam: float | Sequence[float] = 1.0,
-    method: str = "ext-sub",
-    *,
-    any_base_model: bool = False,
-) -> PrefixAdapter:
-    """Ext-Sub (or sub / add) of prefix-tuning adapters on θ itself, one row per token, layer, key/value and head.
-
-    Computed in float64 and held there (`dtype`: the expert's, for writing). Every anti-expert
-    must have the expert's geometry.
-
-    Args:
-        expert: θ⁺.
-        antis: θ⁻, one adapter or several in order.
-        lam: one λ for all anti-experts, or one per anti-expert.
-        method: "ext-sub", "sub" or "add".
-        any_base_model: accept adapters whose base_model_name_or_path differ.
-
-    Returns:
-        A PrefixAdapter with the expert's geometry and config, and a `report`.
-
-    Example:
-        >>> p = PrefixAdapter(torch.randn(2, 24), 2, 1, 12, 3)
-        >>> merge_prefix(p, p, 1.0).prompt_embeddings.shape
-        torch.Size([2, 24])
-    """
-    antis = [antis] if isinstance(antis, PrefixAdapter) else list(antis)
-    if not antis:
-        raise InputError("merge_prefix needs at least one anti-expert")
-    check_same_type(expert, antis)
-    method_sign(method)
-    lams = lam_list(lam, len(antis))
-    check_base_models(expert, antis, any_base_model=any_base_model)
-    for anti in antis:
-        for name in GEOMETRY:
-            if getattr(anti, name) != getattr(expert, name):
-                raise InputError(
-                    f"{anti.source} has {name} = {getattr(anti, name)} but the expert {expert.source} has "
-                    f"{name} = {getattr(expert, name)}; Ext-Sub pairs the per-head key/value rows of prefixes of one "
-                    f"geometry ({', '.join(GEOMETRY)})"
-                )
-    report = expert.new_report(method, lams)
-    report.merged.append(PROMPT_KEY)
-    work = expert.rows(expert.prompt_embeddings.to(torch.float64, copy=True))
-    zero_rows = 0
-    for anti, step_lam in zip(antis, lams, strict=True):
-        if method == "ext-sub":
-            zero_rows = max(zero_rows, int((~work.any(dim=1)).sum()))  # |p| = 0: the row is kept
-        apply_method(work, [anti.rows()], [step_lam], method=method, inplace=True)  # m: any float dtype
-    if zero_rows:
-        report.zero_rows[PROMPT_KEY] = zero_rows
-    return PrefixAdapter(
-        work.reshape(expert.shape),
-        **expert.geometry,
-        source=f"{method} of {expert.source} and {', '.join(a.source for a in antis)}",
-        base_model_name_or_path=expert.base_model_name_or_path,
-        task_type=expert.task_type,
-        extra=copy_extra(expert, antis, report),
-        config=expert.config,
-        dtype=expert.dtype or expert.prompt_embeddings.dtype,
-        report=report,
-    )
 
 
 def prefix_output(

@@ -4,6 +4,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from extsub_kernels.engine.method_spec import method_spec
 from extsub_kernels.engine.report import Item
 
 
@@ -26,8 +27,8 @@ class AdapterReport:
     delta: str = "ΔW⁻"  # the symbol of an anti-expert's task vector
     merged: list[str] = field(default_factory=list)  # expert and ≥ 1 anti-expert
     copied: list[str] = field(default_factory=list)  # expert only: unchanged
-    dropped: list[str] = field(default_factory=list)  # anti-experts only, ext-sub: Ext = 0
-    added: list[str] = field(default_factory=list)  # anti-experts only, sub/add: ∓λ·(task vector)
+    dropped: list[str] = field(default_factory=list)  # anti-experts only, a row-pairing method: |p| = 0 kept
+    added: list[str] = field(default_factory=list)  # anti-experts only, an elementwise method: ∓λ·(task vector)
     zero_rows: dict[str, int] = field(default_factory=dict)  # rows with |p| = 0, kept unchanged
     truncation_error: dict[str, float] = field(default_factory=dict)  # relative Frobenius error
     extra_copied: list[str] = field(default_factory=list)
@@ -52,7 +53,7 @@ def summarize_modules(reports: Sequence[AdapterReport]) -> str:
     every report.
 
     Example:
-        >>> summarize_modules([AdapterReport("ext-sub", (1.0,), merged=["q"], copied=["v"])])
+        >>> summarize_modules([AdapterReport("sub", (1.0,), merged=["q"], copied=["v"])])
         '2 LoRA modules: 1 merged; 1 copied from the expert'
     """
     first = reports[0]
@@ -63,9 +64,9 @@ def summarize_modules(reports: Sequence[AdapterReport]) -> str:
     ]
     if first.dropped:
         shown = ", ".join(first.dropped[:3]) + (" …" if len(first.dropped) > 3 else "")
-        parts.append(f"{len(first.dropped)} only in anti-experts, nothing under ext-sub (|p| = 0, so Ext = 0): {shown}")
+        parts.append(f"{len(first.dropped)} only in anti-experts, {method_spec(first.method).dropped}: {shown}")
     if first.added:
-        sign = "−" if first.method == "sub" else "+"
+        sign = method_spec(first.method).sign
         parts.append(f"{len(first.added)} only in anti-experts, added as {sign}λ·{first.delta}")
     rows = max(sum(r.zero_rows.values()) for r in reports)
     if rows:
@@ -135,11 +136,12 @@ def adapter_items(
         roles: EXPERT, ANTI, ... for the reasons.
     """
     antis = " or ".join(roles[1:])
+    spec = method_spec(report.method)
     outcomes = [
         (report.merged, "merged", f"in EXPERT and {antis}"),
         (report.copied, "copied", "in EXPERT only: unchanged"),
-        (report.dropped, "dropped", f"only in {antis}: nothing under ext-sub (|p| = 0, so Ext = 0)"),
-        (report.added, "added", f"only in {antis}: added as {'−' if report.method == 'sub' else '+'}λ·{report.delta}"),
+        (report.dropped, "dropped", f"only in {antis}: {spec.dropped}"),
+        (report.added, "added", f"only in {antis}: added as {spec.sign}λ·{report.delta}"),
     ]
     items = [
         Item(name, report.unit, action, reason, *shapes.get(name, ((), None)))

@@ -10,7 +10,6 @@ in memory; with a base model it is the full merged model (`full_model`).
 """
 
 import dataclasses
-import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,27 +21,20 @@ from extsub_kernels.adapters.family import PeftAdapter, check_same_type, merge_a
 from extsub_kernels.adapters.formats import OUTPUT_FORMATS
 from extsub_kernels.adapters.full_model import full_model_outputs, match_targets
 from extsub_kernels.adapters.lora import LoraAdapter, check_max_rank
-from extsub_kernels.adapters.peft import CONFIG_NAME, LoraScaling, load_adapter
+from extsub_kernels.adapters.peft import FORMATS, LoraScaling, load_adapter
 from extsub_kernels.adapters.report import AdapterReport, AdapterSection, adapter_items, truncation_summary
-from extsub_kernels.adapters.stats import adapter_stats, unit_shapes, units
-from extsub_kernels.engine.architecture import (
-    WeightLayout,
-    conv1d_transposed,
-    input_config,
-    never_transposed,
-    weight_layout,
-)
+from extsub_kernels.adapters.stats import adapter_stats
+from extsub_kernels.constants import ADAPTER_CONFIG, MODEL_CONFIG
 from extsub_kernels.engine.context import RunContext
+from extsub_kernels.engine.conv1d import WeightLayout, conv1d_transposed, input_config, never_transposed, weight_layout
 from extsub_kernels.engine.dryrun import dry_run_report
-from extsub_kernels.engine.memory import peak_rss_bytes
-from extsub_kernels.engine.notes import MODEL_CONFIG, OutputKind, card_base_model, output_texts, run_metadata
-from extsub_kernels.engine.options import DEFAULT_MAX_SHARD_SIZE, FORMATS, RunOptions, check_choice, parse_size
-from extsub_kernels.engine.outputs import LazyOutput, write_outputs
+from extsub_kernels.engine.notes import OutputKind, card_base_model, output_texts, run_metadata
+from extsub_kernels.engine.options import DEFAULT_MAX_SHARD_SIZE, RunOptions, check_choice, parse_size
 from extsub_kernels.engine.report import MergeReport
 from extsub_kernels.engine.transfer import Transfer
+from extsub_kernels.engine.writing import LazyOutput, write_outputs
 from extsub_kernels.errors import AdapterError, InputError
 from extsub_kernels.io import CheckpointReader, ResolvedInput, is_folder_output
-from extsub_kernels.io.outputs import listed_files
 
 Inputs = Sequence[tuple[str, ResolvedInput]]
 
@@ -131,7 +123,7 @@ def shard_limit(out: Path, output_format: str, options: RunOptions, *, base: boo
             hint = ", or --format delta for one .safetensors file" if output_format in LoraAdapter.formats else ""
             raise InputError(
                 f"OUT {out}: the {output_format} format writes a PEFT adapter folder (adapter_model.safetensors and "
-                f"{CONFIG_NAME}); give a folder OUT{hint}"
+                f"{ADAPTER_CONFIG}); give a folder OUT{hint}"
             )
         return None
     if base or output_format == "delta":
@@ -165,7 +157,7 @@ def load_inputs(inputs: Inputs, scaling: LoraScaling | None = None) -> list[Peft
     adapters, used = [], False
     for role, inp in inputs:
         path = inp.files[0] if inp.kind == "file" else inp.root
-        has_config = (inp.files[0].parent if inp.kind == "file" else inp.root).joinpath(CONFIG_NAME).is_file()
+        has_config = (inp.files[0].parent if inp.kind == "file" else inp.root).joinpath(ADAPTER_CONFIG).is_file()
         if has_config or scaling is None:
             adapter = load_adapter(path)
         elif len(inp.files) != 1:
@@ -178,13 +170,13 @@ def load_inputs(inputs: Inputs, scaling: LoraScaling | None = None) -> list[Peft
         adapters.append(dataclasses.replace(adapter, source=inp.spec))
     if scaling is not None and not used:
         raise AdapterError(
-            f"--lora-alpha/--rank/--rslora give the scaling of LoRA weights that have no {CONFIG_NAME}, but every "
+            f"--lora-alpha/--rank/--rslora give the scaling of LoRA weights that have no {ADAPTER_CONFIG}, but every "
             "adapter here has one (a config's scaling is never overridden); drop them"
         )
     return adapters
 
 
-def merge_setting(
+def _merge_setting(
     adapters: Sequence[PeftAdapter],
     lams: Sequence[float],
     method: str,
@@ -220,7 +212,7 @@ def merge_setting(
     return merged
 
 
-def adapter_output(
+def _adapter_output(
     merged: PeftAdapter, output_format: str, *, dtype: torch.dtype | None = None, device: torch.device | None = None
 ) -> LazyOutput:
     """The lazy output of one adapter merge in `output_format` (one of the adapter type's `formats`)."""
@@ -279,16 +271,11 @@ def run_adapters(
     """
     base = inputs[-1][1] if inputs[-1][0] == "BASE" else None
     adapter_inputs = [(role, inp) for role, inp in inputs if role != "BASE"]
-    roles = [role for role, _ in adapter_inputs]
-    adapter_options.checked_format(base=base is not None)
-    adapters = _adapters(adapter_inputs, loaded or {}, adapter_options.scaling)
-    check_same_type(adapters[0], adapters[1:])
-    check_common_units(adapters, adapter_inputs)
-    output_format = adapter_options.format_for(type(adapters[0]), base=base is not None)
+    adapters, output_format = _load(adapter_inputs, adapter_options, loaded or {}, base=base is not None)
     limit = shard_limit(paths[0], output_format, options, base=base is not None) if paths else None
     bytes_read = sum(f.stat().st_size for _, inp in adapter_inputs for f in inp.files)
     merged = [
-        merge_setting(
+        _merge_setting(
             adapters,
             lams,
             options.method,
@@ -299,38 +286,16 @@ def run_adapters(
         )
         for lams in options.settings
     ]
-    report = merged[0].report
-    gather = options.stats or options.mode == "inspect"
-    shapes = {name: shape for adapter in [*adapters[::-1], merged[0]] for name, shape in unit_shapes(adapter).items()}
-    facts = dict(
-        device=str(options.device),
-        skipped=0,
-        method=options.method,
-        settings=options.settings,
-        items=tuple(adapter_items(report, shapes, roles)),
-        stats=tuple(adapter_stats(adapters, merged, report.merged, roles)) if gather else (),
-        context=context,
-        adapter=AdapterSection(tuple(m.report for m in merged)),
-    )
+    facts = _facts(adapters, merged, [role for role, _ in adapter_inputs], options, context)
     if options.mode == "inspect":
-        return MergeReport(
-            outputs=(),
-            tensors=0,
-            merged=len(report.merged),
-            copied=len(report.copied),
-            bytes_read=bytes_read,
-            bytes_written=0,
-            seconds=time.perf_counter() - started,
-            peak_rss_bytes=peak_rss_bytes(),
-            peak_gpu_bytes=None,
-            mode="inspect",
-            **facts,
-        )
+        report = merged[0].report
+        counts = dict(tensors=0, merged=len(report.merged), copied=len(report.copied))
+        done = dict(bytes_read=bytes_read, bytes_written=0, started=started, peak_gpu_bytes=None, mode="inspect")
+        return MergeReport.finished((), **done, **counts, **facts)
     transfer = Transfer(options.device)
     transfer.reset_peak()
     metadata = run_metadata(inputs, options, None if base else output_format, context)
     writing = dict(max_shard_size=limit, force=options.force, progress=options.progress, check_inputs=check_inputs)
-    folder = is_folder_output(paths[0])
     reader = CheckpointReader(base.files, label="BASE") if base is not None else None
     try:
         if reader is None:
@@ -339,46 +304,14 @@ def run_adapters(
                 facts["layout"] = layout.reason
                 merged = [dataclasses.replace(m, fan_in_fan_out=layout.conv1d) for m in merged]
             dtype, device = options.out_dtype, options.device
-            outputs = [adapter_output(m, output_format, dtype=dtype, device=device) for m in merged]
-            kind = adapter_kind(output_format, adapters[0])
+            outputs = [_adapter_output(m, output_format, dtype=dtype, device=device) for m in merged]
+            kind = _adapter_kind(output_format, adapters[0])
             if adapter_options.max_rank is not None:
-                kind = truncated_kind(kind, adapter_options.max_rank, [m.report for m in merged])
+                kind = _truncated_kind(kind, adapter_options.max_rank, [m.report for m in merged])
             computed = _computed_names(merged[0], output_format) & {e.name for e in outputs[0].entries}
         else:
-            layout = weight_layout(
-                [("BASE", input_config(base))],
-                {k: reader.info(k).shape for k in reader},
-                explicit=options.transposed,
-                role=f"BASE ({base.spec})",
-            )
-            facts["layout"] = layout.reason
-            targets = match_targets(
-                merged[0],
-                reader,
-                conv1d=layout.rule,
-                expert_extra=adapters[0].extra,
-                anti_extras=[a.extra for a in adapters[1:]],
-                sources=[a.source for a in adapters],
-            )
-            config = base.config_file(MODEL_CONFIG) if folder else None
-            skip = (CONFIG_NAME, MODEL_CONFIG)
-            extra_files = [p for p in base.config_files if p.name not in skip] if folder else []
-            outputs = full_model_outputs(
-                merged,
-                options.settings,
-                reader,
-                targets,
-                method=options.method,
-                out_dtype=options.out_dtype,
-                device=options.device,
-                extra_files=extra_files,
-            )
-            base_id, why = card_base_model(base.spec, "BASE")
-            kind = OutputKind(
-                "the full merged model θ₀ + ΔW'", "transformers" if config else None, base_id, config, base_note=why
-            )
+            outputs, kind, computed = _full_model(adapters, merged, base, reader, options, paths, facts)
             bytes_read += sum(reader.info(k).nbytes for k in reader)
-            computed = set(targets)
         outputs = _with_notes(outputs, paths, options, context, kind, facts["stats"])
         tensors = len(outputs[0].entries)
         facts.update(tensors=tensors, merged=len(computed), copied=tensors - len(computed))
@@ -399,43 +332,101 @@ def run_adapters(
     finally:
         if reader is not None:
             reader.close()
-    return MergeReport(
-        outputs=written,
-        bytes_read=bytes_read,
-        bytes_written=bytes_written,
-        seconds=time.perf_counter() - started,
-        peak_rss_bytes=peak_rss_bytes(),
-        peak_gpu_bytes=transfer.peak_memory(),
-        files=tuple(tuple(listed_files(path)) for path in written),
-        **facts,
+    done = dict(bytes_read=bytes_read, bytes_written=bytes_written, started=started)
+    return MergeReport.finished(written, **done, peak_gpu_bytes=transfer.peak_memory(), **facts)
+
+
+def _load(
+    inputs: Inputs, adapter_options: AdapterOptions, loaded: Mapping[str, PeftAdapter], *, base: bool
+) -> tuple[list[PeftAdapter], str]:
+    """The adapters in order (one type, sharing a unit) and their output format, after the checks that need them."""
+    adapter_options.checked_format(base=base)
+    adapters = _adapters(inputs, loaded, adapter_options.scaling)
+    check_same_type(adapters[0], adapters[1:])
+    _check_common_units(adapters, inputs)
+    return adapters, adapter_options.format_for(type(adapters[0]), base=base)
+
+
+def _facts(
+    adapters: Sequence[PeftAdapter],
+    merged: Sequence[PeftAdapter],
+    roles: Sequence[str],
+    options: RunOptions,
+    context: RunContext | None,
+) -> dict:
+    """What the report says of the merge whatever is written: items per unit, statistics, the adapter section."""
+    report = merged[0].report
+    gather = options.stats or options.mode == "inspect"
+    shapes = {name: shape for adapter in [*adapters[::-1], merged[0]] for name, shape in adapter.unit_shapes().items()}
+    return dict(
+        device=str(options.device),
+        skipped=0,
+        method=options.method,
+        settings=options.settings,
+        items=tuple(adapter_items(report, shapes, roles)),
+        stats=tuple(adapter_stats(adapters, merged, report.merged, roles)) if gather else (),
+        context=context,
+        adapter=AdapterSection(tuple(m.report for m in merged)),
     )
 
 
-# What each output format is, for its model card (formats of every PEM type).
-FORMAT_WHAT = {
-    "lora": "a PEFT LoRA adapter (rank r⁺ + r⁻ per module, exact)",
-    "dense-lora": "a PEFT LoRA adapter in the paper's dense layout (lora_B = ΔW', lora_A = I)",
-    "delta": "ΔW' per module, keyed and laid out like the base model's weights (add them to it)",
-    "ia3": "a PEFT (IA)³ adapter",
-    "prefix-tuning": "a PEFT prefix-tuning adapter",
-}
+def _full_model(
+    adapters: Sequence[PeftAdapter],
+    merged: Sequence[PeftAdapter],
+    base: ResolvedInput,
+    reader: CheckpointReader,
+    options: RunOptions,
+    paths: Sequence[Path],
+    facts: dict,
+) -> tuple[list[LazyOutput], OutputKind, set[str]]:
+    """With --base: the full merged model per setting (θ₀ + ΔW' where modules fold, the base elsewhere), what it
+    is for the card, and the tensors computed; the weight layout's reason goes into `facts`."""
+    layout = weight_layout(
+        [("BASE", input_config(base))],
+        {k: reader.info(k).shape for k in reader},
+        explicit=options.transposed,
+        role=f"BASE ({base.spec})",
+    )
+    facts["layout"] = layout.reason
+    targets = match_targets(
+        merged[0],
+        reader,
+        conv1d=layout.rule,
+        expert_extra=adapters[0].extra,
+        anti_extras=[a.extra for a in adapters[1:]],
+        sources=[a.source for a in adapters],
+    )
+    folder = is_folder_output(paths[0])
+    config = base.config_file(MODEL_CONFIG) if folder else None
+    skip = (ADAPTER_CONFIG, MODEL_CONFIG)
+    extra_files = [p for p in base.config_files if p.name not in skip] if folder else []
+    outputs = full_model_outputs(
+        merged,
+        options.settings,
+        reader,
+        targets,
+        method=options.method,
+        out_dtype=options.out_dtype,
+        device=options.device,
+        extra_files=extra_files,
+    )
+    base_id, why = card_base_model(base.spec, "BASE")
+    kind = OutputKind(
+        "the full merged model θ₀ + ΔW'", "transformers" if config else None, base_id, config, base_note=why
+    )
+    return outputs, kind, set(targets)
 
 
-# The model-card tag of each PEM type, as the Hugging Face hub spells them.
-PEM_TAGS = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix-tuning"}
-
-
-def adapter_kind(output_format: str, expert: PeftAdapter) -> OutputKind:
+def _adapter_kind(output_format: str, expert: PeftAdapter) -> OutputKind:
     """What an adapter output is, for its model card: every format but delta is a folder PEFT loads."""
-    what = FORMAT_WHAT.get(output_format, f"a {output_format} adapter")
-    pem = PEM_TAGS.get(expert.peft_type, expert.peft_type.lower())
+    what, pem = OUTPUT_FORMATS[output_format].what, expert.tag
     base, why = card_base_model(expert.base_model_name_or_path, "the adapters' base model")
     library = None if output_format == "delta" else "peft"
     tags = (pem,) if output_format == "delta" else ("peft", pem)
     return OutputKind(what, library, base, tags=tags, base_note=why)
 
 
-def truncated_kind(kind: OutputKind, max_rank: int, reports: Sequence[AdapterReport]) -> OutputKind:
+def _truncated_kind(kind: OutputKind, max_rank: int, reports: Sequence[AdapterReport]) -> OutputKind:
     """A --max-rank output's card: its rank and measured truncation error, and why the table is the exact merge's."""
     notes = []
     for report in reports:
@@ -466,10 +457,10 @@ def _with_notes(
     return [dataclasses.replace(o, texts={**o.texts, **n}) for o, n in zip(outputs, notes, strict=True)]
 
 
-def check_common_units(adapters: Sequence[PeftAdapter], inputs: Inputs) -> None:
+def _check_common_units(adapters: Sequence[PeftAdapter], inputs: Inputs) -> None:
     """Raise an InputError when no anti-expert shares a module with the expert: nothing would be merged."""
-    expert = units(adapters[0])
-    antis = [units(a) for a in adapters[1:]]
+    expert = adapters[0].stat_units()
+    antis = [a.stat_units() for a in adapters[1:]]
     if any(name in anti for anti in antis for name in expert):
         return
     (e_role, e_inp), (a_role, a_inp) = inputs[0], inputs[1]

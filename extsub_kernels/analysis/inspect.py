@@ -17,7 +17,8 @@ from extsub_kernels.adapters import AdapterOptions
 from extsub_kernels.analysis.markdown import inspection_markdown
 from extsub_kernels.analysis.plot import HEATMAP_NAME, PlotUnavailable, draw_heatmaps
 from extsub_kernels.engine import MergeReport
-from extsub_kernels.engine.options import Lam, Method, RunOptions, input_roles, parse_lams, resolve_device
+from extsub_kernels.engine.method_spec import DEFAULT_METHOD
+from extsub_kernels.engine.options import Lam, RunOptions, input_roles, parse_lams, resolve_device
 from extsub_kernels.engine.record import json_text, report_record
 from extsub_kernels.io.atomic import publish, remove, reserve_temp, write_text
 from extsub_kernels.io.outputs import check_report_folder
@@ -34,7 +35,7 @@ def inspect(
     *,
     base: str | os.PathLike | None = None,
     lam: Lam = 1.0,
-    method: Method = "ext-sub",
+    method: str = DEFAULT_METHOD,
     device: str | torch.device = "auto",
     transposed: bool | None = None,
     adapter: AdapterOptions | None = None,
@@ -47,7 +48,7 @@ def inspect(
     Args:
         expert, anti, base: as for `merge()` (dense checkpoints or LoRA adapters, hub ids, ...).
         lam: the λ settings the relative change is reported at (as for `merge()`).
-        method: "ext-sub", "sub" or "add" (the relative change follows it).
+        method: the method's name (`engine.method_spec`; the relative change follows it).
         device: where the dense op runs for its row sums.
         transposed: GPT-2 Conv1D layout, as for `merge()`.
         adapter: scaling of bare adapter files, base-model check (the output format is unused).

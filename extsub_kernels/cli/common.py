@@ -176,3 +176,22 @@ def add_closing_flags(parser: argparse.ArgumentParser, *, force_help: str) -> No
     parser.add_argument("--force", action="store_true", help=force_help)
     parser.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+
+
+def add_adapter_input_flags(add: Callable[..., object]) -> None:
+    """The flags that say how to read adapter inputs, as extsub-merge and extsub-inspect both take them: the scaling
+    of bare LoRA files (--lora-alpha, --rank, --rslora) and --any-base-model. `add`: a parser's or group's
+    add_argument."""
+    add(
+        "--lora-alpha",
+        type=float,
+        metavar="A",
+        help="lora_alpha of bare .safetensors files with no adapter_config.json",
+    )
+    add("--rank", type=int, metavar="R", help="with --lora-alpha: their r (default: from the shapes)")
+    add("--rslora", action="store_true", help="with --lora-alpha: scaling lora_alpha/√r (rsLoRA)")
+    add(
+        "--any-base-model",
+        action="store_true",
+        help="accept different base_model_name_or_path (module shapes are still checked)",
+    )

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from extsub_kernels.cli.common import (
     EXIT_OK,
+    add_adapter_input_flags,
     add_closing_flags,
     command_parser,
     guarded,
@@ -49,7 +50,7 @@ exit codes: 0 done; 1 failure while reading; 2 bad usage or bad input; 130/143 i
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `extsub-inspect`."""
-    from extsub_kernels._names import METHODS
+    from extsub_kernels._names import DEFAULT_METHOD, METHODS
 
     parser = command_parser(
         PROG,
@@ -63,13 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("-o", "--out", metavar="DIR", help="write report.json, report.md and report.png into DIR")
     add("--base", metavar="BASE", help="θ₀: the inputs are full models, compared as task vectors θ − θ₀")
     add("--lam", default="1", metavar="L[,L...]", help="λ settings to report the relative change at (default 1)")
-    add("--method", choices=METHODS, default="ext-sub", help="the method the relative change is for")
+    add("--method", choices=METHODS, default=DEFAULT_METHOD, help="the method the relative change is for")
     add("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     add("--transposed", action=argparse.BooleanOptionalAction, help="GPT-2 Conv1D layout, as for extsub-merge")
-    add("--lora-alpha", type=float, metavar="A", help="lora_alpha of bare adapter files without adapter_config.json")
-    add("--rank", type=int, metavar="R", help="with --lora-alpha: their r")
-    add("--rslora", action="store_true", help="with --lora-alpha: scaling lora_alpha/√r")
-    add("--any-base-model", action="store_true", help="accept different base_model_name_or_path")
+    add_adapter_input_flags(add)
     add_closing_flags(parser, force_help="replace report files already in DIR")
     return parser
 

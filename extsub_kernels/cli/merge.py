@@ -12,6 +12,7 @@ from typing import Any
 
 from extsub_kernels.cli.common import (
     EXIT_OK,
+    add_adapter_input_flags,
     add_closing_flags,
     command_parser,
     guarded,
@@ -22,7 +23,6 @@ from extsub_kernels.cli.common import (
 )
 
 PROG = "extsub-merge"
-METHOD_HELP = "ext-sub: θ⁺ − λ·Ext(θ⁻) (default); sub: θ⁺ − λθ⁻; add: θ⁺ + λθ⁻"
 # What an option is when neither a recipe nor a flag sets it (recipe keys, as argparse dests).
 DEFAULTS: dict[str, Any] = {
     "lam": "1",
@@ -116,7 +116,14 @@ exit codes:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `extsub-merge`; options not given are absent from its namespace (recipes fill them)."""
-    from extsub_kernels._names import DEFAULT_MAX_SHARD_SIZE, FORMATS, METHODS, ON_MISSING, OUT_DTYPE_NAMES
+    from extsub_kernels._names import (
+        DEFAULT_MAX_SHARD_SIZE,
+        FORMATS,
+        METHODS,
+        ON_MISSING,
+        OUT_DTYPE_NAMES,
+        method_help,
+    )
 
     parser = command_parser(
         PROG,
@@ -137,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("-o", "--out", metavar="OUT", help="output .safetensors file or folder")
     add("--config", metavar="RECIPE", help="take every option from a YAML recipe; flags given here override it")
     add("--lam", metavar="L[,L...]", help="λ, a list of λ, or λ per anti-expert as a:b (default 1)")
-    add("--method", choices=METHODS, help=METHOD_HELP)
+    add("--method", choices=METHODS, help=method_help())
     add(
         "--base",
         metavar="BASE",
@@ -169,19 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         "weight name); (IA)³: ia3; prefix-tuning: prefix-tuning (each the default of its type)",
     )
     lora.add_argument("--max-rank", type=int, metavar="R", help="--format lora: truncate each module to rank R")
-    lora.add_argument(
-        "--lora-alpha",
-        type=float,
-        metavar="A",
-        help="lora_alpha of bare .safetensors files with no adapter_config.json",
-    )
-    lora.add_argument("--rank", type=int, metavar="R", help="with --lora-alpha: their r (default: from the shapes)")
-    lora.add_argument("--rslora", action="store_true", help="with --lora-alpha: scaling lora_alpha/√r (rsLoRA)")
-    lora.add_argument(
-        "--any-base-model",
-        action="store_true",
-        help="accept different base_model_name_or_path (module shapes are still checked)",
-    )
+    add_adapter_input_flags(lora.add_argument)
     seeing = parser.add_argument_group("seeing into a merge")
     seeing.add_argument("--dry-run", action="store_true", help="plan and print what would be written; write nothing")
     seeing.add_argument("--report", metavar="FILE.json", help="write the run's JSON record there (- for stdout)")
@@ -205,7 +200,7 @@ def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     given = vars(parser.parse_args(argv))
     load_torch()
-    code, values = guarded(PROG, lambda: option_values(given, parser))
+    code, values = guarded(PROG, lambda: _option_values(given, parser))
     if code != EXIT_OK:
         return code
     command = shlex.join([PROG, *argv])
@@ -222,16 +217,17 @@ def _main(argv: Sequence[str] | None) -> int:
     return code
 
 
-def option_values(given: dict[str, Any], parser: argparse.ArgumentParser) -> dict[str, Any]:
+def _option_values(given: dict[str, Any], parser: argparse.ArgumentParser) -> dict[str, Any]:
     """Every option of the run: the defaults, overridden by the recipe (--config), overridden by the flags given.
 
     Raises:
         InputError: a bad recipe (naming the key).
         SystemExit: (via parser.error) no EXPERT and ANTI, or no OUT, from either source.
     """
+    from extsub_kernels.adapters.peft import FORMATS
     from extsub_kernels.engine.recipe import load_recipe
 
-    recipe = load_recipe(given.pop("config")) if "config" in given else {}
+    recipe = load_recipe(given.pop("config"), {"format": FORMATS}) if "config" in given else {}
     inputs = given.pop("inputs", [])
     values = {**DEFAULTS, **recipe, **given}
     if inputs:

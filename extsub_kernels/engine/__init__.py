@@ -3,8 +3,8 @@
 from extsub_kernels.engine.dense import run_dense
 from extsub_kernels.engine.methods import apply_method
 from extsub_kernels.engine.options import RunOptions, parse_lams, parse_size, resolve_device
-from extsub_kernels.engine.outputs import LazyOutput, OutputSet, write_outputs
 from extsub_kernels.engine.report import MergeReport
+from extsub_kernels.engine.writing import LazyOutput, OutputSet, write_outputs
 
 __all__ = [
     "LazyOutput",

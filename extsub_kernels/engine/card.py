@@ -13,20 +13,14 @@ from dataclasses import dataclass
 import yaml
 
 from extsub_kernels._version import __version__
-from extsub_kernels.io.outputs import GENERATED_MARK, RECIPE_NAME
+from extsub_kernels.constants import RECIPE_NAME
+from extsub_kernels.engine.method_spec import method_spec
+from extsub_kernels.io.outputs import GENERATED_MARK
 
 PAPER = (
     'Hu et al., "Separate the Wheat from the Chaff: Model Deficiency Unlearning via Parameter-Efficient '
     'Module Operation", AAAI 2024 ([arXiv:2308.08090](https://arxiv.org/abs/2308.08090))'
 )
-METHOD_NAME = {"ext-sub": "**Ext-Sub** (Extraction-before-Subtraction)", "sub": "direct subtraction", "add": "addition"}
-METHOD_TEXT = {
-    "ext-sub": "θ' = θ⁺ − λ·Ext(θ⁻), row by row. Ext(θ⁻) is the part of the anti-expert's task vector orthogonal to "
-    "the bisector of expert and anti-expert rows, its *deficiency*; the rest, the general capability both share, is "
-    "kept.",
-    "sub": "θ' = θ⁺ − λ·θ⁻, the paper's baseline.",
-    "add": "θ' = θ⁺ + λ·θ⁻.",
-}
 
 
 @dataclass(frozen=True)
@@ -35,7 +29,7 @@ class CardFacts:
 
     Attributes:
         title: the output's name.
-        method: "ext-sub", "sub" or "add".
+        method: the method's name (`method_spec`: its title and sentence on the card).
         setting: λ per anti-expert of this output.
         inputs: the inputs' fingerprints (io.provenance), EXPERT first.
         command: the command that made the output.
@@ -68,11 +62,12 @@ def model_card(facts: CardFacts) -> str:
     """The README.md text of an output.
 
     Example:
-        >>> card = model_card(CardFacts("merged", "ext-sub", (1.0,), [], "extsub-merge e a -o merged", None, None,
+        >>> card = model_card(CardFacts("merged", "sub", (1.0,), [], "extsub-merge e a -o merged", None, None,
         ...                             "task vectors", ""))
         >>> card.startswith("---")
         True
     """
+    spec = method_spec(facts.method)
     models = hub_models(facts)
     front: dict = {"base_model": models[0] if len(models) == 1 else models} if models else {}
     if models:
@@ -89,11 +84,10 @@ def model_card(facts: CardFacts) -> str:
         "",
         f"# {facts.title}",
         "",
-        f"{facts.what[0].upper()}{facts.what[1:]}, made with extsub "
-        f"{__version__} by {METHOD_NAME.get(facts.method, facts.method)} at λ = {lam}.",
+        f"{facts.what[0].upper()}{facts.what[1:]}, made with extsub {__version__} by {spec.title} at λ = {lam}.",
         "",
         *([facts.note, ""] if facts.note else []),
-        f"{METHOD_TEXT.get(facts.method, '')} Method: {PAPER}.",
+        f"{spec.card_text} Method: {PAPER}.",
         "",
         "## Inputs",
         "",

@@ -7,18 +7,16 @@ output. Host and device memory are a fixed multiple of the largest block whateve
 size. `--dry-run` stops after the plan; inspect mode streams for statistics and writes nothing.
 """
 
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from extsub_kernels.engine.architecture import WeightLayout, input_config, weight_layout
+from extsub_kernels.constants import ADAPTER_CONFIG, MODEL_CONFIG
 from extsub_kernels.engine.context import RunContext
+from extsub_kernels.engine.conv1d import WeightLayout, input_config, weight_layout
 from extsub_kernels.engine.dense_stats import DenseStats
 from extsub_kernels.engine.dryrun import dry_run_report
 from extsub_kernels.engine.items import dense_items
-from extsub_kernels.engine.memory import peak_rss_bytes
 from extsub_kernels.engine.notes import (
-    MODEL_CONFIG,
     OutputKind,
     card_base_model,
     output_texts,
@@ -26,14 +24,12 @@ from extsub_kernels.engine.notes import (
     text_names,
 )
 from extsub_kernels.engine.options import DEFAULT_MAX_SHARD_SIZE, RunOptions, parse_size
-from extsub_kernels.engine.outputs import OutputSet, discard, progress_bar
 from extsub_kernels.engine.pipeline import run_pipeline
 from extsub_kernels.engine.plan import TensorJob, plan_tensors
 from extsub_kernels.engine.report import MergeReport
 from extsub_kernels.engine.streamer import BlockStreamer
+from extsub_kernels.engine.writing import OutputSet, discard, progress_bar
 from extsub_kernels.io import CheckpointReader, ResolvedInput, TensorEntry, is_folder_output
-from extsub_kernels.io.outputs import listed_files
-from extsub_kernels.io.resolve import ADAPTER_CONFIG
 from extsub_kernels.ops import op_backend
 
 Inputs = Sequence[tuple[str, ResolvedInput]]
@@ -60,7 +56,7 @@ def run_dense(
     roles = [role for role, _ in inputs]
     readers = [CheckpointReader(inp.files, label=role) for role, inp in inputs]
     try:
-        layout = dense_layout(inputs, readers[0], options.transposed)
+        layout = _dense_layout(inputs, readers[0], options.transposed)
         jobs, skipped = plan_tensors(
             readers,
             n_anti=n_anti,
@@ -122,20 +118,18 @@ def run_dense(
     finally:
         for r in readers:
             r.close()
-    return MergeReport(
-        outputs=written,
+    return MergeReport.finished(
+        written,
         bytes_read=total,
         bytes_written=bytes_written,
-        seconds=time.perf_counter() - started,
-        peak_rss_bytes=peak_rss_bytes(),
+        started=started,
         peak_gpu_bytes=streamer.transfer.peak_memory(),
         stats=tuple(stats.done) if stats else (),
-        files=tuple(tuple(listed_files(path)) for path in written),
         **facts,
     )
 
 
-def dense_layout(inputs: Inputs, expert: CheckpointReader, explicit: bool | None) -> WeightLayout:
+def _dense_layout(inputs: Inputs, expert: CheckpointReader, explicit: bool | None) -> WeightLayout:
     """How rows pair: --transposed/--no-transposed, else a config.json (EXPERT first, then BASE and the ANTIs),
     else the expert's key names and shapes."""
     order = [inputs[0], *[i for i in inputs[1:] if i[0] == "BASE"], *[i for i in inputs[1:] if i[0] != "BASE"]]
@@ -175,12 +169,11 @@ def _inspect(
     with streamer.transfer, progress_bar(total, options.progress, "extsub-inspect") as bar:
         streamer.transfer.reset_peak()
         run_pipeline(blocks, streamer.read, streamer.compute, discard(bar), on_stop=streamer.close)
-    return MergeReport(
-        outputs=(),
+    return MergeReport.finished(
+        (),
         bytes_read=total,
         bytes_written=0,
-        seconds=time.perf_counter() - started,
-        peak_rss_bytes=peak_rss_bytes(),
+        started=started,
         peak_gpu_bytes=streamer.transfer.peak_memory(),
         mode="inspect",
         stats=tuple(stats.done),

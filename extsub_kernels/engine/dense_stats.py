@@ -41,7 +41,7 @@ class DenseStats:
     Args:
         roles: a name per input, numbered as in `TensorJob` (EXPERT, ANTI, ..., BASE).
         settings: λ per anti-expert, one tuple per output.
-        method: "ext-sub", "sub" or "add".
+        method: the method's name (`engine.method_spec`).
     """
 
     def __init__(self, roles: Sequence[str], settings: Sequence[tuple[float, ...]], method: str):

@@ -8,6 +8,7 @@ Nothing is created, not even a temporary file.
 from collections.abc import Sequence
 from pathlib import Path
 
+from extsub_kernels.constants import MODEL_WEIGHTS
 from extsub_kernels.engine.memory import peak_rss_bytes
 from extsub_kernels.engine.report import MergeReport
 from extsub_kernels.io import TensorEntry
@@ -23,7 +24,7 @@ def dry_run_report(
     texts: Sequence[str],
     reads: int,
     facts: dict,
-    weights_name: str = "model.safetensors",
+    weights_name: str = MODEL_WEIGHTS,
 ) -> MergeReport:
     """The report of a dry run: the files each output would hold, checked against the free space; nothing written.
 

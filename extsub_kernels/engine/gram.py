@@ -1,8 +1,9 @@
-"""Ext-Sub on rows that come in pieces: the rows' Gram matrices first, then each piece of the result from them.
+"""A row-pairing method on rows that come in pieces: the rows' Gram matrices first, then each piece of the result.
 
 A row longer than a block (a 1-D tensor of 1 GiB is one row), or a Conv1D weight whose rows
 (output features) are the stored columns, cannot be held whole. Ext-Sub only needs, per row, the
-norms of the vectors it combines (docs/design.md §1), so a first pass accumulates the Gram matrix of
+norms of the vectors it combines (docs/design.md §1; another method may need p·m too, `method_spec`),
+so a first pass accumulates the Gram matrix of
 v₀ = p, v₁ = m₁, …, vₙ = mₙ (each minus θ₀ with a base) piece by piece in float64, and a second
 pass writes each piece of the result as θ₀ + Σᵢ cᵢ·vᵢ: the steps p ← α·p + β·mⱼ, one per
 anti-expert, are linear, so the result is a combination of the inputs whose coefficients follow
@@ -18,8 +19,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from extsub_kernels._tensors import compute_dtype
+from extsub_kernels.engine.method_spec import EXT_SUB, MethodSpec
 from extsub_kernels.engine.transfer import Workspace
-from extsub_kernels.ops import ext_sub_coefficients
 
 Piece2d = tuple[slice, slice]
 
@@ -68,7 +69,8 @@ class RowGram:
 
     Only the entries the coefficients need are summed: every |vᵢ|², and vᵢ·vⱼ for i < j < n
     (the last anti-expert enters the running result only through its own norm); with `products`,
-    p·mₙ too, so `row_sums` gives the row statistics of every pair (docs/design.md §7).
+    p·mₙ too, so `row_sums` gives the row statistics of every pair (docs/design.md §7); with `cross`
+    (a method whose coefficients read p·m), every vᵢ·vⱼ.
 
     Example:
         >>> gram = RowGram(2, 1)
@@ -78,13 +80,21 @@ class RowGram:
         [[1.2], [-0.5]]
     """
 
-    def __init__(self, n_vectors: int, n_pairs: int, *, products: bool = False, device: torch.device | None = None):
+    def __init__(
+        self,
+        n_vectors: int,
+        n_pairs: int,
+        *,
+        products: bool = False,
+        cross: bool = False,
+        device: torch.device | None = None,
+    ):
         self.n_vectors, self.n_pairs = n_vectors, n_pairs
         self.sums = torch.zeros(n_vectors, n_vectors, n_pairs, dtype=torch.float64, device=device)
         self._partial = torch.empty(n_pairs, dtype=torch.float64, device=device)
         n = n_vectors - 1
-        self._entries = [(i, i) for i in range(n_vectors)] + [(i, j) for j in range(n) for i in range(j)]
-        if products and n > 0:
+        self._entries = [(i, i) for i in range(n_vectors)] + [(i, j) for j in range(n + cross) for i in range(j)]
+        if products and not cross and n > 0:
             self._entries.append((0, n))
 
     @property
@@ -128,11 +138,11 @@ class RowGram:
         the last anti-expert)."""
         return torch.stack([self.sums[0, 0], self.sums[k, k], self.sums[0, k]], dim=1)
 
-    def coefficients(self, lams: Sequence[float]) -> torch.Tensor:
-        """c (n_vectors, n_pairs), float64: the result of the Ext-Sub steps with `lams` in order is Σᵢ cᵢ·vᵢ.
+    def coefficients(self, lams: Sequence[float], spec: MethodSpec = EXT_SUB) -> torch.Tensor:
+        """c (n_vectors, n_pairs), float64: the result of the method's steps with `lams` in order is Σᵢ cᵢ·vᵢ.
 
-        Step j: |p|² = cᵀGc over v₀…v_{j−1}, |mⱼ| = √Gⱼⱼ; c ← α·c, cⱼ = β, with α and β from the
-        op's own rule (`ext_sub_coefficients`: rows with |p| = 0 keep p).
+        Step j: |p|² = cᵀGc over v₀…v_{j−1}, |mⱼ| = √Gⱼⱼ, p·mⱼ = Σᵢ cᵢGᵢⱼ (with `cross`); c ← α·c,
+        cⱼ = β, with α and β from the method's rule (`MethodSpec.row_coefficients`).
         """
         if len(lams) != self.n_vectors - 1:
             raise ValueError(f"{self.n_vectors - 1} anti-experts but {len(lams)} λ values")
@@ -143,7 +153,8 @@ class RowGram:
         c[0] = 1.0
         for j, lam in enumerate(lams, start=1):
             p_sq = torch.einsum("ip,ijp,jp->p", c[:j], gram[:j, :j], c[:j]).clamp_min(0.0)
-            alpha, beta = ext_sub_coefficients(p_sq.sqrt(), gram[j, j].sqrt(), lam)
+            products = torch.einsum("ip,ip->p", c[:j], gram[:j, j]) if spec.needs_products else None
+            alpha, beta = spec.row_coefficients(p_sq.sqrt(), gram[j, j].sqrt(), products, lam)
             c[:j] *= alpha.reshape(1, -1)
             c[j] = beta.reshape(-1)
         return c
@@ -181,26 +192,28 @@ def combine_into(
         out[piece].copy_(result)
 
 
-def ext_sub_in_memory(
+def rows_in_memory(
     out: torch.Tensor,
     vectors: Sequence[torch.Tensor],
     base: torch.Tensor | None,
     lams: Sequence[float],
     *,
+    spec: MethodSpec = EXT_SUB,
     reduce_dim: int,
     workspace: Workspace,
     observe: Callable[[int, torch.Tensor], None] | None = None,
 ) -> None:
-    """Both passes over 2-D views already in memory: Ext-Sub with each anti-expert in order, into `out`.
+    """Both passes over 2-D views already in memory: the method with each anti-expert in order, into `out`.
 
     `observe(k, sums)` gets the row sums of the expert against anti-expert k from the first pass.
     """
-    gram = RowGram(len(vectors), vectors[0].shape[1 - reduce_dim], products=observe is not None, device=out.device)
+    n_pairs = vectors[0].shape[1 - reduce_dim]
+    gram = RowGram(len(vectors), n_pairs, products=observe is not None, cross=spec.needs_products, device=out.device)
     gram.add(vectors, base, reduce_dim=reduce_dim, workspace=workspace)
     if observe is not None:
         for k in range(1, len(vectors)):
             observe(k - 1, gram.row_sums(k))
-    coefficients = gram.coefficients(lams).to(_compute_dtype(vectors, base))
+    coefficients = gram.coefficients(lams, spec).to(_compute_dtype(vectors, base))
     combine_into(out, vectors, base, coefficients, reduce_dim=reduce_dim, workspace=workspace)
 
 

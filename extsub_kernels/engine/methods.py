@@ -1,4 +1,4 @@
-"""The method step of a merge, per tensor: ext-sub, sub or add of each anti-expert in order, optionally on task vectors.
+"""The method step of a merge, per tensor: each anti-expert in order, optionally on task vectors (`method_spec`).
 
 Kept apart from streaming so every producer of tensors (the dense engine, the full model of
 an adapter merge) applies a method the same way. `apply_method_into` is the form the engine
@@ -6,11 +6,12 @@ streams with: it writes into a buffer the caller owns and works in a `Workspace`
 cache-sized chunks, so a block of rows allocates nothing; `apply_method` wraps it for whole
 tensors.
 
-Precision, the same on every path: a single ext-sub step in the expert's dtype (one
-anti-expert, no base, the expert's dtype out) is the op itself, in place (it reduces in float32
-and rounds once); anything else works in float32 (float64 for float64 inputs) and rounds once
-at the end. A single ext-sub step with a base on CPU rows runs in the C++ kernel's fused pass
-(p, m, θ₀ read once each, no workspace), with the same result bit for bit.
+Precision, the same on every path: a single step of a method with a kernel (ext-sub) in the
+expert's dtype (one anti-expert, no base, the expert's dtype out) is the kernel itself, in place
+(it reduces in float32 and rounds once); anything else works in float32 (float64 for float64
+inputs) and rounds once at the end. A single such step with a base on CPU rows runs in the
+kernel's fused pass (p, m, θ₀ read once each, no workspace), with the same result bit for bit.
+A row-pairing method without a kernel goes through the rows' Gram matrices (`gram`).
 """
 
 from collections.abc import Callable, Sequence
@@ -18,10 +19,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 from extsub_kernels._tensors import as_rows, compute_dtype
-from extsub_kernels.engine.gram import RowGram, ext_sub_in_memory, pieces, widen
-from extsub_kernels.engine.options import method_sign
+from extsub_kernels.engine.gram import RowGram, pieces, rows_in_memory, widen
+from extsub_kernels.engine.method_spec import DEFAULT_METHOD, MethodSpec, method_spec
 from extsub_kernels.engine.transfer import Workspace
-from extsub_kernels.ops import ext_sub_, ext_sub_task_vectors_into, row_products
+from extsub_kernels.ops import row_products
 
 # Numbers per working chunk on CPU: the few float32 slots a chunk uses stay in L2, so the passes
 # over a chunk (widen, subtract θ₀, the op, add θ₀, round) cost one trip to memory.
@@ -46,25 +47,32 @@ def method_workspace(n_anti: int, itemsize: int, device: torch.device, largest: 
 def in_place_step(
     plus_dtype: torch.dtype, n_anti: int, *, method: str, base: bool, out_dtype: torch.dtype, transposed: bool
 ) -> bool:
-    """Whether the result is the op applied to the expert in place: one ext-sub step, no base, the expert's dtype out.
+    """Whether the result is the method's kernel applied to the expert in place: one step, no base, its dtype out.
 
     Conv1D weights (`transposed`) pair columns, which the op cannot reach in place without a copy,
     so they take the working-space path.
     """
-    return method == "ext-sub" and n_anti == 1 and not base and out_dtype == plus_dtype and not transposed
+    has_op = method_spec(method).op is not None
+    return has_op and n_anti == 1 and not base and out_dtype == plus_dtype and not transposed
 
 
 def apply_method_(
-    plus: torch.Tensor, minus: torch.Tensor, lam: float, *, observe: Observer | None = None
+    plus: torch.Tensor,
+    minus: torch.Tensor,
+    lam: float,
+    *,
+    method: str | MethodSpec = DEFAULT_METHOD,
+    observe: Observer | None = None,
 ) -> torch.Tensor:
-    """The single ext-sub step in place on `plus` (see `in_place_step`); returns `plus`.
+    """The single step of the method's kernel in place on `plus` (see `in_place_step`); returns `plus`.
 
-    `observe` gets the row sums from the op's own pass (one (rows, 3) float64 tensor allocated).
+    `observe` gets the row sums from the kernel's own pass (one (rows, 3) float64 tensor allocated).
     """
+    op = method_spec(method).op
     if observe is None:
-        return ext_sub_(plus, minus, lam)
+        return op(plus, minus, lam)
     sums = _row_sums(as_rows(plus).shape[0], plus.device)
-    ext_sub_(plus, minus, lam, row_stats=sums)
+    op(plus, minus, lam, row_stats=sums)
     observe(0, sums)
     return plus
 
@@ -75,7 +83,7 @@ def apply_method_into(
     minus: Sequence[torch.Tensor],
     lams: Sequence[float],
     *,
-    method: str = "ext-sub",
+    method: str | MethodSpec = DEFAULT_METHOD,
     base: torch.Tensor | None = None,
     transposed: bool = False,
     workspace: Workspace,
@@ -85,20 +93,21 @@ def apply_method_into(
 
     Works chunk by chunk in `workspace` (float32, or float64 for float64 inputs; `workspace_slots`
     slots) and rounds once into `out` (contiguous; it may be `plus` itself: each chunk is read
-    before it is written); inputs are otherwise left unchanged. ext-sub pairs rows (dim 0, as
-    the op does), or columns with `transposed`; rows longer than a workspace chunk and columns
-    go through their Gram matrices (`gram`). sub and add are elementwise.
+    before it is written); inputs are otherwise left unchanged. A row-pairing method (ext-sub)
+    pairs rows (dim 0, as the op does), or columns with `transposed`; rows longer than a workspace
+    chunk, columns and methods without a kernel go through their Gram matrices (`gram`). An
+    elementwise method (sub, add) adds each anti-expert with its weight.
 
     `observe`, when given, gets the row sums of the expert (task vector) against each anti-expert
     before any step (docs/design.md §7), from the same pass where there is one: the op's for one
-    ext-sub step, the Gram matrices' for rows in pieces; `row_products` per chunk of rows
+    kernel step, the Gram matrices' for rows in pieces; `row_products` per chunk of rows
     otherwise. It costs one (rows, 3) float64 tensor per anti-expert and call, nothing per chunk.
 
     Example:
         >>> out = torch.empty(8, 16, dtype=torch.bfloat16)
         >>> _ = apply_method_into(out, torch.randn(8, 16), [torch.randn(8, 16)], [1.0], workspace=Workspace(256, 4))
     """
-    sign = method_sign(method)
+    spec = method_spec(method)
     if len(minus) != len(lams):
         raise ValueError(f"{len(minus)} anti-expert tensors but {len(lams)} λ values")
     if not out.is_contiguous() or out.shape != plus.shape:
@@ -111,16 +120,17 @@ def apply_method_into(
         flat_base = as_rows(base) if base is not None else None
         reduce_dim = 1
     in_pieces = transposed or views[0].shape[1] > workspace.elements
-    if method != "ext-sub":
+    if not spec.pairs_rows:
         if observe is not None:
             _observe_products(views, flat_base, reduce_dim, in_pieces, workspace, dtype, observe)
-        _elementwise_into(out, plus, minus, [sign * lam for lam in lams], base, workspace, dtype)
+        _elementwise_into(out, plus, minus, [spec.weight_sign * lam for lam in lams], base, workspace, dtype)
         return out
     target = out if transposed else as_rows(out)
-    if in_pieces:
-        ext_sub_in_memory(target, views, flat_base, lams, reduce_dim=reduce_dim, workspace=workspace, observe=observe)
-    elif not _fused_into(target, views, flat_base, lams, observe):
-        _rows_into(target, views, flat_base, lams, workspace, dtype, observe)
+    if in_pieces or spec.op is None:
+        args = (target, views, flat_base, lams)
+        rows_in_memory(*args, spec=spec, reduce_dim=reduce_dim, workspace=workspace, observe=observe)
+    elif not _fused_into(spec, target, views, flat_base, lams, observe):
+        _rows_into(spec, target, views, flat_base, lams, workspace, dtype, observe)
     return out
 
 
@@ -130,21 +140,22 @@ def _row_sums(rows: int, device: torch.device) -> torch.Tensor:
 
 
 def _fused_into(
+    spec: MethodSpec,
     out: torch.Tensor,
     views: Sequence[torch.Tensor],
     base: torch.Tensor | None,
     lams: Sequence[float],
     observe: Observer | None,
 ) -> bool:
-    """One ext-sub step on task vectors of whole rows in the C++ kernel's fused pass, where it runs; whether it ran.
+    """One step on task vectors of whole rows in the method's fused kernel pass, where it runs; whether it ran.
 
     Reads p, m and θ₀ in their dtypes and writes `out` once, instead of `_rows_into`'s passes
     through the workspace; the results and row sums are the same bit for bit (`ops.ext_sub_task_vectors_into`).
     """
-    if base is None or len(views) != 2:
+    if base is None or len(views) != 2 or spec.fused is None:
         return False
     sums = _row_sums(out.shape[0], out.device) if observe is not None else None
-    if not ext_sub_task_vectors_into(out, views[0], views[1], base, lams[0], row_stats=sums):
+    if not spec.fused(out, views[0], views[1], base, lams[0], row_stats=sums):
         return False
     if observe is not None:
         observe(0, sums)
@@ -152,6 +163,7 @@ def _fused_into(
 
 
 def _rows_into(
+    spec: MethodSpec,
     out: torch.Tensor,
     views: Sequence[torch.Tensor],
     base: torch.Tensor | None,
@@ -160,7 +172,8 @@ def _rows_into(
     dtype: torch.dtype,
     observe: Observer | None = None,
 ) -> None:
-    """ext-sub on chunks of whole rows: widen, subtract θ₀, the op once per anti-expert, add θ₀, round into `out`.
+    """The method's kernel on chunks of whole rows: widen, subtract θ₀, the kernel once per anti-expert, add θ₀, round
+    into `out`.
 
     Row sums for `observe`: the op's own (one anti-expert), or `row_products` of the expert kept in
     a slot against each widened anti-expert (several: all are taken against the expert).
@@ -176,7 +189,7 @@ def _rows_into(
             wide_m = widen(workspace, 1, m[piece], wide_base, dtype)
             if expert is not None:
                 row_products(expert, wide_m, out=sums[k][piece[0]])
-            ext_sub_(result, wide_m, lam, row_stats=sums[0][piece[0]] if sums and n_anti == 1 else None)
+            spec.op(result, wide_m, lam, row_stats=sums[0][piece[0]] if sums and n_anti == 1 else None)
         if wide_base is not None:
             result.add_(wide_base)
         out[piece].copy_(result)
@@ -193,7 +206,7 @@ def _observe_products(
     dtype: torch.dtype,
     observe: Observer,
 ) -> None:
-    """Row sums of the expert against each anti-expert for sub and add, whose elementwise pass pairs no rows.
+    """Row sums of the expert against each anti-expert for an elementwise method, whose pass pairs no rows.
 
     Chunks of whole rows: `row_products` of the widened task vectors; rows in pieces and columns:
     their Gram matrices.
@@ -224,7 +237,7 @@ def _elementwise_into(
     workspace: Workspace,
     dtype: torch.dtype,
 ) -> None:
-    """out ← θ₀ + (p − θ₀) + Σ wⱼ·(mⱼ − θ₀) over flat chunks: sub and add (no θ₀ without a base).
+    """out ← θ₀ + (p − θ₀) + Σ wⱼ·(mⱼ − θ₀) over flat chunks: an elementwise method (no θ₀ without a base).
 
     Computed as p + Σ wⱼ·(mⱼ − θ₀), the same sum without adding θ₀ back: one pass and one
     rounding fewer (the differences of bf16 or fp16 inputs are exact in float32).
@@ -247,7 +260,7 @@ def apply_method(
     minus: Sequence[torch.Tensor],
     lams: Sequence[float],
     *,
-    method: str = "ext-sub",
+    method: str | MethodSpec = DEFAULT_METHOD,
     base: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     transposed: bool = False,
@@ -256,7 +269,7 @@ def apply_method(
 ) -> torch.Tensor:
     """One tensor (or a block of its rows) merged: the method applied with each anti-expert in order.
 
-    ext-sub: θ ← θ − λ·Ext(θ⁻); sub: θ ← θ − λθ⁻; add: θ ← θ + λθ⁻. With `base`, the op works
+    ext-sub: θ ← θ − λ·Ext(θ⁻); sub: θ ← θ − λθ⁻; add: θ ← θ + λθ⁻ (`method_spec`). With `base`, it works
     on task vectors: ΔW = θ − θ₀ for every input, and the result is θ₀ + ΔW'. `transposed`
     pairs columns instead of rows (GPT-2 Conv1D weights, stored (in, out)). Precision as in
     the module's docstring. `inplace` lets the single-step case overwrite `plus`; inputs are
@@ -268,13 +281,13 @@ def apply_method(
     Example:
         >>> out = apply_method(torch.randn(8, 16), [torch.randn(8, 16)], [1.0])
     """
-    method_sign(method)
+    spec = method_spec(method)
     if len(minus) != len(lams):
         raise ValueError(f"{len(minus)} anti-expert tensors but {len(lams)} λ values")
     out_dtype = out_dtype or plus.dtype
     single = len(minus) == 1 and base is None and out_dtype == plus.dtype
-    if single and method == "ext-sub" and not transposed:
-        return apply_method_(plus if inplace else plus.clone(), minus[0], lams[0], observe=observe)
+    if single and spec.op is not None and not transposed:
+        return apply_method_(plus if inplace else plus.clone(), minus[0], lams[0], method=spec, observe=observe)
     dtype = compute_dtype(plus.dtype, *(m.dtype for m in minus), *((base.dtype,) if base is not None else ()))
     workspace = method_workspace(len(minus), dtype.itemsize, plus.device, plus.numel())
     # a single step in place writes over `plus` piece by piece, each piece read before it is written

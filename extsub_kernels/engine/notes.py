@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from extsub_kernels._version import __version__
+from extsub_kernels.constants import CARD_NAME, MODEL_CONFIG, RECIPE_NAME
 from extsub_kernels.engine.card import CardFacts, model_card
 from extsub_kernels.engine.context import RunContext
 from extsub_kernels.engine.options import RunOptions
@@ -24,13 +25,11 @@ from extsub_kernels.engine.recipe import recipe_text
 from extsub_kernels.engine.stats import TensorStats
 from extsub_kernels.engine.tables import summary_table
 from extsub_kernels.io import ResolvedInput, hub_repo_id, read_json_object
-from extsub_kernels.io.outputs import CARD_NAME, RECIPE_NAME
 
-MODEL_CONFIG = "config.json"
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
-def output_metadata(
+def _output_metadata(
     setting: Sequence[float],
     method: str,
     expert: str,
@@ -43,35 +42,35 @@ def output_metadata(
     with a `context`, the command, the inputs (hub commits, header sha256 of each file) and the recipe.
 
     Example:
-        >>> output_metadata((0.5,), "ext-sub", "expert.safetensors", ["anti.safetensors"])["extsub.lam"]
+        >>> _output_metadata((0.5,), "sub", "expert.safetensors", ["anti.safetensors"])["extsub.lam"]
         '[0.5]'
     """
     meta = {
         "format": "pt",
         "extsub.method": method,
         "extsub.lam": json.dumps(list(setting)),
-        "extsub.expert": printable(expert),
-        "extsub.anti": json.dumps([printable(a) for a in antis]),
+        "extsub.expert": _printable(expert),
+        "extsub.anti": json.dumps([_printable(a) for a in antis]),
         "extsub.version": __version__,
     }
     if base is not None:
-        meta["extsub.base"] = printable(base)
+        meta["extsub.base"] = _printable(base)
     if output_format is not None:
         meta["extsub.format"] = output_format
     if context is not None:
-        meta["extsub.command"] = printable(context.command)
+        meta["extsub.command"] = _printable(context.command)
         notes = [_input_note(record) for record in context.inputs]
-        meta["extsub.inputs"] = printable(json.dumps(notes, separators=(",", ":"), ensure_ascii=False))
-        meta[RECIPE_KEY] = printable(recipe_text(context.recipe, setting))
+        meta["extsub.inputs"] = _printable(json.dumps(notes, separators=(",", ":"), ensure_ascii=False))
+        meta[RECIPE_KEY] = _printable(recipe_text(context.recipe, setting))
     return meta
 
 
-def printable(name: str) -> str:
+def _printable(name: str) -> str:
     """Text a header or a text file can hold: bytes that are not UTF-8 (kept by Python as lone surrogates, as in
     file names) as \\xNN.
 
     Example:
-        >>> printable("caf\\udce9.safetensors")
+        >>> _printable("caf\\udce9.safetensors")
         'caf\\\\xe9.safetensors'
     """
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
@@ -94,7 +93,7 @@ def run_metadata(
     names = {role: inp.name for role, inp in inputs}
     antis = [name for role, name in names.items() if role.startswith("ANTI")]
     return [
-        output_metadata(setting, options.method, names["EXPERT"], antis, names.get("BASE"), output_format, context)
+        _output_metadata(setting, options.method, names["EXPERT"], antis, names.get("BASE"), output_format, context)
         for setting in options.settings
     ]
 
@@ -154,8 +153,8 @@ def output_texts(
         )
         files = {CARD_NAME: model_card(facts), RECIPE_NAME: recipe_text(context.recipe, setting)}
         if kind.config is not None:
-            files[MODEL_CONFIG] = noted_config(kind.config, options.out_dtype, options.method, setting)
-        texts.append({name: printable(text) for name, text in files.items()})
+            files[MODEL_CONFIG] = _noted_config(kind.config, options.out_dtype, options.method, setting)
+        texts.append({name: _printable(text) for name, text in files.items()})
     return texts
 
 
@@ -166,7 +165,7 @@ def text_names(paths: Sequence[Path], kind: OutputKind) -> list[str]:
     return [CARD_NAME, RECIPE_NAME] + ([MODEL_CONFIG] if kind.config is not None else [])
 
 
-def noted_config(path: Path, out_dtype: torch.dtype | None, method: str, setting: Sequence[float]) -> str:
+def _noted_config(path: Path, out_dtype: torch.dtype | None, method: str, setting: Sequence[float]) -> str:
     """A model's config.json with an `extsub` note (version, method, λ, recipe file) and, when the output dtype was
     changed, `torch_dtype`/`dtype` saying so (transformers keeps unknown keys and reads either dtype key)."""
     config = read_json_object(path)
@@ -194,5 +193,5 @@ def card_base_model(name: str | None, who: str) -> tuple[str | None, str]:
         return repo, ""
     return (
         None,
-        f"{who} `{printable(name)}` is a local path, not a Hugging Face hub id, which is all the hub accepts there",
+        f"{who} `{_printable(name)}` is a local path, not a Hugging Face hub id, which is all the hub accepts there",
     )

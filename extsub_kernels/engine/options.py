@@ -1,4 +1,5 @@
-"""The vocabulary, in one place: methods, output formats, dtypes, on-missing, the λ grammars, devices, sizes.
+"""The vocabulary, in one place: dtypes, on-missing, the λ grammars, devices, sizes (methods: `method_spec`; adapter
+formats: their PEM types, `adapters.peft.FORMATS`).
 
 Every entry point (Python, CLI, adapters, dense engine, the λ scan) validates its options
 here, so a choice is spelled, checked and explained the same way everywhere.
@@ -18,19 +19,18 @@ from extsub_kernels._names import (  # noqa: F401 (the names, re-exported: the r
     EVAL_DTYPE_NAMES,
     FORMATS,
     FULL_MODEL_FORMAT,
-    METHODS,
     MODES,
     ON_MISSING,
     OUT_DTYPE_NAMES,
     SAVE_FORMATS,
     DtypeName,
     EvalDtypeName,
-    Method,
     Mode,
     OnMissing,
     OutputFormat,
 )
 from extsub_kernels._tensors import FLOAT_DTYPES
+from extsub_kernels.engine.method_spec import DEFAULT_METHOD, METHODS, method_spec
 from extsub_kernels.errors import InputError
 
 _FLOAT_DTYPES: dict[str, torch.dtype] = {str(dtype).removeprefix("torch."): dtype for dtype in FLOAT_DTYPES}
@@ -64,12 +64,6 @@ def check_choice(value: object, choices: Sequence[str], what: str) -> None:
     """Raise an InputError unless `value` is one of `choices`, listing them."""
     if value not in choices:
         raise InputError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
-
-
-def method_sign(method: str) -> float:
-    """The sign direct arithmetic gives an anti-expert: −1 for sub, +1 for add (ext-sub subtracts Ext(θ⁻))."""
-    check_choice(method, METHODS, "method")
-    return 1.0 if method == "add" else -1.0
 
 
 def out_dtype(name: str) -> torch.dtype | None:
@@ -232,7 +226,7 @@ def parse_methods(methods: str | Sequence[str]) -> tuple[str, ...]:
     if not names:
         raise InputError(f"give at least one method; choose from {', '.join(METHODS)}")
     for name in names:
-        check_choice(name, METHODS, "method")
+        method_spec(name)
     if len(set(names)) != len(names):
         raise InputError(f"method list {', '.join(names)} names a method twice")
     return tuple(names)
@@ -249,17 +243,12 @@ def eval_dtype(name: str | torch.dtype) -> torch.dtype | None:
 
 
 def warn_negative_lams(settings: Sequence[LamSetting], method: str) -> None:
-    """Say once what a negative λ does: ext-sub then adds the deficiency, sub adds θ⁻ and add subtracts it."""
+    """Say once what a negative λ does (each method's own wording: ext-sub then adds the deficiency)."""
     negative = sorted({v for setting in settings for v in setting if v < 0})
     if not negative:
         return
-    effect = {
-        "ext-sub": "adds the deficiency Ext(θ⁻) to the expert instead of removing it",
-        "sub": "adds the anti-expert instead of subtracting it",
-        "add": "subtracts the anti-expert instead of adding it",
-    }[method]
     warnings.warn(
-        f"λ = {', '.join(_format(v) for v in negative)} is negative: {method} then {effect}; "
+        f"λ = {', '.join(_format(v) for v in negative)} is negative: {method} then {method_spec(method).negative}; "
         "that is allowed, and rarely what unlearning wants",
         stacklevel=3,
     )
@@ -329,7 +318,7 @@ class RunOptions:
 
     Attributes:
         settings: λ per anti-expert, one tuple per output.
-        method: "ext-sub", "sub" or "add".
+        method: a registered method's name (`method_spec`).
         device: where the op runs.
         out_dtype: dtype of float tensors in the outputs (None: each keeps its own).
         max_shard_size: the largest shard of a folder output in bytes, as asked (None: the default).
@@ -344,7 +333,7 @@ class RunOptions:
     """
 
     settings: tuple[LamSetting, ...]
-    method: str = "ext-sub"
+    method: str = DEFAULT_METHOD
     device: torch.device = CPU
     out_dtype: torch.dtype | None = None
     max_shard_size: int | None = None
@@ -357,7 +346,7 @@ class RunOptions:
     transposed: bool | None = None
 
     def __post_init__(self) -> None:
-        check_choice(self.method, METHODS, "method")
+        method_spec(self.method)
         check_choice(self.on_missing, ON_MISSING, "on_missing")
         check_choice(self.mode, MODES, "mode")
         size = self.block_bytes

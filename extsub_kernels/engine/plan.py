@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 
 from extsub_kernels._tensors import is_float
-from extsub_kernels.engine.architecture import TransposedRule, never_transposed
+from extsub_kernels.engine.conv1d import TransposedRule, never_transposed
 from extsub_kernels.errors import InputError
 from extsub_kernels.io import CheckpointReader, ResolvedInput, TensorInfo
 from extsub_kernels.io.format import DTYPE_CODES

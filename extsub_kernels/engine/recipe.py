@@ -18,11 +18,12 @@ from typing import Any
 import yaml
 
 from extsub_kernels._version import __version__
-from extsub_kernels.engine.options import FORMATS, METHODS, ON_MISSING, OUT_DTYPES, lam_label, lam_value, short
+from extsub_kernels.constants import RECIPE_NAME
+from extsub_kernels.engine.method_spec import DEFAULT_METHOD, METHODS
+from extsub_kernels.engine.options import ON_MISSING, OUT_DTYPES, lam_label, lam_value, short
 from extsub_kernels.errors import InputError
 from extsub_kernels.io import read_header
 from extsub_kernels.io.files import read_bounded_text
-from extsub_kernels.io.outputs import RECIPE_NAME
 
 RECIPE_FORMAT = 1
 PROG = "extsub-merge"
@@ -53,7 +54,7 @@ KEYS: dict[str, RecipeKey] = {
     "max_shard_size": RecipeKey((int, str), "a size like 5GB or a number of bytes", flag="--max-shard-size"),
     "on_missing": RecipeKey(_STR, "an on-missing policy", ON_MISSING, "--on-missing"),
     "transposed": RecipeKey((bool,), "true or false", flag="--transposed"),
-    "format": RecipeKey(_STR, "an adapter output format", FORMATS, "--format"),
+    "format": RecipeKey(_STR, "an adapter output format", flag="--format"),  # choices: the caller's (load_recipe)
     "max_rank": RecipeKey((int,), "a positive integer", flag="--max-rank"),
     "lora_alpha": RecipeKey(_NUM, "a number", flag="--lora-alpha"),
     "rank": RecipeKey((int,), "a positive integer", flag="--rank"),
@@ -89,9 +90,10 @@ MERGE_KEYS = (
 METADATA_KEY = "extsub.recipe"  # where each weights file's __metadata__ keeps the recipe of its output
 
 
-def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
+def load_recipe(path: str | os.PathLike, choices: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
     """Read and validate a recipe (a YAML file, or the `extsub.recipe` a weights file's metadata carries); keys whose
-    value is null are left out.
+    value is null are left out. `choices`: the values of keys whose vocabulary lives above the engine (the adapter
+    formats), checked like the others.
 
     Raises:
         InputError: an unreadable file, YAML that is not a mapping, an unknown key (with the
@@ -110,8 +112,8 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
                 f"--config {path}: its metadata holds no {METADATA_KEY} (not written by extsub-merge?); "
                 "give a recipe .yaml, or a weights file extsub-merge wrote"
             )
-        return check_recipe(_parsed(text, path), str(path))
-    return check_recipe(_parsed(read_bounded_text(path, "--config", MAX_RECIPE_BYTES), path), str(path))
+        return check_recipe(_parsed(text, path), str(path), choices)
+    return check_recipe(_parsed(read_bounded_text(path, "--config", MAX_RECIPE_BYTES), path), str(path), choices)
 
 
 def _parsed(text: str, path: Path) -> object:
@@ -148,7 +150,9 @@ def _flow_depth(text: str) -> int:
     return deepest
 
 
-def check_recipe(recipe: object, where: str = "recipe") -> dict[str, Any]:
+def check_recipe(
+    recipe: object, where: str = "recipe", choices: Mapping[str, Sequence[str]] | None = None
+) -> dict[str, Any]:
     """The recipe mapping validated (see `load_recipe`); `where` names it in messages."""
     if recipe is None:
         return {}
@@ -165,8 +169,9 @@ def check_recipe(recipe: object, where: str = "recipe") -> dict[str, Any]:
             continue
         if (isinstance(value, bool) and bool not in spec.types) or not isinstance(value, spec.types):
             raise InputError(f"{where}: key {key!r} must be {spec.what}, got {short(value)} ({type(value).__name__})")
-        if spec.choices and value not in spec.choices:
-            raise InputError(f"{where}: key {key!r} is {short(value)}; choose one of {', '.join(spec.choices)}")
+        allowed = (choices or {}).get(key, spec.choices)
+        if allowed and value not in allowed:
+            raise InputError(f"{where}: key {key!r} is {short(value)}; choose one of {', '.join(allowed)}")
         checked[key] = value
     if checked.get("extsub_recipe", RECIPE_FORMAT) != RECIPE_FORMAT:
         raise InputError(
@@ -200,7 +205,7 @@ def _check_lams(lam: object, where: str) -> None:
         raise InputError(f"{where}: key 'lam': {e}") from None
 
 
-def lam_value_for(setting: Sequence[float]) -> float | str:
+def _lam_value_for(setting: Sequence[float]) -> float | str:
     """λ of one output as a recipe writes it: a number when every anti-expert has it, else "1:0.5"."""
     label = lam_label(setting)
     return float(setting[0]) if len(set(setting)) <= 1 else label.replace("_", ":")
@@ -214,7 +219,7 @@ def recipe_text(recipe: Mapping[str, Any], setting: Sequence[float]) -> str:
     """
     body = {"extsub_recipe": RECIPE_FORMAT, "extsub_version": __version__}
     for key in MERGE_KEYS:
-        value = lam_value_for(setting) if key == "lam" else recipe.get(key)
+        value = _lam_value_for(setting) if key == "lam" else recipe.get(key)
         if value is not None and (value is not False or key == "transposed"):
             body[key] = value
     header = (
@@ -229,15 +234,15 @@ def command_line(recipe: Mapping[str, Any], out: str | os.PathLike | None = None
     """The `extsub-merge` command that runs `recipe` (flags only where they differ from the defaults).
 
     Example:
-        >>> command_line({"expert": "e", "anti": ["a"], "lam": 0.5, "method": "ext-sub"}, "out/")
-        'extsub-merge e a -o out/ --lam 0.5'
+        >>> command_line({"expert": "e", "anti": ["a"], "lam": 0.5, "method": "sub"}, "out/")
+        'extsub-merge e a -o out/ --lam 0.5 --method sub'
     """
     anti = recipe.get("anti") or []
     words = [PROG, str(recipe.get("expert", "EXPERT")), *([anti] if isinstance(anti, str) else anti)]
     out = out if out is not None else recipe.get("out")
     if out is not None:
         words += ["-o", os.fspath(out)]
-    defaults = {"lam": 1.0, "method": "ext-sub", "device": "auto", "dtype": "keep", "on_missing": "error"}
+    defaults = {"lam": 1.0, "method": DEFAULT_METHOD, "device": "auto", "dtype": "keep", "on_missing": "error"}
     for key, spec in KEYS.items():
         value = recipe.get(key)
         if spec.flag is None or key == "out" or value is None or value == defaults.get(key):

@@ -1,13 +1,17 @@
 """What a merge did and what it cost: one report type for every path (dense, adapters), every mode (merge, dry run,
 inspect), with the row statistics of each merged tensor or module and the run's provenance."""
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 from extsub_kernels.engine.context import RunContext
+from extsub_kernels.engine.memory import peak_rss_bytes
+from extsub_kernels.engine.method_spec import DEFAULT_METHOD
 from extsub_kernels.engine.stats import TensorStats
+from extsub_kernels.io.outputs import listed_files
 
 GB = 1e9
 Files = tuple[tuple[str, int | None], ...]
@@ -61,7 +65,7 @@ class MergeReport:
         skipped_keys: the keys counted in `skipped`.
         adapter: adapter merges: what happened to each module (None for dense inputs).
         mode: "merge", "dry-run" (nothing read but headers, nothing written) or "inspect" (statistics only).
-        method: "ext-sub", "sub" or "add".
+        method: the method's name (`engine.method_spec`).
         settings: λ per anti-expert of each output.
         items: what happens to each tensor (dense) or module (adapters), in order.
         stats: row statistics of each merged tensor or module (empty when not gathered).
@@ -86,7 +90,7 @@ class MergeReport:
     skipped_keys: tuple[str, ...] = field(default=(), repr=False)
     adapter: ReportSection | None = field(default=None, repr=False)
     mode: str = "merge"
-    method: str = "ext-sub"
+    method: str = DEFAULT_METHOD
     settings: tuple[tuple[float, ...], ...] = field(default=(), repr=False)
     items: tuple[Item, ...] = field(default=(), repr=False)
     stats: tuple[TensorStats, ...] = field(default=(), repr=False)
@@ -94,6 +98,30 @@ class MergeReport:
     layout: str | None = field(default=None, repr=False)
     kernel: str | None = field(default=None, repr=False)
     context: RunContext | None = field(default=None, repr=False)
+
+    @classmethod
+    def finished(
+        cls,
+        written: Sequence[Path],
+        *,
+        bytes_read: int,
+        bytes_written: int,
+        started: float,
+        peak_gpu_bytes: int | None,
+        **facts,
+    ) -> "MergeReport":
+        """The report of a run that has ended now: its seconds since `started` (perf_counter), the process's peak RSS,
+        and the files of each output written (`facts`: the rest, as the fields)."""
+        return cls(
+            outputs=tuple(written),
+            bytes_read=bytes_read,
+            bytes_written=bytes_written,
+            seconds=time.perf_counter() - started,
+            peak_rss_bytes=peak_rss_bytes(),
+            peak_gpu_bytes=peak_gpu_bytes,
+            files=tuple(tuple(listed_files(path)) for path in written),
+            **facts,
+        )
 
     def counts(self) -> str:
         """The tensors of each output: "6 tensors (4 merged, 2 copied)", or "2 outputs of 6 tensors each (...)"."""

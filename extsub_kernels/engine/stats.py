@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from extsub_kernels.engine.method_spec import method_spec
+
 # A row counts as antiparallel (Ext(m) = m, the bisector vanishes) when cos(p, m) ≤ −1 + this;
 # the sums behind cos are float32 reductions, good to about 1e-7 relative.
 ANTIPARALLEL_TOLERANCE = 1e-6
@@ -77,9 +79,13 @@ class PairStats:
     def relative_change(self, lam: float, method: str) -> float | None:
         """‖θ' − θ⁺‖/‖θ⁺‖ of one step with this anti-expert at λ (None when ‖θ⁺‖ = 0 and something changes).
 
-        ext-sub: |λ|·‖Ext(θ⁻)‖/‖θ⁺‖; sub and add: |λ|·‖θ⁻‖/‖θ⁺‖.
+        ext-sub: |λ|·‖Ext(θ⁻)‖/‖θ⁺‖; sub and add: |λ|·‖θ⁻‖/‖θ⁺‖ (`MethodSpec.change_per_lam`; None where a method
+        does not say).
         """
-        moved = abs(lam) * (self.deficiency_norm if method == "ext-sub" else self.anti_norm)
+        per_lam = method_spec(method).change_per_lam
+        if per_lam is None:
+            return None
+        moved = abs(lam) * per_lam(self)
         if self.expert_norm > 0:
             return moved / self.expert_norm
         return 0.0 if moved == 0 else None
@@ -121,7 +127,7 @@ class PairAccumulator:
             zero_anti_rows=int((~has_m).sum()),
             antiparallel_rows=int((both & (cos <= -1.0 + ANTIPARALLEL_TOLERANCE)).sum()),
             measured_rows=measured,
-            cos=summarize_cos(measured_cos.to(torch.float32), mean_cos),
+            cos=_summarize_cos(measured_cos.to(torch.float32), mean_cos),
             expert_norm=math.sqrt(float(pp.sum())),
             anti_norm=math.sqrt(float(mm.sum())),
             deficiency_norm=math.sqrt(float(ext_sq.sum())),
@@ -143,7 +149,7 @@ def pair_stats(sums: torch.Tensor, anti: str) -> PairStats:
     return acc.result(anti)
 
 
-def summarize_cos(cos: torch.Tensor, mean: float | None = None) -> CosSummary | None:
+def _summarize_cos(cos: torch.Tensor, mean: float | None = None) -> CosSummary | None:
     """Mean (`mean`, when summed more precisely elsewhere), min, quartiles (linear interpolation) and max of a 1-D
     tensor of cosines; None when empty."""
     if cos.numel() == 0:

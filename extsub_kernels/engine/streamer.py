@@ -16,6 +16,7 @@ from extsub_kernels._tensors import all_finite, cast_overflow, compute_dtype, no
 from extsub_kernels.engine.batches import SMALL_TENSOR_BYTES, Batch, Batcher
 from extsub_kernels.engine.dense_stats import DenseStats
 from extsub_kernels.engine.gram import RowGram, combine_into
+from extsub_kernels.engine.method_spec import method_spec
 from extsub_kernels.engine.methods import (
     CPU_CHUNK_ELEMENTS,
     Observer,
@@ -25,10 +26,10 @@ from extsub_kernels.engine.methods import (
     method_workspace,
 )
 from extsub_kernels.engine.options import RunOptions, lam_label
-from extsub_kernels.engine.outputs import Piece
 from extsub_kernels.engine.pipeline import in_flight
 from extsub_kernels.engine.plan import Block, TensorJob, cut_blocks, row_elements, rows_of
 from extsub_kernels.engine.transfer import BufferPool, Transfer, Workspace, view_as
+from extsub_kernels.engine.writing import Piece
 from extsub_kernels.errors import InputError, MergeError
 from extsub_kernels.io import CheckpointReader, ResolvedInput, TensorEntry
 from extsub_kernels.io.provenance import display_path
@@ -84,7 +85,7 @@ class BlockStreamer:
         by_name = {j.name: j for j in jobs}
         limit = self.options.block_size
         small = min(SMALL_TENSOR_BYTES, limit)
-        whole_rows = self.options.method == "ext-sub"
+        whole_rows = method_spec(self.options.method).pairs_rows
         infos = [reader.tensors for reader in self.readers]
         batcher = Batcher(limit)
         capacity, chunk, itemsize = 1, CPU_CHUNK_ELEMENTS, 4
@@ -242,7 +243,7 @@ class BlockStreamer:
             observe = stats.observer(item) if stats is not None and s == 0 else None  # λ-free: the first setting's
             if in_place and s == len(settings) - 1 and item.phase == "one-pass":
                 # last: the expert's block is no longer needed
-                result = apply_method_(plus, minus[0], lams[0], observe=observe)
+                result = apply_method_(plus, minus[0], lams[0], method=self.options.method, observe=observe)
                 kept.append(buffers[0])
             else:
                 fresh.append(pool.get())
@@ -250,7 +251,7 @@ class BlockStreamer:
                 if item.phase == "update":
                     self._update(item, result, inputs, s, observe)
                 elif in_place:
-                    apply_method_(result.copy_(plus), minus[0], lams[0], observe=observe)
+                    apply_method_(result.copy_(plus), minus[0], lams[0], method=self.options.method, observe=observe)
                 else:
                     self._method_into(item, result, plus, minus, theta0, lams, observe)
             self._check_finite(item, result, setting)
@@ -294,7 +295,9 @@ class BlockStreamer:
         vectors, theta0, geometry = _pieces_of(block, inputs)
         if self._unit is None or self._unit.key != geometry.key:
             n_vectors = 1 + len(job.antis)
-            gram = RowGram(n_vectors, geometry.n_pairs, products=self.stats is not None, device=inputs[0].device)
+            cross = method_spec(self.options.method).needs_products
+            products = self.stats is not None
+            gram = RowGram(n_vectors, geometry.n_pairs, products=products, cross=cross, device=inputs[0].device)
             self._unit = _RowsInPieces(geometry.key, gram)
         gram = self._unit.gram
         gram.add(vectors, theta0, reduce_dim=geometry.reduce_dim, workspace=self.workspace, pair_offset=geometry.offset)
@@ -316,7 +319,8 @@ class BlockStreamer:
         if unit.coefficients is None:
             dtype = compute_dtype(*(t.dtype for t in inputs))
             lams = [[setting_lams[k - 1] for k in job.antis] for setting_lams in self.options.settings]
-            unit.coefficients = [unit.gram.coefficients(lam).to(dtype) for lam in lams]
+            spec = method_spec(self.options.method)
+            unit.coefficients = [unit.gram.coefficients(lam, spec).to(dtype) for lam in lams]
             if observe is not None:
                 for k in range(len(job.antis)):
                     observe(k, unit.gram.row_sums(k + 1))

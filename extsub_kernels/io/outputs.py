@@ -15,17 +15,15 @@ from collections.abc import Sequence
 from itertools import combinations
 from pathlib import Path
 
+from extsub_kernels.constants import CARD_NAME, SAFETENSORS_SUFFIX
 from extsub_kernels.errors import InputError
 from extsub_kernels.io.identity import file_id, folder_chain, is_mount_point, where
 from extsub_kernels.io.resolve import ResolvedInput
 from extsub_kernels.io.temps import clean_stale, empty_folder, name_max
 
-SAFETENSORS_SUFFIX = ".safetensors"
 # Files this tool writes into folder outputs besides weights and configs: a model card that
 # carries this mark (a README.md without it is someone else's) and the recipe.
 GENERATED_MARK = "<!-- written by extsub-merge; extsub-merge --force may replace this folder -->"
-CARD_NAME = "README.md"
-RECIPE_NAME = "extsub_recipe.yaml"
 
 
 def is_folder_output(path: str | os.PathLike) -> bool:

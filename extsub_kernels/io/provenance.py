@@ -32,7 +32,7 @@ def header_sha256(path: str | os.PathLike) -> str:
     return hashlib.sha256(prefix + body).hexdigest()
 
 
-def hub_commit(inp: ResolvedInput) -> str | None:
+def _hub_commit(inp: ResolvedInput) -> str | None:
     """The commit a hub input resolved to (checked by `resolve_input`); None for local inputs."""
     return inp.commit if inp.kind == "hub" else None
 
@@ -56,7 +56,7 @@ def pinned_spec(inp: ResolvedInput) -> str:
         'org/model@0123456789abcdef0123456789abcdef01234567'
     """
     if inp.kind == "hub":
-        commit = hub_commit(inp)
+        commit = _hub_commit(inp)
         repo, revision = hub_repo(inp.spec)
         return f"{repo}@{commit or revision}" if (commit or revision) else repo
     if inp.kind == "memory":
@@ -91,7 +91,7 @@ def fingerprint(role: str, inp: ResolvedInput) -> dict:
     record["path"] = str(inp.files[0].absolute() if inp.kind == "file" else inp.root.absolute())
     if inp.kind == "hub":
         repo, revision = hub_repo(inp.spec)
-        record.update(repo=repo, revision=revision, commit=hub_commit(inp))
+        record.update(repo=repo, revision=revision, commit=_hub_commit(inp))
     files = []
     for f in inp.files:
         name = f.name if inp.kind == "file" else os.path.relpath(f, inp.root)

@@ -12,14 +12,20 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from extsub_kernels.constants import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    ENV_HF_CACHE,
+    ENV_HF_HOME,
+    ENV_HF_OFFLINE,
+    ENV_XDG_CACHE,
+    INDEX_SUFFIX,
+)
 from extsub_kernels.errors import InputError
 from extsub_kernels.io.files import read_bounded_text
 from extsub_kernels.io.reader import Header, read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-INDEX_SUFFIX = ".safetensors.index.json"
 # A shard index of a million tensors takes ~130 MB; no config or index comes near this.
 MAX_JSON_BYTES = 256_000_000
 # Files beside the weights that describe the model: configs and tokenizers (never weights).
@@ -106,7 +112,7 @@ def read_json_object(path: Path, what: str = "JSON config", *, error: type[Input
     return loaded
 
 
-def has_adapter_keys(names: object) -> bool:
+def _has_adapter_keys(names: object) -> bool:
     """Whether tensor names look like a PEFT adapter's: LoRA (lora_A, lora_B), (IA)³ (….ia3_l), prefix-tuning."""
     return any("lora_A" in k or "lora_B" in k or k.endswith(".ia3_l") or k == "prompt_embeddings" for k in names)
 
@@ -154,7 +160,7 @@ def _resolve_file(spec: str, path: Path, role: str) -> ResolvedInput:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise InputError(f"{role} {path}: " + _CONVERT_HINT.format(path=path, stem=path.with_suffix("")))
     header = read_header(path)
-    adapter = has_adapter_keys(header.tensors)
+    adapter = _has_adapter_keys(header.tensors)
     return ResolvedInput(spec, path.name, "file", path.resolve().parent, (path,), adapter=adapter, headers=(header,))
 
 
@@ -178,7 +184,7 @@ def _resolve_folder(spec: str, folder: Path, role: str, *, kind: str, name: str)
     headers = tuple(read_header(p) for p in shards)
     # An adapter's weights without their adapter_config.json are still an adapter (the adapter path
     # then asks for its config or scaling), never a dense checkpoint whose lora_A/lora_B rows get merged.
-    adapter = any(has_adapter_keys(h.tensors) for h in headers)
+    adapter = any(_has_adapter_keys(h.tensors) for h in headers)
     return ResolvedInput(spec, name, kind, folder, shards, configs, adapter=adapter, headers=headers)
 
 
@@ -229,15 +235,15 @@ def _is_plain_name(name: str) -> bool:
 
 def _hub_cache_dir() -> str:
     """The hub cache, read from the environment now (huggingface_hub reads it once, at import)."""
-    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    cache = next((os.environ[name] for name in ENV_HF_CACHE if os.environ.get(name)), None)
     if cache:
         return os.path.expanduser(cache)
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    home = os.environ.get(ENV_HF_HOME) or os.path.join(os.environ.get(ENV_XDG_CACHE, "~/.cache"), "huggingface")
     return os.path.join(os.path.expanduser(home), "hub")
 
 
 def _hub_offline() -> bool:
-    flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    flag = next((os.environ[name] for name in ENV_HF_OFFLINE if os.environ.get(name)), "")
     return flag.upper() in ("1", "ON", "YES", "TRUE")
 
 

@@ -20,7 +20,8 @@ import stat
 import warnings
 from pathlib import Path
 
-TEMP_TAG = ".extsub-tmp-"
+from extsub_kernels.constants import TEMP_TAG
+
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.extsub-tmp-(?P<pid>[0-9]+)-(?P<old>old-)?[0-9a-f]{8}$", re.DOTALL)
 
 _held: dict[Path, int] = {}  # our temporaries → the descriptor holding the lock on each

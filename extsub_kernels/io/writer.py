@@ -16,12 +16,16 @@ from pathlib import Path
 
 import torch
 
+from extsub_kernels.constants import INDEX_SUFFIX, SAFETENSORS_SUFFIX
 from extsub_kernels.errors import InputError, MergeError
 from extsub_kernels.io import atomic
 from extsub_kernels.io.format import HEADER_LENGTH_BYTES, METADATA_KEY, dtype_code, nbytes_of, write_order_key
 from extsub_kernels.io.outputs import CARD_NAME, GENERATED_MARK, is_folder_output, manifest_line
 
-INDEX_SUFFIX = ".index.json"
+
+def _index_name(weights_name: str) -> str:
+    """The shard index of a folder output's weights: model.safetensors → model.safetensors.index.json."""
+    return f"{weights_name.removesuffix(SAFETENSORS_SUFFIX)}{INDEX_SUFFIX}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +47,10 @@ def build_header(entries: Sequence[TensorEntry], metadata: dict[str, str] | None
     The JSON is compact, `__metadata__` first, padded with spaces to a multiple of 8 bytes, as
     `safetensors` writes it (so a file in `safetensors`' tensor order is byte-identical).
     """
-    return header_bytes(tensor_json(entries), metadata)
+    return header_bytes(_tensor_json(entries), metadata)
 
 
-def tensor_json(entries: Sequence[TensorEntry]) -> str:
+def _tensor_json(entries: Sequence[TensorEntry]) -> str:
     """The tensors' part of a header: `"name":{"dtype":..,"shape":..,"data_offsets":[..]}` joined by commas.
 
     Built as text (one f-string per tensor), about 6× faster than `json.dumps` of the same
@@ -69,7 +73,7 @@ def tensor_json(entries: Sequence[TensorEntry]) -> str:
 
 
 def header_bytes(tensors: str, metadata: dict[str, str] | None = None) -> bytes:
-    """The length field and padded JSON of a header whose tensors' part is `tensors` (see `tensor_json`)."""
+    """The length field and padded JSON of a header whose tensors' part is `tensors` (see `_tensor_json`)."""
     head = ""
     if metadata is not None:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
@@ -136,13 +140,18 @@ def planned_files(
         (name, len(build_header(group, metadata)) + sum(e.nbytes for e in group)) for name, group in shards
     ]
     if len(shards) > 1:
-        files.append((f"{weights_name}{INDEX_SUFFIX}", len(json.dumps(build_index(shards), indent=2)) + 1))
+        files.append(
+            (
+                _index_name(weights_name),
+                len(json.dumps(_build_index(shards), indent=2)) + 1,
+            )
+        )
     files += [(src.name, src.stat().st_size) for src in extra_files]
     files += [(name, None) for name in texts]
     return files
 
 
-def build_index(shards: Sequence[tuple[str, Sequence[TensorEntry]]], metadata: dict[str, str] | None = None) -> dict:
+def _build_index(shards: Sequence[tuple[str, Sequence[TensorEntry]]], metadata: dict[str, str] | None = None) -> dict:
     """The `*.safetensors.index.json` content: `metadata.total_size` and a sorted `weight_map`."""
     weight_map = {e.name: file for file, group in shards for e in group}
     total = sum(e.nbytes for _, group in shards for e in group)
@@ -335,7 +344,7 @@ def plan_layout(
     if len(names) != len(entries):
         raise MergeError("duplicate tensor names in the output plan")
     groups = plan_shards(entries, max_shard_size, weights_name) if folder else [("", safetensors_order(entries))]
-    return [Shard(name, group, tensor_json(group)) for name, group in groups]
+    return [Shard(name, group, _tensor_json(group)) for name, group in groups]
 
 
 class CheckpointWriter:
@@ -465,8 +474,8 @@ class CheckpointWriter:
         self._files[self._shard].close()
         if self.is_folder:
             if len(self.shards) > 1:
-                index = json.dumps(build_index(self.shards), indent=2) + "\n"
-                atomic.write_text(self._temp / f"{self._weights_name}{INDEX_SUFFIX}", index)
+                index = json.dumps(_build_index(self.shards), indent=2) + "\n"
+                atomic.write_text(self._temp / _index_name(self._weights_name), index)
             for src in self._extra_files:
                 shutil.copyfile(src, self._temp / src.name)
                 atomic.fsync_path(self._temp / src.name)

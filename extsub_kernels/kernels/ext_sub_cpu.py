@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from extsub_kernels._tensors import shares_storage
+from extsub_kernels.constants import ENV_CACHE_DIR, ENV_CPP_KERNEL, ENV_CXX, ENV_XDG_CACHE
 from extsub_kernels.errors import Notice
 
 SOURCE = Path(__file__).with_name("ext_sub_cpu.cpp")
@@ -133,15 +134,15 @@ if hasattr(os, "register_at_fork"):
 
 def cache_dir() -> Path:
     """Where built libraries are kept: EXTSUB_CACHE_DIR, else $XDG_CACHE_HOME/extsub, else ~/.cache/extsub."""
-    if os.environ.get("EXTSUB_CACHE_DIR"):
-        return Path(os.environ["EXTSUB_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    if os.environ.get(ENV_CACHE_DIR):
+        return Path(os.environ[ENV_CACHE_DIR])
+    base = os.environ.get(ENV_XDG_CACHE) or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "extsub"
 
 
 def _compiler() -> str | None:
-    if os.environ.get("CXX"):
-        return shutil.which(os.environ["CXX"]) or os.environ["CXX"]
+    if os.environ.get(ENV_CXX):
+        return shutil.which(os.environ[ENV_CXX]) or os.environ[ENV_CXX]
     for name in ("c++", "g++", "clang++"):
         found = shutil.which(name)
         if found:
@@ -242,7 +243,7 @@ def load() -> _Library | None:
 
 
 def _load_once() -> tuple[_Library | None, KernelStatus]:
-    if os.environ.get("EXTSUB_CPP_KERNEL", "1").strip().lower() in ("0", "off", "false", "no"):
+    if os.environ.get(ENV_CPP_KERNEL, "1").strip().lower() in ("0", "off", "false", "no"):
         return None, KernelStatus(False, "disabled by EXTSUB_CPP_KERNEL=0")
     compiler = _compiler()
     if compiler is None:

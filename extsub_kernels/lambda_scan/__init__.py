@@ -9,13 +9,7 @@ files in SCAN_DIR). The command line is `extsub_kernels.cli.scan`.
 Names are imported on first use, so the command line sets its signal handlers before torch loads.
 """
 
-from typing import TYPE_CHECKING
-
 from extsub_kernels._lazy import lazy_getattr
-
-if TYPE_CHECKING:
-    from extsub_kernels.lambda_scan.results import Recommendation, ScanResult, ScanRow
-    from extsub_kernels.lambda_scan.run import scan
 
 _LOCATIONS = {
     "Recommendation": "extsub_kernels.lambda_scan.results",
@@ -28,4 +22,4 @@ _LOCATIONS = {
 __getattr__ = lazy_getattr(__name__, _LOCATIONS, globals())
 
 
-__all__ = ["Recommendation", "ScanResult", "ScanRow", "scan"]
+__all__ = sorted(_LOCATIONS)

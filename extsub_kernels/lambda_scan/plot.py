@@ -7,11 +7,11 @@ fixed size: `png_size` says it.
 import io
 import math
 
+from extsub_kernels.engine.method_spec import method_spec
 from extsub_kernels.lambda_scan.results import EXPERT, ScanResult
 
 DPI = 100
 PANEL_INCHES = (5.5, 4.0)
-COLORS = {"ext-sub": "#1f77b4", "sub": "#d62728", "add": "#2ca02c"}
 # (row field, panel title); generation panels only when the scan had prompts.
 PANELS = (
     ("keep_nll", "KEEP NLL, nats/token (lower: kept)"),
@@ -21,7 +21,7 @@ PANELS = (
 )
 
 
-def panels(result: ScanResult) -> list[tuple[str, str]]:
+def _panels(result: ScanResult) -> list[tuple[str, str]]:
     """The panels drawn for `result`: the NLLs, and the generation metrics when they were measured."""
     measured = any(r.rep_4 is not None for r in result.rows)
     return [p for p in PANELS if measured or p[0] in ("keep_nll", "forget_nll")]
@@ -38,7 +38,7 @@ def plot_png(result: ScanResult) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    chosen = panels(result)
+    chosen = _panels(result)
     width, height = png_size(len(chosen))
     figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     FigureCanvasAgg(figure)
@@ -53,7 +53,7 @@ def plot_png(result: ScanResult) -> bytes:
             points = [(r.lam, getattr(r, field)) for r in rows if _finite(getattr(r, field))]
             if not points:
                 continue
-            color = COLORS.get(method)
+            color = method_spec(method).color
             axes.plot(*zip(*points, strict=True), marker="o", markersize=4, linewidth=1.8, color=color, label=method)
             rec = result.recommendations.get(method)
             best = next((y for x, y in points if rec is not None and rec.lam is not None and x == rec.lam), None)

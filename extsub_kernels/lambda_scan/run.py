@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from extsub_kernels._version import __version__
+from extsub_kernels.adapters.peft import FORMATS
 from extsub_kernels.engine.options import (
     FULL_MODEL_FORMAT,
-    SAVE_FORMATS,
     EvalDtypeName,
     check_choice,
     eval_dtype,
@@ -30,7 +30,7 @@ from extsub_kernels.engine.options import (
     resolve_device,
     warn_negative_lams,
 )
-from extsub_kernels.engine.outputs import progress_bar
+from extsub_kernels.engine.writing import progress_bar
 from extsub_kernels.errors import InputError, ScanInterrupted, Terminated
 from extsub_kernels.io import ResolvedInput, check_outputs, resolve_input
 from extsub_kernels.io.atomic import terminate_as_interrupt
@@ -309,7 +309,7 @@ def _check_save(
             raise InputError("--format says how --save-best writes the best merge; give --save-best OUT too")
         return None
     if save_format is not None:
-        check_choice(save_format, SAVE_FORMATS, "format")
+        check_choice(save_format, (*FORMATS, FULL_MODEL_FORMAT), "format")
     if not adapters and save_format not in (None, FULL_MODEL_FORMAT):
         raise InputError(f"full models merge into a full model; --format {save_format} is for adapter inputs")
     fmt = save_format if adapters else FULL_MODEL_FORMAT

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from extsub_kernels._tensors import all_finite, compute_dtype
-from extsub_kernels.engine.architecture import transposed_weights
+from extsub_kernels.engine.conv1d import transposed_weights
 from extsub_kernels.engine.methods import apply_method, apply_method_into, method_workspace
 from extsub_kernels.engine.plan import TensorJob, plan_tensors
 from extsub_kernels.engine.transfer import Workspace

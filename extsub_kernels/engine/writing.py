@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from extsub_kernels._tensors import nonfinite_summary
+from extsub_kernels.constants import MODEL_WEIGHTS
 from extsub_kernels.engine.pipeline import run_pipeline
 from extsub_kernels.errors import InputError, MergeError
 from extsub_kernels.io import CheckpointWriter, TensorEntry, check_free_space, is_folder_output
@@ -75,7 +76,7 @@ class OutputSet:
         metadata: Sequence[Mapping[str, str]],
         *,
         max_shard_size: int | None = None,
-        weights_name: str = "model.safetensors",
+        weights_name: str = MODEL_WEIGHTS,
         extra_files: Sequence[Path] = (),
         force: bool = False,
         check_inputs: Callable[[], None] | None = None,
@@ -230,7 +231,7 @@ class LazyOutput:
     produce: Callable[[str, Any], torch.Tensor]
     load: Callable[[str], Any] = _nothing
     texts: Mapping[str, str] = field(default_factory=dict)
-    weights_name: str = "model.safetensors"
+    weights_name: str = MODEL_WEIGHTS
     extra_files: Sequence[Path] = field(default=())
 
     @classmethod

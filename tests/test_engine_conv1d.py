@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from extsub_kernels import ext_sub, merge
-from extsub_kernels.engine.architecture import conv1d_transposed, never_transposed, weight_layout
+from extsub_kernels.engine.conv1d import conv1d_transposed, never_transposed, weight_layout
 
 from checkpoints import random_delta, save
 

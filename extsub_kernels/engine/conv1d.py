@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from extsub_kernels.constants import MODEL_CONFIG
 from extsub_kernels.io import ResolvedInput, read_json_object
 
 # Models whose linear layers are GPT-2's Conv1D, storing weights as (in, out) instead of (out, in).
@@ -23,7 +24,6 @@ _CONV1D_WEIGHT = re.compile(r"(^|\.)(c_attn|q_attn|c_proj|c_fc)\.weight$")
 # Conv1D weights whose shape tells the layout: (name pattern, ratio out/in of the layer).
 _TELLING = ((re.compile(r"(^|\.)c_attn\.weight$"), 3), (re.compile(r"(^|\.)c_fc\.weight$"), 4))
 _MLP_PROJ = re.compile(r"(^|\.)mlp\.c_proj\.weight$")
-CONFIG_NAME = "config.json"
 
 TransposedRule = Callable[[str, tuple[int, ...]], bool]
 
@@ -38,7 +38,7 @@ def conv1d_transposed(name: str, shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 and _CONV1D_WEIGHT.search(name) is not None
 
 
-def uses_conv1d(config: Mapping | None) -> bool | None:
+def _uses_conv1d(config: Mapping | None) -> bool | None:
     """Whether a config.json describes a GPT-2-family model (True), another model (False), or nothing (None)."""
     if not isinstance(config, Mapping):
         return None
@@ -57,17 +57,17 @@ def transposed_weights(config: dict | None) -> TransposedRule:
         >>> transposed_weights({"model_type": "gpt2"})("h.0.attn.c_attn.weight", (64, 192))
         True
     """
-    return conv1d_transposed if uses_conv1d(config) else never_transposed
+    return conv1d_transposed if _uses_conv1d(config) else never_transposed
 
 
 def input_config(inp: ResolvedInput) -> dict | None:
     """An input's config.json: in its folder or hub snapshot, or beside a bare .safetensors file; None if absent."""
     if inp.kind == "file":
-        beside = inp.files[0].parent / CONFIG_NAME
+        beside = inp.files[0].parent / MODEL_CONFIG
         return read_json_object(beside) if beside.is_file() else None
     if inp.kind == "memory":
         return None
-    return inp.config(CONFIG_NAME)
+    return inp.config(MODEL_CONFIG)
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def weight_layout(
         flag = "--transposed" if explicit else "--no-transposed"
         return WeightLayout(conv1d_transposed if explicit else never_transposed, bool(explicit), f"{flag} given")
     for who, config in configs:
-        verdict = uses_conv1d(config)
+        verdict = _uses_conv1d(config)
         if verdict is not None:
             kind = config.get("model_type") or ", ".join(config.get("architectures") or [])
             what = "GPT-2 Conv1D weights stored (in, out)" if verdict else "weights stored (out, in)"
@@ -157,7 +157,7 @@ def full_model_hint(inputs: Sequence[tuple[str, ResolvedInput]], *, inspecting: 
     what to do."""
     for role, inp in inputs:
         config = input_config(inp)
-        if uses_conv1d(config) is not None:
+        if _uses_conv1d(config) is not None:
             kind = config.get("model_type") or ", ".join(config.get("architectures") or [])
             if inspecting:
                 so, verb = "the row statistics describe its weights θ themselves", "inspect"

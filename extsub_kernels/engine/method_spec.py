@@ -1,0 +1,183 @@
+"""A merge method as one object: its name, its wording and its computation, read by every path that merges.
+
+Every method here is row-local in the same shape: each step with one anti-expert turns a row p of
+the expert (or of the result so far) and the matching row m of the anti-expert into α·p + β·m.
+A method either weights the anti-expert by a constant (`weight_sign`: sub and add, elementwise,
+no row pairing) or computes α and β per row from |p|, |m| and, where it says it needs it, p·m
+(`coefficients`; a row with |p| = 0 must keep p: β = 0 there). The paths read only that:
+
+- dense rows (`engine.methods`, the streamer): elementwise, or the method's own kernel
+  (`op`, `fused`) where it has one, else the rows' Gram matrices (`engine.gram`): a norms
+  pass, then the update; rows longer than a block always go that way;
+- LoRA factors (`adapters.lora`): B' = [diag(α)·B⁺, diag(β)·B⁻], the sums from r×r Grams;
+- (IA)³ vectors and prefix rows: the dense path on their small tensors;
+- the report, the model card, the CLI's help and choices, the scan's plot: the wording here.
+
+Adding a method is one `MethodSpec` passed to `register_method` (and, for speed, its kernels).
+"""
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from extsub_kernels._names import DEFAULT_METHOD as DEFAULT_METHOD  # the default, re-exported beside the specs
+from extsub_kernels._names import METHOD_FORMULAS
+from extsub_kernels.errors import InputError
+from extsub_kernels.ops import ext_sub_, ext_sub_coefficients, ext_sub_task_vectors_into
+
+# (|p|, |m|, p·m or None, λ) → (α, β), each (rows, 1); float64 in, float64 out.
+Coefficients = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, float], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One merge method: what it is called and says, and how a step with one anti-expert computes.
+
+    Attributes:
+        name: the name options and files use ("ext-sub").
+        formula: the result in a few symbols, for the CLI's help ("θ⁺ − λ·Ext(θ⁻)").
+        title: the method's name on the model card.
+        card_text: the card's sentence on what the method does.
+        negative: what a negative λ does, for the warning ("adds the anti-expert instead of subtracting it").
+        color: its line on the scan's plot (None: matplotlib's next colour).
+        weight_sign: elementwise methods: θ ← θ + weight_sign·λ·θ⁻; None for a method that pairs rows.
+        coefficients: a row-pairing method's α and β per row (see `Coefficients`).
+        needs_products: `coefficients` reads p·m (otherwise it gets None there and the paths skip it).
+        op: a kernel doing one step in place, op(p, m, λ, row_stats=...), as `ops.ext_sub_`; None: the
+            Gram path computes it from `coefficients`.
+        fused: a kernel doing one step on task vectors, fused(out, p, m, θ₀, λ, row_stats=) → whether it ran.
+        dropped: why a unit only in anti-experts contributes nothing (a row-pairing method keeps |p| = 0).
+        change_per_lam: ‖θ' − θ⁺‖ per unit of |λ| over a tensor, from its `PairStats` (None: not known).
+    """
+
+    name: str
+    formula: str
+    title: str
+    card_text: str
+    negative: str
+    color: str | None = None
+    weight_sign: float | None = None
+    coefficients: Coefficients | None = None
+    needs_products: bool = False
+    op: Callable[..., torch.Tensor] | None = None
+    fused: Callable[..., bool] | None = None
+    dropped: str = ""
+    change_per_lam: Callable[[object], float | None] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.weight_sign is None) == (self.coefficients is None):
+            raise ValueError(f"method {self.name!r}: give exactly one of weight_sign and coefficients")
+        if not self.dropped:
+            object.__setattr__(self, "dropped", f"nothing under {self.name} (|p| = 0 keeps the row)")
+
+    @property
+    def pairs_rows(self) -> bool:
+        """Whether a step pairs whole rows (needs their sums); False: it is elementwise."""
+        return self.weight_sign is None
+
+    @property
+    def sign(self) -> str:
+        """ "−" or "+": how an elementwise method adds an anti-expert, in messages."""
+        return "+" if (self.weight_sign or -1.0) > 0 else "−"
+
+    def row_coefficients(
+        self, p_norm: torch.Tensor, m_norm: torch.Tensor, products: torch.Tensor | None, lam: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(α, β) as (rows, 1) tensors: the method's own, or 1 and weight_sign·λ for an elementwise method."""
+        if self.coefficients is None:
+            return torch.ones_like(p_norm).unsqueeze(1), torch.full_like(p_norm, self.weight_sign * lam).unsqueeze(1)
+        return self.coefficients(p_norm, m_norm, products if self.needs_products else None, lam)
+
+
+def _direct(name: str, sign: float, formula: str, title: str, card_text: str, negative: str, color: str) -> MethodSpec:
+    """An elementwise method, θ ← θ + sign·λ·θ⁻; its change over a tensor is |λ|·‖θ⁻‖."""
+    return MethodSpec(name, formula, title, card_text, negative, color, sign, change_per_lam=lambda p: p.anti_norm)
+
+
+EXT_SUB = MethodSpec(
+    name="ext-sub",
+    formula=METHOD_FORMULAS["ext-sub"],
+    title="**Ext-Sub** (Extraction-before-Subtraction)",
+    card_text="θ' = θ⁺ − λ·Ext(θ⁻), row by row. Ext(θ⁻) is the part of the anti-expert's task vector orthogonal to "
+    "the bisector of expert and anti-expert rows, its *deficiency*; the rest, the general capability both share, is "
+    "kept.",
+    negative="adds the deficiency Ext(θ⁻) to the expert instead of removing it",
+    color="#1f77b4",
+    coefficients=lambda p_norm, m_norm, _products, lam: ext_sub_coefficients(p_norm, m_norm, lam),
+    op=ext_sub_,
+    fused=ext_sub_task_vectors_into,
+    dropped="nothing under ext-sub (|p| = 0, so Ext = 0)",
+    change_per_lam=lambda pair: pair.deficiency_norm,
+)
+SUB = _direct(
+    "sub",
+    -1.0,
+    METHOD_FORMULAS["sub"],
+    "direct subtraction",
+    "θ' = θ⁺ − λ·θ⁻, the paper's baseline.",
+    "adds the anti-expert instead of subtracting it",
+    "#d62728",
+)
+ADD = _direct(
+    "add",
+    1.0,
+    METHOD_FORMULAS["add"],
+    "addition",
+    "θ' = θ⁺ + λ·θ⁻.",
+    "subtracts the anti-expert instead of adding it",
+    "#2ca02c",
+)
+_REGISTRY: dict[str, MethodSpec] = {spec.name: spec for spec in (EXT_SUB, SUB, ADD)}
+
+
+class _MethodNames(Sequence[str]):
+    """The registered methods' names, in order, read live (argparse choices, recipe checks, messages)."""
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return tuple(_REGISTRY)[index]
+
+    def __len__(self) -> int:
+        return len(_REGISTRY)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tuple(_REGISTRY))
+
+    def __contains__(self, name: object) -> bool:
+        return name in _REGISTRY
+
+    def __repr__(self) -> str:
+        return repr(tuple(_REGISTRY))
+
+
+METHODS: Sequence[str] = _MethodNames()
+
+
+def method_spec(method: "str | MethodSpec") -> MethodSpec:
+    """The registered method of this name (a MethodSpec is returned as is); an InputError listing them otherwise."""
+    if isinstance(method, MethodSpec):
+        return method
+    spec = _REGISTRY.get(method) if isinstance(method, str) else None
+    if spec is None:
+        raise InputError(f"unknown method {method!r}; choose one of {', '.join(_REGISTRY)}")
+    return spec
+
+
+def method_specs() -> tuple[MethodSpec, ...]:
+    """Every registered method, in order (the built-in ones first)."""
+    return tuple(_REGISTRY.values())
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    """Make `spec` a method every path accepts by its name (returned, so it can decorate an assignment)."""
+    if spec.name in _REGISTRY and _REGISTRY[spec.name] is not spec:
+        raise ValueError(f"a method named {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def unregister_method(name: str) -> None:
+    """Forget a method added by `register_method` (the built-in ones stay)."""
+    if name in (EXT_SUB.name, SUB.name, ADD.name):
+        raise ValueError(f"{name!r} is built in and cannot be unregistered")
+    _REGISTRY.pop(name, None)
