@@ -577,3 +577,71 @@ def test_a_huge_lam_list_is_refused_at_once(tmp_path, capsys, pair, count):
     code, err = _run(capsys, *pair, "-o", tmp_path / "o.safetensors", "--lam", lam)
     assert code == EXIT_BAD_INPUT and "a run writes at most 1000" in err and len(err) < 300, err
     assert time.monotonic() - started < 5 and os.listdir(tmp_path) == ["in"]
+
+
+# ------------------------------------------------------------------ 9. a scan checks its sets against the model first
+
+
+@pytest.fixture
+def gpt2_trio(tmp_path):
+    """A tiny GPT-2 (vocabulary 128, 64 positions) saved as BASE, and two full-model variants of it as EXPERT, ANTI."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(SEED)
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=128, n_positions=64)
+    paths = {}
+    for role, scale in (("base", 0.0), ("expert", 0.01), ("anti", 0.02)):
+        model = transformers.GPT2LMHeadModel(config).eval()
+        if role != "base":
+            model.load_state_dict(torch.load(tmp_path / "base" / "sd.pt"))
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p) * scale)
+        model.save_pretrained(tmp_path / role)
+        if role == "base":
+            torch.save(model.state_dict(), tmp_path / "base" / "sd.pt")
+        paths[role] = tmp_path / role
+    (tmp_path / "base" / "sd.pt").unlink()
+    return paths
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        ({"keep": [[1, 2, 200]]}, r"keep\.jsonl line 1: token id 200 is outside the model's vocabulary of 128"),
+        ({"keep": [list(range(1, 66))]}, r"keep\.jsonl line 1: 65 tokens, more than the model's 64 positions"),
+        (
+            {"prompts": [[1, 2, 3], [5, 130]]},
+            r"prompts\.jsonl prompt 2: token id 130 is outside the model's vocabulary",
+        ),
+        ({"prompts": [list(range(1, 60))]}, r"prompt 1: 59 tokens plus 8 to generate, more than the model's 64"),
+    ],
+    ids=["keep out of vocabulary", "keep too long", "prompt out of vocabulary", "prompt too long to continue"],
+)
+def test_a_scan_refuses_sets_that_do_not_fit_the_model_before_writing_anything(tmp_path, gpt2_trio, sets, message):
+    from extsub_kernels.errors import InputError
+    from extsub_kernels.lambda_scan import scan
+
+    files = {}
+    for name in ("keep", "forget", "prompts"):
+        rows = sets.get(name, [[3, 4, 5, 6]] if name != "prompts" else None)
+        if rows is None:
+            continue
+        key = "prompt_ids" if name == "prompts" else "input_ids"
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps({key: r}) + "\n" for r in rows))
+    out = tmp_path / "scan"
+    with pytest.raises(InputError, match=message):
+        scan(
+            gpt2_trio["expert"],
+            gpt2_trio["anti"],
+            base=gpt2_trio["base"],
+            keep=files["keep"],
+            forget=files["forget"],
+            prompts=files.get("prompts"),
+            out=out,
+            lam="0,1",
+            method="sub",
+            max_new_tokens=8,
+            device="cpu",
+        )
+    assert not out.exists() and not leftovers(tmp_path)

@@ -309,7 +309,7 @@ def test_pretokenised_sets_for_a_model_without_tokenizer(trained, tmp_path):
             r"does not fit BASE base-gpt2: BASE has no module model\.layers\.0\..* \(and 13 more of its 14\)",
         ),
         (dict(base="no-tokenizer"), r"keep\.jsonl line 1: prompt \+ completion is text, but there is no tokenizer"),
-        (dict(save_best="expert"), r"OUT .* is the EXPERT folder"),
+        (dict(save_best="expert"), r"--save-best .* is the EXPERT folder"),
         (dict(out="expert"), r"is the EXPERT folder"),
     ],
 )

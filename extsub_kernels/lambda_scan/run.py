@@ -140,6 +140,11 @@ def scan(
     sets = EvaluationSets.load(keep, forget, prompts, tokenizer)
     timing: dict[str, float] = {}
     installer = _installer(inputs, adapters, methods, target, requested_dtype, timing)
+    try:
+        sets.check_fits(installer.model, tokenizer, max_new_tokens if prompts is not None else 0)
+    except BaseException:
+        installer.close()
+        raise
     setup = _setup(inputs, installer, sets, grid, methods, target, batch_size, max_keep_increase)
     setup["options"]["max_new_tokens"] = max_new_tokens if prompts is not None else None
     points = [(EXPERT, 0.0)] + [(m, x) for m in methods for x in grid if x != 0]
