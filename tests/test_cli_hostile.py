@@ -645,3 +645,27 @@ def test_a_scan_refuses_sets_that_do_not_fit_the_model_before_writing_anything(t
             device="cpu",
         )
     assert not out.exists() and not leftovers(tmp_path)
+
+
+# ------------------------------------------------------------------ 10. hostile text in a model card
+
+
+def test_hostile_names_stay_text_in_the_model_card(tmp_path, capsys, pair):
+    import yaml
+
+    from extsub_kernels.io.outputs import written_names
+
+    name = "evil\n---\nbase_model: hijack\n# <script>x *b* `c` ```` --> [l](javascript:x)"
+    out = tmp_path / name
+    code, err = _run(capsys, *pair, "-o", out, "-q")
+    assert code == 0, err
+    card = (out / "README.md").read_text()
+    _, front, body = card.split("---\n", 2)
+    assert yaml.safe_load(front) == {"tags": ["extsub", "merge", "ext-sub"]}, "the front matter is the tool's alone"
+    fence = next(line for line in body.splitlines() if line.startswith("`") and line.endswith("bash"))[:-4]
+    assert len(fence) > 4, "the command's fence is longer than the backticks in the command"
+    before, code_block, after = body.split(fence)[0], body.split(fence)[1], body.split(fence)[2]
+    assert code_block.count("\n") == 2, "the command is one line inside its fence"
+    prose = before + after
+    assert "<script>" not in prose and "\\<script\\>" in prose and "\n# \\<" not in prose
+    assert written_names(out) == frozenset(os.listdir(out))

@@ -284,7 +284,8 @@ _MANIFEST = "<!-- extsub-merge wrote: "
 def manifest_line(names: Sequence[str]) -> str:
     """The line a model card ends with: every file this tool wrote into its folder, so that --force later replaces
     exactly those."""
-    return f"{_MANIFEST}{json.dumps(sorted(names), ensure_ascii=True)} -->\n"
+    listed = json.dumps(sorted(names), ensure_ascii=True).replace(">", "\\u003e")  # no name ends the comment
+    return f"{_MANIFEST}{listed} -->\n"
 
 
 def written_names(folder: Path) -> frozenset[str]:
