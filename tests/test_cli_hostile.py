@@ -669,3 +669,19 @@ def test_hostile_names_stay_text_in_the_model_card(tmp_path, capsys, pair):
     prose = before + after
     assert "<script>" not in prose and "\\<script\\>" in prose and "\n# \\<" not in prose
     assert written_names(out) == frozenset(os.listdir(out))
+
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["progress bar", "quiet"])
+def test_a_full_stderr_never_fails_the_merge(tmp_path, pair, quiet):
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    out = tmp_path / "o.safetensors"
+    args = [sys.executable, "-m", "extsub_kernels", *map(str, pair), "-o", str(out), *(["-q"] if quiet else [])]
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(args, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)}, stderr=full, timeout=300)
+    assert done.returncode == 0 and _is_merge(out)
