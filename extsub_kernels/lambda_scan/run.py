@@ -30,7 +30,7 @@ from extsub_kernels.engine.options import (
     warn_negative_lams,
 )
 from extsub_kernels.engine.outputs import progress_bar
-from extsub_kernels.errors import InputError, ScanInterrupted, Terminated
+from extsub_kernels.errors import InputError, MergeError, ScanInterrupted, Terminated
 from extsub_kernels.io import ResolvedInput, check_outputs, resolve_input
 from extsub_kernels.io.atomic import terminate_as_interrupt
 from extsub_kernels.io.identity import InputSnapshot
@@ -180,6 +180,13 @@ def scan(
     if save_best is not None:
         try:
             snapshot.check()  # merge() reads the inputs again: they must be the ones measured
+        except MergeError as e:  # scan.json says what the exit code says
+            if files is not None:
+                final = result(_stopped(e))
+                final.files = files.final(final)
+            _name_written(e, final.files)
+            raise
+        try:
             final.saved = _save(final, inputs, methods[0], save_best, save_format, force=force, progress=progress)
         except Exception as e:
             _name_written(e, final.files)
