@@ -14,7 +14,7 @@ of them alike:
     ext-sub      the same with method="ext-sub" (the Ext-Sub merge)
     ext-sub+report
                  the Ext-Sub merge with report=FILE (beside OUT): row statistics of every tensor from
-                 the merge's own passes (DESIGN.md §7), the model card's table, the JSON record; what
+                 the merge's own passes (docs/design.md §7), the model card's table, the JSON record; what
                  a folder OUT gets by default. Its "--report cost" is its median over ext-sub's, − 1,
                  in wall and in CPU time (CPU moves far less than wall on a shared machine)
     mergekit     mergekit's task_arithmetic (normalize: false, dtype: float32, out_dtype: bfloat16),

@@ -70,7 +70,7 @@ def merge(
     Dense inputs stream one block of rows at a time through the op. PEFT adapters (folders,
     hub ids of adapters, bare .safetensors files of lora_A/lora_B, or LoraAdapter,
     IA3Adapter and PrefixAdapter objects) are detected and merged exactly in their own
-    parameter space: LoRA in the factored space (DESIGN.md §3), (IA)³ on the vectors l − 1,
+    parameter space: LoRA in the factored space (docs/design.md §3), (IA)³ on the vectors l − 1,
     prefix-tuning on the per-head key/value rows (§6); their outputs stream one tensor at a
     time. The inputs are all dense or all adapters of one type (BASE is always a full model).
 
@@ -104,7 +104,7 @@ def merge(
             (True) or (out, in) (False); None decides from config.json, else key names and shapes.
         dry_run: plan from the headers and return what would be written, writing nothing.
         stats: gather the row statistics of each merged tensor or module (cos(p, m), deficiency
-            share, relative change; DESIGN.md §7); None: when a folder output's model card or a
+            share, relative change; docs/design.md §7); None: when a folder output's model card or a
             `report` needs them.
         report: write the run's JSON record to this file ("-": stdout) once it is done.
         command: the command line to record in the outputs (default: the equivalent extsub-merge command).

@@ -175,8 +175,11 @@ class OutputSet:
     def __enter__(self) -> "OutputSet":
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: object, error: BaseException | None, trace: object) -> None:
         self.abort()  # a no-op for committed outputs
+        if isinstance(error, InputError) and error.args and isinstance(error.args[0], str):
+            # Bad input found while streaming (NaN/Inf, an overflow): the temporaries are gone, so say so.
+            error.args = (f"{error.args[0]}; nothing was written", *error.args[1:])
 
 
 def progress_bar(total: int, progress: bool, desc: str = "extsub-merge", *, unit: str = "B") -> tqdm:

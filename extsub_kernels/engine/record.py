@@ -3,7 +3,7 @@
 The record is a JSON object: the tool and the command; the inputs (path as given, resolved
 path or hub repo with its resolved commit, file sizes, header sha256); every option; the
 outputs with their files and sizes; times, bytes, peak memory; what happened to each tensor
-or module, with its row statistics (DESIGN.md §7) where they were gathered.
+or module, with its row statistics (docs/design.md §7) where they were gathered.
 """
 
 import dataclasses
