@@ -685,3 +685,38 @@ def test_a_full_stderr_never_fails_the_merge(tmp_path, pair, quiet):
     with open("/dev/full", "w") as full:
         done = subprocess.run(args, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)}, stderr=full, timeout=300)
     assert done.returncode == 0 and _is_merge(out)
+
+
+@pytest.mark.parametrize(
+    "change", [{"n_embd": 10**6}, {"n_layer": 10**7}, {"vocab_size": 10**9}, {"n_embd": "64"}], ids=str
+)
+def test_a_base_config_larger_than_its_weights_is_refused_before_transformers_builds_it(tmp_path, gpt2_trio, change):
+    from extsub_kernels.errors import InputError
+    from extsub_kernels.lambda_scan import scan
+
+    config = json.loads((gpt2_trio["base"] / "config.json").read_text())
+    (gpt2_trio["base"] / "config.json").write_text(json.dumps({**config, **change}))
+    sets = {}
+    for name in ("keep", "forget"):
+        sets[name] = tmp_path / f"{name}.jsonl"
+        sets[name].write_text(json.dumps({"input_ids": [3, 4, 5]}) + "\n")
+    with pytest.raises(InputError, match=r"BASE .*config\.json (describes at least|n_embd is)"):
+        scan(gpt2_trio["expert"], gpt2_trio["anti"], base=gpt2_trio["base"], **sets, out=tmp_path / "s", device="cpu")
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_report_over_the_recipe_the_run_came_from_is_refused(tmp_path, capsys, pair):
+    recipe = tmp_path / "recipe.yaml"
+    text = json.dumps({"expert": str(pair[0]), "anti": [str(pair[1])], "out": str(tmp_path / "o.safetensors")})
+    recipe.write_text(text)
+    code, err = _run(capsys, "--config", recipe, "--report", tmp_path / "x" / ".." / "recipe.yaml", "--force")
+    assert code == EXIT_BAD_INPUT and "which this run reads" in err, err
+    assert recipe.read_text() == text and not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("argv", [["only-one-input"], ["e", "a", "-o", "o", "--method", "nope"], ["e", "a", "--bogus"]])
+def test_usage_errors_are_one_line(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == EXIT_BAD_INPUT and err.count("\n") == 1 and err.startswith("extsub-merge: error: "), err

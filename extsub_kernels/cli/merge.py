@@ -229,7 +229,7 @@ def option_values(given: dict[str, Any], parser: argparse.ArgumentParser) -> dic
     """
     from extsub_kernels.engine.recipe import load_recipe
 
-    recipe = load_recipe(given.pop("config")) if "config" in given else {}
+    recipe = load_recipe(given["config"]) if "config" in given else {}
     inputs = given.pop("inputs", [])
     values = {**DEFAULTS, **recipe, **given}
     if inputs:
@@ -281,6 +281,7 @@ def _merge(values: dict[str, Any], command: str) -> object:
         stats=True if values["verbose"] or report is not None else None,
         report=report,
         command=command,
+        reads=[values["config"]] if values.get("config") else [],
     )
 
 

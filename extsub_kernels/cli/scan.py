@@ -9,6 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from extsub_kernels import _signals
 from extsub_kernels.cli.common import (
     EXIT_OK,
     EXIT_SIGINT,
@@ -125,6 +126,7 @@ def _main(argv: Sequence[str] | None) -> int:
         try:
             code, result = guarded(PROG, lambda: _scan(args), "scan")
         except ScanInterrupted as e:  # the rows measured so far are in SCAN_DIR: say where
+            _signals.answered()
             where = f"; the {len(e.result.rows)} rows measured are in {e.result.files[0]}" if e.result.files else ""
             return fail(PROG, f"{e}{where}", EXIT_SIGTERM if e.terminated else EXIT_SIGINT)
     if code == EXIT_OK and not args.quiet:

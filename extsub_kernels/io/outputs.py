@@ -140,7 +140,12 @@ def check_outputs(
 
 
 def check_report_path(
-    path: Path, inputs: Sequence[tuple[str, ResolvedInput]], outputs: Sequence[Path], *, force: bool
+    path: Path,
+    inputs: Sequence[tuple[str, ResolvedInput]],
+    outputs: Sequence[Path],
+    *,
+    force: bool,
+    read: Sequence[tuple[str, Path]] = (),
 ) -> None:
     """Refuse a --report FILE that is a folder, an input or in one, an output or in one (by identity, `check_apart`),
     or exists (without force), or is no regular file to replace.
@@ -153,7 +158,7 @@ def check_report_path(
     """
     if path.is_dir():
         raise InputError(f"--report {path} is a folder; give a file name like report.json (or - for stdout)")
-    check_apart([(f"--report {path}", path), *((f"OUT {p}", p) for p in outputs)], inputs)
+    check_apart([(f"--report {path}", path), *((f"OUT {p}", p) for p in outputs)], inputs, read)
     if not is_stream(path):
         refuse_existing(path, force=force, what=f"--report {path}")
 
