@@ -55,3 +55,8 @@ class ScanInterrupted(KeyboardInterrupt):
         super().__init__(message)
         self.result = result
         self.terminated = terminated
+
+
+class Notice(UserWarning):
+    """Something worth telling a user that is not a problem ("building the CPU kernel ..."); the commands print it
+    as `PROG: message`, not as a warning."""

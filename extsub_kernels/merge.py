@@ -25,7 +25,7 @@ from extsub_kernels.engine.options import (
     Method,
     OnMissing,
     input_roles,
-    lam_label,
+    lam_labels,
     out_dtype,
     parse_lams,
     parse_size,
@@ -65,6 +65,7 @@ def merge(
     report: str | os.PathLike | None = None,
     command: str | None = None,
     reads: Sequence[str | os.PathLike] = (),
+    card_note: str = "",
 ) -> MergeReport:
     """Merge checkpoints or PEFT adapters with Ext-Sub, streamed: θ' = θ⁺ ⊖ θ₁⁻ ⊖ θ₂⁻ ...
 
@@ -110,6 +111,8 @@ def merge(
         report: write the run's JSON record to this file ("-": stdout) once it is done.
         command: the command line to record in the outputs (default: the equivalent extsub-merge command).
         reads: other files the run has read (the recipe it came from): no output may be written over one.
+        card_note: Markdown the model card of each folder output adds after how it was made (extsub-scan's
+            --save-best: how λ was chosen).
 
     Returns:
         A MergeReport.
@@ -143,7 +146,15 @@ def merge(
         stats=(is_folder_output(out) or report is not None) if stats is None else bool(stats),
         transposed=transposed,
     )
-    given = dict(dtype=dtype, max_shard_size=max_shard_size, report=report, out=out, dry_run=dry_run, reads=reads)
+    given = dict(
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        report=report,
+        out=out,
+        dry_run=dry_run,
+        card_note=card_note,
+        reads=reads,
+    )
     return execute(expert, anti, base, options, adapter or AdapterOptions(), out, given, command, started)
 
 
@@ -168,7 +179,7 @@ def execute(
     adapter.checked_format(base=base is not None)
     inputs, loaded = _resolve_all(sources, base, quiet=not options.progress)
     snapshot = InputSnapshot(inputs)
-    paths = output_paths(out, [lam_label(s) for s in options.settings]) if out is not None else []
+    paths = output_paths(out, lam_labels(options.settings)) if out is not None else []
     recipe = _recipe(inputs, options, adapter, given)
     context = RunContext.create(
         [fingerprint(role, inp) for role, inp in inputs],
@@ -176,6 +187,7 @@ def execute(
         str(out) if out else None,
         command,
         options=_all_options(recipe, options, given),
+        card_note=given.get("card_note", ""),
     )
     is_adapter = adapter_inputs(inputs)
     if not is_adapter and adapter.given():
@@ -188,7 +200,7 @@ def execute(
         check_report_path(Path(report_path), inputs, paths, force=options.force, read=read)
         if not is_stream(Path(report_path)):
             remove(reserve_temp(Path(report_path), folder=False))  # its folder takes files: known before any work
-    if not is_adapter and base is None and (hint := full_model_hint(inputs)):
+    if not is_adapter and base is None and (hint := full_model_hint(inputs, inspecting=options.mode == "inspect")):
         warnings.warn(hint, stacklevel=3)
     with terminate_as_interrupt():
         if is_adapter:

@@ -158,6 +158,8 @@ def test_prefix_rows_are_drawn_by_layer_and_head(tmp_path):
     assert sum(group.rows for group in cells.values()) == 3 * 2 * 2 * 4
     drawn, left_out = drawn_cells(report, "ANTI")
     assert len(drawn) == 8 and not left_out
+    verbose = [line for line in report.details() if "prompt_embeddings.layers." in line]
+    assert len(verbose) == 8 and all("6 rows" in line and "cos mean" in line for line in verbose), verbose
     write_inspection(report, tmp_path / "insp")
     assert "| – |" not in (tmp_path / "insp" / "report.md").read_text()
 
@@ -174,3 +176,17 @@ def test_what_the_heatmap_leaves_out_is_said(tmp_path, inputs):
     write_inspection(report, tmp_path / "insp")
     (line,) = [x for x in (tmp_path / "insp" / "report.md").read_text().splitlines() if "Left out of report.png" in x]
     assert "(no layer)" in line and "lm_head" in line and "conv" in line
+
+
+def test_full_models_without_base_are_described_not_said_to_be_merged(tmp_path):
+    """extsub-inspect merges nothing: its hint about a missing --base says what the statistics then describe."""
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    folders = []
+    for name in ("e", "a"):
+        save(tmp_path / name / "model.safetensors", random_delta(SHAPES))
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        folders.append(tmp_path / name)
+    with pytest.warns(UserWarning, match=r"looks like a full model") as caught:
+        inspect(*folders)
+    (message,) = [str(w.message) for w in caught if "full model" in str(w.message)]
+    assert "merged" not in message and "statistics" in message and "--base" in message, message

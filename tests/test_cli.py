@@ -345,3 +345,14 @@ def test_interrupted_during_start_up_exits_130_with_one_line(capsys, monkeypatch
     monkeypatch.setattr(cli, "_main", interrupted)
     assert main(["a", "b", "-o", "c"]) == EXIT_SIGINT
     assert capsys.readouterr().err == "extsub-merge: error: interrupted; nothing was written\n"
+
+
+def test_an_existing_empty_folder_takes_the_output_without_force(tmp_path, inputs, capsys):
+    """An empty folder holds nothing to lose (save_pretrained takes it too); anything in it still needs --force."""
+    _, e, a = inputs
+    (tmp_path / "out").mkdir()
+    code, err = _run(capsys, e, a, "-o", tmp_path / "out")
+    assert code == 0, err
+    assert (tmp_path / "out" / "model.safetensors").is_file() and not leftovers(tmp_path)
+    code, err = _run(capsys, e, a, "-o", tmp_path / "out")
+    assert_one_line_error(code, err, EXIT_BAD_INPUT, ["already exists", "--force"])

@@ -136,7 +136,7 @@ def test_two_anti_experts_with_a_lam_per_anti_expert(llama, tmp_path, capsys):
         capsys, paths["expert"], paths["anti"], paths["anti2"], "-o", tmp_path / "out", "--lam", "0.5:1.5,1"
     )
     assert code == 0, err
-    for lams, name in (([0.5, 1.5], "out-lam0.5_1.5"), ([1.0, 1.0], "out-lam1")):
+    for lams, name in (([0.5, 1.5], "out-lam0.5_1.5"), ([1.0, 1.0], "out-lam1_1")):
         expected = expected_deltas(base, paths["expert"], [paths["anti"], paths["anti2"]], lams, "ext-sub")
         _check_output(base, tmp_path / name, "lora", expected, False, f"two anti-experts {lams}")
         meta = read_header(tmp_path / name / "adapter_model.safetensors").metadata

@@ -36,3 +36,20 @@ def test_extsub_inspect_runs_as_a_module_and_says_its_version():
     from extsub_kernels import __version__
 
     assert done.stdout.strip() == f"extsub-inspect {__version__}"
+
+
+@pytest.mark.parametrize("command", ["merge", "inspect", "scan"])
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["--no-such-flag"]])
+def test_help_version_and_usage_errors_answer_before_torch_loads(command, argv):
+    """Parsing needs only the option names: --help, --version and usage errors never import torch (seconds)."""
+    code = (
+        "import sys\n"
+        f"from extsub_kernels.cli.{command} import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "False", done.stdout + done.stderr

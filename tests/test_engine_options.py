@@ -10,6 +10,7 @@ from extsub_kernels.engine.options import (
     RunOptions,
     eval_dtype,
     lam_label,
+    lam_labels,
     parse_lam_grid,
     parse_lams,
     parse_methods,
@@ -72,7 +73,10 @@ def test_output_paths_suffix_rule(tmp_path):
     assert paths(tmp_path / "o.safetensors", [(1.0,)]) == [tmp_path / "o.safetensors"]
     two = [tmp_path / "o-lam0.5.safetensors", tmp_path / "o-lam1e-05.safetensors"]
     assert paths(tmp_path / "o.safetensors", [(0.5,), (1e-5,)]) == two
-    assert paths(tmp_path / "dir", [(1.0, 0.5), (2.0, 2.0)]) == [tmp_path / "dir-lam1_0.5", tmp_path / "dir-lam2"]
+    # One format per run: once a setting gives the anti-experts different λ, every suffix lists one λ each.
+    mixed = [(1.0, 0.5), (2.0, 2.0)]
+    assert output_paths(tmp_path / "dir", lam_labels(mixed)) == [tmp_path / "dir-lam1_0.5", tmp_path / "dir-lam2_2"]
+    assert lam_labels([(0.5, 0.5), (1.0, 1.0)]) == ["0.5", "1"]
 
 
 def test_block_size_is_small_on_cpu_large_on_cuda_unless_asked():

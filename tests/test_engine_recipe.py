@@ -77,3 +77,27 @@ def test_the_equivalent_command_names_only_what_differs_from_the_defaults():
     assert command_line({"expert": "e", "anti": ["a"], "lam": [[0.5], [2.0]], "rslora": True, "lora_alpha": 16}) == (
         "extsub-merge e a --lam 0.5,2 --lora-alpha 16 --rslora"
     )
+
+
+def test_the_recipe_in_a_weights_file_s_metadata_is_read(tmp_path):
+    """--config merged.safetensors: every output carries its recipe in `extsub.recipe`; it makes the same tensors."""
+    from safetensors.torch import load_file
+
+    from extsub_kernels import merge
+
+    from checkpoints import SHAPES, random_delta, save
+
+    e = save(tmp_path / "e.safetensors", random_delta(SHAPES))
+    a = save(tmp_path / "a.safetensors", random_delta(SHAPES))
+    merge(e, a, tmp_path / "merged.safetensors", lam=0.5, method="sub")
+    recipe = load_recipe(tmp_path / "merged.safetensors")
+    assert recipe["lam"] == 0.5 and recipe["method"] == "sub" and recipe["expert"] == str(e)
+    from extsub_kernels.cli import main
+
+    assert (
+        main(["--config", str(tmp_path / "merged.safetensors"), "-o", str(tmp_path / "again.safetensors"), "-q"]) == 0
+    )
+    first, again = load_file(tmp_path / "merged.safetensors"), load_file(tmp_path / "again.safetensors")
+    assert all(first[k].equal(again[k]) for k in first) and set(first) == set(again)
+    with pytest.raises(InputError, match=r"--config .*e\.safetensors: its metadata holds no extsub\.recipe"):
+        load_recipe(e)

@@ -78,11 +78,21 @@ def test_a_failed_move_undoes_the_moves_before_it(tmp_path, swap, monkeypatch):
 def test_an_out_that_appeared_meanwhile_is_never_overwritten_without_force(tmp_path, swap):
     target = tmp_path / "out"
     temp = _temp_folder(target, "new")
-    target.mkdir()  # another run took the name (an empty folder: a plain rename would replace it)
+    target.mkdir()  # another run took the name
+    (target / "theirs.safetensors").write_bytes(b"x")
     with pytest.raises(InputError, match="appeared while the merge ran"):
         atomic.publish_all([(temp, target)], force=False)
-    assert list(target.iterdir()) == []
+    assert [p.name for p in target.iterdir()] == ["theirs.safetensors"]
     atomic.remove(temp)
+
+
+def test_an_empty_folder_out_is_taken_without_force(tmp_path, swap):
+    """An empty folder holds nothing to lose: a folder output takes its place, as check_outputs allows."""
+    target = tmp_path / "out"
+    temp = _temp_folder(target, "new")
+    target.mkdir()
+    atomic.publish_all([(temp, target)], force=False)
+    assert target.is_dir() and any(target.iterdir()) and not leftovers(tmp_path)
 
 
 def test_a_failed_run_removes_the_folders_it_created(tmp_path):

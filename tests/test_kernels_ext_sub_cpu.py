@@ -478,3 +478,24 @@ def test_fused_task_vectors_refuse_an_out_that_overlaps_an_input(kernel):
         ext_sub_cpu.ext_sub_task_rows_into(p, p, m, base, 1.0)
     with pytest.raises(ValueError, match=r"base must be a CPU tensor of shape \(4, 16\) with contiguous columns"):
         ext_sub_cpu.ext_sub_task_rows_into(torch.empty(4, 16), p, m, base[:, :8], 1.0)
+
+
+def test_a_build_says_so_once_and_the_cache_says_nothing(cached_library, fresh_status, monkeypatch, tmp_path):
+    """The first use compiles for seconds: a notice says so, once; a library from the cache loads silently."""
+    import warnings
+
+    from extsub_kernels.errors import Notice
+
+    compiler = tmp_path / "copying-cxx"
+    copy = f"shutil.copy({str(cached_library)!r}, sys.argv[sys.argv.index('-o') + 1])"
+    compiler.write_text(f"#!{sys.executable}\nimport shutil, sys\n{copy}\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CXX", str(compiler))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cpu_backend()
+        cpu_backend()
+        ext_sub_cpu._reset_for_tests()
+        assert "from the cache" in cpu_backend()
+    notices = [str(w.message) for w in caught if issubclass(w.category, Notice)]
+    assert notices == ["building the CPU kernel (first use, ~10 s)…"], notices

@@ -218,6 +218,12 @@ def test_save_best_writes_what_extsub_merge_writes(trained, tmp_path, kind, save
     assert written == sorted(p.name for p in best.iterdir())
     assert ("model.safetensors" if full else "adapter_model.safetensors") in written
     for name in written:
+        if name == "README.md":  # the scan's card says how λ was chosen; the rest is the command's card
+            card = (scanned / name).read_text()
+            start = card.index("## How λ was chosen\n")
+            end = card.find("\n## ", start + 1)
+            assert card[:start] + (card[end + 1 :] if end != -1 else "") == (best / name).read_text()
+            continue
         assert (scanned / name).read_bytes() == (best / name).read_bytes(), name
 
 
@@ -568,3 +574,30 @@ def test_missing_dependencies_are_named_together_with_a_command_that_resolves(ti
             adapters["expert"], adapters["anti"], base=tiny_scan["base"], keep=tiny_scan["set"], forget=tiny_scan["set"]
         )
     assert 'pip install -e ".[scan]"' in str(info.value) and "extsub[" not in str(info.value)
+
+
+def test_save_best_s_card_records_the_scan(tiny_scan, tmp_path, monkeypatch):
+    """The model card of --save-best says how λ was chosen: the grid, the sets and the row measured at that λ."""
+    import extsub_kernels.lambda_scan.run as run
+    from extsub_kernels.lambda_scan.results import Recommendation
+
+    def at_one(rows, method, max_keep_increase):  # the recommendation itself is tested above; here: what is saved
+        return Recommendation(method, 1.0, 0.01, 0.2, "chosen for the test")
+
+    monkeypatch.setattr(run, "recommend", at_one)
+    adapters = tiny_scan["lora"]
+    result = scan(
+        adapters["expert"],
+        adapters["anti"],
+        base=tiny_scan["base"],
+        keep=tiny_scan["set"],
+        forget=tiny_scan["set"],
+        lam="0,1",
+        method="sub",
+        save_best=tmp_path / "best",
+    )
+    card = (tmp_path / "best" / "README.md").read_text()
+    row = result.row("sub", 1.0)
+    assert "## How λ was chosen" in card and "extsub-scan" in card
+    assert "grid λ ∈ {0, 1}" in card and "methods sub" in card and "set.jsonl" in card
+    assert f"KEEP NLL {row.keep_nll:.6g}" in card and f"FORGET NLL {row.forget_nll:.6g}" in card

@@ -184,7 +184,7 @@ def test_lam_lists_with_two_anti_experts(tmp_path):
     expert, anti1, anti2 = random_delta(SHAPES), random_delta(SHAPES), random_delta(SHAPES)
     paths = [save(tmp_path / f"{n}.safetensors", t) for n, t in (("e", expert), ("a1", anti1), ("a2", anti2))]
     report = merge(paths[0], paths[1:], tmp_path / "out", lam="1,2:0.5")
-    assert [p.name for p in report.outputs] == ["out-lam1", "out-lam2_0.5"]
+    assert [p.name for p in report.outputs] == ["out-lam1_1", "out-lam2_0.5"]  # one suffix format per run
     out = load_file(tmp_path / "out-lam2_0.5" / "model.safetensors")
     expected = ext_sub(ext_sub(expert["lm_head.weight"], anti1["lm_head.weight"], 2.0), anti2["lm_head.weight"], 0.5)
     assert_close_explained(out["lm_head.weight"], expected, *TOLERANCES[torch.float32])

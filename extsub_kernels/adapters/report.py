@@ -116,7 +116,9 @@ class AdapterSection:
         return summarize_modules(self.reports)
 
     def details(self, outputs: Sequence[Path]) -> list[str]:
-        """Per-module truncation errors, prefixed by their output."""
+        """Per-module truncation errors, prefixed by their output (none for an inspection: no output)."""
+        if not outputs:
+            return []
         pairs = zip(outputs, self.reports, strict=True)
         return [f"{path}: {line}" for path, report in pairs for line in report.details()]
 

@@ -20,7 +20,7 @@ from typing import NoReturn
 
 from extsub_kernels import _signals
 from extsub_kernels._version import __version__
-from extsub_kernels.errors import InputError, PublishError, Terminated
+from extsub_kernels.errors import InputError, Notice, PublishError, Terminated
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
@@ -38,8 +38,6 @@ def run_command(prog: str, body: Callable[[], int], *, process: bool = False) ->
         try:
             _signals.raise_unanswered()  # one that came while the command line was imported
             _usable_std_streams()
-            with _signals.deferred():  # torch loads whole or not at all; a signal meanwhile is answered after
-                import torch  # noqa: F401
             code = body()
         except KeyboardInterrupt as e:
             _signals.answered()
@@ -61,6 +59,13 @@ def run_command(prog: str, body: Callable[[], int], *, process: bool = False) ->
     finally:
         with contextlib.suppress(KeyboardInterrupt):
             _signals.exit_quietly() if process else _signals.restore(previous)
+
+
+def load_torch() -> None:
+    """Import torch whole or not at all: a signal meanwhile is answered once it has loaded. Each command calls it once
+    its arguments parse, so --help, --version and usage errors never wait seconds for torch."""
+    with _signals.deferred():
+        import torch  # noqa: F401
 
 
 _INTERRUPTS = {False: ("interrupted", EXIT_SIGINT), True: ("terminated", EXIT_SIGTERM)}
@@ -132,12 +137,13 @@ def _usable_std_streams() -> None:
 
 @contextmanager
 def shown_warnings(prog: str, *, quiet: bool) -> Iterator[None]:
-    """Within the block, warnings print as one line `PROG: warning: ...` each (none with `quiet`)."""
+    """Within the block, warnings print as one line `PROG: warning: ...` each, notices as `PROG: ...` (none with
+    `quiet`)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore" if quiet else "default")
 
         def show(message, category, filename, lineno, file=None, line=None) -> None:
-            say(f"{prog}: warning: {message}")
+            say(f"{prog}: {message}" if issubclass(category, Notice) else f"{prog}: warning: {message}")
 
         warnings.showwarning = show
         yield

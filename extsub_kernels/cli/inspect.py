@@ -14,6 +14,7 @@ from extsub_kernels.cli.common import (
     add_closing_flags,
     command_parser,
     guarded,
+    load_torch,
     run_command,
     say,
     shown_warnings,
@@ -48,7 +49,7 @@ exit codes: 0 done; 1 failure while reading; 2 bad usage or bad input; 130/143 i
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `extsub-inspect`."""
-    from extsub_kernels.engine.options import METHODS
+    from extsub_kernels._names import METHODS
 
     parser = command_parser(
         PROG,
@@ -81,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    load_torch()
     with shown_warnings(PROG, quiet=args.quiet):
         code, report = guarded(PROG, lambda: _inspect(args, shlex.join([PROG, *argv])), "inspection")
     if code == EXIT_OK and not args.quiet:

@@ -15,6 +15,7 @@ from extsub_kernels.cli.common import (
     add_closing_flags,
     command_parser,
     guarded,
+    load_torch,
     run_command,
     say,
     shown_warnings,
@@ -115,7 +116,7 @@ exit codes:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `extsub-merge`; options not given are absent from its namespace (recipes fill them)."""
-    from extsub_kernels.engine.options import DEFAULT_MAX_SHARD_SIZE, FORMATS, METHODS, ON_MISSING, OUT_DTYPES
+    from extsub_kernels._names import DEFAULT_MAX_SHARD_SIZE, FORMATS, METHODS, ON_MISSING, OUT_DTYPE_NAMES
 
     parser = command_parser(
         PROG,
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="θ₀: inputs are full models (merge ΔW = θ − θ₀), or LoRA / (IA)³ adapters of BASE; write the full model",
     )
     add("--device", help="auto (CUDA when available; default), cpu, cuda or cuda:N")
-    add("--dtype", choices=list(OUT_DTYPES), help="dtype of float tensors in OUT (default keep: the inputs')")
+    add("--dtype", choices=OUT_DTYPE_NAMES, help="dtype of float tensors in OUT (default keep: the inputs')")
     add(
         "--max-shard-size",
         metavar="SIZE",
@@ -203,6 +204,7 @@ def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     given = vars(parser.parse_args(argv))
+    load_torch()
     code, values = guarded(PROG, lambda: option_values(given, parser))
     if code != EXIT_OK:
         return code

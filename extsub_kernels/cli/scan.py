@@ -18,6 +18,7 @@ from extsub_kernels.cli.common import (
     command_parser,
     fail,
     guarded,
+    load_torch,
     run_command,
     say,
     shown_warnings,
@@ -69,8 +70,8 @@ exit codes:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of `extsub-scan` (imports the option vocabulary, hence torch)."""
-    from extsub_kernels.engine.options import EVAL_DTYPES, SAVE_FORMATS
+    """The argument parser of `extsub-scan` (the option names only: no torch)."""
+    from extsub_kernels._names import EVAL_DTYPE_NAMES, SAVE_FORMATS
 
     parser = command_parser(
         PROG,
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     add(
         "--dtype",
-        choices=list(EVAL_DTYPES),
+        choices=EVAL_DTYPE_NAMES,
         default="auto",
         help="the model's dtype (default auto: the checkpoint's on CUDA, float32 on the CPU)",
     )
@@ -122,11 +123,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    load_torch()
     with shown_warnings(PROG, quiet=args.quiet):
         try:
             code, result = guarded(PROG, lambda: _scan(args), "scan")
         except ScanInterrupted as e:  # the rows measured so far are in SCAN_DIR: say where
-            _signals.answered()
+            _signals.answered()  # this is the signal's answer: nothing was swallowed
             where = f"; the {len(e.result.rows)} rows measured are in {e.result.files[0]}" if e.result.files else ""
             return fail(PROG, f"{e}{where}", EXIT_SIGTERM if e.terminated else EXIT_SIGINT)
     if code == EXIT_OK and not args.quiet:

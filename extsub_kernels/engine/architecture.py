@@ -152,15 +152,19 @@ def _shape_vote(name: str, shape: tuple[int, ...] | None) -> bool | None:
     return None
 
 
-def full_model_hint(inputs: Sequence[tuple[str, ResolvedInput]]) -> str | None:
-    """A warning for full models merged without a base: which input has a model's config.json, and what to do."""
+def full_model_hint(inputs: Sequence[tuple[str, ResolvedInput]], *, inspecting: bool = False) -> str | None:
+    """A warning for full models merged (or inspected) without a base: which input has a model's config.json, and
+    what to do."""
     for role, inp in inputs:
         config = input_config(inp)
         if uses_conv1d(config) is not None:
             kind = config.get("model_type") or ", ".join(config.get("architectures") or [])
+            if inspecting:
+                so, verb = "the row statistics describe its weights θ themselves", "inspect"
+            else:
+                so, verb = "its weights are merged as task vectors ΔW", "merge"
             return (
-                f"{role} {inp.spec!r} looks like a full model (config.json: {kind}) but no --base was given, so its "
-                "weights are merged as task vectors ΔW, not as θ − θ₀; to merge fine-tuned models, give --base BASE "
-                "(the model they were fine-tuned from)"
+                f"{role} {inp.spec!r} looks like a full model (config.json: {kind}) but no --base was given, so {so}, "
+                f"not θ − θ₀; to {verb} fine-tuned models, give --base BASE (the model they were fine-tuned from)"
             )
     return None

@@ -47,6 +47,7 @@ class CardFacts:
         tags: tags beside extsub, merge and the method ("peft", "lora", ...).
         note: a paragraph on this output after the first (what --max-rank truncated, ...).
         base_note: why there is no `base_model` in the front matter although a base model is known.
+        extra: Markdown added after how the output was made (extsub-scan: how λ was chosen).
     """
 
     title: str
@@ -61,6 +62,7 @@ class CardFacts:
     tags: tuple[str, ...] = ()
     note: str = ""
     base_note: str = ""
+    extra: str = ""
 
 
 def model_card(facts: CardFacts) -> str:
@@ -110,6 +112,7 @@ def model_card(facts: CardFacts) -> str:
         "from the same inputs on the same kind of device. Each weights file's `__metadata__` records the "
         "tool's version, the command, the inputs' commits and header hashes.",
         "",
+        *([facts.extra.rstrip(), ""] if facts.extra else []),
     ]
     if facts.table:
         lines += [

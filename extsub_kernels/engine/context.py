@@ -23,6 +23,7 @@ class RunContext:
         command: the command line that started the run (or the equivalent extsub-merge command).
         started_at: the start time, ISO 8601 in UTC.
         options: every option of the run for the report (the recipe's, λ settings, OUT, force, ...).
+        card_note: Markdown the model cards add after how the outputs were made (e.g. how λ was chosen).
     """
 
     inputs: tuple[Mapping[str, Any], ...] = ()
@@ -30,6 +31,7 @@ class RunContext:
     command: str = ""
     started_at: str = ""
     options: Mapping[str, Any] = field(default_factory=dict)
+    card_note: str = ""
 
     @classmethod
     def create(
@@ -40,8 +42,9 @@ class RunContext:
         command: str | None,
         *,
         options: Mapping[str, Any] | None = None,
+        card_note: str = "",
     ) -> "RunContext":
         """A context stamped now; without `command`, the extsub-merge command equivalent to `recipe` and `out`."""
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         line = command or command_line({**recipe, "lam": (options or {}).get("lam")}, out)
-        return cls(tuple(inputs), dict(recipe), line, now, dict(options or {}))
+        return cls(tuple(inputs), dict(recipe), line, now, dict(options or {}), card_note)

@@ -19,6 +19,7 @@ from extsub_kernels._version import __version__
 from extsub_kernels.engine.card import CardFacts, model_card
 from extsub_kernels.engine.context import RunContext
 from extsub_kernels.engine.options import RunOptions
+from extsub_kernels.engine.recipe import METADATA_KEY as RECIPE_KEY
 from extsub_kernels.engine.recipe import recipe_text
 from extsub_kernels.engine.stats import TensorStats
 from extsub_kernels.engine.tables import summary_table
@@ -61,7 +62,7 @@ def output_metadata(
         meta["extsub.command"] = printable(context.command)
         notes = [_input_note(record) for record in context.inputs]
         meta["extsub.inputs"] = printable(json.dumps(notes, separators=(",", ":"), ensure_ascii=False))
-        meta["extsub.recipe"] = printable(recipe_text(context.recipe, setting))
+        meta[RECIPE_KEY] = printable(recipe_text(context.recipe, setting))
     return meta
 
 
@@ -149,6 +150,7 @@ def output_texts(
             tags=kind.tags,
             note=kind.notes[index] if kind.notes else "",
             base_note=kind.base_note,
+            extra=context.card_note,
         )
         files = {CARD_NAME: model_card(facts), RECIPE_NAME: recipe_text(context.recipe, setting)}
         if kind.config is not None:

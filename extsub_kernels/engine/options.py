@@ -10,42 +10,42 @@ import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 
+from extsub_kernels._names import (  # noqa: F401 (the names, re-exported: the rules over them live here)
+    DEFAULT_MAX_SHARD_SIZE,
+    EVAL_DTYPE_NAMES,
+    FORMATS,
+    FULL_MODEL_FORMAT,
+    METHODS,
+    MODES,
+    ON_MISSING,
+    OUT_DTYPE_NAMES,
+    SAVE_FORMATS,
+    DtypeName,
+    EvalDtypeName,
+    Method,
+    Mode,
+    OnMissing,
+    OutputFormat,
+)
 from extsub_kernels._tensors import FLOAT_DTYPES
 from extsub_kernels.errors import InputError
 
-Method = Literal["ext-sub", "sub", "add"]
-METHODS: tuple[str, ...] = get_args(Method)
-# Adapter outputs: LoRA writes lora, dense-lora or delta; (IA)³ and prefix-tuning their own PEFT folder.
-OutputFormat = Literal["lora", "dense-lora", "delta", "ia3", "prefix-tuning"]
-FORMATS: tuple[str, ...] = get_args(OutputFormat)
-OnMissing = Literal["error", "copy", "skip"]
-ON_MISSING: tuple[str, ...] = get_args(OnMissing)
-# A dtype option's names are torch's own ("float16"), after the first, which forces none ("keep", "auto").
 _FLOAT_DTYPES: dict[str, torch.dtype] = {str(dtype).removeprefix("torch."): dtype for dtype in FLOAT_DTYPES}
 
 
 def _dtype_choices(names: tuple[str, ...]) -> dict[str, torch.dtype | None]:
+    """Each name's dtype; the first forces none ("keep", "auto")."""
     return {name: None if i == 0 else _FLOAT_DTYPES[name] for i, name in enumerate(names)}
 
 
-DtypeName = Literal["keep", "float16", "bfloat16", "float32"]
-OUT_DTYPES: dict[str, torch.dtype | None] = _dtype_choices(get_args(DtypeName))
-Mode = Literal["merge", "dry-run", "inspect"]
-MODES: tuple[str, ...] = get_args(Mode)
+OUT_DTYPES: dict[str, torch.dtype | None] = _dtype_choices(OUT_DTYPE_NAMES)
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in OUT_DTYPES.items() if dtype is not None}
-# The dtype a λ scan loads and evaluates the model in; "auto": the checkpoint's own on CUDA, float32 on the CPU.
-EvalDtypeName = Literal["auto", "float32", "float64", "bfloat16", "float16"]
-EVAL_DTYPES: dict[str, torch.dtype | None] = _dtype_choices(get_args(EvalDtypeName))
-# What a λ scan's --save-best writes: an adapter format, or "model", the full merged model θ₀ + ΔW'.
-FULL_MODEL_FORMAT = "model"
-SAVE_FORMATS: tuple[str, ...] = (*FORMATS, FULL_MODEL_FORMAT)
+EVAL_DTYPES: dict[str, torch.dtype | None] = _dtype_choices(EVAL_DTYPE_NAMES)
 MAX_SCAN_POINTS = 1000
 MAX_OUTPUTS = 1000  # λ settings of one run, one output each
-DEFAULT_MAX_SHARD_SIZE = "5GB"
 CPU = torch.device("cpu")
 # Bytes of a streamed block of rows when none is asked for. CPU: small, so the few buffers in
 # flight stay in cache between reading, the op and writing (benchmarks/RESULTS.md, merge).
@@ -131,7 +131,7 @@ def parse_lams(lam: Lam, n_anti: int) -> list[LamSetting]:
                 "anti-expert(s); give one λ for all, or one per anti-expert separated by ':'"
             )
         settings.append(tuple(values))
-    counts = Counter(lam_label(s) for s in settings)
+    counts = Counter(lam_labels(settings))
     duplicated = sorted(label for label, n in counts.items() if n > 1)
     if duplicated:
         raise InputError(f"λ {', '.join(duplicated)} is given twice; each λ setting writes its own output")
@@ -158,6 +158,19 @@ def lam_label(values: Sequence[float]) -> str:
     if len(set(values)) <= 1:
         return _format(values[0]) if values else ""
     return "_".join(_format(v) for v in values)
+
+
+def lam_labels(settings: Sequence[Sequence[float]]) -> list[str]:
+    """The labels of a run's λ settings in one format: `lam_label`'s, unless some setting gives the anti-experts
+    different λ, in which case every label lists one λ per anti-expert ("1_0.5", "2_2"; never "2" beside them).
+
+    Example:
+        >>> lam_labels([(1.0, 0.5), (2.0, 2.0)])
+        ['1_0.5', '2_2']
+    """
+    if all(len(set(s)) <= 1 for s in settings):
+        return [lam_label(s) for s in settings]
+    return ["_".join(_format(v) for v in s) for s in settings]
 
 
 def parse_lam_grid(lam: str | float | Sequence[float]) -> list[float]:

@@ -20,6 +20,7 @@ import yaml
 from extsub_kernels._version import __version__
 from extsub_kernels.engine.options import FORMATS, METHODS, ON_MISSING, OUT_DTYPES, lam_label, lam_value, short
 from extsub_kernels.errors import InputError
+from extsub_kernels.io import read_header
 from extsub_kernels.io.files import read_bounded_text
 from extsub_kernels.io.outputs import RECIPE_NAME
 
@@ -85,8 +86,12 @@ MERGE_KEYS = (
 )
 
 
+METADATA_KEY = "extsub.recipe"  # where each weights file's __metadata__ keeps the recipe of its output
+
+
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate a recipe; keys whose value is null are left out.
+    """Read and validate a recipe (a YAML file, or the `extsub.recipe` a weights file's metadata carries); keys whose
+    value is null are left out.
 
     Raises:
         InputError: an unreadable file, YAML that is not a mapping, an unknown key (with the
@@ -98,7 +103,19 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
         {'expert': 'org/expert', 'anti': ['org/anti'], 'lam': 0.5}
     """
     path = Path(path)
-    text = read_bounded_text(path, "--config", MAX_RECIPE_BYTES)
+    if path.suffix == ".safetensors":  # an output of this tool: its recipe is in the header's metadata
+        text = read_header(path).metadata.get(METADATA_KEY)
+        if text is None:
+            raise InputError(
+                f"--config {path}: its metadata holds no {METADATA_KEY} (not written by extsub-merge?); "
+                "give a recipe .yaml, or a weights file extsub-merge wrote"
+            )
+        return check_recipe(_parsed(text, path), str(path))
+    return check_recipe(_parsed(read_bounded_text(path, "--config", MAX_RECIPE_BYTES), path), str(path))
+
+
+def _parsed(text: str, path: Path) -> object:
+    """The YAML of a recipe, or an InputError naming the file and the line; aliases and deep nesting refused first."""
     if _flow_depth(text) > MAX_RECIPE_DEPTH:  # YAML's scanner slows down with the square of the nesting
         raise InputError(f"--config {path}: not valid YAML (nested more than {MAX_RECIPE_DEPTH} deep)")
     try:
@@ -112,7 +129,7 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
         raise InputError(f"--config {path}: not valid YAML{line} ({problem})") from None
     except RecursionError:
         raise InputError(f"--config {path}: not valid YAML (nested too deeply)") from None
-    return check_recipe(loaded, str(path))
+    return loaded
 
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few dozen lines

@@ -2,7 +2,7 @@
 inspect), with the row statistics of each merged tensor or module and the run's provenance."""
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -134,7 +134,16 @@ class MergeReport:
 
     def details(self) -> list[str]:
         """--verbose: one line per tensor or module (with its row statistics), then the adapter section's lines."""
-        lines = [item_line(item, self._stats_by_name().get(item.name), self.settings) for item in self.items]
+        by_name = self._stats_by_name()
+        lines = []
+        for item in self.items:
+            lines.append(item_line(item, by_name.get(item.name), self.settings))
+            if item.name not in by_name:  # a unit reported in parts (a prefix: per layer and head), a line each
+                parts = [s for name, s in by_name.items() if name.startswith(f"{item.name}.")]
+                part_of = f"rows of {item.name}"
+                lines += [
+                    item_line(replace(item, name=s.name, shape=(), reason=part_of), s, self.settings) for s in parts
+                ]
         if self.layout:
             lines.append(f"layout: {self.layout}")
         if self.kernel:

@@ -243,7 +243,7 @@ def _move_in(temp: Path, target: Path, *, force: bool) -> Path | None:
         except FileExistsError:
             raise InputError(_APPEARED.format(target=target)) from None
         return None
-    if not force:
+    if not force and not (temp.is_dir() and temps.empty_folder(target)):
         raise InputError(_APPEARED.format(target=target))
     try:
         exchange(temp, target)

@@ -18,7 +18,7 @@ from pathlib import Path
 from extsub_kernels.errors import InputError
 from extsub_kernels.io.identity import file_id, folder_chain, is_mount_point, where
 from extsub_kernels.io.resolve import ResolvedInput
-from extsub_kernels.io.temps import clean_stale, name_max
+from extsub_kernels.io.temps import clean_stale, empty_folder, name_max
 
 SAFETENSORS_SUFFIX = ".safetensors"
 # Files this tool writes into folder outputs besides weights and configs: a model card that
@@ -98,8 +98,8 @@ def check_outputs(
     others: Sequence[tuple[str, Path]] = (),
     read: Sequence[tuple[str, Path]] = (),
 ) -> None:
-    """Refuse an OUT that is, is inside, or contains an input or another output; or exists (without force); or
-    cannot be replaced.
+    """Refuse an OUT that is, is inside, or contains an input or another output; or exists (without force; an empty
+    folder is taken); or cannot be replaced.
 
     Args:
         paths: the outputs of the run (one per λ setting).
@@ -118,7 +118,7 @@ def check_outputs(
     for path in paths:
         if not os.path.lexists(path):
             continue
-        refuse_existing(path, force=force)
+        refuse_existing(path, force=force or (is_folder_output(path) and empty_folder(path)))
         if is_mount_point(path):
             raise InputError(
                 f"OUT {path} is a mount point, which cannot be replaced; write to a path inside it or elsewhere"

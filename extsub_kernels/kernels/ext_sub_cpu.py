@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from pathlib import Path
 import torch
 
 from extsub_kernels._tensors import shares_storage
+from extsub_kernels.errors import Notice
 
 SOURCE = Path(__file__).with_name("ext_sub_cpu.cpp")
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
@@ -62,6 +64,8 @@ _ARCH_FLAGS = {
     "AVX2": ("-mavx2", "-mfma", "-mf16c"),
 }
 _BUILD_TIMEOUT_S = 300
+# Said once, when a build starts (a library from the cache loads in milliseconds, silently).
+BUILD_NOTICE = "building the CPU kernel (first use, ~10 s)…"
 # Below this many elements per thread, the hand-off to another thread costs more than it saves.
 _MIN_ELEMENTS_PER_THREAD = 1 << 16
 # Rows at least this long, fewer than four per thread, are split across threads by columns (not by the fused pass).
@@ -184,6 +188,7 @@ def build(
         return target, None
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = out_dir / f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    warnings.warn(BUILD_NOTICE, Notice, stacklevel=2)  # seconds with no output otherwise
     start = time.perf_counter()
     try:
         done = subprocess.run(

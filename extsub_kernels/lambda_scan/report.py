@@ -12,7 +12,7 @@ from pathlib import Path
 from extsub_kernels.engine.record import json_text as record_json_text
 from extsub_kernels.io.atomic import replace_file
 from extsub_kernels.lambda_scan.plot import plot_png
-from extsub_kernels.lambda_scan.results import COLUMNS, EXPERT, ScanResult
+from extsub_kernels.lambda_scan.results import COLUMNS, EXPERT, ScanResult, relative_increase
 
 SCAN_FILES = ("scan.json", "scan.csv", "scan.md", "scan.png")
 
@@ -130,3 +130,48 @@ def _pct(value: float | None) -> str:
     if value is None or math.isnan(value):
         return "–"
     return f"{value:+.1%}"
+
+
+def chosen_note(result: ScanResult, method: str) -> str:
+    """The model-card section of --save-best's output: the scan that chose its λ and the row measured there.
+
+    Args:
+        result: the complete scan.
+        method: the method whose recommended λ is saved.
+    """
+    rec = result.recommendations[method]
+    setup, row, expert = result.setup, result.row(method, rec.lam), result.row(method, 0.0)
+    options, sets = setup["options"], setup["sets"]
+    grid = ", ".join(f"{x:g}" for x in sorted({0.0, *options["lam"]}))
+    described = [
+        f"{name.upper()} `{info['file']}` ({info['examples']} examples, {info['scored_tokens']} scored tokens)"
+        for name, info in sets.items()
+        if name in ("keep", "forget")
+    ]
+    if "prompts" in sets:
+        described.append(f"PROMPTS `{sets['prompts']['file']}` ({sets['prompts']['prompts']} prompts)")
+    measured = [
+        f"KEEP NLL {row.keep_nll:.6g} ({_change(row.keep_nll, expert.keep_nll)} over λ = 0)",
+        f"FORGET NLL {row.forget_nll:.6g} ({_change(row.forget_nll, expert.forget_nll)})",
+    ]
+    if row.rep_4 is not None:
+        measured.append(f"rep-4 {row.rep_4:.4g} (λ = 0: {expert.rep_4:.4g})")
+    if row.distinct_2 is not None:
+        measured.append(f"distinct-2 {row.distinct_2:.4g} (λ = 0: {expert.distinct_2:.4g})")
+    return "\n".join(
+        [
+            "## How λ was chosen",
+            "",
+            f"λ = {rec.lam:g} is the recommendation for {method} of an `extsub-scan` on BASE "
+            f"`{setup['inputs']['base']}`: grid λ ∈ {{{grid}}}, methods {', '.join(options['methods'])}, "
+            f"{', '.join(described)}, KEEP budget {options['max_keep_increase']:+.1%} ({rec.note}).",
+            "",
+            f"Measured at this λ: {'; '.join(measured)}.",
+            "",
+        ]
+    )
+
+
+def _change(value: float, reference: float) -> str:
+    change = relative_increase(value, reference)
+    return "n/a" if math.isnan(change) else f"{change:+.2%}"

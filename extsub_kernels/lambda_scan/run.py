@@ -39,7 +39,7 @@ from extsub_kernels.io.outputs import check_report_folder
 from extsub_kernels.lambda_scan.evaluate import EvaluationSets, Evaluator
 from extsub_kernels.lambda_scan.installers import AdapterInstaller, Installer, make_installer
 from extsub_kernels.lambda_scan.model import evaluation_dtype, load_model, load_tokenizer, require
-from extsub_kernels.lambda_scan.report import SCAN_FILES, ScanFiles
+from extsub_kernels.lambda_scan.report import SCAN_FILES, ScanFiles, chosen_note
 from extsub_kernels.lambda_scan.results import EXPERT, ScanResult, ScanRow, recommend, timing_summary
 from extsub_kernels.merge import adapter_inputs
 
@@ -377,4 +377,5 @@ def _save(result: ScanResult, inputs, method: str, out: PathLike, fmt: str | Non
         force=force,
         progress=progress,
         adapter=adapter,
+        card_note=chosen_note(result, method),
     )
