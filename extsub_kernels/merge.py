@@ -64,6 +64,7 @@ def merge(
     stats: bool | None = None,
     report: str | os.PathLike | None = None,
     command: str | None = None,
+    reads: Sequence[str | os.PathLike] = (),
     card_note: str = "",
 ) -> MergeReport:
     """Merge checkpoints or PEFT adapters with Ext-Sub, streamed: θ' = θ⁺ ⊖ θ₁⁻ ⊖ θ₂⁻ ...
@@ -110,6 +111,7 @@ def merge(
             `report` needs them.
         report: write the run's JSON record to this file ("-": stdout) once it is done.
         command: the command line to record in the outputs (default: the equivalent extsub-merge command).
+        reads: other files the run has read (the recipe it came from): no output may be written over one.
         card_note: Markdown the model card of each folder output adds after how it was made (extsub-scan's
             --save-best: how λ was chosen).
 
@@ -146,7 +148,13 @@ def merge(
         transposed=transposed,
     )
     given = dict(
-        dtype=dtype, max_shard_size=max_shard_size, report=report, out=out, dry_run=dry_run, card_note=card_note
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        report=report,
+        out=out,
+        dry_run=dry_run,
+        card_note=card_note,
+        reads=reads,
     )
     return execute(expert, anti, base, options, adapter or AdapterOptions(), out, given, command, started)
 
@@ -186,10 +194,11 @@ def execute(
     if not is_adapter and adapter.given():
         role, inp = inputs[0]
         raise InputError(f"{adapter.given()[0]} applies to adapter inputs; {role} {inp.spec!r} is a dense checkpoint")
-    check_outputs(paths, inputs, force=options.force)
+    read = [(f"the file {os.fspath(p)}", Path(p)) for p in given.get("reads", ())]
+    check_outputs(paths, inputs, force=options.force, read=read)
     report_path = given.get("report")
     if report_path is not None and os.fspath(report_path) != "-":
-        check_report_path(Path(report_path), inputs, paths, force=options.force)
+        check_report_path(Path(report_path), inputs, paths, force=options.force, read=read)
         if not is_stream(Path(report_path)):
             remove(reserve_temp(Path(report_path), folder=False))  # its folder takes files: known before any work
     if not is_adapter and base is None and (hint := full_model_hint(inputs, inspecting=options.mode == "inspect")):

@@ -577,3 +577,146 @@ def test_a_huge_lam_list_is_refused_at_once(tmp_path, capsys, pair, count):
     code, err = _run(capsys, *pair, "-o", tmp_path / "o.safetensors", "--lam", lam)
     assert code == EXIT_BAD_INPUT and "a run writes at most 1000" in err and len(err) < 300, err
     assert time.monotonic() - started < 5 and os.listdir(tmp_path) == ["in"]
+
+
+# ------------------------------------------------------------------ 9. a scan checks its sets against the model first
+
+
+@pytest.fixture
+def gpt2_trio(tmp_path):
+    """A tiny GPT-2 (vocabulary 128, 64 positions) saved as BASE, and two full-model variants of it as EXPERT, ANTI."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(SEED)
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=128, n_positions=64)
+    paths = {}
+    for role, scale in (("base", 0.0), ("expert", 0.01), ("anti", 0.02)):
+        model = transformers.GPT2LMHeadModel(config).eval()
+        if role != "base":
+            model.load_state_dict(torch.load(tmp_path / "base" / "sd.pt"))
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p) * scale)
+        model.save_pretrained(tmp_path / role)
+        if role == "base":
+            torch.save(model.state_dict(), tmp_path / "base" / "sd.pt")
+        paths[role] = tmp_path / role
+    (tmp_path / "base" / "sd.pt").unlink()
+    return paths
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        ({"keep": [[1, 2, 200]]}, r"keep\.jsonl line 1: token id 200 is outside the model's vocabulary of 128"),
+        ({"keep": [list(range(1, 66))]}, r"keep\.jsonl line 1: 65 tokens, more than the model's 64 positions"),
+        (
+            {"prompts": [[1, 2, 3], [5, 130]]},
+            r"prompts\.jsonl prompt 2: token id 130 is outside the model's vocabulary",
+        ),
+        ({"prompts": [list(range(1, 60))]}, r"prompt 1: 59 tokens plus 8 to generate, more than the model's 64"),
+    ],
+    ids=["keep out of vocabulary", "keep too long", "prompt out of vocabulary", "prompt too long to continue"],
+)
+def test_a_scan_refuses_sets_that_do_not_fit_the_model_before_writing_anything(tmp_path, gpt2_trio, sets, message):
+    from extsub_kernels.errors import InputError
+    from extsub_kernels.lambda_scan import scan
+
+    files = {}
+    for name in ("keep", "forget", "prompts"):
+        rows = sets.get(name, [[3, 4, 5, 6]] if name != "prompts" else None)
+        if rows is None:
+            continue
+        key = "prompt_ids" if name == "prompts" else "input_ids"
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps({key: r}) + "\n" for r in rows))
+    out = tmp_path / "scan"
+    with pytest.raises(InputError, match=message):
+        scan(
+            gpt2_trio["expert"],
+            gpt2_trio["anti"],
+            base=gpt2_trio["base"],
+            keep=files["keep"],
+            forget=files["forget"],
+            prompts=files.get("prompts"),
+            out=out,
+            lam="0,1",
+            method="sub",
+            max_new_tokens=8,
+            device="cpu",
+        )
+    assert not out.exists() and not leftovers(tmp_path)
+
+
+# ------------------------------------------------------------------ 10. hostile text in a model card
+
+
+def test_hostile_names_stay_text_in_the_model_card(tmp_path, capsys, pair):
+    import yaml
+
+    from extsub_kernels.io.outputs import written_names
+
+    name = "evil\n---\nbase_model: hijack\n# <script>x *b* `c` ```` --> [l](javascript:x)"
+    out = tmp_path / name
+    code, err = _run(capsys, *pair, "-o", out, "-q")
+    assert code == 0, err
+    card = (out / "README.md").read_text()
+    _, front, body = card.split("---\n", 2)
+    assert yaml.safe_load(front) == {"tags": ["extsub", "merge", "ext-sub"]}, "the front matter is the tool's alone"
+    fence = next(line for line in body.splitlines() if line.startswith("`") and line.endswith("bash"))[:-4]
+    assert len(fence) > 4, "the command's fence is longer than the backticks in the command"
+    before, code_block, after = body.split(fence)[0], body.split(fence)[1], body.split(fence)[2]
+    assert code_block.count("\n") == 2, "the command is one line inside its fence"
+    prose = before + after
+    assert "<script>" not in prose and "\\<script\\>" in prose and "\n# \\<" not in prose
+    assert written_names(out) == frozenset(os.listdir(out))
+
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["progress bar", "quiet"])
+def test_a_full_stderr_never_fails_the_merge(tmp_path, pair, quiet):
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    out = tmp_path / "o.safetensors"
+    args = [sys.executable, "-m", "extsub_kernels", *map(str, pair), "-o", str(out), *(["-q"] if quiet else [])]
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(args, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)}, stderr=full, timeout=300)
+    assert done.returncode == 0 and _is_merge(out)
+
+
+@pytest.mark.parametrize(
+    "change", [{"n_embd": 10**6}, {"n_layer": 10**7}, {"vocab_size": 10**9}, {"n_embd": "64"}], ids=str
+)
+def test_a_base_config_larger_than_its_weights_is_refused_before_transformers_builds_it(tmp_path, gpt2_trio, change):
+    from extsub_kernels.errors import InputError
+    from extsub_kernels.lambda_scan import scan
+
+    config = json.loads((gpt2_trio["base"] / "config.json").read_text())
+    (gpt2_trio["base"] / "config.json").write_text(json.dumps({**config, **change}))
+    sets = {}
+    for name in ("keep", "forget"):
+        sets[name] = tmp_path / f"{name}.jsonl"
+        sets[name].write_text(json.dumps({"input_ids": [3, 4, 5]}) + "\n")
+    with pytest.raises(InputError, match=r"BASE .*config\.json (describes at least|n_embd is)"):
+        scan(gpt2_trio["expert"], gpt2_trio["anti"], base=gpt2_trio["base"], **sets, out=tmp_path / "s", device="cpu")
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_report_over_the_recipe_the_run_came_from_is_refused(tmp_path, capsys, pair):
+    recipe = tmp_path / "recipe.yaml"
+    text = json.dumps({"expert": str(pair[0]), "anti": [str(pair[1])], "out": str(tmp_path / "o.safetensors")})
+    recipe.write_text(text)
+    code, err = _run(capsys, "--config", recipe, "--report", tmp_path / "x" / ".." / "recipe.yaml", "--force")
+    assert code == EXIT_BAD_INPUT and "which this run reads" in err, err
+    assert recipe.read_text() == text and not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("argv", [["only-one-input"], ["e", "a", "-o", "o", "--method", "nope"], ["e", "a", "--bogus"]])
+def test_usage_errors_are_one_line(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == EXIT_BAD_INPUT and err.count("\n") == 1 and err.startswith("extsub-merge: error: "), err

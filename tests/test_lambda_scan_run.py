@@ -418,7 +418,7 @@ def test_a_negative_lambda_is_allowed_with_the_merges_warning():
 
 def test_an_input_changed_before_save_best_saves_nothing(trained, tmp_path, monkeypatch):
     """--save-best merges the inputs again: if one changed since the scan read it, nothing is saved and the error
-    names the scan files, which hold every row (the scan itself was complete)."""
+    names the scan files, which hold every row, and say why the run failed."""
     from extsub_kernels.errors import MergeError
     from extsub_kernels.lambda_scan import report
 
@@ -445,7 +445,7 @@ def test_an_input_changed_before_save_best_saves_nothing(trained, tmp_path, monk
         )
     assert info.value.published == tuple(out / name for name in SCAN_FILES)
     data = json.loads((out / "scan.json").read_text())
-    assert data["status"] == "complete" and data["measured"] == 3
+    assert data["status"].startswith("failed: MergeError: EXPERT") and data["measured"] == 3, "as the exit code says"
     assert not (tmp_path / "best").exists()
 
 

@@ -5,6 +5,7 @@ same errors); the write stage writes nothing. Dense tensors run through the op f
 sums, block by block; LoRA adapters take them from their factors.
 """
 
+import contextlib
 import os
 import time
 import warnings
@@ -85,20 +86,26 @@ def write_inspection(report: MergeReport, folder: str | os.PathLike, *, force: b
     """
     folder = Path(folder)
     check_inspection_folder(folder, force=force)  # the inputs were checked before the run (the command does)
-    written = [
-        _write(folder / JSON_NAME, json_text(report_record(report)), force),
-        _write(folder / MARKDOWN_NAME, inspection_markdown(report), force),
-    ]
-    target = folder / HEATMAP_NAME
-    temp = reserve_temp(target, folder=False)
+    written: list[Path] = []
     try:
-        draw_heatmaps(report, temp)
-        publish(temp, target, force=force)
-        written.append(target)
-    except PlotUnavailable as e:
-        warnings.warn(str(e), stacklevel=2)
-    finally:
-        remove(temp)
+        written.append(_write(folder / JSON_NAME, json_text(report_record(report)), force))
+        written.append(_write(folder / MARKDOWN_NAME, inspection_markdown(report), force))
+        target = folder / HEATMAP_NAME
+        temp = reserve_temp(target, folder=False)
+        try:
+            draw_heatmaps(report, temp)
+            publish(temp, target, force=force)
+            written.append(target)
+        except PlotUnavailable as e:
+            warnings.warn(str(e), stacklevel=2)
+        finally:
+            remove(temp)
+    except BaseException as error:  # an interrupt or a failure after some files: say which are in place, complete
+        done = tuple(dict.fromkeys([*written, *getattr(error, "published", ())]))
+        if done:
+            with contextlib.suppress(AttributeError):
+                error.published = done  # type: ignore[attr-defined]
+        raise
     return written
 
 

@@ -16,6 +16,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 from extsub_kernels import _signals
 from extsub_kernels._version import __version__
@@ -160,9 +161,18 @@ def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line, like every other error (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        say(f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)")
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
 def command_parser(prog: str, description: str, epilog: str, **options: object) -> argparse.ArgumentParser:
-    """The parser every command starts from: its name, a description and an epilog kept as written."""
-    return argparse.ArgumentParser(
+    """The parser every command starts from: its name, a description and an epilog kept as written; usage errors
+    are one line."""
+    return _OneLineParser(
         prog=prog,
         description=description,
         epilog=epilog,

@@ -227,7 +227,7 @@ def _option_values(given: dict[str, Any], parser: argparse.ArgumentParser) -> di
     from extsub_kernels.adapters.peft import FORMATS
     from extsub_kernels.engine.recipe import load_recipe
 
-    recipe = load_recipe(given.pop("config"), {"format": FORMATS}) if "config" in given else {}
+    recipe = load_recipe(given["config"], {"format": FORMATS}) if "config" in given else {}
     inputs = given.pop("inputs", [])
     values = {**DEFAULTS, **recipe, **given}
     if inputs:
@@ -279,6 +279,7 @@ def _merge(values: dict[str, Any], command: str) -> object:
         stats=True if values["verbose"] or report is not None else None,
         report=report,
         command=command,
+        reads=[values["config"]] if values.get("config") else [],
     )
 
 

@@ -7,6 +7,7 @@ method and the paper, λ, the inputs (hub ids with the commits they resolved to)
 and the summary table of what the merge did per module type.
 """
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -82,7 +83,7 @@ def model_card(facts: CardFacts) -> str:
         "---",
         GENERATED_MARK,
         "",
-        f"# {facts.title}",
+        f"# {_text(facts.title)}",
         "",
         f"{facts.what[0].upper()}{facts.what[1:]}, made with extsub {__version__} by {spec.title} at λ = {lam}.",
         "",
@@ -96,9 +97,9 @@ def model_card(facts: CardFacts) -> str:
         *([f"No `base_model` in the front matter: {facts.base_note}.", ""] if facts.base_note else []),
         "## How it was made",
         "",
-        "```bash",
-        facts.command,
-        "```",
+        f"{_fence(facts.command)}bash",
+        _one_line(facts.command),
+        _fence(facts.command),
         "",
         f"`{RECIPE_NAME}` beside this card holds every option; "
         f"`extsub-merge --config {RECIPE_NAME} -o OUT` makes the same tensors again, byte for byte, "
@@ -131,8 +132,35 @@ def hub_models(facts: CardFacts) -> list[str]:
 
 def _input_line(record: Mapping) -> str:
     """One input as a list item: role, spec, and for hub inputs the repo and commit."""
-    line = f"- {record['role']}: `{record['spec']}`"
+    line = f"- {_text(record['role'])}: {_code(record['spec'])}"
     if record.get("kind") == "hub":
-        repo, commit = record.get("repo"), record.get("commit")
-        line += f" ([{repo}](https://huggingface.co/{repo})" + (f" @ `{commit}`)" if commit else ")")
+        repo, commit = _text(record.get("repo")), record.get("commit")
+        line += f" ([{repo}](https://huggingface.co/{repo})" + (f" @ {_code(commit)})" if commit else ")")
     return line
+
+
+# What comes from inputs (names, paths, commands) is text, never Markdown, HTML or front matter: one line each,
+# special characters escaped, code spans and fences longer than any run of backticks inside.
+_MARKDOWN = re.compile(r"([\\`*_\[\]<>#|~])")  # what starts emphasis, links, HTML, headings, tables
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).splitlines()) or " "
+
+
+def _text(text: object) -> str:
+    """`text` as literal Markdown text on one line."""
+    return _MARKDOWN.sub(r"\\\1", _one_line(text))
+
+
+def _code(text: object) -> str:
+    """`text` as an inline code span on one line, whatever backticks it holds."""
+    body = _one_line(text)
+    ticks = "`" * (max((len(run) for run in re.findall(r"`+", body)), default=0) + 1)
+    pad = " " if body.startswith("`") or body.endswith("`") else ""
+    return f"{ticks}{pad}{body}{pad}{ticks}"
+
+
+def _fence(text: object) -> str:
+    """A code fence longer than any run of backticks in `text` (at least three)."""
+    return "`" * max(3, max((len(run) for run in re.findall(r"`+", str(text))), default=0) + 1)

@@ -10,6 +10,7 @@ as the header-first writer needs) with how to make each tensor; `write_outputs` 
 outputs one tensor at a time, so memory holds a few tensors whatever the output's size.
 """
 
+import contextlib
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -191,10 +192,28 @@ def progress_bar(total: int, progress: bool, desc: str = "extsub-merge", *, unit
         unit_divisor=1000,
         desc=desc,
         disable=not progress,
-        file=sys.stderr,
+        file=_Unfailing(sys.stderr),
         dynamic_ncols=True,
         mininterval=0.5,
     )
+
+
+class _Unfailing:
+    """A progress bar's stream: a write that fails (a full or closed stderr) is dropped, never the run's failure."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def write(self, text: str) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.write(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def discard(bar: tqdm) -> Callable[[Any, Piece], None]:

@@ -138,7 +138,12 @@ def check_outputs(
 
 
 def check_report_path(
-    path: Path, inputs: Sequence[tuple[str, ResolvedInput]], outputs: Sequence[Path], *, force: bool
+    path: Path,
+    inputs: Sequence[tuple[str, ResolvedInput]],
+    outputs: Sequence[Path],
+    *,
+    force: bool,
+    read: Sequence[tuple[str, Path]] = (),
 ) -> None:
     """Refuse a --report FILE that is a folder, an input or in one, an output or in one (by identity, `check_apart`),
     or exists (without force), or is no regular file to replace.
@@ -151,7 +156,7 @@ def check_report_path(
     """
     if path.is_dir():
         raise InputError(f"--report {path} is a folder; give a file name like report.json (or - for stdout)")
-    check_apart([(f"--report {path}", path), *((f"OUT {p}", p) for p in outputs)], inputs)
+    check_apart([(f"--report {path}", path), *((f"OUT {p}", p) for p in outputs)], inputs, read)
     if not is_stream(path):
         refuse_existing(path, force=force, what=f"--report {path}")
 
@@ -282,7 +287,8 @@ _MANIFEST = "<!-- extsub-merge wrote: "
 def manifest_line(names: Sequence[str]) -> str:
     """The line a model card ends with: every file this tool wrote into its folder, so that --force later replaces
     exactly those."""
-    return f"{_MANIFEST}{json.dumps(sorted(names), ensure_ascii=True)} -->\n"
+    listed = json.dumps(sorted(names), ensure_ascii=True).replace(">", "\\u003e")  # no name ends the comment
+    return f"{_MANIFEST}{listed} -->\n"
 
 
 def written_names(folder: Path) -> frozenset[str]:

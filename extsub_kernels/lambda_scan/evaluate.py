@@ -14,6 +14,7 @@ import torch
 
 from extsub_kernels.lambda_scan.metrics import (
     Example,
+    check_ids_fit,
     distinct_n,
     generate_greedy,
     load_examples,
@@ -45,6 +46,15 @@ class EvaluationSets:
             load_prompts(prompts, tokenizer) if prompts is not None else None,
             names,
         )
+
+    def check_fits(self, model: torch.nn.Module, tokenizer: Any, max_new_tokens: int) -> None:
+        """Every example and prompt within the model's vocabulary and positions (a prompt with room for
+        `max_new_tokens`), before a scan writes anything; an InputError naming the file and line otherwise."""
+        for example in (*self.keep, *self.forget):
+            check_ids_fit(model, example.input_ids, example.source)
+        for number, prompt in enumerate(self.prompts or (), start=1):
+            ids = tokenizer(prompt)["input_ids"] if isinstance(prompt, str) and tokenizer is not None else prompt
+            check_ids_fit(model, ids, f"{self.names['prompts']} prompt {number}", room=max_new_tokens)
 
     def describe(self) -> dict[str, dict]:
         """Per set: the file, how many examples and how many scored tokens (prompts: how many)."""

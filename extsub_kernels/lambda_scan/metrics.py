@@ -280,19 +280,24 @@ def _logits(output: Any) -> torch.Tensor:
 
 def _check_fits(model: torch.nn.Module, examples: Sequence[Example]) -> None:
     """Token ids within the model's vocabulary and lengths within its positions, or an InputError naming the example."""
+    for e in examples:
+        check_ids_fit(model, e.input_ids, e.source)
+
+
+def check_ids_fit(model: torch.nn.Module, ids: Sequence[int], source: str, *, room: int = 0) -> None:
+    """Token ids within the model's vocabulary, and their number plus `room` (tokens still to generate) within its
+    positions; an InputError naming `source` otherwise. Checked before a scan writes anything."""
     try:
         vocab = model.get_input_embeddings().num_embeddings
     except (AttributeError, NotImplementedError):
         vocab = None
     config = getattr(model, "config", None)
     positions = getattr(config, "max_position_embeddings", None) if config is not None else None
-    for e in examples:
-        if vocab is not None and e.input_ids and max(e.input_ids) >= vocab:
-            raise InputError(f"{e.source}: token id {max(e.input_ids)} is outside the model's vocabulary of {vocab}")
-        if isinstance(positions, int) and len(e.input_ids) > positions:
-            raise InputError(
-                f"{e.source}: {len(e.input_ids)} tokens, more than the model's {positions} positions; shorten it"
-            )
+    if vocab is not None and ids and max(ids) >= vocab:
+        raise InputError(f"{source}: token id {max(ids)} is outside the model's vocabulary of {vocab}")
+    if isinstance(positions, int) and len(ids) + room > positions:
+        extra = f" plus {room} to generate" if room else ""
+        raise InputError(f"{source}: {len(ids)} tokens{extra}, more than the model's {positions} positions; shorten it")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ command that installs it instead of failing on an import deep inside.
 
 import importlib
 import logging
+import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +15,7 @@ import torch
 
 from extsub_kernels._version import install_hint
 from extsub_kernels.errors import InputError
-from extsub_kernels.io import ResolvedInput
+from extsub_kernels.io import ResolvedInput, read_header
 
 # Files any of which means the folder has a tokenizer (AutoTokenizer reads them).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
@@ -71,6 +72,7 @@ def load_model(base: ResolvedInput, *, device: torch.device, dtype: torch.dtype)
     from transformers import AutoModelForCausalLM
 
     folder = _model_folder(base)
+    check_config_fits(base)
     try:
         with _quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
@@ -79,6 +81,41 @@ def load_model(base: ResolvedInput, *, device: torch.device, dtype: torch.dtype)
             f"BASE {base.spec}: transformers cannot load it as a causal language model ({type(e).__name__}: {e})"
         ) from None
     return model.to(device).eval()
+
+
+def check_config_fits(base: ResolvedInput) -> None:
+    """Refuse a config.json that describes a model larger than BASE's weights, before transformers builds it.
+
+    transformers allocates the model its config describes before it reads a weight, so a
+    hostile `hidden_size`, `vocab_size` or layer count would take any amount of memory first.
+    A lower bound of the described parameters (the embeddings, and one d×d projection per
+    layer) is compared with the elements the weights' headers hold.
+    """
+    config = base.config() or {}
+    sizes = {}
+    for key, names in _CONFIG_SIZES.items():
+        name = next((n for n in names if n in config), None)
+        value = config[name] if name is not None else None
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise InputError(f"BASE {base.spec}: config.json {name} is {value!r}; a size is a non-negative integer")
+        sizes[key] = value or 0
+    hidden = sizes["hidden"]
+    described = hidden * (sizes["vocab"] + sizes["layers"] * hidden)
+    stored = sum(math.prod(t.shape) for path in base.files for t in read_header(path).tensors.values())
+    if described > 2 * stored + (1 << 20):
+        raise InputError(
+            f"BASE {base.spec}: config.json describes at least {described:,} parameters (hidden size {hidden:,}, "
+            f"{sizes['layers']:,} layers, vocabulary {sizes['vocab']:,}) but the weights hold {stored:,}; "
+            "the config does not belong to these weights"
+        )
+
+
+# config.json names of the sizes `check_config_fits` reads (transformers' usual name first, then GPT-2's).
+_CONFIG_SIZES = {
+    "hidden": ("hidden_size", "n_embd", "d_model"),
+    "layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "vocab": ("vocab_size",),
+}
 
 
 def _model_folder(base: ResolvedInput):

@@ -31,7 +31,7 @@ from extsub_kernels.engine.options import (
     warn_negative_lams,
 )
 from extsub_kernels.engine.writing import progress_bar
-from extsub_kernels.errors import InputError, ScanInterrupted, Terminated
+from extsub_kernels.errors import InputError, MergeError, ScanInterrupted, Terminated
 from extsub_kernels.io import ResolvedInput, check_outputs, resolve_input
 from extsub_kernels.io.atomic import terminate_as_interrupt
 from extsub_kernels.io.identity import InputSnapshot
@@ -140,6 +140,11 @@ def scan(
     timing: dict[str, float] = {}
     check = (lambda made: _check_save_format(save_format, made)) if save_best is not None else None
     installer = _installer(inputs, adapters, methods, target, requested_dtype, timing, check)
+    try:
+        sets.check_fits(installer.model, tokenizer, max_new_tokens if prompts is not None else 0)
+    except BaseException:
+        installer.close()
+        raise
     setup = _setup(inputs, installer, sets, grid, methods, target, batch_size, max_keep_increase)
     setup["options"]["max_new_tokens"] = max_new_tokens if prompts is not None else None
     points = [(EXPERT, 0.0)] + [(m, x) for m in methods for x in grid if x != 0]
@@ -175,6 +180,13 @@ def scan(
     if save_best is not None:
         try:
             snapshot.check()  # merge() reads the inputs again: they must be the ones measured
+        except MergeError as e:  # scan.json says what the exit code says
+            if files is not None:
+                final = result(_stopped(e))
+                final.files = files.final(final)
+            _name_written(e, final.files)
+            raise
+        try:
             final.saved = _save(final, inputs, methods[0], save_best, save_format, force=force, progress=progress)
         except Exception as e:
             _name_written(e, final.files)
