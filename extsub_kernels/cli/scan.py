@@ -41,7 +41,7 @@ inputs:
   (only the completion is scored), or "input_ids" (pre-tokenised, for models without a tokenizer).
   TRUTH: FORGET's prompts, line for line, with true completions (.jsonl "prompt" + "completion").
   CHOICES: .jsonl, one question per line: TruthfulQA's "question", "mc1_targets", "mc2_targets"
-  ({"choices": [...], "labels": [1, 0, ...]}), or "question", "correct": [...], "incorrect": [...];
+  ({{"choices": [...], "labels": [1, 0, ...]}}), or "question", "correct": [...], "incorrect": [...];
   "question_ids" and lists of token ids for pre-tokenised options.
   PROMPTS: .txt (one per line), or .jsonl with "prompt" or "prompt_ids".
   With a chat template (--chat-template auto, the default, when the tokenizer has one), prompts and

@@ -60,12 +60,12 @@ class EvaluationSets:
         """Read the files (`metrics.load_examples`, `metrics.load_prompts`, `choices.load_choices`); InputErrors name
         file and line. TRUTH must pair with FORGET: as many examples, each with the same prompt tokens."""
         files = {"keep": keep, "forget": forget, "truth": truth, "choices": choices, "prompts": prompts}
-        forget_set = load_examples(forget, tokenizer, chat)
+        keep_set, forget_set = load_examples(keep, tokenizer, chat), load_examples(forget, tokenizer, chat)
         truth_set = load_examples(truth, tokenizer, chat) if truth is not None else None
         if truth_set is not None:
             _check_paired(truth_set, forget_set, str(truth), str(forget))
         return cls(
-            load_examples(keep, tokenizer, chat),
+            keep_set,
             forget_set,
             load_prompts(prompts, tokenizer) if prompts is not None else None,
             {name: str(path) for name, path in files.items() if path is not None},

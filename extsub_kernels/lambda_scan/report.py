@@ -53,7 +53,7 @@ class ScanFiles:
             self._write("scan.png", plot_png(result))
         if result.samples:
             self._write("samples.jsonl", samples_text(result).encode())
-        return list(self.written)
+        return [self.folder / name for name in SCAN_FILES if self.folder / name in self.written]
 
 
 def json_text(result: ScanResult) -> str:
