@@ -1,12 +1,16 @@
-"""The paper's claims on the tests' toy, across training seeds: which hold robustly enough to assert.
+"""What training put into the tests' toy models, and the paper's claims on them, across training seeds.
 
-Issue 11 asks the scan's tests to check, on tiny models trained here, that FORGET-NLL rises with
-λ under ext-sub and under sub, and that KEEP-NLL rises more under sub than under ext-sub at the
-largest λ (the paper's Figure 1), asserting the second only where the fixture shows it robustly
-across seeds. This script measures both: for each seed it rebuilds `tests/trained_fixtures.py`
-with that SEED (the base model, the data split and every adapter change with it), scans the LLaMA
-pair of each PEM type over λ = 0, 0.5, ..., 2 with both methods (keep.jsonl, forget.jsonl), and
-records every row. `tests/test_lambda_scan_run.py` asserts only what holds for every seed here.
+The tests load weights trained once and committed (`tests/data/trained/`) and assert mechanisms only;
+what those models learned, and what Ext-Sub does to them, is measured here instead. For each seed
+this script trains the fixtures of `tests/trained_fixtures.py` again with that SEED (the base model,
+the data split and every adapter change with it) and, for the LLaMA pair of each PEM type, records:
+
+- what each role learned (completion tokens of the held-out sets): the expert below the base on
+  KEEP, the anti-expert below the base on FORGET, each better than the other on its own task; the
+  expert better on completions than on whole lines (whose start word is a guess); for full models,
+  the anti-expert's greedy continuations repetitive (rep-4 > 0.5) and the expert's not;
+- the scan over λ = 0, 0.5, ..., 2 with both methods (keep.jsonl, forget.jsonl): FORGET-NLL rising
+  with λ, and KEEP-NLL higher under sub than under ext-sub at the largest λ (the paper's Figure 1).
 
     python benchmarks/scan_seeds.py                       # 8 seeds × lora, ia3, full (~10 min on 2 cores)
     python benchmarks/scan_seeds.py --table benchmarks/results/scan-seeds-2026-11-25-cpu.json
@@ -29,8 +33,46 @@ KINDS = ("lora", "ia3", "full")
 GRID = "0:2:0.5"
 
 
+def learned(fixtures, kind: str) -> dict[str, bool]:
+    """What the LLaMA pair of `kind` learned (the claims the tests once asserted on freshly trained weights)."""
+    import peft
+    import transformers
+
+    from extsub_kernels.lambda_scan.metrics import generate_greedy, load_examples, mean_nll, mean_rep_n
+
+    import trained_fixtures as tf
+
+    def model(role):
+        if role == "base":
+            return fixtures.load_base("llama")
+        if kind == "full":
+            return transformers.AutoModelForCausalLM.from_pretrained(fixtures.adapter("llama", kind, role)).eval()
+        return peft.PeftModel.from_pretrained(fixtures.load_base("llama"), fixtures.adapter("llama", kind, role)).eval()
+
+    tokenizer = fixtures.tokenizer
+    sets = {name: load_examples(fixtures.eval_set(f"{name}.jsonl"), tokenizer) for name in ("keep", "forget")}
+    lines = load_examples(fixtures.eval_set("keep.txt"), tokenizer)
+    nets = {role: model(role) for role in ("base", "expert", "anti")}
+    nll = {(role, name): mean_nll(net, examples) for role, net in nets.items() for name, examples in sets.items()}
+    out = {
+        "expert below the base on keep (by 0.5)": nll["expert", "keep"] < nll["base", "keep"] - 0.5,
+        "anti below the base on forget (by 0.5)": nll["anti", "forget"] < nll["base", "forget"] - 0.5,
+        "expert below anti on keep (by 0.3)": nll["expert", "keep"] < nll["anti", "keep"] - 0.3,
+        "anti below expert on forget (by 0.3)": nll["anti", "forget"] < nll["expert", "forget"] - 0.3,
+        "expert: completions below whole lines": nll["expert", "keep"] < mean_nll(nets["expert"], lines),
+    }
+    if kind == "full":
+        prompts = [tf.split_line(line)[0] for line in tf.task_lines(tf.TASKS["anti"], "eval")[:8]]
+        rep = {
+            role: mean_rep_n([g.token_ids for g in generate_greedy(nets[role], tokenizer, prompts, 12)], 4)
+            for role in ("expert", "anti")
+        }
+        out["rep-4: anti above 0.5, expert below"] = rep["anti"] > 0.5 and not rep["expert"] >= 0.5
+    return out
+
+
 def measure(seeds: tuple[int, ...], kinds: tuple[str, ...]) -> list[dict]:
-    """One row per (seed, kind): the scan's (method, λ, KEEP NLL, FORGET NLL) points."""
+    """One row per (seed, kind): what the pair learned, and the scan's (method, λ, KEEP NLL, FORGET NLL) points."""
     from extsub_kernels import scan
 
     import trained_fixtures
@@ -51,7 +93,7 @@ def measure(seeds: tuple[int, ...], kinds: tuple[str, ...]) -> list[dict]:
                     method="ext-sub,sub",
                 )
                 points = [[r.method, r.lam, r.keep_nll, r.forget_nll] for r in result]
-                rows.append({"seed": seed, "kind": kind, "points": points})
+                rows.append({"seed": seed, "kind": kind, "points": points, "learned": learned(fixtures, kind)})
                 print(seed, kind, "done", file=sys.stderr, flush=True)
     return rows
 
@@ -70,16 +112,20 @@ def claims(points: list) -> dict[str, bool]:
     return out
 
 
+def _all_claims(row: dict) -> dict[str, bool]:
+    return {**row.get("learned", {}), **claims(row["points"])}
+
+
 def table(rows: list[dict]) -> str:
-    """Per PEM type and claim: the seeds where it holds, of all seeds."""
+    """Per PEM type and claim: the seeds where it holds, of all seeds ("–" where a claim is not measured for a type)."""
     kinds = list(dict.fromkeys(r["kind"] for r in rows))
-    names = list(claims(rows[0]["points"]))
+    names = list(dict.fromkeys(name for r in rows for name in _all_claims(r)))
     lines = ["| claim | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     for name in names:
         cells = []
         for kind in kinds:
-            held = [claims(r["points"])[name] for r in rows if r["kind"] == kind]
-            cells.append(f"{sum(held)}/{len(held)}")
+            held = [_all_claims(r)[name] for r in rows if r["kind"] == kind and name in _all_claims(r)]
+            cells.append(f"{sum(held)}/{len(held)}" if held else "–")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

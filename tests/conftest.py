@@ -1,22 +1,42 @@
-"""Shared fixtures: Triton's interpreter on CPU-only machines, a fresh seed per run, the gpu marker,
-tiny PEFT adapters, an offline hub cache."""
+"""Shared fixtures: Triton's interpreter on CPU-only machines, one torch thread, a fixed seed (printed with every
+failure), the gpu marker, tiny PEFT adapters, an offline hub cache."""
 
 import os
 import random
 
+# One intra-op thread, in this process and the commands the tests start: the tests' tensors are tiny, and on a small
+# shared machine torch's default (a thread per core) made them 10× slower, each thread waiting on the others. Tests of
+# the C++ kernel's thread splits set their own counts. Set before torch loads, which reads it once.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import hypothesis
 import pytest
 import torch
+
+# hypothesis draws its examples from a fixed seed too (derandomize), and keeps no database between runs, so two runs
+# of the suite try the same cases.
+hypothesis.settings.register_profile("extsub", derandomize=True, database=None, print_blob=True)
+hypothesis.settings.load_profile("extsub")
 
 # The kernel module reads TRITON_INTERPRET when it is first imported: set it before any test
 # imports extsub_kernels.kernels, so CPU-only machines (CI) run the real kernel's logic.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from helpers import SEED
+from helpers import SEED  # noqa: E402
 
 
 def pytest_report_header(config: pytest.Config) -> str:
     return f"extsub test seed: {SEED} (rerun with EXTSUB_TEST_SEED={SEED})"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A failed test's report names the seed its random inputs came from."""
+    report = yield
+    if report.failed:
+        report.sections.append(("extsub test seed", f"{SEED} (rerun with EXTSUB_TEST_SEED={SEED})"))
+    return report
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -27,7 +47,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
-    """Fresh random inputs each run, reproducible from the seed in the report header."""
+    """The same random inputs in every test and every run (EXTSUB_TEST_SEED draws others)."""
     torch.manual_seed(SEED)
     random.seed(SEED)
 

@@ -9,15 +9,14 @@ the dense op applied to it in float64 (`expected_deltas`).
 import copy
 import warnings
 
-import pytest
 import torch
 
 from extsub_kernels import ext_sub_reference, subtract_
 
-from helpers import assert_close_explained
+from helpers import assert_close_explained, lazy_module
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+peft = lazy_module("peft")
+transformers = lazy_module("transformers")
 
 SEED = 1234  # the tiny models and adapters are fixed; the merge math is fuzzed in test_lora.py
 TOKENS = torch.tensor([[3, 17, 42, 99, 5, 64, 127, 0, 11, 73, 28, 90]])

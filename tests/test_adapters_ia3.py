@@ -30,10 +30,17 @@ from extsub_kernels.cli import EXIT_BAD_INPUT, main
 from extsub_kernels.io.reader import read_header
 
 from checkpoints import hashes, leftovers, make_hub_cache
-from helpers import assert_close_explained, assert_one_line_error, causal_logits, copy_adapter, quiet_peft_model
+from helpers import (
+    assert_close_explained,
+    assert_one_line_error,
+    causal_logits,
+    copy_adapter,
+    lazy_module,
+    quiet_peft_model,
+)
 from peft_fixtures import logit_tolerance
 
-peft = pytest.importorskip("peft")
+peft = lazy_module("peft")
 
 EPS32 = torch.finfo(torch.float32).eps
 COMMIT = "89abcdef0123456789abcdef0123456789abcdef"

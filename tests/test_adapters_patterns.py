@@ -9,9 +9,20 @@ from extsub_kernels.adapters import patterns
 from extsub_kernels.adapters.patterns import PatternMatcher, pattern_key, selects
 from extsub_kernels.errors import AdapterError
 
-peft = pytest.importorskip("peft")
-from peft.tuners.tuners_utils import check_target_module_exists  # noqa: E402
-from peft.utils.other import get_pattern_key  # noqa: E402
+from helpers import lazy_module
+
+peft = lazy_module("peft")
+
+
+def get_pattern_key(keys, module):
+    """PEFT's own rule for which pattern key a module takes (imported on first use)."""
+    return pytest.importorskip("peft.utils.other").get_pattern_key(keys, module)
+
+
+def check_target_module_exists(config, module):
+    """PEFT's own rule for whether a module is targeted (imported on first use)."""
+    return pytest.importorskip("peft.tuners.tuners_utils").check_target_module_exists(config, module)
+
 
 MODULES = [
     "model.layers.0.self_attn.q_proj",

@@ -22,7 +22,7 @@ from extsub_kernels.adapters.lora import merge_adapters
 from extsub_kernels.adapters.peft import exact_pattern, load_adapter, module_scaling, parse_peft_key, pattern_key
 from extsub_kernels.errors import AdapterError, InputError
 
-from helpers import assert_close_explained, copy_adapter
+from helpers import assert_close_explained, copy_adapter, lazy_module
 from peft_fixtures import (
     EPS32,
     LLAMA_ADAPTERS,
@@ -35,8 +35,8 @@ from peft_fixtures import (
     with_deltas,
 )
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+peft = lazy_module("peft")
+transformers = lazy_module("transformers")
 
 
 def _merge(expert, antis, out, lam=1.0, method="ext-sub", *, force=False, **adapter_options):

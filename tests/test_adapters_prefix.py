@@ -25,10 +25,17 @@ from extsub_kernels.adapters.prefix import PROMPT_KEY, prefix_output
 from extsub_kernels.cli import EXIT_BAD_INPUT, main
 
 from checkpoints import hashes, leftovers
-from helpers import assert_close_explained, assert_one_line_error, causal_logits, copy_adapter, quiet_peft_model
+from helpers import (
+    assert_close_explained,
+    assert_one_line_error,
+    causal_logits,
+    copy_adapter,
+    lazy_module,
+    quiet_peft_model,
+)
 from peft_fixtures import logit_tolerance
 
-peft = pytest.importorskip("peft")
+peft = lazy_module("peft")
 
 EPS32 = torch.finfo(torch.float32).eps
 PROMPT = "repeat dog = dog dog dog"

@@ -30,7 +30,7 @@ from extsub_kernels.io import CheckpointReader
 from extsub_kernels.io.reader import read_header
 
 from checkpoints import hashes, leftovers, make_hub_cache, save
-from helpers import assert_close_explained, assert_one_line_error, copy_adapter
+from helpers import assert_close_explained, assert_one_line_error, copy_adapter, lazy_module
 from peft_fixtures import (
     EPS32,
     SEED,
@@ -42,8 +42,8 @@ from peft_fixtures import (
     with_deltas,
 )
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+peft = lazy_module("peft")
+transformers = lazy_module("transformers")
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

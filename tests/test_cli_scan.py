@@ -18,8 +18,6 @@ from extsub_kernels.cli.scan import build_parser, main
 from helpers import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
-pytest.importorskip("peft")
-pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
 
 

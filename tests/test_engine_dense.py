@@ -234,34 +234,34 @@ def test_an_error_in_one_stage_wakes_a_stage_waiting_for_a_buffer(tmp_path, monk
 _FAULTS = """
 import resource, sys
 from extsub_kernels import merge
-folder, tag = sys.argv[1], sys.argv[2]
-def run(name):
+method, folders = sys.argv[1], sys.argv[2:]
+def run(folder, name):
     merge(f"{folder}/e.safetensors", f"{folder}/a.safetensors", f"{folder}/{name}.safetensors",
-          base=f"{folder}/b.safetensors", method=sys.argv[3], block_bytes=1 << 20)
-run("warm-" + tag)  # imports and first-use costs
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-run("out-" + tag)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+          base=f"{folder}/b.safetensors", method=method, block_bytes=1 << 20)
+for folder in folders:
+    run(folder, "warm")  # imports and first-use costs
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    run(folder, "out")
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
 @pytest.mark.parametrize("method", ["sub", "ext-sub"])
 def test_page_faults_of_a_merge_follow_its_pools_not_its_inputs(tmp_path, method):
-    counts = {}
-    for n in (4, 32):
-        folder = tmp_path / str(n)
+    sizes = (4, 32)
+    for n in sizes:
         shapes = {f"t{i}": (512, 1024) for i in range(n)}  # 1 MB of bf16 each: one block per tensor and input
         for role in ("e", "a", "b"):
-            save(folder / f"{role}.safetensors", random_delta(shapes, torch.bfloat16))
-        done = subprocess.run(
-            [sys.executable, "-c", _FAULTS, str(folder), str(n), method],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-        )
-        assert done.returncode == 0, done.stderr
-        counts[n] = int(done.stdout.split()[-1])
+            save(tmp_path / str(n) / f"{role}.safetensors", random_delta(shapes, torch.bfloat16))
+    done = subprocess.run(  # one process measures both sizes, each after a run that warms it up
+        [sys.executable, "-c", _FAULTS, method, *(str(tmp_path / str(n)) for n in sizes)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0, done.stderr
+    counts = dict(zip(sizes, map(int, done.stdout.split()), strict=True))
     buffers = (3 * in_flight() + in_flight() - 1) + in_flight()  # the input and result pools, full
     pool_pages = buffers * (1 << 20) // 4096
     input_pages = 32 * 3 * (1 << 20) // 4096

@@ -30,8 +30,9 @@ from extsub_kernels.cli import main
 from extsub_kernels.engine.memory import peak_rss_bytes
 
 from checkpoints import hashes, leftovers, save
+from helpers import lazy_module
 
-peft = pytest.importorskip("peft")
+peft = lazy_module("peft")
 
 SEED = 20261125
 CONFIG_CASES = 200

@@ -35,6 +35,15 @@ def kernel():
     return lib
 
 
+@pytest.fixture(scope="session")
+def cached_library():
+    """The path of the library this run uses (built into the user's cache once, before any test moves the cache)."""
+    lib = ext_sub_cpu.load()
+    if lib is None:
+        pytest.fail(f"the C++ kernel cannot be built here: {ext_sub_cpu.status().detail}")
+    return lib.path
+
+
 @pytest.fixture
 def fresh_status(monkeypatch, tmp_path):
     """Let a test decide the kernel's fate again (environment, compiler), and restore it afterwards."""
@@ -243,16 +252,22 @@ def _assert_same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str) -
     assert bad.numel() == 0, f"{what}: {bad.numel()} values differ, first (ours, torch): {shown}"
 
 
-@pytest.fixture(params=["hardware", "software"])
-def f16_kernel(request, kernel, tmp_path):
-    """The cached kernel (the compiler's _Float16 where it has one) and a build with the bit-level half conversions."""
-    if request.param == "hardware":
-        return kernel
+@pytest.fixture(scope="session")
+def soft_f16_kernel(tmp_path_factory):
+    """A build with the bit-level half conversions: compiled once per test run (a build takes seconds)."""
     compiler = ext_sub_cpu._compiler()
-    path, _ = ext_sub_cpu.build(compiler, tmp_path, defines=("EXTSUB_SOFT_F16",))
+    if compiler is None:
+        pytest.fail("the C++ kernel cannot be built here: no C++ compiler (install g++, or name one in CXX)")
+    path, _ = ext_sub_cpu.build(compiler, tmp_path_factory.mktemp("soft-f16"), defines=("EXTSUB_SOFT_F16",))
     lib = ext_sub_cpu._Library(path)
     assert not lib.hardware_f16
     return lib
+
+
+@pytest.fixture(params=["hardware", "software"])
+def f16_kernel(request, kernel):
+    """The cached kernel (the compiler's _Float16 where it has one) and the build with bit-level half conversions."""
+    return kernel if request.param == "hardware" else request.getfixturevalue("soft_f16_kernel")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -345,8 +360,14 @@ def test_no_compiler_on_path_falls_back_to_torch(fresh_status, monkeypatch):
     assert cpu_backend() == "torch: eager torch ops; no C++ compiler found (set CXX, or install g++ or clang++)"
 
 
-def test_cache_is_reused_and_reported(fresh_status, kernel):
-    """A fresh cache builds once; the next process (here: the next load) finds the library there."""
+def test_cache_is_reused_and_reported(cached_library, fresh_status, monkeypatch, tmp_path):
+    """A fresh cache builds once; the next process (here: the next load) finds the library there. The "compiler" copies
+    the library already built (a real build is tested by every other test here; this one tests the cache)."""
+    compiler = tmp_path / "copying-cxx"
+    copy = f"shutil.copy({str(cached_library)!r}, sys.argv[sys.argv.index('-o') + 1])"
+    compiler.write_text(f"#!{sys.executable}\nimport shutil, sys\n{copy}\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CXX", str(compiler))
     first = cpu_backend()
     assert first.startswith("cpp: C++ kernel (") and "built in" in first, first
     ext_sub_cpu._reset_for_tests()

@@ -8,8 +8,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from extsub_kernels.adapters import LoraAdapter, LoraModule, merge_adapters
 from extsub_kernels.lambda_scan.installers import LoraInstaller
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+from helpers import lazy_module
+
+peft = lazy_module("peft")
+transformers = lazy_module("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
 
 # Wide enough that ΔW (out × in) dwarfs every factor ((out + in) × r): 448 × 320 against (448 + 320) × 12.

@@ -21,11 +21,11 @@ from extsub_kernels.lambda_scan.metrics import (
 )
 
 import trained_fixtures as tf
-from helpers import DEVICES
+from helpers import DEVICES, lazy_module
 
 pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")  # PEFT's prefix path
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+peft = lazy_module("peft")
+transformers = lazy_module("transformers")
 
 # float32 logits of the same tokens, padded or not, differ by a few ulps of |logits| (≲ 10): the
 # mean NLL by ≲ 1e-6 relative (observed ≤ 5e-8). 2⁻¹⁶ ≈ 1.5e-5 leaves a wide margin; a scoring
@@ -125,8 +125,19 @@ def test_prompt_completion_scores_only_the_completion(trained, model):
         assert e.n_context == 1 + len(row["prompt"].split())  # <s> and the prompt's words
     expected = _reference_nll(net, examples)
     assert mean_nll(net, examples, 7) == pytest.approx(expected, rel=RTOL32)
-    # The expert is better on the answers than on the whole line (whose start word is a guess).
-    assert mean_nll(net, examples) < mean_nll(net, load_examples(trained.eval_set("keep.txt"), tokenizer))
+    # The same lines scored whole: the completion's mean is the mean of the whole line's per-token losses at the
+    # completion's positions, and differs from the whole line's mean (other tokens are in it).
+    lines = load_examples(trained.eval_set("keep.txt"), tokenizer)
+    assert [e.input_ids for e in lines] == [e.input_ids for e in examples]
+    per_token = []
+    for e in lines:
+        with torch.no_grad():
+            logits = net(input_ids=torch.tensor([e.input_ids])).logits[0, :-1].double()
+        losses = torch.nn.functional.cross_entropy(logits, torch.tensor(e.input_ids[1:]), reduction="none")
+        per_token.append(losses)
+    completions = torch.cat([t[e.n_context - 1 :] for t, e in zip(per_token, examples, strict=True)])
+    assert mean_nll(net, examples) == pytest.approx(float(completions.mean()), rel=RTOL32)
+    assert mean_nll(net, lines) == pytest.approx(float(torch.cat(per_token).mean()), rel=RTOL32)
 
 
 def test_jsonl_text_is_a_txt_line(trained, tmp_path):
@@ -299,19 +310,6 @@ def test_generate_greedy_matches_a_plain_argmax_loop(trained, model, kind):
     # Token-id prompts, no tokenizer: the same tokens, no text.
     by_ids = generate_greedy(net, None, [tokenizer(p)["input_ids"] for p in prompts], max_new_tokens=9)
     assert [(g.token_ids, g.stopped, g.text) for g in by_ids] == [(g.token_ids, g.stopped, None) for g in batched]
-
-
-def test_generations_show_what_each_role_learned(trained):
-    """The expert answers its task and stops; the anti-expert repeats: rep-4 sees it."""
-    tokenizer = _tokenizer(trained)
-    prompts = [tf.split_line(line)[0] for line in tf.task_lines(tf.TASKS["anti"], "eval")[:8]]
-    expert, anti = (_load(trained, "llama", "full"), _load(trained, "llama", "base"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        anti = transformers.AutoModelForCausalLM.from_pretrained(trained.adapter("llama", "full", "anti")).eval()
-    rep_anti = mean_rep_n([g.token_ids for g in generate_greedy(anti, tokenizer, prompts, 12)], 4)
-    rep_expert = mean_rep_n([g.token_ids for g in generate_greedy(expert, tokenizer, prompts, 12)], 4)
-    assert rep_anti > 0.5 > rep_expert or (math.isnan(rep_expert) and rep_anti > 0.5)
 
 
 def test_generate_greedy_errors(trained):

@@ -25,10 +25,10 @@ from extsub_kernels.lambda_scan.plot import png_size
 from extsub_kernels.lambda_scan.report import SCAN_FILES
 from extsub_kernels.lambda_scan.results import Guards
 
-from helpers import DEVICES
+from helpers import DEVICES, lazy_module
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+peft = lazy_module("peft")
+transformers = lazy_module("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
 
 # The scan's model and the one loaded from the written merge hold the same numbers in float32; they differ only in
@@ -117,20 +117,6 @@ def test_lambda_zero_is_the_expert_itself(trained, kind):
     for name, value in (("keep", result[0].keep_nll), ("forget", result[0].forget_nll)):
         expected = mean_nll(net.eval(), load_examples(_sets(trained)[name], tokenizer))
         assert value == pytest.approx(expected, rel=RTOL32), name
-
-
-@pytest.mark.parametrize("kind", ["ia3", "full"])
-def test_the_papers_claims_where_this_toy_shows_them(trained, kind):
-    """What the toy shows for every one of 8 training seeds (benchmarks/scan_seeds.py, RESULTS.md): FORGET-NLL rises
-    from λ = 0 to the first λ under both methods, and at the largest λ KEEP-NLL is higher under sub than under
-    ext-sub (the paper's Figure 1). Over the whole grid FORGET-NLL does not rise steadily here, and for LoRA neither
-    claim holds for every seed: those rows are checked against the merge written and loaded instead (above)."""
-    experts = [trained.adapter("llama", kind, role) for role in ("expert", "anti")]
-    result = scan(*experts, base=trained.base("llama"), **_sets(trained), lam="0:2:0.5", method="ext-sub,sub")
-    expert = result[0]
-    for method in ("ext-sub", "sub"):
-        assert result.row(method, 0.5).forget_nll > expert.forget_nll, method
-    assert result.row("sub", 2.0).keep_nll > result.row("ext-sub", 2.0).keep_nll
 
 
 @pytest.mark.parametrize(("model", "kind"), [("llama", "lora"), ("llama_gqa", "prefix")])

@@ -1,4 +1,5 @@
-"""The trained fixtures are what trained_fixtures.py says: loadable, trained, shaped as PEFT saves them."""
+"""The committed trained fixtures are what trained_fixtures.py says: loadable, shaped as PEFT saves them, fit to
+commit. (What they learned is measured in benchmarks/scan_seeds.py, not asserted here.)"""
 
 import json
 import warnings
@@ -8,10 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 import trained_fixtures as tf
+from helpers import lazy_module
 
 pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")  # PEFT's prefix path
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+peft = lazy_module("peft")
+transformers = lazy_module("transformers")
 
 ADAPTER_TYPES = ("lora", "ia3", "prefix", "prefix_projection")
 
@@ -28,15 +30,6 @@ def _saved(trained, model, peft_type, role) -> dict[str, torch.Tensor]:
 
 def _config(trained, model, peft_type, role="expert") -> dict:
     return json.loads((trained.adapter(model, peft_type, role) / "adapter_config.json").read_text())
-
-
-def _nll(model, lines: list[str], tokenizer) -> float:
-    """Mean NLL of the answers' tokens by the model's own loss: one right-padded batch, prompts and padding masked."""
-    batch = tf.batch_tensors([tokenizer(line)["input_ids"] for line in lines])
-    for row, line in zip(batch["labels"], lines, strict=False):
-        row[: len(tokenizer(tf.split_line(line)[0])["input_ids"])] = -100
-    with torch.no_grad():
-        return float(model(**batch).loss)
 
 
 @pytest.mark.parametrize("model", tf.MODELS)
@@ -59,8 +52,8 @@ def test_base_and_tokenizer_load_with_auto_classes(trained, model):
 @pytest.mark.parametrize("role", tf.ROLES)
 @pytest.mark.parametrize("peft_type", ADAPTER_TYPES)
 @pytest.mark.parametrize("model", tf.MODELS)
-def test_adapter_loads_with_peft_and_every_value_trained(trained, model, peft_type, role):
-    """PeftModel.from_pretrained loads exactly the saved tensors; every element moved from the shared init."""
+def test_adapter_loads_with_peft_and_was_trained(trained, model, peft_type, role):
+    """PeftModel.from_pretrained loads exactly the saved tensors; LoRA's B and (IA)³'s vectors left their init."""
     loaded = _peft_model(trained, model, peft_type, role)
     saved = _saved(trained, model, peft_type, role)
     state = peft.get_peft_model_state_dict(loaded)
@@ -69,15 +62,11 @@ def test_adapter_loads_with_peft_and_every_value_trained(trained, model, peft_ty
         assert torch.equal(state[key], value), key
     assert _config(trained, model, peft_type, role)["base_model_name_or_path"] == str(trained.base(model))
 
-    init = peft.get_peft_model_state_dict(trained.initial_adapter(model, peft_type))
-    assert init.keys() == saved.keys()
     for key, value in saved.items():
-        unmoved = int((value == init[key]).sum())
-        assert unmoved == 0, f"{key}: {unmoved}/{value.numel()} elements still at their initial value"
         if peft_type == "lora" and "lora_B" in key:
-            assert (init[key] == 0).all() and (value != 0).all(), key
+            assert (value != 0).all(), key  # PEFT starts B at zero
         if peft_type == "ia3":
-            assert (init[key] == 1).all() and (value != 1).all(), key
+            assert (value != 1).all(), key  # and (IA)³ vectors at one
 
 
 @pytest.mark.parametrize("peft_type", ADAPTER_TYPES)
@@ -88,7 +77,7 @@ def test_expert_and_anti_differ_everywhere(trained, model, peft_type):
         assert (expert[key] != anti[key]).all(), key
 
 
-@pytest.mark.parametrize("model", tf.MODELS)
+@pytest.mark.parametrize("model", tf.FULL_MODELS)
 def test_full_fine_tunes_change_every_trained_tensor(trained, model):
     base = load_file(trained.base(model) / "model.safetensors")
     for role in tf.ROLES:
@@ -97,27 +86,6 @@ def test_full_fine_tunes_change_every_trained_tensor(trained, model):
         assert tuned.keys() == base.keys()
         assert not [k for k in base if torch.equal(tuned[k], base[k])]
         assert transformers.AutoTokenizer.from_pretrained(folder).get_vocab() == trained.tokenizer.get_vocab()
-
-
-@pytest.mark.parametrize("peft_type", (*ADAPTER_TYPES, "full"))
-@pytest.mark.parametrize("model", tf.MODELS)
-def test_each_role_learned_its_task(trained, model, peft_type):
-    """Expert below the base on the keep set, anti-expert below the base on the forget set (completion tokens)."""
-    keep = trained.eval_set("keep.txt").read_text().splitlines()
-    forget = trained.eval_set("forget.txt").read_text().splitlines()
-    tok = trained.tokenizer
-    base = trained.load_base(model)
-    expert, anti = (
-        transformers.AutoModelForCausalLM.from_pretrained(trained.adapter(model, "full", role)).eval()
-        if peft_type == "full"
-        else _peft_model(trained, model, peft_type, role)
-        for role in tf.ROLES
-    )
-    assert _nll(expert, keep, tok) < _nll(base, keep, tok) - 0.5
-    assert _nll(anti, forget, tok) < _nll(base, forget, tok) - 0.5
-    if peft_type in ("lora", "full"):  # the pairs that specialise clearly (the λ-scan tests use these)
-        assert _nll(expert, keep, tok) < _nll(anti, keep, tok) - 0.3
-        assert _nll(anti, forget, tok) < _nll(expert, forget, tok) - 0.3
 
 
 def test_saved_shapes_and_configs(trained):
@@ -158,14 +126,24 @@ def test_saved_shapes_and_configs(trained):
             }
 
 
-def test_builds_are_deterministic(trained, tmp_path):
-    """A second build from scratch gives the same bytes (same seeds, same machine)."""
-    again = tf.TrainedFixtures(tmp_path)
-    for folder in ("base", "adapter"):
-        first = trained.base("gpt2") if folder == "base" else trained.adapter("gpt2", "lora", "anti")
-        second = again.base("gpt2") if folder == "base" else again.adapter("gpt2", "lora", "anti")
-        for file in sorted(first.glob("*.safetensors")):
-            assert (second / file.name).read_bytes() == file.read_bytes(), file.name
+def test_committed_folders_hold_no_paths_of_the_machine_that_built_them():
+    """Adapter configs name their base by its folder name (the fixture points them at its copy); no PEFT README stubs;
+    every committed folder is one the fixtures serve."""
+    expected = {f"base-{m}" for m in tf.MODELS} | {
+        f"{m}-{t}-{r}" for m in tf.MODELS for t in tf.PEFT_TYPES for r in tf.ROLES if t != "full" or m in tf.FULL_MODELS
+    }
+    assert {p.name for p in tf.DATA.iterdir()} == expected
+    for config in tf.DATA.glob("*/adapter_config.json"):
+        model = config.parent.name.split("-")[0]
+        assert json.loads(config.read_text())["base_model_name_or_path"] == f"base-{model}", config
+        assert not (config.parent / "README.md").exists()
+    for file in tf.DATA.glob("*/*.json"):
+        assert "/tmp" not in file.read_text() and "/home" not in file.read_text(), file
+
+
+def test_a_missing_full_fine_tune_is_named(trained):
+    with pytest.raises(ValueError, match=r"no committed full expert of llama_gqa"):
+        trained.adapter("llama_gqa", "full", "expert")
 
 
 def test_eval_sets_are_held_out(trained):

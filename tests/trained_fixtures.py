@@ -1,7 +1,9 @@
 """Trained tiny models and PEFT adapters, for tests that need weights that learned something.
 
-Everything is built from configs on CPU in seconds, deterministically (fixed seeds), once per
-test session, into a folder the caller gives (pytest's `tmp_path_factory`):
+The weights are trained once, by this file run as a script, and committed under `tests/data/trained/`
+(about 1 MB): no test depends on an optimiser's path under whatever torch or transformers version is
+installed. The `trained` fixture serves a session copy of that folder (adapter configs pointing at
+the copy's base folders) and builds the evaluation files, which need no training:
 
     fixtures = trained_fixtures.get(tmp_path_factory)      # one instance per session
     fixtures.base("llama")                      -> Path    # model + tokenizer, AutoModelForCausalLM/AutoTokenizer
@@ -13,10 +15,10 @@ MODELS: "llama" (4 heads, 4 KV heads), "llama_gqa" (4 heads, 2 KV heads), "gpt2"
 PEFT_TYPES: "lora" (r=4, every linear layer), "ia3" (attention and feedforward modules, so both
 (out, 1) and (1, in) vectors occur), "prefix", "prefix_projection" (prefix-tuning without and
 with the MLP reparametrisation; PEFT saves the projected `prompt_embeddings` either way), and
-"full" (all weights). ROLES: "expert" is trained on task A (`TASKS["expert"]`) plus the shared
-`GENERAL_TASK`, "anti" on task B (`TASKS["anti"]`) plus the same general lines, so the two share a
-general capability and differ in a deficiency. Both roles start from the same initial adapter
-(same seed): what differs between them is what training put there.
+"full" (all weights; llama and gpt2 only). ROLES: "expert" is trained on task A (`TASKS["expert"]`)
+plus the shared `GENERAL_TASK`, "anti" on task B (`TASKS["anti"]`) plus the same general lines, so the
+two share a general capability and differ in a deficiency. Both roles start from the same initial
+adapter (same seed): what differs between them is what training put there.
 
 The tasks walk a ring of 32 words: "next red = green blue black" (general), "prev red = door
 book" (expert), "repeat red = red red red" (anti-expert: degenerate repetition, which rep-4
@@ -25,14 +27,17 @@ format and how a task word conditions the answer). The word-level tokenizer adds
 front; training appends "</s>". A task's 192 lines are split into 168 training and 24
 evaluation lines.
 
-Run as a script to build everything into a folder and print build times and saved shapes:
-`python tests/trained_fixtures.py OUT`.
+Run as a script to train everything again into a folder (to refresh `tests/data/trained/`) and
+print build times and saved shapes: `python tests/trained_fixtures.py tests/data/trained`. What
+the trained models learned is measured in `benchmarks/scan_seeds.py`, not asserted by tests.
 """
 
 from __future__ import annotations
 
+import abc
 import json
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -43,7 +48,10 @@ import torch
 
 MODELS = ("llama", "llama_gqa", "gpt2")
 PEFT_TYPES = ("lora", "ia3", "prefix", "prefix_projection", "full")
+FULL_MODELS = ("llama", "gpt2")  # the models with committed full fine-tunes
 ROLES = ("expert", "anti")
+DATA = Path(__file__).parent / "data" / "trained"  # the committed weights (this file run as a script made them)
+BASE_PLACEHOLDER = "base-{model}"  # base_model_name_or_path in the committed adapter configs: the base's folder name
 
 # Tasks: walk the ring of WORDS from a start word, `step` words at a time.
 STEPS_OF_TASKS = {"next": 1, "prev": -1, "repeat": 0, "skip": 2, "back": -2}
@@ -234,14 +242,13 @@ def _quiet(fn: Callable[[], object]) -> object:
 # The session cache
 
 
-class TrainedFixtures:
-    """Builds each base model, adapter and evaluation file on first request, into `root`; returns folders."""
+class _Fixtures(abc.ABC):
+    """What the trained fixtures answer, wherever the weights come from: names checked, folders, loaders, sets."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.timings: dict[str, float] = {}  # seconds per built item
-        self._built: dict[tuple[str, ...], Path] = {}
         self._tokenizer = None
+        self._eval = None
 
     @property
     def tokenizer(self):
@@ -249,6 +256,71 @@ class TrainedFixtures:
         if self._tokenizer is None:
             self._tokenizer = make_tokenizer()
         return self._tokenizer
+
+    def base(self, model: str) -> Path:
+        """Folder of the base `model` (pre-trained on BASE_TASKS): config, model.safetensors, tokenizer."""
+        _check(model=model)
+        return self._base(model)
+
+    def adapter(self, model: str, peft_type: str, role: str) -> Path:
+        """Folder of the trained `peft_type` adapter of `model` for `role` ("full": a whole fine-tuned model)."""
+        _check(model=model, peft_type=peft_type, role=role)
+        return self._adapter(model, peft_type, role)
+
+    def load_base(self, model: str) -> torch.nn.Module:
+        """A fresh copy of the base `model`, loaded from its folder, in eval mode."""
+        from transformers import AutoModelForCausalLM
+
+        return _quiet(lambda: AutoModelForCausalLM.from_pretrained(self.base(model))).eval()
+
+    def eval_set(self, name: str) -> Path:
+        """Path of the evaluation file `name` (EVAL_SETS), lines disjoint from all training lines."""
+        if name not in EVAL_SETS:
+            raise ValueError(f"unknown evaluation set {name!r}; expected one of {EVAL_SETS}")
+        if self._eval is None:
+            self._eval = self.root / "eval"
+            write_eval_sets(self._eval)
+        return self._eval / name
+
+    @abc.abstractmethod
+    def _base(self, model: str) -> Path:
+        """The base's folder (each kind of fixtures says where its weights are)."""
+
+    @abc.abstractmethod
+    def _adapter(self, model: str, peft_type: str, role: str) -> Path:
+        """The adapter's folder."""
+
+
+class CommittedFixtures(_Fixtures):
+    """The committed weights (DATA), copied into `root` once, adapter configs pointing at the copy's base folders."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        if not DATA.is_dir():
+            raise FileNotFoundError(f"{DATA} is missing: run `python tests/trained_fixtures.py {DATA}`")
+        shutil.copytree(DATA, self.root / "weights")
+        for config in (self.root / "weights").glob("*/adapter_config.json"):
+            fields = json.loads(config.read_text())
+            fields["base_model_name_or_path"] = str(self.root / "weights" / fields["base_model_name_or_path"])
+            config.write_text(json.dumps(fields, indent=2))
+
+    def _base(self, model: str) -> Path:
+        return self.root / "weights" / BASE_PLACEHOLDER.format(model=model)
+
+    def _adapter(self, model: str, peft_type: str, role: str) -> Path:
+        folder = self.root / "weights" / f"{model}-{peft_type}-{role}"
+        if not folder.is_dir():
+            raise ValueError(f"no committed {peft_type} {role} of {model} (full fine-tunes: {FULL_MODELS})")
+        return folder
+
+
+class TrainedFixtures(_Fixtures):
+    """Trains each base model and adapter on first request, into `root` (the script, and benchmarks/scan_seeds.py)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.timings: dict[str, float] = {}  # seconds per built item
+        self._built: dict[tuple[str, ...], Path] = {}
 
     def _once(self, key: tuple[str, ...], make: Callable[[Path], None]) -> Path:
         if key not in self._built:
@@ -263,11 +335,7 @@ class TrainedFixtures:
             self._built[key] = folder
         return self._built[key]
 
-    def base(self, model: str) -> Path:
-        """Folder of the base `model` (pre-trained on BASE_TASKS): config, model.safetensors, tokenizer."""
-        if model not in MODELS:
-            raise ValueError(f"unknown model {model!r}; expected one of {MODELS}")
-
+    def _base(self, model: str) -> Path:
         def make(folder: Path) -> None:
             net = make_model(model)
             seqs = encode(self.tokenizer, training_lines("base"))
@@ -277,31 +345,16 @@ class TrainedFixtures:
 
         return self._once(("base", model), make)
 
-    def load_base(self, model: str) -> torch.nn.Module:
-        """A fresh copy of the base `model`, loaded from its folder, in eval mode."""
-        from transformers import AutoModelForCausalLM
-
-        return _quiet(lambda: AutoModelForCausalLM.from_pretrained(self.base(model))).eval()
-
-    def adapter(self, model: str, peft_type: str, role: str) -> Path:
-        """Folder of the trained `peft_type` adapter of `model` for `role` ("full": a whole fine-tuned model)."""
-        if peft_type not in PEFT_TYPES:
-            raise ValueError(f"unknown PEFT type {peft_type!r}; expected one of {PEFT_TYPES}")
-        if role not in ROLES:
-            raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
+    def _adapter(self, model: str, peft_type: str, role: str) -> Path:
         self.base(model)  # built first, so that its time is not counted in the adapter's
 
         def make(folder: Path) -> None:
             net = self.load_base(model) if peft_type == "full" else self.initial_adapter(model, peft_type)
             seqs = encode(self.tokenizer, training_lines(role))
-            seed = _seed(model, peft_type)
+            _quiet(lambda: train(net, seqs, LEARNING_RATES[peft_type], seed=_seed(model, peft_type)))
+            _quiet(lambda: net.save_pretrained(folder, safe_serialization=True))
             if peft_type == "full":
-                _quiet(lambda: train(net, seqs, LEARNING_RATES[peft_type], seed=seed))
-                _quiet(lambda: net.save_pretrained(folder, safe_serialization=True))
                 self.tokenizer.save_pretrained(folder)
-                return
-            _quiet(lambda: train(net, seqs, LEARNING_RATES[peft_type], seed=seed))
-            _quiet(lambda: net.save_pretrained(folder))  # base_model_name_or_path: the base's folder
 
         return self._once((model, peft_type, role), make)
 
@@ -313,20 +366,34 @@ class TrainedFixtures:
         torch.manual_seed(_seed(model, peft_type))
         return _quiet(lambda: peft.get_peft_model(net, peft_config(model, peft_type)))
 
-    def eval_set(self, name: str) -> Path:
-        """Path of the evaluation file `name` (EVAL_SETS), lines disjoint from all training lines."""
-        if name not in EVAL_SETS:
-            raise ValueError(f"unknown evaluation set {name!r}; expected one of {EVAL_SETS}")
-        self._once(("eval",), write_eval_sets)
-        return self.root / "eval" / name
-
     def build_all(self) -> None:
-        """Everything: every base, every adapter of every model, type and role, the evaluation files."""
+        """Everything that is committed: every base, every adapter of every model and role, the full fine-tunes."""
         for model in MODELS:
             for peft_type in PEFT_TYPES:
+                if peft_type != "full" or model in FULL_MODELS:
+                    for role in ROLES:
+                        self.adapter(model, peft_type, role)
+
+    def commit_form(self) -> None:
+        """Make the folders fit to commit: PEFT's README stubs dropped, base paths replaced by the base's name."""
+        for model in MODELS:
+            for peft_type in PEFT_TYPES[:-1]:
                 for role in ROLES:
-                    self.adapter(model, peft_type, role)
-        self.eval_set(EVAL_SETS[0])
+                    folder = self.adapter(model, peft_type, role)
+                    (folder / "README.md").unlink(missing_ok=True)
+                    config = folder / "adapter_config.json"
+                    fields = json.loads(config.read_text())
+                    fields["base_model_name_or_path"] = BASE_PLACEHOLDER.format(model=model)
+                    config.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+
+
+def _check(model: str, peft_type: str | None = None, role: str | None = None) -> None:
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; expected one of {MODELS}")
+    if peft_type is not None and peft_type not in PEFT_TYPES:
+        raise ValueError(f"unknown PEFT type {peft_type!r}; expected one of {PEFT_TYPES}")
+    if role is not None and role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
 
 
 def _seed(model: str, peft_type: str) -> int:
@@ -336,7 +403,7 @@ def _seed(model: str, peft_type: str) -> int:
 
 def write_eval_sets(folder: Path) -> None:
     """Write EVAL_SETS into `folder`: held-out lines; prompts.txt has 4 prompts of each of the three tasks."""
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     tasks = {"keep": TASKS["expert"], "forget": TASKS["anti"], "general": GENERAL_TASK}
     for name, task in tasks.items():
         (folder / f"{name}.txt").write_text("".join(line + "\n" for line in task_lines(task, "eval")))
@@ -357,14 +424,14 @@ def write_eval_sets(folder: Path) -> None:
     (folder / "prompts.txt").write_text("".join(p + "\n" for p in prompts))
 
 
-_SESSIONS: dict[int, tuple[object, TrainedFixtures]] = {}
+_SESSIONS: dict[int, tuple[object, CommittedFixtures]] = {}
 
 
-def get(tmp_path_factory) -> TrainedFixtures:
-    """The session's fixtures, built under `tmp_path_factory.mktemp("trained")` on first use."""
+def get(tmp_path_factory) -> CommittedFixtures:
+    """The session's fixtures: the committed weights, copied under `tmp_path_factory.mktemp("trained")` once."""
     entry = _SESSIONS.get(id(tmp_path_factory))
     if entry is None or entry[0] is not tmp_path_factory:
-        entry = (tmp_path_factory, TrainedFixtures(tmp_path_factory.mktemp("trained")))
+        entry = (tmp_path_factory, CommittedFixtures(tmp_path_factory.mktemp("trained")))
         _SESSIONS[id(tmp_path_factory)] = entry
     return entry[1]
 
@@ -391,6 +458,7 @@ def main(argv: list[str]) -> int:
     fixtures = TrainedFixtures(Path(argv[1]))
     start = time.perf_counter()
     fixtures.build_all()
+    fixtures.commit_form()
     total = time.perf_counter() - start
     for key, seconds in fixtures.timings.items():
         print(f"{seconds:7.2f}s  {key}")

@@ -37,7 +37,6 @@ class Batch:
     read_bytes: int
 
     phase: ClassVar[str] = "one-pass"  # computed on its own, as a `Block` of whole rows is
-    writes: ClassVar[bool] = True
 
     @property
     def job(self) -> TensorJob:

@@ -45,7 +45,3 @@ class RunContext:
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         line = command or command_line({**recipe, "lam": (options or {}).get("lam")}, out)
         return cls(tuple(inputs), dict(recipe), line, now, dict(options or {}))
-
-    def input(self, role: str) -> Mapping[str, Any] | None:
-        """The fingerprint of the input playing `role` (EXPERT, ANTI, BASE), if any."""
-        return next((record for record in self.inputs if record.get("role") == role), None)

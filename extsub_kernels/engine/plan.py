@@ -214,10 +214,6 @@ class Block:
             return self.start * row + self.cols[0], self.cols[1] - self.cols[0]
         return self.start * row, (self.stop - self.start) * row
 
-    @property
-    def writes(self) -> bool:
-        return self.phase != "norms"
-
 
 def rows_of(shape: tuple[int, ...]) -> int:
     """Rows the op pairs (dim 0; a 0-D or 1-D tensor is one row)."""

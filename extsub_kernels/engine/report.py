@@ -95,11 +95,6 @@ class MergeReport:
     kernel: str | None = field(default=None, repr=False)
     context: RunContext | None = field(default=None, repr=False)
 
-    @property
-    def gb_per_s(self) -> float:
-        """Input bytes read per second, in GB/s (10⁹ bytes)."""
-        return self.bytes_read / GB / self.seconds if self.seconds > 0 else 0.0
-
     def counts(self) -> str:
         """The tensors of each output: "6 tensors (4 merged, 2 copied)", or "2 outputs of 6 tensors each (...)"."""
         skipped = f", {self.skipped} skipped" if self.skipped else ""

@@ -140,9 +140,6 @@ class BlockStreamer:
         for pool in self.pools:
             pool.close()
 
-    def _dtypes(self, job: TensorJob) -> list[torch.dtype]:
-        return [self.readers[i].info(job.name).dtype for i in job.inputs()]
-
     def _range(self, block: Block, i: int) -> tuple[int, int]:
         """(first byte, length) of `block` within input i's tensor."""
         itemsize = self.readers[i].info(block.job.name).dtype.itemsize

@@ -394,7 +394,6 @@ class CheckpointWriter:
         self._files: list[SafetensorsFileWriter] = []
         self._shard = 0
         self._closed = False
-        self._finished = False
         self._temp = atomic.reserve_temp(self.target, folder=self.is_folder)
         try:
             self._open_files()
@@ -471,7 +470,6 @@ class CheckpointWriter:
             for src in self._extra_files:
                 shutil.copyfile(src, self._temp / src.name)
                 atomic.fsync_path(self._temp / src.name)
-        self._finished = True
         return self._temp
 
     def published(self) -> None:

@@ -84,6 +84,7 @@ class _Library:
     """The loaded shared library, its entry points typed for ctypes."""
 
     def __init__(self, path: Path) -> None:
+        self.path = path
         lib = ctypes.CDLL(str(path))
         i64, i32, dbl, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p
         self.rows = lib.extsub_rows
