@@ -53,7 +53,8 @@ what is measured at every (method, λ):
   ΔW is never formed; (IA)³, prefix-tuning: the merged vectors or prefix; full models: the op on
   the device, the model must fit there), then: mean NLL per token on KEEP, FORGET (and TRUTH);
   with --choices, MC1 and MC2 as TruthfulQA defines them; with --prompts, greedy continuations
-  scored by rep-4, distinct-1/2, their mean length and the share that ends (kept in samples.jsonl).
+  scored by rep-4, distinct-1/2, their mean length and the share that ends (kept in samples.jsonl);
+  with --lm-eval, every metric lm-evaluation-harness reports for its tasks, on the model in place.
   λ = 0 is the expert itself and is measured once (method "expert").
 
 λ grid:
@@ -116,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="render prompts through the tokenizer's chat template (default auto: when it has one)",
     )
     add("--system", metavar="TEXT", help="a system message before every rendered prompt")
+    add("--lm-eval", metavar="TASK[,TASK]", help="lm-evaluation-harness tasks at every point (extsub[eval])")
+    add(
+        "--lm-eval-include",
+        metavar="DIR",
+        action="append",
+        default=[],
+        help="a folder of local lm-eval task definitions (repeatable)",
+    )
     add("--max-new-tokens", type=int, default=64, metavar="N", help="longest continuation (default 64)")
     add("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     add(
@@ -188,6 +197,8 @@ def _scan(args: argparse.Namespace) -> object:
         choices=args.choices,
         chat_template=args.chat_template,
         system=args.system,
+        lm_eval=args.lm_eval,
+        lm_eval_include=args.lm_eval_include,
         max_new_tokens=args.max_new_tokens,
         device=args.device,
         dtype=args.dtype,

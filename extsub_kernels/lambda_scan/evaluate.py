@@ -15,6 +15,7 @@ import torch
 
 from extsub_kernels.errors import InputError
 from extsub_kernels.lambda_scan.choices import Question, load_choices, score_choices
+from extsub_kernels.lambda_scan.harness import Harness
 from extsub_kernels.lambda_scan.metrics import (
     Example,
     Generation,
@@ -130,13 +131,15 @@ class Evaluator:
     batch_size: int
     max_new_tokens: int
     device: torch.device
+    harness: Harness | None = None
 
     def measure(self, model: torch.nn.Module) -> Measurement:
         """keep_nll, forget_nll (nats per scored token) and truth_nll; mc1, mc2; with prompts rep_4, distinct_1,
         distinct_2, mean_length (tokens) and end_rate (the share of continuations that ended); and seconds.
 
-        Seconds: keep_seconds, forget_seconds, truth_seconds, choices_seconds, generate_seconds, each waited for
-        on CUDA (a float() or .tolist() of the result).
+        With a harness, `lm_eval`: every metric lm-evaluation-harness reports (`harness.Harness`).
+        Seconds: keep_seconds, forget_seconds, truth_seconds, choices_seconds, generate_seconds, lm_eval_seconds,
+        each waited for on CUDA (a float() or .tolist() of the result).
         """
         with warnings.catch_warnings():
             # PEFT's prefix-tuning passes transformers an argument it deprecates; nothing the user can act on.
@@ -168,6 +171,10 @@ class Evaluator:
             )
             values["generate_seconds"] = time.perf_counter() - start
             values |= generation_metrics(generations)
+        if self.harness is not None:
+            start = time.perf_counter()
+            values["lm_eval"] = self.harness.measure(model, self.tokenizer)  # type: ignore[assignment]
+            values["lm_eval_seconds"] = time.perf_counter() - start
         return Measurement(values, generations)
 
 

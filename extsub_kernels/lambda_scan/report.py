@@ -67,9 +67,10 @@ def samples_text(result: ScanResult) -> str:
 
 
 def csv_text(result: ScanResult) -> str:
-    """One line per row, the columns of `results.COLUMNS`; empty cells for what was not measured."""
+    """One line per row, the columns of `results.COLUMNS` and lm-eval's; empty cells for what was not measured."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    fields = [*COLUMNS, *harness_columns(result)]
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in result.table():
         writer.writerow({k: "" if v is None or (isinstance(v, float) and math.isnan(v)) else v for k, v in row.items()})
@@ -111,7 +112,9 @@ def markdown_table(result: ScanResult) -> str:
     columns += [("forget_nll", "FORGET NLL", _f), ("forget_increase", "Δ FORGET", _pct)]
     columns += [("truth_margin", "FORGET − TRUTH", _f), ("mc1", "MC1", _f), ("mc2", "MC2", _f)]
     columns += [("rep_4", "rep-4", _f), ("distinct_2", "distinct-2", _f), ("mean_length", "length", _f1)]
-    columns += [("end_rate", "ended", _pct0), ("merge_seconds", "merge s", _f4), ("eval_seconds", "eval s", _f3)]
+    columns += [("end_rate", "ended", _pct0)]
+    columns += [(name, name.removeprefix("lm_eval:"), _f) for name in harness_columns(result) if "_stderr" not in name]
+    columns += [("merge_seconds", "merge s", _f4), ("eval_seconds", "eval s", _f3)]
     columns = [c for c in columns if c[0] in measured]
     head = ["method", "λ", *(title for _, title, _ in columns)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -132,6 +135,11 @@ def markdown_table(result: ScanResult) -> str:
     for method, rec in result.recommendations.items():
         lines.append(f"- **{method}**: λ = {'none' if rec.lam is None else f'{rec.lam:g}'}: {rec.note}")
     return "\n".join(lines)
+
+
+def harness_columns(result: ScanResult) -> list[str]:
+    """The lm-eval metric columns of the rows (`harness.metric_columns`), sorted."""
+    return sorted({name for row in result.rows for name in row.lm_eval})
 
 
 def _guards(guards: dict | None) -> str:

@@ -20,7 +20,8 @@ class ScanRow:
     """The measurements at one (method, λ); what a set measures is None when the set was not given.
 
     NLLs are nats per scored token (`truth_nll`: TRUTH, FORGET's prompts with true completions).
-    `mc1`, `mc2`: multiple choice (`choices`). Generations: rep-4, distinct-1/2, `mean_length` (tokens per
+    `mc1`, `mc2`: multiple choice (`choices`); `lm_eval`: lm-evaluation-harness's metrics, one column each.
+    Generations: rep-4, distinct-1/2, `mean_length` (tokens per
     continuation) and `end_rate` (the share that ended at a stop token). Seconds: the merge installed in the
     model (`merge_seconds`), then each evaluation.
     """
@@ -43,11 +44,13 @@ class ScanRow:
     end_rate: float | None = None
     truth_seconds: float | None = None
     choices_seconds: float | None = None
+    lm_eval: dict[str, float] = field(default_factory=dict)
+    lm_eval_seconds: float | None = None
 
     @property
     def eval_seconds(self) -> float:
         """Seconds of the whole evaluation at this point."""
-        parts = (self.truth_seconds, self.choices_seconds, self.generate_seconds)
+        parts = (self.truth_seconds, self.choices_seconds, self.generate_seconds, self.lm_eval_seconds)
         return self.keep_seconds + self.forget_seconds + sum(p or 0.0 for p in parts)
 
     @property
@@ -221,7 +224,7 @@ def timing_summary(rows: Sequence[ScanRow]) -> dict[str, float | None]:
         return {}
     parts = {
         name: [getattr(r, f"{name}_seconds") for r in rows if getattr(r, f"{name}_seconds") is not None]
-        for name in ("keep", "forget", "truth", "choices", "generate")
+        for name in ("keep", "forget", "truth", "choices", "generate", "lm_eval")
     }
     medians = {name: statistics.median(values) for name, values in parts.items() if values}
     smallest = min(medians, key=medians.__getitem__)
@@ -291,6 +294,7 @@ class ScanResult:
         out = []
         for r in self.rows:
             d = asdict(r)
+            d |= d.pop("lm_eval")
             d["keep_increase"] = relative_increase(r.keep_nll, expert.keep_nll) if expert else math.nan
             d["forget_increase"] = relative_increase(r.forget_nll, expert.forget_nll) if expert else math.nan
             d["truth_margin"] = r.truth_margin
@@ -335,5 +339,6 @@ COLUMNS = (
     "truth_seconds",
     "choices_seconds",
     "generate_seconds",
+    "lm_eval_seconds",
     "eval_seconds",
 )

@@ -38,6 +38,7 @@ from extsub_kernels.io.identity import InputSnapshot
 from extsub_kernels.io.outputs import check_report_folder
 from extsub_kernels.lambda_scan import rendering
 from extsub_kernels.lambda_scan.evaluate import EvaluationSets, Evaluator
+from extsub_kernels.lambda_scan.harness import Harness, parse_tasks
 from extsub_kernels.lambda_scan.installers import Installer, make_installer
 from extsub_kernels.lambda_scan.model import (
     check_threads,
@@ -79,6 +80,8 @@ def scan(
     choices: PathLike | None = None,
     chat_template: str = "auto",
     system: str | None = None,
+    lm_eval: str | Sequence[str] | None = None,
+    lm_eval_include: Sequence[PathLike] = (),
     max_new_tokens: int = 64,
     device: str | torch.device = "auto",
     dtype: EvalDtypeName | torch.dtype = "auto",
@@ -117,6 +120,9 @@ def scan(
         chat_template: "auto" (render prompts, questions and prompt + completion pairs through the
             tokenizer's chat template when it has one), "on" (it must) or "off" (`lambda_scan.rendering`).
         system: a system message before every rendered prompt (needs the chat template).
+        lm_eval: lm-evaluation-harness tasks ("a,b" or a list) run at every point on the model in place; every
+            metric they report becomes a column (`lambda_scan.harness`; the `eval` extra).
+        lm_eval_include: folders of local lm-eval task definitions.
         max_new_tokens: the longest continuation.
         device: "auto", "cpu", "cuda" or "cuda:N".
         dtype: the model's dtype while evaluating: "auto" (the checkpoint's on CUDA, float32 on the
@@ -153,6 +159,10 @@ def scan(
     guards = guards if guards is not None else Guards()
     _check_guards(guards)
     threads = check_threads(threads)
+    harness = None
+    if lm_eval is not None:
+        harness = Harness(parse_tasks(lm_eval), tuple(str(p) for p in lm_eval_include), batch_size)
+        harness.check()
     target = resolve_device(device)
     requested_dtype = eval_dtype(dtype)
     require("transformers", *(["matplotlib"] if out is not None else []))
@@ -185,6 +195,7 @@ def scan(
         "chat_template": chat is not None,
         "system": system,
         "threads": threads,
+        "lm_eval": list(harness.tasks) if harness is not None else None,
     }
     points = [(EXPERT, 0.0)] + [(m, x) for m in methods for x in grid if x != 0]
     rows: list[ScanRow] = []
@@ -196,7 +207,7 @@ def scan(
         return ScanResult(rows, recommendations, status, len(points), setup, now, samples=samples)
 
     files = ScanFiles(out_dir, force=force) if out_dir is not None else None
-    evaluator = Evaluator(sets, tokenizer, batch_size, max_new_tokens, target)
+    evaluator = Evaluator(sets, tokenizer, batch_size, max_new_tokens, target, harness)
     try:
         with terminate_as_interrupt(), torch_threads(threads):
             after = (lambda: files.progress(result("running"))) if files is not None else (lambda: None)
