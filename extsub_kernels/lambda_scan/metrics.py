@@ -17,6 +17,7 @@ Imports torch only; transformers is imported when generating.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from collections.abc import Hashable, Iterable, Iterator, Sequence
@@ -255,7 +256,9 @@ def nll_sums(
     attention mask, `batch_size` at a time; a causal model gives the scored tokens the same logits
     as unbatched. The model runs in its own dtype; the scored rows of the logits are upcast to at
     least float32 for the log-softmax, and the sums are kept in float64. The model is put in eval
-    mode for the call (then restored) and no gradients are kept.
+    mode for the call (then restored) and no gradients are kept. The output layer runs only from the
+    first scored position of a batch on (`logits_to_keep`, where the model takes it): prompts,
+    questions and system messages are read, never projected onto the vocabulary.
 
     Example:
         >>> nll_sums(model, [Example((1, 5, 6), n_context=2)])  # −log p(6 | 1 5)  # doctest: +SKIP
@@ -266,6 +269,7 @@ def nll_sums(
     _check_fits(model, examples)
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
     sums = torch.zeros(len(examples), dtype=torch.float64, device=device)
+    trims = keeps_logits(model)
     was_training = model.training
     model.eval()
     try:
@@ -283,14 +287,25 @@ def nll_sums(
                     scored[j, max(e.n_context, 1) - 1 : len(e.input_ids) - 1] = True
                 owner = torch.tensor(indices)[:, None].expand(-1, width - 1)[scored].to(device)
                 input_ids, mask, scored = input_ids.to(device), mask.to(device), scored.to(device)
-                logits = _logits(model(input_ids=input_ids, attention_mask=mask))
-                rows = logits[:, :-1][scored]
+                first = min(max(e.n_context, 1) - 1 for e in batch)  # the first position whose logits are scored
+                keep = {"logits_to_keep": width - first} if first > 0 and trims else {}
+                logits = _logits(model(input_ids=input_ids, attention_mask=mask, **keep))
+                rows = logits[:, -(width - first) : -1][scored[:, first:]]
                 rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
                 losses = torch.nn.functional.cross_entropy(rows, input_ids[:, 1:][scored], reduction="none")
                 sums.index_add_(0, owner, losses.double())
     finally:
         model.train(was_training)
     return sums
+
+
+def keeps_logits(model: torch.nn.Module) -> bool:
+    """Whether the model's forward (a PEFT model's base model's) takes `logits_to_keep` (transformers ≥ 4.50)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _logits(output: Any) -> torch.Tensor:
