@@ -3,6 +3,7 @@ left-padded generation equal to one prompt at a time, stop tokens from generatio
 multiple choice, guards and samples.jsonl, on a tiny model with random weights (nothing trained)."""
 
 import copy
+import functools
 import json
 import warnings
 
@@ -223,3 +224,32 @@ def test_save_best_needs_a_truthfulness_axis(tmp_path):
     other = _jsonl(tmp_path / "other.jsonl", [{"prompt": p + "?", "completion": c} for p, c in PAIRS])
     with pytest.raises(InputError, match=r"other\.jsonl line 1: not the prompt of .*keep\.jsonl line 1"):
         scan(expert, anti, base=base, keep=keep, forget=keep, truth=other)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_a_shared_chat_prefix_is_computed_once_and_scores_the_same(tmp_path, name, monkeypatch):
+    """The system message and turn header every example starts with run once per set (a KV cache copied per batch),
+    and the output layer only from the first scored position: the same sums as full passes, in float64."""
+    from extsub_kernels.lambda_scan import metrics
+
+    model, tokenizer = cf.make_model(name).double(), cf.make_tokenizer()
+    path = _jsonl(tmp_path / "pairs.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS])
+    examples = load_examples(path, tokenizer, ChatTemplate("Be brief."))
+    shared, _ = metrics._shared_prefix(model, examples, torch.device("cpu"))
+    header = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"  # the prompts differ from their first byte
+    assert shared == len(tokenizer(header)["input_ids"])
+    lengths = []
+    forward = type(model).forward
+
+    @functools.wraps(forward)  # the same signature: logits_to_keep is still seen
+    def counting(self, input_ids=None, **kwargs):
+        lengths.append(input_ids.shape[1])
+        return forward(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", counting)
+    with_prefix = metrics.nll_sums(model, examples, batch_size=2)
+    monkeypatch.setattr(metrics, "MIN_SHARED_PREFIX", 10**9)
+    full = metrics.nll_sums(model, examples, batch_size=2)
+    assert torch.allclose(with_prefix, full, rtol=1e-12, atol=0)
+    widest = max(len(e.input_ids) for e in examples)
+    assert lengths[0] == shared and lengths[1] == widest - shared and lengths[-2] == widest

@@ -17,6 +17,7 @@ Imports torch only; transformers is imported when generating.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import math
@@ -256,9 +257,11 @@ def nll_sums(
     attention mask, `batch_size` at a time; a causal model gives the scored tokens the same logits
     as unbatched. The model runs in its own dtype; the scored rows of the logits are upcast to at
     least float32 for the log-softmax, and the sums are kept in float64. The model is put in eval
-    mode for the call (then restored) and no gradients are kept. The output layer runs only from the
-    first scored position of a batch on (`logits_to_keep`, where the model takes it): prompts,
-    questions and system messages are read, never projected onto the vocabulary.
+    mode for the call (then restored) and no gradients are kept. Where the model takes
+    `logits_to_keep` and a KV cache (transformers models, LoRA and (IA)³ PEFT models), the context
+    tokens every example starts with (a chat template's system message and turn header) run
+    once for the whole set, and the output layer only from a batch's first scored position on:
+    prompts and questions are read, never projected onto the vocabulary.
 
     Example:
         >>> nll_sums(model, [Example((1, 5, 6), n_context=2)])  # −log p(6 | 1 5)  # doctest: +SKIP
@@ -274,6 +277,7 @@ def nll_sums(
     model.eval()
     try:
         with torch.no_grad():
+            shared, prefix = _shared_prefix(model, examples, device) if trims else (0, None)
             for start in range(0, len(order), batch_size):
                 indices = order[start : start + batch_size]
                 batch = [examples[i] for i in indices]
@@ -289,14 +293,42 @@ def nll_sums(
                 input_ids, mask, scored = input_ids.to(device), mask.to(device), scored.to(device)
                 first = min(max(e.n_context, 1) - 1 for e in batch)  # the first position whose logits are scored
                 keep = {"logits_to_keep": width - first} if first > 0 and trims else {}
-                logits = _logits(model(input_ids=input_ids, attention_mask=mask, **keep))
-                rows = logits[:, -(width - first) : -1][scored[:, first:]]
+                if prefix is not None:  # the shared prefix's keys and values, computed once for the whole set
+                    cache = copy.deepcopy(prefix)
+                    cache.batch_repeat_interleave(len(batch))
+                    keep["past_key_values"] = cache
+                    output = model(input_ids=input_ids[:, shared:], attention_mask=mask, use_cache=True, **keep)
+                else:
+                    output = model(input_ids=input_ids, attention_mask=mask, **keep)
+                rows = _logits(output)[:, -(width - first) : -1][scored[:, first:]]
                 rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
                 losses = torch.nn.functional.cross_entropy(rows, input_ids[:, 1:][scored], reduction="none")
                 sums.index_add_(0, owner, losses.double())
     finally:
         model.train(was_training)
     return sums
+
+
+# A set whose examples all begin with this many context tokens or more (a chat template's system message and
+# turn header) has them computed once: below it, the saving is smaller than the cache's copy per batch.
+MIN_SHARED_PREFIX = 8
+
+
+def _shared_prefix(model: torch.nn.Module, examples: Sequence[Example], device: torch.device) -> tuple[int, Any]:
+    """(P, the KV cache of the first P tokens) where every example starts with the same P ≥ MIN_SHARED_PREFIX
+    unscored tokens, else (0, None). Prefix-tuned models keep their own cache: (0, None)."""
+    if _is_prefix_tuned(model):
+        return 0, None
+    first = examples[0].input_ids
+    shared = min(max(e.n_context, 1) - 1 for e in examples)  # the prefix ends before the first scored logits
+    for e in examples[1:]:
+        shared = min(shared, len(e.input_ids))
+        while shared and e.input_ids[:shared] != first[:shared]:
+            shared = next(k for k in range(shared) if e.input_ids[k] != first[k])
+    if shared < MIN_SHARED_PREFIX:
+        return 0, None
+    ids = torch.tensor([first[:shared]], device=device)
+    return shared, model(input_ids=ids, use_cache=True).past_key_values
 
 
 def keeps_logits(model: torch.nn.Module) -> bool:
