@@ -52,7 +52,7 @@ ROTATION_BYTES = 512 << 20
 
 
 def closed_form_(p: torch.Tensor, m: torch.Tensor, lam: float) -> torch.Tensor:
-    """The closed form (DESIGN.md §1) as plain torch ops, for torch.compile to fuse."""
+    """The closed form (docs/design.md §1) as plain torch ops, for torch.compile to fuse."""
     pf, mf = p.float(), m.float()
     p_norm = pf.norm(dim=1, keepdim=True)
     m_norm = mf.norm(dim=1, keepdim=True)

@@ -7,7 +7,7 @@ reported apart):
 
 - `lora`: `extsub_kernels.merge(expert, anti, out, device=D, adapter=AdapterOptions(output_format="lora"))`, what
   `extsub-merge expert/ anti/ -o out/` runs: load and validate both adapters, the factored merge
-  (DESIGN §3), write the PEFT adapter.
+  (docs/design.md §3), write the PEFT adapter.
 - `dense-lora`: the same with `output_format="dense-lora"` (`--format dense-lora`): ΔW' = B'·A'
   per module, formed on the device, in the paper's released layout (lora_B = ΔW', lora_A =
   identity), streamed one module at a time into one adapter_model.safetensors.

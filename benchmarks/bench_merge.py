@@ -7,13 +7,14 @@ config.json. Every run is its own process (peak RSS is the process's VmHWM); the
 layer count take turns (floor, ours, mergekit, floor, ...) so a machine that drifts slows all
 of them alike:
 
-    floor        a plain read of the three inputs into a reused buffer, then a plain write of the
-                 output's size with fsync: the I/O the merge cannot avoid
+    floor        a plain read of the three inputs into a reused buffer while a second thread writes the
+                 output's size and fsyncs it: the I/O the merge cannot avoid, overlapped as the merge
+                 overlaps it (results before 2026-12-07 read first, then wrote)
     sub          extsub_kernels.merge(expert, anti, out, base=base, method="sub", lam=0.6, stats=False)
     ext-sub      the same with method="ext-sub" (the Ext-Sub merge)
     ext-sub+report
                  the Ext-Sub merge with report=FILE (beside OUT): row statistics of every tensor from
-                 the merge's own passes (DESIGN.md §7), the model card's table, the JSON record; what
+                 the merge's own passes (docs/design.md §7), the model card's table, the JSON record; what
                  a folder OUT gets by default. Its "--report cost" is its median over ext-sub's, − 1,
                  in wall and in CPU time (CPU moves far less than wall on a shared machine)
     mergekit     mergekit's task_arithmetic (normalize: false, dtype: float32, out_dtype: bfloat16),
@@ -200,27 +201,43 @@ def _fsync_folder(folder: Path) -> None:
 
 
 def child_floor(out: str, output_bytes: str, *inputs: str) -> dict:
-    """Read every input byte once into a reused buffer, then write `output_bytes` bytes and fsync."""
-    buffer = memoryview(bytearray(READ_BUFFER))
+    """Read every input byte once into a reused buffer while a second thread writes `output_bytes` bytes and fsyncs
+    them: the I/O a streaming merge cannot avoid, overlapped as the merge overlaps it (read ∥ write)."""
+    import threading
+
+    read_buffer = memoryview(bytearray(READ_BUFFER))
+    write_buffer = memoryview(bytearray(READ_BUFFER))
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            left = int(output_bytes)
+            fd = os.open(Path(out) / "model.safetensors", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                while left:
+                    left -= os.write(fd, write_buffer[: min(left, len(write_buffer))])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException as e:
+            errors.append(e)
+
     with Usage() as usage:
+        Path(out).mkdir()
+        writer = threading.Thread(target=write)
+        writer.start()
         total = 0
         for folder in inputs:
             for path in _weights(Path(folder)):
                 fd = os.open(path, os.O_RDONLY)
                 try:
-                    while n := os.readv(fd, [buffer]):
+                    while n := os.readv(fd, [read_buffer]):
                         total += n
                 finally:
                     os.close(fd)
-        left = int(output_bytes)
-        Path(out).mkdir()
-        fd = os.open(Path(out) / "model.safetensors", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            while left:
-                left -= os.write(fd, buffer[: min(left, len(buffer))])
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        writer.join()
+    if errors:
+        raise errors[0]
     return {**usage.fields, "bytes_read": total, "peak_rss_bytes": peak_rss_bytes()}
 
 

@@ -1,4 +1,4 @@
-"""What the row statistics of --report cost the op (DESIGN.md §7), measured side by side on LLaMA layer shapes.
+"""What the row statistics of --report cost the op (docs/design.md §7), measured side by side on LLaMA layer shapes.
 
 Three variants over the same inputs, taking turns call by call (so a busy machine slows them alike):
 

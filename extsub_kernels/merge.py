@@ -33,7 +33,7 @@ from extsub_kernels.engine.options import (
     warn_negative_lams,
 )
 from extsub_kernels.engine.record import report_record, write_json
-from extsub_kernels.errors import InputError
+from extsub_kernels.errors import InputError, MergeError
 from extsub_kernels.io import ResolvedInput, check_outputs, is_folder_output, output_paths, resolve_input
 from extsub_kernels.io.atomic import terminate_as_interrupt
 from extsub_kernels.io.identity import InputSnapshot
@@ -70,7 +70,7 @@ def merge(
     Dense inputs stream one block of rows at a time through the op. PEFT adapters (folders,
     hub ids of adapters, bare .safetensors files of lora_A/lora_B, or LoraAdapter,
     IA3Adapter and PrefixAdapter objects) are detected and merged exactly in their own
-    parameter space: LoRA in the factored space (DESIGN.md §3), (IA)³ on the vectors l − 1,
+    parameter space: LoRA in the factored space (docs/design.md §3), (IA)³ on the vectors l − 1,
     prefix-tuning on the per-head key/value rows (§6); their outputs stream one tensor at a
     time. The inputs are all dense or all adapters of one type (BASE is always a full model).
 
@@ -104,7 +104,7 @@ def merge(
             (True) or (out, in) (False); None decides from config.json, else key names and shapes.
         dry_run: plan from the headers and return what would be written, writing nothing.
         stats: gather the row statistics of each merged tensor or module (cos(p, m), deficiency
-            share, relative change; DESIGN.md §7); None: when a folder output's model card or a
+            share, relative change; docs/design.md §7); None: when a folder output's model card or a
             `report` needs them.
         report: write the run's JSON record to this file ("-": stdout) once it is done.
         command: the command line to record in the outputs (default: the equivalent extsub-merge command).
@@ -179,8 +179,7 @@ def execute(
     if not is_adapter and adapter.given():
         role, inp = inputs[0]
         raise InputError(f"{adapter.given()[0]} applies to adapter inputs; {role} {inp.spec!r} is a dense checkpoint")
-    if paths:
-        check_outputs(paths, inputs, force=options.force)
+    check_outputs(paths, inputs, force=options.force)
     report_path = given.get("report")
     if report_path is not None and os.fspath(report_path) != "-":
         check_report_path(Path(report_path), inputs, paths, force=options.force)
@@ -200,9 +199,18 @@ def execute(
             )
         else:
             result = run_dense(inputs, options, paths, started=started, context=context, check_inputs=snapshot.check)
-    if report_path is not None:
-        write_json(report_record(result), report_path)
+        if report_path is not None:  # inside: a signal now waits for it, a failure names the outputs in place
+            _write_report(result, report_path)
     return result
+
+
+def _write_report(result: MergeReport, target: str | os.PathLike) -> None:
+    """Write the run's record to `target`; a failure names the report (the outputs are already in place)."""
+    try:
+        write_json(report_record(result), target)
+    except OSError as e:
+        where = "stdout" if os.fspath(target) == "-" else os.fspath(target)
+        raise MergeError(f"writing --report {where} failed: {e.strerror or e}") from None
 
 
 def source_list(expert: Source, anti: Source | Sequence[Source]) -> list[Source]:

@@ -4,10 +4,10 @@ Kernels: Triton on CUDA (kernels/ext_sub.py), C++ on CPU (kernels/ext_sub_cpu.py
 first use; `cpu_backend()` says whether it runs). The eager torch path runs everywhere else
 and is the CPU fallback when no compiler is present.
 
-Ext-Sub per row (DESIGN.md §1): p' = α·p + β·m, α = 1 + (λ/2)·|m|/|p|, β = −λ/2;
+Ext-Sub per row (docs/design.md §1): p' = α·p + β·m, α = 1 + (λ/2)·|m|/|p|, β = −λ/2;
 rows with |p| = 0 keep p. Only two row norms are needed. On request the same pass also
 hands back each row's |p|², |m|² and p·m (`row_stats`), from which a merge reports the
-geometry of every row (DESIGN.md §7) at the cost of one more reduction over data in cache.
+geometry of every row (docs/design.md §7) at the cost of one more reduction over data in cache.
 """
 
 import math
@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 
 from extsub_kernels._tensors import as_rows, check_pair, compute_dtype, shares_storage
+from extsub_kernels._version import install_hint
 from extsub_kernels.reference import ext_sub_reference
 
 Backend = Literal["auto", "triton", "cpp", "torch", "reference"]
@@ -36,7 +37,7 @@ _RESULT_DOT_MIN_X = (math.sqrt(1.0 + 4.0 / (_RESULT_DOT_MAX_LOSS - 2.0)) - 1.0) 
 
 
 def ext_sub_coefficients(p_norm: torch.Tensor, m_norm: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row α and β of Ext-Sub's closed form p' = α·p + β·m, from the two row norms (DESIGN.md §1).
+    """Per-row α and β of Ext-Sub's closed form p' = α·p + β·m, from the two row norms (docs/design.md §1).
 
     α = 1 + (λ/2)·|m|/|p| and β = −λ/2; rows with |p| = 0 get α = 1, β = 0 (they keep p).
     Shared by the dense torch path and the factored LoRA path, which gets its norms from
@@ -139,7 +140,7 @@ def _store_row_sums(
 
 
 def row_products(w_plus: torch.Tensor, w_minus: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Per row (dim 0) of a pair: |p|², |m|² and p·m, as a (rows, 3) float64 tensor on their device (DESIGN.md §7).
+    """Per row (dim 0) of a pair: |p|², |m|² and p·m, as a (rows, 3) float64 tensor on their device (docs/design.md §7).
 
     What `ext_sub_(..., row_stats=...)` hands back from its own pass, computed here without
     the update: reduced in float32 (float64 for float64 inputs), by the C++ kernel on CPU rows
@@ -296,7 +297,7 @@ def _warn_no_triton() -> None:
         _warned_no_triton = True
         warnings.warn(
             "Triton is not installed, so Ext-Sub on CUDA runs the torch path instead of the fused kernel; "
-            'install it with `pip install "extsub[cuda]"` (or `pip install triton`)',
+            f"install it with `{install_hint('cuda')}` (or `pip install triton`)",
             stacklevel=4,
         )
 
@@ -319,7 +320,7 @@ def ext_sub_(
             it cannot be built, see `cpu_backend()`), "triton", "cpp", "torch" (eager torch ops,
             any device) or "reference" (Algorithm 1 literally, in float64).
         row_stats: optional (rows, 3) float32/float64 tensor on w_plus's device: filled, in the
-            same pass, with |p|², |m|² and p·m of each row before the update (DESIGN.md §7).
+            same pass, with |p|², |m|² and p·m of each row before the update (docs/design.md §7).
 
     Returns:
         `w_plus` itself.
@@ -429,7 +430,7 @@ def ext_sub(w_plus: torch.Tensor, w_minus: torch.Tensor, lam: float, *, backend:
 def extract_deficiency(w_plus: torch.Tensor, w_minus: torch.Tensor) -> torch.Tensor:
     """Ext(θ⁻) row by row: the part of the anti-expert orthogonal to the bisector of p and m.
 
-    Computed with the closed form Ext(m) = ½(m − |m|·p̂) (DESIGN.md §1); zero on rows where
+    Computed with the closed form Ext(m) = ½(m − |m|·p̂) (docs/design.md §1); zero on rows where
     |p| = 0 or |m| = 0. Returns a new tensor in `w_minus`'s dtype.
 
     Example:

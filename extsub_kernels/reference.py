@@ -6,7 +6,7 @@ from extsub_kernels._tensors import as_rows, check_pair
 
 
 def _normalize_rows(x: torch.Tensor) -> torch.Tensor:
-    """x / |x| per row; a zero row stays zero (DESIGN.md §1 convention, as F.normalize)."""
+    """x / |x| per row; a zero row stays zero (docs/design.md §1 convention, as F.normalize)."""
     norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
     return torch.where(norm > 0, x / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(x))
 

@@ -1,4 +1,4 @@
-"""(IA)³ adapters: the merge on task vectors d = l − 1 (DESIGN §6), in memory and end to end against PEFT.
+"""(IA)³ adapters: the merge on task vectors d = l − 1 (docs/design.md §6), in memory and end to end against PEFT.
 
 The oracle is `ext_sub_reference` (paper §3, Algorithm 1 written literally) in float64 on the
 task vectors PEFT itself holds after `PeftModel.from_pretrained` (never our reader), each

@@ -1,4 +1,4 @@
-"""The factored LoRA path against the dense op on materialized ΔW (DESIGN.md §3).
+"""The factored LoRA path against the dense op on materialized ΔW (docs/design.md §3).
 
 The oracle is `ext_sub_reference` (paper §3, Algorithm 1 written literally) in float64 on
 ΔW = s·B·A formed densely, applied anti-expert after anti-expert; the dense fast op
@@ -49,7 +49,7 @@ def _expected(expert, antis, lams, method, name, shape) -> tuple[torch.Tensor, t
 
     Returns (by Algorithm 1 literally, by the dense fast op `ext_sub_`, the literal form's
     condition number). The literal form divides by |u| = |p̂ + m̂|, so its error grows as
-    1/|u| when p and m are nearly antiparallel (DESIGN §1); the closed form has no such
+    1/|u| when p and m are nearly antiparallel (docs/design.md §1); the closed form has no such
     factor. The condition number is the product over steps of max(1, max over rows 1/|u|).
     """
     literal = fast = _dense(expert.modules.get(name), shape)
@@ -59,7 +59,7 @@ def _expected(expert, antis, lams, method, name, shape) -> tuple[torch.Tensor, t
             continue
         m = _dense(anti.modules[name], shape)
         if method == "ext-sub":
-            # Rows with |p| = 0 keep p exactly (DESIGN §1); Algorithm 1 written literally returns
+            # Rows with |p| = 0 keep p exactly (docs/design.md §1); Algorithm 1 written literally returns
             # m − (m·m̂)m̂ there, zero only up to rounding, and a later step would amplify that noise.
             zero = (literal == 0).all(dim=1, keepdim=True)
             u = torch.nn.functional.normalize(literal, dim=1) + torch.nn.functional.normalize(m, dim=1)
@@ -194,7 +194,7 @@ def test_zero_anti_rows_leave_expert_rows_unchanged():
 
 
 def test_antiparallel_rows_subtract_fully():
-    # m = −c·p on every row: p̂ = −m̂, Ext(m) = m, so p' = p − λm (DESIGN §1). The literal
+    # m = −c·p on every row: p̂ = −m̂, Ext(m) = m, so p' = p − λm (docs/design.md §1). The literal
     # Algorithm 1 is ill-conditioned exactly here, so the expectation is the closed-form limit.
     b, a = torch.randn(8, 3, dtype=torch.float64), torch.randn(3, 10, dtype=torch.float64)
     expert = LoraAdapter({"w": LoraModule(a, b, 1.0)})

@@ -1,4 +1,4 @@
-"""Prefix-tuning adapters: Ext-Sub on θ itself, one row per token, layer, key/value and head (DESIGN §6).
+"""Prefix-tuning adapters: Ext-Sub on θ itself, one row per token, layer, key/value and head (docs/design.md §6).
 
 The oracle is `ext_sub_reference` (paper §3, Algorithm 1 written literally) in float64 on the
 prefix PEFT itself holds after `PeftModel.from_pretrained` (never our reader), viewed as PEFT's

@@ -108,14 +108,21 @@ def test_ia3_vectors_are_one_row_each_of_their_task_vector():
     assert stats["v"].pairs[0].zero_expert_rows == 1, "l = 1 is a zero task vector"
 
 
-def test_prefix_rows_are_the_per_head_vectors():
+def test_prefix_rows_are_the_per_head_vectors_reported_per_layer_and_head():
     tensors = [torch.randn(3, 2 * 2 * 16, dtype=torch.float64) for _ in range(2)]
-    adapters = [PrefixAdapter(t, 3, 2, 16, 4) for t in tensors]
+    adapters = [PrefixAdapter(t, 3, 2, 16, 4) for t in tensors]  # 3 tokens, 2 layers, token_dim 16, 4 heads
     merged = [merge_adapters(adapters[0], adapters[1], 0.7)]
-    (stats,) = adapter_stats(adapters, merged, [PROMPT_KEY], ["EXPERT", "ANTI"])
-    p, m = adapters[0].rows(), adapters[1].rows()
-    expected = pair_stats(torch.stack([(p * p).sum(1), (m * m).sum(1), (p * m).sum(1)], dim=1), "ANTI")
-    assert stats.pairs[0].rows == 3 * 2 * 2 * 4 == expected.rows
-    assert stats.pairs[0].cos.median == pytest.approx(expected.cos.median, abs=2.0**-24)
-    change = float((merged[0].rows() - p).norm() / p.norm())
-    assert stats.relative_change[0] == pytest.approx(change, rel=1e-12)
+    stats = adapter_stats(adapters, merged, [PROMPT_KEY], ["EXPERT", "ANTI"])
+    assert [s.name for s in stats] == [f"{PROMPT_KEY}.layers.{layer}.head{h}" for layer in range(2) for h in range(4)]
+    # (tokens, layers, key/value, heads, head_dim), as PEFT splits the prefix
+    p, m, out = (a.prompt_embeddings.reshape(3, 2, 2, 4, 4) for a in (*adapters, merged[0]))
+    for s in stats:
+        layer, head = int(s.name.split(".")[2]), int(s.name[-1])
+        rows_p, rows_m = p[:, layer, :, head].reshape(-1, 4), m[:, layer, :, head].reshape(-1, 4)
+        expected = pair_stats(
+            torch.stack([(rows_p**2).sum(1), (rows_m**2).sum(1), (rows_p * rows_m).sum(1)], dim=1), "ANTI"
+        )
+        assert s.pairs[0].rows == 3 * 2 == expected.rows
+        assert s.pairs[0].cos.median == pytest.approx(expected.cos.median, abs=2.0**-24)
+        change = float((out[:, layer, :, head].reshape(-1, 4) - rows_p).norm() / rows_p.norm())
+        assert s.relative_change[0] == pytest.approx(change, rel=1e-12)

@@ -84,7 +84,7 @@ def test_without_matplotlib_the_json_and_markdown_are_still_written(tmp_path, in
     assert (
         code == 0
         and "extsub-inspect: warning: matplotlib is not installed" in err
-        and 'pip install "extsub[plot]"' in err
+        and 'pip install -e ".[plot]" (in the extsub source checkout)' in err
     )
     assert sorted(p.name for p in (tmp_path / "insp").iterdir()) == ["report.json", "report.md"] and not leftovers(
         tmp_path
@@ -138,3 +138,39 @@ def test_adapters_given_as_objects_of_any_type_are_inspected():
     assert report.mode == "inspect" and [s.name for s in report.stats] == list(ia3(1).vectors)
     assert all(s.pairs[0].rows == 1 and len(s.relative_change) == 2 for s in report.stats)
     assert report.summary().startswith("inspected 2 vectors | read 0 B")
+
+
+def test_prefix_rows_are_drawn_by_layer_and_head(tmp_path):
+    """A prefix's rows are per token, layer, key/value and head: report.md and report.png group them by layer ×
+    head, not all under no layer (which drew empty axes)."""
+    from extsub_kernels import PrefixAdapter
+    from extsub_kernels.analysis import write_inspection
+    from extsub_kernels.analysis.plot import drawn_cells
+    from extsub_kernels.engine.tables import by_layer_and_type
+
+    g = torch.Generator().manual_seed(7)
+    tensors = [torch.randn(3, 2 * 2 * 16, generator=g, dtype=torch.float64) for _ in range(2)]
+    adapters = [PrefixAdapter(t, 3, 2, 16, 4) for t in tensors]  # 3 tokens, 2 layers, token_dim 16, 4 heads
+    report = inspect(*adapters)
+    cells = by_layer_and_type(report.stats, "ANTI")
+    assert set(cells) == {(layer, f"head{h}") for layer in range(2) for h in range(4)}
+    assert all(group.rows == 3 * 2 for group in cells.values()), "each cell: the key and value rows of every token"
+    assert sum(group.rows for group in cells.values()) == 3 * 2 * 2 * 4
+    drawn, left_out = drawn_cells(report, "ANTI")
+    assert len(drawn) == 8 and not left_out
+    write_inspection(report, tmp_path / "insp")
+    assert "| – |" not in (tmp_path / "insp" / "report.md").read_text()
+
+
+def test_what_the_heatmap_leaves_out_is_said(tmp_path, inputs):
+    """Tensors outside the layers (lm_head, embeddings, the final norm) have no cell: report.md names them."""
+    from extsub_kernels.analysis import write_inspection
+    from extsub_kernels.analysis.plot import drawn_cells
+
+    _, e, a = inputs
+    report = inspect(e, a)
+    drawn, left_out = drawn_cells(report, "ANTI")
+    assert sorted(left_out) == ["conv", "lm_head"] and drawn
+    write_inspection(report, tmp_path / "insp")
+    (line,) = [x for x in (tmp_path / "insp" / "report.md").read_text().splitlines() if "Left out of report.png" in x]
+    assert "(no layer)" in line and "lm_head" in line and "conv" in line

@@ -143,9 +143,14 @@ BAD_INPUTS = {
         "anti",
         _with_nan,
         [],
-        ["'model.layers.1.mlp.down_proj.weight'", "ANTI", "NaN or Inf", "row 5"],
+        ["'model.layers.1.mlp.down_proj.weight'", "ANTI", "NaN or Inf", "row 5", "; nothing was written"],
     ),
-    "Inf in the expert": ("expert", _with_inf, [], ["'lm_head.weight'", "EXPERT", "NaN or Inf", "row 0"]),
+    "Inf in the expert": (
+        "expert",
+        _with_inf,
+        [],
+        ["'lm_head.weight'", "EXPERT", "NaN or Inf", "row 0", "; nothing was written"],
+    ),
     "non-float dtype mismatch": (
         "anti",
         _replace(random_delta(SHAPES) | {"ids": torch.arange(4, dtype=torch.int32)}),

@@ -38,6 +38,7 @@ from peft_fixtures import (
     expected_deltas,
     make_adapters,
     peft_model,
+    tiny_gpt2,
     tiny_llama,
     with_deltas,
 )
@@ -545,3 +546,116 @@ def test_cuda_materializes_the_same_deltas(llama, tmp_path, capsys):
     cpu, cuda = load_file(tmp_path / "cpu.safetensors"), load_file(tmp_path / "cuda.safetensors")
     for key in cpu:
         assert_close_explained(cuda[key], cpu[key], 0.0, 64 * EPS32, key)
+
+
+# --- biases trained with bias="all" / "lora_only" ----------------------------------------
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_merge_with_base(bias, tmp_path, capsys):
+    """PEFT saves a LoRA layer's bias as `….c_attn.base_layer.bias`; BASE has it as `….c_attn.bias`."""
+    torch.manual_seed(SEED)
+    base = tiny_gpt2()
+
+    def train_bias(model) -> None:
+        for name, param in model.named_parameters():
+            if name.endswith("c_attn.base_layer.bias"):
+                with torch.no_grad():
+                    param.add_(0.05 * torch.randn_like(param))
+
+    spec = dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, bias=bias)
+    paths = make_adapters(base, {"expert": spec, "anti": spec}, tmp_path / "adapters", train_bias)
+    saved = {n: load_file(Path(p) / "adapter_model.safetensors") for n, p in paths.items()}
+    assert any(k.endswith("c_attn.base_layer.bias") for k in saved["expert"]), "PEFT's own naming of the bias"
+    base_dir = _save_base(base, tmp_path / "base")
+    code, err = _run(
+        capsys, paths["expert"], paths["anti"], "--base", base_dir, "-o", tmp_path / "merged", "--lam", "1"
+    )
+    assert code == 0, err
+    written = load_file(tmp_path / "merged" / "model.safetensors")
+    for layer in range(2):
+        suffix = f"h.{layer}.attn.c_attn.base_layer.bias"
+        plus, minus = (next(v for k, v in s.items() if k.endswith(suffix)).double() for s in saved.values())
+        theta0 = base.transformer.h[layer].attn.c_attn.bias.detach().double()
+        expected = theta0 + ext_sub_reference(plus - theta0, minus - theta0, 1.0)
+        got = written[f"transformer.h.{layer}.attn.c_attn.bias"]
+        assert_close_explained(got, expected, 0.0, 64 * EPS32 * float(expected.abs().max()), f"layer {layer} bias")
+    expected = with_deltas(base, expected_deltas(base, paths["expert"], [paths["anti"]], [1.0], "ext-sub"), True)
+    with torch.no_grad():
+        for layer in range(2):
+            expected.transformer.h[layer].attn.c_attn.bias.copy_(written[f"transformer.h.{layer}.attn.c_attn.bias"])
+    check_logits(_from_pretrained(tmp_path / "merged"), expected, f"--base with bias={bias!r}")
+
+
+# --- --format delta from bare GPT-2 files: one layout rule for every kind of input ---------
+
+
+@pytest.fixture(scope="module")
+def bare_gpt2(tmp_path_factory):
+    """GPT-2 adapters on c_attn and the square attn.c_proj, as folders and as bare files (no config at all)."""
+    torch.manual_seed(SEED)
+    folder = tmp_path_factory.mktemp("bare_gpt2")
+    spec = dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    paths = make_adapters(tiny_gpt2(), {"expert": spec, "anti": spec}, folder)
+    bare = {name: copy_adapter(p, folder / f"bare_{name}", bare=True) for name, p in paths.items()}
+    return paths, bare
+
+
+def test_delta_from_bare_gpt2_files_is_laid_out_like_the_base_weights(bare_gpt2, tmp_path, capsys):
+    paths, bare = bare_gpt2
+    code, err = _run(capsys, paths["expert"], paths["anti"], "-o", tmp_path / "ref.safetensors", "--format", "delta")
+    assert code == 0, err
+    reference = load_file(tmp_path / "ref.safetensors")
+    assert reference["transformer.h.0.attn.c_attn.weight"].shape == (64, 192), "Conv1D stores (in, out)"
+    scaling = ("--lora-alpha", "8", "--rank", "4")
+    # No config: the Conv1D names decide, with a warning that names --transposed.
+    code, err = _run(
+        capsys, bare["expert"], bare["anti"], *scaling, "-o", tmp_path / "a.safetensors", "--format", "delta"
+    )
+    assert code == 0 and "warning" in err and "--transposed" in err, err
+    got = load_file(tmp_path / "a.safetensors")
+    assert set(got) == set(reference)
+    for key in reference:  # the square c_proj too, which no shape check would catch
+        assert torch.equal(got[key], reference[key]), key
+    # --transposed is the first rule: no warning; --no-transposed gives nn.Linear's (out, in).
+    code, err = _run(
+        capsys,
+        bare["expert"],
+        bare["anti"],
+        *scaling,
+        "-o",
+        tmp_path / "b.safetensors",
+        "--format",
+        "delta",
+        "--transposed",
+    )
+    assert code == 0 and "warning" not in err, err
+    assert all(torch.equal(t, reference[k]) for k, t in load_file(tmp_path / "b.safetensors").items())
+    code, err = _run(
+        capsys,
+        bare["expert"],
+        bare["anti"],
+        *scaling,
+        "-o",
+        tmp_path / "c.safetensors",
+        "--format",
+        "delta",
+        "--no-transposed",
+    )
+    assert code == 0 and "warning" not in err, err
+    assert all(torch.equal(t, reference[k].T) for k, t in load_file(tmp_path / "c.safetensors").items())
+
+
+def test_a_max_rank_card_states_the_rank_and_the_truncation_error(llama, tmp_path, capsys):
+    _, paths = llama
+    code, err = _run(capsys, paths["expert"], paths["anti"], "-o", tmp_path / "out", "--max-rank", "3")
+    assert code == 0, err
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "per module, exact" not in card, "a truncated adapter is not the exact merge"
+    assert "truncated to rank ≤ 3" in card
+    worst = re.search(r"max (\S+) \((\S+)\)", _summary(err))
+    assert f"relative truncation error (Frobenius) max {worst[1]} ({worst[2]})" in card
+    assert "the exact merge's" in card  # why the table's change at λ is not this adapter's
+    # Without --max-rank the card says the adapter is exact.
+    code, err = _run(capsys, paths["expert"], paths["anti"], "-o", tmp_path / "exact")
+    assert code == 0 and "per module, exact" in (tmp_path / "exact" / "README.md").read_text(), err

@@ -63,7 +63,7 @@ def test_a_full_model_card_says_transformers_and_the_config_notes_the_dtype(tmp_
         folders.append(tmp_path / name)
     merge(folders[1], folders[2], tmp_path / "out", base=folders[0], dtype="bfloat16")
     front, _ = _card(tmp_path / "out")
-    assert front == {"base_model": "base", "library_name": "transformers", "tags": ["extsub", "merge", "ext-sub"]}
+    assert front == {"library_name": "transformers", "tags": ["extsub", "merge", "ext-sub"]}, "a local BASE: no id"
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert written["torch_dtype"] == "bfloat16" and "dtype" not in written, "the key the config uses, set to --dtype"
     assert written["extsub"]["lam"] == [1.0] and written["extsub"]["recipe"] == "extsub_recipe.yaml"
@@ -92,3 +92,38 @@ def test_a_safetensors_output_has_no_card_but_its_metadata_says_how_it_was_made(
     assert report.stats == (), "statistics are gathered only when a card or a report needs them"
     meta = safe_open(str(tmp_path / "out.safetensors"), "pt").metadata()
     assert meta["extsub.version"] and meta["extsub.command"].startswith("extsub-merge ") and "extsub.recipe" in meta
+
+
+def test_base_model_is_a_hub_id_or_left_out_with_the_reason(tmp_path, llama):
+    """The hub rejects a `base_model` that is not a hub id: a local absolute path (an adapter's
+    base_model_name_or_path) or a folder's name (a local --base) is left out, and the card says why."""
+    from helpers import copy_adapter
+
+    _, paths = llama
+    local = str(tmp_path / "models" / "base")
+    for name in ("expert", "anti"):
+        copy_adapter(paths[name], tmp_path / name, config=lambda c: {**c, "base_model_name_or_path": local})
+    merge(tmp_path / "expert", tmp_path / "anti", tmp_path / "adapter", lam=1.0)
+    front, body = _card(tmp_path / "adapter")
+    assert "base_model" not in front and "base_model_relation" not in front
+    assert f"`{local}` is a local path, not a Hugging Face hub id" in body
+    assert "pypi.org" not in body, "no link to a package index page that does not exist"
+    for name in ("expert", "anti"):
+        copy_adapter(
+            paths[name], tmp_path / f"hub_{name}", config=lambda c: {**c, "base_model_name_or_path": "org/tiny"}
+        )
+    merge(tmp_path / "hub_expert", tmp_path / "hub_anti", tmp_path / "hub_adapter", lam=1.0)
+    front, _ = _card(tmp_path / "hub_adapter")
+    assert front["base_model"] == "org/tiny" and front["base_model_relation"] == "merge"
+
+
+def test_a_local_base_folder_is_not_written_as_base_model(tmp_path):
+    base = random_delta(SHAPES)
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    for name in ("gpt2", "e", "a"):  # a local folder named like a hub repo
+        save(tmp_path / name / "model.safetensors", {k: v + 0.01 * len(name) for k, v in base.items()})
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    merge(tmp_path / "e", tmp_path / "a", tmp_path / "out", base=tmp_path / "gpt2")
+    front, body = _card(tmp_path / "out")
+    assert "base_model" not in front
+    assert f"BASE `{tmp_path / 'gpt2'}` is a local path, not a Hugging Face hub id" in body

@@ -1,5 +1,5 @@
 """Row statistics of the streamed paths (chunks of rows, rows in pieces, Conv1D columns, the Gram pre-pass) against
-a direct float64 computation (DESIGN.md §7)."""
+a direct float64 computation (docs/design.md §7)."""
 
 import pytest
 import torch

@@ -40,6 +40,9 @@ BAD = {
     "invalid YAML": ("lam: [1, 2\nmethod: sub\n", ["not valid YAML", "line "]),
     "empty anti list": ("anti: []\n", ["key 'anti' must be a path or hub id, or a non-empty list"]),
     "a newer format": ("extsub_recipe: 2\n", ["extsub_recipe is 2", "reads format 1", "upgrade extsub"]),
+    "a λ that is not a number": ('lam: [0.5, "x"]\n', ["recipe.yaml", "key 'lam'", "λ must be a number, got 'x'"]),
+    "a λ in a string": ('lam: "0.5,1:y"\n', ["recipe.yaml", "key 'lam'", "λ must be a number, got 'y'"]),
+    "an infinite λ": ("lam: [[1, .inf]]\n", ["recipe.yaml", "key 'lam'", "λ must be a finite number"]),
 }
 
 

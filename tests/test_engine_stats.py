@@ -1,4 +1,4 @@
-"""Row statistics (DESIGN.md §7): the formulas against Algorithm 1 in float64, the summaries against our sums."""
+"""Row statistics (docs/design.md §7): the formulas against Algorithm 1 in float64, the summaries against our sums."""
 
 import math
 
@@ -35,7 +35,7 @@ def _sums(p: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 def _algorithm_1_ext(p: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """Ext(m) as the paper's Algorithm 1 writes it (§3), in float64: û = normalize(p̂ + m̂), Ext(m) = m − (m·û)û;
-    rows with |p| = 0 extract nothing (DESIGN.md §1)."""
+    rows with |p| = 0 extract nothing (docs/design.md §1)."""
     u = F.normalize(F.normalize(p, dim=1) + F.normalize(m, dim=1), dim=1)
     ext = m - (m * u).sum(1, keepdim=True) * u
     return torch.where(p.norm(dim=1, keepdim=True) > 0, ext, 0.0)

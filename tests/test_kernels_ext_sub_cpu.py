@@ -112,7 +112,7 @@ def test_long_rows_split_by_columns(kernel, threads, monkeypatch, shape, dtype, 
         assert torch.equal(p[1], before[1])
 
 
-# --- row sums (|p|², |m|², p·m per row, DESIGN.md §7) ------------------------------------
+# --- row sums (|p|², |m|², p·m per row, docs/design.md §7) ------------------------------------
 
 
 def _sums_dtype(p_dtype: torch.dtype, m_dtype: torch.dtype) -> torch.dtype:
@@ -379,7 +379,7 @@ def test_cpp_backend_refuses_other_devices():
         ext_sub_(torch.zeros(3, 3, device="meta"), torch.zeros(3, 3, device="meta"), 1.0, backend="cpp")
 
 
-# --- the fused pass on task vectors: out = θ₀ + (p − θ₀) − λ·Ext(m − θ₀) (DESIGN.md §5) ----------
+# --- the fused pass on task vectors: out = θ₀ + (p − θ₀) − λ·Ext(m − θ₀) (docs/design.md §5) ----------
 
 
 def _task_inputs(shape, p_dtype, m_dtype, base_dtype, seed=0):
@@ -422,7 +422,7 @@ def _coarser(*dtypes: torch.dtype) -> torch.dtype:
 @pytest.mark.parametrize("p_dtype", DTYPES)
 def test_fused_task_vectors_every_dtype_combination(kernel, p_dtype, m_dtype, base_dtype, out_dtype):
     """Bit for bit the op's path (result and row sums), within one rounding of the coarser of out's dtype and the
-    compute dtype of Algorithm 1 in float64, and the degenerate rows as DESIGN.md §1 defines them."""
+    compute dtype of Algorithm 1 in float64, and the degenerate rows as docs/design.md §1 defines them."""
     p, m, base = _task_inputs((7, 301), p_dtype, m_dtype, base_dtype)
     sums, expected_sums = (torch.full((7, 3), float("nan"), dtype=torch.float64) for _ in range(2))
     ours = _fused(out_dtype, p, m, base, 0.75, sums)

@@ -213,6 +213,9 @@ def test_save_best_writes_what_extsub_merge_writes(trained, tmp_path, kind, save
     )
     lam = result.recommendations["sub"].lam
     assert lam == (1.0 if result.row("sub", 1.0).truth_margin > result[0].truth_margin else 0.0)
+    if lam == 0:  # the expert itself: nothing is saved (test_save_best_writes_nothing_when_the_expert_is_recommended)
+        assert result.saved is None and not best.exists()
+        return
     assert result.saved.outputs == (best,)
     full = kind == "full" or save_format == "model"
     command = shlex.split(result.saved.context.command)
@@ -371,11 +374,13 @@ def test_missing_dependencies_are_named(trained, monkeypatch):
 
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
     with pytest.raises(
-        InputError, match=r'needs matplotlib, which is not installed; install with: pip install "extsub\[scan\]"'
+        InputError, match=r'needs matplotlib, which is not installed; install with: pip install -e "\.\[scan\]"'
     ):
         require("transformers", "matplotlib")
+    experts = [trained.adapter("llama", "lora", role) for role in ("expert", "anti")]
     with pytest.raises(InputError, match="needs matplotlib"):
-        scan("e", "a", base="b", keep="k", forget="f", out="o")
+        scan(*experts, base=trained.base("llama"), **_sets(trained), out=trained.root / "never-written")
+    assert not (trained.root / "never-written").exists()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -488,3 +493,108 @@ def test_a_diverged_adapter_point_is_measured_and_never_recommended(trained, tmp
     assert result.recommendations["sub"].lam == 0.0 and "non-finite NLL" in result.recommendations["sub"].note
     data = json.loads((out / "scan.json").read_text())
     assert data["rows"][1]["keep_nll"] is None and data["rows"][1]["keep_increase"] is None
+
+
+# --- small inputs of our own (a tiny LLaMA with no tokenizer, pre-tokenised sets) -----------
+
+
+@pytest.fixture(scope="module")
+def tiny_scan(tmp_path_factory):
+    """A tiny LLaMA base (random weights, no tokenizer), LoRA and prefix-tuning adapter pairs, token-id sets."""
+    import torch
+
+    from peft_fixtures import LLAMA_ADAPTERS, make_adapters, tiny_llama
+
+    folder = tmp_path_factory.mktemp("tiny_scan")
+    torch.manual_seed(1234)
+    base = tiny_llama()
+    _quiet(lambda: base.save_pretrained(folder / "base"))
+    lora = make_adapters(base, {k: LLAMA_ADAPTERS[k] for k in ("expert", "anti")}, folder / "lora")
+    prefix = {}
+    for i, role in enumerate(("expert", "anti")):
+        torch.manual_seed(1235 + i)
+        config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+        model = _quiet(lambda c=config: peft.get_peft_model(tiny_llama(), c))
+        _quiet(lambda m=model, r=role: m.save_pretrained(folder / "prefix" / r))
+        prefix[role] = str(folder / "prefix" / role)
+    ids = "\n".join(json.dumps({"input_ids": [3 + i, 17, 42 + i, 99, 5]}) for i in range(4)) + "\n"
+    (folder / "set.jsonl").write_text(ids)
+    pairs = "\n".join(json.dumps({"prompt_ids": [3 + i, 17], "completion_ids": [42 + i, 99]}) for i in range(4))
+    (folder / "pairs.jsonl").write_text(pairs + "\n")  # TRUTH for itself: the FORGET − TRUTH margin is 0 at every λ
+    return {
+        "base": folder / "base",
+        "lora": lora,
+        "prefix": prefix,
+        "set": folder / "set.jsonl",
+        "pairs": folder / "pairs.jsonl",
+    }
+
+
+@pytest.mark.parametrize(
+    ("kind", "save_format", "message"),
+    [
+        ("lora", "ia3", r"--format ia3 does not apply to LoRA adapters; their formats: lora"),
+        ("prefix", "model", r"--format model: prefix-tuning adapters change no weight.*--format prefix-tuning"),
+        ("lora", "model-ish", r"unknown format 'model-ish'"),
+    ],
+)
+def test_save_format_is_checked_before_base_loads(tiny_scan, tmp_path, monkeypatch, kind, save_format, message):
+    """A --format that --save-best cannot write fails before MODEL loads and before any point is measured."""
+    import extsub_kernels.lambda_scan.run as run
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("MODEL loaded before --format was checked")
+
+    monkeypatch.setattr(run, "load_model", no_load)
+    adapters = tiny_scan[kind]
+    with pytest.raises(InputError, match=message):
+        scan(
+            adapters["expert"],
+            adapters["anti"],
+            base=tiny_scan["base"],
+            keep=tiny_scan["set"],
+            forget=tiny_scan["pairs"],
+            truth=tiny_scan["pairs"],
+            out=tmp_path / "scan",
+            lam="0,1",
+            save_best=tmp_path / "best",
+            save_format=save_format,
+        )
+    assert not list(tmp_path.iterdir())
+
+
+def test_save_best_writes_nothing_when_the_expert_is_recommended(tiny_scan, tmp_path):
+    """TRUTH = FORGET: the FORGET − TRUTH margin is 0 at every λ, so no λ > 0 does better and λ = 0 (the expert) is
+    recommended; --save-best says so and writes no copy of the expert labelled as a merge."""
+    adapters = tiny_scan["lora"]
+    with pytest.warns(UserWarning, match=r"--save-best: the recommended λ of ext-sub is 0, the expert itself.*nothing"):
+        result = scan(
+            adapters["expert"],
+            adapters["anti"],
+            base=tiny_scan["base"],
+            keep=tiny_scan["set"],
+            forget=tiny_scan["pairs"],
+            truth=tiny_scan["pairs"],
+            out=None,
+            lam="0,1",
+            method="ext-sub",
+            max_keep_increase=1e9,
+            save_best=tmp_path / "best",
+        )
+    assert result.recommendations["ext-sub"].lam == 0
+    assert result.saved is None and not (tmp_path / "best").exists()
+
+
+def test_missing_dependencies_are_named_together_with_a_command_that_resolves(tiny_scan, monkeypatch):
+    """Without transformers and peft, one error names both, with an install command that works before the
+    package is on an index (from the source checkout)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import raises ImportError
+    monkeypatch.setitem(sys.modules, "peft", None)
+    adapters = tiny_scan["lora"]
+    with pytest.raises(InputError, match=r"needs transformers, peft, which are not installed") as info:
+        scan(
+            adapters["expert"], adapters["anti"], base=tiny_scan["base"], keep=tiny_scan["set"], forget=tiny_scan["set"]
+        )
+    assert 'pip install -e ".[scan]"' in str(info.value) and "extsub[" not in str(info.value)

@@ -184,7 +184,7 @@ def test_a_shard_folder_and_a_report_beside_it(tmp_path):
 @pytest.mark.parametrize(
     "where, message",
     [
-        (lambda tmp, out: out / "r.json", "is or is inside OUT"),
+        (lambda tmp, out: out / "r.json", "is inside OUT"),
         (lambda tmp, out: tmp / "in" / "e.safetensors", "is the EXPERT file"),
         (lambda tmp, out: tmp, "is a folder"),
         (lambda tmp, out: (tmp / "old.json").write_text("{}") and tmp / "old.json", "already exists; pass --force"),

@@ -86,7 +86,7 @@ def test_degenerate_rows(dtype, backend, device):
     out = ext_sub(p, m, lam, backend=backend)
     assert torch.isfinite(out).all(), "degenerate rows must not give NaN or Inf"
     rtol, atol = TOLERANCES[dtype]
-    # DESIGN.md §1 conventions, checked directly rather than through the reference. The closed
+    # docs/design.md §1 conventions, checked directly rather than through the reference. The closed
     # form keeps such rows bit for bit; the literal reference only to float64 rounding.
     for row, why in ((0, "|p| = 0: the row stays"), (1, "|m| = 0: Ext(m) = 0, the row stays"), (2, "both zero")):
         if backend == "reference":
@@ -178,7 +178,7 @@ def test_empty_tensor_is_a_no_op(backend):
 
 
 def test_lambda_reading_of_the_closed_form():
-    """Ext-Sub at λ = direct subtraction at λ/2 plus a boost of p by λ|m|/(2|p|) (DESIGN.md §1)."""
+    """Ext-Sub at λ = direct subtraction at λ/2 plus a boost of p by λ|m|/(2|p|) (docs/design.md §1)."""
     p = torch.randn(16, 64, dtype=torch.float64)
     m = torch.randn(16, 64, dtype=torch.float64)
     boost = 1.5 * m.norm(dim=1, keepdim=True) / (2 * p.norm(dim=1, keepdim=True))
@@ -351,7 +351,7 @@ def test_auto_on_cuda_without_triton_warns_how_to_install_it(monkeypatch):
 
     monkeypatch.setattr(ops, "_triton_importable", lambda: False)
     monkeypatch.setattr(ops, "_warned_no_triton", False)
-    with pytest.warns(UserWarning, match=r'pip install "extsub\[cuda\]"'):
+    with pytest.warns(UserWarning, match=r'pip install -e "\.\[cuda\]"'):
         assert ops._resolve_backend("auto", CudaTensor()) == "torch"
 
 

@@ -1,4 +1,4 @@
-"""The op's opt-in row sums (|p|², |m|², p·m per row, DESIGN.md §7): every backend, every variant, the same update."""
+"""The op's opt-in row sums (|p|², |m|², p·m per row, docs/design.md §7): every backend and variant, one update."""
 
 import pytest
 import torch

@@ -8,7 +8,7 @@ from extsub_kernels import ext_sub_reference
 
 
 def _algorithm_1_loop(w_plus: np.ndarray, w_minus: np.ndarray, lam: float) -> np.ndarray:
-    """Algorithm 1 line by line, one row at a time, with DESIGN.md's zero-vector convention."""
+    """Algorithm 1 line by line, one row at a time, with docs/design.md §1's zero-vector convention."""
 
     def normalize(v):
         n = np.linalg.norm(v)

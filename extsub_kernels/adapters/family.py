@@ -34,6 +34,19 @@ def strip_peft_prefix(key: str) -> str:
     return key.removeprefix(PEFT_PREFIX)
 
 
+def base_tensor_name(key: str) -> str:
+    """The base model's name of a full tensor an adapter saved: PEFT's prefix and its `base_layer.` wrapper gone.
+
+    PEFT saves a bias trained with bias="all"/"lora_only" under the LoRA layer's wrapped module
+    (`….c_attn.base_layer.bias`); the base model has it as `….c_attn.bias`.
+
+    Example:
+        >>> base_tensor_name("base_model.model.transformer.h.0.attn.c_attn.base_layer.bias")
+        'transformer.h.0.attn.c_attn.bias'
+    """
+    return strip_peft_prefix(key).replace(".base_layer.", ".")
+
+
 def weight_key(module: str) -> str:
     """The base model's weight name of a module: `model.layers.0.mlp.up_proj` → `....up_proj.weight`."""
     return f"{strip_peft_prefix(module)}.weight"
@@ -189,8 +202,8 @@ def merge_adapters(
 ) -> PeftAdapter:
     """Ext-Sub (or direct subtraction/addition) of adapters of one PEM type, exactly, in their own parameter space.
 
-    LoRA merges in the factored space (DESIGN §3), (IA)³ on the task vectors l − 1, one
-    vector per row, prefix-tuning on the per-head key/value rows (DESIGN §6). Anti-experts
+    LoRA merges in the factored space (docs/design.md §3), (IA)³ on the task vectors l − 1, one
+    vector per row, prefix-tuning on the per-head key/value rows (docs/design.md §6). Anti-experts
     apply in order (paper Table 4).
 
     Args:

@@ -96,7 +96,7 @@ def _finite(module: str, key: str, make: Callable[[], torch.Tensor]) -> Callable
             dtype = str(tensor.dtype).removeprefix("torch.")
             raise InputError(
                 f"module {module}: {key} overflows {dtype} (ΔW' = s·B·A leaves its range, from the adapters' "
-                "scaling lora_alpha/r, λ or --dtype); nothing was written"
+                "scaling lora_alpha/r, λ or --dtype)"
             )
         return tensor
 

@@ -8,11 +8,12 @@ stores (in, out) — GPT-2's Conv1D, PEFT's fan_in_fan_out — is folded transpo
 change no weight (prefix-tuning) are refused before anything is read.
 
 Non-LoRA tensors of the adapters (PEFT's `modules_to_save`, and biases trained with
-bias="all"/"lora_only") are full weights that PEFT puts in place of the base model's, not
-deltas. With θ₀ at hand they are what a full fine-tuned model is, so they merge as the dense
-engine merges full models (`apply_method` with base=θ₀): ΔW = θ − θ₀ per input, θ₀ + ΔW' out. A
-tensor only the expert has is then the expert's own; one only anti-experts have contributes
-nothing under ext-sub (|p| = 0) and ∓λ·(θ⁻ − θ₀) under sub/add, as LoRA modules do.
+bias="all"/"lora_only", saved under the wrapped `….base_layer.bias`) are full weights that PEFT
+puts in place of the base model's, not deltas. With θ₀ at hand they are what a full fine-tuned
+model is, so they merge as the dense engine merges full models (`apply_method` with base=θ₀):
+ΔW = θ − θ₀ per input, θ₀ + ΔW' out. A tensor only the expert has is then the expert's own;
+one only anti-experts have contributes nothing under ext-sub (|p| = 0) and ∓λ·(θ⁻ − θ₀)
+under sub/add, as LoRA modules do.
 """
 
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from extsub_kernels._tensors import all_finite, compute_dtype, is_float, nonfinite_summary
-from extsub_kernels.adapters.family import BaseEdit, PeftAdapter, strip_peft_prefix
+from extsub_kernels.adapters.family import BaseEdit, PeftAdapter, base_tensor_name
 from extsub_kernels.engine.architecture import TransposedRule
 from extsub_kernels.engine.methods import apply_method
 from extsub_kernels.engine.outputs import LazyOutput
@@ -94,7 +95,7 @@ def match_targets(
     full: dict[str, dict[int, torch.Tensor]] = {}
     for index, extra in enumerate([expert_extra, *anti_extras]):
         for adapter_key, tensor in extra.items():
-            key = _base_key(strip_peft_prefix(adapter_key), base, f"{sources[index]}: tensor {adapter_key}")
+            key = _base_key(base_tensor_name(adapter_key), base, f"{sources[index]}: tensor {adapter_key}")
             if key in targets:
                 raise InputError(
                     f"{sources[index]}: {adapter_key} is a full weight of {key}, which {what} also changes"

@@ -1,4 +1,4 @@
-"""(IA)³ adapters: learned scaling vectors, merged as task vectors d = l − 1, each whole vector one row (DESIGN §6).
+"""(IA)³ adapters: learned scaling vectors, merged as task vectors d = l − 1, one row each (docs/design.md §6).
 
 PEFT's (IA)³ multiplies a layer's output features by `ia3_l`, shaped (out, 1), or, for the
 modules listed in `feedforward_modules`, its input features by `ia3_l` shaped (1, in); every

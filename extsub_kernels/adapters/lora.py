@@ -1,4 +1,4 @@
-"""The factored Ext-Sub path for LoRA adapters: exact results without forming ΔW (DESIGN.md §3).
+"""The factored Ext-Sub path for LoRA adapters: exact results without forming ΔW (docs/design.md §3).
 
 For a LoRA module ΔW = s·B·A (B: out×r, A: r×in), Ext-Sub's per-row closed form
 p' = α·p + β·m needs only the row norms of ΔW⁺ and ΔW⁻, and a row norm of s·B·A is
@@ -381,7 +381,7 @@ class _FirstStep:
 
 
 class LoraSweep:
-    """`merge_adapters` at many λ of one method, bitwise the same, with what λ does not change done once (DESIGN §8).
+    """`merge_adapters` at many λ of one method, bitwise the same, what λ does not change done once (docs/design.md §8).
 
     A module's first Ext-Sub step, from the expert's module, needs the scaled factors of both
     sides and their row norms (QR factorisations); only the coefficients α and β depend on λ.

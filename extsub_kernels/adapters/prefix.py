@@ -1,4 +1,4 @@
-"""Prefix-tuning adapters: Ext-Sub on the virtual tokens' keys and values, one row per attention head (DESIGN §6).
+"""Prefix-tuning adapters: Ext-Sub on the virtual tokens' keys and values, a row per head (docs/design.md §6).
 
 PEFT saves one tensor, `prompt_embeddings`, of shape (num_virtual_tokens, num_layers·2·token_dim):
 for every virtual token, the key and the value it adds to each layer's attention. With

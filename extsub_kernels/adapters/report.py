@@ -70,13 +70,9 @@ def summarize_modules(reports: Sequence[AdapterReport]) -> str:
     rows = max(sum(r.zero_rows.values()) for r in reports)
     if rows:
         parts.append(f"{counted(rows, f'expert {first.row}')} with |p| = 0 kept unchanged")
-    errors = [(error, name) for r in reports for name, error in r.truncation_error.items()]
-    if errors and max(errors)[0] > 0:
-        worst, where = max(errors)
-        mean = sum(e for e, _ in errors) / len(errors)
-        parts.append(f"relative truncation error (Frobenius) max {worst:.3g} ({where}), mean {mean:.3g}")
-    elif errors:
-        parts.append("no module above --max-rank, nothing truncated")
+    truncation = truncation_summary(reports)
+    if truncation is not None:
+        parts.append(truncation)
     for names, what in (
         (first.extra_copied, "copied from the expert"),
         (first.extra_merged, "merged as task vectors against BASE"),
@@ -85,6 +81,23 @@ def summarize_modules(reports: Sequence[AdapterReport]) -> str:
         if names:
             parts.append(f"{len(names)} non-{first.pem} tensors {what}")
     return "; ".join(parts)
+
+
+def truncation_summary(reports: Sequence[AdapterReport]) -> str | None:
+    """The --max-rank truncation error, max and mean over every module of every report; None without --max-rank.
+
+    Example:
+        >>> truncation_summary([AdapterReport("ext-sub", (1.0,), truncation_error={"q": 0.5, "v": 0.0})])
+        'relative truncation error (Frobenius) max 0.5 (q), mean 0.25'
+    """
+    errors = [(error, name) for r in reports for name, error in r.truncation_error.items()]
+    if not errors:
+        return None
+    if max(errors)[0] == 0:
+        return "no module above --max-rank, nothing truncated"
+    worst, where = max(errors)
+    mean = sum(e for e, _ in errors) / len(errors)
+    return f"relative truncation error (Frobenius) max {worst:.3g} ({where}), mean {mean:.3g}"
 
 
 def counted(n: int, noun: str) -> str:

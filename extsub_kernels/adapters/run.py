@@ -3,7 +3,7 @@
 Every adapter is loaded and validated before anything is written (PEFT folders, hub
 snapshots, bare .safetensors files with their config or scaling), and all must be of one PEM
 type. The merge runs in the type's own parameter space once per λ setting (LoRA: factored,
-O((out + in)·r²) per module, DESIGN.md §3; (IA)³ and prefix-tuning: their small tensors in
+O((out + in)·r²) per module, docs/design.md §3; (IA)³ and prefix-tuning: their small tensors in
 float64, §6). Each output is a `LazyOutput` of one of the type's formats (`formats.OUTPUT_FORMATS`)
 streamed through the engine's one write loop one tensor at a time, so no output is ever held
 in memory; with a base model it is the full merged model (`full_model`).
@@ -18,18 +18,24 @@ from pathlib import Path
 
 import torch
 
-from extsub_kernels.adapters.family import PeftAdapter, check_same_type, merge_adapters
+from extsub_kernels.adapters.family import PeftAdapter, check_same_type, merge_adapters, weight_key
 from extsub_kernels.adapters.formats import OUTPUT_FORMATS
 from extsub_kernels.adapters.full_model import full_model_outputs, match_targets
 from extsub_kernels.adapters.lora import LoraAdapter, check_max_rank
 from extsub_kernels.adapters.peft import CONFIG_NAME, LoraScaling, load_adapter
-from extsub_kernels.adapters.report import AdapterSection, adapter_items
+from extsub_kernels.adapters.report import AdapterReport, AdapterSection, adapter_items, truncation_summary
 from extsub_kernels.adapters.stats import adapter_stats, unit_shapes, units
-from extsub_kernels.engine.architecture import input_config, weight_layout
+from extsub_kernels.engine.architecture import (
+    WeightLayout,
+    conv1d_transposed,
+    input_config,
+    never_transposed,
+    weight_layout,
+)
 from extsub_kernels.engine.context import RunContext
 from extsub_kernels.engine.dryrun import dry_run_report
 from extsub_kernels.engine.memory import peak_rss_bytes
-from extsub_kernels.engine.notes import MODEL_CONFIG, OutputKind, base_model_name, output_texts, run_metadata
+from extsub_kernels.engine.notes import MODEL_CONFIG, OutputKind, card_base_model, output_texts, run_metadata
 from extsub_kernels.engine.options import DEFAULT_MAX_SHARD_SIZE, FORMATS, RunOptions, check_choice, parse_size
 from extsub_kernels.engine.outputs import LazyOutput, write_outputs
 from extsub_kernels.engine.report import MergeReport
@@ -221,6 +227,28 @@ def adapter_output(
     return OUTPUT_FORMATS[output_format].make(merged, dtype=dtype, device=device)
 
 
+def lora_layout(adapters: Sequence[PeftAdapter], inputs: Inputs, explicit: bool | None) -> WeightLayout | None:
+    """Whether LoRA modules sit on weights stored (in, out) (GPT-2's Conv1D), by the one layout rule of every input.
+
+    `--transposed/--no-transposed` first; then the expert's adapter_config.json (PEFT's fan_in_fan_out);
+    then a model's config.json beside the inputs; then the module names, with a warning (LoRA factors
+    give (out, in), never how the base stores the weight). None for types without LoRA modules.
+    """
+    expert = adapters[0]
+    if not isinstance(expert, LoraAdapter):
+        return None
+    if explicit is None and ("fan_in_fan_out" in expert.config or expert.fan_in_fan_out):
+        flag = expert.fan_in_fan_out
+        rule = conv1d_transposed if flag else never_transposed
+        return WeightLayout(rule, flag, f"adapter_config.json of EXPERT: fan_in_fan_out {str(flag).lower()}")
+    return weight_layout(
+        [(role, input_config(inp)) for role, inp in inputs],
+        dict.fromkeys((weight_key(name) for name in expert.modules), None),
+        explicit=explicit,
+        role=f"EXPERT ({expert.source})",
+    )
+
+
 def run_adapters(
     inputs: Inputs,
     options: RunOptions,
@@ -306,9 +334,15 @@ def run_adapters(
     reader = CheckpointReader(base.files, label="BASE") if base is not None else None
     try:
         if reader is None:
+            layout = lora_layout(adapters, adapter_inputs, options.transposed)
+            if layout is not None:
+                facts["layout"] = layout.reason
+                merged = [dataclasses.replace(m, fan_in_fan_out=layout.conv1d) for m in merged]
             dtype, device = options.out_dtype, options.device
             outputs = [adapter_output(m, output_format, dtype=dtype, device=device) for m in merged]
             kind = adapter_kind(output_format, adapters[0])
+            if adapter_options.max_rank is not None:
+                kind = truncated_kind(kind, adapter_options.max_rank, [m.report for m in merged])
             computed = _computed_names(merged[0], output_format) & {e.name for e in outputs[0].entries}
         else:
             layout = weight_layout(
@@ -339,8 +373,9 @@ def run_adapters(
                 device=options.device,
                 extra_files=extra_files,
             )
+            base_id, why = card_base_model(base.spec, "BASE")
             kind = OutputKind(
-                "the full merged model θ₀ + ΔW'", "transformers" if config else None, base_model_name(base), config
+                "the full merged model θ₀ + ΔW'", "transformers" if config else None, base_id, config, base_note=why
             )
             bytes_read += sum(reader.info(k).nbytes for k in reader)
             computed = set(targets)
@@ -394,9 +429,28 @@ def adapter_kind(output_format: str, expert: PeftAdapter) -> OutputKind:
     """What an adapter output is, for its model card: every format but delta is a folder PEFT loads."""
     what = FORMAT_WHAT.get(output_format, f"a {output_format} adapter")
     pem = PEM_TAGS.get(expert.peft_type, expert.peft_type.lower())
-    if output_format == "delta":
-        return OutputKind(what, None, expert.base_model_name_or_path, tags=(pem,))
-    return OutputKind(what, "peft", expert.base_model_name_or_path, tags=("peft", pem))
+    base, why = card_base_model(expert.base_model_name_or_path, "the adapters' base model")
+    library = None if output_format == "delta" else "peft"
+    tags = (pem,) if output_format == "delta" else ("peft", pem)
+    return OutputKind(what, library, base, tags=tags, base_note=why)
+
+
+def truncated_kind(kind: OutputKind, max_rank: int, reports: Sequence[AdapterReport]) -> OutputKind:
+    """A --max-rank output's card: its rank and measured truncation error, and why the table is the exact merge's."""
+    notes = []
+    for report in reports:
+        truncated = sum(error > 0 for error in report.truncation_error.values())
+        if not truncated:
+            notes.append(f"No module was above rank {max_rank}: nothing was truncated, this is the exact merge.")
+            continue
+        notes.append(
+            f"{truncated} of {len(report.truncation_error)} modules were above rank {max_rank} and were truncated "
+            f"to it by an SVD of the exact merge: {truncation_summary([report])} of each module's ΔW'. The relative "
+            "change in the table below is the exact merge's (rank r⁺ + r⁻) at this λ, not this adapter's: its ΔW' "
+            "differs from the exact merge's by the truncation error."
+        )
+    what = f"a PEFT LoRA adapter truncated to rank ≤ {max_rank} per module (SVD of the exact rank r⁺ + r⁻ merge)"
+    return dataclasses.replace(kind, what=what, notes=tuple(notes))
 
 
 def _with_notes(

@@ -1,4 +1,4 @@
-"""Row statistics of adapter merges from each PEM's own parameters (DESIGN.md §7): ΔW is never formed.
+"""Row statistics of adapter merges from each PEM's own parameters (docs/design.md §7): ΔW is never formed.
 
 Hooks dispatched on the type, so every member of the PEM family plugs in its own math:
 `units(adapter)` gives what it merges, by name (a LoRA module, an (IA)³ task vector
@@ -47,6 +47,31 @@ def _ia3_units(adapter: IA3Adapter) -> Mapping[str, object]:
 @units.register
 def _prefix_units(adapter: PrefixAdapter) -> Mapping[str, object]:
     return {PROMPT_KEY: adapter.rows().to(torch.float64)}
+
+
+@singledispatch
+def stat_parts(adapter: PeftAdapter, name: str) -> list[tuple[str, object]]:
+    """How one unit's statistics are reported: (name, rows selector or None for all of them) per part.
+
+    A unit is one part, except a prefix, whose rows are per token, layer, key/value and head: one part
+    per layer and head (`prompt_embeddings.layers.3.head0`: layer 3, type head0), so the tables and the
+    heatmap draw layer × head.
+    """
+    return [(name, None)]
+
+
+@stat_parts.register
+def _prefix_parts(adapter: PrefixAdapter, name: str) -> list[tuple[str, object]]:
+    shape = (adapter.num_virtual_tokens, adapter.num_layers, 2, adapter.num_attention_heads, adapter.head_dim)
+
+    def select(rows: torch.Tensor, layer: int, head: int) -> torch.Tensor:
+        return rows.reshape(shape)[:, layer, :, head, :].reshape(-1, adapter.head_dim)
+
+    return [
+        (f"{name}.layers.{layer}.head{head}", lambda rows, layer=layer, head=head: select(rows, layer, head))
+        for layer in range(adapter.num_layers)
+        for head in range(adapter.num_attention_heads)
+    ]
 
 
 @singledispatch
@@ -129,23 +154,25 @@ def adapter_stats(
     Args:
         adapters: the expert, then the anti-experts in order.
         merged: the result of each λ setting, in order.
-        names: the units to describe.
+        names: the units to describe (a prefix is described per layer and head, `stat_parts`).
         roles: EXPERT, ANTI, ... naming `adapters`.
     """
     expert, antis = units(adapters[0]), [units(a) for a in adapters[1:]]
     results = [units(m) for m in merged]
     stats = []
     for name in names:
-        unit = expert[name]
-        pairs = tuple(
-            pair_stats(row_sums(unit, anti[name]), role)
-            for anti, role in zip(antis, roles[1:], strict=True)
-            if name in anti
-        )
-        norm = pairs[0].expert_norm
-        changes = []
-        for result in results:
-            moved = math.sqrt(change_sq(unit, result[name]))
-            changes.append(moved / norm if norm > 0 else (0.0 if moved == 0 else None))
-        stats.append(TensorStats(name, "module", pairs, tuple(changes)))
+        for part, select in stat_parts(adapters[0], name):
+            pick = select or (lambda unit: unit)
+            unit = pick(expert[name])
+            pairs = tuple(
+                pair_stats(row_sums(unit, pick(anti[name])), role)
+                for anti, role in zip(antis, roles[1:], strict=True)
+                if name in anti
+            )
+            norm = pairs[0].expert_norm
+            changes = []
+            for result in results:
+                moved = math.sqrt(change_sq(unit, pick(result[name])))
+                changes.append(moved / norm if norm > 0 else (0.0 if moved == 0 else None))
+            stats.append(TensorStats(part, "module", pairs, tuple(changes)))
     return stats

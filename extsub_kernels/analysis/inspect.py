@@ -1,4 +1,4 @@
-"""`inspect()`: the statistics a merge reports (DESIGN.md §7), computed without writing a merge.
+"""`inspect()`: the statistics a merge reports (docs/design.md §7), computed without writing a merge.
 
 Inputs are resolved, planned and streamed exactly as `merge()` does (same matching rules,
 same errors); the write stage writes nothing. Dense tensors run through the op for its row

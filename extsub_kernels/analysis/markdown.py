@@ -1,7 +1,7 @@
 """report.md of `extsub-inspect`: the inputs, then per anti-expert a table per module type and one per layer."""
 
 from extsub_kernels.engine.report import MergeReport
-from extsub_kernels.engine.tables import anti_roles, layer_table, summary_table
+from extsub_kernels.engine.tables import anti_roles, layer_and_type, layer_table, summary_table
 
 
 def inspection_markdown(report: MergeReport) -> str:
@@ -24,6 +24,11 @@ def inspection_markdown(report: MergeReport) -> str:
     lines += ["## By module type", "", summary_table(report.stats, report.settings).rstrip(), ""]
     for anti in anti_roles(report.stats):
         lines += [f"## By layer and module type ({anti})", "", layer_table(report.stats, anti, report.settings)]
+    outside = list(
+        dict.fromkeys(kind for tensor in report.stats for layer, kind in [layer_and_type(tensor.name)] if layer is None)
+    )
+    if outside:
+        lines += ["", f"Left out of report.png (no layer): {', '.join(outside)}; they are in the tables above.", ""]
     return "\n".join(lines)
 
 

@@ -1,12 +1,13 @@
 """report.png of `extsub-inspect`: heatmaps of layers × module types, mean cos(p, m) and the deficiency share.
 
-Drawn with matplotlib, an optional dependency (`pip install "extsub[plot]"`); without it
+Drawn with matplotlib, an optional dependency (the `plot` extra); without it
 `draw_heatmaps` raises `PlotUnavailable` with that advice and nothing is drawn.
 """
 
 import math
 import os
 
+from extsub_kernels._version import install_hint
 from extsub_kernels.engine.report import MergeReport
 from extsub_kernels.engine.tables import anti_roles, by_layer_and_type
 
@@ -23,7 +24,8 @@ class PlotUnavailable(RuntimeError):
 
 def draw_heatmaps(report: MergeReport, path: str | os.PathLike) -> None:
     """Two heatmaps per anti-expert, layers (rows) × module types (columns): mean cos(p, m) on a diverging
-    scale from −1 to 1, and the deficiency share from 0 to 1. Tensors outside layers are left out."""
+    scale from −1 to 1, and the deficiency share from 0 to 1. Tensors outside layers have no cell: the figure
+    names them (`drawn_cells`), as report.md does."""
     try:
         import matplotlib
 
@@ -32,12 +34,14 @@ def draw_heatmaps(report: MergeReport, path: str | os.PathLike) -> None:
     except ImportError:
         raise PlotUnavailable(
             "matplotlib is not installed, so report.png was not drawn (report.json and report.md were); "
-            'install it with `pip install "extsub[plot]"`'
+            f"install it with `{install_hint('plot')}`"
         ) from None
     antis = anti_roles(report.stats) or ["ANTI"]
     figure, axes = plt.subplots(len(antis), 2, figsize=(WIDTH_IN, HEIGHT_IN * len(antis)), dpi=DPI, squeeze=False)
+    left_out: list[str] = []
     for row, anti in enumerate(antis):
-        cells = {key: group for key, group in by_layer_and_type(report.stats, anti).items() if key[0] is not None}
+        cells, outside = drawn_cells(report, anti)
+        left_out += [kind for kind in outside if kind not in left_out]
         layers = sorted({layer for layer, _ in cells})
         kinds = list(dict.fromkeys(kind for _, kind in cells))
         for col, (title, value, limits, cmap) in enumerate(
@@ -62,9 +66,19 @@ def draw_heatmaps(report: MergeReport, path: str | os.PathLike) -> None:
                     for x, v in enumerate(row_values):
                         if not math.isnan(v):
                             ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=7)
-    figure.tight_layout()
+    if left_out:
+        figure.text(0.01, 0.005, f"left out (no layer): {', '.join(left_out)}; see report.md", fontsize=8)
+    figure.tight_layout(rect=(0, 0.02 if left_out else 0, 1, 1))
     figure.savefig(path, dpi=DPI, format="png")
     plt.close(figure)
+
+
+def drawn_cells(report: MergeReport, anti: str) -> tuple[dict, list[str]]:
+    """The heatmap's cells for one anti-expert, (layer, type) → Group, and the types it leaves out (no layer:
+    embeddings, lm_head, the final norm), in order of first appearance."""
+    groups = by_layer_and_type(report.stats, anti)
+    cells = {key: group for key, group in groups.items() if key[0] is not None}
+    return cells, list(dict.fromkeys(kind for layer, kind in groups if layer is None))
 
 
 def _value(x: float | None) -> float:

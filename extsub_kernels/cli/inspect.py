@@ -35,7 +35,7 @@ outputs (-o DIR):
   report.json  the same record as extsub-merge --report
   report.md    a table per module type, and one per layer and module type
   report.png   heatmaps of layers × module types: mean cos and deficiency share
-               (needs matplotlib: pip install "extsub[plot]"; without it the other two are written)
+               (needs matplotlib, the plot extra; without it the other two are written)
 
 examples:
   {PROG} expert_adapter/ anti_adapter/ -o inspect/
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = command_parser(
         PROG,
         description="The geometry of an Ext-Sub merge without making it: per tensor or module, how much of the "
-        "anti-expert\nis shared capability and how much is deficiency (DESIGN.md §7 of extsub).",
+        "anti-expert\nis shared capability and how much is deficiency (docs/design.md §7 of extsub).",
         epilog=EPILOG,
     )
     add = parser.add_argument

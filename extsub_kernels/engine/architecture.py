@@ -87,7 +87,7 @@ class WeightLayout:
 
 def weight_layout(
     configs: Sequence[tuple[str, dict | None]],
-    shapes: Mapping[str, tuple[int, ...]],
+    shapes: Mapping[str, tuple[int, ...] | None],
     *,
     explicit: bool | None = None,
     role: str = "EXPERT",
@@ -97,7 +97,8 @@ def weight_layout(
 
     Args:
         configs: (role, config.json or None) per input, in the order they are trusted.
-        shapes: tensor name → shape of the checkpoint whose names are examined.
+        shapes: tensor name → shape of the checkpoint whose names are examined; None where only the name is
+            known (a LoRA module's weight: its factors give (out, in), not how the base stores it).
         explicit: True/False when the user said it; None to decide.
         role: whose tensors `shapes` are, for messages.
 
@@ -116,7 +117,7 @@ def weight_layout(
             return WeightLayout(
                 conv1d_transposed if verdict else never_transposed, verdict, f"config.json of {who} ({kind}): {what}"
             )
-    conv1d_names = [name for name, shape in shapes.items() if conv1d_transposed(name, shape)]
+    conv1d_names = [name for name, shape in shapes.items() if conv1d_transposed(name, shape or (0, 0))]
     if not conv1d_names:
         return WeightLayout(never_transposed, False, "no config.json and no Conv1D weight names: rows are dim 0")
     votes = [v for name in conv1d_names if (v := _shape_vote(name, shapes[name])) is not None]
@@ -138,8 +139,10 @@ def weight_layout(
     return WeightLayout(conv1d_transposed, True, f"ambiguous Conv1D key names in {role}: taken as Conv1D (in, out)")
 
 
-def _shape_vote(name: str, shape: tuple[int, ...]) -> bool | None:
+def _shape_vote(name: str, shape: tuple[int, ...] | None) -> bool | None:
     """True when the shape is a Conv1D (in, out) layout of that layer, False when it is (out, in), None if unclear."""
+    if shape is None:
+        return None
     rows, cols = shape
     for pattern, ratio in _TELLING:
         if pattern.search(name):

@@ -1,9 +1,10 @@
 """The model card (README.md) of a folder output, in the Hugging Face conventions: YAML front matter, then prose.
 
-The front matter carries `base_model`, `library_name` (peft for adapters, transformers for full
-models) and `tags` (extsub, merge); the body names the method and the paper, λ, the inputs
-(hub ids with the commits they resolved to), the exact command and the summary table of
-what the merge did per module type.
+The front matter carries `base_model` (hub ids only: the base model, the expert and the anti-experts,
+with `base_model_relation: merge`; a local base is left out and the body says why), `library_name`
+(peft for adapters, transformers for full models) and `tags` (extsub, merge); the body names the
+method and the paper, λ, the inputs (hub ids with the commits they resolved to), the exact command
+and the summary table of what the merge did per module type.
 """
 
 from collections.abc import Mapping, Sequence
@@ -39,10 +40,12 @@ class CardFacts:
         inputs: the inputs' fingerprints (io.provenance), EXPERT first.
         command: the command that made the output.
         library_name: "peft" for adapters, "transformers" for full models, None for task vectors.
-        base_model: the base model's hub id or name, when known.
+        base_model: the base model's hub id, only when it is one.
         what: a few words on the output ("a PEFT LoRA adapter", "the full model θ₀ + ΔW'").
         table: the Markdown summary table (empty without statistics).
         tags: tags beside extsub, merge and the method ("peft", "lora", ...).
+        note: a paragraph on this output after the first (what --max-rank truncated, ...).
+        base_note: why there is no `base_model` in the front matter although a base model is known.
     """
 
     title: str
@@ -55,6 +58,8 @@ class CardFacts:
     what: str
     table: str
     tags: tuple[str, ...] = ()
+    note: str = ""
+    base_note: str = ""
 
 
 def model_card(facts: CardFacts) -> str:
@@ -66,8 +71,12 @@ def model_card(facts: CardFacts) -> str:
         >>> card.startswith("---")
         True
     """
-    front = {"base_model": facts.base_model, "library_name": facts.library_name}
-    front = {key: value for key, value in front.items() if value is not None}
+    models = hub_models(facts)
+    front: dict = {"base_model": models[0] if len(models) == 1 else models} if models else {}
+    if models:
+        front["base_model_relation"] = "merge"
+    if facts.library_name is not None:
+        front["library_name"] = facts.library_name
     front["tags"] = ["extsub", "merge", facts.method, *facts.tags]
     lam = ", ".join(f"{x:g}" for x in facts.setting)
     lines = [
@@ -78,15 +87,17 @@ def model_card(facts: CardFacts) -> str:
         "",
         f"# {facts.title}",
         "",
-        f"{facts.what[0].upper()}{facts.what[1:]}, made with [extsub](https://pypi.org/project/extsub/) "
+        f"{facts.what[0].upper()}{facts.what[1:]}, made with extsub "
         f"{__version__} by {METHOD_NAME.get(facts.method, facts.method)} at λ = {lam}.",
         "",
+        *([facts.note, ""] if facts.note else []),
         f"{METHOD_TEXT.get(facts.method, '')} Method: {PAPER}.",
         "",
         "## Inputs",
         "",
         *[_input_line(record) for record in facts.inputs],
         "",
+        *([f"No `base_model` in the front matter: {facts.base_note}.", ""] if facts.base_note else []),
         "## How it was made",
         "",
         "```bash",
@@ -111,6 +122,14 @@ def model_card(facts: CardFacts) -> str:
             "",
         ]
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def hub_models(facts: CardFacts) -> list[str]:
+    """The front matter's `base_model`, as mergekit lists it: the base model, then the expert and anti-experts,
+    hub ids only (the hub refuses anything else), each once."""
+    merged = [r["repo"] for r in facts.inputs if r.get("kind") == "hub" and r.get("role") != "BASE" and r.get("repo")]
+    models = ([facts.base_model] if facts.base_model else []) + merged
+    return list(dict.fromkeys(models))
 
 
 def _input_line(record: Mapping) -> str:

@@ -20,7 +20,7 @@ from extsub_kernels.engine.memory import peak_rss_bytes
 from extsub_kernels.engine.notes import (
     MODEL_CONFIG,
     OutputKind,
-    base_model_name,
+    card_base_model,
     output_texts,
     run_metadata,
     text_names,
@@ -152,8 +152,8 @@ def _output_kind(inputs: Inputs, paths: Sequence[Path], has_base: bool) -> tuple
         return OutputKind("task vectors ΔW' (add them to the base model to use them)"), []
     config = expert.config_file(MODEL_CONFIG)
     extra = [p for p in expert.config_files if p.name not in (ADAPTER_CONFIG, MODEL_CONFIG)]
-    base = base_model_name(inputs[-1][1])
-    kind = OutputKind("the full merged model θ₀ + ΔW'", "transformers" if config else None, base, config)
+    base, why = card_base_model(inputs[-1][1].spec, "BASE")
+    kind = OutputKind("the full merged model θ₀ + ΔW'", "transformers" if config else None, base, config, base_note=why)
     return kind, extra
 
 

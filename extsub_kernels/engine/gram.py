@@ -2,7 +2,7 @@
 
 A row longer than a block (a 1-D tensor of 1 GiB is one row), or a Conv1D weight whose rows
 (output features) are the stored columns, cannot be held whole. Ext-Sub only needs, per row, the
-norms of the vectors it combines (DESIGN.md §1), so a first pass accumulates the Gram matrix of
+norms of the vectors it combines (docs/design.md §1), so a first pass accumulates the Gram matrix of
 v₀ = p, v₁ = m₁, …, vₙ = mₙ (each minus θ₀ with a base) piece by piece in float64, and a second
 pass writes each piece of the result as θ₀ + Σᵢ cᵢ·vᵢ: the steps p ← α·p + β·mⱼ, one per
 anti-expert, are linear, so the result is a combination of the inputs whose coefficients follow
@@ -68,7 +68,7 @@ class RowGram:
 
     Only the entries the coefficients need are summed: every |vᵢ|², and vᵢ·vⱼ for i < j < n
     (the last anti-expert enters the running result only through its own norm); with `products`,
-    p·mₙ too, so `row_sums` gives the row statistics of every pair (DESIGN.md §7).
+    p·mₙ too, so `row_sums` gives the row statistics of every pair (docs/design.md §7).
 
     Example:
         >>> gram = RowGram(2, 1)

@@ -90,7 +90,7 @@ def apply_method_into(
     go through their Gram matrices (`gram`). sub and add are elementwise.
 
     `observe`, when given, gets the row sums of the expert (task vector) against each anti-expert
-    before any step (DESIGN.md §7), from the same pass where there is one: the op's for one
+    before any step (docs/design.md §7), from the same pass where there is one: the op's for one
     ext-sub step, the Gram matrices' for rows in pieces; `row_products` per chunk of rows
     otherwise. It costs one (rows, 3) float64 tensor per anti-expert and call, nothing per chunk.
 
@@ -263,7 +263,7 @@ def apply_method(
     otherwise left unchanged.
 
     `observe`, when given, receives the row sums of the expert (task vector) against each
-    anti-expert, as rows are paired (DESIGN.md §7; see `apply_method_into`).
+    anti-expert, as rows are paired (docs/design.md §7; see `apply_method_into`).
 
     Example:
         >>> out = apply_method(torch.randn(8, 16), [torch.randn(8, 16)], [1.0])

@@ -22,9 +22,8 @@ from extsub_kernels.engine.options import RunOptions
 from extsub_kernels.engine.recipe import recipe_text
 from extsub_kernels.engine.stats import TensorStats
 from extsub_kernels.engine.tables import summary_table
-from extsub_kernels.io import ResolvedInput, read_json_object
+from extsub_kernels.io import ResolvedInput, hub_repo_id, read_json_object
 from extsub_kernels.io.outputs import CARD_NAME, RECIPE_NAME
-from extsub_kernels.io.provenance import hub_repo
 
 MODEL_CONFIG = "config.json"
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -106,9 +105,11 @@ class OutputKind:
     Attributes:
         what: a few words ("a PEFT LoRA adapter", "the full model θ₀ + ΔW'", "task vectors ΔW'").
         library_name: "peft", "transformers", or None when no library loads it as it is.
-        base_model: the base model's hub id or name, when known.
+        base_model: the base model's hub id, only when it is one (`card_base_model`).
         config: a model config.json to copy with a note (and the output dtype), for full models.
         tags: model-card tags beside extsub, merge and the method ("peft", "lora", "ia3", ...).
+        notes: a paragraph per output (one per λ setting, in order) for its card, e.g. what --max-rank cost.
+        base_note: why the card has no `base_model` although a base model is known.
     """
 
     what: str
@@ -116,6 +117,8 @@ class OutputKind:
     base_model: str | None = None
     config: Path | None = None
     tags: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    base_note: str = ""
 
 
 def output_texts(
@@ -144,6 +147,8 @@ def output_texts(
             what=kind.what,
             table=table,
             tags=kind.tags,
+            note=kind.notes[index] if kind.notes else "",
+            base_note=kind.base_note,
         )
         files = {CARD_NAME: model_card(facts), RECIPE_NAME: recipe_text(context.recipe, setting)}
         if kind.config is not None:
@@ -171,10 +176,21 @@ def noted_config(path: Path, out_dtype: torch.dtype | None, method: str, setting
     return json.dumps(config, indent=2, ensure_ascii=False) + "\n"
 
 
-def base_model_name(inp: ResolvedInput | None) -> str | None:
-    """The name a model card gives the base model: its hub repo id, else the folder or file name as given."""
-    if inp is None:
-        return None
-    if inp.kind == "hub":
-        return hub_repo(inp.spec)[0]
-    return Path(inp.spec).name or inp.name
+def card_base_model(name: str | None, who: str) -> tuple[str | None, str]:
+    """(hub id, "") when `name` is a hub repo id, else (None, why the card leaves `base_model` out).
+
+    The hub refuses any other `base_model` (a local path, or a folder's name, which names an unrelated repo).
+
+    Example:
+        >>> card_base_model("org/base@main", "BASE")
+        ('org/base', '')
+    """
+    if not name:
+        return None, ""
+    repo = hub_repo_id(name)
+    if repo is not None:
+        return repo, ""
+    return (
+        None,
+        f"{who} `{printable(name)}` is a local path, not a Hugging Face hub id, which is all the hub accepts there",
+    )

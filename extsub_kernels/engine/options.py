@@ -308,7 +308,7 @@ class RunOptions:
         block_bytes: target bytes of a streamed block of rows (None: `CPU_BLOCK_BYTES` on CPU,
             `CUDA_BLOCK_BYTES` on CUDA; see `block_size`).
         mode: "merge"; "dry-run" (plan from the headers, write nothing); "inspect" (row statistics, no output).
-        stats: gather the row statistics of every merged tensor or module (DESIGN.md §7).
+        stats: gather the row statistics of every merged tensor or module (docs/design.md §7).
         transposed: GPT-2 Conv1D-named weights are stored (in, out) (True), are not (False), or decide (None).
     """
 

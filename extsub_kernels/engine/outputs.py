@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from extsub_kernels.engine.pipeline import run_pipeline
-from extsub_kernels.errors import MergeError
+from extsub_kernels.errors import InputError, MergeError
 from extsub_kernels.io import CheckpointWriter, TensorEntry, check_free_space, is_folder_output
 from extsub_kernels.io.atomic import publish_all
 from extsub_kernels.io.writer import plan_layout
@@ -173,8 +173,11 @@ class OutputSet:
     def __enter__(self) -> "OutputSet":
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: object, error: BaseException | None, trace: object) -> None:
         self.abort()  # a no-op for committed outputs
+        if isinstance(error, InputError) and error.args and isinstance(error.args[0], str):
+            # Bad input found while streaming (NaN/Inf, an overflow): the temporaries are gone, so say so.
+            error.args = (f"{error.args[0]}; nothing was written", *error.args[1:])
 
 
 def progress_bar(total: int, progress: bool, desc: str = "extsub-merge", *, unit: str = "B") -> tqdm:

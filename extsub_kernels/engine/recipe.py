@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from extsub_kernels._version import __version__
-from extsub_kernels.engine.options import FORMATS, METHODS, ON_MISSING, OUT_DTYPES, lam_label
+from extsub_kernels.engine.options import FORMATS, METHODS, ON_MISSING, OUT_DTYPES, lam_label, lam_value
 from extsub_kernels.errors import InputError
 from extsub_kernels.io.outputs import RECIPE_NAME
 
@@ -135,10 +135,29 @@ def check_recipe(recipe: object, where: str = "recipe") -> dict[str, Any]:
             f"{where}: extsub_recipe is {checked['extsub_recipe']}, but this extsub ({__version__}) reads format "
             f"{RECIPE_FORMAT}; upgrade extsub"
         )
+    if "lam" in checked:
+        _check_lams(checked["lam"], where)
     anti = checked.get("anti")
     if isinstance(anti, list) and (not anti or not all(isinstance(a, str) for a in anti)):
         raise InputError(f"{where}: key 'anti' must be a path or hub id, or a non-empty list of them, got {anti!r}")
     return checked
+
+
+def _check_lams(lam: object, where: str) -> None:
+    """Every λ of a recipe's `lam` a finite number (`lam_value`'s rule), the error naming the file and the key."""
+    items = (
+        [part.split(":") for part in lam.split(",")]
+        if isinstance(lam, str)
+        else lam
+        if isinstance(lam, list)
+        else [lam]
+    )
+    try:
+        for item in items:
+            for value in item if isinstance(item, (list, tuple)) else [item]:
+                lam_value(value)
+    except InputError as e:
+        raise InputError(f"{where}: key 'lam': {e}") from None
 
 
 def lam_value_for(setting: Sequence[float]) -> float | str:

@@ -3,7 +3,7 @@
 The record is a JSON object: the tool and the command; the inputs (path as given, resolved
 path or hub repo with its resolved commit, file sizes, header sha256); every option; the
 outputs with their files and sizes; times, bytes, peak memory; what happened to each tensor
-or module, with its row statistics (DESIGN.md §7) where they were gathered.
+or module, with its row statistics (docs/design.md §7) where they were gathered.
 """
 
 import dataclasses
@@ -18,7 +18,8 @@ from extsub_kernels._version import __version__
 from extsub_kernels.engine.report import MergeReport
 from extsub_kernels.engine.stats import PairStats, TensorStats
 from extsub_kernels.engine.tables import anti_roles, by_module_type
-from extsub_kernels.io.atomic import publish, remove, reserve_temp, write_text
+from extsub_kernels.io.atomic import publish, remove, reserve_temp, write_into, write_text
+from extsub_kernels.io.outputs import is_stream
 
 RECORD_FORMAT = 1
 
@@ -131,13 +132,17 @@ def json_text(record: Any) -> str:
 
 
 def write_json(record: Any, target: str | os.PathLike) -> None:
-    """Write `record` to `target` ("-": stdout) whole or not at all (a temporary file beside it, then a rename)."""
+    """Write `record` to `target` ("-": stdout; a FIFO or a character device: into it) whole or not at all (a
+    temporary file beside it, then a rename)."""
     text = json_text(record)
     if os.fspath(target) == "-":
         sys.stdout.write(text)
         sys.stdout.flush()
         return
     path = Path(target)
+    if is_stream(path):
+        write_into(path, text.encode("utf-8"))
+        return
     temp = reserve_temp(path, folder=False)
     try:
         write_text(temp, text)

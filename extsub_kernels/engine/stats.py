@@ -1,10 +1,10 @@
-"""What Ext-Sub did to each row, summarised per tensor or module (DESIGN.md §7), from three sums per row.
+"""What Ext-Sub did to each row, summarised per tensor or module (docs/design.md §7), from three sums per row.
 
 With c = cos(p, m) = p·m/(|p||m|), the closed form Ext(m) = ½(m − |m|·p̂) gives
 |Ext(m)|² = |m|²(1 − c)/2: the deficiency share of a row is |Ext(m)|/|m| = √((1 − c)/2) and
 the rest of the anti-expert, |m|·√((1 + c)/2), is the "general capability" Ext-Sub keeps. The
 change of a row is p' − p = −λ·Ext(m), so ‖θ' − θ⁺‖ = λ·‖Ext(θ⁻)‖ over a tensor. Rows with
-|p| = 0 or |m| = 0 have Ext(m) = 0 (DESIGN.md §1); they are counted, not averaged.
+|p| = 0 or |m| = 0 have Ext(m) = 0 (docs/design.md §1); they are counted, not averaged.
 
 Everything comes from |p|², |m|² and p·m of each row, which the op hands back from its own
 pass (`ext_sub_(..., row_stats=...)`) and LoRA modules give from their factors. Quartiles
@@ -109,7 +109,7 @@ class PairAccumulator:
         has_p, has_m = pp > 0, mm > 0
         both = has_p & has_m
         cos = (pm / torch.sqrt(torch.where(both, pp * mm, 1.0))).clamp(-1.0, 1.0)
-        # |Ext(m)|² = |m|²(1 − c)/2 where |p| > 0 and |m| > 0, else 0 (DESIGN.md §1).
+        # |Ext(m)|² = |m|²(1 − c)/2 where |p| > 0 and |m| > 0, else 0 (docs/design.md §1).
         ext_sq = torch.where(both, mm * (1.0 - cos) / 2.0, 0.0)
         measured = int(both.sum())
         measured_cos = cos[both]

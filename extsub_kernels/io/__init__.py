@@ -2,7 +2,7 @@
 
 from extsub_kernels.io.outputs import check_outputs, is_folder_output, output_paths
 from extsub_kernels.io.reader import CheckpointReader, Header, TensorInfo, read_header
-from extsub_kernels.io.resolve import ResolvedInput, read_json_object, resolve_input
+from extsub_kernels.io.resolve import ResolvedInput, hub_repo_id, read_json_object, resolve_input
 from extsub_kernels.io.writer import (
     CheckpointWriter,
     SafetensorsFileWriter,
@@ -24,6 +24,7 @@ __all__ = [
     "build_header",
     "check_free_space",
     "check_outputs",
+    "hub_repo_id",
     "is_folder_output",
     "output_paths",
     "read_header",

@@ -126,6 +126,27 @@ def write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def write_into(target: Path, data: bytes) -> None:
+    """Write `data` into an existing FIFO or character device (a pipe, a terminal, /dev/null), never replacing it.
+
+    A FIFO nobody reads is an error at once (ENXIO), not a wait forever.
+    """
+    flags = os.O_WRONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(target, flags)
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            raise OSError(e.errno, "nobody reads this FIFO", str(target)) from None
+        raise
+    try:
+        os.set_blocking(fd, True)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
 def replace_file(target: Path, data: bytes) -> None:
     """Write `data` to `target` whole or not at all: a temporary file beside it, fsync, rename over it.
 

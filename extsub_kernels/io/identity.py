@@ -50,6 +50,41 @@ def folder_chain(path: Path) -> list[tuple[Path, FileId]]:
 
 
 @dataclass(frozen=True)
+class Place:
+    """Where a path leads, whether or not it exists yet: the deepest existing file or folder on its way (by identity,
+    every symlink followed) and the names below it that do not exist yet.
+
+    Two paths are the same place when their places are equal, however they are spelled
+    (`sub/../out`, a symlinked folder, a bind mount, a hard link of an existing file).
+    """
+
+    anchor: FileId
+    rest: tuple[str, ...]
+    holders: frozenset[FileId]  # every existing folder above the anchor
+
+    def same(self, other: "Place") -> bool:
+        return (self.anchor, self.rest) == (other.anchor, other.rest)
+
+    def inside(self, other: "Place") -> bool:
+        """Whether this place lies strictly inside the folder `other` names (existing or to be created)."""
+        if self.anchor == other.anchor:
+            return len(self.rest) > len(other.rest) and self.rest[: len(other.rest)] == other.rest
+        return not other.rest and other.anchor in self.holders
+
+
+def where(path: Path) -> Place:
+    """The `Place` of `path` (see there)."""
+    real = Path(os.path.realpath(path))
+    rest: list[str] = []
+    while (anchor := file_id(real)) is None and real != real.parent:
+        rest.append(real.name)
+        real = real.parent
+    if anchor is None:  # not even the root answers: compare by spelling
+        anchor = FileId(-1, -1)
+    return Place(anchor, tuple(reversed(rest)), frozenset(identity for _, identity in folder_chain(real)))
+
+
+@dataclass(frozen=True)
 class _FileState:
     dev: int
     ino: int

@@ -9,11 +9,13 @@ left beside an OUT are cleaned up first (`temps.clean_stale`).
 """
 
 import os
+import stat
 from collections.abc import Sequence
+from itertools import combinations
 from pathlib import Path
 
 from extsub_kernels.errors import InputError
-from extsub_kernels.io.identity import file_id, folder_chain, is_mount_point
+from extsub_kernels.io.identity import file_id, folder_chain, is_mount_point, where
 from extsub_kernels.io.resolve import CONFIG_PATTERNS, ResolvedInput
 from extsub_kernels.io.temps import clean_stale
 
@@ -63,28 +65,56 @@ def output_paths(out: Path, labels: Sequence[str]) -> list[Path]:
 
 
 def refuse_existing(path: Path, *, force: bool, what: str | None = None) -> None:
-    """Raise an InputError when `path` exists and replacing it was not asked for (`what` names it: "OUT path")."""
-    if os.path.lexists(path) and not force:
+    """Raise an InputError when `path` exists and replacing it was not asked for (`what` names it: "OUT path"), or
+    when it is not what --force replaces: a regular file or a folder, never a symlink, a FIFO, a device or a socket."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as e:
+        raise InputError(f"{what or f'OUT {path}'} cannot be examined: {getattr(e, 'strerror', None) or e}") from None
+    if not force:
         raise InputError(f"{what or f'OUT {path}'} already exists; pass --force (force=True in Python) to replace it")
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise InputError(f"{what or f'OUT {path}'} is {kind}; --force replaces only regular files and folders")
 
 
-def check_outputs(paths: Sequence[Path], inputs: Sequence[tuple[str, ResolvedInput]], *, force: bool) -> None:
-    """Refuse an OUT that is, is inside, or contains an input; or exists (without force); or cannot be replaced.
+_KINDS = {
+    stat.S_IFLNK: "a symbolic link",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def check_outputs(
+    paths: Sequence[Path],
+    inputs: Sequence[tuple[str, ResolvedInput]],
+    *,
+    force: bool,
+    others: Sequence[tuple[str, Path]] = (),
+    read: Sequence[tuple[str, Path]] = (),
+) -> None:
+    """Refuse an OUT that is, is inside, or contains an input or another output; or exists (without force); or
+    cannot be replaced.
 
     Args:
         paths: the outputs of the run (one per λ setting).
         inputs: (role, input) pairs, the role (EXPERT, ANTI, BASE) naming it in messages.
-        force: an existing OUT may be replaced, when it is an output of the same kind (a file,
-            or a folder holding only what this tool writes: checkpoint files, configs, its model
-            card and recipe).
+        force: an existing OUT may be replaced, when it is an output of the same kind (a regular
+            file, or a folder holding only the files this tool wrote there, see `written_names`).
+        others: the run's other outputs, (what, path): a --report file, scan files.
+        read: other files the run reads, (what, path): a recipe.
 
     Raises:
         InputError: naming the OUT, the input and what to do.
     """
     for parent in dict.fromkeys(Path(os.path.realpath(p.parent)) for p in paths):
         clean_stale(parent)
+    check_apart([*((f"OUT {p}", p) for p in paths), *others], inputs, read)
     for path in paths:
-        _check_apart_from_inputs(path, inputs)
         if not os.path.lexists(path):
             continue
         refuse_existing(path, force=force)
@@ -108,18 +138,64 @@ def check_outputs(paths: Sequence[Path], inputs: Sequence[tuple[str, ResolvedInp
 def check_report_path(
     path: Path, inputs: Sequence[tuple[str, ResolvedInput]], outputs: Sequence[Path], *, force: bool
 ) -> None:
-    """Refuse a --report FILE that is a folder, an input or in one, an output or in one, or exists (without force).
+    """Refuse a --report FILE that is a folder, an input or in one, an output or in one (by identity, `check_apart`),
+    or exists (without force), or is no regular file to replace.
+
+    A FIFO or a character device (a pipe, a terminal, /dev/null) is written into, never
+    replaced (see `is_stream`).
 
     Raises:
         InputError: naming the file and what to do.
     """
     if path.is_dir():
         raise InputError(f"--report {path} is a folder; give a file name like report.json (or - for stdout)")
-    for out in outputs:
-        if path.absolute() == out.absolute() or out.absolute() in path.absolute().parents:
-            raise InputError(f"--report {path} is or is inside OUT {out}; write the report beside OUT")
-    _check_apart_from_inputs(path, inputs, what=f"--report {path}")
-    refuse_existing(path, force=force, what=f"--report {path}")
+    check_apart([(f"--report {path}", path), *((f"OUT {p}", p) for p in outputs)], inputs)
+    if not is_stream(path):
+        refuse_existing(path, force=force, what=f"--report {path}")
+
+
+def is_stream(path: Path) -> bool:
+    """Whether `path` leads (symlinks followed) to a FIFO or a character device: written into, never replaced."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
+
+
+def check_apart(
+    outputs: Sequence[tuple[str, Path]],
+    inputs: Sequence[tuple[str, ResolvedInput]] = (),
+    read: Sequence[tuple[str, Path]] = (),
+) -> None:
+    """The one identity rule of every path a run writes: no output is, holds or lies inside an input, a file the
+    run reads, or another output, however the paths are spelled (`sub/../out`, symlinks, bind mounts, hard links).
+
+    Args:
+        outputs: (what, path) of every output, `what` naming it in messages ("OUT x", "--report x").
+            A folder output holds only what the run writes into it itself, so list its files apart
+            only when they are separate outputs.
+        inputs: (role, input) pairs of the checkpoints read.
+        read: (what, path) of other files the run reads (a recipe, text sets).
+
+    Raises:
+        InputError: naming both paths and what to do.
+    """
+    places = [(what, path, where(path)) for what, path in outputs]
+    for what, path, place in places:
+        _check_apart_from_inputs(path, inputs, what=what)
+        for name, file in read:
+            other = where(file)
+            if place.same(other):
+                raise InputError(f"{what} is {name}, which this run reads; choose another path")
+            if other.inside(place):
+                raise InputError(f"{what} holds {name}, which this run reads; choose another path")
+    for (what_a, _, a), (what_b, _, b) in combinations(places, 2):
+        if a.same(b):
+            raise InputError(f"{what_a} and {what_b} are the same path; give each output a path of its own")
+        if a.inside(b) or b.inside(a):
+            inner, outer = (what_a, what_b) if a.inside(b) else (what_b, what_a)
+            raise InputError(f"{inner} is inside {outer}; write it beside, not into, the other output")
 
 
 def check_report_folder(

@@ -138,6 +138,19 @@ def resolve_input(spec: str | os.PathLike, *, role: str = "input", quiet: bool =
     raise InputError(f"{role} {text!r}: no such file or folder")
 
 
+def hub_repo_id(name: str | None) -> str | None:
+    """The hub repo id `name` is by `resolve_input`'s rule (org/name[@revision], not a local path), or None.
+
+    Example:
+        >>> hub_repo_id("org/model@v1"), hub_repo_id("/models/base")
+        ('org/model', None)
+    """
+    if not isinstance(name, str) or not name or Path(name).expanduser().exists():
+        return None
+    repo = name.partition("@")[0]
+    return repo if _HUB_REPO.fullmatch(repo) and not name.endswith(".safetensors") else None
+
+
 def _resolve_file(spec: str, path: Path, role: str) -> ResolvedInput:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise InputError(f"{role} {path}: " + _CONVERT_HINT.format(path=path, stem=path.with_suffix("")))

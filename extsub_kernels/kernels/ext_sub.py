@@ -1,8 +1,8 @@
 """Fused Triton kernel for Ext-Sub (paper §3, Algorithm 1) and its launcher.
 
-Per row: p' = α·p + β·m with α = 1 + (λ/2)·|m|/|p|, β = −λ/2 (DESIGN.md §1);
+Per row: p' = α·p + β·m with α = 1 + (λ/2)·|m|/|p|, β = −λ/2 (docs/design.md §1);
 rows with |p| = 0 are left as they are (α = 1, β = 0). With WITH_STATS the same pass also
-stores |p|², |m|² and p·m of each row (DESIGN.md §7): one more product in registers.
+stores |p|², |m|² and p·m of each row (docs/design.md §7): one more product in registers.
 """
 
 import contextlib
@@ -23,7 +23,7 @@ from extsub_kernels.kernels.ext_sub_tuning import (
 
 @triton.jit
 def _row_coefficients(p_sq, m_sq, half_lam):
-    """α and β of the closed form from the two squared row norms (DESIGN.md §1)."""
+    """α and β of the closed form from the two squared row norms (docs/design.md §1)."""
     p_norm = tl.sqrt(p_sq)
     m_norm = tl.sqrt(m_sq)
     has_p = p_norm > 0.0

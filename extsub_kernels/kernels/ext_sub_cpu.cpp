@@ -1,4 +1,4 @@
-// Ext-Sub's closed form on CPU rows (paper §3, Algorithm 1; DESIGN.md §1):
+// Ext-Sub's closed form on CPU rows (paper §3, Algorithm 1; docs/design.md §1):
 //     p' = α·p + β·m,   α = 1 + (λ/2)·|m|/|p|,   β = −λ/2;   rows with |p| = 0 keep p.
 //
 // Plain C++17 with no torch or Python headers, so it builds in seconds (five here); ext_sub_cpu.py
@@ -9,7 +9,7 @@
 // α·p + β·m rounded once to p's dtype while it prefetches the next row. Memory sees read p,
 // read m, write p: the copy floor.
 //
-// Row sums (DESIGN.md §7): on request the first loop also accumulates p·m, and the row's |p|²,
+// Row sums (docs/design.md §7): on request the first loop also accumulates p·m, and the row's |p|²,
 // |m|² and p·m (before the update) are stored in a (rows, 3) float32 or float64 array; with
 // update = 0 only the sums are taken (ops.row_products).
 //
@@ -394,7 +394,7 @@ void claim_chunks(int64_t n_chunks, int64_t* counters, int wait, Body&& body) {
   }
 }
 
-// ---- The fused pass on task vectors (DESIGN.md §5): out = θ₀ + (p − θ₀) − λ·Ext(m − θ₀) ----
+// ---- The fused pass on task vectors (docs/design.md §5): out = θ₀ + (p − θ₀) − λ·Ext(m − θ₀) ----
 //
 // p, m and θ₀ are read in their own dtypes and out written in its own, each of the four any of
 // the dtype codes, so the arithmetic is written once per compute type (float32, or float64 when

@@ -1,10 +1,10 @@
 """The CPU kernel for Ext-Sub (paper §3, Algorithm 1): ext_sub_cpu.cpp, built at first use, cached, called via ctypes.
 
-Per row: p' = α·p + β·m with α = 1 + (λ/2)·|m|/|p|, β = −λ/2 (DESIGN.md §1); rows with |p| = 0
-keep p. On request the same pass stores each row's |p|², |m|² and p·m (DESIGN.md §7), or
+Per row: p' = α·p + β·m with α = 1 + (λ/2)·|m|/|p|, β = −λ/2 (docs/design.md §1); rows with |p| = 0
+keep p. On request the same pass stores each row's |p|², |m|² and p·m (docs/design.md §7), or
 takes only those sums (`row_sums`). With a base θ₀ (`ext_sub_task_rows_into`), one fused pass
 per row reads p, m and θ₀ in their dtypes and writes θ₀ + (p − θ₀) − λ·Ext(m − θ₀) in the
-output's (DESIGN.md §5), rounding as the engine's workspace path does. The C++ file has no torch
+output's (docs/design.md §5), rounding as the engine's workspace path does. The C++ file has no torch
 headers, so a build takes a few seconds with any C++17 compiler; the library lands in a per-user
 cache keyed by the source, the flags and the compiler, so later processes load it in milliseconds.
 Without a compiler, or when the build fails, `load()` returns None with the reason in `status()`,

@@ -1,4 +1,4 @@
-"""The λ scan (DESIGN §8): one load of the base model, the merge at every (method, λ) installed in place and measured.
+"""The λ scan (docs/design.md §8): one load of the base model, the merge at each (method, λ) installed and measured.
 
 `scan()` is the entry point (also `extsub_kernels.scan` and the `extsub-scan` command). Modules:
 `run` (the scan), `installers` (the merge put into the loaded model, per PEM type and for full

@@ -1,4 +1,4 @@
-"""What a λ scan measures at each λ (DESIGN §8): held-out NLL and the repetition of greedy generations.
+"""What a λ scan measures at each λ (docs/design.md §8): held-out NLL and the repetition of greedy generations.
 
 - `load_examples(path, tokenizer)`: an evaluation set, from `.txt` (one text per line) or
   `.jsonl` (one object per line: `text`; `prompt` + `completion`, of which only the completion

@@ -13,10 +13,10 @@ from contextlib import contextmanager
 
 import torch
 
+from extsub_kernels._version import install_hint
 from extsub_kernels.errors import InputError
 from extsub_kernels.io import ResolvedInput
 
-SCAN_EXTRA = 'pip install "extsub[scan]"'
 # Files any of which means the folder has a tokenizer (AutoTokenizer reads them).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
@@ -36,7 +36,7 @@ def require(*packages: str) -> None:
     if missing:
         verb = "is" if len(missing) == 1 else "are"
         raise InputError(
-            f"the λ scan needs {', '.join(missing)}, which {verb} not installed; install with: {SCAN_EXTRA}"
+            f"the λ scan needs {', '.join(missing)}, which {verb} not installed; install with: {install_hint('scan')}"
         )
 
 

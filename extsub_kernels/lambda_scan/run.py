@@ -1,4 +1,4 @@
-"""`scan()`: load the base once, then for each (method, λ) install the merge in place and measure it (DESIGN §8).
+"""`scan()`: load the base once, then for each (method, λ) install the merge and measure it (docs/design.md §8).
 
 Validate every option and input first (nothing is written on bad input), load the model and
 the sets, prepare the installer, then walk the points behind one progress bar: λ = 0 (the
@@ -10,6 +10,7 @@ the recommended merge through `merge()`, exactly as `extsub-merge` would.
 import contextlib
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, fields
 from datetime import datetime, timezone
@@ -39,7 +40,7 @@ from extsub_kernels.io.outputs import check_report_folder
 from extsub_kernels.lambda_scan import rendering
 from extsub_kernels.lambda_scan.evaluate import EvaluationSets, Evaluator
 from extsub_kernels.lambda_scan.harness import Harness, parse_tasks
-from extsub_kernels.lambda_scan.installers import Installer, make_installer
+from extsub_kernels.lambda_scan.installers import AdapterInstaller, Installer, make_installer
 from extsub_kernels.lambda_scan.model import (
     check_threads,
     evaluation_dtype,
@@ -165,15 +166,13 @@ def scan(
         harness.check()
     target = resolve_device(device)
     requested_dtype = eval_dtype(dtype)
-    require("transformers", *(["matplotlib"] if out is not None else []))
     antis = [anti] if isinstance(anti, (str, os.PathLike)) else list(anti)
     if not antis:
         raise InputError("give at least one anti-expert")
     inputs = _resolve(expert, antis, base, quiet=not progress)
     snapshot = InputSnapshot(inputs, reader="the scan", then=_CHANGED)
     adapters = adapter_inputs(inputs)
-    if adapters:
-        require("peft")
+    require("transformers", *(["peft"] if adapters else []), *(["matplotlib"] if out is not None else []))
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
         check_report_folder(out_dir, SCAN_FILES, inputs, force=force)
@@ -186,8 +185,9 @@ def scan(
     chat = rendering.chat_template(tokenizer, chat_template, system)
     sets = EvaluationSets.load(keep, forget, prompts, tokenizer, truth=truth, choices=choices, chat=chat)
     timing: dict[str, float] = {}
+    check = (lambda made: _check_save_format(save_format, made)) if save_best is not None else None
     with torch_threads(threads):
-        installer = _installer(inputs, adapters, methods, target, requested_dtype, timing)
+        installer = _installer(inputs, adapters, methods, target, requested_dtype, timing, check)
     setup = _setup(inputs, installer, sets, grid, methods, target, batch_size, max_keep_increase)
     setup["options"] |= {
         "max_new_tokens": max_new_tokens if prompts is not None else None,
@@ -253,12 +253,15 @@ def _installer(
     device: torch.device,
     requested_dtype: torch.dtype | None,
     timing: dict[str, float],
+    check: Callable[[Installer], None] | None = None,
 ) -> Installer:
-    """The installer, made from the inputs (validating them) before BASE loads, then attached to BASE loaded."""
+    """The installer, made from the inputs (validating them) and `check`ed before BASE loads, then attached to it."""
     start = time.perf_counter()
     installer = make_installer(inputs, adapters=adapters, methods=methods, device=device)
     prepared = time.perf_counter()
     try:
+        if check is not None:
+            check(installer)
         base = inputs[-1][1]
         model = load_model(base, device=device, dtype=evaluation_dtype(requested_dtype, device, base))
         loaded = time.perf_counter()
@@ -382,12 +385,40 @@ def _check_save(
     return fmt
 
 
+def _check_save_format(fmt: str | None, installer: Installer) -> None:
+    """Refuse a --save-best format the inputs' PEM type cannot write, once the adapters are loaded (before BASE).
+
+    The same rule as extsub-merge's (`AdapterOptions.format_for`); `model` (the full merged model) only
+    for types that fold into MODEL's weights.
+    """
+    from extsub_kernels.adapters import AdapterOptions
+
+    if fmt is None or not isinstance(installer, AdapterInstaller):
+        return
+    kind = type(installer.expert)
+    if fmt != FULL_MODEL_FORMAT:
+        AdapterOptions(output_format=fmt).format_for(kind, base=False)
+    elif kind.base_refusal is not None:
+        raise InputError(
+            f"--format {fmt}: {kind.label} adapters change no weight of MODEL, so there is no full model to save; "
+            f"save the adapter itself (--format {kind.formats[0]}, the default)"
+        )
+
+
 def _save(result: ScanResult, inputs, method: str, out: PathLike, fmt: str | None, *, force: bool, progress: bool):
-    """The merge at the recommended λ of `method`, written by `merge()` as extsub-merge writes it."""
+    """The merge at the recommended λ of `method`, written by `merge()` as extsub-merge writes it; at λ = 0 (the
+    expert itself) nothing, with a warning."""
     from extsub_kernels.adapters import AdapterOptions
     from extsub_kernels.merge import merge
 
     rec = result.recommendations[method]
+    if rec.lam == 0:
+        warnings.warn(
+            f"--save-best: the recommended λ of {method} is 0, the expert itself ({rec.note}); nothing was saved to "
+            f"{out}: the expert is already on disk ({inputs[0][1].spec})",
+            stacklevel=3,
+        )
+        return None
     specs = [inp.spec for _, inp in inputs]
     full = fmt == FULL_MODEL_FORMAT
     adapter = AdapterOptions(output_format=None if full else fmt)

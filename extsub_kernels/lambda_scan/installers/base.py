@@ -1,4 +1,4 @@
-"""What every installer is: the merge at one (method, λ) put into a loaded model, in place (DESIGN §8).
+"""What every installer is: the merge at one (method, λ) put into a loaded model, in place (docs/design.md §8).
 
 An installer is made from the inputs alone, so everything that can be wrong with them shows
 before the base model loads (adapters are loaded and merged once per method; full models are

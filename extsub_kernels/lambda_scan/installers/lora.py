@@ -1,6 +1,6 @@
 """LoRA adapters in a scan: PEFT LoRA layers of rank r⁺ + r⁻ whose factors are rewritten for each (method, λ).
 
-The factored merge (DESIGN §3) gives, per module, ΔW' = B'·A' of rank r⁺ + Σr⁻ whatever λ;
+The factored merge (docs/design.md §3) gives, per module, ΔW' = B'·A' of rank r⁺ + Σr⁻ whatever λ;
 only B' changes with λ. So the base model is wrapped once in PEFT LoRA layers of those ranks
 (the largest over the scanned methods: `sub` keeps modules only anti-experts have, `ext-sub`
 drops them) and each point copies B' and A' in, padded with zeros; ΔW' is never formed. The
