@@ -1,4 +1,4 @@
-"""Multiple choice, the paper's truthfulness measure: MC1 and MC2 as TruthfulQA defines them (DESIGN §8a).
+"""Multiple choice, the paper's truthfulness measure: MC1, MC2 as TruthfulQA defines them (docs/design.md §8a).
 
 For each question every option is scored by the total log-likelihood of its tokens given the
 question, Σ log p(option tokens | question) (a sum, not a per-token mean), in one batched pass

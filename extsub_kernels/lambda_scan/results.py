@@ -61,7 +61,7 @@ class ScanRow:
 
 @dataclass(frozen=True)
 class Guards:
-    """How far a λ's generations may move from the expert's (λ = 0) and still be a candidate (DESIGN §8a).
+    """How far a λ's generations may move from the expert's (λ = 0) and stay a candidate (docs/design.md §8a).
 
     Absolute changes of rep-4 (up), distinct-2 (down) and the end rate (down), and the relative change
     of the mean continuation length (either way). The paper reports only models with rep-4 under 0.2.
