@@ -23,7 +23,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
 
 def _args(trained, *extra, kind: str = "full") -> list[str]:
     experts = [str(trained.adapter("llama", kind, role)) for role in ("expert", "anti")]
-    sets = ["--keep", str(trained.eval_set("keep.jsonl")), "--forget", str(trained.eval_set("forget.txt"))]
+    sets = ["--keep", str(trained.eval_set("keep.jsonl")), "--forget", str(trained.eval_set("forget.jsonl"))]
+    sets += ["--truth", str(trained.eval_set("truth.jsonl"))]
     return [*experts, "--base", str(trained.base("llama")), *sets, *map(str, extra)]
 
 
@@ -200,6 +201,17 @@ def test_help_describes_every_option(capsys):
         "--lam GRID",
         "--method",
         "--prompts PROMPTS",
+        "--truth TRUTH",
+        "--choices CHOICES",
+        "--chat-template {auto,on,off}",
+        "--system TEXT",
+        "--threads N",
+        "--max-rep-increase F",
+        "--max-distinct-drop F",
+        "--max-length-change F",
+        "--max-end-drop F",
+        "samples.jsonl",
+        "MC1 and MC2",
         "--max-new-tokens N",
         "--device",
         "--dtype {auto,float32,float64,bfloat16,float16}",

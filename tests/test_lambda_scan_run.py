@@ -23,6 +23,7 @@ from extsub_kernels.lambda_scan.metrics import (
 )
 from extsub_kernels.lambda_scan.plot import png_size
 from extsub_kernels.lambda_scan.report import SCAN_FILES
+from extsub_kernels.lambda_scan.results import Guards
 
 from helpers import DEVICES, lazy_module
 
@@ -34,6 +35,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
 # how PEFT sums them (padded ranks, the scaling folded into B): a few ulps of the logits, ≲ 1e-6 relative on a mean
 # NLL. 2⁻¹⁶ leaves a wide margin and still catches a wrong λ (a step of 0.5 moves these NLLs by > 1 %).
 RTOL32 = 2.0**-16
+LOOSE = Guards(max_rep_increase=1, max_distinct_drop=1, max_length_change=1e9, max_end_drop=1)  # every λ passes
 
 
 def _sets(trained) -> dict:
@@ -144,10 +146,12 @@ def test_files_recommendation_and_generation_metrics(trained, tmp_path):
         base=trained.base("llama"),
         **_sets(trained),
         prompts=trained.eval_set("prompts.txt"),
+        truth=trained.eval_set("truth.jsonl"),
         max_new_tokens=8,
         out=out,
         lam="0:2:1",
         max_keep_increase=2.0,
+        guards=LOOSE,
     )
     assert sorted(p.name for p in out.iterdir()) == sorted(SCAN_FILES)
     assert result.files == [out / name for name in SCAN_FILES]
@@ -159,18 +163,21 @@ def test_files_recommendation_and_generation_metrics(trained, tmp_path):
     for row, saved in zip(result, data["rows"], strict=True):
         assert saved["method"] == row.method and saved["keep_nll"] == row.keep_nll and saved["rep_4"] == row.rep_4
         assert saved["keep_increase"] == pytest.approx((row.keep_nll - expert.keep_nll) / expert.keep_nll)
-        assert saved["eval_seconds"] == pytest.approx(row.keep_seconds + row.forget_seconds + row.generate_seconds)
+        parts = (row.keep_seconds, row.forget_seconds, row.truth_seconds, row.generate_seconds)
+        assert saved["eval_seconds"] == pytest.approx(sum(parts))
+        assert saved["truth_margin"] == pytest.approx(row.forget_nll - row.truth_nll)
         assert 0 <= row.rep_4 < 1 and 0 < row.distinct_1 <= 1 and 0 < row.distinct_2 <= 1
-    # The recommendation, by its definition, from the rows themselves.
+        assert 0 <= row.end_rate <= 1 and 0 <= row.mean_length <= 8
+    # The recommendation, by its definition, from the rows themselves (guards loose enough to pass every λ).
     for method in ("ext-sub", "sub"):
         allowed = [r for r in result if r.method in (method, "expert") and r.keep_nll <= expert.keep_nll * 3.0]
-        best = max(allowed, key=lambda r: (r.forget_nll, -r.lam))
+        best = max(allowed, key=lambda r: (r.truth_margin, -r.lam))
         assert result.recommendations[method].lam == best.lam
         assert data["recommended"][method]["lam"] == best.lam
     # Timing: both sides of the merge budget are in scan.json.
     timing = data["timing"]
     smallest = timing["smallest_evaluation"]
-    assert smallest in ("keep", "forget", "generate")
+    assert smallest in ("keep", "forget", "truth", "generate")
     assert timing["merge_share_of_smallest_evaluation"] == pytest.approx(
         timing["merge_seconds_median"] / timing[f"{smallest}_seconds_median"]
     )
@@ -179,7 +186,9 @@ def test_files_recommendation_and_generation_metrics(trained, tmp_path):
     assert "| expert" in (out / "scan.md").read_text() and "★" in (out / "scan.md").read_text()
     png = (out / "scan.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == png_size(4)
+    assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == png_size(7)
+    samples = (out / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 5 * 12 and json.loads(samples[0])["method"] == "expert"
 
 
 @pytest.mark.parametrize(("kind", "save_format"), [("lora", None), ("lora", "model"), ("full", None)])
@@ -196,13 +205,14 @@ def test_save_best_writes_what_extsub_merge_writes(trained, tmp_path, kind, save
         base=trained.base("llama"),
         **_sets(trained),
         lam="0,1",
+        truth=trained.eval_set("truth.jsonl"),
         method="sub",
-        max_keep_increase=100.0,  # any λ qualifies: the best is λ = 1 unless FORGET-NLL fell
+        max_keep_increase=100.0,  # any λ qualifies: the best is λ = 1 unless the FORGET − TRUTH margin fell
         save_best=best,
         save_format=save_format,
     )
     lam = result.recommendations["sub"].lam
-    assert lam == (1.0 if result.row("sub", 1.0).forget_nll > result[0].forget_nll else 0.0)
+    assert lam == (1.0 if result.row("sub", 1.0).truth_margin > result[0].truth_margin else 0.0)
     if lam == 0:  # the expert itself: nothing is saved (test_save_best_writes_nothing_when_the_expert_is_recommended)
         assert result.saved is None and not best.exists()
         return
@@ -251,6 +261,7 @@ def test_a_stop_keeps_the_rows(trained, tmp_path, monkeypatch, stop):
             trained.adapter("llama", "lora", "anti"),
             base=trained.base("llama"),
             **_sets(trained),
+            truth=trained.eval_set("truth.jsonl"),
             lam="0,1,2",
             out=tmp_path / "scan",
             save_best=tmp_path / "best",
@@ -439,11 +450,12 @@ def test_an_input_changed_before_save_best_saves_nothing(trained, tmp_path, monk
             trained.adapter("llama", "lora", "anti"),
             base=trained.base("llama"),
             **_sets(trained),
+            truth=trained.eval_set("truth.jsonl"),
             lam="0,1",
             out=out,
             save_best=tmp_path / "best",
         )
-    assert info.value.published == tuple(out / name for name in SCAN_FILES)
+    assert info.value.published == tuple(out / name for name in SCAN_FILES if name != "samples.jsonl")
     data = json.loads((out / "scan.json").read_text())
     assert data["status"].startswith("failed: MergeError: EXPERT") and data["measured"] == 3, "as the exit code says"
     assert not (tmp_path / "best").exists()
@@ -472,8 +484,16 @@ def test_a_diverged_adapter_point_is_measured_and_never_recommended(trained, tmp
     overflows: the row is kept as measured (null NLLs in scan.json), the scan goes on, the expert is recommended."""
     experts = [trained.adapter("llama", "lora", role) for role in ("expert", "anti")]
     out = tmp_path / "scan"
+    truth = trained.eval_set("truth.jsonl")
     result = scan(
-        *experts, base=trained.base("llama"), **_sets(trained), lam="0,1e4", method="sub", dtype="float16", out=out
+        *experts,
+        base=trained.base("llama"),
+        **_sets(trained),
+        truth=truth,
+        lam="0,1e4",
+        method="sub",
+        dtype="float16",
+        out=out,
     )
     assert result.complete and math.isnan(result.row("sub", 1e4).keep_nll)
     assert result.recommendations["sub"].lam == 0.0 and "non-finite NLL" in result.recommendations["sub"].note
@@ -505,7 +525,15 @@ def tiny_scan(tmp_path_factory):
         prefix[role] = str(folder / "prefix" / role)
     ids = "\n".join(json.dumps({"input_ids": [3 + i, 17, 42 + i, 99, 5]}) for i in range(4)) + "\n"
     (folder / "set.jsonl").write_text(ids)
-    return {"base": folder / "base", "lora": lora, "prefix": prefix, "set": folder / "set.jsonl"}
+    pairs = "\n".join(json.dumps({"prompt_ids": [3 + i, 17], "completion_ids": [42 + i, 99]}) for i in range(4))
+    (folder / "pairs.jsonl").write_text(pairs + "\n")  # TRUTH for itself: the FORGET − TRUTH margin is 0 at every λ
+    return {
+        "base": folder / "base",
+        "lora": lora,
+        "prefix": prefix,
+        "set": folder / "set.jsonl",
+        "pairs": folder / "pairs.jsonl",
+    }
 
 
 @pytest.mark.parametrize(
@@ -531,7 +559,8 @@ def test_save_format_is_checked_before_base_loads(tiny_scan, tmp_path, monkeypat
             adapters["anti"],
             base=tiny_scan["base"],
             keep=tiny_scan["set"],
-            forget=tiny_scan["set"],
+            forget=tiny_scan["pairs"],
+            truth=tiny_scan["pairs"],
             out=tmp_path / "scan",
             lam="0,1",
             save_best=tmp_path / "best",
@@ -541,8 +570,8 @@ def test_save_format_is_checked_before_base_loads(tiny_scan, tmp_path, monkeypat
 
 
 def test_save_best_writes_nothing_when_the_expert_is_recommended(tiny_scan, tmp_path):
-    """KEEP = FORGET with no KEEP budget: no λ > 0 can qualify, so λ = 0 (the expert) is recommended; --save-best
-    says so and writes no copy of the expert labelled as a merge."""
+    """TRUTH = FORGET: the FORGET − TRUTH margin is 0 at every λ, so no λ > 0 does better and λ = 0 (the expert) is
+    recommended; --save-best says so and writes no copy of the expert labelled as a merge."""
     adapters = tiny_scan["lora"]
     with pytest.warns(UserWarning, match=r"--save-best: the recommended λ of ext-sub is 0, the expert itself.*nothing"):
         result = scan(
@@ -550,11 +579,12 @@ def test_save_best_writes_nothing_when_the_expert_is_recommended(tiny_scan, tmp_
             adapters["anti"],
             base=tiny_scan["base"],
             keep=tiny_scan["set"],
-            forget=tiny_scan["set"],
+            forget=tiny_scan["pairs"],
+            truth=tiny_scan["pairs"],
             out=None,
             lam="0,1",
             method="ext-sub",
-            max_keep_increase=0.0,
+            max_keep_increase=1e9,
             save_best=tmp_path / "best",
         )
     assert result.recommendations["ext-sub"].lam == 0

@@ -80,7 +80,8 @@ LEARNING_RATES = {"base": 1e-2, "lora": 3e-2, "ia3": 1e-1, "prefix": 5e-2, "pref
 
 # Evaluation files, from lines held out of all training: keep = the expert's task, forget = the
 # anti-expert's, general = the shared one. `.jsonl` ones hold {"prompt", "completion"}.
-EVAL_SETS = ("keep.txt", "forget.txt", "general.txt", "keep.jsonl", "forget.jsonl", "prompts.txt")
+# truth.jsonl: forget.jsonl's prompts, line for line, answered by the general task's walk instead of repeating.
+EVAL_SETS = ("keep.txt", "forget.txt", "general.txt", "keep.jsonl", "forget.jsonl", "truth.jsonl", "prompts.txt")
 EVAL_LINES = 24  # per task; the other 168 are training lines
 
 
@@ -412,6 +413,13 @@ def write_eval_sets(folder: Path) -> None:
             for line in task_lines(tasks[name], "eval")
         ]
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    truth = []
+    for line in task_lines(tasks["forget"], "eval"):
+        _, start, _, *answer = line.split()
+        truth.append(
+            {"prompt": split_line(line)[0], "completion": split_line(task_line(GENERAL_TASK, start, len(answer)))[1]}
+        )
+    (folder / "truth.jsonl").write_text("".join(json.dumps(row) + "\n" for row in truth))
     prompts = [split_line(line)[0] for task in tasks.values() for line in task_lines(task, "eval")[:4]]
     (folder / "prompts.txt").write_text("".join(p + "\n" for p in prompts))
 

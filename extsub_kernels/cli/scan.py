@@ -26,6 +26,13 @@ from extsub_kernels.cli.common import (
 from extsub_kernels.errors import ScanInterrupted
 
 PROG = "extsub-scan"
+# The guards of the recommendation: (flag, Guards field, what it allows).
+GUARD_FLAGS = (
+    ("--max-rep-increase", "max_rep_increase", "rep-4 may rise by this much over λ = 0"),
+    ("--max-distinct-drop", "max_distinct_drop", "distinct-2 may fall by this much"),
+    ("--max-length-change", "max_length_change", "mean continuation length may change by this fraction"),
+    ("--max-end-drop", "max_end_drop", "the share of continuations that end may fall by this much"),
+)
 
 EPILOG = f"""\
 inputs:
@@ -34,13 +41,22 @@ inputs:
   transformers, with its own tokenizer.
   KEEP, FORGET: .txt (one example per line), or .jsonl with "text", or "prompt" + "completion"
   (only the completion is scored), or "input_ids" (pre-tokenised, for models without a tokenizer).
+  TRUTH: FORGET's prompts, line for line, with true completions (.jsonl "prompt" + "completion").
+  CHOICES: .jsonl, one question per line: TruthfulQA's "question", "mc1_targets", "mc2_targets"
+  ({{"choices": [...], "labels": [1, 0, ...]}}), or "question", "correct": [...], "incorrect": [...];
+  "question_ids" and lists of token ids for pre-tokenised options.
   PROMPTS: .txt (one per line), or .jsonl with "prompt" or "prompt_ids".
+  With a chat template (--chat-template auto, the default, when the tokenizer has one), prompts and
+  questions are user turns and completions and options what the assistant writes (no leading
+  space); without one, a completion starts with its separating space.
 
 what is measured at every (method, λ):
   the merge is installed in the loaded model in place (LoRA: the factored weights are rebuilt,
   ΔW is never formed; (IA)³, prefix-tuning: the merged vectors or prefix; full models: the op on
-  the device, the model must fit there), then: mean NLL per token on KEEP and on FORGET; with
-  --prompts, greedy continuations scored by rep-4 and distinct-1/2.
+  the device, the model must fit there), then: mean NLL per token on KEEP, FORGET (and TRUTH);
+  with --choices, MC1 and MC2 as TruthfulQA defines them; with --prompts, greedy continuations
+  scored by rep-4, distinct-1/2, their mean length and the share that ends (kept in samples.jsonl);
+  with --lm-eval, every metric lm-evaluation-harness reports for its tasks, on the model in place.
   λ = 0 is the expert itself and is measured once (method "expert").
 
 λ grid:
@@ -51,15 +67,18 @@ what is measured at every (method, λ):
 outputs in SCAN_DIR:
   scan.json   everything: the rows, the recommendation per method, seconds of merges and evaluations
   scan.csv    one line per method and λ;  scan.md  the table;  scan.png  one panel per metric
-  recommended λ per method: the largest FORGET-NLL increase whose KEEP-NLL rises at most
-  --max-keep-increase (relative) over λ = 0. --save-best OUT writes the merge at the first
-  --method's recommended λ exactly as extsub-merge does (--format: an adapter format, or
+  samples.jsonl  every continuation: method, lam, prompt, text, tokens, ended
+  recommended λ per method: the best MC2 (with --choices; else the FORGET − TRUTH margin, with
+  --truth; without either, none) among the λ whose KEEP-NLL rises at most --max-keep-increase
+  (relative) over λ = 0 and whose generations stay like λ = 0's (the --max-rep-increase,
+  --max-distinct-drop, --max-length-change and --max-end-drop guards). --save-best OUT writes the
+  merge at the first --method's recommended λ exactly as extsub-merge does (--format: an adapter format, or
   "model" for the full merged model θ₀ + ΔW' with MODEL as --base).
 
 examples:
   {PROG} expert_adapter/ anti_adapter/ --base org/base-model --keep keep.jsonl --forget forget.jsonl -o scan/
-  {PROG} expert/ anti/ --base base/ --keep keep.txt --forget forget.txt --prompts prompts.txt -o scan/ \\
-      --lam 0,0.5,1,1.5,2 --method ext-sub,sub --save-best best_adapter/
+  {PROG} expert/ anti/ --base base/ --keep keep.jsonl --forget forget.jsonl --choices mc.jsonl \\
+      --prompts prompts.txt -o scan/ --lam 0,0.5,1,1.5,2 --method ext-sub,sub --save-best best_adapter/
 
 exit codes:
   0    done
@@ -70,8 +89,10 @@ exit codes:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of `extsub-scan` (the option names only: no torch)."""
+    """The argument parser of `extsub-scan` (the option names and defaults only: no torch)."""
     from extsub_kernels._names import EVAL_DTYPE_NAMES, SAVE_FORMATS
+    from extsub_kernels.lambda_scan.rendering import CHAT_MODES
+    from extsub_kernels.lambda_scan.results import Guards
 
     parser = command_parser(
         PROG,
@@ -88,7 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
     add("-o", "--out", metavar="SCAN_DIR", required=True, help="folder for scan.json, scan.csv, scan.md, scan.png")
     add("--lam", default="0:2:0.2", metavar="GRID", help="λ values: start:stop:step and/or a list (default 0:2:0.2)")
     add("--method", default="ext-sub,sub", metavar="M[,M]", help="methods to compare (default ext-sub,sub)")
-    add("--prompts", metavar="PROMPTS", help="prompts whose greedy continuations get rep-4 and distinct-n")
+    add("--prompts", metavar="PROMPTS", help="prompts whose greedy continuations get rep-4, distinct-n, length, ends")
+    add("--truth", metavar="TRUTH", help="FORGET's prompts with true completions: the FORGET − TRUTH NLL margin")
+    add("--choices", metavar="CHOICES", help="multiple-choice questions (.jsonl): MC1, MC2 (the recommendation axis)")
+    add(
+        "--chat-template",
+        choices=CHAT_MODES,
+        default="auto",
+        help="render prompts through the tokenizer's chat template (default auto: when it has one)",
+    )
+    add("--system", metavar="TEXT", help="a system message before every rendered prompt")
+    add("--lm-eval", metavar="TASK[,TASK]", help="lm-evaluation-harness tasks at every point (extsub[eval])")
+    add(
+        "--lm-eval-include",
+        metavar="DIR",
+        action="append",
+        default=[],
+        help="a folder of local lm-eval task definitions (repeatable)",
+    )
     add("--max-new-tokens", type=int, default=64, metavar="N", help="longest continuation (default 64)")
     add("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     add(
@@ -98,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the model's dtype (default auto: the checkpoint's on CUDA, float32 on the CPU)",
     )
     add("--batch-size", type=int, default=8, metavar="N", help="examples per forward pass (default 8)")
+    add("--threads", type=int, metavar="N", help="torch CPU threads (default: half the cores, at least 1)")
     add(
         "--max-keep-increase",
         type=float,
@@ -105,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="F",
         help="recommendation: KEEP-NLL may rise by this fraction over λ = 0 (default 0.05)",
     )
+    defaults = Guards()
+    for flag, name, what in GUARD_FLAGS:
+        value = getattr(defaults, name)
+        add(flag, type=float, default=value, metavar="F", help=f"guard: {what} (default {value:g})")
     add("--save-best", metavar="OUT", help="write the merge at the first method's recommended λ, as extsub-merge does")
     add(
         "--format",
@@ -142,6 +185,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 def _scan(args: argparse.Namespace) -> object:
     from extsub_kernels.lambda_scan import scan
+    from extsub_kernels.lambda_scan.results import Guards
 
     return scan(
         args.expert,
@@ -153,11 +197,19 @@ def _scan(args: argparse.Namespace) -> object:
         lam=args.lam,
         method=args.method,
         prompts=args.prompts,
+        truth=args.truth,
+        choices=args.choices,
+        chat_template=args.chat_template,
+        system=args.system,
+        lm_eval=args.lm_eval,
+        lm_eval_include=args.lm_eval_include,
         max_new_tokens=args.max_new_tokens,
         device=args.device,
         dtype=args.dtype,
         batch_size=args.batch_size,
         max_keep_increase=args.max_keep_increase,
+        guards=Guards(**{name: getattr(args, name) for _, name, _ in GUARD_FLAGS}),
+        threads=args.threads,
         save_best=args.save_best,
         save_format=args.save_format,
         force=args.force,
@@ -170,7 +222,8 @@ def _summary(result) -> list[str]:
     timing = result.timing
     lines = []
     for method, rec in result.recommendations.items():
-        lines.append(f"{method}: recommended λ = {rec.lam:g}: {rec.note}")
+        lam = "none" if rec.lam is None else f"{rec.lam:g}"
+        lines.append(f"{method}: recommended λ = {lam}: {rec.note}")
     share = timing.get("merge_share_of_smallest_evaluation")
     smallest = timing.get("smallest_evaluation")
     cost = (

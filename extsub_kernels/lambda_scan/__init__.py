@@ -2,9 +2,10 @@
 
 `scan()` is the entry point (also `extsub_kernels.scan` and the `extsub-scan` command). Modules:
 `run` (the scan), `installers` (the merge put into the loaded model, per PEM type and for full
-models), `evaluate` and `metrics` (NLL, greedy generations, rep-n, distinct-n), `model` (loading
-BASE with transformers), `results` (rows, recommendation, timing), `report` and `plot` (the
-files in SCAN_DIR). The command line is `extsub_kernels.cli.scan`.
+models), `evaluate` and `metrics` (NLL, greedy generations, rep-n, distinct-n), `choices` (MC1,
+MC2), `rendering` (plain or chat-template tokens), `harness` (lm-evaluation-harness tasks), `model`
+(loading BASE with transformers, threads), `results` (rows, guards, recommendation, timing),
+`report` and `plot` (the files in SCAN_DIR). The command line is `extsub_kernels.cli.scan`.
 
 Names are imported on first use, so the command line sets its signal handlers before torch loads.
 """

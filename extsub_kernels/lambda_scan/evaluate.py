@@ -1,4 +1,5 @@
-"""One evaluation of the model as it stands: NLL on KEEP and FORGET, and with prompts, greedy generations scored.
+"""One evaluation of the model as it stands: NLL on KEEP, FORGET (and TRUTH), MC1/MC2 on multiple-choice questions,
+and with prompts, greedy generations scored (rep-4, distinct-n, length, how many end).
 
 The sets are read and tokenised once; each point of a scan calls `Evaluator.measure`, which
 times every part so the scan can report what a merge costs against what an evaluation costs.
@@ -12,8 +13,12 @@ from typing import Any
 
 import torch
 
+from extsub_kernels.errors import InputError
+from extsub_kernels.lambda_scan.choices import Question, load_choices, score_choices
+from extsub_kernels.lambda_scan.harness import Harness
 from extsub_kernels.lambda_scan.metrics import (
     Example,
+    Generation,
     check_ids_fit,
     distinct_n,
     generate_greedy,
@@ -22,6 +27,7 @@ from extsub_kernels.lambda_scan.metrics import (
     mean_nll,
     mean_rep_n,
 )
+from extsub_kernels.lambda_scan.rendering import ChatTemplate
 
 REP_N = 4  # the paper's rep-4 (Welleck et al. 2020)
 DISTINCT_NS = (1, 2)
@@ -29,22 +35,45 @@ DISTINCT_NS = (1, 2)
 
 @dataclass(frozen=True)
 class EvaluationSets:
-    """KEEP and FORGET examples and the optional prompts, tokenised; `names` are the files as given."""
+    """The sets, tokenised: KEEP, FORGET, and optionally TRUTH (FORGET's prompts with true completions), the
+    multiple-choice questions and the prompts to continue; `names` are the files as given, `chat` how prompts
+    were rendered (`rendering`)."""
 
     keep: list[Example]
     forget: list[Example]
     prompts: list | None
     names: dict[str, str]
+    truth: list[Example] | None = None
+    choices: list[Question] | None = None
+    chat: ChatTemplate | None = None
 
     @classmethod
-    def load(cls, keep: str | Path, forget: str | Path, prompts: str | Path | None, tokenizer: Any) -> "EvaluationSets":
-        """Read the files (see `metrics.load_examples` and `metrics.load_prompts`); InputErrors name file and line."""
-        names = {"keep": str(keep), "forget": str(forget)} | ({"prompts": str(prompts)} if prompts else {})
+    def load(
+        cls,
+        keep: str | Path,
+        forget: str | Path,
+        prompts: str | Path | None,
+        tokenizer: Any,
+        *,
+        truth: str | Path | None = None,
+        choices: str | Path | None = None,
+        chat: ChatTemplate | None = None,
+    ) -> "EvaluationSets":
+        """Read the files (`metrics.load_examples`, `metrics.load_prompts`, `choices.load_choices`); InputErrors name
+        file and line. TRUTH must pair with FORGET: as many examples, each with the same prompt tokens."""
+        files = {"keep": keep, "forget": forget, "truth": truth, "choices": choices, "prompts": prompts}
+        keep_set, forget_set = load_examples(keep, tokenizer, chat), load_examples(forget, tokenizer, chat)
+        truth_set = load_examples(truth, tokenizer, chat) if truth is not None else None
+        if truth_set is not None:
+            _check_paired(truth_set, forget_set, str(truth), str(forget))
         return cls(
-            load_examples(keep, tokenizer),
-            load_examples(forget, tokenizer),
+            keep_set,
+            forget_set,
             load_prompts(prompts, tokenizer) if prompts is not None else None,
-            names,
+            {name: str(path) for name, path in files.items() if path is not None},
+            truth_set,
+            load_choices(choices, tokenizer, chat) if choices is not None else None,
+            chat,
         )
 
     def check_fits(self, model: torch.nn.Module, tokenizer: Any, max_new_tokens: int) -> None:
@@ -57,54 +86,113 @@ class EvaluationSets:
             check_ids_fit(model, ids, f"{self.names['prompts']} prompt {number}", room=max_new_tokens)
 
     def describe(self) -> dict[str, dict]:
-        """Per set: the file, how many examples and how many scored tokens (prompts: how many)."""
+        """Per set: the file, how many examples and how many scored tokens (prompts: how many; choices: questions)."""
         sets = {
             name: {
                 "file": self.names[name],
                 "examples": len(examples),
                 "scored_tokens": sum(e.n_scored for e in examples),
             }
-            for name, examples in (("keep", self.keep), ("forget", self.forget))
+            for name, examples in (("keep", self.keep), ("forget", self.forget), ("truth", self.truth))
+            if examples is not None
         }
+        if self.choices is not None:
+            options = [o for q in self.choices for o in q.options]
+            sets["choices"] = {
+                "file": self.names["choices"],
+                "questions": len(self.choices),
+                "options": len(options),
+                "scored_tokens": sum(o.n_scored for o in options),
+            }
         if self.prompts is not None:
             sets["prompts"] = {"file": self.names["prompts"], "prompts": len(self.prompts)}
         return sets
 
 
+def _check_paired(truth: list[Example], forget: list[Example], truth_name: str, forget_name: str) -> None:
+    """TRUTH holds FORGET's prompts with true completions: same count, same prompt tokens, line by line."""
+    if len(truth) != len(forget):
+        raise InputError(
+            f"{truth_name}: {len(truth)} examples, but FORGET {forget_name} has {len(forget)}; TRUTH pairs each "
+            "FORGET prompt with its true completion"
+        )
+    for t, f in zip(truth, forget, strict=True):
+        if t.n_context < 2 or t.input_ids[: t.n_context] != f.input_ids[: f.n_context]:
+            raise InputError(
+                f"{t.source}: not the prompt of {f.source}; TRUTH pairs each FORGET prompt (prompt + completion "
+                "lines, in the same order) with its true completion"
+            )
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What one evaluation measured: the row's values (metrics and seconds) and the greedy generations."""
+
+    values: dict[str, float]
+    generations: list[Generation]
+
+
 @dataclass(frozen=True)
 class Evaluator:
-    """Measures a model on the sets: `measure(model)` → the metrics and the seconds each part took."""
+    """Measures a model on the sets: `measure(model)` → the metrics, the seconds each part took, the generations."""
 
     sets: EvaluationSets
     tokenizer: Any
     batch_size: int
     max_new_tokens: int
     device: torch.device
+    harness: Harness | None = None
 
-    def measure(self, model: torch.nn.Module) -> dict[str, float]:
-        """keep_nll and forget_nll (nats per scored token), with prompts rep_4, distinct_1, distinct_2; and seconds.
+    def measure(self, model: torch.nn.Module) -> Measurement:
+        """keep_nll, forget_nll (nats per scored token) and truth_nll; mc1, mc2; with prompts rep_4, distinct_1,
+        distinct_2, mean_length (tokens) and end_rate (the share of continuations that ended); and seconds.
 
-        Seconds: keep_seconds, forget_seconds, generate_seconds (with prompts), each waited for on CUDA.
+        With a harness, `lm_eval`: every metric lm-evaluation-harness reports (`harness.Harness`).
+        Seconds: keep_seconds, forget_seconds, truth_seconds, choices_seconds, generate_seconds, lm_eval_seconds,
+        each waited for on CUDA (a float() or .tolist() of the result).
         """
         with warnings.catch_warnings():
             # PEFT's prefix-tuning passes transformers an argument it deprecates; nothing the user can act on.
             warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated", category=FutureWarning)
             return self._measure(model)
 
-    def _measure(self, model: torch.nn.Module) -> dict[str, float]:
+    def _measure(self, model: torch.nn.Module) -> Measurement:
         values: dict[str, float] = {}
-        for name, examples in (("keep", self.sets.keep), ("forget", self.sets.forget)):
+        for name, examples in (("keep", self.sets.keep), ("forget", self.sets.forget), ("truth", self.sets.truth)):
+            if examples is not None:
+                start = time.perf_counter()
+                values[f"{name}_nll"] = mean_nll(model, examples, self.batch_size, self.device)
+                values[f"{name}_seconds"] = time.perf_counter() - start
+        if self.sets.choices is not None:
             start = time.perf_counter()
-            values[f"{name}_nll"] = mean_nll(model, examples, self.batch_size, self.device)
-            values[f"{name}_seconds"] = time.perf_counter() - start  # float() of the sum waited for the device
+            values |= score_choices(model, self.sets.choices, self.batch_size, self.device)
+            values["choices_seconds"] = time.perf_counter() - start
+        generations: list[Generation] = []
         if self.sets.prompts is not None:
             start = time.perf_counter()
             generations = generate_greedy(
-                model, self.tokenizer, self.sets.prompts, self.max_new_tokens, self.batch_size, self.device
+                model,
+                self.tokenizer,
+                self.sets.prompts,
+                self.max_new_tokens,
+                self.batch_size,
+                self.device,
+                self.sets.chat,
             )
-            values["generate_seconds"] = time.perf_counter() - start  # .tolist() of the tokens waited too
-            tokens = [g.token_ids for g in generations]
-            values[f"rep_{REP_N}"] = mean_rep_n(tokens, REP_N)
-            for n in DISTINCT_NS:
-                values[f"distinct_{n}"] = distinct_n(tokens, n)
-        return values
+            values["generate_seconds"] = time.perf_counter() - start
+            values |= generation_metrics(generations)
+        if self.harness is not None:
+            start = time.perf_counter()
+            values["lm_eval"] = self.harness.measure(model, self.tokenizer)  # type: ignore[assignment]
+            values["lm_eval_seconds"] = time.perf_counter() - start
+        return Measurement(values, generations)
+
+
+def generation_metrics(generations: list[Generation]) -> dict[str, float]:
+    """rep-4, distinct-1/2 of the continuations' tokens, their mean length in tokens, and the share that ended."""
+    tokens = [g.token_ids for g in generations]
+    values = {f"rep_{REP_N}": mean_rep_n(tokens, REP_N)}
+    values |= {f"distinct_{n}": distinct_n(tokens, n) for n in DISTINCT_NS}
+    values["mean_length"] = sum(len(t) for t in tokens) / len(tokens)
+    values["end_rate"] = sum(g.stopped for g in generations) / len(generations)
+    return values

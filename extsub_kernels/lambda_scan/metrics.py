@@ -6,7 +6,8 @@
   without a tokenizer).
 - `load_prompts(path, tokenizer)`: prompts to continue, from `.txt` or `.jsonl` (`prompt`, or
   pre-tokenised `prompt_ids`).
-- `mean_nll(model, examples)`: mean negative log-likelihood per scored token, in nats.
+- `mean_nll(model, examples)`: mean negative log-likelihood per scored token, in nats;
+  `nll_sums(model, examples)`: each example's total (the multiple-choice scores of `choices`).
 - `generate_greedy(model, tokenizer, prompts, max_new_tokens)`: greedy continuations.
 - `rep_n`, `mean_rep_n`: n-gram repetition of continuations (the paper's rep-4, Figure 1 and
   Tables 5-6, from Welleck et al. 2020); `distinct_n`: n-gram diversity (Li et al. 2016).
@@ -16,6 +17,8 @@ Imports torch only; transformers is imported when generating.
 
 from __future__ import annotations
 
+import copy
+import inspect
 import io
 import json
 import math
@@ -29,6 +32,7 @@ import torch
 
 from extsub_kernels.errors import InputError
 from extsub_kernels.io.files import read_bounded_text
+from extsub_kernels.lambda_scan.rendering import ChatTemplate, encode_completion, encode_prompt
 
 MAX_SET_BYTES = 1 << 28  # an evaluation set (KEEP, FORGET, PROMPTS) is text, read whole: 256 MiB at most
 
@@ -41,7 +45,9 @@ __all__ = [
     "load_prompts",
     "mean_nll",
     "mean_rep_n",
+    "nll_sums",
     "rep_n",
+    "stop_ids",
 ]
 
 
@@ -69,7 +75,7 @@ class Example:
 _KINDS = (("text",), ("prompt", "completion"), ("input_ids",), ("prompt_ids", "completion_ids"))
 
 
-def load_examples(path: str | Path, tokenizer: Any = None) -> list[Example]:
+def load_examples(path: str | Path, tokenizer: Any = None, chat: ChatTemplate | None = None) -> list[Example]:
     """Read an evaluation set and tokenise it.
 
     Args:
@@ -78,9 +84,11 @@ def load_examples(path: str | Path, tokenizer: Any = None) -> list[Example]:
             `input_ids`; `prompt_ids` and `completion_ids` (lists of token ids). Other keys are
             ignored.
         tokenizer: a `transformers` tokenizer, needed for text. A text is tokenised with the
-            tokenizer's special tokens (e.g. BOS); a completion is tokenised on its own, without
-            special tokens, and appended to its prompt's tokens, so a separating space belongs at
-            the start of the completion. Only the completion's tokens are scored.
+            tokenizer's special tokens (e.g. BOS); a prompt and its completion as `rendering`
+            says: without `chat`, a separating space belongs at the start of the completion;
+            with it, the prompt is a user turn and the completion the assistant's answer. Only the
+            completion's tokens are scored.
+        chat: render prompts through the tokenizer's chat template (`rendering.ChatTemplate`).
 
     Returns:
         The examples, in file order, each with at least one scored token.
@@ -97,8 +105,8 @@ def load_examples(path: str | Path, tokenizer: Any = None) -> list[Example]:
     """
     path = Path(path)
     examples = []
-    for source, record in _records(path, "text"):
-        example = _example(record, tokenizer, source)
+    for source, record in read_records(path, "text"):
+        example = _example(record, tokenizer, chat, source)
         if example.n_scored == 0:
             raise InputError(
                 f"{source}: nothing to score ({len(example.input_ids)} tokens, {example.n_context} of context); "
@@ -131,12 +139,12 @@ def load_prompts(path: str | Path, tokenizer: Any = None) -> list[str] | list[tu
     """
     path = Path(path)
     prompts: list = []
-    for source, record in _records(path, "prompt"):
+    for source, record in read_records(path, "prompt"):
         if not isinstance(record, dict) or ("prompt" in record) == ("prompt_ids" in record):
             found = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise InputError(f"{source}: expected exactly one of prompt (text) or prompt_ids; found {found}")
         if "prompt_ids" in record:
-            prompt: str | tuple[int, ...] = _ids(record["prompt_ids"], "prompt_ids", source)
+            prompt: str | tuple[int, ...] = token_ids(record["prompt_ids"], "prompt_ids", source)
             if not prompt:
                 raise InputError(f"{source}: 'prompt_ids' is empty; a prompt needs at least one token")
         else:
@@ -156,8 +164,9 @@ def load_prompts(path: str | Path, tokenizer: Any = None) -> list[str] | list[tu
     return prompts
 
 
-def _records(path: Path, text_key: str) -> Iterator[tuple[str, object]]:
-    """(where, record) for each non-blank line of a .txt (record {text_key: line}) or .jsonl file."""
+def read_records(path: Path, text_key: str) -> Iterator[tuple[str, object]]:
+    """(where, record) for each non-blank line of a .txt (record {text_key: line}) or .jsonl file; InputErrors
+    name the file (and line) for an unknown extension, a missing or unreadable file, a line that is not JSON."""
     if path.suffix not in (".txt", ".jsonl"):
         raise InputError(f"{path}: unknown evaluation set format {path.suffix!r}; expected .txt or .jsonl")
     if not os.path.lexists(path):
@@ -177,7 +186,7 @@ def _json_line(line: str, source: str) -> object:
         raise InputError(f"{source}: not valid JSON ({e.msg} at column {e.colno})") from None
 
 
-def _example(record: object, tokenizer: Any, source: str) -> Example:
+def _example(record: object, tokenizer: Any, chat: ChatTemplate | None, source: str) -> Example:
     if not isinstance(record, dict):
         raise InputError(f"{source}: expected a JSON object, found {type(record).__name__}")
     kinds = [kind for kind in _KINDS if any(key in record for key in kind)]
@@ -186,7 +195,7 @@ def _example(record: object, tokenizer: Any, source: str) -> Example:
         raise InputError(f"{source}: expected exactly one of ({expected}); found keys {sorted(record)}")
     kind = kinds[0]
     if kind[0] in ("input_ids", "prompt_ids"):
-        parts = [_ids(record[key], key, source) for key in kind]
+        parts = [token_ids(record[key], key, source) for key in kind]
         context = parts[0] if len(parts) == 2 else ()
         return Example(context + parts[-1], len(context) if len(parts) == 2 else 1, source)
     texts = [record[key] for key in kind]
@@ -200,12 +209,12 @@ def _example(record: object, tokenizer: Any, source: str) -> Example:
         )
     if len(texts) == 1:
         return Example(tuple(tokenizer(texts[0])["input_ids"]), 1, source)
-    prompt = tuple(tokenizer(texts[0])["input_ids"])
-    completion = tuple(tokenizer(texts[1], add_special_tokens=False)["input_ids"])
-    return Example(prompt + completion, len(prompt), source)
+    prompt = encode_prompt(tokenizer, texts[0], chat)
+    return Example(prompt + encode_completion(tokenizer, texts[1]), len(prompt), source)
 
 
-def _ids(value: object, key: str, source: str) -> tuple[int, ...]:
+def token_ids(value: object, key: str, source: str) -> tuple[int, ...]:
+    """`value` as token ids, or an InputError naming `source` and `key` if it is not a list of non-negative ints."""
     if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
         raise InputError(f"{source}: {key!r} must be a list of non-negative integer token ids")
     return tuple(value)
@@ -220,11 +229,7 @@ def mean_nll(
 ) -> float:
     """Mean negative log-likelihood (nats) per scored token, over all scored tokens of `examples`.
 
-    Examples are sorted by length (longest first, so a batch too large fails at once) and
-    right-padded with an attention mask, `batch_size` at a time; a causal model gives the scored
-    tokens the same logits as unbatched. The model runs in its own dtype; the scored rows of the
-    logits are upcast to at least float32 for the log-softmax, and the sum is kept in float64. The model is
-    put in eval mode for the call (then restored) and no gradients are kept.
+    The per-example sums of `nll_sums` (its batching, padding and precision), divided by the number of scored tokens.
 
     Args:
         model: a causal LM whose forward takes `input_ids` and `attention_mask` and returns
@@ -241,19 +246,43 @@ def mean_nll(
     """
     if not examples:
         raise ValueError("mean_nll: no examples")
+    return float(nll_sums(model, examples, batch_size, device).sum()) / sum(e.n_scored for e in examples)
+
+
+def nll_sums(
+    model: torch.nn.Module, examples: Sequence[Example], batch_size: int = 8, device: str | torch.device | None = None
+) -> torch.Tensor:
+    """Each example's total negative log-likelihood (nats) of its scored tokens, float64, in the examples' order.
+
+    The one scoring pass of the scan (KEEP, FORGET, multiple-choice options): examples are sorted
+    by length (longest first, so a batch too large fails at once) and right-padded with an
+    attention mask, `batch_size` at a time; a causal model gives the scored tokens the same logits
+    as unbatched. The model runs in its own dtype; the scored rows of the logits are upcast to at
+    least float32 for the log-softmax, and the sums are kept in float64. The model is put in eval
+    mode for the call (then restored) and no gradients are kept. Where the model takes
+    `logits_to_keep` and a KV cache (transformers models, LoRA and (IA)³ PEFT models), the context
+    tokens every example starts with (a chat template's system message and turn header) run
+    once for the whole set, and the output layer only from a batch's first scored position on:
+    prompts and questions are read, never projected onto the vocabulary.
+
+    Example:
+        >>> nll_sums(model, [Example((1, 5, 6), n_context=2)])  # −log p(6 | 1 5)  # doctest: +SKIP
+    """
     if batch_size < 1:
-        raise ValueError(f"mean_nll: batch_size must be ≥ 1, got {batch_size}")
+        raise ValueError(f"nll_sums: batch_size must be ≥ 1, got {batch_size}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     _check_fits(model, examples)
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
+    sums = torch.zeros(len(examples), dtype=torch.float64, device=device)
+    trims = keeps_logits(model)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
+            shared, prefix = _shared_prefix(model, examples, device) if trims else (0, None)
             for start in range(0, len(order), batch_size):
-                batch = [examples[i] for i in order[start : start + batch_size]]
+                indices = order[start : start + batch_size]
+                batch = [examples[i] for i in indices]
                 width = max(len(e.input_ids) for e in batch)
                 input_ids = torch.zeros((len(batch), width), dtype=torch.long)
                 mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -262,16 +291,55 @@ def mean_nll(
                     input_ids[j, : len(e.input_ids)] = torch.tensor(e.input_ids)
                     mask[j, : len(e.input_ids)] = 1
                     scored[j, max(e.n_context, 1) - 1 : len(e.input_ids) - 1] = True
+                owner = torch.tensor(indices)[:, None].expand(-1, width - 1)[scored].to(device)
                 input_ids, mask, scored = input_ids.to(device), mask.to(device), scored.to(device)
-                logits = _logits(model(input_ids=input_ids, attention_mask=mask))
-                rows = logits[:, :-1][scored]
+                first = min(max(e.n_context, 1) - 1 for e in batch)  # the first position whose logits are scored
+                keep = {"logits_to_keep": width - first} if first > 0 and trims else {}
+                if prefix is not None:  # the shared prefix's keys and values, computed once for the whole set
+                    cache = copy.deepcopy(prefix)
+                    cache.batch_repeat_interleave(len(batch))
+                    keep["past_key_values"] = cache
+                    output = model(input_ids=input_ids[:, shared:], attention_mask=mask, use_cache=True, **keep)
+                else:
+                    output = model(input_ids=input_ids, attention_mask=mask, **keep)
+                rows = _logits(output)[:, -(width - first) : -1][scored[:, first:]]
                 rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
-                targets = input_ids[:, 1:][scored]
-                total += torch.nn.functional.cross_entropy(rows, targets, reduction="sum").double()
-                count += targets.numel()
+                losses = torch.nn.functional.cross_entropy(rows, input_ids[:, 1:][scored], reduction="none")
+                sums.index_add_(0, owner, losses.double())
     finally:
         model.train(was_training)
-    return float(total) / count
+    return sums
+
+
+# A set whose examples all begin with this many context tokens or more (a chat template's system message and
+# turn header) has them computed once: below it, the saving is smaller than the cache's copy per batch.
+MIN_SHARED_PREFIX = 8
+
+
+def _shared_prefix(model: torch.nn.Module, examples: Sequence[Example], device: torch.device) -> tuple[int, Any]:
+    """(P, the KV cache of the first P tokens) where every example starts with the same P ≥ MIN_SHARED_PREFIX
+    unscored tokens, else (0, None). Prefix-tuned models keep their own cache: (0, None)."""
+    if _is_prefix_tuned(model):
+        return 0, None
+    first = examples[0].input_ids
+    shared = min(max(e.n_context, 1) - 1 for e in examples)  # the prefix ends before the first scored logits
+    for e in examples[1:]:
+        shared = min(shared, len(e.input_ids))
+        while shared and e.input_ids[:shared] != first[:shared]:
+            shared = next(k for k in range(shared) if e.input_ids[k] != first[k])
+    if shared < MIN_SHARED_PREFIX:
+        return 0, None
+    ids = torch.tensor([first[:shared]], device=device)
+    return shared, model(input_ids=ids, use_cache=True).past_key_values
+
+
+def keeps_logits(model: torch.nn.Module) -> bool:
+    """Whether the model's forward (a PEFT model's base model's) takes `logits_to_keep` (transformers ≥ 4.50)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _logits(output: Any) -> torch.Tensor:
@@ -306,7 +374,10 @@ def check_ids_fit(model: torch.nn.Module, ids: Sequence[int], source: str, *, ro
 
 @dataclass(frozen=True)
 class Generation:
-    """A greedy continuation: its tokens (without EOS and padding), its text, and whether it stopped at EOS."""
+    """A greedy continuation: its tokens (without the stop token and padding), its text, and whether it ended.
+
+    `stopped`: the continuation ended at a stop token (end of turn, EOS) before `max_new_tokens`.
+    """
 
     prompt: str | tuple[int, ...]
     token_ids: tuple[int, ...]
@@ -321,24 +392,30 @@ def generate_greedy(
     max_new_tokens: int,
     batch_size: int = 8,
     device: str | torch.device | None = None,
+    chat: ChatTemplate | None = None,
 ) -> list[Generation]:
     """Greedy continuations of `prompts` (`model.generate`, no sampling), each as if generated alone.
 
-    Only prompts of the same token length share a batch, so no prompt is ever padded (left
-    padding changes continuations of prefix-tuned PEFT models). Prefix-tuned PEFT models are
-    decoded here, one full forward pass per token (no KV cache, so O(n²)), not by
-    `PeftModel.generate`: with PEFT 0.21.2 and transformers 5.24 that drops the prefix from the
-    cache and continues as the base model would, and with `use_cache=False` its second and later
-    steps differ from a plain forward pass.
+    Prompts of different lengths share a batch, left-padded with an attention mask, longest
+    first (one `generate` call per `batch_size` prompts). Prefix-tuned PEFT models are the
+    exception: left padding changes their continuations, so only prompts of one length share a
+    batch, and they are decoded here, one full forward pass per token (no KV cache, so O(n²)),
+    not by `PeftModel.generate`: with PEFT 0.21.2 and transformers 5.24 that drops the prefix
+    from the cache and continues as the base model would, and with `use_cache=False` its second
+    and later steps differ from a plain forward pass.
+
+    A continuation stops at any of `stop_ids` (the tokenizer's EOS and every `eos_token_id` of
+    the model's `generation_config`, e.g. a chat model's end of turn).
 
     Args:
         model: a `transformers` causal LM or a `PeftModel`.
-        tokenizer: tokenises text prompts (with special tokens) and decodes continuations; may be
-            None when the prompts are token ids, and then `text` is None.
+        tokenizer: tokenises text prompts and decodes continuations; may be None when the prompts
+            are token ids, and then `text` is None.
         prompts: texts, or lists of token ids.
-        max_new_tokens: the most tokens generated per prompt; a continuation stops earlier at EOS.
-        batch_size: the most prompts (all of one length) per `generate` call.
+        max_new_tokens: the most tokens generated per prompt.
+        batch_size: the most prompts per `generate` call.
         device: where the inputs go; default: the model's device.
+        chat: render text prompts through the chat template (`rendering.encode_prompt`).
 
     Returns:
         One `Generation` per prompt, in order.
@@ -354,62 +431,98 @@ def generate_greedy(
         if isinstance(prompt, str):
             if tokenizer is None:
                 raise ValueError(f"generate_greedy: prompt {i} is text, but there is no tokenizer; give token ids")
-            encoded.append(tuple(tokenizer(prompt)["input_ids"]))
+            encoded.append(encode_prompt(tokenizer, prompt, chat))
         else:
             encoded.append(tuple(int(t) for t in prompt))
         if not encoded[-1]:
             raise ValueError(f"generate_greedy: prompt {i} has no tokens")
-    eos = _special_id(model, tokenizer, "eos_token_id")
+    stops = stop_ids(model, tokenizer)
     pad = _special_id(model, tokenizer, "pad_token_id")
-    pad = pad if pad is not None else (eos if eos is not None else 0)
+    pad = pad if pad is not None else (min(stops) if stops else 0)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    generate = _greedy_without_cache if _is_prefix_tuned(model) else _greedy_by_generate
-    by_length: dict[int, list[int]] = {}
-    for i, ids in enumerate(encoded):
-        by_length.setdefault(len(ids), []).append(i)
-    batches = [group[k : k + batch_size] for group in by_length.values() for k in range(0, len(group), batch_size)]
+    prefix = _is_prefix_tuned(model)
     results: list[Generation | None] = [None] * len(encoded)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for batch in batches:
-                input_ids = torch.tensor([encoded[i] for i in batch], dtype=torch.long, device=device)
-                out = generate(model, input_ids, max_new_tokens, eos, pad)
-                for i, row in zip(batch, out[:, input_ids.shape[1] :].tolist(), strict=False):
-                    stopped = eos is not None and eos in row
-                    tokens = tuple(row[: row.index(eos)] if stopped else row)
+            for batch in _generation_batches(encoded, batch_size, same_length=prefix):
+                width = max(len(encoded[i]) for i in batch)
+                input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for j, i in enumerate(batch):  # left padding: every prompt ends at the last column
+                    input_ids[j, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+                    mask[j, width - len(encoded[i]) :] = 1
+                input_ids, mask = input_ids.to(device), mask.to(device)
+                if prefix:
+                    out = _greedy_without_cache(model, input_ids, max_new_tokens, stops, pad)
+                else:
+                    out = _greedy_by_generate(model, input_ids, mask, max_new_tokens, stops, pad)
+                for i, row in zip(batch, out[:, width:].tolist(), strict=True):
+                    end = next((k for k, t in enumerate(row) if t in stops), None)
+                    tokens = tuple(row if end is None else row[:end])
                     text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else None
-                    results[i] = Generation(prompts[i], tokens, text, stopped)
+                    results[i] = Generation(prompts[i], tokens, text, end is not None)
     finally:
         model.train(was_training)
     return results  # type: ignore[return-value]  # every slot filled
 
 
+def _generation_batches(encoded: Sequence[tuple[int, ...]], batch_size: int, *, same_length: bool) -> list[list[int]]:
+    """Prompt indices per batch: longest first, `batch_size` at a time (of one length only, if `same_length`)."""
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    if not same_length:
+        return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+    by_length: dict[int, list[int]] = {}
+    for i in order:
+        by_length.setdefault(len(encoded[i]), []).append(i)
+    return [group[k : k + batch_size] for group in by_length.values() for k in range(0, len(group), batch_size)]
+
+
 def _greedy_by_generate(
-    model: Any, input_ids: torch.Tensor, max_new_tokens: int, eos: int | None, pad: int
+    model: Any, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, stops: frozenset[int], pad: int
 ) -> torch.Tensor:
     from transformers import GenerationConfig
 
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=eos
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad,
+        eos_token_id=sorted(stops) or None,
     )
-    return model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
+    return model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
 
 
 def _greedy_without_cache(
-    model: Any, input_ids: torch.Tensor, max_new_tokens: int, eos: int | None, pad: int
+    model: Any, input_ids: torch.Tensor, max_new_tokens: int, stops: frozenset[int], pad: int
 ) -> torch.Tensor:
-    """Argmax of a full forward pass per step, the whole batch until every row has reached EOS."""
+    """Argmax of a full forward pass per step (unpadded prompts), the whole batch until every row has stopped."""
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    stop = torch.tensor(sorted(stops), dtype=torch.long, device=input_ids.device)
     for _ in range(max_new_tokens):
         logits = _logits(model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)))
         token = logits[:, -1].argmax(dim=-1).masked_fill(done, pad)
         input_ids = torch.cat([input_ids, token[:, None]], dim=1)
-        done |= token == eos
+        done |= torch.isin(token, stop)
         if bool(done.all()):
             break
     return input_ids
+
+
+def stop_ids(model: torch.nn.Module, tokenizer: Any) -> frozenset[int]:
+    """The tokens that end a continuation: the tokenizer's EOS and every EOS of the generation config and config.
+
+    Chat models list their end-of-turn token in `generation_config.eos_token_id` (often beside
+    the tokenizer's EOS), so a continuation that ends its turn is counted as ended.
+    """
+    ids: set[int] = set()
+    for source in (tokenizer, getattr(model, "generation_config", None), getattr(model, "config", None)):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, int) and not isinstance(item, bool):
+                ids.add(item)
+    return frozenset(ids)
 
 
 def _is_prefix_tuned(model: torch.nn.Module) -> bool:

@@ -7,6 +7,7 @@ command that installs it instead of failing on an import deep inside.
 import importlib
 import logging
 import math
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +39,37 @@ def require(*packages: str) -> None:
         raise InputError(
             f"the λ scan needs {', '.join(missing)}, which {verb} not installed; install with: {install_hint('scan')}"
         )
+
+
+def default_threads() -> int:
+    """torch's CPU threads for a scan: half the cores this process may use (at least 1).
+
+    Small models in a scan run many short kernels, where a thread per logical core (torch's default)
+    loses to contention with hyper-threads and other processes: on a 2-core machine shared with other
+    work, 2 threads were 3.5–7× slower than 1 (README, "Choosing λ").
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // 2)
+
+
+def check_threads(threads: int | None) -> int:
+    """`threads` checked (a positive integer), or `default_threads()` for None."""
+    if threads is None:
+        return default_threads()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise InputError(f"threads must be a positive integer, got {threads!r}")
+    return threads
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op CPU threads set to `threads` for the block, then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def evaluation_dtype(requested: torch.dtype | None, device: torch.device, base: ResolvedInput) -> torch.dtype:

@@ -12,19 +12,23 @@ from extsub_kernels.lambda_scan.results import EXPERT, ScanResult
 
 DPI = 100
 PANEL_INCHES = (5.5, 4.0)
-# (row field, panel title); generation panels only when the scan had prompts.
+# (row field, panel title); a panel is drawn when the scan measured its field (TRUTH, choices, prompts).
 PANELS = (
+    ("mc2", "MC2: probability on true answers (higher: more truthful)"),
+    ("mc1", "MC1: best answer ranked first (higher: more truthful)"),
+    ("truth_margin", "FORGET − TRUTH NLL (higher: doubts the false more)"),
     ("keep_nll", "KEEP NLL, nats/token (lower: kept)"),
     ("forget_nll", "FORGET NLL, nats/token (higher: forgotten)"),
     ("rep_4", "rep-4 of generations (lower: less repetition)"),
     ("distinct_2", "distinct-2 of generations (higher: more diverse)"),
+    ("mean_length", "continuation length, tokens"),
+    ("end_rate", "share of continuations that end"),
 )
 
 
 def _panels(result: ScanResult) -> list[tuple[str, str]]:
-    """The panels drawn for `result`: the NLLs, and the generation metrics when they were measured."""
-    measured = any(r.rep_4 is not None for r in result.rows)
-    return [p for p in PANELS if measured or p[0] in ("keep_nll", "forget_nll")]
+    """The panels drawn for `result`: those whose metric was measured (the NLLs always)."""
+    return [p for p in PANELS if any(getattr(r, p[0]) is not None for r in result.rows)]
 
 
 def png_size(n_panels: int) -> tuple[int, int]:

@@ -1,4 +1,5 @@
-"""A scan's files in SCAN_DIR: scan.json (everything), scan.csv (the rows), scan.md (the table), scan.png (the plot).
+"""A scan's files in SCAN_DIR: scan.json (everything), scan.csv (the rows), scan.md (the table), scan.png (the plot),
+samples.jsonl (every greedy continuation: what a λ writes, to read beside its scores).
 
 Each file is replaced whole (temporary file, fsync, rename), and scan.json after every row, so
 a Ctrl-C, a crash or a reader at any moment finds the rows measured so far, never half a file.
@@ -6,6 +7,7 @@ a Ctrl-C, a crash or a reader at any moment finds the rows measured so far, neve
 
 import csv
 import io
+import json
 import math
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from extsub_kernels.io.atomic import replace_file
 from extsub_kernels.lambda_scan.plot import plot_png
 from extsub_kernels.lambda_scan.results import COLUMNS, EXPERT, ScanResult, relative_increase
 
-SCAN_FILES = ("scan.json", "scan.csv", "scan.md", "scan.png")
+SCAN_FILES = ("scan.json", "scan.csv", "scan.md", "scan.png", "samples.jsonl")
 
 
 class ScanFiles:
@@ -37,8 +39,10 @@ class ScanFiles:
             self.written.append(path)
 
     def progress(self, result: ScanResult) -> None:
-        """scan.json with the rows so far (called after every row)."""
+        """scan.json (and samples.jsonl) with the rows so far (called after every row)."""
         self._write("scan.json", json_text(result).encode())
+        if result.samples:
+            self._write("samples.jsonl", samples_text(result).encode())
 
     def final(self, result: ScanResult) -> list[Path]:
         """Every file, from the result as it stands (complete, or stopped early); returns their paths."""
@@ -47,7 +51,9 @@ class ScanFiles:
         self._write("scan.md", markdown_text(result).encode())
         if result.rows:
             self._write("scan.png", plot_png(result))
-        return list(self.written)
+        if result.samples:
+            self._write("samples.jsonl", samples_text(result).encode())
+        return [self.folder / name for name in SCAN_FILES if self.folder / name in self.written]
 
 
 def json_text(result: ScanResult) -> str:
@@ -55,10 +61,16 @@ def json_text(result: ScanResult) -> str:
     return record_json_text(result.to_dict())
 
 
+def samples_text(result: ScanResult) -> str:
+    """samples.jsonl: one JSON object per continuation (`results.sample_records`), in the order measured."""
+    return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in result.samples)
+
+
 def csv_text(result: ScanResult) -> str:
-    """One line per row, the columns of `results.COLUMNS`; empty cells for what was not measured."""
+    """One line per row, the columns of `results.COLUMNS` and lm-eval's; empty cells for what was not measured."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    fields = [*COLUMNS, *harness_columns(result)]
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in result.table():
         writer.writerow({k: "" if v is None or (isinstance(v, float) and math.isnan(v)) else v for k, v in row.items()})
@@ -95,29 +107,64 @@ def markdown_text(result: ScanResult) -> str:
 def markdown_table(result: ScanResult) -> str:
     """The rows as a Markdown table (★ on each method's recommended λ), then one line per recommendation."""
     rows = result.table()
-    generation = any(r["rep_4"] is not None for r in rows)
-    head = ["method", "λ", "KEEP NLL", "Δ KEEP", "FORGET NLL", "Δ FORGET"]
-    head += ["rep-4", "distinct-2"] if generation else []
-    head += ["merge s", "eval s"]
+    measured = {key for row in rows for key, value in row.items() if value is not None}
+    columns = [("keep_nll", "KEEP NLL", _f), ("keep_increase", "Δ KEEP", _pct)]
+    columns += [("forget_nll", "FORGET NLL", _f), ("forget_increase", "Δ FORGET", _pct)]
+    columns += [("truth_margin", "FORGET − TRUTH", _f), ("mc1", "MC1", _f), ("mc2", "MC2", _f)]
+    columns += [("rep_4", "rep-4", _f), ("distinct_2", "distinct-2", _f), ("mean_length", "length", _f1)]
+    columns += [("end_rate", "ended", _pct0)]
+    columns += [(name, name.removeprefix("lm_eval:"), _f) for name in harness_columns(result) if "_stderr" not in name]
+    columns += [("merge_seconds", "merge s", _f4), ("eval_seconds", "eval s", _f3)]
+    columns = [c for c in columns if c[0] in measured]
+    head = ["method", "λ", *(title for _, title, _ in columns)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     starred = {(EXPERT if r.lam == 0 else m, r.lam) for m, r in result.recommendations.items() if r.lam is not None}
     for row in rows:
         mark = " ★" if (row["method"], row["lam"]) in starred else ""
-        cells = [f"{row['method']}{mark}", f"{row['lam']:g}", _f(row["keep_nll"]), _pct(row["keep_increase"])]
-        cells += [_f(row["forget_nll"]), _pct(row["forget_increase"])]
-        cells += [_f(row["rep_4"]), _f(row["distinct_2"])] if generation else []
-        cells += [_f(row["merge_seconds"], 4), _f(row["eval_seconds"], 3)]
+        cells = [f"{row['method']}{mark}", f"{row['lam']:g}", *(show(row[key]) for key, _, show in columns)]
         lines.append("| " + " | ".join(cells) + " |")
-    budget = result.setup.get("options", {}).get("max_keep_increase", 0)
+    options = result.setup.get("options", {})
+    budget = options.get("max_keep_increase", 0)
     lines += [
         "",
-        f"★ recommended: the λ with the largest FORGET-NLL increase whose KEEP-NLL rose at most {budget:.1%} "
-        "over λ = 0:",
+        "★ recommended: the λ with the best MC2 (with multiple-choice questions; else the FORGET − TRUTH margin) "
+        f"whose KEEP-NLL rose at most {budget:.1%} over λ = 0 and whose generations pass the guards "
+        f"({_guards(options.get('guards'))}):",
         "",
     ]
     for method, rec in result.recommendations.items():
         lines.append(f"- **{method}**: λ = {'none' if rec.lam is None else f'{rec.lam:g}'}: {rec.note}")
     return "\n".join(lines)
+
+
+def harness_columns(result: ScanResult) -> list[str]:
+    """The lm-eval metric columns of the rows (`harness.metric_columns`), sorted."""
+    return sorted({name for row in result.rows for name in row.lm_eval})
+
+
+def _guards(guards: dict | None) -> str:
+    if not guards:
+        return "none"
+    return (
+        f"rep-4 at most +{guards['max_rep_increase']:g}, distinct-2 at most −{guards['max_distinct_drop']:g}, "
+        f"mean length within ±{guards['max_length_change']:.0%}, share ended at most −{guards['max_end_drop']:.0%}"
+    )
+
+
+def _f1(value: float | None) -> str:
+    return _f(value, 1)
+
+
+def _f3(value: float | None) -> str:
+    return _f(value, 3)
+
+
+def _f4(value: float | None) -> str:
+    return _f(value, 4)
+
+
+def _pct0(value: float | None) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.0%}"
 
 
 def _f(value: float | None, digits: int = 4) -> str:

@@ -12,6 +12,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,11 +37,29 @@ from extsub_kernels.io import ResolvedInput, check_outputs, resolve_input
 from extsub_kernels.io.atomic import terminate_as_interrupt
 from extsub_kernels.io.identity import InputSnapshot
 from extsub_kernels.io.outputs import check_report_folder
+from extsub_kernels.lambda_scan import rendering
 from extsub_kernels.lambda_scan.evaluate import EvaluationSets, Evaluator
+from extsub_kernels.lambda_scan.harness import Harness, parse_tasks
 from extsub_kernels.lambda_scan.installers import AdapterInstaller, Installer, make_installer
-from extsub_kernels.lambda_scan.model import evaluation_dtype, load_model, load_tokenizer, require
+from extsub_kernels.lambda_scan.model import (
+    check_threads,
+    evaluation_dtype,
+    load_model,
+    load_tokenizer,
+    require,
+    torch_threads,
+)
 from extsub_kernels.lambda_scan.report import SCAN_FILES, ScanFiles, chosen_note
-from extsub_kernels.lambda_scan.results import EXPERT, ScanResult, ScanRow, recommend, timing_summary
+from extsub_kernels.lambda_scan.results import (
+    EXPERT,
+    NO_AXIS,
+    Guards,
+    ScanResult,
+    ScanRow,
+    recommend,
+    sample_records,
+    timing_summary,
+)
 from extsub_kernels.merge import adapter_inputs
 
 PathLike = str | os.PathLike
@@ -58,11 +77,19 @@ def scan(
     lam: str | float | Sequence[float] = "0:2:0.2",
     method: str | Sequence[str] = "ext-sub,sub",
     prompts: PathLike | None = None,
+    truth: PathLike | None = None,
+    choices: PathLike | None = None,
+    chat_template: str = "auto",
+    system: str | None = None,
+    lm_eval: str | Sequence[str] | None = None,
+    lm_eval_include: Sequence[PathLike] = (),
     max_new_tokens: int = 64,
     device: str | torch.device = "auto",
     dtype: EvalDtypeName | torch.dtype = "auto",
     batch_size: int = 8,
     max_keep_increase: float = 0.05,
+    guards: Guards | None = None,
+    threads: int | None = None,
     save_best: PathLike | None = None,
     save_format: str | None = None,
     force: bool = False,
@@ -72,8 +99,10 @@ def scan(
 
     For adapters each point rebuilds the factored weights in place (never ΔW); for full models
     each point runs the op on the device into the loaded model. Each point is measured: mean
-    NLL on `keep` and `forget`, and with `prompts` greedy generations scored by rep-4 and
-    distinct-1/2.
+    NLL on `keep`, `forget` (and `truth`), MC1 and MC2 on `choices`, and with `prompts` greedy
+    generations scored by rep-4, distinct-1/2, their mean length and how many end (each kept in
+    samples.jsonl). The recommendation per method: the best MC2 (with `choices`; else the FORGET −
+    TRUTH NLL margin) among the λ within the KEEP budget whose generations pass `guards`.
 
     Args:
         expert: θ⁺: a PEFT adapter (folder, bare file or hub id), or a full model (with `base` its base).
@@ -82,16 +111,27 @@ def scan(
         keep: text the merged model should still model well (.txt lines, or .jsonl text /
             prompt + completion / input_ids).
         forget: examples of the deficiency (same formats).
-        out: SCAN_DIR for scan.json, scan.csv, scan.md and scan.png (None: nothing written).
+        out: SCAN_DIR for scan.json, scan.csv, scan.md, scan.png and samples.jsonl (None: nothing written).
         lam: the λ grid: "0:2:0.2" (start:stop:step), "0,0.5,1,2", both mixed, or a list; λ = 0 is always measured.
         method: the methods to compare, "ext-sub,sub" or a list.
         prompts: prompts to continue greedily (.txt lines, or .jsonl prompt / prompt_ids).
+        truth: FORGET's prompts with true completions, line for line (.jsonl prompt + completion).
+        choices: multiple-choice questions (.jsonl, TruthfulQA's layout or question/correct/incorrect; see
+            `lambda_scan.choices`).
+        chat_template: "auto" (render prompts, questions and prompt + completion pairs through the
+            tokenizer's chat template when it has one), "on" (it must) or "off" (`lambda_scan.rendering`).
+        system: a system message before every rendered prompt (needs the chat template).
+        lm_eval: lm-evaluation-harness tasks ("a,b" or a list) run at every point on the model in place; every
+            metric they report becomes a column (`lambda_scan.harness`; the `eval` extra).
+        lm_eval_include: folders of local lm-eval task definitions.
         max_new_tokens: the longest continuation.
         device: "auto", "cpu", "cuda" or "cuda:N".
         dtype: the model's dtype while evaluating: "auto" (the checkpoint's on CUDA, float32 on the
             CPU), "float32", "float64", "bfloat16", "float16".
         batch_size: examples (or prompts) per forward pass.
         max_keep_increase: the recommendation's budget: KEEP-NLL may rise by this fraction over λ = 0.
+        guards: how far generations may move from λ = 0's and stay candidates (default `Guards()`).
+        threads: torch's CPU threads during the scan (default `model.default_threads()`).
         save_best: write the merge at the recommended λ of the first method here, as `merge()` does.
         save_format: the format of `save_best`: an adapter format of `extsub-merge --format`, or
             "model" (the full merged model θ₀ + ΔW', what `--base` writes). Default: the adapter
@@ -117,6 +157,13 @@ def scan(
     for name in methods:
         warn_negative_lams([(v,) for v in grid], name)
     _check_numbers(max_new_tokens=max_new_tokens, batch_size=batch_size, max_keep_increase=max_keep_increase)
+    guards = guards if guards is not None else Guards()
+    _check_guards(guards)
+    threads = check_threads(threads)
+    harness = None
+    if lm_eval is not None:
+        harness = Harness(parse_tasks(lm_eval), tuple(str(p) for p in lm_eval_include), batch_size)
+        harness.check()
     target = resolve_device(device)
     requested_dtype = eval_dtype(dtype)
     antis = [anti] if isinstance(anti, (str, os.PathLike)) else list(anti)
@@ -133,34 +180,47 @@ def scan(
         others = [(f"--save-best {save_best}", Path(save_best))] if save_best is not None else []
         check_report_folder(out_dir, SCAN_FILES, inputs, force=force, others=others, read=read)
     save_format = _check_save(save_best, save_format, inputs, adapters=adapters, force=force, read=read)
+    if save_best is not None and truth is None and choices is None:
+        raise InputError(f"--save-best needs a truthfulness axis to choose λ by: {NO_AXIS.split(': ', 1)[1]}")
 
     base_input = inputs[-1][1]
     tokenizer = load_tokenizer(base_input)
-    sets = EvaluationSets.load(keep, forget, prompts, tokenizer)
+    chat = rendering.chat_template(tokenizer, chat_template, system)
+    sets = EvaluationSets.load(keep, forget, prompts, tokenizer, truth=truth, choices=choices, chat=chat)
     timing: dict[str, float] = {}
     check = (lambda made: _check_save_format(save_format, made)) if save_best is not None else None
-    installer = _installer(inputs, adapters, methods, target, requested_dtype, timing, check)
-    try:
-        sets.check_fits(installer.model, tokenizer, max_new_tokens if prompts is not None else 0)
-    except BaseException:
-        installer.close()
-        raise
+    with torch_threads(threads):
+        installer = _installer(inputs, adapters, methods, target, requested_dtype, timing, check)
+        try:
+            sets.check_fits(installer.model, tokenizer, max_new_tokens if prompts is not None else 0)
+        except BaseException:
+            installer.close()
+            raise
     setup = _setup(inputs, installer, sets, grid, methods, target, batch_size, max_keep_increase)
-    setup["options"]["max_new_tokens"] = max_new_tokens if prompts is not None else None
+    setup["options"] |= {
+        "max_new_tokens": max_new_tokens if prompts is not None else None,
+        "guards": asdict(guards),
+        "chat_template": chat is not None,
+        "system": system,
+        "threads": threads,
+        "lm_eval": list(harness.tasks) if harness is not None else None,
+    }
     points = [(EXPERT, 0.0)] + [(m, x) for m in methods for x in grid if x != 0]
     rows: list[ScanRow] = []
+    samples: list[dict] = []
 
     def result(status: str) -> ScanResult:
         now = {**timing, "total_seconds": time.perf_counter() - started, **timing_summary(rows)}
-        recommendations = {m: recommend(rows, m, max_keep_increase) for m in methods}
-        return ScanResult(rows, recommendations, status, len(points), setup, now)
+        recommendations = {m: recommend(rows, m, max_keep_increase, guards) for m in methods}
+        return ScanResult(rows, recommendations, status, len(points), setup, now, samples=samples)
 
     files = ScanFiles(out_dir, force=force) if out_dir is not None else None
-    evaluator = Evaluator(sets, tokenizer, batch_size, max_new_tokens, target)
+    evaluator = Evaluator(sets, tokenizer, batch_size, max_new_tokens, target, harness)
     try:
-        with terminate_as_interrupt():
+        with terminate_as_interrupt(), torch_threads(threads):
             after = (lambda: files.progress(result("running"))) if files is not None else (lambda: None)
-            _walk(points, methods[0], installer, evaluator, rows, target, progress, after, snapshot.check)
+            walk = (points, methods[0], installer, evaluator, rows, samples, target)
+            _walk(*walk, progress, after, snapshot.check)
     except BaseException as e:
         status = _stopped(e)
         partial = result(status)
@@ -266,12 +326,14 @@ def _walk(
     installer: Installer,
     evaluator: Evaluator,
     rows: list[ScanRow],
+    samples: list[dict],
     device: torch.device,
     progress: bool,
     after: Callable[[], object],
     check_inputs: Callable[[], None],
 ) -> None:
-    """Install and measure each point in turn, appending its row and calling `after()` once it is in.
+    """Install and measure each point in turn, appending its row (and its generations to `samples`) and calling
+    `after()` once it is in.
 
     λ = 0 (the expert's row) is installed through the first method: every method gives the expert there.
     A row is kept only if the inputs are still those the scan started with (`check_inputs`; full models
@@ -285,9 +347,10 @@ def _walk(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             merge_seconds = time.perf_counter() - start
-            values = evaluator.measure(installer.model)
+            measured = evaluator.measure(installer.model)
             check_inputs()
-            rows.append(ScanRow(method, lam, merge_seconds=merge_seconds, **values))
+            rows.append(ScanRow(method, lam, merge_seconds=merge_seconds, **measured.values))
+            samples.extend(sample_records(method, lam, measured.generations))
             after()
             bar.update(1)
 
@@ -300,6 +363,13 @@ def _check_numbers(*, max_new_tokens: int, batch_size: int, max_keep_increase: f
         raise InputError(f"max_keep_increase must be a number, got {max_keep_increase!r}")
     if not 0 <= max_keep_increase < float("inf"):
         raise InputError(f"max_keep_increase must be ≥ 0 (a fraction: 0.05 is +5 %), got {max_keep_increase!r}")
+
+
+def _check_guards(guards: Guards) -> None:
+    for f in fields(guards):
+        value = getattr(guards, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise InputError(f"{f.name} must be a number ≥ 0, got {value!r}")
 
 
 def _resolve(
