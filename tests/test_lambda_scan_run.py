@@ -611,7 +611,7 @@ def test_save_best_s_card_records_the_scan(tiny_scan, tmp_path, monkeypatch):
     import extsub_kernels.lambda_scan.run as run
     from extsub_kernels.lambda_scan.results import Recommendation
 
-    def at_one(rows, method, max_keep_increase):  # the recommendation itself is tested above; here: what is saved
+    def at_one(rows, method, *rules):  # the recommendation itself is tested above; here: what is saved
         return Recommendation(method, 1.0, 0.01, 0.2, "chosen for the test")
 
     monkeypatch.setattr(run, "recommend", at_one)
@@ -621,7 +621,8 @@ def test_save_best_s_card_records_the_scan(tiny_scan, tmp_path, monkeypatch):
         adapters["anti"],
         base=tiny_scan["base"],
         keep=tiny_scan["set"],
-        forget=tiny_scan["set"],
+        forget=tiny_scan["pairs"],
+        truth=tiny_scan["pairs"],
         lam="0,1",
         method="sub",
         save_best=tmp_path / "best",
