@@ -2,7 +2,15 @@
 
 
 class InputError(ValueError):
-    """A bad input or bad usage (a broken file, mismatched tensors, an unsafe OUT): exit code 2."""
+    """A bad input or bad usage (a broken file, mismatched tensors, an unsafe OUT): exit code 2.
+
+    `options`: the Python option names the message spells as `name=` (`force=True`, `max_shard_size=`); the
+    library speaks Python, and a command prints each as its flag (`--force`).
+    """
+
+    def __init__(self, message: str = "", *, options: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.options = tuple(options)
 
 
 class AdapterError(InputError):

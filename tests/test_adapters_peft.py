@@ -419,7 +419,7 @@ def test_output_overlapping_an_input_or_existing_is_refused(llama, tmp_path):
         _merge(paths["expert"], paths["anti"], os.path.dirname(paths["anti"]), 1.0, force=True)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")  # an empty folder would be taken (nothing to lose)
-    with pytest.raises(ValueError, match=r"taken already exists; pass --force \(force=True in Python\)"):
+    with pytest.raises(ValueError, match=r"taken already exists; pass force=True to replace it"):
         _merge(paths["expert"], paths["anti"], tmp_path / "taken", 1.0)
     with pytest.raises(ValueError, match=r"writes a PEFT adapter folder .* give a folder OUT"):
         _merge(paths["expert"], paths["anti"], tmp_path / "x.safetensors", 1.0, output_format="dense-lora")

@@ -720,3 +720,16 @@ def test_usage_errors_are_one_line(capsys, argv):
         main(argv)
     err = capsys.readouterr().err
     assert info.value.code == EXIT_BAD_INPUT and err.count("\n") == 1 and err.startswith("extsub-merge: error: "), err
+
+
+def test_errors_name_the_python_option_and_the_command_prints_its_flag(tmp_path):
+    """The library's message says `force=True`; the command's says `--force` (errors carry the option's name)."""
+    from extsub_kernels.cli.common import as_flags
+    from extsub_kernels.errors import InputError
+
+    error = InputError("OUT o already exists; pass force=True to replace it", options=("force",))
+    assert "pass force=True to replace it" in str(error)
+    assert as_flags(str(error), error.options) == "OUT o already exists; pass --force to replace it"
+    assert as_flags("max_shard_size= applies to a folder OUT.", ("max_shard_size",)) == (
+        "--max-shard-size applies to a folder OUT."
+    )

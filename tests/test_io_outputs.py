@@ -49,7 +49,7 @@ def test_earlier_files_need_force(tmp_path, inputs):
     folder = tmp_path / "scan"
     folder.mkdir()
     (folder / "scan.csv").write_text("an earlier scan")
-    with pytest.raises(InputError, match=r"scan already holds scan\.csv \(an earlier run\?\); pass --force"):
+    with pytest.raises(InputError, match=r"scan already holds scan\.csv \(an earlier run\?\); pass force=True"):
         check_report_folder(folder, NAMES, inputs, force=False)
     check_report_folder(folder, NAMES, inputs, force=True)
 

@@ -368,7 +368,7 @@ def test_an_existing_scan_needs_force(trained, tmp_path):
     (out / "notes.txt").write_text("mine")
     kwargs = dict(base=trained.base("llama"), **_sets(trained), out=out, lam=0)
     experts = [trained.adapter("llama", "full", role) for role in ("expert", "anti")]
-    with pytest.raises(InputError, match=r"scan already holds scan\.json \(an earlier run\?\); pass --force"):
+    with pytest.raises(InputError, match=r"scan already holds scan\.json \(an earlier run\?\); pass force=True"):
         scan(*experts, **kwargs)
     scan(*experts, **kwargs, force=True)
     assert json.loads((out / "scan.json").read_text())["measured"] == 1

@@ -166,7 +166,7 @@ def test_dry_run_writes_nothing_and_plans_the_files_a_real_run_writes(tmp_path, 
 def test_dry_run_fails_as_the_real_run_would(tmp_path, pair):
     _, _, e, a = pair
     (tmp_path / "out.safetensors").write_bytes(b"x")
-    with pytest.raises(InputError, match="already exists; pass --force"):
+    with pytest.raises(InputError, match="already exists; pass force=True"):
         merge(e, a, tmp_path / "out.safetensors", dry_run=True)
 
 
@@ -187,7 +187,7 @@ def test_a_shard_folder_and_a_report_beside_it(tmp_path):
         (lambda tmp, out: out / "r.json", "is inside OUT"),
         (lambda tmp, out: tmp / "in" / "e.safetensors", "is the EXPERT file"),
         (lambda tmp, out: tmp, "is a folder"),
-        (lambda tmp, out: (tmp / "old.json").write_text("{}") and tmp / "old.json", "already exists; pass --force"),
+        (lambda tmp, out: (tmp / "old.json").write_text("{}") and tmp / "old.json", "already exists; pass force=True"),
     ],
     ids=["inside OUT", "an input", "a folder", "exists"],
 )

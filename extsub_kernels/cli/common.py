@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import fcntl
 import os
+import re
 import signal
 import sys
 import warnings
@@ -94,7 +95,7 @@ def guarded(prog: str, work: Callable[[], object], what: str = "run") -> tuple[i
 
 def _failure(prog: str, e: Exception, what: str) -> int:
     if isinstance(e, InputError):
-        return fail(prog, str(e), EXIT_BAD_INPUT)
+        return fail(prog, as_flags(str(e), e.options), EXIT_BAD_INPUT)
     if isinstance(e, PublishError):
         return fail(prog, f"the {what} failed: {e}", EXIT_FAILED)
     published = getattr(e, "published", ())
@@ -161,8 +162,27 @@ def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+_FLAGS: dict[str, str] = {}  # Python option name → the flag of the command that runs (filled as it parses)
+
+
+def as_flags(message: str, options: tuple[str, ...]) -> str:
+    """`message` with each Python option it names (`force=True`, `max_shard_size=`) spelled as the command's flag."""
+    for name in options:
+        flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
+        message = re.sub(rf"\b{re.escape(name)}=(True\b)?", flag + " ", message).replace(flag + "  ", flag + " ")
+        message = re.sub(rf"{re.escape(flag)} (?=[,.;:)]|$)", flag, message)
+    return message
+
+
 class _OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are one line, like every other error (exit 2)."""
+    """An ArgumentParser whose usage errors are one line, like every other error (exit 2); it notes each option's
+    flag, so errors that name a Python option print the flag (`as_flags`)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        for action in self._actions:
+            if action.option_strings and action.dest != "help":
+                _FLAGS.setdefault(action.dest, max(action.option_strings, key=len))
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
         say(f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)")

@@ -73,10 +73,12 @@ def refuse_existing(path: Path, *, force: bool, what: str | None = None) -> None
     except (OSError, ValueError) as e:
         raise InputError(f"{what or f'OUT {path}'} cannot be examined: {getattr(e, 'strerror', None) or e}") from None
     if not force:
-        raise InputError(f"{what or f'OUT {path}'} already exists; pass --force (force=True in Python) to replace it")
+        raise InputError(f"{what or f'OUT {path}'} already exists; pass force=True to replace it", options=("force",))
     if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
         kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
-        raise InputError(f"{what or f'OUT {path}'} is {kind}; --force replaces only regular files and folders")
+        raise InputError(
+            f"{what or f'OUT {path}'} is {kind}; force= replaces only regular files and folders", options=("force",)
+        )
 
 
 _KINDS = {
@@ -241,8 +243,9 @@ def check_report_folder(
     present = [name for name in names if os.path.lexists(folder / name)]
     if present and not force:
         raise InputError(
-            f"{folder} already holds {', '.join(present)} (an earlier run?); pass --force (force=True in Python) "
-            "to replace them, or give another folder"
+            f"{folder} already holds {', '.join(present)} (an earlier run?); pass force=True to replace them, or give "
+            "another folder",
+            options=("force",),
         )
     for name in present:
         refuse_existing(folder / name, force=force, what=f"{label} file {folder / name}")
