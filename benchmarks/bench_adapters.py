@@ -25,11 +25,12 @@ The outputs of `merge` and `authors` are compared with a float64 oracle: Algorit
 literally (`ext_sub_reference`) on the same rows in float64, rounded to float32: the share of
 elements that are bit-identical to it and the largest distance in float32 ulps (0 ulp: the
 oracle's value itself), and the largest error of a row relative to the row (per-head rows of
-the prefix; the task vectors l − 1 of (IA)³). Rows are JSON in benchmarks/results/adapters.json; `--table` prints the
-markdown table derived from them.
+the prefix; the task vectors l − 1 of (IA)³). Every number goes to benchmarks/results/results.csv
+(_common.record); --results FILE also keeps the rows (JSON), and `--table --results FILE` prints
+the markdown table derived from them.
 
     python benchmarks/bench_adapters.py                 # both pairs, 5 repeats (~2 min on 2 cores)
-    python benchmarks/bench_adapters.py --table         # the table from the saved rows
+    python benchmarks/bench_adapters.py --table --results benchmarks/results/adapters.json
 """
 
 import argparse
@@ -44,7 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import RESULTS, ROOT, authors_ext_sub, environment, peak_rss_bytes
+from _common import ROOT, authors_ext_sub, environment, peak_rss_bytes, record
 
 LAYERS, HIDDEN, HEADS, INTERMEDIATE, TOKENS, LAM = 32, 4096, 32, 11008, 30, 1.0
 IA3_MODULES = {"self_attn.k_proj": (HIDDEN, 1), "self_attn.v_proj": (HIDDEN, 1), "mlp.down_proj": (1, INTERMEDIATE)}
@@ -262,6 +263,16 @@ def run_pem(pem: str, scratch: Path, repeats: int) -> list[dict]:
     return rows
 
 
+def recorded(rows: list[dict]) -> list[dict]:
+    """The rows as results.csv keeps them: the PEM type's shape, and the errors as measures of each variant."""
+    out = []
+    for r in rows:
+        errors = r.get("errors", {})
+        measures = {m: {variant: e[m] for variant, e in errors.items()} for m in next(iter(errors.values()), {})}
+        out.append({**{k: v for k, v in r.items() if k != "errors"}, **measures, "shape": SHAPES[r["pem"]]})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="runs per variant (interleaved); times are medians")
@@ -269,8 +280,10 @@ def main() -> None:
     parser.add_argument("--variant", choices=["merge", "authors"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help="scratch folder (default: a temporary folder, removed afterwards)")
     parser.add_argument("--table", action="store_true", help="print the markdown table from the saved rows")
-    parser.add_argument("--results", default=str(RESULTS / "adapters.json"), help="rows file")
+    parser.add_argument("--results", help="also write the rows (JSON) to this file; with --table, read them")
     args = parser.parse_args()
+    if args.table and not args.results:
+        parser.error("--table reads the rows of --results FILE")
     if args.table:
         print(table(json.loads(Path(args.results).read_text())))
         return
@@ -281,8 +294,10 @@ def main() -> None:
     scratch.mkdir(parents=True, exist_ok=True)
     try:
         rows = [row for pem in PEMS for row in run_pem(pem, scratch, args.repeats)]
-        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.results).write_text(json.dumps(rows, indent=1) + "\n")
+        record("adapters", recorded(rows), variant="variant")
+        if args.results:
+            Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.results).write_text(json.dumps(rows, indent=1) + "\n")
         print(table(rows))
     finally:
         if not args.workdir:

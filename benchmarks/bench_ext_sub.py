@@ -8,9 +8,11 @@ first call, the compilation, is timed apart), a copy of the same bytes (p + m �
 tensors, writes one — the floor), and on CPU for one shape the authors' pattern (a Python loop
 over rows). On CPU it also counts minor page faults per call of ours and of the fallback in
 steady state (getrusage ru_minflt), the cost of fresh pages a per-call allocation would bring.
-GB/s count 3·N·itemsize. Writes JSON rows (the data) and a markdown table derived from them
-to benchmarks/results/op-<device>.{json,md} (--name sets another stem). --ranges renders one
-table from several runs' JSON files: per shape and dtype, the range of each figure over the runs.
+GB/s count 3·N·itemsize. Appends every number to benchmarks/results/results.csv (medians;
+_common.record) and prints the table derived from the rows; with --out-dir, the rows themselves
+(JSON, every figure) and that table go to <out-dir>/op-<device>.{json,md} too (--name sets another
+stem). --ranges renders one table from several runs' JSON files: per shape and dtype, the range of
+each figure over the runs.
 --cold-start instead measures what the first call of a process costs with empty caches (on
 CPU): torch.compile of the closed form with an empty Inductor cache, and the C++ kernel's build
 with an empty extsub cache, each in a fresh process, one shape (the first of --shapes).
@@ -39,11 +41,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from results_table import append
-
 import extsub_kernels
 from extsub_kernels import ext_sub_, ext_sub_reference
 from extsub_kernels.ops import cpu_backend
+
+from _common import record
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (32000, 4096), (5120, 13824), (13824, 5120)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -388,7 +390,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp16, fp32")
     parser.add_argument("--reps", type=int, default=15, help="timed calls per measurement (CPU)")
     parser.add_argument("--loop-shape", default="4096x4096", help="shape for the authors' row loop (CPU only)")
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--out-dir", type=Path, help="also write the rows (JSON) and their table (.md) here")
     parser.add_argument(
         "--quiet-load",
         type=float,
@@ -407,10 +409,11 @@ def main() -> None:
         return
     if args.cold_start:
         row = cold_start(_parse_shape(args.shapes.split(",")[0]), args.dtypes.split(",")[0], args.cold_start)
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        path = args.out_dir / f"{args.name or 'op-cpu-cold-start'}.json"
-        path.write_text(json.dumps(row, indent=1) + "\n")
-        print(json.dumps(row["first_call_s"]), row["implementation"], f"-> {path}")
+        if args.out_dir:
+            args.out_dir.mkdir(parents=True, exist_ok=True)
+            (args.out_dir / f"{args.name or 'op-cpu-cold-start'}.json").write_text(json.dumps(row, indent=1) + "\n")
+        record("op-cold-start", [row], device="cpu")
+        print(json.dumps(row["first_call_s"]), row["implementation"], "-> results.csv")
         return
 
     shapes = [_parse_shape(s) for s in args.shapes.split(",")]
@@ -423,12 +426,14 @@ def main() -> None:
         args.quiet_load,
         args.quiet_timeout,
     )
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.name or f"op-{_slug(args.device)}"
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (args.out_dir / f"{stem}.md").write_text(render_markdown(rows))
-    append("op", rows, device=rows[0]["device"], date=rows[0]["date"], path=args.out_dir / "results.csv")
-    print(f"wrote {args.out_dir / f'{stem}.json'} and .md, and appended to results.csv")
+    record("op", rows, device=args.device)
+    print(render_markdown(rows))
+    if args.out_dir:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        stem = args.name or f"op-{_slug(args.device)}"
+        (args.out_dir / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
+        (args.out_dir / f"{stem}.md").write_text(render_markdown(rows))
+        print(f"wrote {args.out_dir / f'{stem}.json'} and .md", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -27,13 +27,14 @@ subprocesses (getrusage ru_maxrss) and, on CUDA, the largest torch.cuda.max_memo
 measured. Output bytes are the
 sizes of the files written. The three ΔW' are compared with each other and with a float64
 oracle (Algorithm 1 on ΔW formed in float64 from the same bf16 factors) on the modules of
-the layers the authors' pattern ran on. Results are JSON rows in benchmarks/results/lora.json
-(lora-cuda.json with --device cuda); `--table` prints the markdown table derived from them.
+the layers the authors' pattern ran on. Every number goes to benchmarks/results/results.csv
+(_common.record) and the table derived from the rows is printed; --results FILE also keeps the
+rows (JSON), and `--table --results FILE` prints the table of saved rows.
 
     python benchmarks/bench_lora.py                    # full run on CPU (~30 GB of scratch disk, ~11 min)
     python benchmarks/bench_lora.py --device cuda      # the same with B·A and the merge on the GPU
     python benchmarks/bench_lora.py --layers 2         # a quick look
-    python benchmarks/bench_lora.py --table            # the table from the saved rows
+    python benchmarks/bench_lora.py --table --results benchmarks/results/lora.json   # the committed rows' table
 """
 
 import argparse
@@ -49,7 +50,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import RESULTS, authors_ext_sub, environment, peak_rss_bytes
+from _common import authors_ext_sub, environment, peak_rss_bytes, record
 
 HIDDEN, INTERMEDIATE, RANK, ALPHA, LAM = 4096, 11008, 16, 32, 1.0
 MODULES = {  # name → (out_features, in_features)
@@ -272,10 +273,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="where B·A and the merge run: cpu (default), cuda or cuda:N")
     parser.add_argument("--variant", choices=["lora", "dense-lora", "authors"], help=argparse.SUPPRESS)
     parser.add_argument("--table", action="store_true", help="print the markdown table from the saved rows")
-    parser.add_argument("--results", help="rows file (default: benchmarks/results/lora.json, lora-cuda.json on CUDA)")
+    parser.add_argument("--results", help="also write the rows (JSON) to this file; with --table, read them")
     args = parser.parse_args()
-    if args.results is None:
-        args.results = str(RESULTS / ("lora.json" if args.device == "cpu" else "lora-cuda.json"))
+    if args.table and not args.results:
+        parser.error("--table reads the rows of --results FILE")
     if args.table:
         print(table(json.loads(Path(args.results).read_text())))
         return
@@ -352,8 +353,10 @@ def main() -> None:
                 "max_abs_diff_over_max_abs": worst,
             }
         )
-        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.results).write_text(json.dumps(rows, indent=1) + "\n")
+        record("lora", rows, device=args.device, variant="variant")
+        if args.results:
+            Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.results).write_text(json.dumps(rows, indent=1) + "\n")
         print(table(rows))
     finally:
         if not args.workdir:

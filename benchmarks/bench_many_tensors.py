@@ -10,8 +10,8 @@ to a temporary folder, then merged in a fresh subprocess per variant:
     load + save        safetensors load_file of the expert and save_file of it: no merge at all, the floor
                        of any script that loads the tensors
 
-Each row records wall and CPU seconds and the subprocess's peak RSS. Rows go to
-benchmarks/results/many-tensors-<date>-cpu.json with the environment, the table to a .md beside it.
+Each row records wall and CPU seconds and the subprocess's peak RSS. Every number goes to
+benchmarks/results/results.csv (_common.record); the table derived from the rows is printed.
 
     python benchmarks/bench_many_tensors.py                               # 10k, 100k, 1M
     python benchmarks/bench_many_tensors.py --counts 200000 --baseline-tree /path/to/old/checkout
@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import RESULTS, ROOT, environment
+from _common import ROOT, environment, record
 
 CHILD = r"""
 import json, sys, time
@@ -104,15 +104,17 @@ def main() -> None:
                 rows.append(row)
             for p in folder.glob("*.safetensors"):
                 p.unlink()
-    stamp = rows[0]["date"]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"many-tensors-{stamp}-cpu.json").write_text(json.dumps(rows, indent=1) + "\n")
+    record("many-tensors", recorded(rows), variant="variant")
     lines = ["| tensors | variant | wall s | CPU s | peak RSS, GB |", "|---|---|---|---|---|"]
     for r in rows:
         rss = r["peak_rss_bytes"] / 1e9
         lines.append(f"| {r['tensors']:,} | {r['variant']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {rss:.2f} |")
-    (RESULTS / f"many-tensors-{stamp}-cpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def recorded(rows: list[dict]) -> list[dict]:
+    """The rows as results.csv keeps them: the tensor count as the shape."""
+    return [{**r, "shape": f"{r['tensors']} tensors", "dtype": "fp32"} for r in rows]
 
 
 if __name__ == "__main__":

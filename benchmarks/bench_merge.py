@@ -37,8 +37,10 @@ default ("sub [32MiB]"), all taking turns with the others. --long-row-gib G inst
 two one-tensor checkpoints, a 1-D float32 tensor of G GiB each (one row longer than any block),
 and checks the output against the op applied to the whole tensor in memory.
 
-Rows go to benchmarks/results/merge-<date>-<device>[-<tag>].json and the table to a .md beside
-them. Checkpoints live in a temporary folder (removed at the end), never in the repository.
+Every number goes to benchmarks/results/results.csv (medians of the repeats; _common.record) and
+the table derived from the rows is printed; with --results DIR, the rows themselves go to
+DIR/merge-<date>-<device>[-<tag>].json and the table to a .md beside them. Checkpoints live in a
+temporary folder (removed at the end), never in the repository.
 
     python benchmarks/bench_merge.py                                   # 8 layers, warm and cold, 3 runs each
     python benchmarks/bench_merge.py --layers 2,4,8,16,32 --runs sub --cache warm --repeat 2 --tag flat
@@ -59,9 +61,8 @@ import time
 from pathlib import Path
 
 import torch
-from results_table import append
 
-from _common import CODE, ROOT, environment, peak_rss_bytes  # puts the checkout to measure first on sys.path
+from _common import CODE, ROOT, environment, peak_rss_bytes, record  # puts the checkout to measure first on sys.path
 
 # isort: split
 from extsub_kernels.io import CheckpointReader, CheckpointWriter, TensorEntry, read_header
@@ -607,7 +608,7 @@ def main() -> None:
     parser.add_argument("--blocks", default="", help="block sizes (e.g. 32MiB) to run sub and ext-sub with as well")
     parser.add_argument("--long-row-gib", type=float, help="merge one 1-D tensor of this many GiB instead of models")
     parser.add_argument("--device", default="cpu", help="where the merges run: cpu (default) or cuda[:N]")
-    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--results", type=Path, help="also write the rows (JSON) and their table (.md) here")
     parser.add_argument("--tag", default="", help="a suffix for the result files")
     parser.add_argument("--workdir", type=Path, help="where checkpoints and outputs go (default: a temporary folder)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -638,15 +639,23 @@ def main() -> None:
             rows = run(args.model, _ints(args.layers), kinds, caches, args.repeat, workdir, args.before)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    args.results.mkdir(parents=True, exist_ok=True)
-    device = DEVICE.split(":")[0]
-    stem = args.results / f"merge-{rows[0]['date']}-{device}{'-' + args.tag if args.tag else ''}"
-    stem.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(rows))
-    shape = "{model}, {layers} layers, {cache}, {run}"
-    numbers = [{**r, "shape": shape.format(**{"layers": 1, **r}), "dtype": "bf16"} for r in rows]
-    append("merge", numbers, device=rows[0]["device"], date=rows[0]["date"], path=args.results / "results.csv")
+    record("merge", recorded(rows), device=DEVICE, variant="run")
     print(markdown(rows))
+    if args.results:
+        args.results.mkdir(parents=True, exist_ok=True)
+        stem = args.results / f"merge-{rows[0]['date']}-{DEVICE.split(':')[0]}{'-' + args.tag if args.tag else ''}"
+        stem.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+        stem.with_suffix(".md").write_text(markdown(rows))
+
+
+def recorded(rows: list[dict]) -> list[dict]:
+    """The rows as results.csv keeps them: model, layers, page cache (and the output's file system) as the shape."""
+    out = []
+    for r in rows:
+        layers = f"{r['layers']} layers" if r.get("layers") else ""
+        parts = (r.get("model"), layers, r.get("cache") and f"{r['cache']} cache", r.get("output_fs"))
+        out.append({**r, "shape": ", ".join(p for p in parts if p), "dtype": "fp32" if r["layers"] == 0 else "bf16"})
+    return out
 
 
 if __name__ == "__main__":

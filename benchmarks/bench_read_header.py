@@ -9,8 +9,8 @@ read in a fresh subprocess three ways:
     safetensors keys   safe_open(file).keys(): the reference implementation's own parse (Rust)
 
 Each row records wall and CPU seconds and the peak RSS above the subprocess's baseline (torch
-and the package imported). Rows go to benchmarks/results/read-header-<date>-cpu.json, the
-table to a .md beside it.
+and the package imported). Every number goes to benchmarks/results/results.csv (_common.record);
+the table derived from the rows is printed.
 
     python benchmarks/bench_read_header.py                      # 10k, 100k, 1M (~1 min on 2 cores)
     python benchmarks/bench_read_header.py --counts 200000
@@ -112,16 +112,21 @@ def main() -> None:
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    out = ROOT / "benchmarks" / "results" / f"read-header-{datetime.date.today().isoformat()}-cpu"
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    from _common import record  # here, not at the top: the children measure their own imports
+
+    record("read-header", recorded(rows), variant="kind")
     lines = ["| tensors | header MB | kind | wall s | CPU s | peak RSS above base, MB |", "|---|---|---|---|---|---|"]
     lines += [
         f"| {r['count']:,} | {r['header_mb']} | {r['kind']} | {r['wall_s']} | {r['cpu_s']} "
         f"| {r['peak_rss_above_base_mb']} |"
         for r in rows
     ]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out.with_suffix('.json')} and .md")
+    print("\n".join(lines))
+
+
+def recorded(rows: list[dict]) -> list[dict]:
+    """The rows as results.csv keeps them: the tensor count as the shape."""
+    return [{**r, "shape": f"{r['count']} tensors"} for r in rows]
 
 
 if __name__ == "__main__":

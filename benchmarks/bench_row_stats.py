@@ -14,7 +14,8 @@ there (the C++ kernel, or the eager torch path; each row names it).
     python benchmarks/bench_row_stats.py                      # all shapes, bf16 and fp32, 15 calls each
     python benchmarks/bench_row_stats.py --reps 31 --shapes 4096x4096
 
-Rows go to benchmarks/results/row-stats-<date>-<device>[-<tag>].json, the table to a .md beside them.
+Every number goes to benchmarks/results/results.csv (_common.record); the table derived from the rows
+is printed, and with --results DIR the rows go to DIR/row-stats-<date>-<device>[-<tag>].json too.
 """
 
 import argparse
@@ -28,7 +29,7 @@ import torch
 
 from extsub_kernels.ops import ext_sub_, op_backend, row_products
 
-from _common import RESULTS, environment
+from _common import environment, record
 
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008), (32000, 4096))
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -95,7 +96,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--shapes", default=",".join(f"{r}x{c}" for r, c in SHAPES))
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (the engine's on 2 cores: 1)")
-    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--results", type=Path, help="also write the rows (JSON) and their table (.md) here")
     parser.add_argument("--tag", default="", help="a suffix for the result files")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -117,11 +118,23 @@ def main() -> None:
             row["load_average"] = list(_load_average())
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in times}), flush=True)
-    args.results.mkdir(parents=True, exist_ok=True)
-    stem = args.results / f"row-stats-{rows[0]['date']}-{device.type}{'-' + args.tag if args.tag else ''}"
-    stem.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(rows))
+    record("row-stats", recorded(rows), device=str(device))
     print(markdown(rows))
+    if args.results:
+        args.results.mkdir(parents=True, exist_ok=True)
+        stem = args.results / f"row-stats-{rows[0]['date']}-{device.type}{'-' + args.tag if args.tag else ''}"
+        stem.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+        stem.with_suffix(".md").write_text(markdown(rows))
+
+
+def recorded(rows: list[dict]) -> list[dict]:
+    """The rows as results.csv keeps them: each variant's median and fastest milliseconds ("median_ms.op")."""
+    variants = ("op", "op + row sums", "separate pass")
+    measures = ("median_ms", "fastest_ms")
+    return [
+        {"shape": r["shape"], "dtype": r["dtype"], **{m: {v: r[v][m] for v in variants} for m in measures}}
+        for r in rows
+    ]
 
 
 def _load_average() -> tuple[float, ...]:

@@ -27,14 +27,15 @@ time spent not evaluating (wall − evaluation): loading, merging, writing.
 q, k, v, o (4096×4096), gate, up (11008×4096), down (4096×11008), r = 16, float32, random), the
 part of a 7B scan that does not depend on the evaluation: `LoraInstaller.install` for each of the
 ten λ values (the factored merge, then B' and A' copied into rank-32 tensors the shape of the PEFT
-layers' weights; the 7B base itself is not built, as the install never touches it). Rows are JSON in
-benchmarks/results/scan-<date>-<device>.json; `--table FILE` prints the markdown table derived from one.
+layers' weights; the 7B base itself is not built, as the install never touches it). Every number goes
+to benchmarks/results/results.csv (_common.record); --out FILE also keeps the rows (JSON), and
+`--table FILE` prints the markdown table derived from such a file.
 
     python benchmarks/bench_scan.py --kind lora full --threads 1   # what RESULTS.md shows (~5 min)
     python benchmarks/bench_scan.py --kind full          # full models
     python benchmarks/bench_scan.py --device cuda        # on a GPU, when one is at hand
     python benchmarks/bench_scan.py --merge-7b           # the install of a 7B-shaped LoRA pair per point
-    python benchmarks/bench_scan.py --table benchmarks/results/scan-2026-11-25-cpu.json
+    python benchmarks/bench_scan.py --out /tmp/scan.json && python benchmarks/bench_scan.py --table /tmp/scan.json
 """
 
 import argparse
@@ -47,7 +48,7 @@ import time
 import warnings
 from pathlib import Path
 
-from _common import RESULTS, environment, peak_rss_bytes
+from _common import environment, peak_rss_bytes, record
 
 SIZES = {
     "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, vocab_size=4096),
@@ -254,7 +255,7 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, help="torch threads (default torch's; on a shared machine 1 keeps timings steady)"
     )
-    parser.add_argument("--out", type=Path, help="results file (default: results/scan-<date>-<device>.json)")
+    parser.add_argument("--out", type=Path, help="also write the rows (JSON) to this file")
     parser.add_argument("--table", type=Path, metavar="FILE", help="print the markdown table from a results file")
     parser.add_argument("--merge-7b", action="store_true", help="only the install of a 7B-shaped LoRA pair per point")
     args = parser.parse_args()
@@ -273,15 +274,13 @@ def main() -> None:
     env = environment(args.device)
     if args.merge_7b:
         row = run_merge_7b(args.device) | env
-        out = (
-            args.out
-            or RESULTS / f"scan-merge-7b-{env['date']}-{'cuda' if args.device.startswith('cuda') else 'cpu'}.json"
-        )
-        out.write_text(json.dumps(row, indent=2) + "\n")
+        record("scan-install-7b", [recorded_7b(row)], device=args.device)
+        if args.out:
+            args.out.write_text(json.dumps(row, indent=2) + "\n")
         median = statistics.median(row["install_seconds"])
         print(
             f"7B-shaped LoRA pair, {row['modules']} modules, r = {RANK}: install per point median {median:.3f} s "
-            f"(min {min(row['install_seconds']):.3f}, max {max(row['install_seconds']):.3f}); rows written to {out}"
+            f"(min {min(row['install_seconds']):.3f}, max {max(row['install_seconds']):.3f})"
         )
         return
     rows = []
@@ -305,10 +304,20 @@ def main() -> None:
             row["peak_rss_bytes"] = peak_rss_bytes()
             rows.append(row | env)
             print(table([row]), file=sys.stderr, flush=True)
-    out = args.out or RESULTS / f"scan-{env['date']}-{'cuda' if args.device.startswith('cuda') else 'cpu'}.json"
-    out.write_text(json.dumps({"rows": rows, "threads": torch.get_num_threads()}, indent=2) + "\n")
+    record("scan", recorded(rows), device=args.device)
+    if args.out:
+        args.out.write_text(json.dumps({"rows": rows, "threads": torch.get_num_threads()}, indent=2) + "\n")
     print(table(rows))
-    print(f"rows written to {out}")
+
+
+def recorded(rows: list[dict]) -> list[dict]:
+    """The rows as results.csv keeps them: the PEM kind and model size as the shape, the medians of `summarize`."""
+    return [{"shape": f"{r['kind']}, {r['size']}", "dtype": "fp32", **summarize(r)} for r in rows]
+
+
+def recorded_7b(row: dict) -> dict:
+    """The 7B-shaped install as results.csv keeps it: the median install time per point."""
+    return {"shape": f"llama-7b LoRA, {row['modules']} modules, r={row['rank']}", "dtype": "fp32", **row}
 
 
 if __name__ == "__main__":

@@ -14,8 +14,12 @@ run prepare.py and train.py first). For each thread count, in this process:
   - generation: one forward per new token with a KV cache: the scan's number of decode steps
     (its longest continuation per batch) times the time of one cached decode step at that batch.
 
-    python benchmarks/bench_scan_point.py --threads 1 2          # writes benchmarks/results/scan-point-<date>-cpu.json
-    python benchmarks/bench_scan_point.py --table benchmarks/results/scan-point-2026-12-07-cpu.json
+Every number goes to benchmarks/results/results.csv (_common.record) as each thread count finishes;
+--out FILE also keeps the rows (JSON), and `--table FILE` prints the table of such a file.
+
+    python benchmarks/bench_scan_point.py --threads 1 2
+    python benchmarks/bench_scan_point.py --threads 1 --out point.json
+    python benchmarks/bench_scan_point.py --table point.json
 """
 
 import argparse
@@ -27,7 +31,7 @@ import time
 import warnings
 from pathlib import Path
 
-from _common import RESULTS, ROOT, environment
+from _common import ROOT, environment, record
 
 EXAMPLE = ROOT / "examples" / "real_model"
 SETS = {name: EXAMPLE / "sets" / f"{name}.jsonl" for name in ("keep", "forget", "truth", "choices", "prompts")}
@@ -146,6 +150,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--out", type=Path, help="also write the rows (JSON) to this file")
     parser.add_argument("--table", type=Path, help="print the table of a results file and exit")
     args = parser.parse_args(argv)
     if args.table:
@@ -153,14 +158,14 @@ def main(argv: list[str]) -> int:
         return 0
     rows = []
     env = environment()
-    path = RESULTS / f"scan-point-{env['date']}-cpu.json"
     for threads in args.threads:
         row = {"threads": threads, **scan_point(threads, args.max_new_tokens, args.batch_size)}
         row |= floors(threads, args.batch_size, row.pop("generated_tokens"), args.reps)
         rows.append(row)
         print(table([row]), flush=True)
-        path.write_text(json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")  # each row as it comes
-        print(f"wrote {path}", flush=True)
+        record("scan-point", [{**row, "shape": f"SmolLM2-135M-Instruct, {threads} thread(s)", "dtype": "fp32"}])
+        if args.out:
+            args.out.write_text(json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")  # each row as it comes
     return 0
 
 

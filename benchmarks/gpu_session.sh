@@ -8,13 +8,19 @@
 #   OUT=/some/folder bash benchmarks/gpu_session.sh tests  # one stage: info, tests, op, merge or lora
 #
 # Each stage's log and result files go to a work folder; at the end (or on any exit) they are packed into
-# $OUT/gpu-session.tar.gz beside $OUT/stages.txt (one line per stage: name, exit code, seconds), so that two
-# files come back whatever the device tool's limit on the number of files. Without $OUT: benchmarks/results.
+# $OUT/gpu-session.tar.gz beside $OUT/stages.txt (one line per stage: name, exit code, seconds), so that few
+# files come back whatever the device tool's limit on the number of files. Every number the benchmarks measure is
+# appended (by _common.record, as on any machine) to $OUT/results.csv; back home,
+#   python benchmarks/results_table.py --add OUT/results.csv
+# appends those lines to benchmarks/results/results.csv and regenerates RESULTS.md's tables. Without $OUT, the
+# lines go straight to benchmarks/results/results.csv and the rest to benchmarks/results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 dest="${OUT:-benchmarks/results}"
 mkdir -p "$dest"
+export EXTSUB_RESULTS_CSV="$PWD/$dest/results.csv"
+case "$dest" in /*) EXTSUB_RESULTS_CSV="$dest/results.csv" ;; esac
 work="$(mktemp -d "${TMPDIR:-/tmp}/extsub-gpu-session.XXXXXX")"
 scratch="$(mktemp -d "${TMPDIR:-/tmp}/extsub-gpu-scratch.XXXXXX")"  # generated checkpoints, never packed
 only="${1:-all}"

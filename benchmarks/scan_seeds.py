@@ -13,7 +13,7 @@ the data split and every adapter change with it) and, for the LLaMA pair of each
   with λ, and KEEP-NLL higher under sub than under ext-sub at the largest λ (the paper's Figure 1).
 
     python benchmarks/scan_seeds.py                       # 8 seeds × lora, ia3, full (~10 min on 2 cores)
-    python benchmarks/scan_seeds.py --table benchmarks/results/scan-seeds-2026-11-25-cpu.json
+    python benchmarks/scan_seeds.py --table benchmarks/results/scan-seeds-2026-12-07-cpu.json
 """
 
 import argparse
@@ -24,7 +24,7 @@ import warnings
 from itertools import pairwise
 from pathlib import Path
 
-from _common import RESULTS, ROOT, environment
+from _common import ROOT, environment, record
 
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -134,7 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
-    parser.add_argument("--out", type=Path, help="results file (default: results/scan-seeds-<date>-cpu.json)")
+    parser.add_argument("--out", type=Path, help="also write the rows (JSON) to this file")
     parser.add_argument("--table", type=Path, metavar="FILE", help="print the markdown table from a results file")
     args = parser.parse_args()
     if args.table:
@@ -147,10 +147,20 @@ def main() -> None:
     logging.set_verbosity_error()
     env = environment("cpu")
     rows = measure(tuple(args.seeds), tuple(args.kinds))
-    out = args.out or RESULTS / f"scan-seeds-{env['date']}-cpu.json"
-    out.write_text(json.dumps({"grid": GRID, "rows": rows, **env}, indent=2) + "\n")
+    record("scan-seeds", recorded(rows))
+    if args.out:
+        args.out.write_text(json.dumps({"grid": GRID, "rows": rows, **env}, indent=2) + "\n")
     print(table(rows))
-    print(f"rows written to {out}")
+
+
+def recorded(rows: list[dict]) -> list[dict]:
+    """The rows as results.csv keeps them: per PEM kind, of how many seeds each claim held ("seeds_held.<claim>")."""
+    out = []
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        claims_of = [_all_claims(r) for r in rows if r["kind"] == kind]
+        held = {name: sum(c.get(name, False) for c in claims_of) for c in claims_of for name in c}
+        out.append({"shape": kind, "seeds": len(claims_of), "seeds_held": held})
+    return out
 
 
 if __name__ == "__main__":
