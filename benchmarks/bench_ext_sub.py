@@ -19,7 +19,7 @@ with an empty extsub cache, each in a fresh process, one shape (the first of --s
 
     python benchmarks/bench_ext_sub.py                 # every shape, bf16 and fp32, on CUDA if present
     python benchmarks/bench_ext_sub.py --device cpu --shapes 4096x4096 --dtypes fp32
-    python benchmarks/bench_ext_sub.py --ranges benchmarks/results/op-a.json benchmarks/results/op-b.json
+    python benchmarks/bench_ext_sub.py --ranges benchmarks/results/op-2026-11-25-cpu-run[123].json
 """
 
 import argparse

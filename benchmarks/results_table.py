@@ -84,7 +84,11 @@ def _number(metric: str, value: str) -> str:
 def markdown(lines: list[dict]) -> str:
     """One table per benchmark: a row per (device, shape, dtype), a column per measure that SHOWN names, each cell the
     values of its variants ("ours 1.2 · copy 1.0"); the date and commit of the row's newest line."""
-    out = []
+    out = [
+        "Each table shows the measures that `SHOWN` in results_table.py names for its benchmark (all of them where",
+        "it names none); results.csv has every measure.",
+        "",
+    ]
     seen = dict.fromkeys(line["benchmark"] for line in lines)
     for benchmark in [*(b for b in SHOWN if b in seen), *(b for b in seen if b not in SHOWN)]:
         every = list(dict.fromkeys(x["metric"].split(".", 1)[0] for x in lines if x["benchmark"] == benchmark))
@@ -104,8 +108,7 @@ def markdown(lines: list[dict]) -> str:
                 cells.append(" · ".join(parts) or "–")
             last = max(group, key=lambda x: x["date"])
             out.append("| " + " | ".join([*config, *cells, last["date"], last["commit"]]) + " |")
-        rest = [m for m in every if m not in measures]
-        out += ["", f"Also in results.csv: {', '.join(rest)}.", ""] if rest else [""]
+        out.append("")
     return "\n".join(out)
 
 
