@@ -114,8 +114,14 @@ def compare(rev_a: str, rev_b: str, rounds: int, args: dict[str, list[str]], log
 def markdown(rows: list[dict]) -> str:
     """The comparison as a table: medians of A and B and their ratio per configuration and figure."""
     commits, rounds = rows[0]["commits"], len(rows[0]["rounds"]["A"])
+    same = subprocess.run(["git", "diff", "--quiet", commits["A"], commits["B"], "--", "extsub_kernels"], cwd=ROOT)
     lines = [
         f"A = {commits['A']}, B = {commits['B']}: medians of {rounds} alternating rounds; B ÷ A above 1: B slower.",
+        *(
+            ["extsub_kernels is the same in both: every ratio here is the machine's noise."]
+            if same.returncode == 0
+            else []
+        ),
         "",
         "| benchmark | configuration | figure | A | B | B ÷ A |",
         "|---|---|---|---:|---:|---:|",
