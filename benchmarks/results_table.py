@@ -135,25 +135,26 @@ def committed_section(results_md: Path = RESULTS_MD) -> str:
 
 
 def plot(benchmark: str, metric: str, out: Path, path: Path = CSV_PATH) -> int:
-    """Draw `metric` of `benchmark` over dates, one line per (device, shape, dtype); returns how many lines."""
+    """Draw `metric` of `benchmark` over its runs (date and commit, in the CSV's order), one line per (device, shape,
+    dtype); returns how many lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series: dict[tuple, list[tuple[str, float]]] = {}
-    for line in read(path):
-        if line["benchmark"] == benchmark and line["metric"] == metric:
-            series.setdefault((line["device"], line["shape"], line["dtype"]), []).append(
-                (line["date"], float(line["value"]))
-            )
+    lines = [x for x in read(path) if x["benchmark"] == benchmark and x["metric"] == metric]
+    runs = list(dict.fromkeys((x["date"], x["commit"]) for x in lines))
+    series: dict[tuple, list[tuple[int, float]]] = {}
+    for x in lines:
+        point = (runs.index((x["date"], x["commit"])), float(x["value"]))
+        series.setdefault((x["device"], x["shape"], x["dtype"]), []).append(point)
     fig, ax = plt.subplots(figsize=(9, 5))
     for (device, shape, dtype), points in series.items():
-        ax.plot([d for d, _ in points], [v for _, v in points], marker="o", label=f"{shape} {dtype} ({device})")
-    ax.set(title=f"{benchmark}: {metric}", xlabel="date", ylabel=metric)
+        ax.plot(*zip(*points, strict=True), marker="o", label=f"{shape} {dtype} ({device})")
+    ax.set_xticks(range(len(runs)), [f"{date}\n{commit}" for date, commit in runs], fontsize=7, rotation=45)
+    ax.set(title=f"{benchmark}: {metric}", xlabel="run (date, commit)", ylabel=metric)
     if series:
         ax.legend(fontsize=7)
-    fig.autofmt_xdate()
     fig.savefig(out, dpi=120, bbox_inches="tight")
     return len(series)
 
@@ -164,7 +165,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--results-md", type=Path, default=RESULTS_MD, help="the page whose section is generated")
     parser.add_argument("--check", action="store_true", help="compare the section with the CSV, write nothing")
     parser.add_argument("--add", type=Path, nargs="+", metavar="CSV", help="append these files' lines first")
-    parser.add_argument("--plot", nargs=2, metavar=("BENCHMARK", "METRIC"), help="draw a metric over dates")
+    parser.add_argument("--plot", nargs=2, metavar=("BENCHMARK", "METRIC"), help="draw a metric over the runs")
     parser.add_argument("--out", type=Path, default=Path("results.png"), help="where --plot draws")
     args = parser.parse_args(argv)
     if args.plot:
