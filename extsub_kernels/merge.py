@@ -9,6 +9,7 @@ import os
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,8 +20,11 @@ from extsub_kernels.engine.context import RunContext
 from extsub_kernels.engine.conv1d import full_model_hint
 from extsub_kernels.engine.method_spec import DEFAULT_METHOD
 from extsub_kernels.engine.options import (
+    DEFAULT_DEVICE,
+    DEFAULT_DTYPE,
+    DEFAULT_LAM,
+    DEFAULT_ON_MISSING,
     DTYPE_NAMES,
-    OUT_DTYPES,
     DtypeName,
     Lam,
     OnMissing,
@@ -48,13 +52,13 @@ def merge(
     anti: Source | Sequence[Source],
     out: str | os.PathLike,
     *,
-    lam: Lam = 1.0,
+    lam: Lam = DEFAULT_LAM,
     method: str = DEFAULT_METHOD,
     base: str | os.PathLike | None = None,
-    device: str | torch.device = "auto",
-    dtype: DtypeName | torch.dtype = "keep",
+    device: str | torch.device = DEFAULT_DEVICE,
+    dtype: DtypeName | torch.dtype = DEFAULT_DTYPE,
     max_shard_size: int | str | None = None,
-    on_missing: OnMissing = "error",
+    on_missing: OnMissing = DEFAULT_ON_MISSING,
     force: bool = False,
     progress: bool = False,
     block_bytes: int | None = None,
@@ -130,93 +134,144 @@ def merge(
         >>> report = merge("expert.safetensors", "anti.safetensors", "out.safetensors", lam=1.0)
         >>> print(report.summary())
     """
-    started = time.perf_counter()
-    out = out_path(out)
-    options = _run_options(
-        lam,
-        len(source_list(expert, anti)) - 1,
-        method=method,
-        device=device,
-        dtype=dtype,
-        max_shard_size=_max_shard_size(out, max_shard_size),
-        on_missing=on_missing,
-        force=force,
-        progress=progress,
-        block_bytes=block_bytes,
-        mode="dry-run" if dry_run else "merge",
-        stats=(is_folder_output(out) or report is not None) if stats is None else bool(stats),
-        transposed=transposed,
-    )
-    given = dict(
-        dtype=dtype,
-        max_shard_size=max_shard_size,
-        report=report,
-        out=out,
-        dry_run=dry_run,
-        card_note=card_note,
-        reads=reads,
-    )
-    return execute(expert, anti, base, options, adapter or AdapterOptions(), out, given, command, started)
+    return execute(RunSpec.create(**locals()))  # every argument, as given
 
 
-def execute(
-    expert: Source,
-    anti: Source | Sequence[Source],
-    base: str | os.PathLike | None,
-    options: RunOptions,
-    adapter: AdapterOptions,
-    out: Path | None,
-    given: dict,
-    command: str | None,
-    started: float,
-) -> MergeReport:
-    """Resolve and fingerprint the inputs, check the outputs, route to the dense or the adapter engine, report.
+@dataclass(frozen=True)
+class RunSpec:
+    """One run, validated once: inputs, λ settings, method, device, dtype, outputs. `merge()` and `inspect()` build
+    it from their keyword arguments (the commands call them with their flags and recipe), `execute` runs it."""
 
-    `out` is None for statistics only (options.mode "inspect"). `given` holds options as the
-    caller spelled them (dtype, max_shard_size, report, ...) for the recipe and the record.
-    """
-    sources = source_list(expert, anti)
+    sources: tuple[Source, ...]
+    base: str | os.PathLike | None
+    out: Path | None  # None: statistics only (mode "inspect")
+    options: RunOptions
+    adapter: AdapterOptions
+    recipe_options: dict  # dtype and max_shard_size as the caller spelled them (the recipe's)
+    report: str | os.PathLike | None
+    command: str | None
+    reads: tuple[str | os.PathLike, ...]
+    card_note: str
+    started: float
+
+    @classmethod
+    def create(
+        cls, expert: Source, anti: Source | Sequence[Source], out: str | os.PathLike | None, **given
+    ) -> "RunSpec":
+        """The spec of `merge()`'s keyword arguments (`inspect()` gives out=None, mode="inspect" and fewer)."""
+        started = time.perf_counter()
+        out = out_path(out) if out is not None else None
+        sources = source_list(expert, anti)
+        report, shard = given.get("report"), given.get("max_shard_size")
+        if shard is not None and out is not None and not is_folder_output(out):
+            raise InputError(
+                f"OUT {out} is one .safetensors file; give a folder OUT to shard it with max_shard_size=",
+                options=("max_shard_size",),
+            )
+        max_shard_size = parse_size(shard) if shard is not None else None
+        mode = given.get("mode") or ("dry-run" if given.get("dry_run") else "merge")
+        stats = given.get("stats")
+        options = RunOptions(
+            settings=tuple(parse_lams(given.get("lam", DEFAULT_LAM), len(sources) - 1)),
+            method=given.get("method", DEFAULT_METHOD),
+            device=resolve_device(given.get("device", DEFAULT_DEVICE)),
+            out_dtype=out_dtype(given.get("dtype", DEFAULT_DTYPE)),
+            max_shard_size=max_shard_size,
+            on_missing=given.get("on_missing", DEFAULT_ON_MISSING),
+            force=given.get("force", False),
+            progress=given.get("progress", False),
+            block_bytes=given.get("block_bytes"),
+            mode=mode,
+            stats=((out is not None and is_folder_output(out)) or report is not None) if stats is None else bool(stats),
+            transposed=given.get("transposed"),
+        )
+        dtype = given.get("dtype", DEFAULT_DTYPE)
+        return cls(
+            tuple(sources),
+            given.get("base"),
+            out,
+            options,
+            given.get("adapter") or AdapterOptions(),
+            {"dtype": dtype if isinstance(dtype, str) else DTYPE_NAMES.get(dtype), "max_shard_size": shard},
+            report,
+            given.get("command"),
+            tuple(given.get("reads", ())),
+            given.get("card_note", ""),
+            started,
+        )
+
+    def recipe(self, inputs: Sequence[tuple[str, ResolvedInput]]) -> dict:
+        """The options that shape the outputs, under recipe keys, inputs pinned (hub commits, absolute paths)."""
+        pinned = {role: pinned_spec(inp) for role, inp in inputs}
+        options, adapter, scaling = self.options, self.adapter, self.adapter.scaling
+        return {
+            "expert": pinned["EXPERT"],
+            "anti": [spec for role, spec in pinned.items() if role.startswith("ANTI")],
+            "base": pinned.get("BASE"),
+            "method": options.method,
+            "device": options.device.type,
+            **self.recipe_options,
+            "on_missing": options.on_missing,
+            "transposed": options.transposed,
+            "format": adapter.output_format,
+            "max_rank": adapter.max_rank,
+            "lora_alpha": scaling.lora_alpha if scaling else None,
+            "rank": scaling.r if scaling else None,
+            "rslora": scaling.use_rslora if scaling else None,
+            "any_base_model": adapter.any_base_model or None,
+        }
+
+    def record(self, recipe: dict) -> dict:
+        """Every option of the run for the report: the recipe's, the λ settings and how the run was driven."""
+        options = self.options
+        return {
+            **recipe,
+            "lam": [list(s) for s in options.settings],
+            "out": str(self.out) if self.out is not None else None,
+            "force": options.force,
+            "dry_run": options.mode == "dry-run",
+            "stats": options.stats,
+            "block_bytes": options.block_bytes,
+            "report": os.fspath(self.report) if self.report is not None else None,
+        }
+
+
+def execute(spec: RunSpec) -> MergeReport:
+    """Resolve and fingerprint the inputs, check the outputs, route to the dense or the adapter engine, report."""
+    options, adapter, out, report_path = spec.options, spec.adapter, spec.out, spec.report
     warn_negative_lams(options.settings, options.method)
-    adapter.checked_format(base=base is not None)
-    inputs, loaded = _resolve_all(sources, base, quiet=not options.progress)
+    adapter.checked_format(base=spec.base is not None)
+    inputs, loaded = _resolve_all(spec.sources, spec.base, quiet=not options.progress)
     snapshot = InputSnapshot(inputs)
     paths = output_paths(out, lam_labels(options.settings)) if out is not None else []
-    recipe = _recipe(inputs, options, adapter, given)
+    recipe = spec.recipe(inputs)
+    fingerprints = [fingerprint(role, inp) for role, inp in inputs]
     context = RunContext.create(
-        [fingerprint(role, inp) for role, inp in inputs],
+        fingerprints,
         recipe,
         str(out) if out else None,
-        command,
-        options=_all_options(recipe, options, given),
-        card_note=given.get("card_note", ""),
+        spec.command,
+        options=spec.record(recipe),
+        card_note=spec.card_note,
     )
     is_adapter = adapter_inputs(inputs)
     if not is_adapter and adapter.given():
         role, inp = inputs[0]
         raise InputError(f"{adapter.given()[0]} applies to adapter inputs; {role} {inp.spec!r} is a dense checkpoint")
-    read = [(f"the file {os.fspath(p)}", Path(p)) for p in given.get("reads", ())]
+    read = [(f"the file {os.fspath(p)}", Path(p)) for p in spec.reads]
     check_outputs(paths, inputs, force=options.force, read=read)
-    report_path = given.get("report")
     if report_path is not None and os.fspath(report_path) != "-":
         check_report_path(Path(report_path), inputs, paths, force=options.force, read=read)
         if not is_stream(Path(report_path)):
             remove(reserve_temp(Path(report_path), folder=False))  # its folder takes files: known before any work
-    if not is_adapter and base is None and (hint := full_model_hint(inputs, inspecting=options.mode == "inspect")):
+    if not is_adapter and spec.base is None and (hint := full_model_hint(inputs, inspecting=out is None)):
         warnings.warn(hint, stacklevel=3)
+    run = dict(started=spec.started, context=context, check_inputs=snapshot.check)
     with terminate_as_interrupt():
         if is_adapter:
-            result = run_adapters(
-                inputs,
-                options,
-                adapter,
-                paths,
-                started=started,
-                loaded=loaded,
-                context=context,
-                check_inputs=snapshot.check,
-            )
+            result = run_adapters(inputs, options, adapter, paths, loaded=loaded, **run)
         else:
-            result = run_dense(inputs, options, paths, started=started, context=context, check_inputs=snapshot.check)
+            result = run_dense(inputs, options, paths, **run)
         if report_path is not None:  # inside: a signal now waits for it, a failure names the outputs in place
             _write_report(result, report_path)
     return result
@@ -237,72 +292,6 @@ def source_list(expert: Source, anti: Source | Sequence[Source]) -> list[Source]
     if len(sources) < 2:
         raise InputError("give at least one anti-expert")
     return sources
-
-
-def _run_options(
-    lam: Lam, n_anti: int, *, dtype: DtypeName | torch.dtype, device: str | torch.device, **fields
-) -> RunOptions:
-    """The validated options of a run (λ parsed, device resolved, dtype checked)."""
-    return RunOptions(
-        settings=tuple(parse_lams(lam, n_anti)), device=resolve_device(device), out_dtype=_out_dtype(dtype), **fields
-    )
-
-
-def _recipe(
-    inputs: Sequence[tuple[str, ResolvedInput]], options: RunOptions, adapter: AdapterOptions, given: dict
-) -> dict:
-    """The options that shape the outputs, under recipe keys, inputs pinned (hub commits, absolute paths)."""
-    pinned = {role: pinned_spec(inp) for role, inp in inputs}
-    scaling = adapter.scaling
-    dtype = given.get("dtype", "keep")
-    return {
-        "expert": pinned["EXPERT"],
-        "anti": [spec for role, spec in pinned.items() if role.startswith("ANTI")],
-        "base": pinned.get("BASE"),
-        "method": options.method,
-        "device": options.device.type,
-        "dtype": dtype if isinstance(dtype, str) else DTYPE_NAMES.get(dtype),
-        "max_shard_size": given.get("max_shard_size"),
-        "on_missing": options.on_missing,
-        "transposed": options.transposed,
-        "format": adapter.output_format,
-        "max_rank": adapter.max_rank,
-        "lora_alpha": scaling.lora_alpha if scaling else None,
-        "rank": scaling.r if scaling else None,
-        "rslora": scaling.use_rslora if scaling else None,
-        "any_base_model": adapter.any_base_model or None,
-    }
-
-
-def _all_options(recipe: dict, options: RunOptions, given: dict) -> dict:
-    """Every option of the run for the report: the recipe's, the λ settings and how the run was driven."""
-    out = given.get("out")
-    return {
-        **recipe,
-        "lam": [list(s) for s in options.settings],
-        "out": str(out) if out is not None else None,
-        "force": options.force,
-        "dry_run": options.mode == "dry-run",
-        "stats": options.stats,
-        "block_bytes": options.block_bytes,
-        "report": os.fspath(given["report"]) if given.get("report") is not None else None,
-    }
-
-
-def _out_dtype(dtype: str | torch.dtype) -> torch.dtype | None:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in OUT_DTYPES.values():
-            raise InputError(f"dtype {dtype} cannot be an output dtype; choose float16, bfloat16 or float32")
-        return dtype
-    return out_dtype(dtype)
-
-
-def _max_shard_size(out: Path, max_shard_size: int | str | None) -> int | None:
-    if max_shard_size is None:
-        return None
-    if not is_folder_output(out):
-        raise InputError(f"OUT {out} is one .safetensors file; give a folder OUT to shard it with --max-shard-size")
-    return parse_size(max_shard_size)
 
 
 def _resolve_all(

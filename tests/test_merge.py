@@ -100,7 +100,7 @@ def test_on_cuda_the_output_equals_the_op_on_the_gpu(tmp_path, pair):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
 def test_asking_for_cuda_without_it_is_a_clear_error(tmp_path, pair):
     _, _, e_path, a_path = pair
-    with pytest.raises(InputError, match="'cuda' was asked for but CUDA is not available here; use --device cpu"):
+    with pytest.raises(InputError, match="'cuda' was asked for but CUDA is not available here; use device=cpu"):
         merge(e_path, a_path, tmp_path / "out.safetensors", device="cuda")
 
 

@@ -7,7 +7,6 @@ sums, block by block; LoRA adapters take them from their factors.
 
 import contextlib
 import os
-import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,13 +17,12 @@ from extsub_kernels.adapters import AdapterOptions
 from extsub_kernels.analysis.markdown import inspection_markdown
 from extsub_kernels.analysis.plot import HEATMAP_NAME, PlotUnavailable, draw_heatmaps
 from extsub_kernels.engine import MergeReport
-from extsub_kernels.engine.method_spec import DEFAULT_METHOD
-from extsub_kernels.engine.options import Lam, RunOptions, input_roles, parse_lams, resolve_device
+from extsub_kernels.engine.options import DEFAULT_DEVICE, DEFAULT_LAM, DEFAULT_METHOD, Lam, input_roles
 from extsub_kernels.engine.record import json_text, report_record
 from extsub_kernels.io.atomic import publish, remove, reserve_temp, write_text
 from extsub_kernels.io.outputs import check_report_folder
 from extsub_kernels.io.resolve import resolve_input
-from extsub_kernels.merge import Source, execute, source_list
+from extsub_kernels.merge import RunSpec, Source, execute, source_list
 
 JSON_NAME, MARKDOWN_NAME = "report.json", "report.md"
 REPORT_FILES = (JSON_NAME, MARKDOWN_NAME, HEATMAP_NAME)
@@ -35,9 +33,9 @@ def inspect(
     anti: Source | Sequence[Source],
     *,
     base: str | os.PathLike | None = None,
-    lam: Lam = 1.0,
+    lam: Lam = DEFAULT_LAM,
     method: str = DEFAULT_METHOD,
-    device: str | torch.device = "auto",
+    device: str | torch.device = DEFAULT_DEVICE,
     transposed: bool | None = None,
     adapter: AdapterOptions | None = None,
     progress: bool = False,
@@ -64,18 +62,7 @@ def inspect(
         >>> report = inspect("expert_adapter/", "anti_adapter/")  # doctest: +SKIP
         >>> report.stats[0].pairs[0].cos.median  # doctest: +SKIP
     """
-    started = time.perf_counter()
-    options = RunOptions(
-        settings=tuple(parse_lams(lam, len(source_list(expert, anti)) - 1)),
-        method=method,
-        device=resolve_device(device),
-        progress=progress,
-        block_bytes=block_bytes,
-        mode="inspect",
-        stats=True,
-        transposed=transposed,
-    )
-    return execute(expert, anti, base, options, adapter or AdapterOptions(), None, {}, command, started)
+    return execute(RunSpec.create(**locals(), out=None, mode="inspect", stats=True))
 
 
 def write_inspection(report: MergeReport, folder: str | os.PathLike, *, force: bool = False) -> list[Path]:
