@@ -14,7 +14,7 @@ import sys
 
 from extsub_kernels import _signals
 
-_signals.install_for_commands(sys.argv[0] if sys.argv else "")
+_signals.install_for_commands(sys.argv, getattr(sys, "orig_argv", ()))
 
 from extsub_kernels._lazy import lazy_getattr  # noqa: E402
 from extsub_kernels._version import __version__ as __version__  # noqa: E402

@@ -13,13 +13,17 @@ interrupt it is. Outside a command (the Python API) nothing is noted.
 import contextlib
 import os
 import signal
-from collections.abc import Iterator
-
-from extsub_kernels.errors import Terminated
+from collections.abc import Iterator, Sequence
 
 _unanswered: list[int] = []
 _active = [False]
 COMMANDS = ("extsub-merge", "extsub-inspect", "extsub-scan")
+# `python -m` runs a command from these modules (the first two: extsub-merge).
+_COMMAND_MODULES = (
+    "extsub_kernels",
+    "extsub_kernels.cli",
+    *(f"extsub_kernels.cli.{c}" for c in ("merge", "inspect", "scan")),
+)
 
 
 def install() -> dict[int, object]:
@@ -38,11 +42,13 @@ def install() -> dict[int, object]:
     return previous
 
 
-def install_for_commands(argv0: str) -> None:
-    """At import time, when this process is one of the commands (its script name): until the command runs, SIGINT
-    and SIGTERM are only noted (an exception here would be a traceback out of an import), and the command answers
-    them as it starts. A library import changes nothing."""
-    if argv0.replace("\\", "/").rsplit("/", 1)[-1] not in COMMANDS:
+def install_for_commands(argv: Sequence[str], orig_argv: Sequence[str]) -> None:
+    """At the package's import, when this process is one of the commands (its script, or `python -m` on a command's
+    module, whose package is imported while argv[0] is still "-m"): until the command runs, SIGINT and SIGTERM are
+    only noted (an exception here would be a traceback out of an import). A library import changes nothing."""
+    script = argv[0].replace("\\", "/").rsplit("/", 1)[-1] if argv else ""
+    module = next((orig_argv[i + 1] for i in range(len(orig_argv) - 1) if orig_argv[i] == "-m"), None)
+    if script not in COMMANDS and (script != "-m" or module not in _COMMAND_MODULES):
         return
     _active[0] = True
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -103,6 +109,8 @@ def _raise(signum: int, frame: object) -> None:
 
 def exception_for(signum: int) -> BaseException:
     """The exception a signal raises: `Terminated` for SIGTERM, KeyboardInterrupt for SIGINT."""
+    from extsub_kernels.errors import Terminated  # here: the policy is installed before anything else is imported
+
     return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 

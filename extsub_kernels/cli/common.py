@@ -1,23 +1,18 @@
-"""What every command shares: exit codes, the one signal policy from start-up to exit, one-line errors and warnings.
-
-Signals (`_signals`): a console script notes SIGINT and SIGTERM from the import of the command
-line on; `run_command` answers them, loads torch with them deferred (an interrupt inside a large
-import can be swallowed, leave it half-loaded or abort the interpreter), then raises them as
-exceptions that become one line and exit 130 / 143, and ends the process quietly on one that
-comes while it exits.
-"""
+"""What every command shares: `main`'s steps, exit codes, the one signal policy from start-up to exit (`_signals`:
+interrupts become one line and exit 130 / 143), one-line errors and warnings, flags, flags → Python options."""
 
 import argparse
 import contextlib
 import fcntl
 import os
 import re
+import shlex
 import signal
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from extsub_kernels import _signals
 from extsub_kernels._version import __version__
@@ -25,6 +20,28 @@ from extsub_kernels.errors import InputError, Notice, PublishError, Terminated
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+
+
+def command_main(
+    prog: str,
+    build_parser: Callable[[], argparse.ArgumentParser],
+    run: Callable[[argparse.ArgumentParser, argparse.Namespace, str], int],
+) -> Callable[..., int]:
+    """A command's `main(argv=None)`: parse argv (default: sys.argv[1:]; --help and usage errors answer before torch
+    loads), load torch, then `run(parser, args, command line)`, all under `run_command`; returns the exit code."""
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        def body() -> int:
+            words = list(sys.argv[1:] if argv is None else argv)
+            parser = build_parser()
+            args = parser.parse_args(words)
+            load_torch()
+            return run(parser, args, shlex.join([prog, *words]))
+
+        return run_command(prog, body, process=argv is None)
+
+    main.__doc__ = f"Run `{prog}` with `argv` (default: sys.argv[1:]); returns the exit code."
+    return main
 
 
 def run_command(prog: str, body: Callable[[], int], *, process: bool = False) -> int:
@@ -77,20 +94,24 @@ def _interrupt_exit(prog: str, interrupt: BaseException) -> int:
     return fail(prog, _interrupted(what, interrupt), code)
 
 
-def guarded(prog: str, work: Callable[[], object], what: str = "run") -> tuple[int, object]:
+def guarded(
+    prog: str, work: Callable[[], object], what: str = "run", *, quiet: bool | None = None
+) -> tuple[int, object]:
     """(EXIT_OK, result) of `work`, or the exit code of its failure with its one-line message printed.
 
     Bad input (InputError) exits 2; any other exception is a failed `what` ("merge"), exit 1, whose
     message says whether outputs were published before the failure. A failure that follows a
-    signal swallowed on its way (`_signals`) is that interrupt instead.
+    signal swallowed on its way (`_signals`) is that interrupt instead. With `quiet` given, warnings
+    show as `shown_warnings` prints them.
     """
-    try:
-        return EXIT_OK, work()
-    except (KeyboardInterrupt, Terminated):
-        raise
-    except Exception as e:
-        _signals.raise_unanswered()
-        return _failure(prog, e, what), None
+    with shown_warnings(prog, quiet=quiet) if quiet is not None else contextlib.nullcontext():
+        try:
+            return EXIT_OK, work()
+        except (KeyboardInterrupt, Terminated):
+            raise
+        except Exception as e:
+            _signals.raise_unanswered()
+            return _failure(prog, e, what), None
 
 
 def _failure(prog: str, e: Exception, what: str) -> int:
@@ -189,16 +210,22 @@ class _OneLineParser(argparse.ArgumentParser):
         raise SystemExit(EXIT_BAD_INPUT)
 
 
-def command_parser(prog: str, description: str, epilog: str, **options: object) -> argparse.ArgumentParser:
+def command_parser(
+    prog: str, description: str, epilog: str, pair: tuple[str, str] | None = None, **options: object
+) -> argparse.ArgumentParser:
     """The parser every command starts from: its name, a description and an epilog kept as written; usage errors
-    are one line."""
-    return _OneLineParser(
+    are one line. `pair`: the help of its EXPERT and ANTI [ANTI ...] arguments."""
+    parser = _OneLineParser(
         prog=prog,
         description=description,
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         **options,
     )
+    if pair is not None:
+        parser.add_argument("expert", metavar="EXPERT", help=pair[0])
+        parser.add_argument("anti", metavar="ANTI", nargs="+", help=pair[1])
+    return parser
 
 
 def add_closing_flags(parser: argparse.ArgumentParser, *, force_help: str) -> None:
@@ -225,3 +252,28 @@ def add_adapter_input_flags(add: Callable[..., object]) -> None:
         action="store_true",
         help="accept different base_model_name_or_path (module shapes are still checked)",
     )
+
+
+def python_options(values: Mapping[str, Any], function: Callable) -> dict[str, Any]:
+    """The keyword arguments of `function` (`merge`, `inspect`) from a command's options under recipe keys: the
+    scaling flags and --format, --max-rank, --any-base-model make `adapter=`, -q `progress=`, -v `stats=`,
+    --config `reads=`; options `function` does not take are left out."""
+    from inspect import signature
+
+    from extsub_kernels.adapters import AdapterOptions, LoraScaling
+    from extsub_kernels.errors import InputError
+
+    alpha, rank, rslora = values.get("lora_alpha"), values.get("rank"), bool(values.get("rslora"))
+    if alpha is None and (rank is not None or rslora):
+        raise InputError("--rank and --rslora describe the scaling of bare adapter files; give --lora-alpha too")
+    scaling = LoraScaling(lora_alpha=alpha, r=rank, use_rslora=rslora) if alpha is not None else None
+    given = {
+        **values,
+        "adapter": AdapterOptions(
+            values.get("format"), values.get("max_rank"), scaling, bool(values.get("any_base_model"))
+        ),
+        "progress": not values.get("quiet"),
+        "stats": True if values.get("verbose") or values.get("report") is not None else None,
+        "reads": [values["config"]] if values.get("config") else [],
+    }
+    return {key: value for key, value in given.items() if key in signature(function).parameters}
