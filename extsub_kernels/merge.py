@@ -1,9 +1,5 @@
-"""`merge()`: validate the options, resolve the inputs, route to the dense engine or the adapter engine, report.
-
-Dense checkpoints stream block by block through the op (`engine.dense`); PEFT adapters are
-merged exactly in their factored space (`adapters.run`). Both write through the engine's one
-output loop and return the same `MergeReport`.
-"""
+"""`merge()`: one validated `RunSpec`, the inputs resolved, routed to the dense engine (`engine.dense`: block by block
+through the op) or the adapter engine (`adapters.run`: exactly, in their own space), one `MergeReport`."""
 
 import os
 import time
@@ -73,12 +69,10 @@ def merge(
 ) -> MergeReport:
     """Merge checkpoints or PEFT adapters with Ext-Sub, streamed: θ' = θ⁺ ⊖ θ₁⁻ ⊖ θ₂⁻ ...
 
-    Dense inputs stream one block of rows at a time through the op. PEFT adapters (folders,
-    hub ids of adapters, bare .safetensors files of lora_A/lora_B, or LoraAdapter,
-    IA3Adapter and PrefixAdapter objects) are detected and merged exactly in their own
-    parameter space: LoRA in the factored space (docs/design.md §3), (IA)³ on the vectors l − 1,
-    prefix-tuning on the per-head key/value rows (§6); their outputs stream one tensor at a
-    time. The inputs are all dense or all adapters of one type (BASE is always a full model).
+    Dense inputs stream one block of rows at a time through the op. PEFT adapters (folders, hub ids, bare
+    .safetensors files of lora_A/lora_B, or adapter objects) are merged exactly in their own parameter space (LoRA
+    factored, docs/design.md §3; (IA)³ on l − 1; prefix-tuning per head, §6). The inputs are all dense or all
+    adapters of one type (BASE is always a full model).
 
     Args:
         expert: θ⁺: a .safetensors file, a folder of shards, a PEFT adapter folder, a hub id
@@ -245,14 +239,9 @@ def execute(spec: RunSpec) -> MergeReport:
     snapshot = InputSnapshot(inputs)
     paths = output_paths(out, lam_labels(options.settings)) if out is not None else []
     recipe = spec.recipe(inputs)
-    fingerprints = [fingerprint(role, inp) for role, inp in inputs]
+    fingerprints, where = [fingerprint(role, inp) for role, inp in inputs], str(out) if out else None
     context = RunContext.create(
-        fingerprints,
-        recipe,
-        str(out) if out else None,
-        spec.command,
-        options=spec.record(recipe),
-        card_note=spec.card_note,
+        fingerprints, recipe, where, spec.command, options=spec.record(recipe), card_note=spec.card_note
     )
     is_adapter = adapter_inputs(inputs)
     if not is_adapter and adapter.given():

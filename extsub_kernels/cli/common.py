@@ -45,12 +45,9 @@ def command_main(
 
 
 def run_command(prog: str, body: Callable[[], int], *, process: bool = False) -> int:
-    """Run a command's body under the one signal policy (`_signals`) with usable std streams; interrupts become one
-    line and exit 130 / 143, a second one while the first is answered included.
-
-    `process`: the command is the whole process (a console script): a signal after the body,
-    while the interpreter exits, ends it at once with 130 / 143 instead of a traceback.
-    """
+    """Run a command's body under the one signal policy (`_signals`) with usable std streams; interrupts (a second
+    one while the first is answered included) become one line and exit 130 / 143. `process`: the command is the
+    whole process, so a signal while the interpreter exits ends it at once with 130 / 143, no traceback."""
     previous = _signals.install()
     try:
         try:
@@ -80,8 +77,8 @@ def run_command(prog: str, body: Callable[[], int], *, process: bool = False) ->
 
 
 def load_torch() -> None:
-    """Import torch whole or not at all: a signal meanwhile is answered once it has loaded. Each command calls it once
-    its arguments parse, so --help, --version and usage errors never wait seconds for torch."""
+    """Import torch whole or not at all: a signal meanwhile is answered once it has loaded (after parsing, so --help,
+    --version and usage errors never wait for torch)."""
     with _signals.deferred():
         import torch  # noqa: F401
 
@@ -90,20 +87,19 @@ _INTERRUPTS = {False: ("interrupted", EXIT_SIGINT), True: ("terminated", EXIT_SI
 
 
 def _interrupt_exit(prog: str, interrupt: BaseException) -> int:
+    """One line for a Ctrl-C or SIGTERM: nothing was written, or (held back while publishing) every output was."""
     what, code = _INTERRUPTS[isinstance(interrupt, Terminated)]
-    return fail(prog, _interrupted(what, interrupt), code)
+    names = ", ".join(str(p) for p in getattr(interrupt, "published", ()))
+    done = f" while the outputs were moved into place, after which every one was complete: {names}"
+    return fail(prog, what + (done if names else "; nothing was written"), code)
 
 
 def guarded(
     prog: str, work: Callable[[], object], what: str = "run", *, quiet: bool | None = None
 ) -> tuple[int, object]:
-    """(EXIT_OK, result) of `work`, or the exit code of its failure with its one-line message printed.
-
-    Bad input (InputError) exits 2; any other exception is a failed `what` ("merge"), exit 1, whose
-    message says whether outputs were published before the failure. A failure that follows a
-    signal swallowed on its way (`_signals`) is that interrupt instead. With `quiet` given, warnings
-    show as `shown_warnings` prints them.
-    """
+    """(EXIT_OK, result) of `work`, or the exit code of its failure with its one-line message printed: bad input
+    (InputError) exits 2, any other exception is a failed `what`, exit 1, saying what was published before it; one
+    that follows a swallowed signal (`_signals`) is that interrupt. With `quiet` given, warnings as `shown_warnings`."""
     with shown_warnings(prog, quiet=quiet) if quiet is not None else contextlib.nullcontext():
         try:
             return EXIT_OK, work()
@@ -126,21 +122,9 @@ def _failure(prog: str, e: Exception, what: str) -> int:
     return fail(prog, f"the {what} failed and nothing was written: {type(e).__name__}: {e}", EXIT_FAILED)
 
 
-def _interrupted(what: str, interrupt: BaseException) -> str:
-    """The message of a Ctrl-C or SIGTERM: nothing was written, or (held back while publishing) all outputs were."""
-    published = getattr(interrupt, "published", ())
-    if not published:
-        return f"{what}; nothing was written"
-    names = ", ".join(str(p) for p in published)
-    return f"{what} while the outputs were moved into place, after which every one was complete: {names}"
-
-
 def _usable_std_streams() -> None:
-    """A closed stdin, stdout or stderr (`2>&-`) becomes /dev/null, before any file is opened.
-
-    Otherwise the first file opened would take the free descriptor, and messages or the progress
-    bar written to "stderr" would land in it (an output file), or fail the run with EBADF.
-    """
+    """A closed stdin, stdout or stderr (`2>&-`) becomes /dev/null before any file is opened, which would otherwise
+    take the free descriptor and get the messages written to "stderr" (or fail the run with EBADF)."""
     for fd in (0, 1, 2):
         try:
             os.fstat(fd)
@@ -159,8 +143,7 @@ def _usable_std_streams() -> None:
 
 @contextmanager
 def shown_warnings(prog: str, *, quiet: bool) -> Iterator[None]:
-    """Within the block, warnings print as one line `PROG: warning: ...` each, notices as `PROG: ...` (none with
-    `quiet`)."""
+    """Within the block, warnings print as one line `PROG: warning: ...`, notices as `PROG: ...` (none if `quiet`)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore" if quiet else "default")
 
@@ -236,9 +219,8 @@ def add_closing_flags(parser: argparse.ArgumentParser, *, force_help: str) -> No
 
 
 def add_adapter_input_flags(add: Callable[..., object]) -> None:
-    """The flags that say how to read adapter inputs, as extsub-merge and extsub-inspect both take them: the scaling
-    of bare LoRA files (--lora-alpha, --rank, --rslora) and --any-base-model. `add`: a parser's or group's
-    add_argument."""
+    """How to read adapter inputs, for extsub-merge and extsub-inspect: the scaling of bare LoRA files (--lora-alpha,
+    --rank, --rslora) and --any-base-model. `add`: a parser's or group's add_argument."""
     add(
         "--lora-alpha",
         type=float,
@@ -261,7 +243,6 @@ def python_options(values: Mapping[str, Any], function: Callable) -> dict[str, A
     from inspect import signature
 
     from extsub_kernels.adapters import AdapterOptions, LoraScaling
-    from extsub_kernels.errors import InputError
 
     alpha, rank, rslora = values.get("lora_alpha"), values.get("rank"), bool(values.get("rslora"))
     if alpha is None and (rank is not None or rslora):

@@ -98,14 +98,7 @@ exit codes:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `extsub-merge`; options not given are absent from its namespace (recipes fill them)."""
-    from extsub_kernels._names import (
-        DEFAULT_MAX_SHARD_SIZE,
-        FORMATS,
-        METHODS,
-        ON_MISSING,
-        OUT_DTYPE_NAMES,
-        method_help,
-    )
+    from extsub_kernels._names import DEFAULT_MAX_SHARD_SIZE, FORMATS, METHODS, ON_MISSING, OUT_DTYPE_NAMES, method_help
 
     parser = command_parser(
         PROG,
