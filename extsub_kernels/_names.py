@@ -53,8 +53,8 @@ OUT_DTYPE_NAMES: tuple[str, ...] = get_args(DtypeName)
 # The dtype a λ scan loads and evaluates the model in; "auto": the checkpoint's own on CUDA, float32 on the CPU.
 EvalDtypeName = Literal["auto", "float32", "float64", "bfloat16", "float16"]
 EVAL_DTYPE_NAMES: tuple[str, ...] = get_args(EvalDtypeName)
-Mode = Literal["merge", "dry-run", "inspect"]
-MODES: tuple[str, ...] = get_args(Mode)
+_Mode = Literal["merge", "dry-run", "inspect"]
+MODES: tuple[str, ...] = get_args(_Mode)
 # What a λ scan's --save-best writes: an adapter format, or "model", the full merged model θ₀ + ΔW'.
 FULL_MODEL_FORMAT = "model"
 SAVE_FORMATS: tuple[str, ...] = (*FORMATS, FULL_MODEL_FORMAT)

@@ -1,13 +1,11 @@
 """The one signal policy of a command, from its first instruction to its exit: SIGINT and SIGTERM are remembered as
 well as raised, so one that a library swallows on the way is still answered.
 
-A command (`cli.common.run_command`) turns the policy on. From then on SIGINT raises
-KeyboardInterrupt and SIGTERM raises `Terminated`, as before, and each one is also noted until
-the command answers it (an interrupt reaching the command's top). Raised inside someone
-else's `except BaseException` (an import that fails "softly" while torch loads), the exception
-is lost but the note is not: publishing checks it first (`raise_unanswered`), so a swallowed
-Ctrl-C never lets a run publish and exit 0, and a failure that follows one is reported as the
-interrupt it is. Outside a command (the Python API) nothing is noted.
+Once a command (`cli.common.run_command`) turns the policy on, SIGINT raises KeyboardInterrupt and SIGTERM
+`Terminated`, and each is noted until the command answers it (an interrupt reaching its top). Raised inside someone
+else's `except BaseException` (an import failing "softly" while torch loads), the exception is lost but the note is
+not: publishing checks it first (`raise_unanswered`), so a swallowed Ctrl-C never lets a run publish and exit 0, and
+a failure that follows one is reported as the interrupt it is. Outside a command (the Python API) nothing is noted.
 """
 
 import contextlib
@@ -17,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 _unanswered: list[int] = []
 _active = [False]
-COMMANDS = ("extsub-merge", "extsub-inspect", "extsub-scan")
+_COMMANDS = ("extsub-merge", "extsub-inspect", "extsub-scan")
 # `python -m` runs a command from these modules (the first two: extsub-merge).
 _COMMAND_MODULES = ("extsub_kernels", "extsub_kernels.cli", "extsub_kernels.cli.merge")
 _COMMAND_MODULES += ("extsub_kernels.cli.inspect", "extsub_kernels.cli.scan")
@@ -46,7 +44,7 @@ def install_for_commands(argv: Sequence[str], orig_argv: Sequence[str]) -> None:
     only noted (an exception here would be a traceback out of an import). A library import changes nothing."""
     script = argv[0].replace("\\", "/").rsplit("/", 1)[-1] if argv else ""
     module = next((orig_argv[i + 1] for i in range(len(orig_argv) - 1) if orig_argv[i] == "-m"), None)
-    if script in COMMANDS or (script == "-m" and module in _COMMAND_MODULES):
+    if script in _COMMANDS or (script == "-m" and module in _COMMAND_MODULES):
         _active[0] = True
         _handle(_note_only)
 

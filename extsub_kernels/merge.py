@@ -10,20 +10,15 @@ from pathlib import Path
 
 import torch
 
+from extsub_kernels._names import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_LAM, DEFAULT_ON_MISSING, DtypeName, OnMissing
 from extsub_kernels.adapters import AdapterOptions, PeftAdapter, run_adapters
 from extsub_kernels.engine import MergeReport, RunOptions, run_dense
 from extsub_kernels.engine.context import RunContext
 from extsub_kernels.engine.conv1d import full_model_hint
 from extsub_kernels.engine.method_spec import DEFAULT_METHOD
 from extsub_kernels.engine.options import (
-    DEFAULT_DEVICE,
-    DEFAULT_DTYPE,
-    DEFAULT_LAM,
-    DEFAULT_ON_MISSING,
     DTYPE_NAMES,
-    DtypeName,
     Lam,
-    OnMissing,
     input_roles,
     lam_labels,
     out_dtype,
@@ -75,38 +70,36 @@ def merge(
     adapters of one type (BASE is always a full model).
 
     Args:
-        expert: θ⁺: a .safetensors file, a folder of shards, a PEFT adapter folder, a hub id
-            `org/name[@revision]`, or an adapter already loaded (LoraAdapter, IA3Adapter, PrefixAdapter).
+        expert: θ⁺: a .safetensors file, a folder of shards, a PEFT adapter folder, a hub id `org/name[@revision]`,
+            or an adapter already loaded (LoraAdapter, IA3Adapter, PrefixAdapter).
         anti: θ⁻, one or several (applied in order, paper Table 4), same forms as `expert`.
-        out: a path ending in .safetensors (one file) or a folder (model.safetensors, or
-            shards and an index past `max_shard_size`; adapter outputs are PEFT folders).
-            Folder outputs also get a model card (README.md) and their recipe (extsub_recipe.yaml).
-        lam: λ. A number; a list of numbers (one output per λ, OUT suffixed `-lam<λ>`); a
-            per-anti-expert list inside the list (`[[1.0, 0.5]]`); or the CLI's string form
-            "0.5,1" / "1:0.5". A negative λ is allowed, with a warning.
-        method: ext-sub (θ⁺ − λ·Ext(θ⁻)), sub (θ⁺ − λθ⁻), add (θ⁺ + λθ⁻), or any registered one
-            (`engine.method_spec`).
-        base: θ₀, a full model. Dense inputs are then full models, ΔW = θ − θ₀, and OUT is θ₀ + ΔW'
-            (a folder OUT gets the expert's config and tokenizer files). With LoRA or (IA)³ inputs OUT
-            is θ₀ with the merged adapter folded in (a folder OUT gets the base's config files);
-            prefix-tuning changes no weight and is refused.
+        out: a path ending in .safetensors (one file) or a folder (model.safetensors, or shards and an index past
+            `max_shard_size`; adapter outputs are PEFT folders). Folder outputs also get a model card (README.md)
+            and their recipe (extsub_recipe.yaml).
+        lam: λ. A number; a list of numbers (one output per λ, OUT suffixed `-lam<λ>`); a per-anti-expert list
+            inside the list (`[[1.0, 0.5]]`); or the CLI's string form "0.5,1" / "1:0.5" (`lam_items`). A negative
+            λ is allowed, with a warning.
+        method: ext-sub (θ⁺ − λ·Ext(θ⁻)), sub (θ⁺ − λθ⁻), add (θ⁺ + λθ⁻), or any registered one (`engine.method_spec`).
+        base: θ₀, a full model. Dense inputs are then full models, ΔW = θ − θ₀, and OUT is θ₀ + ΔW' (a folder OUT
+            gets the expert's config and tokenizer files). With LoRA or (IA)³ inputs OUT is θ₀ with the merged
+            adapter folded in (a folder OUT gets the base's config files); prefix-tuning changes no weight and is
+            refused.
         device: "auto", "cpu", "cuda" or "cuda:N".
-        dtype: output dtype of float tensors: "keep" (the inputs'), "float16", "bfloat16",
-            "float32" (or the torch dtype). With a base, the copied config.json says it too.
+        dtype: output dtype of float tensors: "keep" (the inputs'), "float16", "bfloat16", "float32" (or the torch
+            dtype). With a base, the copied config.json says it too.
         max_shard_size: largest shard of a folder OUT, bytes or "5GB" (default 5GB).
         on_missing: keys only in an anti-expert: "error" (list them), "copy", "skip".
         force: replace an existing OUT (and an existing `report` file).
         progress: show a progress bar (stderr).
-        block_bytes: target bytes of a streamed block of rows; host and device memory are a fixed
-            multiple of it (None: 2 MiB on CPU, 32 MiB on CUDA).
-        adapter: options of adapter merges (output format, max_rank, scaling of bare LoRA files,
-            any_base_model); refused with dense inputs.
-        transposed: GPT-2 Conv1D-named weights (c_attn, c_proj, c_fc, q_attn) are stored (in, out)
-            (True) or (out, in) (False); None decides from config.json, else key names and shapes.
+        block_bytes: target bytes of a streamed block of rows; host and device memory are a fixed multiple of it
+            (None: 2 MiB on CPU, 32 MiB on CUDA).
+        adapter: options of adapter merges (output format, max_rank, scaling of bare LoRA files, any_base_model);
+            refused with dense inputs.
+        transposed: GPT-2 Conv1D-named weights (c_attn, c_proj, c_fc, q_attn) are stored (in, out) (True) or
+            (out, in) (False); None decides from config.json, else key names and shapes.
         dry_run: plan from the headers and return what would be written, writing nothing.
-        stats: gather the row statistics of each merged tensor or module (cos(p, m), deficiency
-            share, relative change; docs/design.md §7); None: when a folder output's model card or a
-            `report` needs them.
+        stats: gather the row statistics of each merged tensor or module (cos(p, m), deficiency share, relative
+            change; docs/design.md §7); None: when a folder output's model card or a `report` needs them.
         report: write the run's JSON record to this file ("-": stdout) once it is done.
         command: the command line to record in the outputs (default: the equivalent extsub-merge command).
         reads: other files the run has read (the recipe it came from): no output may be written over one.
@@ -118,11 +111,10 @@ def merge(
 
     Raises:
         InputError: bad inputs or arguments (nothing is written).
-        MergeError, OSError: a failure while streaming, or an input that changed during the run
-            (nothing is left behind).
-        KeyboardInterrupt: Ctrl-C (SIGTERM too, as `Terminated`, while the merge runs): nothing
-            is left behind, unless it came while the outputs were being moved into place; then
-            it is raised once all of them are, with the outputs in its `published`.
+        MergeError, OSError: a failure while streaming, or an input that changed during the run (nothing is left).
+        KeyboardInterrupt: Ctrl-C (SIGTERM too, as `Terminated`, while the merge runs): nothing is left behind,
+            unless it came while the outputs were being moved into place; then it is raised once all of them are,
+            with the outputs in its `published`.
 
     Example:
         >>> report = merge("expert.safetensors", "anti.safetensors", "out.safetensors", lam=1.0)
@@ -137,62 +129,49 @@ class RunSpec:
     it from their keyword arguments (the commands call them with their flags and recipe), `execute` runs it."""
 
     sources: tuple[Source, ...]
-    base: str | os.PathLike | None
     out: Path | None  # None: statistics only (mode "inspect")
     options: RunOptions
-    adapter: AdapterOptions
     recipe_options: dict  # dtype and max_shard_size as the caller spelled them (the recipe's)
-    report: str | os.PathLike | None
-    command: str | None
-    reads: tuple[str | os.PathLike, ...]
-    card_note: str
     started: float
+    adapter: AdapterOptions
+    base: str | os.PathLike | None = None
+    report: str | os.PathLike | None = None
+    command: str | None = None
+    reads: Sequence[str | os.PathLike] = ()
+    card_note: str = ""
 
     @classmethod
     def create(
         cls, expert: Source, anti: Source | Sequence[Source], out: str | os.PathLike | None, **given
     ) -> "RunSpec":
-        """The spec of `merge()`'s keyword arguments (`inspect()` gives out=None, mode="inspect" and fewer)."""
+        """The spec of `merge()`'s keyword arguments (`inspect()` gives out=None, mode="inspect" and fewer); those
+        not given take `RunOptions`' and the fields' defaults."""
         started = time.perf_counter()
         out = out_path(out) if out is not None else None
         sources = source_list(expert, anti)
-        report, shard = given.get("report"), given.get("max_shard_size")
+        dtype, shard, stats = given.pop("dtype", DEFAULT_DTYPE), given.pop("max_shard_size", None), given.pop("stats")
         if shard is not None and out is not None and not is_folder_output(out):
             raise InputError(
                 f"OUT {out} is one .safetensors file; give a folder OUT to shard it with max_shard_size=",
                 options=("max_shard_size",),
             )
         max_shard_size = parse_size(shard) if shard is not None else None
-        mode = given.get("mode") or ("dry-run" if given.get("dry_run") else "merge")
-        stats = given.get("stats")
+        fields = {key: given.pop(key) for key in ("base", "report", "command", "reads", "card_note") if key in given}
+        adapter = given.pop("adapter") or AdapterOptions()
+        mode = given.pop("mode", None) or ("dry-run" if given.pop("dry_run") else "merge")
         options = RunOptions(
-            settings=tuple(parse_lams(given.get("lam", DEFAULT_LAM), len(sources) - 1)),
-            method=given.get("method", DEFAULT_METHOD),
-            device=resolve_device(given.get("device", DEFAULT_DEVICE)),
-            out_dtype=out_dtype(given.get("dtype", DEFAULT_DTYPE)),
+            settings=tuple(parse_lams(given.pop("lam"), len(sources) - 1)),
+            device=resolve_device(given.pop("device")),
+            out_dtype=out_dtype(dtype),
             max_shard_size=max_shard_size,
-            on_missing=given.get("on_missing", DEFAULT_ON_MISSING),
-            force=given.get("force", False),
-            progress=given.get("progress", False),
-            block_bytes=given.get("block_bytes"),
             mode=mode,
-            stats=((out is not None and is_folder_output(out)) or report is not None) if stats is None else bool(stats),
-            transposed=given.get("transposed"),
+            stats=((out is not None and is_folder_output(out)) or fields.get("report") is not None)
+            if stats is None
+            else bool(stats),
+            **given,  # method, on_missing, force, progress, block_bytes, transposed
         )
-        dtype = given.get("dtype", DEFAULT_DTYPE)
-        return cls(
-            tuple(sources),
-            given.get("base"),
-            out,
-            options,
-            given.get("adapter") or AdapterOptions(),
-            {"dtype": dtype if isinstance(dtype, str) else DTYPE_NAMES.get(dtype), "max_shard_size": shard},
-            report,
-            given.get("command"),
-            tuple(given.get("reads", ())),
-            given.get("card_note", ""),
-            started,
-        )
+        names = {"dtype": dtype if isinstance(dtype, str) else DTYPE_NAMES.get(dtype), "max_shard_size": shard}
+        return cls(tuple(sources), out, options, names, started, adapter, **fields)
 
     def recipe(self, inputs: Sequence[tuple[str, ResolvedInput]]) -> dict:
         """The options that shape the outputs, under recipe keys, inputs pinned (hub commits, absolute paths)."""

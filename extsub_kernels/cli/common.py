@@ -99,8 +99,8 @@ def guarded(
 ) -> tuple[int, object]:
     """(EXIT_OK, result) of `work`, or the exit code of its failure with its one-line message printed: bad input
     (InputError) exits 2, any other exception is a failed `what`, exit 1, saying what was published before it; one
-    that follows a swallowed signal (`_signals`) is that interrupt. With `quiet` given, warnings as `shown_warnings`."""
-    with shown_warnings(prog, quiet=quiet) if quiet is not None else contextlib.nullcontext():
+    that follows a swallowed signal (`_signals`) is that interrupt. With `quiet` given, warnings show as one line."""
+    with _shown_warnings(prog, quiet=quiet) if quiet is not None else contextlib.nullcontext():
         try:
             return EXIT_OK, work()
         except (KeyboardInterrupt, Terminated):
@@ -142,7 +142,7 @@ def _usable_std_streams() -> None:
 
 
 @contextmanager
-def shown_warnings(prog: str, *, quiet: bool) -> Iterator[None]:
+def _shown_warnings(prog: str, *, quiet: bool) -> Iterator[None]:
     """Within the block, warnings print as one line `PROG: warning: ...`, notices as `PROG: ...` (none if `quiet`)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore" if quiet else "default")

@@ -11,9 +11,6 @@ from dataclasses import dataclass
 import torch
 
 from extsub_kernels._names import (  # noqa: F401 (re-exported: the rules over them live here)
-    DEFAULT_DEVICE,
-    DEFAULT_DTYPE,
-    DEFAULT_LAM,
     DEFAULT_MAX_SHARD_SIZE,
     DEFAULT_ON_MISSING,
     EVAL_DTYPE_NAMES,
@@ -21,9 +18,7 @@ from extsub_kernels._names import (  # noqa: F401 (re-exported: the rules over t
     MODES,
     ON_MISSING,
     OUT_DTYPE_NAMES,
-    DtypeName,
     EvalDtypeName,
-    OnMissing,
 )
 from extsub_kernels._tensors import FLOAT_DTYPES
 from extsub_kernels.engine.method_spec import DEFAULT_METHOD, METHODS, method_spec
