@@ -344,3 +344,17 @@ def test_an_adapter_with_a_dense_checkpoint_is_refused(tmp_path, pair):
     ):
         merge(e_path, e_path, tmp_path / "out.safetensors", adapter=AdapterOptions(output_format="delta"))
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_merge_and_inspect_take_their_defaults_from_one_place():
+    """The defaults of a run are spelled once (`_names`); merge(), inspect() and the commands read them."""
+    import inspect as python_inspect
+
+    from extsub_kernels import _names
+    from extsub_kernels.analysis import inspect
+
+    for function in (merge, inspect):
+        parameters = python_inspect.signature(function).parameters
+        assert parameters["lam"].default == _names.DEFAULT_LAM and parameters["device"].default == _names.DEFAULT_DEVICE
+    assert python_inspect.signature(merge).parameters["dtype"].default == _names.DEFAULT_DTYPE
+    assert python_inspect.signature(merge).parameters["on_missing"].default == _names.DEFAULT_ON_MISSING
