@@ -120,7 +120,8 @@ def merge(
         >>> report = merge("expert.safetensors", "anti.safetensors", "out.safetensors", lam=1.0)
         >>> print(report.summary())
     """
-    return execute(RunSpec.create(**locals()))  # every argument, as given
+    mode = "dry-run" if dry_run else "merge"
+    return execute(RunSpec.create(**locals()))  # every argument as given, and the mode
 
 
 @dataclass(frozen=True)
@@ -158,13 +159,13 @@ class RunSpec:
         max_shard_size = parse_size(shard) if shard is not None else None
         fields = {key: given.pop(key) for key in ("base", "report", "command", "reads", "card_note") if key in given}
         adapter = given.pop("adapter") or AdapterOptions()
-        mode = given.pop("mode", None) or ("dry-run" if given.pop("dry_run") else "merge")
+        given.pop("dry_run", None)  # merge()'s, said by its mode
         options = RunOptions(
             settings=tuple(parse_lams(given.pop("lam"), len(sources) - 1)),
             device=resolve_device(given.pop("device")),
             out_dtype=out_dtype(dtype),
             max_shard_size=max_shard_size,
-            mode=mode,
+            mode=given.pop("mode"),
             stats=((out is not None and is_folder_output(out)) or fields.get("report") is not None)
             if stats is None
             else bool(stats),
