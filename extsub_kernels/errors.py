@@ -18,7 +18,12 @@ class AdapterError(InputError):
 
 
 class MergeError(RuntimeError):
-    """A failure while the merge runs (an input changed underneath, a write failed): exit code 1."""
+    """A failure while the merge runs (an input changed underneath, a write failed): exit code 1 (`options` as for
+    `InputError`)."""
+
+    def __init__(self, message: str = "", *, options: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.options = tuple(options)
 
 
 class PublishError(MergeError):

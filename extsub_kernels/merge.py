@@ -252,7 +252,8 @@ def _write_report(result: MergeReport, target: str | os.PathLike) -> None:
         write_json(report_record(result), target)
     except (OSError, InputError) as e:
         where = "stdout" if os.fspath(target) == "-" else os.fspath(target)
-        raise MergeError(f"writing --report {where} failed: {getattr(e, 'strerror', None) or e}") from None
+        problem = getattr(e, "strerror", None) or e
+        raise MergeError(f"writing report={where} failed: {problem}", options=("report",)) from None
 
 
 def source_list(expert: Source, anti: Source | Sequence[Source]) -> list[Source]:
@@ -285,8 +286,9 @@ def adapter_inputs(inputs: Sequence[tuple[str, ResolvedInput]]) -> bool:
     for role, inp in inputs:
         if role == "BASE" and inp.adapter:
             raise InputError(
-                f"BASE {inp.spec!r} is a PEFT adapter; --base takes the full base model θ₀ "
-                "(adapters go in EXPERT and ANTI)"
+                f"BASE {inp.spec!r} is a PEFT adapter; base= takes the full base model θ₀ (adapters go in EXPERT and "
+                "ANTI)",
+                options=("base",),
             )
     merged = [(role, inp) for role, inp in inputs if role != "BASE"]
     adapters = [(role, inp) for role, inp in merged if inp.adapter]

@@ -111,15 +111,16 @@ def guarded(
 
 
 def _failure(prog: str, e: Exception, what: str) -> int:
+    message = as_flags(str(e), getattr(e, "options", ()))
     if isinstance(e, InputError):
-        return fail(prog, as_flags(str(e), e.options), EXIT_BAD_INPUT)
+        return fail(prog, message, EXIT_BAD_INPUT)
     if isinstance(e, PublishError):
-        return fail(prog, f"the {what} failed: {e}", EXIT_FAILED)
-    published = getattr(e, "published", ())
-    if published:
-        names = ", ".join(str(p) for p in published)
-        return fail(prog, f"the {what} failed after publishing its outputs (each complete: {names}): {e}", EXIT_FAILED)
-    return fail(prog, f"the {what} failed and nothing was written: {type(e).__name__}: {e}", EXIT_FAILED)
+        return fail(prog, f"the {what} failed: {message}", EXIT_FAILED)
+    names = ", ".join(str(p) for p in getattr(e, "published", ()))
+    if names:
+        message = f"the {what} failed after publishing its outputs (each complete: {names}): {message}"
+        return fail(prog, message, EXIT_FAILED)
+    return fail(prog, f"the {what} failed and nothing was written: {type(e).__name__}: {message}", EXIT_FAILED)
 
 
 def _usable_std_streams() -> None:
