@@ -37,8 +37,9 @@ exit codes: 0 done; 1 failure while reading; 2 bad usage or bad input; 130/143 i
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of `extsub-inspect`."""
-    from extsub_kernels._names import DEFAULT_METHOD, METHODS
+    """The argument parser of `extsub-inspect`; options not given are absent from its namespace (inspect()'s
+    defaults apply)."""
+    from extsub_kernels._names import METHODS
 
     parser = common.command_parser(
         PROG,
@@ -46,13 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
         "is shared capability and how much is deficiency (docs/design.md §7 of extsub).",
         EPILOG,
         ("the expert θ⁺ (as for extsub-merge)", "anti-expert(s) θ⁻"),
+        argument_default=argparse.SUPPRESS,
     )
     add = parser.add_argument
     add("-o", "--out", metavar="DIR", help="write report.json, report.md and report.png into DIR")
     add("--base", metavar="BASE", help="θ₀: the inputs are full models, compared as task vectors θ − θ₀")
-    add("--lam", default="1", metavar="L[,L...]", help="λ settings to report the relative change at (default 1)")
-    add("--method", choices=METHODS, default=DEFAULT_METHOD, help="the method the relative change is for")
-    add("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    add("--lam", metavar="L[,L...]", help="λ settings to report the relative change at (default 1)")
+    add("--method", choices=METHODS, help="the method the relative change is for")
+    add("--device", help="auto (default), cpu, cuda or cuda:N")
     add("--transposed", action=argparse.BooleanOptionalAction, help="GPT-2 Conv1D layout, as for extsub-merge")
     common.add_adapter_input_flags(add)
     common.add_closing_flags(parser, force_help="replace report files already in DIR")
@@ -60,28 +62,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, command: str) -> int:
-    code, report = common.guarded(PROG, lambda: _inspect(args, command), "inspection", quiet=args.quiet)
-    if code == common.EXIT_OK and not args.quiet:
+    values = vars(args)
+    quiet = bool(values.get("quiet"))
+    code, report = common.guarded(PROG, lambda: _inspect(values, command, quiet), "inspection", quiet=quiet)
+    if code == common.EXIT_OK and not quiet:
         common.say(f"{PROG}: {report.summary()}")
     return code
 
 
-def _inspect(args: argparse.Namespace, command: str) -> object:
+def _inspect(values: dict, command: str, quiet: bool) -> object:
     from pathlib import Path
 
     from extsub_kernels.analysis import inspect, write_inspection
     from extsub_kernels.analysis.inspect import check_inspection_folder
     from extsub_kernels.analysis.markdown import inspection_markdown
 
-    options = common.python_options(vars(args), inspect)  # the scaling flags checked before the folder
-    if args.out is not None:
-        check_inspection_folder(Path(args.out), args.expert, args.anti, args.base, force=args.force)
+    options = common.python_options(values, inspect)  # the scaling flags checked before the folder
+    out, force = values.get("out"), bool(values.get("force"))
+    if out is not None:
+        check_inspection_folder(Path(out), values["expert"], values["anti"], values.get("base"), force=force)
     report = inspect(**options, command=command)
-    if args.out is None:
+    if out is None:
         sys.stdout.write(inspection_markdown(report))
     else:
-        for path in write_inspection(report, args.out, force=args.force):
-            if not args.quiet:
+        for path in write_inspection(report, out, force=force):
+            if not quiet:
                 common.say(f"{PROG}: wrote {path}")
     return report
 
