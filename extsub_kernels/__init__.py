@@ -14,7 +14,7 @@ import sys
 
 from extsub_kernels import _signals
 
-_signals.install_for_commands(sys.argv[0] if sys.argv else "")
+_signals.install_for_commands(sys.argv, getattr(sys, "orig_argv", ()))
 
 from extsub_kernels._lazy import lazy_getattr  # noqa: E402
 from extsub_kernels._version import __version__ as __version__  # noqa: E402
@@ -22,43 +22,19 @@ from extsub_kernels._version import __version__ as __version__  # noqa: E402
 # The public names, by the module each is imported from on first use; `__all__` is this table. The LoRA-only
 # layouts (to_peft, to_dense_lora, to_delta and their iterators) are `extsub_kernels.adapters`'s.
 _PUBLIC = {
-    "extsub_kernels.adapters": (
-        "AdapterOptions",
-        "AdapterReport",
-        "IA3Adapter",
-        "LoraAdapter",
-        "LoraModule",
-        "LoraScaling",
-        "MergedAdapter",
-        "PeftAdapter",
-        "PrefixAdapter",
-        "load_adapter",
-        "merge_adapters",
-        "write_adapter",
-        "write_tensors",
-    ),
-    "extsub_kernels.engine": ("MergeReport",),
-    "extsub_kernels.errors": ("AdapterError", "InputError", "MergeError", "ScanInterrupted"),
-    "extsub_kernels.lambda_scan": ("Recommendation", "ScanResult", "ScanRow", "scan"),
-    "extsub_kernels.merge": ("merge",),
-    "extsub_kernels.ops": (
-        "ext_sub",
-        "ext_sub_",
-        "ext_sub_coefficients",
-        "extract_deficiency",
-        "row_products",
-        "subtract_",
-    ),
-    "extsub_kernels.reference": ("ext_sub_reference",),
+    "extsub_kernels.adapters": "AdapterOptions AdapterReport IA3Adapter LoraAdapter LoraModule LoraScaling "
+    "MergedAdapter PeftAdapter PrefixAdapter load_adapter merge_adapters write_adapter write_tensors",
+    "extsub_kernels.engine": "MergeReport",
+    "extsub_kernels.errors": "AdapterError InputError MergeError ScanInterrupted",
+    "extsub_kernels.lambda_scan": "Recommendation ScanResult ScanRow scan",
+    "extsub_kernels.merge": "merge",
+    "extsub_kernels.ops": "ext_sub ext_sub_ ext_sub_coefficients extract_deficiency row_products subtract_",
+    "extsub_kernels.reference": "ext_sub_reference",
 }
-_LOCATIONS = {name: module for module, names in _PUBLIC.items() for name in names}
-
-
+_LOCATIONS = {name: module for module, names in _PUBLIC.items() for name in names.split()}
 __getattr__ = lazy_getattr(__name__, _LOCATIONS, globals())
+__all__ = sorted([*_LOCATIONS, "__version__"])
 
 
 def __dir__() -> list[str]:
-    return sorted(__all__)
-
-
-__all__ = sorted([*_LOCATIONS, "__version__"])
+    return __all__

@@ -1,9 +1,5 @@
-"""The names of every choice an option takes (methods, formats, dtypes, on-missing), without torch.
-
-The command lines build their parsers from these, so `--help`, `--version` and usage errors
-answer before torch loads (seconds on a small machine). `engine.options` holds the rules over
-them (the dtype each name means, the λ grammar, devices) and re-exports them.
-"""
+"""The names of every choice an option takes and the defaults of a run, without torch: the command lines build
+their parsers from them, so `--help` and usage errors answer before torch loads (`engine.options`: the rules)."""
 
 import sys
 from collections.abc import Iterator
@@ -57,9 +53,11 @@ OUT_DTYPE_NAMES: tuple[str, ...] = get_args(DtypeName)
 # The dtype a λ scan loads and evaluates the model in; "auto": the checkpoint's own on CUDA, float32 on the CPU.
 EvalDtypeName = Literal["auto", "float32", "float64", "bfloat16", "float16"]
 EVAL_DTYPE_NAMES: tuple[str, ...] = get_args(EvalDtypeName)
-Mode = Literal["merge", "dry-run", "inspect"]
-MODES: tuple[str, ...] = get_args(Mode)
+_Mode = Literal["merge", "dry-run", "inspect"]
+MODES: tuple[str, ...] = get_args(_Mode)
 # What a λ scan's --save-best writes: an adapter format, or "model", the full merged model θ₀ + ΔW'.
 FULL_MODEL_FORMAT = "model"
 SAVE_FORMATS: tuple[str, ...] = (*FORMATS, FULL_MODEL_FORMAT)
+# What an option of a run is when nobody sets it: merge(), inspect(), the commands and recipes read these.
+DEFAULT_LAM, DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_ON_MISSING = 1.0, "auto", "keep", "error"
 DEFAULT_MAX_SHARD_SIZE = "5GB"

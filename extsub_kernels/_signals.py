@@ -1,54 +1,52 @@
 """The one signal policy of a command, from its first instruction to its exit: SIGINT and SIGTERM are remembered as
 well as raised, so one that a library swallows on the way is still answered.
 
-A command (`cli.common.run_command`) turns the policy on. From then on SIGINT raises
-KeyboardInterrupt and SIGTERM raises `Terminated`, as before, and each one is also noted until
-the command answers it (an interrupt reaching the command's top). Raised inside someone
-else's `except BaseException` (an import that fails "softly" while torch loads), the exception
-is lost but the note is not: publishing checks it first (`raise_unanswered`), so a swallowed
-Ctrl-C never lets a run publish and exit 0, and a failure that follows one is reported as the
-interrupt it is. Outside a command (the Python API) nothing is noted.
+Once a command (`cli.common.run_command`) turns the policy on, SIGINT raises KeyboardInterrupt and SIGTERM
+`Terminated`, and each is noted until the command answers it (an interrupt reaching its top). Raised inside someone
+else's `except BaseException` (an import failing "softly" while torch loads), the exception is lost but the note is
+not: publishing checks it first (`raise_unanswered`), so a swallowed Ctrl-C never lets a run publish and exit 0, and
+a failure that follows one is reported as the interrupt it is. Outside a command (the Python API) nothing is noted.
 """
 
 import contextlib
 import os
 import signal
-from collections.abc import Iterator
-
-from extsub_kernels.errors import Terminated
+from collections.abc import Callable, Iterator, Sequence
 
 _unanswered: list[int] = []
 _active = [False]
-COMMANDS = ("extsub-merge", "extsub-inspect", "extsub-scan")
+_COMMANDS = ("extsub-merge", "extsub-inspect", "extsub-scan")
+# `python -m` runs a command from these modules (the first two: extsub-merge).
+_COMMAND_MODULES = ("extsub_kernels", "extsub_kernels.cli", "extsub_kernels.cli.merge")
+_COMMAND_MODULES += ("extsub_kernels.cli.inspect", "extsub_kernels.cli.scan")
 
 
-def install() -> dict[int, object]:
-    """Turn the policy on (main thread only): SIGINT and SIGTERM raise and are noted; returns the previous handlers.
-
-    A signal that was ignored (SIG_IGN, as `nohup` leaves SIGINT) stays ignored.
-    """
+def _handle(handler: Callable[[int, object], None]) -> dict[int, object]:
+    """`handler` for SIGINT and SIGTERM, except one that was ignored (SIG_IGN, as `nohup` leaves SIGINT) or outside
+    the main thread (nothing is set); returns the handlers it replaced."""
     previous: dict[int, object] = {}
-    _active[0] = True
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            if signal.getsignal(sig) is not signal.SIG_IGN:
-                previous[sig] = signal.signal(sig, _raise)
-        except ValueError:  # not the main thread: nothing to install
-            break
-    return previous
-
-
-def install_for_commands(argv0: str) -> None:
-    """At import time, when this process is one of the commands (its script name): until the command runs, SIGINT
-    and SIGTERM are only noted (an exception here would be a traceback out of an import), and the command answers
-    them as it starts. A library import changes nothing."""
-    if argv0.replace("\\", "/").rsplit("/", 1)[-1] not in COMMANDS:
-        return
-    _active[0] = True
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(ValueError):
             if signal.getsignal(sig) is not signal.SIG_IGN:
-                signal.signal(sig, _note_only)
+                previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
+def install() -> dict[int, object]:
+    """Turn the policy on: SIGINT and SIGTERM raise and are noted; returns the previous handlers."""
+    _active[0] = True
+    return _handle(_raise)
+
+
+def install_for_commands(argv: Sequence[str], orig_argv: Sequence[str]) -> None:
+    """At the package's import, when this process is one of the commands (its script, or `python -m` on a command's
+    module, whose package is imported while argv[0] is still "-m"): until the command runs, SIGINT and SIGTERM are
+    only noted (an exception here would be a traceback out of an import). A library import changes nothing."""
+    script = argv[0].replace("\\", "/").rsplit("/", 1)[-1] if argv else ""
+    module = next((orig_argv[i + 1] for i in range(len(orig_argv) - 1) if orig_argv[i] == "-m"), None)
+    if script in _COMMANDS or (script == "-m" and module in _COMMAND_MODULES):
+        _active[0] = True
+        _handle(_note_only)
 
 
 def _note_only(signum: int, frame: object) -> None:
@@ -57,41 +55,28 @@ def _note_only(signum: int, frame: object) -> None:
 
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
-    """Within the block SIGINT and SIGTERM are only noted; after it the first one is raised.
-
-    For imports of large libraries (torch): an exception raised in the middle of one can be
-    swallowed by the library, leave it half-loaded, or abort the interpreter from its C code.
-    """
-    previous: dict[int, object] = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(ValueError):
-            if signal.getsignal(sig) is not signal.SIG_IGN:
-                previous[sig] = signal.signal(sig, _note_only)
+    """Within the block SIGINT and SIGTERM are only noted; after it the first one is raised. For imports of large
+    libraries (torch): an exception in the middle of one can be swallowed, leave it half-loaded, or abort the
+    interpreter from its C code."""
+    previous = _handle(_note_only)
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        restore(previous, active=True)
     raise_unanswered()
 
 
 def exit_quietly() -> None:
     """From here to the process's exit (atexit handlers, threads winding down), SIGINT and SIGTERM end it at once with
     their exit code (130 / 143), no traceback; what the run wrote is complete by then."""
-
-    def _exit(signum: int, frame: object) -> None:
-        os._exit(128 + signum)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(ValueError):
-            if signal.getsignal(sig) is not signal.SIG_IGN:
-                signal.signal(sig, _exit)
+    _handle(lambda signum, frame: os._exit(128 + signum))
 
 
-def restore(previous: dict[int, object]) -> None:
-    """Put back the handlers `install` replaced and turn the policy off."""
-    _active[0] = False
-    _unanswered.clear()
+def restore(previous: dict[int, object], *, active: bool = False) -> None:
+    """Put back the handlers `install` replaced and turn the policy off (unless `active`)."""
+    if not active:
+        _active[0] = False
+        _unanswered.clear()
     for sig, handler in previous.items():
         signal.signal(sig, handler)
 
@@ -103,6 +88,8 @@ def _raise(signum: int, frame: object) -> None:
 
 def exception_for(signum: int) -> BaseException:
     """The exception a signal raises: `Terminated` for SIGTERM, KeyboardInterrupt for SIGINT."""
+    from extsub_kernels.errors import Terminated  # here: the policy is on before anything else is imported
+
     return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 

@@ -18,14 +18,17 @@ class AdapterError(InputError):
 
 
 class MergeError(RuntimeError):
-    """A failure while the merge runs (an input changed underneath, a write failed): exit code 1."""
+    """A failure while the merge runs (an input changed underneath, a write failed): exit code 1 (`options` as for
+    `InputError`)."""
+
+    def __init__(self, message: str = "", *, options: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.options = tuple(options)
 
 
 class PublishError(MergeError):
-    """Moving a run's outputs into place failed and could not be fully undone (exit code 1).
-
-    `published` lists the outputs that are in place: each is complete; the run's others were not written.
-    """
+    """Moving a run's outputs into place failed and could not be fully undone (exit code 1); `published` lists the
+    outputs that are in place, each complete (the run's others were not written)."""
 
     def __init__(self, message: str, *, published: tuple = ()):
         super().__init__(message)
@@ -33,11 +36,8 @@ class PublishError(MergeError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C held back while a run published its outputs, raised once every one was in place.
-
-    `published` lists those outputs (each complete). A Ctrl-C at any other time is a plain
-    KeyboardInterrupt, and nothing of the run is left.
-    """
+    """Ctrl-C held back while a run published its outputs, raised once every one was in place (`published`, each
+    complete). A Ctrl-C at any other time is a plain KeyboardInterrupt, and nothing of the run is left."""
 
     def __init__(self, message: str = "interrupted", *, published: tuple = ()):
         super().__init__(message)
@@ -52,12 +52,8 @@ class Terminated(Interrupted):
 
 
 class ScanInterrupted(KeyboardInterrupt):
-    """A λ scan stopped by Ctrl-C or SIGTERM; `result` holds the rows measured so far (also in scan.json).
-
-    Attributes:
-        result: the `ScanResult` as it stood (complete=False).
-        terminated: True for SIGTERM, False for Ctrl-C.
-    """
+    """A λ scan stopped by Ctrl-C or SIGTERM (`terminated`: True for SIGTERM); `result` holds the `ScanResult` as it
+    stood (complete=False, its rows also in scan.json)."""
 
     def __init__(self, message: str, result: object, *, terminated: bool = False):
         super().__init__(message)

@@ -337,12 +337,12 @@ def test_importing_the_package_does_not_load_torch():
 
 
 def test_interrupted_during_start_up_exits_130_with_one_line(capsys, monkeypatch):
-    import extsub_kernels.cli.merge as cli
+    import extsub_kernels.cli.common as common
 
-    def interrupted(argv):  # stands for a Ctrl-C while torch is being imported
+    def interrupted():  # a Ctrl-C while torch is being imported
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_main", interrupted)
+    monkeypatch.setattr(common, "load_torch", interrupted)
     assert main(["a", "b", "-o", "c"]) == EXIT_SIGINT
     assert capsys.readouterr().err == "extsub-merge: error: interrupted; nothing was written\n"
 

@@ -53,3 +53,39 @@ def test_help_version_and_usage_errors_answer_before_torch_loads(command, argv):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip().splitlines()[-1] == "False", done.stdout + done.stderr
+
+
+def test_python_m_on_a_command_module_runs_it_once_without_a_warning():
+    """The package's import notes signals under `python -m` too, and cli/ imports its commands lazily, so runpy
+    does not find the module already imported (its RuntimeWarning) and runs it once."""
+    done = subprocess.run(
+        [sys.executable, "-m", "extsub_kernels.cli.merge", "--version"],
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.strip().startswith("extsub-merge ") and done.stderr == ""
+
+
+@pytest.mark.parametrize(
+    "argv, orig_argv, noted",
+    [
+        (["/usr/bin/extsub-merge"], ["python", "/usr/bin/extsub-merge"], True),
+        (["-m"], ["python", "-X", "importtime", "-m", "extsub_kernels.cli.scan"], True),
+        (["-m"], ["python", "-m", "extsub_kernels"], True),
+        (["-m"], ["python", "-m", "pytest"], False),
+        (["/usr/bin/python"], ["python", "-c", "import extsub_kernels", "-m", "extsub_kernels"], False),
+    ],
+)
+def test_the_package_notes_signals_from_its_import_only_in_a_command(argv, orig_argv, noted):
+    import signal
+
+    from extsub_kernels import _signals
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        _signals.install_for_commands(argv, orig_argv)
+        assert (signal.getsignal(signal.SIGINT) is _signals._note_only) is noted
+    finally:
+        _signals.restore(before)

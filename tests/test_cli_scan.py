@@ -178,12 +178,12 @@ def test_a_signal_keeps_the_rows_measured_so_far(trained, tmp_path, sig, code, w
 
 
 def test_interrupted_during_start_up_exits_130_with_one_line(capsys, monkeypatch):
-    import extsub_kernels.cli.scan as cli
+    import extsub_kernels.cli.common as common
 
-    def interrupted(argv):  # stands for a Ctrl-C while torch or transformers is being imported
+    def interrupted():  # a Ctrl-C while torch or transformers is being imported
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_main", interrupted)
+    monkeypatch.setattr(common, "load_torch", interrupted)
     assert main(["e", "a", "--base", "b", "--keep", "k", "--forget", "f", "-o", "o"]) == EXIT_SIGINT
     assert capsys.readouterr().err == ("extsub-scan: error: interrupted; nothing was written\n")
 

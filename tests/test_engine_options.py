@@ -9,8 +9,11 @@ from extsub_kernels.engine.options import (
     CUDA_BLOCK_BYTES,
     RunOptions,
     eval_dtype,
+    lam_items,
     lam_label,
     lam_labels,
+    lam_text,
+    out_dtype,
     parse_lam_grid,
     parse_lams,
     parse_methods,
@@ -141,3 +144,27 @@ def test_eval_dtype():
     assert eval_dtype(torch.bfloat16) is torch.bfloat16
     with pytest.raises(InputError, match="unknown dtype 'fp8'; choose one of auto, float32, float64"):
         eval_dtype("fp8")
+
+
+def test_output_and_evaluation_dtypes_follow_one_rule():
+    """A name or the torch dtype itself, each checked against its own list (the first name forces none)."""
+    assert out_dtype("keep") is None and out_dtype(torch.float16) is torch.float16
+    with pytest.raises(InputError, match="dtype torch.float64 cannot be an output dtype; choose one of float16, bf"):
+        out_dtype(torch.float64)
+    with pytest.raises(InputError, match="dtype torch.int8 cannot be an evaluation dtype; choose one of float32, f"):
+        eval_dtype(torch.int8)
+
+
+def test_one_lam_grammar_reads_merges_scans_and_recipes_alike():
+    assert lam_items("0.5, 1:2") == [("0.5", 0.5), ("1:2", [1.0, 2.0])]
+    assert lam_items([1, [2, 0.5]]) == [("1", 1.0), ("2:0.5", [2.0, 0.5])]
+    assert parse_lams("0.5, 1:2", 2) == [(0.5, 0.5), (1.0, 2.0)]
+    assert parse_lam_grid([1, [2, 3, 0.5]]) == [0.0, 1.0, 2.0, 2.5, 3.0]  # three numbers in a scan: a range
+    with pytest.raises(InputError, match="λ must be a number, got 'x'"):
+        lam_items("1:x")
+
+
+def test_one_lam_formatter_exact_or_short():
+    assert lam_text([1.0, 0.5], ":") == "1:0.5" and lam_text([2.0]) == "2"
+    assert lam_text([0.1 + 0.2]) == "0.30000000000000004" and lam_text([0.1 + 0.2], short=True) == "0.3"
+    assert lam_text([1.0, 0.25], ", ", short=True) == "1, 0.25"

@@ -323,7 +323,7 @@ def test_pretokenised_sets_for_a_model_without_tokenizer(trained, tmp_path):
             dict(anti="llama-ia3"),
             r"is a \(IA\)³ adapter but the expert .* is a LoRA adapter; Ext-Sub combines adapters of",
         ),
-        (dict(base="llama-lora"), r"BASE .* is a PEFT adapter; --base takes the full base model"),
+        (dict(base="llama-lora"), r"BASE .* is a PEFT adapter; base= takes the full base model"),
         (
             dict(base="gpt2"),
             r"does not fit BASE base-gpt2: BASE has no module model\.layers\.0\..* \(and 13 more of its 14\)",

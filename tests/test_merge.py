@@ -100,7 +100,7 @@ def test_on_cuda_the_output_equals_the_op_on_the_gpu(tmp_path, pair):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
 def test_asking_for_cuda_without_it_is_a_clear_error(tmp_path, pair):
     _, _, e_path, a_path = pair
-    with pytest.raises(InputError, match="'cuda' was asked for but CUDA is not available here; use --device cpu"):
+    with pytest.raises(InputError, match="'cuda' was asked for but CUDA is not available here; use device=cpu"):
         merge(e_path, a_path, tmp_path / "out.safetensors", device="cuda")
 
 
@@ -344,3 +344,17 @@ def test_an_adapter_with_a_dense_checkpoint_is_refused(tmp_path, pair):
     ):
         merge(e_path, e_path, tmp_path / "out.safetensors", adapter=AdapterOptions(output_format="delta"))
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_merge_and_inspect_take_their_defaults_from_one_place():
+    """The defaults of a run are spelled once (`_names`); merge(), inspect() and the commands read them."""
+    import inspect as python_inspect
+
+    from extsub_kernels import _names
+    from extsub_kernels.analysis import inspect
+
+    for function in (merge, inspect):
+        parameters = python_inspect.signature(function).parameters
+        assert parameters["lam"].default == _names.DEFAULT_LAM and parameters["device"].default == _names.DEFAULT_DEVICE
+    assert python_inspect.signature(merge).parameters["dtype"].default == _names.DEFAULT_DTYPE
+    assert python_inspect.signature(merge).parameters["on_missing"].default == _names.DEFAULT_ON_MISSING

@@ -1,33 +1,28 @@
-"""`inspect()`: the statistics a merge reports (docs/design.md §7), computed without writing a merge.
-
-Inputs are resolved, planned and streamed exactly as `merge()` does (same matching rules,
-same errors); the write stage writes nothing. Dense tensors run through the op for its row
-sums, block by block; LoRA adapters take them from their factors.
-"""
+"""`inspect()`: the statistics a merge reports (docs/design.md §7) without writing a merge: the inputs are resolved,
+planned and streamed exactly as `merge()` does (same rules, same errors), and the write stage writes nothing."""
 
 import contextlib
 import os
-import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from extsub_kernels._names import DEFAULT_DEVICE, DEFAULT_LAM, DEFAULT_METHOD
 from extsub_kernels.adapters import AdapterOptions
 from extsub_kernels.analysis.markdown import inspection_markdown
 from extsub_kernels.analysis.plot import HEATMAP_NAME, PlotUnavailable, draw_heatmaps
 from extsub_kernels.engine import MergeReport
-from extsub_kernels.engine.method_spec import DEFAULT_METHOD
-from extsub_kernels.engine.options import Lam, RunOptions, input_roles, parse_lams, resolve_device
+from extsub_kernels.engine.options import Lam, input_roles
 from extsub_kernels.engine.record import json_text, report_record
 from extsub_kernels.io.atomic import publish, remove, reserve_temp, write_text
 from extsub_kernels.io.outputs import check_report_folder
 from extsub_kernels.io.resolve import resolve_input
-from extsub_kernels.merge import Source, execute, source_list
+from extsub_kernels.merge import RunSpec, Source, execute, source_list
 
 JSON_NAME, MARKDOWN_NAME = "report.json", "report.md"
-REPORT_FILES = (JSON_NAME, MARKDOWN_NAME, HEATMAP_NAME)
+_REPORT_FILES = (JSON_NAME, MARKDOWN_NAME, HEATMAP_NAME)
 
 
 def inspect(
@@ -35,9 +30,9 @@ def inspect(
     anti: Source | Sequence[Source],
     *,
     base: str | os.PathLike | None = None,
-    lam: Lam = 1.0,
+    lam: Lam = DEFAULT_LAM,
     method: str = DEFAULT_METHOD,
-    device: str | torch.device = "auto",
+    device: str | torch.device = DEFAULT_DEVICE,
     transposed: bool | None = None,
     adapter: AdapterOptions | None = None,
     progress: bool = False,
@@ -64,18 +59,7 @@ def inspect(
         >>> report = inspect("expert_adapter/", "anti_adapter/")  # doctest: +SKIP
         >>> report.stats[0].pairs[0].cos.median  # doctest: +SKIP
     """
-    started = time.perf_counter()
-    options = RunOptions(
-        settings=tuple(parse_lams(lam, len(source_list(expert, anti)) - 1)),
-        method=method,
-        device=resolve_device(device),
-        progress=progress,
-        block_bytes=block_bytes,
-        mode="inspect",
-        stats=True,
-        transposed=transposed,
-    )
-    return execute(expert, anti, base, options, adapter or AdapterOptions(), None, {}, command, started)
+    return execute(RunSpec.create(**locals(), out=None, mode="inspect", stats=True))
 
 
 def write_inspection(report: MergeReport, folder: str | os.PathLike, *, force: bool = False) -> list[Path]:
@@ -86,20 +70,23 @@ def write_inspection(report: MergeReport, folder: str | os.PathLike, *, force: b
     """
     folder = Path(folder)
     check_inspection_folder(folder, force=force)  # the inputs were checked before the run (the command does)
+    renders = {
+        JSON_NAME: lambda temp: write_text(temp, json_text(report_record(report))),
+        MARKDOWN_NAME: lambda temp: write_text(temp, inspection_markdown(report)),
+        HEATMAP_NAME: lambda temp: draw_heatmaps(report, temp),
+    }
     written: list[Path] = []
     try:
-        written.append(_write(folder / JSON_NAME, json_text(report_record(report)), force))
-        written.append(_write(folder / MARKDOWN_NAME, inspection_markdown(report), force))
-        target = folder / HEATMAP_NAME
-        temp = reserve_temp(target, folder=False)
-        try:
-            draw_heatmaps(report, temp)
-            publish(temp, target, force=force)
-            written.append(target)
-        except PlotUnavailable as e:
-            warnings.warn(str(e), stacklevel=2)
-        finally:
-            remove(temp)
+        for name, render in renders.items():
+            temp = reserve_temp(folder / name, folder=False)
+            try:
+                render(temp)
+                publish(temp, folder / name, force=force)
+                written.append(folder / name)
+            except PlotUnavailable as e:
+                warnings.warn(str(e), stacklevel=2)
+            finally:
+                remove(temp)
     except BaseException as error:  # an interrupt or a failure after some files: say which are in place, complete
         done = tuple(dict.fromkeys([*written, *getattr(error, "published", ())]))
         if done:
@@ -124,14 +111,4 @@ def check_inspection_folder(
     sources += [base] if base is not None else []
     given = [(role, s) for role, s in zip(roles, sources, strict=False) if isinstance(s, (str, os.PathLike))]
     inputs = [(role, resolve_input(s, role=role, quiet=True)) for role, s in given]
-    check_report_folder(folder, REPORT_FILES, inputs, force=force, label="-o")
-
-
-def _write(path: Path, text: str, force: bool) -> Path:
-    temp = reserve_temp(path, folder=False)
-    try:
-        write_text(temp, text)
-        publish(temp, path, force=force)
-    finally:
-        remove(temp)
-    return path
+    check_report_folder(folder, _REPORT_FILES, inputs, force=force, label="-o")

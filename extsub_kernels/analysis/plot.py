@@ -1,8 +1,5 @@
-"""report.png of `extsub-inspect`: heatmaps of layers × module types, mean cos(p, m) and the deficiency share.
-
-Drawn with matplotlib, an optional dependency (the `plot` extra); without it
-`draw_heatmaps` raises `PlotUnavailable` with that advice and nothing is drawn.
-"""
+"""report.png of `extsub-inspect`: heatmaps of layers × module types, mean cos(p, m) and the deficiency share, drawn
+with matplotlib, an optional dependency (the `plot` extra; without it `draw_heatmaps` raises `PlotUnavailable`)."""
 
 import math
 import os
@@ -15,7 +12,7 @@ HEATMAP_NAME = "report.png"
 # The figure's size in pixels, whatever the model: width fixed, height per anti-expert.
 WIDTH_IN, HEIGHT_IN, DPI = 12.0, 6.0, 100
 # Cells are labelled with their value while the grid is small enough to read them.
-LABELLED_CELLS = 400
+_LABELLED_CELLS = 400
 
 
 class PlotUnavailable(RuntimeError):
@@ -61,7 +58,7 @@ def draw_heatmaps(report: MergeReport, path: str | os.PathLike) -> None:
             ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=8)
             ax.set_ylabel("layer")
             figure.colorbar(image, ax=ax)
-            if 0 < len(layers) * len(kinds) <= LABELLED_CELLS:
+            if 0 < len(layers) * len(kinds) <= _LABELLED_CELLS:
                 for y, row_values in enumerate(grid):
                     for x, v in enumerate(row_values):
                         if not math.isnan(v):

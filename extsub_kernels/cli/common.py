@@ -1,23 +1,18 @@
-"""What every command shares: exit codes, the one signal policy from start-up to exit, one-line errors and warnings.
-
-Signals (`_signals`): a console script notes SIGINT and SIGTERM from the import of the command
-line on; `run_command` answers them, loads torch with them deferred (an interrupt inside a large
-import can be swallowed, leave it half-loaded or abort the interpreter), then raises them as
-exceptions that become one line and exit 130 / 143, and ends the process quietly on one that
-comes while it exits.
-"""
+"""What every command shares: `main`'s steps, exit codes, the one signal policy from start-up to exit (`_signals`:
+interrupts become one line and exit 130 / 143), one-line errors and warnings, flags, flags → Python options."""
 
 import argparse
 import contextlib
 import fcntl
 import os
 import re
+import shlex
 import signal
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from extsub_kernels import _signals
 from extsub_kernels._version import __version__
@@ -27,13 +22,32 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 
-def run_command(prog: str, body: Callable[[], int], *, process: bool = False) -> int:
-    """Run a command's body under the one signal policy (`_signals`) with usable std streams; interrupts become one
-    line and exit 130 / 143, a second one while the first is answered included.
+def command_main(
+    prog: str,
+    build_parser: Callable[[], argparse.ArgumentParser],
+    run: Callable[[argparse.ArgumentParser, argparse.Namespace, str], int],
+) -> Callable[..., int]:
+    """A command's `main(argv=None)`: parse argv (default: sys.argv[1:]; --help and usage errors answer before torch
+    loads), load torch, then `run(parser, args, command line)`, all under `run_command`; returns the exit code."""
 
-    `process`: the command is the whole process (a console script): a signal after the body,
-    while the interpreter exits, ends it at once with 130 / 143 instead of a traceback.
-    """
+    def main(argv: Sequence[str] | None = None) -> int:
+        def body() -> int:
+            words = list(sys.argv[1:] if argv is None else argv)
+            parser = build_parser()
+            args = parser.parse_args(words)
+            load_torch()
+            return run(parser, args, shlex.join([prog, *words]))
+
+        return run_command(prog, body, process=argv is None)
+
+    main.__doc__ = f"Run `{prog}` with `argv` (default: sys.argv[1:]); returns the exit code."
+    return main
+
+
+def run_command(prog: str, body: Callable[[], int], *, process: bool = False) -> int:
+    """Run a command's body under the one signal policy (`_signals`) with usable std streams; interrupts (a second
+    one while the first is answered included) become one line and exit 130 / 143. `process`: the command is the
+    whole process, so a signal while the interpreter exits ends it at once with 130 / 143, no traceback."""
     previous = _signals.install()
     try:
         try:
@@ -63,8 +77,8 @@ def run_command(prog: str, body: Callable[[], int], *, process: bool = False) ->
 
 
 def load_torch() -> None:
-    """Import torch whole or not at all: a signal meanwhile is answered once it has loaded. Each command calls it once
-    its arguments parse, so --help, --version and usage errors never wait seconds for torch."""
+    """Import torch whole or not at all: a signal meanwhile is answered once it has loaded (after parsing, so --help,
+    --version and usage errors never wait for torch)."""
     with _signals.deferred():
         import torch  # noqa: F401
 
@@ -73,53 +87,45 @@ _INTERRUPTS = {False: ("interrupted", EXIT_SIGINT), True: ("terminated", EXIT_SI
 
 
 def _interrupt_exit(prog: str, interrupt: BaseException) -> int:
+    """One line for a Ctrl-C or SIGTERM: nothing was written, or (held back while publishing) every output was."""
     what, code = _INTERRUPTS[isinstance(interrupt, Terminated)]
-    return fail(prog, _interrupted(what, interrupt), code)
+    names = ", ".join(str(p) for p in getattr(interrupt, "published", ()))
+    done = f" while the outputs were moved into place, after which every one was complete: {names}"
+    return fail(prog, what + (done if names else "; nothing was written"), code)
 
 
-def guarded(prog: str, work: Callable[[], object], what: str = "run") -> tuple[int, object]:
-    """(EXIT_OK, result) of `work`, or the exit code of its failure with its one-line message printed.
-
-    Bad input (InputError) exits 2; any other exception is a failed `what` ("merge"), exit 1, whose
-    message says whether outputs were published before the failure. A failure that follows a
-    signal swallowed on its way (`_signals`) is that interrupt instead.
-    """
-    try:
-        return EXIT_OK, work()
-    except (KeyboardInterrupt, Terminated):
-        raise
-    except Exception as e:
-        _signals.raise_unanswered()
-        return _failure(prog, e, what), None
+def guarded(
+    prog: str, work: Callable[[], object], what: str = "run", *, quiet: bool | None = None
+) -> tuple[int, object]:
+    """(EXIT_OK, result) of `work`, or the exit code of its failure with its one-line message printed: bad input
+    (InputError) exits 2, any other exception is a failed `what`, exit 1, saying what was published before it; one
+    that follows a swallowed signal (`_signals`) is that interrupt. With `quiet` given, warnings show as one line."""
+    with _shown_warnings(prog, quiet=quiet) if quiet is not None else contextlib.nullcontext():
+        try:
+            return EXIT_OK, work()
+        except (KeyboardInterrupt, Terminated):
+            raise
+        except Exception as e:
+            _signals.raise_unanswered()
+            return _failure(prog, e, what), None
 
 
 def _failure(prog: str, e: Exception, what: str) -> int:
+    message = as_flags(str(e), getattr(e, "options", ()))
     if isinstance(e, InputError):
-        return fail(prog, as_flags(str(e), e.options), EXIT_BAD_INPUT)
+        return fail(prog, message, EXIT_BAD_INPUT)
     if isinstance(e, PublishError):
-        return fail(prog, f"the {what} failed: {e}", EXIT_FAILED)
-    published = getattr(e, "published", ())
-    if published:
-        names = ", ".join(str(p) for p in published)
-        return fail(prog, f"the {what} failed after publishing its outputs (each complete: {names}): {e}", EXIT_FAILED)
-    return fail(prog, f"the {what} failed and nothing was written: {type(e).__name__}: {e}", EXIT_FAILED)
-
-
-def _interrupted(what: str, interrupt: BaseException) -> str:
-    """The message of a Ctrl-C or SIGTERM: nothing was written, or (held back while publishing) all outputs were."""
-    published = getattr(interrupt, "published", ())
-    if not published:
-        return f"{what}; nothing was written"
-    names = ", ".join(str(p) for p in published)
-    return f"{what} while the outputs were moved into place, after which every one was complete: {names}"
+        return fail(prog, f"the {what} failed: {message}", EXIT_FAILED)
+    names = ", ".join(str(p) for p in getattr(e, "published", ()))
+    if names:
+        message = f"the {what} failed after publishing its outputs (each complete: {names}): {message}"
+        return fail(prog, message, EXIT_FAILED)
+    return fail(prog, f"the {what} failed and nothing was written: {type(e).__name__}: {message}", EXIT_FAILED)
 
 
 def _usable_std_streams() -> None:
-    """A closed stdin, stdout or stderr (`2>&-`) becomes /dev/null, before any file is opened.
-
-    Otherwise the first file opened would take the free descriptor, and messages or the progress
-    bar written to "stderr" would land in it (an output file), or fail the run with EBADF.
-    """
+    """A closed stdin, stdout or stderr (`2>&-`) becomes /dev/null before any file is opened, which would otherwise
+    take the free descriptor and get the messages written to "stderr" (or fail the run with EBADF)."""
     for fd in (0, 1, 2):
         try:
             os.fstat(fd)
@@ -137,9 +143,8 @@ def _usable_std_streams() -> None:
 
 
 @contextmanager
-def shown_warnings(prog: str, *, quiet: bool) -> Iterator[None]:
-    """Within the block, warnings print as one line `PROG: warning: ...` each, notices as `PROG: ...` (none with
-    `quiet`)."""
+def _shown_warnings(prog: str, *, quiet: bool) -> Iterator[None]:
+    """Within the block, warnings print as one line `PROG: warning: ...`, notices as `PROG: ...` (none if `quiet`)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore" if quiet else "default")
 
@@ -189,16 +194,22 @@ class _OneLineParser(argparse.ArgumentParser):
         raise SystemExit(EXIT_BAD_INPUT)
 
 
-def command_parser(prog: str, description: str, epilog: str, **options: object) -> argparse.ArgumentParser:
+def command_parser(
+    prog: str, description: str, epilog: str, pair: tuple[str, str] | None = None, **options: object
+) -> argparse.ArgumentParser:
     """The parser every command starts from: its name, a description and an epilog kept as written; usage errors
-    are one line."""
-    return _OneLineParser(
+    are one line. `pair`: the help of its EXPERT and ANTI [ANTI ...] arguments."""
+    parser = _OneLineParser(
         prog=prog,
         description=description,
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         **options,
     )
+    if pair is not None:
+        parser.add_argument("expert", metavar="EXPERT", help=pair[0])
+        parser.add_argument("anti", metavar="ANTI", nargs="+", help=pair[1])
+    return parser
 
 
 def add_closing_flags(parser: argparse.ArgumentParser, *, force_help: str) -> None:
@@ -209,9 +220,8 @@ def add_closing_flags(parser: argparse.ArgumentParser, *, force_help: str) -> No
 
 
 def add_adapter_input_flags(add: Callable[..., object]) -> None:
-    """The flags that say how to read adapter inputs, as extsub-merge and extsub-inspect both take them: the scaling
-    of bare LoRA files (--lora-alpha, --rank, --rslora) and --any-base-model. `add`: a parser's or group's
-    add_argument."""
+    """How to read adapter inputs, for extsub-merge and extsub-inspect: the scaling of bare LoRA files (--lora-alpha,
+    --rank, --rslora) and --any-base-model. `add`: a parser's or group's add_argument."""
     add(
         "--lora-alpha",
         type=float,
@@ -225,3 +235,27 @@ def add_adapter_input_flags(add: Callable[..., object]) -> None:
         action="store_true",
         help="accept different base_model_name_or_path (module shapes are still checked)",
     )
+
+
+def python_options(values: Mapping[str, Any], function: Callable) -> dict[str, Any]:
+    """The keyword arguments of `function` (`merge`, `inspect`) from a command's options under recipe keys: the
+    scaling flags and --format, --max-rank, --any-base-model make `adapter=`, -q `progress=`, -v `stats=`,
+    --config `reads=`; options `function` does not take are left out."""
+    from inspect import signature
+
+    from extsub_kernels.adapters import AdapterOptions, LoraScaling
+
+    alpha, rank, rslora = values.get("lora_alpha"), values.get("rank"), bool(values.get("rslora"))
+    if alpha is None and (rank is not None or rslora):
+        raise InputError("--rank and --rslora describe the scaling of bare adapter files; give --lora-alpha too")
+    scaling = LoraScaling(lora_alpha=alpha, r=rank, use_rslora=rslora) if alpha is not None else None
+    given = {
+        **values,
+        "adapter": AdapterOptions(
+            values.get("format"), values.get("max_rank"), scaling, bool(values.get("any_base_model"))
+        ),
+        "progress": not values.get("quiet"),
+        "stats": True if values.get("verbose") or values.get("report") is not None else None,
+        "reads": [values["config"]] if values.get("config") else [],
+    }
+    return {key: value for key, value in given.items() if key in signature(function).parameters}

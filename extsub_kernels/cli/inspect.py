@@ -5,21 +5,9 @@ Markdown tables on stdout. Heavy imports happen after the signal handlers are se
 """
 
 import argparse
-import shlex
 import sys
-from collections.abc import Sequence
 
-from extsub_kernels.cli.common import (
-    EXIT_OK,
-    add_adapter_input_flags,
-    add_closing_flags,
-    command_parser,
-    guarded,
-    load_torch,
-    run_command,
-    say,
-    shown_warnings,
-)
+from extsub_kernels.cli import common
 
 PROG = "extsub-inspect"
 EPILOG = f"""\
@@ -49,79 +37,61 @@ exit codes: 0 done; 1 failure while reading; 2 bad usage or bad input; 130/143 i
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of `extsub-inspect`."""
-    from extsub_kernels._names import DEFAULT_METHOD, METHODS
+    """The argument parser of `extsub-inspect`; options not given are absent from its namespace (inspect()'s
+    defaults apply)."""
+    from extsub_kernels._names import METHODS
 
-    parser = command_parser(
+    parser = common.command_parser(
         PROG,
-        description="The geometry of an Ext-Sub merge without making it: per tensor or module, how much of the "
-        "anti-expert\nis shared capability and how much is deficiency (docs/design.md §7 of extsub).",
-        epilog=EPILOG,
+        "The geometry of an Ext-Sub merge without making it: per tensor or module, how much of the anti-expert\n"
+        "is shared capability and how much is deficiency (docs/design.md §7 of extsub).",
+        EPILOG,
+        ("the expert θ⁺ (as for extsub-merge)", "anti-expert(s) θ⁻"),
+        argument_default=argparse.SUPPRESS,
     )
     add = parser.add_argument
-    add("expert", metavar="EXPERT", help="the expert θ⁺ (as for extsub-merge)")
-    add("anti", metavar="ANTI", nargs="+", help="anti-expert(s) θ⁻")
     add("-o", "--out", metavar="DIR", help="write report.json, report.md and report.png into DIR")
     add("--base", metavar="BASE", help="θ₀: the inputs are full models, compared as task vectors θ − θ₀")
-    add("--lam", default="1", metavar="L[,L...]", help="λ settings to report the relative change at (default 1)")
-    add("--method", choices=METHODS, default=DEFAULT_METHOD, help="the method the relative change is for")
-    add("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    add("--lam", metavar="L[,L...]", help="λ settings to report the relative change at (default 1)")
+    add("--method", choices=METHODS, help="the method the relative change is for")
+    add("--device", help="auto (default), cpu, cuda or cuda:N")
     add("--transposed", action=argparse.BooleanOptionalAction, help="GPT-2 Conv1D layout, as for extsub-merge")
-    add_adapter_input_flags(add)
-    add_closing_flags(parser, force_help="replace report files already in DIR")
+    common.add_adapter_input_flags(add)
+    common.add_closing_flags(parser, force_help="replace report files already in DIR")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run `extsub-inspect` with `argv` (default: sys.argv[1:]); returns the exit code."""
-    return run_command(PROG, lambda: _main(argv), process=argv is None)
-
-
-def _main(argv: Sequence[str] | None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    load_torch()
-    with shown_warnings(PROG, quiet=args.quiet):
-        code, report = guarded(PROG, lambda: _inspect(args, shlex.join([PROG, *argv])), "inspection")
-    if code == EXIT_OK and not args.quiet:
-        say(f"{PROG}: {report.summary()}")
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, command: str) -> int:
+    values = vars(args)
+    quiet = bool(values.get("quiet"))
+    code, report = common.guarded(PROG, lambda: _inspect(values, command, quiet), "inspection", quiet=quiet)
+    if code == common.EXIT_OK and not quiet:
+        common.say(f"{PROG}: {report.summary()}")
     return code
 
 
-def _inspect(args: argparse.Namespace, command: str) -> object:
+def _inspect(values: dict, command: str, quiet: bool) -> object:
     from pathlib import Path
 
-    from extsub_kernels.adapters import AdapterOptions, LoraScaling
     from extsub_kernels.analysis import inspect, write_inspection
     from extsub_kernels.analysis.inspect import check_inspection_folder
     from extsub_kernels.analysis.markdown import inspection_markdown
-    from extsub_kernels.errors import InputError
 
-    if args.lora_alpha is None and (args.rank is not None or args.rslora):
-        raise InputError("--rank and --rslora describe the scaling of bare adapter files; give --lora-alpha too")
-    if args.out is not None:
-        check_inspection_folder(Path(args.out), args.expert, args.anti, args.base, force=args.force)
-    scaling = LoraScaling(args.lora_alpha, args.rank, args.rslora) if args.lora_alpha is not None else None
-    report = inspect(
-        args.expert,
-        args.anti,
-        base=args.base,
-        lam=args.lam,
-        method=args.method,
-        device=args.device,
-        transposed=args.transposed,
-        adapter=AdapterOptions(scaling=scaling, any_base_model=args.any_base_model),
-        progress=not args.quiet,
-        command=command,
-    )
-    if args.out is None:
+    options = common.python_options(values, inspect)  # the scaling flags checked before the folder
+    out, force = values.get("out"), bool(values.get("force"))
+    if out is not None:
+        check_inspection_folder(Path(out), values["expert"], values["anti"], values.get("base"), force=force)
+    report = inspect(**options, command=command)
+    if out is None:
         sys.stdout.write(inspection_markdown(report))
     else:
-        for path in write_inspection(report, args.out, force=args.force):
-            if not args.quiet:
-                say(f"{PROG}: wrote {path}")
+        for path in write_inspection(report, out, force=force):
+            if not quiet:
+                common.say(f"{PROG}: wrote {path}")
     return report
 
+
+main = common.command_main(PROG, build_parser, _run)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,42 +1,24 @@
 """`extsub-merge`: the command line over `extsub_kernels.merge()`; parsing, recipes and messages, nothing more.
 
-Options come from three places, later ones winning: the defaults, a recipe (`--config`), the
-flags given. Heavy imports (torch) happen inside `main`, after the signal handlers are set.
+Options come from three places, later ones winning: `merge()`'s defaults, a recipe (`--config`), the flags given.
 """
 
 import argparse
-import shlex
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 from extsub_kernels.cli.common import (
     EXIT_OK,
     add_adapter_input_flags,
     add_closing_flags,
+    command_main,
     command_parser,
     guarded,
-    load_torch,
-    run_command,
+    python_options,
     say,
-    shown_warnings,
 )
 
 PROG = "extsub-merge"
-# What an option is when neither a recipe nor a flag sets it (recipe keys, as argparse dests).
-DEFAULTS: dict[str, Any] = {
-    "lam": "1",
-    "method": "ext-sub",
-    "device": "auto",
-    "dtype": "keep",
-    "on_missing": "error",
-    "rslora": False,
-    "any_base_model": False,
-    "force": False,
-    "dry_run": False,
-    "quiet": False,
-    "verbose": False,
-}
 
 EPILOG = f"""\
 inputs (EXPERT, ANTI, --base):
@@ -116,14 +98,7 @@ exit codes:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `extsub-merge`; options not given are absent from its namespace (recipes fill them)."""
-    from extsub_kernels._names import (
-        DEFAULT_MAX_SHARD_SIZE,
-        FORMATS,
-        METHODS,
-        ON_MISSING,
-        OUT_DTYPE_NAMES,
-        method_help,
-    )
+    from extsub_kernels._names import DEFAULT_MAX_SHARD_SIZE, FORMATS, METHODS, ON_MISSING, OUT_DTYPE_NAMES, method_help
 
     parser = command_parser(
         PROG,
@@ -190,46 +165,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run `extsub-merge` with `argv` (default: sys.argv[1:]); returns the exit code."""
-    return run_command(PROG, lambda: _main(argv), process=argv is None)
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, command: str) -> int:
+    from extsub_kernels.merge import merge
 
-
-def _main(argv: Sequence[str] | None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    given = vars(parser.parse_args(argv))
-    load_torch()
-    code, values = guarded(PROG, lambda: _option_values(given, parser))
+    code, values = guarded(PROG, lambda: _option_values(vars(args), parser))
     if code != EXIT_OK:
         return code
-    command = shlex.join([PROG, *argv])
-    with shown_warnings(PROG, quiet=values["quiet"]):
-        code, report = guarded(PROG, lambda: _merge(values, command), "merge")
-    if code != EXIT_OK or values["quiet"]:
+    quiet = bool(values.get("quiet"))
+    code, report = guarded(PROG, lambda: merge(**python_options(values, merge), command=command), "merge", quiet=quiet)
+    if code != EXIT_OK or quiet:
         return code
     if report.mode == "dry-run":
         for line in report.details() + report.file_lines():
             say(f"  {line}")
     say(f"{PROG}: {report.summary()}")
-    for line in report.details() if values["verbose"] and report.mode != "dry-run" else []:
+    for line in report.details() if values.get("verbose") and report.mode != "dry-run" else []:
         say(f"  {line}")
     return code
 
 
 def _option_values(given: dict[str, Any], parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """Every option of the run: the defaults, overridden by the recipe (--config), overridden by the flags given.
-
-    Raises:
-        InputError: a bad recipe (naming the key).
-        SystemExit: (via parser.error) no EXPERT and ANTI, or no OUT, from either source.
-    """
+    """Every option given: the recipe's (--config; a bad one is an InputError naming the key), overridden by the
+    flags given; a usage error (SystemExit) without EXPERT and ANTI, or OUT, from either."""
     from extsub_kernels.adapters.peft import FORMATS
     from extsub_kernels.engine.recipe import load_recipe
 
     recipe = load_recipe(given["config"], {"format": FORMATS}) if "config" in given else {}
     inputs = given.pop("inputs", [])
-    values = {**DEFAULTS, **recipe, **given}
+    values = {**recipe, **given}
     if inputs:
         values["expert"], values["anti"] = inputs[0], inputs[1:]
     if isinstance(values.get("anti"), str):
@@ -241,47 +204,7 @@ def _option_values(given: dict[str, Any], parser: argparse.ArgumentParser) -> di
     return values
 
 
-def _merge(values: dict[str, Any], command: str) -> object:
-    """Call `merge()` with the run's options."""
-    from extsub_kernels.adapters import AdapterOptions, LoraScaling
-    from extsub_kernels.errors import InputError
-    from extsub_kernels.merge import merge
-
-    if values.get("lora_alpha") is None and (values.get("rank") is not None or values["rslora"]):
-        raise InputError("--rank and --rslora describe the scaling of bare adapter files; give --lora-alpha too")
-    scaling = (
-        LoraScaling(lora_alpha=values["lora_alpha"], r=values.get("rank"), use_rslora=values["rslora"])
-        if values.get("lora_alpha") is not None
-        else None
-    )
-    report = values.get("report")
-    return merge(
-        values["expert"],
-        values["anti"],
-        values["out"],
-        lam=values["lam"],
-        method=values["method"],
-        base=values.get("base"),
-        device=values["device"],
-        dtype=values["dtype"],
-        max_shard_size=values.get("max_shard_size"),
-        on_missing=values["on_missing"],
-        force=values["force"],
-        progress=not values["quiet"],
-        adapter=AdapterOptions(
-            output_format=values.get("format"),
-            max_rank=values.get("max_rank"),
-            scaling=scaling,
-            any_base_model=values["any_base_model"],
-        ),
-        transposed=values.get("transposed"),
-        dry_run=values["dry_run"],
-        stats=True if values["verbose"] or report is not None else None,
-        report=report,
-        command=command,
-        reads=[values["config"]] if values.get("config") else [],
-    )
-
+main = command_main(PROG, build_parser, _run)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,7 +7,6 @@ at any moment ends with one line and the documented exit code.
 
 import argparse
 import sys
-from collections.abc import Sequence
 
 from extsub_kernels import _signals
 from extsub_kernels.cli.common import (
@@ -15,13 +14,11 @@ from extsub_kernels.cli.common import (
     EXIT_SIGINT,
     EXIT_SIGTERM,
     add_closing_flags,
+    command_main,
     command_parser,
     fail,
     guarded,
-    load_torch,
-    run_command,
     say,
-    shown_warnings,
 )
 from extsub_kernels.errors import ScanInterrupted
 
@@ -96,13 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = command_parser(
         PROG,
-        description="Choose λ by measuring it: load the base once, install the Ext-Sub merge at every λ in place,\n"
+        "Choose λ by measuring it: load the base once, install the Ext-Sub merge at every λ in place,\n"
         "measure NLL on text to keep and to forget (and repetition of generations), plot and recommend.",
-        epilog=EPILOG,
+        EPILOG,
+        ("the expert θ⁺: an adapter, or a full model of MODEL", "anti-expert(s) θ⁻, applied in order"),
     )
     add = parser.add_argument
-    add("expert", metavar="EXPERT", help="the expert θ⁺: an adapter, or a full model of MODEL")
-    add("anti", metavar="ANTI", nargs="+", help="anti-expert(s) θ⁻, applied in order")
     add("--base", metavar="MODEL", required=True, help="the base model, loaded once (a folder or hub id)")
     add("--keep", metavar="KEEP", required=True, help="text the merged model should still model well")
     add("--forget", metavar="FORGET", required=True, help="examples of the deficiency to unlearn")
@@ -129,12 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--max-new-tokens", type=int, default=64, metavar="N", help="longest continuation (default 64)")
     add("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    add(
-        "--dtype",
-        choices=EVAL_DTYPE_NAMES,
-        default="auto",
-        help="the model's dtype (default auto: the checkpoint's on CUDA, float32 on the CPU)",
-    )
+    dtype_help = "the model's dtype (default auto: the checkpoint's on CUDA, float32 on the CPU)"
+    add("--dtype", choices=EVAL_DTYPE_NAMES, default="auto", help=dtype_help)
     add("--batch-size", type=int, default=8, metavar="N", help="examples per forward pass (default 8)")
     add("--threads", type=int, metavar="N", help="torch CPU threads (default: half the cores, at least 1)")
     add(
@@ -159,21 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run `extsub-scan` with `argv` (default: sys.argv[1:]); returns the exit code."""
-    return run_command(PROG, lambda: _main(argv), process=argv is None)
-
-
-def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
-    load_torch()
-    with shown_warnings(PROG, quiet=args.quiet):
-        try:
-            code, result = guarded(PROG, lambda: _scan(args), "scan")
-        except ScanInterrupted as e:  # the rows measured so far are in SCAN_DIR: say where
-            _signals.answered()  # this is the signal's answer: nothing was swallowed
-            where = f"; the {len(e.result.rows)} rows measured are in {e.result.files[0]}" if e.result.files else ""
-            return fail(PROG, f"{e}{where}", EXIT_SIGTERM if e.terminated else EXIT_SIGINT)
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, command: str) -> int:
+    try:
+        code, result = guarded(PROG, lambda: _scan(args), "scan", quiet=args.quiet)
+    except ScanInterrupted as e:  # the rows measured so far are in SCAN_DIR: say where
+        _signals.answered()  # this is the signal's answer: nothing was swallowed
+        where = f"; the {len(e.result.rows)} rows measured are in {e.result.files[0]}" if e.result.files else ""
+        return fail(PROG, f"{e}{where}", EXIT_SIGTERM if e.terminated else EXIT_SIGINT)
     if code == EXIT_OK and not args.quiet:
         from extsub_kernels.lambda_scan.report import markdown_table
 
@@ -242,6 +226,8 @@ def _summary(result) -> list[str]:
         lines.append(f"saved the best merge: {result.saved.summary()}")
     return lines
 
+
+main = command_main(PROG, build_parser, _run)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,9 +1,5 @@
-"""The vocabulary, in one place: dtypes, on-missing, the λ grammars, devices, sizes (methods: `method_spec`; adapter
-formats: their PEM types, `adapters.peft.FORMATS`).
-
-Every entry point (Python, CLI, adapters, dense engine, the λ scan) validates its options
-here, so a choice is spelled, checked and explained the same way everywhere.
-"""
+"""The rules over the option vocabulary (`_names`): the dtype each name means, the one λ grammar and formatter,
+devices, sizes, and `RunOptions`, the validated options every path of a merge reads."""
 
 import math
 import reprlib
@@ -14,46 +10,35 @@ from dataclasses import dataclass
 
 import torch
 
-from extsub_kernels._names import (  # noqa: F401 (the names, re-exported: the rules over them live here)
+from extsub_kernels._names import (  # noqa: F401 (re-exported: the rules over them live here)
     DEFAULT_MAX_SHARD_SIZE,
+    DEFAULT_ON_MISSING,
     EVAL_DTYPE_NAMES,
-    FORMATS,
     FULL_MODEL_FORMAT,
     MODES,
     ON_MISSING,
     OUT_DTYPE_NAMES,
-    SAVE_FORMATS,
-    DtypeName,
     EvalDtypeName,
-    Mode,
-    OnMissing,
-    OutputFormat,
 )
 from extsub_kernels._tensors import FLOAT_DTYPES
 from extsub_kernels.engine.method_spec import DEFAULT_METHOD, METHODS, method_spec
 from extsub_kernels.errors import InputError
 
-_FLOAT_DTYPES: dict[str, torch.dtype] = {str(dtype).removeprefix("torch."): dtype for dtype in FLOAT_DTYPES}
-
-
-def _dtype_choices(names: tuple[str, ...]) -> dict[str, torch.dtype | None]:
-    """Each name's dtype; the first forces none ("keep", "auto")."""
-    return {name: None if i == 0 else _FLOAT_DTYPES[name] for i, name in enumerate(names)}
-
-
-OUT_DTYPES: dict[str, torch.dtype | None] = _dtype_choices(OUT_DTYPE_NAMES)
+_CPU = torch.device("cpu")
+_BY_NAME = {str(dtype).removeprefix("torch."): dtype for dtype in FLOAT_DTYPES}
+# Each dtype option's names, the first forcing none ("keep": each tensor its own; "auto": decided by the device).
+OUT_DTYPES: dict[str, torch.dtype | None] = {n: _BY_NAME.get(n) for n in OUT_DTYPE_NAMES}
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in OUT_DTYPES.items() if dtype is not None}
-EVAL_DTYPES: dict[str, torch.dtype | None] = _dtype_choices(EVAL_DTYPE_NAMES)
-MAX_SCAN_POINTS = 1000
-MAX_OUTPUTS = 1000  # λ settings of one run, one output each
-CPU = torch.device("cpu")
+_EVAL_DTYPES: dict[str, torch.dtype | None] = {n: _BY_NAME.get(n) for n in EVAL_DTYPE_NAMES}
+_MAX_SCAN_POINTS = 1000
+_MAX_OUTPUTS = 1000  # λ settings of one run, one output each
 # Bytes of a streamed block of rows when none is asked for. CPU: small, so the few buffers in
 # flight stay in cache between reading, the op and writing (benchmarks/RESULTS.md, merge).
 # CUDA: large, so copies and kernels are few.
 CPU_BLOCK_BYTES = 2 << 20
 CUDA_BLOCK_BYTES = 32 << 20
 # The op computes in float32 (float64 for float64 weights): a λ past float32's range cannot be used.
-MAX_LAM = float(torch.finfo(torch.float32).max)
+_MAX_LAM = float(torch.finfo(torch.float32).max)
 
 # λ as the Python API takes it: a number, a list (one output each), per-anti-expert lists, or the CLI string.
 Lam = float | str | Sequence[float | Sequence[float]]
@@ -66,19 +51,28 @@ def check_choice(value: object, choices: Sequence[str], what: str) -> None:
         raise InputError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
 
 
-def out_dtype(name: str) -> torch.dtype | None:
-    """The torch dtype of a `dtype` option ("keep" → None: each tensor keeps its own)."""
-    check_choice(name, tuple(OUT_DTYPES), "dtype")
-    return OUT_DTYPES[name]
+def out_dtype(name: str | torch.dtype) -> torch.dtype | None:
+    """The torch dtype of a `dtype` option, a name or the dtype ("keep" → None: each tensor keeps its own)."""
+    return _dtype_option(name, OUT_DTYPES, "an output dtype")
+
+
+def eval_dtype(name: str | torch.dtype) -> torch.dtype | None:
+    """The torch dtype a scan evaluates in, from its name or itself ("auto" → None: decided by the device)."""
+    return _dtype_option(name, _EVAL_DTYPES, "an evaluation dtype")
+
+
+def _dtype_option(value: str | torch.dtype, table: dict[str, torch.dtype | None], what: str) -> torch.dtype | None:
+    if isinstance(value, torch.dtype):
+        if value not in table.values():
+            names = ", ".join(name for name, dtype in table.items() if dtype is not None)
+            raise InputError(f"dtype {value} cannot be {what}; choose one of {names}")
+        return value
+    check_choice(value, tuple(table), "dtype")
+    return table[value]
 
 
 def lam_value(value: object) -> float:
-    """One λ as a float; an InputError for anything that is not a finite number.
-
-    Example:
-        >>> lam_value(" 0.5")
-        0.5
-    """
+    """One λ as a float (" 0.5" → 0.5); an InputError for anything that is not a finite number in float32's range."""
     try:
         if isinstance(value, bool):
             raise TypeError
@@ -87,49 +81,121 @@ def lam_value(value: object) -> float:
         raise InputError(f"λ must be a number, got {value!r}") from None
     if not math.isfinite(x):
         raise InputError(f"λ must be a finite number, got {value!r}")
-    if abs(x) > MAX_LAM:
+    if abs(x) > _MAX_LAM:
         raise InputError(
-            f"λ {value!r} is out of range: |λ| must be at most {MAX_LAM:.4g} (float32, the precision of the op)"
+            f"λ {value!r} is out of range: |λ| must be at most {_MAX_LAM:.4g} (float32, the precision of the op)"
         )
     return x
 
 
-def parse_lams(lam: Lam, n_anti: int) -> list[LamSetting]:
-    """λ settings, one per output, each with one λ per anti-expert.
+def lam_items(lam: Lam, like: str = "'0.5,1,2'") -> list[tuple[str, list[float] | float]]:
+    """The one λ grammar: a number; a string of comma-separated items, each a number or numbers joined by ':'; or a
+    list whose items are numbers or lists of numbers. Each item as (its text, its number or list of numbers).
 
-    `lam` is a number (one output, that λ for every anti-expert); a string in the CLI's syntax,
-    "0.5,1,2" (one output per λ) where each item may be "1:0.5" (one λ per anti-expert, in order);
-    or a list whose items are numbers or per-anti-expert lists (`[[1.0, 0.5]]`: one output).
+    Example:
+        >>> lam_items("0.5, 1:2")
+        [('0.5', 0.5), ('1:2', [1.0, 2.0])]
+    """
+    if isinstance(lam, str):
+        items: list = [part.strip() for part in lam.split(",")]
+        items = [item.split(":") if ":" in item else item for item in items]
+    elif isinstance(lam, (int, float)) and not isinstance(lam, bool):
+        items = [lam]
+    elif isinstance(lam, Sequence) and lam:
+        items = list(lam)
+    else:
+        raise InputError(f"lam must be a number, a list of numbers or a string like {like}, got {short(lam)}")
+    return [
+        (":".join(map(str, item)), [lam_value(v) for v in item])
+        if isinstance(item, (list, tuple))
+        else (str(item), lam_value(item))
+        for item in items
+    ]
+
+
+def parse_lams(lam: Lam, n_anti: int) -> list[LamSetting]:
+    """λ settings, one per output, each with one λ per anti-expert: a number is that λ for every anti-expert, a list
+    of numbers (as "1:0.5") one λ per anti-expert, in order (`lam_items`).
 
     Example:
         >>> parse_lams("0.5,1:2", 2)
         [(0.5, 0.5), (1.0, 2.0)]
     """
     count = lam.count(",") + 1 if isinstance(lam, str) else len(lam) if isinstance(lam, Sequence) else 1
-    if count > MAX_OUTPUTS:
-        raise InputError(f"λ gives {count} settings, one output each; a run writes at most {MAX_OUTPUTS}")
-    if isinstance(lam, str):
-        items: list = [part.split(":") if ":" in part else part for part in lam.split(",")]
-    elif isinstance(lam, (int, float)) and not isinstance(lam, bool):
-        items = [lam]
-    elif isinstance(lam, Sequence) and lam:
-        items = list(lam)
-    else:
-        raise InputError(f"lam must be a number, a list of numbers or a string like '0.5,1,2', got {short(lam)}")
+    if count > _MAX_OUTPUTS:
+        raise InputError(f"λ gives {count} settings, one output each; a run writes at most {_MAX_OUTPUTS}")
     settings = []
-    for item in items:
-        values = [lam_value(v) for v in item] if isinstance(item, (list, tuple)) else [lam_value(item)] * n_anti
+    for _, values in lam_items(lam):
+        values = values if isinstance(values, list) else [values] * n_anti
         if len(values) != n_anti:
             raise InputError(
-                f"λ setting {':'.join(_format(v) for v in values)} gives {len(values)} values for {n_anti} "
+                f"λ setting {lam_text(values, ':')} gives {len(values)} values for {n_anti} "
                 "anti-expert(s); give one λ for all, or one per anti-expert separated by ':'"
             )
         settings.append(tuple(values))
-    counts = Counter(lam_labels(settings))
-    duplicated = sorted(label for label, n in counts.items() if n > 1)
+    duplicated = sorted(label for label, n in Counter(lam_labels(settings)).items() if n > 1)
     if duplicated:
         raise InputError(f"λ {', '.join(duplicated)} is given twice; each λ setting writes its own output")
     return settings
+
+
+def parse_lam_grid(lam: str | float | Sequence[float]) -> list[float]:
+    """The λ values of a scan, sorted and without repeats, always with λ = 0 (the expert, the reference).
+
+    `lam_items`' grammar, where three numbers `start:stop:step` are a range (stop included when the steps land on
+    it): "0:2:0.2", "0,0.5,1,2", "0:1:0.25,1.5,2". A λ applies to every anti-expert. Values are rounded to 12
+    decimals, so 0.1·3 is 0.3.
+
+    Example:
+        >>> parse_lam_grid("0.5:1:0.25,2")
+        [0.0, 0.5, 0.75, 1.0, 2.0]
+    """
+    values = [0.0]
+    for text, item in lam_items(lam, "'0:2:0.2' or '0,1,2'"):
+        values += _lam_range(text, item) if isinstance(item, list) else [item]
+    grid = sorted({round(v, 12) + 0.0 for v in values})
+    if len(grid) > _MAX_SCAN_POINTS:
+        raise InputError(f"λ grid {short(lam)} has {len(grid)} values; a scan takes at most {_MAX_SCAN_POINTS}")
+    return grid
+
+
+def _lam_range(item: str, parts: list[float]) -> list[float]:
+    if len(parts) != 3:
+        raise InputError(f"λ item {item!r}: write a number or a range start:stop:step, like 0:2:0.2")
+    start, stop, step = parts
+    if step <= 0:
+        raise InputError(f"λ range {item!r}: the step must be positive, got {lam_text([step])}")
+    if stop < start:
+        raise InputError(f"λ range {item!r}: it ends ({lam_text([stop])}) before it starts ({lam_text([start])})")
+    count = math.floor((stop - start) / step + 1e-9) + 1
+    if count > _MAX_SCAN_POINTS:
+        raise InputError(f"λ range {item!r} has {count} values; a scan takes at most {_MAX_SCAN_POINTS}")
+    return [start + i * step for i in range(count)]
+
+
+def lam_text(values: Sequence[float], sep: str = ",", *, short: bool = False) -> str:
+    """The one λ formatter: each λ exactly and shortest ("0.5", "1"), or with `short` to six digits (`:g`), for
+    tables; joined by `sep`.
+
+    Example:
+        >>> lam_text([1.0, 0.5], ":")
+        '1:0.5'
+    """
+    texts = [f"{x:g}" if short else repr(float(x)) for x in values]
+    return sep.join(t[:-2] if t.endswith(".0") else t for t in texts)
+
+
+def lam_label(values: Sequence[float]) -> str:
+    """ "0.5" for a λ shared by all anti-experts, "1_0.5" for one λ per anti-expert."""
+    return lam_text(values[:1] if len(set(values)) <= 1 else values, "_")
+
+
+def lam_labels(settings: Sequence[Sequence[float]]) -> list[str]:
+    """The labels of a run's λ settings in one format: `lam_label`'s, unless some setting gives the anti-experts
+    different λ, in which case every label lists one λ per anti-expert ("1_0.5", "2_2"; never "2" beside them)."""
+    if all(len(set(s)) <= 1 for s in settings):
+        return [lam_label(s) for s in settings]
+    return [lam_text(s, "_") for s in settings]
 
 
 def short(value: object, limit: int = 80) -> str:
@@ -142,86 +208,8 @@ def short(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit * 2 else f"{text[: limit * 2]}..."
 
 
-def _format(x: float) -> str:
-    text = repr(float(x))
-    return text[:-2] if text.endswith(".0") else text
-
-
-def lam_label(values: Sequence[float]) -> str:
-    """ "0.5" for a λ shared by all anti-experts, "1_0.5" for one λ per anti-expert."""
-    if len(set(values)) <= 1:
-        return _format(values[0]) if values else ""
-    return "_".join(_format(v) for v in values)
-
-
-def lam_labels(settings: Sequence[Sequence[float]]) -> list[str]:
-    """The labels of a run's λ settings in one format: `lam_label`'s, unless some setting gives the anti-experts
-    different λ, in which case every label lists one λ per anti-expert ("1_0.5", "2_2"; never "2" beside them).
-
-    Example:
-        >>> lam_labels([(1.0, 0.5), (2.0, 2.0)])
-        ['1_0.5', '2_2']
-    """
-    if all(len(set(s)) <= 1 for s in settings):
-        return [lam_label(s) for s in settings]
-    return ["_".join(_format(v) for v in s) for s in settings]
-
-
-def parse_lam_grid(lam: str | float | Sequence[float]) -> list[float]:
-    """The λ values of a scan, sorted and without repeats, always with λ = 0 (the expert, the reference).
-
-    A string is a comma-separated list whose items are numbers or ranges `start:stop:step`
-    (stop included when the steps land on it): "0:2:0.2", "0,0.5,1,2", "0:1:0.25,1.5,2". A
-    λ applies to every anti-expert. Values are rounded to 12 decimals, so 0.1·3 is 0.3.
-
-    Raises:
-        InputError: an item that is not a number or a range, a step that is not positive, a
-            range that ends before it starts, or more than MAX_SCAN_POINTS values.
-
-    Example:
-        >>> parse_lam_grid("0.5:1:0.25,2")
-        [0.0, 0.5, 0.75, 1.0, 2.0]
-    """
-    if isinstance(lam, str):
-        values = [v for item in lam.split(",") for v in _grid_item(item.strip())]
-    elif isinstance(lam, (int, float)) and not isinstance(lam, bool):
-        values = [lam_value(lam)]
-    elif isinstance(lam, Sequence) and lam:
-        values = [lam_value(v) for v in lam]
-    else:
-        raise InputError(
-            f"lam must be a number, a list of numbers or a string like '0:2:0.2' or '0,1,2', got {short(lam)}"
-        )
-    grid = sorted({round(v, 12) + 0.0 for v in [0.0, *values]})
-    if len(grid) > MAX_SCAN_POINTS:
-        raise InputError(f"λ grid {short(lam)} has {len(grid)} values; a scan takes at most {MAX_SCAN_POINTS}")
-    return grid
-
-
-def _grid_item(item: str) -> list[float]:
-    parts = item.split(":")
-    if len(parts) == 1:
-        return [lam_value(item)]
-    if len(parts) != 3:
-        raise InputError(f"λ item {item!r}: write a number or a range start:stop:step, like 0:2:0.2")
-    start, stop, step = (lam_value(p) for p in parts)
-    if step <= 0:
-        raise InputError(f"λ range {item!r}: the step must be positive, got {_format(step)}")
-    if stop < start:
-        raise InputError(f"λ range {item!r}: it ends ({_format(stop)}) before it starts ({_format(start)})")
-    count = math.floor((stop - start) / step + 1e-9) + 1
-    if count > MAX_SCAN_POINTS:
-        raise InputError(f"λ range {item!r} has {count} values; a scan takes at most {MAX_SCAN_POINTS}")
-    return [start + i * step for i in range(count)]
-
-
 def parse_methods(methods: str | Sequence[str]) -> tuple[str, ...]:
-    """Methods to scan, in order: "ext-sub,sub" or a list; each one of METHODS, none twice.
-
-    Example:
-        >>> parse_methods("ext-sub, sub")
-        ('ext-sub', 'sub')
-    """
+    """Methods to scan, in order: "ext-sub,sub" or a list; each one of METHODS, none twice."""
     names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
     if not names:
         raise InputError(f"give at least one method; choose from {', '.join(METHODS)}")
@@ -232,26 +220,15 @@ def parse_methods(methods: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(names)
 
 
-def eval_dtype(name: str | torch.dtype) -> torch.dtype | None:
-    """The torch dtype a scan evaluates in, from its name ("auto" → None: decided by the device)."""
-    if isinstance(name, torch.dtype):
-        if name not in EVAL_DTYPES.values():
-            raise InputError(f"dtype {name} cannot be an evaluation dtype; choose one of {', '.join(EVAL_DTYPES)}")
-        return name
-    check_choice(name, tuple(EVAL_DTYPES), "dtype")
-    return EVAL_DTYPES[name]
-
-
 def warn_negative_lams(settings: Sequence[LamSetting], method: str) -> None:
     """Say once what a negative λ does (each method's own wording: ext-sub then adds the deficiency)."""
     negative = sorted({v for setting in settings for v in setting if v < 0})
-    if not negative:
-        return
-    warnings.warn(
-        f"λ = {', '.join(_format(v) for v in negative)} is negative: {method} then {method_spec(method).negative}; "
-        "that is allowed, and rarely what unlearning wants",
-        stacklevel=3,
-    )
+    if negative:
+        warnings.warn(
+            f"λ = {lam_text(negative, ', ')} is negative: {method} then {method_spec(method).negative}; "
+            "that is allowed, and rarely what unlearning wants",
+            stacklevel=3,
+        )
 
 
 def input_roles(n_anti: int) -> list[str]:
@@ -264,23 +241,18 @@ _SIZE_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 def parse_size(size: int | str) -> int:
-    """Bytes in a size: an int, or a string like "5GB" (10⁹), "500MiB" (2²⁰), "4096".
-
-    Example:
-        >>> parse_size("2GiB")
-        2147483648
-    """
+    """Bytes in a size: an int, or a string like "5GB" (10⁹), "500MiB" (2²⁰), "4096"."""
     if isinstance(size, int) and not isinstance(size, bool):
         value = size
     elif isinstance(size, str):
         text = size.strip().upper()
         number = text.rstrip("KMGTIB")
-        unit = text[len(number) :]
         try:
-            scaled = float(number) * _SIZE_UNITS[unit]
+            scaled = float(number) * _SIZE_UNITS[text[len(number) :]]
         except (ValueError, KeyError):
-            hint = "write it like 5GB, 500MB, 2GiB or a number of bytes"
-            raise InputError(f"cannot read size {size!r}; {hint}") from None
+            raise InputError(
+                f"cannot read size {size!r}; write it like 5GB, 500MB, 2GiB or a number of bytes"
+            ) from None
         if not math.isfinite(scaled):
             raise InputError(f"size {size!r} is not a finite number of bytes; write it like 5GB, 500MB or 2GiB")
         value = int(scaled)
@@ -305,7 +277,9 @@ def resolve_device(spec: str | torch.device) -> torch.device:
     if device.type != "cuda":
         raise InputError(f"device {text!r} is not supported; use auto, cpu, cuda or cuda:N")
     if not torch.cuda.is_available():
-        raise InputError(f"device {text!r} was asked for but CUDA is not available here; use --device cpu")
+        raise InputError(
+            f"device {text!r} was asked for but CUDA is not available here; use device=cpu", options=("device",)
+        )
     index = torch.cuda.current_device() if device.index is None else device.index
     if index >= torch.cuda.device_count():
         raise InputError(f"device {text!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
@@ -316,28 +290,19 @@ def resolve_device(spec: str | torch.device) -> torch.device:
 class RunOptions:
     """The options of one merge run, validated: what every path (dense, adapters, full model) reads.
 
-    Attributes:
-        settings: λ per anti-expert, one tuple per output.
-        method: a registered method's name (`method_spec`).
-        device: where the op runs.
-        out_dtype: dtype of float tensors in the outputs (None: each keeps its own).
-        max_shard_size: the largest shard of a folder output in bytes, as asked (None: the default).
-        on_missing: tensors only in anti-experts: "error", "copy" or "skip".
-        force: replace existing outputs.
-        progress: show a progress bar on stderr.
-        block_bytes: target bytes of a streamed block of rows (None: `CPU_BLOCK_BYTES` on CPU,
-            `CUDA_BLOCK_BYTES` on CUDA; see `block_size`).
-        mode: "merge"; "dry-run" (plan from the headers, write nothing); "inspect" (row statistics, no output).
-        stats: gather the row statistics of every merged tensor or module (docs/design.md §7).
-        transposed: GPT-2 Conv1D-named weights are stored (in, out) (True), are not (False), or decide (None).
+    `settings`: λ per anti-expert, one tuple per output; `out_dtype`: of float tensors in the outputs (None: each
+    keeps its own); `max_shard_size`: bytes, as asked (None: the default); `block_bytes`: of a streamed block of rows
+    (None: `CPU_BLOCK_BYTES` or `CUDA_BLOCK_BYTES`); `mode`: "merge", "dry-run" (plan, write nothing) or "inspect"
+    (row statistics, no output); `stats`: gather row statistics (docs/design.md §7); `transposed`: GPT-2
+    Conv1D-named weights are stored (in, out) (True), are not (False), or decide (None). The rest as for `merge()`.
     """
 
     settings: tuple[LamSetting, ...]
     method: str = DEFAULT_METHOD
-    device: torch.device = CPU
+    device: torch.device = _CPU
     out_dtype: torch.dtype | None = None
     max_shard_size: int | None = None
-    on_missing: str = "error"
+    on_missing: str = DEFAULT_ON_MISSING
     force: bool = False
     progress: bool = False
     block_bytes: int | None = None
