@@ -5,6 +5,7 @@ output byte-identical (dense methods and λ lists, shards, dtypes, --base, each 
 """
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -45,6 +46,8 @@ CASES = [
 def run_cases() -> dict[str, dict[str, str]]:
     """Each case in one fixed folder with relative paths, since the command line is part of an output's metadata."""
     work = Path(tempfile.gettempdir()) / "extsub-output-hashes"
+    lock = open(f"{work}.lock", "w")  # noqa: SIM115 - held until the process ends: runs at once take turns
+    fcntl.flock(lock, fcntl.LOCK_EX)
     shutil.rmtree(work, ignore_errors=True)
     shutil.copytree(TRAINED, work / "T")
     shutil.copytree(EXAMPLE, work / "X", ignore=shutil.ignore_patterns("real_model", "*.py"))
