@@ -14,8 +14,7 @@ from extsub_kernels import (
     merge_adapters,
 )
 from extsub_kernels.adapters.family import lam_list
-from extsub_kernels.adapters.formats import OUTPUT_FORMATS
-from extsub_kernels.adapters.peft import FORMATS, MEMBERS, load_adapter
+from extsub_kernels.adapters.peft import FORMATS, MEMBERS, OUTPUT_FORMATS, load_adapter
 
 
 def _members(size: int = 4) -> dict[type, PeftAdapter]:
@@ -28,7 +27,7 @@ def _members(size: int = 4) -> dict[type, PeftAdapter]:
 
 
 def test_every_format_belongs_to_one_member_and_has_a_writer():
-    owned = [f for member in MEMBERS for f in member.formats]
+    owned = [f.name for member in MEMBERS for f in member.formats]
     assert sorted(owned) == sorted(FORMATS) == sorted(OUTPUT_FORMATS), "one vocabulary, one writer per format"
     assert len(set(owned)) == len(owned), "no format is shared by two PEM types"
     assert {member.peft_type for member in MEMBERS} == {"LORA", "IA3", "PREFIX_TUNING"}
@@ -36,11 +35,11 @@ def test_every_format_belongs_to_one_member_and_has_a_writer():
 
 def test_each_type_takes_its_own_formats_and_options():
     assert [AdapterOptions().format_for(member, base=False) for member in MEMBERS] == ["lora", "ia3", "prefix-tuning"]
-    with pytest.raises(InputError, match=r"--format ia3 does not apply to LoRA adapters; their formats: lora \(the "):
+    with pytest.raises(InputError, match=r"format=ia3 does not apply to LoRA adapters; their formats: lora \(the "):
         AdapterOptions(output_format="ia3").format_for(LoraAdapter, base=False)
-    with pytest.raises(InputError, match=r"--max-rank truncates LoRA factors; \(IA\)³ adapters have no rank"):
+    with pytest.raises(InputError, match=r"max_rank= truncates LoRA factors; \(IA\)³ adapters have no rank"):
         AdapterOptions(max_rank=4).format_for(IA3Adapter, base=False)
-    with pytest.raises(InputError, match="--base with prefix-tuning adapters: a prefix adds virtual key/value tokens"):
+    with pytest.raises(InputError, match="base= with prefix-tuning adapters: a prefix adds virtual key/value tokens"):
         AdapterOptions().format_for(PrefixAdapter, base=True)
     assert AdapterOptions().format_for(IA3Adapter, base=True) == "ia3"  # folds into the base model
 

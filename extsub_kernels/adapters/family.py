@@ -1,28 +1,32 @@
 """The adapter family's shared interface: what any loaded PEFT adapter is and does, whatever its PEM type.
 
-A member (LoRA, (IA)³, prefix-tuning) is a `PeftAdapter` subclass that says which PEFT type it
-reads, its merge's own math (`merge_units`, `check_antis`), which output formats it writes, and
-how it folds into a base model's weights (`base_edits`, `fold`) or why it cannot (`base_refusal`).
-The run, the report, the writer and `merge()` only use this interface, so a new type plugs in
-without copying them. The rules every member shares live here once, in `merge_adapters` (a
-template method): one or several anti-experts, of one type, the method, λ lists, the base-model
-check, the report, the expert's non-adapter tensors, the result rebuilt from the expert.
+A member (LoRA, (IA)³, prefix-tuning) is one `PeftAdapter` subclass that carries everything about
+its type: the PEFT type it reads (`from_peft`, `check_config`, `owns_key`), its merge's own math
+(`merge_units`, `check_antis`), its statistics hooks, its output formats (`OutputFormat`s), its
+card tag, how it folds into a base model (`base_edits`, `fold`) or why it cannot, and its scan
+installer. The rules every member shares live here once, in `merge_adapters` (a template method):
+one or several anti-experts, of one type, the method, λ lists, the base-model check, the report,
+the expert's non-adapter tensors, the result rebuilt from the expert.
 """
 
 import dataclasses
 import json
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 
 from extsub_kernels.adapters.report import AdapterReport
+from extsub_kernels.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from extsub_kernels.engine.method_spec import DEFAULT_METHOD, MethodSpec, method_spec
 from extsub_kernels.engine.options import lam_value
+from extsub_kernels.engine.writing import LazyOutput
 from extsub_kernels.errors import InputError
+from extsub_kernels.io import TensorEntry
 from extsub_kernels.ops import row_products
 
 PEFT_PREFIX = "base_model.model."
@@ -96,13 +100,32 @@ class MergeStep:
     max_rank: int | None = None
 
 
+@dataclass(frozen=True)
+class OutputFormat:
+    """One output format (`format=`): its name, how an adapter becomes that output, which output tensors a merged
+    unit is written as, and what the output is (for its model card).
+
+    Attributes:
+        name: the name `format=` (and `--format`) takes.
+        make: (adapter, *, dtype, device) → the lazy output.
+        keys: a unit's name (module, vector) → the names of the output tensors it is written as.
+        what: what the output is, for its model card.
+    """
+
+    name: str
+    make: Callable[..., LazyOutput]
+    keys: Callable[[str], tuple[str, ...]]
+    what: str
+
+
+@dataclass(kw_only=True, repr=False)
 class PeftAdapter(ABC):
     """A PEFT adapter of one PEM type, loaded and validated: the interface every member of the family has.
 
-    Members are dataclasses with at least the fields `source` (a name for messages),
+    Members are dataclasses; these fields are shared: `source` (a name for messages),
     `base_model_name_or_path`, `task_type`, `extra` (non-adapter tensors such as PEFT's
-    modules_to_save, under their stored keys) and `config` (the adapter_config the adapter
-    came with). `repr()` shows shapes and counts, never tensors.
+    modules_to_save, under their stored keys) and `config` (the adapter_config the adapter came
+    with). `repr()` shows shapes and counts, never tensors.
 
     Class attributes:
         peft_type: the adapter_config's `peft_type` ("LORA", "IA3", "PREFIX_TUNING").
@@ -111,12 +134,14 @@ class PeftAdapter(ABC):
         unit: what the report counts ("module", "vector", "prompt embedding").
         row: what one Ext-Sub row is, in the report ("row", "vector").
         delta: the symbol of an anti-expert's task vector, in the report ("ΔW⁻", "d⁻", "θ⁻").
-        formats: the `--format` values it writes; the first is the default.
-        base_refusal: why `--base` cannot fold it into a base model (None: it can).
+        formats: the output formats it writes; the first is the default.
+        base_refusal: why `base=` cannot fold it into a base model (None: it can).
         config_needed: what only its adapter_config says, so its weights alone are refused
             (None: they can be read without one, as bare LoRA weights with a scaling).
         no_rank: why `max_rank` does not apply, in a few words ("(IA)³ vectors have"); None: it does.
         merged_type: the class of a merge's result (None: the type itself).
+        scan_installer: "module:Class" of the λ scan's installer of this type (`lambda_scan.installers`, a layer
+            above this one, so named, not imported); None: the scan cannot install it.
     """
 
     peft_type: ClassVar[str]
@@ -125,22 +150,45 @@ class PeftAdapter(ABC):
     unit: ClassVar[str]
     row: ClassVar[str] = "row"
     delta: ClassVar[str] = "ΔW⁻"
-    formats: ClassVar[tuple[str, ...]]
+    formats: ClassVar[tuple[OutputFormat, ...]]
     base_refusal: ClassVar[str | None] = None
     config_needed: ClassVar[str | None] = None
     no_rank: ClassVar[str | None] = None
     merged_type: ClassVar[type | None] = None
+    scan_installer: ClassVar[str | None] = None
 
-    source: str
-    base_model_name_or_path: str | None
-    task_type: str | None
-    extra: dict[str, torch.Tensor]
-    config: dict
+    source: str = "<memory>"
+    base_model_name_or_path: str | None = None
+    task_type: str | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+
+    @classmethod
+    @abstractmethod
+    def from_peft(cls, weights: Path, tensors: Mapping[str, torch.Tensor], config: dict, where: str) -> "PeftAdapter":
+        """Read the tensors of an adapter file (finiteness checked) with its adapter_config (from `where`), validated.
+
+        Raises:
+            AdapterError: tensors the config does not describe, or that are not this type's.
+        """
+
+    @classmethod
+    def check_config(cls, config: dict, where: str) -> None:  # noqa: B027 (most types check nothing more)
+        """Refuse (AdapterError naming `where` and the field) a config of this type PEFT refuses or reads otherwise."""
+
+    @classmethod
+    @abstractmethod
+    def owns_key(cls, key: str) -> bool:
+        """Whether a tensor saved under `key` is one of this type's parameters (e.g. `...k_proj.ia3_l`)."""
 
     @abstractmethod
     def merge_units(self, step: "MergeStep") -> dict:
         """This type's math, θ⁺ ⊖ θ₁⁻ ⊖ θ₂⁻ ... for one λ setting: the result's fields that the merge computes (the
         others are the expert's), `report` filled unit by unit. `merge_adapters` has checked everything shared."""
+
+    @abstractmethod
+    def check_antis(self, antis: Sequence["PeftAdapter"]) -> None:
+        """Raise an InputError unless the anti-experts fit this expert as the type needs (shapes, geometry)."""
 
     @abstractmethod
     def stat_units(self) -> Mapping[str, object]:
@@ -167,37 +215,28 @@ class PeftAdapter(ABC):
         """‖p' − p‖² of one unit (Frobenius), from the expert's unit and the merged one."""
         return float(((merged.to(torch.float64) - expert.to(torch.float64)) ** 2).sum())
 
-    @abstractmethod
-    def check_antis(self, antis: Sequence["PeftAdapter"]) -> None:
-        """Raise an InputError unless the anti-experts fit this expert as the type needs (shapes, geometry)."""
-
     def check_max_rank(self, max_rank: object) -> None:
         """`max_rank` truncates LoRA factors only: refuse it for a type whose parameters have no rank (`no_rank`)."""
-        raise InputError(f"max_rank truncates LoRA factors; {self.no_rank} no rank to truncate")
+        raise InputError(f"max_rank truncates LoRA factors; {self.no_rank} no rank to truncate", options=("max_rank",))
 
     @abstractmethod
     def describe(self) -> str:
         """Shapes and counts in a few words, for `repr()`."""
-
-    @classmethod
-    @abstractmethod
-    def owns_key(cls, key: str) -> bool:
-        """Whether a tensor saved under `key` is one of this type's parameters (e.g. `...k_proj.ia3_l`)."""
 
     def new_report(self, method: str, lams: tuple[float, ...]) -> AdapterReport:
         """An empty report of a merge of this type (counting its units)."""
         return AdapterReport(method=method, lams=lams, pem=self.label, unit=self.unit, row=self.row, delta=self.delta)
 
     def base_edits(self) -> list[BaseEdit]:
-        """The base tensors each module changes (`--base`); an InputError saying why for types that cannot fold."""
-        raise InputError(f"--base with {self.label} adapters ({self.source}): {self.base_refusal}")
+        """The base tensors each module changes (`base=`); an InputError saying why for types that cannot fold."""
+        raise InputError(f"base= with {self.label} adapters ({self.source}): {self.base_refusal}", options=("base",))
 
     def fold(self, edit: BaseEdit, theta0: torch.Tensor, *, transposed: bool, device: torch.device) -> torch.Tensor:
         """Base tensor `theta0` with module `edit.module` folded in, on `device`, in float32 (float64 if an input is).
 
-        `transposed`: the base stores this weight (in, out) (GPT-2's Conv1D).
+        `transposed`: the base stores this weight (in, out) (GPT-2's Conv1D). Types that cannot fold refuse.
         """
-        raise InputError(f"--base with {self.label} adapters ({self.source}): {self.base_refusal}")
+        raise InputError(f"base= with {self.label} adapters ({self.source}): {self.base_refusal}", options=("base",))
 
     def __repr__(self) -> str:
         parts = [self.describe(), f"source={self.source!r}"]
@@ -221,6 +260,13 @@ def peft_fields(weights: object, config: Mapping, extra: dict[str, torch.Tensor]
         "extra": extra,
         "config": config,
     }
+
+
+def adapter_folder(makers: list, adapter: PeftAdapter, config: Mapping) -> LazyOutput:
+    """A PEFT adapter folder's lazy output: `makers` ((entry, make) per tensor), the adapter's non-adapter tensors as
+    they are, and `config` as its adapter_config.json."""
+    makers = makers + [(TensorEntry(key, t.dtype, tuple(t.shape)), lambda t=t: t) for key, t in adapter.extra.items()]
+    return LazyOutput.lazy(makers, texts={ADAPTER_CONFIG: config_text(config)}, weights_name=ADAPTER_WEIGHTS)
 
 
 def describe_dtypes(tensors: Sequence[torch.Tensor], storage: torch.dtype | None = None) -> str:
@@ -324,7 +370,8 @@ def _check_base_models(expert: PeftAdapter, antis: Sequence[PeftAdapter], *, any
             raise InputError(
                 f"{anti.source} was trained on base model {names[1]!r} but the expert {expert.source} on "
                 f"{names[0]!r}; Ext-Sub combines adapters of one base model (if both names denote the same model, "
-                f"pass --any-base-model, or any_base_model=True in Python; {expert.unit} shapes are still checked)"
+                f"pass any_base_model=True; {expert.unit} shapes are still checked)",
+                options=("any_base_model",),
             )
 
 

@@ -165,26 +165,18 @@ def full_model_outputs(
             TensorEntry(key, out_dtype if out_dtype is not None and is_float(info.dtype) else info.dtype, info.shape)
         )
     dtypes = {e.name: e.dtype for e in entries}
-    outputs = []
-    for adapter, lams in zip(merged, settings, strict=True):
-        produce = partial(
-            _produce,
-            adapter=adapter,
-            lams=lams,
-            targets=targets,
-            dtypes=dtypes,
-            method=method,
-            device=device,
-            base=base,
+    return [
+        LazyOutput(
+            entries,
+            partial(_produce, adapter, lams, targets, dtypes, method, device, base),
+            load=base.read,
+            extra_files=extra_files,
         )
-        outputs.append(LazyOutput(entries, produce, load=base.read, extra_files=extra_files))
-    return outputs
+        for adapter, lams in zip(merged, settings, strict=True)
+    ]
 
 
 def _produce(
-    key: str,
-    theta0: torch.Tensor,
-    *,
     adapter: PeftAdapter,
     lams: tuple[float, ...],
     targets: dict[str, BaseTarget],
@@ -192,6 +184,8 @@ def _produce(
     method: str,
     device: torch.device,
     base: CheckpointReader,
+    key: str,
+    theta0: torch.Tensor,
 ) -> torch.Tensor:
     """Base tensor `key` of the output: a module folded in, the merged full weight, or θ₀ copied."""
     out = dtypes[key]
@@ -218,6 +212,7 @@ def _produce(
         if problem is not None:
             raise InputError(f"tensor {key!r} in BASE ({where}) contains {problem}; the merge needs finite weights")
         raise InputError(
-            f"tensor {key!r}: the merged weight overflows {out} at λ={list(lams)}; use a smaller λ or --dtype float32"
+            f"tensor {key!r}: the merged weight overflows {out} at λ={list(lams)}; use a smaller λ or dtype=float32",
+            options=("dtype",),
         )
     return result.cpu()

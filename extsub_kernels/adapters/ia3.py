@@ -13,7 +13,7 @@ Conv1D stores (in, out), so the vector is transposed first.
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,16 +23,16 @@ from extsub_kernels.adapters.family import (
     PEFT_PREFIX,
     BaseEdit,
     MergeStep,
+    OutputFormat,
     PeftAdapter,
-    config_text,
+    adapter_folder,
     describe_dtypes,
     peft_fields,
     strip_peft_prefix,
     weight_key,
 )
-from extsub_kernels.adapters.patterns import PatternMatcher
+from extsub_kernels.adapters.patterns import PatternMatcher, selects
 from extsub_kernels.adapters.report import AdapterReport, counted
-from extsub_kernels.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from extsub_kernels.engine.methods import apply_method
 from extsub_kernels.engine.writing import LazyOutput
 from extsub_kernels.errors import AdapterError, InputError
@@ -63,6 +63,45 @@ def is_feedforward_module(patterns: object, module: str, matcher: PatternMatcher
     return any(module.endswith(p) for p in patterns or ())
 
 
+def ia3_output(
+    adapter: "IA3Adapter", *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> LazyOutput:
+    """The (IA)³ adapter as a PEFT adapter folder: every vector under PEFT's key, the config the expert's.
+
+    The config's `target_modules` and `feedforward_modules` list the vectors' modules by full
+    name (the union over the merged inputs): PEFT applies such entries to exactly those
+    modules, whatever pattern form the inputs used. `device` is unused (nothing to compute).
+
+    Args:
+        adapter: a loaded or merged adapter; its non-(IA)³ tensors are included as they are.
+        dtype: the dtype of the written vectors; None: the adapter's `dtype`, else each vector's own.
+    """
+    makers = []
+    for name, vector in adapter.vectors.items():
+        out = dtype or adapter.dtype or vector.dtype
+        entry = TensorEntry(ia3_key(name), out, tuple(vector.shape))
+        makers.append((entry, lambda v=vector, o=out: v.to(o).contiguous()))
+    return adapter_folder(makers, adapter, _ia3_config(adapter))
+
+
+def _ia3_config(adapter: "IA3Adapter") -> dict:
+    """The adapter_config.json of an (IA)³ output: the adapter's own, with its module lists as written."""
+    config = dict(adapter.config)
+    config.update(
+        peft_type="IA3",
+        task_type=adapter.task_type,
+        base_model_name_or_path=adapter.base_model_name_or_path,
+        target_modules=sorted(adapter.vectors),
+        feedforward_modules=sorted(adapter.feedforward),
+        exclude_modules=None,
+        fan_in_fan_out=adapter.fan_in_fan_out,
+        inference_mode=True,
+    )
+    if not adapter.extra:
+        config["modules_to_save"] = None
+    return config
+
+
 @dataclass(repr=False)
 class IA3Adapter(PeftAdapter):
     """An (IA)³ adapter as data: one scaling vector per module, keyed by the module's name in the base model.
@@ -80,18 +119,14 @@ class IA3Adapter(PeftAdapter):
     unit = "vector"
     row = "vector"
     delta = "d⁻"
-    formats = ("ia3",)
+    formats = (OutputFormat("ia3", ia3_output, lambda module: (ia3_key(module),), "a PEFT (IA)³ adapter"),)
     config_needed = "which modules are feedforward_modules"
     no_rank = "(IA)³ vectors have"
+    scan_installer = "extsub_kernels.lambda_scan.installers.ia3:IA3Installer"
 
     vectors: dict[str, torch.Tensor]
     feedforward: frozenset[str] = frozenset()
-    source: str = "<memory>"
-    base_model_name_or_path: str | None = None
     fan_in_fan_out: bool = False
-    task_type: str | None = None
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
-    config: dict = field(default_factory=dict)
     dtype: torch.dtype | None = None
     report: AdapterReport | None = None
 
@@ -106,23 +141,28 @@ class IA3Adapter(PeftAdapter):
             raise ValueError(f"feedforward lists modules with no vector: {', '.join(unknown[:3])}")
 
     @classmethod
-    def from_peft(cls, weights: Path, tensors: Mapping[str, torch.Tensor], config: dict, where: str) -> "IA3Adapter":
-        """Read the tensors of an (IA)³ adapter file with its adapter_config, validated.
-
-        Args:
-            weights: the weights file (for messages).
-            tensors: every tensor of the file, by key (finiteness already checked).
-            config: its adapter_config (peft_type IA3).
-            where: where the config came from (for messages).
-
-        Raises:
-            AdapterError: no vectors, a vector that is not (out, 1) or (1, in), a shape the
-                config's feedforward_modules contradicts, several adapters in one file.
-        """
-        for name in ("target_modules", "feedforward_modules"):
+    def check_config(cls, config: dict, where: str) -> None:
+        """Module lists as PEFT's IA3Config takes them; feedforward_modules a subset of target_modules (PEFT refuses
+        the config otherwise)."""
+        for name in ("target_modules", "feedforward_modules", "exclude_modules", "modules_to_save"):
             value = config.get(name)
-            if value is not None and not isinstance(value, str) and not _is_str_list(value):
+            if (
+                value is not None
+                and not (isinstance(value, str) and name != "modules_to_save")
+                and not _is_str_list(value)
+            ):
                 raise AdapterError(f"{where}: {name} must be a list of module names or a regex string, got {value!r}")
+        targets, feedforward = config.get("target_modules"), config.get("feedforward_modules")
+        if isinstance(targets, list) and isinstance(feedforward, list) and not set(feedforward) <= set(targets):
+            raise AdapterError(
+                f"{where}: feedforward_modules should be a subset of target_modules (PEFT refuses the config): "
+                f"{sorted(set(feedforward) - set(targets))} are not in target_modules {targets!r}"
+            )
+
+    @classmethod
+    def from_peft(cls, weights: Path, tensors: Mapping[str, torch.Tensor], config: dict, where: str) -> "IA3Adapter":
+        """The `ia3_l` vectors, each (out, 1) or (1, in) as the config's feedforward_modules says, on modules its
+        target_modules select; one adapter per file."""
         vectors: dict[str, torch.Tensor] = {}
         extra: dict[str, torch.Tensor] = {}
         adapter_names = set()
@@ -143,7 +183,16 @@ class IA3Adapter(PeftAdapter):
             raise AdapterError(f"{weights}: no (IA)³ vectors (keys ending in .ia3_l), but {where} says peft_type IA3")
         feedforward = set()
         matcher = PatternMatcher(where)
+        # IA3Config has no layers_to_transform: PEFT selects by these fields alone.
+        selection = {k: config.get(k) for k in ("target_modules", "exclude_modules", "modules_to_save")}
         for name, vector in vectors.items():
+            if not selects(selection, name, matcher):
+                raise AdapterError(
+                    f"{weights}: {ia3_key(name)}: {where} does not select module {name} (target_modules "
+                    f"{config.get('target_modules')!r}, exclude_modules, modules_to_save): PEFT puts no (IA)³ layer "
+                    "there and ignores this vector, so a merge would differ from what PEFT does; fix target_modules "
+                    "or drop the vector"
+                )
             by_shape = vector.dim() == 2 and vector.shape[0] == 1 and vector.shape[1] != 1
             listed = config.get("feedforward_modules")
             by_config = is_feedforward_module(listed, name, matcher)
@@ -259,47 +308,6 @@ class IA3Adapter(PeftAdapter):
         elif transposed:
             scale = scale.T
         return theta0.to(device, compute) * scale
-
-
-def ia3_output(
-    adapter: IA3Adapter, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
-) -> LazyOutput:
-    """The (IA)³ adapter as a PEFT adapter folder: every vector under PEFT's key, the config the expert's.
-
-    The config's `target_modules` and `feedforward_modules` list the vectors' modules by full
-    name (the union over the merged inputs): PEFT applies such entries to exactly those
-    modules, whatever pattern form the inputs used. `device` is unused (nothing to compute).
-
-    Args:
-        adapter: a loaded or merged adapter; its non-(IA)³ tensors are included as they are.
-        dtype: the dtype of the written vectors; None: the adapter's `dtype`, else each vector's own.
-    """
-    makers = []
-    for name, vector in adapter.vectors.items():
-        out = dtype or adapter.dtype or vector.dtype
-        entry = TensorEntry(ia3_key(name), out, tuple(vector.shape))
-        makers.append((entry, lambda v=vector, o=out: v.to(o).contiguous()))
-    makers += [(TensorEntry(key, t.dtype, tuple(t.shape)), lambda t=t: t) for key, t in adapter.extra.items()]
-    texts = {ADAPTER_CONFIG: config_text(_ia3_config(adapter))}
-    return LazyOutput.lazy(makers, texts=texts, weights_name=ADAPTER_WEIGHTS)
-
-
-def _ia3_config(adapter: IA3Adapter) -> dict:
-    """The adapter_config.json of an (IA)³ output: the adapter's own, with its module lists as written."""
-    config = dict(adapter.config)
-    config.update(
-        peft_type="IA3",
-        task_type=adapter.task_type,
-        base_model_name_or_path=adapter.base_model_name_or_path,
-        target_modules=sorted(adapter.vectors),
-        feedforward_modules=sorted(adapter.feedforward),
-        exclude_modules=None,
-        fan_in_fan_out=adapter.fan_in_fan_out,
-        inference_mode=True,
-    )
-    if not adapter.extra:
-        config["modules_to_save"] = None
-    return config
 
 
 def _kind(adapter: IA3Adapter, name: str) -> str:

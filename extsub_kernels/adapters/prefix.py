@@ -13,7 +13,7 @@ A prefix adds tokens to the attention; it changes no weight, so it cannot fold i
 """
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,13 +21,13 @@ import torch
 from extsub_kernels._tensors import is_float
 from extsub_kernels.adapters.family import (
     MergeStep,
+    OutputFormat,
     PeftAdapter,
-    config_text,
+    adapter_folder,
     describe_dtypes,
     peft_fields,
 )
 from extsub_kernels.adapters.report import AdapterReport
-from extsub_kernels.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from extsub_kernels.engine.methods import apply_method
 from extsub_kernels.engine.writing import LazyOutput
 from extsub_kernels.errors import AdapterError, InputError
@@ -36,6 +36,24 @@ from extsub_kernels.io.format import DTYPE_CODES
 
 PROMPT_KEY = "prompt_embeddings"
 GEOMETRY = ("num_virtual_tokens", "num_layers", "token_dim", "num_attention_heads")
+
+
+def prefix_output(
+    adapter: "PrefixAdapter", *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> LazyOutput:
+    """The prefix as a PEFT adapter folder: `prompt_embeddings` and the expert's config (its geometry).
+
+    Args:
+        adapter: a loaded or merged adapter; its other tensors are included as they are.
+        dtype: the dtype of the written prefix; None: the adapter's `dtype`, else the tensor's own.
+        device: unused (nothing to compute); every output format takes it.
+    """
+    prompt = adapter.prompt_embeddings
+    out = dtype or adapter.dtype or prompt.dtype
+    makers = [(TensorEntry(PROMPT_KEY, out, tuple(prompt.shape)), lambda: prompt.to(out).contiguous())]
+    config = {**adapter.config, "peft_type": "PREFIX_TUNING", **adapter.geometry, "inference_mode": True}
+    config.update(task_type=adapter.task_type, base_model_name_or_path=adapter.base_model_name_or_path)
+    return adapter_folder(makers, adapter, config)
 
 
 @dataclass(repr=False)
@@ -54,12 +72,15 @@ class PrefixAdapter(PeftAdapter):
     tag = "prefix-tuning"
     unit = "prompt embedding"
     delta = "θ⁻"
-    formats = ("prefix-tuning",)
+    formats = (
+        OutputFormat("prefix-tuning", prefix_output, lambda _unit: (PROMPT_KEY,), "a PEFT prefix-tuning adapter"),
+    )
+    scan_installer = "extsub_kernels.lambda_scan.installers.prefix:PrefixInstaller"
     no_rank = "a prefix has"
     config_needed = "the prefix geometry (num_layers, token_dim, num_attention_heads)"
     base_refusal = (
         "a prefix adds virtual key/value tokens to every attention layer; it changes no weight, so it cannot be "
-        "folded into the base model. Drop --base and load OUT with PeftModel.from_pretrained(base_model, OUT)"
+        "folded into the base model. Drop base= and load OUT with PeftModel.from_pretrained(base_model, OUT)"
     )
 
     prompt_embeddings: torch.Tensor
@@ -67,11 +88,6 @@ class PrefixAdapter(PeftAdapter):
     num_layers: int
     token_dim: int
     num_attention_heads: int
-    source: str = "<memory>"
-    base_model_name_or_path: str | None = None
-    task_type: str | None = None
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
-    config: dict = field(default_factory=dict)
     dtype: torch.dtype | None = None
     report: AdapterReport | None = None
 
@@ -228,25 +244,6 @@ def _geometry_problem(geometry: Mapping[str, object]) -> str | None:
             f"{geometry['num_attention_heads']}: the prefix cannot be split into heads"
         )
     return None
-
-
-def prefix_output(
-    adapter: PrefixAdapter, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
-) -> LazyOutput:
-    """The prefix as a PEFT adapter folder: `prompt_embeddings` and the expert's config (its geometry).
-
-    Args:
-        adapter: a loaded or merged adapter; its other tensors are included as they are.
-        dtype: the dtype of the written prefix; None: the adapter's `dtype`, else the tensor's own.
-        device: unused (nothing to compute); every output format takes it.
-    """
-    prompt = adapter.prompt_embeddings
-    out = dtype or adapter.dtype or prompt.dtype
-    makers = [(TensorEntry(PROMPT_KEY, out, tuple(prompt.shape)), lambda: prompt.to(out).contiguous())]
-    makers += [(TensorEntry(key, t.dtype, tuple(t.shape)), lambda t=t: t) for key, t in adapter.extra.items()]
-    config = {**adapter.config, "peft_type": "PREFIX_TUNING", **adapter.geometry, "inference_mode": True}
-    config.update(task_type=adapter.task_type, base_model_name_or_path=adapter.base_model_name_or_path)
-    return LazyOutput.lazy(makers, texts={ADAPTER_CONFIG: config_text(config)}, weights_name=ADAPTER_WEIGHTS)
 
 
 def _geometry_text(geometry: Mapping[str, object]) -> str:

@@ -15,13 +15,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from extsub_kernels.adapters.factors import check_max_rank
 from extsub_kernels.adapters.family import PeftAdapter, check_same_type, merge_adapters, weight_key
-from extsub_kernels.adapters.formats import OUTPUT_FORMATS
 from extsub_kernels.adapters.full_model import full_model_outputs, match_targets
-from extsub_kernels.adapters.lora import LoraAdapter, check_max_rank
-from extsub_kernels.adapters.peft import FORMATS, LoraScaling, load_adapter
+from extsub_kernels.adapters.lora import LoraAdapter, LoraScaling
+from extsub_kernels.adapters.peft import FORMATS, OUTPUT_FORMATS, load_adapter
 from extsub_kernels.adapters.report import AdapterReport, AdapterSection, adapter_items, truncation_summary
 from extsub_kernels.adapters.stats import adapter_stats
 from extsub_kernels.constants import ADAPTER_CONFIG, MODEL_CONFIG
@@ -78,15 +76,17 @@ class AdapterOptions:
             check_choice(self.output_format, FORMATS, "output format")
         if base and self.output_format is not None:
             raise InputError(
-                f"--base writes the full merged model θ₀ + ΔW'; --format {self.output_format} is for adapter outputs, "
-                "drop one of them"
+                f"base= writes the full merged model θ₀ + ΔW'; format={self.output_format} is for adapter outputs, "
+                "drop one of them",
+                options=("base", "format"),
             )
         if self.max_rank is not None:
             check_max_rank(self.max_rank)
             if base or (self.output_format or "lora") != "lora":
-                other = "--base" if base else f"--format {self.output_format}"
+                other = "base=" if base else f"format={self.output_format}"
                 raise InputError(
-                    f"--max-rank truncates the factored adapter, so it applies to --format lora, not to {other}"
+                    f"max_rank= truncates the factored adapter, so it applies to format=lora, not to {other}",
+                    options=("max_rank", "format", "base"),
                 )
         return self.output_format or "lora"
 
@@ -94,20 +94,27 @@ class AdapterOptions:
         """The output format for adapters of `adapter_type` (default: its first), checked against what it writes.
 
         Raises:
-            InputError: the checks of `checked_format`; a format of another type; --max-rank
-                with a type that has no rank; --base with a type that cannot fold into weights.
+            InputError: the checks of `checked_format`; a format of another type; max_rank
+                with a type that has no rank; base with a type that cannot fold into weights.
         """
         default = self.checked_format(base=base)
         if base and adapter_type.base_refusal is not None:
-            raise InputError(f"--base with {adapter_type.label} adapters: {adapter_type.base_refusal}")
+            raise InputError(
+                f"base= with {adapter_type.label} adapters: {adapter_type.base_refusal}", options=("base",)
+            )
+        names = [f.name for f in adapter_type.formats]
         if self.output_format is None:
-            default = adapter_type.formats[0]
-        if default not in adapter_type.formats:
-            formats = ", ".join([f"{adapter_type.formats[0]} (the default)", *adapter_type.formats[1:]])
-            what = f"{adapter_type.label} adapters"
-            raise InputError(f"--format {default} does not apply to {what}; their formats: {formats}")
+            default = names[0]
+        if default not in names:
+            formats = ", ".join([f"{names[0]} (the default)", *names[1:]])
+            raise InputError(
+                f"format={default} does not apply to {adapter_type.label} adapters; their formats: {formats}",
+                options=("format",),
+            )
         if self.max_rank is not None and default != "lora":
-            raise InputError(f"--max-rank truncates LoRA factors; {adapter_type.label} adapters have no rank")
+            raise InputError(
+                f"max_rank= truncates LoRA factors; {adapter_type.label} adapters have no rank", options=("max_rank",)
+            )
         return default
 
 
@@ -115,15 +122,16 @@ def shard_limit(out: Path, output_format: str, options: RunOptions, *, base: boo
     """Largest shard of an adapter merge's output in bytes, None for one weights file.
 
     Full models (`base`) and `delta` folders shard like the dense engine's outputs, past
-    --max-shard-size or its default. Adapter folders are one adapter_model.safetensors by
+    max_shard_size or its default. Adapter folders are one adapter_model.safetensors by
     default, the only file PEFT reads: `lora` never shards, `dense-lora` only when asked to.
     """
     if not is_folder_output(out):
         if not base and output_format != "delta":
-            hint = ", or --format delta for one .safetensors file" if output_format in LoraAdapter.formats else ""
+            lora = output_format in (f.name for f in LoraAdapter.formats)
             raise InputError(
                 f"OUT {out}: the {output_format} format writes a PEFT adapter folder (adapter_model.safetensors and "
-                f"{ADAPTER_CONFIG}); give a folder OUT{hint}"
+                f"{ADAPTER_CONFIG}); give a folder OUT{', or format=delta for one .safetensors file' if lora else ''}",
+                options=("format",),
             )
         return None
     if base or output_format == "delta":
@@ -132,8 +140,9 @@ def shard_limit(out: Path, output_format: str, options: RunOptions, *, base: boo
         return None
     if output_format != "dense-lora":
         raise InputError(
-            f"--format {output_format} writes a small adapter, which PEFT reads from one adapter_model.safetensors; "
-            "--max-shard-size applies to dense-lora, delta and --base outputs"
+            f"format={output_format} writes a small adapter, which PEFT reads from one adapter_model.safetensors; "
+            "max_shard_size= applies to dense-lora, delta and base= outputs",
+            options=("format", "max_shard_size", "base"),
         )
     warnings.warn(
         "--max-shard-size shards the dense-lora adapter (adapter_model-0000i-of-0000n.safetensors and an index); "
@@ -170,8 +179,9 @@ def load_inputs(inputs: Inputs, scaling: LoraScaling | None = None) -> list[Peft
         adapters.append(dataclasses.replace(adapter, source=inp.spec))
     if scaling is not None and not used:
         raise AdapterError(
-            f"--lora-alpha/--rank/--rslora give the scaling of LoRA weights that have no {ADAPTER_CONFIG}, but every "
-            "adapter here has one (a config's scaling is never overridden); drop them"
+            f"scaling= gives the scaling of LoRA weights that have no {ADAPTER_CONFIG}, but every adapter here has "
+            "one (a config's scaling is never overridden); drop it",
+            options=("scaling",),
         )
     return adapters
 
@@ -180,21 +190,20 @@ def _merge_setting(
     adapters: Sequence[PeftAdapter],
     lams: Sequence[float],
     method: str,
+    adapter_options: AdapterOptions,
     *,
     output_format: str,
-    base: bool,
-    max_rank: int | None = None,
-    any_base_model: bool = False,
+    base: object,
 ) -> PeftAdapter:
     """`merge_adapters` for one λ setting, with the non-adapter tensors handled as the output needs.
 
     They are full weights (PEFT's modules_to_save, trained biases). Adapter folders get the
     expert's copied (merge_adapters warns). A `delta` output leaves them out, with a warning:
-    they are not deltas. With a base model they are merged against θ₀ by the full model, so
+    they are not deltas. With a `base` model they are merged against θ₀ by the full model, so
     here they are only listed.
     """
     expert, antis = adapters[0], adapters[1:]
-    options = dict(max_rank=max_rank, any_base_model=any_base_model)
+    options = dict(max_rank=adapter_options.max_rank, any_base_model=adapter_options.any_base_model)
     if not base and output_format != "delta":
         return merge_adapters(expert, antis, lams, method, **options)
     stripped = [dataclasses.replace(a, extra={}) for a in adapters]
@@ -210,13 +219,6 @@ def _merge_setting(
             stacklevel=2,
         )
     return merged
-
-
-def _adapter_output(
-    merged: PeftAdapter, output_format: str, *, dtype: torch.dtype | None = None, device: torch.device | None = None
-) -> LazyOutput:
-    """The lazy output of one adapter merge in `output_format` (one of the adapter type's `formats`)."""
-    return OUTPUT_FORMATS[output_format].make(merged, dtype=dtype, device=device)
 
 
 def lora_layout(adapters: Sequence[PeftAdapter], inputs: Inputs, explicit: bool | None) -> WeightLayout | None:
@@ -252,7 +254,8 @@ def run_adapters(
     context: RunContext | None = None,
     check_inputs: Callable[[], None] | None = None,
 ) -> MergeReport:
-    """Merge resolved adapter inputs (and a base model) and write one output per λ setting.
+    """Merge resolved adapter inputs (and a base model) and write one output per λ setting: load → merge → outputs →
+    write.
 
     The adapters are read once; each λ setting is a merge in their own space; every output streams
     through `write_outputs` in one pass (with a base model, each base tensor is read once for
@@ -275,15 +278,7 @@ def run_adapters(
     limit = shard_limit(paths[0], output_format, options, base=base is not None) if paths else None
     bytes_read = sum(f.stat().st_size for _, inp in adapter_inputs for f in inp.files)
     merged = [
-        _merge_setting(
-            adapters,
-            lams,
-            options.method,
-            output_format=output_format,
-            base=base is not None,
-            max_rank=adapter_options.max_rank,
-            any_base_model=adapter_options.any_base_model,
-        )
+        _merge_setting(adapters, lams, options.method, adapter_options, output_format=output_format, base=base)
         for lams in options.settings
     ]
     facts = _facts(adapters, merged, [role for role, _ in adapter_inputs], options, context)
@@ -295,20 +290,12 @@ def run_adapters(
     transfer = Transfer(options.device)
     transfer.reset_peak()
     metadata = run_metadata(inputs, options, None if base else output_format, context)
-    writing = dict(max_shard_size=limit, force=options.force, progress=options.progress, check_inputs=check_inputs)
     reader = CheckpointReader(base.files, label="BASE") if base is not None else None
     try:
         if reader is None:
-            layout = lora_layout(adapters, adapter_inputs, options.transposed)
-            if layout is not None:
-                facts["layout"] = layout.reason
-                merged = [dataclasses.replace(m, fan_in_fan_out=layout.conv1d) for m in merged]
-            dtype, device = options.out_dtype, options.device
-            outputs = [_adapter_output(m, output_format, dtype=dtype, device=device) for m in merged]
-            kind = _adapter_kind(output_format, adapters[0])
+            outputs, kind, computed = _adapter_outputs(adapters, merged, adapter_inputs, output_format, options, facts)
             if adapter_options.max_rank is not None:
                 kind = _truncated_kind(kind, adapter_options.max_rank, [m.report for m in merged])
-            computed = _computed_names(merged[0], output_format) & {e.name for e in outputs[0].entries}
         else:
             outputs, kind, computed = _full_model(adapters, merged, base, reader, options, paths, facts)
             bytes_read += sum(reader.info(k).nbytes for k in reader)
@@ -328,12 +315,45 @@ def run_adapters(
                 facts,
                 first.weights_name,
             )
-        written, bytes_written = write_outputs(outputs, paths, metadata, **writing)
+        written, bytes_written = write_outputs(
+            outputs,
+            paths,
+            metadata,
+            max_shard_size=limit,
+            force=options.force,
+            progress=options.progress,
+            check_inputs=check_inputs,
+        )
     finally:
         if reader is not None:
             reader.close()
     done = dict(bytes_read=bytes_read, bytes_written=bytes_written, started=started)
     return MergeReport.finished(written, **done, peak_gpu_bytes=transfer.peak_memory(), **facts)
+
+
+def _adapter_outputs(
+    adapters: Sequence[PeftAdapter],
+    merged: Sequence[PeftAdapter],
+    inputs: Inputs,
+    output_format: str,
+    options: RunOptions,
+    facts: dict,
+) -> tuple[list[LazyOutput], OutputKind, set[str]]:
+    """Without a base: each merge in `output_format`, what it is for the card, and the output tensors the merge
+    computed (the rest are the expert's, copied); the LoRA weight layout's reason goes into `facts`."""
+    layout = lora_layout(adapters, inputs, options.transposed)
+    if layout is not None:
+        facts["layout"] = layout.reason
+        merged = [dataclasses.replace(m, fan_in_fan_out=layout.conv1d) for m in merged]
+    written = OUTPUT_FORMATS[output_format]
+    outputs = [written.make(m, dtype=options.out_dtype, device=options.device) for m in merged]
+    base, why = card_base_model(adapters[0].base_model_name_or_path, "the adapters' base model")
+    delta = output_format == "delta"
+    tags = (adapters[0].tag,) if delta else ("peft", adapters[0].tag)
+    kind = OutputKind(written.what, None if delta else "peft", base, tags=tags, base_note=why)
+    units = [*merged[0].report.merged, *merged[0].report.added]
+    computed = {key for unit in units for key in written.keys(unit)} & {e.name for e in outputs[0].entries}
+    return outputs, kind, computed
 
 
 def _load(
@@ -417,15 +437,6 @@ def _full_model(
     return outputs, kind, set(targets)
 
 
-def _adapter_kind(output_format: str, expert: PeftAdapter) -> OutputKind:
-    """What an adapter output is, for its model card: every format but delta is a folder PEFT loads."""
-    what, pem = OUTPUT_FORMATS[output_format].what, expert.tag
-    base, why = card_base_model(expert.base_model_name_or_path, "the adapters' base model")
-    library = None if output_format == "delta" else "peft"
-    tags = (pem,) if output_format == "delta" else ("peft", pem)
-    return OutputKind(what, library, base, tags=tags, base_note=why)
-
-
 def _truncated_kind(kind: OutputKind, max_rank: int, reports: Sequence[AdapterReport]) -> OutputKind:
     """A --max-rank output's card: its rank and measured truncation error, and why the table is the exact merge's."""
     notes = []
@@ -477,9 +488,3 @@ def _adapters(inputs: Inputs, loaded: Mapping[str, PeftAdapter], scaling: LoraSc
     """The adapters in order: those given in memory, the others loaded from their resolved inputs."""
     fresh = iter(load_inputs([(role, inp) for role, inp in inputs if role not in loaded], scaling))
     return [loaded[role] if role in loaded else next(fresh) for role, _ in inputs]
-
-
-def _computed_names(merged: PeftAdapter, output_format: str) -> set[str]:
-    """Output tensors of an adapter output that the merge computed (the rest are the expert's, copied)."""
-    units = [*merged.report.merged, *merged.report.added]
-    return {key for unit in units for key in OUTPUT_FORMATS[output_format].keys(unit)}

@@ -1,14 +1,16 @@
 """Turn an input spec (a file, a folder of shards, a hub repo id) into the files to read.
 
 Only safetensors weights are read; pickle checkpoints are refused (loading one can run
-code), with the command that converts them. PEFT adapters are recognised and flagged so the
-adapter path can take them; their config files are exposed beside the weights.
+code), with the command that converts them. PEFT adapter folders are recognised (and weights whose
+keys the caller's `adapter_key` says are an adapter's), so the adapter path can take them; their
+config files are exposed beside the weights.
 """
 
 import dataclasses
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,12 +114,13 @@ def read_json_object(path: Path, what: str = "JSON config", *, error: type[Input
     return loaded
 
 
-def _has_adapter_keys(names: object) -> bool:
-    """Whether tensor names look like a PEFT adapter's: LoRA (lora_A, lora_B), (IA)³ (….ia3_l), prefix-tuning."""
-    return any("lora_A" in k or "lora_B" in k or k.endswith(".ia3_l") or k == "prompt_embeddings" for k in names)
-
-
-def resolve_input(spec: str | os.PathLike, *, role: str = "input", quiet: bool = False) -> ResolvedInput:
+def resolve_input(
+    spec: str | os.PathLike,
+    *,
+    role: str = "input",
+    quiet: bool = False,
+    adapter_key: Callable[[str], bool] | None = None,
+) -> ResolvedInput:
     """Resolve `spec` to local safetensors files.
 
     Args:
@@ -126,6 +129,8 @@ def resolve_input(spec: str | os.PathLike, *, role: str = "input", quiet: bool =
             `huggingface_hub`, from the cache when `HF_HUB_OFFLINE=1`).
         role: what the input is (EXPERT, ANTI, BASE), for error messages.
         quiet: no download progress bars.
+        adapter_key: whether a tensor name is an adapter's parameter (the adapter family's rule,
+            `adapters.owns_adapter_key`): weights with such keys are an adapter even without their config.
 
     Raises:
         InputError: the spec is missing, a pickle file, has no safetensors weights, or is a
@@ -133,13 +138,14 @@ def resolve_input(spec: str | os.PathLike, *, role: str = "input", quiet: bool =
     """
     text = os.fspath(spec)
     path = Path(text).expanduser()
+    keys = adapter_key or (lambda _key: False)
     if path.is_file():
-        return _resolve_file(text, path, role)
+        return _resolve_file(text, path, role, keys)
     if path.is_dir():
-        return _resolve_folder(text, path, role, kind="folder", name=path.resolve().name)
+        return _resolve_folder(text, path, role, keys, kind="folder", name=path.resolve().name)
     repo, at, revision = text.partition("@")
     if _HUB_REPO.fullmatch(repo) and not text.endswith(".safetensors"):
-        return _resolve_hub(text, repo, revision if at else None, role, quiet)
+        return _resolve_hub(text, repo, revision if at else None, role, quiet, keys)
     raise InputError(f"{role} {text!r}: no such file or folder")
 
 
@@ -156,15 +162,17 @@ def hub_repo_id(name: str | None) -> str | None:
     return repo if _HUB_REPO.fullmatch(repo) and not name.endswith(".safetensors") else None
 
 
-def _resolve_file(spec: str, path: Path, role: str) -> ResolvedInput:
+def _resolve_file(spec: str, path: Path, role: str, adapter_key: Callable[[str], bool]) -> ResolvedInput:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise InputError(f"{role} {path}: " + _CONVERT_HINT.format(path=path, stem=path.with_suffix("")))
     header = read_header(path)
-    adapter = _has_adapter_keys(header.tensors)
+    adapter = any(map(adapter_key, header.tensors))
     return ResolvedInput(spec, path.name, "file", path.resolve().parent, (path,), adapter=adapter, headers=(header,))
 
 
-def _resolve_folder(spec: str, folder: Path, role: str, *, kind: str, name: str) -> ResolvedInput:
+def _resolve_folder(
+    spec: str, folder: Path, role: str, adapter_key: Callable[[str], bool], *, kind: str, name: str
+) -> ResolvedInput:
     entries = sorted(p for p in folder.iterdir() if p.is_file())
     configs = tuple(
         p for p in entries if any(p.match(pat) for pat in CONFIG_PATTERNS) and not p.name.endswith(INDEX_SUFFIX)
@@ -184,7 +192,7 @@ def _resolve_folder(spec: str, folder: Path, role: str, *, kind: str, name: str)
     headers = tuple(read_header(p) for p in shards)
     # An adapter's weights without their adapter_config.json are still an adapter (the adapter path
     # then asks for its config or scaling), never a dense checkpoint whose lora_A/lora_B rows get merged.
-    adapter = any(_has_adapter_keys(h.tensors) for h in headers)
+    adapter = any(adapter_key(k) for h in headers for k in h.tensors)
     return ResolvedInput(spec, name, kind, folder, shards, configs, adapter=adapter, headers=headers)
 
 
@@ -256,7 +264,9 @@ def _check_revision(revision: str) -> None:
         )
 
 
-def _resolve_hub(spec: str, repo: str, revision: str | None, role: str, quiet: bool) -> ResolvedInput:
+def _resolve_hub(
+    spec: str, repo: str, revision: str | None, role: str, quiet: bool, adapter_key: Callable[[str], bool]
+) -> ResolvedInput:
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import (
         are_progress_bars_disabled,
@@ -303,7 +313,8 @@ def _resolve_hub(spec: str, repo: str, revision: str | None, role: str, quiet: b
             enable_progress_bars()
     snapshot = Path(folder)
     commit = _snapshot_commit(spec, role, repo, revision, snapshot, cache)
-    return dataclasses.replace(_resolve_folder(spec, snapshot, role, kind="hub", name=spec), commit=commit)
+    resolved = _resolve_folder(spec, snapshot, role, adapter_key, kind="hub", name=spec)
+    return dataclasses.replace(resolved, commit=commit)
 
 
 def _snapshot_commit(spec: str, role: str, repo: str, revision: str | None, snapshot: Path, cache: str) -> str:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from extsub_kernels.adapters import LoraAdapter, LoraModule, LoraSweep, PeftAdapter
-from extsub_kernels.adapters.peft import exact_pattern
+from extsub_kernels.adapters.lora import exact_pattern
 from extsub_kernels.lambda_scan.installers.base import ADAPTER_NAME, AdapterInstaller, put
 
 
