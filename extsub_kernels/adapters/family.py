@@ -172,8 +172,8 @@ class PeftAdapter(ABC):
             AdapterError: tensors the config does not describe, or that are not this type's.
         """
 
-    @classmethod
-    def check_config(cls, config: dict, where: str) -> None:  # noqa: B027 (most types check nothing more)
+    @classmethod  # noqa: B027 (optional: most types have no fields to check beyond their reader's)
+    def check_config(cls, config: dict, where: str) -> None:
         """Refuse (AdapterError naming `where` and the field) a config of this type PEFT refuses or reads otherwise."""
 
     @classmethod

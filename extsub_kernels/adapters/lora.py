@@ -341,9 +341,6 @@ class LoraAdapter(PeftAdapter):
     @classmethod
     def check_config(cls, config: dict, where: str) -> None:
         """The fields the merge uses and the ones PEFT's LoraConfig and LoRA layers check; variants refused."""
-        for flag, why in _VARIANTS:
-            if config.get(flag):
-                raise AdapterError(f"{where}: {flag} is set; not supported: {why}")
         for field_name in ("r", "lora_alpha"):
             if field_name not in config:
                 raise AdapterError(
@@ -384,6 +381,9 @@ class LoraAdapter(PeftAdapter):
         bias = config.get("bias")
         if bias is not None and bias not in ("none", "all", "lora_only"):
             raise AdapterError(f"{where}: bias is {bias!r}; PEFT accepts none, all, lora_only (or null)")
+        for flag, why in _VARIANTS:
+            if config.get(flag) not in (None, False):  # PEFT builds a variant from any other value, {} included
+                raise AdapterError(f"{where}: {flag} is set; not supported: {why}")
 
     @classmethod
     def owns_key(cls, key: str) -> bool:
