@@ -68,12 +68,7 @@ class LoraModule:
         return self.dtype or self.lora_B.dtype
 
     def delta(self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
-        """ΔW = scaling·B·A as an (out, in) tensor, in `dtype` on `device` (default: where the factors are).
-
-        Example:
-            >>> LoraModule(torch.ones(1, 3), torch.ones(2, 1), 0.5).delta().shape
-            torch.Size([2, 3])
-        """
+        """ΔW = scaling·B·A as an (out, in) tensor, in `dtype` on `device` (default: where the factors are)."""
         return (self.lora_B.to(device, dtype) * self.scaling) @ self.lora_A.to(device, dtype)
 
     def __repr__(self) -> str:
@@ -91,10 +86,6 @@ def module_delta(
     Computed on `device` (default: where the factors are) in float32, or float64 for float64
     factors, and rounded once to `dtype` (default: the module's storage dtype). The result
     stays on `device`: the formats move it to the host, the full model adds it to θ₀ there.
-
-    Example:
-        >>> module_delta(LoraModule(torch.ones(1, 3), torch.ones(2, 1), 0.5), transposed=True).shape
-        torch.Size([3, 2])
     """
     compute = compute_dtype(module.lora_A.dtype, module.lora_B.dtype)
     delta = module.delta(compute, device).to(dtype or module.storage_dtype)
@@ -108,10 +99,6 @@ def lora_row_norms(lora_B: torch.Tensor, lora_A: torch.Tensor, scaling: float = 
     factor of a QR of Aᵀ (in×r). Using R instead of the Gram matrix itself keeps the
     accuracy of the dense norm, eps·|b_i|·|A| / |row_i| relative, where the quadratic form
     would square that ratio when the row cancels (as results of earlier steps can).
-
-    Example:
-        >>> lora_row_norms(torch.tensor([[3.0], [0.0]]), torch.tensor([[0.0, 1.0]]))
-        tensor([3., 0.], dtype=torch.float64)
     """
     r_factor = torch.linalg.qr(lora_A.to(torch.float64).T, mode="r").R
     return torch.linalg.vector_norm(lora_B.to(torch.float64) @ r_factor.T, dim=1) * abs(float(scaling))
@@ -156,11 +143,6 @@ def ext_sub_factors(
     Returns:
         (B', A', number of rows with |p| = 0), B' = [diag(α)·B⁺, diag(β)·B⁻], A' = [A⁺; A⁻],
         in the dtype of `b_plus`.
-
-    Example:
-        >>> b, a = ext_sub_factors(torch.ones(2, 1), torch.ones(1, 3), torch.ones(2, 2), torch.ones(2, 3), 1.0)[:2]
-        >>> tuple(b.shape), tuple(a.shape)
-        ((2, 3), (3, 3))
     """
     spec = method_spec(method)
     p_norm, m_norm, products = sums or factor_row_sums(spec, b_plus, a_plus, b_minus, a_minus)
@@ -193,11 +175,6 @@ def truncate_factors(
     Returns:
         (B'', A'', relative Frobenius error |B·A − B''·A''| / |B·A|, 0 for a zero product).
         Factors with R ≤ max_rank come back unchanged with error 0.
-
-    Example:
-        >>> b, a, err = truncate_factors(torch.randn(8, 4).double(), torch.randn(4, 6).double(), 2)
-        >>> b.shape[1], 0 < err < 1
-        (2, True)
     """
     check_max_rank(max_rank)
     if lora_A.shape[0] <= max_rank:

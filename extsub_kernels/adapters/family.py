@@ -33,25 +33,13 @@ PEFT_PREFIX = "base_model.model."
 
 
 def strip_peft_prefix(key: str) -> str:
-    """A key without PEFT's `base_model.model.` prefix: the name in the base model.
-
-    Example:
-        >>> strip_peft_prefix("base_model.model.lm_head.weight")
-        'lm_head.weight'
-    """
+    """A key without PEFT's `base_model.model.` prefix: the name in the base model (`lm_head.weight`)."""
     return key.removeprefix(PEFT_PREFIX)
 
 
 def base_tensor_name(key: str) -> str:
-    """The base model's name of a full tensor an adapter saved: PEFT's prefix and its `base_layer.` wrapper gone.
-
-    PEFT saves a bias trained with bias="all"/"lora_only" under the LoRA layer's wrapped module
-    (`….c_attn.base_layer.bias`); the base model has it as `….c_attn.bias`.
-
-    Example:
-        >>> base_tensor_name("base_model.model.transformer.h.0.attn.c_attn.base_layer.bias")
-        'transformer.h.0.attn.c_attn.bias'
-    """
+    """The base model's name of a full tensor an adapter saved: PEFT's prefix and its `base_layer.` wrapper gone
+    (a bias trained with bias="all" is saved as `….c_attn.base_layer.bias`, the base has `….c_attn.bias`)."""
     return strip_peft_prefix(key).replace(".base_layer.", ".")
 
 
@@ -67,15 +55,9 @@ def config_text(config: Mapping) -> str:
 
 @dataclass(frozen=True)
 class BaseEdit:
-    """One tensor of the base model that an adapter module changes (with `--base`).
-
-    Attributes:
-        module: the adapter's module name.
-        name: the base tensor's name, e.g. `model.layers.0.mlp.down_proj.weight`.
-        shape: its shape as nn.Linear stores it, (out, in) for a weight, (out,) for a bias;
-            None for a size the adapter does not fix ((IA)³ knows one side of a weight).
-        optional: a tensor changed only where the base has it (a bias).
-    """
+    """One tensor `name` of the base model that adapter module `module` changes (with a base model): its `shape` as
+    nn.Linear stores it ((out, in), (out,) for a bias; None for a size the adapter does not fix), `optional` when it
+    is changed only where the base has it (a bias)."""
 
     module: str
     name: str
@@ -102,15 +84,8 @@ class MergeStep:
 
 @dataclass(frozen=True)
 class OutputFormat:
-    """One output format (`format=`): its name, how an adapter becomes that output, which output tensors a merged
-    unit is written as, and what the output is (for its model card).
-
-    Attributes:
-        name: the name `format=` (and `--format`) takes.
-        make: (adapter, *, dtype, device) → the lazy output.
-        keys: a unit's name (module, vector) → the names of the output tensors it is written as.
-        what: what the output is, for its model card.
-    """
+    """One output format: the `name` format= takes, `make` (adapter, *, dtype, device) → its lazy output, `keys` (a
+    unit's name → the output tensors it is written as) and `what` the output is, for its model card."""
 
     name: str
     make: Callable[..., LazyOutput]
@@ -122,10 +97,8 @@ class OutputFormat:
 class PeftAdapter(ABC):
     """A PEFT adapter of one PEM type, loaded and validated: the interface every member of the family has.
 
-    Members are dataclasses; these fields are shared: `source` (a name for messages),
-    `base_model_name_or_path`, `task_type`, `extra` (non-adapter tensors such as PEFT's
-    modules_to_save, under their stored keys) and `config` (the adapter_config the adapter came
-    with). `repr()` shows shapes and counts, never tensors.
+    Members are dataclasses sharing `source` (a name for messages), `base_model_name_or_path`, `task_type`, `extra`
+    (non-adapter tensors, e.g. modules_to_save, under their keys) and `config` (the adapter_config it came with).
 
     Class attributes:
         peft_type: the adapter_config's `peft_type` ("LORA", "IA3", "PREFIX_TUNING").
@@ -136,12 +109,10 @@ class PeftAdapter(ABC):
         delta: the symbol of an anti-expert's task vector, in the report ("ΔW⁻", "d⁻", "θ⁻").
         formats: the output formats it writes; the first is the default.
         base_refusal: why `base=` cannot fold it into a base model (None: it can).
-        config_needed: what only its adapter_config says, so its weights alone are refused
-            (None: they can be read without one, as bare LoRA weights with a scaling).
+        config_needed: what only its adapter_config says, so its weights alone are refused (None: LoRA's scaling).
         no_rank: why `max_rank` does not apply, in a few words ("(IA)³ vectors have"); None: it does.
         merged_type: the class of a merge's result (None: the type itself).
-        scan_installer: "module:Class" of the λ scan's installer of this type (`lambda_scan.installers`, a layer
-            above this one, so named, not imported); None: the scan cannot install it.
+        scan_installer: "module:Class" of its λ-scan installer (a layer above: named, not imported); None: none.
     """
 
     peft_type: ClassVar[str]
@@ -166,11 +137,8 @@ class PeftAdapter(ABC):
     @classmethod
     @abstractmethod
     def from_peft(cls, weights: Path, tensors: Mapping[str, torch.Tensor], config: dict, where: str) -> "PeftAdapter":
-        """Read the tensors of an adapter file (finiteness checked) with its adapter_config (from `where`), validated.
-
-        Raises:
-            AdapterError: tensors the config does not describe, or that are not this type's.
-        """
+        """The adapter in a file's `tensors` (finiteness checked) and its adapter_config (read from `where`); an
+        AdapterError for tensors the config does not describe or that are not this type's."""
 
     @classmethod  # noqa: B027 (optional: most types have no fields to check beyond their reader's)
     def check_config(cls, config: dict, where: str) -> None:
@@ -232,10 +200,8 @@ class PeftAdapter(ABC):
         raise InputError(f"base= with {self.label} adapters ({self.source}): {self.base_refusal}", options=("base",))
 
     def fold(self, edit: BaseEdit, theta0: torch.Tensor, *, transposed: bool, device: torch.device) -> torch.Tensor:
-        """Base tensor `theta0` with module `edit.module` folded in, on `device`, in float32 (float64 if an input is).
-
-        `transposed`: the base stores this weight (in, out) (GPT-2's Conv1D). Types that cannot fold refuse.
-        """
+        """Base tensor `theta0` with module `edit.module` folded in, on `device`, in float32 (float64 if an input is);
+        `transposed`: the base stores this weight (in, out) (GPT-2's Conv1D). Types that cannot fold refuse."""
         raise InputError(f"base= with {self.label} adapters ({self.source}): {self.base_refusal}", options=("base",))
 
     def __repr__(self) -> str:
@@ -251,8 +217,7 @@ class PeftAdapter(ABC):
 
 
 def peft_fields(weights: object, config: Mapping, extra: dict[str, torch.Tensor]) -> dict:
-    """The fields every member reads the same way from a saved adapter: its source, the config's base model and
-    task type, its non-adapter tensors and the config itself (keyword arguments of the member's constructor)."""
+    """The fields every member reads the same way from a saved adapter, as constructor keyword arguments."""
     return {
         "source": str(weights),
         "base_model_name_or_path": config.get("base_model_name_or_path") or None,
@@ -270,7 +235,7 @@ def adapter_folder(makers: list, adapter: PeftAdapter, config: Mapping) -> LazyO
 
 
 def describe_dtypes(tensors: Sequence[torch.Tensor], storage: torch.dtype | None = None) -> str:
-    """The dtypes of some tensors in a word or two ("float32", "float32/bfloat16"), or their storage dtype."""
+    """The dtypes of some tensors in a word or two ("float32/bfloat16"), or their storage dtype."""
     if storage is not None:
         return str(storage).removeprefix("torch.")
     names = sorted({str(t.dtype).removeprefix("torch.") for t in tensors})
@@ -346,12 +311,7 @@ def check_same_type(expert: PeftAdapter, antis: Sequence[PeftAdapter]) -> None:
 
 
 def lam_list(lam: float | Sequence[float], n_antis: int) -> tuple[float, ...]:
-    """One λ per anti-expert: a single λ repeated, or the list as given (its length checked).
-
-    Example:
-        >>> lam_list(0.5, 2)
-        (0.5, 0.5)
-    """
+    """One λ per anti-expert: a single λ repeated (`lam_list(0.5, 2)` → (0.5, 0.5)), or the list as given."""
     values = [lam_value(v) for v in ([lam] if isinstance(lam, (int, float, str)) else lam)]
     if len(values) == 1:
         values = values * n_antis

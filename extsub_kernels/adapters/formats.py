@@ -19,30 +19,18 @@ from extsub_kernels.io.outputs import refuse_existing
 
 
 def to_peft(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """The factored adapter as (state_dict under PEFT keys, adapter_config dict); see the module doc.
-
-    Example:
-        >>> state_dict, config = to_peft(merge_adapters(expert, anti, 1.0))  # doctest: +SKIP
-    """
+    """The factored adapter as (state_dict under PEFT keys, adapter_config dict); see the module doc."""
     output = lora_output(adapter, dtype=dtype)
     return dict(output.items()), json.loads(output.texts[ADAPTER_CONFIG])
 
 
 def iter_dense_lora(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(PEFT key, tensor) pairs of the dense-lora format, one module at a time: lora_A = I, lora_B = ΔW'.
-
-    Example:
-        >>> dict(iter_dense_lora(adapter))  # doctest: +SKIP
-    """
+    """(PEFT key, tensor) pairs of the dense-lora format, one module at a time: lora_A = I, lora_B = ΔW'."""
     return dense_lora_output(adapter, dtype=dtype).items()
 
 
 def to_dense_lora(adapter: LoraAdapter, *, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """The dense-lora format as (state_dict, adapter_config) in memory: out·in numbers per module.
-
-    Example:
-        >>> state_dict, config = to_dense_lora(merged)  # doctest: +SKIP
-    """
+    """The dense-lora format as (state_dict, adapter_config) in memory: out·in numbers per module."""
     return dict(iter_dense_lora(adapter, dtype=dtype)), dense_lora_config(adapter)
 
 
@@ -52,24 +40,14 @@ def iter_delta(
     dtype: torch.dtype | None = None,
     fan_in_fan_out: bool | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(weight name, ΔW') per module, laid out like the base model's weight (see `lora.delta_output`).
-
-    Example:
-        >>> deltas = dict(iter_delta(merged))  # doctest: +SKIP
-        >>> key = "model.layers.0.self_attn.q_proj.weight"  # doctest: +SKIP
-        >>> base_state[key] += deltas[key]  # doctest: +SKIP
-    """
+    """(weight name, ΔW') per module, laid out like the base model's weight (see `lora.delta_output`)."""
     return delta_output(adapter, dtype=dtype, fan_in_fan_out=fan_in_fan_out).items()
 
 
 def to_delta(
     adapter: LoraAdapter, *, dtype: torch.dtype | None = None, fan_in_fan_out: bool | None = None
 ) -> dict[str, torch.Tensor]:
-    """`iter_delta` collected into a dict (for small adapters and tests).
-
-    Example:
-        >>> deltas = to_delta(merged)  # doctest: +SKIP
-    """
+    """`iter_delta` collected into a dict (for small adapters and tests)."""
     return dict(iter_delta(adapter, dtype=dtype, fan_in_fan_out=fan_in_fan_out))
 
 
@@ -95,9 +73,6 @@ def write_adapter(
 
     Returns:
         The folder's path.
-
-    Example:
-        >>> write_adapter(tmp / "out", *to_peft(merged))  # doctest: +SKIP
     """
     output = LazyOutput.of_tensors(
         state_dict, texts={ADAPTER_CONFIG: config_text(config)}, weights_name=ADAPTER_WEIGHTS
@@ -112,11 +87,7 @@ def write_tensors(
     metadata: Mapping[str, str] | None = None,
     force: bool = False,
 ) -> Path:
-    """Write one .safetensors file atomically (temporary file beside it, fsync, rename).
-
-    Example:
-        >>> write_tensors(tmp / "delta.safetensors", to_delta(merged))  # doctest: +SKIP
-    """
+    """Write one .safetensors file atomically (temporary file beside it, fsync, rename)."""
     return _write(Path(path), LazyOutput.of_tensors(tensors), metadata, force)
 
 

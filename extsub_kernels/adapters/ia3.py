@@ -53,10 +53,6 @@ def is_feedforward_module(patterns: object, module: str, matcher: PatternMatcher
 
     A string is a regular expression matched against the whole name (in bounded time, see
     `patterns`); a list matches names that end with one of its entries (PEFT's `key.endswith(target_key)`).
-
-    Example:
-        >>> is_feedforward_module(["down_proj"], "model.layers.0.mlp.down_proj")
-        True
     """
     if isinstance(patterns, str):
         return (matcher or PatternMatcher("adapter config")).matches(patterns, module, "feedforward_modules", full=True)
@@ -254,12 +250,6 @@ class IA3Adapter(PeftAdapter):
         a row-pairing method (|p| = 0: it is written as l = 1) and l = 1 ∓ λ·d⁻ under sub/add. The
         result's feedforward modules are the union of the inputs'; its vectors stay in float64
         (`dtype`: the expert's, for writing).
-
-        Example:
-            >>> from extsub_kernels.adapters import merge_adapters
-            >>> ones = IA3Adapter({"k": torch.ones(4, 1)})
-            >>> merge_adapters(ones, ones, 1.0).vectors["k"].flatten().tolist()
-            [1.0, 1.0, 1.0, 1.0]
         """
         antis, lams, spec, report = step.antis, step.lams, step.spec, step.report
         names = list(self.vectors) + sorted({n for a in antis for n in a.vectors if n not in self.vectors})

@@ -1,22 +1,16 @@
 """LoRA adapters: PEFT's lora_A/lora_B read with their scaling, merged in the factored space, written in 3 formats.
 
-PEFT keys look like `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`; lora_A is
-(r, in), lora_B (out, r) for every layer type, GPT-2's Conv1D included; the scaling comes from r,
-lora_alpha, use_rslora, rank_pattern and alpha_pattern. The math is in `factors` (docs/design.md §3).
-The formats:
+PEFT keys look like `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`; lora_A is (r, in),
+lora_B (out, r) for every layer type, GPT-2's Conv1D included; the scaling comes from r, lora_alpha,
+use_rslora, rank_pattern and alpha_pattern. The math is in `factors` (docs/design.md §3). The formats, each a
+`LazyOutput` made one module at a time:
 
-- `lora`: lora_A/lora_B under PEFT keys plus an adapter_config that makes PEFT apply exactly
-  scaling·B·A per module. Every module is written with use_rslora=False and
-  lora_alpha = scaling·r, so PEFT's lora_alpha/r gives back its scaling: computed modules have
-  scaling 1 (lora_alpha = r); modules copied from the expert keep their B and scaling. The most
-  common (r, lora_alpha) is the config default; other modules get exact-name rank_pattern /
+- `lora`: lora_A/lora_B under PEFT keys, and an adapter_config making PEFT apply exactly scaling·B·A per module:
+  use_rslora=False and lora_alpha = scaling·r (computed modules: scaling 1, lora_alpha = r; copied ones keep
+  theirs); the most common (r, lora_alpha) is the default, other modules get exact-name rank_pattern /
   alpha_pattern keys (`^` + the escaped module name: PEFT matches them against that module only).
-- `dense-lora`: ΔW' as lora_B (out×in) with an identity lora_A (in×in), r = lora_alpha =
-  in_features (scaling 1): the layout the paper's released code writes.
+- `dense-lora`: ΔW' as lora_B (out×in), lora_A = I (in×in), r = lora_alpha = in_features: the paper code's layout.
 - `delta`: ΔW' keyed by the module's weight name in the base model, laid out like that weight.
-
-Each is a `LazyOutput`: its tensors' names, dtypes and shapes are known up front and each is made
-on demand, so `write_outputs` streams outputs of any size one module at a time.
 """
 
 import copy
@@ -99,33 +93,18 @@ def peft_key(module: str, part: str) -> str:
 
 
 def parse_peft_key(key: str) -> tuple[str, str, str | None] | None:
-    """(module name in the base model, "A" or "B", adapter name or None) of a LoRA key; None otherwise.
-
-    Example:
-        >>> parse_peft_key("base_model.model.model.layers.0.mlp.up_proj.lora_B.default.weight")
-        ('model.layers.0.mlp.up_proj', 'B', 'default')
-    """
+    """(module name in the base model, "A" or "B", adapter name or None) of a LoRA key; None otherwise."""
     match = _LORA_KEY.match(key)
     return None if match is None else (strip_peft_prefix(match["module"]), match["part"], match["adapter"])
 
 
 def exact_pattern(module: str) -> str:
-    """A rank_pattern/alpha_pattern key that PEFT applies to `module` and to nothing else.
-
-    Example:
-        >>> exact_pattern("model.layers.0.mlp.up_proj")
-        '^model\\\\.layers\\\\.0\\\\.mlp\\\\.up_proj'
-    """
+    """A rank_pattern/alpha_pattern key that PEFT applies to `module` and to nothing else (`^model\\.layers...`)."""
     return "^" + re.escape(module)
 
 
 def module_scaling(config: Mapping, module: str, rank: int, matcher: PatternMatcher | None = None) -> float:
-    """PEFT's scaling of `module`: lora_alpha/r, or lora_alpha/√r with use_rslora; patterns override.
-
-    Example:
-        >>> module_scaling({"r": 8, "lora_alpha": 16, "alpha_pattern": {"v_proj": 4}}, "layers.0.v_proj", 8)
-        0.5
-    """
+    """PEFT's scaling of `module`: lora_alpha/r, or lora_alpha/√r with use_rslora; patterns override."""
     alphas = config.get("alpha_pattern") or {}
     key = pattern_key(alphas, module, matcher, "alpha_pattern key")
     alpha = alphas[key] if key is not None else config["lora_alpha"]
@@ -134,13 +113,9 @@ def module_scaling(config: Mapping, module: str, rank: int, matcher: PatternMatc
 
 @dataclass(frozen=True)
 class LoraScaling:
-    """The scaling of LoRA weights that come without an adapter_config.json (a bare .safetensors file).
-
-    Attributes:
-        lora_alpha: PEFT's lora_alpha.
-        r: the rank every module must have (None: each module's rank, from its shapes).
-        use_rslora: scaling lora_alpha/√r (rsLoRA) instead of lora_alpha/r.
-    """
+    """The scaling of LoRA weights that come without an adapter_config.json (a bare .safetensors file): PEFT's
+    `lora_alpha`, the rank `r` every module must have (None: each module's, from its shapes), and `use_rslora`
+    (lora_alpha/√r instead of lora_alpha/r)."""
 
     lora_alpha: float
     r: int | None = None
@@ -152,12 +127,8 @@ class LoraScaling:
 
 
 def peft_config(adapter: "LoraAdapter", ranks: dict[str, int], alphas: dict[str, float]) -> dict:
-    """An adapter_config.json dict giving each module of `ranks` its rank and lora_alpha (use_rslora False).
-
-    The most common (r, lora_alpha) are the defaults, rank_pattern/alpha_pattern give the other modules theirs,
-    target_modules are the sorted module names; base model, task type, fan_in_fan_out and (with non-LoRA tensors)
-    the original modules_to_save and bias come from `adapter`.
-    """
+    """An adapter_config.json giving each module of `ranks` its rank and lora_alpha (see the module doc); base model,
+    task type, fan_in_fan_out and (with non-LoRA tensors) modules_to_save and bias from `adapter`."""
     if not ranks:
         raise ValueError(f"{adapter.source}: no LoRA modules to write (every module was left out)")
     default_r, default_alpha = Counter((ranks[n], alphas[n]) for n in ranks).most_common(1)[0][0]
@@ -352,25 +323,10 @@ class LoraAdapter(PeftAdapter):
                 f"{where}: r must be a positive integer (PEFT refuses anything else), got {config['r']!r}"
             )
         check_scaling(config, where)
-        for name in ("use_rslora", "fan_in_fan_out", "inference_mode"):
-            if config.get(name) is not None and not isinstance(config[name], bool):
-                raise AdapterError(f"{where}: {name} must be true or false, got {config[name]!r}")
-        for name in ("target_modules", "exclude_modules"):
-            if not _is_names(config.get(name), allow_str=True):
-                raise AdapterError(
-                    f"{where}: {name} must be a list of module names or one regular expression, got {config[name]!r}"
-                )
-        if not _is_names(config.get("modules_to_save"), allow_str=False):
-            raise AdapterError(f"{where}: modules_to_save must list module names, got {config['modules_to_save']!r}")
-        if not _is_names(config.get("layers_pattern"), allow_str=True):
-            raise AdapterError(
-                f"{where}: layers_pattern must be a name or list of names, got {config['layers_pattern']!r}"
-            )
         indexes = config.get("layers_to_transform")
-        if indexes is not None and not (
-            _is_index(indexes) or (isinstance(indexes, list) and all(map(_is_index, indexes)))
-        ):
-            raise AdapterError(f"{where}: layers_to_transform must be a layer index or a list of them, got {indexes!r}")
+        for name, valid, what in _FIELDS:
+            if config.get(name) is not None and not valid(config[name]):
+                raise AdapterError(f"{where}: {name} must be {what}, got {config[name]!r}")
         if isinstance(config.get("target_modules"), str) and (indexes is not None or config.get("layers_pattern")):
             raise AdapterError(
                 f"{where}: layers_to_transform and layers_pattern cannot be used with a target_modules regular "
@@ -426,12 +382,7 @@ class LoraAdapter(PeftAdapter):
         check_max_rank(max_rank)
 
     def check_antis(self, antis: Sequence[PeftAdapter]) -> None:
-        """Raise an InputError unless every anti-expert's modules adapt weights of the expert's shapes.
-
-        Example:
-            >>> m = LoraModule(torch.ones(1, 3), torch.ones(2, 1), 1.0)
-            >>> LoraAdapter({"q": m}).check_antis([LoraAdapter({"q": m})])
-        """
+        """Raise an InputError unless every anti-expert's modules adapt weights of the expert's shapes."""
         for anti in antis:
             for name, module in anti.modules.items():
                 ref = self.modules.get(name)
@@ -450,12 +401,6 @@ class LoraAdapter(PeftAdapter):
         input is); modules only in the expert are kept as they are. Output dtype per module: the
         expert's (the anti-expert's for modules only there). `max_rank` truncates every module to
         that rank by an SVD of the factored result, its relative Frobenius error in the report.
-
-        Example:
-            >>> from extsub_kernels.adapters import merge_adapters
-            >>> m = LoraModule(torch.randn(2, 8), torch.randn(4, 2), 2.0)
-            >>> merge_adapters(LoraAdapter({"q": m}), LoraAdapter({"q": m}), 0.5).modules["q"].rank
-            4
         """
         report, max_rank = step.report, step.max_rank
         antis = [anti.modules for anti in step.antis]
@@ -525,13 +470,28 @@ def _is_index(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _is_names(value: object, *, allow_str: bool) -> bool:
-    """None, a list of strings, or (with `allow_str`) one string."""
-    return (
-        value is None
-        or (allow_str and isinstance(value, str))
-        or (isinstance(value, list) and all(isinstance(v, str) for v in value))
-    )
+def _is_names(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+# The types PEFT's LoraConfig takes for the fields the merge reads: (field, check, what it must be).
+_FIELDS = (
+    *(
+        (name, lambda v: isinstance(v, bool), "true or false")
+        for name in ("use_rslora", "fan_in_fan_out", "inference_mode")
+    ),
+    *(
+        (name, lambda v: isinstance(v, str) or _is_names(v), "a list of module names or one regular expression")
+        for name in ("target_modules", "exclude_modules")
+    ),
+    ("modules_to_save", _is_names, "a list of module names"),
+    ("layers_pattern", lambda v: isinstance(v, str) or _is_names(v), "a name or list of names"),
+    (
+        "layers_to_transform",
+        lambda v: _is_index(v) or (isinstance(v, list) and all(map(_is_index, v))),
+        "a layer index or a list of them",
+    ),
+)
 
 
 def _group(
@@ -602,10 +562,6 @@ class LoraSweep:
 
     Args:
         expert, antis, method, any_base_model: as for `merge_adapters` (checked here, once).
-
-    Example:
-        >>> sweep = LoraSweep(expert, [anti])  # doctest: +SKIP
-        >>> [sweep.modules(lam) for lam in (0.5, 1.0, 2.0)]  # doctest: +SKIP
     """
 
     def __init__(

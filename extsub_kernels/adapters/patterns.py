@@ -82,10 +82,6 @@ def pattern_key(
 
     PEFT takes the first key (in the config's order) that matches the end of the module
     name at a dot boundary as a regular expression: re.match(rf"(.*\\.)?({key})$", module).
-
-    Example:
-        >>> pattern_key({"q_proj": 8}, "model.layers.0.self_attn.q_proj")
-        'q_proj'
     """
     matcher = matcher or PatternMatcher("adapter config")
     for key in patterns:

@@ -86,8 +86,8 @@ def _locate(path: Path, scaling: LoraScaling | None) -> tuple[Path, dict, str]:
             _refuse_other_types_without_config(path, weights)
             raise AdapterError(
                 f"{path} has no {ADAPTER_CONFIG}: the LoRA scaling (lora_alpha, r) is unknown; add the config, or give "
-                "the scaling of its .safetensors file (scaling=LoraScaling(lora_alpha, r))",
-                options=("scaling",),
+                "lora_alpha= for its .safetensors file (scaling=LoraScaling(lora_alpha, r) in Python)",
+                options=("lora_alpha",),
             )
     elif path.is_file():
         if path.suffix != ".safetensors":
@@ -105,8 +105,9 @@ def _locate(path: Path, scaling: LoraScaling | None) -> tuple[Path, dict, str]:
     if scaling is None:
         raise AdapterError(
             f"{path}: a bare adapter file with no {ADAPTER_CONFIG} beside it, so the LoRA scaling is unknown; "
-            "give it (scaling=LoraScaling(lora_alpha, r, use_rslora), r and use_rslora where they apply)",
-            options=("scaling",),
+            "give lora_alpha= (and r, use_rslora where they apply: scaling=LoraScaling(lora_alpha, r, use_rslora) in "
+            "Python)",
+            options=("lora_alpha",),
         )
     config = scaling.as_config()
     check_scaling(config, "the explicit scaling")
@@ -131,11 +132,7 @@ def _read_config(config_path: Path) -> dict:
 
 
 def _check_config(config: dict, where: str) -> None:
-    """Refuse an adapter_config.json that PEFT would refuse or that this merge cannot follow, naming the field.
-
-    PEFT picks the config class by `peft_type` (upper case: "LORA"); the fields every type has are checked here,
-    then the type's own `check_config`.
-    """
+    """Refuse an adapter_config.json that PEFT would refuse or that this merge cannot follow, naming the field."""
     if "peft_type" not in config:
         raise AdapterError(
             f'{where}: peft_type is missing; PEFT needs it to know the adapter type (e.g. "peft_type": "LORA")'

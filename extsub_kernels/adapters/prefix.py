@@ -112,12 +112,7 @@ class PrefixAdapter(PeftAdapter):
         return self.num_virtual_tokens, self.num_layers * 2 * self.token_dim
 
     def rows(self, tensor: torch.Tensor | None = None) -> torch.Tensor:
-        """`tensor` (default: the prompt embeddings) as rows: one per token, layer, key or value, and head.
-
-        Example:
-            >>> PrefixAdapter(torch.zeros(2, 24), 2, 1, 12, 3).rows().shape
-            torch.Size([12, 4])
-        """
+        """`tensor` (default: the prompt embeddings) as rows: one per token, layer, key or value, and head."""
         return (self.prompt_embeddings if tensor is None else tensor).reshape(-1, self.head_dim)
 
     def _tensor_problem(self) -> str | None:
@@ -212,12 +207,6 @@ class PrefixAdapter(PeftAdapter):
     def merge_units(self, step: MergeStep) -> dict:
         """The method on θ itself, one row per token, layer, key/value and head, computed and held in float64
         (`dtype`: the expert's, for writing).
-
-        Example:
-            >>> from extsub_kernels.adapters import merge_adapters
-            >>> p = PrefixAdapter(torch.randn(2, 24), 2, 1, 12, 3)
-            >>> merge_adapters(p, p, 1.0).prompt_embeddings.shape
-            torch.Size([2, 24])
         """
         antis, lams, spec, report = step.antis, step.lams, step.spec, step.report
         report.merged.append(PROMPT_KEY)

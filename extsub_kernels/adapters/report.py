@@ -51,10 +51,6 @@ def summarize_modules(reports: Sequence[AdapterReport]) -> str:
     Which modules are merged, copied or left out does not depend on λ, so those counts come
     from the first report; the truncation error is the max and mean over every module of
     every report.
-
-    Example:
-        >>> summarize_modules([AdapterReport("sub", (1.0,), merged=["q"], copied=["v"])])
-        '2 LoRA modules: 1 merged; 1 copied from the expert'
     """
     first = reports[0]
     total = len(first.merged) + len(first.copied) + len(first.dropped) + len(first.added)
@@ -85,12 +81,7 @@ def summarize_modules(reports: Sequence[AdapterReport]) -> str:
 
 
 def truncation_summary(reports: Sequence[AdapterReport]) -> str | None:
-    """The --max-rank truncation error, max and mean over every module of every report; None without --max-rank.
-
-    Example:
-        >>> truncation_summary([AdapterReport("ext-sub", (1.0,), truncation_error={"q": 0.5, "v": 0.0})])
-        'relative truncation error (Frobenius) max 0.5 (q), mean 0.25'
-    """
+    """The --max-rank truncation error, max and mean over every module of every report; None without --max-rank."""
     errors = [(error, name) for r in reports for name, error in r.truncation_error.items()]
     if not errors:
         return None

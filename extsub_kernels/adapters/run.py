@@ -179,9 +179,9 @@ def load_inputs(inputs: Inputs, scaling: LoraScaling | None = None) -> list[Peft
         adapters.append(dataclasses.replace(adapter, source=inp.spec))
     if scaling is not None and not used:
         raise AdapterError(
-            f"scaling= gives the scaling of LoRA weights that have no {ADAPTER_CONFIG}, but every adapter here has "
-            "one (a config's scaling is never overridden); drop it",
-            options=("scaling",),
+            f"lora_alpha= (scaling=LoraScaling(...) in Python) gives the scaling of LoRA weights that have no "
+            f"{ADAPTER_CONFIG}, but every adapter here has one (a config's scaling is never overridden); drop them",
+            options=("lora_alpha",),
         )
     return adapters
 
@@ -195,13 +195,7 @@ def _merge_setting(
     output_format: str,
     base: object,
 ) -> PeftAdapter:
-    """`merge_adapters` for one λ setting, with the non-adapter tensors handled as the output needs.
-
-    They are full weights (PEFT's modules_to_save, trained biases). Adapter folders get the
-    expert's copied (merge_adapters warns). A `delta` output leaves them out, with a warning:
-    they are not deltas. With a `base` model they are merged against θ₀ by the full model, so
-    here they are only listed.
-    """
+    """`merge_adapters` for one λ setting, with the non-adapter tensors handled as the output needs."""
     expert, antis = adapters[0], adapters[1:]
     options = dict(max_rank=adapter_options.max_rank, any_base_model=adapter_options.any_base_model)
     if not base and output_format != "delta":

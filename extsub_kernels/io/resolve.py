@@ -97,10 +97,6 @@ def read_json_object(path: Path, what: str = "JSON config", *, error: type[Input
         path: the file.
         what: what the file is, for the message ("adapter config").
         error: the InputError subclass to raise (callers with their own error type pass it).
-
-    Example:
-        >>> read_json_object(Path("adapter_config.json"), "adapter config")  # doctest: +SKIP
-        {'r': 8, 'lora_alpha': 16, ...}
     """
     text = read_bounded_text(path, what, MAX_JSON_BYTES, error=error)
     try:
@@ -150,12 +146,7 @@ def resolve_input(
 
 
 def hub_repo_id(name: str | None) -> str | None:
-    """The hub repo id `name` is by `resolve_input`'s rule (org/name[@revision], not a local path), or None.
-
-    Example:
-        >>> hub_repo_id("org/model@v1"), hub_repo_id("/models/base")
-        ('org/model', None)
-    """
+    """The hub repo id `name` is by `resolve_input`'s rule (org/name[@revision], not a local path), or None."""
     if not isinstance(name, str) or not name or Path(name).expanduser().exists():
         return None
     repo = name.partition("@")[0]
@@ -318,12 +309,7 @@ def _resolve_hub(
 
 
 def _snapshot_commit(spec: str, role: str, repo: str, revision: str | None, snapshot: Path, cache: str) -> str:
-    """The commit of `snapshot`, after checking it is that repo's snapshot folder in the cache.
-
-    huggingface_hub finds a branch's commit in a file of its cache (refs/<branch>) and joins
-    what it reads into a path: a damaged cache could point anywhere. A commit asked for must
-    be the one served, never another.
-    """
+    """The commit of `snapshot`, after checking it is that repo's snapshot folder in the cache."""
     from huggingface_hub.file_download import repo_folder_name
 
     snapshots = Path(cache).expanduser().resolve() / repo_folder_name(repo_id=repo, repo_type="model") / "snapshots"

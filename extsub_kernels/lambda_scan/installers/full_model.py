@@ -102,11 +102,7 @@ class FullModelInstaller(Installer):
 
 
 def _model_tensor(tensors: dict[str, torch.Tensor], key: str, *, merged: bool) -> torch.Tensor | None:
-    """The model's tensor for checkpoint key `key`: same name, or the one name equal up to a leading prefix.
-
-    None for a tensor the model does not hold when it is only copied (a saved buffer);
-    an InputError for a merged one.
-    """
+    """The model's tensor for checkpoint key `key`: same name, or the one name equal up to a leading prefix."""
     if key in tensors:
         return tensors[key]
     found = [k for k in tensors if k.endswith("." + key) or key.endswith("." + k)]
