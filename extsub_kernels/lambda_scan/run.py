@@ -414,7 +414,7 @@ def _check_save_format(fmt: str | None, installer: Installer) -> None:
     elif kind.base_refusal is not None:
         raise InputError(
             f"--format {fmt}: {kind.label} adapters change no weight of MODEL, so there is no full model to save; "
-            f"save the adapter itself (--format {kind.formats[0]}, the default)"
+            f"save the adapter itself (--format {kind.formats[0].name}, the default)"
         )
 
 
