@@ -59,7 +59,7 @@ def load_adapter(path: str | os.PathLike, *, scaling: LoraScaling | None = None)
     path = Path(path)
     weights, config, config_file = _locate(path, scaling)
     tensors = _read_tensors(weights)
-    adapter = _BY_PEFT_TYPE[_peft_type_of(config)].from_peft(weights, tensors, config, config_file)
+    adapter = member_for(_peft_type_of(config)).from_peft(weights, tensors, config, config_file)
     adapter.source = str(path)
     return adapter
 
@@ -138,20 +138,21 @@ def _check_config(config: dict, where: str) -> None:
             f'{where}: peft_type is missing; PEFT needs it to know the adapter type (e.g. "peft_type": "LORA")'
         )
     peft_type = config["peft_type"]
-    if not isinstance(peft_type, str) or peft_type not in _BY_PEFT_TYPE:
-        if isinstance(peft_type, str) and peft_type.upper() in _BY_PEFT_TYPE:
+    if not isinstance(peft_type, str) or member_for(peft_type) is None:
+        if isinstance(peft_type, str) and member_for(peft_type.upper()) is not None:
             raise AdapterError(
                 f"{where}: peft_type is {peft_type!r}; PEFT spells adapter types in upper case "
                 f"({peft_type.upper()!r}) and refuses this one"
             )
-        raise AdapterError(f"{where}: peft_type is {peft_type!r}; extsub merges {', '.join(_BY_PEFT_TYPE)} adapters")
+        types = ", ".join(member.peft_type for member in MEMBERS)
+        raise AdapterError(f"{where}: peft_type is {peft_type!r}; extsub merges {types} adapters")
     task_type = config.get("task_type")
     if task_type is not None and task_type not in _TASK_TYPES:
         raise AdapterError(f"{where}: task_type is {task_type!r}; PEFT accepts {', '.join(_TASK_TYPES)} (or null)")
     base = config.get("base_model_name_or_path")
     if base is not None and not isinstance(base, str):
         raise AdapterError(f"{where}: base_model_name_or_path must be a string, got {base!r}")
-    _BY_PEFT_TYPE[peft_type].check_config(config, where)
+    member_for(peft_type).check_config(config, where)
 
 
 # What PEFT's TaskType accepts for task_type.
@@ -190,11 +191,22 @@ def _check_values(weights: Path, key: str, tensor: torch.Tensor) -> None:
         raise AdapterError(f"{weights}: {key} contains {problem}")
 
 
-# The family: every PEM type, once. Everything else about a type is on its class; these follow from it.
+# The family: every PEM type, once. Everything else about a type is on its class; every registry is read from this
+# tuple when it is used (`member_for`, `output_formats`, `owns_adapter_key`), so adding a type here is all it takes.
 MEMBERS: tuple[type[PeftAdapter], ...] = (LoraAdapter, IA3Adapter, PrefixAdapter)
-_BY_PEFT_TYPE = {member.peft_type: member for member in MEMBERS}  # the config's peft_type picks the reader
-OUTPUT_FORMATS: dict[str, OutputFormat] = {f.name: f for member in MEMBERS for f in member.formats}
-FORMATS: tuple[str, ...] = tuple(OUTPUT_FORMATS)  # every format= (`_names.FORMATS` spells them without torch)
+
+
+def member_for(peft_type: str) -> type[PeftAdapter] | None:
+    """The member that reads adapter configs of `peft_type` (PEFT's spelling, "LORA"), or None."""
+    return next((member for member in MEMBERS if member.peft_type == peft_type), None)
+
+
+def output_formats() -> dict[str, OutputFormat]:
+    """Every output format of every member, by the name format= takes, in the members' order."""
+    return {f.name: f for member in MEMBERS for f in member.formats}
+
+
+FORMATS: tuple[str, ...] = tuple(output_formats())  # the built-in format= names (`_names.FORMATS`, without torch)
 
 
 def owns_adapter_key(key: str) -> bool:

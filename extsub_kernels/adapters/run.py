@@ -4,7 +4,7 @@ Every adapter is loaded and validated before anything is written (PEFT folders, 
 snapshots, bare .safetensors files with their config or scaling), and all must be of one PEM
 type. The merge runs in the type's own parameter space once per λ setting (LoRA: factored,
 O((out + in)·r²) per module, docs/design.md §3; (IA)³ and prefix-tuning: their small tensors in
-float64, §6). Each output is a `LazyOutput` of one of the type's formats (`formats.OUTPUT_FORMATS`)
+float64, §6). Each output is a `LazyOutput` of one of the type's formats (`PeftAdapter.formats`)
 streamed through the engine's one write loop one tensor at a time, so no output is ever held
 in memory; with a base model it is the full merged model (`full_model`).
 """
@@ -17,12 +17,12 @@ from pathlib import Path
 
 from extsub_kernels.adapters.factors import check_max_rank
 from extsub_kernels.adapters.family import PeftAdapter, check_same_type, merge_adapters, weight_key
-from extsub_kernels.adapters.full_model import full_model_outputs, match_targets
+from extsub_kernels.adapters.full_model import full_model_outputs
 from extsub_kernels.adapters.lora import LoraAdapter, LoraScaling
-from extsub_kernels.adapters.peft import FORMATS, OUTPUT_FORMATS, load_adapter
+from extsub_kernels.adapters.peft import load_adapter, output_formats
 from extsub_kernels.adapters.report import AdapterReport, AdapterSection, adapter_items, truncation_summary
 from extsub_kernels.adapters.stats import adapter_stats
-from extsub_kernels.constants import ADAPTER_CONFIG, MODEL_CONFIG
+from extsub_kernels.constants import ADAPTER_CONFIG
 from extsub_kernels.engine.context import RunContext
 from extsub_kernels.engine.conv1d import WeightLayout, conv1d_transposed, input_config, never_transposed, weight_layout
 from extsub_kernels.engine.dryrun import dry_run_report
@@ -73,7 +73,7 @@ class AdapterOptions:
                 full model); a max_rank that is not a positive int, or with another format than lora.
         """
         if self.output_format is not None:
-            check_choice(self.output_format, FORMATS, "output format")
+            check_choice(self.output_format, tuple(output_formats()), "output format")
         if base and self.output_format is not None:
             raise InputError(
                 f"base= writes the full merged model θ₀ + ΔW'; format={self.output_format} is for adapter outputs, "
@@ -291,9 +291,12 @@ def run_adapters(
             if adapter_options.max_rank is not None:
                 kind = _truncated_kind(kind, adapter_options.max_rank, [m.report for m in merged])
         else:
-            outputs, kind, computed = _full_model(adapters, merged, base, reader, options, paths, facts)
+            outputs, kind, computed, facts["layout"] = full_model_outputs(
+                adapters, merged, base, reader, options, is_folder_output(paths[0])
+            )
             bytes_read += sum(reader.info(k).nbytes for k in reader)
-        outputs = _with_notes(outputs, paths, options, context, kind, facts["stats"])
+        notes = output_texts(paths, options, context, kind, facts["stats"])  # card, recipe, noted config.json
+        outputs = [dataclasses.replace(o, texts={**o.texts, **n}) for o, n in zip(outputs, notes, strict=True)]
         tensors = len(outputs[0].entries)
         facts.update(tensors=tensors, merged=len(computed), copied=tensors - len(computed))
         if options.mode == "dry-run":
@@ -339,7 +342,7 @@ def _adapter_outputs(
     if layout is not None:
         facts["layout"] = layout.reason
         merged = [dataclasses.replace(m, fan_in_fan_out=layout.conv1d) for m in merged]
-    written = OUTPUT_FORMATS[output_format]
+    written = output_formats()[output_format]
     outputs = [written.make(m, dtype=options.out_dtype, device=options.device) for m in merged]
     base, why = card_base_model(adapters[0].base_model_name_or_path, "the adapters' base model")
     delta = output_format == "delta"
@@ -355,7 +358,8 @@ def _load(
 ) -> tuple[list[PeftAdapter], str]:
     """The adapters in order (one type, sharing a unit) and their output format, after the checks that need them."""
     adapter_options.checked_format(base=base)
-    adapters = _adapters(inputs, loaded, adapter_options.scaling)
+    fresh = iter(load_inputs([(role, inp) for role, inp in inputs if role not in loaded], adapter_options.scaling))
+    adapters = [loaded[role] if role in loaded else next(fresh) for role, _ in inputs]
     check_same_type(adapters[0], adapters[1:])
     _check_common_units(adapters, inputs)
     return adapters, adapter_options.format_for(type(adapters[0]), base=base)
@@ -384,53 +388,6 @@ def _facts(
     )
 
 
-def _full_model(
-    adapters: Sequence[PeftAdapter],
-    merged: Sequence[PeftAdapter],
-    base: ResolvedInput,
-    reader: CheckpointReader,
-    options: RunOptions,
-    paths: Sequence[Path],
-    facts: dict,
-) -> tuple[list[LazyOutput], OutputKind, set[str]]:
-    """With --base: the full merged model per setting (θ₀ + ΔW' where modules fold, the base elsewhere), what it
-    is for the card, and the tensors computed; the weight layout's reason goes into `facts`."""
-    layout = weight_layout(
-        [("BASE", input_config(base))],
-        {k: reader.info(k).shape for k in reader},
-        explicit=options.transposed,
-        role=f"BASE ({base.spec})",
-    )
-    facts["layout"] = layout.reason
-    targets = match_targets(
-        merged[0],
-        reader,
-        conv1d=layout.rule,
-        expert_extra=adapters[0].extra,
-        anti_extras=[a.extra for a in adapters[1:]],
-        sources=[a.source for a in adapters],
-    )
-    folder = is_folder_output(paths[0])
-    config = base.config_file(MODEL_CONFIG) if folder else None
-    skip = (ADAPTER_CONFIG, MODEL_CONFIG)
-    extra_files = [p for p in base.config_files if p.name not in skip] if folder else []
-    outputs = full_model_outputs(
-        merged,
-        options.settings,
-        reader,
-        targets,
-        method=options.method,
-        out_dtype=options.out_dtype,
-        device=options.device,
-        extra_files=extra_files,
-    )
-    base_id, why = card_base_model(base.spec, "BASE")
-    kind = OutputKind(
-        "the full merged model θ₀ + ΔW'", "transformers" if config else None, base_id, config, base_note=why
-    )
-    return outputs, kind, set(targets)
-
-
 def _truncated_kind(kind: OutputKind, max_rank: int, reports: Sequence[AdapterReport]) -> OutputKind:
     """A --max-rank output's card: its rank and measured truncation error, and why the table is the exact merge's."""
     notes = []
@@ -449,19 +406,6 @@ def _truncated_kind(kind: OutputKind, max_rank: int, reports: Sequence[AdapterRe
     return dataclasses.replace(kind, what=what, notes=tuple(notes))
 
 
-def _with_notes(
-    outputs: Sequence[LazyOutput],
-    paths: Sequence[Path],
-    options: RunOptions,
-    context: RunContext | None,
-    kind: OutputKind,
-    stats: Sequence,
-) -> list[LazyOutput]:
-    """The outputs with their model card, recipe and noted config.json among the texts written beside the weights."""
-    notes = output_texts(paths, options, context, kind, stats)
-    return [dataclasses.replace(o, texts={**o.texts, **n}) for o, n in zip(outputs, notes, strict=True)]
-
-
 def _check_common_units(adapters: Sequence[PeftAdapter], inputs: Inputs) -> None:
     """Raise an InputError when no anti-expert shares a module with the expert: nothing would be merged."""
     expert = adapters[0].stat_units()
@@ -476,9 +420,3 @@ def _check_common_units(adapters: Sequence[PeftAdapter], inputs: Inputs) -> None
         f"{next(iter(expert), 'nothing')}, {a_role} ({a_inp.spec}) has e.g. {others[0] if others else 'nothing'}; "
         "there is nothing to merge (are they adapters of the same model and target modules?)"
     )
-
-
-def _adapters(inputs: Inputs, loaded: Mapping[str, PeftAdapter], scaling: LoraScaling | None) -> list[PeftAdapter]:
-    """The adapters in order: those given in memory, the others loaded from their resolved inputs."""
-    fresh = iter(load_inputs([(role, inp) for role, inp in inputs if role not in loaded], scaling))
-    return [loaded[role] if role in loaded else next(fresh) for role, _ in inputs]
