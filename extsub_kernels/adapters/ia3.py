@@ -18,19 +18,9 @@ from pathlib import Path
 
 import torch
 
+import extsub_kernels.adapters.family as family
 from extsub_kernels._tensors import compute_dtype, is_float
-from extsub_kernels.adapters.family import (
-    PEFT_PREFIX,
-    BaseEdit,
-    MergeStep,
-    OutputFormat,
-    PeftAdapter,
-    adapter_folder,
-    describe_dtypes,
-    peft_fields,
-    strip_peft_prefix,
-    weight_key,
-)
+from extsub_kernels.adapters.family import BaseEdit, MergeStep, OutputFormat, PeftAdapter
 from extsub_kernels.adapters.patterns import PatternMatcher, selects
 from extsub_kernels.adapters.report import AdapterReport, counted
 from extsub_kernels.engine.methods import apply_method
@@ -45,7 +35,7 @@ _IA3_KEY = re.compile(r"^(?P<module>.+)\.ia3_l(?:\.(?P<adapter>[^.]+))?$")
 
 def ia3_key(module: str) -> str:
     """The key PEFT saves a module's vector under: `ia3_key("m.k_proj")` → `base_model.model.m.k_proj.ia3_l`."""
-    return f"{PEFT_PREFIX}{module}.ia3_l"
+    return f"{family.PEFT_PREFIX}{module}.ia3_l"
 
 
 def is_feedforward_module(patterns: object, module: str, matcher: PatternMatcher | None = None) -> bool:
@@ -77,7 +67,7 @@ def ia3_output(
         out = dtype or adapter.dtype or vector.dtype
         entry = TensorEntry(ia3_key(name), out, tuple(vector.shape))
         makers.append((entry, lambda v=vector, o=out: v.to(o).contiguous()))
-    return adapter_folder(makers, adapter, _ia3_config(adapter))
+    return family.adapter_folder(makers, adapter, _ia3_config(adapter))
 
 
 def _ia3_config(adapter: "IA3Adapter") -> dict:
@@ -109,12 +99,8 @@ class IA3Adapter(PeftAdapter):
         report: what the merge did (merged adapters only).
     """
 
-    peft_type = "IA3"
-    label = "(IA)³"
-    tag = "ia3"
-    unit = "vector"
-    row = "vector"
-    delta = "d⁻"
+    peft_type, label, tag = "IA3", "(IA)³", "ia3"
+    unit, row, delta = "vector", "vector", "d⁻"
     formats = (OutputFormat("ia3", ia3_output, lambda module: (ia3_key(module),), "a PEFT (IA)³ adapter"),)
     config_needed = "which modules are feedforward_modules"
     no_rank = "(IA)³ vectors have"
@@ -171,7 +157,7 @@ class IA3Adapter(PeftAdapter):
                 adapter_names.add(match["adapter"])
             if not is_float(tensor.dtype):
                 raise AdapterError(f"{weights}: {key} has dtype {tensor.dtype}; (IA)³ vectors must be floating point")
-            vectors[strip_peft_prefix(match["module"])] = tensor
+            vectors[family.strip_peft_prefix(match["module"])] = tensor
         if len(adapter_names) > 1:
             names = ", ".join(sorted(adapter_names))
             raise AdapterError(f"{weights}: holds several adapters ({names}); save one adapter per file")
@@ -210,7 +196,7 @@ class IA3Adapter(PeftAdapter):
             vectors=vectors,
             feedforward=frozenset(feedforward),
             fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
-            **peft_fields(weights, config, extra),
+            **family.peft_fields(weights, config, extra),
         )
 
     @classmethod
@@ -222,7 +208,7 @@ class IA3Adapter(PeftAdapter):
         ff = len(self.feedforward)
         return (
             f"{counted(len(vectors), 'vector')}: {len(vectors) - ff} (out, 1), {ff} feedforward (1, in), "
-            f"{sum(v.numel() for v in vectors):,} scales, {describe_dtypes(vectors, self.dtype)}"
+            f"{sum(v.numel() for v in vectors):,} scales, {family.describe_dtypes(vectors, self.dtype)}"
         )
 
     def stat_units(self) -> Mapping[str, object]:
@@ -282,10 +268,10 @@ class IA3Adapter(PeftAdapter):
         for name, vector in self.vectors.items():
             n = vector.numel()
             if name in self.feedforward:
-                edits.append(BaseEdit(name, weight_key(name), (None, n)))
+                edits.append(BaseEdit(name, family.weight_key(name), (None, n)))
             else:
-                edits.append(BaseEdit(name, weight_key(name), (n, None)))
-                edits.append(BaseEdit(name, f"{strip_peft_prefix(name)}.bias", (n,), optional=True))
+                edits.append(BaseEdit(name, family.weight_key(name), (n, None)))
+                edits.append(BaseEdit(name, f"{family.strip_peft_prefix(name)}.bias", (n,), optional=True))
         return edits
 
     def fold(self, edit: BaseEdit, theta0: torch.Tensor, *, transposed: bool, device: torch.device) -> torch.Tensor:

@@ -254,10 +254,7 @@ class LoraAdapter(PeftAdapter):
     `config` is the adapter_config the adapter came with (empty when there was none).
     """
 
-    peft_type = "LORA"
-    label = "LoRA"
-    tag = "lora"
-    unit = "module"
+    peft_type, label, tag, unit = "LORA", "LoRA", "lora", "module"
     formats = (
         OutputFormat("lora", lora_output, _factor_keys, "a PEFT LoRA adapter (rank r⁺ + r⁻ per module, exact)"),
         OutputFormat(

@@ -18,15 +18,9 @@ from pathlib import Path
 
 import torch
 
+import extsub_kernels.adapters.family as family
 from extsub_kernels._tensors import is_float
-from extsub_kernels.adapters.family import (
-    MergeStep,
-    OutputFormat,
-    PeftAdapter,
-    adapter_folder,
-    describe_dtypes,
-    peft_fields,
-)
+from extsub_kernels.adapters.family import MergeStep, OutputFormat, PeftAdapter
 from extsub_kernels.adapters.report import AdapterReport
 from extsub_kernels.engine.methods import apply_method
 from extsub_kernels.engine.writing import LazyOutput
@@ -53,7 +47,7 @@ def prefix_output(
     makers = [(TensorEntry(PROMPT_KEY, out, tuple(prompt.shape)), lambda: prompt.to(out).contiguous())]
     config = {**adapter.config, "peft_type": "PREFIX_TUNING", **adapter.geometry, "inference_mode": True}
     config.update(task_type=adapter.task_type, base_model_name_or_path=adapter.base_model_name_or_path)
-    return adapter_folder(makers, adapter, config)
+    return family.adapter_folder(makers, adapter, config)
 
 
 @dataclass(repr=False)
@@ -67,11 +61,8 @@ class PrefixAdapter(PeftAdapter):
         report: what the merge did (merged adapters only).
     """
 
-    peft_type = "PREFIX_TUNING"
-    label = "prefix-tuning"
-    tag = "prefix-tuning"
-    unit = "prompt embedding"
-    delta = "θ⁻"
+    peft_type, label, tag = "PREFIX_TUNING", "prefix-tuning", "prefix-tuning"
+    unit, delta = "prompt embedding", "θ⁻"
     formats = (
         OutputFormat("prefix-tuning", prefix_output, lambda _unit: (PROMPT_KEY,), "a PEFT prefix-tuning adapter"),
     )
@@ -156,7 +147,7 @@ class PrefixAdapter(PeftAdapter):
         return cls(
             prompt,
             **geometry,
-            **peft_fields(weights, config, extra),
+            **family.peft_fields(weights, config, extra),
         )
 
     @classmethod
@@ -169,7 +160,7 @@ class PrefixAdapter(PeftAdapter):
         return (
             f"{PROMPT_KEY} {list(self.prompt_embeddings.shape)}{saved} = {self.num_virtual_tokens} virtual tokens × "
             f"{self.num_layers} layers × 2 (key, value) × {self.num_attention_heads} heads × {self.head_dim}, "
-            f"{describe_dtypes([self.prompt_embeddings], self.dtype)}"
+            f"{family.describe_dtypes([self.prompt_embeddings], self.dtype)}"
         )
 
     def stat_units(self) -> Mapping[str, object]:

@@ -55,19 +55,13 @@ class ResolvedInput:
     """An input, resolved to local files.
 
     Attributes:
-        spec: the spec as given (path or `org/name[@revision]`).
-        name: a short display name (file or folder name, or the repo id) for messages and metadata.
+        spec: the spec as given (path or `org/name[@revision]`); name: a short display name.
         kind: "file", "folder", "hub", or "memory" (an adapter given as a Python object: no files).
         root: the folder holding the files (a file's own folder for kind "file").
-        files: the safetensors weight files, in shard order.
-        config_files: config and tokenizer files beside the weights (folders and hub repos only).
-        adapter: True for a PEFT adapter (adapter_config.json + adapter_model.safetensors), or
-            weights whose keys are an adapter's (lora_A / lora_B, ia3_l, prompt_embeddings: a bare
-            .safetensors, or a folder of them).
-        commit: for a hub repo, the commit hash of the snapshot the files are read from (the
-            revision asked for, resolved); None for local inputs.
-        headers: the headers of `files` read while resolving, if they were (kept so that reading
-            the input parses them once, see `read_header`).
+        files: the safetensors weight files, in shard order; config_files: config and tokenizer files beside them.
+        adapter: a PEFT adapter folder (adapter_config.json), or weights whose keys are an adapter's.
+        commit: for a hub repo, the commit of the snapshot read (the revision resolved); None for local inputs.
+        headers: the headers of `files` read while resolving (so reading the input parses them once).
     """
 
     spec: str
@@ -91,13 +85,8 @@ class ResolvedInput:
 
 
 def read_json_object(path: Path, what: str = "JSON config", *, error: type[InputError] = InputError) -> dict:
-    """A JSON file holding one object (a config), parsed; `error` naming the file when it is not.
-
-    Args:
-        path: the file.
-        what: what the file is, for the message ("adapter config").
-        error: the InputError subclass to raise (callers with their own error type pass it).
-    """
+    """A JSON file holding one object (a config), parsed; `error` (an InputError type) naming the file and `what` it
+    is ("adapter config") when it is not."""
     text = read_bounded_text(path, what, MAX_JSON_BYTES, error=error)
     try:
         loaded = json.loads(text)
