@@ -59,20 +59,9 @@ def write_adapter(
     metadata: Mapping[str, str] | None = None,
     force: bool = False,
 ) -> Path:
-    """Write a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) atomically.
-
-    Goes through the engine's header-first writer: a temporary folder beside the target,
-    fsynced and renamed into place, so the folder appears whole or not at all.
-
-    Args:
-        folder: the adapter folder to create (missing parent folders are created).
-        state_dict: tensors under PEFT keys (see `to_peft`).
-        config: the adapter_config.json contents.
-        metadata: extra str→str entries for the safetensors header (format=pt is always set).
-        force: replace an existing folder instead of refusing.
-
-    Returns:
-        The folder's path.
+    """Write a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) atomically, through the engine's
+    header-first writer (a temporary folder beside `folder`, fsynced and renamed); `state_dict` under PEFT keys,
+    `config` the adapter_config, `metadata` extra safetensors header entries, `force` to replace. Returns the folder.
     """
     output = LazyOutput.of_tensors(
         state_dict, texts={ADAPTER_CONFIG: config_text(config)}, weights_name=ADAPTER_WEIGHTS

@@ -1,19 +1,10 @@
-"""The full merged model from adapters and their base model (`--base`), tensor by tensor.
+"""The full merged model from adapters and their base model (`base=`), tensor by tensor.
 
-Every tensor of the base model is read once; a tensor an adapter module changes gets the
-merged module folded in by the adapter's own `fold` (LoRA: θ₀ + ΔW'; (IA)³: θ₀ scaled by l'
-as PEFT's merge does) in float32 (float64 for float64 inputs) on the compute device, is cast
-back to its dtype and written; tensors with nothing to fold are copied. A weight the base
-stores (in, out) — GPT-2's Conv1D, PEFT's fan_in_fan_out — is folded transposed. Types that
-change no weight (prefix-tuning) are refused before anything is read.
-
-Non-LoRA tensors of the adapters (PEFT's `modules_to_save`, and biases trained with
-bias="all"/"lora_only", saved under the wrapped `….base_layer.bias`) are full weights that PEFT
-puts in place of the base model's, not deltas. With θ₀ at hand they are what a full fine-tuned
-model is, so they merge as the dense engine merges full models (`apply_method` with base=θ₀):
-ΔW = θ − θ₀ per input, θ₀ + ΔW' out. A tensor only the expert has is then the expert's own;
-one only anti-experts have contributes nothing under ext-sub (|p| = 0) and ∓λ·(θ⁻ − θ₀)
-under sub/add, as LoRA modules do.
+Every base tensor is read once: one an adapter module changes gets the merged module folded in by the type's own
+`fold` (LoRA: θ₀ + ΔW'; (IA)³: θ₀ scaled by l', as PEFT's merge does) in float32 (float64 for float64 inputs), on
+the compute device, transposed where the base stores (in, out) (GPT-2's Conv1D); the others are copied. The
+adapters' non-adapter tensors (modules_to_save, biases trained with bias="all", saved as `….base_layer.bias`) are
+full weights, so they merge as the dense engine merges full models: ΔW = θ − θ₀ per input, θ₀ + ΔW' out.
 """
 
 from collections.abc import Sequence

@@ -52,15 +52,9 @@ def is_feedforward_module(patterns: object, module: str, matcher: PatternMatcher
 def ia3_output(
     adapter: "IA3Adapter", *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
 ) -> LazyOutput:
-    """The (IA)³ adapter as a PEFT adapter folder: every vector under PEFT's key, the config the expert's.
-
-    The config's `target_modules` and `feedforward_modules` list the vectors' modules by full
-    name (the union over the merged inputs): PEFT applies such entries to exactly those
-    modules, whatever pattern form the inputs used. `device` is unused (nothing to compute).
-
-    Args:
-        adapter: a loaded or merged adapter; its non-(IA)³ tensors are included as they are.
-        dtype: the dtype of the written vectors; None: the adapter's `dtype`, else each vector's own.
+    """The (IA)³ adapter as a PEFT adapter folder: every vector under PEFT's key (in `dtype`, default the adapter's or
+    each vector's own), its non-(IA)³ tensors as they are, the config's module lists by full name (PEFT applies such
+    entries to exactly those modules). `device` is unused (nothing to compute).
     """
     makers = []
     for name, vector in adapter.vectors.items():

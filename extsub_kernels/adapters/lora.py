@@ -550,15 +550,10 @@ def _check_pair(weights: Path, name: str, lora_A: torch.Tensor, lora_B: torch.Te
 class LoraSweep:
     """`merge_adapters` at many λ of one method, bitwise the same, what λ does not change done once (docs/design.md §8).
 
-    A module's first step of a row-pairing method (ext-sub), from the expert's module, needs the
-    scaled factors of both sides and their row sums (QR factorisations); only the coefficients α
-    and β depend on λ. Those are prepared here once per module; every λ then costs the
-    coefficients and the products, O(out·r) per module. Later steps (several anti-experts) start
-    from a result that depends on λ, and elementwise methods (sub, add) need no sums: those run as
-    `merge_adapters` runs them.
-
-    Args:
-        expert, antis, method, any_base_model: as for `merge_adapters` (checked here, once).
+    A module's first row-pairing step needs both sides' scaled factors and row sums (QR factorisations), which λ does
+    not change: they are prepared once; each λ then costs the coefficients and products, O(out·r) per module. Later
+    steps and elementwise methods run as `merge_adapters` runs them. `expert`, `antis`, `method`, `any_base_model`:
+    as for `merge_adapters` (checked here, once).
     """
 
     def __init__(

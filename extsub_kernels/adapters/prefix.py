@@ -35,12 +35,8 @@ GEOMETRY = ("num_virtual_tokens", "num_layers", "token_dim", "num_attention_head
 def prefix_output(
     adapter: "PrefixAdapter", *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
 ) -> LazyOutput:
-    """The prefix as a PEFT adapter folder: `prompt_embeddings` and the expert's config (its geometry).
-
-    Args:
-        adapter: a loaded or merged adapter; its other tensors are included as they are.
-        dtype: the dtype of the written prefix; None: the adapter's `dtype`, else the tensor's own.
-        device: unused (nothing to compute); every output format takes it.
+    """The prefix as a PEFT adapter folder: `prompt_embeddings` (in `dtype`, default the adapter's or its own), its
+    other tensors as they are, and the expert's config (its geometry). `device` is unused.
     """
     prompt = adapter.prompt_embeddings
     out = dtype or adapter.dtype or prompt.dtype
@@ -119,12 +115,8 @@ class PrefixAdapter(PeftAdapter):
 
     @classmethod
     def from_peft(cls, weights: Path, tensors: Mapping[str, torch.Tensor], config: dict, where: str) -> "PrefixAdapter":
-        """Read the tensors of a prefix-tuning adapter file with its adapter_config, validated.
-
-        Raises:
-            AdapterError: the geometry missing from the config or not positive integers,
-                token_dim not a multiple of num_attention_heads, no `prompt_embeddings`, or
-                a tensor whose shape the geometry contradicts.
+        """`prompt_embeddings` in the geometry the config gives (num_virtual_tokens, num_layers, token_dim,
+        num_attention_heads: positive integers, the heads dividing token_dim); AdapterError for anything else.
         """
         geometry = {name: config.get(name) for name in GEOMETRY}
         problem = _geometry_problem(geometry)

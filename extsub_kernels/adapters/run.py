@@ -1,12 +1,8 @@
 """The adapter engine: PEFT adapters of any supported type in, outputs out (the adapter half of `merge`).
 
-Every adapter is loaded and validated before anything is written (PEFT folders, hub
-snapshots, bare .safetensors files with their config or scaling), and all must be of one PEM
-type. The merge runs in the type's own parameter space once per λ setting (LoRA: factored,
-O((out + in)·r²) per module, docs/design.md §3; (IA)³ and prefix-tuning: their small tensors in
-float64, §6). Each output is a `LazyOutput` of one of the type's formats (`PeftAdapter.formats`)
-streamed through the engine's one write loop one tensor at a time, so no output is ever held
-in memory; with a base model it is the full merged model (`full_model`).
+Every adapter is loaded and validated before anything is written, all of one PEM type; the merge runs in the type's
+own space once per λ setting (docs/design.md §3, §6); each output is a `LazyOutput` of one of the type's formats (or
+the full merged model with a base) streamed through the engine's one write loop one tensor at a time.
 """
 
 import dataclasses
@@ -153,15 +149,9 @@ def shard_limit(out: Path, output_format: str, options: RunOptions, *, base: boo
 
 
 def load_inputs(inputs: Inputs, scaling: LoraScaling | None = None) -> list[PeftAdapter]:
-    """Load and validate resolved adapter inputs, in order; each adapter's `source` is its spec.
-
-    An adapter with an adapter_config.json (in its folder, or beside a bare file) takes its
-    type and scaling from it. LoRA weights without one take the explicit `scaling`; without
-    it, loading fails with a message that says so. An explicit scaling that no input needs is
-    refused rather than silently ignored: a config is never overridden.
-
-    Raises:
-        AdapterError: a bad adapter (see `load_adapter`), or scaling that is missing or unused.
+    """Load and validate resolved adapter inputs, in order; each adapter's `source` is its spec. An adapter with an
+    adapter_config.json takes its type and scaling from it; LoRA weights without one take `scaling`, and a `scaling`
+    no input needs is refused (a config is never overridden). AdapterError: a bad adapter, a scaling missing or unused.
     """
     adapters, used = [], False
     for role, inp in inputs:

@@ -38,14 +38,9 @@ ADAPTER_INSTALLERS: dict[type, type[AdapterInstaller] | None] = {member: install
 def make_installer(
     inputs: Sequence[tuple[str, ResolvedInput]], *, adapters: bool, methods: Sequence[str], device: torch.device
 ) -> Installer:
-    """The installer for `inputs` (EXPERT, the ANTIs, BASE last), before the base model is loaded.
-
-    Adapters are loaded and validated here (and merged once per method, which checks that they
-    fit together); full models are planned from their headers. `attach` the loaded model next.
-
-    Raises:
-        InputError: adapters that do not fit each other or the base model, a PEM type the scan
-            cannot install, full models that do not match the base.
+    """The installer for `inputs` (EXPERT, the ANTIs, BASE last), before the base model is loaded: adapters are
+    loaded, validated and merged once per method; full models are planned from their headers. InputError: inputs that
+    do not fit together or the base model, or a PEM type the scan cannot install.
     """
     if not adapters:
         return FullModelInstaller(inputs, device)
