@@ -25,7 +25,7 @@ from extsub_kernels.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from extsub_kernels.engine.method_spec import DEFAULT_METHOD, MethodSpec, method_spec
 from extsub_kernels.engine.options import lam_value
 from extsub_kernels.engine.writing import LazyOutput
-from extsub_kernels.errors import InputError
+from extsub_kernels.errors import AdapterError, InputError
 from extsub_kernels.io import TensorEntry
 from extsub_kernels.ops import row_products
 
@@ -232,6 +232,13 @@ def adapter_folder(makers: list, adapter: PeftAdapter, config: Mapping) -> LazyO
     they are, and `config` as its adapter_config.json."""
     makers = makers + [(TensorEntry(key, t.dtype, tuple(t.shape)), lambda t=t: t) for key, t in adapter.extra.items()]
     return LazyOutput.lazy(makers, texts={ADAPTER_CONFIG: config_text(config)}, weights_name=ADAPTER_WEIGHTS)
+
+
+def one_adapter(weights: object, names: set) -> None:
+    """Refuse a file holding several named adapters (`names`: the adapter-name segments of its keys; None: none)."""
+    if len(names - {None}) > 1:
+        found = ", ".join(sorted(names - {None}))
+        raise AdapterError(f"{weights}: holds several adapters ({found}); save one adapter per file")
 
 
 def describe_dtypes(tensors: Sequence[torch.Tensor], storage: torch.dtype | None = None) -> str:

@@ -147,14 +147,11 @@ class IA3Adapter(PeftAdapter):
             if match is None:
                 extra[key] = tensor
                 continue
-            if match["adapter"] is not None:
-                adapter_names.add(match["adapter"])
+            adapter_names.add(match["adapter"])
             if not is_float(tensor.dtype):
                 raise AdapterError(f"{weights}: {key} has dtype {tensor.dtype}; (IA)³ vectors must be floating point")
             vectors[family.strip_peft_prefix(match["module"])] = tensor
-        if len(adapter_names) > 1:
-            names = ", ".join(sorted(adapter_names))
-            raise AdapterError(f"{weights}: holds several adapters ({names}); save one adapter per file")
+        family.one_adapter(weights, adapter_names)
         if not vectors:
             raise AdapterError(f"{weights}: no (IA)³ vectors (keys ending in .ia3_l), but {where} says peft_type IA3")
         feedforward = set()

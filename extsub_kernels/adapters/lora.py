@@ -49,6 +49,7 @@ from extsub_kernels.adapters.family import (
     describe_dtypes,
     lam_list,
     merge_adapters,
+    one_adapter,
     peft_fields,
     strip_peft_prefix,
     weight_key,
@@ -242,6 +243,10 @@ def delta_output(
     return LazyOutput.lazy(makers)
 
 
+_DENSE_WHAT = "a PEFT LoRA adapter in the paper's dense layout (lora_B = ΔW', lora_A = I)"
+_DELTA_WHAT = "ΔW' per module, keyed and laid out like the base model's weights (add them to it)"
+
+
 def _factor_keys(module: str) -> tuple[str, ...]:
     return peft_key(module, "A"), peft_key(module, "B")
 
@@ -257,18 +262,8 @@ class LoraAdapter(PeftAdapter):
     peft_type, label, tag, unit = "LORA", "LoRA", "lora", "module"
     formats = (
         OutputFormat("lora", lora_output, _factor_keys, "a PEFT LoRA adapter (rank r⁺ + r⁻ per module, exact)"),
-        OutputFormat(
-            "dense-lora",
-            dense_lora_output,
-            _factor_keys,
-            "a PEFT LoRA adapter in the paper's dense layout (lora_B = ΔW', lora_A = I)",
-        ),
-        OutputFormat(
-            "delta",
-            delta_output,
-            lambda module: (weight_key(module),),
-            "ΔW' per module, keyed and laid out like the base model's weights (add them to it)",
-        ),
+        OutputFormat("dense-lora", dense_lora_output, _factor_keys, _DENSE_WHAT),
+        OutputFormat("delta", delta_output, lambda module: (weight_key(module),), _DELTA_WHAT),
     )
     merged_type: ClassVar[type | None] = None  # MergedAdapter, set below
     scan_installer = "extsub_kernels.lambda_scan.installers.lora:LoraInstaller"
@@ -496,7 +491,7 @@ def _group(
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
     """Split keys into (module → (lora_A, lora_B)) and the non-LoRA rest; refuse what is not s·B·A."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
-    adapter_names: set[str] = set()
+    adapter_names: set[str | None] = set()
     extra: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         parsed = parse_peft_key(key)
@@ -509,15 +504,11 @@ def _group(
             extra[key] = tensor
             continue
         module, part, adapter_name = parsed
-        if adapter_name is not None:
-            adapter_names.add(adapter_name)
+        adapter_names.add(adapter_name)
         if part in parts.setdefault(module, {}):
             raise AdapterError(f"{weights}: module {module} has more than one lora_{part} (key {key})")
         parts[module][part] = tensor
-    if len(adapter_names) > 1:
-        raise AdapterError(
-            f"{weights}: holds several adapters ({', '.join(sorted(adapter_names))}); save one adapter per file"
-        )
+    one_adapter(weights, adapter_names)
     if not parts:
         raise AdapterError(f"{weights}: no LoRA tensors (keys ending in lora_A.weight / lora_B.weight)")
     pairs = {}
