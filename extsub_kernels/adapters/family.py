@@ -204,6 +204,11 @@ class PeftAdapter(ABC):
         `transposed`: the base stores this weight (in, out) (GPT-2's Conv1D). Types that cannot fold refuse."""
         raise InputError(f"base= with {self.label} adapters ({self.source}): {self.base_refusal}", options=("base",))
 
+    def layout(self, inputs: Sequence[tuple[str, object]], explicit: bool | None) -> object | None:
+        """How the base stores the weights this type's modules change (a `WeightLayout`: (in, out) like GPT-2's Conv1D
+        or (out, in)), from `explicit` (transposed=) and the resolved `inputs`; None for types it does not matter to."""
+        return None
+
     def __repr__(self) -> str:
         parts = [self.describe(), f"source={self.source!r}"]
         if self.base_model_name_or_path:

@@ -56,10 +56,11 @@ from extsub_kernels.adapters.family import (
 )
 from extsub_kernels.adapters.patterns import PatternMatcher, pattern_key, selects
 from extsub_kernels.adapters.report import AdapterReport, counted
+from extsub_kernels.engine.conv1d import WeightLayout, conv1d_transposed, input_config, never_transposed, weight_layout
 from extsub_kernels.engine.method_spec import DEFAULT_METHOD, method_spec
 from extsub_kernels.engine.writing import LazyOutput
 from extsub_kernels.errors import AdapterError, InputError
-from extsub_kernels.io import TensorEntry
+from extsub_kernels.io import ResolvedInput, TensorEntry
 from extsub_kernels.io.format import DTYPE_CODES
 
 # <module>.lora_A.weight, optionally with an adapter-name segment: <module>.lora_A.default.weight
@@ -411,6 +412,21 @@ class LoraAdapter(PeftAdapter):
                 report.truncation_error[name] = 0.0
             modules[name] = module
         return {"modules": modules}
+
+    def layout(self, inputs: Sequence[tuple[str, ResolvedInput]], explicit: bool | None) -> WeightLayout:
+        """Whether the modules sit on weights stored (in, out), by the one layout rule of every input: `explicit`
+        first, then this adapter's config (PEFT's fan_in_fan_out), then a model's config.json beside the inputs, then
+        the module names, with a warning (LoRA factors give (out, in), never how the base stores the weight)."""
+        if explicit is None and ("fan_in_fan_out" in self.config or self.fan_in_fan_out):
+            flag = self.fan_in_fan_out
+            rule = conv1d_transposed if flag else never_transposed
+            return WeightLayout(rule, flag, f"adapter_config.json of EXPERT: fan_in_fan_out {str(flag).lower()}")
+        return weight_layout(
+            [(role, input_config(inp)) for role, inp in inputs],
+            dict.fromkeys((weight_key(name) for name in self.modules), None),
+            explicit=explicit,
+            role=f"EXPERT ({self.source})",
+        )
 
     def base_edits(self) -> list[BaseEdit]:
         """Each module changes its weight: ΔW' (out, in) is added to it."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from extsub_kernels.adapters.factors import check_max_rank
-from extsub_kernels.adapters.family import PeftAdapter, check_same_type, merge_adapters, weight_key
+from extsub_kernels.adapters.family import PeftAdapter, check_same_type, merge_adapters
 from extsub_kernels.adapters.full_model import full_model_outputs
 from extsub_kernels.adapters.lora import LoraAdapter, LoraScaling
 from extsub_kernels.adapters.peft import load_adapter, output_formats
@@ -20,7 +20,6 @@ from extsub_kernels.adapters.report import AdapterReport, AdapterSection, adapte
 from extsub_kernels.adapters.stats import adapter_stats
 from extsub_kernels.constants import ADAPTER_CONFIG
 from extsub_kernels.engine.context import RunContext
-from extsub_kernels.engine.conv1d import WeightLayout, conv1d_transposed, input_config, never_transposed, weight_layout
 from extsub_kernels.engine.dryrun import dry_run_report
 from extsub_kernels.engine.notes import OutputKind, card_base_model, output_texts, run_metadata
 from extsub_kernels.engine.options import DEFAULT_MAX_SHARD_SIZE, RunOptions, check_choice, parse_size
@@ -205,28 +204,6 @@ def _merge_setting(
     return merged
 
 
-def lora_layout(adapters: Sequence[PeftAdapter], inputs: Inputs, explicit: bool | None) -> WeightLayout | None:
-    """Whether LoRA modules sit on weights stored (in, out) (GPT-2's Conv1D), by the one layout rule of every input.
-
-    `--transposed/--no-transposed` first; then the expert's adapter_config.json (PEFT's fan_in_fan_out);
-    then a model's config.json beside the inputs; then the module names, with a warning (LoRA factors
-    give (out, in), never how the base stores the weight). None for types without LoRA modules.
-    """
-    expert = adapters[0]
-    if not isinstance(expert, LoraAdapter):
-        return None
-    if explicit is None and ("fan_in_fan_out" in expert.config or expert.fan_in_fan_out):
-        flag = expert.fan_in_fan_out
-        rule = conv1d_transposed if flag else never_transposed
-        return WeightLayout(rule, flag, f"adapter_config.json of EXPERT: fan_in_fan_out {str(flag).lower()}")
-    return weight_layout(
-        [(role, input_config(inp)) for role, inp in inputs],
-        dict.fromkeys((weight_key(name) for name in expert.modules), None),
-        explicit=explicit,
-        role=f"EXPERT ({expert.source})",
-    )
-
-
 def run_adapters(
     inputs: Inputs,
     options: RunOptions,
@@ -328,7 +305,7 @@ def _adapter_outputs(
 ) -> tuple[list[LazyOutput], OutputKind, set[str]]:
     """Without a base: each merge in `output_format`, what it is for the card, and the output tensors the merge
     computed (the rest are the expert's, copied); the LoRA weight layout's reason goes into `facts`."""
-    layout = lora_layout(adapters, inputs, options.transposed)
+    layout = adapters[0].layout(inputs, options.transposed)
     if layout is not None:
         facts["layout"] = layout.reason
         merged = [dataclasses.replace(m, fan_in_fan_out=layout.conv1d) for m in merged]
