@@ -1,8 +1,7 @@
 """The factored math of LoRA merges: exact results without forming ΔW (docs/design.md §3).
 
-For a LoRA module ΔW = s·B·A (B: out×r, A: r×in), Ext-Sub's per-row closed form
-p' = α·p + β·m needs only the row norms of ΔW⁺ and ΔW⁻, and a row norm of s·B·A is
-s·sqrt(b·(A·Aᵀ)·bᵀ): an r×r Gram matrix gives them all. So
+For a LoRA module ΔW = s·B·A (B: out×r, A: r×in), Ext-Sub's per-row closed form p' = α·p + β·m needs only the row norms
+of ΔW⁺ and ΔW⁻, and a row norm of s·B·A is s·sqrt(b·(A·Aᵀ)·bᵀ): an r×r Gram matrix gives them all. So
 
     ΔW' = diag(α)·ΔW⁺ + diag(β)·ΔW⁻ = [diag(α)·s⁺B⁺, diag(β)·s⁻B⁻] · [A⁺; A⁻]
 
@@ -28,8 +27,8 @@ Device = torch.device | str | None
 class LoraModule:
     """One LoRA module, ΔW = scaling · lora_B @ lora_A; rows of ΔW are output features.
 
-    `dtype` is the dtype the module is stored in; merged modules keep their factors in
-    float32 or float64 until they are materialized, so rounding happens once, at the end.
+    `dtype` is the dtype the module is stored in; merged modules keep their factors in float32 or float64 until they are
+    materialized, so rounding happens once, at the end.
     """
 
     lora_A: torch.Tensor  # (r, in_features)
@@ -83,9 +82,9 @@ def module_delta(
 ) -> torch.Tensor:
     """ΔW = scaling·B·A laid out like the base weight: (out, in), or (in, out) when `transposed` (Conv1D).
 
-    Computed on `device` (default: where the factors are) in float32, or float64 for float64
-    factors, and rounded once to `dtype` (default: the module's storage dtype). The result
-    stays on `device`: the formats move it to the host, the full model adds it to θ₀ there.
+    Computed on `device` (default: where the factors are) in float32, or float64 for float64 factors, and rounded once
+    to `dtype` (default: the module's storage dtype). The result stays on `device`: the formats move it to the host, the
+    full model adds it to θ₀ there.
     """
     compute = compute_dtype(module.lora_A.dtype, module.lora_B.dtype)
     delta = module.delta(compute, device).to(dtype or module.storage_dtype)
@@ -95,10 +94,9 @@ def module_delta(
 def lora_row_norms(lora_B: torch.Tensor, lora_A: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
     """Row norms of scaling·B·A from the r×r Gram matrix A·Aᵀ, in float64; ΔW is never formed.
 
-    |row_i|² = scaling²·b_i·(A·Aᵀ)·b_iᵀ = scaling²·|b_i·Rᵀ|² with A·Aᵀ = Rᵀ·R, R the triangular
-    factor of a QR of Aᵀ (in×r). Using R instead of the Gram matrix itself keeps the
-    accuracy of the dense norm, eps·|b_i|·|A| / |row_i| relative, where the quadratic form
-    would square that ratio when the row cancels (as results of earlier steps can).
+    |row_i|² = scaling²·b_i·(A·Aᵀ)·b_iᵀ = scaling²·|b_i·Rᵀ|² with A·Aᵀ = Rᵀ·R, R the triangular factor of a QR of Aᵀ
+    (in×r). Using R instead of the Gram matrix itself keeps the accuracy of the dense norm, eps·|b_i|·|A| / |row_i|
+    relative, where the quadratic form would square that ratio when the row cancels (as results of earlier steps can).
     """
     r_factor = torch.linalg.qr(lora_A.to(torch.float64).T, mode="r").R
     return torch.linalg.vector_norm(lora_B.to(torch.float64) @ r_factor.T, dim=1) * abs(float(scaling))
@@ -129,9 +127,9 @@ def ext_sub_factors(
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One step of a row-pairing method on factors with scaling folded into B: ΔW' = B'·A', rank r⁺ + r⁻.
 
-    Per row α and β from the method (Ext-Sub: α = 1 + (λ/2)|m|/|p| and β = −λ/2; α = 1, β = 0
-    where |p| = 0, as the dense op), with |p|, |m| (and p·m where the method reads it) from Gram
-    matrices (`lora_row_norms`, `lora_row_products`).
+    Per row α and β from the method (Ext-Sub: α = 1 + (λ/2)|m|/|p| and β = −λ/2; α = 1, β = 0 where |p| = 0, as the
+    dense op), with |p|, |m| (and p·m where the method reads it) from Gram matrices (`lora_row_norms`,
+    `lora_row_products`).
 
     Args:
         b_plus, a_plus: the expert (or the result so far), B⁺ (out×r⁺) and A⁺ (r⁺×in).
@@ -166,8 +164,8 @@ def truncate_factors(
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Best rank-`max_rank` approximation of B·A by an SVD in the factored space.
 
-    QR of B (out×R) and of Aᵀ (in×R), then an SVD of the R×R core R_B·R_Aᵀ: the out×in
-    product is never formed. The singular values are split evenly (√σ into each factor).
+    QR of B (out×R) and of Aᵀ (in×R), then an SVD of the R×R core R_B·R_Aᵀ: the out×in product is never formed. The
+    singular values are split evenly (√σ into each factor).
 
     Args:
         lora_B: (out, R). lora_A: (R, in). max_rank: the largest rank kept (≥ 1).

@@ -1,12 +1,11 @@
 """The adapter family's shared interface: what any loaded PEFT adapter is and does, whatever its PEM type.
 
-A member (LoRA, (IA)³, prefix-tuning) is one `PeftAdapter` subclass that carries everything about
-its type: the PEFT type it reads (`from_peft`, `check_config`, `owns_key`), its merge's own math
-(`merge_units`, `check_antis`), its statistics hooks, its output formats (`OutputFormat`s), its
-card tag, how it folds into a base model (`base_edits`, `fold`) or why it cannot, and its scan
-installer. The rules every member shares live here once, in `merge_adapters` (a template method):
-one or several anti-experts, of one type, the method, λ lists, the base-model check, the report,
-the expert's non-adapter tensors, the result rebuilt from the expert.
+A member (LoRA, (IA)³, prefix-tuning) is one `PeftAdapter` subclass that carries everything about its type: the PEFT
+type it reads (`from_peft`, `check_config`, `owns_key`), its merge's own math (`merge_units`, `check_antis`), its
+statistics hooks, its output formats (`OutputFormat`s), its card tag, how it folds into a base model (`base_edits`,
+`fold`) or why it cannot, and its scan installer. The rules every member shares live here once, in `merge_adapters` (a
+template method): one or several anti-experts, of one type, the method, λ lists, the base-model check, the report, the
+expert's non-adapter tensors, the result rebuilt from the expert.
 """
 
 import dataclasses
@@ -265,9 +264,8 @@ def merge_adapters(
 ) -> PeftAdapter:
     """Ext-Sub (or direct subtraction/addition) of adapters of one PEM type, exactly, in their own parameter space.
 
-    LoRA merges in the factored space (docs/design.md §3), (IA)³ on the task vectors l − 1, one
-    vector per row, prefix-tuning on the per-head key/value rows (docs/design.md §6). Anti-experts
-    apply in order (paper Table 4).
+    LoRA merges in the factored space (docs/design.md §3), (IA)³ on the task vectors l − 1, one vector per row,
+    prefix-tuning on the per-head key/value rows (docs/design.md §6). Anti-experts apply in order (paper Table 4).
 
     Args:
         expert: θ⁺, a LoraAdapter, IA3Adapter or PrefixAdapter.

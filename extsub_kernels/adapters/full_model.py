@@ -1,10 +1,10 @@
 """The full merged model from adapters and their base model (`base=`), tensor by tensor.
 
-Every base tensor is read once: one an adapter module changes gets the merged module folded in by the type's own
-`fold` (LoRA: θ₀ + ΔW'; (IA)³: θ₀ scaled by l', as PEFT's merge does) in float32 (float64 for float64 inputs), on
-the compute device, transposed where the base stores (in, out) (GPT-2's Conv1D); the others are copied. The
-adapters' non-adapter tensors (modules_to_save, biases trained with bias="all", saved as `….base_layer.bias`) are
-full weights, so they merge as the dense engine merges full models: ΔW = θ − θ₀ per input, θ₀ + ΔW' out.
+Every base tensor is read once: one an adapter module changes gets the merged module folded in by the type's own `fold`
+(LoRA: θ₀ + ΔW'; (IA)³: θ₀ scaled by l', as PEFT's merge does) in float32 (float64 for float64 inputs), on the compute
+device, transposed where the base stores (in, out) (GPT-2's Conv1D); the others are copied. The adapters' non-adapter
+tensors (modules_to_save, biases trained with bias="all", saved as `….base_layer.bias`) are full weights, so they merge
+as the dense engine merges full models: ΔW = θ − θ₀ per input, θ₀ + ΔW' out.
 """
 
 from collections.abc import Sequence
@@ -29,8 +29,8 @@ from extsub_kernels.io import CheckpointReader, ResolvedInput, TensorEntry
 class BaseTarget:
     """What lands on one base tensor: an adapter module folded in, or full weights of the adapters (or a copy).
 
-    `transposed`: the base stores the weight (in, out), so the module folds in transposed
-    or columns are paired (full weights, as the dense engine pairs Conv1D weights).
+    `transposed`: the base stores the weight (in, out), so the module folds in transposed or columns are paired (full
+    weights, as the dense engine pairs Conv1D weights).
     """
 
     key: str
@@ -43,12 +43,12 @@ class BaseTarget:
 def _match_targets(
     adapter: PeftAdapter, base: CheckpointReader, conv1d: TransposedRule, adapters: Sequence[PeftAdapter]
 ) -> dict[str, BaseTarget]:
-    """Each base tensor a module of `adapter` (one λ setting's merge) changes, and each non-adapter tensor of
-    `adapters` (the expert, then the anti-experts), matched to the base, shapes checked.
+    """Each base tensor a module of `adapter` (one λ setting's merge) changes, and each non-adapter tensor of `adapters`
+    (the expert, then the anti-experts), matched to the base, shapes checked.
 
     A name matches the base tensor of the same name, or else the one base tensor it equals up to leading prefixes
-    (`transformer.h.0.attn.c_attn.weight` ↔ `h.0.attn.c_attn.weight`). `conv1d`: which weights the base stores
-    (in, out), as the adapter's fan_in_fan_out flag also says.
+    (`transformer.h.0.attn.c_attn.weight` ↔ `h.0.attn.c_attn.weight`). `conv1d`: which weights the base stores (in,
+    out), as the adapter's fan_in_fan_out flag also says.
     """
     targets: dict[str, BaseTarget] = {}
     what = f"{adapter.label} {adapter.unit}"

@@ -1,14 +1,13 @@
 """(IA)³ adapters: learned scaling vectors, merged as task vectors d = l − 1, one row each (docs/design.md §6).
 
-PEFT's (IA)³ multiplies a layer's output features by `ia3_l`, shaped (out, 1), or, for the
-modules listed in `feedforward_modules`, its input features by `ia3_l` shaped (1, in); every
-vector starts at ones. The task vector of a vector is therefore d = l − 1, and Ext-Sub applies
-to d with the whole vector as one row: l' = 1 + d⁺ − λ·Ext(d⁻) (`sub`: 1 + d⁺ − λ·d⁻, `add`:
-1 + d⁺ + λ·d⁻). The arithmetic runs in float64 (the vectors are small) and rounds once.
+PEFT's (IA)³ multiplies a layer's output features by `ia3_l`, shaped (out, 1), or, for the modules listed in
+`feedforward_modules`, its input features by `ia3_l` shaped (1, in); every vector starts at ones. The task vector of a
+vector is therefore d = l − 1, and Ext-Sub applies to d with the whole vector as one row: l' = 1 + d⁺ − λ·Ext(d⁻)
+(`sub`: 1 + d⁺ − λ·d⁻, `add`: 1 + d⁺ + λ·d⁻). The arithmetic runs in float64 (the vectors are small) and rounds once.
 
-With a base model, l' folds into the weights as PEFT's own merge does: W·l' scales the rows of
-an nn.Linear weight (out, in) and its bias, or its columns for a feedforward vector; GPT-2's
-Conv1D stores (in, out), so the vector is transposed first.
+With a base model, l' folds into the weights as PEFT's own merge does: W·l' scales the rows of an nn.Linear weight (out,
+in) and its bias, or its columns for a feedforward vector; GPT-2's Conv1D stores (in, out), so the vector is transposed
+first.
 """
 
 import re
@@ -41,8 +40,8 @@ def ia3_key(module: str) -> str:
 def is_feedforward_module(patterns: object, module: str, matcher: PatternMatcher | None = None) -> bool:
     """Whether PEFT treats `module` as feedforward under `feedforward_modules` (its own matching rule).
 
-    A string is a regular expression matched against the whole name (in bounded time, see
-    `patterns`); a list matches names that end with one of its entries (PEFT's `key.endswith(target_key)`).
+    A string is a regular expression matched against the whole name (in bounded time, see `patterns`); a list matches
+    names that end with one of its entries (PEFT's `key.endswith(target_key)`).
     """
     if isinstance(patterns, str):
         return (matcher or PatternMatcher("adapter config")).matches(patterns, module, "feedforward_modules", full=True)
@@ -223,10 +222,9 @@ class IA3Adapter(PeftAdapter):
     def merge_units(self, step: MergeStep) -> dict:
         """The method on the task vectors d = l − 1, each vector one row, in float64.
 
-        A vector only in the expert is copied. One only in anti-experts contributes nothing under
-        a row-pairing method (|p| = 0: it is written as l = 1) and l = 1 ∓ λ·d⁻ under sub/add. The
-        result's feedforward modules are the union of the inputs'; its vectors stay in float64
-        (`dtype`: the expert's, for writing).
+        A vector only in the expert is copied. One only in anti-experts contributes nothing under a row-pairing method
+        (|p| = 0: it is written as l = 1) and l = 1 ∓ λ·d⁻ under sub/add. The result's feedforward modules are the union
+        of the inputs'; its vectors stay in float64 (`dtype`: the expert's, for writing).
         """
         antis, lams, spec, report = step.antis, step.lams, step.spec, step.report
         names = list(self.vectors) + sorted({n for a in antis for n in a.vectors if n not in self.vectors})

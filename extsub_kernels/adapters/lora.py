@@ -1,9 +1,8 @@
 """LoRA adapters: PEFT's lora_A/lora_B read with their scaling, merged in the factored space, written in 3 formats.
 
-PEFT keys look like `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`; lora_A is (r, in),
-lora_B (out, r) for every layer type, GPT-2's Conv1D included; the scaling comes from r, lora_alpha,
-use_rslora, rank_pattern and alpha_pattern. The math is in `factors` (docs/design.md §3). The formats, each a
-`LazyOutput` made one module at a time:
+PEFT keys look like `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`; lora_A is (r, in), lora_B (out, r)
+for every layer type, GPT-2's Conv1D included; the scaling comes from r, lora_alpha, use_rslora, rank_pattern and
+alpha_pattern. The math is in `factors` (docs/design.md §3). The formats, each a `LazyOutput` made one module at a time:
 
 - `lora`: lora_A/lora_B under PEFT keys, and an adapter_config making PEFT apply exactly scaling·B·A per module:
   use_rslora=False and lora_alpha = scaling·r (computed modules: scaling 1, lora_alpha = r; copied ones keep
@@ -230,9 +229,9 @@ def delta_output(
 ) -> LazyOutput:
     """ΔW' per module under the base model's weight name, shaped like that weight; non-LoRA tensors are not part of it.
 
-    nn.Linear stores (out, in); GPT-2's Conv1D (PEFT's fan_in_fan_out=True) stores (in, out), so there ΔW' is
-    transposed and θ₀ + ΔW' is a plain add. `dtype`: of ΔW' (None: each module's storage dtype); `fan_in_fan_out`:
-    whether the base weights are stored (in, out) (None: the adapter's flag); `device`: where B·A is computed.
+    nn.Linear stores (out, in); GPT-2's Conv1D (PEFT's fan_in_fan_out=True) stores (in, out), so there ΔW' is transposed
+    and θ₀ + ΔW' is a plain add. `dtype`: of ΔW' (None: each module's storage dtype); `fan_in_fan_out`: whether the base
+    weights are stored (in, out) (None: the adapter's flag); `device`: where B·A is computed.
     """
     transposed = adapter.fan_in_fan_out if fan_in_fan_out is None else fan_in_fan_out
     makers = []
@@ -256,8 +255,8 @@ def _factor_keys(module: str) -> tuple[str, ...]:
 class LoraAdapter(PeftAdapter):
     """A LoRA adapter as data: modules keyed by their name in the base model, plus metadata.
 
-    `extra` holds non-LoRA tensors (e.g. `modules_to_save`) under their stored keys;
-    `config` is the adapter_config the adapter came with (empty when there was none).
+    `extra` holds non-LoRA tensors (e.g. `modules_to_save`) under their stored keys; `config` is the adapter_config the
+    adapter came with (empty when there was none).
     """
 
     peft_type, label, tag, unit = "LORA", "LoRA", "lora", "module"
@@ -389,11 +388,11 @@ class LoraAdapter(PeftAdapter):
     def merge_units(self, step: MergeStep) -> dict:
         """The modules of the merge, exactly, in the factored space (docs/design.md §3).
 
-        Each row-pairing step takes its row sums from the result so far, so ranks add up. Computed
-        modules have their scaling folded into B (scaling 1) and factors in float32 (float64 if an
-        input is); modules only in the expert are kept as they are. Output dtype per module: the
-        expert's (the anti-expert's for modules only there). `max_rank` truncates every module to
-        that rank by an SVD of the factored result, its relative Frobenius error in the report.
+        Each row-pairing step takes its row sums from the result so far, so ranks add up. Computed modules have their
+        scaling folded into B (scaling 1) and factors in float32 (float64 if an input is); modules only in the expert
+        are kept as they are. Output dtype per module: the expert's (the anti-expert's for modules only there).
+        `max_rank` truncates every module to that rank by an SVD of the factored result, its relative Frobenius error in
+        the report.
         """
         report, max_rank = step.report, step.max_rank
         antis = [anti.modules for anti in step.antis]
@@ -559,8 +558,8 @@ class LoraSweep:
 
     A module's first row-pairing step needs both sides' scaled factors and row sums (QR factorisations), which λ does
     not change: they are prepared once; each λ then costs the coefficients and products, O(out·r) per module. Later
-    steps and elementwise methods run as `merge_adapters` runs them. `expert`, `antis`, `method`, `any_base_model`:
-    as for `merge_adapters` (checked here, once).
+    steps and elementwise methods run as `merge_adapters` runs them. `expert`, `antis`, `method`, `any_base_model`: as
+    for `merge_adapters` (checked here, once).
     """
 
     def __init__(

@@ -1,9 +1,8 @@
 """PEFT adapters on disk: folders and files, the dispatch on `peft_type`, and the family's registry (`MEMBERS`).
 
-A PEFT adapter folder holds `adapter_config.json` and `adapter_model.safetensors`. Every file
-is read here the same way (one tensor at a time, floats checked for NaN/Inf), the fields every
-config has are checked, then its `peft_type` picks the family member that checks the rest and
-parses the tensors (`PeftAdapter.check_config`, `from_peft`).
+A PEFT adapter folder holds `adapter_config.json` and `adapter_model.safetensors`. Every file is read here the same way
+(one tensor at a time, floats checked for NaN/Inf), the fields every config has are checked, then its `peft_type` picks
+the family member that checks the rest and parses the tensors (`PeftAdapter.check_config`, `from_peft`).
 """
 
 import os
@@ -32,11 +31,10 @@ from extsub_kernels.io.resolve import read_json_object
 def load_adapter(path: str | os.PathLike, *, scaling: LoraScaling | None = None) -> PeftAdapter:
     """Read and validate a PEFT adapter of any supported type: a PEFT folder, or a bare .safetensors file.
 
-    The config's `peft_type` picks the type: LORA (the default when the config has none),
-    IA3 or PREFIX_TUNING. A bare file takes its config from an `adapter_config.json` beside
-    it; bare LoRA weights may instead come with an explicit `scaling` (its `r`, when given,
-    is checked against every module; without it each module's rank comes from its shapes).
-    Tensors are read one at a time.
+    The config's `peft_type` picks the type: LORA (the default when the config has none), IA3 or PREFIX_TUNING. A bare
+    file takes its config from an `adapter_config.json` beside it; bare LoRA weights may instead come with an explicit
+    `scaling` (its `r`, when given, is checked against every module; without it each module's rank comes from its
+    shapes). Tensors are read one at a time.
 
     Args:
         path: a folder with adapter_config.json and adapter_model.safetensors, or a .safetensors file.

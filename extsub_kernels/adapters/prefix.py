@@ -1,13 +1,12 @@
 """Prefix-tuning adapters: Ext-Sub on the virtual tokens' keys and values, a row per head (docs/design.md §6).
 
-PEFT saves one tensor, `prompt_embeddings`, of shape (num_virtual_tokens, num_layers·2·token_dim):
-for every virtual token, the key and the value it adds to each layer's attention. With
-`prefix_projection` PEFT saves the projected output, not the MLP, so the tensor is the same
-either way. There is no base to subtract (a prefix starts from nothing), so Ext-Sub applies
-to θ itself, with rows = the per-head key/value vectors: the tensor viewed as
-(num_virtual_tokens, num_layers·2, num_attention_heads, token_dim / num_attention_heads), the
-last dimension a row. `token_dim` and `num_attention_heads` come from the saved config; on
-grouped-query models PEFT writes the key/value head count and width there.
+PEFT saves one tensor, `prompt_embeddings`, of shape (num_virtual_tokens, num_layers·2·token_dim): for every virtual
+token, the key and the value it adds to each layer's attention. With `prefix_projection` PEFT saves the projected
+output, not the MLP, so the tensor is the same either way. There is no base to subtract (a prefix starts from nothing),
+so Ext-Sub applies to θ itself, with rows = the per-head key/value vectors: the tensor viewed as (num_virtual_tokens,
+num_layers·2, num_attention_heads, token_dim / num_attention_heads), the last dimension a row. `token_dim` and
+`num_attention_heads` come from the saved config; on grouped-query models PEFT writes the key/value head count and width
+there.
 
 A prefix adds tokens to the attention; it changes no weight, so it cannot fold into a base model.
 """
@@ -188,8 +187,8 @@ class PrefixAdapter(PeftAdapter):
                     )
 
     def merge_units(self, step: MergeStep) -> dict:
-        """The method on θ itself, one row per token, layer, key/value and head, computed and held in float64
-        (`dtype`: the expert's, for writing).
+        """The method on θ itself, one row per token, layer, key/value and head, computed and held in float64 (`dtype`:
+        the expert's, for writing).
         """
         antis, lams, spec, report = step.antis, step.lams, step.spec, step.report
         report.merged.append(PROMPT_KEY)

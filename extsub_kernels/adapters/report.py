@@ -12,11 +12,10 @@ from extsub_kernels.engine.report import Item
 class AdapterReport:
     """What a merge did, unit by unit, for the summary a user reads; every PEM type counts the same way.
 
-    A unit is what the type merges as a whole: a LoRA module, an (IA)³ vector, a prefix's
-    prompt embedding (`pem` and `unit` name them in the summary, `row` names one Ext-Sub row).
-    Non-adapter tensors (PEFT's modules_to_save, trained biases) are full weights: they are
-    copied from the expert (`extra_copied`), merged as task vectors against a base model
-    (`extra_merged`, with --base), or left out of a delta output (`extra_left_out`).
+    A unit is what the type merges as a whole: a LoRA module, an (IA)³ vector, a prefix's prompt embedding (`pem` and
+    `unit` name them in the summary, `row` names one Ext-Sub row). Non-adapter tensors (PEFT's modules_to_save, trained
+    biases) are full weights: they are copied from the expert (`extra_copied`), merged as task vectors against a base
+    model (`extra_merged`, with --base), or left out of a delta output (`extra_left_out`).
     """
 
     method: str
@@ -48,9 +47,8 @@ class AdapterReport:
 def summarize_modules(reports: Sequence[AdapterReport]) -> str:
     """The module part of a summary line, over the reports of one run (one per λ setting).
 
-    Which modules are merged, copied or left out does not depend on λ, so those counts come
-    from the first report; the truncation error is the max and mean over every module of
-    every report.
+    Which modules are merged, copied or left out does not depend on λ, so those counts come from the first report; the
+    truncation error is the max and mean over every module of every report.
     """
     first = reports[0]
     total = len(first.merged) + len(first.copied) + len(first.dropped) + len(first.added)
@@ -118,8 +116,8 @@ class AdapterSection:
 def adapter_items(
     report: AdapterReport, shapes: Mapping[str, tuple[tuple[int, ...], str]], roles: Sequence[str]
 ) -> list[Item]:
-    """What a merge did with each unit (module, vector, ...) and non-adapter tensor, for --dry-run, --verbose and
-    the report.
+    """What a merge did with each unit (module, vector, ...) and non-adapter tensor, for --dry-run, --verbose and the
+    report.
 
     Args:
         report: the first λ setting's report (which modules merge does not depend on λ).

@@ -1,8 +1,8 @@
 """The adapter engine: PEFT adapters of any supported type in, outputs out (the adapter half of `merge`).
 
-Every adapter is loaded and validated before anything is written, all of one PEM type; the merge runs in the type's
-own space once per λ setting (docs/design.md §3, §6); each output is a `LazyOutput` of one of the type's formats (or
-the full merged model with a base) streamed through the engine's one write loop one tensor at a time.
+Every adapter is loaded and validated before anything is written, all of one PEM type; the merge runs in the type's own
+space once per λ setting (docs/design.md §3, §6); each output is a `LazyOutput` of one of the type's formats (or the
+full merged model with a base) streamed through the engine's one write loop one tensor at a time.
 """
 
 import dataclasses
@@ -116,9 +116,9 @@ class AdapterOptions:
 def shard_limit(out: Path, output_format: str, options: RunOptions, *, base: bool) -> int | None:
     """Largest shard of an adapter merge's output in bytes, None for one weights file.
 
-    Full models (`base`) and `delta` folders shard like the dense engine's outputs, past
-    max_shard_size or its default. Adapter folders are one adapter_model.safetensors by
-    default, the only file PEFT reads: `lora` never shards, `dense-lora` only when asked to.
+    Full models (`base`) and `delta` folders shard like the dense engine's outputs, past max_shard_size or its default.
+    Adapter folders are one adapter_model.safetensors by default, the only file PEFT reads: `lora` never shards,
+    `dense-lora` only when asked to.
     """
     if not is_folder_output(out):
         if not base and output_format != "delta":
@@ -149,8 +149,8 @@ def shard_limit(out: Path, output_format: str, options: RunOptions, *, base: boo
 
 def load_inputs(inputs: Inputs, scaling: LoraScaling | None = None) -> list[PeftAdapter]:
     """Load and validate resolved adapter inputs, in order; each adapter's `source` is its spec. An adapter with an
-    adapter_config.json takes its type and scaling from it; LoRA weights without one take `scaling`, and a `scaling`
-    no input needs is refused (a config is never overridden). AdapterError: a bad adapter, a scaling missing or unused.
+    adapter_config.json takes its type and scaling from it; LoRA weights without one take `scaling`, and a `scaling` no
+    input needs is refused (a config is never overridden). AdapterError: a bad adapter, a scaling missing or unused.
     """
     adapters, used = [], False
     for role, inp in inputs:
@@ -218,10 +218,10 @@ def run_adapters(
     """Merge resolved adapter inputs (and a base model) and write one output per λ setting: load → merge → outputs →
     write.
 
-    The adapters are read once; each λ setting is a merge in their own space; every output streams
-    through `write_outputs` in one pass (with a base model, each base tensor is read once for
-    all outputs). The caller has checked the outputs' paths. `options.mode` "dry-run" stops
-    once the outputs are planned; "inspect" returns the statistics and writes nothing.
+    The adapters are read once; each λ setting is a merge in their own space; every output streams through
+    `write_outputs` in one pass (with a base model, each base tensor is read once for all outputs). The caller has
+    checked the outputs' paths. `options.mode` "dry-run" stops once the outputs are planned; "inspect" returns the
+    statistics and writes nothing.
 
     Args:
         inputs: (role, input) pairs: EXPERT, the ANTIs in order, and BASE if given.

@@ -1,7 +1,7 @@
 """Row statistics of adapter merges from each PEM's own parameters (docs/design.md §7): ΔW is never formed.
 
-Each type says what it merges (`stat_units`), how a unit is reported (`stat_parts`), and how two units give |p|²,
-|m|², p·m per row (`row_sums`) and ‖p' − p‖² (`change_sq`); the engine's `PairAccumulator` does the rest.
+Each type says what it merges (`stat_units`), how a unit is reported (`stat_parts`), and how two units give |p|², |m|²,
+p·m per row (`row_sums`) and ‖p' − p‖² (`change_sq`); the engine's `PairAccumulator` does the rest.
 """
 
 import math

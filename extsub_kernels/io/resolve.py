@@ -1,9 +1,8 @@
 """Turn an input spec (a file, a folder of shards, a hub repo id) into the files to read.
 
-Only safetensors weights are read; pickle checkpoints are refused (loading one can run
-code), with the command that converts them. PEFT adapter folders are recognised (and weights whose
-keys the caller's `adapter_key` says are an adapter's), so the adapter path can take them; their
-config files are exposed beside the weights.
+Only safetensors weights are read; pickle checkpoints are refused (loading one can run code), with the command that
+converts them. PEFT adapter folders are recognised (and weights whose keys the caller's `adapter_key` says are an
+adapter's), so the adapter path can take them; their config files are exposed beside the weights.
 """
 
 import dataclasses

@@ -1,9 +1,8 @@
 """Installers: the merge at each (method, λ) put into the loaded model in place, one per kind of input.
 
-`make_installer` picks the one for the inputs: each PEM type of the adapter family names its own in
-`scan_installer` (`LoraInstaller`, `IA3Installer`, `PrefixInstaller`, all `AdapterInstaller`s: this
-package sits above the adapters, so the class names it and `installer_for` imports it); full models
-with a base have `FullModelInstaller`.
+`make_installer` picks the one for the inputs: each PEM type of the adapter family names its own in `scan_installer`
+(`LoraInstaller`, `IA3Installer`, `PrefixInstaller`, all `AdapterInstaller`s: this package sits above the adapters, so
+the class names it and `installer_for` imports it); full models with a base have `FullModelInstaller`.
 """
 
 import importlib
@@ -38,9 +37,9 @@ ADAPTER_INSTALLERS: dict[type, type[AdapterInstaller] | None] = {member: install
 def make_installer(
     inputs: Sequence[tuple[str, ResolvedInput]], *, adapters: bool, methods: Sequence[str], device: torch.device
 ) -> Installer:
-    """The installer for `inputs` (EXPERT, the ANTIs, BASE last), before the base model is loaded: adapters are
-    loaded, validated and merged once per method; full models are planned from their headers. InputError: inputs that
-    do not fit together or the base model, or a PEM type the scan cannot install.
+    """The installer for `inputs` (EXPERT, the ANTIs, BASE last), before the base model is loaded: adapters are loaded,
+    validated and merged once per method; full models are planned from their headers. InputError: inputs that do not fit
+    together or the base model, or a PEM type the scan cannot install.
     """
     if not adapters:
         return FullModelInstaller(inputs, device)

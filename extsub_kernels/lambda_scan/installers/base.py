@@ -1,8 +1,8 @@
 """What every installer is: the merge at one (method, λ) put into a loaded model, in place (docs/design.md §8).
 
-An installer is made from the inputs alone, so what is wrong with them shows before the base model loads; `attach`
-wraps the loaded model as the inputs need and checks they fit it; `install` overwrites exactly the parameters the
-merge changes. Each PEM type plugs in with `AdapterInstaller`, which calls that type's own family merge.
+An installer is made from the inputs alone, so what is wrong with them shows before the base model loads; `attach` wraps
+the loaded model as the inputs need and checks they fit it; `install` overwrites exactly the parameters the merge
+changes. Each PEM type plugs in with `AdapterInstaller`, which calls that type's own family merge.
 """
 
 import warnings
