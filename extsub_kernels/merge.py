@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from extsub_kernels._names import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_LAM, DEFAULT_ON_MISSING, DtypeName, OnMissing
-from extsub_kernels.adapters import AdapterOptions, PeftAdapter, run_adapters
+from extsub_kernels.adapters import AdapterOptions, PeftAdapter, owns_adapter_key, run_adapters
 from extsub_kernels.engine import MergeReport, RunOptions, run_dense
 from extsub_kernels.engine.context import RunContext
 from extsub_kernels.engine.conv1d import full_model_hint
@@ -275,9 +275,9 @@ def _resolve_all(
             loaded[role] = source
             inputs.append((role, ResolvedInput(source.source, source.source, "memory", Path(), (), adapter=True)))
         else:
-            inputs.append((role, resolve_input(source, role=role, quiet=quiet)))
+            inputs.append((role, resolve_input(source, role=role, quiet=quiet, adapter_key=owns_adapter_key)))
     if base is not None:
-        inputs.append(("BASE", resolve_input(base, role="BASE", quiet=quiet)))
+        inputs.append(("BASE", resolve_input(base, role="BASE", quiet=quiet, adapter_key=owns_adapter_key)))
     return inputs, loaded
 
 

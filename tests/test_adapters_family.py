@@ -1,7 +1,12 @@
 """The adapter family's shared interface: every member registered once, one PEM type per merge, honest repr()."""
 
+import json
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from extsub_kernels import (
     AdapterOptions,
@@ -11,11 +16,18 @@ from extsub_kernels import (
     LoraModule,
     PeftAdapter,
     PrefixAdapter,
+    _names,
+    ext_sub_reference,
+    merge,
     merge_adapters,
 )
-from extsub_kernels.adapters.family import lam_list
-from extsub_kernels.adapters.formats import OUTPUT_FORMATS
-from extsub_kernels.adapters.peft import FORMATS, MEMBERS, load_adapter
+from extsub_kernels.adapters import owns_adapter_key
+from extsub_kernels.adapters import peft as peft_module
+from extsub_kernels.adapters.family import OutputFormat, adapter_folder, lam_list, peft_fields
+from extsub_kernels.adapters.peft import FORMATS, MEMBERS, load_adapter, member_for, output_formats
+from extsub_kernels.engine.methods import apply_method
+from extsub_kernels.io import TensorEntry, resolve_input
+from extsub_kernels.lambda_scan.installers import installer_for
 
 
 def _members(size: int = 4) -> dict[type, PeftAdapter]:
@@ -28,19 +40,20 @@ def _members(size: int = 4) -> dict[type, PeftAdapter]:
 
 
 def test_every_format_belongs_to_one_member_and_has_a_writer():
-    owned = [f for member in MEMBERS for f in member.formats]
-    assert sorted(owned) == sorted(FORMATS) == sorted(OUTPUT_FORMATS), "one vocabulary, one writer per format"
+    owned = [f.name for member in MEMBERS for f in member.formats]
+    assert sorted(owned) == sorted(FORMATS) == sorted(output_formats()), "one vocabulary, one writer per format"
+    assert _names.FORMATS == FORMATS, "the torch-free --format choices are the members' formats, in their order"
     assert len(set(owned)) == len(owned), "no format is shared by two PEM types"
     assert {member.peft_type for member in MEMBERS} == {"LORA", "IA3", "PREFIX_TUNING"}
 
 
 def test_each_type_takes_its_own_formats_and_options():
     assert [AdapterOptions().format_for(member, base=False) for member in MEMBERS] == ["lora", "ia3", "prefix-tuning"]
-    with pytest.raises(InputError, match=r"--format ia3 does not apply to LoRA adapters; their formats: lora \(the "):
+    with pytest.raises(InputError, match=r"format=ia3 does not apply to LoRA adapters; their formats: lora \(the "):
         AdapterOptions(output_format="ia3").format_for(LoraAdapter, base=False)
-    with pytest.raises(InputError, match=r"--max-rank truncates LoRA factors; \(IA\)³ adapters have no rank"):
+    with pytest.raises(InputError, match=r"max_rank= truncates LoRA factors; \(IA\)³ adapters have no rank"):
         AdapterOptions(max_rank=4).format_for(IA3Adapter, base=False)
-    with pytest.raises(InputError, match="--base with prefix-tuning adapters: a prefix adds virtual key/value tokens"):
+    with pytest.raises(InputError, match="base= with prefix-tuning adapters: a prefix adds virtual key/value tokens"):
         AdapterOptions().format_for(PrefixAdapter, base=True)
     assert AdapterOptions().format_for(IA3Adapter, base=True) == "ia3"  # folds into the base model
 
@@ -102,3 +115,83 @@ def test_load_adapter_names_the_supported_types(tmp_path):
     (tmp_path / "adapter_model.safetensors").write_bytes(b"")
     with pytest.raises(InputError, match="peft_type is 'VERA'; extsub merges LORA, IA3, PREFIX_TUNING adapters"):
         load_adapter(tmp_path)
+
+
+# A PEM type written in this test module only: each module has one "toy" vector, a row merged as it is (no offset).
+# It touches no other file: its class carries everything, and it joins the family by its entry in MEMBERS.
+@dataclass(repr=False)
+class ToyAdapter(PeftAdapter):
+    """A toy PEM type: one vector per module, saved as `<module>.toy_v`, each one Ext-Sub row."""
+
+    peft_type, label, tag = "TOY", "toy", "toy"
+    unit, row, delta = "vector", "vector", "v⁻"
+    config_needed = "nothing else"
+    no_rank = "toy vectors have"
+
+    vectors: dict[str, torch.Tensor] = dataclass_field(default_factory=dict)
+    report: object = None
+
+    @staticmethod
+    def write(adapter: "ToyAdapter", *, dtype: torch.dtype | None = None, device: object = None) -> object:
+        makers = [
+            (TensorEntry(f"{k}.toy_v", dtype or v.dtype, tuple(v.shape)), lambda v=v: v.to(dtype or v.dtype))
+            for k, v in adapter.vectors.items()
+        ]
+        return adapter_folder(makers, adapter, {"peft_type": "TOY"})
+
+    @classmethod
+    def from_peft(cls, weights, tensors, config, where):
+        vectors = {k.removesuffix(".toy_v"): t for k, t in tensors.items() if k.endswith(".toy_v")}
+        return cls(vectors=vectors, **peft_fields(weights, config, {}))
+
+    @classmethod
+    def owns_key(cls, key):
+        return key.endswith(".toy_v")
+
+    def merge_units(self, step):
+        vectors = {}
+        for name, vector in self.vectors.items():
+            work = vector.double().reshape(1, -1)
+            for anti, lam in zip(step.antis, step.lams, strict=True):
+                apply_method(work, [anti.vectors[name].double().reshape(1, -1)], [lam], method=step.spec, inplace=True)
+            step.report.merged.append(name)
+            vectors[name] = work.reshape(vector.shape).to(vector.dtype)
+        return {"vectors": vectors}
+
+    def check_antis(self, antis):
+        pass
+
+    def stat_units(self):
+        return {name: v.double().reshape(1, -1) for name, v in self.vectors.items()}
+
+    def unit_shapes(self):
+        return {name: (tuple(v.shape), "F32") for name, v in self.vectors.items()}
+
+    def describe(self):
+        return f"{len(self.vectors)} toy vectors"
+
+
+ToyAdapter.formats = (OutputFormat("toy", ToyAdapter.write, lambda unit: (f"{unit}.toy_v",), "a toy adapter"),)
+
+
+def test_a_new_pem_type_is_one_class_and_one_members_entry(tmp_path, monkeypatch):
+    """Detected, loaded, merged, reported on and written through the shared mechanism; every registry follows."""
+    monkeypatch.setattr(peft_module, "MEMBERS", (*peft_module.MEMBERS, ToyAdapter))
+    assert "toy" in output_formats() and member_for("TOY") is ToyAdapter and owns_adapter_key("m.toy_v")
+    assert installer_for(ToyAdapter) is None  # a type the scan cannot install says so
+    rows = {"expert": torch.tensor([[3.0, 4.0]]), "anti": torch.tensor([[1.0, 0.0]])}
+    for role, vector in rows.items():
+        (tmp_path / role).mkdir()
+        (tmp_path / role / "adapter_config.json").write_text('{"peft_type": "TOY"}')
+        save_file({"layers.0.k.toy_v": vector}, str(tmp_path / role / "adapter_model.safetensors"))
+    bare = resolve_input(tmp_path / "expert" / "adapter_model.safetensors", adapter_key=owns_adapter_key)
+    assert bare.adapter, "its keys make a bare file an adapter"
+    report = merge(tmp_path / "expert", tmp_path / "anti", tmp_path / "out", lam=2.0, adapter=AdapterOptions())
+    written = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))["layers.0.k.toy_v"]
+    expected = ext_sub_reference(rows["expert"], rows["anti"], 2.0)
+    torch.testing.assert_close(written, expected.to(written.dtype))  # float64 rounded once to float32
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text()) == {"peft_type": "TOY"}
+    assert "1 toy vector: 1 merged" in report.summary()
+    assert "toy" in (tmp_path / "out" / "README.md").read_text()  # its card tag
+    with pytest.raises(InputError, match="format=lora does not apply to toy adapters; their formats: toy"):
+        merge(tmp_path / "expert", tmp_path / "anti", tmp_path / "o2", adapter=AdapterOptions(output_format="lora"))

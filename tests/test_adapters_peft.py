@@ -423,7 +423,7 @@ def test_output_overlapping_an_input_or_existing_is_refused(llama, tmp_path):
         _merge(paths["expert"], paths["anti"], tmp_path / "taken", 1.0)
     with pytest.raises(ValueError, match=r"writes a PEFT adapter folder .* give a folder OUT"):
         _merge(paths["expert"], paths["anti"], tmp_path / "x.safetensors", 1.0, output_format="dense-lora")
-    with pytest.raises(ValueError, match=r"applies to --format lora, not to --format delta"):
+    with pytest.raises(ValueError, match=r"applies to format=lora, not to format=delta"):
         _merge(paths["expert"], paths["anti"], tmp_path / "x", 1.0, output_format="delta", max_rank=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 

@@ -123,7 +123,7 @@ def test_geometry_must_agree_and_be_sound():
 
 def test_no_fold_into_a_base_model():
     prefix = PrefixAdapter(torch.randn(2, 64), 2, 2, 16, 4, source="e/")
-    with pytest.raises(InputError, match=r"--base with prefix-tuning adapters \(e/\): a prefix adds virtual key/value"):
+    with pytest.raises(InputError, match=r"base= with prefix-tuning adapters \(e/\): a prefix adds virtual key/value"):
         prefix.base_edits()
 
 

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from extsub_kernels import ext_sub_reference
-from extsub_kernels.adapters import formats, merge_adapters
+from extsub_kernels.adapters import lora, merge_adapters
 from extsub_kernels.adapters.formats import to_delta, to_dense_lora
 from extsub_kernels.adapters.peft import load_adapter
 from extsub_kernels.cli import EXIT_BAD_INPUT, main
@@ -321,7 +321,7 @@ def test_dense_outputs_stream_into_shards_one_module_at_a_time(llama, tmp_path, 
     merged = merge_adapters(load_adapter(paths["expert"]), load_adapter(paths["anti"]), 1.0)
     live: list[weakref.ref] = []
     most = [0]
-    real_delta = formats.module_delta
+    real_delta = lora.module_delta
 
     def tracked_delta(*args, **kwargs):
         most[0] = max(most[0], sum(ref() is not None for ref in live))
@@ -329,7 +329,7 @@ def test_dense_outputs_stream_into_shards_one_module_at_a_time(llama, tmp_path, 
         live.append(weakref.ref(result))
         return result
 
-    monkeypatch.setattr(formats, "module_delta", tracked_delta)
+    monkeypatch.setattr(lora, "module_delta", tracked_delta)
     code, err = _run(
         capsys,
         paths["expert"],

@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from extsub_kernels.adapters import owns_adapter_key
 from extsub_kernels.errors import InputError
 from extsub_kernels.io import CheckpointReader, resolve_input
 
@@ -59,8 +60,11 @@ def test_peft_adapters_are_flagged_with_their_config(tmp_path):
     inp = resolve_input(folder)
     assert inp.adapter and inp.files == (folder / "adapter_model.safetensors",)
     assert inp.config("adapter_config.json") == {"r": 2, "lora_alpha": 4}
-    assert resolve_input(folder / "adapter_model.safetensors").adapter, "a bare file with lora_A / lora_B keys"
-    assert not resolve_input(save(tmp_path / "dense.safetensors", {"q.weight": torch.zeros(1)})).adapter
+    bare = folder / "adapter_model.safetensors"
+    assert resolve_input(bare, adapter_key=owns_adapter_key).adapter, "a bare file with lora_A / lora_B keys"
+    assert not resolve_input(bare).adapter, "the keys' rule is the adapter family's, passed in"
+    dense = save(tmp_path / "dense.safetensors", {"q.weight": torch.zeros(1)})
+    assert not resolve_input(dense, adapter_key=owns_adapter_key).adapter
 
 
 @pytest.mark.parametrize(
@@ -68,7 +72,8 @@ def test_peft_adapters_are_flagged_with_their_config(tmp_path):
 )
 def test_bare_weights_of_every_adapter_type_are_adapters_never_dense_checkpoints(tmp_path, key):
     bare = save(tmp_path / "bare" / "weights.safetensors", {key: torch.ones(1, 4)})
-    assert resolve_input(bare).adapter and resolve_input(bare.parent).adapter, key
+    found = [resolve_input(p, adapter_key=owns_adapter_key).adapter for p in (bare, bare.parent)]
+    assert found == [True, True], key
 
 
 @pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt", "model.pth", "model.ckpt"])

@@ -539,7 +539,7 @@ def tiny_scan(tmp_path_factory):
 @pytest.mark.parametrize(
     ("kind", "save_format", "message"),
     [
-        ("lora", "ia3", r"--format ia3 does not apply to LoRA adapters; their formats: lora"),
+        ("lora", "ia3", r"format=ia3 does not apply to LoRA adapters; their formats: lora"),
         ("prefix", "model", r"--format model: prefix-tuning adapters change no weight.*--format prefix-tuning"),
         ("lora", "model-ish", r"unknown format 'model-ish'"),
     ],

@@ -1,5 +1,6 @@
 """The PEM family: PEFT adapters (LoRA, (IA)³, prefix-tuning) read, merged exactly in their own space, written."""
 
+from extsub_kernels.adapters.factors import LoraModule
 from extsub_kernels.adapters.family import PeftAdapter, merge_adapters
 from extsub_kernels.adapters.formats import (
     iter_delta,
@@ -11,13 +12,14 @@ from extsub_kernels.adapters.formats import (
     write_tensors,
 )
 from extsub_kernels.adapters.ia3 import IA3Adapter
-from extsub_kernels.adapters.lora import LoraAdapter, LoraModule, LoraSweep, MergedAdapter
-from extsub_kernels.adapters.peft import LoraScaling, load_adapter
+from extsub_kernels.adapters.lora import LoraAdapter, LoraScaling, LoraSweep, MergedAdapter
+from extsub_kernels.adapters.peft import MEMBERS, load_adapter, owns_adapter_key
 from extsub_kernels.adapters.prefix import PrefixAdapter
 from extsub_kernels.adapters.report import AdapterReport, AdapterSection
 from extsub_kernels.adapters.run import AdapterOptions, run_adapters
 
 __all__ = [
+    "MEMBERS",
     "AdapterOptions",
     "AdapterReport",
     "AdapterSection",
@@ -33,6 +35,7 @@ __all__ = [
     "iter_dense_lora",
     "load_adapter",
     "merge_adapters",
+    "owns_adapter_key",
     "run_adapters",
     "to_delta",
     "to_dense_lora",

@@ -1,53 +1,44 @@
 """The adapter family's shared interface: what any loaded PEFT adapter is and does, whatever its PEM type.
 
-A member (LoRA, (IA)³, prefix-tuning) is a `PeftAdapter` subclass that says which PEFT type it
-reads, its merge's own math (`merge_units`, `check_antis`), which output formats it writes, and
-how it folds into a base model's weights (`base_edits`, `fold`) or why it cannot (`base_refusal`).
-The run, the report, the writer and `merge()` only use this interface, so a new type plugs in
-without copying them. The rules every member shares live here once, in `merge_adapters` (a
-template method): one or several anti-experts, of one type, the method, λ lists, the base-model
-check, the report, the expert's non-adapter tensors, the result rebuilt from the expert.
+A member (LoRA, (IA)³, prefix-tuning) is one `PeftAdapter` subclass that carries everything about its type: the PEFT
+type it reads (`from_peft`, `check_config`, `owns_key`), its merge's own math (`merge_units`, `check_antis`), its
+statistics hooks, its output formats (`OutputFormat`s), its card tag, how it folds into a base model (`base_edits`,
+`fold`) or why it cannot, and its scan installer. The rules every member shares live here once, in `merge_adapters` (a
+template method): one or several anti-experts, of one type, the method, λ lists, the base-model check, the report, the
+expert's non-adapter tensors, the result rebuilt from the expert.
 """
 
 import dataclasses
 import json
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 
 from extsub_kernels.adapters.report import AdapterReport
+from extsub_kernels.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from extsub_kernels.engine.method_spec import DEFAULT_METHOD, MethodSpec, method_spec
 from extsub_kernels.engine.options import lam_value
-from extsub_kernels.errors import InputError
+from extsub_kernels.engine.writing import LazyOutput
+from extsub_kernels.errors import AdapterError, InputError
+from extsub_kernels.io import TensorEntry
 from extsub_kernels.ops import row_products
 
 PEFT_PREFIX = "base_model.model."
 
 
 def strip_peft_prefix(key: str) -> str:
-    """A key without PEFT's `base_model.model.` prefix: the name in the base model.
-
-    Example:
-        >>> strip_peft_prefix("base_model.model.lm_head.weight")
-        'lm_head.weight'
-    """
+    """A key without PEFT's `base_model.model.` prefix: the name in the base model (`lm_head.weight`)."""
     return key.removeprefix(PEFT_PREFIX)
 
 
 def base_tensor_name(key: str) -> str:
-    """The base model's name of a full tensor an adapter saved: PEFT's prefix and its `base_layer.` wrapper gone.
-
-    PEFT saves a bias trained with bias="all"/"lora_only" under the LoRA layer's wrapped module
-    (`….c_attn.base_layer.bias`); the base model has it as `….c_attn.bias`.
-
-    Example:
-        >>> base_tensor_name("base_model.model.transformer.h.0.attn.c_attn.base_layer.bias")
-        'transformer.h.0.attn.c_attn.bias'
-    """
+    """The base model's name of a full tensor an adapter saved: PEFT's prefix and its `base_layer.` wrapper gone
+    (a bias trained with bias="all" is saved as `….c_attn.base_layer.bias`, the base has `….c_attn.bias`)."""
     return strip_peft_prefix(key).replace(".base_layer.", ".")
 
 
@@ -63,15 +54,9 @@ def config_text(config: Mapping) -> str:
 
 @dataclass(frozen=True)
 class BaseEdit:
-    """One tensor of the base model that an adapter module changes (with `--base`).
-
-    Attributes:
-        module: the adapter's module name.
-        name: the base tensor's name, e.g. `model.layers.0.mlp.down_proj.weight`.
-        shape: its shape as nn.Linear stores it, (out, in) for a weight, (out,) for a bias;
-            None for a size the adapter does not fix ((IA)³ knows one side of a weight).
-        optional: a tensor changed only where the base has it (a bias).
-    """
+    """One tensor `name` of the base model that adapter module `module` changes (with a base model): its `shape` as
+    nn.Linear stores it ((out, in), (out,) for a bias; None for a size the adapter does not fix), `optional` when it
+    is changed only where the base has it (a bias)."""
 
     module: str
     name: str
@@ -96,13 +81,23 @@ class MergeStep:
     max_rank: int | None = None
 
 
+@dataclass(frozen=True)
+class OutputFormat:
+    """One output format: the `name` format= takes, `make` (adapter, *, dtype, device) → its lazy output, `keys` (a
+    unit's name → the output tensors it is written as) and `what` the output is, for its model card."""
+
+    name: str
+    make: Callable[..., LazyOutput]
+    keys: Callable[[str], tuple[str, ...]]
+    what: str
+
+
+@dataclass(kw_only=True, repr=False)
 class PeftAdapter(ABC):
     """A PEFT adapter of one PEM type, loaded and validated: the interface every member of the family has.
 
-    Members are dataclasses with at least the fields `source` (a name for messages),
-    `base_model_name_or_path`, `task_type`, `extra` (non-adapter tensors such as PEFT's
-    modules_to_save, under their stored keys) and `config` (the adapter_config the adapter
-    came with). `repr()` shows shapes and counts, never tensors.
+    Members are dataclasses sharing `source` (a name for messages), `base_model_name_or_path`, `task_type`, `extra`
+    (non-adapter tensors, e.g. modules_to_save, under their keys) and `config` (the adapter_config it came with).
 
     Class attributes:
         peft_type: the adapter_config's `peft_type` ("LORA", "IA3", "PREFIX_TUNING").
@@ -111,12 +106,12 @@ class PeftAdapter(ABC):
         unit: what the report counts ("module", "vector", "prompt embedding").
         row: what one Ext-Sub row is, in the report ("row", "vector").
         delta: the symbol of an anti-expert's task vector, in the report ("ΔW⁻", "d⁻", "θ⁻").
-        formats: the `--format` values it writes; the first is the default.
-        base_refusal: why `--base` cannot fold it into a base model (None: it can).
-        config_needed: what only its adapter_config says, so its weights alone are refused
-            (None: they can be read without one, as bare LoRA weights with a scaling).
+        formats: the output formats it writes; the first is the default.
+        base_refusal: why `base=` cannot fold it into a base model (None: it can).
+        config_needed: what only its adapter_config says, so its weights alone are refused (None: LoRA's scaling).
         no_rank: why `max_rank` does not apply, in a few words ("(IA)³ vectors have"); None: it does.
         merged_type: the class of a merge's result (None: the type itself).
+        scan_installer: "module:Class" of its λ-scan installer (a layer above: named, not imported); None: none.
     """
 
     peft_type: ClassVar[str]
@@ -125,22 +120,42 @@ class PeftAdapter(ABC):
     unit: ClassVar[str]
     row: ClassVar[str] = "row"
     delta: ClassVar[str] = "ΔW⁻"
-    formats: ClassVar[tuple[str, ...]]
+    formats: ClassVar[tuple[OutputFormat, ...]]
     base_refusal: ClassVar[str | None] = None
     config_needed: ClassVar[str | None] = None
     no_rank: ClassVar[str | None] = None
     merged_type: ClassVar[type | None] = None
+    scan_installer: ClassVar[str | None] = None
 
-    source: str
-    base_model_name_or_path: str | None
-    task_type: str | None
-    extra: dict[str, torch.Tensor]
-    config: dict
+    source: str = "<memory>"
+    base_model_name_or_path: str | None = None
+    task_type: str | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+
+    @classmethod
+    @abstractmethod
+    def from_peft(cls, weights: Path, tensors: Mapping[str, torch.Tensor], config: dict, where: str) -> "PeftAdapter":
+        """The adapter in a file's `tensors` (finiteness checked) and its adapter_config (read from `where`); an
+        AdapterError for tensors the config does not describe or that are not this type's."""
+
+    @classmethod  # noqa: B027 (optional: most types have no fields to check beyond their reader's)
+    def check_config(cls, config: dict, where: str) -> None:
+        """Refuse (AdapterError naming `where` and the field) a config of this type PEFT refuses or reads otherwise."""
+
+    @classmethod
+    @abstractmethod
+    def owns_key(cls, key: str) -> bool:
+        """Whether a tensor saved under `key` is one of this type's parameters (e.g. `...k_proj.ia3_l`)."""
 
     @abstractmethod
     def merge_units(self, step: "MergeStep") -> dict:
         """This type's math, θ⁺ ⊖ θ₁⁻ ⊖ θ₂⁻ ... for one λ setting: the result's fields that the merge computes (the
         others are the expert's), `report` filled unit by unit. `merge_adapters` has checked everything shared."""
+
+    @abstractmethod
+    def check_antis(self, antis: Sequence["PeftAdapter"]) -> None:
+        """Raise an InputError unless the anti-experts fit this expert as the type needs (shapes, geometry)."""
 
     @abstractmethod
     def stat_units(self) -> Mapping[str, object]:
@@ -167,37 +182,31 @@ class PeftAdapter(ABC):
         """‖p' − p‖² of one unit (Frobenius), from the expert's unit and the merged one."""
         return float(((merged.to(torch.float64) - expert.to(torch.float64)) ** 2).sum())
 
-    @abstractmethod
-    def check_antis(self, antis: Sequence["PeftAdapter"]) -> None:
-        """Raise an InputError unless the anti-experts fit this expert as the type needs (shapes, geometry)."""
-
     def check_max_rank(self, max_rank: object) -> None:
         """`max_rank` truncates LoRA factors only: refuse it for a type whose parameters have no rank (`no_rank`)."""
-        raise InputError(f"max_rank truncates LoRA factors; {self.no_rank} no rank to truncate")
+        raise InputError(f"max_rank truncates LoRA factors; {self.no_rank} no rank to truncate", options=("max_rank",))
 
     @abstractmethod
     def describe(self) -> str:
         """Shapes and counts in a few words, for `repr()`."""
-
-    @classmethod
-    @abstractmethod
-    def owns_key(cls, key: str) -> bool:
-        """Whether a tensor saved under `key` is one of this type's parameters (e.g. `...k_proj.ia3_l`)."""
 
     def new_report(self, method: str, lams: tuple[float, ...]) -> AdapterReport:
         """An empty report of a merge of this type (counting its units)."""
         return AdapterReport(method=method, lams=lams, pem=self.label, unit=self.unit, row=self.row, delta=self.delta)
 
     def base_edits(self) -> list[BaseEdit]:
-        """The base tensors each module changes (`--base`); an InputError saying why for types that cannot fold."""
-        raise InputError(f"--base with {self.label} adapters ({self.source}): {self.base_refusal}")
+        """The base tensors each module changes (`base=`); an InputError saying why for types that cannot fold."""
+        raise InputError(f"base= with {self.label} adapters ({self.source}): {self.base_refusal}", options=("base",))
 
     def fold(self, edit: BaseEdit, theta0: torch.Tensor, *, transposed: bool, device: torch.device) -> torch.Tensor:
-        """Base tensor `theta0` with module `edit.module` folded in, on `device`, in float32 (float64 if an input is).
+        """Base tensor `theta0` with module `edit.module` folded in, on `device`, in float32 (float64 if an input is);
+        `transposed`: the base stores this weight (in, out) (GPT-2's Conv1D). Types that cannot fold refuse."""
+        raise InputError(f"base= with {self.label} adapters ({self.source}): {self.base_refusal}", options=("base",))
 
-        `transposed`: the base stores this weight (in, out) (GPT-2's Conv1D).
-        """
-        raise InputError(f"--base with {self.label} adapters ({self.source}): {self.base_refusal}")
+    def layout(self, inputs: Sequence[tuple[str, object]], explicit: bool | None) -> object | None:
+        """How the base stores the weights this type's modules change (a `WeightLayout`: (in, out) like GPT-2's Conv1D
+        or (out, in)), from `explicit` (transposed=) and the resolved `inputs`; None for types it does not matter to."""
+        return None
 
     def __repr__(self) -> str:
         parts = [self.describe(), f"source={self.source!r}"]
@@ -212,8 +221,7 @@ class PeftAdapter(ABC):
 
 
 def peft_fields(weights: object, config: Mapping, extra: dict[str, torch.Tensor]) -> dict:
-    """The fields every member reads the same way from a saved adapter: its source, the config's base model and
-    task type, its non-adapter tensors and the config itself (keyword arguments of the member's constructor)."""
+    """The fields every member reads the same way from a saved adapter, as constructor keyword arguments."""
     return {
         "source": str(weights),
         "base_model_name_or_path": config.get("base_model_name_or_path") or None,
@@ -223,8 +231,22 @@ def peft_fields(weights: object, config: Mapping, extra: dict[str, torch.Tensor]
     }
 
 
+def adapter_folder(makers: list, adapter: PeftAdapter, config: Mapping) -> LazyOutput:
+    """A PEFT adapter folder's lazy output: `makers` ((entry, make) per tensor), the adapter's non-adapter tensors as
+    they are, and `config` as its adapter_config.json."""
+    makers = makers + [(TensorEntry(key, t.dtype, tuple(t.shape)), lambda t=t: t) for key, t in adapter.extra.items()]
+    return LazyOutput.lazy(makers, texts={ADAPTER_CONFIG: config_text(config)}, weights_name=ADAPTER_WEIGHTS)
+
+
+def one_adapter(weights: object, names: set) -> None:
+    """Refuse a file holding several named adapters (`names`: the adapter-name segments of its keys; None: none)."""
+    if len(names - {None}) > 1:
+        found = ", ".join(sorted(names - {None}))
+        raise AdapterError(f"{weights}: holds several adapters ({found}); save one adapter per file")
+
+
 def describe_dtypes(tensors: Sequence[torch.Tensor], storage: torch.dtype | None = None) -> str:
-    """The dtypes of some tensors in a word or two ("float32", "float32/bfloat16"), or their storage dtype."""
+    """The dtypes of some tensors in a word or two ("float32/bfloat16"), or their storage dtype."""
     if storage is not None:
         return str(storage).removeprefix("torch.")
     names = sorted({str(t.dtype).removeprefix("torch.") for t in tensors})
@@ -242,9 +264,8 @@ def merge_adapters(
 ) -> PeftAdapter:
     """Ext-Sub (or direct subtraction/addition) of adapters of one PEM type, exactly, in their own parameter space.
 
-    LoRA merges in the factored space (docs/design.md §3), (IA)³ on the task vectors l − 1, one
-    vector per row, prefix-tuning on the per-head key/value rows (docs/design.md §6). Anti-experts
-    apply in order (paper Table 4).
+    LoRA merges in the factored space (docs/design.md §3), (IA)³ on the task vectors l − 1, one vector per row,
+    prefix-tuning on the per-head key/value rows (docs/design.md §6). Anti-experts apply in order (paper Table 4).
 
     Args:
         expert: θ⁺, a LoraAdapter, IA3Adapter or PrefixAdapter.
@@ -300,12 +321,7 @@ def check_same_type(expert: PeftAdapter, antis: Sequence[PeftAdapter]) -> None:
 
 
 def lam_list(lam: float | Sequence[float], n_antis: int) -> tuple[float, ...]:
-    """One λ per anti-expert: a single λ repeated, or the list as given (its length checked).
-
-    Example:
-        >>> lam_list(0.5, 2)
-        (0.5, 0.5)
-    """
+    """One λ per anti-expert: a single λ repeated (`lam_list(0.5, 2)` → (0.5, 0.5)), or the list as given."""
     values = [lam_value(v) for v in ([lam] if isinstance(lam, (int, float, str)) else lam)]
     if len(values) == 1:
         values = values * n_antis
@@ -324,7 +340,8 @@ def _check_base_models(expert: PeftAdapter, antis: Sequence[PeftAdapter], *, any
             raise InputError(
                 f"{anti.source} was trained on base model {names[1]!r} but the expert {expert.source} on "
                 f"{names[0]!r}; Ext-Sub combines adapters of one base model (if both names denote the same model, "
-                f"pass --any-base-model, or any_base_model=True in Python; {expert.unit} shapes are still checked)"
+                f"pass any_base_model=True; {expert.unit} shapes are still checked)",
+                options=("any_base_model",),
             )
 
 

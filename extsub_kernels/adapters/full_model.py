@@ -1,43 +1,36 @@
-"""The full merged model from adapters and their base model (`--base`), tensor by tensor.
+"""The full merged model from adapters and their base model (`base=`), tensor by tensor.
 
-Every tensor of the base model is read once; a tensor an adapter module changes gets the
-merged module folded in by the adapter's own `fold` (LoRA: θ₀ + ΔW'; (IA)³: θ₀ scaled by l'
-as PEFT's merge does) in float32 (float64 for float64 inputs) on the compute device, is cast
-back to its dtype and written; tensors with nothing to fold are copied. A weight the base
-stores (in, out) — GPT-2's Conv1D, PEFT's fan_in_fan_out — is folded transposed. Types that
-change no weight (prefix-tuning) are refused before anything is read.
-
-Non-LoRA tensors of the adapters (PEFT's `modules_to_save`, and biases trained with
-bias="all"/"lora_only", saved under the wrapped `….base_layer.bias`) are full weights that PEFT
-puts in place of the base model's, not deltas. With θ₀ at hand they are what a full fine-tuned
-model is, so they merge as the dense engine merges full models (`apply_method` with base=θ₀):
-ΔW = θ − θ₀ per input, θ₀ + ΔW' out. A tensor only the expert has is then the expert's own;
-one only anti-experts have contributes nothing under ext-sub (|p| = 0) and ∓λ·(θ⁻ − θ₀)
-under sub/add, as LoRA modules do.
+Every base tensor is read once: one an adapter module changes gets the merged module folded in by the type's own `fold`
+(LoRA: θ₀ + ΔW'; (IA)³: θ₀ scaled by l', as PEFT's merge does) in float32 (float64 for float64 inputs), on the compute
+device, transposed where the base stores (in, out) (GPT-2's Conv1D); the others are copied. The adapters' non-adapter
+tensors (modules_to_save, biases trained with bias="all", saved as `….base_layer.bias`) are full weights, so they merge
+as the dense engine merges full models: ΔW = θ − θ₀ per input, θ₀ + ΔW' out.
 """
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 
 import torch
 
 from extsub_kernels._tensors import all_finite, compute_dtype, is_float, nonfinite_summary
 from extsub_kernels.adapters.family import BaseEdit, PeftAdapter, base_tensor_name
-from extsub_kernels.engine.conv1d import TransposedRule
+from extsub_kernels.constants import ADAPTER_CONFIG, MODEL_CONFIG
+from extsub_kernels.engine.conv1d import TransposedRule, input_config, weight_layout
 from extsub_kernels.engine.methods import apply_method
+from extsub_kernels.engine.notes import OutputKind, card_base_model
+from extsub_kernels.engine.options import RunOptions
 from extsub_kernels.engine.writing import LazyOutput
 from extsub_kernels.errors import InputError
-from extsub_kernels.io import CheckpointReader, TensorEntry
+from extsub_kernels.io import CheckpointReader, ResolvedInput, TensorEntry
 
 
 @dataclass(frozen=True)
 class BaseTarget:
     """What lands on one base tensor: an adapter module folded in, or full weights of the adapters (or a copy).
 
-    `transposed`: the base stores the weight (in, out), so the module folds in transposed
-    or columns are paired (full weights, as the dense engine pairs Conv1D weights).
+    `transposed`: the base stores the weight (in, out), so the module folds in transposed or columns are paired (full
+    weights, as the dense engine pairs Conv1D weights).
     """
 
     key: str
@@ -47,32 +40,15 @@ class BaseTarget:
     antis: tuple[tuple[int, torch.Tensor], ...] = field(default=())  # (anti-expert index, its full weight)
 
 
-def match_targets(
-    adapter: PeftAdapter,
-    base: CheckpointReader,
-    *,
-    conv1d: TransposedRule,
-    expert_extra: dict[str, torch.Tensor],
-    anti_extras: Sequence[dict[str, torch.Tensor]],
-    sources: Sequence[str],
+def _match_targets(
+    adapter: PeftAdapter, base: CheckpointReader, conv1d: TransposedRule, adapters: Sequence[PeftAdapter]
 ) -> dict[str, BaseTarget]:
-    """Each base tensor an adapter module changes, and each non-adapter tensor, matched to the base, shapes checked.
+    """Each base tensor a module of `adapter` (one λ setting's merge) changes, and each non-adapter tensor of `adapters`
+    (the expert, then the anti-experts), matched to the base, shapes checked.
 
-    A name matches the base tensor of the same name, or else the one base tensor it equals up
-    to leading prefixes (`transformer.h.0.attn.c_attn.weight` ↔ `h.0.attn.c_attn.weight`,
-    as checkpoints saved without the model's head prefix have it).
-
-    Args:
-        adapter: the merged adapter (one λ setting stands for all: which tensors change does not depend on λ);
-            its `base_edits` say which tensors its modules change, its fan_in_fan_out flag with
-            `conv1d` (from the base's config.json) which weights are stored (in, out).
-        base: the base model θ₀.
-        expert_extra, anti_extras: non-adapter tensors of the expert and of each anti-expert.
-        sources: names of the expert and the anti-experts, for messages.
-
-    Raises:
-        InputError: a module or tensor with no (or no unique) base tensor, a shape that does
-            not fit, or a module on a non-float weight; for types that change no weight, why.
+    A name matches the base tensor of the same name, or else the one base tensor it equals up to leading prefixes
+    (`transformer.h.0.attn.c_attn.weight` ↔ `h.0.attn.c_attn.weight`). `conv1d`: which weights the base stores (in,
+    out), as the adapter's fan_in_fan_out flag also says.
     """
     targets: dict[str, BaseTarget] = {}
     what = f"{adapter.label} {adapter.unit}"
@@ -93,17 +69,15 @@ def match_targets(
             raise InputError(f"{what} {edit.module}: BASE's {key} is {info.dtype}; it can only change float weights")
         targets[key] = BaseTarget(key, edit=edit, transposed=transposed)
     full: dict[str, dict[int, torch.Tensor]] = {}
-    for index, extra in enumerate([expert_extra, *anti_extras]):
-        for adapter_key, tensor in extra.items():
-            key = _base_key(base_tensor_name(adapter_key), base, f"{sources[index]}: tensor {adapter_key}")
+    for index, source in enumerate(adapters):
+        for adapter_key, tensor in source.extra.items():
+            key = _base_key(base_tensor_name(adapter_key), base, f"{source.source}: tensor {adapter_key}")
             if key in targets:
-                raise InputError(
-                    f"{sources[index]}: {adapter_key} is a full weight of {key}, which {what} also changes"
-                )
+                raise InputError(f"{source.source}: {adapter_key} is a full weight of {key}, which {what} also changes")
             info = base.info(key)
             if tuple(tensor.shape) != info.shape:
                 raise InputError(
-                    f"{sources[index]}: {adapter_key} is {list(tensor.shape)} but BASE's {key} is {list(info.shape)}; "
+                    f"{source.source}: {adapter_key} is {list(tensor.shape)} but BASE's {key} is {list(info.shape)}; "
                     "is BASE the model the adapters were trained on?"
                 )
             full.setdefault(key, {})[index] = tensor
@@ -133,58 +107,46 @@ def _base_key(key: str, base: CheckpointReader, what: str, *, optional: bool = F
 
 
 def full_model_outputs(
+    adapters: Sequence[PeftAdapter],
     merged: Sequence[PeftAdapter],
-    settings: Sequence[tuple[float, ...]],
-    base: CheckpointReader,
-    targets: dict[str, BaseTarget],
-    *,
-    method: str,
-    out_dtype: torch.dtype | None,
-    device: torch.device,
-    extra_files: Sequence[Path] = (),
-) -> list[LazyOutput]:
-    """One lazy output per λ setting: every base tensor, in the base's order, with its target applied.
-
-    All outputs load a tensor of θ₀ through the same reader call, so `write_outputs` reads the
-    base once for every output.
-
-    Args:
-        merged: the merged adapter of each setting.
-        settings: λ per anti-expert, one tuple per output.
-        base: θ₀.
-        targets: from `match_targets`.
-        method: the method's name (`engine.method_spec`; for the full weights).
-        out_dtype: the dtype of float tensors in the output; None keeps the base's.
-        device: where ΔW' is computed and added.
-        extra_files: the base's config, generation and tokenizer files (folder outputs).
-    """
+    base: ResolvedInput,
+    reader: CheckpointReader,
+    options: RunOptions,
+    folder: bool,
+) -> tuple[list[LazyOutput], OutputKind, set[str], str]:
+    """The full merged model of each λ setting (`merged`, from `adapters`): every tensor of `base`, in its order, a
+    module folded in, full weights merged, or copied; what it is for the card, the tensors computed and why weights
+    are laid out as they are. All outputs load a tensor of θ₀ through one reader call, so the base is read once; a
+    `folder` output gets the base's config, generation and tokenizer files."""
+    shapes = {k: reader.info(k).shape for k in reader}
+    layout = weight_layout(
+        [("BASE", input_config(base))], shapes, explicit=options.transposed, role=f"BASE ({base.spec})"
+    )
+    targets = _match_targets(merged[0], reader, layout.rule, adapters)
+    config = base.config_file(MODEL_CONFIG) if folder else None
+    extra_files = [p for p in base.config_files if p.name not in (ADAPTER_CONFIG, MODEL_CONFIG)] if folder else []
     entries = []
-    for key in base:
-        info = base.info(key)
-        entries.append(
-            TensorEntry(key, out_dtype if out_dtype is not None and is_float(info.dtype) else info.dtype, info.shape)
-        )
+    for key in reader:
+        info = reader.info(key)
+        out_dtype = options.out_dtype if options.out_dtype is not None and is_float(info.dtype) else info.dtype
+        entries.append(TensorEntry(key, out_dtype, info.shape))
     dtypes = {e.name: e.dtype for e in entries}
-    outputs = []
-    for adapter, lams in zip(merged, settings, strict=True):
-        produce = partial(
-            _produce,
-            adapter=adapter,
-            lams=lams,
-            targets=targets,
-            dtypes=dtypes,
-            method=method,
-            device=device,
-            base=base,
+    outputs = [
+        LazyOutput(
+            entries,
+            partial(_produce, adapter, lams, targets, dtypes, options.method, options.device, reader),
+            load=reader.read,
+            extra_files=extra_files,
         )
-        outputs.append(LazyOutput(entries, produce, load=base.read, extra_files=extra_files))
-    return outputs
+        for adapter, lams in zip(merged, options.settings, strict=True)
+    ]
+    base_id, why = card_base_model(base.spec, "BASE")
+    card = "transformers" if config else None
+    kind = OutputKind("the full merged model θ₀ + ΔW'", card, base_id, config, base_note=why)
+    return outputs, kind, set(targets), layout.reason
 
 
 def _produce(
-    key: str,
-    theta0: torch.Tensor,
-    *,
     adapter: PeftAdapter,
     lams: tuple[float, ...],
     targets: dict[str, BaseTarget],
@@ -192,6 +154,8 @@ def _produce(
     method: str,
     device: torch.device,
     base: CheckpointReader,
+    key: str,
+    theta0: torch.Tensor,
 ) -> torch.Tensor:
     """Base tensor `key` of the output: a module folded in, the merged full weight, or θ₀ copied."""
     out = dtypes[key]
@@ -218,6 +182,7 @@ def _produce(
         if problem is not None:
             raise InputError(f"tensor {key!r} in BASE ({where}) contains {problem}; the merge needs finite weights")
         raise InputError(
-            f"tensor {key!r}: the merged weight overflows {out} at λ={list(lams)}; use a smaller λ or --dtype float32"
+            f"tensor {key!r}: the merged weight overflows {out} at λ={list(lams)}; use a smaller λ or dtype=float32",
+            options=("dtype",),
         )
     return result.cpu()

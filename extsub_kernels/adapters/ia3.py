@@ -1,38 +1,27 @@
 """(IA)³ adapters: learned scaling vectors, merged as task vectors d = l − 1, one row each (docs/design.md §6).
 
-PEFT's (IA)³ multiplies a layer's output features by `ia3_l`, shaped (out, 1), or, for the
-modules listed in `feedforward_modules`, its input features by `ia3_l` shaped (1, in); every
-vector starts at ones. The task vector of a vector is therefore d = l − 1, and Ext-Sub applies
-to d with the whole vector as one row: l' = 1 + d⁺ − λ·Ext(d⁻) (`sub`: 1 + d⁺ − λ·d⁻, `add`:
-1 + d⁺ + λ·d⁻). The arithmetic runs in float64 (the vectors are small) and rounds once.
+PEFT's (IA)³ multiplies a layer's output features by `ia3_l`, shaped (out, 1), or, for the modules listed in
+`feedforward_modules`, its input features by `ia3_l` shaped (1, in); every vector starts at ones. The task vector of a
+vector is therefore d = l − 1, and Ext-Sub applies to d with the whole vector as one row: l' = 1 + d⁺ − λ·Ext(d⁻)
+(`sub`: 1 + d⁺ − λ·d⁻, `add`: 1 + d⁺ + λ·d⁻). The arithmetic runs in float64 (the vectors are small) and rounds once.
 
-With a base model, l' folds into the weights as PEFT's own merge does: W·l' scales the rows of
-an nn.Linear weight (out, in) and its bias, or its columns for a feedforward vector; GPT-2's
-Conv1D stores (in, out), so the vector is transposed first.
+With a base model, l' folds into the weights as PEFT's own merge does: W·l' scales the rows of an nn.Linear weight (out,
+in) and its bias, or its columns for a feedforward vector; GPT-2's Conv1D stores (in, out), so the vector is transposed
+first.
 """
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+import extsub_kernels.adapters.family as family
 from extsub_kernels._tensors import compute_dtype, is_float
-from extsub_kernels.adapters.family import (
-    PEFT_PREFIX,
-    BaseEdit,
-    MergeStep,
-    PeftAdapter,
-    config_text,
-    describe_dtypes,
-    peft_fields,
-    strip_peft_prefix,
-    weight_key,
-)
-from extsub_kernels.adapters.patterns import PatternMatcher
+from extsub_kernels.adapters.family import BaseEdit, MergeStep, OutputFormat, PeftAdapter
+from extsub_kernels.adapters.patterns import PatternMatcher, selects
 from extsub_kernels.adapters.report import AdapterReport, counted
-from extsub_kernels.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from extsub_kernels.engine.methods import apply_method
 from extsub_kernels.engine.writing import LazyOutput
 from extsub_kernels.errors import AdapterError, InputError
@@ -45,22 +34,51 @@ _IA3_KEY = re.compile(r"^(?P<module>.+)\.ia3_l(?:\.(?P<adapter>[^.]+))?$")
 
 def ia3_key(module: str) -> str:
     """The key PEFT saves a module's vector under: `ia3_key("m.k_proj")` → `base_model.model.m.k_proj.ia3_l`."""
-    return f"{PEFT_PREFIX}{module}.ia3_l"
+    return f"{family.PEFT_PREFIX}{module}.ia3_l"
 
 
 def is_feedforward_module(patterns: object, module: str, matcher: PatternMatcher | None = None) -> bool:
     """Whether PEFT treats `module` as feedforward under `feedforward_modules` (its own matching rule).
 
-    A string is a regular expression matched against the whole name (in bounded time, see
-    `patterns`); a list matches names that end with one of its entries (PEFT's `key.endswith(target_key)`).
-
-    Example:
-        >>> is_feedforward_module(["down_proj"], "model.layers.0.mlp.down_proj")
-        True
+    A string is a regular expression matched against the whole name (in bounded time, see `patterns`); a list matches
+    names that end with one of its entries (PEFT's `key.endswith(target_key)`).
     """
     if isinstance(patterns, str):
         return (matcher or PatternMatcher("adapter config")).matches(patterns, module, "feedforward_modules", full=True)
     return any(module.endswith(p) for p in patterns or ())
+
+
+def ia3_output(
+    adapter: "IA3Adapter", *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> LazyOutput:
+    """The (IA)³ adapter as a PEFT adapter folder: every vector under PEFT's key (in `dtype`, default the adapter's or
+    each vector's own), its non-(IA)³ tensors as they are, the config's module lists by full name (PEFT applies such
+    entries to exactly those modules). `device` is unused (nothing to compute).
+    """
+    makers = []
+    for name, vector in adapter.vectors.items():
+        out = dtype or adapter.dtype or vector.dtype
+        entry = TensorEntry(ia3_key(name), out, tuple(vector.shape))
+        makers.append((entry, lambda v=vector, o=out: v.to(o).contiguous()))
+    return family.adapter_folder(makers, adapter, _ia3_config(adapter))
+
+
+def _ia3_config(adapter: "IA3Adapter") -> dict:
+    """The adapter_config.json of an (IA)³ output: the adapter's own, with its module lists as written."""
+    config = dict(adapter.config)
+    config.update(
+        peft_type="IA3",
+        task_type=adapter.task_type,
+        base_model_name_or_path=adapter.base_model_name_or_path,
+        target_modules=sorted(adapter.vectors),
+        feedforward_modules=sorted(adapter.feedforward),
+        exclude_modules=None,
+        fan_in_fan_out=adapter.fan_in_fan_out,
+        inference_mode=True,
+    )
+    if not adapter.extra:
+        config["modules_to_save"] = None
+    return config
 
 
 @dataclass(repr=False)
@@ -74,24 +92,16 @@ class IA3Adapter(PeftAdapter):
         report: what the merge did (merged adapters only).
     """
 
-    peft_type = "IA3"
-    label = "(IA)³"
-    tag = "ia3"
-    unit = "vector"
-    row = "vector"
-    delta = "d⁻"
-    formats = ("ia3",)
+    peft_type, label, tag = "IA3", "(IA)³", "ia3"
+    unit, row, delta = "vector", "vector", "d⁻"
+    formats = (OutputFormat("ia3", ia3_output, lambda module: (ia3_key(module),), "a PEFT (IA)³ adapter"),)
     config_needed = "which modules are feedforward_modules"
     no_rank = "(IA)³ vectors have"
+    scan_installer = "extsub_kernels.lambda_scan.installers.ia3:IA3Installer"
 
     vectors: dict[str, torch.Tensor]
     feedforward: frozenset[str] = frozenset()
-    source: str = "<memory>"
-    base_model_name_or_path: str | None = None
     fan_in_fan_out: bool = False
-    task_type: str | None = None
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
-    config: dict = field(default_factory=dict)
     dtype: torch.dtype | None = None
     report: AdapterReport | None = None
 
@@ -106,23 +116,28 @@ class IA3Adapter(PeftAdapter):
             raise ValueError(f"feedforward lists modules with no vector: {', '.join(unknown[:3])}")
 
     @classmethod
-    def from_peft(cls, weights: Path, tensors: Mapping[str, torch.Tensor], config: dict, where: str) -> "IA3Adapter":
-        """Read the tensors of an (IA)³ adapter file with its adapter_config, validated.
-
-        Args:
-            weights: the weights file (for messages).
-            tensors: every tensor of the file, by key (finiteness already checked).
-            config: its adapter_config (peft_type IA3).
-            where: where the config came from (for messages).
-
-        Raises:
-            AdapterError: no vectors, a vector that is not (out, 1) or (1, in), a shape the
-                config's feedforward_modules contradicts, several adapters in one file.
-        """
-        for name in ("target_modules", "feedforward_modules"):
+    def check_config(cls, config: dict, where: str) -> None:
+        """Module lists as PEFT's IA3Config takes them; feedforward_modules a subset of target_modules (PEFT refuses
+        the config otherwise)."""
+        for name in ("target_modules", "feedforward_modules", "exclude_modules", "modules_to_save"):
             value = config.get(name)
-            if value is not None and not isinstance(value, str) and not _is_str_list(value):
+            if (
+                value is not None
+                and not (isinstance(value, str) and name != "modules_to_save")
+                and not _is_str_list(value)
+            ):
                 raise AdapterError(f"{where}: {name} must be a list of module names or a regex string, got {value!r}")
+        targets, feedforward = config.get("target_modules"), config.get("feedforward_modules")
+        if isinstance(targets, list) and isinstance(feedforward, list) and not set(feedforward) <= set(targets):
+            raise AdapterError(
+                f"{where}: feedforward_modules should be a subset of target_modules (PEFT refuses the config): "
+                f"{sorted(set(feedforward) - set(targets))} are not in target_modules {targets!r}"
+            )
+
+    @classmethod
+    def from_peft(cls, weights: Path, tensors: Mapping[str, torch.Tensor], config: dict, where: str) -> "IA3Adapter":
+        """The `ia3_l` vectors, each (out, 1) or (1, in) as the config's feedforward_modules says, on modules its
+        target_modules select; one adapter per file."""
         vectors: dict[str, torch.Tensor] = {}
         extra: dict[str, torch.Tensor] = {}
         adapter_names = set()
@@ -131,19 +146,25 @@ class IA3Adapter(PeftAdapter):
             if match is None:
                 extra[key] = tensor
                 continue
-            if match["adapter"] is not None:
-                adapter_names.add(match["adapter"])
+            adapter_names.add(match["adapter"])
             if not is_float(tensor.dtype):
                 raise AdapterError(f"{weights}: {key} has dtype {tensor.dtype}; (IA)³ vectors must be floating point")
-            vectors[strip_peft_prefix(match["module"])] = tensor
-        if len(adapter_names) > 1:
-            names = ", ".join(sorted(adapter_names))
-            raise AdapterError(f"{weights}: holds several adapters ({names}); save one adapter per file")
+            vectors[family.strip_peft_prefix(match["module"])] = tensor
+        family.one_adapter(weights, adapter_names)
         if not vectors:
             raise AdapterError(f"{weights}: no (IA)³ vectors (keys ending in .ia3_l), but {where} says peft_type IA3")
         feedforward = set()
         matcher = PatternMatcher(where)
+        # IA3Config has no layers_to_transform: PEFT selects by these fields alone.
+        selection = {k: config.get(k) for k in ("target_modules", "exclude_modules", "modules_to_save")}
         for name, vector in vectors.items():
+            if not selects(selection, name, matcher):
+                raise AdapterError(
+                    f"{weights}: {ia3_key(name)}: {where} does not select module {name} (target_modules "
+                    f"{config.get('target_modules')!r}, exclude_modules, modules_to_save): PEFT puts no (IA)³ layer "
+                    "there and ignores this vector, so a merge would differ from what PEFT does; fix target_modules "
+                    "or drop the vector"
+                )
             by_shape = vector.dim() == 2 and vector.shape[0] == 1 and vector.shape[1] != 1
             listed = config.get("feedforward_modules")
             by_config = is_feedforward_module(listed, name, matcher)
@@ -165,7 +186,7 @@ class IA3Adapter(PeftAdapter):
             vectors=vectors,
             feedforward=frozenset(feedforward),
             fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
-            **peft_fields(weights, config, extra),
+            **family.peft_fields(weights, config, extra),
         )
 
     @classmethod
@@ -177,7 +198,7 @@ class IA3Adapter(PeftAdapter):
         ff = len(self.feedforward)
         return (
             f"{counted(len(vectors), 'vector')}: {len(vectors) - ff} (out, 1), {ff} feedforward (1, in), "
-            f"{sum(v.numel() for v in vectors):,} scales, {describe_dtypes(vectors, self.dtype)}"
+            f"{sum(v.numel() for v in vectors):,} scales, {family.describe_dtypes(vectors, self.dtype)}"
         )
 
     def stat_units(self) -> Mapping[str, object]:
@@ -201,16 +222,9 @@ class IA3Adapter(PeftAdapter):
     def merge_units(self, step: MergeStep) -> dict:
         """The method on the task vectors d = l − 1, each vector one row, in float64.
 
-        A vector only in the expert is copied. One only in anti-experts contributes nothing under
-        a row-pairing method (|p| = 0: it is written as l = 1) and l = 1 ∓ λ·d⁻ under sub/add. The
-        result's feedforward modules are the union of the inputs'; its vectors stay in float64
-        (`dtype`: the expert's, for writing).
-
-        Example:
-            >>> from extsub_kernels.adapters import merge_adapters
-            >>> ones = IA3Adapter({"k": torch.ones(4, 1)})
-            >>> merge_adapters(ones, ones, 1.0).vectors["k"].flatten().tolist()
-            [1.0, 1.0, 1.0, 1.0]
+        A vector only in the expert is copied. One only in anti-experts contributes nothing under a row-pairing method
+        (|p| = 0: it is written as l = 1) and l = 1 ∓ λ·d⁻ under sub/add. The result's feedforward modules are the union
+        of the inputs'; its vectors stay in float64 (`dtype`: the expert's, for writing).
         """
         antis, lams, spec, report = step.antis, step.lams, step.spec, step.report
         names = list(self.vectors) + sorted({n for a in antis for n in a.vectors if n not in self.vectors})
@@ -243,10 +257,10 @@ class IA3Adapter(PeftAdapter):
         for name, vector in self.vectors.items():
             n = vector.numel()
             if name in self.feedforward:
-                edits.append(BaseEdit(name, weight_key(name), (None, n)))
+                edits.append(BaseEdit(name, family.weight_key(name), (None, n)))
             else:
-                edits.append(BaseEdit(name, weight_key(name), (n, None)))
-                edits.append(BaseEdit(name, f"{strip_peft_prefix(name)}.bias", (n,), optional=True))
+                edits.append(BaseEdit(name, family.weight_key(name), (n, None)))
+                edits.append(BaseEdit(name, f"{family.strip_peft_prefix(name)}.bias", (n,), optional=True))
         return edits
 
     def fold(self, edit: BaseEdit, theta0: torch.Tensor, *, transposed: bool, device: torch.device) -> torch.Tensor:
@@ -259,47 +273,6 @@ class IA3Adapter(PeftAdapter):
         elif transposed:
             scale = scale.T
         return theta0.to(device, compute) * scale
-
-
-def ia3_output(
-    adapter: IA3Adapter, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
-) -> LazyOutput:
-    """The (IA)³ adapter as a PEFT adapter folder: every vector under PEFT's key, the config the expert's.
-
-    The config's `target_modules` and `feedforward_modules` list the vectors' modules by full
-    name (the union over the merged inputs): PEFT applies such entries to exactly those
-    modules, whatever pattern form the inputs used. `device` is unused (nothing to compute).
-
-    Args:
-        adapter: a loaded or merged adapter; its non-(IA)³ tensors are included as they are.
-        dtype: the dtype of the written vectors; None: the adapter's `dtype`, else each vector's own.
-    """
-    makers = []
-    for name, vector in adapter.vectors.items():
-        out = dtype or adapter.dtype or vector.dtype
-        entry = TensorEntry(ia3_key(name), out, tuple(vector.shape))
-        makers.append((entry, lambda v=vector, o=out: v.to(o).contiguous()))
-    makers += [(TensorEntry(key, t.dtype, tuple(t.shape)), lambda t=t: t) for key, t in adapter.extra.items()]
-    texts = {ADAPTER_CONFIG: config_text(_ia3_config(adapter))}
-    return LazyOutput.lazy(makers, texts=texts, weights_name=ADAPTER_WEIGHTS)
-
-
-def _ia3_config(adapter: IA3Adapter) -> dict:
-    """The adapter_config.json of an (IA)³ output: the adapter's own, with its module lists as written."""
-    config = dict(adapter.config)
-    config.update(
-        peft_type="IA3",
-        task_type=adapter.task_type,
-        base_model_name_or_path=adapter.base_model_name_or_path,
-        target_modules=sorted(adapter.vectors),
-        feedforward_modules=sorted(adapter.feedforward),
-        exclude_modules=None,
-        fan_in_fan_out=adapter.fan_in_fan_out,
-        inference_mode=True,
-    )
-    if not adapter.extra:
-        config["modules_to_save"] = None
-    return config
 
 
 def _kind(adapter: IA3Adapter, name: str) -> str:

@@ -1,140 +1,337 @@
-"""The factored Ext-Sub path for LoRA adapters: exact results without forming ΔW (docs/design.md §3).
+"""LoRA adapters: PEFT's lora_A/lora_B read with their scaling, merged in the factored space, written in 3 formats.
 
-For a LoRA module ΔW = s·B·A (B: out×r, A: r×in), Ext-Sub's per-row closed form
-p' = α·p + β·m needs only the row norms of ΔW⁺ and ΔW⁻, and a row norm of s·B·A is
-s·sqrt(b·(A·Aᵀ)·bᵀ): an r×r Gram matrix gives them all. So
+PEFT keys look like `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`; lora_A is (r, in), lora_B (out, r)
+for every layer type, GPT-2's Conv1D included; the scaling comes from r, lora_alpha, use_rslora, rank_pattern and
+alpha_pattern. The math is in `factors` (docs/design.md §3). The formats, each a `LazyOutput` made one module at a time:
 
-    ΔW' = diag(α)·ΔW⁺ + diag(β)·ΔW⁻ = [diag(α)·s⁺B⁺, diag(β)·s⁻B⁻] · [A⁺; A⁻]
-
-is exactly a LoRA of rank r⁺ + r⁻, at O((out + in)·r²) cost per module.
+- `lora`: lora_A/lora_B under PEFT keys, and an adapter_config making PEFT apply exactly scaling·B·A per module:
+  use_rslora=False and lora_alpha = scaling·r (computed modules: scaling 1, lora_alpha = r; copied ones keep
+  theirs); the most common (r, lora_alpha) is the default, other modules get exact-name rank_pattern /
+  alpha_pattern keys (`^` + the escaped module name: PEFT matches them against that module only).
+- `dense-lora`: ΔW' as lora_B (out×in), lora_A = I (in×in), r = lora_alpha = in_features: the paper code's layout.
+- `delta`: ΔW' keyed by the module's weight name in the base model, laid out like that weight.
 """
 
 import copy
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+import re
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 
-from extsub_kernels._tensors import all_finite, compute_dtype, is_float
+from extsub_kernels._tensors import all_finite, compute_dtype
+from extsub_kernels.adapters.factors import (
+    Device,
+    FirstStep,
+    LoraModule,
+    check_max_rank,
+    factor_row_sums,
+    lora_row_norms,
+    lora_row_products,
+    merge_module,
+    module_delta,
+    scaled_factors,
+    truncate_factors,
+)
 from extsub_kernels.adapters.family import (
+    PEFT_PREFIX,
     BaseEdit,
     MergeStep,
+    OutputFormat,
     PeftAdapter,
+    adapter_folder,
     describe_dtypes,
     lam_list,
     merge_adapters,
+    one_adapter,
+    peft_fields,
+    strip_peft_prefix,
     weight_key,
 )
+from extsub_kernels.adapters.patterns import PatternMatcher, pattern_key, selects
 from extsub_kernels.adapters.report import AdapterReport, counted
-from extsub_kernels.engine.method_spec import DEFAULT_METHOD, EXT_SUB, MethodSpec, method_spec
-from extsub_kernels.errors import InputError
+from extsub_kernels.engine.conv1d import WeightLayout, conv1d_transposed, input_config, never_transposed, weight_layout
+from extsub_kernels.engine.method_spec import DEFAULT_METHOD, method_spec
+from extsub_kernels.engine.writing import LazyOutput
+from extsub_kernels.errors import AdapterError, InputError
+from extsub_kernels.io import ResolvedInput, TensorEntry
 from extsub_kernels.io.format import DTYPE_CODES
 
-Device = torch.device | str | None
+# <module>.lora_A.weight, optionally with an adapter-name segment: <module>.lora_A.default.weight
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+# LoRA tensors this path cannot treat as ΔW = s·B·A.
+_UNSUPPORTED = {
+    "lora_magnitude_vector": "a DoRA magnitude vector (DoRA is not a plain s·B·A update)",
+    "lora_embedding_A": "an embedding LoRA (lora_embedding_A/B)",
+    "lora_embedding_B": "an embedding LoRA (lora_embedding_A/B)",
+    ".bias": "a LoRA bias (lora_bias=True: ΔW is not s·B·A alone)",
+}
+# Config fields that make PEFT's LoRA something other than ΔW = s·B·A on the modules named (PEFT's LoRA variants
+# and the fields that change the model around the adapter), with why.
+_VARIANTS = (
+    ("use_dora", "DoRA rescales each column by a magnitude vector, so ΔW is not s·B·A"),
+    ("lora_bias", "a LoRA bias adds to the output, so ΔW is not s·B·A alone"),
+    ("alora_invocation_tokens", "aLoRA applies ΔW only after its invocation tokens"),
+    ("use_qalora", "QALoRA pools the input before lora_A, so ΔW is not s·B·A"),
+    ("target_parameters", "LoRA on parameters (target_parameters) is not a per-module s·B·A update"),
+    ("use_bdlora", "BD-LoRA (a LoRA variant in PEFT) makes lora_A or lora_B block-diagonal, so ΔW is not s·B·A"),
+    ("kasa_config", "KaSA (a LoRA variant in PEFT) also changes the base weight's singular values"),
+    ("arrow_config", "Arrow (a LoRA variant in PEFT) routes each token among several adapters"),
+    ("monteclora_config", "MonteCLoRA (a LoRA variant in PEFT) samples the factors, so ΔW is not one s·B·A"),
+    ("layer_replication", "PEFT first repeats the base model's layers, so module names do not name base weights"),
+    ("trainable_token_indices", "PEFT also trains token embeddings (trainable tokens), which are not a LoRA"),
+)
+
+
+def peft_key(module: str, part: str) -> str:
+    """The key PEFT saves a module's factor under: `peft_key("m.q", "A")` → `base_model.model.m.q.lora_A.weight`."""
+    return f"{PEFT_PREFIX}{module}.lora_{part}.weight"
+
+
+def parse_peft_key(key: str) -> tuple[str, str, str | None] | None:
+    """(module name in the base model, "A" or "B", adapter name or None) of a LoRA key; None otherwise."""
+    match = _LORA_KEY.match(key)
+    return None if match is None else (strip_peft_prefix(match["module"]), match["part"], match["adapter"])
+
+
+def exact_pattern(module: str) -> str:
+    """A rank_pattern/alpha_pattern key that PEFT applies to `module` and to nothing else (`^model\\.layers...`)."""
+    return "^" + re.escape(module)
+
+
+def module_scaling(config: Mapping, module: str, rank: int, matcher: PatternMatcher | None = None) -> float:
+    """PEFT's scaling of `module`: lora_alpha/r, or lora_alpha/√r with use_rslora; patterns override."""
+    alphas = config.get("alpha_pattern") or {}
+    key = pattern_key(alphas, module, matcher, "alpha_pattern key")
+    alpha = alphas[key] if key is not None else config["lora_alpha"]
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
 @dataclass(frozen=True)
-class LoraModule:
-    """One LoRA module, ΔW = scaling · lora_B @ lora_A; rows of ΔW are output features.
+class LoraScaling:
+    """The scaling of LoRA weights that come without an adapter_config.json (a bare .safetensors file): PEFT's
+    `lora_alpha`, the rank `r` every module must have (None: each module's, from its shapes), and `use_rslora`
+    (lora_alpha/√r instead of lora_alpha/r)."""
 
-    `dtype` is the dtype the module is stored in; merged modules keep their factors in
-    float32 or float64 until they are materialized, so rounding happens once, at the end.
-    """
+    lora_alpha: float
+    r: int | None = None
+    use_rslora: bool = False
 
-    lora_A: torch.Tensor  # (r, in_features)
-    lora_B: torch.Tensor  # (out_features, r)
-    scaling: float
-    dtype: torch.dtype | None = None
+    def as_config(self) -> dict:
+        """The fields of an adapter_config.json that this scaling stands for."""
+        return {"lora_alpha": self.lora_alpha, "r": self.r, "use_rslora": self.use_rslora}
 
-    def __post_init__(self) -> None:
-        a, b = self.lora_A, self.lora_B
-        if a.dim() != 2 or b.dim() != 2:
-            raise ValueError(f"lora_A and lora_B must be 2-D, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
-        if b.shape[1] != a.shape[0]:
-            raise ValueError(
-                f"lora_B {tuple(b.shape)} and lora_A {tuple(a.shape)} do not chain: "
-                "lora_B must be (out, r) and lora_A (r, in)"
+
+def peft_config(adapter: "LoraAdapter", ranks: dict[str, int], alphas: dict[str, float]) -> dict:
+    """An adapter_config.json giving each module of `ranks` its rank and lora_alpha (see the module doc); base model,
+    task type, fan_in_fan_out and (with non-LoRA tensors) modules_to_save and bias from `adapter`."""
+    if not ranks:
+        raise ValueError(f"{adapter.source}: no LoRA modules to write (every module was left out)")
+    default_r, default_alpha = Counter((ranks[n], alphas[n]) for n in ranks).most_common(1)[0][0]
+    config = {
+        "peft_type": "LORA",
+        "task_type": adapter.task_type,
+        "base_model_name_or_path": adapter.base_model_name_or_path,
+        "revision": adapter.config.get("revision"),
+        "r": default_r,
+        "lora_alpha": default_alpha,
+        "use_rslora": False,
+        "rank_pattern": {exact_pattern(n): ranks[n] for n in ranks if ranks[n] != default_r},
+        "alpha_pattern": {exact_pattern(n): alphas[n] for n in ranks if alphas[n] != default_alpha},
+        "target_modules": sorted(ranks),
+        "fan_in_fan_out": adapter.fan_in_fan_out,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "lora_bias": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+    if adapter.extra:
+        config["modules_to_save"] = adapter.config.get("modules_to_save")
+        config["bias"] = adapter.config.get("bias", "none")
+    return config
+
+
+def _alpha(module: LoraModule) -> float | int:
+    """lora_alpha giving `module.scaling` under lora_alpha/r (an int when it is one)."""
+    alpha = module.scaling * module.rank
+    return int(alpha) if float(alpha).is_integer() else alpha
+
+
+def _finite(module: str, key: str, make: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """`make`, checked: an adapter merge's output never holds NaN or ±inf (its inputs are finite: it overflowed)."""
+
+    def checked() -> torch.Tensor:
+        tensor = make()
+        if not all_finite(tensor):
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise InputError(
+                f"module {module}: {key} overflows {dtype} (ΔW' = s·B·A leaves its range, from the adapters' "
+                "scaling lora_alpha/r, λ or dtype=)",
+                options=("dtype",),
             )
-        if not is_float(a.dtype) or not is_float(b.dtype):
-            raise TypeError(f"lora_A and lora_B must be floating point, got {a.dtype} and {b.dtype}")
-        if not math.isfinite(self.scaling):
-            raise ValueError(f"scaling must be finite, got {self.scaling}")
+        return tensor
 
-    @property
-    def rank(self) -> int:
-        return self.lora_A.shape[0]
+    return checked
 
-    @property
-    def in_features(self) -> int:
-        return self.lora_A.shape[1]
 
-    @property
-    def out_features(self) -> int:
-        return self.lora_B.shape[0]
+def lora_output(adapter: "LoraAdapter", *, dtype: torch.dtype | None = None, device: Device = None) -> LazyOutput:
+    """The factored adapter as a PEFT adapter folder (see the module doc); `dtype`: of the written factors (None:
+    each module's storage dtype); `device`: unused (the factors are written as they are)."""
+    makers = []
+    for name, module in adapter.modules.items():
+        out = dtype or module.storage_dtype
+        for part, factor in (("A", module.lora_A), ("B", module.lora_B)):
+            key = peft_key(name, part)
+            make = _finite(name, key, lambda f=factor, o=out: f.to(o).contiguous())
+            makers.append((TensorEntry(key, out, tuple(factor.shape)), make))
+    ranks = {name: m.rank for name, m in adapter.modules.items()}
+    return adapter_folder(
+        makers, adapter, peft_config(adapter, ranks, {n: _alpha(m) for n, m in adapter.modules.items()})
+    )
 
-    @property
-    def storage_dtype(self) -> torch.dtype:
-        return self.dtype or self.lora_B.dtype
 
-    def delta(self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
-        """ΔW = scaling·B·A as an (out, in) tensor, in `dtype` on `device` (default: where the factors are).
-
-        Example:
-            >>> LoraModule(torch.ones(1, 3), torch.ones(2, 1), 0.5).delta().shape
-            torch.Size([2, 3])
-        """
-        return (self.lora_B.to(device, dtype) * self.scaling) @ self.lora_A.to(device, dtype)
-
-    def __repr__(self) -> str:
-        return (
-            f"LoraModule(out={self.out_features}, in={self.in_features}, rank={self.rank}, "
-            f"scaling={self.scaling:g}, dtype={describe_dtypes([self.lora_A, self.lora_B], self.dtype)})"
+def dense_lora_output(adapter: "LoraAdapter", *, dtype: torch.dtype | None = None, device: Device = None) -> LazyOutput:
+    """The dense-lora format: per module lora_A = I (in×in), lora_B = ΔW' (out×in) computed on `device` (default:
+    the CPU), made one module at a time; `dtype`: of the written tensors (None: each module's storage dtype)."""
+    makers = []
+    for name, module in adapter.modules.items():
+        out = dtype or module.storage_dtype
+        n_in = module.in_features
+        makers.append(
+            (TensorEntry(peft_key(name, "A"), out, (n_in, n_in)), lambda n=n_in, o=out: torch.eye(n, dtype=o))
         )
+        key = peft_key(name, "B")
+        make_b = _finite(name, key, lambda m=module, o=out: module_delta(m, dtype=o, device=device).cpu())
+        makers.append((TensorEntry(key, out, (module.out_features, n_in)), make_b))
+    return adapter_folder(makers, adapter, dense_lora_config(adapter))
 
 
-def module_delta(
-    module: LoraModule, *, dtype: torch.dtype | None = None, transposed: bool = False, device: Device = None
-) -> torch.Tensor:
-    """ΔW = scaling·B·A laid out like the base weight: (out, in), or (in, out) when `transposed` (Conv1D).
+def dense_lora_config(adapter: "LoraAdapter") -> dict:
+    """The adapter_config of the dense-lora format: r = lora_alpha = in_features per module (scaling 1)."""
+    ranks = {name: m.in_features for name, m in adapter.modules.items()}
+    return peft_config(adapter, ranks, dict(ranks))
 
-    Computed on `device` (default: where the factors are) in float32, or float64 for float64
-    factors, and rounded once to `dtype` (default: the module's storage dtype). The result
-    stays on `device`: the formats move it to the host, the full model adds it to θ₀ there.
 
-    Example:
-        >>> module_delta(LoraModule(torch.ones(1, 3), torch.ones(2, 1), 0.5), transposed=True).shape
-        torch.Size([3, 2])
+def delta_output(
+    adapter: "LoraAdapter",
+    *,
+    dtype: torch.dtype | None = None,
+    fan_in_fan_out: bool | None = None,
+    device: Device = None,
+) -> LazyOutput:
+    """ΔW' per module under the base model's weight name, shaped like that weight; non-LoRA tensors are not part of it.
+
+    nn.Linear stores (out, in); GPT-2's Conv1D (PEFT's fan_in_fan_out=True) stores (in, out), so there ΔW' is transposed
+    and θ₀ + ΔW' is a plain add. `dtype`: of ΔW' (None: each module's storage dtype); `fan_in_fan_out`: whether the base
+    weights are stored (in, out) (None: the adapter's flag); `device`: where B·A is computed.
     """
-    compute = compute_dtype(module.lora_A.dtype, module.lora_B.dtype)
-    delta = module.delta(compute, device).to(dtype or module.storage_dtype)
-    return delta.T.contiguous() if transposed else delta
+    transposed = adapter.fan_in_fan_out if fan_in_fan_out is None else fan_in_fan_out
+    makers = []
+    for name, module in adapter.modules.items():
+        shape = (module.in_features, module.out_features) if transposed else (module.out_features, module.in_features)
+        key = weight_key(name)
+        delta = lambda m=module: module_delta(m, dtype=dtype, transposed=transposed, device=device).cpu()  # noqa: E731
+        makers.append((TensorEntry(key, dtype or module.storage_dtype, shape), _finite(name, key, delta)))
+    return LazyOutput.lazy(makers)
+
+
+_DENSE_WHAT = "a PEFT LoRA adapter in the paper's dense layout (lora_B = ΔW', lora_A = I)"
+_DELTA_WHAT = "ΔW' per module, keyed and laid out like the base model's weights (add them to it)"
+
+
+def _factor_keys(module: str) -> tuple[str, ...]:
+    return peft_key(module, "A"), peft_key(module, "B")
 
 
 @dataclass(repr=False)
 class LoraAdapter(PeftAdapter):
     """A LoRA adapter as data: modules keyed by their name in the base model, plus metadata.
 
-    `extra` holds non-LoRA tensors (e.g. `modules_to_save`) under their stored keys;
-    `config` is the adapter_config the adapter came with (empty when there was none).
+    `extra` holds non-LoRA tensors (e.g. `modules_to_save`) under their stored keys; `config` is the adapter_config the
+    adapter came with (empty when there was none).
     """
 
-    peft_type = "LORA"
-    label = "LoRA"
-    tag = "lora"
-    unit = "module"
-    formats = ("lora", "dense-lora", "delta")
+    peft_type, label, tag, unit = "LORA", "LoRA", "lora", "module"
+    formats = (
+        OutputFormat("lora", lora_output, _factor_keys, "a PEFT LoRA adapter (rank r⁺ + r⁻ per module, exact)"),
+        OutputFormat("dense-lora", dense_lora_output, _factor_keys, _DENSE_WHAT),
+        OutputFormat("delta", delta_output, lambda module: (weight_key(module),), _DELTA_WHAT),
+    )
     merged_type: ClassVar[type | None] = None  # MergedAdapter, set below
+    scan_installer = "extsub_kernels.lambda_scan.installers.lora:LoraInstaller"
 
     modules: dict[str, LoraModule]
-    source: str = "<memory>"
-    base_model_name_or_path: str | None = None
     fan_in_fan_out: bool = False
-    task_type: str | None = None
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
-    config: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_peft(cls, weights: Path, tensors: Mapping[str, torch.Tensor], config: dict, where: str) -> "LoraAdapter":
+        """lora_A/lora_B pairs, their ranks checked against the config and their scaling taken from it."""
+        pairs, extra = _group(weights, tensors)
+        matcher = PatternMatcher(where)
+        modules = {}
+        for name, (lora_A, lora_B) in pairs.items():
+            _check_pair(weights, name, lora_A, lora_B)
+            if not selects(config, name, matcher):
+                raise AdapterError(
+                    f"{weights}: module {name} has LoRA weights, but {where} does not select it (target_modules "
+                    f"{config.get('target_modules')!r}, exclude_modules, modules_to_save, layers_to_transform): PEFT "
+                    "puts no LoRA layer there and ignores these weights, so a merge would differ from what PEFT does; "
+                    "fix target_modules or drop the weights"
+                )
+            ranks = config.get("rank_pattern") or {}
+            key = pattern_key(ranks, name, matcher, "rank_pattern key")
+            expected = ranks[key] if key is not None else config.get("r")
+            if expected is not None and lora_A.shape[0] != expected:
+                raise AdapterError(
+                    f"{weights}: module {name} has rank {lora_A.shape[0]} (lora_A {tuple(lora_A.shape)}) but "
+                    f"{where} gives it r = {expected}; the config does not describe these weights"
+                )
+            scale = module_scaling(config, name, lora_A.shape[0], matcher)
+            if not math.isfinite(scale):
+                raise AdapterError(f"{weights}: module {name}: the scaling lora_alpha/r from {where} is {scale}")
+            modules[name] = LoraModule(lora_A, lora_B, scale)
+        fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+        return cls(modules=modules, fan_in_fan_out=fan_in_fan_out, **peft_fields(weights, config, extra))
+
+    @classmethod
+    def check_config(cls, config: dict, where: str) -> None:
+        """The fields the merge uses and the ones PEFT's LoraConfig and LoRA layers check; variants refused."""
+        for field_name in ("r", "lora_alpha"):
+            if field_name not in config:
+                raise AdapterError(
+                    f"{where}: {field_name!r} is missing, so the LoRA scaling is unknown (PEFT would assume its "
+                    "default, 8); write the value the adapter was trained with"
+                )
+        if not _is_rank(config["r"]):
+            raise AdapterError(
+                f"{where}: r must be a positive integer (PEFT refuses anything else), got {config['r']!r}"
+            )
+        check_scaling(config, where)
+        indexes = config.get("layers_to_transform")
+        for name, valid, what in _FIELDS:
+            if config.get(name) is not None and not valid(config[name]):
+                raise AdapterError(f"{where}: {name} must be {what}, got {config[name]!r}")
+        if isinstance(config.get("target_modules"), str) and (indexes is not None or config.get("layers_pattern")):
+            raise AdapterError(
+                f"{where}: layers_to_transform and layers_pattern cannot be used with a target_modules regular "
+                "expression (PEFT refuses the config)"
+            )
+        if config.get("layers_pattern") and indexes is None:
+            raise AdapterError(f"{where}: layers_pattern needs layers_to_transform (PEFT refuses the config)")
+        bias = config.get("bias")
+        if bias is not None and bias not in ("none", "all", "lora_only"):
+            raise AdapterError(f"{where}: bias is {bias!r}; PEFT accepts none, all, lora_only (or null)")
+        for flag, why in _VARIANTS:
+            if config.get(flag) not in (None, False):  # PEFT builds a variant from any other value, {} included
+                raise AdapterError(f"{where}: {flag} is set; not supported: {why}")
 
     @classmethod
     def owns_key(cls, key: str) -> bool:
@@ -155,20 +352,20 @@ class LoraAdapter(PeftAdapter):
         return {n: ((m.out_features, m.in_features), DTYPE_CODES[m.storage_dtype]) for n, m in self.modules.items()}
 
     @staticmethod
-    def row_sums(expert: "LoraModule", anti: "LoraModule") -> torch.Tensor:
+    def row_sums(expert: LoraModule, anti: LoraModule) -> torch.Tensor:
         """|p|² from the triangular factor of A⁺ (as the merge's own row norms), p·m = s⁺s⁻·b⁺ᵢ(A⁺A⁻ᵀ)b⁻ᵢᵀ from an
         r⁺×r⁻ cross-Gram: O((d + k)·r²), float64, ΔW never formed."""
-        b_plus, a_plus = _scaled_factors(expert, torch.float64)
-        b_minus, a_minus = _scaled_factors(anti, torch.float64)
+        b_plus, a_plus = scaled_factors(expert, torch.float64)
+        b_minus, a_minus = scaled_factors(anti, torch.float64)
         pp = lora_row_norms(b_plus, a_plus) ** 2
         mm = lora_row_norms(b_minus, a_minus) ** 2
-        return torch.stack([pp, mm, _lora_row_products(b_plus, a_plus, b_minus, a_minus)], dim=1)
+        return torch.stack([pp, mm, lora_row_products(b_plus, a_plus, b_minus, a_minus)], dim=1)
 
     @staticmethod
-    def change_sq(expert: "LoraModule", merged: "LoraModule") -> float:
+    def change_sq(expert: LoraModule, merged: LoraModule) -> float:
         """‖ΔW' − ΔW⁺‖² from the factors of [ΔW', −ΔW⁺] stacked."""
-        b_plus, a_plus = _scaled_factors(expert, torch.float64)
-        b_out, a_out = _scaled_factors(merged, torch.float64)
+        b_plus, a_plus = scaled_factors(expert, torch.float64)
+        b_out, a_out = scaled_factors(merged, torch.float64)
         b, a = torch.cat([b_out, -b_plus], dim=1), torch.cat([a_out, a_plus], dim=0)
         return float((lora_row_norms(b, a) ** 2).sum())
 
@@ -177,12 +374,7 @@ class LoraAdapter(PeftAdapter):
         check_max_rank(max_rank)
 
     def check_antis(self, antis: Sequence[PeftAdapter]) -> None:
-        """Raise an InputError unless every anti-expert's modules adapt weights of the expert's shapes.
-
-        Example:
-            >>> m = LoraModule(torch.ones(1, 3), torch.ones(2, 1), 1.0)
-            >>> LoraAdapter({"q": m}).check_antis([LoraAdapter({"q": m})])
-        """
+        """Raise an InputError unless every anti-expert's modules adapt weights of the expert's shapes."""
         for anti in antis:
             for name, module in anti.modules.items():
                 ref = self.modules.get(name)
@@ -196,29 +388,22 @@ class LoraAdapter(PeftAdapter):
     def merge_units(self, step: MergeStep) -> dict:
         """The modules of the merge, exactly, in the factored space (docs/design.md §3).
 
-        Each row-pairing step takes its row sums from the result so far, so ranks add up. Computed
-        modules have their scaling folded into B (scaling 1) and factors in float32 (float64 if an
-        input is); modules only in the expert are kept as they are. Output dtype per module: the
-        expert's (the anti-expert's for modules only there). `max_rank` truncates every module to
-        that rank by an SVD of the factored result, its relative Frobenius error in the report.
-
-        Example:
-            >>> from extsub_kernels.adapters import merge_adapters
-            >>> m = LoraModule(torch.randn(2, 8), torch.randn(4, 2), 2.0)
-            >>> merge_adapters(LoraAdapter({"q": m}), LoraAdapter({"q": m}), 0.5).modules["q"].rank
-            4
+        Each row-pairing step takes its row sums from the result so far, so ranks add up. Computed modules have their
+        scaling folded into B (scaling 1) and factors in float32 (float64 if an input is); modules only in the expert
+        are kept as they are. Output dtype per module: the expert's (the anti-expert's for modules only there).
+        `max_rank` truncates every module to that rank by an SVD of the factored result, its relative Frobenius error in
+        the report.
         """
-        antis, lams, spec, report = step.antis, step.lams, step.spec, step.report
-        names = list(self.modules)
-        names += sorted({n for anti in antis for n in anti.modules if n not in self.modules})
+        report, max_rank = step.report, step.max_rank
+        antis = [anti.modules for anti in step.antis]
+        names = list(self.modules) + sorted({n for anti in antis for n in anti if n not in self.modules})
         modules: dict[str, LoraModule] = {}
         for name in names:
-            module = _merge_module(name, self, antis, lams, spec, report)
+            module = merge_module(name, self.modules, antis, step.lams, step.spec, report)
             if module is None:
                 continue
-            max_rank = step.max_rank
             if max_rank is not None and module.rank > max_rank:
-                b, a, error = truncate_factors(*_scaled_factors(module, torch.float64), max_rank)
+                b, a, error = truncate_factors(*scaled_factors(module, torch.float64), max_rank)
                 compute = compute_dtype(module.lora_B.dtype, module.lora_A.dtype)
                 module = LoraModule(a.to(compute), b.to(compute), 1.0, module.storage_dtype)
                 report.truncation_error[name] = error
@@ -226,6 +411,21 @@ class LoraAdapter(PeftAdapter):
                 report.truncation_error[name] = 0.0
             modules[name] = module
         return {"modules": modules}
+
+    def layout(self, inputs: Sequence[tuple[str, ResolvedInput]], explicit: bool | None) -> WeightLayout:
+        """Whether the modules sit on weights stored (in, out), by the one layout rule of every input: `explicit`
+        first, then this adapter's config (PEFT's fan_in_fan_out), then a model's config.json beside the inputs, then
+        the module names, with a warning (LoRA factors give (out, in), never how the base stores the weight)."""
+        if explicit is None and ("fan_in_fan_out" in self.config or self.fan_in_fan_out):
+            flag = self.fan_in_fan_out
+            rule = conv1d_transposed if flag else never_transposed
+            return WeightLayout(rule, flag, f"adapter_config.json of EXPERT: fan_in_fan_out {str(flag).lower()}")
+        return weight_layout(
+            [(role, input_config(inp)) for role, inp in inputs],
+            dict.fromkeys((weight_key(name) for name in self.modules), None),
+            explicit=explicit,
+            role=f"EXPERT ({self.source})",
+        )
 
     def base_edits(self) -> list[BaseEdit]:
         """Each module changes its weight: ΔW' (out, in) is added to it."""
@@ -248,152 +448,118 @@ class MergedAdapter(LoraAdapter):
 LoraAdapter.merged_type = MergedAdapter
 
 
-def lora_row_norms(lora_B: torch.Tensor, lora_A: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
-    """Row norms of scaling·B·A from the r×r Gram matrix A·Aᵀ, in float64; ΔW is never formed.
+def check_scaling(config: dict, where: str) -> None:
+    """r and ranks: positive integers (r may be None); alphas: finite numbers; patterns: valid regexes."""
 
-    |row_i|² = scaling²·b_i·(A·Aᵀ)·b_iᵀ = scaling²·|b_i·Rᵀ|² with A·Aᵀ = Rᵀ·R, R the triangular
-    factor of a QR of Aᵀ (in×r). Using R instead of the Gram matrix itself keeps the
-    accuracy of the dense norm, eps·|b_i|·|A| / |row_i| relative, where the quadratic form
-    would square that ratio when the row cancels (as results of earlier steps can).
+    def number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
-    Example:
-        >>> lora_row_norms(torch.tensor([[3.0], [0.0]]), torch.tensor([[0.0, 1.0]]))
-        tensor([3., 0.], dtype=torch.float64)
-    """
-    r_factor = torch.linalg.qr(lora_A.to(torch.float64).T, mode="r").R
-    return torch.linalg.vector_norm(lora_B.to(torch.float64) @ r_factor.T, dim=1) * abs(float(scaling))
-
-
-def _lora_row_products(
-    b_plus: torch.Tensor, a_plus: torch.Tensor, b_minus: torch.Tensor, a_minus: torch.Tensor
-) -> torch.Tensor:
-    """p·m per row of B⁺·A⁺ and B⁻·A⁻ (scalings folded into B) from the r⁺×r⁻ cross-Gram A⁺·A⁻ᵀ, in float64."""
-    b_plus, a_plus, b_minus, a_minus = (t.to(torch.float64) for t in (b_plus, a_plus, b_minus, a_minus))
-    return ((b_plus @ (a_plus @ a_minus.T)) * b_minus).sum(dim=1)
+    if config.get("r") is not None and not _is_rank(config["r"]):
+        raise AdapterError(f"{where}: r must be a positive integer, got {config['r']!r}")
+    if not number(config.get("lora_alpha")):
+        raise AdapterError(f"{where}: lora_alpha must be a finite number, got {config.get('lora_alpha')!r}")
+    matcher = PatternMatcher(where)
+    for name, valid, what in (("rank_pattern", _is_rank, "positive integers"), ("alpha_pattern", number, "numbers")):
+        patterns = config.get(name) or {}
+        if not isinstance(patterns, dict):
+            raise AdapterError(f"{where}: {name} must map module patterns to {what}, got {patterns!r}")
+        for key, value in patterns.items():
+            if not valid(value):
+                raise AdapterError(f"{where}: {name}[{key!r}] must be one of {what}, got {value!r}")
+            matcher.compile(key, f"{name} key")
 
 
-def _scaled_factors(module: LoraModule, compute: torch.dtype, factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(factor·scaling·B, A) in `compute`: the module with its scaling folded into B."""
-    return module.lora_B.to(torch.float64).mul(factor * module.scaling).to(compute), module.lora_A.to(compute)
+def _is_rank(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def ext_sub_factors(
-    b_plus: torch.Tensor,
-    a_plus: torch.Tensor,
-    b_minus: torch.Tensor,
-    a_minus: torch.Tensor,
-    lam: float,
-    *,
-    method: str | MethodSpec = EXT_SUB,
-    sums: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """One step of a row-pairing method on factors with scaling folded into B: ΔW' = B'·A', rank r⁺ + r⁻.
-
-    Per row α and β from the method (Ext-Sub: α = 1 + (λ/2)|m|/|p| and β = −λ/2; α = 1, β = 0
-    where |p| = 0, as the dense op), with |p|, |m| (and p·m where the method reads it) from Gram
-    matrices (`lora_row_norms`, `_lora_row_products`).
-
-    Args:
-        b_plus, a_plus: the expert (or the result so far), B⁺ (out×r⁺) and A⁺ (r⁺×in).
-        b_minus, a_minus: the anti-expert, B⁻ (out×r⁻) and A⁻ (r⁻×in).
-        lam: λ.
-        method: the method (a row-pairing one).
-        sums: (|p|, |m|, p·m or None) per row when already known (they do not depend on λ: `LoraSweep`).
-
-    Returns:
-        (B', A', number of rows with |p| = 0), B' = [diag(α)·B⁺, diag(β)·B⁻], A' = [A⁺; A⁻],
-        in the dtype of `b_plus`.
-
-    Example:
-        >>> b, a = ext_sub_factors(torch.ones(2, 1), torch.ones(1, 3), torch.ones(2, 2), torch.ones(2, 3), 1.0)[:2]
-        >>> tuple(b.shape), tuple(a.shape)
-        ((2, 3), (3, 3))
-    """
-    spec = method_spec(method)
-    p_norm, m_norm, products = sums or _row_sums(spec, b_plus, a_plus, b_minus, a_minus)
-    alpha, beta = spec.row_coefficients(p_norm, m_norm, products, float(lam))
-    dtype = b_plus.dtype
-    b_out = torch.cat([b_plus * alpha.to(dtype), b_minus.to(dtype) * beta.to(dtype)], dim=1)
-    a_out = torch.cat([a_plus, a_minus.to(a_plus.dtype)], dim=0)
-    return b_out, a_out, int((p_norm == 0).sum())
+def _is_index(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _row_sums(
-    spec: MethodSpec, b_plus: torch.Tensor, a_plus: torch.Tensor, b_minus: torch.Tensor, a_minus: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(|p|, |m|, p·m or None where the method does not read it) per row, from the factors."""
-    products = _lora_row_products(b_plus, a_plus, b_minus, a_minus) if spec.needs_products else None
-    return lora_row_norms(b_plus, a_plus), lora_row_norms(b_minus, a_minus), products
+def _is_names(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
-def truncate_factors(
-    lora_B: torch.Tensor, lora_A: torch.Tensor, max_rank: int
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Best rank-`max_rank` approximation of B·A by an SVD in the factored space.
-
-    QR of B (out×R) and of Aᵀ (in×R), then an SVD of the R×R core R_B·R_Aᵀ: the out×in
-    product is never formed. The singular values are split evenly (√σ into each factor).
-
-    Args:
-        lora_B: (out, R). lora_A: (R, in). max_rank: the largest rank kept (≥ 1).
-
-    Returns:
-        (B'', A'', relative Frobenius error |B·A − B''·A''| / |B·A|, 0 for a zero product).
-        Factors with R ≤ max_rank come back unchanged with error 0.
-
-    Example:
-        >>> b, a, err = truncate_factors(torch.randn(8, 4).double(), torch.randn(4, 6).double(), 2)
-        >>> b.shape[1], 0 < err < 1
-        (2, True)
-    """
-    check_max_rank(max_rank)
-    if lora_A.shape[0] <= max_rank:
-        return lora_B, lora_A, 0.0
-    q_b, r_b = torch.linalg.qr(lora_B)
-    q_a, r_a = torch.linalg.qr(lora_A.T)
-    u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
-    keep = min(max_rank, s.numel())
-    total = float(torch.linalg.vector_norm(s, dtype=torch.float64))
-    tail = float(torch.linalg.vector_norm(s[keep:], dtype=torch.float64))
-    root = s[:keep].sqrt()
-    b_out = (q_b @ u[:, :keep]) * root
-    a_out = root.unsqueeze(1) * (vh[:keep] @ q_a.T)
-    return b_out, a_out, (tail / total if total > 0 else 0.0)
+# The types PEFT's LoraConfig takes for the fields the merge reads: (field, check, what it must be).
+_FIELDS = (
+    *(
+        (name, lambda v: isinstance(v, bool), "true or false")
+        for name in ("use_rslora", "fan_in_fan_out", "inference_mode")
+    ),
+    *(
+        (name, lambda v: isinstance(v, str) or _is_names(v), "a list of module names or one regular expression")
+        for name in ("target_modules", "exclude_modules")
+    ),
+    ("modules_to_save", _is_names, "a list of module names"),
+    ("layers_pattern", lambda v: isinstance(v, str) or _is_names(v), "a name or list of names"),
+    (
+        "layers_to_transform",
+        lambda v: _is_index(v) or (isinstance(v, list) and all(map(_is_index, v))),
+        "a layer index or a list of them",
+    ),
+)
 
 
-def check_max_rank(max_rank: object) -> None:
-    """Raise an InputError unless `max_rank` is a positive integer (a rank to truncate to)."""
-    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
-        raise InputError(f"max_rank must be a positive integer, got {max_rank!r}")
+def _group(
+    weights: Path, tensors: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Split keys into (module → (lora_A, lora_B)) and the non-LoRA rest; refuse what is not s·B·A."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    adapter_names: set[str | None] = set()
+    extra: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        parsed = parse_peft_key(key)
+        if parsed is None:
+            for marker, what in _UNSUPPORTED.items():
+                if ".lora_" in key and marker in key:
+                    raise AdapterError(f"{weights}: {key} is {what}; not supported")
+            if ".lora_" in key:
+                raise AdapterError(f"{weights}: {key} looks like a LoRA tensor but is not lora_A/lora_B .weight")
+            extra[key] = tensor
+            continue
+        module, part, adapter_name = parsed
+        adapter_names.add(adapter_name)
+        if part in parts.setdefault(module, {}):
+            raise AdapterError(f"{weights}: module {module} has more than one lora_{part} (key {key})")
+        parts[module][part] = tensor
+    one_adapter(weights, adapter_names)
+    if not parts:
+        raise AdapterError(f"{weights}: no LoRA tensors (keys ending in lora_A.weight / lora_B.weight)")
+    pairs = {}
+    for module, found in parts.items():
+        for part, other in (("A", "B"), ("B", "A")):
+            if part not in found:
+                raise AdapterError(f"{weights}: module {module} has lora_{other} but no lora_{part}")
+        pairs[module] = (found["A"], found["B"])
+    return pairs, extra
 
 
-@dataclass(frozen=True)
-class _FirstStep:
-    """What a module's first row-pairing step needs and λ does not change: both sides' scaled factors and row sums."""
-
-    b_plus: torch.Tensor
-    a_plus: torch.Tensor
-    b_minus: torch.Tensor
-    a_minus: torch.Tensor
-    sums: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+def _check_pair(weights: Path, name: str, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+    if lora_A.dim() != 2 or lora_B.dim() != 2:
+        raise AdapterError(
+            f"{weights}: module {name} has lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)}; "
+            "only 2-D factors (Linear and Conv1D layers) are supported"
+        )
+    if lora_B.shape[1] != lora_A.shape[0]:
+        raise AdapterError(
+            f"{weights}: module {name}: lora_B {tuple(lora_B.shape)} and lora_A {tuple(lora_A.shape)} do not "
+            "chain; lora_A must be (r, in_features) and lora_B (out_features, r)"
+        )
+    if lora_A.shape[0] == 0:
+        raise AdapterError(
+            f"{weights}: module {name} has rank 0 (lora_A {tuple(lora_A.shape)}): its scaling lora_alpha/r is "
+            "undefined and PEFT refuses r = 0; drop the module's weights"
+        )
 
 
 class LoraSweep:
     """`merge_adapters` at many λ of one method, bitwise the same, what λ does not change done once (docs/design.md §8).
 
-    A module's first step of a row-pairing method (ext-sub), from the expert's module, needs the
-    scaled factors of both sides and their row sums (QR factorisations); only the coefficients α
-    and β depend on λ. Those are prepared here once per module; every λ then costs the
-    coefficients and the products, O(out·r) per module. Later steps (several anti-experts) start
-    from a result that depends on λ, and elementwise methods (sub, add) need no sums: those run as
-    `merge_adapters` runs them.
-
-    Args:
-        expert, antis, method, any_base_model: as for `merge_adapters` (checked here, once).
-
-    Example:
-        >>> sweep = LoraSweep(expert, [anti])  # doctest: +SKIP
-        >>> [sweep.modules(lam) for lam in (0.5, 1.0, 2.0)]  # doctest: +SKIP
+    A module's first row-pairing step needs both sides' scaled factors and row sums (QR factorisations), which λ does
+    not change: they are prepared once; each λ then costs the coefficients and products, O(out·r) per module. Later
+    steps and elementwise methods run as `merge_adapters` runs them. `expert`, `antis`, `method`, `any_base_model`: as
+    for `merge_adapters` (checked here, once).
     """
 
     def __init__(
@@ -409,15 +575,15 @@ class LoraSweep:
         self.method, self.spec = method, method_spec(method)
         # Validates (types, base models, shapes) and fixes the result's modules, which λ does not change.
         self.template = merge_adapters(expert, self.antis, 1.0, method, any_base_model=any_base_model)  # checks too
-        self._first: dict[str, _FirstStep] = {}
+        self._first: dict[str, FirstStep] = {}
         for name in self.template.modules if self.spec.pairs_rows else ():
             start = expert.modules.get(name)
             holders = [a.modules[name] for a in self.antis if name in a.modules]
             if start is None or not holders:
                 continue
             compute = compute_dtype(*(t.dtype for m in (start, *holders) for t in (m.lora_A, m.lora_B)))
-            (b, a), (b_minus, a_minus) = _scaled_factors(start, compute), _scaled_factors(holders[0], compute)
-            self._first[name] = _FirstStep(b, a, b_minus, a_minus, _row_sums(self.spec, b, a, b_minus, a_minus))
+            (b, a), (b_minus, a_minus) = scaled_factors(start, compute), scaled_factors(holders[0], compute)
+            self._first[name] = FirstStep(b, a, b_minus, a_minus, factor_row_sums(self.spec, b, a, b_minus, a_minus))
 
     def to(self, device: torch.device | str) -> "LoraSweep":
         """This sweep with every tensor on `device`, so each λ is merged there (a GPU: no host work per λ)."""
@@ -425,7 +591,7 @@ class LoraSweep:
         moved.expert = _adapter_to(self.expert, device)
         moved.antis = [_adapter_to(a, device) for a in self.antis]
         moved._first = {
-            name: _FirstStep(
+            name: FirstStep(
                 *(t.to(device) for t in (f.b_plus, f.a_plus, f.b_minus, f.a_minus)),
                 tuple(n.to(device) if n is not None else None for n in f.sums),
             )
@@ -438,9 +604,10 @@ class LoraSweep:
         lams = lam_list(lam, len(self.antis))
         scratch = self.expert.new_report(self.method, lams)  # what merge_adapters reports; not kept
         merged = {}
+        antis = [a.modules for a in self.antis]
         for name in self.template.modules:
-            args = (name, self.expert, self.antis, lams, self.spec, scratch)
-            merged[name] = _merge_module(*args, first=self._first.get(name))
+            args = (name, self.expert.modules, antis, lams, self.spec, scratch)
+            merged[name] = merge_module(*args, first=self._first.get(name))
         return merged
 
 
@@ -450,57 +617,3 @@ def _adapter_to(adapter: LoraAdapter, device: torch.device | str) -> LoraAdapter
         for name, m in adapter.modules.items()
     }
     return dataclasses.replace(adapter, modules=modules)
-
-
-def _merge_module(
-    name: str,
-    expert: LoraAdapter,
-    antis: list[LoraAdapter],
-    lams: tuple[float, ...],
-    spec: MethodSpec,
-    report: AdapterReport,
-    *,
-    first: _FirstStep | None = None,
-) -> LoraModule | None:
-    """The module `name` of the result (None when it vanishes), with the report updated.
-
-    `first`: the first row-pairing step's λ-independent part, prepared by `LoraSweep`.
-    """
-    start = expert.modules.get(name)
-    steps = [(anti.modules[name], lam) for anti, lam in zip(antis, lams, strict=False) if name in anti.modules]
-    if start is None and spec.pairs_rows:
-        report.dropped.append(name)
-        return None
-    if not steps:
-        report.copied.append(name)
-        return start
-    tensors = [t for m in ([start] if start else []) + [m for m, _ in steps] for t in (m.lora_A, m.lora_B)]
-    compute = compute_dtype(*(t.dtype for t in tensors))
-    out_dtype = (start or steps[0][0]).storage_dtype
-    if start is None:
-        first, lam = steps.pop(0)
-        b, a = _scaled_factors(first, compute, spec.weight_sign * lam)
-        report.added.append(name)
-    else:
-        b, a = (first.b_plus, first.a_plus) if first is not None else _scaled_factors(start, compute)
-        report.merged.append(name)
-    zero_rows = 0
-    for i, (anti_module, lam) in enumerate(steps):
-        if spec.pairs_rows:
-            if i == 0 and first is not None:
-                b, a, zeros = ext_sub_factors(b, a, first.b_minus, first.a_minus, lam, method=spec, sums=first.sums)
-            else:
-                b_minus, a_minus = _scaled_factors(anti_module, compute)
-                b, a, zeros = ext_sub_factors(b, a, b_minus, a_minus, lam, method=spec)
-            zero_rows = max(zero_rows, zeros)
-        else:
-            b_minus, a_minus = _scaled_factors(anti_module, compute, spec.weight_sign * lam)
-            b, a = torch.cat([b, b_minus], dim=1), torch.cat([a, a_minus], dim=0)
-    if zero_rows:
-        report.zero_rows[name] = zero_rows
-    if not all_finite(b) or not all_finite(a):
-        raise InputError(
-            f"module {name}: the merged factors overflow {str(compute).removeprefix('torch.')} (B scaled by "
-            "lora_alpha/r, by α and by λ leaves its range); the adapters' scaling or λ is out of range"
-        )
-    return LoraModule(a, b, 1.0, out_dtype)

@@ -1,11 +1,10 @@
 """Which modules an adapter config's patterns select, by PEFT's rules, in bounded time.
 
-PEFT matches module names against regular expressions from the config: `rank_pattern` and
-`alpha_pattern` keys, a `target_modules` or `exclude_modules` string, `layers_pattern`,
-`modules_to_save`. It uses Python's `re`, which can take exponential time on a pattern such as
-`([a-z_.0-9]+)+!`. The same expressions are matched here with the `regex` engine (the same
-syntax and results as `re`, sturdier against backtracking, and with a timeout), within a time
-budget per config: a config whose patterns take longer than that is refused, never waited on.
+PEFT matches module names against regular expressions from the config: `rank_pattern` and `alpha_pattern` keys, a
+`target_modules` or `exclude_modules` string, `layers_pattern`, `modules_to_save`. It uses Python's `re`, which can take
+exponential time on a pattern such as `([a-z_.0-9]+)+!`. The same expressions are matched here with the `regex` engine
+(the same syntax and results as `re`, sturdier against backtracking, and with a timeout), within a time budget per
+config: a config whose patterns take longer than that is refused, never waited on.
 """
 
 import time
@@ -80,12 +79,8 @@ def pattern_key(
 ) -> str | None:
     """The rank_pattern/alpha_pattern key that applies to `module`, by PEFT's rule; None if none does.
 
-    PEFT takes the first key (in the config's order) that matches the end of the module
-    name at a dot boundary as a regular expression: re.match(rf"(.*\\.)?({key})$", module).
-
-    Example:
-        >>> pattern_key({"q_proj": 8}, "model.layers.0.self_attn.q_proj")
-        'q_proj'
+    PEFT takes the first key (in the config's order) that matches the end of the module name at a dot boundary as a
+    regular expression: re.match(rf"(.*\\.)?({key})$", module).
     """
     matcher = matcher or PatternMatcher("adapter config")
     for key in patterns:
@@ -98,11 +93,10 @@ def pattern_key(
 def selects(config: Mapping, module: str, matcher: PatternMatcher) -> bool:
     """Whether PEFT puts a LoRA layer on `module` for this config (peft.tuners.tuners_utils.check_target_module_exists).
 
-    `exclude_modules` and `modules_to_save` exclude a module; `target_modules` selects it (a
-    string: a regular expression the whole name must match; a list: the name or its last dotted
-    segments); `layers_to_transform` (with `layers_pattern`) keeps only those layer indexes. A
-    config without `target_modules` leaves the choice to PEFT's defaults for the model type,
-    which are not known here: every module is taken as selected. So is `"all-linear"`.
+    `exclude_modules` and `modules_to_save` exclude a module; `target_modules` selects it (a string: a regular
+    expression the whole name must match; a list: the name or its last dotted segments); `layers_to_transform` (with
+    `layers_pattern`) keeps only those layer indexes. A config without `target_modules` leaves the choice to PEFT's
+    defaults for the model type, which are not known here: every module is taken as selected. So is `"all-linear"`.
     """
     exclude = config.get("exclude_modules")
     if isinstance(exclude, str):

@@ -1,33 +1,26 @@
 """Prefix-tuning adapters: Ext-Sub on the virtual tokens' keys and values, a row per head (docs/design.md §6).
 
-PEFT saves one tensor, `prompt_embeddings`, of shape (num_virtual_tokens, num_layers·2·token_dim):
-for every virtual token, the key and the value it adds to each layer's attention. With
-`prefix_projection` PEFT saves the projected output, not the MLP, so the tensor is the same
-either way. There is no base to subtract (a prefix starts from nothing), so Ext-Sub applies
-to θ itself, with rows = the per-head key/value vectors: the tensor viewed as
-(num_virtual_tokens, num_layers·2, num_attention_heads, token_dim / num_attention_heads), the
-last dimension a row. `token_dim` and `num_attention_heads` come from the saved config; on
-grouped-query models PEFT writes the key/value head count and width there.
+PEFT saves one tensor, `prompt_embeddings`, of shape (num_virtual_tokens, num_layers·2·token_dim): for every virtual
+token, the key and the value it adds to each layer's attention. With `prefix_projection` PEFT saves the projected
+output, not the MLP, so the tensor is the same either way. There is no base to subtract (a prefix starts from nothing),
+so Ext-Sub applies to θ itself, with rows = the per-head key/value vectors: the tensor viewed as (num_virtual_tokens,
+num_layers·2, num_attention_heads, token_dim / num_attention_heads), the last dimension a row. `token_dim` and
+`num_attention_heads` come from the saved config; on grouped-query models PEFT writes the key/value head count and width
+there.
 
 A prefix adds tokens to the attention; it changes no weight, so it cannot fold into a base model.
 """
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+import extsub_kernels.adapters.family as family
 from extsub_kernels._tensors import is_float
-from extsub_kernels.adapters.family import (
-    MergeStep,
-    PeftAdapter,
-    config_text,
-    describe_dtypes,
-    peft_fields,
-)
+from extsub_kernels.adapters.family import MergeStep, OutputFormat, PeftAdapter
 from extsub_kernels.adapters.report import AdapterReport
-from extsub_kernels.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from extsub_kernels.engine.methods import apply_method
 from extsub_kernels.engine.writing import LazyOutput
 from extsub_kernels.errors import AdapterError, InputError
@@ -36,6 +29,20 @@ from extsub_kernels.io.format import DTYPE_CODES
 
 PROMPT_KEY = "prompt_embeddings"
 GEOMETRY = ("num_virtual_tokens", "num_layers", "token_dim", "num_attention_heads")
+
+
+def prefix_output(
+    adapter: "PrefixAdapter", *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> LazyOutput:
+    """The prefix as a PEFT adapter folder: `prompt_embeddings` (in `dtype`, default the adapter's or its own), its
+    other tensors as they are, and the expert's config (its geometry). `device` is unused.
+    """
+    prompt = adapter.prompt_embeddings
+    out = dtype or adapter.dtype or prompt.dtype
+    makers = [(TensorEntry(PROMPT_KEY, out, tuple(prompt.shape)), lambda: prompt.to(out).contiguous())]
+    config = {**adapter.config, "peft_type": "PREFIX_TUNING", **adapter.geometry, "inference_mode": True}
+    config.update(task_type=adapter.task_type, base_model_name_or_path=adapter.base_model_name_or_path)
+    return family.adapter_folder(makers, adapter, config)
 
 
 @dataclass(repr=False)
@@ -49,17 +56,17 @@ class PrefixAdapter(PeftAdapter):
         report: what the merge did (merged adapters only).
     """
 
-    peft_type = "PREFIX_TUNING"
-    label = "prefix-tuning"
-    tag = "prefix-tuning"
-    unit = "prompt embedding"
-    delta = "θ⁻"
-    formats = ("prefix-tuning",)
+    peft_type, label, tag = "PREFIX_TUNING", "prefix-tuning", "prefix-tuning"
+    unit, delta = "prompt embedding", "θ⁻"
+    formats = (
+        OutputFormat("prefix-tuning", prefix_output, lambda _unit: (PROMPT_KEY,), "a PEFT prefix-tuning adapter"),
+    )
+    scan_installer = "extsub_kernels.lambda_scan.installers.prefix:PrefixInstaller"
     no_rank = "a prefix has"
     config_needed = "the prefix geometry (num_layers, token_dim, num_attention_heads)"
     base_refusal = (
         "a prefix adds virtual key/value tokens to every attention layer; it changes no weight, so it cannot be "
-        "folded into the base model. Drop --base and load OUT with PeftModel.from_pretrained(base_model, OUT)"
+        "folded into the base model. Drop base= and load OUT with PeftModel.from_pretrained(base_model, OUT)"
     )
 
     prompt_embeddings: torch.Tensor
@@ -67,11 +74,6 @@ class PrefixAdapter(PeftAdapter):
     num_layers: int
     token_dim: int
     num_attention_heads: int
-    source: str = "<memory>"
-    base_model_name_or_path: str | None = None
-    task_type: str | None = None
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
-    config: dict = field(default_factory=dict)
     dtype: torch.dtype | None = None
     report: AdapterReport | None = None
 
@@ -96,12 +98,7 @@ class PrefixAdapter(PeftAdapter):
         return self.num_virtual_tokens, self.num_layers * 2 * self.token_dim
 
     def rows(self, tensor: torch.Tensor | None = None) -> torch.Tensor:
-        """`tensor` (default: the prompt embeddings) as rows: one per token, layer, key or value, and head.
-
-        Example:
-            >>> PrefixAdapter(torch.zeros(2, 24), 2, 1, 12, 3).rows().shape
-            torch.Size([12, 4])
-        """
+        """`tensor` (default: the prompt embeddings) as rows: one per token, layer, key or value, and head."""
         return (self.prompt_embeddings if tensor is None else tensor).reshape(-1, self.head_dim)
 
     def _tensor_problem(self) -> str | None:
@@ -117,12 +114,8 @@ class PrefixAdapter(PeftAdapter):
 
     @classmethod
     def from_peft(cls, weights: Path, tensors: Mapping[str, torch.Tensor], config: dict, where: str) -> "PrefixAdapter":
-        """Read the tensors of a prefix-tuning adapter file with its adapter_config, validated.
-
-        Raises:
-            AdapterError: the geometry missing from the config or not positive integers,
-                token_dim not a multiple of num_attention_heads, no `prompt_embeddings`, or
-                a tensor whose shape the geometry contradicts.
+        """`prompt_embeddings` in the geometry the config gives (num_virtual_tokens, num_layers, token_dim,
+        num_attention_heads: positive integers, the heads dividing token_dim); AdapterError for anything else.
         """
         geometry = {name: config.get(name) for name in GEOMETRY}
         problem = _geometry_problem(geometry)
@@ -145,7 +138,7 @@ class PrefixAdapter(PeftAdapter):
         return cls(
             prompt,
             **geometry,
-            **peft_fields(weights, config, extra),
+            **family.peft_fields(weights, config, extra),
         )
 
     @classmethod
@@ -158,7 +151,7 @@ class PrefixAdapter(PeftAdapter):
         return (
             f"{PROMPT_KEY} {list(self.prompt_embeddings.shape)}{saved} = {self.num_virtual_tokens} virtual tokens × "
             f"{self.num_layers} layers × 2 (key, value) × {self.num_attention_heads} heads × {self.head_dim}, "
-            f"{describe_dtypes([self.prompt_embeddings], self.dtype)}"
+            f"{family.describe_dtypes([self.prompt_embeddings], self.dtype)}"
         )
 
     def stat_units(self) -> Mapping[str, object]:
@@ -194,14 +187,8 @@ class PrefixAdapter(PeftAdapter):
                     )
 
     def merge_units(self, step: MergeStep) -> dict:
-        """The method on θ itself, one row per token, layer, key/value and head, computed and held in float64
-        (`dtype`: the expert's, for writing).
-
-        Example:
-            >>> from extsub_kernels.adapters import merge_adapters
-            >>> p = PrefixAdapter(torch.randn(2, 24), 2, 1, 12, 3)
-            >>> merge_adapters(p, p, 1.0).prompt_embeddings.shape
-            torch.Size([2, 24])
+        """The method on θ itself, one row per token, layer, key/value and head, computed and held in float64 (`dtype`:
+        the expert's, for writing).
         """
         antis, lams, spec, report = step.antis, step.lams, step.spec, step.report
         report.merged.append(PROMPT_KEY)
@@ -228,25 +215,6 @@ def _geometry_problem(geometry: Mapping[str, object]) -> str | None:
             f"{geometry['num_attention_heads']}: the prefix cannot be split into heads"
         )
     return None
-
-
-def prefix_output(
-    adapter: PrefixAdapter, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
-) -> LazyOutput:
-    """The prefix as a PEFT adapter folder: `prompt_embeddings` and the expert's config (its geometry).
-
-    Args:
-        adapter: a loaded or merged adapter; its other tensors are included as they are.
-        dtype: the dtype of the written prefix; None: the adapter's `dtype`, else the tensor's own.
-        device: unused (nothing to compute); every output format takes it.
-    """
-    prompt = adapter.prompt_embeddings
-    out = dtype or adapter.dtype or prompt.dtype
-    makers = [(TensorEntry(PROMPT_KEY, out, tuple(prompt.shape)), lambda: prompt.to(out).contiguous())]
-    makers += [(TensorEntry(key, t.dtype, tuple(t.shape)), lambda t=t: t) for key, t in adapter.extra.items()]
-    config = {**adapter.config, "peft_type": "PREFIX_TUNING", **adapter.geometry, "inference_mode": True}
-    config.update(task_type=adapter.task_type, base_model_name_or_path=adapter.base_model_name_or_path)
-    return LazyOutput.lazy(makers, texts={ADAPTER_CONFIG: config_text(config)}, weights_name=ADAPTER_WEIGHTS)
 
 
 def _geometry_text(geometry: Mapping[str, object]) -> str:

@@ -12,11 +12,10 @@ from extsub_kernels.engine.report import Item
 class AdapterReport:
     """What a merge did, unit by unit, for the summary a user reads; every PEM type counts the same way.
 
-    A unit is what the type merges as a whole: a LoRA module, an (IA)³ vector, a prefix's
-    prompt embedding (`pem` and `unit` name them in the summary, `row` names one Ext-Sub row).
-    Non-adapter tensors (PEFT's modules_to_save, trained biases) are full weights: they are
-    copied from the expert (`extra_copied`), merged as task vectors against a base model
-    (`extra_merged`, with --base), or left out of a delta output (`extra_left_out`).
+    A unit is what the type merges as a whole: a LoRA module, an (IA)³ vector, a prefix's prompt embedding (`pem` and
+    `unit` name them in the summary, `row` names one Ext-Sub row). Non-adapter tensors (PEFT's modules_to_save, trained
+    biases) are full weights: they are copied from the expert (`extra_copied`), merged as task vectors against a base
+    model (`extra_merged`, with --base), or left out of a delta output (`extra_left_out`).
     """
 
     method: str
@@ -48,13 +47,8 @@ class AdapterReport:
 def summarize_modules(reports: Sequence[AdapterReport]) -> str:
     """The module part of a summary line, over the reports of one run (one per λ setting).
 
-    Which modules are merged, copied or left out does not depend on λ, so those counts come
-    from the first report; the truncation error is the max and mean over every module of
-    every report.
-
-    Example:
-        >>> summarize_modules([AdapterReport("sub", (1.0,), merged=["q"], copied=["v"])])
-        '2 LoRA modules: 1 merged; 1 copied from the expert'
+    Which modules are merged, copied or left out does not depend on λ, so those counts come from the first report; the
+    truncation error is the max and mean over every module of every report.
     """
     first = reports[0]
     total = len(first.merged) + len(first.copied) + len(first.dropped) + len(first.added)
@@ -85,12 +79,7 @@ def summarize_modules(reports: Sequence[AdapterReport]) -> str:
 
 
 def truncation_summary(reports: Sequence[AdapterReport]) -> str | None:
-    """The --max-rank truncation error, max and mean over every module of every report; None without --max-rank.
-
-    Example:
-        >>> truncation_summary([AdapterReport("ext-sub", (1.0,), truncation_error={"q": 0.5, "v": 0.0})])
-        'relative truncation error (Frobenius) max 0.5 (q), mean 0.25'
-    """
+    """The --max-rank truncation error, max and mean over every module of every report; None without --max-rank."""
     errors = [(error, name) for r in reports for name, error in r.truncation_error.items()]
     if not errors:
         return None
@@ -127,8 +116,8 @@ class AdapterSection:
 def adapter_items(
     report: AdapterReport, shapes: Mapping[str, tuple[tuple[int, ...], str]], roles: Sequence[str]
 ) -> list[Item]:
-    """What a merge did with each unit (module, vector, ...) and non-adapter tensor, for --dry-run, --verbose and
-    the report.
+    """What a merge did with each unit (module, vector, ...) and non-adapter tensor, for --dry-run, --verbose and the
+    report.
 
     Args:
         report: the first λ setting's report (which modules merge does not depend on λ).

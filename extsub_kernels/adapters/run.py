@@ -1,12 +1,8 @@
 """The adapter engine: PEFT adapters of any supported type in, outputs out (the adapter half of `merge`).
 
-Every adapter is loaded and validated before anything is written (PEFT folders, hub
-snapshots, bare .safetensors files with their config or scaling), and all must be of one PEM
-type. The merge runs in the type's own parameter space once per λ setting (LoRA: factored,
-O((out + in)·r²) per module, docs/design.md §3; (IA)³ and prefix-tuning: their small tensors in
-float64, §6). Each output is a `LazyOutput` of one of the type's formats (`formats.OUTPUT_FORMATS`)
-streamed through the engine's one write loop one tensor at a time, so no output is ever held
-in memory; with a base model it is the full merged model (`full_model`).
+Every adapter is loaded and validated before anything is written, all of one PEM type; the merge runs in the type's own
+space once per λ setting (docs/design.md §3, §6); each output is a `LazyOutput` of one of the type's formats (or the
+full merged model with a base) streamed through the engine's one write loop one tensor at a time.
 """
 
 import dataclasses
@@ -15,18 +11,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from extsub_kernels.adapters.family import PeftAdapter, check_same_type, merge_adapters, weight_key
-from extsub_kernels.adapters.formats import OUTPUT_FORMATS
-from extsub_kernels.adapters.full_model import full_model_outputs, match_targets
-from extsub_kernels.adapters.lora import LoraAdapter, check_max_rank
-from extsub_kernels.adapters.peft import FORMATS, LoraScaling, load_adapter
+from extsub_kernels.adapters.factors import check_max_rank
+from extsub_kernels.adapters.family import PeftAdapter, check_same_type, merge_adapters
+from extsub_kernels.adapters.full_model import full_model_outputs
+from extsub_kernels.adapters.lora import LoraAdapter, LoraScaling
+from extsub_kernels.adapters.peft import load_adapter, output_formats
 from extsub_kernels.adapters.report import AdapterReport, AdapterSection, adapter_items, truncation_summary
 from extsub_kernels.adapters.stats import adapter_stats
-from extsub_kernels.constants import ADAPTER_CONFIG, MODEL_CONFIG
+from extsub_kernels.constants import ADAPTER_CONFIG
 from extsub_kernels.engine.context import RunContext
-from extsub_kernels.engine.conv1d import WeightLayout, conv1d_transposed, input_config, never_transposed, weight_layout
 from extsub_kernels.engine.dryrun import dry_run_report
 from extsub_kernels.engine.notes import OutputKind, card_base_model, output_texts, run_metadata
 from extsub_kernels.engine.options import DEFAULT_MAX_SHARD_SIZE, RunOptions, check_choice, parse_size
@@ -75,18 +68,20 @@ class AdapterOptions:
                 full model); a max_rank that is not a positive int, or with another format than lora.
         """
         if self.output_format is not None:
-            check_choice(self.output_format, FORMATS, "output format")
+            check_choice(self.output_format, tuple(output_formats()), "output format")
         if base and self.output_format is not None:
             raise InputError(
-                f"--base writes the full merged model θ₀ + ΔW'; --format {self.output_format} is for adapter outputs, "
-                "drop one of them"
+                f"base= writes the full merged model θ₀ + ΔW'; format={self.output_format} is for adapter outputs, "
+                "drop one of them",
+                options=("base", "format"),
             )
         if self.max_rank is not None:
             check_max_rank(self.max_rank)
             if base or (self.output_format or "lora") != "lora":
-                other = "--base" if base else f"--format {self.output_format}"
+                other = "base=" if base else f"format={self.output_format}"
                 raise InputError(
-                    f"--max-rank truncates the factored adapter, so it applies to --format lora, not to {other}"
+                    f"max_rank= truncates the factored adapter, so it applies to format=lora, not to {other}",
+                    options=("max_rank", "format", "base"),
                 )
         return self.output_format or "lora"
 
@@ -94,36 +89,44 @@ class AdapterOptions:
         """The output format for adapters of `adapter_type` (default: its first), checked against what it writes.
 
         Raises:
-            InputError: the checks of `checked_format`; a format of another type; --max-rank
-                with a type that has no rank; --base with a type that cannot fold into weights.
+            InputError: the checks of `checked_format`; a format of another type; max_rank
+                with a type that has no rank; base with a type that cannot fold into weights.
         """
         default = self.checked_format(base=base)
         if base and adapter_type.base_refusal is not None:
-            raise InputError(f"--base with {adapter_type.label} adapters: {adapter_type.base_refusal}")
+            raise InputError(
+                f"base= with {adapter_type.label} adapters: {adapter_type.base_refusal}", options=("base",)
+            )
+        names = [f.name for f in adapter_type.formats]
         if self.output_format is None:
-            default = adapter_type.formats[0]
-        if default not in adapter_type.formats:
-            formats = ", ".join([f"{adapter_type.formats[0]} (the default)", *adapter_type.formats[1:]])
-            what = f"{adapter_type.label} adapters"
-            raise InputError(f"--format {default} does not apply to {what}; their formats: {formats}")
+            default = names[0]
+        if default not in names:
+            formats = ", ".join([f"{names[0]} (the default)", *names[1:]])
+            raise InputError(
+                f"format={default} does not apply to {adapter_type.label} adapters; their formats: {formats}",
+                options=("format",),
+            )
         if self.max_rank is not None and default != "lora":
-            raise InputError(f"--max-rank truncates LoRA factors; {adapter_type.label} adapters have no rank")
+            raise InputError(
+                f"max_rank= truncates LoRA factors; {adapter_type.label} adapters have no rank", options=("max_rank",)
+            )
         return default
 
 
 def shard_limit(out: Path, output_format: str, options: RunOptions, *, base: bool) -> int | None:
     """Largest shard of an adapter merge's output in bytes, None for one weights file.
 
-    Full models (`base`) and `delta` folders shard like the dense engine's outputs, past
-    --max-shard-size or its default. Adapter folders are one adapter_model.safetensors by
-    default, the only file PEFT reads: `lora` never shards, `dense-lora` only when asked to.
+    Full models (`base`) and `delta` folders shard like the dense engine's outputs, past max_shard_size or its default.
+    Adapter folders are one adapter_model.safetensors by default, the only file PEFT reads: `lora` never shards,
+    `dense-lora` only when asked to.
     """
     if not is_folder_output(out):
         if not base and output_format != "delta":
-            hint = ", or --format delta for one .safetensors file" if output_format in LoraAdapter.formats else ""
+            lora = output_format in (f.name for f in LoraAdapter.formats)
             raise InputError(
                 f"OUT {out}: the {output_format} format writes a PEFT adapter folder (adapter_model.safetensors and "
-                f"{ADAPTER_CONFIG}); give a folder OUT{hint}"
+                f"{ADAPTER_CONFIG}); give a folder OUT{', or format=delta for one .safetensors file' if lora else ''}",
+                options=("format",),
             )
         return None
     if base or output_format == "delta":
@@ -132,8 +135,9 @@ def shard_limit(out: Path, output_format: str, options: RunOptions, *, base: boo
         return None
     if output_format != "dense-lora":
         raise InputError(
-            f"--format {output_format} writes a small adapter, which PEFT reads from one adapter_model.safetensors; "
-            "--max-shard-size applies to dense-lora, delta and --base outputs"
+            f"format={output_format} writes a small adapter, which PEFT reads from one adapter_model.safetensors; "
+            "max_shard_size= applies to dense-lora, delta and base= outputs",
+            options=("format", "max_shard_size", "base"),
         )
     warnings.warn(
         "--max-shard-size shards the dense-lora adapter (adapter_model-0000i-of-0000n.safetensors and an index); "
@@ -144,15 +148,9 @@ def shard_limit(out: Path, output_format: str, options: RunOptions, *, base: boo
 
 
 def load_inputs(inputs: Inputs, scaling: LoraScaling | None = None) -> list[PeftAdapter]:
-    """Load and validate resolved adapter inputs, in order; each adapter's `source` is its spec.
-
-    An adapter with an adapter_config.json (in its folder, or beside a bare file) takes its
-    type and scaling from it. LoRA weights without one take the explicit `scaling`; without
-    it, loading fails with a message that says so. An explicit scaling that no input needs is
-    refused rather than silently ignored: a config is never overridden.
-
-    Raises:
-        AdapterError: a bad adapter (see `load_adapter`), or scaling that is missing or unused.
+    """Load and validate resolved adapter inputs, in order; each adapter's `source` is its spec. An adapter with an
+    adapter_config.json takes its type and scaling from it; LoRA weights without one take `scaling`, and a `scaling` no
+    input needs is refused (a config is never overridden). AdapterError: a bad adapter, a scaling missing or unused.
     """
     adapters, used = [], False
     for role, inp in inputs:
@@ -170,8 +168,9 @@ def load_inputs(inputs: Inputs, scaling: LoraScaling | None = None) -> list[Peft
         adapters.append(dataclasses.replace(adapter, source=inp.spec))
     if scaling is not None and not used:
         raise AdapterError(
-            f"--lora-alpha/--rank/--rslora give the scaling of LoRA weights that have no {ADAPTER_CONFIG}, but every "
-            "adapter here has one (a config's scaling is never overridden); drop them"
+            f"lora_alpha= (scaling=LoraScaling(...) in Python) gives the scaling of LoRA weights that have no "
+            f"{ADAPTER_CONFIG}, but every adapter here has one (a config's scaling is never overridden); drop them",
+            options=("lora_alpha",),
         )
     return adapters
 
@@ -180,21 +179,14 @@ def _merge_setting(
     adapters: Sequence[PeftAdapter],
     lams: Sequence[float],
     method: str,
+    adapter_options: AdapterOptions,
     *,
     output_format: str,
-    base: bool,
-    max_rank: int | None = None,
-    any_base_model: bool = False,
+    base: object,
 ) -> PeftAdapter:
-    """`merge_adapters` for one λ setting, with the non-adapter tensors handled as the output needs.
-
-    They are full weights (PEFT's modules_to_save, trained biases). Adapter folders get the
-    expert's copied (merge_adapters warns). A `delta` output leaves them out, with a warning:
-    they are not deltas. With a base model they are merged against θ₀ by the full model, so
-    here they are only listed.
-    """
+    """`merge_adapters` for one λ setting, with the non-adapter tensors handled as the output needs."""
     expert, antis = adapters[0], adapters[1:]
-    options = dict(max_rank=max_rank, any_base_model=any_base_model)
+    options = dict(max_rank=adapter_options.max_rank, any_base_model=adapter_options.any_base_model)
     if not base and output_format != "delta":
         return merge_adapters(expert, antis, lams, method, **options)
     stripped = [dataclasses.replace(a, extra={}) for a in adapters]
@@ -212,35 +204,6 @@ def _merge_setting(
     return merged
 
 
-def _adapter_output(
-    merged: PeftAdapter, output_format: str, *, dtype: torch.dtype | None = None, device: torch.device | None = None
-) -> LazyOutput:
-    """The lazy output of one adapter merge in `output_format` (one of the adapter type's `formats`)."""
-    return OUTPUT_FORMATS[output_format].make(merged, dtype=dtype, device=device)
-
-
-def lora_layout(adapters: Sequence[PeftAdapter], inputs: Inputs, explicit: bool | None) -> WeightLayout | None:
-    """Whether LoRA modules sit on weights stored (in, out) (GPT-2's Conv1D), by the one layout rule of every input.
-
-    `--transposed/--no-transposed` first; then the expert's adapter_config.json (PEFT's fan_in_fan_out);
-    then a model's config.json beside the inputs; then the module names, with a warning (LoRA factors
-    give (out, in), never how the base stores the weight). None for types without LoRA modules.
-    """
-    expert = adapters[0]
-    if not isinstance(expert, LoraAdapter):
-        return None
-    if explicit is None and ("fan_in_fan_out" in expert.config or expert.fan_in_fan_out):
-        flag = expert.fan_in_fan_out
-        rule = conv1d_transposed if flag else never_transposed
-        return WeightLayout(rule, flag, f"adapter_config.json of EXPERT: fan_in_fan_out {str(flag).lower()}")
-    return weight_layout(
-        [(role, input_config(inp)) for role, inp in inputs],
-        dict.fromkeys((weight_key(name) for name in expert.modules), None),
-        explicit=explicit,
-        role=f"EXPERT ({expert.source})",
-    )
-
-
 def run_adapters(
     inputs: Inputs,
     options: RunOptions,
@@ -252,12 +215,13 @@ def run_adapters(
     context: RunContext | None = None,
     check_inputs: Callable[[], None] | None = None,
 ) -> MergeReport:
-    """Merge resolved adapter inputs (and a base model) and write one output per λ setting.
+    """Merge resolved adapter inputs (and a base model) and write one output per λ setting: load → merge → outputs →
+    write.
 
-    The adapters are read once; each λ setting is a merge in their own space; every output streams
-    through `write_outputs` in one pass (with a base model, each base tensor is read once for
-    all outputs). The caller has checked the outputs' paths. `options.mode` "dry-run" stops
-    once the outputs are planned; "inspect" returns the statistics and writes nothing.
+    The adapters are read once; each λ setting is a merge in their own space; every output streams through
+    `write_outputs` in one pass (with a base model, each base tensor is read once for all outputs). The caller has
+    checked the outputs' paths. `options.mode` "dry-run" stops once the outputs are planned; "inspect" returns the
+    statistics and writes nothing.
 
     Args:
         inputs: (role, input) pairs: EXPERT, the ANTIs in order, and BASE if given.
@@ -275,15 +239,7 @@ def run_adapters(
     limit = shard_limit(paths[0], output_format, options, base=base is not None) if paths else None
     bytes_read = sum(f.stat().st_size for _, inp in adapter_inputs for f in inp.files)
     merged = [
-        _merge_setting(
-            adapters,
-            lams,
-            options.method,
-            output_format=output_format,
-            base=base is not None,
-            max_rank=adapter_options.max_rank,
-            any_base_model=adapter_options.any_base_model,
-        )
+        _merge_setting(adapters, lams, options.method, adapter_options, output_format=output_format, base=base)
         for lams in options.settings
     ]
     facts = _facts(adapters, merged, [role for role, _ in adapter_inputs], options, context)
@@ -295,24 +251,19 @@ def run_adapters(
     transfer = Transfer(options.device)
     transfer.reset_peak()
     metadata = run_metadata(inputs, options, None if base else output_format, context)
-    writing = dict(max_shard_size=limit, force=options.force, progress=options.progress, check_inputs=check_inputs)
     reader = CheckpointReader(base.files, label="BASE") if base is not None else None
     try:
         if reader is None:
-            layout = lora_layout(adapters, adapter_inputs, options.transposed)
-            if layout is not None:
-                facts["layout"] = layout.reason
-                merged = [dataclasses.replace(m, fan_in_fan_out=layout.conv1d) for m in merged]
-            dtype, device = options.out_dtype, options.device
-            outputs = [_adapter_output(m, output_format, dtype=dtype, device=device) for m in merged]
-            kind = _adapter_kind(output_format, adapters[0])
+            outputs, kind, computed = _adapter_outputs(adapters, merged, adapter_inputs, output_format, options, facts)
             if adapter_options.max_rank is not None:
                 kind = _truncated_kind(kind, adapter_options.max_rank, [m.report for m in merged])
-            computed = _computed_names(merged[0], output_format) & {e.name for e in outputs[0].entries}
         else:
-            outputs, kind, computed = _full_model(adapters, merged, base, reader, options, paths, facts)
+            outputs, kind, computed, facts["layout"] = full_model_outputs(
+                adapters, merged, base, reader, options, is_folder_output(paths[0])
+            )
             bytes_read += sum(reader.info(k).nbytes for k in reader)
-        outputs = _with_notes(outputs, paths, options, context, kind, facts["stats"])
+        notes = output_texts(paths, options, context, kind, facts["stats"])  # card, recipe, noted config.json
+        outputs = [dataclasses.replace(o, texts={**o.texts, **n}) for o, n in zip(outputs, notes, strict=True)]
         tensors = len(outputs[0].entries)
         facts.update(tensors=tensors, merged=len(computed), copied=tensors - len(computed))
         if options.mode == "dry-run":
@@ -328,7 +279,15 @@ def run_adapters(
                 facts,
                 first.weights_name,
             )
-        written, bytes_written = write_outputs(outputs, paths, metadata, **writing)
+        written, bytes_written = write_outputs(
+            outputs,
+            paths,
+            metadata,
+            max_shard_size=limit,
+            force=options.force,
+            progress=options.progress,
+            check_inputs=check_inputs,
+        )
     finally:
         if reader is not None:
             reader.close()
@@ -336,12 +295,38 @@ def run_adapters(
     return MergeReport.finished(written, **done, peak_gpu_bytes=transfer.peak_memory(), **facts)
 
 
+def _adapter_outputs(
+    adapters: Sequence[PeftAdapter],
+    merged: Sequence[PeftAdapter],
+    inputs: Inputs,
+    output_format: str,
+    options: RunOptions,
+    facts: dict,
+) -> tuple[list[LazyOutput], OutputKind, set[str]]:
+    """Without a base: each merge in `output_format`, what it is for the card, and the output tensors the merge
+    computed (the rest are the expert's, copied); the LoRA weight layout's reason goes into `facts`."""
+    layout = adapters[0].layout(inputs, options.transposed)
+    if layout is not None:
+        facts["layout"] = layout.reason
+        merged = [dataclasses.replace(m, fan_in_fan_out=layout.conv1d) for m in merged]
+    written = output_formats()[output_format]
+    outputs = [written.make(m, dtype=options.out_dtype, device=options.device) for m in merged]
+    base, why = card_base_model(adapters[0].base_model_name_or_path, "the adapters' base model")
+    delta = output_format == "delta"
+    tags = (adapters[0].tag,) if delta else ("peft", adapters[0].tag)
+    kind = OutputKind(written.what, None if delta else "peft", base, tags=tags, base_note=why)
+    units = [*merged[0].report.merged, *merged[0].report.added]
+    computed = {key for unit in units for key in written.keys(unit)} & {e.name for e in outputs[0].entries}
+    return outputs, kind, computed
+
+
 def _load(
     inputs: Inputs, adapter_options: AdapterOptions, loaded: Mapping[str, PeftAdapter], *, base: bool
 ) -> tuple[list[PeftAdapter], str]:
     """The adapters in order (one type, sharing a unit) and their output format, after the checks that need them."""
     adapter_options.checked_format(base=base)
-    adapters = _adapters(inputs, loaded, adapter_options.scaling)
+    fresh = iter(load_inputs([(role, inp) for role, inp in inputs if role not in loaded], adapter_options.scaling))
+    adapters = [loaded[role] if role in loaded else next(fresh) for role, _ in inputs]
     check_same_type(adapters[0], adapters[1:])
     _check_common_units(adapters, inputs)
     return adapters, adapter_options.format_for(type(adapters[0]), base=base)
@@ -370,62 +355,6 @@ def _facts(
     )
 
 
-def _full_model(
-    adapters: Sequence[PeftAdapter],
-    merged: Sequence[PeftAdapter],
-    base: ResolvedInput,
-    reader: CheckpointReader,
-    options: RunOptions,
-    paths: Sequence[Path],
-    facts: dict,
-) -> tuple[list[LazyOutput], OutputKind, set[str]]:
-    """With --base: the full merged model per setting (θ₀ + ΔW' where modules fold, the base elsewhere), what it
-    is for the card, and the tensors computed; the weight layout's reason goes into `facts`."""
-    layout = weight_layout(
-        [("BASE", input_config(base))],
-        {k: reader.info(k).shape for k in reader},
-        explicit=options.transposed,
-        role=f"BASE ({base.spec})",
-    )
-    facts["layout"] = layout.reason
-    targets = match_targets(
-        merged[0],
-        reader,
-        conv1d=layout.rule,
-        expert_extra=adapters[0].extra,
-        anti_extras=[a.extra for a in adapters[1:]],
-        sources=[a.source for a in adapters],
-    )
-    folder = is_folder_output(paths[0])
-    config = base.config_file(MODEL_CONFIG) if folder else None
-    skip = (ADAPTER_CONFIG, MODEL_CONFIG)
-    extra_files = [p for p in base.config_files if p.name not in skip] if folder else []
-    outputs = full_model_outputs(
-        merged,
-        options.settings,
-        reader,
-        targets,
-        method=options.method,
-        out_dtype=options.out_dtype,
-        device=options.device,
-        extra_files=extra_files,
-    )
-    base_id, why = card_base_model(base.spec, "BASE")
-    kind = OutputKind(
-        "the full merged model θ₀ + ΔW'", "transformers" if config else None, base_id, config, base_note=why
-    )
-    return outputs, kind, set(targets)
-
-
-def _adapter_kind(output_format: str, expert: PeftAdapter) -> OutputKind:
-    """What an adapter output is, for its model card: every format but delta is a folder PEFT loads."""
-    what, pem = OUTPUT_FORMATS[output_format].what, expert.tag
-    base, why = card_base_model(expert.base_model_name_or_path, "the adapters' base model")
-    library = None if output_format == "delta" else "peft"
-    tags = (pem,) if output_format == "delta" else ("peft", pem)
-    return OutputKind(what, library, base, tags=tags, base_note=why)
-
-
 def _truncated_kind(kind: OutputKind, max_rank: int, reports: Sequence[AdapterReport]) -> OutputKind:
     """A --max-rank output's card: its rank and measured truncation error, and why the table is the exact merge's."""
     notes = []
@@ -444,19 +373,6 @@ def _truncated_kind(kind: OutputKind, max_rank: int, reports: Sequence[AdapterRe
     return dataclasses.replace(kind, what=what, notes=tuple(notes))
 
 
-def _with_notes(
-    outputs: Sequence[LazyOutput],
-    paths: Sequence[Path],
-    options: RunOptions,
-    context: RunContext | None,
-    kind: OutputKind,
-    stats: Sequence,
-) -> list[LazyOutput]:
-    """The outputs with their model card, recipe and noted config.json among the texts written beside the weights."""
-    notes = output_texts(paths, options, context, kind, stats)
-    return [dataclasses.replace(o, texts={**o.texts, **n}) for o, n in zip(outputs, notes, strict=True)]
-
-
 def _check_common_units(adapters: Sequence[PeftAdapter], inputs: Inputs) -> None:
     """Raise an InputError when no anti-expert shares a module with the expert: nothing would be merged."""
     expert = adapters[0].stat_units()
@@ -471,15 +387,3 @@ def _check_common_units(adapters: Sequence[PeftAdapter], inputs: Inputs) -> None
         f"{next(iter(expert), 'nothing')}, {a_role} ({a_inp.spec}) has e.g. {others[0] if others else 'nothing'}; "
         "there is nothing to merge (are they adapters of the same model and target modules?)"
     )
-
-
-def _adapters(inputs: Inputs, loaded: Mapping[str, PeftAdapter], scaling: LoraScaling | None) -> list[PeftAdapter]:
-    """The adapters in order: those given in memory, the others loaded from their resolved inputs."""
-    fresh = iter(load_inputs([(role, inp) for role, inp in inputs if role not in loaded], scaling))
-    return [loaded[role] if role in loaded else next(fresh) for role, _ in inputs]
-
-
-def _computed_names(merged: PeftAdapter, output_format: str) -> set[str]:
-    """Output tensors of an adapter output that the merge computed (the rest are the expert's, copied)."""
-    units = [*merged.report.merged, *merged.report.added]
-    return {key for unit in units for key in OUTPUT_FORMATS[output_format].keys(unit)}

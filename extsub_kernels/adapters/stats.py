@@ -1,11 +1,7 @@
 """Row statistics of adapter merges from each PEM's own parameters (docs/design.md §7): ΔW is never formed.
 
-Each type says what it merges (`PeftAdapter.stat_units`: a LoRA module, an (IA)³ task vector
-d = l − 1 as one row, a prefix's per-head key/value rows), how a unit is reported
-(`stat_parts`: whole, or a prefix per layer and head), and how two units give |p|², |m|², p·m
-per row (`row_sums`) and ‖p' − p‖² (`change_sq`): LoRA from its factors, O((d + k)·r²) per
-module; the small dense units of (IA)³ and prefix-tuning as the op does, in float64. The
-engine's `PairAccumulator` turns the sums into the same statistics dense tensors get.
+Each type says what it merges (`stat_units`), how a unit is reported (`stat_parts`), and how two units give |p|², |m|²,
+p·m per row (`row_sums`) and ‖p' − p‖² (`change_sq`); the engine's `PairAccumulator` does the rest.
 """
 
 import math

@@ -1,14 +1,15 @@
 """Turn an input spec (a file, a folder of shards, a hub repo id) into the files to read.
 
-Only safetensors weights are read; pickle checkpoints are refused (loading one can run
-code), with the command that converts them. PEFT adapters are recognised and flagged so the
-adapter path can take them; their config files are exposed beside the weights.
+Only safetensors weights are read; pickle checkpoints are refused (loading one can run code), with the command that
+converts them. PEFT adapter folders are recognised (and weights whose keys the caller's `adapter_key` says are an
+adapter's), so the adapter path can take them; their config files are exposed beside the weights.
 """
 
 import dataclasses
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,19 +54,13 @@ class ResolvedInput:
     """An input, resolved to local files.
 
     Attributes:
-        spec: the spec as given (path or `org/name[@revision]`).
-        name: a short display name (file or folder name, or the repo id) for messages and metadata.
+        spec: the spec as given (path or `org/name[@revision]`); name: a short display name.
         kind: "file", "folder", "hub", or "memory" (an adapter given as a Python object: no files).
         root: the folder holding the files (a file's own folder for kind "file").
-        files: the safetensors weight files, in shard order.
-        config_files: config and tokenizer files beside the weights (folders and hub repos only).
-        adapter: True for a PEFT adapter (adapter_config.json + adapter_model.safetensors), or
-            weights whose keys are an adapter's (lora_A / lora_B, ia3_l, prompt_embeddings: a bare
-            .safetensors, or a folder of them).
-        commit: for a hub repo, the commit hash of the snapshot the files are read from (the
-            revision asked for, resolved); None for local inputs.
-        headers: the headers of `files` read while resolving, if they were (kept so that reading
-            the input parses them once, see `read_header`).
+        files: the safetensors weight files, in shard order; config_files: config and tokenizer files beside them.
+        adapter: a PEFT adapter folder (adapter_config.json), or weights whose keys are an adapter's.
+        commit: for a hub repo, the commit of the snapshot read (the revision resolved); None for local inputs.
+        headers: the headers of `files` read while resolving (so reading the input parses them once).
     """
 
     spec: str
@@ -89,17 +84,8 @@ class ResolvedInput:
 
 
 def read_json_object(path: Path, what: str = "JSON config", *, error: type[InputError] = InputError) -> dict:
-    """A JSON file holding one object (a config), parsed; `error` naming the file when it is not.
-
-    Args:
-        path: the file.
-        what: what the file is, for the message ("adapter config").
-        error: the InputError subclass to raise (callers with their own error type pass it).
-
-    Example:
-        >>> read_json_object(Path("adapter_config.json"), "adapter config")  # doctest: +SKIP
-        {'r': 8, 'lora_alpha': 16, ...}
-    """
+    """A JSON file holding one object (a config), parsed; `error` (an InputError type) naming the file and `what` it
+    is ("adapter config") when it is not."""
     text = read_bounded_text(path, what, MAX_JSON_BYTES, error=error)
     try:
         loaded = json.loads(text)
@@ -112,12 +98,13 @@ def read_json_object(path: Path, what: str = "JSON config", *, error: type[Input
     return loaded
 
 
-def _has_adapter_keys(names: object) -> bool:
-    """Whether tensor names look like a PEFT adapter's: LoRA (lora_A, lora_B), (IA)³ (….ia3_l), prefix-tuning."""
-    return any("lora_A" in k or "lora_B" in k or k.endswith(".ia3_l") or k == "prompt_embeddings" for k in names)
-
-
-def resolve_input(spec: str | os.PathLike, *, role: str = "input", quiet: bool = False) -> ResolvedInput:
+def resolve_input(
+    spec: str | os.PathLike,
+    *,
+    role: str = "input",
+    quiet: bool = False,
+    adapter_key: Callable[[str], bool] | None = None,
+) -> ResolvedInput:
     """Resolve `spec` to local safetensors files.
 
     Args:
@@ -126,6 +113,8 @@ def resolve_input(spec: str | os.PathLike, *, role: str = "input", quiet: bool =
             `huggingface_hub`, from the cache when `HF_HUB_OFFLINE=1`).
         role: what the input is (EXPERT, ANTI, BASE), for error messages.
         quiet: no download progress bars.
+        adapter_key: whether a tensor name is an adapter's parameter (the adapter family's rule,
+            `adapters.owns_adapter_key`): weights with such keys are an adapter even without their config.
 
     Raises:
         InputError: the spec is missing, a pickle file, has no safetensors weights, or is a
@@ -133,38 +122,36 @@ def resolve_input(spec: str | os.PathLike, *, role: str = "input", quiet: bool =
     """
     text = os.fspath(spec)
     path = Path(text).expanduser()
+    keys = adapter_key or (lambda _key: False)
     if path.is_file():
-        return _resolve_file(text, path, role)
+        return _resolve_file(text, path, role, keys)
     if path.is_dir():
-        return _resolve_folder(text, path, role, kind="folder", name=path.resolve().name)
+        return _resolve_folder(text, path, role, keys, kind="folder", name=path.resolve().name)
     repo, at, revision = text.partition("@")
     if _HUB_REPO.fullmatch(repo) and not text.endswith(".safetensors"):
-        return _resolve_hub(text, repo, revision if at else None, role, quiet)
+        return _resolve_hub(text, repo, revision if at else None, role, quiet, keys)
     raise InputError(f"{role} {text!r}: no such file or folder")
 
 
 def hub_repo_id(name: str | None) -> str | None:
-    """The hub repo id `name` is by `resolve_input`'s rule (org/name[@revision], not a local path), or None.
-
-    Example:
-        >>> hub_repo_id("org/model@v1"), hub_repo_id("/models/base")
-        ('org/model', None)
-    """
+    """The hub repo id `name` is by `resolve_input`'s rule (org/name[@revision], not a local path), or None."""
     if not isinstance(name, str) or not name or Path(name).expanduser().exists():
         return None
     repo = name.partition("@")[0]
     return repo if _HUB_REPO.fullmatch(repo) and not name.endswith(".safetensors") else None
 
 
-def _resolve_file(spec: str, path: Path, role: str) -> ResolvedInput:
+def _resolve_file(spec: str, path: Path, role: str, adapter_key: Callable[[str], bool]) -> ResolvedInput:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise InputError(f"{role} {path}: " + _CONVERT_HINT.format(path=path, stem=path.with_suffix("")))
     header = read_header(path)
-    adapter = _has_adapter_keys(header.tensors)
+    adapter = any(map(adapter_key, header.tensors))
     return ResolvedInput(spec, path.name, "file", path.resolve().parent, (path,), adapter=adapter, headers=(header,))
 
 
-def _resolve_folder(spec: str, folder: Path, role: str, *, kind: str, name: str) -> ResolvedInput:
+def _resolve_folder(
+    spec: str, folder: Path, role: str, adapter_key: Callable[[str], bool], *, kind: str, name: str
+) -> ResolvedInput:
     entries = sorted(p for p in folder.iterdir() if p.is_file())
     configs = tuple(
         p for p in entries if any(p.match(pat) for pat in CONFIG_PATTERNS) and not p.name.endswith(INDEX_SUFFIX)
@@ -184,7 +171,7 @@ def _resolve_folder(spec: str, folder: Path, role: str, *, kind: str, name: str)
     headers = tuple(read_header(p) for p in shards)
     # An adapter's weights without their adapter_config.json are still an adapter (the adapter path
     # then asks for its config or scaling), never a dense checkpoint whose lora_A/lora_B rows get merged.
-    adapter = any(_has_adapter_keys(h.tensors) for h in headers)
+    adapter = any(adapter_key(k) for h in headers for k in h.tensors)
     return ResolvedInput(spec, name, kind, folder, shards, configs, adapter=adapter, headers=headers)
 
 
@@ -256,7 +243,9 @@ def _check_revision(revision: str) -> None:
         )
 
 
-def _resolve_hub(spec: str, repo: str, revision: str | None, role: str, quiet: bool) -> ResolvedInput:
+def _resolve_hub(
+    spec: str, repo: str, revision: str | None, role: str, quiet: bool, adapter_key: Callable[[str], bool]
+) -> ResolvedInput:
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import (
         are_progress_bars_disabled,
@@ -303,16 +292,12 @@ def _resolve_hub(spec: str, repo: str, revision: str | None, role: str, quiet: b
             enable_progress_bars()
     snapshot = Path(folder)
     commit = _snapshot_commit(spec, role, repo, revision, snapshot, cache)
-    return dataclasses.replace(_resolve_folder(spec, snapshot, role, kind="hub", name=spec), commit=commit)
+    resolved = _resolve_folder(spec, snapshot, role, adapter_key, kind="hub", name=spec)
+    return dataclasses.replace(resolved, commit=commit)
 
 
 def _snapshot_commit(spec: str, role: str, repo: str, revision: str | None, snapshot: Path, cache: str) -> str:
-    """The commit of `snapshot`, after checking it is that repo's snapshot folder in the cache.
-
-    huggingface_hub finds a branch's commit in a file of its cache (refs/<branch>) and joins
-    what it reads into a path: a damaged cache could point anywhere. A commit asked for must
-    be the one served, never another.
-    """
+    """The commit of `snapshot`, after checking it is that repo's snapshot folder in the cache."""
     from huggingface_hub.file_download import repo_folder_name
 
     snapshots = Path(cache).expanduser().resolve() / repo_folder_name(repo_id=repo, repo_type="model") / "snapshots"

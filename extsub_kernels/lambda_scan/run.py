@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from extsub_kernels._version import __version__
-from extsub_kernels.adapters.peft import FORMATS
+from extsub_kernels.adapters.peft import FORMATS, owns_adapter_key
 from extsub_kernels.engine.options import (
     FULL_MODEL_FORMAT,
     EvalDtypeName,
@@ -376,10 +376,8 @@ def _resolve(
     expert: PathLike, antis: Sequence[PathLike], base: PathLike, *, quiet: bool
 ) -> list[tuple[str, ResolvedInput]]:
     roles = input_roles(len(antis))
-    inputs = [
-        (role, resolve_input(spec, role=role, quiet=quiet)) for role, spec in zip(roles, [expert, *antis], strict=True)
-    ]
-    return [*inputs, ("BASE", resolve_input(base, role="BASE", quiet=quiet))]
+    specs = [*zip(roles, [expert, *antis], strict=True), ("BASE", base)]
+    return [(role, resolve_input(spec, role=role, quiet=quiet, adapter_key=owns_adapter_key)) for role, spec in specs]
 
 
 def _check_save(
@@ -416,7 +414,7 @@ def _check_save_format(fmt: str | None, installer: Installer) -> None:
     elif kind.base_refusal is not None:
         raise InputError(
             f"--format {fmt}: {kind.label} adapters change no weight of MODEL, so there is no full model to save; "
-            f"save the adapter itself (--format {kind.formats[0]}, the default)"
+            f"save the adapter itself (--format {kind.formats[0].name}, the default)"
         )
 
 

@@ -1,16 +1,17 @@
 """Installers: the merge at each (method, λ) put into the loaded model in place, one per kind of input.
 
-`make_installer` picks the one for the inputs: each PEM type of the adapter family has its own
-(`LoraInstaller`, `IA3Installer`, `PrefixInstaller`, all `AdapterInstaller`s), full models with
-a base have `FullModelInstaller`. A new PEM type plugs in by adding its adapter class and
-installer to `ADAPTER_INSTALLERS`.
+`make_installer` picks the one for the inputs: each PEM type of the adapter family names its own in `scan_installer`
+(`LoraInstaller`, `IA3Installer`, `PrefixInstaller`, all `AdapterInstaller`s: this package sits above the adapters, so
+the class names it and `installer_for` imports it); full models with a base have `FullModelInstaller`.
 """
 
+import importlib
 from collections.abc import Sequence
 
 import torch
 
-from extsub_kernels.adapters import IA3Adapter, LoraAdapter, PrefixAdapter
+from extsub_kernels.adapters import PeftAdapter
+from extsub_kernels.adapters.peft import MEMBERS
 from extsub_kernels.adapters.run import load_inputs
 from extsub_kernels.errors import InputError
 from extsub_kernels.io import ResolvedInput
@@ -20,30 +21,30 @@ from extsub_kernels.lambda_scan.installers.ia3 import IA3Installer
 from extsub_kernels.lambda_scan.installers.lora import LoraInstaller
 from extsub_kernels.lambda_scan.installers.prefix import PrefixInstaller
 
-# Adapter class (as `load_adapter` returns it) → the installer of that PEM type.
-ADAPTER_INSTALLERS: dict[type, type[AdapterInstaller]] = {
-    LoraAdapter: LoraInstaller,
-    IA3Adapter: IA3Installer,
-    PrefixAdapter: PrefixInstaller,
-}
+
+def installer_for(adapter_type: type[PeftAdapter]) -> type[AdapterInstaller] | None:
+    """The installer a PEM type names in `scan_installer` ("module:Class"), imported; None if it names none."""
+    if adapter_type.scan_installer is None:
+        return None
+    module, _, name = adapter_type.scan_installer.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+# Adapter class (as `load_adapter` returns it) → the installer of that PEM type, from the classes themselves.
+ADAPTER_INSTALLERS: dict[type, type[AdapterInstaller] | None] = {member: installer_for(member) for member in MEMBERS}
 
 
 def make_installer(
     inputs: Sequence[tuple[str, ResolvedInput]], *, adapters: bool, methods: Sequence[str], device: torch.device
 ) -> Installer:
-    """The installer for `inputs` (EXPERT, the ANTIs, BASE last), before the base model is loaded.
-
-    Adapters are loaded and validated here (and merged once per method, which checks that they
-    fit together); full models are planned from their headers. `attach` the loaded model next.
-
-    Raises:
-        InputError: adapters that do not fit each other or the base model, a PEM type the scan
-            cannot install, full models that do not match the base.
+    """The installer for `inputs` (EXPERT, the ANTIs, BASE last), before the base model is loaded: adapters are loaded,
+    validated and merged once per method; full models are planned from their headers. InputError: inputs that do not fit
+    together or the base model, or a PEM type the scan cannot install.
     """
     if not adapters:
         return FullModelInstaller(inputs, device)
     loaded = load_inputs([(role, inp) for role, inp in inputs[:-1]])
-    installer = ADAPTER_INSTALLERS.get(type(loaded[0]))
+    installer = installer_for(type(loaded[0]))
     if installer is None:
         raise InputError(f"{loaded[0].source}: the scan cannot install {type(loaded[0]).__name__} adapters yet")
     return installer(loaded, methods)
@@ -57,5 +58,6 @@ __all__ = [
     "Installer",
     "LoraInstaller",
     "PrefixInstaller",
+    "installer_for",
     "make_installer",
 ]

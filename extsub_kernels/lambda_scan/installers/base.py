@@ -1,11 +1,8 @@
 """What every installer is: the merge at one (method, λ) put into a loaded model, in place (docs/design.md §8).
 
-An installer is made from the inputs alone, so everything that can be wrong with them shows
-before the base model loads (adapters are loaded and merged once per method; full models are
-planned from their headers). `attach` then wraps the loaded model as the inputs need (PEFT
-layers for an adapter type, nothing for full models) and checks that they fit it; for each
-point `install` overwrites exactly the parameters the merge changes. Each PEM type plugs in
-with `AdapterInstaller`, which calls that type's own family merge.
+An installer is made from the inputs alone, so what is wrong with them shows before the base model loads; `attach` wraps
+the loaded model as the inputs need and checks they fit it; `install` overwrites exactly the parameters the merge
+changes. Each PEM type plugs in with `AdapterInstaller`, which calls that type's own family merge.
 """
 
 import warnings
@@ -69,15 +66,9 @@ def too_large(what: str, method: str, lam: float, dtype: torch.dtype, detail: st
 
 
 class AdapterInstaller(Installer):
-    """The part every PEM type shares: the adapters, their family merge, PEFT wrapping with a clear error.
-
-    A member sets `kind`, implements `attach` (build its PEFT config, call `wrap`, find its
-    parameters) and `install` (copy the merged tensors into them).
-
-    Args:
-        adapters: the expert, then the anti-experts in order (one PEM type, checked by the merge).
-        methods: the methods the scan will install; each is merged once here, at λ = 1, so
-            adapters that do not fit together are refused before the base model loads.
+    """The part every PEM type shares: the adapters (the expert, then the anti-experts), their family merge, PEFT
+    wrapping with a clear error. A member sets `kind` and implements `attach` and `install`. Each of `methods` is merged
+    once here, at λ = 1, so adapters that do not fit together are refused before the base model loads.
     """
 
     def __init__(self, adapters: Sequence[PeftAdapter], methods: Sequence[str]):

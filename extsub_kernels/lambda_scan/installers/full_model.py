@@ -1,13 +1,12 @@
 """Full fine-tuned models in a scan: θ₀ + ΔW' computed by the op on the device and written into the loaded base.
 
-The loaded model is BASE (θ₀). Which tensors merge is the dense engine's plan (`plan_tensors`):
-float tensors the expert shares with an anti-expert and the base. For each point every such
-tensor of the expert, the anti-experts and θ₀ is read (pread, so repeated reads come from the
-page cache) and merged on the model's device by the engine's own method step straight into the
-model's tensor (`apply_method_into`, as `extsub-merge --base` streams it, rounding once into the
-model's dtype), in one `Workspace` kept for the scan: cache-sized chunks on the CPU, the largest
-tensor on CUDA (what each merge of a tensor would allocate anyway). Tensors only the expert has
-are copied in once. Memory beyond the model: the workspace and one tensor of each input at a time.
+The loaded model is BASE (θ₀). Which tensors merge is the dense engine's plan (`plan_tensors`): float tensors the expert
+shares with an anti-expert and the base. For each point every such tensor of the expert, the anti-experts and θ₀ is read
+(pread, so repeated reads come from the page cache) and merged on the model's device by the engine's own method step
+straight into the model's tensor (`apply_method_into`, as `extsub-merge --base` streams it, rounding once into the
+model's dtype), in one `Workspace` kept for the scan: cache-sized chunks on the CPU, the largest tensor on CUDA (what
+each merge of a tensor would allocate anyway). Tensors only the expert has are copied in once. Memory beyond the model:
+the workspace and one tensor of each input at a time.
 """
 
 from collections.abc import Sequence
@@ -102,11 +101,7 @@ class FullModelInstaller(Installer):
 
 
 def _model_tensor(tensors: dict[str, torch.Tensor], key: str, *, merged: bool) -> torch.Tensor | None:
-    """The model's tensor for checkpoint key `key`: same name, or the one name equal up to a leading prefix.
-
-    None for a tensor the model does not hold when it is only copied (a saved buffer);
-    an InputError for a merged one.
-    """
+    """The model's tensor for checkpoint key `key`: same name, or the one name equal up to a leading prefix."""
     if key in tensors:
         return tensors[key]
     found = [k for k in tensors if k.endswith("." + key) or key.endswith("." + k)]
