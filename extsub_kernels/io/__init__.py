@@ -7,7 +7,6 @@ from extsub_kernels.io.writer import (
     CheckpointWriter,
     SafetensorsFileWriter,
     TensorEntry,
-    all_or_nothing,
     build_header,
     check_free_space,
 )
@@ -20,7 +19,6 @@ __all__ = [
     "SafetensorsFileWriter",
     "TensorEntry",
     "TensorInfo",
-    "all_or_nothing",
     "build_header",
     "check_free_space",
     "check_outputs",
