@@ -78,11 +78,8 @@ def _make_folders(folder: Path) -> list[Path]:
 
 
 def _remove_empty_folders(created: Sequence[Path]) -> None:
-    """Remove folders created for an output, innermost first, while they are empty.
-
-    One still holding another temporary of this process is handed to it with its parents, to
-    be removed with it; one holding anything else stays.
-    """
+    """Remove folders created for an output, innermost first, while empty; one holding another temporary of this
+    process is handed to it with its parents, one holding anything else stays."""
     for i in reversed(range(len(created))):
         try:
             created[i].rmdir()
@@ -122,10 +119,10 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write a small text file and fsync it."""
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+def write_text(path: Path, text: str | bytes) -> None:
+    """Write a small file (text as UTF-8) and fsync it."""
+    with open(path, "wb") as f:
+        f.write(text.encode("utf-8") if isinstance(text, str) else text)
         f.flush()
         os.fsync(f.fileno())
 
@@ -160,10 +157,7 @@ def replace_file(target: Path, data: bytes) -> None:
     """
     temp = reserve_temp(target, folder=False)
     try:
-        with open(temp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_text(temp, data)
         os.replace(temp, target)
     finally:
         remove(temp)
@@ -199,16 +193,14 @@ def publish_all(moves: Sequence[tuple[Path, Path]], *, force: bool) -> tuple[Pat
         OSError: a move failed; every move made before it was undone.
     """
     _signals.raise_unanswered()  # a Ctrl-C swallowed on its way (`_signals`) stops the run before anything moves
-    run = _run if threading.current_thread() is threading.main_thread() else None
-    if run is not None:
-        run.holding = True  # from the first move to the end of the run, signals wait
-        published = _publish(moves, force)
-        run.published.extend(published)
-        return published
-    with _signals_held() as pending:
-        published = _publish(moves, force)
-    if pending:
-        raise (Terminated if pending[0] == signal.SIGTERM else Interrupted)(published=published)
+    if threading.current_thread() is not threading.main_thread():
+        return _publish(moves, force)  # signals reach the main thread only
+    if _run is None:  # outside a run, this call is one
+        with terminate_as_interrupt():
+            return publish_all(moves, force=force)
+    _run.holding = True  # from the first move to the end of the run, signals wait
+    published = _publish(moves, force)
+    _run.published.extend(published)
     return published
 
 
@@ -241,10 +233,10 @@ def _move_in(temp: Path, target: Path, *, force: bool) -> Path | None:
         try:
             _rename_noreplace(temp, target)
         except FileExistsError:
-            raise InputError(_APPEARED.format(target=target)) from None
+            raise _appeared(target) from None
         return None
     if not force and not (temp.is_dir() and temps.empty_folder(target)):
-        raise InputError(_APPEARED.format(target=target))
+        raise _appeared(target)
     try:
         exchange(temp, target)
         return temp  # the swap left the old output at the temporary's name
@@ -272,7 +264,10 @@ def _move_in(temp: Path, target: Path, *, force: bool) -> Path | None:
     return aside
 
 
-_APPEARED = "OUT {target} appeared while the merge ran; run again (with --force to replace it)"
+def _appeared(target: Path) -> InputError:
+    return InputError(
+        f"OUT {target} appeared while the merge ran; run again (with force=True to replace it)", options=("force",)
+    )
 
 
 def _undo(done: list[_Move], error: BaseException) -> None:
@@ -353,32 +348,6 @@ def _renameat2(src: Path, dst: Path, flags: int) -> None:
     if _renameat2_fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), str(src), None, str(dst))
-
-
-@contextmanager
-def _signals_held() -> Iterator[list[int]]:
-    """Within the block Ctrl-C and SIGTERM are recorded, not acted on; the caller acts on them after.
-
-    Only the main thread can set signal handlers; elsewhere this holds nothing back. A signal
-    that was ignored stays ignored.
-    """
-    pending: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield pending
-        return
-
-    def _record(signum: int, frame: object) -> None:
-        pending.append(signum)
-
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(sig) is not signal.SIG_IGN:
-            previous[sig] = signal.signal(sig, _record)
-    try:
-        yield pending
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 @dataclass
