@@ -22,7 +22,7 @@ from pathlib import Path
 
 from extsub_kernels.constants import TEMP_TAG
 
-_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.extsub-tmp-(?P<pid>[0-9]+)-(?P<old>old-)?[0-9a-f]{8}$", re.DOTALL)
+_TEMP_NAME = re.compile(rf"^\.(?P<name>.+){re.escape(TEMP_TAG)}(?P<pid>[0-9]+)-(?P<old>old-)?[0-9a-f]{{8}}$", re.DOTALL)
 
 _held: dict[Path, int] = {}  # our temporaries → the descriptor holding the lock on each
 
@@ -30,32 +30,25 @@ _held: dict[Path, int] = {}  # our temporaries → the descriptor holding the lo
 def temp_path(target: Path, *, old: bool = False) -> Path:
     """A fresh temporary name beside `target` for this process (`old`: where a replaced OUT waits).
 
-    A name too long to take the temporary's tag within the file system's limit (255 bytes) is
-    shortened to a prefix, `~` and a hash of the whole name: the temporary never fails where the
-    target itself would not.
+    A name too long for the temporary's tag within the file system's limit (255 bytes) becomes a
+    prefix (its bytes: a cut character stays as its bytes), `~` and a hash of the whole name: the
+    temporary never fails where the target itself would not.
     """
-    kind = "old-" if old else ""
-    tail = f"{TEMP_TAG}{os.getpid()}-{kind}{secrets.token_hex(4)}"
-    name = target.name
+    tail = f"{TEMP_TAG}{os.getpid()}-{'old-' if old else ''}{secrets.token_hex(4)}"
+    name = os.fsencode(target.name)
     room = name_max(target.parent) - len(os.fsencode(f".{tail}"))
-    if len(os.fsencode(name)) > room:
-        digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:_DIGEST]
-        name = f"{_prefix(name, room - _DIGEST - 1)}~{digest}"
-    return target.parent / f".{name}{tail}"
+    if len(name) > room:
+        digest = hashlib.sha256(name).hexdigest()[:_DIGEST]
+        name = name[: max(room - _DIGEST - 1, 0)] + f"~{digest}".encode()
+    return target.parent / f".{os.fsdecode(name)}{tail}"
 
 
 _DIGEST = 16
 _SHORTENED = re.compile(rf"~[0-9a-f]{{{_DIGEST}}}$")  # how a shortened name ends
 
 
-def _prefix(name: str, size: int) -> str:
-    """The first `size` bytes of `name` in the file system's encoding (a cut character stays as its bytes)."""
-    return os.fsdecode(os.fsencode(name)[: max(size, 0)])
-
-
 def name_max(folder: Path) -> int:
-    """The longest file name (bytes) of the file system `folder` (or its nearest existing parent) is on; 255 when
-    it cannot tell."""
+    """The longest file name (bytes) on the file system of `folder` (or its nearest existing parent); else 255."""
     for place in (folder, *folder.parents):
         try:
             return os.pathconf(place, "PC_NAME_MAX")
@@ -65,11 +58,8 @@ def name_max(folder: Path) -> int:
 
 
 def hold(path: Path) -> None:
-    """Take the owner's lock on a temporary this process just created (a file or a folder).
-
-    Where the file system has no locks, the temporary stays unlocked; other runs then leave it
-    alone as long as this process lives (its PID is in the name).
-    """
+    """Take the owner's lock on a temporary this process just created (a file or a folder); where the file system
+    has no locks, other runs leave it alone while this process lives (its PID is in the name)."""
     flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
     fd = os.open(path, flags)
     with contextlib.suppress(OSError):
@@ -152,7 +142,7 @@ def _owner_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except (OSError, OverflowError):  # it exists but belongs to someone else; or no PID at all: leave it
-        return True
+        pass
     return True
 
 
