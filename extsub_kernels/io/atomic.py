@@ -11,10 +11,8 @@ being replaced stays in place until its successor takes its name in one step:
   between those two renames leaves the old OUT aside, and the next run into that folder puts
   it back (see `temps`).
 
-Temporary paths are remembered until published or removed (at interpreter exit too, if
-something skipped the cleanup), and so are the folders created for them, so a failed run into
-`new1/new2/OUT` leaves no `new1/`. Within `terminate_as_interrupt()` SIGTERM raises like Ctrl-C
-does, so the same cleanup runs for both.
+Temporaries, and the folders created for them (a failed run into `new1/new2/OUT` leaves no
+`new1/`), are remembered until published or removed, at interpreter exit at the latest.
 """
 
 import atexit
@@ -164,15 +162,6 @@ def replace_file(target: Path, data: bytes) -> None:
     fsync_path(target.parent)
 
 
-@dataclass
-class _Move:
-    """One output moved into place: where its predecessor waits until the run commits (None: there was none)."""
-
-    target: Path
-    old: Path | None
-    created: list[Path]  # folders created for it, removed again if the move is undone
-
-
 def publish(temp: Path, target: Path, *, force: bool) -> None:
     """Move one temporary output into place (see `publish_all`)."""
     publish_all([(temp, target)], force=force)
@@ -205,26 +194,27 @@ def publish_all(moves: Sequence[tuple[Path, Path]], *, force: bool) -> tuple[Pat
 
 
 def _publish(moves: Sequence[tuple[Path, Path]], force: bool) -> tuple[Path, ...]:
-    done: list[_Move] = []
+    # Per move: the target, where its predecessor waits until all are in place (None: none), the folders created for it.
+    done: list[tuple[Path, Path | None, list[Path]]] = []
     try:
         for temp, target in moves:
             fsync_path(temp)
             fsync_path(target.parent)
             old = _move_in(temp, target, force=force)
             temps.move_hold(temp, target)  # the lock is the new output's, wherever it now is
-            done.append(_Move(target, old, _live.pop(temp, [])))
+            done.append((target, old, _live.pop(temp, [])))
             if old is not None:
                 _live.setdefault(old, [])
-        for move in done:
-            fsync_path(move.target.parent)
+        for target, _, _ in done:
+            fsync_path(target.parent)
     except BaseException as error:
         _undo(done, error)
         raise
-    for move in done:
-        temps.release(move.target)
-        if move.old is not None:
-            remove(move.old)
-    return tuple(m.target for m in done)
+    for target, old, _ in done:
+        temps.release(target)
+        if old is not None:
+            remove(old)
+    return tuple(target for target, _, _ in done)
 
 
 def _move_in(temp: Path, target: Path, *, force: bool) -> Path | None:
@@ -270,30 +260,30 @@ def _appeared(target: Path) -> InputError:
     )
 
 
-def _undo(done: list[_Move], error: BaseException) -> None:
+def _undo(done: list[tuple[Path, Path | None, list[Path]]], error: BaseException) -> None:
     """Reverse the moves of a failed publish, last first; what cannot be reversed is attached to `error`."""
     stuck = []
-    for move in reversed(done):
+    for target, old, created in reversed(done):
         try:
-            if move.old is None:
-                _live[move.target] = move.created
-                remove(move.target)
-            elif move.target.is_dir() and not move.target.is_symlink():
+            if old is None:
+                _live[target] = created
+                remove(target)
+            elif target.is_dir() and not target.is_symlink():
                 try:
-                    exchange(move.old, move.target)
-                    remove(move.old)
+                    exchange(old, target)
+                    remove(old)
                 except OSError:
-                    swapped = temps.temp_path(move.target)
-                    os.rename(move.target, swapped)
-                    os.rename(move.old, move.target)
-                    _live.pop(move.old, None)
+                    swapped = temps.temp_path(target)
+                    os.rename(target, swapped)
+                    os.rename(old, target)
+                    _live.pop(old, None)
                     remove(swapped)
             else:
-                os.rename(move.old, move.target)
-                _live.pop(move.old, None)
-            temps.release(move.target)
+                os.rename(old, target)
+                _live.pop(old, None)
+            temps.release(target)
         except OSError:
-            stuck.append(move.target)
+            stuck.append(target)
     if stuck:
         published = tuple(reversed(stuck))
         raise PublishError(
@@ -327,19 +317,13 @@ _UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP)
 _AT_FDCWD = -100
 
 
-def _libc_renameat2():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        function = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-_renameat2_fn = _libc_renameat2()
+try:  # libc's renameat2 (Linux only)
+    _renameat2_fn = ctypes.CDLL(None, use_errno=True).renameat2 if sys.platform.startswith("linux") else None
+except (AttributeError, OSError):
+    _renameat2_fn = None
+if _renameat2_fn is not None:
+    _renameat2_fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    _renameat2_fn.restype = ctypes.c_int
 
 
 def _renameat2(src: Path, dst: Path, flags: int) -> None:
@@ -366,12 +350,10 @@ _run: _RunSignals | None = None  # the run in progress in the main thread
 def terminate_as_interrupt() -> Iterator[None]:
     """The signal handling of one run: SIGTERM raises `Terminated` (a KeyboardInterrupt), so cleanup runs as for Ctrl-C.
 
-    Once `publish_all` starts moving outputs into place, Ctrl-C and SIGTERM are held back until
-    the block ends; then they are raised as `Interrupted` / `Terminated` with `published` naming
-    the outputs, so nobody is told "nothing was written" when the run's outputs are in place. An
-    error raised after outputs were published gets the same `published` attribute.
-    A signal that was ignored stays ignored. Only the main thread can set signal handlers;
-    elsewhere this does nothing.
+    Once `publish_all` starts moving outputs into place, Ctrl-C and SIGTERM are held back until the
+    block ends, then raised as `Interrupted` / `Terminated` with `published` naming the outputs in
+    place; an error raised after publishing gets the same `published`. An ignored signal stays
+    ignored; outside the main thread (which alone sets handlers) this does nothing.
     """
     global _run
     if threading.current_thread() is not threading.main_thread():

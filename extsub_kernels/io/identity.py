@@ -18,13 +18,7 @@ from extsub_kernels.constants import MOUNT_INFO, SAFETENSORS_SUFFIX
 from extsub_kernels.errors import MergeError
 from extsub_kernels.io.resolve import CONFIG_PATTERNS, ResolvedInput
 
-
-@dataclass(frozen=True)
-class FileId:
-    """A file or folder as the kernel knows it: device and inode."""
-
-    dev: int
-    ino: int
+FileId = tuple[int, int]  # a file or folder as the kernel knows it: device and inode
 
 
 def file_id(path: Path) -> FileId | None:
@@ -33,7 +27,7 @@ def file_id(path: Path) -> FileId | None:
         st = os.stat(path)
     except (OSError, ValueError):
         return None
-    return FileId(st.st_dev, st.st_ino)
+    return st.st_dev, st.st_ino
 
 
 def folder_chain(path: Path) -> list[tuple[Path, FileId]]:
@@ -69,7 +63,7 @@ def where(path: Path) -> Place:
         rest.append(real.name)
         real = real.parent
     if anchor is None:  # not even the root answers: compare by spelling
-        anchor = FileId(-1, -1)
+        anchor = (-1, -1)
     return Place(anchor, tuple(reversed(rest)), frozenset(identity for _, identity in folder_chain(real)))
 
 

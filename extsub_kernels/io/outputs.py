@@ -99,10 +99,9 @@ def check_outputs(
     Args:
         paths: the outputs of the run (one per λ setting).
         inputs: (role, input) pairs, the role (EXPERT, ANTI, BASE) naming it in messages.
-        force: an existing OUT may be replaced, when it is an output of the same kind (a regular
-            file, or a folder holding only the files this tool wrote there, see `written_names`).
-        others: the run's other outputs, (what, path): a report file, scan files.
-        read: other files the run reads, (what, path): a recipe.
+        force: an existing OUT may be replaced by an output of the same kind (a regular file, or a
+            folder holding only what this tool wrote there, see `written_names`).
+        others, read: (what, path) of the run's other outputs (a report, scan files) and other files it reads.
 
     Raises:
         InputError: naming the OUT, the input and what to do.
@@ -210,11 +209,10 @@ def check_report_folder(
     """Refuse a folder for report files (a λ scan's SCAN_DIR, an inspection's folder) that cannot take them, before
     any work; `label` names it in the messages.
 
-    The folder may exist (other files in it are left alone) or not (it is created when the
-    first file is written). Refused: a folder that is, is inside or contains an input; a path
-    that is a file; a file of `names` that is, holds or lies in one of the run's `others` outputs
-    or is one of the files it `read`s; a folder already holding one of `names`, unless `force`
-    (they are then replaced, when they are regular files).
+    The folder may exist (other files in it are left alone) or not (created with the first file).
+    Refused: a folder that is, is inside or contains an input; a file; a file of `names` that is,
+    holds or lies in one of the run's `others` outputs or is a file it `read`s; a folder already
+    holding one of `names`, unless `force` (regular files are then replaced).
 
     Raises:
         InputError: naming the folder, the input or the file in the way, and what to do.

@@ -15,7 +15,6 @@ import stat
 import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from operator import attrgetter
 from pathlib import Path
@@ -25,13 +24,7 @@ from typing import NamedTuple
 import torch
 
 from extsub_kernels.errors import InputError, MergeError
-from extsub_kernels.io.format import (
-    DTYPES,
-    HEADER_LENGTH_BYTES,
-    MAX_HEADER_BYTES,
-    METADATA_KEY,
-    readable_dtypes,
-)
+from extsub_kernels.io.format import DTYPES, HEADER_LENGTH_BYTES, MAX_HEADER_BYTES, METADATA_KEY, readable_dtypes
 
 # Every number in a header is a dimension or an offset. safetensors reads them as 64-bit unsigned
 # integers (at most 20 digits) and refuses a shape whose running product or byte size overflows
@@ -100,7 +93,10 @@ def read_header(path: str | os.PathLike) -> Header:
             "corrupt or not a safetensors file"
         ) from None
     del raw  # freed before parsing, which is when memory peaks
-    with _gc_paused():
+    # Millions of objects in no cycle: the garbage collector's passes over them would double the time spent parsing.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
         parsed = _parse_json(path, text)
         del text
         metadata = _parse_metadata(path, parsed.pop(METADATA_KEY, None))
@@ -111,6 +107,9 @@ def read_header(path: str | os.PathLike) -> Header:
         infos.sort(key=attrgetter("offset", "nbytes"))
         _check_layout(path, infos, data_start, size)
         header = Header(path=path, tensors={info.name: info for info in infos}, metadata=metadata)
+    finally:
+        if collecting:
+            gc.enable()
     _headers_in_use[key] = header
     return header
 
@@ -160,19 +159,6 @@ def _read_header_bytes(path: Path) -> tuple[bytes, int]:
             f"{path}: the file ended inside its {n}-byte header; it is truncated or was replaced while read"
         )
     return raw, size
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Hold off the cyclic garbage collector while a header becomes millions of objects in no cycle (its passes
-    would double the time spent parsing)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 class _BadJson(ValueError):
@@ -302,13 +288,9 @@ def _parse_entry(
 
 
 def _nbytes(shape: object, itemsize: int) -> int | None:
-    """Bytes of a tensor of this shape, or None unless safetensors and torch both take the shape.
-
-    The shape must be a list of at most _MAX_RANK integers from 0 to 2**63-1. safetensors
-    multiplies them left to right in 64 bits and refuses an overflow even when a later one is
-    0; torch refuses a tensor whose first stride (the product of the other dimensions, each
-    counted as at least 1) passes int64, which only an empty tensor can reach.
-    """
+    """Bytes of a tensor of this shape, or None unless safetensors and torch both take it: at most _MAX_RANK ints
+    from 0 to 2**63-1 whose running product (safetensors: even before a 0) fits 64 bits, and for an empty
+    tensor a first stride (the other dimensions, each at least 1) that fits int64 (torch)."""
     if type(shape) is not list or len(shape) > _MAX_RANK:
         return None
     n = 1
@@ -332,67 +314,59 @@ def _nbytes(shape: object, itemsize: int) -> int | None:
 
 def _entry_error(path: Path, name: str, entry: object, dtypes: dict[str, torch.dtype]) -> InputError:
     """The first thing wrong with a tensor's entry, as an error naming the file, the tensor and the field."""
-    where = f"{path}: tensor {_show.repr(name)}"
-    corrupt = "the file is corrupt"
     if _unencodable(name):
         return InputError(
             f"{path}: a tensor name holds a lone surrogate escape ({_show.repr(name)}), which is not valid "
-            f"Unicode; {corrupt}"
+            "Unicode; the file is corrupt"
         )
+    problem = _entry_problem(entry, dtypes)
+    return InputError(f"{path}: tensor {_show.repr(name)}: {problem}")
+
+
+def _entry_problem(entry: object, dtypes: dict[str, torch.dtype]) -> str:
+    corrupt = "the file is corrupt"
     if type(entry) is not dict:
-        return InputError(
-            f"{where}: the header entry is {_kind(entry)}, not an object with dtype, shape and data_offsets; {corrupt}"
-        )
-    missing = sorted(_ENTRY_FIELDS - entry.keys())
-    if missing:
-        return InputError(f"{where}: the header entry has no {', '.join(missing)}; {corrupt}")
-    extra = sorted(entry.keys() - _ENTRY_FIELDS)
-    if extra:
-        return InputError(
-            f"{where}: the header entry has the unexpected field {_show.repr(extra[0])} (safetensors entries hold "
-            f"dtype, shape and data_offsets only); {corrupt} or was written by another format"
+        return f"the header entry is {_kind(entry)}, not an object with dtype, shape and data_offsets; {corrupt}"
+    if missing := sorted(_ENTRY_FIELDS - entry.keys()):
+        return f"the header entry has no {', '.join(missing)}; {corrupt}"
+    if extra := sorted(entry.keys() - _ENTRY_FIELDS):
+        return (
+            f"the header entry has the unexpected field {_show.repr(extra[0])} (safetensors entries hold dtype, "
+            f"shape and data_offsets only); {corrupt} or was written by another format"
         )
     code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if type(code) is not str:
-        return InputError(f"{where}: dtype is {_kind(code)}, not a string like 'F32'; {corrupt}")
-    if code not in dtypes:
-        if code in DTYPES:
-            import safetensors
+        return f"dtype is {_kind(code)}, not a string like 'F32'; {corrupt}"
+    if code not in dtypes and code in DTYPES:
+        import safetensors
 
-            return InputError(
-                f"{where}: dtype {code} cannot be loaded back by the installed safetensors "
-                f"{safetensors.__version__}, so no output could hold it; convert the tensor to one of "
-                f"{', '.join(dtypes)}, or upgrade safetensors"
-            )
-        return InputError(f"{where}: unknown dtype {_show.repr(code)}; expected one of {', '.join(dtypes)}")
+        return (
+            f"dtype {code} cannot be loaded back by the installed safetensors {safetensors.__version__}, so no "
+            f"output could hold it; convert the tensor to one of {', '.join(dtypes)}, or upgrade safetensors"
+        )
+    if code not in dtypes:
+        return f"unknown dtype {_show.repr(code)}; expected one of {', '.join(dtypes)}"
     if type(shape) is not list:
-        return InputError(f"{where}: shape is {_kind(shape)}, not a list of dimensions; {corrupt}")
+        return f"shape is {_kind(shape)}, not a list of dimensions; {corrupt}"
     if len(shape) > _MAX_RANK:
-        return InputError(f"{where}: shape has {len(shape)} dimensions, more than the {_MAX_RANK} accepted; {corrupt}")
+        return f"shape has {len(shape)} dimensions, more than the {_MAX_RANK} accepted; {corrupt}"
     for i, d in enumerate(shape):
         if type(d) is not int or not 0 <= d <= _INT64_MAX:
-            return InputError(
-                f"{where}: shape {_show.repr(shape)} has {_kind(d)} as dimension {i}, where dimensions are integers "
-                f"from 0 to 2**63-1; {corrupt}"
+            return (
+                f"shape {_show.repr(shape)} has {_kind(d)} as dimension {i}, where dimensions are integers from 0 "
+                f"to 2**63-1; {corrupt}"
             )
     nbytes = _nbytes(shape, dtypes[code].itemsize)
     if nbytes is None:  # every dimension is fine: the product or a stride overflows
-        return InputError(
-            f"{where}: shape {_show.repr(shape)} of dtype {code} overflows 64-bit sizes or strides (safetensors or "
-            f"torch would refuse it); {corrupt}"
+        return (
+            f"shape {_show.repr(shape)} of dtype {code} overflows 64-bit sizes or strides (safetensors or torch "
+            f"would refuse it); {corrupt}"
         )
-    if not (
-        type(offsets) is list
-        and len(offsets) == 2
-        and all(type(o) is int for o in offsets)
-        and 0 <= offsets[0] <= offsets[1]
-    ):
-        return InputError(
-            f"{where}: data_offsets {_show.repr(offsets)} are not [begin, end] with integers 0 <= begin <= end; "
-            f"{corrupt}"
-        )
-    return InputError(
-        f"{where}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes but dtype {code} and shape "
+    pair = type(offsets) is list and len(offsets) == 2 and all(type(o) is int for o in offsets)
+    if not (pair and 0 <= offsets[0] <= offsets[1]):
+        return f"data_offsets {_show.repr(offsets)} are not [begin, end] with integers 0 <= begin <= end; {corrupt}"
+    return (
+        f"data_offsets {offsets} span {offsets[1] - offsets[0]} bytes but dtype {code} and shape "
         f"{_show.repr(shape)} need {nbytes}; {corrupt}"
     )
 

@@ -178,18 +178,9 @@ def planned_files(
 
 
 class SafetensorsFileWriter:
-    """Writes one safetensors file: the header on open, then each tensor's bytes in header order.
-
-    `write(name, data)` appends data to tensor `name`; a tensor may come in several pieces
-    (blocks of rows), and the writer checks that names and byte counts follow the header.
-    With `last`, the data are the bytes of every tensor from `name` to `last`, in order: a run
-    of small tensors written in one call.
-
-    Args:
-        path: the file to create; with `created`, an empty file that exists already (a reserved temporary).
-        entries: the tensors, in file order.
-        header: the header bytes (`header_bytes`).
-    """
+    """One safetensors file of a `CheckpointWriter`: `header` (`header_bytes`) on open, then the bytes of `entries`
+    in order, each tensor whole, in blocks of rows, or in a run of several; names and byte counts are checked.
+    `path` is created, or with `created` is an empty file that exists already (a reserved temporary)."""
 
     def __init__(self, path: Path, entries: Sequence[TensorEntry], header: bytes, *, created: bool = False):
         self.path = path
@@ -220,11 +211,8 @@ class SafetensorsFileWriter:
     def write(
         self, name: str, data: torch.Tensor | bytes | memoryview, *, last: str | None = None
     ) -> tuple[memoryview, bool]:
-        """Append `data` (a CPU tensor, written as its raw bytes, or bytes) to tensor `name` (through `last`).
-
-        Returns (the bytes of a run that go past this file's end, for the next shard; whether
-        the run reached the end of `last`).
-        """
+        """Append `data` (a CPU tensor's raw bytes, or bytes) to tensor `name` (with `last`: the tensors through it);
+        returns (the bytes of a run past this file's end, for the next shard; whether the run reached `last`'s end)."""
         view = _as_bytes(data)
         expected = "nothing more" if self.done else self.entries[self._index].name
         if expected != name:
@@ -244,11 +232,8 @@ class SafetensorsFileWriter:
         return view[len(view) :], True
 
     def append_run(self, view: memoryview, last: str) -> tuple[memoryview, bool]:
-        """Bytes of the tensors from the current position to the end of `last`, in order.
-
-        Returns (what goes past this file's end, whether `last` was reached); a run that ends
-        inside this file must end exactly at the end of `last`.
-        """
+        """Bytes of the tensors from the current position to the end of `last` (see `write`); a run that ends inside
+        this file must end exactly at the end of `last`."""
         if self._fd is None:
             raise MergeError(f"{self.path}: write before open or after close")
         take, remaining, finished = 0, len(view), False
