@@ -2,14 +2,10 @@
 
 Publishing moves every output of a run into place together (`publish_all`): Ctrl-C and
 SIGTERM wait until the moves are done, a failure undoes the moves made so far, and an OUT
-being replaced stays in place until its successor takes its name in one step:
-
-- a file is renamed over the old one (atomic on POSIX);
-- a folder is swapped with the old one by `renameat2(RENAME_EXCHANGE)` (Linux), then the old
-  one is deleted. Where the file system cannot swap, the old folder is set aside under a
-  temporary name, the new one moved in, and the old one put back on any error; a SIGKILL
-  between those two renames leaves the old OUT aside, and the next run into that folder puts
-  it back (see `temps`).
+being replaced stays in place until its successor takes its name in one step: a file is
+renamed over it; a folder is swapped with it by `renameat2(RENAME_EXCHANGE)` (Linux), or where
+the file system cannot swap, set aside, replaced, and put back on any error (after a SIGKILL
+in between, by the next run into that folder: see `temps`).
 
 Temporaries, and the folders created for them (a failed run into `new1/new2/OUT` leaves no
 `new1/`), are remembered until published or removed, at interpreter exit at the latest.
@@ -19,6 +15,7 @@ import atexit
 import contextlib
 import ctypes
 import errno
+import itertools
 import os
 import shutil
 import signal
@@ -37,11 +34,8 @@ _live: dict[Path, list[Path]] = {}  # temporary → the folders created for it (
 
 
 def reserve_temp(target: Path, *, folder: bool) -> Path:
-    """A fresh temporary beside `target`: an empty folder (`folder`) or an empty file, locked by this process.
-
-    Creates the target's missing parent folders (removed again with the temporary). Raises
-    InputError when they cannot be created or written to: this is the early check that an
-    output location is usable.
+    """A fresh temporary beside `target`: an empty folder (`folder`) or an empty file, locked by this process; the
+    target's missing folders are created (removed with it). InputError where they cannot be: the early check of OUT.
     """
     parent = target.parent
     created = _make_folders(parent)
@@ -62,11 +56,7 @@ def reserve_temp(target: Path, *, folder: bool) -> Path:
 
 def _make_folders(folder: Path) -> list[Path]:
     """Create `folder` and its missing parents; returns those created, outermost first."""
-    missing = []
-    for path in (folder, *folder.parents):
-        if os.path.lexists(path):
-            break
-        missing.append(path)
+    missing = list(itertools.takewhile(lambda path: not os.path.lexists(path), (folder, *folder.parents)))
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -126,13 +116,10 @@ def write_text(path: Path, text: str | bytes) -> None:
 
 
 def write_into(target: Path, data: bytes) -> None:
-    """Write `data` into an existing FIFO or character device (a pipe, a terminal, /dev/null), never replacing it.
-
-    A FIFO nobody reads is an error at once (ENXIO), not a wait forever.
-    """
-    flags = os.O_WRONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    """Write `data` into an existing FIFO or character device (a pipe, a terminal, /dev/null), never replacing it;
+    a FIFO nobody reads is an error at once (ENXIO), not a wait forever."""
     try:
-        fd = os.open(target, flags)
+        fd = os.open(target, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         if e.errno == errno.ENXIO:
             raise OSError(e.errno, "nobody reads this FIFO", str(target)) from None
@@ -147,12 +134,8 @@ def write_into(target: Path, data: bytes) -> None:
 
 
 def replace_file(target: Path, data: bytes) -> None:
-    """Write `data` to `target` whole or not at all: a temporary file beside it, fsync, rename over it.
-
-    For small files that are rewritten as they grow (a scan's results after every row): a
-    reader, or a Ctrl-C at any moment, sees the previous version or the new one, never half.
-    Unlike `publish` it holds no signal back, so a scan stays interruptible between its rows.
-    """
+    """Write `data` to `target` whole or not at all (a temporary beside it, fsync, rename): for small files rewritten
+    as they grow (a scan's results). Unlike `publish` it holds no signal back: a scan stays interruptible."""
     temp = reserve_temp(target, folder=False)
     try:
         write_text(temp, data)

@@ -1,9 +1,7 @@
 """The one reader of every small file a user names (a recipe, a JSON config, a scan's text sets): bounded.
 
-A regular file only, and at most `limit` bytes: a FIFO, a device (`/dev/zero`, `/dev/urandom`),
-a socket or a folder is refused at once, never read (opening does not wait for a FIFO's
-writer), and a file that grows past the limit while it is read is refused too. The size is
-checked before anything is read, so nothing unbounded is allocated.
+A regular file only, of at most `limit` bytes (checked before anything is read, and again as it
+grows): a FIFO, a device (`/dev/zero`), a socket or a folder is refused at once, never waited on.
 """
 
 import os

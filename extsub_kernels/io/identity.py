@@ -1,10 +1,8 @@
 """What a path is, and whether an input stayed the same: files and folders compared by identity, not spelling.
 
-Two paths name the same file or folder when they have the same device and inode, after every
-symlink of every component is followed: `in/../in/a`, a symlinked parent, a hard link and a
-bind mount all compare equal. An input is its files (each with its identity, size,
-modification and change times) and, for a folder, the names in it that make up a checkpoint:
-a file added to or removed from a folder input changes that input.
+Two paths name the same file or folder when they have the same device and inode, every symlink
+followed (`in/../in/a`, a symlinked parent, a hard link, a bind mount). An input is its files (identity,
+size, modification and change times) and, for a folder, the names in it that make up a checkpoint.
 """
 
 import os

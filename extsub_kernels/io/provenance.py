@@ -1,9 +1,8 @@
 """Where each input came from, precisely enough to tell later whether a rerun reads the same bytes.
 
 Per input: the spec as given, the local folder, the hub repo with the commit the revision
-resolved to, and per weights file its size and the sha256 of its header (the 8-byte length
-and the JSON: names, dtypes, shapes and offsets of every tensor). Hashing headers costs
-microseconds where hashing tensor data would cost a full read.
+resolved to, and per weights file its size and the sha256 of its header (names, dtypes, shapes
+and offsets of every tensor: microseconds, where hashing tensor data would cost a full read).
 """
 
 import hashlib

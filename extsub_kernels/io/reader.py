@@ -1,8 +1,7 @@
 """Read safetensors checkpoints lazily: headers validated up front, then one tensor (or row block) at a time.
 
-Tensors are read with `pread` into a buffer the caller owns, not memory-mapped: pages of a
-mapping stay resident and count toward the process's RSS until the file is closed, so
-reading a whole model through one mapping would grow RSS to the model's size.
+Tensors are read with `pread` into a buffer the caller owns, never memory-mapped: a mapping's pages
+count toward RSS until the file is closed, so a whole model read through one would grow RSS to its size.
 """
 
 import gc
@@ -64,18 +63,14 @@ class Header:
 
 
 def read_header(path: str | os.PathLike) -> Header:
-    """Parse and validate the header of a safetensors file without reading any tensor data.
-
-    Everything the `safetensors` library refuses is refused, and what it would accept but could
-    not load back into torch: the JSON is parsed with bounded numbers and nesting, and each field
-    is checked for its type before it is used. Time and memory are linear in the header's size.
+    """Parse and validate the header of a safetensors file without reading any tensor data: what `safetensors`
+    refuses, or could not load back into torch, is refused; time and memory are linear in the header's size.
 
     Raises:
-        InputError: naming the file (and the tensor) when the file is not a regular file, is too
-            short, or its header is not valid JSON of the safetensors form: unknown or extra
-            fields, a dtype this `safetensors` cannot load, a shape that overflows, lone
-            surrogates in a string, a key given twice, or offsets that do not tile the data
-            section exactly.
+        InputError: naming the file (and the tensor) when the file is not a regular file, is too short, or its
+            header is not valid JSON of the safetensors form: unknown or extra fields, a dtype this `safetensors`
+            cannot load, a shape that overflows, lone surrogates, a key given twice, or offsets that do not tile
+            the data section exactly.
     """
     path = Path(path)
     raw, size = _read_header_bytes(path)
@@ -450,10 +445,8 @@ class CheckpointReader:
             raise KeyError(f"{self.label}: no tensor {name!r}") from None
 
     def read_into(self, name: str, out: torch.Tensor, start: int = 0, length: int | None = None) -> torch.Tensor:
-        """Copy bytes [start, start + length) of tensor `name` into the uint8 CPU tensor `out`.
-
-        Returns the filled prefix `out[:length]`. `length` defaults to the rest of the tensor.
-        """
+        """Copy bytes [start, start + length) (default: to its end) of tensor `name` into the uint8 CPU tensor `out`;
+        returns the filled prefix `out[:length]`."""
         info = self.info(name)
         length = info.nbytes - start if length is None else length
         if start < 0 or length < 0 or start + length > info.nbytes:
@@ -466,10 +459,7 @@ class CheckpointReader:
 
     def read_whole_into(self, names: Sequence[str], out: torch.Tensor) -> int:
         """Whole tensors `names`, back to back, into the contiguous uint8 CPU tensor `out`; returns the bytes filled.
-
-        Tensors that lie back to back in one file are read with one pread, so a run of small
-        tensors costs a few system calls rather than one per tensor.
-        """
+        Tensors back to back in one file are read with one pread (a run of small tensors: a few system calls)."""
         infos = [self.info(name) for name in names]
         total = sum(info.nbytes for info in infos)
         _check_out(out, total)

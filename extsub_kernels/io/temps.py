@@ -1,12 +1,10 @@
 """Temporary names beside an output: who owns each one, and cleaning up those of runs that died.
 
 A run writes OUT under `.NAME.extsub-tmp-PID-XXXXXXXX` beside it (an old OUT being replaced may
-sit for a moment at `.NAME.extsub-tmp-PID-old-XXXXXXXX`), and holds an exclusive `flock` on
-each of its temporaries until they are published or removed. A process killed outright
-(SIGKILL, a crash, power loss) cannot clean up, so the next run into the same folder does:
-a temporary whose owner is gone (no process with its PID, and its lock is free) is removed,
-and an old OUT set aside by a replacement that never finished is put back where it was.
-A temporary of a live process is never touched.
+sit at `.NAME.extsub-tmp-PID-old-XXXXXXXX`) and holds an exclusive `flock` on each until it is
+published or removed. A run killed outright cannot clean up, so the next run into the folder
+does: a temporary whose owner is gone (no such PID, lock free) is removed, an old OUT set aside
+is put back. A temporary of a live process is never touched.
 """
 
 import contextlib
@@ -60,8 +58,7 @@ def name_max(folder: Path) -> int:
 def hold(path: Path) -> None:
     """Take the owner's lock on a temporary this process just created (a file or a folder); where the file system
     has no locks, other runs leave it alone while this process lives (its PID is in the name)."""
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(path, flags)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     with contextlib.suppress(OSError):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     _held[path] = fd
@@ -83,10 +80,8 @@ def move_hold(src: Path, dst: Path) -> None:
 
 def clean_stale(folder: Path) -> list[str]:
     """Remove the temporaries that dead runs left in `folder`; put back an OUT a killed replacement left aside.
-
-    Returns a line per action (also given as a warning). Entries whose owner may be alive, that
-    are not plain files or folders, or that cannot be locked are left as they are.
-    """
+    Returns a line per action (also a warning); what may be alive, is no plain file or folder, or cannot be locked
+    stays."""
     try:
         names = os.listdir(folder)
     except OSError:

@@ -1,9 +1,8 @@
 """Header-first safetensors writer: the whole header is known before any tensor data is written.
 
-A checkpoint goes to one file, or to shards plus a `model.safetensors.index.json` in the
-Hugging Face layout. Tensors are appended in header order, a block of rows at a time if
-the caller likes, so no more than one block is ever held for writing. Everything is written
-under temporary names and appears at the target only on `commit()` (see `atomic`).
+A checkpoint goes to one file, or to shards and their index in the Hugging Face layout. Tensors
+are appended in header order, a block of rows at a time if the caller likes, under temporary
+names that appear at the target only on `commit()` (see `atomic`).
 """
 
 import json
@@ -37,11 +36,8 @@ class TensorEntry:
 
 
 def build_header(entries: Sequence[TensorEntry], metadata: dict[str, str] | None = None) -> bytes:
-    """The 8-byte length and JSON header for `entries` laid out in the given order.
-
-    The JSON is compact, `__metadata__` first, padded with spaces to a multiple of 8 bytes, as
-    `safetensors` writes it (so a file in `safetensors`' tensor order is byte-identical).
-    """
+    """The 8-byte length and JSON header for `entries` laid out in the given order: compact, `__metadata__` first,
+    padded with spaces to a multiple of 8 bytes, as `safetensors` writes it (byte-identical in its tensor order)."""
     return header_bytes(_tensor_json(entries), metadata)
 
 
@@ -126,11 +122,8 @@ def plan_layout(
     max_shard_size: int | None = None,
     weights_name: str = MODEL_WEIGHTS,
 ) -> list[Shard]:
-    """The files of an output and their headers' tensor parts, computed once for every output of a run.
-
-    A file output is one shard; a folder output is sharded at `max_shard_size` tensor bytes.
-    Raises MergeError for duplicate tensor names.
-    """
+    """The files of an output (a file output is one; a folder output is sharded at `max_shard_size` tensor bytes)
+    and their headers' tensor parts, computed once for every output of a run; MergeError for duplicate names."""
     if len({e.name for e in entries}) != len(entries):
         raise MergeError("duplicate tensor names in the output plan")
     groups = _plan_shards(entries, max_shard_size, weights_name) if folder else [("", _safetensors_order(entries))]
@@ -159,11 +152,8 @@ def planned_files(
     extra_files: Sequence[Path] = (),
     texts: Sequence[str] = (),
 ) -> list[tuple[str, int | None]]:
-    """(file name, bytes) of every file an output will hold, without creating anything (a dry run).
-
-    Weights files (headers included), the shard index, copied files; generated texts
-    (`texts`, written after the tensors) have no size yet (None).
-    """
+    """(file name, bytes) of every file an output will hold, without creating anything (a dry run): weights files
+    (headers included), the shard index, copied files; generated `texts` have no size yet (None)."""
     folder = is_folder_output(target)
     layout = plan_layout(entries, folder=folder, max_shard_size=max_shard_size, weights_name=weights_name)
     files: list[tuple[str, int | None]] = [
@@ -287,9 +277,8 @@ def _as_bytes(data: torch.Tensor | bytes | memoryview) -> memoryview:
 class CheckpointWriter:
     """An output checkpoint: one `.safetensors` file, or a folder of shards, index and extra files.
 
-    Nothing appears at `target` before `commit()` (or `finish()` then `atomic.publish_all`);
-    `abort()` (or leaving a `with` block on an error) removes everything written. Creating the
-    writer creates the temporary output, so an unwritable target fails here, before any work.
+    Nothing appears at `target` before `commit()` (or `finish()` then `atomic.publish_all`); `abort()` (or
+    leaving a `with` block) removes everything written. An unwritable target fails on creation, before any work.
 
     Args:
         target: a path ending in `.safetensors` (one file) or any other path (a folder).
@@ -375,11 +364,8 @@ class CheckpointWriter:
         return sum(f.bytes_written for f in self._files)
 
     def write(self, name: str, data: torch.Tensor | bytes | memoryview, *, last: str | None = None) -> None:
-        """Append `data` to tensor `name` (tensors come in `self.order`, each whole or in row blocks).
-
-        With `last`, `data` holds the bytes of every tensor from `name` to `last` in `self.order`
-        (a run of small tensors, which may cross from one shard into the next).
-        """
+        """Append `data` to tensor `name` (tensors come in `self.order`, each whole or in row blocks); with `last`,
+        the bytes of every tensor from `name` to `last` (a run of small tensors, maybe across shards)."""
         if self._names is None:
             self._names = {e.name for e in self.order}
         if last is None and not _as_bytes(data).nbytes and name in self._names:
