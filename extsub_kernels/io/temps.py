@@ -143,7 +143,7 @@ def _owner_alive(pid: int) -> bool:
 
 def empty_folder(path: Path) -> bool:
     """Whether `path` is a real folder (not a symlink) with nothing in it: an OUT that holds nothing to lose, so it
-    is taken without --force (as `save_pretrained` takes it)."""
+    is taken without force=True (as `save_pretrained` takes it)."""
     try:
         return path.is_dir() and not path.is_symlink() and not any(os.scandir(path))
     except OSError:
