@@ -37,8 +37,7 @@ def reserve_temp(target: Path, *, folder: bool) -> Path:
     """A fresh temporary beside `target`: an empty folder (`folder`) or an empty file, locked by this process; the
     target's missing folders are created (removed with it). InputError where they cannot be: the early check of OUT.
     """
-    parent = target.parent
-    created = _make_folders(parent)
+    created = _make_folders(target.parent)
     temp = temps.temp_path(target)
     try:
         if folder:
@@ -50,7 +49,7 @@ def reserve_temp(target: Path, *, folder: bool) -> Path:
     except OSError as e:
         _live.setdefault(temp, created)
         remove(temp)
-        raise InputError(f"cannot write in {parent}: {e.strerror or e}") from None
+        raise InputError(f"cannot write in {target.parent}: {e.strerror or e}") from None
     return temp
 
 
@@ -373,8 +372,7 @@ def terminate_as_interrupt() -> Iterator[None]:
 
 @atexit.register
 def _remove_leftovers() -> None:
-    """Last-chance clean-up at exit: what cannot be removed (a read-only or vanished file system) stays, quietly;
-    the next run into the folder removes it (`temps.clean_stale`)."""
+    """Last-chance clean-up at exit; what cannot be removed (a read-only file system) stays for `temps.clean_stale`."""
     for path in list(_live):
         try:
             remove(path)

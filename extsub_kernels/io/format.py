@@ -28,12 +28,8 @@ DTYPE_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.ite
 
 @functools.cache
 def readable_dtypes() -> dict[str, torch.dtype]:
-    """The codes of `DTYPES` that the installed `safetensors` loads back into torch, with their dtypes.
-
-    torch may know a dtype that `safetensors.torch.load` cannot load (F8_E8M0 with safetensors
-    0.8): a tensor of it could be read here, but an output holding it could not be read back,
-    so inputs are held to this set. Probed once, by loading one element of each code from bytes.
-    """
+    """The codes of `DTYPES` that the installed `safetensors` loads back into torch, with their dtypes (probed once):
+    inputs are held to them, since an output holding another (F8_E8M0 with safetensors 0.8) could not be read back."""
     from safetensors.torch import load
 
     readable = {}

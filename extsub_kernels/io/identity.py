@@ -9,7 +9,7 @@ import os
 import re
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from extsub_kernels.constants import MOUNT_INFO, SAFETENSORS_SUFFIX
@@ -41,10 +41,7 @@ class Place:
 
     anchor: FileId
     rest: tuple[str, ...]
-    holders: frozenset[FileId]  # every existing folder above the anchor
-
-    def same(self, other: "Place") -> bool:
-        return (self.anchor, self.rest) == (other.anchor, other.rest)
+    holders: frozenset[FileId] = field(compare=False)  # every existing folder above the anchor
 
     def inside(self, other: "Place") -> bool:
         """Whether this place lies strictly inside the folder `other` names (existing or to be created)."""

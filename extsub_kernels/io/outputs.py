@@ -1,11 +1,9 @@
 """Where outputs go: the path rules every kind of output follows, checked before any work.
 
-An OUT ending in `.safetensors` is one file; any other OUT is a folder. Several outputs of
-one run get `-lam<label>` suffixes. An OUT is never onto, into or around an input, compared by
-identity (device and inode, every symlink followed: a symlinked parent, a hard link, a bind
-mount are all seen through), and an existing OUT is replaced only when forced, only when it is
-an output of the same kind, and never when it is a mount point. Temporaries that killed runs
-left beside an OUT are cleaned up first (`temps.clean_stale`).
+An OUT ending in `.safetensors` is one file; any other OUT is a folder; several outputs of one run
+get `-lam<label>` suffixes. No output is onto, into or around an input or another output, compared
+by identity (`identity.where`); an existing OUT is replaced only when forced, by an output of the
+same kind, and never when it is a mount point. Temporaries of killed runs beside it go first.
 """
 
 import json
@@ -185,11 +183,11 @@ def _check_apart(
         _check_apart_from_inputs(path, inputs, what)
         for name, file in read:
             other = where(file)
-            if place.same(other) or other.inside(place):
-                verb = "is" if place.same(other) else "holds"
+            if place == other or other.inside(place):
+                verb = "is" if place == other else "holds"
                 raise _error(f"{what} {verb} {name}, which this run reads; choose another path", what)
     for (what_a, a), (what_b, b) in combinations(places, 2):
-        if a.same(b):
+        if a == b:
             raise _error(f"{what_a} and {what_b} are the same path; give each output a path of its own", what_a, what_b)
         if a.inside(b) or b.inside(a):
             inner, outer = (what_a, what_b) if a.inside(b) else (what_b, what_a)

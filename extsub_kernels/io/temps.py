@@ -91,9 +91,7 @@ def clean_stale(folder: Path) -> list[str]:
         match = _TEMP_NAME.match(name)
         if match is None or _owner_alive(int(match["pid"])):
             continue
-        path = folder / name
-        action = _clean_one(path, folder / match["name"], old=bool(match["old"]), pid=match["pid"])
-        if action:
+        if action := _clean_one(folder / name, folder / match["name"], old=bool(match["old"]), pid=match["pid"]):
             done.append(action)
     for line in done:
         warnings.warn(line, stacklevel=2)
@@ -105,14 +103,11 @@ def _clean_one(path: Path, target: Path, *, old: bool, pid: str) -> str | None:
         mode = os.lstat(path).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             return None
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
         return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return None  # held by a live run (in another PID namespace), or no locks here: not ours to judge
+    try:  # an OSError: locked by a live run (in another PID namespace), or no locks here: not ours to judge
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         if old and _SHORTENED.search(target.name):
             return None  # an OUT set aside under a shortened name: where it belongs is not known, so it stays
         if old and not os.path.lexists(target):
