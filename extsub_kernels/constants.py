@@ -8,6 +8,7 @@ name one way.
 SAFETENSORS_SUFFIX = ".safetensors"
 INDEX_SUFFIX = ".safetensors.index.json"  # "model" + INDEX_SUFFIX: the index of model-0000N-of-0000M.safetensors
 MODEL_WEIGHTS = "model.safetensors"
+SHARD_NAME = "{stem}-{index:05d}-of-{count:05d}" + SAFETENSORS_SUFFIX  # model-00001-of-00003.safetensors
 MODEL_CONFIG = "config.json"
 
 # PEFT adapter folders.
@@ -18,7 +19,10 @@ ADAPTER_PICKLE = "adapter_model.bin"  # a pickle: refused, never read
 # What a folder output gets beside its weights, and what a run leaves while it writes.
 CARD_NAME = "README.md"
 RECIPE_NAME = "extsub_recipe.yaml"
-TEMP_TAG = ".extsub-tmp-"
+TEMP_TAG = ".extsub-tmp-"  # a run's temporary beside OUT: ".OUT.extsub-tmp-PID-XXXXXXXX"
+
+# System files.
+MOUNT_INFO = "/proc/self/mountinfo"  # Linux: where every file system (bind mounts too) is mounted
 
 # Environment variables.
 ENV_CACHE_DIR = "EXTSUB_CACHE_DIR"  # where the C++ kernel is built (default: $XDG_CACHE_HOME/extsub)

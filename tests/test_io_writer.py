@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save
 
 from extsub_kernels.errors import InputError, MergeError
 from extsub_kernels.io import CheckpointWriter, TensorEntry, build_header, read_header
-from extsub_kernels.io.writer import plan_shards, safetensors_order
+from extsub_kernels.io.writer import _plan_shards, _safetensors_order
 
 from checkpoints import leftovers
 
@@ -123,9 +123,9 @@ def test_a_tensor_larger_than_the_shard_limit_gets_its_own_shard():
         TensorEntry("big", torch.float32, (100,)),
         TensorEntry("s2", torch.float32, (2,)),
     ]
-    shards = plan_shards(entries, 64)
+    shards = _plan_shards(entries, 64)
     assert [[e.name for e in group] for _, group in shards] == [["small"], ["big"], ["s2"]]
-    assert plan_shards(entries, None)[0][0] == "model.safetensors"
+    assert _plan_shards(entries, None)[0][0] == "model.safetensors"
 
 
 def test_safetensors_order_puts_wide_dtypes_first_then_names():
@@ -137,7 +137,7 @@ def test_safetensors_order_puts_wide_dtypes_first_then_names():
             "a32": torch.zeros(1),
         }
     )
-    assert [e.name for e in safetensors_order(entries)] == ["a32", "z32", "a16", "b"]
+    assert [e.name for e in _safetensors_order(entries)] == ["a32", "z32", "a16", "b"]
 
 
 def test_an_unwritable_target_fails_when_the_writer_is_created(tmp_path):

@@ -1,26 +1,16 @@
 """Checkpoint I/O: resolve inputs · read one tensor at a time · header-first, atomic writer · output path rules."""
 
 from extsub_kernels.io.outputs import check_outputs, is_folder_output, output_paths
-from extsub_kernels.io.reader import CheckpointReader, Header, TensorInfo, read_header
+from extsub_kernels.io.reader import CheckpointReader, TensorInfo, read_header
 from extsub_kernels.io.resolve import ResolvedInput, hub_repo_id, read_json_object, resolve_input
-from extsub_kernels.io.writer import (
-    CheckpointWriter,
-    SafetensorsFileWriter,
-    TensorEntry,
-    all_or_nothing,
-    build_header,
-    check_free_space,
-)
+from extsub_kernels.io.writer import CheckpointWriter, TensorEntry, build_header, check_free_space
 
 __all__ = [
     "CheckpointReader",
     "CheckpointWriter",
-    "Header",
     "ResolvedInput",
-    "SafetensorsFileWriter",
     "TensorEntry",
     "TensorInfo",
-    "all_or_nothing",
     "build_header",
     "check_free_space",
     "check_outputs",

@@ -2,25 +2,20 @@
 
 Publishing moves every output of a run into place together (`publish_all`): Ctrl-C and
 SIGTERM wait until the moves are done, a failure undoes the moves made so far, and an OUT
-being replaced stays in place until its successor takes its name in one step:
+being replaced stays in place until its successor takes its name in one step: a file is
+renamed over it; a folder is swapped with it by `renameat2(RENAME_EXCHANGE)` (Linux), or where
+the file system cannot swap, set aside, replaced, and put back on any error (after a SIGKILL
+in between, by the next run into that folder: see `temps`).
 
-- a file is renamed over the old one (atomic on POSIX);
-- a folder is swapped with the old one by `renameat2(RENAME_EXCHANGE)` (Linux), then the old
-  one is deleted. Where the file system cannot swap, the old folder is set aside under a
-  temporary name, the new one moved in, and the old one put back on any error; a SIGKILL
-  between those two renames leaves the old OUT aside, and the next run into that folder puts
-  it back (see `temps`).
-
-Temporary paths are remembered until published or removed (at interpreter exit too, if
-something skipped the cleanup), and so are the folders created for them, so a failed run into
-`new1/new2/OUT` leaves no `new1/`. Within `terminate_as_interrupt()` SIGTERM raises like Ctrl-C
-does, so the same cleanup runs for both.
+Temporaries, and the folders created for them (a failed run into `new1/new2/OUT` leaves no
+`new1/`), are remembered until published or removed, at interpreter exit at the latest.
 """
 
 import atexit
 import contextlib
 import ctypes
 import errno
+import itertools
 import os
 import shutil
 import signal
@@ -39,14 +34,10 @@ _live: dict[Path, list[Path]] = {}  # temporary → the folders created for it (
 
 
 def reserve_temp(target: Path, *, folder: bool) -> Path:
-    """A fresh temporary beside `target`: an empty folder (`folder`) or an empty file, locked by this process.
-
-    Creates the target's missing parent folders (removed again with the temporary). Raises
-    InputError when they cannot be created or written to: this is the early check that an
-    output location is usable.
+    """A fresh temporary beside `target`: an empty folder (`folder`) or an empty file, locked by this process; the
+    target's missing folders are created (removed with it). InputError where they cannot be: the early check of OUT.
     """
-    parent = target.parent
-    created = _make_folders(parent)
+    created = _make_folders(target.parent)
     temp = temps.temp_path(target)
     try:
         if folder:
@@ -58,17 +49,13 @@ def reserve_temp(target: Path, *, folder: bool) -> Path:
     except OSError as e:
         _live.setdefault(temp, created)
         remove(temp)
-        raise InputError(f"cannot write in {parent}: {e.strerror or e}") from None
+        raise InputError(f"cannot write in {target.parent}: {e.strerror or e}") from None
     return temp
 
 
 def _make_folders(folder: Path) -> list[Path]:
     """Create `folder` and its missing parents; returns those created, outermost first."""
-    missing = []
-    for path in (folder, *folder.parents):
-        if os.path.lexists(path):
-            break
-        missing.append(path)
+    missing = list(itertools.takewhile(lambda path: not os.path.lexists(path), (folder, *folder.parents)))
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -78,11 +65,8 @@ def _make_folders(folder: Path) -> list[Path]:
 
 
 def _remove_empty_folders(created: Sequence[Path]) -> None:
-    """Remove folders created for an output, innermost first, while they are empty.
-
-    One still holding another temporary of this process is handed to it with its parents, to
-    be removed with it; one holding anything else stays.
-    """
+    """Remove folders created for an output, innermost first, while empty; one holding another temporary of this
+    process is handed to it with its parents, one holding anything else stays."""
     for i in reversed(range(len(created))):
         try:
             created[i].rmdir()
@@ -122,22 +106,19 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write a small text file and fsync it."""
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+def write_text(path: Path, text: str | bytes) -> None:
+    """Write a small file (text as UTF-8) and fsync it."""
+    with open(path, "wb") as f:
+        f.write(text.encode("utf-8") if isinstance(text, str) else text)
         f.flush()
         os.fsync(f.fileno())
 
 
 def write_into(target: Path, data: bytes) -> None:
-    """Write `data` into an existing FIFO or character device (a pipe, a terminal, /dev/null), never replacing it.
-
-    A FIFO nobody reads is an error at once (ENXIO), not a wait forever.
-    """
-    flags = os.O_WRONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    """Write `data` into an existing FIFO or character device (a pipe, a terminal, /dev/null), never replacing it;
+    a FIFO nobody reads is an error at once (ENXIO), not a wait forever."""
     try:
-        fd = os.open(target, flags)
+        fd = os.open(target, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         if e.errno == errno.ENXIO:
             raise OSError(e.errno, "nobody reads this FIFO", str(target)) from None
@@ -152,31 +133,15 @@ def write_into(target: Path, data: bytes) -> None:
 
 
 def replace_file(target: Path, data: bytes) -> None:
-    """Write `data` to `target` whole or not at all: a temporary file beside it, fsync, rename over it.
-
-    For small files that are rewritten as they grow (a scan's results after every row): a
-    reader, or a Ctrl-C at any moment, sees the previous version or the new one, never half.
-    Unlike `publish` it holds no signal back, so a scan stays interruptible between its rows.
-    """
+    """Write `data` to `target` whole or not at all (a temporary beside it, fsync, rename): for small files rewritten
+    as they grow (a scan's results). Unlike `publish` it holds no signal back: a scan stays interruptible."""
     temp = reserve_temp(target, folder=False)
     try:
-        with open(temp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_text(temp, data)
         os.replace(temp, target)
     finally:
         remove(temp)
     fsync_path(target.parent)
-
-
-@dataclass
-class _Move:
-    """One output moved into place: where its predecessor waits until the run commits (None: there was none)."""
-
-    target: Path
-    old: Path | None
-    created: list[Path]  # folders created for it, removed again if the move is undone
 
 
 def publish(temp: Path, target: Path, *, force: bool) -> None:
@@ -199,40 +164,39 @@ def publish_all(moves: Sequence[tuple[Path, Path]], *, force: bool) -> tuple[Pat
         OSError: a move failed; every move made before it was undone.
     """
     _signals.raise_unanswered()  # a Ctrl-C swallowed on its way (`_signals`) stops the run before anything moves
-    run = _run if threading.current_thread() is threading.main_thread() else None
-    if run is not None:
-        run.holding = True  # from the first move to the end of the run, signals wait
-        published = _publish(moves, force)
-        run.published.extend(published)
-        return published
-    with _signals_held() as pending:
-        published = _publish(moves, force)
-    if pending:
-        raise (Terminated if pending[0] == signal.SIGTERM else Interrupted)(published=published)
+    if threading.current_thread() is not threading.main_thread():
+        return _publish(moves, force)  # signals reach the main thread only
+    if _run is None:  # outside a run, this call is one
+        with terminate_as_interrupt():
+            return publish_all(moves, force=force)
+    _run.holding = True  # from the first move to the end of the run, signals wait
+    published = _publish(moves, force)
+    _run.published.extend(published)
     return published
 
 
 def _publish(moves: Sequence[tuple[Path, Path]], force: bool) -> tuple[Path, ...]:
-    done: list[_Move] = []
+    # Per move: the target, where its predecessor waits until all are in place (None: none), the folders created for it.
+    done: list[tuple[Path, Path | None, list[Path]]] = []
     try:
         for temp, target in moves:
             fsync_path(temp)
             fsync_path(target.parent)
             old = _move_in(temp, target, force=force)
             temps.move_hold(temp, target)  # the lock is the new output's, wherever it now is
-            done.append(_Move(target, old, _live.pop(temp, [])))
+            done.append((target, old, _live.pop(temp, [])))
             if old is not None:
                 _live.setdefault(old, [])
-        for move in done:
-            fsync_path(move.target.parent)
+        for target, _, _ in done:
+            fsync_path(target.parent)
     except BaseException as error:
         _undo(done, error)
         raise
-    for move in done:
-        temps.release(move.target)
-        if move.old is not None:
-            remove(move.old)
-    return tuple(m.target for m in done)
+    for target, old, _ in done:
+        temps.release(target)
+        if old is not None:
+            remove(old)
+    return tuple(target for target, _, _ in done)
 
 
 def _move_in(temp: Path, target: Path, *, force: bool) -> Path | None:
@@ -241,10 +205,10 @@ def _move_in(temp: Path, target: Path, *, force: bool) -> Path | None:
         try:
             _rename_noreplace(temp, target)
         except FileExistsError:
-            raise InputError(_APPEARED.format(target=target)) from None
+            raise _appeared(target) from None
         return None
     if not force and not (temp.is_dir() and temps.empty_folder(target)):
-        raise InputError(_APPEARED.format(target=target))
+        raise _appeared(target)
     try:
         exchange(temp, target)
         return temp  # the swap left the old output at the temporary's name
@@ -272,33 +236,36 @@ def _move_in(temp: Path, target: Path, *, force: bool) -> Path | None:
     return aside
 
 
-_APPEARED = "OUT {target} appeared while the merge ran; run again (with --force to replace it)"
+def _appeared(target: Path) -> InputError:
+    return InputError(
+        f"OUT {target} appeared while the merge ran; run again (with force=True to replace it)", options=("force",)
+    )
 
 
-def _undo(done: list[_Move], error: BaseException) -> None:
+def _undo(done: list[tuple[Path, Path | None, list[Path]]], error: BaseException) -> None:
     """Reverse the moves of a failed publish, last first; what cannot be reversed is attached to `error`."""
     stuck = []
-    for move in reversed(done):
+    for target, old, created in reversed(done):
         try:
-            if move.old is None:
-                _live[move.target] = move.created
-                remove(move.target)
-            elif move.target.is_dir() and not move.target.is_symlink():
+            if old is None:
+                _live[target] = created
+                remove(target)
+            elif target.is_dir() and not target.is_symlink():
                 try:
-                    exchange(move.old, move.target)
-                    remove(move.old)
+                    exchange(old, target)
+                    remove(old)
                 except OSError:
-                    swapped = temps.temp_path(move.target)
-                    os.rename(move.target, swapped)
-                    os.rename(move.old, move.target)
-                    _live.pop(move.old, None)
+                    swapped = temps.temp_path(target)
+                    os.rename(target, swapped)
+                    os.rename(old, target)
+                    _live.pop(old, None)
                     remove(swapped)
             else:
-                os.rename(move.old, move.target)
-                _live.pop(move.old, None)
-            temps.release(move.target)
+                os.rename(old, target)
+                _live.pop(old, None)
+            temps.release(target)
         except OSError:
-            stuck.append(move.target)
+            stuck.append(target)
     if stuck:
         published = tuple(reversed(stuck))
         raise PublishError(
@@ -332,19 +299,13 @@ _UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP)
 _AT_FDCWD = -100
 
 
-def _libc_renameat2():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        function = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-_renameat2_fn = _libc_renameat2()
+try:  # libc's renameat2 (Linux only)
+    _renameat2_fn = ctypes.CDLL(None, use_errno=True).renameat2 if sys.platform.startswith("linux") else None
+except (AttributeError, OSError):
+    _renameat2_fn = None
+if _renameat2_fn is not None:
+    _renameat2_fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    _renameat2_fn.restype = ctypes.c_int
 
 
 def _renameat2(src: Path, dst: Path, flags: int) -> None:
@@ -353,32 +314,6 @@ def _renameat2(src: Path, dst: Path, flags: int) -> None:
     if _renameat2_fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), str(src), None, str(dst))
-
-
-@contextmanager
-def _signals_held() -> Iterator[list[int]]:
-    """Within the block Ctrl-C and SIGTERM are recorded, not acted on; the caller acts on them after.
-
-    Only the main thread can set signal handlers; elsewhere this holds nothing back. A signal
-    that was ignored stays ignored.
-    """
-    pending: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield pending
-        return
-
-    def _record(signum: int, frame: object) -> None:
-        pending.append(signum)
-
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(sig) is not signal.SIG_IGN:
-            previous[sig] = signal.signal(sig, _record)
-    try:
-        yield pending
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 @dataclass
@@ -397,12 +332,10 @@ _run: _RunSignals | None = None  # the run in progress in the main thread
 def terminate_as_interrupt() -> Iterator[None]:
     """The signal handling of one run: SIGTERM raises `Terminated` (a KeyboardInterrupt), so cleanup runs as for Ctrl-C.
 
-    Once `publish_all` starts moving outputs into place, Ctrl-C and SIGTERM are held back until
-    the block ends; then they are raised as `Interrupted` / `Terminated` with `published` naming
-    the outputs, so nobody is told "nothing was written" when the run's outputs are in place. An
-    error raised after outputs were published gets the same `published` attribute.
-    A signal that was ignored stays ignored. Only the main thread can set signal handlers;
-    elsewhere this does nothing.
+    Once `publish_all` starts moving outputs into place, Ctrl-C and SIGTERM are held back until the
+    block ends, then raised as `Interrupted` / `Terminated` with `published` naming the outputs in
+    place; an error raised after publishing gets the same `published`. An ignored signal stays
+    ignored; outside the main thread (which alone sets handlers) this does nothing.
     """
     global _run
     if threading.current_thread() is not threading.main_thread():
@@ -439,8 +372,7 @@ def terminate_as_interrupt() -> Iterator[None]:
 
 @atexit.register
 def _remove_leftovers() -> None:
-    """Last-chance clean-up at exit: what cannot be removed (a read-only or vanished file system) stays, quietly;
-    the next run into the folder removes it (`temps.clean_stale`)."""
+    """Last-chance clean-up at exit; what cannot be removed (a read-only file system) stays for `temps.clean_stale`."""
     for path in list(_live):
         try:
             remove(path)

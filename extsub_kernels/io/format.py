@@ -14,60 +14,33 @@ HEADER_LENGTH_BYTES = 8
 MAX_HEADER_BYTES = 100_000_000
 METADATA_KEY = "__metadata__"
 
-
-_TORCH_NAMES = dict(
-    F64="float64",
-    F32="float32",
-    F16="float16",
-    BF16="bfloat16",
-    I64="int64",
-    I32="int32",
-    I16="int16",
-    I8="int8",
-    U64="uint64",
-    U32="uint32",
-    U16="uint16",
-    U8="uint8",
-    BOOL="bool",
-    C64="complex64",
-    F8_E4M3="float8_e4m3fn",
-    F8_E5M2="float8_e5m2",
-    F8_E4M3FNUZ="float8_e4m3fnuz",
-    F8_E5M2FNUZ="float8_e5m2fnuz",
-    F8_E8M0="float8_e8m0fnu",
+# Each header code and the torch dtype it names (codes this torch lacks are left out).
+_TORCH_NAMES = (
+    *(("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16")),
+    *(("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8")),
+    *(("U64", "uint64"), ("U32", "uint32"), ("U16", "uint16"), ("U8", "uint8")),
+    *(("BOOL", "bool"), ("C64", "complex64"), ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")),
+    *(("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("F8_E8M0", "float8_e8m0fnu")),
 )
-
-
-def _dtype_table() -> dict[str, torch.dtype]:
-    return {code: getattr(torch, name) for code, name in _TORCH_NAMES.items() if hasattr(torch, name)}
-
-
-DTYPES: dict[str, torch.dtype] = _dtype_table()
+DTYPES: dict[str, torch.dtype] = {code: getattr(torch, name) for code, name in _TORCH_NAMES if hasattr(torch, name)}
 DTYPE_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
 
 
 @functools.cache
 def readable_dtypes() -> dict[str, torch.dtype]:
-    """The codes of `DTYPES` that the installed `safetensors` loads back into torch, with their dtypes.
-
-    torch may know a dtype that `safetensors.torch.load` cannot load (F8_E8M0 with safetensors
-    0.8): a tensor of it could be read here, but an output holding it could not be read back,
-    so inputs are held to this set. Probed once, by loading one element of each code from bytes.
-    """
+    """The codes of `DTYPES` that the installed `safetensors` loads back into torch, with their dtypes (probed once):
+    inputs are held to them, since an output holding another (F8_E8M0 with safetensors 0.8) could not be read back."""
     from safetensors.torch import load
 
     readable = {}
     for code, dtype in DTYPES.items():
         header = json.dumps({"t": {"dtype": code, "shape": [1], "data_offsets": [0, dtype.itemsize]}}).encode()
+        data = len(header).to_bytes(HEADER_LENGTH_BYTES, "little") + header + bytes(dtype.itemsize)
         try:
-            ok = (
-                load(len(header).to_bytes(HEADER_LENGTH_BYTES, "little") + header + bytes(dtype.itemsize))["t"].dtype
-                == dtype
-            )
+            if load(data)["t"].dtype == dtype:
+                readable[code] = dtype
         except Exception:
-            ok = False
-        if ok:
-            readable[code] = dtype
+            continue
     return readable
 
 
@@ -87,16 +60,7 @@ def dtype_code(dtype: torch.dtype) -> str:
         raise TypeError(f"dtype {dtype} cannot be stored in a safetensors file") from None
 
 
-def write_order_key(name: str, dtype: torch.dtype) -> tuple[int, str]:
-    """Sort key giving the order `safetensors` lays tensors out in a file."""
+def write_rank(dtype: torch.dtype) -> int:
+    """Where `safetensors` puts tensors of this dtype in a file (then by name): a sort key."""
     code = dtype_code(dtype)
-    rank = _WRITE_RANK.index(code) if code in _WRITE_RANK else len(_WRITE_RANK)
-    return rank, name
-
-
-def nbytes_of(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
-    """Bytes of a dense tensor of this dtype and shape."""
-    n = 1
-    for dim in shape:
-        n *= dim
-    return n * dtype.itemsize
+    return _WRITE_RANK.index(code) if code in _WRITE_RANK else len(_WRITE_RANK)

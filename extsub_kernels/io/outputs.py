@@ -1,11 +1,9 @@
 """Where outputs go: the path rules every kind of output follows, checked before any work.
 
-An OUT ending in `.safetensors` is one file; any other OUT is a folder. Several outputs of
-one run get `-lam<label>` suffixes. An OUT is never onto, into or around an input, compared by
-identity (device and inode, every symlink followed: a symlinked parent, a hard link, a bind
-mount are all seen through), and an existing OUT is replaced only when forced, only when it is
-an output of the same kind, and never when it is a mount point. Temporaries that killed runs
-left beside an OUT are cleaned up first (`temps.clean_stale`).
+An OUT ending in `.safetensors` is one file; any other OUT is a folder; several outputs of one run
+get `-lam<label>` suffixes. No output is onto, into or around an input or another output, compared
+by identity (`identity.where`); an existing OUT is replaced only when forced, by an output of the
+same kind, and never when it is a mount point. Temporaries of killed runs beside it go first.
 """
 
 import json
@@ -15,8 +13,9 @@ from collections.abc import Sequence
 from itertools import combinations
 from pathlib import Path
 
-from extsub_kernels.constants import CARD_NAME, SAFETENSORS_SUFFIX
+from extsub_kernels.constants import CARD_NAME, INDEX_SUFFIX, SAFETENSORS_SUFFIX
 from extsub_kernels.errors import InputError
+from extsub_kernels.io.files import file_kind, options_named
 from extsub_kernels.io.identity import file_id, folder_chain, is_mount_point, where
 from extsub_kernels.io.resolve import ResolvedInput
 from extsub_kernels.io.temps import clean_stale, empty_folder, name_max
@@ -63,31 +62,25 @@ def output_paths(out: Path, labels: Sequence[str]) -> list[Path]:
     return [out.with_name(f"{out.stem}-lam{label}{SAFETENSORS_SUFFIX}") for label in labels]
 
 
+def _error(message: str, *named: str) -> InputError:
+    """An InputError whose message names each of `named` ("OUT x", "report=x", "force="), with their Python options."""
+    return InputError(message, options=options_named(*named))
+
+
 def refuse_existing(path: Path, *, force: bool, what: str | None = None) -> None:
     """Raise an InputError when `path` exists and replacing it was not asked for (`what` names it: "OUT path"), or
-    when it is not what --force replaces: a regular file or a folder, never a symlink, a FIFO, a device or a socket."""
+    when it is not what force=True replaces: a regular file or a folder, never a symlink, a FIFO, a device, a socket."""
+    what = what or f"OUT {path}"
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return
     except (OSError, ValueError) as e:
-        raise InputError(f"{what or f'OUT {path}'} cannot be examined: {getattr(e, 'strerror', None) or e}") from None
+        raise _error(f"{what} cannot be examined: {getattr(e, 'strerror', None) or e}", what) from None
     if not force:
-        raise InputError(f"{what or f'OUT {path}'} already exists; pass force=True to replace it", options=("force",))
+        raise _error(f"{what} already exists; pass force=True to replace it", "force=", what)
     if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
-        kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
-        raise InputError(
-            f"{what or f'OUT {path}'} is {kind}; force= replaces only regular files and folders", options=("force",)
-        )
-
-
-_KINDS = {
-    stat.S_IFLNK: "a symbolic link",
-    stat.S_IFIFO: "a FIFO",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-    stat.S_IFSOCK: "a socket",
-}
+        raise _error(f"{what} is {file_kind(mode)}; force= replaces only regular files and folders", "force=", what)
 
 
 def check_outputs(
@@ -104,17 +97,16 @@ def check_outputs(
     Args:
         paths: the outputs of the run (one per λ setting).
         inputs: (role, input) pairs, the role (EXPERT, ANTI, BASE) naming it in messages.
-        force: an existing OUT may be replaced, when it is an output of the same kind (a regular
-            file, or a folder holding only the files this tool wrote there, see `written_names`).
-        others: the run's other outputs, (what, path): a --report file, scan files.
-        read: other files the run reads, (what, path): a recipe.
+        force: an existing OUT may be replaced by an output of the same kind (a regular file, or a
+            folder holding only what this tool wrote there, see `written_names`).
+        others, read: (what, path) of the run's other outputs (a report, scan files) and other files it reads.
 
     Raises:
         InputError: naming the OUT, the input and what to do.
     """
     for parent in dict.fromkeys(Path(os.path.realpath(p.parent)) for p in paths):
         clean_stale(parent)
-    check_apart([*((f"OUT {p}", p) for p in paths), *others], inputs, read)
+    _check_apart([*((f"OUT {p}", p) for p in paths), *others], inputs, read)
     for path in paths:
         if not os.path.lexists(path):
             continue
@@ -126,16 +118,19 @@ def check_outputs(
         wants_folder = is_folder_output(path)
         if wants_folder != (path.is_dir() and not path.is_symlink()):
             kind = "a folder" if path.is_dir() else "a file"
-            raise InputError(f"OUT {path} exists and is {kind}; --force only replaces an output of the same kind")
+            raise _error(
+                f"OUT {path} exists and is {kind}; force=True only replaces an output of the same kind", "force="
+            )
         if wants_folder:
             written = written_names(path)
             strangers = sorted(
                 (p.name for p in path.iterdir() if not _is_checkpoint_file(p, written)), key=lambda n: n != CARD_NAME
             )  # a card not ours explains the rest: name it first
             if strangers:
-                raise InputError(
+                raise _error(
                     f"OUT {path} holds files extsub-merge did not write there (e.g. {strangers[0]!r}); "
-                    "--force replaces only folders holding what extsub-merge wrote (or weights alone)"
+                    "force=True replaces only folders holding what extsub-merge wrote (or weights alone)",
+                    "force=",
                 )
 
 
@@ -147,20 +142,19 @@ def check_report_path(
     force: bool,
     read: Sequence[tuple[str, Path]] = (),
 ) -> None:
-    """Refuse a --report FILE that is a folder, an input or in one, an output or in one (by identity, `check_apart`),
-    or exists (without force), or is no regular file to replace.
-
-    A FIFO or a character device (a pipe, a terminal, /dev/null) is written into, never
-    replaced (see `is_stream`).
+    """Refuse a report file that is a folder, an input or in one, an output or in one (by identity), or exists
+    (without force), or is no regular file to replace; a FIFO or a character device (a pipe, a terminal,
+    /dev/null) is written into, never replaced (see `is_stream`).
 
     Raises:
         InputError: naming the file and what to do.
     """
+    what = f"report={path}"
     if path.is_dir():
-        raise InputError(f"--report {path} is a folder; give a file name like report.json (or - for stdout)")
-    check_apart([(f"--report {path}", path), *((f"OUT {p}", p) for p in outputs)], inputs, read)
+        raise _error(f"{what} is a folder; give a file name like report.json (or - for stdout)", what)
+    _check_apart([(what, path), *((f"OUT {p}", p) for p in outputs)], inputs, read)
     if not is_stream(path):
-        refuse_existing(path, force=force, what=f"--report {path}")
+        refuse_existing(path, force=force, what=what)
 
 
 def is_stream(path: Path) -> bool:
@@ -172,44 +166,32 @@ def is_stream(path: Path) -> bool:
     return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
 
 
-def check_apart(
+def _check_apart(
     outputs: Sequence[tuple[str, Path]],
     inputs: Sequence[tuple[str, ResolvedInput]] = (),
     read: Sequence[tuple[str, Path]] = (),
 ) -> None:
-    """The one identity rule of every path a run writes: no output is, holds or lies inside an input, a file the
-    run reads, or another output, however the paths are spelled (`sub/../out`, symlinks, bind mounts, hard links).
-
-    Args:
-        outputs: (what, path) of every output, `what` naming it in messages ("OUT x", "--report x").
-            A folder output holds only what the run writes into it itself, so list its files apart
-            only when they are separate outputs.
-        inputs: (role, input) pairs of the checkpoints read.
-        read: (what, path) of other files the run reads (a recipe, text sets).
-
-    Raises:
-        InputError: naming both paths and what to do; or an output whose name is longer than its
-            file system takes.
-    """
+    """The one identity rule of every path a run writes: no output (what, path) is, holds or lies inside an input, a
+    file the run reads (what, path) or another output, however spelled (`sub/../out`, symlinks, bind mounts, hard
+    links); and no output's name is longer than its file system takes. A folder output's own files are not listed."""
     for what, path in outputs:
         size, longest = len(os.fsencode(path.name)), name_max(path.parent)
         if size > longest:
-            raise InputError(f"{what}: the name is {size} bytes, the file system takes at most {longest}; shorten it")
-    places = [(what, path, where(path)) for what, path in outputs]
-    for what, path, place in places:
-        _check_apart_from_inputs(path, inputs, what=what)
+            raise _error(f"{what}: the name is {size} bytes, the file system takes at most {longest}; shorten it", what)
+    places = [(what, where(path)) for what, path in outputs]
+    for (what, place), (_, path) in zip(places, outputs, strict=True):
+        _check_apart_from_inputs(path, inputs, what)
         for name, file in read:
             other = where(file)
-            if place.same(other):
-                raise InputError(f"{what} is {name}, which this run reads; choose another path")
-            if other.inside(place):
-                raise InputError(f"{what} holds {name}, which this run reads; choose another path")
-    for (what_a, _, a), (what_b, _, b) in combinations(places, 2):
-        if a.same(b):
-            raise InputError(f"{what_a} and {what_b} are the same path; give each output a path of its own")
+            if place == other or other.inside(place):
+                verb = "is" if place == other else "holds"
+                raise _error(f"{what} {verb} {name}, which this run reads; choose another path", what)
+    for (what_a, a), (what_b, b) in combinations(places, 2):
+        if a == b:
+            raise _error(f"{what_a} and {what_b} are the same path; give each output a path of its own", what_a, what_b)
         if a.inside(b) or b.inside(a):
             inner, outer = (what_a, what_b) if a.inside(b) else (what_b, what_a)
-            raise InputError(f"{inner} is inside {outer}; write it beside, not into, the other output")
+            raise _error(f"{inner} is inside {outer}; write it beside, not into, the other output", inner, outer)
 
 
 def check_report_folder(
@@ -222,24 +204,23 @@ def check_report_folder(
     others: Sequence[tuple[str, Path]] = (),
     read: Sequence[tuple[str, Path]] = (),
 ) -> None:
-    """Refuse a folder for report files (a λ scan's SCAN_DIR, an inspection's -o) that cannot take them, before any
-    work; `label` names it in the messages.
+    """Refuse a folder for report files (a λ scan's SCAN_DIR, an inspection's folder) that cannot take them, before
+    any work; `label` names it in the messages.
 
-    The folder may exist (other files in it are left alone) or not (it is created when the
-    first file is written). Refused: a folder that is, is inside or contains an input; a path
-    that is a file; a file of `names` that is, holds or lies in one of the run's `others` outputs
-    or is one of the files it `read`s (`check_apart`); a folder already holding one of `names`,
-    unless `force` (they are then replaced, when they are regular files).
+    The folder may exist (other files in it are left alone) or not (created with the first file).
+    Refused: a folder that is, is inside or contains an input; a file; a file of `names` that is,
+    holds or lies in one of the run's `others` outputs or is a file it `read`s; a folder already
+    holding one of `names`, unless `force` (regular files are then replaced).
 
     Raises:
         InputError: naming the folder, the input or the file in the way, and what to do.
     """
-    _check_apart_from_inputs(folder, inputs, what=f"{label} {folder}")
+    _check_apart_from_inputs(folder, inputs, f"{label} {folder}")
     if os.path.lexists(folder) and not folder.is_dir():
         raise InputError(f"{label} {folder} exists and is not a folder; give a folder for {', '.join(names)}")
     if folder.is_dir():
         clean_stale(folder)
-    check_apart([*((f"{label} file {folder / name}", folder / name) for name in names), *others], inputs, read)
+    _check_apart([*((f"{label} file {folder / name}", folder / name) for name in names), *others], inputs, read)
     present = [name for name in names if os.path.lexists(folder / name)]
     if present and not force:
         raise InputError(
@@ -251,44 +232,45 @@ def check_report_folder(
         refuse_existing(folder / name, force=force, what=f"{label} file {folder / name}")
 
 
-def _check_apart_from_inputs(path: Path, inputs: Sequence[tuple[str, ResolvedInput]], what: str | None = None) -> None:
-    """Refuse an OUT (or `what`: another path written) that is an input file or folder, lies inside an input
-    folder, or holds an input file."""
+def _check_apart_from_inputs(path: Path, inputs: Sequence[tuple[str, ResolvedInput]], what: str) -> None:
+    """Refuse a path written (`what` names it) that is an input file or folder, lies inside an input folder, or holds
+    an input file."""
     target = file_id(path)
     holders = {identity: folder for folder, identity in folder_chain(path)}
-    what = what or f"OUT {path}"
     other = "OUT" if what.startswith("OUT ") else "path"
     for role, inp in inputs:
         if inp.kind in ("folder", "hub"):
             root = file_id(inp.root)
             if root is not None and root == target:
-                raise InputError(f"{what} is the {role} folder; choose another {other} (inputs are never overwritten)")
+                raise _error(
+                    f"{what} is the {role} folder; choose another {other} (inputs are never overwritten)", what
+                )
             if root in holders:
                 via = "" if Path(os.path.realpath(inp.root)) == holders[root] else f", reached as {holders[root]}"
-                raise InputError(f"{what} is inside the {role} folder {inp.root}{via}; choose another {other}")
+                raise _error(f"{what} is inside the {role} folder {inp.root}{via}; choose another {other}", what)
         for f in (*inp.files, *inp.config_files):
             identity = file_id(f)
             if identity is not None and identity == target:
-                raise InputError(
-                    f"{what} is the {role} file {f}; choose another {other} (inputs are never overwritten)"
+                raise _error(
+                    f"{what} is the {role} file {f}; choose another {other} (inputs are never overwritten)", what
                 )
             if target is not None and any(target == folder for _, folder in folder_chain(f)):
-                raise InputError(f"{what} contains the {role} file {f}; choose another {other}")
+                raise _error(f"{what} contains the {role} file {f}; choose another {other}", what)
 
 
 def _is_checkpoint_file(p: Path, written: frozenset[str]) -> bool:
-    """Whether --force may replace `p` with its folder: a regular file this tool wrote (the card lists them, see
-    `written_names`), or weights (a .safetensors file or its index) in a folder of nothing else."""
+    """Whether force=True may replace `p` with its folder: a regular file this tool wrote (`written_names`), or
+    weights (a .safetensors file or its index) in a folder of nothing else."""
     if p.is_symlink() or not p.is_file():
         return False
-    return p.name in written or p.name.endswith((SAFETENSORS_SUFFIX, f"{SAFETENSORS_SUFFIX}.index.json"))
+    return p.name in written or p.name.endswith((SAFETENSORS_SUFFIX, INDEX_SUFFIX))
 
 
 _MANIFEST = "<!-- extsub-merge wrote: "
 
 
 def manifest_line(names: Sequence[str]) -> str:
-    """The line a model card ends with: every file this tool wrote into its folder, so that --force later replaces
+    """The line a model card ends with: every file this tool wrote into its folder, so that force=True later replaces
     exactly those."""
     listed = json.dumps(sorted(names), ensure_ascii=True).replace(">", "\\u003e")  # no name ends the comment
     return f"{_MANIFEST}{listed} -->\n"

@@ -1,9 +1,8 @@
 """Where each input came from, precisely enough to tell later whether a rerun reads the same bytes.
 
 Per input: the spec as given, the local folder, the hub repo with the commit the revision
-resolved to, and per weights file its size and the sha256 of its header (the 8-byte length
-and the JSON: names, dtypes, shapes and offsets of every tensor). Hashing headers costs
-microseconds where hashing tensor data would cost a full read.
+resolved to, and per weights file its size and the sha256 of its header (names, dtypes, shapes
+and offsets of every tensor: microseconds, where hashing tensor data would cost a full read).
 """
 
 import hashlib
@@ -32,18 +31,8 @@ def header_sha256(path: str | os.PathLike) -> str:
     return hashlib.sha256(prefix + body).hexdigest()
 
 
-def _hub_commit(inp: ResolvedInput) -> str | None:
-    """The commit a hub input resolved to (checked by `resolve_input`); None for local inputs."""
-    return inp.commit if inp.kind == "hub" else None
-
-
-def hub_repo(spec: str) -> tuple[str, str | None]:
-    """(repo id, revision or None) of a hub spec `org/name[@revision]`.
-
-    Example:
-        >>> hub_repo("org/model@v1.0")
-        ('org/model', 'v1.0')
-    """
+def _hub_repo(spec: str) -> tuple[str, str | None]:
+    """(repo id, revision or None) of a hub spec `org/name[@revision]`."""
     repo, at, revision = spec.partition("@")
     return repo, (revision if at else None)
 
@@ -56,9 +45,8 @@ def pinned_spec(inp: ResolvedInput) -> str:
         'org/model@0123456789abcdef0123456789abcdef01234567'
     """
     if inp.kind == "hub":
-        commit = _hub_commit(inp)
-        repo, revision = hub_repo(inp.spec)
-        return f"{repo}@{commit or revision}" if (commit or revision) else repo
+        repo, revision = _hub_repo(inp.spec)
+        return f"{repo}@{inp.commit or revision}" if (inp.commit or revision) else repo
     if inp.kind == "memory":
         return inp.spec
     return str(Path(inp.spec).expanduser().absolute())
@@ -90,11 +78,10 @@ def fingerprint(role: str, inp: ResolvedInput) -> dict:
         return record
     record["path"] = str(inp.files[0].absolute() if inp.kind == "file" else inp.root.absolute())
     if inp.kind == "hub":
-        repo, revision = hub_repo(inp.spec)
-        record.update(repo=repo, revision=revision, commit=_hub_commit(inp))
-    files = []
+        repo, revision = _hub_repo(inp.spec)
+        record.update(repo=repo, revision=revision, commit=inp.commit)
+    record["files"] = files = []
     for f in inp.files:
         name = f.name if inp.kind == "file" else os.path.relpath(f, inp.root)
         files.append({"name": name, "bytes": f.stat().st_size, "header_sha256": header_sha256(f)})
-    record["files"] = files
     return record

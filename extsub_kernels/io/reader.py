@@ -1,37 +1,29 @@
 """Read safetensors checkpoints lazily: headers validated up front, then one tensor (or row block) at a time.
 
-Tensors are read with `pread` into a buffer the caller owns, not memory-mapped: pages of a
-mapping stay resident and count toward the process's RSS until the file is closed, so
-reading a whole model through one mapping would grow RSS to the model's size.
+Tensors are read with `pread` into a buffer the caller owns, never memory-mapped: a mapping's pages
+count toward RSS until the file is closed, so a whole model read through one would grow RSS to its size.
 """
 
 import gc
 import hashlib
 import json
 import os
+import re
 import reprlib
 import stat
-import struct
 import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from operator import attrgetter
 from pathlib import Path
 from types import MappingProxyType
-from typing import BinaryIO, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from extsub_kernels.errors import InputError, MergeError
-from extsub_kernels.io.format import (
-    DTYPES,
-    HEADER_LENGTH_BYTES,
-    MAX_HEADER_BYTES,
-    METADATA_KEY,
-    readable_dtypes,
-)
+from extsub_kernels.io.format import DTYPES, HEADER_LENGTH_BYTES, MAX_HEADER_BYTES, METADATA_KEY, readable_dtypes
 
 # Every number in a header is a dimension or an offset. safetensors reads them as 64-bit unsigned
 # integers (at most 20 digits) and refuses a shape whose running product or byte size overflows
@@ -40,19 +32,18 @@ _U64_MAX = 2**64 - 1
 _INT64_MAX = 2**63 - 1
 _MAX_DIGITS = len(str(_U64_MAX))
 # No weight has more dimensions; a shape of millions of 1s would only slow every later step.
-MAX_RANK = 64
+_MAX_RANK = 64
 _ENTRY_FIELDS = frozenset(("dtype", "shape", "data_offsets"))
 
 # Values from a hostile header go into messages shortened: a 90 MB name or list stays a few words.
 _show = reprlib.Repr()
 _show.maxstring, _show.maxother, _show.maxlist, _show.maxdict, _show.maxlevel = 80, 80, 6, 4, 2
+_SURROGATE = re.compile("[\ud800-\udfff]")  # a lone surrogate (a JSON escape like \ud800): not valid Unicode
 
 
 class TensorInfo(NamedTuple):
-    """Where one tensor lives: its file, absolute byte offset and size, dtype and shape.
-
-    A named tuple, the lightest immutable record: a header may describe a million tensors.
-    """
+    """Where one tensor lives: its file, absolute byte offset and size, dtype and shape (a named tuple, the lightest
+    record: a header may describe a million tensors)."""
 
     name: str
     dtype: torch.dtype
@@ -72,45 +63,35 @@ class Header:
 
 
 def read_header(path: str | os.PathLike) -> Header:
-    """Parse and validate the header of a safetensors file without reading any tensor data.
-
-    Everything the `safetensors` library refuses is refused, and what it would accept but could
-    not load back into torch: the JSON is parsed with bounded numbers and nesting, and each field
-    is checked for its type before it is used. Time and memory are linear in the header's size.
+    """Parse and validate the header of a safetensors file without reading any tensor data: what `safetensors`
+    refuses, or could not load back into torch, is refused; time and memory are linear in the header's size.
 
     Raises:
-        InputError: naming the file (and the tensor) when the file is not a regular file, is too
-            short, or its header is not valid JSON of the safetensors form: unknown or extra
-            fields, a dtype this `safetensors` cannot load, a shape that overflows, lone
-            surrogates in a string, a key given twice, or offsets that do not tile the data
-            section exactly.
+        InputError: naming the file (and the tensor) when the file is not a regular file, is too short, or its
+            header is not valid JSON of the safetensors form: unknown or extra fields, a dtype this `safetensors`
+            cannot load, a shape that overflows, lone surrogates, a key given twice, or offsets that do not tile
+            the data section exactly.
     """
     path = Path(path)
-    try:
-        # O_NONBLOCK: a FIFO given as an input must not block the open; it is refused just below.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise InputError(f"{path}: not a regular file; a checkpoint is a .safetensors file")
-        with open(fd, "rb", closefd=False) as f:
-            raw = _read_header_bytes(path, f, st.st_size)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
-    finally:
-        os.close(fd)
-    size = st.st_size
+    raw, size = _read_header_bytes(path)
     # What the header means depends only on these: a header still in use is not parsed again.
     key = (os.fspath(path), size, hashlib.blake2b(raw, digest_size=32).digest())
     cached = _headers_in_use.get(key)
     if cached is not None:
         return cached
     data_start = HEADER_LENGTH_BYTES + len(raw)
-    text = _decode(path, raw)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(
+            f"{path}: the header is not valid JSON (not UTF-8: {e.reason} at header byte {e.start}); the file is "
+            "corrupt or not a safetensors file"
+        ) from None
     del raw  # freed before parsing, which is when memory peaks
-    with _gc_paused():
+    # Millions of objects in no cycle: the garbage collector's passes over them would double the time spent parsing.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
         parsed = _parse_json(path, text)
         del text
         metadata = _parse_metadata(path, parsed.pop(METADATA_KEY, None))
@@ -121,6 +102,9 @@ def read_header(path: str | os.PathLike) -> Header:
         infos.sort(key=attrgetter("offset", "nbytes"))
         _check_layout(path, infos, data_start, size)
         header = Header(path=path, tensors={info.name: info for info in infos}, metadata=metadata)
+    finally:
+        if collecting:
+            gc.enable()
     _headers_in_use[key] = header
     return header
 
@@ -131,57 +115,45 @@ def read_header(path: str | os.PathLike) -> Header:
 _headers_in_use: "weakref.WeakValueDictionary[tuple, Header]" = weakref.WeakValueDictionary()
 
 
-def _read_header_bytes(path: Path, f: BinaryIO, size: int) -> bytes:
-    """The header's JSON bytes, its length field checked against the file's size and the format's limit."""
-    prefix = f.read(HEADER_LENGTH_BYTES)
+def _read_header_bytes(path: Path) -> tuple[bytes, int]:
+    """The header's JSON bytes and the file's size: a regular file (a FIFO is refused without waiting for a writer),
+    its length field checked against the file's size and the format's limit."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise InputError(f"{path}: not a regular file; a checkpoint is a .safetensors file")
+            with open(fd, "rb", closefd=False) as f:
+                prefix = f.read(HEADER_LENGTH_BYTES)
+                n = int.from_bytes(prefix, "little")
+                if len(prefix) == HEADER_LENGTH_BYTES and n <= min(MAX_HEADER_BYTES, st.st_size - HEADER_LENGTH_BYTES):
+                    raw = f.read(n)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+    size, rest = st.st_size, st.st_size - HEADER_LENGTH_BYTES
     if len(prefix) < HEADER_LENGTH_BYTES:
         raise InputError(
-            f"{path}: {size} bytes is too short for a safetensors file (it starts with an 8-byte "
-            "header length); the file is truncated or not a safetensors file"
+            f"{path}: {size} bytes is too short for a safetensors file (it starts with an 8-byte header length); the "
+            "file is truncated or not a safetensors file"
         )
-    (n,) = struct.unpack("<Q", prefix)
     if n > MAX_HEADER_BYTES:
         raise InputError(
             f"{path}: the header length field says {n} bytes, above the {MAX_HEADER_BYTES} that safetensors "
             "allows; the file is corrupt or not a safetensors file"
         )
-    if n > size - HEADER_LENGTH_BYTES:
+    if n > rest:
         raise InputError(
-            f"{path}: the header claims {n} bytes but the file has {size - HEADER_LENGTH_BYTES} after the "
-            "length field; the file is truncated or not a safetensors file"
+            f"{path}: the header claims {n} bytes but the file has {rest} after the length field; the file is "
+            "truncated or not a safetensors file"
         )
-    raw = f.read(n)
     if len(raw) < n:
         raise InputError(
             f"{path}: the file ended inside its {n}-byte header; it is truncated or was replaced while read"
         )
-    return raw
-
-
-def _decode(path: Path, raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(
-            f"{path}: the header is not valid JSON (not UTF-8: {e.reason} at header byte {e.start}); the file is "
-            "corrupt or not a safetensors file"
-        ) from None
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Hold off the cyclic garbage collector while a header becomes objects.
-
-    A header of a million tensors makes millions of dicts, lists and records, none in a cycle;
-    the collector's passes over them would double the time spent parsing.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
+    return raw, size
 
 
 class _BadJson(ValueError):
@@ -256,14 +228,8 @@ def _kind(value: object) -> str:
 
 
 def _unencodable(text: str) -> bool:
-    """Whether `text` holds a lone surrogate (a JSON escape like \\ud800), which UTF-8 cannot encode."""
-    if text.isascii():
-        return False
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
+    """Whether `text` holds a lone surrogate, which UTF-8 cannot encode."""
+    return not text.isascii() and _SURROGATE.search(text) is not None
 
 
 def _parse_metadata(path: Path, metadata: object) -> dict[str, str]:
@@ -317,14 +283,10 @@ def _parse_entry(
 
 
 def _nbytes(shape: object, itemsize: int) -> int | None:
-    """Bytes of a tensor of this shape, or None unless safetensors and torch both take the shape.
-
-    The shape must be a list of at most MAX_RANK integers from 0 to 2**63-1. safetensors
-    multiplies them left to right in 64 bits and refuses an overflow even when a later one is
-    0; torch refuses a tensor whose first stride (the product of the other dimensions, each
-    counted as at least 1) passes int64, which only an empty tensor can reach.
-    """
-    if type(shape) is not list or len(shape) > MAX_RANK:
+    """Bytes of a tensor of this shape, or None unless safetensors and torch both take it: at most _MAX_RANK ints
+    from 0 to 2**63-1 whose running product (safetensors: even before a 0) fits 64 bits, and for an empty
+    tensor a first stride (the other dimensions, each at least 1) that fits int64 (torch)."""
+    if type(shape) is not list or len(shape) > _MAX_RANK:
         return None
     n = 1
     for d in shape:
@@ -347,67 +309,59 @@ def _nbytes(shape: object, itemsize: int) -> int | None:
 
 def _entry_error(path: Path, name: str, entry: object, dtypes: dict[str, torch.dtype]) -> InputError:
     """The first thing wrong with a tensor's entry, as an error naming the file, the tensor and the field."""
-    where = f"{path}: tensor {_show.repr(name)}"
-    corrupt = "the file is corrupt"
     if _unencodable(name):
         return InputError(
             f"{path}: a tensor name holds a lone surrogate escape ({_show.repr(name)}), which is not valid "
-            f"Unicode; {corrupt}"
+            "Unicode; the file is corrupt"
         )
+    problem = _entry_problem(entry, dtypes)
+    return InputError(f"{path}: tensor {_show.repr(name)}: {problem}")
+
+
+def _entry_problem(entry: object, dtypes: dict[str, torch.dtype]) -> str:
+    corrupt = "the file is corrupt"
     if type(entry) is not dict:
-        return InputError(
-            f"{where}: the header entry is {_kind(entry)}, not an object with dtype, shape and data_offsets; {corrupt}"
-        )
-    missing = sorted(_ENTRY_FIELDS - entry.keys())
-    if missing:
-        return InputError(f"{where}: the header entry has no {', '.join(missing)}; {corrupt}")
-    extra = sorted(entry.keys() - _ENTRY_FIELDS)
-    if extra:
-        return InputError(
-            f"{where}: the header entry has the unexpected field {_show.repr(extra[0])} (safetensors entries hold "
-            f"dtype, shape and data_offsets only); {corrupt} or was written by another format"
+        return f"the header entry is {_kind(entry)}, not an object with dtype, shape and data_offsets; {corrupt}"
+    if missing := sorted(_ENTRY_FIELDS - entry.keys()):
+        return f"the header entry has no {', '.join(missing)}; {corrupt}"
+    if extra := sorted(entry.keys() - _ENTRY_FIELDS):
+        return (
+            f"the header entry has the unexpected field {_show.repr(extra[0])} (safetensors entries hold dtype, "
+            f"shape and data_offsets only); {corrupt} or was written by another format"
         )
     code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if type(code) is not str:
-        return InputError(f"{where}: dtype is {_kind(code)}, not a string like 'F32'; {corrupt}")
-    if code not in dtypes:
-        if code in DTYPES:
-            import safetensors
+        return f"dtype is {_kind(code)}, not a string like 'F32'; {corrupt}"
+    if code not in dtypes and code in DTYPES:
+        import safetensors
 
-            return InputError(
-                f"{where}: dtype {code} cannot be loaded back by the installed safetensors "
-                f"{safetensors.__version__}, so no output could hold it; convert the tensor to one of "
-                f"{', '.join(dtypes)}, or upgrade safetensors"
-            )
-        return InputError(f"{where}: unknown dtype {_show.repr(code)}; expected one of {', '.join(dtypes)}")
+        return (
+            f"dtype {code} cannot be loaded back by the installed safetensors {safetensors.__version__}, so no "
+            f"output could hold it; convert the tensor to one of {', '.join(dtypes)}, or upgrade safetensors"
+        )
+    if code not in dtypes:
+        return f"unknown dtype {_show.repr(code)}; expected one of {', '.join(dtypes)}"
     if type(shape) is not list:
-        return InputError(f"{where}: shape is {_kind(shape)}, not a list of dimensions; {corrupt}")
-    if len(shape) > MAX_RANK:
-        return InputError(f"{where}: shape has {len(shape)} dimensions, more than the {MAX_RANK} accepted; {corrupt}")
+        return f"shape is {_kind(shape)}, not a list of dimensions; {corrupt}"
+    if len(shape) > _MAX_RANK:
+        return f"shape has {len(shape)} dimensions, more than the {_MAX_RANK} accepted; {corrupt}"
     for i, d in enumerate(shape):
         if type(d) is not int or not 0 <= d <= _INT64_MAX:
-            return InputError(
-                f"{where}: shape {_show.repr(shape)} has {_kind(d)} as dimension {i}, where dimensions are integers "
-                f"from 0 to 2**63-1; {corrupt}"
+            return (
+                f"shape {_show.repr(shape)} has {_kind(d)} as dimension {i}, where dimensions are integers from 0 "
+                f"to 2**63-1; {corrupt}"
             )
     nbytes = _nbytes(shape, dtypes[code].itemsize)
     if nbytes is None:  # every dimension is fine: the product or a stride overflows
-        return InputError(
-            f"{where}: shape {_show.repr(shape)} of dtype {code} overflows 64-bit sizes or strides (safetensors or "
-            f"torch would refuse it); {corrupt}"
+        return (
+            f"shape {_show.repr(shape)} of dtype {code} overflows 64-bit sizes or strides (safetensors or torch "
+            f"would refuse it); {corrupt}"
         )
-    if not (
-        type(offsets) is list
-        and len(offsets) == 2
-        and all(type(o) is int for o in offsets)
-        and 0 <= offsets[0] <= offsets[1]
-    ):
-        return InputError(
-            f"{where}: data_offsets {_show.repr(offsets)} are not [begin, end] with integers 0 <= begin <= end; "
-            f"{corrupt}"
-        )
-    return InputError(
-        f"{where}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes but dtype {code} and shape "
+    pair = type(offsets) is list and len(offsets) == 2 and all(type(o) is int for o in offsets)
+    if not (pair and 0 <= offsets[0] <= offsets[1]):
+        return f"data_offsets {_show.repr(offsets)} are not [begin, end] with integers 0 <= begin <= end; {corrupt}"
+    return (
+        f"data_offsets {offsets} span {offsets[1] - offsets[0]} bytes but dtype {code} and shape "
         f"{_show.repr(shape)} need {nbytes}; {corrupt}"
     )
 
@@ -415,27 +369,21 @@ def _entry_error(path: Path, name: str, entry: object, dtypes: dict[str, torch.d
 def _check_layout(path: Path, infos: list[TensorInfo], data_start: int, size: int) -> None:
     """Tensors (sorted by offset, then size) must tile the data section exactly, as the format requires:
     no gap, overlap or overrun."""
-    data_bytes = size - data_start
     position = data_start
     for info in infos:
+        end = info.offset + info.nbytes
+        if end > size:
+            raise InputError(
+                f"{path}: tensor {_show.repr(info.name)} ends at byte {end - data_start} of the data section but "
+                f"the file holds only {size - data_start} data bytes; the file is truncated (or its header is corrupt)"
+            )
         if info.offset != position:
-            end = info.offset + info.nbytes
-            if end > size:
-                raise InputError(
-                    f"{path}: tensor {_show.repr(info.name)} ends at byte {end - data_start} of the data section but "
-                    f"the file holds only {data_bytes} data bytes; the file is truncated (or its header is corrupt)"
-                )
             what = "overlaps the previous tensor" if info.offset < position else "leaves a gap before it"
             raise InputError(
                 f"{path}: tensor {_show.repr(info.name)} {what} (offset {info.offset - data_start}); "
                 "the file is corrupt"
             )
-        position += info.nbytes
-        if position > size:
-            raise InputError(
-                f"{path}: tensor {_show.repr(info.name)} ends at byte {position - data_start} of the data section but "
-                f"the file holds only {data_bytes} data bytes; the file is truncated (or its header is corrupt)"
-            )
+        position = end
     if position != size:
         raise InputError(
             f"{path}: {size - position} bytes after the last tensor are not described by the header; "
@@ -497,16 +445,13 @@ class CheckpointReader:
             raise KeyError(f"{self.label}: no tensor {name!r}") from None
 
     def read_into(self, name: str, out: torch.Tensor, start: int = 0, length: int | None = None) -> torch.Tensor:
-        """Copy bytes [start, start + length) of tensor `name` into the uint8 CPU tensor `out`.
-
-        Returns the filled prefix `out[:length]`. `length` defaults to the rest of the tensor.
-        """
+        """Copy bytes [start, start + length) (default: to its end) of tensor `name` into the uint8 CPU tensor `out`;
+        returns the filled prefix `out[:length]`."""
         info = self.info(name)
         length = info.nbytes - start if length is None else length
         if start < 0 or length < 0 or start + length > info.nbytes:
             raise ValueError(f"bytes [{start}, {start + length}) are outside tensor {name!r} ({info.nbytes} bytes)")
-        if out.dtype != torch.uint8 or out.device.type != "cpu" or not out.is_contiguous() or out.numel() < length:
-            raise ValueError(f"out must be a contiguous uint8 CPU tensor of at least {length} bytes")
+        _check_out(out, length)
         target = out[:length]
         if length:
             self._pread_exact(info.path, memoryview(target.numpy()), info.offset + start)
@@ -514,14 +459,10 @@ class CheckpointReader:
 
     def read_whole_into(self, names: Sequence[str], out: torch.Tensor) -> int:
         """Whole tensors `names`, back to back, into the contiguous uint8 CPU tensor `out`; returns the bytes filled.
-
-        Tensors that lie back to back in one file are read with one pread, so a run of small
-        tensors costs a few system calls rather than one per tensor.
-        """
+        Tensors back to back in one file are read with one pread (a run of small tensors: a few system calls)."""
         infos = [self.info(name) for name in names]
         total = sum(info.nbytes for info in infos)
-        if out.dtype != torch.uint8 or out.device.type != "cpu" or not out.is_contiguous() or out.numel() < total:
-            raise ValueError(f"out must be a contiguous uint8 CPU tensor of at least {total} bytes")
+        _check_out(out, total)
         view = memoryview(out.numpy()) if total else memoryview(b"")
         path, start, length, dest = None, 0, 0, 0
         for info in infos:
@@ -574,3 +515,8 @@ class CheckpointReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_out(out: torch.Tensor, n: int) -> None:
+    if out.dtype != torch.uint8 or out.device.type != "cpu" or not out.is_contiguous() or out.numel() < n:
+        raise ValueError(f"out must be a contiguous uint8 CPU tensor of at least {n} bytes")

@@ -1,12 +1,10 @@
 """Temporary names beside an output: who owns each one, and cleaning up those of runs that died.
 
 A run writes OUT under `.NAME.extsub-tmp-PID-XXXXXXXX` beside it (an old OUT being replaced may
-sit for a moment at `.NAME.extsub-tmp-PID-old-XXXXXXXX`), and holds an exclusive `flock` on
-each of its temporaries until they are published or removed. A process killed outright
-(SIGKILL, a crash, power loss) cannot clean up, so the next run into the same folder does:
-a temporary whose owner is gone (no process with its PID, and its lock is free) is removed,
-and an old OUT set aside by a replacement that never finished is put back where it was.
-A temporary of a live process is never touched.
+sit at `.NAME.extsub-tmp-PID-old-XXXXXXXX`) and holds an exclusive `flock` on each until it is
+published or removed. A run killed outright cannot clean up, so the next run into the folder
+does: a temporary whose owner is gone (no such PID, lock free) is removed, an old OUT set aside
+is put back. A temporary of a live process is never touched.
 """
 
 import contextlib
@@ -22,7 +20,7 @@ from pathlib import Path
 
 from extsub_kernels.constants import TEMP_TAG
 
-_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.extsub-tmp-(?P<pid>[0-9]+)-(?P<old>old-)?[0-9a-f]{8}$", re.DOTALL)
+_TEMP_NAME = re.compile(rf"^\.(?P<name>.+){re.escape(TEMP_TAG)}(?P<pid>[0-9]+)-(?P<old>old-)?[0-9a-f]{{8}}$", re.DOTALL)
 
 _held: dict[Path, int] = {}  # our temporaries → the descriptor holding the lock on each
 
@@ -30,32 +28,25 @@ _held: dict[Path, int] = {}  # our temporaries → the descriptor holding the lo
 def temp_path(target: Path, *, old: bool = False) -> Path:
     """A fresh temporary name beside `target` for this process (`old`: where a replaced OUT waits).
 
-    A name too long to take the temporary's tag within the file system's limit (255 bytes) is
-    shortened to a prefix, `~` and a hash of the whole name: the temporary never fails where the
-    target itself would not.
+    A name too long for the temporary's tag within the file system's limit (255 bytes) becomes a
+    prefix (its bytes: a cut character stays as its bytes), `~` and a hash of the whole name: the
+    temporary never fails where the target itself would not.
     """
-    kind = "old-" if old else ""
-    tail = f"{TEMP_TAG}{os.getpid()}-{kind}{secrets.token_hex(4)}"
-    name = target.name
+    tail = f"{TEMP_TAG}{os.getpid()}-{'old-' if old else ''}{secrets.token_hex(4)}"
+    name = os.fsencode(target.name)
     room = name_max(target.parent) - len(os.fsencode(f".{tail}"))
-    if len(os.fsencode(name)) > room:
-        digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:_DIGEST]
-        name = f"{_prefix(name, room - _DIGEST - 1)}~{digest}"
-    return target.parent / f".{name}{tail}"
+    if len(name) > room:
+        digest = hashlib.sha256(name).hexdigest()[:_DIGEST]
+        name = name[: max(room - _DIGEST - 1, 0)] + f"~{digest}".encode()
+    return target.parent / f".{os.fsdecode(name)}{tail}"
 
 
 _DIGEST = 16
 _SHORTENED = re.compile(rf"~[0-9a-f]{{{_DIGEST}}}$")  # how a shortened name ends
 
 
-def _prefix(name: str, size: int) -> str:
-    """The first `size` bytes of `name` in the file system's encoding (a cut character stays as its bytes)."""
-    return os.fsdecode(os.fsencode(name)[: max(size, 0)])
-
-
 def name_max(folder: Path) -> int:
-    """The longest file name (bytes) of the file system `folder` (or its nearest existing parent) is on; 255 when
-    it cannot tell."""
+    """The longest file name (bytes) on the file system of `folder` (or its nearest existing parent); else 255."""
     for place in (folder, *folder.parents):
         try:
             return os.pathconf(place, "PC_NAME_MAX")
@@ -65,13 +56,9 @@ def name_max(folder: Path) -> int:
 
 
 def hold(path: Path) -> None:
-    """Take the owner's lock on a temporary this process just created (a file or a folder).
-
-    Where the file system has no locks, the temporary stays unlocked; other runs then leave it
-    alone as long as this process lives (its PID is in the name).
-    """
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(path, flags)
+    """Take the owner's lock on a temporary this process just created (a file or a folder); where the file system
+    has no locks, other runs leave it alone while this process lives (its PID is in the name)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     with contextlib.suppress(OSError):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     _held[path] = fd
@@ -93,10 +80,8 @@ def move_hold(src: Path, dst: Path) -> None:
 
 def clean_stale(folder: Path) -> list[str]:
     """Remove the temporaries that dead runs left in `folder`; put back an OUT a killed replacement left aside.
-
-    Returns a line per action (also given as a warning). Entries whose owner may be alive, that
-    are not plain files or folders, or that cannot be locked are left as they are.
-    """
+    Returns a line per action (also a warning); what may be alive, is no plain file or folder, or cannot be locked
+    stays."""
     try:
         names = os.listdir(folder)
     except OSError:
@@ -106,9 +91,7 @@ def clean_stale(folder: Path) -> list[str]:
         match = _TEMP_NAME.match(name)
         if match is None or _owner_alive(int(match["pid"])):
             continue
-        path = folder / name
-        action = _clean_one(path, folder / match["name"], old=bool(match["old"]), pid=match["pid"])
-        if action:
+        if action := _clean_one(folder / name, folder / match["name"], old=bool(match["old"]), pid=match["pid"]):
             done.append(action)
     for line in done:
         warnings.warn(line, stacklevel=2)
@@ -120,14 +103,11 @@ def _clean_one(path: Path, target: Path, *, old: bool, pid: str) -> str | None:
         mode = os.lstat(path).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             return None
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
         return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return None  # held by a live run (in another PID namespace), or no locks here: not ours to judge
+    try:  # an OSError: locked by a live run (in another PID namespace), or no locks here: not ours to judge
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         if old and _SHORTENED.search(target.name):
             return None  # an OUT set aside under a shortened name: where it belongs is not known, so it stays
         if old and not os.path.lexists(target):
@@ -152,13 +132,13 @@ def _owner_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except (OSError, OverflowError):  # it exists but belongs to someone else; or no PID at all: leave it
-        return True
+        pass
     return True
 
 
 def empty_folder(path: Path) -> bool:
     """Whether `path` is a real folder (not a symlink) with nothing in it: an OUT that holds nothing to lose, so it
-    is taken without --force (as `save_pretrained` takes it)."""
+    is taken without force=True (as `save_pretrained` takes it)."""
     try:
         return path.is_dir() and not path.is_symlink() and not any(os.scandir(path))
     except OSError:
