@@ -32,9 +32,8 @@ _CPU_BLOCK_BYTES = 2 << 20
 def ext_sub_coefficients(p_norm: torch.Tensor, m_norm: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row α and β of Ext-Sub's closed form p' = α·p + β·m, from the two row norms (docs/design.md §1).
 
-    α = 1 + (λ/2)·|m|/|p| and β = −λ/2; rows with |p| = 0 get α = 1, β = 0 (they keep p).
-    Shared by the dense torch path and the factored LoRA path, which gets its norms from
-    Gram factors instead of the rows themselves.
+    α = 1 + (λ/2)·|m|/|p| and β = −λ/2; rows with |p| = 0 get α = 1, β = 0 (they keep p). Shared by the eager
+    path, the Gram path and the factored LoRA path.
 
     Args:
         p_norm, m_norm: 1-D tensors of row norms of the expert and the anti-expert.
@@ -54,61 +53,45 @@ def ext_sub_coefficients(p_norm: torch.Tensor, m_norm: torch.Tensor, lam: float)
     return alpha.unsqueeze(1), beta.unsqueeze(1)
 
 
-def _ext_sub_rows_torch_(p: torch.Tensor, m: torch.Tensor, lam: float, row_stats: torch.Tensor | None = None) -> None:
-    """Closed form in eager torch ops into the 2-D tensor `p` (any device; the CPU fallback); `row_stats` gets row sums.
-
-    On CPU the rows go in blocks of about _CPU_BLOCK_BYTES per operand: the norms read a block
-    from DRAM and the update and the write find it in cache, so memory sees about one pass.
-    Low-precision blocks are widened once into reused scratch buffers, so the result is
-    rounded once. Row sums: the norms' squares and one `vecdot` per block for p·m, before the update.
-    """
+def _rows_torch(p: torch.Tensor, m: torch.Tensor, lam: float, row_stats: torch.Tensor | None, *, write: bool) -> None:
+    """The eager torch path on 2-D views (any device; the CPU fallback): `row_stats` gets the row sums, and with
+    `write` p ← α·p + β·m. CPU rows go in blocks of about _CPU_BLOCK_BYTES per operand, widened once into reused
+    scratch, so memory sees about one pass and the result is rounded once."""
     compute = compute_dtype(p.dtype, m.dtype)
     n_rows, n_cols = p.shape
-    block_rows = _block_rows(p, compute)
-    p_scratch = torch.empty((block_rows, n_cols), dtype=compute, device=p.device) if p.dtype != compute else None
-    m_scratch = torch.empty((block_rows, n_cols), dtype=compute, device=p.device) if m.dtype != compute else None
-    for start in range(0, n_rows, block_rows):
-        stop = min(start + block_rows, n_rows)
-        p_block, m_block = p[start:stop], m[start:stop]
-        p_wide = p_block if p_scratch is None else p_scratch[: stop - start].copy_(p_block)
-        m_wide = m_block if m_scratch is None else m_scratch[: stop - start].copy_(m_block)
+    step = n_rows if p.device.type != "cpu" else min(n_rows, _CPU_BLOCK_BYTES // max(1, n_cols * compute.itemsize))
+    step = max(1, step)
+    scratch = [
+        torch.empty((step, n_cols), dtype=compute, device=p.device) if t.dtype != compute else None for t in (p, m)
+    ]
+    for start in range(0, n_rows, step):
+        blocks = (p[start : start + step], m[start : start + step])
+        p_wide, m_wide = (b if w is None else w[: b.shape[0]].copy_(b) for b, w in zip(blocks, scratch, strict=True))
         p_norm = torch.linalg.vector_norm(p_wide, dim=1)
         m_norm = torch.linalg.vector_norm(m_wide, dim=1)
         if row_stats is not None:
-            _store_row_sums(row_stats[start:stop], p_norm, m_norm, p_wide, m_wide)
+            out = row_stats[start : start + step]
+            out[:, 0] = p_norm.to(out.dtype).square()
+            out[:, 1] = m_norm.to(out.dtype).square()
+            out[:, 2] = torch.linalg.vecdot(p_wide, m_wide, dim=1)
+        if not write:
+            continue
         if bool((p_norm == 0).any()):  # rare: zero expert rows keep p (α = 1, β = 0)
             alpha, beta = ext_sub_coefficients(p_norm, m_norm, lam)
             p_wide.mul_(alpha).addcmul_(m_wide, beta)
         else:  # the common case in a few in-place ops: α = 1 + (λ/2)|m|/|p|, β = −λ/2
             alpha = torch.div(m_norm, p_norm).mul_(0.5 * lam).add_(1.0).unsqueeze(1)
             p_wide.mul_(alpha).add_(m_wide, alpha=-0.5 * lam)
-        if p_wide is not p_block:
-            p_block.copy_(p_wide)
-
-
-def _block_rows(p: torch.Tensor, compute: torch.dtype) -> int:
-    """Rows per block of the torch path: about _CPU_BLOCK_BYTES per operand on CPU, all rows elsewhere."""
-    n_rows, n_cols = p.shape
-    if p.device.type != "cpu":
-        return max(1, n_rows)
-    return max(1, min(n_rows, _CPU_BLOCK_BYTES // max(1, n_cols * compute.itemsize)))
-
-
-def _store_row_sums(
-    out: torch.Tensor, p_norm: torch.Tensor, m_norm: torch.Tensor, p_wide: torch.Tensor, m_wide: torch.Tensor
-) -> None:
-    """|p|², |m|², p·m of a block of rows into `out` (rows, 3), the squares taken in `out`'s precision."""
-    out[:, 0] = p_norm.to(out.dtype).square()
-    out[:, 1] = m_norm.to(out.dtype).square()
-    out[:, 2] = torch.linalg.vecdot(p_wide, m_wide, dim=1)
+        if p_wide is not blocks[0]:
+            blocks[0].copy_(p_wide)
 
 
 def row_products(w_plus: torch.Tensor, w_minus: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Per row (dim 0) of a pair: |p|², |m|² and p·m, as a (rows, 3) float64 tensor on their device (docs/design.md §7).
 
-    What `ext_sub_(..., row_stats=...)` hands back from its own pass, computed here without
-    the update: reduced in float32 (float64 for float64 inputs), by the C++ kernel on CPU rows
-    with contiguous columns when it loads (`cpu_backend()`), else in torch over blocks sized for cache.
+    What `ext_sub_(..., row_stats=...)` hands back from its own pass, computed here without the update: reduced in
+    float32 (float64 for float64 inputs), by the C++ kernel on CPU rows with contiguous columns where it loads,
+    else by the eager torch path.
 
     Args:
         w_plus, w_minus: the pair, same shape and device, any float dtypes.
@@ -120,11 +103,9 @@ def row_products(w_plus: torch.Tensor, w_minus: torch.Tensor, *, out: torch.Tens
     """
     check_pair(w_plus, w_minus, 0.0)
     rows = _row_count(w_plus)
-    out = (
-        _checked_row_stats(out, w_plus)
-        if out is not None
-        else torch.empty(rows, 3, dtype=torch.float64, device=w_plus.device)
-    )
+    if out is None:
+        out = torch.empty(rows, 3, dtype=torch.float64, device=w_plus.device)
+    _checked_row_stats(out, w_plus)
     if rows == 0:
         return out
     p, m = as_rows(w_plus), as_rows(w_minus)
@@ -132,20 +113,12 @@ def row_products(w_plus: torch.Tensor, w_minus: torch.Tensor, *, out: torch.Tens
         from extsub_kernels.kernels.ext_sub_cpu import row_sums
 
         row_sums(p, m, out)
-        return out
-    compute = compute_dtype(p.dtype, m.dtype)
-    step = _block_rows(p, compute)
-    for start in range(0, p.shape[0], step):
-        p_wide = p[start : start + step].to(compute)
-        m_wide = m[start : start + step].to(compute)
-        p_norm = torch.linalg.vector_norm(p_wide, dim=1)
-        m_norm = torch.linalg.vector_norm(m_wide, dim=1)
-        _store_row_sums(out[start : start + step], p_norm, m_norm, p_wide, m_wide)
+    else:
+        _rows_torch(p, m, 0.0, out, write=False)
     return out
 
 
 def _contiguous_columns(t: torch.Tensor) -> bool:
-    """Whether the columns of a 2-D view are contiguous (what both kernels read)."""
     return t.shape[1] <= 1 or t.stride(1) == 1
 
 
@@ -155,7 +128,7 @@ def _row_count(t: torch.Tensor) -> int:
 
 
 def _checked_row_stats(row_stats: torch.Tensor, w_plus: torch.Tensor) -> torch.Tensor:
-    """`row_stats` if it can hold the row sums of `w_plus`: (rows, 3), float32/float64, contiguous, same device."""
+    """`row_stats` if it can hold the row sums of `w_plus`, else a ValueError."""
     rows = _row_count(w_plus)
     if (
         not isinstance(row_stats, torch.Tensor)
@@ -176,10 +149,6 @@ def _checked_row_stats(row_stats: torch.Tensor, w_plus: torch.Tensor) -> torch.T
     return row_stats
 
 
-def _triton_allowed(t: torch.Tensor) -> bool:
-    return t.is_cuda or os.environ.get(ENV_TRITON_INTERPRET, "0") not in ("", "0")
-
-
 def _resolve_backend(backend: str, w_plus: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -197,7 +166,7 @@ def _resolve_backend(backend: str, w_plus: torch.Tensor) -> str:
             )
         if not _cpp_kernel_loads():
             raise ValueError(f"backend='cpp' is unavailable here: {cpu_backend()}; backend='torch' runs everywhere")
-    if backend == "triton" and not _triton_allowed(w_plus):
+    if backend == "triton" and not (w_plus.is_cuda or os.environ.get(ENV_TRITON_INTERPRET, "0") not in ("", "0")):
         raise ValueError(
             f"backend='triton' needs CUDA tensors (got a tensor on {w_plus.device}); "
             "set TRITON_INTERPRET=1 before importing extsub_kernels to run the kernel on CPU"
@@ -212,11 +181,8 @@ def _cpp_kernel_loads() -> bool:
 
 
 def cpu_backend() -> str:
-    """Which implementation `backend="auto"` runs on CPU tensors, and why, in one line.
-
-    "cpp: ..." is the C++ kernel (built on first use, then loaded from a per-user cache);
-    "torch: ..." is the eager torch path, with the reason the kernel is not used. The first
-    call in a process may build the kernel (a few seconds).
+    """Which implementation `backend="auto"` runs on CPU tensors, and why, in one line: "cpp: ..." (the C++ kernel,
+    built on first use, a few seconds, then cached) or "torch: ..." (the eager path, with the reason).
 
     Example:
         >>> cpu_backend().split(":")[0] in ("cpp", "torch")
@@ -255,7 +221,6 @@ _warned_no_triton = False
 
 
 def _warn_no_triton() -> None:
-    """Say once that CUDA tensors take the slower torch path because Triton is missing, and how to install it."""
     global _warned_no_triton
     if not _warned_no_triton:
         _warned_no_triton = True
@@ -328,7 +293,7 @@ def ext_sub_(
 
         ext_sub_rows_cpu_(p, m, lam, row_stats=row_stats)
     else:
-        _ext_sub_rows_torch_(p, m, lam, row_stats)
+        _rows_torch(p, m, lam, row_stats, write=True)
     if copy_back:
         w_plus.copy_(p.view(w_plus.shape))
     return w_plus
@@ -345,12 +310,10 @@ def ext_sub_task_vectors_into(
 ) -> bool:
     """out ← θ₀ + Ext-Sub(w_plus − θ₀, w_minus − θ₀) in the C++ kernel's fused pass, where it runs; whether it ran.
 
-    For the engine (not public API): 2-D (rows, cols) views of one shape in any float dtypes,
-    `out` contiguous. The result and `row_stats` are bit for bit those of widening to float32
-    (float64 with a float64 input), subtracting θ₀, `ext_sub_`, adding θ₀ back and rounding once
-    into `out`, which is what the caller does when this returns False: off CPU, without the
-    kernel, with columns not contiguous, with `out` sharing memory with an input, or with rows
-    the op would split across threads by columns (summed in another order).
+    For the engine: 2-D views of one shape in any float dtypes. The result and `row_stats` are bit for bit those of
+    widening, subtracting θ₀, `ext_sub_`, adding θ₀ back and rounding once into `out`, what the caller does when
+    this returns False: off CPU, without the kernel, columns not contiguous, `out` sharing memory with an input,
+    or rows the op would split across threads by columns (summed in another order).
 
     Example:
         >>> out = torch.empty(2, 4)
@@ -374,7 +337,6 @@ def ext_sub_task_vectors_into(
 
 
 def _writable_rows(t: torch.Tensor) -> torch.Tensor | None:
-    """A (rows, cols) view sharing `t`'s storage, or None when the strides allow no such view."""
     try:
         return t.view(1, -1) if t.dim() <= 1 else t.view(t.shape[0], -1)
     except RuntimeError:

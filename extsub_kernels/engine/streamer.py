@@ -20,7 +20,6 @@ from extsub_kernels.engine.method_spec import method_spec
 from extsub_kernels.engine.methods import (
     CPU_CHUNK_ELEMENTS,
     Observer,
-    apply_method_,
     apply_method_into,
     in_place_step,
     method_workspace,
@@ -242,18 +241,15 @@ class BlockStreamer:
             lams = [setting[k - 1] for k in job.antis]
             observe = stats.observer(item) if stats is not None and s == 0 else None  # λ-free: the first setting's
             if in_place and s == len(settings) - 1 and item.phase == "one-pass":
-                # last: the expert's block is no longer needed
-                result = apply_method_(plus, minus[0], lams[0], method=self.options.method, observe=observe)
+                result = plus  # the last setting: the expert's block is no longer needed
                 kept.append(buffers[0])
             else:
                 fresh.append(pool.get())
                 result = view_as(fresh[-1], job.out_dtype, item.shape())
-                if item.phase == "update":
-                    self._update(item, result, inputs, s, observe)
-                elif in_place:
-                    apply_method_(result.copy_(plus), minus[0], lams[0], method=self.options.method, observe=observe)
-                else:
-                    self._method_into(item, result, plus, minus, theta0, lams, observe)
+            if item.phase == "update":
+                self._update(item, result, inputs, s, observe)
+            else:
+                self._method_into(item, result, plus, minus, theta0, lams, observe)
             self._check_finite(item, result, setting)
             if stats is not None:
                 stats.measure(item, s, result, plus)

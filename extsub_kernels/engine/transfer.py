@@ -81,25 +81,23 @@ class BufferPool:
 
 
 class Workspace:
-    """Working space of the compute stage: a few slots of `elements` numbers of up to `itemsize` bytes, allocated once.
+    """Working space of the compute stage: a few slots of `elements` numbers of up to `itemsize` bytes, each allocated
+    once, on first use (a run that never needs one never creates it).
 
-    The compute stage widens inputs into slots (bf16 → float32), works there in cache-sized
-    chunks and rounds once into the output buffer, so no block allocates working memory. Each
-    slot is its own storage, so the op never sees two slots as overlapping.
+    The compute stage widens inputs into slots (bf16 → float32), works there in cache-sized chunks and rounds once
+    into the output buffer, so no block allocates working memory. Each slot is its own storage, so the op never
+    sees two slots as overlapping.
     """
 
     def __init__(self, elements: int, slots: int, *, itemsize: int = 4, device: torch.device | None = None):
         self.elements, self.itemsize = max(1, elements), itemsize
-        device = device or torch.device("cpu")
-        self._slots = [torch.empty(self.elements * itemsize, dtype=torch.uint8, device=device) for _ in range(slots)]
-
-    @property
-    def slots(self) -> int:
-        return len(self._slots)
+        self.device = device or torch.device("cpu")
+        self._slots: list[torch.Tensor | None] = [None] * slots
 
     @property
     def nbytes(self) -> int:
-        return sum(s.numel() for s in self._slots)
+        """Bytes of every slot, allocated or not."""
+        return len(self._slots) * self.elements * self.itemsize
 
     def slot(self, index: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """Slot `index` seen as a contiguous tensor of `shape` and `dtype` (at most `elements` numbers)."""
@@ -109,6 +107,8 @@ class Workspace:
                 f"workspace slot {index} of {len(self._slots)} holds {self.elements} numbers of {self.itemsize} "
                 f"bytes; {dtype} {shape} does not fit"
             )
+        if self._slots[index] is None:
+            self._slots[index] = torch.empty(self.elements * self.itemsize, dtype=torch.uint8, device=self.device)
         return self._slots[index][: n * dtype.itemsize].view(dtype).view(shape)
 
 
