@@ -16,9 +16,10 @@ import yaml
 from extsub_kernels._version import __version__
 from extsub_kernels.constants import RECIPE_NAME
 from extsub_kernels.engine.method_spec import method_spec
+from extsub_kernels.engine.tables import lam_text
 from extsub_kernels.io.outputs import GENERATED_MARK
 
-PAPER = (
+_PAPER = (
     'Hu et al., "Separate the Wheat from the Chaff: Model Deficiency Unlearning via Parameter-Efficient '
     'Module Operation", AAAI 2024 ([arXiv:2308.08090](https://arxiv.org/abs/2308.08090))'
 )
@@ -69,14 +70,14 @@ def model_card(facts: CardFacts) -> str:
         True
     """
     spec = method_spec(facts.method)
-    models = hub_models(facts)
+    models = _hub_models(facts)
     front: dict = {"base_model": models[0] if len(models) == 1 else models} if models else {}
     if models:
         front["base_model_relation"] = "merge"
     if facts.library_name is not None:
         front["library_name"] = facts.library_name
     front["tags"] = ["extsub", "merge", facts.method, *facts.tags]
-    lam = ", ".join(f"{x:g}" for x in facts.setting)
+    lam = lam_text(facts.setting, ", ")
     lines = [
         "---",
         yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(),
@@ -88,7 +89,7 @@ def model_card(facts: CardFacts) -> str:
         f"{facts.what[0].upper()}{facts.what[1:]}, made with extsub {__version__} by {spec.title} at λ = {lam}.",
         "",
         *([facts.note, ""] if facts.note else []),
-        f"{spec.card_text} Method: {PAPER}.",
+        f"{spec.card_text} Method: {_PAPER}.",
         "",
         "## Inputs",
         "",
@@ -122,7 +123,7 @@ def model_card(facts: CardFacts) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def hub_models(facts: CardFacts) -> list[str]:
+def _hub_models(facts: CardFacts) -> list[str]:
     """The front matter's `base_model`, as mergekit lists it: the base model, then the expert and anti-experts,
     hub ids only (the hub refuses anything else), each once."""
     merged = [r["repo"] for r in facts.inputs if r.get("kind") == "hub" and r.get("role") != "BASE" and r.get("repo")]

@@ -18,8 +18,8 @@ from extsub_kernels.constants import MODEL_CONFIG
 from extsub_kernels.io import ResolvedInput, read_json_object
 
 # Models whose linear layers are GPT-2's Conv1D, storing weights as (in, out) instead of (out, in).
-CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
-CONV1D_ARCHITECTURE_PREFIXES = ("GPT2", "OpenAIGPT", "ImageGPT", "DecisionTransformer")
+_CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
+_CONV1D_ARCHITECTURE_PREFIXES = ("GPT2", "OpenAIGPT", "ImageGPT", "DecisionTransformer")
 _CONV1D_WEIGHT = re.compile(r"(^|\.)(c_attn|q_attn|c_proj|c_fc)\.weight$")
 # Conv1D weights whose shape tells the layout: (name pattern, ratio out/in of the layer).
 _TELLING = ((re.compile(r"(^|\.)c_attn\.weight$"), 3), (re.compile(r"(^|\.)c_fc\.weight$"), 4))
@@ -47,7 +47,7 @@ def _uses_conv1d(config: Mapping | None) -> bool | None:
     model_type = config.get("model_type")
     if not isinstance(model_type, str) and not architectures:
         return None
-    return model_type in CONV1D_MODEL_TYPES or any(a.startswith(CONV1D_ARCHITECTURE_PREFIXES) for a in architectures)
+    return model_type in _CONV1D_MODEL_TYPES or any(a.startswith(_CONV1D_ARCHITECTURE_PREFIXES) for a in architectures)
 
 
 def transposed_weights(config: dict | None) -> TransposedRule:

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from extsub_kernels.constants import MODEL_WEIGHTS
-from extsub_kernels.engine.memory import peak_rss_bytes
 from extsub_kernels.engine.report import MergeReport
 from extsub_kernels.io import TensorEntry
 from extsub_kernels.io.writer import check_space, planned_files
@@ -44,14 +43,4 @@ def dry_run_report(
     for path, listed in zip(paths, files, strict=True):
         need[path.parent] = need.get(path.parent, 0) + sum(size or 0 for _, size in listed)
     check_space(need)
-    return MergeReport(
-        outputs=tuple(paths),
-        bytes_read=reads,
-        bytes_written=0,
-        seconds=0.0,
-        peak_rss_bytes=peak_rss_bytes(),
-        peak_gpu_bytes=None,
-        mode="dry-run",
-        files=tuple(tuple(f) for f in files),
-        **facts,
-    )
+    return MergeReport.finished(paths, bytes_read=reads, mode="dry-run", files=files, **facts)

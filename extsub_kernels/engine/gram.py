@@ -17,10 +17,10 @@ from extsub_kernels._tensors import compute_dtype
 from extsub_kernels.engine.method_spec import EXT_SUB, MethodSpec
 from extsub_kernels.engine.transfer import Workspace
 
-Piece2d = tuple[slice, slice]
+_Piece2d = tuple[slice, slice]
 
 
-def pieces(rows: int, cols: int, elements: int, reduce_dim: int) -> Iterator[Piece2d]:
+def pieces(rows: int, cols: int, elements: int, reduce_dim: int) -> Iterator[_Piece2d]:
     """(row slice, column slice) pieces of at most `elements` numbers: whole rows, or stretches of one row when a
     row is longer (reduce_dim=1); stretches of columns over as many rows as fit (reduce_dim=0)."""
     if reduce_dim == 1:
@@ -40,7 +40,7 @@ def pieces(rows: int, cols: int, elements: int, reduce_dim: int) -> Iterator[Pie
             yield slice(r0, min(r0 + row_step, rows)), slice(c0, min(c0 + col_step, cols))
 
 
-def _pairs(piece: Piece2d, reduce_dim: int) -> slice:
+def _pairs(piece: _Piece2d, reduce_dim: int) -> slice:
     """The op's rows a piece belongs to: its row slice (reduce_dim=1) or its column slice (0)."""
     return piece[0] if reduce_dim == 1 else piece[1]
 

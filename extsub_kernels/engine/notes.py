@@ -19,14 +19,12 @@ from extsub_kernels._version import __version__
 from extsub_kernels.constants import CARD_NAME, MODEL_CONFIG, RECIPE_NAME
 from extsub_kernels.engine.card import CardFacts, model_card
 from extsub_kernels.engine.context import RunContext
-from extsub_kernels.engine.options import RunOptions
+from extsub_kernels.engine.options import DTYPE_NAMES, RunOptions
 from extsub_kernels.engine.recipe import METADATA_KEY as RECIPE_KEY
 from extsub_kernels.engine.recipe import recipe_text
 from extsub_kernels.engine.stats import TensorStats
 from extsub_kernels.engine.tables import summary_table
 from extsub_kernels.io import ResolvedInput, hub_repo_id, read_json_object
-
-_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
 def _output_metadata(
@@ -172,7 +170,7 @@ def _noted_config(path: Path, out_dtype: torch.dtype | None, method: str, settin
     if out_dtype is not None:
         keys = [key for key in ("torch_dtype", "dtype") if key in config] or ["torch_dtype"]
         for key in keys:
-            config[key] = _DTYPE_NAMES[out_dtype]
+            config[key] = DTYPE_NAMES[out_dtype]
     config["extsub"] = {"version": __version__, "method": method, "lam": list(setting), "recipe": RECIPE_NAME}
     return json.dumps(config, indent=2, ensure_ascii=False) + "\n"
 

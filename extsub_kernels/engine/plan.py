@@ -169,7 +169,8 @@ def _anti_only(
         more = f" and {len(first_holder) - _SHOWN} more" if len(first_holder) > _SHOWN else ""
         raise InputError(
             f"{len(first_holder)} tensor(s) of the anti-expert(s) are not in EXPERT: {listed}{more}; "
-            "pass --on-missing copy (write them unchanged) or --on-missing skip (leave them out)"
+            'pass on_missing="copy" (write them unchanged) or on_missing="skip" (leave them out)',
+            options=("on_missing",),
         )
     if on_missing == "skip":
         return [], list(first_holder)

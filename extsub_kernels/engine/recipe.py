@@ -113,13 +113,13 @@ def load_recipe(path: str | os.PathLike, choices: Mapping[str, Sequence[str]] | 
                 "give a recipe .yaml, or a weights file extsub-merge wrote"
             )
         return check_recipe(_parsed(text, path), str(path), choices)
-    return check_recipe(_parsed(read_bounded_text(path, "--config", MAX_RECIPE_BYTES), path), str(path), choices)
+    return check_recipe(_parsed(read_bounded_text(path, "--config", _MAX_RECIPE_BYTES), path), str(path), choices)
 
 
 def _parsed(text: str, path: Path) -> object:
     """The YAML of a recipe, or an InputError naming the file and the line; aliases and deep nesting refused first."""
-    if _flow_depth(text) > MAX_RECIPE_DEPTH:  # YAML's scanner slows down with the square of the nesting
-        raise InputError(f"--config {path}: not valid YAML (nested more than {MAX_RECIPE_DEPTH} deep)")
+    if _flow_depth(text) > _MAX_RECIPE_DEPTH:  # YAML's scanner slows down with the square of the nesting
+        raise InputError(f"--config {path}: not valid YAML (nested more than {_MAX_RECIPE_DEPTH} deep)")
     try:
         if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
             raise InputError(f"--config {path}: YAML aliases (*name) are not taken in a recipe; write values out")
@@ -134,8 +134,8 @@ def _parsed(text: str, path: Path) -> object:
     return loaded
 
 
-MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few dozen lines
-MAX_RECIPE_DEPTH = 32  # of [ ] and { }: a recipe nests two deep
+_MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few dozen lines
+_MAX_RECIPE_DEPTH = 32  # of [ ] and { }: a recipe nests two deep
 
 
 def _flow_depth(text: str) -> int:

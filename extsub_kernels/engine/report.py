@@ -11,6 +11,7 @@ from extsub_kernels.engine.context import RunContext
 from extsub_kernels.engine.memory import peak_rss_bytes
 from extsub_kernels.engine.method_spec import DEFAULT_METHOD
 from extsub_kernels.engine.stats import TensorStats
+from extsub_kernels.engine.tables import lam_text
 from extsub_kernels.io.outputs import listed_files
 
 GB = 1e9
@@ -102,24 +103,27 @@ class MergeReport:
     @classmethod
     def finished(
         cls,
-        written: Sequence[Path],
+        outputs: Sequence[Path],
         *,
         bytes_read: int,
-        bytes_written: int,
-        started: float,
-        peak_gpu_bytes: int | None,
+        bytes_written: int = 0,
+        started: float | None = None,
+        peak_gpu_bytes: int | None = None,
+        files: Sequence[Sequence[tuple[str, int | None]]] | None = None,
         **facts,
     ) -> "MergeReport":
-        """The report of a run that has ended now: its seconds since `started` (perf_counter), the process's peak RSS,
-        and the files of each output written (`facts`: the rest, as the fields)."""
+        """The report of a run that has ended now, the one way every path builds it: seconds since `started`
+        (perf_counter; None, a dry run: 0), the process's peak RSS, the files of each output (`files`: those a dry
+        run plans, else those written); `facts`: the other fields."""
+        listed = files if files is not None else [listed_files(path) for path in outputs]
         return cls(
-            outputs=tuple(written),
+            outputs=tuple(outputs),
             bytes_read=bytes_read,
             bytes_written=bytes_written,
-            seconds=time.perf_counter() - started,
+            seconds=time.perf_counter() - started if started is not None else 0.0,
             peak_rss_bytes=peak_rss_bytes(),
             peak_gpu_bytes=peak_gpu_bytes,
-            files=tuple(tuple(listed_files(path)) for path in written),
+            files=tuple(tuple(f) for f in listed),
             **facts,
         )
 
@@ -213,7 +217,7 @@ def item_line(item: Item, stats: TensorStats | None, settings: Sequence[Sequence
         rows = f"{pair.rows} row{'s' if pair.rows != 1 else ''}"
         line += f"{prefix} {rows}{degenerate}, {cos}, deficiency share {share}"
     changes = [
-        f"{100 * c:.3g} % at λ={','.join(f'{x:g}' for x in s)}" if c is not None else "n/a"
+        f"{100 * c:.3g} % at λ={lam_text(s)}" if c is not None else "n/a"
         for c, s in zip(stats.relative_change, settings, strict=False)
     ]
     return line + (f"; change {', '.join(changes)}" if changes else "")

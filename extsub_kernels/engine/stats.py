@@ -22,7 +22,7 @@ from extsub_kernels.engine.method_spec import method_spec
 # A row counts as antiparallel (Ext(m) = m, the bisector vanishes) when cos(p, m) ≤ −1 + this;
 # the sums behind cos are float32 reductions, good to about 1e-7 relative.
 ANTIPARALLEL_TOLERANCE = 1e-6
-QUANTILES = (0.25, 0.5, 0.75)
+_QUANTILES = (0.25, 0.5, 0.75)
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ def _summarize_cos(cos: torch.Tensor, mean: float | None = None) -> CosSummary |
     if cos.numel() == 0:
         return None
     cos = cos.to(torch.float64)
-    q1, median, q3 = torch.quantile(cos, torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
+    q1, median, q3 = torch.quantile(cos, torch.tensor(_QUANTILES, dtype=torch.float64)).tolist()
     return CosSummary(float(cos.mean()) if mean is None else mean, float(cos.min()), q1, median, q3, float(cos.max()))
 
 

@@ -345,7 +345,7 @@ class BlockStreamer:
                 )
 
     def _check_cast(self, item: Block | Batch, source: torch.Tensor, copy: torch.Tensor) -> None:
-        """A tensor copied into another dtype (--dtype) must not turn finite values into ±inf."""
+        """A tensor copied into another dtype (dtype=) must not turn finite values into ±inf."""
         if isinstance(item, Batch):
             if all_finite(copy) or not all_finite(source):
                 return  # nothing overflowed, or a NaN/Inf is copied as it is: check tensor by tensor
@@ -356,8 +356,9 @@ class BlockStreamer:
         if problem is not None:
             role = self.roles[item.job.source]
             raise InputError(
-                f"tensor {item.job.name!r} (copied from {role}) has {problem}; --dtype "
-                f"{str(copy.dtype).removeprefix('torch.')} cannot hold it: choose a wider --dtype, or keep"
+                f"tensor {item.job.name!r} (copied from {role}) has {problem}; dtype="
+                f'"{str(copy.dtype).removeprefix("torch.")}" cannot hold it: choose a wider dtype=, or "keep"',
+                options=("dtype",),
             )
 
     def _check_finite(self, item: Block | Batch, result: torch.Tensor, setting: tuple[float, ...]) -> None:
@@ -372,7 +373,8 @@ class BlockStreamer:
         self._check_inputs(item)
         raise InputError(
             f"tensor {job.name!r}: the result at λ={lam_label(setting)} overflows {job.out_dtype} although the inputs "
-            "are finite; use a smaller λ or --dtype float32"
+            'are finite; use a smaller λ or dtype="float32"',
+            options=("dtype",),
         )
 
 

@@ -112,6 +112,11 @@ def by_layer_and_type(stats: Iterable[TensorStats], anti: str) -> dict[tuple[int
     return groups
 
 
+def lam_text(setting: Sequence[float], sep: str = ",") -> str:
+    """λ of one output as reports, cards and tables show it: "0.5", "1,0.5" (one per anti-expert)."""
+    return sep.join(f"{x:g}" for x in setting)
+
+
 def _fmt(x: float | None, digits: int = 3) -> str:
     return "–" if x is None else f"{x:+.{digits}f}" if digits == 3 else f"{x:.{digits}f}"
 
@@ -125,7 +130,7 @@ def summary_table(stats: Sequence[TensorStats], settings: Sequence[Sequence[floa
     the deficiency share and the relative change at each λ setting. Empty when there are no statistics."""
     if not stats:
         return ""
-    labels = [",".join(f"{x:g}" for x in setting) for setting in settings]
+    labels = [lam_text(setting) for setting in settings]
     parts = []
     for anti in anti_roles(stats):
         head = "| module type | layers | tensors | rows | degenerate rows | mean cos(p, m) | deficiency share |"
@@ -144,7 +149,7 @@ def summary_table(stats: Sequence[TensorStats], settings: Sequence[Sequence[floa
 
 def layer_table(stats: Sequence[TensorStats], anti: str, settings: Sequence[Sequence[float]]) -> str:
     """Markdown: one row per layer × module type for one anti-expert (the detail of `summary_table`)."""
-    labels = [",".join(f"{x:g}" for x in setting) for setting in settings]
+    labels = [lam_text(setting) for setting in settings]
     head = "| layer | module type | rows | degenerate rows | mean cos(p, m) | deficiency share |"
     head += "".join(f" change at λ={label} |" for label in labels)
     lines = [head, "|---" * (6 + len(labels)) + "|"]

@@ -392,6 +392,7 @@ def _checked(entry: TensorEntry, tensor: torch.Tensor) -> torch.Tensor:
         raise InputError(
             f"tensor {entry.name!r} came out with {problem.replace('NaN or Inf', 'NaN or ±inf', 1)} although the "
             f"inputs are finite: the merge overflows {str(tensor.dtype).removeprefix('torch.')}; use a smaller λ "
-            "or a wider --dtype"
+            "or a wider dtype=",
+            options=("dtype",),
         )
     return tensor

@@ -44,7 +44,7 @@ from extsub_kernels._tensors import shares_storage
 from extsub_kernels.constants import ENV_CACHE_DIR, ENV_CPP_KERNEL, ENV_CXX, ENV_XDG_CACHE
 from extsub_kernels.errors import Notice
 
-SOURCE = Path(__file__).with_name("ext_sub_cpu.cpp")
+_SOURCE = Path(__file__).with_name("ext_sub_cpu.cpp")
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 _STATS_CODES = {torch.float32: 2, torch.float64: 3}
 # -ffp-contract=off: no fused multiply-adds chosen by the compiler, so each sum and each update
@@ -66,7 +66,7 @@ _ARCH_FLAGS = {
 }
 _BUILD_TIMEOUT_S = 300
 # Said once, when a build starts (a library from the cache loads in milliseconds, silently).
-BUILD_NOTICE = "building the CPU kernel (first use, ~10 s)…"
+_BUILD_NOTICE = "building the CPU kernel (first use, ~10 s)…"
 # Below this many elements per thread, the hand-off to another thread costs more than it saves.
 _MIN_ELEMENTS_PER_THREAD = 1 << 16
 # Rows at least this long, fewer than four per thread, are split across threads by columns (not by the fused pass).
@@ -175,7 +175,7 @@ def build(
     """
     capability = capability or _capability()
     flags = (*_BASE_FLAGS, *_ARCH_FLAGS.get(capability, ()), *(f"-D{d}" for d in defines))
-    source = SOURCE.read_bytes()
+    source = _SOURCE.read_bytes()
     key = hashlib.sha256()
     for part in (source, repr(flags).encode(), compiler.encode(), sys.platform.encode(), platform.machine().encode()):
         key.update(part + b"\0")
@@ -189,11 +189,11 @@ def build(
         return target, None
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = out_dir / f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-    warnings.warn(BUILD_NOTICE, Notice, stacklevel=2)  # seconds with no output otherwise
+    warnings.warn(_BUILD_NOTICE, Notice, stacklevel=2)  # seconds with no output otherwise
     start = time.perf_counter()
     try:
         done = subprocess.run(
-            [compiler, *flags, str(SOURCE), "-o", str(partial)],
+            [compiler, *flags, str(_SOURCE), "-o", str(partial)],
             capture_output=True,
             text=True,
             timeout=_BUILD_TIMEOUT_S,
