@@ -1,15 +1,10 @@
-"""The public ops: validation, dispatch by device and backend, and the eager torch path.
+"""The public ops: validation, dispatch by device (CUDA → Triton, CPU → the C++ kernel, else the eager torch path).
 
-Kernels: Triton on CUDA (kernels/ext_sub.py), C++ on CPU (kernels/ext_sub_cpu.py, built at
-first use; `cpu_backend()` says whether it runs). The eager torch path runs everywhere else
-and is the CPU fallback when no compiler is present.
-
-Ext-Sub per row (docs/design.md §1): p' = α·p + β·m, α = 1 + (λ/2)·|m|/|p|, β = −λ/2;
-rows with |p| = 0 keep p. Only two row norms are needed. On request the same pass also
-hands back each row's |p|², |m|² and p·m (`row_stats`), from which a merge reports the
-geometry of every row (docs/design.md §7) at the cost of one more reduction over data in cache.
+Ext-Sub per row (docs/design.md §1): p' = α·p + β·m, α = 1 + (λ/2)·|m|/|p|, β = −λ/2; rows with |p| = 0 keep p.
+On request the same pass hands back each row's |p|², |m|² and p·m (`row_stats`, docs/design.md §7).
 """
 
+import importlib.util
 import os
 import warnings
 from typing import Literal
@@ -24,8 +19,7 @@ from extsub_kernels.reference import ext_sub_reference
 Backend = Literal["auto", "triton", "cpp", "torch", "reference"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "cpp", "torch", "reference")
 
-# The torch path works on row blocks of about this many bytes per operand (compute dtype),
-# so the second touch of a block (the write after the norms) is served from cache.
+# The eager path's row blocks, in bytes per operand: the write after the norms finds the block in cache.
 _CPU_BLOCK_BYTES = 2 << 20
 
 
@@ -129,18 +123,11 @@ def _row_count(t: torch.Tensor) -> int:
 
 def _checked_row_stats(row_stats: torch.Tensor, w_plus: torch.Tensor) -> torch.Tensor:
     """`row_stats` if it can hold the row sums of `w_plus`, else a ValueError."""
-    rows = _row_count(w_plus)
-    if (
-        not isinstance(row_stats, torch.Tensor)
-        or tuple(row_stats.shape) != (rows, 3)
-        or row_stats.dtype not in (torch.float32, torch.float64)
-        or row_stats.device != w_plus.device
-        or not row_stats.is_contiguous()
-    ):
+    rows, given = _row_count(w_plus), isinstance(row_stats, torch.Tensor)
+    fits = given and tuple(row_stats.shape) == (rows, 3) and row_stats.dtype in (torch.float32, torch.float64)
+    if not (fits and row_stats.device == w_plus.device and row_stats.is_contiguous()):
         found = (
-            f"{tuple(row_stats.shape)} {row_stats.dtype} on {row_stats.device}"
-            if isinstance(row_stats, torch.Tensor)
-            else type(row_stats).__name__
+            f"{tuple(row_stats.shape)} {row_stats.dtype} on {row_stats.device}" if given else type(row_stats).__name__
         )
         raise ValueError(
             f"row_stats must be a contiguous ({rows}, 3) float32 or float64 tensor on {w_plus.device} "
@@ -210,11 +197,7 @@ def op_backend(device: torch.device | str) -> str:
 
 
 def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("triton") is not None
 
 
 _warned_no_triton = False

@@ -150,11 +150,7 @@ def _rows_into(
     dtype: torch.dtype,
     observe: Observer | None = None,
 ) -> None:
-    """Chunks of whole rows: widen, subtract θ₀, the kernel once per anti-expert, add θ₀, round into `out`.
-
-    Row sums for `observe`: the kernel's own (one anti-expert), else `row_products` of the expert against each
-    widened anti-expert. Without `spec` only the row sums are taken (an elementwise method's).
-    """
+    """Chunks of whole rows: widen, subtract θ₀, the kernel once per anti-expert, add θ₀, round into `out`."""
     rows, cols = views[0].shape
     n_anti = len(views) - 1
     sums = [_row_sums(rows, views[0].device) for _ in range(n_anti)] if observe is not None else None

@@ -37,12 +37,7 @@ def _output_metadata(
     context: RunContext | None = None,
 ) -> dict[str, str]:
     """`__metadata__` of an output: format=pt, method, λ, the inputs' names, the tool's version, an adapter format;
-    with a `context`, the command, the inputs (hub commits, header sha256 of each file) and the recipe.
-
-    Example:
-        >>> _output_metadata((0.5,), "sub", "expert.safetensors", ["anti.safetensors"])["extsub.lam"]
-        '[0.5]'
-    """
+    with a `context`, the command, the inputs (hub commits, header sha256 of each file) and the recipe."""
     meta = {
         "format": "pt",
         "extsub.method": method,
@@ -65,12 +60,7 @@ def _output_metadata(
 
 def _printable(name: str) -> str:
     """Text a header or a text file can hold: bytes that are not UTF-8 (kept by Python as lone surrogates, as in
-    file names) as \\xNN.
-
-    Example:
-        >>> _printable("caf\\udce9.safetensors")
-        'caf\\\\xe9.safetensors'
-    """
+    file names) as \\xNN."""
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 

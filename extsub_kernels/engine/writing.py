@@ -376,12 +376,7 @@ def _joined(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def _checked(entry: TensorEntry, tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` if it is what the header promised for `entry` and finite; the writer only counts bytes.
-
-    The finiteness rule of every output: the inputs were checked finite when read, so a NaN or
-    ±inf here is an overflow of the merge (λ, the scaling, the dtype), refused as the dense
-    engine refuses it.
-    """
+    """`tensor` if it is what the header promised for `entry` and finite; the writer only counts bytes."""
     if tensor.dtype != entry.dtype or tuple(tensor.shape) != entry.shape:
         raise MergeError(
             f"tensor {entry.name!r} came out {tensor.dtype} {tuple(tensor.shape)} but the output header says "

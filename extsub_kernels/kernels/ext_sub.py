@@ -60,12 +60,7 @@ def _ext_sub_kernel(
     COMPUTE_DTYPE: tl.constexpr,
     WITH_STATS: tl.constexpr,
 ):
-    """In place: p[row] ← α·p[row] + β·m[row] for BLOCK_ROWS rows per program.
-
-    SINGLE_PASS: the whole row fits one tile, read once and written from registers.
-    Otherwise: a first loop over column tiles for the two norms, a second for the write.
-    WITH_STATS: also store |p|², |m|², p·m per row at `stats_ptr` (unused otherwise).
-    """
+    """In place: p[row] ← α·p[row] + β·m[row] for BLOCK_ROWS rows per program."""
     row_start = tl.program_id(0).to(tl.int64) * BLOCK_ROWS
     rows = row_start + tl.arange(0, BLOCK_ROWS)
     row_mask = rows < n_rows
