@@ -1,10 +1,7 @@
 """The model card (README.md) of a folder output, in the Hugging Face conventions: YAML front matter, then prose.
 
-The front matter carries `base_model` (hub ids only: the base model, the expert and the anti-experts,
-with `base_model_relation: merge`; a local base is left out and the body says why), `library_name`
-(peft for adapters, transformers for full models) and `tags` (extsub, merge); the body names the
-method and the paper, λ, the inputs (hub ids with the commits they resolved to), the exact command
-and the summary table of what the merge did per module type.
+The front matter carries `base_model` (hub ids only, `base_model_relation: merge`), `library_name` and `tags`; the
+body names the method and the paper, λ, the inputs (hub ids with their commits), the command and the summary table.
 """
 
 import re
@@ -30,18 +27,14 @@ class CardFacts:
     """What a model card states about one output.
 
     Attributes:
-        title: the output's name.
-        method: the method's name (`method_spec`: its title and sentence on the card).
-        setting: λ per anti-expert of this output.
+        title, method, setting, command: the output's name, the method's name, λ per anti-expert, the command.
         inputs: the inputs' fingerprints (io.provenance), EXPERT first.
-        command: the command that made the output.
         library_name: "peft" for adapters, "transformers" for full models, None for task vectors.
-        base_model: the base model's hub id, only when it is one.
+        base_model: the base model's hub id, only when it is one (`base_note`: why there is none otherwise).
         what: a few words on the output ("a PEFT LoRA adapter", "the full model θ₀ + ΔW'").
         table: the Markdown summary table (empty without statistics).
         tags: tags beside extsub, merge and the method ("peft", "lora", ...).
         note: a paragraph on this output after the first (what --max-rank truncated, ...).
-        base_note: why there is no `base_model` in the front matter although a base model is known.
         extra: Markdown added after how the output was made (extsub-scan: how λ was chosen).
     """
 
@@ -61,14 +54,7 @@ class CardFacts:
 
 
 def model_card(facts: CardFacts) -> str:
-    """The README.md text of an output.
-
-    Example:
-        >>> card = model_card(CardFacts("merged", "sub", (1.0,), [], "extsub-merge e a -o merged", None, None,
-        ...                             "task vectors", ""))
-        >>> card.startswith("---")
-        True
-    """
+    """The README.md text of an output."""
     spec = method_spec(facts.method)
     models = _hub_models(facts)
     front: dict = {"base_model": models[0] if len(models) == 1 else models} if models else {}
@@ -124,15 +110,13 @@ def model_card(facts: CardFacts) -> str:
 
 
 def _hub_models(facts: CardFacts) -> list[str]:
-    """The front matter's `base_model`, as mergekit lists it: the base model, then the expert and anti-experts,
-    hub ids only (the hub refuses anything else), each once."""
+    """The front matter's `base_model`, as mergekit lists it: base model, expert, anti-experts; hub ids, each once."""
     merged = [r["repo"] for r in facts.inputs if r.get("kind") == "hub" and r.get("role") != "BASE" and r.get("repo")]
     models = ([facts.base_model] if facts.base_model else []) + merged
     return list(dict.fromkeys(models))
 
 
 def _input_line(record: Mapping) -> str:
-    """One input as a list item: role, spec, and for hub inputs the repo and commit."""
     line = f"- {_text(record['role'])}: {_code(record['spec'])}"
     if record.get("kind") == "hub":
         repo, commit = _text(record.get("repo")), record.get("commit")
@@ -150,12 +134,10 @@ def _one_line(text: object) -> str:
 
 
 def _text(text: object) -> str:
-    """`text` as literal Markdown text on one line."""
     return _MARKDOWN.sub(r"\\\1", _one_line(text))
 
 
 def _code(text: object) -> str:
-    """`text` as an inline code span on one line, whatever backticks it holds."""
     body = _one_line(text)
     ticks = "`" * (max((len(run) for run in re.findall(r"`+", body)), default=0) + 1)
     pad = " " if body.startswith("`") or body.endswith("`") else ""
@@ -163,5 +145,4 @@ def _code(text: object) -> str:
 
 
 def _fence(text: object) -> str:
-    """A code fence longer than any run of backticks in `text` (at least three)."""
     return "`" * max(3, max((len(run) for run in re.findall(r"`+", str(text))), default=0) + 1)

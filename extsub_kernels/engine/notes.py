@@ -1,9 +1,6 @@
 """What every output says about how it was made: its `__metadata__`, and in folder outputs the model card, the recipe
-and a note in the copied config.json (with the dtype the weights now have).
-
-Metadata is known before any tensor is written (the writer emits headers first); the model
-card needs the run's statistics, so folder outputs get their texts after the tensors and
-before the commit (`OutputSet.add_texts`): a failed run leaves none of them.
+and a note in the copied config.json (with the dtype the weights now have). Metadata is known before any tensor is
+written; the texts come after the tensors, before the commit (`OutputSet.add_texts`).
 """
 
 import dataclasses
@@ -88,16 +85,9 @@ def run_metadata(
 
 @dataclass(frozen=True)
 class OutputKind:
-    """What kind of thing a folder output is, for its model card.
+    """What kind of thing a folder output is, for its model card (`CardFacts` says what each field becomes).
 
-    Attributes:
-        what: a few words ("a PEFT LoRA adapter", "the full model θ₀ + ΔW'", "task vectors ΔW'").
-        library_name: "peft", "transformers", or None when no library loads it as it is.
-        base_model: the base model's hub id, only when it is one (`card_base_model`).
-        config: a model config.json to copy with a note (and the output dtype), for full models.
-        tags: model-card tags beside extsub, merge and the method ("peft", "lora", "ia3", ...).
-        notes: a paragraph per output (one per λ setting, in order) for its card, e.g. what --max-rank cost.
-        base_note: why the card has no `base_model` although a base model is known.
+    `config`: a model config.json to copy with a note (full models); `notes`: a paragraph per output (λ setting).
     """
 
     what: str
@@ -166,14 +156,8 @@ def _noted_config(path: Path, out_dtype: torch.dtype | None, method: str, settin
 
 
 def card_base_model(name: str | None, who: str) -> tuple[str | None, str]:
-    """(hub id, "") when `name` is a hub repo id, else (None, why the card leaves `base_model` out).
-
-    The hub refuses any other `base_model` (a local path, or a folder's name, which names an unrelated repo).
-
-    Example:
-        >>> card_base_model("org/base@main", "BASE")
-        ('org/base', '')
-    """
+    """(hub id, "") when `name` is a hub repo id, else (None, why the card leaves `base_model` out: the hub refuses a
+    local path, or a folder's name, which names an unrelated repo)."""
     if not name:
         return None, ""
     repo = hub_repo_id(name)

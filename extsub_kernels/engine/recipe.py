@@ -1,10 +1,8 @@
 """Recipes: every option of a merge in one YAML file, read back with `--config` and written into each output.
 
-A recipe is a YAML mapping whose keys are the long options of `extsub-merge` with `_` for
-`-` (`max_shard_size`, `on_missing`, ...) plus `expert`, `anti` and `out`. Loading checks
-every key and type and names the key at fault. Each output carries the recipe that made it
-(its own λ, hub inputs pinned to the commit they resolved to), so rerunning it rewrites the
-same tensors byte for byte on the same kind of device.
+A recipe maps the long options of `extsub-merge` (`_` for `-`) plus `expert`, `anti` and `out` to values; loading
+checks every key and type and names the key at fault. Each output carries the recipe that made it (its own λ, hub
+inputs pinned to their commit), so rerunning it rewrites the same tensors byte for byte on the same kind of device.
 """
 
 import difflib
@@ -67,24 +65,8 @@ KEYS: dict[str, RecipeKey] = {
     "verbose": RecipeKey((bool,), "true or false", flag="--verbose"),
 }
 # What a written recipe holds: how the output was made (not where it went or how the run talked).
-MERGE_KEYS = (
-    "expert",
-    "anti",
-    "base",
-    "lam",
-    "method",
-    "device",
-    "dtype",
-    "max_shard_size",
-    "on_missing",
-    "transposed",
-    "format",
-    "max_rank",
-    "lora_alpha",
-    "rank",
-    "rslora",
-    "any_base_model",
-)
+MERGE_KEYS = tuple(k for k in KEYS if k not in ("extsub_recipe", "extsub_version", "out", "force", "dry_run", "report"))
+MERGE_KEYS = MERGE_KEYS[: MERGE_KEYS.index("any_base_model") + 1]
 
 
 METADATA_KEY = "extsub.recipe"  # where each weights file's __metadata__ keeps the recipe of its output
@@ -93,16 +75,8 @@ METADATA_KEY = "extsub.recipe"  # where each weights file's __metadata__ keeps t
 def load_recipe(path: str | os.PathLike, choices: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
     """Read and validate a recipe (a YAML file, or the `extsub.recipe` a weights file's metadata carries); keys whose
     value is null are left out. `choices`: the values of keys whose vocabulary lives above the engine (the adapter
-    formats), checked like the others.
-
-    Raises:
-        InputError: an unreadable file, YAML that is not a mapping, an unknown key (with the
-            closest known one), a value of the wrong type or outside its choices; each names
-            the file and the key.
-
-    Example:
-        >>> load_recipe("recipe.yaml")  # doctest: +SKIP
-        {'expert': 'org/expert', 'anti': ['org/anti'], 'lam': 0.5}
+    formats). InputError for an unreadable file, YAML that is not a mapping, an unknown key (with the closest known
+    one), a value of the wrong type or outside its choices, naming the file and the key.
     """
     path = Path(path)
     if path.suffix == ".safetensors":  # an output of this tool: its recipe is in the header's metadata
@@ -139,7 +113,6 @@ _MAX_RECIPE_DEPTH = 32  # of [ ] and { }: a recipe nests two deep
 
 
 def _flow_depth(text: str) -> int:
-    """The deepest nesting of YAML flow brackets in `text` (brackets inside quotes count too: an upper bound)."""
     depth = deepest = 0
     for char in text:
         if char in "[{":
@@ -190,13 +163,8 @@ def check_recipe(
 
 def _check_lams(lam: object, where: str) -> None:
     """Every λ of a recipe's `lam` a finite number (`lam_value`'s rule), the error naming the file and the key."""
-    items = (
-        [part.split(":") for part in lam.split(",")]
-        if isinstance(lam, str)
-        else lam
-        if isinstance(lam, list)
-        else [lam]
-    )
+    items = [part.split(":") for part in lam.split(",")] if isinstance(lam, str) else lam
+    items = items if isinstance(items, list) else [items]
     try:
         for item in items:
             for value in item if isinstance(item, (list, tuple)) else [item]:
@@ -212,11 +180,7 @@ def _lam_value_for(setting: Sequence[float]) -> float | str:
 
 
 def recipe_text(recipe: Mapping[str, Any], setting: Sequence[float]) -> str:
-    """The recipe of one output: `recipe` (MERGE_KEYS) with that output's λ, as YAML with a header comment.
-
-    Example:
-        >>> print(recipe_text({"expert": "e.safetensors", "anti": ["a.safetensors"]}, (0.5,)))  # doctest: +SKIP
-    """
+    """The recipe of one output: `recipe` (MERGE_KEYS) with that output's λ, as YAML with a header comment."""
     body = {"extsub_recipe": RECIPE_FORMAT, "extsub_version": __version__}
     for key in MERGE_KEYS:
         value = _lam_value_for(setting) if key == "lam" else recipe.get(key)

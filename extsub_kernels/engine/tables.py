@@ -1,10 +1,8 @@
 """Row statistics grouped the way people read a model: by module type, and by layer × module type.
 
-A tensor or module name splits at its first numeric path component into a layer and a
-module type (`model.layers.3.self_attn.q_proj.weight` → layer 3, `self_attn.q_proj`);
-names without one (embeddings, heads) are their own type with no layer. Groups combine
-tensors exactly: cos means weighted by the rows they average, the deficiency share as
-Σ|Ext(mᵢ)| / Σ|mᵢ|, the relative change as ‖θ' − θ⁺‖ / ‖θ⁺‖ over the group.
+A name splits at its first numeric path component into a layer and a module type (names without one are their own
+type). Groups combine tensors exactly: cos means weighted by their rows, the deficiency share as Σ|Ext(mᵢ)| / Σ|mᵢ|,
+the relative change as ‖θ' − θ⁺‖ / ‖θ⁺‖ over the group.
 """
 
 import math
@@ -90,26 +88,20 @@ def anti_roles(stats: Iterable[TensorStats]) -> list[str]:
     return roles
 
 
-def by_module_type(stats: Iterable[TensorStats], anti: str) -> dict[str, Group]:
-    """Groups per module type for one anti-expert, in order of first appearance."""
-    groups: dict[str, Group] = {}
+def by_module_type(stats: Iterable[TensorStats], anti: str, *, layers: bool = False) -> dict:
+    """Groups per module type for one anti-expert, in order of first appearance (per (layer, type) with `layers`)."""
+    groups: dict = {}
     for tensor in stats:
         for pair in tensor.pairs:
             if pair.anti == anti:
                 layer, kind = layer_and_type(tensor.name)
-                groups.setdefault(kind, Group()).add(pair, tensor.relative_change, layer)
+                groups.setdefault((layer, kind) if layers else kind, Group()).add(pair, tensor.relative_change, layer)
     return groups
 
 
 def by_layer_and_type(stats: Iterable[TensorStats], anti: str) -> dict[tuple[int | None, str], Group]:
     """Groups per (layer, module type) cell for one anti-expert."""
-    groups: dict[tuple[int | None, str], Group] = {}
-    for tensor in stats:
-        for pair in tensor.pairs:
-            if pair.anti == anti:
-                layer, kind = layer_and_type(tensor.name)
-                groups.setdefault((layer, kind), Group()).add(pair, tensor.relative_change, layer)
-    return groups
+    return by_module_type(stats, anti, layers=True)
 
 
 def lam_text(setting: Sequence[float], sep: str = ",") -> str:
