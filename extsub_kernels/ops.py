@@ -35,11 +35,6 @@ def ext_sub_coefficients(p_norm: torch.Tensor, m_norm: torch.Tensor, lam: float)
 
     Returns:
         (α, β) as column vectors (rows, 1) in the dtype of `p_norm`, ready to scale rows.
-
-    Example:
-        >>> alpha, beta = ext_sub_coefficients(torch.tensor([2.0, 0.0]), torch.tensor([4.0, 1.0]), 1.0)
-        >>> alpha.flatten().tolist(), beta.flatten().tolist()
-        ([2.0, 1.0], [-0.5, 0.0])
     """
     has_p = p_norm > 0
     alpha = torch.where(has_p, 1.0 + (0.5 * lam) * m_norm / torch.where(has_p, p_norm, 1.0), 1.0)
@@ -90,10 +85,6 @@ def row_products(w_plus: torch.Tensor, w_minus: torch.Tensor, *, out: torch.Tens
     Args:
         w_plus, w_minus: the pair, same shape and device, any float dtypes.
         out: a (rows, 3) float32 or float64 tensor on their device to fill (default: a new float64 one).
-
-    Example:
-        >>> row_products(torch.tensor([[3.0, 4.0]]), torch.tensor([[1.0, 0.0]])).tolist()
-        [[25.0, 1.0, 3.0]]
     """
     check_pair(w_plus, w_minus, 0.0)
     rows = _row_count(w_plus)
@@ -117,7 +108,6 @@ def _contiguous_columns(t: torch.Tensor) -> bool:
 
 
 def _row_count(t: torch.Tensor) -> int:
-    """Rows the op pairs: dim 0, one row for 0-D and 1-D tensors (an empty first dimension has none)."""
     return t.shape[0] if t.dim() >= 2 else 1
 
 
@@ -169,12 +159,7 @@ def _cpp_kernel_loads() -> bool:
 
 def cpu_backend() -> str:
     """Which implementation `backend="auto"` runs on CPU tensors, and why, in one line: "cpp: ..." (the C++ kernel,
-    built on first use, a few seconds, then cached) or "torch: ..." (the eager path, with the reason).
-
-    Example:
-        >>> cpu_backend().split(":")[0] in ("cpp", "torch")
-        True
-    """
+    built on first use, a few seconds, then cached) or "torch: ..." (the eager path, with the reason)."""
     from extsub_kernels.kernels import ext_sub_cpu
 
     status = ext_sub_cpu.status()
@@ -182,12 +167,7 @@ def cpu_backend() -> str:
 
 
 def op_backend(device: torch.device | str) -> str:
-    """What `backend="auto"` runs on tensors of `device`, and why, in one line: "name: detail" (see `cpu_backend`).
-
-    Example:
-        >>> op_backend("cuda").split(":")[0] in ("triton", "torch")
-        True
-    """
+    """What `backend="auto"` runs on tensors of `device`, and why, in one line: "name: detail" (see `cpu_backend`)."""
     kind = torch.device(device).type
     if kind == "cpu":
         return cpu_backend()
@@ -297,10 +277,6 @@ def ext_sub_task_vectors_into(
     widening, subtracting θ₀, `ext_sub_`, adding θ₀ back and rounding once into `out`, what the caller does when
     this returns False: off CPU, without the kernel, columns not contiguous, `out` sharing memory with an input,
     or rows the op would split across threads by columns (summed in another order).
-
-    Example:
-        >>> out = torch.empty(2, 4)
-        >>> ran = ext_sub_task_vectors_into(out, torch.ones(2, 4), torch.zeros(2, 4), torch.zeros(2, 4), 1.0)
     """
     from extsub_kernels.kernels import ext_sub_cpu
 
@@ -327,24 +303,14 @@ def _writable_rows(t: torch.Tensor) -> torch.Tensor | None:
 
 
 def ext_sub(w_plus: torch.Tensor, w_minus: torch.Tensor, lam: float, *, backend: Backend = "auto") -> torch.Tensor:
-    """Out-of-place Ext-Sub: a new tensor θ⁺ − λ·Ext(θ⁻) in `w_plus`'s dtype; inputs unchanged.
-
-    Example:
-        >>> out = ext_sub(torch.randn(8, 16), torch.randn(8, 16), 0.5)
-    """
+    """Out-of-place Ext-Sub: a new tensor θ⁺ − λ·Ext(θ⁻) in `w_plus`'s dtype; inputs unchanged."""
     check_pair(w_plus, w_minus, lam)
     return ext_sub_(w_plus.clone(memory_format=torch.contiguous_format), w_minus, lam, backend=backend)
 
 
 def extract_deficiency(w_plus: torch.Tensor, w_minus: torch.Tensor) -> torch.Tensor:
-    """Ext(θ⁻) row by row: the part of the anti-expert orthogonal to the bisector of p and m.
-
-    Computed with the closed form Ext(m) = ½(m − |m|·p̂) (docs/design.md §1); zero on rows where
-    |p| = 0 or |m| = 0. Returns a new tensor in `w_minus`'s dtype.
-
-    Example:
-        >>> ext = extract_deficiency(torch.randn(8, 16), torch.randn(8, 16))
-    """
+    """Ext(θ⁻) row by row, the part of the anti-expert orthogonal to the bisector of p and m, by the closed form
+    ½(m − |m|·p̂) (docs/design.md §1): a new tensor in `w_minus`'s dtype, zero on rows where |p| = 0 or |m| = 0."""
     check_pair(w_plus, w_minus, 0.0)
     if w_minus.numel() == 0:
         return w_minus.clone()
@@ -360,15 +326,8 @@ def extract_deficiency(w_plus: torch.Tensor, w_minus: torch.Tensor) -> torch.Ten
 
 
 def subtract_(w_plus: torch.Tensor, w_minus: torch.Tensor, lam: float) -> torch.Tensor:
-    """Direct subtraction in place, w_plus ← w_plus − λ·w_minus: the paper's baseline (eq. 2).
-
-    Computed in float32 at least and stored in `w_plus`'s dtype; returns `w_plus`.
-    A negative λ adds (the `add` method of the merge tools).
-
-    Example:
-        >>> p = torch.ones(2, 2); subtract_(p, torch.ones(2, 2), 0.5)[0, 0].item()
-        0.5
-    """
+    """Direct subtraction in place, w_plus ← w_plus − λ·w_minus, the paper's baseline (eq. 2): computed in float32 at
+    least, stored in `w_plus`'s dtype; returns `w_plus` (a negative λ adds)."""
     check_pair(w_plus, w_minus, lam)
     if w_plus.numel() == 0:
         return w_plus

@@ -28,10 +28,6 @@ def ext_sub_reference(
 
     Returns:
         A new tensor of `w_plus`'s shape in `dtype`. Inputs are not modified.
-
-    Example:
-        >>> ext_sub_reference(torch.randn(4, 8), torch.randn(4, 8), 1.0).dtype
-        torch.float64
     """
     check_pair(w_plus, w_minus, lam)
     if w_plus.numel() == 0:

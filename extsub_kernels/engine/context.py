@@ -1,8 +1,5 @@
-"""What a run records about itself beside its results: the inputs fingerprinted, the recipe, the command, the start.
-
-Built once by `merge()` before any work; the engine writes it into every output (metadata,
-model card, recipe) and the report carries it.
-"""
+"""What a run records about itself beside its results (built once by `merge()` before any work; written into every
+output, carried by the report): the inputs fingerprinted, the recipe, the command, the start."""
 
 import datetime
 from collections.abc import Mapping, Sequence
@@ -18,10 +15,8 @@ class RunContext:
 
     Attributes:
         inputs: `io.provenance.fingerprint` of each input, in role order (EXPERT, ANTI..., BASE).
-        recipe: every option that shapes the outputs, under recipe keys (`engine.recipe.MERGE_KEYS`),
-            inputs pinned (hub ids to their commit, local paths absolute); λ is set per output.
-        command: the command line that started the run (or the equivalent extsub-merge command).
-        started_at: the start time, ISO 8601 in UTC.
+        recipe: every option that shapes the outputs (`engine.recipe.MERGE_KEYS`), inputs pinned; λ set per output.
+        command, started_at: the command line that started the run (or its extsub-merge equivalent); ISO 8601, UTC.
         options: every option of the run for the report (the recipe's, λ settings, OUT, force, ...).
         card_note: Markdown the model cards add after how the outputs were made (e.g. how λ was chosen).
     """

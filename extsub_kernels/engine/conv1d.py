@@ -1,12 +1,9 @@
 """What a model's files say about how its weights are laid out: GPT-2's Conv1D stores (in, out).
 
-Ext-Sub pairs rows of ΔW (output features). nn.Linear stores (out, in), so rows are dim 0;
-Conv1D layers (GPT-2 family: c_attn, q_attn, c_proj, c_fc) store the transpose, so there the
-merge pairs columns of the stored tensor. The layout is decided the same way for every kind
-of input, in this order: `--transposed/--no-transposed`; a config.json (in a folder or hub
-snapshot, or beside a bare .safetensors file); the key names and shapes of GPT-2-family
-checkpoints (c_attn is (d, 3d) as Conv1D stores it, (3d, d) as nn.Linear would). Conv1D key
-names whose shapes do not tell draw a warning.
+A merge pairs rows of ΔW (output features): dim 0 of nn.Linear's (out, in), the columns of a Conv1D weight (GPT-2
+family: c_attn, q_attn, c_proj, c_fc). The layout is decided for every kind of input in this order: `transposed=`;
+a config.json (in a folder or hub snapshot, or beside a bare file); GPT-2 key names and shapes (c_attn is (d, 3d)
+as Conv1D stores it); Conv1D names whose shapes do not tell draw a warning.
 """
 
 import re
@@ -39,7 +36,6 @@ def conv1d_transposed(name: str, shape: tuple[int, ...]) -> bool:
 
 
 def _uses_conv1d(config: Mapping | None) -> bool | None:
-    """Whether a config.json describes a GPT-2-family model (True), another model (False), or nothing (None)."""
     if not isinstance(config, Mapping):
         return None
     architectures = config.get("architectures")
@@ -51,12 +47,7 @@ def _uses_conv1d(config: Mapping | None) -> bool | None:
 
 
 def transposed_weights(config: dict | None) -> TransposedRule:
-    """A predicate (name, shape) → whether that weight is stored transposed (GPT-2 Conv1D), from config.json.
-
-    Example:
-        >>> transposed_weights({"model_type": "gpt2"})("h.0.attn.c_attn.weight", (64, 192))
-        True
-    """
+    """A predicate (name, shape) → whether that weight is stored transposed (GPT-2 Conv1D), from config.json."""
     return conv1d_transposed if _uses_conv1d(config) else never_transposed
 
 
@@ -72,13 +63,8 @@ def input_config(inp: ResolvedInput) -> dict | None:
 
 @dataclass(frozen=True)
 class WeightLayout:
-    """How a run pairs rows: whether Conv1D-named weights are stored (in, out), and what decided it.
-
-    Attributes:
-        rule: (name, shape) → whether that weight is paired along its columns.
-        conv1d: True when Conv1D-named weights are taken as stored (in, out).
-        reason: one line for the report and --verbose ("config.json of EXPERT: model_type gpt2").
-    """
+    """How a run pairs rows: `rule` (name, shape) → paired along its columns; `conv1d`: Conv1D-named weights taken as
+    stored (in, out); `reason`: what decided it, a line for the report and --verbose."""
 
     rule: TransposedRule
     conv1d: bool
@@ -92,20 +78,10 @@ def weight_layout(
     explicit: bool | None = None,
     role: str = "EXPERT",
 ) -> WeightLayout:
-    """Decide the layout: `explicit` (--transposed/--no-transposed), else the first config that names a model,
-    else the key names and shapes in `shapes` (the tensors of input `role`); warn where those cannot tell.
-
-    Args:
-        configs: (role, config.json or None) per input, in the order they are trusted.
-        shapes: tensor name → shape of the checkpoint whose names are examined; None where only the name is
-            known (a LoRA module's weight: its factors give (out, in), not how the base stores it).
-        explicit: True/False when the user said it; None to decide.
-        role: whose tensors `shapes` are, for messages.
-
-    Example:
-        >>> weight_layout([("EXPERT", None)], {"h.0.attn.c_attn.weight": (64, 192)}).conv1d
-        True
-    """
+    """Decide the layout: `explicit` (True/False as the user said it), else the first of `configs` ((role,
+    config.json or None), in the order they are trusted) that names a model, else the key names and shapes in
+    `shapes` (of input `role`; a shape None where only the name is known, a LoRA module's); warn where they cannot
+    tell."""
     if explicit is not None:
         flag = "--transposed" if explicit else "--no-transposed"
         return WeightLayout(conv1d_transposed if explicit else never_transposed, bool(explicit), f"{flag} given")
@@ -140,7 +116,6 @@ def weight_layout(
 
 
 def _shape_vote(name: str, shape: tuple[int, ...] | None) -> bool | None:
-    """True when the shape is a Conv1D (in, out) layout of that layer, False when it is (out, in), None if unclear."""
     if shape is None:
         return None
     rows, cols = shape
@@ -153,8 +128,7 @@ def _shape_vote(name: str, shape: tuple[int, ...] | None) -> bool | None:
 
 
 def full_model_hint(inputs: Sequence[tuple[str, ResolvedInput]], *, inspecting: bool = False) -> str | None:
-    """A warning for full models merged (or inspected) without a base: which input has a model's config.json, and
-    what to do."""
+    """A warning for full models merged (or inspected) without a base: which input has a model's config.json."""
     for role, inp in inputs:
         config = input_config(inp)
         if _uses_conv1d(config) is not None:

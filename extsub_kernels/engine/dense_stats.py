@@ -1,16 +1,9 @@
 """Row statistics of a dense run, gathered item by item in the compute stage, one `TensorStats` per merged tensor.
 
-The geometry of each anti-expert (cos, deficiency share) is taken against the expert's rows
-(task vectors with a base); it does not depend on λ, so the first λ setting of an item gives
-it. The relative change per λ setting follows from it for one anti-expert; a tensor merged
-with several anti-experts in sequence has its change measured on the result. An item is a
-block of one tensor's rows, or a batch of whole small tensors whose rows are stacked: each
-tensor takes its own rows of the item. Rows that come in pieces (a row longer than a block, a
-Conv1D weight in blocks of stored rows) give Ext-Sub their complete sums from the norms pass;
-sub and add, which have no such pass, hand partial sums that add up here until the rows end.
-
-Memory: each item allocates O(its rows) for its sums; the change of several steps goes through
-a chunk-sized scratch, so nothing of a block's size is allocated.
+The geometry against each anti-expert does not depend on λ, so the first λ setting of an item gives it; the
+relative change follows from it for one anti-expert and is measured on the result for several. A batch's tensors
+each take their own rows. Rows in pieces give a row-pairing method its complete sums from the norms pass; an
+elementwise method hands partial sums that add up here until the rows end.
 """
 
 import math
@@ -36,13 +29,8 @@ class _Open:
 
 
 class DenseStats:
-    """Accumulators of the tensors being streamed, and the `TensorStats` of those done.
-
-    Args:
-        roles: a name per input, numbered as in `TensorJob` (EXPERT, ANTI, ..., BASE).
-        settings: λ per anti-expert, one tuple per output.
-        method: the method's name (`engine.method_spec`).
-    """
+    """Accumulators of the tensors being streamed, and the `TensorStats` of those done (`roles`: a name per input,
+    numbered as in `TensorJob`)."""
 
     def __init__(self, roles: Sequence[str], settings: Sequence[tuple[float, ...]], method: str):
         self.roles, self.settings, self.method = list(roles), list(settings), method
@@ -52,16 +40,15 @@ class DenseStats:
 
     @staticmethod
     def _parts(item: Block | Batch) -> list[tuple[TensorJob, int | None, int | None]]:
-        """(tensor, first row, end row) of each tensor within the rows the op pairs in `item` (a block: all of them,
-        the columns of a weight stored transposed)."""
+        """(tensor, first row, end row) of each tensor within the op rows of `item` (a block: all of them)."""
         if isinstance(item, Batch):
             return [(block.job, start, stop) for block, start, stop in item.row_ranges()]
         return [(item.job, None, None)]
 
     @staticmethod
     def _part_of_rows(item: Block | Batch) -> tuple[int, int] | None:
-        """(op rows of the unit, first of them in this item) when a one-pass `item` holds part of its op rows:
-        a piece of a row (the unit is that row), or stored rows of a Conv1D weight (the unit is the tensor)."""
+        """(op rows of the unit, first of them here) when a one-pass `item` holds part of its op rows (a piece of a
+        row, or stored rows of a Conv1D weight)."""
         if not isinstance(item, Block) or item.phase != "one-pass":
             return None
         job = item.job

@@ -41,7 +41,6 @@ def pieces(rows: int, cols: int, elements: int, reduce_dim: int) -> Iterator[_Pi
 
 
 def _pairs(piece: _Piece2d, reduce_dim: int) -> slice:
-    """The op's rows a piece belongs to: its row slice (reduce_dim=1) or its column slice (0)."""
     return piece[0] if reduce_dim == 1 else piece[1]
 
 
@@ -62,12 +61,6 @@ class RowGram:
     Only the entries the coefficients need: every |vᵢ|², vᵢ·vⱼ for i < j < n; with `products` p·mₙ too (the row
     statistics of every pair, docs/design.md §7); with `cross` (coefficients that read p·m) every vᵢ·vⱼ.
 
-    Example:
-        >>> gram = RowGram(2, 1)
-        >>> ws = Workspace(64, gram.slots)
-        >>> gram.add([torch.tensor([[3.0, 4.0]]), torch.tensor([[0.0, 2.0]])], None, reduce_dim=1, workspace=ws)
-        >>> gram.coefficients([1.0]).tolist()  # α = 1 + (λ/2)·|m|/|p| = 1.2, β = −λ/2
-        [[1.2], [-0.5]]
     """
 
     def __init__(
@@ -89,7 +82,6 @@ class RowGram:
 
     @property
     def slots(self) -> int:
-        """Workspace slots `add` uses: one per vector, the base and a product."""
         return self.n_vectors + 2
 
     def add(

@@ -12,14 +12,8 @@ from extsub_kernels.io.format import DTYPE_CODES
 def dense_items(
     jobs: Sequence[TensorJob], skipped: Sequence[str], readers: Sequence[CheckpointReader], roles: Sequence[str]
 ) -> list[Item]:
-    """One `Item` per output tensor (in plan order), then one per skipped key.
-
-    Args:
-        jobs: the plan (`plan_tensors`).
-        skipped: keys left out by --on-missing skip.
-        readers: the inputs, numbered as in `TensorJob`.
-        roles: a name per input (EXPERT, ANTI, ..., BASE).
-    """
+    """One `Item` per output tensor of the plan (in order), then one per key `skipped`; `readers` and `roles` (a name
+    each) numbered as in `TensorJob`."""
     items = []
     for job in jobs:
         dtype = DTYPE_CODES[job.out_dtype]

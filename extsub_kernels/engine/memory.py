@@ -4,11 +4,8 @@ import sys
 
 
 def peak_rss_bytes() -> int | None:
-    """Peak resident memory of this process image, in bytes (None where unknown).
-
-    On Linux this is VmHWM from /proc/self/status: it belongs to this process image, where
-    `ru_maxrss` carries over a large parent's peak across fork + exec. Elsewhere ru_maxrss.
-    """
+    """Peak resident memory of this process image, in bytes (None where unknown): VmHWM on Linux (`ru_maxrss`, used
+    elsewhere, carries a large parent's peak over fork + exec)."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:

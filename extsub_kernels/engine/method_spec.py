@@ -1,22 +1,14 @@
 """A merge method as one object: its name, its wording and its computation, read by every path that merges.
 
-Every method here is row-local in the same shape: each step with one anti-expert turns a row p of
-the expert (or of the result so far) and the matching row m of the anti-expert into α·p + β·m.
-A method either weights the anti-expert by a constant (`weight_sign`: sub and add, elementwise,
-no row pairing) or computes α and β per row from |p|, |m| and, where it says it needs it, p·m
-(`coefficients`; a row with |p| = 0 must keep p: β = 0 there). The paths read only that:
-
-- dense rows (`engine.methods`, the streamer): elementwise, or the method's own kernel
-  (`op`, `fused`) where it has one, else the rows' Gram matrices (`engine.gram`): a norms
-  pass, then the update; rows longer than a block always go that way;
-- LoRA factors (`adapters.lora`): B' = [diag(α)·B⁺, diag(β)·B⁻], the sums from r×r Grams;
-- (IA)³ vectors and prefix rows: the dense path on their small tensors;
-- the report, the model card, the CLI's help and choices, the scan's plot: the wording here.
-
-Adding a method is one `MethodSpec` passed to `register_method` (and, for speed, its kernels).
+Each step with one anti-expert turns a row p of the expert (or of the result so far) and the row m of the
+anti-expert into α·p + β·m: a constant weight (`weight_sign`: sub, add; elementwise), or α and β per row from |p|,
+|m| and, where it says so, p·m (`coefficients`; a row with |p| = 0 keeps p). Dense rows (`engine.methods`: the
+method's kernels `op`, `fused` where it has them, else the rows' Gram matrices), LoRA factors (B' = [diag(α)·B⁺,
+diag(β)·B⁻]), (IA)³ vectors, prefix rows, the report, the card, the CLI and the scan read only that. Adding a
+method is one `MethodSpec` passed to `register_method` (and, for speed, its kernels).
 """
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -139,9 +131,6 @@ class _MethodNames(Sequence[str]):
 
     def __len__(self) -> int:
         return len(_REGISTRY)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(tuple(_REGISTRY))
 
     def __contains__(self, name: object) -> bool:
         return name in _REGISTRY

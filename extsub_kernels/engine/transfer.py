@@ -1,10 +1,8 @@
 """The streaming stages' memory and transfers: buffer pools, the compute workspace, host ⇄ device copies.
 
-Pools and the workspace are sized once from the plan and reused until the end of a run, so
-the steady state allocates nothing and memory is fixed by construction. On CUDA, host buffers
-are pinned and copies run asynchronously on a dedicated stream; an event tells the writer when
-a result has landed on the host. Nothing here touches CUDA unless a CUDA device was asked for,
-so CPU-only machines never initialise it.
+Pools and the workspace are sized once from the plan and reused until the end of a run. On CUDA, host buffers are
+pinned and copies run asynchronously on a side stream; an event tells the writer when a result has landed. Nothing
+here touches CUDA unless a CUDA device was asked for.
 """
 
 import math
@@ -29,15 +27,9 @@ class PoolClosed(RuntimeError):
 class BufferPool:
     """A fixed number of byte buffers of one capacity, sized once from the plan and reused until the end.
 
-    Steady-state streaming then allocates nothing: fresh pages cost a fault each (pinned ones a
-    driver call). `get` hands out a free buffer, creating one while fewer than `count` exist, and
-    otherwise waits until a stage gives one back — back-pressure, so `count × capacity` bounds the
-    streamed data's memory whatever the timing. Buffers are reused last in, first out, so those a
-    run never needs at once are never created.
-
-    Attributes:
-        allocated: buffers created so far (never more than `count`).
-        in_use, peak_in_use: buffers handed out now, and at most at once.
+    `get` hands out a free buffer, creating one while fewer than `count` exist (`allocated`), and otherwise waits
+    until a stage gives one back: back-pressure, so `count × capacity` bounds memory whatever the timing. Buffers are
+    reused last in, first out, so those a run never needs at once are never created.
     """
 
     def __init__(self, capacity: int, count: int, *, device: torch.device | None = None, pin: bool = False):
@@ -67,7 +59,6 @@ class BufferPool:
         return torch.empty(self.capacity, dtype=torch.uint8, device=self.device, pin_memory=self.pin)
 
     def put(self, buffers: Sequence[torch.Tensor]) -> None:
-        """Give buffers back (each once)."""
         with self._changed:
             self._free.extend(buffers)
             self.in_use -= len(buffers)
@@ -114,18 +105,12 @@ class Workspace:
 
 def view_as(buffer: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """The first bytes of a byte buffer seen as a tensor of `dtype` and `shape`."""
-    n = 1
-    for dim in shape:
-        n *= dim
-    return buffer[: n * dtype.itemsize].view(dtype).view(shape)
+    return buffer[: math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
 
 
 class Transfer:
-    """Moves blocks between the host buffers and the compute device.
-
-    CPU: identity. CUDA: pinned buffers, non-blocking copies on a side stream; `ready(event)`
-    blocks until a device → host copy has landed.
-    """
+    """Moves blocks between the host buffers and the compute device: CPU, identity; CUDA, non-blocking copies on a side
+    stream (`ready(event)` blocks until a device → host copy has landed)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -133,12 +118,9 @@ class Transfer:
         self.stream = torch.cuda.Stream(device) if self.cuda else None
 
     def __enter__(self) -> "Transfer":
-        """CUDA: make the device and the side stream current. CPU: leave cores to the I/O threads.
-
-        torch's intra-op workers meet at a barrier after every op; when the reader or writer
-        thread takes a worker's core, every op waits a scheduler slice (measured on 2 cores:
-        compute 10× slower and erratic). So the CPU path computes on all cores but two.
-        """
+        """CUDA: make the device and the side stream current. CPU: compute on all cores but two, left to the I/O
+        threads (torch's workers meet at a barrier after every op: one whose core is taken stalls all; measured on 2
+        cores, 10× slower)."""
         if self.cuda:
             self._contexts = [torch.cuda.device(self.device), torch.cuda.stream(self.stream)]
             for context in self._contexts:
@@ -156,7 +138,7 @@ class Transfer:
             torch.set_num_threads(self._threads)
 
     def to_device_into(self, tensors: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Host tensors copied into device byte buffers (one each), and a wait until the host buffers may be reused."""
+        """Host tensors copied into device byte buffers (one each); returns once the host buffers may be reused."""
         if not self.cuda:
             return list(tensors)
         moved = []
@@ -173,7 +155,6 @@ class Transfer:
         return host
 
     def done_event(self) -> "torch.cuda.Event | None":
-        """An event recorded after the copies queued so far (None on CPU)."""
         if not self.cuda:
             return None
         event = torch.cuda.Event()
