@@ -1,10 +1,9 @@
 """The dense run: checkpoints (task vectors, or full models with a base) streamed block by block through the method.
 
-`run_dense` plans the tensors from the headers, then streams them: `BlockStreamer` (streamer.py)
-reads each block into pooled buffers and computes it once per λ setting, `OutputSet.stream`
-overlaps reading the next block, computing this one and writing the previous one to every
-output. Host and device memory are a fixed multiple of the largest block whatever the model's
-size. `--dry-run` stops after the plan; inspect mode streams for statistics and writes nothing.
+`run_dense` plans the tensors from the headers, then streams them: `BlockStreamer` reads each block into pooled
+buffers and computes it once per λ setting, `OutputSet.stream` overlaps reading, computing and writing to every
+output, so memory is a fixed multiple of the largest block. A dry run stops after the plan; inspect mode streams
+for statistics and writes nothing.
 """
 
 from collections.abc import Callable, Sequence
@@ -16,13 +15,7 @@ from extsub_kernels.engine.conv1d import WeightLayout, input_config, weight_layo
 from extsub_kernels.engine.dense_stats import DenseStats
 from extsub_kernels.engine.dryrun import dry_run_report
 from extsub_kernels.engine.items import dense_items
-from extsub_kernels.engine.notes import (
-    OutputKind,
-    card_base_model,
-    output_texts,
-    run_metadata,
-    text_names,
-)
+from extsub_kernels.engine.notes import OutputKind, card_base_model, output_texts, run_metadata, text_names
 from extsub_kernels.engine.options import DEFAULT_MAX_SHARD_SIZE, RunOptions, parse_size
 from extsub_kernels.engine.pipeline import run_pipeline
 from extsub_kernels.engine.plan import TensorJob, plan_tensors
@@ -52,34 +45,18 @@ def run_dense(
     before the outputs are published and raises when an input changed during the run.
     """
     has_base = inputs[-1][0] == "BASE"
-    n_anti = len(inputs) - 1 - has_base
     roles = [role for role, _ in inputs]
     readers = [CheckpointReader(inp.files, label=role) for role, inp in inputs]
     try:
         layout = _dense_layout(inputs, readers[0], options.transposed)
-        jobs, skipped = plan_tensors(
-            readers,
-            n_anti=n_anti,
-            has_base=has_base,
-            on_missing=options.on_missing,
-            out_dtype=options.out_dtype,
-            transposed=layout.rule,
-            inputs=[inp for _, inp in inputs],
-        )
-        facts = dict(
-            tensors=len(jobs),
-            merged=sum(j.merged for j in jobs),
-            copied=sum(not j.merged for j in jobs),
-            skipped=len(skipped),
-            device=str(options.device),
-            skipped_keys=tuple(skipped),
-            method=options.method,
-            settings=options.settings,
-            items=tuple(dense_items(jobs, skipped, readers, roles)),
-            layout=layout.reason,
-            kernel=op_backend(options.device) if options.mode != "dry-run" else None,
-            context=context,
-        )
+        plan = dict(on_missing=options.on_missing, out_dtype=options.out_dtype, transposed=layout.rule)
+        n_anti = len(inputs) - 1 - has_base
+        jobs, skipped = plan_tensors(readers, n_anti=n_anti, has_base=has_base, inputs=[i for _, i in inputs], **plan)
+        merged = sum(j.merged for j in jobs)
+        facts = dict(tensors=len(jobs), merged=merged, copied=len(jobs) - merged, skipped=len(skipped))
+        facts.update(device=str(options.device), skipped_keys=tuple(skipped), method=options.method, context=context)
+        facts.update(settings=options.settings, items=tuple(dense_items(jobs, skipped, readers, roles)))
+        facts.update(layout=layout.reason, kernel=op_backend(options.device) if options.mode != "dry-run" else None)
         if options.mode == "inspect":
             return _inspect(readers, inputs, options, [j for j in jobs if j.merged], started, facts)
         kind, extra = _output_kind(inputs, paths, has_base)
@@ -89,49 +66,58 @@ def run_dense(
         if options.mode == "dry-run":
             reads = sum(readers[i].info(j.name).nbytes for j in jobs for i in j.inputs())
             return dry_run_report(paths, entries, metadata, limit, extra, text_names(paths, kind), reads, facts)
-        with OutputSet(
-            paths,
-            entries,
-            metadata,
-            max_shard_size=limit,
-            extra_files=extra,
-            force=options.force,
-            check_inputs=check_inputs,
-        ) as out:
+        writing = dict(max_shard_size=limit, extra_files=extra, force=options.force, check_inputs=check_inputs)
+        with OutputSet(paths, entries, metadata, **writing) as out:
             stats = DenseStats(roles, options.settings, options.method) if options.stats else None
-            streamer = BlockStreamer(readers, roles, options, out.order, stats, [inp for _, inp in inputs])
-            blocks = streamer.blocks(jobs)
-            total = sum(streamer.read_bytes(b) for b in blocks)
-            with streamer.transfer:
-                streamer.transfer.reset_peak()
+
+            def stream(blocks: list, streamer: BlockStreamer, total: int) -> None:
+                on_stop = streamer.close
                 out.stream(
-                    blocks,
-                    streamer.read,
-                    streamer.compute,
-                    total=total,
-                    progress=options.progress,
-                    on_stop=streamer.close,
+                    blocks, streamer.read, streamer.compute, total=total, progress=options.progress, on_stop=on_stop
                 )
+
+            total, peak = _streamed(readers, inputs, options, jobs, out.order, stats, stream)
             out.add_texts(output_texts(paths, options, context, kind, stats.done if stats else []))
             written = out.commit()
             bytes_written = out.bytes_written
     finally:
         for r in readers:
             r.close()
+    stats = tuple(stats.done) if stats else ()
     return MergeReport.finished(
         written,
         bytes_read=total,
         bytes_written=bytes_written,
         started=started,
-        peak_gpu_bytes=streamer.transfer.peak_memory(),
-        stats=tuple(stats.done) if stats else (),
+        peak_gpu_bytes=peak,
+        stats=stats,
         **facts,
     )
 
 
+def _streamed(
+    readers: Sequence[CheckpointReader],
+    inputs: Inputs,
+    options: RunOptions,
+    jobs: Sequence[TensorJob],
+    order: Sequence[TensorEntry],
+    stats: DenseStats | None,
+    stream: Callable[[list, BlockStreamer, int], None],
+) -> tuple[int, int | None]:
+    """`jobs` cut into blocks in `order` and handed to `stream` (blocks, streamer, bytes to read) with the device
+    ready; returns (bytes read, peak GPU memory)."""
+    streamer = BlockStreamer(readers, [role for role, _ in inputs], options, order, stats, [i for _, i in inputs])
+    blocks = streamer.blocks(jobs)
+    total = sum(streamer.read_bytes(b) for b in blocks)
+    with streamer.transfer:
+        streamer.transfer.reset_peak()
+        stream(blocks, streamer, total)
+    return total, streamer.transfer.peak_memory()
+
+
 def _dense_layout(inputs: Inputs, expert: CheckpointReader, explicit: bool | None) -> WeightLayout:
-    """How rows pair: --transposed/--no-transposed, else a config.json (EXPERT first, then BASE and the ANTIs),
-    else the expert's key names and shapes."""
+    """How rows pair: `transposed=`, else a config.json (EXPERT first, then BASE and the ANTIs), else the expert's
+    key names and shapes."""
     order = [inputs[0], *[i for i in inputs[1:] if i[0] == "BASE"], *[i for i in inputs[1:] if i[0] != "BASE"]]
     configs = [(role, input_config(inp)) for role, inp in order]
     shapes = {name: expert.info(name).shape for name in expert}
@@ -160,22 +146,15 @@ def _inspect(
     facts: dict,
 ) -> MergeReport:
     """Stream the merged tensors through the method for their row statistics, writing nothing."""
-    roles = [role for role, _ in inputs]
-    stats = DenseStats(roles, options.settings, options.method)
+    stats = DenseStats([role for role, _ in inputs], options.settings, options.method)
+
+    def stream(blocks: list, streamer: BlockStreamer, total: int) -> None:
+        with progress_bar(total, options.progress, "extsub-inspect") as bar:
+            run_pipeline(blocks, streamer.read, streamer.compute, discard(bar), on_stop=streamer.close)
+
     order = [TensorEntry(j.name, j.out_dtype, j.shape) for j in jobs]
-    streamer = BlockStreamer(readers, roles, options, order, stats, [inp for _, inp in inputs])
-    blocks = streamer.blocks(jobs)
-    total = sum(streamer.read_bytes(b) for b in blocks)
-    with streamer.transfer, progress_bar(total, options.progress, "extsub-inspect") as bar:
-        streamer.transfer.reset_peak()
-        run_pipeline(blocks, streamer.read, streamer.compute, discard(bar), on_stop=streamer.close)
+    total, peak = _streamed(readers, inputs, options, jobs, order, stats, stream)
+    done = tuple(stats.done)
     return MergeReport.finished(
-        (),
-        bytes_read=total,
-        bytes_written=0,
-        started=started,
-        peak_gpu_bytes=streamer.transfer.peak_memory(),
-        mode="inspect",
-        stats=tuple(stats.done),
-        **facts,
+        (), bytes_read=total, started=started, peak_gpu_bytes=peak, mode="inspect", stats=done, **facts
     )

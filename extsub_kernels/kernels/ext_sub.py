@@ -142,20 +142,7 @@ def ext_sub_rows_(
     half_lam_lo = 0.5 * lam - half_lam_hi
     grid = (triton.cdiv(n_rows, block_rows),)
     with torch.cuda.device(p.device) if p.is_cuda else contextlib.nullcontext():
-        _ext_sub_kernel[grid](
-            p,
-            m,
-            row_stats if row_stats is not None else p,  # never read without WITH_STATS
-            n_rows,
-            n_cols,
-            p.stride(0),
-            m.stride(0),
-            half_lam_hi,
-            half_lam_lo,
-            BLOCK_ROWS=block_rows,
-            BLOCK_COLS=block_cols,
-            SINGLE_PASS=single_pass,
-            COMPUTE_DTYPE=tl.float64 if wide else tl.float32,
-            WITH_STATS=row_stats is not None,
-            num_warps=num_warps,
-        )
+        stats = row_stats if row_stats is not None else p  # never read without WITH_STATS
+        meta = dict(BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, SINGLE_PASS=single_pass, num_warps=num_warps)
+        meta.update(COMPUTE_DTYPE=tl.float64 if wide else tl.float32, WITH_STATS=row_stats is not None)
+        _ext_sub_kernel[grid](p, m, stats, n_rows, n_cols, p.stride(0), m.stride(0), half_lam_hi, half_lam_lo, **meta)

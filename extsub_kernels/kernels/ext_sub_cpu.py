@@ -118,11 +118,7 @@ def cache_dir() -> Path:
 def _compiler() -> str | None:
     if os.environ.get(ENV_CXX):
         return shutil.which(os.environ[ENV_CXX]) or os.environ[ENV_CXX]
-    for name in ("c++", "g++", "clang++"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
+    return next(filter(None, map(shutil.which, ("c++", "g++", "clang++"))), None)
 
 
 def _capability() -> str:
@@ -164,13 +160,8 @@ def build(
     warnings.warn(_BUILD_NOTICE, Notice, stacklevel=2)  # seconds with no output otherwise
     start = time.perf_counter()
     try:
-        done = subprocess.run(
-            [compiler, *flags, str(_SOURCE), "-o", str(partial)],
-            capture_output=True,
-            text=True,
-            timeout=_BUILD_TIMEOUT_S,
-            check=False,
-        )
+        command = [compiler, *flags, str(_SOURCE), "-o", str(partial)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         partial.unlink(missing_ok=True)
         raise RuntimeError(f"{compiler} did not run: {exc}") from exc
