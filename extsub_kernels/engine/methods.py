@@ -98,16 +98,19 @@ def apply_method_into(
         elif observe is not None:
             _rows_into(None, None, views, flat_base, lams, workspace, dtype, observe)
         _elementwise_into(out, plus, minus, [spec.weight_sign * lam for lam in lams], base, workspace, dtype)
-    elif in_place:
-        sums = _row_sums(views[0].shape[0], plus.device) if observe is not None else None
-        spec.op(out if out is plus else out.copy_(plus), minus[0], lams[0], row_stats=sums)
-        _observed(observe, [sums] if sums is not None else [])
-    elif in_pieces or spec.op is None:
+    elif not in_place and (in_pieces or spec.op is None):
         target = out if transposed else as_rows(out)
         args = (target, views, flat_base, lams)
         rows_in_memory(*args, spec=spec, reduce_dim=reduce_dim, workspace=workspace, observe=observe)
-    elif not _fused_into(spec, as_rows(out), views, flat_base, lams, observe):
-        _rows_into(spec, as_rows(out), views, flat_base, lams, workspace, dtype, observe)
+    else:  # the kernel: in place, or its fused pass on task vectors (p, m, θ₀ read once each) where it runs
+        sums = _row_sums(views[0].shape[0], plus.device) if observe is not None else None
+        fused = base is not None and len(minus) == 1 and spec.fused is not None
+        if in_place:
+            spec.op(out if out is plus else out.copy_(plus), minus[0], lams[0], row_stats=sums)
+        elif not (fused and spec.fused(as_rows(out), views[0], views[1], flat_base, lams[0], row_stats=sums)):
+            _rows_into(spec, as_rows(out), views, flat_base, lams, workspace, dtype, observe)
+            return out
+        _observed(observe, [sums] if sums is not None else [])
     return out
 
 
@@ -119,25 +122,6 @@ def _row_sums(rows: int, device: torch.device) -> torch.Tensor:
 def _observed(observe: Observer | None, sums: Sequence[torch.Tensor]) -> None:
     for k, step_sums in enumerate(sums):
         observe(k, step_sums)
-
-
-def _fused_into(
-    spec: MethodSpec,
-    out: torch.Tensor,
-    views: Sequence[torch.Tensor],
-    base: torch.Tensor | None,
-    lams: Sequence[float],
-    observe: Observer | None,
-) -> bool:
-    """One step on task vectors of whole rows in the method's fused pass where it runs (p, m, θ₀ read once each);
-    whether it ran. The result and row sums are `_rows_into`'s bit for bit."""
-    if base is None or len(views) != 2 or spec.fused is None:
-        return False
-    sums = _row_sums(out.shape[0], out.device) if observe is not None else None
-    if not spec.fused(out, views[0], views[1], base, lams[0], row_stats=sums):
-        return False
-    _observed(observe, [sums] if sums is not None else [])
-    return True
 
 
 def _rows_into(

@@ -300,10 +300,8 @@ class BlockStreamer:
 
     def _check_cast(self, item: Block | Batch, source: torch.Tensor, copy: torch.Tensor) -> None:
         """A tensor copied into another dtype (dtype=) must not turn finite values into ±inf."""
-        if isinstance(item, Batch):
-            if all_finite(copy) or not all_finite(source):
-                return  # nothing overflowed, or a NaN/Inf is copied as it is: check tensor by tensor
-            for block, start, stop in item.row_ranges():
+        if isinstance(item, Batch):  # unless nothing overflowed, or a NaN/Inf is copied as it is: tensor by tensor
+            for block, start, stop in item.row_ranges() if all_finite(source) and not all_finite(copy) else ():
                 self._check_cast(block, source[start:stop], copy[start:stop])
             return
         problem = cast_overflow(source, copy)
