@@ -9,20 +9,21 @@ for statistics and writes nothing.
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from extsub_kernels._tensors import is_float
 from extsub_kernels.constants import ADAPTER_CONFIG, MODEL_CONFIG
 from extsub_kernels.engine.context import RunContext
 from extsub_kernels.engine.conv1d import WeightLayout, input_config, weight_layout
 from extsub_kernels.engine.dense_stats import DenseStats
 from extsub_kernels.engine.dryrun import dry_run_report
-from extsub_kernels.engine.items import dense_items
 from extsub_kernels.engine.notes import OutputKind, card_base_model, output_texts, run_metadata, text_names
 from extsub_kernels.engine.options import DEFAULT_MAX_SHARD_SIZE, RunOptions, parse_size
 from extsub_kernels.engine.pipeline import run_pipeline
 from extsub_kernels.engine.plan import TensorJob, plan_tensors
-from extsub_kernels.engine.report import MergeReport
+from extsub_kernels.engine.report import Item, MergeReport
 from extsub_kernels.engine.streamer import BlockStreamer
-from extsub_kernels.engine.writing import OutputSet, discard, progress_bar
+from extsub_kernels.engine.writing import OutputSet, progress_bar, write_stage
 from extsub_kernels.io import CheckpointReader, ResolvedInput, TensorEntry, is_folder_output
+from extsub_kernels.io.format import DTYPE_CODES
 from extsub_kernels.ops import op_backend
 
 Inputs = Sequence[tuple[str, ResolvedInput]]
@@ -55,7 +56,7 @@ def run_dense(
         merged = sum(j.merged for j in jobs)
         facts = dict(tensors=len(jobs), merged=merged, copied=len(jobs) - merged, skipped=len(skipped))
         facts.update(device=str(options.device), skipped_keys=tuple(skipped), method=options.method, context=context)
-        facts.update(settings=options.settings, items=tuple(dense_items(jobs, skipped, readers, roles)))
+        facts.update(settings=options.settings, items=tuple(_items(jobs, skipped, readers, roles)))
         facts.update(layout=layout.reason, kernel=op_backend(options.device) if options.mode != "dry-run" else None)
         if options.mode == "inspect":
             return _inspect(readers, inputs, options, [j for j in jobs if j.merged], started, facts)
@@ -115,6 +116,33 @@ def _streamed(
     return total, streamer.transfer.peak_memory()
 
 
+def _items(
+    jobs: Sequence[TensorJob], skipped: Sequence[str], readers: Sequence[CheckpointReader], roles: Sequence[str]
+) -> list[Item]:
+    """The plan in words, for the dry run, --verbose and the report: one `Item` per output tensor, then per key
+    `skipped`."""
+    items = []
+    for job in jobs:
+        if job.merged:
+            reason = f"in EXPERT and {' and '.join(roles[k] for k in job.antis)}"
+            reason += " (task vectors against BASE)" if job.base is not None else ""
+            reason += "; Conv1D weight stored (in, out): its columns are paired" if job.transposed else ""
+        elif job.source != 0:
+            reason = f"only in {roles[job.source]}: written unchanged (--on-missing copy)"
+        elif is_float(kind := readers[0].info(job.name).dtype):
+            reason = "in EXPERT only: copied (a zero task vector in the anti-experts)"
+        else:
+            reason = f"not a float tensor ({DTYPE_CODES[kind]}): copied from EXPERT"
+        action = "merged" if job.merged else "copied"
+        items.append(Item(job.name, "tensor", action, reason, job.shape, DTYPE_CODES[job.out_dtype]))
+    for name in skipped:
+        holder = next(k for k in range(1, len(readers)) if name in readers[k])
+        info = readers[holder].info(name)
+        reason = f"only in {roles[holder]}: left out (--on-missing skip)"
+        items.append(Item(name, "tensor", "skipped", reason, info.shape, DTYPE_CODES[info.dtype]))
+    return items
+
+
 def _dense_layout(inputs: Inputs, expert: CheckpointReader, explicit: bool | None) -> WeightLayout:
     """How rows pair: `transposed=`, else a config.json (EXPERT first, then BASE and the ANTIs), else the expert's
     key names and shapes."""
@@ -150,7 +178,7 @@ def _inspect(
 
     def stream(blocks: list, streamer: BlockStreamer, total: int) -> None:
         with progress_bar(total, options.progress, "extsub-inspect") as bar:
-            run_pipeline(blocks, streamer.read, streamer.compute, discard(bar), on_stop=streamer.close)
+            run_pipeline(blocks, streamer.read, streamer.compute, write_stage(bar), on_stop=streamer.close)
 
     order = [TensorEntry(j.name, j.out_dtype, j.shape) for j in jobs]
     total, peak = _streamed(readers, inputs, options, jobs, order, stats, stream)

@@ -24,37 +24,6 @@ from extsub_kernels.engine.tables import summary_table
 from extsub_kernels.io import ResolvedInput, hub_repo_id, read_json_object
 
 
-def _output_metadata(
-    setting: Sequence[float],
-    method: str,
-    expert: str,
-    antis: Sequence[str],
-    base: str | None = None,
-    output_format: str | None = None,
-    context: RunContext | None = None,
-) -> dict[str, str]:
-    """`__metadata__` of an output: format=pt, method, λ, the inputs' names, the tool's version, an adapter format;
-    with a `context`, the command, the inputs (hub commits, header sha256 of each file) and the recipe."""
-    meta = {
-        "format": "pt",
-        "extsub.method": method,
-        "extsub.lam": json.dumps(list(setting)),
-        "extsub.expert": _printable(expert),
-        "extsub.anti": json.dumps([_printable(a) for a in antis]),
-        "extsub.version": __version__,
-    }
-    if base is not None:
-        meta["extsub.base"] = _printable(base)
-    if output_format is not None:
-        meta["extsub.format"] = output_format
-    if context is not None:
-        meta["extsub.command"] = _printable(context.command)
-        notes = [_input_note(record) for record in context.inputs]
-        meta["extsub.inputs"] = _printable(json.dumps(notes, separators=(",", ":"), ensure_ascii=False))
-        meta[RECIPE_KEY] = _printable(recipe_text(context.recipe, setting))
-    return meta
-
-
 def _printable(name: str) -> str:
     """Text a header or a text file can hold: bytes that are not UTF-8 (kept by Python as lone surrogates, as in
     file names) as \\xNN."""
@@ -74,13 +43,27 @@ def run_metadata(
     output_format: str | None = None,
     context: RunContext | None = None,
 ) -> list[dict[str, str]]:
-    """`__metadata__` of each output of a run (one per λ setting), naming the inputs by their display names."""
+    """`__metadata__` of each output of a run (one per λ setting): format=pt, method, λ, the inputs' display names,
+    the tool's version, an adapter format; with a `context`, the command, the inputs (hub commits, header sha256 of
+    each file) and the recipe."""
     names = {role: inp.name for role, inp in inputs}
-    antis = [name for role, name in names.items() if role.startswith("ANTI")]
-    return [
-        _output_metadata(setting, options.method, names["EXPERT"], antis, names.get("BASE"), output_format, context)
-        for setting in options.settings
-    ]
+    antis = [_printable(name) for role, name in names.items() if role.startswith("ANTI")]
+    metadata = []
+    for setting in options.settings:
+        meta = {"format": "pt", "extsub.method": options.method, "extsub.lam": json.dumps(list(setting))}
+        meta.update({"extsub.expert": _printable(names["EXPERT"]), "extsub.anti": json.dumps(antis)})
+        meta["extsub.version"] = __version__
+        if names.get("BASE") is not None:
+            meta["extsub.base"] = _printable(names["BASE"])
+        if output_format is not None:
+            meta["extsub.format"] = output_format
+        if context is not None:
+            meta["extsub.command"] = _printable(context.command)
+            notes = [_input_note(record) for record in context.inputs]
+            meta["extsub.inputs"] = _printable(json.dumps(notes, separators=(",", ":"), ensure_ascii=False))
+            meta[RECIPE_KEY] = _printable(recipe_text(context.recipe, setting))
+        metadata.append(meta)
+    return metadata
 
 
 @dataclass(frozen=True)

@@ -89,19 +89,8 @@ class OutputSet:
     ) -> None:
         """For each item (in the outputs' tensor order): read it (a thread), compute its `Piece` (this thread), write it
         to every output (a thread); `total`: the progress bar's bytes; `on_stop`: see `pipeline.run_pipeline`."""
-        bar = progress_bar(total, progress)
-
-        def write(item: Any, piece: Piece) -> None:
-            if piece.ready is not None:
-                piece.ready()
-            for writer, tensor in zip(self.writers, piece.tensors, strict=True):
-                writer.write(piece.name, tensor, last=piece.last)
-            if piece.release is not None:
-                piece.release()
-            bar.update(piece.progress)
-
-        with bar:
-            run_pipeline(items, read, compute, write, on_stop=on_stop)
+        with progress_bar(total, progress) as bar:
+            run_pipeline(items, read, compute, write_stage(bar, self.writers), on_stop=on_stop)
 
     def add_texts(self, texts: Sequence[Mapping[str, str]]) -> None:
         """Small generated files (an adapter_config.json, a model card) per output, by file name: call it between
@@ -178,12 +167,15 @@ class _Unfailing:
         return getattr(self._stream, name)
 
 
-def discard(bar: tqdm) -> Callable[[Any, Piece], None]:
-    """A write stage that writes nothing (statistics only): waits for the piece, frees its buffers, moves the bar."""
+def write_stage(bar: tqdm, writers: Sequence[CheckpointWriter] = ()) -> Callable[[Any, Piece], None]:
+    """The write stage: waits for the piece, writes it to each of `writers` (none: statistics only), frees its
+    buffers, moves the bar."""
 
     def write(item: Any, piece: Piece) -> None:
         if piece.ready is not None:
             piece.ready()
+        for writer, tensor in zip(writers, piece.tensors if writers else (), strict=True):
+            writer.write(piece.name, tensor, last=piece.last)
         if piece.release is not None:
             piece.release()
         bar.update(piece.progress)
