@@ -7,6 +7,7 @@ body names the method and the paper, λ, the inputs (hub ids with their commits)
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import yaml
 
@@ -23,33 +24,42 @@ _PAPER = (
 
 
 @dataclass(frozen=True)
-class CardFacts:
-    """What a model card states about one output.
+class OutputKind:
+    """What kind of thing a folder output is, for its model card.
 
     Attributes:
-        title, method, setting, command: the output's name, the method's name, λ per anti-expert, the command.
-        inputs: the inputs' fingerprints (io.provenance), EXPERT first.
-        library_name: "peft" for adapters, "transformers" for full models, None for task vectors.
+        what: a few words ("a PEFT LoRA adapter", "the full model θ₀ + ΔW'", "task vectors ΔW'").
+        library_name: "peft", "transformers", or None when no library loads it as it is.
         base_model: the base model's hub id, only when it is one (`base_note`: why there is none otherwise).
-        what: a few words on the output ("a PEFT LoRA adapter", "the full model θ₀ + ΔW'").
-        table: the Markdown summary table (empty without statistics).
-        tags: tags beside extsub, merge and the method ("peft", "lora", ...).
-        note: a paragraph on this output after the first (what --max-rank truncated, ...).
-        extra: Markdown added after how the output was made (extsub-scan: how λ was chosen).
+        config: a model config.json to copy with a note (and the output dtype), for full models.
+        tags: model-card tags beside extsub, merge and the method ("peft", "lora", "ia3", ...).
+        notes: a paragraph per output (one per λ setting, in order) for its card, e.g. what --max-rank cost.
     """
+
+    what: str
+    library_name: str | None = None
+    base_model: str | None = None
+    config: Path | None = None
+    tags: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    base_note: str = ""
+
+
+@dataclass(frozen=True)
+class CardFacts:
+    """What a model card states about one output: its name, the method's name, λ per anti-expert, the inputs'
+    fingerprints (EXPERT first), the command, what kind of output it is, the summary table (empty without
+    statistics), a paragraph on this output (`note`) and Markdown after how it was made (`extra`: extsub-scan's
+    how λ was chosen)."""
 
     title: str
     method: str
     setting: tuple[float, ...]
     inputs: Sequence[Mapping]
     command: str
-    library_name: str | None
-    base_model: str | None
-    what: str
+    kind: OutputKind
     table: str
-    tags: tuple[str, ...] = ()
     note: str = ""
-    base_note: str = ""
     extra: str = ""
 
 
@@ -60,9 +70,10 @@ def model_card(facts: CardFacts) -> str:
     front: dict = {"base_model": models[0] if len(models) == 1 else models} if models else {}
     if models:
         front["base_model_relation"] = "merge"
-    if facts.library_name is not None:
-        front["library_name"] = facts.library_name
-    front["tags"] = ["extsub", "merge", facts.method, *facts.tags]
+    kind = facts.kind
+    if kind.library_name is not None:
+        front["library_name"] = kind.library_name
+    front["tags"] = ["extsub", "merge", facts.method, *kind.tags]
     lam = lam_text(facts.setting, ", ")
     lines = [
         "---",
@@ -72,7 +83,7 @@ def model_card(facts: CardFacts) -> str:
         "",
         f"# {_text(facts.title)}",
         "",
-        f"{facts.what[0].upper()}{facts.what[1:]}, made with extsub {__version__} by {spec.title} at λ = {lam}.",
+        f"{kind.what[0].upper()}{kind.what[1:]}, made with extsub {__version__} by {spec.title} at λ = {lam}.",
         "",
         *([facts.note, ""] if facts.note else []),
         f"{spec.card_text} Method: {_PAPER}.",
@@ -81,7 +92,7 @@ def model_card(facts: CardFacts) -> str:
         "",
         *[_input_line(record) for record in facts.inputs],
         "",
-        *([f"No `base_model` in the front matter: {facts.base_note}.", ""] if facts.base_note else []),
+        *([f"No `base_model` in the front matter: {kind.base_note}.", ""] if kind.base_note else []),
         "## How it was made",
         "",
         f"{_fence(facts.command)}bash",
@@ -112,7 +123,7 @@ def model_card(facts: CardFacts) -> str:
 def _hub_models(facts: CardFacts) -> list[str]:
     """The front matter's `base_model`, as mergekit lists it: base model, expert, anti-experts; hub ids, each once."""
     merged = [r["repo"] for r in facts.inputs if r.get("kind") == "hub" and r.get("role") != "BASE" and r.get("repo")]
-    models = ([facts.base_model] if facts.base_model else []) + merged
+    models = ([facts.kind.base_model] if facts.kind.base_model else []) + merged
     return list(dict.fromkeys(models))
 
 

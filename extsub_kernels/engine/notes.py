@@ -6,7 +6,6 @@ written; the texts come after the tensors, before the commit (`OutputSet.add_tex
 import dataclasses
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import torch
 
 from extsub_kernels._version import __version__
 from extsub_kernels.constants import CARD_NAME, MODEL_CONFIG, RECIPE_NAME
-from extsub_kernels.engine.card import CardFacts, model_card
+from extsub_kernels.engine.card import CardFacts, OutputKind, model_card
 from extsub_kernels.engine.context import RunContext
 from extsub_kernels.engine.options import DTYPE_NAMES, RunOptions
 from extsub_kernels.engine.recipe import METADATA_KEY as RECIPE_KEY
@@ -66,22 +65,6 @@ def run_metadata(
     return metadata
 
 
-@dataclass(frozen=True)
-class OutputKind:
-    """What kind of thing a folder output is, for its model card (`CardFacts` says what each field becomes).
-
-    `config`: a model config.json to copy with a note (full models); `notes`: a paragraph per output (λ setting).
-    """
-
-    what: str
-    library_name: str | None = None
-    base_model: str | None = None
-    config: Path | None = None
-    tags: tuple[str, ...] = ()
-    notes: tuple[str, ...] = ()
-    base_note: str = ""
-
-
 def output_texts(
     paths: Sequence[Path],
     options: RunOptions,
@@ -97,21 +80,9 @@ def output_texts(
         if path.suffix == ".safetensors" or context is None:
             texts.append({})
             continue
-        facts = CardFacts(
-            title=path.name,
-            method=options.method,
-            setting=tuple(setting),
-            inputs=context.inputs,
-            command=context.command,
-            library_name=kind.library_name,
-            base_model=kind.base_model,
-            what=kind.what,
-            table=table,
-            tags=kind.tags,
-            note=kind.notes[index] if kind.notes else "",
-            base_note=kind.base_note,
-            extra=context.card_note,
-        )
+        note = kind.notes[index] if kind.notes else ""
+        made = (context.inputs, context.command, kind, table, note, context.card_note)
+        facts = CardFacts(path.name, options.method, tuple(setting), *made)
         files = {CARD_NAME: model_card(facts), RECIPE_NAME: recipe_text(context.recipe, setting)}
         if kind.config is not None:
             files[MODEL_CONFIG] = _noted_config(kind.config, options.out_dtype, options.method, setting)

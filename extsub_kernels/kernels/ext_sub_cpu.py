@@ -305,17 +305,9 @@ def ext_sub_task_rows_into(
             row_stats.zero_()
         return
     threads, chunk_rows = _split(p, m, base)
-    args = (
-        *(t.data_ptr() for _, t in operands),
-        *(_DTYPE_CODES[t.dtype] for _, t in operands),
-        n_rows,
-        n_cols,
-        *(t.stride(0) for _, t in operands),
-        0.5 * lam,
-        stats_ptr,
-        stats_dtype,
-        chunk_rows,
-    )
+    pointers = [t.data_ptr() for _, t in operands] + [_DTYPE_CODES[t.dtype] for _, t in operands]
+    strides = [t.stride(0) for _, t in operands]
+    args = (*pointers, n_rows, n_cols, *strides, 0.5 * lam, stats_ptr, stats_dtype, chunk_rows)
     _share(lib.task_rows_shared, *args, threads=threads)
 
 
@@ -348,10 +340,9 @@ def _run(p: torch.Tensor, m: torch.Tensor, lam: float, stats: torch.Tensor | Non
         if t.device.type != "cpu" or (n_cols > 1 and t.stride(1) != 1):
             raise ValueError(f"{name} must be a CPU tensor with contiguous columns (stride {t.stride()})")
     stats_ptr, stats_dtype = _stats_pointer(stats, n_rows)
-    if stats is not None and n_cols == 0:
-        stats.zero_()
-        return
     if n_cols == 0:
+        if stats is not None:
+            stats.zero_()
         return
     p_dtype, m_dtype = _DTYPE_CODES[p.dtype], _DTYPE_CODES[m.dtype]
     half_lam = 0.5 * lam
@@ -361,7 +352,7 @@ def _run(p: torch.Tensor, m: torch.Tensor, lam: float, stats: torch.Tensor | Non
         for row in range(n_rows):
             row_p = p_ptr + row * p.stride(0) * p.element_size()
             row_m = m_ptr + row * m.stride(0) * m.element_size()
-            sums = _long_row(lib, row_p, row_m, p_dtype, m_dtype, n_cols, half_lam, threads, stats is not None, write)
+            sums = _long_row(lib, (row_p, row_m, p_dtype, m_dtype), n_cols, half_lam, threads, stats is not None, write)
             if stats is not None:
                 stats[row] = torch.tensor(sums, dtype=torch.float64)
         return
@@ -381,26 +372,16 @@ def _split(*operands: torch.Tensor) -> tuple[int, int]:
     return threads, max(1, min(_CHUNK_BYTES // row_bytes, -(-n_rows // (4 * threads))))
 
 
-def _long_row(
-    lib: _Library,
-    p_ptr: int,
-    m_ptr: int,
-    p_dtype: int,
-    m_dtype: int,
-    n: int,
-    half_lam: float,
-    threads: int,
-    dot: bool,
-    write: bool,
-) -> tuple[float, float, float]:
-    """One contiguous row shared by threads: sums, then the update, by chunk; returns |p|², |m|², p·m."""
+def _long_row(lib: _Library, row: tuple, n: int, half_lam: float, threads: int, dot: bool, write: bool) -> tuple:
+    """One contiguous row (p, m pointers and dtype codes) shared by threads: sums, then the update, by chunk;
+    returns |p|², |m|², p·m."""
     chunk = max(_MIN_ELEMENTS_PER_THREAD, (-(-n // _MAX_LONG_ROW_CHUNKS) + 63) & ~63)
     n_chunks = -(-n // chunk)
     partials = (ctypes.c_double * (3 * n_chunks))()
-    _share(lib.sums_shared, p_ptr, m_ptr, p_dtype, m_dtype, n, chunk, int(dot), partials, threads=threads)
+    _share(lib.sums_shared, *row, n, chunk, int(dot), partials, threads=threads)
     # in chunk order: the same result whichever thread summed which chunk
     sp, sm, spm = (math.fsum(partials[k::3]) for k in range(3))
     if write and sp > 0.0:  # |p| = 0: the row stays
         alpha = 1.0 + half_lam * (math.sqrt(sm) / math.sqrt(sp))
-        _share(lib.update_shared, p_ptr, m_ptr, p_dtype, m_dtype, n, chunk, alpha, -half_lam, threads=threads)
+        _share(lib.update_shared, *row, n, chunk, alpha, -half_lam, threads=threads)
     return sp, sm, spm
