@@ -82,10 +82,8 @@ def run_pipeline(
         except BaseException as e:
             fail(e)
 
-    threads = [
-        threading.Thread(target=reader, name="extsub-read", daemon=True),
-        threading.Thread(target=writer, name="extsub-write", daemon=True),
-    ]
+    stages = ((reader, "extsub-read"), (writer, "extsub-write"))
+    threads = [threading.Thread(target=stage, name=name, daemon=True) for stage, name in stages]
     for t in threads:
         t.start()
     try:

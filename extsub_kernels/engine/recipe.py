@@ -223,11 +223,9 @@ def command_line(recipe: Mapping[str, Any], out: str | os.PathLike | None = None
 
 
 def _lam_text(lam: object) -> str:
-    if isinstance(lam, (list, tuple)):
-        return ",".join(
-            ":".join(_number(x) for x in item) if isinstance(item, (list, tuple)) else _number(item) for item in lam
-        )
-    return _number(lam) if isinstance(lam, (int, float)) else str(lam)
+    if not isinstance(lam, (list, tuple)):
+        return _number(lam)
+    return ",".join(":".join(map(_number, x)) if isinstance(x, (list, tuple)) else _number(x) for x in lam)
 
 
 def _number(x: object) -> str:

@@ -201,21 +201,16 @@ def item_line(item: Item, stats: TensorStats | None, settings: Sequence[Sequence
 
 def human_bytes(n: int) -> str:
     """Bytes in GB (10⁹), MB or kB: "2.50 MB"."""
-    for unit, size in (("GB", GB), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
+    units = (("GB", GB), ("MB", 1e6), ("kB", 1e3))
+    return next((f"{n / size:.2f} {unit}" for unit, size in units if n >= size), f"{n} B")
 
 
 def human_rate(n: int, seconds: float) -> str:
     """A throughput in the unit that suits it: "1.52 GB/s", "24.0 MB/s", "310 kB/s"."""
     if seconds <= 0:
         return "n/a"
-    rate = n / seconds
-    for unit, size in (("GB/s", GB), ("MB/s", 1e6), ("kB/s", 1e3)):
-        if rate >= size:
-            return f"{rate / size:.3g} {unit}"
-    return f"{rate:.3g} B/s"
+    rate, units = n / seconds, (("GB/s", GB), ("MB/s", 1e6), ("kB/s", 1e3))
+    return next((f"{rate / size:.3g} {unit}" for unit, size in units if rate >= size), f"{rate:.3g} B/s")
 
 
 def human_seconds(seconds: float) -> str:

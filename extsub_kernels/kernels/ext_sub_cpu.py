@@ -175,23 +175,17 @@ def build(
 
 def _self_check(lib: _Library) -> None:
     """One row with a known answer, so a miscompiled library is refused rather than used."""
-    p = (ctypes.c_float * 4)(3.0, 4.0, 0.0, 0.0)
-    m = (ctypes.c_float * 4)(0.0, 0.0, 6.0, 8.0)
-    sums = (ctypes.c_double * 3)()
-    lib.rows(ctypes.addressof(p), ctypes.addressof(m), 2, 2, 0, 1, 4, 4, 4, 0.5, ctypes.addressof(sums), 3, 1)
-    got, expected = (*p, *sums), (6.0, 8.0, -3.0, -4.0, 25.0, 100.0, 0.0)  # α = 1 + 0.5·10/5 = 2, β = −0.5
-    if any(abs(a - b) > 1e-6 for a, b in zip(got, expected, strict=True)):
-        raise RuntimeError(f"self-check failed: got {list(got)}, expected {list(expected)}")
-    # the same row as task vectors over θ₀ = 1: out = 1 + (6, 8, −3, −4)
-    plus = (ctypes.c_float * 4)(4.0, 5.0, 1.0, 1.0)
-    minus = (ctypes.c_float * 4)(1.0, 1.0, 7.0, 9.0)
-    base = (ctypes.c_float * 4)(1.0, 1.0, 1.0, 1.0)
-    out = (ctypes.c_float * 4)()
-    counters = (ctypes.c_int64 * 2)()
+    p, m, base, out = ((ctypes.c_float * 4)(*v) for v in ((3, 4, 0, 0), (0, 0, 6, 8), (1, 1, 1, 1), ()))
+    sums, counters = (ctypes.c_double * 3)(), (ctypes.c_int64 * 2)()
+    # the row as task vectors over θ₀ = 1 first (out = 1 + the result), then in place
+    plus, minus = ((ctypes.c_float * 4)(*(x + 1 for x in v)) for v in (p, m))
     addresses = (ctypes.addressof(x) for x in (out, plus, minus, base))
     lib.task_rows_shared(*addresses, 2, 2, 2, 2, 1, 4, 4, 4, 4, 4, 0.5, None, 0, 1, ctypes.addressof(counters), 1)
-    if any(abs(a - b) > 1e-6 for a, b in zip(out, (7.0, 9.0, -2.0, -3.0), strict=True)):
-        raise RuntimeError(f"self-check of the fused pass failed: got {list(out)}, expected [7, 9, -2, -3]")
+    lib.rows(ctypes.addressof(p), ctypes.addressof(m), 2, 2, 0, 1, 4, 4, 4, 0.5, ctypes.addressof(sums), 3, 1)
+    got = (*p, *sums, *(x - 1 for x in out))  # α = 1 + 0.5·10/5 = 2, β = −0.5
+    expected = (6.0, 8.0, -3.0, -4.0, 25.0, 100.0, 0.0, 6.0, 8.0, -3.0, -4.0)
+    if any(abs(a - b) > 1e-6 for a, b in zip(got, expected, strict=True)):
+        raise RuntimeError(f"self-check failed: got {list(got)}, expected {list(expected)}")
 
 
 def load() -> _Library | None:
