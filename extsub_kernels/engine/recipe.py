@@ -6,6 +6,7 @@ inputs pinned to their commit), so rerunning it rewrites the same tensors byte f
 """
 
 import difflib
+import itertools
 import os
 import shlex
 from collections.abc import Mapping, Sequence
@@ -92,7 +93,8 @@ def load_recipe(path: str | os.PathLike, choices: Mapping[str, Sequence[str]] | 
 
 def _parsed(text: str, path: Path) -> object:
     """The YAML of a recipe, or an InputError naming the file and the line; aliases and deep nesting refused first."""
-    if _flow_depth(text) > _MAX_RECIPE_DEPTH:  # YAML's scanner slows down with the square of the nesting
+    # the deepest nesting of flow brackets (those in quotes too: an upper bound); YAML slows with its square
+    if max(itertools.accumulate((c in "[{") - (c in "]}") for c in text), default=0) > _MAX_RECIPE_DEPTH:
         raise InputError(f"--config {path}: not valid YAML (nested more than {_MAX_RECIPE_DEPTH} deep)")
     try:
         if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
@@ -110,17 +112,6 @@ def _parsed(text: str, path: Path) -> object:
 
 _MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few dozen lines
 _MAX_RECIPE_DEPTH = 32  # of [ ] and { }: a recipe nests two deep
-
-
-def _flow_depth(text: str) -> int:
-    depth = deepest = 0
-    for char in text:
-        if char in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif char in "]}":
-            depth -= 1
-    return deepest
 
 
 def check_recipe(

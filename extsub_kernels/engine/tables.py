@@ -109,12 +109,20 @@ def lam_text(setting: Sequence[float], sep: str = ",") -> str:
     return sep.join(f"{x:g}" for x in setting)
 
 
-def _fmt(x: float | None, digits: int = 3) -> str:
-    return "–" if x is None else f"{x:+.{digits}f}" if digits == 3 else f"{x:.{digits}f}"
-
-
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f} %"
+def _table(first: str, settings: Sequence[Sequence[float]], rows: Iterable[tuple[str, Group]]) -> list[str]:
+    """Markdown lines: the head (`first` columns, then the common ones and a change per λ setting) and a row per
+    (leading cells, group)."""
+    head = f"| {first} | rows | degenerate rows | mean cos(p, m) | deficiency share |"
+    lines = [
+        head + "".join(f" change at λ={lam_text(s)} |" for s in settings),
+        "|---" * (first.count("|") + 5 + len(settings)) + "|",
+    ]
+    for cells, group in rows:
+        cos = "–" if group.cos_mean is None else f"{group.cos_mean:+.3f}"
+        share = "–" if group.deficiency_share is None else f"{group.deficiency_share:.2f}"
+        changes = "".join(f" {'–' if c is None else f'{100 * c:.1f} %'} |" for c in group.relative_change)
+        lines.append(f"| {cells} | {group.rows} | {group.degenerate_rows} | {cos} | {share} |{changes}")
+    return lines
 
 
 def summary_table(stats: Sequence[TensorStats], settings: Sequence[Sequence[float]]) -> str:
@@ -122,34 +130,19 @@ def summary_table(stats: Sequence[TensorStats], settings: Sequence[Sequence[floa
     the deficiency share and the relative change at each λ setting. Empty when there are no statistics."""
     if not stats:
         return ""
-    labels = [lam_text(setting) for setting in settings]
     parts = []
     for anti in anti_roles(stats):
-        head = "| module type | layers | tensors | rows | degenerate rows | mean cos(p, m) | deficiency share |"
-        head += "".join(f" change at λ={label} |" for label in labels)
-        lines = [f"{anti}:" if len(anti_roles(stats)) > 1 else "", head, "|---" * (7 + len(labels)) + "|"]
-        for kind, group in by_module_type(stats, anti).items():
-            layers = f"{min(group.layers)}–{max(group.layers)}" if group.layers else "–"
-            changes = "".join(f" {_pct(c)} |" for c in group.relative_change)
-            lines.append(
-                f"| {kind} | {layers} | {group.tensors} | {group.rows} | {group.degenerate_rows} | "
-                f"{_fmt(group.cos_mean)} | {_fmt(group.deficiency_share, 2)} |{changes}"
-            )
-        parts.append("\n".join(line for line in lines if line))
+        groups = by_module_type(stats, anti).items()
+        rows = [
+            (f"{k} | {f'{min(g.layers)}–{max(g.layers)}' if g.layers else '–'} | {g.tensors}", g) for k, g in groups
+        ]
+        lines = _table("module type | layers | tensors", settings, rows)
+        parts.append("\n".join(([f"{anti}:"] if len(anti_roles(stats)) > 1 else []) + lines))
     return "\n\n".join(parts) + "\n"
 
 
 def layer_table(stats: Sequence[TensorStats], anti: str, settings: Sequence[Sequence[float]]) -> str:
     """Markdown: one row per layer × module type for one anti-expert (the detail of `summary_table`)."""
-    labels = [lam_text(setting) for setting in settings]
-    head = "| layer | module type | rows | degenerate rows | mean cos(p, m) | deficiency share |"
-    head += "".join(f" change at λ={label} |" for label in labels)
-    lines = [head, "|---" * (6 + len(labels)) + "|"]
-    cells = by_layer_and_type(stats, anti)
-    for (layer, kind), group in sorted(cells.items(), key=lambda item: (item[0][0] is None, item[0][0] or 0)):
-        changes = "".join(f" {_pct(c)} |" for c in group.relative_change)
-        lines.append(
-            f"| {'–' if layer is None else layer} | {kind} | {group.rows} | {group.degenerate_rows} | "
-            f"{_fmt(group.cos_mean)} | {_fmt(group.deficiency_share, 2)} |{changes}"
-        )
-    return "\n".join(lines) + "\n"
+    cells = sorted(by_layer_and_type(stats, anti).items(), key=lambda item: (item[0][0] is None, item[0][0] or 0))
+    rows = [(f"{'–' if layer is None else layer} | {kind}", group) for (layer, kind), group in cells]
+    return "\n".join(_table("layer | module type", settings, rows)) + "\n"
