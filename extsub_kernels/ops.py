@@ -4,6 +4,7 @@ Ext-Sub per row (docs/design.md §1): p' = α·p + β·m, α = 1 + (λ/2)·|m|/|
 On request the same pass hands back each row's |p|², |m|² and p·m (`row_stats`, docs/design.md §7).
 """
 
+import importlib
 import importlib.util
 import os
 import warnings
@@ -239,7 +240,10 @@ def ext_sub_(
         w_plus.copy_(ext_sub_reference(w_plus, w_minus, lam))
         return w_plus
 
-    p = _writable_rows(w_plus)
+    try:  # a (rows, cols) view sharing w_plus's storage, where its strides allow one
+        p = w_plus.view(1, -1) if w_plus.dim() <= 1 else w_plus.view(w_plus.shape[0], -1)
+    except RuntimeError:
+        p = None
     compiled = chosen in ("triton", "cpp")  # both kernels need contiguous columns
     copy_back = p is None or (compiled and not _contiguous_columns(p))
     if copy_back:
@@ -247,14 +251,9 @@ def ext_sub_(
     m = as_rows(w_minus)
     if compiled and not _contiguous_columns(m):
         m = m.contiguous()
-    if chosen == "triton":
-        from extsub_kernels.kernels.ext_sub import ext_sub_rows_
-
-        ext_sub_rows_(p, m, lam, row_stats=row_stats)
-    elif chosen == "cpp":
-        from extsub_kernels.kernels.ext_sub_cpu import ext_sub_rows_ as ext_sub_rows_cpu_
-
-        ext_sub_rows_cpu_(p, m, lam, row_stats=row_stats)
+    if compiled:  # kernels/ext_sub.py (Triton) or kernels/ext_sub_cpu.py, imported on first use
+        kernel = importlib.import_module(f"extsub_kernels.kernels.{'ext_sub' if chosen == 'triton' else 'ext_sub_cpu'}")
+        kernel.ext_sub_rows_(p, m, lam, row_stats=row_stats)
     else:
         _rows_torch(p, m, lam, row_stats, write=True)
     if copy_back:
@@ -293,13 +292,6 @@ def ext_sub_task_vectors_into(
         return False
     ext_sub_cpu.ext_sub_task_rows_into(out, w_plus, w_minus, base, float(lam), row_stats=row_stats)
     return True
-
-
-def _writable_rows(t: torch.Tensor) -> torch.Tensor | None:
-    try:
-        return t.view(1, -1) if t.dim() <= 1 else t.view(t.shape[0], -1)
-    except RuntimeError:
-        return None
 
 
 def ext_sub(w_plus: torch.Tensor, w_minus: torch.Tensor, lam: float, *, backend: Backend = "auto") -> torch.Tensor:

@@ -38,13 +38,9 @@ def run_dense(
     context: RunContext | None = None,
     check_inputs: Callable[[], None] | None = None,
 ) -> MergeReport:
-    """Merge dense checkpoints: EXPERT, the ANTIs in order, and BASE when `inputs` ends with one.
-
-    The caller has resolved the inputs and checked the outputs' paths. `options.mode` "dry-run"
-    stops once the outputs are planned, "inspect" streams the inputs for statistics and writes
-    nothing. Returns the report; on any error nothing is left at `paths`. `check_inputs` runs
-    before the outputs are published and raises when an input changed during the run.
-    """
+    """Merge dense checkpoints (EXPERT, the ANTIs in order, BASE when `inputs` ends with one, resolved) into
+    `paths` (checked); on any error nothing is left there. `check_inputs` runs before the outputs are published
+    and raises when an input changed during the run."""
     has_base = inputs[-1][0] == "BASE"
     roles = [role for role, _ in inputs]
     readers = [CheckpointReader(inp.files, label=role) for role, inp in inputs]

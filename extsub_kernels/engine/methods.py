@@ -1,14 +1,8 @@
-"""The method step of a merge, per tensor: each anti-expert in order, optionally on task vectors (`method_spec`).
-
-Kept apart from streaming so every producer of tensors (the dense engine, the full model of an adapter merge, the
-scan) applies a method the same way. `apply_method_into` writes into a buffer the caller owns through a
-`Workspace` of a few cache-sized chunks, so a block of rows allocates nothing; `apply_method` wraps it.
-
-One computation per case, the same on every device: an elementwise method (sub, add) adds each anti-expert with
-its weight; a row-pairing method with a kernel (ext-sub) runs it on whole rows: in place for one step in the
-expert's dtype (no base), in its fused pass on task vectors where it has one, else on chunks widened to float32
-(float64 for float64 inputs) and rounded once; rows longer than a chunk, Conv1D columns and methods without a
-kernel go through the rows' Gram matrices (`gram`).
+"""The method step of a merge, per tensor, the same for every producer (dense engine, full model, scan), on every
+device: an elementwise method (sub, add) adds each anti-expert with its weight; a row-pairing method with a kernel
+(ext-sub) runs it on whole rows, in place for one step in the expert's dtype, in its fused pass on task vectors
+where it has one, else on chunks of a `Workspace` widened to float32 (float64 inputs: float64) and rounded once;
+rows longer than a chunk, Conv1D columns and methods without a kernel take the rows' Gram matrices (`gram`).
 """
 
 from collections.abc import Callable, Sequence
@@ -64,17 +58,9 @@ def apply_method_into(
 ) -> torch.Tensor:
     """The method applied with each anti-expert in order, written into `out` (any float dtype); returns `out`.
 
-    `out` is contiguous and may be `plus` itself (each chunk is read before it is written); inputs are otherwise
-    left unchanged. A row-pairing method pairs rows (dim 0, as the op does), or columns with `transposed`. With
-    `base`, it works on task vectors θ − θ₀ and writes θ₀ + ΔW'.
-
-    `observe`, when given, gets the row sums of the expert (task vector) against each anti-expert before any step
-    (docs/design.md §7), from the same pass where there is one (the kernel's, the Gram matrices'), else
-    `row_products` per chunk: one (rows, 3) float64 tensor per anti-expert and call.
-
-    Example:
-        >>> out = torch.empty(8, 16, dtype=torch.bfloat16)
-        >>> _ = apply_method_into(out, torch.randn(8, 16), [torch.randn(8, 16)], [1.0], workspace=Workspace(256, 4))
+    `out` is contiguous and may be `plus` itself; inputs are otherwise left unchanged. Rows are dim 0 (columns with
+    `transposed`); with `base`, it works on task vectors θ − θ₀ and writes θ₀ + ΔW'. `observe` gets the row sums of
+    the expert against each anti-expert (docs/design.md §7) from the same pass where there is one.
     """
     spec = method_spec(method)
     if len(minus) != len(lams):
@@ -196,13 +182,7 @@ def apply_method(
 ) -> torch.Tensor:
     """One tensor (or a block of its rows) merged: the method applied with each anti-expert in order.
 
-    ext-sub: θ ← θ − λ·Ext(θ⁻); sub: θ ← θ − λθ⁻; add: θ ← θ + λθ⁻ (`method_spec`). With `base`, it works
-    on task vectors: ΔW = θ − θ₀ for every input, and the result is θ₀ + ΔW'. `transposed`
-    pairs columns instead of rows (GPT-2 Conv1D weights, stored (in, out)). `inplace` lets the
-    single-step case overwrite `plus`; inputs are otherwise left unchanged. `observe`: see `apply_method_into`.
-
-    Example:
-        >>> out = apply_method(torch.randn(8, 16), [torch.randn(8, 16)], [1.0])
+    As `apply_method_into`, into a new tensor of `out_dtype`; `inplace` lets the single-step case overwrite `plus`.
     """
     out_dtype = out_dtype or plus.dtype
     dtype = compute_dtype(plus.dtype, *(m.dtype for m in minus), *((base.dtype,) if base is not None else ()))

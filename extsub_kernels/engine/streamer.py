@@ -37,17 +37,9 @@ class BlockStreamer:
 
     Memory is fixed by construction: `blocks` sizes, once from the plan, pools of input and result buffers on the
     host (the largest block in its widest form; pinned on CUDA), of device buffers on CUDA, and the workspace.
-    Each buffer goes back to its pool once its last stage is done with it; a pool holds one for every item in
-    flight (`pipeline.in_flight`), and only the reader takes input buffers and only the compute stage result
-    buffers, so a stage ahead of its pool waits but cannot deadlock.
-
-    Args:
-        readers: the inputs, numbered as in `TensorJob` (expert, anti-experts, base).
-        roles: a name per input for messages (EXPERT, ANTI, BASE).
-        options: λ settings, method, device, block size.
-        order: the tensors in the order the outputs are written (`OutputSet.order`); blocks follow it.
-        stats: gathers the row statistics of merged tensors (None: not gathered).
-        inputs: the resolved inputs, to name files in messages by the path the user gave.
+    A pool holds a buffer for every item in flight (`pipeline.in_flight`); only the reader takes input buffers and
+    only the compute stage result buffers, so a stage ahead of its pool waits but cannot deadlock. `readers` and
+    `roles` are numbered as in `TensorJob`; blocks follow `order` (`OutputSet.order`); `stats` may be None.
     """
 
     def __init__(

@@ -236,15 +236,9 @@ def write_outputs(
     progress: bool = False,
     check_inputs: Callable[[], None] | None = None,
 ) -> tuple[tuple[Path, ...], int]:
-    """Write each lazy output to its path, all in one pass: each tensor is loaded once (by the first output) and
-    produced by every output; returns (the paths written, bytes written with headers).
-
-    Args:
-        outputs: the lazy outputs (one per λ setting), with equal entries, weights names and extra files.
-        paths: one target per output: a .safetensors file, or a folder.
-        metadata: `__metadata__` per output (format=pt is added).
-        max_shard_size, force, check_inputs: as `OutputSet` takes them; progress: a progress bar (stderr).
-    """
+    """Write each lazy output (one per λ setting, equal entries) to its path, all in one pass: each tensor is loaded
+    once (by the first output) and produced by every output; returns (the paths written, bytes written). The other
+    arguments are `OutputSet`'s; format=pt is added to each `metadata`."""
     first = outputs[0]
     if any(o.entries != first.entries for o in outputs[1:]):
         raise MergeError("the outputs of one run list different tensors; they cannot be written in one pass")
