@@ -80,16 +80,8 @@ def run_dense(
     finally:
         for r in readers:
             r.close()
-    stats = tuple(stats.done) if stats else ()
-    return MergeReport.finished(
-        written,
-        bytes_read=total,
-        bytes_written=bytes_written,
-        started=started,
-        peak_gpu_bytes=peak,
-        stats=stats,
-        **facts,
-    )
+    facts.update(stats=tuple(stats.done) if stats else (), started=started, peak_gpu_bytes=peak)
+    return MergeReport.finished(written, bytes_read=total, bytes_written=bytes_written, **facts)
 
 
 def _streamed(
@@ -178,7 +170,5 @@ def _inspect(
 
     order = [TensorEntry(j.name, j.out_dtype, j.shape) for j in jobs]
     total, peak = _streamed(readers, inputs, options, jobs, order, stats, stream)
-    done = tuple(stats.done)
-    return MergeReport.finished(
-        (), bytes_read=total, started=started, peak_gpu_bytes=peak, mode="inspect", stats=done, **facts
-    )
+    facts.update(mode="inspect", stats=tuple(stats.done), started=started, peak_gpu_bytes=peak)
+    return MergeReport.finished((), bytes_read=total, **facts)

@@ -101,16 +101,11 @@ class MergeReport:
         (perf_counter; None, a dry run: 0), the process's peak RSS, the files of each output (`files`: those a dry
         run plans, else those written); `facts`: the other fields."""
         listed = files if files is not None else [listed_files(path) for path in outputs]
-        return cls(
-            outputs=tuple(outputs),
-            bytes_read=bytes_read,
-            bytes_written=bytes_written,
-            seconds=time.perf_counter() - started if started is not None else 0.0,
-            peak_rss_bytes=peak_rss_bytes(),
-            peak_gpu_bytes=peak_gpu_bytes,
-            files=tuple(tuple(f) for f in listed),
-            **facts,
+        facts.update(
+            files=tuple(tuple(f) for f in listed), peak_rss_bytes=peak_rss_bytes(), peak_gpu_bytes=peak_gpu_bytes
         )
+        seconds = time.perf_counter() - started if started is not None else 0.0
+        return cls(outputs=tuple(outputs), bytes_read=bytes_read, bytes_written=bytes_written, seconds=seconds, **facts)
 
     def counts(self) -> str:
         """ "6 tensors (4 merged, 2 copied)", or "2 outputs of 6 tensors each (...)"."""

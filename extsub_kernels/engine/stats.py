@@ -101,20 +101,11 @@ class PairAccumulator:
         measured = int(both.sum())
         measured_cos = cos[both]
         mean_cos = float(measured_cos.sum()) / measured if measured else None
-        return PairStats(
-            anti=anti,
-            rows=self.rows,
-            zero_expert_rows=int((~has_p).sum()),
-            zero_anti_rows=int((~has_m).sum()),
-            antiparallel_rows=int((both & (cos <= -1.0 + ANTIPARALLEL_TOLERANCE)).sum()),
-            measured_rows=measured,
-            cos=_summarize_cos(measured_cos.to(torch.float32), mean_cos),
-            expert_norm=math.sqrt(float(pp.sum())),
-            anti_norm=math.sqrt(float(mm.sum())),
-            deficiency_norm=math.sqrt(float(ext_sq.sum())),
-            anti_abs_sum=float(torch.sqrt(mm).sum()),
-            deficiency_abs_sum=float(torch.sqrt(ext_sq).sum()),
-        )
+        counts = (int((~has_p).sum()), int((~has_m).sum()), int((both & (cos <= -1.0 + ANTIPARALLEL_TOLERANCE)).sum()))
+        norms = (math.sqrt(float(pp.sum())), math.sqrt(float(mm.sum())), math.sqrt(float(ext_sq.sum())))
+        summary = _summarize_cos(measured_cos.to(torch.float32), mean_cos)
+        abs_sums = (float(torch.sqrt(mm).sum()), float(torch.sqrt(ext_sq).sum()))
+        return PairStats(anti, self.rows, *counts, measured, summary, *norms, *abs_sums)
 
 
 def pair_stats(sums: torch.Tensor, anti: str) -> PairStats:

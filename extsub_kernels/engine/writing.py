@@ -136,17 +136,8 @@ class OutputSet:
 
 def progress_bar(total: int, progress: bool, desc: str = "extsub-merge", *, unit: str = "B") -> tqdm:
     """The progress bar of every long loop: on stderr, hidden unless `progress`; bytes (SI prefixes), or `unit`s."""
-    return tqdm(
-        total=total,
-        unit=unit,
-        unit_scale=unit == "B",
-        unit_divisor=1000,
-        desc=desc,
-        disable=not progress,
-        file=_Unfailing(sys.stderr),
-        dynamic_ncols=True,
-        mininterval=0.5,
-    )
+    shown = dict(desc=desc, disable=not progress, file=_Unfailing(sys.stderr), dynamic_ncols=True, mininterval=0.5)
+    return tqdm(total=total, unit=unit, unit_scale=unit == "B", unit_divisor=1000, **shown)
 
 
 class _Unfailing:
