@@ -82,9 +82,15 @@ class MethodSpec:
         return self.coefficients(p_norm, m_norm, products if self.needs_products else None, lam)
 
 
-def _direct(name: str, sign: float, formula: str, title: str, card_text: str, negative: str, color: str) -> MethodSpec:
+def _direct(name: str, sign: float, title: str, card_text: str, color: str) -> MethodSpec:
     """An elementwise method, θ ← θ + sign·λ·θ⁻; its change over a tensor is |λ|·‖θ⁻‖."""
-    return MethodSpec(name, formula, title, card_text, negative, color, sign, change_per_lam=lambda p: p.anti_norm)
+    does, instead = ("subtracts", "adding") if sign > 0 else ("adds", "subtracting")
+    negative = f"{does} the anti-expert instead of {instead} it"
+    return MethodSpec(name, METHOD_FORMULAS[name], title, card_text, negative, color, sign, change_per_lam=_anti_norm)
+
+
+def _anti_norm(pair: object) -> float:
+    return pair.anti_norm
 
 
 EXT_SUB = MethodSpec(
@@ -102,24 +108,8 @@ EXT_SUB = MethodSpec(
     dropped="nothing under ext-sub (|p| = 0, so Ext = 0)",
     change_per_lam=lambda pair: pair.deficiency_norm,
 )
-SUB = _direct(
-    "sub",
-    -1.0,
-    METHOD_FORMULAS["sub"],
-    "direct subtraction",
-    "θ' = θ⁺ − λ·θ⁻, the paper's baseline.",
-    "adds the anti-expert instead of subtracting it",
-    "#d62728",
-)
-ADD = _direct(
-    "add",
-    1.0,
-    METHOD_FORMULAS["add"],
-    "addition",
-    "θ' = θ⁺ + λ·θ⁻.",
-    "subtracts the anti-expert instead of adding it",
-    "#2ca02c",
-)
+SUB = _direct("sub", -1.0, "direct subtraction", "θ' = θ⁺ − λ·θ⁻, the paper's baseline.", "#d62728")
+ADD = _direct("add", 1.0, "addition", "θ' = θ⁺ + λ·θ⁻.", "#2ca02c")
 _REGISTRY: dict[str, MethodSpec] = {spec.name: spec for spec in (EXT_SUB, SUB, ADD)}
 
 
