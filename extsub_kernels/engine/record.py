@@ -26,28 +26,21 @@ def report_record(report: MergeReport) -> dict[str, Any]:
     """The JSON-ready record of `report` (its context supplies the inputs, options and command)."""
     context = report.context
     stats = {s.name: s for s in report.stats}
+    files = [*report.files, *[()] * (len(report.outputs) - len(report.files))]
+    outputs = zip(report.outputs, report.settings, files, strict=False)
     return {
         "extsub_report": RECORD_FORMAT,
         "tool": {"name": "extsub", "version": __version__},
         "mode": report.mode,
         "command": context.command if context else None,
         "started_at": context.started_at if context else None,
-        "seconds": report.seconds,
-        "device": report.device,
+        **{key: getattr(report, key) for key in ("seconds", "device")},
         "inputs": [dict(record) for record in context.inputs] if context else [],
         "options": jsonable(dict(context.options) if context else {}),
-        "method": report.method,
-        "layout": report.layout,
-        "kernel": report.kernel,
+        **{key: getattr(report, key) for key in ("method", "layout", "kernel")},
         "outputs": [
-            {
-                "path": str(path),
-                "lam": list(setting),
-                "files": [{"name": name, "bytes": size} for name, size in files],
-            }
-            for path, setting, files in zip(
-                report.outputs, report.settings, _padded(report.files, report.outputs), strict=False
-            )
+            {"path": str(path), "lam": list(setting), "files": [{"name": n, "bytes": size} for n, size in listed]}
+            for path, setting, listed in outputs
         ],
         "totals": {
             "tensors_per_output": report.tensors,
@@ -60,10 +53,6 @@ def report_record(report: MergeReport) -> dict[str, Any]:
         ],
         "summary": _summary(report),
     }
-
-
-def _padded(files: tuple, outputs: tuple) -> list:
-    return list(files) + [()] * (len(outputs) - len(files))
 
 
 def _tensor_stats(stats: TensorStats | None) -> dict[str, Any] | None:

@@ -13,13 +13,6 @@ from collections.abc import Sequence
 import torch
 
 
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 class PoolClosed(RuntimeError):
     """Raised in a stage waiting for a buffer when the run stops (another stage failed or was interrupted)."""
 
@@ -127,7 +120,8 @@ class Transfer:
                 context.__enter__()
         else:
             self._threads = torch.get_num_threads()
-            torch.set_num_threads(max(1, min(self._threads, _usable_cores() - 2)))
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            torch.set_num_threads(max(1, min(self._threads, cores - 2)))
         return self
 
     def __exit__(self, *exc: object) -> None:
