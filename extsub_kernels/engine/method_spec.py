@@ -8,7 +8,7 @@ diag(β)·B⁻]), (IA)³ vectors, prefix rows, the report, the card, the CLI and
 method is one `MethodSpec` passed to `register_method` (and, for speed, its kernels).
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -113,23 +113,8 @@ ADD = _direct("add", 1.0, "addition", "θ' = θ⁺ + λ·θ⁻.", "#2ca02c")
 _REGISTRY: dict[str, MethodSpec] = {spec.name: spec for spec in (EXT_SUB, SUB, ADD)}
 
 
-class _MethodNames(Sequence[str]):
-    """The registered methods' names, in order, read live (argparse choices, recipe checks, messages)."""
-
-    def __getitem__(self, index):  # type: ignore[override]
-        return tuple(_REGISTRY)[index]
-
-    def __len__(self) -> int:
-        return len(_REGISTRY)
-
-    def __contains__(self, name: object) -> bool:
-        return name in _REGISTRY
-
-    def __repr__(self) -> str:
-        return repr(tuple(_REGISTRY))
-
-
-METHODS: Sequence[str] = _MethodNames()
+# The registered methods' names, in order, read live (argparse choices, recipe checks, messages).
+METHODS: Collection[str] = _REGISTRY.keys()
 
 
 def method_spec(method: "str | MethodSpec") -> MethodSpec:
