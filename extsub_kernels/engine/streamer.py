@@ -244,15 +244,12 @@ class BlockStreamer:
     def _accumulate(self, block: Block, inputs: list[torch.Tensor]) -> None:
         """A "norms" block: its share of its rows' Gram matrices (a new unit starts with a row's or tensor's first)."""
         job = block.job
-        vectors, theta0, geometry = _pieces_of(block, inputs)
-        if self._unit is None or self._unit.key != geometry.key:
-            n_vectors = 1 + len(job.antis)
-            cross = method_spec(self.options.method).needs_products
-            products = self.stats is not None
-            gram = RowGram(n_vectors, geometry.n_pairs, products=products, cross=cross, device=inputs[0].device)
-            self._unit = _RowsInPieces(geometry.key, gram)
+        vectors, theta0, (key, reduce_dim, n_pairs, offset) = _pieces_of(block, inputs)
+        if self._unit is None or self._unit.key != key:
+            sums = dict(products=self.stats is not None, cross=method_spec(self.options.method).needs_products)
+            self._unit = _RowsInPieces(key, RowGram(1 + len(job.antis), n_pairs, device=inputs[0].device, **sums))
         gram = self._unit.gram
-        gram.add(vectors, theta0, reduce_dim=geometry.reduce_dim, workspace=self.workspace, pair_offset=geometry.offset)
+        gram.add(vectors, theta0, reduce_dim=reduce_dim, workspace=self.workspace, pair_offset=offset)
         if not gram.finite():
             self._check_inputs(block)
 
@@ -261,9 +258,9 @@ class BlockStreamer:
     ) -> None:
         """An "update" block: its piece of the result for λ setting `setting`, from the rows' Gram matrices."""
         job = block.job
-        vectors, theta0, geometry = _pieces_of(block, inputs)
+        vectors, theta0, (key, reduce_dim, _, offset) = _pieces_of(block, inputs)
         unit = self._unit
-        if unit is None or unit.key != geometry.key:
+        if unit is None or unit.key != key:
             raise MergeError(f"tensor {job.name!r}: an update block came before the norms of its rows")
         if unit.coefficients is None:
             dtype = compute_dtype(*(t.dtype for t in inputs))
@@ -273,7 +270,7 @@ class BlockStreamer:
             if observe is not None:
                 for k in range(len(job.antis)):
                     observe(k, unit.gram.row_sums(k + 1))
-        where = dict(reduce_dim=geometry.reduce_dim, workspace=self.workspace, pair_offset=geometry.offset)
+        where = dict(reduce_dim=reduce_dim, workspace=self.workspace, pair_offset=offset)
         combine_into(out.view(vectors[0].shape), vectors, theta0, unit.coefficients[setting], **where)
 
     def _check_inputs(self, block: Block) -> None:
@@ -322,16 +319,6 @@ class BlockStreamer:
         )
 
 
-@dataclass(frozen=True)
-class _Geometry:
-    """How a two-pass block's data maps onto its Gram: the unit it belongs to, the axis a row runs along, its rows."""
-
-    key: tuple[str, int]
-    reduce_dim: int
-    n_pairs: int
-    offset: int
-
-
 @dataclass
 class _RowsInPieces:
     """The rows streamed in two passes now: their Gram and, once the norms are in, the coefficients per setting."""
@@ -341,8 +328,9 @@ class _RowsInPieces:
     coefficients: list[torch.Tensor] | None = None
 
 
-def _pieces_of(block: Block, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor | None, _Geometry]:
-    """A two-pass block's inputs as 2-D views (expert and anti-experts; θ₀ apart) and its geometry."""
+def _pieces_of(block: Block, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor | None, tuple]:
+    """A two-pass block's inputs as 2-D views (expert and anti-experts; θ₀ apart) and how they map onto its Gram:
+    (the unit they belong to, the axis a row runs along, the unit's op rows, the first of them here)."""
     job = block.job
     flat = block.cols is not None
     views = [t.view(1, -1) if flat else t for t in inputs]
@@ -350,5 +338,5 @@ def _pieces_of(block: Block, inputs: list[torch.Tensor]) -> tuple[list[torch.Ten
     vectors = views[: 1 + len(job.antis)]
     if job.transposed:
         offset = block.cols[0] if flat else 0
-        return vectors, theta0, _Geometry((job.name, 0), 0, row_elements(job.shape), offset)
-    return vectors, theta0, _Geometry((job.name, block.start), 1, 1, 0)
+        return vectors, theta0, ((job.name, 0), 0, row_elements(job.shape), offset)
+    return vectors, theta0, ((job.name, block.start), 1, 1, 0)
