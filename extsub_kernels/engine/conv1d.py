@@ -82,37 +82,35 @@ def weight_layout(
     config.json or None), in the order they are trusted) that names a model, else the key names and shapes in
     `shapes` (of input `role`; a shape None where only the name is known, a LoRA module's); warn where they cannot
     tell."""
+
+    def layout(conv1d: bool, reason: str) -> WeightLayout:
+        return WeightLayout(conv1d_transposed if conv1d else never_transposed, conv1d, reason)
+
     if explicit is not None:
-        flag = "--transposed" if explicit else "--no-transposed"
-        return WeightLayout(conv1d_transposed if explicit else never_transposed, bool(explicit), f"{flag} given")
+        return layout(bool(explicit), f"{'--transposed' if explicit else '--no-transposed'} given")
     for who, config in configs:
         verdict = _uses_conv1d(config)
         if verdict is not None:
             kind = config.get("model_type") or ", ".join(config.get("architectures") or [])
             what = "GPT-2 Conv1D weights stored (in, out)" if verdict else "weights stored (out, in)"
-            return WeightLayout(
-                conv1d_transposed if verdict else never_transposed, verdict, f"config.json of {who} ({kind}): {what}"
-            )
+            return layout(verdict, f"config.json of {who} ({kind}): {what}")
     conv1d_names = [name for name, shape in shapes.items() if conv1d_transposed(name, shape or (0, 0))]
     if not conv1d_names:
-        return WeightLayout(never_transposed, False, "no config.json and no Conv1D weight names: rows are dim 0")
+        return layout(False, "no config.json and no Conv1D weight names: rows are dim 0")
     votes = [v for name in conv1d_names if (v := _shape_vote(name, shapes[name])) is not None]
     if votes and all(votes):
         example = next(n for n in conv1d_names if _shape_vote(n, shapes[n]))
-        return WeightLayout(
-            conv1d_transposed,
-            True,
-            f"GPT-2 key names and shapes in {role} ({example} is {list(shapes[example])}, as Conv1D stores it)",
-        )
+        shown = f"{example} is {list(shapes[example])}, as Conv1D stores it"
+        return layout(True, f"GPT-2 key names and shapes in {role} ({shown})")
     if votes and not any(votes):
-        return WeightLayout(never_transposed, False, f"Conv1D key names in {role} but nn.Linear shapes: rows are dim 0")
+        return layout(False, f"Conv1D key names in {role} but nn.Linear shapes: rows are dim 0")
     warnings.warn(
         f"{role} has GPT-2 Conv1D weight names (e.g. {conv1d_names[0]}) but no config.json, and their shapes do not "
         "tell whether they are stored (in, out) as Conv1D stores them; pairing them as Conv1D (columns of the stored "
         "tensor). Pass --transposed to confirm, or --no-transposed if they are stored (out, in)",
         stacklevel=2,
     )
-    return WeightLayout(conv1d_transposed, True, f"ambiguous Conv1D key names in {role}: taken as Conv1D (in, out)")
+    return layout(True, f"ambiguous Conv1D key names in {role}: taken as Conv1D (in, out)")
 
 
 def _shape_vote(name: str, shape: tuple[int, ...] | None) -> bool | None:

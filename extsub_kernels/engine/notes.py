@@ -101,10 +101,8 @@ def _noted_config(path: Path, out_dtype: torch.dtype | None, method: str, settin
     """A model's config.json with an `extsub` note (version, method, λ, recipe file) and, when the output dtype was
     changed, `torch_dtype`/`dtype` saying so (transformers keeps unknown keys and reads either dtype key)."""
     config = read_json_object(path)
-    if out_dtype is not None:
-        keys = [key for key in ("torch_dtype", "dtype") if key in config] or ["torch_dtype"]
-        for key in keys:
-            config[key] = DTYPE_NAMES[out_dtype]
+    for key in ([k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]) if out_dtype else ():
+        config[key] = DTYPE_NAMES[out_dtype]
     config["extsub"] = {"version": __version__, "method": method, "lam": list(setting), "recipe": RECIPE_NAME}
     return json.dumps(config, indent=2, ensure_ascii=False) + "\n"
 
@@ -112,12 +110,8 @@ def _noted_config(path: Path, out_dtype: torch.dtype | None, method: str, settin
 def card_base_model(name: str | None, who: str) -> tuple[str | None, str]:
     """(hub id, "") when `name` is a hub repo id, else (None, why the card leaves `base_model` out: the hub refuses a
     local path, or a folder's name, which names an unrelated repo)."""
-    if not name:
-        return None, ""
-    repo = hub_repo_id(name)
-    if repo is not None:
+    repo = hub_repo_id(name) if name else None
+    if repo is not None or not name:
         return repo, ""
-    return (
-        None,
-        f"{who} `{_printable(name)}` is a local path, not a Hugging Face hub id, which is all the hub accepts there",
-    )
+    why = f"{who} `{_printable(name)}` is a local path, not a Hugging Face hub id, which is all the hub accepts there"
+    return None, why
