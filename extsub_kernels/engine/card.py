@@ -25,16 +25,10 @@ _PAPER = (
 
 @dataclass(frozen=True)
 class OutputKind:
-    """What kind of thing a folder output is, for its model card.
-
-    Attributes:
-        what: a few words ("a PEFT LoRA adapter", "the full model θ₀ + ΔW'", "task vectors ΔW'").
-        library_name: "peft", "transformers", or None when no library loads it as it is.
-        base_model: the base model's hub id, only when it is one (`base_note`: why there is none otherwise).
-        config: a model config.json to copy with a note (and the output dtype), for full models.
-        tags: model-card tags beside extsub, merge and the method ("peft", "lora", "ia3", ...).
-        notes: a paragraph per output (one per λ setting, in order) for its card, e.g. what --max-rank cost.
-    """
+    """What kind of thing a folder output is, for its model card: a few words (`what`), the library that loads it
+    ("peft", "transformers" or None), the base model's hub id (only when it is one; else `base_note` says why), a
+    config.json to copy with a note (full models), tags beside extsub, merge and the method, a paragraph per output
+    (λ setting, in order: what --max-rank cost)."""
 
     what: str
     library_name: str | None = None

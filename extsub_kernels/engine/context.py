@@ -11,15 +11,9 @@ from extsub_kernels.engine.recipe import command_line
 
 @dataclass(frozen=True)
 class RunContext:
-    """The provenance of one run.
-
-    Attributes:
-        inputs: `io.provenance.fingerprint` of each input, in role order (EXPERT, ANTI..., BASE).
-        recipe: every option that shapes the outputs (`engine.recipe.MERGE_KEYS`), inputs pinned; λ set per output.
-        command, started_at: the command line that started the run (or its extsub-merge equivalent); ISO 8601, UTC.
-        options: every option of the run for the report (the recipe's, λ settings, OUT, force, ...).
-        card_note: Markdown the model cards add after how the outputs were made (e.g. how λ was chosen).
-    """
+    """The provenance of one run: `io.provenance.fingerprint` of each input in role order; the options that shape
+    the outputs (`recipe.MERGE_KEYS`, inputs pinned; λ set per output); the command (or its extsub-merge
+    equivalent); the start, ISO 8601 in UTC; every option for the report; Markdown for the cards (`card_note`)."""
 
     inputs: tuple[Mapping[str, Any], ...] = ()
     recipe: Mapping[str, Any] = field(default_factory=dict)

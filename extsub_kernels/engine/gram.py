@@ -1,11 +1,8 @@
 """A row-pairing method on rows that come in pieces: the rows' Gram matrices first, then each piece of the result.
 
-A row longer than a block, or a Conv1D weight whose rows (output features) are the stored columns, cannot be held
-whole. A method's coefficients only need, per row, |p|, |m| (and p·m where it says so; docs/design.md §1,
-`method_spec`), so a first pass accumulates in float64 the Gram matrix of v₀ = p, v₁ = m₁, …, vₙ = mₙ (each minus
-θ₀ with a base), and a second writes each piece as θ₀ + Σᵢ cᵢ·vᵢ: the steps p ← α·p + β·mⱼ are linear, so the
-result is a combination of the inputs whose coefficients follow from the Gram matrix (|p|² of the running result
-is cᵀGc). Both passes go through the workspace in cache-sized pieces. A piece is a 2-D slice of a block's
+A method's coefficients need per row only |p|, |m| (and p·m where it says so), so a first pass accumulates in
+float64 the Gram matrix of v₀ = p, v₁ = m₁, …, vₙ = mₙ (minus θ₀ with a base) and a second writes each piece as
+θ₀ + Σᵢ cᵢ·vᵢ (the steps are linear; |p|² of the running result is cᵀGc). A piece is a 2-D slice of a block's
 (rows, cols) view; `reduce_dim` is the axis that holds a row of the op (1: stored rows, 0: stored columns).
 """
 

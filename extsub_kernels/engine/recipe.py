@@ -186,12 +186,8 @@ def recipe_text(recipe: Mapping[str, Any], setting: Sequence[float]) -> str:
 
 
 def command_line(recipe: Mapping[str, Any], out: str | os.PathLike | None = None) -> str:
-    """The `extsub-merge` command that runs `recipe` (flags only where they differ from the defaults).
-
-    Example:
-        >>> command_line({"expert": "e", "anti": ["a"], "lam": 0.5, "method": "sub"}, "out/")
-        'extsub-merge e a -o out/ --lam 0.5 --method sub'
-    """
+    """The `extsub-merge` command that runs `recipe` (flags only where they differ from the defaults), as
+    "extsub-merge e a -o out/ --lam 0.5 --method sub"."""
     anti = recipe.get("anti") or []
     words = [PROG, str(recipe.get("expert", "EXPERT")), *([anti] if isinstance(anti, str) else anti)]
     out = out if out is not None else recipe.get("out")

@@ -16,12 +16,8 @@ _LAYER = re.compile(r"(?:^|\.)(\d+)\.")
 
 
 def layer_and_type(name: str) -> tuple[int | None, str]:
-    """(layer index or None, module type) of a tensor or module name.
-
-    Example:
-        >>> layer_and_type("model.layers.3.self_attn.q_proj.weight")
-        (3, 'self_attn.q_proj')
-    """
+    """(layer index or None, module type) of a tensor or module name: "model.layers.3.self_attn.q_proj.weight" →
+    (3, "self_attn.q_proj")."""
     match = _LAYER.search(name)
     rest = name[match.end() :] if match else name
     return (int(match[1]) if match else None), rest.removesuffix(".weight")

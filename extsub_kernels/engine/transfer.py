@@ -65,13 +65,9 @@ class BufferPool:
 
 
 class Workspace:
-    """Working space of the compute stage: a few slots of `elements` numbers of up to `itemsize` bytes, each allocated
-    once, on first use (a run that never needs one never creates it).
-
-    The compute stage widens inputs into slots (bf16 → float32), works there in cache-sized chunks and rounds once
-    into the output buffer, so no block allocates working memory. Each slot is its own storage, so the op never
-    sees two slots as overlapping.
-    """
+    """Working space of the compute stage: slots of `elements` numbers of up to `itemsize` bytes, each allocated on
+    first use, where inputs are widened and worked on in cache-sized chunks; each its own storage (the op never sees
+    two overlap)."""
 
     def __init__(self, elements: int, slots: int, *, itemsize: int = 4, device: torch.device | None = None):
         self.elements, self.itemsize = max(1, elements), itemsize
