@@ -38,41 +38,14 @@ class DenseStats:
         self._open: dict[str, _Open] = {}
         self._scratch: torch.Tensor | None = None
 
-    @staticmethod
-    def _parts(item: Block | Batch) -> list[tuple[TensorJob, int | None, int | None]]:
-        """(tensor, first row, end row) of each tensor within the op rows of `item` (a block: all of them)."""
-        if isinstance(item, Batch):
-            return [(block.job, start, stop) for block, start, stop in item.row_ranges()]
-        return [(item.job, None, None)]
-
-    @staticmethod
-    def _part_of_rows(item: Block | Batch) -> tuple[int, int] | None:
-        """(op rows of the unit, first of them here) when a one-pass `item` holds part of its op rows (a piece of a
-        row, or stored rows of a Conv1D weight)."""
-        if not isinstance(item, Block) or item.phase != "one-pass":
-            return None
-        job = item.job
-        if job.transposed and (item.cols is not None or (item.start, item.stop) != (0, rows_of(job.shape))):
-            return row_elements(job.shape), item.cols[0] if item.cols is not None else 0
-        return (1, 0) if item.cols is not None else None
-
-    @staticmethod
-    def _ends(item: Block, unit: bool) -> bool:
-        """Whether `item` is the last of its tensor (or, with `unit`, of the op rows it holds part of)."""
-        job = item.job
-        row_done = item.cols is None or item.cols[1] == row_elements(job.shape)
-        if unit and not job.transposed:
-            return row_done
-        return row_done and item.stop == rows_of(job.shape)
-
     def observer(self, item: Block | Batch) -> Callable[[int, torch.Tensor], None]:
         """The `observe` hook of `apply_method` for this item: (step, row sums) → each tensor's accumulator."""
-        parts = self._parts(item)
+        parts = _parts(item)
         for job, _, _ in parts:
             if job.name not in self._open:
                 accumulators = [PairAccumulator() for _ in job.antis]
                 self._open[job.name] = _Open(accumulators, [0.0] * len(self.settings), [None] * len(job.antis))
-        unit = self._part_of_rows(item)
+        unit = _part_of_rows(item)
 
         def observe(step: int, sums: torch.Tensor) -> None:
             if unit is not None:  # partial sums of rows still coming: added up until they end
@@ -94,22 +67,22 @@ class DenseStats:
         if result.device.type == "cpu" and self._scratch is None:
             self._scratch = torch.empty(CPU_CHUNK_ELEMENTS, dtype=torch.float64)
         scratch = self._scratch if result.device.type == "cpu" else None
-        for job, start, stop in self._parts(item):
+        for job, start, stop in _parts(item):
             change = measured_change(result[start:stop], plus[start:stop], scratch=scratch)
             self._open[job.name].changed_sq[setting] += change
 
     def block_done(self, item: Block | Batch) -> None:
         """After the last piece of rows that come in pieces, add their sums; after the last rows of a tensor,
         summarise it."""
-        for job, _, _ in self._parts(item):
+        for job, _, _ in _parts(item):
             if isinstance(item, Block):
                 tensor = self._open[job.name]
-                if self._part_of_rows(item) is not None and self._ends(item, unit=True):
+                if _part_of_rows(item) is not None and _ends(item, unit=True):
                     for acc, sums in zip(tensor.pairs, tensor.partial, strict=True):
                         if sums is not None:
                             acc.add(sums)
                     tensor.partial = [None] * len(job.antis)
-                if not self._ends(item, unit=False):
+                if not _ends(item, unit=False):
                     continue
             tensor = self._open.pop(job.name)
             pairs = tuple(acc.result(self.roles[k]) for acc, k in zip(tensor.pairs, job.antis, strict=True))
@@ -122,3 +95,30 @@ class DenseStats:
                     math.sqrt(sq) / norm if norm > 0 else (0.0 if sq == 0 else None) for sq in tensor.changed_sq
                 )
             self.done.append(TensorStats(job.name, "tensor", pairs, changes))
+
+
+def _parts(item: Block | Batch) -> list[tuple[TensorJob, int | None, int | None]]:
+    """(tensor, first row, end row) of each tensor within the op rows of `item` (a block: all of them)."""
+    if isinstance(item, Batch):
+        return [(block.job, start, stop) for block, start, stop in item.row_ranges()]
+    return [(item.job, None, None)]
+
+
+def _part_of_rows(item: Block | Batch) -> tuple[int, int] | None:
+    """(op rows of the unit, first of them here) when a one-pass `item` holds part of its op rows (a piece of a
+    row, or stored rows of a Conv1D weight)."""
+    if not isinstance(item, Block) or item.phase != "one-pass":
+        return None
+    job = item.job
+    if job.transposed and (item.cols is not None or (item.start, item.stop) != (0, rows_of(job.shape))):
+        return row_elements(job.shape), item.cols[0] if item.cols is not None else 0
+    return (1, 0) if item.cols is not None else None
+
+
+def _ends(item: Block, unit: bool) -> bool:
+    """Whether `item` is the last of its tensor (or, with `unit`, of the op rows it holds part of)."""
+    job = item.job
+    row_done = item.cols is None or item.cols[1] == row_elements(job.shape)
+    if unit and not job.transposed:
+        return row_done
+    return row_done and item.stop == rows_of(job.shape)
