@@ -20,20 +20,10 @@ _Piece2d = tuple[slice, slice]
 def pieces(rows: int, cols: int, elements: int, reduce_dim: int) -> Iterator[_Piece2d]:
     """(row slice, column slice) pieces of at most `elements` numbers: whole rows, or stretches of one row when a
     row is longer (reduce_dim=1); stretches of columns over as many rows as fit (reduce_dim=0)."""
-    if reduce_dim == 1:
-        if cols <= elements:
-            step = max(1, elements // max(1, cols))
-            for r0 in range(0, rows, step):
-                yield slice(r0, min(r0 + step, rows)), slice(0, cols)
-        else:
-            for r in range(rows):
-                for c0 in range(0, cols, elements):
-                    yield slice(r, r + 1), slice(c0, min(c0 + elements, cols))
-        return
     col_step = max(1, min(cols, elements))
     row_step = max(1, elements // col_step)
-    for c0 in range(0, cols, col_step):
-        for r0 in range(0, rows, row_step):
+    for r0 in range(0, rows, row_step):  # a row's (or a column's) pieces come in order
+        for c0 in range(0, max(cols, reduce_dim), col_step):
             yield slice(r0, min(r0 + row_step, rows)), slice(c0, min(c0 + col_step, cols))
 
 
