@@ -87,8 +87,9 @@ def load_recipe(path: str | os.PathLike, choices: Mapping[str, Sequence[str]] | 
                 f"--config {path}: its metadata holds no {METADATA_KEY} (not written by extsub-merge?); "
                 "give a recipe .yaml, or a weights file extsub-merge wrote"
             )
-        return check_recipe(_parsed(text, path), str(path), choices)
-    return check_recipe(_parsed(read_bounded_text(path, "--config", _MAX_RECIPE_BYTES), path), str(path), choices)
+    else:
+        text = read_bounded_text(path, "--config", _MAX_RECIPE_BYTES)
+    return check_recipe(_parsed(text, path), str(path), choices)
 
 
 def _parsed(text: str, path: Path) -> object:

@@ -174,10 +174,6 @@ def write_stage(bar: tqdm, writers: Sequence[CheckpointWriter] = ()) -> Callable
     return write
 
 
-def _nothing(name: str) -> None:
-    return None
-
-
 @dataclass
 class LazyOutput:
     """One output described before it is computed: its tensors in order, how to make each, the files beside them.
@@ -188,7 +184,7 @@ class LazyOutput:
 
     entries: list[TensorEntry]
     produce: Callable[[str, Any], torch.Tensor]
-    load: Callable[[str], Any] = _nothing
+    load: Callable[[str], Any] = lambda name: None
     texts: Mapping[str, str] = field(default_factory=dict)
     weights_name: str = MODEL_WEIGHTS
     extra_files: Sequence[Path] = field(default=())
