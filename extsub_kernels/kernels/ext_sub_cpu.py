@@ -109,10 +109,8 @@ if hasattr(os, "register_at_fork"):
 
 def cache_dir() -> Path:
     """Where built libraries are kept: EXTSUB_CACHE_DIR, else $XDG_CACHE_HOME/extsub, else ~/.cache/extsub."""
-    if os.environ.get(ENV_CACHE_DIR):
-        return Path(os.environ[ENV_CACHE_DIR])
     base = os.environ.get(ENV_XDG_CACHE) or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "extsub"
+    return Path(os.environ.get(ENV_CACHE_DIR) or Path(base) / "extsub")
 
 
 def _compiler() -> str | None:
