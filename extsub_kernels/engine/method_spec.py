@@ -27,12 +27,9 @@ class MethodSpec:
     """One merge method: what it is called and says, and how a step with one anti-expert computes.
 
     Attributes:
-        name: the name options and files use ("ext-sub").
-        formula: the result in a few symbols, for the CLI's help ("θ⁺ − λ·Ext(θ⁻)").
-        title: the method's name on the model card.
-        card_text: the card's sentence on what the method does.
-        negative: what a negative λ does, for the warning ("adds the anti-expert instead of subtracting it").
-        color: its line on the scan's plot (None: matplotlib's next colour).
+        name, formula: the name options and files use ("ext-sub"); the result in symbols for --help ("θ⁺ − λ·Ext(θ⁻)").
+        title, card_text: the method's name on the model card, and the card's sentence on what it does.
+        negative, color: what a negative λ does, for the warning; its line on the scan's plot (None: the next colour).
         weight_sign: elementwise methods: θ ← θ + weight_sign·λ·θ⁻; None for a method that pairs rows.
         coefficients: a row-pairing method's α and β per row (see `Coefficients`).
         needs_products: `coefficients` reads p·m (otherwise it gets None there and the paths skip it).

@@ -62,7 +62,7 @@ def plan_tensors(
     have them too); the expert's others are copied; keys only in anti-experts follow `on_missing`. InputError for
     shape or dtype mismatches, missing keys, and inputs with nothing to merge. `inputs` name files in messages.
     """
-    expert, _antis = readers[0], readers[1 : 1 + n_anti]
+    expert = readers[0]
     where = _namer(readers, inputs)
     for reader in readers:
         if not len(reader):

@@ -37,7 +37,6 @@ from extsub_kernels.errors import Notice
 
 _SOURCE = Path(__file__).with_name("ext_sub_cpu.cpp")
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
-_STATS_CODES = {torch.float32: 2, torch.float64: 3}
 # -ffp-contract=off: no fused multiply-adds chosen by the compiler, so each sum and each update
 # rounds the same way in every instantiation (with or without row sums: the same result bit for bit).
 _BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off", "-fvisibility=hidden")
@@ -318,9 +317,9 @@ def _loaded() -> _Library:
 def _stats_pointer(stats: torch.Tensor | None, n_rows: int) -> tuple[int | None, int]:
     if stats is None:
         return None, 0
-    if stats.dtype not in _STATS_CODES or stats.shape != (n_rows, 3) or not stats.is_contiguous():
+    if stats.dtype not in (torch.float32, torch.float64) or stats.shape != (n_rows, 3) or not stats.is_contiguous():
         raise ValueError(f"row sums go in a contiguous ({n_rows}, 3) float32/float64 tensor, not {stats.shape}")
-    return stats.data_ptr(), _STATS_CODES[stats.dtype]
+    return stats.data_ptr(), _DTYPE_CODES[stats.dtype]
 
 
 def _run(p: torch.Tensor, m: torch.Tensor, lam: float, stats: torch.Tensor | None, *, write: bool) -> None:
