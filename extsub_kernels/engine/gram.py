@@ -47,7 +47,6 @@ class RowGram:
 
     Only the entries the coefficients need: every |vᵢ|², vᵢ·vⱼ for i < j < n; with `products` p·mₙ too (the row
     statistics of every pair, docs/design.md §7); with `cross` (coefficients that read p·m) every vᵢ·vⱼ.
-
     """
 
     def __init__(
@@ -66,10 +65,6 @@ class RowGram:
         self._entries = [(i, i) for i in range(n_vectors)] + [(i, j) for j in range(n + cross) for i in range(j)]
         if products and not cross and n > 0:
             self._entries.append((0, n))
-
-    @property
-    def slots(self) -> int:
-        return self.n_vectors + 2
 
     def add(
         self,

@@ -13,12 +13,7 @@ import triton
 import triton.language as tl
 
 from extsub_kernels._tensors import compute_dtype
-from extsub_kernels.kernels.ext_sub_tuning import (
-    LOOP_BLOCK_ELEMENTS,
-    MAX_BLOCK_ELEMENTS,
-    MAX_WARPS,
-    TARGET_TILE_ELEMENTS,
-)
+from extsub_kernels.kernels import ext_sub_tuning as tuning
 
 
 @triton.jit
@@ -112,11 +107,11 @@ def _launch_settings(n_rows: int, n_cols: int, max_block: int) -> tuple[int, int
     block_rows = 1
     if single_pass:
         block_cols = triton.next_power_of_2(n_cols)
-        block_rows = max(1, min(TARGET_TILE_ELEMENTS // block_cols, triton.next_power_of_2(n_rows)))
+        block_rows = max(1, min(tuning.TARGET_TILE_ELEMENTS // block_cols, triton.next_power_of_2(n_rows)))
     else:
-        block_cols = min(max_block, LOOP_BLOCK_ELEMENTS)
+        block_cols = min(max_block, tuning.LOOP_BLOCK_ELEMENTS)
     tile = block_rows * block_cols
-    num_warps = min(MAX_WARPS, max(1, tile // 512))
+    num_warps = min(tuning.MAX_WARPS, max(1, tile // 512))
     return block_rows, block_cols, single_pass, num_warps
 
 
@@ -124,7 +119,7 @@ def ext_sub_rows_(
     p: torch.Tensor,
     m: torch.Tensor,
     lam: float,
-    max_block: int = MAX_BLOCK_ELEMENTS,
+    max_block: int = tuning.MAX_BLOCK_ELEMENTS,
     *,
     row_stats: torch.Tensor | None = None,
 ) -> None:
@@ -135,8 +130,7 @@ def ext_sub_rows_(
     """
     n_rows, n_cols = p.shape
     wide = compute_dtype(p.dtype, m.dtype) is torch.float64
-    if wide:
-        max_block = min(max_block, MAX_BLOCK_ELEMENTS // 2)
+    max_block = min(max_block, tuning.MAX_BLOCK_ELEMENTS // 2) if wide else max_block
     block_rows, block_cols, single_pass, num_warps = _launch_settings(n_rows, n_cols, max_block)
     half_lam_hi = float(np.float32(0.5 * lam))
     half_lam_lo = 0.5 * lam - half_lam_hi
