@@ -12,11 +12,7 @@ def _normalize_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def ext_sub_reference(
-    w_plus: torch.Tensor,
-    w_minus: torch.Tensor,
-    lam: float,
-    *,
-    dtype: torch.dtype = torch.float64,
+    w_plus: torch.Tensor, w_minus: torch.Tensor, lam: float, *, dtype: torch.dtype = torch.float64
 ) -> torch.Tensor:
     """θ⁺ − λ·Ext(θ⁻) by normalize → bisector → projection → subtract, computed in `dtype`.
 

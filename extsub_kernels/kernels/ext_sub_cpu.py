@@ -129,11 +129,7 @@ def _capability() -> str:
 
 
 def build(
-    compiler: str,
-    out_dir: Path,
-    *,
-    capability: str | None = None,
-    defines: tuple[str, ...] = (),
+    compiler: str, out_dir: Path, *, capability: str | None = None, defines: tuple[str, ...] = ()
 ) -> tuple[Path, float | None]:
     """Compile ext_sub_cpu.cpp into out_dir unless a library of the same source, flags and compiler is there; returns
     (its path, seconds the build took or None when cached). RuntimeError with the compiler's message on failure.
