@@ -14,7 +14,7 @@ from extsub_kernels.engine.stats import TensorStats
 from extsub_kernels.engine.tables import lam_text
 from extsub_kernels.io.outputs import listed_files
 
-GB = 1e9
+_UNITS = (("GB", 1e9), ("MB", 1e6), ("kB", 1e3))  # SI, as the progress bar counts
 Files = tuple[tuple[str, int | None], ...]
 
 
@@ -196,16 +196,15 @@ def item_line(item: Item, stats: TensorStats | None, settings: Sequence[Sequence
 
 def human_bytes(n: int) -> str:
     """Bytes in GB (10⁹), MB or kB: "2.50 MB"."""
-    units = (("GB", GB), ("MB", 1e6), ("kB", 1e3))
-    return next((f"{n / size:.2f} {unit}" for unit, size in units if n >= size), f"{n} B")
+    return next((f"{n / size:.2f} {unit}" for unit, size in _UNITS if n >= size), f"{n} B")
 
 
 def human_rate(n: int, seconds: float) -> str:
-    """A throughput in the unit that suits it: "1.52 GB/s", "24.0 MB/s", "310 kB/s"."""
+    """A throughput in the unit that suits it: "1.52 GB/s", "24 MB/s", "310 kB/s"."""
     if seconds <= 0:
         return "n/a"
-    rate, units = n / seconds, (("GB/s", GB), ("MB/s", 1e6), ("kB/s", 1e3))
-    return next((f"{rate / size:.3g} {unit}" for unit, size in units if rate >= size), f"{rate:.3g} B/s")
+    rate = n / seconds
+    return next((f"{rate / size:.3g} {unit}/s" for unit, size in _UNITS if rate >= size), f"{rate:.3g} B/s")
 
 
 def human_seconds(seconds: float) -> str:
