@@ -51,13 +51,10 @@ class Group:
         self._ext_abs += pair.deficiency_abs_sum
         self._m_abs += pair.anti_abs_sum
         self._expert_sq += pair.expert_norm**2
-        if not self._changed_sq:
-            self._changed_sq = [0.0] * len(changes)
+        self._changed_sq = self._changed_sq or [0.0] * len(changes)
+        self._unknown_change |= None in changes
         for i, change in enumerate(changes):
-            if change is None:
-                self._unknown_change = True
-            else:
-                self._changed_sq[i] += (change * pair.expert_norm) ** 2
+            self._changed_sq[i] += (change * pair.expert_norm) ** 2 if change is not None else 0.0
 
     @property
     def cos_mean(self) -> float | None:
