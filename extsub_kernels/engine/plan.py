@@ -41,9 +41,8 @@ class TensorJob:
 
     def inputs(self) -> tuple[int, ...]:
         """The inputs read for this tensor, in the order the op takes them."""
-        if not self.antis:
-            return (self.source,)
-        return (0, *self.antis) + ((self.base,) if self.base is not None else ())
+        base = (self.base,) if self.base is not None else ()
+        return (0, *self.antis, *base) if self.antis else (self.source,)
 
 
 def plan_tensors(

@@ -126,9 +126,7 @@ class BlockStreamer:
         return first * itemsize, count * itemsize
 
     def read_bytes(self, item: Block | Batch) -> int:
-        if isinstance(item, Batch):
-            return item.read_bytes
-        return sum(self._range(item, i)[1] for i in item.job.inputs())
+        return item.read_bytes if isinstance(item, Batch) else sum(self._range(item, i)[1] for i in item.job.inputs())
 
     def _read_rows(self, block: Block, i: int, buffer: torch.Tensor) -> torch.Tensor:
         start, length = self._range(block, i)
