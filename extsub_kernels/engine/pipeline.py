@@ -5,6 +5,7 @@ results; it sizes the buffer pools. An error or an interrupt in any stage stops 
 error once both threads have ended, so nothing is still writing when it cleans up.
 """
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable, Iterable
@@ -42,11 +43,9 @@ def run_pipeline(
 
     def put(q: queue.Queue, value: Any) -> bool:
         while not stop.is_set():
-            try:
+            with contextlib.suppress(queue.Full):
                 q.put(value, timeout=_POLL_S)
                 return True
-            except queue.Full:
-                continue
         return False
 
     def get(q: queue.Queue) -> Any:

@@ -131,10 +131,9 @@ class Transfer:
         """Host tensors copied into device byte buffers (one each); returns once the host buffers may be reused."""
         if not self.cuda:
             return list(tensors)
-        moved = []
-        for t, buffer in zip(tensors, buffers, strict=True):
-            moved.append(view_as(buffer, t.dtype, tuple(t.shape)))
-            moved[-1].copy_(t, non_blocking=True)
+        moved = [view_as(buffer, t.dtype, tuple(t.shape)) for t, buffer in zip(tensors, buffers, strict=True)]
+        for target, t in zip(moved, tensors, strict=True):
+            target.copy_(t, non_blocking=True)
         self.stream.synchronize()
         return moved
 
@@ -145,10 +144,9 @@ class Transfer:
         return host
 
     def done_event(self) -> "torch.cuda.Event | None":
-        if not self.cuda:
-            return None
-        event = torch.cuda.Event()
-        event.record(self.stream)
+        event = torch.cuda.Event() if self.cuda else None
+        if event is not None:
+            event.record(self.stream)
         return event
 
     @staticmethod
