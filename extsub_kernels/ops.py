@@ -5,7 +5,6 @@ On request the same pass hands back each row's |p|², |m|² and p·m (`row_stats
 """
 
 import importlib
-import importlib.util
 import os
 import warnings
 from typing import Literal
@@ -178,7 +177,10 @@ def op_backend(device: torch.device | str) -> str:
 
 
 def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.import_module("triton") is not None
+    except ImportError:
+        return False
 
 
 _warned_no_triton = False

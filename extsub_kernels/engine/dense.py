@@ -67,11 +67,8 @@ def run_dense(
         with OutputSet(paths, entries, metadata, **writing) as out:
             stats = DenseStats(roles, options.settings, options.method) if options.stats else None
 
-            def stream(blocks: list, streamer: BlockStreamer, total: int) -> None:
-                on_stop = streamer.close
-                out.stream(
-                    blocks, streamer.read, streamer.compute, total=total, progress=options.progress, on_stop=on_stop
-                )
+            def stream(blocks: list, s: BlockStreamer, total: int) -> None:
+                out.stream(blocks, s.read, s.compute, total=total, progress=options.progress, on_stop=s.close)
 
             total, peak = _streamed(readers, inputs, options, jobs, out.order, stats, stream)
             out.add_texts(output_texts(paths, options, context, kind, stats.done if stats else []))
