@@ -1,7 +1,5 @@
-"""Rules about tensors that every layer shares: which dtypes merge, the compute precision, row views, finiteness.
-
-Each rule lives here once; the op, the streaming engine and the adapter math all call it.
-"""
+"""Rules about tensors that every layer shares, each once: which dtypes merge, the compute precision, row views,
+finiteness."""
 
 import math
 
@@ -17,12 +15,7 @@ def is_float(dtype: torch.dtype) -> bool:
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """The precision arithmetic runs in: float64 when any input is float64, else float32.
-
-    Example:
-        >>> compute_dtype(torch.bfloat16, torch.float16)
-        torch.float32
-    """
+    """The precision arithmetic runs in: float64 when any input is float64, else float32."""
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
@@ -65,12 +58,7 @@ def check_pair(w_plus: torch.Tensor, w_minus: torch.Tensor, lam: float) -> None:
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """True when no element is NaN or ±Inf: min and max propagate NaN, so one fast reduction tells.
-
-    Example:
-        >>> all_finite(torch.tensor([1.0, float("nan")]))
-        False
-    """
+    """True when no element is NaN or ±Inf: min and max propagate NaN, so one fast reduction tells."""
     if t.numel() == 0 or not t.is_floating_point():
         return True
     low, high = torch.aminmax(t)
@@ -78,15 +66,8 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 def cast_overflow(source: torch.Tensor, cast: torch.Tensor) -> str | None:
-    """None when casting `source` to `cast`'s dtype kept every finite value finite, else what overflowed.
-
-    A NaN or Inf already in `source` is carried over, not an overflow. Only called where a
-    dtype changes, so the one reduction per tensor costs nothing on the common path.
-
-    Example:
-        >>> cast_overflow(torch.tensor([1e5, 1.0]), torch.tensor([1e5, 1.0]).half())
-        'values up to 1e+05 beyond the float16 range (±6.55e+04, 1 value became ±inf)'
-    """
+    """None when casting `source` to `cast`'s dtype kept every finite value finite, else what overflowed ("values up
+    to 1e+05 beyond the float16 range (±6.55e+04, 1 value became ±inf)"); a NaN or Inf in `source` is carried over."""
     if not cast.is_floating_point() or all_finite(cast):
         return None
     grew = torch.isinf(cast.reshape(-1)) & torch.isfinite(source.reshape(-1))
@@ -101,12 +82,7 @@ def cast_overflow(source: torch.Tensor, cast: torch.Tensor) -> str | None:
 
 
 def nonfinite_summary(t: torch.Tensor, first_row: int = 0) -> str | None:
-    """None for a finite tensor, else "NaN or Inf (N values, first in row R)", rows counted from `first_row`.
-
-    Example:
-        >>> nonfinite_summary(torch.tensor([[1.0, 2.0], [float("inf"), 0.0]]))
-        'NaN or Inf (1 value, first in row 1)'
-    """
+    """None for a finite tensor, else "NaN or Inf (N values, first in row R)", rows counted from `first_row`."""
     if all_finite(t):
         return None
     bad = ~torch.isfinite(as_rows(t))

@@ -1,15 +1,10 @@
-"""The public ops: validation, dispatch by device and backend, and the eager torch path.
+"""The public ops: validation, dispatch by device (CUDA → Triton, CPU → the C++ kernel, else the eager torch path).
 
-Kernels: Triton on CUDA (kernels/ext_sub.py), C++ on CPU (kernels/ext_sub_cpu.py, built at
-first use; `cpu_backend()` says whether it runs). The eager torch path runs everywhere else
-and is the CPU fallback when no compiler is present.
-
-Ext-Sub per row (docs/design.md §1): p' = α·p + β·m, α = 1 + (λ/2)·|m|/|p|, β = −λ/2;
-rows with |p| = 0 keep p. Only two row norms are needed. On request the same pass also
-hands back each row's |p|², |m|² and p·m (`row_stats`), from which a merge reports the
-geometry of every row (docs/design.md §7) at the cost of one more reduction over data in cache.
+Ext-Sub per row (docs/design.md §1): p' = α·p + β·m, α = 1 + (λ/2)·|m|/|p|, β = −λ/2; rows with |p| = 0 keep p.
+On request the same pass hands back each row's |p|², |m|² and p·m (`row_stats`, docs/design.md §7).
 """
 
+import importlib
 import os
 import warnings
 from typing import Literal
@@ -24,17 +19,15 @@ from extsub_kernels.reference import ext_sub_reference
 Backend = Literal["auto", "triton", "cpp", "torch", "reference"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "cpp", "torch", "reference")
 
-# The torch path works on row blocks of about this many bytes per operand (compute dtype),
-# so the second touch of a block (the write after the norms) is served from cache.
+# The eager path's row blocks, in bytes per operand: the write after the norms finds the block in cache.
 _CPU_BLOCK_BYTES = 2 << 20
 
 
 def ext_sub_coefficients(p_norm: torch.Tensor, m_norm: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row α and β of Ext-Sub's closed form p' = α·p + β·m, from the two row norms (docs/design.md §1).
 
-    α = 1 + (λ/2)·|m|/|p| and β = −λ/2; rows with |p| = 0 get α = 1, β = 0 (they keep p).
-    Shared by the dense torch path and the factored LoRA path, which gets its norms from
-    Gram factors instead of the rows themselves.
+    α = 1 + (λ/2)·|m|/|p| and β = −λ/2; rows with |p| = 0 get α = 1, β = 0 (they keep p). Shared by the eager
+    path, the Gram path and the factored LoRA path.
 
     Args:
         p_norm, m_norm: 1-D tensors of row norms of the expert and the anti-expert.
@@ -42,11 +35,6 @@ def ext_sub_coefficients(p_norm: torch.Tensor, m_norm: torch.Tensor, lam: float)
 
     Returns:
         (α, β) as column vectors (rows, 1) in the dtype of `p_norm`, ready to scale rows.
-
-    Example:
-        >>> alpha, beta = ext_sub_coefficients(torch.tensor([2.0, 0.0]), torch.tensor([4.0, 1.0]), 1.0)
-        >>> alpha.flatten().tolist(), beta.flatten().tolist()
-        ([2.0, 1.0], [-0.5, 0.0])
     """
     has_p = p_norm > 0
     alpha = torch.where(has_p, 1.0 + (0.5 * lam) * m_norm / torch.where(has_p, p_norm, 1.0), 1.0)
@@ -54,77 +42,55 @@ def ext_sub_coefficients(p_norm: torch.Tensor, m_norm: torch.Tensor, lam: float)
     return alpha.unsqueeze(1), beta.unsqueeze(1)
 
 
-def _ext_sub_rows_torch_(p: torch.Tensor, m: torch.Tensor, lam: float, row_stats: torch.Tensor | None = None) -> None:
-    """Closed form in eager torch ops into the 2-D tensor `p` (any device; the CPU fallback); `row_stats` gets row sums.
-
-    On CPU the rows go in blocks of about _CPU_BLOCK_BYTES per operand: the norms read a block
-    from DRAM and the update and the write find it in cache, so memory sees about one pass.
-    Low-precision blocks are widened once into reused scratch buffers, so the result is
-    rounded once. Row sums: the norms' squares and one `vecdot` per block for p·m, before the update.
-    """
+def _rows_torch(p: torch.Tensor, m: torch.Tensor, lam: float, row_stats: torch.Tensor | None, *, write: bool) -> None:
+    """The eager torch path on 2-D views (any device; the CPU fallback): `row_stats` gets the row sums, and with
+    `write` p ← α·p + β·m. CPU rows go in blocks of about _CPU_BLOCK_BYTES per operand, widened once into reused
+    scratch, so memory sees about one pass and the result is rounded once."""
     compute = compute_dtype(p.dtype, m.dtype)
     n_rows, n_cols = p.shape
-    block_rows = _block_rows(p, compute)
-    p_scratch = torch.empty((block_rows, n_cols), dtype=compute, device=p.device) if p.dtype != compute else None
-    m_scratch = torch.empty((block_rows, n_cols), dtype=compute, device=p.device) if m.dtype != compute else None
-    for start in range(0, n_rows, block_rows):
-        stop = min(start + block_rows, n_rows)
-        p_block, m_block = p[start:stop], m[start:stop]
-        p_wide = p_block if p_scratch is None else p_scratch[: stop - start].copy_(p_block)
-        m_wide = m_block if m_scratch is None else m_scratch[: stop - start].copy_(m_block)
+    step = n_rows if p.device.type != "cpu" else min(n_rows, _CPU_BLOCK_BYTES // max(1, n_cols * compute.itemsize))
+    step = max(1, step)
+    scratch = [
+        torch.empty((step, n_cols), dtype=compute, device=p.device) if t.dtype != compute else None for t in (p, m)
+    ]
+    for start in range(0, n_rows, step):
+        blocks = (p[start : start + step], m[start : start + step])
+        p_wide, m_wide = (b if w is None else w[: b.shape[0]].copy_(b) for b, w in zip(blocks, scratch, strict=True))
         p_norm = torch.linalg.vector_norm(p_wide, dim=1)
         m_norm = torch.linalg.vector_norm(m_wide, dim=1)
         if row_stats is not None:
-            _store_row_sums(row_stats[start:stop], p_norm, m_norm, p_wide, m_wide)
+            out = row_stats[start : start + step]
+            out[:, 0] = p_norm.to(out.dtype).square()
+            out[:, 1] = m_norm.to(out.dtype).square()
+            out[:, 2] = torch.linalg.vecdot(p_wide, m_wide, dim=1)
+        if not write:
+            continue
         if bool((p_norm == 0).any()):  # rare: zero expert rows keep p (α = 1, β = 0)
             alpha, beta = ext_sub_coefficients(p_norm, m_norm, lam)
             p_wide.mul_(alpha).addcmul_(m_wide, beta)
         else:  # the common case in a few in-place ops: α = 1 + (λ/2)|m|/|p|, β = −λ/2
             alpha = torch.div(m_norm, p_norm).mul_(0.5 * lam).add_(1.0).unsqueeze(1)
             p_wide.mul_(alpha).add_(m_wide, alpha=-0.5 * lam)
-        if p_wide is not p_block:
-            p_block.copy_(p_wide)
-
-
-def _block_rows(p: torch.Tensor, compute: torch.dtype) -> int:
-    """Rows per block of the torch path: about _CPU_BLOCK_BYTES per operand on CPU, all rows elsewhere."""
-    n_rows, n_cols = p.shape
-    if p.device.type != "cpu":
-        return max(1, n_rows)
-    return max(1, min(n_rows, _CPU_BLOCK_BYTES // max(1, n_cols * compute.itemsize)))
-
-
-def _store_row_sums(
-    out: torch.Tensor, p_norm: torch.Tensor, m_norm: torch.Tensor, p_wide: torch.Tensor, m_wide: torch.Tensor
-) -> None:
-    """|p|², |m|², p·m of a block of rows into `out` (rows, 3), the squares taken in `out`'s precision."""
-    out[:, 0] = p_norm.to(out.dtype).square()
-    out[:, 1] = m_norm.to(out.dtype).square()
-    out[:, 2] = torch.linalg.vecdot(p_wide, m_wide, dim=1)
+        if p_wide is not blocks[0]:
+            blocks[0].copy_(p_wide)
 
 
 def row_products(w_plus: torch.Tensor, w_minus: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Per row (dim 0) of a pair: |p|², |m|² and p·m, as a (rows, 3) float64 tensor on their device (docs/design.md §7).
 
-    What `ext_sub_(..., row_stats=...)` hands back from its own pass, computed here without
-    the update: reduced in float32 (float64 for float64 inputs), by the C++ kernel on CPU rows
-    with contiguous columns when it loads (`cpu_backend()`), else in torch over blocks sized for cache.
+    What `ext_sub_(..., row_stats=...)` hands back from its own pass, computed here without the update: reduced in
+    float32 (float64 for float64 inputs), by the C++ kernel on CPU rows with contiguous columns where it loads,
+    else by the eager torch path.
 
     Args:
         w_plus, w_minus: the pair, same shape and device, any float dtypes.
         out: a (rows, 3) float32 or float64 tensor on their device to fill (default: a new float64 one).
-
-    Example:
-        >>> row_products(torch.tensor([[3.0, 4.0]]), torch.tensor([[1.0, 0.0]])).tolist()
-        [[25.0, 1.0, 3.0]]
     """
     check_pair(w_plus, w_minus, 0.0)
     rows = _row_count(w_plus)
-    out = (
-        _checked_row_stats(out, w_plus)
-        if out is not None
-        else torch.empty(rows, 3, dtype=torch.float64, device=w_plus.device)
-    )
+    if out is None:
+        out = torch.empty(rows, 3, dtype=torch.float64, device=w_plus.device)
+    _checked_row_stats(out, w_plus)
     if rows == 0:
         return out
     p, m = as_rows(w_plus), as_rows(w_minus)
@@ -132,52 +98,32 @@ def row_products(w_plus: torch.Tensor, w_minus: torch.Tensor, *, out: torch.Tens
         from extsub_kernels.kernels.ext_sub_cpu import row_sums
 
         row_sums(p, m, out)
-        return out
-    compute = compute_dtype(p.dtype, m.dtype)
-    step = _block_rows(p, compute)
-    for start in range(0, p.shape[0], step):
-        p_wide = p[start : start + step].to(compute)
-        m_wide = m[start : start + step].to(compute)
-        p_norm = torch.linalg.vector_norm(p_wide, dim=1)
-        m_norm = torch.linalg.vector_norm(m_wide, dim=1)
-        _store_row_sums(out[start : start + step], p_norm, m_norm, p_wide, m_wide)
+    else:
+        _rows_torch(p, m, 0.0, out, write=False)
     return out
 
 
 def _contiguous_columns(t: torch.Tensor) -> bool:
-    """Whether the columns of a 2-D view are contiguous (what both kernels read)."""
     return t.shape[1] <= 1 or t.stride(1) == 1
 
 
 def _row_count(t: torch.Tensor) -> int:
-    """Rows the op pairs: dim 0, one row for 0-D and 1-D tensors (an empty first dimension has none)."""
     return t.shape[0] if t.dim() >= 2 else 1
 
 
 def _checked_row_stats(row_stats: torch.Tensor, w_plus: torch.Tensor) -> torch.Tensor:
-    """`row_stats` if it can hold the row sums of `w_plus`: (rows, 3), float32/float64, contiguous, same device."""
-    rows = _row_count(w_plus)
-    if (
-        not isinstance(row_stats, torch.Tensor)
-        or tuple(row_stats.shape) != (rows, 3)
-        or row_stats.dtype not in (torch.float32, torch.float64)
-        or row_stats.device != w_plus.device
-        or not row_stats.is_contiguous()
-    ):
+    """`row_stats` if it can hold the row sums of `w_plus`, else a ValueError."""
+    rows, given = _row_count(w_plus), isinstance(row_stats, torch.Tensor)
+    fits = given and tuple(row_stats.shape) == (rows, 3) and row_stats.dtype in (torch.float32, torch.float64)
+    if not (fits and row_stats.device == w_plus.device and row_stats.is_contiguous()):
         found = (
-            f"{tuple(row_stats.shape)} {row_stats.dtype} on {row_stats.device}"
-            if isinstance(row_stats, torch.Tensor)
-            else type(row_stats).__name__
+            f"{tuple(row_stats.shape)} {row_stats.dtype} on {row_stats.device}" if given else type(row_stats).__name__
         )
         raise ValueError(
             f"row_stats must be a contiguous ({rows}, 3) float32 or float64 tensor on {w_plus.device} "
             f"(one row of |p|², |m|², p·m per row of w_plus), got {found}"
         )
     return row_stats
-
-
-def _triton_allowed(t: torch.Tensor) -> bool:
-    return t.is_cuda or os.environ.get(ENV_TRITON_INTERPRET, "0") not in ("", "0")
 
 
 def _resolve_backend(backend: str, w_plus: torch.Tensor) -> str:
@@ -197,7 +143,7 @@ def _resolve_backend(backend: str, w_plus: torch.Tensor) -> str:
             )
         if not _cpp_kernel_loads():
             raise ValueError(f"backend='cpp' is unavailable here: {cpu_backend()}; backend='torch' runs everywhere")
-    if backend == "triton" and not _triton_allowed(w_plus):
+    if backend == "triton" and not (w_plus.is_cuda or os.environ.get(ENV_TRITON_INTERPRET, "0") not in ("", "0")):
         raise ValueError(
             f"backend='triton' needs CUDA tensors (got a tensor on {w_plus.device}); "
             "set TRITON_INTERPRET=1 before importing extsub_kernels to run the kernel on CPU"
@@ -212,16 +158,8 @@ def _cpp_kernel_loads() -> bool:
 
 
 def cpu_backend() -> str:
-    """Which implementation `backend="auto"` runs on CPU tensors, and why, in one line.
-
-    "cpp: ..." is the C++ kernel (built on first use, then loaded from a per-user cache);
-    "torch: ..." is the eager torch path, with the reason the kernel is not used. The first
-    call in a process may build the kernel (a few seconds).
-
-    Example:
-        >>> cpu_backend().split(":")[0] in ("cpp", "torch")
-        True
-    """
+    """Which implementation `backend="auto"` runs on CPU tensors, and why, in one line: "cpp: ..." (the C++ kernel,
+    built on first use, a few seconds, then cached) or "torch: ..." (the eager path, with the reason)."""
     from extsub_kernels.kernels import ext_sub_cpu
 
     status = ext_sub_cpu.status()
@@ -229,12 +167,7 @@ def cpu_backend() -> str:
 
 
 def op_backend(device: torch.device | str) -> str:
-    """What `backend="auto"` runs on tensors of `device`, and why, in one line: "name: detail" (see `cpu_backend`).
-
-    Example:
-        >>> op_backend("cuda").split(":")[0] in ("triton", "torch")
-        True
-    """
+    """What `backend="auto"` runs on tensors of `device`, and why, in one line: "name: detail" (see `cpu_backend`)."""
     kind = torch.device(device).type
     if kind == "cpu":
         return cpu_backend()
@@ -245,17 +178,15 @@ def op_backend(device: torch.device | str) -> str:
 
 def _triton_importable() -> bool:
     try:
-        import triton  # noqa: F401
+        return importlib.import_module("triton") is not None
     except ImportError:
         return False
-    return True
 
 
 _warned_no_triton = False
 
 
 def _warn_no_triton() -> None:
-    """Say once that CUDA tensors take the slower torch path because Triton is missing, and how to install it."""
     global _warned_no_triton
     if not _warned_no_triton:
         _warned_no_triton = True
@@ -311,7 +242,10 @@ def ext_sub_(
         w_plus.copy_(ext_sub_reference(w_plus, w_minus, lam))
         return w_plus
 
-    p = _writable_rows(w_plus)
+    try:  # a (rows, cols) view sharing w_plus's storage, where its strides allow one
+        p = w_plus.view(1, -1) if w_plus.dim() <= 1 else w_plus.view(w_plus.shape[0], -1)
+    except RuntimeError:
+        p = None
     compiled = chosen in ("triton", "cpp")  # both kernels need contiguous columns
     copy_back = p is None or (compiled and not _contiguous_columns(p))
     if copy_back:
@@ -319,16 +253,11 @@ def ext_sub_(
     m = as_rows(w_minus)
     if compiled and not _contiguous_columns(m):
         m = m.contiguous()
-    if chosen == "triton":
-        from extsub_kernels.kernels.ext_sub import ext_sub_rows_
-
-        ext_sub_rows_(p, m, lam, row_stats=row_stats)
-    elif chosen == "cpp":
-        from extsub_kernels.kernels.ext_sub_cpu import ext_sub_rows_ as ext_sub_rows_cpu_
-
-        ext_sub_rows_cpu_(p, m, lam, row_stats=row_stats)
+    if compiled:  # kernels/ext_sub.py (Triton) or kernels/ext_sub_cpu.py, imported on first use
+        kernel = importlib.import_module(f"extsub_kernels.kernels.{'ext_sub' if chosen == 'triton' else 'ext_sub_cpu'}")
+        kernel.ext_sub_rows_(p, m, lam, row_stats=row_stats)
     else:
-        _ext_sub_rows_torch_(p, m, lam, row_stats)
+        _rows_torch(p, m, lam, row_stats, write=True)
     if copy_back:
         w_plus.copy_(p.view(w_plus.shape))
     return w_plus
@@ -345,16 +274,10 @@ def ext_sub_task_vectors_into(
 ) -> bool:
     """out ← θ₀ + Ext-Sub(w_plus − θ₀, w_minus − θ₀) in the C++ kernel's fused pass, where it runs; whether it ran.
 
-    For the engine (not public API): 2-D (rows, cols) views of one shape in any float dtypes,
-    `out` contiguous. The result and `row_stats` are bit for bit those of widening to float32
-    (float64 with a float64 input), subtracting θ₀, `ext_sub_`, adding θ₀ back and rounding once
-    into `out`, which is what the caller does when this returns False: off CPU, without the
-    kernel, with columns not contiguous, with `out` sharing memory with an input, or with rows
-    the op would split across threads by columns (summed in another order).
-
-    Example:
-        >>> out = torch.empty(2, 4)
-        >>> ran = ext_sub_task_vectors_into(out, torch.ones(2, 4), torch.zeros(2, 4), torch.zeros(2, 4), 1.0)
+    For the engine: 2-D views of one shape in any float dtypes. The result and `row_stats` are bit for bit those of
+    widening, subtracting θ₀, `ext_sub_`, adding θ₀ back and rounding once into `out`, what the caller does when
+    this returns False: off CPU, without the kernel, columns not contiguous, `out` sharing memory with an input,
+    or rows the op would split across threads by columns (summed in another order).
     """
     from extsub_kernels.kernels import ext_sub_cpu
 
@@ -373,33 +296,15 @@ def ext_sub_task_vectors_into(
     return True
 
 
-def _writable_rows(t: torch.Tensor) -> torch.Tensor | None:
-    """A (rows, cols) view sharing `t`'s storage, or None when the strides allow no such view."""
-    try:
-        return t.view(1, -1) if t.dim() <= 1 else t.view(t.shape[0], -1)
-    except RuntimeError:
-        return None
-
-
 def ext_sub(w_plus: torch.Tensor, w_minus: torch.Tensor, lam: float, *, backend: Backend = "auto") -> torch.Tensor:
-    """Out-of-place Ext-Sub: a new tensor θ⁺ − λ·Ext(θ⁻) in `w_plus`'s dtype; inputs unchanged.
-
-    Example:
-        >>> out = ext_sub(torch.randn(8, 16), torch.randn(8, 16), 0.5)
-    """
+    """Out-of-place Ext-Sub: a new tensor θ⁺ − λ·Ext(θ⁻) in `w_plus`'s dtype; inputs unchanged."""
     check_pair(w_plus, w_minus, lam)
     return ext_sub_(w_plus.clone(memory_format=torch.contiguous_format), w_minus, lam, backend=backend)
 
 
 def extract_deficiency(w_plus: torch.Tensor, w_minus: torch.Tensor) -> torch.Tensor:
-    """Ext(θ⁻) row by row: the part of the anti-expert orthogonal to the bisector of p and m.
-
-    Computed with the closed form Ext(m) = ½(m − |m|·p̂) (docs/design.md §1); zero on rows where
-    |p| = 0 or |m| = 0. Returns a new tensor in `w_minus`'s dtype.
-
-    Example:
-        >>> ext = extract_deficiency(torch.randn(8, 16), torch.randn(8, 16))
-    """
+    """Ext(θ⁻) row by row, the part of the anti-expert orthogonal to the bisector of p and m, by the closed form
+    ½(m − |m|·p̂) (docs/design.md §1): a new tensor in `w_minus`'s dtype, zero on rows where |p| = 0 or |m| = 0."""
     check_pair(w_plus, w_minus, 0.0)
     if w_minus.numel() == 0:
         return w_minus.clone()
@@ -415,15 +320,8 @@ def extract_deficiency(w_plus: torch.Tensor, w_minus: torch.Tensor) -> torch.Ten
 
 
 def subtract_(w_plus: torch.Tensor, w_minus: torch.Tensor, lam: float) -> torch.Tensor:
-    """Direct subtraction in place, w_plus ← w_plus − λ·w_minus: the paper's baseline (eq. 2).
-
-    Computed in float32 at least and stored in `w_plus`'s dtype; returns `w_plus`.
-    A negative λ adds (the `add` method of the merge tools).
-
-    Example:
-        >>> p = torch.ones(2, 2); subtract_(p, torch.ones(2, 2), 0.5)[0, 0].item()
-        0.5
-    """
+    """Direct subtraction in place, w_plus ← w_plus − λ·w_minus, the paper's baseline (eq. 2): computed in float32 at
+    least, stored in `w_plus`'s dtype; returns `w_plus` (a negative λ adds)."""
     check_pair(w_plus, w_minus, lam)
     if w_plus.numel() == 0:
         return w_plus

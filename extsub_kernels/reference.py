@@ -12,11 +12,7 @@ def _normalize_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def ext_sub_reference(
-    w_plus: torch.Tensor,
-    w_minus: torch.Tensor,
-    lam: float,
-    *,
-    dtype: torch.dtype = torch.float64,
+    w_plus: torch.Tensor, w_minus: torch.Tensor, lam: float, *, dtype: torch.dtype = torch.float64
 ) -> torch.Tensor:
     """θ⁺ − λ·Ext(θ⁻) by normalize → bisector → projection → subtract, computed in `dtype`.
 
@@ -28,10 +24,6 @@ def ext_sub_reference(
 
     Returns:
         A new tensor of `w_plus`'s shape in `dtype`. Inputs are not modified.
-
-    Example:
-        >>> ext_sub_reference(torch.randn(4, 8), torch.randn(4, 8), 1.0).dtype
-        torch.float64
     """
     check_pair(w_plus, w_minus, lam)
     if w_plus.numel() == 0:

@@ -130,13 +130,14 @@ def test_a_local_base_folder_is_not_written_as_base_model(tmp_path):
 
 
 def test_hub_inputs_are_listed_as_mergekit_lists_the_models_merged():
-    from extsub_kernels.engine.card import CardFacts, model_card
+    from extsub_kernels.engine.card import CardFacts, OutputKind, model_card
 
     inputs = [
         {"role": "EXPERT", "spec": "org/expert@main", "kind": "hub", "repo": "org/expert", "commit": "c" * 40},
         {"role": "ANTI", "spec": "/models/anti", "kind": "folder"},
         {"role": "BASE", "spec": "org/base", "kind": "hub", "repo": "org/base"},
     ]
-    card = model_card(CardFacts("out", "ext-sub", (1.0,), inputs, "extsub-merge ...", "peft", "org/base", "x", ""))
+    kind = OutputKind("x", "peft", "org/base")
+    card = model_card(CardFacts("out", "ext-sub", (1.0,), inputs, "extsub-merge ...", kind, ""))
     front = yaml.safe_load(card[4:].split("\n---\n", 1)[0])
     assert front["base_model"] == ["org/base", "org/expert"] and front["base_model_relation"] == "merge"

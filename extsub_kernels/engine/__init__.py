@@ -6,15 +6,5 @@ from extsub_kernels.engine.options import RunOptions, parse_lams, parse_size, re
 from extsub_kernels.engine.report import MergeReport
 from extsub_kernels.engine.writing import LazyOutput, OutputSet, write_outputs
 
-__all__ = [
-    "LazyOutput",
-    "MergeReport",
-    "OutputSet",
-    "RunOptions",
-    "apply_method",
-    "parse_lams",
-    "parse_size",
-    "resolve_device",
-    "run_dense",
-    "write_outputs",
-]
+__all__ = ["LazyOutput", "MergeReport", "OutputSet", "RunOptions", "apply_method", "parse_lams", "parse_size"]
+__all__ += ["resolve_device", "run_dense", "write_outputs"]

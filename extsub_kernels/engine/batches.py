@@ -1,11 +1,8 @@
 """Runs of small tensors streamed as one item: one read per input, one call of the method, one write.
 
-A checkpoint of many small tensors (norms, biases, a million tiny ones) would otherwise cost a
-thread hand-off, a kernel launch and a write per tensor. Consecutive tensors (in the outputs'
-order) that are small and alike — the same inputs, dtypes, output dtype and row width — form a
-`Batch`: the rows of all of them, stacked, are one (rows, width) matrix per input, and the op
-works row by row, so merging the stack is merging each tensor. Their output bytes are
-consecutive, so they are written as one run.
+Consecutive tensors (in the outputs' order) that are small and alike — the same inputs, dtypes, output dtype and
+row width — form a `Batch`: their rows stacked are one (rows, width) matrix per input, and the op works row by
+row, so merging the stack is merging each tensor; their output bytes are consecutive, written as one run.
 """
 
 from collections.abc import Iterator
@@ -20,15 +17,8 @@ SMALL_TENSOR_BYTES = 1 << 16
 
 @dataclass(frozen=True)
 class Batch:
-    """Whole small tensors, consecutive in the outputs' order, streamed as one item.
-
-    Attributes:
-        jobs: the tensors, in order; all share inputs, dtypes, output dtype and row width.
-        rows: the rows of all of them (each tensor's rows, stacked in order).
-        width: elements per row.
-        nbytes: the widest of its inputs and output, in bytes (what one buffer must hold).
-        read_bytes: bytes read from all inputs.
-    """
+    """Whole small tensors, consecutive in the outputs' order, streamed as one item: their `rows` stacked, `width`
+    elements each; `nbytes`: the widest of its inputs and output (what one buffer holds); `read_bytes`: all inputs."""
 
     jobs: tuple[TensorJob, ...]
     rows: int
@@ -40,11 +30,9 @@ class Batch:
 
     @property
     def job(self) -> TensorJob:
-        """The first tensor, which stands for all of them (inputs, method, dtypes)."""
         return self.jobs[0]
 
     def shape(self) -> tuple[int, int]:
-        """The stacked rows: (rows, width)."""
         return (self.rows, self.width)
 
     @property
@@ -61,11 +49,8 @@ class Batch:
 
 
 class Batcher:
-    """Collects the items of a run in order: large blocks as they come, small alike tensors gathered into batches.
-
-    Args:
-        limit: the most bytes one input (or the output) of a batch may hold: the block size.
-    """
+    """Collects the items of a run in order: large blocks as they come, small alike tensors gathered into batches of
+    at most `limit` bytes per input (or output)."""
 
     def __init__(self, limit: int):
         self.limit = limit
@@ -86,7 +71,6 @@ class Batcher:
         self._read += read
 
     def add(self, item: Block) -> None:
-        """A block that streams on its own."""
         self.flush()
         self.items.append(item)
 

@@ -1,82 +1,74 @@
 """The model card (README.md) of a folder output, in the Hugging Face conventions: YAML front matter, then prose.
 
-The front matter carries `base_model` (hub ids only: the base model, the expert and the anti-experts,
-with `base_model_relation: merge`; a local base is left out and the body says why), `library_name`
-(peft for adapters, transformers for full models) and `tags` (extsub, merge); the body names the
-method and the paper, λ, the inputs (hub ids with the commits they resolved to), the exact command
-and the summary table of what the merge did per module type.
+The front matter carries `base_model` (hub ids only, `base_model_relation: merge`), `library_name` and `tags`; the
+body names the method and the paper, λ, the inputs (hub ids with their commits), the command and the summary table.
 """
 
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import yaml
 
 from extsub_kernels._version import __version__
 from extsub_kernels.constants import RECIPE_NAME
 from extsub_kernels.engine.method_spec import method_spec
+from extsub_kernels.engine.tables import lam_text
 from extsub_kernels.io.outputs import GENERATED_MARK
 
-PAPER = (
+_PAPER = (
     'Hu et al., "Separate the Wheat from the Chaff: Model Deficiency Unlearning via Parameter-Efficient '
     'Module Operation", AAAI 2024 ([arXiv:2308.08090](https://arxiv.org/abs/2308.08090))'
 )
 
 
 @dataclass(frozen=True)
-class CardFacts:
-    """What a model card states about one output.
+class OutputKind:
+    """What kind of thing a folder output is, for its model card: a few words (`what`), the library that loads it
+    ("peft", "transformers" or None), the base model's hub id (only when it is one; else `base_note` says why), a
+    config.json to copy with a note (full models), tags beside extsub, merge and the method, a paragraph per output
+    (λ setting, in order: what --max-rank cost)."""
 
-    Attributes:
-        title: the output's name.
-        method: the method's name (`method_spec`: its title and sentence on the card).
-        setting: λ per anti-expert of this output.
-        inputs: the inputs' fingerprints (io.provenance), EXPERT first.
-        command: the command that made the output.
-        library_name: "peft" for adapters, "transformers" for full models, None for task vectors.
-        base_model: the base model's hub id, only when it is one.
-        what: a few words on the output ("a PEFT LoRA adapter", "the full model θ₀ + ΔW'").
-        table: the Markdown summary table (empty without statistics).
-        tags: tags beside extsub, merge and the method ("peft", "lora", ...).
-        note: a paragraph on this output after the first (what --max-rank truncated, ...).
-        base_note: why there is no `base_model` in the front matter although a base model is known.
-        extra: Markdown added after how the output was made (extsub-scan: how λ was chosen).
-    """
+    what: str
+    library_name: str | None = None
+    base_model: str | None = None
+    config: Path | None = None
+    tags: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    base_note: str = ""
+
+
+@dataclass(frozen=True)
+class CardFacts:
+    """What a model card states about one output: its name, the method's name, λ per anti-expert, the inputs'
+    fingerprints (EXPERT first), the command, what kind of output it is, the summary table (empty without
+    statistics), a paragraph on this output (`note`) and Markdown after how it was made (`extra`: extsub-scan's
+    how λ was chosen)."""
 
     title: str
     method: str
     setting: tuple[float, ...]
     inputs: Sequence[Mapping]
     command: str
-    library_name: str | None
-    base_model: str | None
-    what: str
+    kind: OutputKind
     table: str
-    tags: tuple[str, ...] = ()
     note: str = ""
-    base_note: str = ""
     extra: str = ""
 
 
 def model_card(facts: CardFacts) -> str:
-    """The README.md text of an output.
-
-    Example:
-        >>> card = model_card(CardFacts("merged", "sub", (1.0,), [], "extsub-merge e a -o merged", None, None,
-        ...                             "task vectors", ""))
-        >>> card.startswith("---")
-        True
-    """
+    """The README.md text of an output."""
     spec = method_spec(facts.method)
-    models = hub_models(facts)
+    models = _hub_models(facts)
     front: dict = {"base_model": models[0] if len(models) == 1 else models} if models else {}
     if models:
         front["base_model_relation"] = "merge"
-    if facts.library_name is not None:
-        front["library_name"] = facts.library_name
-    front["tags"] = ["extsub", "merge", facts.method, *facts.tags]
-    lam = ", ".join(f"{x:g}" for x in facts.setting)
+    kind = facts.kind
+    if kind.library_name is not None:
+        front["library_name"] = kind.library_name
+    front["tags"] = ["extsub", "merge", facts.method, *kind.tags]
+    lam = lam_text(facts.setting, ", ")
     lines = [
         "---",
         yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(),
@@ -85,16 +77,16 @@ def model_card(facts: CardFacts) -> str:
         "",
         f"# {_text(facts.title)}",
         "",
-        f"{facts.what[0].upper()}{facts.what[1:]}, made with extsub {__version__} by {spec.title} at λ = {lam}.",
+        f"{kind.what[0].upper()}{kind.what[1:]}, made with extsub {__version__} by {spec.title} at λ = {lam}.",
         "",
         *([facts.note, ""] if facts.note else []),
-        f"{spec.card_text} Method: {PAPER}.",
+        f"{spec.card_text} Method: {_PAPER}.",
         "",
         "## Inputs",
         "",
         *[_input_line(record) for record in facts.inputs],
         "",
-        *([f"No `base_model` in the front matter: {facts.base_note}.", ""] if facts.base_note else []),
+        *([f"No `base_model` in the front matter: {kind.base_note}.", ""] if kind.base_note else []),
         "## How it was made",
         "",
         f"{_fence(facts.command)}bash",
@@ -122,16 +114,14 @@ def model_card(facts: CardFacts) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def hub_models(facts: CardFacts) -> list[str]:
-    """The front matter's `base_model`, as mergekit lists it: the base model, then the expert and anti-experts,
-    hub ids only (the hub refuses anything else), each once."""
+def _hub_models(facts: CardFacts) -> list[str]:
+    """The front matter's `base_model`, as mergekit lists it: base model, expert, anti-experts; hub ids, each once."""
     merged = [r["repo"] for r in facts.inputs if r.get("kind") == "hub" and r.get("role") != "BASE" and r.get("repo")]
-    models = ([facts.base_model] if facts.base_model else []) + merged
+    models = ([facts.kind.base_model] if facts.kind.base_model else []) + merged
     return list(dict.fromkeys(models))
 
 
 def _input_line(record: Mapping) -> str:
-    """One input as a list item: role, spec, and for hub inputs the repo and commit."""
     line = f"- {_text(record['role'])}: {_code(record['spec'])}"
     if record.get("kind") == "hub":
         repo, commit = _text(record.get("repo")), record.get("commit")
@@ -149,12 +139,10 @@ def _one_line(text: object) -> str:
 
 
 def _text(text: object) -> str:
-    """`text` as literal Markdown text on one line."""
     return _MARKDOWN.sub(r"\\\1", _one_line(text))
 
 
 def _code(text: object) -> str:
-    """`text` as an inline code span on one line, whatever backticks it holds."""
     body = _one_line(text)
     ticks = "`" * (max((len(run) for run in re.findall(r"`+", body)), default=0) + 1)
     pad = " " if body.startswith("`") or body.endswith("`") else ""
@@ -162,5 +150,4 @@ def _code(text: object) -> str:
 
 
 def _fence(text: object) -> str:
-    """A code fence longer than any run of backticks in `text` (at least three)."""
     return "`" * max(3, max((len(run) for run in re.findall(r"`+", str(text))), default=0) + 1)

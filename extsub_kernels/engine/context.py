@@ -1,8 +1,5 @@
-"""What a run records about itself beside its results: the inputs fingerprinted, the recipe, the command, the start.
-
-Built once by `merge()` before any work; the engine writes it into every output (metadata,
-model card, recipe) and the report carries it.
-"""
+"""What a run records about itself beside its results (built once by `merge()` before any work; written into every
+output, carried by the report): the inputs fingerprinted, the recipe, the command, the start."""
 
 import datetime
 from collections.abc import Mapping, Sequence
@@ -14,17 +11,9 @@ from extsub_kernels.engine.recipe import command_line
 
 @dataclass(frozen=True)
 class RunContext:
-    """The provenance of one run.
-
-    Attributes:
-        inputs: `io.provenance.fingerprint` of each input, in role order (EXPERT, ANTI..., BASE).
-        recipe: every option that shapes the outputs, under recipe keys (`engine.recipe.MERGE_KEYS`),
-            inputs pinned (hub ids to their commit, local paths absolute); λ is set per output.
-        command: the command line that started the run (or the equivalent extsub-merge command).
-        started_at: the start time, ISO 8601 in UTC.
-        options: every option of the run for the report (the recipe's, λ settings, OUT, force, ...).
-        card_note: Markdown the model cards add after how the outputs were made (e.g. how λ was chosen).
-    """
+    """The provenance of one run: `io.provenance.fingerprint` of each input in role order; the options that shape
+    the outputs (`recipe.MERGE_KEYS`, inputs pinned; λ set per output); the command (or its extsub-merge
+    equivalent); the start, ISO 8601 in UTC; every option for the report; Markdown for the cards (`card_note`)."""
 
     inputs: tuple[Mapping[str, Any], ...] = ()
     recipe: Mapping[str, Any] = field(default_factory=dict)

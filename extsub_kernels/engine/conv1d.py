@@ -1,12 +1,9 @@
 """What a model's files say about how its weights are laid out: GPT-2's Conv1D stores (in, out).
 
-Ext-Sub pairs rows of ΔW (output features). nn.Linear stores (out, in), so rows are dim 0;
-Conv1D layers (GPT-2 family: c_attn, q_attn, c_proj, c_fc) store the transpose, so there the
-merge pairs columns of the stored tensor. The layout is decided the same way for every kind
-of input, in this order: `--transposed/--no-transposed`; a config.json (in a folder or hub
-snapshot, or beside a bare .safetensors file); the key names and shapes of GPT-2-family
-checkpoints (c_attn is (d, 3d) as Conv1D stores it, (3d, d) as nn.Linear would). Conv1D key
-names whose shapes do not tell draw a warning.
+A merge pairs rows of ΔW (output features): dim 0 of nn.Linear's (out, in), the columns of a Conv1D weight (GPT-2
+family: c_attn, q_attn, c_proj, c_fc). The layout is decided for every kind of input in this order: `transposed=`;
+a config.json (in a folder or hub snapshot, or beside a bare file); GPT-2 key names and shapes (c_attn is (d, 3d)
+as Conv1D stores it); Conv1D names whose shapes do not tell draw a warning.
 """
 
 import re
@@ -18,8 +15,8 @@ from extsub_kernels.constants import MODEL_CONFIG
 from extsub_kernels.io import ResolvedInput, read_json_object
 
 # Models whose linear layers are GPT-2's Conv1D, storing weights as (in, out) instead of (out, in).
-CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
-CONV1D_ARCHITECTURE_PREFIXES = ("GPT2", "OpenAIGPT", "ImageGPT", "DecisionTransformer")
+_CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
+_CONV1D_ARCHITECTURE_PREFIXES = ("GPT2", "OpenAIGPT", "ImageGPT", "DecisionTransformer")
 _CONV1D_WEIGHT = re.compile(r"(^|\.)(c_attn|q_attn|c_proj|c_fc)\.weight$")
 # Conv1D weights whose shape tells the layout: (name pattern, ratio out/in of the layer).
 _TELLING = ((re.compile(r"(^|\.)c_attn\.weight$"), 3), (re.compile(r"(^|\.)c_fc\.weight$"), 4))
@@ -39,7 +36,6 @@ def conv1d_transposed(name: str, shape: tuple[int, ...]) -> bool:
 
 
 def _uses_conv1d(config: Mapping | None) -> bool | None:
-    """Whether a config.json describes a GPT-2-family model (True), another model (False), or nothing (None)."""
     if not isinstance(config, Mapping):
         return None
     architectures = config.get("architectures")
@@ -47,16 +43,11 @@ def _uses_conv1d(config: Mapping | None) -> bool | None:
     model_type = config.get("model_type")
     if not isinstance(model_type, str) and not architectures:
         return None
-    return model_type in CONV1D_MODEL_TYPES or any(a.startswith(CONV1D_ARCHITECTURE_PREFIXES) for a in architectures)
+    return model_type in _CONV1D_MODEL_TYPES or any(a.startswith(_CONV1D_ARCHITECTURE_PREFIXES) for a in architectures)
 
 
 def transposed_weights(config: dict | None) -> TransposedRule:
-    """A predicate (name, shape) → whether that weight is stored transposed (GPT-2 Conv1D), from config.json.
-
-    Example:
-        >>> transposed_weights({"model_type": "gpt2"})("h.0.attn.c_attn.weight", (64, 192))
-        True
-    """
+    """A predicate (name, shape) → whether that weight is stored transposed (GPT-2 Conv1D), from config.json."""
     return conv1d_transposed if _uses_conv1d(config) else never_transposed
 
 
@@ -72,13 +63,8 @@ def input_config(inp: ResolvedInput) -> dict | None:
 
 @dataclass(frozen=True)
 class WeightLayout:
-    """How a run pairs rows: whether Conv1D-named weights are stored (in, out), and what decided it.
-
-    Attributes:
-        rule: (name, shape) → whether that weight is paired along its columns.
-        conv1d: True when Conv1D-named weights are taken as stored (in, out).
-        reason: one line for the report and --verbose ("config.json of EXPERT: model_type gpt2").
-    """
+    """How a run pairs rows: `rule` (name, shape) → paired along its columns; `conv1d`: Conv1D-named weights taken as
+    stored (in, out); `reason`: what decided it, a line for the report and --verbose."""
 
     rule: TransposedRule
     conv1d: bool
@@ -92,55 +78,42 @@ def weight_layout(
     explicit: bool | None = None,
     role: str = "EXPERT",
 ) -> WeightLayout:
-    """Decide the layout: `explicit` (--transposed/--no-transposed), else the first config that names a model,
-    else the key names and shapes in `shapes` (the tensors of input `role`); warn where those cannot tell.
+    """Decide the layout: `explicit` (True/False as the user said it), else the first of `configs` ((role,
+    config.json or None), in the order they are trusted) that names a model, else the key names and shapes in
+    `shapes` (of input `role`; a shape None where only the name is known, a LoRA module's); warn where they cannot
+    tell."""
 
-    Args:
-        configs: (role, config.json or None) per input, in the order they are trusted.
-        shapes: tensor name → shape of the checkpoint whose names are examined; None where only the name is
-            known (a LoRA module's weight: its factors give (out, in), not how the base stores it).
-        explicit: True/False when the user said it; None to decide.
-        role: whose tensors `shapes` are, for messages.
+    def layout(conv1d: bool, reason: str) -> WeightLayout:
+        return WeightLayout(conv1d_transposed if conv1d else never_transposed, conv1d, reason)
 
-    Example:
-        >>> weight_layout([("EXPERT", None)], {"h.0.attn.c_attn.weight": (64, 192)}).conv1d
-        True
-    """
     if explicit is not None:
-        flag = "--transposed" if explicit else "--no-transposed"
-        return WeightLayout(conv1d_transposed if explicit else never_transposed, bool(explicit), f"{flag} given")
+        return layout(bool(explicit), f"{'--transposed' if explicit else '--no-transposed'} given")
     for who, config in configs:
         verdict = _uses_conv1d(config)
         if verdict is not None:
             kind = config.get("model_type") or ", ".join(config.get("architectures") or [])
             what = "GPT-2 Conv1D weights stored (in, out)" if verdict else "weights stored (out, in)"
-            return WeightLayout(
-                conv1d_transposed if verdict else never_transposed, verdict, f"config.json of {who} ({kind}): {what}"
-            )
+            return layout(verdict, f"config.json of {who} ({kind}): {what}")
     conv1d_names = [name for name, shape in shapes.items() if conv1d_transposed(name, shape or (0, 0))]
     if not conv1d_names:
-        return WeightLayout(never_transposed, False, "no config.json and no Conv1D weight names: rows are dim 0")
+        return layout(False, "no config.json and no Conv1D weight names: rows are dim 0")
     votes = [v for name in conv1d_names if (v := _shape_vote(name, shapes[name])) is not None]
     if votes and all(votes):
         example = next(n for n in conv1d_names if _shape_vote(n, shapes[n]))
-        return WeightLayout(
-            conv1d_transposed,
-            True,
-            f"GPT-2 key names and shapes in {role} ({example} is {list(shapes[example])}, as Conv1D stores it)",
-        )
+        shown = f"{example} is {list(shapes[example])}, as Conv1D stores it"
+        return layout(True, f"GPT-2 key names and shapes in {role} ({shown})")
     if votes and not any(votes):
-        return WeightLayout(never_transposed, False, f"Conv1D key names in {role} but nn.Linear shapes: rows are dim 0")
+        return layout(False, f"Conv1D key names in {role} but nn.Linear shapes: rows are dim 0")
     warnings.warn(
         f"{role} has GPT-2 Conv1D weight names (e.g. {conv1d_names[0]}) but no config.json, and their shapes do not "
         "tell whether they are stored (in, out) as Conv1D stores them; pairing them as Conv1D (columns of the stored "
         "tensor). Pass --transposed to confirm, or --no-transposed if they are stored (out, in)",
         stacklevel=2,
     )
-    return WeightLayout(conv1d_transposed, True, f"ambiguous Conv1D key names in {role}: taken as Conv1D (in, out)")
+    return layout(True, f"ambiguous Conv1D key names in {role}: taken as Conv1D (in, out)")
 
 
 def _shape_vote(name: str, shape: tuple[int, ...] | None) -> bool | None:
-    """True when the shape is a Conv1D (in, out) layout of that layer, False when it is (out, in), None if unclear."""
     if shape is None:
         return None
     rows, cols = shape
@@ -153,8 +126,7 @@ def _shape_vote(name: str, shape: tuple[int, ...] | None) -> bool | None:
 
 
 def full_model_hint(inputs: Sequence[tuple[str, ResolvedInput]], *, inspecting: bool = False) -> str | None:
-    """A warning for full models merged (or inspected) without a base: which input has a model's config.json, and
-    what to do."""
+    """A warning for full models merged (or inspected) without a base: which input has a model's config.json."""
     for role, inp in inputs:
         config = input_config(inp)
         if _uses_conv1d(config) is not None:

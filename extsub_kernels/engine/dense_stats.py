@@ -1,16 +1,9 @@
 """Row statistics of a dense run, gathered item by item in the compute stage, one `TensorStats` per merged tensor.
 
-The geometry of each anti-expert (cos, deficiency share) is taken against the expert's rows
-(task vectors with a base); it does not depend on λ, so the first λ setting of an item gives
-it. The relative change per λ setting follows from it for one anti-expert; a tensor merged
-with several anti-experts in sequence has its change measured on the result. An item is a
-block of one tensor's rows, or a batch of whole small tensors whose rows are stacked: each
-tensor takes its own rows of the item. Rows that come in pieces (a row longer than a block, a
-Conv1D weight in blocks of stored rows) give Ext-Sub their complete sums from the norms pass;
-sub and add, which have no such pass, hand partial sums that add up here until the rows end.
-
-Memory: each item allocates O(its rows) for its sums; the change of several steps goes through
-a chunk-sized scratch, so nothing of a block's size is allocated.
+The geometry against each anti-expert does not depend on λ, so the first λ setting of an item gives it; the
+relative change follows from it for one anti-expert and is measured on the result for several. A batch's tensors
+each take their own rows. Rows in pieces give a row-pairing method its complete sums from the norms pass; an
+elementwise method hands partial sums that add up here until the rows end.
 """
 
 import math
@@ -36,13 +29,8 @@ class _Open:
 
 
 class DenseStats:
-    """Accumulators of the tensors being streamed, and the `TensorStats` of those done.
-
-    Args:
-        roles: a name per input, numbered as in `TensorJob` (EXPERT, ANTI, ..., BASE).
-        settings: λ per anti-expert, one tuple per output.
-        method: the method's name (`engine.method_spec`).
-    """
+    """Accumulators of the tensors being streamed, and the `TensorStats` of those done (`roles`: a name per input,
+    numbered as in `TensorJob`)."""
 
     def __init__(self, roles: Sequence[str], settings: Sequence[tuple[float, ...]], method: str):
         self.roles, self.settings, self.method = list(roles), list(settings), method
@@ -50,42 +38,14 @@ class DenseStats:
         self._open: dict[str, _Open] = {}
         self._scratch: torch.Tensor | None = None
 
-    @staticmethod
-    def _parts(item: Block | Batch) -> list[tuple[TensorJob, int | None, int | None]]:
-        """(tensor, first row, end row) of each tensor within the rows the op pairs in `item` (a block: all of them,
-        the columns of a weight stored transposed)."""
-        if isinstance(item, Batch):
-            return [(block.job, start, stop) for block, start, stop in item.row_ranges()]
-        return [(item.job, None, None)]
-
-    @staticmethod
-    def _part_of_rows(item: Block | Batch) -> tuple[int, int] | None:
-        """(op rows of the unit, first of them in this item) when a one-pass `item` holds part of its op rows:
-        a piece of a row (the unit is that row), or stored rows of a Conv1D weight (the unit is the tensor)."""
-        if not isinstance(item, Block) or item.phase != "one-pass":
-            return None
-        job = item.job
-        if job.transposed and (item.cols is not None or (item.start, item.stop) != (0, rows_of(job.shape))):
-            return row_elements(job.shape), item.cols[0] if item.cols is not None else 0
-        return (1, 0) if item.cols is not None else None
-
-    @staticmethod
-    def _ends(item: Block, unit: bool) -> bool:
-        """Whether `item` is the last of its tensor (or, with `unit`, of the op rows it holds part of)."""
-        job = item.job
-        row_done = item.cols is None or item.cols[1] == row_elements(job.shape)
-        if unit and not job.transposed:
-            return row_done
-        return row_done and item.stop == rows_of(job.shape)
-
     def observer(self, item: Block | Batch) -> Callable[[int, torch.Tensor], None]:
         """The `observe` hook of `apply_method` for this item: (step, row sums) → each tensor's accumulator."""
-        parts = self._parts(item)
+        parts = _parts(item)
         for job, _, _ in parts:
             if job.name not in self._open:
                 accumulators = [PairAccumulator() for _ in job.antis]
                 self._open[job.name] = _Open(accumulators, [0.0] * len(self.settings), [None] * len(job.antis))
-        unit = self._part_of_rows(item)
+        unit = _part_of_rows(item)
 
         def observe(step: int, sums: torch.Tensor) -> None:
             if unit is not None:  # partial sums of rows still coming: added up until they end
@@ -107,22 +67,22 @@ class DenseStats:
         if result.device.type == "cpu" and self._scratch is None:
             self._scratch = torch.empty(CPU_CHUNK_ELEMENTS, dtype=torch.float64)
         scratch = self._scratch if result.device.type == "cpu" else None
-        for job, start, stop in self._parts(item):
+        for job, start, stop in _parts(item):
             change = measured_change(result[start:stop], plus[start:stop], scratch=scratch)
             self._open[job.name].changed_sq[setting] += change
 
     def block_done(self, item: Block | Batch) -> None:
         """After the last piece of rows that come in pieces, add their sums; after the last rows of a tensor,
         summarise it."""
-        for job, _, _ in self._parts(item):
+        for job, _, _ in _parts(item):
             if isinstance(item, Block):
                 tensor = self._open[job.name]
-                if self._part_of_rows(item) is not None and self._ends(item, unit=True):
+                if _part_of_rows(item) is not None and _ends(item, unit=True):
                     for acc, sums in zip(tensor.pairs, tensor.partial, strict=True):
                         if sums is not None:
                             acc.add(sums)
                     tensor.partial = [None] * len(job.antis)
-                if not self._ends(item, unit=False):
+                if not _ends(item, unit=False):
                     continue
             tensor = self._open.pop(job.name)
             pairs = tuple(acc.result(self.roles[k]) for acc, k in zip(tensor.pairs, job.antis, strict=True))
@@ -135,3 +95,30 @@ class DenseStats:
                     math.sqrt(sq) / norm if norm > 0 else (0.0 if sq == 0 else None) for sq in tensor.changed_sq
                 )
             self.done.append(TensorStats(job.name, "tensor", pairs, changes))
+
+
+def _parts(item: Block | Batch) -> list[tuple[TensorJob, int | None, int | None]]:
+    """(tensor, first row, end row) of each tensor within the op rows of `item` (a block: all of them)."""
+    if isinstance(item, Batch):
+        return [(block.job, start, stop) for block, start, stop in item.row_ranges()]
+    return [(item.job, None, None)]
+
+
+def _part_of_rows(item: Block | Batch) -> tuple[int, int] | None:
+    """(op rows of the unit, first of them here) when a one-pass `item` holds part of its op rows (a piece of a
+    row, or stored rows of a Conv1D weight)."""
+    if not isinstance(item, Block) or item.phase != "one-pass":
+        return None
+    job = item.job
+    if job.transposed and (item.cols is not None or (item.start, item.stop) != (0, rows_of(job.shape))):
+        return row_elements(job.shape), item.cols[0] if item.cols is not None else 0
+    return (1, 0) if item.cols is not None else None
+
+
+def _ends(item: Block, unit: bool) -> bool:
+    """Whether `item` is the last of its tensor (or, with `unit`, of the op rows it holds part of)."""
+    job = item.job
+    row_done = item.cols is None or item.cols[1] == row_elements(job.shape)
+    if unit and not job.transposed:
+        return row_done
+    return row_done and item.stop == rows_of(job.shape)

@@ -1,15 +1,10 @@
-"""--dry-run: the outputs a run would write, planned from the headers through the same code as a real run.
-
-The plan stops where a real run would create its first output: the files of each output with
-their sizes (headers included; generated texts have no size yet), the free space checked.
-Nothing is created, not even a temporary file.
-"""
+"""A dry run: the files each output would hold with their sizes (generated texts have none yet), planned from the
+headers through the same code as a real run, the free space checked; nothing is created, not even a temporary file."""
 
 from collections.abc import Sequence
 from pathlib import Path
 
 from extsub_kernels.constants import MODEL_WEIGHTS
-from extsub_kernels.engine.memory import peak_rss_bytes
 from extsub_kernels.engine.report import MergeReport
 from extsub_kernels.io import TensorEntry
 from extsub_kernels.io.writer import check_space, planned_files
@@ -26,14 +21,8 @@ def dry_run_report(
     facts: dict,
     weights_name: str = MODEL_WEIGHTS,
 ) -> MergeReport:
-    """The report of a dry run: the files each output would hold, checked against the free space; nothing written.
-
-    Args:
-        paths, entries, metadata, limit, extra, weights_name: what the run would hand `OutputSet`.
-        texts: names of the generated files of a folder output (model card, recipe, ...).
-        reads: tensor bytes the run would read.
-        facts: the report's other fields (counts, items, settings, context, ...).
-    """
+    """The report of a dry run: `paths`…`extra` and `weights_name` as the run would hand `OutputSet`; `texts`: names
+    of the generated files; `reads`: tensor bytes it would read; `facts`: the report's other fields."""
     files = [
         planned_files(
             path, entries, meta, max_shard_size=limit, weights_name=weights_name, extra_files=extra, texts=texts
@@ -44,14 +33,4 @@ def dry_run_report(
     for path, listed in zip(paths, files, strict=True):
         need[path.parent] = need.get(path.parent, 0) + sum(size or 0 for _, size in listed)
     check_space(need)
-    return MergeReport(
-        outputs=tuple(paths),
-        bytes_read=reads,
-        bytes_written=0,
-        seconds=0.0,
-        peak_rss_bytes=peak_rss_bytes(),
-        peak_gpu_bytes=None,
-        mode="dry-run",
-        files=tuple(tuple(f) for f in files),
-        **facts,
-    )
+    return MergeReport.finished(paths, bytes_read=reads, mode="dry-run", files=files, **facts)

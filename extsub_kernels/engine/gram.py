@@ -1,17 +1,9 @@
 """A row-pairing method on rows that come in pieces: the rows' Gram matrices first, then each piece of the result.
 
-A row longer than a block (a 1-D tensor of 1 GiB is one row), or a Conv1D weight whose rows
-(output features) are the stored columns, cannot be held whole. Ext-Sub only needs, per row, the
-norms of the vectors it combines (docs/design.md §1; another method may need p·m too, `method_spec`),
-so a first pass accumulates the Gram matrix of
-v₀ = p, v₁ = m₁, …, vₙ = mₙ (each minus θ₀ with a base) piece by piece in float64, and a second
-pass writes each piece of the result as θ₀ + Σᵢ cᵢ·vᵢ: the steps p ← α·p + β·mⱼ, one per
-anti-expert, are linear, so the result is a combination of the inputs whose coefficients follow
-from the Gram matrix (|p|² of the running result is cᵀGc). Both passes go through the
-workspace in cache-sized pieces and allocate nothing per piece.
-
-A piece is a 2-D slice of the (rows, cols) view of a block; `reduce_dim` says which axis holds
-a row of the op: 1 when the op's rows are the stored rows, 0 when they are the stored columns.
+A method's coefficients need per row only |p|, |m| (and p·m where it says so), so a first pass accumulates in
+float64 the Gram matrix of v₀ = p, v₁ = m₁, …, vₙ = mₙ (minus θ₀ with a base) and a second writes each piece as
+θ₀ + Σᵢ cᵢ·vᵢ (the steps are linear; |p|² of the running result is cᵀGc). A piece is a 2-D slice of a block's
+(rows, cols) view; `reduce_dim` is the axis that holds a row of the op (1: stored rows, 0: stored columns).
 """
 
 from collections.abc import Callable, Iterator, Sequence
@@ -22,34 +14,20 @@ from extsub_kernels._tensors import compute_dtype
 from extsub_kernels.engine.method_spec import EXT_SUB, MethodSpec
 from extsub_kernels.engine.transfer import Workspace
 
-Piece2d = tuple[slice, slice]
+_Piece2d = tuple[slice, slice]
 
 
-def pieces(rows: int, cols: int, elements: int, reduce_dim: int) -> Iterator[Piece2d]:
-    """(row slice, column slice) of a (rows, cols) view in pieces of at most `elements` numbers.
-
-    With reduce_dim=1 a piece holds whole rows, or a stretch of one row when a row is longer;
-    with reduce_dim=0 it holds whole columns' stretches of as many rows as fit.
-    """
-    if reduce_dim == 1:
-        if cols <= elements:
-            step = max(1, elements // max(1, cols))
-            for r0 in range(0, rows, step):
-                yield slice(r0, min(r0 + step, rows)), slice(0, cols)
-        else:
-            for r in range(rows):
-                for c0 in range(0, cols, elements):
-                    yield slice(r, r + 1), slice(c0, min(c0 + elements, cols))
-        return
+def pieces(rows: int, cols: int, elements: int, reduce_dim: int) -> Iterator[_Piece2d]:
+    """(row slice, column slice) pieces of at most `elements` numbers: whole rows, or stretches of one row when a
+    row is longer (reduce_dim=1); stretches of columns over as many rows as fit (reduce_dim=0)."""
     col_step = max(1, min(cols, elements))
     row_step = max(1, elements // col_step)
-    for c0 in range(0, cols, col_step):
-        for r0 in range(0, rows, row_step):
+    for r0 in range(0, rows, row_step):  # a row's (or a column's) pieces come in order
+        for c0 in range(0, max(cols, reduce_dim), col_step):
             yield slice(r0, min(r0 + row_step, rows)), slice(c0, min(c0 + col_step, cols))
 
 
-def _pairs(piece: Piece2d, reduce_dim: int) -> slice:
-    """The op's rows a piece belongs to: its row slice (reduce_dim=1) or its column slice (0)."""
+def _pairs(piece: _Piece2d, reduce_dim: int) -> slice:
     return piece[0] if reduce_dim == 1 else piece[1]
 
 
@@ -67,17 +45,8 @@ def widen(
 class RowGram:
     """Per-row sums vᵢ·vⱼ of the vectors [p, m₁, …, mₙ] of `n_pairs` op rows, accumulated in float64.
 
-    Only the entries the coefficients need are summed: every |vᵢ|², and vᵢ·vⱼ for i < j < n
-    (the last anti-expert enters the running result only through its own norm); with `products`,
-    p·mₙ too, so `row_sums` gives the row statistics of every pair (docs/design.md §7); with `cross`
-    (a method whose coefficients read p·m), every vᵢ·vⱼ.
-
-    Example:
-        >>> gram = RowGram(2, 1)
-        >>> ws = Workspace(64, gram.slots)
-        >>> gram.add([torch.tensor([[3.0, 4.0]]), torch.tensor([[0.0, 2.0]])], None, reduce_dim=1, workspace=ws)
-        >>> gram.coefficients([1.0]).tolist()  # α = 1 + (λ/2)·|m|/|p| = 1.2, β = −λ/2
-        [[1.2], [-0.5]]
+    Only the entries the coefficients need: every |vᵢ|², vᵢ·vⱼ for i < j < n; with `products` p·mₙ too (the row
+    statistics of every pair, docs/design.md §7); with `cross` (coefficients that read p·m) every vᵢ·vⱼ.
     """
 
     def __init__(
@@ -97,11 +66,6 @@ class RowGram:
         if products and not cross and n > 0:
             self._entries.append((0, n))
 
-    @property
-    def slots(self) -> int:
-        """Workspace slots `add` uses: one per vector, the base and a product."""
-        return self.n_vectors + 2
-
     def add(
         self,
         vectors: Sequence[torch.Tensor],
@@ -111,12 +75,9 @@ class RowGram:
         workspace: Workspace,
         pair_offset: int = 0,
     ) -> None:
-        """Add the sums of 2-D views `vectors` (p, then each m; θ₀ subtracted when `base` is given).
-
-        The views' op rows are pairs `pair_offset`… of this Gram (rows of the views with
-        reduce_dim=1, their columns with reduce_dim=0).
-        """
-        dtype = _compute_dtype(vectors, base)
+        """Add the sums of 2-D views `vectors` (p, then each m; minus `base`), whose op rows are pairs
+        `pair_offset`… of this Gram."""
+        dtype = compute_dtype(*(v.dtype for v in vectors), *((base.dtype,) if base is not None else ()))
         rows, cols = vectors[0].shape
         for piece in pieces(rows, cols, workspace.elements, reduce_dim):
             pairs = _pairs(piece, reduce_dim)
@@ -139,10 +100,9 @@ class RowGram:
         return torch.stack([self.sums[0, 0], self.sums[k, k], self.sums[0, k]], dim=1)
 
     def coefficients(self, lams: Sequence[float], spec: MethodSpec = EXT_SUB) -> torch.Tensor:
-        """c (n_vectors, n_pairs), float64: the result of the method's steps with `lams` in order is Σᵢ cᵢ·vᵢ.
+        """c (n_vectors, n_pairs), float64: the method's steps with `lams` in order give Σᵢ cᵢ·vᵢ.
 
-        Step j: |p|² = cᵀGc over v₀…v_{j−1}, |mⱼ| = √Gⱼⱼ, p·mⱼ = Σᵢ cᵢGᵢⱼ (with `cross`); c ← α·c,
-        cⱼ = β, with α and β from the method's rule (`MethodSpec.row_coefficients`).
+        Step j: |p|² = cᵀGc over v₀…v_{j−1}, |mⱼ| = √Gⱼⱼ, p·mⱼ = Σᵢ cᵢGᵢⱼ; c ← α·c, cⱼ = β (`row_coefficients`).
         """
         if len(lams) != self.n_vectors - 1:
             raise ValueError(f"{self.n_vectors - 1} anti-experts but {len(lams)} λ values")
@@ -170,11 +130,8 @@ def combine_into(
     workspace: Workspace,
     pair_offset: int = 0,
 ) -> None:
-    """out ← θ₀ + Σᵢ cᵢ·vᵢ over 2-D views (vᵢ = input i − θ₀; no θ₀ without `base`), rounded once to out's dtype.
-
-    `coefficients` is (n_vectors, n_pairs) in the compute dtype; the views' op rows are pairs
-    `pair_offset`… of it.
-    """
+    """out ← θ₀ + Σᵢ cᵢ·vᵢ over 2-D views (vᵢ = input i − θ₀), rounded once to out's dtype; `coefficients`
+    (n_vectors, n_pairs) in the compute dtype, the views' op rows its pairs `pair_offset`…."""
     dtype = coefficients.dtype
     rows, cols = vectors[0].shape
     n = len(vectors)
@@ -192,6 +149,24 @@ def combine_into(
         out[piece].copy_(result)
 
 
+def observed_gram(
+    vectors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    reduce_dim: int,
+    workspace: Workspace,
+    observe: Callable[[int, torch.Tensor], None] | None,
+    cross: bool = False,
+) -> RowGram:
+    """The first pass over 2-D views in memory: their Gram, its row sums against each anti-expert k to `observe`."""
+    n_pairs = vectors[0].shape[1 - reduce_dim]
+    gram = RowGram(len(vectors), n_pairs, products=observe is not None, cross=cross, device=vectors[0].device)
+    gram.add(vectors, base, reduce_dim=reduce_dim, workspace=workspace)
+    for k in range(1, len(vectors) if observe is not None else 1):
+        observe(k - 1, gram.row_sums(k))
+    return gram
+
+
 def rows_in_memory(
     out: torch.Tensor,
     vectors: Sequence[torch.Tensor],
@@ -203,19 +178,8 @@ def rows_in_memory(
     workspace: Workspace,
     observe: Callable[[int, torch.Tensor], None] | None = None,
 ) -> None:
-    """Both passes over 2-D views already in memory: the method with each anti-expert in order, into `out`.
-
-    `observe(k, sums)` gets the row sums of the expert against anti-expert k from the first pass.
-    """
-    n_pairs = vectors[0].shape[1 - reduce_dim]
-    gram = RowGram(len(vectors), n_pairs, products=observe is not None, cross=spec.needs_products, device=out.device)
-    gram.add(vectors, base, reduce_dim=reduce_dim, workspace=workspace)
-    if observe is not None:
-        for k in range(1, len(vectors)):
-            observe(k - 1, gram.row_sums(k))
-    coefficients = gram.coefficients(lams, spec).to(_compute_dtype(vectors, base))
-    combine_into(out, vectors, base, coefficients, reduce_dim=reduce_dim, workspace=workspace)
-
-
-def _compute_dtype(vectors: Sequence[torch.Tensor], base: torch.Tensor | None) -> torch.dtype:
-    return compute_dtype(*(v.dtype for v in vectors), *((base.dtype,) if base is not None else ()))
+    """Both passes over 2-D views already in memory: the method with each anti-expert in order, into `out`."""
+    args = dict(reduce_dim=reduce_dim, workspace=workspace)
+    gram = observed_gram(vectors, base, observe=observe, cross=spec.needs_products, **args)
+    dtype = compute_dtype(*(v.dtype for v in vectors), *((base.dtype,) if base is not None else ()))
+    combine_into(out, vectors, base, gram.coefficients(lams, spec).to(dtype), **args)

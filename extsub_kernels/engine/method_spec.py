@@ -1,22 +1,14 @@
 """A merge method as one object: its name, its wording and its computation, read by every path that merges.
 
-Every method here is row-local in the same shape: each step with one anti-expert turns a row p of
-the expert (or of the result so far) and the matching row m of the anti-expert into α·p + β·m.
-A method either weights the anti-expert by a constant (`weight_sign`: sub and add, elementwise,
-no row pairing) or computes α and β per row from |p|, |m| and, where it says it needs it, p·m
-(`coefficients`; a row with |p| = 0 must keep p: β = 0 there). The paths read only that:
-
-- dense rows (`engine.methods`, the streamer): elementwise, or the method's own kernel
-  (`op`, `fused`) where it has one, else the rows' Gram matrices (`engine.gram`): a norms
-  pass, then the update; rows longer than a block always go that way;
-- LoRA factors (`adapters.lora`): B' = [diag(α)·B⁺, diag(β)·B⁻], the sums from r×r Grams;
-- (IA)³ vectors and prefix rows: the dense path on their small tensors;
-- the report, the model card, the CLI's help and choices, the scan's plot: the wording here.
-
-Adding a method is one `MethodSpec` passed to `register_method` (and, for speed, its kernels).
+Each step with one anti-expert turns a row p of the expert (or of the result so far) and the row m of the
+anti-expert into α·p + β·m: a constant weight (`weight_sign`: sub, add; elementwise), or α and β per row from |p|,
+|m| and, where it says so, p·m (`coefficients`; a row with |p| = 0 keeps p). Dense rows (`engine.methods`: the
+method's kernels `op`, `fused` where it has them, else the rows' Gram matrices), LoRA factors (B' = [diag(α)·B⁺,
+diag(β)·B⁻]), (IA)³ vectors, prefix rows, the report, the card, the CLI and the scan read only that. Adding a
+method is one `MethodSpec` passed to `register_method` (and, for speed, its kernels).
 """
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -35,12 +27,9 @@ class MethodSpec:
     """One merge method: what it is called and says, and how a step with one anti-expert computes.
 
     Attributes:
-        name: the name options and files use ("ext-sub").
-        formula: the result in a few symbols, for the CLI's help ("θ⁺ − λ·Ext(θ⁻)").
-        title: the method's name on the model card.
-        card_text: the card's sentence on what the method does.
-        negative: what a negative λ does, for the warning ("adds the anti-expert instead of subtracting it").
-        color: its line on the scan's plot (None: matplotlib's next colour).
+        name, formula: the name options and files use ("ext-sub"); the result in symbols for --help ("θ⁺ − λ·Ext(θ⁻)").
+        title, card_text: the method's name on the model card, and the card's sentence on what it does.
+        negative, color: what a negative λ does, for the warning; its line on the scan's plot (None: the next colour).
         weight_sign: elementwise methods: θ ← θ + weight_sign·λ·θ⁻; None for a method that pairs rows.
         coefficients: a row-pairing method's α and β per row (see `Coefficients`).
         needs_products: `coefficients` reads p·m (otherwise it gets None there and the paths skip it).
@@ -90,9 +79,15 @@ class MethodSpec:
         return self.coefficients(p_norm, m_norm, products if self.needs_products else None, lam)
 
 
-def _direct(name: str, sign: float, formula: str, title: str, card_text: str, negative: str, color: str) -> MethodSpec:
+def _direct(name: str, sign: float, title: str, card_text: str, color: str) -> MethodSpec:
     """An elementwise method, θ ← θ + sign·λ·θ⁻; its change over a tensor is |λ|·‖θ⁻‖."""
-    return MethodSpec(name, formula, title, card_text, negative, color, sign, change_per_lam=lambda p: p.anti_norm)
+    does, instead = ("subtracts", "adding") if sign > 0 else ("adds", "subtracting")
+    negative = f"{does} the anti-expert instead of {instead} it"
+    return MethodSpec(name, METHOD_FORMULAS[name], title, card_text, negative, color, sign, change_per_lam=_anti_norm)
+
+
+def _anti_norm(pair: object) -> float:
+    return pair.anti_norm
 
 
 EXT_SUB = MethodSpec(
@@ -110,47 +105,13 @@ EXT_SUB = MethodSpec(
     dropped="nothing under ext-sub (|p| = 0, so Ext = 0)",
     change_per_lam=lambda pair: pair.deficiency_norm,
 )
-SUB = _direct(
-    "sub",
-    -1.0,
-    METHOD_FORMULAS["sub"],
-    "direct subtraction",
-    "θ' = θ⁺ − λ·θ⁻, the paper's baseline.",
-    "adds the anti-expert instead of subtracting it",
-    "#d62728",
-)
-ADD = _direct(
-    "add",
-    1.0,
-    METHOD_FORMULAS["add"],
-    "addition",
-    "θ' = θ⁺ + λ·θ⁻.",
-    "subtracts the anti-expert instead of adding it",
-    "#2ca02c",
-)
+SUB = _direct("sub", -1.0, "direct subtraction", "θ' = θ⁺ − λ·θ⁻, the paper's baseline.", "#d62728")
+ADD = _direct("add", 1.0, "addition", "θ' = θ⁺ + λ·θ⁻.", "#2ca02c")
 _REGISTRY: dict[str, MethodSpec] = {spec.name: spec for spec in (EXT_SUB, SUB, ADD)}
 
 
-class _MethodNames(Sequence[str]):
-    """The registered methods' names, in order, read live (argparse choices, recipe checks, messages)."""
-
-    def __getitem__(self, index):  # type: ignore[override]
-        return tuple(_REGISTRY)[index]
-
-    def __len__(self) -> int:
-        return len(_REGISTRY)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(tuple(_REGISTRY))
-
-    def __contains__(self, name: object) -> bool:
-        return name in _REGISTRY
-
-    def __repr__(self) -> str:
-        return repr(tuple(_REGISTRY))
-
-
-METHODS: Sequence[str] = _MethodNames()
+# The registered methods' names, in order, read live (argparse choices, recipe checks, messages).
+METHODS: Collection[str] = _REGISTRY.keys()
 
 
 def method_spec(method: "str | MethodSpec") -> MethodSpec:

@@ -1,17 +1,8 @@
-"""The method step of a merge, per tensor: each anti-expert in order, optionally on task vectors (`method_spec`).
-
-Kept apart from streaming so every producer of tensors (the dense engine, the full model of
-an adapter merge) applies a method the same way. `apply_method_into` is the form the engine
-streams with: it writes into a buffer the caller owns and works in a `Workspace` of a few
-cache-sized chunks, so a block of rows allocates nothing; `apply_method` wraps it for whole
-tensors.
-
-Precision, the same on every path: a single step of a method with a kernel (ext-sub) in the
-expert's dtype (one anti-expert, no base, the expert's dtype out) is the kernel itself, in place
-(it reduces in float32 and rounds once); anything else works in float32 (float64 for float64
-inputs) and rounds once at the end. A single such step with a base on CPU rows runs in the
-kernel's fused pass (p, m, θ₀ read once each, no workspace), with the same result bit for bit.
-A row-pairing method without a kernel goes through the rows' Gram matrices (`gram`).
+"""The method step of a merge, per tensor, the same for every producer (dense engine, full model, scan), on every
+device: an elementwise method (sub, add) adds each anti-expert with its weight; a row-pairing method with a kernel
+(ext-sub) runs it on whole rows, in place for one step in the expert's dtype, in its fused pass on task vectors
+where it has one, else on chunks of a `Workspace` widened to float32 (float64 inputs: float64) and rounded once;
+rows longer than a chunk, Conv1D columns and methods without a kernel take the rows' Gram matrices (`gram`).
 """
 
 from collections.abc import Callable, Sequence
@@ -19,7 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from extsub_kernels._tensors import as_rows, compute_dtype
-from extsub_kernels.engine.gram import RowGram, pieces, rows_in_memory, widen
+from extsub_kernels.engine.gram import observed_gram, pieces, rows_in_memory, widen
 from extsub_kernels.engine.method_spec import DEFAULT_METHOD, MethodSpec, method_spec
 from extsub_kernels.engine.transfer import Workspace
 from extsub_kernels.ops import row_products
@@ -38,8 +29,8 @@ def workspace_slots(n_anti: int) -> int:
 
 
 def method_workspace(n_anti: int, itemsize: int, device: torch.device, largest: int) -> Workspace:
-    """The working space `apply_method_into` needs, sized once: slots of `CPU_CHUNK_ELEMENTS` numbers on CPU
-    (cache-sized), of the `largest` piece it will see elsewhere (one kernel per piece)."""
+    """The working space `apply_method_into` needs: slots of `CPU_CHUNK_ELEMENTS` numbers on CPU (cache-sized), of
+    the `largest` piece it will see elsewhere (one kernel per piece)."""
     chunk = CPU_CHUNK_ELEMENTS if device.type == "cpu" else max(1, largest)
     return Workspace(chunk, workspace_slots(n_anti), itemsize=itemsize, device=device)
 
@@ -47,34 +38,10 @@ def method_workspace(n_anti: int, itemsize: int, device: torch.device, largest: 
 def in_place_step(
     plus_dtype: torch.dtype, n_anti: int, *, method: str, base: bool, out_dtype: torch.dtype, transposed: bool
 ) -> bool:
-    """Whether the result is the method's kernel applied to the expert in place: one step, no base, its dtype out.
-
-    Conv1D weights (`transposed`) pair columns, which the op cannot reach in place without a copy,
-    so they take the working-space path.
-    """
+    """Whether the result is the method's kernel on the expert in place: one step, no base, its dtype out, rows
+    (Conv1D weights pair columns, which the op cannot reach in place)."""
     has_op = method_spec(method).op is not None
     return has_op and n_anti == 1 and not base and out_dtype == plus_dtype and not transposed
-
-
-def apply_method_(
-    plus: torch.Tensor,
-    minus: torch.Tensor,
-    lam: float,
-    *,
-    method: str | MethodSpec = DEFAULT_METHOD,
-    observe: Observer | None = None,
-) -> torch.Tensor:
-    """The single step of the method's kernel in place on `plus` (see `in_place_step`); returns `plus`.
-
-    `observe` gets the row sums from the kernel's own pass (one (rows, 3) float64 tensor allocated).
-    """
-    op = method_spec(method).op
-    if observe is None:
-        return op(plus, minus, lam)
-    sums = _row_sums(as_rows(plus).shape[0], plus.device)
-    op(plus, minus, lam, row_stats=sums)
-    observe(0, sums)
-    return plus
 
 
 def apply_method_into(
@@ -91,21 +58,9 @@ def apply_method_into(
 ) -> torch.Tensor:
     """The method applied with each anti-expert in order, written into `out` (any float dtype); returns `out`.
 
-    Works chunk by chunk in `workspace` (float32, or float64 for float64 inputs; `workspace_slots`
-    slots) and rounds once into `out` (contiguous; it may be `plus` itself: each chunk is read
-    before it is written); inputs are otherwise left unchanged. A row-pairing method (ext-sub)
-    pairs rows (dim 0, as the op does), or columns with `transposed`; rows longer than a workspace
-    chunk, columns and methods without a kernel go through their Gram matrices (`gram`). An
-    elementwise method (sub, add) adds each anti-expert with its weight.
-
-    `observe`, when given, gets the row sums of the expert (task vector) against each anti-expert
-    before any step (docs/design.md §7), from the same pass where there is one: the op's for one
-    kernel step, the Gram matrices' for rows in pieces; `row_products` per chunk of rows
-    otherwise. It costs one (rows, 3) float64 tensor per anti-expert and call, nothing per chunk.
-
-    Example:
-        >>> out = torch.empty(8, 16, dtype=torch.bfloat16)
-        >>> _ = apply_method_into(out, torch.randn(8, 16), [torch.randn(8, 16)], [1.0], workspace=Workspace(256, 4))
+    `out` is contiguous and may be `plus` itself; inputs are otherwise left unchanged. Rows are dim 0 (columns with
+    `transposed`); with `base`, it works on task vectors θ − θ₀ and writes θ₀ + ΔW'. `observe` gets the row sums of
+    the expert against each anti-expert (docs/design.md §7) from the same pass where there is one.
     """
     spec = method_spec(method)
     if len(minus) != len(lams):
@@ -119,18 +74,29 @@ def apply_method_into(
         views = [as_rows(plus), *(as_rows(m) for m in minus)]
         flat_base = as_rows(base) if base is not None else None
         reduce_dim = 1
+    in_place = in_place_step(
+        plus.dtype, len(minus), method=spec.name, base=base is not None, out_dtype=out.dtype, transposed=transposed
+    )
     in_pieces = transposed or views[0].shape[1] > workspace.elements
     if not spec.pairs_rows:
-        if observe is not None:
-            _observe_products(views, flat_base, reduce_dim, in_pieces, workspace, dtype, observe)
+        if observe is not None and in_pieces:
+            observed_gram(views, flat_base, reduce_dim=reduce_dim, workspace=workspace, observe=observe)
+        elif observe is not None:
+            _rows_into(None, None, views, flat_base, lams, workspace, dtype, observe)
         _elementwise_into(out, plus, minus, [spec.weight_sign * lam for lam in lams], base, workspace, dtype)
-        return out
-    target = out if transposed else as_rows(out)
-    if in_pieces or spec.op is None:
+    elif not in_place and (in_pieces or spec.op is None):
+        target = out if transposed else as_rows(out)
         args = (target, views, flat_base, lams)
         rows_in_memory(*args, spec=spec, reduce_dim=reduce_dim, workspace=workspace, observe=observe)
-    elif not _fused_into(spec, target, views, flat_base, lams, observe):
-        _rows_into(spec, target, views, flat_base, lams, workspace, dtype, observe)
+    else:  # the kernel: in place, or its fused pass on task vectors (p, m, θ₀ read once each) where it runs
+        sums = _row_sums(views[0].shape[0], plus.device) if observe is not None else None
+        fused = base is not None and len(minus) == 1 and spec.fused is not None
+        if in_place:
+            spec.op(out if out is plus else out.copy_(plus), minus[0], lams[0], row_stats=sums)
+        elif not (fused and spec.fused(as_rows(out), views[0], views[1], flat_base, lams[0], row_stats=sums)):
+            _rows_into(spec, as_rows(out), views, flat_base, lams, workspace, dtype, observe)
+            return out
+        _observed(observe, [sums] if sums is not None else [])
     return out
 
 
@@ -139,32 +105,14 @@ def _row_sums(rows: int, device: torch.device) -> torch.Tensor:
     return torch.empty(rows, 3, dtype=torch.float64, device=device)
 
 
-def _fused_into(
-    spec: MethodSpec,
-    out: torch.Tensor,
-    views: Sequence[torch.Tensor],
-    base: torch.Tensor | None,
-    lams: Sequence[float],
-    observe: Observer | None,
-) -> bool:
-    """One step on task vectors of whole rows in the method's fused kernel pass, where it runs; whether it ran.
-
-    Reads p, m and θ₀ in their dtypes and writes `out` once, instead of `_rows_into`'s passes
-    through the workspace; the results and row sums are the same bit for bit (`ops.ext_sub_task_vectors_into`).
-    """
-    if base is None or len(views) != 2 or spec.fused is None:
-        return False
-    sums = _row_sums(out.shape[0], out.device) if observe is not None else None
-    if not spec.fused(out, views[0], views[1], base, lams[0], row_stats=sums):
-        return False
-    if observe is not None:
-        observe(0, sums)
-    return True
+def _observed(observe: Observer | None, sums: Sequence[torch.Tensor]) -> None:
+    for k, step_sums in enumerate(sums):
+        observe(k, step_sums)
 
 
 def _rows_into(
-    spec: MethodSpec,
-    out: torch.Tensor,
+    spec: MethodSpec | None,
+    out: torch.Tensor | None,
     views: Sequence[torch.Tensor],
     base: torch.Tensor | None,
     lams: Sequence[float],
@@ -172,60 +120,28 @@ def _rows_into(
     dtype: torch.dtype,
     observe: Observer | None = None,
 ) -> None:
-    """The method's kernel on chunks of whole rows: widen, subtract θ₀, the kernel once per anti-expert, add θ₀, round
-    into `out`.
-
-    Row sums for `observe`: the op's own (one anti-expert), or `row_products` of the expert kept in
-    a slot against each widened anti-expert (several: all are taken against the expert).
-    """
+    """Chunks of whole rows: widen, subtract θ₀, the kernel once per anti-expert, add θ₀, round into `out`."""
     rows, cols = views[0].shape
     n_anti = len(views) - 1
-    sums = [_row_sums(rows, out.device) for _ in range(n_anti)] if observe is not None else None
+    sums = [_row_sums(rows, views[0].device) for _ in range(n_anti)] if observe is not None else None
+    own = sums is not None and spec is not None and n_anti == 1
     for piece in pieces(rows, cols, workspace.elements, reduce_dim=1):
         wide_base = widen(workspace, 2, base[piece], None, dtype) if base is not None else None
         result = widen(workspace, 0, views[0][piece], wide_base, dtype)
-        expert = workspace.slot(3, tuple(result.shape), dtype).copy_(result) if sums and n_anti > 1 else None
+        expert = None
+        if sums is not None and not own:
+            expert = result if spec is None else workspace.slot(3, tuple(result.shape), dtype).copy_(result)
         for k, (m, lam) in enumerate(zip(views[1:], lams, strict=True)):
             wide_m = widen(workspace, 1, m[piece], wide_base, dtype)
             if expert is not None:
                 row_products(expert, wide_m, out=sums[k][piece[0]])
-            spec.op(result, wide_m, lam, row_stats=sums[0][piece[0]] if sums and n_anti == 1 else None)
-        if wide_base is not None:
-            result.add_(wide_base)
-        out[piece].copy_(result)
-    for k, step_sums in enumerate(sums or ()):
-        observe(k, step_sums)
-
-
-def _observe_products(
-    views: Sequence[torch.Tensor],
-    base: torch.Tensor | None,
-    reduce_dim: int,
-    in_pieces: bool,
-    workspace: Workspace,
-    dtype: torch.dtype,
-    observe: Observer,
-) -> None:
-    """Row sums of the expert against each anti-expert for an elementwise method, whose pass pairs no rows.
-
-    Chunks of whole rows: `row_products` of the widened task vectors; rows in pieces and columns:
-    their Gram matrices.
-    """
-    if in_pieces:
-        gram = RowGram(len(views), views[0].shape[1 - reduce_dim], products=True, device=views[0].device)
-        gram.add(views, base, reduce_dim=reduce_dim, workspace=workspace)
-        for k in range(1, len(views)):
-            observe(k - 1, gram.row_sums(k))
-        return
-    rows, cols = views[0].shape
-    sums = [_row_sums(rows, views[0].device) for _ in views[1:]]
-    for piece in pieces(rows, cols, workspace.elements, reduce_dim=1):
-        wide_base = widen(workspace, 2, base[piece], None, dtype) if base is not None else None
-        expert = widen(workspace, 0, views[0][piece], wide_base, dtype)
-        for k, m in enumerate(views[1:]):
-            row_products(expert, widen(workspace, 1, m[piece], wide_base, dtype), out=sums[k][piece[0]])
-    for k, step_sums in enumerate(sums):
-        observe(k, step_sums)
+            if spec is not None:
+                spec.op(result, wide_m, lam, row_stats=sums[0][piece[0]] if own else None)
+        if spec is not None:
+            if wide_base is not None:
+                result.add_(wide_base)
+            out[piece].copy_(result)
+    _observed(observe, sums or [])
 
 
 def _elementwise_into(
@@ -237,11 +153,8 @@ def _elementwise_into(
     workspace: Workspace,
     dtype: torch.dtype,
 ) -> None:
-    """out ← θ₀ + (p − θ₀) + Σ wⱼ·(mⱼ − θ₀) over flat chunks: an elementwise method (no θ₀ without a base).
-
-    Computed as p + Σ wⱼ·(mⱼ − θ₀), the same sum without adding θ₀ back: one pass and one
-    rounding fewer (the differences of bf16 or fp16 inputs are exact in float32).
-    """
+    """out ← p + Σ wⱼ·(mⱼ − θ₀) over flat chunks: θ₀ + (p − θ₀) + … without adding θ₀ back (one rounding fewer;
+    the differences of bf16 or fp16 inputs are exact in float32)."""
     flat = [plus.reshape(-1), *(m.reshape(-1) for m in minus)]
     flat_base = base.reshape(-1) if base is not None else None
     flat_out = out.view(-1)
@@ -269,27 +182,12 @@ def apply_method(
 ) -> torch.Tensor:
     """One tensor (or a block of its rows) merged: the method applied with each anti-expert in order.
 
-    ext-sub: θ ← θ − λ·Ext(θ⁻); sub: θ ← θ − λθ⁻; add: θ ← θ + λθ⁻ (`method_spec`). With `base`, it works
-    on task vectors: ΔW = θ − θ₀ for every input, and the result is θ₀ + ΔW'. `transposed`
-    pairs columns instead of rows (GPT-2 Conv1D weights, stored (in, out)). Precision as in
-    the module's docstring. `inplace` lets the single-step case overwrite `plus`; inputs are
-    otherwise left unchanged.
-
-    `observe`, when given, receives the row sums of the expert (task vector) against each
-    anti-expert, as rows are paired (docs/design.md §7; see `apply_method_into`).
-
-    Example:
-        >>> out = apply_method(torch.randn(8, 16), [torch.randn(8, 16)], [1.0])
+    As `apply_method_into`, into a new tensor of `out_dtype`; `inplace` lets the single-step case overwrite `plus`.
     """
-    spec = method_spec(method)
-    if len(minus) != len(lams):
-        raise ValueError(f"{len(minus)} anti-expert tensors but {len(lams)} λ values")
     out_dtype = out_dtype or plus.dtype
-    single = len(minus) == 1 and base is None and out_dtype == plus.dtype
-    if single and spec.op is not None and not transposed:
-        return apply_method_(plus if inplace else plus.clone(), minus[0], lams[0], method=spec, observe=observe)
     dtype = compute_dtype(plus.dtype, *(m.dtype for m in minus), *((base.dtype,) if base is not None else ()))
     workspace = method_workspace(len(minus), dtype.itemsize, plus.device, plus.numel())
+    single = len(minus) == 1 and base is None and out_dtype == plus.dtype
     # a single step in place writes over `plus` piece by piece, each piece read before it is written
     over_plus = single and inplace and plus.is_contiguous()
     out = plus if over_plus else torch.empty(plus.shape, dtype=out_dtype, device=plus.device)

@@ -1,15 +1,11 @@
 """What every output says about how it was made: its `__metadata__`, and in folder outputs the model card, the recipe
-and a note in the copied config.json (with the dtype the weights now have).
-
-Metadata is known before any tensor is written (the writer emits headers first); the model
-card needs the run's statistics, so folder outputs get their texts after the tensors and
-before the commit (`OutputSet.add_texts`): a failed run leaves none of them.
+and a note in the copied config.json (with the dtype the weights now have). Metadata is known before any tensor is
+written; the texts come after the tensors, before the commit (`OutputSet.add_texts`).
 """
 
 import dataclasses
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,62 +13,19 @@ import torch
 
 from extsub_kernels._version import __version__
 from extsub_kernels.constants import CARD_NAME, MODEL_CONFIG, RECIPE_NAME
-from extsub_kernels.engine.card import CardFacts, model_card
+from extsub_kernels.engine.card import CardFacts, OutputKind, model_card
 from extsub_kernels.engine.context import RunContext
-from extsub_kernels.engine.options import RunOptions
+from extsub_kernels.engine.options import DTYPE_NAMES, RunOptions
 from extsub_kernels.engine.recipe import METADATA_KEY as RECIPE_KEY
 from extsub_kernels.engine.recipe import recipe_text
 from extsub_kernels.engine.stats import TensorStats
 from extsub_kernels.engine.tables import summary_table
 from extsub_kernels.io import ResolvedInput, hub_repo_id, read_json_object
 
-_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
-
-
-def _output_metadata(
-    setting: Sequence[float],
-    method: str,
-    expert: str,
-    antis: Sequence[str],
-    base: str | None = None,
-    output_format: str | None = None,
-    context: RunContext | None = None,
-) -> dict[str, str]:
-    """`__metadata__` of an output: format=pt, method, λ, the inputs' names, the tool's version, an adapter format;
-    with a `context`, the command, the inputs (hub commits, header sha256 of each file) and the recipe.
-
-    Example:
-        >>> _output_metadata((0.5,), "sub", "expert.safetensors", ["anti.safetensors"])["extsub.lam"]
-        '[0.5]'
-    """
-    meta = {
-        "format": "pt",
-        "extsub.method": method,
-        "extsub.lam": json.dumps(list(setting)),
-        "extsub.expert": _printable(expert),
-        "extsub.anti": json.dumps([_printable(a) for a in antis]),
-        "extsub.version": __version__,
-    }
-    if base is not None:
-        meta["extsub.base"] = _printable(base)
-    if output_format is not None:
-        meta["extsub.format"] = output_format
-    if context is not None:
-        meta["extsub.command"] = _printable(context.command)
-        notes = [_input_note(record) for record in context.inputs]
-        meta["extsub.inputs"] = _printable(json.dumps(notes, separators=(",", ":"), ensure_ascii=False))
-        meta[RECIPE_KEY] = _printable(recipe_text(context.recipe, setting))
-    return meta
-
 
 def _printable(name: str) -> str:
     """Text a header or a text file can hold: bytes that are not UTF-8 (kept by Python as lone surrogates, as in
-    file names) as \\xNN.
-
-    Example:
-        >>> _printable("caf\\udce9.safetensors")
-        'caf\\\\xe9.safetensors'
-    """
+    file names) as \\xNN."""
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
@@ -89,36 +42,27 @@ def run_metadata(
     output_format: str | None = None,
     context: RunContext | None = None,
 ) -> list[dict[str, str]]:
-    """`__metadata__` of each output of a run (one per λ setting), naming the inputs by their display names."""
+    """`__metadata__` of each output of a run (one per λ setting): format=pt, method, λ, the inputs' display names,
+    the tool's version, an adapter format; with a `context`, the command, the inputs (hub commits, header sha256 of
+    each file) and the recipe."""
     names = {role: inp.name for role, inp in inputs}
-    antis = [name for role, name in names.items() if role.startswith("ANTI")]
-    return [
-        _output_metadata(setting, options.method, names["EXPERT"], antis, names.get("BASE"), output_format, context)
-        for setting in options.settings
-    ]
-
-
-@dataclass(frozen=True)
-class OutputKind:
-    """What kind of thing a folder output is, for its model card.
-
-    Attributes:
-        what: a few words ("a PEFT LoRA adapter", "the full model θ₀ + ΔW'", "task vectors ΔW'").
-        library_name: "peft", "transformers", or None when no library loads it as it is.
-        base_model: the base model's hub id, only when it is one (`card_base_model`).
-        config: a model config.json to copy with a note (and the output dtype), for full models.
-        tags: model-card tags beside extsub, merge and the method ("peft", "lora", "ia3", ...).
-        notes: a paragraph per output (one per λ setting, in order) for its card, e.g. what --max-rank cost.
-        base_note: why the card has no `base_model` although a base model is known.
-    """
-
-    what: str
-    library_name: str | None = None
-    base_model: str | None = None
-    config: Path | None = None
-    tags: tuple[str, ...] = ()
-    notes: tuple[str, ...] = ()
-    base_note: str = ""
+    antis = [_printable(name) for role, name in names.items() if role.startswith("ANTI")]
+    metadata = []
+    for setting in options.settings:
+        meta = {"format": "pt", "extsub.method": options.method, "extsub.lam": json.dumps(list(setting))}
+        meta.update({"extsub.expert": _printable(names["EXPERT"]), "extsub.anti": json.dumps(antis)})
+        meta["extsub.version"] = __version__
+        if names.get("BASE") is not None:
+            meta["extsub.base"] = _printable(names["BASE"])
+        if output_format is not None:
+            meta["extsub.format"] = output_format
+        if context is not None:
+            meta["extsub.command"] = _printable(context.command)
+            notes = [_input_note(record) for record in context.inputs]
+            meta["extsub.inputs"] = _printable(json.dumps(notes, separators=(",", ":"), ensure_ascii=False))
+            meta[RECIPE_KEY] = _printable(recipe_text(context.recipe, setting))
+        metadata.append(meta)
+    return metadata
 
 
 def output_texts(
@@ -136,21 +80,9 @@ def output_texts(
         if path.suffix == ".safetensors" or context is None:
             texts.append({})
             continue
-        facts = CardFacts(
-            title=path.name,
-            method=options.method,
-            setting=tuple(setting),
-            inputs=context.inputs,
-            command=context.command,
-            library_name=kind.library_name,
-            base_model=kind.base_model,
-            what=kind.what,
-            table=table,
-            tags=kind.tags,
-            note=kind.notes[index] if kind.notes else "",
-            base_note=kind.base_note,
-            extra=context.card_note,
-        )
+        note = kind.notes[index] if kind.notes else ""
+        made = (context.inputs, context.command, kind, table, note, context.card_note)
+        facts = CardFacts(path.name, options.method, tuple(setting), *made)
         files = {CARD_NAME: model_card(facts), RECIPE_NAME: recipe_text(context.recipe, setting)}
         if kind.config is not None:
             files[MODEL_CONFIG] = _noted_config(kind.config, options.out_dtype, options.method, setting)
@@ -169,29 +101,17 @@ def _noted_config(path: Path, out_dtype: torch.dtype | None, method: str, settin
     """A model's config.json with an `extsub` note (version, method, λ, recipe file) and, when the output dtype was
     changed, `torch_dtype`/`dtype` saying so (transformers keeps unknown keys and reads either dtype key)."""
     config = read_json_object(path)
-    if out_dtype is not None:
-        keys = [key for key in ("torch_dtype", "dtype") if key in config] or ["torch_dtype"]
-        for key in keys:
-            config[key] = _DTYPE_NAMES[out_dtype]
+    for key in ([k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]) if out_dtype else ():
+        config[key] = DTYPE_NAMES[out_dtype]
     config["extsub"] = {"version": __version__, "method": method, "lam": list(setting), "recipe": RECIPE_NAME}
     return json.dumps(config, indent=2, ensure_ascii=False) + "\n"
 
 
 def card_base_model(name: str | None, who: str) -> tuple[str | None, str]:
-    """(hub id, "") when `name` is a hub repo id, else (None, why the card leaves `base_model` out).
-
-    The hub refuses any other `base_model` (a local path, or a folder's name, which names an unrelated repo).
-
-    Example:
-        >>> card_base_model("org/base@main", "BASE")
-        ('org/base', '')
-    """
-    if not name:
-        return None, ""
-    repo = hub_repo_id(name)
-    if repo is not None:
+    """(hub id, "") when `name` is a hub repo id, else (None, why the card leaves `base_model` out: the hub refuses a
+    local path, or a folder's name, which names an unrelated repo)."""
+    repo = hub_repo_id(name) if name else None
+    if repo is not None or not name:
         return repo, ""
-    return (
-        None,
-        f"{who} `{_printable(name)}` is a local path, not a Hugging Face hub id, which is all the hub accepts there",
-    )
+    why = f"{who} `{_printable(name)}` is a local path, not a Hugging Face hub id, which is all the hub accepts there"
+    return None, why

@@ -1,12 +1,11 @@
 """Three overlapping stages: read item i+1 (a thread), compute item i (the caller), write item i-1 (a thread).
 
-Queues of `depth` items between the stages bound what is in flight: at most `depth + 2` items
-hold inputs (one being read, `depth` queued, one computed) and `depth + 2` hold results (one
-computed, `depth` queued, one being written). That number, `in_flight`, sizes the buffer pools.
-An error or an interrupt in any stage stops all three; the caller sees the first error once
-both threads have ended, so nothing is still writing when it cleans up.
+Queues of `depth` items between the stages bound what is in flight: `in_flight` items hold inputs, as many hold
+results; it sizes the buffer pools. An error or an interrupt in any stage stops all three; the caller sees the first
+error once both threads have ended, so nothing is still writing when it cleans up.
 """
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable, Iterable
@@ -31,13 +30,11 @@ def run_pipeline(
     depth: int = 1,
     on_stop: Callable[[], None] | None = None,
 ) -> None:
-    """For each item: payload = read(item); result = compute(item, payload); write(item, result).
+    """For each item, in order: payload = read(item); result = compute(item, payload); write(item, result).
 
-    `read` and `write` run in their own threads, `compute` in the calling thread (where
-    KeyboardInterrupt lands). Items are written in order. `on_stop` is called when a stage fails
-    (from its thread) and when the run ends, before waiting for the threads: it wakes a stage
-    blocked on something other than the queues (a buffer pool), so an error in one stage never
-    leaves another waiting. The first error is the one raised.
+    `read` and `write` run in their own threads, `compute` in the calling one (where KeyboardInterrupt lands).
+    `on_stop` is called when a stage fails and when the run ends, before waiting for the threads: it wakes a stage
+    blocked elsewhere (a buffer pool). The first error is the one raised.
     """
     stop = threading.Event()
     errors: list[BaseException] = []
@@ -46,11 +43,9 @@ def run_pipeline(
 
     def put(q: queue.Queue, value: Any) -> bool:
         while not stop.is_set():
-            try:
+            with contextlib.suppress(queue.Full):
                 q.put(value, timeout=_POLL_S)
                 return True
-            except queue.Full:
-                continue
         return False
 
     def get(q: queue.Queue) -> Any:
@@ -86,10 +81,8 @@ def run_pipeline(
         except BaseException as e:
             fail(e)
 
-    threads = [
-        threading.Thread(target=reader, name="extsub-read", daemon=True),
-        threading.Thread(target=writer, name="extsub-write", daemon=True),
-    ]
+    stages = ((reader, "extsub-read"), (writer, "extsub-write"))
+    threads = [threading.Thread(target=stage, name=name, daemon=True) for stage, name in stages]
     for t in threads:
         t.start()
     try:

@@ -1,9 +1,8 @@
 """Plan a dense merge from the inputs' headers alone: what happens to each tensor, and the blocks of rows to stream.
 
-Nothing here reads tensor data. The plan fixes the output's keys, dtypes and shapes (so the
-writer can emit its header first) and cuts tensors into blocks of whole rows for streaming; a
-row longer than a block comes in pieces, streamed twice for Ext-Sub (the rows' norms, then the
-update), and so does a Conv1D weight larger than a block (its rows are the stored columns).
+The plan fixes the output's keys, dtypes and shapes (the writer emits its header first) and cuts tensors into
+blocks of whole rows; a row longer than a block comes in pieces, streamed twice for a row-pairing method (norms,
+then update), and so does a Conv1D weight larger than a block (its rows are the stored columns).
 """
 
 import math
@@ -25,12 +24,8 @@ _SHOWN = 10  # keys listed in an error before "... and N more"
 
 @dataclass(frozen=True, slots=True)
 class TensorJob:
-    """What the merge does with one output tensor.
-
-    Inputs are numbered: 0 the expert, 1..n the anti-experts, n + 1 the base.
-    `antis` lists the anti-experts whose tensor goes through the op, in order; an empty
-    `antis` means the tensor is copied from input `source`.
-    """
+    """What the merge does with one output tensor. Inputs are numbered 0 the expert, 1..n the anti-experts, n + 1
+    the base; `antis`: the anti-experts merged in, in order (none: copied from input `source`)."""
 
     name: str
     shape: tuple[int, ...]
@@ -46,9 +41,8 @@ class TensorJob:
 
     def inputs(self) -> tuple[int, ...]:
         """The inputs read for this tensor, in the order the op takes them."""
-        if not self.antis:
-            return (self.source,)
-        return (0, *self.antis) + ((self.base,) if self.base is not None else ())
+        base = (self.base,) if self.base is not None else ()
+        return (0, *self.antis, *base) if self.antis else (self.source,)
 
 
 def plan_tensors(
@@ -63,14 +57,11 @@ def plan_tensors(
 ) -> tuple[list[TensorJob], list[str]]:
     """Match tensors by key across the inputs; returns the jobs (expert order) and the skipped keys.
 
-    Float tensors of the expert that an anti-expert also has go through the op with that
-    anti-expert (with `has_base`, the base must have them too). Other tensors of the expert
-    are copied. Keys only in anti-experts follow `on_missing`. Raises InputError for shape or
-    dtype mismatches, missing keys (with on_missing="error"), and inputs with nothing to merge
-    (an empty input, no shared tensor name, no shared float tensor). `inputs`, numbered like
-    `readers`, name files in messages by the path the user gave.
+    Float tensors of the expert that an anti-expert also has are merged with it (with `has_base`, the base must
+    have them too); the expert's others are copied; keys only in anti-experts follow `on_missing`. InputError for
+    shape or dtype mismatches, missing keys, and inputs with nothing to merge. `inputs` name files in messages.
     """
-    expert, _antis = readers[0], readers[1 : 1 + n_anti]
+    expert = readers[0]
     where = _namer(readers, inputs)
     for reader in readers:
         if not len(reader):
@@ -121,7 +112,7 @@ def plan_tensors(
 
 
 def _namer(readers: Sequence[CheckpointReader], inputs: Sequence[ResolvedInput]) -> Callable[[object], str]:
-    """A function naming a reader, or the file of a tensor, by the path the user gave (file names without `inputs`)."""
+    """A function naming a reader, or the file of a tensor, by the path the user gave."""
     pairs = list(zip(readers, inputs, strict=False))
     by_file = {header.path: display_path(inp, header.path) for reader, inp in pairs for header in reader.headers}
     by_reader = {id(reader): inp.spec for reader, inp in pairs}
@@ -135,12 +126,10 @@ def _namer(readers: Sequence[CheckpointReader], inputs: Sequence[ResolvedInput])
 
 
 def _role(reader: CheckpointReader, name: str, where) -> str:
-    """ "ANTI (path/as/given.safetensors)": an input named by its role and the file holding tensor `name`."""
     return f"{reader.label} ({where(reader.info(name))})"
 
 
 def _check_match(a: TensorInfo, b: TensorInfo, a_role: str, b_role: str) -> None:
-    """Shapes equal, dtypes both float or equal; the roles name the inputs ("EXPERT (path/as/given)")."""
     if a.shape != b.shape:
         raise InputError(
             f"shape mismatch for tensor {a.name!r}: {list(a.shape)} in {a_role} but {list(b.shape)} in {b_role}"
@@ -169,7 +158,8 @@ def _anti_only(
         more = f" and {len(first_holder) - _SHOWN} more" if len(first_holder) > _SHOWN else ""
         raise InputError(
             f"{len(first_holder)} tensor(s) of the anti-expert(s) are not in EXPERT: {listed}{more}; "
-            "pass --on-missing copy (write them unchanged) or --on-missing skip (leave them out)"
+            'pass on_missing="copy" (write them unchanged) or on_missing="skip" (leave them out)',
+            options=("on_missing",),
         )
     if on_missing == "skip":
         return [], list(first_holder)
@@ -188,10 +178,8 @@ Phase = Literal["one-pass", "norms", "update"]
 class Block:
     """A piece of one tensor read, computed and written at once: rows [start, stop), or elements `cols` of row `start`.
 
-    `phase`: a "one-pass" block is computed on its own. A tensor whose Ext-Sub rows do not fit
-    one block — rows longer than a block, or a Conv1D weight whose rows are its stored columns —
-    streams twice: its "norms" blocks are read to accumulate the rows' norms and write nothing,
-    then its "update" blocks, the same pieces again, write the result.
+    `phase`: "one-pass", computed on its own; or, for op rows that do not fit one block, "norms" (accumulates the
+    rows' sums, writes nothing) and then "update" (the same pieces again, written).
     """
 
     job: TensorJob
@@ -201,14 +189,12 @@ class Block:
     phase: Phase = "one-pass"
 
     def shape(self) -> tuple[int, ...]:
-        """This block's shape: rows of the tensor, a 1-D piece of one row, or a 0-D or 1-D tensor whole."""
         if self.cols is not None:
             return (self.cols[1] - self.cols[0],)
         shape = self.job.shape
         return (self.stop - self.start, *shape[1:]) if len(shape) >= 2 else shape
 
     def elements(self) -> tuple[int, int]:
-        """(first element, number of elements) of this block within the tensor, flattened."""
         row = row_elements(self.job.shape)
         if self.cols is not None:
             return self.start * row + self.cols[0], self.cols[1] - self.cols[0]
@@ -227,13 +213,9 @@ def row_elements(shape: tuple[int, ...]) -> int:
 
 
 def cut_blocks(job: TensorJob, row_bytes: int, block_bytes: int, *, whole_rows: bool) -> list[Block]:
-    """Cut `job` into blocks of at most `block_bytes` in its widest form (`row_bytes` per row, see `row_bytes`).
-
-    Blocks hold whole rows, at least one; a row longer than `block_bytes` comes in pieces. With
-    `whole_rows` (Ext-Sub needs each row's norms), a merged job whose op rows span several blocks
-    streams twice, "norms" then "update": per row for rows in pieces, over the whole tensor for
-    a Conv1D weight (`job.transposed`: the op's rows are its columns), which is otherwise one block.
-    """
+    """Cut `job` into blocks of at most `block_bytes` in its widest form (`row_bytes` per row): whole rows, or pieces
+    of a longer row. With `whole_rows` (a row-pairing method), merged op rows over several blocks stream "norms"
+    then "update": per row in pieces, over the whole tensor for a Conv1D weight (its op rows are its columns)."""
     rows = rows_of(job.shape)
     if not rows or not row_bytes:
         return []
@@ -254,12 +236,3 @@ def cut_blocks(job: TensorJob, row_bytes: int, block_bytes: int, *, whole_rows: 
         else:
             blocks += unit
     return blocks
-
-
-def row_bytes(job: TensorJob, readers: Sequence[CheckpointReader]) -> int:
-    """Bytes of one row of `job` in its widest form: any of its inputs, or its output."""
-    rows = rows_of(job.shape)
-    infos = [readers[i].info(job.name) for i in job.inputs()]
-    numel = infos[0].nbytes // infos[0].dtype.itemsize
-    widest = max([info.nbytes for info in infos] + [numel * job.out_dtype.itemsize])
-    return widest // rows if rows else 0

@@ -1,13 +1,12 @@
 """Recipes: every option of a merge in one YAML file, read back with `--config` and written into each output.
 
-A recipe is a YAML mapping whose keys are the long options of `extsub-merge` with `_` for
-`-` (`max_shard_size`, `on_missing`, ...) plus `expert`, `anti` and `out`. Loading checks
-every key and type and names the key at fault. Each output carries the recipe that made it
-(its own λ, hub inputs pinned to the commit they resolved to), so rerunning it rewrites the
-same tensors byte for byte on the same kind of device.
+A recipe maps the long options of `extsub-merge` (`_` for `-`) plus `expert`, `anti` and `out` to values; loading
+checks every key and type and names the key at fault. Each output carries the recipe that made it (its own λ, hub
+inputs pinned to their commit), so rerunning it rewrites the same tensors byte for byte on the same kind of device.
 """
 
 import difflib
+import itertools
 import os
 import shlex
 from collections.abc import Mapping, Sequence
@@ -67,24 +66,8 @@ KEYS: dict[str, RecipeKey] = {
     "verbose": RecipeKey((bool,), "true or false", flag="--verbose"),
 }
 # What a written recipe holds: how the output was made (not where it went or how the run talked).
-MERGE_KEYS = (
-    "expert",
-    "anti",
-    "base",
-    "lam",
-    "method",
-    "device",
-    "dtype",
-    "max_shard_size",
-    "on_missing",
-    "transposed",
-    "format",
-    "max_rank",
-    "lora_alpha",
-    "rank",
-    "rslora",
-    "any_base_model",
-)
+MERGE_KEYS = tuple(k for k in KEYS if k not in ("extsub_recipe", "extsub_version", "out", "force", "dry_run", "report"))
+MERGE_KEYS = MERGE_KEYS[: MERGE_KEYS.index("any_base_model") + 1]
 
 
 METADATA_KEY = "extsub.recipe"  # where each weights file's __metadata__ keeps the recipe of its output
@@ -93,16 +76,8 @@ METADATA_KEY = "extsub.recipe"  # where each weights file's __metadata__ keeps t
 def load_recipe(path: str | os.PathLike, choices: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
     """Read and validate a recipe (a YAML file, or the `extsub.recipe` a weights file's metadata carries); keys whose
     value is null are left out. `choices`: the values of keys whose vocabulary lives above the engine (the adapter
-    formats), checked like the others.
-
-    Raises:
-        InputError: an unreadable file, YAML that is not a mapping, an unknown key (with the
-            closest known one), a value of the wrong type or outside its choices; each names
-            the file and the key.
-
-    Example:
-        >>> load_recipe("recipe.yaml")  # doctest: +SKIP
-        {'expert': 'org/expert', 'anti': ['org/anti'], 'lam': 0.5}
+    formats). InputError for an unreadable file, YAML that is not a mapping, an unknown key (with the closest known
+    one), a value of the wrong type or outside its choices, naming the file and the key.
     """
     path = Path(path)
     if path.suffix == ".safetensors":  # an output of this tool: its recipe is in the header's metadata
@@ -112,14 +87,16 @@ def load_recipe(path: str | os.PathLike, choices: Mapping[str, Sequence[str]] | 
                 f"--config {path}: its metadata holds no {METADATA_KEY} (not written by extsub-merge?); "
                 "give a recipe .yaml, or a weights file extsub-merge wrote"
             )
-        return check_recipe(_parsed(text, path), str(path), choices)
-    return check_recipe(_parsed(read_bounded_text(path, "--config", MAX_RECIPE_BYTES), path), str(path), choices)
+    else:
+        text = read_bounded_text(path, "--config", _MAX_RECIPE_BYTES)
+    return check_recipe(_parsed(text, path), str(path), choices)
 
 
 def _parsed(text: str, path: Path) -> object:
     """The YAML of a recipe, or an InputError naming the file and the line; aliases and deep nesting refused first."""
-    if _flow_depth(text) > MAX_RECIPE_DEPTH:  # YAML's scanner slows down with the square of the nesting
-        raise InputError(f"--config {path}: not valid YAML (nested more than {MAX_RECIPE_DEPTH} deep)")
+    # the deepest nesting of flow brackets (those in quotes too: an upper bound); YAML slows with its square
+    if max(itertools.accumulate((c in "[{") - (c in "]}") for c in text), default=0) > _MAX_RECIPE_DEPTH:
+        raise InputError(f"--config {path}: not valid YAML (nested more than {_MAX_RECIPE_DEPTH} deep)")
     try:
         if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
             raise InputError(f"--config {path}: YAML aliases (*name) are not taken in a recipe; write values out")
@@ -134,20 +111,8 @@ def _parsed(text: str, path: Path) -> object:
     return loaded
 
 
-MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few dozen lines
-MAX_RECIPE_DEPTH = 32  # of [ ] and { }: a recipe nests two deep
-
-
-def _flow_depth(text: str) -> int:
-    """The deepest nesting of YAML flow brackets in `text` (brackets inside quotes count too: an upper bound)."""
-    depth = deepest = 0
-    for char in text:
-        if char in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif char in "]}":
-            depth -= 1
-    return deepest
+_MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few dozen lines
+_MAX_RECIPE_DEPTH = 32  # of [ ] and { }: a recipe nests two deep
 
 
 def check_recipe(
@@ -190,13 +155,8 @@ def check_recipe(
 
 def _check_lams(lam: object, where: str) -> None:
     """Every λ of a recipe's `lam` a finite number (`lam_value`'s rule), the error naming the file and the key."""
-    items = (
-        [part.split(":") for part in lam.split(",")]
-        if isinstance(lam, str)
-        else lam
-        if isinstance(lam, list)
-        else [lam]
-    )
+    items = [part.split(":") for part in lam.split(",")] if isinstance(lam, str) else lam
+    items = items if isinstance(items, list) else [items]
     try:
         for item in items:
             for value in item if isinstance(item, (list, tuple)) else [item]:
@@ -212,11 +172,7 @@ def _lam_value_for(setting: Sequence[float]) -> float | str:
 
 
 def recipe_text(recipe: Mapping[str, Any], setting: Sequence[float]) -> str:
-    """The recipe of one output: `recipe` (MERGE_KEYS) with that output's λ, as YAML with a header comment.
-
-    Example:
-        >>> print(recipe_text({"expert": "e.safetensors", "anti": ["a.safetensors"]}, (0.5,)))  # doctest: +SKIP
-    """
+    """The recipe of one output: `recipe` (MERGE_KEYS) with that output's λ, as YAML with a header comment."""
     body = {"extsub_recipe": RECIPE_FORMAT, "extsub_version": __version__}
     for key in MERGE_KEYS:
         value = _lam_value_for(setting) if key == "lam" else recipe.get(key)
@@ -231,12 +187,8 @@ def recipe_text(recipe: Mapping[str, Any], setting: Sequence[float]) -> str:
 
 
 def command_line(recipe: Mapping[str, Any], out: str | os.PathLike | None = None) -> str:
-    """The `extsub-merge` command that runs `recipe` (flags only where they differ from the defaults).
-
-    Example:
-        >>> command_line({"expert": "e", "anti": ["a"], "lam": 0.5, "method": "sub"}, "out/")
-        'extsub-merge e a -o out/ --lam 0.5 --method sub'
-    """
+    """The `extsub-merge` command that runs `recipe` (flags only where they differ from the defaults), as
+    "extsub-merge e a -o out/ --lam 0.5 --method sub"."""
     anti = recipe.get("anti") or []
     words = [PROG, str(recipe.get("expert", "EXPERT")), *([anti] if isinstance(anti, str) else anti)]
     out = out if out is not None else recipe.get("out")
@@ -259,11 +211,9 @@ def command_line(recipe: Mapping[str, Any], out: str | os.PathLike | None = None
 
 
 def _lam_text(lam: object) -> str:
-    if isinstance(lam, (list, tuple)):
-        return ",".join(
-            ":".join(_number(x) for x in item) if isinstance(item, (list, tuple)) else _number(item) for item in lam
-        )
-    return _number(lam) if isinstance(lam, (int, float)) else str(lam)
+    if not isinstance(lam, (list, tuple)):
+        return _number(lam)
+    return ",".join(":".join(map(_number, x)) if isinstance(x, (list, tuple)) else _number(x) for x in lam)
 
 
 def _number(x: object) -> str:

@@ -1,9 +1,7 @@
 """The machine-readable record of a run (`--report FILE.json`, `extsub-inspect`'s report.json), and the one JSON writer.
 
-The record is a JSON object: the tool and the command; the inputs (path as given, resolved
-path or hub repo with its resolved commit, file sizes, header sha256); every option; the
-outputs with their files and sizes; times, bytes, peak memory; what happened to each tensor
-or module, with its row statistics (docs/design.md §7) where they were gathered.
+A JSON object: the tool and the command; the inputs (as given, resolved, hub commits, sizes, header sha256); every
+option; the outputs with their files; times, bytes, peak memory; each tensor or module with its row statistics.
 """
 
 import dataclasses
@@ -25,47 +23,29 @@ RECORD_FORMAT = 1
 
 
 def report_record(report: MergeReport) -> dict[str, Any]:
-    """The JSON-ready record of `report` (its context supplies the inputs, options and command).
-
-    Example:
-        >>> record = report_record(merge("e.safetensors", "a.safetensors", "out/"))  # doctest: +SKIP
-        >>> record["tensors"][0]["stats"]["pairs"][0]["cos"]["median"]  # doctest: +SKIP
-        0.0123
-    """
+    """The JSON-ready record of `report` (its context supplies the inputs, options and command)."""
     context = report.context
     stats = {s.name: s for s in report.stats}
+    files = [*report.files, *[()] * (len(report.outputs) - len(report.files))]
+    outputs = zip(report.outputs, report.settings, files, strict=False)
     return {
         "extsub_report": RECORD_FORMAT,
         "tool": {"name": "extsub", "version": __version__},
         "mode": report.mode,
         "command": context.command if context else None,
         "started_at": context.started_at if context else None,
-        "seconds": report.seconds,
-        "device": report.device,
+        **{key: getattr(report, key) for key in ("seconds", "device")},
         "inputs": [dict(record) for record in context.inputs] if context else [],
         "options": jsonable(dict(context.options) if context else {}),
-        "method": report.method,
-        "layout": report.layout,
-        "kernel": report.kernel,
+        **{key: getattr(report, key) for key in ("method", "layout", "kernel")},
         "outputs": [
-            {
-                "path": str(path),
-                "lam": list(setting),
-                "files": [{"name": name, "bytes": size} for name, size in files],
-            }
-            for path, setting, files in zip(
-                report.outputs, report.settings, _padded(report.files, report.outputs), strict=False
-            )
+            {"path": str(path), "lam": list(setting), "files": [{"name": n, "bytes": size} for n, size in listed]}
+            for path, setting, listed in outputs
         ],
         "totals": {
             "tensors_per_output": report.tensors,
-            "merged": report.merged,
-            "copied": report.copied,
-            "skipped": report.skipped,
-            "bytes_read": report.bytes_read,
-            "bytes_written": report.bytes_written,
-            "peak_rss_bytes": report.peak_rss_bytes,
-            "peak_gpu_bytes": report.peak_gpu_bytes,
+            **{key: getattr(report, key) for key in ("merged", "copied", "skipped", "bytes_read", "bytes_written")},
+            **{key: getattr(report, key) for key in ("peak_rss_bytes", "peak_gpu_bytes")},
         },
         "items": [
             {**dataclasses.asdict(item), "shape": list(item.shape), "stats": _tensor_stats(stats.get(item.name))}
@@ -73,10 +53,6 @@ def report_record(report: MergeReport) -> dict[str, Any]:
         ],
         "summary": _summary(report),
     }
-
-
-def _padded(files: tuple, outputs: tuple) -> list:
-    return list(files) + [()] * (len(outputs) - len(files))
 
 
 def _tensor_stats(stats: TensorStats | None) -> dict[str, Any] | None:
@@ -97,19 +73,9 @@ def _summary(report: MergeReport) -> list[dict[str, Any]]:
     rows = []
     for anti in anti_roles(report.stats):
         for kind, group in by_module_type(report.stats, anti).items():
-            rows.append(
-                {
-                    "anti": anti,
-                    "module_type": kind,
-                    "layers": sorted(group.layers),
-                    "tensors": group.tensors,
-                    "rows": group.rows,
-                    "degenerate_rows": group.degenerate_rows,
-                    "cos_mean": group.cos_mean,
-                    "deficiency_share": group.deficiency_share,
-                    "relative_change": group.relative_change,
-                }
-            )
+            numbers = ("tensors", "rows", "degenerate_rows", "cos_mean", "deficiency_share", "relative_change")
+            row = {"anti": anti, "module_type": kind, "layers": sorted(group.layers)}
+            rows.append({**row, **{key: getattr(group, key) for key in numbers}})
     return rows
 
 
@@ -132,8 +98,7 @@ def json_text(record: Any) -> str:
 
 
 def write_json(record: Any, target: str | os.PathLike) -> None:
-    """Write `record` to `target` ("-": stdout; a FIFO or a character device: into it) whole or not at all (a
-    temporary file beside it, then a rename)."""
+    """Write `record` to `target` ("-": stdout; a FIFO or a character device: into it) whole or not at all."""
     text = json_text(record)
     if os.fspath(target) == "-":
         sys.stdout.write(text)

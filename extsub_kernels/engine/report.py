@@ -11,33 +11,28 @@ from extsub_kernels.engine.context import RunContext
 from extsub_kernels.engine.memory import peak_rss_bytes
 from extsub_kernels.engine.method_spec import DEFAULT_METHOD
 from extsub_kernels.engine.stats import TensorStats
+from extsub_kernels.engine.tables import lam_text
 from extsub_kernels.io.outputs import listed_files
 
-GB = 1e9
+_UNITS = (("GB", 1e9), ("MB", 1e6), ("kB", 1e3))  # SI, as the progress bar counts
 Files = tuple[tuple[str, int | None], ...]
 
 
 class ReportSection(Protocol):
-    """A path-specific part of the report (adapter merges: what happened to each module)."""
+    """A path-specific part of the report (adapter merges: what happened to each module): its part of the one-line
+    summary, and its lines for --verbose."""
 
-    def summary(self) -> str:
-        """The part of the one-line summary this section adds."""
+    def summary(self) -> str: ...
 
-    def details(self, outputs: Sequence[Path]) -> list[str]:
-        """Extra lines for --verbose, per output."""
+    def details(self, outputs: Sequence[Path]) -> list[str]: ...
 
 
 @dataclass(frozen=True)
 class Item:
-    """What a run does with one tensor or module, and why.
+    """What a run does with one tensor or module (`kind`: "tensor", "module", "non-LoRA tensor", ...), and why.
 
-    Attributes:
-        name: the tensor's or module's name.
-        kind: "tensor", "module" (a LoRA module) or "non-LoRA tensor".
-        action: "merged", "copied", "skipped", or for modules only in anti-experts "dropped" / "added".
-        reason: why, in a few words ("in EXPERT and ANTI", "only in EXPERT", "not a float tensor").
-        shape: the shape written (a module: (out, in) of its ΔW).
-        dtype: the dtype written, as safetensors spells it.
+    `action`: "merged", "copied", "skipped", or for modules only in anti-experts "dropped" / "added"; `reason` in a
+    few words; `shape` and `dtype` (as safetensors spells it) as written (a module: (out, in) of its ΔW).
     """
 
     name: str
@@ -53,26 +48,17 @@ class MergeReport:
     """What a merge did and what it cost.
 
     Attributes:
-        outputs: the paths written (one per λ setting; for a dry run, the paths it would write).
-        tensors: tensors in each output; merged went through the method, copied did not.
-        skipped: keys left out (anti-expert-only keys with on_missing="skip").
-        bytes_read: tensor bytes read from all inputs (a dry run: that it would read).
-        bytes_written: bytes written to all outputs (headers included).
-        seconds: wall time of the whole merge, fsync included.
-        peak_rss_bytes: peak resident memory of this process (None where unknown).
-        peak_gpu_bytes: peak CUDA memory allocated by torch during the merge (None on CPU).
-        device: where the op ran.
-        skipped_keys: the keys counted in `skipped`.
+        outputs: the paths written, one per λ setting (a dry run: those it would write).
+        tensors, merged, copied, skipped: tensors in each output, through the method or not; keys left out.
+        bytes_read, bytes_written: tensor bytes read from all inputs; bytes written to all outputs (headers too).
+        seconds, peak_rss_bytes, peak_gpu_bytes: wall time, fsync included; peak memory (None where unknown, on CPU).
+        device, kernel: where the op ran and what ran it (`ops.op_backend`; None where nothing was computed).
         adapter: adapter merges: what happened to each module (None for dense inputs).
         mode: "merge", "dry-run" (nothing read but headers, nothing written) or "inspect" (statistics only).
-        method: the method's name (`engine.method_spec`).
-        settings: λ per anti-expert of each output.
-        items: what happens to each tensor (dense) or module (adapters), in order.
-        stats: row statistics of each merged tensor or module (empty when not gathered).
+        method, settings: the method's name; λ per anti-expert of each output.
+        items, stats: what happens to each tensor or module, in order; their row statistics (where gathered).
         files: (name, bytes) of the files of each output (bytes None for texts a dry run cannot size).
         layout: how rows were paired (which weights count as stored (in, out), and why).
-        kernel: what ran the op on `device` (`ops.op_backend`: the C++ kernel or the eager torch path
-            on CPU, and why); None where the run computed nothing (a dry run).
         context: the run's provenance: inputs with commits and header hashes, recipe, command.
     """
 
@@ -102,29 +88,27 @@ class MergeReport:
     @classmethod
     def finished(
         cls,
-        written: Sequence[Path],
+        outputs: Sequence[Path],
         *,
         bytes_read: int,
-        bytes_written: int,
-        started: float,
-        peak_gpu_bytes: int | None,
+        bytes_written: int = 0,
+        started: float | None = None,
+        peak_gpu_bytes: int | None = None,
+        files: Sequence[Sequence[tuple[str, int | None]]] | None = None,
         **facts,
     ) -> "MergeReport":
-        """The report of a run that has ended now: its seconds since `started` (perf_counter), the process's peak RSS,
-        and the files of each output written (`facts`: the rest, as the fields)."""
-        return cls(
-            outputs=tuple(written),
-            bytes_read=bytes_read,
-            bytes_written=bytes_written,
-            seconds=time.perf_counter() - started,
-            peak_rss_bytes=peak_rss_bytes(),
-            peak_gpu_bytes=peak_gpu_bytes,
-            files=tuple(tuple(listed_files(path)) for path in written),
-            **facts,
+        """The report of a run that has ended now, the one way every path builds it: seconds since `started`
+        (perf_counter; None, a dry run: 0), the process's peak RSS, the files of each output (`files`: those a dry
+        run plans, else those written); `facts`: the other fields."""
+        listed = files if files is not None else [listed_files(path) for path in outputs]
+        facts.update(
+            files=tuple(tuple(f) for f in listed), peak_rss_bytes=peak_rss_bytes(), peak_gpu_bytes=peak_gpu_bytes
         )
+        seconds = time.perf_counter() - started if started is not None else 0.0
+        return cls(outputs=tuple(outputs), bytes_read=bytes_read, bytes_written=bytes_written, seconds=seconds, **facts)
 
     def counts(self) -> str:
-        """The tensors of each output: "6 tensors (4 merged, 2 copied)", or "2 outputs of 6 tensors each (...)"."""
+        """ "6 tensors (4 merged, 2 copied)", or "2 outputs of 6 tensors each (...)"."""
         skipped = f", {self.skipped} skipped" if self.skipped else ""
         split = f"({self.merged} merged, {self.copied} copied{skipped})"
         tensors = f"{self.tensors} tensor{'s' if self.tensors != 1 else ''}"
@@ -162,7 +146,7 @@ class MergeReport:
 
     def details(self) -> list[str]:
         """--verbose: one line per tensor or module (with its row statistics), then the adapter section's lines."""
-        by_name = self._stats_by_name()
+        by_name = {s.name: s for s in self.stats}
         lines = []
         for item in self.items:
             lines.append(item_line(item, by_name.get(item.name), self.settings))
@@ -182,15 +166,9 @@ class MergeReport:
         """The files of each output with their sizes (a dry run: those it would write)."""
         lines = []
         for path, files in zip(self.outputs, self.files, strict=False):
-            lines.append(f"{path}:")
-            lines += [
-                f"  {name}  {human_bytes(size) if size is not None else '(written after the tensors)'}"
-                for name, size in files
-            ]
+            later = "(written after the tensors)"
+            lines += [f"{path}:", *(f"  {name}  {human_bytes(n) if n is not None else later}" for name, n in files)]
         return lines
-
-    def _stats_by_name(self) -> dict[str, TensorStats]:
-        return {s.name: s for s in self.stats}
 
 
 def item_line(item: Item, stats: TensorStats | None, settings: Sequence[Sequence[float]]) -> str:
@@ -202,57 +180,33 @@ def item_line(item: Item, stats: TensorStats | None, settings: Sequence[Sequence
         return line
     for pair in stats.pairs:
         prefix = f"; vs {pair.anti}" if len(stats.pairs) > 1 else ";"
-        cos = (
-            f"cos mean {pair.cos.mean:+.3f} (quartiles {pair.cos.q1:+.3f}, {pair.cos.median:+.3f}, {pair.cos.q3:+.3f})"
-            if pair.cos is not None
-            else "cos n/a"
-        )
+        c = pair.cos
+        cos = f"cos mean {c.mean:+.3f} (quartiles {c.q1:+.3f}, {c.median:+.3f}, {c.q3:+.3f})" if c else "cos n/a"
         share = f"{pair.deficiency_share:.2f}" if pair.deficiency_share is not None else "n/a"
         n = pair.degenerate_rows
         degenerate = f", {n} degenerate row{'s' if n != 1 else ''}" if n else ""
         rows = f"{pair.rows} row{'s' if pair.rows != 1 else ''}"
         line += f"{prefix} {rows}{degenerate}, {cos}, deficiency share {share}"
     changes = [
-        f"{100 * c:.3g} % at λ={','.join(f'{x:g}' for x in s)}" if c is not None else "n/a"
+        f"{100 * c:.3g} % at λ={lam_text(s)}" if c is not None else "n/a"
         for c, s in zip(stats.relative_change, settings, strict=False)
     ]
     return line + (f"; change {', '.join(changes)}" if changes else "")
 
 
 def human_bytes(n: int) -> str:
-    """Bytes in GB (10⁹), or MB / kB for small amounts.
-
-    Example:
-        >>> human_bytes(2_500_000)
-        '2.50 MB'
-    """
-    for unit, size in (("GB", GB), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
+    """Bytes in GB (10⁹), MB or kB: "2.50 MB"."""
+    return next((f"{n / size:.2f} {unit}" for unit, size in _UNITS if n >= size), f"{n} B")
 
 
 def human_rate(n: int, seconds: float) -> str:
-    """A throughput in the unit that suits it: "1.52 GB/s", "24.0 MB/s", "310 kB/s".
-
-    Example:
-        >>> human_rate(24_000_000, 1.0)
-        '24.0 MB/s'
-    """
+    """A throughput in the unit that suits it: "1.52 GB/s", "24 MB/s", "310 kB/s"."""
     if seconds <= 0:
         return "n/a"
     rate = n / seconds
-    for unit, size in (("GB/s", GB), ("MB/s", 1e6), ("kB/s", 1e3)):
-        if rate >= size:
-            return f"{rate / size:.3g} {unit}"
-    return f"{rate:.3g} B/s"
+    return next((f"{rate / size:.3g} {unit}/s" for unit, size in _UNITS if rate >= size), f"{rate:.3g} B/s")
 
 
 def human_seconds(seconds: float) -> str:
-    """Seconds, or milliseconds below one second: "2.41 s", "38 ms".
-
-    Example:
-        >>> human_seconds(0.0384)
-        '38 ms'
-    """
+    """Seconds, or milliseconds below one second: "2.41 s", "38 ms"."""
     return f"{seconds:.2f} s" if seconds >= 1 else f"{1000 * seconds:.0f} ms"

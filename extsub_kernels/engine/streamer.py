@@ -1,10 +1,8 @@
 """`BlockStreamer`: the read and compute stages of the dense run over blocks, in memory sized once from the plan.
 
-Per block: read (pread into a pooled input buffer, pinned on CUDA) → device → the method once
-per λ setting into pooled result buffers (through a cache-sized workspace) → NaN/Inf check →
-host, handed to the write stage as a `Piece`. The pools and the workspace are sized once from
-the plan (`BlockStreamer.blocks`), so the steady state allocates nothing. Rows that do not fit
-one block stream twice (their norms, then the update; `gram`).
+Per block: read (pread into a pooled input buffer, pinned on CUDA) → device → the method once per λ setting into
+pooled result buffers → NaN/Inf check → host, a `Piece` for the write stage. Rows that do not fit one block
+stream twice (their norms, then the update; `gram`).
 """
 
 from collections.abc import Sequence
@@ -20,7 +18,6 @@ from extsub_kernels.engine.method_spec import method_spec
 from extsub_kernels.engine.methods import (
     CPU_CHUNK_ELEMENTS,
     Observer,
-    apply_method_,
     apply_method_into,
     in_place_step,
     method_workspace,
@@ -38,23 +35,11 @@ from extsub_kernels.io.provenance import display_path
 class BlockStreamer:
     """The stages of a dense merge over blocks: `read` (a thread), `compute` (the caller); `OutputSet` writes.
 
-    Memory is fixed by construction: `blocks` sizes, once from the plan, a pool of input
-    buffers and a pool of result buffers on the host (each buffer the largest block in its
-    widest form; pinned on CUDA), a pool of device buffers on CUDA, and a workspace of a few
-    cache-sized chunks. Every block is read into input buffers, computed through the workspace
-    into result buffers (or in place in the expert's input buffer) and written from them; each
-    buffer goes back to its pool once its last stage is done with it. A pool holds a buffer for
-    every item the pipeline can have in flight (`pipeline.in_flight`), and a stage that runs
-    ahead of its pool waits for a buffer; the reader alone takes input buffers and the compute
-    stage alone result buffers, so a smaller pool slows the run down but cannot deadlock it.
-
-    Args:
-        readers: the inputs, numbered as in `TensorJob` (expert, anti-experts, base).
-        roles: a name per input for messages (EXPERT, ANTI, BASE).
-        options: λ settings, method, device, block size.
-        order: the tensors in the order the outputs are written (`OutputSet.order`); blocks follow it.
-        stats: gathers the row statistics of merged tensors (None: not gathered).
-        inputs: the resolved inputs, to name files in messages by the path the user gave.
+    Memory is fixed by construction: `blocks` sizes, once from the plan, pools of input and result buffers on the
+    host (the largest block in its widest form; pinned on CUDA), of device buffers on CUDA, and the workspace.
+    A pool holds a buffer for every item in flight (`pipeline.in_flight`); only the reader takes input buffers and
+    only the compute stage result buffers, so a stage ahead of its pool waits but cannot deadlock. `readers` and
+    `roles` are numbered as in `TensorJob`; blocks follow `order` (`OutputSet.order`); `stats` may be None.
     """
 
     def __init__(
@@ -78,10 +63,7 @@ class BlockStreamer:
 
     def blocks(self, jobs: Sequence[TensorJob]) -> list[Block | Batch]:
         """`jobs` cut into blocks in the outputs' order, runs of small tensors batched; sizes the pools and the
-        workspace for them.
-
-        One pass over the tensors with a few dict lookups each: a model of a million tiny tensors is planned in seconds.
-        """
+        workspace for them (one pass with a few dict lookups per tensor: a million tiny tensors plan in seconds)."""
         by_name = {j.name: j for j in jobs}
         limit = self.options.block_size
         small = min(SMALL_TENSOR_BYTES, limit)
@@ -120,8 +102,6 @@ class BlockStreamer:
         return batcher.items
 
     def _size_memory(self, items: Sequence[Block | Batch], capacity: int, chunk: int, itemsize: int) -> None:
-        """The pools and the workspace, once: buffers of `capacity` bytes (the largest item in its widest form), as
-        many as can be in flight; workspace slots of `chunk` numbers (cache-sized on CPU, an item on CUDA)."""
         n_in = max((len(item.job.inputs()) for item in items), default=1)
         n_out = len(self.options.settings)
         # an input buffer holding an in-place result (or a tensor copied as is) stays until written
@@ -137,20 +117,16 @@ class BlockStreamer:
         return [p for p in (self.input_pool, self.result_pool, self.device_pool) if p is not None]
 
     def close(self) -> None:
-        """Wake a stage waiting for a buffer: the run is stopping."""
         for pool in self.pools:
             pool.close()
 
     def _range(self, block: Block, i: int) -> tuple[int, int]:
-        """(first byte, length) of `block` within input i's tensor."""
         itemsize = self.readers[i].info(block.job.name).dtype.itemsize
         first, count = block.elements()
         return first * itemsize, count * itemsize
 
     def read_bytes(self, item: Block | Batch) -> int:
-        if isinstance(item, Batch):
-            return item.read_bytes
-        return sum(self._range(item, i)[1] for i in item.job.inputs())
+        return item.read_bytes if isinstance(item, Batch) else sum(self._range(item, i)[1] for i in item.job.inputs())
 
     def _read_rows(self, block: Block, i: int, buffer: torch.Tensor) -> torch.Tensor:
         start, length = self._range(block, i)
@@ -198,23 +174,14 @@ class BlockStreamer:
             host_results.append(seen[id(r)])
         self.device_pool.put(buffers + fresh)  # later work on the copy stream runs after these copies
         event = self.transfer.done_event()
-        return Piece(
-            item.job.name,
-            host_results or [self._nothing] * len(self.options.settings),
-            progress,
-            ready=lambda: self.transfer.ready(event),
-            release=lambda: self.result_pool.put(landing),
-            last=last,
-        )
+        results = host_results or [self._nothing] * len(self.options.settings)
+        ready, release = (lambda: self.transfer.ready(event)), (lambda: self.result_pool.put(landing))
+        return Piece(item.job.name, results, progress, ready=ready, release=release, last=last)
 
     def _results(
         self, item: Block | Batch, inputs: list[torch.Tensor], buffers: list[torch.Tensor], pool: BufferPool
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """(one result per λ setting, the input buffers holding one, the buffers taken from `pool` for the others).
-
-        A "norms" block has no results. A tensor copied in its dtype, and the last setting of an
-        in-place step, are their input buffer; every other result gets a buffer of `pool`.
-        """
+        """(one result per λ setting, the input buffers holding one, the buffers taken from `pool` for the others)."""
         job, settings = item.job, self.options.settings
         if item.phase == "norms":
             self._accumulate(item, inputs)
@@ -228,32 +195,23 @@ class BlockStreamer:
             return [copy] * len(settings), [], [out]
         plus, minus = inputs[0], inputs[1 : 1 + len(job.antis)]
         theta0 = inputs[-1] if job.base is not None else None
-        in_place = in_place_step(
-            plus.dtype,
-            len(minus),
-            method=self.options.method,
-            base=theta0 is not None,
-            out_dtype=job.out_dtype,
-            transposed=job.transposed,
-        )
+        kind = dict(method=self.options.method, base=theta0 is not None, transposed=job.transposed)
+        in_place = in_place_step(plus.dtype, len(minus), out_dtype=job.out_dtype, **kind)
         stats = self.stats
         results, kept, fresh = [], [], []
         for s, setting in enumerate(settings):
             lams = [setting[k - 1] for k in job.antis]
             observe = stats.observer(item) if stats is not None and s == 0 else None  # λ-free: the first setting's
             if in_place and s == len(settings) - 1 and item.phase == "one-pass":
-                # last: the expert's block is no longer needed
-                result = apply_method_(plus, minus[0], lams[0], method=self.options.method, observe=observe)
+                result = plus  # the last setting: the expert's block is no longer needed
                 kept.append(buffers[0])
             else:
                 fresh.append(pool.get())
                 result = view_as(fresh[-1], job.out_dtype, item.shape())
-                if item.phase == "update":
-                    self._update(item, result, inputs, s, observe)
-                elif in_place:
-                    apply_method_(result.copy_(plus), minus[0], lams[0], method=self.options.method, observe=observe)
-                else:
-                    self._method_into(item, result, plus, minus, theta0, lams, observe)
+            if item.phase == "update":
+                self._update(item, result, inputs, s, observe)
+            else:
+                self._method_into(item, result, plus, minus, theta0, lams, observe)
             self._check_finite(item, result, setting)
             if stats is not None:
                 stats.measure(item, s, result, plus)
@@ -277,44 +235,30 @@ class BlockStreamer:
         views = [out, plus, *minus, *([theta0] if theta0 is not None else [])]
         if item.job.transposed and isinstance(item, Block) and item.cols is not None:
             views = [t.view(1, -1) for t in views]
-        apply_method_into(
-            views[0],
-            views[1],
-            views[2 : 2 + len(minus)],
-            lams,
-            method=self.options.method,
-            base=views[-1] if theta0 is not None else None,
-            transposed=item.job.transposed,
-            workspace=self.workspace,
-            observe=observe,
-        )
+        kwargs = dict(method=self.options.method, transposed=item.job.transposed, workspace=self.workspace)
+        base = views[-1] if theta0 is not None else None
+        apply_method_into(views[0], views[1], views[2 : 2 + len(minus)], lams, base=base, observe=observe, **kwargs)
 
     def _accumulate(self, block: Block, inputs: list[torch.Tensor]) -> None:
         """A "norms" block: its share of its rows' Gram matrices (a new unit starts with a row's or tensor's first)."""
         job = block.job
-        vectors, theta0, geometry = _pieces_of(block, inputs)
-        if self._unit is None or self._unit.key != geometry.key:
-            n_vectors = 1 + len(job.antis)
-            cross = method_spec(self.options.method).needs_products
-            products = self.stats is not None
-            gram = RowGram(n_vectors, geometry.n_pairs, products=products, cross=cross, device=inputs[0].device)
-            self._unit = _RowsInPieces(geometry.key, gram)
+        vectors, theta0, (key, reduce_dim, n_pairs, offset) = _pieces_of(block, inputs)
+        if self._unit is None or self._unit.key != key:
+            sums = dict(products=self.stats is not None, cross=method_spec(self.options.method).needs_products)
+            self._unit = _RowsInPieces(key, RowGram(1 + len(job.antis), n_pairs, device=inputs[0].device, **sums))
         gram = self._unit.gram
-        gram.add(vectors, theta0, reduce_dim=geometry.reduce_dim, workspace=self.workspace, pair_offset=geometry.offset)
+        gram.add(vectors, theta0, reduce_dim=reduce_dim, workspace=self.workspace, pair_offset=offset)
         if not gram.finite():
             self._check_inputs(block)
 
     def _update(
         self, block: Block, out: torch.Tensor, inputs: list[torch.Tensor], setting: int, observe: Observer | None
     ) -> None:
-        """An "update" block: its piece of the result for λ setting `setting`, from the rows' Gram matrices.
-
-        The first update block of the rows hands `observe` their sums, complete since the norms pass.
-        """
+        """An "update" block: its piece of the result for λ setting `setting`, from the rows' Gram matrices."""
         job = block.job
-        vectors, theta0, geometry = _pieces_of(block, inputs)
+        vectors, theta0, (key, reduce_dim, _, offset) = _pieces_of(block, inputs)
         unit = self._unit
-        if unit is None or unit.key != geometry.key:
+        if unit is None or unit.key != key:
             raise MergeError(f"tensor {job.name!r}: an update block came before the norms of its rows")
         if unit.coefficients is None:
             dtype = compute_dtype(*(t.dtype for t in inputs))
@@ -324,15 +268,8 @@ class BlockStreamer:
             if observe is not None:
                 for k in range(len(job.antis)):
                     observe(k, unit.gram.row_sums(k + 1))
-        combine_into(
-            out.view(vectors[0].shape),
-            vectors,
-            theta0,
-            unit.coefficients[setting],
-            reduce_dim=geometry.reduce_dim,
-            workspace=self.workspace,
-            pair_offset=geometry.offset,
-        )
+        where = dict(reduce_dim=reduce_dim, workspace=self.workspace, pair_offset=offset)
+        combine_into(out.view(vectors[0].shape), vectors, theta0, unit.coefficients[setting], **where)
 
     def _check_inputs(self, block: Block) -> None:
         """Raise an InputError naming the input whose block holds a NaN or Inf (read again: the op writes in place)."""
@@ -349,19 +286,18 @@ class BlockStreamer:
                 )
 
     def _check_cast(self, item: Block | Batch, source: torch.Tensor, copy: torch.Tensor) -> None:
-        """A tensor copied into another dtype (--dtype) must not turn finite values into ±inf."""
-        if isinstance(item, Batch):
-            if all_finite(copy) or not all_finite(source):
-                return  # nothing overflowed, or a NaN/Inf is copied as it is: check tensor by tensor
-            for block, start, stop in item.row_ranges():
+        """A tensor copied into another dtype (dtype=) must not turn finite values into ±inf."""
+        if isinstance(item, Batch):  # unless nothing overflowed, or a NaN/Inf is copied as it is: tensor by tensor
+            for block, start, stop in item.row_ranges() if all_finite(source) and not all_finite(copy) else ():
                 self._check_cast(block, source[start:stop], copy[start:stop])
             return
         problem = cast_overflow(source, copy)
         if problem is not None:
             role = self.roles[item.job.source]
             raise InputError(
-                f"tensor {item.job.name!r} (copied from {role}) has {problem}; --dtype "
-                f"{str(copy.dtype).removeprefix('torch.')} cannot hold it: choose a wider --dtype, or keep"
+                f"tensor {item.job.name!r} (copied from {role}) has {problem}; dtype="
+                f'"{str(copy.dtype).removeprefix("torch.")}" cannot hold it: choose a wider dtype=, or "keep"',
+                options=("dtype",),
             )
 
     def _check_finite(self, item: Block | Batch, result: torch.Tensor, setting: tuple[float, ...]) -> None:
@@ -376,18 +312,9 @@ class BlockStreamer:
         self._check_inputs(item)
         raise InputError(
             f"tensor {job.name!r}: the result at λ={lam_label(setting)} overflows {job.out_dtype} although the inputs "
-            "are finite; use a smaller λ or --dtype float32"
+            'are finite; use a smaller λ or dtype="float32"',
+            options=("dtype",),
         )
-
-
-@dataclass(frozen=True)
-class _Geometry:
-    """How a two-pass block's data maps onto its Gram: the unit it belongs to, the axis a row runs along, its rows."""
-
-    key: tuple[str, int]
-    reduce_dim: int
-    n_pairs: int
-    offset: int
 
 
 @dataclass
@@ -399,13 +326,9 @@ class _RowsInPieces:
     coefficients: list[torch.Tensor] | None = None
 
 
-def _pieces_of(block: Block, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor | None, _Geometry]:
-    """A two-pass block's inputs as 2-D views (expert and anti-experts; θ₀ apart) and its geometry.
-
-    Rows in pieces: each piece is (1, n) of one row, the unit is that row. Conv1D weights: the
-    op's rows are the stored columns, the unit is the whole tensor; a block is (rows, cols), or
-    (1, n) columns [a, a + n) of one stored row.
-    """
+def _pieces_of(block: Block, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor | None, tuple]:
+    """A two-pass block's inputs as 2-D views (expert and anti-experts; θ₀ apart) and how they map onto its Gram:
+    (the unit they belong to, the axis a row runs along, the unit's op rows, the first of them here)."""
     job = block.job
     flat = block.cols is not None
     views = [t.view(1, -1) if flat else t for t in inputs]
@@ -413,5 +336,5 @@ def _pieces_of(block: Block, inputs: list[torch.Tensor]) -> tuple[list[torch.Ten
     vectors = views[: 1 + len(job.antis)]
     if job.transposed:
         offset = block.cols[0] if flat else 0
-        return vectors, theta0, _Geometry((job.name, 0), 0, row_elements(job.shape), offset)
-    return vectors, theta0, _Geometry((job.name, block.start), 1, 1, 0)
+        return vectors, theta0, ((job.name, 0), 0, row_elements(job.shape), offset)
+    return vectors, theta0, ((job.name, block.start), 1, 1, 0)

@@ -1,10 +1,8 @@
 """Row statistics grouped the way people read a model: by module type, and by layer × module type.
 
-A tensor or module name splits at its first numeric path component into a layer and a
-module type (`model.layers.3.self_attn.q_proj.weight` → layer 3, `self_attn.q_proj`);
-names without one (embeddings, heads) are their own type with no layer. Groups combine
-tensors exactly: cos means weighted by the rows they average, the deficiency share as
-Σ|Ext(mᵢ)| / Σ|mᵢ|, the relative change as ‖θ' − θ⁺‖ / ‖θ⁺‖ over the group.
+A name splits at its first numeric path component into a layer and a module type (names without one are their own
+type). Groups combine tensors exactly: cos means weighted by their rows, the deficiency share as Σ|Ext(mᵢ)| / Σ|mᵢ|,
+the relative change as ‖θ' − θ⁺‖ / ‖θ⁺‖ over the group.
 """
 
 import math
@@ -18,12 +16,8 @@ _LAYER = re.compile(r"(?:^|\.)(\d+)\.")
 
 
 def layer_and_type(name: str) -> tuple[int | None, str]:
-    """(layer index or None, module type) of a tensor or module name.
-
-    Example:
-        >>> layer_and_type("model.layers.3.self_attn.q_proj.weight")
-        (3, 'self_attn.q_proj')
-    """
+    """(layer index or None, module type) of a tensor or module name: "model.layers.3.self_attn.q_proj.weight" →
+    (3, "self_attn.q_proj")."""
     match = _LAYER.search(name)
     rest = name[match.end() :] if match else name
     return (int(match[1]) if match else None), rest.removesuffix(".weight")
@@ -57,13 +51,10 @@ class Group:
         self._ext_abs += pair.deficiency_abs_sum
         self._m_abs += pair.anti_abs_sum
         self._expert_sq += pair.expert_norm**2
-        if not self._changed_sq:
-            self._changed_sq = [0.0] * len(changes)
+        self._changed_sq = self._changed_sq or [0.0] * len(changes)
+        self._unknown_change |= None in changes
         for i, change in enumerate(changes):
-            if change is None:
-                self._unknown_change = True
-            else:
-                self._changed_sq[i] += (change * pair.expert_norm) ** 2
+            self._changed_sq[i] += (change * pair.expert_norm) ** 2 if change is not None else 0.0
 
     @property
     def cos_mean(self) -> float | None:
@@ -90,34 +81,41 @@ def anti_roles(stats: Iterable[TensorStats]) -> list[str]:
     return roles
 
 
-def by_module_type(stats: Iterable[TensorStats], anti: str) -> dict[str, Group]:
-    """Groups per module type for one anti-expert, in order of first appearance."""
-    groups: dict[str, Group] = {}
+def by_module_type(stats: Iterable[TensorStats], anti: str, *, layers: bool = False) -> dict:
+    """Groups per module type for one anti-expert, in order of first appearance (per (layer, type) with `layers`)."""
+    groups: dict = {}
     for tensor in stats:
         for pair in tensor.pairs:
             if pair.anti == anti:
                 layer, kind = layer_and_type(tensor.name)
-                groups.setdefault(kind, Group()).add(pair, tensor.relative_change, layer)
+                groups.setdefault((layer, kind) if layers else kind, Group()).add(pair, tensor.relative_change, layer)
     return groups
 
 
 def by_layer_and_type(stats: Iterable[TensorStats], anti: str) -> dict[tuple[int | None, str], Group]:
     """Groups per (layer, module type) cell for one anti-expert."""
-    groups: dict[tuple[int | None, str], Group] = {}
-    for tensor in stats:
-        for pair in tensor.pairs:
-            if pair.anti == anti:
-                layer, kind = layer_and_type(tensor.name)
-                groups.setdefault((layer, kind), Group()).add(pair, tensor.relative_change, layer)
-    return groups
+    return by_module_type(stats, anti, layers=True)
 
 
-def _fmt(x: float | None, digits: int = 3) -> str:
-    return "–" if x is None else f"{x:+.{digits}f}" if digits == 3 else f"{x:.{digits}f}"
+def lam_text(setting: Sequence[float], sep: str = ",") -> str:
+    """λ of one output as reports, cards and tables show it: "0.5", "1,0.5" (one per anti-expert)."""
+    return sep.join(f"{x:g}" for x in setting)
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f} %"
+def _table(first: str, settings: Sequence[Sequence[float]], rows: Iterable[tuple[str, Group]]) -> list[str]:
+    """Markdown lines: the head (`first` columns, then the common ones and a change per λ setting) and a row per
+    (leading cells, group)."""
+    head = f"| {first} | rows | degenerate rows | mean cos(p, m) | deficiency share |"
+    lines = [
+        head + "".join(f" change at λ={lam_text(s)} |" for s in settings),
+        "|---" * (first.count("|") + 5 + len(settings)) + "|",
+    ]
+    for cells, group in rows:
+        cos = "–" if group.cos_mean is None else f"{group.cos_mean:+.3f}"
+        share = "–" if group.deficiency_share is None else f"{group.deficiency_share:.2f}"
+        changes = "".join(f" {'–' if c is None else f'{100 * c:.1f} %'} |" for c in group.relative_change)
+        lines.append(f"| {cells} | {group.rows} | {group.degenerate_rows} | {cos} | {share} |{changes}")
+    return lines
 
 
 def summary_table(stats: Sequence[TensorStats], settings: Sequence[Sequence[float]]) -> str:
@@ -125,34 +123,19 @@ def summary_table(stats: Sequence[TensorStats], settings: Sequence[Sequence[floa
     the deficiency share and the relative change at each λ setting. Empty when there are no statistics."""
     if not stats:
         return ""
-    labels = [",".join(f"{x:g}" for x in setting) for setting in settings]
     parts = []
     for anti in anti_roles(stats):
-        head = "| module type | layers | tensors | rows | degenerate rows | mean cos(p, m) | deficiency share |"
-        head += "".join(f" change at λ={label} |" for label in labels)
-        lines = [f"{anti}:" if len(anti_roles(stats)) > 1 else "", head, "|---" * (7 + len(labels)) + "|"]
-        for kind, group in by_module_type(stats, anti).items():
-            layers = f"{min(group.layers)}–{max(group.layers)}" if group.layers else "–"
-            changes = "".join(f" {_pct(c)} |" for c in group.relative_change)
-            lines.append(
-                f"| {kind} | {layers} | {group.tensors} | {group.rows} | {group.degenerate_rows} | "
-                f"{_fmt(group.cos_mean)} | {_fmt(group.deficiency_share, 2)} |{changes}"
-            )
-        parts.append("\n".join(line for line in lines if line))
+        groups = by_module_type(stats, anti).items()
+        rows = [
+            (f"{k} | {f'{min(g.layers)}–{max(g.layers)}' if g.layers else '–'} | {g.tensors}", g) for k, g in groups
+        ]
+        lines = _table("module type | layers | tensors", settings, rows)
+        parts.append("\n".join(([f"{anti}:"] if len(anti_roles(stats)) > 1 else []) + lines))
     return "\n\n".join(parts) + "\n"
 
 
 def layer_table(stats: Sequence[TensorStats], anti: str, settings: Sequence[Sequence[float]]) -> str:
     """Markdown: one row per layer × module type for one anti-expert (the detail of `summary_table`)."""
-    labels = [",".join(f"{x:g}" for x in setting) for setting in settings]
-    head = "| layer | module type | rows | degenerate rows | mean cos(p, m) | deficiency share |"
-    head += "".join(f" change at λ={label} |" for label in labels)
-    lines = [head, "|---" * (6 + len(labels)) + "|"]
-    cells = by_layer_and_type(stats, anti)
-    for (layer, kind), group in sorted(cells.items(), key=lambda item: (item[0][0] is None, item[0][0] or 0)):
-        changes = "".join(f" {_pct(c)} |" for c in group.relative_change)
-        lines.append(
-            f"| {'–' if layer is None else layer} | {kind} | {group.rows} | {group.degenerate_rows} | "
-            f"{_fmt(group.cos_mean)} | {_fmt(group.deficiency_share, 2)} |{changes}"
-        )
-    return "\n".join(lines) + "\n"
+    cells = sorted(by_layer_and_type(stats, anti).items(), key=lambda item: (item[0][0] is None, item[0][0] or 0))
+    rows = [(f"{'–' if layer is None else layer} | {kind}", group) for (layer, kind), group in cells]
+    return "\n".join(_table("layer | module type", settings, rows)) + "\n"

@@ -1,10 +1,8 @@
 """The streaming stages' memory and transfers: buffer pools, the compute workspace, host ⇄ device copies.
 
-Pools and the workspace are sized once from the plan and reused until the end of a run, so
-the steady state allocates nothing and memory is fixed by construction. On CUDA, host buffers
-are pinned and copies run asynchronously on a dedicated stream; an event tells the writer when
-a result has landed on the host. Nothing here touches CUDA unless a CUDA device was asked for,
-so CPU-only machines never initialise it.
+Pools and the workspace are sized once from the plan and reused until the end of a run. On CUDA, host buffers are
+pinned and copies run asynchronously on a side stream; an event tells the writer when a result has landed. Nothing
+here touches CUDA unless a CUDA device was asked for.
 """
 
 import math
@@ -15,13 +13,6 @@ from collections.abc import Sequence
 import torch
 
 
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 class PoolClosed(RuntimeError):
     """Raised in a stage waiting for a buffer when the run stops (another stage failed or was interrupted)."""
 
@@ -29,15 +20,9 @@ class PoolClosed(RuntimeError):
 class BufferPool:
     """A fixed number of byte buffers of one capacity, sized once from the plan and reused until the end.
 
-    Steady-state streaming then allocates nothing: fresh pages cost a fault each (pinned ones a
-    driver call). `get` hands out a free buffer, creating one while fewer than `count` exist, and
-    otherwise waits until a stage gives one back — back-pressure, so `count × capacity` bounds the
-    streamed data's memory whatever the timing. Buffers are reused last in, first out, so those a
-    run never needs at once are never created.
-
-    Attributes:
-        allocated: buffers created so far (never more than `count`).
-        in_use, peak_in_use: buffers handed out now, and at most at once.
+    `get` hands out a free buffer, creating one while fewer than `count` exist (`allocated`), and otherwise waits
+    until a stage gives one back: back-pressure, so `count × capacity` bounds memory whatever the timing. Buffers are
+    reused last in, first out, so those a run never needs at once are never created.
     """
 
     def __init__(self, capacity: int, count: int, *, device: torch.device | None = None, pin: bool = False):
@@ -67,7 +52,6 @@ class BufferPool:
         return torch.empty(self.capacity, dtype=torch.uint8, device=self.device, pin_memory=self.pin)
 
     def put(self, buffers: Sequence[torch.Tensor]) -> None:
-        """Give buffers back (each once)."""
         with self._changed:
             self._free.extend(buffers)
             self.in_use -= len(buffers)
@@ -81,25 +65,19 @@ class BufferPool:
 
 
 class Workspace:
-    """Working space of the compute stage: a few slots of `elements` numbers of up to `itemsize` bytes, allocated once.
-
-    The compute stage widens inputs into slots (bf16 → float32), works there in cache-sized
-    chunks and rounds once into the output buffer, so no block allocates working memory. Each
-    slot is its own storage, so the op never sees two slots as overlapping.
-    """
+    """Working space of the compute stage: slots of `elements` numbers of up to `itemsize` bytes, each allocated on
+    first use, where inputs are widened and worked on in cache-sized chunks; each its own storage (the op never sees
+    two overlap)."""
 
     def __init__(self, elements: int, slots: int, *, itemsize: int = 4, device: torch.device | None = None):
         self.elements, self.itemsize = max(1, elements), itemsize
-        device = device or torch.device("cpu")
-        self._slots = [torch.empty(self.elements * itemsize, dtype=torch.uint8, device=device) for _ in range(slots)]
-
-    @property
-    def slots(self) -> int:
-        return len(self._slots)
+        self.device = device or torch.device("cpu")
+        self._slots: list[torch.Tensor | None] = [None] * slots
 
     @property
     def nbytes(self) -> int:
-        return sum(s.numel() for s in self._slots)
+        """Bytes of every slot, allocated or not."""
+        return len(self._slots) * self.elements * self.itemsize
 
     def slot(self, index: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """Slot `index` seen as a contiguous tensor of `shape` and `dtype` (at most `elements` numbers)."""
@@ -109,23 +87,19 @@ class Workspace:
                 f"workspace slot {index} of {len(self._slots)} holds {self.elements} numbers of {self.itemsize} "
                 f"bytes; {dtype} {shape} does not fit"
             )
+        if self._slots[index] is None:
+            self._slots[index] = torch.empty(self.elements * self.itemsize, dtype=torch.uint8, device=self.device)
         return self._slots[index][: n * dtype.itemsize].view(dtype).view(shape)
 
 
 def view_as(buffer: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """The first bytes of a byte buffer seen as a tensor of `dtype` and `shape`."""
-    n = 1
-    for dim in shape:
-        n *= dim
-    return buffer[: n * dtype.itemsize].view(dtype).view(shape)
+    return buffer[: math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
 
 
 class Transfer:
-    """Moves blocks between the host buffers and the compute device.
-
-    CPU: identity. CUDA: pinned buffers, non-blocking copies on a side stream; `ready(event)`
-    blocks until a device → host copy has landed.
-    """
+    """Moves blocks between the host buffers and the compute device: CPU, identity; CUDA, non-blocking copies on a side
+    stream (`ready(event)` blocks until a device → host copy has landed)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -133,19 +107,17 @@ class Transfer:
         self.stream = torch.cuda.Stream(device) if self.cuda else None
 
     def __enter__(self) -> "Transfer":
-        """CUDA: make the device and the side stream current. CPU: leave cores to the I/O threads.
-
-        torch's intra-op workers meet at a barrier after every op; when the reader or writer
-        thread takes a worker's core, every op waits a scheduler slice (measured on 2 cores:
-        compute 10× slower and erratic). So the CPU path computes on all cores but two.
-        """
+        """CUDA: make the device and the side stream current. CPU: compute on all cores but two, left to the I/O
+        threads (torch's workers meet at a barrier after every op: one whose core is taken stalls all; measured on 2
+        cores, 10× slower)."""
         if self.cuda:
             self._contexts = [torch.cuda.device(self.device), torch.cuda.stream(self.stream)]
             for context in self._contexts:
                 context.__enter__()
         else:
             self._threads = torch.get_num_threads()
-            torch.set_num_threads(max(1, min(self._threads, _usable_cores() - 2)))
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            torch.set_num_threads(max(1, min(self._threads, cores - 2)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -156,13 +128,12 @@ class Transfer:
             torch.set_num_threads(self._threads)
 
     def to_device_into(self, tensors: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Host tensors copied into device byte buffers (one each), and a wait until the host buffers may be reused."""
+        """Host tensors copied into device byte buffers (one each); returns once the host buffers may be reused."""
         if not self.cuda:
             return list(tensors)
-        moved = []
-        for t, buffer in zip(tensors, buffers, strict=True):
-            moved.append(view_as(buffer, t.dtype, tuple(t.shape)))
-            moved[-1].copy_(t, non_blocking=True)
+        moved = [view_as(buffer, t.dtype, tuple(t.shape)) for t, buffer in zip(tensors, buffers, strict=True)]
+        for target, t in zip(moved, tensors, strict=True):
+            target.copy_(t, non_blocking=True)
         self.stream.synchronize()
         return moved
 
@@ -173,11 +144,9 @@ class Transfer:
         return host
 
     def done_event(self) -> "torch.cuda.Event | None":
-        """An event recorded after the copies queued so far (None on CPU)."""
-        if not self.cuda:
-            return None
-        event = torch.cuda.Event()
-        event.record(self.stream)
+        event = torch.cuda.Event() if self.cuda else None
+        if event is not None:
+            event.record(self.stream)
         return event
 
     @staticmethod

@@ -1,13 +1,9 @@
 """The outputs of a run and the one loop that writes them: every path (dense, adapters, full model) goes through here.
 
-An `OutputSet` is the run's outputs, one per λ setting, each a header-first `CheckpointWriter`
-under a temporary name: tensors stream in (whole, or a block of rows at a time) through
-`stream`, which overlaps reading, computing and writing (`pipeline`) behind one progress bar,
-and `commit` publishes them. Any error, Ctrl-C included, removes everything the run wrote.
-
-A `LazyOutput` describes an output before it is computed (names, dtypes and shapes up front,
-as the header-first writer needs) with how to make each tensor; `write_outputs` streams such
-outputs one tensor at a time, so memory holds a few tensors whatever the output's size.
+An `OutputSet` is the run's outputs, one per λ setting, each a header-first `CheckpointWriter` under a temporary
+name: `stream` overlaps reading, computing and writing (`pipeline`) behind one progress bar, `commit` publishes
+them, and any error, Ctrl-C included, removes everything the run wrote. A `LazyOutput` describes an output before
+it is computed (entries up front, how to make each tensor); `write_outputs` streams such outputs a tensor at a time.
 """
 
 import contextlib
@@ -33,14 +29,8 @@ from extsub_kernels.io.writer import plan_layout
 class Piece:
     """What the compute stage hands the writer: one tensor (or a block of its rows) for every output, on the host.
 
-    Attributes:
-        name: the output tensor the bytes belong to (the first one, for a run).
-        tensors: one per output, in the outputs' order.
-        progress: bytes to advance the progress bar by.
-        ready: called before writing (waits for a device → host copy); None when the data is there.
-        release: called after writing (hands buffers back to a pool).
-        last: for a run of small tensors written at once, the last one: each of `tensors` holds
-            the bytes of every tensor from `name` to `last` in the outputs' order.
+    `progress`: bytes for the bar; `ready` is called before writing (a device → host copy), `release` after (buffers
+    back to a pool); `last`: a run of small tensors written at once, each of `tensors` holding `name`…`last`.
     """
 
     name: str
@@ -54,20 +44,10 @@ class Piece:
 class OutputSet:
     """The outputs of one run, one per λ setting: created under temporary names, streamed into, committed together.
 
-    Creating the set creates every temporary output and checks the free space, so an unusable
-    OUT fails before any work. Leaving a `with` block on an error removes them all. `commit`
-    publishes every output together, once `check_inputs` (if given) has found the inputs unchanged.
-
-    Args:
-        paths: one target per output (a .safetensors file, or a folder).
-        entries: the tensors of every output, in the order to assign them to shards.
-        metadata: `__metadata__` per output.
-        max_shard_size: folder outputs: the largest shard in bytes (None: one weights file).
-        weights_name: the weights file of a folder output.
-        extra_files: files copied into folder outputs (config, tokenizer).
-        force: replace existing targets.
-        check_inputs: called after every output is written and before any is published; raises
-            when an input changed during the run (then nothing is published).
+    Creating the set creates every temporary output and checks the free space, so an unusable OUT fails before any
+    work; leaving a `with` block on an error removes them all. `commit` publishes every output together once
+    `check_inputs` (if given) has found the inputs unchanged. `entries` are in the order to assign them to shards;
+    `max_shard_size`: the largest shard of a folder output (None: one weights file); `extra_files` are copied in.
     """
 
     def __init__(
@@ -89,16 +69,8 @@ class OutputSet:
             folder = is_folder_output(paths[0])
             layout = plan_layout(entries, folder=folder, max_shard_size=max_shard_size, weights_name=weights_name)
             for path, meta in zip(paths, metadata, strict=True):
-                writer = CheckpointWriter(
-                    path,
-                    metadata=dict(meta),
-                    max_shard_size=max_shard_size,
-                    weights_name=weights_name,
-                    extra_files=extra_files,
-                    force=force,
-                    layout=layout,
-                )
-                self.writers.append(writer)
+                files = dict(weights_name=weights_name, extra_files=extra_files, force=force, layout=layout)
+                self.writers.append(CheckpointWriter(path, metadata=dict(meta), max_shard_size=max_shard_size, **files))
             check_free_space(self.writers)
         except BaseException:
             self.abort()
@@ -115,41 +87,21 @@ class OutputSet:
         progress: bool,
         on_stop: Callable[[], None] | None = None,
     ) -> None:
-        """For each item: read it (a thread), compute its `Piece` (this thread), write it to every output (a thread).
-
-        Items must come in the outputs' tensor order. `total` is the progress bar's bytes.
-        `on_stop` runs when the stages stop (see `pipeline.run_pipeline`).
-        """
-        bar = progress_bar(total, progress)
-
-        def write(item: Any, piece: Piece) -> None:
-            if piece.ready is not None:
-                piece.ready()
-            for writer, tensor in zip(self.writers, piece.tensors, strict=True):
-                writer.write(piece.name, tensor, last=piece.last)
-            if piece.release is not None:
-                piece.release()
-            bar.update(piece.progress)
-
-        with bar:
-            run_pipeline(items, read, compute, write, on_stop=on_stop)
+        """For each item (in the outputs' tensor order): read it (a thread), compute its `Piece` (this thread), write it
+        to every output (a thread); `total`: the progress bar's bytes; `on_stop`: see `pipeline.run_pipeline`."""
+        with progress_bar(total, progress) as bar:
+            run_pipeline(items, read, compute, write_stage(bar, self.writers), on_stop=on_stop)
 
     def add_texts(self, texts: Sequence[Mapping[str, str]]) -> None:
-        """Small generated files (an adapter_config.json, a model card) per output, by file name.
-
-        Call it between `stream` and `commit`: texts that describe the tensors (a model card with
-        the run's statistics) are written once the tensors are, and are committed with them.
-        """
+        """Small generated files (an adapter_config.json, a model card) per output, by file name: call it between
+        `stream` and `commit`, so texts that describe the tensors are committed with them."""
         for writer, files in zip(self.writers, texts, strict=True):
             for name, text in files.items():
                 writer.add_text(name, text)
 
     def commit(self) -> tuple[Path, ...]:
-        """Finish every output, check the inputs, then publish all of them together; returns their paths.
-
-        See `io.atomic.publish_all`: on an error none is published; a Ctrl-C or SIGTERM during
-        the publishing is raised after it, with the (complete) outputs in its `published`.
-        """
+        """Finish every output, check the inputs, then publish all of them together (`io.atomic.publish_all`); returns
+        their paths."""
         temps = [w.finish() for w in self.writers]
         if self._check_inputs is not None:
             self._check_inputs()
@@ -165,7 +117,6 @@ class OutputSet:
         return published
 
     def abort(self) -> None:
-        """Remove everything written so far (outputs already published stay)."""
         for w in reversed(self.writers):
             w.abort()
 
@@ -185,21 +136,12 @@ class OutputSet:
 
 def progress_bar(total: int, progress: bool, desc: str = "extsub-merge", *, unit: str = "B") -> tqdm:
     """The progress bar of every long loop: on stderr, hidden unless `progress`; bytes (SI prefixes), or `unit`s."""
-    return tqdm(
-        total=total,
-        unit=unit,
-        unit_scale=unit == "B",
-        unit_divisor=1000,
-        desc=desc,
-        disable=not progress,
-        file=_Unfailing(sys.stderr),
-        dynamic_ncols=True,
-        mininterval=0.5,
-    )
+    shown = dict(desc=desc, disable=not progress, file=_Unfailing(sys.stderr), dynamic_ncols=True, mininterval=0.5)
+    return tqdm(total=total, unit=unit, unit_scale=unit == "B", unit_divisor=1000, **shown)
 
 
 class _Unfailing:
-    """A progress bar's stream: a write that fails (a full or closed stderr) is dropped, never the run's failure."""
+    """A progress bar's stream: a failed write (a full or closed stderr) is dropped, never the run's failure."""
 
     def __init__(self, stream: Any):
         self._stream = stream
@@ -216,12 +158,15 @@ class _Unfailing:
         return getattr(self._stream, name)
 
 
-def discard(bar: tqdm) -> Callable[[Any, Piece], None]:
-    """A write stage that writes nothing (statistics only): waits for the piece, frees its buffers, moves the bar."""
+def write_stage(bar: tqdm, writers: Sequence[CheckpointWriter] = ()) -> Callable[[Any, Piece], None]:
+    """The write stage: waits for the piece, writes it to each of `writers` (none: statistics only), frees its
+    buffers, moves the bar."""
 
     def write(item: Any, piece: Piece) -> None:
         if piece.ready is not None:
             piece.ready()
+        for writer, tensor in zip(writers, piece.tensors if writers else (), strict=True):
+            writer.write(piece.name, tensor, last=piece.last)
         if piece.release is not None:
             piece.release()
         bar.update(piece.progress)
@@ -229,26 +174,17 @@ def discard(bar: tqdm) -> Callable[[Any, Piece], None]:
     return write
 
 
-def _nothing(name: str) -> None:
-    return None
-
-
 @dataclass
 class LazyOutput:
     """One output described before it is computed: its tensors in order, how to make each, the files beside them.
 
-    Attributes:
-        entries: name, dtype and shape of every tensor, in the order to assign them to shards.
-        produce: (name, what `load` returned) → the CPU tensor of that entry's dtype and shape.
-        load: name → the input data `produce` needs (read in the I/O thread; None by default).
-        texts: generated files written beside the weights of a folder output (file name → text).
-        weights_name: the weights file of a folder output (model.safetensors, adapter_model.safetensors).
-        extra_files: files copied into a folder output (a base model's config and tokenizer).
+    `produce(name, load(name))` makes the CPU tensor of an entry (`load` runs in the I/O thread); `texts`: generated
+    files of a folder output; `extra_files`: files copied into it.
     """
 
     entries: list[TensorEntry]
     produce: Callable[[str, Any], torch.Tensor]
-    load: Callable[[str], Any] = _nothing
+    load: Callable[[str], Any] = lambda name: None
     texts: Mapping[str, str] = field(default_factory=dict)
     weights_name: str = MODEL_WEIGHTS
     extra_files: Sequence[Path] = field(default=())
@@ -261,12 +197,7 @@ class LazyOutput:
 
     @classmethod
     def of_tensors(cls, tensors: Mapping[str, torch.Tensor], **fields: Any) -> "LazyOutput":
-        """An output of tensors already in memory (a state dict).
-
-        Example:
-            >>> LazyOutput.of_tensors({"w": torch.zeros(2, 3)}).entries[0].shape
-            (2, 3)
-        """
+        """An output of tensors already in memory (a state dict)."""
         for name, tensor in tensors.items():
             if not isinstance(tensor, torch.Tensor):
                 raise TypeError(f"{name!r} is a {type(tensor).__name__}, not a torch.Tensor")
@@ -274,7 +205,6 @@ class LazyOutput:
         return cls(entries, lambda name, _loaded: tensors[name].detach().cpu(), **fields)
 
     def tensor(self, name: str) -> torch.Tensor:
-        """Tensor `name`, loaded and produced."""
         return self.produce(name, self.load(name))
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -293,41 +223,15 @@ def write_outputs(
     progress: bool = False,
     check_inputs: Callable[[], None] | None = None,
 ) -> tuple[tuple[Path, ...], int]:
-    """Write each lazy output to its path, all of them in one pass over their tensors.
-
-    The outputs of one run (one per λ setting) list the same tensors and share their inputs:
-    each tensor is loaded once (by the first output) and produced by every output, so the
-    inputs are read once whatever the number of outputs.
-
-    Args:
-        outputs: the lazy outputs, with equal entries, weights names and extra files.
-        paths: one target per output: a .safetensors file, or a folder.
-        metadata: `__metadata__` per output (format=pt is added).
-        max_shard_size: folder outputs: the largest shard in bytes (None: one weights file).
-        force: replace existing targets.
-        progress: a progress bar over the bytes written (stderr).
-        check_inputs: runs once every output is written, before any is published (see `OutputSet`).
-
-    Returns:
-        (the paths written, bytes written with headers).
-
-    Example:
-        >>> one = LazyOutput.of_tensors({"w": torch.ones(2)})  # doctest: +SKIP
-        >>> write_outputs([one], [Path("w.safetensors")], [{}])  # doctest: +SKIP
-    """
+    """Write each lazy output (one per λ setting, equal entries) to its path, all in one pass: each tensor is loaded
+    once (by the first output) and produced by every output; returns (the paths written, bytes written). The other
+    arguments are `OutputSet`'s; format=pt is added to each `metadata`."""
     first = outputs[0]
     if any(o.entries != first.entries for o in outputs[1:]):
         raise MergeError("the outputs of one run list different tensors; they cannot be written in one pass")
-    with OutputSet(
-        paths,
-        first.entries,
-        [{"format": "pt", **meta} for meta in metadata],
-        max_shard_size=max_shard_size,
-        weights_name=first.weights_name,
-        extra_files=first.extra_files,
-        force=force,
-        check_inputs=check_inputs,
-    ) as out:
+    files = dict(weights_name=first.weights_name, extra_files=first.extra_files, force=force, check_inputs=check_inputs)
+    metadata = [{"format": "pt", **meta} for meta in metadata]
+    with OutputSet(paths, first.entries, metadata, max_shard_size=max_shard_size, **files) as out:
 
         def load(run: list[TensorEntry]) -> list[Any]:
             return [first.load(entry.name) for entry in run]
@@ -376,12 +280,7 @@ def _joined(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def _checked(entry: TensorEntry, tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` if it is what the header promised for `entry` and finite; the writer only counts bytes.
-
-    The finiteness rule of every output: the inputs were checked finite when read, so a NaN or
-    ±inf here is an overflow of the merge (λ, the scaling, the dtype), refused as the dense
-    engine refuses it.
-    """
+    """`tensor` if it is what the header promised for `entry` and finite; the writer only counts bytes."""
     if tensor.dtype != entry.dtype or tuple(tensor.shape) != entry.shape:
         raise MergeError(
             f"tensor {entry.name!r} came out {tensor.dtype} {tuple(tensor.shape)} but the output header says "
@@ -392,6 +291,7 @@ def _checked(entry: TensorEntry, tensor: torch.Tensor) -> torch.Tensor:
         raise InputError(
             f"tensor {entry.name!r} came out with {problem.replace('NaN or Inf', 'NaN or ±inf', 1)} although the "
             f"inputs are finite: the merge overflows {str(tensor.dtype).removeprefix('torch.')}; use a smaller λ "
-            "or a wider --dtype"
+            "or a wider dtype=",
+            options=("dtype",),
         )
     return tensor

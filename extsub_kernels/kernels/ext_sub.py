@@ -13,12 +13,7 @@ import triton
 import triton.language as tl
 
 from extsub_kernels._tensors import compute_dtype
-from extsub_kernels.kernels.ext_sub_tuning import (
-    LOOP_BLOCK_ELEMENTS,
-    MAX_BLOCK_ELEMENTS,
-    MAX_WARPS,
-    TARGET_TILE_ELEMENTS,
-)
+from extsub_kernels.kernels import ext_sub_tuning as tuning
 
 
 @triton.jit
@@ -60,12 +55,7 @@ def _ext_sub_kernel(
     COMPUTE_DTYPE: tl.constexpr,
     WITH_STATS: tl.constexpr,
 ):
-    """In place: p[row] ← α·p[row] + β·m[row] for BLOCK_ROWS rows per program.
-
-    SINGLE_PASS: the whole row fits one tile, read once and written from registers.
-    Otherwise: a first loop over column tiles for the two norms, a second for the write.
-    WITH_STATS: also store |p|², |m|², p·m per row at `stats_ptr` (unused otherwise).
-    """
+    """In place: p[row] ← α·p[row] + β·m[row] for BLOCK_ROWS rows per program."""
     row_start = tl.program_id(0).to(tl.int64) * BLOCK_ROWS
     rows = row_start + tl.arange(0, BLOCK_ROWS)
     row_mask = rows < n_rows
@@ -117,11 +107,11 @@ def _launch_settings(n_rows: int, n_cols: int, max_block: int) -> tuple[int, int
     block_rows = 1
     if single_pass:
         block_cols = triton.next_power_of_2(n_cols)
-        block_rows = max(1, min(TARGET_TILE_ELEMENTS // block_cols, triton.next_power_of_2(n_rows)))
+        block_rows = max(1, min(tuning.TARGET_TILE_ELEMENTS // block_cols, triton.next_power_of_2(n_rows)))
     else:
-        block_cols = min(max_block, LOOP_BLOCK_ELEMENTS)
+        block_cols = min(max_block, tuning.LOOP_BLOCK_ELEMENTS)
     tile = block_rows * block_cols
-    num_warps = min(MAX_WARPS, max(1, tile // 512))
+    num_warps = min(tuning.MAX_WARPS, max(1, tile // 512))
     return block_rows, block_cols, single_pass, num_warps
 
 
@@ -129,7 +119,7 @@ def ext_sub_rows_(
     p: torch.Tensor,
     m: torch.Tensor,
     lam: float,
-    max_block: int = MAX_BLOCK_ELEMENTS,
+    max_block: int = tuning.MAX_BLOCK_ELEMENTS,
     *,
     row_stats: torch.Tensor | None = None,
 ) -> None:
@@ -140,27 +130,13 @@ def ext_sub_rows_(
     """
     n_rows, n_cols = p.shape
     wide = compute_dtype(p.dtype, m.dtype) is torch.float64
-    if wide:
-        max_block = min(max_block, MAX_BLOCK_ELEMENTS // 2)
+    max_block = min(max_block, tuning.MAX_BLOCK_ELEMENTS // 2) if wide else max_block
     block_rows, block_cols, single_pass, num_warps = _launch_settings(n_rows, n_cols, max_block)
     half_lam_hi = float(np.float32(0.5 * lam))
     half_lam_lo = 0.5 * lam - half_lam_hi
     grid = (triton.cdiv(n_rows, block_rows),)
     with torch.cuda.device(p.device) if p.is_cuda else contextlib.nullcontext():
-        _ext_sub_kernel[grid](
-            p,
-            m,
-            row_stats if row_stats is not None else p,  # never read without WITH_STATS
-            n_rows,
-            n_cols,
-            p.stride(0),
-            m.stride(0),
-            half_lam_hi,
-            half_lam_lo,
-            BLOCK_ROWS=block_rows,
-            BLOCK_COLS=block_cols,
-            SINGLE_PASS=single_pass,
-            COMPUTE_DTYPE=tl.float64 if wide else tl.float32,
-            WITH_STATS=row_stats is not None,
-            num_warps=num_warps,
-        )
+        stats = row_stats if row_stats is not None else p  # never read without WITH_STATS
+        meta = dict(BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, SINGLE_PASS=single_pass, num_warps=num_warps)
+        meta.update(COMPUTE_DTYPE=tl.float64 if wide else tl.float32, WITH_STATS=row_stats is not None)
+        _ext_sub_kernel[grid](p, m, stats, n_rows, n_cols, p.stride(0), m.stride(0), half_lam_hi, half_lam_lo, **meta)

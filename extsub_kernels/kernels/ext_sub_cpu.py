@@ -1,24 +1,15 @@
 """The CPU kernel for Ext-Sub (paper §3, Algorithm 1): ext_sub_cpu.cpp, built at first use, cached, called via ctypes.
 
-Per row: p' = α·p + β·m with α = 1 + (λ/2)·|m|/|p|, β = −λ/2 (docs/design.md §1); rows with |p| = 0
-keep p. On request the same pass stores each row's |p|², |m|² and p·m (docs/design.md §7), or
-takes only those sums (`row_sums`). With a base θ₀ (`ext_sub_task_rows_into`), one fused pass
-per row reads p, m and θ₀ in their dtypes and writes θ₀ + (p − θ₀) − λ·Ext(m − θ₀) in the
-output's (docs/design.md §5), rounding as the engine's workspace path does. The C++ file has no torch
-headers, so a build takes a few seconds with any C++17 compiler; the library lands in a per-user
-cache keyed by the source, the flags and the compiler, so later processes load it in milliseconds.
-Without a compiler, or when the build fails, `load()` returns None with the reason in `status()`,
-and the op runs its eager torch path instead.
+Per row p' = α·p + β·m (docs/design.md §1), and on request each row's |p|², |m|² and p·m from the same pass (§7),
+or only those (`row_sums`); with a base θ₀ (`ext_sub_task_rows_into`) one fused pass per row reads p, m and θ₀ in
+their dtypes and writes θ₀ + (p − θ₀) − λ·Ext(m − θ₀), rounding as the engine's workspace path does. The C++ file
+has no torch headers, so any C++17 compiler builds it in seconds into a per-user cache keyed by the source, the
+flags and the compiler; without one, `load()` returns None with the reason in `status()` and the op runs eager.
 
-Threads: ctypes releases the GIL, so a small pool of Python threads, as many as
-`torch.get_num_threads()` allows, claims chunks of rows from a shared counter inside the C++
-code; the calling thread never waits for a pool thread the scheduler has not started yet.
-A call allocates no tensor memory: the kernel reads and writes the caller's tensors in place,
-so a steady stream of calls costs no fresh pages.
-
-Environment: EXTSUB_CPP_KERNEL=0 disables the kernel (the torch path runs); CXX names the
-compiler (default: the first of c++, g++, clang++ on PATH); EXTSUB_CACHE_DIR moves the cache
-(default: $XDG_CACHE_HOME/extsub or ~/.cache/extsub).
+Threads: ctypes releases the GIL, so up to `torch.get_num_threads()` Python threads claim chunks of rows from a
+shared counter in the C++ code; the caller never waits for a thread not yet started. Nothing is allocated per call.
+Environment: EXTSUB_CPP_KERNEL=0 disables the kernel; CXX names the compiler (default: c++, g++, clang++ on PATH);
+EXTSUB_CACHE_DIR moves the cache (default: $XDG_CACHE_HOME/extsub or ~/.cache/extsub).
 """
 
 import ctypes
@@ -44,21 +35,12 @@ from extsub_kernels._tensors import shares_storage
 from extsub_kernels.constants import ENV_CACHE_DIR, ENV_CPP_KERNEL, ENV_CXX, ENV_XDG_CACHE
 from extsub_kernels.errors import Notice
 
-SOURCE = Path(__file__).with_name("ext_sub_cpu.cpp")
+_SOURCE = Path(__file__).with_name("ext_sub_cpu.cpp")
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
-_STATS_CODES = {torch.float32: 2, torch.float64: 3}
 # -ffp-contract=off: no fused multiply-adds chosen by the compiler, so each sum and each update
 # rounds the same way in every instantiation (with or without row sums: the same result bit for bit).
-_BASE_FLAGS = (
-    "-O3",
-    "-std=c++17",
-    "-shared",
-    "-fPIC",
-    "-fno-math-errno",
-    "-ffp-contract=off",
-    "-fvisibility=hidden",
-    "-fno-exceptions",
-)
+_BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off", "-fvisibility=hidden")
+_BASE_FLAGS += ("-fno-exceptions",)
 # Vector extensions per torch's own CPU capability (torch.backends.cpu.get_cpu_capability()).
 _ARCH_FLAGS = {
     "AVX512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"),
@@ -66,7 +48,7 @@ _ARCH_FLAGS = {
 }
 _BUILD_TIMEOUT_S = 300
 # Said once, when a build starts (a library from the cache loads in milliseconds, silently).
-BUILD_NOTICE = "building the CPU kernel (first use, ~10 s)…"
+_BUILD_NOTICE = "building the CPU kernel (first use, ~10 s)…"
 # Below this many elements per thread, the hand-off to another thread costs more than it saves.
 _MIN_ELEMENTS_PER_THREAD = 1 << 16
 # Rows at least this long, fewer than four per thread, are split across threads by columns (not by the fused pass).
@@ -92,27 +74,19 @@ class _Library:
         self.path = path
         lib = ctypes.CDLL(str(path))
         i64, i32, dbl, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p
-        self.rows = lib.extsub_rows
-        self.rows.argtypes = [ptr, ptr, i32, i32, i64, i64, i64, i64, i64, dbl, ptr, i32, i32]
-        self.rows.restype = i32
-        self.rows_shared = lib.extsub_rows_shared
-        self.rows_shared.argtypes = [ptr, ptr, i32, i32, i64, i64, i64, i64, dbl, ptr, i32, i32, i64, ptr, i32]
-        self.rows_shared.restype = i32
-        self.sums_shared = lib.extsub_sums_shared
-        self.sums_shared.argtypes = [ptr, ptr, i32, i32, i64, i64, i32, ptr, ptr, i32]
-        self.sums_shared.restype = i32
-        self.update_shared = lib.extsub_update_shared
-        self.update_shared.argtypes = [ptr, ptr, i32, i32, i64, i64, dbl, dbl, ptr, i32]
-        self.update_shared.restype = i32
-        self.task_rows_shared = lib.extsub_task_rows_shared
         operands = [ptr, ptr, ptr, ptr, i32, i32, i32, i32]  # out, p, m, base and their dtype codes
-        self.task_rows_shared.argtypes = [*operands, *[i64] * 6, dbl, ptr, i32, i64, ptr, i32]
-        self.task_rows_shared.restype = i32
-        self.convert = lib.extsub_convert
-        self.convert.argtypes = [ptr, i32, ptr, i32, i64]
-        self.convert.restype = i32
+        for name, argtypes in (
+            ("rows", [ptr, ptr, i32, i32, i64, i64, i64, i64, i64, dbl, ptr, i32, i32]),
+            ("rows_shared", [ptr, ptr, i32, i32, i64, i64, i64, i64, dbl, ptr, i32, i32, i64, ptr, i32]),
+            ("sums_shared", [ptr, ptr, i32, i32, i64, i64, i32, ptr, ptr, i32]),
+            ("update_shared", [ptr, ptr, i32, i32, i64, i64, dbl, dbl, ptr, i32]),
+            ("task_rows_shared", [*operands, *[i64] * 6, dbl, ptr, i32, i64, ptr, i32]),
+            ("convert", [ptr, i32, ptr, i32, i64]),
+        ):
+            function = getattr(lib, f"extsub_{name}")
+            function.argtypes, function.restype = argtypes, i32
+            setattr(self, name, function)
         self.hardware_f16 = bool(lib.extsub_hardware_f16())
-        self.path = path
 
 
 _lock = threading.Lock()
@@ -134,20 +108,14 @@ if hasattr(os, "register_at_fork"):
 
 def cache_dir() -> Path:
     """Where built libraries are kept: EXTSUB_CACHE_DIR, else $XDG_CACHE_HOME/extsub, else ~/.cache/extsub."""
-    if os.environ.get(ENV_CACHE_DIR):
-        return Path(os.environ[ENV_CACHE_DIR])
     base = os.environ.get(ENV_XDG_CACHE) or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "extsub"
+    return Path(os.environ.get(ENV_CACHE_DIR) or Path(base) / "extsub")
 
 
 def _compiler() -> str | None:
     if os.environ.get(ENV_CXX):
         return shutil.which(os.environ[ENV_CXX]) or os.environ[ENV_CXX]
-    for name in ("c++", "g++", "clang++"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
+    return next(filter(None, map(shutil.which, ("c++", "g++", "clang++"))), None)
 
 
 def _capability() -> str:
@@ -161,21 +129,14 @@ def _capability() -> str:
 
 
 def build(
-    compiler: str,
-    out_dir: Path,
-    *,
-    capability: str | None = None,
-    defines: tuple[str, ...] = (),
+    compiler: str, out_dir: Path, *, capability: str | None = None, defines: tuple[str, ...] = ()
 ) -> tuple[Path, float | None]:
-    """Compile ext_sub_cpu.cpp into out_dir, unless a library of the same source, flags and compiler is there.
-
-    Returns (path of the library, seconds the build took or None when it was cached). Raises
-    RuntimeError with the compiler's message when the build fails. Concurrent builders each
-    write a private temporary file and rename it into place, so a reader never sees half a file.
-    """
+    """Compile ext_sub_cpu.cpp into out_dir unless a library of the same source, flags and compiler is there; returns
+    (its path, seconds the build took or None when cached). RuntimeError with the compiler's message on failure.
+    Each builder writes a private temporary file and renames it into place: no reader sees half a file."""
     capability = capability or _capability()
     flags = (*_BASE_FLAGS, *_ARCH_FLAGS.get(capability, ()), *(f"-D{d}" for d in defines))
-    source = SOURCE.read_bytes()
+    source = _SOURCE.read_bytes()
     key = hashlib.sha256()
     for part in (source, repr(flags).encode(), compiler.encode(), sys.platform.encode(), platform.machine().encode()):
         key.update(part + b"\0")
@@ -189,16 +150,11 @@ def build(
         return target, None
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = out_dir / f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-    warnings.warn(BUILD_NOTICE, Notice, stacklevel=2)  # seconds with no output otherwise
+    warnings.warn(_BUILD_NOTICE, Notice, stacklevel=2)  # seconds with no output otherwise
     start = time.perf_counter()
     try:
-        done = subprocess.run(
-            [compiler, *flags, str(SOURCE), "-o", str(partial)],
-            capture_output=True,
-            text=True,
-            timeout=_BUILD_TIMEOUT_S,
-            check=False,
-        )
+        command = [compiler, *flags, str(_SOURCE), "-o", str(partial)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         partial.unlink(missing_ok=True)
         raise RuntimeError(f"{compiler} did not run: {exc}") from exc
@@ -212,23 +168,17 @@ def build(
 
 def _self_check(lib: _Library) -> None:
     """One row with a known answer, so a miscompiled library is refused rather than used."""
-    p = (ctypes.c_float * 4)(3.0, 4.0, 0.0, 0.0)
-    m = (ctypes.c_float * 4)(0.0, 0.0, 6.0, 8.0)
-    sums = (ctypes.c_double * 3)()
-    lib.rows(ctypes.addressof(p), ctypes.addressof(m), 2, 2, 0, 1, 4, 4, 4, 0.5, ctypes.addressof(sums), 3, 1)
-    got, expected = (*p, *sums), (6.0, 8.0, -3.0, -4.0, 25.0, 100.0, 0.0)  # α = 1 + 0.5·10/5 = 2, β = −0.5
-    if any(abs(a - b) > 1e-6 for a, b in zip(got, expected, strict=True)):
-        raise RuntimeError(f"self-check failed: got {list(got)}, expected {list(expected)}")
-    # the same row as task vectors over θ₀ = 1: out = 1 + (6, 8, −3, −4)
-    plus = (ctypes.c_float * 4)(4.0, 5.0, 1.0, 1.0)
-    minus = (ctypes.c_float * 4)(1.0, 1.0, 7.0, 9.0)
-    base = (ctypes.c_float * 4)(1.0, 1.0, 1.0, 1.0)
-    out = (ctypes.c_float * 4)()
-    counters = (ctypes.c_int64 * 2)()
+    p, m, base, out = ((ctypes.c_float * 4)(*v) for v in ((3, 4, 0, 0), (0, 0, 6, 8), (1, 1, 1, 1), ()))
+    sums, counters = (ctypes.c_double * 3)(), (ctypes.c_int64 * 2)()
+    # the row as task vectors over θ₀ = 1 first (out = 1 + the result), then in place
+    plus, minus = ((ctypes.c_float * 4)(*(x + 1 for x in v)) for v in (p, m))
     addresses = (ctypes.addressof(x) for x in (out, plus, minus, base))
     lib.task_rows_shared(*addresses, 2, 2, 2, 2, 1, 4, 4, 4, 4, 4, 0.5, None, 0, 1, ctypes.addressof(counters), 1)
-    if any(abs(a - b) > 1e-6 for a, b in zip(out, (7.0, 9.0, -2.0, -3.0), strict=True)):
-        raise RuntimeError(f"self-check of the fused pass failed: got {list(out)}, expected [7, 9, -2, -3]")
+    lib.rows(ctypes.addressof(p), ctypes.addressof(m), 2, 2, 0, 1, 4, 4, 4, 0.5, ctypes.addressof(sums), 3, 1)
+    got = (*p, *sums, *(x - 1 for x in out))  # α = 1 + 0.5·10/5 = 2, β = −0.5
+    expected = (6.0, 8.0, -3.0, -4.0, 25.0, 100.0, 0.0, 6.0, 8.0, -3.0, -4.0)
+    if any(abs(a - b) > 1e-6 for a, b in zip(got, expected, strict=True)):
+        raise RuntimeError(f"self-check failed: got {list(got)}, expected {list(expected)}")
 
 
 def load() -> _Library | None:
@@ -270,19 +220,13 @@ def status() -> KernelStatus:
 
 
 def _reset_for_tests() -> None:
-    """Forget the loaded library and its status, so the next load() decides again."""
     global _library, _status
     with _lock:
         _library, _status = None, None
 
 
 def _share(fn: Callable[..., int], *args: object, threads: int) -> None:
-    """Run fn(*args, counters, wait) on this thread and on threads − 1 pool threads, sharing its chunks.
-
-    The pool threads are not waited for: this thread returns once every chunk claimed by anyone
-    is finished (see claim_chunks in the C++ file), so a pool thread that the scheduler starts
-    late costs nothing. The counters array stays alive in the pool's queue until it has run.
-    """
+    """Run fn(*args, counters, wait) on this thread and on threads − 1 pool threads, sharing its chunks."""
     counters = (ctypes.c_int64 * 2)()
     if threads > 1:
         pool = _executor(threads - 1)
@@ -309,11 +253,9 @@ def _executor(workers: int) -> ThreadPoolExecutor:
 def ext_sub_rows_(p: torch.Tensor, m: torch.Tensor, lam: float, *, row_stats: torch.Tensor | None = None) -> None:
     """p ← α·p + β·m row by row, in place, for 2-D CPU views whose columns are contiguous.
 
-    `row_stats`, a contiguous (rows, 3) float32/float64 tensor, receives |p|², |m|², p·m of
-    each row before the update, from the same pass (one more product per element).
-    Up to torch.get_num_threads() threads (one per 64 Ki elements at most) claim chunks of
-    about _CHUNK_BYTES of rows. Fewer long rows than four per thread (a 1-D tensor is one row)
-    are shared by column chunks instead, in two passes: the sums, then the update.
+    `row_stats`, a contiguous (rows, 3) float32/float64 tensor, receives |p|², |m|², p·m of each row from the same
+    pass. Threads (one per 64 Ki elements at most) claim chunks of about _CHUNK_BYTES of rows; fewer long rows
+    than four per thread are shared by column chunks instead, in two passes (the sums, then the update).
     """
     _run(p, m, lam, row_stats, write=True)
 
@@ -332,13 +274,10 @@ def ext_sub_task_rows_into(
     *,
     row_stats: torch.Tensor | None = None,
 ) -> None:
-    """out ← θ₀ + (p − θ₀) − λ·Ext(m − θ₀) row by row, in one fused pass, for 2-D CPU views of one shape.
-
-    Columns contiguous; each operand in its own dtype; `out` shares memory with none of the
-    inputs. The arithmetic and its rounding are the workspace path's (widen, subtract θ₀, the
-    op, add θ₀, round once into out); `row_stats` gets the op's row sums of p − θ₀ and m − θ₀.
-    Each row is one thread's (long rows are not split by columns); threads claim chunks of rows.
-    """
+    """out ← θ₀ + (p − θ₀) − λ·Ext(m − θ₀) row by row in one fused pass, for 2-D CPU views of one shape with
+    contiguous columns, each in its own dtype, `out` sharing memory with none of the inputs. Arithmetic and
+    rounding are the workspace path's; `row_stats` gets the op's row sums of p − θ₀ and m − θ₀. Rows are never
+    split by columns."""
     lib = _loaded()
     n_rows, n_cols = p.shape
     operands = (("out", out), ("p", p), ("m", m), ("base", base))
@@ -352,31 +291,19 @@ def ext_sub_task_rows_into(
         if row_stats is not None:
             row_stats.zero_()
         return
-    threads = max(1, min(torch.get_num_threads(), p.numel() // _MIN_ELEMENTS_PER_THREAD))
-    row_bytes = n_cols * (p.element_size() + m.element_size() + base.element_size())
-    chunk_rows = max(1, min(_CHUNK_BYTES // row_bytes, -(-n_rows // (4 * threads))))
-    args = (
-        *(t.data_ptr() for _, t in operands),
-        *(_DTYPE_CODES[t.dtype] for _, t in operands),
-        n_rows,
-        n_cols,
-        *(t.stride(0) for _, t in operands),
-        0.5 * lam,
-        stats_ptr,
-        stats_dtype,
-        chunk_rows,
-    )
+    threads, chunk_rows = _split(p, m, base)
+    pointers = [t.data_ptr() for _, t in operands] + [_DTYPE_CODES[t.dtype] for _, t in operands]
+    strides = [t.stride(0) for _, t in operands]
+    args = (*pointers, n_rows, n_cols, *strides, 0.5 * lam, stats_ptr, stats_dtype, chunk_rows)
     _share(lib.task_rows_shared, *args, threads=threads)
 
 
 def long_rows(n_cols: int) -> bool:
-    """Whether `ext_sub_rows_` may share rows this long between threads by columns (their sums then add up in
-    another order than one thread's; the fused pass never splits a row)."""
+    """Whether `ext_sub_rows_` may share rows this long between threads by columns (summed in another order)."""
     return n_cols >= _LONG_ROW
 
 
 def _loaded() -> _Library:
-    """The library, or RuntimeError with the reason it is unavailable."""
     lib = load()
     if lib is None:
         raise RuntimeError(f"the C++ kernel is unavailable: {status().detail}")
@@ -384,16 +311,14 @@ def _loaded() -> _Library:
 
 
 def _stats_pointer(stats: torch.Tensor | None, n_rows: int) -> tuple[int | None, int]:
-    """(address, dtype code) of a row sums array, (None, 0) without one; ValueError unless it fits."""
     if stats is None:
         return None, 0
-    if stats.dtype not in _STATS_CODES or stats.shape != (n_rows, 3) or not stats.is_contiguous():
+    if stats.dtype not in (torch.float32, torch.float64) or stats.shape != (n_rows, 3) or not stats.is_contiguous():
         raise ValueError(f"row sums go in a contiguous ({n_rows}, 3) float32/float64 tensor, not {stats.shape}")
-    return stats.data_ptr(), _STATS_CODES[stats.dtype]
+    return stats.data_ptr(), _DTYPE_CODES[stats.dtype]
 
 
 def _run(p: torch.Tensor, m: torch.Tensor, lam: float, stats: torch.Tensor | None, *, write: bool) -> None:
-    """Check the operands, choose the split across threads, and call the kernel."""
     lib = _loaded()
     n_rows, n_cols = p.shape
     if n_rows == 0:
@@ -402,20 +327,19 @@ def _run(p: torch.Tensor, m: torch.Tensor, lam: float, stats: torch.Tensor | Non
         if t.device.type != "cpu" or (n_cols > 1 and t.stride(1) != 1):
             raise ValueError(f"{name} must be a CPU tensor with contiguous columns (stride {t.stride()})")
     stats_ptr, stats_dtype = _stats_pointer(stats, n_rows)
-    if stats is not None and n_cols == 0:
-        stats.zero_()
-        return
     if n_cols == 0:
+        if stats is not None:
+            stats.zero_()
         return
     p_dtype, m_dtype = _DTYPE_CODES[p.dtype], _DTYPE_CODES[m.dtype]
     half_lam = 0.5 * lam
-    threads = max(1, min(torch.get_num_threads(), p.numel() // _MIN_ELEMENTS_PER_THREAD))
+    threads, chunk_rows = _split(p, m)
     p_ptr, m_ptr = p.data_ptr(), m.data_ptr()
     if threads > 1 and long_rows(n_cols) and n_rows < 4 * threads:
         for row in range(n_rows):
             row_p = p_ptr + row * p.stride(0) * p.element_size()
             row_m = m_ptr + row * m.stride(0) * m.element_size()
-            sums = _long_row(lib, row_p, row_m, p_dtype, m_dtype, n_cols, half_lam, threads, stats is not None, write)
+            sums = _long_row(lib, (row_p, row_m, p_dtype, m_dtype), n_cols, half_lam, threads, stats is not None, write)
             if stats is not None:
                 stats[row] = torch.tensor(sums, dtype=torch.float64)
         return
@@ -423,32 +347,28 @@ def _run(p: torch.Tensor, m: torch.Tensor, lam: float, stats: torch.Tensor | Non
     if threads == 1:
         lib.rows(*common, 0, n_rows, n_cols, p.stride(0), m.stride(0), half_lam, stats_ptr, stats_dtype, write)
         return
-    row_bytes = n_cols * (p.element_size() + m.element_size())
-    chunk_rows = max(1, min(_CHUNK_BYTES // row_bytes, -(-n_rows // (4 * threads))))
     args = (*common, n_rows, n_cols, p.stride(0), m.stride(0), half_lam, stats_ptr, stats_dtype, write, chunk_rows)
     _share(lib.rows_shared, *args, threads=threads)
 
 
-def _long_row(
-    lib: _Library,
-    p_ptr: int,
-    m_ptr: int,
-    p_dtype: int,
-    m_dtype: int,
-    n: int,
-    half_lam: float,
-    threads: int,
-    dot: bool,
-    write: bool,
-) -> tuple[float, float, float]:
-    """One contiguous row shared by threads: the sums by chunk, then the update by chunk; returns |p|², |m|², p·m."""
+def _split(*operands: torch.Tensor) -> tuple[int, int]:
+    """(threads, rows per chunk) of a call: a thread per 64 Ki elements at most, chunks of about _CHUNK_BYTES."""
+    n_rows, n_cols = operands[0].shape
+    threads = max(1, min(torch.get_num_threads(), operands[0].numel() // _MIN_ELEMENTS_PER_THREAD))
+    row_bytes = max(1, n_cols * sum(t.element_size() for t in operands))
+    return threads, max(1, min(_CHUNK_BYTES // row_bytes, -(-n_rows // (4 * threads))))
+
+
+def _long_row(lib: _Library, row: tuple, n: int, half_lam: float, threads: int, dot: bool, write: bool) -> tuple:
+    """One contiguous row (p, m pointers and dtype codes) shared by threads: sums, then the update, by chunk;
+    returns |p|², |m|², p·m."""
     chunk = max(_MIN_ELEMENTS_PER_THREAD, (-(-n // _MAX_LONG_ROW_CHUNKS) + 63) & ~63)
     n_chunks = -(-n // chunk)
     partials = (ctypes.c_double * (3 * n_chunks))()
-    _share(lib.sums_shared, p_ptr, m_ptr, p_dtype, m_dtype, n, chunk, int(dot), partials, threads=threads)
+    _share(lib.sums_shared, *row, n, chunk, int(dot), partials, threads=threads)
     # in chunk order: the same result whichever thread summed which chunk
     sp, sm, spm = (math.fsum(partials[k::3]) for k in range(3))
     if write and sp > 0.0:  # |p| = 0: the row stays
         alpha = 1.0 + half_lam * (math.sqrt(sm) / math.sqrt(sp))
-        _share(lib.update_shared, p_ptr, m_ptr, p_dtype, m_dtype, n, chunk, alpha, -half_lam, threads=threads)
+        _share(lib.update_shared, *row, n, chunk, alpha, -half_lam, threads=threads)
     return sp, sm, spm
