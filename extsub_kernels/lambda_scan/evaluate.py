@@ -77,9 +77,10 @@ class EvaluationSets:
         )
 
     def check_fits(self, model: torch.nn.Module, tokenizer: Any, max_new_tokens: int) -> None:
-        """Every example and prompt within the model's vocabulary and positions (a prompt with room for
+        """Every example, option and prompt within the model's vocabulary and positions (a prompt with room for
         `max_new_tokens`), before a scan writes anything; an InputError naming the file and line otherwise."""
-        for example in (*self.keep, *self.forget):
+        options = [o for q in self.choices or () for o in q.options]
+        for example in (*self.keep, *self.forget, *(self.truth or ()), *options):
             check_ids_fit(model, example.input_ids, example.source)
         for number, prompt in enumerate(self.prompts or (), start=1):
             ids = tokenizer(prompt)["input_ids"] if isinstance(prompt, str) and tokenizer is not None else prompt

@@ -39,17 +39,22 @@ class Harness:
         try:
             from lm_eval.tasks import TaskManager
         except ImportError:
-            raise InputError(f"--lm-eval needs lm-eval, which is not installed; install with: {EVAL_EXTRA}") from None
+            raise InputError(
+                f"lm_eval= needs lm-eval, which is not installed; install with: {EVAL_EXTRA}", options=("lm_eval",)
+            ) from None
         for folder in self.include:
             if not Path(folder).is_dir():
-                raise InputError(f"--lm-eval-include {folder}: no such folder")
+                raise InputError(f"lm_eval_include= {folder}: no such folder", options=("lm_eval_include",))
         logging.getLogger("lm-eval").setLevel(logging.ERROR)
         self._manager = TaskManager(include_path=list(self.include) or None, verbosity="ERROR")
         known = set(self._manager.all_tasks)
         unknown = [t for t in self.tasks if t not in known]
         if unknown:
-            where = f" nor in {', '.join(self.include)}" if self.include else "; --lm-eval-include DIR adds local ones"
-            raise InputError(f"--lm-eval: unknown task(s) {', '.join(unknown)} (not among lm-eval's tasks{where})")
+            where = f" nor in {', '.join(self.include)}" if self.include else "; lm_eval_include= adds local ones"
+            raise InputError(
+                f"lm_eval=: unknown task(s) {', '.join(unknown)} (not among lm-eval's tasks{where})",
+                options=("lm_eval", "lm_eval_include"),
+            )
 
     def measure(self, model: torch.nn.Module, tokenizer: Any) -> dict[str, float]:
         """Every numeric metric of every task, for the model as it stands (lm_eval.simple_evaluate over an HFLM)."""
@@ -95,5 +100,5 @@ def parse_tasks(value: str | Sequence[str] | None) -> tuple[str, ...]:
     items = value.split(",") if isinstance(value, str) else list(value)
     tasks = tuple(t.strip() for t in items if t.strip())
     if not tasks:
-        raise InputError("--lm-eval: give at least one task name")
+        raise InputError("lm_eval=: give at least one task name", options=("lm_eval",))
     return tasks

@@ -100,13 +100,17 @@ def load_tokenizer(base: ResolvedInput):
 
 
 def load_model(base: ResolvedInput, *, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """BASE as a causal language model (`AutoModelForCausalLM`), in `dtype`, on `device`, in eval mode."""
-    from transformers import AutoModelForCausalLM
+    """BASE as a causal language model (`AutoModelForCausalLM`), in `dtype`, on `device`, in eval mode; on the meta
+    device its shapes only (no weight read), to check the sets against."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = _model_folder(base)
     check_config_fits(base)
     try:
         with _quiet_transformers():
+            if device.type == "meta":
+                with device:
+                    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise InputError(

@@ -47,10 +47,14 @@ def chat_template(tokenizer: Any, mode: str = "auto", system: str | None = None)
         raise InputError(f"chat_template must be one of {', '.join(CHAT_MODES)}; got {mode!r}")
     has_template = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
     if mode == "on" and not has_template:
-        raise InputError("--chat-template on: the base model's tokenizer has no chat template")
+        raise InputError(
+            "chat_template='on': the base model's tokenizer has no chat template", options=("chat_template",)
+        )
     if mode == "off" or not has_template:
         if system is not None:
-            raise InputError("--system is a chat template's system message; it needs the chat template on")
+            raise InputError(
+                "system= is a chat template's system message; it needs the chat template on", options=("system",)
+            )
         return None
     return ChatTemplate(system)
 

@@ -21,7 +21,7 @@ class ScanRow:
     `mc1`, `mc2`: multiple choice (`choices`); `lm_eval`: lm-evaluation-harness's metrics, one column each.
     Generations: rep-4, distinct-1/2, `mean_length` (tokens per
     continuation) and `end_rate` (the share that ended at a stop token). Seconds: the merge installed in the
-    model (`merge_seconds`), then each evaluation.
+    model (`merge_seconds`), then each evaluation. `attempts`: 2 or more when a worker died measuring it (rerun).
     """
 
     method: str
@@ -44,6 +44,7 @@ class ScanRow:
     choices_seconds: float | None = None
     lm_eval: dict[str, float] = field(default_factory=dict)
     lm_eval_seconds: float | None = None
+    attempts: int = 1
 
     @property
     def eval_seconds(self) -> float:
@@ -104,8 +105,8 @@ def _over(value: float | None, reference: float | None, tolerance: float) -> boo
 # The truthfulness axis of the recommendation, by what the scan measured: (field, name in notes).
 AXES = (("mc2", "MC2"), ("truth_margin", "FORGET − TRUTH NLL margin"))
 NO_AXIS = (
-    "no truthfulness axis: give multiple-choice questions (--choices, MC2) or TRUTH (--truth, the FORGET − TRUTH NLL "
-    "margin); FORGET-NLL alone cannot tell unlearning from damage"
+    "no truthfulness axis: give multiple-choice questions (CHOICES, MC2) or TRUTH (FORGET's prompts with true "
+    "completions, the FORGET − TRUTH NLL margin); FORGET-NLL alone cannot tell unlearning from damage"
 )
 
 
@@ -341,4 +342,5 @@ COLUMNS = (
     "generate_seconds",
     "lm_eval_seconds",
     "eval_seconds",
+    "attempts",
 )

@@ -11,7 +11,7 @@ import contextlib
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,7 +25,6 @@ from extsub_kernels.engine.options import (
     EvalDtypeName,
     check_choice,
     eval_dtype,
-    input_roles,
     parse_lam_grid,
     parse_methods,
     resolve_device,
@@ -33,22 +32,13 @@ from extsub_kernels.engine.options import (
 )
 from extsub_kernels.engine.writing import progress_bar
 from extsub_kernels.errors import InputError, MergeError, ScanInterrupted, Terminated
-from extsub_kernels.io import ResolvedInput, check_outputs, resolve_input
+from extsub_kernels.io import ResolvedInput, check_outputs
 from extsub_kernels.io.atomic import terminate_as_interrupt
 from extsub_kernels.io.identity import InputSnapshot
 from extsub_kernels.io.outputs import check_report_folder
-from extsub_kernels.lambda_scan import rendering
-from extsub_kernels.lambda_scan.evaluate import EvaluationSets, Evaluator
 from extsub_kernels.lambda_scan.harness import Harness, parse_tasks
-from extsub_kernels.lambda_scan.installers import AdapterInstaller, Installer, make_installer
-from extsub_kernels.lambda_scan.model import (
-    check_threads,
-    evaluation_dtype,
-    load_model,
-    load_tokenizer,
-    require,
-    torch_threads,
-)
+from extsub_kernels.lambda_scan.installers import AdapterInstaller, Installer
+from extsub_kernels.lambda_scan.model import check_threads, require, torch_threads
 from extsub_kernels.lambda_scan.report import SCAN_FILES, ScanFiles, chosen_note
 from extsub_kernels.lambda_scan.results import (
     EXPERT,
@@ -57,8 +47,16 @@ from extsub_kernels.lambda_scan.results import (
     ScanResult,
     ScanRow,
     recommend,
-    sample_records,
     timing_summary,
+)
+from extsub_kernels.lambda_scan.workers import (
+    Recipe,
+    check_without_weights,
+    check_workers,
+    measure_point,
+    prepare,
+    resolve,
+    spread,
 )
 from extsub_kernels.merge import adapter_inputs
 
@@ -90,6 +88,8 @@ def scan(
     max_keep_increase: float = 0.05,
     guards: Guards | None = None,
     threads: int | None = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
     save_best: PathLike | None = None,
     save_format: str | None = None,
     force: bool = False,
@@ -131,7 +131,11 @@ def scan(
         batch_size: examples (or prompts) per forward pass.
         max_keep_increase: the recommendation's budget: KEEP-NLL may rise by this fraction over λ = 0.
         guards: how far generations may move from λ = 0's and stay candidates (default `Guards()`).
-        threads: torch's CPU threads during the scan (default `model.default_threads()`).
+        threads: torch's CPU threads during the scan (default `model.default_threads()`); with local workers on
+            the CPU, split between them.
+        workers: measure the points on this many Ray workers, each with BASE loaded once (one per GPU where there
+            are GPUs, else processes sharing the CPU); needs the `ray` extra (`lambda_scan.workers`).
+        ray_address: an existing Ray cluster to run the workers on (default workers: one per GPU, else per node).
         save_best: write the merge at the recommended λ of the first method here, as `merge()` does.
         save_format: the format of `save_best`: an adapter format of `extsub-merge --format`, or
             "model" (the full merged model θ₀ + ΔW', what `--base` writes). Default: the adapter
@@ -160,54 +164,60 @@ def scan(
     guards = guards if guards is not None else Guards()
     _check_guards(guards)
     threads = check_threads(threads)
+    spreads = check_workers(workers, ray_address, device)
     harness = None
     if lm_eval is not None:
         harness = Harness(parse_tasks(lm_eval), tuple(str(p) for p in lm_eval_include), batch_size)
         harness.check()
-    target = resolve_device(device)
+    target = None if spreads else resolve_device(device)
     requested_dtype = eval_dtype(dtype)
     antis = [anti] if isinstance(anti, (str, os.PathLike)) else list(anti)
     if not antis:
         raise InputError("give at least one anti-expert")
-    inputs = _resolve(expert, antis, base, quiet=not progress)
-    snapshot = InputSnapshot(inputs, reader="the scan", then=_CHANGED)
+    inputs = resolve([expert, *antis, base], quiet=not progress)
+    given = {"keep": keep, "forget": forget, "prompts": prompts, "truth": truth, "choices": choices}
+    read = [(f"{name.upper()} {path}", Path(path)) for name, path in given.items() if path is not None]
+    sets_read = [(what.split()[0], ResolvedInput(str(p), p.name, "file", p.parent, (p,))) for what, p in read]
+    snapshot = InputSnapshot([*inputs, *sets_read], reader="the scan", then=_CHANGED)
     adapters = adapter_inputs(inputs)
     require("transformers", *(["peft"] if adapters else []), *(["matplotlib"] if out is not None else []))
     out_dir = Path(out) if out is not None else None
-    sets_read = (("KEEP", keep), ("FORGET", forget), ("PROMPTS", prompts))
-    read = [(f"{what} {path}", Path(path)) for what, path in sets_read if path is not None]
     if out_dir is not None:
-        others = [(f"--save-best {save_best}", Path(save_best))] if save_best is not None else []
+        others = [(f"the best merge {save_best}", Path(save_best))] if save_best is not None else []
         check_report_folder(out_dir, SCAN_FILES, inputs, force=force, others=others, read=read)
     save_format = _check_save(save_best, save_format, inputs, adapters=adapters, force=force, read=read)
     if save_best is not None and truth is None and choices is None:
-        raise InputError(f"--save-best needs a truthfulness axis to choose λ by: {NO_AXIS.split(': ', 1)[1]}")
+        why = NO_AXIS.split(": ", 1)[1]
+        raise InputError(f"save_best= needs a truthfulness axis to choose λ by: {why}", options=("save_best",))
 
-    base_input = inputs[-1][1]
-    tokenizer = load_tokenizer(base_input)
-    chat = rendering.chat_template(tokenizer, chat_template, system)
-    sets = EvaluationSets.load(keep, forget, prompts, tokenizer, truth=truth, choices=choices, chat=chat)
+    specs = tuple(inp.spec for _, inp in inputs)
+    evaluation = (chat_template, system, harness, batch_size, max_new_tokens, requested_dtype)
+    recipe = Recipe(specs, tuple(methods), given, *evaluation)
     timing: dict[str, float] = {}
     check = (lambda made: _check_save_format(save_format, made)) if save_best is not None else None
-    with torch_threads(threads):
-        installer = _installer(inputs, adapters, methods, target, requested_dtype, timing, check)
-        try:
-            sets.check_fits(installer.model, tokenizer, max_new_tokens if prompts is not None else 0)
-        except BaseException:
-            installer.close()
-            raise
-    setup = _setup(inputs, installer, sets, grid, methods, target, batch_size, max_keep_increase)
+    installer = evaluator = None
+    if spreads:
+        sets, kind = check_without_weights(recipe, inputs, check)
+        model_dtype = requested_dtype or "auto"
+    else:
+        with torch_threads(threads):
+            installer, evaluator = prepare(recipe, inputs, target, timing, check)
+        sets, kind, model_dtype = evaluator.sets, installer.kind, next(installer.model.parameters()).dtype
+    placed = str(target if target is not None else device), str(model_dtype).removeprefix("torch.")
+    setup = _setup(inputs, kind, sets, grid, methods, *placed, batch_size, max_keep_increase)
     setup["options"] |= {
         "max_new_tokens": max_new_tokens if prompts is not None else None,
         "guards": asdict(guards),
-        "chat_template": chat is not None,
+        "chat_template": sets.chat is not None,
         "system": system,
         "threads": threads,
         "lm_eval": list(harness.tasks) if harness is not None else None,
+        "workers": 1 if not spreads else workers,
     }
     points = [(EXPERT, 0.0)] + [(m, x) for m in methods for x in grid if x != 0]
     rows: list[ScanRow] = []
     samples: list[dict] = []
+    measured: dict[int, tuple[ScanRow, list[dict]]] = {}
 
     def result(status: str) -> ScanResult:
         now = {**timing, "total_seconds": time.perf_counter() - started, **timing_summary(rows)}
@@ -215,12 +225,25 @@ def scan(
         return ScanResult(rows, recommendations, status, len(points), setup, now, samples=samples)
 
     files = ScanFiles(out_dir, force=force) if out_dir is not None else None
-    evaluator = Evaluator(sets, tokenizer, batch_size, max_new_tokens, target, harness)
+
+    def done(index: int, row: ScanRow, point_samples: list[dict]) -> None:
+        """Keep a row (in the order of `points`, wherever it was measured) once the inputs are seen unchanged."""
+        snapshot.check()  # full models are read again at every point
+        measured[index] = (row, point_samples)
+        rows[:] = [measured[i][0] for i in sorted(measured)]
+        samples[:] = [s for i in sorted(measured) for s in measured[i][1]]
+        if files is not None:
+            files.progress(result("running"))
+        bar.update(1)
+
     try:
-        with terminate_as_interrupt(), torch_threads(threads):
-            after = (lambda: files.progress(result("running"))) if files is not None else (lambda: None)
-            walk = (points, methods[0], installer, evaluator, rows, samples, target)
-            _walk(*walk, progress, after, snapshot.check)
+        bar_over = progress_bar(len(points), progress, "extsub-scan", unit="point")
+        with terminate_as_interrupt(), torch_threads(threads), bar_over as bar:
+            if spreads:
+                spread(recipe, points, workers, ray_address, str(device), threads, done, setup["options"], timing)
+            for index, (name, x) in enumerate(points if not spreads else ()):
+                bar.set_postfix_str(f"{name} λ={x:g}")
+                done(index, *measure_point(installer, evaluator, name, x, methods[0]))
     except BaseException as e:
         status = _stopped(e)
         partial = result(status)
@@ -233,7 +256,8 @@ def scan(
         _name_written(e, partial.files)
         raise
     finally:
-        installer.close()
+        if installer is not None:
+            installer.close()
     final = result("complete")
     if files is not None:
         final.files = files.final(final)
@@ -261,50 +285,21 @@ def _name_written(error: BaseException, files: Sequence[Path]) -> None:
             error.published = tuple(files)  # type: ignore[attr-defined]
 
 
-def _installer(
-    inputs: Sequence[tuple[str, ResolvedInput]],
-    adapters: bool,
-    methods: Sequence[str],
-    device: torch.device,
-    requested_dtype: torch.dtype | None,
-    timing: dict[str, float],
-    check: Callable[[Installer], None] | None = None,
-) -> Installer:
-    """The installer, made from the inputs (validating them) and `check`ed before BASE loads, then attached to it."""
-    start = time.perf_counter()
-    installer = make_installer(inputs, adapters=adapters, methods=methods, device=device)
-    prepared = time.perf_counter()
-    try:
-        if check is not None:
-            check(installer)
-        base = inputs[-1][1]
-        model = load_model(base, device=device, dtype=evaluation_dtype(requested_dtype, device, base))
-        loaded = time.perf_counter()
-        installer.attach(model, base.name)
-    except BaseException:
-        installer.close()
-        raise
-    timing["load_seconds"] = loaded - prepared
-    timing["prepare_seconds"] = (prepared - start) + (time.perf_counter() - loaded)
-    return installer
-
-
-def _setup(inputs, installer, sets, grid, methods, device, batch_size, max_keep_increase) -> dict:
+def _setup(inputs, kind, sets, grid, methods, device, dtype, batch_size, max_keep_increase) -> dict:
     """What was scanned, as scan.json records it: version, date, the PEM kind, inputs, sets, options."""
     expert, antis, base = inputs[0][1], [i for _, i in inputs[1:-1]], inputs[-1][1]
-    dtype = next(installer.model.parameters()).dtype
     return {
         "extsub_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "pem": installer.kind,
+        "pem": kind,
         "inputs": {"expert": expert.spec, "anti": [a.spec for a in antis], "base": base.spec},
         "names": {"expert": expert.name, "anti": [a.name for a in antis], "base": base.name},
         "sets": sets.describe(),
         "options": {
             "lam": list(grid),
             "methods": list(methods),
-            "device": str(device),
-            "dtype": str(dtype).removeprefix("torch."),
+            "device": device,
+            "dtype": dtype,
             "batch_size": batch_size,
             "max_keep_increase": max_keep_increase,
         },
@@ -318,41 +313,6 @@ def _stopped(error: BaseException) -> str:
     if isinstance(error, KeyboardInterrupt):
         return "interrupted"
     return f"failed: {type(error).__name__}: {error}"
-
-
-def _walk(
-    points: Sequence[tuple[str, float]],
-    first_method: str,
-    installer: Installer,
-    evaluator: Evaluator,
-    rows: list[ScanRow],
-    samples: list[dict],
-    device: torch.device,
-    progress: bool,
-    after: Callable[[], object],
-    check_inputs: Callable[[], None],
-) -> None:
-    """Install and measure each point in turn, appending its row (and its generations to `samples`) and calling
-    `after()` once it is in.
-
-    λ = 0 (the expert's row) is installed through the first method: every method gives the expert there.
-    A row is kept only if the inputs are still those the scan started with (`check_inputs`; full models
-    are read again at every point).
-    """
-    with progress_bar(len(points), progress, "extsub-scan", unit="point") as bar:
-        for method, lam in points:
-            bar.set_postfix_str(f"{method} λ={lam:g}")
-            start = time.perf_counter()
-            installer.install(first_method if method == EXPERT else method, lam)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            merge_seconds = time.perf_counter() - start
-            measured = evaluator.measure(installer.model)
-            check_inputs()
-            rows.append(ScanRow(method, lam, merge_seconds=merge_seconds, **measured.values))
-            samples.extend(sample_records(method, lam, measured.generations))
-            after()
-            bar.update(1)
 
 
 def _check_numbers(*, max_new_tokens: int, batch_size: int, max_keep_increase: float) -> None:
@@ -372,28 +332,24 @@ def _check_guards(guards: Guards) -> None:
             raise InputError(f"{f.name} must be a number ≥ 0, got {value!r}")
 
 
-def _resolve(
-    expert: PathLike, antis: Sequence[PathLike], base: PathLike, *, quiet: bool
-) -> list[tuple[str, ResolvedInput]]:
-    roles = input_roles(len(antis))
-    inputs = [
-        (role, resolve_input(spec, role=role, quiet=quiet)) for role, spec in zip(roles, [expert, *antis], strict=True)
-    ]
-    return [*inputs, ("BASE", resolve_input(base, role="BASE", quiet=quiet))]
-
-
 def _check_save(
     save_best: PathLike | None, save_format: str | None, inputs, *, adapters: bool, force: bool, read=()
 ) -> str | None:
     """The format `save_best` is written in, after checking it and its path (before any work)."""
     if save_best is None:
         if save_format is not None:
-            raise InputError("--format says how --save-best writes the best merge; give --save-best OUT too")
+            raise InputError(
+                "save_format= says how save_best= writes the best merge; give save_best= too",
+                options=("save_format", "save_best"),
+            )
         return None
     if save_format is not None:
         check_choice(save_format, (*FORMATS, FULL_MODEL_FORMAT), "format")
     if not adapters and save_format not in (None, FULL_MODEL_FORMAT):
-        raise InputError(f"full models merge into a full model; --format {save_format} is for adapter inputs")
+        raise InputError(
+            f"full models merge into a full model; save_format= {save_format} is for adapter inputs",
+            options=("save_format",),
+        )
     fmt = save_format if adapters else FULL_MODEL_FORMAT
     merge_inputs = inputs if fmt == FULL_MODEL_FORMAT else inputs[:-1]
     check_outputs([Path(save_best)], merge_inputs, force=force, read=read)
@@ -415,8 +371,9 @@ def _check_save_format(fmt: str | None, installer: Installer) -> None:
         AdapterOptions(output_format=fmt).format_for(kind, base=False)
     elif kind.base_refusal is not None:
         raise InputError(
-            f"--format {fmt}: {kind.label} adapters change no weight of MODEL, so there is no full model to save; "
-            f"save the adapter itself (--format {kind.formats[0]}, the default)"
+            f"save_format= {fmt}: {kind.label} adapters change no weight of MODEL, so there is no full model to save; "
+            f"save the adapter itself (save_format= {kind.formats[0]}, the default)",
+            options=("save_format",),
         )
 
 
@@ -429,7 +386,7 @@ def _save(result: ScanResult, inputs, method: str, out: PathLike, fmt: str | Non
     rec = result.recommendations[method]
     if rec.lam == 0:
         warnings.warn(
-            f"--save-best: the recommended λ of {method} is 0, the expert itself ({rec.note}); nothing was saved to "
+            f"the best merge: the recommended λ of {method} is 0, the expert itself ({rec.note}); nothing was saved to "
             f"{out}: the expert is already on disk ({inputs[0][1].spec})",
             stacklevel=3,
         )
