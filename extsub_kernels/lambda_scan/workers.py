@@ -233,7 +233,7 @@ def spread(
 
         for _ in range(n):
             start()
-        while busy:
+        while queue or any(index is not None for _, index in busy.values()):  # never wait for a load left unused
             (call,), _ = ray.wait(list(busy), num_returns=1)
             actor, index = busy.pop(call)
             try:
