@@ -1,13 +1,6 @@
-"""The standard harness at each point: lm-evaluation-harness's tasks run on the model as it stands.
-
-`Harness(tasks, include)` checks the tasks once (a TaskManager over lm-eval's own tasks and the
-folders in `include`, for local task definitions); `measure(model, tokenizer)` runs
-`lm_eval.simple_evaluate` over an `HFLM` built on the already-loaded model and tokenizer (never
-a reload: the merge installed in place is what is evaluated), and returns every numeric metric
-lm-eval reports, as columns named `lm_eval:<task>:<metric>` (the filter `none` dropped from
-the name: `lm_eval:truthfulqa_mc2:acc`).
-
-Needs the `eval` extra: `pip install "extsub[eval]"` (lm-eval).
+"""The standard harness at each point: lm-evaluation-harness's tasks (`Harness`) run by `lm_eval.simple_evaluate` over
+an `HFLM` built on the loaded model (never a reload), every numeric metric a column `lm_eval:<task>:<metric>` (filter
+`none` dropped). Needs the `eval` extra.
 """
 
 import logging

@@ -1,10 +1,8 @@
 """`scan()`: load the base once, then for each (method, λ) install the merge and measure it (docs/design.md §8).
 
-Validate every option and input first (nothing is written on bad input), load the model and
-the sets, prepare the installer, then walk the points behind one progress bar: λ = 0 (the
-expert) once, then every method at every other λ. scan.json is rewritten after each row; at the
-end (or on Ctrl-C / SIGTERM) every file is written from the rows so far. `save_best` then writes
-the recommended merge through `merge()`, exactly as `extsub-merge` would.
+Every option and input is checked first (nothing is written on bad input); the points run here or on Ray workers
+(`workers`); scan.json is rewritten after each row, every file at the end or on Ctrl-C / SIGTERM; `save_best`
+then writes the recommended merge through `merge()`, exactly as `extsub-merge` would.
 """
 
 import contextlib
@@ -40,24 +38,8 @@ from extsub_kernels.lambda_scan.harness import Harness, parse_tasks
 from extsub_kernels.lambda_scan.installers import AdapterInstaller, Installer
 from extsub_kernels.lambda_scan.model import check_threads, require, torch_threads
 from extsub_kernels.lambda_scan.report import SCAN_FILES, ScanFiles, chosen_note
-from extsub_kernels.lambda_scan.results import (
-    EXPERT,
-    NO_AXIS,
-    Guards,
-    ScanResult,
-    ScanRow,
-    recommend,
-    timing_summary,
-)
-from extsub_kernels.lambda_scan.workers import (
-    Recipe,
-    check_without_weights,
-    check_workers,
-    measure_point,
-    prepare,
-    resolve,
-    spread,
-)
+from extsub_kernels.lambda_scan.results import EXPERT, NO_AXIS, Guards, ScanResult, ScanRow, recommend, timing_summary
+from extsub_kernels.lambda_scan.workers import Recipe, check_workers, measure_point, prepare, resolve, spread
 from extsub_kernels.merge import adapter_inputs
 
 PathLike = str | os.PathLike
@@ -97,49 +79,40 @@ def scan(
 ) -> ScanResult:
     """Measure the Ext-Sub merge of an expert and anti-expert(s) at every λ, on one loaded base model.
 
-    For adapters each point rebuilds the factored weights in place (never ΔW); for full models
-    each point runs the op on the device into the loaded model. Each point is measured: mean
-    NLL on `keep`, `forget` (and `truth`), MC1 and MC2 on `choices`, and with `prompts` greedy
-    generations scored by rep-4, distinct-1/2, their mean length and how many end (each kept in
-    samples.jsonl). The recommendation per method: the best MC2 (with `choices`; else the FORGET −
-    TRUTH NLL margin) among the λ within the KEEP budget whose generations pass `guards`.
+    Each point installs the merge in place (adapters: the factored weights, never ΔW; full models: the op on the
+    device) and measures NLL on `keep`, `forget` (and `truth`), MC1/MC2 on `choices`, and greedy continuations of
+    `prompts` (rep-4, distinct-1/2, length, ends). Recommended per method: the best MC2 (else the FORGET − TRUTH
+    margin) among the λ within the KEEP budget whose generations pass `guards`.
 
     Args:
         expert: θ⁺: a PEFT adapter (folder, bare file or hub id), or a full model (with `base` its base).
         anti: θ⁻, one or several, applied in order (same kind as the expert).
         base: the base model, loaded once with transformers (a folder or hub id with config.json).
-        keep: text the merged model should still model well (.txt lines, or .jsonl text /
-            prompt + completion / input_ids).
+        keep: text the merged model should still model well (.txt, or .jsonl text / prompt + completion / ids).
         forget: examples of the deficiency (same formats).
         out: SCAN_DIR for scan.json, scan.csv, scan.md, scan.png and samples.jsonl (None: nothing written).
         lam: the λ grid: "0:2:0.2" (start:stop:step), "0,0.5,1,2", both mixed, or a list; λ = 0 is always measured.
         method: the methods to compare, "ext-sub,sub" or a list.
         prompts: prompts to continue greedily (.txt lines, or .jsonl prompt / prompt_ids).
         truth: FORGET's prompts with true completions, line for line (.jsonl prompt + completion).
-        choices: multiple-choice questions (.jsonl, TruthfulQA's layout or question/correct/incorrect; see
-            `lambda_scan.choices`).
-        chat_template: "auto" (render prompts, questions and prompt + completion pairs through the
-            tokenizer's chat template when it has one), "on" (it must) or "off" (`lambda_scan.rendering`).
+        choices: multiple-choice questions (.jsonl, TruthfulQA's layout or question/correct/incorrect).
+        chat_template: "auto" (the tokenizer's chat template when it has one), "on" (it must) or "off".
         system: a system message before every rendered prompt (needs the chat template).
-        lm_eval: lm-evaluation-harness tasks ("a,b" or a list) run at every point on the model in place; every
-            metric they report becomes a column (`lambda_scan.harness`; the `eval` extra).
+        lm_eval: lm-evaluation-harness tasks ("a,b" or a list) at every point, each metric a column (`eval` extra).
         lm_eval_include: folders of local lm-eval task definitions.
         max_new_tokens: the longest continuation.
         device: "auto", "cpu", "cuda" or "cuda:N".
-        dtype: the model's dtype while evaluating: "auto" (the checkpoint's on CUDA, float32 on the
-            CPU), "float32", "float64", "bfloat16", "float16".
+        dtype: the model's dtype: "auto" (the checkpoint's on CUDA, float32 on the CPU), or a float dtype's name.
         batch_size: examples (or prompts) per forward pass.
         max_keep_increase: the recommendation's budget: KEEP-NLL may rise by this fraction over λ = 0.
         guards: how far generations may move from λ = 0's and stay candidates (default `Guards()`).
-        threads: torch's CPU threads during the scan (default `model.default_threads()`); with local workers on
-            the CPU, split between them.
-        workers: measure the points on this many Ray workers, each with BASE loaded once (one per GPU where there
-            are GPUs, else processes sharing the CPU); needs the `ray` extra (`lambda_scan.workers`).
+        threads: torch's CPU threads (default: half the cores); with local workers on the CPU, split between them.
+        workers: measure on this many Ray workers (the `ray` extra), BASE loaded once in each: one per GPU where
+            there are GPUs, else processes sharing the cores (`lambda_scan.workers`).
         ray_address: an existing Ray cluster to run the workers on (default workers: one per GPU, else per node).
         save_best: write the merge at the recommended λ of the first method here, as `merge()` does.
-        save_format: the format of `save_best`: an adapter format of `extsub-merge --format`, or
-            "model" (the full merged model θ₀ + ΔW', what `--base` writes). Default: the adapter
-            type's own format; always "model" for full models.
+        save_format: an adapter format of `merge()`, or "model" (θ₀ + ΔW'); default: the adapter type's own
+            format ("model" for full models).
         force: replace existing scan files in `out` and an existing `save_best`.
         progress: a progress bar over the points (stderr).
 
@@ -151,10 +124,6 @@ def scan(
         ScanInterrupted: Ctrl-C or SIGTERM; `.result` has the rows so far, written to `out` too.
         MergeError: an input changed while the scan read it, or a merge overflowed the model's dtype (the
             rows before it are written to `out`, with the status saying why the scan stopped).
-
-    Example:
-        >>> result = scan("expert/", "anti/", base="org/base", keep="keep.txt", forget="forget.jsonl", out="scan/")
-        >>> [(r.method, r.lam, r.keep_nll) for r in result]  # doctest: +SKIP
     """
     started = time.perf_counter()
     grid, methods = parse_lam_grid(lam), parse_methods(method)
@@ -195,14 +164,10 @@ def scan(
     recipe = Recipe(specs, tuple(methods), given, *evaluation)
     timing: dict[str, float] = {}
     check = (lambda made: _check_save_format(save_format, made)) if save_best is not None else None
-    installer = evaluator = None
-    if spreads:
-        sets, kind = check_without_weights(recipe, inputs, check)
-        model_dtype = requested_dtype or "auto"
-    else:
-        with torch_threads(threads):
-            installer, evaluator = prepare(recipe, inputs, target, timing, check)
-        sets, kind, model_dtype = evaluator.sets, installer.kind, next(installer.model.parameters()).dtype
+    with torch_threads(threads):
+        installer, evaluator = prepare(recipe, inputs, torch.device("meta") if spreads else target, timing, check)
+    sets, kind = evaluator.sets, installer.kind
+    model_dtype = (requested_dtype or "auto") if spreads else next(installer.model.parameters()).dtype
     placed = str(target if target is not None else device), str(model_dtype).removeprefix("torch.")
     setup = _setup(inputs, kind, sets, grid, methods, *placed, batch_size, max_keep_increase)
     setup["options"] |= {
@@ -227,7 +192,7 @@ def scan(
     files = ScanFiles(out_dir, force=force) if out_dir is not None else None
 
     def done(index: int, row: ScanRow, point_samples: list[dict]) -> None:
-        """Keep a row (in the order of `points`, wherever it was measured) once the inputs are seen unchanged."""
+        """Keep a row (in the order of `points`, wherever measured) once the inputs are seen unchanged."""
         snapshot.check()  # full models are read again at every point
         measured[index] = (row, point_samples)
         rows[:] = [measured[i][0] for i in sorted(measured)]
@@ -256,8 +221,7 @@ def scan(
         _name_written(e, partial.files)
         raise
     finally:
-        if installer is not None:
-            installer.close()
+        installer.close()
     final = result("complete")
     if files is not None:
         final.files = files.final(final)
@@ -279,7 +243,7 @@ def scan(
 
 
 def _name_written(error: BaseException, files: Sequence[Path]) -> None:
-    """Attach the scan files already written to `error` (`published`), so the command line says where the rows are."""
+    """Attach the scan files written to `error` (`published`): the command line says where the rows are."""
     if files and not getattr(error, "published", ()):
         with contextlib.suppress(AttributeError):
             error.published = tuple(files)  # type: ignore[attr-defined]
@@ -357,11 +321,7 @@ def _check_save(
 
 
 def _check_save_format(fmt: str | None, installer: Installer) -> None:
-    """Refuse a --save-best format the inputs' PEM type cannot write, once the adapters are loaded (before BASE).
-
-    The same rule as extsub-merge's (`AdapterOptions.format_for`); `model` (the full merged model) only
-    for types that fold into MODEL's weights.
-    """
+    """Refuse a `save_format` the adapters' type cannot write (extsub-merge's rule), before BASE loads."""
     from extsub_kernels.adapters import AdapterOptions
 
     if fmt is None or not isinstance(installer, AdapterInstaller):
@@ -378,8 +338,7 @@ def _check_save_format(fmt: str | None, installer: Installer) -> None:
 
 
 def _save(result: ScanResult, inputs, method: str, out: PathLike, fmt: str | None, *, force: bool, progress: bool):
-    """The merge at the recommended λ of `method`, written by `merge()` as extsub-merge writes it; at λ = 0 (the
-    expert itself) nothing, with a warning."""
+    """The merge at the recommended λ of `method`, by `merge()`; at λ = 0 (the expert) nothing, with a warning."""
     from extsub_kernels.adapters import AdapterOptions
     from extsub_kernels.merge import merge
 

@@ -1,9 +1,9 @@
-"""Where a scan's points run: `prepare` (BASE loaded once, the sets, the merge installer) and `measure_point` on one
-device, or `spread` over Ray workers (`scan(workers=, ray_address=)`), each of which does the same.
+"""Where a scan's points run: `prepare` (BASE loaded once, the sets, the installer) and `measure_point` here, or
+`spread` over Ray workers that each do the same (`scan(workers=, ray_address=)`; docs/design.md §8b).
 
-The driver holds the queue: λ = 0 first (every other row is relative to it), then by |λ| from the largest down
-(large λ is where continuations run to max_new_tokens, the longest points), so the cheapest come last and the
-workers finish together. A worker that dies has its point handed to another (the row counts the `attempts`).
+The driver holds the queue: λ = 0 first (every row is relative to it), then the largest |λ| first (where
+continuations run to max_new_tokens, the longest points), so the workers finish together. A worker that dies has
+its point handed to another (the row counts the `attempts`).
 """
 
 import os
@@ -23,13 +23,7 @@ from extsub_kernels.lambda_scan import rendering
 from extsub_kernels.lambda_scan.evaluate import EvaluationSets, Evaluator
 from extsub_kernels.lambda_scan.harness import Harness
 from extsub_kernels.lambda_scan.installers import Installer, make_installer
-from extsub_kernels.lambda_scan.model import (
-    default_threads,
-    evaluation_dtype,
-    load_model,
-    load_tokenizer,
-    torch_threads,
-)
+from extsub_kernels.lambda_scan.model import check_threads, evaluation_dtype, load_model, load_tokenizer, torch_threads
 from extsub_kernels.lambda_scan.results import EXPERT, ScanRow, sample_records
 from extsub_kernels.merge import adapter_inputs
 
@@ -39,8 +33,8 @@ Inputs = list[tuple[str, ResolvedInput]]
 
 @dataclass(frozen=True)
 class Recipe:
-    """What loading and measuring needs, as plain values a Ray worker receives: the inputs' specs (EXPERT, ANTIs,
-    BASE), the sets' paths (keep, forget, prompts, truth, choices) and the evaluation options."""
+    """What loading and measuring needs, as values a Ray worker receives: the inputs' specs (BASE last), the sets'
+    paths and the evaluation options."""
 
     specs: tuple[str, ...]
     methods: tuple[str, ...]
@@ -69,14 +63,11 @@ def resolve(specs: Sequence[str], *, quiet: bool) -> Inputs:
 
 
 def prepare(
-    recipe: Recipe,
-    inputs: Inputs,
-    device: torch.device,
-    timing: dict[str, float],
-    check: Callable[[Installer], None] | None = None,
+    recipe: Recipe, inputs: Inputs, device: torch.device, timing: dict, check: Callable | None = None
 ) -> tuple[Installer, Evaluator]:
-    """The sets read, the installer made from the inputs (validating them, then `check`), BASE loaded and attached,
-    every example checked against the model; `timing` gets load_seconds and prepare_seconds."""
+    """The sets read, the installer made (validating the inputs, then `check`), BASE loaded and attached, every
+    example checked against the model; `timing` gets load_seconds and prepare_seconds. On the meta device (the
+    driver of a spread scan) the same checks without a weight read, the installer left unattached."""
     start = time.perf_counter()
     base = inputs[-1][1]
     tokenizer = load_tokenizer(base)
@@ -88,56 +79,37 @@ def prepare(
             check(installer)
         model = load_model(base, device=device, dtype=evaluation_dtype(recipe.dtype, device, base))
         loaded = time.perf_counter()
-        installer.attach(model, base.name)
-        sets.check_fits(installer.model, tokenizer, recipe.room)
+        sets.check_fits(model, tokenizer, recipe.room)
+        if device.type != "meta":
+            installer.attach(model, base.name)
     except BaseException:
         installer.close()
         raise
     timing["load_seconds"] = loaded - prepared
     timing["prepare_seconds"] = (prepared - start) + (time.perf_counter() - loaded)
     harness = replace(recipe.harness, _manager=None) if recipe.harness is not None else None
-    evaluator = Evaluator(sets, tokenizer, recipe.batch_size, recipe.max_new_tokens, device, harness)
-    return installer, evaluator
-
-
-def check_without_weights(recipe: Recipe, inputs: Inputs, check: Callable[[Installer], None] | None) -> tuple:
-    """The driver's checks of a spread scan, without loading BASE's weights: the sets against a model built on the
-    meta device, the installer made (validating the inputs) and closed. Returns (sets, the installer's kind)."""
-    base = inputs[-1][1]
-    tokenizer = load_tokenizer(base)
-    sets = recipe.load_sets(tokenizer)
-    cpu = torch.device("cpu")
-    installer = make_installer(inputs, adapters=adapter_inputs(inputs), methods=recipe.methods, device=cpu)
-    try:
-        if check is not None:
-            check(installer)
-    finally:
-        installer.close()
-    sets.check_fits(load_model(base, device=torch.device("meta"), dtype=torch.float32), tokenizer, recipe.room)
-    return sets, installer.kind
+    return installer, Evaluator(sets, tokenizer, recipe.batch_size, recipe.max_new_tokens, device, harness)
 
 
 def measure_point(
     installer: Installer, evaluator: Evaluator, method: str, lam: float, first_method: str
 ) -> tuple[ScanRow, list[dict]]:
-    """Install (method, λ) and measure it: its row and its samples. λ = 0 (the expert's row) is installed through
-    the first method: every method gives the expert there."""
+    """Install (method, λ) and measure it: its row and samples. λ = 0 goes through the first method (all agree)."""
     start = time.perf_counter()
     installer.install(first_method if method == EXPERT else method, lam)
     if evaluator.device.type == "cuda":
         torch.cuda.synchronize(evaluator.device)
     merge_seconds = time.perf_counter() - start
     measured = evaluator.measure(installer.model)
-    return ScanRow(method, lam, merge_seconds=merge_seconds, **measured.values), sample_records(
-        method, lam, measured.generations
-    )
+    samples = sample_records(method, lam, measured.generations)
+    return ScanRow(method, lam, merge_seconds=merge_seconds, **measured.values), samples
 
 
 class _Worker:
     """A Ray actor: loads BASE once on its device (its own GPU, or the CPU with `threads`), then measures points."""
 
     def __init__(self, recipe: Recipe, device: str, threads: int | None):
-        self.threads = threads if threads is not None else default_threads()
+        self.threads = check_threads(threads)
         self.timing: dict[str, float] = {}
         with torch_threads(self.threads):
             inputs = resolve(recipe.specs, quiet=True)
@@ -174,11 +146,8 @@ def check_workers(workers: int | None, ray_address: str | None, device: str | to
     if ray_address is None and (workers or 1) == 1:
         return False
     if str(device) not in ("auto", "cpu", "cuda"):
-        raise InputError(
-            f"device= {device} names one device; with workers= each worker takes a device of its own: give "
-            "device='auto', 'cuda' or 'cpu'",
-            options=("device", "workers"),
-        )
+        why = "with workers= each worker takes a device of its own: give device='auto', 'cuda' or 'cpu'"
+        raise InputError(f"device= {device} names one device; {why}", options=("device", "workers"))
     import_ray()
     return True
 
@@ -194,18 +163,17 @@ def spread(
     options: dict[str, Any],
     timing: dict[str, Any],
 ) -> None:
-    """Measure `points` on Ray workers, calling `done(index, row, samples)` as each row arrives (any order).
+    """Measure `points` on Ray workers, calling `done(index, row, samples)` as each row arrives (in any order).
 
-    Starts a local Ray instance unless Ray is already initialised or `ray_address` names a cluster; stops every
-    worker on the way out (Ctrl-C included) and the instance it started. `options` (scan.json's) get the
-    workers, their device and dtype; `timing` each worker's load_seconds (and the slowest as load_seconds).
+    Starts a local Ray instance unless one is initialised or `ray_address` names a cluster; stops every worker
+    on the way out (Ctrl-C included), and the instance it started. `options` get the workers, device and dtype;
+    `timing` each worker's load seconds (load_seconds: the slowest).
     """
     ray = import_ray()
     started = not ray.is_initialized()
     if started:
         cores = len(os.sched_getaffinity(0))
-        local = {"num_cpus": max(cores, workers or 1), "num_gpus": torch.cuda.device_count()}
-        local = local if ray_address is None else {}
+        local = {} if ray_address else {"num_cpus": max(cores, workers or 1), "num_gpus": torch.cuda.device_count()}
         ray.init(address=ray_address, include_dashboard=False, logging_level="ERROR", log_to_driver=False, **local)
     actors: set[Any] = set()
     try:
@@ -216,8 +184,8 @@ def spread(
         slots = int(resources.get("GPU" if gpu else "CPU", 0))
         n = workers or (slots if gpu else len(ray.nodes()))
         if n > slots:
-            kind = "GPUs" if gpu else "CPUs"
-            raise InputError(f"workers={n}, but the Ray cluster has {slots} {kind}", options=("workers",))
+            what = f"{slots} {'GPU' if gpu else 'CPU'}s"
+            raise InputError(f"workers={n}, but the Ray cluster has {what}", options=("workers",))
         each = None if ray_address is not None else (None if gpu else max(1, threads // n))
         options |= {"workers": n, "device": "cuda" if gpu else "cpu"}
         loads = timing.setdefault("worker_load_seconds", [])
@@ -239,7 +207,7 @@ def spread(
             try:
                 answer = ray.get(call)
             except ray.exceptions.RayTaskError as e:  # the point raised: the scan fails as on one device
-                raise e.as_instanceof_cause() from None
+                raise e.cause if isinstance(e.cause, BaseException) else e from None
             except ray.exceptions.RayActorError as e:  # the worker died: its point goes to another
                 actors.discard(actor)
                 if index is None:
