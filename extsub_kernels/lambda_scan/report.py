@@ -45,13 +45,11 @@ class ScanFiles:
 
     def final(self, result: ScanResult) -> list[Path]:
         """Every file, from the result as it stands (complete, or stopped early); returns their paths."""
-        self._write("scan.json", json_text(result).encode())
+        self.progress(result)
         self._write("scan.csv", csv_text(result).encode())
         self._write("scan.md", markdown_text(result).encode())
         if result.rows:
             self._write("scan.png", plot_png(result))
-        if result.samples:
-            self._write("samples.jsonl", samples_text(result).encode())
         return [self.folder / name for name in SCAN_FILES if self.folder / name in self.written]
 
 
@@ -179,10 +177,9 @@ def chosen_note(result: ScanResult, method: str) -> str:
         f"KEEP NLL {row.keep_nll:.6g} ({_change(row.keep_nll, expert.keep_nll)} over λ = 0)",
         f"FORGET NLL {row.forget_nll:.6g} ({_change(row.forget_nll, expert.forget_nll)})",
     ]
-    if row.rep_4 is not None:
-        measured.append(f"rep-4 {row.rep_4:.4g} (λ = 0: {expert.rep_4:.4g})")
-    if row.distinct_2 is not None:
-        measured.append(f"distinct-2 {row.distinct_2:.4g} (λ = 0: {expert.distinct_2:.4g})")
+    for name, label in (("rep_4", "rep-4"), ("distinct_2", "distinct-2")):
+        if getattr(row, name) is not None:
+            measured.append(f"{label} {getattr(row, name):.4g} (λ = 0: {getattr(expert, name):.4g})")
     return "\n".join(
         [
             "## How λ was chosen",

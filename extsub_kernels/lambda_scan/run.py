@@ -39,7 +39,7 @@ from extsub_kernels.lambda_scan.installers import AdapterInstaller, Installer
 from extsub_kernels.lambda_scan.model import check_threads, require, torch_threads
 from extsub_kernels.lambda_scan.report import SCAN_FILES, ScanFiles, chosen_note
 from extsub_kernels.lambda_scan.results import EXPERT, NO_AXIS, Guards, ScanResult, ScanRow, recommend, timing_summary
-from extsub_kernels.lambda_scan.workers import Recipe, check_workers, measure_point, prepare, resolve, spread
+from extsub_kernels.lambda_scan.workers import Recipe, check_workers, connect, measure_point, prepare, resolve, spread
 from extsub_kernels.merge import adapter_inputs
 
 PathLike = str | os.PathLike
@@ -129,7 +129,7 @@ def scan(
     grid, methods = parse_lam_grid(lam), parse_methods(method)
     for name in methods:
         warn_negative_lams([(v,) for v in grid], name)
-    _check_numbers(max_new_tokens=max_new_tokens, batch_size=batch_size, max_keep_increase=max_keep_increase)
+    _check_numbers(max_keep_increase, max_new_tokens=max_new_tokens, batch_size=batch_size)
     guards = guards if guards is not None else Guards()
     _check_guards(guards)
     threads = check_threads(threads)
@@ -189,6 +189,7 @@ def scan(
         recommendations = {m: recommend(rows, m, max_keep_increase, guards) for m in methods}
         return ScanResult(rows, recommendations, status, len(points), setup, now, samples=samples)
 
+    cluster = connect(workers, ray_address, str(device), threads) if spreads else None
     files = ScanFiles(out_dir, force=force) if out_dir is not None else None
 
     def done(index: int, row: ScanRow, point_samples: list[dict]) -> None:
@@ -204,8 +205,8 @@ def scan(
     try:
         bar_over = progress_bar(len(points), progress, "extsub-scan", unit="point")
         with terminate_as_interrupt(), torch_threads(threads), bar_over as bar:
-            if spreads:
-                spread(recipe, points, workers, ray_address, str(device), threads, done, setup["options"], timing)
+            if cluster is not None:
+                spread(cluster, recipe, points, done, setup["options"], timing)
             for index, (name, x) in enumerate(points if not spreads else ()):
                 bar.set_postfix_str(f"{name} λ={x:g}")
                 done(index, *measure_point(installer, evaluator, name, x, methods[0]))
@@ -279,8 +280,8 @@ def _stopped(error: BaseException) -> str:
     return f"failed: {type(error).__name__}: {error}"
 
 
-def _check_numbers(*, max_new_tokens: int, batch_size: int, max_keep_increase: float) -> None:
-    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+def _check_numbers(max_keep_increase: float, **counts: int) -> None:
+    for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"{name} must be a positive integer, got {value!r}")
     if isinstance(max_keep_increase, bool) or not isinstance(max_keep_increase, (int, float)):

@@ -108,16 +108,14 @@ def measure_point(
 class _Worker:
     """A Ray actor: loads BASE once on its device (its own GPU, or the CPU with `threads`), then measures points."""
 
-    def __init__(self, recipe: Recipe, device: str, threads: int | None):
+    def __init__(self, recipe: Recipe, device: torch.device, threads: int | None):
         self.threads = check_threads(threads)
         self.timing: dict[str, float] = {}
         with torch_threads(self.threads):
-            inputs = resolve(recipe.specs, quiet=True)
-            self.installer, self.evaluator = prepare(recipe, inputs, torch.device(device), self.timing)
+            self.installer, self.evaluator = prepare(recipe, resolve(recipe.specs, quiet=True), device, self.timing)
         self.first = recipe.methods[0]
 
-    def ready(self) -> tuple[float, str]:
-        """The seconds BASE took to load, and its dtype."""
+    def ready(self) -> tuple[float, str]:  # the seconds BASE took to load, and its dtype
         dtype = next(self.installer.model.parameters()).dtype
         return self.timing["load_seconds"], str(dtype).removeprefix("torch.")
 
@@ -152,30 +150,18 @@ def check_workers(workers: int | None, ray_address: str | None, device: str | to
     return True
 
 
-def spread(
-    recipe: Recipe,
-    points: Sequence[tuple[str, float]],
-    workers: int | None,
-    ray_address: str | None,
-    device: str,
-    threads: int,
-    done: Callable[[int, ScanRow, list[dict]], None],
-    options: dict[str, Any],
-    timing: dict[str, Any],
-) -> None:
-    """Measure `points` on Ray workers, calling `done(index, row, samples)` as each row arrives (in any order).
-
-    Starts a local Ray instance unless one is initialised or `ray_address` names a cluster; stops every worker
-    on the way out (Ctrl-C included), and the instance it started. `options` get the workers, device and dtype;
-    `timing` each worker's load seconds (load_seconds: the slowest).
-    """
+def connect(workers: int | None, ray_address: str | None, device: str, threads: int) -> dict[str, Any]:
+    """Ray started (unless it is, or `ray_address` names a cluster) and the workers placed, before any file is
+    written: {ray, started, gpu, n, each (threads per worker)}; an InputError where the cluster cannot hold them."""
     ray = import_ray()
     started = not ray.is_initialized()
     if started:
         cores = len(os.sched_getaffinity(0))
         local = {} if ray_address else {"num_cpus": max(cores, workers or 1), "num_gpus": torch.cuda.device_count()}
-        ray.init(address=ray_address, include_dashboard=False, logging_level="ERROR", log_to_driver=False, **local)
-    actors: set[Any] = set()
+        try:
+            ray.init(address=ray_address, include_dashboard=False, logging_level="ERROR", log_to_driver=False, **local)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise InputError(f"ray_address= {ray_address}: no Ray cluster ({e})", options=("ray_address",)) from None
     try:
         resources = ray.cluster_resources()
         gpu = device != "cpu" and resources.get("GPU", 0) >= 1
@@ -186,7 +172,26 @@ def spread(
         if n > slots:
             what = f"{slots} {'GPU' if gpu else 'CPU'}s"
             raise InputError(f"workers={n}, but the Ray cluster has {what}", options=("workers",))
-        each = None if ray_address is not None else (None if gpu else max(1, threads // n))
+    except BaseException:
+        if started:
+            ray.shutdown()
+        raise
+    return dict(ray=ray, started=started, gpu=gpu, n=n, each=None if ray_address or gpu else max(1, threads // n))
+
+
+def spread(
+    cluster: dict[str, Any],
+    recipe: Recipe,
+    points: Sequence[tuple[str, float]],
+    done: Callable[[int, ScanRow, list[dict]], None],
+    options: dict[str, Any],
+    timing: dict[str, Any],
+) -> None:
+    """Measure `points` on `connect`'s workers, calling `done(index, row, samples)` as each row arrives (any order);
+    stop every worker on the way out (Ctrl-C too) and the Ray it started; workers and loads go to `options`/`timing`."""
+    ray, gpu, n = cluster["ray"], cluster["gpu"], cluster["n"]
+    actors: set[Any] = set()
+    try:
         options |= {"workers": n, "device": "cuda" if gpu else "cpu"}
         loads = timing.setdefault("worker_load_seconds", [])
         worker = ray.remote(_Worker).options(num_gpus=1 if gpu else 0, num_cpus=0 if gpu else 1, max_restarts=0)
@@ -195,7 +200,7 @@ def spread(
         busy: dict[Any, tuple[Any, int | None]] = {}  # in-flight call → (its worker, its point; None: loading)
 
         def start() -> None:
-            actor = worker.remote(recipe, "cuda" if gpu else "cpu", each)
+            actor = worker.remote(recipe, torch.device("cuda" if gpu else "cpu"), cluster["each"])
             actors.add(actor)
             busy[actor.ready.remote()] = (actor, None)
 
@@ -232,5 +237,5 @@ def spread(
     finally:
         for actor in actors:
             ray.kill(actor)
-        if started:
+        if cluster["started"]:
             ray.shutdown()
