@@ -215,13 +215,13 @@ def spread(
                 raise e.cause if isinstance(e.cause, BaseException) else e from None
             except ray.exceptions.RayActorError as e:  # the worker died: its point goes to another
                 actors.discard(actor)
+                why = str(e).strip().splitlines()[-1]  # Ray's last line: the error, after its traceback
                 if index is None:
-                    raise MergeError(f"a scan worker could not start: {e}") from None
+                    raise MergeError(f"a scan worker could not start: {why}") from None
                 attempts[index] += 1
                 if attempts[index] >= MAX_ATTEMPTS:
-                    raise MergeError(
-                        f"{points[index][0]} λ={points[index][1]:g}: its worker died {attempts[index]} times; last: {e}"
-                    ) from None
+                    method, lam = points[index]
+                    raise MergeError(f"{method} λ={lam:g}: its worker died {MAX_ATTEMPTS} times; last: {why}") from None
                 queue.appendleft(index)
                 start()
                 continue
