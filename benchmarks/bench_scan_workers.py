@@ -1,13 +1,13 @@
 """Points per hour of a λ scan with 1 worker (the one-device scan, no Ray) and with N Ray workers, on one machine.
 
 The inputs of bench_scan.py (a small LLaMA-shaped model, random weights, a LoRA pair, 200 + 200 pre-tokenised
-KEEP/FORGET examples); the grid 0:2:0.2 over ext-sub and sub (21 points). Each variant runs in a fresh process
-(`--variant`), so that each pays its own imports and Ray start-up as a user would. On the CPU the total threads
-are the same for every variant (`--threads`, split between the workers). Points per hour are counted over the wall
-time of the whole `scan()` call (start-up and model loads included) and over the measuring alone (wall − the
-slowest load, as the workers load together).
+KEEP/FORGET examples); the grid 0:2:0.2 over ext-sub and sub (21 points). Each run (`--runs WORKERS:THREADS`,
+THREADS the torch threads in all, split between the workers) is a fresh process, so that each pays its own imports
+and Ray start-up as a user would. Points per hour are counted over the wall time of the whole `scan()` call
+(start-up and model loads included) and over the measuring alone (wall − the slowest load: the workers load
+together). Runs of one day are collected in one file, benchmarks/results/scan-workers-<date>-cpu.json.
 
-    python benchmarks/bench_scan_workers.py --workers 1 2 --threads 2
+    python benchmarks/bench_scan_workers.py --runs 1:1 1:2 2:2
 """
 
 import argparse
@@ -60,8 +60,8 @@ def run_variant(workdir: Path, workers: int, threads: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--threads", type=int, default=2, help="torch threads in all (split between workers)")
+    parser.add_argument("--runs", nargs="+", default=["1:1", "1:2", "2:2"], help="WORKERS:THREADS (threads in all)")
+    parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--variant", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--inputs", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--note", default="", help="recorded with the results (e.g. how loaded the machine was)")
@@ -71,18 +71,18 @@ def main() -> None:
         return
     from bench_scan import make_inputs
 
+    record = environment("cpu") | {"benchmark": "scan-workers", "grid": GRID, "methods": METHODS}
+    path = RESULTS / f"scan-workers-{record['date']}-cpu.json"
+    runs = json.loads(path.read_text())["runs"] if path.is_file() else []
     with tempfile.TemporaryDirectory() as tmp:
         make_inputs(Path(tmp), "lora", "small")
-        runs = []
-        for workers in args.workers:
-            command = [sys.executable, __file__, "--variant", str(workers), "--threads", str(args.threads)]
-            out = subprocess.run([*command, "--inputs", tmp], capture_output=True, text=True, check=True).stdout
-            runs.append(json.loads(out.strip().splitlines()[-1]))
-            print(f"{workers} worker(s): {runs[-1]['points_per_hour']:.0f} points/h", file=sys.stderr)
-    record = environment("cpu") | {"benchmark": "scan-workers", "grid": GRID, "methods": METHODS, "note": args.note}
-    record["runs"] = runs
-    path = RESULTS / f"scan-workers-{record['date']}-cpu.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+        for run in args.runs:
+            workers, threads = run.split(":")
+            command = [sys.executable, __file__, "--variant", workers, "--threads", threads, "--inputs", tmp]
+            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            runs.append(json.loads(out.strip().splitlines()[-1]) | {"note": args.note})
+            print(f"{run}: {runs[-1]['points_per_hour']:.0f} points/h", file=sys.stderr)
+    path.write_text(json.dumps(record | {"runs": runs}, indent=2) + "\n")
     print(f"wrote {path}", file=sys.stderr)
 
 
