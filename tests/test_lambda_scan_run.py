@@ -573,9 +573,7 @@ def test_save_best_writes_nothing_when_the_expert_is_recommended(tiny_scan, tmp_
     """TRUTH = FORGET: the FORGET − TRUTH margin is 0 at every λ, so no λ > 0 does better and λ = 0 (the expert) is
     recommended; --save-best says so and writes no copy of the expert labelled as a merge."""
     adapters = tiny_scan["lora"]
-    with pytest.warns(
-        UserWarning, match=r"the best merge: the recommended λ of ext-sub is 0, the expert.*nothing"
-    ):
+    with pytest.warns(UserWarning, match=r"the best merge: the recommended λ of ext-sub is 0, the expert.*nothing"):
         result = scan(
             adapters["expert"],
             adapters["anti"],
