@@ -68,9 +68,9 @@ def test_chat_template_modes():
     tokenizer = cf.make_tokenizer()
     assert chat_template(tokenizer) == ChatTemplate() and chat_template(tokenizer, "on", "sys") == ChatTemplate("sys")
     assert chat_template(tokenizer, "off") is None and chat_template(cf.make_tokenizer(chat=False)) is None
-    with pytest.raises(InputError, match="--chat-template on: the base model's tokenizer has no chat template"):
+    with pytest.raises(InputError, match="chat_template='on': the base model's tokenizer has no chat template"):
         chat_template(cf.make_tokenizer(chat=False), "on")
-    with pytest.raises(InputError, match="--system is a chat template's system message; it needs the chat template"):
+    with pytest.raises(InputError, match="system= is a chat template's system message; it needs the chat template"):
         chat_template(tokenizer, "off", "sys")
 
 
@@ -215,7 +215,7 @@ def test_save_best_needs_a_truthfulness_axis(tmp_path):
     base = cf.save_base(tmp_path / "base")
     expert, anti = _adapters(base, tmp_path)
     keep = _jsonl(tmp_path / "keep.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS])
-    with pytest.raises(InputError, match=r"--save-best needs a truthfulness axis to choose λ by: give multiple-choice"):
+    with pytest.raises(InputError, match=r"save_best= needs a truthfulness axis to choose λ by: give multiple-choice"):
         scan(expert, anti, base=base, keep=keep, forget=keep, save_best=tmp_path / "best")
     assert not (tmp_path / "best").exists()
     truth = _jsonl(tmp_path / "truth.jsonl", [{"prompt": p, "completion": "x"} for p, _ in PAIRS[:2]])

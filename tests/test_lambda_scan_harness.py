@@ -112,9 +112,9 @@ def test_a_scan_with_lm_eval_has_its_metrics_as_columns(tmp_path):
 
 
 def test_unknown_tasks_and_folders_are_named(tmp_path):
-    with pytest.raises(InputError, match=r"--lm-eval: unknown task\(s\) no_such_task \(not among lm-eval's tasks"):
+    with pytest.raises(InputError, match=r"lm_eval=: unknown task\(s\) no_such_task \(not among lm-eval's tasks"):
         Harness(("no_such_task",)).check()
-    with pytest.raises(InputError, match=r"--lm-eval-include .*missing: no such folder"):
+    with pytest.raises(InputError, match=r"lm_eval_include= .*missing: no such folder"):
         Harness(("tiny_mc",), (str(tmp_path / "missing"),)).check()
     with pytest.raises(InputError, match="give at least one task name"):
         parse_tasks(" , ")

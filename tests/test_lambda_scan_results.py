@@ -142,7 +142,7 @@ def test_csv_and_markdown():
     assert lines[0] == (
         "method,lam,keep_nll,keep_increase,forget_nll,forget_increase,truth_nll,truth_margin,mc1,mc2,"
         "rep_4,distinct_1,distinct_2,mean_length,end_rate,merge_seconds,keep_seconds,forget_seconds,"
-        "truth_seconds,choices_seconds,generate_seconds,lm_eval_seconds,eval_seconds"
+        "truth_seconds,choices_seconds,generate_seconds,lm_eval_seconds,eval_seconds,attempts"
     )
     assert lines[3].startswith("ext-sub,1.0,2.08,0.04") and lines[6].startswith("sub,1.0,,,8.0,")
     text = markdown_text(_result())

@@ -313,7 +313,7 @@ def test_pretokenised_sets_for_a_model_without_tokenizer(trained, tmp_path):
         (dict(batch_size=0), r"batch_size must be a positive integer, got 0"),
         (dict(max_keep_increase=-0.1), r"max_keep_increase must be ≥ 0"),
         (dict(dtype="fp8"), r"unknown dtype 'fp8'"),
-        (dict(save_format="lora"), r"--format says how --save-best writes the best merge; give --save-best OUT too"),
+        (dict(save_format="lora"), r"save_format= says how save_best= writes the best merge; give save_best= too"),
         (dict(anti="gpt2-lora"), r"was trained on base model .* but the expert .* on"),
         (
             dict(anti="llama-full"),
@@ -329,7 +329,7 @@ def test_pretokenised_sets_for_a_model_without_tokenizer(trained, tmp_path):
             r"does not fit BASE base-gpt2: BASE has no module model\.layers\.0\..* \(and 13 more of its 14\)",
         ),
         (dict(base="no-tokenizer"), r"keep\.jsonl line 1: prompt \+ completion is text, but there is no tokenizer"),
-        (dict(save_best="expert"), r"--save-best .* is the EXPERT folder"),
+        (dict(save_best="expert"), r"the best merge .* is the EXPERT folder"),
         (dict(out="expert"), r"is the EXPERT folder"),
     ],
 )
@@ -540,18 +540,18 @@ def tiny_scan(tmp_path_factory):
     ("kind", "save_format", "message"),
     [
         ("lora", "ia3", r"format=ia3 does not apply to LoRA adapters; their formats: lora"),
-        ("prefix", "model", r"--format model: prefix-tuning adapters change no weight.*--format prefix-tuning"),
+        ("prefix", "model", r"save_format= model: prefix-tuning adapters change no weight.*save_format= prefix-tuning"),
         ("lora", "model-ish", r"unknown format 'model-ish'"),
     ],
 )
 def test_save_format_is_checked_before_base_loads(tiny_scan, tmp_path, monkeypatch, kind, save_format, message):
     """A --format that --save-best cannot write fails before MODEL loads and before any point is measured."""
-    import extsub_kernels.lambda_scan.run as run
+    import extsub_kernels.lambda_scan.workers as workers
 
     def no_load(*args, **kwargs):
         raise AssertionError("MODEL loaded before --format was checked")
 
-    monkeypatch.setattr(run, "load_model", no_load)
+    monkeypatch.setattr(workers, "load_model", no_load)
     adapters = tiny_scan[kind]
     with pytest.raises(InputError, match=message):
         scan(
@@ -573,7 +573,7 @@ def test_save_best_writes_nothing_when_the_expert_is_recommended(tiny_scan, tmp_
     """TRUTH = FORGET: the FORGET − TRUTH margin is 0 at every λ, so no λ > 0 does better and λ = 0 (the expert) is
     recommended; --save-best says so and writes no copy of the expert labelled as a merge."""
     adapters = tiny_scan["lora"]
-    with pytest.warns(UserWarning, match=r"--save-best: the recommended λ of ext-sub is 0, the expert itself.*nothing"):
+    with pytest.warns(UserWarning, match=r"the best merge: the recommended λ of ext-sub is 0, the expert.*nothing"):
         result = scan(
             adapters["expert"],
             adapters["anti"],

@@ -72,6 +72,13 @@ outputs in SCAN_DIR:
   merge at the first --method's recommended λ exactly as extsub-merge does (--format: an adapter format, or
   "model" for the full merged model θ₀ + ΔW' with MODEL as --base).
 
+workers (the ray extra, pip install 'extsub[ray]'):
+  --workers N starts N Ray workers on this machine (one GPU each where there are GPUs, else processes
+  sharing the cores, --threads split between them); --ray-address ADDR runs them on an existing Ray
+  cluster (default: one per GPU, else per node). Each loads MODEL once and takes points from one queue,
+  λ = 0 first, then the largest |λ| first; rows reach scan.json as they finish, in λ order. A worker that
+  dies has its point run again on another (the row's "attempts" says so). --save-best runs here, once.
+
 examples:
   {PROG} expert_adapter/ anti_adapter/ --base org/base-model --keep keep.jsonl --forget forget.jsonl -o scan/
   {PROG} expert/ anti/ --base base/ --keep keep.jsonl --forget forget.jsonl --choices mc.jsonl \\
@@ -129,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dtype", choices=EVAL_DTYPE_NAMES, default="auto", help=dtype_help)
     add("--batch-size", type=int, default=8, metavar="N", help="examples per forward pass (default 8)")
     add("--threads", type=int, metavar="N", help="torch CPU threads (default: half the cores, at least 1)")
+    add("--workers", type=int, metavar="N", help="measure the points on N Ray workers, MODEL loaded once in each")
+    add("--ray-address", metavar="ADDR", help="an existing Ray cluster for the workers (default: a local one)")
     add(
         "--max-keep-increase",
         type=float,
@@ -194,6 +203,8 @@ def _scan(args: argparse.Namespace) -> object:
         max_keep_increase=args.max_keep_increase,
         guards=Guards(**{name: getattr(args, name) for _, name, _ in GUARD_FLAGS}),
         threads=args.threads,
+        workers=args.workers,
+        ray_address=args.ray_address,
         save_best=args.save_best,
         save_format=args.save_format,
         force=args.force,

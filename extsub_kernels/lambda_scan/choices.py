@@ -1,27 +1,13 @@
 """Multiple choice, the paper's truthfulness measure: MC1, MC2 as TruthfulQA defines them (docs/design.md §8a).
 
-For each question every option is scored by the total log-likelihood of its tokens given the
-question, Σ log p(option tokens | question) (a sum, not a per-token mean), in one batched pass
-(`metrics.nll_sums`), then:
+Each option is scored by Σ log p(option tokens | question) (a sum, not a mean), in one batched pass
+(`metrics.nll_sums`). MC1: 1 if the single correct option of the MC1 set scores highest (a tie goes to the first
+listed, as lm-evaluation-harness's argmax); MC2: the probability mass on the MC2 set's correct options,
+exp(logsumexp(correct) − logsumexp(all)); each averaged over the questions, as lm-eval's `truthfulqa_mc1/2`.
 
-- MC1: 1 if the single correct option of the MC1 set has the highest score among the set's
-  options (on a tie, the first listed, as lm-evaluation-harness's argmax), else 0;
-- MC2: the normalised probability mass on the correct options of the MC2 set,
-  Σ_correct p_i / Σ_all p_i with p_i = exp(score_i), computed as exp(logsumexp(correct) −
-  logsumexp(all)) so long options do not underflow;
-
-each averaged over the questions. lm-evaluation-harness's `truthfulqa_mc1` and `truthfulqa_mc2`
-compute the same from the same scores.
-
-A `.jsonl` file, one question per line, in either layout:
-
-- TruthfulQA's: `question`, `mc1_targets` and `mc2_targets`, each `{"choices": [...], "labels":
-  [1/0, ...]}` (MC1: exactly one label 1);
-- plain: `question`, `correct: [...]`, `incorrect: [...]` (MC1 takes the first correct option
-  against the incorrect ones; MC2 all of them).
-
-Pre-tokenised: `question_ids` instead of `question`, and every option a list of token ids.
-Text is tokenised by `rendering`: the question as a prompt, each option as its completion.
+A `.jsonl` file, one question per line: TruthfulQA's `question`, `mc1_targets` and `mc2_targets` (each
+`{"choices": [...], "labels": [1/0, ...]}`), or `question`, `correct: [...]`, `incorrect: [...]` (MC1: the first
+correct option against the incorrect ones). Pre-tokenised: `question_ids`, and every option a list of token ids.
 """
 
 import math
@@ -59,10 +45,8 @@ def load_choices(path: str | Path, tokenizer: Any = None, chat: ChatTemplate | N
     """Read a multiple-choice file (module docstring) and tokenise it.
 
     Raises:
-        InputError: naming the file and line for a missing file, a line that is not JSON, a
-            question in neither layout, labels that do not match the choices, an MC1 set without
-            exactly one correct option, an MC2 set without a correct and an incorrect option, an
-            empty option, or text without a tokenizer.
+        InputError: naming the file and line: missing, bad JSON, neither layout, labels that do not match, an
+            MC1 set without one correct option, an MC2 set without both kinds, an empty option, no tokenizer.
 
     Example:
         >>> questions = load_choices("truthfulqa.jsonl", tokenizer)  # doctest: +SKIP

@@ -1,9 +1,5 @@
-"""One evaluation of the model as it stands: NLL on KEEP, FORGET (and TRUTH), MC1/MC2 on multiple-choice questions,
-and with prompts, greedy generations scored (rep-4, distinct-n, length, how many end).
-
-The sets are read and tokenised once; each point of a scan calls `Evaluator.measure`, which
-times every part so the scan can report what a merge costs against what an evaluation costs.
-"""
+"""One evaluation of the model as it stands (`Evaluator.measure`, each part timed): NLL on KEEP, FORGET (and TRUTH),
+MC1/MC2, greedy generations scored; the sets read and tokenised once (`EvaluationSets`)."""
 
 import time
 import warnings
@@ -35,9 +31,8 @@ DISTINCT_NS = (1, 2)
 
 @dataclass(frozen=True)
 class EvaluationSets:
-    """The sets, tokenised: KEEP, FORGET, and optionally TRUTH (FORGET's prompts with true completions), the
-    multiple-choice questions and the prompts to continue; `names` are the files as given, `chat` how prompts
-    were rendered (`rendering`)."""
+    """The sets, tokenised: KEEP, FORGET, optionally TRUTH, the questions and the prompts; `names`: the files as
+    given; `chat`: how prompts were rendered."""
 
     keep: list[Example]
     forget: list[Example]
@@ -59,8 +54,7 @@ class EvaluationSets:
         choices: str | Path | None = None,
         chat: ChatTemplate | None = None,
     ) -> "EvaluationSets":
-        """Read the files (`metrics.load_examples`, `metrics.load_prompts`, `choices.load_choices`); InputErrors name
-        file and line. TRUTH must pair with FORGET: as many examples, each with the same prompt tokens."""
+        """Read the files (InputErrors name file and line); TRUTH must pair with FORGET, prompt for prompt."""
         files = {"keep": keep, "forget": forget, "truth": truth, "choices": choices, "prompts": prompts}
         keep_set, forget_set = load_examples(keep, tokenizer, chat), load_examples(forget, tokenizer, chat)
         truth_set = load_examples(truth, tokenizer, chat) if truth is not None else None
@@ -77,9 +71,10 @@ class EvaluationSets:
         )
 
     def check_fits(self, model: torch.nn.Module, tokenizer: Any, max_new_tokens: int) -> None:
-        """Every example and prompt within the model's vocabulary and positions (a prompt with room for
+        """Every example, option and prompt within the model's vocabulary and positions (a prompt with room for
         `max_new_tokens`), before a scan writes anything; an InputError naming the file and line otherwise."""
-        for example in (*self.keep, *self.forget):
+        options = [o for q in self.choices or () for o in q.options]
+        for example in (*self.keep, *self.forget, *(self.truth or ()), *options):
             check_ids_fit(model, example.input_ids, example.source)
         for number, prompt in enumerate(self.prompts or (), start=1):
             ids = tokenizer(prompt)["input_ids"] if isinstance(prompt, str) and tokenizer is not None else prompt
@@ -88,13 +83,9 @@ class EvaluationSets:
     def describe(self) -> dict[str, dict]:
         """Per set: the file, how many examples and how many scored tokens (prompts: how many; choices: questions)."""
         sets = {
-            name: {
-                "file": self.names[name],
-                "examples": len(examples),
-                "scored_tokens": sum(e.n_scored for e in examples),
-            }
-            for name, examples in (("keep", self.keep), ("forget", self.forget), ("truth", self.truth))
-            if examples is not None
+            name: {"file": self.names[name], "examples": len(got), "scored_tokens": sum(e.n_scored for e in got)}
+            for name, got in (("keep", self.keep), ("forget", self.forget), ("truth", self.truth))
+            if got is not None
         }
         if self.choices is not None:
             options = [o for q in self.choices for o in q.options]
@@ -144,15 +135,9 @@ class Evaluator:
     harness: Harness | None = None
 
     def measure(self, model: torch.nn.Module) -> Measurement:
-        """keep_nll, forget_nll (nats per scored token) and truth_nll; mc1, mc2; with prompts rep_4, distinct_1,
-        distinct_2, mean_length (tokens) and end_rate (the share of continuations that ended); and seconds.
-
-        With a harness, `lm_eval`: every metric lm-evaluation-harness reports (`harness.Harness`).
-        Seconds: keep_seconds, forget_seconds, truth_seconds, choices_seconds, generate_seconds, lm_eval_seconds,
-        each waited for on CUDA (a float() or .tolist() of the result).
-        """
-        with warnings.catch_warnings():
-            # PEFT's prefix-tuning passes transformers an argument it deprecates; nothing the user can act on.
+        """The row's values (`results.ScanRow`: NLLs, MC, generation metrics, `lm_eval`) and each part's seconds
+        (waited for on CUDA), with the generations."""
+        with warnings.catch_warnings():  # PEFT's prefix-tuning passes transformers an argument it deprecates
             warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated", category=FutureWarning)
             return self._measure(model)
 

@@ -1,13 +1,6 @@
-"""The standard harness at each point: lm-evaluation-harness's tasks run on the model as it stands.
-
-`Harness(tasks, include)` checks the tasks once (a TaskManager over lm-eval's own tasks and the
-folders in `include`, for local task definitions); `measure(model, tokenizer)` runs
-`lm_eval.simple_evaluate` over an `HFLM` built on the already-loaded model and tokenizer (never
-a reload: the merge installed in place is what is evaluated), and returns every numeric metric
-lm-eval reports, as columns named `lm_eval:<task>:<metric>` (the filter `none` dropped from
-the name: `lm_eval:truthfulqa_mc2:acc`).
-
-Needs the `eval` extra: `pip install "extsub[eval]"` (lm-eval).
+"""The standard harness at each point: lm-evaluation-harness's tasks (`Harness`) run by `lm_eval.simple_evaluate` over
+an `HFLM` built on the loaded model (never a reload), every numeric metric a column `lm_eval:<task>:<metric>` (filter
+`none` dropped). Needs the `eval` extra.
 """
 
 import logging
@@ -39,17 +32,22 @@ class Harness:
         try:
             from lm_eval.tasks import TaskManager
         except ImportError:
-            raise InputError(f"--lm-eval needs lm-eval, which is not installed; install with: {EVAL_EXTRA}") from None
+            raise InputError(
+                f"lm_eval= needs lm-eval, which is not installed; install with: {EVAL_EXTRA}", options=("lm_eval",)
+            ) from None
         for folder in self.include:
             if not Path(folder).is_dir():
-                raise InputError(f"--lm-eval-include {folder}: no such folder")
+                raise InputError(f"lm_eval_include= {folder}: no such folder", options=("lm_eval_include",))
         logging.getLogger("lm-eval").setLevel(logging.ERROR)
         self._manager = TaskManager(include_path=list(self.include) or None, verbosity="ERROR")
         known = set(self._manager.all_tasks)
         unknown = [t for t in self.tasks if t not in known]
         if unknown:
-            where = f" nor in {', '.join(self.include)}" if self.include else "; --lm-eval-include DIR adds local ones"
-            raise InputError(f"--lm-eval: unknown task(s) {', '.join(unknown)} (not among lm-eval's tasks{where})")
+            where = f" nor in {', '.join(self.include)}" if self.include else "; lm_eval_include= adds local ones"
+            raise InputError(
+                f"lm_eval=: unknown task(s) {', '.join(unknown)} (not among lm-eval's tasks{where})",
+                options=("lm_eval", "lm_eval_include"),
+            )
 
     def measure(self, model: torch.nn.Module, tokenizer: Any) -> dict[str, float]:
         """Every numeric metric of every task, for the model as it stands (lm_eval.simple_evaluate over an HFLM)."""
@@ -95,5 +93,5 @@ def parse_tasks(value: str | Sequence[str] | None) -> tuple[str, ...]:
     items = value.split(",") if isinstance(value, str) else list(value)
     tasks = tuple(t.strip() for t in items if t.strip())
     if not tasks:
-        raise InputError("--lm-eval: give at least one task name")
+        raise InputError("lm_eval=: give at least one task name", options=("lm_eval",))
     return tasks

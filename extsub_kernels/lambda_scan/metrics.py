@@ -1,18 +1,6 @@
-"""What a λ scan measures at each λ (docs/design.md §8): held-out NLL and the repetition of greedy generations.
-
-- `load_examples(path, tokenizer)`: an evaluation set, from `.txt` (one text per line) or
-  `.jsonl` (one object per line: `text`; `prompt` + `completion`, of which only the completion
-  is scored; or pre-tokenised `input_ids`, or `prompt_ids` + `completion_ids`, for models
-  without a tokenizer).
-- `load_prompts(path, tokenizer)`: prompts to continue, from `.txt` or `.jsonl` (`prompt`, or
-  pre-tokenised `prompt_ids`).
-- `mean_nll(model, examples)`: mean negative log-likelihood per scored token, in nats;
-  `nll_sums(model, examples)`: each example's total (the multiple-choice scores of `choices`).
-- `generate_greedy(model, tokenizer, prompts, max_new_tokens)`: greedy continuations.
-- `rep_n`, `mean_rep_n`: n-gram repetition of continuations (the paper's rep-4, Figure 1 and
-  Tables 5-6, from Welleck et al. 2020); `distinct_n`: n-gram diversity (Li et al. 2016).
-
-Imports torch only; transformers is imported when generating.
+"""What a λ scan measures at each λ (docs/design.md §8): evaluation sets read and tokenised (`load_examples`,
+`load_prompts`), NLL per scored token (`mean_nll`, `nll_sums`), greedy continuations (`generate_greedy`) and their
+repetition and diversity (`rep_n`, `mean_rep_n`, `distinct_n`). Imports torch only; transformers when generating.
 """
 
 from __future__ import annotations
@@ -53,11 +41,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Example:
-    """One evaluation sequence: token ids, of which the first `n_context` are context and never scored.
-
-    Token t is scored (predicted from tokens < t) for max(n_context, 1) ≤ t < len(input_ids).
-    `source` names the file and line, for error messages.
-    """
+    """One evaluation sequence: token ids, scored (predicted from tokens < t) for max(n_context, 1) ≤ t < len;
+    `source` names the file and line, for error messages."""
 
     input_ids: tuple[int, ...]
     n_context: int = 1
@@ -79,29 +64,19 @@ def load_examples(path: str | Path, tokenizer: Any = None, chat: ChatTemplate | 
     """Read an evaluation set and tokenise it.
 
     Args:
-        path: a `.txt` file (one text per non-blank line) or a `.jsonl` file, one JSON object per
-            non-blank line with exactly one of: `text`; `prompt` and `completion` (strings);
-            `input_ids`; `prompt_ids` and `completion_ids` (lists of token ids). Other keys are
-            ignored.
-        tokenizer: a `transformers` tokenizer, needed for text. A text is tokenised with the
-            tokenizer's special tokens (e.g. BOS); a prompt and its completion as `rendering`
-            says: without `chat`, a separating space belongs at the start of the completion;
-            with it, the prompt is a user turn and the completion the assistant's answer. Only the
-            completion's tokens are scored.
+        path: a `.txt` file (one text per non-blank line) or a `.jsonl` file, one JSON object per non-blank
+            line with exactly one of: `text`; `prompt` and `completion`; `input_ids`; `prompt_ids` and
+            `completion_ids`. Other keys are ignored.
+        tokenizer: a `transformers` tokenizer, needed for text (with its special tokens); a prompt and its
+            completion as `rendering` says. Only the completion's tokens are scored.
         chat: render prompts through the tokenizer's chat template (`rendering.ChatTemplate`).
 
     Returns:
         The examples, in file order, each with at least one scored token.
 
     Raises:
-        InputError: naming the file (and line) for a missing or unreadable file, an unknown
-            extension, an empty set, a line that is not valid JSON or has none or several of the
-            kinds above, token ids that are not non-negative integers, an example with nothing
-            to score, or text without a tokenizer.
-
-    Example:
-        >>> examples = load_examples("keep.jsonl", tokenizer)  # doctest: +SKIP
-        >>> mean_nll(model, examples)  # doctest: +SKIP
+        InputError: naming the file (and line): missing, unreadable, an unknown extension, empty, bad JSON,
+            none or several kinds, bad token ids, nothing to score, or text without a tokenizer.
     """
     path = Path(path)
     examples = []
@@ -130,12 +105,8 @@ def load_prompts(path: str | Path, tokenizer: Any = None) -> list[str] | list[tu
         The prompts in file order: strings, or tuples of token ids.
 
     Raises:
-        InputError: naming the file (and line) for a missing file, an unknown extension, no
-            prompts, a line without a prompt, a mix of text and token ids, or text without a tokenizer.
-
-    Example:
-        >>> load_prompts("prompts.txt", tokenizer)  # doctest: +SKIP
-        ['prev rock =', 'prev cow =']
+        InputError: naming the file (and line): missing, no prompts, a line without one, text mixed with token
+            ids, or text without a tokenizer.
     """
     path = Path(path)
     prompts: list = []
@@ -165,8 +136,7 @@ def load_prompts(path: str | Path, tokenizer: Any = None) -> list[str] | list[tu
 
 
 def read_records(path: Path, text_key: str) -> Iterator[tuple[str, object]]:
-    """(where, record) for each non-blank line of a .txt (record {text_key: line}) or .jsonl file; InputErrors
-    name the file (and line) for an unknown extension, a missing or unreadable file, a line that is not JSON."""
+    """(where, record) per non-blank line of a .txt (record {text_key: line}) or .jsonl file; InputErrors name it."""
     if path.suffix not in (".txt", ".jsonl"):
         raise InputError(f"{path}: unknown evaluation set format {path.suffix!r}; expected .txt or .jsonl")
     if not os.path.lexists(path):
@@ -227,22 +197,16 @@ def token_ids(value: object, key: str, source: str) -> tuple[int, ...]:
 def mean_nll(
     model: torch.nn.Module, examples: Sequence[Example], batch_size: int = 8, device: str | torch.device | None = None
 ) -> float:
-    """Mean negative log-likelihood (nats) per scored token, over all scored tokens of `examples`.
-
-    The per-example sums of `nll_sums` (its batching, padding and precision), divided by the number of scored tokens.
+    """Mean negative log-likelihood (nats) per scored token of `examples`: `nll_sums` over the scored tokens.
 
     Args:
-        model: a causal LM whose forward takes `input_ids` and `attention_mask` and returns
-            `.logits` (a `transformers` model or a `PeftModel`).
+        model: a causal LM taking `input_ids` and `attention_mask`, returning `.logits` (transformers or PEFT).
         examples: from `load_examples`.
         batch_size: examples per forward pass.
         device: where the inputs go; the model must be there already. Default: the model's device.
 
     Returns:
         Σ NLL / number of scored tokens.
-
-    Example:
-        >>> mean_nll(model, load_examples("forget.txt", tokenizer), batch_size=16)  # doctest: +SKIP
     """
     if not examples:
         raise ValueError("mean_nll: no examples")
@@ -254,16 +218,10 @@ def nll_sums(
 ) -> torch.Tensor:
     """Each example's total negative log-likelihood (nats) of its scored tokens, float64, in the examples' order.
 
-    The one scoring pass of the scan (KEEP, FORGET, multiple-choice options): examples are sorted
-    by length (longest first, so a batch too large fails at once) and right-padded with an
-    attention mask, `batch_size` at a time; a causal model gives the scored tokens the same logits
-    as unbatched. The model runs in its own dtype; the scored rows of the logits are upcast to at
-    least float32 for the log-softmax, and the sums are kept in float64. The model is put in eval
-    mode for the call (then restored) and no gradients are kept. Where the model takes
-    `logits_to_keep` and a KV cache (transformers models, LoRA and (IA)³ PEFT models), the context
-    tokens every example starts with (a chat template's system message and turn header) run
-    once for the whole set, and the output layer only from a batch's first scored position on:
-    prompts and questions are read, never projected onto the vocabulary.
+    The one scoring pass of the scan (KEEP, FORGET, options): longest first, right-padded with a mask,
+    `batch_size` at a time, in the model's dtype (the scored logits upcast to ≥ float32, sums in float64), in
+    eval mode without gradients. Where the model takes `logits_to_keep` and a KV cache, the context every
+    example starts with runs once for the set, and the output layer only from a batch's first scored position.
 
     Example:
         >>> nll_sums(model, [Example((1, 5, 6), n_context=2)])  # −log p(6 | 1 5)  # doctest: +SKIP
@@ -271,7 +229,8 @@ def nll_sums(
     if batch_size < 1:
         raise ValueError(f"nll_sums: batch_size must be ≥ 1, got {batch_size}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    _check_fits(model, examples)
+    for e in examples:
+        check_ids_fit(model, e.input_ids, e.source)
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
     sums = torch.zeros(len(examples), dtype=torch.float64, device=device)
     trims = keeps_logits(model)
@@ -317,8 +276,7 @@ MIN_SHARED_PREFIX = 8
 
 
 def _shared_prefix(model: torch.nn.Module, examples: Sequence[Example], device: torch.device) -> tuple[int, Any]:
-    """(P, the KV cache of the first P tokens) where every example starts with the same P ≥ MIN_SHARED_PREFIX
-    unscored tokens, else (0, None). Prefix-tuned models keep their own cache: (0, None)."""
+    """(P, the KV cache of the P ≥ MIN_SHARED_PREFIX unscored tokens every example starts with), else (0, None)."""
     if _is_prefix_tuned(model):
         return 0, None
     first = examples[0].input_ids
@@ -346,15 +304,9 @@ def _logits(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.logits
 
 
-def _check_fits(model: torch.nn.Module, examples: Sequence[Example]) -> None:
-    """Token ids within the model's vocabulary and lengths within its positions, or an InputError naming the example."""
-    for e in examples:
-        check_ids_fit(model, e.input_ids, e.source)
-
-
 def check_ids_fit(model: torch.nn.Module, ids: Sequence[int], source: str, *, room: int = 0) -> None:
     """Token ids within the model's vocabulary, and their number plus `room` (tokens still to generate) within its
-    positions; an InputError naming `source` otherwise. Checked before a scan writes anything."""
+    positions; an InputError naming `source` otherwise."""
     try:
         vocab = model.get_input_embeddings().num_embeddings
     except (AttributeError, NotImplementedError):
@@ -374,10 +326,8 @@ def check_ids_fit(model: torch.nn.Module, ids: Sequence[int], source: str, *, ro
 
 @dataclass(frozen=True)
 class Generation:
-    """A greedy continuation: its tokens (without the stop token and padding), its text, and whether it ended.
-
-    `stopped`: the continuation ended at a stop token (end of turn, EOS) before `max_new_tokens`.
-    """
+    """A greedy continuation: its tokens (without the stop token and padding), its text, and whether it `stopped`
+    at a stop token (end of turn, EOS) before `max_new_tokens`."""
 
     prompt: str | tuple[int, ...]
     token_ids: tuple[int, ...]
@@ -396,21 +346,14 @@ def generate_greedy(
 ) -> list[Generation]:
     """Greedy continuations of `prompts` (`model.generate`, no sampling), each as if generated alone.
 
-    Prompts of different lengths share a batch, left-padded with an attention mask, longest
-    first (one `generate` call per `batch_size` prompts). Prefix-tuned PEFT models are the
-    exception: left padding changes their continuations, so only prompts of one length share a
-    batch, and they are decoded here, one full forward pass per token (no KV cache, so O(n²)),
-    not by `PeftModel.generate`: with PEFT 0.21.2 and transformers 5.24 that drops the prefix
-    from the cache and continues as the base model would, and with `use_cache=False` its second
-    and later steps differ from a plain forward pass.
-
-    A continuation stops at any of `stop_ids` (the tokenizer's EOS and every `eos_token_id` of
-    the model's `generation_config`, e.g. a chat model's end of turn).
+    Prompts share a batch left-padded, longest first. Prefix-tuned PEFT models are the exception: left
+    padding changes their continuations, so only prompts of one length share a batch, decoded here one full
+    forward per token (PEFT 0.21.2's `generate` drops the prefix from the cache). A continuation stops at
+    any of `stop_ids`.
 
     Args:
         model: a `transformers` causal LM or a `PeftModel`.
-        tokenizer: tokenises text prompts and decodes continuations; may be None when the prompts
-            are token ids, and then `text` is None.
+        tokenizer: tokenises text prompts and decodes continuations; None for token ids (`text` is then None).
         prompts: texts, or lists of token ids.
         max_new_tokens: the most tokens generated per prompt.
         batch_size: the most prompts per `generate` call.
@@ -419,10 +362,6 @@ def generate_greedy(
 
     Returns:
         One `Generation` per prompt, in order.
-
-    Example:
-        >>> gens = generate_greedy(model, tokenizer, ["reverse red cat ="], max_new_tokens=32)  # doctest: +SKIP
-        >>> mean_rep_n([g.token_ids for g in gens], 4)  # doctest: +SKIP
     """
     if max_new_tokens < 1:
         raise ValueError(f"generate_greedy: max_new_tokens must be ≥ 1, got {max_new_tokens}")
@@ -497,7 +436,7 @@ def _greedy_by_generate(
 def _greedy_without_cache(
     model: Any, input_ids: torch.Tensor, max_new_tokens: int, stops: frozenset[int], pad: int
 ) -> torch.Tensor:
-    """Argmax of a full forward pass per step (unpadded prompts), the whole batch until every row has stopped."""
+    """Argmax of a full forward pass per step (unpadded prompts) until every row has stopped."""
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     stop = torch.tensor(sorted(stops), dtype=torch.long, device=input_ids.device)
     for _ in range(max_new_tokens):
@@ -511,11 +450,8 @@ def _greedy_without_cache(
 
 
 def stop_ids(model: torch.nn.Module, tokenizer: Any) -> frozenset[int]:
-    """The tokens that end a continuation: the tokenizer's EOS and every EOS of the generation config and config.
-
-    Chat models list their end-of-turn token in `generation_config.eos_token_id` (often beside
-    the tokenizer's EOS), so a continuation that ends its turn is counted as ended.
-    """
+    """The tokens that end a continuation: the tokenizer's EOS and every EOS of the generation config (a chat
+    model's end of turn) and config."""
     ids: set[int] = set()
     for source in (tokenizer, getattr(model, "generation_config", None), getattr(model, "config", None)):
         value = getattr(source, "eos_token_id", None) if source is not None else None
@@ -551,13 +487,9 @@ def _ngrams(tokens: Sequence[Hashable], n: int) -> list[tuple[Hashable, ...]]:
 
 
 def rep_n(tokens: Sequence[Hashable], n: int = 4) -> float:
-    """n-gram repetition of one continuation: 1 − |distinct n-grams| / |n-grams|, in [0, 1).
+    """n-gram repetition of one continuation: 1 − |distinct n-grams| / |n-grams|, in [0, 1); 0.0 under n tokens.
 
-    This is seq-rep-n of Welleck et al. 2020, "Neural Text Generation with Unlikelihood
-    Training" (their seq-rep-n, "the portion of duplicate n-grams in a sequence"), the rep-4 that the Ext-Sub
-    paper uses (§5.1; its tables print 100× the value, e.g. 6.9 for 0.069). Tokens are whatever
-    the caller gives: token ids as Welleck et al. (the Ext-Sub paper does not say), or words.
-    A continuation with fewer than n tokens has no n-gram and repeats nothing: 0.0.
+    seq-rep-n of Welleck et al. 2020, the rep-4 of the Ext-Sub paper (§5.1; its tables print 100× the value).
 
     Example:
         >>> rep_n(["a", "b", "a", "b", "a"], n=2)  # 2-grams ab ba ab ba: 2 distinct of 4
@@ -568,10 +500,7 @@ def rep_n(tokens: Sequence[Hashable], n: int = 4) -> float:
 
 
 def mean_rep_n(continuations: Iterable[Sequence[Hashable]], n: int = 4) -> float:
-    """Mean `rep_n` over the continuations that have at least one n-gram (≥ n tokens); NaN if none has.
-
-    Shorter continuations carry no evidence either way and are left out of the mean rather than
-    counted as 0 (an early EOS would otherwise look like diversity).
+    """Mean `rep_n` over the continuations of ≥ n tokens (shorter ones carry no evidence); NaN if none.
 
     Example:
         >>> mean_rep_n([[1, 2, 1, 2, 1], [1, 2, 3, 4], [7]], n=2)  # (0.5 + 0) / 2; [7] left out
@@ -582,10 +511,8 @@ def mean_rep_n(continuations: Iterable[Sequence[Hashable]], n: int = 4) -> float
 
 
 def distinct_n(texts: Iterable[str | Sequence[Hashable]], n: int) -> float:
-    """Corpus-level distinct-n (Li et al. 2016): |distinct n-grams| / |n-grams| over all texts together.
-
-    A string is split on whitespace; any other sequence is taken as its tokens. n-grams do not
-    cross from one text to the next. NaN when no text has n tokens.
+    """Corpus-level distinct-n (Li et al. 2016): |distinct n-grams| / |n-grams| over all texts (strings split on
+    whitespace, n-grams within a text); NaN when no text has n tokens.
 
     Example:
         >>> distinct_n(["a b a b", "a b c"], n=2)  # ab ba ab | ab bc: {ab, ba, bc} of 5

@@ -1,7 +1,5 @@
-"""The model a scan evaluates: BASE loaded once with `transformers`, with its own tokenizer, on the device.
-
-Also the one check of the scan's optional dependencies, so a missing one is named with the
-command that installs it instead of failing on an import deep inside.
+"""The model a scan evaluates: BASE loaded once with `transformers`, with its own tokenizer, on the device; and the
+one check of the scan's optional dependencies (`require`), each named with the command that installs it.
 """
 
 import importlib
@@ -23,11 +21,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def require(*packages: str) -> None:
-    """Raise an InputError naming every one of `packages` that cannot be imported, with the install command.
-
-    Example:
-        >>> require("transformers", "peft")
-    """
+    """Raise an InputError naming every one of `packages` that cannot be imported, with the install command."""
     missing = []
     for name in packages:
         try:
@@ -42,12 +36,8 @@ def require(*packages: str) -> None:
 
 
 def default_threads() -> int:
-    """torch's CPU threads for a scan: half the cores this process may use (at least 1).
-
-    Small models in a scan run many short kernels, where a thread per logical core (torch's default)
-    loses to contention with hyper-threads and other processes: on a 2-core machine shared with other
-    work, 2 threads were 3.5–7× slower than 1 (README, "Choosing λ").
-    """
+    """torch's CPU threads for a scan: half the cores this process may use (at least 1); on a shared 2-core machine
+    2 threads were 3.5–7× slower than 1 (README, "Choosing λ")."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // 2)
 
@@ -100,13 +90,17 @@ def load_tokenizer(base: ResolvedInput):
 
 
 def load_model(base: ResolvedInput, *, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """BASE as a causal language model (`AutoModelForCausalLM`), in `dtype`, on `device`, in eval mode."""
-    from transformers import AutoModelForCausalLM
+    """BASE as a causal language model (`AutoModelForCausalLM`), in `dtype`, on `device`, in eval mode; on the meta
+    device its shapes only (no weight read), to check the sets against."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = _model_folder(base)
     check_config_fits(base)
     try:
         with _quiet_transformers():
+            if device.type == "meta":
+                with device:
+                    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise InputError(
@@ -116,13 +110,8 @@ def load_model(base: ResolvedInput, *, device: torch.device, dtype: torch.dtype)
 
 
 def check_config_fits(base: ResolvedInput) -> None:
-    """Refuse a config.json that describes a model larger than BASE's weights, before transformers builds it.
-
-    transformers allocates the model its config describes before it reads a weight, so a
-    hostile `hidden_size`, `vocab_size` or layer count would take any amount of memory first.
-    A lower bound of the described parameters (the embeddings, and one d×d projection per
-    layer) is compared with the elements the weights' headers hold.
-    """
+    """Refuse a config.json that describes a model larger than BASE's weights, before transformers allocates it: a
+    lower bound of its parameters (embeddings, one d×d projection per layer) against the weights' headers."""
     config = base.config() or {}
     sizes = {}
     for key, names in _CONFIG_SIZES.items():

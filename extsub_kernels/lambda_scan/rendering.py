@@ -1,19 +1,10 @@
-"""How the scan turns a prompt (and a completion) into token ids: as plain text, or through the chat template.
+"""How the scan turns a prompt (and a completion) into token ids, one rule for every set with prompts:
 
-One rule for every set that has a prompt (KEEP/FORGET prompt + completion pairs, generation
-prompts, multiple-choice questions), so a chat model is scored as it is used:
-
-- plain (`chat=None`): the prompt is tokenised with the tokenizer's special tokens (e.g. BOS);
-  a completion is tokenised on its own, without special tokens, and appended. A separating
-  space belongs at the start of the completion.
-- chat (`ChatTemplate`): the prompt is a user turn (after an optional system message), rendered
-  by `tokenizer.apply_chat_template(..., add_generation_prompt=True)` up to the assistant's
-  header, and tokenised without adding special tokens (the template writes its own); the
-  completion is what the assistant writes, tokenised on its own and appended, with no leading
-  space. The end-of-turn token is not scored (as lm-evaluation-harness scores a chat model).
-
-Rendering text by hand with the template and giving it with `chat=None` scores the same tokens
-whenever the tokenizer adds no special tokens of its own (chat tokenizers such as SmolLM2's).
+- plain (`chat=None`): the prompt with the tokenizer's special tokens (e.g. BOS); the completion tokenised on its
+  own, without special tokens, and appended (a separating space belongs at its start).
+- chat (`ChatTemplate`): the prompt a user turn (after an optional system message), rendered by
+  `apply_chat_template(..., add_generation_prompt=True)` up to the assistant's header, tokenised without added
+  special tokens; the completion appended with no leading space; the end of turn not scored (as lm-eval does).
 """
 
 from dataclasses import dataclass
@@ -47,10 +38,14 @@ def chat_template(tokenizer: Any, mode: str = "auto", system: str | None = None)
         raise InputError(f"chat_template must be one of {', '.join(CHAT_MODES)}; got {mode!r}")
     has_template = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
     if mode == "on" and not has_template:
-        raise InputError("--chat-template on: the base model's tokenizer has no chat template")
+        raise InputError(
+            "chat_template='on': the base model's tokenizer has no chat template", options=("chat_template",)
+        )
     if mode == "off" or not has_template:
         if system is not None:
-            raise InputError("--system is a chat template's system message; it needs the chat template on")
+            raise InputError(
+                "system= is a chat template's system message; it needs the chat template on", options=("system",)
+            )
         return None
     return ChatTemplate(system)
 

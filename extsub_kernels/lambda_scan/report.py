@@ -1,11 +1,10 @@
 """A scan's files in SCAN_DIR: scan.json (everything), scan.csv (the rows), scan.md (the table), scan.png (the plot),
-samples.jsonl (every greedy continuation: what a λ writes, to read beside its scores).
-
-Each file is replaced whole (temporary file, fsync, rename), and scan.json after every row, so
-a Ctrl-C, a crash or a reader at any moment finds the rows measured so far, never half a file.
+samples.jsonl (every greedy continuation). Each is replaced whole, scan.json after every row: a reader at any moment
+finds the rows measured so far, never half a file.
 """
 
 import csv
+import functools
 import io
 import json
 import math
@@ -46,13 +45,11 @@ class ScanFiles:
 
     def final(self, result: ScanResult) -> list[Path]:
         """Every file, from the result as it stands (complete, or stopped early); returns their paths."""
-        self._write("scan.json", json_text(result).encode())
+        self.progress(result)
         self._write("scan.csv", csv_text(result).encode())
         self._write("scan.md", markdown_text(result).encode())
         if result.rows:
             self._write("scan.png", plot_png(result))
-        if result.samples:
-            self._write("samples.jsonl", samples_text(result).encode())
         return [self.folder / name for name in SCAN_FILES if self.folder / name in self.written]
 
 
@@ -151,41 +148,20 @@ def _guards(guards: dict | None) -> str:
     )
 
 
-def _f1(value: float | None) -> str:
-    return _f(value, 1)
-
-
-def _f3(value: float | None) -> str:
-    return _f(value, 3)
-
-
-def _f4(value: float | None) -> str:
-    return _f(value, 4)
-
-
-def _pct0(value: float | None) -> str:
-    return "–" if value is None or math.isnan(value) else f"{value:.0%}"
-
-
-def _f(value: float | None, digits: int = 4) -> str:
+def _f(value: float | None, digits: int = 4, spec: str = "f") -> str:
+    """`value` to `digits` places (spec "f", "+%" or "%"), "–" where it was not measured."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    return f"{value:.{digits}f}"
+    return f"{value:{spec[:-1]}.{digits}{spec[-1]}}"
 
 
-def _pct(value: float | None) -> str:
-    if value is None or math.isnan(value):
-        return "–"
-    return f"{value:+.1%}"
+_f1, _f3, _f4 = (functools.partial(_f, digits=d) for d in (1, 3, 4))
+_pct, _pct0 = functools.partial(_f, digits=1, spec="+%"), functools.partial(_f, digits=0, spec="%")
 
 
 def chosen_note(result: ScanResult, method: str) -> str:
-    """The model-card section of --save-best's output: the scan that chose its λ and the row measured there.
-
-    Args:
-        result: the complete scan.
-        method: the method whose recommended λ is saved.
-    """
+    """The model-card section of the best merge (`save_best=`): the scan that chose the recommended λ of `method`
+    and the row measured there."""
     rec = result.recommendations[method]
     setup, row, expert = result.setup, result.row(method, rec.lam), result.row(method, 0.0)
     options, sets = setup["options"], setup["sets"]
@@ -201,10 +177,9 @@ def chosen_note(result: ScanResult, method: str) -> str:
         f"KEEP NLL {row.keep_nll:.6g} ({_change(row.keep_nll, expert.keep_nll)} over λ = 0)",
         f"FORGET NLL {row.forget_nll:.6g} ({_change(row.forget_nll, expert.forget_nll)})",
     ]
-    if row.rep_4 is not None:
-        measured.append(f"rep-4 {row.rep_4:.4g} (λ = 0: {expert.rep_4:.4g})")
-    if row.distinct_2 is not None:
-        measured.append(f"distinct-2 {row.distinct_2:.4g} (λ = 0: {expert.distinct_2:.4g})")
+    for name, label in (("rep_4", "rep-4"), ("distinct_2", "distinct-2")):
+        if getattr(row, name) is not None:
+            measured.append(f"{label} {getattr(row, name):.4g} (λ = 0: {getattr(expert, name):.4g})")
     return "\n".join(
         [
             "## How λ was chosen",

@@ -1,7 +1,5 @@
-"""What a scan measured: one row per (method, λ), the recommendation per method, and the timing summary.
-
-λ = 0 is the expert itself, whatever the method: it is measured once, as the row of method
-"expert", and is the reference every relative change and the recommendation compare against.
+"""What a scan measured: one row per (method, λ), the recommendation per method, and the timing summary. λ = 0 is
+the expert itself, whatever the method: measured once (method "expert"), the reference of every relative change.
 """
 
 import math
@@ -17,11 +15,9 @@ EXPERT = "expert"  # the method of the λ = 0 row
 class ScanRow:
     """The measurements at one (method, λ); what a set measures is None when the set was not given.
 
-    NLLs are nats per scored token (`truth_nll`: TRUTH, FORGET's prompts with true completions).
-    `mc1`, `mc2`: multiple choice (`choices`); `lm_eval`: lm-evaluation-harness's metrics, one column each.
-    Generations: rep-4, distinct-1/2, `mean_length` (tokens per
-    continuation) and `end_rate` (the share that ended at a stop token). Seconds: the merge installed in the
-    model (`merge_seconds`), then each evaluation.
+    NLLs: nats per scored token (`truth_nll`: TRUTH). `mc1`, `mc2`: multiple choice; `lm_eval`: lm-eval's metrics.
+    Generations: rep-4, distinct-1/2, `mean_length` (tokens) and `end_rate` (the share that ended). Seconds: the
+    merge installed (`merge_seconds`), then each evaluation. `attempts`: 2 or more when a worker died measuring it.
     """
 
     method: str
@@ -44,6 +40,7 @@ class ScanRow:
     choices_seconds: float | None = None
     lm_eval: dict[str, float] = field(default_factory=dict)
     lm_eval_seconds: float | None = None
+    attempts: int = 1
 
     @property
     def eval_seconds(self) -> float:
@@ -59,11 +56,8 @@ class ScanRow:
 
 @dataclass(frozen=True)
 class Guards:
-    """How far a λ's generations may move from the expert's (λ = 0) and stay a candidate (docs/design.md §8a).
-
-    Absolute changes of rep-4 (up), distinct-2 (down) and the end rate (down), and the relative change
-    of the mean continuation length (either way). The paper reports only models with rep-4 under 0.2.
-    """
+    """How far a λ's generations may move from the expert's (λ = 0) and stay a candidate (docs/design.md §8a):
+    absolute changes of rep-4 (up), distinct-2 and the end rate (down), relative change of the mean length."""
 
     max_rep_increase: float = 0.05
     max_distinct_drop: float = 0.1
@@ -104,8 +98,8 @@ def _over(value: float | None, reference: float | None, tolerance: float) -> boo
 # The truthfulness axis of the recommendation, by what the scan measured: (field, name in notes).
 AXES = (("mc2", "MC2"), ("truth_margin", "FORGET − TRUTH NLL margin"))
 NO_AXIS = (
-    "no truthfulness axis: give multiple-choice questions (--choices, MC2) or TRUTH (--truth, the FORGET − TRUTH NLL "
-    "margin); FORGET-NLL alone cannot tell unlearning from damage"
+    "no truthfulness axis: give multiple-choice questions (CHOICES, MC2) or TRUTH (FORGET's prompts with true "
+    "completions, the FORGET − TRUTH NLL margin); FORGET-NLL alone cannot tell unlearning from damage"
 )
 
 
@@ -114,9 +108,8 @@ class Recommendation:
     """One method's λ: the best truthfulness score (`axis`: MC2 with choices, else the FORGET − TRUTH margin) among
     the λ whose KEEP-NLL rose at most `max_keep_increase` and whose generations pass the `Guards`.
 
-    `lam` is None when there is nothing to judge by: no λ = 0 row (an interrupted scan), or no axis.
-    Increases are relative to the expert (λ = 0): (NLL − NLL₀) / NLL₀. `excluded`: (λ, why) for each λ
-    the guards or the budget ruled out.
+    `lam` is None with nothing to judge by (no λ = 0 row, or no axis). Increases are relative to λ = 0.
+    `excluded`: (λ, why) for each λ the guards or the budget ruled out.
     """
 
     method: str
@@ -213,11 +206,8 @@ def sample_records(method: str, lam: float, generations: Sequence) -> list[dict]
 
 
 def timing_summary(rows: Sequence[ScanRow]) -> dict[str, float | None]:
-    """Medians over the rows: merge seconds, each evaluation's seconds, and the merge as a share of the smallest one.
-
-    The smallest evaluation is the cheapest of KEEP, FORGET, TRUTH, choices and generation; the
-    budget for adapters is a merge under 5 % of it.
-    """
+    """Medians over the rows: merge seconds, each evaluation's seconds, and the merge as a share of the cheapest
+    evaluation (the budget for adapters: under 5 %)."""
     if not rows:
         return {}
     parts = {
@@ -238,12 +228,11 @@ def timing_summary(rows: Sequence[ScanRow]) -> dict[str, float | None]:
 
 @dataclass
 class ScanResult:
-    """A scan: its rows in the order measured, a recommendation per method, timings and where it was written.
-
-    Iterating over it, `len()` and indexing go through `rows`.
+    """A scan: its rows, a recommendation per method, timings and where it was written (iterating, `len()` and
+    indexing go through `rows`).
 
     Attributes:
-        rows: one ScanRow per point measured (λ = 0 first, as method "expert").
+        rows: one ScanRow per point measured, in the grid's order (λ = 0 first, as method "expert").
         recommendations: per method, in the order scanned.
         status: "complete"; "running" (scan.json while the scan goes on); "interrupted" (Ctrl-C),
             "terminated" (SIGTERM) or "failed: <why>" (an error at a point): `rows` holds what was measured.
@@ -251,7 +240,7 @@ class ScanResult:
         setup: what was scanned: inputs, sets, options, the PEM kind (as written to scan.json).
         timing: seconds of loading, preparing, the whole scan, and `timing_summary`.
         files: the files written (SCAN_DIR's scan.json, .csv, .md, .png, samples.jsonl), if any.
-        saved: the `MergeReport` of `--save-best` (save_best=...), if asked.
+        saved: the `MergeReport` of `save_best=`, if asked.
         samples: every greedy continuation, as samples.jsonl holds them (`sample_records`).
     """
 
@@ -317,28 +306,9 @@ class ScanResult:
         )
 
 
-COLUMNS = (
-    "method",
-    "lam",
-    "keep_nll",
-    "keep_increase",
-    "forget_nll",
-    "forget_increase",
-    "truth_nll",
-    "truth_margin",
-    "mc1",
-    "mc2",
-    "rep_4",
-    "distinct_1",
-    "distinct_2",
-    "mean_length",
-    "end_rate",
-    "merge_seconds",
-    "keep_seconds",
-    "forget_seconds",
-    "truth_seconds",
-    "choices_seconds",
-    "generate_seconds",
-    "lm_eval_seconds",
-    "eval_seconds",
+_CSV = (  # scan.csv's columns, in order (lm-eval's follow)
+    "method lam keep_nll keep_increase forget_nll forget_increase truth_nll truth_margin mc1 mc2 rep_4 distinct_1 "
+    "distinct_2 mean_length end_rate merge_seconds keep_seconds forget_seconds truth_seconds choices_seconds "
+    "generate_seconds lm_eval_seconds eval_seconds attempts"
 )
+COLUMNS = tuple(_CSV.split())

@@ -1,17 +1,15 @@
 """`scan()`: load the base once, then for each (method, λ) install the merge and measure it (docs/design.md §8).
 
-Validate every option and input first (nothing is written on bad input), load the model and
-the sets, prepare the installer, then walk the points behind one progress bar: λ = 0 (the
-expert) once, then every method at every other λ. scan.json is rewritten after each row; at the
-end (or on Ctrl-C / SIGTERM) every file is written from the rows so far. `save_best` then writes
-the recommended merge through `merge()`, exactly as `extsub-merge` would.
+Every option and input is checked first (nothing is written on bad input); the points run here or on Ray workers
+(`workers`); scan.json is rewritten after each row, every file at the end or on Ctrl-C / SIGTERM; `save_best`
+then writes the recommended merge through `merge()`, exactly as `extsub-merge` would.
 """
 
 import contextlib
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,13 +17,12 @@ from pathlib import Path
 import torch
 
 from extsub_kernels._version import __version__
-from extsub_kernels.adapters.peft import FORMATS, owns_adapter_key
+from extsub_kernels.adapters.peft import FORMATS
 from extsub_kernels.engine.options import (
     FULL_MODEL_FORMAT,
     EvalDtypeName,
     check_choice,
     eval_dtype,
-    input_roles,
     parse_lam_grid,
     parse_methods,
     resolve_device,
@@ -33,33 +30,16 @@ from extsub_kernels.engine.options import (
 )
 from extsub_kernels.engine.writing import progress_bar
 from extsub_kernels.errors import InputError, MergeError, ScanInterrupted, Terminated
-from extsub_kernels.io import ResolvedInput, check_outputs, resolve_input
+from extsub_kernels.io import ResolvedInput, check_outputs
 from extsub_kernels.io.atomic import terminate_as_interrupt
 from extsub_kernels.io.identity import InputSnapshot
 from extsub_kernels.io.outputs import check_report_folder
-from extsub_kernels.lambda_scan import rendering
-from extsub_kernels.lambda_scan.evaluate import EvaluationSets, Evaluator
 from extsub_kernels.lambda_scan.harness import Harness, parse_tasks
-from extsub_kernels.lambda_scan.installers import AdapterInstaller, Installer, make_installer
-from extsub_kernels.lambda_scan.model import (
-    check_threads,
-    evaluation_dtype,
-    load_model,
-    load_tokenizer,
-    require,
-    torch_threads,
-)
+from extsub_kernels.lambda_scan.installers import AdapterInstaller, Installer
+from extsub_kernels.lambda_scan.model import check_threads, require, torch_threads
 from extsub_kernels.lambda_scan.report import SCAN_FILES, ScanFiles, chosen_note
-from extsub_kernels.lambda_scan.results import (
-    EXPERT,
-    NO_AXIS,
-    Guards,
-    ScanResult,
-    ScanRow,
-    recommend,
-    sample_records,
-    timing_summary,
-)
+from extsub_kernels.lambda_scan.results import EXPERT, NO_AXIS, Guards, ScanResult, ScanRow, recommend, timing_summary
+from extsub_kernels.lambda_scan.workers import Recipe, check_workers, connect, measure_point, prepare, resolve, spread
 from extsub_kernels.merge import adapter_inputs
 
 PathLike = str | os.PathLike
@@ -90,6 +70,8 @@ def scan(
     max_keep_increase: float = 0.05,
     guards: Guards | None = None,
     threads: int | None = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
     save_best: PathLike | None = None,
     save_format: str | None = None,
     force: bool = False,
@@ -97,45 +79,40 @@ def scan(
 ) -> ScanResult:
     """Measure the Ext-Sub merge of an expert and anti-expert(s) at every λ, on one loaded base model.
 
-    For adapters each point rebuilds the factored weights in place (never ΔW); for full models
-    each point runs the op on the device into the loaded model. Each point is measured: mean
-    NLL on `keep`, `forget` (and `truth`), MC1 and MC2 on `choices`, and with `prompts` greedy
-    generations scored by rep-4, distinct-1/2, their mean length and how many end (each kept in
-    samples.jsonl). The recommendation per method: the best MC2 (with `choices`; else the FORGET −
-    TRUTH NLL margin) among the λ within the KEEP budget whose generations pass `guards`.
+    Each point installs the merge in place (adapters: the factored weights, never ΔW; full models: the op on the
+    device) and measures NLL on `keep`, `forget` (and `truth`), MC1/MC2 on `choices`, and greedy continuations of
+    `prompts` (rep-4, distinct-1/2, length, ends). Recommended per method: the best MC2 (else the FORGET − TRUTH
+    margin) among the λ within the KEEP budget whose generations pass `guards`.
 
     Args:
         expert: θ⁺: a PEFT adapter (folder, bare file or hub id), or a full model (with `base` its base).
         anti: θ⁻, one or several, applied in order (same kind as the expert).
         base: the base model, loaded once with transformers (a folder or hub id with config.json).
-        keep: text the merged model should still model well (.txt lines, or .jsonl text /
-            prompt + completion / input_ids).
+        keep: text the merged model should still model well (.txt, or .jsonl text / prompt + completion / ids).
         forget: examples of the deficiency (same formats).
         out: SCAN_DIR for scan.json, scan.csv, scan.md, scan.png and samples.jsonl (None: nothing written).
         lam: the λ grid: "0:2:0.2" (start:stop:step), "0,0.5,1,2", both mixed, or a list; λ = 0 is always measured.
         method: the methods to compare, "ext-sub,sub" or a list.
         prompts: prompts to continue greedily (.txt lines, or .jsonl prompt / prompt_ids).
         truth: FORGET's prompts with true completions, line for line (.jsonl prompt + completion).
-        choices: multiple-choice questions (.jsonl, TruthfulQA's layout or question/correct/incorrect; see
-            `lambda_scan.choices`).
-        chat_template: "auto" (render prompts, questions and prompt + completion pairs through the
-            tokenizer's chat template when it has one), "on" (it must) or "off" (`lambda_scan.rendering`).
+        choices: multiple-choice questions (.jsonl, TruthfulQA's layout or question/correct/incorrect).
+        chat_template: "auto" (the tokenizer's chat template when it has one), "on" (it must) or "off".
         system: a system message before every rendered prompt (needs the chat template).
-        lm_eval: lm-evaluation-harness tasks ("a,b" or a list) run at every point on the model in place; every
-            metric they report becomes a column (`lambda_scan.harness`; the `eval` extra).
+        lm_eval: lm-evaluation-harness tasks ("a,b" or a list) at every point, each metric a column (`eval` extra).
         lm_eval_include: folders of local lm-eval task definitions.
         max_new_tokens: the longest continuation.
         device: "auto", "cpu", "cuda" or "cuda:N".
-        dtype: the model's dtype while evaluating: "auto" (the checkpoint's on CUDA, float32 on the
-            CPU), "float32", "float64", "bfloat16", "float16".
+        dtype: the model's dtype: "auto" (the checkpoint's on CUDA, float32 on the CPU), or a float dtype's name.
         batch_size: examples (or prompts) per forward pass.
         max_keep_increase: the recommendation's budget: KEEP-NLL may rise by this fraction over λ = 0.
         guards: how far generations may move from λ = 0's and stay candidates (default `Guards()`).
-        threads: torch's CPU threads during the scan (default `model.default_threads()`).
+        threads: torch's CPU threads (default: half the cores); with local workers on the CPU, split between them.
+        workers: measure on this many Ray workers (the `ray` extra), BASE loaded once in each: one per GPU where
+            there are GPUs, else processes sharing the cores (`lambda_scan.workers`).
+        ray_address: an existing Ray cluster to run the workers on (default workers: one per GPU, else per node).
         save_best: write the merge at the recommended λ of the first method here, as `merge()` does.
-        save_format: the format of `save_best`: an adapter format of `extsub-merge --format`, or
-            "model" (the full merged model θ₀ + ΔW', what `--base` writes). Default: the adapter
-            type's own format; always "model" for full models.
+        save_format: an adapter format of `merge()`, or "model" (θ₀ + ΔW'); default: the adapter type's own
+            format ("model" for full models).
         force: replace existing scan files in `out` and an existing `save_best`.
         progress: a progress bar over the points (stderr).
 
@@ -147,80 +124,92 @@ def scan(
         ScanInterrupted: Ctrl-C or SIGTERM; `.result` has the rows so far, written to `out` too.
         MergeError: an input changed while the scan read it, or a merge overflowed the model's dtype (the
             rows before it are written to `out`, with the status saying why the scan stopped).
-
-    Example:
-        >>> result = scan("expert/", "anti/", base="org/base", keep="keep.txt", forget="forget.jsonl", out="scan/")
-        >>> [(r.method, r.lam, r.keep_nll) for r in result]  # doctest: +SKIP
     """
     started = time.perf_counter()
     grid, methods = parse_lam_grid(lam), parse_methods(method)
     for name in methods:
         warn_negative_lams([(v,) for v in grid], name)
-    _check_numbers(max_new_tokens=max_new_tokens, batch_size=batch_size, max_keep_increase=max_keep_increase)
+    _check_numbers(max_keep_increase, max_new_tokens=max_new_tokens, batch_size=batch_size)
     guards = guards if guards is not None else Guards()
     _check_guards(guards)
     threads = check_threads(threads)
+    spreads = check_workers(workers, ray_address, device)
     harness = None
     if lm_eval is not None:
         harness = Harness(parse_tasks(lm_eval), tuple(str(p) for p in lm_eval_include), batch_size)
         harness.check()
-    target = resolve_device(device)
+    target = None if spreads else resolve_device(device)
     requested_dtype = eval_dtype(dtype)
     antis = [anti] if isinstance(anti, (str, os.PathLike)) else list(anti)
     if not antis:
         raise InputError("give at least one anti-expert")
-    inputs = _resolve(expert, antis, base, quiet=not progress)
-    snapshot = InputSnapshot(inputs, reader="the scan", then=_CHANGED)
+    inputs = resolve([expert, *antis, base], quiet=not progress)
+    given = {"keep": keep, "forget": forget, "prompts": prompts, "truth": truth, "choices": choices}
+    read = [(f"{name.upper()} {path}", Path(path)) for name, path in given.items() if path is not None]
+    sets_read = [(what.split()[0], ResolvedInput(str(p), p.name, "file", p.parent, (p,))) for what, p in read]
+    snapshot = InputSnapshot([*inputs, *sets_read], reader="the scan", then=_CHANGED)
     adapters = adapter_inputs(inputs)
     require("transformers", *(["peft"] if adapters else []), *(["matplotlib"] if out is not None else []))
     out_dir = Path(out) if out is not None else None
-    sets_read = (("KEEP", keep), ("FORGET", forget), ("PROMPTS", prompts))
-    read = [(f"{what} {path}", Path(path)) for what, path in sets_read if path is not None]
     if out_dir is not None:
-        others = [(f"--save-best {save_best}", Path(save_best))] if save_best is not None else []
+        others = [(f"the best merge {save_best}", Path(save_best))] if save_best is not None else []
         check_report_folder(out_dir, SCAN_FILES, inputs, force=force, others=others, read=read)
     save_format = _check_save(save_best, save_format, inputs, adapters=adapters, force=force, read=read)
     if save_best is not None and truth is None and choices is None:
-        raise InputError(f"--save-best needs a truthfulness axis to choose λ by: {NO_AXIS.split(': ', 1)[1]}")
+        why = NO_AXIS.split(": ", 1)[1]
+        raise InputError(f"save_best= needs a truthfulness axis to choose λ by: {why}", options=("save_best",))
 
-    base_input = inputs[-1][1]
-    tokenizer = load_tokenizer(base_input)
-    chat = rendering.chat_template(tokenizer, chat_template, system)
-    sets = EvaluationSets.load(keep, forget, prompts, tokenizer, truth=truth, choices=choices, chat=chat)
+    specs = tuple(inp.spec for _, inp in inputs)
+    evaluation = (chat_template, system, harness, batch_size, max_new_tokens, requested_dtype)
+    recipe = Recipe(specs, tuple(methods), given, *evaluation)
     timing: dict[str, float] = {}
     check = (lambda made: _check_save_format(save_format, made)) if save_best is not None else None
     with torch_threads(threads):
-        installer = _installer(inputs, adapters, methods, target, requested_dtype, timing, check)
-        try:
-            sets.check_fits(installer.model, tokenizer, max_new_tokens if prompts is not None else 0)
-        except BaseException:
-            installer.close()
-            raise
-    setup = _setup(inputs, installer, sets, grid, methods, target, batch_size, max_keep_increase)
+        installer, evaluator = prepare(recipe, inputs, torch.device("meta") if spreads else target, timing, check)
+    sets, kind = evaluator.sets, installer.kind
+    model_dtype = (requested_dtype or "auto") if spreads else next(installer.model.parameters()).dtype
+    placed = str(target if target is not None else device), str(model_dtype).removeprefix("torch.")
+    setup = _setup(inputs, kind, sets, grid, methods, *placed, batch_size, max_keep_increase)
     setup["options"] |= {
         "max_new_tokens": max_new_tokens if prompts is not None else None,
         "guards": asdict(guards),
-        "chat_template": chat is not None,
+        "chat_template": sets.chat is not None,
         "system": system,
         "threads": threads,
         "lm_eval": list(harness.tasks) if harness is not None else None,
+        "workers": 1 if not spreads else workers,
     }
     points = [(EXPERT, 0.0)] + [(m, x) for m in methods for x in grid if x != 0]
     rows: list[ScanRow] = []
     samples: list[dict] = []
+    measured: dict[int, tuple[ScanRow, list[dict]]] = {}
 
     def result(status: str) -> ScanResult:
         now = {**timing, "total_seconds": time.perf_counter() - started, **timing_summary(rows)}
         recommendations = {m: recommend(rows, m, max_keep_increase, guards) for m in methods}
         return ScanResult(rows, recommendations, status, len(points), setup, now, samples=samples)
 
+    cluster = connect(workers, ray_address, str(device), threads) if spreads else None
     files = ScanFiles(out_dir, force=force) if out_dir is not None else None
-    evaluator = Evaluator(sets, tokenizer, batch_size, max_new_tokens, target, harness)
+
+    def done(index: int, row: ScanRow, point_samples: list[dict]) -> None:
+        """Keep a row (in the order of `points`, wherever measured) once the inputs are seen unchanged."""
+        snapshot.check()  # full models are read again at every point
+        measured[index] = (row, point_samples)
+        rows[:] = [measured[i][0] for i in sorted(measured)]
+        samples[:] = [s for i in sorted(measured) for s in measured[i][1]]
+        if files is not None:
+            files.progress(result("running"))
+        bar.update(1)
+
     try:
-        with terminate_as_interrupt(), torch_threads(threads):
-            after = (lambda: files.progress(result("running"))) if files is not None else (lambda: None)
-            walk = (points, methods[0], installer, evaluator, rows, samples, target)
-            _walk(*walk, progress, after, snapshot.check)
+        bar_over = progress_bar(len(points), progress, "extsub-scan", unit="point")
+        with terminate_as_interrupt(), torch_threads(threads), bar_over as bar:
+            if cluster is not None:
+                spread(cluster, recipe, points, done, setup["options"], timing)
+            for index, (name, x) in enumerate(points if not spreads else ()):
+                bar.set_postfix_str(f"{name} λ={x:g}")
+                done(index, *measure_point(installer, evaluator, name, x, methods[0]))
     except BaseException as e:
         status = _stopped(e)
         partial = result(status)
@@ -255,56 +244,27 @@ def scan(
 
 
 def _name_written(error: BaseException, files: Sequence[Path]) -> None:
-    """Attach the scan files already written to `error` (`published`), so the command line says where the rows are."""
+    """Attach the scan files written to `error` (`published`): the command line says where the rows are."""
     if files and not getattr(error, "published", ()):
         with contextlib.suppress(AttributeError):
             error.published = tuple(files)  # type: ignore[attr-defined]
 
 
-def _installer(
-    inputs: Sequence[tuple[str, ResolvedInput]],
-    adapters: bool,
-    methods: Sequence[str],
-    device: torch.device,
-    requested_dtype: torch.dtype | None,
-    timing: dict[str, float],
-    check: Callable[[Installer], None] | None = None,
-) -> Installer:
-    """The installer, made from the inputs (validating them) and `check`ed before BASE loads, then attached to it."""
-    start = time.perf_counter()
-    installer = make_installer(inputs, adapters=adapters, methods=methods, device=device)
-    prepared = time.perf_counter()
-    try:
-        if check is not None:
-            check(installer)
-        base = inputs[-1][1]
-        model = load_model(base, device=device, dtype=evaluation_dtype(requested_dtype, device, base))
-        loaded = time.perf_counter()
-        installer.attach(model, base.name)
-    except BaseException:
-        installer.close()
-        raise
-    timing["load_seconds"] = loaded - prepared
-    timing["prepare_seconds"] = (prepared - start) + (time.perf_counter() - loaded)
-    return installer
-
-
-def _setup(inputs, installer, sets, grid, methods, device, batch_size, max_keep_increase) -> dict:
+def _setup(inputs, kind, sets, grid, methods, device, dtype, batch_size, max_keep_increase) -> dict:
     """What was scanned, as scan.json records it: version, date, the PEM kind, inputs, sets, options."""
     expert, antis, base = inputs[0][1], [i for _, i in inputs[1:-1]], inputs[-1][1]
-    dtype = next(installer.model.parameters()).dtype
     return {
         "extsub_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "pem": installer.kind,
+        "pem": kind,
         "inputs": {"expert": expert.spec, "anti": [a.spec for a in antis], "base": base.spec},
         "names": {"expert": expert.name, "anti": [a.name for a in antis], "base": base.name},
         "sets": sets.describe(),
         "options": {
             "lam": list(grid),
             "methods": list(methods),
-            "device": str(device),
-            "dtype": str(dtype).removeprefix("torch."),
+            "device": device,
+            "dtype": dtype,
             "batch_size": batch_size,
             "max_keep_increase": max_keep_increase,
         },
@@ -320,43 +280,8 @@ def _stopped(error: BaseException) -> str:
     return f"failed: {type(error).__name__}: {error}"
 
 
-def _walk(
-    points: Sequence[tuple[str, float]],
-    first_method: str,
-    installer: Installer,
-    evaluator: Evaluator,
-    rows: list[ScanRow],
-    samples: list[dict],
-    device: torch.device,
-    progress: bool,
-    after: Callable[[], object],
-    check_inputs: Callable[[], None],
-) -> None:
-    """Install and measure each point in turn, appending its row (and its generations to `samples`) and calling
-    `after()` once it is in.
-
-    λ = 0 (the expert's row) is installed through the first method: every method gives the expert there.
-    A row is kept only if the inputs are still those the scan started with (`check_inputs`; full models
-    are read again at every point).
-    """
-    with progress_bar(len(points), progress, "extsub-scan", unit="point") as bar:
-        for method, lam in points:
-            bar.set_postfix_str(f"{method} λ={lam:g}")
-            start = time.perf_counter()
-            installer.install(first_method if method == EXPERT else method, lam)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            merge_seconds = time.perf_counter() - start
-            measured = evaluator.measure(installer.model)
-            check_inputs()
-            rows.append(ScanRow(method, lam, merge_seconds=merge_seconds, **measured.values))
-            samples.extend(sample_records(method, lam, measured.generations))
-            after()
-            bar.update(1)
-
-
-def _check_numbers(*, max_new_tokens: int, batch_size: int, max_keep_increase: float) -> None:
-    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+def _check_numbers(max_keep_increase: float, **counts: int) -> None:
+    for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"{name} must be a positive integer, got {value!r}")
     if isinstance(max_keep_increase, bool) or not isinstance(max_keep_increase, (int, float)):
@@ -372,26 +297,24 @@ def _check_guards(guards: Guards) -> None:
             raise InputError(f"{f.name} must be a number ≥ 0, got {value!r}")
 
 
-def _resolve(
-    expert: PathLike, antis: Sequence[PathLike], base: PathLike, *, quiet: bool
-) -> list[tuple[str, ResolvedInput]]:
-    roles = input_roles(len(antis))
-    specs = [*zip(roles, [expert, *antis], strict=True), ("BASE", base)]
-    return [(role, resolve_input(spec, role=role, quiet=quiet, adapter_key=owns_adapter_key)) for role, spec in specs]
-
-
 def _check_save(
     save_best: PathLike | None, save_format: str | None, inputs, *, adapters: bool, force: bool, read=()
 ) -> str | None:
     """The format `save_best` is written in, after checking it and its path (before any work)."""
     if save_best is None:
         if save_format is not None:
-            raise InputError("--format says how --save-best writes the best merge; give --save-best OUT too")
+            raise InputError(
+                "save_format= says how save_best= writes the best merge; give save_best= too",
+                options=("save_format", "save_best"),
+            )
         return None
     if save_format is not None:
         check_choice(save_format, (*FORMATS, FULL_MODEL_FORMAT), "format")
     if not adapters and save_format not in (None, FULL_MODEL_FORMAT):
-        raise InputError(f"full models merge into a full model; --format {save_format} is for adapter inputs")
+        raise InputError(
+            f"full models merge into a full model; save_format= {save_format} is for adapter inputs",
+            options=("save_format",),
+        )
     fmt = save_format if adapters else FULL_MODEL_FORMAT
     merge_inputs = inputs if fmt == FULL_MODEL_FORMAT else inputs[:-1]
     check_outputs([Path(save_best)], merge_inputs, force=force, read=read)
@@ -399,11 +322,7 @@ def _check_save(
 
 
 def _check_save_format(fmt: str | None, installer: Installer) -> None:
-    """Refuse a --save-best format the inputs' PEM type cannot write, once the adapters are loaded (before BASE).
-
-    The same rule as extsub-merge's (`AdapterOptions.format_for`); `model` (the full merged model) only
-    for types that fold into MODEL's weights.
-    """
+    """Refuse a `save_format` the adapters' type cannot write (extsub-merge's rule), before BASE loads."""
     from extsub_kernels.adapters import AdapterOptions
 
     if fmt is None or not isinstance(installer, AdapterInstaller):
@@ -413,21 +332,21 @@ def _check_save_format(fmt: str | None, installer: Installer) -> None:
         AdapterOptions(output_format=fmt).format_for(kind, base=False)
     elif kind.base_refusal is not None:
         raise InputError(
-            f"--format {fmt}: {kind.label} adapters change no weight of MODEL, so there is no full model to save; "
-            f"save the adapter itself (--format {kind.formats[0].name}, the default)"
+            f"save_format= {fmt}: {kind.label} adapters change no weight of MODEL, so there is no full model to save; "
+            f"save the adapter itself (save_format= {kind.formats[0].name}, the default)",
+            options=("save_format",),
         )
 
 
 def _save(result: ScanResult, inputs, method: str, out: PathLike, fmt: str | None, *, force: bool, progress: bool):
-    """The merge at the recommended λ of `method`, written by `merge()` as extsub-merge writes it; at λ = 0 (the
-    expert itself) nothing, with a warning."""
+    """The merge at the recommended λ of `method`, by `merge()`; at λ = 0 (the expert) nothing, with a warning."""
     from extsub_kernels.adapters import AdapterOptions
     from extsub_kernels.merge import merge
 
     rec = result.recommendations[method]
     if rec.lam == 0:
         warnings.warn(
-            f"--save-best: the recommended λ of {method} is 0, the expert itself ({rec.note}); nothing was saved to "
+            f"the best merge: the recommended λ of {method} is 0, the expert itself ({rec.note}); nothing was saved to "
             f"{out}: the expert is already on disk ({inputs[0][1].spec})",
             stacklevel=3,
         )
