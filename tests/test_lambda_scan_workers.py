@@ -152,6 +152,19 @@ def test_ray_missing_is_named_with_its_install_command(trained, monkeypatch, tmp
     assert not list(tmp_path.iterdir())
 
 
+def test_a_cluster_address_where_nothing_listens_is_refused_at_once(trained, tmp_path):
+    pytest.importorskip("ray")
+    import socket
+
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(InputError, match=rf"ray_address= 127\.0\.0\.1:{port}: nothing answers there"):
+        scan(*_experts(trained), **_kwargs(trained), out=tmp_path / "scan", ray_address=f"127.0.0.1:{port}")
+    assert time.monotonic() - started < 60 and not list(tmp_path.iterdir())
+
+
 def test_one_worker_needs_no_ray(trained, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     result = scan(*_experts(trained), **(_kwargs(trained) | {"lam": "0,1", "prompts": None}), workers=1)

@@ -7,6 +7,7 @@ its point handed to another (the row counts the `attempts`).
 """
 
 import os
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -159,6 +160,8 @@ def connect(workers: int | None, ray_address: str | None, device: str, threads: 
     written: {ray, started, gpu, n, each (threads per worker)}; an InputError where the cluster cannot hold them."""
     ray = import_ray()
     started = not ray.is_initialized()
+    if started and ray_address:
+        _check_answers(ray_address)
     if started:
         cores = len(os.sched_getaffinity(0))
         local = {} if ray_address else {"num_cpus": max(cores, workers or 1), "num_gpus": torch.cuda.device_count()}
@@ -181,6 +184,18 @@ def connect(workers: int | None, ray_address: str | None, device: str, threads: 
             ray.shutdown()
         raise
     return dict(ray=ray, started=started, gpu=gpu, n=n, each=None if ray_address or gpu else max(1, threads // n))
+
+
+def _check_answers(address: str) -> None:
+    """A cluster address where nothing listens is refused in seconds (`ray.init` retries it for minutes)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", "local" or a form Ray resolves itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise InputError(f"ray_address= {address}: nothing answers there ({why})", options=("ray_address",)) from None
 
 
 def spread(
