@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from extsub_kernels import scan
-from extsub_kernels.cli.common import EXIT_SIGINT
+from extsub_kernels.cli.common import EXIT_SIGINT, EXIT_SIGTERM
 from extsub_kernels.errors import InputError
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
@@ -107,7 +107,11 @@ def test_two_workers_give_the_rows_of_one_and_rerun_a_killed_workers_point(ray_c
     assert list(data["rows"][0]) == list(one_worker.to_dict()["rows"][0])  # the rows of a one-device scan.json
 
 
-def test_ctrl_c_stops_every_worker_and_keeps_the_rows(trained, tmp_path):
+@pytest.mark.parametrize(
+    ("sent", "code", "what"),
+    [(signal.SIGINT, EXIT_SIGINT, "interrupted"), (signal.SIGTERM, EXIT_SIGTERM, "terminated")],
+)
+def test_ctrl_c_or_sigterm_stops_every_worker_and_keeps_the_rows(trained, tmp_path, sent, code, what):
     psutil = pytest.importorskip("psutil")
     pytest.importorskip("ray")
     out = tmp_path / "scan"
@@ -132,14 +136,14 @@ def test_ctrl_c_stops_every_worker_and_keeps_the_rows(trained, tmp_path):
     assert proc.poll() is None, proc.communicate()[1]
     children = psutil.Process(proc.pid).children(recursive=True)
     assert any(c.cmdline()[:1] == ["ray::_Worker"] or "_Worker" in " ".join(c.cmdline()) for c in children)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sent)
     err = proc.communicate(timeout=120)[1]
-    assert proc.returncode == EXIT_SIGINT, err
+    assert proc.returncode == code, err
     _, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, [p.cmdline() for p in alive]
     data = json.loads((out / "scan.json").read_text())
-    assert data["status"] == "interrupted" and 2 <= data["measured"] < data["points"] == 161
-    assert err.strip().splitlines()[-1].startswith(f"extsub-scan: error: interrupted after {data['measured']} of 161")
+    assert data["status"] == what and 2 <= data["measured"] < data["points"] == 161
+    assert err.strip().splitlines()[-1].startswith(f"extsub-scan: error: {what} after {data['measured']} of 161")
 
 
 def test_ray_missing_is_named_with_its_install_command(trained, monkeypatch, tmp_path):
