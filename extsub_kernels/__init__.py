@@ -27,7 +27,7 @@ _PUBLIC = {
     "extsub_kernels.engine": "MergeReport",
     "extsub_kernels.errors": "AdapterError InputError MergeError ScanInterrupted",
     "extsub_kernels.lambda_scan": "Recommendation ScanResult ScanRow scan",
-    "extsub_kernels.merge": "merge",
+    "extsub_kernels.merging": "merge",
     "extsub_kernels.ops": "ext_sub ext_sub_ ext_sub_coefficients extract_deficiency row_products subtract_",
     "extsub_kernels.reference": "ext_sub_reference",
 }

@@ -19,7 +19,7 @@ from extsub_kernels.engine.record import json_text, report_record
 from extsub_kernels.io.atomic import publish, remove, reserve_temp, write_text
 from extsub_kernels.io.outputs import check_report_folder
 from extsub_kernels.io.resolve import resolve_input
-from extsub_kernels.merge import RunSpec, Source, execute, source_list
+from extsub_kernels.merging import RunSpec, Source, execute, source_list
 
 JSON_NAME, MARKDOWN_NAME = "report.json", "report.md"
 _REPORT_FILES = (JSON_NAME, MARKDOWN_NAME, HEATMAP_NAME)

@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, command: str) -> int:
-    from extsub_kernels.merge import merge
+    from extsub_kernels.merging import merge
 
     code, values = guarded(PROG, lambda: _option_values(vars(args), parser))
     if code != EXIT_OK:

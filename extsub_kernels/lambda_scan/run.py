@@ -60,7 +60,7 @@ from extsub_kernels.lambda_scan.results import (
     sample_records,
     timing_summary,
 )
-from extsub_kernels.merge import adapter_inputs
+from extsub_kernels.merging import adapter_inputs
 
 PathLike = str | os.PathLike
 _CHANGED = "the rows measured before that was seen are kept, nothing was saved; run again once the inputs are stable"
@@ -422,7 +422,7 @@ def _save(result: ScanResult, inputs, method: str, out: PathLike, fmt: str | Non
     """The merge at the recommended λ of `method`, written by `merge()` as extsub-merge writes it; at λ = 0 (the
     expert itself) nothing, with a warning."""
     from extsub_kernels.adapters import AdapterOptions
-    from extsub_kernels.merge import merge
+    from extsub_kernels.merging import merge
 
     rec = result.recommendations[method]
     if rec.lam == 0:
