@@ -1,8 +1,5 @@
-"""Row statistics of adapter merges from each PEM's own parameters (docs/design.md §7): ΔW is never formed.
-
-Each type says what it merges (`stat_units`), how a unit is reported (`stat_parts`), and how two units give |p|², |m|²,
-p·m per row (`row_sums`) and ‖p' − p‖² (`change_sq`); the engine's `PairAccumulator` does the rest.
-"""
+"""Row statistics of adapter merges from each type's hooks (`stat_units`, `stat_parts`, `row_sums`, `change_sq`; docs/
+design.md §7): ΔW is never formed."""
 
 import math
 from collections.abc import Sequence
