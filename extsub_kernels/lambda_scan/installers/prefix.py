@@ -1,8 +1,6 @@
 """Prefix-tuning adapters in a scan: a PEFT prefix (in inference mode) whose key/value rows are rewritten per point.
 
-The family merge works on the saved `prompt_embeddings` (the per-head key/value rows, docs/design.md §6); PEFT in
-inference mode uses exactly that tensor as the prefix, with or without the training-time projection, so each point
-copies the merged tensor into the prompt encoder's embedding.
+PEFT in inference mode uses the saved `prompt_embeddings` as the prefix, so each point copies the merged one in.
 """
 
 import torch
