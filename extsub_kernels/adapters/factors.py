@@ -1,12 +1,5 @@
-"""The factored math of LoRA merges: exact results without forming ΔW (docs/design.md §3).
-
-For a LoRA module ΔW = s·B·A (B: out×r, A: r×in), Ext-Sub's per-row closed form p' = α·p + β·m needs only the row norms
-of ΔW⁺ and ΔW⁻, and a row norm of s·B·A is s·sqrt(b·(A·Aᵀ)·bᵀ): an r×r Gram matrix gives them all. So
-
-    ΔW' = diag(α)·ΔW⁺ + diag(β)·ΔW⁻ = [diag(α)·s⁺B⁺, diag(β)·s⁻B⁻] · [A⁺; A⁻]
-
-is exactly a LoRA of rank r⁺ + r⁻, at O((out + in)·r²) cost per module.
-"""
+"""The factored math of LoRA merges, exact without forming ΔW (docs/design.md §3): p' = α·p + β·m needs only row norms,
+which r×r factors give, so ΔW' = [diag(α)·s⁺B⁺, diag(β)·s⁻B⁻] · [A⁺; A⁻] is a LoRA of rank r⁺ + r⁻."""
 
 import math
 from collections.abc import Mapping, Sequence
@@ -125,8 +118,7 @@ def ext_sub_factors(
         sums: (|p|, |m|, p·m or None) per row when already known (they do not depend on λ: `LoraSweep`).
 
     Returns:
-        (B', A', number of rows with |p| = 0), B' = [diag(α)·B⁺, diag(β)·B⁻], A' = [A⁺; A⁻],
-        in the dtype of `b_plus`.
+        (B', A', number of rows with |p| = 0), B' = [diag(α)·B⁺, diag(β)·B⁻], A' = [A⁺; A⁻], in `b_plus`'s dtype.
     """
     spec = method_spec(method)
     p_norm, m_norm, products = sums or factor_row_sums(spec, b_plus, a_plus, b_minus, a_minus)
@@ -154,8 +146,7 @@ def truncate_factors(
         lora_B: (out, R). lora_A: (R, in). max_rank: the largest rank kept (≥ 1).
 
     Returns:
-        (B'', A'', relative Frobenius error |B·A − B''·A''| / |B·A|, 0 for a zero product).
-        Factors with R ≤ max_rank come back unchanged with error 0.
+        (B'', A'', relative Frobenius error, 0 for a zero product); R ≤ max_rank: unchanged, error 0.
     """
     check_max_rank(max_rank)
     if lora_A.shape[0] <= max_rank:

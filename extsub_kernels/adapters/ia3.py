@@ -15,7 +15,7 @@ import torch
 import extsub_kernels.adapters.family as family
 from extsub_kernels._tensors import compute_dtype, is_float
 from extsub_kernels.adapters.family import BaseEdit, MergeStep, OutputFormat, PeftAdapter
-from extsub_kernels.adapters.patterns import PatternMatcher, selects
+from extsub_kernels.adapters.patterns import PatternMatcher, is_names, selects
 from extsub_kernels.adapters.report import AdapterReport, counted
 from extsub_kernels.engine.methods import apply_method
 from extsub_kernels.engine.writing import LazyOutput
@@ -108,11 +108,7 @@ class IA3Adapter(PeftAdapter):
         """Module lists as PEFT's IA3Config takes them; feedforward_modules a subset of target_modules."""
         for name in ("target_modules", "feedforward_modules", "exclude_modules", "modules_to_save"):
             value = config.get(name)
-            if (
-                value is not None
-                and not (isinstance(value, str) and name != "modules_to_save")
-                and not _is_str_list(value)
-            ):
+            if value is not None and not (isinstance(value, str) and name != "modules_to_save") and not is_names(value):
                 raise AdapterError(f"{where}: {name} must be a list of module names or a regex string, got {value!r}")
         targets, feedforward = config.get("target_modules"), config.get("feedforward_modules")
         if isinstance(targets, list) and isinstance(feedforward, list) and not set(feedforward) <= set(targets):
@@ -272,7 +268,3 @@ def _shape_problem(vector: torch.Tensor, feedforward: bool) -> str | None:
             "(2-D vectors) is supported"
         )
     return None
-
-
-def _is_str_list(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)

@@ -53,7 +53,7 @@ from extsub_kernels.adapters.family import (
     strip_peft_prefix,
     weight_key,
 )
-from extsub_kernels.adapters.patterns import PatternMatcher, pattern_key, selects
+from extsub_kernels.adapters.patterns import PatternMatcher, is_names, pattern_key, selects
 from extsub_kernels.adapters.report import AdapterReport, counted
 from extsub_kernels.engine.conv1d import WeightLayout, conv1d_transposed, input_config, never_transposed, weight_layout
 from extsub_kernels.engine.method_spec import DEFAULT_METHOD, method_spec
@@ -456,10 +456,6 @@ def _is_index(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _is_names(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
 # The types PEFT's LoraConfig takes for the fields the merge reads: (field, check, what it must be).
 _FIELDS = (
     *(
@@ -467,11 +463,11 @@ _FIELDS = (
         for name in ("use_rslora", "fan_in_fan_out", "inference_mode")
     ),
     *(
-        (name, lambda v: isinstance(v, str) or _is_names(v), "a list of module names or one regular expression")
+        (name, lambda v: isinstance(v, str) or is_names(v), "a list of module names or one regular expression")
         for name in ("target_modules", "exclude_modules")
     ),
-    ("modules_to_save", _is_names, "a list of module names"),
-    ("layers_pattern", lambda v: isinstance(v, str) or _is_names(v), "a name or list of names"),
+    ("modules_to_save", is_names, "a list of module names"),
+    ("layers_pattern", lambda v: isinstance(v, str) or is_names(v), "a name or list of names"),
     (
         "layers_to_transform",
         lambda v: _is_index(v) or (isinstance(v, list) and all(map(_is_index, v))),

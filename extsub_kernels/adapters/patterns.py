@@ -62,6 +62,11 @@ class PatternMatcher:
         return found
 
 
+def is_names(value: object) -> bool:
+    """Whether a config value is a list of names (module lists, as PEFT's configs take them)."""
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
 def pattern_key(
     patterns: Mapping[str, object], module: str, matcher: PatternMatcher | None = None, what: str = "pattern key"
 ) -> str | None:

@@ -10,14 +10,9 @@ from safetensors import SafetensorError, safe_open
 
 from extsub_kernels._tensors import nonfinite_summary
 from extsub_kernels.adapters.family import OutputFormat, PeftAdapter
-from extsub_kernels.adapters.family import weight_key as weight_key  # re-exported: callers use it from here
 from extsub_kernels.adapters.ia3 import IA3Adapter
 from extsub_kernels.adapters.lora import LoraAdapter, LoraScaling, check_scaling
-from extsub_kernels.adapters.lora import exact_pattern as exact_pattern  # re-exported, with the key rules below
-from extsub_kernels.adapters.lora import module_scaling as module_scaling
-from extsub_kernels.adapters.lora import parse_peft_key as parse_peft_key
-from extsub_kernels.adapters.lora import peft_key as peft_key
-from extsub_kernels.adapters.patterns import pattern_key as pattern_key
+from extsub_kernels.adapters.lora import peft_key as peft_key  # re-exported: the benchmarks use it from here
 from extsub_kernels.adapters.prefix import PrefixAdapter
 from extsub_kernels.constants import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_WEIGHTS
 from extsub_kernels.errors import AdapterError
@@ -37,10 +32,8 @@ def load_adapter(path: str | os.PathLike, *, scaling: LoraScaling | None = None)
         A LoraAdapter (modules keyed by their name in the base model), an IA3Adapter or a PrefixAdapter.
 
     Raises:
-        AdapterError: unreadable or missing files, an unsupported peft_type, non-float tensors,
-            NaN/Inf, tensors the config does not describe; for LoRA an A without its B (or a B
-            without its A), shapes that do not chain, a rank the config contradicts, or LoRA
-            variants this path cannot represent (DoRA, lora_bias, embeddings).
+        AdapterError: unreadable or missing files, an unsupported peft_type, non-float tensors, NaN/Inf, tensors the
+            config does not describe; for LoRA unpaired or unchained factors, a rank the config contradicts, variants.
     """
     path = Path(path)
     weights, config, config_file = _locate(path, scaling)

@@ -101,17 +101,14 @@ def resolve_input(
     """Resolve `spec` to local safetensors files.
 
     Args:
-        spec: a `.safetensors` file; a folder with `*.safetensors.index.json` or `*.safetensors`
-            files, or a PEFT adapter folder; or a hub repo id `org/name[@revision]` (fetched with
-            `huggingface_hub`, from the cache when `HF_HUB_OFFLINE=1`).
+        spec: a `.safetensors` file; a folder with `*.safetensors.index.json` or `*.safetensors` files, or a PEFT
+            adapter folder; or a hub repo id `org/name[@revision]` (from the cache when `HF_HUB_OFFLINE=1`).
         role: what the input is (EXPERT, ANTI, BASE), for error messages.
         quiet: no download progress bars.
-        adapter_key: whether a tensor name is an adapter's parameter (the adapter family's rule,
-            `adapters.owns_adapter_key`): weights with such keys are an adapter even without their config.
+        adapter_key: whether a tensor name is an adapter's (`adapters.owns_adapter_key`): such weights are an adapter.
 
     Raises:
-        InputError: the spec is missing, a pickle file, has no safetensors weights, or is a
-            repo id that is neither cached nor reachable.
+        InputError: the spec is missing, a pickle file, has no safetensors weights, or an unreachable repo id.
     """
     text = os.fspath(spec)
     path = Path(text).expanduser()
