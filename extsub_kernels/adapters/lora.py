@@ -355,9 +355,7 @@ class LoraAdapter(PeftAdapter):
         b, a = torch.cat([b_out, -b_plus], dim=1), torch.cat([a_out, a_plus], dim=0)
         return float((lora_row_norms(b, a) ** 2).sum())
 
-    def check_max_rank(self, max_rank: object) -> None:
-        """Raise an InputError unless `max_rank` is a positive integer (a rank to truncate to)."""
-        check_max_rank(max_rank)
+    check_max_rank = staticmethod(check_max_rank)  # any positive rank: LoRA factors have one
 
     def check_antis(self, antis: Sequence[PeftAdapter]) -> None:
         """Raise an InputError unless every anti-expert's modules adapt weights of the expert's shapes."""

@@ -300,7 +300,6 @@ def _load(
     inputs: Inputs, adapter_options: AdapterOptions, loaded: Mapping[str, PeftAdapter], *, base: bool
 ) -> tuple[list[PeftAdapter], str]:
     """The adapters in order (one type, sharing a unit) and their output format, after the checks that need them."""
-    adapter_options.checked_format(base=base)
     fresh = iter(load_inputs([(role, inp) for role, inp in inputs if role not in loaded], adapter_options.scaling))
     adapters = [loaded[role] if role in loaded else next(fresh) for role, _ in inputs]
     check_same_type(adapters[0], adapters[1:])
