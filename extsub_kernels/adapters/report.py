@@ -106,13 +106,8 @@ class AdapterSection:
 def adapter_items(
     report: AdapterReport, shapes: Mapping[str, tuple[tuple[int, ...], str]], roles: Sequence[str]
 ) -> list[Item]:
-    """What a merge did with each unit and non-adapter tensor, for dry runs, verbose output and the report.
-
-    Args:
-        report: the first λ setting's report (which modules merge does not depend on λ).
-        shapes: module or tensor name → (shape, dtype code) as written ((out, in) of ΔW for modules).
-        roles: EXPERT, ANTI, ... for the reasons.
-    """
+    """What a merge did with each unit and non-adapter tensor (from the first λ setting's `report`; `shapes`: name →
+    (shape, dtype code) as written; `roles` for the reasons), for dry runs, verbose output and the report."""
     antis = " or ".join(roles[1:])
     spec = method_spec(report.method)
     outcomes = [

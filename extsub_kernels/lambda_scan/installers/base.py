@@ -16,12 +16,8 @@ ADAPTER_NAME = "default"  # the PEFT adapter name the scan's layers are created 
 
 
 class Installer(ABC):
-    """Puts the merge of the expert and anti-experts at (method, λ) into a loaded model, in place.
-
-    Attributes:
-        kind: what is merged, in words ("LoRA adapters", "full models").
-        model: the model to evaluate, once attached: the loaded base, wrapped as the inputs need.
-    """
+    """Puts the merge of the expert and anti-experts at (method, λ) into a loaded model, in place; `kind`: what is
+    merged, in words ("LoRA adapters"); `model`: once attached, the loaded base wrapped as the inputs need."""
 
     kind: ClassVar[str]
     model: torch.nn.Module

@@ -20,12 +20,8 @@ from extsub_kernels.lambda_scan.installers.base import Installer, too_large
 
 
 class FullModelInstaller(Installer):
-    """Full models (EXPERT, ANTI, with BASE θ₀) installed into the loaded base model, tensor by tensor.
-
-    Args:
-        inputs: (role, input) for EXPERT, the ANTIs in order, and BASE last.
-        device: where the op runs (the model's device).
-    """
+    """Full models installed into the loaded base model tensor by tensor: `inputs` (role, input) for EXPERT, the ANTIs
+    and BASE last; `device`: where the op runs (the model's)."""
 
     kind = "full models"
 
