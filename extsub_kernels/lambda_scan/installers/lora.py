@@ -58,13 +58,9 @@ class LoraInstaller(AdapterInstaller):
         a, b = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
         layer.scaling[ADAPTER_NAME] = 1.0
         module = next(m.modules[name] for m in self.checked.values() if name in m.modules)
-        if (b.shape[0], a.shape[1]) != (module.out_features, module.in_features):
-            raise self._shape_error(
-                f"module {name} (out, in)",
-                (module.out_features, module.in_features),
-                (b.shape[0], a.shape[1]),
-                base_name,
-            )
+        expected, found = (module.out_features, module.in_features), (b.shape[0], a.shape[1])
+        if found != expected:
+            raise self._shape_error(f"module {name} (out, in)", expected, found, base_name)
         with torch.no_grad():
             a.zero_()
             b.zero_()

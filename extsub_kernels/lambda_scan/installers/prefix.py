@@ -24,10 +24,9 @@ class PrefixInstaller(AdapterInstaller):
             raise InputError(f"{self.expert.source}: PEFT cannot read its prefix-tuning config ({e})") from None
         self.model = self.wrap(model, config, base_name)
         self.slot = self.model.prompt_encoder[ADAPTER_NAME].embedding.weight
-        if self.slot.shape != self.expert.prompt_embeddings.shape:
-            raise self._shape_error(
-                "prompt_embeddings", self.expert.prompt_embeddings.shape, self.slot.shape, base_name
-            )
+        expected = self.expert.prompt_embeddings.shape
+        if self.slot.shape != expected:
+            raise self._shape_error("prompt_embeddings", expected, self.slot.shape, base_name)
 
     def install(self, method: str, lam: float) -> None:
         """Copy the merged prompt embeddings into the prefix."""
