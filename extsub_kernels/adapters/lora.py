@@ -118,11 +118,7 @@ class LoraScaling:
 
     lora_alpha: float
     r: int | None = None
-    use_rslora: bool = False
-
-    def as_config(self) -> dict:
-        """The fields of an adapter_config.json that this scaling stands for."""
-        return {"lora_alpha": self.lora_alpha, "r": self.r, "use_rslora": self.use_rslora}
+    use_rslora: bool = False  # the fields are the adapter_config.json's own
 
 
 def peft_config(adapter: "LoraAdapter", ranks: dict[str, int], alphas: dict[str, float]) -> dict:

@@ -1,6 +1,7 @@
 """PEFT adapters on disk: files read and checked once here, the shared config fields checked, then `peft_type` picks
 the family member (`MEMBERS`, the one registry) that checks the rest and parses the tensors."""
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -88,7 +89,7 @@ def _locate(path: Path, scaling: LoraScaling | None) -> tuple[Path, dict, str]:
             "Python)",
             options=("lora_alpha",),
         )
-    config = scaling.as_config()
+    config = dataclasses.asdict(scaling)
     check_scaling(config, "the explicit scaling")
     return weights, config, "the explicit r"
 
