@@ -1,13 +1,8 @@
 """extsub: exact, fast Ext-Sub (Extraction-before-Subtraction, AAAI 2024) for weights, checkpoints and PEFT adapters.
 
-The op (`ext_sub_`, in place on any float tensor, a fused Triton kernel on CUDA), the
-streaming merge of checkpoints and adapters (`merge`, also the `extsub-merge` command), the
-adapter types (LoRA, (IA)³, prefix-tuning) and formats they use, and the λ scan (`scan`, also
-the `extsub-scan` command).
-
-Names are imported on first use: importing the package does not load torch. Run as one of the
-commands, the package's first instruction notes SIGINT and SIGTERM (`_signals`), so a Ctrl-C at
-any moment of start-up ends as cleanly as later.
+The op (`ext_sub_`), the streaming merge (`merge`, `extsub-merge`), the adapter types and the λ scan (`scan`,
+`extsub-scan`). Names are imported on first use (no torch at import); run as a command, the first instruction notes
+SIGINT and SIGTERM (`_signals`), so a Ctrl-C during start-up ends cleanly.
 """
 
 import sys
@@ -27,7 +22,7 @@ _PUBLIC = {
     "extsub_kernels.engine": "MergeReport",
     "extsub_kernels.errors": "AdapterError InputError MergeError ScanInterrupted",
     "extsub_kernels.lambda_scan": "Recommendation ScanResult ScanRow scan",
-    "extsub_kernels.merge": "merge",
+    "extsub_kernels.merging": "merge",
     "extsub_kernels.ops": "ext_sub ext_sub_ ext_sub_coefficients extract_deficiency row_products subtract_",
     "extsub_kernels.reference": "ext_sub_reference",
 }

@@ -1,11 +1,6 @@
-"""The one signal policy of a command, from its first instruction to its exit: SIGINT and SIGTERM are remembered as
-well as raised, so one that a library swallows on the way is still answered.
-
-Once a command (`cli.common.run_command`) turns the policy on, SIGINT raises KeyboardInterrupt and SIGTERM
-`Terminated`, and each is noted until the command answers it (an interrupt reaching its top). Raised inside someone
-else's `except BaseException` (an import failing "softly" while torch loads), the exception is lost but the note is
-not: publishing checks it first (`raise_unanswered`), so a swallowed Ctrl-C never lets a run publish and exit 0, and
-a failure that follows one is reported as the interrupt it is. Outside a command (the Python API) nothing is noted.
+"""The one signal policy of a command, from its first instruction to its exit: SIGINT (KeyboardInterrupt) and SIGTERM
+(`Terminated`) are raised and noted until answered, so one a library swallows still stops the run before it publishes
+(`raise_unanswered`). Outside a command (the Python API) nothing is noted.
 """
 
 import contextlib
@@ -22,8 +17,7 @@ _COMMAND_MODULES += ("extsub_kernels.cli.inspect", "extsub_kernels.cli.scan")
 
 
 def _handle(handler: Callable[[int, object], None]) -> dict[int, object]:
-    """`handler` for SIGINT and SIGTERM, except one that was ignored (SIG_IGN, as `nohup` leaves SIGINT) or outside
-    the main thread (nothing is set); returns the handlers it replaced."""
+    """`handler` for SIGINT and SIGTERM unless ignored (nohup) or off the main thread; returns the ones replaced."""
     previous: dict[int, object] = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(ValueError):
@@ -39,9 +33,8 @@ def install() -> dict[int, object]:
 
 
 def install_for_commands(argv: Sequence[str], orig_argv: Sequence[str]) -> None:
-    """At the package's import, when this process is one of the commands (its script, or `python -m` on a command's
-    module, whose package is imported while argv[0] is still "-m"): until the command runs, SIGINT and SIGTERM are
-    only noted (an exception here would be a traceback out of an import). A library import changes nothing."""
+    """At the package's import, when this process is one of the commands (script or `python -m`): SIGINT and SIGTERM
+    only noted until the command runs. A library import changes nothing."""
     script = argv[0].replace("\\", "/").rsplit("/", 1)[-1] if argv else ""
     module = next((orig_argv[i + 1] for i in range(len(orig_argv) - 1) if orig_argv[i] == "-m"), None)
     if script in _COMMANDS or (script == "-m" and module in _COMMAND_MODULES):
@@ -55,9 +48,7 @@ def _note_only(signum: int, frame: object) -> None:
 
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
-    """Within the block SIGINT and SIGTERM are only noted; after it the first one is raised. For imports of large
-    libraries (torch): an exception in the middle of one can be swallowed, leave it half-loaded, or abort the
-    interpreter from its C code."""
+    """Within the block SIGINT and SIGTERM are only noted, the first raised after it (for importing torch whole)."""
     previous = _handle(_note_only)
     try:
         yield
@@ -67,8 +58,7 @@ def deferred() -> Iterator[None]:
 
 
 def exit_quietly() -> None:
-    """From here to the process's exit (atexit handlers, threads winding down), SIGINT and SIGTERM end it at once with
-    their exit code (130 / 143), no traceback; what the run wrote is complete by then."""
+    """From here to the process's exit, SIGINT and SIGTERM end it at once with 130 / 143, no traceback."""
     _handle(lambda signum, frame: os._exit(128 + signum))
 
 

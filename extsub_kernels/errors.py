@@ -1,29 +1,25 @@
 """Every exception the package raises on purpose, one hierarchy: exit code 2 for bad input, 1 for a failed run."""
 
 
-class InputError(ValueError):
-    """A bad input or bad usage (a broken file, mismatched tensors, an unsafe OUT): exit code 2.
-
-    `options`: the Python option names the message spells as `name=` (`force=True`, `max_shard_size=`); the
-    library speaks Python, and a command prints each as its flag (`--force`).
-    """
+class _Named(Exception):
+    """An error whose message names Python options as `name=` (`force=True`); `options` lists them, so a command
+    prints each as its flag (`--force`)."""
 
     def __init__(self, message: str = "", *, options: tuple[str, ...] = ()):
         super().__init__(message)
         self.options = tuple(options)
+
+
+class InputError(_Named, ValueError):
+    """A bad input or bad usage (a broken file, mismatched tensors, an unsafe OUT): exit code 2."""
 
 
 class AdapterError(InputError):
     """A bad or unsupported adapter: the message names the file, the module and what is wrong (exit code 2)."""
 
 
-class MergeError(RuntimeError):
-    """A failure while the merge runs (an input changed underneath, a write failed): exit code 1 (`options` as for
-    `InputError`)."""
-
-    def __init__(self, message: str = "", *, options: tuple[str, ...] = ()):
-        super().__init__(message)
-        self.options = tuple(options)
+class MergeError(_Named, RuntimeError):
+    """A failure while the merge runs (an input changed underneath, a write failed): exit code 1."""
 
 
 class PublishError(MergeError):

@@ -17,8 +17,7 @@ from hypothesis import strategies as st
 from extsub_kernels import ext_sub_, ext_sub_reference, subtract_
 from extsub_kernels.adapters import merge_adapters
 from extsub_kernels.adapters.factors import LoraModule, ext_sub_factors, lora_row_norms, truncate_factors
-from extsub_kernels.adapters.lora import LoraAdapter, LoraSweep
-from extsub_kernels.adapters.peft import module_scaling
+from extsub_kernels.adapters.lora import LoraAdapter, LoraSweep, module_scaling
 
 from helpers import DEVICES, assert_close_explained
 

@@ -19,7 +19,9 @@ from safetensors.torch import load_file, save_file
 from extsub_kernels import AdapterOptions, LoraScaling, merge
 from extsub_kernels.adapters import merge_adapters
 from extsub_kernels.adapters.formats import to_peft, write_adapter, write_tensors
-from extsub_kernels.adapters.peft import exact_pattern, load_adapter, module_scaling, parse_peft_key, pattern_key
+from extsub_kernels.adapters.lora import exact_pattern, module_scaling, parse_peft_key
+from extsub_kernels.adapters.patterns import pattern_key
+from extsub_kernels.adapters.peft import load_adapter
 from extsub_kernels.errors import AdapterError, InputError
 
 from helpers import assert_close_explained, copy_adapter, lazy_module

@@ -256,7 +256,7 @@ def _overflowing_adapters(kind):
 @pytest.mark.parametrize("method", ["sub", "ext-sub"])
 def test_an_adapter_merge_that_overflows_float32_is_refused_naming_the_tensor(tmp_path, kind, method):
     from extsub_kernels.errors import InputError
-    from extsub_kernels.merge import merge
+    from extsub_kernels.merging import merge
 
     expert, anti = _overflowing_adapters(kind)
     out = tmp_path / "out"

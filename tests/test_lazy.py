@@ -26,3 +26,17 @@ def test_importing_the_packages_loads_no_torch():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_a_public_name_stays_the_function_after_every_submodule_is_imported():
+    code = (
+        "import importlib, pkgutil, extsub_kernels.merging, extsub_kernels.lambda_scan.run\n"
+        "from extsub_kernels import merge, scan\n"
+        "print(callable(merge), type(merge).__name__, callable(scan), type(scan).__name__)\n"
+        "import extsub_kernels as p\n"
+        "mods = {m.name for m in pkgutil.iter_modules(p.__path__)}\n"
+        "print(sorted(mods & set(p.__all__)))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.split("\n")[:2] == ["True function True function", "[]"], done.stdout

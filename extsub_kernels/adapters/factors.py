@@ -1,12 +1,5 @@
-"""The factored math of LoRA merges: exact results without forming ΔW (docs/design.md §3).
-
-For a LoRA module ΔW = s·B·A (B: out×r, A: r×in), Ext-Sub's per-row closed form p' = α·p + β·m needs only the row norms
-of ΔW⁺ and ΔW⁻, and a row norm of s·B·A is s·sqrt(b·(A·Aᵀ)·bᵀ): an r×r Gram matrix gives them all. So
-
-    ΔW' = diag(α)·ΔW⁺ + diag(β)·ΔW⁻ = [diag(α)·s⁺B⁺, diag(β)·s⁻B⁻] · [A⁺; A⁻]
-
-is exactly a LoRA of rank r⁺ + r⁻, at O((out + in)·r²) cost per module.
-"""
+"""The factored math of LoRA merges, exact without forming ΔW (docs/design.md §3): p' = α·p + β·m needs only row norms,
+which r×r factors give, so ΔW' = [diag(α)·s⁺B⁺, diag(β)·s⁻B⁻] · [A⁺; A⁻] is a LoRA of rank r⁺ + r⁻."""
 
 import math
 from collections.abc import Mapping, Sequence
@@ -25,11 +18,8 @@ Device = torch.device | str | None
 
 @dataclass(frozen=True)
 class LoraModule:
-    """One LoRA module, ΔW = scaling · lora_B @ lora_A; rows of ΔW are output features.
-
-    `dtype` is the dtype the module is stored in; merged modules keep their factors in float32 or float64 until they are
-    materialized, so rounding happens once, at the end.
-    """
+    """One LoRA module, ΔW = scaling · lora_B @ lora_A; `dtype`: its storage dtype (merged factors stay in float32 or
+    float64 until written, so rounding happens once)."""
 
     lora_A: torch.Tensor  # (r, in_features)
     lora_B: torch.Tensor  # (out_features, r)
@@ -80,24 +70,16 @@ class LoraModule:
 def module_delta(
     module: LoraModule, *, dtype: torch.dtype | None = None, transposed: bool = False, device: Device = None
 ) -> torch.Tensor:
-    """ΔW = scaling·B·A laid out like the base weight: (out, in), or (in, out) when `transposed` (Conv1D).
-
-    Computed on `device` (default: where the factors are) in float32, or float64 for float64 factors, and rounded once
-    to `dtype` (default: the module's storage dtype). The result stays on `device`: the formats move it to the host, the
-    full model adds it to θ₀ there.
-    """
+    """ΔW = scaling·B·A, (out, in) or (in, out) when `transposed`, formed on `device` in float32 (float64 for float64
+    factors), rounded once to `dtype` (None: the storage dtype), left on `device`."""
     compute = compute_dtype(module.lora_A.dtype, module.lora_B.dtype)
     delta = module.delta(compute, device).to(dtype or module.storage_dtype)
     return delta.T.contiguous() if transposed else delta
 
 
 def lora_row_norms(lora_B: torch.Tensor, lora_A: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
-    """Row norms of scaling·B·A from the r×r Gram matrix A·Aᵀ, in float64; ΔW is never formed.
-
-    |row_i|² = scaling²·b_i·(A·Aᵀ)·b_iᵀ = scaling²·|b_i·Rᵀ|² with A·Aᵀ = Rᵀ·R, R the triangular factor of a QR of Aᵀ
-    (in×r). Using R instead of the Gram matrix itself keeps the accuracy of the dense norm, eps·|b_i|·|A| / |row_i|
-    relative, where the quadratic form would square that ratio when the row cancels (as results of earlier steps can).
-    """
+    """Row norms of scaling·B·A in float64 as scaling·|b_i·Rᵀ|, R the triangular factor of a QR of Aᵀ: the dense norm's
+    accuracy, where the Gram quadratic form would square the error of a cancelling row. ΔW is never formed."""
     r_factor = torch.linalg.qr(lora_A.to(torch.float64).T, mode="r").R
     return torch.linalg.vector_norm(lora_B.to(torch.float64) @ r_factor.T, dim=1) * abs(float(scaling))
 
@@ -125,11 +107,8 @@ def ext_sub_factors(
     method: str | MethodSpec = EXT_SUB,
     sums: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """One step of a row-pairing method on factors with scaling folded into B: ΔW' = B'·A', rank r⁺ + r⁻.
-
-    Per row α and β from the method (Ext-Sub: α = 1 + (λ/2)|m|/|p| and β = −λ/2; α = 1, β = 0 where |p| = 0, as the
-    dense op), with |p|, |m| (and p·m where the method reads it) from Gram matrices (`lora_row_norms`,
-    `lora_row_products`).
+    """One step of a row-pairing method on factors with scaling folded into B: ΔW' = B'·A', rank r⁺ + r⁻, the method's
+    per-row α and β from factored row sums.
 
     Args:
         b_plus, a_plus: the expert (or the result so far), B⁺ (out×r⁺) and A⁺ (r⁺×in).
@@ -139,8 +118,7 @@ def ext_sub_factors(
         sums: (|p|, |m|, p·m or None) per row when already known (they do not depend on λ: `LoraSweep`).
 
     Returns:
-        (B', A', number of rows with |p| = 0), B' = [diag(α)·B⁺, diag(β)·B⁻], A' = [A⁺; A⁻],
-        in the dtype of `b_plus`.
+        (B', A', number of rows with |p| = 0), B' = [diag(α)·B⁺, diag(β)·B⁻], A' = [A⁺; A⁻], in `b_plus`'s dtype.
     """
     spec = method_spec(method)
     p_norm, m_norm, products = sums or factor_row_sums(spec, b_plus, a_plus, b_minus, a_minus)
@@ -162,17 +140,13 @@ def factor_row_sums(
 def truncate_factors(
     lora_B: torch.Tensor, lora_A: torch.Tensor, max_rank: int
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Best rank-`max_rank` approximation of B·A by an SVD in the factored space.
-
-    QR of B (out×R) and of Aᵀ (in×R), then an SVD of the R×R core R_B·R_Aᵀ: the out×in product is never formed. The
-    singular values are split evenly (√σ into each factor).
+    """Best rank-`max_rank` approximation of B·A: QRs of B and Aᵀ, an SVD of the R×R core, √σ into each factor.
 
     Args:
         lora_B: (out, R). lora_A: (R, in). max_rank: the largest rank kept (≥ 1).
 
     Returns:
-        (B'', A'', relative Frobenius error |B·A − B''·A''| / |B·A|, 0 for a zero product).
-        Factors with R ≤ max_rank come back unchanged with error 0.
+        (B'', A'', relative Frobenius error, 0 for a zero product); R ≤ max_rank: unchanged, error 0.
     """
     check_max_rank(max_rank)
     if lora_A.shape[0] <= max_rank:
@@ -216,10 +190,7 @@ def merge_module(
     *,
     first: FirstStep | None = None,
 ) -> LoraModule | None:
-    """The module `name` of the result (None when it vanishes), with the report updated.
-
-    `first`: the first row-pairing step's λ-independent part, prepared by `LoraSweep`.
-    """
+    """The module `name` of the result (None when it vanishes), the report updated; `first`: from `LoraSweep`."""
     start = expert.get(name)
     steps = [(anti[name], lam) for anti, lam in zip(antis, lams, strict=False) if name in anti]
     if start is None and spec.pairs_rows:

@@ -1,12 +1,5 @@
-"""The adapter family's shared interface: what any loaded PEFT adapter is and does, whatever its PEM type.
-
-A member (LoRA, (IA)³, prefix-tuning) is one `PeftAdapter` subclass that carries everything about its type: the PEFT
-type it reads (`from_peft`, `check_config`, `owns_key`), its merge's own math (`merge_units`, `check_antis`), its
-statistics hooks, its output formats (`OutputFormat`s), its card tag, how it folds into a base model (`base_edits`,
-`fold`) or why it cannot, and its scan installer. The rules every member shares live here once, in `merge_adapters` (a
-template method): one or several anti-experts, of one type, the method, λ lists, the base-model check, the report, the
-expert's non-adapter tensors, the result rebuilt from the expert.
-"""
+"""The adapter family: `PeftAdapter`, the one class each PEM type (LoRA, (IA)³, prefix-tuning) subclasses with
+everything about it, and `merge_adapters`, the template method holding the rules every type shares."""
 
 import dataclasses
 import json
@@ -37,8 +30,7 @@ def strip_peft_prefix(key: str) -> str:
 
 
 def base_tensor_name(key: str) -> str:
-    """The base model's name of a full tensor an adapter saved: PEFT's prefix and its `base_layer.` wrapper gone
-    (a bias trained with bias="all" is saved as `….c_attn.base_layer.bias`, the base has `….c_attn.bias`)."""
+    """The base model's name of a full tensor an adapter saved (`….c_attn.base_layer.bias` → `….c_attn.bias`)."""
     return strip_peft_prefix(key).replace(".base_layer.", ".")
 
 
@@ -94,10 +86,8 @@ class OutputFormat:
 
 @dataclass(kw_only=True, repr=False)
 class PeftAdapter(ABC):
-    """A PEFT adapter of one PEM type, loaded and validated: the interface every member of the family has.
-
-    Members are dataclasses sharing `source` (a name for messages), `base_model_name_or_path`, `task_type`, `extra`
-    (non-adapter tensors, e.g. modules_to_save, under their keys) and `config` (the adapter_config it came with).
+    """A PEFT adapter of one PEM type, loaded and validated. Fields: `source` (a name for messages), the base model,
+    task type, `extra` (non-adapter tensors under their keys) and `config` (its adapter_config).
 
     Class attributes:
         peft_type: the adapter_config's `peft_type` ("LORA", "IA3", "PREFIX_TUNING").
@@ -136,8 +126,7 @@ class PeftAdapter(ABC):
     @classmethod
     @abstractmethod
     def from_peft(cls, weights: Path, tensors: Mapping[str, torch.Tensor], config: dict, where: str) -> "PeftAdapter":
-        """The adapter in a file's `tensors` (finiteness checked) and its adapter_config (read from `where`); an
-        AdapterError for tensors the config does not describe or that are not this type's."""
+        """The adapter in a file's `tensors` and its adapter_config (read from `where`); AdapterError if they differ."""
 
     @classmethod  # noqa: B027 (optional: most types have no fields to check beyond their reader's)
     def check_config(cls, config: dict, where: str) -> None:
@@ -150,8 +139,7 @@ class PeftAdapter(ABC):
 
     @abstractmethod
     def merge_units(self, step: "MergeStep") -> dict:
-        """This type's math, θ⁺ ⊖ θ₁⁻ ⊖ θ₂⁻ ... for one λ setting: the result's fields that the merge computes (the
-        others are the expert's), `report` filled unit by unit. `merge_adapters` has checked everything shared."""
+        """This type's math for one λ setting: the result's computed fields (the rest are the expert's)."""
 
     @abstractmethod
     def check_antis(self, antis: Sequence["PeftAdapter"]) -> None:
@@ -159,12 +147,10 @@ class PeftAdapter(ABC):
 
     @abstractmethod
     def stat_units(self) -> Mapping[str, object]:
-        """What the merge pairs, by name, as `row_sums` and `change_sq` take them (docs/design.md §7): a LoRA module, an
-        (IA)³ task vector d = l − 1 as one row, a prefix's per-head key/value rows."""
+        """What the merge pairs, by name, as `row_sums` and `change_sq` take them (docs/design.md §7)."""
 
     def stat_parts(self, name: str) -> list[tuple[str, object]]:
-        """How one unit's statistics are reported: (name, rows selector or None for all of them) per part; a unit is
-        one part unless its type splits it (a prefix: per layer and head)."""
+        """(name, rows selector or None: all) per reported part of one unit (a prefix: per layer and head)."""
         return [(name, None)]
 
     @abstractmethod
@@ -173,8 +159,7 @@ class PeftAdapter(ABC):
 
     @staticmethod
     def row_sums(expert: object, anti: object) -> torch.Tensor:
-        """(rows, 3) float64 |p|², |m|², p·m of each row of one unit of the expert and of an anti-expert (dense units
-        here: small float64 tensors; a type whose units are not tensors computes them its own way)."""
+        """(rows, 3) float64 |p|², |m|², p·m of one unit of the expert and of an anti-expert (dense units here)."""
         return row_products(expert, anti)
 
     @staticmethod
@@ -199,13 +184,11 @@ class PeftAdapter(ABC):
         raise InputError(f"base= with {self.label} adapters ({self.source}): {self.base_refusal}", options=("base",))
 
     def fold(self, edit: BaseEdit, theta0: torch.Tensor, *, transposed: bool, device: torch.device) -> torch.Tensor:
-        """Base tensor `theta0` with module `edit.module` folded in, on `device`, in float32 (float64 if an input is);
-        `transposed`: the base stores this weight (in, out) (GPT-2's Conv1D). Types that cannot fold refuse."""
+        """Base tensor `theta0` with `edit.module` folded in, on `device`; `transposed`: stored (in, out)."""
         raise InputError(f"base= with {self.label} adapters ({self.source}): {self.base_refusal}", options=("base",))
 
     def layout(self, inputs: Sequence[tuple[str, object]], explicit: bool | None) -> object | None:
-        """How the base stores the weights this type's modules change (a `WeightLayout`: (in, out) like GPT-2's Conv1D
-        or (out, in)), from `explicit` (transposed=) and the resolved `inputs`; None for types it does not matter to."""
+        """The `WeightLayout` of the base weights this type changes, from `explicit` and `inputs`; None: no matter."""
         return None
 
     def __repr__(self) -> str:
@@ -232,8 +215,7 @@ def peft_fields(weights: object, config: Mapping, extra: dict[str, torch.Tensor]
 
 
 def adapter_folder(makers: list, adapter: PeftAdapter, config: Mapping) -> LazyOutput:
-    """A PEFT adapter folder's lazy output: `makers` ((entry, make) per tensor), the adapter's non-adapter tensors as
-    they are, and `config` as its adapter_config.json."""
+    """A PEFT adapter folder's lazy output: `makers`, the adapter's non-adapter tensors, `config`."""
     makers = makers + [(TensorEntry(key, t.dtype, tuple(t.shape)), lambda t=t: t) for key, t in adapter.extra.items()]
     return LazyOutput.lazy(makers, texts={ADAPTER_CONFIG: config_text(config)}, weights_name=ADAPTER_WEIGHTS)
 
@@ -262,10 +244,7 @@ def merge_adapters(
     max_rank: int | None = None,
     any_base_model: bool = False,
 ) -> PeftAdapter:
-    """Ext-Sub (or direct subtraction/addition) of adapters of one PEM type, exactly, in their own parameter space.
-
-    LoRA merges in the factored space (docs/design.md §3), (IA)³ on the task vectors l − 1, one vector per row,
-    prefix-tuning on the per-head key/value rows (docs/design.md §6). Anti-experts apply in order (paper Table 4).
+    """Ext-Sub (or another method) of adapters of one PEM type, exactly, in their own space (docs/design.md §3, §6).
 
     Args:
         expert: θ⁺, a LoraAdapter, IA3Adapter or PrefixAdapter.
@@ -280,11 +259,6 @@ def merge_adapters(
 
     Raises:
         InputError: adapters of different types, base models or shapes, bad λ or method.
-
-    Example:
-        >>> merged = merge_adapters(load_adapter("expert/"), load_adapter("anti/"), 0.6)  # doctest: +SKIP
-        >>> merged.report.summary()  # doctest: +SKIP
-        'ext-sub λ=0.6: 6 (IA)³ vectors: 6 merged; 0 copied from the expert'
     """
     antis = [antis] if isinstance(antis, PeftAdapter) else list(antis)
     if not antis:

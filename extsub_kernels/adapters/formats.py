@@ -1,8 +1,5 @@
-"""A LoRA adapter's formats collected in memory (`to_*`, one module at a time with `iter_*`), and adapter folders and
-.safetensors files written atomically from tensors in memory (`write_adapter`, `write_tensors`).
-
-The formats themselves (`lora`, `dense-lora`, `delta`) are the LoRA type's (`lora.py`), like every type's.
-"""
+"""A LoRA adapter's formats (lora.py's) collected in memory (`to_*`, `iter_*`), and adapter folders and .safetensors
+files written atomically from tensors in memory (`write_adapter`, `write_tensors`)."""
 
 import json
 import os
@@ -59,10 +56,8 @@ def write_adapter(
     metadata: Mapping[str, str] | None = None,
     force: bool = False,
 ) -> Path:
-    """Write a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) atomically, through the engine's
-    header-first writer (a temporary folder beside `folder`, fsynced and renamed); `state_dict` under PEFT keys,
-    `config` the adapter_config, `metadata` extra safetensors header entries, `force` to replace. Returns the folder.
-    """
+    """Write a PEFT adapter folder (`config`, `state_dict` under PEFT keys, `metadata` in its header) atomically;
+    `force` replaces. Returns the folder."""
     output = LazyOutput.of_tensors(
         state_dict, texts={ADAPTER_CONFIG: config_text(config)}, weights_name=ADAPTER_WEIGHTS
     )

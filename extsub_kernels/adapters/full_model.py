@@ -1,11 +1,6 @@
-"""The full merged model from adapters and their base model (`base=`), tensor by tensor.
-
-Every base tensor is read once: one an adapter module changes gets the merged module folded in by the type's own `fold`
-(LoRA: θ₀ + ΔW'; (IA)³: θ₀ scaled by l', as PEFT's merge does) in float32 (float64 for float64 inputs), on the compute
-device, transposed where the base stores (in, out) (GPT-2's Conv1D); the others are copied. The adapters' non-adapter
-tensors (modules_to_save, biases trained with bias="all", saved as `….base_layer.bias`) are full weights, so they merge
-as the dense engine merges full models: ΔW = θ − θ₀ per input, θ₀ + ΔW' out.
-"""
+"""The full merged model from adapters and their base model (`base=`), each base tensor read once: a module folded in
+by its type's `fold`, the adapters' non-adapter tensors (full weights) merged as the dense engine merges full models
+(ΔW = θ − θ₀), the rest copied."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,11 +22,8 @@ from extsub_kernels.io import CheckpointReader, ResolvedInput, TensorEntry
 
 @dataclass(frozen=True)
 class BaseTarget:
-    """What lands on one base tensor: an adapter module folded in, or full weights of the adapters (or a copy).
-
-    `transposed`: the base stores the weight (in, out), so the module folds in transposed or columns are paired (full
-    weights, as the dense engine pairs Conv1D weights).
-    """
+    """What lands on one base tensor: an adapter module folded in, or the adapters' full weights; `transposed`: the
+    base stores it (in, out)."""
 
     key: str
     edit: BaseEdit | None = None
@@ -43,13 +35,8 @@ class BaseTarget:
 def _match_targets(
     adapter: PeftAdapter, base: CheckpointReader, conv1d: TransposedRule, adapters: Sequence[PeftAdapter]
 ) -> dict[str, BaseTarget]:
-    """Each base tensor a module of `adapter` (one λ setting's merge) changes, and each non-adapter tensor of `adapters`
-    (the expert, then the anti-experts), matched to the base, shapes checked.
-
-    A name matches the base tensor of the same name, or else the one base tensor it equals up to leading prefixes
-    (`transformer.h.0.attn.c_attn.weight` ↔ `h.0.attn.c_attn.weight`). `conv1d`: which weights the base stores (in,
-    out), as the adapter's fan_in_fan_out flag also says.
-    """
+    """Each base tensor a module of `adapter` changes, and each non-adapter tensor of `adapters`, matched to the base
+    (exactly or up to a leading prefix), shapes checked; `conv1d`: which weights the base stores (in, out)."""
     targets: dict[str, BaseTarget] = {}
     what = f"{adapter.label} {adapter.unit}"
     for edit in adapter.base_edits():
@@ -114,10 +101,8 @@ def full_model_outputs(
     options: RunOptions,
     folder: bool,
 ) -> tuple[list[LazyOutput], OutputKind, set[str], str]:
-    """The full merged model of each λ setting (`merged`, from `adapters`): every tensor of `base`, in its order, a
-    module folded in, full weights merged, or copied; what it is for the card, the tensors computed and why weights
-    are laid out as they are. All outputs load a tensor of θ₀ through one reader call, so the base is read once; a
-    `folder` output gets the base's config, generation and tokenizer files."""
+    """The full merged model of each λ setting, every tensor of `base` in order (read once for all outputs); what it
+    is for the card, the tensors computed, the layout's reason. A `folder` output gets the base's config files."""
     shapes = {k: reader.info(k).shape for k in reader}
     layout = weight_layout(
         [("BASE", input_config(base))], shapes, explicit=options.transposed, role=f"BASE ({base.spec})"

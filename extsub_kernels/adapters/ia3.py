@@ -1,13 +1,8 @@
 """(IA)³ adapters: learned scaling vectors, merged as task vectors d = l − 1, one row each (docs/design.md §6).
 
-PEFT's (IA)³ multiplies a layer's output features by `ia3_l`, shaped (out, 1), or, for the modules listed in
-`feedforward_modules`, its input features by `ia3_l` shaped (1, in); every vector starts at ones. The task vector of a
-vector is therefore d = l − 1, and Ext-Sub applies to d with the whole vector as one row: l' = 1 + d⁺ − λ·Ext(d⁻)
-(`sub`: 1 + d⁺ − λ·d⁻, `add`: 1 + d⁺ + λ·d⁻). The arithmetic runs in float64 (the vectors are small) and rounds once.
-
-With a base model, l' folds into the weights as PEFT's own merge does: W·l' scales the rows of an nn.Linear weight (out,
-in) and its bias, or its columns for a feedforward vector; GPT-2's Conv1D stores (in, out), so the vector is transposed
-first.
+`ia3_l` scales a layer's outputs, (out, 1), or for `feedforward_modules` its inputs, (1, in), starting at ones, so
+l' = 1 + d⁺ − λ·Ext(d⁻) in float64, rounded once. With a base, l' folds in as PEFT's merge does (rows and bias, or
+columns; transposed for GPT-2's Conv1D).
 """
 
 import re
@@ -20,7 +15,7 @@ import torch
 import extsub_kernels.adapters.family as family
 from extsub_kernels._tensors import compute_dtype, is_float
 from extsub_kernels.adapters.family import BaseEdit, MergeStep, OutputFormat, PeftAdapter
-from extsub_kernels.adapters.patterns import PatternMatcher, selects
+from extsub_kernels.adapters.patterns import PatternMatcher, is_names, selects
 from extsub_kernels.adapters.report import AdapterReport, counted
 from extsub_kernels.engine.methods import apply_method
 from extsub_kernels.engine.writing import LazyOutput
@@ -38,11 +33,7 @@ def ia3_key(module: str) -> str:
 
 
 def is_feedforward_module(patterns: object, module: str, matcher: PatternMatcher | None = None) -> bool:
-    """Whether PEFT treats `module` as feedforward under `feedforward_modules` (its own matching rule).
-
-    A string is a regular expression matched against the whole name (in bounded time, see `patterns`); a list matches
-    names that end with one of its entries (PEFT's `key.endswith(target_key)`).
-    """
+    """Whether PEFT treats `module` as feedforward: a string is a full-name regex, a list matches name endings."""
     if isinstance(patterns, str):
         return (matcher or PatternMatcher("adapter config")).matches(patterns, module, "feedforward_modules", full=True)
     return any(module.endswith(p) for p in patterns or ())
@@ -51,10 +42,7 @@ def is_feedforward_module(patterns: object, module: str, matcher: PatternMatcher
 def ia3_output(
     adapter: "IA3Adapter", *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
 ) -> LazyOutput:
-    """The (IA)³ adapter as a PEFT adapter folder: every vector under PEFT's key (in `dtype`, default the adapter's or
-    each vector's own), its non-(IA)³ tensors as they are, the config's module lists by full name (PEFT applies such
-    entries to exactly those modules). `device` is unused (nothing to compute).
-    """
+    """The (IA)³ adapter as a PEFT folder, vectors in `dtype` (None: the adapter's or each one's); `device` unused."""
     makers = []
     for name, vector in adapter.vectors.items():
         out = dtype or adapter.dtype or vector.dtype
@@ -83,7 +71,7 @@ def _ia3_config(adapter: "IA3Adapter") -> dict:
 
 @dataclass(repr=False)
 class IA3Adapter(PeftAdapter):
-    """An (IA)³ adapter as data: one scaling vector per module, keyed by the module's name in the base model.
+    """An (IA)³ adapter: one scaling vector per module, keyed by the module's name in the base model.
 
     Attributes:
         vectors: module name → `ia3_l`, (out, 1), or (1, in) for a feedforward module.
@@ -117,15 +105,10 @@ class IA3Adapter(PeftAdapter):
 
     @classmethod
     def check_config(cls, config: dict, where: str) -> None:
-        """Module lists as PEFT's IA3Config takes them; feedforward_modules a subset of target_modules (PEFT refuses
-        the config otherwise)."""
+        """Module lists as PEFT's IA3Config takes them; feedforward_modules a subset of target_modules."""
         for name in ("target_modules", "feedforward_modules", "exclude_modules", "modules_to_save"):
             value = config.get(name)
-            if (
-                value is not None
-                and not (isinstance(value, str) and name != "modules_to_save")
-                and not _is_str_list(value)
-            ):
+            if value is not None and not (isinstance(value, str) and name != "modules_to_save") and not is_names(value):
                 raise AdapterError(f"{where}: {name} must be a list of module names or a regex string, got {value!r}")
         targets, feedforward = config.get("target_modules"), config.get("feedforward_modules")
         if isinstance(targets, list) and isinstance(feedforward, list) and not set(feedforward) <= set(targets):
@@ -136,8 +119,7 @@ class IA3Adapter(PeftAdapter):
 
     @classmethod
     def from_peft(cls, weights: Path, tensors: Mapping[str, torch.Tensor], config: dict, where: str) -> "IA3Adapter":
-        """The `ia3_l` vectors, each (out, 1) or (1, in) as the config's feedforward_modules says, on modules its
-        target_modules select; one adapter per file."""
+        """The `ia3_l` vectors, shaped as feedforward_modules says, on the modules target_modules select."""
         vectors: dict[str, torch.Tensor] = {}
         extra: dict[str, torch.Tensor] = {}
         adapter_names = set()
@@ -220,12 +202,7 @@ class IA3Adapter(PeftAdapter):
                     )
 
     def merge_units(self, step: MergeStep) -> dict:
-        """The method on the task vectors d = l − 1, each vector one row, in float64.
-
-        A vector only in the expert is copied. One only in anti-experts contributes nothing under a row-pairing method
-        (|p| = 0: it is written as l = 1) and l = 1 ∓ λ·d⁻ under sub/add. The result's feedforward modules are the union
-        of the inputs'; its vectors stay in float64 (`dtype`: the expert's, for writing).
-        """
+        """The method on the task vectors d = l − 1, each vector one row, in float64 (`dtype`: the expert's)."""
         antis, lams, spec, report = step.antis, step.lams, step.spec, step.report
         names = list(self.vectors) + sorted({n for a in antis for n in a.vectors if n not in self.vectors})
         vectors = {}
@@ -291,7 +268,3 @@ def _shape_problem(vector: torch.Tensor, feedforward: bool) -> str | None:
             "(2-D vectors) is supported"
         )
     return None
-
-
-def _is_str_list(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)

@@ -53,7 +53,7 @@ from extsub_kernels.adapters.family import (
     strip_peft_prefix,
     weight_key,
 )
-from extsub_kernels.adapters.patterns import PatternMatcher, pattern_key, selects
+from extsub_kernels.adapters.patterns import PatternMatcher, is_names, pattern_key, selects
 from extsub_kernels.adapters.report import AdapterReport, counted
 from extsub_kernels.engine.conv1d import WeightLayout, conv1d_transposed, input_config, never_transposed, weight_layout
 from extsub_kernels.engine.method_spec import DEFAULT_METHOD, method_spec
@@ -71,8 +71,7 @@ _UNSUPPORTED = {
     "lora_embedding_B": "an embedding LoRA (lora_embedding_A/B)",
     ".bias": "a LoRA bias (lora_bias=True: ΔW is not s·B·A alone)",
 }
-# Config fields that make PEFT's LoRA something other than ΔW = s·B·A on the modules named (PEFT's LoRA variants
-# and the fields that change the model around the adapter), with why.
+# Config fields that make PEFT's LoRA something other than ΔW = s·B·A on the modules named, with why.
 _VARIANTS = (
     ("use_dora", "DoRA rescales each column by a magnitude vector, so ΔW is not s·B·A"),
     ("lora_bias", "a LoRA bias adds to the output, so ΔW is not s·B·A alone"),
@@ -114,22 +113,16 @@ def module_scaling(config: Mapping, module: str, rank: int, matcher: PatternMatc
 
 @dataclass(frozen=True)
 class LoraScaling:
-    """The scaling of LoRA weights that come without an adapter_config.json (a bare .safetensors file): PEFT's
-    `lora_alpha`, the rank `r` every module must have (None: each module's, from its shapes), and `use_rslora`
-    (lora_alpha/√r instead of lora_alpha/r)."""
+    """The scaling of bare LoRA weights (no adapter_config.json): `lora_alpha`, the rank `r` every module must have
+    (None: from its shapes), `use_rslora` (lora_alpha/√r instead of lora_alpha/r)."""
 
     lora_alpha: float
     r: int | None = None
-    use_rslora: bool = False
-
-    def as_config(self) -> dict:
-        """The fields of an adapter_config.json that this scaling stands for."""
-        return {"lora_alpha": self.lora_alpha, "r": self.r, "use_rslora": self.use_rslora}
+    use_rslora: bool = False  # the fields are the adapter_config.json's own
 
 
 def peft_config(adapter: "LoraAdapter", ranks: dict[str, int], alphas: dict[str, float]) -> dict:
-    """An adapter_config.json giving each module of `ranks` its rank and lora_alpha (see the module doc); base model,
-    task type, fan_in_fan_out and (with non-LoRA tensors) modules_to_save and bias from `adapter`."""
+    """An adapter_config.json giving each module of `ranks` its rank and lora_alpha (see the module doc)."""
     if not ranks:
         raise ValueError(f"{adapter.source}: no LoRA modules to write (every module was left out)")
     default_r, default_alpha = Counter((ranks[n], alphas[n]) for n in ranks).most_common(1)[0][0]
@@ -183,8 +176,7 @@ def _finite(module: str, key: str, make: Callable[[], torch.Tensor]) -> Callable
 
 
 def lora_output(adapter: "LoraAdapter", *, dtype: torch.dtype | None = None, device: Device = None) -> LazyOutput:
-    """The factored adapter as a PEFT adapter folder (see the module doc); `dtype`: of the written factors (None:
-    each module's storage dtype); `device`: unused (the factors are written as they are)."""
+    """The factored adapter as a PEFT folder; `dtype`: of the factors (None: each module's); `device`: unused."""
     makers = []
     for name, module in adapter.modules.items():
         out = dtype or module.storage_dtype
@@ -199,8 +191,7 @@ def lora_output(adapter: "LoraAdapter", *, dtype: torch.dtype | None = None, dev
 
 
 def dense_lora_output(adapter: "LoraAdapter", *, dtype: torch.dtype | None = None, device: Device = None) -> LazyOutput:
-    """The dense-lora format: per module lora_A = I (in×in), lora_B = ΔW' (out×in) computed on `device` (default:
-    the CPU), made one module at a time; `dtype`: of the written tensors (None: each module's storage dtype)."""
+    """The dense-lora format: lora_A = I, lora_B = ΔW' formed on `device`; `dtype`: None for each module's."""
     makers = []
     for name, module in adapter.modules.items():
         out = dtype or module.storage_dtype
@@ -227,12 +218,8 @@ def delta_output(
     fan_in_fan_out: bool | None = None,
     device: Device = None,
 ) -> LazyOutput:
-    """ΔW' per module under the base model's weight name, shaped like that weight; non-LoRA tensors are not part of it.
-
-    nn.Linear stores (out, in); GPT-2's Conv1D (PEFT's fan_in_fan_out=True) stores (in, out), so there ΔW' is transposed
-    and θ₀ + ΔW' is a plain add. `dtype`: of ΔW' (None: each module's storage dtype); `fan_in_fan_out`: whether the base
-    weights are stored (in, out) (None: the adapter's flag); `device`: where B·A is computed.
-    """
+    """ΔW' per module under the base model's weight name, laid out like that weight ((in, out) when `fan_in_fan_out`,
+    None: the adapter's flag); `dtype`: None for each module's; `device`: where B·A is formed."""
     transposed = adapter.fan_in_fan_out if fan_in_fan_out is None else fan_in_fan_out
     makers = []
     for name, module in adapter.modules.items():
@@ -253,11 +240,7 @@ def _factor_keys(module: str) -> tuple[str, ...]:
 
 @dataclass(repr=False)
 class LoraAdapter(PeftAdapter):
-    """A LoRA adapter as data: modules keyed by their name in the base model, plus metadata.
-
-    `extra` holds non-LoRA tensors (e.g. `modules_to_save`) under their stored keys; `config` is the adapter_config the
-    adapter came with (empty when there was none).
-    """
+    """A LoRA adapter: `modules` keyed by their name in the base model, plus `PeftAdapter`'s fields."""
 
     peft_type, label, tag, unit = "LORA", "LoRA", "lora", "module"
     formats = (
@@ -353,8 +336,7 @@ class LoraAdapter(PeftAdapter):
 
     @staticmethod
     def row_sums(expert: LoraModule, anti: LoraModule) -> torch.Tensor:
-        """|p|² from the triangular factor of A⁺ (as the merge's own row norms), p·m = s⁺s⁻·b⁺ᵢ(A⁺A⁻ᵀ)b⁻ᵢᵀ from an
-        r⁺×r⁻ cross-Gram: O((d + k)·r²), float64, ΔW never formed."""
+        """|p|², |m|², p·m from the factors in float64 (cross-Gram), ΔW never formed."""
         b_plus, a_plus = scaled_factors(expert, torch.float64)
         b_minus, a_minus = scaled_factors(anti, torch.float64)
         pp = lora_row_norms(b_plus, a_plus) ** 2
@@ -369,9 +351,7 @@ class LoraAdapter(PeftAdapter):
         b, a = torch.cat([b_out, -b_plus], dim=1), torch.cat([a_out, a_plus], dim=0)
         return float((lora_row_norms(b, a) ** 2).sum())
 
-    def check_max_rank(self, max_rank: object) -> None:
-        """Raise an InputError unless `max_rank` is a positive integer (a rank to truncate to)."""
-        check_max_rank(max_rank)
+    check_max_rank = staticmethod(check_max_rank)  # any positive rank: LoRA factors have one
 
     def check_antis(self, antis: Sequence[PeftAdapter]) -> None:
         """Raise an InputError unless every anti-expert's modules adapt weights of the expert's shapes."""
@@ -386,14 +366,8 @@ class LoraAdapter(PeftAdapter):
                     )
 
     def merge_units(self, step: MergeStep) -> dict:
-        """The modules of the merge, exactly, in the factored space (docs/design.md §3).
-
-        Each row-pairing step takes its row sums from the result so far, so ranks add up. Computed modules have their
-        scaling folded into B (scaling 1) and factors in float32 (float64 if an input is); modules only in the expert
-        are kept as they are. Output dtype per module: the expert's (the anti-expert's for modules only there).
-        `max_rank` truncates every module to that rank by an SVD of the factored result, its relative Frobenius error in
-        the report.
-        """
+        """The modules of the merge, exactly, in the factored space (docs/design.md §3), ranks adding up; `max_rank`
+        truncates each by an SVD of the result, its relative error in the report."""
         report, max_rank = step.report, step.max_rank
         antis = [anti.modules for anti in step.antis]
         names = list(self.modules) + sorted({n for anti in antis for n in anti if n not in self.modules})
@@ -413,9 +387,8 @@ class LoraAdapter(PeftAdapter):
         return {"modules": modules}
 
     def layout(self, inputs: Sequence[tuple[str, ResolvedInput]], explicit: bool | None) -> WeightLayout:
-        """Whether the modules sit on weights stored (in, out), by the one layout rule of every input: `explicit`
-        first, then this adapter's config (PEFT's fan_in_fan_out), then a model's config.json beside the inputs, then
-        the module names, with a warning (LoRA factors give (out, in), never how the base stores the weight)."""
+        """Whether the modules sit on weights stored (in, out): `explicit`, this config's fan_in_fan_out, then the
+        one layout rule of every input (a config.json beside the inputs, then the names, with a warning)."""
         if explicit is None and ("fan_in_fan_out" in self.config or self.fan_in_fan_out):
             flag = self.fan_in_fan_out
             rule = conv1d_transposed if flag else never_transposed
@@ -477,10 +450,6 @@ def _is_index(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _is_names(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
 # The types PEFT's LoraConfig takes for the fields the merge reads: (field, check, what it must be).
 _FIELDS = (
     *(
@@ -488,11 +457,11 @@ _FIELDS = (
         for name in ("use_rslora", "fan_in_fan_out", "inference_mode")
     ),
     *(
-        (name, lambda v: isinstance(v, str) or _is_names(v), "a list of module names or one regular expression")
+        (name, lambda v: isinstance(v, str) or is_names(v), "a list of module names or one regular expression")
         for name in ("target_modules", "exclude_modules")
     ),
-    ("modules_to_save", _is_names, "a list of module names"),
-    ("layers_pattern", lambda v: isinstance(v, str) or _is_names(v), "a name or list of names"),
+    ("modules_to_save", is_names, "a list of module names"),
+    ("layers_pattern", lambda v: isinstance(v, str) or is_names(v), "a name or list of names"),
     (
         "layers_to_transform",
         lambda v: _is_index(v) or (isinstance(v, list) and all(map(_is_index, v))),
@@ -554,13 +523,8 @@ def _check_pair(weights: Path, name: str, lora_A: torch.Tensor, lora_B: torch.Te
 
 
 class LoraSweep:
-    """`merge_adapters` at many λ of one method, bitwise the same, what λ does not change done once (docs/design.md §8).
-
-    A module's first row-pairing step needs both sides' scaled factors and row sums (QR factorisations), which λ does
-    not change: they are prepared once; each λ then costs the coefficients and products, O(out·r) per module. Later
-    steps and elementwise methods run as `merge_adapters` runs them. `expert`, `antis`, `method`, `any_base_model`: as
-    for `merge_adapters` (checked here, once).
-    """
+    """`merge_adapters` at many λ of one method, bitwise the same: each module's first row-pairing step (scaled
+    factors, row sums) is prepared once (docs/design.md §8). Arguments as for `merge_adapters`, checked once."""
 
     def __init__(
         self,
@@ -573,8 +537,8 @@ class LoraSweep:
         self.expert = expert
         self.antis = [antis] if isinstance(antis, LoraAdapter) else list(antis)
         self.method, self.spec = method, method_spec(method)
-        # Validates (types, base models, shapes) and fixes the result's modules, which λ does not change.
-        self.template = merge_adapters(expert, self.antis, 1.0, method, any_base_model=any_base_model)  # checks too
+        # Checks the inputs and fixes the result's modules, which λ does not change.
+        self.template = merge_adapters(expert, self.antis, 1.0, method, any_base_model=any_base_model)
         self._first: dict[str, FirstStep] = {}
         for name in self.template.modules if self.spec.pairs_rows else ():
             start = expert.modules.get(name)

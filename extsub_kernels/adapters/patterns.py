@@ -1,11 +1,6 @@
-"""Which modules an adapter config's patterns select, by PEFT's rules, in bounded time.
-
-PEFT matches module names against regular expressions from the config: `rank_pattern` and `alpha_pattern` keys, a
-`target_modules` or `exclude_modules` string, `layers_pattern`, `modules_to_save`. It uses Python's `re`, which can take
-exponential time on a pattern such as `([a-z_.0-9]+)+!`. The same expressions are matched here with the `regex` engine
-(the same syntax and results as `re`, sturdier against backtracking, and with a timeout), within a time budget per
-config: a config whose patterns take longer than that is refused, never waited on.
-"""
+"""Which modules an adapter config's patterns select, by PEFT's rules, in bounded time: PEFT's `re` can take
+exponential time (`([a-z_.0-9]+)+!`), so they are matched with `regex` (same syntax, a timeout) within a budget per
+config, past which the config is refused."""
 
 import time
 from collections.abc import Mapping
@@ -21,12 +16,8 @@ PATTERN_BUDGET_S = 2.0
 
 @dataclass
 class PatternMatcher:
-    """Regular expressions of one adapter config, compiled once and matched within one shared time budget.
-
-    Args:
-        where: the config (its path) for messages.
-        budget_s: seconds all matches together may take (default `PATTERN_BUDGET_S`).
-    """
+    """Regular expressions of one adapter config (`where`), compiled once, matched within `budget_s` seconds in all
+    (None: `PATTERN_BUDGET_S`)."""
 
     where: str
     budget_s: float | None = None
@@ -52,20 +43,17 @@ class PatternMatcher:
     def match(
         self, pattern: str, text: str, what: str, *, full: bool = False, shown: str | None = None
     ) -> "regex.Match | None":
-        """`re.match(pattern, text)` (`re.fullmatch` with `full`) within the budget; AdapterError past it.
-
-        `what` and `shown` (the config's own text, when `pattern` was built from it) name it in messages.
-        """
+        """`re.match` (`re.fullmatch` with `full`) within the budget, else an AdapterError naming `what`/`shown`."""
         compiled = self.compile(pattern, what)
+        budget = PATTERN_BUDGET_S if self.budget_s is None else self.budget_s
         if self._deadline is None:
-            self._deadline = time.monotonic() + (PATTERN_BUDGET_S if self.budget_s is None else self.budget_s)
+            self._deadline = time.monotonic() + budget
         left = self._deadline - time.monotonic()
         try:
             if left <= 0:
                 raise TimeoutError
             found = compiled.fullmatch(text, timeout=left) if full else compiled.match(text, timeout=left)
         except TimeoutError:
-            budget = PATTERN_BUDGET_S if self.budget_s is None else self.budget_s
             raise AdapterError(
                 f"{self.where}: matching module names against {what} {shown or pattern!r} takes more than the "
                 f"{budget:g} s allowed for a config's patterns (a pattern that backtracks exponentially, or very "
@@ -74,14 +62,15 @@ class PatternMatcher:
         return found
 
 
+def is_names(value: object) -> bool:
+    """Whether a config value is a list of names (module lists, as PEFT's configs take them)."""
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
 def pattern_key(
     patterns: Mapping[str, object], module: str, matcher: PatternMatcher | None = None, what: str = "pattern key"
 ) -> str | None:
-    """The rank_pattern/alpha_pattern key that applies to `module`, by PEFT's rule; None if none does.
-
-    PEFT takes the first key (in the config's order) that matches the end of the module name at a dot boundary as a
-    regular expression: re.match(rf"(.*\\.)?({key})$", module).
-    """
+    """The first rank_pattern/alpha_pattern key matching `module` as PEFT does (`(.*\\.)?({key})$`); None: none."""
     matcher = matcher or PatternMatcher("adapter config")
     for key in patterns:
         matcher.compile(key, what)
@@ -91,13 +80,8 @@ def pattern_key(
 
 
 def selects(config: Mapping, module: str, matcher: PatternMatcher) -> bool:
-    """Whether PEFT puts a LoRA layer on `module` for this config (peft.tuners.tuners_utils.check_target_module_exists).
-
-    `exclude_modules` and `modules_to_save` exclude a module; `target_modules` selects it (a string: a regular
-    expression the whole name must match; a list: the name or its last dotted segments); `layers_to_transform` (with
-    `layers_pattern`) keeps only those layer indexes. A config without `target_modules` leaves the choice to PEFT's
-    defaults for the model type, which are not known here: every module is taken as selected. So is `"all-linear"`.
-    """
+    """Whether PEFT puts a layer on `module` for this config (its `check_target_module_exists`); no target_modules
+    (PEFT's per-model defaults, unknown here) or "all-linear" select every module."""
     exclude = config.get("exclude_modules")
     if isinstance(exclude, str):
         if matcher.matches(exclude, module, "exclude_modules", full=True):

@@ -1,10 +1,7 @@
-"""PEFT adapters on disk: folders and files, the dispatch on `peft_type`, and the family's registry (`MEMBERS`).
+"""PEFT adapters on disk: files read and checked once here, the shared config fields checked, then `peft_type` picks
+the family member (`MEMBERS`, the one registry) that checks the rest and parses the tensors."""
 
-A PEFT adapter folder holds `adapter_config.json` and `adapter_model.safetensors`. Every file is read here the same way
-(one tensor at a time, floats checked for NaN/Inf), the fields every config has are checked, then its `peft_type` picks
-the family member that checks the rest and parses the tensors (`PeftAdapter.check_config`, `from_peft`).
-"""
-
+import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,14 +11,9 @@ from safetensors import SafetensorError, safe_open
 
 from extsub_kernels._tensors import nonfinite_summary
 from extsub_kernels.adapters.family import OutputFormat, PeftAdapter
-from extsub_kernels.adapters.family import weight_key as weight_key  # re-exported: callers use it from here
 from extsub_kernels.adapters.ia3 import IA3Adapter
 from extsub_kernels.adapters.lora import LoraAdapter, LoraScaling, check_scaling
-from extsub_kernels.adapters.lora import exact_pattern as exact_pattern  # re-exported, with the key rules below
-from extsub_kernels.adapters.lora import module_scaling as module_scaling
-from extsub_kernels.adapters.lora import parse_peft_key as parse_peft_key
-from extsub_kernels.adapters.lora import peft_key as peft_key
-from extsub_kernels.adapters.patterns import pattern_key as pattern_key
+from extsub_kernels.adapters.lora import peft_key as peft_key  # re-exported: the benchmarks use it from here
 from extsub_kernels.adapters.prefix import PrefixAdapter
 from extsub_kernels.constants import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_WEIGHTS
 from extsub_kernels.errors import AdapterError
@@ -29,12 +21,9 @@ from extsub_kernels.io.resolve import read_json_object
 
 
 def load_adapter(path: str | os.PathLike, *, scaling: LoraScaling | None = None) -> PeftAdapter:
-    """Read and validate a PEFT adapter of any supported type: a PEFT folder, or a bare .safetensors file.
+    """Read and validate a PEFT adapter of any supported type (LORA when the config names none, IA3, PREFIX_TUNING).
 
-    The config's `peft_type` picks the type: LORA (the default when the config has none), IA3 or PREFIX_TUNING. A bare
-    file takes its config from an `adapter_config.json` beside it; bare LoRA weights may instead come with an explicit
-    `scaling` (its `r`, when given, is checked against every module; without it each module's rank comes from its
-    shapes). Tensors are read one at a time.
+    A bare file takes the adapter_config.json beside it, or for LoRA weights an explicit `scaling`.
 
     Args:
         path: a folder with adapter_config.json and adapter_model.safetensors, or a .safetensors file.
@@ -44,19 +33,12 @@ def load_adapter(path: str | os.PathLike, *, scaling: LoraScaling | None = None)
         A LoraAdapter (modules keyed by their name in the base model), an IA3Adapter or a PrefixAdapter.
 
     Raises:
-        AdapterError: unreadable or missing files, an unsupported peft_type, non-float tensors,
-            NaN/Inf, tensors the config does not describe; for LoRA an A without its B (or a B
-            without its A), shapes that do not chain, a rank the config contradicts, or LoRA
-            variants this path cannot represent (DoRA, lora_bias, embeddings).
-
-    Example:
-        >>> adapter = load_adapter("my_adapter/")  # doctest: +SKIP
-        >>> adapter.modules["model.layers.0.self_attn.q_proj"].rank  # doctest: +SKIP
-        16
+        AdapterError: unreadable or missing files, an unsupported peft_type, non-float tensors, NaN/Inf, tensors the
+            config does not describe; for LoRA unpaired or unchained factors, a rank the config contradicts, variants.
     """
     path = Path(path)
     weights, config, config_file = _locate(path, scaling)
-    tensors = _read_tensors(weights)
+    tensors = _read(weights, tensors=True)
     adapter = member_for(_peft_type_of(config)).from_peft(weights, tensors, config, config_file)
     adapter.source = str(path)
     return adapter
@@ -107,14 +89,14 @@ def _locate(path: Path, scaling: LoraScaling | None) -> tuple[Path, dict, str]:
             "Python)",
             options=("lora_alpha",),
         )
-    config = scaling.as_config()
+    config = dataclasses.asdict(scaling)
     check_scaling(config, "the explicit scaling")
     return weights, config, "the explicit r"
 
 
 def _refuse_other_types_without_config(path: Path, weights: Path) -> None:
     """An AdapterError for (IA)³ or prefix-tuning weights without their config, which no flag can stand for."""
-    names = _tensor_names(weights)
+    names = _read(weights, tensors=False)
     for kind in MEMBERS:
         if kind.config_needed is not None and any(kind.owns_key(name) for name in names):
             raise AdapterError(
@@ -157,26 +139,19 @@ def _check_config(config: dict, where: str) -> None:
 _TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 
-def _read_tensors(weights: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the file, read one at a time with safe_open and checked; a clear error if unreadable."""
+def _read(weights: Path, *, tensors: bool) -> dict[str, torch.Tensor] | list[str]:
+    """Every tensor of the file, read one at a time and checked (`tensors`), or only its names; a clear error."""
     try:
         with safe_open(str(weights), framework="pt") as handle:
-            names = handle.keys()  # a safe_open handle is not iterable itself
-            tensors = {key: handle.get_tensor(key) for key in names}
+            names = list(handle.keys())  # a safe_open handle is not iterable itself
+            if not tensors:
+                return names
+            found = {key: handle.get_tensor(key) for key in names}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise AdapterError(f"{weights}: not a readable safetensors file ({exc})") from exc
-    for key, tensor in tensors.items():
+    for key, tensor in found.items():
         _check_values(weights, key, tensor)
-    return tensors
-
-
-def _tensor_names(weights: Path) -> list[str]:
-    """The tensor names of a file (its header only); a clear error if unreadable."""
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            return list(handle.keys())
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise AdapterError(f"{weights}: not a readable safetensors file ({exc})") from exc
+    return found
 
 
 def _check_values(weights: Path, key: str, tensor: torch.Tensor) -> None:
@@ -189,8 +164,7 @@ def _check_values(weights: Path, key: str, tensor: torch.Tensor) -> None:
         raise AdapterError(f"{weights}: {key} contains {problem}")
 
 
-# The family: every PEM type, once. Everything else about a type is on its class; every registry is read from this
-# tuple when it is used (`member_for`, `output_formats`, `owns_adapter_key`), so adding a type here is all it takes.
+# The family: every PEM type, once; every registry is read from this tuple, so adding a type here is all it takes.
 MEMBERS: tuple[type[PeftAdapter], ...] = (LoraAdapter, IA3Adapter, PrefixAdapter)
 
 

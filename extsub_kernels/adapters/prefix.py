@@ -1,14 +1,8 @@
 """Prefix-tuning adapters: Ext-Sub on the virtual tokens' keys and values, a row per head (docs/design.md §6).
 
-PEFT saves one tensor, `prompt_embeddings`, of shape (num_virtual_tokens, num_layers·2·token_dim): for every virtual
-token, the key and the value it adds to each layer's attention. With `prefix_projection` PEFT saves the projected
-output, not the MLP, so the tensor is the same either way. There is no base to subtract (a prefix starts from nothing),
-so Ext-Sub applies to θ itself, with rows = the per-head key/value vectors: the tensor viewed as (num_virtual_tokens,
-num_layers·2, num_attention_heads, token_dim / num_attention_heads), the last dimension a row. `token_dim` and
-`num_attention_heads` come from the saved config; on grouped-query models PEFT writes the key/value head count and width
-there.
-
-A prefix adds tokens to the attention; it changes no weight, so it cannot fold into a base model.
+PEFT saves `prompt_embeddings`, (num_virtual_tokens, num_layers·2·token_dim) (after any prefix_projection). A prefix
+starts from nothing, so Ext-Sub applies to θ itself, a row per token, layer, key/value and head (token_dim and
+num_attention_heads from the config: the key/value ones on grouped-query models). It changes no weight: no base=.
 """
 
 from collections.abc import Mapping, Sequence
@@ -34,9 +28,7 @@ GEOMETRY = ("num_virtual_tokens", "num_layers", "token_dim", "num_attention_head
 def prefix_output(
     adapter: "PrefixAdapter", *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
 ) -> LazyOutput:
-    """The prefix as a PEFT adapter folder: `prompt_embeddings` (in `dtype`, default the adapter's or its own), its
-    other tensors as they are, and the expert's config (its geometry). `device` is unused.
-    """
+    """The prefix as a PEFT folder, `prompt_embeddings` in `dtype` (None: the adapter's or its own); `device` unused."""
     prompt = adapter.prompt_embeddings
     out = dtype or adapter.dtype or prompt.dtype
     makers = [(TensorEntry(PROMPT_KEY, out, tuple(prompt.shape)), lambda: prompt.to(out).contiguous())]
@@ -47,7 +39,7 @@ def prefix_output(
 
 @dataclass(repr=False)
 class PrefixAdapter(PeftAdapter):
-    """A prefix-tuning adapter as data: the saved key/value prefix and its geometry (from the adapter_config).
+    """A prefix-tuning adapter: the saved key/value prefix and its geometry (from the adapter_config).
 
     Attributes:
         prompt_embeddings: (num_virtual_tokens, num_layers·2·token_dim).
@@ -114,9 +106,7 @@ class PrefixAdapter(PeftAdapter):
 
     @classmethod
     def from_peft(cls, weights: Path, tensors: Mapping[str, torch.Tensor], config: dict, where: str) -> "PrefixAdapter":
-        """`prompt_embeddings` in the geometry the config gives (num_virtual_tokens, num_layers, token_dim,
-        num_attention_heads: positive integers, the heads dividing token_dim); AdapterError for anything else.
-        """
+        """`prompt_embeddings` in the geometry the config gives; AdapterError for anything else."""
         geometry = {name: config.get(name) for name in GEOMETRY}
         problem = _geometry_problem(geometry)
         if problem is not None:
@@ -135,11 +125,7 @@ class PrefixAdapter(PeftAdapter):
                 f"gives {list(expected)} (num_virtual_tokens, num_layers·2·token_dim); "
                 "the config does not describe these weights"
             )
-        return cls(
-            prompt,
-            **geometry,
-            **family.peft_fields(weights, config, extra),
-        )
+        return cls(prompt, **geometry, **family.peft_fields(weights, config, extra))
 
     @classmethod
     def owns_key(cls, key: str) -> bool:
@@ -158,8 +144,7 @@ class PrefixAdapter(PeftAdapter):
         return {PROMPT_KEY: self.rows().to(torch.float64)}
 
     def stat_parts(self, name: str) -> list[tuple[str, object]]:
-        """One part per layer and head (`prompt_embeddings.layers.3.head0`: layer 3, type head0), so the tables and
-        the heatmap draw layer × head."""
+        """One part per layer and head (`prompt_embeddings.layers.3.head0`), for the layer × head heatmap."""
         shape = (self.num_virtual_tokens, self.num_layers, 2, self.num_attention_heads, self.head_dim)
 
         def select(rows: torch.Tensor, layer: int, head: int) -> torch.Tensor:
@@ -187,9 +172,7 @@ class PrefixAdapter(PeftAdapter):
                     )
 
     def merge_units(self, step: MergeStep) -> dict:
-        """The method on θ itself, one row per token, layer, key/value and head, computed and held in float64 (`dtype`:
-        the expert's, for writing).
-        """
+        """The method on θ itself, a row per token, layer, key/value and head, in float64 (`dtype`: the expert's)."""
         antis, lams, spec, report = step.antis, step.lams, step.spec, step.report
         report.merged.append(PROMPT_KEY)
         work = self.rows(self.prompt_embeddings.to(torch.float64, copy=True))

@@ -10,13 +10,8 @@ from extsub_kernels.engine.report import Item
 
 @dataclass
 class AdapterReport:
-    """What a merge did, unit by unit, for the summary a user reads; every PEM type counts the same way.
-
-    A unit is what the type merges as a whole: a LoRA module, an (IA)³ vector, a prefix's prompt embedding (`pem` and
-    `unit` name them in the summary, `row` names one Ext-Sub row). Non-adapter tensors (PEFT's modules_to_save, trained
-    biases) are full weights: they are copied from the expert (`extra_copied`), merged as task vectors against a base
-    model (`extra_merged`, with --base), or left out of a delta output (`extra_left_out`).
-    """
+    """What a merge did, unit by unit (`pem`, `unit`, `row` name them in the summary); non-adapter tensors (full
+    weights) are copied from the expert, merged against a base, or left out of a delta output (`extra_*`)."""
 
     method: str
     lams: tuple[float, ...]
@@ -39,17 +34,12 @@ class AdapterReport:
         return f"{self.method} λ={','.join(f'{lam:g}' for lam in self.lams)}: {summarize_modules([self])}"
 
     def details(self) -> list[str]:
-        """One line per truncated module with its truncation error (what happened to each module is in the
-        report's items)."""
+        """One line per truncated module with its truncation error."""
         return [f"{name}: relative truncation error {error:.6g}" for name, error in self.truncation_error.items()]
 
 
 def summarize_modules(reports: Sequence[AdapterReport]) -> str:
-    """The module part of a summary line, over the reports of one run (one per λ setting).
-
-    Which modules are merged, copied or left out does not depend on λ, so those counts come from the first report; the
-    truncation error is the max and mean over every module of every report.
-    """
+    """The module part of a summary line over a run's reports (counts from the first: they do not depend on λ)."""
     first = reports[0]
     total = len(first.merged) + len(first.copied) + len(first.dropped) + len(first.added)
     parts = [
@@ -116,14 +106,8 @@ class AdapterSection:
 def adapter_items(
     report: AdapterReport, shapes: Mapping[str, tuple[tuple[int, ...], str]], roles: Sequence[str]
 ) -> list[Item]:
-    """What a merge did with each unit (module, vector, ...) and non-adapter tensor, for --dry-run, --verbose and the
-    report.
-
-    Args:
-        report: the first λ setting's report (which modules merge does not depend on λ).
-        shapes: module or tensor name → (shape, dtype code) as written ((out, in) of ΔW for modules).
-        roles: EXPERT, ANTI, ... for the reasons.
-    """
+    """What a merge did with each unit and non-adapter tensor (from the first λ setting's `report`; `shapes`: name →
+    (shape, dtype code) as written; `roles` for the reasons), for dry runs, verbose output and the report."""
     antis = " or ".join(roles[1:])
     spec = method_spec(report.method)
     outcomes = [

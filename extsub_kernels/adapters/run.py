@@ -1,9 +1,5 @@
-"""The adapter engine: PEFT adapters of any supported type in, outputs out (the adapter half of `merge`).
-
-Every adapter is loaded and validated before anything is written, all of one PEM type; the merge runs in the type's own
-space once per λ setting (docs/design.md §3, §6); each output is a `LazyOutput` of one of the type's formats (or the
-full merged model with a base) streamed through the engine's one write loop one tensor at a time.
-"""
+"""The adapter engine, the adapter half of `merge`: adapters loaded and checked before anything is written, merged in
+their own space per λ setting, each output a `LazyOutput` streamed through the engine's one write loop."""
 
 import dataclasses
 import warnings
@@ -61,12 +57,7 @@ class AdapterOptions:
         return [flag for is_set, flag in flags if is_set]
 
     def checked_format(self, *, base: bool) -> str:
-        """The output format of LoRA inputs (default "lora"), after the checks that need no input.
-
-        Raises:
-            InputError: an unknown format; a format with a base model (the output is then the
-                full model); a max_rank that is not a positive int, or with another format than lora.
-        """
+        """The output format of LoRA inputs (default "lora"), after the checks that need no input (InputError)."""
         if self.output_format is not None:
             check_choice(self.output_format, tuple(output_formats()), "output format")
         if base and self.output_format is not None:
@@ -86,12 +77,8 @@ class AdapterOptions:
         return self.output_format or "lora"
 
     def format_for(self, adapter_type: type[PeftAdapter], *, base: bool) -> str:
-        """The output format for adapters of `adapter_type` (default: its first), checked against what it writes.
-
-        Raises:
-            InputError: the checks of `checked_format`; a format of another type; max_rank
-                with a type that has no rank; base with a type that cannot fold into weights.
-        """
+        """The output format for adapters of `adapter_type` (default: its first), checked against what it writes
+        (InputError: those of `checked_format`, a format, max_rank or base= the type cannot take)."""
         default = self.checked_format(base=base)
         if base and adapter_type.base_refusal is not None:
             raise InputError(
@@ -114,12 +101,8 @@ class AdapterOptions:
 
 
 def shard_limit(out: Path, output_format: str, options: RunOptions, *, base: bool) -> int | None:
-    """Largest shard of an adapter merge's output in bytes, None for one weights file.
-
-    Full models (`base`) and `delta` folders shard like the dense engine's outputs, past max_shard_size or its default.
-    Adapter folders are one adapter_model.safetensors by default, the only file PEFT reads: `lora` never shards,
-    `dense-lora` only when asked to.
-    """
+    """Largest shard of an adapter merge's output in bytes, None for one weights file: full models and `delta` shard as
+    dense outputs do, `dense-lora` only when asked, other adapter folders never (PEFT reads one file)."""
     if not is_folder_output(out):
         if not base and output_format != "delta":
             lora = output_format in (f.name for f in LoraAdapter.formats)
@@ -148,10 +131,8 @@ def shard_limit(out: Path, output_format: str, options: RunOptions, *, base: boo
 
 
 def load_inputs(inputs: Inputs, scaling: LoraScaling | None = None) -> list[PeftAdapter]:
-    """Load and validate resolved adapter inputs, in order; each adapter's `source` is its spec. An adapter with an
-    adapter_config.json takes its type and scaling from it; LoRA weights without one take `scaling`, and a `scaling` no
-    input needs is refused (a config is never overridden). AdapterError: a bad adapter, a scaling missing or unused.
-    """
+    """Load and validate resolved adapter inputs in order, `source` their spec; `scaling` serves LoRA weights without
+    an adapter_config.json and is refused if none needs it. AdapterError: a bad adapter, a scaling missing or unused."""
     adapters, used = [], False
     for role, inp in inputs:
         path = inp.files[0] if inp.kind == "file" else inp.root
@@ -216,12 +197,8 @@ def run_adapters(
     check_inputs: Callable[[], None] | None = None,
 ) -> MergeReport:
     """Merge resolved adapter inputs (and a base model) and write one output per λ setting: load → merge → outputs →
-    write.
-
-    The adapters are read once; each λ setting is a merge in their own space; every output streams through
-    `write_outputs` in one pass (with a base model, each base tensor is read once for all outputs). The caller has
-    checked the outputs' paths. `options.mode` "dry-run" stops once the outputs are planned; "inspect" returns the
-    statistics and writes nothing.
+    write, in one pass over the base. The caller has checked the paths; mode "dry-run" stops once the outputs are
+    planned, "inspect" writes nothing.
 
     Args:
         inputs: (role, input) pairs: EXPERT, the ANTIs in order, and BASE if given.
@@ -303,8 +280,7 @@ def _adapter_outputs(
     options: RunOptions,
     facts: dict,
 ) -> tuple[list[LazyOutput], OutputKind, set[str]]:
-    """Without a base: each merge in `output_format`, what it is for the card, and the output tensors the merge
-    computed (the rest are the expert's, copied); the LoRA weight layout's reason goes into `facts`."""
+    """Without a base: each merge in `output_format`, its card kind, the tensors computed; the layout into `facts`."""
     layout = adapters[0].layout(inputs, options.transposed)
     if layout is not None:
         facts["layout"] = layout.reason
@@ -324,7 +300,6 @@ def _load(
     inputs: Inputs, adapter_options: AdapterOptions, loaded: Mapping[str, PeftAdapter], *, base: bool
 ) -> tuple[list[PeftAdapter], str]:
     """The adapters in order (one type, sharing a unit) and their output format, after the checks that need them."""
-    adapter_options.checked_format(base=base)
     fresh = iter(load_inputs([(role, inp) for role, inp in inputs if role not in loaded], adapter_options.scaling))
     adapters = [loaded[role] if role in loaded else next(fresh) for role, _ in inputs]
     check_same_type(adapters[0], adapters[1:])

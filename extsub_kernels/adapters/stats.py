@@ -1,8 +1,5 @@
-"""Row statistics of adapter merges from each PEM's own parameters (docs/design.md §7): ΔW is never formed.
-
-Each type says what it merges (`stat_units`), how a unit is reported (`stat_parts`), and how two units give |p|², |m|²,
-p·m per row (`row_sums`) and ‖p' − p‖² (`change_sq`); the engine's `PairAccumulator` does the rest.
-"""
+"""Row statistics of adapter merges from each type's hooks (`stat_units`, `stat_parts`, `row_sums`, `change_sq`; docs/
+design.md §7): ΔW is never formed."""
 
 import math
 from collections.abc import Sequence
@@ -17,14 +14,8 @@ def adapter_stats(
     names: Sequence[str],
     roles: Sequence[str],
 ) -> list[TensorStats]:
-    """Statistics of each unit in `names` (merged: in the expert and an anti-expert).
-
-    Args:
-        adapters: the expert, then the anti-experts in order.
-        merged: the result of each λ setting, in order.
-        names: the units to describe (a prefix is described per layer and head, `stat_parts`).
-        roles: EXPERT, ANTI, ... naming `adapters`.
-    """
+    """Statistics of each unit in `names` (in the expert and an anti-expert), from `adapters` (expert first, named by
+    `roles`) and the `merged` result of each λ setting; a unit is reported per `stat_parts`."""
     kind = type(adapters[0])
     expert, antis = adapters[0].stat_units(), [a.stat_units() for a in adapters[1:]]
     results = [m.stat_units() for m in merged]

@@ -19,7 +19,7 @@ from extsub_kernels.engine.record import json_text, report_record
 from extsub_kernels.io.atomic import publish, remove, reserve_temp, write_text
 from extsub_kernels.io.outputs import check_report_folder
 from extsub_kernels.io.resolve import resolve_input
-from extsub_kernels.merge import RunSpec, Source, execute, source_list
+from extsub_kernels.merging import RunSpec, Source, execute, source_list
 
 JSON_NAME, MARKDOWN_NAME = "report.json", "report.md"
 _REPORT_FILES = (JSON_NAME, MARKDOWN_NAME, HEATMAP_NAME)
@@ -54,20 +54,13 @@ def inspect(
 
     Returns:
         A MergeReport with mode "inspect", no outputs, and `stats` for every merged tensor or module.
-
-    Example:
-        >>> report = inspect("expert_adapter/", "anti_adapter/")  # doctest: +SKIP
-        >>> report.stats[0].pairs[0].cos.median  # doctest: +SKIP
     """
     return execute(RunSpec.create(**locals(), out=None, mode="inspect", stats=True))
 
 
 def write_inspection(report: MergeReport, folder: str | os.PathLike, *, force: bool = False) -> list[Path]:
-    """Write report.json, report.md and (with matplotlib) report.png into `folder`; returns the files written.
-
-    Each file appears whole or not at all. Existing report files are replaced only with `force`.
-    Without matplotlib the PNG is skipped with a warning that says how to install it.
-    """
+    """Write report.json, report.md and (with matplotlib, else a warning) report.png into `folder`, each whole or not
+    at all, existing ones replaced only with `force`; returns the files written."""
     folder = Path(folder)
     check_inspection_folder(folder, force=force)  # the inputs were checked before the run (the command does)
     renders = {
@@ -104,8 +97,8 @@ def check_inspection_folder(
     *,
     force: bool,
 ) -> None:
-    """Refuse a folder that cannot take the report files, before any work: a file, one holding report files already
-    (without `force`), or one that is, is inside or holds one of the inputs given as paths or hub ids."""
+    """Refuse, before any work, a folder that cannot take the report files (a file, report files without `force`, an
+    input's folder)."""
     sources = source_list(expert, anti) if expert is not None else []
     roles = [*input_roles(len(sources) - 1), "BASE"] if sources else []
     sources += [base] if base is not None else []

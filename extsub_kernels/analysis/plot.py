@@ -20,9 +20,8 @@ class PlotUnavailable(RuntimeError):
 
 
 def draw_heatmaps(report: MergeReport, path: str | os.PathLike) -> None:
-    """Two heatmaps per anti-expert, layers (rows) × module types (columns): mean cos(p, m) on a diverging
-    scale from −1 to 1, and the deficiency share from 0 to 1. Tensors outside layers have no cell: the figure
-    names them (`drawn_cells`), as report.md does."""
+    """Two heatmaps per anti-expert, layers × module types: mean cos(p, m) (−1 to 1) and the deficiency share (0 to 1);
+    tensors outside layers are named under the figure."""
     try:
         import matplotlib
 
@@ -71,8 +70,7 @@ def draw_heatmaps(report: MergeReport, path: str | os.PathLike) -> None:
 
 
 def drawn_cells(report: MergeReport, anti: str) -> tuple[dict, list[str]]:
-    """The heatmap's cells for one anti-expert, (layer, type) → Group, and the types it leaves out (no layer:
-    embeddings, lm_head, the final norm), in order of first appearance."""
+    """The heatmap's cells for one anti-expert, (layer, type) → Group, and the types with no layer, in order."""
     groups = by_layer_and_type(report.stats, anti)
     cells = {key: group for key, group in groups.items() if key[0] is not None}
     return cells, list(dict.fromkeys(kind for layer, kind in groups if layer is None))

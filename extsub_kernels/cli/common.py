@@ -27,8 +27,7 @@ def command_main(
     build_parser: Callable[[], argparse.ArgumentParser],
     run: Callable[[argparse.ArgumentParser, argparse.Namespace, str], int],
 ) -> Callable[..., int]:
-    """A command's `main(argv=None)`: parse argv (default: sys.argv[1:]; --help and usage errors answer before torch
-    loads), load torch, then `run(parser, args, command line)`, all under `run_command`; returns the exit code."""
+    """A command's `main(argv=None)`: parse (before torch loads), load torch, `run(parser, args, command line)`."""
 
     def main(argv: Sequence[str] | None = None) -> int:
         def body() -> int:
@@ -45,9 +44,8 @@ def command_main(
 
 
 def run_command(prog: str, body: Callable[[], int], *, process: bool = False) -> int:
-    """Run a command's body under the one signal policy (`_signals`) with usable std streams; interrupts (a second
-    one while the first is answered included) become one line and exit 130 / 143. `process`: the command is the
-    whole process, so a signal while the interpreter exits ends it at once with 130 / 143, no traceback."""
+    """Run a command's body under the one signal policy with usable std streams, interrupts one line and exit 130 /
+    143; `process`: the command is the whole process (a signal while the interpreter exits ends it at once)."""
     previous = _signals.install()
     try:
         try:
@@ -77,8 +75,7 @@ def run_command(prog: str, body: Callable[[], int], *, process: bool = False) ->
 
 
 def load_torch() -> None:
-    """Import torch whole or not at all: a signal meanwhile is answered once it has loaded (after parsing, so --help,
-    --version and usage errors never wait for torch)."""
+    """Import torch whole or not at all: a signal meanwhile is answered once it has loaded."""
     with _signals.deferred():
         import torch  # noqa: F401
 
@@ -97,9 +94,8 @@ def _interrupt_exit(prog: str, interrupt: BaseException) -> int:
 def guarded(
     prog: str, work: Callable[[], object], what: str = "run", *, quiet: bool | None = None
 ) -> tuple[int, object]:
-    """(EXIT_OK, result) of `work`, or the exit code of its failure with its one-line message printed: bad input
-    (InputError) exits 2, any other exception is a failed `what`, exit 1, saying what was published before it; one
-    that follows a swallowed signal (`_signals`) is that interrupt. With `quiet` given, warnings show as one line."""
+    """(EXIT_OK, result) of `work`, or its failure's exit code (InputError 2, else a failed `what`, 1) with one line
+    printed; one that follows a swallowed signal is that interrupt. With `quiet` given, warnings show as one line."""
     with _shown_warnings(prog, quiet=quiet) if quiet is not None else contextlib.nullcontext():
         try:
             return EXIT_OK, work()
@@ -124,8 +120,7 @@ def _failure(prog: str, e: Exception, what: str) -> int:
 
 
 def _usable_std_streams() -> None:
-    """A closed stdin, stdout or stderr (`2>&-`) becomes /dev/null before any file is opened, which would otherwise
-    take the free descriptor and get the messages written to "stderr" (or fail the run with EBADF)."""
+    """A closed std stream (`2>&-`) becomes /dev/null before a file can take its descriptor and get the messages."""
     for fd in (0, 1, 2):
         try:
             os.fstat(fd)
@@ -180,8 +175,7 @@ def as_flags(message: str, options: tuple[str, ...]) -> str:
 
 
 class _OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are one line, like every other error (exit 2); it notes each option's
-    flag, so errors that name a Python option print the flag (`as_flags`)."""
+    """An ArgumentParser with one-line usage errors (exit 2) that notes each option's flag for `as_flags`."""
 
     def parse_known_args(self, args=None, namespace=None):
         for action in self._actions:
@@ -197,8 +191,7 @@ class _OneLineParser(argparse.ArgumentParser):
 def command_parser(
     prog: str, description: str, epilog: str, pair: tuple[str, str] | None = None, **options: object
 ) -> argparse.ArgumentParser:
-    """The parser every command starts from: its name, a description and an epilog kept as written; usage errors
-    are one line. `pair`: the help of its EXPERT and ANTI [ANTI ...] arguments."""
+    """The parser every command starts from (texts kept as written); `pair`: the help of EXPERT and ANTI [ANTI ...]."""
     parser = _OneLineParser(
         prog=prog,
         description=description,
@@ -220,8 +213,7 @@ def add_closing_flags(parser: argparse.ArgumentParser, *, force_help: str) -> No
 
 
 def add_adapter_input_flags(add: Callable[..., object]) -> None:
-    """How to read adapter inputs, for extsub-merge and extsub-inspect: the scaling of bare LoRA files (--lora-alpha,
-    --rank, --rslora) and --any-base-model. `add`: a parser's or group's add_argument."""
+    """The adapter-input flags of extsub-merge and extsub-inspect; `add`: a parser's or group's add_argument."""
     add(
         "--lora-alpha",
         type=float,
@@ -238,9 +230,8 @@ def add_adapter_input_flags(add: Callable[..., object]) -> None:
 
 
 def python_options(values: Mapping[str, Any], function: Callable) -> dict[str, Any]:
-    """The keyword arguments of `function` (`merge`, `inspect`) from a command's options under recipe keys: the
-    scaling flags and --format, --max-rank, --any-base-model make `adapter=`, -q `progress=`, -v `stats=`,
-    --config `reads=`; options `function` does not take are left out."""
+    """The keyword arguments of `function` (`merge`, `inspect`) from a command's options under recipe keys (the adapter
+    flags make `adapter=`, -q `progress=`, -v `stats=`, --config `reads=`), those it does not take left out."""
     from inspect import signature
 
     from extsub_kernels.adapters import AdapterOptions, LoraScaling

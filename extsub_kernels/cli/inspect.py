@@ -1,8 +1,5 @@
-"""`extsub-inspect`: the row statistics of an expert/anti-expert pair without merging, over `analysis.inspect()`.
-
-With -o DIR it writes report.json, report.md and report.png there; without, it prints the
-Markdown tables on stdout. Heavy imports happen after the signal handlers are set.
-"""
+"""`extsub-inspect`: the row statistics of an expert/anti-expert pair without merging, over `analysis.inspect()`;
+report files into -o DIR, or the Markdown tables on stdout."""
 
 import argparse
 import sys
@@ -37,8 +34,7 @@ exit codes: 0 done; 1 failure while reading; 2 bad usage or bad input; 130/143 i
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of `extsub-inspect`; options not given are absent from its namespace (inspect()'s
-    defaults apply)."""
+    """The argument parser of `extsub-inspect`; options not given are absent (inspect()'s defaults apply)."""
     from extsub_kernels._names import METHODS
 
     parser = common.command_parser(

@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, command: str) -> int:
-    from extsub_kernels.merge import merge
+    from extsub_kernels.merging import merge
 
     code, values = guarded(PROG, lambda: _option_values(vars(args), parser))
     if code != EXIT_OK:
@@ -185,8 +185,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, command: str
 
 
 def _option_values(given: dict[str, Any], parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """Every option given: the recipe's (--config; a bad one is an InputError naming the key), overridden by the
-    flags given; a usage error (SystemExit) without EXPERT and ANTI, or OUT, from either."""
+    """Every option: the recipe's (--config) overridden by the flags; a usage error without EXPERT, ANTI or OUT."""
     from extsub_kernels.adapters.peft import FORMATS
     from extsub_kernels.engine.recipe import load_recipe
 

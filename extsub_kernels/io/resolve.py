@@ -1,9 +1,5 @@
-"""Turn an input spec (a file, a folder of shards, a hub repo id) into the files to read.
-
-Only safetensors weights are read; pickle checkpoints are refused (loading one can run code), with the command that
-converts them. PEFT adapter folders are recognised (and weights whose keys the caller's `adapter_key` says are an
-adapter's), so the adapter path can take them; their config files are exposed beside the weights.
-"""
+"""Turn an input spec (a file, a folder of shards, a hub repo id) into the safetensors files to read (pickles refused
+with the command that converts them), adapters recognised, config files exposed beside the weights."""
 
 import dataclasses
 import json
@@ -34,9 +30,7 @@ CONFIG_PATTERNS = ("*.json", "*.jinja", "tokenizer.model", "spiece.model", "merg
 # What is fetched from the hub: the weights and the files above, never pickle weights.
 HUB_PATTERNS = ["*.safetensors", *CONFIG_PATTERNS]
 _HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+", re.ASCII)
-# A revision is a branch, a tag or a commit hash. huggingface_hub joins it into paths in its
-# cache (refs/<revision>), so it must be a plain git ref name: ASCII components of letters,
-# digits and _ . + -, none empty or starting with a dot, no "..", no backslash, no leading "/".
+# A revision (branch, tag, commit) becomes a path in the hub cache (refs/<revision>): a plain git ref name only.
 _REVISION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*(?:/[A-Za-z0-9_][A-Za-z0-9_.+-]*)*", re.ASCII)
 _MAX_REVISION = 255
 COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
@@ -84,8 +78,7 @@ class ResolvedInput:
 
 
 def read_json_object(path: Path, what: str = "JSON config", *, error: type[InputError] = InputError) -> dict:
-    """A JSON file holding one object (a config), parsed; `error` (an InputError type) naming the file and `what` it
-    is ("adapter config") when it is not."""
+    """A JSON file holding one object, parsed; else an `error` naming the file and `what` it is."""
     text = read_bounded_text(path, what, MAX_JSON_BYTES, error=error)
     try:
         loaded = json.loads(text)
@@ -108,17 +101,14 @@ def resolve_input(
     """Resolve `spec` to local safetensors files.
 
     Args:
-        spec: a `.safetensors` file; a folder with `*.safetensors.index.json` or `*.safetensors`
-            files, or a PEFT adapter folder; or a hub repo id `org/name[@revision]` (fetched with
-            `huggingface_hub`, from the cache when `HF_HUB_OFFLINE=1`).
+        spec: a `.safetensors` file; a folder with `*.safetensors.index.json` or `*.safetensors` files, or a PEFT
+            adapter folder; or a hub repo id `org/name[@revision]` (from the cache when `HF_HUB_OFFLINE=1`).
         role: what the input is (EXPERT, ANTI, BASE), for error messages.
         quiet: no download progress bars.
-        adapter_key: whether a tensor name is an adapter's parameter (the adapter family's rule,
-            `adapters.owns_adapter_key`): weights with such keys are an adapter even without their config.
+        adapter_key: whether a tensor name is an adapter's (`adapters.owns_adapter_key`): such weights are an adapter.
 
     Raises:
-        InputError: the spec is missing, a pickle file, has no safetensors weights, or is a
-            repo id that is neither cached nor reachable.
+        InputError: the spec is missing, a pickle file, has no safetensors weights, or an unreachable repo id.
     """
     text = os.fspath(spec)
     path = Path(text).expanduser()
@@ -169,8 +159,7 @@ def _resolve_folder(
     if not shards:
         _refuse_pickles(folder, entries, role, what="no .safetensors files")
     headers = tuple(read_header(p) for p in shards)
-    # An adapter's weights without their adapter_config.json are still an adapter (the adapter path
-    # then asks for its config or scaling), never a dense checkpoint whose lora_A/lora_B rows get merged.
+    # Adapter weights without their config are still an adapter (asked for its config), never a dense checkpoint.
     adapter = any(adapter_key(k) for h in headers for k in h.tensors)
     return ResolvedInput(spec, name, kind, folder, shards, configs, adapter=adapter, headers=headers)
 
@@ -269,8 +258,7 @@ def _resolve_hub(
     try:
         folder = None
         if revision is not None and COMMIT_HASH.fullmatch(revision) and not offline:
-            # A commit never moves: when its snapshot is cached, it is used without the network, where
-            # huggingface_hub would first list the repo's files (and retry for ~25 s when unreachable).
+            # A commit never moves: a cached snapshot is used without the network (no ~25 s of retries).
             try:
                 folder = snapshot_download(
                     repo, revision=revision, cache_dir=cache, local_files_only=True, allow_patterns=HUB_PATTERNS

@@ -40,7 +40,7 @@ from extsub_kernels.lambda_scan.model import check_threads, require, torch_threa
 from extsub_kernels.lambda_scan.report import SCAN_FILES, ScanFiles, chosen_note
 from extsub_kernels.lambda_scan.results import EXPERT, NO_AXIS, Guards, ScanResult, ScanRow, recommend, timing_summary
 from extsub_kernels.lambda_scan.workers import Recipe, check_workers, connect, measure_point, prepare, resolve, spread
-from extsub_kernels.merge import adapter_inputs
+from extsub_kernels.merging import adapter_inputs
 
 PathLike = str | os.PathLike
 _CHANGED = "the rows measured before that was seen are kept, nothing was saved; run again once the inputs are stable"
@@ -341,7 +341,7 @@ def _check_save_format(fmt: str | None, installer: Installer) -> None:
 def _save(result: ScanResult, inputs, method: str, out: PathLike, fmt: str | None, *, force: bool, progress: bool):
     """The merge at the recommended λ of `method`, by `merge()`; at λ = 0 (the expert) nothing, with a warning."""
     from extsub_kernels.adapters import AdapterOptions
-    from extsub_kernels.merge import merge
+    from extsub_kernels.merging import merge
 
     rec = result.recommendations[method]
     if rec.lam == 0:

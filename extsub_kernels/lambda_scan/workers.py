@@ -27,7 +27,7 @@ from extsub_kernels.lambda_scan.harness import Harness
 from extsub_kernels.lambda_scan.installers import Installer, make_installer
 from extsub_kernels.lambda_scan.model import check_threads, evaluation_dtype, load_model, load_tokenizer, torch_threads
 from extsub_kernels.lambda_scan.results import EXPERT, ScanRow, sample_records
-from extsub_kernels.merge import adapter_inputs
+from extsub_kernels.merging import adapter_inputs
 
 MAX_ATTEMPTS = 3  # a point whose worker dies this many times stops the scan: the point itself is the likely cause
 Inputs = list[tuple[str, ResolvedInput]]

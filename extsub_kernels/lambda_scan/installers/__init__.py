@@ -1,9 +1,5 @@
-"""Installers: the merge at each (method, λ) put into the loaded model in place, one per kind of input.
-
-`make_installer` picks the one for the inputs: each PEM type of the adapter family names its own in `scan_installer`
-(`LoraInstaller`, `IA3Installer`, `PrefixInstaller`, all `AdapterInstaller`s: this package sits above the adapters, so
-the class names it and `installer_for` imports it); full models with a base have `FullModelInstaller`.
-"""
+"""Installers: the merge at each (method, λ) put into the loaded model in place; each PEM type names its own in
+`scan_installer` (imported by `installer_for`), full models with a base have `FullModelInstaller`."""
 
 import importlib
 from collections.abc import Sequence
@@ -11,7 +7,6 @@ from collections.abc import Sequence
 import torch
 
 from extsub_kernels.adapters import PeftAdapter
-from extsub_kernels.adapters.peft import MEMBERS
 from extsub_kernels.adapters.run import load_inputs
 from extsub_kernels.errors import InputError
 from extsub_kernels.io import ResolvedInput
@@ -30,17 +25,11 @@ def installer_for(adapter_type: type[PeftAdapter]) -> type[AdapterInstaller] | N
     return getattr(importlib.import_module(module), name)
 
 
-# Adapter class (as `load_adapter` returns it) → the installer of that PEM type, from the classes themselves.
-ADAPTER_INSTALLERS: dict[type, type[AdapterInstaller] | None] = {member: installer_for(member) for member in MEMBERS}
-
-
 def make_installer(
     inputs: Sequence[tuple[str, ResolvedInput]], *, adapters: bool, methods: Sequence[str], device: torch.device
 ) -> Installer:
-    """The installer for `inputs` (EXPERT, the ANTIs, BASE last), before the base model is loaded: adapters are loaded,
-    validated and merged once per method; full models are planned from their headers. InputError: inputs that do not fit
-    together or the base model, or a PEM type the scan cannot install.
-    """
+    """The installer for `inputs` (EXPERT, the ANTIs, BASE last), made before the base model loads, so bad inputs
+    show first (InputError): adapters are loaded and merged once per method, full models planned from headers."""
     if not adapters:
         return FullModelInstaller(inputs, device)
     loaded = load_inputs([(role, inp) for role, inp in inputs[:-1]])
@@ -51,7 +40,6 @@ def make_installer(
 
 
 __all__ = [
-    "ADAPTER_INSTALLERS",
     "AdapterInstaller",
     "FullModelInstaller",
     "IA3Installer",

@@ -1,9 +1,5 @@
-"""What every installer is: the merge at one (method, λ) put into a loaded model, in place (docs/design.md §8).
-
-An installer is made from the inputs alone, so what is wrong with them shows before the base model loads; `attach` wraps
-the loaded model as the inputs need and checks they fit it; `install` overwrites exactly the parameters the merge
-changes. Each PEM type plugs in with `AdapterInstaller`, which calls that type's own family merge.
-"""
+"""What every installer is: the merge at one (method, λ) put into a loaded model, in place (docs/design.md §8);
+`AdapterInstaller` is what the PEM types share."""
 
 import warnings
 from abc import ABC, abstractmethod
@@ -20,12 +16,8 @@ ADAPTER_NAME = "default"  # the PEFT adapter name the scan's layers are created 
 
 
 class Installer(ABC):
-    """Puts the merge of the expert and anti-experts at (method, λ) into a loaded model, in place.
-
-    Attributes:
-        kind: what is merged, in words ("LoRA adapters", "full models").
-        model: the model to evaluate, once attached: the loaded base, wrapped as the inputs need.
-    """
+    """Puts the merge of the expert and anti-experts at (method, λ) into a loaded model, in place; `kind`: what is
+    merged, in words ("LoRA adapters"); `model`: once attached, the loaded base wrapped as the inputs need."""
 
     kind: ClassVar[str]
     model: torch.nn.Module
@@ -43,13 +35,7 @@ class Installer(ABC):
 
 
 def put(slot: torch.Tensor, value: torch.Tensor, what: str, method: str, lam: float) -> None:
-    """Copy a merged `value` into `slot` (a parameter of the model, or part of one), in the slot's dtype.
-
-    Only a copy into another dtype is checked (in the same dtype no finite value can become ±inf).
-
-    Raises:
-        MergeError: a finite value became ±inf in the slot's dtype (see `too_large`).
-    """
+    """Copy a merged `value` into `slot` (part of a model parameter); MergeError if it overflows the slot's dtype."""
     slot.copy_(value)
     overflow = cast_overflow(value, slot) if slot.dtype != value.dtype else None
     if overflow is not None:
@@ -66,10 +52,8 @@ def too_large(what: str, method: str, lam: float, dtype: torch.dtype, detail: st
 
 
 class AdapterInstaller(Installer):
-    """The part every PEM type shares: the adapters (the expert, then the anti-experts), their family merge, PEFT
-    wrapping with a clear error. A member sets `kind` and implements `attach` and `install`. Each of `methods` is merged
-    once here, at λ = 1, so adapters that do not fit together are refused before the base model loads.
-    """
+    """What every PEM type shares: the adapters, their family merge (each of `methods` once at λ = 1, so misfits
+    show before the base loads), PEFT wrapping with a clear error; a member implements `attach` and `install`."""
 
     def __init__(self, adapters: Sequence[PeftAdapter], methods: Sequence[str]):
         self.expert, self.antis = adapters[0], list(adapters[1:])

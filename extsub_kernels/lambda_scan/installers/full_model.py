@@ -1,12 +1,8 @@
 """Full fine-tuned models in a scan: θ₀ + ΔW' computed by the op on the device and written into the loaded base.
 
-The loaded model is BASE (θ₀). Which tensors merge is the dense engine's plan (`plan_tensors`): float tensors the expert
-shares with an anti-expert and the base. For each point every such tensor of the expert, the anti-experts and θ₀ is read
-(pread, so repeated reads come from the page cache) and merged on the model's device by the engine's own method step
-straight into the model's tensor (`apply_method_into`, as `extsub-merge --base` streams it, rounding once into the
-model's dtype), in one `Workspace` kept for the scan: cache-sized chunks on the CPU, the largest tensor on CUDA (what
-each merge of a tensor would allocate anyway). Tensors only the expert has are copied in once. Memory beyond the model:
-the workspace and one tensor of each input at a time.
+The loaded model is BASE. The dense engine's plan says which tensors merge; per point each is read again (the page
+cache serves it) and merged straight into the model's tensor (`apply_method_into`) in one `Workspace` kept for the
+scan; tensors only the expert has are copied in once.
 """
 
 from collections.abc import Sequence
@@ -24,12 +20,8 @@ from extsub_kernels.lambda_scan.installers.base import Installer, too_large
 
 
 class FullModelInstaller(Installer):
-    """Full models (EXPERT, ANTI, with BASE θ₀) installed into the loaded base model, tensor by tensor.
-
-    Args:
-        inputs: (role, input) for EXPERT, the ANTIs in order, and BASE last.
-        device: where the op runs (the model's device).
-    """
+    """Full models installed into the loaded base model tensor by tensor: `inputs` (role, input) for EXPERT, the ANTIs
+    and BASE last; `device`: where the op runs (the model's)."""
 
     kind = "full models"
 

@@ -1,7 +1,6 @@
 """(IA)³ adapters in a scan: PEFT (IA)³ layers whose scaling vectors are rewritten for each (method, λ).
 
-The family merge gives l' = 1 + d⁺ − λ·Ext(d⁻) per vector (docs/design.md §6), one vector for every module of any input,
-whatever the method; each point copies l' into the layer's `ia3_l`.
+Each point copies the family merge's l' (one vector for every module of any input) into the layer's `ia3_l`.
 """
 
 from collections.abc import Sequence

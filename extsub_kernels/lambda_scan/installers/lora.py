@@ -1,11 +1,7 @@
 """LoRA adapters in a scan: PEFT LoRA layers of rank r⁺ + r⁻ whose factors are rewritten for each (method, λ).
 
-The factored merge (docs/design.md §3) gives, per module, ΔW' = B'·A' of rank r⁺ + Σr⁻ whatever λ; only B' changes with
-λ. So the base model is wrapped once in PEFT LoRA layers of those ranks (the largest over the scanned methods: `sub`
-keeps modules only anti-experts have, `ext-sub` drops them) and each point copies B' and A' in, padded with zeros; ΔW'
-is never formed. The scaling is folded into B', so every layer's scaling is 1. The merge is the family's own, as a
-`LoraSweep`: the row norms and scaled factors, which λ does not change, are computed once, and it runs where the model
-is (on a GPU, a point's merge is a few element-wise kernels).
+The factored merge's rank does not depend on λ, so the base is wrapped once in LoRA layers of the largest rank over the
+scanned methods (scaling 1) and each point copies B' and A' in, zero-padded, from a `LoraSweep` on the model's device.
 """
 
 from collections.abc import Sequence
@@ -62,13 +58,9 @@ class LoraInstaller(AdapterInstaller):
         a, b = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
         layer.scaling[ADAPTER_NAME] = 1.0
         module = next(m.modules[name] for m in self.checked.values() if name in m.modules)
-        if (b.shape[0], a.shape[1]) != (module.out_features, module.in_features):
-            raise self._shape_error(
-                f"module {name} (out, in)",
-                (module.out_features, module.in_features),
-                (b.shape[0], a.shape[1]),
-                base_name,
-            )
+        expected, found = (module.out_features, module.in_features), (b.shape[0], a.shape[1])
+        if found != expected:
+            raise self._shape_error(f"module {name} (out, in)", expected, found, base_name)
         with torch.no_grad():
             a.zero_()
             b.zero_()

@@ -1,8 +1,6 @@
 """Prefix-tuning adapters in a scan: a PEFT prefix (in inference mode) whose key/value rows are rewritten per point.
 
-The family merge works on the saved `prompt_embeddings` (the per-head key/value rows, docs/design.md §6); PEFT in
-inference mode uses exactly that tensor as the prefix, with or without the training-time projection, so each point
-copies the merged tensor into the prompt encoder's embedding.
+PEFT in inference mode uses the saved `prompt_embeddings` as the prefix, so each point copies the merged one in.
 """
 
 import torch
@@ -26,10 +24,9 @@ class PrefixInstaller(AdapterInstaller):
             raise InputError(f"{self.expert.source}: PEFT cannot read its prefix-tuning config ({e})") from None
         self.model = self.wrap(model, config, base_name)
         self.slot = self.model.prompt_encoder[ADAPTER_NAME].embedding.weight
-        if self.slot.shape != self.expert.prompt_embeddings.shape:
-            raise self._shape_error(
-                "prompt_embeddings", self.expert.prompt_embeddings.shape, self.slot.shape, base_name
-            )
+        expected = self.expert.prompt_embeddings.shape
+        if self.slot.shape != expected:
+            raise self._shape_error("prompt_embeddings", expected, self.slot.shape, base_name)
 
     def install(self, method: str, lam: float) -> None:
         """Copy the merged prompt embeddings into the prefix."""

@@ -64,10 +64,8 @@ def merge(
 ) -> MergeReport:
     """Merge checkpoints or PEFT adapters with Ext-Sub, streamed: θ' = θ⁺ ⊖ θ₁⁻ ⊖ θ₂⁻ ...
 
-    Dense inputs stream one block of rows at a time through the op. PEFT adapters (folders, hub ids, bare
-    .safetensors files of lora_A/lora_B, or adapter objects) are merged exactly in their own parameter space (LoRA
-    factored, docs/design.md §3; (IA)³ on l − 1; prefix-tuning per head, §6). The inputs are all dense or all
-    adapters of one type (BASE is always a full model).
+    Dense inputs stream block by block through the op; PEFT adapters merge exactly in their own space (docs/design.md
+    §3, §6). The inputs are all dense or all adapters of one type (BASE is always a full model).
 
     Args:
         expert: θ⁺: a .safetensors file, a folder of shards, a PEFT adapter folder, a hub id `org/name[@revision]`,
@@ -115,10 +113,6 @@ def merge(
         KeyboardInterrupt: Ctrl-C (SIGTERM too, as `Terminated`, while the merge runs): nothing is left behind,
             unless it came while the outputs were being moved into place; then it is raised once all of them are,
             with the outputs in its `published`.
-
-    Example:
-        >>> report = merge("expert.safetensors", "anti.safetensors", "out.safetensors", lam=1.0)
-        >>> print(report.summary())
     """
     mode = "dry-run" if dry_run else "merge"
     return execute(RunSpec.create(**locals()))  # every argument as given, and the mode
@@ -126,8 +120,8 @@ def merge(
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run, validated once: inputs, λ settings, method, device, dtype, outputs. `merge()` and `inspect()` build
-    it from their keyword arguments (the commands call them with their flags and recipe), `execute` runs it."""
+    """One run, validated once (inputs, λ settings, method, device, dtype, outputs): built by `merge()` and
+    `inspect()`, run by `execute`."""
 
     sources: tuple[Source, ...]
     out: Path | None  # None: statistics only (mode "inspect")
@@ -145,8 +139,7 @@ class RunSpec:
     def create(
         cls, expert: Source, anti: Source | Sequence[Source], out: str | os.PathLike | None, **given
     ) -> "RunSpec":
-        """The spec of `merge()`'s keyword arguments (`inspect()` gives out=None, mode="inspect" and fewer); those
-        not given take `RunOptions`' and the fields' defaults."""
+        """The spec of `merge()`'s or `inspect()`'s keyword arguments; those not given take the defaults."""
         started = time.perf_counter()
         out = out_path(out) if out is not None else None
         sources = source_list(expert, anti)
