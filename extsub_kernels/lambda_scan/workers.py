@@ -159,9 +159,9 @@ def connect(workers: int | None, ray_address: str | None, device: str, threads: 
     """Ray started (unless it is, or `ray_address` names a cluster) and the workers placed, before any file is
     written: {ray, started, gpu, n, each (threads per worker)}; an InputError where the cluster cannot hold them."""
     ray = import_ray()
-    started = not ray.is_initialized()
-    if started and ray_address:
+    if ray_address:
         _check_answers(ray_address)
+    started = not ray.is_initialized()
     if started:
         cores = len(os.sched_getaffinity(0))
         local = {} if ray_address else {"num_cpus": max(cores, workers or 1), "num_gpus": torch.cuda.device_count()}
