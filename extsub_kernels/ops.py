@@ -24,17 +24,13 @@ _CPU_BLOCK_BYTES = 2 << 20
 
 
 def ext_sub_coefficients(p_norm: torch.Tensor, m_norm: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row α and β of Ext-Sub's closed form p' = α·p + β·m, from the two row norms (docs/design.md §1).
-
-    α = 1 + (λ/2)·|m|/|p| and β = −λ/2; rows with |p| = 0 get α = 1, β = 0 (they keep p). Shared by the eager
-    path, the Gram path and the factored LoRA path.
+    """Per-row α = 1 + (λ/2)·|m|/|p| and β = −λ/2 of p' = α·p + β·m (docs/design.md §1); |p| = 0 keeps p.
 
     Args:
-        p_norm, m_norm: 1-D tensors of row norms of the expert and the anti-expert.
-        lam: λ.
+        p_norm, m_norm: 1-D row norms of the expert and the anti-expert; lam: λ.
 
     Returns:
-        (α, β) as column vectors (rows, 1) in the dtype of `p_norm`, ready to scale rows.
+        (α, β) as (rows, 1) columns in `p_norm`'s dtype.
     """
     has_p = p_norm > 0
     alpha = torch.where(has_p, 1.0 + (0.5 * lam) * m_norm / torch.where(has_p, p_norm, 1.0), 1.0)
@@ -76,21 +72,20 @@ def _rows_torch(p: torch.Tensor, m: torch.Tensor, lam: float, row_stats: torch.T
 
 
 def row_products(w_plus: torch.Tensor, w_minus: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Per row (dim 0) of a pair: |p|², |m|² and p·m, as a (rows, 3) float64 tensor on their device (docs/design.md §7).
-
-    What `ext_sub_(..., row_stats=...)` hands back from its own pass, computed here without the update: reduced in
-    float32 (float64 for float64 inputs), by the C++ kernel on CPU rows with contiguous columns where it loads,
-    else by the eager torch path.
+    """|p|², |m|² and p·m per row (dim 0) of a pair, as `ext_sub_(..., row_stats=)` gives them, without the update.
 
     Args:
         w_plus, w_minus: the pair, same shape and device, any float dtypes.
-        out: a (rows, 3) float32 or float64 tensor on their device to fill (default: a new float64 one).
+        out: a (rows, 3) float32/float64 tensor on their device to fill (default: a new float64 one).
+
+    Returns:
+        `out`, reduced in float32 (float64 for float64 inputs; docs/design.md §7).
     """
     check_pair(w_plus, w_minus, 0.0)
     rows = _row_count(w_plus)
     if out is None:
         out = torch.empty(rows, 3, dtype=torch.float64, device=w_plus.device)
-    _checked_row_stats(out, w_plus)
+    _check_row_stats(out, w_plus)
     if rows == 0:
         return out
     p, m = as_rows(w_plus), as_rows(w_minus)
@@ -111,8 +106,10 @@ def _row_count(t: torch.Tensor) -> int:
     return t.shape[0] if t.dim() >= 2 else 1
 
 
-def _checked_row_stats(row_stats: torch.Tensor, w_plus: torch.Tensor) -> torch.Tensor:
-    """`row_stats` if it can hold the row sums of `w_plus`, else a ValueError."""
+def _check_row_stats(row_stats: torch.Tensor | None, w_plus: torch.Tensor) -> None:
+    """A ValueError unless `row_stats` (None: nothing to check) can hold the row sums of `w_plus`."""
+    if row_stats is None:
+        return
     rows, given = _row_count(w_plus), isinstance(row_stats, torch.Tensor)
     fits = given and tuple(row_stats.shape) == (rows, 3) and row_stats.dtype in (torch.float32, torch.float64)
     if not (fits and row_stats.device == w_plus.device and row_stats.is_contiguous()):
@@ -123,7 +120,6 @@ def _checked_row_stats(row_stats: torch.Tensor, w_plus: torch.Tensor) -> torch.T
             f"row_stats must be a contiguous ({rows}, 3) float32 or float64 tensor on {w_plus.device} "
             f"(one row of |p|², |m|², p·m per row of w_plus), got {found}"
         )
-    return row_stats
 
 
 def _resolve_backend(backend: str, w_plus: torch.Tensor) -> str:
@@ -211,11 +207,10 @@ def ext_sub_(
         w_plus: expert weights, overwritten with the result (rows are dim 0).
         w_minus: anti-expert weights of the same shape and device; any float dtype; never modified.
         lam: subtraction weight λ (finite).
-        backend: "auto" (CUDA → the Triton kernel; CPU → the C++ kernel, or the torch path when
-            it cannot be built, see `cpu_backend()`), "triton", "cpp", "torch" (eager torch ops,
-            any device) or "reference" (Algorithm 1 literally, in float64).
-        row_stats: optional (rows, 3) float32/float64 tensor on w_plus's device: filled, in the
-            same pass, with |p|², |m|² and p·m of each row before the update (docs/design.md §7).
+        backend: "auto" (CUDA → Triton; CPU → the C++ kernel, else torch, see `cpu_backend()`), "triton", "cpp",
+            "torch" (eager, any device) or "reference" (Algorithm 1 literally, in float64).
+        row_stats: optional (rows, 3) float32/float64 tensor on w_plus's device, filled in the same pass with each
+            row's |p|², |m|² and p·m before the update (docs/design.md §7).
 
     Returns:
         `w_plus` itself.
@@ -228,8 +223,7 @@ def ext_sub_(
     check_pair(w_plus, w_minus, lam)
     lam = float(lam)
     chosen = _resolve_backend(backend, w_plus)
-    if row_stats is not None:
-        _checked_row_stats(row_stats, w_plus)
+    _check_row_stats(row_stats, w_plus)
     if w_plus.numel() == 0:
         if row_stats is not None:
             row_stats.zero_()
@@ -272,19 +266,14 @@ def ext_sub_task_vectors_into(
     *,
     row_stats: torch.Tensor | None = None,
 ) -> bool:
-    """out ← θ₀ + Ext-Sub(w_plus − θ₀, w_minus − θ₀) in the C++ kernel's fused pass, where it runs; whether it ran.
-
-    For the engine: 2-D views of one shape in any float dtypes. The result and `row_stats` are bit for bit those of
-    widening, subtracting θ₀, `ext_sub_`, adding θ₀ back and rounding once into `out`, what the caller does when
-    this returns False: off CPU, without the kernel, columns not contiguous, `out` sharing memory with an input,
-    or rows the op would split across threads by columns (summed in another order).
-    """
+    """out ← θ₀ + Ext-Sub(w_plus − θ₀, w_minus − θ₀) in the C++ kernel's fused pass (2-D views of one shape);
+    whether it ran: bit for bit the caller's widen, subtract, `ext_sub_`, add back, round once, which it does on
+    False (off CPU, no kernel, columns not contiguous, `out` sharing memory, or rows split by columns)."""
     from extsub_kernels.kernels import ext_sub_cpu
 
     check_pair(w_plus, w_minus, lam)
     tensors = (out, w_plus, w_minus, base)
-    if row_stats is not None:
-        _checked_row_stats(row_stats, w_plus)
+    _check_row_stats(row_stats, w_plus)
     if (
         any(t.device.type != "cpu" or t.dim() != 2 or not _contiguous_columns(t) for t in tensors)
         or ext_sub_cpu.long_rows(w_plus.shape[1])
