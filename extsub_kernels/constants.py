@@ -1,8 +1,5 @@
-"""Every file name and environment variable the package reads or writes, in one place (as huggingface_hub's own).
-
-Plain strings, below every other module, so io, the engine, the adapters and the kernels spell a
-name one way.
-"""
+"""Every file name and environment variable the package reads or writes, in one place (as huggingface_hub's own),
+below every other module, so each name is spelled one way."""
 
 # Checkpoints: a .safetensors file, a folder of shards with their index, a model's config.
 SAFETENSORS_SUFFIX = ".safetensors"

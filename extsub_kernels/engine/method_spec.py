@@ -1,12 +1,6 @@
-"""A merge method as one object: its name, its wording and its computation, read by every path that merges.
-
-Each step with one anti-expert turns a row p of the expert (or of the result so far) and the row m of the
-anti-expert into α·p + β·m: a constant weight (`weight_sign`: sub, add; elementwise), or α and β per row from |p|,
-|m| and, where it says so, p·m (`coefficients`; a row with |p| = 0 keeps p). Dense rows (`engine.methods`: the
-method's kernels `op`, `fused` where it has them, else the rows' Gram matrices), LoRA factors (B' = [diag(α)·B⁺,
-diag(β)·B⁻]), (IA)³ vectors, prefix rows, the report, the card, the CLI and the scan read only that. Adding a
-method is one `MethodSpec` passed to `register_method` (and, for speed, its kernels).
-"""
+"""A merge method as one object, read by every path that merges: each step turns rows p, m into α·p + β·m with a
+constant weight (`weight_sign`, elementwise) or per-row `coefficients` from |p|, |m| (and p·m); |p| = 0 keeps p.
+Adding a method is one `MethodSpec` passed to `register_method` (and, for speed, its kernels)."""
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass

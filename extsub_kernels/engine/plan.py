@@ -1,9 +1,5 @@
-"""Plan a dense merge from the inputs' headers alone: what happens to each tensor, and the blocks of rows to stream.
-
-The plan fixes the output's keys, dtypes and shapes (the writer emits its header first) and cuts tensors into
-blocks of whole rows; a row longer than a block comes in pieces, streamed twice for a row-pairing method (norms,
-then update), and so does a Conv1D weight larger than a block (its rows are the stored columns).
-"""
+"""Plan a dense merge from the headers alone: each output tensor's job (keys, dtypes, shapes for the header first)
+and its blocks of rows; rows or Conv1D weights larger than a block stream twice for a row-pairing method."""
 
 import math
 from collections.abc import Callable, Sequence
@@ -57,9 +53,8 @@ def plan_tensors(
 ) -> tuple[list[TensorJob], list[str]]:
     """Match tensors by key across the inputs; returns the jobs (expert order) and the skipped keys.
 
-    Float tensors of the expert that an anti-expert also has are merged with it (with `has_base`, the base must
-    have them too); the expert's others are copied; keys only in anti-experts follow `on_missing`. InputError for
-    shape or dtype mismatches, missing keys, and inputs with nothing to merge. `inputs` name files in messages.
+    The expert's float tensors an anti-expert (and the base) has are merged, its others copied; anti-only keys
+    follow `on_missing`. InputError for mismatches, missing keys, nothing to merge; `inputs` name files.
     """
     expert = readers[0]
     where = _namer(readers, inputs)
@@ -176,11 +171,8 @@ Phase = Literal["one-pass", "norms", "update"]
 
 @dataclass(frozen=True, slots=True)
 class Block:
-    """A piece of one tensor read, computed and written at once: rows [start, stop), or elements `cols` of row `start`.
-
-    `phase`: "one-pass", computed on its own; or, for op rows that do not fit one block, "norms" (accumulates the
-    rows' sums, writes nothing) and then "update" (the same pieces again, written).
-    """
+    """Rows [start, stop) of a tensor, or elements `cols` of row `start`, handled at once; `phase`: "one-pass", or
+    for op rows over several blocks "norms" (sums only) then "update" (written)."""
 
     job: TensorJob
     start: int
@@ -213,9 +205,8 @@ def row_elements(shape: tuple[int, ...]) -> int:
 
 
 def cut_blocks(job: TensorJob, row_bytes: int, block_bytes: int, *, whole_rows: bool) -> list[Block]:
-    """Cut `job` into blocks of at most `block_bytes` in its widest form (`row_bytes` per row): whole rows, or pieces
-    of a longer row. With `whole_rows` (a row-pairing method), merged op rows over several blocks stream "norms"
-    then "update": per row in pieces, over the whole tensor for a Conv1D weight (its op rows are its columns)."""
+    """Cut `job` into blocks of at most `block_bytes` (`row_bytes` per row): whole rows, or pieces of one; with
+    `whole_rows`, merged op rows over several blocks (a Conv1D weight: the whole tensor) go "norms" then "update"."""
     rows = rows_of(job.shape)
     if not rows or not row_bytes:
         return []

@@ -1,9 +1,5 @@
-"""Recipes: every option of a merge in one YAML file, read back with `--config` and written into each output.
-
-A recipe maps the long options of `extsub-merge` (`_` for `-`) plus `expert`, `anti` and `out` to values; loading
-checks every key and type and names the key at fault. Each output carries the recipe that made it (its own λ, hub
-inputs pinned to their commit), so rerunning it rewrites the same tensors byte for byte on the same kind of device.
-"""
+"""Recipes: every option of a merge (`extsub-merge`'s long options, `_` for `-`, plus expert, anti, out) in one YAML
+file, read back with `--config` (each key checked) and written into each output with its λ and pinned inputs."""
 
 import difflib
 import itertools
@@ -74,11 +70,8 @@ METADATA_KEY = "extsub.recipe"  # where each weights file's __metadata__ keeps t
 
 
 def load_recipe(path: str | os.PathLike, choices: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
-    """Read and validate a recipe (a YAML file, or the `extsub.recipe` a weights file's metadata carries); keys whose
-    value is null are left out. `choices`: the values of keys whose vocabulary lives above the engine (the adapter
-    formats). InputError for an unreadable file, YAML that is not a mapping, an unknown key (with the closest known
-    one), a value of the wrong type or outside its choices, naming the file and the key.
-    """
+    """Read and validate a recipe (YAML, or a weights file's `extsub.recipe`), null keys left out; `choices`: values
+    of keys defined above the engine. InputError naming the file and key for anything wrong in it."""
     path = Path(path)
     if path.suffix == ".safetensors":  # an output of this tool: its recipe is in the header's metadata
         text = read_header(path).metadata.get(METADATA_KEY)
@@ -187,8 +180,7 @@ def recipe_text(recipe: Mapping[str, Any], setting: Sequence[float]) -> str:
 
 
 def command_line(recipe: Mapping[str, Any], out: str | os.PathLike | None = None) -> str:
-    """The `extsub-merge` command that runs `recipe` (flags only where they differ from the defaults), as
-    "extsub-merge e a -o out/ --lam 0.5 --method sub"."""
+    """The `extsub-merge` command that runs `recipe`, flags only where not the default."""
     anti = recipe.get("anti") or []
     words = [PROG, str(recipe.get("expert", "EXPERT")), *([anti] if isinstance(anti, str) else anti)]
     out = out if out is not None else recipe.get("out")

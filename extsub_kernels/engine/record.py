@@ -1,8 +1,5 @@
-"""The machine-readable record of a run (`--report FILE.json`, `extsub-inspect`'s report.json), and the one JSON writer.
-
-A JSON object: the tool and the command; the inputs (as given, resolved, hub commits, sizes, header sha256); every
-option; the outputs with their files; times, bytes, peak memory; each tensor or module with its row statistics.
-"""
+"""The machine-readable record of a run (`--report FILE.json`, `extsub-inspect`'s report.json): tool, command,
+inputs, options, outputs, costs, each tensor's row statistics; and the one JSON writer."""
 
 import dataclasses
 import json

@@ -1,9 +1,5 @@
-"""`BlockStreamer`: the read and compute stages of the dense run over blocks, in memory sized once from the plan.
-
-Per block: read (pread into a pooled input buffer, pinned on CUDA) → device → the method once per λ setting into
-pooled result buffers → NaN/Inf check → host, a `Piece` for the write stage. Rows that do not fit one block
-stream twice (their norms, then the update; `gram`).
-"""
+"""`BlockStreamer`: the read and compute stages of the dense run, in memory sized once from the plan: per block,
+pread into a pooled buffer → device → the method per λ setting → NaN/Inf check → host, a `Piece` to write."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,11 +31,9 @@ from extsub_kernels.io.provenance import display_path
 class BlockStreamer:
     """The stages of a dense merge over blocks: `read` (a thread), `compute` (the caller); `OutputSet` writes.
 
-    Memory is fixed by construction: `blocks` sizes, once from the plan, pools of input and result buffers on the
-    host (the largest block in its widest form; pinned on CUDA), of device buffers on CUDA, and the workspace.
-    A pool holds a buffer for every item in flight (`pipeline.in_flight`); only the reader takes input buffers and
-    only the compute stage result buffers, so a stage ahead of its pool waits but cannot deadlock. `readers` and
-    `roles` are numbered as in `TensorJob`; blocks follow `order` (`OutputSet.order`); `stats` may be None.
+    `blocks` sizes the pools (a buffer per item in flight, each the largest block in its widest form) and the
+    workspace once; only the reader takes input buffers and only compute result buffers, so none can deadlock.
+    `readers` and `roles` are numbered as in `TensorJob`; blocks follow `order`; `stats` may be None.
     """
 
     def __init__(
@@ -62,8 +56,7 @@ class BlockStreamer:
         self._unit: _RowsInPieces | None = None
 
     def blocks(self, jobs: Sequence[TensorJob]) -> list[Block | Batch]:
-        """`jobs` cut into blocks in the outputs' order, runs of small tensors batched; sizes the pools and the
-        workspace for them (one pass with a few dict lookups per tensor: a million tiny tensors plan in seconds)."""
+        """`jobs` cut into blocks in the outputs' order, small tensors batched; sizes the pools and workspace."""
         by_name = {j.name: j for j in jobs}
         limit = self.options.block_size
         small = min(SMALL_TENSOR_BYTES, limit)
@@ -134,8 +127,7 @@ class BlockStreamer:
         return view_as(buffer, self.readers[i].info(block.job.name).dtype, block.shape())
 
     def read(self, item: Block | Batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The item of every input its job reads, each in a buffer of the input pool (a batch: its tensors back to
-        back, seen as one (rows, width) matrix)."""
+        """The item of every input its job reads, each in an input-pool buffer (a batch: one (rows, width) matrix)."""
         tensors, buffers = [], []
         for i in item.job.inputs():
             buffers.append(self.input_pool.get())
@@ -230,8 +222,7 @@ class BlockStreamer:
         lams: list[float],
         observe: Observer | None,
     ) -> None:
-        """`apply_method_into` on a one-pass item through the workspace (a piece of a stored row of a Conv1D
-        weight seen as (1, n): its elements belong to n of the op's rows, the columns)."""
+        """`apply_method_into` on a one-pass item (a piece of a Conv1D weight's stored row seen as (1, n))."""
         views = [out, plus, *minus, *([theta0] if theta0 is not None else [])]
         if item.job.transposed and isinstance(item, Block) and item.cols is not None:
             views = [t.view(1, -1) for t in views]
@@ -327,8 +318,7 @@ class _RowsInPieces:
 
 
 def _pieces_of(block: Block, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor | None, tuple]:
-    """A two-pass block's inputs as 2-D views (expert and anti-experts; θ₀ apart) and how they map onto its Gram:
-    (the unit they belong to, the axis a row runs along, the unit's op rows, the first of them here)."""
+    """A two-pass block's 2-D views (vectors; θ₀ apart) and (its unit, reduce axis, unit's op rows, first here)."""
     job = block.job
     flat = block.cols is not None
     views = [t.view(1, -1) if flat else t for t in inputs]

@@ -1,8 +1,5 @@
-"""Read safetensors checkpoints lazily: headers validated up front, then one tensor (or row block) at a time.
-
-Tensors are read with `pread` into a buffer the caller owns, never memory-mapped: a mapping's pages
-count toward RSS until the file is closed, so a whole model read through one would grow RSS to its size.
-"""
+"""Read safetensors checkpoints lazily: headers validated up front, then one tensor (or row block) at a time, by
+`pread` into the caller's buffer (a memory map's pages would count toward RSS until the file is closed)."""
 
 import gc
 import hashlib
@@ -84,7 +81,7 @@ def read_header(path: str | os.PathLike) -> Header:
             "corrupt or not a safetensors file"
         ) from None
     del raw  # freed before parsing, which is when memory peaks
-    # Millions of objects in no cycle: the garbage collector's passes over them would double the time spent parsing.
+    # Millions of objects in no cycle: the collector's passes would double the parsing time.
     collecting = gc.isenabled()
     gc.disable()
     try:
@@ -105,9 +102,7 @@ def read_header(path: str | os.PathLike) -> Header:
     return header
 
 
-# Headers still referenced somewhere (a ResolvedInput keeps those of its files), by the path as
-# given, the file's size and a digest of the header's bytes: an input resolved and then read has
-# its header parsed once (reading and hashing 100 MB takes a tenth of a second, parsing seconds).
+# Headers still referenced (a ResolvedInput keeps its files'), by path, size and header digest: parsed once.
 _headers_in_use: "weakref.WeakValueDictionary[tuple, Header]" = weakref.WeakValueDictionary()
 
 
@@ -381,9 +376,7 @@ def _check_layout(path: Path, infos: list[TensorInfo], data_start: int, size: in
 
 
 class CheckpointReader:
-    """The tensors of one checkpoint (a file, or shards of one model), read one at a time.
-
-    Files are opened read-only. Keys come in file order (shard by shard, by offset).
+    """The tensors of one checkpoint (a file, or shards of one model), read one at a time, keys in file order.
 
     Example:
         >>> with CheckpointReader(["model.safetensors"]) as r:

@@ -5,7 +5,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,27 +76,6 @@ def _safetensors_order(entries: Sequence[TensorEntry]) -> list[TensorEntry]:
     return sorted(entries, key=lambda e: (ranks[e.dtype], e.name))
 
 
-def _plan_shards(
-    entries: Sequence[TensorEntry], max_shard_size: int | None, weights_name: str = MODEL_WEIGHTS
-) -> list[tuple[str, list[TensorEntry]]]:
-    """`entries` cut into files of at most `max_shard_size` tensor bytes (a larger tensor alone), each in safetensors'
-    order: one is `weights_name`, several are named as Hugging Face does (model-00001-of-00003.safetensors)."""
-    groups: list[list[TensorEntry]] = [[]]
-    size = 0
-    for entry in entries:
-        if max_shard_size is not None and groups[-1] and size + entry.nbytes > max_shard_size:
-            groups.append([])
-            size = 0
-        groups[-1].append(entry)
-        size += entry.nbytes
-    if len(groups) == 1:
-        return [(weights_name, _safetensors_order(groups[0]))]
-    stem, count = weights_name.removesuffix(SAFETENSORS_SUFFIX), len(groups)
-    return [
-        (SHARD_NAME.format(stem=stem, index=i + 1, count=count), _safetensors_order(g)) for i, g in enumerate(groups)
-    ]
-
-
 @dataclass(frozen=True)
 class Shard:
     """One file of an output: name ("" in a file output), tensors in file order, its header's tensor part."""
@@ -113,12 +92,24 @@ def plan_layout(
     max_shard_size: int | None = None,
     weights_name: str = MODEL_WEIGHTS,
 ) -> list[Shard]:
-    """The files of an output (a folder output sharded at `max_shard_size`), once for all outputs of a run;
-    MergeError for duplicate names."""
+    """The files of an output, once for all outputs of a run, each in safetensors' order: a folder output's cut at
+    `max_shard_size` tensor bytes (a larger tensor alone), several named as Hugging Face does
+    (model-00001-of-00003.safetensors); MergeError for duplicate names."""
     if len({e.name for e in entries}) != len(entries):
         raise MergeError("duplicate tensor names in the output plan")
-    groups = _plan_shards(entries, max_shard_size, weights_name) if folder else [("", _safetensors_order(entries))]
-    return [Shard(name, group, _tensor_json(group)) for name, group in groups]
+    groups: list[list[TensorEntry]] = [[]]
+    size = 0
+    for entry in entries:
+        if folder and max_shard_size is not None and groups[-1] and size + entry.nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(entry)
+        size += entry.nbytes
+    stem, count = weights_name.removesuffix(SAFETENSORS_SUFFIX), len(groups)
+    names = [SHARD_NAME.format(stem=stem, index=i + 1, count=count) for i in range(count)]
+    names = names if count > 1 else [weights_name if folder else ""]
+    ordered = [_safetensors_order(group) for group in groups]
+    return [Shard(name, group, _tensor_json(group)) for name, group in zip(names, ordered, strict=True)]
 
 
 def _index_name(weights_name: str) -> str:
@@ -421,17 +412,12 @@ class CheckpointWriter:
         self.abort()
 
 
-def check_free_space(writers: Sequence[CheckpointWriter]) -> None:
-    """Raise an InputError before any data is written when the outputs will not fit on their disks."""
-    need: dict[Path, int] = {}
-    for w in writers:
-        need[w.target.parent] = need.get(w.target.parent, 0) + w.total_bytes
-    check_space(need)
-
-
-def check_space(need: Mapping[Path, int]) -> None:
-    """Raise an InputError when the bytes needed in a folder exceed the free space of its disk."""
-    for folder, n in need.items():
+def check_space(need: Iterable[tuple[Path, int]]) -> None:
+    """Raise an InputError, before any write, when the bytes bound for a folder exceed its disk's free space."""
+    totals: dict[Path, int] = {}
+    for folder, n in need:
+        totals[folder] = totals.get(folder, 0) + n
+    for folder, n in totals.items():
         while not folder.exists() and folder != folder.parent:  # a dry run creates no folder: ask the nearest one
             folder = folder.parent
         free = shutil.disk_usage(folder).free
