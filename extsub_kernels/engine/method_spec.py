@@ -27,8 +27,7 @@ class MethodSpec:
         weight_sign: elementwise methods: θ ← θ + weight_sign·λ·θ⁻; None for a method that pairs rows.
         coefficients: a row-pairing method's α and β per row (see `Coefficients`).
         needs_products: `coefficients` reads p·m (otherwise it gets None there and the paths skip it).
-        op: a kernel doing one step in place, op(p, m, λ, row_stats=...), as `ops.ext_sub_`; None: the
-            Gram path computes it from `coefficients`.
+        op: a kernel doing one step in place, op(p, m, λ, row_stats=) as `ops.ext_sub_` (None: the Gram path).
         fused: a kernel doing one step on task vectors, fused(out, p, m, θ₀, λ, row_stats=) → whether it ran.
         dropped: why a unit only in anti-experts contributes nothing (a row-pairing method keeps |p| = 0).
         change_per_lam: ‖θ' − θ⁺‖ per unit of |λ| over a tensor, from its `PairStats` (None: not known).

@@ -15,7 +15,7 @@ import yaml
 from extsub_kernels._version import __version__
 from extsub_kernels.constants import RECIPE_NAME
 from extsub_kernels.engine.method_spec import DEFAULT_METHOD, METHODS
-from extsub_kernels.engine.options import ON_MISSING, OUT_DTYPES, lam_label, lam_value, short
+from extsub_kernels.engine.options import ON_MISSING, OUT_DTYPES, lam_items, lam_label, short
 from extsub_kernels.errors import InputError
 from extsub_kernels.io import read_header
 from extsub_kernels.io.files import read_bounded_text
@@ -136,26 +136,17 @@ def check_recipe(
             f"{where}: extsub_recipe is {checked['extsub_recipe']}, but this extsub ({__version__}) reads format "
             f"{RECIPE_FORMAT}; upgrade extsub"
         )
-    if "lam" in checked:
-        _check_lams(checked["lam"], where)
+    if checked.get("lam") not in (None, []):  # each λ by `lam_items`' rules (an empty list is the run's to refuse)
+        try:
+            lam_items(checked["lam"])
+        except InputError as e:
+            raise InputError(f"{where}: key 'lam': {e}") from None
     anti = checked.get("anti")
     if isinstance(anti, list) and (not anti or not all(isinstance(a, str) for a in anti)):
         raise InputError(
             f"{where}: key 'anti' must be a path or hub id, or a non-empty list of them, got {short(anti)}"
         )
     return checked
-
-
-def _check_lams(lam: object, where: str) -> None:
-    """Every λ of a recipe's `lam` a finite number (`lam_value`'s rule), the error naming the file and the key."""
-    items = [part.split(":") for part in lam.split(",")] if isinstance(lam, str) else lam
-    items = items if isinstance(items, list) else [items]
-    try:
-        for item in items:
-            for value in item if isinstance(item, (list, tuple)) else [item]:
-                lam_value(value)
-    except InputError as e:
-        raise InputError(f"{where}: key 'lam': {e}") from None
 
 
 def _lam_value_for(setting: Sequence[float]) -> float | str:

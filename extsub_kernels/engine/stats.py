@@ -31,8 +31,7 @@ class PairStats:
 
     Attributes:
         anti, rows: the anti-expert's role (ANTI, ANTI #2, ...); rows paired (output features).
-        zero_expert_rows, zero_anti_rows, antiparallel_rows: |p| = 0, |m| = 0 (Ext(m) = 0), cos(p, m) within
-            ANTIPARALLEL_TOLERANCE of −1 (Ext(m) = m).
+        zero_expert_rows, zero_anti_rows, antiparallel_rows: |p| = 0, |m| = 0 (Ext(m) = 0), cos(p, m) ≈ −1.
         measured_rows, cos: rows with both norms non-zero; the distribution of cos(p, m) over them (or None).
         expert_norm, anti_norm, deficiency_norm: ‖θ⁺‖, ‖θ⁻‖ and ‖Ext(θ⁻)‖ over these rows (Frobenius).
         anti_abs_sum, deficiency_abs_sum: Σ|mᵢ| and Σ|Ext(mᵢ)| over rows.

@@ -162,7 +162,7 @@ def publish_all(moves: Sequence[tuple[Path, Path]], *, force: bool) -> tuple[Pat
 
 
 def _publish(moves: Sequence[tuple[Path, Path]], force: bool) -> tuple[Path, ...]:
-    # Per move: the target, where its predecessor waits until all are in place (None: none), the folders created for it.
+    # Per move: the target, where its predecessor waits (None: none), the folders created for it.
     done: list[tuple[Path, Path | None, list[Path]]] = []
     try:
         for temp, target in moves:

@@ -82,8 +82,8 @@ def check_outputs(
     others: Sequence[tuple[str, Path]] = (),
     read: Sequence[tuple[str, Path]] = (),
 ) -> None:
-    """Refuse an OUT that is, is inside or contains an input or another output, exists (without force; an empty
-    folder is taken) or cannot be replaced.
+    """Refuse an OUT that is, is in or holds an input or output, exists (without force; an empty folder is taken)
+    or cannot be replaced.
 
     Args:
         paths: the outputs of the run (one per λ setting).

@@ -22,8 +22,7 @@ import torch
 from extsub_kernels.errors import InputError, MergeError
 from extsub_kernels.io.format import DTYPES, HEADER_LENGTH_BYTES, MAX_HEADER_BYTES, METADATA_KEY, readable_dtypes
 
-# Header numbers are u64 for safetensors (a shape's running product too, even before a 0); torch needs each
-# dimension, and an empty tensor's first stride, in int64.
+# safetensors: header numbers and a shape's running product (even before a 0) in u64; torch: dims and strides in int64.
 _U64_MAX = 2**64 - 1
 _INT64_MAX = 2**63 - 1
 _MAX_DIGITS = len(str(_U64_MAX))

@@ -32,8 +32,7 @@ from extsub_kernels.errors import Notice
 
 _SOURCE = Path(__file__).with_name("ext_sub_cpu.cpp")
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
-# -ffp-contract=off: no fused multiply-adds chosen by the compiler, so each sum and each update
-# rounds the same way in every instantiation (with or without row sums: the same result bit for bit).
+# -ffp-contract=off: no compiler-chosen FMAs, so every instantiation (row sums or not) rounds alike, bit for bit.
 _BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off", "-fvisibility=hidden")
 _BASE_FLAGS += ("-fno-exceptions",)
 # Vector extensions per torch's own CPU capability (torch.backends.cpu.get_cpu_capability()).
