@@ -18,13 +18,10 @@ def _method_formulas() -> dict[str, str]:
 
 
 class _MethodNames:
-    """The methods' names, as argparse's `choices` and `in` checks see them, kept current with the registry."""
+    """The methods' names, as argparse's `choices` and `in` checks see them (by iterating), kept current."""
 
     def __iter__(self) -> Iterator[str]:
         return iter(_method_formulas())
-
-    def __contains__(self, name: object) -> bool:
-        return name in _method_formulas()
 
     def __len__(self) -> int:
         return len(_method_formulas())

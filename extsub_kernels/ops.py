@@ -1,9 +1,9 @@
 """The public ops: validation, dispatch by device (CUDA → Triton, CPU → the C++ kernel, else the eager torch path).
-
 Ext-Sub per row (docs/design.md §1): p' = α·p + β·m, α = 1 + (λ/2)·|m|/|p|, β = −λ/2; rows with |p| = 0 keep p.
 On request the same pass hands back each row's |p|², |m|² and p·m (`row_stats`, docs/design.md §7).
 """
 
+import functools
 import importlib
 import os
 import warnings
@@ -179,18 +179,13 @@ def _triton_importable() -> bool:
         return False
 
 
-_warned_no_triton = False
-
-
+@functools.cache  # said once
 def _warn_no_triton() -> None:
-    global _warned_no_triton
-    if not _warned_no_triton:
-        _warned_no_triton = True
-        warnings.warn(
-            "Triton is not installed, so Ext-Sub on CUDA runs the torch path instead of the fused kernel; "
-            f"install it with `{install_hint('cuda')}` (or `pip install triton`)",
-            stacklevel=4,
-        )
+    warnings.warn(
+        "Triton is not installed, so Ext-Sub on CUDA runs the torch path instead of the fused kernel; "
+        f"install it with `{install_hint('cuda')}` (or `pip install triton`)",
+        stacklevel=4,
+    )
 
 
 def ext_sub_(

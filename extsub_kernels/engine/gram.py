@@ -89,10 +89,8 @@ class RowGram:
         return torch.stack([self.sums[0, 0], self.sums[k, k], self.sums[0, k]], dim=1)
 
     def coefficients(self, lams: Sequence[float], spec: MethodSpec = EXT_SUB) -> torch.Tensor:
-        """c (n_vectors, n_pairs), float64: the method's steps with `lams` in order give Σᵢ cᵢ·vᵢ.
-
-        Step j: |p|² = cᵀGc over v₀…v_{j−1}, |mⱼ| = √Gⱼⱼ, p·mⱼ = Σᵢ cᵢGᵢⱼ; c ← α·c, cⱼ = β (`row_coefficients`).
-        """
+        """c (n_vectors, n_pairs), float64, with Σᵢ cᵢ·vᵢ the method's steps with `lams`: step j takes |p|² = cᵀGc,
+        |mⱼ| = √Gⱼⱼ, p·mⱼ = Σᵢ cᵢGᵢⱼ, then c ← α·c, cⱼ = β (`row_coefficients`)."""
         if len(lams) != self.n_vectors - 1:
             raise ValueError(f"{self.n_vectors - 1} anti-experts but {len(lams)} λ values")
         gram = self.sums.clone()

@@ -4,6 +4,7 @@ Adding a method is one `MethodSpec` passed to `register_method` (and, for speed,
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from operator import attrgetter
 
 import torch
 
@@ -76,11 +77,8 @@ def _direct(name: str, sign: float, title: str, card_text: str, color: str) -> M
     """An elementwise method, θ ← θ + sign·λ·θ⁻; its change over a tensor is |λ|·‖θ⁻‖."""
     does, instead = ("subtracts", "adding") if sign > 0 else ("adds", "subtracting")
     negative = f"{does} the anti-expert instead of {instead} it"
-    return MethodSpec(name, METHOD_FORMULAS[name], title, card_text, negative, color, sign, change_per_lam=_anti_norm)
-
-
-def _anti_norm(pair: object) -> float:
-    return pair.anti_norm
+    change = attrgetter("anti_norm")
+    return MethodSpec(name, METHOD_FORMULAS[name], title, card_text, negative, color, sign, change_per_lam=change)
 
 
 EXT_SUB = MethodSpec(

@@ -50,11 +50,9 @@ def apply_method_into(
     workspace: Workspace,
     observe: Observer | None = None,
 ) -> torch.Tensor:
-    """The method applied with each anti-expert in order into contiguous `out` (may be `plus`); returns `out`.
-
-    Rows are dim 0 (columns with `transposed`); with `base`, on task vectors θ − θ₀, writing θ₀ + ΔW'. `observe`
-    gets the row sums against each anti-expert (docs/design.md §7), from the same pass where there is one.
-    """
+    """The method applied with each anti-expert in order into contiguous `out` (may be `plus`); returns `out`. Rows
+    are dim 0 (columns with `transposed`); with `base`, on task vectors θ − θ₀, writing θ₀ + ΔW'. `observe` gets the
+    row sums against each anti-expert (docs/design.md §7), from the same pass where there is one."""
     spec = method_spec(method)
     if len(minus) != len(lams):
         raise ValueError(f"{len(minus)} anti-expert tensors but {len(lams)} λ values")

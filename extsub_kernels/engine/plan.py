@@ -51,11 +51,9 @@ def plan_tensors(
     transposed: TransposedRule = never_transposed,
     inputs: Sequence[ResolvedInput] = (),
 ) -> tuple[list[TensorJob], list[str]]:
-    """Match tensors by key across the inputs; returns the jobs (expert order) and the skipped keys.
-
-    The expert's float tensors an anti-expert (and the base) has are merged, its others copied; anti-only keys
-    follow `on_missing`. InputError for mismatches, missing keys, nothing to merge; `inputs` name files.
-    """
+    """Match tensors by key; returns the jobs (expert order) and skipped keys. The expert's float tensors an anti-expert
+    (and the base) has are merged, its others copied; anti-only keys follow `on_missing`. InputError for mismatches,
+    missing keys, nothing to merge; `inputs` name files."""
     expert = readers[0]
     where = _namer(readers, inputs)
     for reader in readers:

@@ -15,7 +15,7 @@ import yaml
 from extsub_kernels._version import __version__
 from extsub_kernels.constants import RECIPE_NAME
 from extsub_kernels.engine.method_spec import DEFAULT_METHOD, METHODS
-from extsub_kernels.engine.options import ON_MISSING, OUT_DTYPES, lam_items, lam_label, short
+from extsub_kernels.engine.options import ON_MISSING, OUT_DTYPES, lam_items, lam_label, lam_text, short
 from extsub_kernels.errors import InputError
 from extsub_kernels.io import read_header
 from extsub_kernels.io.files import read_bounded_text
@@ -149,17 +149,12 @@ def check_recipe(
     return checked
 
 
-def _lam_value_for(setting: Sequence[float]) -> float | str:
-    """λ of one output as a recipe writes it: a number when every anti-expert has it, else "1:0.5"."""
-    label = lam_label(setting)
-    return float(setting[0]) if len(set(setting)) <= 1 else label.replace("_", ":")
-
-
 def recipe_text(recipe: Mapping[str, Any], setting: Sequence[float]) -> str:
     """The recipe of one output: `recipe` (MERGE_KEYS) with that output's λ, as YAML with a header comment."""
     body = {"extsub_recipe": RECIPE_FORMAT, "extsub_version": __version__}
+    lam = float(setting[0]) if len(set(setting)) <= 1 else lam_text(setting, ":")  # a number when all share it
     for key in MERGE_KEYS:
-        value = _lam_value_for(setting) if key == "lam" else recipe.get(key)
+        value = lam if key == "lam" else recipe.get(key)
         if value is not None and (value is not False or key == "transposed"):
             body[key] = value
     header = (

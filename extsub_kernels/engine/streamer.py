@@ -30,11 +30,8 @@ from extsub_kernels.io.provenance import display_path
 
 class BlockStreamer:
     """The stages of a dense merge over blocks: `read` (a thread), `compute` (the caller); `OutputSet` writes.
-
-    `blocks` sizes the pools (a buffer per item in flight, each the largest block in its widest form) and the
-    workspace once; only the reader takes input buffers and only compute result buffers, so none can deadlock.
-    `readers` and `roles` are numbered as in `TensorJob`; blocks follow `order`; `stats` may be None.
-    """
+    `blocks` sizes the pools (a buffer per item in flight, the largest block in its widest form) and the workspace
+    once; only the reader takes input buffers, only compute result buffers: no deadlock. Blocks follow `order`."""
 
     def __init__(
         self,
@@ -144,6 +141,7 @@ class BlockStreamer:
         host, host_buffers = payload
         progress = self.read_bytes(item)
         last = item.jobs[-1].name if isinstance(item, Batch) else None
+        nothing = [self._nothing] * len(self.options.settings)
         if not self.transfer.cuda:
             results, kept, fresh = self._results(item, host, host_buffers, self.result_pool)
             self.input_pool.put([b for b in host_buffers if not any(b is k for k in kept)])
@@ -152,8 +150,7 @@ class BlockStreamer:
                 self.input_pool.put(kept)
                 self.result_pool.put(fresh)
 
-            results = results or [self._nothing] * len(self.options.settings)
-            return Piece(item.job.name, results, progress, release=release, last=last)
+            return Piece(item.job.name, results or nothing, progress, release=release, last=last)
         buffers = [self.device_pool.get() for _ in host]
         inputs = self.transfer.to_device_into(host, buffers)
         self.input_pool.put(host_buffers)
@@ -166,9 +163,8 @@ class BlockStreamer:
             host_results.append(seen[id(r)])
         self.device_pool.put(buffers + fresh)  # later work on the copy stream runs after these copies
         event = self.transfer.done_event()
-        results = host_results or [self._nothing] * len(self.options.settings)
         ready, release = (lambda: self.transfer.ready(event)), (lambda: self.result_pool.put(landing))
-        return Piece(item.job.name, results, progress, ready=ready, release=release, last=last)
+        return Piece(item.job.name, host_results or nothing, progress, ready=ready, release=release, last=last)
 
     def _results(
         self, item: Block | Batch, inputs: list[torch.Tensor], buffers: list[torch.Tensor], pool: BufferPool

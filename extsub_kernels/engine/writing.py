@@ -185,13 +185,10 @@ class LazyOutput:
         entries = [TensorEntry(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
         return cls(entries, lambda name, _loaded: tensors[name].detach().cpu(), **fields)
 
-    def tensor(self, name: str) -> torch.Tensor:
-        return self.produce(name, self.load(name))
-
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) in entry order, one at a time."""
         for entry in self.entries:
-            yield entry.name, self.tensor(entry.name)
+            yield entry.name, self.produce(entry.name, self.load(entry.name))
 
 
 def write_outputs(

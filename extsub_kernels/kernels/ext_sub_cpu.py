@@ -1,5 +1,4 @@
 """The CPU kernel for Ext-Sub (paper Algorithm 1): ext_sub_cpu.cpp, built at first use, cached, called via ctypes.
-
 Per row p' = α·p + β·m (docs/design.md §1), with each row's |p|², |m|², p·m on request (§7) or only those
 (`row_sums`); with a base θ₀, one fused pass (`ext_sub_task_rows_into`). Any C++17 compiler builds it (no torch
 headers) into a per-user cache keyed by source, flags and compiler; without one `load()` is None, the reason in
