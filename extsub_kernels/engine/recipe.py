@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from extsub_kernels._names import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_LAM, DEFAULT_ON_MISSING
 from extsub_kernels._version import __version__
 from extsub_kernels.constants import RECIPE_NAME
 from extsub_kernels.engine.method_spec import DEFAULT_METHOD, METHODS
@@ -172,7 +173,8 @@ def command_line(recipe: Mapping[str, Any], out: str | os.PathLike | None = None
     out = out if out is not None else recipe.get("out")
     if out is not None:
         words += ["-o", os.fspath(out)]
-    defaults = {"lam": 1.0, "method": DEFAULT_METHOD, "device": "auto", "dtype": "keep", "on_missing": "error"}
+    defaults = dict(lam=DEFAULT_LAM, method=DEFAULT_METHOD, device=DEFAULT_DEVICE, dtype=DEFAULT_DTYPE)
+    defaults["on_missing"] = DEFAULT_ON_MISSING
     for key, spec in KEYS.items():
         value = recipe.get(key)
         if spec.flag is None or key == "out" or value is None or value == defaults.get(key):

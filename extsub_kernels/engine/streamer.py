@@ -162,8 +162,7 @@ class BlockStreamer:
                 seen[id(r)] = self.transfer.to_host(r, landing[-1])
             host_results.append(seen[id(r)])
         self.device_pool.put(buffers + fresh)  # later work on the copy stream runs after these copies
-        event = self.transfer.done_event()
-        ready, release = (lambda: self.transfer.ready(event)), (lambda: self.result_pool.put(landing))
+        ready, release = self.transfer.done_event().synchronize, (lambda: self.result_pool.put(landing))
         return Piece(item.job.name, host_results or nothing, progress, ready=ready, release=release, last=last)
 
     def _results(

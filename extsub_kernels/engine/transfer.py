@@ -89,7 +89,7 @@ def view_as(buffer: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) ->
 
 class Transfer:
     """Moves blocks between the host buffers and the compute device: CPU, identity; CUDA, non-blocking copies on a side
-    stream (`ready(event)` blocks until a device → host copy has landed)."""
+    stream (`done_event()` tells when a device → host copy has landed)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -132,16 +132,11 @@ class Transfer:
         host.copy_(tensor, non_blocking=self.cuda)
         return host
 
-    def done_event(self) -> "torch.cuda.Event | None":
-        event = torch.cuda.Event() if self.cuda else None
-        if event is not None:
-            event.record(self.stream)
+    def done_event(self) -> "torch.cuda.Event":
+        """CUDA: an event on the side stream; its `synchronize()` waits for the copies queued so far."""
+        event = torch.cuda.Event()
+        event.record(self.stream)
         return event
-
-    @staticmethod
-    def ready(event: "torch.cuda.Event | None") -> None:
-        if event is not None:
-            event.synchronize()
 
     def peak_memory(self) -> int | None:
         return torch.cuda.max_memory_allocated(self.device) if self.cuda else None
