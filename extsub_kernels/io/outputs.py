@@ -132,12 +132,9 @@ def check_report_path(
     force: bool,
     read: Sequence[tuple[str, Path]] = (),
 ) -> None:
-    """Refuse a report file that is a folder, is or is in an input or an output, or exists (without force) and is
-    no regular file; a FIFO or character device is written into, never replaced (`is_stream`).
-
-    Raises:
-        InputError: naming the file and what to do.
-    """
+    """Refuse (InputError naming the file and what to do) a report file that is a folder, is or is in an input or an
+    output, or exists (without force) and is no regular file; a FIFO or character device is written into, never
+    replaced (`is_stream`)."""
     what = f"report={path}"
     if path.is_dir():
         raise _error(f"{what} is a folder; give a file name like report.json (or - for stdout)", what)
@@ -195,10 +192,7 @@ def check_report_folder(
     """Refuse a folder for report files (a scan's SCAN_DIR, an inspection's; `label` in messages) that cannot take
     `names`: one that is, is in or holds an input; a file; a file of `names` that is, holds or lies in an output
     of `others` or a file `read`; one holding any of `names`, unless `force`. Other files in it are left alone.
-
-    Raises:
-        InputError: naming the folder, the input or the file in the way, and what to do.
-    """
+    The InputError names the folder, the input or the file in the way, and what to do."""
     _check_apart_from_inputs(folder, inputs, f"{label} {folder}")
     if os.path.lexists(folder) and not folder.is_dir():
         raise InputError(f"{label} {folder} exists and is not a folder; give a folder for {', '.join(names)}")
