@@ -154,8 +154,7 @@ def _cpp_kernel_loads() -> bool:
 
 
 def cpu_backend() -> str:
-    """Which implementation `backend="auto"` runs on CPU tensors, and why, in one line: "cpp: ..." (the C++ kernel,
-    built on first use, a few seconds, then cached) or "torch: ..." (the eager path, with the reason)."""
+    """What `backend="auto"` runs on CPU tensors and why, in one line: "cpp: ..." (the C++ kernel) or "torch: ..."."""
     from extsub_kernels.kernels import ext_sub_cpu
 
     status = ext_sub_cpu.status()

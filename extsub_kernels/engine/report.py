@@ -50,11 +50,9 @@ class MergeReport:
         device, kernel: where the op ran and what ran it (`ops.op_backend`; None where nothing was computed).
         adapter: adapter merges: what happened to each module (None for dense inputs).
         mode: "merge", "dry-run" (nothing read but headers, nothing written) or "inspect" (statistics only).
-        method, settings: the method's name; λ per anti-expert of each output.
-        items, stats: what happens to each tensor or module, in order; their row statistics (where gathered).
+        method, settings, items, stats: the method; λ per anti-expert per output; each tensor's fate and statistics.
         files: (name, bytes) of the files of each output (bytes None for texts a dry run cannot size).
-        layout: how rows were paired (which weights count as stored (in, out), and why).
-        context: the run's provenance: inputs with commits and header hashes, recipe, command.
+        layout, context: how rows were paired, and why; the run's provenance (inputs, recipe, command).
     """
 
     outputs: tuple[Path, ...]

@@ -112,16 +112,13 @@ def plan_layout(
     return [Shard(name, group, _tensor_json(group)) for name, group in zip(names, ordered, strict=True)]
 
 
-def _index_name(weights_name: str) -> str:
-    """The shard index of a folder output's weights: model.safetensors → model.safetensors.index.json."""
-    return weights_name.removesuffix(SAFETENSORS_SUFFIX) + INDEX_SUFFIX
-
-
-def _index_text(layout: Sequence[Shard]) -> str:
-    """The `*.safetensors.index.json` of sharded weights: `metadata.total_size` and a sorted `weight_map`."""
+def _index_file(weights_name: str, layout: Sequence[Shard]) -> tuple[str, str]:
+    """The shard index of sharded weights (model.safetensors.index.json) and its text: `metadata.total_size` and a
+    sorted `weight_map`."""
     weight_map = dict(sorted((e.name, shard.name) for shard in layout for e in shard.entries))
     total = sum(e.nbytes for shard in layout for e in shard.entries)
-    return json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+    text = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+    return weights_name.removesuffix(SAFETENSORS_SUFFIX) + INDEX_SUFFIX, text
 
 
 def planned_files(
@@ -144,7 +141,8 @@ def planned_files(
     if not folder:
         return files
     if len(layout) > 1:
-        files.append((_index_name(weights_name), len(_index_text(layout))))
+        name, text = _index_file(weights_name, layout)
+        files.append((name, len(text)))
     return files + [(src.name, src.stat().st_size) for src in extra_files] + [(name, None) for name in texts]
 
 
@@ -377,7 +375,8 @@ class CheckpointWriter:
         if not self.is_folder:
             return self._temp
         if len(self._layout) > 1:
-            atomic.write_text(self._temp / _index_name(self._weights_name), _index_text(self._layout))
+            name, text = _index_file(self._weights_name, self._layout)
+            atomic.write_text(self._temp / name, text)
         for src in self._extra_files:
             shutil.copyfile(src, self._temp / src.name)
             atomic.fsync_path(self._temp / src.name)
