@@ -17,7 +17,7 @@ from extsub_kernels.engine.plan import TensorJob, plan_tensors
 from extsub_kernels.engine.report import Item, MergeReport
 from extsub_kernels.engine.streamer import BlockStreamer
 from extsub_kernels.engine.writing import OutputSet, progress_bar, write_stage
-from extsub_kernels.io import CheckpointReader, CheckpointWriter, ResolvedInput, TensorEntry, is_folder_output
+from extsub_kernels.io import CheckpointReader, ResolvedInput, TensorEntry, is_folder_output
 from extsub_kernels.io.format import DTYPE_CODES
 from extsub_kernels.ops import op_backend
 
@@ -60,7 +60,11 @@ def run_dense(
         writing = dict(max_shard_size=limit, extra_files=extra, force=options.force, check_inputs=check_inputs)
         with OutputSet(paths, entries, metadata, **writing) as out:
             stats = DenseStats(roles, options.settings, options.method) if options.stats else None
-            total, peak = _streamed(readers, inputs, options, jobs, out.order, stats, out.writers)
+
+            def stream(blocks: list, s: BlockStreamer, total: int) -> None:
+                out.stream(blocks, s.read, s.compute, total=total, progress=options.progress, on_stop=s.close)
+
+            total, peak = _streamed(readers, inputs, options, jobs, out.order, stats, stream)
             out.add_texts(output_texts(paths, options, context, kind, stats.done if stats else []))
             written = out.commit()
             bytes_written = out.bytes_written
@@ -78,17 +82,15 @@ def _streamed(
     jobs: Sequence[TensorJob],
     order: Sequence[TensorEntry],
     stats: DenseStats | None,
-    writers: Sequence[CheckpointWriter],
-    desc: str = "extsub-merge",
+    stream: Callable[[list, BlockStreamer, int], None],
 ) -> tuple[int, int | None]:
-    """`jobs` cut into blocks in `order` and streamed into `writers` (none: statistics only) behind a progress bar
-    (`desc`); returns (bytes read, peak GPU memory)."""
+    """`jobs` cut into blocks in `order`, handed to `stream` with the device ready; (bytes read, peak GPU memory)."""
     streamer = BlockStreamer(readers, [role for role, _ in inputs], options, order, stats, [i for _, i in inputs])
     blocks = streamer.blocks(jobs)
     total = sum(streamer.read_bytes(b) for b in blocks)
-    with streamer.transfer, progress_bar(total, options.progress, desc) as bar:
+    with streamer.transfer:
         streamer.transfer.reset_peak()
-        run_pipeline(blocks, streamer.read, streamer.compute, write_stage(bar, writers), on_stop=streamer.close)
+        stream(blocks, streamer, total)
     return total, streamer.transfer.peak_memory()
 
 
@@ -148,7 +150,12 @@ def _inspect(
 ) -> MergeReport:
     """Stream the merged tensors through the method for their row statistics, writing nothing."""
     stats = DenseStats([role for role, _ in inputs], options.settings, options.method)
+
+    def stream(blocks: list, streamer: BlockStreamer, total: int) -> None:
+        with progress_bar(total, options.progress, "extsub-inspect") as bar:
+            run_pipeline(blocks, streamer.read, streamer.compute, write_stage(bar), on_stop=streamer.close)
+
     order = [TensorEntry(j.name, j.out_dtype, j.shape) for j in jobs]
-    total, peak = _streamed(readers, inputs, options, jobs, order, stats, (), "extsub-inspect")
+    total, peak = _streamed(readers, inputs, options, jobs, order, stats, stream)
     facts.update(mode="inspect", stats=tuple(stats.done), started=started, peak_gpu_bytes=peak)
     return MergeReport.finished((), bytes_read=total, **facts)

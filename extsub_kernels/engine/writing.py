@@ -73,10 +73,11 @@ class OutputSet:
         *,
         total: int,
         progress: bool,
+        on_stop: Callable[[], None] | None = None,
     ) -> None:
         """Read (a thread), compute a `Piece` (here), write to every output (a thread), each item in tensor order."""
         with progress_bar(total, progress) as bar:
-            run_pipeline(items, read, compute, write_stage(bar, self.writers))
+            run_pipeline(items, read, compute, write_stage(bar, self.writers), on_stop=on_stop)
 
     def add_texts(self, texts: Sequence[Mapping[str, str]]) -> None:
         """Small generated files per output, by name, between `stream` and `commit`."""
