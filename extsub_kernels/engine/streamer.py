@@ -184,6 +184,9 @@ class BlockStreamer:
         theta0 = inputs[-1] if job.base is not None else None
         kind = dict(method=self.options.method, base=theta0 is not None, transposed=job.transposed)
         in_place = in_place_step(plus.dtype, len(minus), out_dtype=job.out_dtype, **kind)
+        flat = job.transposed and isinstance(item, Block) and item.cols is not None  # a piece of a Conv1D stored row
+        op_view = (lambda t: t.view(1, -1)) if flat else (lambda t: t)  # its n elements belong to n op rows
+        method = dict(method=self.options.method, transposed=job.transposed, workspace=self.workspace)
         stats = self.stats
         results, kept, fresh = [], [], []
         for s, setting in enumerate(settings):
@@ -198,7 +201,9 @@ class BlockStreamer:
             if item.phase == "update":
                 self._update(item, result, inputs, s, observe)
             else:
-                self._method_into(item, result, plus, minus, theta0, lams, observe)
+                base = op_view(theta0) if theta0 is not None else None
+                args = (op_view(result), op_view(plus), [op_view(m) for m in minus], lams)
+                apply_method_into(*args, base=base, observe=observe, **method)
             self._check_finite(item, result, setting)
             if stats is not None:
                 stats.measure(item, s, result, plus)
@@ -206,24 +211,6 @@ class BlockStreamer:
         if stats is not None:
             stats.block_done(item)
         return results, kept, fresh
-
-    def _method_into(
-        self,
-        item: Block | Batch,
-        out: torch.Tensor,
-        plus: torch.Tensor,
-        minus: list[torch.Tensor],
-        theta0: torch.Tensor | None,
-        lams: list[float],
-        observe: Observer | None,
-    ) -> None:
-        """`apply_method_into` on a one-pass item (a piece of a Conv1D weight's stored row seen as (1, n))."""
-        views = [out, plus, *minus, *([theta0] if theta0 is not None else [])]
-        if item.job.transposed and isinstance(item, Block) and item.cols is not None:
-            views = [t.view(1, -1) for t in views]
-        kwargs = dict(method=self.options.method, transposed=item.job.transposed, workspace=self.workspace)
-        base = views[-1] if theta0 is not None else None
-        apply_method_into(views[0], views[1], views[2 : 2 + len(minus)], lams, base=base, observe=observe, **kwargs)
 
     def _accumulate(self, block: Block, inputs: list[torch.Tensor]) -> None:
         """A "norms" block: its share of its rows' Gram matrices (a new unit starts with a row's or tensor's first)."""
