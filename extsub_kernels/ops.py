@@ -82,7 +82,7 @@ def row_products(w_plus: torch.Tensor, w_minus: torch.Tensor, *, out: torch.Tens
         `out`, reduced in float32 (float64 for float64 inputs; docs/design.md §7).
     """
     check_pair(w_plus, w_minus, 0.0)
-    rows = _row_count(w_plus)
+    rows = w_plus.shape[0] if w_plus.dim() >= 2 else 1
     if out is None:
         out = torch.empty(rows, 3, dtype=torch.float64, device=w_plus.device)
     _check_row_stats(out, w_plus)
@@ -102,15 +102,11 @@ def _contiguous_columns(t: torch.Tensor) -> bool:
     return t.shape[1] <= 1 or t.stride(1) == 1
 
 
-def _row_count(t: torch.Tensor) -> int:
-    return t.shape[0] if t.dim() >= 2 else 1
-
-
 def _check_row_stats(row_stats: torch.Tensor | None, w_plus: torch.Tensor) -> None:
     """A ValueError unless `row_stats` (None: nothing to check) can hold the row sums of `w_plus`."""
     if row_stats is None:
         return
-    rows, given = _row_count(w_plus), isinstance(row_stats, torch.Tensor)
+    rows, given = w_plus.shape[0] if w_plus.dim() >= 2 else 1, isinstance(row_stats, torch.Tensor)
     fits = given and tuple(row_stats.shape) == (rows, 3) and row_stats.dtype in (torch.float32, torch.float64)
     if not (fits and row_stats.device == w_plus.device and row_stats.is_contiguous()):
         found = (

@@ -53,7 +53,9 @@ class CardFacts:
 def model_card(facts: CardFacts) -> str:
     """The README.md text of an output."""
     spec = method_spec(facts.method)
-    models = _hub_models(facts)
+    # base_model as mergekit lists it: base model, expert, anti-experts; hub ids, each once
+    merged = [r["repo"] for r in facts.inputs if r.get("kind") == "hub" and r.get("role") != "BASE" and r.get("repo")]
+    models = list(dict.fromkeys(([facts.kind.base_model] if facts.kind.base_model else []) + merged))
     front: dict = {"base_model": models[0] if len(models) == 1 else models} if models else {}
     if models:
         front["base_model_relation"] = "merge"
@@ -105,13 +107,6 @@ def model_card(facts: CardFacts) -> str:
             "",
         ]
     return "\n".join(lines).rstrip("\n") + "\n"
-
-
-def _hub_models(facts: CardFacts) -> list[str]:
-    """The front matter's `base_model`, as mergekit lists it: base model, expert, anti-experts; hub ids, each once."""
-    merged = [r["repo"] for r in facts.inputs if r.get("kind") == "hub" and r.get("role") != "BASE" and r.get("repo")]
-    models = ([facts.kind.base_model] if facts.kind.base_model else []) + merged
-    return list(dict.fromkeys(models))
 
 
 def _input_line(record: Mapping) -> str:

@@ -69,7 +69,7 @@ def plan_tensors(
             other = tensors.get(name)
             if other is not None:
                 if other.shape != info.shape or other.dtype != info.dtype:
-                    _check_match(info, other, f"EXPERT ({where(info)})", _role(readers[k], name, where))
+                    _check_match(info, other, f"EXPERT ({where(info)})", f"{readers[k].label} ({where(other)})")
                 with_key.append(k)
                 shared[k - 1] += 1
         floating = is_float(info.dtype)
@@ -83,7 +83,7 @@ def plan_tensors(
                 )
             other = base.info(name)
             if other.shape != info.shape or other.dtype != info.dtype:
-                _check_match(info, other, f"EXPERT ({where(info)})", _role(base, name, where))
+                _check_match(info, other, f"EXPERT ({where(info)})", f"{base.label} ({where(other)})")
         flip = bool(merged) and transposed(name, info.shape)
         jobs.append(TensorJob(name, info.shape, dtype, 0, merged, base_index if merged else None, flip))
     for k, count in enumerate(shared, start=1):
@@ -116,10 +116,6 @@ def _namer(readers: Sequence[CheckpointReader], inputs: Sequence[ResolvedInput])
         return by_file.get(thing.path, thing.path.name)
 
     return where
-
-
-def _role(reader: CheckpointReader, name: str, where) -> str:
-    return f"{reader.label} ({where(reader.info(name))})"
 
 
 def _check_match(a: TensorInfo, b: TensorInfo, a_role: str, b_role: str) -> None:

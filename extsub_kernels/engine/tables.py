@@ -110,8 +110,7 @@ def _table(first: str, settings: Sequence[Sequence[float]], rows: Iterable[tuple
 
 
 def summary_table(stats: Sequence[TensorStats], settings: Sequence[Sequence[float]]) -> str:
-    """Markdown: per anti-expert, one row per module type with tensors, rows, degenerate rows, mean cos(p, m),
-    the deficiency share and the relative change at each λ setting. Empty when there are no statistics."""
+    """Markdown: per anti-expert, a row per module type (layers, tensors and `_table`'s columns); "" without stats."""
     if not stats:
         return ""
     parts = []
