@@ -29,7 +29,14 @@ _live: dict[Path, list[Path]] = {}  # temporary → the folders created for it (
 def reserve_temp(target: Path, *, folder: bool) -> Path:
     """A fresh, locked, empty temporary folder or file beside `target`, missing folders created (removed with it);
     InputError where it cannot be (the early check of OUT)."""
-    created = _make_folders(target.parent)
+    parent = target.parent
+    missing = list(itertools.takewhile(lambda path: not os.path.lexists(path), (parent, *parent.parents)))
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _remove_empty_folders(missing[::-1])
+        raise InputError(f"cannot create the output folder {parent}: {e.strerror or e}") from None
+    created = missing[::-1]  # outermost first
     temp = temps.temp_path(target)
     try:
         if folder:
@@ -43,17 +50,6 @@ def reserve_temp(target: Path, *, folder: bool) -> Path:
         remove(temp)
         raise InputError(f"cannot write in {target.parent}: {e.strerror or e}") from None
     return temp
-
-
-def _make_folders(folder: Path) -> list[Path]:
-    """Create `folder` and its missing parents; returns those created, outermost first."""
-    missing = list(itertools.takewhile(lambda path: not os.path.lexists(path), (folder, *folder.parents)))
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        _remove_empty_folders(missing[::-1])
-        raise InputError(f"cannot create the output folder {folder}: {e.strerror or e}") from None
-    return missing[::-1]
 
 
 def _remove_empty_folders(created: Sequence[Path]) -> None:
