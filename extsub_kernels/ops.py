@@ -39,9 +39,8 @@ def ext_sub_coefficients(p_norm: torch.Tensor, m_norm: torch.Tensor, lam: float)
 
 
 def _rows_torch(p: torch.Tensor, m: torch.Tensor, lam: float, row_stats: torch.Tensor | None, *, write: bool) -> None:
-    """The eager torch path on 2-D views (any device; the CPU fallback): `row_stats` gets the row sums, and with
-    `write` p ← α·p + β·m. CPU rows go in blocks of about _CPU_BLOCK_BYTES per operand, widened once into reused
-    scratch, so memory sees about one pass and the result is rounded once."""
+    """The eager path on 2-D views (any device): row sums into `row_stats`, and with `write` p ← α·p + β·m; on CPU in
+    blocks of _CPU_BLOCK_BYTES per operand widened into reused scratch (about one pass, rounded once)."""
     compute = compute_dtype(p.dtype, m.dtype)
     n_rows, n_cols = p.shape
     step = n_rows if p.device.type != "cpu" else min(n_rows, _CPU_BLOCK_BYTES // max(1, n_cols * compute.itemsize))

@@ -34,9 +34,8 @@ class Piece:
 
 
 class OutputSet:
-    """The outputs of one run, one per λ setting, created at once (an unusable OUT or too little space fails before
-    any work), removed on an error, published together by `commit` once `check_inputs` passes; other arguments as
-    `CheckpointWriter`'s."""
+    """The outputs of one run, one per λ setting, created at once (a bad OUT or too little space fails before any
+    work), removed on an error, published together once `check_inputs` passes; arguments as `CheckpointWriter`'s."""
 
     def __init__(
         self,

@@ -92,9 +92,8 @@ def plan_layout(
     max_shard_size: int | None = None,
     weights_name: str = MODEL_WEIGHTS,
 ) -> list[Shard]:
-    """The files of an output, once for all outputs of a run, each in safetensors' order: a folder output's cut at
-    `max_shard_size` tensor bytes (a larger tensor alone), several named as Hugging Face does
-    (model-00001-of-00003.safetensors); MergeError for duplicate names."""
+    """The files of an output in safetensors' order: a folder output's cut at `max_shard_size` tensor bytes (a larger
+    tensor alone), several named as Hugging Face does (model-00001-of-00003…); MergeError for duplicate names."""
     if len({e.name for e in entries}) != len(entries):
         raise MergeError("duplicate tensor names in the output plan")
     groups: list[list[TensorEntry]] = [[]]
