@@ -190,11 +190,8 @@ def command_line(recipe: Mapping[str, Any], out: str | os.PathLike | None = None
     return shlex.join(words)
 
 
-def _lam_text(lam: object) -> str:
-    if not isinstance(lam, (list, tuple)):
-        return _number(lam)
-    return ",".join(":".join(map(_number, x)) if isinstance(x, (list, tuple)) else _number(x) for x in lam)
-
-
-def _number(x: object) -> str:
-    return lam_label([float(x)]) if isinstance(x, (int, float)) else str(x)
+def _lam_text(lam: object, sep: str = ",") -> str:
+    """λ as a flag: a list joined by `sep` (its lists by ":"), numbers shortest, anything else as given."""
+    if isinstance(lam, (list, tuple)) and sep:
+        return sep.join(_lam_text(x, ":" if sep == "," else "") for x in lam)
+    return lam_label([float(lam)]) if isinstance(lam, (int, float)) else str(lam)
