@@ -1,7 +1,6 @@
 """The public ops: validation, dispatch by device (CUDA → Triton, CPU → the C++ kernel, else the eager torch path).
 Ext-Sub per row (docs/design.md §1): p' = α·p + β·m, α = 1 + (λ/2)·|m|/|p|, β = −λ/2; rows with |p| = 0 keep p.
-On request the same pass hands back each row's |p|², |m|² and p·m (`row_stats`, docs/design.md §7).
-"""
+On request the same pass hands back each row's |p|², |m|² and p·m (`row_stats`, docs/design.md §7)."""
 
 import functools
 import importlib

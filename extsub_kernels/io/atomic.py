@@ -1,8 +1,7 @@
-"""Whole-or-nothing outputs: write under a temporary name beside the target, fsync, then publish all together:
-`publish_all` holds Ctrl-C and SIGTERM back during the moves and undoes them on a failure; a replaced OUT keeps its
-name until its successor takes it in one step (rename over a file; `renameat2(RENAME_EXCHANGE)` for a folder, else
-set aside and put back on error, or by the next run: `temps`). Temporaries and the folders made for them are removed
-unless published, at interpreter exit at the latest."""
+"""Whole-or-nothing outputs: written under a temporary name beside the target, fsynced, then published together by
+`publish_all`, which holds Ctrl-C and SIGTERM back and undoes its moves on a failure; a replaced OUT keeps its name
+until its successor takes it in one step (rename over a file; `renameat2(RENAME_EXCHANGE)` for a folder, else set
+aside and put back on error, or by the next run: `temps`). Unpublished temporaries and their folders go at exit."""
 
 import atexit
 import contextlib

@@ -3,8 +3,7 @@ Per row p' = α·p + β·m (docs/design.md §1), with each row's |p|², |m|², p
 (`row_sums`); with a base θ₀, one fused pass (`ext_sub_task_rows_into`). Any C++17 compiler builds it (no torch
 headers) into a per-user cache keyed by source, flags and compiler; without one `load()` is None, the reason in
 `status()`. ctypes releases the GIL: up to `torch.get_num_threads()` threads claim chunks of rows from a shared
-counter. EXTSUB_CPP_KERNEL=0 disables it, CXX names the compiler, EXTSUB_CACHE_DIR moves the cache.
-"""
+counter. EXTSUB_CPP_KERNEL=0 disables it, CXX names the compiler, EXTSUB_CACHE_DIR moves the cache."""
 
 import ctypes
 import hashlib
@@ -46,10 +45,8 @@ _BUILD_NOTICE = "building the CPU kernel (first use, ~10 s)…"
 _MIN_ELEMENTS_PER_THREAD = 1 << 16
 # Rows at least this long, fewer than four per thread, are split across threads by columns (not by the fused pass).
 _LONG_ROW = 1 << 20
-# Threads claim rows in chunks of about this many bytes of p and m (a few in flight fit in L2).
-_CHUNK_BYTES = 256 << 10
-# A long row's column chunks: at most this many (their partial sums are a small array).
-_MAX_LONG_ROW_CHUNKS = 1024
+_CHUNK_BYTES = 256 << 10  # threads claim rows in chunks of about this many bytes of p and m (a few fit in L2)
+_MAX_LONG_ROW_CHUNKS = 1024  # a long row's column chunks at most (their partial sums are a small array)
 
 
 @dataclass(frozen=True)
