@@ -5,8 +5,7 @@ import sys
 from collections.abc import Iterator
 from typing import Literal, get_args
 
-# The built-in merge methods and their formulas. Everything else about a method lives in its MethodSpec
-# (engine.method_spec), which takes its name and formula from here; a method registered there joins the choices.
+# The built-in methods' formulas; the rest of a method is its MethodSpec (engine.method_spec), registered ones too.
 METHOD_FORMULAS: dict[str, str] = {"ext-sub": "θ⁺ − λ·Ext(θ⁻)", "sub": "θ⁺ − λθ⁻", "add": "θ⁺ + λθ⁻"}
 DEFAULT_METHOD = "ext-sub"
 _METHOD_SPECS = "extsub_kernels.engine.method_spec"
@@ -19,13 +18,10 @@ def _method_formulas() -> dict[str, str]:
 
 
 class _MethodNames:
-    """The methods' names, as argparse's `choices` and `in` checks see them, kept current with the registry."""
+    """The methods' names, as argparse's `choices` and `in` checks see them (by iterating), kept current."""
 
     def __iter__(self) -> Iterator[str]:
         return iter(_method_formulas())
-
-    def __contains__(self, name: object) -> bool:
-        return name in _method_formulas()
 
     def __len__(self) -> int:
         return len(_method_formulas())

@@ -66,8 +66,7 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 def cast_overflow(source: torch.Tensor, cast: torch.Tensor) -> str | None:
-    """None when casting `source` to `cast`'s dtype kept every finite value finite, else what overflowed ("values up
-    to 1e+05 beyond the float16 range (±6.55e+04, 1 value became ±inf)"); a NaN or Inf in `source` is carried over."""
+    """None when the cast kept every finite value of `source` finite, else what overflowed, in words."""
     if not cast.is_floating_point() or all_finite(cast):
         return None
     grew = torch.isinf(cast.reshape(-1)) & torch.isfinite(source.reshape(-1))

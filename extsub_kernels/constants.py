@@ -1,8 +1,5 @@
-"""Every file name and environment variable the package reads or writes, in one place (as huggingface_hub's own).
-
-Plain strings, below every other module, so io, the engine, the adapters and the kernels spell a
-name one way.
-"""
+"""Every file name and environment variable the package reads or writes, in one place (as huggingface_hub's own),
+below every other module, so each name is spelled one way."""
 
 # Checkpoints: a .safetensors file, a folder of shards with their index, a model's config.
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -11,7 +8,6 @@ MODEL_WEIGHTS = "model.safetensors"
 SHARD_NAME = "{stem}-{index:05d}-of-{count:05d}" + SAFETENSORS_SUFFIX  # model-00001-of-00003.safetensors
 MODEL_CONFIG = "config.json"
 
-# PEFT adapter folders.
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"  # a pickle: refused, never read
@@ -21,10 +17,8 @@ CARD_NAME = "README.md"
 RECIPE_NAME = "extsub_recipe.yaml"
 TEMP_TAG = ".extsub-tmp-"  # a run's temporary beside OUT: ".OUT.extsub-tmp-PID-XXXXXXXX"
 
-# System files.
 MOUNT_INFO = "/proc/self/mountinfo"  # Linux: where every file system (bind mounts too) is mounted
 
-# Environment variables.
 ENV_CACHE_DIR = "EXTSUB_CACHE_DIR"  # where the C++ kernel is built (default: $XDG_CACHE_HOME/extsub)
 ENV_CPP_KERNEL = "EXTSUB_CPP_KERNEL"  # 0/off/false/no: the CPU op runs in eager torch instead
 ENV_CXX = "CXX"  # the C++ compiler of the CPU kernel

@@ -1,9 +1,8 @@
 """The public ops: validation, dispatch by device (CUDA → Triton, CPU → the C++ kernel, else the eager torch path).
-
 Ext-Sub per row (docs/design.md §1): p' = α·p + β·m, α = 1 + (λ/2)·|m|/|p|, β = −λ/2; rows with |p| = 0 keep p.
-On request the same pass hands back each row's |p|², |m|² and p·m (`row_stats`, docs/design.md §7).
-"""
+On request the same pass hands back each row's |p|², |m|² and p·m (`row_stats`, docs/design.md §7)."""
 
+import functools
 import importlib
 import os
 import warnings
@@ -24,17 +23,13 @@ _CPU_BLOCK_BYTES = 2 << 20
 
 
 def ext_sub_coefficients(p_norm: torch.Tensor, m_norm: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row α and β of Ext-Sub's closed form p' = α·p + β·m, from the two row norms (docs/design.md §1).
-
-    α = 1 + (λ/2)·|m|/|p| and β = −λ/2; rows with |p| = 0 get α = 1, β = 0 (they keep p). Shared by the eager
-    path, the Gram path and the factored LoRA path.
+    """Per-row α = 1 + (λ/2)·|m|/|p| and β = −λ/2 of p' = α·p + β·m (docs/design.md §1); |p| = 0 keeps p.
 
     Args:
-        p_norm, m_norm: 1-D tensors of row norms of the expert and the anti-expert.
-        lam: λ.
+        p_norm, m_norm: 1-D row norms of the expert and the anti-expert; lam: λ.
 
     Returns:
-        (α, β) as column vectors (rows, 1) in the dtype of `p_norm`, ready to scale rows.
+        (α, β) as (rows, 1) columns in `p_norm`'s dtype.
     """
     has_p = p_norm > 0
     alpha = torch.where(has_p, 1.0 + (0.5 * lam) * m_norm / torch.where(has_p, p_norm, 1.0), 1.0)
@@ -43,9 +38,8 @@ def ext_sub_coefficients(p_norm: torch.Tensor, m_norm: torch.Tensor, lam: float)
 
 
 def _rows_torch(p: torch.Tensor, m: torch.Tensor, lam: float, row_stats: torch.Tensor | None, *, write: bool) -> None:
-    """The eager torch path on 2-D views (any device; the CPU fallback): `row_stats` gets the row sums, and with
-    `write` p ← α·p + β·m. CPU rows go in blocks of about _CPU_BLOCK_BYTES per operand, widened once into reused
-    scratch, so memory sees about one pass and the result is rounded once."""
+    """The eager path on 2-D views (any device): row sums into `row_stats`, and with `write` p ← α·p + β·m; on CPU in
+    blocks of _CPU_BLOCK_BYTES per operand widened into reused scratch (about one pass, rounded once)."""
     compute = compute_dtype(p.dtype, m.dtype)
     n_rows, n_cols = p.shape
     step = n_rows if p.device.type != "cpu" else min(n_rows, _CPU_BLOCK_BYTES // max(1, n_cols * compute.itemsize))
@@ -76,21 +70,20 @@ def _rows_torch(p: torch.Tensor, m: torch.Tensor, lam: float, row_stats: torch.T
 
 
 def row_products(w_plus: torch.Tensor, w_minus: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Per row (dim 0) of a pair: |p|², |m|² and p·m, as a (rows, 3) float64 tensor on their device (docs/design.md §7).
-
-    What `ext_sub_(..., row_stats=...)` hands back from its own pass, computed here without the update: reduced in
-    float32 (float64 for float64 inputs), by the C++ kernel on CPU rows with contiguous columns where it loads,
-    else by the eager torch path.
+    """|p|², |m|² and p·m per row (dim 0) of a pair, as `ext_sub_(..., row_stats=)` gives them, without the update.
 
     Args:
         w_plus, w_minus: the pair, same shape and device, any float dtypes.
-        out: a (rows, 3) float32 or float64 tensor on their device to fill (default: a new float64 one).
+        out: a (rows, 3) float32/float64 tensor on their device to fill (default: a new float64 one).
+
+    Returns:
+        `out`, reduced in float32 (float64 for float64 inputs; docs/design.md §7).
     """
     check_pair(w_plus, w_minus, 0.0)
-    rows = _row_count(w_plus)
+    rows = w_plus.shape[0] if w_plus.dim() >= 2 else 1
     if out is None:
         out = torch.empty(rows, 3, dtype=torch.float64, device=w_plus.device)
-    _checked_row_stats(out, w_plus)
+    _check_row_stats(out, w_plus)
     if rows == 0:
         return out
     p, m = as_rows(w_plus), as_rows(w_minus)
@@ -107,13 +100,11 @@ def _contiguous_columns(t: torch.Tensor) -> bool:
     return t.shape[1] <= 1 or t.stride(1) == 1
 
 
-def _row_count(t: torch.Tensor) -> int:
-    return t.shape[0] if t.dim() >= 2 else 1
-
-
-def _checked_row_stats(row_stats: torch.Tensor, w_plus: torch.Tensor) -> torch.Tensor:
-    """`row_stats` if it can hold the row sums of `w_plus`, else a ValueError."""
-    rows, given = _row_count(w_plus), isinstance(row_stats, torch.Tensor)
+def _check_row_stats(row_stats: torch.Tensor | None, w_plus: torch.Tensor) -> None:
+    """A ValueError unless `row_stats` (None: nothing to check) can hold the row sums of `w_plus`."""
+    if row_stats is None:
+        return
+    rows, given = w_plus.shape[0] if w_plus.dim() >= 2 else 1, isinstance(row_stats, torch.Tensor)
     fits = given and tuple(row_stats.shape) == (rows, 3) and row_stats.dtype in (torch.float32, torch.float64)
     if not (fits and row_stats.device == w_plus.device and row_stats.is_contiguous()):
         found = (
@@ -123,7 +114,6 @@ def _checked_row_stats(row_stats: torch.Tensor, w_plus: torch.Tensor) -> torch.T
             f"row_stats must be a contiguous ({rows}, 3) float32 or float64 tensor on {w_plus.device} "
             f"(one row of |p|², |m|², p·m per row of w_plus), got {found}"
         )
-    return row_stats
 
 
 def _resolve_backend(backend: str, w_plus: torch.Tensor) -> str:
@@ -158,8 +148,7 @@ def _cpp_kernel_loads() -> bool:
 
 
 def cpu_backend() -> str:
-    """Which implementation `backend="auto"` runs on CPU tensors, and why, in one line: "cpp: ..." (the C++ kernel,
-    built on first use, a few seconds, then cached) or "torch: ..." (the eager path, with the reason)."""
+    """What `backend="auto"` runs on CPU tensors and why, in one line: "cpp: ..." (the C++ kernel) or "torch: ..."."""
     from extsub_kernels.kernels import ext_sub_cpu
 
     status = ext_sub_cpu.status()
@@ -183,18 +172,13 @@ def _triton_importable() -> bool:
         return False
 
 
-_warned_no_triton = False
-
-
+@functools.cache  # said once
 def _warn_no_triton() -> None:
-    global _warned_no_triton
-    if not _warned_no_triton:
-        _warned_no_triton = True
-        warnings.warn(
-            "Triton is not installed, so Ext-Sub on CUDA runs the torch path instead of the fused kernel; "
-            f"install it with `{install_hint('cuda')}` (or `pip install triton`)",
-            stacklevel=4,
-        )
+    warnings.warn(
+        "Triton is not installed, so Ext-Sub on CUDA runs the torch path instead of the fused kernel; "
+        f"install it with `{install_hint('cuda')}` (or `pip install triton`)",
+        stacklevel=4,
+    )
 
 
 def ext_sub_(
@@ -211,11 +195,10 @@ def ext_sub_(
         w_plus: expert weights, overwritten with the result (rows are dim 0).
         w_minus: anti-expert weights of the same shape and device; any float dtype; never modified.
         lam: subtraction weight λ (finite).
-        backend: "auto" (CUDA → the Triton kernel; CPU → the C++ kernel, or the torch path when
-            it cannot be built, see `cpu_backend()`), "triton", "cpp", "torch" (eager torch ops,
-            any device) or "reference" (Algorithm 1 literally, in float64).
-        row_stats: optional (rows, 3) float32/float64 tensor on w_plus's device: filled, in the
-            same pass, with |p|², |m|² and p·m of each row before the update (docs/design.md §7).
+        backend: "auto" (CUDA → Triton; CPU → the C++ kernel, else torch, see `cpu_backend()`), "triton", "cpp",
+            "torch" (eager, any device) or "reference" (Algorithm 1 literally, in float64).
+        row_stats: optional (rows, 3) float32/float64 tensor on w_plus's device, filled in the same pass with each
+            row's |p|², |m|² and p·m before the update (docs/design.md §7).
 
     Returns:
         `w_plus` itself.
@@ -228,8 +211,7 @@ def ext_sub_(
     check_pair(w_plus, w_minus, lam)
     lam = float(lam)
     chosen = _resolve_backend(backend, w_plus)
-    if row_stats is not None:
-        _checked_row_stats(row_stats, w_plus)
+    _check_row_stats(row_stats, w_plus)
     if w_plus.numel() == 0:
         if row_stats is not None:
             row_stats.zero_()
@@ -272,19 +254,14 @@ def ext_sub_task_vectors_into(
     *,
     row_stats: torch.Tensor | None = None,
 ) -> bool:
-    """out ← θ₀ + Ext-Sub(w_plus − θ₀, w_minus − θ₀) in the C++ kernel's fused pass, where it runs; whether it ran.
-
-    For the engine: 2-D views of one shape in any float dtypes. The result and `row_stats` are bit for bit those of
-    widening, subtracting θ₀, `ext_sub_`, adding θ₀ back and rounding once into `out`, what the caller does when
-    this returns False: off CPU, without the kernel, columns not contiguous, `out` sharing memory with an input,
-    or rows the op would split across threads by columns (summed in another order).
-    """
+    """out ← θ₀ + Ext-Sub(w_plus − θ₀, w_minus − θ₀) in the C++ kernel's fused pass (2-D views of one shape);
+    whether it ran: bit for bit the caller's widen, subtract, `ext_sub_`, add back, round once, which it does on
+    False (off CPU, no kernel, columns not contiguous, `out` sharing memory, or rows split by columns)."""
     from extsub_kernels.kernels import ext_sub_cpu
 
     check_pair(w_plus, w_minus, lam)
     tensors = (out, w_plus, w_minus, base)
-    if row_stats is not None:
-        _checked_row_stats(row_stats, w_plus)
+    _check_row_stats(row_stats, w_plus)
     if (
         any(t.device.type != "cpu" or t.dim() != 2 or not _contiguous_columns(t) for t in tensors)
         or ext_sub_cpu.long_rows(w_plus.shape[1])

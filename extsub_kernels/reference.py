@@ -17,13 +17,11 @@ def ext_sub_reference(
     """θ⁺ − λ·Ext(θ⁻) by normalize → bisector → projection → subtract, computed in `dtype`.
 
     Args:
-        w_plus: expert weights (rows are dim 0).
-        w_minus: anti-expert weights, same shape.
-        lam: subtraction weight λ.
+        w_plus, w_minus: expert and anti-expert weights of one shape (rows are dim 0); lam: λ.
         dtype: the precision of every step and of the result (float64 for an oracle).
 
     Returns:
-        A new tensor of `w_plus`'s shape in `dtype`. Inputs are not modified.
+        A new tensor of `w_plus`'s shape in `dtype`; inputs are not modified.
     """
     check_pair(w_plus, w_minus, lam)
     if w_plus.numel() == 0:

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save
 
 from extsub_kernels.errors import InputError, MergeError
 from extsub_kernels.io import CheckpointWriter, TensorEntry, build_header, read_header
-from extsub_kernels.io.writer import _plan_shards, _safetensors_order
+from extsub_kernels.io.writer import _safetensors_order, plan_layout
 
 from checkpoints import leftovers
 
@@ -123,9 +123,10 @@ def test_a_tensor_larger_than_the_shard_limit_gets_its_own_shard():
         TensorEntry("big", torch.float32, (100,)),
         TensorEntry("s2", torch.float32, (2,)),
     ]
-    shards = _plan_shards(entries, 64)
-    assert [[e.name for e in group] for _, group in shards] == [["small"], ["big"], ["s2"]]
-    assert _plan_shards(entries, None)[0][0] == "model.safetensors"
+    shards = plan_layout(entries, folder=True, max_shard_size=64)
+    assert [[e.name for e in shard.entries] for shard in shards] == [["small"], ["big"], ["s2"]]
+    assert [shard.name for shard in plan_layout(entries, folder=True)] == ["model.safetensors"]
+    assert [shard.name for shard in plan_layout(entries, folder=False, max_shard_size=64)] == [""]
 
 
 def test_safetensors_order_puts_wide_dtypes_first_then_names():

@@ -350,9 +350,10 @@ def test_auto_on_cuda_without_triton_warns_how_to_install_it(monkeypatch):
         is_cuda = True
 
     monkeypatch.setattr(ops, "_triton_importable", lambda: False)
-    monkeypatch.setattr(ops, "_warned_no_triton", False)
+    ops._warn_no_triton.cache_clear()
     with pytest.warns(UserWarning, match=r'pip install -e "\.\[cuda\]"'):
         assert ops._resolve_backend("auto", CudaTensor()) == "torch"
+    ops._warn_no_triton.cache_clear()
 
 
 def test_op_backend_names_what_auto_runs_on_each_device():

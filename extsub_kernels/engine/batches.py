@@ -1,9 +1,5 @@
-"""Runs of small tensors streamed as one item: one read per input, one call of the method, one write.
-
-Consecutive tensors (in the outputs' order) that are small and alike — the same inputs, dtypes, output dtype and
-row width — form a `Batch`: their rows stacked are one (rows, width) matrix per input, and the op works row by
-row, so merging the stack is merging each tensor; their output bytes are consecutive, written as one run.
-"""
+"""Runs of small, alike consecutive tensors (same inputs, dtypes and row width) streamed as one item: their rows
+stacked are one matrix per input (the op is row-wise), read once, merged once and written as one run."""
 
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,8 +13,7 @@ SMALL_TENSOR_BYTES = 1 << 16
 
 @dataclass(frozen=True)
 class Batch:
-    """Whole small tensors, consecutive in the outputs' order, streamed as one item: their `rows` stacked, `width`
-    elements each; `nbytes`: the widest of its inputs and output (what one buffer holds); `read_bytes`: all inputs."""
+    """Small tensors as one item: `rows` of `width`; `nbytes` of its widest form (one buffer); `read_bytes` in all."""
 
     jobs: tuple[TensorJob, ...]
     rows: int
@@ -49,8 +44,7 @@ class Batch:
 
 
 class Batcher:
-    """Collects the items of a run in order: large blocks as they come, small alike tensors gathered into batches of
-    at most `limit` bytes per input (or output)."""
+    """A run's items in order: blocks as they come, small alike tensors batched up to `limit` bytes."""
 
     def __init__(self, limit: int):
         self.limit = limit
@@ -60,8 +54,7 @@ class Batcher:
         self._nbytes = self._rows = self._read = 0
 
     def add_small(self, job: TensorJob, key: tuple, width: int, nbytes: int, read: int) -> None:
-        """A whole small tensor: `key` says what it must share with its batch, `width` its elements per row,
-        `nbytes` its widest form, `read` its bytes over all inputs."""
+        """A small tensor: `key` what its batch shares, `width` per row, `nbytes` widest form, `read` bytes read."""
         if key != self._key or self._nbytes + nbytes > self.limit:
             self.flush()
             self._key, self._width = key, width

@@ -1,8 +1,5 @@
-"""The model card (README.md) of a folder output, in the Hugging Face conventions: YAML front matter, then prose.
-
-The front matter carries `base_model` (hub ids only, `base_model_relation: merge`), `library_name` and `tags`; the
-body names the method and the paper, λ, the inputs (hub ids with their commits), the command and the summary table.
-"""
+"""The model card (README.md) of a folder output, in the Hugging Face conventions: YAML front matter (`base_model`,
+`library_name`, `tags`), then the method, λ, the inputs, the command and the summary table."""
 
 import re
 from collections.abc import Mapping, Sequence
@@ -14,7 +11,7 @@ import yaml
 from extsub_kernels._version import __version__
 from extsub_kernels.constants import RECIPE_NAME
 from extsub_kernels.engine.method_spec import method_spec
-from extsub_kernels.engine.tables import lam_text
+from extsub_kernels.engine.options import lam_text
 from extsub_kernels.io.outputs import GENERATED_MARK
 
 _PAPER = (
@@ -25,10 +22,8 @@ _PAPER = (
 
 @dataclass(frozen=True)
 class OutputKind:
-    """What kind of thing a folder output is, for its model card: a few words (`what`), the library that loads it
-    ("peft", "transformers" or None), the base model's hub id (only when it is one; else `base_note` says why), a
-    config.json to copy with a note (full models), tags beside extsub, merge and the method, a paragraph per output
-    (λ setting, in order: what --max-rank cost)."""
+    """What a folder output is, for its card: words, the library loading it, the base model's hub id (else
+    `base_note` says why), a config.json to note, extra tags, a paragraph per output (λ setting)."""
 
     what: str
     library_name: str | None = None
@@ -41,10 +36,8 @@ class OutputKind:
 
 @dataclass(frozen=True)
 class CardFacts:
-    """What a model card states about one output: its name, the method's name, λ per anti-expert, the inputs'
-    fingerprints (EXPERT first), the command, what kind of output it is, the summary table (empty without
-    statistics), a paragraph on this output (`note`) and Markdown after how it was made (`extra`: extsub-scan's
-    how λ was chosen)."""
+    """What a model card states about one output: name, method, λ per anti-expert, inputs' fingerprints, command,
+    kind, summary table (may be empty), a paragraph (`note`) and Markdown after how it was made (`extra`)."""
 
     title: str
     method: str
@@ -60,7 +53,9 @@ class CardFacts:
 def model_card(facts: CardFacts) -> str:
     """The README.md text of an output."""
     spec = method_spec(facts.method)
-    models = _hub_models(facts)
+    # base_model as mergekit lists it: base model, expert, anti-experts; hub ids, each once
+    merged = [r["repo"] for r in facts.inputs if r.get("kind") == "hub" and r.get("role") != "BASE" and r.get("repo")]
+    models = list(dict.fromkeys(([facts.kind.base_model] if facts.kind.base_model else []) + merged))
     front: dict = {"base_model": models[0] if len(models) == 1 else models} if models else {}
     if models:
         front["base_model_relation"] = "merge"
@@ -68,7 +63,7 @@ def model_card(facts: CardFacts) -> str:
     if kind.library_name is not None:
         front["library_name"] = kind.library_name
     front["tags"] = ["extsub", "merge", facts.method, *kind.tags]
-    lam = lam_text(facts.setting, ", ")
+    lam = lam_text(facts.setting, ", ", short=True)
     lines = [
         "---",
         yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(),
@@ -114,13 +109,6 @@ def model_card(facts: CardFacts) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def _hub_models(facts: CardFacts) -> list[str]:
-    """The front matter's `base_model`, as mergekit lists it: base model, expert, anti-experts; hub ids, each once."""
-    merged = [r["repo"] for r in facts.inputs if r.get("kind") == "hub" and r.get("role") != "BASE" and r.get("repo")]
-    models = ([facts.kind.base_model] if facts.kind.base_model else []) + merged
-    return list(dict.fromkeys(models))
-
-
 def _input_line(record: Mapping) -> str:
     line = f"- {_text(record['role'])}: {_code(record['spec'])}"
     if record.get("kind") == "hub":
@@ -129,8 +117,7 @@ def _input_line(record: Mapping) -> str:
     return line
 
 
-# What comes from inputs (names, paths, commands) is text, never Markdown, HTML or front matter: one line each,
-# special characters escaped, code spans and fences longer than any run of backticks inside.
+# Names, paths and commands are text, never Markdown: one line, special characters escaped, fences long enough.
 _MARKDOWN = re.compile(r"([\\`*_\[\]<>#|~])")  # what starts emphasis, links, HTML, headings, tables
 
 

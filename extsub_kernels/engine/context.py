@@ -11,9 +11,8 @@ from extsub_kernels.engine.recipe import command_line
 
 @dataclass(frozen=True)
 class RunContext:
-    """The provenance of one run: `io.provenance.fingerprint` of each input in role order; the options that shape
-    the outputs (`recipe.MERGE_KEYS`, inputs pinned; λ set per output); the command (or its extsub-merge
-    equivalent); the start, ISO 8601 in UTC; every option for the report; Markdown for the cards (`card_note`)."""
+    """One run's provenance: inputs' fingerprints, the recipe (`MERGE_KEYS`), the command, the start (UTC ISO 8601),
+    every option for the report, Markdown for the cards (`card_note`)."""
 
     inputs: tuple[Mapping[str, Any], ...] = ()
     recipe: Mapping[str, Any] = field(default_factory=dict)

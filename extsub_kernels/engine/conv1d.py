@@ -1,10 +1,5 @@
-"""What a model's files say about how its weights are laid out: GPT-2's Conv1D stores (in, out).
-
-A merge pairs rows of ΔW (output features): dim 0 of nn.Linear's (out, in), the columns of a Conv1D weight (GPT-2
-family: c_attn, q_attn, c_proj, c_fc). The layout is decided for every kind of input in this order: `transposed=`;
-a config.json (in a folder or hub snapshot, or beside a bare file); GPT-2 key names and shapes (c_attn is (d, 3d)
-as Conv1D stores it); Conv1D names whose shapes do not tell draw a warning.
-"""
+"""How weights are laid out: a merge pairs rows of ΔW (output features), dim 0 of nn.Linear's (out, in) but the
+columns of GPT-2's Conv1D (in, out). Decided by `transposed=`, else a config.json, else GPT-2 names and shapes."""
 
 import re
 import warnings
@@ -78,10 +73,8 @@ def weight_layout(
     explicit: bool | None = None,
     role: str = "EXPERT",
 ) -> WeightLayout:
-    """Decide the layout: `explicit` (True/False as the user said it), else the first of `configs` ((role,
-    config.json or None), in the order they are trusted) that names a model, else the key names and shapes in
-    `shapes` (of input `role`; a shape None where only the name is known, a LoRA module's); warn where they cannot
-    tell."""
+    """Decide the layout: `explicit`, else the first of `configs` ((role, config or None), most trusted first) that
+    names a model, else the names and `shapes` of input `role` (None: name only); warn where they cannot tell."""
 
     def layout(conv1d: bool, reason: str) -> WeightLayout:
         return WeightLayout(conv1d_transposed if conv1d else never_transposed, conv1d, reason)

@@ -1,10 +1,5 @@
-"""The dense run: checkpoints (task vectors, or full models with a base) streamed block by block through the method.
-
-`run_dense` plans the tensors from the headers, then streams them: `BlockStreamer` reads each block into pooled
-buffers and computes it once per λ setting, `OutputSet.stream` overlaps reading, computing and writing to every
-output, so memory is a fixed multiple of the largest block. A dry run stops after the plan; inspect mode streams
-for statistics and writes nothing.
-"""
+"""The dense run: plan from the headers, then stream blocks (`BlockStreamer`) through the method into every output
+(`OutputSet`) in memory a fixed multiple of the largest block; a dry run stops at the plan, inspect writes nothing."""
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,9 +33,8 @@ def run_dense(
     context: RunContext | None = None,
     check_inputs: Callable[[], None] | None = None,
 ) -> MergeReport:
-    """Merge dense checkpoints (EXPERT, the ANTIs in order, BASE when `inputs` ends with one, resolved) into
-    `paths` (checked); on any error nothing is left there. `check_inputs` runs before the outputs are published
-    and raises when an input changed during the run."""
+    """Merge resolved dense checkpoints (EXPERT, ANTIs, BASE last if any) into checked `paths`, leaving nothing on an
+    error; `check_inputs` raises before publishing when an input changed."""
     has_base = inputs[-1][0] == "BASE"
     roles = [role for role, _ in inputs]
     readers = [CheckpointReader(inp.files, label=role) for role, inp in inputs]
@@ -90,8 +84,7 @@ def _streamed(
     stats: DenseStats | None,
     stream: Callable[[list, BlockStreamer, int], None],
 ) -> tuple[int, int | None]:
-    """`jobs` cut into blocks in `order` and handed to `stream` (blocks, streamer, bytes to read) with the device
-    ready; returns (bytes read, peak GPU memory)."""
+    """`jobs` cut into blocks in `order`, handed to `stream` with the device ready; (bytes read, peak GPU memory)."""
     streamer = BlockStreamer(readers, [role for role, _ in inputs], options, order, stats, [i for _, i in inputs])
     blocks = streamer.blocks(jobs)
     total = sum(streamer.read_bytes(b) for b in blocks)
@@ -104,8 +97,7 @@ def _streamed(
 def _items(
     jobs: Sequence[TensorJob], skipped: Sequence[str], readers: Sequence[CheckpointReader], roles: Sequence[str]
 ) -> list[Item]:
-    """The plan in words, for the dry run, --verbose and the report: one `Item` per output tensor, then per key
-    `skipped`."""
+    """The plan in words: an `Item` per output tensor, then per `skipped` key."""
     items = []
     for job in jobs:
         if job.merged:
@@ -129,8 +121,7 @@ def _items(
 
 
 def _dense_layout(inputs: Inputs, expert: CheckpointReader, explicit: bool | None) -> WeightLayout:
-    """How rows pair: `transposed=`, else a config.json (EXPERT first, then BASE and the ANTIs), else the expert's
-    key names and shapes."""
+    """How rows pair: `transposed=`, else a config.json (EXPERT, BASE, ANTIs), else the expert's names and shapes."""
     order = [inputs[0], *[i for i in inputs[1:] if i[0] == "BASE"], *[i for i in inputs[1:] if i[0] != "BASE"]]
     configs = [(role, input_config(inp)) for role, inp in order]
     shapes = {name: expert.info(name).shape for name in expert}
@@ -138,8 +129,7 @@ def _dense_layout(inputs: Inputs, expert: CheckpointReader, explicit: bool | Non
 
 
 def _output_kind(inputs: Inputs, paths: Sequence[Path], has_base: bool) -> tuple[OutputKind, list[Path]]:
-    """What a folder output is (for its card) and the files copied into it: with a base, the expert's config
-    and tokenizer files (config.json rewritten with a note); without, nothing."""
+    """What a folder output is (its card) and the files copied in: with a base, the expert's config and tokenizer."""
     expert = inputs[0][1]
     if not has_base or not is_folder_output(paths[0]):
         return OutputKind("task vectors ΔW' (add them to the base model to use them)"), []

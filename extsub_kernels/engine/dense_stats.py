@@ -1,10 +1,5 @@
-"""Row statistics of a dense run, gathered item by item in the compute stage, one `TensorStats` per merged tensor.
-
-The geometry against each anti-expert does not depend on λ, so the first λ setting of an item gives it; the
-relative change follows from it for one anti-expert and is measured on the result for several. A batch's tensors
-each take their own rows. Rows in pieces give a row-pairing method its complete sums from the norms pass; an
-elementwise method hands partial sums that add up here until the rows end.
-"""
+"""Row statistics of a dense run, item by item in the compute stage: the geometry from the first λ setting, the
+relative change from it (one anti-expert) or measured (several); partial sums of rows in pieces add up here."""
 
 import math
 from collections.abc import Callable, Sequence
@@ -20,8 +15,7 @@ from extsub_kernels.engine.stats import PairAccumulator, TensorStats, measured_c
 
 @dataclass
 class _Open:
-    """A tensor whose rows are still coming: one accumulator per anti-expert, ‖θ' − θ⁺‖² per λ setting, and the
-    partial sums of rows that come in pieces (per anti-expert; None outside such rows)."""
+    """A tensor whose rows are still coming: accumulators, ‖θ' − θ⁺‖² per setting, partial sums of rows in pieces."""
 
     pairs: list[PairAccumulator]
     changed_sq: list[float] = field(default_factory=list)
@@ -29,8 +23,7 @@ class _Open:
 
 
 class DenseStats:
-    """Accumulators of the tensors being streamed, and the `TensorStats` of those done (`roles`: a name per input,
-    numbered as in `TensorJob`)."""
+    """Accumulators of the tensors being streamed, and the `TensorStats` of those `done`."""
 
     def __init__(self, roles: Sequence[str], settings: Sequence[tuple[float, ...]], method: str):
         self.roles, self.settings, self.method = list(roles), list(settings), method
@@ -60,8 +53,7 @@ class DenseStats:
         return observe
 
     def measure(self, item: Block | Batch, setting: int, result: torch.Tensor, plus: torch.Tensor) -> None:
-        """Several steps: add ‖result − plus‖² of each tensor's rows at λ setting `setting` (before `plus` is
-        reused)."""
+        """Several steps: add ‖result − plus‖² of each tensor's rows at λ setting `setting`."""
         if len(item.job.antis) < 2:
             return
         if result.device.type == "cpu" and self._scratch is None:
@@ -72,8 +64,7 @@ class DenseStats:
             self._open[job.name].changed_sq[setting] += change
 
     def block_done(self, item: Block | Batch) -> None:
-        """After the last piece of rows that come in pieces, add their sums; after the last rows of a tensor,
-        summarise it."""
+        """Add the sums of rows whose last piece this is; summarise tensors whose last rows these are."""
         for job, _, _ in _parts(item):
             if isinstance(item, Block):
                 tensor = self._open[job.name]
@@ -105,8 +96,7 @@ def _parts(item: Block | Batch) -> list[tuple[TensorJob, int | None, int | None]
 
 
 def _part_of_rows(item: Block | Batch) -> tuple[int, int] | None:
-    """(op rows of the unit, first of them here) when a one-pass `item` holds part of its op rows (a piece of a
-    row, or stored rows of a Conv1D weight)."""
+    """(the unit's op rows, first here) when a one-pass `item` holds part of its op rows; else None."""
     if not isinstance(item, Block) or item.phase != "one-pass":
         return None
     job = item.job

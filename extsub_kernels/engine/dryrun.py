@@ -21,16 +21,13 @@ def dry_run_report(
     facts: dict,
     weights_name: str = MODEL_WEIGHTS,
 ) -> MergeReport:
-    """The report of a dry run: `paths`…`extra` and `weights_name` as the run would hand `OutputSet`; `texts`: names
-    of the generated files; `reads`: tensor bytes it would read; `facts`: the report's other fields."""
+    """The report of a dry run: arguments as the run would hand `OutputSet`; `texts`: generated files' names; `reads`:
+    tensor bytes it would read; `facts`: the report's other fields."""
     files = [
         planned_files(
             path, entries, meta, max_shard_size=limit, weights_name=weights_name, extra_files=extra, texts=texts
         )
         for path, meta in zip(paths, metadata, strict=True)
     ]
-    need: dict[Path, int] = {}
-    for path, listed in zip(paths, files, strict=True):
-        need[path.parent] = need.get(path.parent, 0) + sum(size or 0 for _, size in listed)
-    check_space(need)
+    check_space((path.parent, sum(size or 0 for _, size in listed)) for path, listed in zip(paths, files, strict=True))
     return MergeReport.finished(paths, bytes_read=reads, mode="dry-run", files=files, **facts)

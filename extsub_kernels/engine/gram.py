@@ -1,10 +1,5 @@
-"""A row-pairing method on rows that come in pieces: the rows' Gram matrices first, then each piece of the result.
-
-A method's coefficients need per row only |p|, |m| (and p·m where it says so), so a first pass accumulates in
-float64 the Gram matrix of v₀ = p, v₁ = m₁, …, vₙ = mₙ (minus θ₀ with a base) and a second writes each piece as
-θ₀ + Σᵢ cᵢ·vᵢ (the steps are linear; |p|² of the running result is cᵀGc). A piece is a 2-D slice of a block's
-(rows, cols) view; `reduce_dim` is the axis that holds a row of the op (1: stored rows, 0: stored columns).
-"""
+"""A row-pairing method on rows in pieces: a first pass sums in float64 the Gram matrix of v₀ = p, vᵢ = mᵢ (minus θ₀)
+per row, a second writes θ₀ + Σᵢ cᵢ·vᵢ (|p|² of the running result is cᵀGc); `reduce_dim`: the axis of an op row."""
 
 from collections.abc import Callable, Iterator, Sequence
 
@@ -18,8 +13,7 @@ _Piece2d = tuple[slice, slice]
 
 
 def pieces(rows: int, cols: int, elements: int, reduce_dim: int) -> Iterator[_Piece2d]:
-    """(row slice, column slice) pieces of at most `elements` numbers: whole rows, or stretches of one row when a
-    row is longer (reduce_dim=1); stretches of columns over as many rows as fit (reduce_dim=0)."""
+    """(row slice, column slice) pieces of at most `elements` numbers, each op row's pieces in order."""
     col_step = max(1, min(cols, elements))
     row_step = max(1, elements // col_step)
     for r0 in range(0, rows, row_step):  # a row's (or a column's) pieces come in order
@@ -43,11 +37,8 @@ def widen(
 
 
 class RowGram:
-    """Per-row sums vᵢ·vⱼ of the vectors [p, m₁, …, mₙ] of `n_pairs` op rows, accumulated in float64.
-
-    Only the entries the coefficients need: every |vᵢ|², vᵢ·vⱼ for i < j < n; with `products` p·mₙ too (the row
-    statistics of every pair, docs/design.md §7); with `cross` (coefficients that read p·m) every vᵢ·vⱼ.
-    """
+    """Per-row float64 sums vᵢ·vⱼ of [p, m₁, …, mₙ] over `n_pairs` op rows: those the coefficients need, p·mₙ
+    with `products` (row statistics), every vᵢ·vⱼ with `cross`."""
 
     def __init__(
         self,
@@ -75,8 +66,7 @@ class RowGram:
         workspace: Workspace,
         pair_offset: int = 0,
     ) -> None:
-        """Add the sums of 2-D views `vectors` (p, then each m; minus `base`), whose op rows are pairs
-        `pair_offset`… of this Gram."""
+        """Add the sums of 2-D views `vectors` (minus `base`), their op rows pairs `pair_offset`… of this Gram."""
         dtype = compute_dtype(*(v.dtype for v in vectors), *((base.dtype,) if base is not None else ()))
         rows, cols = vectors[0].shape
         for piece in pieces(rows, cols, workspace.elements, reduce_dim):
@@ -95,15 +85,12 @@ class RowGram:
         return bool(torch.isfinite(self.sums).all())
 
     def row_sums(self, k: int) -> torch.Tensor:
-        """(n_pairs, 3) float64: |p|², |mₖ|², p·mₖ per pair, as `ops.row_products` gives them (needs `products` for
-        the last anti-expert)."""
+        """(n_pairs, 3) float64 |p|², |mₖ|², p·mₖ per pair, as `ops.row_products` gives them."""
         return torch.stack([self.sums[0, 0], self.sums[k, k], self.sums[0, k]], dim=1)
 
     def coefficients(self, lams: Sequence[float], spec: MethodSpec = EXT_SUB) -> torch.Tensor:
-        """c (n_vectors, n_pairs), float64: the method's steps with `lams` in order give Σᵢ cᵢ·vᵢ.
-
-        Step j: |p|² = cᵀGc over v₀…v_{j−1}, |mⱼ| = √Gⱼⱼ, p·mⱼ = Σᵢ cᵢGᵢⱼ; c ← α·c, cⱼ = β (`row_coefficients`).
-        """
+        """c (n_vectors, n_pairs), float64, with Σᵢ cᵢ·vᵢ the method's steps with `lams`: step j takes |p|² = cᵀGc,
+        |mⱼ| = √Gⱼⱼ, p·mⱼ = Σᵢ cᵢGᵢⱼ, then c ← α·c, cⱼ = β (`row_coefficients`)."""
         if len(lams) != self.n_vectors - 1:
             raise ValueError(f"{self.n_vectors - 1} anti-experts but {len(lams)} λ values")
         gram = self.sums.clone()
@@ -130,8 +117,7 @@ def combine_into(
     workspace: Workspace,
     pair_offset: int = 0,
 ) -> None:
-    """out ← θ₀ + Σᵢ cᵢ·vᵢ over 2-D views (vᵢ = input i − θ₀), rounded once to out's dtype; `coefficients`
-    (n_vectors, n_pairs) in the compute dtype, the views' op rows its pairs `pair_offset`…."""
+    """out ← θ₀ + Σᵢ cᵢ·vᵢ over 2-D views, rounded once; `coefficients` (n_vectors, n_pairs) from `pair_offset`."""
     dtype = coefficients.dtype
     rows, cols = vectors[0].shape
     n = len(vectors)

@@ -1,15 +1,10 @@
-"""A merge method as one object: its name, its wording and its computation, read by every path that merges.
-
-Each step with one anti-expert turns a row p of the expert (or of the result so far) and the row m of the
-anti-expert into α·p + β·m: a constant weight (`weight_sign`: sub, add; elementwise), or α and β per row from |p|,
-|m| and, where it says so, p·m (`coefficients`; a row with |p| = 0 keeps p). Dense rows (`engine.methods`: the
-method's kernels `op`, `fused` where it has them, else the rows' Gram matrices), LoRA factors (B' = [diag(α)·B⁺,
-diag(β)·B⁻]), (IA)³ vectors, prefix rows, the report, the card, the CLI and the scan read only that. Adding a
-method is one `MethodSpec` passed to `register_method` (and, for speed, its kernels).
-"""
+"""A merge method as one object, read by every path that merges: each step turns rows p, m into α·p + β·m with a
+constant weight (`weight_sign`, elementwise) or per-row `coefficients` from |p|, |m| (and p·m); |p| = 0 keeps p.
+Adding a method is one `MethodSpec` passed to `register_method` (and, for speed, its kernels)."""
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from operator import attrgetter
 
 import torch
 
@@ -33,8 +28,7 @@ class MethodSpec:
         weight_sign: elementwise methods: θ ← θ + weight_sign·λ·θ⁻; None for a method that pairs rows.
         coefficients: a row-pairing method's α and β per row (see `Coefficients`).
         needs_products: `coefficients` reads p·m (otherwise it gets None there and the paths skip it).
-        op: a kernel doing one step in place, op(p, m, λ, row_stats=...), as `ops.ext_sub_`; None: the
-            Gram path computes it from `coefficients`.
+        op: a kernel doing one step in place, op(p, m, λ, row_stats=) as `ops.ext_sub_` (None: the Gram path).
         fused: a kernel doing one step on task vectors, fused(out, p, m, θ₀, λ, row_stats=) → whether it ran.
         dropped: why a unit only in anti-experts contributes nothing (a row-pairing method keeps |p| = 0).
         change_per_lam: ‖θ' − θ⁺‖ per unit of |λ| over a tensor, from its `PairStats` (None: not known).
@@ -83,11 +77,8 @@ def _direct(name: str, sign: float, title: str, card_text: str, color: str) -> M
     """An elementwise method, θ ← θ + sign·λ·θ⁻; its change over a tensor is |λ|·‖θ⁻‖."""
     does, instead = ("subtracts", "adding") if sign > 0 else ("adds", "subtracting")
     negative = f"{does} the anti-expert instead of {instead} it"
-    return MethodSpec(name, METHOD_FORMULAS[name], title, card_text, negative, color, sign, change_per_lam=_anti_norm)
-
-
-def _anti_norm(pair: object) -> float:
-    return pair.anti_norm
+    change = attrgetter("anti_norm")
+    return MethodSpec(name, METHOD_FORMULAS[name], title, card_text, negative, color, sign, change_per_lam=change)
 
 
 EXT_SUB = MethodSpec(

@@ -1,9 +1,6 @@
-"""The method step of a merge, per tensor, the same for every producer (dense engine, full model, scan), on every
-device: an elementwise method (sub, add) adds each anti-expert with its weight; a row-pairing method with a kernel
-(ext-sub) runs it on whole rows, in place for one step in the expert's dtype, in its fused pass on task vectors
-where it has one, else on chunks of a `Workspace` widened to float32 (float64 inputs: float64) and rounded once;
-rows longer than a chunk, Conv1D columns and methods without a kernel take the rows' Gram matrices (`gram`).
-"""
+"""The method step per tensor, for every producer and device: elementwise methods add each anti-expert weighted; a
+row-pairing kernel runs in place, fused on task vectors, or on widened `Workspace` chunks rounded once; long rows,
+Conv1D columns and methods without a kernel take the rows' Gram matrices (`gram`)."""
 
 from collections.abc import Callable, Sequence
 
@@ -15,8 +12,7 @@ from extsub_kernels.engine.method_spec import DEFAULT_METHOD, MethodSpec, method
 from extsub_kernels.engine.transfer import Workspace
 from extsub_kernels.ops import row_products
 
-# Numbers per working chunk on CPU: the few float32 slots a chunk uses stay in L2, so the passes
-# over a chunk (widen, subtract θ₀, the op, add θ₀, round) cost one trip to memory.
+# Numbers per working chunk on CPU: its float32 slots stay in L2, so a chunk's passes cost one trip to memory.
 CPU_CHUNK_ELEMENTS = 1 << 17
 
 # observe(step, sums): the (rows, 3) float64 |p|², |m|², p·m of the expert against anti-expert `step`.
@@ -29,8 +25,7 @@ def workspace_slots(n_anti: int) -> int:
 
 
 def method_workspace(n_anti: int, itemsize: int, device: torch.device, largest: int) -> Workspace:
-    """The working space `apply_method_into` needs: slots of `CPU_CHUNK_ELEMENTS` numbers on CPU (cache-sized), of
-    the `largest` piece it will see elsewhere (one kernel per piece)."""
+    """The `Workspace` `apply_method_into` needs: `CPU_CHUNK_ELEMENTS` per slot on CPU, else the `largest` piece."""
     chunk = CPU_CHUNK_ELEMENTS if device.type == "cpu" else max(1, largest)
     return Workspace(chunk, workspace_slots(n_anti), itemsize=itemsize, device=device)
 
@@ -38,8 +33,7 @@ def method_workspace(n_anti: int, itemsize: int, device: torch.device, largest: 
 def in_place_step(
     plus_dtype: torch.dtype, n_anti: int, *, method: str, base: bool, out_dtype: torch.dtype, transposed: bool
 ) -> bool:
-    """Whether the result is the method's kernel on the expert in place: one step, no base, its dtype out, rows
-    (Conv1D weights pair columns, which the op cannot reach in place)."""
+    """Whether the method's kernel runs on the expert in place: one step, no base, its dtype out, not transposed."""
     has_op = method_spec(method).op is not None
     return has_op and n_anti == 1 and not base and out_dtype == plus_dtype and not transposed
 
@@ -56,12 +50,9 @@ def apply_method_into(
     workspace: Workspace,
     observe: Observer | None = None,
 ) -> torch.Tensor:
-    """The method applied with each anti-expert in order, written into `out` (any float dtype); returns `out`.
-
-    `out` is contiguous and may be `plus` itself; inputs are otherwise left unchanged. Rows are dim 0 (columns with
-    `transposed`); with `base`, it works on task vectors θ − θ₀ and writes θ₀ + ΔW'. `observe` gets the row sums of
-    the expert against each anti-expert (docs/design.md §7) from the same pass where there is one.
-    """
+    """The method applied with each anti-expert in order into contiguous `out` (may be `plus`); returns `out`. Rows
+    are dim 0 (columns with `transposed`); with `base`, on task vectors θ − θ₀, writing θ₀ + ΔW'. `observe` gets the
+    row sums against each anti-expert (docs/design.md §7), from the same pass where there is one."""
     spec = method_spec(method)
     if len(minus) != len(lams):
         raise ValueError(f"{len(minus)} anti-expert tensors but {len(lams)} λ values")
@@ -153,8 +144,7 @@ def _elementwise_into(
     workspace: Workspace,
     dtype: torch.dtype,
 ) -> None:
-    """out ← p + Σ wⱼ·(mⱼ − θ₀) over flat chunks: θ₀ + (p − θ₀) + … without adding θ₀ back (one rounding fewer;
-    the differences of bf16 or fp16 inputs are exact in float32)."""
+    """out ← p + Σ wⱼ·(mⱼ − θ₀) over flat chunks (θ₀ never added back: one rounding fewer)."""
     flat = [plus.reshape(-1), *(m.reshape(-1) for m in minus)]
     flat_base = base.reshape(-1) if base is not None else None
     flat_out = out.view(-1)
@@ -180,10 +170,7 @@ def apply_method(
     inplace: bool = False,
     observe: Observer | None = None,
 ) -> torch.Tensor:
-    """One tensor (or a block of its rows) merged: the method applied with each anti-expert in order.
-
-    As `apply_method_into`, into a new tensor of `out_dtype`; `inplace` lets the single-step case overwrite `plus`.
-    """
+    """`apply_method_into` into a new tensor of `out_dtype`; `inplace` lets a single step overwrite `plus`."""
     out_dtype = out_dtype or plus.dtype
     dtype = compute_dtype(plus.dtype, *(m.dtype for m in minus), *((base.dtype,) if base is not None else ()))
     workspace = method_workspace(len(minus), dtype.itemsize, plus.device, plus.numel())

@@ -1,7 +1,5 @@
-"""What every output says about how it was made: its `__metadata__`, and in folder outputs the model card, the recipe
-and a note in the copied config.json (with the dtype the weights now have). Metadata is known before any tensor is
-written; the texts come after the tensors, before the commit (`OutputSet.add_texts`).
-"""
+"""What every output says about how it was made: its `__metadata__` (before any tensor), and in folder outputs the
+model card, the recipe and a note in the copied config.json (after the tensors, before the commit)."""
 
 import dataclasses
 import json
@@ -24,8 +22,7 @@ from extsub_kernels.io import ResolvedInput, hub_repo_id, read_json_object
 
 
 def _printable(name: str) -> str:
-    """Text a header or a text file can hold: bytes that are not UTF-8 (kept by Python as lone surrogates, as in
-    file names) as \\xNN."""
+    """Text a header or file can hold: non-UTF-8 bytes (lone surrogates, as in file names) as \\xNN."""
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
@@ -42,9 +39,8 @@ def run_metadata(
     output_format: str | None = None,
     context: RunContext | None = None,
 ) -> list[dict[str, str]]:
-    """`__metadata__` of each output of a run (one per λ setting): format=pt, method, λ, the inputs' display names,
-    the tool's version, an adapter format; with a `context`, the command, the inputs (hub commits, header sha256 of
-    each file) and the recipe."""
+    """`__metadata__` of each output (one per λ setting): format, method, λ, inputs' names, version, adapter format;
+    with a `context`, the command, the inputs' commits and header hashes, and the recipe."""
     names = {role: inp.name for role, inp in inputs}
     antis = [_printable(name) for role, name in names.items() if role.startswith("ANTI")]
     metadata = []
@@ -98,8 +94,7 @@ def text_names(paths: Sequence[Path], kind: OutputKind) -> list[str]:
 
 
 def _noted_config(path: Path, out_dtype: torch.dtype | None, method: str, setting: Sequence[float]) -> str:
-    """A model's config.json with an `extsub` note (version, method, λ, recipe file) and, when the output dtype was
-    changed, `torch_dtype`/`dtype` saying so (transformers keeps unknown keys and reads either dtype key)."""
+    """A config.json with an `extsub` note and, when the dtype changed, `torch_dtype`/`dtype` saying so."""
     config = read_json_object(path)
     for key in ([k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]) if out_dtype else ():
         config[key] = DTYPE_NAMES[out_dtype]
@@ -108,8 +103,7 @@ def _noted_config(path: Path, out_dtype: torch.dtype | None, method: str, settin
 
 
 def card_base_model(name: str | None, who: str) -> tuple[str | None, str]:
-    """(hub id, "") when `name` is a hub repo id, else (None, why the card leaves `base_model` out: the hub refuses a
-    local path, or a folder's name, which names an unrelated repo)."""
+    """(hub id, "") when `name` is a hub repo id, else (None, why the card leaves `base_model` out)."""
     repo = hub_repo_id(name) if name else None
     if repo is not None or not name:
         return repo, ""

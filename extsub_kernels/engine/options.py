@@ -32,9 +32,7 @@ DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in OUT_DTYPES
 _EVAL_DTYPES: dict[str, torch.dtype | None] = {n: _BY_NAME.get(n) for n in EVAL_DTYPE_NAMES}
 _MAX_SCAN_POINTS = 1000
 _MAX_OUTPUTS = 1000  # λ settings of one run, one output each
-# Bytes of a streamed block of rows when none is asked for. CPU: small, so the few buffers in
-# flight stay in cache between reading, the op and writing (benchmarks/RESULTS.md, merge).
-# CUDA: large, so copies and kernels are few.
+# Default bytes of a streamed block: on CPU small, so buffers in flight stay in cache; on CUDA large, few copies.
 CPU_BLOCK_BYTES = 2 << 20
 CUDA_BLOCK_BYTES = 32 << 20
 # The op computes in float32 (float64 for float64 weights): a λ past float32's range cannot be used.
@@ -89,8 +87,7 @@ def lam_value(value: object) -> float:
 
 
 def lam_items(lam: Lam, like: str = "'0.5,1,2'") -> list[tuple[str, list[float] | float]]:
-    """The one λ grammar: a number; a string of comma-separated items, each a number or numbers joined by ':'; or a
-    list whose items are numbers or lists of numbers. Each item as (its text, its number or list of numbers).
+    """The one λ grammar (a number; "a,b:c" items; or a list of numbers or lists): each item as (text, value(s)).
 
     Example:
         >>> lam_items("0.5, 1:2")
@@ -114,8 +111,7 @@ def lam_items(lam: Lam, like: str = "'0.5,1,2'") -> list[tuple[str, list[float] 
 
 
 def parse_lams(lam: Lam, n_anti: int) -> list[LamSetting]:
-    """λ settings, one per output, each with one λ per anti-expert: a number is that λ for every anti-expert, a list
-    of numbers (as "1:0.5") one λ per anti-expert, in order (`lam_items`).
+    """λ settings, one per output, each one λ per anti-expert (a number: the same for all; "1:0.5": one each).
 
     Example:
         >>> parse_lams("0.5,1:2", 2)
@@ -140,11 +136,8 @@ def parse_lams(lam: Lam, n_anti: int) -> list[LamSetting]:
 
 
 def parse_lam_grid(lam: str | float | Sequence[float]) -> list[float]:
-    """The λ values of a scan, sorted and without repeats, always with λ = 0 (the expert, the reference).
-
-    `lam_items`' grammar, where three numbers `start:stop:step` are a range (stop included when the steps land on
-    it): "0:2:0.2", "0,0.5,1,2", "0:1:0.25,1.5,2". A λ applies to every anti-expert. Values are rounded to 12
-    decimals, so 0.1·3 is 0.3.
+    """A scan's λ values, sorted, unique, with 0: `lam_items`' grammar where `start:stop:step` is a range (stop
+    included when a step lands on it); rounded to 12 decimals, so 0.1·3 is 0.3.
 
     Example:
         >>> parse_lam_grid("0.5:1:0.25,2")
@@ -174,8 +167,7 @@ def _lam_range(item: str, parts: list[float]) -> list[float]:
 
 
 def lam_text(values: Sequence[float], sep: str = ",", *, short: bool = False) -> str:
-    """The one λ formatter: each λ exactly and shortest ("0.5", "1"), or with `short` to six digits (`:g`), for
-    tables; joined by `sep`.
+    """The one λ formatter: each λ exactly and shortest ("0.5", "1"), or to six digits with `short`; joined by `sep`.
 
     Example:
         >>> lam_text([1.0, 0.5], ":")
@@ -191,8 +183,7 @@ def lam_label(values: Sequence[float]) -> str:
 
 
 def lam_labels(settings: Sequence[Sequence[float]]) -> list[str]:
-    """The labels of a run's λ settings in one format: `lam_label`'s, unless some setting gives the anti-experts
-    different λ, in which case every label lists one λ per anti-expert ("1_0.5", "2_2"; never "2" beside them)."""
+    """The labels of a run's λ settings, all `lam_label`'s, or all one λ per anti-expert ("1_0.5", "2_2") if any is."""
     if all(len(set(s)) <= 1 for s in settings):
         return [lam_label(s) for s in settings]
     return [lam_text(s, "_") for s in settings]
@@ -288,14 +279,10 @@ def resolve_device(spec: str | torch.device) -> torch.device:
 
 @dataclass(frozen=True)
 class RunOptions:
-    """The options of one merge run, validated: what every path (dense, adapters, full model) reads.
-
-    `settings`: λ per anti-expert, one tuple per output; `out_dtype`: of float tensors in the outputs (None: each
-    keeps its own); `max_shard_size`: bytes, as asked (None: the default); `block_bytes`: of a streamed block of rows
-    (None: `CPU_BLOCK_BYTES` or `CUDA_BLOCK_BYTES`); `mode`: "merge", "dry-run" (plan, write nothing) or "inspect"
-    (row statistics, no output); `stats`: gather row statistics (docs/design.md §7); `transposed`: GPT-2
-    Conv1D-named weights are stored (in, out) (True), are not (False), or decide (None). The rest as for `merge()`.
-    """
+    """The validated options of one merge run, read by every path; as for `merge()`, and: `settings`, λ per
+    anti-expert per output; `out_dtype` None: each keeps its own; `max_shard_size`, `block_bytes` None: the default;
+    `mode`: "merge", "dry-run" or "inspect"; `stats`: gather row statistics; `transposed`: Conv1D-named weights are
+    stored (in, out) or not (None: decide)."""
 
     settings: tuple[LamSetting, ...]
     method: str = DEFAULT_METHOD

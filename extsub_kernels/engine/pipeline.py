@@ -1,9 +1,5 @@
-"""Three overlapping stages: read item i+1 (a thread), compute item i (the caller), write item i-1 (a thread).
-
-Queues of `depth` items between the stages bound what is in flight: `in_flight` items hold inputs, as many hold
-results; it sizes the buffer pools. An error or an interrupt in any stage stops all three; the caller sees the first
-error once both threads have ended, so nothing is still writing when it cleans up.
-"""
+"""Three overlapping stages: read item i+1 (a thread), compute item i (the caller), write item i-1 (a thread), with
+`depth`-item queues between; any error stops all three and is raised once both threads have ended."""
 
 import contextlib
 import queue
@@ -30,12 +26,8 @@ def run_pipeline(
     depth: int = 1,
     on_stop: Callable[[], None] | None = None,
 ) -> None:
-    """For each item, in order: payload = read(item); result = compute(item, payload); write(item, result).
-
-    `read` and `write` run in their own threads, `compute` in the calling one (where KeyboardInterrupt lands).
-    `on_stop` is called when a stage fails and when the run ends, before waiting for the threads: it wakes a stage
-    blocked elsewhere (a buffer pool). The first error is the one raised.
-    """
+    """write(item, compute(item, read(item))) for each item in order, read and write in threads; `on_stop` runs
+    when a stage fails and at the end, before joining, to wake a stage blocked elsewhere. Raises the first error."""
     stop = threading.Event()
     errors: list[BaseException] = []
     to_compute: queue.Queue = queue.Queue(maxsize=depth)

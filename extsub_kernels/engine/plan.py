@@ -1,9 +1,5 @@
-"""Plan a dense merge from the inputs' headers alone: what happens to each tensor, and the blocks of rows to stream.
-
-The plan fixes the output's keys, dtypes and shapes (the writer emits its header first) and cuts tensors into
-blocks of whole rows; a row longer than a block comes in pieces, streamed twice for a row-pairing method (norms,
-then update), and so does a Conv1D weight larger than a block (its rows are the stored columns).
-"""
+"""Plan a dense merge from the headers alone: each output tensor's job (keys, dtypes, shapes for the header first)
+and its blocks of rows; rows or Conv1D weights larger than a block stream twice for a row-pairing method."""
 
 import math
 from collections.abc import Callable, Sequence
@@ -55,12 +51,9 @@ def plan_tensors(
     transposed: TransposedRule = never_transposed,
     inputs: Sequence[ResolvedInput] = (),
 ) -> tuple[list[TensorJob], list[str]]:
-    """Match tensors by key across the inputs; returns the jobs (expert order) and the skipped keys.
-
-    Float tensors of the expert that an anti-expert also has are merged with it (with `has_base`, the base must
-    have them too); the expert's others are copied; keys only in anti-experts follow `on_missing`. InputError for
-    shape or dtype mismatches, missing keys, and inputs with nothing to merge. `inputs` name files in messages.
-    """
+    """Match tensors by key; returns the jobs (expert order) and skipped keys. The expert's float tensors an anti-expert
+    (and the base) has are merged, its others copied; anti-only keys follow `on_missing`. InputError for mismatches,
+    missing keys, nothing to merge; `inputs` name files."""
     expert = readers[0]
     where = _namer(readers, inputs)
     for reader in readers:
@@ -76,7 +69,7 @@ def plan_tensors(
             other = tensors.get(name)
             if other is not None:
                 if other.shape != info.shape or other.dtype != info.dtype:
-                    _check_match(info, other, f"EXPERT ({where(info)})", _role(readers[k], name, where))
+                    _check_match(info, other, f"EXPERT ({where(info)})", f"{readers[k].label} ({where(other)})")
                 with_key.append(k)
                 shared[k - 1] += 1
         floating = is_float(info.dtype)
@@ -90,7 +83,7 @@ def plan_tensors(
                 )
             other = base.info(name)
             if other.shape != info.shape or other.dtype != info.dtype:
-                _check_match(info, other, f"EXPERT ({where(info)})", _role(base, name, where))
+                _check_match(info, other, f"EXPERT ({where(info)})", f"{base.label} ({where(other)})")
         flip = bool(merged) and transposed(name, info.shape)
         jobs.append(TensorJob(name, info.shape, dtype, 0, merged, base_index if merged else None, flip))
     for k, count in enumerate(shared, start=1):
@@ -123,10 +116,6 @@ def _namer(readers: Sequence[CheckpointReader], inputs: Sequence[ResolvedInput])
         return by_file.get(thing.path, thing.path.name)
 
     return where
-
-
-def _role(reader: CheckpointReader, name: str, where) -> str:
-    return f"{reader.label} ({where(reader.info(name))})"
 
 
 def _check_match(a: TensorInfo, b: TensorInfo, a_role: str, b_role: str) -> None:
@@ -176,11 +165,8 @@ Phase = Literal["one-pass", "norms", "update"]
 
 @dataclass(frozen=True, slots=True)
 class Block:
-    """A piece of one tensor read, computed and written at once: rows [start, stop), or elements `cols` of row `start`.
-
-    `phase`: "one-pass", computed on its own; or, for op rows that do not fit one block, "norms" (accumulates the
-    rows' sums, writes nothing) and then "update" (the same pieces again, written).
-    """
+    """Rows [start, stop) of a tensor, or elements `cols` of row `start`, handled at once; `phase`: "one-pass", or
+    for op rows over several blocks "norms" (sums only) then "update" (written)."""
 
     job: TensorJob
     start: int
@@ -213,9 +199,8 @@ def row_elements(shape: tuple[int, ...]) -> int:
 
 
 def cut_blocks(job: TensorJob, row_bytes: int, block_bytes: int, *, whole_rows: bool) -> list[Block]:
-    """Cut `job` into blocks of at most `block_bytes` in its widest form (`row_bytes` per row): whole rows, or pieces
-    of a longer row. With `whole_rows` (a row-pairing method), merged op rows over several blocks stream "norms"
-    then "update": per row in pieces, over the whole tensor for a Conv1D weight (its op rows are its columns)."""
+    """Cut `job` into blocks of at most `block_bytes` (`row_bytes` per row): whole rows, or pieces of one; with
+    `whole_rows`, merged op rows over several blocks (a Conv1D weight: the whole tensor) go "norms" then "update"."""
     rows = rows_of(job.shape)
     if not rows or not row_bytes:
         return []

@@ -1,9 +1,5 @@
-"""Recipes: every option of a merge in one YAML file, read back with `--config` and written into each output.
-
-A recipe maps the long options of `extsub-merge` (`_` for `-`) plus `expert`, `anti` and `out` to values; loading
-checks every key and type and names the key at fault. Each output carries the recipe that made it (its own λ, hub
-inputs pinned to their commit), so rerunning it rewrites the same tensors byte for byte on the same kind of device.
-"""
+"""Recipes: every option of a merge (`extsub-merge`'s long options, `_` for `-`, plus expert, anti, out) in one YAML
+file, read back with `--config` (each key checked) and written into each output with its λ and pinned inputs."""
 
 import difflib
 import itertools
@@ -16,10 +12,11 @@ from typing import Any
 
 import yaml
 
+from extsub_kernels._names import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_LAM, DEFAULT_ON_MISSING
 from extsub_kernels._version import __version__
 from extsub_kernels.constants import RECIPE_NAME
 from extsub_kernels.engine.method_spec import DEFAULT_METHOD, METHODS
-from extsub_kernels.engine.options import ON_MISSING, OUT_DTYPES, lam_label, lam_value, short
+from extsub_kernels.engine.options import ON_MISSING, OUT_DTYPES, lam_items, lam_label, lam_text, short
 from extsub_kernels.errors import InputError
 from extsub_kernels.io import read_header
 from extsub_kernels.io.files import read_bounded_text
@@ -74,11 +71,8 @@ METADATA_KEY = "extsub.recipe"  # where each weights file's __metadata__ keeps t
 
 
 def load_recipe(path: str | os.PathLike, choices: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
-    """Read and validate a recipe (a YAML file, or the `extsub.recipe` a weights file's metadata carries); keys whose
-    value is null are left out. `choices`: the values of keys whose vocabulary lives above the engine (the adapter
-    formats). InputError for an unreadable file, YAML that is not a mapping, an unknown key (with the closest known
-    one), a value of the wrong type or outside its choices, naming the file and the key.
-    """
+    """Read and validate a recipe (YAML, or a weights file's `extsub.recipe`), null keys left out; `choices`: values
+    of keys defined above the engine. InputError naming the file and key for anything wrong in it."""
     path = Path(path)
     if path.suffix == ".safetensors":  # an output of this tool: its recipe is in the header's metadata
         text = read_header(path).metadata.get(METADATA_KEY)
@@ -143,8 +137,11 @@ def check_recipe(
             f"{where}: extsub_recipe is {checked['extsub_recipe']}, but this extsub ({__version__}) reads format "
             f"{RECIPE_FORMAT}; upgrade extsub"
         )
-    if "lam" in checked:
-        _check_lams(checked["lam"], where)
+    if checked.get("lam") not in (None, []):  # each λ by `lam_items`' rules (an empty list is the run's to refuse)
+        try:
+            lam_items(checked["lam"])
+        except InputError as e:
+            raise InputError(f"{where}: key 'lam': {e}") from None
     anti = checked.get("anti")
     if isinstance(anti, list) and (not anti or not all(isinstance(a, str) for a in anti)):
         raise InputError(
@@ -153,29 +150,12 @@ def check_recipe(
     return checked
 
 
-def _check_lams(lam: object, where: str) -> None:
-    """Every λ of a recipe's `lam` a finite number (`lam_value`'s rule), the error naming the file and the key."""
-    items = [part.split(":") for part in lam.split(",")] if isinstance(lam, str) else lam
-    items = items if isinstance(items, list) else [items]
-    try:
-        for item in items:
-            for value in item if isinstance(item, (list, tuple)) else [item]:
-                lam_value(value)
-    except InputError as e:
-        raise InputError(f"{where}: key 'lam': {e}") from None
-
-
-def _lam_value_for(setting: Sequence[float]) -> float | str:
-    """λ of one output as a recipe writes it: a number when every anti-expert has it, else "1:0.5"."""
-    label = lam_label(setting)
-    return float(setting[0]) if len(set(setting)) <= 1 else label.replace("_", ":")
-
-
 def recipe_text(recipe: Mapping[str, Any], setting: Sequence[float]) -> str:
     """The recipe of one output: `recipe` (MERGE_KEYS) with that output's λ, as YAML with a header comment."""
     body = {"extsub_recipe": RECIPE_FORMAT, "extsub_version": __version__}
+    lam = float(setting[0]) if len(set(setting)) <= 1 else lam_text(setting, ":")  # a number when all share it
     for key in MERGE_KEYS:
-        value = _lam_value_for(setting) if key == "lam" else recipe.get(key)
+        value = lam if key == "lam" else recipe.get(key)
         if value is not None and (value is not False or key == "transposed"):
             body[key] = value
     header = (
@@ -187,14 +167,14 @@ def recipe_text(recipe: Mapping[str, Any], setting: Sequence[float]) -> str:
 
 
 def command_line(recipe: Mapping[str, Any], out: str | os.PathLike | None = None) -> str:
-    """The `extsub-merge` command that runs `recipe` (flags only where they differ from the defaults), as
-    "extsub-merge e a -o out/ --lam 0.5 --method sub"."""
+    """The `extsub-merge` command that runs `recipe`, flags only where not the default."""
     anti = recipe.get("anti") or []
     words = [PROG, str(recipe.get("expert", "EXPERT")), *([anti] if isinstance(anti, str) else anti)]
     out = out if out is not None else recipe.get("out")
     if out is not None:
         words += ["-o", os.fspath(out)]
-    defaults = {"lam": 1.0, "method": DEFAULT_METHOD, "device": "auto", "dtype": "keep", "on_missing": "error"}
+    defaults = dict(lam=DEFAULT_LAM, method=DEFAULT_METHOD, device=DEFAULT_DEVICE, dtype=DEFAULT_DTYPE)
+    defaults["on_missing"] = DEFAULT_ON_MISSING
     for key, spec in KEYS.items():
         value = recipe.get(key)
         if spec.flag is None or key == "out" or value is None or value == defaults.get(key):
@@ -210,11 +190,8 @@ def command_line(recipe: Mapping[str, Any], out: str | os.PathLike | None = None
     return shlex.join(words)
 
 
-def _lam_text(lam: object) -> str:
-    if not isinstance(lam, (list, tuple)):
-        return _number(lam)
-    return ",".join(":".join(map(_number, x)) if isinstance(x, (list, tuple)) else _number(x) for x in lam)
-
-
-def _number(x: object) -> str:
-    return lam_label([float(x)]) if isinstance(x, (int, float)) else str(x)
+def _lam_text(lam: object, sep: str = ",") -> str:
+    """λ as a flag: a list joined by `sep` (its lists by ":"), numbers shortest, anything else as given."""
+    if isinstance(lam, (list, tuple)) and sep:
+        return sep.join(_lam_text(x, ":" if sep == "," else "") for x in lam)
+    return lam_label([float(lam)]) if isinstance(lam, (int, float)) else str(lam)

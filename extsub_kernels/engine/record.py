@@ -1,8 +1,5 @@
-"""The machine-readable record of a run (`--report FILE.json`, `extsub-inspect`'s report.json), and the one JSON writer.
-
-A JSON object: the tool and the command; the inputs (as given, resolved, hub commits, sizes, header sha256); every
-option; the outputs with their files; times, bytes, peak memory; each tensor or module with its row statistics.
-"""
+"""The machine-readable record of a run (`--report FILE.json`, `extsub-inspect`'s report.json): tool, command,
+inputs, options, outputs, costs, each tensor's row statistics; and the one JSON writer."""
 
 import dataclasses
 import json
@@ -14,7 +11,7 @@ from typing import Any
 
 from extsub_kernels._version import __version__
 from extsub_kernels.engine.report import MergeReport
-from extsub_kernels.engine.stats import PairStats, TensorStats
+from extsub_kernels.engine.stats import TensorStats
 from extsub_kernels.engine.tables import anti_roles, by_module_type
 from extsub_kernels.io.atomic import publish, remove, reserve_temp, write_into, write_text
 from extsub_kernels.io.outputs import is_stream
@@ -58,14 +55,11 @@ def report_record(report: MergeReport) -> dict[str, Any]:
 def _tensor_stats(stats: TensorStats | None) -> dict[str, Any] | None:
     if stats is None:
         return None
-    return {"pairs": [_pair(p) for p in stats.pairs], "relative_change": list(stats.relative_change)}
-
-
-def _pair(pair: PairStats) -> dict[str, Any]:
-    record = dataclasses.asdict(pair)
-    record["degenerate_rows"] = pair.degenerate_rows
-    record["deficiency_share"] = pair.deficiency_share
-    return record
+    pairs = [
+        {**dataclasses.asdict(p), "degenerate_rows": p.degenerate_rows, "deficiency_share": p.deficiency_share}
+        for p in stats.pairs
+    ]
+    return {"pairs": pairs, "relative_change": list(stats.relative_change)}
 
 
 def _summary(report: MergeReport) -> list[dict[str, Any]]:

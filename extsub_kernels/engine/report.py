@@ -1,5 +1,4 @@
-"""What a merge did and what it cost: one report type for every path (dense, adapters), every mode (merge, dry run,
-inspect), with the row statistics of each merged tensor or module and the run's provenance."""
+"""What a merge did and what it cost: one report type for every path and mode, with row statistics and provenance."""
 
 import time
 from collections.abc import Sequence
@@ -10,8 +9,8 @@ from typing import Protocol
 from extsub_kernels.engine.context import RunContext
 from extsub_kernels.engine.memory import peak_rss_bytes
 from extsub_kernels.engine.method_spec import DEFAULT_METHOD
+from extsub_kernels.engine.options import lam_text
 from extsub_kernels.engine.stats import TensorStats
-from extsub_kernels.engine.tables import lam_text
 from extsub_kernels.io.outputs import listed_files
 
 _UNITS = (("GB", 1e9), ("MB", 1e6), ("kB", 1e3))  # SI, as the progress bar counts
@@ -19,8 +18,7 @@ Files = tuple[tuple[str, int | None], ...]
 
 
 class ReportSection(Protocol):
-    """A path-specific part of the report (adapter merges: what happened to each module): its part of the one-line
-    summary, and its lines for --verbose."""
+    """A path-specific part of the report (adapters: each module): its part of the summary, its --verbose lines."""
 
     def summary(self) -> str: ...
 
@@ -29,11 +27,8 @@ class ReportSection(Protocol):
 
 @dataclass(frozen=True)
 class Item:
-    """What a run does with one tensor or module (`kind`: "tensor", "module", "non-LoRA tensor", ...), and why.
-
-    `action`: "merged", "copied", "skipped", or for modules only in anti-experts "dropped" / "added"; `reason` in a
-    few words; `shape` and `dtype` (as safetensors spells it) as written (a module: (out, in) of its ΔW).
-    """
+    """What a run does with one tensor or module (`kind`) and why: `action` ("merged", "copied", "skipped", "dropped",
+    "added"), `reason`, and `shape` and safetensors `dtype` as written (a module: (out, in) of its ΔW)."""
 
     name: str
     kind: str
@@ -55,11 +50,9 @@ class MergeReport:
         device, kernel: where the op ran and what ran it (`ops.op_backend`; None where nothing was computed).
         adapter: adapter merges: what happened to each module (None for dense inputs).
         mode: "merge", "dry-run" (nothing read but headers, nothing written) or "inspect" (statistics only).
-        method, settings: the method's name; λ per anti-expert of each output.
-        items, stats: what happens to each tensor or module, in order; their row statistics (where gathered).
+        method, settings, items, stats: the method; λ per anti-expert per output; each tensor's fate and statistics.
         files: (name, bytes) of the files of each output (bytes None for texts a dry run cannot size).
-        layout: how rows were paired (which weights count as stored (in, out), and why).
-        context: the run's provenance: inputs with commits and header hashes, recipe, command.
+        layout, context: how rows were paired, and why; the run's provenance (inputs, recipe, command).
     """
 
     outputs: tuple[Path, ...]
@@ -97,9 +90,8 @@ class MergeReport:
         files: Sequence[Sequence[tuple[str, int | None]]] | None = None,
         **facts,
     ) -> "MergeReport":
-        """The report of a run that has ended now, the one way every path builds it: seconds since `started`
-        (perf_counter; None, a dry run: 0), the process's peak RSS, the files of each output (`files`: those a dry
-        run plans, else those written); `facts`: the other fields."""
+        """The report of a run ended now, the one builder: seconds since `started` (None: 0), peak RSS, each output's
+        files (`files`: a dry run's plan; else those written); `facts`: the other fields."""
         listed = files if files is not None else [listed_files(path) for path in outputs]
         facts.update(
             files=tuple(tuple(f) for f in listed), peak_rss_bytes=peak_rss_bytes(), peak_gpu_bytes=peak_gpu_bytes
@@ -188,7 +180,7 @@ def item_line(item: Item, stats: TensorStats | None, settings: Sequence[Sequence
         rows = f"{pair.rows} row{'s' if pair.rows != 1 else ''}"
         line += f"{prefix} {rows}{degenerate}, {cos}, deficiency share {share}"
     changes = [
-        f"{100 * c:.3g} % at λ={lam_text(s)}" if c is not None else "n/a"
+        f"{100 * c:.3g} % at λ={lam_text(s, short=True)}" if c is not None else "n/a"
         for c, s in zip(stats.relative_change, settings, strict=False)
     ]
     return line + (f"; change {', '.join(changes)}" if changes else "")

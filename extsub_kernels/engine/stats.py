@@ -1,9 +1,5 @@
-"""What a merge did to each row, summarised per tensor or module (docs/design.md §7), from three sums per row.
-
-With c = cos(p, m), Ext(m) = ½(m − |m|·p̂) gives |Ext(m)|² = |m|²(1 − c)/2: the deficiency share of a row is
-√((1 − c)/2); ‖θ' − θ⁺‖ = λ·‖Ext(θ⁻)‖ over a tensor. Rows with |p| = 0 or |m| = 0 have Ext(m) = 0: counted, not
-averaged. The sums |p|², |m|², p·m come from the op's own pass (`row_stats`) or LoRA factors.
-"""
+"""What a merge did to each row, per tensor or module, from |p|², |m|², p·m (docs/design.md §7): with c = cos(p, m),
+|Ext(m)|² = |m|²(1 − c)/2 and ‖θ' − θ⁺‖ = λ·‖Ext(θ⁻)‖; rows with |p| = 0 or |m| = 0 are counted, not averaged."""
 
 import math
 from dataclasses import dataclass
@@ -12,8 +8,7 @@ import torch
 
 from extsub_kernels.engine.method_spec import method_spec
 
-# A row counts as antiparallel (Ext(m) = m, the bisector vanishes) when cos(p, m) ≤ −1 + this;
-# the sums behind cos are float32 reductions, good to about 1e-7 relative.
+# cos(p, m) ≤ −1 + this is antiparallel (Ext(m) = m); the float32 sums behind cos are good to about 1e-7.
 ANTIPARALLEL_TOLERANCE = 1e-6
 _QUANTILES = (0.25, 0.5, 0.75)
 
@@ -36,8 +31,7 @@ class PairStats:
 
     Attributes:
         anti, rows: the anti-expert's role (ANTI, ANTI #2, ...); rows paired (output features).
-        zero_expert_rows, zero_anti_rows, antiparallel_rows: |p| = 0, |m| = 0 (Ext(m) = 0), cos(p, m) within
-            ANTIPARALLEL_TOLERANCE of −1 (Ext(m) = m).
+        zero_expert_rows, zero_anti_rows, antiparallel_rows: |p| = 0, |m| = 0 (Ext(m) = 0), cos(p, m) ≈ −1.
         measured_rows, cos: rows with both norms non-zero; the distribution of cos(p, m) over them (or None).
         expert_norm, anti_norm, deficiency_norm: ‖θ⁺‖, ‖θ⁻‖ and ‖Ext(θ⁻)‖ over these rows (Frobenius).
         anti_abs_sum, deficiency_abs_sum: Σ|mᵢ| and Σ|Ext(mᵢ)| over rows.
@@ -66,8 +60,7 @@ class PairStats:
         return self.deficiency_abs_sum / self.anti_abs_sum if self.anti_abs_sum > 0 else None
 
     def relative_change(self, lam: float, method: str) -> float | None:
-        """‖θ' − θ⁺‖/‖θ⁺‖ of one step with this anti-expert at λ (`MethodSpec.change_per_lam`; None where a method
-        does not say, or when ‖θ⁺‖ = 0 and something changes)."""
+        """‖θ' − θ⁺‖/‖θ⁺‖ of one step at λ (`MethodSpec.change_per_lam`); None where unknown or ‖θ⁺‖ = 0 moves."""
         per_lam = method_spec(method).change_per_lam
         if per_lam is None:
             return None
@@ -78,8 +71,7 @@ class PairStats:
 
 
 class PairAccumulator:
-    """Row sums of one pair, block by block (a small copy on their device: no block waits for a transfer), turned
-    into a `PairStats` once per tensor in `result`."""
+    """Row sums of one pair, block by block (copied on their device), as a `PairStats` in `result`."""
 
     def __init__(self) -> None:
         self._sums: list[torch.Tensor] = []
@@ -116,8 +108,7 @@ def pair_stats(sums: torch.Tensor, anti: str) -> PairStats:
 
 
 def _summarize_cos(cos: torch.Tensor, mean: float | None = None) -> CosSummary | None:
-    """Mean (`mean`, when summed more precisely elsewhere), min, quartiles (linear interpolation) and max of a 1-D
-    tensor of cosines; None when empty."""
+    """Mean (or `mean`), min, quartiles and max of a 1-D tensor of cosines; None when empty."""
     if cos.numel() == 0:
         return None
     cos = cos.to(torch.float64)
@@ -127,8 +118,7 @@ def _summarize_cos(cos: torch.Tensor, mean: float | None = None) -> CosSummary |
 
 @dataclass(frozen=True)
 class TensorStats:
-    """What the merge did to one tensor or module (`kind`), row by row: the geometry against each anti-expert that has
-    it, and ‖θ' − θ⁺‖/‖θ⁺‖ per λ setting, in the run's order."""
+    """One tensor or module (`kind`): its geometry against each anti-expert, ‖θ' − θ⁺‖/‖θ⁺‖ per λ setting."""
 
     name: str
     kind: str
@@ -137,8 +127,7 @@ class TensorStats:
 
 
 def measured_change(result: torch.Tensor, plus: torch.Tensor, *, scratch: torch.Tensor | None = None) -> float:
-    """‖result − plus‖² over a block in float64 (the change of several steps), chunk by chunk through `scratch` (a
-    1-D float64 tensor on their device) when given, so nothing of the block's size is allocated."""
+    """‖result − plus‖² in float64, through the 1-D float64 `scratch` when given (nothing block-sized allocated)."""
     if scratch is None:
         return float(torch.linalg.vector_norm(result.to(torch.float64) - plus.to(torch.float64)) ** 2)
     flat_result, flat_plus = result.reshape(-1), plus.reshape(-1)

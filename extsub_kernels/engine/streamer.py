@@ -1,9 +1,5 @@
-"""`BlockStreamer`: the read and compute stages of the dense run over blocks, in memory sized once from the plan.
-
-Per block: read (pread into a pooled input buffer, pinned on CUDA) → device → the method once per λ setting into
-pooled result buffers → NaN/Inf check → host, a `Piece` for the write stage. Rows that do not fit one block
-stream twice (their norms, then the update; `gram`).
-"""
+"""`BlockStreamer`: the read and compute stages of the dense run, in memory sized once from the plan: per block,
+pread into a pooled buffer → device → the method per λ setting → NaN/Inf check → host, a `Piece` to write."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,13 +30,8 @@ from extsub_kernels.io.provenance import display_path
 
 class BlockStreamer:
     """The stages of a dense merge over blocks: `read` (a thread), `compute` (the caller); `OutputSet` writes.
-
-    Memory is fixed by construction: `blocks` sizes, once from the plan, pools of input and result buffers on the
-    host (the largest block in its widest form; pinned on CUDA), of device buffers on CUDA, and the workspace.
-    A pool holds a buffer for every item in flight (`pipeline.in_flight`); only the reader takes input buffers and
-    only the compute stage result buffers, so a stage ahead of its pool waits but cannot deadlock. `readers` and
-    `roles` are numbered as in `TensorJob`; blocks follow `order` (`OutputSet.order`); `stats` may be None.
-    """
+    `blocks` sizes the pools (a buffer per item in flight, the largest block in its widest form) and the workspace
+    once; only the reader takes input buffers, only compute result buffers: no deadlock. Blocks follow `order`."""
 
     def __init__(
         self,
@@ -62,8 +53,7 @@ class BlockStreamer:
         self._unit: _RowsInPieces | None = None
 
     def blocks(self, jobs: Sequence[TensorJob]) -> list[Block | Batch]:
-        """`jobs` cut into blocks in the outputs' order, runs of small tensors batched; sizes the pools and the
-        workspace for them (one pass with a few dict lookups per tensor: a million tiny tensors plan in seconds)."""
+        """`jobs` cut into blocks in the outputs' order, small tensors batched; sizes the pools and workspace."""
         by_name = {j.name: j for j in jobs}
         limit = self.options.block_size
         small = min(SMALL_TENSOR_BYTES, limit)
@@ -134,8 +124,7 @@ class BlockStreamer:
         return view_as(buffer, self.readers[i].info(block.job.name).dtype, block.shape())
 
     def read(self, item: Block | Batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The item of every input its job reads, each in a buffer of the input pool (a batch: its tensors back to
-        back, seen as one (rows, width) matrix)."""
+        """The item of every input its job reads, each in an input-pool buffer (a batch: one (rows, width) matrix)."""
         tensors, buffers = [], []
         for i in item.job.inputs():
             buffers.append(self.input_pool.get())
@@ -152,6 +141,7 @@ class BlockStreamer:
         host, host_buffers = payload
         progress = self.read_bytes(item)
         last = item.jobs[-1].name if isinstance(item, Batch) else None
+        nothing = [self._nothing] * len(self.options.settings)
         if not self.transfer.cuda:
             results, kept, fresh = self._results(item, host, host_buffers, self.result_pool)
             self.input_pool.put([b for b in host_buffers if not any(b is k for k in kept)])
@@ -160,8 +150,7 @@ class BlockStreamer:
                 self.input_pool.put(kept)
                 self.result_pool.put(fresh)
 
-            results = results or [self._nothing] * len(self.options.settings)
-            return Piece(item.job.name, results, progress, release=release, last=last)
+            return Piece(item.job.name, results or nothing, progress, release=release, last=last)
         buffers = [self.device_pool.get() for _ in host]
         inputs = self.transfer.to_device_into(host, buffers)
         self.input_pool.put(host_buffers)
@@ -173,10 +162,8 @@ class BlockStreamer:
                 seen[id(r)] = self.transfer.to_host(r, landing[-1])
             host_results.append(seen[id(r)])
         self.device_pool.put(buffers + fresh)  # later work on the copy stream runs after these copies
-        event = self.transfer.done_event()
-        results = host_results or [self._nothing] * len(self.options.settings)
-        ready, release = (lambda: self.transfer.ready(event)), (lambda: self.result_pool.put(landing))
-        return Piece(item.job.name, results, progress, ready=ready, release=release, last=last)
+        ready, release = self.transfer.done_event().synchronize, (lambda: self.result_pool.put(landing))
+        return Piece(item.job.name, host_results or nothing, progress, ready=ready, release=release, last=last)
 
     def _results(
         self, item: Block | Batch, inputs: list[torch.Tensor], buffers: list[torch.Tensor], pool: BufferPool
@@ -197,6 +184,9 @@ class BlockStreamer:
         theta0 = inputs[-1] if job.base is not None else None
         kind = dict(method=self.options.method, base=theta0 is not None, transposed=job.transposed)
         in_place = in_place_step(plus.dtype, len(minus), out_dtype=job.out_dtype, **kind)
+        flat = job.transposed and isinstance(item, Block) and item.cols is not None  # a piece of a Conv1D stored row
+        op_view = (lambda t: t.view(1, -1)) if flat else (lambda t: t)  # its n elements belong to n op rows
+        method = dict(method=self.options.method, transposed=job.transposed, workspace=self.workspace)
         stats = self.stats
         results, kept, fresh = [], [], []
         for s, setting in enumerate(settings):
@@ -211,7 +201,9 @@ class BlockStreamer:
             if item.phase == "update":
                 self._update(item, result, inputs, s, observe)
             else:
-                self._method_into(item, result, plus, minus, theta0, lams, observe)
+                base = op_view(theta0) if theta0 is not None else None
+                args = (op_view(result), op_view(plus), [op_view(m) for m in minus], lams)
+                apply_method_into(*args, base=base, observe=observe, **method)
             self._check_finite(item, result, setting)
             if stats is not None:
                 stats.measure(item, s, result, plus)
@@ -219,25 +211,6 @@ class BlockStreamer:
         if stats is not None:
             stats.block_done(item)
         return results, kept, fresh
-
-    def _method_into(
-        self,
-        item: Block | Batch,
-        out: torch.Tensor,
-        plus: torch.Tensor,
-        minus: list[torch.Tensor],
-        theta0: torch.Tensor | None,
-        lams: list[float],
-        observe: Observer | None,
-    ) -> None:
-        """`apply_method_into` on a one-pass item through the workspace (a piece of a stored row of a Conv1D
-        weight seen as (1, n): its elements belong to n of the op's rows, the columns)."""
-        views = [out, plus, *minus, *([theta0] if theta0 is not None else [])]
-        if item.job.transposed and isinstance(item, Block) and item.cols is not None:
-            views = [t.view(1, -1) for t in views]
-        kwargs = dict(method=self.options.method, transposed=item.job.transposed, workspace=self.workspace)
-        base = views[-1] if theta0 is not None else None
-        apply_method_into(views[0], views[1], views[2 : 2 + len(minus)], lams, base=base, observe=observe, **kwargs)
 
     def _accumulate(self, block: Block, inputs: list[torch.Tensor]) -> None:
         """A "norms" block: its share of its rows' Gram matrices (a new unit starts with a row's or tensor's first)."""
@@ -327,8 +300,7 @@ class _RowsInPieces:
 
 
 def _pieces_of(block: Block, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor | None, tuple]:
-    """A two-pass block's inputs as 2-D views (expert and anti-experts; θ₀ apart) and how they map onto its Gram:
-    (the unit they belong to, the axis a row runs along, the unit's op rows, the first of them here)."""
+    """A two-pass block's 2-D views (vectors; θ₀ apart) and (its unit, reduce axis, unit's op rows, first here)."""
     job = block.job
     flat = block.cols is not None
     views = [t.view(1, -1) if flat else t for t in inputs]

@@ -1,15 +1,12 @@
-"""Row statistics grouped the way people read a model: by module type, and by layer × module type.
-
-A name splits at its first numeric path component into a layer and a module type (names without one are their own
-type). Groups combine tensors exactly: cos means weighted by their rows, the deficiency share as Σ|Ext(mᵢ)| / Σ|mᵢ|,
-the relative change as ‖θ' − θ⁺‖ / ‖θ⁺‖ over the group.
-"""
+"""Row statistics by module type and by layer × module type (a name splits at its first numeric component), combined
+exactly: cos means weighted by rows, deficiency share Σ|Ext(mᵢ)| / Σ|mᵢ|, relative change ‖θ' − θ⁺‖ / ‖θ⁺‖."""
 
 import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from extsub_kernels.engine.options import lam_text
 from extsub_kernels.engine.stats import PairStats, TensorStats
 
 _LAYER = re.compile(r"(?:^|\.)(\d+)\.")
@@ -97,17 +94,11 @@ def by_layer_and_type(stats: Iterable[TensorStats], anti: str) -> dict[tuple[int
     return by_module_type(stats, anti, layers=True)
 
 
-def lam_text(setting: Sequence[float], sep: str = ",") -> str:
-    """λ of one output as reports, cards and tables show it: "0.5", "1,0.5" (one per anti-expert)."""
-    return sep.join(f"{x:g}" for x in setting)
-
-
 def _table(first: str, settings: Sequence[Sequence[float]], rows: Iterable[tuple[str, Group]]) -> list[str]:
-    """Markdown lines: the head (`first` columns, then the common ones and a change per λ setting) and a row per
-    (leading cells, group)."""
+    """Markdown lines: the head (`first` columns, the common ones, a change per λ setting), a row per (cells, group)."""
     head = f"| {first} | rows | degenerate rows | mean cos(p, m) | deficiency share |"
     lines = [
-        head + "".join(f" change at λ={lam_text(s)} |" for s in settings),
+        head + "".join(f" change at λ={lam_text(s, short=True)} |" for s in settings),
         "|---" * (first.count("|") + 5 + len(settings)) + "|",
     ]
     for cells, group in rows:
@@ -119,8 +110,7 @@ def _table(first: str, settings: Sequence[Sequence[float]], rows: Iterable[tuple
 
 
 def summary_table(stats: Sequence[TensorStats], settings: Sequence[Sequence[float]]) -> str:
-    """Markdown: per anti-expert, one row per module type with tensors, rows, degenerate rows, mean cos(p, m),
-    the deficiency share and the relative change at each λ setting. Empty when there are no statistics."""
+    """Markdown: per anti-expert, a row per module type (layers, tensors and `_table`'s columns); "" without stats."""
     if not stats:
         return ""
     parts = []

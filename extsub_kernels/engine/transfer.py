@@ -1,9 +1,5 @@
-"""The streaming stages' memory and transfers: buffer pools, the compute workspace, host ⇄ device copies.
-
-Pools and the workspace are sized once from the plan and reused until the end of a run. On CUDA, host buffers are
-pinned and copies run asynchronously on a side stream; an event tells the writer when a result has landed. Nothing
-here touches CUDA unless a CUDA device was asked for.
-"""
+"""The streaming stages' memory and transfers: buffer pools and the workspace, sized once, and host ⇄ device copies
+(on CUDA: pinned buffers, a side stream, an event per result; nothing touches CUDA unless asked)."""
 
 import math
 import os
@@ -18,12 +14,8 @@ class PoolClosed(RuntimeError):
 
 
 class BufferPool:
-    """A fixed number of byte buffers of one capacity, sized once from the plan and reused until the end.
-
-    `get` hands out a free buffer, creating one while fewer than `count` exist (`allocated`), and otherwise waits
-    until a stage gives one back: back-pressure, so `count × capacity` bounds memory whatever the timing. Buffers are
-    reused last in, first out, so those a run never needs at once are never created.
-    """
+    """At most `count` byte buffers of one capacity, created on demand and reused last in, first out; `get` waits
+    when all are out (back-pressure: `count × capacity` bounds memory whatever the timing)."""
 
     def __init__(self, capacity: int, count: int, *, device: torch.device | None = None, pin: bool = False):
         if capacity < 0 or count < 1:
@@ -65,9 +57,7 @@ class BufferPool:
 
 
 class Workspace:
-    """Working space of the compute stage: slots of `elements` numbers of up to `itemsize` bytes, each allocated on
-    first use, where inputs are widened and worked on in cache-sized chunks; each its own storage (the op never sees
-    two overlap)."""
+    """The compute stage's slots of `elements` numbers of up to `itemsize` bytes, each its own storage, on first use."""
 
     def __init__(self, elements: int, slots: int, *, itemsize: int = 4, device: torch.device | None = None):
         self.elements, self.itemsize = max(1, elements), itemsize
@@ -99,7 +89,7 @@ def view_as(buffer: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) ->
 
 class Transfer:
     """Moves blocks between the host buffers and the compute device: CPU, identity; CUDA, non-blocking copies on a side
-    stream (`ready(event)` blocks until a device → host copy has landed)."""
+    stream (`done_event()` tells when a device → host copy has landed)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -107,9 +97,8 @@ class Transfer:
         self.stream = torch.cuda.Stream(device) if self.cuda else None
 
     def __enter__(self) -> "Transfer":
-        """CUDA: make the device and the side stream current. CPU: compute on all cores but two, left to the I/O
-        threads (torch's workers meet at a barrier after every op: one whose core is taken stalls all; measured on 2
-        cores, 10× slower)."""
+        """CUDA: the device and side stream current. CPU: all cores but two, left to the I/O threads (torch's workers
+        meet at a barrier after every op: one whose core is taken stalls all; 10× slower on 2 cores)."""
         if self.cuda:
             self._contexts = [torch.cuda.device(self.device), torch.cuda.stream(self.stream)]
             for context in self._contexts:
@@ -143,16 +132,11 @@ class Transfer:
         host.copy_(tensor, non_blocking=self.cuda)
         return host
 
-    def done_event(self) -> "torch.cuda.Event | None":
-        event = torch.cuda.Event() if self.cuda else None
-        if event is not None:
-            event.record(self.stream)
+    def done_event(self) -> "torch.cuda.Event":
+        """CUDA: an event on the side stream; its `synchronize()` waits for the copies queued so far."""
+        event = torch.cuda.Event()
+        event.record(self.stream)
         return event
-
-    @staticmethod
-    def ready(event: "torch.cuda.Event | None") -> None:
-        if event is not None:
-            event.synchronize()
 
     def peak_memory(self) -> int | None:
         return torch.cuda.max_memory_allocated(self.device) if self.cuda else None

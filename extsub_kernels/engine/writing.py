@@ -1,10 +1,5 @@
-"""The outputs of a run and the one loop that writes them: every path (dense, adapters, full model) goes through here.
-
-An `OutputSet` is the run's outputs, one per λ setting, each a header-first `CheckpointWriter` under a temporary
-name: `stream` overlaps reading, computing and writing (`pipeline`) behind one progress bar, `commit` publishes
-them, and any error, Ctrl-C included, removes everything the run wrote. A `LazyOutput` describes an output before
-it is computed (entries up front, how to make each tensor); `write_outputs` streams such outputs a tensor at a time.
-"""
+"""The outputs of a run and the one loop that writes them, for every path: an `OutputSet` (one `CheckpointWriter`
+per λ setting) streams, commits together, and on any error removes all; `write_outputs` streams `LazyOutput`s."""
 
 import contextlib
 import sys
@@ -20,18 +15,15 @@ from extsub_kernels._tensors import nonfinite_summary
 from extsub_kernels.constants import MODEL_WEIGHTS
 from extsub_kernels.engine.pipeline import run_pipeline
 from extsub_kernels.errors import InputError, MergeError
-from extsub_kernels.io import CheckpointWriter, TensorEntry, check_free_space, is_folder_output
+from extsub_kernels.io import CheckpointWriter, TensorEntry, check_space, is_folder_output
 from extsub_kernels.io.atomic import publish_all
 from extsub_kernels.io.writer import plan_layout
 
 
 @dataclass
 class Piece:
-    """What the compute stage hands the writer: one tensor (or a block of its rows) for every output, on the host.
-
-    `progress`: bytes for the bar; `ready` is called before writing (a device → host copy), `release` after (buffers
-    back to a pool); `last`: a run of small tensors written at once, each of `tensors` holding `name`…`last`.
-    """
+    """One tensor (or block of rows) per output, on the host: `progress` bytes, `ready` called before writing,
+    `release` after; `last`: each of `tensors` holds the run `name`…`last`."""
 
     name: str
     tensors: Sequence[torch.Tensor]
@@ -42,13 +34,8 @@ class Piece:
 
 
 class OutputSet:
-    """The outputs of one run, one per λ setting: created under temporary names, streamed into, committed together.
-
-    Creating the set creates every temporary output and checks the free space, so an unusable OUT fails before any
-    work; leaving a `with` block on an error removes them all. `commit` publishes every output together once
-    `check_inputs` (if given) has found the inputs unchanged. `entries` are in the order to assign them to shards;
-    `max_shard_size`: the largest shard of a folder output (None: one weights file); `extra_files` are copied in.
-    """
+    """The outputs of one run, one per λ setting, created at once (a bad OUT or too little space fails before any
+    work), removed on an error, published together once `check_inputs` passes; arguments as `CheckpointWriter`'s."""
 
     def __init__(
         self,
@@ -71,7 +58,7 @@ class OutputSet:
             for path, meta in zip(paths, metadata, strict=True):
                 files = dict(weights_name=weights_name, extra_files=extra_files, force=force, layout=layout)
                 self.writers.append(CheckpointWriter(path, metadata=dict(meta), max_shard_size=max_shard_size, **files))
-            check_free_space(self.writers)
+            check_space((w.target.parent, w.total_bytes) for w in self.writers)
         except BaseException:
             self.abort()
             raise
@@ -87,21 +74,18 @@ class OutputSet:
         progress: bool,
         on_stop: Callable[[], None] | None = None,
     ) -> None:
-        """For each item (in the outputs' tensor order): read it (a thread), compute its `Piece` (this thread), write it
-        to every output (a thread); `total`: the progress bar's bytes; `on_stop`: see `pipeline.run_pipeline`."""
+        """Read (a thread), compute a `Piece` (here), write to every output (a thread), each item in tensor order."""
         with progress_bar(total, progress) as bar:
             run_pipeline(items, read, compute, write_stage(bar, self.writers), on_stop=on_stop)
 
     def add_texts(self, texts: Sequence[Mapping[str, str]]) -> None:
-        """Small generated files (an adapter_config.json, a model card) per output, by file name: call it between
-        `stream` and `commit`, so texts that describe the tensors are committed with them."""
+        """Small generated files per output, by name, between `stream` and `commit`."""
         for writer, files in zip(self.writers, texts, strict=True):
             for name, text in files.items():
                 writer.add_text(name, text)
 
     def commit(self) -> tuple[Path, ...]:
-        """Finish every output, check the inputs, then publish all of them together (`io.atomic.publish_all`); returns
-        their paths."""
+        """Finish every output, check the inputs, publish all together (`io.atomic.publish_all`); their paths."""
         temps = [w.finish() for w in self.writers]
         if self._check_inputs is not None:
             self._check_inputs()
@@ -159,8 +143,7 @@ class _Unfailing:
 
 
 def write_stage(bar: tqdm, writers: Sequence[CheckpointWriter] = ()) -> Callable[[Any, Piece], None]:
-    """The write stage: waits for the piece, writes it to each of `writers` (none: statistics only), frees its
-    buffers, moves the bar."""
+    """The write stage: wait for the piece, write it to `writers` (none: statistics only), free, move the bar."""
 
     def write(item: Any, piece: Piece) -> None:
         if piece.ready is not None:
@@ -176,11 +159,8 @@ def write_stage(bar: tqdm, writers: Sequence[CheckpointWriter] = ()) -> Callable
 
 @dataclass
 class LazyOutput:
-    """One output described before it is computed: its tensors in order, how to make each, the files beside them.
-
-    `produce(name, load(name))` makes the CPU tensor of an entry (`load` runs in the I/O thread); `texts`: generated
-    files of a folder output; `extra_files`: files copied into it.
-    """
+    """One output before it is computed: entries, `produce(name, load(name))` (load in the I/O thread) making each
+    CPU tensor, and a folder output's generated `texts` and copied `extra_files`."""
 
     entries: list[TensorEntry]
     produce: Callable[[str, Any], torch.Tensor]
@@ -204,13 +184,10 @@ class LazyOutput:
         entries = [TensorEntry(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
         return cls(entries, lambda name, _loaded: tensors[name].detach().cpu(), **fields)
 
-    def tensor(self, name: str) -> torch.Tensor:
-        return self.produce(name, self.load(name))
-
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) in entry order, one at a time."""
         for entry in self.entries:
-            yield entry.name, self.tensor(entry.name)
+            yield entry.name, self.produce(entry.name, self.load(entry.name))
 
 
 def write_outputs(
@@ -223,9 +200,8 @@ def write_outputs(
     progress: bool = False,
     check_inputs: Callable[[], None] | None = None,
 ) -> tuple[tuple[Path, ...], int]:
-    """Write each lazy output (one per λ setting, equal entries) to its path, all in one pass: each tensor is loaded
-    once (by the first output) and produced by every output; returns (the paths written, bytes written). The other
-    arguments are `OutputSet`'s; format=pt is added to each `metadata`."""
+    """Write lazy outputs (one per λ setting, equal entries) in one pass, each tensor loaded once; returns (paths,
+    bytes written). Other arguments as `OutputSet`'s; format=pt is added to each `metadata`."""
     first = outputs[0]
     if any(o.entries != first.entries for o in outputs[1:]):
         raise MergeError("the outputs of one run list different tensors; they cannot be written in one pass")

@@ -3,7 +3,7 @@
 from extsub_kernels.io.outputs import check_outputs, is_folder_output, output_paths
 from extsub_kernels.io.reader import CheckpointReader, TensorInfo, read_header
 from extsub_kernels.io.resolve import ResolvedInput, hub_repo_id, read_json_object, resolve_input
-from extsub_kernels.io.writer import CheckpointWriter, TensorEntry, build_header, check_free_space
+from extsub_kernels.io.writer import CheckpointWriter, TensorEntry, build_header, check_space
 
 __all__ = [
     "CheckpointReader",
@@ -12,8 +12,8 @@ __all__ = [
     "TensorEntry",
     "TensorInfo",
     "build_header",
-    "check_free_space",
     "check_outputs",
+    "check_space",
     "hub_repo_id",
     "is_folder_output",
     "output_paths",

@@ -1,15 +1,7 @@
-"""Whole-or-nothing outputs: write under a temporary name beside the target, fsync, then publish.
-
-Publishing moves every output of a run into place together (`publish_all`): Ctrl-C and
-SIGTERM wait until the moves are done, a failure undoes the moves made so far, and an OUT
-being replaced stays in place until its successor takes its name in one step: a file is
-renamed over it; a folder is swapped with it by `renameat2(RENAME_EXCHANGE)` (Linux), or where
-the file system cannot swap, set aside, replaced, and put back on any error (after a SIGKILL
-in between, by the next run into that folder: see `temps`).
-
-Temporaries, and the folders created for them (a failed run into `new1/new2/OUT` leaves no
-`new1/`), are remembered until published or removed, at interpreter exit at the latest.
-"""
+"""Whole-or-nothing outputs: written under a temporary name beside the target, fsynced, then published together by
+`publish_all`, which holds Ctrl-C and SIGTERM back and undoes its moves on a failure; a replaced OUT keeps its name
+until its successor takes it in one step (rename over a file; `renameat2(RENAME_EXCHANGE)` for a folder, else set
+aside and put back on error, or by the next run: `temps`). Unpublished temporaries and their folders go at exit."""
 
 import atexit
 import contextlib
@@ -34,10 +26,16 @@ _live: dict[Path, list[Path]] = {}  # temporary → the folders created for it (
 
 
 def reserve_temp(target: Path, *, folder: bool) -> Path:
-    """A fresh temporary beside `target`: an empty folder (`folder`) or an empty file, locked by this process; the
-    target's missing folders are created (removed with it). InputError where they cannot be: the early check of OUT.
-    """
-    created = _make_folders(target.parent)
+    """A fresh, locked, empty temporary folder or file beside `target`, missing folders created (removed with it);
+    InputError where it cannot be (the early check of OUT)."""
+    parent = target.parent
+    missing = list(itertools.takewhile(lambda path: not os.path.lexists(path), (parent, *parent.parents)))
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _remove_empty_folders(missing[::-1])
+        raise InputError(f"cannot create the output folder {parent}: {e.strerror or e}") from None
+    created = missing[::-1]  # outermost first
     temp = temps.temp_path(target)
     try:
         if folder:
@@ -53,20 +51,8 @@ def reserve_temp(target: Path, *, folder: bool) -> Path:
     return temp
 
 
-def _make_folders(folder: Path) -> list[Path]:
-    """Create `folder` and its missing parents; returns those created, outermost first."""
-    missing = list(itertools.takewhile(lambda path: not os.path.lexists(path), (folder, *folder.parents)))
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        _remove_empty_folders(missing[::-1])
-        raise InputError(f"cannot create the output folder {folder}: {e.strerror or e}") from None
-    return missing[::-1]
-
-
 def _remove_empty_folders(created: Sequence[Path]) -> None:
-    """Remove folders created for an output, innermost first, while empty; one holding another temporary of this
-    process is handed to it with its parents, one holding anything else stays."""
+    """Remove folders made for an output while empty, innermost first (one holding a live temporary passes to it)."""
     for i in reversed(range(len(created))):
         try:
             created[i].rmdir()
@@ -115,8 +101,7 @@ def write_text(path: Path, text: str | bytes) -> None:
 
 
 def write_into(target: Path, data: bytes) -> None:
-    """Write `data` into an existing FIFO or character device (a pipe, a terminal, /dev/null), never replacing it;
-    a FIFO nobody reads is an error at once (ENXIO), not a wait forever."""
+    """Write `data` into an existing FIFO or character device, never replacing it; a FIFO nobody reads fails (ENXIO)."""
     try:
         fd = os.open(target, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
@@ -133,8 +118,7 @@ def write_into(target: Path, data: bytes) -> None:
 
 
 def replace_file(target: Path, data: bytes) -> None:
-    """Write `data` to `target` whole or not at all (a temporary beside it, fsync, rename): for small files rewritten
-    as they grow (a scan's results). Unlike `publish` it holds no signal back: a scan stays interruptible."""
+    """Write `data` to `target` whole or not at all, holding no signal back (a scan's growing results)."""
     temp = reserve_temp(target, folder=False)
     try:
         write_text(temp, data)
@@ -150,13 +134,9 @@ def publish(temp: Path, target: Path, *, force: bool) -> None:
 
 
 def publish_all(moves: Sequence[tuple[Path, Path]], *, force: bool) -> tuple[Path, ...]:
-    """Move every (temporary, target) into place as one step: all of them, or on an error none.
-
-    Each temporary is fsynced with its folder before it moves and the folder after. An existing
-    target is replaced only with `force`, and never left missing. Ctrl-C and SIGTERM are held
-    back from the first move on and raised once the moves are done (inside a run, see
-    `terminate_as_interrupt`: once the run ends), as `Interrupted`/`Terminated` whose
-    `published` names the outputs in place (complete).
+    """Move every (temporary, target) into place, fsynced, all or none; a target is replaced only with `force`, never
+    left missing. Ctrl-C and SIGTERM wait until the moves (inside `terminate_as_interrupt`: the run) end, then raise
+    `Interrupted`/`Terminated` whose `published` names the outputs in place.
 
     Raises:
         InputError: a target exists and `force` is not set (another run created it meanwhile).
@@ -176,7 +156,7 @@ def publish_all(moves: Sequence[tuple[Path, Path]], *, force: bool) -> tuple[Pat
 
 
 def _publish(moves: Sequence[tuple[Path, Path]], force: bool) -> tuple[Path, ...]:
-    # Per move: the target, where its predecessor waits until all are in place (None: none), the folders created for it.
+    # Per move: the target, where its predecessor waits (None: none), the folders created for it.
     done: list[tuple[Path, Path | None, list[Path]]] = []
     try:
         for temp, target in moves:
@@ -330,13 +310,9 @@ _run: _RunSignals | None = None  # the run in progress in the main thread
 
 @contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
-    """The signal handling of one run: SIGTERM raises `Terminated` (a KeyboardInterrupt), so cleanup runs as for Ctrl-C.
-
-    Once `publish_all` starts moving outputs into place, Ctrl-C and SIGTERM are held back until the
-    block ends, then raised as `Interrupted` / `Terminated` with `published` naming the outputs in
-    place; an error raised after publishing gets the same `published`. An ignored signal stays
-    ignored; outside the main thread (which alone sets handlers) this does nothing.
-    """
+    """One run's signals: SIGTERM raises `Terminated` (a KeyboardInterrupt) so cleanup runs as for Ctrl-C; from the
+    first move of `publish_all` both wait until the block ends, then raise with `published` (as does any error after
+    publishing). Ignored signals stay ignored; outside the main thread this does nothing."""
     global _run
     if threading.current_thread() is not threading.main_thread():
         yield

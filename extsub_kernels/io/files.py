@@ -1,8 +1,5 @@
-"""The one reader of every small file a user names (a recipe, a JSON config, a scan's text sets): bounded.
-
-A regular file only, of at most `limit` bytes (checked before anything is read, and again as it
-grows): a FIFO, a device (`/dev/zero`), a socket or a folder is refused at once, never waited on.
-"""
+"""The one reader of every small file a user names (a recipe, a JSON config, a scan's text sets): a regular file
+of at most `limit` bytes (checked first and while it grows); anything else is refused at once, never waited on."""
 
 import os
 import re

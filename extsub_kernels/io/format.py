@@ -1,8 +1,5 @@
-"""The safetensors format's fixed parts: dtype codes and the order `safetensors` writes tensors in.
-
-A file is: 8 bytes little-endian header length N, N bytes of JSON (padded with spaces to a
-multiple of 8), then the tensors' bytes, each at `data_offsets` relative to the end of the header.
-"""
+"""The safetensors format's fixed parts (an 8-byte little-endian length N, N bytes of JSON padded to 8, then the data
+at `data_offsets` after it): dtype codes and the order `safetensors` writes tensors in."""
 
 import functools
 import json
@@ -28,8 +25,7 @@ DTYPE_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.ite
 
 @functools.cache
 def readable_dtypes() -> dict[str, torch.dtype]:
-    """The codes of `DTYPES` that the installed `safetensors` loads back into torch, with their dtypes (probed once):
-    inputs are held to them, since an output holding another (F8_E8M0 with safetensors 0.8) could not be read back."""
+    """Codes of `DTYPES` the installed `safetensors` loads back into torch (probed once): inputs are held to them."""
     from safetensors.torch import load
 
     readable = {}
@@ -44,8 +40,8 @@ def readable_dtypes() -> dict[str, torch.dtype]:
     return readable
 
 
-# `safetensors` writes tensors sorted by dtype (this rank, largest alignment first), then by name.
-# Following it keeps every tensor aligned and makes our files byte-identical to `safetensors.torch.save`.
+# `safetensors` sorts tensors by dtype (this rank, largest alignment first), then name: following it keeps every
+# tensor aligned and our files byte-identical to `safetensors.torch.save`.
 _WRITE_RANK = [
     *("U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16"),
     *("F8_E5M2FNUZ", "F8_E4M3FNUZ", "F8_E4M3", "F8_E5M2", "F8_E8M0", "I8", "U8", "BOOL"),

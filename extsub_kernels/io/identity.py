@@ -1,9 +1,5 @@
-"""What a path is, and whether an input stayed the same: files and folders compared by identity, not spelling.
-
-Two paths name the same file or folder when they have the same device and inode, every symlink
-followed (`in/../in/a`, a symlinked parent, a hard link, a bind mount). An input is its files (identity,
-size, modification and change times) and, for a folder, the names in it that make up a checkpoint.
-"""
+"""What a path is (device and inode, every symlink followed), and whether an input stayed the same (its files'
+identity, size and times, and a folder's checkpoint names)."""
 
 import os
 import re
@@ -29,15 +25,13 @@ def file_id(path: Path) -> FileId | None:
 
 
 def folder_chain(path: Path) -> list[tuple[Path, FileId]]:
-    """Every existing folder that holds `path` (its real parent, then the parent's parent, ...), with its identity:
-    symlinks followed first, so a folder reached through a link, a `..` or a bind mount shows as itself."""
+    """Every existing folder holding `path`'s real path, innermost first, with its identity."""
     return [(folder, i) for folder in Path(os.path.realpath(path)).parents if (i := file_id(folder)) is not None]
 
 
 @dataclass(frozen=True)
 class Place:
-    """Where a path leads, whether or not it exists yet: the deepest existing file or folder on its way (by identity,
-    every symlink followed) and the names below it that do not exist yet; equal however the path is spelled."""
+    """Where a path leads, existing or not: its deepest existing file or folder (by identity) and the names below."""
 
     anchor: FileId
     rest: tuple[str, ...]
@@ -155,8 +149,7 @@ def is_mount_point(path: Path) -> bool:
 
 
 def _mount_points() -> set[str]:
-    """Where things are mounted (Linux; empty elsewhere): bind mounts within one file system look like plain folders
-    to `os.path.ismount`. Spaces, tabs, newlines and backslashes in the paths are octal escapes (\\040)."""
+    """Where things are mounted, bind mounts included (Linux; paths unescaped from \\040)."""
     try:
         with open(MOUNT_INFO, encoding="utf-8", errors="surrogateescape") as f:
             fields = [line.split(" ") for line in f]

@@ -1,10 +1,6 @@
-"""Where outputs go: the path rules every kind of output follows, checked before any work.
-
-An OUT ending in `.safetensors` is one file; any other OUT is a folder; several outputs of one run
-get `-lam<label>` suffixes. No output is onto, into or around an input or another output, compared
-by identity (`identity.where`); an existing OUT is replaced only when forced, by an output of the
-same kind, and never when it is a mount point. Temporaries of killed runs beside it go first.
-"""
+"""Where outputs go, checked before any work: an OUT ending in `.safetensors` is a file, any other a folder, several
+get `-lam<label>` suffixes; none is onto, into or around an input or another output (by identity, `identity.where`);
+an existing OUT is replaced only when forced, by one of its kind, never a mount point."""
 
 import json
 import os
@@ -20,8 +16,7 @@ from extsub_kernels.io.identity import file_id, folder_chain, is_mount_point, wh
 from extsub_kernels.io.resolve import ResolvedInput
 from extsub_kernels.io.temps import clean_stale, empty_folder, name_max
 
-# Files this tool writes into folder outputs besides weights and configs: a model card that
-# carries this mark (a README.md without it is someone else's) and the recipe.
+# The mark of a model card this tool wrote (a README.md without it is someone else's).
 GENERATED_MARK = "<!-- written by extsub-merge; extsub-merge --force may replace this folder -->"
 
 
@@ -36,9 +31,7 @@ def is_folder_output(path: str | os.PathLike) -> bool:
 
 
 def out_path(out: str | os.PathLike) -> Path:
-    """OUT as a path with a name to give the output: `.`, `..` and `x/..` become the folder they denote.
-
-    Raises InputError for an OUT that names no file or folder (the root folder).
+    """OUT as a path with a name (`.`, `..`, `x/..` become the folder they denote); InputError for the root folder.
 
     Example:
         >>> out_path("merged.safetensors")
@@ -53,8 +46,7 @@ def out_path(out: str | os.PathLike) -> Path:
 
 
 def output_paths(out: Path, labels: Sequence[str]) -> list[Path]:
-    """One OUT per label (λ setting): OUT itself for one, else OUT with `-lam<label>` before `.safetensors`
-    (or after a folder's name): out.safetensors → out-lam0.5.safetensors, out/ → out-lam0.5/."""
+    """One OUT per λ label: OUT itself for one, else out-lam0.5.safetensors or out-lam0.5/."""
     if len(labels) == 1:
         return [out]
     if is_folder_output(out):
@@ -68,8 +60,7 @@ def _error(message: str, *named: str) -> InputError:
 
 
 def refuse_existing(path: Path, *, force: bool, what: str | None = None) -> None:
-    """Raise an InputError when `path` exists and replacing it was not asked for (`what` names it: "OUT path"), or
-    when it is not what force=True replaces: a regular file or a folder, never a symlink, a FIFO, a device, a socket."""
+    """InputError when `path` (`what`: "OUT path") exists without `force`, or is no regular file or folder."""
     what = what or f"OUT {path}"
     try:
         mode = os.lstat(path).st_mode
@@ -91,14 +82,13 @@ def check_outputs(
     others: Sequence[tuple[str, Path]] = (),
     read: Sequence[tuple[str, Path]] = (),
 ) -> None:
-    """Refuse an OUT that is, is inside, or contains an input or another output; or exists (without force; an empty
-    folder is taken); or cannot be replaced.
+    """Refuse an OUT that is, is in or holds an input or output, exists (without force; an empty folder is taken)
+    or cannot be replaced.
 
     Args:
         paths: the outputs of the run (one per λ setting).
         inputs: (role, input) pairs, the role (EXPERT, ANTI, BASE) naming it in messages.
-        force: an existing OUT may be replaced by an output of the same kind (a regular file, or a
-            folder holding only what this tool wrote there, see `written_names`).
+        force: replace an OUT of the same kind (a regular file, or a folder of what this tool wrote, `written_names`).
         others, read: (what, path) of the run's other outputs (a report, scan files) and other files it reads.
 
     Raises:
@@ -142,13 +132,9 @@ def check_report_path(
     force: bool,
     read: Sequence[tuple[str, Path]] = (),
 ) -> None:
-    """Refuse a report file that is a folder, an input or in one, an output or in one (by identity), or exists
-    (without force), or is no regular file to replace; a FIFO or a character device (a pipe, a terminal,
-    /dev/null) is written into, never replaced (see `is_stream`).
-
-    Raises:
-        InputError: naming the file and what to do.
-    """
+    """Refuse (InputError naming the file and what to do) a report file that is a folder, is or is in an input or an
+    output, or exists (without force) and is no regular file; a FIFO or character device is written into, never
+    replaced (`is_stream`)."""
     what = f"report={path}"
     if path.is_dir():
         raise _error(f"{what} is a folder; give a file name like report.json (or - for stdout)", what)
@@ -171,9 +157,8 @@ def _check_apart(
     inputs: Sequence[tuple[str, ResolvedInput]] = (),
     read: Sequence[tuple[str, Path]] = (),
 ) -> None:
-    """The one identity rule of every path a run writes: no output (what, path) is, holds or lies inside an input, a
-    file the run reads (what, path) or another output, however spelled (`sub/../out`, symlinks, bind mounts, hard
-    links); and no output's name is longer than its file system takes. A folder output's own files are not listed."""
+    """No output (what, path) is, holds or lies in an input, a file read or another output, however spelled
+    (symlinks, bind mounts, hard links), nor has a name longer than its file system takes."""
     for what, path in outputs:
         size, longest = len(os.fsencode(path.name)), name_max(path.parent)
         if size > longest:
@@ -204,17 +189,10 @@ def check_report_folder(
     others: Sequence[tuple[str, Path]] = (),
     read: Sequence[tuple[str, Path]] = (),
 ) -> None:
-    """Refuse a folder for report files (a λ scan's SCAN_DIR, an inspection's folder) that cannot take them, before
-    any work; `label` names it in the messages.
-
-    The folder may exist (other files in it are left alone) or not (created with the first file).
-    Refused: a folder that is, is inside or contains an input; a file; a file of `names` that is,
-    holds or lies in one of the run's `others` outputs or is a file it `read`s; a folder already
-    holding one of `names`, unless `force` (regular files are then replaced).
-
-    Raises:
-        InputError: naming the folder, the input or the file in the way, and what to do.
-    """
+    """Refuse a folder for report files (a scan's SCAN_DIR, an inspection's; `label` in messages) that cannot take
+    `names`: one that is, is in or holds an input; a file; a file of `names` that is, holds or lies in an output
+    of `others` or a file `read`; one holding any of `names`, unless `force`. Other files in it are left alone.
+    The InputError names the folder, the input or the file in the way, and what to do."""
     _check_apart_from_inputs(folder, inputs, f"{label} {folder}")
     if os.path.lexists(folder) and not folder.is_dir():
         raise InputError(f"{label} {folder} exists and is not a folder; give a folder for {', '.join(names)}")
@@ -233,8 +211,7 @@ def check_report_folder(
 
 
 def _check_apart_from_inputs(path: Path, inputs: Sequence[tuple[str, ResolvedInput]], what: str) -> None:
-    """Refuse a path written (`what` names it) that is an input file or folder, lies inside an input folder, or holds
-    an input file."""
+    """Refuse a path written (`what`) that is an input, lies in an input folder or holds an input file."""
     target = file_id(path)
     holders = {identity: folder for folder, identity in folder_chain(path)}
     other = "OUT" if what.startswith("OUT ") else "path"
@@ -259,8 +236,7 @@ def _check_apart_from_inputs(path: Path, inputs: Sequence[tuple[str, ResolvedInp
 
 
 def _is_checkpoint_file(p: Path, written: frozenset[str]) -> bool:
-    """Whether force=True may replace `p` with its folder: a regular file this tool wrote (`written_names`), or
-    weights (a .safetensors file or its index) in a folder of nothing else."""
+    """Whether force=True may replace `p`: a regular file this tool wrote (`written_names`), or weights."""
     if p.is_symlink() or not p.is_file():
         return False
     return p.name in written or p.name.endswith((SAFETENSORS_SUFFIX, INDEX_SUFFIX))
@@ -270,8 +246,7 @@ _MANIFEST = "<!-- extsub-merge wrote: "
 
 
 def manifest_line(names: Sequence[str]) -> str:
-    """The line a model card ends with: every file this tool wrote into its folder, so that force=True later replaces
-    exactly those."""
+    """A model card's last line: the files this tool wrote into its folder (what force=True may replace later)."""
     listed = json.dumps(sorted(names), ensure_ascii=True).replace(">", "\\u003e")  # no name ends the comment
     return f"{_MANIFEST}{listed} -->\n"
 

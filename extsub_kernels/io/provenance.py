@@ -1,9 +1,5 @@
-"""Where each input came from, precisely enough to tell later whether a rerun reads the same bytes.
-
-Per input: the spec as given, the local folder, the hub repo with the commit the revision
-resolved to, and per weights file its size and the sha256 of its header (names, dtypes, shapes
-and offsets of every tensor: microseconds, where hashing tensor data would cost a full read).
-"""
+"""Where each input came from, enough to tell whether a rerun reads the same bytes: spec, folder, hub commit, and
+per weights file its size and header sha256 (microseconds, where hashing tensor data costs a full read)."""
 
 import hashlib
 import os
@@ -69,8 +65,7 @@ def fingerprint(role: str, inp: ResolvedInput) -> dict:
     """What the report and the outputs' metadata record about one input.
 
     Returns:
-        {"role", "spec" (as given), "kind" (file, folder, hub, memory), "path" (local folder or
-        file), "repo", "revision" (as asked), "commit" (hub inputs), "files": [{"name", "bytes",
+        {"role", "spec", "kind", "path", "repo", "revision", "commit", "files": [{"name", "bytes",
         "header_sha256"}]}; hub and path keys only where they apply.
     """
     record: dict = {"role": role, "spec": inp.spec, "kind": inp.kind}

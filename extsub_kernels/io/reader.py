@@ -1,8 +1,5 @@
-"""Read safetensors checkpoints lazily: headers validated up front, then one tensor (or row block) at a time.
-
-Tensors are read with `pread` into a buffer the caller owns, never memory-mapped: a mapping's pages
-count toward RSS until the file is closed, so a whole model read through one would grow RSS to its size.
-"""
+"""Read safetensors checkpoints lazily: headers validated up front, then one tensor (or row block) at a time, by
+`pread` into the caller's buffer (a memory map's pages would count toward RSS until the file is closed)."""
 
 import gc
 import hashlib
@@ -25,9 +22,7 @@ import torch
 from extsub_kernels.errors import InputError, MergeError
 from extsub_kernels.io.format import DTYPES, HEADER_LENGTH_BYTES, MAX_HEADER_BYTES, METADATA_KEY, readable_dtypes
 
-# Every number in a header is a dimension or an offset. safetensors reads them as 64-bit unsigned
-# integers (at most 20 digits) and refuses a shape whose running product or byte size overflows
-# 64 bits; torch further needs each dimension, and the stride of the first, to fit in int64.
+# safetensors: header numbers and a shape's running product (even before a 0) in u64; torch: dims and strides in int64.
 _U64_MAX = 2**64 - 1
 _INT64_MAX = 2**63 - 1
 _MAX_DIGITS = len(str(_U64_MAX))
@@ -42,8 +37,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")  # a lone surrogate (a JSON escape li
 
 
 class TensorInfo(NamedTuple):
-    """Where one tensor lives: its file, absolute byte offset and size, dtype and shape (a named tuple, the lightest
-    record: a header may describe a million tensors)."""
+    """Where one tensor lives: file, absolute byte offset and size, dtype, shape (a light record: a million of them)."""
 
     name: str
     dtype: torch.dtype
@@ -63,14 +57,12 @@ class Header:
 
 
 def read_header(path: str | os.PathLike) -> Header:
-    """Parse and validate the header of a safetensors file without reading any tensor data: what `safetensors`
-    refuses, or could not load back into torch, is refused; time and memory are linear in the header's size.
+    """Parse and validate a safetensors header, no tensor data read, refusing what `safetensors` or torch would.
 
     Raises:
-        InputError: naming the file (and the tensor) when the file is not a regular file, is too short, or its
-            header is not valid JSON of the safetensors form: unknown or extra fields, a dtype this `safetensors`
-            cannot load, a shape that overflows, lone surrogates, a key given twice, or offsets that do not tile
-            the data section exactly.
+        InputError: naming the file (and tensor): not a regular file, too short, or a header that is not valid
+            safetensors JSON (unknown or extra fields, a dtype this `safetensors` cannot load, an overflowing
+            shape, lone surrogates, a repeated key, offsets that do not tile the data section).
     """
     path = Path(path)
     raw, size = _read_header_bytes(path)
@@ -88,7 +80,7 @@ def read_header(path: str | os.PathLike) -> Header:
             "corrupt or not a safetensors file"
         ) from None
     del raw  # freed before parsing, which is when memory peaks
-    # Millions of objects in no cycle: the garbage collector's passes over them would double the time spent parsing.
+    # Millions of objects in no cycle: the collector's passes would double the parsing time.
     collecting = gc.isenabled()
     gc.disable()
     try:
@@ -109,15 +101,12 @@ def read_header(path: str | os.PathLike) -> Header:
     return header
 
 
-# Headers still referenced somewhere (a ResolvedInput keeps those of its files), by the path as
-# given, the file's size and a digest of the header's bytes: an input resolved and then read has
-# its header parsed once (reading and hashing 100 MB takes a tenth of a second, parsing seconds).
+# Headers still referenced (a ResolvedInput keeps its files'), by path, size and header digest: parsed once.
 _headers_in_use: "weakref.WeakValueDictionary[tuple, Header]" = weakref.WeakValueDictionary()
 
 
 def _read_header_bytes(path: Path) -> tuple[bytes, int]:
-    """The header's JSON bytes and the file's size: a regular file (a FIFO is refused without waiting for a writer),
-    its length field checked against the file's size and the format's limit."""
+    """The header's JSON bytes and the file's size (a FIFO refused without waiting), the length field checked."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
@@ -188,8 +177,7 @@ def _object(pairs: list[tuple[str, object]]) -> dict[str, object]:
 
 
 def _parse_json(path: Path, text: str) -> dict:
-    """The header parsed, refusing what safetensors' own parser refuses: non-integer numbers and
-    integers past 64 bits, NaN/Infinity, repeated keys, nesting past Python's limit."""
+    """The header parsed, refusing what safetensors' parser refuses (floats, >64-bit ints, NaN, repeated keys)."""
     try:
         parsed = json.loads(
             text,
@@ -261,8 +249,7 @@ def _parse_entry(
     dtypes: dict[str, torch.dtype],
     shapes: dict[tuple[int, ...], tuple[int, ...]],
 ) -> TensorInfo:
-    """One tensor's entry, each field's type checked before its value is used; on any doubt
-    `_entry_error` finds what is wrong (this is the loop over a million tensors, kept lean)."""
+    """One tensor's entry, lean (a million tensors): on any doubt `_entry_error` finds what is wrong."""
     if type(entry) is dict and len(entry) == 3:
         code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         dtype = dtypes.get(code) if type(code) is str else None
@@ -283,9 +270,7 @@ def _parse_entry(
 
 
 def _nbytes(shape: object, itemsize: int) -> int | None:
-    """Bytes of a tensor of this shape, or None unless safetensors and torch both take it: at most _MAX_RANK ints
-    from 0 to 2**63-1 whose running product (safetensors: even before a 0) fits 64 bits, and for an empty
-    tensor a first stride (the other dimensions, each at least 1) that fits int64 (torch)."""
+    """Bytes of a tensor of this shape, or None unless safetensors and torch both take it (see the constants)."""
     if type(shape) is not list or len(shape) > _MAX_RANK:
         return None
     n = 1
@@ -314,8 +299,7 @@ def _entry_error(path: Path, name: str, entry: object, dtypes: dict[str, torch.d
             f"{path}: a tensor name holds a lone surrogate escape ({_show.repr(name)}), which is not valid "
             "Unicode; the file is corrupt"
         )
-    problem = _entry_problem(entry, dtypes)
-    return InputError(f"{path}: tensor {_show.repr(name)}: {problem}")
+    return InputError(f"{path}: tensor {_show.repr(name)}: {_entry_problem(entry, dtypes)}")
 
 
 def _entry_problem(entry: object, dtypes: dict[str, torch.dtype]) -> str:
@@ -367,8 +351,7 @@ def _entry_problem(entry: object, dtypes: dict[str, torch.dtype]) -> str:
 
 
 def _check_layout(path: Path, infos: list[TensorInfo], data_start: int, size: int) -> None:
-    """Tensors (sorted by offset, then size) must tile the data section exactly, as the format requires:
-    no gap, overlap or overrun."""
+    """Tensors (sorted by offset, then size) must tile the data section exactly: no gap, overlap or overrun."""
     position = data_start
     for info in infos:
         end = info.offset + info.nbytes
@@ -392,9 +375,7 @@ def _check_layout(path: Path, infos: list[TensorInfo], data_start: int, size: in
 
 
 class CheckpointReader:
-    """The tensors of one checkpoint (a file, or shards of one model), read one at a time.
-
-    Files are opened read-only. Keys come in file order (shard by shard, by offset).
+    """The tensors of one checkpoint (a file, or shards of one model), read one at a time, keys in file order.
 
     Example:
         >>> with CheckpointReader(["model.safetensors"]) as r:
@@ -445,8 +426,7 @@ class CheckpointReader:
             raise KeyError(f"{self.label}: no tensor {name!r}") from None
 
     def read_into(self, name: str, out: torch.Tensor, start: int = 0, length: int | None = None) -> torch.Tensor:
-        """Copy bytes [start, start + length) (default: to its end) of tensor `name` into the uint8 CPU tensor `out`;
-        returns the filled prefix `out[:length]`."""
+        """Bytes [start, start + length) (default: to the end) of tensor `name` into uint8 CPU `out`; `out[:length]`."""
         info = self.info(name)
         length = info.nbytes - start if length is None else length
         if start < 0 or length < 0 or start + length > info.nbytes:
@@ -458,8 +438,7 @@ class CheckpointReader:
         return target
 
     def read_whole_into(self, names: Sequence[str], out: torch.Tensor) -> int:
-        """Whole tensors `names`, back to back, into the contiguous uint8 CPU tensor `out`; returns the bytes filled.
-        Tensors back to back in one file are read with one pread (a run of small tensors: a few system calls)."""
+        """Whole tensors `names`, back to back, into contiguous uint8 CPU `out` (adjacent ones in one pread); bytes."""
         infos = [self.info(name) for name in names]
         total = sum(info.nbytes for info in infos)
         _check_out(out, total)

@@ -1,11 +1,6 @@
-"""Temporary names beside an output: who owns each one, and cleaning up those of runs that died.
-
-A run writes OUT under `.NAME.extsub-tmp-PID-XXXXXXXX` beside it (an old OUT being replaced may
-sit at `.NAME.extsub-tmp-PID-old-XXXXXXXX`) and holds an exclusive `flock` on each until it is
-published or removed. A run killed outright cannot clean up, so the next run into the folder
-does: a temporary whose owner is gone (no such PID, lock free) is removed, an old OUT set aside
-is put back. A temporary of a live process is never touched.
-"""
+"""Temporary names beside an output (`.NAME.extsub-tmp-PID-[old-]XXXXXXXX`), each under an exclusive `flock` until
+published or removed; the next run into the folder removes those whose owner is gone (no such PID, lock free) and
+puts back an old OUT a killed run set aside. A temporary of a live process is never touched."""
 
 import contextlib
 import fcntl
@@ -26,12 +21,8 @@ _held: dict[Path, int] = {}  # our temporaries → the descriptor holding the lo
 
 
 def temp_path(target: Path, *, old: bool = False) -> Path:
-    """A fresh temporary name beside `target` for this process (`old`: where a replaced OUT waits).
-
-    A name too long for the temporary's tag within the file system's limit (255 bytes) becomes a
-    prefix (its bytes: a cut character stays as its bytes), `~` and a hash of the whole name: the
-    temporary never fails where the target itself would not.
-    """
+    """A fresh temporary name beside `target` for this process (`old`: where a replaced OUT waits); a name too long
+    for the tag becomes a byte prefix, `~` and a hash, so it never fails where the target would not."""
     tail = f"{TEMP_TAG}{os.getpid()}-{'old-' if old else ''}{secrets.token_hex(4)}"
     name = os.fsencode(target.name)
     room = name_max(target.parent) - len(os.fsencode(f".{tail}"))
@@ -56,8 +47,7 @@ def name_max(folder: Path) -> int:
 
 
 def hold(path: Path) -> None:
-    """Take the owner's lock on a temporary this process just created (a file or a folder); where the file system
-    has no locks, other runs leave it alone while this process lives (its PID is in the name)."""
+    """Take the owner's lock on a temporary just created (without locks, the PID in its name protects it)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     with contextlib.suppress(OSError):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -79,9 +69,7 @@ def move_hold(src: Path, dst: Path) -> None:
 
 
 def clean_stale(folder: Path) -> list[str]:
-    """Remove the temporaries that dead runs left in `folder`; put back an OUT a killed replacement left aside.
-    Returns a line per action (also a warning); what may be alive, is no plain file or folder, or cannot be locked
-    stays."""
+    """Remove dead runs' temporaries in `folder`, put back an OUT a killed one set aside; a line (and warning) each."""
     try:
         names = os.listdir(folder)
     except OSError:
@@ -137,8 +125,7 @@ def _owner_alive(pid: int) -> bool:
 
 
 def empty_folder(path: Path) -> bool:
-    """Whether `path` is a real folder (not a symlink) with nothing in it: an OUT that holds nothing to lose, so it
-    is taken without force=True (as `save_pretrained` takes it)."""
+    """Whether `path` is a real, empty folder: an OUT with nothing to lose, taken without force=True."""
     try:
         return path.is_dir() and not path.is_symlink() and not any(os.scandir(path))
     except OSError:

@@ -1,15 +1,11 @@
-"""Header-first safetensors writer: the whole header is known before any tensor data is written.
-
-A checkpoint goes to one file, or to shards and their index in the Hugging Face layout. Tensors
-are appended in header order, a block of rows at a time if the caller likes, under temporary
-names that appear at the target only on `commit()` (see `atomic`).
-"""
+"""Header-first safetensors writer: one file, or shards and their index in the Hugging Face layout, each tensor
+appended in header order (whole or by row blocks) under temporary names published on `commit()` (see `atomic`)."""
 
 import json
 import math
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,8 +32,7 @@ class TensorEntry:
 
 
 def build_header(entries: Sequence[TensorEntry], metadata: dict[str, str] | None = None) -> bytes:
-    """The 8-byte length and JSON header for `entries` laid out in the given order: compact, `__metadata__` first,
-    padded with spaces to a multiple of 8 bytes, as `safetensors` writes it (byte-identical in its tensor order)."""
+    """The 8-byte length and JSON header for `entries` in order, byte for byte as `safetensors` writes it."""
     return header_bytes(_tensor_json(entries), metadata)
 
 
@@ -81,34 +76,9 @@ def _safetensors_order(entries: Sequence[TensorEntry]) -> list[TensorEntry]:
     return sorted(entries, key=lambda e: (ranks[e.dtype], e.name))
 
 
-def _plan_shards(
-    entries: Sequence[TensorEntry], max_shard_size: int | None, weights_name: str = MODEL_WEIGHTS
-) -> list[tuple[str, list[TensorEntry]]]:
-    """`entries` (in order) cut into files of at most `max_shard_size` tensor bytes, each in `safetensors`' order.
-
-    One file is named `weights_name`, several as Hugging Face names them (model-00001-of-00003.safetensors);
-    a tensor larger than the limit gets a file of its own.
-    """
-    groups: list[list[TensorEntry]] = [[]]
-    size = 0
-    for entry in entries:
-        if max_shard_size is not None and groups[-1] and size + entry.nbytes > max_shard_size:
-            groups.append([])
-            size = 0
-        groups[-1].append(entry)
-        size += entry.nbytes
-    if len(groups) == 1:
-        return [(weights_name, _safetensors_order(groups[0]))]
-    stem, count = weights_name.removesuffix(SAFETENSORS_SUFFIX), len(groups)
-    return [
-        (SHARD_NAME.format(stem=stem, index=i + 1, count=count), _safetensors_order(g)) for i, g in enumerate(groups)
-    ]
-
-
 @dataclass(frozen=True)
 class Shard:
-    """One file of an output: its name ("" in a file output: its target's), its tensors in file order, and the
-    tensors' part of its header."""
+    """One file of an output: name ("" in a file output), tensors in file order, its header's tensor part."""
 
     name: str
     entries: list[TensorEntry]
@@ -122,24 +92,32 @@ def plan_layout(
     max_shard_size: int | None = None,
     weights_name: str = MODEL_WEIGHTS,
 ) -> list[Shard]:
-    """The files of an output (a file output is one; a folder output is sharded at `max_shard_size` tensor bytes)
-    and their headers' tensor parts, computed once for every output of a run; MergeError for duplicate names."""
+    """The files of an output in safetensors' order: a folder output's cut at `max_shard_size` tensor bytes (a larger
+    tensor alone), several named as Hugging Face does (model-00001-of-00003…); MergeError for duplicate names."""
     if len({e.name for e in entries}) != len(entries):
         raise MergeError("duplicate tensor names in the output plan")
-    groups = _plan_shards(entries, max_shard_size, weights_name) if folder else [("", _safetensors_order(entries))]
-    return [Shard(name, group, _tensor_json(group)) for name, group in groups]
+    groups: list[list[TensorEntry]] = [[]]
+    size = 0
+    for entry in entries:
+        if folder and max_shard_size is not None and groups[-1] and size + entry.nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(entry)
+        size += entry.nbytes
+    stem, count = weights_name.removesuffix(SAFETENSORS_SUFFIX), len(groups)
+    names = [SHARD_NAME.format(stem=stem, index=i + 1, count=count) for i in range(count)]
+    names = names if count > 1 else [weights_name if folder else ""]
+    ordered = [_safetensors_order(group) for group in groups]
+    return [Shard(name, group, _tensor_json(group)) for name, group in zip(names, ordered, strict=True)]
 
 
-def _index_name(weights_name: str) -> str:
-    """The shard index of a folder output's weights: model.safetensors → model.safetensors.index.json."""
-    return weights_name.removesuffix(SAFETENSORS_SUFFIX) + INDEX_SUFFIX
-
-
-def _index_text(layout: Sequence[Shard]) -> str:
-    """The `*.safetensors.index.json` of sharded weights: `metadata.total_size` and a sorted `weight_map`."""
+def _index_file(weights_name: str, layout: Sequence[Shard]) -> tuple[str, str]:
+    """The shard index of sharded weights (model.safetensors.index.json) and its text: `metadata.total_size` and a
+    sorted `weight_map`."""
     weight_map = dict(sorted((e.name, shard.name) for shard in layout for e in shard.entries))
     total = sum(e.nbytes for shard in layout for e in shard.entries)
-    return json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+    text = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+    return weights_name.removesuffix(SAFETENSORS_SUFFIX) + INDEX_SUFFIX, text
 
 
 def planned_files(
@@ -152,8 +130,7 @@ def planned_files(
     extra_files: Sequence[Path] = (),
     texts: Sequence[str] = (),
 ) -> list[tuple[str, int | None]]:
-    """(file name, bytes) of every file an output will hold, without creating anything (a dry run): weights files
-    (headers included), the shard index, copied files; generated `texts` have no size yet (None)."""
+    """(file name, bytes) of every file an output will hold, creating nothing (a dry run); `texts`' bytes are None."""
     folder = is_folder_output(target)
     layout = plan_layout(entries, folder=folder, max_shard_size=max_shard_size, weights_name=weights_name)
     files: list[tuple[str, int | None]] = [
@@ -163,14 +140,14 @@ def planned_files(
     if not folder:
         return files
     if len(layout) > 1:
-        files.append((_index_name(weights_name), len(_index_text(layout))))
+        name, text = _index_file(weights_name, layout)
+        files.append((name, len(text)))
     return files + [(src.name, src.stat().st_size) for src in extra_files] + [(name, None) for name in texts]
 
 
 class SafetensorsFileWriter:
-    """One safetensors file of a `CheckpointWriter`: `header` (`header_bytes`) on open, then the bytes of `entries`
-    in order, each tensor whole, in blocks of rows, or in a run of several; names and byte counts are checked.
-    `path` is created, or with `created` is an empty file that exists already (a reserved temporary)."""
+    """One file of a `CheckpointWriter`: `header` on open, then the bytes of `entries` in order (whole, by row blocks
+    or in runs), names and counts checked; `path` is created, or with `created` exists empty (a reserved temporary)."""
 
     def __init__(self, path: Path, entries: Sequence[TensorEntry], header: bytes, *, created: bool = False):
         self.path = path
@@ -201,8 +178,8 @@ class SafetensorsFileWriter:
     def write(
         self, name: str, data: torch.Tensor | bytes | memoryview, *, last: str | None = None
     ) -> tuple[memoryview, bool]:
-        """Append `data` (a CPU tensor's raw bytes, or bytes) to tensor `name` (with `last`: the tensors through it);
-        returns (the bytes of a run past this file's end, for the next shard; whether the run reached `last`'s end)."""
+        """Append `data` (a CPU tensor or bytes) to tensor `name` (with `last`: the tensors through it); returns (bytes
+        of a run past this file's end, whether the run reached `last`'s end)."""
         view = _as_bytes(data)
         expected = "nothing more" if self.done else self.entries[self._index].name
         if expected != name:
@@ -222,8 +199,7 @@ class SafetensorsFileWriter:
         return view[len(view) :], True
 
     def append_run(self, view: memoryview, last: str) -> tuple[memoryview, bool]:
-        """Bytes of the tensors from the current position to the end of `last` (see `write`); a run that ends inside
-        this file must end exactly at the end of `last`."""
+        """Bytes of the tensors from here through `last` (see `write`); one ending in this file ends with `last`."""
         if self._fd is None:
             raise MergeError(f"{self.path}: write before open or after close")
         take, remaining, finished = 0, len(view), False
@@ -277,19 +253,18 @@ def _as_bytes(data: torch.Tensor | bytes | memoryview) -> memoryview:
 class CheckpointWriter:
     """An output checkpoint: one `.safetensors` file, or a folder of shards, index and extra files.
 
-    Nothing appears at `target` before `commit()` (or `finish()` then `atomic.publish_all`); `abort()` (or
-    leaving a `with` block) removes everything written. An unwritable target fails on creation, before any work.
+    Nothing appears at `target` before `commit()` (or `finish()`, then `atomic.publish_all`); `abort()` or leaving a
+    `with` block removes everything written; an unwritable target fails on creation.
 
     Args:
         target: a path ending in `.safetensors` (one file) or any other path (a folder).
-        entries: the tensors, in the order they should be assigned to shards.
+        entries: the tensors, in the order they are assigned to shards.
         metadata: `__metadata__` for every file (str → str).
         max_shard_size: folder outputs only: largest tensor bytes per shard (None: one file).
-        weights_name: the file name in a folder output (`model.safetensors`, `adapter_model.safetensors`).
+        weights_name: the weights file's name in a folder output.
         extra_files: files copied into a folder output (config, tokenizer, ...).
         force: replace an existing target.
-        layout: the shards from `plan_layout`, when several outputs share them (then `entries`
-            and `max_shard_size` are not used).
+        layout: shards from `plan_layout` shared by several outputs (`entries`, `max_shard_size` then unused).
 
     Example:
         >>> with CheckpointWriter(Path("out.safetensors"), entries, {"format": "pt"}) as w:
@@ -399,7 +374,8 @@ class CheckpointWriter:
         if not self.is_folder:
             return self._temp
         if len(self._layout) > 1:
-            atomic.write_text(self._temp / _index_name(self._weights_name), _index_text(self._layout))
+            name, text = _index_file(self._weights_name, self._layout)
+            atomic.write_text(self._temp / name, text)
         for src in self._extra_files:
             shutil.copyfile(src, self._temp / src.name)
             atomic.fsync_path(self._temp / src.name)
@@ -434,17 +410,12 @@ class CheckpointWriter:
         self.abort()
 
 
-def check_free_space(writers: Sequence[CheckpointWriter]) -> None:
-    """Raise an InputError before any data is written when the outputs will not fit on their disks."""
-    need: dict[Path, int] = {}
-    for w in writers:
-        need[w.target.parent] = need.get(w.target.parent, 0) + w.total_bytes
-    check_space(need)
-
-
-def check_space(need: Mapping[Path, int]) -> None:
-    """Raise an InputError when the bytes needed in a folder exceed the free space of its disk."""
-    for folder, n in need.items():
+def check_space(need: Iterable[tuple[Path, int]]) -> None:
+    """Raise an InputError, before any write, when the bytes bound for a folder exceed its disk's free space."""
+    totals: dict[Path, int] = {}
+    for folder, n in need:
+        totals[folder] = totals.get(folder, 0) + n
+    for folder, n in totals.items():
         while not folder.exists() and folder != folder.parent:  # a dry run creates no folder: ask the nearest one
             folder = folder.parent
         free = shutil.disk_usage(folder).free

@@ -1,9 +1,5 @@
-"""Fused Triton kernel for Ext-Sub (paper §3, Algorithm 1) and its launcher.
-
-Per row: p' = α·p + β·m with α = 1 + (λ/2)·|m|/|p|, β = −λ/2 (docs/design.md §1);
-rows with |p| = 0 are left as they are (α = 1, β = 0). With WITH_STATS the same pass also
-stores |p|², |m|² and p·m of each row (docs/design.md §7): one more product in registers.
-"""
+"""Fused Triton kernel for Ext-Sub (paper Algorithm 1) and its launcher: per row p' = α·p + β·m, α = 1 + (λ/2)·|m|/|p|,
+β = −λ/2, |p| = 0 kept (docs/design.md §1); WITH_STATS also stores each row's |p|², |m|², p·m (§7)."""
 
 import contextlib
 
@@ -123,11 +119,8 @@ def ext_sub_rows_(
     *,
     row_stats: torch.Tensor | None = None,
 ) -> None:
-    """Launch the kernel on 2-D (rows, cols) views whose columns are contiguous; p is overwritten.
-
-    `max_block` caps the columns one tile holds; rows longer than it take the two-loop variant.
-    `row_stats`, a contiguous (rows, 3) float32/float64 tensor, receives |p|², |m|², p·m per row.
-    """
+    """Launch the kernel on 2-D views with contiguous columns, overwriting p; rows over `max_block` take the two-loop
+    variant; `row_stats` ((rows, 3), contiguous float32/float64) gets |p|², |m|², p·m per row."""
     n_rows, n_cols = p.shape
     wide = compute_dtype(p.dtype, m.dtype) is torch.float64
     max_block = min(max_block, tuning.MAX_BLOCK_ELEMENTS // 2) if wide else max_block

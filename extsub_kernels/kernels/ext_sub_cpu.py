@@ -1,16 +1,9 @@
-"""The CPU kernel for Ext-Sub (paper §3, Algorithm 1): ext_sub_cpu.cpp, built at first use, cached, called via ctypes.
-
-Per row p' = α·p + β·m (docs/design.md §1), and on request each row's |p|², |m|² and p·m from the same pass (§7),
-or only those (`row_sums`); with a base θ₀ (`ext_sub_task_rows_into`) one fused pass per row reads p, m and θ₀ in
-their dtypes and writes θ₀ + (p − θ₀) − λ·Ext(m − θ₀), rounding as the engine's workspace path does. The C++ file
-has no torch headers, so any C++17 compiler builds it in seconds into a per-user cache keyed by the source, the
-flags and the compiler; without one, `load()` returns None with the reason in `status()` and the op runs eager.
-
-Threads: ctypes releases the GIL, so up to `torch.get_num_threads()` Python threads claim chunks of rows from a
-shared counter in the C++ code; the caller never waits for a thread not yet started. Nothing is allocated per call.
-Environment: EXTSUB_CPP_KERNEL=0 disables the kernel; CXX names the compiler (default: c++, g++, clang++ on PATH);
-EXTSUB_CACHE_DIR moves the cache (default: $XDG_CACHE_HOME/extsub or ~/.cache/extsub).
-"""
+"""The CPU kernel for Ext-Sub (paper Algorithm 1): ext_sub_cpu.cpp, built at first use, cached, called via ctypes.
+Per row p' = α·p + β·m (docs/design.md §1), with each row's |p|², |m|², p·m on request (§7) or only those
+(`row_sums`); with a base θ₀, one fused pass (`ext_sub_task_rows_into`). Any C++17 compiler builds it (no torch
+headers) into a per-user cache keyed by source, flags and compiler; without one `load()` is None, the reason in
+`status()`. ctypes releases the GIL: up to `torch.get_num_threads()` threads claim chunks of rows from a shared
+counter. EXTSUB_CPP_KERNEL=0 disables it, CXX names the compiler, EXTSUB_CACHE_DIR moves the cache."""
 
 import ctypes
 import hashlib
@@ -37,8 +30,7 @@ from extsub_kernels.errors import Notice
 
 _SOURCE = Path(__file__).with_name("ext_sub_cpu.cpp")
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
-# -ffp-contract=off: no fused multiply-adds chosen by the compiler, so each sum and each update
-# rounds the same way in every instantiation (with or without row sums: the same result bit for bit).
+# -ffp-contract=off: no compiler-chosen FMAs, so every instantiation (row sums or not) rounds alike, bit for bit.
 _BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off", "-fvisibility=hidden")
 _BASE_FLAGS += ("-fno-exceptions",)
 # Vector extensions per torch's own CPU capability (torch.backends.cpu.get_cpu_capability()).
@@ -53,10 +45,8 @@ _BUILD_NOTICE = "building the CPU kernel (first use, ~10 s)…"
 _MIN_ELEMENTS_PER_THREAD = 1 << 16
 # Rows at least this long, fewer than four per thread, are split across threads by columns (not by the fused pass).
 _LONG_ROW = 1 << 20
-# Threads claim rows in chunks of about this many bytes of p and m (a few in flight fit in L2).
-_CHUNK_BYTES = 256 << 10
-# A long row's column chunks: at most this many (their partial sums are a small array).
-_MAX_LONG_ROW_CHUNKS = 1024
+_CHUNK_BYTES = 256 << 10  # threads claim rows in chunks of about this many bytes of p and m (a few fit in L2)
+_MAX_LONG_ROW_CHUNKS = 1024  # a long row's column chunks at most (their partial sums are a small array)
 
 
 @dataclass(frozen=True)
@@ -131,9 +121,8 @@ def _capability() -> str:
 def build(
     compiler: str, out_dir: Path, *, capability: str | None = None, defines: tuple[str, ...] = ()
 ) -> tuple[Path, float | None]:
-    """Compile ext_sub_cpu.cpp into out_dir unless a library of the same source, flags and compiler is there; returns
-    (its path, seconds the build took or None when cached). RuntimeError with the compiler's message on failure.
-    Each builder writes a private temporary file and renames it into place: no reader sees half a file."""
+    """Compile ext_sub_cpu.cpp into out_dir (a private temporary renamed into place) unless built already; returns
+    (its path, the build's seconds or None when cached). RuntimeError with the compiler's message on failure."""
     capability = capability or _capability()
     flags = (*_BASE_FLAGS, *_ARCH_FLAGS.get(capability, ()), *(f"-D{d}" for d in defines))
     source = _SOURCE.read_bytes()
@@ -251,12 +240,8 @@ def _executor(workers: int) -> ThreadPoolExecutor:
 
 
 def ext_sub_rows_(p: torch.Tensor, m: torch.Tensor, lam: float, *, row_stats: torch.Tensor | None = None) -> None:
-    """p ← α·p + β·m row by row, in place, for 2-D CPU views whose columns are contiguous.
-
-    `row_stats`, a contiguous (rows, 3) float32/float64 tensor, receives |p|², |m|², p·m of each row from the same
-    pass. Threads (one per 64 Ki elements at most) claim chunks of about _CHUNK_BYTES of rows; fewer long rows
-    than four per thread are shared by column chunks instead, in two passes (the sums, then the update).
-    """
+    """p ← α·p + β·m row by row, in place, for 2-D CPU views with contiguous columns; `row_stats` ((rows, 3),
+    contiguous float32/float64) gets each row's |p|², |m|², p·m. Few long rows are split by columns, in two passes."""
     _run(p, m, lam, row_stats, write=True)
 
 
@@ -274,10 +259,8 @@ def ext_sub_task_rows_into(
     *,
     row_stats: torch.Tensor | None = None,
 ) -> None:
-    """out ← θ₀ + (p − θ₀) − λ·Ext(m − θ₀) row by row in one fused pass, for 2-D CPU views of one shape with
-    contiguous columns, each in its own dtype, `out` sharing memory with none of the inputs. Arithmetic and
-    rounding are the workspace path's; `row_stats` gets the op's row sums of p − θ₀ and m − θ₀. Rows are never
-    split by columns."""
+    """out ← θ₀ + (p − θ₀) − λ·Ext(m − θ₀) per row in one fused pass (2-D CPU views of one shape, contiguous columns,
+    `out` apart from the inputs), rounded as the workspace path; `row_stats` of p − θ₀ and m − θ₀."""
     lib = _loaded()
     n_rows, n_cols = p.shape
     operands = (("out", out), ("p", p), ("m", m), ("base", base))
@@ -360,8 +343,7 @@ def _split(*operands: torch.Tensor) -> tuple[int, int]:
 
 
 def _long_row(lib: _Library, row: tuple, n: int, half_lam: float, threads: int, dot: bool, write: bool) -> tuple:
-    """One contiguous row (p, m pointers and dtype codes) shared by threads: sums, then the update, by chunk;
-    returns |p|², |m|², p·m."""
+    """One contiguous row (p, m pointers, dtype codes) shared by threads by chunk: sums, then update; its sums."""
     chunk = max(_MIN_ELEMENTS_PER_THREAD, (-(-n // _MAX_LONG_ROW_CHUNKS) + 63) & ~63)
     n_chunks = -(-n // chunk)
     partials = (ctypes.c_double * (3 * n_chunks))()
