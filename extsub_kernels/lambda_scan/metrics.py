@@ -197,13 +197,13 @@ def token_ids(value: object, key: str, source: str) -> tuple[int, ...]:
 def mean_nll(
     model: torch.nn.Module, examples: Sequence[Example], batch_size: int = 8, device: str | torch.device | None = None
 ) -> float:
-    """Mean negative log-likelihood (nats) per scored token of `examples`: `nll_sums` over the scored tokens.
+    """Mean negative log-likelihood (nats) per scored token of `examples` (`nll_sums`).
 
     Args:
         model: a causal LM taking `input_ids` and `attention_mask`, returning `.logits` (transformers or PEFT).
         examples: from `load_examples`.
         batch_size: examples per forward pass.
-        device: where the inputs go; the model must be there already. Default: the model's device.
+        device: where the inputs go (the model must be there already); default: the model's device.
 
     Returns:
         Σ NLL / number of scored tokens.
@@ -222,9 +222,6 @@ def nll_sums(
     `batch_size` at a time, in the model's dtype (the scored logits upcast to ≥ float32, sums in float64), in
     eval mode without gradients. Where the model takes `logits_to_keep` and a KV cache, the context every
     example starts with runs once for the set, and the output layer only from a batch's first scored position.
-
-    Example:
-        >>> nll_sums(model, [Example((1, 5, 6), n_context=2)])  # −log p(6 | 1 5)  # doctest: +SKIP
     """
     if batch_size < 1:
         raise ValueError(f"nll_sums: batch_size must be ≥ 1, got {batch_size}")
@@ -376,8 +373,7 @@ def generate_greedy(
         if not encoded[-1]:
             raise ValueError(f"generate_greedy: prompt {i} has no tokens")
     stops = stop_ids(model, tokenizer)
-    pad = _special_id(model, tokenizer, "pad_token_id")
-    pad = pad if pad is not None else (min(stops) if stops else 0)
+    pad = next(iter(_config_ids(model, tokenizer, "pad_token_id")), min(stops, default=0))
     device = torch.device(device) if device is not None else next(model.parameters()).device
     prefix = _is_prefix_tuned(model)
     results: list[Generation | None] = [None] * len(encoded)
@@ -409,13 +405,10 @@ def generate_greedy(
 
 def _generation_batches(encoded: Sequence[tuple[int, ...]], batch_size: int, *, same_length: bool) -> list[list[int]]:
     """Prompt indices per batch: longest first, `batch_size` at a time (of one length only, if `same_length`)."""
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    if not same_length:
-        return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
-    by_length: dict[int, list[int]] = {}
-    for i in order:
-        by_length.setdefault(len(encoded[i]), []).append(i)
-    return [group[k : k + batch_size] for group in by_length.values() for k in range(0, len(group), batch_size)]
+    groups: dict[int, list[int]] = {}
+    for i in sorted(range(len(encoded)), key=lambda i: -len(encoded[i])):
+        groups.setdefault(len(encoded[i]) if same_length else 0, []).append(i)
+    return [group[k : k + batch_size] for group in groups.values() for k in range(0, len(group), batch_size)]
 
 
 def _greedy_by_generate(
@@ -452,13 +445,7 @@ def _greedy_without_cache(
 def stop_ids(model: torch.nn.Module, tokenizer: Any) -> frozenset[int]:
     """The tokens that end a continuation: the tokenizer's EOS and every EOS of the generation config (a chat
     model's end of turn) and config."""
-    ids: set[int] = set()
-    for source in (tokenizer, getattr(model, "generation_config", None), getattr(model, "config", None)):
-        value = getattr(source, "eos_token_id", None) if source is not None else None
-        for item in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(item, int) and not isinstance(item, bool):
-                ids.add(item)
-    return frozenset(ids)
+    return frozenset(i for i in _config_ids(model, tokenizer, "eos_token_id") if not isinstance(i, bool))
 
 
 def _is_prefix_tuned(model: torch.nn.Module) -> bool:
@@ -466,14 +453,13 @@ def _is_prefix_tuned(model: torch.nn.Module) -> bool:
     return getattr(peft_type, "value", peft_type) == "PREFIX_TUNING"
 
 
-def _special_id(model: torch.nn.Module, tokenizer: Any, name: str) -> int | None:
+def _config_ids(model: torch.nn.Module, tokenizer: Any, name: str) -> list[int]:
+    """Every integer `name` of the tokenizer, then the generation config, then the config (lists flattened)."""
+    ids = []
     for source in (tokenizer, getattr(model, "generation_config", None), getattr(model, "config", None)):
-        value = getattr(source, name, None) if source is not None else None
-        if isinstance(value, list):
-            value = value[0] if value else None
-        if isinstance(value, int):
-            return value
-    return None
+        value = getattr(source, name, None)
+        ids += [i for i in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(i, int)]
+    return ids
 
 
 # ---------------------------------------------------------------------------------------------

@@ -69,9 +69,9 @@ class Guards:
         found = []
         if _over(row.rep_4, expert.rep_4, self.max_rep_increase):
             found.append(f"rep-4 {row.rep_4:.3f} > {expert.rep_4:.3f} + {self.max_rep_increase:g}")
-        if _over(_neg(row.distinct_2), _neg(expert.distinct_2), self.max_distinct_drop):
+        if _over(row.distinct_2, expert.distinct_2, self.max_distinct_drop, sign=-1):
             found.append(f"distinct-2 {row.distinct_2:.3f} < {expert.distinct_2:.3f} − {self.max_distinct_drop:g}")
-        if _over(_neg(row.end_rate), _neg(expert.end_rate), self.max_end_drop):
+        if _over(row.end_rate, expert.end_rate, self.max_end_drop, sign=-1):
             found.append(f"end rate {row.end_rate:.0%} < {expert.end_rate:.0%} − {self.max_end_drop:.0%}")
         if row.mean_length is not None and expert.mean_length is not None:
             change = relative_increase(row.mean_length, expert.mean_length)
@@ -84,15 +84,11 @@ class Guards:
         return found
 
 
-def _neg(value: float | None) -> float | None:
-    return None if value is None else -value
-
-
-def _over(value: float | None, reference: float | None, tolerance: float) -> bool:
-    """value > reference + tolerance, where both were measured; NaN (no n-gram at all) counts as no evidence."""
+def _over(value: float | None, reference: float | None, tolerance: float, sign: int = 1) -> bool:
+    """sign·value > sign·reference + tolerance, where both were measured; NaN (no n-gram) is no evidence."""
     if value is None or reference is None or math.isnan(value) or math.isnan(reference):
         return False
-    return value > reference + tolerance
+    return sign * value > sign * reference + tolerance
 
 
 # The truthfulness axis of the recommendation, by what the scan measured: (field, name in notes).
@@ -135,11 +131,6 @@ def recommend(
     """The recommendation for `method` (see `Recommendation`); the expert (λ = 0) when no λ > 0 does better.
 
     Ties go to the smaller λ. A λ with a non-finite NLL or score (a diverged model) never qualifies.
-
-    Example:
-        >>> rows = [ScanRow("expert", 0.0, 1.0, 2.0, mc2=0.3), ScanRow("sub", 1.0, 1.04, 2.5, mc2=0.4)]
-        >>> recommend(rows, "sub", 0.05).lam
-        1.0
     """
     guards = guards or Guards()
     expert = next((r for r in rows if r.method == EXPERT), None)
