@@ -47,11 +47,6 @@ def load_choices(path: str | Path, tokenizer: Any = None, chat: ChatTemplate | N
     Raises:
         InputError: naming the file and line: missing, bad JSON, neither layout, labels that do not match, an
             MC1 set without one correct option, an MC2 set without both kinds, an empty option, no tokenizer.
-
-    Example:
-        >>> questions = load_choices("truthfulqa.jsonl", tokenizer)  # doctest: +SKIP
-        >>> score_choices(model, questions)  # doctest: +SKIP
-        {'mc1': 0.25, 'mc2': 0.41}
     """
     path = Path(path)
     if path.suffix != ".jsonl":

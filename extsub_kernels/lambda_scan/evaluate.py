@@ -116,14 +116,6 @@ def _check_paired(truth: list[Example], forget: list[Example], truth_name: str, 
 
 
 @dataclass(frozen=True)
-class Measurement:
-    """What one evaluation measured: the row's values (metrics and seconds) and the greedy generations."""
-
-    values: dict[str, float]
-    generations: list[Generation]
-
-
-@dataclass(frozen=True)
 class Evaluator:
     """Measures a model on the sets: `measure(model)` → the metrics, the seconds each part took, the generations."""
 
@@ -134,14 +126,14 @@ class Evaluator:
     device: torch.device
     harness: Harness | None = None
 
-    def measure(self, model: torch.nn.Module) -> Measurement:
-        """The row's values (`results.ScanRow`: NLLs, MC, generation metrics, `lm_eval`) and each part's seconds
-        (waited for on CUDA), with the generations."""
+    def measure(self, model: torch.nn.Module) -> tuple[dict[str, float], list[Generation]]:
+        """(the row's values: `results.ScanRow`'s NLLs, MC, generation metrics, `lm_eval` and each part's seconds,
+        waited for on CUDA; the greedy generations)."""
         with warnings.catch_warnings():  # PEFT's prefix-tuning passes transformers an argument it deprecates
             warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated", category=FutureWarning)
             return self._measure(model)
 
-    def _measure(self, model: torch.nn.Module) -> Measurement:
+    def _measure(self, model: torch.nn.Module) -> tuple[dict[str, float], list[Generation]]:
         values: dict[str, float] = {}
         for name, examples in (("keep", self.sets.keep), ("forget", self.sets.forget), ("truth", self.sets.truth)):
             if examples is not None:
@@ -155,22 +147,15 @@ class Evaluator:
         generations: list[Generation] = []
         if self.sets.prompts is not None:
             start = time.perf_counter()
-            generations = generate_greedy(
-                model,
-                self.tokenizer,
-                self.sets.prompts,
-                self.max_new_tokens,
-                self.batch_size,
-                self.device,
-                self.sets.chat,
-            )
+            given = (self.sets.prompts, self.max_new_tokens, self.batch_size, self.device, self.sets.chat)
+            generations = generate_greedy(model, self.tokenizer, *given)
             values["generate_seconds"] = time.perf_counter() - start
             values |= generation_metrics(generations)
         if self.harness is not None:
             start = time.perf_counter()
             values["lm_eval"] = self.harness.measure(model, self.tokenizer)  # type: ignore[assignment]
             values["lm_eval_seconds"] = time.perf_counter() - start
-        return Measurement(values, generations)
+        return values, generations
 
 
 def generation_metrics(generations: list[Generation]) -> dict[str, float]:

@@ -59,14 +59,8 @@ class Harness:
         was_training = model.training
         try:
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
-            out = simple_evaluate(
-                model=lm,
-                tasks=list(self.tasks),
-                task_manager=self._manager,
-                bootstrap_iters=0,
-                log_samples=False,
-                verbosity="ERROR",
-            )
+            quiet = dict(task_manager=self._manager, bootstrap_iters=0, log_samples=False, verbosity="ERROR")
+            out = simple_evaluate(model=lm, tasks=list(self.tasks), **quiet)
         finally:
             model.train(was_training)
         return metric_columns(out["results"])

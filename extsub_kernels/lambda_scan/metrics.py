@@ -54,7 +54,6 @@ class Example:
         return max(len(self.input_ids) - max(self.n_context, 1), 0)
 
 
-# ---------------------------------------------------------------------------------------------
 # Loading evaluation sets
 
 _KINDS = (("text",), ("prompt", "completion"), ("input_ids",), ("prompt_ids", "completion_ids"))
@@ -190,7 +189,6 @@ def token_ids(value: object, key: str, source: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-# ---------------------------------------------------------------------------------------------
 # Negative log-likelihood
 
 
@@ -308,8 +306,7 @@ def check_ids_fit(model: torch.nn.Module, ids: Sequence[int], source: str, *, ro
         vocab = model.get_input_embeddings().num_embeddings
     except (AttributeError, NotImplementedError):
         vocab = None
-    config = getattr(model, "config", None)
-    positions = getattr(config, "max_position_embeddings", None) if config is not None else None
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if vocab is not None and ids and max(ids) >= vocab:
         raise InputError(f"{source}: token id {max(ids)} is outside the model's vocabulary of {vocab}")
     if isinstance(positions, int) and len(ids) + room > positions:
@@ -317,7 +314,6 @@ def check_ids_fit(model: torch.nn.Module, ids: Sequence[int], source: str, *, ro
         raise InputError(f"{source}: {len(ids)} tokens{extra}, more than the model's {positions} positions; shorten it")
 
 
-# ---------------------------------------------------------------------------------------------
 # Generation
 
 
@@ -462,7 +458,6 @@ def _config_ids(model: torch.nn.Module, tokenizer: Any, name: str) -> list[int]:
     return ids
 
 
-# ---------------------------------------------------------------------------------------------
 # Repetition and diversity
 
 

@@ -24,11 +24,6 @@ PANELS = (
 )
 
 
-def _panels(result: ScanResult) -> list[tuple[str, str]]:
-    """The panels drawn for `result`: those whose metric was measured (the NLLs always)."""
-    return [p for p in PANELS if any(getattr(r, p[0]) is not None for r in result.rows)]
-
-
 def png_size(n_panels: int) -> tuple[int, int]:
     """(width, height) in pixels of scan.png with `n_panels` panels (two per row)."""
     columns, rows = min(n_panels, 2), math.ceil(n_panels / 2)
@@ -40,7 +35,7 @@ def plot_png(result: ScanResult) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    chosen = _panels(result)
+    chosen = [p for p in PANELS if any(getattr(r, p[0]) is not None for r in result.rows)]  # the NLLs always
     width, height = png_size(len(chosen))
     figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     FigureCanvasAgg(figure)

@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from extsub_kernels.engine.record import json_text as record_json_text
+from extsub_kernels.engine.record import json_text
 from extsub_kernels.io.atomic import replace_file
 from extsub_kernels.lambda_scan.plot import plot_png
 from extsub_kernels.lambda_scan.results import COLUMNS, EXPERT, ScanResult, relative_increase
@@ -21,8 +21,8 @@ SCAN_FILES = ("scan.json", "scan.csv", "scan.md", "scan.png", "samples.jsonl")
 class ScanFiles:
     """Writes a scan's files into `folder` (created on the first write); `written` lists what is there."""
 
-    def __init__(self, folder: Path, *, force: bool):
-        self.folder, self.force = folder, force
+    def __init__(self, folder: Path):
+        self.folder = folder
         self.written: list[Path] = []
         self._cleared = False
 
@@ -39,9 +39,10 @@ class ScanFiles:
 
     def progress(self, result: ScanResult) -> None:
         """scan.json (and samples.jsonl) with the rows so far (called after every row)."""
-        self._write("scan.json", json_text(result).encode())
-        if result.samples:
-            self._write("samples.jsonl", samples_text(result).encode())
+        self._write("scan.json", json_text(result.to_dict()).encode())  # as every report file of the package
+        if result.samples:  # one JSON object per continuation (`results.sample_records`), in the order measured
+            samples = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in result.samples)
+            self._write("samples.jsonl", samples.encode())
 
     def final(self, result: ScanResult) -> list[Path]:
         """Every file, from the result as it stands (complete, or stopped early); returns their paths."""
@@ -51,16 +52,6 @@ class ScanFiles:
         if result.rows:
             self._write("scan.png", plot_png(result))
         return [self.folder / name for name in SCAN_FILES if self.folder / name in self.written]
-
-
-def json_text(result: ScanResult) -> str:
-    """scan.json: `ScanResult.to_dict()` as every report file of the package holds JSON (engine.record)."""
-    return record_json_text(result.to_dict())
-
-
-def samples_text(result: ScanResult) -> str:
-    """samples.jsonl: one JSON object per continuation (`results.sample_records`), in the order measured."""
-    return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in result.samples)
 
 
 def csv_text(result: ScanResult) -> str:

@@ -184,13 +184,17 @@ def scan(
     samples: list[dict] = []
     measured: dict[int, tuple[ScanRow, list[dict]]] = {}
 
-    def result(status: str) -> ScanResult:
+    def result(status: str, *, write: bool = False) -> ScanResult:
+        """The scan as it stands; `write`: every file written from it (`files` set to them)."""
         now = {**timing, "total_seconds": time.perf_counter() - started, **timing_summary(rows)}
         recommendations = {m: recommend(rows, m, max_keep_increase, guards) for m in methods}
-        return ScanResult(rows, recommendations, status, len(points), setup, now, samples=samples)
+        made = ScanResult(rows, recommendations, status, len(points), setup, now, samples=samples)
+        if write and files is not None:
+            made.files = files.final(made)
+        return made
 
     cluster = connect(workers, ray_address, str(device), threads) if spreads else None
-    files = ScanFiles(out_dir, force=force) if out_dir is not None else None
+    files = ScanFiles(out_dir) if out_dir is not None else None
 
     def done(index: int, row: ScanRow, point_samples: list[dict]) -> None:
         """Keep a row (in the order of `points`, wherever measured) once the inputs are seen unchanged."""
@@ -212,9 +216,7 @@ def scan(
                 done(index, *measure_point(installer, evaluator, name, x, methods[0]))
     except BaseException as e:
         status = _stopped(e)
-        partial = result(status)
-        if files is not None:
-            partial.files = files.final(partial)
+        partial = result(status, write=True)
         if isinstance(e, KeyboardInterrupt):
             raise ScanInterrupted(
                 f"{status} after {len(rows)} of {len(points)} points", partial, terminated=status == "terminated"
@@ -223,16 +225,12 @@ def scan(
         raise
     finally:
         installer.close()
-    final = result("complete")
-    if files is not None:
-        final.files = files.final(final)
+    final = result("complete", write=True)
     if save_best is not None:
         try:
             snapshot.check()  # merge() reads the inputs again: they must be the ones measured
         except MergeError as e:  # scan.json says what the exit code says
-            if files is not None:
-                final = result(_stopped(e))
-                final.files = files.final(final)
+            final = result(_stopped(e), write=True)
             _name_written(e, final.files)
             raise
         try:

@@ -48,15 +48,6 @@ class Recipe:
     max_new_tokens: int
     dtype: torch.dtype | None
 
-    def load_sets(self, tokenizer: Any) -> EvaluationSets:
-        chat = rendering.chat_template(tokenizer, self.chat_template, self.system)
-        return EvaluationSets.load(**self.sets, tokenizer=tokenizer, chat=chat)
-
-    @property
-    def room(self) -> int:
-        """Tokens a prompt must leave free in the model's positions: the continuation, when there are prompts."""
-        return self.max_new_tokens if self.sets["prompts"] is not None else 0
-
 
 def resolve(specs: Sequence[str], *, quiet: bool) -> Inputs:
     """(role, input) for EXPERT, the ANTIs and BASE (last)."""
@@ -76,7 +67,8 @@ def prepare(
     start = time.perf_counter()
     base = inputs[-1][1]
     tokenizer = load_tokenizer(base)
-    sets = recipe.load_sets(tokenizer)
+    chat = rendering.chat_template(tokenizer, recipe.chat_template, recipe.system)
+    sets = EvaluationSets.load(**recipe.sets, tokenizer=tokenizer, chat=chat)
     installer = make_installer(inputs, adapters=adapter_inputs(inputs), methods=recipe.methods, device=device)
     prepared = loaded = time.perf_counter()
     try:
@@ -84,7 +76,7 @@ def prepare(
             check(installer)
         model = load_model(base, device=device, dtype=evaluation_dtype(recipe.dtype, device, base))
         loaded = time.perf_counter()
-        sets.check_fits(model, tokenizer, recipe.room)
+        sets.check_fits(model, tokenizer, recipe.max_new_tokens if recipe.sets["prompts"] is not None else 0)
         if device.type != "meta":
             installer.attach(model, base.name)
     except BaseException:
@@ -105,9 +97,8 @@ def measure_point(
     if evaluator.device.type == "cuda":
         torch.cuda.synchronize(evaluator.device)
     merge_seconds = time.perf_counter() - start
-    measured = evaluator.measure(installer.model)
-    samples = sample_records(method, lam, measured.generations)
-    return ScanRow(method, lam, merge_seconds=merge_seconds, **measured.values), samples
+    values, generations = evaluator.measure(installer.model)
+    return ScanRow(method, lam, merge_seconds=merge_seconds, **values), sample_records(method, lam, generations)
 
 
 class _Worker:

@@ -29,12 +29,8 @@ class FullModelInstaller(Installer):
         self.device = device
         self.readers = [CheckpointReader(inp.files, label=role) for role, inp in inputs]
         try:
-            self.jobs, _ = plan_tensors(
-                self.readers,
-                n_anti=len(inputs) - 2,
-                has_base=True,
-                transposed=transposed_weights(inputs[0][1].config()),
-            )
+            transposed = transposed_weights(inputs[0][1].config())
+            self.jobs, _ = plan_tensors(self.readers, n_anti=len(inputs) - 2, has_base=True, transposed=transposed)
         except BaseException:
             self.close()
             raise
