@@ -177,22 +177,17 @@ def _scan(args: argparse.Namespace) -> object:
 def _summary(result) -> list[str]:
     """What the scan found and where it is: recommendations, the cost of a merge against an evaluation, files."""
     timing = result.timing
-    lines = []
-    for method, rec in result.recommendations.items():
-        lam = "none" if rec.lam is None else f"{rec.lam:g}"
-        lines.append(f"{method}: recommended λ = {lam}: {rec.note}")
-    share = timing.get("merge_share_of_smallest_evaluation")
-    smallest = timing.get("smallest_evaluation")
-    cost = (
-        f"; a merge costs {share:.2%} of the smallest evaluation ({smallest}, "
-        f"{timing[f'{smallest}_seconds_median']:.3g} s)"
-        if share is not None
-        else ""
-    )
-    lines.append(
-        f"{len(result.rows)} points in {timing['total_seconds']:.3g} s (model loaded in {timing['load_seconds']:.3g} s)"
-        f"{cost}"
-    )
+    lines = [
+        f"{method}: recommended λ = {'none' if rec.lam is None else f'{rec.lam:g}'}: {rec.note}"
+        for method, rec in result.recommendations.items()
+    ]
+    load = f"{len(result.rows)} points in {timing['total_seconds']:.3g} s"
+    load += f" (model loaded in {timing['load_seconds']:.3g} s)"
+    share, smallest = timing.get("merge_share_of_smallest_evaluation"), timing.get("smallest_evaluation")
+    if share is not None:
+        seconds = timing[f"{smallest}_seconds_median"]
+        load += f"; a merge costs {share:.2%} of the smallest evaluation ({smallest}, {seconds:.3g} s)"
+    lines.append(load)
     if result.files:
         lines.append(f"wrote {', '.join(str(p) for p in result.files)}")
     if result.saved is not None:

@@ -129,9 +129,8 @@ def scan(
     grid, methods = parse_lam_grid(lam), parse_methods(method)
     for name in methods:
         warn_negative_lams([(v,) for v in grid], name)
-    _check_numbers(max_keep_increase, max_new_tokens=max_new_tokens, batch_size=batch_size)
     guards = guards if guards is not None else Guards()
-    _check_guards(guards)
+    _check_numbers(max_keep_increase, guards, max_new_tokens=max_new_tokens, batch_size=batch_size)
     threads = check_threads(threads)
     spreads = check_workers(workers, ray_address, device)
     harness = None
@@ -278,7 +277,7 @@ def _stopped(error: BaseException) -> str:
     return f"failed: {type(error).__name__}: {error}"
 
 
-def _check_numbers(max_keep_increase: float, **counts: int) -> None:
+def _check_numbers(max_keep_increase: float, guards: Guards, **counts: int) -> None:
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"{name} must be a positive integer, got {value!r}")
@@ -286,9 +285,6 @@ def _check_numbers(max_keep_increase: float, **counts: int) -> None:
         raise InputError(f"max_keep_increase must be a number, got {max_keep_increase!r}")
     if not 0 <= max_keep_increase < float("inf"):
         raise InputError(f"max_keep_increase must be ≥ 0 (a fraction: 0.05 is +5 %), got {max_keep_increase!r}")
-
-
-def _check_guards(guards: Guards) -> None:
     for f in fields(guards):
         value = getattr(guards, f.name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):

@@ -13,7 +13,6 @@ from extsub_kernels._tensors import all_finite, compute_dtype
 from extsub_kernels.engine.conv1d import transposed_weights
 from extsub_kernels.engine.methods import apply_method, apply_method_into, method_workspace
 from extsub_kernels.engine.plan import TensorJob, plan_tensors
-from extsub_kernels.engine.transfer import Workspace
 from extsub_kernels.errors import InputError
 from extsub_kernels.io import CheckpointReader, ResolvedInput
 from extsub_kernels.lambda_scan.installers.base import Installer, too_large
@@ -58,15 +57,12 @@ class FullModelInstaller(Installer):
         except BaseException:
             self.close()
             raise
-        self.workspace = self._workspace()
-
-    def _workspace(self) -> Workspace:
-        """The merge's working space for every point: slots of the widest compute dtype the merged tensors need."""
+        # the merge's working space for every point: slots of the widest compute dtype the merged tensors need
         dtypes = [self.readers[i].info(job.name).dtype for job, _ in self.targets for i in job.inputs()]
         largest = max((target.numel() for _, target in self.targets), default=1)
         n_anti = max((len(job.antis) for job, _ in self.targets), default=1)
         itemsize = compute_dtype(*dtypes).itemsize if dtypes else 4
-        return method_workspace(n_anti, itemsize, self.device, largest)
+        self.workspace = method_workspace(n_anti, itemsize, self.device, largest)
 
     def install(self, method: str, lam: float) -> None:
         """θ₀ + ΔW' at (method, λ) into every merged tensor of the model, in the model's dtype."""
