@@ -10,19 +10,10 @@ from typing import Any
 import torch
 
 from extsub_kernels.errors import InputError
+from extsub_kernels.lambda_scan import metrics
 from extsub_kernels.lambda_scan.choices import Question, load_choices, score_choices
 from extsub_kernels.lambda_scan.harness import Harness
-from extsub_kernels.lambda_scan.metrics import (
-    Example,
-    Generation,
-    check_ids_fit,
-    distinct_n,
-    generate_greedy,
-    load_examples,
-    load_prompts,
-    mean_nll,
-    mean_rep_n,
-)
+from extsub_kernels.lambda_scan.metrics import Example, Generation
 from extsub_kernels.lambda_scan.rendering import ChatTemplate
 
 REP_N = 4  # the paper's rep-4 (Welleck et al. 2020)
@@ -56,29 +47,25 @@ class EvaluationSets:
     ) -> "EvaluationSets":
         """Read the files (InputErrors name file and line); TRUTH must pair with FORGET, prompt for prompt."""
         files = {"keep": keep, "forget": forget, "truth": truth, "choices": choices, "prompts": prompts}
-        keep_set, forget_set = load_examples(keep, tokenizer, chat), load_examples(forget, tokenizer, chat)
-        truth_set = load_examples(truth, tokenizer, chat) if truth is not None else None
+        keep_set, forget_set, truth_set = (
+            metrics.load_examples(path, tokenizer, chat) if path is not None else None for path in (keep, forget, truth)
+        )
         if truth_set is not None:
             _check_paired(truth_set, forget_set, str(truth), str(forget))
-        return cls(
-            keep_set,
-            forget_set,
-            load_prompts(prompts, tokenizer) if prompts is not None else None,
-            {name: str(path) for name, path in files.items() if path is not None},
-            truth_set,
-            load_choices(choices, tokenizer, chat) if choices is not None else None,
-            chat,
-        )
+        prompt_set = metrics.load_prompts(prompts, tokenizer) if prompts is not None else None
+        questions = load_choices(choices, tokenizer, chat) if choices is not None else None
+        names = {name: str(path) for name, path in files.items() if path is not None}
+        return cls(keep_set, forget_set, prompt_set, names, truth_set, questions, chat)
 
     def check_fits(self, model: torch.nn.Module, tokenizer: Any, max_new_tokens: int) -> None:
         """Every example, option and prompt within the model's vocabulary and positions (a prompt with room for
         `max_new_tokens`), before a scan writes anything; an InputError naming the file and line otherwise."""
         options = [o for q in self.choices or () for o in q.options]
         for example in (*self.keep, *self.forget, *(self.truth or ()), *options):
-            check_ids_fit(model, example.input_ids, example.source)
+            metrics.check_ids_fit(model, example.input_ids, example.source)
         for number, prompt in enumerate(self.prompts or (), start=1):
             ids = tokenizer(prompt)["input_ids"] if isinstance(prompt, str) and tokenizer is not None else prompt
-            check_ids_fit(model, ids, f"{self.names['prompts']} prompt {number}", room=max_new_tokens)
+            metrics.check_ids_fit(model, ids, f"{self.names['prompts']} prompt {number}", room=max_new_tokens)
 
     def describe(self) -> dict[str, dict]:
         """Per set: the file, how many examples and how many scored tokens (prompts: how many; choices: questions)."""
@@ -138,7 +125,7 @@ class Evaluator:
         for name, examples in (("keep", self.sets.keep), ("forget", self.sets.forget), ("truth", self.sets.truth)):
             if examples is not None:
                 start = time.perf_counter()
-                values[f"{name}_nll"] = mean_nll(model, examples, self.batch_size, self.device)
+                values[f"{name}_nll"] = metrics.mean_nll(model, examples, self.batch_size, self.device)
                 values[f"{name}_seconds"] = time.perf_counter() - start
         if self.sets.choices is not None:
             start = time.perf_counter()
@@ -148,7 +135,7 @@ class Evaluator:
         if self.sets.prompts is not None:
             start = time.perf_counter()
             given = (self.sets.prompts, self.max_new_tokens, self.batch_size, self.device, self.sets.chat)
-            generations = generate_greedy(model, self.tokenizer, *given)
+            generations = metrics.generate_greedy(model, self.tokenizer, *given)
             values["generate_seconds"] = time.perf_counter() - start
             values |= generation_metrics(generations)
         if self.harness is not None:
@@ -161,8 +148,8 @@ class Evaluator:
 def generation_metrics(generations: list[Generation]) -> dict[str, float]:
     """rep-4, distinct-1/2 of the continuations' tokens, their mean length in tokens, and the share that ended."""
     tokens = [g.token_ids for g in generations]
-    values = {f"rep_{REP_N}": mean_rep_n(tokens, REP_N)}
-    values |= {f"distinct_{n}": distinct_n(tokens, n) for n in DISTINCT_NS}
+    values = {f"rep_{REP_N}": metrics.mean_rep_n(tokens, REP_N)}
+    values |= {f"distinct_{n}": metrics.distinct_n(tokens, n) for n in DISTINCT_NS}
     values["mean_length"] = sum(len(t) for t in tokens) / len(tokens)
     values["end_rate"] = sum(g.stopped for g in generations) / len(generations)
     return values

@@ -412,13 +412,8 @@ def _greedy_by_generate(
 ) -> torch.Tensor:
     from transformers import GenerationConfig
 
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        pad_token_id=pad,
-        eos_token_id=sorted(stops) or None,
-    )
+    greedy = dict(do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=sorted(stops) or None)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, **greedy)
     return model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
 
 

@@ -348,15 +348,5 @@ def _save(result: ScanResult, inputs, method: str, out: PathLike, fmt: str | Non
     specs = [inp.spec for _, inp in inputs]
     full = fmt == FULL_MODEL_FORMAT
     adapter = AdapterOptions(output_format=None if full else fmt)
-    return merge(
-        specs[0],
-        specs[1:-1],
-        out,
-        lam=rec.lam,
-        method=method,
-        base=specs[-1] if full else None,
-        force=force,
-        progress=progress,
-        adapter=adapter,
-        card_note=chosen_note(result, method),
-    )
+    chosen = dict(lam=rec.lam, method=method, base=specs[-1] if full else None, card_note=chosen_note(result, method))
+    return merge(specs[0], specs[1:-1], out, force=force, progress=progress, adapter=adapter, **chosen)
