@@ -167,9 +167,22 @@ def scan(
         installer, evaluator = prepare(recipe, inputs, torch.device("meta") if spreads else target, timing, check)
     sets, kind = evaluator.sets, installer.kind
     model_dtype = (requested_dtype or "auto") if spreads else next(installer.model.parameters()).dtype
-    placed = str(target if target is not None else device), str(model_dtype).removeprefix("torch.")
-    setup = _setup(inputs, kind, sets, grid, methods, *placed, batch_size, max_keep_increase)
-    setup["options"] |= {
+    expert_in, antis_in, base_in = inputs[0][1], [i for _, i in inputs[1:-1]], inputs[-1][1]
+    setup = {  # what was scanned, as scan.json records it
+        "extsub_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "pem": kind,
+        "inputs": {"expert": expert_in.spec, "anti": [a.spec for a in antis_in], "base": base_in.spec},
+        "names": {"expert": expert_in.name, "anti": [a.name for a in antis_in], "base": base_in.name},
+        "sets": sets.describe(),
+    }
+    setup["options"] = {
+        "lam": list(grid),
+        "methods": list(methods),
+        "device": str(target if target is not None else device),
+        "dtype": str(model_dtype).removeprefix("torch."),
+        "batch_size": batch_size,
+        "max_keep_increase": max_keep_increase,
         "max_new_tokens": max_new_tokens if prompts is not None else None,
         "guards": asdict(guards),
         "chat_template": sets.chat is not None,
@@ -245,27 +258,6 @@ def _name_written(error: BaseException, files: Sequence[Path]) -> None:
     if files and not getattr(error, "published", ()):
         with contextlib.suppress(AttributeError):
             error.published = tuple(files)  # type: ignore[attr-defined]
-
-
-def _setup(inputs, kind, sets, grid, methods, device, dtype, batch_size, max_keep_increase) -> dict:
-    """What was scanned, as scan.json records it: version, date, the PEM kind, inputs, sets, options."""
-    expert, antis, base = inputs[0][1], [i for _, i in inputs[1:-1]], inputs[-1][1]
-    return {
-        "extsub_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "pem": kind,
-        "inputs": {"expert": expert.spec, "anti": [a.spec for a in antis], "base": base.spec},
-        "names": {"expert": expert.name, "anti": [a.name for a in antis], "base": base.name},
-        "sets": sets.describe(),
-        "options": {
-            "lam": list(grid),
-            "methods": list(methods),
-            "device": device,
-            "dtype": dtype,
-            "batch_size": batch_size,
-            "max_keep_increase": max_keep_increase,
-        },
-    }
 
 
 def _stopped(error: BaseException) -> str:
