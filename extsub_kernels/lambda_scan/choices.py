@@ -152,10 +152,7 @@ def mc_scores(question: Question, scores: Sequence[float]) -> tuple[float, float
 
 
 def score_choices(
-    model: torch.nn.Module,
-    questions: Sequence[Question],
-    batch_size: int = 8,
-    device: str | torch.device | None = None,
+    model: torch.nn.Module, questions: Sequence[Question], batch_size: int = 8, device: str | torch.device | None = None
 ) -> dict[str, float]:
     """MC1 and MC2 averaged over `questions`: every option of every question scored in one batched pass.
 

@@ -22,8 +22,7 @@ DISTINCT_NS = (1, 2)
 
 @dataclass(frozen=True)
 class EvaluationSets:
-    """The sets, tokenised: KEEP, FORGET, optionally TRUTH, the questions and the prompts; `names`: the files as
-    given; `chat`: how prompts were rendered."""
+    """The sets, tokenised (KEEP, FORGET, TRUTH, questions, prompts); `names`: the files; `chat`: the rendering."""
 
     keep: list[Example]
     forget: list[Example]

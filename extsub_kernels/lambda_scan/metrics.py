@@ -372,12 +372,20 @@ def generate_greedy(
     pad = next(iter(_config_ids(model, tokenizer, "pad_token_id")), min(stops, default=0))
     device = torch.device(device) if device is not None else next(model.parameters()).device
     prefix = _is_prefix_tuned(model)
+    from transformers import GenerationConfig
+
+    greedy = dict(do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=sorted(stops) or None)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, **greedy)
+    groups: dict[int, list[int]] = {}  # prompt indices, longest first (of one length per group if prefix-tuned)
+    for i in sorted(range(len(encoded)), key=lambda i: -len(encoded[i])):
+        groups.setdefault(len(encoded[i]) if prefix else 0, []).append(i)
+    batches = [group[k : k + batch_size] for group in groups.values() for k in range(0, len(group), batch_size)]
     results: list[Generation | None] = [None] * len(encoded)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for batch in _generation_batches(encoded, batch_size, same_length=prefix):
+            for batch in batches:
                 width = max(len(encoded[i]) for i in batch)
                 input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
                 mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -388,7 +396,7 @@ def generate_greedy(
                 if prefix:
                     out = _greedy_without_cache(model, input_ids, max_new_tokens, stops, pad)
                 else:
-                    out = _greedy_by_generate(model, input_ids, mask, max_new_tokens, stops, pad)
+                    out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
                 for i, row in zip(batch, out[:, width:].tolist(), strict=True):
                     end = next((k for k, t in enumerate(row) if t in stops), None)
                     tokens = tuple(row if end is None else row[:end])
@@ -397,24 +405,6 @@ def generate_greedy(
     finally:
         model.train(was_training)
     return results  # type: ignore[return-value]  # every slot filled
-
-
-def _generation_batches(encoded: Sequence[tuple[int, ...]], batch_size: int, *, same_length: bool) -> list[list[int]]:
-    """Prompt indices per batch: longest first, `batch_size` at a time (of one length only, if `same_length`)."""
-    groups: dict[int, list[int]] = {}
-    for i in sorted(range(len(encoded)), key=lambda i: -len(encoded[i])):
-        groups.setdefault(len(encoded[i]) if same_length else 0, []).append(i)
-    return [group[k : k + batch_size] for group in groups.values() for k in range(0, len(group), batch_size)]
-
-
-def _greedy_by_generate(
-    model: Any, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, stops: frozenset[int], pad: int
-) -> torch.Tensor:
-    from transformers import GenerationConfig
-
-    greedy = dict(do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=sorted(stops) or None)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, **greedy)
-    return model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
 
 
 def _greedy_without_cache(

@@ -126,7 +126,7 @@ def markdown_table(result: ScanResult) -> str:
 
 
 def harness_columns(result: ScanResult) -> list[str]:
-    """The lm-eval metric columns of the rows (`harness.metric_columns`), sorted."""
+    """The rows' lm-eval metric columns (`harness.metric_columns`), sorted."""
     return sorted({name for row in result.rows for name in row.lm_eval})
 
 

@@ -35,8 +35,7 @@ Inputs = list[tuple[str, ResolvedInput]]
 
 @dataclass(frozen=True)
 class Recipe:
-    """What loading and measuring needs, as values a Ray worker receives: the inputs' specs (BASE last), the sets'
-    paths and the evaluation options."""
+    """What loading and measuring needs, as values a Ray worker receives (the inputs' specs: BASE last)."""
 
     specs: tuple[str, ...]
     methods: tuple[str, ...]
