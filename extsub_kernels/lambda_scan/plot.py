@@ -67,13 +67,8 @@ def plot_png(result: ScanResult) -> bytes:
             axes.legend(fontsize=9, loc="best")
     inputs = result.setup.get("names", {})
     status = "" if result.complete else f" — {result.status}: {len(result.rows)} of {result.points} points"
-    figure.suptitle(
-        f"Ext-Sub λ scan: {inputs.get('expert')} − {', '.join(inputs.get('anti', []))} on {inputs.get('base')}"
-        f"{status}   (★ recommended λ)",
-        fontsize=11,
-        y=1 - 0.15 / (height / DPI),
-        va="top",
-    )
+    title = f"Ext-Sub λ scan: {inputs.get('expert')} − {', '.join(inputs.get('anti', []))} on {inputs.get('base')}"
+    figure.suptitle(f"{title}{status}   (★ recommended λ)", fontsize=11, y=1 - 0.15 / (height / DPI), va="top")
     figure.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (height / DPI)))
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI)

@@ -71,25 +71,21 @@ def markdown_text(result: ScanResult) -> str:
     inputs = setup.get("inputs", {})
     antis = ", ".join(f"`{a}`" for a in inputs.get("anti", []))
     status = "" if result.complete else f" ({result.status})"
-    lines = [
-        "# Ext-Sub λ scan",
-        "",
+    scanned = (
         f"Expert `{inputs.get('expert')}`, anti-expert(s) {antis}, base `{inputs.get('base')}` ({setup.get('pem')}): "
-        f"{len(result.rows)} of {result.points} points measured{status}.",
-        "",
-        markdown_table(result),
-    ]
+        f"{len(result.rows)} of {result.points} points measured{status}."
+    )
+    text = f"# Ext-Sub λ scan\n\n{scanned}\n\n{markdown_table(result)}"
     timing = result.timing
     if "merge_seconds_median" in timing:
         share = timing["merge_share_of_smallest_evaluation"]
         smallest = timing["smallest_evaluation"]
         cost = f" = {share:.2%} of the smallest evaluation ({smallest}: {timing[f'{smallest}_seconds_median']:.4g} s)"
-        lines += [
-            "",
-            f"Merge per point (median): {timing['merge_seconds_median']:.4g} s{cost if share is not None else ''}. "
-            f"Model loaded in {timing['load_seconds']:.3g} s; the scan took {timing['total_seconds']:.3g} s.",
-        ]
-    return "\n".join(lines) + "\n"
+        text += (
+            f"\n\nMerge per point (median): {timing['merge_seconds_median']:.4g} s{cost if share is not None else ''}. "
+            f"Model loaded in {timing['load_seconds']:.3g} s; the scan took {timing['total_seconds']:.3g} s."
+        )
+    return text + "\n"
 
 
 def markdown_table(result: ScanResult) -> str:
@@ -171,18 +167,12 @@ def chosen_note(result: ScanResult, method: str) -> str:
     for name, label in (("rep_4", "rep-4"), ("distinct_2", "distinct-2")):
         if getattr(row, name) is not None:
             measured.append(f"{label} {getattr(row, name):.4g} (λ = 0: {getattr(expert, name):.4g})")
-    return "\n".join(
-        [
-            "## How λ was chosen",
-            "",
-            f"λ = {rec.lam:g} is the recommendation for {method} of an `extsub-scan` on BASE "
-            f"`{setup['inputs']['base']}`: grid λ ∈ {{{grid}}}, methods {', '.join(options['methods'])}, "
-            f"{', '.join(described)}, KEEP budget {options['max_keep_increase']:+.1%} ({rec.note}).",
-            "",
-            f"Measured at this λ: {'; '.join(measured)}.",
-            "",
-        ]
+    chosen = (
+        f"λ = {rec.lam:g} is the recommendation for {method} of an `extsub-scan` on BASE "
+        f"`{setup['inputs']['base']}`: grid λ ∈ {{{grid}}}, methods {', '.join(options['methods'])}, "
+        f"{', '.join(described)}, KEEP budget {options['max_keep_increase']:+.1%} ({rec.note})."
     )
+    return f"## How λ was chosen\n\n{chosen}\n\nMeasured at this λ: {'; '.join(measured)}.\n"
 
 
 def _change(value: float, reference: float) -> str:

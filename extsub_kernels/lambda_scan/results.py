@@ -284,17 +284,9 @@ class ScanResult:
         """Everything, as scan.json holds it (NaN written as null)."""
         from extsub_kernels.engine.record import jsonable  # here: the command line's parser reads Guards without torch
 
-        return jsonable(
-            {
-                "status": self.status,
-                "points": self.points,
-                "measured": len(self.rows),
-                **self.setup,
-                "timing": self.timing,
-                "recommended": {m: asdict(r) for m, r in self.recommendations.items()},
-                "rows": self.table(),
-            }
-        )
+        record = {"status": self.status, "points": self.points, "measured": len(self.rows), **self.setup}
+        record |= {"timing": self.timing, "recommended": {m: asdict(r) for m, r in self.recommendations.items()}}
+        return jsonable({**record, "rows": self.table()})
 
 
 _CSV = (  # scan.csv's columns, in order (lm-eval's follow)
