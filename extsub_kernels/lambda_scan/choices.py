@@ -91,14 +91,10 @@ def _question(record: object, tokenizer: Any, chat: ChatTemplate | None, source:
 
     mc1_index = tuple(index(o, "the MC1 set") for o in mc1)
     mc2_index = [index(o, "the MC2 set") for o in mc2]
-    return Question(
-        source,
-        tuple(Example(context + ids, len(context), source) for ids in options),
-        mc1_index,
-        mc1_index[mc1_labels.index(1)],
-        tuple(i for i, label in zip(mc2_index, mc2_labels, strict=True) if label),
-        tuple(i for i, label in zip(mc2_index, mc2_labels, strict=True) if not label),
-    )
+    examples = tuple(Example(context + ids, len(context), source) for ids in options)
+    labelled = list(zip(mc2_index, mc2_labels, strict=True))
+    mc2 = tuple(i for i, label in labelled if label), tuple(i for i, label in labelled if not label)
+    return Question(source, examples, mc1_index, mc1_index[mc1_labels.index(1)], *mc2)
 
 
 def _sets(record: dict, source: str) -> tuple[list, list[int], list, list[int]]:

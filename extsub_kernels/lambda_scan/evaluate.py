@@ -75,12 +75,9 @@ class EvaluationSets:
         }
         if self.choices is not None:
             options = [o for q in self.choices for o in q.options]
-            sets["choices"] = {
-                "file": self.names["choices"],
-                "questions": len(self.choices),
-                "options": len(options),
-                "scored_tokens": sum(o.n_scored for o in options),
-            }
+            counts = {"questions": len(self.choices), "options": len(options)}
+            scored = sum(o.n_scored for o in options)
+            sets["choices"] = {"file": self.names["choices"], **counts, "scored_tokens": scored}
         if self.prompts is not None:
             sets["prompts"] = {"file": self.names["prompts"], "prompts": len(self.prompts)}
         return sets
