@@ -22,8 +22,6 @@ from extsub_kernels.errors import InputError
 from extsub_kernels.lambda_scan.metrics import Example, nll_sums, read_records, token_ids
 from extsub_kernels.lambda_scan.rendering import ChatTemplate, encode_completion, encode_prompt, option_text
 
-__all__ = ["Question", "load_choices", "mc_scores", "score_choices"]
-
 
 @dataclass(frozen=True)
 class Question:

@@ -24,20 +24,6 @@ from extsub_kernels.lambda_scan.rendering import ChatTemplate, encode_completion
 
 MAX_SET_BYTES = 1 << 28  # an evaluation set (KEEP, FORGET, PROMPTS) is text, read whole: 256 MiB at most
 
-__all__ = [
-    "Example",
-    "Generation",
-    "distinct_n",
-    "generate_greedy",
-    "load_examples",
-    "load_prompts",
-    "mean_nll",
-    "mean_rep_n",
-    "nll_sums",
-    "rep_n",
-    "stop_ids",
-]
-
 
 @dataclass(frozen=True)
 class Example:
@@ -96,8 +82,7 @@ def load_prompts(path: str | Path, tokenizer: Any = None) -> list[str] | list[tu
     """Read the prompts whose greedy continuations are scored (rep-n, distinct-n).
 
     Args:
-        path: a `.txt` file (one prompt per non-blank line) or a `.jsonl` file with `prompt`
-            (a string) or `prompt_ids` (token ids, for models without a tokenizer) on every line.
+        path: `.txt` (a prompt per non-blank line) or `.jsonl` with `prompt` (text) or `prompt_ids` on every line.
         tokenizer: needed for text prompts (they are tokenised when generating).
 
     Returns:
@@ -300,8 +285,7 @@ def _logits(output: Any) -> torch.Tensor:
 
 
 def check_ids_fit(model: torch.nn.Module, ids: Sequence[int], source: str, *, room: int = 0) -> None:
-    """Token ids within the model's vocabulary, and their number plus `room` (tokens still to generate) within its
-    positions; an InputError naming `source` otherwise."""
+    """An InputError naming `source` unless the ids fit the vocabulary and, with `room` more, the positions."""
     try:
         vocab = model.get_input_embeddings().num_embeddings
     except (AttributeError, NotImplementedError):
@@ -339,10 +323,9 @@ def generate_greedy(
 ) -> list[Generation]:
     """Greedy continuations of `prompts` (`model.generate`, no sampling), each as if generated alone.
 
-    Prompts share a batch left-padded, longest first. Prefix-tuned PEFT models are the exception: left
-    padding changes their continuations, so only prompts of one length share a batch, decoded here one full
-    forward per token (PEFT 0.21.2's `generate` drops the prefix from the cache). A continuation stops at
-    any of `stop_ids`.
+    Prompts share a batch left-padded, longest first, except on prefix-tuned PEFT models (left padding changes
+    their continuations): one length per batch, one full forward per token (PEFT 0.21.2's `generate` drops the
+    prefix from the cache). A continuation stops at any of `stop_ids`.
 
     Args:
         model: a `transformers` causal LM or a `PeftModel`.
@@ -424,8 +407,7 @@ def _greedy_without_cache(
 
 
 def stop_ids(model: torch.nn.Module, tokenizer: Any) -> frozenset[int]:
-    """The tokens that end a continuation: the tokenizer's EOS and every EOS of the generation config (a chat
-    model's end of turn) and config."""
+    """The tokens that end a continuation: every EOS of the tokenizer, generation config (end of turn) and config."""
     return frozenset(i for i in _config_ids(model, tokenizer, "eos_token_id") if not isinstance(i, bool))
 
 

@@ -60,9 +60,8 @@ def resolve(specs: Sequence[str], *, quiet: bool) -> Inputs:
 def prepare(
     recipe: Recipe, inputs: Inputs, device: torch.device, timing: dict, check: Callable | None = None
 ) -> tuple[Installer, Evaluator]:
-    """The sets read, the installer made (validating the inputs, then `check`), BASE loaded and attached, every
-    example checked against the model; `timing` gets load_seconds and prepare_seconds. On the meta device (the
-    driver of a spread scan) the same checks without a weight read, the installer left unattached."""
+    """Sets read, installer made (inputs validated, then `check`), BASE loaded and attached, examples checked against
+    it; `timing` gets load_ and prepare_seconds. On the meta device (a spread scan's driver): no weight read."""
     start = time.perf_counter()
     base = inputs[-1][1]
     tokenizer = load_tokenizer(base)

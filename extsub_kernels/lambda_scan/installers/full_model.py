@@ -19,8 +19,8 @@ from extsub_kernels.lambda_scan.installers.base import Installer, too_large
 
 
 class FullModelInstaller(Installer):
-    """Full models installed into the loaded base model tensor by tensor: `inputs` (role, input) for EXPERT, the ANTIs
-    and BASE last; `device`: where the op runs (the model's)."""
+    """Full models installed into the loaded base tensor by tensor; `inputs`: (role, input), BASE last; the op runs
+    on `device` (the model's)."""
 
     kind = "full models"
 
