@@ -14,8 +14,6 @@ _LOCATIONS = {
     "scan": "extsub_kernels.lambda_scan.run",
 }
 
-
 __getattr__ = lazy_getattr(__name__, _LOCATIONS, globals())
-
 
 __all__ = sorted(_LOCATIONS)

@@ -28,8 +28,7 @@ class Question:
     """One question: its distinct options as examples (context: the question), and which are in which set.
 
     `mc1`: indices of `options` in the MC1 set, and `mc1_correct` the one correct among them;
-    `mc2_correct` and `mc2_incorrect`: indices of the MC2 set's options by label.
-    """
+    `mc2_correct` and `mc2_incorrect`: indices of the MC2 set's options by label."""
 
     source: str
     options: tuple[Example, ...]
@@ -129,13 +128,7 @@ def _targets(record: dict, key: str, source: str) -> tuple[list, list[int]]:
 
 
 def mc_scores(question: Question, scores: Sequence[float]) -> tuple[float, float]:
-    """(MC1, MC2) of one question from its options' total log-likelihoods (module docstring).
-
-    Example:
-        >>> q = Question("q", (), mc1=(0, 1), mc1_correct=0, mc2_correct=(0,), mc2_incorrect=(1,))
-        >>> mc_scores(q, [math.log(0.3), math.log(0.1)])  # MC2 = 0.3 / (0.3 + 0.1)
-        (1.0, 0.75)
-    """
+    """(MC1, MC2) of one question from its options' total log-likelihoods (module docstring)."""
     mc1_scores = [scores[i] for i in question.mc1]
     best = max(range(len(mc1_scores)), key=lambda k: (mc1_scores[k], -k))
     mc1 = 1.0 if question.mc1[best] == question.mc1_correct else 0.0
@@ -150,8 +143,7 @@ def score_choices(
 ) -> dict[str, float]:
     """MC1 and MC2 averaged over `questions`: every option of every question scored in one batched pass.
 
-    Non-finite scores (a diverged model) give NaN.
-    """
+    Non-finite scores (a diverged model) give NaN."""
     examples = [option for q in questions for option in q.options]
     nll = nll_sums(model, examples, batch_size, device).cpu().tolist()
     totals = [0.0, 0.0]

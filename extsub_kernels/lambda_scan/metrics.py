@@ -204,8 +204,7 @@ def nll_sums(
     The one scoring pass of the scan (KEEP, FORGET, options): longest first, right-padded with a mask,
     `batch_size` at a time, in the model's dtype (the scored logits upcast to ≥ float32, sums in float64), in
     eval mode without gradients. Where the model takes `logits_to_keep` and a KV cache, the context every
-    example starts with runs once for the set, and the output layer only from a batch's first scored position.
-    """
+    example starts with runs once for the set, and the output layer only from a batch's first scored position."""
     if batch_size < 1:
         raise ValueError(f"nll_sums: batch_size must be ≥ 1, got {batch_size}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -437,34 +436,19 @@ def _ngrams(tokens: Sequence[Hashable], n: int) -> list[tuple[Hashable, ...]]:
 def rep_n(tokens: Sequence[Hashable], n: int = 4) -> float:
     """n-gram repetition of one continuation: 1 − |distinct n-grams| / |n-grams|, in [0, 1); 0.0 under n tokens.
 
-    seq-rep-n of Welleck et al. 2020, the rep-4 of the Ext-Sub paper (§5.1; its tables print 100× the value).
-
-    Example:
-        >>> rep_n(["a", "b", "a", "b", "a"], n=2)  # 2-grams ab ba ab ba: 2 distinct of 4
-        0.5
-    """
+    seq-rep-n of Welleck et al. 2020, the rep-4 of the Ext-Sub paper (§5.1; its tables print 100× the value)."""
     grams = _ngrams(tokens, n)
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
 def mean_rep_n(continuations: Iterable[Sequence[Hashable]], n: int = 4) -> float:
-    """Mean `rep_n` over the continuations of ≥ n tokens (shorter ones carry no evidence); NaN if none.
-
-    Example:
-        >>> mean_rep_n([[1, 2, 1, 2, 1], [1, 2, 3, 4], [7]], n=2)  # (0.5 + 0) / 2; [7] left out
-        0.25
-    """
+    """Mean `rep_n` over the continuations of ≥ n tokens (shorter ones carry no evidence); NaN if none."""
     values = [rep_n(c, n) for c in continuations if len(c) >= n]
     return sum(values) / len(values) if values else math.nan
 
 
 def distinct_n(texts: Iterable[str | Sequence[Hashable]], n: int) -> float:
     """Corpus-level distinct-n (Li et al. 2016): |distinct n-grams| / |n-grams| over all texts (strings split on
-    whitespace, n-grams within a text); NaN when no text has n tokens.
-
-    Example:
-        >>> distinct_n(["a b a b", "a b c"], n=2)  # ab ba ab | ab bc: {ab, ba, bc} of 5
-        0.6
-    """
+    whitespace, n-grams within a text); NaN when no text has n tokens."""
     grams = [g for t in texts for g in _ngrams(t.split() if isinstance(t, str) else t, n)]
     return len(set(grams)) / len(grams) if grams else math.nan

@@ -17,8 +17,7 @@ class ScanRow:
 
     NLLs: nats per scored token (`truth_nll`: TRUTH). `mc1`, `mc2`: multiple choice; `lm_eval`: lm-eval's metrics.
     Generations: rep-4, distinct-1/2, `mean_length` (tokens) and `end_rate` (the share that ended). Seconds: the
-    merge installed (`merge_seconds`), then each evaluation. `attempts`: 2 or more when a worker died measuring it.
-    """
+    merge installed (`merge_seconds`), then each evaluation. `attempts`: 2 or more when a worker died measuring it."""
 
     method: str
     lam: float
@@ -105,8 +104,7 @@ class Recommendation:
     the λ whose KEEP-NLL rose at most `max_keep_increase` and whose generations pass the `Guards`.
 
     `lam` is None with nothing to judge by (no λ = 0 row, or no axis). Increases are relative to λ = 0.
-    `excluded`: (λ, why) for each λ the guards or the budget ruled out.
-    """
+    `excluded`: (λ, why) for each λ the guards or the budget ruled out."""
 
     method: str
     lam: float | None
@@ -130,8 +128,7 @@ def recommend(
 ) -> Recommendation:
     """The recommendation for `method` (see `Recommendation`); the expert (λ = 0) when no λ > 0 does better.
 
-    Ties go to the smaller λ. A λ with a non-finite NLL or score (a diverged model) never qualifies.
-    """
+    Ties go to the smaller λ. A λ with a non-finite NLL or score (a diverged model) never qualifies."""
     guards = guards or Guards()
     expert = next((r for r in rows if r.method == EXPERT), None)
     if expert is None:

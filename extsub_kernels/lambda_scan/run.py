@@ -1,9 +1,8 @@
 """`scan()`: load the base once, then for each (method, λ) install the merge and measure it (docs/design.md §8).
 
-Every option and input is checked first (nothing is written on bad input); the points run here or on Ray workers
-(`workers`); scan.json is rewritten after each row, every file at the end or on Ctrl-C / SIGTERM; `save_best`
-then writes the recommended merge through `merge()`, exactly as `extsub-merge` would.
-"""
+Every option and input is checked first (nothing written on bad input); the points run here or on Ray workers;
+scan.json is rewritten after each row, every file at the end or on Ctrl-C / SIGTERM; `save_best` then writes the
+recommended merge through `merge()`, exactly as `extsub-merge` would."""
 
 import contextlib
 import os
