@@ -1,8 +1,7 @@
 """`extsub-scan`: the command line over `extsub_kernels.scan()`; parsing and messages, nothing more.
 
 Exit codes, signals and one-line messages come from common.py. Heavy imports (torch, transformers) happen inside
-`main`, after the signal handlers are set, so a Ctrl-C or SIGTERM at any moment ends with one line and its exit code.
-"""
+`main`, after the signal handlers are set, so a Ctrl-C or SIGTERM at any moment ends with one line and its exit code."""
 
 import argparse
 import sys

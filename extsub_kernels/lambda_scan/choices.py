@@ -7,8 +7,7 @@ exp(logsumexp(correct) − logsumexp(all)); each averaged over the questions, as
 
 A `.jsonl` file, one question per line: TruthfulQA's `question`, `mc1_targets` and `mc2_targets` (each
 `{"choices": [...], "labels": [1/0, ...]}`), or `question`, `correct: [...]`, `incorrect: [...]` (MC1: the first
-correct option against the incorrect ones). Pre-tokenised: `question_ids`, and every option a list of token ids.
-"""
+correct option against the incorrect ones). Pre-tokenised: `question_ids`, and every option a list of token ids."""
 
 import math
 from collections.abc import Sequence
@@ -146,8 +145,7 @@ def score_choices(
     Non-finite scores (a diverged model) give NaN."""
     examples = [option for q in questions for option in q.options]
     nll = nll_sums(model, examples, batch_size, device).cpu().tolist()
-    totals = [0.0, 0.0]
-    start = 0
+    totals, start = [0.0, 0.0], 0
     for q in questions:
         scores = [-x for x in nll[start : start + len(q.options)]]
         start += len(q.options)

@@ -114,31 +114,28 @@ class Evaluator:
         waited for on CUDA; the greedy generations)."""
         with warnings.catch_warnings():  # PEFT's prefix-tuning passes transformers an argument it deprecates
             warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated", category=FutureWarning)
-            return self._measure(model)
-
-    def _measure(self, model: torch.nn.Module) -> tuple[dict[str, float], list[Generation]]:
-        values: dict[str, float] = {}
-        for name, examples in (("keep", self.sets.keep), ("forget", self.sets.forget), ("truth", self.sets.truth)):
-            if examples is not None:
+            values: dict[str, float] = {}
+            for name, examples in (("keep", self.sets.keep), ("forget", self.sets.forget), ("truth", self.sets.truth)):
+                if examples is not None:
+                    start = time.perf_counter()
+                    values[f"{name}_nll"] = metrics.mean_nll(model, examples, self.batch_size, self.device)
+                    values[f"{name}_seconds"] = time.perf_counter() - start
+            if self.sets.choices is not None:
                 start = time.perf_counter()
-                values[f"{name}_nll"] = metrics.mean_nll(model, examples, self.batch_size, self.device)
-                values[f"{name}_seconds"] = time.perf_counter() - start
-        if self.sets.choices is not None:
-            start = time.perf_counter()
-            values |= score_choices(model, self.sets.choices, self.batch_size, self.device)
-            values["choices_seconds"] = time.perf_counter() - start
-        generations: list[Generation] = []
-        if self.sets.prompts is not None:
-            start = time.perf_counter()
-            given = (self.sets.prompts, self.max_new_tokens, self.batch_size, self.device, self.sets.chat)
-            generations = metrics.generate_greedy(model, self.tokenizer, *given)
-            values["generate_seconds"] = time.perf_counter() - start
-            values |= generation_metrics(generations)
-        if self.harness is not None:
-            start = time.perf_counter()
-            values["lm_eval"] = self.harness.measure(model, self.tokenizer)  # type: ignore[assignment]
-            values["lm_eval_seconds"] = time.perf_counter() - start
-        return values, generations
+                values |= score_choices(model, self.sets.choices, self.batch_size, self.device)
+                values["choices_seconds"] = time.perf_counter() - start
+            generations: list[Generation] = []
+            if self.sets.prompts is not None:
+                start = time.perf_counter()
+                given = (self.sets.prompts, self.max_new_tokens, self.batch_size, self.device, self.sets.chat)
+                generations = metrics.generate_greedy(model, self.tokenizer, *given)
+                values["generate_seconds"] = time.perf_counter() - start
+                values |= generation_metrics(generations)
+            if self.harness is not None:
+                start = time.perf_counter()
+                values["lm_eval"] = self.harness.measure(model, self.tokenizer)  # type: ignore[assignment]
+                values["lm_eval_seconds"] = time.perf_counter() - start
+            return values, generations
 
 
 def generation_metrics(generations: list[Generation]) -> dict[str, float]:

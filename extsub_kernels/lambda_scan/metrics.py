@@ -1,7 +1,6 @@
 """What a λ scan measures at each λ (docs/design.md §8): evaluation sets read and tokenised (`load_examples`,
 `load_prompts`), NLL per scored token (`mean_nll`, `nll_sums`), greedy continuations (`generate_greedy`) and their
-repetition and diversity (`rep_n`, `mean_rep_n`, `distinct_n`). Imports torch only; transformers when generating.
-"""
+repetition and diversity (`rep_n`, `mean_rep_n`, `distinct_n`). Imports torch only; transformers when generating."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
 """The model a scan evaluates: BASE loaded once with `transformers`, with its own tokenizer, on the device; and the
-one check of the scan's optional dependencies (`require`), each named with the command that installs it.
-"""
+one check of the scan's optional dependencies (`require`), each named with the command that installs it."""
 
 import importlib
 import logging
@@ -148,8 +147,7 @@ def _quiet_transformers() -> Iterator[None]:
     """No loading bars or info logs from transformers while BASE loads (the scan has its own progress)."""
     from transformers.utils import logging as hf_logging
 
-    bars = hf_logging.is_progress_bar_enabled()
-    verbosity = hf_logging.get_verbosity()
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity(logging.ERROR)
     try:

@@ -1,6 +1,5 @@
 """scan.png: one panel per metric against λ, one line per method, the recommended λ starred (the paper's Figure 1),
-drawn with matplotlib's object API on an Agg canvas (no pyplot state, no display) at the size `png_size` says.
-"""
+drawn with matplotlib's object API on an Agg canvas (no pyplot state, no display) at the size `png_size` says."""
 
 import io
 import math

@@ -1,7 +1,6 @@
 """A scan's files in SCAN_DIR: scan.json (everything), scan.csv (the rows), scan.md (the table), scan.png (the plot),
 samples.jsonl (every greedy continuation). Each is replaced whole, scan.json after every row: a reader at any moment
-finds the rows measured so far, never half a file.
-"""
+finds the rows measured so far, never half a file."""
 
 import csv
 import functools

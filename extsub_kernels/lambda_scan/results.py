@@ -1,6 +1,5 @@
 """What a scan measured: one row per (method, λ), the recommendation per method, and the timing summary. λ = 0 is
-the expert itself, whatever the method: measured once (method "expert"), the reference of every relative change.
-"""
+the expert itself, whatever the method: measured once (method "expert"), the reference of every relative change."""
 
 import math
 import statistics

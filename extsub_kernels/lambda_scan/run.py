@@ -164,16 +164,15 @@ def scan(
     check = (lambda made: _check_save_format(save_format, made)) if save_best is not None else None
     with torch_threads(threads):
         installer, evaluator = prepare(recipe, inputs, torch.device("meta") if spreads else target, timing, check)
-    sets, kind = evaluator.sets, installer.kind
     model_dtype = (requested_dtype or "auto") if spreads else next(installer.model.parameters()).dtype
     expert_in, antis_in, base_in = inputs[0][1], [i for _, i in inputs[1:-1]], inputs[-1][1]
     setup = {  # what was scanned, as scan.json records it
         "extsub_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "pem": kind,
+        "pem": installer.kind,
         "inputs": {"expert": expert_in.spec, "anti": [a.spec for a in antis_in], "base": base_in.spec},
         "names": {"expert": expert_in.name, "anti": [a.name for a in antis_in], "base": base_in.name},
-        "sets": sets.describe(),
+        "sets": evaluator.sets.describe(),
     }
     setup["options"] = {
         "lam": list(grid),
@@ -184,7 +183,7 @@ def scan(
         "max_keep_increase": max_keep_increase,
         "max_new_tokens": max_new_tokens if prompts is not None else None,
         "guards": asdict(guards),
-        "chat_template": sets.chat is not None,
+        "chat_template": evaluator.sets.chat is not None,
         "system": system,
         "threads": threads,
         "lm_eval": list(harness.tasks) if harness is not None else None,

@@ -3,8 +3,7 @@
 
 The driver holds the queue: λ = 0 first (every row is relative to it), then the largest |λ| first (where
 continuations run to max_new_tokens, the longest points), so the workers finish together. A worker that dies has
-its point handed to another (the row counts the `attempts`).
-"""
+its point handed to another (the row counts the `attempts`)."""
 
 import os
 import socket

@@ -2,8 +2,7 @@
 
 The loaded model is BASE. The dense engine's plan says which tensors merge; per point each is read again (the page
 cache serves it) and merged straight into the model's tensor (`apply_method_into`) in one `Workspace` kept for the
-scan; tensors only the expert has are copied in once.
-"""
+scan; tensors only the expert has are copied in once."""
 
 from collections.abc import Sequence
 
