@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from extsub_kernels.lambda_scan.report import csv_text, json_text, markdown_text
+from extsub_kernels.engine.record import json_text
+from extsub_kernels.lambda_scan.report import csv_text, markdown_text
 from extsub_kernels.lambda_scan.results import NO_AXIS, Guards, ScanResult, ScanRow, recommend, timing_summary
 
 
@@ -129,7 +130,7 @@ def _result(status: str = "complete") -> ScanResult:
 
 
 def test_scan_json_has_no_nan_and_every_field():
-    data = json.loads(json_text(_result("interrupted")))
+    data = json.loads(json_text(_result("interrupted").to_dict()))
     assert data["status"] == "interrupted" and data["points"] == 7 and data["measured"] == 6
     diverged = data["rows"][5]
     assert diverged["keep_nll"] is None and diverged["keep_increase"] is None  # NaN is null in JSON

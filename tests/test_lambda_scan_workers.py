@@ -157,7 +157,8 @@ def test_ray_missing_is_named_with_its_install_command(trained, monkeypatch, tmp
 
 
 def test_a_cluster_address_where_nothing_listens_is_refused_at_once(trained, tmp_path):
-    pytest.importorskip("ray")
+    ray = pytest.importorskip("ray")
+    ray.shutdown()  # a driver that starts Ray itself: the module's instance, if an earlier test left it up, is reused
     import socket
 
     with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there

@@ -1,9 +1,7 @@
 """`extsub-scan`: the command line over `extsub_kernels.scan()`; parsing and messages, nothing more.
 
-Exit codes, signals and one-line messages come from common.py. Heavy imports (torch,
-transformers) happen inside `main`, after the signal handlers are set, so a Ctrl-C or SIGTERM
-at any moment ends with one line and the documented exit code.
-"""
+Exit codes, signals and one-line messages come from common.py. Heavy imports (torch, transformers) happen inside
+`main`, after the signal handlers are set, so a Ctrl-C or SIGTERM at any moment ends with one line and its exit code."""
 
 import argparse
 import sys
@@ -30,6 +28,13 @@ GUARD_FLAGS = (
     ("--max-length-change", "max_length_change", "mean continuation length may change by this fraction"),
     ("--max-end-drop", "max_end_drop", "the share of continuations that end may fall by this much"),
 )
+
+# The flags whose value `scan()` takes under the same name.
+_OPTIONS = (
+    "base keep forget out lam method prompts truth choices chat_template system lm_eval lm_eval_include "
+    "max_new_tokens device dtype batch_size max_keep_increase threads workers ray_address save_best save_format force"
+)
+SCAN_OPTIONS = tuple(_OPTIONS.split())
 
 EPILOG = f"""\
 inputs:
@@ -115,21 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prompts", metavar="PROMPTS", help="prompts whose greedy continuations get rep-4, distinct-n, length, ends")
     add("--truth", metavar="TRUTH", help="FORGET's prompts with true completions: the FORGET − TRUTH NLL margin")
     add("--choices", metavar="CHOICES", help="multiple-choice questions (.jsonl): MC1, MC2 (the recommendation axis)")
-    add(
-        "--chat-template",
-        choices=CHAT_MODES,
-        default="auto",
-        help="render prompts through the tokenizer's chat template (default auto: when it has one)",
-    )
+    chat_help = "render prompts through the tokenizer's chat template (default auto: when it has one)"
+    add("--chat-template", choices=CHAT_MODES, default="auto", help=chat_help)
     add("--system", metavar="TEXT", help="a system message before every rendered prompt")
     add("--lm-eval", metavar="TASK[,TASK]", help="lm-evaluation-harness tasks at every point (extsub[eval])")
-    add(
-        "--lm-eval-include",
-        metavar="DIR",
-        action="append",
-        default=[],
-        help="a folder of local lm-eval task definitions (repeatable)",
-    )
+    include_help = "a folder of local lm-eval task definitions (repeatable)"
+    add("--lm-eval-include", metavar="DIR", action="append", default=[], help=include_help)
     add("--max-new-tokens", type=int, default=64, metavar="N", help="longest continuation (default 64)")
     add("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     dtype_help = "the model's dtype (default auto: the checkpoint's on CUDA, float32 on the CPU)"
@@ -138,24 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--threads", type=int, metavar="N", help="torch CPU threads (default: half the cores, at least 1)")
     add("--workers", type=int, metavar="N", help="measure the points on N Ray workers, MODEL loaded once in each")
     add("--ray-address", metavar="ADDR", help="an existing Ray cluster for the workers (default: a local one)")
-    add(
-        "--max-keep-increase",
-        type=float,
-        default=0.05,
-        metavar="F",
-        help="recommendation: KEEP-NLL may rise by this fraction over λ = 0 (default 0.05)",
-    )
+    budget_help = "recommendation: KEEP-NLL may rise by this fraction over λ = 0 (default 0.05)"
+    add("--max-keep-increase", type=float, default=0.05, metavar="F", help=budget_help)
     defaults = Guards()
     for flag, name, what in GUARD_FLAGS:
         value = getattr(defaults, name)
         add(flag, type=float, default=value, metavar="F", help=f"guard: {what} (default {value:g})")
     add("--save-best", metavar="OUT", help="write the merge at the first method's recommended λ, as extsub-merge does")
-    add(
-        "--format",
-        dest="save_format",
-        choices=SAVE_FORMATS,
-        help="--save-best's format: an adapter format of extsub-merge, or model (θ₀ + ΔW')",
-    )
+    format_help = "--save-best's format: an adapter format of extsub-merge, or model (θ₀ + ΔW')"
+    add("--format", dest="save_format", choices=SAVE_FORMATS, help=format_help)
     add_closing_flags(parser, force_help="replace the scan files in SCAN_DIR and an existing --save-best OUT")
     return parser
 
@@ -180,57 +167,25 @@ def _scan(args: argparse.Namespace) -> object:
     from extsub_kernels.lambda_scan import scan
     from extsub_kernels.lambda_scan.results import Guards
 
-    return scan(
-        args.expert,
-        args.anti,
-        base=args.base,
-        keep=args.keep,
-        forget=args.forget,
-        out=args.out,
-        lam=args.lam,
-        method=args.method,
-        prompts=args.prompts,
-        truth=args.truth,
-        choices=args.choices,
-        chat_template=args.chat_template,
-        system=args.system,
-        lm_eval=args.lm_eval,
-        lm_eval_include=args.lm_eval_include,
-        max_new_tokens=args.max_new_tokens,
-        device=args.device,
-        dtype=args.dtype,
-        batch_size=args.batch_size,
-        max_keep_increase=args.max_keep_increase,
-        guards=Guards(**{name: getattr(args, name) for _, name, _ in GUARD_FLAGS}),
-        threads=args.threads,
-        workers=args.workers,
-        ray_address=args.ray_address,
-        save_best=args.save_best,
-        save_format=args.save_format,
-        force=args.force,
-        progress=not args.quiet,
-    )
+    options = {name: getattr(args, name) for name in SCAN_OPTIONS}
+    guards = Guards(**{name: getattr(args, name) for _, name, _ in GUARD_FLAGS})
+    return scan(args.expert, args.anti, **options, guards=guards, progress=not args.quiet)
 
 
 def _summary(result) -> list[str]:
     """What the scan found and where it is: recommendations, the cost of a merge against an evaluation, files."""
     timing = result.timing
-    lines = []
-    for method, rec in result.recommendations.items():
-        lam = "none" if rec.lam is None else f"{rec.lam:g}"
-        lines.append(f"{method}: recommended λ = {lam}: {rec.note}")
-    share = timing.get("merge_share_of_smallest_evaluation")
-    smallest = timing.get("smallest_evaluation")
-    cost = (
-        f"; a merge costs {share:.2%} of the smallest evaluation ({smallest}, "
-        f"{timing[f'{smallest}_seconds_median']:.3g} s)"
-        if share is not None
-        else ""
-    )
-    lines.append(
-        f"{len(result.rows)} points in {timing['total_seconds']:.3g} s (model loaded in {timing['load_seconds']:.3g} s)"
-        f"{cost}"
-    )
+    lines = [
+        f"{method}: recommended λ = {'none' if rec.lam is None else f'{rec.lam:g}'}: {rec.note}"
+        for method, rec in result.recommendations.items()
+    ]
+    load = f"{len(result.rows)} points in {timing['total_seconds']:.3g} s"
+    load += f" (model loaded in {timing['load_seconds']:.3g} s)"
+    share, smallest = timing.get("merge_share_of_smallest_evaluation"), timing.get("smallest_evaluation")
+    if share is not None:
+        seconds = timing[f"{smallest}_seconds_median"]
+        load += f"; a merge costs {share:.2%} of the smallest evaluation ({smallest}, {seconds:.3g} s)"
+    lines.append(load)
     if result.files:
         lines.append(f"wrote {', '.join(str(p) for p in result.files)}")
     if result.saved is not None:

@@ -7,8 +7,7 @@ exp(logsumexp(correct) − logsumexp(all)); each averaged over the questions, as
 
 A `.jsonl` file, one question per line: TruthfulQA's `question`, `mc1_targets` and `mc2_targets` (each
 `{"choices": [...], "labels": [1/0, ...]}`), or `question`, `correct: [...]`, `incorrect: [...]` (MC1: the first
-correct option against the incorrect ones). Pre-tokenised: `question_ids`, and every option a list of token ids.
-"""
+correct option against the incorrect ones). Pre-tokenised: `question_ids`, and every option a list of token ids."""
 
 import math
 from collections.abc import Sequence
@@ -22,16 +21,13 @@ from extsub_kernels.errors import InputError
 from extsub_kernels.lambda_scan.metrics import Example, nll_sums, read_records, token_ids
 from extsub_kernels.lambda_scan.rendering import ChatTemplate, encode_completion, encode_prompt, option_text
 
-__all__ = ["Question", "load_choices", "mc_scores", "score_choices"]
-
 
 @dataclass(frozen=True)
 class Question:
     """One question: its distinct options as examples (context: the question), and which are in which set.
 
     `mc1`: indices of `options` in the MC1 set, and `mc1_correct` the one correct among them;
-    `mc2_correct` and `mc2_incorrect`: indices of the MC2 set's options by label.
-    """
+    `mc2_correct` and `mc2_incorrect`: indices of the MC2 set's options by label."""
 
     source: str
     options: tuple[Example, ...]
@@ -47,11 +43,6 @@ def load_choices(path: str | Path, tokenizer: Any = None, chat: ChatTemplate | N
     Raises:
         InputError: naming the file and line: missing, bad JSON, neither layout, labels that do not match, an
             MC1 set without one correct option, an MC2 set without both kinds, an empty option, no tokenizer.
-
-    Example:
-        >>> questions = load_choices("truthfulqa.jsonl", tokenizer)  # doctest: +SKIP
-        >>> score_choices(model, questions)  # doctest: +SKIP
-        {'mc1': 0.25, 'mc2': 0.41}
     """
     path = Path(path)
     if path.suffix != ".jsonl":
@@ -96,14 +87,10 @@ def _question(record: object, tokenizer: Any, chat: ChatTemplate | None, source:
 
     mc1_index = tuple(index(o, "the MC1 set") for o in mc1)
     mc2_index = [index(o, "the MC2 set") for o in mc2]
-    return Question(
-        source,
-        tuple(Example(context + ids, len(context), source) for ids in options),
-        mc1_index,
-        mc1_index[mc1_labels.index(1)],
-        tuple(i for i, label in zip(mc2_index, mc2_labels, strict=True) if label),
-        tuple(i for i, label in zip(mc2_index, mc2_labels, strict=True) if not label),
-    )
+    examples = tuple(Example(context + ids, len(context), source) for ids in options)
+    labelled = list(zip(mc2_index, mc2_labels, strict=True))
+    mc2 = tuple(i for i, label in labelled if label), tuple(i for i, label in labelled if not label)
+    return Question(source, examples, mc1_index, mc1_index[mc1_labels.index(1)], *mc2)
 
 
 def _sets(record: dict, source: str) -> tuple[list, list[int], list, list[int]]:
@@ -140,13 +127,7 @@ def _targets(record: dict, key: str, source: str) -> tuple[list, list[int]]:
 
 
 def mc_scores(question: Question, scores: Sequence[float]) -> tuple[float, float]:
-    """(MC1, MC2) of one question from its options' total log-likelihoods (module docstring).
-
-    Example:
-        >>> q = Question("q", (), mc1=(0, 1), mc1_correct=0, mc2_correct=(0,), mc2_incorrect=(1,))
-        >>> mc_scores(q, [math.log(0.3), math.log(0.1)])  # MC2 = 0.3 / (0.3 + 0.1)
-        (1.0, 0.75)
-    """
+    """(MC1, MC2) of one question from its options' total log-likelihoods (module docstring)."""
     mc1_scores = [scores[i] for i in question.mc1]
     best = max(range(len(mc1_scores)), key=lambda k: (mc1_scores[k], -k))
     mc1 = 1.0 if question.mc1[best] == question.mc1_correct else 0.0
@@ -157,19 +138,14 @@ def mc_scores(question: Question, scores: Sequence[float]) -> tuple[float, float
 
 
 def score_choices(
-    model: torch.nn.Module,
-    questions: Sequence[Question],
-    batch_size: int = 8,
-    device: str | torch.device | None = None,
+    model: torch.nn.Module, questions: Sequence[Question], batch_size: int = 8, device: str | torch.device | None = None
 ) -> dict[str, float]:
     """MC1 and MC2 averaged over `questions`: every option of every question scored in one batched pass.
 
-    Non-finite scores (a diverged model) give NaN.
-    """
+    Non-finite scores (a diverged model) give NaN."""
     examples = [option for q in questions for option in q.options]
     nll = nll_sums(model, examples, batch_size, device).cpu().tolist()
-    totals = [0.0, 0.0]
-    start = 0
+    totals, start = [0.0, 0.0], 0
     for q in questions:
         scores = [-x for x in nll[start : start + len(q.options)]]
         start += len(q.options)

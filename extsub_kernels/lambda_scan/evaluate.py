@@ -10,19 +10,10 @@ from typing import Any
 import torch
 
 from extsub_kernels.errors import InputError
+from extsub_kernels.lambda_scan import metrics
 from extsub_kernels.lambda_scan.choices import Question, load_choices, score_choices
 from extsub_kernels.lambda_scan.harness import Harness
-from extsub_kernels.lambda_scan.metrics import (
-    Example,
-    Generation,
-    check_ids_fit,
-    distinct_n,
-    generate_greedy,
-    load_examples,
-    load_prompts,
-    mean_nll,
-    mean_rep_n,
-)
+from extsub_kernels.lambda_scan.metrics import Example, Generation
 from extsub_kernels.lambda_scan.rendering import ChatTemplate
 
 REP_N = 4  # the paper's rep-4 (Welleck et al. 2020)
@@ -31,8 +22,7 @@ DISTINCT_NS = (1, 2)
 
 @dataclass(frozen=True)
 class EvaluationSets:
-    """The sets, tokenised: KEEP, FORGET, optionally TRUTH, the questions and the prompts; `names`: the files as
-    given; `chat`: how prompts were rendered."""
+    """The sets, tokenised (KEEP, FORGET, TRUTH, questions, prompts); `names`: the files; `chat`: the rendering."""
 
     keep: list[Example]
     forget: list[Example]
@@ -56,29 +46,25 @@ class EvaluationSets:
     ) -> "EvaluationSets":
         """Read the files (InputErrors name file and line); TRUTH must pair with FORGET, prompt for prompt."""
         files = {"keep": keep, "forget": forget, "truth": truth, "choices": choices, "prompts": prompts}
-        keep_set, forget_set = load_examples(keep, tokenizer, chat), load_examples(forget, tokenizer, chat)
-        truth_set = load_examples(truth, tokenizer, chat) if truth is not None else None
+        keep_set, forget_set, truth_set = (
+            metrics.load_examples(path, tokenizer, chat) if path is not None else None for path in (keep, forget, truth)
+        )
         if truth_set is not None:
             _check_paired(truth_set, forget_set, str(truth), str(forget))
-        return cls(
-            keep_set,
-            forget_set,
-            load_prompts(prompts, tokenizer) if prompts is not None else None,
-            {name: str(path) for name, path in files.items() if path is not None},
-            truth_set,
-            load_choices(choices, tokenizer, chat) if choices is not None else None,
-            chat,
-        )
+        prompt_set = metrics.load_prompts(prompts, tokenizer) if prompts is not None else None
+        questions = load_choices(choices, tokenizer, chat) if choices is not None else None
+        names = {name: str(path) for name, path in files.items() if path is not None}
+        return cls(keep_set, forget_set, prompt_set, names, truth_set, questions, chat)
 
     def check_fits(self, model: torch.nn.Module, tokenizer: Any, max_new_tokens: int) -> None:
         """Every example, option and prompt within the model's vocabulary and positions (a prompt with room for
         `max_new_tokens`), before a scan writes anything; an InputError naming the file and line otherwise."""
         options = [o for q in self.choices or () for o in q.options]
         for example in (*self.keep, *self.forget, *(self.truth or ()), *options):
-            check_ids_fit(model, example.input_ids, example.source)
+            metrics.check_ids_fit(model, example.input_ids, example.source)
         for number, prompt in enumerate(self.prompts or (), start=1):
             ids = tokenizer(prompt)["input_ids"] if isinstance(prompt, str) and tokenizer is not None else prompt
-            check_ids_fit(model, ids, f"{self.names['prompts']} prompt {number}", room=max_new_tokens)
+            metrics.check_ids_fit(model, ids, f"{self.names['prompts']} prompt {number}", room=max_new_tokens)
 
     def describe(self) -> dict[str, dict]:
         """Per set: the file, how many examples and how many scored tokens (prompts: how many; choices: questions)."""
@@ -89,12 +75,9 @@ class EvaluationSets:
         }
         if self.choices is not None:
             options = [o for q in self.choices for o in q.options]
-            sets["choices"] = {
-                "file": self.names["choices"],
-                "questions": len(self.choices),
-                "options": len(options),
-                "scored_tokens": sum(o.n_scored for o in options),
-            }
+            counts = {"questions": len(self.choices), "options": len(options)}
+            scored = sum(o.n_scored for o in options)
+            sets["choices"] = {"file": self.names["choices"], **counts, "scored_tokens": scored}
         if self.prompts is not None:
             sets["prompts"] = {"file": self.names["prompts"], "prompts": len(self.prompts)}
         return sets
@@ -116,14 +99,6 @@ def _check_paired(truth: list[Example], forget: list[Example], truth_name: str, 
 
 
 @dataclass(frozen=True)
-class Measurement:
-    """What one evaluation measured: the row's values (metrics and seconds) and the greedy generations."""
-
-    values: dict[str, float]
-    generations: list[Generation]
-
-
-@dataclass(frozen=True)
 class Evaluator:
     """Measures a model on the sets: `measure(model)` → the metrics, the seconds each part took, the generations."""
 
@@ -134,50 +109,40 @@ class Evaluator:
     device: torch.device
     harness: Harness | None = None
 
-    def measure(self, model: torch.nn.Module) -> Measurement:
-        """The row's values (`results.ScanRow`: NLLs, MC, generation metrics, `lm_eval`) and each part's seconds
-        (waited for on CUDA), with the generations."""
+    def measure(self, model: torch.nn.Module) -> tuple[dict[str, float], list[Generation]]:
+        """(the row's values: `results.ScanRow`'s NLLs, MC, generation metrics, `lm_eval` and each part's seconds,
+        waited for on CUDA; the greedy generations)."""
         with warnings.catch_warnings():  # PEFT's prefix-tuning passes transformers an argument it deprecates
             warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated", category=FutureWarning)
-            return self._measure(model)
-
-    def _measure(self, model: torch.nn.Module) -> Measurement:
-        values: dict[str, float] = {}
-        for name, examples in (("keep", self.sets.keep), ("forget", self.sets.forget), ("truth", self.sets.truth)):
-            if examples is not None:
+            values: dict[str, float] = {}
+            for name, examples in (("keep", self.sets.keep), ("forget", self.sets.forget), ("truth", self.sets.truth)):
+                if examples is not None:
+                    start = time.perf_counter()
+                    values[f"{name}_nll"] = metrics.mean_nll(model, examples, self.batch_size, self.device)
+                    values[f"{name}_seconds"] = time.perf_counter() - start
+            if self.sets.choices is not None:
                 start = time.perf_counter()
-                values[f"{name}_nll"] = mean_nll(model, examples, self.batch_size, self.device)
-                values[f"{name}_seconds"] = time.perf_counter() - start
-        if self.sets.choices is not None:
-            start = time.perf_counter()
-            values |= score_choices(model, self.sets.choices, self.batch_size, self.device)
-            values["choices_seconds"] = time.perf_counter() - start
-        generations: list[Generation] = []
-        if self.sets.prompts is not None:
-            start = time.perf_counter()
-            generations = generate_greedy(
-                model,
-                self.tokenizer,
-                self.sets.prompts,
-                self.max_new_tokens,
-                self.batch_size,
-                self.device,
-                self.sets.chat,
-            )
-            values["generate_seconds"] = time.perf_counter() - start
-            values |= generation_metrics(generations)
-        if self.harness is not None:
-            start = time.perf_counter()
-            values["lm_eval"] = self.harness.measure(model, self.tokenizer)  # type: ignore[assignment]
-            values["lm_eval_seconds"] = time.perf_counter() - start
-        return Measurement(values, generations)
+                values |= score_choices(model, self.sets.choices, self.batch_size, self.device)
+                values["choices_seconds"] = time.perf_counter() - start
+            generations: list[Generation] = []
+            if self.sets.prompts is not None:
+                start = time.perf_counter()
+                given = (self.sets.prompts, self.max_new_tokens, self.batch_size, self.device, self.sets.chat)
+                generations = metrics.generate_greedy(model, self.tokenizer, *given)
+                values["generate_seconds"] = time.perf_counter() - start
+                values |= generation_metrics(generations)
+            if self.harness is not None:
+                start = time.perf_counter()
+                values["lm_eval"] = self.harness.measure(model, self.tokenizer)  # type: ignore[assignment]
+                values["lm_eval_seconds"] = time.perf_counter() - start
+            return values, generations
 
 
 def generation_metrics(generations: list[Generation]) -> dict[str, float]:
     """rep-4, distinct-1/2 of the continuations' tokens, their mean length in tokens, and the share that ended."""
     tokens = [g.token_ids for g in generations]
-    values = {f"rep_{REP_N}": mean_rep_n(tokens, REP_N)}
-    values |= {f"distinct_{n}": distinct_n(tokens, n) for n in DISTINCT_NS}
+    values = {f"rep_{REP_N}": metrics.mean_rep_n(tokens, REP_N)}
+    values |= {f"distinct_{n}": metrics.distinct_n(tokens, n) for n in DISTINCT_NS}
     values["mean_length"] = sum(len(t) for t in tokens) / len(tokens)
     values["end_rate"] = sum(g.stopped for g in generations) / len(generations)
     return values

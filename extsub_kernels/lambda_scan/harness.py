@@ -1,7 +1,6 @@
 """The standard harness at each point: lm-evaluation-harness's tasks (`Harness`) run by `lm_eval.simple_evaluate` over
 an `HFLM` built on the loaded model (never a reload), every numeric metric a column `lm_eval:<task>:<metric>` (filter
-`none` dropped). Needs the `eval` extra.
-"""
+`none` dropped). Needs the `eval` extra."""
 
 import logging
 import math
@@ -59,14 +58,8 @@ class Harness:
         was_training = model.training
         try:
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
-            out = simple_evaluate(
-                model=lm,
-                tasks=list(self.tasks),
-                task_manager=self._manager,
-                bootstrap_iters=0,
-                log_samples=False,
-                verbosity="ERROR",
-            )
+            quiet = dict(task_manager=self._manager, bootstrap_iters=0, log_samples=False, verbosity="ERROR")
+            out = simple_evaluate(model=lm, tasks=list(self.tasks), **quiet)
         finally:
             model.train(was_training)
         return metric_columns(out["results"])
@@ -79,10 +72,8 @@ def metric_columns(results: dict[str, dict]) -> dict[str, float]:
         for key, value in metrics.items():
             if key == "alias" or isinstance(value, bool) or not isinstance(value, (int, float, str)):
                 continue
-            if isinstance(value, str):  # lm-eval writes "N/A" for a stderr it did not compute
-                value = math.nan
-            name = key.removesuffix(",none")
-            columns[f"{PREFIX}{task}:{name}"] = float(value)
+            value = math.nan if isinstance(value, str) else value  # lm-eval's "N/A": a stderr it did not compute
+            columns[f"{PREFIX}{task}:{key.removesuffix(',none')}"] = float(value)
     return columns
 
 

@@ -1,7 +1,6 @@
 """What a λ scan measures at each λ (docs/design.md §8): evaluation sets read and tokenised (`load_examples`,
 `load_prompts`), NLL per scored token (`mean_nll`, `nll_sums`), greedy continuations (`generate_greedy`) and their
-repetition and diversity (`rep_n`, `mean_rep_n`, `distinct_n`). Imports torch only; transformers when generating.
-"""
+repetition and diversity (`rep_n`, `mean_rep_n`, `distinct_n`). Imports torch only; transformers when generating."""
 
 from __future__ import annotations
 
@@ -24,20 +23,6 @@ from extsub_kernels.lambda_scan.rendering import ChatTemplate, encode_completion
 
 MAX_SET_BYTES = 1 << 28  # an evaluation set (KEEP, FORGET, PROMPTS) is text, read whole: 256 MiB at most
 
-__all__ = [
-    "Example",
-    "Generation",
-    "distinct_n",
-    "generate_greedy",
-    "load_examples",
-    "load_prompts",
-    "mean_nll",
-    "mean_rep_n",
-    "nll_sums",
-    "rep_n",
-    "stop_ids",
-]
-
 
 @dataclass(frozen=True)
 class Example:
@@ -54,7 +39,6 @@ class Example:
         return max(len(self.input_ids) - max(self.n_context, 1), 0)
 
 
-# ---------------------------------------------------------------------------------------------
 # Loading evaluation sets
 
 _KINDS = (("text",), ("prompt", "completion"), ("input_ids",), ("prompt_ids", "completion_ids"))
@@ -97,8 +81,7 @@ def load_prompts(path: str | Path, tokenizer: Any = None) -> list[str] | list[tu
     """Read the prompts whose greedy continuations are scored (rep-n, distinct-n).
 
     Args:
-        path: a `.txt` file (one prompt per non-blank line) or a `.jsonl` file with `prompt`
-            (a string) or `prompt_ids` (token ids, for models without a tokenizer) on every line.
+        path: `.txt` (a prompt per non-blank line) or `.jsonl` with `prompt` (text) or `prompt_ids` on every line.
         tokenizer: needed for text prompts (they are tokenised when generating).
 
     Returns:
@@ -190,20 +173,19 @@ def token_ids(value: object, key: str, source: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-# ---------------------------------------------------------------------------------------------
 # Negative log-likelihood
 
 
 def mean_nll(
     model: torch.nn.Module, examples: Sequence[Example], batch_size: int = 8, device: str | torch.device | None = None
 ) -> float:
-    """Mean negative log-likelihood (nats) per scored token of `examples`: `nll_sums` over the scored tokens.
+    """Mean negative log-likelihood (nats) per scored token of `examples` (`nll_sums`).
 
     Args:
         model: a causal LM taking `input_ids` and `attention_mask`, returning `.logits` (transformers or PEFT).
         examples: from `load_examples`.
         batch_size: examples per forward pass.
-        device: where the inputs go; the model must be there already. Default: the model's device.
+        device: where the inputs go (the model must be there already); default: the model's device.
 
     Returns:
         Σ NLL / number of scored tokens.
@@ -221,11 +203,7 @@ def nll_sums(
     The one scoring pass of the scan (KEEP, FORGET, options): longest first, right-padded with a mask,
     `batch_size` at a time, in the model's dtype (the scored logits upcast to ≥ float32, sums in float64), in
     eval mode without gradients. Where the model takes `logits_to_keep` and a KV cache, the context every
-    example starts with runs once for the set, and the output layer only from a batch's first scored position.
-
-    Example:
-        >>> nll_sums(model, [Example((1, 5, 6), n_context=2)])  # −log p(6 | 1 5)  # doctest: +SKIP
-    """
+    example starts with runs once for the set, and the output layer only from a batch's first scored position."""
     if batch_size < 1:
         raise ValueError(f"nll_sums: batch_size must be ≥ 1, got {batch_size}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -305,14 +283,12 @@ def _logits(output: Any) -> torch.Tensor:
 
 
 def check_ids_fit(model: torch.nn.Module, ids: Sequence[int], source: str, *, room: int = 0) -> None:
-    """Token ids within the model's vocabulary, and their number plus `room` (tokens still to generate) within its
-    positions; an InputError naming `source` otherwise."""
+    """An InputError naming `source` unless the ids fit the vocabulary and, with `room` more, the positions."""
     try:
         vocab = model.get_input_embeddings().num_embeddings
     except (AttributeError, NotImplementedError):
         vocab = None
-    config = getattr(model, "config", None)
-    positions = getattr(config, "max_position_embeddings", None) if config is not None else None
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if vocab is not None and ids and max(ids) >= vocab:
         raise InputError(f"{source}: token id {max(ids)} is outside the model's vocabulary of {vocab}")
     if isinstance(positions, int) and len(ids) + room > positions:
@@ -320,7 +296,6 @@ def check_ids_fit(model: torch.nn.Module, ids: Sequence[int], source: str, *, ro
         raise InputError(f"{source}: {len(ids)} tokens{extra}, more than the model's {positions} positions; shorten it")
 
 
-# ---------------------------------------------------------------------------------------------
 # Generation
 
 
@@ -346,10 +321,9 @@ def generate_greedy(
 ) -> list[Generation]:
     """Greedy continuations of `prompts` (`model.generate`, no sampling), each as if generated alone.
 
-    Prompts share a batch left-padded, longest first. Prefix-tuned PEFT models are the exception: left
-    padding changes their continuations, so only prompts of one length share a batch, decoded here one full
-    forward per token (PEFT 0.21.2's `generate` drops the prefix from the cache). A continuation stops at
-    any of `stop_ids`.
+    Prompts share a batch left-padded, longest first, except on prefix-tuned PEFT models (left padding changes
+    their continuations): one length per batch, one full forward per token (PEFT 0.21.2's `generate` drops the
+    prefix from the cache). A continuation stops at any of `stop_ids`.
 
     Args:
         model: a `transformers` causal LM or a `PeftModel`.
@@ -376,16 +350,23 @@ def generate_greedy(
         if not encoded[-1]:
             raise ValueError(f"generate_greedy: prompt {i} has no tokens")
     stops = stop_ids(model, tokenizer)
-    pad = _special_id(model, tokenizer, "pad_token_id")
-    pad = pad if pad is not None else (min(stops) if stops else 0)
+    pad = next(iter(_config_ids(model, tokenizer, "pad_token_id")), min(stops, default=0))
     device = torch.device(device) if device is not None else next(model.parameters()).device
     prefix = _is_prefix_tuned(model)
+    from transformers import GenerationConfig
+
+    greedy = dict(do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=sorted(stops) or None)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, **greedy)
+    groups: dict[int, list[int]] = {}  # prompt indices, longest first (of one length per group if prefix-tuned)
+    for i in sorted(range(len(encoded)), key=lambda i: -len(encoded[i])):
+        groups.setdefault(len(encoded[i]) if prefix else 0, []).append(i)
+    batches = [group[k : k + batch_size] for group in groups.values() for k in range(0, len(group), batch_size)]
     results: list[Generation | None] = [None] * len(encoded)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for batch in _generation_batches(encoded, batch_size, same_length=prefix):
+            for batch in batches:
                 width = max(len(encoded[i]) for i in batch)
                 input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
                 mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -396,7 +377,7 @@ def generate_greedy(
                 if prefix:
                     out = _greedy_without_cache(model, input_ids, max_new_tokens, stops, pad)
                 else:
-                    out = _greedy_by_generate(model, input_ids, mask, max_new_tokens, stops, pad)
+                    out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
                 for i, row in zip(batch, out[:, width:].tolist(), strict=True):
                     end = next((k for k, t in enumerate(row) if t in stops), None)
                     tokens = tuple(row if end is None else row[:end])
@@ -405,32 +386,6 @@ def generate_greedy(
     finally:
         model.train(was_training)
     return results  # type: ignore[return-value]  # every slot filled
-
-
-def _generation_batches(encoded: Sequence[tuple[int, ...]], batch_size: int, *, same_length: bool) -> list[list[int]]:
-    """Prompt indices per batch: longest first, `batch_size` at a time (of one length only, if `same_length`)."""
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    if not same_length:
-        return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
-    by_length: dict[int, list[int]] = {}
-    for i in order:
-        by_length.setdefault(len(encoded[i]), []).append(i)
-    return [group[k : k + batch_size] for group in by_length.values() for k in range(0, len(group), batch_size)]
-
-
-def _greedy_by_generate(
-    model: Any, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, stops: frozenset[int], pad: int
-) -> torch.Tensor:
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        pad_token_id=pad,
-        eos_token_id=sorted(stops) or None,
-    )
-    return model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
 
 
 def _greedy_without_cache(
@@ -450,15 +405,8 @@ def _greedy_without_cache(
 
 
 def stop_ids(model: torch.nn.Module, tokenizer: Any) -> frozenset[int]:
-    """The tokens that end a continuation: the tokenizer's EOS and every EOS of the generation config (a chat
-    model's end of turn) and config."""
-    ids: set[int] = set()
-    for source in (tokenizer, getattr(model, "generation_config", None), getattr(model, "config", None)):
-        value = getattr(source, "eos_token_id", None) if source is not None else None
-        for item in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(item, int) and not isinstance(item, bool):
-                ids.add(item)
-    return frozenset(ids)
+    """The tokens that end a continuation: every EOS of the tokenizer, generation config (end of turn) and config."""
+    return frozenset(i for i in _config_ids(model, tokenizer, "eos_token_id") if not isinstance(i, bool))
 
 
 def _is_prefix_tuned(model: torch.nn.Module) -> bool:
@@ -466,17 +414,15 @@ def _is_prefix_tuned(model: torch.nn.Module) -> bool:
     return getattr(peft_type, "value", peft_type) == "PREFIX_TUNING"
 
 
-def _special_id(model: torch.nn.Module, tokenizer: Any, name: str) -> int | None:
+def _config_ids(model: torch.nn.Module, tokenizer: Any, name: str) -> list[int]:
+    """Every integer `name` of the tokenizer, then the generation config, then the config (lists flattened)."""
+    ids = []
     for source in (tokenizer, getattr(model, "generation_config", None), getattr(model, "config", None)):
-        value = getattr(source, name, None) if source is not None else None
-        if isinstance(value, list):
-            value = value[0] if value else None
-        if isinstance(value, int):
-            return value
-    return None
+        value = getattr(source, name, None)
+        ids += [i for i in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(i, int)]
+    return ids
 
 
-# ---------------------------------------------------------------------------------------------
 # Repetition and diversity
 
 
@@ -489,34 +435,19 @@ def _ngrams(tokens: Sequence[Hashable], n: int) -> list[tuple[Hashable, ...]]:
 def rep_n(tokens: Sequence[Hashable], n: int = 4) -> float:
     """n-gram repetition of one continuation: 1 − |distinct n-grams| / |n-grams|, in [0, 1); 0.0 under n tokens.
 
-    seq-rep-n of Welleck et al. 2020, the rep-4 of the Ext-Sub paper (§5.1; its tables print 100× the value).
-
-    Example:
-        >>> rep_n(["a", "b", "a", "b", "a"], n=2)  # 2-grams ab ba ab ba: 2 distinct of 4
-        0.5
-    """
+    seq-rep-n of Welleck et al. 2020, the rep-4 of the Ext-Sub paper (§5.1; its tables print 100× the value)."""
     grams = _ngrams(tokens, n)
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
 def mean_rep_n(continuations: Iterable[Sequence[Hashable]], n: int = 4) -> float:
-    """Mean `rep_n` over the continuations of ≥ n tokens (shorter ones carry no evidence); NaN if none.
-
-    Example:
-        >>> mean_rep_n([[1, 2, 1, 2, 1], [1, 2, 3, 4], [7]], n=2)  # (0.5 + 0) / 2; [7] left out
-        0.25
-    """
+    """Mean `rep_n` over the continuations of ≥ n tokens (shorter ones carry no evidence); NaN if none."""
     values = [rep_n(c, n) for c in continuations if len(c) >= n]
     return sum(values) / len(values) if values else math.nan
 
 
 def distinct_n(texts: Iterable[str | Sequence[Hashable]], n: int) -> float:
     """Corpus-level distinct-n (Li et al. 2016): |distinct n-grams| / |n-grams| over all texts (strings split on
-    whitespace, n-grams within a text); NaN when no text has n tokens.
-
-    Example:
-        >>> distinct_n(["a b a b", "a b c"], n=2)  # ab ba ab | ab bc: {ab, ba, bc} of 5
-        0.6
-    """
+    whitespace, n-grams within a text); NaN when no text has n tokens."""
     grams = [g for t in texts for g in _ngrams(t.split() if isinstance(t, str) else t, n)]
     return len(set(grams)) / len(grams) if grams else math.nan

@@ -1,6 +1,5 @@
 """The model a scan evaluates: BASE loaded once with `transformers`, with its own tokenizer, on the device; and the
-one check of the scan's optional dependencies (`require`), each named with the command that installs it.
-"""
+one check of the scan's optional dependencies (`require`), each named with the command that installs it."""
 
 import importlib
 import logging
@@ -35,17 +34,12 @@ def require(*packages: str) -> None:
         )
 
 
-def default_threads() -> int:
-    """torch's CPU threads for a scan: half the cores this process may use (at least 1); on a shared 2-core machine
-    2 threads were 3.5–7× slower than 1 (README, "Choosing λ")."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // 2)
-
-
 def check_threads(threads: int | None) -> int:
-    """`threads` checked (a positive integer), or `default_threads()` for None."""
+    """`threads` checked (a positive integer); None: half the cores this process may use, at least 1 (on a shared
+    2-core machine 2 threads were 3.5–7× slower than 1: README, "Choosing λ")."""
     if threads is None:
-        return default_threads()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores // 2)
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise InputError(f"threads must be a positive integer, got {threads!r}")
     return threads
@@ -153,8 +147,7 @@ def _quiet_transformers() -> Iterator[None]:
     """No loading bars or info logs from transformers while BASE loads (the scan has its own progress)."""
     from transformers.utils import logging as hf_logging
 
-    bars = hf_logging.is_progress_bar_enabled()
-    verbosity = hf_logging.get_verbosity()
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity(logging.ERROR)
     try:

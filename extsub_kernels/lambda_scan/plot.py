@@ -1,6 +1,5 @@
 """scan.png: one panel per metric against λ, one line per method, the recommended λ starred (the paper's Figure 1),
-drawn with matplotlib's object API on an Agg canvas (no pyplot state, no display) at the size `png_size` says.
-"""
+drawn with matplotlib's object API on an Agg canvas (no pyplot state, no display) at the size `png_size` says."""
 
 import io
 import math
@@ -24,11 +23,6 @@ PANELS = (
 )
 
 
-def _panels(result: ScanResult) -> list[tuple[str, str]]:
-    """The panels drawn for `result`: those whose metric was measured (the NLLs always)."""
-    return [p for p in PANELS if any(getattr(r, p[0]) is not None for r in result.rows)]
-
-
 def png_size(n_panels: int) -> tuple[int, int]:
     """(width, height) in pixels of scan.png with `n_panels` panels (two per row)."""
     columns, rows = min(n_panels, 2), math.ceil(n_panels / 2)
@@ -40,7 +34,7 @@ def plot_png(result: ScanResult) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    chosen = _panels(result)
+    chosen = [p for p in PANELS if any(getattr(r, p[0]) is not None for r in result.rows)]  # the NLLs always
     width, height = png_size(len(chosen))
     figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     FigureCanvasAgg(figure)
@@ -72,13 +66,8 @@ def plot_png(result: ScanResult) -> bytes:
             axes.legend(fontsize=9, loc="best")
     inputs = result.setup.get("names", {})
     status = "" if result.complete else f" — {result.status}: {len(result.rows)} of {result.points} points"
-    figure.suptitle(
-        f"Ext-Sub λ scan: {inputs.get('expert')} − {', '.join(inputs.get('anti', []))} on {inputs.get('base')}"
-        f"{status}   (★ recommended λ)",
-        fontsize=11,
-        y=1 - 0.15 / (height / DPI),
-        va="top",
-    )
+    title = f"Ext-Sub λ scan: {inputs.get('expert')} − {', '.join(inputs.get('anti', []))} on {inputs.get('base')}"
+    figure.suptitle(f"{title}{status}   (★ recommended λ)", fontsize=11, y=1 - 0.15 / (height / DPI), va="top")
     figure.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (height / DPI)))
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI)

@@ -4,8 +4,7 @@
   own, without special tokens, and appended (a separating space belongs at its start).
 - chat (`ChatTemplate`): the prompt a user turn (after an optional system message), rendered by
   `apply_chat_template(..., add_generation_prompt=True)` up to the assistant's header, tokenised without added
-  special tokens; the completion appended with no leading space; the end of turn not scored (as lm-eval does).
-"""
+  special tokens; the completion appended with no leading space; the end of turn not scored (as lm-eval does)."""
 
 from dataclasses import dataclass
 from typing import Any

@@ -1,7 +1,6 @@
 """A scan's files in SCAN_DIR: scan.json (everything), scan.csv (the rows), scan.md (the table), scan.png (the plot),
 samples.jsonl (every greedy continuation). Each is replaced whole, scan.json after every row: a reader at any moment
-finds the rows measured so far, never half a file.
-"""
+finds the rows measured so far, never half a file."""
 
 import csv
 import functools
@@ -10,7 +9,7 @@ import json
 import math
 from pathlib import Path
 
-from extsub_kernels.engine.record import json_text as record_json_text
+from extsub_kernels.engine.record import json_text
 from extsub_kernels.io.atomic import replace_file
 from extsub_kernels.lambda_scan.plot import plot_png
 from extsub_kernels.lambda_scan.results import COLUMNS, EXPERT, ScanResult, relative_increase
@@ -21,8 +20,8 @@ SCAN_FILES = ("scan.json", "scan.csv", "scan.md", "scan.png", "samples.jsonl")
 class ScanFiles:
     """Writes a scan's files into `folder` (created on the first write); `written` lists what is there."""
 
-    def __init__(self, folder: Path, *, force: bool):
-        self.folder, self.force = folder, force
+    def __init__(self, folder: Path):
+        self.folder = folder
         self.written: list[Path] = []
         self._cleared = False
 
@@ -39,9 +38,10 @@ class ScanFiles:
 
     def progress(self, result: ScanResult) -> None:
         """scan.json (and samples.jsonl) with the rows so far (called after every row)."""
-        self._write("scan.json", json_text(result).encode())
-        if result.samples:
-            self._write("samples.jsonl", samples_text(result).encode())
+        self._write("scan.json", json_text(result.to_dict()).encode())  # as every report file of the package
+        if result.samples:  # one JSON object per continuation (`results.sample_records`), in the order measured
+            samples = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in result.samples)
+            self._write("samples.jsonl", samples.encode())
 
     def final(self, result: ScanResult) -> list[Path]:
         """Every file, from the result as it stands (complete, or stopped early); returns their paths."""
@@ -51,16 +51,6 @@ class ScanFiles:
         if result.rows:
             self._write("scan.png", plot_png(result))
         return [self.folder / name for name in SCAN_FILES if self.folder / name in self.written]
-
-
-def json_text(result: ScanResult) -> str:
-    """scan.json: `ScanResult.to_dict()` as every report file of the package holds JSON (engine.record)."""
-    return record_json_text(result.to_dict())
-
-
-def samples_text(result: ScanResult) -> str:
-    """samples.jsonl: one JSON object per continuation (`results.sample_records`), in the order measured."""
-    return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in result.samples)
 
 
 def csv_text(result: ScanResult) -> str:
@@ -80,25 +70,21 @@ def markdown_text(result: ScanResult) -> str:
     inputs = setup.get("inputs", {})
     antis = ", ".join(f"`{a}`" for a in inputs.get("anti", []))
     status = "" if result.complete else f" ({result.status})"
-    lines = [
-        "# Ext-Sub λ scan",
-        "",
+    scanned = (
         f"Expert `{inputs.get('expert')}`, anti-expert(s) {antis}, base `{inputs.get('base')}` ({setup.get('pem')}): "
-        f"{len(result.rows)} of {result.points} points measured{status}.",
-        "",
-        markdown_table(result),
-    ]
+        f"{len(result.rows)} of {result.points} points measured{status}."
+    )
+    text = f"# Ext-Sub λ scan\n\n{scanned}\n\n{markdown_table(result)}"
     timing = result.timing
     if "merge_seconds_median" in timing:
         share = timing["merge_share_of_smallest_evaluation"]
         smallest = timing["smallest_evaluation"]
         cost = f" = {share:.2%} of the smallest evaluation ({smallest}: {timing[f'{smallest}_seconds_median']:.4g} s)"
-        lines += [
-            "",
-            f"Merge per point (median): {timing['merge_seconds_median']:.4g} s{cost if share is not None else ''}. "
-            f"Model loaded in {timing['load_seconds']:.3g} s; the scan took {timing['total_seconds']:.3g} s.",
-        ]
-    return "\n".join(lines) + "\n"
+        text += (
+            f"\n\nMerge per point (median): {timing['merge_seconds_median']:.4g} s{cost if share is not None else ''}. "
+            f"Model loaded in {timing['load_seconds']:.3g} s; the scan took {timing['total_seconds']:.3g} s."
+        )
+    return text + "\n"
 
 
 def markdown_table(result: ScanResult) -> str:
@@ -135,7 +121,7 @@ def markdown_table(result: ScanResult) -> str:
 
 
 def harness_columns(result: ScanResult) -> list[str]:
-    """The lm-eval metric columns of the rows (`harness.metric_columns`), sorted."""
+    """The rows' lm-eval metric columns (`harness.metric_columns`), sorted."""
     return sorted({name for row in result.rows for name in row.lm_eval})
 
 
@@ -180,18 +166,12 @@ def chosen_note(result: ScanResult, method: str) -> str:
     for name, label in (("rep_4", "rep-4"), ("distinct_2", "distinct-2")):
         if getattr(row, name) is not None:
             measured.append(f"{label} {getattr(row, name):.4g} (λ = 0: {getattr(expert, name):.4g})")
-    return "\n".join(
-        [
-            "## How λ was chosen",
-            "",
-            f"λ = {rec.lam:g} is the recommendation for {method} of an `extsub-scan` on BASE "
-            f"`{setup['inputs']['base']}`: grid λ ∈ {{{grid}}}, methods {', '.join(options['methods'])}, "
-            f"{', '.join(described)}, KEEP budget {options['max_keep_increase']:+.1%} ({rec.note}).",
-            "",
-            f"Measured at this λ: {'; '.join(measured)}.",
-            "",
-        ]
+    chosen = (
+        f"λ = {rec.lam:g} is the recommendation for {method} of an `extsub-scan` on BASE "
+        f"`{setup['inputs']['base']}`: grid λ ∈ {{{grid}}}, methods {', '.join(options['methods'])}, "
+        f"{', '.join(described)}, KEEP budget {options['max_keep_increase']:+.1%} ({rec.note})."
     )
+    return f"## How λ was chosen\n\n{chosen}\n\nMeasured at this λ: {'; '.join(measured)}.\n"
 
 
 def _change(value: float, reference: float) -> str:

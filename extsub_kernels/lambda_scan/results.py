@@ -1,6 +1,5 @@
 """What a scan measured: one row per (method, λ), the recommendation per method, and the timing summary. λ = 0 is
-the expert itself, whatever the method: measured once (method "expert"), the reference of every relative change.
-"""
+the expert itself, whatever the method: measured once (method "expert"), the reference of every relative change."""
 
 import math
 import statistics
@@ -17,8 +16,7 @@ class ScanRow:
 
     NLLs: nats per scored token (`truth_nll`: TRUTH). `mc1`, `mc2`: multiple choice; `lm_eval`: lm-eval's metrics.
     Generations: rep-4, distinct-1/2, `mean_length` (tokens) and `end_rate` (the share that ended). Seconds: the
-    merge installed (`merge_seconds`), then each evaluation. `attempts`: 2 or more when a worker died measuring it.
-    """
+    merge installed (`merge_seconds`), then each evaluation. `attempts`: 2 or more when a worker died measuring it."""
 
     method: str
     lam: float
@@ -69,9 +67,9 @@ class Guards:
         found = []
         if _over(row.rep_4, expert.rep_4, self.max_rep_increase):
             found.append(f"rep-4 {row.rep_4:.3f} > {expert.rep_4:.3f} + {self.max_rep_increase:g}")
-        if _over(_neg(row.distinct_2), _neg(expert.distinct_2), self.max_distinct_drop):
+        if _over(row.distinct_2, expert.distinct_2, self.max_distinct_drop, sign=-1):
             found.append(f"distinct-2 {row.distinct_2:.3f} < {expert.distinct_2:.3f} − {self.max_distinct_drop:g}")
-        if _over(_neg(row.end_rate), _neg(expert.end_rate), self.max_end_drop):
+        if _over(row.end_rate, expert.end_rate, self.max_end_drop, sign=-1):
             found.append(f"end rate {row.end_rate:.0%} < {expert.end_rate:.0%} − {self.max_end_drop:.0%}")
         if row.mean_length is not None and expert.mean_length is not None:
             change = relative_increase(row.mean_length, expert.mean_length)
@@ -84,15 +82,11 @@ class Guards:
         return found
 
 
-def _neg(value: float | None) -> float | None:
-    return None if value is None else -value
-
-
-def _over(value: float | None, reference: float | None, tolerance: float) -> bool:
-    """value > reference + tolerance, where both were measured; NaN (no n-gram at all) counts as no evidence."""
+def _over(value: float | None, reference: float | None, tolerance: float, sign: int = 1) -> bool:
+    """sign·value > sign·reference + tolerance, where both were measured; NaN (no n-gram) is no evidence."""
     if value is None or reference is None or math.isnan(value) or math.isnan(reference):
         return False
-    return value > reference + tolerance
+    return sign * value > sign * reference + tolerance
 
 
 # The truthfulness axis of the recommendation, by what the scan measured: (field, name in notes).
@@ -109,8 +103,7 @@ class Recommendation:
     the λ whose KEEP-NLL rose at most `max_keep_increase` and whose generations pass the `Guards`.
 
     `lam` is None with nothing to judge by (no λ = 0 row, or no axis). Increases are relative to λ = 0.
-    `excluded`: (λ, why) for each λ the guards or the budget ruled out.
-    """
+    `excluded`: (λ, why) for each λ the guards or the budget ruled out."""
 
     method: str
     lam: float | None
@@ -134,13 +127,7 @@ def recommend(
 ) -> Recommendation:
     """The recommendation for `method` (see `Recommendation`); the expert (λ = 0) when no λ > 0 does better.
 
-    Ties go to the smaller λ. A λ with a non-finite NLL or score (a diverged model) never qualifies.
-
-    Example:
-        >>> rows = [ScanRow("expert", 0.0, 1.0, 2.0, mc2=0.3), ScanRow("sub", 1.0, 1.04, 2.5, mc2=0.4)]
-        >>> recommend(rows, "sub", 0.05).lam
-        1.0
-    """
+    Ties go to the smaller λ. A λ with a non-finite NLL or score (a diverged model) never qualifies."""
     guards = guards or Guards()
     expert = next((r for r in rows if r.method == EXPERT), None)
     if expert is None:
@@ -293,17 +280,9 @@ class ScanResult:
         """Everything, as scan.json holds it (NaN written as null)."""
         from extsub_kernels.engine.record import jsonable  # here: the command line's parser reads Guards without torch
 
-        return jsonable(
-            {
-                "status": self.status,
-                "points": self.points,
-                "measured": len(self.rows),
-                **self.setup,
-                "timing": self.timing,
-                "recommended": {m: asdict(r) for m, r in self.recommendations.items()},
-                "rows": self.table(),
-            }
-        )
+        record = {"status": self.status, "points": self.points, "measured": len(self.rows), **self.setup}
+        record |= {"timing": self.timing, "recommended": {m: asdict(r) for m, r in self.recommendations.items()}}
+        return jsonable({**record, "rows": self.table()})
 
 
 _CSV = (  # scan.csv's columns, in order (lm-eval's follow)

@@ -1,9 +1,8 @@
 """`scan()`: load the base once, then for each (method, λ) install the merge and measure it (docs/design.md §8).
 
-Every option and input is checked first (nothing is written on bad input); the points run here or on Ray workers
-(`workers`); scan.json is rewritten after each row, every file at the end or on Ctrl-C / SIGTERM; `save_best`
-then writes the recommended merge through `merge()`, exactly as `extsub-merge` would.
-"""
+Every option and input is checked first (nothing written on bad input); the points run here or on Ray workers;
+scan.json is rewritten after each row, every file at the end or on Ctrl-C / SIGTERM; `save_best` then writes the
+recommended merge through `merge()`, exactly as `extsub-merge` would."""
 
 import contextlib
 import os
@@ -129,9 +128,8 @@ def scan(
     grid, methods = parse_lam_grid(lam), parse_methods(method)
     for name in methods:
         warn_negative_lams([(v,) for v in grid], name)
-    _check_numbers(max_keep_increase, max_new_tokens=max_new_tokens, batch_size=batch_size)
     guards = guards if guards is not None else Guards()
-    _check_guards(guards)
+    _check_numbers(max_keep_increase, guards, max_new_tokens=max_new_tokens, batch_size=batch_size)
     threads = check_threads(threads)
     spreads = check_workers(workers, ray_address, device)
     harness = None
@@ -166,14 +164,26 @@ def scan(
     check = (lambda made: _check_save_format(save_format, made)) if save_best is not None else None
     with torch_threads(threads):
         installer, evaluator = prepare(recipe, inputs, torch.device("meta") if spreads else target, timing, check)
-    sets, kind = evaluator.sets, installer.kind
     model_dtype = (requested_dtype or "auto") if spreads else next(installer.model.parameters()).dtype
-    placed = str(target if target is not None else device), str(model_dtype).removeprefix("torch.")
-    setup = _setup(inputs, kind, sets, grid, methods, *placed, batch_size, max_keep_increase)
-    setup["options"] |= {
+    expert_in, antis_in, base_in = inputs[0][1], [i for _, i in inputs[1:-1]], inputs[-1][1]
+    setup = {  # what was scanned, as scan.json records it
+        "extsub_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "pem": installer.kind,
+        "inputs": {"expert": expert_in.spec, "anti": [a.spec for a in antis_in], "base": base_in.spec},
+        "names": {"expert": expert_in.name, "anti": [a.name for a in antis_in], "base": base_in.name},
+        "sets": evaluator.sets.describe(),
+    }
+    setup["options"] = {
+        "lam": list(grid),
+        "methods": list(methods),
+        "device": str(target if target is not None else device),
+        "dtype": str(model_dtype).removeprefix("torch."),
+        "batch_size": batch_size,
+        "max_keep_increase": max_keep_increase,
         "max_new_tokens": max_new_tokens if prompts is not None else None,
         "guards": asdict(guards),
-        "chat_template": sets.chat is not None,
+        "chat_template": evaluator.sets.chat is not None,
         "system": system,
         "threads": threads,
         "lm_eval": list(harness.tasks) if harness is not None else None,
@@ -184,13 +194,17 @@ def scan(
     samples: list[dict] = []
     measured: dict[int, tuple[ScanRow, list[dict]]] = {}
 
-    def result(status: str) -> ScanResult:
+    def result(status: str, *, write: bool = False) -> ScanResult:
+        """The scan as it stands; `write`: every file written from it (`files` set to them)."""
         now = {**timing, "total_seconds": time.perf_counter() - started, **timing_summary(rows)}
         recommendations = {m: recommend(rows, m, max_keep_increase, guards) for m in methods}
-        return ScanResult(rows, recommendations, status, len(points), setup, now, samples=samples)
+        made = ScanResult(rows, recommendations, status, len(points), setup, now, samples=samples)
+        if write and files is not None:
+            made.files = files.final(made)
+        return made
 
     cluster = connect(workers, ray_address, str(device), threads) if spreads else None
-    files = ScanFiles(out_dir, force=force) if out_dir is not None else None
+    files = ScanFiles(out_dir) if out_dir is not None else None
 
     def done(index: int, row: ScanRow, point_samples: list[dict]) -> None:
         """Keep a row (in the order of `points`, wherever measured) once the inputs are seen unchanged."""
@@ -212,9 +226,7 @@ def scan(
                 done(index, *measure_point(installer, evaluator, name, x, methods[0]))
     except BaseException as e:
         status = _stopped(e)
-        partial = result(status)
-        if files is not None:
-            partial.files = files.final(partial)
+        partial = result(status, write=True)
         if isinstance(e, KeyboardInterrupt):
             raise ScanInterrupted(
                 f"{status} after {len(rows)} of {len(points)} points", partial, terminated=status == "terminated"
@@ -223,16 +235,12 @@ def scan(
         raise
     finally:
         installer.close()
-    final = result("complete")
-    if files is not None:
-        final.files = files.final(final)
+    final = result("complete", write=True)
     if save_best is not None:
         try:
             snapshot.check()  # merge() reads the inputs again: they must be the ones measured
         except MergeError as e:  # scan.json says what the exit code says
-            if files is not None:
-                final = result(_stopped(e))
-                final.files = files.final(final)
+            final = result(_stopped(e), write=True)
             _name_written(e, final.files)
             raise
         try:
@@ -250,27 +258,6 @@ def _name_written(error: BaseException, files: Sequence[Path]) -> None:
             error.published = tuple(files)  # type: ignore[attr-defined]
 
 
-def _setup(inputs, kind, sets, grid, methods, device, dtype, batch_size, max_keep_increase) -> dict:
-    """What was scanned, as scan.json records it: version, date, the PEM kind, inputs, sets, options."""
-    expert, antis, base = inputs[0][1], [i for _, i in inputs[1:-1]], inputs[-1][1]
-    return {
-        "extsub_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "pem": kind,
-        "inputs": {"expert": expert.spec, "anti": [a.spec for a in antis], "base": base.spec},
-        "names": {"expert": expert.name, "anti": [a.name for a in antis], "base": base.name},
-        "sets": sets.describe(),
-        "options": {
-            "lam": list(grid),
-            "methods": list(methods),
-            "device": device,
-            "dtype": dtype,
-            "batch_size": batch_size,
-            "max_keep_increase": max_keep_increase,
-        },
-    }
-
-
 def _stopped(error: BaseException) -> str:
     """The status of a scan stopped by `error`: interrupted (Ctrl-C), terminated (SIGTERM) or failed: <why>."""
     if isinstance(error, Terminated):
@@ -280,7 +267,7 @@ def _stopped(error: BaseException) -> str:
     return f"failed: {type(error).__name__}: {error}"
 
 
-def _check_numbers(max_keep_increase: float, **counts: int) -> None:
+def _check_numbers(max_keep_increase: float, guards: Guards, **counts: int) -> None:
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"{name} must be a positive integer, got {value!r}")
@@ -288,9 +275,6 @@ def _check_numbers(max_keep_increase: float, **counts: int) -> None:
         raise InputError(f"max_keep_increase must be a number, got {max_keep_increase!r}")
     if not 0 <= max_keep_increase < float("inf"):
         raise InputError(f"max_keep_increase must be ≥ 0 (a fraction: 0.05 is +5 %), got {max_keep_increase!r}")
-
-
-def _check_guards(guards: Guards) -> None:
     for f in fields(guards):
         value = getattr(guards, f.name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
@@ -354,15 +338,5 @@ def _save(result: ScanResult, inputs, method: str, out: PathLike, fmt: str | Non
     specs = [inp.spec for _, inp in inputs]
     full = fmt == FULL_MODEL_FORMAT
     adapter = AdapterOptions(output_format=None if full else fmt)
-    return merge(
-        specs[0],
-        specs[1:-1],
-        out,
-        lam=rec.lam,
-        method=method,
-        base=specs[-1] if full else None,
-        force=force,
-        progress=progress,
-        adapter=adapter,
-        card_note=chosen_note(result, method),
-    )
+    chosen = dict(lam=rec.lam, method=method, base=specs[-1] if full else None, card_note=chosen_note(result, method))
+    return merge(specs[0], specs[1:-1], out, force=force, progress=progress, adapter=adapter, **chosen)

@@ -3,8 +3,7 @@
 
 The driver holds the queue: λ = 0 first (every row is relative to it), then the largest |λ| first (where
 continuations run to max_new_tokens, the longest points), so the workers finish together. A worker that dies has
-its point handed to another (the row counts the `attempts`).
-"""
+its point handed to another (the row counts the `attempts`)."""
 
 import os
 import socket
@@ -35,8 +34,7 @@ Inputs = list[tuple[str, ResolvedInput]]
 
 @dataclass(frozen=True)
 class Recipe:
-    """What loading and measuring needs, as values a Ray worker receives: the inputs' specs (BASE last), the sets'
-    paths and the evaluation options."""
+    """What loading and measuring needs, as values a Ray worker receives (the inputs' specs: BASE last)."""
 
     specs: tuple[str, ...]
     methods: tuple[str, ...]
@@ -47,15 +45,6 @@ class Recipe:
     batch_size: int
     max_new_tokens: int
     dtype: torch.dtype | None
-
-    def load_sets(self, tokenizer: Any) -> EvaluationSets:
-        chat = rendering.chat_template(tokenizer, self.chat_template, self.system)
-        return EvaluationSets.load(**self.sets, tokenizer=tokenizer, chat=chat)
-
-    @property
-    def room(self) -> int:
-        """Tokens a prompt must leave free in the model's positions: the continuation, when there are prompts."""
-        return self.max_new_tokens if self.sets["prompts"] is not None else 0
 
 
 def resolve(specs: Sequence[str], *, quiet: bool) -> Inputs:
@@ -70,13 +59,13 @@ def resolve(specs: Sequence[str], *, quiet: bool) -> Inputs:
 def prepare(
     recipe: Recipe, inputs: Inputs, device: torch.device, timing: dict, check: Callable | None = None
 ) -> tuple[Installer, Evaluator]:
-    """The sets read, the installer made (validating the inputs, then `check`), BASE loaded and attached, every
-    example checked against the model; `timing` gets load_seconds and prepare_seconds. On the meta device (the
-    driver of a spread scan) the same checks without a weight read, the installer left unattached."""
+    """Sets read, installer made (inputs validated, then `check`), BASE loaded and attached, examples checked against
+    it; `timing` gets load_ and prepare_seconds. On the meta device (a spread scan's driver): no weight read."""
     start = time.perf_counter()
     base = inputs[-1][1]
     tokenizer = load_tokenizer(base)
-    sets = recipe.load_sets(tokenizer)
+    chat = rendering.chat_template(tokenizer, recipe.chat_template, recipe.system)
+    sets = EvaluationSets.load(**recipe.sets, tokenizer=tokenizer, chat=chat)
     installer = make_installer(inputs, adapters=adapter_inputs(inputs), methods=recipe.methods, device=device)
     prepared = loaded = time.perf_counter()
     try:
@@ -84,7 +73,7 @@ def prepare(
             check(installer)
         model = load_model(base, device=device, dtype=evaluation_dtype(recipe.dtype, device, base))
         loaded = time.perf_counter()
-        sets.check_fits(model, tokenizer, recipe.room)
+        sets.check_fits(model, tokenizer, recipe.max_new_tokens if recipe.sets["prompts"] is not None else 0)
         if device.type != "meta":
             installer.attach(model, base.name)
     except BaseException:
@@ -105,9 +94,8 @@ def measure_point(
     if evaluator.device.type == "cuda":
         torch.cuda.synchronize(evaluator.device)
     merge_seconds = time.perf_counter() - start
-    measured = evaluator.measure(installer.model)
-    samples = sample_records(method, lam, measured.generations)
-    return ScanRow(method, lam, merge_seconds=merge_seconds, **measured.values), samples
+    values, generations = evaluator.measure(installer.model)
+    return ScanRow(method, lam, merge_seconds=merge_seconds, **values), sample_records(method, lam, generations)
 
 
 class _Worker:

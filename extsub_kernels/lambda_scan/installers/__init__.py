@@ -12,9 +12,7 @@ from extsub_kernels.errors import InputError
 from extsub_kernels.io import ResolvedInput
 from extsub_kernels.lambda_scan.installers.base import AdapterInstaller, Installer
 from extsub_kernels.lambda_scan.installers.full_model import FullModelInstaller
-from extsub_kernels.lambda_scan.installers.ia3 import IA3Installer
 from extsub_kernels.lambda_scan.installers.lora import LoraInstaller
-from extsub_kernels.lambda_scan.installers.prefix import PrefixInstaller
 
 
 def installer_for(adapter_type: type[PeftAdapter]) -> type[AdapterInstaller] | None:
@@ -42,10 +40,8 @@ def make_installer(
 __all__ = [
     "AdapterInstaller",
     "FullModelInstaller",
-    "IA3Installer",
     "Installer",
     "LoraInstaller",
-    "PrefixInstaller",
     "installer_for",
     "make_installer",
 ]

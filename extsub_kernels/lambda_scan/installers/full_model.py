@@ -2,8 +2,7 @@
 
 The loaded model is BASE. The dense engine's plan says which tensors merge; per point each is read again (the page
 cache serves it) and merged straight into the model's tensor (`apply_method_into`) in one `Workspace` kept for the
-scan; tensors only the expert has are copied in once.
-"""
+scan; tensors only the expert has are copied in once."""
 
 from collections.abc import Sequence
 
@@ -13,15 +12,14 @@ from extsub_kernels._tensors import all_finite, compute_dtype
 from extsub_kernels.engine.conv1d import transposed_weights
 from extsub_kernels.engine.methods import apply_method, apply_method_into, method_workspace
 from extsub_kernels.engine.plan import TensorJob, plan_tensors
-from extsub_kernels.engine.transfer import Workspace
 from extsub_kernels.errors import InputError
 from extsub_kernels.io import CheckpointReader, ResolvedInput
 from extsub_kernels.lambda_scan.installers.base import Installer, too_large
 
 
 class FullModelInstaller(Installer):
-    """Full models installed into the loaded base model tensor by tensor: `inputs` (role, input) for EXPERT, the ANTIs
-    and BASE last; `device`: where the op runs (the model's)."""
+    """Full models installed into the loaded base tensor by tensor; `inputs`: (role, input), BASE last; the op runs
+    on `device` (the model's)."""
 
     kind = "full models"
 
@@ -29,12 +27,8 @@ class FullModelInstaller(Installer):
         self.device = device
         self.readers = [CheckpointReader(inp.files, label=role) for role, inp in inputs]
         try:
-            self.jobs, _ = plan_tensors(
-                self.readers,
-                n_anti=len(inputs) - 2,
-                has_base=True,
-                transposed=transposed_weights(inputs[0][1].config()),
-            )
+            transposed = transposed_weights(inputs[0][1].config())
+            self.jobs, _ = plan_tensors(self.readers, n_anti=len(inputs) - 2, has_base=True, transposed=transposed)
         except BaseException:
             self.close()
             raise
@@ -62,15 +56,12 @@ class FullModelInstaller(Installer):
         except BaseException:
             self.close()
             raise
-        self.workspace = self._workspace()
-
-    def _workspace(self) -> Workspace:
-        """The merge's working space for every point: slots of the widest compute dtype the merged tensors need."""
+        # the merge's working space for every point: slots of the widest compute dtype the merged tensors need
         dtypes = [self.readers[i].info(job.name).dtype for job, _ in self.targets for i in job.inputs()]
         largest = max((target.numel() for _, target in self.targets), default=1)
         n_anti = max((len(job.antis) for job, _ in self.targets), default=1)
         itemsize = compute_dtype(*dtypes).itemsize if dtypes else 4
-        return method_workspace(n_anti, itemsize, self.device, largest)
+        self.workspace = method_workspace(n_anti, itemsize, self.device, largest)
 
     def install(self, method: str, lam: float) -> None:
         """θ₀ + ΔW' at (method, λ) into every merged tensor of the model, in the model's dtype."""

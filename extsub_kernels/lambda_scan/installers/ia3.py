@@ -1,7 +1,5 @@
-"""(IA)³ adapters in a scan: PEFT (IA)³ layers whose scaling vectors are rewritten for each (method, λ).
-
-Each point copies the family merge's l' (one vector for every module of any input) into the layer's `ia3_l`.
-"""
+"""(IA)³ adapters in a scan: PEFT (IA)³ layers on the loaded base whose `ia3_l` each point overwrites with the
+family merge's l' (one vector for every module of any input)."""
 
 from collections.abc import Sequence
 
@@ -12,7 +10,7 @@ from extsub_kernels.lambda_scan.installers.base import ADAPTER_NAME, AdapterInst
 
 
 class IA3Installer(AdapterInstaller):
-    """(IA)³ adapters (`IA3Adapter`s) installed into PEFT (IA)³ layers on the loaded base model."""
+    """`IA3Adapter`s installed into PEFT (IA)³ layers."""
 
     kind = "(IA)³ adapters"
 

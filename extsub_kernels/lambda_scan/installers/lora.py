@@ -14,7 +14,7 @@ from extsub_kernels.lambda_scan.installers.base import ADAPTER_NAME, AdapterInst
 
 
 class LoraInstaller(AdapterInstaller):
-    """LoRA adapters (`LoraAdapter`s) installed into PEFT LoRA layers on the loaded base model."""
+    """`LoraAdapter`s installed into PEFT LoRA layers."""
 
     kind = "LoRA adapters"
 

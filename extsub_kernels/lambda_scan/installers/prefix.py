@@ -1,7 +1,5 @@
-"""Prefix-tuning adapters in a scan: a PEFT prefix (in inference mode) whose key/value rows are rewritten per point.
-
-PEFT in inference mode uses the saved `prompt_embeddings` as the prefix, so each point copies the merged one in.
-"""
+"""Prefix-tuning adapters in a scan: a PEFT prefix in inference mode, where the saved `prompt_embeddings` are the
+prefix's key/value rows, so each point copies the merged one in."""
 
 import torch
 
@@ -10,7 +8,7 @@ from extsub_kernels.lambda_scan.installers.base import ADAPTER_NAME, AdapterInst
 
 
 class PrefixInstaller(AdapterInstaller):
-    """Prefix-tuning adapters (`PrefixAdapter`s) installed as the prefix of a PEFT model on the loaded base."""
+    """`PrefixAdapter`s installed as the prefix of a PEFT model."""
 
     kind = "prefix-tuning adapters"
 
