@@ -2,6 +2,7 @@
 and `record`, through which every benchmark appends its numbers to results/results.csv."""
 
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -133,3 +134,12 @@ def record(benchmark: str, rows: Iterable[Mapping], *, device: str = "cpu", vari
     fields["device"] = given.get("device_name") or device_words(device)
     target = Path(given.get("path") or os.environ.get("EXTSUB_RESULTS_CSV") or CSV_PATH)
     return append(long_lines(rows, variant), path=target, **fields)
+
+
+def save_rows(folder: Path | None, stem: str, rows: list[dict], table: str) -> None:
+    """With --results FOLDER: the rows themselves (every figure) as FOLDER/STEM.json and their table as STEM.md."""
+    if folder is None:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (folder / f"{stem}.md").write_text(table)

@@ -62,7 +62,14 @@ from pathlib import Path
 
 import torch
 
-from _common import CODE, ROOT, environment, peak_rss_bytes, record  # puts the checkout to measure first on sys.path
+from _common import (
+    CODE,
+    ROOT,
+    environment,
+    peak_rss_bytes,
+    record,
+    save_rows,
+)  # puts the checkout to measure first on sys.path
 
 # isort: split
 from extsub_kernels.io import CheckpointReader, CheckpointWriter, TensorEntry, read_header
@@ -641,11 +648,12 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     record("merge", recorded(rows), device=DEVICE, variant="run")
     print(markdown(rows))
-    if args.results:
-        args.results.mkdir(parents=True, exist_ok=True)
-        stem = args.results / f"merge-{rows[0]['date']}-{DEVICE.split(':')[0]}{'-' + args.tag if args.tag else ''}"
-        stem.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
-        stem.with_suffix(".md").write_text(markdown(rows))
+    save_rows(
+        args.results,
+        f"merge-{rows[0]['date']}-{DEVICE.split(':')[0]}{'-' + args.tag if args.tag else ''}",
+        rows,
+        markdown(rows),
+    )
 
 
 def recorded(rows: list[dict]) -> list[dict]:

@@ -29,7 +29,7 @@ import torch
 
 from extsub_kernels.ops import ext_sub_, op_backend, row_products
 
-from _common import environment, record
+from _common import environment, record, save_rows
 
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008), (32000, 4096))
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -120,11 +120,12 @@ def main() -> None:
             print(json.dumps({k: v for k, v in row.items() if k not in times}), flush=True)
     record("row-stats", recorded(rows), device=str(device))
     print(markdown(rows))
-    if args.results:
-        args.results.mkdir(parents=True, exist_ok=True)
-        stem = args.results / f"row-stats-{rows[0]['date']}-{device.type}{'-' + args.tag if args.tag else ''}"
-        stem.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
-        stem.with_suffix(".md").write_text(markdown(rows))
+    save_rows(
+        args.results,
+        f"row-stats-{rows[0]['date']}-{device.type}{'-' + args.tag if args.tag else ''}",
+        rows,
+        markdown(rows),
+    )
 
 
 def recorded(rows: list[dict]) -> list[dict]:

@@ -1,9 +1,11 @@
 """Shared test helpers: devices and backends, assertions whose failure messages say what differs."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -269,3 +271,24 @@ def causal_logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers on PEFT's prefix: past_key_values → cache
         return model(input_ids=ids).logits
+
+
+def scan_until_rows(args: list, out: Path, rows: int = 2) -> subprocess.Popen:
+    """An `extsub-scan ARGS` subprocess, returned once OUT/scan.json shows `rows` rows measured and it still runs."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "extsub_kernels.cli.scan", *map(str, args)],
+        cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 600  # only so that a broken scan cannot hang the suite
+    measured, status = 0, None
+    while measured < rows and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+        if (out / "scan.json").is_file():  # replaced whole after each row: always valid JSON
+            progress = json.loads((out / "scan.json").read_text())
+            measured, status = progress["measured"], progress["status"]
+    assert proc.poll() is None and status == "running", proc.communicate()[1]
+    return proc

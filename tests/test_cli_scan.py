@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import pytest
 from extsub_kernels.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_SIGINT, EXIT_SIGTERM
 from extsub_kernels.cli.scan import build_parser, main
 
-from helpers import assert_one_line_error
+from helpers import assert_one_line_error, scan_until_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
@@ -147,22 +146,7 @@ def test_an_input_changed_during_the_scan_exits_1_and_keeps_the_rows_before(trai
 def test_a_signal_keeps_the_rows_measured_so_far(trained, tmp_path, sig, code, word):
     out = tmp_path / "scan"
     args = _args(trained, "-o", out, "--lam", "0:40:0.5", "--device", "cpu", "--save-best", tmp_path / "best")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "extsub_kernels.cli.scan", *args],
-        cwd=ROOT,
-        env=os.environ | {"PYTHONPATH": str(ROOT)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 600  # only so that a broken scan cannot hang the suite
-    measured, status = 0, None
-    while measured < 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-        if (out / "scan.json").is_file():  # replaced whole after each row: always valid JSON
-            progress = json.loads((out / "scan.json").read_text())
-            measured, status = progress["measured"], progress["status"]
-    assert proc.poll() is None and status == "running", proc.communicate()[1]
+    proc = scan_until_rows(args, out)
     proc.send_signal(sig)
     err = proc.communicate(timeout=300)[1]
     assert proc.returncode == code, err

@@ -4,7 +4,6 @@ run again and marked), Ctrl-C (exit 130, every worker gone, the rows so far kept
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -16,6 +15,8 @@ import pytest
 from extsub_kernels import scan
 from extsub_kernels.cli.common import EXIT_SIGINT, EXIT_SIGTERM
 from extsub_kernels.errors import InputError
+
+from helpers import scan_until_rows
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,21 +120,7 @@ def test_ctrl_c_or_sigterm_stops_every_worker_and_keeps_the_rows(trained, tmp_pa
     kwargs = _kwargs(trained)
     args = [expert, anti, "--base", kwargs["base"], "--keep", kwargs["keep"], "--forget", kwargs["forget"]]
     args += ["--lam", "0:40:0.5", "--workers", "2", "--threads", "2", "--device", "cpu", "-o", out]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "extsub_kernels.cli.scan", *map(str, args)],
-        cwd=ROOT,
-        env=os.environ | {"PYTHONPATH": str(ROOT)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 600  # only so that a broken scan cannot hang the suite
-    measured = 0
-    while measured < 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-        if (out / "scan.json").is_file():
-            measured = json.loads((out / "scan.json").read_text())["measured"]
-    assert proc.poll() is None, proc.communicate()[1]
+    proc = scan_until_rows(args, out)
     children = psutil.Process(proc.pid).children(recursive=True)
     assert any(c.cmdline()[:1] == ["ray::_Worker"] or "_Worker" in " ".join(c.cmdline()) for c in children)
     proc.send_signal(sent)
