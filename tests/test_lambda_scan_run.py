@@ -536,6 +536,13 @@ def tiny_scan(tmp_path_factory):
     }
 
 
+def _scan_tiny(tiny_scan, kind: str = "lora", **options):
+    """scan() of `kind`'s pair on the tiny base: KEEP the id set, FORGET and TRUTH the same pairs."""
+    adapters = tiny_scan[kind]
+    sets = dict(keep=tiny_scan["set"], forget=tiny_scan["pairs"], truth=tiny_scan["pairs"])
+    return scan(adapters["expert"], adapters["anti"], base=tiny_scan["base"], **sets, **options)
+
+
 @pytest.mark.parametrize(
     ("kind", "save_format", "message"),
     [
@@ -552,19 +559,9 @@ def test_save_format_is_checked_before_base_loads(tiny_scan, tmp_path, monkeypat
         raise AssertionError("MODEL loaded before --format was checked")
 
     monkeypatch.setattr(workers, "load_model", no_load)
-    adapters = tiny_scan[kind]
     with pytest.raises(InputError, match=message):
-        scan(
-            adapters["expert"],
-            adapters["anti"],
-            base=tiny_scan["base"],
-            keep=tiny_scan["set"],
-            forget=tiny_scan["pairs"],
-            truth=tiny_scan["pairs"],
-            out=tmp_path / "scan",
-            lam="0,1",
-            save_best=tmp_path / "best",
-            save_format=save_format,
+        _scan_tiny(
+            tiny_scan, kind, out=tmp_path / "scan", lam="0,1", save_best=tmp_path / "best", save_format=save_format
         )
     assert not list(tmp_path.iterdir())
 
@@ -572,20 +569,9 @@ def test_save_format_is_checked_before_base_loads(tiny_scan, tmp_path, monkeypat
 def test_save_best_writes_nothing_when_the_expert_is_recommended(tiny_scan, tmp_path):
     """TRUTH = FORGET: the FORGET − TRUTH margin is 0 at every λ, so no λ > 0 does better and λ = 0 (the expert) is
     recommended; --save-best says so and writes no copy of the expert labelled as a merge."""
-    adapters = tiny_scan["lora"]
     with pytest.warns(UserWarning, match=r"the best merge: the recommended λ of ext-sub is 0, the expert.*nothing"):
-        result = scan(
-            adapters["expert"],
-            adapters["anti"],
-            base=tiny_scan["base"],
-            keep=tiny_scan["set"],
-            forget=tiny_scan["pairs"],
-            truth=tiny_scan["pairs"],
-            out=None,
-            lam="0,1",
-            method="ext-sub",
-            max_keep_increase=1e9,
-            save_best=tmp_path / "best",
+        result = _scan_tiny(
+            tiny_scan, out=None, lam="0,1", method="ext-sub", max_keep_increase=1e9, save_best=tmp_path / "best"
         )
     assert result.recommendations["ext-sub"].lam == 0
     assert result.saved is None and not (tmp_path / "best").exists()
@@ -615,18 +601,7 @@ def test_save_best_s_card_records_the_scan(tiny_scan, tmp_path, monkeypatch):
         return Recommendation(method, 1.0, 0.01, 0.2, "chosen for the test")
 
     monkeypatch.setattr(run, "recommend", at_one)
-    adapters = tiny_scan["lora"]
-    result = scan(
-        adapters["expert"],
-        adapters["anti"],
-        base=tiny_scan["base"],
-        keep=tiny_scan["set"],
-        forget=tiny_scan["pairs"],
-        truth=tiny_scan["pairs"],
-        lam="0,1",
-        method="sub",
-        save_best=tmp_path / "best",
-    )
+    result = _scan_tiny(tiny_scan, lam="0,1", method="sub", save_best=tmp_path / "best")
     card = (tmp_path / "best" / "README.md").read_text()
     row = result.row("sub", 1.0)
     assert "## How λ was chosen" in card and "extsub-scan" in card
